@@ -1,0 +1,4 @@
+"""``python -m onnxopt`` (also what ``torchrun -m onnxopt`` runs)."""
+from .cli import main
+
+main()

@@ -1,0 +1,71 @@
+"""The ``onnxopt`` command line: a thin layer over the Python API.
+
+Every subcommand lives in its own module in this package and registers itself on :data:`cli`;
+the modules are imported here, so adding a command means adding one file. User errors
+(:class:`onnxopt.errors.OnnxoptError`) are printed as one paragraph with a hint and exit
+non-zero without a traceback; ``ONNXOPT_DEBUG=1`` shows the traceback as well.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import OnnxoptError
+
+EPILOG = """\b
+Examples:
+  onnxopt passes                                   list passes and their options
+  onnxopt info model.onnx --layers                 shapes, ops, params, MACs per layer
+  onnxopt apply cleanup,bnfuse model.onnx -o out.onnx --report report.json
+  onnxopt apply lite,bnfuse,qdq model.onnx -o model.int8.onnx --calib-data images/ --target tensorrt
+  onnxopt compare model.onnx out.onnx --data val.npz
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EPILOG)
+@click.version_option(__version__, prog_name="onnxopt")
+def cli() -> None:
+    """onnxopt -- optimize an exported ONNX model for TensorRT, TIDL and onnxruntime.
+
+    Passes rewrite the ONNX graph directly and are chained in the order given: `cleanup`
+    (dead code, constant folding), `bnfuse` (fold BatchNorm), `lite` (embedded-friendly
+    surgery), `qdq` (int8 quantization with calibration), `prune` (channel pruning).
+    Exact passes are verified against the input model in onnxruntime after they run.
+    """
+
+
+def _load_commands() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_load_commands()
+
+
+def main(argv=None) -> None:
+    """Console entry point: run the CLI, turning user errors into one clear message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
+    except OnnxoptError as exc:
+        if os.environ.get("ONNXOPT_DEBUG"):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; no output was written.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(0)

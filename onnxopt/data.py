@@ -1,0 +1,402 @@
+"""Input data for verification, comparison, calibration and finetuning.
+
+A data *source* is one of:
+
+* ``file.npy``  -- one array, samples on axis 0, for a single-input model;
+* ``file.npz``  -- arrays keyed by input name (samples on axis 0); an optional ``labels`` key;
+* a folder of images (jpg/png/bmp/...), preprocessed per :class:`ImageOptions`; labels from a
+  ``labels.json`` ({file: class}) in the folder when present;
+* ``file.py:function`` -- a user function returning an iterable of feed dicts {input: array};
+* ``random`` -- generated inputs (only where a caller explicitly allows it).
+
+Data is streamed: :meth:`DataSource.batches` yields feed dicts batch by batch and never holds
+more than one batch of images in memory. Every sample is checked against the model's inputs
+(names, shapes, dtypes, NaN/Inf) with an error that says what does not fit.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+from onnx import ModelProto
+
+from .errors import DataError
+from .runtime import generate_inputs, input_specs, np_dtype
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass
+class ImageOptions:
+    """Preprocessing of an image folder. ``None`` means "derive from the model"."""
+
+    size: Optional[int] = None          # resize short side to this (default: crop size)
+    crop: Optional[int] = None          # center crop (default: model input H/W)
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+    scale: Optional[float] = None       # multiply raw 0..255 pixels first
+    bgr: bool = False
+    layout: Optional[str] = None        # "NCHW" / "NHWC" (default: from the model input)
+    letterbox: Optional[int] = None     # YOLO-style letterbox with this pad value
+
+
+@dataclass
+class DataSpec:
+    source: str
+    image: ImageOptions = field(default_factory=ImageOptions)
+    batch_size: int = 1
+    max_samples: Optional[int] = None
+    labels: Optional[str] = None        # .npy of ints; overrides labels found in the source
+    every: int = 1                      # take every n-th sample ...
+    offset: int = 0                     # ... starting here (splits such as "every 5th")
+    exclude_every: bool = False         # take the complement of the every/offset selection
+
+
+class DataSource:
+    """A validated, streamable source of feed dicts for one model."""
+
+    def __init__(self, spec: DataSpec, model: ModelProto, input_shapes: Optional[dict] = None):
+        self.spec = spec
+        self.model = model
+        self._inputs = {}
+        for name, vi in _graph_inputs(model).items():
+            self._inputs[name] = vi
+        self._overrides = input_shapes
+        self.kind, self._open = self._resolve(spec.source)
+        if spec.batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {spec.batch_size}.", "use --batch-size 1 or more")
+
+    # -- public API --------------------------------------------------------------------
+    def samples(self) -> Iterator[dict]:
+        """Feed dicts of one sample each (batch axis of size 1), validated, in order."""
+        count = 0
+        for index, feed in enumerate(self._selected(self._open())):
+            self._validate(feed, index)
+            yield feed
+            count += 1
+            if self.spec.max_samples is not None and count >= self.spec.max_samples:
+                return
+        if count == 0:
+            raise DataError(f"data source '{self.spec.source}' yielded no samples.", "check the path (an empty folder? a selection that takes nothing?)")
+
+    def batches(self, batch_size: Optional[int] = None) -> Iterator[dict]:
+        """Feed dicts of up to ``batch_size`` samples concatenated on axis 0.
+
+        When the model's batch dimension is fixed, batches are of that size (usually 1).
+        """
+        bs = batch_size or self.spec.batch_size
+        fixed = self._fixed_batch()
+        if fixed is not None:
+            bs = fixed
+        pending: list = []
+        for feed in self.samples():
+            pending.append(feed)
+            if len(pending) == bs:
+                yield _stack(pending)
+                pending = []
+        if pending and (fixed is None or len(pending) == fixed):
+            yield _stack(pending)
+
+    def __call__(self) -> Iterator[dict]:
+        """A fresh pass over the data in batches (what PassContext.data expects)."""
+        return self.batches()
+
+    def labels(self) -> Optional[np.ndarray]:
+        """Integer labels of the selected samples, or None when the source has none."""
+        if self.spec.labels:
+            p = Path(self.spec.labels)
+            if not p.is_file():
+                raise DataError(f"labels file '{p}' does not exist.", "give a .npy of integer class indices")
+            if p.suffix == ".npz":
+                with np.load(p) as z:
+                    if "labels" not in z:
+                        raise DataError(f"'{p}' has no 'labels' array.", "store the labels under the key 'labels'")
+                    lab = z["labels"]
+            else:
+                lab = np.load(p)
+        elif self.kind == "npz":
+            with np.load(self.spec.source) as z:
+                key = "labels" if "labels" in z else ("y" if "y" in z and "y" not in self._inputs else None)
+                if key is None:
+                    return None
+                lab = z[key]
+        elif self.kind == "images":
+            table = Path(self.spec.source) / "labels.json"
+            if not table.is_file():
+                return None
+            mapping = _label_mapping(json.loads(table.read_text()))
+            lab = np.array([int(mapping[f.name]) for f in self._image_files() if f.name in mapping])
+        else:
+            return None
+        lab = np.asarray(lab).reshape(-1)
+        if lab.dtype.kind not in "iu":
+            raise DataError("labels must be integer class indices.", "save them as np.int64")
+        picked = np.asarray(list(self._selected(iter(range(len(lab))))), dtype=np.int64)
+        lab = lab[picked]
+        if self.spec.max_samples is not None:
+            lab = lab[: self.spec.max_samples]
+        return lab
+
+    def count(self) -> Optional[int]:
+        """Number of samples this source will yield, when known without reading them."""
+        n = None
+        if self.kind == "images":
+            n = len(self._image_files())
+        elif self.kind in ("npz", "npy"):
+            n = self._array_len()
+        if n is None:
+            return self.spec.max_samples
+        n = len(list(self._selected(iter(range(n)))))
+        return min(n, self.spec.max_samples) if self.spec.max_samples is not None else n
+
+    # -- resolution --------------------------------------------------------------------
+    def _resolve(self, source: str):
+        if source == "random":
+            return "random", self._random
+        if ".py:" in source:
+            return "python", self._python(source)
+        p = Path(source)
+        if not p.exists():
+            raise DataError(f"data path '{source}' does not exist.", "give a .npy, .npz, an image folder, or file.py:function")
+        if p.is_dir():
+            if not self._image_files():
+                raise DataError(f"data folder '{source}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).", "point --data at a folder of images")
+            return "images", self._images
+        if p.suffix == ".npy":
+            if len(self._inputs) != 1:
+                raise DataError(f"a .npy file feeds one input, but the model has {len(self._inputs)}: {', '.join(self._inputs)}.",
+                                "save an .npz keyed by input name instead")
+            return "npy", self._npy
+        if p.suffix == ".npz":
+            return "npz", self._npz
+        raise DataError(f"unsupported data '{source}'.", "give a .npy, .npz, a folder of images, or file.py:function")
+
+    def _array_len(self) -> Optional[int]:
+        try:
+            if self.kind == "npy":
+                return int(np.load(self.spec.source, mmap_mode="r").shape[0])
+            with np.load(self.spec.source) as z:
+                keys = [k for k in z.files if k in self._inputs] or [k for k in z.files if k not in ("labels", "y")]
+                return int(z[keys[0]].shape[0]) if keys else None
+        except Exception:
+            return None
+
+    def _selected(self, it):
+        every, offset = max(1, self.spec.every), self.spec.offset
+        for i, item in enumerate(it):
+            hit = i >= offset and (i - offset) % every == 0
+            if hit != self.spec.exclude_every:
+                yield item
+
+    def _random(self):
+        seed = 0
+        while True:
+            yield generate_inputs(self.model, seed=seed, overrides=self._single_overrides())
+            seed += 1
+
+    def _single_overrides(self):
+        specs = input_specs(self.model, self._overrides)
+        return {n: [1] + list(s[1:]) for n, s, _ in specs}
+
+    def _python(self, source: str):
+        path, _, func = source.rpartition(":")
+        if not Path(path).is_file():
+            raise DataError(f"data script '{path}' does not exist.", "write it as path/to/file.py:function")
+        spec = importlib.util.spec_from_file_location("onnxopt_user_data", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise DataError(f"data script '{path}' failed to import: {type(exc).__name__}: {exc}", "run it with python to see the error") from None
+        fn = getattr(module, func, None)
+        if not callable(fn):
+            raise DataError(f"'{path}' has no function '{func}'.", "the function must return an iterable of {input_name: array} dicts")
+
+        def gen():
+            for item in fn():
+                if not isinstance(item, dict):
+                    raise DataError(f"'{source}' yielded a {type(item).__name__}, not a feed dict.", "yield {input_name: numpy array} dicts")
+                # a user batch is split into samples so batching is uniform
+                arrays = {k: np.asarray(v) for k, v in item.items()}
+                n = min((a.shape[0] for a in arrays.values() if a.ndim), default=1)
+                expects_batch = all(a.ndim == len(self._inputs[k]["shape"]) for k, a in arrays.items() if k in self._inputs)
+                if not expects_batch:
+                    yield {k: a[None] for k, a in arrays.items()}
+                    continue
+                for i in range(n):
+                    yield {k: a[i:i + 1] for k, a in arrays.items()}
+
+        return gen
+
+    def _npy(self):
+        arr = np.load(self.spec.source, mmap_mode="r")
+        name = next(iter(self._inputs))
+        for i in range(arr.shape[0]):
+            yield {name: np.asarray(arr[i:i + 1])}
+
+    def _npz(self):
+        with np.load(self.spec.source) as z:
+            missing = [n for n in self._inputs if n not in z.files]
+            if missing and len(self._inputs) == 1 and "x" in z.files:
+                key_of = {next(iter(self._inputs)): "x"}
+            elif missing:
+                raise DataError(f"'{self.spec.source}' has no array for input(s) {', '.join(missing)} (it has {', '.join(z.files)}).",
+                                "key the .npz arrays by the model's input names")
+            else:
+                key_of = {n: n for n in self._inputs}
+            arrays = {n: z[k] for n, k in key_of.items()}
+        lengths = {a.shape[0] for a in arrays.values()}
+        if len(lengths) != 1:
+            raise DataError(f"arrays in '{self.spec.source}' hold different numbers of samples: {sorted(lengths)}.", "give every input the same count on axis 0")
+        for i in range(lengths.pop()):
+            yield {n: self._cast_raw(n, a[i:i + 1]) for n, a in arrays.items()}
+
+    def _cast_raw(self, name: str, arr: np.ndarray) -> np.ndarray:
+        """uint8 images stored for a float input are scaled like an image folder would be."""
+        want = self._inputs[name]["dtype"]
+        if arr.dtype == np.uint8 and want.kind == "f":
+            return self._normalize(arr.astype(np.float32), channel_axis=1 if self._layout(name) == "NCHW" else -1)
+        return arr
+
+    def _image_files(self) -> list:
+        if not hasattr(self, "_files"):
+            folder = Path(self.spec.source)
+            self._files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        return self._files
+
+    def _layout(self, name: str) -> str:
+        if self.spec.image.layout:
+            return self.spec.image.layout
+        shape = self._inputs[name]["shape"]
+        return "NHWC" if len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3) else "NCHW"
+
+    def _normalize(self, x: np.ndarray, channel_axis: int) -> np.ndarray:
+        o = self.spec.image
+        if o.scale is not None:
+            x = x * np.float32(o.scale)
+        shape = [1] * x.ndim
+        shape[channel_axis] = -1
+        if o.mean is not None:
+            x = x - np.asarray(o.mean, np.float32).reshape(shape)
+        if o.std is not None:
+            x = x / np.asarray(o.std, np.float32).reshape(shape)
+        return x.astype(np.float32)
+
+    def _images(self):
+        from PIL import Image
+
+        if len(self._inputs) != 1:
+            raise DataError("an image folder feeds one input, but the model has several.", "use an .npz or a file.py:function")
+        name = next(iter(self._inputs))
+        layout = self._layout(name)
+        shape = self._inputs[name]["shape"]
+        h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+        o = self.spec.image
+        if o.crop:
+            h = w = o.crop
+        if not isinstance(h, int) or not isinstance(w, int):
+            raise DataError(f"input '{name}' has dynamic height/width; onnxopt cannot tell the image size.", "give --crop SIZE")
+        for f in self._image_files():
+            try:
+                img = Image.open(f).convert("RGB")
+            except Exception as exc:
+                raise DataError(f"cannot read image '{f}': {exc}", "remove or re-encode it") from None
+            if o.letterbox is not None:
+                r = min(h / img.height, w / img.width)
+                nh, nw = int(round(img.height * r)), int(round(img.width * r))
+                canvas = np.full((h, w, 3), o.letterbox, np.float32)
+                canvas[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR), np.float32)
+                arr = canvas
+            else:
+                short = o.size or max(h, w)
+                r = short / min(img.width, img.height)
+                img = img.resize((max(w, int(round(img.width * r))), max(h, int(round(img.height * r)))), Image.BILINEAR)
+                left, top = (img.width - w) // 2, (img.height - h) // 2
+                arr = np.asarray(img.crop((left, top, left + w, top + h)), np.float32)
+            if o.bgr:
+                arr = arr[..., ::-1]
+            arr = self._normalize(arr, channel_axis=-1)
+            if layout == "NCHW":
+                arr = arr.transpose(2, 0, 1)
+            yield {name: np.ascontiguousarray(arr[None]).astype(self._inputs[name]["dtype"])}
+
+    # -- validation --------------------------------------------------------------------
+    def _fixed_batch(self) -> Optional[int]:
+        dims = [vi["shape"][0] for vi in self._inputs.values() if vi["shape"]]
+        fixed = [d for d in dims if isinstance(d, int)]
+        return fixed[0] if fixed and len(fixed) == len(dims) else None
+
+    def _validate(self, feed: dict, index: int) -> None:
+        unknown = [k for k in feed if k not in self._inputs]
+        missing = [k for k in self._inputs if k not in feed]
+        if unknown or missing:
+            raise DataError(
+                f"sample {index} of '{self.spec.source}' does not match the model's inputs"
+                + (f": missing {', '.join(missing)}" if missing else "") + (f"; unknown {', '.join(unknown)}" if unknown else "") + ".",
+                f"the model's inputs are: {', '.join(self._inputs)}",
+            )
+        for name, arr in feed.items():
+            want = self._inputs[name]
+            if arr.ndim != len(want["shape"]) or any(isinstance(d, int) and d != a for d, a in zip(want["shape"][1:], arr.shape[1:])):
+                raise DataError(
+                    f"sample {index} of '{self.spec.source}' gives input '{name}' the shape {list(arr.shape)}, "
+                    f"but the model expects {_shape_str(want['shape'])}.",
+                    "check the preprocessing (--crop/--layout) or the arrays' layout (samples on axis 0)",
+                )
+            if arr.dtype != want["dtype"]:
+                if arr.dtype.kind == want["dtype"].kind or (arr.dtype.kind in "iu" and want["dtype"].kind in "iu") or (arr.dtype.kind in "iuf" and want["dtype"].kind == "f"):
+                    feed[name] = arr = arr.astype(want["dtype"])
+                else:
+                    raise DataError(f"input '{name}' is {want['dtype']} but sample {index} is {arr.dtype}.", "convert the data to the model's dtype")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise DataError(f"sample {index} of '{self.spec.source}' holds NaN or Inf values for input '{name}'.", "clean the data: onnxopt refuses non-finite inputs")
+
+
+def _label_mapping(table) -> dict:
+    """labels.json as {file: class} or as a list of {"file": ..., "class_index"|"label": ...} records."""
+    if isinstance(table, dict):
+        return {k: int(v) for k, v in table.items()}
+    mapping = {}
+    for rec in table:
+        key = next((k for k in ("class_index", "label", "class") if k in rec), None)
+        if "file" not in rec or key is None:
+            raise DataError("labels.json records need 'file' and 'class_index' (or 'label').", "write [{\"file\": \"a.jpg\", \"class_index\": 3}, ...]")
+        mapping[rec["file"]] = int(rec[key])
+    return mapping
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
+
+
+def _stack(feeds: list) -> dict:
+    if len(feeds) == 1:
+        return feeds[0]
+    return {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
+
+
+def _graph_inputs(model: ModelProto) -> dict:
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+        out[vi.name] = {"shape": shape, "dtype": np_dtype(tt.elem_type)}
+    return out
+
+
+def open_data(spec, model: ModelProto, input_shapes: Optional[dict] = None, **kwargs) -> DataSource:
+    """A :class:`DataSource` for ``spec`` (a DataSpec, or a path string plus DataSpec fields as kwargs)."""
+    if isinstance(spec, (str, os.PathLike)):
+        image = kwargs.pop("image", None)
+        if isinstance(image, dict):
+            image = ImageOptions(**{k: v for k, v in image.items() if v is not None or k == "bgr"})
+        spec = DataSpec(str(spec), image=image or ImageOptions(), **kwargs)
+    return DataSource(spec, model, input_shapes)

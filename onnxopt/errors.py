@@ -1,0 +1,69 @@
+"""User-facing errors.
+
+Two kinds of error exist in onnxopt (see STYLE "two kinds of error"):
+
+* :class:`OnnxoptError` and its subclasses are *user* errors: a bad model, bad data, a bad option,
+  a missing optional dependency. They carry a message that says what is wrong and a hint that
+  says how to fix it. The CLI prints them as one paragraph and exits non-zero, no traceback.
+* Anything else is an internal error and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class OnnxoptError(Exception):
+    """A user error: the message says what is wrong, the hint how to fix it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class ModelLoadError(OnnxoptError):
+    """The model file cannot be read, parsed, or is not a valid ONNX model."""
+
+
+class OptionError(OnnxoptError):
+    """An unknown pass, unknown option or bad option value."""
+
+    exit_code = 2
+
+
+class DataError(OnnxoptError):
+    """Input/calibration data that does not fit the model (shape, dtype, NaN, empty folder)."""
+
+
+class VerificationError(OnnxoptError):
+    """An exact pass changed the model's outputs beyond tolerance."""
+
+
+class MissingDependencyError(OnnxoptError):
+    """An optional dependency (torch, tensorrt, matplotlib) is needed but not installed."""
+
+    def __init__(self, package: str, feature: str, install: str | None = None):
+        super().__init__(
+            f"{feature} needs the optional package '{package}', which is not installed.",
+            f"install it with: {install or 'pip install ' + package}",
+        )
+        self.package = package
+
+
+class GateFailure(OnnxoptError):
+    """An acceptance gate (size, latency, agreement, accuracy drop) was not met."""
+
+    exit_code = 3
+
+
+def require(package: str, feature: str, install: str | None = None):
+    """Import an optional dependency or raise a :class:`MissingDependencyError` saying how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(package, feature, install) from exc

@@ -1,0 +1,249 @@
+"""Graph helpers every pass shares: import/export through onnx-graphsurgeon, the rewrite guards,
+constant lookup and the collision-free name generator.
+
+The guards encode what real models break (STYLE, "conventions" 2-3):
+
+* a *weight* is a constant -- an initializer **or** the output of a ``Constant`` node -- and is
+  never a graph input (a graph input with an initializer may be overridden at run time);
+* a tensor may only be rewritten away when nothing else consumes it and it is not a graph output;
+* optional inputs may be absent (empty name) and node names may be missing or duplicated;
+* attributes fall back to their schema defaults.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import ModelProto, helper
+
+from .model_io import opset_of
+
+
+# --------------------------------------------------------------------------------------- I/O
+def import_graph(model: ModelProto) -> gs.Graph:
+    """The model's main graph as an onnx-graphsurgeon Graph."""
+    return gs.import_onnx(model)
+
+
+def export_graph(graph: gs.Graph, like: ModelProto) -> ModelProto:
+    """Export ``graph`` back to a ModelProto, keeping ``like``'s opsets, IR version and metadata.
+
+    Dead nodes/tensors are removed and the nodes sorted topologically on the way out.
+    """
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(like, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    del model.functions[:]
+    model.functions.extend(like.functions)
+    return model
+
+
+# ------------------------------------------------------------------------------- constants
+def constant_value(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
+    """The value of ``tensor`` if it is a constant (initializer or Constant-node output), else None.
+
+    A graph input is never a constant, even when it has an initializer of the same name.
+    """
+    if tensor is None:
+        return None
+    if isinstance(tensor, gs.Constant):
+        return tensor.values if not isinstance(tensor.values, gs.LazyValues) else tensor.values.load()
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        node = tensor.inputs[0]
+        attrs = node.attrs
+        if "value" in attrs:
+            v = attrs["value"]
+            return v.values if isinstance(v, gs.Constant) else np.asarray(v)
+        for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+            if key in attrs:
+                return np.array(attrs[key], dtype=dtype)
+        for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+            if key in attrs:
+                return np.array(list(attrs[key]), dtype=dtype)
+    return None
+
+
+def is_weight(graph: gs.Graph, tensor: Optional[gs.Tensor]) -> bool:
+    """True when ``tensor`` is a constant that is not a graph input (safe to fold into)."""
+    if tensor is None or constant_value(tensor) is None:
+        return False
+    return all(inp.name != tensor.name for inp in graph.inputs)
+
+
+def lift_constant(graph: gs.Graph, tensor: gs.Tensor) -> Optional[gs.Constant]:
+    """Return ``tensor`` as a gs.Constant, turning a Constant-node output into an initializer."""
+    if isinstance(tensor, gs.Constant):
+        return tensor
+    value = constant_value(tensor)
+    if value is None:
+        return None
+    const = gs.Constant(tensor.name, np.asarray(value))
+    # Rewire every consumer to the new constant; the Constant node dies in cleanup.
+    for consumer in list(tensor.outputs):
+        consumer.inputs[:] = [const if t is tensor else t for t in consumer.inputs]
+    for i, out in enumerate(graph.outputs):
+        if out is tensor:
+            return None  # a graph output stays a node output
+    tensor.inputs.clear()
+    return const
+
+
+def input_at(node: gs.Node, index: int) -> Optional[gs.Tensor]:
+    """The node's ``index``-th input, or None when absent (missing or an empty optional input)."""
+    if index >= len(node.inputs):
+        return None
+    t = node.inputs[index]
+    if t is None or (isinstance(t, gs.Variable) and t.name == "" and not t.inputs):
+        return None
+    return t
+
+
+def consumers(tensor: gs.Tensor) -> list:
+    return list(tensor.outputs)
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(o is tensor or o.name == tensor.name for o in graph.outputs)
+
+
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> Optional[gs.Node]:
+    """The only node reading ``tensor``, or None when it has zero/several readers or is a graph output."""
+    if is_graph_output(graph, tensor) or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def producer(tensor: gs.Tensor) -> Optional[gs.Node]:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def can_absorb(graph: gs.Graph, tensor: gs.Tensor) -> Optional[str]:
+    """None when ``tensor`` may be rewritten away (one consumer, not a graph output), else the reason."""
+    if is_graph_output(graph, tensor):
+        return f"tensor '{tensor.name}' is a graph output"
+    if len(tensor.outputs) != 1:
+        return f"tensor '{tensor.name}' has {len(tensor.outputs)} consumers"
+    return None
+
+
+# ------------------------------------------------------------------------------ attributes
+def attr(node: gs.Node, name: str, opset: int | None = None):
+    """Attribute ``name`` of ``node``, or the default its operator schema declares (None if none)."""
+    if name in node.attrs:
+        return node.attrs[name]
+    try:
+        schema = onnx.defs.get_schema(node.op, opset or onnx.defs.onnx_opset_version(), node.domain or "")
+    except Exception:
+        return None
+    a = schema.attributes.get(name)
+    if a is None or not a.default_value.name and a.default_value.type == 0:
+        return None
+    return helper.get_attribute_value(a.default_value)
+
+
+def conv_attrs(node: gs.Node, kernel_rank: int) -> dict:
+    """Conv/ConvTranspose/pool attributes with the schema defaults spelled out."""
+    return {
+        "group": int(node.attrs.get("group", 1)),
+        "strides": list(node.attrs.get("strides", [1] * kernel_rank)),
+        "dilations": list(node.attrs.get("dilations", [1] * kernel_rank)),
+        "pads": list(node.attrs.get("pads", [0] * (2 * kernel_rank))),
+        "auto_pad": node.attrs.get("auto_pad", "NOTSET"),
+    }
+
+
+# ----------------------------------------------------------------------------------- names
+class NameGenerator:
+    """New tensor/node names that never collide with any name in the model, subgraphs included."""
+
+    def __init__(self, graph_or_model):
+        self._used: set[str] = set()
+        if isinstance(graph_or_model, ModelProto):
+            self._collect_proto(graph_or_model.graph)
+        else:
+            self._collect_gs(graph_or_model)
+        self._counters: dict[str, itertools.count] = {}
+
+    def _collect_proto(self, g: onnx.GraphProto) -> None:
+        self._used.update(t.name for t in itertools.chain(g.input, g.output, g.initializer, g.value_info))
+        for n in g.node:
+            self._used.add(n.name)
+            self._used.update(n.input)
+            self._used.update(n.output)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    self._collect_proto(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        self._collect_proto(sub)
+
+    def _collect_gs(self, graph: gs.Graph) -> None:
+        self._used.update(graph.tensors().keys())
+        for n in graph.nodes:
+            self._used.add(n.name)
+            for sub in n.attrs.values():
+                if isinstance(sub, gs.Graph):
+                    self._collect_gs(sub)
+
+    def reserve(self, name: str) -> None:
+        self._used.add(name)
+
+    def __call__(self, base: str) -> str:
+        """A fresh name derived from ``base``: ``base`` itself if free, else ``base_1``, ``base_2``..."""
+        base = base or "t"
+        if base not in self._used:
+            self._used.add(base)
+            return base
+        counter = self._counters.setdefault(base, itertools.count(1))
+        while True:
+            name = f"{base}_{next(counter)}"
+            if name not in self._used:
+                self._used.add(name)
+                return name
+
+
+def new_constant(names: NameGenerator, base: str, value: np.ndarray) -> gs.Constant:
+    return gs.Constant(names(base), np.ascontiguousarray(value))
+
+
+def new_variable(names: NameGenerator, base: str, dtype=None, shape=None) -> gs.Variable:
+    return gs.Variable(names(base), dtype=dtype, shape=shape)
+
+
+def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every consumer of ``old`` read ``new`` instead (graph outputs included, keeping the output name)."""
+    for consumer in list(old.outputs):
+        consumer.inputs[:] = [new if t is old else t for t in consumer.inputs]
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            # Keep the public output name: the producer of ``new`` now writes the old name.
+            new_name = old.name
+            old.name = old.name + "__replaced"
+            new.name = new_name
+            graph.outputs[i] = new
+
+
+def model_opset(model: ModelProto) -> int:
+    return opset_of(model)
+
+
+def float_dtype_of(tensor: gs.Tensor) -> np.dtype:
+    dt = getattr(tensor, "dtype", None)
+    try:
+        return np.dtype(dt) if dt is not None else np.dtype(np.float32)
+    except TypeError:
+        return np.dtype(np.float32)
+
+
+def nodes_of(graph: gs.Graph, ops: Iterable[str]) -> list:
+    wanted = set(ops)
+    return [n for n in graph.nodes if n.op in wanted]

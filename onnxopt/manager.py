@@ -1,0 +1,261 @@
+"""The pass manager: apply a chain of passes, validating after each, verifying the exact ones.
+
+``apply(model, "cleanup,bnfuse", options={"bnfuse": {"standalone": "conv"}})`` returns the new
+model and a :class:`Report`. After every pass the model must pass ``onnx.checker`` and shape
+inference; an exact pass is then run against the model before it in onnxruntime (optimizations
+off) on generated inputs -- or on the user's data -- and a difference beyond tolerance stops the
+chain with a :class:`VerificationError` naming the pass and the error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import onnx
+from onnx import ModelProto
+
+from . import __version__, model_io, runtime, stats
+from .errors import ModelLoadError, OnnxoptError, OptionError, VerificationError
+from .registry import PassContext, PassInfo, get_pass
+
+# An exact pass may reorder float arithmetic (e.g. folding a BN scale into a weight): the
+# outputs must agree to this relative error (max |diff| / max |ref|) or this absolute error.
+VERIFY_RTOL = 1e-4
+VERIFY_ATOL = 1e-5
+
+
+@dataclass
+class PassRecord:
+    name: str
+    exact: bool
+    options: dict
+    seconds: float
+    before: dict
+    after: dict
+    changes: dict
+    details: list
+    skipped: list
+    extra: dict
+    verification: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return {
+            "pass": self.name,
+            "exact": self.exact,
+            "options": self.options,
+            "seconds": round(self.seconds, 4),
+            "before": self.before,
+            "after": self.after,
+            "changes": self.changes,
+            "details": self.details,
+            "skipped": self.skipped,
+            "extra": self.extra,
+            "verification": self.verification,
+        }
+
+
+@dataclass
+class Report:
+    """What a chain of passes did, pass by pass; ``to_json()`` is what ``--report`` writes."""
+
+    source: Optional[str]
+    passes: list = field(default_factory=list)
+    total_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "onnxopt_version": __version__,
+            "source": self.source,
+            "total_seconds": round(self.total_seconds, 4),
+            "passes": [p.to_dict() for p in self.passes],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+    def write(self, path: Union[str, os.PathLike]) -> None:
+        """Write the report atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+
+def _json_default(obj: Any):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def parse_pass_list(passes: Union[str, Sequence[str]]) -> list:
+    names = [p.strip() for p in (passes.split(",") if isinstance(passes, str) else passes) if p and p.strip()]
+    if not names:
+        raise OptionError("no pass given.", "name passes comma-separated, e.g. cleanup,bnfuse; `onnxopt passes` lists them")
+    for name in names:
+        get_pass(name)  # raises with the list of valid passes
+    return names
+
+
+def parse_set_options(items: Sequence[str]) -> dict:
+    """``["bnfuse.standalone=conv", ...]`` -> ``{"bnfuse": {"standalone": "conv"}}`` (values stay strings)."""
+    options: dict = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise OptionError(f"bad --set '{item}'.", "write it as PASS.OPTION=VALUE, e.g. --set bnfuse.standalone=conv")
+        key, value = item.split("=", 1)
+        pass_name, opt = key.split(".", 1)
+        options.setdefault(pass_name.strip(), {})[opt.strip()] = value.strip()
+    return options
+
+
+def load_recipe(path: Union[str, os.PathLike]) -> tuple:
+    """A recipe file (YAML or JSON): ``{"passes": [...], "options": {pass: {opt: value}}}``.
+
+    ``passes`` may also be a list of ``{name: {options}}`` mappings. Returns (pass names, options).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"recipe '{p}' does not exist.", "give the path of a YAML or JSON recipe")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise OptionError(f"recipe '{p}' cannot be parsed: {str(exc).splitlines()[0]}", "check its YAML/JSON syntax") from None
+    if not isinstance(data, dict) or "passes" not in data:
+        raise OptionError(f"recipe '{p}' has no 'passes' list.", 'write e.g. {"passes": ["cleanup", "bnfuse"], "options": {"bnfuse": {"standalone": "conv"}}}')
+    names, options = [], {}
+    for entry in data["passes"]:
+        if isinstance(entry, str):
+            names.append(entry)
+        elif isinstance(entry, dict) and len(entry) == 1:
+            (name, opts), = entry.items()
+            names.append(name)
+            options.setdefault(name, {}).update(opts or {})
+        else:
+            raise OptionError(f"recipe '{p}': bad pass entry {entry!r}.", "each entry is a pass name or {name: {options}}")
+    for name, opts in (data.get("options") or {}).items():
+        options.setdefault(name, {}).update(opts or {})
+    return names, options
+
+
+def resolve_options(names: Sequence[str], options: Optional[dict]) -> dict:
+    """Validate every pass's options (unknown option -> error listing valid ones)."""
+    options = dict(options or {})
+    for pass_name in options:
+        if pass_name not in names:
+            get_pass(pass_name)  # unknown pass name -> error
+            raise OptionError(f"options given for pass '{pass_name}', which is not in the chain {','.join(names)}.",
+                              f"add {pass_name} to the passes or drop its options")
+    return {name: get_pass(name).resolve(options.get(name)) for name in names}
+
+
+def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) -> dict:
+    """Run both models on the same inputs; return the error, raising when beyond tolerance."""
+    feeds = []
+    if ctx.data is not None:
+        for i, feed in enumerate(ctx.data()):
+            feeds.append(feed)
+            if i >= 1:
+                break
+    if not feeds:
+        feeds = [runtime.generate_inputs(before, seed=s, overrides=ctx.input_shapes) for s in (0, 1)]
+    s_ref, s_new = runtime.session(before), runtime.session(after)
+    worst = {"max_abs": 0.0, "max_rel": 0.0, "worst_output": None}
+    for feed in feeds:
+        err = runtime.output_error(runtime.run(s_ref, feed), runtime.run(s_new, feed))
+        if err["max_abs"] >= worst["max_abs"]:
+            worst.update(err)
+        worst["max_rel"] = max(worst["max_rel"], err["max_rel"])
+    worst["passed"] = bool(worst["max_abs"] <= atol or worst["max_rel"] <= rtol)
+    worst["inputs"] = "data" if ctx.data is not None else "generated"
+    worst["rtol"], worst["atol"] = rtol, atol
+    return worst
+
+
+def apply(
+    model: Union[str, os.PathLike, ModelProto],
+    passes: Union[str, Sequence[str]],
+    options: Optional[dict] = None,
+    *,
+    verify: bool = True,
+    context: Optional[PassContext] = None,
+    save_steps: Optional[Union[str, os.PathLike]] = None,
+    summarize_layers: bool = True,
+) -> tuple:
+    """Apply ``passes`` (comma-separated string or list) to ``model`` in order.
+
+    Returns ``(model, report)``. ``options`` maps pass name to ``{option: value}``; values may be
+    strings (as from the CLI) and are converted to each option's type. ``context`` carries the
+    data and settings passes may use (calibration data for ``qdq``). The input model (path or
+    proto) is never modified.
+    """
+    names = parse_pass_list(passes)
+    resolved = resolve_options(names, options)
+    source = str(model) if not isinstance(model, ModelProto) else None
+    current = model_io.load_model(model)
+    ctx = context or PassContext()
+    report = Report(source=source)
+    t_chain = time.perf_counter()
+    before_stats = stats.summarize(current) if summarize_layers else {"ops": stats.op_histogram(current)}
+    for step, name in enumerate(names):
+        info: PassInfo = get_pass(name)
+        ctx.log(f"[{step + 1}/{len(names)}] {name} ...")
+        t0 = time.perf_counter()
+        result = info.run(model_io.load_model(current, check=False), resolved[name], ctx)
+        seconds = time.perf_counter() - t0
+        new_model = result.model
+        _validate_pass_output(name, new_model)
+        record = PassRecord(
+            name=name, exact=info.exact, options=resolved[name], seconds=seconds,
+            before=before_stats, after=stats.summarize(new_model) if summarize_layers else {"ops": stats.op_histogram(new_model)},
+            changes=result.changes, details=result.details, skipped=result.skipped, extra=result.extra,
+        )
+        if verify and info.exact and result.modified:
+            record.verification = verify_exact(current, new_model, ctx)
+            if not record.verification["passed"]:
+                v = record.verification
+                raise VerificationError(
+                    f"pass '{name}' changed the model's output '{v['worst_output']}' beyond tolerance: "
+                    f"max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} (tolerance rel {v['rtol']:g} / abs {v['atol']:g}).",
+                    "this is a bug in the pass on this model; rerun with --save-steps DIR and report it, or skip the pass",
+                )
+        report.passes.append(record)
+        applied = [json.loads(p.value) for p in new_model.metadata_props if p.key == "onnxopt.passes"]
+        history = applied[0] if applied else []
+        history.append({"pass": name, "options": {k: v for k, v in resolved[name].items()}})
+        model_io.record_metadata(new_model, "onnxopt.passes", history)
+        model_io.record_metadata(new_model, "onnxopt.version", __version__)
+        if save_steps:
+            model_io.save_model(new_model, Path(save_steps) / f"{step + 1:02d}_{name}.onnx", inputs=[model] if source else [])
+        current = new_model
+        before_stats = record.after
+    report.total_seconds = time.perf_counter() - t_chain
+    return current, report
+
+
+def _validate_pass_output(name: str, model: ModelProto) -> None:
+    """Every pass must leave a valid model: full checker and strict-enough shape inference."""
+    try:
+        model_io.check_model(model, full=True)
+    except onnx.checker.ValidationError as exc:
+        raise OnnxoptError(f"internal error: pass '{name}' produced an invalid model: {str(exc).splitlines()[0]}",
+                           "please report this with the input model; rerun with --save-steps to see the previous step") from None
+    except onnx.shape_inference.InferenceError as exc:
+        raise OnnxoptError(f"internal error: pass '{name}' produced a model that fails shape inference: {str(exc).splitlines()[0]}",
+                           "please report this with the input model") from None

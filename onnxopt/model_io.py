@@ -1,0 +1,221 @@
+"""Loading and saving models safely.
+
+Loading validates up front (file exists, parses, IR/opset supported, external data present and
+inside the model's folder) so that every later failure is about the pass, not the file. Saving is
+atomic: the model is written to a temporary file in the output folder and renamed into place, so
+an interrupted run never leaves a half-written model, and the input file is never written to.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Union
+
+import onnx
+from onnx import ModelProto
+from onnx.external_data_helper import uses_external_data
+
+from .errors import ModelLoadError, OnnxoptError
+
+# The range of default-domain opsets onnxopt's passes are written and tested for.
+MIN_OPSET = 7
+MAX_OPSET = 23
+TWO_GB = 2**31
+MAX_PROTO_BYTES = TWO_GB - 2**20  # keep a margin under protobuf's hard limit
+
+ModelLike = Union[str, os.PathLike, ModelProto]
+
+
+def opset_of(model: ModelProto, domain: str = "") -> int:
+    """The model's opset version for ``domain`` ('' and 'ai.onnx' are the default domain)."""
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(imp.version)
+    return 0
+
+
+def _check_external_locations(model: ModelProto, base_dir: Path) -> None:
+    """Refuse external data that escapes the model's folder or is missing, before reading any of it."""
+    base = base_dir.resolve()
+    tensors = list(_all_tensors(model))
+    for tensor in tensors:
+        if not uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location):
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' stores its data at an absolute or empty location '{location}'.",
+                "external data must sit next to the model, referenced by a relative path",
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' points its external data at '{location}', which escapes the model's folder {base}.",
+                "onnxopt refuses external data outside the model's folder; move the data file next to the model",
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"external data file '{location}' for tensor '{tensor.name}' is missing (looked in {base}).",
+                "copy the .data file that came with the model next to it",
+            )
+        length = int(info.get("length", "-1") or -1)
+        offset = int(info.get("offset", "0") or 0)
+        if length >= 0 and offset + length > target.stat().st_size:
+            raise ModelLoadError(
+                f"external data file '{location}' is shorter than tensor '{tensor.name}' needs (truncated?).",
+                "re-export or re-copy the model together with its data file",
+            )
+
+
+def _all_tensors(model: ModelProto) -> Iterable[onnx.TensorProto]:
+    """Every TensorProto in the model: initializers, Constant attributes, subgraphs included."""
+    def walk(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g)
+
+    yield from walk(model.graph)
+
+
+def load_model(source: ModelLike, *, check: bool = True) -> ModelProto:
+    """Load and validate a model from a path (or validate a ModelProto and return a copy).
+
+    External data is loaded into memory after its locations were checked. Raises
+    :class:`ModelLoadError` with an actionable message for every way a file can be bad.
+    """
+    if isinstance(source, ModelProto):
+        model = ModelProto()
+        model.CopyFrom(source)
+        if check:
+            validate_model(model, "the given model")
+        return model
+
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"model file '{path}' does not exist.", "check the path")
+    if path.is_dir():
+        raise ModelLoadError(f"'{path}' is a folder, not an ONNX model file.", "pass the .onnx file itself")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError / RuntimeWarning subclasses
+        raise ModelLoadError(
+            f"'{path}' is not a readable ONNX model ({type(exc).__name__}: {str(exc).strip() or 'parse error'}).",
+            "the file may be truncated or not an ONNX protobuf; re-export it",
+        ) from None
+    if not model.graph.node and not model.graph.output and not model.opset_import:
+        raise ModelLoadError(
+            f"'{path}' parsed as an empty protobuf: it is not an ONNX model.",
+            "pass an .onnx file exported from your framework",
+        )
+    _check_external_locations(model, path.parent)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the external data of '{path}': {exc}", "check the .data file next to the model") from None
+    if check:
+        validate_model(model, str(path))
+    return model
+
+
+def validate_model(model: ModelProto, what: str = "model") -> None:
+    """IR/opset range and onnx.checker; raise ModelLoadError with the checker's words."""
+    opset = opset_of(model)
+    if opset == 0:
+        raise ModelLoadError(f"{what} declares no default-domain opset.", "re-export it with an opset_import for the ai.onnx domain")
+    if opset < MIN_OPSET or opset > MAX_OPSET:
+        raise ModelLoadError(
+            f"{what} uses opset {opset}; onnxopt supports opsets {MIN_OPSET}..{MAX_OPSET}.",
+            "convert it with onnx.version_converter.convert_version(model, 17)",
+        )
+    if model.ir_version < 3:
+        raise ModelLoadError(f"{what} has IR version {model.ir_version}, older than onnxopt reads (3).", "re-export the model with a recent exporter")
+    try:
+        check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
+        raise ModelLoadError(f"{what} is not a valid ONNX graph: {first}", "fix the exporter output, or run onnx.checker to see every problem") from None
+
+
+def check_model(model: ModelProto, full: bool = False) -> None:
+    """onnx.checker on a model of any size (large models are checked through a temp file)."""
+    if model.ByteSize() < MAX_PROTO_BYTES:
+        onnx.checker.check_model(model, full_check=full)
+    else:  # pragma: no cover - needs a >2 GB model
+        with tempfile.TemporaryDirectory() as tmp:
+            p = os.path.join(tmp, "m.onnx")
+            onnx.save_model(model, p, save_as_external_data=True, location="m.onnx.data")
+            onnx.checker.check_model(p, full_check=full)
+
+
+def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iterable[ModelLike] = (), external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    ``inputs`` are the paths of the models the result came from: writing over one of them is
+    refused, so the input model is never modified. Models over 2 GB (or with ``external_data``)
+    are written with their tensors in ``<name>.data`` next to the model.
+    """
+    out = Path(path)
+    for src in inputs:
+        if isinstance(src, (str, os.PathLike)) and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+            raise OnnxoptError(f"the output '{out}' is the input model; onnxopt never overwrites its input.", "choose another -o path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    big = model.ByteSize() >= MAX_PROTO_BYTES
+    use_external = big if external_data is None else external_data
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    os.close(fd)
+    tmp_data = None
+    try:
+        if use_external:
+            data_name = out.name + ".data"
+            tmp_data_name = Path(tmp).name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data_name, size_threshold=1024)
+            tmp_data = out.parent / tmp_data_name
+            # the model refers to its data by name: rewrite the location before the final rename
+            saved = onnx.load_model(tmp, load_external_data=False)
+            for t in _all_tensors(saved):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            onnx.save_model(saved, tmp)
+            os.replace(tmp_data, out.parent / data_name)
+            tmp_data = None
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, out)
+    finally:
+        for leftover in (tmp, tmp_data):
+            if leftover is not None and os.path.exists(leftover):
+                os.unlink(leftover)
+    return out
+
+
+def fingerprint(model: ModelProto) -> str:
+    """A stable hash of the model's graph (weights included), for caches keyed on the model."""
+    h = hashlib.sha256()
+    h.update(model.graph.SerializeToString(deterministic=True))
+    for imp in model.opset_import:
+        h.update(f"{imp.domain}:{imp.version}".encode())
+    return h.hexdigest()[:16]
+
+
+def record_metadata(model: ModelProto, key: str, value) -> None:
+    """Set ``metadata_props[key]`` (JSON-encoded when not a string), keeping the model's other metadata."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = text
+            return
+    model.metadata_props.add(key=key, value=text)

@@ -1,0 +1,1 @@
+"""Quantization machinery shared by the qdq pass and its companions: calibration, targets, rule checks."""

@@ -1,0 +1,146 @@
+"""onnxruntime helpers: sessions, generated inputs, running a model, comparing outputs.
+
+Verification runs with every onnxruntime graph optimization disabled, so what is compared is the
+graph onnxopt wrote, not what onnxruntime would have rewritten it into.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import ModelProto, helper
+
+from .errors import DataError, OnnxoptError
+
+
+
+def np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def session(model: ModelProto | str, *, optimize: bool = False, threads: int = 0, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session; ``optimize=False`` disables all graph optimizations."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    payload = model if isinstance(model, str) else _serialize(model)
+    try:
+        return ort.InferenceSession(payload, so, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:
+        raise OnnxoptError(
+            f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:500]}",
+            "the graph uses an op or type onnxruntime's CPU provider lacks, or it is invalid",
+        ) from None
+
+
+def _serialize(model: ModelProto) -> bytes:
+    if model.ByteSize() >= 2**31 - 2**20:  # pragma: no cover - needs a >2 GB model
+        raise OnnxoptError("models over 2 GB are verified from a file; save the model first", None)
+    return model.SerializeToString()
+
+
+def input_specs(model: ModelProto, overrides: Optional[dict] = None) -> list:
+    """[(name, shape, np.dtype)] for the model's real inputs (initializer-backed inputs excluded).
+
+    Symbolic dimensions become 1 on axis 0 (batch) and must otherwise be given in ``overrides``
+    ({name: shape}); an unknown non-batch dimension is an error that says how to give it.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise OnnxoptError(f"input '{vi.name}' is not a tensor; onnxopt can only generate tensor inputs.", "provide data with --data")
+        dtype = np_dtype(tt.elem_type)
+        if overrides and vi.name in overrides:
+            shape = [int(d) for d in overrides[vi.name]]
+        else:
+            shape = []
+            for axis, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    shape.append(int(d.dim_value))
+                elif axis == 0:
+                    shape.append(1)
+                else:
+                    raise OnnxoptError(
+                        f"input '{vi.name}' has a dynamic dimension {axis} ('{d.dim_param or '?'}'); onnxopt needs a concrete shape to generate inputs.",
+                        f"give it with --input-shape {vi.name}:1x3x224x224 (your real shape), or provide --data",
+                    )
+        specs.append((vi.name, shape, dtype))
+    return specs
+
+
+def generate_inputs(model: ModelProto, *, seed: int = 0, overrides: Optional[dict] = None) -> dict:
+    """One feed dict of random inputs with the model's shapes and dtypes (normal floats, small ints)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for name, shape, dtype in input_specs(model, overrides):
+        if dtype.kind == "f":
+            feed[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[name] = rng.integers(0, 2, shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feed[name] = rng.integers(0, 8, shape).astype(dtype)
+        else:
+            raise OnnxoptError(f"cannot generate inputs of dtype {dtype} for '{name}'.", "provide data with --data")
+    return feed
+
+
+def run(model_or_session, feed: dict, outputs: Optional[Sequence[str]] = None) -> dict:
+    sess = model_or_session if isinstance(model_or_session, ort.InferenceSession) else session(model_or_session)
+    names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(names, feed)
+    except Exception as exc:
+        raise DataError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0][:500]}",
+                        "check that the data matches the model's inputs (names, shapes, dtypes)") from None
+    return dict(zip(names, values))
+
+
+def output_error(ref: dict, cand: dict) -> dict:
+    """Max abs and max relative (to the reference's max magnitude) error over all common outputs."""
+    max_abs, max_rel, worst = 0.0, 0.0, None
+    for name, r in ref.items():
+        if name not in cand:
+            continue
+        c = cand[name]
+        if r.shape != c.shape:
+            return {"max_abs": float("inf"), "max_rel": float("inf"), "worst_output": name, "reason": f"shape {r.shape} vs {c.shape}"}
+        if r.dtype.kind not in "fc":
+            diff = float(np.max(r != c)) if r.size else 0.0
+            rel = diff
+        else:
+            r64, c64 = r.astype(np.float64), c.astype(np.float64)
+            both_nan = np.isnan(r64) & np.isnan(c64)
+            d = np.where(both_nan, 0.0, np.abs(r64 - c64))
+            diff = float(np.nanmax(np.where(np.isnan(d), np.inf, d))) if d.size else 0.0
+            scale = float(np.max(np.abs(r64[np.isfinite(r64)]))) if np.isfinite(r64).any() else 1.0
+            rel = diff / max(scale, 1e-12)
+        if diff > max_abs:
+            max_abs, worst = diff, name
+        max_rel = max(max_rel, rel)
+    return {"max_abs": max_abs, "max_rel": max_rel, "worst_output": worst}
+
+
+def intermediate_shapes(model: ModelProto, tensors: Iterable[str], *, overrides: Optional[dict] = None) -> dict:
+    """Shapes of ``tensors`` from one onnxruntime run on generated inputs (for dynamic shape chains)."""
+    wanted = [t for t in dict.fromkeys(tensors) if t]
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in wanted:
+        if name not in known:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    outs = run(session(probe), generate_inputs(model, overrides=overrides), wanted)
+    return {k: list(v.shape) for k, v in outs.items()}
+
+
+def cpu_count() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

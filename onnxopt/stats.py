@@ -1,0 +1,140 @@
+"""Model statistics: op histogram, parameter count, MACs (total and per layer), size.
+
+MACs are counted for the layers that dominate inference cost (Conv, ConvTranspose, Gemm,
+MatMul) from shapes inferred by ONNX shape inference; a layer whose shapes cannot be inferred
+(dynamic dims) is counted as 0 and listed with ``macs=None`` so nobody mistakes it for free.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import ModelProto, numpy_helper
+
+
+def op_histogram(model: ModelProto) -> dict:
+    return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
+
+
+def _constant_arrays(model: ModelProto):
+    for init in model.graph.initializer:
+        yield init.name, init
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    yield node.output[0], a.t
+
+
+def param_count(model: ModelProto) -> int:
+    """Number of elements in float weights (initializers and Constant nodes), excluding scalars."""
+    total = 0
+    for _, t in _constant_arrays(model):
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                           onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                           onnx.TensorProto.INT4, onnx.TensorProto.UINT4) and n > 1:
+            total += n
+    return total
+
+
+def _shapes(model: ModelProto) -> dict:
+    # MACs are per sample: a symbolic batch dimension (axis 0 of an input) counts as 1.
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    for inp in probe.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = probe
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    for name, t in _constant_arrays(model):
+        shapes[name] = list(t.dims)
+    # Shape inference stops at dynamic shape chains (e.g. a Pad whose pads are computed): fill
+    # the gaps around the costly layers from one onnxruntime run on generated inputs.
+    missing = []
+    for node in model.graph.node:
+        if node.op_type in _COUNTED:
+            missing += [t for t in list(node.input[:2]) + [node.output[0]] if _prod(shapes.get(t)) is None]
+    if missing:
+        try:
+            from .runtime import intermediate_shapes
+            shapes.update(intermediate_shapes(probe, missing))
+        except Exception:  # a model that cannot run keeps its unknown shapes (reported as macs=None)
+            pass
+    return shapes
+
+
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+
+
+def _prod(dims) -> Optional[int]:
+    if dims is None or any(d is None for d in dims):
+        return None
+    return int(np.prod(dims)) if dims else 1
+
+
+def layer_macs(model: ModelProto) -> list:
+    """Per-layer MACs: [{"name", "op", "output", "macs"}] for Conv/ConvTranspose/Gemm/MatMul(+Integer) nodes."""
+    shapes = _shapes(model)
+    rows = []
+    for i, node in enumerate(model.graph.node):
+        op = node.op_type
+        if op not in _COUNTED:
+            continue
+        w_index = 3 if op.startswith("QLinear") else 1
+        out = shapes.get(node.output[0])
+        w = shapes.get(node.input[w_index]) if len(node.input) > w_index else None
+        macs = None
+        if out is not None and w is not None:
+            if op in ("Conv", "ConvInteger", "QLinearConv"):
+                # each output element needs Cin/group * prod(kernel) MACs; w is [Cout, Cin/g, k...]
+                macs = _prod(out) * _prod(w[1:]) if _prod(out) is not None and _prod(w[1:]) is not None else None
+            elif op == "ConvTranspose":
+                inp = shapes.get(node.input[0])
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                if inp is not None and _prod(inp) is not None and _prod(w[1:]) is not None:
+                    macs = _prod(inp) * _prod(w[1:])  # every input element scatters Cout/g * k MACs
+                    del group
+            elif op == "Gemm":
+                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                k = w[1] if trans_b else w[0]
+                macs = _prod(out) * k if _prod(out) is not None and k is not None else None
+            else:  # MatMul family: out [..., M, N], K from A's last dim
+                a = shapes.get(node.input[0])
+                k = a[-1] if a else None
+                macs = _prod(out) * k if _prod(out) is not None and k is not None else None
+        rows.append({"name": node.name or f"{op}_{i}", "op": op, "output": node.output[0], "macs": macs})
+    return rows
+
+
+def total_macs(model: ModelProto) -> int:
+    return int(sum(r["macs"] or 0 for r in layer_macs(model)))
+
+
+def model_size_bytes(model: ModelProto) -> int:
+    return model.ByteSize()
+
+
+def summarize(model: ModelProto, per_layer: bool = False) -> dict:
+    """A JSON-able summary used by reports and ``onnxopt info``."""
+    layers = layer_macs(model)
+    summary = {
+        "nodes": len(model.graph.node),
+        "ops": op_histogram(model),
+        "params": param_count(model),
+        "macs": int(sum(r["macs"] or 0 for r in layers)),
+        "size_bytes": model_size_bytes(model),
+    }
+    if per_layer:
+        summary["layers"] = layers
+    return summary

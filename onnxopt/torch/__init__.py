@@ -1,0 +1,1 @@
+"""The torch round trip (optional dependency): ONNX graph -> torch module -> weights written back."""
