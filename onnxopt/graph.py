@@ -86,15 +86,28 @@ def lift_constant(graph: gs.Graph, tensor: gs.Tensor) -> Optional[gs.Constant]:
     value = constant_value(tensor)
     if value is None:
         return None
+    if is_graph_output(graph, tensor):
+        # A graph output stays a node output (checked before any rewiring: an initializer and a
+        # node output of the same name would break SSA).
+        return None
     const = gs.Constant(tensor.name, np.asarray(value))
     # Rewire every consumer to the new constant; the Constant node dies in cleanup.
     for consumer in list(tensor.outputs):
-        consumer.inputs[:] = [const if t is tensor else t for t in consumer.inputs]
-    for i, out in enumerate(graph.outputs):
-        if out is tensor:
-            return None  # a graph output stays a node output
+        _swap_input(consumer, tensor, const)
     tensor.inputs.clear()
     return const
+
+
+def _swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make ``node`` read ``new`` wherever it reads ``old``.
+
+    Index by index: onnx-graphsurgeon's synchronized lists do not support slice assignment
+    (``node.inputs[:] = ...`` raises), and per-index assignment keeps both tensors' consumer
+    lists consistent, also when the node reads ``old`` several times.
+    """
+    for i, t in enumerate(node.inputs):
+        if t is old:
+            node.inputs[i] = new
 
 
 def input_at(node: gs.Node, index: int) -> Optional[gs.Tensor]:
@@ -222,7 +235,7 @@ def new_variable(names: NameGenerator, base: str, dtype=None, shape=None) -> gs.
 def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     """Make every consumer of ``old`` read ``new`` instead (graph outputs included, keeping the output name)."""
     for consumer in list(old.outputs):
-        consumer.inputs[:] = [new if t is old else t for t in consumer.inputs]
+        _swap_input(consumer, old, new)
     for i, out in enumerate(graph.outputs):
         if out is old:
             # Keep the public output name: the producer of ``new`` now writes the old name.
