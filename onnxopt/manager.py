@@ -139,19 +139,36 @@ def load_recipe(path: Union[str, os.PathLike]) -> tuple:
         raise OptionError(f"recipe '{p}' cannot be parsed: {str(exc).splitlines()[0]}", "check its YAML/JSON syntax") from None
     if not isinstance(data, dict) or "passes" not in data:
         raise OptionError(f"recipe '{p}' has no 'passes' list.", 'write e.g. {"passes": ["cleanup", "bnfuse"], "options": {"bnfuse": {"standalone": "conv"}}}')
+    entries = data["passes"]
+    if isinstance(entries, str):  # "cleanup,bnfuse" is accepted like the command line's PASSES
+        entries = [e.strip() for e in entries.split(",") if e.strip()]
+    if not isinstance(entries, list):
+        raise OptionError(f"recipe '{p}': 'passes' must be a list, not {type(entries).__name__}.", 'write e.g. passes: [cleanup, bnfuse]')
     names, options = [], {}
-    for entry in data["passes"]:
+    for entry in entries:
         if isinstance(entry, str):
             names.append(entry)
         elif isinstance(entry, dict) and len(entry) == 1:
             (name, opts), = entry.items()
             names.append(name)
-            options.setdefault(name, {}).update(opts or {})
+            options.setdefault(name, {}).update(_recipe_options(p, name, opts))
         else:
             raise OptionError(f"recipe '{p}': bad pass entry {entry!r}.", "each entry is a pass name or {name: {options}}")
-    for name, opts in (data.get("options") or {}).items():
-        options.setdefault(name, {}).update(opts or {})
+    extra = data.get("options") or {}
+    if not isinstance(extra, dict):
+        raise OptionError(f"recipe '{p}': 'options' must be a mapping of pass -> {{option: value}}.", 'write e.g. options: {bnfuse: {standalone: conv}}')
+    for name, opts in extra.items():
+        options.setdefault(name, {}).update(_recipe_options(p, name, opts))
     return names, options
+
+
+def _recipe_options(path: Path, name: str, opts) -> dict:
+    if opts is None:
+        return {}
+    if not isinstance(opts, dict):
+        raise OptionError(f"recipe '{path}': the options of pass '{name}' must be a mapping, not {opts!r}.",
+                          f"write e.g. {name}: {{option: value}}; `onnxopt passes` lists the options")
+    return opts
 
 
 def resolve_options(names: Sequence[str], options: Optional[dict]) -> dict:
@@ -179,9 +196,12 @@ def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rto
     worst = {"max_abs": 0.0, "max_rel": 0.0, "worst_output": None}
     for feed in feeds:
         err = runtime.output_error(runtime.run(s_ref, feed), runtime.run(s_new, feed))
+        # the worst relative error over all feeds is kept, even when a later feed has the
+        # larger absolute error (update() alone would overwrite it)
+        max_rel = max(worst["max_rel"], err["max_rel"])
         if err["max_abs"] >= worst["max_abs"]:
             worst.update(err)
-        worst["max_rel"] = max(worst["max_rel"], err["max_rel"])
+        worst["max_rel"] = max_rel
     worst["passed"] = bool(worst["max_abs"] <= atol or worst["max_rel"] <= rtol)
     worst["inputs"] = "data" if ctx.data is not None else "generated"
     worst["rtol"], worst["atol"] = rtol, atol

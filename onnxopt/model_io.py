@@ -157,7 +157,18 @@ def check_model(model: ModelProto, full: bool = False) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             p = os.path.join(tmp, "m.onnx")
             onnx.save_model(model, p, save_as_external_data=True, location="m.onnx.data")
+            # save_model moved the weights out of ``model``: restore them before the folder goes
+            _restore_external_data(model, tmp)
             onnx.checker.check_model(p, full_check=full)
+
+
+def _restore_external_data(model: ModelProto, base_dir) -> None:
+    """Read back the tensor bytes that ``onnx.save_model(save_as_external_data=True)`` moved out
+    of ``model`` (it edits the proto in place), leaving the proto as it was (same fingerprint)."""
+    onnx.load_external_data_for_model(model, str(base_dir))
+    for t in _all_tensors(model):
+        if t.HasField("data_location") and t.data_location == onnx.TensorProto.DEFAULT:
+            t.ClearField("data_location")
 
 
 def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iterable[ModelLike] = (), external_data: bool | None = None) -> Path:
@@ -181,8 +192,11 @@ def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iter
         if use_external:
             data_name = out.name + ".data"
             tmp_data_name = Path(tmp).name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data_name, size_threshold=1024)
             tmp_data = out.parent / tmp_data_name
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data_name, size_threshold=1024)
+            # onnx.save_model moved the tensors' bytes out of the caller's proto: read them back
+            # (no copy of a >2 GB model needed) so ``model`` is unchanged for the caller.
+            _restore_external_data(model, out.parent)
             # the model refers to its data by name: rewrite the location before the final rename
             saved = onnx.load_model(tmp, load_external_data=False)
             for t in _all_tensors(saved):

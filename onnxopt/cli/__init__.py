@@ -51,7 +51,8 @@ _load_commands()
 def main(argv=None) -> None:
     """Console entry point: run the CLI, turning user errors into one clear message and an exit code."""
     try:
-        cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
+        # without standalone mode click *returns* the code of ctx.exit(n) instead of exiting
+        rc = cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
     except OnnxoptError as exc:
         if os.environ.get("ONNXOPT_DEBUG"):
             raise
@@ -68,4 +69,4 @@ def main(argv=None) -> None:
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)
