@@ -129,8 +129,16 @@ class DataSource:
             table = Path(self.spec.source) / "labels.json"
             if not table.is_file():
                 return None
-            mapping = _label_mapping(json.loads(table.read_text()))
-            lab = np.array([int(mapping[f.name]) for f in self._image_files() if f.name in mapping])
+            try:
+                mapping = _label_mapping(json.loads(table.read_text()))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"'{table}' is not valid JSON: {exc}", "write {\"a.jpg\": 3, ...} or [{\"file\": \"a.jpg\", \"class_index\": 3}, ...]") from None
+            unlabeled = [f.name for f in self._image_files() if f.name not in mapping]
+            if unlabeled:
+                # dropping them would shift every later label onto the wrong image
+                raise DataError(f"{len(unlabeled)} image(s) in '{self.spec.source}' have no entry in labels.json (e.g. '{unlabeled[0]}').",
+                                "add them to labels.json or remove them from the folder")
+            lab = np.array([int(mapping[f.name]) for f in self._image_files()], dtype=np.int64)
         else:
             return None
         lab = np.asarray(lab).reshape(-1)
@@ -141,6 +149,10 @@ class DataSource:
         if self.spec.max_samples is not None:
             lab = lab[: self.spec.max_samples]
         return lab
+
+    def check(self) -> None:
+        """Read and validate the first sample now, so a bad source fails before any work is done."""
+        next(iter(self.samples()))
 
     def count(self) -> Optional[int]:
         """Number of samples this source will yield, when known without reading them."""

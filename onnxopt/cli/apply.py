@@ -70,6 +70,7 @@ def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, s
     if data:
         spec = DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=calib_samples)
         ctx.data = open_data(spec, source, shapes)
+        ctx.data.check()  # wrong shape/dtype/NaN fails now, not only if a pass happens to read the data
         ctx.data_spec = spec
     result, report = manager.apply(source, names, options, verify=verify, context=ctx, save_steps=save_steps)
     report.source = str(model)
