@@ -56,7 +56,8 @@ def constant_value(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
-        return tensor.values if not isinstance(tensor.values, gs.LazyValues) else tensor.values.load()
+        # gs.Constant.values loads lazily-stored values itself (gs has no top-level LazyValues)
+        return tensor.values
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         node = tensor.inputs[0]
         attrs = node.attrs
