@@ -14,8 +14,10 @@ from .model_io import load_model, save_model  # noqa: E402
 from .manager import apply, Report  # noqa: E402
 from .registry import all_passes, get_pass, register_pass, Option, PassContext, PassResult  # noqa: E402
 from .stats import summarize  # noqa: E402
+from .compare import compare_models, measure_latency, model_info  # noqa: E402
 
 __all__ = [
     "__version__", "OnnxoptError", "load_model", "save_model", "apply", "Report",
     "all_passes", "get_pass", "register_pass", "Option", "PassContext", "PassResult", "summarize",
+    "compare_models", "measure_latency", "model_info",
 ]

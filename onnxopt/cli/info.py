@@ -1,0 +1,105 @@
+"""``onnxopt info``: what a model is -- interface, opsets, ops, parameters, MACs, size on disk."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..compare import model_info
+from . import cli
+
+
+def _shape(shape) -> str:
+    if shape is None:
+        return "(unknown shape)"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def human(n, unit: str = "") -> str:
+    """1234567 -> '1.23M' (SI prefixes; exact counts are in --json)."""
+    if n is None:
+        return "?"
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n}{unit}"
+
+
+def mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} kB"
+
+
+def render_info(info: dict) -> str:
+    lines = []
+    width = 10
+
+    def row(key, value):
+        lines.append(f"{key:<{width}} {value}")
+
+    row("model", info["path"] or "(in memory)")
+    size = mib(info["size_bytes"])
+    if info.get("external_data_bytes"):
+        size += f" (of which external data {mib(info['external_data_bytes'])} in {', '.join(info['external_data_files'])})"
+    row("size", size)
+    opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    row("format", f"IR {info['ir_version']}, opset {opsets}" + (f", producer {info['producer']}" if info["producer"] else ""))
+    nw = max((len(v["name"]) for v in info["inputs"] + info["outputs"]), default=0)
+    for key in ("inputs", "outputs"):
+        items = info[key]
+        for i, v in enumerate(items):
+            row(key if i == 0 else "", f"{v['name']:<{nw}}  {v['dtype']:<8} {_shape(v['shape'])}")
+        if not items:
+            row(key, "(none)")
+    row("nodes", f"{info['nodes']} ({info['initializers']} initializers)")
+    row("params", f"{human(info['params'])} ({info['params']:,})")
+    macs = f"{human(info['macs'])} ({info['macs']:,}) per sample"
+    if info["macs_unknown_layers"]:
+        macs += f"; {info['macs_unknown_layers']} layer(s) with unknown shapes not counted"
+    row("MACs", macs)
+    ops = sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0]))
+    chunk = []
+    first = True
+    for op, count in ops:
+        chunk.append(f"{op} {count}")
+        if len(chunk) == 6:
+            row("ops" if first else "", ", ".join(chunk))
+            first, chunk = False, []
+    if chunk or first:
+        row("ops" if first else "", ", ".join(chunk) or "(none)")
+    for k, v in info["metadata"].items():
+        row("metadata" if k == next(iter(info["metadata"])) else "", f"{k} = {v if len(v) < 100 else v[:97] + '...'}")
+    if "layers" in info:
+        lines.append("")
+        layers = info["layers"]
+        nw = min(60, max((len(r["name"]) for r in layers), default=4))
+        lines.append(f"{'layer':<{nw}}  {'op':<14} {'MACs':>10}  {'share':>6}")
+        for r in layers:
+            name = r["name"] if len(r["name"]) <= nw else "..." + r["name"][-(nw - 3):]
+            share = f"{100 * r['share']:5.1f}%" if r["share"] is not None else "     ?"
+            lines.append(f"{name:<{nw}}  {r['op']:<14} {human(r['macs']):>10}  {share}")
+        if not layers:
+            lines.append("(no Conv/ConvTranspose/Gemm/MatMul layers)")
+    return "\n".join(lines)
+
+
+@cli.command("info", epilog="""\b
+Examples:
+  onnxopt info model.onnx
+  onnxopt info model.onnx --layers          MACs of every Conv/Gemm/MatMul
+  onnxopt info model.onnx --json > info.json
+""")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (exact counts).")
+@click.option("--layers", is_flag=True, help="Also list the MACs of every Conv/ConvTranspose/Gemm/MatMul layer.")
+def info_cmd(model, as_json, layers):
+    """Show MODEL's inputs/outputs (shapes, dtypes), opsets, IR version, op histogram,
+    parameter count, MACs per sample and size on disk (external data included).
+
+    MACs count Conv, ConvTranspose, Gemm and MatMul (and their integer/QLinear forms) from
+    inferred shapes; a dynamic batch dimension counts as 1.
+    """
+    info = model_info(model, per_layer=layers)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(render_info(info))

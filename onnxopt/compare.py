@@ -1,0 +1,539 @@
+"""Inspection as a library: what a model is (:func:`model_info`) and how two models differ
+(:func:`compare_models`), plus the latency helper :func:`measure_latency` others reuse.
+
+``compare_models(ref, cand)`` runs both models in onnxruntime on the same inputs -- the user's
+data, or generated inputs (with a note saying so) -- and reports, per output:
+
+* ``max_abs``  = max |r - c| over every element of every sample;
+* ``cosine``   = <r, c> / (|r| |c|) over all elements (float64 sums), and the worst per-sample cosine;
+* ``sqnr_db``  = 10 log10( sum r^2 / sum (r - c)^2 ), +inf when the outputs are identical;
+* for classifier-shaped outputs ([N, C] with C > 1): top-1 agreement = share of samples whose
+  argmax is the same, and each model's top-1 accuracy when labels are given.
+
+Numerics run with onnxruntime's graph optimizations disabled (the graphs as written are compared,
+not what onnxruntime would rewrite them into); latency is the median over ``runs`` single-sample
+runs after a warm-up, with default optimizations and ``threads`` intra-op threads, the two models
+timed alternately so machine noise hits both alike. Metrics are streamed batch by batch: only
+running sums and one argmax per sample are kept, never the outputs.
+
+Acceptance gates in the spirit of PaddleSlim's lite-model acceptance (size, accuracy, CPU
+latency) are evaluated on the candidate: ``max_size_mb`` (MB = 2**20 bytes, model file plus its
+external data), ``max_latency_ms`` (median), ``min_agreement`` (percent, worst classifier output)
+and ``max_drop`` (accuracy points, reference minus candidate; needs labels).
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+from onnx.external_data_helper import uses_external_data
+
+from . import model_io, runtime, stats
+from .data import DataSource, _graph_inputs, open_data
+from .errors import DataError, GateFailure, OnnxoptError, OptionError
+
+MB = 2**20
+ModelLike = Union[str, os.PathLike, ModelProto]
+GATES = ("max_size_mb", "max_latency_ms", "min_agreement", "max_drop")
+
+
+# ------------------------------------------------------------------------------------ info
+def file_size_bytes(path: Union[str, os.PathLike]) -> dict:
+    """Bytes on disk of a model file and of the external data files it references."""
+    path = Path(path)
+    model = onnx.load_model(str(path), load_external_data=False)
+    locations = set()
+    for t in model_io._all_tensors(model):
+        if uses_external_data(t):
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc:
+                locations.add(loc)
+    external = sum((path.parent / loc).stat().st_size for loc in sorted(locations) if (path.parent / loc).is_file())
+    model_bytes = path.stat().st_size
+    return {"model": model_bytes, "external": external, "total": model_bytes + external, "external_files": sorted(locations)}
+
+
+def _value_info(vi: onnx.ValueInfoProto) -> dict:
+    if not vi.type.HasField("tensor_type"):
+        return {"name": vi.name, "dtype": vi.type.WhichOneof("value") or "?", "shape": None}
+    tt = vi.type.tensor_type
+    shape = None
+    if tt.HasField("shape"):
+        shape = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    try:  # numpy's names (float32, int64) where numpy has the type, ONNX's otherwise (bfloat16)
+        dtype = str(runtime.np_dtype(tt.elem_type))
+    except Exception:
+        dtype = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "?"
+    return {"name": vi.name, "dtype": dtype, "shape": shape}
+
+
+def model_info(source: ModelLike, per_layer: bool = False) -> dict:
+    """Everything ``onnxopt info`` shows, as a JSON-able dict."""
+    model = model_io.load_model(source)
+    inits = {i.name for i in model.graph.initializer}
+    layers = stats.layer_macs(model)
+    info: dict = {
+        "path": None if isinstance(source, ModelProto) else str(source),
+        "ir_version": int(model.ir_version),
+        "opsets": {(imp.domain or "ai.onnx"): int(imp.version) for imp in model.opset_import},
+        "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x) or None,
+        "inputs": [_value_info(vi) for vi in model.graph.input if vi.name not in inits],
+        "outputs": [_value_info(vi) for vi in model.graph.output],
+        "nodes": len(model.graph.node),
+        "initializers": len(model.graph.initializer),
+        "ops": stats.op_histogram(model),
+        "params": stats.param_count(model),
+        "macs": int(sum(r["macs"] or 0 for r in layers)),
+        "macs_unknown_layers": sum(1 for r in layers if r["macs"] is None),
+        "metadata": {p.key: p.value for p in model.metadata_props},
+    }
+    if isinstance(source, ModelProto):
+        info["size_bytes"] = model.ByteSize()
+        info["external_data_bytes"] = 0
+    else:
+        sizes = file_size_bytes(source)
+        info["size_bytes"] = sizes["total"]
+        info["external_data_bytes"] = sizes["external"]
+        info["external_data_files"] = sizes["external_files"]
+    if per_layer:
+        total = info["macs"] or 1
+        info["layers"] = [dict(r, share=(r["macs"] / total if r["macs"] is not None else None)) for r in layers]
+    return info
+
+
+# --------------------------------------------------------------------------------- latency
+def _time_alternating(sessions: Sequence, feed: dict, runs: int, warmup: int) -> list:
+    """Per-session lists of wall times (ms); the sessions take turns so noise hits them alike."""
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times: list = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, sess in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _latency_summary(times: list, threads: int) -> dict:
+    ordered = sorted(times)
+    return {
+        "median_ms": statistics.median(ordered),
+        "min_ms": ordered[0],
+        "p90_ms": ordered[min(len(ordered) - 1, int(math.ceil(0.9 * len(ordered))) - 1)],
+        "runs": len(ordered),
+        "threads": threads,
+    }
+
+
+def _latency_session(model: ModelProto, threads: int, optimize: bool):
+    return runtime.session(model, optimize=optimize, threads=threads)
+
+
+def measure_latency(model: ModelLike, feed: Optional[dict] = None, runs: int = 20, *, warmup: int = 3, threads: int = 1,
+                    optimize: bool = True, input_shapes: Optional[dict] = None) -> dict:
+    """Median (and min, p90) wall time in ms of ``runs`` onnxruntime runs of ``model`` on ``feed``.
+
+    Runs follow ``warmup`` untimed runs; the session uses onnxruntime's default graph
+    optimizations (``optimize``) and ``threads`` intra-op threads (0 = onnxruntime's default).
+    ``feed`` defaults to one generated single-sample input.
+    """
+    if runs < 1:
+        raise OptionError(f"runs must be at least 1, got {runs}.", "use --runs 1 or more")
+    proto = model if isinstance(model, ModelProto) else model_io.load_model(model)
+    feed = feed if feed is not None else runtime.generate_inputs(proto, overrides=input_shapes)
+    sess = _latency_session(proto, threads, optimize)
+    _check_feed_runs(sess, feed, "the model")
+    return _latency_summary(_time_alternating([sess], feed, runs, warmup)[0], threads)
+
+
+def _check_feed_runs(sess, feed: dict, what: str) -> None:
+    try:
+        sess.run(None, feed)
+    except Exception as exc:
+        raise DataError(f"onnxruntime cannot run {what} on the latency input: {str(exc).strip().splitlines()[0][:400]}",
+                        "check --input-shape and that the data matches the model's inputs") from None
+
+
+# --------------------------------------------------------------------------------- metrics
+class _OutputStats:
+    """Running sums for one output pair; nothing proportional to the number of samples but one
+    argmax per sample is kept."""
+
+    def __init__(self, name: str, cand_name: str):
+        self.name, self.cand_name = name, cand_name
+        self.shape: Optional[list] = None
+        self.elements = 0
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.dot = self.rr = self.cc = self.ee = 0.0
+        self.min_sample_cos = math.inf
+        self.equal = 0
+        self.ref_nonfinite = self.cand_nonfinite = 0
+        self.classifier: Optional[bool] = None
+        self.samples = 0
+        self.agree = 0
+        self.ref_correct = self.cand_correct = 0
+        self.labelled = 0
+
+    def update(self, r: np.ndarray, c: np.ndarray, labels: Optional[np.ndarray]) -> None:
+        if r.shape != c.shape:
+            raise OnnxoptError(
+                f"output '{self.name}' has shape {list(r.shape)} in the reference but {list(c.shape)} in the candidate.",
+                "the two models are not comparable on this output; check that CAND was derived from REF",
+            )
+        is_cls = r.ndim == 2 and r.shape[1] > 1
+        self.classifier = is_cls if self.classifier is None else (self.classifier and is_cls)
+        self.shape = list(r.shape) if self.shape is None else [a if a == b else None for a, b in zip(self.shape, r.shape)]
+        r64, c64 = r.astype(np.float64, copy=False), c.astype(np.float64, copy=False)
+        fr, fc = np.isfinite(r64), np.isfinite(c64)
+        self.ref_nonfinite += int(r64.size - fr.sum())
+        self.cand_nonfinite += int(c64.size - fc.sum())
+        both = fr & fc
+        diff = np.abs(np.where(both, r64 - c64, 0.0))
+        # a non-finite value on one side only is an infinite error; NaN vs NaN counts as equal
+        one_sided = (fr != fc) | (~fr & ~fc & ~(np.isnan(r64) & np.isnan(c64)) & (r64 != c64))
+        if one_sided.any():
+            self.max_abs = math.inf
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+        self.sum_abs += float(diff.sum())
+        rz, cz = np.where(both, r64, 0.0), np.where(both, c64, 0.0)
+        self.dot += float(np.vdot(rz, cz))
+        self.rr += float(np.vdot(rz, rz))
+        self.cc += float(np.vdot(cz, cz))
+        self.ee += float(np.vdot(diff, diff))
+        self.equal += int(np.count_nonzero(r == c))
+        self.elements += int(r.size)
+        if r.ndim >= 1 and r.shape[0] > 0:
+            rs, cs = rz.reshape(r.shape[0], -1), cz.reshape(r.shape[0], -1)
+            num = np.einsum("ij,ij->i", rs, cs)
+            den = np.sqrt(np.einsum("ij,ij->i", rs, rs) * np.einsum("ij,ij->i", cs, cs))
+            cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(rs == cs, axis=1), 1.0, 0.0))
+            if cos.size:
+                self.min_sample_cos = min(self.min_sample_cos, float(cos.min()))
+        if is_cls:
+            ra, ca = np.argmax(r, axis=1), np.argmax(c, axis=1)
+            self.samples += r.shape[0]
+            self.agree += int(np.count_nonzero(ra == ca))
+            if labels is not None:
+                self.ref_correct += int(np.count_nonzero(ra == labels))
+                self.cand_correct += int(np.count_nonzero(ca == labels))
+                self.labelled += len(labels)
+
+    def result(self) -> dict:
+        norm = math.sqrt(self.rr) * math.sqrt(self.cc)
+        if norm > 0:
+            cosine = self.dot / norm
+        else:  # an all-zero output: equal outputs agree perfectly, otherwise not at all
+            cosine = 1.0 if self.ee == 0 else 0.0
+        if self.ee == 0:
+            sqnr = math.inf
+        elif self.rr == 0:
+            sqnr = -math.inf
+        else:
+            sqnr = 10.0 * math.log10(self.rr / self.ee)
+        out = {
+            "name": self.name,
+            "candidate_name": self.cand_name,
+            "shape": self.shape,
+            "max_abs": self.max_abs,
+            "mean_abs": self.sum_abs / self.elements if self.elements else 0.0,
+            "cosine": cosine,
+            "min_sample_cosine": None if self.min_sample_cos == math.inf else self.min_sample_cos,
+            "sqnr_db": sqnr,
+            "equal_fraction": self.equal / self.elements if self.elements else 1.0,
+            "ref_nonfinite": self.ref_nonfinite,
+            "cand_nonfinite": self.cand_nonfinite,
+            "classifier": bool(self.classifier),
+            "top1_agreement": None,
+            "ref_accuracy": None,
+            "cand_accuracy": None,
+        }
+        if self.classifier and self.samples:
+            out["top1_agreement"] = self.agree / self.samples
+            if self.labelled:
+                out["ref_accuracy"] = self.ref_correct / self.labelled
+                out["cand_accuracy"] = self.cand_correct / self.labelled
+        return out
+
+
+# --------------------------------------------------------------------------------- compare
+def _load(source: ModelLike) -> tuple:
+    model = model_io.load_model(source)
+    if isinstance(source, ModelProto):
+        return model, None, model.ByteSize()
+    return model, str(source), file_size_bytes(source)["total"]
+
+
+def _check_inputs_match(ref: ModelProto, cand: ModelProto) -> None:
+    ri, ci = _graph_inputs(ref), _graph_inputs(cand)
+    if set(ri) != set(ci):
+        raise OnnxoptError(
+            f"the models take different inputs: reference {', '.join(ri)}; candidate {', '.join(ci)}.",
+            "compare a model with one derived from it (same input names)",
+        )
+    for name, spec in ri.items():
+        other = ci[name]
+        if spec["dtype"] != other["dtype"]:
+            raise OnnxoptError(f"input '{name}' is {spec['dtype']} in the reference but {other['dtype']} in the candidate.",
+                               "compare models that take the same input types")
+        if len(spec["shape"]) != len(other["shape"]) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(spec["shape"], other["shape"])):
+            raise OnnxoptError(f"input '{name}' has shape {spec['shape']} in the reference but {other['shape']} in the candidate.",
+                               "compare models that take the same input shapes (None = dynamic)")
+
+
+def _output_pairs(ref: ModelProto, cand: ModelProto, notes: list) -> list:
+    rn, cn = [o.name for o in ref.graph.output], [o.name for o in cand.graph.output]
+    if set(rn) == set(cn):
+        return [(n, n) for n in rn]
+    if len(rn) == len(cn):
+        notes.append("output names differ; outputs are matched by position: " + ", ".join(f"{a}<->{b}" for a, b in zip(rn, cn)))
+        return list(zip(rn, cn))
+    raise OnnxoptError(f"the models have different outputs: reference {', '.join(rn)}; candidate {', '.join(cn)}.",
+                       "compare a model with one derived from it")
+
+
+def _fixed_batch(ref: ModelProto, cand: ModelProto) -> Optional[int]:
+    dims = set()
+    for m in (ref, cand):
+        for spec in _graph_inputs(m).values():
+            if spec["shape"] and isinstance(spec["shape"][0], int):
+                dims.add(spec["shape"][0])
+    if len(dims) > 1:
+        raise OnnxoptError(f"the models fix different batch sizes {sorted(dims)}.", "compare models with the same batch dimension")
+    return dims.pop() if dims else None
+
+
+def _validate_gates(gates: dict) -> dict:
+    unknown = [k for k in gates if k not in GATES]
+    if unknown:
+        raise OptionError(f"unknown gate '{unknown[0]}'.", f"valid gates: {', '.join(GATES)}")
+    gates = {k: (None if v is None else float(v)) for k, v in gates.items()}
+    for k, v in gates.items():
+        if v is not None and (math.isnan(v) or v < 0):
+            raise OptionError(f"gate {k} must be a non-negative number, got {v}.", "e.g. --max-size-mb 5 --max-drop 0.5")
+    agreement = gates.get("min_agreement")
+    if agreement is not None and (agreement > 100 or 0 < agreement <= 1):
+        raise OptionError(f"--min-agreement is a percentage in (1, 100], got {agreement:g}.",
+                          "give e.g. --min-agreement 99 for 99 % of samples with the same top-1 class")
+    return gates
+
+
+def _labels_array(labels) -> Optional[np.ndarray]:
+    if labels is None or isinstance(labels, (str, os.PathLike)):
+        return None
+    arr = np.asarray(labels).reshape(-1)
+    if arr.dtype.kind not in "iu":
+        raise DataError("labels must be integer class indices.", "pass an array of ints")
+    return arr.astype(np.int64)
+
+
+def compare_models(
+    ref: ModelLike,
+    cand: ModelLike,
+    data: Union[None, str, os.PathLike, DataSource] = None,
+    labels: Union[None, str, os.PathLike, np.ndarray, Sequence[int]] = None,
+    runs: int = 20,
+    *,
+    input_shapes: Optional[dict] = None,
+    image: Optional[dict] = None,
+    batch_size: int = 1,
+    max_samples: Optional[int] = None,
+    threads: int = 1,
+    warmup: int = 3,
+    generated_samples: int = 8,
+    gates: Optional[dict] = None,
+    progress: bool = False,
+) -> dict:
+    """Run ``ref`` and ``cand`` on the same inputs and report errors, agreement, accuracy, latency,
+    size and MACs; returns a JSON-able dict (see the module docstring for each metric).
+
+    ``data`` is a path/spec for :func:`onnxopt.data.open_data` or a ready :class:`DataSource`;
+    without it ``generated_samples`` (or ``max_samples``) random inputs are used and a note says
+    so. ``labels`` (path to .npy/.npz, or an int array) override the data source's own labels.
+    ``runs=0`` skips the latency measurement. ``gates`` maps gate names (``max_size_mb``,
+    ``max_latency_ms``, ``min_agreement``, ``max_drop``) to limits; the result's ``gates`` lists
+    each with its value and verdict and ``passed`` is False when one fails -- use
+    :func:`check_gates` to raise :class:`GateFailure`.
+    """
+    gates = _validate_gates({k: v for k, v in (gates or {}).items() if v is not None})
+    if runs < 0:
+        raise OptionError(f"--runs must be 0 (no latency) or more, got {runs}.", "e.g. --runs 20")
+    if max_samples is not None and max_samples < 1:
+        raise OptionError(f"--max-samples must be at least 1, got {max_samples}.", "leave it out to use every sample")
+    if "max_latency_ms" in gates and runs == 0:
+        raise OptionError("--max-latency-ms needs a latency measurement, but --runs is 0.", "use --runs 20 (the default)")
+    if data is None and labels is not None:
+        raise OptionError("labels were given without data.", "give --data with the samples the labels belong to")
+
+    ref_model, ref_path, ref_size = _load(ref)
+    cand_model, cand_path, cand_size = _load(cand)
+    _check_inputs_match(ref_model, cand_model)
+    notes: list = []
+    pairs = _output_pairs(ref_model, cand_model, notes)
+    fixed = _fixed_batch(ref_model, cand_model)
+
+    # -- the inputs ------------------------------------------------------------------------
+    label_arr = _labels_array(labels)
+    if data is None:
+        n = max_samples or generated_samples
+        notes.append(f"no data given: {n} generated inputs (standard normal floats, small ints), so errors and agreement "
+                     "describe random inputs, not real data; give --data for meaningful figures")
+        runtime.input_specs(ref_model, input_shapes)  # a dynamic non-batch dim without --input-shape fails now
+        feeds = (runtime.generate_inputs(ref_model, seed=s, overrides=input_shapes) for s in range(n))
+        source_desc, total = "generated", n
+        data_labels = None
+    else:
+        if isinstance(data, DataSource):
+            source = data
+        else:
+            source = open_data(str(data), ref_model, input_shapes, image=image or {}, batch_size=fixed or batch_size,
+                               max_samples=max_samples, labels=str(labels) if isinstance(labels, (str, os.PathLike)) else None)
+        source.check()
+        feeds = source.batches(fixed or batch_size)
+        source_desc, total = source.spec.source, source.count()
+        data_labels = source.labels() if label_arr is None else label_arr
+        if data_labels is not None and label_arr is None and labels is None:
+            notes.append(f"labels taken from the data source ({len(data_labels)})")
+    if ("max_drop" in gates) and (data is None or data_labels is None):
+        raise OptionError("--max-drop needs labels, and there are none.",
+                          "give --labels FILE.npy, an .npz with a 'labels' array, or an image folder with labels.json")
+
+    # -- numerics, streamed ----------------------------------------------------------------
+    s_ref, s_cand = runtime.session(ref_model), runtime.session(cand_model)
+    acc = [_OutputStats(r, c) for r, c in pairs]
+    ref_names, cand_names = [r for r, _ in pairs], [c for _, c in pairs]
+    first_sample: Optional[dict] = None
+    seen = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="sample", desc="compare", file=sys.stderr, leave=False)
+    try:
+        for feed in feeds:
+            n_batch = _batch_len(feed)
+            if first_sample is None:
+                first_sample = {k: v[:1] if (v.ndim and n_batch) else v for k, v in feed.items()}
+            ro = runtime.run(s_ref, feed, ref_names)
+            co = runtime.run(s_cand, feed, cand_names)
+            lab = None
+            if data_labels is not None:
+                if seen + n_batch > len(data_labels):
+                    raise DataError(f"there are {len(data_labels)} labels but more samples than that in the data.",
+                                    "give one label per sample (after --max-samples/selection)")
+                lab = data_labels[seen:seen + n_batch]
+            for a, rname, cname in zip(acc, ref_names, cand_names):
+                a.update(ro[rname], co[cname], lab)
+            seen += n_batch
+            if bar is not None:
+                bar.update(n_batch)
+    finally:
+        if bar is not None:
+            bar.close()
+    if seen == 0:
+        raise DataError("no sample reached the models.", "check the data (an empty selection? fewer samples than the fixed batch size?)")
+    if data_labels is not None and len(data_labels) != seen:
+        notes.append(f"{len(data_labels)} labels for {seen} evaluated samples; the first {seen} were used")
+    outputs = [a.result() for a in acc]
+    classifiers = [o for o in outputs if o["classifier"]]
+    if data_labels is not None and not classifiers:
+        notes.append("labels were given but no output is classifier-shaped ([N, C], C > 1): no accuracy computed")
+    if "min_agreement" in gates and not classifiers:
+        raise OptionError("--min-agreement needs a classifier-shaped output ([N, C] with C > 1); this model has none.",
+                          "drop --min-agreement and gate on the error figures instead")
+
+    # -- latency, size, MACs -----------------------------------------------------------------
+    latency = {"reference": None, "candidate": None}
+    if runs:
+        l_ref = _latency_session(ref_model, threads, True)
+        l_cand = _latency_session(cand_model, threads, True)
+        _check_feed_runs(l_ref, first_sample, "the reference")
+        _check_feed_runs(l_cand, first_sample, "the candidate")
+        t_ref, t_cand = _time_alternating([l_ref, l_cand], first_sample, runs, warmup)
+        latency = {"reference": _latency_summary(t_ref, threads), "candidate": _latency_summary(t_cand, threads)}
+
+    def side(model, path, size, which):
+        summary = stats.summarize(model)
+        main = classifiers[0] if classifiers else None
+        return {
+            "path": path,
+            "size_bytes": size,
+            "size_mb": size / MB,
+            "nodes": summary["nodes"],
+            "params": summary["params"],
+            "macs": summary["macs"],
+            "latency": latency[which],
+            "accuracy": main[("ref" if which == "reference" else "cand") + "_accuracy"] if main else None,
+        }
+
+    result = {
+        "reference": side(ref_model, ref_path, ref_size, "reference"),
+        "candidate": side(cand_model, cand_path, cand_size, "candidate"),
+        "data": {"source": source_desc, "generated": data is None, "samples": seen, "labels": data_labels is not None},
+        "outputs": outputs,
+        "notes": notes,
+    }
+    result["gates"] = _evaluate_gates(result, gates)
+    result["passed"] = all(g["passed"] for g in result["gates"])
+    return result
+
+
+def _batch_len(feed: dict) -> int:
+    for v in feed.values():
+        return int(v.shape[0]) if np.ndim(v) else 1
+    return 0
+
+
+def _evaluate_gates(result: dict, gates: dict) -> list:
+    out = []
+    cand = result["candidate"]
+    classifiers = [o for o in result["outputs"] if o["classifier"]]
+    if "max_size_mb" in gates:
+        value = cand["size_mb"]
+        out.append({"gate": "max_size_mb", "what": "candidate size", "value": value, "limit": gates["max_size_mb"], "unit": "MB",
+                    "passed": value <= gates["max_size_mb"]})
+    if "max_latency_ms" in gates:
+        value = cand["latency"]["median_ms"]
+        out.append({"gate": "max_latency_ms", "what": "candidate median latency", "value": value, "limit": gates["max_latency_ms"],
+                    "unit": "ms", "passed": value <= gates["max_latency_ms"]})
+    if "min_agreement" in gates:
+        worst = min(classifiers, key=lambda o: o["top1_agreement"])
+        value = 100.0 * worst["top1_agreement"]
+        out.append({"gate": "min_agreement", "what": f"top-1 agreement on '{worst['name']}'", "value": value,
+                    "limit": gates["min_agreement"], "unit": "%", "passed": value >= gates["min_agreement"]})
+    if "max_drop" in gates:
+        drops = [(100.0 * (o["ref_accuracy"] - o["cand_accuracy"]), o["name"]) for o in classifiers if o["ref_accuracy"] is not None]
+        if not drops:
+            raise OptionError("--max-drop needs a classifier-shaped output ([N, C], C > 1) to measure accuracy on; this model has none.",
+                              "drop --max-drop")
+        value, name = max(drops)
+        out.append({"gate": "max_drop", "what": f"top-1 accuracy drop on '{name}'", "value": value, "limit": gates["max_drop"],
+                    "unit": "points", "passed": value <= gates["max_drop"]})
+    return out
+
+
+def gate_failures(result: dict) -> list:
+    """Human-readable lines, one per failed gate."""
+    sym = {"max_size_mb": ">", "max_latency_ms": ">", "min_agreement": "<", "max_drop": ">"}
+    return [f"{g['what']} {g['value']:.4g} {g['unit']} {sym[g['gate']]} {g['limit']:g} {g['unit']} ({g['gate']})"
+            for g in result.get("gates", []) if not g["passed"]]
+
+
+def check_gates(result: dict) -> None:
+    """Raise :class:`GateFailure` (exit code 3) listing every failed gate of a compare result."""
+    failed = gate_failures(result)
+    if failed:
+        raise GateFailure(f"{len(failed)} acceptance gate(s) failed: " + "; ".join(failed) + ".",
+                          "the candidate does not meet the limits given; see the table above")
