@@ -1,0 +1,733 @@
+"""``cleanup`` -- exact graph hygiene: lift constants, fold constants and static shape chains,
+remove no-ops and dead code, fold explicit Pad nodes into the Conv/pool that follows.
+
+What is preserved: every graph output keeps its name, dtype and values (bit-exact except where a
+fold reorders nothing -- constant folding evaluates exactly the ops the graph would have run, in
+onnxruntime, on the same constant inputs). The pass runs in rounds; each round is linear in the
+graph size:
+
+1. **Constant nodes lifted**: ``Constant`` outputs become initializers (not when the Constant
+   writes a graph output: an initializer cannot be a node output of the same name).
+2. **Static shapes folded**: ``Shape``/``Size`` of a tensor whose shape is fully static (from
+   ONNX shape inference on a copy stripped of the model's own, possibly wrong, value_info) become
+   constants; ``Shape -> Gather``/``Shape -> Slice`` that select only static dimensions are folded
+   even when another dimension (the batch ``N``) is dynamic. A dimension that is symbolic is never
+   folded, so the graph stays correct for every batch size.
+3. **Constant folding**: every node whose inputs are all constants (transitively) is evaluated
+   in ONE onnxruntime session per round (optimizations off) and replaced by its outputs, except
+   Q/DQ nodes (their integer weights are the point of a QDQ model), random ops, control flow and
+   custom domains. A folded tensor larger than ``max_fold_elements`` elements is not created
+   (the node stays, with a reason), so weights are never blown up by Expand/Tile/ConstantOfShape.
+4. **No-ops removed**: Identity, Dropout (inference: mask output unused, training_mode false),
+   Cast to the same type, Reshape/Expand to the same static shape, identity Transpose,
+   Mul/Div by 1 and Add/Sub of 0 when the constant cannot broadcast the other operand to a larger
+   shape, Pad with all-zero pads, Slice that takes everything, single-input Concat. When the
+   no-op writes a graph output, its input's producer is made to write the output's name instead;
+   if that is impossible (the input is a graph input or a constant) the no-op stays.
+5. **Pad folded into the next Conv / AveragePool / MaxPool**, where legal:
+   ``Conv(Pad(x, p, 0)) == Conv(x, pads += p)`` for a constant-mode zero pad of the spatial axes;
+   AveragePool only with ``count_include_pad=1`` (or no own padding, then it is set to 1 -- the
+   explicit zeros were counted) and ``ceil_mode=0``; MaxPool only when the pad value is ``-inf``,
+   or 0 on a provably non-negative input (Relu / Clip(min >= 0)), dilation 1, ``ceil_mode=0`` and
+   its Indices output unused. Pooling pads must stay below the kernel size (onnxruntime's rule,
+   and it guarantees every window sees a real element).
+6. **Dead code**: nodes that reach no graph output and unused initializers are dropped.
+
+Rounds repeat (at most ``MAX_ROUNDS``) only while a round folded something and shape-dependent
+nodes remain, since folding one chain can make another tensor's shape static.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from onnxopt.graph import (NameGenerator, _swap_input, attr, can_absorb, constant_value, export_graph, import_graph,
+                           input_at, is_graph_output, is_weight, lift_constant, sole_consumer)
+from onnxopt.model_io import opset_of
+from onnxopt.registry import Option, PassContext, PassResult, register_pass
+
+MAX_ROUNDS = 6
+
+# Never folded, even with constant inputs: Q/DQ (a QDQ model's integer weights are its payload),
+# nondeterministic ops, and ops whose outputs are not plain tensors.
+_NO_FOLD = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "If", "Loop", "Scan", "Constant",
+    "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SplitToSequence",
+    "ConcatFromSequence", "SequenceAt", "SequenceLength", "Optional", "OptionalGetElement", "OptionalHasElement",
+}
+_SHAPE_CONSUMERS = {"Shape", "Size"}
+
+
+@register_pass(
+    "cleanup",
+    "Lift Constant nodes, fold constants and static shape chains, drop no-ops and dead code, fold Pad into Conv/pool.",
+    exact=True,
+    options=[
+        Option("max_fold_elements", int, 1 << 20,
+               "Largest tensor (in elements) constant folding may create; bigger results keep their node."),
+        Option("fold_constants", bool, True, "Evaluate nodes whose inputs are all constants (onnxruntime, once per round)."),
+        Option("fold_shapes", bool, True, "Fold Shape/Size (and Shape->Gather/Slice) of statically known dimensions."),
+        Option("remove_noops", bool, True,
+               "Remove Identity, inference Dropout, same-type Cast, same-shape Reshape/Expand, identity Transpose, "
+               "x*1, x+0, zero Pad, full Slice, single-input Concat."),
+        Option("fold_pads", bool, True, "Fold a constant zero (or -inf for MaxPool) Pad into the following Conv/AveragePool/MaxPool."),
+        Option("lift_constants", bool, True, "Turn Constant nodes into initializers."),
+    ],
+)
+def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResult:
+    """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
+    state = _State(options, opset_of(model))
+    state.changes["unused_initializers_removed"] = _count_unused_initializers(model)
+    original_value_info = {vi.name for vi in model.graph.value_info}
+    nodes_before = len(model.graph.node)
+    for round_index in range(MAX_ROUNDS):
+        shapes = infer_shapes(model, state)
+        graph = import_graph(model)
+        if round_index == 0:
+            n0 = len(graph.nodes)
+            graph.cleanup(remove_unused_graph_inputs=False)
+            state.changes["dead_nodes_removed"] = n0 - len(graph.nodes)
+        state.round_folded = 0
+        progress = 0
+        if options["lift_constants"]:
+            progress += _lift_constants(graph, state)
+        if options["fold_shapes"]:
+            progress += _fold_static_shapes(graph, shapes, state)
+        if options["fold_constants"]:
+            progress += _fold_constants(graph, shapes, state)
+        if options["remove_noops"]:
+            progress += _remove_noops(graph, shapes, state)
+        if options["fold_pads"]:
+            progress += _fold_pads(graph, shapes, state)
+        model = export_graph(graph, like=model)
+        shape_nodes_left = any(n.op_type in _SHAPE_CONSUMERS or n.op_type in ("Reshape", "Expand") for n in model.graph.node)
+        if not progress or not (state.round_folded and shape_nodes_left):
+            break
+    # Intermediate value_info that we did not bring in stays out (shape inference re-derives it);
+    # the model's own entries are kept where their tensor still exists.
+    alive = {o for n in model.graph.node for o in n.output}
+    keep = [vi for vi in model.graph.value_info if vi.name in original_value_info and vi.name in alive]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    changes = {k: v for k, v in state.changes.items()}
+    changes["nodes_removed"] = nodes_before - len(model.graph.node)
+    return PassResult(model, changes=changes, details=state.details, skipped=state.skipped,
+                      extra={"rounds": round_index + 1})
+
+
+# ------------------------------------------------------------------------------ state, shapes
+class _State:
+    def __init__(self, options: dict, opset: int):
+        self.options = options
+        self.opset = opset
+        self.changes: Counter = Counter()
+        self.details: list = []
+        self.skipped: list = []
+        self._skip_seen: set = set()
+        self.round_folded = 0
+        self.excluded: set = set()  # names of tensors whose producer must not be folded (too big)
+
+    def skip(self, where: str, reason: str) -> None:
+        key = (where, reason)
+        if key not in self._skip_seen:  # rounds revisit nodes; report each reason once
+            self._skip_seen.add(key)
+            self.skipped.append(f"{where}: {reason}")
+
+
+def _where(node: gs.Node) -> str:
+    out = node.outputs[0].name if node.outputs else "?"
+    return f"{node.op} '{node.name or out}'"
+
+
+def _count_unused_initializers(model: onnx.ModelProto) -> int:
+    used = set()
+
+    def walk(g: onnx.GraphProto):
+        for n in g.node:
+            used.update(n.input)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        walk(sub)
+        used.update(o.name for o in g.output)
+
+    walk(model.graph)
+    return sum(1 for i in model.graph.initializer if i.name not in used)
+
+
+def infer_shapes(model: onnx.ModelProto, state) -> dict:
+    """{tensor name: (elem_type or 0, [dim int or None] or None)} from ONNX shape inference.
+
+    Run on a copy without the model's value_info and declared output shapes, which real exports
+    sometimes get wrong; only what inference derives from the inputs and weights is trusted.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    for o in probe.graph.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception as exc:  # an exotic op or a >2 GB model: continue without static shapes
+        state.skip("shape inference", f"failed ({str(exc).splitlines()[0][:200]}); static-shape rules disabled this round")
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        dims = None
+        if tt.HasField("shape"):
+            dims = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
+        shapes[vi.name] = (tt.elem_type, dims)
+    for init in inferred.graph.initializer:
+        shapes.setdefault(init.name, (init.data_type, list(init.dims)))
+    return shapes
+
+
+def _shape_of(t: gs.Tensor, shapes: dict) -> Optional[list]:
+    """Static-or-partial shape of ``t`` ([int|None]) or None when even the rank is unknown."""
+    if isinstance(t, gs.Constant):
+        return list(t.shape)
+    entry = shapes.get(t.name)
+    return list(entry[1]) if entry and entry[1] is not None else None
+
+
+def _elem_type_of(t: gs.Tensor, shapes: dict) -> int:
+    if isinstance(t, gs.Constant):
+        return helper.np_dtype_to_tensor_dtype(np.asarray(constant_value(t)).dtype)
+    entry = shapes.get(t.name)
+    return entry[0] if entry else 0
+
+
+def _static(shape: Optional[list]) -> bool:
+    return shape is not None and all(d is not None for d in shape)
+
+
+def _is_const(graph: gs.Graph, t: Optional[gs.Tensor], graph_input_names: set) -> bool:
+    if t is None:
+        return True  # absent optional input
+    if isinstance(t, gs.Constant):
+        return t.name not in graph_input_names
+    # A Constant-node output (when lift_constants is off) is a constant as well.
+    return len(t.inputs) == 1 and t.inputs[0].op == "Constant" and constant_value(t) is not None
+
+
+# ------------------------------------------------------------------------------ 1. constants
+def _lift_constants(graph: gs.Graph, state: _State) -> int:
+    lifted = 0
+    for node in list(graph.nodes):
+        if node.op != "Constant" or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if is_graph_output(graph, out):
+            state.skip(_where(node), "writes a graph output; kept as a node")
+            continue
+        if constant_value(out) is None:
+            state.skip(_where(node), "sparse or unsupported Constant attribute; kept as a node")
+            continue
+        if lift_constant(graph, out) is not None:
+            lifted += 1
+    state.changes["constants_lifted"] += lifted
+    return lifted
+
+
+# ----------------------------------------------------------------------- 2. static shapes
+def _to_constant(tensor: gs.Variable, value: np.ndarray) -> None:
+    tensor.inputs.clear()
+    tensor.to_constant(np.ascontiguousarray(value))
+
+
+def _shape_slice(node: gs.Node, rank: int) -> tuple:
+    start = int(node.attrs.get("start", 0))
+    end = node.attrs.get("end", None)
+    start = max(0, min(rank, start + rank if start < 0 else start))
+    end = rank if end is None else int(end)
+    end = max(0, min(rank, end + rank if end < 0 else end))
+    return start, end
+
+
+def _fold_static_shapes(graph: gs.Graph, shapes: dict, state: _State) -> int:
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op not in _SHAPE_CONSUMERS or not node.outputs:
+            continue
+        out = node.outputs[0]
+        if is_graph_output(graph, out) or not node.inputs:
+            continue
+        shape = _shape_of(node.inputs[0], shapes)
+        if shape is None:
+            continue
+        if node.op == "Size":
+            if _static(shape):
+                _to_constant(out, np.array(int(np.prod(shape)), dtype=np.int64))
+                folded += 1
+            continue
+        start, end = _shape_slice(node, len(shape))
+        dims = shape[start:end]
+        if _static(dims):
+            _to_constant(out, np.array(dims, dtype=np.int64))
+            folded += 1
+            continue
+        # Partially static: fold the Gather/Slice readers that only pick static dimensions.
+        for reader in list(out.outputs):
+            value = _static_pick(reader, out, dims, graph)
+            if value is not None and not is_graph_output(graph, reader.outputs[0]):
+                _to_constant(reader.outputs[0], value)
+                folded += 1
+    state.changes["shapes_folded"] += folded
+    state.round_folded += folded
+    return folded
+
+
+def _static_pick(reader: gs.Node, shape_out: gs.Tensor, dims: list, graph: gs.Graph) -> Optional[np.ndarray]:
+    """Value of ``reader`` (a Gather/Slice of a shape vector) when it selects only static dims."""
+    if not reader.inputs or reader.inputs[0] is not shape_out or len(reader.outputs) != 1:
+        return None
+    index = np.arange(len(dims))
+    if reader.op == "Gather" and int(reader.attrs.get("axis", 0)) == 0:
+        idx = constant_value(input_at(reader, 1))
+        if idx is None:
+            return None
+        idx = np.asarray(idx).astype(np.int64)
+        if np.any(idx < -len(dims)) or np.any(idx >= len(dims)):
+            return None
+        picked = index[idx]
+    elif reader.op == "Slice":
+        if "starts" in reader.attrs:  # opset < 10
+            starts, ends = reader.attrs["starts"], reader.attrs["ends"]
+            axes, steps = reader.attrs.get("axes", [0]), [1]
+        else:
+            starts, ends = constant_value(input_at(reader, 1)), constant_value(input_at(reader, 2))
+            axes = constant_value(input_at(reader, 3)) if input_at(reader, 3) is not None else [0]
+            steps = constant_value(input_at(reader, 4)) if input_at(reader, 4) is not None else [1]
+            if starts is None or ends is None or axes is None or steps is None:
+                return None
+        starts, ends, axes, steps = (np.asarray(v).reshape(-1).astype(np.int64) for v in (starts, ends, axes, steps))
+        if len(starts) != 1 or int(axes[0]) not in (0, -1) or steps[0] == 0:
+            return None
+        picked = index[slice(*_clamp_slice(int(starts[0]), int(ends[0]), int(steps[0]), len(dims)))]
+    else:
+        return None
+    values = [dims[i] for i in np.asarray(picked).reshape(-1)]
+    if any(v is None for v in values):
+        return None
+    return np.array(values, dtype=np.int64).reshape(np.asarray(picked).shape)
+
+
+def _clamp_slice(start: int, end: int, step: int, dim: int) -> tuple:
+    """ONNX Slice clamping turned into Python slice bounds."""
+    if start < 0:
+        start += dim
+    if end < 0:
+        end += dim
+    if step > 0:
+        start, end = max(0, min(dim, start)), max(0, min(dim, end))
+        return start, end, step
+    start, end = max(-1, min(dim - 1, start)), max(-1, min(dim - 1, end))
+    return start, (None if end < 0 else end), step
+
+
+# --------------------------------------------------------------------- 3. constant folding
+def _elements(shape: Optional[list]) -> Optional[int]:
+    return int(np.prod(shape)) if _static(shape) else None
+
+
+def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
+    limit = int(state.options["max_fold_elements"])
+    input_names = {t.name for t in graph.inputs}
+    total = 0
+    for _attempt in range(3):  # a too-big result found only at run time excludes its node and retries
+        produced: set = set()  # tensors that the fold set produces
+        fold_nodes = []
+        for node in graph.nodes:
+            if not _foldable_op(node) or not node.outputs:
+                continue
+            if any(is_graph_output(graph, o) for o in node.outputs):
+                continue
+            if not all(_is_const(graph, t, input_names) or (t is not None and id(t) in produced) for t in _inputs_of(node)):
+                continue
+            too_big = False
+            for o in node.outputs:
+                n = _elements(_shape_of(o, shapes))
+                if o.name in state.excluded or (n is not None and n > limit):
+                    too_big = True
+                    state.skip(_where(node), f"folding would create a {n if n is not None else 'large'}-element constant "
+                                             f"(max_fold_elements={limit})")
+            if too_big:
+                continue
+            fold_nodes.append(node)
+            produced.update(id(o) for o in node.outputs)
+        if not fold_nodes:
+            return total
+        fold_ids = {id(n) for n in fold_nodes}
+        frontier = []
+        for node in fold_nodes:
+            for o in node.outputs:
+                if o.name and any(id(c) not in fold_ids for c in o.outputs):
+                    frontier.append(o)
+        if not frontier:
+            return total
+        try:
+            values = _run_fold_set(fold_nodes, frontier, state.opset, graph)
+        except Exception as exc:  # an op onnxruntime cannot run on CPU: keep the graph as it is
+            state.skip("constant folding", f"onnxruntime could not evaluate the constant subgraph "
+                                           f"({str(exc).strip().splitlines()[0][:200]}); nothing folded")
+            return total
+        retry = False
+        for t in frontier:
+            v = values[t.name]
+            if not isinstance(v, np.ndarray) or v.size > limit:
+                state.excluded.add(t.name)
+                retry = True
+        if retry:
+            continue
+        for t in frontier:
+            _to_constant(t, values[t.name])
+        for node in fold_nodes:
+            node.outputs.clear()  # dead now; export's cleanup drops it
+        total += len(fold_nodes)
+        break
+    state.changes["nodes_folded"] += total
+    state.round_folded += total
+    return total
+
+
+def _inputs_of(node: gs.Node) -> list:
+    return [input_at(node, i) for i in range(len(node.inputs))]
+
+
+def _foldable_op(node: gs.Node) -> bool:
+    if (node.domain or "") not in ("", "ai.onnx") or node.op in _NO_FOLD or not node.inputs:
+        return False
+    return not any(isinstance(v, gs.Graph) for v in node.attrs.values())
+
+
+def _run_fold_set(nodes: list, frontier: list, opset: int, graph: gs.Graph) -> dict:
+    """Evaluate the constant subgraph ``nodes`` once in onnxruntime; {frontier name: value}."""
+    import onnxruntime as ort
+
+    produced = {o.name for n in nodes for o in n.outputs}
+    inits, seen = [], set()
+    for n in nodes:
+        for t in n.inputs:
+            if t is None or not t.name or t.name in produced or t.name in seen:
+                continue
+            seen.add(t.name)
+            if isinstance(t, gs.Constant):
+                inits.append(OnnxExporter.export_tensor_proto(t))
+            else:  # a Constant-node output
+                inits.append(numpy_helper.from_array(np.asarray(constant_value(t)), t.name))
+    g = helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", [],
+                          [helper.make_empty_tensor_value_info(t.name) for t in frontier], inits)
+    opsets = [helper.make_opsetid("", opset)]
+    m = helper.make_model(g, opset_imports=opsets)
+    m.ir_version = min(m.ir_version, 9)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [t.name for t in frontier]
+    return dict(zip(names, sess.run(names, {})))
+
+
+# ------------------------------------------------------------------------------ 4. no-ops
+def _bypass(graph: gs.Graph, node: gs.Node, inp: gs.Tensor, out: gs.Tensor, state: _State) -> bool:
+    """Remove ``node`` (out == inp in value). Graph output names never change."""
+    if is_graph_output(graph, out):
+        producer = inp.inputs[0] if len(inp.inputs) == 1 else None
+        if (producer is None or isinstance(inp, gs.Constant) or is_graph_output(graph, inp)
+                or any(t is inp for t in graph.inputs)):
+            state.skip(_where(node), "no-op writes a graph output fed by a graph input/constant/output; kept to keep the output name")
+            return False
+        node.inputs.clear()
+        node.outputs.clear()
+        for c in list(inp.outputs):
+            _swap_input(c, inp, out)
+        idx = next(i for i, t in enumerate(producer.outputs) if t is inp)
+        producer.outputs[idx] = out
+        return True
+    node.inputs.clear()
+    node.outputs.clear()
+    for c in list(out.outputs):
+        _swap_input(c, out, inp)
+    return True
+
+
+def _remove_noops(graph: gs.Graph, shapes: dict, state: _State) -> int:
+    input_names = {t.name for t in graph.inputs}
+    removed = Counter()
+    for node in list(graph.nodes):
+        if not node.outputs or not node.inputs or (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        data = _noop_input(node, graph, shapes, state, input_names)
+        if data is None:
+            continue
+        if _bypass(graph, node, data, node.outputs[0], state):
+            removed[node.op] += 1
+    for op, n in removed.items():
+        state.changes[f"noop_{op.lower()}_removed"] += n
+    return sum(removed.values())
+
+
+def _noop_input(node: gs.Node, graph: gs.Graph, shapes: dict, state: _State, input_names: set) -> Optional[gs.Tensor]:
+    """The tensor ``node`` passes through unchanged, or None when it is not a no-op."""
+    op = node.op
+    x = input_at(node, 0)
+    if x is None:
+        return None
+    extra_outputs = [o for o in node.outputs[1:] if o.name and (o.outputs or is_graph_output(graph, o))]
+    if op == "Identity":
+        return x
+    if op == "Dropout":
+        if extra_outputs:
+            state.skip(_where(node), "its mask output is used")
+            return None
+        training = input_at(node, 2)
+        if training is not None:
+            tv = constant_value(training) if training.name not in input_names else None
+            if tv is None or bool(np.asarray(tv).reshape(-1)[0]):
+                state.skip(_where(node), "training_mode is not a constant false")
+                return None
+        return x
+    if extra_outputs:
+        return None
+    out = node.outputs[0]
+    if op == "Cast":
+        to = node.attrs.get("to")
+        et = _elem_type_of(x, shapes)
+        return x if et and to is not None and int(to) == et else None
+    if op in ("Reshape", "Expand"):
+        s_in, s_out = _shape_of(x, shapes), _shape_of(out, shapes)
+        return x if _static(s_in) and _static(s_out) and s_in == s_out else None
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        shape = _shape_of(x, shapes)
+        if perm is None:
+            return x if shape is not None and len(shape) <= 1 else None
+        return x if list(perm) == list(range(len(perm))) else None
+    if op == "Concat":
+        return x if len(node.inputs) == 1 else None
+    if op in ("Mul", "Div", "Add", "Sub"):
+        return _neutral_operand(node, graph, shapes, input_names)
+    if op == "Pad":
+        pads = node.attrs.get("pads") if "pads" in node.attrs else (
+            constant_value(input_at(node, 1)) if input_at(node, 1) is not None and input_at(node, 1).name not in input_names else None)
+        return x if pads is not None and np.all(np.asarray(pads) == 0) else None
+    if op == "Slice":
+        return x if _slice_takes_all(node, x, shapes, input_names) else None
+    return None
+
+
+def _neutral_operand(node: gs.Node, graph: gs.Graph, shapes: dict, input_names: set) -> Optional[gs.Tensor]:
+    if len(node.inputs) != 2:
+        return None
+    neutral = 1 if node.op in ("Mul", "Div") else 0
+    sides = [(0, 1)] if node.op in ("Sub", "Div") else [(0, 1), (1, 0)]
+    for xi, ci in sides:
+        x, c = node.inputs[xi], node.inputs[ci]
+        if not _is_const(graph, c, input_names) or c is None:
+            continue
+        value = np.asarray(constant_value(c))
+        if value.size == 0 or not np.all(value == neutral):
+            continue
+        if value.ndim == 0:
+            return x
+        xs = _shape_of(x, shapes)
+        if xs is None or value.ndim > len(xs):
+            continue
+        # Broadcast-safe: every constant dim is 1 or equal to x's static dim, so the result has x's shape.
+        tail = xs[len(xs) - value.ndim:]
+        if all(cd == 1 or (xd is not None and cd == xd) for cd, xd in zip(value.shape, tail)):
+            return x
+    return None
+
+
+def _slice_takes_all(node: gs.Node, x: gs.Tensor, shapes: dict, input_names: set) -> bool:
+    shape = _shape_of(x, shapes)
+    if "starts" in node.attrs:  # opset < 10
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes = node.attrs.get("axes", list(range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        vals = []
+        for i in range(1, 5):
+            t = input_at(node, i)
+            if t is None:
+                vals.append(None)
+                continue
+            if t.name in input_names:
+                return False
+            v = constant_value(t)
+            if v is None:
+                return False
+            vals.append(np.asarray(v).reshape(-1).astype(np.int64))
+        starts, ends, axes, steps = vals
+        if starts is None or ends is None:
+            return False
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        s, e, a, st = int(s), int(e), int(a), int(st)
+        if st != 1:
+            return False
+        dim = None
+        if shape is not None:
+            a = a + len(shape) if a < 0 else a
+            if not 0 <= a < len(shape):
+                return False
+            dim = shape[a]
+        if dim is None:
+            # Unknown extent: only the canonical "everything" slice [0, INT_MAX) is known to take all.
+            if not (s == 0 and e >= 2**31 - 1):
+                return False
+        else:
+            lo, hi, _ = _clamp_slice(s, e, 1, dim)
+            if not (lo == 0 and hi == dim):
+                return False
+    return True
+
+
+# --------------------------------------------------------------------------- 5. Pad folding
+def _pad_spec(node: gs.Node, shapes: dict, input_names: set, opset: int) -> tuple:
+    """(per-axis begin pads, per-axis end pads, pad value) for a constant-mode Pad, or a reason str."""
+    mode = node.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        return f"mode '{mode}' is not constant"
+    if "pads" in node.attrs:  # opset < 11
+        pads = np.asarray(node.attrs["pads"], dtype=np.int64)
+        value = float(node.attrs.get("value", 0.0))
+        axes = None
+    else:
+        pt = input_at(node, 1)
+        if pt is None or pt.name in input_names or constant_value(pt) is None:
+            return "pads are not constant"
+        pads = np.asarray(constant_value(pt)).astype(np.int64).reshape(-1)
+        vt = input_at(node, 2)
+        value = 0.0
+        if vt is not None:
+            v = constant_value(vt) if vt.name not in input_names else None
+            if v is None:
+                return "pad value is not constant"
+            value = float(np.asarray(v).reshape(-1)[0]) if np.asarray(v).size else 0.0
+        at = input_at(node, 3)
+        axes = None
+        if at is not None:
+            a = constant_value(at) if at.name not in input_names else None
+            if a is None:
+                return "axes are not constant"
+            axes = np.asarray(a).astype(np.int64).reshape(-1)
+    shape = _shape_of(node.inputs[0], shapes)
+    rank = len(pads) // 2 if axes is None else (len(shape) if shape is not None else None)
+    if rank is None:
+        return "input rank unknown"
+    begin, end = [0] * rank, [0] * rank
+    axes = list(range(rank)) if axes is None else [int(a) + rank if a < 0 else int(a) for a in axes]
+    n = len(axes)
+    for i, a in enumerate(axes):
+        begin[a], end[a] = int(pads[i]), int(pads[n + i])
+    return begin, end, value
+
+
+def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
+    input_names = {t.name for t in graph.inputs}
+    folded = Counter()
+    for pad in list(graph.nodes):
+        if pad.op != "Pad" or not pad.outputs or not pad.inputs:
+            continue
+        out = pad.outputs[0]
+        consumer = sole_consumer(graph, out)
+        if consumer is None or consumer.op not in ("Conv", "AveragePool", "MaxPool") or consumer.inputs[0] is not out:
+            continue
+        spec = _pad_spec(pad, shapes, input_names, state.opset)
+        if isinstance(spec, str):
+            state.skip(_where(pad), f"not folded into {consumer.op}: {spec}")
+            continue
+        begin, end, value = spec
+        reason = _pad_fold_reason(pad, consumer, begin, end, value, graph, input_names)
+        if reason:
+            state.skip(_where(pad), f"not folded into {_where(consumer)}: {reason}")
+            continue
+        k = len(begin) - 2
+        own = list(consumer.attrs.get("pads", [0] * (2 * k)))
+        new = [own[i] + begin[2 + i] for i in range(k)] + [own[k + i] + end[2 + i] for i in range(k)]
+        if consumer.op != "Conv":
+            kernel = list(consumer.attrs["kernel_shape"])
+            if any(new[i] >= kernel[i] or new[k + i] >= kernel[i] for i in range(k)):
+                state.skip(_where(pad), f"not folded into {_where(consumer)}: resulting pads {new} not below kernel {kernel}")
+                continue
+            if consumer.op == "AveragePool":
+                consumer.attrs["count_include_pad"] = 1
+        consumer.attrs["pads"] = new
+        consumer.attrs["auto_pad"] = "NOTSET"
+        _swap_input(consumer, out, pad.inputs[0])
+        pad.outputs.clear()
+        folded[consumer.op] += 1
+        state.details.append(f"Pad '{out.name}' folded into {_where(consumer)}: pads {new}")
+    for op, n in folded.items():
+        state.changes[f"pads_folded_into_{op.lower()}"] += n
+    return sum(folded.values())
+
+
+def _pad_fold_reason(pad: gs.Node, consumer: gs.Node, begin: list, end: list, value: float,
+                     graph: gs.Graph, input_names: set) -> Optional[str]:
+    if len(begin) < 3:
+        return "Pad input has rank < 3"
+    if begin[0] or begin[1] or end[0] or end[1]:
+        return "pads the batch or channel axis"
+    if min(begin + end) < 0:
+        return "negative pads (a crop)"
+    auto_pad = consumer.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"auto_pad={auto_pad}"
+    if consumer.op == "Conv":
+        return None if value == 0.0 else f"pad value {value} is not 0"
+    if int(consumer.attrs.get("ceil_mode", 0)):
+        return "ceil_mode=1"
+    if consumer.op == "AveragePool":
+        if value != 0.0:
+            return f"pad value {value} is not 0"
+        own = consumer.attrs.get("pads", [])
+        if not int(consumer.attrs.get("count_include_pad", 0)) and any(own):
+            return "count_include_pad=0 with own padding (explicit zeros would count, pool pads would not)"
+        return None
+    # MaxPool
+    if any(o.name and (o.outputs or is_graph_output(graph, o)) for o in consumer.outputs[1:]):
+        return "its Indices output is used"
+    if any(d != 1 for d in consumer.attrs.get("dilations", [])):
+        return "dilated MaxPool"
+    if int(consumer.attrs.get("storage_order", 0)):
+        return "storage_order=1"
+    if value == float("-inf"):
+        return None
+    if value == 0.0 and _non_negative(pad.inputs[0], input_names):
+        return None
+    return f"pad value {value} is neither -inf nor 0 on a provably non-negative input"
+
+
+def _non_negative(t: gs.Tensor, input_names: set) -> bool:
+    prod = t.inputs[0] if len(t.inputs) == 1 else None
+    if prod is None:
+        return False
+    if prod.op == "Relu":
+        return True
+    if prod.op == "Clip":
+        lo = prod.attrs.get("min") if "min" in prod.attrs else None
+        if lo is None:
+            m = input_at(prod, 1)
+            lo = constant_value(m) if m is not None and m.name not in input_names else None
+        return lo is not None and float(np.asarray(lo).reshape(-1)[0]) >= 0.0
+    return False
