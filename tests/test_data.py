@@ -1,0 +1,278 @@
+"""Data sources: .npy, .npz, image folders (+labels.json), file.py:function; validation and selection."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures import models
+from onnxopt.data import DataSpec, ImageOptions, open_data
+from onnxopt.errors import DataError
+
+
+def _x(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------- npy
+def test_npy_samples_and_batches(tmp_path):
+    x = _x(7)
+    np.save(tmp_path / "x.npy", x)
+    src = open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), batch_size=3)
+    assert src.kind == "npy" and src.count() == 7
+    samples = list(src.samples())
+    assert len(samples) == 7 and samples[2]["input"].shape == (1, 3, 8, 8)
+    np.testing.assert_array_equal(samples[2]["input"][0], x[2])
+    batches = list(src.batches())
+    assert [b["input"].shape[0] for b in batches] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([b["input"] for b in batches]), x)
+    assert src.labels() is None
+    # a fresh pass each call (what PassContext.data expects)
+    assert len(list(src())) == len(list(src())) == 3
+
+
+def test_fixed_batch_model_gets_its_batch(tmp_path):
+    np.save(tmp_path / "x.npy", _x(5))
+    src = open_data(str(tmp_path / "x.npy"), models.tiny_cnn(batch=1), batch_size=4)
+    assert [b["input"].shape[0] for b in src.batches()] == [1] * 5
+
+
+def test_npy_for_a_two_input_model_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
+    with pytest.raises(DataError, match="feeds one input"):
+        open_data(str(tmp_path / "x.npy"), models.two_input_model())
+
+
+def test_int_data_is_cast_to_a_float_input(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((2, 3, 8, 8), np.int32))
+    feed = next(iter(open_data(str(tmp_path / "x.npy"), models.tiny_cnn()).samples()))
+    assert feed["input"].dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------- npz
+def test_npz_keyed_by_input_name_with_labels(tmp_path):
+    a = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    k = np.arange(24, dtype=np.int64).reshape(6, 4)
+    np.savez(tmp_path / "d.npz", a=a, k=k, labels=np.arange(6))
+    src = open_data(str(tmp_path / "d.npz"), models.two_input_model(), batch_size=4)
+    batches = list(src.batches())
+    assert [b["a"].shape[0] for b in batches] == [4, 2]
+    np.testing.assert_array_equal(np.concatenate([b["k"] for b in batches]), k)
+    assert batches[0]["k"].dtype == np.int64
+    np.testing.assert_array_equal(src.labels(), np.arange(6))
+
+
+def test_npz_missing_key_names_what_it_has(tmp_path):
+    np.savez(tmp_path / "d.npz", a=np.zeros((2, 4), np.float32), other=np.zeros((2, 4)))
+    with pytest.raises(DataError, match=r"no array for input\(s\) k .*it has a, other"):
+        list(open_data(str(tmp_path / "d.npz"), models.two_input_model()).samples())
+
+
+def test_npz_unequal_counts(tmp_path):
+    np.savez(tmp_path / "d.npz", a=np.zeros((2, 4), np.float32), k=np.zeros((3, 4), np.int64))
+    with pytest.raises(DataError, match="different numbers of samples"):
+        list(open_data(str(tmp_path / "d.npz"), models.two_input_model()).samples())
+
+
+def test_npz_x_y_convention_and_uint8_images(tmp_path):
+    """An (x, y) .npz for a single-input model: uint8 images are normalized like an image folder."""
+    x = np.full((3, 3, 8, 8), 200, np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([1, 2, 3]))
+    src = open_data(str(tmp_path / "d.npz"), models.tiny_cnn(), image={"scale": 1 / 255, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    feed = next(iter(src.samples()))
+    np.testing.assert_allclose(feed["input"], (200 / 255 - 0.5) / 0.25, rtol=1e-6)
+    np.testing.assert_array_equal(src.labels(), [1, 2, 3])
+
+
+def test_separate_labels_file(tmp_path):
+    np.save(tmp_path / "x.npy", _x(4))
+    np.save(tmp_path / "y.npy", np.array([3, 1, 4, 1]))
+    src = open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), labels=str(tmp_path / "y.npy"))
+    np.testing.assert_array_equal(src.labels(), [3, 1, 4, 1])
+    np.save(tmp_path / "yf.npy", np.array([0.5, 1.0]))
+    with pytest.raises(DataError, match="integer"):
+        open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), labels=str(tmp_path / "yf.npy")).labels()
+    with pytest.raises(DataError, match="does not exist"):
+        open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), labels=str(tmp_path / "none.npy")).labels()
+
+
+# ------------------------------------------------------------------------------------- images
+def _images(folder, colors, size=(12, 10)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, c in enumerate(colors):
+        Image.new("RGB", size, c).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+def test_image_folder_preprocessing_and_list_labels(tmp_path):
+    folder = _images(tmp_path / "imgs", [(255, 0, 0), (0, 128, 255), (10, 20, 30)])
+    (folder / "labels.json").write_text(json.dumps([{"file": f"img{i:02d}.png", "class_index": c} for i, c in enumerate([4, 0, 2])]))
+    (folder / "notes.txt").write_text("not an image")
+    src = open_data(str(folder), models.tiny_cnn(), image={"size": 10, "crop": 8, "mean": [127.0], "std": [128.0]})
+    assert src.kind == "images" and src.count() == 3
+    feeds = list(src.samples())
+    assert feeds[1]["input"].shape == (1, 3, 8, 8) and feeds[1]["input"].dtype == np.float32
+    np.testing.assert_allclose(feeds[1]["input"][0, :, 4, 4], (np.array([0, 128, 255]) - 127) / 128, atol=1e-6)
+    np.testing.assert_array_equal(src.labels(), [4, 0, 2])
+
+
+def test_image_folder_bgr_scale_nhwc_and_dict_labels(tmp_path):
+    folder = _images(tmp_path / "imgs", [(200, 100, 50), (1, 2, 3)], size=(9, 6))
+    (folder / "labels.json").write_text(json.dumps({"img00.png": 7, "img01.png": 8}))
+    src = open_data(str(folder), models.nhwc_model(), image={"bgr": True, "scale": 0.5})
+    feed = next(iter(src.samples()))
+    assert feed["input"].shape == (1, 6, 6, 3)  # layout derived from the model: NHWC
+    np.testing.assert_allclose(feed["input"][0, 3, 3], [25, 50, 100])
+    np.testing.assert_array_equal(src.labels(), [7, 8])
+
+
+def test_labels_json_must_label_every_image(tmp_path):
+    """Regression: unlabeled images used to be dropped from the labels, shifting every later label."""
+    folder = _images(tmp_path / "imgs", [(1, 1, 1)] * 3)
+    (folder / "labels.json").write_text(json.dumps({"img00.png": 1, "img02.png": 2}))
+    with pytest.raises(DataError, match="no entry in labels.json.*img01.png"):
+        open_data(str(folder), models.tiny_cnn()).labels()
+    (folder / "labels.json").write_text("[{'file': broken")
+    with pytest.raises(DataError, match="not valid JSON"):
+        open_data(str(folder), models.tiny_cnn()).labels()
+    (folder / "labels.json").write_text(json.dumps([{"name": "img00.png"}]))
+    with pytest.raises(DataError, match="need 'file'"):
+        open_data(str(folder), models.tiny_cnn()).labels()
+
+
+def test_empty_folder_and_missing_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="holds no images"):
+        open_data(str(tmp_path / "empty"), models.tiny_cnn())
+    with pytest.raises(DataError, match="does not exist"):
+        open_data(str(tmp_path / "nothing.npy"), models.tiny_cnn())
+    (tmp_path / "data.csv").write_text("1,2")
+    with pytest.raises(DataError, match="unsupported"):
+        open_data(str(tmp_path / "data.csv"), models.tiny_cnn())
+
+
+def test_unreadable_image(tmp_path):
+    folder = _images(tmp_path / "imgs", [(1, 1, 1)])
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="cannot read image"):
+        list(open_data(str(folder), models.tiny_cnn()).samples())
+
+
+# -------------------------------------------------------------------------------- python data
+def test_python_function_batched_and_unbatched(tmp_path):
+    script = tmp_path / "feeds.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np
+        def batched():
+            for i in range(2):
+                yield {"input": np.full((3, 3, 8, 8), i, np.float32)}
+        def single():
+            return [{"input": np.zeros((3, 8, 8), np.float32)} for _ in range(4)]
+        def not_dicts():
+            yield [1, 2]
+    """))
+    src = open_data(f"{script}:batched", models.tiny_cnn(), batch_size=2)
+    samples = list(src.samples())
+    assert len(samples) == 6 and all(s["input"].shape == (1, 3, 8, 8) for s in samples)
+    assert [float(s["input"].max()) for s in samples] == [0, 0, 0, 1, 1, 1]
+    assert [b["input"].shape[0] for b in src.batches()] == [2, 2, 2]
+    assert len(list(open_data(f"{script}:single", models.tiny_cnn()).samples())) == 4
+    with pytest.raises(DataError, match="not a feed dict"):
+        list(open_data(f"{script}:not_dicts", models.tiny_cnn()).samples())
+    with pytest.raises(DataError, match="has no function 'missing'"):
+        open_data(f"{script}:missing", models.tiny_cnn())
+    with pytest.raises(DataError, match="does not exist"):
+        open_data(f"{tmp_path}/nope.py:f", models.tiny_cnn())
+
+
+def test_python_script_that_fails_to_import(tmp_path):
+    script = tmp_path / "bad.py"
+    script.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(DataError, match="failed to import.*boom"):
+        open_data(f"{script}:f", models.tiny_cnn())
+
+
+# --------------------------------------------------------------------------------- validation
+def test_wrong_shape(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 9, 8), np.float32))
+    src = open_data(str(tmp_path / "x.npy"), models.tiny_cnn())
+    with pytest.raises(DataError, match=r"shape \[1, 3, 9, 8\], but the model expects \[\?, 3, 8, 8\]"):
+        src.check()
+    np.save(tmp_path / "x2.npy", np.zeros((2, 3, 8), np.float32))
+    with pytest.raises(DataError, match="shape"):
+        list(open_data(str(tmp_path / "x2.npy"), models.tiny_cnn()).samples())
+
+
+def test_wrong_dtype(tmp_path):
+    np.savez(tmp_path / "d.npz", a=np.zeros((2, 4), np.float32), k=np.zeros((2, 4), np.float32))
+    with pytest.raises(DataError, match="input 'k' is int64 but sample 0 is float32"):
+        list(open_data(str(tmp_path / "d.npz"), models.two_input_model()).samples())
+    np.save(tmp_path / "b.npy", np.zeros((2, 3, 8, 8), bool))
+    with pytest.raises(DataError, match="float32 but sample 0 is bool"):
+        list(open_data(str(tmp_path / "b.npy"), models.tiny_cnn()).samples())
+
+
+def test_nan_and_inf_are_refused(tmp_path):
+    for bad in (np.nan, np.inf):
+        x = _x(3)
+        x[1, 0, 0, 0] = bad
+        np.save(tmp_path / "x.npy", x)
+        with pytest.raises(DataError, match="sample 1 .* NaN or Inf"):
+            list(open_data(str(tmp_path / "x.npy"), models.tiny_cnn()).samples())
+
+
+def test_unknown_input_name(tmp_path):
+    script = tmp_path / "f.py"
+    script.write_text("import numpy as np\ndef f():\n    yield {'inp': np.zeros((1, 3, 8, 8), np.float32)}\n")
+    with pytest.raises(DataError, match="missing input; unknown inp"):
+        list(open_data(f"{script}:f", models.tiny_cnn()).samples())
+
+
+def test_bad_batch_size(tmp_path):
+    np.save(tmp_path / "x.npy", _x(2))
+    with pytest.raises(DataError, match="batch size"):
+        open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), batch_size=0)
+
+
+# ---------------------------------------------------------------------------------- selection
+@pytest.mark.parametrize("every, offset, exclude, expect", [
+    (3, 1, False, [1, 4, 7]),
+    (3, 1, True, [0, 2, 3, 5, 6, 8, 9]),
+    (1, 0, False, list(range(10))),
+    (5, 0, False, [0, 5]),
+])
+def test_every_offset_selection(tmp_path, every, offset, exclude, expect):
+    x = np.zeros((10, 3, 8, 8), np.float32)
+    x[:, 0, 0, 0] = np.arange(10)
+    np.savez(tmp_path / "d.npz", input=x, labels=np.arange(10) + 100)
+    src = open_data(str(tmp_path / "d.npz"), models.tiny_cnn(), every=every, offset=offset, exclude_every=exclude)
+    got = [int(s["input"][0, 0, 0, 0]) for s in src.samples()]
+    assert got == expect
+    assert src.count() == len(expect)
+    np.testing.assert_array_equal(src.labels(), np.array(expect) + 100)
+
+
+def test_max_samples_limits_samples_labels_and_count(tmp_path):
+    np.savez(tmp_path / "d.npz", input=_x(10), labels=np.arange(10))
+    src = open_data(str(tmp_path / "d.npz"), models.tiny_cnn(), max_samples=4, every=2)
+    assert len(list(src.samples())) == 4 == src.count()
+    np.testing.assert_array_equal(src.labels(), [0, 2, 4, 6])
+
+
+def test_selection_that_takes_nothing(tmp_path):
+    np.save(tmp_path / "x.npy", _x(2))
+    src = open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), every=5, offset=3)
+    with pytest.raises(DataError, match="yielded no samples"):
+        src.check()
+
+
+def test_random_source_and_dataspec():
+    spec = DataSpec("random", image=ImageOptions(), max_samples=3)
+    src = open_data(spec, models.tiny_cnn())
+    feeds = list(src.samples())
+    assert len(feeds) == 3 and feeds[0]["input"].shape == (1, 3, 8, 8)
+    assert not np.array_equal(feeds[0]["input"], feeds[1]["input"])
