@@ -1,0 +1,1105 @@
+"""Channel dependency analysis on an ONNX graph, and the rewrite that physically removes channels.
+
+Every tensor that carries channels gets an array of *slot* ids, one per position along its channel
+axis. Slots that must be removed together are merged with a union-find; a *component* (one root)
+is the smallest unit that can be pruned. Rules per operator, applied in one topological traversal:
+
+* producers (Conv, ConvTranspose, Gemm/MatMul with a constant weight) create fresh output slots;
+  their data input's slots are *consumed* (input channels of the weight);
+* per-channel ops (BN, activations, pools, Resize, Dropout, Cast...) alias their input's slots;
+  Transpose / Squeeze / Unsqueeze / keepdims=0 reductions move the channel axis;
+* broadcasting elementwise ops (Add/Mul/Sub/Div/Max/Where/PRelu...) union the slots of operands of
+  the same width (residual Adds tie their producers); a constant operand with a full channel dim is
+  sliced with the output; a width-1 operand is broadcast and left alone;
+* Concat on the channel axis concatenates slot arrays (the offsets come for free), Split and a
+  step-1 Slice on the channel axis take sub-arrays (their sizes / starts / ends are rewritten);
+* a channel-axis constant Pad (the CIFAR ResNet "option A" shortcut) adds fresh slots for the padded
+  channels; the Pad amounts are rewritten, also when they were computed by a constant shape chain;
+* depthwise convs (Cin/group == 1) tie input channel k to the outputs of group k (whole groups are
+  removed and ``group`` shrinks); other grouped convs tie the same position across all groups on
+  each side, so every group keeps the same size and ``group`` is unchanged;
+* Flatten / Reshape that merge the channel axis with the trailing dims (GAP -> Flatten -> Gemm)
+  repeat each slot over the merged positions; a Reshape that splits a feature axis into
+  channels x rest unions each row; any other Reshape is not understood.
+
+Anything not understood -- an unknown consumer, a graph output, a non-constant weight, an outer
+tensor used inside a subgraph, an unknown shape -- *poisons* the slots involved: they are merged
+with slot 0, and the component of slot 0 is never pruned. The result is never a wrong graph.
+
+Weights in ``Constant`` nodes count as weights (``graph.constant_value``); parameter inputs
+computed from constants only (Unsqueeze/Concat/Shape chains) are evaluated once in onnxruntime.
+The analysis is linear in the graph size plus the total channel width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import ModelProto, helper
+
+from .graph import attr, constant_value, export_graph, import_graph, input_at, is_weight, NameGenerator
+from .model_io import opset_of
+
+POISON = 0
+
+UNARY = {
+    "Relu", "LeakyRelu", "PRelu_", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Erf", "Identity", "Cast",
+    "Floor", "Ceil", "Round", "Sign", "Gelu", "Mish", "ThresholdedRelu", "Clip", "Sin", "Cos", "Not",
+    "IsNaN", "IsInf", "Dropout", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+    "GlobalLpPool", "Resize", "Upsample", "LRN_", "Shrink", "CastLike",
+}
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal",
+               "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift"}
+REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
+# parameter inputs whose values the rules need (evaluated when computed from constants only)
+PARAM_INPUTS = {"Slice": (1, 2, 3, 4), "Pad": (1, 3), "Reshape": (1,), "Split": (1,), "Resize": (1, 2, 3),
+                "Upsample": (1,), "Squeeze": (1,), "Unsqueeze": (1,), **{r: (1,) for r in REDUCE}}
+PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+class UnionFind:
+    """Union-find over integer slots; slot 0 (POISON) always stays the root of its set."""
+
+    def __init__(self):
+        self.parent = [0]
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            self.union(x, y)
+
+    def poison(self, ids: np.ndarray) -> None:
+        for x in ids.tolist():
+            self.union(x, POISON)
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.find(x) for x in ids.tolist()), dtype=np.int64, count=len(ids))
+
+
+@dataclass
+class Slots:
+    """The channel slots of one tensor: ``ids[i]`` is the slot of position i along ``axis``."""
+
+    axis: int
+    rank: int
+    ids: np.ndarray
+
+
+@dataclass
+class Producer:
+    """A layer that creates channels: its output channel c has slot ``out_ids[c]``."""
+
+    node: gs.Node
+    op: str
+    out_ids: np.ndarray
+    bn: Optional[gs.Node] = None
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    def filters(self) -> np.ndarray:
+        """The weight as [out_channels, -1] rows (BN-folded when a BN follows)."""
+        w = constant_value(self.node.inputs[1]).astype(np.float64)
+        if self.op == "Conv":
+            rows = w.reshape(w.shape[0], -1)
+        elif self.op == "ConvTranspose":
+            rows = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+        elif self.op == "Gemm":
+            rows = w if int(self.node.attrs.get("transB", 0)) else w.T
+        else:  # MatMul
+            rows = w.T
+        if self.bn is not None:
+            rows = rows * self.bn_scale()[:, None]
+        return rows
+
+    def bn_scale(self) -> np.ndarray:
+        gamma = constant_value(self.bn.inputs[1]).astype(np.float64)
+        var = constant_value(self.bn.inputs[4]).astype(np.float64)
+        return gamma / np.sqrt(var + float(self.bn.attrs.get("epsilon", 1e-5)))
+
+    def bn_gamma(self) -> Optional[np.ndarray]:
+        return None if self.bn is None else np.abs(constant_value(self.bn.inputs[1]).astype(np.float64))
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyze`; :meth:`rewrite` removes the components it is given."""
+
+    model: ModelProto
+    graph: gs.Graph
+    uf: UnionFind
+    slots: dict
+    producers: list
+    actions: list
+    reasons: list = field(default_factory=list)   # (where, why) for every poisoning
+    params: dict = field(default_factory=dict)    # parameter values computed from constant chains
+
+    # ----------------------------------------------------------------------- components
+    def components(self) -> dict:
+        """{root: number of tensors-positions} for every component that is prunable (not poisoned)."""
+        out = {}
+        for s in self.slots.values():
+            for r in self.uf.roots(s.ids).tolist():
+                if r != POISON:
+                    out[r] = out.get(r, 0) + 1
+        return out
+
+    def classes(self) -> dict:
+        """Group the components by the set of tensors they appear in.
+
+        Components of one class have the same "shape role" (e.g. the channels of one conv's output,
+        or the residual stream of one stage): ratios, ``round_to`` and minimums apply per class, and
+        every tensor's width is a sum of whole classes. Returns {class key: [roots]}, poisoned
+        component included under the key of its class only when it is prunable (never POISON).
+        """
+        rng = np.random.default_rng(12345)
+        sig: dict = {}
+        for name in sorted(self.slots):
+            s = self.slots[name]
+            key = int(rng.integers(1, 2**62))
+            for r in set(self.uf.roots(s.ids).tolist()):
+                a, n = sig.get(r, (0, 0))
+                sig[r] = ((a + key) % (2**63), n + 1)
+        classes: dict = {}
+        for r, k in sig.items():
+            classes.setdefault(k, []).append(r)
+        for k in classes:
+            classes[k].sort()
+        return classes
+
+    def keep_mask(self, ids: np.ndarray, removed: set) -> np.ndarray:
+        return np.array([r not in removed for r in self.uf.roots(ids).tolist()], dtype=bool)
+
+    # --------------------------------------------------------------------------- rewrite
+    def rewrite(self, removed: set) -> ModelProto:
+        """Remove every channel whose component root is in ``removed`` and return the new model.
+
+        Weights are never edited in place: every changed parameter becomes a new constant of the
+        node that uses it, so a weight shared with another node stays intact.
+        """
+        removed = set(int(r) for r in removed) - {POISON}
+        names = NameGenerator(self.graph)
+        g = self.graph
+        if removed:
+            for act in self.actions:
+                _apply_action(self, act, removed, names)
+            tensors = g.tensors()
+            for name, s in self.slots.items():
+                if name in tensors and not self.keep_mask(s.ids, removed).all():
+                    tensors[name].shape = None
+        return export_graph(g, like=self.model)
+
+    def kill(self, roots: set) -> None:
+        """Make the channels of ``roots`` exactly zero without removing them (test oracle helper).
+
+        Zeroes the producers' output rows and biases, the following BN's gamma and beta, and
+        additive constants on those channels, so a pruned copy must give the same outputs.
+        """
+        roots = set(int(r) for r in roots)
+        names = NameGenerator(self.graph)
+        for p in self.producers:
+            dead = ~self.keep_mask(p.out_ids, roots)
+            if not dead.any():
+                continue
+            node = p.node
+            w = constant_value(node.inputs[1]).copy()
+            if p.op == "Conv":
+                w[dead] = 0
+            elif p.op == "ConvTranspose":
+                w[:, dead] = 0
+            elif p.op == "Gemm" and int(node.attrs.get("transB", 0)):
+                w[dead] = 0
+            else:
+                w[:, dead] = 0
+            node.inputs[1] = gs.Constant(names("killed_w"), w)
+            b = input_at(node, 2)
+            if b is not None:
+                bv = np.array(constant_value(b), copy=True)
+                if bv.ndim >= 1 and bv.shape[-1] == len(dead):
+                    bv[..., dead] = 0
+                    node.inputs[2] = gs.Constant(names("killed_b"), bv)
+            if p.bn is not None:
+                for i in (1, 2):
+                    v = constant_value(p.bn.inputs[i]).copy()
+                    v[dead] = 0
+                    p.bn.inputs[i] = gs.Constant(names("killed_bn"), v)
+        for act in self.actions:
+            if act[0] == "const" and act[1].op in ("Add", "Sub"):
+                _, node, index, axis, ids = act
+                dead = ~self.keep_mask(ids, roots)
+                if dead.any():
+                    v = np.array(constant_value(node.inputs[index]), copy=True)
+                    idx = [slice(None)] * v.ndim
+                    idx[axis] = dead
+                    v[tuple(idx)] = 0
+                    node.inputs[index] = gs.Constant(names("killed_c"), v)
+
+    def export(self) -> ModelProto:
+        return export_graph(self.graph, like=self.model)
+
+
+# ================================================================================= analysis
+def analyze(model: ModelProto, *, protect_outputs: bool = True) -> Analysis:
+    """Build the channel dependency analysis of ``model`` (which it does not modify)."""
+    shapes = _static_shapes(model)
+    params = _evaluate_params(model)
+    graph = import_graph(model)
+    graph.toposort()
+    a = _Analyzer(model, graph, shapes, params)
+    a.run()
+    return Analysis(model=model, graph=graph, uf=a.uf, slots=a.slots, producers=a.producers,
+                    actions=a.actions, reasons=a.reasons, params=params)
+
+
+def _static_shapes(model: ModelProto) -> dict:
+    """Tensor shapes with a symbolic batch dimension taken as 1 (None where unknown)."""
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    for inp in probe.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except Exception:  # shape inference is a convenience here; unknown shapes poison
+        inferred = probe
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    missing = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output
+               if o and (o not in shapes or any(d is None for d in shapes[o]))]
+    if missing:
+        try:
+            from .runtime import intermediate_shapes
+            shapes.update(intermediate_shapes(probe, missing))
+        except Exception:  # a model that cannot run with generated inputs keeps unknown shapes
+            pass
+    return shapes
+
+
+def _evaluate_params(model: ModelProto) -> dict:
+    """Values of parameter inputs (Slice starts, Pad pads, Reshape shapes...) that a chain of
+    constant-only nodes computes, evaluated together in one onnxruntime run."""
+    g = model.graph
+    const = {i.name for i in g.initializer} - {i.name for i in g.input}
+    producer = {}
+    for node in g.node:
+        for o in node.output:
+            producer[o] = node
+    derivable = set(const)
+    for node in g.node:  # nodes of a valid model are topologically sorted
+        if node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "If", "Loop", "Scan"):
+            continue
+        if all(i == "" or i in derivable for i in node.input):
+            derivable.update(o for o in node.output if o)
+    wanted = []
+    for node in g.node:
+        for i in PARAM_INPUTS.get(node.op_type, ()):
+            if i < len(node.input) and node.input[i] and node.input[i] in derivable and node.input[i] not in const:
+                p = producer.get(node.input[i])
+                if p is not None and p.op_type != "Constant":
+                    wanted.append(node.input[i])
+    wanted = list(dict.fromkeys(wanted))
+    if not wanted:
+        return {}
+    needed, stack = set(), list(wanted)
+    while stack:
+        t = stack.pop()
+        p = producer.get(t)
+        if p is None or id(p) in needed:
+            continue
+        needed.add(id(p))
+        stack.extend(i for i in p.input if i)
+    nodes = [n for n in g.node if id(n) in needed]
+    used = {i for n in nodes for i in n.input}
+    sub = helper.make_graph(nodes, "params", [], [helper.make_empty_tensor_value_info(w) for w in wanted],
+                            [i for i in g.initializer if i.name in used])
+    m = helper.make_model(sub, opset_imports=list(model.opset_import))
+    m.ir_version = model.ir_version
+    try:
+        from .runtime import session
+        sess = session(m)
+        values = sess.run(wanted, {})
+    except Exception:  # a chain onnxruntime cannot evaluate leaves the parameter unknown (poisons)
+        return {}
+    return dict(zip(wanted, values))
+
+
+class _Analyzer:
+    def __init__(self, model: ModelProto, graph: gs.Graph, shapes: dict, params: dict):
+        self.model, self.graph, self.shapes, self.params = model, graph, shapes, params
+        self.opset = opset_of(model)
+        self.uf = UnionFind()
+        self.slots: dict[str, Slots] = {}
+        self.producers: list[Producer] = []
+        self.actions: list = []
+        self.reasons: list = []
+
+    # ----------------------------------------------------------------------- utilities
+    def S(self, t) -> Optional[Slots]:
+        return None if t is None else self.slots.get(t.name)
+
+    def poison(self, t, why: str, where: gs.Node | None = None) -> None:
+        s = self.S(t)
+        if s is not None:
+            self.uf.poison(s.ids)
+            self.reasons.append((where.name if where is not None and where.name else t.name, why))
+
+    def poison_inputs(self, node: gs.Node, why: str) -> None:
+        for t in node.inputs:
+            self.poison(t, why, node)
+
+    def shape(self, t) -> Optional[list]:
+        if t is None:
+            return None
+        s = self.shapes.get(t.name)
+        if s is None:
+            v = constant_value(t)
+            return list(v.shape) if v is not None else None
+        return s
+
+    def rank(self, t) -> Optional[int]:
+        s = self.S(t)
+        if s is not None:
+            return s.rank
+        shp = self.shape(t)
+        return None if shp is None else len(shp)
+
+    def value(self, t) -> Optional[np.ndarray]:
+        if t is None:
+            return None
+        v = constant_value(t)
+        if v is None and t.name in self.params:
+            v = self.params[t.name]
+        return None if v is None else np.asarray(v)
+
+    def set(self, t, axis: int, rank: int, ids: np.ndarray) -> None:
+        self.slots[t.name] = Slots(axis, rank, np.asarray(ids, dtype=np.int64))
+
+    # --------------------------------------------------------------------------- driver
+    def run(self) -> None:
+        outer = _subgraph_outer_names(self.model.graph)
+        for node in list(self.graph.nodes):
+            if node.op == "Constant":
+                continue
+            handler = getattr(self, "_op_" + node.op, None)
+            if (node.domain or "") not in ("", "ai.onnx"):
+                handler = None
+            try:
+                if handler is not None:
+                    handler(node)
+                elif node.op in UNARY:
+                    self._unary(node)
+                elif node.op in ELEMENTWISE:
+                    self._elementwise(node)
+                elif node.op in REDUCE:
+                    self._reduce(node)
+                else:
+                    self.poison_inputs(node, f"{node.op} is not understood by the channel analysis")
+            except _NotUnderstood as exc:
+                self.poison_inputs(node, str(exc))
+                for o in node.outputs:
+                    self.poison(o, str(exc), node)
+        for o in self.graph.outputs:
+            self.poison(o, "graph output")
+        for name in outer:
+            if name in self.slots:
+                self.uf.poison(self.slots[name].ids)
+                self.reasons.append((name, "used inside a subgraph"))
+        self._attach_bn()
+
+    def _attach_bn(self) -> None:
+        for p in self.producers:
+            out = p.node.outputs[0]
+            if len(out.outputs) == 1 and out.outputs[0].op == "BatchNormalization" and out.outputs[0].inputs[0] is out:
+                bn = out.outputs[0]
+                if all(constant_value(input_at(bn, i)) is not None for i in range(1, 5)):
+                    p.bn = bn
+
+    # ---------------------------------------------------------------------------- rules
+    def _unary(self, node: gs.Node) -> None:
+        x = node.inputs[0] if node.inputs else None
+        s = self.S(x)
+        for t in node.inputs[1:]:
+            if self.S(t) is not None:
+                self.poison(t, f"{node.op} parameter input carries channels", node)
+        if s is None:
+            return
+        if node.op == "Resize" or node.op == "Upsample":
+            self._resize(node, s)
+        for extra in node.outputs[1:]:
+            if extra.outputs or any(o is extra for o in self.graph.outputs):
+                raise _NotUnderstood(f"{node.op} second output is used")
+        if node.op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxPool", "AveragePool", "LpPool") and s.axis != 1:
+            raise _NotUnderstood(f"{node.op} channel axis is not 1")
+        self.set(node.outputs[0], s.axis, s.rank, s.ids)
+
+    def _resize(self, node: gs.Node, s: Slots) -> None:
+        if node.op == "Upsample" or self.opset < 11:
+            idx_scales, idx_sizes = (1 if len(node.inputs) > 1 else None), None
+        else:
+            idx_scales, idx_sizes = 2, 3
+        scales = self.value(input_at(node, idx_scales)) if idx_scales is not None else (
+            np.array(node.attrs["scales"]) if "scales" in node.attrs else None)
+        sizes = self.value(input_at(node, idx_sizes)) if idx_sizes is not None else None
+        if "axes" in node.attrs:
+            raise _NotUnderstood("Resize with axes")
+        if sizes is not None and sizes.size:
+            self.actions.append(("resize_sizes", node, idx_sizes, s.axis, s.ids))
+        elif scales is not None and scales.size:
+            if abs(float(scales[s.axis]) - 1.0) > 0:
+                raise _NotUnderstood("Resize scales the channel axis")
+        else:
+            raise _NotUnderstood("Resize scales/sizes are not constant")
+
+    def _elementwise(self, node: gs.Node) -> None:
+        ins = [t for t in node.inputs if t is not None and not (isinstance(t, gs.Variable) and t.name == "" and not t.inputs)]
+        slotted = [(i, t, self.S(t)) for i, t in enumerate(node.inputs) if self.S(t) is not None]
+        if not slotted:
+            return
+        ranks = [self.rank(t) for t in ins]
+        if any(r is None for r in ranks):
+            raise _NotUnderstood(f"{node.op} operand of unknown rank")
+        out_rank = max(ranks)
+        offs = {s.rank - s.axis for _, _, s in slotted}
+        if len(offs) != 1:
+            raise _NotUnderstood(f"{node.op} operands have their channels on different axes")
+        p = offs.pop()  # channel position counted from the right
+        width = max(len(s.ids) for _, _, s in slotted)
+        ref = next(s for _, _, s in slotted if len(s.ids) == width)
+        for i, t in enumerate(node.inputs):
+            if t is None or (isinstance(t, gs.Variable) and t.name == "" and not t.inputs):
+                continue
+            s = self.S(t)
+            if s is not None:
+                if len(s.ids) == width:
+                    if s is not ref:
+                        self.uf.union_arrays(ref.ids, s.ids)
+                elif len(s.ids) == 1:
+                    self.poison(t, f"{node.op} broadcasts a 1-channel operand", node)
+                else:
+                    raise _NotUnderstood(f"{node.op} operands of different channel widths")
+                continue
+            shp = self.shape(t)
+            if shp is None:
+                raise _NotUnderstood(f"{node.op} operand '{t.name}' has an unknown shape")
+            ax = len(shp) - p
+            d = shp[ax] if ax >= 0 else 1
+            if d == 1:
+                continue
+            if d == width and is_weight(self.graph, t):
+                self.actions.append(("const", node, i, ax, ref.ids))
+                continue
+            if d is None or d != width:
+                raise _NotUnderstood(f"{node.op} operand '{t.name}' does not broadcast along channels")
+            raise _NotUnderstood(f"{node.op} operand '{t.name}' is a full-width runtime tensor without channel slots")
+        self.set(node.outputs[0], out_rank - p, out_rank, ref.ids)
+
+    def _reduce(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1:
+            v = self.value(input_at(node, 1))
+            if input_at(node, 1) is not None and v is None:
+                raise _NotUnderstood(f"{node.op} axes are not constant")
+            axes = None if v is None else v.tolist()
+        if not axes:
+            if int(node.attrs.get("noop_with_empty_axes", 0)):
+                self.set(node.outputs[0], s.axis, s.rank, s.ids)
+                return
+            raise _NotUnderstood(f"{node.op} reduces over all axes, channels included")
+        axes = sorted(int(a) % s.rank for a in axes)
+        if s.axis in axes:
+            raise _NotUnderstood(f"{node.op} reduces over the channel axis")
+        keep = int(node.attrs.get("keepdims", 1))
+        axis = s.axis if keep else s.axis - sum(1 for a in axes if a < s.axis)
+        self.set(node.outputs[0], axis, s.rank if keep else s.rank - len(axes), s.ids)
+
+    def _op_Softmax(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        axis = int(node.attrs.get("axis", -1 if self.opset >= 13 else 1)) % s.rank
+        if axis == s.axis or (self.opset < 13 and axis <= s.axis):
+            raise _NotUnderstood(f"{node.op} normalizes over the channel axis")
+        self.set(node.outputs[0], s.axis, s.rank, s.ids)
+
+    _op_LogSoftmax = _op_Softmax
+    _op_Hardmax = _op_Softmax
+
+    def _op_Shape(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        start = int(node.attrs.get("start", 0)) % (s.rank + 1) if "start" in node.attrs else 0
+        end = node.attrs.get("end")
+        end = s.rank if end is None else (int(end) if int(end) >= 0 else int(end) + s.rank)
+        if start <= s.axis < end:
+            raise _NotUnderstood("Shape reads the channel count")
+
+    def _op_BatchNormalization(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        if s.axis != 1 or any(not is_weight(self.graph, input_at(node, i)) for i in range(1, 5)):
+            raise _NotUnderstood("BatchNormalization with runtime parameters or channels not on axis 1")
+        if any(o.outputs for o in node.outputs[1:]) or int(node.attrs.get("training_mode", 0)):
+            raise _NotUnderstood("BatchNormalization in training mode")
+        self.actions.append(("params", node, (1, 2, 3, 4), s.ids))
+        self.set(node.outputs[0], s.axis, s.rank, s.ids)
+
+    def _op_InstanceNormalization(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        if s.axis != 1 or any(not is_weight(self.graph, input_at(node, i)) for i in (1, 2)):
+            raise _NotUnderstood("InstanceNormalization with runtime parameters")
+        self.actions.append(("params", node, (1, 2), s.ids))
+        self.set(node.outputs[0], s.axis, s.rank, s.ids)
+
+    def _op_Conv(self, node: gs.Node) -> None:
+        x, w, b = node.inputs[0], input_at(node, 1), input_at(node, 2)
+        sx = self.S(x)
+        if not is_weight(self.graph, w) or (b is not None and not is_weight(self.graph, b)):
+            raise _NotUnderstood("Conv weight or bias is not a constant")
+        wv = constant_value(w)
+        if sx is not None and sx.axis != 1:
+            self.poison(x, "Conv input channels not on axis 1", node)
+            sx = None
+        g = int(node.attrs.get("group", 1))
+        cout, cin_g = int(wv.shape[0]), int(wv.shape[1])
+        out = self.uf.new(cout)
+        if g > 1:
+            b_g = cout // g
+            if cin_g == 1 and sx is not None:  # depthwise: input k feeds the outputs of group k
+                for k in range(g):
+                    for j in range(b_g):
+                        self.uf.union(sx.ids[k], out[k * b_g + j])
+                mode = "depthwise"
+            else:
+                if sx is not None:
+                    for k in range(1, g):
+                        self.uf.union_arrays(sx.ids[:cin_g], sx.ids[k * cin_g:(k + 1) * cin_g])
+                for k in range(1, g):
+                    self.uf.union_arrays(out[:b_g], out[k * b_g:(k + 1) * b_g])
+                mode = "grouped"
+        else:
+            mode = "dense"
+        rank = self.rank(x) or (wv.ndim)
+        self.set(node.outputs[0], 1, rank, out)
+        self.actions.append(("conv", node, None if sx is None else sx.ids, out, mode))
+        self.producers.append(Producer(node, "Conv", out))
+
+    def _op_ConvTranspose(self, node: gs.Node) -> None:
+        x, w, b = node.inputs[0], input_at(node, 1), input_at(node, 2)
+        if not is_weight(self.graph, w) or (b is not None and not is_weight(self.graph, b)):
+            raise _NotUnderstood("ConvTranspose weight or bias is not a constant")
+        if int(node.attrs.get("group", 1)) != 1:
+            raise _NotUnderstood("grouped ConvTranspose")
+        sx = self.S(x)
+        if sx is not None and sx.axis != 1:
+            raise _NotUnderstood("ConvTranspose input channels not on axis 1")
+        wv = constant_value(w)
+        out = self.uf.new(int(wv.shape[1]))
+        self.set(node.outputs[0], 1, self.rank(x) or wv.ndim, out)
+        self.actions.append(("convT", node, None if sx is None else sx.ids, out))
+        self.producers.append(Producer(node, "ConvTranspose", out))
+
+    def _op_Gemm(self, node: gs.Node) -> None:
+        a, w, c = node.inputs[0], input_at(node, 1), input_at(node, 2)
+        sa = self.S(a)
+        if not is_weight(self.graph, w):
+            raise _NotUnderstood("Gemm weight is not a constant")
+        if sa is not None and (int(node.attrs.get("transA", 0)) or sa.axis != 1):
+            raise _NotUnderstood("Gemm reads its features along another axis (transA)")
+        wv = constant_value(w)
+        trans_b = int(node.attrs.get("transB", 0))
+        n = int(wv.shape[0] if trans_b else wv.shape[1])
+        out = self.uf.new(n)
+        if c is not None:
+            sc = self.S(c)
+            if sc is not None:
+                if sc.rank - sc.axis != 1 or len(sc.ids) != n:
+                    raise _NotUnderstood("Gemm C operand carries channels on another axis")
+                self.uf.union_arrays(out, sc.ids)
+            else:
+                cshape = self.shape(c)
+                if cshape is None:
+                    raise _NotUnderstood("Gemm C of unknown shape")
+                if cshape and cshape[-1] == n and n > 1:
+                    if not is_weight(self.graph, c):
+                        raise _NotUnderstood("Gemm C is a runtime tensor")
+                    self.actions.append(("const", node, 2, len(cshape) - 1, out))
+        self.set(node.outputs[0], 1, 2, out)
+        self.actions.append(("gemm", node, None if sa is None else sa.ids, out))
+        self.producers.append(Producer(node, "Gemm", out))
+
+    def _op_MatMul(self, node: gs.Node) -> None:
+        a, w = node.inputs[0], node.inputs[1]
+        sa = self.S(a)
+        if self.S(w) is not None:
+            raise _NotUnderstood("MatMul with a runtime right operand")
+        if not is_weight(self.graph, w) or constant_value(w).ndim != 2:
+            if sa is not None:
+                raise _NotUnderstood("MatMul with a runtime right operand")
+            return
+        ra = self.rank(a)
+        if ra is None or ra < 2:
+            raise _NotUnderstood("MatMul left operand of unknown or vector rank")
+        wv = constant_value(w)
+        if sa is not None and sa.axis != ra - 1:  # rows and batch dims pass through unchanged
+            self.set(node.outputs[0], sa.axis, ra, sa.ids)
+            return
+        out = self.uf.new(int(wv.shape[1]))
+        self.set(node.outputs[0], ra - 1, ra, out)
+        self.actions.append(("matmul", node, None if sa is None else sa.ids, out))
+        self.producers.append(Producer(node, "MatMul", out))
+
+    def _op_Concat(self, node: gs.Node) -> None:
+        ss = [self.S(t) for t in node.inputs]
+        if all(s is None for s in ss):
+            return
+        rank = next(s.rank for s in ss if s is not None)
+        axis = int(node.attrs["axis"]) % rank
+        if all(s is None or s.axis == axis for s in ss):
+            parts = []
+            for t, s in zip(node.inputs, ss):
+                if s is not None:
+                    parts.append(s.ids)
+                    continue
+                shp = self.shape(t)
+                if shp is None or shp[axis] is None:
+                    raise _NotUnderstood(f"Concat input '{t.name}' of unknown width")
+                fresh = self.uf.new(int(shp[axis]))
+                self.uf.poison(fresh)  # a tensor without slots never changes width
+                parts.append(fresh)
+            self.set(node.outputs[0], axis, rank, np.concatenate(parts))
+            return
+        if any(s is None for s in ss) or len({(s.axis, len(s.ids)) for s in ss}) != 1:
+            raise _NotUnderstood("Concat mixes channel layouts")
+        for s in ss[1:]:
+            self.uf.union_arrays(ss[0].ids, s.ids)
+        self.set(node.outputs[0], ss[0].axis, rank, ss[0].ids)
+
+    def _op_Split(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        axis = int(node.attrs.get("axis", 0)) % s.rank
+        outs = node.outputs
+        if axis != s.axis:
+            for o in outs:
+                self.set(o, s.axis, s.rank, s.ids)
+            return
+        if "split" in node.attrs:
+            sizes = [int(v) for v in node.attrs["split"]]
+        elif input_at(node, 1) is not None:
+            v = self.value(input_at(node, 1))
+            if v is None:
+                raise _NotUnderstood("Split sizes are not constant")
+            sizes = [int(x) for x in v.tolist()]
+        else:
+            n, k = len(s.ids), len(outs)
+            size = -(-n // k)
+            sizes = [min(size, n - i * size) for i in range(k)]
+        if sum(sizes) != len(s.ids) or len(sizes) != len(outs):
+            raise _NotUnderstood("Split sizes do not match the channel count")
+        start = 0
+        parts = []
+        for o, n in zip(outs, sizes):
+            parts.append(s.ids[start:start + n])
+            self.set(o, s.axis, s.rank, s.ids[start:start + n])
+            start += n
+        self.actions.append(("split", node, parts))
+
+    def _op_Slice(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        if self.opset < 10:
+            starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+            axes = node.attrs.get("axes", list(range(len(starts or []))))
+            steps = [1] * len(starts or [])
+        else:
+            vals = [self.value(input_at(node, i)) if input_at(node, i) is not None else None for i in range(1, 5)]
+            if vals[0] is None or vals[1] is None or (input_at(node, 3) is not None and vals[2] is None) or (
+                    input_at(node, 4) is not None and vals[3] is None):
+                raise _NotUnderstood("Slice parameters are not constant")
+            starts, ends = vals[0].tolist(), vals[1].tolist()
+            axes = vals[2].tolist() if vals[2] is not None else list(range(len(starts)))
+            steps = vals[3].tolist() if vals[3] is not None else [1] * len(starts)
+        if starts is None or ends is None:
+            raise _NotUnderstood("Slice parameters are not constant")
+        axes = [int(a) % s.rank for a in axes]
+        if s.axis not in axes:
+            self.set(node.outputs[0], s.axis, s.rank, s.ids)
+            return
+        j = axes.index(s.axis)
+        if int(steps[j]) != 1:
+            raise _NotUnderstood("Slice with a step on the channel axis")
+        n = len(s.ids)
+        lo, hi, _ = slice(int(max(min(starts[j], 2**62), -2**62)), int(max(min(ends[j], 2**62), -2**62))).indices(n)
+        hi = max(hi, lo)
+        self.set(node.outputs[0], s.axis, s.rank, s.ids[lo:hi])
+        self.actions.append(("slice", node, j, s.ids, lo, hi))
+
+    def _op_Pad(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        if self.opset < 11:
+            pads = np.array(node.attrs.get("pads", node.attrs.get("paddings")), dtype=np.int64)
+        else:
+            pads = self.value(input_at(node, 1))
+            if pads is None:
+                raise _NotUnderstood("Pad amounts are not constant")
+            if input_at(node, 3) is not None:
+                axes = self.value(input_at(node, 3))
+                if axes is None:
+                    raise _NotUnderstood("Pad axes are not constant")
+                full = np.zeros(2 * s.rank, dtype=np.int64)
+                for k, ax in enumerate(int(v) % s.rank for v in axes.tolist()):
+                    full[ax], full[ax + s.rank] = pads[k], pads[k + len(axes)]
+                pads = full
+        pads = np.asarray(pads, dtype=np.int64).reshape(-1)
+        if len(pads) != 2 * s.rank:
+            raise _NotUnderstood("Pad amounts of the wrong length")
+        pb, pe = int(pads[s.axis]), int(pads[s.axis + s.rank])
+        if pb == 0 and pe == 0:
+            self.set(node.outputs[0], s.axis, s.rank, s.ids)
+            return
+        mode = node.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "constant" or pb < 0 or pe < 0:
+            raise _NotUnderstood(f"Pad of the channel axis in mode {mode} / negative")
+        before, after = self.uf.new(pb), self.uf.new(pe)
+        self.set(node.outputs[0], s.axis, s.rank, np.concatenate([before, s.ids, after]))
+        self.actions.append(("pad", node, s.axis, s.rank, pads, before, after))
+
+    def _op_Transpose(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        perm = node.attrs.get("perm") or list(range(s.rank))[::-1]
+        self.set(node.outputs[0], list(perm).index(s.axis), s.rank, s.ids)
+
+    def _op_Squeeze(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        axes = node.attrs.get("axes")
+        if axes is None and input_at(node, 1) is not None:
+            v = self.value(input_at(node, 1))
+            if v is None:
+                raise _NotUnderstood("Squeeze axes are not constant")
+            axes = v.tolist()
+        if axes is None:
+            shp = self.shape(node.inputs[0])
+            if shp is None:
+                raise _NotUnderstood("Squeeze of unknown shape")
+            axes = [i for i, d in enumerate(shp) if d == 1]
+        axes = [int(a) % s.rank for a in axes]
+        if s.axis in axes:
+            raise _NotUnderstood("Squeeze removes the channel axis")
+        self.set(node.outputs[0], s.axis - sum(1 for a in axes if a < s.axis), s.rank - len(axes), s.ids)
+
+    def _op_Unsqueeze(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        axes = node.attrs.get("axes")
+        if axes is None:
+            v = self.value(input_at(node, 1))
+            if v is None:
+                raise _NotUnderstood("Unsqueeze axes are not constant")
+            axes = v.tolist()
+        r = s.rank + len(axes)
+        axes = set(int(a) % r for a in axes)
+        rest = [i for i in range(r) if i not in axes]
+        self.set(node.outputs[0], rest[s.axis], r, s.ids)
+
+    def _op_Flatten(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        axis = int(node.attrs.get("axis", 1)) % (s.rank + 1) if s.rank else 1
+        shp = self.shape(node.inputs[0])
+        if shp is None or len(shp) != s.rank:
+            raise _NotUnderstood("Flatten of unknown shape")
+        if axis == s.axis and all(d is not None for d in shp[s.axis + 1:]):
+            k = int(np.prod(shp[s.axis + 1:])) if s.axis + 1 < len(shp) else 1
+            self.set(node.outputs[0], 1, 2, np.repeat(s.ids, k))
+            return
+        if axis > s.axis and all(d == 1 for d in shp[:s.axis]) and all(d == 1 for d in shp[s.axis + 1:axis]):
+            raise _NotUnderstood("Flatten moves channels into the outer dimension")
+        raise _NotUnderstood("Flatten mixes channels with other dimensions")
+
+    def _op_Reshape(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0])
+        if s is None:
+            return
+        target = self.value(input_at(node, 1))
+        ishp, oshp = self.shape(node.inputs[0]), self.shape(node.outputs[0])
+        if target is None or ishp is None or oshp is None or None in ishp or None in oshp or len(ishp) != s.rank:
+            raise _NotUnderstood("Reshape with a non-constant shape or unknown shapes")
+        target = [int(v) for v in target.tolist()]
+        allowzero = int(node.attrs.get("allowzero", 0))
+        a, w = s.axis, len(s.ids)
+        prefix = int(np.prod(ishp[:a])) if a else 1
+        k_in = int(np.prod(ishp[a + 1:])) if a + 1 < len(ishp) else 1
+        for i, v in enumerate(target):
+            if not allowzero and v == 0 and i == a and i < len(oshp) and oshp[i] != w:
+                raise _NotUnderstood("Reshape copies the channel width into another position")
+        # the output axis that takes the channels: the leading dims must keep their product; with
+        # leading 1s several positions qualify, so prefer a pure move, then a merge, then a split
+        choice = None
+        acc = 1
+        for b in range(len(oshp)):
+            if acc == prefix:
+                d = oshp[b]
+                k_out = int(np.prod(oshp[b + 1:])) if b + 1 < len(oshp) else 1
+                if d == w and k_in == k_out:
+                    cand = (0, b, "same", 1)
+                elif d % w == 0 and k_in % k_out == 0 and d == w * (k_in // k_out):
+                    cand = (1, b, "merge", d // w)
+                elif d > 1 and w % d == 0 and k_out == k_in * (w // d):
+                    cand = (2, b, "split", w // d)
+                else:
+                    cand = None
+                if cand is not None and (choice is None or cand[0] < choice[0]):
+                    choice = cand
+            acc *= oshp[b]
+            if acc > prefix:
+                break
+        if choice is None:
+            raise _NotUnderstood("Reshape mixes channels with other dimensions")
+        _, b, mode, factor = choice
+        if b < len(target) and target[b] == 0 and not allowzero and not (b == a and mode == "same"):
+            raise _NotUnderstood("Reshape copies a dimension into the channel position")
+        if mode == "same":
+            ids = s.ids
+        elif mode == "merge":
+            ids = np.repeat(s.ids, factor)
+        else:
+            rows = s.ids.reshape(-1, factor)
+            for r in range(rows.shape[0]):
+                self.uf.union_arrays(np.repeat(rows[r, 0], factor), rows[r])
+            ids = rows[:, 0].copy()
+        self.set(node.outputs[0], b, len(oshp), ids)
+        if b < len(target) and target[b] not in (-1,) and not (target[b] == 0 and not allowzero and b == a and mode == "same"):
+            self.actions.append(("reshape", node, b, mode, factor, s.ids, target))
+
+    def _op_Identity(self, node: gs.Node) -> None:
+        self._unary(node)
+
+
+class _NotUnderstood(Exception):
+    pass
+
+
+def _subgraph_outer_names(g: onnx.GraphProto) -> set:
+    """Names read inside subgraphs (If/Loop/Scan bodies) -- outer tensors they may capture."""
+    names: set = set()
+
+    def walk(graph, top):
+        for node in graph.node:
+            if not top:
+                names.update(i for i in node.input if i)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g, False)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        walk(sub, False)
+    walk(g, True)
+    return names
+
+
+# ================================================================================== rewrite
+def _take(arr: np.ndarray, axis: int, mask: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.compress(mask, arr, axis=axis))
+
+
+def _set_input(node: gs.Node, index: int, value: np.ndarray, names: NameGenerator, base: str) -> None:
+    old = node.inputs[index]
+    node.inputs[index] = gs.Constant(names((old.name or base) + "_pruned"), np.ascontiguousarray(value))
+
+
+def _apply_action(an: Analysis, act: tuple, removed: set, names: NameGenerator) -> None:
+    kind, node = act[0], act[1]
+    km = lambda ids: an.keep_mask(ids, removed)  # noqa: E731
+    if kind == "conv":
+        _, _, in_ids, out_ids, mode = act
+        ko = km(out_ids)
+        w = constant_value(node.inputs[1])
+        new = w
+        if not ko.all():
+            new = _take(new, 0, ko)
+        g = int(node.attrs.get("group", 1))
+        if in_ids is not None:
+            ki = km(in_ids)
+            if not ki.all():
+                if mode == "dense":
+                    new = _take(new, 1, ki)
+                elif mode == "grouped":
+                    new = _take(new, 1, ki[: w.shape[1]])
+                else:  # depthwise: whole groups go
+                    node.attrs["group"] = int(ki.sum())
+        if new is not w:
+            _set_input(node, 1, new, names, "w")
+        b = input_at(node, 2)
+        if b is not None and not ko.all():
+            _set_input(node, 2, _take(constant_value(b), 0, ko), names, "b")
+    elif kind == "convT":
+        _, _, in_ids, out_ids = act
+        ko = km(out_ids)
+        w = constant_value(node.inputs[1])
+        new = w
+        if in_ids is not None and not km(in_ids).all():
+            new = _take(new, 0, km(in_ids))
+        if not ko.all():
+            new = _take(new, 1, ko)
+            b = input_at(node, 2)
+            if b is not None:
+                _set_input(node, 2, _take(constant_value(b), 0, ko), names, "b")
+        if new is not w:
+            _set_input(node, 1, new, names, "w")
+    elif kind in ("gemm", "matmul"):
+        _, _, in_ids, out_ids = act
+        w = constant_value(node.inputs[1])
+        in_axis, out_axis = (1, 0) if kind == "gemm" and int(node.attrs.get("transB", 0)) else (0, 1)
+        new = w
+        if in_ids is not None and not km(in_ids).all():
+            new = _take(new, in_axis, km(in_ids))
+        if not km(out_ids).all():
+            new = _take(new, out_axis, km(out_ids))
+        if new is not w:
+            _set_input(node, 1, new, names, "w")
+    elif kind == "params":
+        _, _, indices, ids = act
+        k = km(ids)
+        if not k.all():
+            for i in indices:
+                _set_input(node, i, _take(constant_value(node.inputs[i]), 0, k), names, "p")
+    elif kind == "const":
+        _, _, index, axis, ids = act
+        k = km(ids)
+        if not k.all():
+            _set_input(node, index, _take(constant_value(node.inputs[index]), axis, k), names, "c")
+    elif kind == "split":
+        parts = act[2]
+        sizes = [int(km(p).sum()) for p in parts]
+        if sizes != [len(p) for p in parts]:
+            if "split" in node.attrs:
+                node.attrs["split"] = sizes
+            else:
+                node.attrs.pop("num_outputs", None)
+                arr = np.array(sizes, dtype=np.int64)
+                if input_at(node, 1) is not None:
+                    _set_input(node, 1, arr, names, "split")
+                else:
+                    while len(node.inputs) < 2:
+                        node.inputs.append(gs.Variable.empty())
+                    node.inputs[1] = gs.Constant(names("split_sizes"), arr)
+    elif kind == "slice":
+        _, _, j, in_ids, lo, hi = act
+        k = km(in_ids)
+        if k.all():
+            return
+        new_lo = int(k[:lo].sum())
+        new_hi = new_lo + int(k[lo:hi].sum())
+        if "starts" in node.attrs:
+            starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+            starts[j], ends[j] = new_lo, new_hi
+            node.attrs["starts"], node.attrs["ends"] = starts, ends
+        else:
+            st = np.array(an_value(an, node.inputs[1]), dtype=np.int64).copy()
+            en = np.array(an_value(an, node.inputs[2]), dtype=np.int64).copy()
+            st[j], en[j] = new_lo, new_hi
+            _set_input(node, 1, st.astype(constant_dtype(node.inputs[1], an)), names, "starts")
+            _set_input(node, 2, en.astype(constant_dtype(node.inputs[2], an)), names, "ends")
+    elif kind == "pad":
+        _, _, axis, rank, pads, before, after = act
+        nb, ne = int(km(before).sum()), int(km(after).sum())
+        if nb == len(before) and ne == len(after):
+            return
+        new = np.array(pads, dtype=np.int64).copy()
+        new[axis], new[axis + rank] = nb, ne
+        if an_opset(an) < 11:
+            key = "pads" if "pads" in node.attrs else "paddings"
+            node.attrs[key] = [int(v) for v in new]
+        else:
+            if input_at(node, 3) is not None:  # Pad with axes: write the full-rank form instead
+                node.inputs[3] = gs.Variable.empty()
+                while node.inputs and isinstance(node.inputs[-1], gs.Variable) and node.inputs[-1].name == "":
+                    node.inputs.pop()
+            node.inputs[1] = gs.Constant(names("pads_pruned"), new)
+    elif kind == "reshape":
+        _, _, b, mode, factor, in_ids, target = act
+        k = km(in_ids)
+        if k.all():
+            return
+        kept = int(k.sum())
+        new = list(target)
+        new[b] = kept if mode == "same" else (kept * factor if mode == "merge" else kept // factor)
+        _set_input(node, 1, np.array(new, dtype=np.int64), names, "shape")
+    elif kind == "resize_sizes":
+        _, _, index, axis, ids = act
+        k = km(ids)
+        if k.all():
+            return
+        sizes = np.array(an_value(an, node.inputs[index]), dtype=np.int64).copy()
+        sizes[axis] = int(k.sum())
+        _set_input(node, index, sizes, names, "sizes")
+    else:  # pragma: no cover - every action kind is handled above
+        raise AssertionError(kind)
+
+
+def an_value(an: Analysis, t) -> np.ndarray:
+    v = constant_value(t)
+    if v is None:
+        v = an_params(an).get(t.name)
+    return np.asarray(v)
+
+
+def an_params(an: Analysis) -> dict:
+    return an.params
+
+
+def an_opset(an: Analysis) -> int:
+    return opset_of(an.model)
+
+
+def constant_dtype(t, an: Analysis):
+    return an_value(an, t).dtype
