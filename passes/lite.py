@@ -1,0 +1,344 @@
+"""``lite``: embedded-friendly model surgery on the ONNX graph (TI's ``convert_to_lite_fx``, on ONNX).
+
+A lite model trades a little float accuracy for speed and quantization-friendliness on TIDL and
+TensorRT: SiLU/HardSwish/GELU/ReLU6/LeakyReLU/HardSigmoid become ReLU, squeeze-and-excite blocks
+become the identity, large pools become 3x3 cascades, the Focus stem becomes a Conv, odd sizes of
+kernels and ``Resize(sizes)`` are normalised. The rules, what each preserves and their math are
+in :mod:`onnxopt.lite_rules`; the table below follows TI's v2 defaults where they apply.
+
+The pass as a whole is *approximate* (registered ``exact=False``): the manager does not verify it.
+Instead the pass
+
+1. runs the enabled **exact** rules first and verifies them itself: every tensor an exact rule
+   rewrote (its name is kept) is compared, original model vs. model after the exact rules, on the
+   user's data (``ctx.data``, first batches) or generated inputs; the max abs error per rule is
+   reported and an error beyond the exact-pass tolerance raises :class:`VerificationError`;
+2. runs the enabled **approximate** rules in table order;
+3. reports the output error of the lite model against its input on the same inputs, and
+   recommends finetuning whenever an approximate rule fired.
+
+Each rule says why a near-match was left alone (``PassResult.skipped``). Matching is linear in
+the graph size: one scan per rule, each match a bounded walk over producer/consumer links.
+
+User rules (TI's ``replacement_dict``)::
+
+    from onnxopt.passes.lite import register_rule, Match
+
+    def match(graph, node, ctx):          # -> Match | "reason it does not apply" | None
+        if node.op != "Softplus":
+            return None
+        return Match(node.outputs[0], {"x": node.inputs[0]})
+
+    def rewrite(graph, m, ctx):
+        ctx.replace_output(m.output, "Relu", [m.data["x"]])
+
+    register_rule("softplus_to_relu", match=match, rewrite=rewrite, exact=False, anchors=("Softplus",))
+
+Put that in ``my_rules.py`` and run ``onnxopt apply lite m.onnx -o out.onnx --rules-module my_rules.py``
+(or ``--set lite.rules_module=my_rules.py``). A module may instead define ``RULES`` (a list of
+:class:`Rule`) or ``rule_table(default_rules)`` returning the full table to use.
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib.util
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import ModelProto, helper
+
+from onnxopt import runtime
+from onnxopt.errors import OnnxoptError, OptionError, VerificationError
+from onnxopt.graph import export_graph, import_graph
+from onnxopt.lite_rules import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
+from onnxopt.model_io import MAX_PROTO_BYTES, opset_of
+from onnxopt.registry import Option, PassContext, PassResult, register_pass
+
+__all__ = ["Match", "Rule", "RuleContext", "register_rule", "rule_table", "default_rules", "load_rules_module", "run_lite"]
+
+# Tolerance for the exact rules (same as the manager's for exact passes).
+EXACT_RTOL = 1e-4
+EXACT_ATOL = 1e-5
+
+_USER_RULES: list = []
+_COLLECTING: contextvars.ContextVar = contextvars.ContextVar("lite_rules_collecting", default=None)
+
+
+def register_rule(name: str, *, match, rewrite, exact: bool, default: bool = True, anchors: Sequence[str] = (),
+                  summary: str = "", before: Optional[str] = None) -> Rule:
+    """Register a user rule; it joins the table used by every later ``lite`` run in this process
+    (or only the run that loads it, when called from a ``rules_module`` file).
+
+    ``anchors`` are the op types ``match`` is called on (empty: every node). ``before`` places
+    the rule in front of a named rule of the table (default: at the end of its phase).
+    """
+    rule = Rule(name, summary or (match.__doc__ or name).strip().splitlines()[0], bool(exact), bool(default),
+                tuple(anchors), match, rewrite)
+    target = _COLLECTING.get()
+    target = _USER_RULES if target is None else target
+    target[:] = [r for r in target if r[0].name != name]
+    target.append((rule, before))
+    return rule
+
+
+def _merge(table: list, extra: list) -> list:
+    table = list(table)
+    for rule, before in extra:
+        table = [r for r in table if r.name != rule.name]
+        idx = next((i for i, r in enumerate(table) if r.name == before), len(table)) if before else len(table)
+        table.insert(idx, rule)
+    return table
+
+
+def load_rules_module(path: str) -> list:
+    """Import a user rules file and return the rule table it yields (see the module docstring)."""
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"rules module '{p}' does not exist.", "give the path of a Python file that calls onnxopt.passes.lite.register_rule(...)")
+    collected: list = []
+    token = _COLLECTING.set(collected)
+    try:
+        spec = importlib.util.spec_from_file_location(f"onnxopt_user_rules_{abs(hash(str(p.resolve())))}", str(p))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except OnnxoptError:
+        raise
+    except Exception as exc:
+        raise OptionError(f"rules module '{p}' failed to import: {type(exc).__name__}: {exc}",
+                          "fix the file; it must import cleanly with `python " + str(p) + "`") from None
+    finally:
+        _COLLECTING.reset(token)
+    base = _merge(default_rules(), _USER_RULES)
+    if hasattr(module, "rule_table"):
+        table = list(module.rule_table(base))
+    elif hasattr(module, "RULES"):
+        table = list(module.RULES)
+    else:
+        table = base
+    if not all(isinstance(r, Rule) for r in table):
+        raise OptionError(f"rules module '{p}': the rule table must hold onnxopt.passes.lite.Rule objects.",
+                          "build rules with register_rule(...) or Rule(name, summary, exact, default, anchors, match, rewrite)")
+    if not collected and table is base:
+        raise OptionError(f"rules module '{p}' registers no rule and defines no RULES / rule_table.",
+                          "call onnxopt.passes.lite.register_rule(...) in it")
+    return _merge(table, collected)
+
+
+def rule_table(rules_module: Optional[str] = None) -> list:
+    """The rule table: the defaults plus registered user rules, or what ``rules_module`` yields."""
+    if rules_module:
+        return load_rules_module(rules_module)
+    return _merge(default_rules(), _USER_RULES)
+
+
+def _select(table: list, only: Optional[list], disable: Optional[list]) -> list:
+    names = [r.name for r in table]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise OptionError(f"the lite rule table names {', '.join(dup)} twice.", "give every rule a unique name")
+    for opt, given in (("rules", only), ("disable", disable)):
+        bad = [n for n in (given or []) if n not in names]
+        if bad:
+            raise OptionError(f"unknown lite rule '{bad[0]}' in lite.{opt}.", f"valid rules: {', '.join(names)}")
+    wanted = set(only) if only else {r.name for r in table if r.default}
+    wanted -= set(disable or [])
+    return [r for r in table if r.name in wanted]
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, details: list) -> None:
+    graph = ctx.graph
+    anchors = set(rule.anchors)
+    for node in list(graph.nodes):
+        if id(node) in ctx.dead or (anchors and node.op not in anchors):
+            continue
+        result = rule.match(graph, node, ctx)
+        if result is None:
+            continue
+        if isinstance(result, str):
+            skipped.append(f"{node.name or node.op} ({node.outputs[0].name if node.outputs else '?'}): {rule.name}: {result}")
+            continue
+        if not isinstance(result, Match):
+            raise TypeError(f"lite rule {rule.name}: match returned {type(result).__name__}, expected Match, str or None")
+        out_name = result.output.name
+        before = result.output.inputs[0].op if result.output.inputs else None
+        rule.rewrite(graph, result, ctx)
+        record["count"] += 1
+        record["tensors"].append(out_name)
+        details.append({"rule": rule.name, "exact": rule.exact, "tensor": out_name, "was": before,
+                        "now": result.output.inputs[0].op if result.output.inputs else None})
+    ctx.compact()
+
+
+def _export(graph, like: ModelProto) -> ModelProto:
+    model = export_graph(graph, like)
+    # Keep only the value_info the input model had (shape inference ran on a copy for matching).
+    keep = {vi.name: vi for vi in like.graph.value_info}
+    present = {t for n in model.graph.node for t in n.output}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for name, v in keep.items() if name in present)
+    return model
+
+
+def _feeds(model: ModelProto, pctx: PassContext, n: int) -> tuple:
+    if pctx.data is not None:
+        feeds = []
+        for i, feed in enumerate(pctx.data()):
+            feeds.append(feed)
+            if i + 1 >= n:
+                break
+        if feeds:
+            return feeds, "data"
+    return [runtime.generate_inputs(model, seed=s, overrides=pctx.input_shapes) for s in range(n)], "generated"
+
+
+def _with_outputs(model: ModelProto, names: Sequence[str]) -> ModelProto:
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in known:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return probe
+
+
+def _err(ref: np.ndarray, got: np.ndarray) -> tuple:
+    if ref.shape != got.shape:
+        return math.inf, math.inf
+    if ref.size == 0:
+        return 0.0, 0.0
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    d = np.abs(r - g)
+    d = np.where(np.isnan(r) & np.isnan(g), 0.0, d)
+    mx = float(np.nanmax(np.where(np.isnan(d), np.inf, d)))
+    scale = float(np.max(np.abs(r[np.isfinite(r)]))) if np.isfinite(r).any() else 1.0
+    return mx, mx / max(scale, 1e-12)
+
+
+def run_lite(model: ModelProto, options: dict, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
+    """The lite pass on ``model`` with a given rule ``table`` (default: :func:`rule_table`)."""
+    pctx = pctx or PassContext()
+    t0 = time.perf_counter()
+    table = table if table is not None else rule_table(options.get("rules_module"))
+    active = _select(table, options.get("rules"), options.get("disable"))
+    opset = opset_of(model)
+    shaped = model
+    if model.ByteSize() < MAX_PROTO_BYTES:
+        try:
+            shaped = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # shapes only sharpen the guards; rules that need them say so
+            shaped = model
+    graph = import_graph(shaped)
+    ctx = RuleContext(graph, opset, {**options, "_active": {r.name for r in active}})
+    records = {r.name: {"exact": r.exact, "enabled": r in active, "default": r.default, "summary": r.summary,
+                        "count": 0, "tensors": []} for r in table}
+    skipped: list = []
+    details: list = []
+
+    exact_rules = [r for r in active if r.exact]
+    approx_rules = [r for r in active if not r.exact]
+    for rule in exact_rules:
+        _apply_rule(rule, ctx, records[rule.name], skipped, details)
+    exact_fired = [r.name for r in exact_rules if records[r.name]["count"]]
+    model_exact = _export(graph, model) if exact_fired else model
+    if approx_rules:
+        if exact_fired:  # the export cleaned the graph; continue on a fresh import with shapes
+            try:
+                graph = import_graph(onnx.shape_inference.infer_shapes(model_exact))
+            except Exception:
+                graph = import_graph(model_exact)
+            ctx = RuleContext(graph, opset, ctx.options)
+        for rule in approx_rules:
+            _apply_rule(rule, ctx, records[rule.name], skipped, details)
+    approx_fired = [r.name for r in approx_rules if records[r.name]["count"]]
+    final = _export(graph, model) if approx_fired else model_exact
+    seconds_rules = time.perf_counter() - t0
+
+    extra = {"rules": records, "rule_seconds": round(seconds_rules, 3)}
+    if options.get("verify", True) and (exact_fired or approx_fired):
+        extra.update(_measure(model, model_exact, final, exact_fired, approx_fired, records, pctx, int(options.get("batches", 2)), skipped))
+    if approx_fired:
+        extra["recommendation"] = (f"approximate rules changed the model ({', '.join(approx_fired)}): finetune the lite "
+                                   "model (a few epochs at a low learning rate) to recover its accuracy before deployment")
+    changes = {name: rec["count"] for name, rec in records.items() if rec["count"]}
+    return PassResult(final, changes=changes, details=details, skipped=skipped, extra=extra)
+
+
+def _measure(model, model_exact, final, exact_fired, approx_fired, records, pctx, batches, skipped) -> dict:
+    """Exact-rule verification (per rule, on the tensors it rewrote) and the lite model's output error."""
+    out = {}
+    try:
+        feeds, source = _feeds(model, pctx, max(1, batches))
+    except OnnxoptError as exc:
+        skipped.append(f"verification: not run: {exc.message} ({exc.hint})")
+        out["verification_skipped"] = exc.message
+        return out
+    outputs = [o.name for o in model.graph.output]
+    exact_tensors = [t for name in exact_fired for t in records[name]["tensors"]]
+    ref_sess = runtime.session(_with_outputs(model, exact_tensors))
+    refs = [runtime.run(ref_sess, f) for f in feeds]
+    if exact_fired:
+        ex_sess = runtime.session(_with_outputs(model_exact, exact_tensors))
+        got = [runtime.run(ex_sess, f) for f in feeds]
+        ver = {}
+        for name in exact_fired:
+            mx, rel = 0.0, 0.0
+            for r, g in zip(refs, got):
+                for t in records[name]["tensors"]:
+                    a, b = _err(r[t], g[t])
+                    mx, rel = max(mx, a), max(rel, b)
+            ok = mx <= EXACT_ATOL or rel <= EXACT_RTOL
+            ver[name] = {"max_abs": mx, "max_rel": rel, "tensors": len(records[name]["tensors"]), "passed": ok}
+            records[name]["max_abs_error"] = mx
+            if not ok:
+                raise VerificationError(
+                    f"lite rule '{name}' is exact but changed its tensors by max abs {mx:.3g} (rel {rel:.3g}).",
+                    f"this is a bug in the rule on this model; rerun with --set lite.disable={name} and report it")
+        out["exact_verification"] = {"inputs": source, "batches": len(feeds), "rules": ver}
+    if approx_fired:
+        fin_sess = runtime.session(final)
+        got = [runtime.run(fin_sess, f) for f in feeds]
+    else:
+        got = [{k: v for k, v in g.items() if k in outputs} for g in got]
+    per = {}
+    for name in outputs:
+        mx, rel = 0.0, 0.0
+        for r, g in zip(refs, got):
+            a, b = _err(r[name], g[name])
+            mx, rel = max(mx, a), max(rel, b)
+        per[name] = {"max_abs": mx, "max_rel": rel}
+    out["output_error"] = {"inputs": source, "batches": len(feeds),
+                           "max_abs": max((v["max_abs"] for v in per.values()), default=0.0),
+                           "max_rel": max((v["max_rel"] for v in per.values()), default=0.0), "outputs": per}
+    return out
+
+
+@register_pass(
+    "lite",
+    "embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes",
+    exact=False,
+    options=[
+        Option("rules", list, None, "apply only these rules (comma-separated names; `onnxopt passes` lists them in the lite docstring)"),
+        Option("disable", list, None, "rules to switch off (comma-separated names)"),
+        Option("rules_module", str, None, "a Python file registering user rules with onnxopt.passes.lite.register_rule (or defining RULES)"),
+        Option("focus_mode", str, "conv", "what the Focus stem becomes: a one-hot 2x2/s2 Conv, or SpaceToDepth (TIDL-friendly "
+               "when the next conv's weights can absorb the channel order)", choices=["conv", "space_to_depth"]),
+        Option("verify", bool, True, "verify exact rules and measure the lite model's output error in onnxruntime"),
+        Option("batches", int, 2, "how many data batches (or generated inputs) the verification uses"),
+    ],
+)
+def lite_pass(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
+    """Rules (exact rules run and are verified first; * = off by default):
+    focus_to_conv, maxpool_ge5_to_cascade, resize_sizes_to_scales, conv_even_kernel_to_odd*,
+    conv_gt7_split* (exact); squeeze_and_excite_to_identity, avgpool_ge5_to_cascade,
+    conv_6x6_to_5x5, hardswish_to_relu, silu_to_relu, gelu_to_relu, relu6_to_relu,
+    leakyrelu_to_relu, prelu_to_relu*, hardsigmoid_to_relu (approximate; hardsigmoid_to_relu
+    changes the output range from [0,1] to [0,inf), as TI's does).
+    """
+    return run_lite(model, options, ctx)
