@@ -1,0 +1,335 @@
+"""Where Q/DQ go: a placement algorithm that emits *commands*, applied later by ``quantize``.
+
+Nothing here edits the graph. :func:`plan` reads an onnx-graphsurgeon graph (shape-inferred, every
+node uniquely named) and returns a :class:`Plan`:
+
+* :class:`WeightCommand` -- quantize the weight input of a Conv/ConvTranspose/Gemm/MatMul
+  (per-channel axis from the target rules), with the bias to convert when the target stores it
+  as int32;
+* :class:`ActivationCommand` -- put a ``QuantizeLinear -> DequantizeLinear`` pair on a tensor;
+  all its readers except excluded nodes then read the DQ output. Tensors in one *scale group*
+  share one scale/zero point (union-find): the inputs and output of Concat and of data-movement
+  ops (Reshape, Transpose, MaxPool, Resize, ...) are grouped, so the runtime can move Q/DQ across
+  them (TensorRT propagates DQ forward and Q backward only across equal scales; onnxruntime drops
+  the Q/DQ around such ops only when scales match).
+
+Two placement families (``TargetRules.placement``):
+
+* ``inputs`` (TensorRT): Q/DQ on the data inputs of weighted ops, on the residual input of an Add
+  whose other input is a weighted op's output (the weighted op fuses the Add as its epilogue),
+  then propagated backward through data-movement ops, Concat and pooling so they run in int8.
+  Outputs of weighted ops are not quantized (TensorRT: "don't quantize the outputs of
+  weighted-operations").
+* ``ops`` (onnxruntime, TIDL): every quantizable op gets Q/DQ on its float inputs and on its
+  output; when the output's only reader is a Relu/Clip, the output Q goes after the activation
+  (onnxruntime absorbs it into the quantized range; TI's export puts ReLU between Conv and Q).
+  Graph outputs are never quantized. Then the same backward propagation.
+
+Each decision is linear in the graph: consumer maps and topological order are built once.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import constant_value, input_at, is_graph_output, is_weight
+from .targets import WEIGHTED_OPS, TargetRules, weight_axis
+
+# Ops whose output is a rearrangement/subset of input values: same scale in and out.
+PASS_THROUGH_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Slice",
+                    "Identity", "DepthToSpace", "SpaceToDepth", "Upsample"}
+# Averaging pools: int8 kernels exist, output scale may differ from the input's.
+AVG_POOL_OPS = {"AveragePool", "GlobalAveragePool"}
+# Ops onnxruntime (and TIDL) run in int8 when their inputs and output carry Q/DQ.
+OPS_QUANTIZABLE = set(WEIGHTED_OPS) | {"Add", "Mul", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"}
+# Activations absorbed into the quantized range of the op before them.
+ABSORBABLE = {"Relu", "Clip"}
+FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16)}
+
+
+@dataclass
+class WeightCommand:
+    node: str
+    op: str
+    input_index: int
+    tensor: str                 # float weight tensor name
+    axis: Optional[int]         # per-channel axis, None = per-tensor
+    data_tensor: Optional[str]  # the layer's data (activation) input
+    bias_index: Optional[int] = None
+    bias_tensor: Optional[str] = None
+
+
+@dataclass
+class ActivationCommand:
+    tensor: str
+    group: str                  # representative tensor of its scale group
+
+
+@dataclass
+class Plan:
+    weights: list = field(default_factory=list)
+    activations: list = field(default_factory=list)
+    groups: dict = field(default_factory=dict)        # representative -> [tensors]
+    excluded: set = field(default_factory=set)        # node names kept in float
+    skipped: list = field(default_factory=list)
+
+    def activation_tensors(self) -> list:
+        return [a.tensor for a in self.activations]
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        self.parent.setdefault(x, x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _is_float_activation(graph: gs.Graph, t: Optional[gs.Tensor]) -> bool:
+    if t is None or not isinstance(t, gs.Variable) or constant_value(t) is not None:
+        return False
+    try:
+        return t.dtype is not None and np.dtype(t.dtype) in FLOAT_DTYPES
+    except TypeError:
+        return False
+
+
+def excluded_nodes(graph: gs.Graph, options: dict, weighted: list) -> tuple:
+    """Node names kept in float by exclude_nodes / exclude_op_types / exclude_regex / keep_first_last."""
+    names = set(options.get("exclude_nodes") or [])
+    op_types = set(options.get("exclude_op_types") or [])
+    regex = options.get("exclude_regex") or ""
+    try:
+        pattern = re.compile(regex) if regex else None
+    except re.error as exc:
+        from ..errors import OptionError
+        raise OptionError(f"bad qdq.exclude_regex {regex!r}: {exc}.", "give a Python regular expression matched against node names") from None
+    known = {n.name for n in graph.nodes}
+    unknown = sorted(names - known)
+    out = set()
+    for n in graph.nodes:
+        if n.name in names or n.op in op_types or (pattern is not None and pattern.search(n.name)):
+            out.add(n.name)
+    reasons = [f"exclude_nodes: no node named '{u}'" for u in unknown]
+    if options.get("keep_first_last") and weighted:
+        first, last = first_last_layers(graph, weighted)
+        out |= first | last
+    return out, reasons
+
+
+def first_last_layers(graph: gs.Graph, weighted: list) -> tuple:
+    """Weighted nodes with no weighted ancestor (first) / no weighted descendant (last). Linear."""
+    wset = {n.name for n in weighted}
+    order = list(graph.nodes)
+    above: dict = {}   # tensor name -> a weighted node lies upstream
+    first = set()
+    for n in order:
+        up = any(above.get(t.name, False) for t in n.inputs if t is not None)
+        if n.name in wset and not up:
+            first.add(n.name)
+        for o in n.outputs:
+            above[o.name] = up or n.name in wset
+    below: dict = {}
+    last = set()
+    for n in reversed(order):
+        down = any(below.get(o.name, False) for o in n.outputs)
+        if n.name in wset and not down:
+            last.add(n.name)
+        for t in n.inputs:
+            if t is not None:
+                below[t.name] = below.get(t.name, False) or down or n.name in wset
+    return first, last
+
+
+def _weighted_layout(graph: gs.Graph, node: gs.Node):
+    """(weight index, data inputs, bias index) of a weighted node whose weight is constant, or a reason."""
+    op = node.op
+    if op in ("Conv", "ConvTranspose"):
+        w = input_at(node, 1)
+        if not is_weight(graph, w):
+            return None, f"{node.name}: {op} weight is not a constant"
+        return (1, [input_at(node, 0)], 2 if input_at(node, 2) is not None else None), None
+    if op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            # A is the data input; transA only changes its layout, quantization stays per-tensor.
+            pass
+        b = input_at(node, 1)
+        if is_weight(graph, b):
+            c = input_at(node, 2)
+            return (1, [input_at(node, 0)], 2 if c is not None else None), None
+        return (None, [input_at(node, 0), input_at(node, 1)], None), None
+    if op == "MatMul":
+        b = input_at(node, 1)
+        if is_weight(graph, b):
+            return (1, [input_at(node, 0)], None), None
+        return (None, [input_at(node, 0), input_at(node, 1)], None), None
+    return None, f"{node.name}: not a weighted op"
+
+
+def plan(graph: gs.Graph, rules: TargetRules, options: dict, *, ignore_exclusions: bool = False) -> Plan:
+    """Decide weight and activation quantization for ``graph`` under ``rules`` and ``options``."""
+    result = Plan()
+    nodes = list(graph.nodes)
+    op_filter = set(options.get("op_types") or [])
+    weighted = [n for n in nodes if n.op in WEIGHTED_OPS and (not op_filter or n.op in op_filter)]
+    if not ignore_exclusions:
+        result.excluded, reasons = excluded_nodes(graph, options, weighted)
+        result.skipped.extend(reasons)
+    excluded = result.excluded
+
+    def active(n: gs.Node) -> bool:
+        return n.name not in excluded and (not op_filter or n.op in op_filter)
+
+    quant: dict = {}          # tensor name -> gs.Tensor, insertion-ordered
+    uf = _UnionFind()
+
+    def mark(t: Optional[gs.Tensor]) -> bool:
+        if not _is_float_activation(graph, t):
+            return False
+        if t.name not in quant:
+            quant[t.name] = t
+            uf.find(t.name)
+        return True
+
+    # ---- weighted layers ------------------------------------------------------------------
+    layer_data: dict = {}
+    for n in weighted:
+        if n.name in excluded:
+            continue
+        layout, reason = _weighted_layout(graph, n)
+        if layout is None:
+            result.skipped.append(reason)
+            continue
+        widx, data, bidx = layout
+        if widx is not None:
+            w = n.inputs[widx]
+            wval = constant_value(w)
+            if wval is None or np.dtype(wval.dtype) not in FLOAT_DTYPES:
+                result.skipped.append(f"{n.name}: weight '{w.name}' is not a float constant")
+                continue
+            axis = None
+            if rules.per_channel and options.get("per_channel", True):
+                axis = weight_axis(n.op, n.attrs, wval.ndim, int(n.attrs.get("group", 1)))
+                if n.op == "Gemm" and wval.ndim != 2:
+                    axis = None
+            bias = n.inputs[bidx] if bidx is not None else None
+            if bias is not None and (constant_value(bias) is None or constant_value(bias).ndim != 1):
+                bias = None  # broadcast/non-constant Gemm C stays float
+            data_t = data[0] if data else None
+            result.weights.append(WeightCommand(n.name, n.op, widx, w.name, axis,
+                                                data_t.name if data_t is not None else None,
+                                                bidx if bias is not None else None,
+                                                bias.name if bias is not None else None))
+        layer_data[n.name] = data
+
+    # ---- activations ------------------------------------------------------------------------
+    if rules.placement == "inputs":
+        for n in weighted:
+            if n.name in layer_data:
+                for t in layer_data[n.name]:
+                    mark(t)
+        _residual_adds(graph, nodes, excluded, active, layer_data, mark)
+    else:
+        for n in nodes:
+            if not active(n):
+                continue
+            if n.op in WEIGHTED_OPS:
+                if n.name not in layer_data:
+                    continue
+                ins = layer_data[n.name]
+            elif n.op in OPS_QUANTIZABLE:
+                ins = [t for t in n.inputs if t is not None]
+                if any(constant_value(t) is not None for t in ins):
+                    result.skipped.append(f"{n.name}: {n.op} with a constant operand stays float")
+                    continue
+            else:
+                continue
+            for t in ins:
+                mark(t)
+            out = _absorbed_output(graph, n, excluded) if rules.absorb_activations else n.outputs[0]
+            if not is_graph_output(graph, out):
+                mark(out)
+
+    _propagate_backward(graph, nodes, quant, uf, active, mark, rules)
+
+    for name, t in quant.items():
+        rep = uf.find(name)
+        result.groups.setdefault(rep, []).append(name)
+    for name in quant:
+        result.activations.append(ActivationCommand(name, uf.find(name)))
+    return result
+
+
+def _absorbed_output(graph: gs.Graph, node: gs.Node, excluded: set) -> gs.Tensor:
+    """The tensor whose Q ends ``node``'s quantized region: after one following Relu/Clip."""
+    out = node.outputs[0]
+    if is_graph_output(graph, out) or len(out.outputs) != 1:
+        return out
+    nxt = out.outputs[0]
+    if nxt.op not in ABSORBABLE or nxt.name in excluded:
+        return out
+    if nxt.op == "Clip" and any(input_at(nxt, i) is not None and constant_value(input_at(nxt, i)) is None for i in (1, 2)):
+        return out  # a run-time clip range cannot be folded into the quantized range
+    return nxt.outputs[0]
+
+
+def _producer_fuses(graph: gs.Graph, t: gs.Tensor, layer_data: dict) -> bool:
+    """True when ``t`` is the sole-consumer output of a quantized weighted op (possibly via BN)."""
+    if is_graph_output(graph, t) or len(t.outputs) != 1 or len(t.inputs) != 1:
+        return False
+    p = t.inputs[0]
+    if p.op == "BatchNormalization" and len(p.inputs) and len(p.inputs[0].inputs) == 1 and len(p.inputs[0].outputs) == 1:
+        p = p.inputs[0].inputs[0]
+    return p.op in WEIGHTED_OPS and p.name in layer_data
+
+
+def _residual_adds(graph, nodes, excluded, active, layer_data, mark) -> None:
+    """TensorRT: quantize the residual input of Add(conv_branch, residual) so the conv fuses the Add."""
+    for n in nodes:
+        if n.op != "Add" or not active(n) or len(n.inputs) != 2:
+            continue
+        a, b = n.inputs
+        fa, fb = _producer_fuses(graph, a, layer_data), _producer_fuses(graph, b, layer_data)
+        if fa and not fb:
+            mark(b)
+        elif fb and not fa:
+            mark(a)
+        elif fa and fb:
+            mark(b)  # both branches are convs: one fuses the Add, the other is its int8 input
+
+
+def _propagate_backward(graph, nodes, quant, uf, active, mark, rules) -> None:
+    """Quantize inputs of data-movement ops, Concat and pools whose output is quantized."""
+    for n in reversed(nodes):
+        if not active(n) or not n.outputs:
+            continue
+        out = n.outputs[0]
+        if out.name not in quant:
+            continue
+        if n.op in PASS_THROUGH_OPS:
+            if n.op == "Resize" and n.attrs.get("mode", "nearest") != "nearest" and rules.placement == "inputs":
+                pass  # linear resize interpolates: still range-preserving, keep the shared scale
+            src = input_at(n, 0)
+            if mark(src):
+                uf.union(out.name, src.name)
+        elif n.op == "Concat":
+            for src in n.inputs:
+                if mark(src):
+                    uf.union(out.name, src.name)
+        elif n.op in AVG_POOL_OPS:
+            mark(input_at(n, 0))

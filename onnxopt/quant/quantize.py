@@ -1,0 +1,453 @@
+"""Apply a placement plan: quantized weight initializers + DQ, activation Q/DQ pairs, bias handling.
+
+Entry point :func:`quantize_model` (the qdq pass's engine, see notes/contracts.md):
+
+1. prepare the model for the target: every node uniquely named, opset raised to the target's
+   minimum (or converted to its fixed opset), shapes inferred, static input shapes for TIDL;
+2. plan placement twice -- once without exclusions (the calibration tensor set, so that the
+   calibration cache does not depend on exclusion options) and once with them;
+3. calibrate the activation tensors through :func:`onnxopt.quant.calibrate.calibrate` (this module
+   computes no activation statistics of its own);
+4. rewrite.
+
+The math (per tensor, ``b`` bits):
+
+* symmetric signed: ``s = amax / (2^(b-1) - 1)``, ``zp = 0``, int8;
+* symmetric unsigned (non-negative tensor, tidl-tda4vm): ``s = amax / (2^b - 1)``, ``zp = 0``, uint8;
+* asymmetric uint8: the range is widened to contain 0 (exact zero padding), ``s = (hi - lo) / (2^b - 1)``,
+  ``zp = round(-lo / s)``;
+* power of two: ``s <- 2^ceil(log2 s)`` (rounded up, as TI's observers do), zp recomputed;
+* weights: symmetric, ``s_w[c] = max|w[c]| / (2^(b-1) - 1)`` on the per-channel axis (per tensor
+  otherwise), ``w_q = clip(round_half_even(w / s_w), -qmax, qmax)``; an all-zero channel gets
+  ``s_w = 1``;
+* int32 bias (ort, tidl): ``s_b[c] = s_in * s_w[c]``, ``b_q = round(b / s_b)``; a weight scale is
+  raised when needed so that ``|b_q| < 2^31``.
+
+Below 8 bits values are stored in int8/uint8 restricted to ``[qmin, qmax]`` (weights by
+construction; activations get a Clip to the representable range before their Q, since Q itself
+saturates only at the 8-bit limits), or, with ``low_bit=int4`` and 4-bit weights, as INT4
+initializers at opset >= 21.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+from .. import model_io
+from ..errors import DataError, OnnxoptError, OptionError
+from ..graph import NameGenerator, constant_value, export_graph, import_graph
+from . import placement as placement_mod
+from .targets import TargetRules, get_target, int_range
+
+INT32_MAX = 2**31 - 1
+MIN_SCALE = 1e-30
+
+
+@dataclass
+class QuantResult:
+    model: ModelProto
+    info: dict
+    ranges: dict = field(default_factory=dict)
+
+
+@dataclass
+class ActParams:
+    scale: float
+    zero_point: int
+    signed: bool
+    qmin: int
+    qmax: int
+    scale_const: Any = None
+    zp_const: Any = None
+
+
+# ------------------------------------------------------------------------------------ options
+def resolve_symmetric(options: dict, rules: TargetRules) -> bool:
+    value = str(options.get("symmetric", "auto")).lower()
+    if value == "auto":
+        return rules.act_symmetric
+    sym = value in ("true", "1", "yes", "on")
+    if not sym and not rules.allow_asymmetric:
+        raise OptionError(f"target {rules.name} needs symmetric activations (zero point 0); symmetric=false is not allowed.",
+                          "drop qdq.symmetric or use --target ort/tidl for asymmetric activations")
+    return sym
+
+
+def validate_options(options: dict, rules: TargetRules) -> None:
+    for key in ("weight_bits", "activation_bits"):
+        bits = int(options.get(key, 8))
+        if not 2 <= bits <= 8:
+            raise OptionError(f"qdq.{key}={bits} is out of range.", "give 2..8 bits")
+    if options.get("low_bit", "restricted") == "int4":
+        if int(options.get("weight_bits", 8)) != 4:
+            raise OptionError("qdq.low_bit=int4 needs weight_bits=4.", "set --set qdq.weight_bits=4 or low_bit=restricted")
+        if not rules.allow_int4_weights:
+            raise OptionError(f"target {rules.name} does not take INT4 initializers.", "use qdq.low_bit=restricted (int8 storage, 4-bit range)")
+    resolve_symmetric(options, rules)
+
+
+# ------------------------------------------------------------------------------------ prepare
+def name_nodes(model: ModelProto) -> int:
+    """Give every main-graph node a unique name (info and exclusions refer to node names)."""
+    names = NameGenerator(model)
+    seen: set = set()
+    renamed = 0
+    for node in model.graph.node:
+        if not node.name or node.name in seen:
+            node.name = names((node.name or node.op_type.lower()) + ("" if not node.name else "_dup"))
+            renamed += 1
+        seen.add(node.name)
+    return renamed
+
+
+def _fix_downgraded_reduce(model: ModelProto) -> None:
+    """version_converter 18->17 leaves Reduce* with axes as an input and noop_with_empty_axes."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
+    for node in model.graph.node:
+        if not node.op_type.startswith("Reduce") or node.op_type == "ReduceSum":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if "noop_with_empty_axes" in attrs:
+            if helper.get_attribute_value(attrs["noop_with_empty_axes"]) != 0:
+                raise OnnxoptError(f"cannot convert {node.name} ({node.op_type} with noop_with_empty_axes=1) to opset 17.", "export the model at opset 17")
+            node.attribute.remove(attrs["noop_with_empty_axes"])
+        if len(node.input) > 1 and node.input[1]:
+            name = node.input[1]
+            if name in inits:
+                axes = numpy_helper.to_array(inits[name])
+            elif name in consts:
+                axes = numpy_helper.to_array(consts[name].attribute[0].t)
+            else:
+                raise OnnxoptError(f"cannot convert {node.name}: its axes are computed at run time.", "export the model at opset 17")
+            del node.input[1:]
+            node.attribute.append(helper.make_attribute("axes", [int(a) for a in np.asarray(axes).reshape(-1)]))
+
+
+def convert_opset(model: ModelProto, target: int) -> ModelProto:
+    current = model_io.opset_of(model)
+    if current == target:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, target)
+        if target < current:
+            _fix_downgraded_reduce(converted)
+        onnx.checker.check_model(converted, full_check=True)
+    except OnnxoptError:
+        raise
+    except Exception as exc:
+        raise OnnxoptError(f"could not convert the model from opset {current} to {target}: {str(exc).strip().splitlines()[0][:300]}",
+                           f"re-export the model at opset {target}") from None
+    return converted
+
+
+def prepare_model(model: ModelProto, rules: TargetRules, options: dict, input_shapes: Optional[dict] = None) -> tuple:
+    """(prepared model, notes): named nodes, target opset, static shapes (tidl), inferred types."""
+    notes = []
+    model = model_io.load_model(model, check=False)
+    opset = model_io.opset_of(model)
+    want = opset
+    if rules.fixed_opset is not None:
+        want = rules.fixed_opset
+    elif opset < rules.min_opset:
+        want = rules.min_opset
+    if options.get("low_bit") == "int4":
+        want = max(want, 21)
+    if want != opset:
+        model = convert_opset(model, want)
+        notes.append(f"opset {opset} -> {want}")
+    if rules.static_shapes:
+        _make_static(model, rules, input_shapes)
+    renamed = name_nodes(model)
+    if renamed:
+        notes.append(f"named {renamed} unnamed/duplicate nodes")
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise OnnxoptError(f"shape inference failed on the model: {str(exc).strip().splitlines()[0][:300]}",
+                           "the qdq pass needs tensor types; run the cleanup pass first or fix the export") from None
+    return model, notes
+
+
+def _make_static(model: ModelProto, rules: TargetRules, input_shapes: Optional[dict]) -> None:
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        dynamic = [i for i, d in enumerate(dims) if not (d.HasField("dim_value") and d.dim_value > 0)]
+        if not dynamic:
+            continue
+        if input_shapes and vi.name in input_shapes:
+            shape = list(input_shapes[vi.name])
+            if len(shape) != len(dims):
+                raise OptionError(f"--input-shape for '{vi.name}' has rank {len(shape)}, the input has rank {len(dims)}.", "give every dimension")
+            for d, v in zip(dims, shape):
+                d.Clear()
+                d.dim_value = int(v)
+            continue
+        raise OnnxoptError(
+            f"target {rules.name} needs static shapes, but input '{vi.name}' has dynamic dimension(s) {dynamic}.",
+            f"give the deployment shape with --input-shape {vi.name}:1x3x224x224 (your real shape), or export with static shapes")
+
+
+# ------------------------------------------------------------------------------- calibration
+def limit_samples(data: Callable, n: int) -> Callable:
+    """A data callable yielding at most ``n`` samples (batches trimmed on axis 0)."""
+    def gen():
+        count = 0
+        for feed in data():
+            if count >= n:
+                return
+            b = next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
+            if count + b > n:
+                feed = {k: (v[: n - count] if getattr(v, "ndim", 0) else v) for k, v in feed.items()}
+                b = n - count
+            count += b
+            yield feed
+    return gen
+
+
+def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules: TargetRules, progress: bool) -> dict:
+    from . import calibrate as calib
+
+    method = options.get("calib_method", "auto")
+    if method == "auto":
+        method = rules.default_method
+    cfg = calib.CalibConfig(
+        method=method,
+        percentile=float(options.get("calib_percentile", 99.99)),
+        num_bins=int(options.get("calib_bins", 2048)),
+        workers=int(options.get("calib_workers", 1)),
+        progress=progress,
+        cache=options.get("calib_cache") or None,
+        trt_table=options.get("trt_calib_table") or None,
+    )
+    symmetric = resolve_symmetric(options, rules)
+    unsigned = not rules.act_signed
+    return calib.calibrate(model, list(tensors), data, cfg, symmetric=symmetric, unsigned=unsigned,
+                           bits=int(options.get("activation_bits", 8)))
+
+
+# ----------------------------------------------------------------------------------- scales
+def pow2(scale: np.ndarray) -> np.ndarray:
+    return np.exp2(np.ceil(np.log2(np.maximum(scale, MIN_SCALE))))
+
+
+def activation_params(lo: float, hi: float, bits: int, rules: TargetRules, symmetric: bool, power_of_two: bool) -> ActParams:
+    """Scale / zero point / type of a per-tensor activation quantizer for range [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise OnnxoptError(f"calibration returned a non-finite range [{lo}, {hi}].", "check the calibration data for overflowing activations")
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        amax = max(abs(lo), abs(hi))
+        # uint8 targets keep zero point 0 for non-negative tensors (uint8) and fall back to int8
+        # with zero point 0 for signed ones; int8 targets (TensorRT) are always int8.
+        unsigned = (not rules.act_signed) and lo >= 0.0
+        qmin, qmax = int_range(bits, signed=not unsigned, narrow=not unsigned)
+        scale = amax / qmax if amax > 0 else 1.0
+        if power_of_two:
+            scale = float(pow2(np.float64(scale)))
+        return ActParams(max(scale, MIN_SCALE), 0, not unsigned, qmin, qmax)
+    qmin, qmax = int_range(bits, signed=rules.act_signed)
+    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+    if power_of_two:
+        scale = float(pow2(np.float64(scale)))
+    scale = max(scale, MIN_SCALE)
+    zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return ActParams(scale, zp, rules.act_signed, qmin, qmax)
+
+
+def weight_scales(w: np.ndarray, axis: Optional[int], bits: int, power_of_two: bool) -> np.ndarray:
+    """Symmetric scales per channel on ``axis`` (shape [C]) or per tensor (scalar)."""
+    qmax = 2 ** (bits - 1) - 1
+    a = np.abs(w.astype(np.float64))
+    if axis is None:
+        amax = np.asarray(a.max() if a.size else 0.0)
+    else:
+        amax = a.reshape(a.shape[axis], -1) if axis == 0 else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+        amax = amax.max(axis=1)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    if power_of_two:
+        scale = pow2(scale)
+    return np.maximum(scale, MIN_SCALE)
+
+
+def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: Optional[int], bits: int) -> np.ndarray:
+    qmax = 2 ** (bits - 1) - 1
+    s = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
+    return np.clip(np.rint(w.astype(np.float64) / s), -qmax, qmax).astype(np.int8)
+
+
+# ------------------------------------------------------------------------------------- apply
+def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
+    """Quantize ``model`` per ``options`` (the qdq pass's resolved options) with calibration ``data``."""
+    rules = get_target(options.get("target", "tensorrt"))
+    validate_options(options, rules)
+    input_shapes = getattr(ctx, "input_shapes", None) if ctx is not None else None
+    progress = bool(getattr(ctx, "progress", False)) if ctx is not None else False
+    model, notes = prepare_model(model, rules, options, input_shapes)
+    graph = import_graph(model)
+    full_plan = placement_mod.plan(graph, rules, options, ignore_exclusions=True)
+    the_plan = placement_mod.plan(graph, rules, options)
+    tensors = list(dict.fromkeys(full_plan.activation_tensors() + the_plan.activation_tensors()))
+    ranges = run_calibration(model, tensors, data, options, rules, progress) if tensors else {}
+    missing = [t for t in the_plan.activation_tensors() if t not in ranges]
+    if missing:
+        raise OnnxoptError(f"calibration returned no range for {len(missing)} tensor(s), e.g. '{missing[0]}'.",
+                           "internal error between placement and calibration; please report it")
+    qmodel, info = apply_plan(model, graph, the_plan, ranges, rules, options)
+    info["notes"] = notes
+    info["skipped"] = the_plan.skipped
+    return QuantResult(qmodel, info, {k: (float(v[0]), float(v[1])) for k, v in ranges.items()})
+
+
+def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: TargetRules, options: dict) -> tuple:
+    """Rewrite ``graph`` (imported from ``model``) per ``plan``; returns (model, info)."""
+    names = NameGenerator(graph)
+    symmetric = resolve_symmetric(options, rules)
+    power_of_two = rules.power_of_two or bool(options.get("power_of_two", False))
+    abits, wbits = int(options.get("activation_bits", 8)), int(options.get("weight_bits", 8))
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    excluded = plan.excluded
+
+    # ---- activation parameters, one per scale group ------------------------------------------
+    group_params: dict = {}
+    for rep, members in plan.groups.items():
+        lo = min(float(ranges[m][0]) for m in members)
+        hi = max(float(ranges[m][1]) for m in members)
+        p = activation_params(lo, hi, abits, rules, symmetric, power_of_two)
+        dtype = np.float32
+        first = tensors[members[0]]
+        if first.dtype is not None and np.dtype(first.dtype) == np.float16:
+            dtype = np.float16
+        p.scale_const = gs.Constant(names(f"{rep}_scale"), np.asarray(p.scale, dtype=dtype))
+        p.zp_const = gs.Constant(names(f"{rep}_zero_point"), np.asarray(p.zero_point, dtype=np.int8 if p.signed else np.uint8))
+        group_params[rep] = p
+
+    activations_info = []
+    dq_of: dict = {}
+    for cmd in plan.activations:
+        t = tensors[cmd.tensor]
+        p = group_params[cmd.group]
+        readers = [n for n in list(t.outputs) if n.name not in excluded]
+        src = t
+        if abits < 8:
+            lo_q, hi_q = (p.qmin - p.zero_point) * p.scale, (p.qmax - p.zero_point) * p.scale
+            clipped = gs.Variable(names(f"{t.name}_clipped"), dtype=t.dtype, shape=t.shape)
+            fdt = np.float16 if t.dtype is not None and np.dtype(t.dtype) == np.float16 else np.float32
+            graph.nodes.append(gs.Node("Clip", names(f"{t.name}_Clip"),
+                                       inputs=[t, gs.Constant(names(f"{t.name}_clip_min"), np.asarray(lo_q, fdt)),
+                                               gs.Constant(names(f"{t.name}_clip_max"), np.asarray(hi_q, fdt))],
+                                       outputs=[clipped]))
+            src = clipped
+        q_out = gs.Variable(names(f"{t.name}_quantized"), dtype=np.int8 if p.signed else np.uint8, shape=t.shape)
+        dq_out = gs.Variable(names(f"{t.name}_dequantized"), dtype=t.dtype, shape=t.shape)
+        qn = gs.Node("QuantizeLinear", names(f"{t.name}_QuantizeLinear"), inputs=[src, p.scale_const, p.zp_const], outputs=[q_out])
+        dqn = gs.Node("DequantizeLinear", names(f"{t.name}_DequantizeLinear"), inputs=[q_out, p.scale_const, p.zp_const], outputs=[dq_out])
+        graph.nodes.extend([qn, dqn])
+        for reader in readers:
+            for i, inp in enumerate(reader.inputs):
+                if inp is t:
+                    reader.inputs[i] = dq_out
+        dq_of[t.name] = dq_out.name
+        activations_info.append({"tensor": t.name, "scale": p.scale_const.name, "zero_point": p.zp_const.name,
+                                 "q_node": qn.name, "dq_node": dqn.name, "group": cmd.group,
+                                 "scale_value": p.scale, "zero_point_value": p.zero_point,
+                                 "dtype": "int8" if p.signed else "uint8", "range": [float(ranges[t.name][0]), float(ranges[t.name][1])]})
+
+    act_scale_of = {a["tensor"]: group_params[cmd.group].scale for a, cmd in zip(activations_info, plan.activations)}
+
+    # ---- weights and biases --------------------------------------------------------------------
+    layers = []
+    int4_names = []
+    shared: dict = {}
+    qmax_w = 2 ** (wbits - 1) - 1
+    for wc in plan.weights:
+        node = nodes[wc.node]
+        w_t = node.inputs[wc.input_index]
+        w = np.asarray(constant_value(w_t))
+        fdt = w.dtype
+        scale = weight_scales(w, wc.axis, wbits, power_of_two)
+        data_scale = act_scale_of.get(wc.data_tensor) if wc.data_tensor in dq_of else None
+        int_bias = rules.int_bias and wc.bias_tensor is not None and data_scale is not None
+        b = None
+        if int_bias:
+            b = np.asarray(constant_value(node.inputs[wc.bias_index]), dtype=np.float64)
+            n_out = b.shape[0]
+            if scale.ndim == 0:
+                need = np.max(np.abs(b)) / (data_scale * (INT32_MAX - 1)) if b.size else 0.0
+                scale = np.maximum(scale, need)
+            elif scale.shape[0] == n_out:
+                scale = np.maximum(scale, np.abs(b) / (data_scale * (INT32_MAX - 1)))
+            else:
+                int_bias = False
+            if power_of_two:
+                scale = pow2(scale)
+        key = (w_t.name, wc.axis, tuple(np.asarray(scale).reshape(-1).tolist()))
+        if key in shared:
+            w_dq, wq_c, ws_c, wz_c = shared[key]
+        else:
+            wq = quantize_weight(w, scale, wc.axis, wbits)
+            wq_c = gs.Constant(names(f"{w_t.name}_quantized"), wq)
+            ws_c = gs.Constant(names(f"{w_t.name}_scale"), np.asarray(scale, dtype=fdt))
+            wz_c = gs.Constant(names(f"{w_t.name}_zero_point"), np.zeros(np.asarray(scale).shape, dtype=np.int8))
+            w_dq = gs.Variable(names(f"{w_t.name}_dequantized"), dtype=fdt, shape=list(w.shape))
+            attrs = {"axis": int(wc.axis)} if wc.axis is not None else {}
+            graph.nodes.append(gs.Node("DequantizeLinear", names(f"{w_t.name}_DequantizeLinear"),
+                                       attrs=attrs, inputs=[wq_c, ws_c, wz_c], outputs=[w_dq]))
+            shared[key] = (w_dq, wq_c, ws_c, wz_c)
+            if options.get("low_bit") == "int4":
+                int4_names.append(wq_c.name)
+        node.inputs[wc.input_index] = w_dq
+        entry = {"node": node.name, "op": node.op, "weight_q": wq_c.name, "weight_scale": ws_c.name,
+                 "weight_zero_point": wz_c.name, "axis": wc.axis, "qmin": -qmax_w, "qmax": qmax_w,
+                 "bias": wc.bias_tensor, "bias_is_int": False, "bias_scale": None,
+                 "input_dq": dq_of.get(wc.data_tensor) if wc.data_tensor else None,
+                 "float_weight": wc.tensor}
+        if int_bias:
+            bias_t = node.inputs[wc.bias_index]
+            s_vec = np.broadcast_to(np.asarray(scale, np.float64), b.shape)
+            bscale = (data_scale * s_vec).astype(np.float32)
+            bq = np.clip(np.rint(b / bscale.astype(np.float64)), -INT32_MAX - 1, INT32_MAX).astype(np.int32)
+            bq_c = gs.Constant(names(f"{bias_t.name}_quantized"), bq)
+            bs_c = gs.Constant(names(f"{bias_t.name}_scale"), bscale.astype(fdt))
+            bz_c = gs.Constant(names(f"{bias_t.name}_zero_point"), np.zeros(b.shape, dtype=np.int32))
+            b_dq = gs.Variable(names(f"{bias_t.name}_dequantized"), dtype=fdt, shape=list(b.shape))
+            graph.nodes.append(gs.Node("DequantizeLinear", names(f"{bias_t.name}_DequantizeLinear"), attrs={"axis": 0},
+                                       inputs=[bq_c, bs_c, bz_c], outputs=[b_dq]))
+            node.inputs[wc.bias_index] = b_dq
+            entry.update({"bias_q": bq_c.name, "bias_is_int": True, "bias_scale": bs_c.name})
+        layers.append(entry)
+
+    out = export_graph(graph, like=model)
+    if int4_names:
+        _to_int4(out, set(int4_names))
+    info = {"target": rules.name, "activation_bits": abits, "weight_bits": wbits, "symmetric": symmetric,
+            "power_of_two": power_of_two, "layers": layers, "activations": activations_info,
+            "excluded": sorted(excluded), "groups": len(plan.groups)}
+    return out, info
+
+
+def _to_int4(model: ModelProto, names: set) -> None:
+    """Re-type the given int8 initializers (values already in [-7, 7]) as INT4."""
+    for i, t in enumerate(model.graph.initializer):
+        if t.name in names:
+            arr = numpy_helper.to_array(t)
+            model.graph.initializer[i].CopyFrom(helper.make_tensor(t.name, TensorProto.INT4, arr.shape, arr.reshape(-1).tolist()))
+    by_name = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in names and len(node.input) > 2:
+            zp = by_name[node.input[2]]
+            arr = numpy_helper.to_array(zp)
+            zp.CopyFrom(helper.make_tensor(zp.name, TensorProto.INT4, arr.shape, arr.reshape(-1).tolist()))

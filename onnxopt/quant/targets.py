@@ -1,0 +1,115 @@
+"""Per-target quantization rules: what each deployment runtime accepts in a QDQ model.
+
+A :class:`TargetRules` says how activations and weights are quantized (types, symmetry, scale
+form), how the bias is stored, which opset the output must have, and which placement family is
+used (see :mod:`onnxopt.quant.placement`):
+
+* ``tensorrt`` -- TensorRT explicit quantization (onnx-tensorrt parser rules): int8 only, every
+  zero point 0 and of type int8, per-channel weights on the output-channel axis, per-tensor
+  activations, float bias; Q/DQ on the *inputs* of weighted ops and on the residual input of
+  Adds (TensorRT's placement guidance), never on their outputs; opset >= 13 (per-axis Q/DQ).
+* ``ort`` -- onnxruntime's fast CPU layout: uint8 asymmetric activations, int8 symmetric
+  per-channel weights, an int32 bias (``DequantizeLinear`` with scale ``s_in*s_w``) because
+  onnxruntime only fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` when every input -- the bias
+  included -- is a DQ; Q/DQ around every op that has an int8 kernel, the output Q placed after a
+  following Relu/Clip so onnxruntime absorbs the activation into the quantized range.
+* ``tidl`` -- what TI's QAT exports and TIDL imports pre-quantized: int8 per-channel symmetric
+  weights, uint8 per-tensor activations, int32 bias DQ with scale ``s_in*s_w``, opset 17,
+  static shapes.
+* ``tidl-tda4vm`` -- the TDA4VM (MMAv1) scheme: per-tensor symmetric power-of-two scales for
+  weights and activations (zero point 0; uint8 for non-negative activations, int8 otherwise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import OptionError
+
+# Ops with a weight input that is quantized per channel (the "weighted" layers).
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    name: str
+    placement: str                  # "inputs" (TensorRT style) or "ops" (onnxruntime/TIDL style)
+    act_signed: bool                # int8 activations (True) or uint8 (False)
+    act_symmetric: bool             # default symmetry of activations
+    allow_asymmetric: bool          # may the user ask for asymmetric activations?
+    per_channel: bool               # per-channel weights by default / at all
+    allow_per_channel: bool
+    power_of_two: bool              # scales forced to powers of two
+    int_bias: bool                  # bias stored as int32 + DQ(scale = s_in * s_w)
+    min_opset: int
+    fixed_opset: Optional[int]      # convert to exactly this opset (tidl: 17)
+    static_shapes: bool             # refuse dynamic input shapes
+    zero_points_zero: bool          # every zero point must be 0
+    allow_uint8: bool               # uint8 Q/DQ types accepted
+    allow_int4_weights: bool        # int4 weight initializers (opset >= 21) accepted
+    absorb_activations: bool        # move the output Q past a following Relu/Clip
+    default_method: str             # calibration method when the user says "auto"
+
+
+TARGETS = {
+    "tensorrt": TargetRules(
+        name="tensorrt", placement="inputs", act_signed=True, act_symmetric=True, allow_asymmetric=False,
+        per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=False, min_opset=13,
+        fixed_opset=None, static_shapes=False, zero_points_zero=True, allow_uint8=False,
+        allow_int4_weights=True, absorb_activations=False, default_method="percentile"),
+    "ort": TargetRules(
+        name="ort", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True,
+        per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=True, min_opset=13,
+        fixed_opset=None, static_shapes=False, zero_points_zero=False, allow_uint8=True,
+        allow_int4_weights=True, absorb_activations=True, default_method="percentile"),
+    "tidl": TargetRules(
+        name="tidl", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True,
+        per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=True, min_opset=17,
+        fixed_opset=17, static_shapes=True, zero_points_zero=False, allow_uint8=True,
+        allow_int4_weights=False, absorb_activations=True, default_method="percentile"),
+    "tidl-tda4vm": TargetRules(
+        name="tidl-tda4vm", placement="ops", act_signed=False, act_symmetric=True, allow_asymmetric=False,
+        per_channel=False, allow_per_channel=False, power_of_two=True, int_bias=True, min_opset=17,
+        fixed_opset=17, static_shapes=True, zero_points_zero=True, allow_uint8=True,
+        allow_int4_weights=False, absorb_activations=True, default_method="percentile"),
+}
+
+TARGET_NAMES = tuple(TARGETS)
+
+
+def get_target(name: str) -> TargetRules:
+    if name not in TARGETS:
+        raise OptionError(f"unknown quantization target '{name}'.", f"valid targets: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def weight_input_index(op: str) -> int:
+    """Index of the weight input of a weighted op (B for Gemm/MatMul, W for Conv)."""
+    return 1
+
+
+def weight_axis(op: str, attrs: dict, weight_rank: int, group: int = 1) -> Optional[int]:
+    """The per-channel (output-feature) axis of the weight of ``op``, or None for per-tensor.
+
+    Conv weights are [M, C/g, k...] -> axis 0. ConvTranspose weights are [C, M/g, k...] ->
+    axis 1 (its output channels; ORT and ModelOpt use 1), only when group == 1 since axis 1 then
+    holds M/g, not M. Gemm's B is [K, N], or [N, K] with transB=1 -> the N axis. MatMul's B is
+    [..., K, N] -> the last axis.
+    """
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        return 1 if group == 1 else None
+    if op == "Gemm":
+        return 0 if int(attrs.get("transB", 0)) else 1
+    if op == "MatMul":
+        return weight_rank - 1 if weight_rank >= 2 else None
+    return None
+
+
+def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple:
+    """(qmin, qmax) of a ``bits``-bit integer; ``narrow`` drops the most negative value (symmetric)."""
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        return (-qmax if narrow else -qmax - 1), qmax
+    return 0, 2 ** bits - 1

@@ -1,0 +1,122 @@
+"""``qdq``: insert QuantizeLinear/DequantizeLinear for TensorRT, onnxruntime or TIDL, calibrated on data.
+
+Approximate pass: the output is the float model with simulated int8 (or fewer bits) arithmetic.
+What it preserves: the graph's inputs, outputs and every float op; it only adds Q/DQ pairs on
+activations (``x -> Q(s, zp) -> DQ(s, zp)``), replaces float weights by integer initializers
+followed by DQ (``w ~= s_w * w_q``), and, for ort/tidl, replaces a Conv/Gemm bias by an int32
+initializer with scale ``s_in * s_w``. Placement per target is in :mod:`onnxopt.quant.placement`,
+the arithmetic in :mod:`onnxopt.quant.quantize`, the target rules in :mod:`onnxopt.quant.targets`;
+activation ranges come from :mod:`onnxopt.quant.calibrate` (streaming, cached). The output passes
+``onnxopt check --target <target>``; the pass reports the check result in ``extra["check"]``.
+
+Calibration data is required (``--calib-data``); ``--calib-data random`` is accepted explicitly,
+with a loud warning, because ranges from random inputs are meaningless for real data.
+"""
+from __future__ import annotations
+
+import warnings
+
+from onnxopt.errors import DataError, OnnxoptError
+from onnxopt.quant import check as qcheck
+from onnxopt.quant.quantize import limit_samples, quantize_model
+from onnxopt.quant.targets import TARGET_NAMES
+from onnxopt.registry import Option, PassResult, register_pass
+
+RECOVERY_DEFAULTS = {
+    "bias_correction": "none",
+    "fallback": "none",
+    "max_error": 0.0,
+    "fallback_precision": "float",
+    "rounding": "nearest",
+    "adaround_iters": 500,
+}
+RANDOM_SAMPLES = 16  # random calibration data is infinite: cap it unless --calib-samples says otherwise
+
+OPTIONS = [
+    Option("target", str, "tensorrt", "deployment target: tensorrt (int8 symmetric, Q/DQ on inputs), ort (uint8/int8, "
+           "onnxruntime int8 kernels), tidl (TI pre-quantized, opset 17), tidl-tda4vm (per-tensor power-of-two)", TARGET_NAMES),
+    Option("per_channel", bool, True, "per-channel weight scales (output-channel axis); tidl-tda4vm is always per-tensor"),
+    Option("weight_bits", int, 8, "weight bits, 2..8 (below 8: restricted int8 range, or INT4 with low_bit=int4)"),
+    Option("activation_bits", int, 8, "activation bits, 2..8 (below 8: restricted range enforced by a Clip before Q)"),
+    Option("symmetric", str, "auto", "activation symmetry: auto (the target's), true (zero point 0), false (asymmetric; ort/tidl only)",
+           ("auto", "true", "false")),
+    Option("power_of_two", bool, False, "round every scale up to a power of two (forced for tidl-tda4vm)"),
+    Option("low_bit", str, "restricted", "how <8-bit weights are stored: restricted (int8 range [-q, q]) or int4 (INT4 type, opset >= 21)",
+           ("restricted", "int4")),
+    Option("exclude_nodes", list, [], "node names kept in float (comma-separated)"),
+    Option("exclude_op_types", list, [], "op types kept in float, e.g. Gemm,Add"),
+    Option("exclude_regex", str, "", "regular expression on node names kept in float"),
+    Option("keep_first_last", bool, False, "keep the first and last weighted layers in float"),
+    Option("op_types", list, [], "only quantize these op types (default: every op the target quantizes)"),
+    Option("calib_method", str, "auto", "calibration method (auto = the target's default: percentile)",
+           ("auto", "minmax", "percentile", "entropy", "mse")),
+    Option("calib_percentile", float, 99.99, "percentile for calib_method=percentile"),
+    Option("calib_bins", int, 2048, "histogram bins (entropy/percentile/mse)"),
+    Option("calib_samples", int, 0, "use at most this many calibration samples (0 = all; random data: 16)"),
+    Option("calib_cache", str, "", "calibration cache file: reused when model/data/settings match, refused when stale"),
+    Option("calib_workers", int, 1, "calibration worker processes whose statistics merge"),
+    Option("trt_calib_table", str, "", "also write a TensorRT calibration table (implicit-quantization flows) here"),
+    # Reserved for PTQ recovery (onnxopt.quant.recovery); defaults leave the quantized model as is.
+    Option("bias_correction", str, "none", "PTQ recovery: correct the bias shift quantization causes", ("none", "empirical", "analytical")),
+    Option("fallback", str, "none", "PTQ recovery: auto = keep the most sensitive layers in higher precision until max_error holds", ("none", "auto")),
+    Option("max_error", float, 0.0, "PTQ recovery: relative output error budget for fallback=auto (0 = unset)"),
+    Option("fallback_precision", str, "float", "PTQ recovery: precision of fallback layers", ("float", "int16")),
+    Option("rounding", str, "nearest", "PTQ recovery: weight rounding", ("nearest", "adaround")),
+    Option("adaround_iters", int, 500, "PTQ recovery: AdaRound iterations per layer"),
+]
+
+
+def _calibration_data(options: dict, ctx):
+    """The data callable to calibrate on, or a DataError; random data warns loudly."""
+    warns = []
+    if ctx.data is None:
+        raise DataError("the qdq pass needs calibration data, and none was given.",
+                        "give --calib-data (an image folder, .npy/.npz, or file.py:function); "
+                        "--calib-data random is accepted for smoke tests only")
+    data = ctx.data
+    source = getattr(ctx.data_spec, "source", None) if ctx.data_spec is not None else None
+    n = int(options.get("calib_samples") or 0)
+    if source == "random":
+        msg = ("WARNING: calibrating on RANDOM data (--calib-data random): the activation ranges do not reflect "
+               "real inputs and the quantized model's accuracy is meaningless. Use real calibration data.")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        ctx.log(msg)
+        warns.append(msg)
+        if not n and getattr(ctx.data_spec, "max_samples", None) is None:
+            n = RANDOM_SAMPLES
+    if n:
+        data = limit_samples(data, n)
+    return data, warns
+
+
+@register_pass("qdq", "int8 QDQ quantization with calibration for TensorRT, onnxruntime or TIDL", exact=False, options=OPTIONS)
+def qdq(model, options, ctx):
+    """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
+    data, warns = _calibration_data(options, ctx)
+    float_model = model
+    result = quantize_model(model, options, data, ctx)
+    qmodel, info = result.model, result.info
+    extra = {"target": info["target"], "notes": info.get("notes", []), "groups": info["groups"],
+             "excluded": info["excluded"], "warnings": warns}
+    recovery_opts = {k: options.get(k, v) for k, v in RECOVERY_DEFAULTS.items()}
+    if any(recovery_opts[k] != v for k, v in RECOVERY_DEFAULTS.items()):
+        try:
+            from onnxopt.quant import recovery
+        except ImportError:
+            raise OnnxoptError("PTQ recovery options (bias_correction/fallback/max_error/rounding...) were given, "
+                               "but onnxopt.quant.recovery is not available in this build.",
+                               "drop those options, or update onnxopt") from None
+        qmodel, rep = recovery.recover(float_model, qmodel, info, options, data, ctx)
+        extra["recovery"] = rep
+    violations = qcheck.check_model(qmodel, info["target"])
+    extra["check"] = {"target": info["target"], "violations": len(violations),
+                      "first": [v.to_dict() for v in violations[:10]]}
+    extra["info"] = info
+    changes = {
+        "weights_quantized": len(info["layers"]),
+        "activations_quantized": len(info["activations"]),
+        "int32_biases": sum(1 for l in info["layers"] if l["bias_is_int"]),
+        "nodes_kept_float": len(info["excluded"]),
+    }
+    details = [f"{l['node']} ({l['op']}): weight axis {l['axis']}, bias {'int32' if l['bias_is_int'] else 'float'}" for l in info["layers"]]
+    return PassResult(qmodel, changes=changes, details=details, skipped=list(info.get("skipped", [])), extra=extra)
