@@ -1,0 +1,521 @@
+"""``equalize``: cross-layer equalization (CLE) and high-bias absorption, exact in float.
+
+Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization
+and Bias Correction"; AIMET's ``cross_layer_equalization``). For a producer layer ``L1`` (Conv of
+any group, Gemm) whose output ``y`` reaches consumer layers ``L2`` only through ops that are
+*positively homogeneous per channel* (``f(y / s) = f(y) / s`` for every per-channel ``s > 0``),
+dividing output channel ``i`` of ``L1`` (weight slice and bias) by ``s_i`` and multiplying input
+channel ``i`` of every ``L2`` by ``s_i`` leaves the network function unchanged::
+
+    L2(f(W1 x + b1)) = (W2 S) f((S^-1 W1) x + S^-1 b1)        S = diag(s), s_i > 0
+
+With ``r1_i`` the range (max |w|) of output channel ``i`` of ``W1`` and ``r2_i`` the range of input
+channel ``i`` over all consumers, ``s_i = sqrt(r1_i / r2_i)`` makes both ranges ``sqrt(r1_i r2_i)``,
+which is what per-tensor weight quantization needs (badly scaled depthwise filters stop wasting the
+int8 grid). Consecutive pairs share layers (conv -> depthwise -> conv triplets: the depthwise is the
+consumer of one pair and the producer of the next), so the pass sweeps over all pairs until every
+scale is within ``tolerance`` of 1 (or ``iterations`` sweeps).
+
+Ops a scaled tensor may pass through (channel stays on axis 1): Relu, LeakyRelu, Clip(0, +inf),
+Identity, MaxPool / AveragePool / GlobalAveragePool / GlobalMaxPool, ReduceMean/Max/Sum over
+non-channel axes, constant zero Pad that does not touch axes 0-1, Flatten/Reshape of
+``[N, C, 1.., 1]`` to ``[N, C]``, and Mul/Div by a tensor that is *not* scaled (the
+squeeze-excite gate: its branch ``GAP -> fc1`` starts at the scaled tensor, fc1 absorbs the scale,
+so the gate itself is unchanged). Consumers that absorb: Conv on its data input (any group,
+depthwise included), Gemm on ``A`` (transA = 0). Anything else on the way (Add, Concat, HardSwish,
+Sigmoid, a graph output...) makes the pair ineligible and is reported in ``skipped``.
+
+Clip(lo, hi) with a finite ``hi`` (ReLU6) is *not* homogeneous: ``relu6(y / s) != relu6(y) / s``.
+What is exact is ``relu6(y) / s = min(relu(y / s), 6 / s)`` with a *per-channel* bound. With
+``clip=skip`` (default) such pairs are left alone and reported. With ``clip=split`` the Clip is
+rewritten as ``Relu`` followed by ``Min(., hi / s)`` with a per-channel bound constant (Nagel's
+"clipping correction" done exactly, not approximately) -- exact in float, but the graph then has a
+per-channel Min where it had a Clip, which fuses less well (TensorRT / onnxruntime fuse Conv+Clip,
+not Conv+Relu+Min); use it where per-tensor weight quantization of ReLU6 networks is the problem.
+
+High-bias absorption (``absorb_bias=data``, Nagel et al. §4.1): where ``y -> Relu -> L2`` and a
+channel's pre-activation never falls below ``c_i >= 0``, ``relu(y_i) = relu(y_i - c_i) + c_i``, so
+``c_i`` moves out of ``b1`` into ``L2``'s bias (``b2 += W2 c``), shrinking the activation range that
+is quantized. This is exact only while the activation stays in the linear region (``y_i >= c_i``).
+``c_i`` is the per-channel minimum of ``y`` over the data the user gives (``ctx.data``) minus a
+safety margin, so it is exact on that data and on any input whose pre-activations stay above the
+observed minimum; the pass manager verifies it on that data. BN statistics (``beta - 3 gamma``,
+the paper's data-free form) are not used: this pass runs on BN-folded models, where they are gone.
+``L2`` must have no padding (the absorbed constant would be wrong at zero-padded borders), so in
+practice this applies to 1x1 convolutions and Gemm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt.errors import DataError, OptionError
+from onnxopt.graph import (NameGenerator, attr, constant_value, export_graph, import_graph, input_at,
+                           is_graph_output, is_weight)
+from onnxopt.model_io import opset_of
+from onnxopt.registry import Option, PassResult, register_pass
+
+# Ops through which a per-channel positive scale passes unchanged (channel axis stays 1).
+_HOMOGENEOUS = {"Relu", "LeakyRelu", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
+_REDUCE = {"ReduceMean", "ReduceMax", "ReduceSum"}
+_SCALE_LIMIT = 1e6  # never scale a channel by more than this (dead/degenerate channels)
+
+
+@dataclass
+class _Pair:
+    producer: gs.Node
+    absorbers: list = field(default_factory=list)   # (node, kind) kind in {"conv", "gemm"}
+    clips: list = field(default_factory=list)       # Clip nodes to split (clip=split)
+    channels: int = 0
+    relu_only: Optional[gs.Node] = None             # the Relu when y -> Relu -> absorbers only
+    total_scale: Optional[np.ndarray] = None
+
+
+def _rank(t: gs.Tensor) -> Optional[int]:
+    shape = getattr(t, "shape", None)
+    return None if shape is None else len(shape)
+
+
+def _clip_bounds(node: gs.Node, opset: int):
+    """(lo, hi) of a Clip as floats (None = unbounded), or a reason string when not constant."""
+    if opset < 11:
+        return float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
+    out = []
+    for i, default in ((1, -np.inf), (2, np.inf)):
+        t = input_at(node, i)
+        if t is None:
+            out.append(default)
+            continue
+        v = constant_value(t)
+        if v is None or np.asarray(v).size != 1:
+            return f"Clip '{node.name}' has non-constant bounds"
+        out.append(float(np.asarray(v).reshape(())))
+    return tuple(out)
+
+
+class _Equalizer:
+    def __init__(self, graph: gs.Graph, opset: int, clip_mode: str):
+        self.g = graph
+        self.opset = opset
+        self.clip_mode = clip_mode
+        self.weights: dict = {}   # id(node) -> [node, W (float64), b (float64 or None)]
+        self.skipped: list = []
+
+    # ------------------------------------------------------------------- layer params
+    def _params(self, node: gs.Node):
+        key = id(node)
+        if key not in self.weights:
+            w = constant_value(input_at(node, 1))
+            b_t = input_at(node, 2)
+            b = constant_value(b_t) if b_t is not None else None
+            self.weights[key] = [node, np.array(w, dtype=np.float64), None if b is None else np.array(b, dtype=np.float64)]
+        return self.weights[key]
+
+    def _layer_reason(self, node: gs.Node) -> Optional[str]:
+        """None when ``node`` is a Conv/Gemm whose weight (and bias) are float constants."""
+        where = f"{node.op} '{node.name}'"
+        w_t = input_at(node, 1)
+        if w_t is None or not is_weight(self.g, w_t):
+            return f"{where}: weight is not a constant"
+        w = constant_value(w_t)
+        if np.asarray(w).dtype.kind != "f":
+            return f"{where}: weight is not float"
+        b_t = input_at(node, 2)
+        if b_t is not None and not is_weight(self.g, b_t):
+            return f"{where}: bias is not a constant"
+        if node.op == "Gemm":
+            if int(node.attrs.get("transA", 0)) != 0 or np.asarray(w).ndim != 2:
+                return f"{where}: transA=1 or non-2D B"
+            if b_t is not None:
+                n_out = w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
+                if np.asarray(constant_value(b_t)).shape not in ((), (1,), (n_out,), (1, n_out)):
+                    return f"{where}: bias C is not per output feature"
+        elif node.op == "Conv":
+            if np.asarray(w).ndim < 3:
+                return f"{where}: weight rank < 3"
+        else:
+            return f"{where}: not a Conv/Gemm"
+        return None
+
+    def _out_channels(self, node: gs.Node) -> int:
+        w = constant_value(input_at(node, 1))
+        if node.op == "Conv":
+            return int(w.shape[0])
+        return int(w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1])
+
+    def _in_channels(self, node: gs.Node) -> int:
+        w = constant_value(input_at(node, 1))
+        if node.op == "Conv":
+            return int(w.shape[1]) * int(node.attrs.get("group", 1))
+        return int(w.shape[1] if int(node.attrs.get("transB", 0)) else w.shape[0])
+
+    # --------------------------------------------------------------------- traversal
+    def find_pair(self, producer: gs.Node):
+        """The pair starting at ``producer``, or a reason string why its output cannot be scaled."""
+        reason = self._layer_reason(producer)
+        if reason:
+            return reason
+        y = producer.outputs[0]
+        pair = _Pair(producer, channels=self._out_channels(producer))
+        scaled = {id(y): y}
+        queue = [y]
+        muls = []
+        while queue:
+            t = queue.pop()
+            if is_graph_output(self.g, t):
+                return f"'{t.name}' (scaled by {producer.op} '{producer.name}') is a graph output"
+            if not t.outputs:
+                return f"'{t.name}' has no consumer"
+            for node in t.outputs:
+                idx = [i for i, inp in enumerate(node.inputs) if inp is t]
+                r = self._step(node, t, idx, pair, muls)
+                if isinstance(r, str):
+                    return r
+                for out in r:
+                    if id(out) not in scaled:
+                        scaled[id(out)] = out
+                        queue.append(out)
+        for node, t in muls:
+            others = [inp for inp in node.inputs if inp is not t]
+            if any(id(o) in scaled for o in others) or len(others) != 1:
+                return f"{node.op} '{node.name}' multiplies two tensors scaled by the same pair"
+        if not pair.absorbers:
+            return f"no Conv/Gemm absorbs the output of {producer.op} '{producer.name}'"
+        # y -> Relu -> absorbers only (high-bias absorption candidates)
+        if len(y.outputs) == 1 and not is_graph_output(self.g, y) and y.outputs[0].op == "Relu":
+            relu = y.outputs[0]
+            if all(c.op in ("Conv", "Gemm") for c in relu.outputs[0].outputs) and len(pair.absorbers) == len(relu.outputs[0].outputs):
+                pair.relu_only = relu
+        return pair
+
+    def _step(self, node: gs.Node, t: gs.Tensor, idx: list, pair: _Pair, muls: list):
+        """Outputs of ``node`` that become scaled when its input ``t`` is, [] when it absorbs, or a reason."""
+        op = node.op
+        where = f"{op} '{node.name}'"
+        if node.domain not in ("", "ai.onnx", None):
+            return f"{where} (custom domain) consumes a scaled tensor"
+        if op in ("Conv", "Gemm"):
+            if idx != [0]:
+                return f"{where} takes the scaled tensor '{t.name}' as a weight/bias"
+            reason = self._layer_reason(node)
+            if reason:
+                return reason
+            if self._in_channels(node) != pair.channels:
+                return f"{where}: {self._in_channels(node)} input channels, producer has {pair.channels}"
+            if op == "Conv" and _rank(t) is not None and _rank(t) < 3:
+                return f"{where}: input rank < 3"
+            if op == "Gemm" and _rank(t) not in (2, None):
+                return f"{where}: input is not 2-D"
+            if node is pair.producer or any(a is node for a, _ in pair.absorbers):
+                return f"{where} reached twice"
+            pair.absorbers.append((node, op.lower()))
+            return []
+        if len(node.outputs) != 1 and not (op in ("MaxPool", "Dropout") and all(not o.outputs for o in node.outputs[1:])):
+            return f"{where} has several used outputs"
+        out = [node.outputs[0]]
+        if op in _HOMOGENEOUS:
+            if op == "LeakyRelu" and idx != [0]:
+                return f"{where}: unexpected input"
+            return out
+        if op == "Clip":
+            if idx != [0]:
+                return f"{where} takes the scaled tensor as a bound"
+            bounds = _clip_bounds(node, self.opset)
+            if isinstance(bounds, str):
+                return bounds
+            lo, hi = bounds
+            if lo == 0.0 and np.isinf(hi):
+                return out
+            if lo == 0.0 and np.isfinite(hi) and hi > 0 and self.clip_mode == "split":
+                if _rank(node.outputs[0]) is None:
+                    return f"{where}: unknown rank (needed for the per-channel bound)"
+                pair.clips.append(node)
+                return out
+            if lo == 0.0 and np.isfinite(hi):
+                return f"{where} is Clip(0, {hi:g}) (ReLU6): scaling is exact only with per-channel bounds (clip=split)"
+            return f"{where} is Clip({lo:g}, {hi:g}): not positively homogeneous"
+        if op in _REDUCE:
+            rank = _rank(t)
+            axes = node.attrs.get("axes")
+            if axes is None and len(node.inputs) > 1 and input_at(node, 1) is not None:
+                axes = constant_value(input_at(node, 1))
+            if axes is None or rank is None:
+                return f"{where}: axes or rank unknown"
+            axes = {int(a) % rank for a in np.asarray(axes).reshape(-1)}
+            if axes & {0, 1} or (op == "ReduceSum" and False):
+                return f"{where} reduces over the batch/channel axis"
+            return out
+        if op == "Pad":
+            if node.attrs.get("mode", "constant") != "constant":
+                return f"{where}: mode is not constant"
+            if self.opset >= 11:
+                pads = constant_value(input_at(node, 1))
+                value = constant_value(input_at(node, 2)) if input_at(node, 2) is not None else 0.0
+                if input_at(node, 3) is not None:
+                    return f"{where}: Pad with axes"
+            else:
+                pads = node.attrs.get("pads")
+                value = node.attrs.get("value", 0.0)
+            if pads is None or value is None or float(np.asarray(value).reshape(-1)[0] if np.asarray(value).size else 0.0) != 0.0:
+                return f"{where}: non-constant or non-zero padding"
+            pads = np.asarray(pads).reshape(-1)
+            r = len(pads) // 2
+            if r < 2 or pads[0] or pads[1] or pads[r] or pads[r + 1]:
+                return f"{where} pads the batch/channel axis"
+            return out
+        if op in ("Flatten", "Reshape"):
+            shape_in, shape_out = getattr(t, "shape", None), getattr(node.outputs[0], "shape", None)
+            if shape_in is None or shape_out is None or len(shape_out) != 2 or len(shape_in) < 2:
+                return f"{where}: shapes unknown or not [N, C, 1..] -> [N, C]"
+            if op == "Flatten" and int(node.attrs.get("axis", 1)) != 1:
+                return f"{where}: axis != 1"
+            if any(d != 1 for d in shape_in[2:]) or shape_out[1] != pair.channels or shape_in[1] != pair.channels:
+                return f"{where}: does not map [N, C, 1..] to [N, C]"
+            return out
+        if op in ("Mul", "Div"):
+            if op == "Div" and idx != [0]:
+                return f"{where} divides by the scaled tensor"
+            if len(idx) != 1:
+                return f"{where} multiplies the scaled tensor by itself"
+            other = node.inputs[1 - idx[0]]
+            r_t, r_o = _rank(t), _rank(other)
+            if r_t is None or r_o is None or r_o > r_t:
+                return f"{where}: broadcasting could move the channel axis (ranks unknown or larger)"
+            muls.append((node, t))
+            return out
+        return f"{where} consumes a scaled tensor and is not positively homogeneous per channel"
+
+    # --------------------------------------------------------------------- ranges
+    def _producer_range(self, node: gs.Node) -> np.ndarray:
+        _, w, _ = self._params(node)
+        if node.op == "Conv":
+            return np.abs(w).reshape(w.shape[0], -1).max(axis=1)
+        return np.abs(w).max(axis=1) if int(node.attrs.get("transB", 0)) else np.abs(w).max(axis=0)
+
+    def _absorber_range(self, node: gs.Node) -> np.ndarray:
+        _, w, _ = self._params(node)
+        if node.op == "Conv":
+            g = int(node.attrs.get("group", 1))
+            co, cpg = w.shape[0], w.shape[1]
+            return np.abs(w).reshape(g, co // g, cpg, -1).max(axis=(1, 3)).reshape(-1)
+        return np.abs(w).max(axis=0) if int(node.attrs.get("transB", 0)) else np.abs(w).max(axis=1)
+
+    def _scale_producer(self, node: gs.Node, s: np.ndarray) -> None:
+        entry = self._params(node)
+        _, w, b = entry
+        if node.op == "Conv":
+            entry[1] = w / s.reshape((-1,) + (1,) * (w.ndim - 1))
+        else:
+            entry[1] = w / s[:, None] if int(node.attrs.get("transB", 0)) else w / s[None, :]
+        if b is not None:
+            b = np.broadcast_to(b, (len(s),)) if b.size == 1 else b
+            entry[2] = (b.reshape(-1) / s).reshape(b.shape if b.size == len(s) else (len(s),))
+
+    def _scale_absorber(self, node: gs.Node, s: np.ndarray) -> None:
+        entry = self._params(node)
+        w = entry[1]
+        if node.op == "Conv":
+            g = int(node.attrs.get("group", 1))
+            co, cpg = w.shape[0], w.shape[1]
+            entry[1] = (w.reshape(g, co // g, cpg, -1) * s.reshape(g, 1, cpg, 1)).reshape(w.shape)
+        else:
+            entry[1] = w * s[None, :] if int(node.attrs.get("transB", 0)) else w * s[:, None]
+
+    def equalize(self, pair: _Pair) -> float:
+        """One CLE step on ``pair``; returns max |log s| (0 when already balanced)."""
+        r1 = self._producer_range(pair.producer)
+        r2 = np.max([self._absorber_range(a) for a, _ in pair.absorbers], axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.sqrt(r1 / r2)
+        s = np.where(np.isfinite(s) & (r1 > 0) & (r2 > 0), s, 1.0)
+        s = np.clip(s, 1.0 / _SCALE_LIMIT, _SCALE_LIMIT)
+        self._scale_producer(pair.producer, s)
+        for a, _ in pair.absorbers:
+            self._scale_absorber(a, s)
+        pair.total_scale = s if pair.total_scale is None else pair.total_scale * s
+        return float(np.max(np.abs(np.log(s)))) if s.size else 0.0
+
+
+def _write_params(graph: gs.Graph, eq: _Equalizer, names: NameGenerator) -> None:
+    """New constants for every touched layer (never overwrite a weight another node may share)."""
+    for node, w, b in eq.weights.values():
+        old_w = constant_value(input_at(node, 1))
+        node.inputs[1] = gs.Constant(names(f"{node.inputs[1].name}_eq"), w.astype(old_w.dtype))
+        if b is not None:
+            old_b = constant_value(input_at(node, 2))
+            node.inputs[2] = gs.Constant(names(f"{node.inputs[2].name}_eq"), b.astype(old_b.dtype))
+
+
+def _split_clip(graph: gs.Graph, clip: gs.Node, bound: np.ndarray, names: NameGenerator, opset: int) -> None:
+    """Clip(0, hi) -> Relu then Min(., bound) with a per-channel bound of shape [C, 1, ..]."""
+    rank = _rank(clip.outputs[0])
+    dtype = constant_value(input_at(clip, 2)).dtype if opset >= 11 else np.float32
+    const = gs.Constant(names(f"{clip.name or 'clip'}_bound"), bound.astype(dtype).reshape((-1,) + (1,) * (rank - 2)))
+    mid = gs.Variable(names(f"{clip.outputs[0].name}_relu"), dtype=clip.outputs[0].dtype, shape=clip.outputs[0].shape)
+    relu = gs.Node("Relu", names(f"{clip.name or 'clip'}_relu"), inputs=[clip.inputs[0]], outputs=[mid])
+    out = clip.outputs[0]
+    clip.outputs.clear()
+    clip.inputs.clear()
+    mn = gs.Node("Min", names(f"{relu.name}_min"), inputs=[mid, const], outputs=[out])
+    graph.nodes.extend([relu, mn])
+
+
+def _pre_activation_minimum(model: onnx.ModelProto, tensors: list, data) -> dict:
+    """Per-channel minimum (axis 1) of ``tensors`` over every batch of ``data``."""
+    from onnxopt import runtime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in known:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = runtime.session(probe)
+    mins: dict = {}
+    for feed in data():
+        outs = runtime.run(sess, feed, tensors)
+        for name, v in outs.items():
+            v = np.moveaxis(v, 1, 0).reshape(v.shape[1], -1).min(axis=1).astype(np.float64)
+            mins[name] = v if name not in mins else np.minimum(mins[name], v)
+    return mins
+
+
+def _absorb_bias(graph: gs.Graph, pairs: list, model: onnx.ModelProto, data, margin: float, names: NameGenerator,
+                 details: list, skipped: list) -> int:
+    cands = []
+    for pair in pairs:
+        if pair.relu_only is None:
+            continue
+        bad = [a for a, _ in pair.absorbers if a.op == "Conv" and (any(int(p) for p in a.attrs.get("pads", [])) or a.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"))]
+        if bad:
+            skipped.append(f"absorb_bias {pair.producer.name}: consumer '{bad[0].name}' pads its input (the absorbed constant would be wrong at the borders)")
+            continue
+        cands.append(pair)
+    if not cands:
+        return 0
+    mins = _pre_activation_minimum(model, [p.producer.outputs[0].name for p in cands], data)
+    done = 0
+    for pair in cands:
+        m = mins[pair.producer.outputs[0].name]
+        c = np.maximum(0.0, m - margin * np.abs(m))
+        if not np.any(c > 0):
+            continue
+        prod = pair.producer
+        b_t = input_at(prod, 2)
+        if b_t is None:
+            continue  # no bias to move (cannot be absorbed from a bias-free layer)
+        b = np.asarray(constant_value(b_t), dtype=np.float64)
+        b_new = np.broadcast_to(b.reshape(-1), c.shape) - c if b.size in (1, c.size) else None
+        if b_new is None:
+            continue
+        prod.inputs[2] = gs.Constant(names(f"{b_t.name}_hba"), b_new.astype(np.float32).reshape(b.shape if b.size == c.size else (-1,)))
+        for a, kind in pair.absorbers:
+            w = np.asarray(constant_value(input_at(a, 1)), dtype=np.float64)
+            if kind == "conv":
+                g = int(a.attrs.get("group", 1))
+                co, cpg = w.shape[0], w.shape[1]
+                wr = w.reshape(g, co // g, cpg, -1)
+                delta = np.einsum("gokx,gk->go", wr, c.reshape(g, cpg)).reshape(-1)
+                bias_idx = 2
+            else:
+                alpha = float(a.attrs.get("alpha", 1.0))
+                delta = alpha * (w @ c if int(a.attrs.get("transB", 0)) else c @ w)
+                beta = float(a.attrs.get("beta", 1.0))
+                if input_at(a, 2) is not None:
+                    delta = delta / beta
+                else:
+                    a.attrs["beta"] = 1.0
+                bias_idx = 2
+            old = input_at(a, bias_idx)
+            base = np.zeros_like(delta) if old is None else np.asarray(constant_value(old), dtype=np.float64)
+            new = (base.reshape(-1) + delta) if base.size == delta.size else (np.broadcast_to(base.reshape(-1), delta.shape) + delta)
+            shape = base.shape if base.size == delta.size else delta.shape
+            dtype = np.float32 if old is None else np.asarray(constant_value(old)).dtype
+            const = gs.Constant(names(f"{old.name if old is not None else a.name}_hba"), new.reshape(shape).astype(dtype))
+            while len(a.inputs) <= bias_idx:
+                a.inputs.append(gs.Variable.empty())
+            a.inputs[bias_idx] = const
+        details.append({"absorbed_bias": prod.outputs[0].name, "channels": int(np.sum(c > 0)), "max_c": float(c.max())})
+        done += 1
+    return done
+
+
+@register_pass(
+    "equalize",
+    "cross-layer equalization of Conv/Gemm pairs (depthwise included) and optional high-bias absorption",
+    exact=True,
+    options=[
+        Option("iterations", int, 50, "maximum sweeps over all pairs (conv->depthwise->conv chains need several)"),
+        Option("tolerance", float, 1e-4, "stop when every per-channel scale of a sweep is within this of 1 (in log)"),
+        Option("clip", str, "skip", "ReLU6/Clip(0,hi) between layers: skip the pair, or split it into Relu + per-channel Min (exact)",
+               choices=["skip", "split"]),
+        Option("absorb_bias", str, "none", "high-bias absorption through Relu: none, or data (needs --data; exact on inputs whose "
+               "pre-activations stay above the observed per-channel minimum)", choices=["none", "data"]),
+        Option("absorb_margin", float, 0.0, "absorb_bias=data: absorb only min - margin*|min| of each channel (safety margin)"),
+    ],
+)
+def equalize_pass(model: onnx.ModelProto, options: dict, ctx) -> PassResult:
+    """Cross-layer equalization (Nagel et al. 2019): per-channel rescaling of consecutive layers
+    through positively homogeneous ops, exact in float; see the module docstring for the math."""
+    if options["iterations"] < 1:
+        raise OptionError("equalize.iterations must be at least 1.", "e.g. --set equalize.iterations=50")
+    if options["absorb_bias"] == "data" and ctx.data is None:
+        raise DataError("equalize.absorb_bias=data needs data to measure pre-activation minima.",
+                        "give --data (the calibration images), or use equalize.absorb_bias=none")
+    opset = opset_of(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is only used for ranks; without it fewer pairs qualify
+        inferred = model
+    graph = import_graph(inferred)
+    eq = _Equalizer(graph, opset, options["clip"])
+    pairs, skipped = [], []
+    for node in list(graph.nodes):
+        if node.op not in ("Conv", "Gemm") or len(node.outputs) != 1:
+            continue
+        r = eq.find_pair(node)
+        if isinstance(r, str):
+            if eq._layer_reason(node) is None:  # a real candidate producer: say why not
+                skipped.append(f"{node.op} '{node.name}' -> {r}")
+            continue
+        pairs.append(r)
+    sweeps, last = 0, 0.0
+    for sweeps in range(1, options["iterations"] + 1):
+        last = max((eq.equalize(p) for p in pairs), default=0.0)
+        if last <= options["tolerance"]:
+            break
+    names = NameGenerator(graph)
+    details = []
+    for p in pairs:
+        s = p.total_scale
+        details.append({"producer": p.producer.outputs[0].name, "consumers": [a.outputs[0].name for a, _ in p.absorbers],
+                        "channels": p.channels, "scale_min": float(s.min()), "scale_max": float(s.max()),
+                        "clips_split": [c.outputs[0].name for c in p.clips]})
+    _write_params(graph, eq, names)
+    clip_bounds: dict = {}
+    for p in pairs:
+        for clip in p.clips:
+            lo, hi = _clip_bounds(clip, opset)
+            entry = clip_bounds.setdefault(id(clip), [clip, np.full(p.channels, hi, dtype=np.float64)])
+            entry[1] = entry[1] / p.total_scale
+    for clip, bound in clip_bounds.values():
+        _split_clip(graph, clip, bound, names, opset)
+    out = export_graph(graph, like=model)
+    out.graph.ClearField("value_info")  # inferred shapes were only needed for ranks
+    absorbed = 0
+    if options["absorb_bias"] == "data" and pairs:
+        graph2 = import_graph(onnx.shape_inference.infer_shapes(out))
+        eq2 = _Equalizer(graph2, opset, "skip")
+        pairs2 = [r for n in list(graph2.nodes) if n.op in ("Conv", "Gemm") and len(n.outputs) == 1
+                  for r in [eq2.find_pair(n)] if not isinstance(r, str)]
+        names2 = NameGenerator(graph2)
+        absorbed = _absorb_bias(graph2, pairs2, out, ctx.data, options["absorb_margin"], names2, details, skipped)
+        if absorbed:
+            out = export_graph(graph2, like=model)
+            out.graph.ClearField("value_info")
+    return PassResult(out, changes={"pairs_equalized": len(pairs), "clips_split": len(clip_bounds), "biases_absorbed": absorbed},
+                      details=details, skipped=skipped, extra={"sweeps": sweeps, "last_max_log_scale": last})
