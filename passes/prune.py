@@ -1,0 +1,366 @@
+"""``prune`` -- structured channel pruning as a graph rewrite (approximate).
+
+Channels are removed physically: the analysis in :mod:`onnxopt.channels` finds the groups of
+channels that must go together (residual Adds, Concat offsets, Split/Slice, channel Pad, depthwise
+and grouped convs, GAP -> Flatten/Reshape -> Gemm...), and the rewrite slices Conv/ConvTranspose/
+Gemm/MatMul weights and biases, BN parameters, consumers' input channels, Pad amounts, Concat/Split
+sizes, Slice ends and Reshape constants. What the analysis does not understand is never pruned.
+
+Importance of output channel ``c`` of a layer with filters ``W[c]`` (BN-folded,
+``W[c] * gamma[c] / sqrt(var[c] + eps)``, when a BatchNormalization follows):
+
+* ``l1``: ``sum |W[c]|``; ``l2``: ``||W[c]||_2``;
+* ``bn_gamma``: ``|gamma[c]|`` (network slimming; layers without a BN fall back to l1);
+* ``fpgm``: ``sum_j ||W[c] - W[j]||_2`` -- filters close to the others (the geometric median)
+  are the most replaceable;
+* ``file``: a JSON file ``{layer output, node or weight name: [score per channel]}`` (option
+  ``scores``); layers it does not name fall back to l1.
+
+Each layer's scores are divided by their mean (scale-free); a group's score is the sum of its
+layers' normalized scores (divided by their number when ranking globally, so that a residual
+stream fed by nine layers is not favoured over a single conv).
+
+Ratio: ``mode=uniform`` removes ``ratio`` of the channels of every group class (the channels that
+appear in the same tensors -- e.g. one conv's output, or one residual stream); ``mode=global``
+removes ``ratio`` of all channels, lowest scores first. Both respect ``max_layer_ratio``,
+``min_channels`` and ``round_to`` (kept counts are multiples of N) per class.
+
+Not exact: the outputs change. The pass reports parameters, MACs and onnxruntime CPU latency
+before and after (per layer and in total) and the output error right after pruning, on the
+context's data or on generated inputs. Recovery (finetuning) is another pass's job.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from onnx import ModelProto
+
+from onnxopt import channels, runtime, stats
+from onnxopt.channels import POISON
+from onnxopt.errors import DataError, OptionError
+from onnxopt.registry import Option, PassContext, PassResult, register_pass
+
+IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
+
+
+@register_pass(
+    "prune",
+    "structured channel pruning: removes the least important channel groups physically (approximate)",
+    exact=False,
+    options=[
+        Option("ratio", float, 0.3, "fraction of channels to remove (per class in uniform mode, overall in global mode)"),
+        Option("mode", str, "uniform", "uniform: the same ratio in every channel group class; global: lowest scores overall",
+               choices=("uniform", "global")),
+        Option("importance", str, "l1", "channel importance: l1/l2 of BN-folded filters, bn_gamma, fpgm, or file (see scores)",
+               choices=IMPORTANCE),
+        Option("scores", str, None, "JSON file {layer output, node or weight name: [score per output channel]} (implies importance=file)"),
+        Option("max_layer_ratio", float, 0.8, "never remove more than this fraction of one class's channels"),
+        Option("min_channels", int, 1, "keep at least this many channels in every class"),
+        Option("round_to", int, 1, "kept channel counts are multiples of this (e.g. 8 for tensor cores / TIDL)"),
+        Option("protect", list, [], "layers whose output channels are kept: node, output or weight names or regexes (full match)"),
+        Option("keep_first_last", bool, True, "keep channel groups made only of the first layer's outputs or read only by the last layer(s)"),
+        Option("latency_runs", int, 20, "onnxruntime CPU runs for the latency before/after (median; 0 = skip)"),
+        Option("eval_batches", int, 4, "batches of the data used to measure the output error after pruning"),
+    ],
+)
+def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
+    """Structured channel pruning; see the module docstring."""
+    ratio = float(options["ratio"])
+    if not 0.0 <= ratio < 1.0:
+        raise OptionError(f"prune.ratio must be in [0, 1), got {ratio}.", "e.g. --set prune.ratio=0.3 removes 30% of the channels")
+    if not 0.0 <= options["max_layer_ratio"] <= 1.0:
+        raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {options['max_layer_ratio']}.", "e.g. 0.8")
+    if options["round_to"] < 1 or options["min_channels"] < 0:
+        raise OptionError("prune.round_to must be >= 1 and prune.min_channels >= 0.", "e.g. --set prune.round_to=8")
+    importance = "file" if options.get("scores") else options["importance"]
+    if importance == "file" and not options.get("scores"):
+        raise OptionError("prune.importance=file needs prune.scores=FILE.json.", "give a JSON file {layer name: [scores]}")
+    patterns = _compile(options["protect"])
+
+    t0 = time.perf_counter()
+    an = channels.analyze(model)
+    t_analysis = time.perf_counter() - t0
+    scores, fallback = _component_scores(an, importance, options.get("scores"))
+    protected = _protected(an, patterns, options["keep_first_last"])
+    removed, class_rows = _select(an, scores, protected, ratio, options)
+    new_model = an.rewrite(removed)
+    t_total = time.perf_counter() - t0
+
+    extra = _report(model, new_model, an, removed, ctx, options)
+    extra.update({"importance": importance, "mode": options["mode"], "classes": class_rows,
+                  "analysis_seconds": round(t_analysis, 3), "prune_seconds": round(t_total, 3)})
+    if fallback:
+        extra["importance_fallback_l1"] = fallback
+    skipped = [f"{where}: {why} (its channels are not pruned)" for where, why in dict.fromkeys(an.reasons)]
+    pruned_layers = [row for row in extra["layers"] if row["channels_after"] < row["channels_before"]]
+    changes = {"channels_removed": sum(r["channels_before"] - r["channels_after"] for r in pruned_layers),
+               "layers_pruned": len(pruned_layers)}
+    details = [f"{r['layer']}: {r['channels_before']} -> {r['channels_after']} channels" for r in pruned_layers]
+    return PassResult(new_model, changes=changes, details=details, skipped=skipped, extra=extra)
+
+
+# ------------------------------------------------------------------------------ importance
+def _layer_scores(p: channels.Producer, importance: str, user: dict | None, fallback: list) -> np.ndarray:
+    if importance == "file":
+        for key in (p.node.outputs[0].name, p.node.name, p.node.inputs[1].name):
+            if key and key in user:
+                s = np.asarray(user[key], dtype=np.float64).reshape(-1)
+                if len(s) != len(p.out_ids):
+                    raise OptionError(f"prune.scores gives {len(s)} scores for '{key}', which has {len(p.out_ids)} output channels.",
+                                      "give one score per output channel")
+                return s
+        fallback.append(p.name)
+        importance = "l1"
+    if importance == "bn_gamma":
+        g = p.bn_gamma()
+        if g is not None:
+            return g
+        fallback.append(p.name)
+        importance = "l1"
+    rows = p.filters()
+    if importance == "l1":
+        return np.abs(rows).sum(axis=1)
+    if importance == "l2":
+        return np.sqrt((rows ** 2).sum(axis=1))
+    sq = (rows ** 2).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)
+    return np.sqrt(d2).sum(axis=1)
+
+
+def _component_scores(an: channels.Analysis, importance: str, path: str | None) -> tuple:
+    user = None
+    if importance == "file":
+        p = Path(path)
+        if not p.is_file():
+            raise OptionError(f"prune.scores file '{p}' does not exist.", "give a JSON file {layer name: [scores]}")
+        try:
+            user = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise OptionError(f"prune.scores file '{p}' is not valid JSON: {exc}", "write {layer name: [score, ...]}") from None
+        if not isinstance(user, dict):
+            raise OptionError(f"prune.scores file '{p}' must hold a JSON object.", "write {layer name: [score, ...]}")
+    fallback: list = []
+    total: dict = {}
+    count: dict = {}
+    for p in an.producers:
+        s = _layer_scores(p, importance, user, fallback)
+        mean = float(np.mean(s)) if len(s) else 0.0
+        s = s / mean if mean > 0 else np.zeros_like(s)
+        for r, v in zip(an.uf.roots(p.out_ids).tolist(), s.tolist()):
+            total[r] = total.get(r, 0.0) + v
+            count[r] = count.get(r, 0) + 1
+    return {r: (total[r], count[r]) for r in total}, fallback
+
+
+# ------------------------------------------------------------------------------ protection
+def _compile(items: list) -> list:
+    out = []
+    for item in items:
+        try:
+            out.append(re.compile(item))
+        except re.error as exc:
+            raise OptionError(f"prune.protect entry '{item}' is not a valid regex: {exc}", "escape special characters, e.g. conv\\.1") from None
+    return out
+
+
+def _protected(an: channels.Analysis, patterns: list, keep_first_last: bool) -> set:
+    protected = set()
+    for p in an.producers:
+        names = [p.node.name, p.node.outputs[0].name, p.node.inputs[1].name]
+        if any(pat.fullmatch(n) for pat in patterns for n in names if n):
+            protected.update(an.uf.roots(p.out_ids).tolist())
+    for name, s in an.slots.items():
+        if any(pat.fullmatch(name) for pat in patterns):
+            protected.update(an.uf.roots(s.ids).tolist())
+    if keep_first_last:
+        first, last = _first_last(an)
+        makers: dict = {}
+        readers: dict = {}
+        for i, p in enumerate(an.producers):
+            for r in set(an.uf.roots(p.out_ids).tolist()):
+                makers.setdefault(r, set()).add(i)
+        index = {id(p.node): i for i, p in enumerate(an.producers)}
+        for act in an.actions:
+            if act[0] in ("conv", "convT", "gemm", "matmul") and act[2] is not None:
+                for r in set(an.uf.roots(act[2]).tolist()):
+                    readers.setdefault(r, set()).add(index[id(act[1])])
+        for r, mk in makers.items():
+            if mk <= first:
+                protected.add(r)
+        for r, rd in readers.items():
+            if rd <= last:
+                protected.add(r)
+    protected.discard(POISON)
+    return protected
+
+
+def _first_last(an: channels.Analysis) -> tuple:
+    """Indices of the producers reached from a graph input (resp. reaching a graph output)
+    without passing through another producer."""
+    index = {id(p.node): i for i, p in enumerate(an.producers)}
+    first, last = set(), set()
+    seen = set()
+    stack = [t for t in an.graph.inputs]
+    while stack:
+        t = stack.pop()
+        for node in t.outputs:
+            if id(node) in index:
+                first.add(index[id(node)])
+            elif id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(node.outputs)
+    seen = set()
+    stack = [t for t in an.graph.outputs]
+    while stack:
+        t = stack.pop()
+        for node in t.inputs:
+            if id(node) in index:
+                last.add(index[id(node)])
+            elif id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(x for x in node.inputs if x is not None)
+    return first, last
+
+
+# ------------------------------------------------------------------------------- selection
+def _bounds(n: int, prunable: int, options: dict) -> int:
+    """The most channels one class of ``n`` (``prunable`` of them removable) may lose."""
+    return max(0, min(int(math.floor(options["max_layer_ratio"] * n + 1e-9)), n - max(options["min_channels"], 1), prunable))
+
+
+def _rounded(n: int, want: int, cap: int, round_to: int) -> int:
+    """Adjust a removal count so that ``n - removed`` is a multiple of ``round_to`` within [0, cap]."""
+    if round_to <= 1:
+        return min(want, cap)
+    if n < round_to:
+        return 0
+    kept = n - want
+    best = None
+    for k in range(round_to, n + 1, round_to):
+        if n - k <= cap and (best is None or abs(k - kept) < abs(best - kept) or (abs(k - kept) == abs(best - kept) and k > best)):
+            best = k
+    return 0 if best is None else n - best
+
+
+def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, options: dict) -> tuple:
+    classes = an.classes()
+    score = lambda r: scores.get(r, (0.0, 0))[0]  # noqa: E731
+    mean_score = lambda r: scores[r][0] / scores[r][1] if r in scores and scores[r][1] else 0.0  # noqa: E731
+    removed: set = set()
+    rows = []
+    plan = []
+    for key, roots in classes.items():
+        roots = [r for r in roots if r != POISON]
+        if not roots:
+            continue
+        prunable = sorted((r for r in roots if r not in protected), key=lambda r: (score(r), r))
+        cap = _bounds(len(roots), len(prunable), options)
+        plan.append((roots, prunable, cap))
+    if options["mode"] == "uniform":
+        for roots, prunable, cap in plan:
+            k = _rounded(len(roots), min(int(round(ratio * len(roots))), cap), cap, options["round_to"])
+            removed.update(prunable[:k])
+    else:
+        total = sum(len(roots) for roots, _, _ in plan)
+        target = int(round(ratio * total))
+        owner = {}
+        for ci, (roots, prunable, cap) in enumerate(plan):
+            for r in prunable:
+                owner[r] = ci
+        taken = [0] * len(plan)
+        for r in sorted(owner, key=lambda r: (mean_score(r), r)):
+            if len(removed) >= target:
+                break
+            ci = owner[r]
+            if taken[ci] < plan[ci][2]:
+                removed.add(r)
+                taken[ci] += 1
+        if options["round_to"] > 1:  # per class: move to the nearest allowed count
+            for ci, (roots, prunable, cap) in enumerate(plan):
+                k = _rounded(len(roots), taken[ci], cap, options["round_to"])
+                for r in prunable:
+                    removed.discard(r)
+                removed.update(prunable[:k])
+    for roots, prunable, cap in plan:
+        gone = sum(1 for r in roots if r in removed)
+        if len(roots) > 1:
+            rows.append({"channels": len(roots), "removed": gone, "protected": len(roots) - len(prunable)})
+    return removed, rows
+
+
+# --------------------------------------------------------------------------------- report
+def _feeds(model: ModelProto, ctx: PassContext, batches: int) -> tuple:
+    feeds = []
+    if ctx.data is not None:
+        for i, feed in enumerate(ctx.data()):
+            if i >= max(batches, 1):
+                break
+            feeds.append(feed)
+        if not feeds:
+            raise DataError("the data given for prune's error measurement is empty.", "check --data")
+        return feeds, "data"
+    return [runtime.generate_inputs(model, seed=s, overrides=ctx.input_shapes) for s in (0, 1)], "generated"
+
+
+def _latency_ms(model: ModelProto, feed: dict, runs: int) -> float:
+    sess = runtime.session(model, optimize=True)
+    sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: dict) -> dict:
+    lb, la = stats.layer_macs(before), stats.layer_macs(after)
+    macs_a = {r["output"]: r["macs"] for r in la}
+    layers = []
+    for p in an.producers:
+        out = p.node.outputs[0].name
+        kept = int(an.keep_mask(p.out_ids, removed).sum())
+        row_b = next((r for r in lb if r["output"] == out), None)
+        layers.append({"layer": p.name, "op": p.op, "output": out, "channels_before": len(p.out_ids), "channels_after": kept,
+                       "macs_before": row_b["macs"] if row_b else None, "macs_after": macs_a.get(out)})
+    params_b, params_a = stats.param_count(before), stats.param_count(after)
+    macs_b = int(sum(r["macs"] or 0 for r in lb))
+    macs_after = int(sum(r["macs"] or 0 for r in la))
+    extra = {
+        "params": {"before": params_b, "after": params_a, "reduction": _red(params_b, params_a)},
+        "macs": {"before": macs_b, "after": macs_after, "reduction": _red(macs_b, macs_after)},
+        "layers": layers,
+    }
+    feeds, source = _feeds(before, ctx, options["eval_batches"])
+    s_ref, s_new = runtime.session(before), runtime.session(after)
+    err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source}
+    agree, total = 0, 0
+    for feed in feeds:
+        ref, got = runtime.run(s_ref, feed), runtime.run(s_new, feed)
+        e = runtime.output_error(ref, got)
+        err["max_abs"] = max(err["max_abs"], e["max_abs"])
+        err["max_rel"] = max(err["max_rel"], e["max_rel"])
+        for name, r in ref.items():
+            if r.ndim == 2 and r.shape[1] > 1 and r.dtype.kind == "f":
+                agree += int((r.argmax(1) == got[name].argmax(1)).sum())
+                total += r.shape[0]
+    if total:
+        err["top1_agreement"] = agree / total
+    extra["output_error"] = err
+    if options["latency_runs"] > 0:
+        feed = runtime.generate_inputs(before, seed=0, overrides=ctx.input_shapes)
+        lat_b = _latency_ms(before, feed, options["latency_runs"])
+        lat_a = _latency_ms(after, feed, options["latency_runs"])
+        extra["latency_ms"] = {"before": round(lat_b, 4), "after": round(lat_a, 4), "reduction": _red(lat_b, lat_a),
+                               "runs": options["latency_runs"], "note": "onnxruntime CPU, all optimizations, median, generated inputs"}
+    return extra
+
+
+def _red(before: float, after: float) -> float:
+    return round(1.0 - after / before, 4) if before else 0.0
