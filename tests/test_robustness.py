@@ -1,0 +1,134 @@
+"""Robustness: every deliberately broken input ends in ONE clear message and a non-zero exit,
+no traceback, and no output file. The real CLI entry point runs in a subprocess so the real
+stderr and exit code are checked."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fixtures import models
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = Path(__file__).resolve().parent / "fixtures" / "run_cli.py"
+
+
+def cli(*args, cwd, with_test_passes=False):
+    """Run ``onnxopt ARGS`` (optionally with the test passes registered); return the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ONNXOPT_DEBUG", None)
+    head = [sys.executable, str(RUNNER)] if with_test_passes else [sys.executable, "-m", "onnxopt"]
+    return subprocess.run(head + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_clear_error(proc, *words, code=None):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    if code is not None:
+        assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert len(lines) - at <= 2, proc.stderr  # the message and its hint end the output (progress lines may precede)
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+
+
+MODEL_CASES = [
+    ("truncated", "not a readable ONNX model"),
+    ("not_onnx", "not a readable ONNX model"),
+    ("invalid_graph", "not a valid ONNX graph"),
+    ("missing_external", "is missing"),
+    ("escaping_external", "escapes the model's folder"),
+    ("opset_high", "opset 40"),
+]
+
+
+@pytest.mark.parametrize("kind, words", MODEL_CASES)
+def test_broken_model_apply(tmp_path, kind, words):
+    path = models.broken(kind, tmp_path / "m")
+    out = tmp_path / "out.onnx"
+    proc = cli("apply", "t_scale", path, "-o", out, "--report", tmp_path / "r.json", cwd=tmp_path, with_test_passes=True)
+    assert_one_clear_error(proc, words, "hint:", code=1)
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["escaped.data", "m"] if kind == "escaping_external" else ["m"]
+
+
+@pytest.mark.parametrize("kind, words", MODEL_CASES[:3])
+def test_broken_model_info_and_compare(tmp_path, kind, words):
+    path = models.broken(kind, tmp_path / "m")
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    assert_one_clear_error(cli("info", path, cwd=tmp_path), words)
+    assert_one_clear_error(cli("compare", good, path, "--runs", "0", cwd=tmp_path), words)
+
+
+def test_unknown_pass(tmp_path):
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    out = tmp_path / "out.onnx"
+    proc = cli("apply", "t_scale,nosuchpass", good, "-o", out, cwd=tmp_path, with_test_passes=True)
+    assert_one_clear_error(proc, "unknown pass 'nosuchpass'", "valid passes:", "t_scale", code=2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("t_scale.factor=abc", "bad value 'abc' for option t_scale.factor: expected float"),
+    ("t_scale.mode=pow", "valid values: mul, div"),
+    ("t_scale.nope=1", "valid options of t_scale: factor, mode, count, enabled"),
+    ("t_scale=1", "PASS.OPTION=VALUE"),
+])
+def test_bad_option(tmp_path, setting, words):
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    out = tmp_path / "out.onnx"
+    proc = cli("apply", "t_scale", good, "-o", out, "--set", setting, cwd=tmp_path, with_test_passes=True)
+    assert_one_clear_error(proc, words, code=2)
+    assert not out.exists()
+
+
+def test_data_of_the_wrong_shape(tmp_path):
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 16, 16), np.float32))
+    out = tmp_path / "out.onnx"
+    # the pass does not change the model, so verification never reads the data: the data is
+    # still checked up front
+    proc = cli("apply", "t_scale", good, "-o", out, "--data", tmp_path / "x.npy", "--set", "t_scale.enabled=false",
+               cwd=tmp_path, with_test_passes=True)
+    assert_one_clear_error(proc, "shape [1, 3, 16, 16]", "expects [?, 3, 8, 8]", code=1)
+    assert not out.exists()
+    proc = cli("compare", good, good, "--data", tmp_path / "x.npy", cwd=tmp_path)
+    assert_one_clear_error(proc, "shape [1, 3, 16, 16]")
+
+
+def test_verification_failure(tmp_path):
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    out = tmp_path / "out.onnx"
+    proc = cli("apply", "t_scale", good, "-o", out, "--set", "t_scale.factor=1.5", "--save-steps", tmp_path / "steps",
+               cwd=tmp_path, with_test_passes=True)
+    assert_one_clear_error(proc, "beyond tolerance", "max abs error", "max rel error")
+    assert not out.exists() and not (tmp_path / "steps").exists()
+
+
+def test_output_over_input_is_refused(tmp_path):
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    before = good.read_bytes()
+    proc = cli("apply", "t_scale", good, "-o", good, cwd=tmp_path, with_test_passes=True)
+    assert_one_clear_error(proc, "never overwrites its input")
+    assert good.read_bytes() == before
+
+
+def test_missing_files_and_bad_recipe(tmp_path):
+    assert_one_clear_error(cli("info", tmp_path / "none.onnx", cwd=tmp_path), "does not exist")
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    (tmp_path / "r.yaml").write_text("passes:\n  - t_scale: conv\n")
+    proc = cli("apply", "--recipe", tmp_path / "r.yaml", good, "-o", tmp_path / "o.onnx", cwd=tmp_path, with_test_passes=True)
+    assert_one_clear_error(proc, "must be a mapping")
+    assert_one_clear_error(cli("compare", good, good, "--data", tmp_path / "nothing", cwd=tmp_path), "does not exist")
+
+
+def test_debug_switch_shows_the_traceback(tmp_path):
+    env_proc = subprocess.run([sys.executable, "-m", "onnxopt", "info", str(tmp_path / "none.onnx")], cwd=tmp_path,
+                              env=dict(os.environ, ONNXOPT_DEBUG="1", PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert env_proc.returncode != 0 and "Traceback" in env_proc.stderr and "ModelLoadError" in env_proc.stderr
