@@ -52,7 +52,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import (NameGenerator, _swap_input, can_absorb, constant_value, export_graph, import_graph,
                            input_at, is_graph_output, sole_consumer)
-from onnxopt.passes.cleanup import infer_shapes
+from onnxopt.passes.cleanup import infer_shapes, restore_overridable_inputs
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
 _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -78,6 +78,7 @@ def bnfuse(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResul
     fuser = _Fuser(model, options)
     fuser.run()
     out = export_graph(fuser.graph, like=model)
+    restore_overridable_inputs(out, model)
     return PassResult(out, changes=dict(fuser.changes), details=fuser.details, skipped=fuser.skipped)
 
 
@@ -104,7 +105,9 @@ class _Fuser:
         self.shapes = infer_shapes(model, self)
         self.graph = import_graph(model)
         self.names = NameGenerator(self.graph)
-        self.input_names = {t.name for t in self.graph.inputs}
+        # graph inputs with an initializer (dropped from graph.inputs by onnx-graphsurgeon) are not constants
+        self.input_names = {t.name for t in self.graph.inputs} | (
+            {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer})
         self.private: set = set()  # ids of constants this pass created (safe to overwrite again)
 
     def skip(self, where: str, reason: str) -> None:
@@ -302,8 +305,9 @@ class _Fuser:
                 node.inputs.append(bias_const)
         elif unit.add is not None:
             _swap_input(unit.add, unit.bias, bias_const)
+        what = _where(follower)
         self._take_output(unit.add or node, follower, bias_const if unit.kind == "MatMul" and unit.add is None else None)
-        self.details.append(f"{follower.op} '{follower.name or follower.outputs[0].name}' folded into {_where(node)}")
+        self.details.append(f"{what} folded into {_where(node)}")
         return None
 
     def _take_output(self, layer: gs.Node, follower: gs.Node, new_bias: Optional[gs.Constant]) -> None:

@@ -85,6 +85,8 @@ _SHAPE_CONSUMERS = {"Shape", "Size"}
 def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResult:
     """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
     state = _State(options, opset_of(model))
+    source = model
+    state.overridable = {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer}
     state.changes["unused_initializers_removed"] = _count_unused_initializers(model)
     original_value_info = {vi.name for vi in model.graph.value_info}
     nodes_before = len(model.graph.node)
@@ -111,6 +113,7 @@ def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResu
         shape_nodes_left = any(n.op_type in _SHAPE_CONSUMERS or n.op_type in ("Reshape", "Expand") for n in model.graph.node)
         if not progress or not (state.round_folded and shape_nodes_left):
             break
+    restore_overridable_inputs(model, source)
     # Intermediate value_info that we did not bring in stays out (shape inference re-derives it);
     # the model's own entries are kept where their tensor still exists.
     alive = {o for n in model.graph.node for o in n.output}
@@ -134,6 +137,7 @@ class _State:
         self._skip_seen: set = set()
         self.round_folded = 0
         self.excluded: set = set()  # names of tensors whose producer must not be folded (too big)
+        self.overridable: set = set()  # graph inputs with an initializer: NOT constants
 
     def skip(self, where: str, reason: str) -> None:
         key = (where, reason)
@@ -163,6 +167,29 @@ def _count_unused_initializers(model: onnx.ModelProto) -> int:
 
     walk(model.graph)
     return sum(1 for i in model.graph.initializer if i.name not in used)
+
+
+def restore_overridable_inputs(out: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Put back graph inputs that have an initializer (onnx-graphsurgeon drops them on import).
+
+    Such an input may be overridden at run time, so it is part of the model's interface and is
+    never treated as a constant; the passes leave its consumers alone, and it keeps its place in
+    the input list and its initializer. Idempotent.
+    """
+    inits = {i.name: i for i in source.graph.initializer}
+    if not any(vi.name in inits for vi in source.graph.input):
+        return
+    present = {vi.name: vi for vi in out.graph.input}
+    ordered = [present.get(vi.name, vi) if vi.name in inits else present[vi.name]
+               for vi in source.graph.input if vi.name in inits or vi.name in present]
+    names = {vi.name for vi in ordered}
+    ordered += [vi for vi in out.graph.input if vi.name not in names]
+    del out.graph.input[:]
+    out.graph.input.extend(ordered)
+    have = {i.name for i in out.graph.initializer}
+    for vi in source.graph.input:
+        if vi.name in inits and vi.name not in have:
+            out.graph.initializer.append(inits[vi.name])
 
 
 def infer_shapes(model: onnx.ModelProto, state) -> dict:
@@ -346,7 +373,7 @@ def _elements(shape: Optional[list]) -> Optional[int]:
 
 def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
     limit = int(state.options["max_fold_elements"])
-    input_names = {t.name for t in graph.inputs}
+    input_names = {t.name for t in graph.inputs} | state.overridable
     total = 0
     for _attempt in range(3):  # a too-big result found only at run time excludes its node and retries
         produced: set = set()  # tensors that the fold set produces
@@ -466,7 +493,7 @@ def _bypass(graph: gs.Graph, node: gs.Node, inp: gs.Tensor, out: gs.Tensor, stat
 
 
 def _remove_noops(graph: gs.Graph, shapes: dict, state: _State) -> int:
-    input_names = {t.name for t in graph.inputs}
+    input_names = {t.name for t in graph.inputs} | state.overridable
     removed = Counter()
     for node in list(graph.nodes):
         if not node.outputs or not node.inputs or (node.domain or "") not in ("", "ai.onnx"):
@@ -642,7 +669,7 @@ def _pad_spec(node: gs.Node, shapes: dict, input_names: set, opset: int) -> tupl
 
 
 def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
-    input_names = {t.name for t in graph.inputs}
+    input_names = {t.name for t in graph.inputs} | state.overridable
     folded = Counter()
     for pad in list(graph.nodes):
         if pad.op != "Pad" or not pad.outputs or not pad.inputs:
