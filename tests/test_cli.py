@@ -109,8 +109,9 @@ def test_compare_generated_inputs_note(tmp_path):
 def test_compare_json(tmp_path):
     ref = models.save(models.tiny_cnn(), tmp_path / "ref.onnx")
     res = invoke("compare", ref, ref, "--runs", "2", "--json", "--threads", "2")
-    data = json.loads(res.output)
+    data = json.loads(res.output, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert data["outputs"][0]["max_abs"] == 0 and data["candidate"]["latency"]["threads"] == 2
+    assert data["outputs"][0]["sqnr_db"] == "inf"  # identical outputs, spelled as standard JSON
     assert data["passed"] is True
 
 

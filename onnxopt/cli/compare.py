@@ -26,6 +26,18 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
 
+def strict_json(value):
+    """Non-finite floats (SQNR of identical outputs is +inf) as the strings "inf"/"-inf"/"nan",
+    so the output is standard JSON that every parser (jq, JavaScript) reads."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def render_compare(res: dict) -> str:
     ref, cand = res["reference"], res["candidate"]
     lines = [f"reference  {ref['path'] or '(in memory)'}", f"candidate  {cand['path'] or '(in memory)'}"]
@@ -116,7 +128,7 @@ def compare_cmd(ref, cand, data, labels, runs, threads, batch_size, max_samples,
         progress=not quiet and not as_json and sys.stderr.isatty(),
     )
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        click.echo(json.dumps(strict_json(result), indent=2, default=str, allow_nan=False))
     else:
         click.echo(render_compare(result))
     check_gates(result)
