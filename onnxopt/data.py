@@ -371,14 +371,24 @@ class DataSource:
 
 def _label_mapping(table) -> dict:
     """labels.json as {file: class} or as a list of {"file": ..., "class_index"|"label": ...} records."""
+    fix = "write {\"a.jpg\": 3, ...} or [{\"file\": \"a.jpg\", \"class_index\": 3}, ...]"
+
+    def as_int(file, value):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise DataError(f"labels.json gives '{file}' the class {value!r}, not an integer class index.", fix) from None
+
     if isinstance(table, dict):
-        return {k: int(v) for k, v in table.items()}
+        return {k: as_int(k, v) for k, v in table.items()}
+    if not isinstance(table, list):
+        raise DataError("labels.json must be a mapping {file: class} or a list of records.", fix)
     mapping = {}
     for rec in table:
-        key = next((k for k in ("class_index", "label", "class") if k in rec), None)
-        if "file" not in rec or key is None:
+        key = next((k for k in ("class_index", "label", "class") if k in rec), None) if isinstance(rec, dict) else None
+        if key is None or "file" not in rec:
             raise DataError("labels.json records need 'file' and 'class_index' (or 'label').", "write [{\"file\": \"a.jpg\", \"class_index\": 3}, ...]")
-        mapping[rec["file"]] = int(rec[key])
+        mapping[rec["file"]] = as_int(rec["file"], rec[key])
     return mapping
 
 

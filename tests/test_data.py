@@ -138,9 +138,11 @@ def test_labels_json_must_label_every_image(tmp_path):
     (folder / "labels.json").write_text("[{'file': broken")
     with pytest.raises(DataError, match="not valid JSON"):
         open_data(str(folder), models.tiny_cnn()).labels()
-    (folder / "labels.json").write_text(json.dumps([{"name": "img00.png"}]))
-    with pytest.raises(DataError, match="need 'file'"):
-        open_data(str(folder), models.tiny_cnn()).labels()
+    for bad, words in (([{"name": "img00.png"}], "need 'file'"), (["img00.png:class"], "need 'file'"),
+                       ({"img00.png": "cat"}, "not an integer"), (3, "must be a mapping")):
+        (folder / "labels.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=words):
+            open_data(str(folder), models.tiny_cnn()).labels()
 
 
 def test_empty_folder_and_missing_path(tmp_path):
