@@ -55,10 +55,12 @@ from .graph import NameGenerator, attr, constant_value, input_at
 @dataclass
 class Match:
     """A place a rule will rewrite: ``output`` is the tensor whose producer changes (its name is
-    kept); ``data`` holds whatever the rewrite needs."""
+    kept); ``data`` holds whatever the rewrite needs. ``preserved`` names the tensors whose values
+    an exact rule keeps (default: ``output``); they are what the pass verifies."""
 
     output: gs.Tensor
     data: dict = field(default_factory=dict)
+    preserved: Optional[list] = None
 
 
 MatchFn = Callable[[gs.Graph, gs.Node, "RuleContext"], Union[Match, str, None]]
@@ -801,6 +803,8 @@ def match_focus_s2d_ok(m: Match, ctx: RuleContext) -> Optional[str]:
     if reader is None or reader.op != "Conv" or int(reader.attrs.get("group", 1)) != 1 or constant_value(reader.inputs[1]) is None:
         return ("SpaceToDepth orders channels (dr*2+dc)*C+c, unlike this Focus concat, and the Focus output is not "
                 "read by a single group-1 Conv with constant weights whose input channels could be permuted")
+    # The Focus tensor itself changes channel order; the Conv reading it keeps its values.
+    m.preserved = [reader.outputs[0].name]
     return None
 
 

@@ -58,7 +58,7 @@ from onnxopt.lite_rules import Match, Rule, RuleContext, default_rules  # noqa: 
 from onnxopt.model_io import MAX_PROTO_BYTES, opset_of
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
-__all__ = ["Match", "Rule", "RuleContext", "register_rule", "rule_table", "default_rules", "load_rules_module", "run_lite"]
+__all__ = ["Match", "Rule", "RuleContext", "register_rule", "rule_table", "default_rules", "load_rules_module", "run_lite", "options_with"]
 
 # Tolerance for the exact rules (same as the manager's for exact passes).
 EXACT_RTOL = 1e-4
@@ -171,6 +171,7 @@ def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detai
         rule.rewrite(graph, result, ctx)
         record["count"] += 1
         record["tensors"].append(out_name)
+        record.setdefault("preserved", []).extend(result.preserved or [out_name])
         details.append({"rule": rule.name, "exact": rule.exact, "tensor": out_name, "was": before,
                         "now": result.output.inputs[0].op if result.output.inputs else None})
     ctx.compact()
@@ -221,9 +222,10 @@ def _err(ref: np.ndarray, got: np.ndarray) -> tuple:
     return mx, mx / max(scale, 1e-12)
 
 
-def run_lite(model: ModelProto, options: dict, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
+def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
     """The lite pass on ``model`` with a given rule ``table`` (default: :func:`rule_table`)."""
     pctx = pctx or PassContext()
+    options = options_with(**(options or {})) if not options or set(options) != {o.name for o in OPTIONS} else options
     t0 = time.perf_counter()
     table = table if table is not None else rule_table(options.get("rules_module"))
     active = _select(table, options.get("rules"), options.get("disable"))
@@ -280,7 +282,7 @@ def _measure(model, model_exact, final, exact_fired, approx_fired, records, pctx
         out["verification_skipped"] = exc.message
         return out
     outputs = [o.name for o in model.graph.output]
-    exact_tensors = [t for name in exact_fired for t in records[name]["tensors"]]
+    exact_tensors = [t for name in exact_fired for t in records[name]["preserved"]]
     ref_sess = runtime.session(_with_outputs(model, exact_tensors))
     refs = [runtime.run(ref_sess, f) for f in feeds]
     if exact_fired:
@@ -290,7 +292,7 @@ def _measure(model, model_exact, final, exact_fired, approx_fired, records, pctx
         for name in exact_fired:
             mx, rel = 0.0, 0.0
             for r, g in zip(refs, got):
-                for t in records[name]["tensors"]:
+                for t in records[name]["preserved"]:
                     a, b = _err(r[t], g[t])
                     mx, rel = max(mx, a), max(rel, b)
             ok = mx <= EXACT_ATOL or rel <= EXACT_RTOL
@@ -319,11 +321,7 @@ def _measure(model, model_exact, final, exact_fired, approx_fired, records, pctx
     return out
 
 
-@register_pass(
-    "lite",
-    "embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes",
-    exact=False,
-    options=[
+OPTIONS = [
         Option("rules", list, None, "apply only these rules (comma-separated names; `onnxopt passes` lists them in the lite docstring)"),
         Option("disable", list, None, "rules to switch off (comma-separated names)"),
         Option("rules_module", str, None, "a Python file registering user rules with onnxopt.passes.lite.register_rule (or defining RULES)"),
@@ -331,7 +329,25 @@ def _measure(model, model_exact, final, exact_fired, approx_fired, records, pctx
                "when the next conv's weights can absorb the channel order)", choices=["conv", "space_to_depth"]),
         Option("verify", bool, True, "verify exact rules and measure the lite model's output error in onnxruntime"),
         Option("batches", int, 2, "how many data batches (or generated inputs) the verification uses"),
-    ],
+]
+
+
+def options_with(**given) -> dict:
+    """The lite options with defaults, ``given`` converted and validated as the CLI would."""
+    values = {o.name: o.default for o in OPTIONS}
+    by_name = {o.name: o for o in OPTIONS}
+    for key, value in given.items():
+        if key not in by_name:
+            raise OptionError(f"unknown option '{key}' for pass 'lite'.", f"valid options: {', '.join(by_name)}")
+        values[key] = by_name[key].convert("lite", value)
+    return values
+
+
+@register_pass(
+    "lite",
+    "embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes",
+    exact=False,
+    options=OPTIONS,
 )
 def lite_pass(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     """Rules (exact rules run and are verified first; * = off by default):

@@ -33,10 +33,11 @@ Examples:
 @click.option("--calib-samples", type=int, default=None, help="Use at most this many samples of --calib-data.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Batch size when running data through the model.")
 @click.option("--target", default=None, help="Deployment target for passes that take one (qdq): tensorrt, ort, tidl, tidl-tda4vm.")
+@click.option("--rules-module", default=None, type=click.Path(dir_okay=False), help="Python file registering user rules for the lite pass (= --set lite.rules_module=FILE).")
 @image_options
 @input_shape_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, save_steps, data, calib_samples, batch_size, target, input_shapes, quiet, **kwargs):
+def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, save_steps, data, calib_samples, batch_size, target, input_shapes, quiet, rules_module=None, **kwargs):
     """Apply PASSES (comma-separated, in order) to MODEL and write the result to -o.
 
     Every pass leaves a valid model; exact passes (cleanup, bnfuse, ...) are verified
@@ -63,6 +64,10 @@ def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, s
             raise OptionError(f"--target {target} given, but no pass in {','.join(names)} takes a target.", "add qdq to the passes or drop --target")
         for n in takers:
             options.setdefault(n, {}).setdefault("target", target)
+    if rules_module is not None:
+        if "lite" not in names:
+            raise OptionError(f"--rules-module given, but lite is not in {','.join(names)}.", "add lite to the passes or drop --rules-module")
+        options.setdefault("lite", {}).setdefault("rules_module", rules_module)
     shapes = parse_input_shapes(input_shapes)
     source = model_io.load_model(model)
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
