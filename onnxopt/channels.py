@@ -174,8 +174,8 @@ class Analysis:
 
         Components of one class have the same "shape role" (e.g. the channels of one conv's output,
         or the residual stream of one stage): ratios, ``round_to`` and minimums apply per class, and
-        every tensor's width is a sum of whole classes. Returns {class key: [roots]}, poisoned
-        component included under the key of its class only when it is prunable (never POISON).
+        every tensor's width is a sum of whole classes. Returns {class key: [roots]}; the poisoned
+        component (root POISON) is left out.
         """
         rng = np.random.default_rng(12345)
         sig: dict = {}
@@ -187,7 +187,8 @@ class Analysis:
                 sig[r] = ((a + key) % (2**63), n + 1)
         classes: dict = {}
         for r, k in sig.items():
-            classes.setdefault(k, []).append(r)
+            if r != POISON:
+                classes.setdefault(k, []).append(r)
         for k in classes:
             classes[k].sort()
         return classes
@@ -264,7 +265,7 @@ class Analysis:
 
 
 # ================================================================================= analysis
-def analyze(model: ModelProto, *, protect_outputs: bool = True) -> Analysis:
+def analyze(model: ModelProto) -> Analysis:
     """Build the channel dependency analysis of ``model`` (which it does not modify)."""
     shapes = _static_shapes(model)
     params = _evaluate_params(model)
@@ -363,8 +364,14 @@ class _Analyzer:
         self.producers: list[Producer] = []
         self.actions: list = []
         self.reasons: list = []
+        # onnx-graphsurgeon drops initializer-backed graph inputs from graph.inputs, so
+        # graph.is_weight cannot see them: a weight the user may override at run time is no weight
+        self.input_names = {i.name for i in model.graph.input}
 
     # ----------------------------------------------------------------------- utilities
+    def weight(self, t) -> bool:
+        return t is not None and t.name not in self.input_names and is_weight(self.graph, t)
+
     def S(self, t) -> Optional[Slots]:
         return None if t is None else self.slots.get(t.name)
 
@@ -426,9 +433,12 @@ class _Analyzer:
                 else:
                     self.poison_inputs(node, f"{node.op} is not understood by the channel analysis")
             except _NotUnderstood as exc:
+                n_reasons = len(self.reasons)
                 self.poison_inputs(node, str(exc))
                 for o in node.outputs:
                     self.poison(o, str(exc), node)
+                if len(self.reasons) == n_reasons:  # nothing slotted yet: still say why
+                    self.reasons.append((node.name or node.outputs[0].name, str(exc)))
         for o in self.graph.outputs:
             self.poison(o, "graph output")
         for name in outer:
@@ -516,7 +526,7 @@ class _Analyzer:
             d = shp[ax] if ax >= 0 else 1
             if d == 1:
                 continue
-            if d == width and is_weight(self.graph, t):
+            if d == width and self.weight(t):
                 self.actions.append(("const", node, i, ax, ref.ids))
                 continue
             if d is None or d != width:
@@ -572,7 +582,7 @@ class _Analyzer:
         s = self.S(node.inputs[0])
         if s is None:
             return
-        if s.axis != 1 or any(not is_weight(self.graph, input_at(node, i)) for i in range(1, 5)):
+        if s.axis != 1 or any(not self.weight(input_at(node, i)) for i in range(1, 5)):
             raise _NotUnderstood("BatchNormalization with runtime parameters or channels not on axis 1")
         if any(o.outputs for o in node.outputs[1:]) or int(node.attrs.get("training_mode", 0)):
             raise _NotUnderstood("BatchNormalization in training mode")
@@ -583,7 +593,7 @@ class _Analyzer:
         s = self.S(node.inputs[0])
         if s is None:
             return
-        if s.axis != 1 or any(not is_weight(self.graph, input_at(node, i)) for i in (1, 2)):
+        if s.axis != 1 or any(not self.weight(input_at(node, i)) for i in (1, 2)):
             raise _NotUnderstood("InstanceNormalization with runtime parameters")
         self.actions.append(("params", node, (1, 2), s.ids))
         self.set(node.outputs[0], s.axis, s.rank, s.ids)
@@ -591,7 +601,7 @@ class _Analyzer:
     def _op_Conv(self, node: gs.Node) -> None:
         x, w, b = node.inputs[0], input_at(node, 1), input_at(node, 2)
         sx = self.S(x)
-        if not is_weight(self.graph, w) or (b is not None and not is_weight(self.graph, b)):
+        if not self.weight(w) or (b is not None and not self.weight(b)):
             raise _NotUnderstood("Conv weight or bias is not a constant")
         wv = constant_value(w)
         if sx is not None and sx.axis != 1:
@@ -623,7 +633,7 @@ class _Analyzer:
 
     def _op_ConvTranspose(self, node: gs.Node) -> None:
         x, w, b = node.inputs[0], input_at(node, 1), input_at(node, 2)
-        if not is_weight(self.graph, w) or (b is not None and not is_weight(self.graph, b)):
+        if not self.weight(w) or (b is not None and not self.weight(b)):
             raise _NotUnderstood("ConvTranspose weight or bias is not a constant")
         if int(node.attrs.get("group", 1)) != 1:
             raise _NotUnderstood("grouped ConvTranspose")
@@ -639,7 +649,7 @@ class _Analyzer:
     def _op_Gemm(self, node: gs.Node) -> None:
         a, w, c = node.inputs[0], input_at(node, 1), input_at(node, 2)
         sa = self.S(a)
-        if not is_weight(self.graph, w):
+        if not self.weight(w):
             raise _NotUnderstood("Gemm weight is not a constant")
         if sa is not None and (int(node.attrs.get("transA", 0)) or sa.axis != 1):
             raise _NotUnderstood("Gemm reads its features along another axis (transA)")
@@ -658,7 +668,7 @@ class _Analyzer:
                 if cshape is None:
                     raise _NotUnderstood("Gemm C of unknown shape")
                 if cshape and cshape[-1] == n and n > 1:
-                    if not is_weight(self.graph, c):
+                    if not self.weight(c):
                         raise _NotUnderstood("Gemm C is a runtime tensor")
                     self.actions.append(("const", node, 2, len(cshape) - 1, out))
         self.set(node.outputs[0], 1, 2, out)
@@ -670,7 +680,7 @@ class _Analyzer:
         sa = self.S(a)
         if self.S(w) is not None:
             raise _NotUnderstood("MatMul with a runtime right operand")
-        if not is_weight(self.graph, w) or constant_value(w).ndim != 2:
+        if not self.weight(w) or constant_value(w).ndim != 2:
             if sa is not None:
                 raise _NotUnderstood("MatMul with a runtime right operand")
             return
