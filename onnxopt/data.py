@@ -294,9 +294,9 @@ class DataSource:
         shape = [1] * x.ndim
         shape[channel_axis] = -1
         if o.mean is not None:
-            x = x - np.asarray(o.mean, np.float32).reshape(shape)
+            x = x - _per_channel(o.mean, "mean", x.shape[channel_axis]).reshape(shape)
         if o.std is not None:
-            x = x / np.asarray(o.std, np.float32).reshape(shape)
+            x = x / _per_channel(o.std, "std", x.shape[channel_axis]).reshape(shape)
         return x.astype(np.float32)
 
     def _images(self):
@@ -367,6 +367,18 @@ class DataSource:
                     raise DataError(f"input '{name}' is {want['dtype']} but sample {index} is {arr.dtype}.", "convert the data to the model's dtype")
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise DataError(f"sample {index} of '{self.spec.source}' holds NaN or Inf values for input '{name}'.", "clean the data: onnxopt refuses non-finite inputs")
+
+
+def _per_channel(values, what: str, channels: int) -> np.ndarray:
+    """--mean/--std as an array of 1 or ``channels`` values (a wrong count would not broadcast,
+    a zero std would turn every sample into Inf/NaN)."""
+    arr = np.asarray(values, np.float32).reshape(-1)
+    if arr.size not in (1, channels):
+        raise DataError(f"--{what} gives {arr.size} values, but the data has {channels} channels.",
+                        f"give one value or {channels} comma-separated values")
+    if what == "std" and not np.all(arr != 0):
+        raise DataError("--std contains 0; dividing by it would make every input Inf.", "give non-zero standard deviations")
+    return arr
 
 
 def _label_mapping(table) -> dict:

@@ -145,6 +145,22 @@ def test_labels_json_must_label_every_image(tmp_path):
             open_data(str(folder), models.tiny_cnn()).labels()
 
 
+@pytest.mark.parametrize("image, words", [
+    ({"mean": [1.0, 2.0]}, "--mean gives 2 values, but the data has 3 channels"),
+    ({"std": [0.0]}, "--std contains 0"),
+    ({"std": [1.0, 0.0, 1.0]}, "--std contains 0"),
+])
+def test_bad_mean_std(tmp_path, image, words):
+    """Regression: a mean of the wrong length ended in a NumPy broadcast traceback, a zero std in
+    a misleading 'the data holds NaN' message."""
+    folder = _images(tmp_path / "imgs", [(1, 2, 3)])
+    with pytest.raises(DataError, match=words):
+        list(open_data(str(folder), models.tiny_cnn(), image=image).samples())
+    np.savez(tmp_path / "d.npz", x=np.zeros((1, 3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=words):
+        list(open_data(str(tmp_path / "d.npz"), models.tiny_cnn(), image=image).samples())
+
+
 def test_empty_folder_and_missing_path(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("x")
