@@ -229,8 +229,25 @@ class DataSource:
         if not callable(fn):
             raise DataError(f"'{path}' has no function '{func}'.", "the function must return an iterable of {input_name: array} dicts")
 
+        def user_items():
+            # an exception in the user's function is a user error: one message (ONNXOPT_DEBUG=1
+            # still shows the chained traceback)
+            hint = "fix the function; set ONNXOPT_DEBUG=1 to see its traceback"
+            try:
+                iterator = iter(fn())
+            except Exception as exc:
+                raise DataError(f"data function '{source}' failed: {type(exc).__name__}: {exc}", hint) from exc
+            while True:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    raise DataError(f"data function '{source}' failed: {type(exc).__name__}: {exc}", hint) from exc
+                yield item
+
         def gen():
-            for item in fn():
+            for item in user_items():
                 if not isinstance(item, dict):
                     raise DataError(f"'{source}' yielded a {type(item).__name__}, not a feed dict.", "yield {input_name: numpy array} dicts")
                 # a user batch is split into samples so batching is uniform

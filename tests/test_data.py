@@ -192,6 +192,11 @@ def test_python_function_batched_and_unbatched(tmp_path):
             return [{"input": np.zeros((3, 8, 8), np.float32)} for _ in range(4)]
         def not_dicts():
             yield [1, 2]
+        def fails_midway():
+            yield {"input": np.zeros((1, 3, 8, 8), np.float32)}
+            raise KeyError("no such file")
+        def not_iterable():
+            return 3
     """))
     src = open_data(f"{script}:batched", models.tiny_cnn(), batch_size=2)
     samples = list(src.samples())
@@ -201,6 +206,10 @@ def test_python_function_batched_and_unbatched(tmp_path):
     assert len(list(open_data(f"{script}:single", models.tiny_cnn()).samples())) == 4
     with pytest.raises(DataError, match="not a feed dict"):
         list(open_data(f"{script}:not_dicts", models.tiny_cnn()).samples())
+    with pytest.raises(DataError, match=r"fails_midway' failed: KeyError: 'no such file'"):
+        list(open_data(f"{script}:fails_midway", models.tiny_cnn()).samples())
+    with pytest.raises(DataError, match="not_iterable' failed: TypeError"):
+        list(open_data(f"{script}:not_iterable", models.tiny_cnn()).samples())
     with pytest.raises(DataError, match="has no function 'missing'"):
         open_data(f"{script}:missing", models.tiny_cnn())
     with pytest.raises(DataError, match="does not exist"):
