@@ -243,6 +243,13 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
             new_name = old.name
             old.name = old.name + "__replaced"
             new.name = new_name
+            # a graph output must carry a type: an intermediate tensor often has none, so it
+            # inherits the replaced output's dtype/shape
+            if isinstance(new, gs.Variable):
+                if new.dtype is None:
+                    new.dtype = old.dtype
+                if new.shape is None:
+                    new.shape = old.shape
             graph.outputs[i] = new
 
 

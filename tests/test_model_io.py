@@ -218,3 +218,44 @@ def test_constant_node_weights_count_like_initializers():
     assert stats.param_count(conv_init) == stats.param_count(conv_const) == w.size
     assert stats.total_macs(conv_init) == stats.total_macs(conv_const) == 4 * 3 * 3 * 27
     assert_equivalent(conv_init, conv_const)
+
+
+# ------------------------------------------------- graph helpers (regressions of core fixes)
+def _constant_model(as_output: bool):
+    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(rand(2, seed=4)))
+    outputs = [("y", [2])] + ([("c", [2])] if as_output else [])
+    # Mul(c, c) reads the constant twice: both reads must be rewired
+    return make_model([c, helper.make_node("Mul", ["c", "c"], ["m"]), helper.make_node("Add", ["x", "m"], ["y"])],
+                      [("x", [2])], outputs)
+
+
+@pytest.mark.parametrize("as_output", [False, True])
+def test_lift_constant(as_output):
+    """Regression: lift_constant used slice assignment on gs's synchronized input lists (which
+    raises), and rewired consumers before noticing a graph output (two producers of one name)."""
+    from onnxopt import graph as G
+
+    model = _constant_model(as_output)
+    g = G.import_graph(model)
+    const = G.lift_constant(g, g.tensors()["c"])
+    out = G.export_graph(g, model)
+    if as_output:
+        assert const is None and [n.op_type for n in out.graph.node] == ["Constant", "Mul", "Add"]
+    else:
+        assert const is not None and [n.op_type for n in out.graph.node] == ["Mul", "Add"]
+        assert [i.name for i in out.graph.initializer] == ["c"]
+    assert_equivalent(model, out)
+
+
+def test_replace_tensor_rewires_every_read_and_keeps_output_names():
+    from onnxopt import graph as G
+
+    model = make_model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"]),
+                        helper.make_node("Mul", ["b", "b"], ["y"])], [("x", [3])], [("y", [3]), ("b", [3])])
+    g = G.import_graph(model)
+    t = g.tensors()
+    G.replace_tensor(g, t["b"], t["a"])  # drop the Identity
+    out = G.export_graph(g, model)
+    assert [n.op_type for n in out.graph.node] == ["Relu", "Mul"]
+    assert [o.name for o in out.graph.output] == ["y", "b"]  # the public output name survives
+    assert_equivalent(model, out)
