@@ -1,0 +1,224 @@
+"""``sparsify`` -- N:M and unstructured magnitude sparsity of layer weights (approximate).
+
+The graph keeps its structure; weights get zeros that a sparse kernel (TensorRT's 2:4 sparse
+tensor cores, TIDL's n2m) or a compressor can exploit.
+
+* ``method=nm``: in every group of M consecutive weights along the *input-channel* dimension --
+  for a Conv ``W [Cout, Cin/g, kh, kw]`` the groups are ``W[o, c0:c0+M, i, j]``; for Gemm/MatMul the
+  K dimension; for ConvTranspose ``W [Cin, ...]`` axis 0 -- keep the N largest magnitudes and zero
+  the rest (``nm_convention=keep``: NVIDIA's "2:4" = at most 2 non-zeros in every 4). TI's n2m
+  names the number of *zeroed* weights ("41:64" with pruning ratio 41/64): write
+  ``nm=41:64, nm_convention=prune``. ``nm_layout=flat`` groups consecutive weights of each output
+  channel's flattened filter instead (``W.reshape(Cout, -1)``). A layer whose group dimension is
+  not a multiple of M (e.g. a 3-channel stem, a depthwise conv) is skipped with the reason, so the
+  pattern holds exactly in every group of M of every sparsified layer.
+* ``method=unstructured``: zero the ``ratio`` smallest magnitudes, per layer (``scope=layer``) or
+  with one threshold over all layers (``scope=global``); exactly ``round(ratio * n)`` weights are
+  zeroed (ties broken by position).
+
+Weights in Constant nodes count; a changed weight becomes a new constant (copy-on-write), shared by
+the layers that shared the original. The report gives the sparsity reached per layer and in total
+and the output error right after sparsifying (on the context's data or generated inputs).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import ModelProto
+
+from onnxopt import runtime
+from onnxopt.errors import DataError, OptionError
+from onnxopt.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
+from onnxopt.registry import Option, PassContext, PassResult, register_pass
+
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@register_pass(
+    "sparsify",
+    "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights (approximate)",
+    exact=False,
+    options=[
+        Option("method", str, "nm", "nm: N of every M weights along the input channels; unstructured: smallest magnitudes",
+               choices=("nm", "unstructured")),
+        Option("nm", str, "2:4", "the N:M pattern, e.g. 2:4 (TensorRT) or 41:64 (TI, with nm_convention=prune)"),
+        Option("nm_convention", str, "keep", "keep: N weights of every M stay non-zero (NVIDIA); prune: N of every M are zeroed (TI)",
+               choices=("keep", "prune")),
+        Option("nm_layout", str, "input_channel", "groups of M along the input channels, or along each output's flattened filter",
+               choices=("input_channel", "flat")),
+        Option("ratio", float, 0.5, "unstructured: fraction of weights set to zero"),
+        Option("scope", str, "layer", "unstructured: ratio per layer, or one magnitude threshold over all layers (global)",
+               choices=("layer", "global")),
+        Option("protect", list, [], "layers left dense: node, output or weight names or regexes (full match)"),
+        Option("eval_batches", int, 4, "batches of the data used to measure the output error"),
+    ],
+)
+def sparsify(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
+    """N:M or unstructured magnitude sparsity; see the module docstring."""
+    method = options["method"]
+    n, m = _parse_nm(options["nm"]) if method == "nm" else (0, 0)
+    keep_n = (n if options["nm_convention"] == "keep" else m - n) if method == "nm" else 0
+    ratio = float(options["ratio"])
+    if method == "unstructured" and not 0.0 <= ratio <= 1.0:
+        raise OptionError(f"sparsify.ratio must be in [0, 1], got {ratio}.", "e.g. --set sparsify.ratio=0.5")
+    patterns = []
+    for item in options["protect"]:
+        try:
+            patterns.append(re.compile(item))
+        except re.error as exc:
+            raise OptionError(f"sparsify.protect entry '{item}' is not a valid regex: {exc}", "escape special characters") from None
+
+    graph = import_graph(model)
+    inputs = {i.name for i in model.graph.input}
+    names = NameGenerator(graph)
+    skipped, layers = [], []
+    by_weight: dict = {}
+    for node in graph.nodes:
+        if node.op not in LAYERS or (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        w = input_at(node, 1)
+        where = node.name or node.outputs[0].name
+        if w is None or w.name in inputs or not is_weight(graph, w):
+            skipped.append(f"{where}: weight is not a constant")
+            continue
+        if any(p.fullmatch(x) for p in patterns for x in (node.name, node.outputs[0].name, w.name) if x):
+            skipped.append(f"{where}: protected")
+            continue
+        value = constant_value(w)
+        if value.dtype.kind != "f" or value.ndim < 2 or (node.op == "MatMul" and value.ndim != 2):
+            skipped.append(f"{where}: weight is not a float matrix/filter")
+            continue
+        in_axis, out_axis = _axes(node)
+        if w.name in by_weight:
+            entry = by_weight[w.name]
+            if entry["axes"] != (in_axis, out_axis):
+                skipped.append(f"{where}: weight shared with a layer that reads it along other axes")
+                continue
+            entry["nodes"].append(node)
+            continue
+        by_weight[w.name] = {"value": value, "axes": (in_axis, out_axis), "nodes": [node], "where": where}
+
+    entries = list(by_weight.values())
+    if method == "nm":
+        for e in entries:
+            grouped = _groups(e["value"], *e["axes"], options["nm_layout"])
+            if grouped.shape[-1] % m or grouped.shape[-1] == 0:
+                skipped.append(f"{e['where']}: group dimension {grouped.shape[-1]} is not a multiple of {m}")
+                e["new"] = None
+                continue
+            g = grouped.reshape(grouped.shape[0], -1, m)
+            order = np.argsort(-np.abs(g), axis=-1, kind="stable")
+            mask = np.zeros_like(g, dtype=bool)
+            np.put_along_axis(mask, order[..., :keep_n], True, axis=-1)
+            e["new"] = _ungroup(np.where(mask, g, 0).reshape(grouped.shape), e["value"], *e["axes"], options["nm_layout"])
+    elif options["scope"] == "layer":
+        for e in entries:
+            e["new"] = _zero_smallest(e["value"], int(round(ratio * e["value"].size)))
+    else:
+        mags = np.concatenate([np.abs(e["value"]).ravel().astype(np.float64) for e in entries]) if entries else np.zeros(0)
+        k = int(round(ratio * mags.size))
+        dead = np.zeros(mags.size, dtype=bool)
+        if k:
+            dead[np.argsort(mags, kind="stable")[:k]] = True
+        start = 0
+        for e in entries:
+            size = e["value"].size
+            e["new"] = np.where(dead[start:start + size].reshape(e["value"].shape), 0, e["value"]).astype(e["value"].dtype)
+            start += size
+
+    total, zeros, zeros_before = 0, 0, 0
+    for e in entries:
+        v = e["value"]
+        new = e.get("new")
+        before = int(np.count_nonzero(v == 0))
+        zeros_before += before
+        total += v.size
+        if new is None:
+            zeros += before
+            continue
+        const = gs.Constant(names(e["nodes"][0].inputs[1].name + "_sparse"), np.ascontiguousarray(new.astype(v.dtype)))
+        for node in e["nodes"]:
+            node.inputs[1] = const
+        after = int(np.count_nonzero(new == 0))
+        zeros += after
+        layers.append({"layer": e["where"], "weight": const.name, "params": int(v.size), "sparsity_before": round(before / v.size, 4),
+                       "sparsity": round(after / v.size, 4), "readers": len(e["nodes"])})
+    new_model = export_graph(graph, like=model)
+    extra = {
+        "method": method,
+        "pattern": f"{n}:{m} ({options['nm_convention']}, {options['nm_layout']})" if method == "nm" else f"ratio {ratio} ({options['scope']})",
+        "layers": layers,
+        "sparsity": {"sparsified_layers": round(sum(r["sparsity"] * r["params"] for r in layers) / max(sum(r["params"] for r in layers), 1), 4),
+                     "all_layer_weights": round(zeros / total, 4) if total else 0.0,
+                     "all_layer_weights_before": round(zeros_before / total, 4) if total else 0.0,
+                     "layer_params": total},
+        "output_error": _error(model, new_model, ctx, options["eval_batches"]),
+    }
+    changes = {"layers_sparsified": len(layers), "weights_zeroed": zeros - zeros_before}
+    details = [f"{r['layer']}: sparsity {r['sparsity_before']:.3f} -> {r['sparsity']:.3f}" for r in layers]
+    return PassResult(new_model, changes=changes, details=details, skipped=skipped, extra=extra)
+
+
+def _parse_nm(text: str) -> tuple:
+    try:
+        n, m = (int(v) for v in str(text).split(":"))
+    except ValueError:
+        raise OptionError(f"sparsify.nm must look like N:M, got '{text}'.", "e.g. --set sparsify.nm=2:4") from None
+    if not 0 < n < m:
+        raise OptionError(f"sparsify.nm needs 0 < N < M, got {n}:{m}.", "e.g. 2:4, or 41:64 with nm_convention=prune")
+    return n, m
+
+
+def _axes(node: gs.Node) -> tuple:
+    """(input-channel axis, output-channel axis) of the node's weight."""
+    if node.op == "Conv":
+        return 1, 0
+    if node.op == "ConvTranspose":
+        return 0, 1
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        return 1, 0
+    return 0, 1
+
+
+def _groups(w: np.ndarray, in_axis: int, out_axis: int, layout: str) -> np.ndarray:
+    """The weight as [rows, L]: each row is cut into groups of M consecutive weights."""
+    if layout == "flat":
+        return np.moveaxis(w, out_axis, 0).reshape(w.shape[out_axis], -1)
+    moved = np.moveaxis(w, in_axis, -1)
+    return moved.reshape(-1, w.shape[in_axis])
+
+
+def _ungroup(g: np.ndarray, like: np.ndarray, in_axis: int, out_axis: int, layout: str) -> np.ndarray:
+    if layout == "flat":
+        shape = list(np.moveaxis(like, out_axis, 0).shape)
+        return np.moveaxis(g.reshape(shape), 0, out_axis)
+    shape = list(np.moveaxis(like, in_axis, -1).shape)
+    return np.moveaxis(g.reshape(shape), -1, in_axis)
+
+
+def _zero_smallest(w: np.ndarray, k: int) -> np.ndarray:
+    flat = w.ravel().copy()
+    if k:
+        flat[np.argsort(np.abs(flat), kind="stable")[:k]] = 0
+    return flat.reshape(w.shape)
+
+
+def _error(before: ModelProto, after: ModelProto, ctx: PassContext, batches: int) -> dict:
+    feeds = []
+    if ctx.data is not None:
+        for i, feed in enumerate(ctx.data()):
+            if i >= max(batches, 1):
+                break
+            feeds.append(feed)
+        if not feeds:
+            raise DataError("the data given for sparsify's error measurement is empty.", "check --data")
+    source = "data" if feeds else "generated"
+    feeds = feeds or [runtime.generate_inputs(before, seed=s, overrides=ctx.input_shapes) for s in (0, 1)]
+    s_ref, s_new = runtime.session(before), runtime.session(after)
+    err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source}
+    for feed in feeds:
+        e = runtime.output_error(runtime.run(s_ref, feed), runtime.run(s_new, feed))
+        err["max_abs"], err["max_rel"] = max(err["max_abs"], e["max_abs"]), max(err["max_rel"], e["max_rel"])
+    return err
