@@ -235,6 +235,9 @@ def new_variable(names: NameGenerator, base: str, dtype=None, shape=None) -> gs.
 
 def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     """Make every consumer of ``old`` read ``new`` instead (graph outputs included, keeping the output name)."""
+    if is_graph_output(graph, old) and any(inp is new for inp in graph.inputs):
+        # renaming a graph input to the output's name would silently change the model's interface
+        raise ValueError(f"replace_tensor: graph output '{old.name}' cannot become graph input '{new.name}'; keep an Identity there")
     for consumer in list(old.outputs):
         _swap_input(consumer, old, new)
     for i, out in enumerate(graph.outputs):

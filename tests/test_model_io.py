@@ -259,3 +259,14 @@ def test_replace_tensor_rewires_every_read_and_keeps_output_names():
     assert [n.op_type for n in out.graph.node] == ["Relu", "Mul"]
     assert [o.name for o in out.graph.output] == ["y", "b"]  # the public output name survives
     assert_equivalent(model, out)
+
+
+def test_replace_tensor_refuses_to_rename_a_graph_input():
+    from onnxopt import graph as G
+
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [("x", [3])], [("y", [3])])
+    g = G.import_graph(model)
+    t = g.tensors()
+    with pytest.raises(ValueError, match="cannot become graph input"):
+        G.replace_tensor(g, t["y"], t["x"])
+    assert [i.name for i in g.inputs] == ["x"] and [o.name for o in g.outputs] == ["y"]
