@@ -41,6 +41,7 @@ class Violation:
     rule: str
     node: str
     message: str
+    kind: str = "format"   # "format": the QDQ encoding is wrong; "op-support": an op the target lacks (runs elsewhere)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,8 +152,8 @@ def check_model(model: ModelProto, target: str) -> list:
     m = _Model(model)
     out: list = []
 
-    def v(rule, node, msg):
-        out.append(Violation(rule, _name(node) if not isinstance(node, str) else node, msg))
+    def v(rule, node, msg, kind="format"):
+        out.append(Violation(rule, _name(node) if not isinstance(node, str) else node, msg, kind))
 
     tidl = target.startswith("tidl")
     tda4vm = target == "tidl-tda4vm"
@@ -295,7 +296,7 @@ def check_model(model: ModelProto, target: str) -> list:
                 v("bias-zero-point", node, "int32 bias zero point is not 0")
 
     if tidl:
-        _tidl_ops(model, m, v)
+        _tidl_ops(model, m, lambda rule, node, msg: v(rule, node, msg, "op-support"))
     return out
 
 

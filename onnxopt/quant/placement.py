@@ -276,11 +276,20 @@ def plan(graph: gs.Graph, rules: TargetRules, options: dict, *, ignore_exclusion
 
 
 def _absorbed_output(graph: gs.Graph, node: gs.Node, excluded: set) -> gs.Tensor:
-    """The tensor whose Q ends ``node``'s quantized region: after one following Relu/Clip."""
+    """The tensor whose Q ends ``node``'s quantized region: after one following Relu/Clip.
+
+    An unfused BatchNormalization right after a weighted op is stepped over (it folds into the
+    layer at deployment); run bnfuse first for onnxruntime, which fuses only folded layers.
+    """
     out = node.outputs[0]
     if is_graph_output(graph, out) or len(out.outputs) != 1:
         return out
     nxt = out.outputs[0]
+    if nxt.op == "BatchNormalization" and node.op in WEIGHTED_OPS and nxt.name not in excluded:
+        out = nxt.outputs[0]
+        if is_graph_output(graph, out) or len(out.outputs) != 1:
+            return out
+        nxt = out.outputs[0]
     if nxt.op not in ABSORBABLE or nxt.name in excluded:
         return out
     if nxt.op == "Clip" and any(input_at(nxt, i) is not None and constant_value(input_at(nxt, i)) is None for i in (1, 2)):
@@ -333,3 +342,29 @@ def _propagate_backward(graph, nodes, quant, uf, active, mark, rules) -> None:
                     uf.union(out.name, src.name)
         elif n.op in AVG_POOL_OPS:
             mark(input_at(n, 0))
+
+
+NONNEG_OPS = {"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Abs", "Exp"}
+
+
+def nonnegative_tensors(graph: gs.Graph) -> set:
+    """Tensors that are >= 0 by construction (ReLU/Clip(min>=0)/Sigmoid outputs and what only
+    rearranges or pools them); symmetric targets quantize them unsigned. One topological pass."""
+    nonneg: set = set()
+    for n in graph.nodes:
+        if not n.outputs:
+            continue
+        ok = False
+        if n.op in NONNEG_OPS:
+            ok = True
+        elif n.op == "Clip":
+            lo = constant_value(input_at(n, 1)) if input_at(n, 1) is not None else n.attrs.get("min")
+            ok = lo is not None and float(np.asarray(lo).reshape(-1)[0]) >= 0.0
+        elif n.op in PASS_THROUGH_OPS or n.op in AVG_POOL_OPS:
+            src = input_at(n, 0)
+            ok = src is not None and src.name in nonneg
+        elif n.op == "Concat":
+            ok = all(t is not None and t.name in nonneg for t in n.inputs)
+        if ok:
+            nonneg.update(o.name for o in n.outputs)
+    return nonneg

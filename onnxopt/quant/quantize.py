@@ -217,7 +217,8 @@ def limit_samples(data: Callable, n: int) -> Callable:
     return gen
 
 
-def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules: TargetRules, progress: bool) -> dict:
+def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules: TargetRules, progress: bool,
+                    nonneg: Optional[set] = None) -> dict:
     from . import calibrate as calib
 
     method = options.get("calib_method", "auto")
@@ -233,7 +234,10 @@ def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules
         trt_table=options.get("trt_calib_table") or None,
     )
     symmetric = resolve_symmetric(options, rules)
-    unsigned = not rules.act_signed
+    # "unsigned" makes the calibrator clip at 0: only for symmetric uint8 quantization of tensors
+    # that are non-negative by construction (ReLU/Clip/Sigmoid outputs). Asymmetric ranges keep lo.
+    nonneg = nonneg or set()
+    unsigned = {t: bool(symmetric and not rules.act_signed and t in nonneg) for t in tensors}
     return calib.calibrate(model, list(tensors), data, cfg, symmetric=symmetric, unsigned=unsigned,
                            bits=int(options.get("activation_bits", 8)))
 
@@ -300,7 +304,8 @@ def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     full_plan = placement_mod.plan(graph, rules, options, ignore_exclusions=True)
     the_plan = placement_mod.plan(graph, rules, options)
     tensors = list(dict.fromkeys(full_plan.activation_tensors() + the_plan.activation_tensors()))
-    ranges = run_calibration(model, tensors, data, options, rules, progress) if tensors else {}
+    nonneg = placement_mod.nonnegative_tensors(graph)
+    ranges = run_calibration(model, tensors, data, options, rules, progress, nonneg) if tensors else {}
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
     if missing:
         raise OnnxoptError(f"calibration returned no range for {len(missing)} tensor(s), e.g. '{missing[0]}'.",

@@ -1,0 +1,336 @@
+"""Benchmark of the qdq pass against onnxruntime.quantization.quantize_static, side by side.
+
+Same model, same calibration split, same evaluation split, one run. Prints a table and, with
+--json, writes every figure.
+
+  python tools/bench_qdq.py effnet          # EfficientNet-Lite0: top-1 (200 calib / 800 eval) + speed + check
+  python tools/bench_qdq.py cifar           # ResNet20/56 CIFAR-10 W8A8 top-1 drop
+  python tools/bench_qdq.py yolox           # YOLOX-nano: decoded boxes vs fp32 (mean IoU, class agreement)
+  python tools/bench_qdq.py all --json out.json
+
+Splits: calibration = every 5th sample from offset 0 (``open_data(..., every=5)``), evaluation =
+the rest (``exclude_every=True``). Latency: onnxruntime CPU, all graph optimizations on, batch 1,
+5 warm-up runs, then the median of ``--runs`` timed runs, fp32 and int8 interleaved in rounds so
+that load from other processes hits both alike; reported for 1 and 2 intra-op threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+
+from onnxopt import manager, model_io  # noqa: E402
+from onnxopt.data import open_data  # noqa: E402
+from onnxopt.quant import check as qcheck  # noqa: E402
+from onnxopt.registry import PassContext  # noqa: E402
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def session(model, threads=1, optimize=True):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    payload = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
+
+
+def ours(model, data_feeds, spec, **opts):
+    """Run the qdq pass (after the given pre-passes) on ``model`` with the calibration feeds."""
+    pre = opts.pop("pre", [])
+    ctx = PassContext(data=lambda: iter(data_feeds), data_spec=spec, progress=False)
+    t0 = time.perf_counter()
+    q, report = manager.apply(model, pre + ["qdq"], {"qdq": opts}, context=ctx, verify=False, summarize_layers=False)
+    rec = report.passes[-1]
+    return q, time.perf_counter() - t0, rec
+
+
+def ort_static(model, data_feeds, method, per_channel=True, symmetric_act=False):
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(data_feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    meth = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+        onnx.save(model, src)
+        t0 = time.perf_counter()
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QInt8 if symmetric_act else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=meth, extra_options={"ActivationSymmetric": symmetric_act})
+        secs = time.perf_counter() - t0
+        return onnx.load(dst), secs
+
+
+def top1(model, feeds, labels, threads=2):
+    s = session(model, threads)
+    name = s.get_inputs()[0].name
+    preds = [int(np.argmax(s.run(None, {name: f[name]})[0])) for f in feeds]
+    return 100.0 * float(np.mean(np.asarray(preds) == labels))
+
+
+def latency(models: dict, feed, threads, runs=40, rounds=4):
+    sessions = {k: session(m, threads) for k, m in models.items()}
+    for s in sessions.values():
+        for _ in range(5):
+            s.run(None, feed)
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(runs // rounds):
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[k].append(time.perf_counter() - t)
+    return {k: 1000 * float(np.median(v)) for k, v in times.items()}
+
+
+def violations(model, target):
+    vs = qcheck.check_model(model, target)
+    fmt = [v for v in vs if v.kind == "format"]
+    return {"format": len(fmt), "op_support": len(vs) - len(fmt), "examples": [str(v) for v in vs[:4]]}
+
+
+# ------------------------------------------------------------------------------------- tasks
+def task_effnet(args, results):
+    path = SHARED / "models" / "efficientnet_lite0.onnx"
+    model = model_io.load_model(path)
+    img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
+    calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
+    ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, exclude_every=True)
+    log("loading images ...")
+    cfeeds = list(calib.samples())
+    efeeds = list(ev.samples())[: args.limit or None]
+    labels = ev.labels()[: len(efeeds)]
+    base = top1(model, efeeds, labels)
+    rows = [{"model": "effnet-lite0", "config": "fp32", "top1": base, "drop": 0.0}]
+    log(f"fp32 top-1 {base:.2f} on {len(efeeds)} images, calibrated on {len(cfeeds)}")
+    qmodels = {}
+    for target in args.targets:
+        for method in args.methods:
+            q, secs, rec = ours(model, cfeeds, calib.spec, target=target, calib_method=method)
+            acc = top1(q, efeeds, labels)
+            rows.append({"model": "effnet-lite0", "config": f"onnxopt {target} {method}", "top1": acc, "drop": base - acc,
+                         "seconds": secs, "check": violations(q, target)})
+            qmodels[(target, method)] = q
+            log(str(rows[-1]))
+    for method in args.ort_methods:
+        q, secs = ort_static(model, cfeeds, method)
+        acc = top1(q, efeeds, labels)
+        rows.append({"model": "effnet-lite0", "config": f"quantize_static U8S8 per-channel {method}", "top1": acc, "drop": base - acc, "seconds": secs})
+        log(str(rows[-1]))
+    if "tidl" in args.targets or args.check_tidl:
+        for t in ("tidl", "tidl-tda4vm"):
+            if (t, args.methods[0]) not in qmodels:
+                q, secs, rec = ours(model, cfeeds, calib.spec, target=t, calib_method=args.methods[0])
+                qmodels[(t, args.methods[0])] = q
+                rows.append({"model": "effnet-lite0", "config": f"onnxopt {t} {args.methods[0]}", "top1": top1(q, efeeds, labels),
+                             "check": violations(q, t)})
+                rows[-1]["drop"] = base - rows[-1]["top1"]
+                log(str(rows[-1]))
+    results["effnet"] = rows
+    ortq = next((m for (t, _), m in qmodels.items() if t == "ort"), None)
+    if ortq is not None:
+        results["effnet_speed"] = speed_rows("effnet-lite0", model, ortq, cfeeds[0], args)
+
+
+def speed_rows(name, fp32, int8, feed, args):
+    rows = []
+    for threads in (1, 2):
+        lat = latency({"fp32": fp32, "int8": int8}, feed, threads, runs=args.runs)
+        rows.append({"model": name, "threads": threads, "fp32_ms": lat["fp32"], "int8_ms": lat["int8"], "speedup": lat["fp32"] / lat["int8"]})
+        log(str(rows[-1]))
+    return rows
+
+
+def task_cifar(args, results):
+    rows = []
+    img = dict(scale=1 / 255.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    npz = str(SHARED / "data" / "cifar10_test_1017.npz")
+    for net in ("resnet20", "resnet56"):
+        src = model_io.load_model(SHARED / "models" / f"{net}_cifar10.onnx")
+        ctx = PassContext(progress=False)
+        model, _ = manager.apply(src, "cleanup,bnfuse", context=ctx, summarize_layers=False)
+        calib = open_data(npz, model, image=img, every=5)
+        ev = open_data(npz, model, image=img, every=5, exclude_every=True)
+        cfeeds, efeeds, labels = list(calib.samples()), list(ev.samples()), ev.labels()
+        base = top1(model, efeeds, labels)
+        rows.append({"model": net, "config": "fp32 (cleanup,bnfuse)", "top1": base, "drop": 0.0})
+        log(str(rows[-1]))
+        best_q = None
+        for target in args.targets:
+            for method in args.methods:
+                q, secs, rec = ours(model, cfeeds, calib.spec, target=target, calib_method=method)
+                acc = top1(q, efeeds, labels)
+                rows.append({"model": net, "config": f"onnxopt {target} {method}", "top1": acc, "drop": base - acc, "seconds": secs,
+                             "check": violations(q, target)})
+                log(str(rows[-1]))
+                if target == "ort" and best_q is None:
+                    best_q = q
+        for method in args.ort_methods:
+            q, secs = ort_static(model, cfeeds, method)
+            acc = top1(q, efeeds, labels)
+            rows.append({"model": net, "config": f"quantize_static U8S8 per-channel {method}", "top1": acc, "drop": base - acc, "seconds": secs})
+            log(str(rows[-1]))
+        if best_q is not None:
+            results.setdefault("cifar_speed", []).extend(speed_rows(net, model, best_q, cfeeds[0], args))
+    results["cifar"] = rows
+
+
+def _decode(out, conf=0.3, iou=0.45):
+    """YOLOX output [1, A, 85] -> (boxes xyxy [n,4], class [n], score [n]) after per-class NMS."""
+    p = out[0]
+    strides, grids = [], []
+    for s in (8, 16, 32):
+        n = 416 // s
+        yv, xv = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        grids.append(np.stack([xv, yv], -1).reshape(-1, 2))
+        strides.append(np.full((n * n, 1), s))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    xy = (p[:, :2] + grid) * stride
+    wh = np.exp(p[:, 2:4]) * stride
+    cls = np.argmax(p[:, 5:], 1)
+    score = p[:, 4] * p[np.arange(len(p)), 5 + cls]
+    keep = score > conf
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)[keep]
+    cls, score = cls[keep], score[keep]
+    order = np.argsort(-score)
+    boxes, cls, score = boxes[order], cls[order], score[order]
+    chosen = []
+    for c in np.unique(cls):
+        idx = np.where(cls == c)[0]
+        while len(idx):
+            i = idx[0]
+            chosen.append(i)
+            rest = idx[1:]
+            idx = rest[_iou(boxes[i], boxes[rest]) <= iou]
+    chosen = sorted(chosen, key=lambda i: -score[i])
+    return boxes[chosen], cls[chosen], score[chosen]
+
+
+def _iou(a, b):
+    tl = np.maximum(a[:2], b[:, :2])
+    br = np.minimum(a[2:], b[:, 2:])
+    inter = np.prod(np.clip(br - tl, 0, None), 1)
+    area = lambda x: np.prod(x[..., 2:] - x[..., :2], -1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter + 1e-9)
+
+
+def box_agreement(ref_outs, q_outs):
+    ious, same, n_ref, matched = [], 0, 0, 0
+    for r, q in zip(ref_outs, q_outs):
+        rb, rc, _ = _decode(r)
+        qb, qc, _ = _decode(q)
+        n_ref += len(rb)
+        used = set()
+        for b, c in zip(rb, rc):
+            if not len(qb):
+                ious.append(0.0)
+                continue
+            iou = _iou(b, qb)
+            for j in used:
+                iou[j] = -1
+            j = int(np.argmax(iou))
+            if iou[j] > 0.5:
+                used.add(j)
+                matched += 1
+                ious.append(float(iou[j]))
+                same += int(qc[j] == c)
+            else:
+                ious.append(0.0)
+    return {"fp32_boxes": n_ref, "matched": matched, "mean_iou_matched": float(np.mean([i for i in ious if i > 0])) if matched else 0.0,
+            "mean_iou_all": float(np.mean(ious)) if ious else 0.0, "class_agreement": same / max(matched, 1)}
+
+
+def task_yolox(args, results):
+    model = model_io.load_model(SHARED / "models" / "yolox_nano.onnx")
+    img = dict(bgr=True, letterbox=114)
+    folder = str(SHARED / "data" / "coco100")
+    calib = open_data(folder, model, image=img, every=5)
+    ev = open_data(folder, model, image=img, every=5, exclude_every=True)
+    cfeeds, efeeds = list(calib.samples()), list(ev.samples())
+    s = session(model, 2)
+    ref = [s.run(None, f)[0] for f in efeeds]
+    rows = []
+    for target in args.targets:
+        for method in args.methods:
+            q, secs, rec = ours(model, cfeeds, calib.spec, target=target, calib_method=method)
+            sq = session(q, 2)
+            outs = [sq.run(None, f)[0] for f in efeeds]
+            row = {"model": "yolox-nano", "config": f"onnxopt {target} {method}", "seconds": secs, "check": violations(q, target)}
+            row.update(box_agreement(ref, outs))
+            rows.append(row)
+            log(str(row))
+            if target == "ort" and "yolox_speed" not in results:
+                results["yolox_speed"] = speed_rows("yolox-nano", model, q, cfeeds[0], args)
+    for method in args.ort_methods:
+        q, secs = ort_static(model, cfeeds, method)
+        sq = session(q, 2)
+        outs = [sq.run(None, f)[0] for f in efeeds]
+        row = {"model": "yolox-nano", "config": f"quantize_static U8S8 per-channel {method}", "seconds": secs}
+        row.update(box_agreement(ref, outs))
+        rows.append(row)
+        log(str(row))
+    results["yolox"] = rows
+
+
+def print_tables(results):
+    for key, rows in results.items():
+        if not rows:
+            continue
+        print(f"\n== {key}")
+        cols = [c for c in rows[0].keys()] + sorted({c for r in rows for c in r} - set(rows[0].keys()))
+        print(" | ".join(cols))
+        for r in rows:
+            cells = []
+            for c in cols:
+                x = r.get(c, "")
+                cells.append(f"{x:.3f}" if isinstance(x, float) else (json.dumps(x) if isinstance(x, dict) else str(x)))
+            print(" | ".join(cells))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=["effnet", "cifar", "yolox", "all"])
+    ap.add_argument("--targets", default="ort,tensorrt")
+    ap.add_argument("--methods", default="percentile", help="onnxopt calibration methods to run (comma-separated)")
+    ap.add_argument("--ort-methods", default="minmax,entropy,percentile", help="quantize_static methods ('' for none)")
+    ap.add_argument("--check-tidl", action="store_true", help="also quantize for tidl/tidl-tda4vm and run their checks")
+    ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--limit", type=int, default=0, help="evaluate on at most this many images (quick runs)")
+    ap.add_argument("--json", help="write all figures here")
+    args = ap.parse_args(argv)
+    args.targets = [t for t in args.targets.split(",") if t]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.ort_methods = [m for m in args.ort_methods.split(",") if m]
+    results = {}
+    tasks = ["effnet", "cifar", "yolox"] if args.task == "all" else [args.task]
+    for t in tasks:
+        globals()[f"task_{t}"](args, results)
+    print_tables(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
