@@ -380,6 +380,10 @@ def compare_models(
     ref_model, ref_path, ref_size = _load(ref)
     cand_model, cand_path, cand_size = _load(cand)
     _check_inputs_match(ref_model, cand_model)
+    unknown = sorted(set(input_shapes or {}) - set(_graph_inputs(ref_model)))
+    if unknown:
+        raise OptionError(f"--input-shape names '{unknown[0]}', which is not an input of the model.",
+                          f"the model's inputs are: {', '.join(_graph_inputs(ref_model))}")
     notes: list = []
     pairs = _output_pairs(ref_model, cand_model, notes)
     fixed = _fixed_batch(ref_model, cand_model)

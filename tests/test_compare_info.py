@@ -57,6 +57,26 @@ def test_model_info_tiny_cnn(tmp_path):
     assert "layers" not in model_info(path)
 
 
+def test_macs_of_each_layer_kind():
+    """MACs by hand: ConvTranspose scatters Cout/g*k*k per input element; depthwise Conv;
+    Gemm without transB (K from B's rows); batched MatMul (K from A's last dim); batch N counts 1."""
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "wt"], ["t"], group=2, name="deconv"),    # [N,4,5,5] -> [N,6,7,7]
+        helper.make_node("Conv", ["t", "wd"], ["d"], group=6, pads=[1, 1, 1, 1], name="dw"),  # -> [N,6,7,7]
+        helper.make_node("Gemm", ["a", "b"], ["g"], name="fc"),                         # [2,4] x [4,3]
+        helper.make_node("MatMul", ["m", "k"], ["mm"], name="mm"),                      # [2,3,4] x [4,5]
+    ]
+    model = make_model(nodes, [("x", ["N", 4, 5, 5]), ("a", [2, 4]), ("m", [2, 3, 4])], [("d", ["N", 6, 7, 7]), ("g", [2, 3]), ("mm", [2, 3, 5])],
+                       [("wt", np.ones((4, 3, 3, 3), np.float32)), ("wd", np.ones((6, 1, 3, 3), np.float32)),
+                        ("b", np.ones((4, 3), np.float32)), ("k", np.ones((4, 5), np.float32)),
+                        ("scalar", np.float32(2.0)), ("shape", np.array([1, 2], np.int64))])
+    info = model_info(model, per_layer=True)
+    got = {r["name"]: r["macs"] for r in info["layers"]}
+    assert got == {"deconv": 4 * 5 * 5 * 3 * 9, "dw": 6 * 7 * 7 * 9, "fc": 2 * 3 * 4, "mm": 2 * 3 * 5 * 4}
+    assert info["macs"] == sum(got.values())
+    assert info["params"] == 4 * 3 * 9 + 6 * 9 + 12 + 20  # float weights; the scalar and the int64 shape do not count
+
+
 def test_model_info_counts_external_data(tmp_path):
     path = models.save(models.big_weight_model(), tmp_path / "m.onnx", external=True)
     info = model_info(path)
@@ -214,6 +234,16 @@ def test_gates_pass_and_fail(tmp_path):
 def test_gate_and_argument_errors(kwargs, words):
     with pytest.raises(OptionError, match=words):
         compare_models(models.tiny_cnn(), models.tiny_cnn(), **kwargs)
+
+
+def test_input_shape_overrides():
+    dynamic = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", ["N", "C"])], [("y", ["N", "C"])])
+    with pytest.raises(OnnxoptError, match="dynamic dimension 1"):
+        compare_models(dynamic, dynamic, runs=0)
+    res = compare_models(dynamic, dynamic, runs=2, input_shapes={"x": [1, 7]})
+    assert res["outputs"][0]["shape"] == [1, 7]
+    with pytest.raises(OptionError, match="'xx', which is not an input"):
+        compare_models(dynamic, dynamic, runs=0, input_shapes={"xx": [1, 7]})
 
 
 def test_min_agreement_needs_a_classifier():
