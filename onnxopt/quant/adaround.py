@@ -1,0 +1,253 @@
+"""AdaRound-style learned weight rounding (Nagel et al. 2020, "Up or Down? Adaptive Rounding for
+Post-Training Quantization"), layer by layer, on calibration data only, with NumPy.
+
+For a layer with float weight ``W`` (per group ``[out, K]``, ``K = C/g * prod(kernel)``) and
+per-channel scale ``s``, the quantized weight is ``W~ = s * clip(floor(W / s) + h(V), qmin, qmax)``
+with the rectified sigmoid ``h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``
+(zeta = 1.1, gamma = -0.1). ``V`` minimises
+
+    E ||W~ x_q - W x_f||^2 / E ||W^ x_q - W x_f||^2  +  lam * mean(1 - |2 h(V) - 1|^beta)
+
+where ``x_f`` is the layer's input in the float model and ``x_q = DQ(Q(x_f))`` the same input
+through the layer's own activation quantizer (scale and zero point of the calibration), ``W^`` the
+round-to-nearest weight, and ``beta`` is annealed from 20 to 2 after a warm-up so that ``h``
+converges to 0/1. Because the reconstruction is linear in ``W~``, the data enter only through the
+Gram matrices ``G_qq = E[x_q x_q^T]`` and ``G_fq = E[x_f x_q^T]`` (im2col patches of the layer's
+input; positions subsampled per image), so the gradient is exact and cheap:
+``dL/dW~ = 2 (W~ G_qq - W G_fq)``. No torch is needed. The final rounding is ``h >= 0.5``; a
+layer whose learned rounding reconstructs worse than round-to-nearest (on the same statistics)
+keeps round-to-nearest.
+
+Why not the paper's "asymmetric" target (``x_q`` taken from the quantized model, upstream layers
+quantized): that makes every layer compensate its predecessors' errors, which is right only when
+the layers are optimised one after another with the inputs re-collected after each (one pass over
+the data per layer). Optimised together from one collection, each layer would compensate errors
+its predecessors also remove, and the model gets worse (measured on the SE test network). Each
+layer here removes only the error it causes, so all layers are learned from one pass.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import ModelProto, numpy_helper
+
+from .. import runtime
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Layer:
+    """Geometry of one layer: how to turn its input tensor into im2col rows [g, P, K]."""
+
+    def __init__(self, name: str, node: onnx.NodeProto, w: np.ndarray, entry: dict):
+        self.name, self.node, self.entry = name, node, entry
+        a = _attrs(node)
+        self.op = node.op_type
+        if self.op == "Conv":
+            self.group = int(a.get("group", 1))
+            self.kernel = list(w.shape[2:])
+            self.strides = list(a.get("strides", [1, 1]))
+            self.dil = list(a.get("dilations", [1, 1]))
+            self.pads = list(a.get("pads", [0, 0, 0, 0]))
+            co = w.shape[0]
+            self.w = w.reshape(self.group, co // self.group, -1).astype(np.float64)  # [g, o, K]
+        else:
+            self.group = 1
+            trans_b = int(a.get("transB", 0))
+            self.trans_b = trans_b
+            self.w = (w if trans_b else w.T)[None].astype(np.float64)  # [1, N_out, K]
+        k = self.w.shape[2]
+        self.gqq = np.zeros((self.group, k, k))
+        self.gfq = np.zeros((self.group, k, k))
+        self.count = 0
+
+    @staticmethod
+    def supported(node: onnx.NodeProto, w: np.ndarray) -> Optional[str]:
+        a = _attrs(node)
+        if node.op_type == "Conv":
+            if w.ndim != 4:
+                return "only 2-D convolutions"
+            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+                return "auto_pad"
+            return None
+        if node.op_type == "Gemm":
+            return None if int(a.get("transA", 0)) == 0 else "transA=1"
+        return f"{node.op_type} is not supported"
+
+    def rows(self, x: np.ndarray, rng: np.random.Generator, max_positions: int) -> np.ndarray:
+        """[g, P, K] im2col rows of input ``x`` (positions subsampled, same choice for a paired input)."""
+        if self.op == "Gemm":
+            return x.reshape(x.shape[0], -1)[None].astype(np.float64)
+        n, c, h, w = x.shape
+        pt, pl, pb, pr = self.pads
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        kh, kw = self.kernel
+        dh, dw = self.dil
+        sh, sw = self.strides
+        eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+        win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+        ho, wo = win.shape[2], win.shape[3]
+        g = self.group
+        win = win.reshape(n, g, c // g, ho * wo, kh * kw)
+        idx = self._positions  # chosen by the caller for the pair
+        win = win[:, :, :, idx, :]  # [n, g, cpg, P, k]
+        return np.ascontiguousarray(win.transpose(1, 0, 3, 2, 4).reshape(g, n * len(idx), -1)).astype(np.float64)
+
+    def choose_positions(self, x_shape, rng: np.random.Generator, max_positions: int) -> None:
+        if self.op == "Gemm":
+            return
+        h, w = x_shape[2], x_shape[3]
+        pt, pl, pb, pr = self.pads
+        kh, kw = self.kernel
+        dh, dw = self.dil
+        ho = (h + pt + pb - (dh * (kh - 1) + 1)) // self.strides[0] + 1
+        wo = (w + pl + pr - (dw * (kw - 1) + 1)) // self.strides[1] + 1
+        total = ho * wo
+        self._positions = np.arange(total) if total <= max_positions else np.sort(rng.choice(total, max_positions, replace=False))
+
+    def accumulate(self, xf: np.ndarray, xq: np.ndarray, rng: np.random.Generator, max_positions: int) -> None:
+        self.choose_positions(xf.shape, rng, max_positions)
+        rf, rq = self.rows(xf, rng, max_positions), self.rows(xq, rng, max_positions)
+        self.gqq += np.einsum("gpk,gpl->gkl", rq, rq)
+        self.gfq += np.einsum("gpk,gpl->gkl", rf, rq)
+        self.count += rq.shape[1]
+
+
+def _optimize(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, iters: int, lam: float = 0.01,
+              lr: float = 0.01, warmup: float = 0.2) -> tuple:
+    """Learned integer weights [g, o, K] and (loss_nearest, loss_learned) on the layer's statistics."""
+    w = layer.w
+    g, o, k = w.shape
+    s = scale.reshape(g, o, 1)
+    gqq, gfq = layer.gqq / max(layer.count, 1), layer.gfq / max(layer.count, 1)
+    target = w @ gfq  # W G_fq, constant
+
+    def recon(wq_float):
+        # E||W~ x_q - W x_f||^2 up to the constant E||W x_f||^2 (identical for every candidate)
+        return float(np.sum((wq_float @ gqq) * wq_float) - 2.0 * np.sum(target * wq_float))
+
+    base = np.floor(w / s)
+    rest = w / s - base
+    nearest = np.clip(np.rint(w / s), qmin, qmax)
+    loss_near = recon(nearest * s)
+    sig0 = np.clip((rest - GAMMA) / (ZETA - GAMMA), 1e-4, 1 - 1e-4)
+    v = np.log(sig0 / (1 - sig0))
+    m_t, v_t = np.zeros_like(v), np.zeros_like(v)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    norm = max(abs(loss_near - recon(w)), 1e-30)  # nearest's excess error over the float weight
+    warm = int(warmup * iters)
+    for it in range(iters):
+        sig = 1.0 / (1.0 + np.exp(-v))
+        hraw = sig * (ZETA - GAMMA) + GAMMA
+        h = np.clip(hraw, 0.0, 1.0)
+        wint = base + h
+        inside = (wint >= qmin) & (wint <= qmax)
+        wq = np.clip(wint, qmin, qmax) * s
+        grad_w = 2.0 * (wq @ gqq - target) / norm
+        dh = sig * (1 - sig) * (ZETA - GAMMA) * ((hraw > 0) & (hraw < 1))
+        grad_v = grad_w * s * inside * dh
+        if it >= warm:
+            beta = 20.0 + (2.0 - 20.0) * (it - warm) / max(iters - warm - 1, 1)
+            t = 2.0 * h - 1.0
+            grad_reg = -lam * beta * np.abs(t) ** (beta - 1) * np.sign(t) * 2.0 / t.size
+            grad_v = grad_v + grad_reg * dh
+        m_t = b1 * m_t + (1 - b1) * grad_v
+        v_t = b2 * v_t + (1 - b2) * grad_v * grad_v
+        mh, vh = m_t / (1 - b1 ** (it + 1)), v_t / (1 - b2 ** (it + 1))
+        v = v - lr * mh / (np.sqrt(vh) + eps)
+    sig = 1.0 / (1.0 + np.exp(-v))
+    h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+    learned = np.clip(base + (h >= 0.5), qmin, qmax)
+    loss_learned = recon(learned * s)
+    return learned, loss_near, loss_learned
+
+
+def adaround(view, data, iters: int = 500, max_samples: int = 64, max_positions: int = 1024, seed: int = 0,
+             log=lambda msg: None) -> tuple:
+    """Learned rounding for every supported layer of ``view`` (a sensitivity.QdqView).
+
+    Returns (new quantized model, report dict). Only the integer weight initializers change; the
+    scales, zero points and graph are those of the calibration.
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    weight_users: dict = {}
+    for name, l in view.layers.items():
+        weight_users.setdefault(l["weight_q"], []).append(name)
+    layers, skipped = {}, []
+    for name, l in view.layers.items():
+        node = view.nodes[name]
+        w = view.float_weight[name]
+        reason = _Layer.supported(node, w)
+        if reason is None and len(weight_users[l["weight_q"]]) > 1:
+            reason = "its quantized weight is shared with another layer"
+        if reason is None and np.asarray(view.array(l["weight_q"])).dtype.kind not in "iu":
+            reason = "weight storage is not an integer array"
+        if reason:
+            skipped.append(f"{name}: {reason}")
+            continue
+        layers[name] = _Layer(name, node, w, l)
+    if not layers:
+        return view.qmodel, {"layers": 0, "skipped": skipped}
+    ref = view.float_reference()
+    f_names = {n: view.layer_input(n)[0] for n in layers}
+    quantizer = {n: view.input_quantizer(n) for n in layers}
+    s_f = runtime.session(_expose(ref, set(f_names.values())))
+    seen = 0
+    for feed in data():
+        outs_f = runtime.run(s_f, feed, sorted(set(f_names.values())))
+        for n, layer in layers.items():
+            xf = outs_f[f_names[n]]
+            layer.accumulate(xf, quantizer[n](xf) if quantizer[n] else xf, rng, max_positions)
+        seen += next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
+        if seen >= max_samples:
+            break
+    t_stats = time.perf_counter() - t0
+    model = ModelProto()
+    model.CopyFrom(view.qmodel)
+    inits = {t.name: t for t in model.graph.initializer}
+    per_layer = []
+    improved = 0
+    for n, layer in layers.items():
+        l = layer.entry
+        scale = np.asarray(view.array(l["weight_scale"]), np.float64)
+        co = layer.w.shape[0] * layer.w.shape[1]
+        scale = np.broadcast_to(scale.reshape(-1), (co,)) if scale.size in (1, co) else None
+        if scale is None or l.get("axis") not in (None, 0, 1):
+            skipped.append(f"{n}: unexpected scale layout")
+            continue
+        learned, loss_near, loss_learned = _optimize(layer, scale, int(l["qmin"]), int(l["qmax"]), iters)
+        keep = loss_learned < loss_near
+        row = {"layer": n, "loss_nearest": loss_near, "loss_learned": loss_learned, "used": bool(keep)}
+        per_layer.append(row)
+        if not keep:
+            continue
+        improved += 1
+        old = inits[l["weight_q"]]
+        old_arr = numpy_helper.to_array(old)
+        if layer.op == "Conv":
+            new = learned.reshape(old_arr.shape)
+        else:
+            new = learned[0] if layer.trans_b else learned[0].T
+        old.CopyFrom(numpy_helper.from_array(new.astype(old_arr.dtype).reshape(old_arr.shape), old.name))
+        log(f"adaround {n}: loss {loss_near:.4g} -> {loss_learned:.4g}")
+    return model, {"layers": len(per_layer), "improved": improved, "samples": seen, "iters": iters,
+                   "seconds_statistics": round(t_stats, 2), "seconds": round(time.perf_counter() - t0, 2),
+                   "per_layer": per_layer, "skipped": skipped}
+
+
+def _expose(model: ModelProto, tensors: set) -> ModelProto:
+    m = ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in sorted(tensors):
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    return m
