@@ -255,7 +255,8 @@ def plan(graph: gs.Graph, rules: TargetRules, options: dict, *, ignore_exclusion
             elif n.op in OPS_QUANTIZABLE:
                 ins = [t for t in n.inputs if t is not None]
                 if any(constant_value(t) is not None for t in ins):
-                    result.skipped.append(f"{n.name}: {n.op} with a constant operand stays float")
+                    if _is_float_activation(graph, n.outputs[0]):
+                        result.skipped.append(f"{n.name}: {n.op} with a constant operand stays float")
                     continue
             else:
                 continue
