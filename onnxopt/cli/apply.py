@@ -34,6 +34,11 @@ Examples:
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Batch size when running data through the model.")
 @click.option("--target", default=None, help="Deployment target for passes that take one (qdq): tensorrt, ort, tidl, tidl-tda4vm.")
 @click.option("--rules-module", default=None, type=click.Path(dir_okay=False), help="Python file registering user rules for the lite pass (= --set lite.rules_module=FILE).")
+@click.option("--calib-method", default=None, type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]), help="qdq: calibration method (= --set qdq.calib_method=...).")
+@click.option("--calib-percentile", type=float, default=None, help="qdq: percentile for --calib-method percentile (default 99.99).")
+@click.option("--calib-cache", default=None, type=click.Path(dir_okay=False), help="qdq: calibration cache file, reused when model/data/settings match.")
+@click.option("--calib-workers", type=int, default=None, help="qdq: calibration worker processes.")
+@click.option("--trt-calib-table", default=None, type=click.Path(dir_okay=False), help="qdq: also write a TensorRT calibration table here.")
 @image_options
 @input_shape_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -68,6 +73,7 @@ def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, s
         if "lite" not in names:
             raise OptionError(f"--rules-module given, but lite is not in {','.join(names)}.", "add lite to the passes or drop --rules-module")
         options.setdefault("lite", {}).setdefault("rules_module", rules_module)
+    _route_qdq_options(kwargs, names, options)
     shapes = parse_input_shapes(input_shapes)
     source = model_io.load_model(model)
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
@@ -84,6 +90,24 @@ def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, s
         report.write(report_path)
     if not quiet:
         _print_summary(report, output)
+
+
+_QDQ_FLAGS = {"calib_method": "calib_method", "calib_percentile": "calib_percentile", "calib_cache": "calib_cache",
+              "calib_workers": "calib_workers", "trt_calib_table": "trt_calib_table"}
+
+
+def _route_qdq_options(kwargs: dict, names: list, options: dict) -> None:
+    """--calib-method/--calib-cache/... -> qdq options (an explicit --set wins)."""
+    given = {opt: kwargs.pop(flag) for flag, opt in _QDQ_FLAGS.items() if kwargs.get(flag) is not None}
+    for flag in _QDQ_FLAGS:
+        kwargs.pop(flag, None)
+    if not given:
+        return
+    if "qdq" not in names:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise OptionError(f"{flags} given, but qdq is not in {','.join(names)}.", "add qdq to the passes or drop the calibration flags")
+    for opt, value in given.items():
+        options.setdefault("qdq", {}).setdefault(opt, value)
 
 
 def _print_summary(report: manager.Report, output: str) -> None:
