@@ -1,0 +1,427 @@
+"""qdq pass: placement per target, weight/bias arithmetic, numerics, options, data handling.
+
+Graphs are tiny and calibrated with minmax on a handful of generated samples, so every test is
+fast; the real-model test is marked ``shared``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from helpers import make_model, rand, run
+from onnxopt import manager
+from onnxopt.data import DataSpec
+from onnxopt.errors import DataError, OnnxoptError, OptionError
+from onnxopt.quant import check as qcheck
+from onnxopt.quant.quantize import activation_params, quantize_weight, weight_scales
+from onnxopt.quant.targets import get_target
+from onnxopt.registry import PassContext, get_pass
+
+TARGETS = ["tensorrt", "ort", "tidl", "tidl-tda4vm"]
+
+
+# ------------------------------------------------------------------------------ builders
+def conv_node(name, x, w, b, y, **attrs):
+    return helper.make_node("Conv", [x, w] + ([b] if b else []), [y], name=name, **attrs)
+
+
+def conv_relu_conv(opset=17, batch=1):
+    nodes = [
+        conv_node("conv1", "x", "w1", "b1", "c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        conv_node("conv2", "r1", "w2", "b2", "y", pads=[1, 1, 1, 1]),
+    ]
+    inits = [("w1", rand(8, 3, 3, 3, seed=1, scale=0.3)), ("b1", rand(8, seed=2, scale=0.1)),
+             ("w2", rand(4, 8, 3, 3, seed=3, scale=0.2)), ("b2", rand(4, seed=4, scale=0.1))]
+    return make_model(nodes, [("x", [batch, 3, 8, 8])], [("y", [batch, 4, 8, 8])], inits, opset=opset)
+
+
+def residual():
+    nodes = [
+        conv_node("conv1", "x", "w1", "b1", "c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        conv_node("conv2", "r1", "w2", "b2", "c2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["y"], name="relu2"),
+    ]
+    inits = [("w1", rand(8, 3, 3, 3, seed=1, scale=0.3)), ("b1", rand(8, seed=2, scale=0.1)),
+             ("w2", rand(8, 8, 3, 3, seed=3, scale=0.2)), ("b2", rand(8, seed=4, scale=0.1))]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 8, 8, 8])], inits)
+
+
+def concat_pool():
+    nodes = [
+        conv_node("conv_a", "x", "wa", "ba", "ca"),
+        helper.make_node("Relu", ["ca"], ["ra"], name="relu_a"),
+        conv_node("conv_b", "x", "wb", "bb", "cb"),
+        helper.make_node("Concat", ["ra", "cb"], ["cat"], name="concat", axis=1),
+        helper.make_node("MaxPool", ["cat"], ["mp"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        conv_node("conv_c", "mp", "wc", "bc", "cc"),
+        helper.make_node("GlobalAveragePool", ["cc"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    inits = [("wa", rand(4, 3, 1, 1, seed=1)), ("ba", rand(4, seed=2)), ("wb", rand(4, 3, 1, 1, seed=3, scale=3.0)),
+             ("bb", rand(4, seed=4)), ("wc", rand(6, 8, 1, 1, seed=5)), ("bc", rand(6, seed=6)),
+             ("wg", rand(5, 6, seed=7)), ("bg", rand(5, seed=8))]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 5])], inits)
+
+
+def matmul_model(trans_b=0):
+    w = rand(6, 5, seed=1) if not trans_b else rand(5, 6, seed=1)
+    nodes = [helper.make_node("Gemm", ["x", "wg", "bg"], ["g"], name="gemm", transB=trans_b),
+             helper.make_node("Relu", ["g"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "wm"], ["y"], name="matmul")]
+    inits = [("wg", w), ("bg", rand(5, seed=2)), ("wm", rand(5, 7, seed=3))]
+    return make_model(nodes, [("x", [2, 6])], [("y", [2, 7])], inits)
+
+
+def feeds_for(model, n=6, seed=0, shapes=None):
+    from onnxopt import runtime
+    return [runtime.generate_inputs(model, seed=seed + i, overrides=shapes) for i in range(n)]
+
+
+def quantize(model, feeds=None, ctx_kwargs=None, **opts):
+    feeds = feeds if feeds is not None else feeds_for(model)
+    opts.setdefault("calib_method", "minmax")
+    ctx = PassContext(data=lambda: iter(feeds), progress=False, **(ctx_kwargs or {}))
+    q, report = manager.apply(model, "qdq", {"qdq": opts}, context=ctx, summarize_layers=False)
+    return q, report.passes[0]
+
+
+def producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def node(model, name):
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def input_producer(model, node_name, index):
+    return producers(model).get(node(model, node_name).input[index])
+
+
+def quantized_tensors(model):
+    """Tensors (original names) that feed a QuantizeLinear."""
+    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+# ------------------------------------------------------------------------------ placement
+def test_tensorrt_conv_relu_conv_inputs_only():
+    q, rec = quantize(conv_relu_conv(), target="tensorrt")
+    assert quantized_tensors(q) == {"x", "r1"}          # inputs of both convs, never conv outputs
+    for conv in ("conv1", "conv2"):
+        assert input_producer(q, conv, 0).op_type == "DequantizeLinear"
+        wdq = input_producer(q, conv, 1)
+        assert wdq.op_type == "DequantizeLinear" and helper.get_attribute_value(wdq.attribute[0]) == 0
+        assert node(q, conv).input[2] in inits(q)          # float bias for TensorRT
+        assert inits(q)[node(q, conv).input[2]].dtype == np.float32
+    i = inits(q)
+    for n in q.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = i[n.input[2]]
+            assert zp.dtype == np.int8 and not zp.any()
+    assert qcheck.check_model(q, "tensorrt") == []
+    assert rec.extra["check"]["violations"] == 0
+
+
+def test_ort_absorbs_relu_and_uses_int32_bias():
+    q, _ = quantize(conv_relu_conv(), target="ort")
+    qt = quantized_tensors(q)
+    assert "r1" in qt and "c1" not in qt                 # Q after the ReLU, not between Conv and ReLU
+    assert "y" not in qt                                 # graph outputs stay float
+    i = inits(q)
+    for conv in ("conv1", "conv2"):
+        b = input_producer(q, conv, 2)
+        assert b.op_type == "DequantizeLinear" and i[b.input[0]].dtype == np.int32
+    assert i["r1_zero_point"].dtype == np.uint8
+    assert qcheck.check_model(q, "ort") == []
+
+
+def test_ort_output_fuses_into_qlinearconv():
+    """onnxruntime turns the ort layout into int8 kernels (QLinearConv) with optimizations on."""
+    import onnxruntime as ort
+    q, _ = quantize(conv_relu_conv(), target="ort")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert "QLinearConv" in ops and "Relu" not in ops
+
+
+def test_tensorrt_residual_add_quantizes_only_the_residual():
+    q, _ = quantize(residual(), target="tensorrt")
+    qt = quantized_tensors(q)
+    assert "r1" in qt and "c2" not in qt                 # conv2 fuses the Add; residual r1 is int8
+    add = node(q, "add")
+    assert producers(q)[add.input[0]].op_type == "Conv"
+    assert producers(q)[add.input[1]].op_type == "DequantizeLinear"
+    assert qcheck.check_model(q, "tensorrt") == []
+
+
+def test_concat_and_maxpool_share_one_scale():
+    for target in ("tensorrt", "ort"):
+        q, _ = quantize(concat_pool(), target=target)
+        qt = quantized_tensors(q)
+        assert {"ra", "cb", "cat", "mp"} <= qt if target == "ort" else {"ra", "cb", "mp"} <= qt
+        scale_of = {n.input[0]: n.input[1] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+        assert scale_of["ra"] == scale_of["cb"] == scale_of["mp"]     # Concat inputs/MaxPool in/out: one scale
+        assert "gap" in qt or "flat" in qt                           # the Gemm's input path is quantized
+        assert qcheck.check_model(q, target) == []
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_matmul_per_channel_axis(trans_b):
+    q, rec = quantize(matmul_model(trans_b), target="tensorrt")
+    gdq = input_producer(q, "gemm", 1)
+    assert helper.get_attribute_value(gdq.attribute[0]) == (0 if trans_b else 1)
+    assert inits(q)[gdq.input[1]].shape == (5,)
+    mdq = input_producer(q, "matmul", 1)
+    assert helper.get_attribute_value(mdq.attribute[0]) == 1 and inits(q)[mdq.input[1]].shape == (7,)
+    assert qcheck.check_model(q, "tensorrt") == []
+
+
+def test_convtranspose_axis_one():
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="deconv", strides=[2, 2], kernel_shape=[2, 2])]
+    m = make_model(nodes, [("x", [1, 4, 4, 4])], [("y", [1, 6, 8, 8])], [("w", rand(4, 6, 2, 2, seed=1)), ("b", rand(6, seed=2))])
+    q, _ = quantize(m, target="tensorrt")
+    wdq = input_producer(q, "deconv", 1)
+    assert helper.get_attribute_value(wdq.attribute[0]) == 1 and inits(q)[wdq.input[1]].shape == (6,)
+    assert qcheck.check_model(q, "tensorrt") == []
+
+
+# ------------------------------------------------------------------------------ arithmetic
+def test_weights_are_round_w_over_s_clipped_and_bias_scale():
+    m = conv_relu_conv()
+    q, rec = quantize(m, target="ort")
+    info = rec.extra["info"]
+    i, f = inits(q), inits(m)
+    layer = next(l for l in info["layers"] if l["node"] == "conv2")
+    s = i[layer["weight_scale"]]
+    w = f["w2"]
+    np.testing.assert_allclose(s, np.abs(w).reshape(4, -1).max(1) / 127, rtol=1e-6)
+    want = np.clip(np.rint(w / s.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(i[layer["weight_q"]], want)
+    s_in = next(a for a in info["activations"] if a["tensor"] == "r1")["scale_value"]
+    assert layer["bias_is_int"]
+    np.testing.assert_allclose(i[layer["bias_scale"]], s_in * s, rtol=1e-6)
+    np.testing.assert_array_equal(i[layer["bias_q"]], np.rint(f["b2"].astype(np.float64) / (s_in * s.astype(np.float64))).astype(np.int32))
+    assert layer["float_weight"] == "w2" and layer["input_dq"] == "r1_dequantized"
+
+
+def test_activation_params_math():
+    rules = get_target("ort")
+    p = activation_params(-1.0, 3.0, 8, rules, symmetric=False, power_of_two=False)
+    assert p.scale == pytest.approx(4 / 255) and p.zero_point == round(1 / (4 / 255)) and not p.signed
+    p = activation_params(0.5, 3.0, 8, rules, symmetric=False, power_of_two=False)   # widened to contain 0
+    assert p.zero_point == 0 and p.scale == pytest.approx(3 / 255)
+    trt = get_target("tensorrt")
+    p = activation_params(-2.0, 1.0, 8, trt, symmetric=True, power_of_two=False)
+    assert p.scale == pytest.approx(2 / 127) and p.zero_point == 0 and p.signed
+    p = activation_params(0.0, 6.0, 8, get_target("tidl-tda4vm"), symmetric=True, power_of_two=True)
+    assert p.scale == 2.0 ** np.ceil(np.log2(6 / 255)) and not p.signed and p.zero_point == 0
+    p = activation_params(0.0, 0.0, 8, trt, symmetric=True, power_of_two=False)      # dead tensor: valid scale
+    assert p.scale > 0
+
+
+def test_zero_weight_channel_gets_valid_scale():
+    w = rand(3, 2, 3, 3)
+    w[1] = 0
+    s = weight_scales(w, 0, 8, False)
+    assert np.all(s > 0) and s[1] == 1.0
+    assert not quantize_weight(w, s, 0, 8)[1].any()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_numerics_close_to_float_and_checker_clean(target):
+    m = residual()
+    feeds = feeds_for(m, 8)
+    q, rec = quantize(m, feeds, target=target)
+    assert qcheck.check_model(q, target) == [], qcheck.check_model(q, target)
+    for f in feeds[:3]:
+        ref, got = run(m, f)["y"], run(q, f)["y"]
+        rel = np.abs(ref - got).max() / np.abs(ref).max()
+        # 8-bit per-tensor activations over 3 quantized layers: a few quantization steps of error;
+        # power-of-two scales (tda4vm) are up to 2x coarser.
+        assert rel < (0.08 if target == "tidl-tda4vm" else 0.04), (target, rel)
+
+
+def test_tda4vm_power_of_two_per_tensor():
+    q, rec = quantize(conv_relu_conv(), target="tidl-tda4vm")
+    for n in q.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            s = inits(q)[n.input[1]]
+            assert np.all(np.frexp(s)[0] == 0.5)
+            if inits(q).get(n.input[0]) is not None and inits(q)[n.input[0]].dtype == np.int8:
+                assert s.size == 1                          # per-tensor weights
+    assert q.opset_import[0].version == 17
+
+
+# ------------------------------------------------------------------------------ opset / shapes
+def test_opset_conversion():
+    m = conv_relu_conv(opset=11)
+    q, rec = quantize(m, target="tensorrt")
+    assert q.opset_import[0].version == 13 and "opset 11 -> 13" in rec.extra["notes"]
+    q, rec = quantize(m, target="tidl")
+    assert q.opset_import[0].version == 17
+    q, _ = quantize(conv_relu_conv(opset=18), target="ort")
+    assert q.opset_import[0].version == 18               # ort keeps a newer opset
+
+
+def test_tidl_refuses_dynamic_shapes_unless_given():
+    nodes = [conv_node("conv1", "x", "w1", None, "y")]
+    m = make_model(nodes, [("x", ["N", 3, 8, 8])], [("y", ["N", 4, 8, 8])], [("w1", rand(4, 3, 1, 1))])
+    feeds = feeds_for(m, 3)
+    with pytest.raises(OnnxoptError, match="static shapes"):
+        quantize(m, feeds, target="tidl")
+    q, _ = quantize(m, feeds, target="tidl", ctx_kwargs={"input_shapes": {"x": [1, 3, 8, 8]}})
+    assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert qcheck.check_model(q, "tidl") == []
+    q, _ = quantize(m, feeds, target="tensorrt")          # tensorrt takes dynamic batch
+    assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+# ------------------------------------------------------------------------------ options
+def test_exclusions_by_name_type_regex_and_keep_first_last():
+    m = concat_pool()
+    q, rec = quantize(m, target="tensorrt", exclude_nodes=["conv_c"])
+    assert input_producer(q, "conv_c", 1) is None        # float weight initializer
+    assert "conv_c" in rec.extra["excluded"]
+    q, _ = quantize(m, target="tensorrt", exclude_op_types=["Gemm"])
+    assert input_producer(q, "fc", 1) is None
+    q, _ = quantize(m, target="tensorrt", exclude_regex="^conv_[ab]$")
+    assert input_producer(q, "conv_a", 1) is None and input_producer(q, "conv_b", 1) is None
+    assert input_producer(q, "conv_c", 1).op_type == "DequantizeLinear"
+    q, rec = quantize(m, target="ort", keep_first_last=True)
+    assert set(rec.extra["excluded"]) == {"conv_a", "conv_b", "fc"}
+    assert input_producer(q, "conv_a", 0) is None        # the first layers read the float input
+    assert input_producer(q, "conv_c", 1).op_type == "DequantizeLinear"
+    with pytest.raises(OptionError):
+        quantize(m, target="tensorrt", exclude_regex="(")
+    _, rec = quantize(m, target="tensorrt", exclude_nodes=["nope"])
+    assert any("nope" in s for s in rec.skipped)
+
+
+def test_op_types_filter():
+    q, _ = quantize(matmul_model(), target="tensorrt", op_types=["MatMul"])
+    assert input_producer(q, "gemm", 1) is None
+    assert input_producer(q, "matmul", 1).op_type == "DequantizeLinear"
+
+
+def test_four_bit_restricted_range_and_int4():
+    m = conv_relu_conv()
+    q, rec = quantize(m, target="tensorrt", weight_bits=4, activation_bits=4)
+    for l in rec.extra["info"]["layers"]:
+        w = inits(q)[l["weight_q"]]
+        assert w.dtype == np.int8 and w.min() >= -7 and w.max() <= 7 and (l["qmin"], l["qmax"]) == (-7, 7)
+    clips = [n for n in q.graph.node if n.op_type == "Clip" and n.name.endswith("_Clip")]
+    assert len(clips) == len(quantized_tensors(q))       # 4-bit activations: range enforced before Q
+    assert qcheck.check_model(q, "tensorrt") == []
+    f = feeds_for(m, 1)[0]
+    rel = np.abs(run(q, f)["y"] - run(m, f)["y"]).max() / np.abs(run(m, f)["y"]).max()
+    assert rel < 0.6                                      # 4-bit: coarse but sane
+    q, _ = quantize(m, target="ort", weight_bits=4, low_bit="int4")
+    assert q.opset_import[0].version == 21
+    types = {t.data_type for t in q.graph.initializer}
+    assert onnx.TensorProto.INT4 in types
+    run(q, f)
+    with pytest.raises(OptionError):
+        quantize(m, target="tidl", weight_bits=4, low_bit="int4")
+    with pytest.raises(OptionError):
+        quantize(m, target="tensorrt", weight_bits=9)
+    with pytest.raises(OptionError):
+        quantize(m, target="tensorrt", symmetric="false")
+
+
+def test_constant_node_and_shared_weights():
+    w = rand(4, 4, 1, 1, seed=3)
+    nodes = [helper.make_node("Constant", [], ["wc"], name="const", value=numpy_helper.from_array(w, "wc")),
+             conv_node("conv1", "x", "wc", None, "c1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             conv_node("conv2", "r1", "wc", None, "y")]
+    m = make_model(nodes, [("x", [1, 4, 4, 4])], [("y", [1, 4, 4, 4])])
+    q, rec = quantize(m, target="tensorrt")
+    d1, d2 = input_producer(q, "conv1", 1), input_producer(q, "conv2", 1)
+    assert d1.op_type == "DequantizeLinear" and d1.name == d2.name   # one quantized copy of the shared weight
+    assert not any(n.op_type == "Constant" for n in q.graph.node)
+    names = [n.name for n in q.graph.node]
+    assert len(names) == len(set(names)) and all(names)
+
+
+def test_unnamed_and_duplicate_nodes_get_unique_names():
+    m = conv_relu_conv()
+    for n in m.graph.node:
+        n.name = "" if n.op_type == "Relu" else "dup"
+    q, rec = quantize(m, target="ort")
+    names = [n.name for n in q.graph.node]
+    assert len(names) == len(set(names)) and all(names)
+    assert len({l["node"] for l in rec.extra["info"]["layers"]}) == 2
+
+
+def test_missing_data_is_an_error_and_random_warns():
+    m = conv_relu_conv()
+    with pytest.raises(DataError, match="calibration data"):
+        manager.apply(m, "qdq", context=PassContext(progress=False))
+    from onnxopt.data import open_data
+    spec = DataSpec("random")
+    ds = open_data(spec, m)
+    logs = []
+    ctx = PassContext(data=ds, data_spec=spec, progress=False, log=logs.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q, report = manager.apply(m, "qdq", {"qdq": {"calib_method": "minmax"}}, context=ctx, summarize_layers=False)
+    assert any("RANDOM" in str(w.message) for w in caught)
+    assert any("RANDOM" in s for s in logs)
+    assert report.passes[0].extra["warnings"]
+
+
+def test_recovery_options_declared():
+    opts = {o.name: o.default for o in get_pass("qdq").options}
+    assert opts["bias_correction"] == "none" and opts["fallback"] == "none" and opts["max_error"] == 0.0
+    assert opts["fallback_precision"] == "float" and opts["rounding"] == "nearest" and opts["adaround_iters"] == 500
+
+
+def test_info_layout_matches_contract():
+    q, rec = quantize(concat_pool(), target="tidl")
+    info = rec.extra["info"]
+    keys = {"node", "op", "weight_q", "weight_scale", "weight_zero_point", "axis", "qmin", "qmax", "bias", "bias_is_int",
+            "bias_scale", "input_dq", "float_weight"}
+    node_names = {n.name for n in q.graph.node}
+    for l in info["layers"]:
+        assert keys <= set(l)
+        assert l["node"] in node_names
+    for a in info["activations"]:
+        assert {"tensor", "scale", "zero_point", "q_node", "dq_node"} <= set(a)
+        assert a["q_node"] in node_names and a["dq_node"] in node_names
+    import json
+    json.dumps(info)
+
+
+# ------------------------------------------------------------------------------ real model
+@pytest.mark.shared
+def test_real_efficientnet_all_targets(shared):
+    from onnxopt import model_io
+    from onnxopt.data import open_data
+    path = shared("models", "efficientnet_lite0.onnx")
+    shared("data", "imagenet")
+    m = model_io.load_model(path)
+    ds = open_data(str(path.parent.parent / "data" / "imagenet"), m, image=dict(size=256, crop=224, mean=[127.0], std=[128.0]),
+                   max_samples=4)
+    feeds = list(ds.samples())
+    for target in ("tensorrt", "ort"):
+        q, rec = quantize(m, feeds, target=target)
+        assert qcheck.check_model(q, target) == []
+        ref, got = run(m, feeds[0]), run(q, feeds[0])
+        name = m.graph.output[0].name
+        assert np.argmax(ref[name]) == np.argmax(got[name])
