@@ -185,7 +185,7 @@ def check_model(model: ModelProto, target: str) -> list:
             v("constant-scale", node, f"scale '{scale_name}' is not a constant")
             continue
         if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
-            v("scale-positive", node, f"scale '{scale_name}' has values <= 0 or non-finite (min {np.nanmin(scale) if scale.size else 'n/a'})")
+            v("scale-positive", node, f"scale '{scale_name}' has values <= 0 or non-finite (values {np.asarray(scale).reshape(-1)[:4].tolist()})")
         if scale.ndim > 1:
             v("scale-shape", node, f"scale '{scale_name}' has rank {scale.ndim}; only per-tensor and per-axis are handled (block quantization not checked)")
         per_axis = scale.ndim == 1 and scale.size > 1
