@@ -23,6 +23,7 @@ and ``max_drop`` (accuracy points, reference minus candidate; needs labels).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -401,6 +402,8 @@ def compare_models(
     else:
         if isinstance(data, DataSource):
             source = data
+            if isinstance(labels, (str, os.PathLike)):  # the labels file wins, as with a path
+                source = DataSource(dataclasses.replace(data.spec, labels=str(labels)), data.model, data._overrides)
         else:
             source = open_data(str(data), ref_model, input_shapes, image=image or {}, batch_size=fixed or batch_size,
                                max_samples=max_samples, labels=str(labels) if isinstance(labels, (str, os.PathLike)) else None)

@@ -138,6 +138,12 @@ def test_accuracy_from_the_data_labels_and_from_a_labels_file(tmp_path):
     assert res["outputs"][0]["ref_accuracy"] == 1.0
     res = compare_models(ref, cand, data=str(path), labels=exp["ref_top1"], runs=0)
     assert res["reference"]["accuracy"] == 1.0
+    # a ready DataSource (library use) with and without a labels file
+    from onnxopt.data import open_data
+
+    source = open_data(str(path), ref, batch_size=3)
+    assert compare_models(ref, cand, data=source, runs=0)["reference"]["accuracy"] == pytest.approx(0.7)
+    assert compare_models(ref, cand, data=source, labels=str(tmp_path / "y.npy"), runs=0)["reference"]["accuracy"] == 1.0
 
 
 def test_too_few_labels(tmp_path):
