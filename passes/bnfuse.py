@@ -52,7 +52,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import (NameGenerator, _swap_input, can_absorb, constant_value, export_graph, import_graph,
                            input_at, is_graph_output, sole_consumer)
-from onnxopt.passes.cleanup import infer_shapes, restore_overridable_inputs
+from onnxopt.passes.cleanup import infer_shapes, overridable_inputs, restore_graph_inputs
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
 _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -78,7 +78,7 @@ def bnfuse(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResul
     fuser = _Fuser(model, options)
     fuser.run()
     out = export_graph(fuser.graph, like=model)
-    restore_overridable_inputs(out, model)
+    restore_graph_inputs(out, model)
     return PassResult(out, changes=dict(fuser.changes), details=fuser.details, skipped=fuser.skipped)
 
 
@@ -106,8 +106,7 @@ class _Fuser:
         self.graph = import_graph(model)
         self.names = NameGenerator(self.graph)
         # graph inputs with an initializer (dropped from graph.inputs by onnx-graphsurgeon) are not constants
-        self.input_names = {t.name for t in self.graph.inputs} | (
-            {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer})
+        self.input_names = {t.name for t in self.graph.inputs} | overridable_inputs(model)
         self.private: set = set()  # ids of constants this pass created (safe to overwrite again)
 
     def skip(self, where: str, reason: str) -> None:

@@ -86,7 +86,7 @@ def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResu
     """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
     state = _State(options, opset_of(model))
     source = model
-    state.overridable = {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer}
+    state.overridable = overridable_inputs(model)
     state.changes["unused_initializers_removed"] = _count_unused_initializers(model)
     original_value_info = {vi.name for vi in model.graph.value_info}
     nodes_before = len(model.graph.node)
@@ -113,7 +113,7 @@ def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResu
         shape_nodes_left = any(n.op_type in _SHAPE_CONSUMERS or n.op_type in ("Reshape", "Expand") for n in model.graph.node)
         if not progress or not (state.round_folded and shape_nodes_left):
             break
-    restore_overridable_inputs(model, source)
+    restore_graph_inputs(model, source)
     # Intermediate value_info that we did not bring in stays out (shape inference re-derives it);
     # the model's own entries are kept where their tensor still exists.
     alive = {o for n in model.graph.node for o in n.output}
@@ -169,26 +169,49 @@ def _count_unused_initializers(model: onnx.ModelProto) -> int:
     return sum(1 for i in model.graph.initializer if i.name not in used)
 
 
-def restore_overridable_inputs(out: onnx.ModelProto, source: onnx.ModelProto) -> None:
-    """Put back graph inputs that have an initializer (onnx-graphsurgeon drops them on import).
+def overridable_inputs(model: onnx.ModelProto) -> set:
+    """Names of graph inputs that have an initializer and may be overridden at run time.
 
-    Such an input may be overridden at run time, so it is part of the model's interface and is
-    never treated as a constant; the passes leave its consumers alone, and it keeps its place in
-    the input list and its initializer. Idempotent.
+    From IR version 4 on, such an input is a default value the caller may replace, so it is NOT a
+    constant. Below IR 4 every initializer had to be listed as an input and onnxruntime does not
+    let them be fed (they are constants), so there the set is empty.
+    """
+    if model.ir_version < 4:
+        return set()
+    return {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer}
+
+
+def restore_graph_inputs(out: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Put back the graph inputs onnx-graphsurgeon drops on import (those with an initializer).
+
+    IR >= 4: an overridable input keeps its place in the input list and its initializer (its
+    consumers were left alone). IR < 4: every initializer must be listed as a graph input, so the
+    inputs become the real inputs followed by one entry per remaining initializer. Idempotent.
     """
     inits = {i.name: i for i in source.graph.initializer}
     if not any(vi.name in inits for vi in source.graph.input):
         return
     present = {vi.name: vi for vi in out.graph.input}
-    ordered = [present.get(vi.name, vi) if vi.name in inits else present[vi.name]
-               for vi in source.graph.input if vi.name in inits or vi.name in present]
+    if out.ir_version < 4:
+        declared = {vi.name: vi for vi in source.graph.input}
+        ordered = [present[vi.name] for vi in source.graph.input if vi.name not in inits and vi.name in present]
+        listed = {vi.name for vi in ordered}
+        ordered += [vi for vi in out.graph.input if vi.name not in listed and vi.name not in inits]
+        for init in out.graph.initializer:
+            ordered.append(declared.get(init.name) or helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        del out.graph.input[:]
+        out.graph.input.extend(ordered)
+        return
+    keep = overridable_inputs(source)
+    ordered = [present.get(vi.name, vi) if vi.name in keep else present[vi.name]
+               for vi in source.graph.input if vi.name in keep or vi.name in present]
     names = {vi.name for vi in ordered}
     ordered += [vi for vi in out.graph.input if vi.name not in names]
     del out.graph.input[:]
     out.graph.input.extend(ordered)
     have = {i.name for i in out.graph.initializer}
     for vi in source.graph.input:
-        if vi.name in inits and vi.name not in have:
+        if vi.name in keep and vi.name not in have:
             out.graph.initializer.append(inits[vi.name])
 
 

@@ -287,6 +287,24 @@ def test_weight_that_is_a_graph_input_is_not_folded():
     assert_equivalent(model, result.model, feeds, rtol=0, atol=0)
 
 
+def test_ir3_initializer_inputs_are_constants():
+    # Below IR 4 every initializer is listed as an input and cannot be fed: they are weights.
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y")]
+    inits = [("w", rand(4, 3, 3, 3, seed=1))] + bn_inits("bn", 4)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])] +
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in inits],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+                              [numpy_helper.from_array(v, n) for n, v in inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model, full_check=True)
+    result = run_bnfuse(model)
+    assert op_count(result.model, "BatchNormalization") == 0
+    inputs = [i.name for i in result.model.graph.input]
+    assert inputs[0] == "x" and set(inputs[1:]) == {i.name for i in result.model.graph.initializer}
+    assert_equivalent(model, result.model, rtol=RTOL, atol=ATOL)
+
+
 def test_shared_weight_is_copied_not_corrupted():
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y"),
              helper.make_node("Conv", ["x", "w"], ["z"])]
