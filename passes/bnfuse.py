@@ -52,7 +52,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import (NameGenerator, _swap_input, can_absorb, constant_value, export_graph, import_graph,
                            input_at, is_graph_output, sole_consumer)
-from onnxopt.passes.cleanup import infer_shapes, overridable_inputs, restore_graph_inputs
+from onnxopt.passes.cleanup import drop_detached, infer_shapes, overridable_inputs, restore_graph_inputs
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
 _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -77,6 +77,7 @@ def bnfuse(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResul
     """Exact BatchNormalization / per-channel affine folding into the neighbouring linear layer."""
     fuser = _Fuser(model, options)
     fuser.run()
+    drop_detached(fuser.graph)
     out = export_graph(fuser.graph, like=model)
     restore_graph_inputs(out, model)
     return PassResult(out, changes=dict(fuser.changes), details=fuser.details, skipped=fuser.skipped)

@@ -109,6 +109,7 @@ def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResu
             progress += _remove_noops(graph, shapes, state)
         if options["fold_pads"]:
             progress += _fold_pads(graph, shapes, state)
+        drop_detached(graph)
         model = export_graph(graph, like=model)
         shape_nodes_left = any(n.op_type in _SHAPE_CONSUMERS or n.op_type in ("Reshape", "Expand") for n in model.graph.node)
         if not progress or not (state.round_folded and shape_nodes_left):
@@ -167,6 +168,22 @@ def _count_unused_initializers(model: onnx.ModelProto) -> int:
 
     walk(model.graph)
     return sum(1 for i in model.graph.initializer if i.name not in used)
+
+
+def drop_detached(graph: gs.Graph) -> None:
+    """Remove the nodes a rewrite disconnected (no outputs left) in one linear sweep.
+
+    onnx-graphsurgeon's cleanup would find them too, but it formats every removed node for its
+    log -- printing each Constant's whole array -- which dominated the run time on large graphs.
+    """
+    keep = []
+    for node in graph.nodes:
+        if node.outputs:
+            keep.append(node)
+        else:
+            node.inputs.clear()
+            node.attrs.clear()
+    graph.nodes = keep
 
 
 def overridable_inputs(model: onnx.ModelProto) -> set:
