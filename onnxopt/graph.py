@@ -28,12 +28,15 @@ def import_graph(model: ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
-def export_graph(graph: gs.Graph, like: ModelProto) -> ModelProto:
+def export_graph(graph: gs.Graph, like: ModelProto, *, sort: bool = True) -> ModelProto:
     """Export ``graph`` back to a ModelProto, keeping ``like``'s opsets, IR version and metadata.
 
-    Dead nodes/tensors are removed and the nodes sorted topologically on the way out.
+    Dead nodes/tensors are removed and the nodes sorted topologically on the way out
+    (``sort=False``: the caller guarantees the node list is already in topological order).
     """
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    graph.cleanup(remove_unused_graph_inputs=False)
+    if sort:
+        graph.toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = like.ir_version
     del model.opset_import[:]

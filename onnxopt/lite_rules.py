@@ -95,8 +95,11 @@ class RuleContext:
         self.opset = opset
         self.options = options
         self.names = NameGenerator(graph)
-        self.dead: set = set()
+        # id -> node; holding the node keeps its id from being reused by a new node (ids of
+        # collected objects are recycled by CPython).
+        self.dead: dict = {}
         self._outputs = {id(t) for t in graph.outputs}
+        self.added: Optional[list] = None  # nodes added while a rule runs (for its verification)
 
     # ---- queries
     def is_output(self, t: gs.Tensor) -> bool:
@@ -116,6 +119,8 @@ class RuleContext:
     def add_node(self, op: str, inputs: list, outputs: list, attrs: Optional[dict] = None, base: str = "") -> gs.Node:
         node = gs.Node(op, name=self.names(base or op.lower()), attrs=attrs or {}, inputs=inputs, outputs=outputs)
         self.graph.nodes.append(node)
+        if self.added is not None:
+            self.added.append(node)
         return node
 
     def variable(self, base: str, like: Optional[gs.Tensor] = None) -> gs.Variable:
@@ -160,7 +165,7 @@ class RuleContext:
             inputs = list(n.inputs)
             n.inputs.clear()
             n.outputs.clear()
-            self.dead.add(id(n))
+            self.dead[id(n)] = n
             for t in inputs:
                 if t.inputs:
                     stack.append(t.inputs[0])
@@ -293,7 +298,8 @@ def hardsigmoid_of(g: gs.Tensor, ctx: RuleContext) -> Union[HardSigmoidForm, str
     if n is None:
         return None
     if n.op == "HardSigmoid":
-        return HardSigmoidForm(n.inputs[0], float(attr(n, "alpha") or 0.2), float(attr(n, "beta") or 0.5), "native")
+        alpha, beta = attr(n, "alpha"), attr(n, "beta")
+        return HardSigmoidForm(n.inputs[0], 0.2 if alpha is None else float(alpha), 0.5 if beta is None else float(beta), "native")
     c = binary_with_const(n, "Div", 6.0) if n.op == "Div" else binary_with_const(n, "Mul", 1 / 6) if n.op == "Mul" else None
     if c is None:
         return None

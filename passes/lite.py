@@ -171,14 +171,51 @@ def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detai
         rule.rewrite(graph, result, ctx)
         record["count"] += 1
         record["tensors"].append(out_name)
-        record.setdefault("preserved", []).extend(result.preserved or [out_name])
+        record["preserved"].extend(result.preserved or [out_name])
         details.append({"rule": rule.name, "exact": rule.exact, "tensor": out_name, "was": before,
                         "now": result.output.inputs[0].op if result.output.inputs else None})
     ctx.compact()
 
 
+def _stable_toposort(graph) -> bool:
+    """Kahn's algorithm keeping the existing order where it can (linear; gs's toposort computes
+    hierarchy levels recursively and dominates on 10k-node graphs). False when it does not apply
+    (subgraphs with outer-scope reads, or a cycle): then gs sorts."""
+    import heapq
+
+    nodes = graph.nodes
+    if any(n.subgraphs() and next(n.subgraphs(), None) is not None for n in nodes):
+        return False
+    index = {id(n): i for i, n in enumerate(nodes)}
+    pending = [0] * len(nodes)
+    readers: dict = {}
+    for i, n in enumerate(nodes):
+        seen = set()
+        for t in n.inputs:
+            p = t.inputs[0] if t.inputs else None
+            if p is not None and id(p) in index and id(p) not in seen:
+                seen.add(id(p))
+                pending[i] += 1
+                readers.setdefault(id(p), []).append(i)
+    ready = [i for i, c in enumerate(pending) if c == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for j in readers.get(id(nodes[i]), ()):
+            pending[j] -= 1
+            if pending[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        return False
+    graph.nodes = order
+    return True
+
+
 def _export(graph, like: ModelProto) -> ModelProto:
-    model = export_graph(graph, like)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    model = export_graph(graph, like, sort=not _stable_toposort(graph))
     # Keep only the value_info the input model had (shape inference ran on a copy for matching).
     keep = {vi.name: vi for vi in like.graph.value_info}
     present = {t for n in model.graph.node for t in n.output}
@@ -229,6 +266,7 @@ def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[P
     t0 = time.perf_counter()
     table = table if table is not None else rule_table(options.get("rules_module"))
     active = _select(table, options.get("rules"), options.get("disable"))
+    verify = bool(options.get("verify", True))
     opset = opset_of(model)
     shaped = model
     if model.ByteSize() < MAX_PROTO_BYTES:
@@ -239,32 +277,42 @@ def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[P
     graph = import_graph(shaped)
     ctx = RuleContext(graph, opset, {**options, "_active": {r.name for r in active}})
     records = {r.name: {"exact": r.exact, "enabled": r in active, "default": r.default, "summary": r.summary,
-                        "count": 0, "tensors": []} for r in table}
+                        "count": 0, "tensors": [], "preserved": []} for r in table}
     skipped: list = []
     details: list = []
 
     exact_rules = [r for r in active if r.exact]
     approx_rules = [r for r in active if not r.exact]
+    checker = _RegionChecker(shaped, model) if verify else None
+    local, pending = {}, []
     for rule in exact_rules:
+        ctx.added = []
         _apply_rule(rule, ctx, records[rule.name], skipped, details)
+        added, ctx.added = ctx.added, None
+        if checker is not None and records[rule.name]["count"]:
+            res = checker.check(graph, ctx, added, records[rule.name]["preserved"])
+            if isinstance(res, str):
+                pending.append(rule.name)  # verified on the whole model below
+                records[rule.name]["region_check"] = res
+            else:
+                local[rule.name] = res
     exact_fired = [r.name for r in exact_rules if records[r.name]["count"]]
-    model_exact = _export(graph, model) if exact_fired else model
-    if approx_rules:
-        if exact_fired:  # the export cleaned the graph; continue on a fresh import with shapes
-            try:
-                graph = import_graph(onnx.shape_inference.infer_shapes(model_exact))
-            except Exception:
-                graph = import_graph(model_exact)
-            ctx = RuleContext(graph, opset, ctx.options)
-        for rule in approx_rules:
-            _apply_rule(rule, ctx, records[rule.name], skipped, details)
+    # The whole model after the exact rules is only needed when a rule could not be verified on
+    # its region; the approximate rules continue on the same graph (export only cleans and sorts).
+    model_exact = _export(graph, model) if pending else None
+    for rule in approx_rules:
+        _apply_rule(rule, ctx, records[rule.name], skipped, details)
     approx_fired = [r.name for r in approx_rules if records[r.name]["count"]]
-    final = _export(graph, model) if approx_fired else model_exact
+    if approx_fired or exact_fired:
+        final = model_exact if model_exact is not None and not approx_fired else _export(graph, model)
+    else:
+        final = model
     seconds_rules = time.perf_counter() - t0
 
     extra = {"rules": records, "rule_seconds": round(seconds_rules, 3)}
-    if options.get("verify", True) and (exact_fired or approx_fired):
-        extra.update(_measure(model, model_exact, final, exact_fired, approx_fired, records, pctx, int(options.get("batches", 2)), skipped))
+    if verify and (exact_fired or approx_fired):
+        extra.update(_measure(model, model_exact, final, pending, local, approx_fired or exact_fired, records, pctx,
+                              int(options.get("batches", 2)), skipped))
     if approx_fired:
         extra["recommendation"] = (f"approximate rules changed the model ({', '.join(approx_fired)}): finetune the lite "
                                    "model (a few epochs at a low learning rate) to recover its accuracy before deployment")
@@ -272,42 +320,122 @@ def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[P
     return PassResult(final, changes=changes, details=details, skipped=skipped, extra=extra)
 
 
-def _measure(model, model_exact, final, exact_fired, approx_fired, records, pctx, batches, skipped) -> dict:
-    """Exact-rule verification (per rule, on the tensors it rewrote) and the lite model's output error."""
+class _RegionChecker:
+    """Verifies an exact rule on the region it rewrote, not the whole model.
+
+    The region's inputs are the tensors the new nodes read (same names in the original model);
+    its outputs are the tensors the rule preserves. The original region is cut out of the input
+    model with ``onnx.utils.Extractor``; the new one is exported from the new nodes. Both run in
+    onnxruntime on random values for the region inputs (an exact rewrite is exact for any input),
+    so the cost does not grow with the model. When a region cannot be cut (a region input is new,
+    or has a dynamic shape) the rule is verified on the whole model instead.
+    """
+
+    def __init__(self, shaped: ModelProto, model: ModelProto):
+        self.shaped, self.model = shaped, model
+        self._extractor = None
+        self.vi = {v.name: v for v in list(shaped.graph.value_info) + list(shaped.graph.input) + list(shaped.graph.output)}
+
+    def check(self, graph, ctx: RuleContext, added: list, preserved: list):
+        import onnx_graphsurgeon as gs
+        from onnx.utils import Extractor
+
+        nodes = {id(n): n for n in added if id(n) not in ctx.dead}
+        by_name = {t.name: t for n in nodes.values() for t in n.outputs}
+        outs = []
+        for name in dict.fromkeys(preserved):
+            t = by_name.get(name)
+            if t is None:  # preserved by a node the rule edited in place (e.g. permuted weights)
+                t = graph.tensors().get(name)
+                if t is None or not t.inputs:
+                    return f"preserved tensor '{name}' not found"
+                nodes[id(t.inputs[0])] = t.inputs[0]
+            outs.append(t)
+        produced = {id(t) for n in nodes.values() for t in n.outputs}
+        inputs = []
+        for n in nodes.values():
+            for t in n.inputs:
+                if id(t) in produced or isinstance(t, gs.Constant) or (t.name == "" and not t.inputs) or any(t is i for i in inputs):
+                    continue
+                if t.inputs and t.inputs[0].op == "Constant":
+                    nodes[id(t.inputs[0])] = t.inputs[0]
+                    continue
+                inputs.append(t)
+        specs = []
+        for t in inputs:
+            vi = self.vi.get(t.name)
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim] if vi else None
+            if vi is None or shape is None or any(d is None for d in shape):
+                return f"region input '{t.name}' is new or has no static shape"
+            specs.append((t.name, shape, runtime.np_dtype(vi.type.tensor_type.elem_type)))
+        try:
+            if self._extractor is None:
+                self._extractor = Extractor(self.shaped)
+            before = self._extractor.extract_model([s[0] for s in specs], [t.name for t in outs])
+            sub = gs.Graph(nodes=list(nodes.values()), inputs=inputs, outputs=outs, opset=opset_of(self.model))
+            after = gs.export_onnx(sub, do_type_check=False)
+            for m in (before, after):
+                m.ir_version = self.model.ir_version
+                del m.opset_import[:]
+                m.opset_import.extend(self.model.opset_import)
+            s_before, s_after = runtime.session(before), runtime.session(after)
+        except Exception as exc:  # a region that cannot be cut out: verify on the whole model
+            return f"region not extractable ({type(exc).__name__})"
+        rng = np.random.default_rng(0)
+        mx = rel = 0.0
+        for _ in range(2):
+            feed = {n: (rng.standard_normal(sh) * 4).astype(dt) if dt.kind == "f" else rng.integers(0, 4, sh).astype(dt)
+                    for n, sh, dt in specs}
+            r, g = runtime.run(s_before, feed), runtime.run(s_after, feed)
+            for t in outs:
+                a, b = _err(r[t.name], g[t.name])
+                mx, rel = max(mx, a), max(rel, b)
+        return {"max_abs": mx, "max_rel": rel, "tensors": len(outs), "inputs": "generated at the region inputs",
+                "region_nodes": {"before": len(before.graph.node), "after": len(after.graph.node)}}
+
+
+def _judge(name: str, res: dict, records: dict) -> dict:
+    res["passed"] = bool(res["max_abs"] <= EXACT_ATOL or res["max_rel"] <= EXACT_RTOL)
+    records[name]["max_abs_error"] = res["max_abs"]
+    if not res["passed"]:
+        raise VerificationError(
+            f"lite rule '{name}' is exact but changed its tensors by max abs {res['max_abs']:.3g} (rel {res['max_rel']:.3g}).",
+            f"this is a bug in the rule on this model; rerun with --set lite.disable={name} and report it")
+    return res
+
+
+def _measure(model, model_exact, final, pending, local, changed, records, pctx, batches, skipped) -> dict:
+    """Exact-rule verification and the lite model's output error against the input model."""
     out = {}
+    ver = {name: _judge(name, res, records) for name, res in local.items()}
+    if ver:
+        out["exact_verification"] = {"rules": ver}
     try:
         feeds, source = _feeds(model, pctx, max(1, batches))
     except OnnxoptError as exc:
-        skipped.append(f"verification: not run: {exc.message} ({exc.hint})")
+        skipped.append(f"verification: not run on the whole model: {exc.message} ({exc.hint})")
         out["verification_skipped"] = exc.message
+        if pending:
+            raise VerificationError(f"lite rules {', '.join(pending)} could not be verified: {exc.message}", exc.hint) from None
         return out
     outputs = [o.name for o in model.graph.output]
-    exact_tensors = [t for name in exact_fired for t in records[name]["preserved"]]
+    exact_tensors = [t for name in pending for t in records[name]["preserved"]]
     ref_sess = runtime.session(_with_outputs(model, exact_tensors))
     refs = [runtime.run(ref_sess, f) for f in feeds]
-    if exact_fired:
+    if pending:
         ex_sess = runtime.session(_with_outputs(model_exact, exact_tensors))
         got = [runtime.run(ex_sess, f) for f in feeds]
-        ver = {}
-        for name in exact_fired:
+        for name in pending:
             mx, rel = 0.0, 0.0
             for r, g in zip(refs, got):
                 for t in records[name]["preserved"]:
                     a, b = _err(r[t], g[t])
                     mx, rel = max(mx, a), max(rel, b)
-            ok = mx <= EXACT_ATOL or rel <= EXACT_RTOL
-            ver[name] = {"max_abs": mx, "max_rel": rel, "tensors": len(records[name]["tensors"]), "passed": ok}
-            records[name]["max_abs_error"] = mx
-            if not ok:
-                raise VerificationError(
-                    f"lite rule '{name}' is exact but changed its tensors by max abs {mx:.3g} (rel {rel:.3g}).",
-                    f"this is a bug in the rule on this model; rerun with --set lite.disable={name} and report it")
-        out["exact_verification"] = {"inputs": source, "batches": len(feeds), "rules": ver}
-    if approx_fired:
-        fin_sess = runtime.session(final)
-        got = [runtime.run(fin_sess, f) for f in feeds]
-    else:
-        got = [{k: v for k, v in g.items() if k in outputs} for g in got]
+            ver[name] = _judge(name, {"max_abs": mx, "max_rel": rel, "tensors": len(records[name]["preserved"]),
+                                      "inputs": f"{source} (whole model)"}, records)
+        out["exact_verification"] = {"rules": ver}
+    fin_sess = runtime.session(final)
+    got = [runtime.run(fin_sess, f) for f in feeds]
     per = {}
     for name in outputs:
         mx, rel = 0.0, 0.0

@@ -599,6 +599,25 @@ def test_python_api_custom_table_and_exact_verification_catches_a_wrong_exact_ru
     assert res.changes == {"relu_to_sigmoid": 1} and "exact_verification" not in res.extra
 
 
+def test_exact_rule_on_a_dynamic_region_is_verified_on_the_whole_model():
+    from onnxopt.registry import PassContext
+
+    b = GraphBuilder()
+    b.nodes.append(helper.make_node("MaxPool", ["input"], ["output"], kernel_shape=[5, 5], pads=[2, 2, 2, 2]))
+    graph = helper.make_graph(b.nodes, "t", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    res = run_lite(model, options_with(), PassContext(input_shapes={"input": [2, 3, 11, 7]}))
+    ver = res.extra["exact_verification"]["rules"]["maxpool_ge5_to_cascade"]
+    assert ver["max_abs"] == 0.0 and "whole model" in ver["inputs"]
+    assert "no static shape" in res.extra["rules"]["maxpool_ge5_to_cascade"]["region_check"]
+    # without shapes for the dynamic input the rule cannot be verified: a user error, not a silent pass
+    with pytest.raises(VerificationError, match="could not be verified"):
+        run_lite(model, options_with())
+    assert run_lite(model, options_with(verify=False)).changes == {"maxpool_ge5_to_cascade": 1}
+
+
 def test_matching_visits_each_anchor_once_per_rule():
     calls = collections.Counter()
     table = []
