@@ -158,7 +158,10 @@ def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detai
     for node in list(graph.nodes):
         if id(node) in ctx.dead or (anchors and node.op not in anchors):
             continue
-        result = rule.match(graph, node, ctx)
+        try:
+            result = rule.match(graph, node, ctx)
+        except Exception as exc:  # name the rule and the node: the traceback alone rarely does
+            raise RuntimeError(f"lite rule '{rule.name}' failed matching node '{node.name}' ({node.op}): {exc}") from exc
         if result is None:
             continue
         if isinstance(result, str):
@@ -168,7 +171,10 @@ def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detai
             raise TypeError(f"lite rule {rule.name}: match returned {type(result).__name__}, expected Match, str or None")
         out_name = result.output.name
         before = result.output.inputs[0].op if result.output.inputs else None
-        rule.rewrite(graph, result, ctx)
+        try:
+            rule.rewrite(graph, result, ctx)
+        except Exception as exc:
+            raise RuntimeError(f"lite rule '{rule.name}' failed rewriting '{out_name}': {exc}") from exc
         record["count"] += 1
         record["tensors"].append(out_name)
         record["preserved"].extend(result.preserved or [out_name])
@@ -216,6 +222,12 @@ def _stable_toposort(graph) -> bool:
 def _export(graph, like: ModelProto) -> ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False)
     model = export_graph(graph, like, sort=not _stable_toposort(graph))
+    if like.ir_version < 4:
+        # IR < 4 requires every initializer to be a graph input (as it was in the input model);
+        # onnx-graphsurgeon's export does not list them.
+        listed = {i.name for i in model.graph.input}
+        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in model.graph.initializer if t.name not in listed)
     # Keep only the value_info the input model had (shape inference ran on a copy for matching).
     keep = {vi.name: vi for vi in like.graph.value_info}
     present = {t for n in model.graph.node for t in n.output}
@@ -449,8 +461,11 @@ def _measure(model, model_exact, final, pending, local, changed, records, pctx, 
     return out
 
 
+_RULE_HELP = ", ".join(f"{r.name}{'' if r.default else '(off)'}{'' if r.exact else '~'}" for r in default_rules())
+
 OPTIONS = [
-        Option("rules", list, None, "apply only these rules (comma-separated names; `onnxopt passes` lists them in the lite docstring)"),
+        Option("rules", list, None, "apply only these rules (comma-separated); default: the default-on ones. "
+               f"Rules (~ approximate, (off) off by default): {_RULE_HELP}"),
         Option("disable", list, None, "rules to switch off (comma-separated names)"),
         Option("rules_module", str, None, "a Python file registering user rules with onnxopt.passes.lite.register_rule (or defining RULES)"),
         Option("focus_mode", str, "conv", "what the Focus stem becomes: a one-hot 2x2/s2 Conv, or SpaceToDepth (TIDL-friendly "

@@ -334,6 +334,20 @@ def test_maxpool_cascade_near_misses(attrs, reason):
     assert not res.changes and not res.skipped
 
 
+def test_ir3_model_keeps_initializers_as_graph_inputs():
+    w = helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 3, 3, 3])
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["output"], kernel_shape=[5, 5], pads=[2, 2, 2, 2])]
+    graph = helper.make_graph(nodes, "ir3", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 9, 9]), w],
+                              [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1, 4, 9, 9])],
+                              [onnx.numpy_helper.from_array(rand(4, 3, 3, 3), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    res = apply_lite(model)  # full checker: IR 3 needs every initializer listed as an input
+    assert res.changes == {"maxpool_ge5_to_cascade": 1}
+    assert "w" in [i.name for i in res.model.graph.input]
+
+
 def test_avgpool_cascade_is_approximate_and_reported():
     b = GraphBuilder()
     b.nodes.append(helper.make_node("AveragePool", ["input"], ["output"], kernel_shape=[5, 5], pads=[2, 2, 2, 2], count_include_pad=1))
