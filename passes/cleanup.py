@@ -111,8 +111,7 @@ def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResu
             progress += _fold_pads(graph, shapes, state)
         drop_detached(graph)
         model = export_graph(graph, like=model)
-        shape_nodes_left = any(n.op_type in _SHAPE_CONSUMERS or n.op_type in ("Reshape", "Expand") for n in model.graph.node)
-        if not progress or not (state.round_folded and shape_nodes_left):
+        if not progress or not (state.round_folded and _shape_work_left(model)):
             break
     restore_graph_inputs(model, source)
     # Intermediate value_info that we did not bring in stays out (shape inference re-derives it);
@@ -168,6 +167,23 @@ def _count_unused_initializers(model: onnx.ModelProto) -> int:
 
     walk(model.graph)
     return sum(1 for i in model.graph.initializer if i.name not in used)
+
+
+# Inputs that carry shapes/indices: when one is still computed at run time after a round, the next
+# round's shape inference may now resolve it.
+_SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1, "Pad": 1, "Slice": 1, "Resize": 1,
+                 "Range": 0, "Unsqueeze": 1, "Squeeze": 1, "Split": 1, "ReduceMean": 1, "ReduceSum": 1}
+
+
+def _shape_work_left(model: onnx.ModelProto) -> bool:
+    inits = {i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in _SHAPE_CONSUMERS:
+            return True
+        first = _SHAPE_INPUTS.get(n.op_type)
+        if first is not None and any(name and name not in inits for name in n.input[first:]):
+            return True
+    return False
 
 
 def drop_detached(graph: gs.Graph) -> None:

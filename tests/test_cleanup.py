@@ -337,3 +337,18 @@ def test_cleanup_is_idempotent_and_options_disable_rules():
     assert op_count(off.model, "Constant") == op_count(model, "Constant")
     with pytest.raises(onnxopt.OnnxoptError, match="max_fold_elements"):
         get_pass("cleanup").resolve({"max_fold_elements": "lots"})
+
+
+def test_second_round_folds_shapes_made_static_by_the_first():
+    # Abs is folded by onnxruntime in round 1, which is what makes y's shape static; only round 2's
+    # shape inference can then fold Shape(y).
+    nodes = [const_node("neg", np.array([-2, -48], np.int64)), helper.make_node("Abs", ["neg"], ["shape"]),
+             helper.make_node("Reshape", ["x", "shape"], ["y"]), helper.make_node("Shape", ["y"], ["sy"]),
+             const_node("one", np.array([1], np.int64)), helper.make_node("Gather", ["sy", "one"], ["w"], axis=0),
+             const_node("m1", np.array([-1], np.int64)), helper.make_node("Concat", ["m1", "w"], ["s2"], axis=0),
+             helper.make_node("Reshape", ["y", "s2"], ["z"])]
+    model = make_model(nodes, [("x", [2, 3, 4, 4])], [("z", [2, 48])])
+    result = run_cleanup(model)
+    assert ops(result.model) == ["Reshape"]  # y -> z is the same shape; the x -> y Reshape remains
+    assert result.extra["rounds"] == 2
+    assert_equivalent(model, result.model, rtol=0, atol=0)
