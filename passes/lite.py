@@ -279,6 +279,9 @@ def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[P
     table = table if table is not None else rule_table(options.get("rules_module"))
     active = _select(table, options.get("rules"), options.get("disable"))
     verify = bool(options.get("verify", True))
+    # The input model's reference outputs are computed in a background thread while the rules
+    # run: onnxruntime releases the GIL, and its session setup dominates on large graphs.
+    reference = _Reference(model, pctx, int(options.get("batches", 2))) if verify else None
     opset = opset_of(model)
     shaped = model
     if model.ByteSize() < MAX_PROTO_BYTES:
@@ -323,8 +326,7 @@ def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[P
 
     extra = {"rules": records, "rule_seconds": round(seconds_rules, 3)}
     if verify and (exact_fired or approx_fired):
-        extra.update(_measure(model, model_exact, final, pending, local, approx_fired or exact_fired, records, pctx,
-                              int(options.get("batches", 2)), skipped))
+        extra.update(_measure(model, model_exact, final, pending, local, reference, records, skipped))
     if approx_fired:
         extra["recommendation"] = (f"approximate rules changed the model ({', '.join(approx_fired)}): finetune the lite "
                                    "model (a few epochs at a low learning rate) to recover its accuracy before deployment")
@@ -416,30 +418,63 @@ def _judge(name: str, res: dict, records: dict) -> dict:
     return res
 
 
-def _measure(model, model_exact, final, pending, local, changed, records, pctx, batches, skipped) -> dict:
+class _Reference:
+    """Feeds (user data or generated) and the input model's outputs on them, computed in a thread."""
+
+    def __init__(self, model: ModelProto, pctx: PassContext, batches: int):
+        import threading
+
+        self.error: Optional[OnnxoptError] = None
+        self.refs: Optional[list] = None
+        self._exc: Optional[BaseException] = None
+        try:
+            self.feeds, self.source = _feeds(model, pctx, max(1, batches))
+        except OnnxoptError as exc:
+            self.error, self.feeds, self.source = exc, [], None
+            self._thread = None
+            return
+        self._thread = threading.Thread(target=self._run, args=(model,), daemon=True)
+        self._thread.start()
+
+    def _run(self, model: ModelProto) -> None:
+        try:
+            sess = runtime.session(model)
+            self.refs = [runtime.run(sess, f) for f in self.feeds]
+        except BaseException as exc:  # re-raised in the caller's thread
+            self._exc = exc
+
+    def outputs(self) -> list:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._exc is not None:
+            raise self._exc
+        return self.refs
+
+
+def _measure(model, model_exact, final, pending, local, reference: _Reference, records, skipped) -> dict:
     """Exact-rule verification and the lite model's output error against the input model."""
     out = {}
     ver = {name: _judge(name, res, records) for name, res in local.items()}
     if ver:
         out["exact_verification"] = {"rules": ver}
-    try:
-        feeds, source = _feeds(model, pctx, max(1, batches))
-    except OnnxoptError as exc:
+    if reference.error is not None:
+        exc = reference.error
         skipped.append(f"verification: not run on the whole model: {exc.message} ({exc.hint})")
         out["verification_skipped"] = exc.message
         if pending:
             raise VerificationError(f"lite rules {', '.join(pending)} could not be verified: {exc.message}", exc.hint) from None
         return out
+    feeds, source = reference.feeds, reference.source
     outputs = [o.name for o in model.graph.output]
-    exact_tensors = [t for name in pending for t in records[name]["preserved"]]
-    ref_sess = runtime.session(_with_outputs(model, exact_tensors))
-    refs = [runtime.run(ref_sess, f) for f in feeds]
     if pending:
-        ex_sess = runtime.session(_with_outputs(model_exact, exact_tensors))
-        got = [runtime.run(ex_sess, f) for f in feeds]
+        exact_tensors = [t for name in pending for t in records[name]["preserved"]]
+        s_ref = runtime.session(_with_outputs(model, exact_tensors))
+        s_ex = runtime.session(_with_outputs(model_exact, exact_tensors))
         for name in pending:
             mx, rel = 0.0, 0.0
-            for r, g in zip(refs, got):
+            for f in feeds:
+                r, g = runtime.run(s_ref, f, exact_tensors), runtime.run(s_ex, f, exact_tensors)
                 for t in records[name]["preserved"]:
                     a, b = _err(r[t], g[t])
                     mx, rel = max(mx, a), max(rel, b)
@@ -448,6 +483,7 @@ def _measure(model, model_exact, final, pending, local, changed, records, pctx, 
         out["exact_verification"] = {"rules": ver}
     fin_sess = runtime.session(final)
     got = [runtime.run(fin_sess, f) for f in feeds]
+    refs = reference.outputs()
     per = {}
     for name in outputs:
         mx, rel = 0.0, 0.0
