@@ -342,3 +342,45 @@ def test_bn_as_graph_output_keeps_its_name_and_the_manager_verifies():
     assert [o.name for o in out.graph.output] == ["y"]
     assert report.passes[0].verification["passed"]
     assert report.passes[0].verification["max_abs"] < 1e-4
+
+
+def test_mul_add_after_matmul_fold_for_any_rank():
+    # Mul/Add per column act on the last axis, which is the MatMul's output channel at every rank.
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "bias"], ["a"]),
+             helper.make_node("Mul", ["a", "k"], ["p"]), helper.make_node("Sub", ["p", "c"], ["y"])]
+    inits = [("W", rand(5, 6, seed=1)), ("bias", rand(6, seed=2)), ("k", rand(6, seed=3)), ("c", rand(1, 1, 6, seed=4))]
+    model = make_model(nodes, [("x", [2, 3, 5])], [("y", None)], inits)
+    result = run_bnfuse(model)
+    assert ops_of(result.model) == ["MatMul", "Add"]
+    assert_equivalent(model, result.model, rtol=RTOL, atol=ATOL)
+
+
+def test_matmul_with_activation_weight_is_not_folded():
+    nodes = [helper.make_node("Relu", ["z0"], ["z"]), helper.make_node("MatMul", ["x", "z"], ["m"]), bn_node("m", "y")]
+    model = make_model(nodes, [("x", [4, 5]), ("z0", [5, 6])], [("y", None)], bn_inits("bn", 6))
+    result = run_bnfuse(model, standalone="keep")
+    assert op_count(result.model, "BatchNormalization") == 1
+    assert any("weight is not a constant" in s for s in result.skipped)
+
+
+def test_model_with_subgraph_survives():
+    then_g = helper.make_graph([helper.make_node("Add", ["c", "k"], ["o1"])], "then", [],
+                               [helper.make_tensor_value_info("o1", TensorProto.FLOAT, [1, 4, 4, 4])])
+    else_g = helper.make_graph([helper.make_node("Sub", ["c", "k"], ["o2"])], "else", [],
+                               [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [1, 4, 4, 4])])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c0"]), bn_node("c0", "c"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+                              [numpy_helper.from_array(v, n) for n, v in [("w", rand(4, 3, 3, 3, seed=1)), ("k", np.float32(2.0))] + bn_inits("bn", 4)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, report = onnxopt.apply(model, "cleanup,bnfuse")
+    assert op_count(out, "BatchNormalization") == 0
+    feeds = [{"x": rand(1, 3, 6, 6, seed=2), "cond": np.array(c)} for c in (True, False)]
+    assert_equivalent(model, out, feeds, rtol=RTOL, atol=ATOL)
+
+
+def ops_of(model):
+    return [n.op_type for n in model.graph.node]
