@@ -33,8 +33,12 @@ graph size:
    and it guarantees every window sees a real element).
 6. **Dead code**: nodes that reach no graph output and unused initializers are dropped.
 
-Rounds repeat (at most ``MAX_ROUNDS``) only while a round folded something and shape-dependent
-nodes remain, since folding one chain can make another tensor's shape static.
+Rounds repeat (at most ``MAX_ROUNDS``) only while a round folded something and shape inputs are
+still computed at run time, since folding one chain can make another tensor's shape static.
+
+Scope: the main graph is rewritten; If/Loop/Scan bodies are left as they are (main-graph tensors
+they read stay consistent: a folded or bypassed tensor is renamed for them too). Graph inputs that
+have an initializer are overridable from IR 4 on and never treated as constants.
 """
 from __future__ import annotations
 
