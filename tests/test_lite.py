@@ -295,6 +295,38 @@ def test_mobilenetv3_torch_export_if_torch_available():
     assert torch is not None
 
 
+def _weights_as_constant_nodes(model):
+    """Move every initializer into a Constant node (as Paddle exports do)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in m.graph.initializer]
+    del m.graph.initializer[:]
+    nodes = consts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_weights_in_constant_nodes_and_dynamic_batch():
+    model = _weights_as_constant_nodes(mobilenetv3_like(opset=17))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    res = apply_lite(model)
+    assert res.changes == {"squeeze_and_excite_to_identity": 1, "hardswish_to_relu": 3, "gelu_to_relu": 1, "relu6_to_relu": 1}
+    assert ops(res.model) == collections.Counter({"Conv": 6, "Relu": 5})
+    model = _weights_as_constant_nodes(yolox_like())
+    res = apply_lite(model, rules="focus_to_conv,maxpool_ge5_to_cascade")
+    assert res.changes == {"focus_to_conv": 1, "maxpool_ge5_to_cascade": 3}
+    assert assert_equivalent(model, res.model, atol=0, rtol=0) == 0.0
+    b = GraphBuilder()
+    b.nodes.append(helper.make_node("Conv", ["input", b.init(rand(8, 4, 4, 4))], ["output"], kernel_shape=[4, 4], pads=[1, 1, 2, 2]))
+    model = _weights_as_constant_nodes(b.model([("input", [1, 4, 9, 9])], [("output", [1, 8, 9, 9])]))
+    res = apply_lite(model, rules="conv_even_kernel_to_odd")
+    assert res.changes == {"conv_even_kernel_to_odd": 1}
+    assert_equivalent(model, res.model, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------ pools
 
 
@@ -435,6 +467,19 @@ def test_even_kernel_to_odd_is_exact(k, stride, pads, group):
     (conv,) = [n for n in res.model.graph.node if n.op_type == "Conv"]
     ks = [a for a in conv.attribute if a.name == "kernel_shape"][0].ints
     assert list(ks) == [k + 1, k + 1]
+    assert_equivalent(model, res.model, atol=1e-5, rtol=1e-5)
+
+
+def test_even_kernel_shared_weight_is_not_overwritten():
+    b = GraphBuilder()
+    w = b.init(rand(4, 4, 4, 4))
+    a = b.op("Conv", ["input", w], kernel_shape=[4, 4], pads=[1, 1, 2, 2])
+    c = b.op("Conv", ["input", w], kernel_shape=[4, 4], pads=[3, 3, 3, 3], dilations=[2, 2])
+    b.nodes.append(helper.make_node("Add", [a, c], ["output"]))
+    model = b.model([("input", [1, 4, 9, 9])], [("output", [1, 4, 9, 9])])
+    res = apply_lite(model, rules="conv_even_kernel_to_odd")
+    assert res.changes == {"conv_even_kernel_to_odd": 1} and any("dilated" in r for r in res.skipped)
+    assert w in [i.name for i in res.model.graph.initializer]
     assert_equivalent(model, res.model, atol=1e-5, rtol=1e-5)
 
 
