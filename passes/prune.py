@@ -25,6 +25,12 @@ appear in the same tensors -- e.g. one conv's output, or one residual stream); `
 removes ``ratio`` of all channels, lowest scores first. Both respect ``max_layer_ratio``,
 ``min_channels`` and ``round_to`` (kept counts are multiples of N) per class.
 
+Removing an input channel also removes its average contribution to the consumer; with
+``compensate=mean`` (default) the mean of every removed input channel, measured on the context's
+data (or generated inputs), is folded into the consumer's bias:
+``b'[o] = b[o] + mean(x_c) * sum_k W[o, c, k]`` -- exact for a constant channel (e.g. a channel
+whose filters are ~0 but whose BN shift is not) away from zero-padded borders.
+
 Not exact: the outputs change. The pass reports parameters, MACs and onnxruntime CPU latency
 before and after (per layer and in total) and the output error right after pruning, on the
 context's data or on generated inputs. Recovery (finetuning) is another pass's job.
@@ -65,6 +71,8 @@ IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
         Option("round_to", int, 1, "kept channel counts are multiples of this (e.g. 8 for tensor cores / TIDL)"),
         Option("protect", list, [], "layers whose output channels are kept: node, output or weight names or regexes (full match)"),
         Option("keep_first_last", bool, True, "keep channel groups made only of the first layer's outputs or read only by the last layer(s)"),
+        Option("compensate", str, "mean", "fold the mean of every removed input channel into the consumer's bias (mean) or not (none)",
+               choices=("mean", "none")),
         Option("latency_runs", int, 20, "onnxruntime CPU runs for the latency before/after (median; 0 = skip)"),
         Option("eval_batches", int, 4, "batches of the data used to measure the output error after pruning"),
     ],
@@ -89,10 +97,13 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     scores, fallback = _component_scores(an, importance, options.get("scores"))
     protected = _protected(an, patterns, options["keep_first_last"])
     removed, class_rows = _select(an, scores, protected, ratio, options)
+    feeds, source = _feeds(model, ctx, options["eval_batches"])
+    compensated = _compensate(an, model, removed, feeds) if options["compensate"] == "mean" and removed else 0
     new_model = an.rewrite(removed)
     t_total = time.perf_counter() - t0
 
-    extra = _report(model, new_model, an, removed, ctx, options)
+    extra = _report(model, new_model, an, removed, ctx, options, feeds, source)
+    extra["compensated_layers"] = compensated
     extra.update({"importance": importance, "mode": options["mode"], "classes": class_rows,
                   "analysis_seconds": round(t_analysis, 3), "prune_seconds": round(t_total, 3)})
     if fallback:
@@ -294,6 +305,95 @@ def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, o
     return removed, rows
 
 
+# ---------------------------------------------------------------------------- compensation
+def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list) -> int:
+    """Fold the mean of each removed input channel into the consumer's bias.
+
+    A removed channel c of a consumer's input contributes ``sum_k W[o, c, k] * x_c`` to output o;
+    replacing ``x_c`` by its mean over the data (all positions) keeps that expected contribution:
+    ``b'[o] = b[o] + mean(x_c) * sum_k W[o, c, k]``. Exact for a constant channel away from the
+    zero-padded border. Dense and grouped Conv and Gemm; a depthwise conv loses the whole group
+    (outputs included), and MatMul has no bias to take it.
+    """
+    import onnx_graphsurgeon as gs
+    from onnxopt.graph import NameGenerator, constant_value, input_at
+
+    todo = []
+    for act in an.actions:
+        if act[0] not in ("conv", "gemm") or act[2] is None:
+            continue
+        if act[0] == "conv" and act[4] == "depthwise":
+            continue
+        dead = ~an.keep_mask(act[2], removed)
+        if dead.any():
+            todo.append((act, dead))
+    if not todo:
+        return 0
+    tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
+    sums: dict = {}
+    count = 0
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    from onnx import helper
+    for name in tensors:
+        if name not in known:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    sess = runtime.session(probe)
+    for feed in feeds:
+        out = runtime.run(sess, feed, tensors)
+        for name, v in out.items():
+            axes = tuple(i for i in range(v.ndim) if i != 1)
+            sums[name] = sums.get(name, 0.0) + v.astype(np.float64).mean(axis=axes)
+        count += 1
+    names = NameGenerator(an.graph)
+    done = 0
+    for act, dead in todo:
+        node = act[1]
+        mean = sums[node.inputs[0].name] / count
+        w = constant_value(node.inputs[1])
+        wdt, w = w.dtype, w.astype(np.float64)
+        if act[0] == "conv":
+            cin_g = w.shape[1]
+            g = int(node.attrs.get("group", 1))
+            per_in = w.reshape(w.shape[0], cin_g, -1).sum(axis=2)   # [Cout, Cin/g]
+            contrib = np.where(dead, mean, 0.0)
+            if g == 1:
+                delta = per_in @ contrib
+            else:  # output o of group k reads inputs k*cin_g .. (k+1)*cin_g-1
+                b_g = w.shape[0] // g
+                delta = np.concatenate([per_in[k * b_g:(k + 1) * b_g] @ contrib[k * cin_g:(k + 1) * cin_g] for k in range(g)])
+            b = input_at(node, 2)
+            bias = np.zeros(w.shape[0]) if b is None else constant_value(b).astype(np.float64)
+            new = (bias + delta).astype(wdt)
+            if b is None:
+                while len(node.inputs) < 3:
+                    node.inputs.append(gs.Variable.empty())
+            node.inputs[2] = gs.Constant(names("compensated_b"), new)
+        else:  # Gemm: Y = alpha * A op(B) + beta * C
+            if int(node.attrs.get("transA", 0)):
+                continue
+            rows = w.T if int(node.attrs.get("transB", 0)) else w      # [K, N]
+            delta = float(node.attrs.get("alpha", 1.0)) * (np.where(dead, mean, 0.0) @ rows)
+            beta = float(node.attrs.get("beta", 1.0))
+            c = input_at(node, 2)
+            if c is None:
+                new = delta.astype(wdt)
+                node.attrs["beta"] = 1.0
+                while len(node.inputs) < 3:
+                    node.inputs.append(gs.Variable.empty())
+            else:
+                cv = constant_value(c)
+                if cv is None or beta == 0.0:
+                    continue
+                new = (cv.astype(np.float64) + delta / beta).astype(cv.dtype)
+                if new.shape != np.broadcast_shapes(cv.shape, delta.shape) or new.ndim and new.shape[-1] != len(delta):
+                    continue
+            node.inputs[2] = gs.Constant(names("compensated_c"), np.ascontiguousarray(new))
+        done += 1
+    return done
+
+
 # --------------------------------------------------------------------------------- report
 def _feeds(model: ModelProto, ctx: PassContext, batches: int) -> tuple:
     feeds = []
@@ -319,7 +419,8 @@ def _latency_ms(model: ModelProto, feed: dict, runs: int) -> float:
     return statistics.median(times)
 
 
-def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: dict) -> dict:
+def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: dict,
+            feeds: list, source: str) -> dict:
     lb, la = stats.layer_macs(before), stats.layer_macs(after)
     macs_a = {r["output"]: r["macs"] for r in la}
     layers = []
@@ -337,7 +438,6 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
         "macs": {"before": macs_b, "after": macs_after, "reduction": _red(macs_b, macs_after)},
         "layers": layers,
     }
-    feeds, source = _feeds(before, ctx, options["eval_batches"])
     s_ref, s_new = runtime.session(before), runtime.session(after)
     err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source}
     agree, total = 0, 0

@@ -401,3 +401,30 @@ def test_real_models_prune_and_stay_exact_on_zeroed_channels(shared, name):
     out, rec = _prune(m, ratio=0.3)
     assert rec.extra["macs"]["reduction"] > 0.3
     assert set(run(out, feed[0])) == set(run(m, feed[0]))
+
+
+def test_mean_compensation_keeps_a_constant_channel(tmp_path):
+    """A channel whose filters are zero but whose BN shift is not is a constant feature map: pruning
+    it with compensate=mean folds that constant into the (unpadded 1x1) consumer exactly."""
+    b = pm.B(12)
+    x = b.cbr("input", 3, 6)
+    b.conv(x, 6, 4, k=1, name="out")
+    m = b.model([("input", [1, 3, 5, 5])], [("out", [1, 4, 5, 5])])
+    conv = m.graph.node[0]
+    w = next(i for i in m.graph.initializer if i.name == conv.input[1])
+    arr = numpy_helper.to_array(w).copy()
+    arr[2] = 0
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    bn = m.graph.node[1]
+    beta = next(i for i in m.graph.initializer if i.name == bn.input[2])
+    bv = numpy_helper.to_array(beta).copy()
+    bv[2] = 0.7
+    beta.CopyFrom(numpy_helper.from_array(bv, beta.name))
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({conv.output[0]: [1, 1, 0, 1, 1, 1]}))
+    exact, rec = _prune(m, ratio=0.17, scores=str(path), keep_first_last=False)
+    assert rec.changes["channels_removed"] == 1 and rec.extra["compensated_layers"] == 1
+    assert_equivalent(m, exact, atol=1e-5)
+    off, _ = _prune(m, ratio=0.17, scores=str(path), keep_first_last=False, compensate="none")
+    feed = runtime.generate_inputs(m)
+    assert np.abs(run(off, feed)["out"] - run(m, feed)["out"]).max() > 1e-2

@@ -1,0 +1,180 @@
+"""Measure the figures of the prune / sparsify issue on the real models and print a table.
+
+    python tools/bench_prune.py                       # all figures
+    python tools/bench_prune.py --only resnet56 --runs 300 --json out.json
+
+* ResNet56 (CIFAR-10) with prune.ratio=0.3 (uniform, l1; and the round_to=8 variant): params,
+  MACs, onnxruntime CPU latency at batch 1 and batch 32 before/after, validity (full checker),
+  top-1 on the 1017 CIFAR test images before and right after pruning (no finetuning).
+* EfficientNet-Lite0 and YOLOX-nano at ratio 0.3: valid, runs, params/MACs/latency at batch 1.
+* The generated 10k-node graph (tools/gen_graph.py): wall time of the prune pass.
+* sparsify on ResNet56: 2:4 and TI 41:64 (flat, zeroed convention), unstructured 50 %; top-1 after.
+
+Latency: onnxruntime CPU, all graph optimizations, the machine's default thread count (or
+--threads), before and after measured in alternating rounds so that load from other processes
+hits both; the median over all runs is reported. The machine is shared: treat small differences
+as noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT / "tools"))
+
+from onnxopt import runtime  # noqa: E402
+from onnxopt.manager import apply  # noqa: E402
+from onnxopt.model_io import load_model  # noqa: E402
+
+
+def latency_pair(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict, runs: int, threads: int, rounds: int = 5) -> tuple:
+    """Median latency (ms) of a and b, measured in alternating rounds."""
+    sa = runtime.session(a, optimize=True, threads=threads)
+    sb = runtime.session(b, optimize=True, threads=threads)
+    for s in (sa, sb):
+        for _ in range(3):
+            s.run(None, feed)
+    ta, tb = [], []
+    per = max(1, runs // rounds)
+    for _ in range(rounds):
+        for s, acc in ((sa, ta), (sb, tb)):
+            for _ in range(per):
+                t = time.perf_counter()
+                s.run(None, feed)
+                acc.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def cifar_top1(model: onnx.ModelProto, batch: int = 128) -> float:
+    data = np.load(SHARED / "data" / "cifar10_test_1017.npz")
+    x = data["x"].astype(np.float32) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+    x = (x - mean) / std
+    y = data["y"]
+    sess = runtime.session(model, optimize=True)
+    name = sess.get_inputs()[0].name
+    correct = 0
+    for i in range(0, len(x), batch):
+        out = sess.run(None, {name: x[i:i + batch]})[0]
+        correct += int((out.argmax(1) == y[i:i + batch]).sum())
+    return correct / len(x)
+
+
+def _prune(model, **opts):
+    options = {"latency_runs": 0}
+    options.update(opts)
+    t = time.perf_counter()
+    out, report = apply(model, "prune", options={"prune": options})
+    return out, report.passes[0], time.perf_counter() - t
+
+
+def bench_resnet56(args, rows, results):
+    path = SHARED / "models" / "resnet56_cifar10.onnx"
+    base = load_model(path)
+    top1_base = cifar_top1(base)
+    for label, opts in (("ratio=0.3", {"ratio": 0.3}), ("ratio=0.3 round_to=8", {"ratio": 0.3, "round_to": 8})):
+        out, rec, secs = _prune(str(path), **opts)
+        onnx.checker.check_model(out, full_check=True)
+        ex = rec.extra
+        entry = {"model": "resnet56_cifar10", "options": opts, "params": ex["params"], "macs": ex["macs"],
+                 "top1_before": top1_base, "top1_after": cifar_top1(out), "prune_seconds": round(secs, 2), "latency_ms": {}}
+        for batch, runs in ((1, args.runs), (32, max(20, args.runs // 5))):
+            feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)}
+            lb, la = latency_pair(base, out, feed, runs, args.threads)
+            entry["latency_ms"][f"batch{batch}"] = {"before": round(lb, 3), "after": round(la, 3), "reduction": round(1 - la / lb, 4), "runs": runs}
+        results.append(entry)
+        lat = entry["latency_ms"]
+        rows.append([f"resnet56 {label}", f"{ex['params']['reduction']:.1%}", f"{ex['macs']['reduction']:.1%}",
+                     f"{lat['batch1']['before']:.2f}->{lat['batch1']['after']:.2f} ms ({lat['batch1']['reduction']:.1%})",
+                     f"{lat['batch32']['before']:.1f}->{lat['batch32']['after']:.1f} ms ({lat['batch32']['reduction']:.1%})",
+                     f"top-1 {top1_base:.2%} -> {entry['top1_after']:.2%}"])
+
+
+def bench_other(args, rows, results, name, input_name, shape):
+    path = SHARED / "models" / f"{name}.onnx"
+    base = load_model(path)
+    out, rec, secs = _prune(str(path), ratio=0.3)
+    onnx.checker.check_model(out, full_check=True)
+    feed = {input_name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    ref, got = runtime.run(base, feed), runtime.run(out, feed)
+    assert set(ref) == set(got) and all(ref[k].shape == got[k].shape for k in ref)
+    lb, la = latency_pair(base, out, feed, max(10, args.runs // 10), args.threads)
+    ex = rec.extra
+    results.append({"model": name, "options": {"ratio": 0.3}, "params": ex["params"], "macs": ex["macs"], "valid": True, "runs": True,
+                    "latency_ms": {"batch1": {"before": round(lb, 3), "after": round(la, 3), "reduction": round(1 - la / lb, 4)}},
+                    "prune_seconds": round(secs, 2), "channels_removed": rec.changes["channels_removed"]})
+    rows.append([f"{name} ratio=0.3", f"{ex['params']['reduction']:.1%}", f"{ex['macs']['reduction']:.1%}",
+                 f"{lb:.1f}->{la:.1f} ms ({1 - la / lb:.1%})", "-", "valid, runs"])
+
+
+def bench_10k(args, rows, results):
+    from gen_graph import build
+    model = build(10000)
+    t = time.perf_counter()
+    out, report = apply(model, "prune", options={"prune": {"ratio": 0.3, "latency_runs": 0, "eval_batches": 1}})
+    wall = time.perf_counter() - t
+    ex = report.passes[0].extra
+    results.append({"model": "gen_graph 10k", "nodes": len(model.graph.node), "apply_seconds": round(wall, 2),
+                    "pass_seconds": round(report.passes[0].seconds, 2), "analysis_seconds": ex["analysis_seconds"],
+                    "analysis_and_rewrite_seconds": ex["prune_seconds"], "macs": ex["macs"]})
+    rows.append([f"gen_graph {len(model.graph.node)} nodes", f"{ex['params']['reduction']:.1%}", f"{ex['macs']['reduction']:.1%}",
+                 f"pass {report.passes[0].seconds:.1f} s (analysis+rewrite {ex['prune_seconds']:.1f} s)", f"apply {wall:.1f} s", ""])
+
+
+def bench_sparsify(args, rows, results):
+    path = SHARED / "models" / "resnet56_cifar10.onnx"
+    base = load_model(path)
+    top1 = cifar_top1(base)
+    for label, opts in (("2:4", {}), ("41:64 prune flat", {"nm": "41:64", "nm_convention": "prune", "nm_layout": "flat"}),
+                        ("unstructured 0.5", {"method": "unstructured", "ratio": 0.5}),
+                        ("unstructured 0.5 global", {"method": "unstructured", "ratio": 0.5, "scope": "global"})):
+        out, report = apply(str(path), "sparsify", options={"sparsify": opts})
+        ex = report.passes[0].extra
+        after = cifar_top1(out)
+        results.append({"model": "resnet56_cifar10", "sparsify": opts, "sparsity": ex["sparsity"], "top1_before": top1, "top1_after": after,
+                        "layers_sparsified": report.passes[0].changes["layers_sparsified"]})
+        rows.append([f"resnet56 sparsify {label}", f"sparsity {ex['sparsity']['all_layer_weights']:.1%}",
+                     f"({report.passes[0].changes['layers_sparsified']} layers)", "", "", f"top-1 {top1:.2%} -> {after:.2%}"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=("resnet56", "others", "10k", "sparsify"), action="append")
+    ap.add_argument("--runs", type=int, default=200, help="latency runs at batch 1 (batch 32 uses runs/5)")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    if not SHARED.exists():
+        sys.exit(f"{SHARED} not found: the real models live there")
+    only = set(args.only or ("resnet56", "others", "10k", "sparsify"))
+    rows, results = [], []
+    if "resnet56" in only:
+        bench_resnet56(args, rows, results)
+    if "others" in only:
+        bench_other(args, rows, results, "efficientnet_lite0", "input", (1, 3, 224, 224))
+        bench_other(args, rows, results, "yolox_nano", "images", (1, 3, 416, 416))
+    if "10k" in only:
+        bench_10k(args, rows, results)
+    if "sparsify" in only:
+        bench_sparsify(args, rows, results)
+    head = ["case", "params -", "MACs -", "latency b1 (median)", "latency b32 (median)", "notes"]
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print(f"(onnxruntime {runtime.ort.__version__}, CPU, threads={args.threads or 'default'}, {runtime.cpu_count()} cores; shared machine)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
