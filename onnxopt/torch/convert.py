@@ -1,0 +1,1045 @@
+"""ONNX graph -> executable ``torch.nn.Module`` (the graph stays the source of truth).
+
+:class:`OnnxModule` interprets the ONNX graph node by node in topological order with torch ops,
+so it is differentiable and trainable, and :mod:`onnxopt.torch.writeback` writes what was learned
+back into the very same graph. What becomes what:
+
+* float initializers (and float ``Constant`` nodes) read as weights -- Conv/ConvTranspose/Gemm/
+  MatMul operands, BatchNormalization scale/bias, PRelu slopes, constant Add/Sub/Mul/Div operands,
+  Q/DQ scales -- become ``nn.Parameter`` s in ``self.params`` (a ParameterDict with sanitized keys;
+  ``self.param_names`` maps ONNX name -> key). Everything else constant (shapes, indices, BN
+  running statistics, Clip bounds, Resize scales, zero points) becomes a buffer.
+* ``[Clip(x, (qmin-zp)s, (qmax-zp)s) ->] QuantizeLinear(s, zp) -> DequantizeLinear(s, zp)`` on an
+  activation is fused into one fake-quantization step (:func:`fakequant.fake_quantize`): exact
+  ONNX rounding (half to even) forward, STE backward, learnable scale (LSQ) or clip (PACT).
+  The restricted-range Clip the qdq pass puts before a <8-bit Q is tied to the learned scale.
+* an integer weight initializer ``w_q`` read by ``DequantizeLinear(w_q, s_w, zp_w, axis)`` (the
+  QDQ contract's weight layout) becomes a float *latent* weight ``(w_q - zp_w) * s_w`` that is
+  fake-quantized on every forward with range ``[qmin, qmax]`` inferred from the stored values
+  (restricted ranges such as [-7, 7] for 4 bits) or given by ``weight_ranges``.
+* an int32 bias behind ``DequantizeLinear(b_q, s_in * s_w)`` becomes a float latent bias whose
+  scale is recomputed from the current input and weight scales (what TIDL/ORT expect).
+
+Unsupported ops raise :class:`onnxopt.errors.OnnxoptError` listing them, before any work.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import onnx
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+from ..errors import OnnxoptError
+from ..model_io import opset_of
+from . import fakequant
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_ONNX_TO_TORCH = {
+    TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
+    TensorProto.BFLOAT16: torch.bfloat16, TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32,
+    TensorProto.INT16: torch.int16, TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
+    TensorProto.BOOL: torch.bool, TensorProto.UINT16: torch.int32, TensorProto.UINT32: torch.int64,
+    TensorProto.INT4: torch.int8, TensorProto.UINT4: torch.uint8,
+}
+_INT_RANGE = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767),
+              TensorProto.UINT16: (0, 65535), TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15),
+              TensorProto.INT32: (-2**31, 2**31 - 1)}
+
+# inputs of these ops that hold trainable weights
+_WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+                  "BatchNormalization": (1, 2), "PRelu": (1,), "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1),
+                  "Div": (0, 1), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
+
+
+def _sanitize(name: str, used: set, prefix: str) -> str:
+    base = prefix + (re.sub(r"[^0-9A-Za-z_]", "_", name) or "t")
+    key, i = base, 1
+    while key in used:
+        key = f"{base}_{i}"
+        i += 1
+    used.add(key)
+    return key
+
+
+@dataclass
+class Node:
+    op: str
+    name: str
+    inputs: List[str]
+    outputs: List[str]
+    attrs: dict
+    fn: Optional[Callable] = None
+    kind: str = "op"            # op | fq (fused activation Q/DQ) | fqw (latent weight) | fqb (latent bias)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class WeightQuant:
+    """A latent weight fake-quantized on the fly; written back as integers + scale."""
+    latent: str          # ONNX name of the integer initializer (now a float latent parameter)
+    scale: str
+    zero_point: Optional[str]
+    axis: Optional[int]
+    qmin: int
+    qmax: int
+    dtype: int           # ONNX element type of the stored integers
+    dq_output: str
+    mode: str = "lsq"    # lsq | binary | ternary
+
+
+@dataclass
+class ActQuant:
+    x: str
+    scale: str
+    zero_point: Optional[str]
+    qmin: int
+    qmax: int
+    axis: Optional[int]
+    outputs: List[str]
+    clip: Optional[dict] = None   # {"node": name, "min": init name, "max": init name}
+
+
+@dataclass
+class BiasQuant:
+    latent: str          # int32 initializer name
+    scale: str           # its scale initializer (rewritten as s_in * s_w)
+    input_scale: str
+    weight_scale: str
+    dq_output: str
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph as a trainable torch module. ``forward(*inputs)`` returns the graph outputs
+    (a tensor for one output, else a tuple); ``capture`` names extra tensors to keep in
+    ``self.captured`` (intermediate features for distillation)."""
+
+    def __init__(self, model: ModelProto, *, quant_mode: str = "lsq", train_scales: bool = True,
+                 weight_ranges: Optional[dict] = None, weight_modes: Optional[dict] = None,
+                 bn_mode: str = "frozen", float_weights: Optional[dict] = None):
+        super().__init__()
+        if quant_mode not in fakequant.MODES:
+            raise OnnxoptError(f"unknown fake-quantization mode '{quant_mode}'.", f"use one of {', '.join(fakequant.MODES)}")
+        self.opset = opset_of(model)
+        self.quant_mode = quant_mode
+        self.bn_mode = bn_mode
+        g = model.graph
+        _check_supported(g)
+        init_names = {t.name for t in g.initializer}
+        self.input_names = [i.name for i in g.input if i.name not in init_names]
+        self.output_names = [o.name for o in g.output]
+        self.capture: set = set()
+        self.captured: dict = {}
+        self.params = nn.ParameterDict()
+        self.consts = nn.Module()
+        self.param_names: Dict[str, str] = {}
+        self.buffer_names: Dict[str, str] = {}
+        self.sources: Dict[str, tuple] = {}   # onnx name -> ("init", None) | ("constant", node name)
+        self.onnx_dtypes: Dict[str, int] = {}
+        used: set = set()
+
+        consts: Dict[str, np.ndarray] = {}
+        for t in g.initializer:
+            consts[t.name] = numpy_helper.to_array(t)
+            self.sources[t.name] = ("init", None)
+            self.onnx_dtypes[t.name] = t.data_type
+        nodes = []
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                a = n.attribute[0]
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+                    self.onnx_dtypes[n.output[0]] = a.t.data_type
+                    self.sources[n.output[0]] = ("constant", n.name, n)
+                    continue
+                if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+                    v = helper.get_attribute_value(a)
+                    consts[n.output[0]] = np.asarray(v, dtype=np.float32 if "float" in a.name else np.int64)
+                    self.onnx_dtypes[n.output[0]] = TensorProto.FLOAT if "float" in a.name else TensorProto.INT64
+                    self.sources[n.output[0]] = ("constant", n.name, n)
+                    continue
+            nodes.append(n)
+        consumers: Dict[str, list] = {}
+        for n in nodes:
+            for i, name in enumerate(n.input):
+                if name:
+                    consumers.setdefault(name, []).append((n, i))
+        graph_outputs = set(self.output_names)
+
+        trainable: set = set()
+        for n in nodes:
+            for i in _WEIGHT_INPUTS.get(n.op_type, ()):
+                if i < len(n.input) and n.input[i] in consts and consts[n.input[i]].dtype.kind == "f":
+                    trainable.add(n.input[i])
+
+        # ---- quantization patterns (pattern-matched on the proto; ONNX names are the keys)
+        skip: set = set()
+        self.weight_quants: Dict[str, WeightQuant] = {}
+        self.act_quants: List[ActQuant] = []
+        self.bias_quants: Dict[str, BiasQuant] = {}
+        latent_init: Dict[str, np.ndarray] = {}
+        producers = {o: n for n in nodes for o in n.output}
+        weight_ranges = weight_ranges or {}
+        weight_modes = weight_modes or {}
+        for n in nodes:
+            if n.op_type != "DequantizeLinear":
+                continue
+            x = n.input[0]
+            if x not in consts or consts[x].dtype.kind not in "iu":
+                continue
+            readers = consumers.get(x, [])
+            if len(readers) != 1 or x in graph_outputs:
+                continue
+            s_name = n.input[1]
+            zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
+            if s_name not in consts:
+                continue
+            axis = _attr(n, "axis", 1)
+            s = consts[s_name].astype(np.float64)
+            zp = consts[zp_name].astype(np.float64) if zp_name else np.zeros(())
+            if s.ndim == 0 or s.size == 1:
+                axis_used = None
+            else:
+                axis_used = axis % consts[x].ndim
+            shape = [1] * consts[x].ndim
+            if axis_used is not None:
+                shape[axis_used] = -1
+            real = ((consts[x].astype(np.float64) - zp.reshape(shape if zp.ndim else ())) * s.reshape(shape if s.ndim else ()))
+            dq_readers = consumers.get(n.output[0], [])
+            if consts[x].dtype == np.int32 and len(dq_readers) == 1 and dq_readers[0][0].op_type in ("Conv", "Gemm", "ConvTranspose") and dq_readers[0][1] == 2:
+                layer = dq_readers[0][0]
+                in_dq = producers.get(layer.input[0])
+                w_dq = producers.get(layer.input[1])
+                if in_dq is not None and w_dq is not None and in_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear" \
+                        and in_dq.input[1] in consts and w_dq.input[1] in consts:
+                    self.bias_quants[x] = BiasQuant(x, s_name, in_dq.input[1], w_dq.input[1], n.output[0])
+                    latent_init[x] = real.astype(np.float32)
+                    skip.add(id(n))
+                    continue
+            dtype = self.onnx_dtypes.get(x, TensorProto.INT8)
+            lo, hi = _INT_RANGE.get(dtype, (-128, 127))
+            mode = weight_modes.get(x, "lsq")
+            if x in weight_ranges:
+                qmin, qmax = weight_ranges[x]
+            elif mode in ("binary", "ternary"):
+                qmin, qmax = -1, 1
+            elif dtype in (TensorProto.INT8, TensorProto.INT16) and not zp.any():
+                # restricted symmetric ranges (<8 bits stored in int8): 2^(b-1)-1 covering the values
+                m = int(np.abs(consts[x]).max()) if consts[x].size else 0
+                q = 1
+                while q < m:
+                    q = 2 * q + 1
+                qmax_sym = min(q, hi)
+                qmin, qmax = (-qmax_sym, qmax_sym) if qmax_sym < hi else (lo, hi)
+            else:
+                qmin, qmax = lo, hi
+            self.weight_quants[x] = WeightQuant(x, s_name, zp_name, axis_used, int(qmin), int(qmax), dtype, n.output[0], mode)
+            fw = (float_weights or {}).get(x)
+            latent_init[x] = (np.asarray(fw, np.float32) if fw is not None and np.shape(fw) == consts[x].shape else real.astype(np.float32))
+            trainable.add(s_name)
+            skip.add(id(n))
+
+        for n in nodes:
+            if n.op_type != "QuantizeLinear" or n.input[1] not in consts:
+                continue
+            readers = consumers.get(n.output[0], [])
+            zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
+            if not readers or n.output[0] in graph_outputs or not all(
+                    r.op_type == "DequantizeLinear" and r.input[1] == n.input[1] and (r.input[2] if len(r.input) > 2 and r.input[2] else None) == zp_name
+                    and _attr(r, "axis", 1) == _attr(n, "axis", 1) for r, i in readers if True) or any(i != 0 for _, i in readers):
+                continue
+            zp_dtype = self.onnx_dtypes.get(zp_name, TensorProto.UINT8) if zp_name else TensorProto.UINT8
+            qmin, qmax = _INT_RANGE.get(zp_dtype, (0, 255))
+            s = consts[n.input[1]].astype(np.float64)
+            zp = consts[zp_name].astype(np.float64) if zp_name else np.zeros(())
+            axis = None if s.size == 1 else _attr(n, "axis", 1)
+            clip = None
+            x = n.input[0]
+            pn = producers.get(x)
+            if (pn is not None and pn.op_type == "Clip" and len(consumers.get(x, [])) == 1 and x not in graph_outputs
+                    and s.size == 1 and len(pn.input) == 3 and pn.input[1] in consts and pn.input[2] in consts
+                    and len(consumers.get(pn.input[1], [])) == 1 and len(consumers.get(pn.input[2], [])) == 1):
+                sv, zv = float(s.reshape(())), float(zp.reshape(()))
+                cl = float(consts[pn.input[1]]) / sv + zv
+                ch = float(consts[pn.input[2]]) / sv + zv
+                if abs(cl - round(cl)) < 1e-3 and abs(ch - round(ch)) < 1e-3 and qmin <= round(cl) < round(ch) <= qmax:
+                    qmin, qmax = int(round(cl)), int(round(ch))
+                    clip = {"node": pn.name, "min": pn.input[1], "max": pn.input[2]}
+                    skip.add(id(pn))
+                    x = pn.input[0]
+            aq = ActQuant(x, n.input[1], zp_name, qmin, qmax, axis, [r.output[0] for r, _ in readers], clip)
+            self.act_quants.append(aq)
+            trainable.add(n.input[1])
+            skip.add(id(n))
+            for r, _ in readers:
+                skip.add(id(r))
+            aq.node_ids = (id(n), [id(r) for r, _ in readers], id(pn) if clip else None)
+
+        # ---- parameters and buffers
+        bn_stats = {n.input[i] for n in nodes if n.op_type == "BatchNormalization" for i in (3, 4) if i < len(n.input)}
+        self.bn_stats = bn_stats
+        for name, value in consts.items():
+            if name in latent_init:
+                key = _sanitize(name, used, "p_")
+                self.params[key] = nn.Parameter(torch.from_numpy(np.array(latent_init[name], order="C", copy=True)))
+                self.param_names[name] = key
+            elif name in trainable and name not in bn_stats and value.dtype.kind == "f":
+                key = _sanitize(name, used, "p_")
+                self.params[key] = nn.Parameter(torch.from_numpy(np.array(value, copy=True)))
+                self.param_names[name] = key
+            else:
+                key = _sanitize(name, used, "b_")
+                self.consts.register_buffer(key, _to_torch(value))
+                self.buffer_names[name] = key
+        if not train_scales:
+            for aq in self.act_quants:
+                self.params[self.param_names[aq.scale]].requires_grad_(False)
+            for wq in self.weight_quants.values():
+                self.params[self.param_names[wq.scale]].requires_grad_(False)
+
+        # ---- the program: one entry per node (fused patterns become one step)
+        program: List[Node] = []
+        fq_at = {aq.node_ids[0]: aq for aq in self.act_quants}
+        wq_by_dq = {wq.dq_output: wq for wq in self.weight_quants.values()}
+        bq_by_dq = {bq.dq_output: bq for bq in self.bias_quants.values()}
+        for n in nodes:
+            if id(n) in skip:
+                if id(n) in fq_at:
+                    program.append(Node("FakeQuant", n.name, [], fq_at[id(n)].outputs, {}, kind="fq", extra={"q": fq_at[id(n)]}))
+                elif n.output[0] in wq_by_dq:
+                    program.append(Node("WeightFakeQuant", n.name, [], [n.output[0]], {}, kind="fqw", extra={"q": wq_by_dq[n.output[0]]}))
+                elif n.output[0] in bq_by_dq:
+                    program.append(Node("BiasFakeQuant", n.name, [], [n.output[0]], {}, kind="fqb", extra={"q": bq_by_dq[n.output[0]]}))
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+            program.append(Node(n.op_type, n.name, list(n.input), list(n.output), attrs, fn=_OPS[n.op_type]))
+        self.program = program
+        # tensors to free after their last use keeps peak memory near a real framework's
+        last_use: Dict[str, int] = {}
+        for idx, node in enumerate(program):
+            for name in _node_reads(node):
+                last_use[name] = idx
+        keep = set(self.output_names)
+        self._free_after = [[nm for nm in _node_reads(node) if last_use.get(nm) == idx and nm not in keep] for idx, node in enumerate(program)]
+
+    # ------------------------------------------------------------------ value access
+    def value(self, name: str) -> torch.Tensor:
+        """The current value of a constant/parameter by ONNX name (latent weights as floats)."""
+        if name in self.param_names:
+            return self.params[self.param_names[name]]
+        return getattr(self.consts, self.buffer_names[name])
+
+    def has_value(self, name: str) -> bool:
+        return name in self.param_names or name in self.buffer_names
+
+    def parameter_by_onnx_name(self, name: str) -> nn.Parameter:
+        return self.params[self.param_names[name]]
+
+    def quantized_weight(self, wq: WeightQuant) -> tuple:
+        """(integers, scale) exactly as the forward pass in eval mode uses them."""
+        w = self.value(wq.latent).detach()
+        if wq.mode == "binary":
+            _, q, s = fakequant.binary_weight(w, wq.axis)
+            return q, s
+        if wq.mode == "ternary":
+            _, q, s = fakequant.ternary_weight(w, wq.axis)
+            return q, s
+        s = self.value(wq.scale).detach()
+        zp = self.value(wq.zero_point).detach().to(w.dtype) if wq.zero_point else torch.zeros((), dtype=w.dtype, device=w.device)
+        sb = fakequant._shape_for(s, w, wq.axis)
+        zb = fakequant._shape_for(zp, w, wq.axis)
+        return torch.clamp(torch.round(w / sb) + zb, wq.qmin, wq.qmax), s
+
+    def bias_scale(self, bq: BiasQuant) -> torch.Tensor:
+        return (self.value(bq.input_scale) * self.value(bq.weight_scale)).detach()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args, **kwargs):
+        env: Dict[str, torch.Tensor] = {}
+        for name, key in self.param_names.items():
+            env[name] = self.params[key]
+        for name, key in self.buffer_names.items():
+            env[name] = getattr(self.consts, key)
+        for name, value in zip(self.input_names, args):
+            env[name] = value
+        env.update(kwargs)
+        missing = [n for n in self.input_names if n not in env]
+        if missing:
+            raise OnnxoptError(f"missing model input(s): {', '.join(missing)}", f"the model takes {', '.join(self.input_names)}")
+        capture = self.capture
+        captured = {}
+        training = self.training
+        for idx, node in enumerate(self.program):
+            if node.kind == "op":
+                ins = [env[i] if i else None for i in node.inputs]
+                outs = node.fn(self, node, ins)
+                if not isinstance(outs, (list, tuple)):
+                    outs = (outs,)
+                for name, v in zip(node.outputs, outs):
+                    if name:
+                        env[name] = v
+            elif node.kind == "fq":
+                q = node.extra["q"]
+                zp = env[q.zero_point] if q.zero_point else torch.zeros((), device=env[q.x].device)
+                y = fakequant.fake_quantize(env[q.x], env[q.scale], zp, q.qmin, q.qmax, q.axis, self.quant_mode, training)
+                for name in q.outputs:
+                    env[name] = y
+            elif node.kind == "fqw":
+                q = node.extra["q"]
+                w = env[q.latent]
+                if q.mode == "binary":
+                    y = fakequant.binary_weight(w, q.axis)[0]
+                elif q.mode == "ternary":
+                    y = fakequant.ternary_weight(w, q.axis)[0]
+                else:
+                    zp = env[q.zero_point] if q.zero_point else torch.zeros((), device=w.device)
+                    y = fakequant.fake_quantize(w, env[q.scale], zp, q.qmin, q.qmax, q.axis, "lsq" if self.quant_mode == "pact" else self.quant_mode, training)
+                env[q.dq_output] = y
+            else:  # fqb: int32 bias with scale s_in * s_w, rounding kept, gradient straight through
+                q = node.extra["q"]
+                b = env[q.latent]
+                s = (env[q.input_scale] * env[q.weight_scale]).detach()
+                env[q.dq_output] = b + (torch.round(b / s) * s - b).detach()
+            if capture:
+                for name in node.outputs:
+                    if name in capture:
+                        captured[name] = env[name]
+            for name in self._free_after[idx]:
+                if name not in self.param_names and name not in self.buffer_names:
+                    env.pop(name, None)
+        self.captured = captured
+        outs = tuple(env[n] for n in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _node_reads(node: Node) -> list:
+    if node.kind == "op":
+        return [i for i in node.inputs if i]
+    q = node.extra["q"]
+    if node.kind == "fq":
+        return [q.x, q.scale] + ([q.zero_point] if q.zero_point else [])
+    if node.kind == "fqw":
+        return [q.latent, q.scale] + ([q.zero_point] if q.zero_point else [])
+    return [q.latent, q.input_scale, q.weight_scale]
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            v = helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else v
+    return default
+
+
+def _to_torch(value: np.ndarray) -> torch.Tensor:
+    arr = np.array(value, copy=True)
+    if arr.dtype == np.uint16:
+        arr = arr.astype(np.int32)
+    elif arr.dtype == np.uint32:
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind == "i" and arr.dtype.itemsize == 1 and arr.dtype != np.int8:  # int4 via ml_dtypes
+        arr = arr.astype(np.int8)
+    elif arr.dtype.name in ("int4", "uint4"):
+        arr = arr.astype(np.int8 if arr.dtype.name == "int4" else np.uint8)
+    elif arr.dtype == object:
+        raise OnnxoptError("string tensors are not supported by the torch converter.", "remove string constants from the graph")
+    return torch.from_numpy(np.array(arr, order="C", copy=True))
+
+
+def _check_supported(g: onnx.GraphProto) -> None:
+    bad = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in g.node
+                  if (n.domain not in ("", "ai.onnx") or n.op_type not in _OPS) and n.op_type != "Constant"})
+    if bad:
+        raise OnnxoptError(f"the torch converter does not support: {', '.join(bad)}.",
+                           "finetune needs every op of the graph in torch; run `onnxopt apply cleanup` first or file an issue")
+
+
+# ============================================================================ op implementations
+def _ints(t) -> list:
+    return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else t)]
+
+
+def _spatial_pads(pads: list, rank: int) -> list:
+    """ONNX pads [b1, b2, ..., e1, e2, ...] -> F.pad order (last dim first)."""
+    out = []
+    for i in reversed(range(rank)):
+        out += [pads[i], pads[i + rank]]
+    return out
+
+
+def _auto_pads(auto_pad: str, in_sp: list, kernel: list, strides: list, dilations: list) -> list:
+    pads_b, pads_e = [], []
+    for size, k, s, d in zip(in_sp, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        if auto_pad == "SAME_UPPER":
+            pads_b.append(small), pads_e.append(big)
+        else:
+            pads_b.append(big), pads_e.append(small)
+    return pads_b + pads_e
+
+
+def _conv_pads(node, x, kernel):
+    rank = len(kernel)
+    a = node.attrs
+    strides = list(a.get("strides", [1] * rank))
+    dil = list(a.get("dilations", [1] * rank))
+    auto = a.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _auto_pads(auto, list(x.shape[2:]), kernel, strides, dil)
+    elif auto == "VALID":
+        pads = [0] * (2 * rank)
+    else:
+        pads = list(a.get("pads", [0] * (2 * rank)))
+    return pads, strides, dil
+
+
+def op_conv(m, node, ins):
+    x, w, b = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
+    rank = w.dim() - 2
+    pads, strides, dil = _conv_pads(node, x, list(w.shape[2:]))
+    group = int(node.attrs.get("group", 1))
+    sym = pads[:rank] == pads[rank:]
+    if not sym:
+        x = F.pad(x, _spatial_pads(pads, rank))
+    fn = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    return fn(x, w, b, strides, pads[:rank] if sym else 0, dil, group)
+
+
+def op_conv_transpose(m, node, ins):
+    x, w, b = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
+    rank = w.dim() - 2
+    a = node.attrs
+    strides = list(a.get("strides", [1] * rank))
+    dil = list(a.get("dilations", [1] * rank))
+    out_pad = list(a.get("output_padding", [0] * rank))
+    group = int(a.get("group", 1))
+    if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise OnnxoptError(f"ConvTranspose '{node.name}': output_shape/auto_pad SAME is not supported by the torch converter.",
+                           "re-export with explicit pads")
+    pads = list(a.get("pads", [0] * (2 * rank)))
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[rank - 1]
+    y = fn(x, w, b, strides, 0, out_pad, group, dil)
+    idx = [slice(None), slice(None)]
+    for i in range(rank):
+        idx.append(slice(pads[i], y.shape[2 + i] - pads[i + rank]))
+    return y[tuple(idx)]
+
+
+def op_gemm(m, node, ins):
+    a_, b_ = ins[0], ins[1]
+    c = ins[2] if len(ins) > 2 else None
+    at = node.attrs
+    if at.get("transA", 0):
+        a_ = a_.t()
+    if at.get("transB", 0):
+        b_ = b_.t()
+    alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
+    y = a_ @ b_
+    if alpha != 1.0:
+        y = y * alpha
+    if c is not None:
+        y = y + (c * beta if beta != 1.0 else c)
+    return y
+
+
+def op_bn(m, node, ins):
+    x, scale, bias, mean, var = ins[:5]
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    if m.training and m.bn_mode == "train":
+        mom = 1.0 - float(node.attrs.get("momentum", 0.9))
+        return F.batch_norm(x, mean, var, scale, bias, True, mom, eps)
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
+
+
+def op_clip(m, node, ins):
+    x = ins[0]
+    lo = ins[1] if len(ins) > 1 and ins[1] is not None else node.attrs.get("min")
+    hi = ins[2] if len(ins) > 2 and ins[2] is not None else node.attrs.get("max")
+    if lo is not None and not isinstance(lo, torch.Tensor):
+        lo = torch.tensor(lo, dtype=x.dtype, device=x.device)
+    if hi is not None and not isinstance(hi, torch.Tensor):
+        hi = torch.tensor(hi, dtype=x.dtype, device=x.device)
+    if lo is not None:
+        x = torch.maximum(x, lo.to(x.dtype))
+    if hi is not None:
+        x = torch.minimum(x, hi.to(x.dtype))
+    return x
+
+
+def _binary(fn):
+    def op(m, node, ins):
+        a, b = ins
+        if a.dtype != b.dtype:
+            if a.is_floating_point() and not b.is_floating_point():
+                b = b.to(a.dtype)
+            elif b.is_floating_point() and not a.is_floating_point():
+                a = a.to(b.dtype)
+            else:
+                b = b.to(a.dtype)
+        return fn(a, b)
+    return op
+
+
+def _div(a, b):
+    if a.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def op_pad(m, node, ins):
+    x = ins[0]
+    mode = node.attrs.get("mode", "constant")
+    if len(ins) > 1 and ins[1] is not None:
+        pads = _ints(ins[1])
+        value = float(ins[2].reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None and ins[2].numel() else 0.0
+        axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else None
+    else:
+        pads = list(node.attrs.get("pads"))
+        value = float(node.attrs.get("value", 0.0))
+        axes = None
+    r = x.dim()
+    if axes is not None:
+        full = [0] * (2 * r)
+        k = len(axes)
+        for j, ax in enumerate(axes):
+            full[ax % r] = pads[j]
+            full[ax % r + r] = pads[j + k]
+        pads = full
+    tp = _spatial_pads(pads, r)
+    while len(tp) > 2 and tp[-1] == 0 and tp[-2] == 0:
+        tp = tp[:-2]
+    if mode == "constant":
+        return F.pad(x, tp, mode="constant", value=value)
+    tmode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    return F.pad(x, tp, mode=tmode)
+
+
+def _slice_axis(x, axis, start, end, step):
+    n = x.shape[axis]
+    if step > 0:
+        s = max(0, min(n, start + n if start < 0 else start))
+        e = max(0, min(n, end + n if end < 0 else end))
+        idx = [slice(None)] * x.dim()
+        idx[axis] = slice(s, e, step)
+        return x[tuple(idx)]
+    s = max(-1, min(n - 1, start + n if start < 0 else start))
+    e = max(-1, min(n - 1, end + n if end < 0 else end))
+    index = torch.arange(s, e, step, device=x.device)
+    return x.index_select(axis, index)
+
+
+def op_slice(m, node, ins):
+    x = ins[0]
+    if len(ins) > 1:
+        starts, ends = _ints(ins[1]), _ints(ins[2])
+        axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+        steps = _ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+        axes = list(node.attrs.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        x = _slice_axis(x, a % x.dim(), s, e, st)
+    return x
+
+
+def op_concat(m, node, ins):
+    ts = [t for t in ins if t is not None]
+    dt = ts[0].dtype
+    return torch.cat([t.to(dt) for t in ts], dim=int(node.attrs["axis"]))
+
+
+def op_split(m, node, ins):
+    x = ins[0]
+    axis = int(node.attrs.get("axis", 0)) % x.dim()
+    if len(ins) > 1 and ins[1] is not None:
+        sizes = _ints(ins[1])
+    elif "split" in node.attrs:
+        sizes = list(node.attrs["split"])
+    else:
+        k = int(node.attrs.get("num_outputs", len(node.outputs)))
+        n = x.shape[axis]
+        chunk = -(-n // k)
+        sizes = [chunk] * (k - 1) + [n - chunk * (k - 1)]
+    return torch.split(x, sizes, dim=axis)
+
+
+def op_reshape(m, node, ins):
+    x, shape = ins[0], _ints(ins[1])
+    if not node.attrs.get("allowzero", 0):
+        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def op_flatten(m, node, ins):
+    x = ins[0]
+    axis = int(node.attrs.get("axis", 1)) % (x.dim() + 1) if x.dim() else 0
+    lead = int(np.prod(x.shape[:axis])) if axis else 1
+    return x.reshape(lead, -1)
+
+
+def op_transpose(m, node, ins):
+    x = ins[0]
+    perm = node.attrs.get("perm") or list(reversed(range(x.dim())))
+    return x.permute(*perm)
+
+
+def _axes(node, ins, idx=1):
+    if len(ins) > idx and ins[idx] is not None:
+        return _ints(ins[idx])
+    return list(node.attrs["axes"]) if "axes" in node.attrs else None
+
+
+def op_unsqueeze(m, node, ins):
+    x = ins[0]
+    axes = sorted(a % (x.dim() + len(_axes(node, ins))) for a in _axes(node, ins))
+    for a in axes:
+        x = x.unsqueeze(a)
+    return x
+
+
+def op_squeeze(m, node, ins):
+    x = ins[0]
+    axes = _axes(node, ins)
+    if axes is None:
+        return x.squeeze()
+    for a in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(a)
+    return x
+
+
+def _resize_coords(out_size, in_size, scale, mode):
+    o = torch.arange(out_size, dtype=torch.float64)
+    if mode == "half_pixel":
+        return (o + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (o + 0.5) / scale - 0.5 if out_size > 1 else torch.zeros_like(o)
+    if mode == "align_corners":
+        return o * (in_size - 1) / (out_size - 1) if out_size > 1 else torch.zeros_like(o)
+    if mode == "asymmetric":
+        return o / scale
+    if mode == "half_pixel_symmetric":
+        adj = out_size / (scale * in_size)
+        center = in_size / 2
+        offset = center * (1 - adj)
+        return offset + (o + 0.5) / scale - 0.5
+    raise OnnxoptError(f"Resize coordinate_transformation_mode '{mode}' is not supported by the torch converter.", "use half_pixel/asymmetric/align_corners")
+
+
+def op_resize(m, node, ins):
+    x = ins[0]
+    a = node.attrs
+    mode = a.get("mode", "nearest")
+    ctm = a.get("coordinate_transformation_mode", "half_pixel" if m.opset >= 11 else "asymmetric")
+    nearest = a.get("nearest_mode", "round_prefer_floor")
+    if node.op == "Upsample":
+        scales = [float(v) for v in (ins[1].tolist() if len(ins) > 1 else a["scales"])]
+        sizes = [int(math.floor(d * s)) for d, s in zip(x.shape, scales)]
+        ctm = "asymmetric"
+        nearest = "floor"
+    else:
+        scales_t = ins[2] if len(ins) > 2 and ins[2] is not None and ins[2].numel() else None
+        sizes_t = ins[3] if len(ins) > 3 and ins[3] is not None and ins[3].numel() else None
+        if m.opset < 11:
+            scales_t = ins[1]
+        if sizes_t is not None:
+            sizes = _ints(sizes_t)
+            scales = [o / i for o, i in zip(sizes, x.shape)]
+        else:
+            scales = [float(v) for v in scales_t.tolist()]
+            sizes = [int(math.floor(d * s)) for d, s in zip(x.shape, scales)]
+    if mode not in ("nearest", "linear"):
+        raise OnnxoptError(f"Resize mode '{mode}' is not supported by the torch converter.", "use nearest or linear")
+    y = x
+    for ax in range(x.dim()):
+        if sizes[ax] == x.shape[ax] and scales[ax] == 1.0:
+            continue
+        coords = _resize_coords(sizes[ax], x.shape[ax], scales[ax], ctm)
+        n = x.shape[ax]
+        if mode == "nearest":
+            if nearest == "round_prefer_floor":
+                idx = torch.where(coords == coords.floor() + 0.5, coords.floor(), torch.round(coords))
+            elif nearest == "round_prefer_ceil":
+                idx = torch.where(coords == coords.floor() + 0.5, coords.ceil(), torch.round(coords))
+            elif nearest == "floor":
+                idx = coords.floor()
+            else:
+                idx = coords.ceil()
+            idx = idx.clamp(0, n - 1).long().to(x.device)
+            y = y.index_select(ax, idx)
+        else:
+            c = coords.clamp(0, n - 1)
+            i0 = c.floor().long()
+            i1 = (i0 + 1).clamp(max=n - 1)
+            w1 = (c - i0.double()).to(x.dtype).to(x.device)
+            shape = [1] * x.dim()
+            shape[ax] = -1
+            w1 = w1.reshape(shape)
+            y = y.index_select(ax, i0.to(x.device)) * (1 - w1) + y.index_select(ax, i1.to(x.device)) * w1
+    return y
+
+
+def _pool(m, node, ins, kind):
+    x = ins[0]
+    kernel = list(node.attrs["kernel_shape"])
+    rank = len(kernel)
+    pads, strides, dil = _conv_pads(node, x, kernel)
+    ceil = bool(node.attrs.get("ceil_mode", 0))
+    if kind == "max":
+        if pads[:rank] != pads[rank:] or any(p > k // 2 for p, k in zip(pads, kernel * 2)):
+            x = F.pad(x, _spatial_pads(pads, rank), value=float("-inf"))
+            pads = [0] * (2 * rank)
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1]
+        return fn(x, kernel, strides, pads[:rank], dil, ceil)
+    include = bool(node.attrs.get("count_include_pad", 0))
+    if pads[:rank] != pads[rank:] or any(p > k // 2 for p, k in zip(pads, kernel * 2)):
+        if not include and any(pads):
+            raise OnnxoptError(f"AveragePool '{node.name}' with asymmetric pads and count_include_pad=0 is not supported.", "pad explicitly")
+        x = F.pad(x, _spatial_pads(pads, rank))
+        pads = [0] * (2 * rank)
+    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
+    if rank == 1:
+        return fn(x, kernel, strides, pads[:rank], ceil, include)
+    return fn(x, kernel, strides, pads[:rank], ceil, include)
+
+
+def _reduce(fn_name):
+    def op(m, node, ins):
+        x = ins[0]
+        axes = _axes(node, ins)
+        keep = bool(node.attrs.get("keepdims", 1))
+        if axes is None or len(axes) == 0:
+            if node.attrs.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        axes = [a % x.dim() for a in axes]
+        if fn_name == "mean":
+            return x.mean(dim=axes, keepdim=keep)
+        if fn_name == "sum":
+            return x.sum(dim=axes, keepdim=keep)
+        y = x
+        for a in sorted(axes, reverse=True):
+            y = (y.amax if fn_name == "max" else y.amin)(dim=a, keepdim=keep)
+        return y
+    return op
+
+
+def op_shape(m, node, ins):
+    shape = list(ins[0].shape)
+    start = int(node.attrs.get("start", 0))
+    end = node.attrs.get("end")
+    shape = shape[start:end] if end is not None else shape[start:]
+    return torch.tensor(shape, dtype=torch.int64, device=ins[0].device)
+
+
+def op_gather(m, node, ins):
+    x, idx = ins
+    axis = int(node.attrs.get("axis", 0)) % x.dim()
+    idx = idx.long()
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    if idx.dim() == 0:
+        return x.select(axis, int(idx))
+    out = x.index_select(axis, idx.reshape(-1))
+    return out.reshape(list(x.shape[:axis]) + list(idx.shape) + list(x.shape[axis + 1:]))
+
+
+def op_cast(m, node, ins):
+    return ins[0].to(_ONNX_TO_TORCH[int(node.attrs["to"])])
+
+
+def op_constant_of_shape(m, node, ins):
+    shape = _ints(ins[0])
+    v = node.attrs.get("value")
+    if v is None:
+        return torch.zeros(shape, dtype=torch.float32, device=ins[0].device)
+    arr = numpy_helper.to_array(v).reshape(-1)
+    return torch.full(shape, arr[0].item(), dtype=_ONNX_TO_TORCH[v.data_type], device=ins[0].device)
+
+
+def op_softmax(fn):
+    def op(m, node, ins):
+        x = ins[0]
+        if m.opset < 13:
+            axis = int(node.attrs.get("axis", 1)) % x.dim()
+            lead = int(np.prod(x.shape[:axis])) if axis else 1
+            return fn(x.reshape(lead, -1), dim=1).reshape(x.shape)
+        return fn(x, dim=int(node.attrs.get("axis", -1)))
+    return op
+
+
+def op_quantize(m, node, ins):
+    """A standalone QuantizeLinear (not fused with a DequantizeLinear): exact, STE while training;
+    the integers are carried as a float tensor so that gradients flow."""
+    x, s = ins[0], ins[1]
+    zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
+    zp_type = m.onnx_dtypes.get(node.inputs[2], TensorProto.UINT8) if zp is not None else TensorProto.UINT8
+    lo, hi = _INT_RANGE.get(zp_type, (0, 255))
+    axis = None if s.numel() == 1 else int(node.attrs.get("axis", 1))
+    sb = fakequant._shape_for(s, x, axis)
+    z = fakequant._shape_for(zp.to(x.dtype), x, axis) if zp is not None else 0.0
+    return torch.clamp(fakequant.round_ste(x / sb) + z, lo, hi)
+
+
+def op_dequantize(m, node, ins):
+    x, s = ins[0], ins[1]
+    zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
+    xf = x.to(s.dtype) if not x.is_floating_point() else x
+    axis = None if s.numel() == 1 else int(node.attrs.get("axis", 1))
+    sb = fakequant._shape_for(s, xf, axis)
+    if zp is not None:
+        xf = xf - fakequant._shape_for(zp.to(s.dtype), xf, axis)
+    return xf * sb
+
+
+def op_expand(m, node, ins):
+    x, shape = ins[0], _ints(ins[1])
+    r = max(x.dim(), len(shape))
+    xs = [1] * (r - x.dim()) + list(x.shape)
+    ss = [1] * (r - len(shape)) + shape
+    target = [max(a, b) if b != 1 else a for a, b in zip(xs, ss)]
+    return x.reshape(xs).expand(target)
+
+
+def op_tile(m, node, ins):
+    return ins[0].repeat(*_ints(ins[1]))
+
+
+def op_range(m, node, ins):
+    start, limit, delta = (v.item() for v in ins[:3])
+    return torch.arange(start, limit, delta, dtype=ins[0].dtype, device=ins[0].device)
+
+
+def op_where(m, node, ins):
+    c, a, b = ins
+    return torch.where(c.bool(), a, b.to(a.dtype))
+
+
+def op_hardsigmoid(m, node, ins):
+    alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+    return torch.clamp(ins[0] * alpha + beta, 0.0, 1.0)
+
+
+def op_hardswish(m, node, ins):
+    x = ins[0]
+    return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
+
+
+def op_pow(m, node, ins):
+    x, p = ins
+    if p.numel() == 1 and float(p) == 2.0:
+        return x * x
+    return torch.pow(x, p.to(x.dtype))
+
+
+def op_lrn_free(fn):
+    return lambda m, node, ins: fn(ins[0])
+
+
+def op_min_max(fn):
+    def op(m, node, ins):
+        y = ins[0]
+        for t in ins[1:]:
+            y = fn(y, t.to(y.dtype))
+        return y
+    return op
+
+
+def op_sum(m, node, ins):
+    y = ins[0]
+    for t in ins[1:]:
+        y = y + t
+    return y
+
+
+def op_gelu(m, node, ins):
+    return F.gelu(ins[0], approximate=node.attrs.get("approximate", "none"))
+
+
+def op_layernorm(m, node, ins):
+    x, w = ins[0], ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    axis = int(node.attrs.get("axis", -1)) % x.dim()
+    return F.layer_norm(x, list(x.shape[axis:]), w, b, float(node.attrs.get("epsilon", 1e-5)))
+
+
+def op_instancenorm(m, node, ins):
+    return F.instance_norm(ins[0], weight=ins[1], bias=ins[2], eps=float(node.attrs.get("epsilon", 1e-5)))
+
+
+def op_argmax(m, node, ins):
+    y = torch.argmax(ins[0], dim=int(node.attrs.get("axis", 0)), keepdim=bool(node.attrs.get("keepdims", 1)))
+    return y
+
+
+def op_depth_to_space(m, node, ins):
+    x = ins[0]
+    b = int(node.attrs["blocksize"])
+    n, c, h, w = x.shape
+    if node.attrs.get("mode", "DCR") == "DCR":
+        y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+def op_space_to_depth(m, node, ins):
+    x = ins[0]
+    b = int(node.attrs["blocksize"])
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
+_OPS: Dict[str, Callable] = {
+    "Conv": op_conv, "ConvTranspose": op_conv_transpose, "Gemm": op_gemm,
+    "MatMul": lambda m, n, i: torch.matmul(i[0], i[1]),
+    "BatchNormalization": op_bn, "InstanceNormalization": op_instancenorm, "LayerNormalization": op_layernorm,
+    "Relu": op_lrn_free(F.relu), "Sigmoid": op_lrn_free(torch.sigmoid), "Tanh": op_lrn_free(torch.tanh),
+    "Exp": op_lrn_free(torch.exp), "Log": op_lrn_free(torch.log), "Erf": op_lrn_free(torch.erf),
+    "Sqrt": op_lrn_free(torch.sqrt), "Neg": op_lrn_free(torch.neg), "Abs": op_lrn_free(torch.abs),
+    "Reciprocal": op_lrn_free(torch.reciprocal), "Floor": op_lrn_free(torch.floor), "Ceil": op_lrn_free(torch.ceil),
+    "Softplus": op_lrn_free(F.softplus), "Mish": op_lrn_free(F.mish), "Sign": op_lrn_free(torch.sign),
+    "Not": op_lrn_free(torch.logical_not), "Round": op_lrn_free(torch.round),
+    "Identity": lambda m, n, i: i[0], "Dropout": lambda m, n, i: i[0],
+    "Clip": op_clip,
+    "LeakyRelu": lambda m, n, i: F.leaky_relu(i[0], float(n.attrs.get("alpha", 0.01))),
+    "Elu": lambda m, n, i: F.elu(i[0], float(n.attrs.get("alpha", 1.0))),
+    "Selu": lambda m, n, i: F.selu(i[0]),
+    "PRelu": lambda m, n, i: torch.where(i[0] >= 0, i[0], i[0] * i[1]),
+    "HardSigmoid": op_hardsigmoid, "HardSwish": op_hardswish, "Gelu": op_gelu,
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(_div),
+    "Pow": op_pow,
+    "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
+    "LessOrEqual": _binary(torch.le), "GreaterOrEqual": _binary(torch.ge),
+    "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or),
+    "Min": op_min_max(torch.minimum), "Max": op_min_max(torch.maximum), "Sum": op_sum, "Where": op_where,
+    "Pad": op_pad, "Slice": op_slice, "Concat": op_concat, "Split": op_split, "Reshape": op_reshape,
+    "Flatten": op_flatten, "Transpose": op_transpose, "Unsqueeze": op_unsqueeze, "Squeeze": op_squeeze,
+    "Resize": op_resize, "Upsample": op_resize,
+    "MaxPool": lambda m, n, i: _pool(m, n, i, "max"), "AveragePool": lambda m, n, i: _pool(m, n, i, "avg"),
+    "GlobalAveragePool": lambda m, n, i: i[0].mean(dim=list(range(2, i[0].dim())), keepdim=True),
+    "GlobalMaxPool": lambda m, n, i: i[0].amax(dim=list(range(2, i[0].dim())), keepdim=True),
+    "ReduceMean": _reduce("mean"), "ReduceSum": _reduce("sum"), "ReduceMax": _reduce("max"), "ReduceMin": _reduce("min"),
+    "Shape": op_shape, "Size": lambda m, n, i: torch.tensor(i[0].numel(), dtype=torch.int64, device=i[0].device),
+    "Gather": op_gather, "Cast": op_cast, "ConstantOfShape": op_constant_of_shape,
+    "Softmax": op_softmax(torch.softmax), "LogSoftmax": op_softmax(torch.log_softmax),
+    "QuantizeLinear": op_quantize, "DequantizeLinear": op_dequantize,
+    "Expand": op_expand, "Tile": op_tile, "Range": op_range, "ArgMax": op_argmax,
+    "DepthToSpace": op_depth_to_space, "SpaceToDepth": op_space_to_depth,
+}
+
+SUPPORTED_OPS = sorted(_OPS) + ["Constant"]
+
+
+def to_torch(model: ModelProto, **kwargs) -> OnnxModule:
+    """Convert an ONNX model to a trainable :class:`OnnxModule` (see the module docstring)."""
+    return OnnxModule(model, **kwargs)

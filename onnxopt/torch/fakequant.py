@@ -1,0 +1,109 @@
+"""Fake quantization with a straight-through estimator (STE), as ONNX Q/DQ pairs compute it.
+
+Forward (eval and train alike, bit-exact with onnxruntime's QuantizeLinear -> DequantizeLinear):
+
+    q   = clamp(round_half_even(x / s) + zp, qmin, qmax)        # QuantizeLinear (+ restricted Clip)
+    out = (q - zp) * s                                          # DequantizeLinear
+
+``round`` is ``torch.round`` (round half to even, as ONNX specifies). Backward, by ``mode``:
+
+* ``lsq`` (Esser et al., *Learned Step Size Quantization*): d round(v)/dv := 1 inside the range, so
+  d out/dx = 1 inside [ (qmin-zp)s, (qmax-zp)s ] and 0 outside; d out/ds = round(x/s) - x/s inside,
+  qmin-zp / qmax-zp outside, multiplied by the LSQ gradient scale g = 1/sqrt(n * qmax)
+  (n = elements per scale) so that the step size learns at the pace of the weights.
+* ``pact`` (Choi et al., *PACT*): the clipping range alpha = (qmax-zp)*s is what learns; the
+  rounding error is treated as a constant, so d out/ds comes from the clipped region only.
+* ``fixed``: scales are not trained (d out/ds = 0); the STE still passes gradients to x.
+
+Binary and ternary weights (micronet, XNOR-Net / TWN) use scale factors computed from the latent
+weights every step instead of a learned step: binary ``s = mean|w|`` per channel, ``q = sign(w)``
+(0 mapped to +1); ternary ``delta = 0.7 mean|w|``, ``q = sign(w) [|w| > delta]``,
+``s = mean(|w| : |w| > delta)``. They export as int8 values in [-1, 1] with that scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+MODES = ("lsq", "pact", "fixed")
+
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """round half to even forward, identity backward."""
+    return v + (torch.round(v) - v).detach()
+
+
+def _grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:
+    """Value s, gradient g * ds (the LSQ step-size gradient scale)."""
+    return (s - s * g).detach() + s * g
+
+
+def _shape_for(param: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    """Broadcast a per-channel parameter along ``axis`` of ``x`` (scalars stay as they are)."""
+    if axis is None or param.dim() == 0 or param.numel() == 1 and x.dim() == 0:
+        return param
+    ax = axis % x.dim()
+    shape = [1] * x.dim()
+    shape[ax] = -1
+    return param.reshape(shape)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  axis: Optional[int] = None, mode: str = "lsq", training: bool = False) -> torch.Tensor:
+    """Q -> DQ of ``x`` with the STE of ``mode`` while training; exact ONNX arithmetic otherwise."""
+    s = _shape_for(scale, x, axis)
+    zp = _shape_for(zero_point.to(x.dtype), x, axis)
+    if not training or not (x.requires_grad or scale.requires_grad):
+        q = torch.clamp(torch.round(x / s) + zp, qmin, qmax)
+        return (q - zp) * s
+    if mode == "fixed":
+        s = s.detach()
+    elif mode == "lsq" and scale.requires_grad:
+        per = max(1, x.numel() // max(1, scale.numel()))
+        s = _grad_scale(s, 1.0 / math.sqrt(per * max(1, qmax)))
+    lo = (qmin - zp) * s
+    hi = (qmax - zp) * s
+    xc = torch.minimum(torch.maximum(x, lo), hi)  # gradient to s (via lo/hi) from the clipped region
+    if mode == "pact":
+        with torch.no_grad():
+            err = (torch.clamp(torch.round(x / s) + zp, qmin, qmax) - zp) * s - xc
+        return xc + err
+    q = round_ste(xc / s)
+    return q * s
+
+
+def binary_weight(w: torch.Tensor, axis: Optional[int]) -> tuple:
+    """(fake-quantized w, q in {-1, 1}, scale per channel): XNOR-style sign with mean |w| scale."""
+    a = w.abs()
+    if axis is None:
+        s = a.mean().clamp_min(1e-12)
+    else:
+        s = a.transpose(0, axis).reshape(w.shape[axis], -1).mean(1).clamp_min(1e-12)
+    q = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+    out = _ste_to(w, q * _shape_for(s, w, axis))
+    return out, q.detach(), s.detach()
+
+
+def ternary_weight(w: torch.Tensor, axis: Optional[int]) -> tuple:
+    """(fake-quantized w, q in {-1, 0, 1}, scale): TWN threshold 0.7 mean|w|, scale = mean of kept |w|."""
+    a = w.abs()
+    if axis is None:
+        delta = 0.7 * a.mean()
+        keep = (a > delta).to(w.dtype)
+        s = ((a * keep).sum() / keep.sum().clamp_min(1)).clamp_min(1e-12)
+    else:
+        flat_a = a.transpose(0, axis).reshape(w.shape[axis], -1)
+        delta = 0.7 * flat_a.mean(1)
+        keep_flat = (flat_a > delta[:, None]).to(w.dtype)
+        s = ((flat_a * keep_flat).sum(1) / keep_flat.sum(1).clamp_min(1)).clamp_min(1e-12)
+        keep = (a > _shape_for(delta, w, axis)).to(w.dtype)
+    q = torch.sign(w) * keep
+    out = _ste_to(w, q * _shape_for(s, w, axis))
+    return out, q.detach(), s.detach()
+
+
+def _ste_to(w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Forward ``value``, gradient straight through to ``w``."""
+    return w + (value - w).detach()
