@@ -30,6 +30,10 @@ What each rule preserves (exact = same outputs up to float summation order):
   the begin pad increased by one: the window starts one step earlier and its first tap is 0.
 * ``conv_6x6_to_5x5`` (approximate): the 6 x 6 kernel is cropped to 5 x 5 dropping, per axis, the
   border row/col with the smaller L1 mass; one pad is reduced so every output keeps its position.
+* ``conv_gt7_split`` (exact, off): a k x k conv (k > 7) becomes a 3 x 3 one-hot "shift bank"
+  (9 copies of every input channel) followed by a ceil(k/3) x ceil(k/3) conv with dilation 3;
+  tap (3a + u, 3b + v) of the original kernel is read exactly once. Unlike TI's (re-initialised,
+  random-width) split it keeps the weights, at the price of 9x the channels in between.
 * ``resize_sizes_to_scales`` (exact): ``Resize(sizes)`` becomes ``Resize(scales = sizes / in)``
   when the input shape is static and float32 scales reproduce the sizes exactly.
 * activations -> ReLU (approximate, TI's v2 defaults): SiLU (x*sigmoid(x)), HardSwish (native,
@@ -37,6 +41,13 @@ What each rule preserves (exact = same outputs up to float summation order):
   approximation), ReLU6 / Clip(0,6) (attribute or input bounds, or Max/Min pairs), LeakyReLU,
   PRelu (off), standalone HardSigmoid (on, as TI: the output range changes from [0,1] to [0,inf)).
 * ``squeeze_and_excite_to_identity`` (approximate): ``x * gate(FC(act(FC(pool(x)))))`` -> x.
+
+Defaults follow TI's v2 table (research note tidl-and-ti-toolkit.md section 1.2) with these
+differences: ``focus_to_conv`` is on (TI's ``focus_to_optimized_focus`` is off in v2, but this
+rewrite is exact and TIDL does not run strided Slices), ``conv_6x6_to_5x5`` crops the trained
+kernel instead of re-initialising it, ``conv_even_kernel_to_odd`` (off, from TI's v3 table) fills
+the border with zeros, not ones. Only the main graph is rewritten; If/Loop bodies are left as
+they are.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Builders of the test models for the ``lite`` pass, written with onnx.helper (no torch needed).
 
 They reproduce the encodings real exporters write (research note "real models in the wild"
-sections 2-3, and torch 2.13's TorchScript exporter, checked with tools/bench_lite.py --torch):
+sections 2-3, and what torch 2.13's TorchScript exporter writes for ``torch_mobilenetv3_onnx`` below):
 
 * HardSwish three ways: native ``HardSwish`` (opset >= 14), ``Mul(x, HardSigmoid(x))`` (what
   ``x * F.hardsigmoid(x)`` and, at opset 13, ``nn.Hardswish`` export to), and
