@@ -22,7 +22,6 @@ tidl-tda4vm: all of tidl, plus power-of-two scales, zero points 0, per-tensor we
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 

@@ -165,9 +165,7 @@ def _weighted_layout(graph: gs.Graph, node: gs.Node):
             return None, f"{node.name}: {op} weight is not a constant"
         return (1, [input_at(node, 0)], 2 if input_at(node, 2) is not None else None), None
     if op == "Gemm":
-        if int(node.attrs.get("transA", 0)):
-            # A is the data input; transA only changes its layout, quantization stays per-tensor.
-            pass
+        # A is the data input (transA only changes its layout; activations are per-tensor anyway).
         b = input_at(node, 1)
         if is_weight(graph, b):
             c = input_at(node, 2)
@@ -332,8 +330,7 @@ def _propagate_backward(graph, nodes, quant, uf, active, mark, rules) -> None:
         if out.name not in quant:
             continue
         if n.op in PASS_THROUGH_OPS:
-            if n.op == "Resize" and n.attrs.get("mode", "nearest") != "nearest" and rules.placement == "inputs":
-                pass  # linear resize interpolates: still range-preserving, keep the shared scale
+            # (a linear Resize interpolates, but stays within its input's range: same scale too)
             src = input_at(n, 0)
             if mark(src):
                 uf.union(out.name, src.name)

@@ -31,7 +31,6 @@ initializers at opset >= 21.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -41,7 +40,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from .. import model_io
-from ..errors import DataError, OnnxoptError, OptionError
+from ..errors import OnnxoptError, OptionError
 from ..graph import NameGenerator, constant_value, export_graph, import_graph
 from . import placement as placement_mod
 from .targets import TargetRules, get_target, int_range
