@@ -220,7 +220,7 @@ def _stable_toposort(graph) -> bool:
 
 
 def _export(graph, like: ModelProto) -> ModelProto:
-    graph.cleanup(remove_unused_graph_inputs=False)
+    # export_graph's cleanup only removes nodes, so the order sorted here stays topological.
     model = export_graph(graph, like, sort=not _stable_toposort(graph))
     if like.ir_version < 4:
         # IR < 4 requires every initializer to be a graph input (as it was in the input model);

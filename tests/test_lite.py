@@ -282,6 +282,8 @@ def test_mobilenetv3_everything_replaced_nothing_else_touched(opset):
     conv_outs = {n.output[0] for n in res.model.graph.node if n.op_type == "Conv"}
     assert all(n.input[0] in conv_outs for n in res.model.graph.node if n.op_type == "Relu")
     assert res.extra["output_error"]["inputs"] == "generated" and math.isfinite(res.extra["output_error"]["max_abs"])
+    again = apply_lite(res.model)  # idempotent: a lite model has nothing left to rewrite
+    assert not again.changes and ops(again.model) == ops(res.model)
 
 
 def test_mobilenetv3_torch_export_if_torch_available():
