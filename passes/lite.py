@@ -189,8 +189,11 @@ def _stable_toposort(graph) -> bool:
     (subgraphs with outer-scope reads, or a cycle): then gs sorts."""
     import heapq
 
+    import onnx_graphsurgeon as gs
+
     nodes = graph.nodes
-    if any(n.subgraphs() and next(n.subgraphs(), None) is not None for n in nodes):
+    if any(isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v))
+           for n in nodes for v in n.attrs.values()):
         return False
     index = {id(n): i for i, n in enumerate(nodes)}
     pending = [0] * len(nodes)

@@ -370,6 +370,27 @@ def test_maxpool_cascade_near_misses(attrs, reason):
     assert not res.changes and not res.skipped
 
 
+def test_subgraph_reads_a_rewritten_tensor():
+    b = GraphBuilder(17)
+    y = b.silu(b.conv("input", 3, 8, 3))
+    then_g = helper.make_graph([helper.make_node("Sigmoid", [y], ["ts"]), helper.make_node("Mul", [y, "ts"], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", onnx.TensorProto.FLOAT, [1, 8, 8, 8])])
+    else_g = helper.make_graph([helper.make_node("Neg", [y], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", onnx.TensorProto.FLOAT, [1, 8, 8, 8])])
+    b.nodes.append(helper.make_node("If", ["cond"], ["output"], then_branch=then_g, else_branch=else_g))
+    graph = helper.make_graph(b.nodes, "t", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 8, 8]),
+                                             helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1, 8, 8, 8])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    res = apply_lite(model)
+    assert res.changes == {"silu_to_relu": 1}  # the main-graph SiLU; the If body is left as it is
+    feed = {"input": rand(1, 3, 8, 8), "cond": np.array(False)}
+    got = run(res.model, feed)["output"]
+    ref = run(relu_reference(), {"input": feed["input"]})["output"]
+    np.testing.assert_allclose(got, -ref, rtol=0, atol=0)
+
+
 def test_ir3_model_keeps_initializers_as_graph_inputs():
     w = helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 3, 3, 3])
     nodes = [helper.make_node("Conv", ["input", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
