@@ -913,9 +913,10 @@ def match_conv6(graph, node, ctx):
         if not options:
             if shape is None:
                 return "no pad to give up and a dynamic input shape: the output size could change"
+            # out = floor(n / s) + 1 with the 6-tap kernel, floor((n + 1) / s) + 1 with 5 taps
             n = shape[2 + a] + pb + pe - 6
-            if n % geo["strides"][a] == 0:
-                return "cropping to 5x5 without padding would shrink the output"
+            if (n + 1) % geo["strides"][a] == 0:
+                return "cropping to 5x5 without padding would change the output size"
             options.append((last, "last_nopad"))
         plan.append(min(options)[1])
     return Match(node.outputs[0], {"node": node, "plan": plan, **geo})

@@ -495,6 +495,20 @@ def test_even_kernel_to_odd_is_exact(k, stride, pads, group):
     assert_equivalent(model, res.model, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size,stride,ok", [(32, 2, True), (33, 2, False), (20, 1, False)])
+def test_conv_6x6_without_padding(size, stride, ok):
+    b = GraphBuilder()
+    b.nodes.append(helper.make_node("Conv", ["input", b.init(rand(4, 3, 6, 6))], ["output"], kernel_shape=[6, 6], strides=[stride, stride]))
+    o = (size - 6) // stride + 1
+    model = b.model([("input", [1, 3, size, size])], [("output", [1, 4, o, o])])
+    res = apply_lite(model)
+    if ok:
+        assert res.changes == {"conv_6x6_to_5x5": 1}
+        assert run(res.model, {"input": rand(1, 3, size, size)})["output"].shape == (1, 4, o, o)
+    else:
+        assert not res.changes and any("change the output size" in r for r in res.skipped)
+
+
 def test_even_kernel_shared_weight_is_not_overwritten():
     b = GraphBuilder()
     w = b.init(rand(4, 4, 4, 4))
