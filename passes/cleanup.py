@@ -121,10 +121,19 @@ def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResu
     # Intermediate value_info that we did not bring in stays out (shape inference re-derives it);
     # the model's own entries are kept where their tensor still exists.
     alive = {o for n in model.graph.node for o in n.output}
-    keep = [vi for vi in model.graph.value_info if vi.name in original_value_info and vi.name in alive]
+    keep = []
+    for vi in model.graph.value_info:
+        if vi.name not in original_value_info or vi.name not in alive:
+            continue
+        if _contradicts(vi, shapes.get(vi.name)):
+            # a wrong declared shape (real exporters write them) would fail the full checker
+            state.details.append(f"dropped value_info '{vi.name}': it contradicts the inferred shape {shapes[vi.name][1]}")
+            state.changes["wrong_value_info_dropped"] += 1
+            continue
+        keep.append(vi)
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
-    changes = {k: v for k, v in state.changes.items()}
+    changes = dict(state.changes)
     changes["nodes_removed"] = nodes_before - len(model.graph.node)
     return PassResult(model, changes=changes, details=state.details, skipped=state.skipped,
                       extra={"rounds": round_index + 1})
@@ -281,6 +290,22 @@ def infer_shapes(model: onnx.ModelProto, state) -> dict:
     for init in inferred.graph.initializer:
         shapes.setdefault(init.name, (init.data_type, list(init.dims)))
     return shapes
+
+
+def _contradicts(vi: onnx.ValueInfoProto, inferred) -> bool:
+    """True when a declared value_info disagrees with what shape inference derived."""
+    if inferred is None or not vi.type.HasField("tensor_type"):
+        return False
+    tt = vi.type.tensor_type
+    elem, dims = inferred
+    if elem and tt.elem_type and elem != tt.elem_type:
+        return True
+    if dims is None or not tt.HasField("shape"):
+        return False
+    declared = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    if len(declared) != len(dims):
+        return True
+    return any(a is not None and b is not None and a != b for a, b in zip(declared, dims))
 
 
 def _shape_of(t: gs.Tensor, shapes: dict) -> Optional[list]:

@@ -352,3 +352,23 @@ def test_second_round_folds_shapes_made_static_by_the_first():
     assert ops(result.model) == ["Reshape"]  # y -> z is the same shape; the x -> y Reshape remains
     assert result.extra["rounds"] == 2
     assert_equivalent(model, result.model, rtol=0, atol=0)
+
+
+def test_wrong_declared_shapes_do_not_fool_noop_removal():
+    # The exporter claims the Reshape keeps the shape (its value_info says [2, 6]); only shapes
+    # inferred from the inputs are trusted, so the real [3, 4] Reshape stays and the wrong
+    # value_info is dropped (it would fail the full checker).
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "shp"], ["t"]),
+             helper.make_node("Sigmoid", ["t"], ["y"])]
+    model = _make_model(nodes, [("x", [2, 6])], [("y", [3, 4])], [("shp", np.array([3, 4], np.int64))])
+    model.graph.value_info.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 6]))
+    result = run_cleanup(model)
+    assert ops(result.model) == ["Relu", "Reshape", "Sigmoid"]
+    assert result.changes["wrong_value_info_dropped"] == 1
+    out = helper_run(result.model, {"x": rand(2, 6, seed=1)})
+    assert out["y"].shape == (3, 4)
+
+
+def helper_run(model, feed):
+    from helpers import run
+    return run(model, feed)
