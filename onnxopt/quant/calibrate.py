@@ -1,0 +1,694 @@
+"""Streaming calibration: clipping ranges of activations, and per-channel ranges of weights.
+
+How statistics are gathered
+---------------------------
+One onnxruntime session runs a copy of the model whose extra graph outputs are the tensors to
+calibrate (basic graph optimizations only: constant folding never renames a graph output, and
+fusions that would hide an intermediate tensor are not applied). Each batch's outputs are reduced
+at once into per-tensor statistics and dropped, so peak memory is one batch of activations plus
+fixed-size state, independent of the number of samples:
+
+* min, max (exact);
+* for histogram methods, a :class:`~onnxopt.quant.histogram.SignedHistogram` whose range doubles
+  when a batch exceeds it. Doubling merges bin pairs exactly (power-of-two bin widths), so the
+  streamed histogram equals the one-shot histogram of all data on the final edges, whatever the
+  batch size, the batch order or the number of workers. ``2 * num_bins`` bins per sign are kept,
+  so that at least ``num_bins`` bins cover ``[0, amax]``.
+
+``workers > 1`` starts that many processes (multiprocessing "spawn"), each with its own session
+and ``cpu_count // workers`` intra-op threads; the parent reads the data and deals batches out
+through a bounded queue, the workers' statistics merge exactly. Results equal one worker's.
+
+Range methods (``levels`` counts the quantization steps for ``bits``)
+--------------------------------------------------------------------
+* ``minmax``: symmetric ``(-amax, amax)``, asymmetric ``(min, max)``, unsigned ``(0, max)``.
+* ``percentile``: the ``p``-th percentile of ``|x|`` (symmetric / unsigned), or the
+  ``(100-p)/2`` and ``100-(100-p)/2`` percentiles of ``x`` (asymmetric), read from the histogram
+  with linear interpolation inside a bin (error below one bin width), never beyond min/max.
+* ``entropy``: TensorRT's KL-divergence threshold on the ``|x|`` histogram with
+  ``2**(bits-1)`` levels (``2**bits`` when unsigned); asymmetric tensors search each sign's side
+  separately with ``2**(bits-1)`` levels.
+* ``mse``: the clip minimising the expected quantization error on the histogram for ``bits``
+  (symmetric ``[-(2**(bits-1)-1), 2**(bits-1)-1]``, unsigned ``[0, 2**bits-1]``, asymmetric
+  ``2**bits-1`` steps over ``[lo, hi]`` searched as a shrink factor then per side).
+
+Asymmetric ranges always contain 0 (so zero is exactly representable). A constant-zero tensor
+gets ``(0.0, 0.0)``; the caller picks a scale for it.
+
+Cache
+-----
+``config.cache`` is a JSON file keyed on :func:`onnxopt.model_io.fingerprint` of the model, the
+data (source path, selection, image options, input shapes and the files' sizes and mtimes; for a
+bare callable, a hash of its first batches) and the settings that change ranges (method and its
+parameters, bits, per-tensor symmetry/unsignedness). It holds each tensor's min/max and range.
+A matching cache is reused (also for a subset of its tensors); any difference is refused with an
+:class:`OnnxoptError` that says what differs. Writes are atomic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import ModelProto, helper
+
+from .. import errors as _errors
+from ..errors import DataError, OnnxoptError, OptionError
+from ..model_io import fingerprint
+from ..runtime import cpu_count
+from . import histogram as H
+from .trt_table import DEFAULT_TRT_VERSION, read_trt_calibration_table, write_trt_calibration_table
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+CACHE_FORMAT = "onnxopt-calibration-cache"
+CACHE_VERSION = 1
+QUEUE_PER_WORKER = 2          # batches buffered per worker: bounds the parent's memory
+
+__all__ = [
+    "CalibConfig", "TensorStats", "calibrate", "collect_statistics", "compute_range", "weight_ranges",
+    "write_trt_calibration_table", "read_trt_calibration_table", "METHODS",
+]
+
+
+@dataclass
+class CalibConfig:
+    method: str = "minmax"          # minmax | percentile | entropy | mse
+    percentile: float = 99.99
+    num_bins: int = 2048            # histogram bins over [0, amax] at least (power of two)
+    workers: int = 1                # processes whose statistics merge
+    progress: bool = True
+    cache: Optional[str] = None     # --calib-cache FILE
+    trt_table: Optional[str] = None  # also write a TensorRT calibration table here
+    batch_size: Optional[int] = None  # re-batch a DataSource (None: the source's own batch size)
+    threads: int = 0                # intra-op threads of the single-process session (0: onnxruntime's default)
+    trt_version: str = DEFAULT_TRT_VERSION  # header of the TensorRT table
+
+
+@dataclass
+class TensorStats:
+    """Statistics of one tensor merged over all batches (and workers)."""
+
+    min: float = math.inf
+    max: float = -math.inf
+    count: int = 0
+    hist: Optional[H.SignedHistogram] = None
+
+    @property
+    def amax(self) -> float:
+        return max(-self.min, self.max, 0.0) if self.count else 0.0
+
+    def update(self, arr: np.ndarray, name: str = "?", batch: int = 0) -> None:
+        a = np.asarray(arr)
+        if a.size == 0:
+            return
+        if a.dtype.kind != "f":
+            raise OnnxoptError(f"tensor '{name}' is {a.dtype}; only floating-point tensors are calibrated.",
+                               "calibrate the float tensors only (integer tensors are not quantized)")
+        lo, hi = float(a.min()), float(a.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise DataError(f"tensor '{name}' holds NaN or Inf on calibration batch {batch}.",
+                            "the model overflows on this data (check the preprocessing), or the model itself is broken")
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.count += int(a.size)
+        if self.hist is not None:
+            self.hist.add(a, max(-lo, hi))
+
+    def merge(self, other: "TensorStats") -> None:
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.count += other.count
+        if self.hist is not None and other.hist is not None:
+            self.hist.merge(other.hist)
+
+    def state(self) -> tuple:
+        return (self.min, self.max, self.count, self.hist.state() if self.hist is not None else None)
+
+    @classmethod
+    def from_state(cls, s: tuple) -> "TensorStats":
+        return cls(s[0], s[1], s[2], H.SignedHistogram.from_state(s[3]) if s[3] is not None else None)
+
+
+# ---------------------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------------------
+
+def _check_config(config: CalibConfig, bits: int) -> None:
+    if config.method not in METHODS:
+        raise OptionError(f"unknown calibration method '{config.method}'.", f"choose one of: {', '.join(METHODS)}")
+    if not (0.0 < float(config.percentile) <= 100.0):
+        raise OptionError(f"percentile must be in (0, 100], got {config.percentile}.", "e.g. 99.99")
+    if not H.is_power_of_two(int(config.num_bins)) or not (128 <= config.num_bins <= 1 << 16):
+        raise OptionError(f"num_bins must be a power of two in [128, 65536], got {config.num_bins}.",
+                          "histogram ranges grow by doubling, which is exact only with power-of-two bin counts; e.g. 2048")
+    if int(config.workers) < 1:
+        raise OptionError(f"workers must be at least 1, got {config.workers}.", "use --calib-workers 1 or more")
+    if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 16:
+        raise OptionError(f"bits must be an integer in [2, 16], got {bits}.", "activation bits are 2..8 (16 for int16 fallback)")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise OptionError(f"batch size must be at least 1, got {config.batch_size}.", "use --batch-size 1 or more")
+
+
+def _per_tensor(value, tensors: list, what: str) -> dict:
+    if isinstance(value, Mapping):
+        missing = [t for t in tensors if t not in value]
+        if missing:
+            raise OptionError(f"'{what}' does not say which way to calibrate {len(missing)} tensor(s): {', '.join(missing[:5])}.",
+                              f"give '{what}' for every calibrated tensor, or one bool for all")
+        return {t: bool(value[t]) for t in tensors}
+    return {t: bool(value) for t in tensors}
+
+
+def _graph_tensors(model: ModelProto) -> tuple:
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    produced = {o for n in model.graph.node for o in n.output if o}
+    return inputs, produced, inits
+
+
+# ---------------------------------------------------------------------------------------
+# statistics collection
+# ---------------------------------------------------------------------------------------
+
+def _augmented(model: ModelProto, fetch: list) -> bytes:
+    """The model with the tensors in ``fetch`` added as graph outputs, serialized."""
+    aug = ModelProto()
+    aug.CopyFrom(model)
+    known = {o.name for o in aug.graph.output}
+    for name in fetch:
+        if name not in known:
+            aug.graph.output.append(helper.make_empty_tensor_value_info(name))
+    if aug.ByteSize() >= 2**31 - 2**20:  # pragma: no cover - needs a >2 GB model
+        raise OnnxoptError("calibration of models over 2 GB is not supported yet.", "calibrate a model under 2 GB")
+    return aug.SerializeToString()
+
+
+def _session(payload, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxoptError(f"onnxruntime cannot load the calibration model: {str(exc).strip().splitlines()[0][:500]}",
+                           "the graph uses an op or type onnxruntime's CPU provider lacks, or it is invalid") from None
+
+
+class _Collector:
+    """One session + per-tensor statistics; ``update(feed)`` reduces one batch."""
+
+    def __init__(self, payload: bytes, tensors: list, from_feed: list, hist_bins: Optional[int], threads: int):
+        self.fetch = [t for t in tensors if t not in set(from_feed)]
+        self.from_feed = from_feed
+        self.sess = _session(payload, threads)
+        self.stats = {t: TensorStats(hist=H.SignedHistogram(hist_bins) if hist_bins else None) for t in tensors}
+        self.batches = 0
+
+    def update(self, feed: dict) -> int:
+        if self.fetch:
+            try:
+                outs = self.sess.run(self.fetch, feed)
+            except Exception as exc:
+                raise DataError(f"onnxruntime failed to run the model on calibration batch {self.batches}: "
+                                f"{str(exc).strip().splitlines()[0][:500]}",
+                                "check that the data matches the model's inputs (names, shapes, dtypes)") from None
+            # reduce and drop one output at a time: only one batch of activations is alive
+            for i, name in enumerate(self.fetch):
+                arr, outs[i] = outs[i], None
+                self.stats[name].update(arr, name, self.batches)
+                del arr
+        for name in self.from_feed:
+            self.stats[name].update(feed[name], name, self.batches)
+        self.batches += 1
+        return _batch_len(feed)
+
+
+def _batch_len(feed: dict) -> int:
+    for v in feed.values():
+        a = np.asarray(v)
+        return int(a.shape[0]) if a.ndim else 1
+    return 1
+
+
+def _iter_batches(data, batch_size: Optional[int]) -> Iterator[dict]:
+    if hasattr(data, "batches") and callable(getattr(data, "batches")):
+        yield from data.batches(batch_size)
+    elif callable(data):
+        yield from data()
+    else:
+        raise OptionError(f"calibration data must be a DataSource or a callable returning feed dicts, not {type(data).__name__}.",
+                          "open it with onnxopt.data.open_data(...)")
+
+
+def _total(data) -> Optional[int]:
+    try:
+        return data.count() if hasattr(data, "count") else None
+    except Exception:
+        return None
+
+
+def _progress(config: CalibConfig, total: Optional[int], desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", disable=not config.progress, leave=False, dynamic_ncols=True)
+
+
+def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConfig) -> dict:
+    """Per-tensor :class:`TensorStats` over all of ``data`` (streaming; see module doc)."""
+    tensors = list(dict.fromkeys(tensors))
+    inputs, produced, inits = _graph_tensors(model)
+    unknown = [t for t in tensors if t not in produced and t not in inputs]
+    if unknown:
+        const = [t for t in unknown if t in inits]
+        raise OnnxoptError(
+            f"cannot calibrate {len(unknown)} tensor(s) not computed in the main graph: {', '.join(unknown[:5])}"
+            + (" (initializers: their ranges come from weight_ranges)" if const else "") + ".",
+            "calibrate activations of the main graph (tensors inside If/Loop bodies are not reachable as outputs)")
+    from_feed = [t for t in tensors if t in inputs]
+    hist_bins = 2 * int(config.num_bins) if config.method != "minmax" else None
+    payload = _augmented(model, [t for t in tensors if t not in from_feed])
+    workers = int(config.workers)
+    bar = _progress(config, _total(data), f"calibrating {len(tensors)} tensors ({config.method})")
+    try:
+        if workers == 1:
+            col = _Collector(payload, tensors, from_feed, hist_bins, int(config.threads))
+            for feed in _iter_batches(data, config.batch_size):
+                bar.update(col.update(feed))
+            stats, nbatches = col.stats, col.batches
+        else:
+            stats, nbatches = _collect_parallel(payload, tensors, from_feed, hist_bins, data, config, workers, bar)
+    finally:
+        bar.close()
+    if nbatches == 0:
+        raise DataError("the calibration data yielded no batches.", "check --calib-data and --calib-samples")
+    return stats
+
+
+# -- worker processes ---------------------------------------------------------------------
+
+def _worker_main(model_file, tensors, from_feed, hist_bins, threads, in_q, out_q) -> None:  # pragma: no cover - runs in a child
+    try:
+        col = _Collector(model_file, tensors, from_feed, hist_bins, threads)
+        while True:
+            feed = in_q.get()
+            if feed is None:
+                break
+            out_q.put(("progress", col.update(feed)))
+        out_q.put(("done", col.batches, {t: s.state() for t, s in col.stats.items()}))
+    except OnnxoptError as exc:
+        out_q.put(("error", type(exc).__name__, exc.message, exc.hint))
+    except BaseException:
+        out_q.put(("crash", traceback.format_exc()))
+
+
+def _raise_from_worker(msg: tuple):
+    if msg[0] == "error":
+        cls = getattr(_errors, msg[1], OnnxoptError)
+        if not (isinstance(cls, type) and issubclass(cls, OnnxoptError)):
+            cls = OnnxoptError
+        err = cls.__new__(cls)
+        OnnxoptError.__init__(err, msg[2], msg[3])
+        raise err
+    raise RuntimeError(f"a calibration worker crashed:\n{msg[1]}")
+
+
+def _collect_parallel(payload, tensors, from_feed, hist_bins, data, config, workers, bar):
+    # the model travels through a temporary file: process arguments stay small
+    fd, model_file = tempfile.mkstemp(prefix="onnxopt-calib-", suffix=".onnx")
+    with os.fdopen(fd, "wb") as f:
+        f.write(payload)
+    try:
+        return _run_workers(model_file, tensors, from_feed, hist_bins, data, config, workers, bar)
+    finally:
+        os.unlink(model_file)
+
+
+def _run_workers(model_file, tensors, from_feed, hist_bins, data, config, workers, bar):
+    ctx = mp.get_context("spawn")
+    threads = max(1, cpu_count() // workers)
+    in_q = ctx.Queue(maxsize=QUEUE_PER_WORKER * workers)
+    out_q = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(model_file, tensors, from_feed, hist_bins, threads, in_q, out_q), daemon=True)
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    results: list = []
+
+    def drain(block: bool, timeout: float = 0.1) -> None:
+        while True:
+            try:
+                msg = out_q.get(block=block, timeout=timeout) if block else out_q.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "progress":
+                bar.update(msg[1])
+            elif msg[0] == "done":
+                results.append(msg)
+            else:
+                _raise_from_worker(msg)
+            block = False
+
+    def alive_check() -> None:
+        dead = [p for p in procs if not p.is_alive()]
+        if len(dead) > len(results):
+            drain(True, 0.5)                 # a finished worker's last message may still be in the pipe
+            if len(dead) > len(results):
+                code = next((p.exitcode for p in dead if p.exitcode), 0)
+                raise RuntimeError(f"a calibration worker ended without its statistics (exit code {code}); out of memory? "
+                                   "(scripts that use workers > 1 need an `if __name__ == '__main__':` guard)")
+
+    try:
+        for feed in _iter_batches(data, config.batch_size):
+            while True:
+                try:
+                    in_q.put(feed, timeout=0.1)
+                    break
+                except queue.Full:
+                    drain(False)
+                    alive_check()
+            drain(False)
+        for _ in procs:
+            while True:
+                try:
+                    in_q.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    drain(False)
+                    alive_check()
+        while len(results) < workers:
+            drain(True, 0.2)
+            if len(results) < workers:
+                alive_check()
+    finally:
+        if len(results) < workers:
+            # on failure nobody reads the queues any more: do not block the exit on them
+            in_q.cancel_join_thread()
+            out_q.cancel_join_thread()
+        for p in procs:
+            p.join(timeout=5 if len(results) == workers else 0.5)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    merged: dict = {}
+    nbatches = 0
+    for _, n, states in results:
+        nbatches += n
+        for t, s in states.items():
+            st = TensorStats.from_state(s)
+            if t in merged:
+                merged[t].merge(st)
+            else:
+                merged[t] = st
+    return merged, nbatches
+
+
+# ---------------------------------------------------------------------------------------
+# ranges from statistics
+# ---------------------------------------------------------------------------------------
+
+def compute_range(stats: TensorStats, method: str, *, symmetric: bool = True, unsigned: bool = False,
+                  bits: int = 8, percentile: float = 99.99) -> tuple:
+    """The clipping range (lo, hi) of one tensor from its statistics (see module doc)."""
+    if stats.count == 0:
+        return (0.0, 0.0)
+    mn, mx, amax = stats.min, stats.max, stats.amax
+    if method == "minmax":
+        if unsigned:
+            return (0.0, max(mx, 0.0))
+        if symmetric:
+            return (-amax, amax)
+        return (min(mn, 0.0), max(mx, 0.0))
+    h = stats.hist
+    if h is None:
+        raise OnnxoptError(f"method '{method}' needs histograms, but the statistics were collected for minmax.",
+                           "collect statistics with the same method")
+    if h.exp is None:                       # only zeros were seen
+        return (0.0, 0.0)
+    w = h.width
+    q = float(percentile) / 100.0
+    signed_levels = 2 ** (bits - 1)
+    if unsigned or symmetric:
+        counts = h.positive() if unsigned else h.folded()
+        top = max(mx, 0.0) if unsigned else amax
+        if method == "percentile":
+            t = H.percentile_value(counts, w, q)
+        elif method == "entropy":
+            t = H.entropy_threshold(counts, w, 2 ** bits if unsigned else signed_levels)
+        else:  # mse
+            t = H.mse_threshold(counts, w, 2 ** bits - 1 if unsigned else signed_levels - 1)
+        t = float(min(t, top))
+        return (0.0, t) if unsigned else (-t, t)
+    # asymmetric
+    if method == "percentile":
+        cut = (1.0 - q) / 2.0
+        lo, hi = H.signed_percentile(h, cut), H.signed_percentile(h, 1.0 - cut)
+        lo, hi = max(lo, mn), min(hi, mx)
+    elif method == "entropy":
+        hi = min(H.entropy_threshold(h.positive(), w, signed_levels), mx) if mx > 0 else 0.0
+        lo = -min(H.entropy_threshold(h.negative(), w, signed_levels), -mn) if mn < 0 else 0.0
+    else:
+        lo, hi = H.asym_mse_range(h, min(mn, 0.0), max(mx, 0.0), 2 ** bits - 1)
+    return (float(min(lo, 0.0)), float(max(hi, 0.0)))
+
+
+# ---------------------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------------------
+
+def _file_stats(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = p.stat()
+            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p.name}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _data_key(data, config: CalibConfig) -> dict:
+    spec = getattr(data, "spec", None)
+    if spec is not None and hasattr(spec, "source"):
+        src = str(spec.source)
+        key = {
+            "source": src,
+            "every": spec.every, "offset": spec.offset, "exclude_every": spec.exclude_every,
+            "max_samples": spec.max_samples,
+            "image": dataclasses.asdict(spec.image) if dataclasses.is_dataclass(spec.image) else repr(spec.image),
+            "input_shapes": {k: list(v) for k, v in (getattr(data, "_overrides", None) or {}).items()},
+        }
+        if src != "random":
+            path = Path(src.rpartition(":")[0] if ".py:" in src else src)
+            key["source"] = str(path.resolve()) + (":" + src.rpartition(":")[2] if ".py:" in src else "")
+            if path.is_dir():
+                key["files"] = _file_stats(sorted(f for f in path.iterdir() if f.is_file()))
+            else:
+                key["files"] = _file_stats([path])
+        return key
+    # a bare callable: identify it by the content of its first batches
+    h = hashlib.sha256()
+    n = 0
+    for feed in _iter_batches(data, config.batch_size):
+        for name in sorted(feed):
+            a = np.ascontiguousarray(feed[name])
+            h.update(f"{name}:{a.dtype}:{a.shape}".encode())
+            h.update(a.tobytes())
+        n += 1
+        if n >= 2:
+            break
+    return {"source": "callable", "first_batches_sha256": h.hexdigest()[:16]}
+
+
+def _settings_key(config: CalibConfig, bits: int) -> dict:
+    s: dict = {"method": config.method}
+    if config.method == "percentile":
+        s["percentile"] = float(config.percentile)
+    if config.method != "minmax":
+        s["num_bins"] = int(config.num_bins)
+    if config.method in ("entropy", "mse"):
+        s["bits"] = int(bits)
+    return s
+
+
+def _describe(a, b) -> str:
+    text = f"{a!r} -> {b!r}"
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+def _load_cache(path: Path, key: dict, tensors: list, sym: dict, uns: dict) -> Optional[dict]:
+    if not path.exists():
+        return None
+    stale_hint = f"delete '{path}' to recalibrate, or pass another --calib-cache path"
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != CACHE_FORMAT:
+            raise ValueError("not an onnxopt calibration cache")
+    except (OSError, ValueError) as exc:
+        raise OnnxoptError(f"calibration cache '{path}' is unreadable ({exc}).", stale_hint) from None
+    diffs = []
+    if doc.get("version") != CACHE_VERSION:
+        diffs.append(f"cache format version {doc.get('version')} (this onnxopt writes {CACHE_VERSION})")
+    if doc.get("model") != key["model"]:
+        diffs.append(f"model fingerprint {doc.get('model')} -> {key['model']} (the model changed)")
+    old_data, new_data = doc.get("data", {}), key["data"]
+    for k in sorted(set(old_data) | set(new_data)):
+        if old_data.get(k) != new_data.get(k):
+            what = "data files (sizes/mtimes)" if k == "files" else f"data {k}"
+            diffs.append(f"{what}: {_describe(old_data.get(k), new_data.get(k))}")
+    old_set, new_set = doc.get("settings", {}), key["settings"]
+    for k in sorted(set(old_set) | set(new_set)):
+        if old_set.get(k) != new_set.get(k):
+            diffs.append(f"{k}: {_describe(old_set.get(k), new_set.get(k))}")
+    entries = doc.get("tensors", {})
+    missing = [t for t in tensors if t not in entries]
+    if missing:
+        diffs.append(f"{len(missing)} tensor(s) not in the cache: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    flipped = [t for t in tensors if t in entries and (entries[t].get("symmetric") != sym[t] or entries[t].get("unsigned") != uns[t])]
+    if flipped:
+        diffs.append(f"symmetric/unsigned changed for {len(flipped)} tensor(s): {', '.join(flipped[:3])}")
+    if diffs:
+        raise OnnxoptError(f"calibration cache '{path}' is stale: " + "; ".join(diffs) + ".", stale_hint)
+    return {t: (float(entries[t]["range"][0]), float(entries[t]["range"][1])) for t in tensors}
+
+
+def _save_cache(path: Path, key: dict, ranges: dict, stats: dict, sym: dict, uns: dict) -> None:
+    doc = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION,
+        "model": key["model"], "data": key["data"], "settings": key["settings"],
+        "tensors": {t: {"range": [float(lo), float(hi)], "min": float(stats[t].min), "max": float(stats[t].max),
+                        "symmetric": sym[t], "unsigned": uns[t]} for t, (lo, hi) in ranges.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------
+
+def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConfig] = None, *,
+              symmetric: Union[Mapping[str, bool], bool] = True, unsigned: Union[Mapping[str, bool], bool] = False,
+              bits: int = 8) -> dict:
+    """Clipping range ``(lo, hi)`` per tensor (see module doc).
+
+    ``data`` is a :class:`onnxopt.data.DataSource` or a callable returning an iterable of feed
+    dicts. ``symmetric``/``unsigned`` are one bool or ``{tensor: bool}``; ``lo == -hi`` when
+    symmetric, ``lo == 0`` when unsigned.
+    """
+    config = config or CalibConfig()
+    _check_config(config, bits)
+    tensors = list(dict.fromkeys(tensors))
+    if not tensors:
+        return {}
+    sym, uns = _per_tensor(symmetric, tensors, "symmetric"), _per_tensor(unsigned, tensors, "unsigned")
+    if config.trt_table and bits != 8:
+        raise OptionError(f"a TensorRT calibration table holds int8 ranges, but bits={bits}.", "write the table only for 8-bit calibration")
+    ranges = None
+    key = None
+    if config.cache:
+        key = {"model": fingerprint(model), "data": _data_key(data, config), "settings": _settings_key(config, bits)}
+        ranges = _load_cache(Path(config.cache), key, tensors, sym, uns)
+    if ranges is None:
+        stats = collect_statistics(model, tensors, data, config)
+        ranges = {t: compute_range(stats[t], config.method, symmetric=sym[t], unsigned=uns[t], bits=bits,
+                                   percentile=config.percentile) for t in tensors}
+        if config.cache:
+            _save_cache(Path(config.cache), key, ranges, stats, sym, uns)
+    if config.trt_table:
+        version = config.trt_version
+        if config.method == "minmax" and version == DEFAULT_TRT_VERSION:
+            version = version.replace("EntropyCalibration2", "MinMaxCalibration")
+        write_trt_calibration_table({t: max(abs(lo), abs(hi)) for t, (lo, hi) in ranges.items()}, config.trt_table, version)
+    return ranges
+
+
+def weight_ranges(w: np.ndarray, axis: Optional[int] = None, method: str = "minmax", bits: int = 8,
+                  symmetric: bool = True) -> tuple:
+    """Per-channel (``axis``) or per-tensor (``axis=None``) ranges ``(lo, hi)`` of a weight.
+
+    ``minmax``: the extremes (symmetric: ``±max|w|``; asymmetric ranges contain 0). ``mse``: per
+    channel, the clip minimising the squared quantization error of the weights themselves for
+    ``bits`` (symmetric: shrink factor of ``max|w|``; asymmetric: shrink factor of (min, max)),
+    searched on a coarse grid then refined. Returns arrays of shape ``(C,)`` (or 0-d).
+    """
+    if method not in ("minmax", "mse"):
+        raise OptionError(f"unknown weight range method '{method}'.", "choose minmax or mse")
+    if not 2 <= bits <= 16:
+        raise OptionError(f"bits must be in [2, 16], got {bits}.", "weight bits are 2..8")
+    a = np.asarray(w, np.float64)
+    if not np.isfinite(a).all():
+        raise DataError("a weight holds NaN or Inf values.", "the model is broken; re-export it")
+    if axis is None:
+        flat = a.reshape(1, -1)
+    else:
+        ax = axis + a.ndim if axis < 0 else axis
+        if not 0 <= ax < a.ndim:
+            raise OptionError(f"axis {axis} is out of range for a weight of rank {a.ndim}.", "per-channel axis must be a valid dimension")
+        flat = np.moveaxis(a, ax, 0).reshape(a.shape[ax], -1)
+    if flat.shape[1] == 0:
+        lo = hi = np.zeros(flat.shape[0])
+    else:
+        mn, mx = np.minimum(flat.min(axis=1), 0.0), np.maximum(flat.max(axis=1), 0.0)
+        if symmetric:
+            amax = np.maximum(-mn, mx)
+            if method == "mse":
+                amax = amax * _best_shrink(flat, -amax, amax, bits, True)
+            lo, hi = -amax, amax
+        else:
+            lo, hi = mn, mx
+            if method == "mse":
+                f = _best_shrink(flat, mn, mx, bits, False)
+                lo, hi = mn * f, mx * f
+    if axis is None:
+        return np.asarray(lo[0]), np.asarray(hi[0])
+    return lo, hi
+
+
+def _fake_quant(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        s = np.maximum(hi / qmax, 1e-30)[:, None]
+        return np.clip(np.rint(x / s), -qmax, qmax) * s
+    levels = 2 ** bits - 1
+    s = np.maximum((hi - lo) / levels, 1e-30)[:, None]
+    zp = np.rint(-lo[:, None] / s)
+    return (np.clip(np.rint(x / s) + zp, 0, levels) - zp) * s
+
+
+def _best_shrink(flat: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool, grid: int = 40) -> np.ndarray:
+    """Per-row shrink factor f in (0, 1] of (lo, hi) minimising the quantization MSE."""
+    rows = flat.shape[0]
+    best_f = np.ones(rows)
+    best_e = ((flat - _fake_quant(flat, lo, hi, bits, symmetric)) ** 2).sum(axis=1)
+    for f in np.arange(1, grid) / grid:
+        e = ((flat - _fake_quant(flat, lo * f, hi * f, bits, symmetric)) ** 2).sum(axis=1)
+        better = e < best_e
+        best_f, best_e = np.where(better, f, best_f), np.where(better, e, best_e)
+    step = 1.0 / grid
+    for k in range(-4, 5):                  # refine around each row's best factor
+        f = np.clip(best_f + k * step / 5, step / 5, 1.0)
+        e = ((flat - _fake_quant(flat, lo * f, hi * f, bits, symmetric)) ** 2).sum(axis=1)
+        better = e < best_e
+        best_f, best_e = np.where(better, f, best_f), np.where(better, e, best_e)
+    return best_f
