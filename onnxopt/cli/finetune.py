@@ -1,0 +1,120 @@
+"""``onnxopt finetune``: recover accuracy after lite/prune/qdq, or quantization-aware training, in torch.
+
+torch is optional: this module imports without it, and the command says how to install it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .. import model_io
+from ..data import DataSpec, ImageOptions, open_data
+from ..errors import OptionError, require
+from . import cli
+from .options import image_options, image_settings, input_shape_option, parse_input_shapes
+
+
+@cli.command("finetune", epilog="""\b
+Examples:
+  onnxopt finetune pruned.onnx -o pruned.ft.onnx --data train/ --teacher model.onnx --epochs 5
+  onnxopt finetune model.int8.onnx -o model.int8.ft.onnx --data train.npz --teacher model.onnx
+  onnxopt finetune model.onnx -o model.w4a4.onnx --qat w4a4 --data train.npz --epochs 10
+  torchrun --nproc_per_node=2 -m onnxopt finetune pruned.onnx -o out.onnx --data train.npz --teacher model.onnx
+""")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the finetuned model (written atomically).")
+@click.option("--data", required=True, metavar="PATH", help="Training data: .npy, .npz, image folder, or file.py:function.")
+@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
+              help="The original model (before lite/prune/qdq) to distill from (label-free). Default with --qat: MODEL itself.")
+@click.option("--labels", default=None, metavar="PATH", help="Integer labels (.npy) for supervised loss; labels inside the data are used when present.")
+@click.option("--no-labels", is_flag=True, help="Ignore labels found in the data (pure distillation).")
+@click.option("--loss", "user_loss", default=None, metavar="FILE.py:FN", help="Extra user loss fn(student_outputs, teacher_outputs, labels, batch) -> scalar.")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate (cosine decay to 0).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--augment", is_flag=True, help="Random translation + horizontal flip of image inputs.")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature for classifier logits.")
+@click.option("--feature-loss", default=None, metavar="T1,T2", help="Also match these intermediate tensors to the teacher's (MSE).")
+@click.option("--qat", default=None, metavar="wXaY", help="Quantization-aware training of a float model: e.g. w4a4, w8a8, wta8 (ternary), wba8 (binary).")
+@click.option("--target", default="tensorrt", show_default=True, help="With --qat: the qdq target (tensorrt, ort, tidl, tidl-tda4vm).")
+@click.option("--per-tensor", is_flag=True, help="With --qat: per-tensor weight scales (default per channel).")
+@click.option("--symmetric", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True, help="With --qat: activation symmetry.")
+@click.option("--low-bit", type=click.Choice(["restricted", "int4"]), default="restricted", show_default=True,
+              help="With --qat: <8-bit weights in a restricted int8 range or INT4 (opset >= 21).")
+@click.option("--quant-mode", type=click.Choice(["lsq", "pact", "fixed"]), default="lsq", show_default=True,
+              help="How Q/DQ scales learn: LSQ step size, PACT clipping, or fixed.")
+@click.option("--bn-mode", type=click.Choice(["frozen", "train"]), default="frozen", show_default=True,
+              help="BatchNormalization while training: running statistics (frozen) or batch statistics (train).")
+@click.option("--bn-recalib", is_flag=True, help="Re-estimate BatchNormalization statistics on the data after training.")
+@click.option("--checkpoint", type=click.Path(file_okay=False), default=None, help="Write a resumable checkpoint here every epoch.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
+@click.option("--teacher-runtime", type=click.Choice(["torch", "ort"]), default="torch", show_default=True)
+@click.option("--max-samples", type=int, default=None, help="Use at most this many samples of --data.")
+@click.option("--every", type=int, default=1, help="Take every n-th sample of --data ...")
+@click.option("--offset", type=int, default=0, help="... starting at this one.")
+@click.option("--exclude-every", is_flag=True, help="Take the complement of the --every/--offset selection (e.g. hold out every 5th).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0, show_default=True, help="torch intra-op threads (0 = the cores the load average leaves idle).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report (history, parity, throughput).")
+@image_options
+@input_shape_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epochs, lr, batch_size, optimizer, weight_decay, augment,
+                 temperature, feature_loss, qat, target, per_tensor, symmetric, low_bit, quant_mode, bn_mode, bn_recalib, checkpoint,
+                 resume, device, teacher_runtime, max_samples, every, offset, exclude_every, seed, threads, report_path, input_shapes, quiet, **kwargs):
+    """Finetune MODEL in torch and write the learned weights and Q/DQ scales back into its graph.
+
+    By default label-free distillation from --teacher (KL on classifier logits, L2 otherwise);
+    with labels or --loss, supervised as well. With --qat wXaY a float MODEL is quantized by the
+    qdq pass and trained with fake quantization (STE; learnable scales). The written model's
+    onnxruntime output is checked against the trained torch module.
+    """
+    require("torch", "onnxopt finetune", "pip install torch")
+    from ..torch.train import FinetuneConfig, dist_info, finetune
+    from ..torch import qat as qat_mod
+
+    image = image_settings(kwargs)
+    shapes = parse_input_shapes(input_shapes)
+    rank = dist_info()[0]
+    log = (lambda msg: None) if quiet or rank != 0 else (lambda msg: click.echo(msg, err=True))
+    source = model_io.load_model(model)
+    teacher_model = model_io.load_model(teacher) if teacher else None
+    spec = DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=max_samples, labels=labels,
+                    every=every, offset=offset, exclude_every=exclude_every)
+    ds = open_data(spec, source, shapes)
+    ds.check()
+    if no_labels:
+        ds.labels = lambda: None
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
+                         temperature=temperature, feature_loss=[f for f in (feature_loss or "").split(",") if f],
+                         user_loss=user_loss, quant_mode=quant_mode, bn_mode=bn_mode, bn_recalib=bn_recalib, checkpoint=checkpoint,
+                         resume=resume, device=device, seed=seed, progress=not quiet and sys.stderr.isatty() and rank == 0,
+                         teacher_runtime=teacher_runtime, log=log, threads=threads)
+    student = source
+    if qat:
+        calib = open_data(DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=min(max_samples or 256, 256),
+                                   every=every, offset=offset, exclude_every=exclude_every), source, shapes)
+        student, overrides, _ = qat_mod.prepare_qat(source, qat, calib, target=target, per_channel=not per_tensor,
+                                                    symmetric=symmetric, low_bit=low_bit, log=log)
+        cfg.weight_modes, cfg.float_weights = overrides["weight_modes"], overrides["float_weights"]
+        if teacher_model is None:
+            teacher_model = source
+    elif any(o for o in (per_tensor, low_bit != "restricted")):
+        raise OptionError("--per-tensor/--low-bit only apply with --qat.", "add --qat wXaY or drop them")
+    result = finetune(student, ds, teacher=teacher_model, config=cfg)
+    model_io.record_metadata(result.model, "onnxopt.finetune", {"epochs": epochs, "lr": lr, "qat": qat, "teacher": bool(teacher_model),
+                                                               "quant_mode": quant_mode, "parity_max_abs": result.parity.get("max_abs")})
+    if rank == 0:
+        model_io.save_model(result.model, output, inputs=[model] + ([teacher] if teacher else []))
+        if result.parity:
+            log(f"parity onnxruntime vs torch: max|diff| {result.parity['max_abs']:.2e} (outputs up to {result.parity['max_ref']:.3g})")
+        log(f"{result.samples_per_second:.1f} samples/s; wrote {output}")
+        if report_path:
+            from pathlib import Path
+            Path(report_path).write_text(json.dumps({"history": result.history, "parity": result.parity,
+                                                     "samples_per_second": result.samples_per_second, "qat": qat}, indent=2))

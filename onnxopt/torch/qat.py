@@ -1,0 +1,76 @@
+"""Quantization-aware training setup for a float model: ``--qat wXaY`` (micronet's bit choices).
+
+``parse_qat("w4a4")`` -> weight/activation bits. Weights: 2..8 bits, ``t`` (ternary, TWN) or ``b``
+(binary, XNOR with scale factors); activations: 2..8 bits. The float model is quantized by the
+``qdq`` pass (placement, calibration and the QDQ contract layout are its job), then the QDQ graph
+is trained: the latent weights start from the *float* weights (``info["layers"][i]["float_weight"]``),
+not from their PTQ-rounded values, and the Q/DQ scales from the calibrated ones. Below 8 bits
+the exported integers live in a restricted range (e.g. [-7, 7] in int8 for 4 bits) or, with
+``low_bit=int4`` at opset >= 21, in INT4 initializers -- whatever the qdq pass wrote.
+
+16-bit quantization is not offered: the qdq pass (and ONNX before opset 21) has no int16 Q/DQ.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import numpy as np
+from onnx import ModelProto, numpy_helper
+
+from ..errors import OptionError
+
+
+def parse_qat(spec: str) -> tuple:
+    """'w4a8' -> (4, 8); 'wta8' -> ('ternary', 8); 'wba4' -> ('binary', 4)."""
+    m = re.fullmatch(r"w(\d+|t|b)a(\d+)", spec.strip().lower())
+    if not m:
+        raise OptionError(f"bad --qat '{spec}'.", "write it as wXaY with X in 2..8, t (ternary) or b (binary) and Y in 2..8, e.g. w4a4")
+    w, a = m.group(1), int(m.group(2))
+    w = {"t": "ternary", "b": "binary"}.get(w, w)
+    if w not in ("ternary", "binary"):
+        w = int(w)
+        if not 2 <= w <= 8:
+            raise OptionError(f"--qat weight bits {w} not supported.", "weights: 2..8 bits, t (ternary) or b (binary); 16-bit Q/DQ needs opset 21 and is not offered")
+    if not 2 <= a <= 8:
+        raise OptionError(f"--qat activation bits {a} not supported.", "activations: 2..8 bits")
+    return w, a
+
+
+def is_quantized(model: ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tensorrt", per_channel: bool = True,
+                symmetric: str = "auto", low_bit: str = "restricted", extra_options: Optional[dict] = None, log=print) -> tuple:
+    """Quantize a float ``model`` with the qdq pass for QAT.
+
+    Returns (qdq model, finetune overrides {weight_modes, float_weights}, qdq info)."""
+    from .. import manager
+    from ..registry import PassContext
+
+    if is_quantized(model):
+        raise OptionError("--qat given, but the model is already quantized (it has Q/DQ nodes).",
+                          "drop --qat to finetune the QDQ model as it is, or give the float model")
+    wbits, abits = parse_qat(spec)
+    mode = None
+    if wbits in ("ternary", "binary"):
+        mode, wbits = wbits, 2
+    options = {"target": target, "weight_bits": int(wbits), "activation_bits": int(abits), "per_channel": per_channel,
+               "symmetric": symmetric, "low_bit": low_bit}
+    options.update(extra_options or {})
+    ctx = PassContext(data=calib_data, log=log)
+    qmodel, report = manager.apply(model, ["qdq"], {"qdq": options}, verify=False, context=ctx)
+    info = report.passes[-1].extra.get("info", {})
+    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            floats[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    float_weights, weight_modes = {}, {}
+    for layer in info.get("layers", []):
+        fw = floats.get(layer.get("float_weight"))
+        if fw is not None and fw.dtype.kind == "f":
+            float_weights[layer["weight_q"]] = np.asarray(fw, np.float32)
+        if mode:
+            weight_modes[layer["weight_q"]] = mode
+    return qmodel, {"weight_modes": weight_modes, "float_weights": float_weights}, info

@@ -1,0 +1,495 @@
+"""Finetuning an ONNX model in torch: label-free distillation, supervised and QAT, then write-back.
+
+``finetune(model, data, teacher=..., config=FinetuneConfig(...))`` converts ``model`` (a float,
+pruned, lite or QDQ graph) to an :class:`~onnxopt.torch.convert.OnnxModule`, trains it and writes
+the learned values back into the same graph (:func:`onnxopt.torch.writeback.write_back`).
+
+Loss (summed):
+
+* distillation from a frozen teacher (the model before lite/prune/qdq), per graph output: for an
+  output that looks like classifier logits (``[N, C]``, C > 1) ``T^2 KL(softmax(t/T) || softmax(s/T))``
+  (Hinton et al.), otherwise the mean squared error; ``feature_loss`` adds the MSE between named
+  intermediate tensors of student and teacher (same name and shape in both graphs);
+* with labels, cross entropy on the first output (weight ``label_weight``);
+* a user loss ``file.py:function`` called as ``fn(student_outputs, teacher_outputs, labels, batch)``
+  (lists of tensors / None) returning a scalar tensor.
+
+Training uses Adam (or SGD) with a cosine learning-rate decay, BatchNormalization frozen by
+default (running statistics used, affine trained -- right for the few hundred samples finetuning
+usually gets), optional BN re-estimation afterwards, resumable checkpoints (one file per run,
+written atomically each epoch) and data parallelism under ``torchrun`` (DDP; gloo on CPU, nccl on
+GPU: every rank takes its share of each shuffled epoch, rank 0 writes).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+from onnx import ModelProto
+
+from ..errors import DataError, OnnxoptError, OptionError
+from ..model_io import fingerprint
+
+import torch
+import torch.nn.functional as F
+
+from .convert import OnnxModule
+from .writeback import write_back
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    optimizer: str = "adam"            # adam | sgd
+    temperature: float = 4.0
+    distill_weight: float = 1.0
+    label_weight: float = 1.0
+    feature_loss: Sequence[str] = ()
+    feature_weight: float = 1.0
+    user_loss: Optional[str] = None    # file.py:function
+    augment: bool = False
+    quant_mode: str = "lsq"            # lsq | pact | fixed
+    train_scales: bool = True
+    bn_mode: str = "frozen"            # frozen | train
+    bn_recalib: bool = False
+    bn_recalib_batches: int = 0        # 0 = all
+    checkpoint: Optional[str] = None
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    teacher_runtime: str = "torch"     # torch | ort
+    weight_ranges: dict = field(default_factory=dict)
+    weight_modes: dict = field(default_factory=dict)
+    float_weights: dict = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    parity_samples: int = 4
+    threads: int = 0                   # 0 = auto: the cores the load average leaves idle (at least 1)
+
+
+@dataclass
+class FinetuneResult:
+    model: ModelProto
+    history: list
+    parity: dict
+    samples_per_second: float
+    module: Optional[OnnxModule] = None
+
+
+# ----------------------------------------------------------------------------- distributed
+def dist_info() -> tuple:
+    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _init_distributed(device: torch.device) -> bool:
+    rank, world, _ = dist_info()
+    if world <= 1:
+        return False
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            _, _, local = dist_info()
+            return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise OptionError(f"bad --device '{spec}'.", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda given, but torch sees no CUDA device.", "use --device cpu or auto")
+    return dev
+
+
+def set_threads(threads: int, world: int = 1) -> int:
+    """Intra-op threads. On a shared CPU, OpenMP threads that find their cores busy spin and
+    wait (20x slowdowns measured here with 2 threads at load 11 on 2 cores), so ``auto`` uses the
+    cores the 1-minute load average leaves idle, split among the data-parallel processes."""
+    if threads <= 0:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        try:
+            idle = cores - int(os.getloadavg()[0])
+        except OSError:
+            idle = cores
+        threads = max(1, min(cores, idle) // max(1, world))
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ----------------------------------------------------------------------------- data
+def materialize(data, input_names: List[str]) -> tuple:
+    """All samples of a DataSource as stacked numpy arrays per input, plus labels (or None)."""
+    arrays = {n: [] for n in input_names}
+    for feed in data.samples():
+        for n in input_names:
+            if n not in feed:
+                raise DataError(f"the data has no array for input '{n}'.", "key the data by the model's input names")
+            arrays[n].append(feed[n])
+    stacked = {n: np.concatenate(v, axis=0) for n, v in arrays.items()}
+    labels = data.labels() if hasattr(data, "labels") else None
+    count = len(next(iter(stacked.values())))
+    if labels is not None and len(labels) != count:
+        raise DataError(f"{len(labels)} labels for {count} samples.", "give one integer label per sample")
+    return stacked, labels
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random translation (pad H/8 and crop back) and horizontal flip of an NCHW image batch."""
+    if x.dim() != 4 or not x.is_floating_point():
+        return x
+    n, _, h, w = x.shape
+    p = max(1, h // 8)
+    padded = F.pad(x, (p, p, p, p), mode="reflect" if p < min(h, w) else "constant")
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
+    flip = (torch.rand(n, generator=gen) < 0.5).tolist()
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    idx = [i for i, f in enumerate(flip) if f]
+    if idx:
+        out[idx] = out[idx].flip(-1)
+    return out
+
+
+def load_user_loss(spec: str) -> Callable:
+    path, _, func = spec.rpartition(":")
+    if not path or not Path(path).is_file():
+        raise OptionError(f"loss script '{path or spec}' does not exist.", "write --loss path/to/file.py:function")
+    mod_spec = importlib.util.spec_from_file_location("onnxopt_user_loss", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise OptionError(f"loss script '{path}' failed to import: {type(exc).__name__}: {exc}", "run it with python to see the error") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise OptionError(f"'{path}' has no function '{func}'.", "define fn(student_outputs, teacher_outputs, labels, batch) -> scalar tensor")
+    return fn
+
+
+def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL on classifier logits ([N, C], C > 1), MSE otherwise."""
+    if s.dim() == 2 and s.shape[1] > 1:
+        T = temperature
+        return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True) * T * T
+    return F.mse_loss(s, t)
+
+
+# ----------------------------------------------------------------------------- teacher
+class _TorchTeacher:
+    def __init__(self, model: ModelProto, device, features):
+        self.module = OnnxModule(model).to(device).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.module.capture = set(features)
+        self.features = list(features)
+
+    def __call__(self, xs: list) -> tuple:
+        with torch.no_grad():
+            out = self.module(*xs)
+        out = list(out) if isinstance(out, tuple) else [out]
+        return out, [self.module.captured[f] for f in self.features]
+
+
+class _OrtTeacher:
+    def __init__(self, model: ModelProto, input_names, features):
+        from onnx import helper
+        from .. import runtime
+        probe = ModelProto()
+        probe.CopyFrom(model)
+        known = {o.name for o in probe.graph.output}
+        for f in features:
+            if f not in known:
+                probe.graph.output.append(helper.make_empty_tensor_value_info(f))
+        self.outputs = [o.name for o in model.graph.output]
+        self.features = list(features)
+        self.sess = runtime.session(probe, optimize=True)
+        self.runtime = runtime
+        self.input_names = input_names
+
+    def __call__(self, xs: list) -> tuple:
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(self.input_names, xs)}
+        res = self.runtime.run(self.sess, feed, self.outputs + self.features)
+        dev = xs[0].device
+        return [torch.from_numpy(res[o]).to(dev) for o in self.outputs], [torch.from_numpy(res[f]).to(dev) for f in self.features]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main loop
+def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, config: Optional[FinetuneConfig] = None) -> FinetuneResult:
+    """Train ``model`` on ``data`` (a DataSource) and return it with the learned values written back."""
+    cfg = config or FinetuneConfig()
+    if cfg.bn_mode not in ("frozen", "train"):
+        raise OptionError(f"bad BN mode '{cfg.bn_mode}'.", "use frozen or train")
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise OptionError(f"bad optimizer '{cfg.optimizer}'.", "use adam or sgd")
+    if cfg.epochs < 0 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise OptionError("epochs must be >= 0, batch size >= 1 and the learning rate > 0.", "check --epochs/--batch-size/--lr")
+    device = pick_device(cfg.device)
+    set_threads(cfg.threads, dist_info()[1])
+    distributed = _init_distributed(device)
+    rank, world, _ = dist_info()
+    log = cfg.log if rank == 0 else (lambda msg: None)
+    torch.manual_seed(cfg.seed)
+
+    student = OnnxModule(model, quant_mode=cfg.quant_mode, train_scales=cfg.train_scales, bn_mode=cfg.bn_mode,
+                         weight_ranges=cfg.weight_ranges, weight_modes=cfg.weight_modes, float_weights=cfg.float_weights).to(device)
+    arrays, labels = materialize(data, student.input_names)
+    n = len(next(iter(arrays.values())))
+    user_loss = load_user_loss(cfg.user_loss) if cfg.user_loss else None
+    if teacher is None and labels is None and user_loss is None:
+        raise OptionError("nothing to learn from: no --teacher, no labels and no --loss.",
+                          "give the original model as --teacher (label-free distillation), or --labels, or --loss file.py:function")
+    if labels is not None and (cfg.label_weight == 0):
+        labels = None
+    features = list(cfg.feature_loss or ())
+    t_fn = None
+    if teacher is not None:
+        if cfg.teacher_runtime == "ort":
+            t_fn = _OrtTeacher(teacher, student.input_names, features)
+        else:
+            t_fn = _TorchTeacher(teacher, device, features)
+    if features:
+        names_in_student = {o for node in student.program for o in node.outputs}
+        missing = [f for f in features if f not in names_in_student]
+        if missing:
+            raise OptionError(f"--feature-loss tensor(s) not in the model: {', '.join(missing)}.", "name tensors that exist in both student and teacher")
+        student.capture = set(features)
+
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    label_t = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
+    # the teacher's outputs are computed once when every epoch sees the same inputs
+    cache = None
+    if t_fn is not None and not cfg.augment:
+        cache = _teacher_cache(t_fn, tensors, student.input_names, cfg.batch_size, device)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    steps_per_epoch = max(1, math.ceil(math.ceil(n / world) / cfg.batch_size))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+    start_epoch, history = 0, []
+    ckpt_path = Path(cfg.checkpoint) / "finetune.pt" if cfg.checkpoint else None
+    fp = fingerprint(model)
+    if cfg.resume:
+        if ckpt_path is None:
+            raise OptionError("--resume needs --checkpoint DIR.", "give the folder the interrupted run wrote its checkpoint to")
+        if ckpt_path.is_file():
+            state = torch.load(ckpt_path, map_location=device, weights_only=False)
+            if state.get("model_fingerprint") != fp:
+                raise OptionError(f"checkpoint '{ckpt_path}' belongs to another model (fingerprint {state.get('model_fingerprint')} != {fp}).",
+                                  "use a fresh --checkpoint folder or the model the checkpoint was made from")
+            student.load_state_dict(state["module"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+            log(f"resumed from {ckpt_path} after epoch {start_epoch}")
+        else:
+            log(f"no checkpoint in {cfg.checkpoint} yet; starting from scratch")
+
+    net = student
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    train_time, train_samples = 0.0, 0
+    scale_names = {aq.scale for aq in student.act_quants} | {wq.scale for wq in student.weight_quants.values()}
+    scale_params = [student.value(s) for s in scale_names if s in student.param_names]
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        # every rank takes n // world samples, so all take the same number of steps (DDP all-reduces each)
+        mine = perm[rank:(n // world) * world:world] if world > 1 else perm
+        batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        bar = _progress(len(batches) * cfg.batch_size, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for idx in batches:
+            xs = [tensors[nm][idx].to(device) for nm in student.input_names]
+            if cfg.augment:
+                xs = [augment_batch(x, gen) for x in xs]
+            out = net(*xs)
+            out = list(out) if isinstance(out, tuple) else [out]
+            loss = out[0].new_zeros(())
+            t_out = t_feat = None
+            if t_fn is not None:
+                if cache is not None:
+                    t_out = [c[idx].to(device) for c in cache[0]]
+                    t_feat = [c[idx].to(device) for c in cache[1]]
+                else:
+                    t_out, t_feat = t_fn(xs)
+                for s_o, t_o in zip(out, t_out):
+                    if s_o.shape != t_o.shape:
+                        raise OnnxoptError(f"student output {tuple(s_o.shape)} and teacher output {tuple(t_o.shape)} differ.",
+                                           "the teacher must have the same outputs as the model (the model before lite/prune/qdq)")
+                    loss = loss + cfg.distill_weight * distill_loss(s_o, t_o.to(s_o.dtype), cfg.temperature)
+                for f, t_f in zip(features, t_feat):
+                    loss = loss + cfg.feature_weight * F.mse_loss(student.captured[f], t_f.to(student.captured[f].dtype))
+            y = label_t[idx].to(device) if label_t is not None else None
+            if y is not None:
+                loss = loss + cfg.label_weight * F.cross_entropy(out[0].reshape(out[0].shape[0], -1), y)
+            if user_loss is not None:
+                loss = loss + user_loss(out, t_out, y, dict(zip(student.input_names, xs)))
+            if not torch.isfinite(loss):
+                raise OnnxoptError(f"the loss became {float(loss)} in epoch {epoch + 1}.", "lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():  # a step size must stay positive
+                for p in scale_params:
+                    p.clamp_(min=1e-8)
+            seen += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
+            if bar is not None:
+                bar.update(len(idx))
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        if bar is not None:
+            bar.close()
+        dt = time.perf_counter() - t0
+        train_time += dt
+        train_samples += seen * world
+        rec = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "lr": sched.get_last_lr()[0],
+               "seconds": round(dt, 3), "samples_per_second": round(seen * world / dt, 2) if dt > 0 else None}
+        history.append(rec)
+        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['loss']:.5f}  lr {rec['lr']:.2e}  {rec['samples_per_second']} samples/s")
+        if ckpt_path is not None and rank == 0:
+            _save_checkpoint(ckpt_path, {"epoch": epoch + 1, "model_fingerprint": fp, "module": student.state_dict(),
+                                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})
+
+    if cfg.bn_recalib:
+        recalibrate_bn(student, tensors, cfg.batch_size, device, cfg.bn_recalib_batches)
+        log("re-estimated BatchNormalization statistics")
+    student.eval()
+    student.capture = set()
+    result = write_back(student.cpu(), model)
+    parity = parity_check(student, result, tensors, cfg.parity_samples)
+    if distributed:
+        import torch.distributed as dist
+        dist.barrier()
+    sps = train_samples / train_time if train_time > 0 else 0.0
+    return FinetuneResult(result, history, parity, sps, student)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="sample", leave=False)
+
+
+def _teacher_cache(t_fn, tensors, input_names, batch_size, device) -> tuple:
+    n = len(tensors[input_names[0]])
+    outs, feats = None, None
+    for i in range(0, n, batch_size):
+        xs = [tensors[nm][i:i + batch_size].to(device) for nm in input_names]
+        o, f = t_fn(xs)
+        if outs is None:
+            outs, feats = [[] for _ in o], [[] for _ in f]
+        for acc, v in zip(outs, o):
+            acc.append(v.detach().cpu())
+        for acc, v in zip(feats, f):
+            acc.append(v.detach().cpu())
+    return [torch.cat(v) for v in outs], [torch.cat(v) for v in feats]
+
+
+def recalibrate_bn(module: OnnxModule, tensors: dict, batch_size: int, device, max_batches: int = 0) -> None:
+    """Re-estimate every BatchNormalization's running mean/variance on the data (exact averages over
+    all batches, the network otherwise in eval mode -- fake quantization included)."""
+    sums: dict = {}
+    names = module.input_names
+    n = len(tensors[names[0]])
+    from . import convert
+
+    def hook(m, node, ins):
+        x = ins[0]
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        cnt = x.numel() // x.shape[1]
+        acc = sums.setdefault(node.name, [node, 0, torch.zeros_like(mean, dtype=torch.float64), torch.zeros_like(mean, dtype=torch.float64)])
+        acc[1] += cnt
+        acc[2] += mean.double() * cnt
+        acc[3] += (var.double() + mean.double() ** 2) * cnt
+        eps = float(node.attrs.get("epsilon", 1e-5))
+        return F.batch_norm(x, mean, var, ins[1], ins[2], False, 0.0, eps)
+
+    saved = {}
+    for node in module.program:
+        if node.op == "BatchNormalization":
+            saved[id(node)] = node.fn
+            node.fn = hook
+    module.eval()
+    try:
+        with torch.no_grad():
+            for b, i in enumerate(range(0, n, batch_size)):
+                if max_batches and b >= max_batches:
+                    break
+                module(*[tensors[nm][i:i + batch_size].to(device) for nm in names])
+    finally:
+        for node in module.program:
+            if id(node) in saved:
+                node.fn = saved[id(node)]
+    with torch.no_grad():
+        for node, cnt, s1, s2 in sums.values():
+            mean = s1 / cnt
+            var = (s2 / cnt - mean ** 2).clamp_min(0) * (cnt / max(1, cnt - 1))
+            module.value(node.inputs[3]).copy_(mean.to(module.value(node.inputs[3]).dtype))
+            module.value(node.inputs[4]).copy_(var.to(module.value(node.inputs[4]).dtype))
+
+
+def parity_check(module: OnnxModule, model: ModelProto, tensors: dict, samples: int) -> dict:
+    """Max |onnxruntime(written model) - torch module (eval)| on the first ``samples`` samples."""
+    if samples <= 0:
+        return {}
+    from .. import runtime
+    names = module.input_names
+    xs = [tensors[nm][:samples] for nm in names]
+    module.eval()
+    with torch.no_grad():
+        out = module(*xs)
+    out = list(out) if isinstance(out, tuple) else [out]
+    sess = runtime.session(model)
+    try:
+        ref = runtime.run(sess, {nm: x.numpy() for nm, x in zip(names, xs)})
+    except Exception:  # a model with a fixed batch of 1: sample by sample
+        ref = {}
+        for i in range(len(xs[0])):
+            r = runtime.run(sess, {nm: x[i:i + 1].numpy() for nm, x in zip(names, xs)})
+            for k, v in r.items():
+                ref.setdefault(k, []).append(v)
+        ref = {k: np.concatenate(v) for k, v in ref.items()}
+    worst, scale = 0.0, 0.0
+    for o, name in zip(out, module.output_names):
+        a = o.detach().numpy()
+        worst = max(worst, float(np.abs(a.astype(np.float64) - ref[name]).max()) if a.size else 0.0)
+        scale = max(scale, float(np.abs(ref[name]).max()) if a.size else 0.0)
+    return {"max_abs": worst, "max_ref": scale, "samples": int(len(xs[0]))}
