@@ -57,6 +57,9 @@ from onnxopt.model_io import opset_of
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
 MAX_ROUNDS = 6
+# When the batched constant-folding session fails, at most this many nodes are retried one
+# session each (linear, but a session costs milliseconds).
+MAX_NODEWISE_FOLD = 2000
 
 # Never folded, even with constant inputs: Q/DQ (a QDQ model's integer weights are its payload),
 # nondeterministic ops, and ops whose outputs are not plain tensors.
@@ -493,10 +496,13 @@ def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
             return total
         try:
             values = _run_fold_set(fold_nodes, frontier, state.opset, graph)
-        except Exception as exc:  # an op onnxruntime cannot run on CPU: keep the graph as it is
-            state.skip("constant folding", f"onnxruntime could not evaluate the constant subgraph "
-                                           f"({str(exc).strip().splitlines()[0][:200]}); nothing folded")
-            return total
+        except Exception as exc:  # some op onnxruntime cannot run: find it node by node
+            if len(fold_nodes) > MAX_NODEWISE_FOLD:
+                state.skip("constant folding", f"onnxruntime could not evaluate the constant subgraph "
+                                               f"({_first_line(exc)}); {len(fold_nodes)} nodes left unfolded")
+                return total
+            total += _fold_node_by_node(fold_nodes, graph, state, limit, input_names)
+            break
         retry = False
         for t in frontier:
             v = values[t.name]
@@ -514,6 +520,35 @@ def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
     state.changes["nodes_folded"] += total
     state.round_folded += total
     return total
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _fold_node_by_node(nodes: list, graph: gs.Graph, state: _State, limit: int, input_names: set) -> int:
+    """Fallback when the batched session fails: one session per node, in topological order, so
+    the node onnxruntime cannot run stays (with its reason) and everything else still folds."""
+    done = 0
+    for node in nodes:
+        if not all(_is_const(graph, t, input_names) for t in _inputs_of(node)):
+            continue  # an input's producer could not be folded
+        outs = [o for o in node.outputs if o.name]
+        try:
+            values = _run_fold_set([node], outs, state.opset, graph)
+        except Exception as exc:
+            state.excluded.update(o.name for o in outs)
+            state.skip(_where(node), f"onnxruntime cannot evaluate it for folding ({_first_line(exc)})")
+            continue
+        if any(not isinstance(v, np.ndarray) or v.size > limit for v in values.values()):
+            state.excluded.update(o.name for o in outs)
+            state.skip(_where(node), f"folding would create a non-tensor or more than {limit} elements (max_fold_elements)")
+            continue
+        for o in outs:
+            _to_constant(o, values[o.name])
+        node.outputs.clear()
+        done += 1
+    return done
 
 
 def _inputs_of(node: gs.Node) -> list:
@@ -548,7 +583,7 @@ def _run_fold_set(nodes: list, frontier: list, opset: int, graph: gs.Graph) -> d
     m.ir_version = min(m.ir_version, 9)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a failure is reported by the pass (skipped), not logged by onnxruntime
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [t.name for t in frontier]
     return dict(zip(names, sess.run(names, {})))

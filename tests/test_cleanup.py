@@ -372,3 +372,17 @@ def test_wrong_declared_shapes_do_not_fool_noop_removal():
 def helper_run(model, feed):
     from helpers import run
     return run(model, feed)
+
+
+def test_fold_survives_a_node_onnxruntime_cannot_run():
+    # Mod with fmod=0 on floats passes the checker but onnxruntime refuses to run it: the batched
+    # folding session fails, the node-by-node fallback folds everything else and reports the Mod.
+    nodes = [helper.make_node("Mod", ["a", "b"], ["m"]), helper.make_node("Add", ["x", "m"], ["y0"]),
+             helper.make_node("Mul", ["c", "c"], ["c2"]), helper.make_node("Mul", ["y0", "c2"], ["y"])]
+    inits = [("a", np.array([5.0, 3.0], np.float32)), ("b", np.array([2.0, 2.0], np.float32)), ("c", np.array([1.5, 2.0], np.float32))]
+    model = make_model(nodes, [("x", [2])], [("y", None)], inits)
+    result = run_cleanup(model)
+    assert ops(result.model) == ["Mod", "Add", "Mul"]
+    assert any("Mod" in s and "cannot evaluate" in s for s in result.skipped)
+    c2 = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}[result.model.graph.node[2].input[1]]
+    np.testing.assert_array_equal(c2, np.array([2.25, 4.0], np.float32))
