@@ -51,8 +51,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from onnxopt.graph import (NameGenerator, _swap_input, attr, can_absorb, constant_value, export_graph, import_graph,
-                           input_at, is_graph_output, is_weight, lift_constant, sole_consumer)
+from onnxopt.graph import (_swap_input, constant_value, export_graph, import_graph, input_at, is_graph_output,
+                           lift_constant, sole_consumer)
 from onnxopt.model_io import opset_of
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
