@@ -384,3 +384,14 @@ def test_model_with_subgraph_survives():
 
 def ops_of(model):
     return [n.op_type for n in model.graph.node]
+
+
+def test_mul_after_grouped_convtranspose_folds():
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["k"], group=2, strides=[2, 2], dilations=[2, 1]),
+             helper.make_node("Mul", ["k", "m"], ["y"])]
+    inits = [("w", rand(4, 3, 3, 3, seed=1)), ("b", rand(6, seed=2)), ("m", rand(6, 1, 1, seed=3))]
+    model = make_model(nodes, [("x", [1, 4, 5, 5])], [("y", None)], inits)
+    result = run_bnfuse(model)
+    assert ops_of(result.model) == ["ConvTranspose"]
+    assert result.changes["mul_folded_into_convtranspose"] == 1
+    assert_equivalent(model, result.model, rtol=RTOL, atol=ATOL)
