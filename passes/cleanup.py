@@ -53,6 +53,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.graph import (_swap_input, constant_value, export_graph, import_graph, input_at, is_graph_output,
                            lift_constant, sole_consumer)
+from onnxopt.errors import OptionError
 from onnxopt.model_io import opset_of
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
@@ -91,6 +92,9 @@ _SHAPE_CONSUMERS = {"Shape", "Size"}
 )
 def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResult:
     """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
+    if options["max_fold_elements"] < 0:
+        raise OptionError(f"cleanup.max_fold_elements must be 0 or more, got {options['max_fold_elements']}.",
+                          "give the largest number of elements a folded constant may have, e.g. 1048576")
     state = _State(options, opset_of(model))
     source = model
     state.overridable = overridable_inputs(model)

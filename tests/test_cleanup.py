@@ -337,6 +337,8 @@ def test_cleanup_is_idempotent_and_options_disable_rules():
     assert op_count(off.model, "Constant") == op_count(model, "Constant")
     with pytest.raises(onnxopt.OnnxoptError, match="max_fold_elements"):
         get_pass("cleanup").resolve({"max_fold_elements": "lots"})
+    with pytest.raises(onnxopt.OnnxoptError, match="max_fold_elements"):
+        onnxopt.apply(model, "cleanup", options={"cleanup": {"max_fold_elements": -1}})
 
 
 def test_second_round_folds_shapes_made_static_by_the_first():
