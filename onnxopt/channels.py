@@ -213,13 +213,32 @@ class Analysis:
             for name, s in self.slots.items():
                 if name in tensors and not self.keep_mask(s.ids, removed).all():
                     tensors[name].shape = None
+            self._sweep()
         return export_graph(g, like=self.model)
+
+    def _sweep(self) -> None:
+        """Drop the nodes the rewrite left without readers (replaced Constant nodes, Pad-amount
+        chains) in one reverse pass, so that the export's cleanup has nothing left to remove
+        (onnx-graphsurgeon formats every node it removes, printing whole weight arrays)."""
+        live = {t.name for t in self.graph.outputs} | _subgraph_outer_names(self.model.graph)
+        keep = []
+        for node in reversed(self.graph.nodes):
+            has_sub = any(isinstance(v, gs.Graph) for v in node.attrs.values())
+            if has_sub or any(o.name in live for o in node.outputs):
+                keep.append(node)
+                live.update(t.name for t in node.inputs if t is not None)
+            else:
+                node.inputs.clear()
+                node.outputs.clear()
+        self.graph.nodes = keep[::-1]
 
     def kill(self, roots: set) -> None:
         """Make the channels of ``roots`` exactly zero without removing them (test oracle helper).
 
         Zeroes the producers' output rows and biases, the following BN's gamma and beta, and
-        additive constants on those channels, so a pruned copy must give the same outputs.
+        additive constants on those channels: ``export()`` then gives the zeroed model and
+        ``rewrite(roots)`` on this same analysis (component ids belong to one analysis) must give
+        the same outputs.
         """
         roots = set(int(r) for r in roots)
         names = NameGenerator(self.graph)
@@ -270,11 +289,21 @@ def analyze(model: ModelProto) -> Analysis:
     shapes = _static_shapes(model)
     params = _evaluate_params(model)
     graph = import_graph(model)
-    graph.toposort()
+    if not _is_sorted(model.graph):  # the checker requires order; a model loaded unchecked may lack it
+        graph.toposort()
     a = _Analyzer(model, graph, shapes, params)
     a.run()
     return Analysis(model=model, graph=graph, uf=a.uf, slots=a.slots, producers=a.producers,
                     actions=a.actions, reasons=a.reasons, params=params)
+
+
+def _is_sorted(g: onnx.GraphProto) -> bool:
+    produced_later = {o for n in g.node for o in n.output if o}
+    for n in g.node:
+        if any(i in produced_later for i in n.input if i):
+            return False
+        produced_later.difference_update(n.output)
+    return True
 
 
 def _static_shapes(model: ModelProto) -> dict:

@@ -98,11 +98,14 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     protected = _protected(an, patterns, options["keep_first_last"])
     removed, class_rows = _select(an, scores, protected, ratio, options)
     feeds, source = _feeds(model, ctx, options["eval_batches"])
-    compensated = _compensate(an, model, removed, feeds) if options["compensate"] == "mean" and removed else 0
+    refs: list = []
+    compensated = _compensate(an, model, removed, feeds, refs) if options["compensate"] == "mean" and removed else 0
+    if not refs:
+        _reference_run(model, feeds, [], refs)
     new_model = an.rewrite(removed)
     t_total = time.perf_counter() - t0
 
-    extra = _report(model, new_model, an, removed, ctx, options, feeds, source)
+    extra = _report(model, new_model, an, removed, ctx, options, feeds, source, refs)
     extra["compensated_layers"] = compensated
     extra.update({"importance": importance, "mode": options["mode"], "classes": class_rows,
                   "analysis_seconds": round(t_analysis, 3), "prune_seconds": round(t_total, 3)})
@@ -306,7 +309,32 @@ def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, o
 
 
 # ---------------------------------------------------------------------------- compensation
-def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list) -> int:
+def _reference_run(model: ModelProto, feeds: list, tensors: list, refs: list) -> dict:
+    """Run the original model once over ``feeds``: its outputs go to ``refs`` (for the error
+    report) and the per-channel (axis 1) means of ``tensors`` are returned."""
+    from onnx import helper
+
+    outputs = [o.name for o in model.graph.output]
+    probe = model
+    if tensors:
+        probe = ModelProto()
+        probe.CopyFrom(model)
+        for name in tensors:
+            if name not in outputs:
+                probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    sess = runtime.session(probe)
+    sums: dict = {}
+    for feed in feeds:
+        out = runtime.run(sess, feed, list(dict.fromkeys(outputs + tensors)))
+        refs.append({k: out[k] for k in outputs})
+        for name in tensors:
+            v = out[name]
+            axes = tuple(i for i in range(v.ndim) if i != 1)
+            sums[name] = sums.get(name, 0.0) + v.astype(np.float64).mean(axis=axes)
+    return {k: v / max(len(feeds), 1) for k, v in sums.items()}
+
+
+def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list, refs: list) -> int:
     """Fold the mean of each removed input channel into the consumer's bias.
 
     A removed channel c of a consumer's input contributes ``sum_k W[o, c, k] * x_c`` to output o;
@@ -330,27 +358,12 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     if not todo:
         return 0
     tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
-    sums: dict = {}
-    count = 0
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    from onnx import helper
-    for name in tensors:
-        if name not in known:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    sess = runtime.session(probe)
-    for feed in feeds:
-        out = runtime.run(sess, feed, tensors)
-        for name, v in out.items():
-            axes = tuple(i for i in range(v.ndim) if i != 1)
-            sums[name] = sums.get(name, 0.0) + v.astype(np.float64).mean(axis=axes)
-        count += 1
+    means = _reference_run(model, feeds, tensors, refs)
     names = NameGenerator(an.graph)
     done = 0
     for act, dead in todo:
         node = act[1]
-        mean = sums[node.inputs[0].name] / count
+        mean = means[node.inputs[0].name]
         w = constant_value(node.inputs[1])
         wdt, w = w.dtype, w.astype(np.float64)
         if act[0] == "conv":
@@ -420,7 +433,7 @@ def _latency_ms(model: ModelProto, feed: dict, runs: int) -> float:
 
 
 def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: dict,
-            feeds: list, source: str) -> dict:
+            feeds: list, source: str, refs: list) -> dict:
     lb, la = stats.layer_macs(before), stats.layer_macs(after)
     macs_a = {r["output"]: r["macs"] for r in la}
     layers = []
@@ -438,11 +451,11 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
         "macs": {"before": macs_b, "after": macs_after, "reduction": _red(macs_b, macs_after)},
         "layers": layers,
     }
-    s_ref, s_new = runtime.session(before), runtime.session(after)
+    s_new = runtime.session(after)
     err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source}
     agree, total = 0, 0
-    for feed in feeds:
-        ref, got = runtime.run(s_ref, feed), runtime.run(s_new, feed)
+    for feed, ref in zip(feeds, refs):
+        got = runtime.run(s_new, feed)
         e = runtime.output_error(ref, got)
         err["max_abs"] = max(err["max_abs"], e["max_abs"])
         err["max_rel"] = max(err["max_rel"], e["max_rel"])

@@ -58,7 +58,7 @@ def _kill_and_prune(model, frac=0.4, seed=0):
             removed.update(rng.choice(roots, size=max(1, int(len(roots) * frac)), replace=False).tolist())
     an.kill(removed)
     killed = an.export()
-    pruned = channels.analyze(killed).rewrite(removed)
+    pruned = an.rewrite(removed)  # same analysis: component ids are per analysis
     return killed, pruned, removed
 
 
@@ -93,7 +93,7 @@ def test_concat_offsets_and_split():
     removed = {an.uf.find(int(c.out_ids[1]))}
     an.kill(removed)
     killed = an.export()
-    pruned = channels.analyze(killed).rewrite(removed)
+    pruned = an.rewrite(removed)  # same analysis: component ids are per analysis
     assert_equivalent(killed, pruned)
     split = next(n for n in pruned.graph.node if n.op_type == "Split")
     assert _weights(pruned)[split.input[1]].tolist() == [3, 6]
@@ -152,7 +152,7 @@ def test_option_a_pad_amounts_rewritten():
     removed = {an.uf.find(int(ids[0])), an.uf.find(int(ids[15])), an.uf.find(int(x_ids[2]))}
     an.kill(removed)
     killed = an.export()
-    pruned = channels.analyze(killed).rewrite(removed)
+    pruned = an.rewrite(removed)  # same analysis: component ids are per analysis
     assert_equivalent(killed, pruned)
     pnode = next(n for n in pruned.graph.node if n.op_type == "Pad")
     assert _weights(pruned)[pnode.input[1]].tolist() == [0, 3, 0, 0, 0, 3, 0, 0]

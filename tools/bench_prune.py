@@ -3,9 +3,10 @@
     python tools/bench_prune.py                       # all figures
     python tools/bench_prune.py --only resnet56 --runs 300 --json out.json
 
-* ResNet56 (CIFAR-10) with prune.ratio=0.3 (uniform, l1; and the round_to=8 variant): params,
-  MACs, onnxruntime CPU latency at batch 1 and batch 32 before/after, validity (full checker),
-  top-1 on the 1017 CIFAR test images before and right after pruning (no finetuning).
+* ResNet56 (CIFAR-10) with prune.ratio=0.3 (uniform, l1; and the round_to=8 and ratio=0.1
+  variants): params, MACs, onnxruntime CPU latency at batch 1 and batch 32 before/after, validity
+  (full checker), top-1 before and right after pruning (no finetuning) on the first 761 of the
+  1017 CIFAR test images; the last 256 are the data prune measures its channel means on.
 * EfficientNet-Lite0 and YOLOX-nano at ratio 0.3: valid, runs, params/MACs/latency at batch 1.
 * The generated 10k-node graph (tools/gen_graph.py): wall time of the prune pass.
 * sparsify on ResNet56: 2:4 and TI 41:64 (flat, zeroed convention), unstructured 50 %; top-1 after.
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from onnxopt import runtime  # noqa: E402
 from onnxopt.manager import apply  # noqa: E402
 from onnxopt.model_io import load_model  # noqa: E402
+from onnxopt.registry import PassContext  # noqa: E402
 
 
 def latency_pair(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict, runs: int, threads: int, rounds: int = 5) -> tuple:
@@ -54,13 +56,26 @@ def latency_pair(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict, runs: int, 
     return statistics.median(ta), statistics.median(tb)
 
 
-def cifar_top1(model: onnx.ModelProto, batch: int = 128) -> float:
+CALIB = 256  # the last 256 CIFAR images feed prune's statistics; top-1 is on the first 761
+
+
+def cifar() -> tuple:
     data = np.load(SHARED / "data" / "cifar10_test_1017.npz")
     x = data["x"].astype(np.float32) / 255.0
     mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
     std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
-    x = (x - mean) / std
-    y = data["y"]
+    return (x - mean) / std, data["y"]
+
+
+def cifar_context() -> PassContext:
+    x, _ = cifar()
+    calib = x[-CALIB:]
+    return PassContext(data=lambda: [{"input": calib[i:i + 64]} for i in range(0, CALIB, 64)])
+
+
+def cifar_top1(model: onnx.ModelProto, batch: int = 128) -> float:
+    x, y = cifar()
+    x, y = x[:-CALIB], y[:-CALIB]
     sess = runtime.session(model, optimize=True)
     name = sess.get_inputs()[0].name
     correct = 0
@@ -70,11 +85,11 @@ def cifar_top1(model: onnx.ModelProto, batch: int = 128) -> float:
     return correct / len(x)
 
 
-def _prune(model, **opts):
+def _prune(model, context=None, **opts):
     options = {"latency_runs": 0}
     options.update(opts)
     t = time.perf_counter()
-    out, report = apply(model, "prune", options={"prune": options})
+    out, report = apply(model, "prune", options={"prune": options}, context=context)
     return out, report.passes[0], time.perf_counter() - t
 
 
@@ -82,8 +97,9 @@ def bench_resnet56(args, rows, results):
     path = SHARED / "models" / "resnet56_cifar10.onnx"
     base = load_model(path)
     top1_base = cifar_top1(base)
-    for label, opts in (("ratio=0.3", {"ratio": 0.3}), ("ratio=0.3 round_to=8", {"ratio": 0.3, "round_to": 8})):
-        out, rec, secs = _prune(str(path), **opts)
+    for label, opts in (("ratio=0.3", {"ratio": 0.3}), ("ratio=0.3 round_to=8", {"ratio": 0.3, "round_to": 8}),
+                        ("ratio=0.1", {"ratio": 0.1})):
+        out, rec, secs = _prune(str(path), context=cifar_context(), **opts)
         onnx.checker.check_model(out, full_check=True)
         ex = rec.extra
         entry = {"model": "resnet56_cifar10", "options": opts, "params": ex["params"], "macs": ex["macs"],
@@ -100,20 +116,20 @@ def bench_resnet56(args, rows, results):
                      f"top-1 {top1_base:.2%} -> {entry['top1_after']:.2%}"])
 
 
-def bench_other(args, rows, results, name, input_name, shape):
+def bench_other(args, rows, results, name, input_name, shape, round_to=1):
     path = SHARED / "models" / f"{name}.onnx"
     base = load_model(path)
-    out, rec, secs = _prune(str(path), ratio=0.3)
+    out, rec, secs = _prune(str(path), ratio=0.3, round_to=round_to)
     onnx.checker.check_model(out, full_check=True)
     feed = {input_name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     ref, got = runtime.run(base, feed), runtime.run(out, feed)
     assert set(ref) == set(got) and all(ref[k].shape == got[k].shape for k in ref)
     lb, la = latency_pair(base, out, feed, max(10, args.runs // 10), args.threads)
     ex = rec.extra
-    results.append({"model": name, "options": {"ratio": 0.3}, "params": ex["params"], "macs": ex["macs"], "valid": True, "runs": True,
+    results.append({"model": name, "options": {"ratio": 0.3, "round_to": round_to}, "params": ex["params"], "macs": ex["macs"], "valid": True, "runs": True,
                     "latency_ms": {"batch1": {"before": round(lb, 3), "after": round(la, 3), "reduction": round(1 - la / lb, 4)}},
                     "prune_seconds": round(secs, 2), "channels_removed": rec.changes["channels_removed"]})
-    rows.append([f"{name} ratio=0.3", f"{ex['params']['reduction']:.1%}", f"{ex['macs']['reduction']:.1%}",
+    rows.append([f"{name} ratio=0.3" + (f" round_to={round_to}" if round_to > 1 else ""), f"{ex['params']['reduction']:.1%}", f"{ex['macs']['reduction']:.1%}",
                  f"{lb:.1f}->{la:.1f} ms ({1 - la / lb:.1%})", "-", "valid, runs"])
 
 
@@ -161,8 +177,9 @@ def main() -> None:
     if "resnet56" in only:
         bench_resnet56(args, rows, results)
     if "others" in only:
-        bench_other(args, rows, results, "efficientnet_lite0", "input", (1, 3, 224, 224))
-        bench_other(args, rows, results, "yolox_nano", "images", (1, 3, 416, 416))
+        for r in (1, 8):
+            bench_other(args, rows, results, "efficientnet_lite0", "input", (1, 3, 224, 224), r)
+            bench_other(args, rows, results, "yolox_nano", "images", (1, 3, 416, 416), r)
     if "10k" in only:
         bench_10k(args, rows, results)
     if "sparsify" in only:
