@@ -525,7 +525,7 @@ def _settings_key(config: CalibConfig, bits: int) -> dict:
 
 
 def _describe(a, b) -> str:
-    text = f"{a!r} -> {b!r}"
+    text = f"{'(unset)' if a is None else repr(a)} -> {'(unset)' if b is None else repr(b)}"
     return text if len(text) < 160 else text[:157] + "..."
 
 
