@@ -425,3 +425,31 @@ def test_real_efficientnet_all_targets(shared):
         ref, got = run(m, feeds[0]), run(q, feeds[0])
         name = m.graph.output[0].name
         assert np.argmax(ref[name]) == np.argmax(got[name])
+
+
+def test_calibration_cache_and_trt_table_are_routed(tmp_path):
+    m = conv_relu_conv()
+    feeds = feeds_for(m, 4)
+    cache, table = tmp_path / "calib.json", tmp_path / "calib.table"
+    q1, _ = quantize(m, feeds, target="tensorrt", calib_cache=str(cache), trt_calib_table=str(table))
+    assert cache.is_file() and table.is_file()
+    assert "x" in table.read_text() and "r1" in table.read_text()
+    # the cache does not depend on placement options: an exclusion reuses it and gives the same scales
+    q2, _ = quantize(m, feeds, target="tensorrt", calib_cache=str(cache), exclude_nodes=["conv2"])
+    s1 = {t.name: numpy_helper.to_array(t) for t in q1.graph.initializer if t.name == "x_scale"}
+    s2 = {t.name: numpy_helper.to_array(t) for t in q2.graph.initializer if t.name == "x_scale"}
+    assert s1 == s2 and s1
+
+
+def test_calib_samples_limits_data():
+    m = conv_relu_conv()
+    seen = []
+
+    def data():
+        for f in feeds_for(m, 10):
+            seen.append(1)
+            yield f
+
+    ctx = PassContext(data=data, progress=False)
+    manager.apply(m, "qdq", {"qdq": {"calib_method": "minmax", "calib_samples": 3}}, context=ctx, summarize_layers=False)
+    assert len(seen) <= 4
