@@ -1,0 +1,140 @@
+"""Issue 7 figures: finetuning in torch after prune / for QAT, measured on the shared models.
+
+* ResNet56 CIFAR pruned at 0.3 (``prune`` pass), then finetuned by label-free distillation from
+  the unpruned model: held-out top-1 before/after vs the unpruned model's.
+* ResNet20 CIFAR W4A4: PTQ baseline (``qdq`` pass, 4-bit weights and activations) vs QAT by
+  distillation from fp32 (``--qat w4a4``), both against fp32.
+* EfficientNet-Lite0 ``lite,bnfuse,qdq`` then distillation (optional, ``--effnet``; slow on CPU).
+* Finetuning throughput on this CPU (samples/s; median over epochs -- the machine is shared, so
+  the figure is noisy).
+
+Data: the shared CIFAR subset, first 717 images for finetuning, last 300 held out (preprocessing
+x/255, mean (.485,.456,.406), std (.229,.224,.225)); labels are used only for evaluation.
+
+    python tools/bench_finetune.py [--only r56,r20] [--epochs-r56 8] [--epochs-r20 8] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+import onnxopt  # noqa: E402
+from onnxopt import runtime  # noqa: E402
+from onnxopt.data import DataSpec, open_data  # noqa: E402
+from onnxopt.registry import PassContext  # noqa: E402
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+
+
+def cifar():
+    z = np.load(SHARED / "data" / "cifar10_test_1017.npz")
+    x = ((z["x"].astype(np.float32) / 255.0) - MEAN) / STD
+    y = z["y"].astype(np.int64)
+    return x[:717], y[:717], x[717:], y[717:]
+
+
+def top1(model, x, y, batch=100) -> float:
+    sess = runtime.session(model, optimize=True)
+    name = sess.get_inputs()[0].name
+    correct = 0
+    for i in range(0, len(x), batch):
+        out = sess.run(None, {name: x[i:i + batch]})[0]
+        correct += int((out.argmax(1) == y[i:i + batch]).sum())
+    return 100.0 * correct / len(x)
+
+
+def train_source(model, x, tmp: Path):
+    """A DataSource over the finetuning images (no labels: distillation is label-free)."""
+    p = tmp / "train.npz"
+    np.savez(p, **{model.graph.input[0].name: x})
+    return open_data(DataSpec(str(p), batch_size=32), model)
+
+
+def run_r56(args, tmp, rows, log):
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    xt, _, xh, yh = cifar()
+    base = onnxopt.load_model(SHARED / "models" / "resnet56_cifar10.onnx")
+    data = train_source(base, xt, tmp)
+    acc_base = top1(base, xh, yh)
+    ctx = PassContext(data=data, log=lambda m: None)
+    pruned, rep = onnxopt.apply(base, "prune", {"prune": {"ratio": 0.3, "latency_runs": 0}}, context=ctx)
+    acc_pruned = top1(pruned, xh, yh)
+    params = (onnxopt.summarize(base)["params"], onnxopt.summarize(pruned)["params"]) if "params" in onnxopt.summarize(base) else (None, None)
+    cfg = FinetuneConfig(epochs=args.epochs_r56, lr=args.lr_r56, batch_size=32, augment=True, progress=False, log=log, threads=args.threads)
+    t0 = time.perf_counter()
+    res = finetune(pruned, data, teacher=base, config=cfg)
+    secs = time.perf_counter() - t0
+    acc_ft = top1(res.model, xh, yh)
+    sps = statistics.median(h["samples_per_second"] for h in res.history)
+    rows.append({"figure": "resnet56 prune 0.3 + distillation", "baseline_top1": acc_base, "before_finetune_top1": acc_pruned,
+                 "after_finetune_top1": acc_ft, "drop_points": round(acc_base - acc_ft, 2), "target_drop": 1.5,
+                 "met": acc_base - acc_ft <= 1.5, "epochs": args.epochs_r56, "lr": args.lr_r56, "finetune_seconds": round(secs, 1),
+                 "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs"), "params": params})
+
+
+def run_r20(args, tmp, rows, log):
+    from onnxopt.torch.qat import prepare_qat
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    xt, _, xh, yh = cifar()
+    base = onnxopt.load_model(SHARED / "models" / "resnet20_cifar10.onnx")
+    data = train_source(base, xt, tmp)
+    acc_fp = top1(base, xh, yh)
+    qmodel, overrides, _ = prepare_qat(base, "w4a4", data, log=lambda m: None)
+    acc_ptq = top1(qmodel, xh, yh)
+    cfg = FinetuneConfig(epochs=args.epochs_r20, lr=args.lr_r20, batch_size=32, augment=True, progress=False, log=log,
+                         threads=args.threads, **overrides)
+    t0 = time.perf_counter()
+    res = finetune(qmodel, data, teacher=base, config=cfg)
+    secs = time.perf_counter() - t0
+    acc_qat = top1(res.model, xh, yh)
+    sps = statistics.median(h["samples_per_second"] for h in res.history)
+    rows.append({"figure": "resnet20 W4A4 QAT by distillation", "fp32_top1": acc_fp, "ptq_w4a4_top1": acc_ptq, "qat_w4a4_top1": acc_qat,
+                 "drop_points": round(acc_fp - acc_qat, 2), "target_drop": 2.0, "met": acc_fp - acc_qat <= 2.0,
+                 "epochs": args.epochs_r20, "lr": args.lr_r20, "finetune_seconds": round(secs, 1),
+                 "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs")})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="r20,r56", help="comma-separated: r20, r56")
+    ap.add_argument("--epochs-r56", type=int, default=8)
+    ap.add_argument("--lr-r56", type=float, default=5e-4)
+    ap.add_argument("--epochs-r20", type=int, default=8)
+    ap.add_argument("--lr-r20", type=float, default=5e-4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto from the load average)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not SHARED.exists():
+        print(f"{SHARED} not found", file=sys.stderr)
+        return 1
+    rows = []
+    log = lambda m: print("   ", m, file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        for what in args.only.split(","):
+            fn = {"r56": run_r56, "r20": run_r20}[what.strip()]
+            print(f"== {what}", file=sys.stderr, flush=True)
+            fn(args, Path(tmp), rows, log)
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| figure | numbers | target met |\n|---|---|---|")
+    for r in rows:
+        nums = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("figure", "met"))
+        print(f"| {r['figure']} | {nums} | {r['met']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
