@@ -44,6 +44,24 @@ def _const_arrays(model: ModelProto) -> dict:
     return out
 
 
+def fast_session(model: ModelProto):
+    """An onnxruntime session with only the *basic* graph optimizations: constant folding turns
+    every weight DequantizeLinear into a float constant (the same values: DQ is exact float math),
+    while activation Q/DQ pairs stay as fake quantization. The QDQ model's arithmetic is kept,
+    without re-dequantizing every weight on every run, and without onnxruntime's int8 kernel
+    fusions (level 2), whose arithmetic differs from the graph's."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxoptError(f"onnxruntime cannot load a model variant: {str(exc).strip().splitlines()[0][:300]}",
+                           "please report this with the model") from None
+
+
 def rel_error(ref: list, cand: list) -> float:
     """||cand - ref|| / ||ref|| over lists of output arrays."""
     num = sum(float(np.sum((c.astype(np.float64) - r.astype(np.float64)) ** 2)) for r, c in zip(ref, cand))
@@ -74,13 +92,26 @@ class QdqView:
                 self.dq_output_to_act[n.output[0]] = self.acts[n.name]
         self.q_consts = _const_arrays(qmodel)
         f_consts = _const_arrays(float_model) if float_model is not None else {}
+        # The float layer of each quantized one: the float model's node reading the float weight
+        # (its bias is the float bias, which recovery may since have corrected in the QDQ model).
+        f_layer = {}
+        if float_model is not None:
+            for n in float_model.graph.node:
+                if len(n.input) > 1 and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                    f_layer.setdefault(n.input[1], n)
         self.float_weight = {}
-        self.float_bias = {}
+        self.float_bias = {}  # layer -> float bias array, or None when the float layer has none
         for name, l in self.layers.items():
-            node = self.nodes[name]
             t = f_consts.get(l["float_weight"])
             self.float_weight[name] = numpy_helper.to_array(t) if t is not None else self.dequantized_weight(name)
-            if l.get("bias_is_int"):
+            fnode = f_layer.get(l["float_weight"])
+            if fnode is not None and fnode.op_type == l["op"]:
+                b = fnode.input[2] if len(fnode.input) > 2 and fnode.input[2] else None
+                if b is None:
+                    self.float_bias[name] = None
+                elif b in f_consts:
+                    self.float_bias[name] = numpy_helper.to_array(f_consts[b])
+            elif l.get("bias_is_int"):
                 self.float_bias[name] = self.dequantized_int_bias(name)
 
     # ------------------------------------------------------------------ arrays
@@ -150,9 +181,14 @@ class QdqView:
             new_inits.append(numpy_helper.from_array(self.float_weight[name], w_name))
             node.input[1] = w_name
             if name in self.float_bias:
-                b_name = f"{name}__float_bias"
-                new_inits.append(numpy_helper.from_array(self.float_bias[name], b_name))
-                node.input[2] = b_name
+                if self.float_bias[name] is None:
+                    del node.input[2:]
+                else:
+                    b_name = f"{name}__float_bias"
+                    new_inits.append(numpy_helper.from_array(self.float_bias[name], b_name))
+                    while len(node.input) < 3:
+                        node.input.append("")
+                    node.input[2] = b_name
         for name in float_inputs:
             node = by_name[name]
             act = self.dq_output_to_act.get(node.input[0])
@@ -224,13 +260,12 @@ def collect_feeds(data, limit: int) -> list:
 class Evaluator:
     """Runs model variants on fixed feeds and compares their outputs with the float reference."""
 
-    def __init__(self, reference: ModelProto, feeds: list, optimize: bool = True):
+    def __init__(self, reference: ModelProto, feeds: list):
         self.feeds = feeds
-        self.optimize = optimize
         self.ref = self.outputs(reference)
 
     def outputs(self, model: ModelProto) -> list:
-        sess = runtime.session(model, optimize=self.optimize)
+        sess = fast_session(model)
         names = [o.name for o in sess.get_outputs()]
         outs = []
         for feed in self.feeds:
@@ -276,13 +311,13 @@ class SensitivityReport:
         return sorted(self.layers, key=lambda l: (l.all_but_rel if l.all_but_rel is not None else self.full_rel))
 
 
-def analyze(view: QdqView, feeds: list, modes=("only", "all_but"), optimize: bool = True,
+def analyze(view: QdqView, feeds: list, modes=("only", "all_but"),
             progress: Optional[Callable[[str], None]] = None) -> SensitivityReport:
     """Per-layer sensitivity of ``view``'s quantized model on ``feeds`` (see the module docstring)."""
     from .. import stats
 
     t0 = time.perf_counter()
-    ev = Evaluator(view.float_reference(), feeds, optimize=optimize)
+    ev = Evaluator(view.float_reference(), feeds)
     full = ev.error(view.qmodel)
     macs = {r["name"]: r["macs"] for r in stats.layer_macs(view.qmodel)}
     rep = SensitivityReport(full_rel=full, samples=sum(next((int(v.shape[0]) for v in f.values() if getattr(v, "ndim", 0)), 1) for f in feeds))

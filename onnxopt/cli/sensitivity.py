@@ -1,0 +1,97 @@
+"""``onnxopt sensitivity``: per-layer quantization sensitivity (only-this-layer / all-but-this-layer)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import click
+
+from .. import manager, model_io
+from ..data import DataSpec, ImageOptions, open_data
+from ..errors import OptionError
+from ..registry import PassContext, get_pass
+from . import cli
+from .options import image_options, image_settings, input_shape_option, parse_input_shapes
+
+
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+@cli.command("sensitivity", epilog="""\b
+Examples:
+  onnxopt sensitivity model.onnx --calib-data images/ --target tensorrt
+  onnxopt sensitivity model.onnx --calib-data images/ --target ort --plot sens.png --json sens.json
+  onnxopt sensitivity model.onnx --calib-data calib.npz --set qdq.weight_bits=4 --mode only --top 10
+""")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "--calib-data", "data", required=True, metavar="PATH", help="Calibration data (.npy, .npz, image folder, file.py:function).")
+@click.option("--calib-samples", type=int, default=None, help="Calibrate on at most this many samples.")
+@click.option("--samples", "eval_samples", type=int, default=16, show_default=True,
+              help="Samples (the first ones of the calibration data) on which each variant's output error is measured.")
+@click.option("--target", default="tensorrt", show_default=True, help="Quantization target: tensorrt, ort, tidl, tidl-tda4vm.")
+@click.option("--set", "set_options", multiple=True, metavar="qdq.OPTION=VALUE", help="Any qdq pass option (bits, per_channel, calib_method, ...).")
+@click.option("--mode", type=click.Choice(["both", "only", "all_but"]), default="both", show_default=True,
+              help="only-this-layer-quantized, all-but-this-layer, or both.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--top", type=int, default=None, help="Print only the N most sensitive layers.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full result as JSON ('-' = stdout).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG (needs matplotlib).")
+@image_options
+@input_shape_option
+@click.option("-q", "--quiet", is_flag=True)
+def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_options, mode, batch_size, top, json_path, plot_path,
+                    input_shapes, quiet, **kwargs):
+    """Quantize MODEL once (qdq pass, --target), then measure per layer the output error vs float
+    with only that layer quantized and with all but that layer quantized.
+
+    The per-layer models are derived from the one quantized model by removing Q/DQ (no
+    recalibration). Metric: relative L2 error of all outputs and SQNR in dB (higher = better).
+    """
+    from ..quant import sensitivity as sens
+    from ..quant.quantize import quantize_model
+
+    image = image_settings(kwargs)
+    if plot_path:  # fail before the long part when matplotlib is missing
+        from ..errors import require
+
+        require("matplotlib", "the sensitivity bar chart (--plot)")
+    log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    opts = {}
+    for pass_name, values in manager.parse_set_options(set_options).items():
+        if pass_name != "qdq":
+            raise OptionError(f"--set {pass_name}.* is not a qdq option.", "sensitivity takes qdq options only, e.g. --set qdq.weight_bits=4")
+        opts.update(values)
+    opts["target"] = target
+    resolved = get_pass("qdq").resolve(opts)
+    shapes = parse_input_shapes(input_shapes)
+    source = model_io.load_model(model)
+    spec = DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=calib_samples)
+    ds = open_data(spec, source, shapes)
+    ctx = PassContext(data=ds, data_spec=spec, progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log)
+    log(f"quantizing for {target} (one calibration) ...")
+    result = quantize_model(source, resolved, ds, ctx)
+    view = sens.QdqView(source, result.model, result.info)
+    feeds = sens.collect_feeds(ds, eval_samples)
+    modes = ("only", "all_but") if mode == "both" else (mode,)
+    log(f"measuring {len(view.layers)} layers x {len(modes)} variant(s) on {eval_samples} samples ...")
+    rep = sens.analyze(view, feeds, modes=modes, progress=None if quiet else (lambda m: click.echo(m, err=True)))
+    if not quiet or not json_path:
+        click.echo(sens.format_table(rep, top=top))
+    if json_path:
+        payload = json.dumps(_strict({"model": str(model), "target": target, **rep.to_dict()}), indent=2)
+        if json_path == "-":
+            click.echo(payload)
+        else:
+            with open(json_path, "w") as f:
+                f.write(payload)
+    if plot_path:
+        sens.plot(rep, plot_path)
+        log(f"wrote {plot_path}")

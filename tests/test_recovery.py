@@ -1,0 +1,195 @@
+"""PTQ recovery: bias correction (empirical, analytical), auto fallback, AdaRound; on QDQ models in
+the contract layout (tests/se_models.reference_qdq) and through the real qdq pass."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxopt
+import se_models
+from helpers import make_model, rand
+from onnxopt.errors import DataError, OptionError
+from onnxopt.quant import recovery
+from onnxopt.quant.sensitivity import Evaluator, QdqView
+from onnxopt.registry import PassContext
+
+
+@pytest.fixture(scope="module")
+def se_setup():
+    m = se_models.mobilenetv3_se(bad_scale=1.0)
+    feeds = se_models.image_like_inputs(140)
+    return m, feeds[:60], feeds[60:]
+
+
+def _err(m, q, info, feeds):
+    return Evaluator(QdqView(m, q, info).float_reference(), feeds).error(q)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+@pytest.mark.parametrize("method", ["empirical", "analytical"])
+def test_bias_correction_reduces_error_and_mean_shift(se_setup, target, method):
+    m, calib, ev = se_setup
+    q, info = se_models.reference_qdq(m, calib, weight_bits=4, target=target)
+    out, rep = recovery.recover(m, q, info, {"bias_correction": method}, lambda: iter(calib), PassContext())
+    assert rep["bias_correction"]["method"] == method
+    onnx.checker.check_model(out, full_check=True)
+    # held-out data: the output error falls
+    assert _err(m, out, info, ev) < 0.8 * _err(m, q, info, ev)
+    # only biases changed: every weight and activation quantizer is the calibration's
+    q_inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    o_inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    for l in info["layers"]:
+        assert np.array_equal(q_inits[l["weight_q"]], o_inits[l["weight_q"]])
+    if method == "empirical":
+        # the first layer's per-channel output mean matches float on the calibration data
+        view = QdqView(m, out, info)
+        first = info["layers"][0]["node"]
+        t = view.nodes[first].output[0]
+        used = calib[:recovery.BIAS_SAMPLES]  # the samples the correction measured on
+        mf = recovery.channel_means(m, [t], lambda: iter(used))[t]
+        mq = recovery.channel_means(out, [t], lambda: iter(used))[t]
+        np.testing.assert_allclose(mq, mf, atol=1e-4)
+
+
+def _int_bias_qdq():
+    """Conv with an int32 bias DQ (ort/tidl layout) and a layer without a bias."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((2, 4, 1, 1)).astype(np.float32)
+    b1 = rand(4, seed=1)
+    float_model = make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="c1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["y1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "w2"], ["out"], name="c2")],
+        [("x", [1, 3, 6, 6])], [("out", [1, 2, 6, 6])], [("w1", w1), ("b1", b1), ("w2", w2)])
+    calib = [{"x": rand(1, 3, 6, 6, seed=s)} for s in range(8)]
+    q, info = se_models.reference_qdq(float_model, calib, weight_bits=3, target="ort")
+    # turn c1's float bias into the int32 DQ layout of the contract
+    e = info["layers"][0]
+    s_in = float(numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == info["activations"][0]["scale"])))
+    s_w = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == e["weight_scale"])).astype(np.float64)
+    s_b = (s_in * s_w).astype(np.float32)
+    bq = np.rint(b1 / s_b).astype(np.int32)
+    q.graph.initializer.extend([numpy_helper.from_array(bq, "b1_q"), numpy_helper.from_array(s_b, "b1_s"),
+                                numpy_helper.from_array(np.zeros(4, np.int32), "b1_zp")])
+    q.graph.node.insert(0, helper.make_node("DequantizeLinear", ["b1_q", "b1_s", "b1_zp"], ["b1_dq"], name="b1_DQ", axis=0))
+    next(n for n in q.graph.node if n.name == "c1").input[2] = "b1_dq"
+    e.update({"bias_is_int": True, "bias_q": "b1_q", "bias_scale": "b1_s"})
+    onnx.checker.check_model(q, full_check=True)
+    return float_model, q, info, calib
+
+
+def test_int32_bias_and_missing_bias_are_corrected():
+    m, q, info, calib = _int_bias_qdq()
+    out, rep = recovery.recover(m, q, info, {"bias_correction": "empirical"}, lambda: iter(calib), PassContext())
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert inits["b1_q"].dtype == np.int32  # still int32, values changed
+    c2 = next(n for n in out.graph.node if n.name == "c2")
+    assert len(c2.input) == 3 and c2.input[2] in inits  # c2 gained a float bias
+    assert _err(m, out, info, calib) < _err(m, q, info, calib)
+
+
+def test_analytical_uses_bn_statistics():
+    """E[relu(y)] of a gaussian, and a model whose layer input comes from BN -> Relu (no data)."""
+    mu, sigma = np.array([0.0, 1.0, -2.0]), np.array([1.0, 0.5, 1.0])
+    samples = np.maximum(0, np.random.default_rng(0).normal(mu, sigma, size=(200000, 3))).mean(0)
+    np.testing.assert_allclose(recovery.relu_gaussian_mean(mu, sigma), samples, rtol=0.02, atol=2e-3)
+    rng = np.random.default_rng(1)
+    gamma, beta = np.abs(rand(4, seed=2)) + 0.5, rand(4, seed=3)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["y1"], name="c1"),
+             helper.make_node("BatchNormalization", ["y1", "g", "b", "mu", "var"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["r"]), helper.make_node("Conv", ["r", "w2", "b2"], ["out"], name="c2")]
+    m = make_model(nodes, [("x", [1, 3, 5, 5])], [("out", [1, 2, 5, 5])],
+                   [("w1", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), ("g", gamma), ("b", beta),
+                    ("mu", np.zeros(4, np.float32)), ("var", np.ones(4, np.float32)),
+                    ("w2", rng.standard_normal((2, 4, 1, 1)).astype(np.float32)), ("b2", rand(2, seed=4))])
+    calib = [{"x": rand(1, 3, 5, 5, seed=s)} for s in range(4)]
+    q, info = se_models.reference_qdq(m, calib, weight_bits=3)
+    out, rep = recovery.recover(m, q, info, {"bias_correction": "analytical"}, None, PassContext())
+    assert rep["bias_correction"]["expectation_source"] == {"bn": 1, "data": 0}  # c2 from BN; c1 skipped (no data)
+    assert any("c1" in s for s in rep["bias_correction"]["skipped"])
+    b_new = next(numpy_helper.to_array(t) for t in out.graph.initializer if t.name == next(n for n in out.graph.node if n.name == "c2").input[2])
+    view = QdqView(m, q, info)
+    eps = (view.dequantized_weight("c2") - view.float_weight["c2"]).astype(np.float64)
+    expect = rand(2, seed=4) - eps.reshape(2, 4) @ recovery.relu_gaussian_mean(beta.astype(np.float64), gamma.astype(np.float64))
+    np.testing.assert_allclose(b_new, expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_auto_fallback_meets_budget(se_setup, target):
+    m, calib, ev = se_setup
+    q, info = se_models.reference_qdq(m, calib, weight_bits=4, target=target)
+    full = _err(m, q, info, calib[:32])
+    budget = full / 4
+    out, rep = recovery.recover(m, q, info, {"fallback": "auto", "max_error": budget}, lambda: iter(calib), PassContext())
+    fb = rep["fallback"]
+    assert fb["met"] and fb["error_after"] <= budget and 0 < len(fb["high_precision_layers"]) < len(info["layers"])
+    assert _err(m, out, info, calib[:32]) <= budget * 1.0001
+    assert 0 < fb["high_precision_mac_share"] < 1 and fb["latency_ms_ort_cpu"]["with_fallback"] > 0
+    # the layers reported in high precision read float weights now
+    node_inputs = {n.name: n.input[1] for n in out.graph.node if len(n.input) > 1}
+    for layer in fb["high_precision_layers"]:
+        assert node_inputs[layer].endswith("__float_weight")
+    # minimality: one layer fewer misses the budget (the search is exact on a monotone ranking)
+    k = len(fb["high_precision_layers"])
+    view = QdqView(m, q, info)
+    fewer = view.variant(float_layers=fb["high_precision_layers"][:k - 1], float_inputs=fb["high_precision_layers"][:k - 1])
+    assert Evaluator(view.float_reference(), calib[:32]).error(fewer) > budget
+
+
+def test_option_errors(se_setup):
+    m, calib, _ = se_setup
+    q, info = se_models.reference_qdq(m, calib)
+    data = lambda: iter(calib)
+    with pytest.raises(OptionError):
+        recovery.recover(m, q, info, {"fallback": "auto"}, data, PassContext())  # no budget
+    with pytest.raises(OptionError):
+        recovery.recover(m, q, info, {"max_error": 0.1}, data, PassContext())  # budget without fallback
+    with pytest.raises(OptionError):
+        recovery.recover(m, q, info, {"fallback": "auto", "max_error": 0.1, "fallback_precision": "int16"}, data, PassContext())
+    with pytest.raises(DataError):
+        recovery.recover(m, q, info, {"bias_correction": "empirical"}, None, PassContext())
+
+
+def test_tidl_int16_fallback_reports_layer_lists(se_setup):
+    m, calib, _ = se_setup
+    q, info = se_models.reference_qdq(m, calib, weight_bits=4, target="ort")
+    info = dict(info, target="tidl")
+    out, rep = recovery.recover(m, q, info, {"fallback": "auto", "max_error": 0.05, "fallback_precision": "int16"},
+                                lambda: iter(calib), PassContext())
+    opts = rep["fallback"]["tidl_options"]
+    outs = opts["advanced_options:params_16bit_names_list"].split(",")
+    assert len(outs) == len(rep["fallback"]["high_precision_layers"]) > 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_adaround_improves_reconstruction(se_setup, bits):
+    m, calib, ev = se_setup
+    q, info = se_models.reference_qdq(m, calib, weight_bits=bits)
+    out, rep = recovery.recover(m, q, info, {"rounding": "adaround", "adaround_iters": 150}, lambda: iter(calib), PassContext())
+    ada = rep["adaround"]
+    assert ada["layers"] == len(info["layers"]) and ada["improved"] > 0
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    q_inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    for l in info["layers"]:
+        wq, w0 = inits[l["weight_q"]], q_inits[l["weight_q"]]
+        assert wq.dtype == w0.dtype and wq.min() >= l["qmin"] and wq.max() <= l["qmax"]
+        # learned rounding only chooses floor or ceil of w / s: never more than one step from nearest
+        assert np.abs(wq.astype(int) - w0.astype(int)).max() <= 1
+    assert _err(m, out, info, ev) < _err(m, q, info, ev)
+
+
+def test_recovery_through_qdq_pass(se_setup):
+    """The qdq pass calls recover() for the reserved options and the result passes the target check."""
+    from onnxopt.quant import check as qcheck
+
+    m, calib, ev = se_setup
+    ctx = PassContext(data=lambda: iter(calib))
+    plain, _ = onnxopt.apply(m, "qdq", {"qdq": {"target": "ort", "weight_bits": 4}}, context=PassContext(data=lambda: iter(calib)), verify=False)
+    out, rep = onnxopt.apply(m, "qdq", {"qdq": {"target": "ort", "weight_bits": 4, "bias_correction": "empirical"}}, context=ctx, verify=False)
+    rec = rep.passes[-1].extra
+    assert "recovery" in rec and rec["recovery"]["bias_correction"]["method"] == "empirical"
+    assert rec["recovery"]["rel_error_end"] < rec["recovery"]["rel_error_start"]
+    assert qcheck.check_model(out, "ort") == []
+    assert se_models.top1_agreement(m, out, ev) >= se_models.top1_agreement(m, plain, ev)
