@@ -23,7 +23,12 @@ stream fed by nine layers is not favoured over a single conv).
 Ratio: ``mode=uniform`` removes ``ratio`` of the channels of every group class (the channels that
 appear in the same tensors -- e.g. one conv's output, or one residual stream); ``mode=global``
 removes ``ratio`` of all channels, lowest scores first. Both respect ``max_layer_ratio``,
-``min_channels`` and ``round_to`` (kept counts are multiples of N) per class.
+``min_channels`` and ``round_to`` (kept counts are multiples of N, the nearest to the ratio) per
+class. ``round_to`` defaults to 8: onnxruntime's CPU convs (MLAS NCHWc), TensorRT's tensor cores
+and TIDL block channels by 8 or more, and odd widths fall back to slower kernels -- ResNet56
+pruned to widths 11/22/45 (round_to=1, MACs -52 %) ran no faster than the original on
+onnxruntime CPU, and pruned by 10 % to 14/29/58 it ran 40-55 % slower. A class narrower than N
+is not pruned; ``round_to=1`` gives exact ratios.
 
 Removing an input channel also removes its average contribution to the consumer; with
 ``compensate=mean`` (default) the mean of every removed input channel, measured on the context's
@@ -68,7 +73,8 @@ IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
         Option("scores", str, None, "JSON file {layer output, node or weight name: [score per output channel]} (implies importance=file)"),
         Option("max_layer_ratio", float, 0.8, "never remove more than this fraction of one class's channels"),
         Option("min_channels", int, 1, "keep at least this many channels in every class"),
-        Option("round_to", int, 1, "kept channel counts are multiples of this (e.g. 8 for tensor cores / TIDL)"),
+        Option("round_to", int, 8, "kept channel counts are multiples of this (the nearest to the ratio); 8 suits TensorRT, "
+               "onnxruntime CPU and TIDL kernels; 1 = exact ratios"),
         Option("protect", list, [], "layers whose output channels are kept: node, output or weight names or regexes (full match)"),
         Option("keep_first_last", bool, True, "keep channel groups made only of the first layer's outputs or read only by the last layer(s)"),
         Option("compensate", str, "mean", "fold the mean of every removed input channel into the consumer's bias (mean) or not (none)",
@@ -107,7 +113,7 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
 
     extra = _report(model, new_model, an, removed, ctx, options, feeds, source, refs)
     extra["compensated_layers"] = compensated
-    extra.update({"importance": importance, "mode": options["mode"], "classes": class_rows,
+    extra.update({"importance": importance, "mode": options["mode"], "round_to": options["round_to"], "classes": class_rows,
                   "analysis_seconds": round(t_analysis, 3), "prune_seconds": round(t_total, 3)})
     if fallback:
         extra["importance_fallback_l1"] = fallback

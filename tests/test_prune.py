@@ -21,7 +21,7 @@ from onnxopt.errors import OptionError
 from onnxopt.manager import apply
 from onnxopt.registry import PassContext
 
-FAST = {"latency_runs": 0, "eval_batches": 1}
+FAST = {"latency_runs": 0, "eval_batches": 1, "round_to": 1}  # tiny test widths: exact ratios
 
 
 def _prune(model, **opts):
@@ -359,7 +359,7 @@ def test_shared_weight_is_copied_not_edited():
 def test_report_has_params_macs_latency_and_error():
     m = pm.residual()
     feed = runtime.generate_inputs(m, seed=5)
-    out, report = apply(m, "prune", options={"prune": {"ratio": 0.5, "latency_runs": 2, "keep_first_last": False}},
+    out, report = apply(m, "prune", options={"prune": {"ratio": 0.5, "latency_runs": 2, "keep_first_last": False, "round_to": 1}},
                         context=PassContext(data=lambda: [feed]))
     ex = report.passes[0].extra
     assert ex["params"]["after"] < ex["params"]["before"] and ex["macs"]["after"] < ex["macs"]["before"]
@@ -428,3 +428,13 @@ def test_mean_compensation_keeps_a_constant_channel(tmp_path):
     off, _ = _prune(m, ratio=0.17, scores=str(path), keep_first_last=False, compensate="none")
     feed = runtime.generate_inputs(m)
     assert np.abs(run(off, feed)["out"] - run(m, feed)["out"]).max() > 1e-2
+
+
+def test_default_rounds_widths_to_8():
+    m = pm.yolo_like()
+    out, report = apply(m, "prune", options={"prune": {"ratio": 0.3, "latency_runs": 0, "keep_first_last": False}})
+    rec = report.passes[0]
+    assert rec.extra["round_to"] == 8
+    before, after = _conv_out_channels(m), _conv_out_channels(out)
+    changed = [k for k in after if after[k] != before[k]]
+    assert changed and all(after[k] % 8 == 0 for k in changed)
