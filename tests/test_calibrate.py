@@ -55,6 +55,8 @@ def quiet(method="minmax", **kw) -> CalibConfig:
 def test_growing_histogram_equals_one_shot():
     rng = np.random.default_rng(1)
     parts = [rng.standard_normal(5000).astype(np.float32) * s for s in (1e-3, 1.0, 0.1, 37.0, 2.0, 300.0)]
+    parts.insert(2, np.array([4.0, -4.0, 0.0, -0.0], np.float32))      # |x| == R exactly at that point
+    parts.append(np.array([512.0, -512.0], np.float32))                # ... and at the end
     streamed = H.SignedHistogram(512)
     for p in parts:
         streamed.add(p)

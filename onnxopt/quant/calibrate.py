@@ -95,6 +95,7 @@ class CalibConfig:
     batch_size: Optional[int] = None  # re-batch a DataSource (None: the source's own batch size)
     threads: int = 0                # intra-op threads of the single-process session (0: onnxruntime's default)
     trt_version: str = DEFAULT_TRT_VERSION  # header of the TensorRT table
+    optimize: str = "basic"         # onnxruntime graph optimizations of the calibration session: none | basic | all
 
 
 @dataclass
@@ -156,6 +157,8 @@ def _check_config(config: CalibConfig, bits: int) -> None:
         raise OptionError(f"workers must be at least 1, got {config.workers}.", "use --calib-workers 1 or more")
     if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 16:
         raise OptionError(f"bits must be an integer in [2, 16], got {bits}.", "activation bits are 2..8 (16 for int16 fallback)")
+    if config.optimize not in OPT_LEVELS:
+        raise OptionError(f"unknown optimization level '{config.optimize}' for the calibration session.", f"choose one of: {', '.join(OPT_LEVELS)}")
     if config.batch_size is not None and config.batch_size < 1:
         raise OptionError(f"batch size must be at least 1, got {config.batch_size}.", "use --batch-size 1 or more")
 
@@ -194,9 +197,14 @@ def _augmented(model: ModelProto, fetch: list) -> bytes:
     return aug.SerializeToString()
 
 
-def _session(payload, threads: int) -> ort.InferenceSession:
+OPT_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "all": "ORT_ENABLE_ALL"}
+
+
+def _session(payload, threads: int, optimize: str = "basic") -> ort.InferenceSession:
+    # any level keeps graph outputs (the calibrated tensors) by name; "all" adds fusions and
+    # blocked layouts (faster on x86, values equal up to float rounding)
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[optimize])
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -211,10 +219,10 @@ def _session(payload, threads: int) -> ort.InferenceSession:
 class _Collector:
     """One session + per-tensor statistics; ``update(feed)`` reduces one batch."""
 
-    def __init__(self, payload: bytes, tensors: list, from_feed: list, hist_bins: Optional[int], threads: int):
+    def __init__(self, payload, tensors: list, from_feed: list, hist_bins: Optional[int], threads: int, optimize: str = "basic"):
         self.fetch = [t for t in tensors if t not in set(from_feed)]
         self.from_feed = from_feed
-        self.sess = _session(payload, threads)
+        self.sess = _session(payload, threads, optimize)
         self.stats = {t: TensorStats(hist=H.SignedHistogram(hist_bins) if hist_bins else None) for t in tensors}
         self.batches = 0
 
@@ -285,7 +293,7 @@ def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConf
     bar = _progress(config, _total(data), f"calibrating {len(tensors)} tensors ({config.method})")
     try:
         if workers == 1:
-            col = _Collector(payload, tensors, from_feed, hist_bins, int(config.threads))
+            col = _Collector(payload, tensors, from_feed, hist_bins, int(config.threads), config.optimize)
             for feed in _iter_batches(data, config.batch_size):
                 bar.update(col.update(feed))
             stats, nbatches = col.stats, col.batches
@@ -300,9 +308,9 @@ def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConf
 
 # -- worker processes ---------------------------------------------------------------------
 
-def _worker_main(model_file, tensors, from_feed, hist_bins, threads, in_q, out_q) -> None:  # pragma: no cover - runs in a child
+def _worker_main(model_file, tensors, from_feed, hist_bins, threads, optimize, in_q, out_q) -> None:  # pragma: no cover - runs in a child
     try:
-        col = _Collector(model_file, tensors, from_feed, hist_bins, threads)
+        col = _Collector(model_file, tensors, from_feed, hist_bins, threads, optimize)
         while True:
             feed = in_q.get()
             if feed is None:
@@ -342,7 +350,7 @@ def _run_workers(model_file, tensors, from_feed, hist_bins, data, config, worker
     threads = max(1, cpu_count() // workers)
     in_q = ctx.Queue(maxsize=QUEUE_PER_WORKER * workers)
     out_q = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(model_file, tensors, from_feed, hist_bins, threads, in_q, out_q), daemon=True)
+    procs = [ctx.Process(target=_worker_main, args=(model_file, tensors, from_feed, hist_bins, threads, config.optimize, in_q, out_q), daemon=True)
              for _ in range(workers)]
     for p in procs:
         p.start()

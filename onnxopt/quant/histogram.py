@@ -125,8 +125,9 @@ class SignedHistogram:
         y = np.empty(min(BLOCK, x.size), work)
         t = np.empty(y.size, np.intp)
         neg = np.empty(y.size, bool)
-        top = 2 * nb - 1
-        acc = np.zeros(2 * nb, np.int64)
+        # index + 1: t in [-nb, nb], so t + nb + 1 - neg lies in [0, 2nb + 1]; the two extra end
+        # bins hold |x| == R exactly and are folded into the last bin of each side below
+        acc = np.zeros(2 * nb + 2, np.int64)
         for start in range(0, x.size, BLOCK):
             xb = x[start:start + BLOCK]
             n = xb.size
@@ -134,11 +135,12 @@ class SignedHistogram:
             np.multiply(xb, s, out=yy, casting="unsafe")
             tt[...] = yy                     # truncation toward zero: |t| = floor(|x| / w)
             np.less(xb, 0, out=nn)
-            tt += nb
-            tt -= nn                         # negative j maps to nb - 1 - j
-            np.clip(tt, 0, top, out=tt)      # |x| == R lands in the last bin
-            acc += np.bincount(tt, minlength=2 * nb)
-        self.counts += acc
+            tt += nb + 1
+            tt -= nn                         # negative j maps to nb - 1 - j (+1)
+            acc += np.bincount(tt, minlength=2 * nb + 2)
+        acc[1] += acc[0]
+        acc[-2] += acc[-1]
+        self.counts += acc[1:-1]
 
     def merge(self, other: "SignedHistogram") -> None:
         """Add ``other``'s counts (exact: the smaller range is doubled up to the larger)."""
