@@ -278,7 +278,52 @@ def mobilenet_like(const_nodes: bool = False) -> onnx.ModelProto:
     return b.model([("input", [1, 3, 16, 16])], [("logits", [1, 10])])
 
 
+def split_num_outputs() -> onnx.ModelProto:
+    """Opset 18 Split with ``num_outputs`` (no sizes input): the rewrite writes explicit sizes."""
+    b = B(20)
+    x = b.cbr("input", 3, 8)
+    s1, s2 = b.node("Split", [x], n_out=2, axis=1, num_outputs=2)
+    y = b.node("Add", [b.cbr(s1, 4, 4), b.cbr(s2, 4, 4)])
+    b.conv(y, 4, 2, name="out")
+    return b.model([("input", [1, 3, 6, 6])], [("out", [1, 2, 6, 6])], opset=18)
+
+
+def old_opset_pad_slice() -> onnx.ModelProto:
+    """Opset 9: channel Pad and Slice take their amounts as attributes."""
+    b = B(21)
+    x = b.cbr("input", 3, 8)
+    p = b.node("Pad", [x], pads=[0, 2, 0, 0, 0, 2, 0, 0], mode="constant")
+    s = b.node("Slice", [p], starts=[1], ends=[11], axes=[1])
+    y = b.cbr(s, 10, 10)
+    b.conv(b.node("Add", [y, s]), 10, 2, name="out")
+    return b.model([("input", [1, 3, 6, 6])], [("out", [1, 2, 6, 6])], opset=9)
+
+
+def concat_graph_input() -> onnx.ModelProto:
+    """A conv's channels concatenated with the graph input (whose 3 channels never change)."""
+    b = B(22)
+    x = b.cbr("input", 3, 8)
+    c = b.node("Concat", [x, "input"], axis=1)
+    b.conv(c, 11, 2, name="out")
+    return b.model([("input", [1, 3, 6, 6])], [("out", [1, 2, 6, 6])])
+
+
+def if_subgraph() -> onnx.ModelProto:
+    """An If whose branches read an outer conv output: that conv's channels are unprunable."""
+    b = B(23)
+    x = b.cbr("input", 3, 8)
+    then_g = helper.make_graph([helper.make_node("Relu", [x], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 8, 6, 6])])
+    else_g = helper.make_graph([helper.make_node("Sigmoid", [x], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 8, 6, 6])])
+    b.nodes.append(helper.make_node("If", [b.const(np.array(True), np.bool_)], ["out"], then_branch=then_g, else_branch=else_g))
+    b.conv(b.cbr("input", 3, 6), 6, 2, name="out2")
+    return b.model([("input", [1, 3, 6, 6])], [("out", [1, 8, 6, 6]), ("out2", [1, 2, 6, 6])])
+
+
 BUILDERS = {
+    "split_num_outputs": split_num_outputs, "old_opset_pad_slice": old_opset_pad_slice,
+    "concat_graph_input": concat_graph_input, "if_subgraph": if_subgraph,
     "residual": residual, "concat_split": concat_split, "depthwise": depthwise,
     "depthwise_x2": lambda: depthwise(2), "grouped": grouped, "option_a": option_a,
     "flatten_gemm": flatten_gemm, "shared_weight": shared_weight, "yolo_like": yolo_like,

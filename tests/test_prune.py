@@ -438,3 +438,11 @@ def test_default_rounds_widths_to_8():
     before, after = _conv_out_channels(m), _conv_out_channels(out)
     changed = [k for k in after if after[k] != before[k]]
     assert changed and all(after[k] % 8 == 0 for k in changed)
+
+
+def test_outer_tensor_read_by_a_subgraph_is_unprunable():
+    m = pm.if_subgraph()
+    an = channels.analyze(m)
+    x = next(n for n in m.graph.node if n.op_type == "If").attribute[0].g.node[0].input[0]
+    assert all(an.uf.find(int(i)) == channels.POISON for i in an.slots[x].ids)
+    assert any(why == "used inside a subgraph" for _, why in an.reasons)
