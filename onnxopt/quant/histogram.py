@@ -5,7 +5,8 @@ Histogram
 A :class:`SignedHistogram` counts the values of one tensor in ``2 * nbins`` equal bins over
 ``[-R, R]`` with ``R = 2**exp``: ``nbins`` bins for the positive side (bin ``j`` holds
 ``j*w <= x < (j+1)*w``, ``w = R / nbins``) and, mirrored, ``nbins`` bins for the negative side
-(bin ``j`` holds ``j*w <= |x| < (j+1)*w``). Values equal to ``R`` fall into the last bin.
+(bin ``j`` holds ``j*w <= |x| < (j+1)*w``). ``R`` is the smallest power of two strictly above
+every ``|x|`` seen.
 
 When a batch exceeds the range, the range doubles (``exp += 1``) as often as needed and every pair
 of adjacent bins merges into one. Because ``R`` is a power of two and ``nbins`` is a power of two,
@@ -14,7 +15,7 @@ final range is ``floor(|x| / w_final)`` whatever the order the batches came in. 
 doubling is therefore *exact*: the streamed histogram equals the one-shot histogram of all the
 data on the final edges, bit for bit, and histograms from several workers merge exactly (the one
 with the smaller range is doubled up to the larger first). The price is resolution: the final
-range lies in ``[amax, 2*amax)``, so callers allocate twice the bins they want over ``[0, amax]``.
+range lies in ``(amax, 2*amax]``, so callers allocate twice the bins they want over ``[0, amax]``.
 
 Range searches (all on counts, never on raw data; bins are ``w`` wide, starting at 0)
 ------------------------------------------------------------------------------------
@@ -95,8 +96,10 @@ class SignedHistogram:
         self.exp += times
 
     def _exp_for(self, amax: float) -> int:
-        mant, e = math.frexp(amax)      # amax = mant * 2**e, 0.5 <= mant < 1
-        return e - 1 if mant == 0.5 else e
+        # amax = mant * 2**e with 0.5 <= mant < 1, so 2**e > amax strictly: no value ever equals R.
+        # (A value equal to R would have to go to the last bin, closed on the right, but after a
+        # doubling it belongs to the bin starting at R: the merge would not be exact.)
+        return math.frexp(amax)[1]
 
     def add(self, x: np.ndarray, amax: Optional[float] = None) -> None:
         """Count the values of ``x`` (finite floats); ``amax`` = max |x| when already known."""
@@ -125,8 +128,8 @@ class SignedHistogram:
         y = np.empty(min(BLOCK, x.size), work)
         t = np.empty(y.size, np.intp)
         neg = np.empty(y.size, bool)
-        # index + 1: t in [-nb, nb], so t + nb + 1 - neg lies in [0, 2nb + 1]; the two extra end
-        # bins hold |x| == R exactly and are folded into the last bin of each side below
+        # |x| < R so t lies in [-(nb-1), nb-1]; the +1 offset and two spare end bins only guard
+        # against rounding in the float64 fallback path (folded into the last bins below)
         acc = np.zeros(2 * nb + 2, np.int64)
         for start in range(0, x.size, BLOCK):
             xb = x[start:start + BLOCK]
