@@ -251,6 +251,12 @@ def _feeds(model: ModelProto, pctx: PassContext, n: int) -> tuple:
     return [runtime.generate_inputs(model, seed=s, overrides=pctx.input_shapes) for s in range(n)], "generated"
 
 
+def _session(model: ModelProto):
+    """A verification session: optimizations off, one intra-op thread (ORT's spinning worker
+    threads cost more than they give on a loaded machine, and the two sessions run side by side)."""
+    return runtime.session(model, threads=1)
+
+
 def _with_outputs(model: ModelProto, names: Sequence[str]) -> ModelProto:
     probe = ModelProto()
     probe.CopyFrom(model)
@@ -276,6 +282,21 @@ def _err(ref: np.ndarray, got: np.ndarray) -> tuple:
 
 def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
     """The lite pass on ``model`` with a given rule ``table`` (default: :func:`rule_table`)."""
+    import gc
+
+    # onnx-graphsurgeon allocates several objects per node and tensor, all in reference cycles:
+    # with the cyclic GC on, its full collections make a 20k-node run superlinear. The garbage
+    # of the pass is collected when the GC is switched back on.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_lite(model, options, pctx, table)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _run_lite(model: ModelProto, options: Optional[dict], pctx: Optional[PassContext], table: Optional[list]) -> PassResult:
     pctx = pctx or PassContext()
     options = options_with(**(options or {})) if not options or set(options) != {o.name for o in OPTIONS} else options
     t0 = time.perf_counter()
@@ -328,8 +349,11 @@ def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[P
     seconds_rules = time.perf_counter() - t0
 
     extra = {"rules": records, "rule_seconds": round(seconds_rules, 3)}
+    extra["region_check_seconds"] = round(checker.seconds, 3) if checker is not None else 0.0
     if verify and (exact_fired or approx_fired):
+        t1 = time.perf_counter()
         extra.update(_measure(model, model_exact, final, pending, local, reference, records, skipped))
+        extra["measure_seconds"] = round(time.perf_counter() - t1, 3)
     if approx_fired:
         extra["recommendation"] = (f"approximate rules changed the model ({', '.join(approx_fired)}): finetune the lite "
                                    "model (a few epochs at a low learning rate) to recover its accuracy before deployment")
@@ -350,10 +374,18 @@ class _RegionChecker:
 
     def __init__(self, shaped: ModelProto, model: ModelProto):
         self.shaped, self.model = shaped, model
+        self.seconds = 0.0
         self._extractor = None
         self.vi = {v.name: v for v in list(shaped.graph.value_info) + list(shaped.graph.input) + list(shaped.graph.output)}
 
     def check(self, graph, ctx: RuleContext, added: list, preserved: list):
+        t0 = time.perf_counter()
+        try:
+            return self._check(graph, ctx, added, preserved)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _check(self, graph, ctx: RuleContext, added: list, preserved: list):
         import onnx_graphsurgeon as gs
         from onnx.utils import Extractor
 
@@ -395,7 +427,7 @@ class _RegionChecker:
                 m.ir_version = self.model.ir_version
                 del m.opset_import[:]
                 m.opset_import.extend(self.model.opset_import)
-            s_before, s_after = runtime.session(before), runtime.session(after)
+            s_before, s_after = _session(before), _session(after)
             rng = np.random.default_rng(0)
             mx = rel = 0.0
             for _ in range(2):
@@ -441,7 +473,7 @@ class _Reference:
 
     def _run(self, model: ModelProto) -> None:
         try:
-            sess = runtime.session(model)
+            sess = _session(model)
             self.refs = [runtime.run(sess, f) for f in self.feeds]
         except BaseException as exc:  # re-raised in the caller's thread
             self._exc = exc
@@ -472,8 +504,8 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
     outputs = [o.name for o in model.graph.output]
     if pending:
         exact_tensors = [t for name in pending for t in records[name]["preserved"]]
-        s_ref = runtime.session(_with_outputs(model, exact_tensors))
-        s_ex = runtime.session(_with_outputs(model_exact, exact_tensors))
+        s_ref = _session(_with_outputs(model, exact_tensors))
+        s_ex = _session(_with_outputs(model_exact, exact_tensors))
         for name in pending:
             mx, rel = 0.0, 0.0
             for f in feeds:
@@ -484,7 +516,7 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
             ver[name] = _judge(name, {"max_abs": mx, "max_rel": rel, "tensors": len(records[name]["preserved"]),
                                       "inputs": f"{source} (whole model)"}, records)
         out["exact_verification"] = {"rules": ver}
-    fin_sess = runtime.session(final)
+    fin_sess = _session(final)
     got = [runtime.run(fin_sess, f) for f in feeds]
     refs = reference.outputs()
     per = {}

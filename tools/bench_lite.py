@@ -162,6 +162,16 @@ def bench_generated(n: int, repeats: int) -> dict:
         out[f"seconds_all_verify_{str(verify).lower()}"] = [round(x, 2) for x in times]
     out["changes"] = res.changes
     out["nodes_after"] = len(res.model.graph.node)
+    # linearity: pass time without verification (rules + graph import/export) across sizes
+    out["scaling_verify_false"] = {}
+    for size in (n // 4, n // 2, n, 2 * n):
+        m = build(size)
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            run_lite(m, options_with(verify=False))
+            times.append(time.perf_counter() - t)
+        out["scaling_verify_false"][len(m.graph.node)] = round(min(times), 2)
     return out
 
 
@@ -212,6 +222,7 @@ def main() -> None:
     print(f"  lite with verification    median {g['seconds_median_verify_true']} s  {g['seconds_all_verify_true']}")
     print(f"  lite without verification median {g['seconds_median_verify_false']} s  {g['seconds_all_verify_false']}")
     print(f"  changes: {g['changes']}")
+    print("  scaling, no verification (nodes: best of 2, s): " + ", ".join(f"{k}: {v}" for k, v in g["scaling_verify_false"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
         print(f"\nwrote {args.json}")
