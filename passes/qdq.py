@@ -48,7 +48,7 @@ OPTIONS = [
     Option("exclude_regex", str, "", "regular expression on node names kept in float"),
     Option("keep_first_last", bool, False, "keep the first and last weighted layers in float"),
     Option("op_types", list, [], "only quantize these op types (default: every op the target quantizes)"),
-    Option("calib_method", str, "auto", "calibration method (auto = the target's default: percentile)",
+    Option("calib_method", str, "auto", "calibration method (auto = the target's default: percentile for tensorrt, mse for ort/tidl)",
            ("auto", "minmax", "percentile", "entropy", "mse")),
     Option("calib_percentile", float, 99.99, "percentile for calib_method=percentile"),
     Option("calib_bins", int, 2048, "histogram bins (entropy/percentile/mse)"),
