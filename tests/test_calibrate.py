@@ -1,6 +1,7 @@
 """Calibration engine: statistics, range methods against brute force, streaming, workers, cache, TensorRT table."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import tracemalloc
@@ -213,6 +214,34 @@ def test_batch_size_does_not_change_ranges(tmp_path, method):
     r1 = calibrate(small_model(), TENSORS, npy_source(tmp_path, x, batch_size=1), quiet(method))
     r7 = calibrate(small_model(), TENSORS, npy_source(tmp_path, x, batch_size=7), quiet(method))
     assert r1 == r7
+
+
+def test_large_batches_run_in_slices(tmp_path):
+    x = sample_data(24)
+    whole = C.collect_statistics(small_model(), TENSORS, npy_source(tmp_path, x, batch_size=24), quiet("entropy"))
+    seen = []
+    real_run = C._Collector._run
+
+    def spy(self, feed, n):
+        seen.append(n)
+        return real_run(self, feed, n)
+
+    C._Collector._run = spy
+    try:
+        # 3 outputs x 256 floats = 3 KB per sample; a 7 KB budget runs 2 samples at a time
+        sliced = C.collect_statistics(small_model(), TENSORS, npy_source(tmp_path, x, batch_size=24),
+                                      dataclasses.replace(quiet("entropy"), max_batch_mb=0))
+        assert seen == [24]
+        seen.clear()
+        col = C._Collector(C._augmented(small_model(), ["a", "b", "out"]), TENSORS, ["x"], 2 * 2048, 0, "basic", 7 * 1024)
+        col.update({"x": x})
+        assert seen == [1] + [2] * 11 + [1]
+    finally:
+        C._Collector._run = real_run
+    for t in TENSORS:
+        np.testing.assert_array_equal(col.stats[t].hist.counts, whole[t].hist.counts)
+        np.testing.assert_array_equal(sliced[t].hist.counts, whole[t].hist.counts)
+        assert (col.stats[t].min, col.stats[t].max) == (whole[t].min, whole[t].max)
 
 
 def test_two_workers_equal_one(tmp_path):

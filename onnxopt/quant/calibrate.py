@@ -96,6 +96,7 @@ class CalibConfig:
     threads: int = 0                # intra-op threads of the single-process session (0: onnxruntime's default)
     trt_version: str = DEFAULT_TRT_VERSION  # header of the TensorRT table
     optimize: str = "basic"         # onnxruntime graph optimizations of the calibration session: none | basic | all
+    max_batch_mb: int = 1024        # run a batch in slices when its calibrated outputs would exceed this (0: never)
 
 
 @dataclass
@@ -217,32 +218,58 @@ def _session(payload, threads: int, optimize: str = "basic") -> ort.InferenceSes
 
 
 class _Collector:
-    """One session + per-tensor statistics; ``update(feed)`` reduces one batch."""
+    """One session + per-tensor statistics; ``update(feed)`` reduces one batch.
 
-    def __init__(self, payload, tensors: list, from_feed: list, hist_bins: Optional[int], threads: int, optimize: str = "basic"):
+    A batch whose calibrated outputs would exceed ``max_bytes`` is run in slices along axis 0
+    (the first batch's first sample measures the outputs' size per sample), so many or large
+    calibrated tensors never need more than about ``max_bytes`` of outputs at once.
+    """
+
+    def __init__(self, payload, tensors: list, from_feed: list, hist_bins: Optional[int], threads: int,
+                 optimize: str = "basic", max_bytes: int = 0):
         self.fetch = [t for t in tensors if t not in set(from_feed)]
         self.from_feed = from_feed
         self.sess = _session(payload, threads, optimize)
         self.stats = {t: TensorStats(hist=H.SignedHistogram(hist_bins) if hist_bins else None) for t in tensors}
         self.batches = 0
+        self.max_bytes = int(max_bytes)
+        self.per_sample: Optional[int] = None
 
     def update(self, feed: dict) -> int:
+        n = _batch_len(feed)
         if self.fetch:
-            try:
-                outs = self.sess.run(self.fetch, feed)
-            except Exception as exc:
-                raise DataError(f"onnxruntime failed to run the model on calibration batch {self.batches}: "
-                                f"{str(exc).strip().splitlines()[0][:500]}",
-                                "check that the data matches the model's inputs (names, shapes, dtypes)") from None
-            # reduce and drop one output at a time: only one batch of activations is alive
-            for i, name in enumerate(self.fetch):
-                arr, outs[i] = outs[i], None
-                self.stats[name].update(arr, name, self.batches)
-                del arr
+            arrays = [np.asarray(v) for v in feed.values()]
+            can_split = n > 1 and self.max_bytes > 0 and all(a.ndim >= 1 and a.shape[0] == n for a in arrays)
+            start = 0
+            while start < n:
+                if not can_split:
+                    k = n
+                elif self.per_sample is None:
+                    k = 1
+                else:
+                    k = max(1, min(n - start, self.max_bytes // max(self.per_sample, 1)))
+                part = feed if k == n else {name: np.asarray(v)[start:start + k] for name, v in feed.items()}
+                self._run(part, k)
+                start += k
         for name in self.from_feed:
             self.stats[name].update(feed[name], name, self.batches)
         self.batches += 1
-        return _batch_len(feed)
+        return n
+
+    def _run(self, feed: dict, n: int) -> None:
+        try:
+            outs = self.sess.run(self.fetch, feed)
+        except Exception as exc:
+            raise DataError(f"onnxruntime failed to run the model on calibration batch {self.batches}: "
+                            f"{str(exc).strip().splitlines()[0][:500]}",
+                            "check that the data matches the model's inputs (names, shapes, dtypes)") from None
+        size = sum(int(getattr(o, "nbytes", 0)) for o in outs) // max(n, 1)
+        self.per_sample = max(self.per_sample or 0, size)
+        # reduce and drop one output at a time
+        for i, name in enumerate(self.fetch):
+            arr, outs[i] = outs[i], None
+            self.stats[name].update(arr, name, self.batches)
+            del arr
 
 
 def _batch_len(feed: dict) -> int:
@@ -293,7 +320,7 @@ def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConf
     bar = _progress(config, _total(data), f"calibrating {len(tensors)} tensors ({config.method})")
     try:
         if workers == 1:
-            col = _Collector(payload, tensors, from_feed, hist_bins, int(config.threads), config.optimize)
+            col = _Collector(payload, tensors, from_feed, hist_bins, int(config.threads), config.optimize, config.max_batch_mb << 20)
             for feed in _iter_batches(data, config.batch_size):
                 bar.update(col.update(feed))
             stats, nbatches = col.stats, col.batches
@@ -308,9 +335,9 @@ def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConf
 
 # -- worker processes ---------------------------------------------------------------------
 
-def _worker_main(model_file, tensors, from_feed, hist_bins, threads, optimize, in_q, out_q) -> None:  # pragma: no cover - runs in a child
+def _worker_main(model_file, tensors, from_feed, hist_bins, threads, optimize, max_bytes, in_q, out_q) -> None:  # pragma: no cover - runs in a child
     try:
-        col = _Collector(model_file, tensors, from_feed, hist_bins, threads, optimize)
+        col = _Collector(model_file, tensors, from_feed, hist_bins, threads, optimize, max_bytes)
         while True:
             feed = in_q.get()
             if feed is None:
@@ -350,7 +377,7 @@ def _run_workers(model_file, tensors, from_feed, hist_bins, data, config, worker
     threads = max(1, cpu_count() // workers)
     in_q = ctx.Queue(maxsize=QUEUE_PER_WORKER * workers)
     out_q = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(model_file, tensors, from_feed, hist_bins, threads, config.optimize, in_q, out_q), daemon=True)
+    procs = [ctx.Process(target=_worker_main, args=(model_file, tensors, from_feed, hist_bins, threads, config.optimize, config.max_batch_mb << 20, in_q, out_q), daemon=True)
              for _ in range(workers)]
     for p in procs:
         p.start()
