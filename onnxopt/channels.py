@@ -164,7 +164,7 @@ class Analysis:
         """{root: number of tensors-positions} for every component that is prunable (not poisoned)."""
         out = {}
         for s in self.slots.values():
-            for r in self.uf.roots(s.ids).tolist():
+            for r in self.roots(s.ids).tolist():
                 if r != POISON:
                     out[r] = out.get(r, 0) + 1
         return out
@@ -182,7 +182,7 @@ class Analysis:
         for name in sorted(self.slots):
             s = self.slots[name]
             key = int(rng.integers(1, 2**62))
-            for r in set(self.uf.roots(s.ids).tolist()):
+            for r in set(self.roots(s.ids).tolist()):
                 a, n = sig.get(r, (0, 0))
                 sig[r] = ((a + key) % (2**63), n + 1)
         classes: dict = {}
@@ -193,8 +193,27 @@ class Analysis:
             classes[k].sort()
         return classes
 
-    def keep_mask(self, ids: np.ndarray, removed: set) -> np.ndarray:
-        return np.array([r not in removed for r in self.uf.roots(ids).tolist()], dtype=bool)
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        """The component root of each slot (the union-find is final once the analysis is built)."""
+        cache = self.__dict__.get("_root_array")
+        if cache is None or len(cache) != len(self.uf.parent):
+            cache = self.uf.roots(np.arange(len(self.uf.parent), dtype=np.int64))
+            self.__dict__["_root_array"] = cache
+        return cache[np.asarray(ids, dtype=np.int64)]
+
+    def dead_mask(self, removed) -> np.ndarray:
+        """A boolean array over slots' roots: True where the component is in ``removed``."""
+        if isinstance(removed, np.ndarray):
+            return removed
+        dead = np.zeros(len(self.uf.parent), dtype=bool)
+        ids = [int(r) for r in removed if int(r) != POISON]
+        if ids:
+            dead[np.array(ids, dtype=np.int64)] = True
+        return dead
+
+    def keep_mask(self, ids: np.ndarray, removed) -> np.ndarray:
+        """True for the positions of ``ids`` that stay; ``removed`` is a set of roots or a dead_mask."""
+        return ~self.dead_mask(removed)[self.roots(ids)]
 
     # --------------------------------------------------------------------------- rewrite
     def rewrite(self, removed: set) -> ModelProto:
@@ -207,6 +226,7 @@ class Analysis:
         names = NameGenerator(self.graph)
         g = self.graph
         if removed:
+            removed = self.dead_mask(removed)
             for act in self.actions:
                 _apply_action(self, act, removed, names)
             tensors = g.tensors()
@@ -240,7 +260,7 @@ class Analysis:
         ``rewrite(roots)`` on this same analysis (component ids belong to one analysis) must give
         the same outputs.
         """
-        roots = set(int(r) for r in roots)
+        roots = self.dead_mask(set(int(r) for r in roots))
         names = NameGenerator(self.graph)
         for p in self.producers:
             dead = ~self.keep_mask(p.out_ids, roots)

@@ -172,7 +172,7 @@ def _component_scores(an: channels.Analysis, importance: str, path: str | None) 
         s = _layer_scores(p, importance, user, fallback)
         mean = float(np.mean(s)) if len(s) else 0.0
         s = s / mean if mean > 0 else np.zeros_like(s)
-        for r, v in zip(an.uf.roots(p.out_ids).tolist(), s.tolist()):
+        for r, v in zip(an.roots(p.out_ids).tolist(), s.tolist()):
             total[r] = total.get(r, 0.0) + v
             count[r] = count.get(r, 0) + 1
     return {r: (total[r], count[r]) for r in total}, fallback
@@ -194,21 +194,21 @@ def _protected(an: channels.Analysis, patterns: list, keep_first_last: bool) -> 
     for p in an.producers:
         names = [p.node.name, p.node.outputs[0].name, p.node.inputs[1].name]
         if any(pat.fullmatch(n) for pat in patterns for n in names if n):
-            protected.update(an.uf.roots(p.out_ids).tolist())
+            protected.update(an.roots(p.out_ids).tolist())
     for name, s in an.slots.items():
         if any(pat.fullmatch(name) for pat in patterns):
-            protected.update(an.uf.roots(s.ids).tolist())
+            protected.update(an.roots(s.ids).tolist())
     if keep_first_last:
         first, last = _first_last(an)
         makers: dict = {}
         readers: dict = {}
         for i, p in enumerate(an.producers):
-            for r in set(an.uf.roots(p.out_ids).tolist()):
+            for r in set(an.roots(p.out_ids).tolist()):
                 makers.setdefault(r, set()).add(i)
         index = {id(p.node): i for i, p in enumerate(an.producers)}
         for act in an.actions:
             if act[0] in ("conv", "convT", "gemm", "matmul") and act[2] is not None:
-                for r in set(an.uf.roots(act[2]).tolist()):
+                for r in set(an.roots(act[2]).tolist()):
                     readers.setdefault(r, set()).add(index[id(act[1])])
         for r, mk in makers.items():
             if mk <= first:
@@ -353,6 +353,7 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     from onnxopt.graph import NameGenerator, constant_value, input_at
 
     todo = []
+    removed = an.dead_mask(removed)
     for act in an.actions:
         if act[0] not in ("conv", "gemm") or act[2] is None:
             continue
@@ -441,6 +442,7 @@ def _latency_ms(model: ModelProto, feed: dict, runs: int) -> float:
 def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: dict,
             feeds: list, source: str, refs: list) -> dict:
     lb, la = stats.layer_macs(before), stats.layer_macs(after)
+    removed = an.dead_mask(removed)
     macs_a = {r["output"]: r["macs"] for r in la}
     layers = []
     for p in an.producers:
