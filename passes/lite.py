@@ -9,13 +9,16 @@ in :mod:`onnxopt.lite_rules`; the table below follows TI's v2 defaults where the
 The pass as a whole is *approximate* (registered ``exact=False``): the manager does not verify it.
 Instead the pass
 
-1. runs the enabled **exact** rules first and verifies them itself: every tensor an exact rule
-   rewrote (its name is kept) is compared, original model vs. model after the exact rules, on the
-   user's data (``ctx.data``, first batches) or generated inputs; the max abs error per rule is
-   reported and an error beyond the exact-pass tolerance raises :class:`VerificationError`;
+1. runs the enabled **exact** rules first and verifies each itself: the tensors the rule
+   preserved (their names are kept) are compared between the original region (cut out of the
+   input model) and the new nodes, on random values at the region's inputs -- or, when a region
+   cannot be cut out (dynamic shapes, new tensors), between the input model and the model after
+   the exact rules on the user's data (``ctx.data``) or generated inputs. The max abs error per
+   rule is reported; one beyond the exact-pass tolerance raises :class:`VerificationError`;
 2. runs the enabled **approximate** rules in table order;
-3. reports the output error of the lite model against its input on the same inputs, and
-   recommends finetuning whenever an approximate rule fired.
+3. reports the output error of the lite model against its input on the user's data (first
+   ``batches`` batches) or generated inputs, and recommends finetuning whenever an approximate
+   rule fired.
 
 Each rule says why a near-match was left alone (``PassResult.skipped``). Matching is linear in
 the graph size: one scan per rule, each match a bounded walk over producer/consumer links.
