@@ -444,19 +444,21 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
     lb, la = stats.layer_macs(before), stats.layer_macs(after)
     removed = an.dead_mask(removed)
     macs_a = {r["output"]: r["macs"] for r in la}
+    macs_b = {r["output"]: r["macs"] for r in lb}
+    wb, wa = _weight_sizes(before), _weight_sizes(after)
     layers = []
     for p in an.producers:
         out = p.node.outputs[0].name
         kept = int(an.keep_mask(p.out_ids, removed).sum())
-        row_b = next((r for r in lb if r["output"] == out), None)
         layers.append({"layer": p.name, "op": p.op, "output": out, "channels_before": len(p.out_ids), "channels_after": kept,
-                       "macs_before": row_b["macs"] if row_b else None, "macs_after": macs_a.get(out)})
+                       "params_before": wb.get(out), "params_after": wa.get(out),
+                       "macs_before": macs_b.get(out), "macs_after": macs_a.get(out)})
     params_b, params_a = stats.param_count(before), stats.param_count(after)
-    macs_b = int(sum(r["macs"] or 0 for r in lb))
-    macs_after = int(sum(r["macs"] or 0 for r in la))
+    total_b = int(sum(r["macs"] or 0 for r in lb))
+    total_a = int(sum(r["macs"] or 0 for r in la))
     extra = {
         "params": {"before": params_b, "after": params_a, "reduction": _red(params_b, params_a)},
-        "macs": {"before": macs_b, "after": macs_after, "reduction": _red(macs_b, macs_after)},
+        "macs": {"before": total_b, "after": total_a, "reduction": _red(total_b, total_a)},
         "layers": layers,
     }
     s_new = runtime.session(after)
@@ -481,6 +483,19 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
         extra["latency_ms"] = {"before": round(lat_b, 4), "after": round(lat_a, 4), "reduction": _red(lat_b, lat_a),
                                "runs": options["latency_runs"], "note": "onnxruntime CPU, all optimizations, median, generated inputs"}
     return extra
+
+
+def _weight_sizes(model: ModelProto) -> dict:
+    """{layer output: elements of its weight and bias} for Conv/ConvTranspose/Gemm/MatMul."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            sizes[n.output[0]] = int(np.prod(n.attribute[0].t.dims))
+    out = {}
+    for n in model.graph.node:
+        if n.op_type in channels.PRODUCERS and len(n.input) > 1:
+            out[n.output[0]] = sum(sizes.get(i, 0) for i in n.input[1:3] if i)
+    return out
 
 
 def _red(before: float, after: float) -> float:

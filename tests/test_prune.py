@@ -367,7 +367,7 @@ def test_report_has_params_macs_latency_and_error():
     assert ex["output_error"]["inputs"] == "data" and ex["output_error"]["max_abs"] > 0
     assert 0.0 <= ex["output_error"]["top1_agreement"] <= 1.0
     layer = next(r for r in ex["layers"] if r["channels_after"] < r["channels_before"])
-    assert layer["macs_after"] < layer["macs_before"]
+    assert layer["macs_after"] < layer["macs_before"] and layer["params_after"] < layer["params_before"]
     assert not report.passes[0].exact
 
 
