@@ -71,6 +71,9 @@ def ort_static(model, data_feeds, method, per_channel=True, symmetric_act=False)
         def get_next(self):
             return next(self.it, None)
 
+    if model_io.opset_of(model) < 13:  # per-channel Q/DQ needs opset 13; quantize_static does not convert
+        from onnxopt.quant.quantize import convert_opset
+        model = convert_opset(model, 13)
     meth = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
