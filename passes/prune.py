@@ -439,6 +439,34 @@ def _latency_ms(model: ModelProto, feed: dict, runs: int) -> float:
     return statistics.median(times)
 
 
+def _layer_latency(model: ModelProto, feed: dict, runs: int) -> dict:
+    """{node name: median ms} from onnxruntime's profiler, graph optimizations off so that every
+    layer keeps its own node (fused kernels would merge a Conv with its activation)."""
+    import json as _json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_profiling = True
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        so.profile_file_prefix = os.path.join(tmp, "prune")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess.run(None, feed)
+        for _ in range(runs):
+            sess.run(None, feed)
+        with open(sess.end_profiling()) as f:
+            events = _json.load(f)
+    times: dict = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            times.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: dict,
             feeds: list, source: str, refs: list) -> dict:
     lb, la = stats.layer_macs(before), stats.layer_macs(after)
@@ -482,6 +510,13 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
         lat_a = _latency_ms(after, feed, options["latency_runs"])
         extra["latency_ms"] = {"before": round(lat_b, 4), "after": round(lat_a, 4), "reduction": _red(lat_b, lat_a),
                                "runs": options["latency_runs"], "note": "onnxruntime CPU, all optimizations, median, generated inputs"}
+        runs = min(options["latency_runs"], 10)
+        per_b, per_a = _layer_latency(before, feed, runs), _layer_latency(after, feed, runs)
+        for row, p in zip(layers, an.producers):
+            if p.node.name:
+                row["latency_ms_before"] = per_b.get(p.node.name)
+                row["latency_ms_after"] = per_a.get(p.node.name)
+        extra["latency_ms"]["per_layer_note"] = "per layer: onnxruntime profiler, graph optimizations off, median"
     return extra
 
 

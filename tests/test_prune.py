@@ -364,6 +364,7 @@ def test_report_has_params_macs_latency_and_error():
     ex = report.passes[0].extra
     assert ex["params"]["after"] < ex["params"]["before"] and ex["macs"]["after"] < ex["macs"]["before"]
     assert ex["latency_ms"]["before"] > 0 and ex["latency_ms"]["after"] > 0
+    assert all(r["latency_ms_before"] > 0 and r["latency_ms_after"] > 0 for r in ex["layers"])
     assert ex["output_error"]["inputs"] == "data" and ex["output_error"]["max_abs"] > 0
     assert 0.0 <= ex["output_error"]["top1_agreement"] <= 1.0
     layer = next(r for r in ex["layers"] if r["channels_after"] < r["channels_before"])
