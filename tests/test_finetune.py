@@ -1,0 +1,247 @@
+"""onnxopt finetune: distillation / supervised / QAT training, checkpoints, DDP, CLI, optional torch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from helpers import make_model, rand, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_classifier(seed=0, noise=0.0):
+    """Conv-BN-Relu-Conv-Relu-GAP-Flatten-Gemm, 10 classes, input [N,3,8,8] (dynamic batch)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * (0.4 + noise)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["bn"], name="bn1"),
+             helper.make_node("Relu", ["bn"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="fc")]
+    inits = [("w1", w(8, 3, 3, 3)), ("b1", w(8)), ("g", 1 + 0.1 * w(8)), ("be", w(8)), ("mu", 0.1 * w(8)),
+             ("var", np.abs(w(8)) + 0.5), ("w2", w(8, 8, 3, 3)), ("b2", w(8)), ("fc", w(10, 8)), ("fcb", w(10))]
+    return make_model(nodes, [("input", ["N", 3, 8, 8])], [("logits", ["N", 10])], inits)
+
+
+def perturbed(model, scale=0.3, seed=1):
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in ("w1", "w2", "fc"):
+            a = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((a + scale * rng.standard_normal(a.shape) * np.abs(a).mean()).astype(np.float32), t.name))
+    return out
+
+
+def data_file(tmp_path, n=64, labels=None):
+    p = tmp_path / "train.npz"
+    arrays = {"input": rand(n, 3, 8, 8, seed=7)}
+    if labels is not None:
+        arrays["labels"] = labels
+    np.savez(p, **arrays)
+    return p
+
+
+def open_ds(path, model):
+    from onnxopt.data import DataSpec, open_data
+    return open_data(DataSpec(str(path), batch_size=16), model)
+
+
+def kl_to_teacher(student, teacher, x):
+    s, t = run(student, {"input": x})["logits"], run(teacher, {"input": x})["logits"]
+    ps = np.exp(s - s.max(1, keepdims=True)); ps /= ps.sum(1, keepdims=True)
+    pt = np.exp(t - t.max(1, keepdims=True)); pt /= pt.sum(1, keepdims=True)
+    return float((pt * (np.log(pt) - np.log(ps))).sum(1).mean())
+
+
+def test_distillation_moves_student_to_teacher_and_writes_back(tmp_path):
+    pytest.importorskip("torch")
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    teacher = tiny_classifier()
+    student = perturbed(teacher)
+    path = data_file(tmp_path)
+    x = rand(32, 3, 8, 8, seed=99)
+    before = kl_to_teacher(student, teacher, x)
+    res = finetune(student, open_ds(path, student), teacher=teacher,
+                   config=FinetuneConfig(epochs=6, lr=3e-3, batch_size=16, progress=False, log=lambda m: None, threads=1))
+    onnx.checker.check_model(res.model, full_check=True)
+    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in student.graph.node]  # same graph
+    after = kl_to_teacher(res.model, teacher, x)
+    assert after < 0.5 * before, (before, after)
+    assert res.parity["max_abs"] <= 1e-4
+    assert len(res.history) == 6 and res.samples_per_second > 0
+
+
+def test_qat_w4a4_exports_restricted_qdq_and_matches_torch(tmp_path):
+    pytest.importorskip("torch")
+    from onnxopt.torch.qat import prepare_qat
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    base = tiny_classifier()
+    ds = open_ds(data_file(tmp_path), base)
+    qmodel, overrides, info = prepare_qat(base, "w4a4", ds, log=lambda m: None)
+    assert overrides["float_weights"]  # latent weights start from the float weights
+    res = finetune(qmodel, ds, teacher=base, config=FinetuneConfig(epochs=2, lr=1e-3, batch_size=16, progress=False,
+                                                                   log=lambda m: None, threads=1, **overrides))
+    assert res.parity["max_abs"] <= 1e-4   # same rounding in torch and onnxruntime; float sums may differ in order
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for layer in info["layers"]:
+        wq = inits[layer["weight_q"]]
+        assert wq.dtype == np.int8 and np.abs(wq).max() <= 7
+    assert sum(n.op_type == "QuantizeLinear" for n in res.model.graph.node) == sum(n.op_type == "QuantizeLinear" for n in qmodel.graph.node)
+    # learned scales differ from the calibrated ones
+    before = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    assert any(not np.array_equal(before[layer["weight_scale"]], inits[layer["weight_scale"]]) for layer in info["layers"])
+
+
+@pytest.mark.parametrize("spec,values", [("wta8", {-1, 0, 1}), ("wba8", {-1, 1})])
+def test_ternary_and_binary_weights(tmp_path, spec, values):
+    pytest.importorskip("torch")
+    from onnxopt.torch.qat import prepare_qat
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    base = tiny_classifier()
+    ds = open_ds(data_file(tmp_path, n=32), base)
+    qmodel, overrides, info = prepare_qat(base, spec, ds, log=lambda m: None)
+    res = finetune(qmodel, ds, teacher=base, config=FinetuneConfig(epochs=1, lr=1e-3, batch_size=16, progress=False,
+                                                                   log=lambda m: None, threads=1, **overrides))
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    seen = set()
+    for layer in info["layers"]:
+        seen |= set(np.unique(inits[layer["weight_q"]]).tolist())
+    assert seen <= values and len(seen) >= 2
+    assert res.parity["max_abs"] <= 1e-5
+
+
+def test_bad_qat_spec_and_quantized_input():
+    pytest.importorskip("torch")
+    from onnxopt.errors import OptionError
+    from onnxopt.torch.qat import parse_qat, prepare_qat
+    assert parse_qat("w2a8") == (2, 8) and parse_qat("wTa4") == ("ternary", 4)
+    for bad in ("w16a16", "w4", "a4w4", "w9a8"):
+        with pytest.raises(OptionError):
+            parse_qat(bad)
+    q = make_model([helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])],
+                   [("x", [1, 4])], [("y", [1, 4])], [("s", np.array(0.1, np.float32))])
+    with pytest.raises(OptionError, match="already quantized"):
+        prepare_qat(q, "w8a8", None)
+
+
+def test_checkpoint_resume_and_fingerprint_guard(tmp_path):
+    pytest.importorskip("torch")
+    from onnxopt.errors import OptionError
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    teacher = tiny_classifier()
+    student = perturbed(teacher)
+    ds = open_ds(data_file(tmp_path, n=32), student)
+    ck = tmp_path / "ck"
+    common = dict(lr=1e-3, batch_size=16, progress=False, log=lambda m: None, threads=1, checkpoint=str(ck))
+    first = finetune(student, ds, teacher=teacher, config=FinetuneConfig(epochs=1, **common))
+    assert (ck / "finetune.pt").is_file() and len(first.history) == 1
+    logs = []
+    resumed = finetune(student, ds, teacher=teacher, config=FinetuneConfig(epochs=2, resume=True, **{**common, "log": logs.append}))
+    assert [h["epoch"] for h in resumed.history] == [1, 2] and any("resumed" in m for m in logs)
+    with pytest.raises(OptionError, match="another model"):
+        finetune(teacher, ds, teacher=teacher, config=FinetuneConfig(epochs=2, resume=True, **common))
+
+
+def test_supervised_user_loss_and_nothing_to_learn(tmp_path):
+    pytest.importorskip("torch")
+    from onnxopt.errors import OptionError
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    model = tiny_classifier()
+    labels = np.arange(32) % 10
+    ds = open_ds(data_file(tmp_path, n=32, labels=labels), model)
+    loss_py = tmp_path / "myloss.py"
+    loss_py.write_text("calls = []\ndef loss(s, t, y, batch):\n    assert y is not None and t is None\n    return 0.0 * s[0].sum()\n")
+    res = finetune(model, ds, config=FinetuneConfig(epochs=20, lr=1e-2, batch_size=16, progress=False, log=lambda m: None, threads=1,
+                                                    user_loss=f"{loss_py}:loss"))
+
+    def ce(m):
+        z = run(m, {"input": rand(32, 3, 8, 8, seed=7)})["logits"].astype(np.float64)
+        z -= z.max(1, keepdims=True)
+        return float(-(z[np.arange(32), labels] - np.log(np.exp(z).sum(1))).mean())
+    assert ce(res.model) < ce(model) - 0.3  # cross entropy on the labels went down
+    ds_nolabel = open_ds(data_file(tmp_path, n=32), model)
+    with pytest.raises(OptionError, match="nothing to learn"):
+        finetune(model, ds_nolabel, config=FinetuneConfig(epochs=1, progress=False, log=lambda m: None))
+
+
+def test_bn_recalibration_estimates_data_statistics(tmp_path):
+    torch = pytest.importorskip("torch")
+    from onnxopt.torch.convert import to_torch
+    from onnxopt.torch.train import recalibrate_bn
+    model = tiny_classifier()
+    module = to_torch(model)
+    x = torch.from_numpy(rand(64, 3, 8, 8, seed=7))
+    recalibrate_bn(module, {"input": x}, 16, torch.device("cpu"))
+    with torch.no_grad():
+        c1 = torch.nn.functional.conv2d(x, module.value("w1"), module.value("b1"), padding=1)
+    np.testing.assert_allclose(module.value("mu").numpy(), c1.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(module.value("var").numpy(), c1.var((0, 2, 3), unbiased=True).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_finetune_distillation(tmp_path):
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+    from onnxopt.cli import cli
+    from onnxopt.errors import OptionError
+    teacher, student = tiny_classifier(), perturbed(tiny_classifier())
+    onnx.save(teacher, tmp_path / "t.onnx")
+    onnx.save(student, tmp_path / "s.onnx")
+    data = data_file(tmp_path, n=32)
+    r = CliRunner().invoke(cli, ["finetune", str(tmp_path / "s.onnx"), "-o", str(tmp_path / "out.onnx"), "--data", str(data), "--teacher",
+                                 str(tmp_path / "t.onnx"), "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--threads", "1",
+                                 "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert "epoch 2/2" in r.output and "parity" in r.output
+    out = onnx.load(tmp_path / "out.onnx")
+    assert any(p.key == "onnxopt.finetune" for p in out.metadata_props)
+    r2 = CliRunner().invoke(cli, ["finetune", str(tmp_path / "s.onnx"), "-o", str(tmp_path / "o2.onnx"), "--data", str(data)])
+    assert isinstance(r2.exception, OptionError) and "nothing to learn" in str(r2.exception)
+    assert not (tmp_path / "o2.onnx").exists()
+
+
+def test_finetune_without_torch_is_a_clear_error(tmp_path):
+    """torch is optional: `import onnxopt` and the CLI work without it; finetune says what to install."""
+    onnx.save(tiny_classifier(), tmp_path / "m.onnx")
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import onnxopt, onnxopt.cli\n"
+            f"onnxopt.cli.main(['finetune', {str(tmp_path / 'm.onnx')!r}, '-o', {str(tmp_path / 'o.onnx')!r}, '--data', 'random'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1
+    assert "needs the optional package 'torch'" in r.stderr and "pip install torch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    pytest.importorskip("torch")
+    teacher, student = tiny_classifier(), perturbed(tiny_classifier())
+    onnx.save(teacher, tmp_path / "t.onnx")
+    onnx.save(student, tmp_path / "s.onnx")
+    data = data_file(tmp_path, n=32)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    import socket
+    with socket.socket() as sock:  # a free port for the rendezvous (port 0 is not accepted by torchrun's static rendezvous)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "onnxopt", "finetune",
+           str(tmp_path / "s.onnx"), "-o", str(tmp_path / "ddp.onnx"), "--data", str(data), "--teacher", str(tmp_path / "t.onnx"),
+           "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = onnx.load(tmp_path / "ddp.onnx")
+    before = {t.name: numpy_helper.to_array(t) for t in student.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert not np.array_equal(before["fc"], after["fc"])  # trained
+    assert r.stderr.count("epoch 1/1") == 1  # only rank 0 logs
