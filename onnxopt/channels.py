@@ -40,17 +40,17 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
 
-from .graph import attr, constant_value, export_graph, import_graph, input_at, is_weight, NameGenerator
+from .graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
 from .model_io import opset_of
 
 POISON = 0
 
 UNARY = {
-    "Relu", "LeakyRelu", "PRelu_", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Erf", "Identity", "Cast",
     "Floor", "Ceil", "Round", "Sign", "Gelu", "Mish", "ThresholdedRelu", "Clip", "Sin", "Cos", "Not",
     "IsNaN", "IsInf", "Dropout", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
-    "GlobalLpPool", "Resize", "Upsample", "LRN_", "Shrink", "CastLike",
+    "GlobalLpPool", "Resize", "Upsample", "Shrink", "CastLike",
 }
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal",
                "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift"}
@@ -160,15 +160,6 @@ class Analysis:
     params: dict = field(default_factory=dict)    # parameter values computed from constant chains
 
     # ----------------------------------------------------------------------- components
-    def components(self) -> dict:
-        """{root: number of tensors-positions} for every component that is prunable (not poisoned)."""
-        out = {}
-        for s in self.slots.values():
-            for r in self.roots(s.ids).tolist():
-                if r != POISON:
-                    out[r] = out.get(r, 0) + 1
-        return out
-
     def classes(self) -> dict:
         """Group the components by the set of tensors they appear in.
 
@@ -1103,11 +1094,11 @@ def _apply_action(an: Analysis, act: tuple, removed: set, names: NameGenerator) 
             starts[j], ends[j] = new_lo, new_hi
             node.attrs["starts"], node.attrs["ends"] = starts, ends
         else:
-            st = np.array(an_value(an, node.inputs[1]), dtype=np.int64).copy()
-            en = np.array(an_value(an, node.inputs[2]), dtype=np.int64).copy()
+            st = np.array(_value(an, node.inputs[1]), dtype=np.int64).copy()
+            en = np.array(_value(an, node.inputs[2]), dtype=np.int64).copy()
             st[j], en[j] = new_lo, new_hi
-            _set_input(node, 1, st.astype(constant_dtype(node.inputs[1], an)), names, "starts")
-            _set_input(node, 2, en.astype(constant_dtype(node.inputs[2], an)), names, "ends")
+            _set_input(node, 1, st.astype(_value(an, node.inputs[1]).dtype), names, "starts")
+            _set_input(node, 2, en.astype(_value(an, node.inputs[2]).dtype), names, "ends")
     elif kind == "pad":
         _, _, axis, rank, pads, before, after = act
         nb, ne = int(km(before).sum()), int(km(after).sum())
@@ -1115,7 +1106,7 @@ def _apply_action(an: Analysis, act: tuple, removed: set, names: NameGenerator) 
             return
         new = np.array(pads, dtype=np.int64).copy()
         new[axis], new[axis + rank] = nb, ne
-        if an_opset(an) < 11:
+        if opset_of(an.model) < 11:
             key = "pads" if "pads" in node.attrs else "paddings"
             node.attrs[key] = [int(v) for v in new]
         else:
@@ -1138,27 +1129,16 @@ def _apply_action(an: Analysis, act: tuple, removed: set, names: NameGenerator) 
         k = km(ids)
         if k.all():
             return
-        sizes = np.array(an_value(an, node.inputs[index]), dtype=np.int64).copy()
+        sizes = np.array(_value(an, node.inputs[index]), dtype=np.int64).copy()
         sizes[axis] = int(k.sum())
         _set_input(node, index, sizes, names, "sizes")
     else:  # pragma: no cover - every action kind is handled above
         raise AssertionError(kind)
 
 
-def an_value(an: Analysis, t) -> np.ndarray:
+def _value(an: Analysis, t) -> np.ndarray:
+    """A parameter's value: a constant, or one the analysis computed from a constant chain."""
     v = constant_value(t)
     if v is None:
-        v = an_params(an).get(t.name)
+        v = an.params.get(t.name)
     return np.asarray(v)
-
-
-def an_params(an: Analysis) -> dict:
-    return an.params
-
-
-def an_opset(an: Analysis) -> int:
-    return opset_of(an.model)
-
-
-def constant_dtype(t, an: Analysis):
-    return an_value(an, t).dtype
