@@ -187,7 +187,7 @@ def empirical_bias_correction(float_model, qmodel, info, data, max_samples: int,
     skipped, shifts = [], []
     for d in sorted(waves):
         wave = waves[d]
-        mean_q = channel_means(qmodel, [outs[l] for l in wave], data, max_samples)
+        mean_q = channel_means(view.variant(fold_weights=True), [outs[l] for l in wave], data, max_samples)
         deltas = {l: mean_q[outs[l]] - mean_f[outs[l]] for l in wave if outs[l] in mean_q and outs[l] in mean_f}
         qmodel, sk = apply_bias_deltas(qmodel, view, deltas)
         skipped += sk
@@ -321,7 +321,7 @@ def auto_fallback(float_model, qmodel, info, data, max_error: float, precision: 
     def err(k: int) -> float:
         if k not in cache:
             chosen = order[:k]
-            cache[k] = ev.error(view.variant(float_layers=chosen, float_inputs=chosen))
+            cache[k] = ev.error(view.variant(float_layers=chosen, float_inputs=chosen, fold_weights=True))
         return cache[k]
 
     n = len(order)
