@@ -1,0 +1,206 @@
+"""PTQ recovery ablation: what equalization, bias correction, mixed precision and AdaRound buy.
+
+  python tools/bench_recovery.py se            # SE/HardSwish test net, W8A8 per-tensor: plain vs equalize
+  python tools/bench_recovery.py effnet8       # EfficientNet-Lite0 W8A8, ort + tensorrt: ablation table
+  python tools/bench_recovery.py effnet4       # EfficientNet-Lite0 W4A8: nearest vs adaround (+ bias correction)
+  python tools/bench_recovery.py sensitivity   # wall time of `onnxopt sensitivity` on EfficientNet-Lite0
+  python tools/bench_recovery.py all --json out.json
+
+EfficientNet-Lite0: calibration = every 5th shared ImageNet image (200), evaluation = the other
+800; preprocessing resize 256, crop 224, (x - 127) / 128. Each (target, bits) is calibrated ONCE
+with the qdq engine (``quantize_model``); every recovery configuration is then applied to that
+same quantized model with ``recovery.recover`` -- exactly what ``--set qdq.<option>`` does inside
+the qdq pass, without paying for the calibration again. Top-1 is measured with onnxruntime CPU,
+all graph optimizations on (as tools/bench_qdq.py does). Timings are single runs on a shared
+2-core machine (the load average is printed with them): compare them within one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+SHARED = ROOT.parent / "shared"
+
+from onnxopt import manager, model_io  # noqa: E402
+from onnxopt.data import open_data  # noqa: E402
+from onnxopt.quant import check as qcheck  # noqa: E402
+from onnxopt.quant import recovery  # noqa: E402
+from onnxopt.quant.quantize import quantize_model  # noqa: E402
+from onnxopt.registry import PassContext, get_pass  # noqa: E402
+
+IMG = dict(size=256, crop=224, mean=[127.0], std=[128.0])
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load():
+    return os.getloadavg()[0]
+
+
+def top1(model, feeds, labels, threads=2):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    preds = [int(np.argmax(s.run(None, {name: f[name]})[0])) for f in feeds]
+    return 100.0 * float(np.mean(np.asarray(preds) == labels))
+
+
+def effnet_data(limit=None):
+    model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
+    calib = open_data(str(SHARED / "data" / "imagenet"), model, image=IMG, every=5)
+    ev = open_data(str(SHARED / "data" / "imagenet"), model, image=IMG, every=5, exclude_every=True)
+    cfeeds = list(calib.samples())
+    efeeds = list(ev.samples())[: limit or None]
+    labels = ev.labels()[: len(efeeds)]
+    return model, calib, cfeeds, efeeds, labels
+
+
+def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows, tag):
+    opts = get_pass("qdq").resolve({"target": target, "weight_bits": bits})
+    data = lambda: iter(cfeeds)
+    t0 = time.perf_counter()
+    q = quantize_model(model, opts, data, PassContext(progress=False))
+    t_cal = time.perf_counter() - t0
+    for name, extra in configs:
+        t0 = time.perf_counter()
+        rep = {}
+        qm = q.model
+        if extra:
+            qm, rep = recovery.recover(model, q.model, q.info, {**opts, **extra}, data, PassContext(progress=False, log=log))
+        secs = time.perf_counter() - t0
+        acc = top1(qm, efeeds, labels)
+        row = {"task": tag, "target": target, "weights": bits, "config": name, "top1": round(acc, 3), "drop": round(base - acc, 3),
+               "recovery_s": round(secs, 1), "calibration_s": round(t_cal, 1), "load": round(load(), 1),
+               "check_violations": len(qcheck.check_model(qm, target)),
+               "sqnr_db": [rep.get("sqnr_db_start"), rep.get("sqnr_db_end")]}
+        fb = rep.get("fallback")
+        if fb:
+            row["fallback"] = {k: fb[k] for k in ("high_precision_layers", "high_precision_mac_share", "met", "latency_ms_ort_cpu", "error_after")}
+        if "adaround" in rep:
+            row["adaround"] = {k: rep["adaround"][k] for k in ("layers", "improved", "seconds", "skipped")}
+        rows.append(row)
+        log(json.dumps(row))
+
+
+def task_effnet8(args, results):
+    model, calib, cfeeds, efeeds, labels = effnet_data(args.limit)
+    base = top1(model, efeeds, labels)
+    rows = [{"task": "effnet8", "config": "fp32", "top1": base, "drop": 0.0}]
+    log(f"fp32 top-1 {base:.2f} on {len(efeeds)} images")
+    configs = [("plain", {}), ("bias empirical", {"bias_correction": "empirical"}),
+               ("bias analytical", {"bias_correction": "analytical"}),
+               ("bias empirical + fallback(max_error=0.08)", {"bias_correction": "empirical", "fallback": "auto", "max_error": 0.08})]
+    for target in args.targets:
+        run_configs(model, cfeeds, efeeds, labels, base, target, 8, configs, rows, "effnet8")
+    results["effnet8"] = rows
+
+
+def task_effnet4(args, results):
+    model, calib, cfeeds, efeeds, labels = effnet_data(args.limit)
+    base = top1(model, efeeds, labels)
+    rows = [{"task": "effnet4", "config": "fp32", "top1": base, "drop": 0.0}]
+    configs = [("nearest", {}), ("nearest + bias empirical", {"bias_correction": "empirical"}),
+               (f"adaround({args.iters})", {"rounding": "adaround", "adaround_iters": args.iters}),
+               (f"adaround({args.iters}) + bias empirical", {"rounding": "adaround", "adaround_iters": args.iters, "bias_correction": "empirical"})]
+    for target in args.targets4:
+        run_configs(model, cfeeds, efeeds, labels, base, target, 4, configs, rows, "effnet4")
+    results["effnet4"] = rows
+
+
+def task_se(args, results):
+    import se_models
+
+    rows = []
+    m = se_models.mobilenetv3_se(bad_scale=3.0)
+    feeds = se_models.image_like_inputs(1100)
+    calib, ev = feeds[:100], feeds[100:]
+    labels = np.arange(100, 1100) % 10
+    ctx = lambda: PassContext(data=lambda: iter(calib), progress=False)
+    base = top1(m, ev, labels)
+    rows.append({"task": "se", "config": "fp32", "top1": base, "agreement": 100.0})
+    eq, _ = manager.apply(m, "equalize", context=ctx(), verify=True)
+    for name, src in (("per-tensor plain", m), ("per-tensor + equalize", eq)):
+        for target in ("tensorrt", "ort"):
+            q, _ = manager.apply(src, "qdq", {"qdq": {"target": target, "per_channel": False, "calib_method": "minmax"}},
+                                 context=ctx(), verify=False, summarize_layers=False)
+            acc = top1(q, ev, labels)
+            import se_models as S
+
+            rows.append({"task": "se", "target": target, "config": name, "top1": acc, "drop": round(base - acc, 3),
+                         "agreement": round(100 * S.top1_agreement(m, q, ev), 2)})
+            log(json.dumps(rows[-1]))
+    results["se"] = rows
+
+
+def task_sensitivity(args, results):
+    cmd = [sys.executable, "-m", "onnxopt", "sensitivity", str(SHARED / "models" / "efficientnet_lite0.onnx"),
+           "--calib-data", str(SHARED / "data" / "imagenet"), "--calib-samples", "200", "--size", "256", "--crop", "224",
+           "--mean", "127", "--std", "128", "--target", "tensorrt", "--samples", str(args.sens_samples), "--json", "/dev/null", "-q"]
+    l0 = load()
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    row = {"task": "sensitivity", "model": "efficientnet_lite0", "seconds": round(secs, 1), "exit": r.returncode,
+           "eval_samples": args.sens_samples, "load_before": round(l0, 1), "load_after": round(load(), 1), "command": " ".join(cmd)}
+    log(json.dumps(row))
+    results["sensitivity"] = [row]
+
+
+def print_tables(results):
+    for key, rows in results.items():
+        print(f"\n== {key}")
+        for r in rows:
+            cols = [r.get("target", ""), str(r.get("weights", "")), r.get("config", ""), f"top1 {r.get('top1', '')}",
+                    f"drop {r.get('drop', '')}"]
+            if "agreement" in r:
+                cols.append(f"agree {r['agreement']}")
+            if "recovery_s" in r:
+                cols.append(f"recovery {r['recovery_s']}s (load {r['load']})")
+            if "seconds" in r:
+                cols.append(f"{r['seconds']} s (load {r['load_before']}->{r['load_after']})")
+            if "fallback" in r:
+                fb = r["fallback"]
+                cols.append(f"float layers {len(fb['high_precision_layers'])} ({100 * fb['high_precision_mac_share']:.1f}% MACs) "
+                            f"latency {fb['latency_ms_ort_cpu']['all_quantized']}->{fb['latency_ms_ort_cpu']['with_fallback']} ms")
+            print("  " + " | ".join(str(c) for c in cols))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("task", choices=["se", "effnet8", "effnet4", "sensitivity", "all"])
+    ap.add_argument("--targets", default="ort,tensorrt")
+    ap.add_argument("--targets4", default="ort")
+    ap.add_argument("--iters", type=int, default=500)
+    ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N of the 800 images (0 = all)")
+    ap.add_argument("--sens-samples", type=int, default=8)
+    ap.add_argument("--json", dest="json_out")
+    args = ap.parse_args(argv)
+    args.targets = args.targets.split(",")
+    args.targets4 = args.targets4.split(",")
+    results = {}
+    tasks = ["se", "effnet8", "effnet4", "sensitivity"] if args.task == "all" else [args.task]
+    for t in tasks:
+        globals()[f"task_{t}"](args, results)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    main()
