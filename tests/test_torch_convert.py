@@ -369,3 +369,23 @@ def test_shared_qdq_model_parity_exact(shared):
             module.parameter_by_onnx_name(name).mul_(1.02)
     written = write_back(module, q)
     np.testing.assert_allclose(torch_run(module, feed)["logits"], run(written, feed)["logits"], atol=1e-4)
+
+
+def test_int4_weights_round_trip():
+    """low_bit=int4 (opset 21): INT4 initializers become latent weights and are written back as INT4."""
+    w = rand(6, 4, 3, 3, seed=1)
+    s = (np.abs(w).reshape(6, -1).max(1) / 7).astype(np.float32)
+    q = np.clip(np.rint(w / s[:, None, None, None]), -7, 7).astype(np.int64)
+    wq = helper.make_tensor("w_q", TensorProto.INT4, list(w.shape), q.reshape(-1).tolist())
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["wd"], axis=0),
+             helper.make_node("Conv", ["x", "wd"], ["y"], pads=[1, 1, 1, 1])]
+    m = make_model(nodes, [("x", [1, 4, 6, 6])], [("y", [1, 6, 6, 6])], [wq, ("w_s", s)], opset=21, ir_version=10)
+    module = assert_parity(m, atol=1e-5)
+    assert module.weight_quants["w_q"].qmax == 7
+    with torch.no_grad():
+        module.parameter_by_onnx_name("w_s").mul_(0.8)
+    written = write_back(module, m)
+    t = next(t for t in written.graph.initializer if t.name == "w_q")
+    assert t.data_type == TensorProto.INT4
+    feed = {"x": rand(1, 4, 6, 6, seed=2)}
+    np.testing.assert_allclose(run(written, feed)["y"], torch_run(module, feed)["y"], atol=1e-5)

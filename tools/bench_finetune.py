@@ -72,7 +72,8 @@ def run_r56(args, tmp, rows, log):
     pruned, rep = onnxopt.apply(base, "prune", {"prune": {"ratio": 0.3, "latency_runs": 0}}, context=ctx)
     acc_pruned = top1(pruned, xh, yh)
     params = (onnxopt.summarize(base)["params"], onnxopt.summarize(pruned)["params"]) if "params" in onnxopt.summarize(base) else (None, None)
-    cfg = FinetuneConfig(epochs=args.epochs_r56, lr=args.lr_r56, batch_size=32, augment=True, progress=False, log=log, threads=args.threads)
+    cfg = FinetuneConfig(epochs=args.epochs_r56, lr=args.lr_r56, batch_size=32, augment=True, progress=False, log=log, threads=args.threads,
+                         bn_mode=args.bn_mode, bn_recalib=args.bn_recalib)
     t0 = time.perf_counter()
     res = finetune(pruned, data, teacher=base, config=cfg)
     secs = time.perf_counter() - t0
@@ -80,7 +81,7 @@ def run_r56(args, tmp, rows, log):
     sps = statistics.median(h["samples_per_second"] for h in res.history)
     rows.append({"figure": "resnet56 prune 0.3 + distillation", "baseline_top1": acc_base, "before_finetune_top1": acc_pruned,
                  "after_finetune_top1": acc_ft, "drop_points": round(acc_base - acc_ft, 2), "target_drop": 1.5,
-                 "met": acc_base - acc_ft <= 1.5, "epochs": args.epochs_r56, "lr": args.lr_r56, "finetune_seconds": round(secs, 1),
+                 "met": acc_base - acc_ft <= 1.5, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib, "epochs": args.epochs_r56, "lr": args.lr_r56, "finetune_seconds": round(secs, 1),
                  "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs"), "params": params})
 
 
@@ -91,16 +92,20 @@ def run_r20(args, tmp, rows, log):
     base = onnxopt.load_model(SHARED / "models" / "resnet20_cifar10.onnx")
     data = train_source(base, xt, tmp)
     acc_fp = top1(base, xh, yh)
-    qmodel, overrides, _ = prepare_qat(base, "w4a4", data, log=lambda m: None)
-    acc_ptq = top1(qmodel, xh, yh)
+    ptq, _ = onnxopt.apply(base, "qdq", {"qdq": {"weight_bits": 4, "activation_bits": 4}},
+                           context=PassContext(data=data, log=lambda m: None), verify=False)
+    acc_ptq = top1(ptq, xh, yh)   # the PTQ baseline: qdq defaults (percentile calibration)
+    qmodel, overrides, _ = prepare_qat(base, "w4a4", data, log=lambda m: None, extra_options={"calib_method": args.calib_method})
+    acc_qat_init = top1(qmodel, xh, yh)
     cfg = FinetuneConfig(epochs=args.epochs_r20, lr=args.lr_r20, batch_size=32, augment=True, progress=False, log=log,
-                         threads=args.threads, **overrides)
+                         threads=args.threads, bn_mode=args.bn_mode, bn_recalib=args.bn_recalib, quant_mode=args.quant_mode, **overrides)
     t0 = time.perf_counter()
     res = finetune(qmodel, data, teacher=base, config=cfg)
     secs = time.perf_counter() - t0
     acc_qat = top1(res.model, xh, yh)
     sps = statistics.median(h["samples_per_second"] for h in res.history)
-    rows.append({"figure": "resnet20 W4A4 QAT by distillation", "fp32_top1": acc_fp, "ptq_w4a4_top1": acc_ptq, "qat_w4a4_top1": acc_qat,
+    rows.append({"figure": "resnet20 W4A4 QAT by distillation", "fp32_top1": acc_fp, "ptq_w4a4_top1": acc_ptq, "qat_start_top1": acc_qat_init,
+                 "qat_calib": args.calib_method, "qat_w4a4_top1": acc_qat, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib,
                  "drop_points": round(acc_fp - acc_qat, 2), "target_drop": 2.0, "met": acc_fp - acc_qat <= 2.0,
                  "epochs": args.epochs_r20, "lr": args.lr_r20, "finetune_seconds": round(secs, 1),
                  "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs")})
@@ -113,6 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lr-r56", type=float, default=5e-4)
     ap.add_argument("--epochs-r20", type=int, default=8)
     ap.add_argument("--lr-r20", type=float, default=5e-4)
+    ap.add_argument("--bn-mode", default="train", choices=["frozen", "train"])
+    ap.add_argument("--bn-recalib", action="store_true")
+    ap.add_argument("--calib-method", default="mse", help="qdq calibration that initializes QAT (the PTQ baseline keeps the default)")
+    ap.add_argument("--quant-mode", default="lsq", choices=["lsq", "pact", "fixed"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto from the load average)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -146,7 +146,7 @@ class OnnxModule(nn.Module):
 
         consts: Dict[str, np.ndarray] = {}
         for t in g.initializer:
-            consts[t.name] = numpy_helper.to_array(t)
+            consts[t.name] = _plain(numpy_helper.to_array(t))
             self.sources[t.name] = ("init", None)
             self.onnx_dtypes[t.name] = t.data_type
         nodes = []
@@ -154,7 +154,7 @@ class OnnxModule(nn.Module):
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
                 a = n.attribute[0]
                 if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+                    consts[n.output[0]] = _plain(numpy_helper.to_array(a.t))
                     self.onnx_dtypes[n.output[0]] = a.t.data_type
                     self.sources[n.output[0]] = ("constant", n.name, n)
                     continue
@@ -229,7 +229,7 @@ class OnnxModule(nn.Module):
                 qmin, qmax = weight_ranges[x]
             elif mode in ("binary", "ternary"):
                 qmin, qmax = -1, 1
-            elif dtype in (TensorProto.INT8, TensorProto.INT16) and not zp.any():
+            elif dtype in (TensorProto.INT8, TensorProto.INT16, TensorProto.INT4) and not zp.any():
                 # restricted symmetric ranges (<8 bits stored in int8): 2^(b-1)-1 covering the values
                 m = int(np.abs(consts[x]).max()) if consts[x].size else 0
                 q = 1
@@ -250,9 +250,12 @@ class OnnxModule(nn.Module):
                 continue
             readers = consumers.get(n.output[0], [])
             zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
+            # fuse only when every reader is a DequantizeLinear with the same scale/zero point/axis
+            # reading the integers as its data input (anything else needs the integers themselves)
             if not readers or n.output[0] in graph_outputs or not all(
-                    r.op_type == "DequantizeLinear" and r.input[1] == n.input[1] and (r.input[2] if len(r.input) > 2 and r.input[2] else None) == zp_name
-                    and _attr(r, "axis", 1) == _attr(n, "axis", 1) for r, i in readers if True) or any(i != 0 for _, i in readers):
+                    i == 0 and r.op_type == "DequantizeLinear" and r.input[1] == n.input[1]
+                    and (r.input[2] if len(r.input) > 2 and r.input[2] else None) == zp_name
+                    and _attr(r, "axis", 1) == _attr(n, "axis", 1) for r, i in readers):
                 continue
             zp_dtype = self.onnx_dtypes.get(zp_name, TensorProto.UINT8) if zp_name else TensorProto.UINT8
             qmin, qmax = _INT_RANGE.get(zp_dtype, (0, 255))
@@ -436,6 +439,13 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
             v = helper.get_attribute_value(a)
             return v.decode() if isinstance(v, bytes) else v
     return default
+
+
+def _plain(arr: np.ndarray) -> np.ndarray:
+    """int4/uint4 (ml_dtypes) arrays as int8/uint8, so numpy and torch can work with them."""
+    if arr.dtype.name in ("int4", "uint4"):
+        return arr.astype(np.int8 if arr.dtype.name == "int4" else np.uint8)
+    return arr
 
 
 def _to_torch(value: np.ndarray) -> torch.Tensor:

@@ -258,6 +258,7 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
 
     student = OnnxModule(model, quant_mode=cfg.quant_mode, train_scales=cfg.train_scales, bn_mode=cfg.bn_mode,
                          weight_ranges=cfg.weight_ranges, weight_modes=cfg.weight_modes, float_weights=cfg.float_weights).to(device)
+    _check_batch(model, cfg.batch_size)
     arrays, labels = materialize(data, student.input_names)
     n = len(next(iter(arrays.values())))
     user_loss = load_user_loss(cfg.user_loss) if cfg.user_loss else None
@@ -397,6 +398,18 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
         dist.barrier()
     sps = train_samples / train_time if train_time > 0 else 0.0
     return FinetuneResult(result, history, parity, sps, student)
+
+
+def _check_batch(model: ModelProto, batch_size: int) -> None:
+    """A graph exported with a fixed batch of 1 (Reshape to [1, -1] etc.) cannot take batches."""
+    init = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in init:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if batch_size > 1 and dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            raise OptionError(f"input '{inp.name}' has a fixed batch dimension of 1, but --batch-size is {batch_size}.",
+                              "use --batch-size 1, or re-export the model with a dynamic batch dimension")
 
 
 def _progress(total: int, desc: str, enabled: bool):
