@@ -118,6 +118,13 @@ def test_kl_divergences_match_a_naive_loop():
 
     for nq in (128, 16):
         np.testing.assert_allclose(H.kl_divergences(b, nq), naive(b, nq), rtol=1e-9, atol=1e-12)
+    # the strided + refined search finds the exhaustive minimum on realistic histograms
+    for data in (np.abs(rng.standard_normal(200_000)), np.maximum(rng.laplace(size=200_000), 0)):
+        data[:5] = 40.0
+        h = np.histogram(data, bins=4096, range=(0, 64))[0].astype(float)
+        kl = H.kl_divergences(np.concatenate([[h[1]], h[1:]])[: np.flatnonzero(h)[-1] + 1], 128)
+        exhaustive = (128 + np.flatnonzero(kl <= kl.min() + 1e-15)[-1]) * (64 / 4096)
+        assert H.entropy_threshold(h, 64 / 4096, 128) == pytest.approx(exhaustive)
 
 
 # -- methods against references ---------------------------------------------------------------
@@ -204,6 +211,23 @@ def test_entropy_clips_outliers_and_uses_unsigned_levels():
     # fewer bits: still the body, not the outliers
     _, hi4 = C.compute_range(st, "entropy", bits=4)
     assert 1.0 < hi4 < 12.0
+
+
+def test_entropy_on_saturated_and_degenerate_data():
+    # ReLU6-like: most mass piled up at the top; the empty low candidates must not break the search
+    st = C.TensorStats(hist=H.SignedHistogram(4096))
+    st.update(np.full(10000, 6.0, np.float32))
+    st.update(np.linspace(5.9, 6.0, 1000, dtype=np.float32))
+    lo, hi = C.compute_range(st, "entropy")
+    assert 5.85 < hi <= 6.0 and lo == -hi       # KL cannot see clipping when all mass folds into one bin
+    # a handful of distinct values, and all zeros
+    few = C.TensorStats(hist=H.SignedHistogram(4096))
+    few.update(np.array([0.0, 1.0, 1.0, 2.0], np.float32))
+    assert 0 < C.compute_range(few, "entropy")[1] <= 2.0
+    zeros = C.TensorStats(hist=H.SignedHistogram(4096))
+    zeros.update(np.zeros(100, np.float32))
+    for method in ("entropy", "percentile", "mse", "minmax"):
+        assert C.compute_range(zeros, method) == (0.0, 0.0)
 
 
 # -- streaming properties -----------------------------------------------------------------------

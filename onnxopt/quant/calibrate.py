@@ -6,7 +6,8 @@ One onnxruntime session runs a copy of the model whose extra graph outputs are t
 calibrate (basic graph optimizations only: constant folding never renames a graph output, and
 fusions that would hide an intermediate tensor are not applied). Each batch's outputs are reduced
 at once into per-tensor statistics and dropped, so peak memory is one batch of activations plus
-fixed-size state, independent of the number of samples:
+fixed-size state, independent of the number of samples (a batch whose outputs would exceed
+``config.max_batch_mb`` runs in slices along the batch axis):
 
 * min, max (exact);
 * for histogram methods, a :class:`~onnxopt.quant.histogram.SignedHistogram` whose range doubles
@@ -54,14 +55,12 @@ import multiprocessing as mp
 import os
 import queue
 import tempfile
-import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import ModelProto, helper
 

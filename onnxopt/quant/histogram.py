@@ -26,8 +26,9 @@ Range searches (all on counts, never on raw data; bins are ``w`` wide, starting 
   ``i-1``; ``Q`` = those ``i`` bins (without the tail) merged into ``nq`` groups and expanded back
   uniformly over the bins of each group where ``P`` is non-zero; zeros of ``Q`` where ``P > 0``
   are smoothed with ``eps``; the threshold is ``i * w`` for the ``i`` of minimal ``KL(P || Q)``
-  (the largest such ``i`` on ties). All candidates are evaluated at once from prefix sums, in
-  ``O(n * nq)`` per tensor. As in NVIDIA's pytorch-quantization, the zero bin is replaced by its
+  (the largest such ``i`` on ties). Candidates are evaluated at once from prefix sums, in
+  ``O(nq)`` each, exhaustively (the KL curve is jagged at the scale of a few bins); only above
+  8192 candidates (``num_bins`` > 4096) a strided pass is refined around its four best. As in NVIDIA's pytorch-quantization, the zero bin is replaced by its
   neighbour so the spike of exact zeros after a ReLU does not drive the choice.
 * mse -- the clip ``c`` minimising the expected squared error of the quantizer
   ``clamp(round(x / s), 0, qmax) * s`` with ``s = c / qmax`` over the folded ``|x|`` histogram
@@ -42,6 +43,8 @@ from typing import Optional
 import numpy as np
 
 BLOCK = 1 << 15          # elements per histogram block: keeps the temporaries in cache
+COARSE_CANDIDATES = 8192  # entropy: exhaustive up to this many thresholds, strided + refined above
+KL_CHUNK = 256           # candidates evaluated together
 KL_EPS = 1e-4            # smoothing of Q's zeros (as in MXNet / onnxruntime's smooth_distribution)
 MSE_POINTS = 4           # representative points per bin for the MSE search
 
@@ -233,14 +236,29 @@ def entropy_threshold(counts: np.ndarray, width: float, nq: int, *, ignore_zero_
         return n * width                      # fewer bins than levels: nothing to gain by clipping
     if ignore_zero_bin and n > 1:
         b[0] = b[1]
-    kl = kl_divergences(b, nq)
-    cand = np.arange(nq, n + 1)
-    best = np.flatnonzero(kl <= kl.min() * (1 + 1e-12) + 1e-300)
-    return float(cand[best[-1]] * width)
+    # every candidate when there are few; otherwise a strided pass, then every candidate around
+    # the best few strided ones (the KL curve is smooth at the scale of the stride)
+    stride = max(1, (n - nq + 1) // COARSE_CANDIDATES)
+    cand = np.arange(nq, n + 1, stride, dtype=np.int64)
+    kl = _finite(kl_divergences(b, nq, cand))
+    if stride > 1 and np.isfinite(kl).any():
+        near = cand[np.argsort(kl, kind="stable")[:4]]
+        extra = np.unique(np.clip((near[:, None] + np.arange(-stride, stride + 1)[None, :]).ravel(), nq, n))
+        cand = np.concatenate([cand, extra])
+        kl = np.concatenate([kl, _finite(kl_divergences(b, nq, extra))])
+    if not np.isfinite(kl).any():
+        return n * width
+    m = float(kl.min())
+    ties = kl <= m + 1e-12 * abs(m) + 1e-15
+    return float(cand[ties].max() * width)                    # the largest i among (numerical) ties
 
 
-def kl_divergences(b: np.ndarray, nq: int) -> np.ndarray:
-    """KL(P_i || Q_i) for every candidate i in [nq, len(b)], vectorised with prefix sums."""
+def _finite(a: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(a), a, np.inf)
+
+
+def kl_divergences(b: np.ndarray, nq: int, candidates: Optional[np.ndarray] = None) -> np.ndarray:
+    """KL(P_i || Q_i) for the candidates i (default: every i in [nq, len(b)]), vectorised with prefix sums."""
     n = b.size
     total = b.sum()
     S = np.concatenate([[0.0], np.cumsum(b)])                       # S[k] = sum b[:k]
@@ -249,7 +267,13 @@ def kl_divergences(b: np.ndarray, nq: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         blogb = np.where(b > 0, b * np.log(np.where(b > 0, b, 1.0)), 0.0)
     L = np.concatenate([[0.0], np.cumsum(blogb)])
-    i = np.arange(nq, n + 1, dtype=np.int64)                         # candidates
+    cands = np.arange(nq, n + 1, dtype=np.int64) if candidates is None else np.asarray(candidates, np.int64)
+    # chunks of candidates keep the (chunk, nq) temporaries in cache
+    return np.concatenate([_kl_chunk(b, nq, cands[k:k + KL_CHUNK], total, S, NZ, L) for k in range(0, cands.size, KL_CHUNK)]) \
+        if cands.size else np.zeros(0)
+
+
+def _kl_chunk(b, nq, i, total, S, NZ, L):
     tail = total - S[i]                                              # mass beyond bin i-1
     last = b[i - 1]
     p_last = last + tail
@@ -270,13 +294,14 @@ def kl_divergences(b: np.ndarray, nq: int) -> np.ndarray:
     pmass[:, -1] += tail
     # Q per non-zero bin of group g: mass_g / cnt_g, normalised by S[i]; zeros smoothed with eps
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(cnt > 0, mass / np.where(cnt > 0, cnt, 1.0), 0.0) / S[i][:, None]
+        q = np.where(cnt > 0, mass / np.where(cnt > 0, cnt, 1.0), 0.0) / np.where(S[i] > 0, S[i], 1.0)[:, None]
     zero_q = (cnt > 0) & (q <= 0)
     n_zero = (zero_q * cnt).sum(axis=1)
     q = np.where(zero_q, KL_EPS, q) / (1.0 + KL_EPS * n_zero)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         cross = np.where(pmass > 0, pmass * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axis=1) / total
-    return plogp - cross
+    # a candidate whose kept bins are all empty (all mass beyond it) has no quantized distribution
+    return np.where(S[i] > 0, plogp - cross, np.inf)
 
 
 def quant_mse(points: np.ndarray, weights: np.ndarray, clips: np.ndarray, qmax: int) -> np.ndarray:
