@@ -129,6 +129,8 @@ def sparsify(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
             start += size
 
     total, zeros, zeros_before = 0, 0, 0
+    dead: set = set()  # replaced Constant nodes, dropped here: the export's cleanup would print their arrays
+    outputs = {t.name for t in graph.outputs}
     for e in entries:
         v = e["value"]
         new = e.get("new")
@@ -138,13 +140,18 @@ def sparsify(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
         if new is None:
             zeros += before
             continue
-        const = gs.Constant(names(e["nodes"][0].inputs[1].name + "_sparse"), np.ascontiguousarray(new.astype(v.dtype)))
+        old = e["nodes"][0].inputs[1]
+        const = gs.Constant(names(old.name + "_sparse"), np.ascontiguousarray(new.astype(v.dtype)))
         for node in e["nodes"]:
             node.inputs[1] = const
+        if not old.outputs and len(old.inputs) == 1 and old.inputs[0].op == "Constant" and old.name not in outputs:
+            dead.add(id(old.inputs[0]))
         after = int(np.count_nonzero(new == 0))
         zeros += after
         layers.append({"layer": e["where"], "weight": const.name, "params": int(v.size), "sparsity_before": round(before / v.size, 4),
                        "sparsity": round(after / v.size, 4), "readers": len(e["nodes"])})
+    if dead:
+        graph.nodes = [n for n in graph.nodes if id(n) not in dead]
     new_model = export_graph(graph, like=model)
     extra = {
         "method": method,
