@@ -321,7 +321,25 @@ def if_subgraph() -> onnx.ModelProto:
     return b.model([("input", [1, 3, 6, 6])], [("out", [1, 8, 6, 6]), ("out2", [1, 2, 6, 6])])
 
 
+def convtranspose_matmul() -> onnx.ModelProto:
+    """conv -> ConvTranspose (x2 upsample, bias) -> BN -> Relu -> conv, and a GAP -> Flatten ->
+    MatMul (+ per-feature bias Add) -> Relu -> MatMul head: both producer kinds prune and are pruned."""
+    b = B(24)
+    x = b.cbr("input", 3, 8)
+    w = b.const(b.rng.standard_normal((8, 6, 2, 2)) * 0.3)
+    t = b.node("ConvTranspose", [x, w, b.const(b.rng.standard_normal(6) * 0.1)], strides=[2, 2])
+    y = b.node("Relu", [b.bn(t, 6)])
+    b.conv(y, 6, 3, name="out")
+    f = b.node("Flatten", [b.node("GlobalAveragePool", [x])])
+    h = b.node("MatMul", [f, b.const(b.rng.standard_normal((8, 7)) * 0.4)])
+    h = b.node("Relu", [b.node("Add", [h, b.const(b.rng.standard_normal(7) * 0.1)])])
+    b.node("MatMul", [h, b.const(b.rng.standard_normal((7, 4)) * 0.4)])
+    b.nodes[-1].output[0] = "out2"
+    return b.model([("input", [1, 3, 4, 4])], [("out", [1, 3, 8, 8]), ("out2", [1, 4])])
+
+
 BUILDERS = {
+    "convtranspose_matmul": convtranspose_matmul,
     "split_num_outputs": split_num_outputs, "old_opset_pad_slice": old_opset_pad_slice,
     "concat_graph_input": concat_graph_input, "if_subgraph": if_subgraph,
     "residual": residual, "concat_split": concat_split, "depthwise": depthwise,
