@@ -72,6 +72,13 @@ def test_growing_histogram_equals_one_shot():
     np.testing.assert_array_equal(streamed.positive(), ref_pos)
     np.testing.assert_array_equal(streamed.folded(), ref_abs)
     assert streamed.counts.sum() == allx.size
+    # non-negative batches (ReLU outputs) take the sign-free path
+    relu = H.SignedHistogram(512)
+    for p in parts:
+        relu.add(np.maximum(p, 0))
+    ref_relu, _ = np.histogram(np.maximum(allx, 0), bins=512, range=(0, relu.range))
+    np.testing.assert_array_equal(relu.positive(), ref_relu)
+    assert relu.negative().sum() == 0
 
 
 def test_histogram_merge_is_exact_and_handles_zeros():

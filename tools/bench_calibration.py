@@ -66,7 +66,7 @@ def child_ours(args) -> dict:
     tensors = calib_tensors(model)
     src = open_data(args.data, model, image=IMAGE, max_samples=args.n)
     t0 = time.perf_counter()
-    ranges = calibrate(model, tensors, src, CalibConfig(method=args.method, workers=args.workers, progress=False))
+    ranges = calibrate(model, tensors, src, CalibConfig(method=args.method, workers=args.workers, progress=False, optimize=args.optimize))
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "tensors": len(tensors), "amax_sample": {t: ranges[t][1] for t in tensors[:3]}}
 
@@ -74,7 +74,6 @@ def child_ours(args) -> dict:
 def child_ort(args) -> dict:
     import tempfile
 
-    import numpy as np
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -144,7 +143,7 @@ def _tree_rss_kb(pid: int) -> int:
 
 def run_child(side: str, n: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--n", str(n), "--model", args.model,
-           "--data", args.data, "--method", args.method, "--workers", str(args.workers)]
+           "--data", args.data, "--method", args.method, "--workers", str(args.workers), "--optimize", args.optimize]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
     peak_tree = [0]
@@ -196,6 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small", type=int, default=128, help="our second sample count (memory must stay within 10%%)")
     ap.add_argument("--method", default="entropy")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--optimize", default="basic", choices=["none", "basic", "all"], help="our session's onnxruntime optimization level")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ort-mem-fraction", type=float, default=0.35,
                     help="largest share of MemAvailable onnxruntime may be expected to use (shared machine)")
@@ -248,6 +248,7 @@ def main(argv=None) -> int:
     mem_key = "peak_tree_rss_mb" if args.workers > 1 else "peak_rss_mb"
     result = {
         "model": args.model, "method": args.method, "samples": args.samples, "workers": args.workers, "repeats": args.repeats,
+        "optimize": args.optimize,
         "ours": ours, "ours_small": ours_small, "ort": ort,
         "ort_measured": {str(n): summary[("ort", n)] for n in ort_ns},
         "wall_ratio": ours["wall_s"] / ort["wall_s"], "rss_ratio": ours[mem_key] / ort["peak_rss_mb"],
@@ -256,7 +257,8 @@ def main(argv=None) -> int:
     result["targets"] = {"wall_le_half": result["wall_ratio"] <= 0.5, "rss_le_third": result["rss_ratio"] <= 1 / 3,
                          "rss_128_vs_512_within_10pct": abs(result["rss_small_vs_full"] - 1) <= 0.10}
 
-    print(f"\nCalibration cost, {args.method}, {Path(args.model).name}, medians of {args.repeats} run(s), workers={args.workers}")
+    print(f"\nCalibration cost, {args.method}, {Path(args.model).name}, medians of {args.repeats} run(s), workers={args.workers}, "
+          f"our session optimization {args.optimize}")
     print(f"{'run':34s} {'wall s':>9s} {'peak RSS MB':>12s}")
     print(f"{'onnxopt calibrate, ' + str(args.samples) + ' samples':34s} {ours['wall_s']:9.2f} {ours[mem_key]:12.1f}")
     print(f"{'onnxopt calibrate, ' + str(args.small) + ' samples':34s} {ours_small['wall_s']:9.2f} {ours_small[mem_key]:12.1f}")

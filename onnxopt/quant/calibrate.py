@@ -125,7 +125,7 @@ class TensorStats:
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.count += int(a.size)
         if self.hist is not None:
-            self.hist.add(a, max(-lo, hi))
+            self.hist.add(a, max(-lo, hi), lo)
 
     def merge(self, other: "TensorStats") -> None:
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
