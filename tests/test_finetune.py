@@ -245,3 +245,27 @@ def test_torchrun_two_cpu_processes(tmp_path):
     after = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     assert not np.array_equal(before["fc"], after["fc"])  # trained
     assert r.stderr.count("epoch 1/1") == 1  # only rank 0 logs
+
+
+def test_feature_loss_with_onnxruntime_teacher(tmp_path):
+    pytest.importorskip("torch")
+    from onnxopt.errors import OptionError
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    teacher = tiny_classifier()
+    student = perturbed(teacher)
+    ds = open_ds(data_file(tmp_path, n=32), student)
+    x = rand(16, 3, 8, 8, seed=5)
+
+    def feature_gap(m):
+        from onnx import helper as h
+        probe = onnx.ModelProto()
+        probe.CopyFrom(m)
+        probe.graph.output.append(h.make_empty_tensor_value_info("r1"))
+        return run(probe, {"input": x})["r1"]
+    before = np.abs(feature_gap(student) - feature_gap(teacher)).mean()
+    res = finetune(student, ds, teacher=teacher, config=FinetuneConfig(
+        epochs=4, lr=3e-3, batch_size=16, progress=False, log=lambda m: None, threads=1, feature_loss=["r1"],
+        feature_weight=10.0, teacher_runtime="ort"))
+    assert np.abs(feature_gap(res.model) - feature_gap(teacher)).mean() < before
+    with pytest.raises(OptionError, match="not in the model"):
+        finetune(student, ds, teacher=teacher, config=FinetuneConfig(epochs=1, progress=False, log=lambda m: None, feature_loss=["nope"]))
