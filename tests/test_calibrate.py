@@ -296,6 +296,13 @@ def test_worker_errors_reach_the_caller():
         calibrate(small_model(), TENSORS, bad, quiet(workers=2))
 
 
+def test_progress_bar_reports_samples_per_second(tmp_path, capsys):
+    src = npy_source(tmp_path, sample_data(12), batch_size=3)
+    calibrate(small_model(), ["a"], src, CalibConfig(progress=True))
+    err = capsys.readouterr().err
+    assert "calibrating 1 tensors (minmax)" in err and "sample/s" in err
+
+
 def test_memory_does_not_grow_with_samples():
     model = small_model()
 
