@@ -338,7 +338,20 @@ def convtranspose_matmul() -> onnx.ModelProto:
     return b.model([("input", [1, 3, 4, 4])], [("out", [1, 3, 8, 8]), ("out2", [1, 4])])
 
 
+def gemm_to_feature_map() -> onnx.ModelProto:
+    """A decoder-style head: Gemm (24 features) -> Reshape [1, 6, 2, 2] (each channel takes 4
+    consecutive features, which the analysis ties together) -> Resize (sizes) -> conv."""
+    b = B(25)
+    f = b.node("Flatten", ["input"])
+    g = b.node("Relu", [b.gemm(f, 12, 24)])
+    r = b.node("Reshape", [g, b.const([1, 6, 2, 2], np.int64)])
+    up = b.node("Resize", [r, "", "", b.const([1, 6, 4, 4], np.int64)], mode="nearest")
+    b.conv(up, 6, 3, name="out")
+    return b.model([("input", [1, 3, 2, 2])], [("out", [1, 3, 4, 4])])
+
+
 BUILDERS = {
+    "gemm_to_feature_map": gemm_to_feature_map,
     "convtranspose_matmul": convtranspose_matmul,
     "split_num_outputs": split_num_outputs, "old_opset_pad_slice": old_opset_pad_slice,
     "concat_graph_input": concat_graph_input, "if_subgraph": if_subgraph,
