@@ -113,6 +113,7 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
 
     extra = _report(model, new_model, an, removed, ctx, options, feeds, source, refs)
     extra["compensated_layers"] = compensated
+    extra["compensation_inputs"] = source if compensated else None
     extra.update({"importance": importance, "mode": options["mode"], "round_to": options["round_to"], "classes": class_rows,
                   "analysis_seconds": round(t_analysis, 3), "prune_seconds": round(t_total, 3)})
     if fallback:
