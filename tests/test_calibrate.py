@@ -278,14 +278,14 @@ def test_large_batches_run_in_slices(tmp_path):
 def test_two_workers_equal_one(tmp_path):
     x = sample_data(24)
     src = npy_source(tmp_path, x, batch_size=2)
-    one = calibrate(small_model(), TENSORS, src, quiet("entropy"), symmetric={"x": True, "a": False, "b": True, "out": False})
-    two = calibrate(small_model(), TENSORS, src, quiet("entropy", workers=2), symmetric={"x": True, "a": False, "b": True, "out": False})
-    assert one == two
-    st1 = C.collect_statistics(small_model(), TENSORS, src, quiet("percentile"))
-    st2 = C.collect_statistics(small_model(), TENSORS, src, quiet("percentile", workers=2))
+    st1 = C.collect_statistics(small_model(), TENSORS, src, quiet("entropy"))
+    st2 = C.collect_statistics(small_model(), TENSORS, src, quiet("entropy", workers=2))
     for t in TENSORS:
         assert (st1[t].min, st1[t].max, st1[t].count) == (st2[t].min, st2[t].max, st2[t].count)
         np.testing.assert_array_equal(st1[t].hist.counts, st2[t].hist.counts)
+        for method in ("entropy", "percentile", "mse", "minmax"):
+            for sym in (True, False):
+                assert C.compute_range(st1[t], method, symmetric=sym) == C.compute_range(st2[t], method, symmetric=sym)
 
 
 def test_worker_errors_reach_the_caller():
@@ -473,8 +473,9 @@ def test_efficientnet_entropy_on_a_few_images(shared):
     inits = {i.name for i in model.graph.initializer}
     tensors = list(dict.fromkeys(n.input[0] for n in model.graph.node if n.op_type == "Conv"))
     tensors += [i for n in model.graph.node if n.op_type == "Add" for i in n.input if i not in inits]
-    ent = calibrate(model, tensors, src, quiet("entropy"))
-    mm = calibrate(model, tensors, src, quiet())
+    stats = C.collect_statistics(model, tensors, src, quiet("entropy"))
+    ent = {t: C.compute_range(stats[t], "entropy") for t in tensors}
+    mm = {t: C.compute_range(stats[t], "minmax") for t in tensors}
     for t in tensors:
         lo, hi = ent[t]
         assert np.isfinite(hi) and lo == -hi and 0 < hi <= mm[t][1] + 1e-6
