@@ -215,6 +215,10 @@ def test_entropy_clips_outliers_and_uses_unsigned_levels():
     _, hi_s = C.compute_range(su, "entropy", symmetric=True)
     assert 2.5 < hi_s < 12.0 and 2.5 < hi_u < 12.0
     assert C.compute_range(su, "entropy", unsigned=True)[0] == 0.0
+    # asymmetric on one-signed data spends all levels on that side, like unsigned
+    assert C.compute_range(su, "entropy", symmetric=False) == (0.0, hi_u)
+    with pytest.raises(OptionError):
+        C.compute_range(su, "kl")
     # fewer bits: still the body, not the outliers
     _, hi4 = C.compute_range(st, "entropy", bits=4)
     assert 1.0 < hi4 < 12.0

@@ -28,7 +28,7 @@ Range methods (``levels`` counts the quantization steps for ``bits``)
   with linear interpolation inside a bin (error below one bin width), never beyond min/max.
 * ``entropy``: TensorRT's KL-divergence threshold on the ``|x|`` histogram with
   ``2**(bits-1)`` levels (``2**bits`` when unsigned); asymmetric tensors search each sign's side
-  separately with ``2**(bits-1)`` levels.
+  separately with ``2**(bits-1)`` levels (``2**bits`` when the tensor has one sign only).
 * ``mse``: the clip minimising the expected quantization error on the histogram for ``bits``
   (symmetric ``[-(2**(bits-1)-1), 2**(bits-1)-1]``, unsigned ``[0, 2**bits-1]``, asymmetric
   ``2**bits-1`` steps over ``[lo, hi]`` searched as a shrink factor then per side).
@@ -457,6 +457,8 @@ def _run_workers(model_file, tensors, from_feed, hist_bins, data, config, worker
 def compute_range(stats: TensorStats, method: str, *, symmetric: bool = True, unsigned: bool = False,
                   bits: int = 8, percentile: float = 99.99) -> tuple:
     """The clipping range (lo, hi) of one tensor from its statistics (see module doc)."""
+    if method not in METHODS:
+        raise OptionError(f"unknown calibration method '{method}'.", f"choose one of: {', '.join(METHODS)}")
     if stats.count == 0:
         return (0.0, 0.0)
     mn, mx, amax = stats.min, stats.max, stats.amax
@@ -492,8 +494,10 @@ def compute_range(stats: TensorStats, method: str, *, symmetric: bool = True, un
         lo, hi = H.signed_percentile(h, cut), H.signed_percentile(h, 1.0 - cut)
         lo, hi = max(lo, mn), min(hi, mx)
     elif method == "entropy":
-        hi = min(H.entropy_threshold(h.positive(), w, signed_levels), mx) if mx > 0 else 0.0
-        lo = -min(H.entropy_threshold(h.negative(), w, signed_levels), -mn) if mn < 0 else 0.0
+        # one sign only (e.g. after a ReLU): all 2**bits levels go to that side
+        side_levels = signed_levels if (mn < 0 < mx) else 2 ** bits
+        hi = min(H.entropy_threshold(h.positive(), w, side_levels), mx) if mx > 0 else 0.0
+        lo = -min(H.entropy_threshold(h.negative(), w, side_levels), -mn) if mn < 0 else 0.0
     else:
         lo, hi = H.asym_mse_range(h, min(mn, 0.0), max(mx, 0.0), 2 ** bits - 1)
     return (float(min(lo, 0.0)), float(max(hi, 0.0)))
