@@ -401,13 +401,21 @@ def test_cache_hit_miss_and_stale(tmp_path, monkeypatch):
     assert fresh.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_cache_of_a_callable_hashes_its_first_batches(tmp_path):
+def test_cache_of_a_callable_hashes_its_content(tmp_path):
     x = sample_data(8)
     cache = str(tmp_path / "c.json")
-    calibrate(small_model(), ["a"], lambda: ({"x": x[i:i + 1]} for i in range(8)), quiet(cache=cache))
-    assert calibrate(small_model(), ["a"], lambda: ({"x": x[i:i + 1]} for i in range(8)), quiet(cache=cache))
-    with pytest.raises(OnnxoptError, match="first_batches"):
-        calibrate(small_model(), ["a"], lambda: ({"x": x[i:i + 1] * 2} for i in range(8)), quiet(cache=cache))
+
+    def feeds(n=8, scale=1.0):
+        return lambda: ({"x": x[i:i + 1] * scale} for i in range(n))
+
+    first = calibrate(small_model(), ["a"], feeds(), quiet(cache=cache))
+    doc = json.loads(open(cache).read())
+    assert doc["data"]["samples"] == 8
+    assert calibrate(small_model(), ["a"], feeds(), quiet(cache=cache)) == first
+    with pytest.raises(OnnxoptError, match="content_sha256"):
+        calibrate(small_model(), ["a"], feeds(scale=2.0), quiet(cache=cache))
+    with pytest.raises(OnnxoptError, match="data samples: 8 -> 6"):      # fewer samples, same first batches
+        calibrate(small_model(), ["a"], feeds(n=6), quiet(cache=cache))
 
 
 # -- TensorRT table --------------------------------------------------------------------------------

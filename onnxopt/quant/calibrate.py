@@ -40,7 +40,7 @@ Cache
 -----
 ``config.cache`` is a JSON file keyed on :func:`onnxopt.model_io.fingerprint` of the model, the
 data (source path, selection, image options, input shapes and the files' sizes and mtimes; for a
-bare callable, a hash of its first batches) and the settings that change ranges (method and its
+bare callable, a sha256 of all its batches and their count, hashed while they stream) and the settings that change ranges (method and its
 parameters, bits, per-tensor symmetry/unsignedness). It holds each tensor's min/max and range.
 A matching cache is reused (also for a subset of its tensors); any difference is refused with an
 :class:`OnnxoptError` that says what differs. Writes are atomic.
@@ -518,7 +518,7 @@ def _file_stats(paths: Iterable[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _data_key(data, config: CalibConfig) -> dict:
+def _data_key(data, config: CalibConfig) -> Optional[dict]:
     spec = getattr(data, "spec", None)
     if spec is not None and hasattr(spec, "source"):
         src = str(spec.source)
@@ -537,18 +537,36 @@ def _data_key(data, config: CalibConfig) -> dict:
             else:
                 key["files"] = _file_stats([path])
         return key
-    # a bare callable: identify it by the content of its first batches
-    h = hashlib.sha256()
-    n = 0
-    for feed in _iter_batches(data, config.batch_size):
+    return None      # a bare callable: identified by the content of all its batches (_ContentHash)
+
+
+class _ContentHash:
+    """sha256 of every batch a data callable yields (names, dtypes, shapes, bytes) and the sample count.
+
+    A bare callable has no path to fingerprint, so its cache key is its content: hashed on the fly
+    during collection (a miss costs nothing extra) and by one pass without inference on a hit.
+    """
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+        self.samples = 0
+
+    def wrap(self, data, batch_size):
+        def gen():
+            for feed in _iter_batches(data, batch_size):
+                self.add(feed)
+                yield feed
+        return gen
+
+    def add(self, feed: dict) -> None:
         for name in sorted(feed):
             a = np.ascontiguousarray(feed[name])
-            h.update(f"{name}:{a.dtype}:{a.shape}".encode())
-            h.update(a.tobytes())
-        n += 1
-        if n >= 2:
-            break
-    return {"source": "callable", "first_batches_sha256": h.hexdigest()[:16]}
+            self.h.update(f"{name}:{a.dtype}:{a.shape}".encode())
+            self.h.update(a.tobytes())
+        self.samples += _batch_len(feed)
+
+    def key(self) -> dict:
+        return {"source": "callable", "content_sha256": self.h.hexdigest()[:16], "samples": self.samples}
 
 
 def _settings_key(config: CalibConfig, bits: int) -> dict:
@@ -644,14 +662,27 @@ def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConf
         raise OptionError(f"a TensorRT calibration table holds int8 ranges, but bits={bits}.", "write the table only for 8-bit calibration")
     ranges = None
     key = None
+    hasher = None
     if config.cache:
         key = {"model": fingerprint(model), "data": _data_key(data, config), "settings": _settings_key(config, bits)}
-        ranges = _load_cache(Path(config.cache), key, tensors, sym, uns)
+        if Path(config.cache).exists():
+            if key["data"] is None:                 # verify a bare callable's content: one pass, no inference
+                hasher = _ContentHash()
+                for feed in _iter_batches(data, config.batch_size):
+                    hasher.add(feed)
+                key["data"] = hasher.key()
+            ranges = _load_cache(Path(config.cache), key, tensors, sym, uns)
     if ranges is None:
-        stats = collect_statistics(model, tensors, data, config)
+        source = data
+        if config.cache and key["data"] is None:   # hash the content while it streams
+            hasher = _ContentHash()
+            source = hasher.wrap(data, config.batch_size)
+        stats = collect_statistics(model, tensors, source, config)
         ranges = {t: compute_range(stats[t], config.method, symmetric=sym[t], unsigned=uns[t], bits=bits,
                                    percentile=config.percentile) for t in tensors}
         if config.cache:
+            if key["data"] is None:
+                key["data"] = hasher.key()
             _save_cache(Path(config.cache), key, ranges, stats, sym, uns)
     if config.trt_table:
         version = config.trt_version
