@@ -265,7 +265,7 @@ def test_feature_loss_with_onnxruntime_teacher(tmp_path):
     before = np.abs(feature_gap(student) - feature_gap(teacher)).mean()
     res = finetune(student, ds, teacher=teacher, config=FinetuneConfig(
         epochs=4, lr=3e-3, batch_size=16, progress=False, log=lambda m: None, threads=1, feature_loss=["r1"],
-        feature_weight=10.0, teacher_runtime="ort"))
+        feature_weight=10.0, teacher_runtime="ort", bn_mode="frozen"))
     assert np.abs(feature_gap(res.model) - feature_gap(teacher)).mean() < before
     with pytest.raises(OptionError, match="not in the model"):
         finetune(student, ds, teacher=teacher, config=FinetuneConfig(epochs=1, progress=False, log=lambda m: None, feature_loss=["nope"]))

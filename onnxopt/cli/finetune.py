@@ -47,8 +47,8 @@ Examples:
               help="With --qat: <8-bit weights in a restricted int8 range or INT4 (opset >= 21).")
 @click.option("--quant-mode", type=click.Choice(["lsq", "pact", "fixed"]), default="lsq", show_default=True,
               help="How Q/DQ scales learn: LSQ step size, PACT clipping, or fixed.")
-@click.option("--bn-mode", type=click.Choice(["frozen", "train"]), default="frozen", show_default=True,
-              help="BatchNormalization while training: running statistics (frozen) or batch statistics (train).")
+@click.option("--bn-mode", type=click.Choice(["auto", "frozen", "train"]), default="auto", show_default=True,
+              help="BatchNormalization while training: batch statistics (train), running statistics (frozen); auto = train from batch 8 up.")
 @click.option("--bn-recalib", is_flag=True, help="Re-estimate BatchNormalization statistics on the data after training.")
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None, help="Write a resumable checkpoint here every epoch.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint.")
