@@ -8,6 +8,8 @@ Same model, same calibration split, same evaluation split, one run. Prints a tab
   python tools/bench_qdq.py yolox           # YOLOX-nano: decoded boxes vs fp32 (mean IoU, class agreement)
   python tools/bench_qdq.py all --json out.json
 
+  python tools/bench_qdq.py speed --runs 200   # latency only, fp32 vs --target ort int8, all models
+
 Splits: calibration = every 5th sample from offset 0 (``open_data(..., every=5)``), evaluation =
 the rest (``exclude_every=True``). Latency: onnxruntime CPU, all graph optimizations on, batch 1,
 5 warm-up runs, then the median of ``--runs`` timed runs, fp32 and int8 interleaved in rounds so
@@ -297,6 +299,29 @@ def task_yolox(args, results):
     results["yolox"] = rows
 
 
+def task_speed(args, results):
+    """Latency only: fp32 vs the --target ort int8 model (calibrated on 16 samples) for every model."""
+    rows = []
+    specs = [
+        ("effnet-lite0", "efficientnet_lite0.onnx", "imagenet", dict(size=256, crop=224, mean=[127.0], std=[128.0]), []),
+        ("resnet20", "resnet20_cifar10.onnx", "cifar10_test_1017.npz", dict(scale=1 / 255.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), ["cleanup", "bnfuse"]),
+        ("resnet56", "resnet56_cifar10.onnx", "cifar10_test_1017.npz", dict(scale=1 / 255.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), ["cleanup", "bnfuse"]),
+        ("yolox-nano", "yolox_nano.onnx", "coco100", dict(bgr=True, letterbox=114), []),
+    ]
+    for name, fname, data, img, pre in specs:
+        model = model_io.load_model(SHARED / "models" / fname)
+        if pre:
+            model, _ = manager.apply(model, pre, context=PassContext(progress=False), summarize_layers=False)
+        ds = open_data(str(SHARED / "data" / data), model, image=img, max_samples=16)
+        feeds = list(ds.samples())
+        q, _, _ = ours(model, feeds, ds.spec, target="ort", calib_method="minmax")
+        for threads in (1, 2):
+            lat = latency({"fp32": model, "int8": q}, feeds[0], threads, runs=args.runs, rounds=10)
+            rows.append({"model": name, "threads": threads, "fp32_ms": lat["fp32"], "int8_ms": lat["int8"], "speedup": lat["fp32"] / lat["int8"]})
+            log(str(rows[-1]))
+    results["speed"] = rows
+
+
 def print_tables(results):
     for key, rows in results.items():
         if not rows:
@@ -314,7 +339,7 @@ def print_tables(results):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=["effnet", "cifar", "yolox", "all"])
+    ap.add_argument("task", choices=["effnet", "cifar", "yolox", "speed", "all"])
     ap.add_argument("--targets", default="ort,tensorrt")
     ap.add_argument("--methods", default="percentile", help="onnxopt calibration methods to run (comma-separated)")
     ap.add_argument("--ort-methods", default="minmax,entropy,percentile", help="quantize_static methods ('' for none)")
@@ -327,7 +352,7 @@ def main(argv=None):
     args.methods = [m for m in args.methods.split(",") if m]
     args.ort_methods = [m for m in args.ort_methods.split(",") if m]
     results = {}
-    tasks = ["effnet", "cifar", "yolox"] if args.task == "all" else [args.task]
+    tasks = ["effnet", "cifar", "yolox", "speed"] if args.task == "all" else [args.task]
     for t in tasks:
         globals()[f"task_{t}"](args, results)
     print_tables(results)
