@@ -269,3 +269,15 @@ def test_feature_loss_with_onnxruntime_teacher(tmp_path):
     assert np.abs(feature_gap(res.model) - feature_gap(teacher)).mean() < before
     with pytest.raises(OptionError, match="not in the model"):
         finetune(student, ds, teacher=teacher, config=FinetuneConfig(epochs=1, progress=False, log=lambda m: None, feature_loss=["nope"]))
+
+
+def test_epochs_zero_with_bn_recalib_needs_no_teacher(tmp_path):
+    """`--epochs 0 --bn-recalib`: only re-estimate BN statistics (e.g. right after pruning)."""
+    pytest.importorskip("torch")
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    model = tiny_classifier()
+    ds = open_ds(data_file(tmp_path, n=32), model)
+    res = finetune(model, ds, config=FinetuneConfig(epochs=0, bn_recalib=True, batch_size=16, progress=False, log=lambda m: None, threads=1))
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert not np.allclose(before["mu"], after["mu"]) and np.array_equal(before["w1"], after["w1"])

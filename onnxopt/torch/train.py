@@ -265,7 +265,7 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
     arrays, labels = materialize(data, student.input_names)
     n = len(next(iter(arrays.values())))
     user_loss = load_user_loss(cfg.user_loss) if cfg.user_loss else None
-    if teacher is None and labels is None and user_loss is None:
+    if teacher is None and labels is None and user_loss is None and cfg.epochs > 0:
         raise OptionError("nothing to learn from: no --teacher, no labels and no --loss.",
                           "give the original model as --teacher (label-free distillation), or --labels, or --loss file.py:function")
     if labels is not None and (cfg.label_weight == 0):
