@@ -24,8 +24,16 @@ from .model_io import opset_of
 
 # --------------------------------------------------------------------------------------- I/O
 def import_graph(model: ModelProto) -> gs.Graph:
-    """The model's main graph as an onnx-graphsurgeon Graph."""
-    return gs.import_onnx(model)
+    """The model's main graph as an onnx-graphsurgeon Graph.
+
+    onnx-graphsurgeon drops graph inputs that also have an initializer. From IR 4 on such an
+    input may be fed at run time, so it is no weight: its name is remembered on the graph
+    (``overridable_inputs``) for :func:`is_weight`, and :func:`export_graph` restores the input.
+    """
+    graph = gs.import_onnx(model)
+    inits = {i.name for i in model.graph.initializer}
+    graph.overridable_inputs = {i.name for i in model.graph.input if i.name in inits} if model.ir_version >= 4 else set()
+    return graph
 
 
 def export_graph(graph: gs.Graph, like: ModelProto, *, sort: bool = True) -> ModelProto:
@@ -47,7 +55,23 @@ def export_graph(graph: gs.Graph, like: ModelProto, *, sort: bool = True) -> Mod
     model.metadata_props.extend(like.metadata_props)
     del model.functions[:]
     model.functions.extend(like.functions)
+    _restore_initializer_inputs(model, like)
     return model
+
+
+def _restore_initializer_inputs(model: ModelProto, like: ModelProto) -> None:
+    """Put back the initializer-backed graph inputs onnx-graphsurgeon dropped, in their original order."""
+    inits = {i.name for i in model.graph.initializer}
+    present = {i.name for i in model.graph.input}
+    like_inits = {i.name for i in like.graph.initializer}
+    wanted = [vi for vi in like.graph.input if vi.name in like_inits and vi.name in inits and vi.name not in present]
+    if not wanted:
+        return
+    order = {vi.name: k for k, vi in enumerate(like.graph.input)}
+    merged = list(model.graph.input) + wanted
+    merged.sort(key=lambda vi: order.get(vi.name, len(order)))
+    del model.graph.input[:]
+    model.graph.input.extend(merged)
 
 
 # ------------------------------------------------------------------------------- constants
@@ -79,6 +103,8 @@ def constant_value(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
 def is_weight(graph: gs.Graph, tensor: Optional[gs.Tensor]) -> bool:
     """True when ``tensor`` is a constant that is not a graph input (safe to fold into)."""
     if tensor is None or constant_value(tensor) is None:
+        return False
+    if tensor.name in getattr(graph, "overridable_inputs", ()):
         return False
     return all(inp.name != tensor.name for inp in graph.inputs)
 

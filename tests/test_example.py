@@ -1,0 +1,63 @@
+"""The README's example, end to end: build the digits CNN, optimize it, compare it.
+
+This is executable documentation: it runs the same commands the README's first command runs
+(tools/make_example.py, then `onnxopt apply` and `onnxopt compare`) and checks the artifacts.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from helpers import op_count, run
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("sklearn")
+sys.path.insert(0, str(ROOT / "tools"))
+
+import make_example  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    out = tmp_path_factory.mktemp("example")
+    info = make_example.build(out, epochs=6)
+    return info
+
+
+def _onnxopt(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxopt", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_example_model_is_real(example):
+    model = onnx.load(example["model"])
+    onnx.checker.check_model(model, full_check=True)
+    assert op_count(model, "BatchNormalization") == 2  # exported unfused on purpose
+    data = np.load(example["data"])
+    logits = run(model, {"input": data["input"]})["logits"]
+    acc = float((logits.argmax(1) == data["labels"]).mean())
+    assert acc == pytest.approx(example["accuracy"], abs=1e-9)
+    assert acc > 0.85, "the example CNN should actually have learned the digits"
+
+
+def test_example_cleanup_bnfuse_and_compare(example, tmp_path):
+    out, report = tmp_path / "digits_opt.onnx", tmp_path / "report.json"
+    r = _onnxopt("apply", "cleanup,bnfuse", example["model"], "-o", out, "--data", example["data"], "--report", report)
+    assert r.returncode == 0, r.stderr
+    model = onnx.load(out)
+    assert op_count(model, "BatchNormalization") == 0
+    assert op_count(model, "Dropout") == 0 and op_count(model, "Identity") == 0
+    rep = json.loads(report.read_text())
+    assert [p["pass"] for p in rep["passes"]] == ["cleanup", "bnfuse"]
+    assert all(p["verification"] is None or p["verification"]["passed"] for p in rep["passes"])
+    r = _onnxopt("compare", example["model"], out, "--data", example["data"], "--json", "--runs", "3")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert json.dumps(result)  # valid JSON
+    text = json.dumps(result)
+    assert "agreement" in text
