@@ -71,13 +71,13 @@ def concat_pool():
     return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 5])], inits)
 
 
-def matmul_model(trans_b=0):
+def matmul_model(trans_b=0, batch=1):
     w = rand(6, 5, seed=1) if not trans_b else rand(5, 6, seed=1)
     nodes = [helper.make_node("Gemm", ["x", "wg", "bg"], ["g"], name="gemm", transB=trans_b),
              helper.make_node("Relu", ["g"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "wm"], ["y"], name="matmul")]
     inits = [("wg", w), ("bg", rand(5, seed=2)), ("wm", rand(5, 7, seed=3))]
-    return make_model(nodes, [("x", [2, 6])], [("y", [2, 7])], inits)
+    return make_model(nodes, [("x", [batch, 6])], [("y", [batch, 7])], inits)
 
 
 def feeds_for(model, n=6, seed=0, shapes=None):
@@ -190,6 +190,16 @@ def test_gemm_matmul_per_channel_axis(trans_b):
     mdq = input_producer(q, "matmul", 1)
     assert helper.get_attribute_value(mdq.attribute[0]) == 1 and inits(q)[mdq.input[1]].shape == (7,)
     assert qcheck.check_model(q, "tensorrt") == []
+
+
+@pytest.mark.xfail(reason="onnxopt/quant/calibrate.py _Collector.update slices every batch to 1 sample first, "
+                          "which a model with a fixed batch of 2 rejects; remove this mark when calibrate respects fixed batch dims",
+                   strict=False)
+def test_fixed_batch_two_model_quantizes():
+    m = matmul_model(batch=2)
+    q, _ = quantize(m, target="ort")
+    f = feeds_for(m, 1)[0]
+    assert run(q, f)["y"].shape == (2, 7)
 
 
 def test_convtranspose_axis_one():

@@ -120,6 +120,9 @@ def violations(model, target):
 def task_effnet(args, results):
     path = SHARED / "models" / "efficientnet_lite0.onnx"
     model = model_io.load_model(path)
+    if args.pre:  # exact float pre-passes (e.g. equalize) applied before every quantizer
+        model, _ = manager.apply(model, args.pre, {k: v for k, v in args.pre_options.items()}, context=PassContext(progress=False),
+                                 summarize_layers=False)
     img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
     calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
     ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, exclude_every=True)
@@ -347,10 +350,14 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--limit", type=int, default=0, help="evaluate on at most this many images (quick runs)")
     ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--pre", default="", help="effnet: float passes applied first, e.g. equalize")
+    ap.add_argument("--set", dest="set_options", action="append", default=[], help="PASS.OPTION=VALUE for --pre passes")
     args = ap.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
     args.ort_methods = [m for m in args.ort_methods.split(",") if m]
+    args.pre = [p for p in args.pre.split(",") if p]
+    args.pre_options = manager.parse_set_options(args.set_options)
     results = {}
     tasks = ["effnet", "cifar", "yolox", "speed"] if args.task == "all" else [args.task]
     for t in tasks:
