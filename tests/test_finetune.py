@@ -224,6 +224,7 @@ def test_finetune_without_torch_is_a_clear_error(tmp_path):
     assert "needs the optional package 'torch'" in r.stderr and "pip install torch" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     pytest.importorskip("torch")
     teacher, student = tiny_classifier(), perturbed(tiny_classifier())

@@ -443,7 +443,6 @@ def recalibrate_bn(module: OnnxModule, tensors: dict, batch_size: int, device, m
     sums: dict = {}
     names = module.input_names
     n = len(tensors[names[0]])
-    from . import convert
 
     def hook(m, node, ins):
         x = ins[0]
