@@ -14,7 +14,10 @@ round-to-nearest weight, and ``beta`` is annealed from 20 to 2 after a warm-up s
 converges to 0/1. Because the reconstruction is linear in ``W~``, the data enter only through the
 Gram matrices ``G_qq = E[x_q x_q^T]`` and ``G_fq = E[x_f x_q^T]`` (im2col patches of the layer's
 input; positions subsampled per image), so the gradient is exact and cheap:
-``dL/dW~ = 2 (W~ G_qq - W G_fq)``. No torch is needed. The final rounding is ``h >= 0.5``; a
+``dL/dW~ = 2 (W~ G_qq - W G_fq)``. No torch is needed. Before learning, the per-channel scale may
+shrink (clipping ratio 1 ... 0.5 of min-max, the ratio whose nearest rounding reconstructs the
+output best on the same statistics -- the MSE scale initialisation AdaRound uses at 4 bits); an
+int32 bias (scale ``s_in * s_w``) is re-quantized with it. The final rounding is ``h >= 0.5``; a
 layer whose learned rounding reconstructs worse than round-to-nearest (on the same statistics)
 keeps round-to-nearest.
 
@@ -267,13 +270,20 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
         if scale is None or l.get("axis") not in (None, 0, 1):
             skipped.append(f"{n}: unexpected scale layout")
             continue
-        learned, loss_near, loss_learned = _optimize(layer, scale, int(l["qmin"]), int(l["qmax"]), iters)
+        qmin_l, qmax_l = int(l["qmin"]), int(l["qmax"])
+        new_scale, alpha = _best_clipping(layer, scale, qmin_l, qmax_l, per_channel=np.asarray(view.array(l["weight_scale"])).size > 1)
+        learned, loss_near, loss_learned = _optimize(layer, new_scale, qmin_l, qmax_l, iters)
+        if not np.array_equal(new_scale, scale):  # compare against nearest at the calibration's scale
+            _, loss_near, _ = _optimize(layer, scale, qmin_l, qmax_l, 0)
         keep = loss_learned < loss_near
-        row = {"layer": n, "loss_nearest": loss_near, "loss_learned": loss_learned, "used": bool(keep)}
+        row = {"layer": n, "loss_nearest": loss_near, "loss_learned": loss_learned, "used": bool(keep),
+               "clip_ratio_min": float(np.min(alpha))}
         per_layer.append(row)
         if not keep:
             continue
         improved += 1
+        if not np.array_equal(new_scale, scale):
+            _write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
         old = inits[l["weight_q"]]
         old_arr = numpy_helper.to_array(old)
         if layer.op == "Conv":
@@ -285,6 +295,49 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
     return model, {"layers": len(per_layer), "improved": improved, "samples": seen, "iters": iters,
                    "seconds_statistics": round(t_stats, 2), "seconds": round(time.perf_counter() - t0, 2),
                    "per_layer": per_layer, "skipped": skipped}
+
+
+CLIP_RATIOS = np.linspace(1.0, 0.5, 11)
+
+
+def _best_clipping(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool) -> tuple:
+    """Per output channel (or per tensor), the clipping ratio of the min-max scale whose
+    round-to-nearest weight reconstructs the layer output best on the same statistics (the
+    reconstruction loss separates over output channels). Ratio 1 (the calibration's scale) is a
+    candidate, so the result is never worse on these statistics."""
+    g, o, k = layer.w.shape
+    gqq, gfq = layer.gqq / max(layer.count, 1), layer.gfq / max(layer.count, 1)
+    ap = (lambda a, gram: a @ gram) if gqq.ndim == 3 else (lambda a, gram: np.einsum("gok,gokl->gol", a, gram))
+    target = ap(layer.w, gfq)
+    base = scale.reshape(g, o, 1)
+    losses = []
+    for a in CLIP_RATIOS:
+        s = base * a
+        wq = np.clip(np.rint(layer.w / s), qmin, qmax) * s
+        losses.append(np.sum(ap(wq, gqq) * wq - 2.0 * target * wq, axis=2))  # [g, o]
+    losses = np.stack(losses)  # [r, g, o]
+    if per_channel:
+        best = np.argmin(losses, axis=0)
+    else:
+        best = np.full((g, o), int(np.argmin(losses.sum(axis=(1, 2)))))
+    alpha = CLIP_RATIOS[best]
+    return (base[..., 0] * alpha).reshape(-1), alpha
+
+
+def _write_scale(inits: dict, entry: dict, old_arr: np.ndarray, new_scale: np.ndarray, old_scale: np.ndarray) -> None:
+    """Store the new weight scale; an int32 bias (scale s_in * s_w) is re-quantized to match."""
+    t = inits[entry["weight_scale"]]
+    value = new_scale.astype(old_arr.dtype).reshape(old_arr.shape) if old_arr.size > 1 else np.asarray(new_scale.reshape(-1)[0], old_arr.dtype)
+    t.CopyFrom(numpy_helper.from_array(value, t.name))
+    if entry.get("bias_is_int"):
+        bq_t, bs_t = inits[entry["bias_q"]], inits[entry["bias_scale"]]
+        bs = numpy_helper.to_array(bs_t).astype(np.float64)
+        b = numpy_helper.to_array(bq_t).astype(np.float64) * bs
+        ratio = np.broadcast_to((new_scale / old_scale).reshape(-1), bs.shape) if bs.size > 1 else (new_scale / old_scale).reshape(-1)[0]
+        bs_new = (bs * ratio).astype(numpy_helper.to_array(bs_t).dtype)
+        bq_new = np.clip(np.rint(b / bs_new.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        bs_t.CopyFrom(numpy_helper.from_array(bs_new, bs_t.name))
+        bq_t.CopyFrom(numpy_helper.from_array(bq_new, bq_t.name))
 
 
 def _activation_after(view, layer: str, readers_of: dict) -> Optional[tuple]:
