@@ -77,12 +77,16 @@ def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows
     t0 = time.perf_counter()
     q = quantize_model(model, opts, data, PassContext(progress=False))
     t_cal = time.perf_counter() - t0
+    done = {}
     for name, extra in configs:
         t0 = time.perf_counter()
         rep = {}
-        qm = q.model
+        extra = dict(extra)
+        start = done[extra.pop("_after")] if "_after" in extra else q.model  # chain on an earlier result
+        qm = start
         if extra:
-            qm, rep = recovery.recover(model, q.model, q.info, {**opts, **extra}, data, PassContext(progress=False, log=log))
+            qm, rep = recovery.recover(model, start, q.info, {**opts, **extra}, data, PassContext(progress=False, log=log))
+        done[name] = qm
         secs = time.perf_counter() - t0
         acc = top1(qm, efeeds, labels)
         row = {"task": tag, "target": target, "weights": bits, "config": name, "top1": round(acc, 3), "drop": round(base - acc, 3),
@@ -115,9 +119,10 @@ def task_effnet4(args, results):
     model, calib, cfeeds, efeeds, labels = effnet_data(args.limit)
     base = top1(model, efeeds, labels)
     rows = [{"task": "effnet4", "config": "fp32", "top1": base, "drop": 0.0}]
-    configs = [("nearest", {}), ("nearest + bias empirical", {"bias_correction": "empirical"}),
+    configs = [("nearest", {}),
                (f"adaround({args.iters})", {"rounding": "adaround", "adaround_iters": args.iters}),
-               (f"adaround({args.iters}) + bias empirical", {"rounding": "adaround", "adaround_iters": args.iters, "bias_correction": "empirical"})]
+               (f"adaround({args.iters}) + bias empirical", {"_after": f"adaround({args.iters})", "bias_correction": "empirical"}),
+               ("nearest + bias empirical", {"bias_correction": "empirical"})]
     for target in args.targets4:
         run_configs(model, cfeeds, efeeds, labels, base, target, 4, configs, rows, "effnet4")
     results["effnet4"] = rows
