@@ -34,7 +34,7 @@ Examples:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", "--calib-data", "data", required=True, metavar="PATH", help="Calibration data (.npy, .npz, image folder, file.py:function).")
 @click.option("--calib-samples", type=int, default=None, help="Calibrate on at most this many samples.")
-@click.option("--samples", "eval_samples", type=int, default=16, show_default=True,
+@click.option("--samples", "eval_samples", type=int, default=8, show_default=True,
               help="Samples (the first ones of the calibration data) on which each variant's output error is measured.")
 @click.option("--target", default="tensorrt", show_default=True, help="Quantization target: tensorrt, ort, tidl, tidl-tda4vm.")
 @click.option("--set", "set_options", multiple=True, metavar="qdq.OPTION=VALUE", help="Any qdq pass option (bits, per_channel, calib_method, ...).")
