@@ -109,7 +109,9 @@ def task_effnet8(args, results):
     log(f"fp32 top-1 {base:.2f} on {len(efeeds)} images")
     configs = [("plain", {}), ("bias empirical", {"bias_correction": "empirical"}),
                ("bias analytical", {"bias_correction": "analytical"}),
-               ("bias empirical + fallback(max_error=0.08)", {"bias_correction": "empirical", "fallback": "auto", "max_error": 0.08})]
+               ("bias empirical + fallback(max_error=0.08)", {"_after": "bias empirical", "fallback": "auto", "max_error": 0.08})]
+    if args.configs:
+        configs = [c for c in configs if c[0] in args.configs.split(";")]
     for target in args.targets:
         run_configs(model, cfeeds, efeeds, labels, base, target, 8, configs, rows, "effnet8")
     results["effnet8"] = rows
@@ -194,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N of the 800 images (0 = all)")
     ap.add_argument("--sens-samples", type=int, default=8)
+    ap.add_argument("--configs", default="", help="effnet8: only these configurations (names separated by ';')")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
     args.targets = args.targets.split(",")
