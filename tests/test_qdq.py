@@ -192,9 +192,6 @@ def test_gemm_matmul_per_channel_axis(trans_b):
     assert qcheck.check_model(q, "tensorrt") == []
 
 
-@pytest.mark.xfail(reason="onnxopt/quant/calibrate.py _Collector.update slices every batch to 1 sample first, "
-                          "which a model with a fixed batch of 2 rejects; remove this mark when calibrate respects fixed batch dims",
-                   strict=False)
 def test_fixed_batch_two_model_quantizes():
     m = matmul_model(batch=2)
     q, _ = quantize(m, target="ort")

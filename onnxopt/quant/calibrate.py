@@ -233,12 +233,14 @@ class _Collector:
         self.batches = 0
         self.max_bytes = int(max_bytes)
         self.per_sample: Optional[int] = None
+        # a model whose batch dimension is fixed must be fed whole batches: never slice them
+        self.fixed_batch = any(isinstance(i.shape[0], int) for i in self.sess.get_inputs() if i.shape)
 
     def update(self, feed: dict) -> int:
         n = _batch_len(feed)
         if self.fetch:
             arrays = [np.asarray(v) for v in feed.values()]
-            can_split = n > 1 and self.max_bytes > 0 and all(a.ndim >= 1 and a.shape[0] == n for a in arrays)
+            can_split = n > 1 and self.max_bytes > 0 and not self.fixed_batch and all(a.ndim >= 1 and a.shape[0] == n for a in arrays)
             start = 0
             while start < n:
                 if not can_split:
