@@ -42,6 +42,7 @@ from onnx import ModelProto, helper
 
 from .graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
 from .model_io import opset_of
+from .stats import static_shapes
 
 POISON = 0
 
@@ -297,7 +298,7 @@ class Analysis:
 # ================================================================================= analysis
 def analyze(model: ModelProto) -> Analysis:
     """Build the channel dependency analysis of ``model`` (which it does not modify)."""
-    shapes = _static_shapes(model)
+    shapes = static_shapes(model)
     params = _evaluate_params(model)
     graph = import_graph(model)
     if not _is_sorted(model.graph):  # the checker requires order; a model loaded unchecked may lack it
@@ -315,36 +316,6 @@ def _is_sorted(g: onnx.GraphProto) -> bool:
             return False
         produced_later.difference_update(n.output)
     return True
-
-
-def _static_shapes(model: ModelProto) -> dict:
-    """Tensor shapes with a symbolic batch dimension taken as 1 (None where unknown)."""
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    for inp in probe.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = 1
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
-    except Exception:  # shape inference is a convenience here; unknown shapes poison
-        inferred = probe
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    missing = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output
-               if o and (o not in shapes or any(d is None for d in shapes[o]))]
-    if missing:
-        try:
-            from .runtime import intermediate_shapes
-            shapes.update(intermediate_shapes(probe, missing))
-        except Exception:  # a model that cannot run with generated inputs keeps unknown shapes
-            pass
-    return shapes
 
 
 def _evaluate_params(model: ModelProto) -> dict:

@@ -13,13 +13,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import onnx
 from onnx import ModelProto
 
 from . import __version__, model_io, runtime, stats
-from .errors import ModelLoadError, OnnxoptError, OptionError, VerificationError
+from .errors import OnnxoptError, OptionError, VerificationError
 from .registry import PassContext, PassInfo, get_pass
 
 # An exact pass may reorder float arithmetic (e.g. folding a BN scale into a weight): the
@@ -184,14 +184,7 @@ def resolve_options(names: Sequence[str], options: Optional[dict]) -> dict:
 
 def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) -> dict:
     """Run both models on the same inputs; return the error, raising when beyond tolerance."""
-    feeds = []
-    if ctx.data is not None:
-        for i, feed in enumerate(ctx.data()):
-            feeds.append(feed)
-            if i >= 1:
-                break
-    if not feeds:
-        feeds = [runtime.generate_inputs(before, seed=s, overrides=ctx.input_shapes) for s in (0, 1)]
+    feeds, source = ctx.sample_feeds(before, 2)
     s_ref, s_new = runtime.session(before), runtime.session(after)
     worst = {"max_abs": 0.0, "max_rel": 0.0, "worst_output": None}
     for feed in feeds:
@@ -203,7 +196,7 @@ def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rto
             worst.update(err)
         worst["max_rel"] = max_rel
     worst["passed"] = bool(worst["max_abs"] <= atol or worst["max_rel"] <= rtol)
-    worst["inputs"] = "data" if ctx.data is not None else "generated"
+    worst["inputs"] = source
     worst["rtol"], worst["atol"] = rtol, atol
     return worst
 

@@ -110,6 +110,26 @@ class PassContext:
     log: Callable[[str], None] = lambda msg: None
     settings: dict = field(default_factory=dict)
 
+    def sample_feeds(self, model: onnx.ModelProto, batches: int = 2) -> tuple:
+        """Up to ``batches`` feed dicts from the user's data, else generated inputs.
+
+        Returns ``(feeds, "data" | "generated")``: what passes use to measure or verify their
+        output error. Data that yields nothing is an error, never a silent switch to random inputs.
+        """
+        from .errors import DataError
+        from .runtime import generate_inputs
+
+        if self.data is None:
+            return [generate_inputs(model, seed=s, overrides=self.input_shapes) for s in range(max(batches, 1))], "generated"
+        feeds = []
+        for feed in self.data():
+            feeds.append(feed)
+            if len(feeds) >= max(batches, 1):
+                break
+        if not feeds:
+            raise DataError("the data given yielded no samples.", "check --data (an empty folder or a selection that takes nothing?)")
+        return feeds, "data"
+
 
 PassFn = Callable[[onnx.ModelProto, dict, PassContext], PassResult]
 

@@ -9,7 +9,6 @@ import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import ModelProto, helper
 

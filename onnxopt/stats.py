@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 import onnx
-from onnx import ModelProto, numpy_helper
+from onnx import ModelProto
 
 
 def op_histogram(model: ModelProto) -> dict:
@@ -40,8 +40,14 @@ def param_count(model: ModelProto) -> int:
     return total
 
 
-def _shapes(model: ModelProto) -> dict:
-    # MACs are per sample: a symbolic batch dimension (axis 0 of an input) counts as 1.
+def static_shapes(model: ModelProto, needed=None) -> dict:
+    """Tensor shapes per sample: a symbolic batch dimension (axis 0 of an input) counts as 1.
+
+    ONNX shape inference first; it stops at dynamic shape chains (e.g. a Pad whose pads are
+    computed), so the shapes of ``needed`` tensors (default: every node output) it leaves
+    unknown come from one onnxruntime run on generated inputs. A model that cannot run keeps
+    its unknown shapes (None entries).
+    """
     probe = ModelProto()
     probe.CopyFrom(model)
     for inp in probe.graph.input:
@@ -50,21 +56,18 @@ def _shapes(model: ModelProto) -> dict:
             dims[0].dim_value = 1
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
-    except Exception:
+    except Exception:  # shape inference is a convenience: unknown shapes are filled below
         inferred = probe
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         tt = vi.type.tensor_type
-        if tt.HasField("shape"):
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
     for name, t in _constant_arrays(model):
         shapes[name] = list(t.dims)
-    # Shape inference stops at dynamic shape chains (e.g. a Pad whose pads are computed): fill
-    # the gaps around the costly layers from one onnxruntime run on generated inputs.
-    missing = []
-    for node in model.graph.node:
-        if node.op_type in _COUNTED:
-            missing += [t for t in list(node.input[:2]) + [node.output[0]] if _prod(shapes.get(t)) is None]
+    if needed is None:
+        needed = (o for n in model.graph.node if n.op_type != "Constant" for o in n.output)
+    missing = [t for t in needed if t and _prod(shapes.get(t)) is None]
     if missing:
         try:
             from .runtime import intermediate_shapes
@@ -72,6 +75,12 @@ def _shapes(model: ModelProto) -> dict:
         except Exception:  # a model that cannot run keeps its unknown shapes (reported as macs=None)
             pass
     return shapes
+
+
+def _layer_shapes(model: ModelProto) -> dict:
+    """Shapes around the costly layers only (what MACs need)."""
+    needed = [t for n in model.graph.node if n.op_type in _COUNTED for t in list(n.input[:2]) + [n.output[0]]]
+    return static_shapes(model, needed)
 
 
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
@@ -85,7 +94,7 @@ def _prod(dims) -> Optional[int]:
 
 def layer_macs(model: ModelProto) -> list:
     """Per-layer MACs: [{"name", "op", "output", "macs"}] for Conv/ConvTranspose/Gemm/MatMul(+Integer) nodes."""
-    shapes = _shapes(model)
+    shapes = _layer_shapes(model)
     rows = []
     for i, node in enumerate(model.graph.node):
         op = node.op_type
@@ -101,10 +110,8 @@ def layer_macs(model: ModelProto) -> list:
                 macs = _prod(out) * _prod(w[1:]) if _prod(out) is not None and _prod(w[1:]) is not None else None
             elif op == "ConvTranspose":
                 inp = shapes.get(node.input[0])
-                group = next((a.i for a in node.attribute if a.name == "group"), 1)
                 if inp is not None and _prod(inp) is not None and _prod(w[1:]) is not None:
                     macs = _prod(inp) * _prod(w[1:])  # every input element scatters Cout/g * k MACs
-                    del group
             elif op == "Gemm":
                 trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
                 k = w[1] if trans_b else w[0]

@@ -53,8 +53,9 @@ import numpy as np
 from onnx import ModelProto
 
 from onnxopt import channels, runtime, stats
+from onnxopt.compare import measure_latency
 from onnxopt.channels import POISON
-from onnxopt.errors import DataError, OptionError
+from onnxopt.errors import OptionError
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
 IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
@@ -103,7 +104,7 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     scores, fallback = _component_scores(an, importance, options.get("scores"))
     protected = _protected(an, patterns, options["keep_first_last"])
     removed, class_rows = _select(an, scores, protected, ratio, options)
-    feeds, source = _feeds(model, ctx, options["eval_batches"])
+    feeds, source = ctx.sample_feeds(model, options["eval_batches"])
     refs: list = []
     compensated = _compensate(an, model, removed, feeds, refs) if options["compensate"] == "mean" and removed else 0
     if not refs:
@@ -416,30 +417,6 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
 
 
 # --------------------------------------------------------------------------------- report
-def _feeds(model: ModelProto, ctx: PassContext, batches: int) -> tuple:
-    feeds = []
-    if ctx.data is not None:
-        for i, feed in enumerate(ctx.data()):
-            if i >= max(batches, 1):
-                break
-            feeds.append(feed)
-        if not feeds:
-            raise DataError("the data given for prune's error measurement is empty.", "check --data")
-        return feeds, "data"
-    return [runtime.generate_inputs(model, seed=s, overrides=ctx.input_shapes) for s in (0, 1)], "generated"
-
-
-def _latency_ms(model: ModelProto, feed: dict, runs: int) -> float:
-    sess = runtime.session(model, optimize=True)
-    sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def _layer_latency(model: ModelProto, feed: dict, runs: int) -> dict:
     """{node name: median ms} from onnxruntime's profiler, graph optimizations off so that every
     layer keeps its own node (fused kernels would merge a Conv with its activation)."""
@@ -507,8 +484,8 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
     extra["output_error"] = err
     if options["latency_runs"] > 0:
         feed = runtime.generate_inputs(before, seed=0, overrides=ctx.input_shapes)
-        lat_b = _latency_ms(before, feed, options["latency_runs"])
-        lat_a = _latency_ms(after, feed, options["latency_runs"])
+        lat_b = measure_latency(before, feed, options["latency_runs"], warmup=1, threads=0)["median_ms"]
+        lat_a = measure_latency(after, feed, options["latency_runs"], warmup=1, threads=0)["median_ms"]
         extra["latency_ms"] = {"before": round(lat_b, 4), "after": round(lat_a, 4), "reduction": _red(lat_b, lat_a),
                                "runs": options["latency_runs"], "note": "onnxruntime CPU, all optimizations, median, generated inputs"}
         runs = min(options["latency_runs"], 10)

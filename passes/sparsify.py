@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto
 
 from onnxopt import runtime
-from onnxopt.errors import DataError, OptionError
+from onnxopt.errors import OptionError
 from onnxopt.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 
@@ -213,16 +213,7 @@ def _zero_smallest(w: np.ndarray, k: int) -> np.ndarray:
 
 
 def _error(before: ModelProto, after: ModelProto, ctx: PassContext, batches: int) -> dict:
-    feeds = []
-    if ctx.data is not None:
-        for i, feed in enumerate(ctx.data()):
-            if i >= max(batches, 1):
-                break
-            feeds.append(feed)
-        if not feeds:
-            raise DataError("the data given for sparsify's error measurement is empty.", "check --data")
-    source = "data" if feeds else "generated"
-    feeds = feeds or [runtime.generate_inputs(before, seed=s, overrides=ctx.input_shapes) for s in (0, 1)]
+    feeds, source = ctx.sample_feeds(before, batches)
     s_ref, s_new = runtime.session(before), runtime.session(after)
     err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source}
     for feed in feeds:
