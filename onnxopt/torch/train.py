@@ -396,6 +396,11 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
     student.capture = set()
     result = write_back(student.cpu(), model)
     parity = parity_check(student, result, tensors, cfg.parity_samples)
+    if parity and parity["max_abs"] > 1e-4 + 1e-5 * parity["max_ref"]:
+        # Measured cause on QDQ graphs: a float op before a Q differs by ~1 ulp between torch and
+        # onnxruntime (summation order), which flips a value sitting on a rounding tie by one step.
+        log(f"WARNING: onnxruntime and torch differ by {parity['max_abs']:.3g} on the written model "
+            "(a quantization rounding tie flipped by float summation order, or an op the two runtimes compute differently)")
     if distributed:
         import torch.distributed as dist
         dist.barrier()
