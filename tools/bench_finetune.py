@@ -74,6 +74,19 @@ def _bn_recalibrated(model, x):
     return write_back(module, model)
 
 
+def residual_features(teacher, student) -> list:
+    """Residual-stream tensors (Add outputs) with the same name and shape in teacher and student:
+    the feature-distillation targets (pruning keeps the residual channels, so these line up)."""
+    import onnx
+
+    def shapes(m):
+        inf = onnx.shape_inference.infer_shapes(m)
+        return {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in inf.graph.value_info}
+    st, ss = shapes(teacher), shapes(student)
+    adds = [o for n in student.graph.node if n.op_type == "Add" for o in n.output]
+    return [o for o in adds if o in st and st[o] == ss.get(o) and all(d > 0 for d in st[o][1:])]
+
+
 def run_r56(args, tmp, rows, log):
     from onnxopt.torch.train import FinetuneConfig, finetune
     xt, _, xh, yh = cifar()
@@ -86,7 +99,9 @@ def run_r56(args, tmp, rows, log):
     acc_recalib = top1(_bn_recalibrated(pruned, xt), xh, yh)   # what re-estimating BN alone recovers
     params = (onnxopt.summarize(base)["params"], onnxopt.summarize(pruned)["params"]) if "params" in onnxopt.summarize(base) else (None, None)
     cfg = FinetuneConfig(epochs=args.epochs_r56, lr=args.lr_r56, batch_size=32, augment=True, progress=False, log=log, threads=args.threads,
-                         bn_mode=args.bn_mode, bn_recalib=args.bn_recalib)
+                         bn_mode=args.bn_mode, bn_recalib=args.bn_recalib, warmup=args.warmup,
+                         feature_loss=residual_features(base, pruned) if args.feature_loss else (), feature_weight=args.feature_weight)
+    log(f"feature distillation on {len(cfg.feature_loss)} residual tensors")
     t0 = time.perf_counter()
     res = finetune(pruned, data, teacher=base, config=cfg)
     secs = time.perf_counter() - t0
@@ -94,7 +109,7 @@ def run_r56(args, tmp, rows, log):
     sps = statistics.median(h["samples_per_second"] for h in res.history)
     rows.append({"figure": "resnet56 prune 0.3 + distillation", "baseline_top1": acc_base, "before_finetune_top1": acc_pruned, "bn_recalib_only_top1": acc_recalib,
                  "after_finetune_top1": acc_ft, "drop_points": round(acc_base - acc_ft, 2), "target_drop": 1.5,
-                 "met": acc_base - acc_ft <= 1.5, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib, "epochs": args.epochs_r56, "lr": args.lr_r56, "finetune_seconds": round(secs, 1),
+                 "met": acc_base - acc_ft <= 1.5, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib, "feature_tensors": len(cfg.feature_loss), "warmup": args.warmup, "epochs": args.epochs_r56, "lr": args.lr_r56, "finetune_seconds": round(secs, 1),
                  "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs"), "params": params})
 
 
@@ -112,7 +127,7 @@ def run_r20(args, tmp, rows, log):
                                                                                      "keep_first_last": args.keep_first_last})
     acc_qat_init = top1(qmodel, xh, yh)
     cfg = FinetuneConfig(epochs=args.epochs_r20, lr=args.lr_r20, batch_size=32, augment=True, progress=False, log=log,
-                         threads=args.threads, bn_mode=args.bn_mode, bn_recalib=args.bn_recalib, quant_mode=args.quant_mode, **overrides)
+                         threads=args.threads, bn_mode=args.bn_mode, bn_recalib=args.bn_recalib, quant_mode=args.quant_mode, warmup=args.warmup, **overrides)
     t0 = time.perf_counter()
     res = finetune(qmodel, data, teacher=base, config=cfg)
     secs = time.perf_counter() - t0
@@ -152,6 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-method", default="mse", help="qdq calibration that initializes QAT (the PTQ baseline keeps the default)")
     ap.add_argument("--keep-first-last", action="store_true", help="QAT: keep the first and last layers in float (LSQ paper protocol)")
     ap.add_argument("--quant-mode", default="lsq", choices=["lsq", "pact", "fixed"])
+    ap.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with a linear lr warm-up")
+    ap.add_argument("--feature-loss", action="store_true", help="r56: also distill the residual-stream tensors (Add outputs) of the unpruned model")
+    ap.add_argument("--feature-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto from the load average)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -14,7 +14,7 @@ Loss (summed):
 * a user loss ``file.py:function`` called as ``fn(student_outputs, teacher_outputs, labels, batch)``
   (lists of tensors / None) returning a scalar tensor.
 
-Training uses Adam (or SGD) with a cosine learning-rate decay; BatchNormalization uses batch
+Training uses Adam (or SGD) with a linear warm-up (``warmup``, a fraction of the steps) then a cosine learning-rate decay; BatchNormalization uses batch
 statistics (and updates its running ones) from batch 8 up, its frozen running statistics below
 (``bn_mode``); optional exact BN re-estimation after training (``bn_recalib``); resumable
 checkpoints (one file per run, written atomically each epoch) and data parallelism under ``torchrun`` (DDP; gloo on CPU, nccl on
@@ -50,6 +50,7 @@ class FinetuneConfig:
     batch_size: int = 32
     weight_decay: float = 0.0
     optimizer: str = "adam"            # adam | sgd
+    warmup: float = 0.05               # fraction of all steps with a linear lr warm-up before the cosine decay
     temperature: float = 4.0
     distill_weight: float = 1.0
     label_weight: float = 1.0
@@ -298,7 +299,15 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     steps_per_epoch = max(1, math.ceil(math.ceil(n / world) / cfg.batch_size))
     total = max(1, cfg.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    # a short linear warm-up keeps the first Adam steps (moment estimates still noisy) from wrecking
+    # pretrained weights at the larger learning rates small-data recovery needs; then cosine to 0
+    warm = int(round(max(0.0, min(0.5, cfg.warmup)) * total))
+
+    def lr_factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(1, total - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
     start_epoch, history = 0, []
     ckpt_path = Path(cfg.checkpoint) / "finetune.pt" if cfg.checkpoint else None
