@@ -15,7 +15,6 @@ more than one batch of images in memory. Every sample is checked against the mod
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from onnx import ModelProto
 
 from .errors import DataError
 from .runtime import generate_inputs, input_specs, np_dtype
+from .userfiles import load_user_function
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -216,18 +216,7 @@ class DataSource:
         return {n: [1] + list(s[1:]) for n, s, _ in specs}
 
     def _python(self, source: str):
-        path, _, func = source.rpartition(":")
-        if not Path(path).is_file():
-            raise DataError(f"data script '{path}' does not exist.", "write it as path/to/file.py:function")
-        spec = importlib.util.spec_from_file_location("onnxopt_user_data", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            raise DataError(f"data script '{path}' failed to import: {type(exc).__name__}: {exc}", "run it with python to see the error") from None
-        fn = getattr(module, func, None)
-        if not callable(fn):
-            raise DataError(f"'{path}' has no function '{func}'.", "the function must return an iterable of {input_name: array} dicts")
+        fn = load_user_function(source, "data script", "the function must return an iterable of {input_name: array} dicts", DataError)
 
         def user_items():
             # an exception in the user's function is a user error: one message (ONNXOPT_DEBUG=1

@@ -44,10 +44,8 @@ Put that in ``my_rules.py`` and run ``onnxopt apply lite m.onnx -o out.onnx --ru
 from __future__ import annotations
 
 import contextvars
-import importlib.util
 import math
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -60,6 +58,7 @@ from onnxopt.graph import export_graph, import_graph
 from onnxopt.lite_rules import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
 from onnxopt.model_io import MAX_PROTO_BYTES, opset_of
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
+from onnxopt.userfiles import import_user_file
 
 __all__ = ["Match", "Rule", "RuleContext", "register_rule", "rule_table", "default_rules", "load_rules_module", "run_lite", "options_with"]
 
@@ -99,20 +98,11 @@ def _merge(table: list, extra: list) -> list:
 
 def load_rules_module(path: str) -> list:
     """Import a user rules file and return the rule table it yields (see the module docstring)."""
-    p = Path(path)
-    if not p.is_file():
-        raise OptionError(f"rules module '{p}' does not exist.", "give the path of a Python file that calls onnxopt.passes.lite.register_rule(...)")
     collected: list = []
     token = _COLLECTING.set(collected)
     try:
-        spec = importlib.util.spec_from_file_location(f"onnxopt_user_rules_{abs(hash(str(p.resolve())))}", str(p))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except OnnxoptError:
-        raise
-    except Exception as exc:
-        raise OptionError(f"rules module '{p}' failed to import: {type(exc).__name__}: {exc}",
-                          "fix the file; it must import cleanly with `python " + str(p) + "`") from None
+        module = import_user_file(path, "rules module", OptionError,
+                                  "give the path of a Python file that calls onnxopt.passes.lite.register_rule(...)")
     finally:
         _COLLECTING.reset(token)
     base = _merge(default_rules(), _USER_RULES)
@@ -123,10 +113,10 @@ def load_rules_module(path: str) -> list:
     else:
         table = base
     if not all(isinstance(r, Rule) for r in table):
-        raise OptionError(f"rules module '{p}': the rule table must hold onnxopt.passes.lite.Rule objects.",
+        raise OptionError(f"rules module '{path}': the rule table must hold onnxopt.passes.lite.Rule objects.",
                           "build rules with register_rule(...) or Rule(name, summary, exact, default, anchors, match, rewrite)")
     if not collected and table is base:
-        raise OptionError(f"rules module '{p}' registers no rule and defines no RULES / rule_table.",
+        raise OptionError(f"rules module '{path}' registers no rule and defines no RULES / rule_table.",
                           "call onnxopt.passes.lite.register_rule(...) in it")
     return _merge(table, collected)
 

@@ -22,7 +22,6 @@ GPU: every rank takes its share of each shuffled epoch, rank 0 writes).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import time
@@ -35,6 +34,7 @@ from onnx import ModelProto
 
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint
+from ..userfiles import load_user_function
 
 import torch
 import torch.nn.functional as F
@@ -170,19 +170,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def load_user_loss(spec: str) -> Callable:
-    path, _, func = spec.rpartition(":")
-    if not path or not Path(path).is_file():
-        raise OptionError(f"loss script '{path or spec}' does not exist.", "write --loss path/to/file.py:function")
-    mod_spec = importlib.util.spec_from_file_location("onnxopt_user_loss", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as exc:
-        raise OptionError(f"loss script '{path}' failed to import: {type(exc).__name__}: {exc}", "run it with python to see the error") from None
-    fn = getattr(module, func, None)
-    if not callable(fn):
-        raise OptionError(f"'{path}' has no function '{func}'.", "define fn(student_outputs, teacher_outputs, labels, batch) -> scalar tensor")
-    return fn
+    return load_user_function(spec, "loss script", "define fn(student_outputs, teacher_outputs, labels, batch) -> scalar tensor")
 
 
 def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
