@@ -128,16 +128,21 @@ def output_error(ref: dict, cand: dict) -> dict:
     return {"max_abs": max_abs, "max_rel": max_rel, "worst_output": worst}
 
 
-def intermediate_shapes(model: ModelProto, tensors: Iterable[str], *, overrides: Optional[dict] = None) -> dict:
-    """Shapes of ``tensors`` from one onnxruntime run on generated inputs (for dynamic shape chains)."""
-    wanted = [t for t in dict.fromkeys(tensors) if t]
+def with_outputs(model: ModelProto, tensors: Iterable[str]) -> ModelProto:
+    """A copy of ``model`` that also outputs ``tensors`` (intermediate tensors exposed for onnxruntime to return)."""
     probe = ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in known:
+    for name in dict.fromkeys(tensors):
+        if name and name not in known:
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    outs = run(session(probe), generate_inputs(model, overrides=overrides), wanted)
+    return probe
+
+
+def intermediate_shapes(model: ModelProto, tensors: Iterable[str], *, overrides: Optional[dict] = None) -> dict:
+    """Shapes of ``tensors`` from one onnxruntime run on generated inputs (for dynamic shape chains)."""
+    wanted = [t for t in dict.fromkeys(tensors) if t]
+    outs = run(session(with_outputs(model, wanted)), generate_inputs(model, overrides=overrides), wanted)
     return {k: list(v.shape) for k, v in outs.items()}
 
 

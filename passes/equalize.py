@@ -368,13 +368,7 @@ def _pre_activation_minimum(model: onnx.ModelProto, tensors: list, data) -> dict
     """Per-channel minimum (axis 1) of ``tensors`` over every batch of ``data``."""
     from onnxopt import runtime
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = runtime.session(probe)
+    sess = runtime.session(runtime.with_outputs(model, tensors))
     mins: dict = {}
     for feed in data():
         outs = runtime.run(sess, feed, tensors)

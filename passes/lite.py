@@ -250,14 +250,6 @@ def _session(model: ModelProto):
     return runtime.session(model, threads=1)
 
 
-def _with_outputs(model: ModelProto, names: Sequence[str]) -> ModelProto:
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in dict.fromkeys(names):
-        if name not in known:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return probe
 
 
 def _err(ref: np.ndarray, got: np.ndarray) -> tuple:
@@ -497,8 +489,8 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
     outputs = [o.name for o in model.graph.output]
     if pending:
         exact_tensors = [t for name in pending for t in records[name]["preserved"]]
-        s_ref = _session(_with_outputs(model, exact_tensors))
-        s_ex = _session(_with_outputs(model_exact, exact_tensors))
+        s_ref = _session(runtime.with_outputs(model, exact_tensors))
+        s_ex = _session(runtime.with_outputs(model_exact, exact_tensors))
         for name in pending:
             mx, rel = 0.0, 0.0
             for f in feeds:

@@ -320,17 +320,9 @@ def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, o
 def _reference_run(model: ModelProto, feeds: list, tensors: list, refs: list) -> dict:
     """Run the original model once over ``feeds``: its outputs go to ``refs`` (for the error
     report) and the per-channel (axis 1) means of ``tensors`` are returned."""
-    from onnx import helper
 
     outputs = [o.name for o in model.graph.output]
-    probe = model
-    if tensors:
-        probe = ModelProto()
-        probe.CopyFrom(model)
-        for name in tensors:
-            if name not in outputs:
-                probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    sess = runtime.session(probe)
+    sess = runtime.session(runtime.with_outputs(model, tensors) if tensors else model)
     sums: dict = {}
     for feed in feeds:
         out = runtime.run(sess, feed, list(dict.fromkeys(outputs + tensors)))

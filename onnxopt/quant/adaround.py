@@ -358,11 +358,5 @@ def _activation_after(view, layer: str, readers_of: dict) -> Optional[tuple]:
     return None
 
 
-def _expose(model: ModelProto, tensors: set) -> ModelProto:
-    m = ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in sorted(tensors):
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    return m
+def _expose(model: ModelProto, tensors) -> ModelProto:
+    return runtime.with_outputs(model, sorted(tensors))

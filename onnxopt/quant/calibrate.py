@@ -62,12 +62,12 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import onnxruntime as ort
-from onnx import ModelProto, helper
+from onnx import ModelProto
 
 from .. import errors as _errors
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint
-from ..runtime import cpu_count
+from ..runtime import cpu_count, with_outputs
 from . import histogram as H
 from .trt_table import DEFAULT_TRT_VERSION, read_trt_calibration_table, write_trt_calibration_table
 
@@ -186,12 +186,7 @@ def _graph_tensors(model: ModelProto) -> tuple:
 
 def _augmented(model: ModelProto, fetch: list) -> bytes:
     """The model with the tensors in ``fetch`` added as graph outputs, serialized."""
-    aug = ModelProto()
-    aug.CopyFrom(model)
-    known = {o.name for o in aug.graph.output}
-    for name in fetch:
-        if name not in known:
-            aug.graph.output.append(helper.make_empty_tensor_value_info(name))
+    aug = with_outputs(model, fetch)
     if aug.ByteSize() >= 2**31 - 2**20:  # pragma: no cover - needs a >2 GB model
         raise OnnxoptError("calibration of models over 2 GB is not supported yet.", "calibrate a model under 2 GB")
     return aug.SerializeToString()

@@ -39,7 +39,6 @@ import time
 from typing import Optional
 
 import numpy as np
-import onnx
 from onnx import ModelProto, numpy_helper
 
 from .. import runtime
@@ -67,13 +66,7 @@ def _limited(data, n: int):
 
 
 def _expose(model: ModelProto, tensors) -> ModelProto:
-    m = ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in dict.fromkeys(tensors):
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    return m
+    return runtime.with_outputs(model, tensors)
 
 
 def channel_means(model: ModelProto, tensors: list, data, max_samples: Optional[int] = None) -> dict:

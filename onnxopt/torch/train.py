@@ -199,14 +199,8 @@ class _TorchTeacher:
 
 class _OrtTeacher:
     def __init__(self, model: ModelProto, input_names, features):
-        from onnx import helper
         from .. import runtime
-        probe = ModelProto()
-        probe.CopyFrom(model)
-        known = {o.name for o in probe.graph.output}
-        for f in features:
-            if f not in known:
-                probe.graph.output.append(helper.make_empty_tensor_value_info(f))
+        probe = runtime.with_outputs(model, features)
         self.outputs = [o.name for o in model.graph.output]
         self.features = list(features)
         self.sess = runtime.session(probe, optimize=True)
