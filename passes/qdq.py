@@ -40,6 +40,8 @@ OPTIONS = [
     Option("activation_bits", int, 8, "activation bits, 2..8 (below 8: restricted range enforced by a Clip before Q)"),
     Option("symmetric", str, "auto", "activation symmetry: auto (the target's), true (zero point 0), false (asymmetric; ort/tidl only)",
            ("auto", "true", "false")),
+    Option("act_unsigned_low_bit", bool, True, "below 8 bits, non-negative activations (ReLU outputs...) take [0, 2^b-1] with zero point 0 "
+           "(int8 storage on int8 targets) instead of the symmetric [-q, q] that leaves half the levels unused"),
     Option("power_of_two", bool, False, "round every scale up to a power of two (forced for tidl-tda4vm)"),
     Option("low_bit", str, "restricted", "how <8-bit weights are stored: restricted (int8 range [-q, q]) or int4 (INT4 type, opset >= 21)",
            ("restricted", "int4")),

@@ -326,6 +326,25 @@ def test_op_types_filter():
     assert input_producer(q, "matmul", 1).op_type == "DequantizeLinear"
 
 
+def test_four_bit_relu_activations_unsigned_on_int8_target():
+    """Below 8 bits a ReLU output takes [0, 15] (int8, zero point 0), not [-7, 7]: the symmetric
+    range would leave the negative half of its 15 levels unused."""
+    m = conv_relu_conv()
+    f = feeds_for(m, 1)[0]
+    errs = {}
+    for unsigned in (True, False):
+        q, rec = quantize(m, target="tensorrt", weight_bits=8, activation_bits=4, act_unsigned_low_bit=unsigned)
+        acts = {a["tensor"]: a for a in rec.extra["info"]["activations"]}
+        clip = {n.input[0]: (float(inits(q)[n.input[1]]), float(inits(q)[n.input[2]])) for n in q.graph.node if n.op_type == "Clip"}
+        s = acts["r1"]["scale_value"]
+        assert acts["r1"]["zero_point_value"] == 0 and acts["r1"]["dtype"] == "int8"
+        assert clip["r1"] == pytest.approx((0.0, 15 * s) if unsigned else (-7 * s, 7 * s), rel=1e-6)
+        assert clip["x"] == pytest.approx((-7 * acts["x"]["scale_value"], 7 * acts["x"]["scale_value"]), rel=1e-6)  # signed input
+        assert qcheck.check_model(q, "tensorrt") == []
+        errs[unsigned] = np.abs(run(q, f)["y"] - run(m, f)["y"]).max()
+    assert errs[True] < errs[False]
+
+
 def test_four_bit_restricted_range_and_int4():
     m = conv_relu_conv()
     q, rec = quantize(m, target="tensorrt", weight_bits=4, activation_bits=4)

@@ -14,6 +14,8 @@ The math (per tensor, ``b`` bits):
 
 * symmetric signed: ``s = amax / (2^(b-1) - 1)``, ``zp = 0``, int8;
 * symmetric unsigned (non-negative tensor, tidl-tda4vm): ``s = amax / (2^b - 1)``, ``zp = 0``, uint8;
+  below 8 bits every target does this for non-negative tensors (``act_unsigned_low_bit``), in int8
+  storage on int8 targets: a 4-bit ReLU output gets [0, 15], not [-7, 7];
 * asymmetric uint8: the range is widened to contain 0 (exact zero padding), ``s = (hi - lo) / (2^b - 1)``,
   ``zp = round(-lo / s)``;
 * power of two: ``s <- 2^ceil(log2 s)`` (rounded up, as TI's observers do), zp recomputed;
@@ -233,12 +235,22 @@ def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules
         trt_table=options.get("trt_calib_table") or None,
     )
     symmetric = resolve_symmetric(options, rules)
-    # "unsigned" makes the calibrator clip at 0: only for symmetric uint8 quantization of tensors
-    # that are non-negative by construction (ReLU/Clip/Sigmoid outputs). Asymmetric ranges keep lo.
+    # "unsigned" makes the calibrator clip at 0: only for symmetric quantization with zero point 0
+    # of tensors that are non-negative by construction (ReLU/Clip/Sigmoid outputs) -- uint8 on
+    # uint8 targets, and below 8 bits on int8 targets too (see activation_params). Asymmetric
+    # ranges keep lo.
     nonneg = nonneg or set()
-    unsigned = {t: bool(symmetric and not rules.act_signed and t in nonneg) for t in tensors}
-    return calib.calibrate(model, list(tensors), data, cfg, symmetric=symmetric, unsigned=unsigned,
-                           bits=int(options.get("activation_bits", 8)))
+    bits = int(options.get("activation_bits", 8))
+    zero_based = not rules.act_signed or unsigned_low_bit(options, bits)
+    unsigned = {t: bool(symmetric and zero_based and t in nonneg) for t in tensors}
+    return calib.calibrate(model, list(tensors), data, cfg, symmetric=symmetric, unsigned=unsigned, bits=bits)
+
+
+def unsigned_low_bit(options: dict, bits: int) -> bool:
+    """Below 8 bits, non-negative activations use [0, 2^b - 1] with zero point 0 even on int8
+    targets (values stored in int8, which holds them for b <= 7): the symmetric [-q, q] range
+    spends half its levels on values a ReLU output never takes (LSQ quantizes them unsigned)."""
+    return bits < 8 and bool(options.get("act_unsigned_low_bit", True))
 
 
 # ----------------------------------------------------------------------------------- scales
@@ -246,8 +258,12 @@ def pow2(scale: np.ndarray) -> np.ndarray:
     return np.exp2(np.ceil(np.log2(np.maximum(scale, MIN_SCALE))))
 
 
-def activation_params(lo: float, hi: float, bits: int, rules: TargetRules, symmetric: bool, power_of_two: bool) -> ActParams:
-    """Scale / zero point / type of a per-tensor activation quantizer for range [lo, hi]."""
+def activation_params(lo: float, hi: float, bits: int, rules: TargetRules, symmetric: bool, power_of_two: bool,
+                      low_bit_unsigned: bool = False) -> ActParams:
+    """Scale / zero point / type of a per-tensor activation quantizer for range [lo, hi].
+
+    ``low_bit_unsigned`` (below 8 bits): a symmetric range with ``lo >= 0`` takes [0, 2^b - 1]
+    with zero point 0 in the target's own type (int8 on TensorRT), see :func:`unsigned_low_bit`."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise OnnxoptError(f"calibration returned a non-finite range [{lo}, {hi}].", "check the calibration data for overflowing activations")
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
@@ -256,7 +272,8 @@ def activation_params(lo: float, hi: float, bits: int, rules: TargetRules, symme
         # uint8 targets keep zero point 0 for non-negative tensors (uint8) and fall back to int8
         # with zero point 0 for signed ones; int8 targets (TensorRT) are always int8.
         unsigned = (not rules.act_signed) and lo >= 0.0
-        qmin, qmax = int_range(bits, signed=not unsigned, narrow=not unsigned)
+        zero_based = unsigned or (low_bit_unsigned and bits < 8 and lo >= 0.0)
+        qmin, qmax = int_range(bits, signed=not zero_based, narrow=not zero_based)
         scale = amax / qmax if amax > 0 else 1.0
         if power_of_two:
             scale = float(pow2(np.float64(scale)))
@@ -330,7 +347,7 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
     for rep, members in plan.groups.items():
         lo = min(float(ranges[m][0]) for m in members)
         hi = max(float(ranges[m][1]) for m in members)
-        p = activation_params(lo, hi, abits, rules, symmetric, power_of_two)
+        p = activation_params(lo, hi, abits, rules, symmetric, power_of_two, unsigned_low_bit(options, abits))
         dtype = np.float32
         first = tensors[members[0]]
         if first.dtype is not None and np.dtype(first.dtype) == np.float16:
