@@ -35,6 +35,12 @@ Removing an input channel also removes its average contribution to the consumer;
 data (or generated inputs), is folded into the consumer's bias:
 ``b'[o] = b[o] + mean(x_c) * sum_k W[o, c, k]`` -- exact for a constant channel (e.g. a channel
 whose filters are ~0 but whose BN shift is not) away from zero-padded borders.
+``compensate=refit`` goes further for dense 2-D convs (ThiNet / He et al.'s channel pruning):
+the consumer's kept weights and bias are refit by least squares so that, on the data, they
+reproduce the original output from the kept input channels (other consumers get the mean fold).
+Measured: ResNet56 CIFAR, inner convs pruned at 0.3 (``round_to=1``, residual producers
+protected), held-out top-1 before any finetuning 76.0 % (mean) -> 88.0 % (refit), unpruned
+90.33 % (tools/bench_finetune.py data).
 
 Not exact: the outputs change. The pass reports parameters, MACs and onnxruntime CPU latency
 before and after (per layer and in total) and the output error right after pruning, on the
@@ -78,8 +84,10 @@ IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
                "onnxruntime CPU and TIDL kernels; 1 = exact ratios"),
         Option("protect", list, [], "layers whose output channels are kept: node, output or weight names or regexes (full match)"),
         Option("keep_first_last", bool, True, "keep channel groups made only of the first layer's outputs or read only by the last layer(s)"),
-        Option("compensate", str, "mean", "fold the mean of every removed input channel into the consumer's bias (mean) or not (none)",
-               choices=("mean", "none")),
+        Option("compensate", str, "mean", "consumers of removed channels: fold each removed channel's mean into the bias (mean), "
+               "refit the kept weights and bias by least squares to the original output (refit; dense Conv, else mean) or nothing (none)",
+               choices=("mean", "refit", "none")),
+        Option("refit_ridge", float, 1e-3, "compensate=refit: ridge term, relative to the mean diagonal of the input Gram matrix"),
         Option("latency_runs", int, 20, "onnxruntime CPU runs for the latency before/after (median; 0 = skip)"),
         Option("eval_batches", int, 4, "batches of the data used to measure the output error after pruning"),
     ],
@@ -106,7 +114,8 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     removed, class_rows = _select(an, scores, protected, ratio, options)
     feeds, source = ctx.sample_feeds(model, options["eval_batches"])
     refs: list = []
-    compensated = _compensate(an, model, removed, feeds, refs) if options["compensate"] == "mean" and removed else 0
+    compensated = _compensate(an, model, removed, feeds, refs, options["compensate"], options["refit_ridge"]) \
+        if options["compensate"] != "none" and removed else 0
     if not refs:
         _reference_run(model, feeds, [], refs)
     new_model = an.rewrite(removed)
@@ -334,14 +343,24 @@ def _reference_run(model: ModelProto, feeds: list, tensors: list, refs: list) ->
     return {k: v / max(len(feeds), 1) for k, v in sums.items()}
 
 
-def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list, refs: list) -> int:
-    """Fold the mean of each removed input channel into the consumer's bias.
+def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list, refs: list,
+                how: str = "mean", ridge: float = 1e-3) -> int:
+    """Fold the mean of each removed input channel into the consumer's bias (``mean``), or refit
+    the consumer's kept weights and bias by least squares (``refit``, dense 2-D Conv only).
 
     A removed channel c of a consumer's input contributes ``sum_k W[o, c, k] * x_c`` to output o;
     replacing ``x_c`` by its mean over the data (all positions) keeps that expected contribution:
     ``b'[o] = b[o] + mean(x_c) * sum_k W[o, c, k]``. Exact for a constant channel away from the
     zero-padded border. Dense and grouped Conv and Gemm; a depthwise conv loses the whole group
     (outputs included), and MatMul has no bias to take it.
+
+    ``refit`` (ThiNet, Luo et al. 2017; He et al., *Channel Pruning*, 2017): the other kept
+    channels are usually correlated with the removed ones, so the best linear replacement is
+    better than the mean. With ``P`` the consumer's im2col patches of the original input plus a
+    column of ones, ``G = P^T P`` over the data, and ``K`` the patch columns of kept channels (and
+    the bias), ``[W_K, b]^T = (G_KK + r I)^-1 G_K: [W, b]^T`` minimizes
+    ``||P_K [W_K, b]^T - P [W, b]^T||^2 + r ||.||^2`` -- the original output from the kept inputs.
+    ``r = ridge * mean diag(G_KK)``. The mean fold is the special case where only the bias is free.
     """
     import onnx_graphsurgeon as gs
     from onnxopt.graph import NameGenerator, constant_value, input_at
@@ -359,11 +378,17 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     if not todo:
         return 0
     tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
+    refit = [(act, dead) for act, dead in todo if how == "refit" and _refittable(act)]
+    grams = _input_grams(model, feeds, refit) if refit else {}
     means = _reference_run(model, feeds, tensors, refs)
     names = NameGenerator(an.graph)
     done = 0
     for act, dead in todo:
         node = act[1]
+        if id(node) in grams:
+            _refit_conv(node, dead, grams[id(node)], ridge, names)
+            done += 1
+            continue
         mean = means[node.inputs[0].name]
         w = constant_value(node.inputs[1])
         wdt, w = w.dtype, w.astype(np.float64)
@@ -406,6 +431,67 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
             node.inputs[2] = gs.Constant(names("compensated_c"), np.ascontiguousarray(new))
         done += 1
     return done
+
+
+def _refittable(act: tuple) -> bool:
+    node = act[1]
+    w = node.inputs[1]
+    return (act[0] == "conv" and act[4] == "dense" and int(node.attrs.get("group", 1)) == 1
+            and str(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID") and w.shape is not None and len(w.shape) == 4)
+
+
+def _im2col(x: np.ndarray, node, kshape: tuple) -> np.ndarray:
+    """Patches [N*Ho*Wo, C*kh*kw] of an NCHW input (column order = the weight's [C, kh, kw])."""
+    kh, kw = kshape
+    sh, sw = node.attrs.get("strides", [1, 1])
+    dh, dw = node.attrs.get("dilations", [1, 1])
+    pads = node.attrs.get("pads", [0, 0, 0, 0])
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    win = np.lib.stride_tricks.sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]                     # [N, C, Ho, Wo, kh, kw]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+
+
+def _input_grams(model: ModelProto, feeds: list, todo: list) -> dict:
+    """{id(consumer node): Gram matrix of its [im2col patches, 1] over the feeds (original model)}."""
+    from onnxopt.graph import constant_value
+
+    tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
+    sess = runtime.session(runtime.with_outputs(model, tensors))
+    grams: dict = {}
+    for feed in feeds:
+        out = runtime.run(sess, feed, tensors)
+        for act, _ in todo:
+            node = act[1]
+            k = constant_value(node.inputs[1]).shape[2:]
+            p = _im2col(out[node.inputs[0].name].astype(np.float64), node, k)
+            p = np.concatenate([p, np.ones((len(p), 1))], axis=1)
+            grams[id(node)] = grams.get(id(node), 0.0) + p.T @ p
+    return grams
+
+
+def _refit_conv(node, dead: np.ndarray, gram: np.ndarray, ridge: float, names) -> None:
+    """Replace the consumer's weight and bias by the least-squares refit (see _compensate); the
+    removed input channels' weights are zeroed (the rewrite slices them away)."""
+    import onnx_graphsurgeon as gs
+    from onnxopt.graph import constant_value, input_at
+
+    w = constant_value(node.inputs[1])
+    wdt, cout, cin = w.dtype, w.shape[0], w.shape[1]
+    b = input_at(node, 2)
+    bias = np.zeros(cout) if b is None else constant_value(b).astype(np.float64)
+    full = np.concatenate([w.reshape(cout, -1).astype(np.float64), bias[:, None]], axis=1)   # [Cout, K+1]
+    per = w[0].size // cin
+    keep = np.concatenate([np.repeat(~dead, per), [True]])
+    g_kk = gram[np.ix_(keep, keep)]
+    r = ridge * float(np.mean(np.diag(g_kk)))
+    sol = np.linalg.solve(g_kk + r * np.eye(len(g_kk)), gram[keep] @ full.T)         # [|K|, Cout]
+    new = np.zeros_like(full)
+    new[:, keep] = sol.T
+    node.inputs[1] = gs.Constant(names("refit_w"), new[:, :-1].reshape(w.shape).astype(wdt))
+    while len(node.inputs) < 3:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[2] = gs.Constant(names("refit_b"), new[:, -1].astype(wdt))
 
 
 # --------------------------------------------------------------------------------- report

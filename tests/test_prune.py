@@ -431,6 +431,35 @@ def test_mean_compensation_keeps_a_constant_channel(tmp_path):
     assert np.abs(run(off, feed)["out"] - run(m, feed)["out"]).max() > 1e-2
 
 
+def test_refit_compensation_recovers_a_redundant_channel(tmp_path):
+    """A removed channel that is a multiple of a kept one (ReLU(2a) = 2 ReLU(a)) is reproduced
+    exactly by compensate=refit (least squares on the consumer's patches, here a padded stride-2
+    3x3 conv); the mean fold cannot do it."""
+    b = pm.B(5)
+    feat = b.conv("input", 3, 6, k=3, name="feat")
+    r = b.node("Relu", [feat])
+    b.conv(r, 6, 4, k=3, stride=2, name="out")
+    m = b.model([("input", [1, 3, 16, 16])], [("out", [1, 4, 8, 8])])
+    conv = m.graph.node[0]
+    for idx in (1, 2):   # filter and bias of channel 2 = 2 x channel 0
+        t = next(i for i in m.graph.initializer if i.name == conv.input[idx])
+        arr = numpy_helper.to_array(t).copy()
+        arr[2] = 2 * arr[0]
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"feat": [1, 1, 0, 1, 1, 1]}))
+    feeds = [runtime.generate_inputs(m, seed=s) for s in range(4)]
+    ctx = PassContext(data=lambda: iter(feeds))
+    common = {**FAST, "ratio": 0.17, "scores": str(path), "keep_first_last": False, "eval_batches": 4}
+    refit, rep = apply(m, "prune", options={"prune": {**common, "compensate": "refit", "refit_ridge": 1e-9}}, context=ctx)
+    mean, _ = apply(m, "prune", options={"prune": {**common, "compensate": "mean"}}, context=ctx)
+    assert rep.passes[0].changes["channels_removed"] == 1 and rep.passes[0].extra["compensated_layers"] == 1
+    feed = runtime.generate_inputs(m, seed=9)
+    ref = run(m, feed)["out"]
+    assert np.abs(run(refit, feed)["out"] - ref).max() < 1e-3 * np.abs(ref).max()
+    assert np.abs(run(mean, feed)["out"] - ref).max() > 1e-2 * np.abs(ref).max()
+
+
 def test_default_rounds_widths_to_8():
     m = pm.yolo_like()
     out, report = apply(m, "prune", options={"prune": {"ratio": 0.3, "latency_runs": 0, "keep_first_last": False}})
