@@ -282,3 +282,49 @@ def test_epochs_zero_with_bn_recalib_needs_no_teacher(tmp_path):
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     assert not np.allclose(before["mu"], after["mu"]) and np.array_equal(before["w1"], after["w1"])
+
+
+def fixed_batch_classifier(tail="reshape"):
+    """tiny_classifier exported with a fixed batch of 1: GAP -> Reshape([1, 8]) -> Gemm (what
+    EfficientNet-Lite0's export does), or with ``tail="concat"`` a Concat with a constant [1, 0]
+    after it: a no-op at batch 1 that also fixes the batch, and is not a Reshape."""
+    m = tiny_classifier()
+    g = m.graph
+    for v in list(g.input) + list(g.output):
+        v.type.tensor_type.shape.dim[0].Clear()
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    flatten = next(n for n in g.node if n.op_type == "Flatten")
+    idx = list(g.node).index(flatten)
+    g.node.remove(flatten)
+    g.initializer.append(numpy_helper.from_array(np.array([1, 8], np.int64), "flat_shape"))
+    new = [helper.make_node("Reshape", ["gap", "flat_shape"], ["flat" if tail == "reshape" else "flat0"], name="reshape")]
+    if tail == "concat":
+        g.initializer.append(numpy_helper.from_array(np.zeros((1, 0), np.float32), "empty"))
+        new.append(helper.make_node("Concat", ["flat0", "empty"], ["flat"], axis=1, name="concat"))
+    for k, n in enumerate(new):
+        g.node.insert(idx + k, n)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_fixed_batch_export_trains_at_larger_batches(tmp_path):
+    """A batch-1 export trains at batch 16 (Reshape shapes follow the running batch); the written
+    model keeps its batch-1 interface and matches onnxruntime. Other batch-fixing ops: clear error."""
+    pytest.importorskip("torch")
+    from onnxopt.errors import OptionError
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    teacher = fixed_batch_classifier()
+    student = perturbed(teacher)
+    path = data_file(tmp_path)
+    xs = rand(16, 3, 8, 8, seed=99)
+    kl = lambda m: float(np.mean([kl_to_teacher(m, teacher, xs[i:i + 1]) for i in range(len(xs))]))  # noqa: E731
+    before = kl(student)
+    cfg = FinetuneConfig(epochs=6, lr=3e-3, batch_size=16, progress=False, log=lambda m: None, threads=1)
+    res = finetune(student, open_ds(path, student), teacher=teacher, config=cfg)
+    onnx.checker.check_model(res.model, full_check=True)
+    assert res.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert kl(res.model) < 0.5 * before
+    assert res.parity["max_abs"] <= 1e-4
+    bad = fixed_batch_classifier("concat")
+    with pytest.raises(OptionError, match="fixes its batch at 1 and cannot run a batch of 16"):
+        finetune(bad, open_ds(path, bad), teacher=bad, config=cfg)

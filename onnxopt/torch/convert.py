@@ -134,6 +134,10 @@ class OnnxModule(nn.Module):
         init_names = {t.name for t in g.initializer}
         self.input_names = [i.name for i in g.input if i.name not in init_names]
         self.output_names = [o.name for o in g.output]
+        # An export with a fixed batch (often 1) bakes that batch into Reshape shapes; training
+        # runs larger batches, so op_reshape swaps the declared batch for the running one.
+        self.declared_batch = _declared_batch(g, self.input_names)
+        self.running_batch: Optional[int] = None
         self.capture: set = set()
         self.captured: dict = {}
         self.params = nn.ParameterDict()
@@ -376,6 +380,8 @@ class OnnxModule(nn.Module):
         missing = [n for n in self.input_names if n not in env]
         if missing:
             raise OnnxoptError(f"missing model input(s): {', '.join(missing)}", f"the model takes {', '.join(self.input_names)}")
+        first = env[self.input_names[0]] if self.input_names else None
+        self.running_batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
         capture = self.capture
         captured = {}
         training = self.training
@@ -687,6 +693,10 @@ def op_reshape(m, node, ins):
     x, shape = ins[0], _ints(ins[1])
     if not node.attrs.get("allowzero", 0):
         shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    b0, b = m.declared_batch, m.running_batch
+    if b0 is not None and b is not None and b != b0 and shape and shape[0] == b0 and x.dim() and x.shape[0] == b:
+        # a fixed-batch export run on another batch: the leading dim is the batch (x carries it)
+        shape = [b] + list(shape[1:])
     return x.reshape(shape)
 
 
@@ -1048,6 +1058,18 @@ _OPS: Dict[str, Callable] = {
 }
 
 SUPPORTED_OPS = sorted(_OPS) + ["Constant"]
+
+
+def _declared_batch(g, input_names) -> Optional[int]:
+    """The fixed leading dimension shared by every graph input, or None (symbolic or mixed)."""
+    dims = set()
+    for i in g.input:
+        if i.name in input_names:
+            shape = i.type.tensor_type.shape.dim
+            if not shape or not shape[0].HasField("dim_value") or shape[0].dim_value <= 0:
+                return None
+            dims.add(shape[0].dim_value)
+    return dims.pop() if len(dims) == 1 else None
 
 
 def to_torch(model: ModelProto, **kwargs) -> OnnxModule:

@@ -244,9 +244,9 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
 
     student = OnnxModule(model, quant_mode=cfg.quant_mode, train_scales=cfg.train_scales, bn_mode=bn_mode,
                          weight_ranges=cfg.weight_ranges, weight_modes=cfg.weight_modes, float_weights=cfg.float_weights).to(device)
-    _check_batch(model, cfg.batch_size)
     arrays, labels = materialize(data, student.input_names)
     n = len(next(iter(arrays.values())))
+    _check_batch(student, arrays, min(cfg.batch_size, n), device)
     user_loss = load_user_loss(cfg.user_loss) if cfg.user_loss else None
     if teacher is None and labels is None and user_loss is None and cfg.epochs > 0:
         raise OptionError("nothing to learn from: no --teacher, no labels and no --loss.",
@@ -399,16 +399,22 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
     return FinetuneResult(result, history, parity, sps, student)
 
 
-def _check_batch(model: ModelProto, batch_size: int) -> None:
-    """A graph exported with a fixed batch of 1 (Reshape to [1, -1] etc.) cannot take batches."""
-    init = {t.name for t in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in init:
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if batch_size > 1 and dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
-            raise OptionError(f"input '{inp.name}' has a fixed batch dimension of 1, but --batch-size is {batch_size}.",
-                              "use --batch-size 1, or re-export the model with a dynamic batch dimension")
+def _check_batch(student: OnnxModule, arrays: dict, batch: int, device) -> None:
+    """A graph exported with a fixed batch trains at other batches when only Reshape shapes bake the
+    batch in (OnnxModule handles those); anything else that fixes it fails here, with the fix."""
+    declared = student.declared_batch
+    if declared is None or batch == declared:
+        return
+    was_training = student.training
+    try:
+        with torch.no_grad():
+            student.eval()
+            student(*[torch.from_numpy(np.ascontiguousarray(arrays[k][:batch])).to(device) for k in student.input_names])
+    except Exception as exc:
+        raise OptionError(f"the model fixes its batch at {declared} and cannot run a batch of {batch}: {str(exc).splitlines()[0][:200]}",
+                          f"use --batch-size {declared}, or re-export the model with a dynamic batch dimension") from None
+    finally:
+        student.train(was_training)
 
 
 def _progress(total: int, desc: str, enabled: bool):
