@@ -110,6 +110,30 @@ def latency(models: dict, feed, threads, runs=40, rounds=4):
     return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
 
+def op_class_profile(model, feed, threads=1, runs=30) -> dict:
+    """Kernel time per run (ms) by op class from onnxruntime's profiler: dense conv, depthwise conv
+    (group == channels), everything else. Says where an int8 speed-up comes from, or not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.log_severity_level = threads, 3
+        so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "prof")
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, feed)
+        events = json.load(open(sess.end_profiling()))
+        groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1)
+                  for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node}
+    out = {"dense conv": 0.0, "depthwise conv": 0.0, "other": 0.0}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        op, name = e["args"]["op_name"], e["name"][: -len("_kernel_time")]
+        key = "other" if "Conv" not in op else ("depthwise conv" if groups.get(name, 1) > 1 else "dense conv")
+        out[key] += e["dur"] / 1000.0 / runs
+    return out
+
+
 def violations(model, target):
     vs = qcheck.check_model(model, target)
     fmt = [v for v in vs if v.kind == "format"]
@@ -303,8 +327,9 @@ def task_yolox(args, results):
 
 
 def task_speed(args, results):
-    """Latency only: fp32 vs the --target ort int8 model (calibrated on 16 samples) for every model."""
-    rows = []
+    """Latency only: fp32 vs the --target ort int8 model (calibrated on 16 samples) for every model,
+    then the kernel time by op class (1 thread, onnxruntime's profiler)."""
+    rows, profile = [], []
     specs = [
         ("effnet-lite0", "efficientnet_lite0.onnx", "imagenet", dict(size=256, crop=224, mean=[127.0], std=[128.0]), []),
         ("resnet20", "resnet20_cifar10.onnx", "cifar10_test_1017.npz", dict(scale=1 / 255.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), ["cleanup", "bnfuse"]),
@@ -322,7 +347,14 @@ def task_speed(args, results):
             lat = latency({"fp32": model, "int8": q}, feeds[0], threads, runs=args.runs, rounds=10)
             rows.append({"model": name, "threads": threads, "fp32_ms": lat["fp32"], "int8_ms": lat["int8"], "speedup": lat["fp32"] / lat["int8"]})
             log(str(rows[-1]))
+        fp, i8 = op_class_profile(model, feeds[0]), op_class_profile(q, feeds[0])
+        for cls in fp:
+            if fp[cls] or i8[cls]:
+                profile.append({"model": name, "op class": cls, "fp32_ms": fp[cls], "int8_ms": i8[cls],
+                                "speedup": fp[cls] / i8[cls] if i8[cls] else None})
+                log(str(profile[-1]))
     results["speed"] = rows
+    results["speed_by_op_class"] = profile
 
 
 def print_tables(results):
