@@ -13,7 +13,11 @@ Data: the shared CIFAR subset, first 717 images for finetuning, last 300 held ou
 x/255, mean (.485,.456,.406), std (.229,.224,.225)); labels are used only for evaluation.
 
     python tools/bench_finetune.py [--only r56,r20,tput] [--epochs-r56 8] [--epochs-r20 8] [--bn-mode train]
-                                   [--bn-recalib] [--keep-first-last] [--json out.json]
+                                   [--bn-recalib] [--keep-first-last] [--optimizer adam] [--weight-decay 0]
+                                   [--prune-round-to 8] [--prune-protect REGEX,...] [--prune-compensate mean|refit]
+                                   [--prune-mode uniform] [--prune-importance l1] [--json out.json]
+
+The r56 row reports the prune options and the MACs/params reduction they give.
 """
 from __future__ import annotations
 
@@ -87,6 +91,15 @@ def residual_features(teacher, student) -> list:
     return [o for o in adds if o in st and st[o] == ss.get(o) and all(d > 0 for d in st[o][1:])]
 
 
+def prune_options(args) -> dict:
+    """The prune pass options of the r56 figure, from the --prune-* flags."""
+    opts = {"ratio": args.prune_ratio, "round_to": args.prune_round_to, "mode": args.prune_mode,
+            "importance": args.prune_importance, "compensate": args.prune_compensate, "latency_runs": 0}
+    if args.prune_protect:
+        opts["protect"] = args.prune_protect.split(",")
+    return opts
+
+
 def run_r56(args, tmp, rows, log):
     from onnxopt.torch.train import FinetuneConfig, finetune
     xt, _, xh, yh = cifar()
@@ -94,11 +107,14 @@ def run_r56(args, tmp, rows, log):
     data = train_source(base, xt, tmp)
     acc_base = top1(base, xh, yh)
     ctx = PassContext(data=data, log=lambda m: None)
-    pruned, rep = onnxopt.apply(base, "prune", {"prune": {"ratio": 0.3, "latency_runs": 0}}, context=ctx)
+    popts = prune_options(args)
+    pruned, rep = onnxopt.apply(base, "prune", {"prune": popts}, context=ctx)
+    pex = rep.passes[-1].extra
+    log(f"prune {popts}: MACs -{100 * pex['macs']['reduction']:.1f} %, params -{100 * pex['params']['reduction']:.1f} %")
     acc_pruned = top1(pruned, xh, yh)
     acc_recalib = top1(_bn_recalibrated(pruned, xt), xh, yh)   # what re-estimating BN alone recovers
-    params = (onnxopt.summarize(base)["params"], onnxopt.summarize(pruned)["params"]) if "params" in onnxopt.summarize(base) else (None, None)
     cfg = FinetuneConfig(epochs=args.epochs_r56, lr=args.lr_r56, batch_size=32, augment=True, progress=False, log=log, threads=args.threads,
+                         optimizer=args.optimizer, weight_decay=args.weight_decay,
                          bn_mode=args.bn_mode, bn_recalib=args.bn_recalib, warmup=args.warmup,
                          feature_loss=residual_features(base, pruned) if args.feature_loss else (), feature_weight=args.feature_weight)
     log(f"feature distillation on {len(cfg.feature_loss)} residual tensors")
@@ -109,8 +125,9 @@ def run_r56(args, tmp, rows, log):
     sps = statistics.median(h["samples_per_second"] for h in res.history)
     rows.append({"figure": "resnet56 prune 0.3 + distillation", "baseline_top1": acc_base, "before_finetune_top1": acc_pruned, "bn_recalib_only_top1": acc_recalib,
                  "after_finetune_top1": acc_ft, "drop_points": round(acc_base - acc_ft, 2), "target_drop": 1.5,
-                 "met": acc_base - acc_ft <= 1.5, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib, "feature_tensors": len(cfg.feature_loss), "warmup": args.warmup, "epochs": args.epochs_r56, "lr": args.lr_r56, "finetune_seconds": round(secs, 1),
-                 "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs"), "params": params})
+                 "met": acc_base - acc_ft <= 1.5, "prune": popts, "macs_reduction": pex["macs"]["reduction"],
+                 "params_reduction": pex["params"]["reduction"], "optimizer": args.optimizer, "weight_decay": args.weight_decay, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib, "feature_tensors": len(cfg.feature_loss), "warmup": args.warmup, "epochs": args.epochs_r56, "lr": args.lr_r56, "finetune_seconds": round(secs, 1),
+                 "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs")})
 
 
 def run_r20(args, tmp, rows, log):
@@ -127,14 +144,15 @@ def run_r20(args, tmp, rows, log):
                                                                                      "keep_first_last": args.keep_first_last})
     acc_qat_init = top1(qmodel, xh, yh)
     cfg = FinetuneConfig(epochs=args.epochs_r20, lr=args.lr_r20, batch_size=32, augment=True, progress=False, log=log,
-                         threads=args.threads, bn_mode=args.bn_mode, bn_recalib=args.bn_recalib, quant_mode=args.quant_mode, warmup=args.warmup, **overrides)
+                         threads=args.threads, bn_mode=args.bn_mode, bn_recalib=args.bn_recalib, quant_mode=args.quant_mode, warmup=args.warmup,
+                         optimizer=args.optimizer, weight_decay=args.weight_decay, **overrides)
     t0 = time.perf_counter()
     res = finetune(qmodel, data, teacher=base, config=cfg)
     secs = time.perf_counter() - t0
     acc_qat = top1(res.model, xh, yh)
     sps = statistics.median(h["samples_per_second"] for h in res.history)
     rows.append({"figure": "resnet20 W4A4 QAT by distillation", "fp32_top1": acc_fp, "ptq_w4a4_top1": acc_ptq, "qat_start_top1": acc_qat_init,
-                 "qat_calib": args.calib_method, "keep_first_last_float": args.keep_first_last, "qat_w4a4_top1": acc_qat, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib,
+                 "qat_calib": args.calib_method, "keep_first_last_float": args.keep_first_last, "qat_w4a4_top1": acc_qat, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib,
                  "drop_points": round(acc_fp - acc_qat, 2), "target_drop": 2.0, "met": acc_fp - acc_qat <= 2.0,
                  "epochs": args.epochs_r20, "lr": args.lr_r20, "finetune_seconds": round(secs, 1),
                  "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs")})
@@ -170,6 +188,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with a linear lr warm-up")
     ap.add_argument("--feature-loss", action="store_true", help="r56: also distill the residual-stream tensors (Add outputs) of the unpruned model")
     ap.add_argument("--feature-weight", type=float, default=1.0)
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--prune-ratio", type=float, default=0.3)
+    ap.add_argument("--prune-round-to", type=int, default=8, help="prune.round_to (8 = the pass default; 1 = exact ratios)")
+    ap.add_argument("--prune-mode", default="uniform", choices=["uniform", "global"])
+    ap.add_argument("--prune-importance", default="l1")
+    ap.add_argument("--prune-compensate", default="mean")
+    ap.add_argument("--prune-protect", default="", help="prune.protect regexes, comma-separated (e.g. '.*/conv2/Conv' keeps the residual streams)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto from the load average)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
