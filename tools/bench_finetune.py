@@ -145,17 +145,21 @@ def run_r20(args, tmp, rows, log):
     acc_qat_init = top1(qmodel, xh, yh)
     cfg = FinetuneConfig(epochs=args.epochs_r20, lr=args.lr_r20, batch_size=32, augment=True, progress=False, log=log,
                          threads=args.threads, bn_mode=args.bn_mode, bn_recalib=args.bn_recalib, quant_mode=args.quant_mode, warmup=args.warmup,
-                         optimizer=args.optimizer, weight_decay=args.weight_decay, **overrides)
+                         optimizer=args.optimizer, weight_decay=args.weight_decay, feature_weight=args.feature_weight,
+                         feature_loss=residual_features(base, qmodel) if args.feature_loss else (), **overrides)
+    log(f"feature distillation on {len(cfg.feature_loss)} residual tensors")
     t0 = time.perf_counter()
     res = finetune(qmodel, data, teacher=base, config=cfg)
     secs = time.perf_counter() - t0
     acc_qat = top1(res.model, xh, yh)
+    from onnxopt.quant.check import check_model
+    violations = check_model(res.model, "tensorrt")   # the written QDQ model stays valid for its target
     sps = statistics.median(h["samples_per_second"] for h in res.history)
     rows.append({"figure": "resnet20 W4A4 QAT by distillation", "fp32_top1": acc_fp, "ptq_w4a4_top1": acc_ptq, "qat_start_top1": acc_qat_init,
-                 "qat_calib": args.calib_method, "keep_first_last_float": args.keep_first_last, "qat_w4a4_top1": acc_qat, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib,
+                 "qat_calib": args.calib_method, "keep_first_last_float": args.keep_first_last, "qat_w4a4_top1": acc_qat, "feature_tensors": len(cfg.feature_loss), "optimizer": args.optimizer, "weight_decay": args.weight_decay, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib,
                  "drop_points": round(acc_fp - acc_qat, 2), "target_drop": 2.0, "met": acc_fp - acc_qat <= 2.0,
                  "epochs": args.epochs_r20, "lr": args.lr_r20, "finetune_seconds": round(secs, 1),
-                 "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs")})
+                 "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs"), "check_tensorrt_violations": len(violations)})
 
 
 def run_tput(args, tmp, rows, log):
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-first-last", action="store_true", help="QAT: keep the first and last layers in float (LSQ paper protocol)")
     ap.add_argument("--quant-mode", default="lsq", choices=["lsq", "pact", "fixed"])
     ap.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with a linear lr warm-up")
-    ap.add_argument("--feature-loss", action="store_true", help="r56: also distill the residual-stream tensors (Add outputs) of the unpruned model")
+    ap.add_argument("--feature-loss", action="store_true", help="also distill the residual-stream tensors (Add outputs) of the original model")
     ap.add_argument("--feature-weight", type=float, default=1.0)
     ap.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     ap.add_argument("--weight-decay", type=float, default=0.0)
