@@ -97,7 +97,7 @@ def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows
         if fb:
             row["fallback"] = {k: fb[k] for k in ("high_precision_layers", "high_precision_mac_share", "met", "latency_ms_ort_cpu", "error_after")}
         if "adaround" in rep:
-            row["adaround"] = {k: rep["adaround"][k] for k in ("layers", "improved", "seconds", "skipped")}
+            row["adaround"] = {k: rep["adaround"].get(k) for k in ("layers", "improved", "sequential", "samples", "seconds", "skipped")}
         rows.append(row)
         log(json.dumps(row))
 
