@@ -88,6 +88,8 @@ IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
                "refit the kept weights and bias by least squares to the original output (refit; dense Conv, else mean) or nothing (none)",
                choices=("mean", "refit", "none")),
         Option("refit_ridge", float, 1e-3, "compensate=refit: ridge term, relative to the mean diagonal of the input Gram matrix"),
+        Option("refit_samples", int, 128, "compensate=refit: data samples the least squares are fit on (a conv whose patches are "
+               "fewer than 4x its kept weights per output falls back to the mean fold)"),
         Option("latency_runs", int, 20, "onnxruntime CPU runs for the latency before/after (median; 0 = skip)"),
         Option("eval_batches", int, 4, "batches of the data used to measure the output error after pruning"),
     ],
@@ -114,7 +116,8 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     removed, class_rows = _select(an, scores, protected, ratio, options)
     feeds, source = ctx.sample_feeds(model, options["eval_batches"])
     refs: list = []
-    compensated = _compensate(an, model, removed, feeds, refs, options["compensate"], options["refit_ridge"]) \
+    fit_feeds = _sample_feeds(ctx, model, options["refit_samples"]) if options["compensate"] == "refit" and removed else None
+    compensated = _compensate(an, model, removed, feeds, refs, options["compensate"], options["refit_ridge"], fit_feeds) \
         if options["compensate"] != "none" and removed else 0
     if not refs:
         _reference_run(model, feeds, [], refs)
@@ -343,8 +346,22 @@ def _reference_run(model: ModelProto, feeds: list, tensors: list, refs: list) ->
     return {k: v / max(len(feeds), 1) for k, v in sums.items()}
 
 
+def _sample_feeds(ctx: PassContext, model: ModelProto, samples: int) -> list:
+    """Feeds holding about ``samples`` samples of the user's data (whatever its batch size), or
+    generated inputs when there is none."""
+    if ctx.data is None:
+        return ctx.sample_feeds(model, max(1, min(samples, 16)))[0]
+    feeds, count = [], 0
+    for feed in ctx.data():
+        feeds.append(feed)
+        count += next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
+        if count >= samples:
+            break
+    return feeds
+
+
 def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list, refs: list,
-                how: str = "mean", ridge: float = 1e-3) -> int:
+                how: str = "mean", ridge: float = 1e-3, fit_feeds: list | None = None) -> int:
     """Fold the mean of each removed input channel into the consumer's bias (``mean``), or refit
     the consumer's kept weights and bias by least squares (``refit``, dense 2-D Conv only).
 
@@ -379,14 +396,13 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
         return 0
     tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
     refit = [(act, dead) for act, dead in todo if how == "refit" and _refittable(act)]
-    grams = _input_grams(model, feeds, refit) if refit else {}
+    grams = _input_grams(model, fit_feeds or feeds, refit) if refit else {}
     means = _reference_run(model, feeds, tensors, refs)
     names = NameGenerator(an.graph)
     done = 0
     for act, dead in todo:
         node = act[1]
-        if id(node) in grams:
-            _refit_conv(node, dead, grams[id(node)], ridge, names)
+        if id(node) in grams and _refit_conv(node, dead, grams[id(node)], ridge, names):
             done += 1
             continue
         mean = means[node.inputs[0].name]
@@ -453,7 +469,8 @@ def _im2col(x: np.ndarray, node, kshape: tuple) -> np.ndarray:
 
 
 def _input_grams(model: ModelProto, feeds: list, todo: list) -> dict:
-    """{id(consumer node): Gram matrix of its [im2col patches, 1] over the feeds (original model)}."""
+    """{id(consumer node): (Gram matrix of its [im2col patches, 1], patch rows) over the feeds
+    (original model)}."""
     from onnxopt.graph import constant_value
 
     tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
@@ -466,16 +483,19 @@ def _input_grams(model: ModelProto, feeds: list, todo: list) -> dict:
             k = constant_value(node.inputs[1]).shape[2:]
             p = _im2col(out[node.inputs[0].name].astype(np.float64), node, k)
             p = np.concatenate([p, np.ones((len(p), 1))], axis=1)
-            grams[id(node)] = grams.get(id(node), 0.0) + p.T @ p
+            g, rows = grams.get(id(node), (0.0, 0))
+            grams[id(node)] = (g + p.T @ p, rows + len(p))
     return grams
 
 
-def _refit_conv(node, dead: np.ndarray, gram: np.ndarray, ridge: float, names) -> None:
+def _refit_conv(node, dead: np.ndarray, gram: tuple, ridge: float, names) -> bool:
     """Replace the consumer's weight and bias by the least-squares refit (see _compensate); the
-    removed input channels' weights are zeroed (the rewrite slices them away)."""
+    removed input channels' weights are zeroed (the rewrite slices them away). False (nothing
+    changed) when the data gave too few patches to fit the kept weights of one output."""
     import onnx_graphsurgeon as gs
     from onnxopt.graph import constant_value, input_at
 
+    gram, rows = gram
     w = constant_value(node.inputs[1])
     wdt, cout, cin = w.dtype, w.shape[0], w.shape[1]
     b = input_at(node, 2)
@@ -483,6 +503,8 @@ def _refit_conv(node, dead: np.ndarray, gram: np.ndarray, ridge: float, names) -
     full = np.concatenate([w.reshape(cout, -1).astype(np.float64), bias[:, None]], axis=1)   # [Cout, K+1]
     per = w[0].size // cin
     keep = np.concatenate([np.repeat(~dead, per), [True]])
+    if rows < 4 * int(keep.sum()):
+        return False
     g_kk = gram[np.ix_(keep, keep)]
     r = ridge * float(np.mean(np.diag(g_kk)))
     sol = np.linalg.solve(g_kk + r * np.eye(len(g_kk)), gram[keep] @ full.T)         # [|K|, Cout]
@@ -492,6 +514,7 @@ def _refit_conv(node, dead: np.ndarray, gram: np.ndarray, ridge: float, names) -
     while len(node.inputs) < 3:
         node.inputs.append(gs.Variable.empty())
     node.inputs[2] = gs.Constant(names("refit_b"), new[:, -1].astype(wdt))
+    return True
 
 
 # --------------------------------------------------------------------------------- report
