@@ -182,6 +182,9 @@ def _optimize(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, iters: int
     b1, b2, eps = 0.9, 0.999, 1e-8
     norm = max(abs(loss_near - recon(w)), 1e-30)  # nearest's excess error over the float weight
     warm = int(warmup * iters)
+    # the iterations' products in float32 (twice as fast; the Gram of a 1152-input layer makes
+    # them the learning's whole cost); the losses that decide between candidates stay float64
+    gqq32, target32 = gqq.astype(np.float32), target.astype(np.float32)
     for it in range(iters):
         sig = 1.0 / (1.0 + np.exp(-v))
         hraw = sig * (ZETA - GAMMA) + GAMMA
@@ -189,7 +192,7 @@ def _optimize(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, iters: int
         wint = base + h
         inside = (wint >= qmin) & (wint <= qmax)
         wq = np.clip(wint, qmin, qmax) * s
-        grad_w = 2.0 * (apply(wq, gqq) - target) / norm
+        grad_w = 2.0 * (apply(wq.astype(np.float32), gqq32) - target32).astype(np.float64) / norm
         dh = sig * (1 - sig) * (ZETA - GAMMA) * ((hraw > 0) & (hraw < 1))
         grad_v = grad_w * s * inside * dh
         if it >= warm:
