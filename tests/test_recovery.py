@@ -80,6 +80,29 @@ def _int_bias_qdq():
     return float_model, q, info, calib
 
 
+def test_bias_correction_that_raises_the_error_is_reverted(se_setup, monkeypatch):
+    """A correction that makes the outputs worse (as after AdaRound on EfficientNet-Lite0) is
+    undone and reported, not applied."""
+    m, calib, _ = se_setup
+    q, info = se_models.reference_qdq(m, calib, weight_bits=4, target="tensorrt")
+
+    def harmful(float_model, qmodel, info, data, n, log):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(qmodel)
+        for t in bad.graph.initializer:   # shift every float bias far off
+            if t.data_type == onnx.TensorProto.FLOAT and t.name in {l.get("bias") for l in info["layers"]}:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + 5.0, t.name))
+        return bad, {"method": "empirical"}
+
+    monkeypatch.setattr(recovery, "empirical_bias_correction", harmful)
+    logs = []
+    out, rep = recovery.recover(m, q, info, {"bias_correction": "empirical"}, lambda: iter(calib), PassContext(log=logs.append))
+    bc = rep["bias_correction"]
+    assert bc["rel_error_after"] > bc["rel_error_before"] and "reverted" in bc
+    assert out.SerializeToString() == q.SerializeToString()
+    assert any("reverted" in line for line in logs)
+
+
 def test_int32_bias_and_missing_bias_are_corrected():
     m, q, info, calib = _int_bias_qdq()
     out, rep = recovery.recover(m, q, info, {"bias_correction": "empirical"}, lambda: iter(calib), PassContext())

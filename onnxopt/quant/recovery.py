@@ -4,7 +4,9 @@ Entry point :func:`recover` (called by the ``qdq`` pass when one of its reserved
 see ``notes/contracts.md``). Steps, in this order, each optional:
 
 1. ``rounding=adaround`` -- learned weight rounding per layer (:mod:`onnxopt.quant.adaround`).
-2. ``bias_correction``:
+2. ``bias_correction`` (undone, and reported as reverted, when it raises the relative output
+   error on the reference samples -- as it does after AdaRound, which leaves shifts where a
+   following ReLU6 clips that the correction then moves):
 
    * ``empirical`` (Nagel et al. 2019 §4.2, AIMET's empirical bias correction): for every layer,
      ``E[y_q] - E[y_f]`` per output channel -- the mean of the layer's output error over the
@@ -390,10 +392,19 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
 
         view = QdqView(float_model, model, info)
         model, report["adaround"] = adaround(view, data, iters=int(options.get("adaround_iters", 500)), log=log)
-    if bc == "empirical":
-        model, report["bias_correction"] = empirical_bias_correction(float_model, model, info, data, n_samples or BIAS_SAMPLES, log)
-    elif bc == "analytical":
-        model, report["bias_correction"] = analytical_bias_correction(float_model, model, info, data, n_samples, log)
+    if bc != "none":
+        correct = empirical_bias_correction if bc == "empirical" else analytical_bias_correction
+        corrected, rep = correct(float_model, model, info, data, (n_samples or BIAS_SAMPLES) if bc == "empirical" else n_samples, log)
+        if ref_feeds is not None:
+            # A correction must not make the outputs worse: after rounding=adaround it did
+            # (EfficientNet-Lite0 W4A8: 81.1 -> 0.1 % top-1), so it is checked and undone if so.
+            before, after = ev.error(model), ev.error(corrected)
+            rep = {**rep, "rel_error_before": before, "rel_error_after": after}
+            if after > before:
+                rep["reverted"] = f"output error rose from {before:.4g} to {after:.4g}; the model is left without it"
+                log(f"bias_correction={bc} reverted: {rep['reverted']}")
+                corrected = model
+        model, report["bias_correction"] = corrected, rep
     if fb == "auto":
         model, report["fallback"] = auto_fallback(float_model, model, info, data, max_error, precision, log)
     if ref_feeds is not None:
