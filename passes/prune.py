@@ -519,30 +519,10 @@ def _refit_conv(node, dead: np.ndarray, gram: tuple, ridge: float, names) -> boo
 
 # --------------------------------------------------------------------------------- report
 def _layer_latency(model: ModelProto, feed: dict, runs: int) -> dict:
-    """{node name: median ms} from onnxruntime's profiler, graph optimizations off so that every
-    layer keeps its own node (fused kernels would merge a Conv with its activation)."""
-    import json as _json
-    import os
-    import tempfile
-
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.enable_profiling = True
-    so.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        so.profile_file_prefix = os.path.join(tmp, "prune")
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        sess.run(None, feed)
-        for _ in range(runs):
-            sess.run(None, feed)
-        with open(sess.end_profiling()) as f:
-            events = _json.load(f)
-    times: dict = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            times.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1e3)
+    """{node name: median ms} from onnxruntime's profiler (one warm-up run included, as before),
+    graph optimizations off so that every layer keeps its own node (fused kernels would merge a
+    Conv with its activation)."""
+    times, _ = runtime.profile_kernels(model, feed, runs + 1)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

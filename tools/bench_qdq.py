@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
-from onnxopt import manager, model_io  # noqa: E402
+from onnxopt import manager, model_io, runtime  # noqa: E402
 from onnxopt.data import open_data  # noqa: E402
 from onnxopt.quant import check as qcheck  # noqa: E402
 from onnxopt.registry import PassContext  # noqa: E402
@@ -113,24 +113,14 @@ def latency(models: dict, feed, threads, runs=40, rounds=4):
 def op_class_profile(model, feed, threads=1, runs=30) -> dict:
     """Kernel time per run (ms) by op class from onnxruntime's profiler: dense conv, depthwise conv
     (group == channels), everything else. Says where an int8 speed-up comes from, or not."""
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.log_severity_level = threads, 3
-        so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "prof")
-        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        for _ in range(runs):
-            sess.run(None, feed)
-        events = json.load(open(sess.end_profiling()))
-        groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1)
-                  for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node}
+    times, executed = runtime.profile_kernels(model, feed, runs, optimize=True, threads=threads, with_graph=True)
+    nodes = {n.name: n for n in executed.graph.node}
     out = {"dense conv": 0.0, "depthwise conv": 0.0, "other": 0.0}
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        op, name = e["args"]["op_name"], e["name"][: -len("_kernel_time")]
-        key = "other" if "Conv" not in op else ("depthwise conv" if groups.get(name, 1) > 1 else "dense conv")
-        out[key] += e["dur"] / 1000.0 / runs
+    for name, ms in times.items():
+        node = nodes.get(name)
+        group = next((a.i for a in node.attribute if a.name == "group"), 1) if node is not None else 1
+        key = "other" if node is None or "Conv" not in node.op_type else ("depthwise conv" if group > 1 else "dense conv")
+        out[key] += sum(ms) / runs
     return out
 
 
