@@ -48,7 +48,6 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--bn-mode", default="frozen", choices=["frozen", "train"], help="BN is folded by bnfuse; kept for symmetry")
     ap.add_argument("--augment", action="store_true", help="random shift + flip on the finetuning images")
     ap.add_argument("--limit-train", type=int, default=0, help="finetune on the first N of the 800 images (0 = all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto from the load average)")
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
         rows["ptq_top1"] = top1(q, hfeeds, hlabels)
         log(f"original {rows['original_top1']:.2f}  lite,bnfuse {rows['lite_bnfuse_top1']:.2f}  +qdq {rows['ptq_top1']:.2f}")
         cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=args.augment, progress=False,
-                             log=log, threads=args.threads, bn_mode=args.bn_mode)
+                             log=log, threads=args.threads)
         t0 = time.perf_counter()
         res = finetune(q, data, teacher=base, config=cfg)
         rows["finetune_seconds"] = round(time.perf_counter() - t0, 1)
