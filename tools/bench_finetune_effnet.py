@@ -9,7 +9,15 @@ model keeps the original's batch-1 interface.
 Rows: original float, after ``lite,bnfuse`` (ReLU6 -> ReLU, float), after ``lite,bnfuse,qdq``
 (PTQ, the starting point), after finetuning; drop vs the original and the 1-point target.
 
+``--float-epochs N`` follows TI's flow for lite models: the float ``lite,bnfuse`` model is
+finetuned first (no fake quantization, so faster and without rounding noise), then quantized by
+``qdq`` (calibrated on the finetuned model) and QAT-finetuned for ``--epochs``.
+``--feature-loss`` also distills every activation output and residual sum of the original
+(the student's ReLU outputs against the teacher's ReLU6 outputs, same tensor names), so each
+layer learns where the lost clipping mattered instead of only the logits.
+
     python tools/bench_finetune_effnet.py [--target tensorrt] [--epochs 3] [--lr 1e-4] [--threads 0]
+                                          [--float-epochs N] [--feature-loss] [--feature-weight W]
                                           [--limit-train N] [--json out.json]
 """
 from __future__ import annotations
@@ -42,12 +50,23 @@ def top1(model, feeds, labels) -> float:
     return 100.0 * hits / len(labels)
 
 
+def activation_features(teacher, student) -> list:
+    """Outputs of the student's ReLUs and residual Adds that the teacher also has (lite keeps the
+    tensor names when it swaps ReLU6 for ReLU): the feature-distillation targets."""
+    in_teacher = {o for n in teacher.graph.node for o in n.output}
+    return [n.output[0] for n in student.graph.node if n.op_type in ("Relu", "Add") and n.output[0] in in_teacher]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="tensorrt", help="qdq target (tensorrt, ort, tidl)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--float-epochs", type=int, default=0, help="finetune the float lite,bnfuse model first, then qdq + QAT")
+    ap.add_argument("--float-lr", type=float, default=None, help="lr of the float stage (default: --lr)")
+    ap.add_argument("--feature-loss", action="store_true", help="also distill activation outputs and residual sums")
+    ap.add_argument("--feature-weight", type=float, default=0.1)
     ap.add_argument("--augment", action="store_true", help="random shift + flip on the finetuning images")
     ap.add_argument("--limit-train", type=int, default=0, help="finetune on the first N of the 800 images (0 = all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto from the load average)")
@@ -79,19 +98,31 @@ def main(argv=None) -> int:
         ctx = PassContext(data=data, log=lambda m: None, progress=False)
         lite, _ = onnxopt.apply(base, ["lite", "bnfuse"], context=ctx)
         rows["lite_bnfuse_top1"] = top1(lite, hfeeds, hlabels)
-        q, _ = onnxopt.apply(base, ["lite", "bnfuse", "qdq"], {"qdq": {"target": args.target}}, context=ctx, verify=False)
+        features = activation_features(base, lite) if args.feature_loss else ()
+        rows["feature_tensors"] = len(features)
+
+        def config(epochs, lr):
+            return FinetuneConfig(epochs=epochs, lr=lr, batch_size=args.batch_size, augment=args.augment, progress=False,
+                                  log=log, threads=args.threads, feature_loss=features, feature_weight=args.feature_weight)
+        t0 = time.perf_counter()
+        speeds = []
+        if args.float_epochs:
+            res = finetune(lite, data, teacher=base, config=config(args.float_epochs, args.float_lr or args.lr))
+            lite = res.model
+            speeds += [h["samples_per_second"] for h in res.history]
+            rows["float_finetuned_top1"] = top1(lite, hfeeds, hlabels)
+            log(f"float lite,bnfuse after {args.float_epochs} epochs: {rows['float_finetuned_top1']:.2f}")
+        q, _ = onnxopt.apply(lite, ["qdq"], {"qdq": {"target": args.target}}, context=ctx, verify=False)
         rows["ptq_top1"] = top1(q, hfeeds, hlabels)
         log(f"original {rows['original_top1']:.2f}  lite,bnfuse {rows['lite_bnfuse_top1']:.2f}  +qdq {rows['ptq_top1']:.2f}")
-        cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=args.augment, progress=False,
-                             log=log, threads=args.threads)
-        t0 = time.perf_counter()
-        res = finetune(q, data, teacher=base, config=cfg)
+        res = finetune(q, data, teacher=base, config=config(args.epochs, args.lr))
+        speeds += [h["samples_per_second"] for h in res.history]
         rows["finetune_seconds"] = round(time.perf_counter() - t0, 1)
     rows["finetuned_top1"] = top1(res.model, hfeeds, hlabels)
-    rows["samples_per_second_median"] = statistics.median([h["samples_per_second"] for h in res.history] or [0.0])
+    rows["samples_per_second_median"] = statistics.median(speeds or [0.0])
     rows["parity_max_abs"] = res.parity.get("max_abs")
     rows["drop_points"] = round(rows["original_top1"] - rows["finetuned_top1"], 2)
-    rows.update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=args.augment, met=rows["drop_points"] <= 1.0)
+    rows.update(float_epochs=args.float_epochs, epochs=args.epochs, lr=args.lr, feature_weight=args.feature_weight, batch_size=args.batch_size, augment=args.augment, met=rows["drop_points"] <= 1.0)
     print(json.dumps(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
