@@ -326,6 +326,24 @@ def test_op_types_filter():
     assert input_producer(q, "matmul", 1).op_type == "DequantizeLinear"
 
 
+def test_first_and_last_layers_at_their_own_weight_bits():
+    m = concat_pool()     # conv_a and conv_b read the input (first), fc is last, conv_c in between
+    q, rec = quantize(m, target="tensorrt", weight_bits=4, first_last_weight_bits=8)
+    info = rec.extra["info"]
+    assert info["weight_bits_by_layer"] == {"conv_a": 8, "conv_b": 8, "fc": 8}
+    for l in info["layers"]:
+        w = inits(q)[l["weight_q"]]
+        qmax = 127 if l["node"] in ("conv_a", "conv_b", "fc") else 7
+        assert (l["qmin"], l["qmax"]) == (-qmax, qmax) and np.abs(w).max() == qmax   # per-channel minmax reaches the edge
+    assert qcheck.check_model(q, "tensorrt") == []
+    q, rec = quantize(m, target="ort", weight_bits=4, first_last_weight_bits=8, low_bit="int4")
+    int4 = {t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT4}
+    assert {l["node"] for l in rec.extra["info"]["layers"] if l["weight_q"] in int4} == {"conv_c"}
+    run(q, feeds_for(m, 1)[0])
+    with pytest.raises(OptionError):
+        quantize(m, target="tensorrt", weight_bits=4, first_last_weight_bits=9)
+
+
 def test_four_bit_relu_activations_unsigned_on_int8_target():
     """Below 8 bits a ReLU output takes [0, 15] (int8, zero point 0), not [-7, 7]: the symmetric
     range would leave the negative half of its 15 levels unused."""

@@ -86,6 +86,9 @@ def validate_options(options: dict, rules: TargetRules) -> None:
         bits = int(options.get(key, 8))
         if not 2 <= bits <= 8:
             raise OptionError(f"qdq.{key}={bits} is out of range.", "give 2..8 bits")
+    fl_bits = int(options.get("first_last_weight_bits", 0))
+    if fl_bits and not 2 <= fl_bits <= 8:
+        raise OptionError(f"qdq.first_last_weight_bits={fl_bits} is out of range.", "give 2..8 bits, or 0 for weight_bits")
     if options.get("low_bit", "restricted") == "int4":
         if int(options.get("weight_bits", 8)) != 4:
             raise OptionError("qdq.low_bit=int4 needs weight_bits=4.", "set --set qdq.weight_bits=4 or low_bit=restricted")
@@ -308,6 +311,18 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: Optional[int], bits:
     return np.clip(np.rint(w.astype(np.float64) / s), -qmax, qmax).astype(np.int8)
 
 
+def layer_weight_bits(graph: gs.Graph, plan, nodes: dict, wbits: int, first_last_bits: int) -> dict:
+    """Weight bits per quantized node: ``first_last_bits`` (when set) for the first and last
+    weighted layers, ``wbits`` elsewhere. Low-bit PTQ keeps those two at 8 bits by convention
+    (AdaRound, BRECQ): the first sees raw pixels through few weights per channel, the last
+    decides the classes."""
+    bits = {wc.node: wbits for wc in plan.weights}
+    if first_last_bits and first_last_bits != wbits and bits:
+        first, last = placement_mod.first_last_layers(graph, [nodes[n] for n in bits])
+        bits.update({n: first_last_bits for n in (first | last) if n in bits})
+    return bits
+
+
 # ------------------------------------------------------------------------------------- apply
 def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     """Quantize ``model`` per ``options`` (the qdq pass's resolved options) with calibration ``data``."""
@@ -341,6 +356,8 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     excluded = plan.excluded
+    # before any Q/DQ is appended: first/last are found by walking the nodes in graph order
+    bits_of = layer_weight_bits(graph, plan, nodes, wbits, int(options.get("first_last_weight_bits", 0)))
 
     # ---- activation parameters, one per scale group ------------------------------------------
     group_params: dict = {}
@@ -393,13 +410,14 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
     layers = []
     int4_names = []
     shared: dict = {}
-    qmax_w = 2 ** (wbits - 1) - 1
     for wc in plan.weights:
         node = nodes[wc.node]
         w_t = node.inputs[wc.input_index]
         w = np.asarray(constant_value(w_t))
         fdt = w.dtype
-        scale = weight_scales(w, wc.axis, wbits, power_of_two)
+        bits = bits_of[wc.node]
+        qmax_w = 2 ** (bits - 1) - 1
+        scale = weight_scales(w, wc.axis, bits, power_of_two)
         data_scale = act_scale_of.get(wc.data_tensor) if wc.data_tensor in dq_of else None
         int_bias = rules.int_bias and wc.bias_tensor is not None and data_scale is not None
         b = None
@@ -415,11 +433,11 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
                 int_bias = False
             if power_of_two:
                 scale = pow2(scale)
-        key = (w_t.name, wc.axis, tuple(np.asarray(scale).reshape(-1).tolist()))
+        key = (w_t.name, wc.axis, bits, tuple(np.asarray(scale).reshape(-1).tolist()))
         if key in shared:
             w_dq, wq_c, ws_c, wz_c = shared[key]
         else:
-            wq = quantize_weight(w, scale, wc.axis, wbits)
+            wq = quantize_weight(w, scale, wc.axis, bits)
             wq_c = gs.Constant(names(f"{w_t.name}_quantized"), wq)
             ws_c = gs.Constant(names(f"{w_t.name}_scale"), np.asarray(scale, dtype=fdt))
             wz_c = gs.Constant(names(f"{w_t.name}_zero_point"), np.zeros(np.asarray(scale).shape, dtype=np.int8))
@@ -428,7 +446,7 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
             graph.nodes.append(gs.Node("DequantizeLinear", names(f"{w_t.name}_DequantizeLinear"),
                                        attrs=attrs, inputs=[wq_c, ws_c, wz_c], outputs=[w_dq]))
             shared[key] = (w_dq, wq_c, ws_c, wz_c)
-            if options.get("low_bit") == "int4":
+            if options.get("low_bit") == "int4" and bits == 4:
                 int4_names.append(wq_c.name)
         node.inputs[wc.input_index] = w_dq
         entry = {"node": node.name, "op": node.op, "weight_q": wq_c.name, "weight_scale": ws_c.name,
@@ -454,7 +472,8 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
     out = export_graph(graph, like=model)
     if int4_names:
         _to_int4(out, set(int4_names))
-    info = {"target": rules.name, "activation_bits": abits, "weight_bits": wbits, "symmetric": symmetric,
+    info = {"target": rules.name, "activation_bits": abits, "weight_bits": wbits,
+            "weight_bits_by_layer": {n: b for n, b in bits_of.items() if b != wbits}, "symmetric": symmetric,
             "power_of_two": power_of_two, "layers": layers, "activations": activations_info,
             "excluded": sorted(excluded), "groups": len(plan.groups)}
     return out, info
