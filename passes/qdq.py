@@ -93,10 +93,30 @@ def _calibration_data(options: dict, ctx):
     return data, warns
 
 
+def _unfolded_bn_warning(model, target: str):
+    """onnxruntime turns DQ -> Conv -> Q into an int8 kernel only when nothing sits between the
+    Conv and its Q; an unfolded BatchNormalization leaves every such layer in float (a ResNet56
+    export quantized without bnfuse has no QLinearConv at all). TensorRT and TIDL fold BN
+    themselves, so only the ort target is warned."""
+    if target != "ort":
+        return None
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    n_bn = sum(1 for n in model.graph.node
+               if n.op_type == "BatchNormalization" and producer.get(n.input[0]) in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
+    if not n_bn:
+        return None
+    return (f"WARNING: {n_bn} BatchNormalization node(s) follow Conv/Gemm layers; onnxruntime runs those layers in "
+            "float, not int8. Fold them first: put bnfuse before qdq (e.g. `onnxopt apply bnfuse,qdq ...`).")
+
+
 @register_pass("qdq", "int8 QDQ quantization with calibration for TensorRT, onnxruntime or TIDL", exact=False, options=OPTIONS)
 def qdq(model, options, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
     data, warns = _calibration_data(options, ctx)
+    bn_warning = _unfolded_bn_warning(model, options.get("target", "tensorrt"))
+    if bn_warning:
+        ctx.log(bn_warning)
+        warns.append(bn_warning)
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info

@@ -497,3 +497,19 @@ def test_calib_samples_limits_data():
     ctx = PassContext(data=data, progress=False)
     manager.apply(m, "qdq", {"qdq": {"calib_method": "minmax", "calib_samples": 3}}, context=ctx, summarize_layers=False)
     assert len(seen) <= 4
+
+
+def test_ort_warns_when_batchnorm_is_not_folded():
+    nodes = [conv_node("conv1", "x", "w1", "b1", "c1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "g", "beta", "mu", "var"], ["bn"], name="bn1"),
+             helper.make_node("Relu", ["bn"], ["y"], name="relu1")]
+    inits = [("w1", rand(8, 3, 3, 3, seed=1)), ("b1", rand(8, seed=2)), ("g", rand(8, seed=3) + 2), ("beta", rand(8, seed=4)),
+             ("mu", rand(8, seed=5)), ("var", np.abs(rand(8, seed=6)) + 0.5)]
+    m = make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 8, 8, 8])], inits)
+    _, rec = quantize(m, target="ort")
+    assert any("1 BatchNormalization" in w and "bnfuse" in w for w in rec.extra["warnings"])
+    _, rec = quantize(m, target="tensorrt")          # TensorRT folds BN itself
+    assert not rec.extra["warnings"]
+    folded, _ = manager.apply(m, "bnfuse", summarize_layers=False)
+    _, rec = quantize(folded, target="ort")
+    assert not rec.extra["warnings"]

@@ -11,6 +11,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
 import click
 
@@ -50,6 +51,9 @@ _load_commands()
 
 def main(argv=None) -> None:
     """Console entry point: run the CLI, turning user errors into one clear message and an exit code."""
+    # passes print their warnings through the run's log; the Python warning (for API users)
+    # would repeat each one with a source-file prefix
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"onnxopt\b")
     try:
         # without standalone mode click *returns* the code of ctx.exit(n) instead of exiting
         rc = cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
