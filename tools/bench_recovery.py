@@ -71,8 +71,8 @@ def effnet_data(limit=None):
     return model, calib, cfeeds, efeeds, labels
 
 
-def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows, tag):
-    opts = get_pass("qdq").resolve({"target": target, "weight_bits": bits})
+def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows, tag, quant_extra=None):
+    opts = get_pass("qdq").resolve({"target": target, "weight_bits": bits, **(quant_extra or {})})
     data = lambda: iter(cfeeds)
     t0 = time.perf_counter()
     q = quantize_model(model, opts, data, PassContext(progress=False))
@@ -89,7 +89,7 @@ def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows
         done[name] = qm
         secs = time.perf_counter() - t0
         acc = top1(qm, efeeds, labels)
-        row = {"task": tag, "target": target, "weights": bits, "config": name, "top1": round(acc, 3), "drop": round(base - acc, 3),
+        row = {"task": tag, "target": target, "weights": bits, **(quant_extra or {}), "config": name, "top1": round(acc, 3), "drop": round(base - acc, 3),
                "recovery_s": round(secs, 1), "calibration_s": round(t_cal, 1), "load": round(load(), 1),
                "check_violations": len(qcheck.check_model(qm, target)),
                "sqnr_db": [rep.get("sqnr_db_start"), rep.get("sqnr_db_end")]}
@@ -125,8 +125,11 @@ def task_effnet4(args, results):
                (f"adaround({args.iters})", {"rounding": "adaround", "adaround_iters": args.iters}),
                (f"adaround({args.iters}) + bias empirical", {"_after": f"adaround({args.iters})", "bias_correction": "empirical"}),
                ("nearest + bias empirical", {"bias_correction": "empirical"})]
+    if args.configs:
+        configs = [c for c in configs if c[0] in args.configs.split(";")]
+    extra = {"first_last_weight_bits": args.first_last_bits} if args.first_last_bits else {}
     for target in args.targets4:
-        run_configs(model, cfeeds, efeeds, labels, base, target, 4, configs, rows, "effnet4")
+        run_configs(model, cfeeds, efeeds, labels, base, target, 4, configs, rows, "effnet4", extra)
     results["effnet4"] = rows
 
 
@@ -196,7 +199,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N of the 800 images (0 = all)")
     ap.add_argument("--sens-samples", type=int, default=8)
-    ap.add_argument("--configs", default="", help="effnet8: only these configurations (names separated by ';')")
+    ap.add_argument("--configs", default="", help="effnet8/effnet4: only these configurations (names separated by ';')")
+    ap.add_argument("--first-last-bits", type=int, default=0, help="effnet4: weight bits of the first and last layers (0 = 4, like the rest)")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
     args.targets = args.targets.split(",")
