@@ -272,6 +272,34 @@ def test_feature_loss_with_onnxruntime_teacher(tmp_path):
         finetune(student, ds, teacher=teacher, config=FinetuneConfig(epochs=1, progress=False, log=lambda m: None, feature_loss=["nope"]))
 
 
+def test_auto_features_pick_shared_activations_of_same_shape(tmp_path):
+    pytest.importorskip("torch")
+    from onnxopt import manager
+    from onnxopt.errors import OptionError
+    from onnxopt.registry import PassContext
+    from onnxopt.torch.train import FinetuneConfig, auto_features, finetune
+    teacher = tiny_classifier()
+    assert auto_features(teacher, perturbed(teacher)) == ["r1", "r2"]
+    pruned = onnx.ModelProto()           # conv1 narrowed to 6 channels: r1 no longer matches the teacher's
+    pruned.CopyFrom(teacher)
+    arrays = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    for name, cut in (("w1", lambda a: a[:6]), ("b1", lambda a: a[:6]), ("g", lambda a: a[:6]), ("be", lambda a: a[:6]),
+                      ("mu", lambda a: a[:6]), ("var", lambda a: a[:6]), ("w2", lambda a: a[:, :6])):
+        next(t for t in pruned.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(cut(arrays[name]), name))
+    assert auto_features(teacher, pruned) == ["r2"]
+    qdq, _ = manager.apply(teacher, "qdq", {"qdq": {"calib_method": "minmax"}},
+                           context=PassContext(data=lambda: iter([{"input": rand(2, 3, 8, 8, seed=i)} for i in range(4)]), progress=False),
+                           summarize_layers=False)
+    assert auto_features(teacher, qdq) == ["r1", "r2"]      # Q/DQ after a tensor keeps its name
+    ds = open_ds(data_file(tmp_path, n=16), teacher)
+    logs = []
+    finetune(perturbed(teacher), ds, teacher=teacher, config=FinetuneConfig(epochs=1, progress=False, log=logs.append, threads=1,
+                                                                             feature_loss=["auto"]))
+    assert any("feature distillation on 2 tensors" in m for m in logs)
+    with pytest.raises(OptionError, match="needs a --teacher"):
+        finetune(teacher, ds, config=FinetuneConfig(epochs=0, progress=False, log=lambda m: None, feature_loss=["auto"]))
+
+
 def test_epochs_zero_with_bn_recalib_needs_no_teacher(tmp_path):
     """`--epochs 0 --bn-recalib`: only re-estimate BN statistics (e.g. right after pruning)."""
     pytest.importorskip("torch")

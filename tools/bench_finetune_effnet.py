@@ -50,13 +50,6 @@ def top1(model, feeds, labels) -> float:
     return 100.0 * hits / len(labels)
 
 
-def activation_features(teacher, student) -> list:
-    """Outputs of the student's ReLUs and residual Adds that the teacher also has (lite keeps the
-    tensor names when it swaps ReLU6 for ReLU): the feature-distillation targets."""
-    in_teacher = {o for n in teacher.graph.node for o in n.output}
-    return [n.output[0] for n in student.graph.node if n.op_type in ("Relu", "Add") and n.output[0] in in_teacher]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="tensorrt", help="qdq target (tensorrt, ort, tidl)")
@@ -76,7 +69,7 @@ def main(argv=None) -> int:
         print(f"{SHARED} not found", file=sys.stderr)
         return 1
     log = lambda m: print("   ", m, file=sys.stderr, flush=True)  # noqa: E731
-    from onnxopt.torch.train import FinetuneConfig, finetune
+    from onnxopt.torch.train import FinetuneConfig, auto_features, finetune
 
     base = onnxopt.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
     folder = str(SHARED / "data" / "imagenet")
@@ -98,7 +91,7 @@ def main(argv=None) -> int:
         ctx = PassContext(data=data, log=lambda m: None, progress=False)
         lite, _ = onnxopt.apply(base, ["lite", "bnfuse"], context=ctx)
         rows["lite_bnfuse_top1"] = top1(lite, hfeeds, hlabels)
-        features = activation_features(base, lite) if args.feature_loss else ()
+        features = auto_features(base, lite) if args.feature_loss else ()
         rows["feature_tensors"] = len(features)
 
         def config(epochs, lr):

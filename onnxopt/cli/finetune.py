@@ -38,7 +38,10 @@ Examples:
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--augment", is_flag=True, help="Random translation + horizontal flip of image inputs.")
 @click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature for classifier logits.")
-@click.option("--feature-loss", default=None, metavar="T1,T2", help="Also match these intermediate tensors to the teacher's (MSE).")
+@click.option("--feature-loss", default=None, metavar="T1,T2|auto",
+              help="Also match these intermediate tensors to the teacher's (MSE); 'auto': every activation output and "
+                   "residual sum the two models share (after lite: the ReLU outputs against the original's ReLU6 outputs).")
+@click.option("--feature-weight", type=float, default=1.0, show_default=True, help="Weight of each --feature-loss term.")
 @click.option("--qat", default=None, metavar="wXaY", help="Quantization-aware training of a float model: e.g. w4a4, w8a8, wta8 (ternary), wba8 (binary).")
 @click.option("--target", default="tensorrt", show_default=True, help="With --qat: the qdq target (tensorrt, ort, tidl, tidl-tda4vm).")
 @click.option("--per-tensor", is_flag=True, help="With --qat: per-tensor weight scales (default per channel).")
@@ -65,7 +68,7 @@ Examples:
 @input_shape_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epochs, lr, batch_size, optimizer, weight_decay, augment,
-                 temperature, feature_loss, qat, target, per_tensor, symmetric, low_bit, quant_mode, bn_mode, bn_recalib, checkpoint,
+                 temperature, feature_loss, feature_weight, qat, target, per_tensor, symmetric, low_bit, quant_mode, bn_mode, bn_recalib, checkpoint,
                  resume, device, teacher_runtime, max_samples, every, offset, exclude_every, seed, threads, report_path, input_shapes, quiet, **kwargs):
     """Finetune MODEL in torch and write the learned weights and Q/DQ scales back into its graph.
 
@@ -91,7 +94,7 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
     if no_labels:
         ds.labels = lambda: None
     cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
-                         temperature=temperature, feature_loss=[f for f in (feature_loss or "").split(",") if f],
+                         temperature=temperature, feature_loss=[f for f in (feature_loss or "").split(",") if f], feature_weight=feature_weight,
                          user_loss=user_loss, quant_mode=quant_mode, bn_mode=bn_mode, bn_recalib=bn_recalib, checkpoint=checkpoint,
                          resume=resume, device=device, seed=seed, progress=not quiet and sys.stderr.isatty() and rank == 0,
                          teacher_runtime=teacher_runtime, log=log, threads=threads)

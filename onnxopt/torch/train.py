@@ -9,7 +9,8 @@ Loss (summed):
 * distillation from a frozen teacher (the model before lite/prune/qdq), per graph output: for an
   output that looks like classifier logits (``[N, C]``, C > 1) ``T^2 KL(softmax(t/T) || softmax(s/T))``
   (Hinton et al.), otherwise the mean squared error; ``feature_loss`` adds the MSE between named
-  intermediate tensors of student and teacher (same name and shape in both graphs);
+  intermediate tensors of student and teacher (same name and shape in both graphs; ``["auto"]``
+  picks every activation output and residual sum the two share, :func:`auto_features`);
 * with labels, cross entropy on the first output (weight ``label_weight``);
 * a user loss ``file.py:function`` called as ``fn(student_outputs, teacher_outputs, labels, batch)``
   (lists of tensors / None) returning a scalar tensor.
@@ -41,6 +42,35 @@ import torch.nn.functional as F
 
 from .convert import OnnxModule
 from .writeback import write_back
+
+
+FEATURE_OPS = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Add"}
+
+
+def auto_features(teacher: ModelProto, student: ModelProto) -> List[str]:
+    """The tensors ``--feature-loss auto`` distills: outputs of the student's activations and Adds
+    (residual sums) that the teacher has under the same name and, where both graphs know it, the
+    same shape. The passes keep tensor names (lite swaps ReLU6 for ReLU on the same output, qdq
+    only adds Q/DQ after it), and pruned tensors drop out on their changed channel count."""
+    import onnx
+
+    def shapes(m):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m).graph.value_info
+        except Exception:  # noqa: BLE001  shapes only narrow the choice; unknown shapes do not exclude
+            return {}
+        return {v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+                for v in inferred}
+    in_teacher = {o for n in teacher.graph.node for o in n.output}
+    ts, ss = shapes(teacher), shapes(student)
+
+    def same_shape(name):
+        a, b = ts.get(name), ss.get(name)
+        if a is None or b is None:
+            return True
+        return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a[1:], b[1:]))
+    return [n.output[0] for n in student.graph.node
+            if n.op_type in FEATURE_OPS and n.output and n.output[0] in in_teacher and same_shape(n.output[0])]
 
 
 @dataclass
@@ -254,6 +284,11 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
     if labels is not None and (cfg.label_weight == 0):
         labels = None
     features = list(cfg.feature_loss or ())
+    if features == ["auto"]:
+        if teacher is None:
+            raise OptionError("--feature-loss auto needs a --teacher to match features against.", "give --teacher ORIGINAL.onnx")
+        features = auto_features(teacher, model)
+        log(f"feature distillation on {len(features)} tensors (activation outputs and residual sums)")
     t_fn = None
     if teacher is not None:
         if cfg.teacher_runtime == "ort":
