@@ -60,6 +60,11 @@ def main(argv=None) -> int:
     ap.add_argument("--float-lr", type=float, default=None, help="lr of the float stage (default: --lr)")
     ap.add_argument("--feature-loss", action="store_true", help="also distill activation outputs and residual sums")
     ap.add_argument("--feature-weight", type=float, default=0.1)
+    ap.add_argument("--float-model", default=None, help="the float stage's result: loaded when the file exists, else written there")
+    ap.add_argument("--qdq-set", action="append", default=[], metavar="OPTION=VALUE", help="qdq option for the QAT start, e.g. calib_method=mse")
+    ap.add_argument("--equalize", action="store_true", help="cross-layer equalization (exact in float) before qdq")
+    ap.add_argument("--quant-mode", default="lsq", help="QAT step sizes: lsq (learned), pact, fixed (calibrated scales kept)")
+    ap.add_argument("--qat-logits-only", action="store_true", help="QAT stage: distill the logits only (no --feature-loss)")
     ap.add_argument("--augment", action="store_true", help="random shift + flip on the finetuning images")
     ap.add_argument("--limit-train", type=int, default=0, help="finetune on the first N of the 800 images (0 = all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto from the load average)")
@@ -94,26 +99,34 @@ def main(argv=None) -> int:
         features = auto_features(base, lite) if args.feature_loss else ()
         rows["feature_tensors"] = len(features)
 
-        def config(epochs, lr):
-            return FinetuneConfig(epochs=epochs, lr=lr, batch_size=args.batch_size, augment=args.augment, progress=False,
-                                  log=log, threads=args.threads, feature_loss=features, feature_weight=args.feature_weight)
+        def config(epochs, lr, feats):
+            return FinetuneConfig(epochs=epochs, lr=lr, batch_size=args.batch_size, augment=args.augment, progress=False, log=log,
+                                  threads=args.threads, feature_loss=feats, feature_weight=args.feature_weight, quant_mode=args.quant_mode)
         t0 = time.perf_counter()
         speeds = []
-        if args.float_epochs:
-            res = finetune(lite, data, teacher=base, config=config(args.float_epochs, args.float_lr or args.lr))
+        if args.float_model and Path(args.float_model).exists():
+            lite = onnxopt.load_model(args.float_model)
+            log(f"float stage loaded from {args.float_model}")
+        elif args.float_epochs:
+            res = finetune(lite, data, teacher=base, config=config(args.float_epochs, args.float_lr or args.lr, features))
             lite = res.model
             speeds += [h["samples_per_second"] for h in res.history]
+            if args.float_model:
+                onnxopt.save_model(lite, args.float_model)
+        if args.float_epochs or args.float_model:
             rows["float_finetuned_top1"] = top1(lite, hfeeds, hlabels)
-            log(f"float lite,bnfuse after {args.float_epochs} epochs: {rows['float_finetuned_top1']:.2f}")
-        q, _ = onnxopt.apply(lite, ["qdq"], {"qdq": {"target": args.target}}, context=ctx, verify=False)
+            log(f"float lite,bnfuse finetuned: {rows['float_finetuned_top1']:.2f}")
+        qopts = {"target": args.target, **dict(kv.split("=", 1) for kv in args.qdq_set)}
+        q, _ = onnxopt.apply(lite, ["equalize", "qdq"] if args.equalize else ["qdq"], {"qdq": qopts}, context=ctx, verify=False)
         rows["ptq_top1"] = top1(q, hfeeds, hlabels)
         log(f"original {rows['original_top1']:.2f}  lite,bnfuse {rows['lite_bnfuse_top1']:.2f}  +qdq {rows['ptq_top1']:.2f}")
-        res = finetune(q, data, teacher=base, config=config(args.epochs, args.lr))
+        res = finetune(q, data, teacher=base, config=config(args.epochs, args.lr, () if args.qat_logits_only else features))
         speeds += [h["samples_per_second"] for h in res.history]
         rows["finetune_seconds"] = round(time.perf_counter() - t0, 1)
-    rows["finetuned_top1"] = top1(res.model, hfeeds, hlabels)
+    rows["finetuned_top1"] = top1(res.model, hfeeds, hlabels) if args.epochs else rows["ptq_top1"]
     rows["samples_per_second_median"] = statistics.median(speeds or [0.0])
     rows["parity_max_abs"] = res.parity.get("max_abs")
+    rows.update(equalize=args.equalize, qdq=qopts, quant_mode=args.quant_mode, qat_features=not args.qat_logits_only)
     rows["drop_points"] = round(rows["original_top1"] - rows["finetuned_top1"], 2)
     rows.update(float_epochs=args.float_epochs, epochs=args.epochs, lr=args.lr, feature_weight=args.feature_weight, batch_size=args.batch_size, augment=args.augment, met=rows["drop_points"] <= 1.0)
     print(json.dumps(rows))
