@@ -340,6 +340,8 @@ def test_first_and_last_layers_at_their_own_weight_bits():
     int4 = {t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT4}
     assert {l["node"] for l in rec.extra["info"]["layers"] if l["weight_q"] in int4} == {"conv_c"}
     run(q, feeds_for(m, 1)[0])
+    _, rec = quantize(m, target="tensorrt", weight_bits=4, first_last_weight_bits=8, keep_first_last=True)
+    assert rec.extra["info"]["weight_bits_by_layer"] == {}   # first/last stay float; conv_c keeps 4 bits
     with pytest.raises(OptionError):
         quantize(m, target="tensorrt", weight_bits=4, first_last_weight_bits=9)
 

@@ -318,7 +318,10 @@ def layer_weight_bits(graph: gs.Graph, plan, nodes: dict, wbits: int, first_last
     decides the classes."""
     bits = {wc.node: wbits for wc in plan.weights}
     if first_last_bits and first_last_bits != wbits and bits:
-        first, last = placement_mod.first_last_layers(graph, [nodes[n] for n in bits])
+        # layers kept in float count too: with keep_first_last the first/last stay float and
+        # their quantized neighbours keep weight_bits
+        kept = [n for n in plan.excluded if n in nodes and nodes[n].op in placement_mod.WEIGHTED_OPS]
+        first, last = placement_mod.first_last_layers(graph, [nodes[n] for n in list(bits) + kept])
         bits.update({n: first_last_bits for n in (first | last) if n in bits})
     return bits
 
