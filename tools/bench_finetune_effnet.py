@@ -17,8 +17,13 @@ finetuned first (no fake quantization, so faster and without rounding noise), th
 layer learns where the lost clipping mattered instead of only the logits.
 
     python tools/bench_finetune_effnet.py [--target tensorrt] [--epochs 3] [--lr 1e-4] [--threads 0]
-                                          [--float-epochs N] [--feature-loss] [--feature-weight W]
+                                          [--float-epochs N] [--float-lr LR] [--float-model F.onnx]
+                                          [--feature-loss] [--feature-weight W] [--qat-logits-only]
+                                          [--qdq-set OPTION=VALUE] [--equalize] [--quant-mode lsq|pact|fixed]
                                           [--limit-train N] [--json out.json]
+
+``--float-model F.onnx`` writes the float stage there, or loads it when F.onnx exists, so QAT
+variants can start from one float stage.
 """
 from __future__ import annotations
 
