@@ -222,7 +222,7 @@ def test_adaround_improves_layer_reconstruction_on_held_out_data(se_setup):
         if act:
             layer.use_activation(act[0], act[1], view.float_bias.get(name))
         fx, qz = view.layer_input(name)[0], view.input_quantizer(name)
-        sess = runtime.session(ada_mod._expose(ref, {fx}))
+        sess = runtime.session(runtime.with_outputs(ref, [fx]))
         rng = np.random.default_rng(0)
         for f in ev[:30]:
             x = runtime.run(sess, f, [fx])[fx]

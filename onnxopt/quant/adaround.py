@@ -373,32 +373,25 @@ def _best_clipping(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_c
     round-to-nearest weight reconstructs the layer output best on the same statistics (the
     reconstruction loss separates over output channels). Ratio 1 (the calibration's scale) is a
     candidate, so the result is never worse on these statistics."""
-    g, o, k = layer.w.shape
     gqq, gfq = layer.gqq / max(layer.count, 1), layer.gfq / max(layer.count, 1)
     ap = (lambda a, gram: a @ gram) if gqq.ndim == 3 else (lambda a, gram: np.einsum("gok,gokl->gol", a, gram))
     target = ap(layer.w, gfq)
-    base = scale.reshape(g, o, 1)
-    losses = []
-    for a in CLIP_RATIOS:
-        s = base * a
-        wq = np.clip(np.rint(layer.w / s), qmin, qmax) * s
-        losses.append(np.sum(ap(wq, gqq) * wq - 2.0 * target * wq, axis=2))  # [g, o]
-    losses = np.stack(losses)  # [r, g, o]
-    if per_channel:
-        best = np.argmin(losses, axis=0)
-    else:
-        best = np.full((g, o), int(np.argmin(losses.sum(axis=(1, 2)))))
-    alpha = CLIP_RATIOS[best]
-    return (base[..., 0] * alpha).reshape(-1), alpha
+    return _clip_search(layer, scale, qmin, qmax, per_channel, lambda wq: np.sum(ap(wq, gqq) * wq - 2.0 * target * wq, axis=2))
 
 
 def _weight_clipping(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool) -> tuple:
     """Like :func:`_best_clipping`, but minimising the weight's own squared rounding error
     (for layers without enough data to trust their input statistics)."""
-    g, o, k = layer.w.shape
+    return _clip_search(layer, scale, qmin, qmax, per_channel, lambda wq: np.sum((wq - layer.w) ** 2, axis=2))
+
+
+def _clip_search(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool, loss) -> tuple:
+    """(new scale [g*o], ratio [g, o]): for each ratio in CLIP_RATIOS the nearest-rounded weight
+    at ``scale * ratio`` is scored by ``loss(wq) -> [g, o]``; the best ratio per output channel,
+    or the best single ratio for all channels when the scale is per tensor."""
+    g, o, _ = layer.w.shape
     base = scale.reshape(g, o, 1)
-    losses = np.stack([np.sum((np.clip(np.rint(layer.w / (base * a)), qmin, qmax) * base * a - layer.w) ** 2, axis=2)
-                       for a in CLIP_RATIOS])  # [r, g, o]
+    losses = np.stack([loss(np.clip(np.rint(layer.w / (base * a)), qmin, qmax) * base * a) for a in CLIP_RATIOS])  # [r, g, o]
     best = np.argmin(losses, axis=0) if per_channel else np.full((g, o), int(np.argmin(losses.sum(axis=(1, 2)))))
     alpha = CLIP_RATIOS[best]
     return (base[..., 0] * alpha).reshape(-1), alpha
@@ -436,7 +429,3 @@ def _activation_after(view, layer: str, readers_of: dict) -> Optional[tuple]:
             return None
         return (lo, hi) if lo == 0.0 else None
     return None
-
-
-def _expose(model: ModelProto, tensors) -> ModelProto:
-    return runtime.with_outputs(model, sorted(tensors))
