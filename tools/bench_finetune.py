@@ -79,16 +79,12 @@ def _bn_recalibrated(model, x):
 
 
 def residual_features(teacher, student) -> list:
-    """Residual-stream tensors (Add outputs) with the same name and shape in teacher and student:
+    """The residual-stream tensors (Add outputs) among ``finetune --feature-loss auto``'s choice:
     the feature-distillation targets (pruning keeps the residual channels, so these line up)."""
-    import onnx
+    from onnxopt.torch.train import auto_features
 
-    def shapes(m):
-        inf = onnx.shape_inference.infer_shapes(m)
-        return {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in inf.graph.value_info}
-    st, ss = shapes(teacher), shapes(student)
-    adds = [o for n in student.graph.node if n.op_type == "Add" for o in n.output]
-    return [o for o in adds if o in st and st[o] == ss.get(o) and all(d > 0 for d in st[o][1:])]
+    adds = {n.output[0] for n in student.graph.node if n.op_type == "Add"}
+    return [o for o in auto_features(teacher, student) if o in adds]
 
 
 def prune_options(args) -> dict:
