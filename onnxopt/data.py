@@ -375,6 +375,11 @@ class DataSource:
                 raise DataError(f"sample {index} of '{self.spec.source}' holds NaN or Inf values for input '{name}'.", "clean the data: onnxopt refuses non-finite inputs")
 
 
+def feed_samples(feed: dict) -> int:
+    """Samples in one feed: the leading dimension of its first array input (1 for scalars)."""
+    return next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
+
+
 def _per_channel(values, what: str, channels: int) -> np.ndarray:
     """--mean/--std as an array of 1 or ``channels`` values (a wrong count would not broadcast,
     a zero std would turn every sample into Inf/NaN)."""

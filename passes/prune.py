@@ -351,13 +351,9 @@ def _sample_feeds(ctx: PassContext, model: ModelProto, samples: int) -> list:
     generated inputs when there is none."""
     if ctx.data is None:
         return ctx.sample_feeds(model, max(1, min(samples, 16)))[0]
-    feeds, count = [], 0
-    for feed in ctx.data():
-        feeds.append(feed)
-        count += next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
-        if count >= samples:
-            break
-    return feeds
+    from onnxopt.quant.sensitivity import collect_feeds
+
+    return collect_feeds(ctx.data, samples)
 
 
 def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list, refs: list,

@@ -41,6 +41,7 @@ import onnx
 from onnx import ModelProto, numpy_helper
 
 from .. import runtime
+from ..data import feed_samples
 from .sensitivity import QdqView, _prune, collect_feeds, fast_session
 
 ZETA, GAMMA = 1.1, -0.1
@@ -253,7 +254,7 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
     if not layers:
         return view.qmodel, {"layers": 0, "skipped": skipped}
     feeds = collect_feeds(data, max_samples)  # every wave reads the same samples: keep them
-    seen = sum(next((int(v.shape[0]) for v in f.values() if getattr(v, "ndim", 0)), 1) for f in feeds)
+    seen = sum(feed_samples(f) for f in feeds)
     ref = view.float_reference()
     f_names = {n: view.layer_input(n)[0] for n in layers}
     q_names = {n: view.layer_input(n)[1] for n in layers}

@@ -42,6 +42,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from .. import model_io
+from ..data import feed_samples
 from ..errors import OnnxoptError, OptionError
 from ..graph import NameGenerator, constant_value, export_graph, import_graph
 from . import placement as placement_mod
@@ -212,7 +213,7 @@ def limit_samples(data: Callable, n: int) -> Callable:
         for feed in data():
             if count >= n:
                 return
-            b = next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
+            b = feed_samples(feed)
             if count + b > n:
                 feed = {k: (v[: n - count] if getattr(v, "ndim", 0) else v) for k, v in feed.items()}
                 b = n - count

@@ -44,6 +44,7 @@ import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from .. import runtime
+from ..data import feed_samples
 from ..errors import DataError, OptionError
 from .sensitivity import Evaluator, QdqView, analyze, collect_feeds, fast_session, rel_error, sqnr_db
 
@@ -52,16 +53,12 @@ BIAS_SAMPLES = 32  # samples per measurement of the sequential empirical correct
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
-def _batch_size(feed: dict) -> int:
-    return next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
-
-
 def _limited(data, n: int):
     def gen():
         seen = 0
         for feed in data():
             yield feed
-            seen += _batch_size(feed)
+            seen += feed_samples(feed)
             if seen >= n:
                 return
     return gen
@@ -86,7 +83,7 @@ def channel_means(model: ModelProto, tensors: list, data, max_samples: Optional[
             s = np.moveaxis(v, 1, 0).reshape(c, -1)
             sums[name] = sums.get(name, 0.0) + s.sum(axis=1)
             counts[name] = counts.get(name, 0) + s.shape[1]
-        seen += _batch_size(feed)
+        seen += feed_samples(feed)
         if max_samples and seen >= max_samples:
             break
     return {k: sums[k] / counts[k] for k in sums}

@@ -31,6 +31,7 @@ import onnx
 from onnx import ModelProto, helper, numpy_helper
 
 from .. import runtime
+from ..data import feed_samples
 from ..errors import DataError, OnnxoptError
 
 
@@ -275,7 +276,7 @@ def collect_feeds(data, limit: int) -> list:
     feeds, count = [], 0
     for feed in data():
         feeds.append(feed)
-        count += next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
+        count += feed_samples(feed)
         if count >= limit:
             break
     if not feeds:
@@ -346,7 +347,7 @@ def analyze(view: QdqView, feeds: list, modes=("only", "all_but"),
     ev = Evaluator(view.float_reference(), feeds)
     full = ev.error(view.variant(fold_weights=True))
     macs = {r["name"]: r["macs"] for r in stats.layer_macs(view.qmodel)}
-    rep = SensitivityReport(full_rel=full, samples=sum(next((int(v.shape[0]) for v in f.values() if getattr(v, "ndim", 0)), 1) for f in feeds))
+    rep = SensitivityReport(full_rel=full, samples=sum(feed_samples(f) for f in feeds))
     names = list(view.layers)
     for i, name in enumerate(names):
         row = LayerSensitivity(name, view.layers[name]["op"], macs=macs.get(name))
