@@ -67,7 +67,10 @@ from .graph import NameGenerator, attr, constant_value, input_at
 class Match:
     """A place a rule will rewrite: ``output`` is the tensor whose producer changes (its name is
     kept); ``data`` holds whatever the rewrite needs. ``preserved`` names the tensors whose values
-    an exact rule keeps (default: ``output``); they are what the pass verifies."""
+    an exact rule keeps (default: ``output``); they are what the pass verifies.
+    ``data["clip"] = (lo, hi)`` says the rewrite drops a clip of ``output`` at those bounds
+    (ReLU6 -> ReLU); the pass records it in the model so that ``qdq`` quantizes ``output`` with a
+    range that ends there, clipping where the original did."""
 
     output: gs.Tensor
     data: dict = field(default_factory=dict)
@@ -494,7 +497,7 @@ def match_relu6(graph, node, ctx):
     out = node.outputs[0]
     x = relu6_input(out, ctx)
     if isinstance(x, gs.Tensor):
-        return Match(out, {"x": x})
+        return Match(out, {"x": x, "clip": (0.0, 6.0)})
     if isinstance(x, str) and node.op == "Clip" and not x.startswith("Clip bounds"):
         b = clip_bounds(node, ctx.opset)
         if isinstance(b, tuple) and b[0] == 0.0:

@@ -233,3 +233,36 @@ def record_metadata(model: ModelProto, key: str, value) -> None:
             prop.value = text
             return
     model.metadata_props.add(key=key, value=text)
+
+
+# Clip bounds a pass removed from a tensor (lite's ReLU6 -> ReLU), kept so that the quantizer can
+# put them back: a Q/DQ whose range ends at 6 clips exactly where the ReLU6 did, so the quantized
+# lite model computes what the quantized original did. Passes that rescale such a tensor
+# (equalize) drop its entry.
+ACTIVATION_BOUNDS_KEY = "onnxopt.activation_bounds"
+
+
+def activation_bounds(model: ModelProto) -> dict:
+    """``{tensor: (lo, hi)}`` recorded under :data:`ACTIVATION_BOUNDS_KEY` ({} when absent or unreadable)."""
+    for prop in model.metadata_props:
+        if prop.key == ACTIVATION_BOUNDS_KEY:
+            try:
+                return {str(t): (float(b[0]), float(b[1])) for t, b in json.loads(prop.value).items()}
+            except (ValueError, TypeError, IndexError, AttributeError):
+                return {}
+    return {}
+
+
+def record_activation_bounds(model: ModelProto, bounds: dict) -> None:
+    """Add ``{tensor: (lo, hi)}`` to the model's recorded activation bounds."""
+    merged = {**activation_bounds(model), **{t: (float(lo), float(hi)) for t, (lo, hi) in bounds.items()}}
+    record_metadata(model, ACTIVATION_BOUNDS_KEY, {t: list(b) for t, b in merged.items()})
+
+
+def drop_activation_bounds(model: ModelProto, tensors: Iterable[str]) -> list:
+    """Forget the recorded bounds of ``tensors`` (their values changed); returns the names dropped."""
+    bounds = activation_bounds(model)
+    dropped = sorted(t for t in set(tensors) if t in bounds)
+    if dropped:
+        record_metadata(model, ACTIVATION_BOUNDS_KEY, {t: list(b) for t, b in bounds.items() if t not in dropped})
+    return dropped

@@ -54,9 +54,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import DataError, OptionError
-from onnxopt.graph import (NameGenerator, attr, constant_value, export_graph, import_graph, input_at,
+from onnxopt.graph import (NameGenerator, constant_value, export_graph, import_graph, input_at,
                            is_graph_output, is_weight)
-from onnxopt.model_io import opset_of
+from onnxopt.model_io import drop_activation_bounds, opset_of
 from onnxopt.registry import Option, PassResult, register_pass
 
 # Ops through which a per-channel positive scale passes unchanged (channel axis stays 1).
@@ -73,6 +73,7 @@ class _Pair:
     channels: int = 0
     relu_only: Optional[gs.Node] = None             # the Relu when y -> Relu -> absorbers only
     total_scale: Optional[np.ndarray] = None
+    scaled: list = field(default_factory=list)      # names of the tensors the pair rescales
 
 
 def _rank(t: gs.Tensor) -> Optional[int]:
@@ -183,6 +184,7 @@ class _Equalizer:
             others = [inp for inp in node.inputs if inp is not t]
             if any(id(o) in scaled for o in others) or len(others) != 1:
                 return f"{node.op} '{node.name}' multiplies two tensors scaled by the same pair"
+        pair.scaled = [t.name for t in scaled.values()]
         if not pair.absorbers:
             return f"no Conv/Gemm absorbs the output of {producer.op} '{producer.name}'"
         # y -> Relu -> absorbers only (high-bias absorption candidates)
@@ -511,5 +513,11 @@ def equalize_pass(model: onnx.ModelProto, options: dict, ctx) -> PassResult:
         if absorbed:
             out = export_graph(graph2, like=model)
             out.graph.ClearField("value_info")
+    # a clip bound lite recorded on a rescaled tensor no longer holds (it became per-channel)
+    dropped = drop_activation_bounds(out, (t for p in pairs for t in p.scaled))
+    if dropped:
+        skipped.append(f"{len(dropped)} recorded clip bound(s) dropped (their tensors were rescaled), e.g. '{dropped[0]}': "
+                       "qdq calibrates them unbounded")
     return PassResult(out, changes={"pairs_equalized": len(pairs), "clips_split": len(clip_bounds), "biases_absorbed": absorbed},
-                      details=details, skipped=skipped, extra={"sweeps": sweeps, "last_max_log_scale": last})
+                      details=details, skipped=skipped, extra={"sweeps": sweeps, "last_max_log_scale": last,
+                                                               "clip_bounds_dropped": dropped})

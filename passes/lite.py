@@ -56,7 +56,7 @@ from onnxopt import runtime
 from onnxopt.errors import OnnxoptError, OptionError, VerificationError
 from onnxopt.graph import export_graph, import_graph
 from onnxopt.lite_rules import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
-from onnxopt.model_io import MAX_PROTO_BYTES, opset_of
+from onnxopt.model_io import MAX_PROTO_BYTES, opset_of, record_activation_bounds
 from onnxopt.registry import Option, PassContext, PassResult, register_pass
 from onnxopt.userfiles import import_user_file
 
@@ -145,7 +145,7 @@ def _select(table: list, only: Optional[list], disable: Optional[list]) -> list:
 # ------------------------------------------------------------------------------ running
 
 
-def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, details: list) -> None:
+def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, details: list, clips: dict) -> None:
     graph = ctx.graph
     anchors = set(rule.anchors)
     for node in list(graph.nodes):
@@ -170,6 +170,8 @@ def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detai
             raise RuntimeError(f"lite rule '{rule.name}' failed rewriting '{out_name}': {exc}") from exc
         record["count"] += 1
         record["tensors"].append(out_name)
+        if "clip" in result.data:
+            clips[out_name] = tuple(result.data["clip"])
         record["preserved"].extend(result.preserved or [out_name])
         details.append({"rule": rule.name, "exact": rule.exact, "tensor": out_name, "was": before,
                         "now": result.output.inputs[0].op if result.output.inputs else None})
@@ -304,6 +306,7 @@ def _run_lite(model: ModelProto, options: Optional[dict], pctx: Optional[PassCon
                         "count": 0, "tensors": [], "preserved": []} for r in table}
     skipped: list = []
     details: list = []
+    clips: dict = {}   # tensor -> the clip bounds a rule dropped there (model_io.ACTIVATION_BOUNDS_KEY)
 
     exact_rules = [r for r in active if r.exact]
     approx_rules = [r for r in active if not r.exact]
@@ -311,7 +314,7 @@ def _run_lite(model: ModelProto, options: Optional[dict], pctx: Optional[PassCon
     local, pending = {}, []
     for rule in exact_rules:
         ctx.added = []
-        _apply_rule(rule, ctx, records[rule.name], skipped, details)
+        _apply_rule(rule, ctx, records[rule.name], skipped, details, clips)
         added, ctx.added = ctx.added, None
         if checker is not None and records[rule.name]["count"]:
             res = checker.check(graph, ctx, added, records[rule.name]["preserved"])
@@ -325,15 +328,19 @@ def _run_lite(model: ModelProto, options: Optional[dict], pctx: Optional[PassCon
     # its region; the approximate rules continue on the same graph (export only cleans and sorts).
     model_exact = _export(graph, model) if pending else None
     for rule in approx_rules:
-        _apply_rule(rule, ctx, records[rule.name], skipped, details)
+        _apply_rule(rule, ctx, records[rule.name], skipped, details, clips)
     approx_fired = [r.name for r in approx_rules if records[r.name]["count"]]
     if approx_fired or exact_fired:
         final = model_exact if model_exact is not None and not approx_fired else _export(graph, model)
     else:
         final = model
     seconds_rules = time.perf_counter() - t0
+    produced = {o for n in final.graph.node for o in n.output} if clips else set()
+    clips = {t: b for t, b in clips.items() if t in produced}   # a later rule may have removed the tensor
+    if clips:
+        record_activation_bounds(final, clips)
 
-    extra = {"rules": records, "rule_seconds": round(seconds_rules, 3)}
+    extra = {"rules": records, "rule_seconds": round(seconds_rules, 3), "clip_bounds_recorded": len(clips)}
     extra["region_check_seconds"] = round(checker.seconds, 3) if checker is not None else 0.0
     if verify and (exact_fired or approx_fired):
         t1 = time.perf_counter()

@@ -17,8 +17,9 @@ from __future__ import annotations
 import warnings
 
 from onnxopt.errors import DataError, OnnxoptError
+from onnxopt import model_io
 from onnxopt.quant import check as qcheck
-from onnxopt.quant.quantize import limit_samples, quantize_model
+from onnxopt.quant.quantize import limit_samples, quantize_model, with_clip_bounds
 from onnxopt.quant.targets import TARGET_NAMES
 from onnxopt.registry import Option, PassResult, register_pass
 
@@ -47,6 +48,8 @@ OPTIONS = [
     Option("power_of_two", bool, False, "round every scale up to a power of two (forced for tidl-tda4vm)"),
     Option("low_bit", str, "restricted", "how <8-bit weights are stored: restricted (int8 range [-q, q]) or int4 (INT4 type, opset >= 21)",
            ("restricted", "int4")),
+    Option("clip_bounds", bool, True, "cap activation ranges at the clips lite removed (ReLU6 -> ReLU: the quantizer "
+           "clips at 6 where ReLU6 did; recorded in the model's onnxopt.activation_bounds metadata)"),
     Option("exclude_nodes", list, [], "node names kept in float (comma-separated)"),
     Option("exclude_op_types", list, [], "op types kept in float, e.g. Gemm,Add"),
     Option("exclude_regex", str, "", "regular expression on node names kept in float"),
@@ -117,7 +120,8 @@ def qdq(model, options, ctx):
     if bn_warning:
         ctx.log(bn_warning)
         warns.append(bn_warning)
-    float_model = model
+    # recovery's float reference is what the Q/DQ model approximates: with the clips lite removed put back
+    float_model = with_clip_bounds(model, model_io.activation_bounds(model)) if options.get("clip_bounds", True) else model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info
     extra = {"target": info["target"], "notes": info.get("notes", []), "groups": info["groups"],

@@ -14,6 +14,7 @@ from onnx import helper
 
 from helpers import assert_equivalent, op_count, rand, run
 from lite_models import GraphBuilder, focus, mobilenetv3_like, yolox_like
+from onnxopt import model_io
 from onnxopt.errors import OptionError, VerificationError
 from onnxopt.passes import lite
 from onnxopt.passes.lite import Match, Rule, options_with, run_lite
@@ -78,6 +79,9 @@ def test_activation_encodings_become_relu(encoding):
     assert_became_relu(model, res, y, out)
     (detail,) = res.details
     assert detail["tensor"] == out and detail["now"] == "Relu"
+    # the dropped clip is recorded for qdq (a HardSwish has no upper bound to record)
+    assert model_io.activation_bounds(res.model) == ({out: (0.0, 6.0)} if act == "relu6" else {})
+    assert res.extra["clip_bounds_recorded"] == (act == "relu6")
 
 
 @pytest.mark.parametrize("opset,act,kw,rule", [

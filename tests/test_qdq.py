@@ -515,3 +515,76 @@ def test_ort_warns_when_batchnorm_is_not_folded():
     folded, _ = manager.apply(m, "bnfuse", summarize_layers=False)
     _, rec = quantize(folded, target="ort")
     assert not rec.extra["warnings"]
+
+
+
+# ------------------------------------------------------------------------------ clip bounds lite removed
+def conv_relu6_conv(how="inputs"):
+    """x -> Conv -> ReLU6 -> Conv, with pre-activations well above 6 (so the clip matters)."""
+    from lite_models import GraphBuilder
+    b = GraphBuilder(17, seed=3)
+    y = b.conv("x", 3, 8, 3)
+    r = b.relu6(b.op("Mul", [y, b.const(8.0)]), how)
+    out = b.conv(r, 8, 4, 3)
+    return b.model([("x", [1, 3, 8, 8])], [(out, [1, 4, 8, 8])]), r
+
+
+def activation_scale(qmodel, tensor):
+    q = next(n for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    return float(inits(qmodel)[q.input[1]])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("how", ["inputs", "minmax"])
+def test_lite_relu6_bound_makes_the_quantized_lite_model_the_quantized_original(target, how):
+    """ReLU6 -> ReLU, then qdq: the activation's range ends at 6, so the Q/DQ clips where the ReLU6
+    did and the quantized lite model computes what the quantized original does."""
+    from onnxopt import model_io
+    from onnxopt.passes.lite import options_with, run_lite
+    original, r = conv_relu6_conv(how)
+    lite = run_lite(original, options_with(verify=False)).model
+    assert model_io.activation_bounds(lite) == {r: (0.0, 6.0)}
+    feeds = feeds_for(original, n=8)
+    q_orig, _ = quantize(original, feeds, target=target)
+    q_lite, rec = quantize(lite, feeds, target=target)
+    q_free, _ = quantize(lite, feeds, target=target, clip_bounds=False)
+    assert rec.extra["info"]["clip_bounds"] == [r]
+    if target != "tidl-tda4vm":   # (power-of-two scales round the range up: the Q clips at 8, not 6)
+        assert activation_scale(q_lite, r) == pytest.approx(activation_scale(q_orig, r), rel=1e-6)
+    assert activation_scale(q_free, r) > 2 * activation_scale(q_lite, r)     # unbounded ReLU: a much coarser grid
+    y = original.graph.output[0].name
+    for f in feeds:
+        want = run(q_orig, f)[y]
+        err, err_free = (float(np.abs(run(m, f)[y] - want).max()) for m in (q_lite, q_free))
+        if target == "tidl-tda4vm":
+            assert err < 0.5 * err_free
+        else:
+            assert err <= 1e-5 * np.abs(want).max()
+        assert err_free > 0.1 * np.abs(want).max()
+    assert rec.extra["check"]["violations"] == 0
+
+
+def test_clip_bounds_cap_every_method_and_the_trt_table(tmp_path):
+    from onnxopt import model_io
+    from onnxopt.quant.trt_table import read_trt_calibration_table
+    model = conv_relu_conv()
+    model_io.record_activation_bounds(model, {"r1": (0.0, 0.05), "gone": (0.0, 1.0)})
+    feeds = feeds_for(model)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        table = tmp_path / f"{method}.cache"
+        q, rec = quantize(model, feeds, target="tensorrt", calib_method=method, trt_calib_table=str(table))
+        assert rec.extra["info"]["clip_bounds"] == ["r1"]
+        assert 0.02 / 127 < activation_scale(q, "r1") <= 0.05 / 127 * (1 + 1e-6)
+        assert read_trt_calibration_table(table)["r1"] <= 0.05 * (1 + 1e-3)
+        assert [n.op_type for n in q.graph.node].count("Clip") == 0      # the Q/DQ does the clipping
+    q, _ = quantize(model, feeds, target="tensorrt")
+    assert activation_scale(q, "r1") == pytest.approx(0.05 / 127)
+
+
+def test_equalize_drops_the_bounds_of_tensors_it_rescales():
+    from onnxopt import model_io
+    model = conv_relu_conv()
+    model_io.record_activation_bounds(model, {"r1": (0.0, 6.0), "x": (-1.0, 1.0)})
+    out, report = manager.apply(model, "equalize", context=PassContext(progress=False))
+    assert model_io.activation_bounds(out) == {"x": (-1.0, 1.0)}
+    assert report.passes[0].extra["clip_bounds_dropped"] == ["r1"]

@@ -223,7 +223,7 @@ def limit_samples(data: Callable, n: int) -> Callable:
 
 
 def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules: TargetRules, progress: bool,
-                    nonneg: Optional[set] = None) -> dict:
+                    nonneg: Optional[set] = None, bounds: Optional[dict] = None) -> dict:
     from . import calibrate as calib
 
     method = options.get("calib_method", "auto")
@@ -247,7 +247,49 @@ def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules
     bits = int(options.get("activation_bits", 8))
     zero_based = not rules.act_signed or unsigned_low_bit(options, bits)
     unsigned = {t: bool(symmetric and zero_based and t in nonneg) for t in tensors}
-    return calib.calibrate(model, list(tensors), data, cfg, symmetric=symmetric, unsigned=unsigned, bits=bits)
+    return calib.calibrate(with_clip_bounds(model, bounds or {}), list(tensors), data, cfg,
+                           symmetric=symmetric, unsigned=unsigned, bits=bits)
+
+
+def with_clip_bounds(model: ModelProto, bounds: dict) -> ModelProto:
+    """``model`` with a Clip put back on each tensor of ``bounds`` ({tensor: (lo, hi)}, the clips
+    ``lite`` removed: :data:`onnxopt.model_io.ACTIVATION_BOUNDS_KEY`); ``model`` itself when empty.
+
+    Calibrated on this, a ReLU6 -> ReLU tensor gets a range ending at 6 and every tensor after it
+    the range it had in the original, so the Q/DQ model clips where the original did. Recovery
+    uses it as the float reference for the same reason. The tensor keeps its name (the Clip
+    writes it; the old producer writes ``<name>_unbounded``)."""
+    present = {o for n in model.graph.node for o in n.output}
+    bounds = {t: b for t, b in bounds.items() if t in present}
+    if not bounds:
+        return model
+    out = ModelProto()
+    out.CopyFrom(model)
+    out.graph.ClearField("node")
+    taken = present | {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    opset = model_io.opset_of(model)
+    for src in model.graph.node:   # each Clip right after its producer: the order stays topological
+        node = out.graph.node.add()
+        node.CopyFrom(src)
+        for i, t in enumerate(src.output):
+            if t not in bounds:
+                continue
+            raw = t + "_unbounded"
+            while raw in taken:
+                raw += "_"
+            taken.add(raw)
+            node.output[i] = raw
+            lo, hi = bounds[t]
+            if opset >= 11:
+                dtype = np.float16 if elem.get(t) == TensorProto.FLOAT16 else np.float32
+                out.graph.initializer.extend([numpy_helper.from_array(np.asarray(lo, dtype), raw + "_min"),
+                                              numpy_helper.from_array(np.asarray(hi, dtype), raw + "_max")])
+                clip = helper.make_node("Clip", [raw, raw + "_min", raw + "_max"], [t], name=raw + "_Clip")
+            else:
+                clip = helper.make_node("Clip", [raw], [t], name=raw + "_Clip", min=float(lo), max=float(hi))
+            out.graph.node.append(clip)
+    return out
 
 
 def unsigned_low_bit(options: dict, bits: int) -> bool:
@@ -334,13 +376,15 @@ def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     validate_options(options, rules)
     input_shapes = getattr(ctx, "input_shapes", None) if ctx is not None else None
     progress = bool(getattr(ctx, "progress", False)) if ctx is not None else False
+    bounds = model_io.activation_bounds(model) if options.get("clip_bounds", True) else {}
     model, notes = prepare_model(model, rules, options, input_shapes)
     graph = import_graph(model)
     full_plan = placement_mod.plan(graph, rules, options, ignore_exclusions=True)
     the_plan = placement_mod.plan(graph, rules, options)
     tensors = list(dict.fromkeys(full_plan.activation_tensors() + the_plan.activation_tensors()))
     nonneg = placement_mod.nonnegative_tensors(graph)
-    ranges = run_calibration(model, tensors, data, options, rules, progress, nonneg) if tensors else {}
+    bounds = {t: b for t, b in bounds.items() if t in tensors}
+    ranges = run_calibration(model, tensors, data, options, rules, progress, nonneg, bounds) if tensors else {}
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
     if missing:
         raise OnnxoptError(f"calibration returned no range for {len(missing)} tensor(s), e.g. '{missing[0]}'.",
@@ -348,6 +392,7 @@ def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     qmodel, info = apply_plan(model, graph, the_plan, ranges, rules, options)
     info["notes"] = notes
     info["skipped"] = the_plan.skipped
+    info["clip_bounds"] = sorted(bounds)
     return QuantResult(qmodel, info, {k: (float(v[0]), float(v[1])) for k, v in ranges.items()})
 
 
