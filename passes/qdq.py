@@ -17,9 +17,8 @@ from __future__ import annotations
 import warnings
 
 from onnxopt.errors import DataError, OnnxoptError
-from onnxopt import model_io
 from onnxopt.quant import check as qcheck
-from onnxopt.quant.quantize import limit_samples, quantize_model, with_clip_bounds
+from onnxopt.quant.quantize import limit_samples, quantize_model
 from onnxopt.quant.targets import TARGET_NAMES
 from onnxopt.registry import Option, PassResult, register_pass
 
@@ -120,8 +119,7 @@ def qdq(model, options, ctx):
     if bn_warning:
         ctx.log(bn_warning)
         warns.append(bn_warning)
-    # recovery's float reference is what the Q/DQ model approximates: with the clips lite removed put back
-    float_model = with_clip_bounds(model, model_io.activation_bounds(model)) if options.get("clip_bounds", True) else model
+    float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info
     extra = {"target": info["target"], "notes": info.get("notes", []), "groups": info["groups"],

@@ -588,3 +588,21 @@ def test_equalize_drops_the_bounds_of_tensors_it_rescales():
     out, report = manager.apply(model, "equalize", context=PassContext(progress=False))
     assert model_io.activation_bounds(out) == {"x": (-1.0, 1.0)}
     assert report.passes[0].extra["clip_bounds_dropped"] == ["r1"]
+
+
+def test_recovery_references_the_bounded_float_model():
+    """Sensitivity/recovery compare the Q/DQ model against its float reference: with the recorded
+    clips put back, that reference is the original (ReLU6) model, not the unbounded lite one."""
+    from onnxopt.passes.lite import options_with, run_lite
+    from onnxopt.quant.sensitivity import QdqView
+    original, r = conv_relu6_conv()
+    lite = run_lite(original, options_with(verify=False)).model
+    feeds = feeds_for(original, n=8)
+    q, rec = quantize(lite, feeds, target="ort")
+    y = original.graph.output[0].name
+    ref = QdqView(lite, q, rec.extra["info"]).float_reference()
+    for f in feeds:
+        np.testing.assert_allclose(run(ref, f)[y], run(original, f)[y], rtol=1e-6, atol=1e-6)
+    q_bc, rec_bc = quantize(lite, feeds, target="ort", bias_correction="empirical")
+    err = lambda m: max(float(np.abs(run(m, f)[y] - run(original, f)[y]).max()) for f in feeds)  # noqa: E731
+    assert err(q_bc) <= err(q) * 1.01    # corrected towards the original, never away from it

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import numpy as np
-import onnx
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto, numpy_helper
 
-from .. import runtime
+from .. import model_io, runtime
 from ..data import feed_samples
 from ..errors import DataError, OnnxoptError
+from .quantize import with_clip_bounds
 
 
 def _const_arrays(model: ModelProto) -> dict:
@@ -85,6 +85,10 @@ class QdqView:
             if n.op_type == "DequantizeLinear" and n.name in self.acts:
                 self.dq_output_to_act[n.output[0]] = self.acts[n.name]
         self.q_consts = _const_arrays(qmodel)
+        # the clips lite removed and qdq calibrated with (quantize.with_clip_bounds): every variant,
+        # the float reference included, has them, so that it computes what the Q/DQ model approximates
+        capped = set(info.get("clip_bounds", ()))
+        self.clip_bounds = {t: b for t, b in model_io.activation_bounds(qmodel).items() if t in capped}
         f_consts = _const_arrays(float_model) if float_model is not None else {}
         # The float layer of each quantized one: the float model's node reading the float weight
         # (its bias is the float bias, which recovery may since have corrected in the QDQ model).
@@ -207,7 +211,7 @@ class QdqView:
         if fold_weights:
             self._fold_weight_dq(m)
         _prune(m)
-        return m
+        return with_clip_bounds(m, self.clip_bounds)
 
     def _fold_weight_dq(self, m: ModelProto) -> None:
         """Replace every weight DequantizeLinear by a float initializer of its (identical) output,
