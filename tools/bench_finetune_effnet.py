@@ -9,6 +9,11 @@ model keeps the original's batch-1 interface.
 Rows: original float, after ``lite,bnfuse`` (ReLU6 -> ReLU, float), after ``lite,bnfuse,qdq``
 (PTQ, the starting point), after finetuning; drop vs the original and the 1-point target.
 
+``lite`` records the 6 each ReLU6 -> ReLU rewrite drops and ``qdq`` calibrates with it
+(``qdq.clip_bounds``, on by default): the Q/DQ then clips where the ReLU6 did, so the PTQ start
+is the quantized original rather than the unbounded ReLU model. ``--qdq-set clip_bounds=false``
+measures the flow without it.
+
 ``--float-epochs N`` follows TI's flow for lite models: the float ``lite,bnfuse`` model is
 finetuned first (no fake quantization, so faster and without rounding noise), then quantized by
 ``qdq`` (calibrated on the finetuned model) and QAT-finetuned for ``--epochs``.
