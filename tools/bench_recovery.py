@@ -2,7 +2,7 @@
 
   python tools/bench_recovery.py se            # SE/HardSwish test net, W8A8 per-tensor: plain vs equalize
   python tools/bench_recovery.py effnet8       # EfficientNet-Lite0 W8A8, ort + tensorrt: ablation table
-  python tools/bench_recovery.py effnet4       # EfficientNet-Lite0 W4A8: nearest vs adaround (+ bias correction)
+  python tools/bench_recovery.py effnet4       # EfficientNet-Lite0 W4A8: nearest vs adaround (+ bias correction) vs brecq
   python tools/bench_recovery.py sensitivity   # wall time of `onnxopt sensitivity` on EfficientNet-Lite0
   python tools/bench_recovery.py all --json out.json
 
@@ -98,6 +98,8 @@ def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows
             row["fallback"] = {k: fb[k] for k in ("high_precision_layers", "high_precision_mac_share", "met", "latency_ms_ort_cpu", "error_after")}
         if "adaround" in rep:
             row["adaround"] = {k: rep["adaround"].get(k) for k in ("layers", "improved", "sequential", "samples", "seconds", "skipped")}
+        if "brecq" in rep:
+            row["brecq"] = {k: rep["brecq"].get(k) for k in ("blocks", "improved", "samples", "iters", "seconds", "skipped")}
         rows.append(row)
         log(json.dumps(row))
 
@@ -124,6 +126,7 @@ def task_effnet4(args, results):
     configs = [("nearest", {}),
                (f"adaround({args.iters})", {"rounding": "adaround", "adaround_iters": args.iters}),
                (f"adaround({args.iters}) + bias empirical", {"_after": f"adaround({args.iters})", "bias_correction": "empirical"}),
+               (f"brecq({args.iters})", {"rounding": "brecq", "adaround_iters": args.iters}),
                ("nearest + bias empirical", {"bias_correction": "empirical"})]
     if args.configs:
         configs = [c for c in configs if c[0] in args.configs.split(";")]

@@ -3,7 +3,8 @@
 Entry point :func:`recover` (called by the ``qdq`` pass when one of its reserved options is set;
 see ``notes/contracts.md``). Steps, in this order, each optional:
 
-1. ``rounding=adaround`` -- learned weight rounding per layer (:mod:`onnxopt.quant.adaround`).
+1. ``rounding=adaround`` -- learned weight rounding per layer (:mod:`onnxopt.quant.adaround`), or
+   ``rounding=brecq`` -- per block of layers, with their biases (:mod:`onnxopt.quant.brecq`, torch).
 2. ``bias_correction`` (undone, and reported as reverted, when it raises the relative output
    error on the reference samples -- as it does after AdaRound, which leaves shifts where a
    following ReLU6 clips that the correction then moves):
@@ -46,7 +47,7 @@ from onnx import ModelProto, numpy_helper
 from .. import runtime
 from ..data import feed_samples
 from ..errors import DataError, OptionError
-from .sensitivity import Evaluator, QdqView, analyze, collect_feeds, fast_session, rel_error, sqnr_db
+from .sensitivity import Evaluator, QdqView, analyze, collect_feeds, fast_session, sqnr_db
 
 FALLBACK_SAMPLES = 32
 BIAS_SAMPLES = 32  # samples per measurement of the sequential empirical correction
@@ -375,8 +376,8 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
         raise OptionError("qdq.max_error is only used with qdq.fallback=auto.", "add --set qdq.fallback=auto or drop max_error")
     if precision != "float" and fb != "auto":
         raise OptionError("qdq.fallback_precision is only used with qdq.fallback=auto.", "add --set qdq.fallback=auto")
-    if data is None and (bc == "empirical" or fb == "auto" or rounding == "adaround"):
-        raise DataError("PTQ recovery (empirical bias correction, fallback, adaround) needs the calibration data.", "give --calib-data")
+    if data is None and (bc == "empirical" or fb == "auto" or rounding != "nearest"):
+        raise DataError(f"PTQ recovery (empirical bias correction, fallback, rounding={rounding}) needs the calibration data.", "give --calib-data")
     report: dict = {}
     t0 = time.perf_counter()
     model = qdq_model
@@ -384,11 +385,15 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
     if ref_feeds is not None:
         ev = Evaluator(QdqView(float_model, model, info).float_reference(), ref_feeds)
         report["rel_error_start"] = ev.error(model)
-    if rounding == "adaround":
-        from .adaround import adaround
+    if rounding != "nearest":
+        from .adaround import adaround  # recovery imports these modules, not the other way round
+        from .brecq import brecq
 
-        view = QdqView(float_model, model, info)
-        model, report["adaround"] = adaround(view, data, iters=int(options.get("adaround_iters", 500)), log=log)
+        view, iters = QdqView(float_model, model, info), int(options.get("adaround_iters", 500))
+        if rounding == "adaround":
+            model, report[rounding] = adaround(view, data, iters=iters, log=log)
+        else:
+            model, report[rounding] = brecq(view, data, iters=iters, float_model=float_model, log=log)
     if bc != "none":
         correct = empirical_bias_correction if bc == "empirical" else analytical_bias_correction
         corrected, rep = correct(float_model, model, info, data, (n_samples or BIAS_SAMPLES) if bc == "empirical" else n_samples, log)

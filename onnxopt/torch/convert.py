@@ -140,6 +140,9 @@ class OnnxModule(nn.Module):
         self.running_batch: Optional[int] = None
         self.capture: set = set()
         self.captured: dict = {}
+        # latent weight name -> callable giving the dequantized weight to use instead of fake
+        # quantization (block reconstruction learns the rounding, onnxopt.quant.brecq)
+        self.weight_override: Dict[str, Callable[[], torch.Tensor]] = {}
         self.params = nn.ParameterDict()
         self.consts = nn.Module()
         self.param_names: Dict[str, str] = {}
@@ -403,7 +406,9 @@ class OnnxModule(nn.Module):
             elif node.kind == "fqw":
                 q = node.extra["q"]
                 w = env[q.latent]
-                if q.mode == "binary":
+                if q.latent in self.weight_override:
+                    y = self.weight_override[q.latent]()
+                elif q.mode == "binary":
                     y = fakequant.binary_weight(w, q.axis)[0]
                 elif q.mode == "ternary":
                     y = fakequant.ternary_weight(w, q.axis)[0]
