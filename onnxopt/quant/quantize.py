@@ -256,8 +256,8 @@ def with_clip_bounds(model: ModelProto, bounds: dict) -> ModelProto:
     ``lite`` removed: :data:`onnxopt.model_io.ACTIVATION_BOUNDS_KEY`); ``model`` itself when empty.
 
     Calibrated on this, a ReLU6 -> ReLU tensor gets a range ending at 6 and every tensor after it
-    the range it had in the original, so the Q/DQ model clips where the original did. Recovery
-    uses it as the float reference for the same reason. The tensor keeps its name (the Clip
+    the range it had in the original, so the Q/DQ model clips where the original did. The
+    sensitivity/recovery views (``QdqView``) put the same clips in their float reference. The tensor keeps its name (the Clip
     writes it; the old producer writes ``<name>_unbounded``)."""
     present = {o for n in model.graph.node for o in n.output}
     bounds = {t: b for t, b in bounds.items() if t in present}
@@ -383,6 +383,7 @@ def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     the_plan = placement_mod.plan(graph, rules, options)
     tensors = list(dict.fromkeys(full_plan.activation_tensors() + the_plan.activation_tensors()))
     nonneg = placement_mod.nonnegative_tensors(graph)
+    # only a tensor that gets a Q/DQ is clipped in the result, so only there is the clip put back
     bounds = {t: b for t, b in bounds.items() if t in tensors}
     ranges = run_calibration(model, tensors, data, options, rules, progress, nonneg, bounds) if tensors else {}
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
