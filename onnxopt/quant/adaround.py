@@ -332,7 +332,7 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
         # too few input rows for K free weights per output: learned rounding would fit the
         # calibration samples, not the distribution (measured: a Gemm head on 40 samples).
         # Round to nearest, at the clipping that minimises the weight error itself (data-free).
-        new_scale, alpha = _weight_clipping(layer, scale, qmin_l, qmax_l, per_channel)
+        new_scale, alpha = _weight_clipping(layer.w, scale, qmin_l, qmax_l, per_channel)
         if not np.array_equal(new_scale, scale):
             _write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
             _write_weight(inits, l, layer, np.clip(np.rint(layer.w / new_scale.reshape(layer.w.shape[:2] + (1,))), qmin_l, qmax_l))
@@ -377,22 +377,22 @@ def _best_clipping(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_c
     gqq, gfq = layer.gqq / max(layer.count, 1), layer.gfq / max(layer.count, 1)
     ap = (lambda a, gram: a @ gram) if gqq.ndim == 3 else (lambda a, gram: np.einsum("gok,gokl->gol", a, gram))
     target = ap(layer.w, gfq)
-    return _clip_search(layer, scale, qmin, qmax, per_channel, lambda wq: np.sum(ap(wq, gqq) * wq - 2.0 * target * wq, axis=2))
+    return _clip_search(layer.w, scale, qmin, qmax, per_channel, lambda wq: np.sum(ap(wq, gqq) * wq - 2.0 * target * wq, axis=2))
 
 
-def _weight_clipping(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool) -> tuple:
+def _weight_clipping(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool) -> tuple:
     """Like :func:`_best_clipping`, but minimising the weight's own squared rounding error
     (for layers without enough data to trust their input statistics)."""
-    return _clip_search(layer, scale, qmin, qmax, per_channel, lambda wq: np.sum((wq - layer.w) ** 2, axis=2))
+    return _clip_search(w, scale, qmin, qmax, per_channel, lambda wq: np.sum((wq - w) ** 2, axis=2))
 
 
-def _clip_search(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool, loss) -> tuple:
+def _clip_search(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool, loss) -> tuple:
     """(new scale [g*o], ratio [g, o]): for each ratio in CLIP_RATIOS the nearest-rounded weight
-    at ``scale * ratio`` is scored by ``loss(wq) -> [g, o]``; the best ratio per output channel,
-    or the best single ratio for all channels when the scale is per tensor."""
-    g, o, _ = layer.w.shape
+    ``w`` [g, o, K] at ``scale * ratio`` is scored by ``loss(wq) -> [g, o]``; the best ratio per
+    output channel, or the best single ratio for all channels when the scale is per tensor."""
+    g, o, _ = w.shape
     base = scale.reshape(g, o, 1)
-    losses = np.stack([loss(np.clip(np.rint(layer.w / (base * a)), qmin, qmax) * base * a) for a in CLIP_RATIOS])  # [r, g, o]
+    losses = np.stack([loss(np.clip(np.rint(w / (base * a)), qmin, qmax) * base * a) for a in CLIP_RATIOS])  # [r, g, o]
     best = np.argmin(losses, axis=0) if per_channel else np.full((g, o), int(np.argmin(losses.sum(axis=(1, 2)))))
     alpha = CLIP_RATIOS[best]
     return (base[..., 0] * alpha).reshape(-1), alpha

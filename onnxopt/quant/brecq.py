@@ -37,7 +37,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from .. import runtime
 from ..data import feed_samples
 from ..errors import require
-from .adaround import CLIP_RATIOS, GAMMA, ZETA, _truncated, _write_scale
+from .adaround import GAMMA, ZETA, _truncated, _weight_clipping, _write_scale
 from .sensitivity import QdqView, collect_feeds, fast_session
 
 
@@ -127,13 +127,11 @@ def _per_channel(a: np.ndarray, axis: Optional[int]) -> np.ndarray:
 
 def _mse_scale(w: np.ndarray, scale: np.ndarray, axis: Optional[int], qmin: int, qmax: int) -> np.ndarray:
     """Per channel (or per tensor), the scale ``scale * ratio`` whose nearest rounding of ``w``
-    has the least squared error; ratio 1 is a candidate."""
+    has the least squared error (adaround's data-free clipping search); ratio 1 is a candidate."""
     per_channel = scale.size > 1
     wc = _per_channel(w.astype(np.float64), axis if per_channel else None)
-    s = scale.reshape(-1, 1).astype(np.float64)
-    errs = np.stack([np.sum((np.clip(np.rint(wc / (s * r)), qmin, qmax) * s * r - wc) ** 2, axis=1) for r in CLIP_RATIOS])
-    best = np.argmin(errs, axis=0) if per_channel else np.full(1, int(np.argmin(errs.sum(axis=1))))
-    return (s[:, 0] * CLIP_RATIOS[best]).astype(np.float64)
+    new, _ = _weight_clipping(wc[None], scale.reshape(-1).astype(np.float64), qmin, qmax, per_channel)
+    return new
 
 
 def _stack(sess, feeds: list, name: str) -> np.ndarray:
@@ -209,9 +207,9 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 128, block_l
     value_info = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     value_info.update({v.name: v for v in list(model.graph.input) + list(model.graph.output)})
     rows = []
+    graph_inputs = {i.name for i in model.graph.input}
     for t_in, t_out, names in blocks:
         tb = time.perf_counter()
-        graph_inputs = {i.name for i in model.graph.input}
         if t_in in graph_inputs:
             xq = np.concatenate([f[t_in] for f in feeds])
         else:
