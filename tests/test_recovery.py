@@ -289,3 +289,22 @@ def test_brecq_block_reconstruction_reduces_held_out_output_error(se_setup):
     allowed = {l[k] for l in info["layers"] for k in ("weight_q", "weight_scale", "bias", "bias_q", "bias_scale") if l.get(k)}
     assert changed and changed <= allowed
     assert [(n.name, n.op_type) for n in q.graph.node] == [(n.name, n.op_type) for n in out.graph.node]
+
+
+def test_brecq_hardened_rounding_keeps_its_fixed_value():
+    """Progressive hardening fixes part of the rounding at a stage; Adam's momentum may still move
+    those ``v`` across 0 afterwards, and the rounding written out must be the one fixed, not the
+    sign of the moved ``v``."""
+    torch = pytest.importorskip("torch")
+    from onnxopt.quant import brecq as brecq_mod
+
+    base, s_b = torch.zeros(4), torch.ones(4)
+    v = torch.tensor([3.0, -3.0, 0.1, -0.1])
+    state = {"hard": False, "fixed": torch.tensor([True, True, False, False]), "value": torch.tensor([1.0, 0.0, 0.0, 0.0])}
+    weight = brecq_mod._soft_weight(torch, base, s_b, v, -7, 7, state)
+    soft = weight()
+    assert soft[:2].tolist() == [1.0, 0.0] and 0 < soft[2] < 1 and 0 < soft[3] < 1
+    v.copy_(torch.tensor([-3.0, 3.0, 0.1, -0.1]))   # the fixed ones' v flipped sign
+    state["hard"] = True
+    assert weight().tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert brecq_mod._hard(torch, v, state).tolist() == [1.0, 0.0, 1.0, 0.0]
