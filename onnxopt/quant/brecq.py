@@ -15,7 +15,10 @@ straight-through estimator through them), run as a torch module built from the b
 with AdaRound's rectified sigmoid ``h``. ``x_q`` is the block's input in the Q/DQ model with every
 earlier block's learned rounding applied (the asymmetric reconstruction), ``B_f(x_f)`` the block's
 output in the float reference. ``beta`` anneals from 20 to 2 after a warm-up without the
-regulariser, so ``h`` ends at 0 or 1. Before learning, each layer's weight scale takes the
+regulariser, so ``h`` ends at 0 or 1. What is still undecided then (5-30 % at a few hundred
+iterations) is hardened in ``harden_stages`` stages: each fixes the most decided half of the soft
+``h`` and learns the rest, and the biases, against the block output for ``harden_iters``
+iterations (a tenth of ``iters`` by default); the last fixes all. Before learning, each layer's weight scale takes the
 clipping ratio (1 ... 0.5 of min-max, per channel) that minimises its weight rounding error, the
 scale initialisation both papers use at 4 bits; an int32 bias is re-quantized with it.
 
