@@ -282,7 +282,7 @@ def test_brecq_block_reconstruction_reduces_held_out_output_error(se_setup):
     view = QdqView(m, q, info)
     blocks = brecq_mod.find_blocks(q, view.layers, 3)
     assert len(blocks) > 2 and sorted(l for _, _, ls in blocks for l in ls) == sorted(view.layers)
-    out, rep = brecq_mod.brecq(view, lambda: iter(calib[:16]), iters=30, float_model=m)
+    out, rep = brecq_mod.brecq(view, lambda: iter(calib[:16]), iters=60, float_model=m)
     assert rep["blocks"] == len(blocks) and rep["improved"] > 0
     assert _err(m, out, info, ev[:60]) < 0.5 * _err(m, q, info, ev[:60])
     changed = {t.name for t, u in zip(q.graph.initializer, out.graph.initializer) if t.SerializeToString() != u.SerializeToString()}
