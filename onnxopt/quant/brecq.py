@@ -303,7 +303,9 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 128, block_l
                 st = states[name]
                 dist = (_h(torch, v) - 0.5).abs().detach()
                 free = ~st["fixed"]
-                fix = free if last or int(free.sum()) <= 1 else free & (dist >= torch.quantile(dist[free], 0.5))
+                n_free = int(free.sum())
+                # the median by kthvalue: torch.quantile refuses tensors over 2^24 elements
+                fix = free if last or n_free <= 1 else free & (dist >= dist[free].kthvalue((n_free + 1) // 2).values)
                 # the fixed value is kept, not re-read from v: Adam's momentum still moves a v without gradient
                 st["value"] = torch.where(fix, (v.detach() >= 0).to(st["value"].dtype), st["value"])
                 st["fixed"] = st["fixed"] | fix
