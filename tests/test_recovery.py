@@ -308,3 +308,17 @@ def test_brecq_hardened_rounding_keeps_its_fixed_value():
     state["hard"] = True
     assert weight().tolist() == [1.0, 0.0, 1.0, 0.0]
     assert brecq_mod._hard(torch, v, state).tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_brecq_median_equals_torch_quantile():
+    """The hardening cut is torch.quantile(x, 0.5) computed by sorting, because quantile refuses
+    tensors over 2^24 elements; it must give the same value, odd or even count, ties or not."""
+    torch = pytest.importorskip("torch")
+    from onnxopt.quant import brecq as brecq_mod
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000, 1001):
+        for x in (torch.rand(n, generator=gen), torch.randint(0, 3, (n,), generator=gen).float()):
+            assert torch.equal(brecq_mod._median(torch, x), torch.quantile(x, 0.5))
+    big = torch.rand(2**24 + 1, generator=gen)
+    assert abs(float(brecq_mod._median(torch, big)) - 0.5) < 1e-3

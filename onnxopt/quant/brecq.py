@@ -303,9 +303,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 128, block_l
                 st = states[name]
                 dist = (_h(torch, v) - 0.5).abs().detach()
                 free = ~st["fixed"]
-                n_free = int(free.sum())
-                # the median by kthvalue: torch.quantile refuses tensors over 2^24 elements
-                fix = free if last or n_free <= 1 else free & (dist >= dist[free].kthvalue((n_free + 1) // 2).values)
+                fix = free if last or int(free.sum()) <= 1 else free & (dist >= _median(torch, dist[free]))
                 # the fixed value is kept, not re-read from v: Adam's momentum still moves a v without gradient
                 st["value"] = torch.where(fix, (v.detach() >= 0).to(st["value"].dtype), st["value"])
                 st["fixed"] = st["fixed"] | fix
@@ -354,6 +352,14 @@ def _batch_for(y, batch: int) -> int:
     iterations at 32 images reconstruct worse than nearest rounding, 400 at 8 better, in 1/5 the time)."""
     positions = int(np.prod(y.shape[2:])) if y.ndim > 2 else 1
     return max(min(8, batch), min(batch, batch * 28 * 28 // max(positions, 1)))
+
+
+def _median(torch, x):
+    """``torch.quantile(x, 0.5)`` (the mean of the two middle values, by lerp), which refuses
+    tensors over 2^24 elements (a 4096x4096 MatMul)."""
+    xs = x.flatten().sort().values
+    n = xs.numel()
+    return torch.lerp(xs[(n - 1) // 2], xs[n // 2], 0.5)
 
 
 def _scale_like(scale: np.ndarray, w: np.ndarray, axis: Optional[int]) -> np.ndarray:
