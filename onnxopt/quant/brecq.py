@@ -280,17 +280,19 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 128, block_l
         warm = int(warmup * iters)
         n = len(x_t)
         bsz = _batch_for(y_t, batch)
-        for it in range(iters):
+
+        def step(beta: Optional[float] = None) -> None:
+            """One Adam step on a random batch; with ``beta``, plus the rounding regulariser."""
             idx = torch.randint(0, n, (min(bsz, n),), generator=gen)
-            rec = ((module(x_t[idx]) - y_t[idx]) ** 2).mean() / norm
-            loss = rec
-            if it >= warm:
-                beta = 20.0 + (2.0 - 20.0) * (it - warm) / max(iters - warm - 1, 1)
-                reg = sum((1 - (2 * _h(torch, v) - 1).abs() ** beta).mean() for (_, _, _, v) in soft.values())
-                loss = rec + lam * reg
+            loss = ((module(x_t[idx]) - y_t[idx]) ** 2).mean() / norm
+            if beta is not None:
+                loss = loss + lam * sum((1 - (2 * _h(torch, v) - 1).abs() ** beta).mean() for (_, _, _, v) in soft.values())
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+        for it in range(iters):
+            step(20.0 + (2.0 - 20.0) * (it - warm) / max(iters - warm - 1, 1) if it >= warm else None)
         undecided = float(sum(((_h(torch, v) > 0.01) & (_h(torch, v) < 0.99)).sum() for (_, _, _, v) in soft.values())
                           / sum(v.numel() for (_, _, _, v) in soft.values()))
         loss_soft = block_loss()
@@ -307,12 +309,8 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 128, block_l
                 # the fixed value is kept, not re-read from v: Adam's momentum still moves a v without gradient
                 st["value"] = torch.where(fix, (v.detach() >= 0).to(st["value"].dtype), st["value"])
                 st["fixed"] = st["fixed"] | fix
-            for _ in range(harden_iters if harden_stages else 0):
-                idx = torch.randint(0, n, (min(bsz, n),), generator=gen)
-                loss = ((module(x_t[idx]) - y_t[idx]) ** 2).mean() / norm
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            for _ in range(harden_iters):
+                step()
         for st in states.values():
             st["hard"] = True
         loss_learned = block_loss()
