@@ -42,7 +42,7 @@ from .. import runtime
 from ..data import feed_samples
 from ..errors import require
 from .adaround import GAMMA, ZETA, _truncated, _weight_clipping, _write_scale
-from .sensitivity import QdqView, collect_feeds, fast_session
+from .sensitivity import QdqView, along_axis, collect_feeds, fast_session
 
 
 def _constant_names(model: ModelProto) -> set:
@@ -196,7 +196,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 128, block_l
         new = _mse_scale(w, old, axis, int(l["qmin"]), int(l["qmax"]))
         if not np.array_equal(new, old.reshape(-1).astype(np.float64)):
             _write_scale(inits, l, old, new, old.reshape(-1).astype(np.float64))
-        s = _scale_like(numpy_helper.to_array(inits[l["weight_scale"]]), w, axis)
+        s = along_axis(numpy_helper.to_array(inits[l["weight_scale"]]), w.ndim, axis)
         q = np.clip(np.rint(w / s), int(l["qmin"]), int(l["qmax"]))
         t = inits[l["weight_q"]]
         t.CopyFrom(numpy_helper.from_array(q.astype(numpy_helper.to_array(t).dtype), t.name))
@@ -247,7 +247,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 128, block_l
                 continue
             w_np = view.float_weight[name].astype(np.float32)
             w = torch.from_numpy(w_np)
-            s_b = torch.from_numpy(_scale_like(numpy_helper.to_array(inits[l["weight_scale"]]).astype(np.float32), w_np, wq.axis))
+            s_b = torch.from_numpy(along_axis(numpy_helper.to_array(inits[l["weight_scale"]]).astype(np.float32), w_np.ndim, wq.axis))
             base = torch.floor(w / s_b)
             rest = (w / s_b - base).clamp(0, 1)
             sig0 = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
@@ -358,14 +358,6 @@ def _median(torch, x):
     xs = x.flatten().sort().values
     n = xs.numel()
     return torch.lerp(xs[(n - 1) // 2], xs[n // 2], 0.5)
-
-
-def _scale_like(scale: np.ndarray, w: np.ndarray, axis: Optional[int]) -> np.ndarray:
-    if scale.size == 1 or axis is None:
-        return scale.reshape(()) if scale.size == 1 else scale
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    return scale.reshape(shape)
 
 
 def _h(torch, v):

@@ -45,6 +45,16 @@ def _const_arrays(model: ModelProto) -> dict:
     return out
 
 
+def along_axis(a: np.ndarray, ndim: int, axis: Optional[int]) -> np.ndarray:
+    """A per-channel vector ``a`` (a quantization scale or zero point) shaped to broadcast along
+    ``axis`` of a rank-``ndim`` tensor; a per-tensor one (one element, or no axis) as it is."""
+    if axis is None or a.size == 1:
+        return a.reshape(()) if a.size == 1 else a
+    shape = [1] * ndim
+    shape[axis] = -1
+    return a.reshape(shape)
+
+
 def fast_session(model: ModelProto):
     """An onnxruntime session with every graph optimization off, as the verification oracle.
 
@@ -121,10 +131,7 @@ class QdqView:
         wq = self.array(l["weight_q"]).astype(np.float64)
         s = self.array(l["weight_scale"]).astype(np.float64)
         zp = self.array(l["weight_zero_point"]).astype(np.float64)
-        if l.get("axis") is not None and s.ndim == 1:
-            shape = [1] * wq.ndim
-            shape[l["axis"]] = -1
-            s, zp = s.reshape(shape), zp.reshape(shape)
+        s, zp = along_axis(s, wq.ndim, l.get("axis")), along_axis(zp, wq.ndim, l.get("axis"))
         return ((wq - zp) * s).astype(np.float32)
 
     def dequantized_int_bias(self, layer: str) -> np.ndarray:
@@ -230,10 +237,7 @@ class QdqView:
                     q = self.array(l["weight_q"]).astype(np.int32)
                     s_ = self.array(l["weight_scale"]).astype(np.float32)
                     zp = self.array(l["weight_zero_point"]).astype(np.int32)
-                    if l.get("axis") is not None and s_.ndim == 1:
-                        shape = [1] * q.ndim
-                        shape[l["axis"]] = -1
-                        s_, zp = s_.reshape(shape), zp.reshape(shape)
+                    s_, zp = along_axis(s_, q.ndim, l.get("axis")), along_axis(zp, q.ndim, l.get("axis"))
                     self._deq_cache[out] = numpy_helper.from_array(((q - zp).astype(np.float32) * s_).astype(np.float32), out)
                 inits.append(self._deq_cache[out])
             else:
