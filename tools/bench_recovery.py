@@ -4,6 +4,7 @@
   python tools/bench_recovery.py effnet8       # EfficientNet-Lite0 W8A8, ort + tensorrt: ablation table
   python tools/bench_recovery.py effnet4       # EfficientNet-Lite0 W4A8: nearest vs adaround (+ bias correction) vs brecq
   python tools/bench_recovery.py sensitivity   # wall time of `onnxopt sensitivity` on EfficientNet-Lite0
+  python tools/bench_recovery.py holdout --blocks 13:15   # brecq on some blocks: calibration vs held-out error
   python tools/bench_recovery.py all --json out.json
 
 EfficientNet-Lite0: calibration = every 5th shared ImageNet image (200), evaluation = the other
@@ -136,6 +137,57 @@ def task_effnet4(args, results):
     results["effnet4"] = rows
 
 
+def task_holdout(args, results):
+    """Does block reconstruction generalise? BRECQ (W4A8, ort, first/last layers at 8 bits) on the
+    blocks ``--blocks A:B`` only, learned on the first ``--train`` calibration images; the relative
+    squared error at the last block's output, float reference against quantized, on those images
+    and on the rest of the 200 (never seen by the learning), for: the start (nearest rounding), the
+    initialisation (weight-MSE scales, bias correction) and the learned rounding."""
+    from onnxopt.quant import brecq as B
+    from onnxopt.quant.adaround import _truncated
+    from onnxopt.quant.sensitivity import QdqView, fast_session
+
+    model, _, cfeeds, _, _ = effnet_data(limit=1)
+    opts = get_pass("qdq").resolve({"target": "ort", "weight_bits": 4, "first_last_weight_bits": 8})
+    q = quantize_model(model, opts, lambda: iter(cfeeds), PassContext(progress=False))
+    train, held = cfeeds[: args.train], cfeeds[args.train:]
+    a, b = (int(x) for x in args.blocks.split(":"))
+    all_blocks = B.find_blocks
+    view, rows = QdqView(model, q.model, q.info), []
+
+    def run(blocks, **kw):   # brecq restricted to some blocks (find_blocks patched for the call)
+        B.find_blocks = lambda *x, **k: all_blocks(*x, **k)[blocks]
+        try:
+            return B.brecq(view, lambda: iter(train), iters=args.iters, max_samples=len(train), float_model=model, log=log, **kw)
+        finally:
+            B.find_blocks = all_blocks
+
+    learned = []
+    for name, kw in (("learned", {}), ("learned, rounding only", {"bias_lr": 0.0, "scale_lr": 0.0})):
+        t0 = time.perf_counter()
+        m, rep = run(slice(a, b), **kw)
+        learned.append((name, m, round(time.perf_counter() - t0, 1)))
+    t_out = rep["per_block"][-1]["block"].split(" -> ")[1]
+    ref = fast_session(_truncated(view.float_reference(), [t_out]))
+
+    def row(stage, m, seconds=None):
+        qs = fast_session(_truncated(QdqView(None, m, q.info).variant(fold_weights=True), [t_out]))
+
+        def err(feeds):
+            y = B._stack(ref, feeds, t_out)
+            return round(float(((B._stack(qs, feeds, t_out) - y) ** 2).sum() / (y ** 2).sum()), 4)
+
+        rows.append({"task": "holdout", "blocks": args.blocks, "output": t_out, "stage": stage, "train_images": len(train),
+                     "calibration_error": err(train), "held_out_error": err(held), "seconds": seconds})
+        log(json.dumps(rows[-1]))
+
+    row("start: nearest rounding", q.model)
+    row("init: weight-MSE scales, bias correction", run(slice(0, 0))[0])
+    for name, m, secs in learned:
+        row(name, m, secs)
+    results["holdout"] = rows
+
+
 def task_se(args, results):
     import se_models
 
@@ -185,7 +237,10 @@ def print_tables(results):
                 cols.append(f"agree {r['agreement']}")
             if "recovery_s" in r:
                 cols.append(f"recovery {r['recovery_s']}s (load {r['load']})")
-            if "seconds" in r:
+            if "held_out_error" in r:
+                cols = [r["blocks"], r["stage"], f"{r['train_images']} images", f"calibration {r['calibration_error']}",
+                        f"held-out {r['held_out_error']}"]
+            if "seconds" in r and "held_out_error" not in r:
                 cols.append(f"{r['seconds']} s (load {r['load_before']}->{r['load_after']})")
             if "fallback" in r:
                 fb = r["fallback"]
@@ -196,7 +251,7 @@ def print_tables(results):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("task", choices=["se", "effnet8", "effnet4", "sensitivity", "all"])
+    ap.add_argument("task", choices=["se", "effnet8", "effnet4", "sensitivity", "holdout", "all"])
     ap.add_argument("--targets", default="ort,tensorrt")
     ap.add_argument("--targets4", default="ort")
     ap.add_argument("--iters", type=int, default=500)
@@ -204,6 +259,8 @@ def main(argv=None):
     ap.add_argument("--sens-samples", type=int, default=8)
     ap.add_argument("--configs", default="", help="effnet8/effnet4: only these configurations (names separated by ';')")
     ap.add_argument("--first-last-bits", type=int, default=0, help="effnet4: weight bits of the first and last layers (0 = 4, like the rest)")
+    ap.add_argument("--blocks", default="13:15", help="holdout: the BRECQ blocks to learn (Python slice of the 17)")
+    ap.add_argument("--train", type=int, default=100, help="holdout: calibration images learned on; the rest of the 200 are held out")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
     args.targets = args.targets.split(",")
