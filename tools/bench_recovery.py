@@ -145,7 +145,7 @@ def task_holdout(args, results):
     initialisation (weight-MSE scales, bias correction) and the learned rounding."""
     from onnxopt.quant import brecq as B
     from onnxopt.quant.adaround import _truncated
-    from onnxopt.quant.sensitivity import QdqView, fast_session
+    from onnxopt.quant.sensitivity import QdqView, fast_session, rel_error
 
     model, _, cfeeds, _, _ = effnet_data(limit=1)
     opts = get_pass("qdq").resolve({"target": "ort", "weight_bits": 4, "first_last_weight_bits": 8})
@@ -169,16 +169,13 @@ def task_holdout(args, results):
         learned.append((name, m, round(time.perf_counter() - t0, 1)))
     t_out = rep["per_block"][-1]["block"].split(" -> ")[1]
     ref = fast_session(_truncated(view.float_reference(), [t_out]))
+    targets = {"calibration_error": (train, B._stack(ref, train, t_out)), "held_out_error": (held, B._stack(ref, held, t_out))}
 
     def row(stage, m, seconds=None):
         qs = fast_session(_truncated(QdqView(None, m, q.info).variant(fold_weights=True), [t_out]))
-
-        def err(feeds):
-            y = B._stack(ref, feeds, t_out)
-            return round(float(((B._stack(qs, feeds, t_out) - y) ** 2).sum() / (y ** 2).sum()), 4)
-
+        errs = {k: round(rel_error([y], [B._stack(qs, feeds, t_out)]) ** 2, 4) for k, (feeds, y) in targets.items()}
         rows.append({"task": "holdout", "blocks": args.blocks, "output": t_out, "stage": stage, "train_images": len(train),
-                     "calibration_error": err(train), "held_out_error": err(held), "seconds": seconds})
+                     **errs, "seconds": seconds})
         log(json.dumps(rows[-1]))
 
     row("start: nearest rounding", q.model)
@@ -231,16 +228,17 @@ def print_tables(results):
     for key, rows in results.items():
         print(f"\n== {key}")
         for r in rows:
+            if "held_out_error" in r:
+                print(f"  {r['blocks']} | {r['stage']} | {r['train_images']} images | "
+                      f"calibration {r['calibration_error']} | held-out {r['held_out_error']}")
+                continue
             cols = [r.get("target", ""), str(r.get("weights", "")), r.get("config", ""), f"top1 {r.get('top1', '')}",
                     f"drop {r.get('drop', '')}"]
             if "agreement" in r:
                 cols.append(f"agree {r['agreement']}")
             if "recovery_s" in r:
                 cols.append(f"recovery {r['recovery_s']}s (load {r['load']})")
-            if "held_out_error" in r:
-                cols = [r["blocks"], r["stage"], f"{r['train_images']} images", f"calibration {r['calibration_error']}",
-                        f"held-out {r['held_out_error']}"]
-            if "seconds" in r and "held_out_error" not in r:
+            if "seconds" in r:
                 cols.append(f"{r['seconds']} s (load {r['load_before']}->{r['load_after']})")
             if "fallback" in r:
                 fb = r["fallback"]
