@@ -160,6 +160,48 @@ def test_ort_output_fuses_into_qlinearconv():
     assert "QLinearConv" in ops and "Relu" not in ops
 
 
+def _weight_error(q, model, conv):
+    """(squared error of the dequantized weight of ``conv`` against float, its DQ's inputs)."""
+    dq = input_producer(q, conv, 1)
+    i = inits(q)
+    wq, s, zp = (i[n].astype(np.float64) for n in dq.input)
+    w = inits(model)[node(model, conv).input[1]].astype(np.float64)
+    deq = (wq - zp.reshape(-1, 1, 1, 1)) * s.reshape(-1, 1, 1, 1)
+    return float(((deq - w) ** 2).sum()), (wq, s, zp, w, deq)
+
+
+def test_asymmetric_weights_take_all_levels_and_still_fuse():
+    """weight_symmetric=false (ort): per-channel zero points, all 16 levels [-8, 7] at 4 bits,
+    every weight within half a step of float (no clipping), less weight error than symmetric;
+    onnxruntime still fuses QLinearConv, and the ort check is clean."""
+    import onnxruntime as ort
+    m = conv_relu_conv()
+    qa, _ = quantize(m, target="ort", weight_bits=4, weight_symmetric=False)
+    qs, _ = quantize(m, target="ort", weight_bits=4)
+    for conv in ("conv1", "conv2"):
+        err_a, (wq, s, zp, w, deq) = _weight_error(qa, m, conv)
+        err_s, _ = _weight_error(qs, m, conv)
+        assert wq.min() >= -8 and wq.max() <= 7 and zp.any() and err_a < err_s
+        assert np.all(np.abs(deq - w) <= 0.5 * s.reshape(-1, 1, 1, 1) * (1 + 1e-6))
+    assert qcheck.check_model(qa, "ort") == []
+    import tempfile, os
+    fused = []
+    for q in (qa, qs):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        with tempfile.TemporaryDirectory() as tmp:
+            so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+            ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            fused.append([n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node].count("QLinearConv"))
+    assert fused[0] == fused[1] >= 1        # as many int8 kernels as with symmetric weights
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "tidl", "tidl-tda4vm"])
+def test_asymmetric_weights_refused_where_the_target_needs_zero_points_0(target):
+    with pytest.raises(OptionError, match="weight_symmetric"):
+        quantize(conv_relu_conv(), target=target, weight_symmetric=False)
+
+
 def test_tensorrt_residual_add_quantizes_only_the_residual():
     q, _ = quantize(residual(), target="tensorrt")
     qt = quantized_tensors(q)

@@ -291,6 +291,32 @@ def test_brecq_block_reconstruction_reduces_held_out_output_error(se_setup):
     assert [(n.name, n.op_type) for n in q.graph.node] == [(n.name, n.op_type) for n in out.graph.node]
 
 
+@pytest.mark.parametrize("rounding", ["adaround", "brecq"])
+def test_learned_rounding_with_asymmetric_weights(se_setup, rounding):
+    """With per-channel weight zero points (weight_symmetric=false) the learned rounding works in
+    the shifted integer range: every stored weight stays in [-8, 7], the zero points are not
+    changed, and the held-out output error falls below nearest rounding's."""
+    if rounding == "brecq":
+        pytest.importorskip("torch")
+    from onnxopt.quant import check as qcheck
+
+    m, calib, ev = se_setup
+    base = {"target": "ort", "weight_bits": 4, "calib_method": "minmax", "weight_symmetric": False}
+    near, _ = onnxopt.apply(m, "qdq", {"qdq": base}, context=PassContext(data=lambda: iter(calib)), verify=False)
+    out, _ = onnxopt.apply(m, "qdq", {"qdq": {**base, "rounding": rounding, "adaround_iters": 60}},
+                           context=PassContext(data=lambda: iter(calib[:16] if rounding == "brecq" else calib)), verify=False)
+    i_near = {t.name: numpy_helper.to_array(t) for t in near.graph.initializer}
+    i_out = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    weight_dqs = [n for n in near.graph.node if n.op_type == "DequantizeLinear" and i_near.get(n.input[0], np.zeros(0, np.int32)).dtype == np.int8]
+    assert weight_dqs and any(i_near[n.input[2]].any() for n in weight_dqs)
+    for n in weight_dqs:
+        np.testing.assert_array_equal(i_out[n.input[2]], i_near[n.input[2]])
+        assert i_out[n.input[0]].min() >= -8 and i_out[n.input[0]].max() <= 7
+    ev_ = Evaluator(m, ev[:60])
+    assert ev_.error(out) < ev_.error(near)
+    assert qcheck.check_model(out, "ort") == []
+
+
 def test_brecq_hardened_rounding_keeps_its_fixed_value():
     """Progressive hardening fixes part of the rounding at a stage; Adam's momentum may still move
     those ``v`` across 0 afterwards, and the rounding written out must be the one fixed, not the

@@ -193,16 +193,23 @@ def test_unsupported_op_is_a_user_error():
 
 
 # ------------------------------------------------------------------------------------ QDQ
-def qdq_model(bits_clip=True, int_bias=True):
-    """x -> [Clip] -> Q -> DQ -> Conv(DQ(int8 w, per channel), DQ(int32 bias)) -> Relu -> Q -> DQ -> y."""
+def qdq_model(bits_clip=True, int_bias=True, asymmetric_weights=False):
+    """x -> [Clip] -> Q -> DQ -> Conv(DQ(int8 w, per channel), DQ(int32 bias)) -> Relu -> Q -> DQ -> y.
+    4-bit weights: symmetric [-7, 7], or with zero points over all 16 levels [-8, 7]."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
-    sw = (np.abs(w).reshape(6, -1).max(1) / 7).astype(np.float32)
-    wq = np.clip(np.rint(w / sw[:, None, None, None]), -7, 7).astype(np.int8)
+    if asymmetric_weights:
+        lo, hi = np.minimum(w.reshape(6, -1).min(1), 0), np.maximum(w.reshape(6, -1).max(1), 0)
+        sw = ((hi - lo) / 15).astype(np.float32)
+        w_zp = np.clip(np.rint(-8 - lo / sw), -8, 7).astype(np.int8)
+    else:
+        sw, w_zp = (np.abs(w).reshape(6, -1).max(1) / 7).astype(np.float32), np.zeros(6, np.int8)
+    lo_q, hi_q = (-8, 7) if asymmetric_weights else (-7, 7)
+    wq = np.clip(np.rint(w / sw[:, None, None, None]) + w_zp[:, None, None, None], lo_q, hi_q).astype(np.int8)
     s_in, s_out = np.float32(0.05), np.float32(0.04)
     bias = rng.standard_normal(6).astype(np.float32)
     sb = (s_in * sw).astype(np.float32)
-    inits = [("w_q", wq), ("w_s", sw), ("w_zp", np.zeros(6, np.int8)), ("s_in", np.array(s_in)), ("zp_in", np.array(0, np.int8)),
+    inits = [("w_q", wq), ("w_s", sw), ("w_zp", w_zp), ("s_in", np.array(s_in)), ("zp_in", np.array(0, np.int8)),
              ("s_out", np.array(s_out)), ("zp_out", np.array(3, np.uint8)),
              ("lo", np.array(-7 * s_in, np.float32)), ("hi", np.array(7 * s_in, np.float32))]
     nodes = []
@@ -239,6 +246,22 @@ def test_qdq_patterns_are_recognized_and_exact():
     assert (acts["s_in"].qmin, acts["s_in"].qmax) == (-7, 7) and acts["s_in"].clip is not None  # Clip tied to the scale
     assert (acts["s_out"].qmin, acts["s_out"].qmax) == (0, 255)
     assert {"w_q", "w_s", "s_in", "s_out", "b_q"} <= set(module.param_names)
+
+
+def test_asymmetric_weight_range_is_read_from_values_and_zero_points():
+    """Weights with zero points (qdq.weight_symmetric=false) use all 16 levels at 4 bits: the
+    range is [-8, 7], not the restricted [-7, 7] nor int8's [-128, 127]; the module is exact and
+    the write-back keeps the zero points and the range."""
+    m = qdq_model(asymmetric_weights=True)
+    assert numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w_zp")).any()
+    module = assert_parity(m, atol=0.0)
+    wq = module.weight_quants["w_q"]
+    assert (wq.qmin, wq.qmax) == (-8, 7)
+    with torch.no_grad():
+        module.parameter_by_onnx_name("w_q").mul_(1.5)   # pushes values past the range
+    inits = {t.name: numpy_helper.to_array(t) for t in write_back(module, m).graph.initializer}
+    assert inits["w_q"].min() >= -8 and inits["w_q"].max() <= 7
+    np.testing.assert_array_equal(inits["w_zp"], numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w_zp")))
 
 
 def test_qdq_write_back_requantizes_with_learned_scales():

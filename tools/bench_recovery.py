@@ -132,6 +132,8 @@ def task_effnet4(args, results):
     if args.configs:
         configs = [c for c in configs if c[0] in args.configs.split(";")]
     extra = {"first_last_weight_bits": args.first_last_bits} if args.first_last_bits else {}
+    if args.weight_asym:
+        extra["weight_symmetric"] = False
     for target in args.targets4:
         run_configs(model, cfeeds, efeeds, labels, base, target, 4, configs, rows, "effnet4", extra)
     results["effnet4"] = rows
@@ -148,7 +150,8 @@ def task_holdout(args, results):
     from onnxopt.quant.sensitivity import QdqView, fast_session, rel_error
 
     model, _, cfeeds, _, _ = effnet_data(limit=1)
-    opts = get_pass("qdq").resolve({"target": "ort", "weight_bits": 4, "first_last_weight_bits": 8})
+    opts = get_pass("qdq").resolve({"target": "ort", "weight_bits": 4, "first_last_weight_bits": 8,
+                                    **({"weight_symmetric": False} if args.weight_asym else {})})
     q = quantize_model(model, opts, lambda: iter(cfeeds), PassContext(progress=False))
     train, held = cfeeds[: args.train], cfeeds[args.train:]
     a, b = (int(x) for x in args.blocks.split(":"))
@@ -257,6 +260,7 @@ def main(argv=None):
     ap.add_argument("--sens-samples", type=int, default=8)
     ap.add_argument("--configs", default="", help="effnet8/effnet4: only these configurations (names separated by ';')")
     ap.add_argument("--first-last-bits", type=int, default=0, help="effnet4: weight bits of the first and last layers (0 = 4, like the rest)")
+    ap.add_argument("--weight-asym", action="store_true", help="effnet4/holdout: asymmetric 4-bit weights (qdq.weight_symmetric=false)")
     ap.add_argument("--blocks", default="13:15", help="holdout: the BRECQ blocks to learn (Python slice of the 17)")
     ap.add_argument("--train", type=int, default=100, help="holdout: calibration images learned on; the rest of the 200 are held out")
     ap.add_argument("--json", dest="json_out")

@@ -4,7 +4,8 @@ Post-Training Quantization"), layer by layer, on calibration data only, with Num
 For a layer with float weight ``W`` (per group ``[out, K]``, ``K = C/g * prod(kernel)``) and
 per-channel scale ``s``, the quantized weight is ``W~ = s * clip(floor(W / s) + h(V), qmin, qmax)``
 with the rectified sigmoid ``h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``
-(zeta = 1.1, gamma = -0.1). ``V`` minimises
+(zeta = 1.1, gamma = -0.1); with asymmetric weights (zero point ``zp`` per channel) the bounds are
+``qmin - zp, qmax - zp`` and ``zp`` is added back when the integers are stored. ``V`` minimises
 
     E ||W~ x_q - W x_f||^2 / E ||W^ x_q - W x_f||^2  +  lam * mean(1 - |2 h(V) - 1|^beta)
 
@@ -154,7 +155,7 @@ class _Layer:
         self.count += rq.shape[1]
 
 
-def _optimize(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, iters: int, lam: float = 0.1,
+def _optimize(layer: _Layer, scale: np.ndarray, qmin, qmax, iters: int, lam: float = 0.1,
               lr: float = 0.1, warmup: float = 0.2) -> tuple:
     # lam / lr were chosen on the SE test network at 4 bits, 200-500 iterations (the paper's
     # lr 1e-3 with 10k-20k iterations is too slow for the default budget of 500)
@@ -326,7 +327,10 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
     if scale is None or l.get("axis") not in (None, 0, 1):
         skipped.append(f"{n}: unexpected scale layout")
         return None
-    qmin_l, qmax_l = int(l["qmin"]), int(l["qmax"])
+    # the bounds of round(w / s) = q - zp, per channel with asymmetric weights
+    zp = np.asarray(view.array(l["weight_zero_point"]), np.float64)
+    zp = zp.reshape(layer.w.shape[:2] + (1,)) if zp.size == co else zp.reshape(-1)[0]
+    qmin_l, qmax_l = int(l["qmin"]) - zp, int(l["qmax"]) - zp
     per_channel = np.asarray(view.array(l["weight_scale"])).size > 1
     if layer.count < MIN_ROWS_PER_INPUT * k:
         # too few input rows for K free weights per output: learned rounding would fit the
@@ -335,7 +339,7 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
         new_scale, alpha = _weight_clipping(layer.w, scale, qmin_l, qmax_l, per_channel)
         if not np.array_equal(new_scale, scale):
             _write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
-            _write_weight(inits, l, layer, np.clip(np.rint(layer.w / new_scale.reshape(layer.w.shape[:2] + (1,))), qmin_l, qmax_l))
+            _write_weight(inits, l, layer, np.clip(np.rint(layer.w / new_scale.reshape(layer.w.shape[:2] + (1,))), qmin_l, qmax_l) + zp)
         skipped.append(f"{n}: {layer.count} input rows for {k} inputs per output (< {MIN_ROWS_PER_INPUT}x): "
                        f"nearest rounding, weight-MSE clipping (min ratio {float(np.min(alpha)):.2f})")
         return None
@@ -350,7 +354,7 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
         return row
     if not np.array_equal(new_scale, scale):
         _write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
-    _write_weight(inits, l, layer, learned)
+    _write_weight(inits, l, layer, learned + zp)
     log(f"adaround {n}: loss {loss_near:.4g} -> {loss_learned:.4g}")
     return row
 
@@ -369,7 +373,7 @@ def _write_weight(inits: dict, entry: dict, layer: _Layer, wint: np.ndarray) -> 
 CLIP_RATIOS = np.linspace(1.0, 0.5, 11)
 
 
-def _best_clipping(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool) -> tuple:
+def _best_clipping(layer: _Layer, scale: np.ndarray, qmin, qmax, per_channel: bool) -> tuple:
     """Per output channel (or per tensor), the clipping ratio of the min-max scale whose
     round-to-nearest weight reconstructs the layer output best on the same statistics (the
     reconstruction loss separates over output channels). Ratio 1 (the calibration's scale) is a
@@ -380,13 +384,13 @@ def _best_clipping(layer: _Layer, scale: np.ndarray, qmin: int, qmax: int, per_c
     return _clip_search(layer.w, scale, qmin, qmax, per_channel, lambda wq: np.sum(ap(wq, gqq) * wq - 2.0 * target * wq, axis=2))
 
 
-def _weight_clipping(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool) -> tuple:
+def _weight_clipping(w: np.ndarray, scale: np.ndarray, qmin, qmax, per_channel: bool) -> tuple:
     """Like :func:`_best_clipping`, but minimising the weight's own squared rounding error
     (for layers without enough data to trust their input statistics)."""
     return _clip_search(w, scale, qmin, qmax, per_channel, lambda wq: np.sum((wq - w) ** 2, axis=2))
 
 
-def _clip_search(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, per_channel: bool, loss) -> tuple:
+def _clip_search(w: np.ndarray, scale: np.ndarray, qmin, qmax, per_channel: bool, loss) -> tuple:
     """(new scale [g*o], ratio [g, o]): for each ratio in CLIP_RATIOS the nearest-rounded weight
     ``w`` [g, o, K] at ``scale * ratio`` is scored by ``loss(wq) -> [g, o]``; the best ratio per
     output channel, or the best single ratio for all channels when the scale is per tensor."""

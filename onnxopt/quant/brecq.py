@@ -42,6 +42,7 @@ from .. import runtime
 from ..data import feed_samples
 from ..errors import require
 from .adaround import GAMMA, ZETA, _truncated, _weight_clipping, _write_scale
+from .quantize import channel_rows
 from .sensitivity import QdqView, along_axis, collect_feeds, fast_session
 
 
@@ -122,20 +123,22 @@ def _submodel(model: ModelProto, t_in: str, t_out: str, value_info: dict) -> Mod
     return sub
 
 
-def _per_channel(a: np.ndarray, axis: Optional[int]) -> np.ndarray:
-    """``a`` as [C, -1] along ``axis`` (per-tensor: [1, -1])."""
-    if axis is None:
-        return a.reshape(1, -1)
-    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-
-
-def _mse_scale(w: np.ndarray, scale: np.ndarray, axis: Optional[int], qmin: int, qmax: int) -> np.ndarray:
+def _mse_scale(w: np.ndarray, scale: np.ndarray, axis: Optional[int], lo, hi) -> np.ndarray:
     """Per channel (or per tensor), the scale ``scale * ratio`` whose nearest rounding of ``w``
-    has the least squared error (adaround's data-free clipping search); ratio 1 is a candidate."""
+    has the least squared error (adaround's data-free clipping search); ratio 1 is a candidate.
+    ``lo`` / ``hi``: the integer bounds, per channel ([C]) with asymmetric weights."""
     per_channel = scale.size > 1
-    wc = _per_channel(w.astype(np.float64), axis if per_channel else None)
-    new, _ = _weight_clipping(wc[None], scale.reshape(-1).astype(np.float64), qmin, qmax, per_channel)
+    wc = channel_rows(w.astype(np.float64), axis if per_channel else None)
+    lo, hi = (np.reshape(b, (1, -1, 1)) if np.size(b) > 1 else b for b in (lo, hi))
+    new, _ = _weight_clipping(wc[None], scale.reshape(-1).astype(np.float64), lo, hi, per_channel)
     return new
+
+
+def _value_bounds(inits: dict, l: dict, ndim: int, axis: Optional[int]) -> tuple:
+    """(lo, hi, zp), shaped along ``axis`` for an ``ndim`` weight: the bounds of ``round(w / s)``,
+    which is ``q - zp`` for a stored ``q`` in [qmin, qmax] (symmetric weights: zp 0)."""
+    zp = along_axis(numpy_helper.to_array(inits[l["weight_zero_point"]]).astype(np.float64), ndim, axis)
+    return int(l["qmin"]) - zp, int(l["qmax"]) - zp, zp
 
 
 def _stack(sess, feeds: list, name: str) -> np.ndarray:
@@ -189,8 +192,6 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 256, block_l
             skipped.append(f"{name}: its quantized weight is shared with another layer")
         elif arr.dtype not in (np.int8, np.uint8) or l.get("axis") not in (None, 0, 1):
             skipped.append(f"{name}: weight storage {arr.dtype} / axis {l.get('axis')} is not handled")
-        elif np.any(numpy_helper.to_array(inits[l["weight_zero_point"]]) != 0):
-            skipped.append(f"{name}: asymmetric weights")
         else:
             learnable[name] = l
     # scale initialisation (weight-MSE clipping) and nearest rounding at that scale
@@ -198,11 +199,13 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 256, block_l
         w = view.float_weight[name]
         old = numpy_helper.to_array(inits[l["weight_scale"]])
         axis = l.get("axis") if old.size > 1 else None
-        new = _mse_scale(w, old, axis, int(l["qmin"]), int(l["qmax"]))
+        lo, hi, _ = _value_bounds(inits, l, 1, 0)
+        new = _mse_scale(w, old, axis, lo, hi)
         if not np.array_equal(new, old.reshape(-1).astype(np.float64)):
             _write_scale(inits, l, old, new, old.reshape(-1).astype(np.float64))
         s = along_axis(numpy_helper.to_array(inits[l["weight_scale"]]), w.ndim, axis)
-        q = np.clip(np.rint(w / s), int(l["qmin"]), int(l["qmax"]))
+        lo, hi, zp = _value_bounds(inits, l, w.ndim, axis)
+        q = np.clip(np.rint(w / s), lo, hi) + zp
         t = inits[l["weight_q"]]
         t.CopyFrom(numpy_helper.from_array(q.astype(numpy_helper.to_array(t).dtype), t.name))
 
@@ -243,7 +246,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 256, block_l
             return err / y_t.numel()
 
         loss_start = block_loss()
-        soft, log_scales = {}, {}
+        soft, log_scales, bounds = {}, {}, {}
         for name in names:
             l = learnable[name]
             wq = module.weight_quants.get(l["weight_q"])
@@ -257,10 +260,11 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 256, block_l
             rest = (w / s_b - base).clamp(0, 1)
             sig0 = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
             v = torch.nn.Parameter(torch.log(sig0 / (1 - sig0)))
+            bounds[name] = lo, hi, _ = tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in _value_bounds(inits, l, w_np.ndim, wq.axis))
             soft[name] = (wq, base, s_b, v)
             if scale_lr > 0:
                 log_scales[name] = torch.nn.Parameter(torch.zeros_like(s_b))
-            module.weight_override[wq.latent] = _soft_weight(torch, base, s_b, v, wq.qmin, wq.qmax,
+            module.weight_override[wq.latent] = _soft_weight(torch, base, s_b, v, lo, hi,
                                                              {"hard": False, "fixed": torch.zeros_like(v, dtype=torch.bool),
                                                               "value": torch.zeros_like(v)}, log_scales.get(name))
         if not soft:
@@ -321,8 +325,9 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = 256, block_l
         loss_learned = block_loss()
         keep = loss_learned < loss_start
         if keep:
-            for name, (wq, base, s_b, v) in soft.items():
-                ints = torch.clamp(base + _hard(torch, v, states[name]), wq.qmin, wq.qmax).numpy()
+            for name, (_, base, s_b, v) in soft.items():
+                lo, hi, zp = bounds[name]
+                ints = (torch.clamp(base + _hard(torch, v, states[name]), lo, hi) + zp).numpy()
                 t = inits[learnable[name]["weight_q"]]
                 t.CopyFrom(numpy_helper.from_array(ints.astype(numpy_helper.to_array(t).dtype), t.name))
                 if name in log_scales:   # before the biases: an int32 bias is re-quantized with the new scale
@@ -374,12 +379,13 @@ def _hard(torch, v, state):
     return torch.where(state["fixed"], state["value"], (v.detach() >= 0).to(state["value"].dtype))
 
 
-def _soft_weight(torch, base, s_b, v, qmin: int, qmax: int, state: dict, log_scale=None):
+def _soft_weight(torch, base, s_b, v, lo, hi, state: dict, log_scale=None):
     """The dequantized weight of a learned rounding: soft while learning, 0/1 once ``state['hard']``;
-    with ``log_scale``, the scale ``s_b`` is learned too, as ``s_b * exp(log_scale)``."""
+    with ``log_scale``, the scale ``s_b`` is learned too, as ``s_b * exp(log_scale)``. ``lo`` /
+    ``hi``: the bounds of ``round(w / s)`` (tensors along the channel axis when asymmetric)."""
     def weight():
         h = _hard(torch, v, state) if state["hard"] else torch.where(state["fixed"], state["value"], _h(torch, v))
         scale = s_b if log_scale is None else s_b * torch.exp(log_scale)
-        return torch.clamp(base + h, qmin, qmax) * scale
+        return torch.clamp(base + h, lo, hi) * scale
     weight.state = state
     return weight

@@ -11,8 +11,9 @@ All targets
   * per-axis Q/DQ needs opset >= 13.
 tensorrt (onnx-tensorrt parser): every zero point 0 and int8 (uint8 rejected); no per-axis
   activation quantization; no int32 DQ; no QOperator ops (QLinearConv, ConvInteger, ...).
-ort: weights int8 with zero point 0 (onnxruntime's symmetric kernels); a Conv/Gemm whose inputs
-  are DQs must take an int32 bias DQ with scale s_in*s_w, or onnxruntime will not fuse it.
+ort: a Conv/Gemm whose inputs are DQs must take an int32 bias DQ with scale s_in*s_w, or
+  onnxruntime will not fuse it. Weight zero points may be non-zero (``weight_symmetric=false``):
+  onnxruntime fuses per-channel asymmetric int8 weights into QLinearConv / QGemm / QLinearMatMul.
 tidl: opset <= 18 (validated releases), static input shapes, uint8 activations, int8 weights,
   int32 bias DQ with scale s_in*s_w and zero point 0, per-tensor activations, plus the operator
   constraints of edgeai-tidl-tools (Conv strides/kernels/depthwise sizes, pooling kernels,
@@ -220,8 +221,6 @@ def check_model(model: ModelProto, target: str) -> list:
                 v("trt-int32", node, "int32 DequantizeLinear (quantized bias): TensorRT takes a float bias")
             if per_axis and not data_is_const:
                 v("trt-per-axis-activation", node, "per-axis quantization of an activation; TensorRT only takes per-axis weights")
-        if target == "ort" and is_weight and zp is not None and np.any(zp != 0):
-            v("ort-weight-symmetric", node, "weight zero point is not 0; onnxruntime's fast kernels need symmetric int8 weights")
         if tidl:
             if per_axis and not data_is_const:
                 v("tidl-per-axis-activation", node, "per-axis activation quantization; TIDL supports only the default axis per-tensor")

@@ -21,7 +21,9 @@ The math (per tensor, ``b`` bits):
 * power of two: ``s <- 2^ceil(log2 s)`` (rounded up, as TI's observers do), zp recomputed;
 * weights: symmetric, ``s_w[c] = max|w[c]| / (2^(b-1) - 1)`` on the per-channel axis (per tensor
   otherwise), ``w_q = clip(round_half_even(w / s_w), -qmax, qmax)``; an all-zero channel gets
-  ``s_w = 1``;
+  ``s_w = 1``. With ``weight_symmetric=false`` (ort), each channel's range [min(w, 0), max(w, 0)]
+  takes all ``2^b`` levels: ``s_w = (hi - lo) / (2^b - 1)``, ``zp_w = clip(round(qmin - lo / s_w))``,
+  ``w_q = clip(round(w / s_w) + zp_w, qmin, qmax)`` with ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``;
 * int32 bias (ort, tidl): ``s_b[c] = s_in * s_w[c]``, ``b_q = round(b / s_b)``; a weight scale is
   raised when needed so that ``|b_q| < 2^31``.
 
@@ -96,6 +98,13 @@ def validate_options(options: dict, rules: TargetRules) -> None:
         if not rules.allow_int4_weights:
             raise OptionError(f"target {rules.name} does not take INT4 initializers.", "use qdq.low_bit=restricted (int8 storage, 4-bit range)")
     resolve_symmetric(options, rules)
+    if not weights_symmetric(options) and not rules.allow_asymmetric_weights:
+        raise OptionError(f"target {rules.name} needs symmetric weights (zero point 0); weight_symmetric=false is not allowed.",
+                          "drop qdq.weight_symmetric or use --target ort")
+
+
+def weights_symmetric(options: dict) -> bool:
+    return str(options.get("weight_symmetric", True)).lower() not in ("false", "0", "no", "off")
 
 
 # ------------------------------------------------------------------------------------ prepare
@@ -333,25 +342,55 @@ def activation_params(lo: float, hi: float, bits: int, rules: TargetRules, symme
     return ActParams(scale, zp, rules.act_signed, qmin, qmax)
 
 
-def weight_scales(w: np.ndarray, axis: Optional[int], bits: int, power_of_two: bool) -> np.ndarray:
-    """Symmetric scales per channel on ``axis`` (shape [C]) or per tensor (scalar)."""
-    qmax = 2 ** (bits - 1) - 1
-    a = np.abs(w.astype(np.float64))
+def channel_rows(a: np.ndarray, axis: Optional[int]) -> np.ndarray:
+    """``a`` as [C, -1] with the channels of ``axis`` as rows (per tensor, ``axis`` None: [1, -1])."""
     if axis is None:
-        amax = np.asarray(a.max() if a.size else 0.0)
+        return a.reshape(1, -1)
+    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+
+
+def weight_range(bits: int, symmetric: bool = True) -> tuple:
+    """(qmin, qmax) of ``bits``-bit weights: [-q, q] symmetric (the restricted range TensorRT
+    uses), all ``2^bits`` levels asymmetric."""
+    q = 2 ** (bits - 1)
+    return (-(q - 1), q - 1) if symmetric else (-q, q - 1)
+
+
+def weight_scales(w: np.ndarray, axis: Optional[int], bits: int, power_of_two: bool, symmetric: bool = True) -> np.ndarray:
+    """Scales per channel on ``axis`` (shape [C]) or per tensor (scalar): ``max|w| / qmax``, or,
+    asymmetric, the channel's range widened to hold 0 over all ``2^bits`` levels."""
+    rows = channel_rows(w.astype(np.float64), axis)
+    if not rows.size:
+        rows = np.zeros((rows.shape[0], 1))
+    qmin, qmax = weight_range(bits, symmetric)
+    if symmetric:
+        span, levels = np.abs(rows).max(axis=1), qmax
     else:
-        amax = a.reshape(a.shape[axis], -1) if axis == 0 else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-        amax = amax.max(axis=1)
-    scale = np.where(amax > 0, amax / qmax, 1.0)
+        span, levels = np.maximum(rows.max(axis=1), 0) - np.minimum(rows.min(axis=1), 0), qmax - qmin
+    scale = np.where(span > 0, span / levels, 1.0)
+    scale = scale.reshape(()) if axis is None else scale
     if power_of_two:
         scale = pow2(scale)
     return np.maximum(scale, MIN_SCALE)
 
 
-def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: Optional[int], bits: int) -> np.ndarray:
-    qmax = 2 ** (bits - 1) - 1
-    s = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
-    return np.clip(np.rint(w.astype(np.float64) / s), -qmax, qmax).astype(np.int8)
+def weight_zero_points(w: np.ndarray, scale: np.ndarray, axis: Optional[int], bits: int) -> np.ndarray:
+    """Asymmetric weight zero points (int8, the shape of ``scale``): the level ``min(w, 0)`` maps to."""
+    qmin, qmax = weight_range(bits, symmetric=False)
+    rows = channel_rows(w.astype(np.float64), axis)
+    lo = np.minimum(rows.min(axis=1), 0) if rows.size else np.zeros(rows.shape[0])
+    zp = np.clip(np.rint(qmin - lo / np.asarray(scale, np.float64).reshape(-1)), qmin, qmax)
+    return zp.astype(np.int8).reshape(np.asarray(scale).shape)
+
+
+def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: Optional[int], bits: int,
+                    zero_point: Optional[np.ndarray] = None) -> np.ndarray:
+    """int8 ``clip(round(w / s) + zp, qmin, qmax)``; ``zero_point`` None: symmetric, zp 0."""
+    qmin, qmax = weight_range(bits, zero_point is None)
+    shape = [-1 if i == axis else 1 for i in range(w.ndim)]
+    s = scale if axis is None else scale.reshape(shape)
+    zp = 0 if zero_point is None else (zero_point if axis is None else zero_point.reshape(shape)).astype(np.float64)
+    return np.clip(np.rint(w.astype(np.float64) / s) + zp, qmin, qmax).astype(np.int8)
 
 
 def layer_weight_bits(graph: gs.Graph, plan, nodes: dict, wbits: int, first_last_bits: int) -> dict:
@@ -402,6 +441,7 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
     names = NameGenerator(graph)
     symmetric = resolve_symmetric(options, rules)
     power_of_two = rules.power_of_two or bool(options.get("power_of_two", False))
+    w_symmetric = weights_symmetric(options)
     abits, wbits = int(options.get("activation_bits", 8)), int(options.get("weight_bits", 8))
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
@@ -466,8 +506,8 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
         w = np.asarray(constant_value(w_t))
         fdt = w.dtype
         bits = bits_of[wc.node]
-        qmax_w = 2 ** (bits - 1) - 1
-        scale = weight_scales(w, wc.axis, bits, power_of_two)
+        qmin_w, qmax_w = weight_range(bits, w_symmetric)
+        scale = weight_scales(w, wc.axis, bits, power_of_two, w_symmetric)
         data_scale = act_scale_of.get(wc.data_tensor) if wc.data_tensor in dq_of else None
         int_bias = rules.int_bias and wc.bias_tensor is not None and data_scale is not None
         b = None
@@ -483,14 +523,17 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
                 int_bias = False
             if power_of_two:
                 scale = pow2(scale)
-        key = (w_t.name, wc.axis, bits, tuple(np.asarray(scale).reshape(-1).tolist()))
+        # zero points after any scale change above (asymmetric: they depend on the scale)
+        zp = None if w_symmetric else weight_zero_points(w, scale, wc.axis, bits)
+        key = (w_t.name, wc.axis, bits, tuple(np.asarray(scale).reshape(-1).tolist()), w_symmetric)
         if key in shared:
             w_dq, wq_c, ws_c, wz_c = shared[key]
         else:
-            wq = quantize_weight(w, scale, wc.axis, bits)
+            wq = quantize_weight(w, scale, wc.axis, bits, zp)
             wq_c = gs.Constant(names(f"{w_t.name}_quantized"), wq)
             ws_c = gs.Constant(names(f"{w_t.name}_scale"), np.asarray(scale, dtype=fdt))
-            wz_c = gs.Constant(names(f"{w_t.name}_zero_point"), np.zeros(np.asarray(scale).shape, dtype=np.int8))
+            wz_c = gs.Constant(names(f"{w_t.name}_zero_point"),
+                               np.zeros(np.asarray(scale).shape, dtype=np.int8) if zp is None else zp)
             w_dq = gs.Variable(names(f"{w_t.name}_dequantized"), dtype=fdt, shape=list(w.shape))
             attrs = {"axis": int(wc.axis)} if wc.axis is not None else {}
             graph.nodes.append(gs.Node("DequantizeLinear", names(f"{w_t.name}_DequantizeLinear"),
@@ -500,7 +543,7 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
                 int4_names.append(wq_c.name)
         node.inputs[wc.input_index] = w_dq
         entry = {"node": node.name, "op": node.op, "weight_q": wq_c.name, "weight_scale": ws_c.name,
-                 "weight_zero_point": wz_c.name, "axis": wc.axis, "qmin": -qmax_w, "qmax": qmax_w,
+                 "weight_zero_point": wz_c.name, "axis": wc.axis, "qmin": qmin_w, "qmax": qmax_w,
                  "bias": wc.bias_tensor, "bias_is_int": False, "bias_scale": None,
                  "input_dq": dq_of.get(wc.data_tensor) if wc.data_tensor else None,
                  "float_weight": wc.tensor}
@@ -524,13 +567,14 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
         _to_int4(out, set(int4_names))
     info = {"target": rules.name, "activation_bits": abits, "weight_bits": wbits,
             "weight_bits_by_layer": {n: b for n, b in bits_of.items() if b != wbits}, "symmetric": symmetric,
+            "weight_symmetric": w_symmetric,
             "power_of_two": power_of_two, "layers": layers, "activations": activations_info,
             "excluded": sorted(excluded), "groups": len(plan.groups)}
     return out, info
 
 
 def _to_int4(model: ModelProto, names: set) -> None:
-    """Re-type the given int8 initializers (values already in [-7, 7]) as INT4."""
+    """Re-type the given int8 initializers (values already in [-8, 7]) and their zero points as INT4."""
     for i, t in enumerate(model.graph.initializer):
         if t.name in names:
             arr = numpy_helper.to_array(t)

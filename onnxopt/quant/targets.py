@@ -37,6 +37,7 @@ class TargetRules:
     act_signed: bool                # int8 activations (True) or uint8 (False)
     act_symmetric: bool             # default symmetry of activations
     allow_asymmetric: bool          # may the user ask for asymmetric activations?
+    allow_asymmetric_weights: bool  # ... and for weights with zero points (onnxruntime's int8 kernels take them)
     per_channel: bool               # per-channel weights by default / at all
     allow_per_channel: bool
     power_of_two: bool              # scales forced to powers of two
@@ -54,22 +55,22 @@ class TargetRules:
 
 TARGETS = {
     "tensorrt": TargetRules(
-        name="tensorrt", placement="inputs", act_signed=True, act_symmetric=True, allow_asymmetric=False,
+        name="tensorrt", placement="inputs", act_signed=True, act_symmetric=True, allow_asymmetric=False, allow_asymmetric_weights=False,
         per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=False, min_opset=13,
         fixed_opset=None, static_shapes=False, zero_points_zero=True, allow_uint8=False,
         allow_int4_weights=True, absorb_activations=False, default_method="percentile"),
     "ort": TargetRules(
-        name="ort", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True,
+        name="ort", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True, allow_asymmetric_weights=True,
         per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=True, min_opset=13,
         fixed_opset=None, static_shapes=False, zero_points_zero=False, allow_uint8=True,
         allow_int4_weights=True, absorb_activations=True, default_method="mse"),
     "tidl": TargetRules(
-        name="tidl", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True,
+        name="tidl", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True, allow_asymmetric_weights=False,
         per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=True, min_opset=17,
         fixed_opset=17, static_shapes=True, zero_points_zero=False, allow_uint8=True,
         allow_int4_weights=False, absorb_activations=True, default_method="mse"),
     "tidl-tda4vm": TargetRules(
-        name="tidl-tda4vm", placement="ops", act_signed=False, act_symmetric=True, allow_asymmetric=False,
+        name="tidl-tda4vm", placement="ops", act_signed=False, act_symmetric=True, allow_asymmetric=False, allow_asymmetric_weights=False,
         per_channel=False, allow_per_channel=False, power_of_two=True, int_bias=True, min_opset=17,
         fixed_opset=17, static_shapes=True, zero_points_zero=True, allow_uint8=True,
         allow_int4_weights=False, absorb_activations=True, default_method="mse"),

@@ -16,7 +16,8 @@ back into the very same graph. What becomes what:
 * an integer weight initializer ``w_q`` read by ``DequantizeLinear(w_q, s_w, zp_w, axis)`` (the
   QDQ contract's weight layout) becomes a float *latent* weight ``(w_q - zp_w) * s_w`` that is
   fake-quantized on every forward with range ``[qmin, qmax]`` inferred from the stored values
-  (restricted ranges such as [-7, 7] for 4 bits) or given by ``weight_ranges``.
+  (restricted ranges such as [-7, 7] for 4 bits; [-8, 7] with non-zero zero points) or given by
+  ``weight_ranges``.
 * an int32 bias behind ``DequantizeLinear(b_q, s_in * s_w)`` becomes a float latent bias whose
   scale is recomputed from the current input and weight scales (what TIDL/ORT expect).
 
@@ -244,6 +245,14 @@ class OnnxModule(nn.Module):
                     q = 2 * q + 1
                 qmax_sym = min(q, hi)
                 qmin, qmax = (-qmax_sym, qmax_sym) if qmax_sym < hi else (lo, hi)
+            elif dtype in (TensorProto.INT8, TensorProto.INT16, TensorProto.INT4):
+                # asymmetric (weight_symmetric=false): all 2^b levels [-2^(b-1), 2^(b-1) - 1], the
+                # smallest such range holding the stored values and zero points
+                vals = np.concatenate([consts[x].reshape(-1), zp.reshape(-1)]).astype(np.int64)
+                q = 1
+                while -q > vals.min() or q - 1 < vals.max():
+                    q *= 2
+                qmin, qmax = max(-q, lo), min(q - 1, hi)
             else:
                 qmin, qmax = lo, hi
             self.weight_quants[x] = WeightQuant(x, s_name, zp_name, axis_used, int(qmin), int(qmax), dtype, n.output[0], mode)
