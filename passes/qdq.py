@@ -42,9 +42,10 @@ OPTIONS = [
     Option("activation_bits", int, 8, "activation bits, 2..8 (below 8: restricted range enforced by a Clip before Q)"),
     Option("symmetric", str, "auto", "activation symmetry: auto (the target's), true (zero point 0), false (asymmetric; ort/tidl only)",
            ("auto", "true", "false")),
-    Option("weight_symmetric", bool, True, "false: asymmetric weights, each channel's [min, max] (widened to hold 0) over all 2^b "
-           "levels with its own zero point; at 4 bits it halves the rounding error of depthwise kernels; ort only "
-           "(TensorRT and TIDL take zero-point-0 weights; onnxruntime still fuses int8 kernels)"),
+    Option("weight_symmetric", bool, True, "false: asymmetric weights below 8 bits, each channel's [min, max] (widened to hold 0) "
+           "over all 2^b levels with its own zero point; at 4 bits it halves the rounding error of depthwise kernels; ort only "
+           "(TensorRT and TIDL take zero-point-0 weights). 8-bit layers stay symmetric: onnxruntime's int8 kernels on AVX2 "
+           "CPUs saturate on stored weights beyond +-64"),
     Option("act_unsigned_low_bit", bool, True, "below 8 bits, non-negative activations (ReLU outputs...) take [0, 2^b-1] with zero point 0 "
            "(int8 storage on int8 targets) instead of the symmetric [-q, q] that leaves half the levels unused"),
     Option("power_of_two", bool, False, "round every scale up to a power of two (forced for tidl-tda4vm)"),

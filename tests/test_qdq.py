@@ -196,6 +196,16 @@ def test_asymmetric_weights_take_all_levels_and_still_fuse():
     assert fused[0] == fused[1] >= 1        # as many int8 kernels as with symmetric weights
 
 
+def test_asymmetric_weights_leave_8_bit_layers_symmetric():
+    """8-bit layers keep zero point 0 under weight_symmetric=false: onnxruntime's u8 x s8 kernels
+    on AVX2 CPUs saturate on stored weights beyond +-64, which an asymmetric 8-bit layer fills."""
+    q, _ = quantize(conv_relu_conv(), target="ort", weight_bits=4, first_last_weight_bits=8, weight_symmetric=False)
+    i = inits(q)
+    for conv in ("conv1", "conv2"):          # the first and the last layer: both at 8 bits here
+        dq = input_producer(q, conv, 1)
+        assert not i[dq.input[2]].any() and np.abs(i[dq.input[0]]).max() <= 127
+
+
 @pytest.mark.parametrize("target", ["tensorrt", "tidl", "tidl-tda4vm"])
 def test_asymmetric_weights_refused_where_the_target_needs_zero_points_0(target):
     with pytest.raises(OptionError, match="weight_symmetric"):

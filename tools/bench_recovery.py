@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SHARED = ROOT.parent / "shared"
+SAVE_DIR = None   # --save
 
 from onnxopt import manager, model_io  # noqa: E402
 from onnxopt.data import open_data  # noqa: E402
@@ -89,6 +90,8 @@ def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows
             qm, rep = recovery.recover(model, start, q.info, {**opts, **extra}, data, PassContext(progress=False, log=log))
         done[name] = qm
         secs = time.perf_counter() - t0
+        if SAVE_DIR:
+            model_io.save_model(qm, os.path.join(SAVE_DIR, f"{tag}_{target}_{name}.onnx".replace(" ", "_").replace("/", "_")))
         acc = top1(qm, efeeds, labels)
         row = {"task": tag, "target": target, "weights": bits, **(quant_extra or {}), "config": name, "top1": round(acc, 3), "drop": round(base - acc, 3),
                "recovery_s": round(secs, 1), "calibration_s": round(t_cal, 1), "load": round(load(), 1),
@@ -263,8 +266,13 @@ def main(argv=None):
     ap.add_argument("--weight-asym", action="store_true", help="effnet4/holdout: asymmetric 4-bit weights (qdq.weight_symmetric=false)")
     ap.add_argument("--blocks", default="13:15", help="holdout: the BRECQ blocks to learn (Python slice of the 17)")
     ap.add_argument("--train", type=int, default=100, help="holdout: calibration images learned on; the rest of the 200 are held out")
+    ap.add_argument("--save", help="effnet8/effnet4: write each configuration's model into this folder")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
+    global SAVE_DIR
+    SAVE_DIR = args.save
+    if SAVE_DIR:
+        os.makedirs(SAVE_DIR, exist_ok=True)
     args.targets = args.targets.split(",")
     args.targets4 = args.targets4.split(",")
     results = {}

@@ -23,7 +23,8 @@ The math (per tensor, ``b`` bits):
   otherwise), ``w_q = clip(round_half_even(w / s_w), -qmax, qmax)``; an all-zero channel gets
   ``s_w = 1``. With ``weight_symmetric=false`` (ort), each channel's range [min(w, 0), max(w, 0)]
   takes all ``2^b`` levels: ``s_w = (hi - lo) / (2^b - 1)``, ``zp_w = clip(round(qmin - lo / s_w))``,
-  ``w_q = clip(round(w / s_w) + zp_w, qmin, qmax)`` with ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``;
+  ``w_q = clip(round(w / s_w) + zp_w, qmin, qmax)`` with ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``,
+  for layers below 8 bits (8-bit layers stay symmetric, see apply_plan);
 * int32 bias (ort, tidl): ``s_b[c] = s_in * s_w[c]``, ``b_q = round(b / s_b)``; a weight scale is
   raised when needed so that ``|b_q| < 2^31``.
 
@@ -506,8 +507,13 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
         w = np.asarray(constant_value(w_t))
         fdt = w.dtype
         bits = bits_of[wc.node]
-        qmin_w, qmax_w = weight_range(bits, w_symmetric)
-        scale = weight_scales(w, wc.axis, bits, power_of_two, w_symmetric)
+        # asymmetric only below 8 bits: an 8-bit one fills [-128, 127], and onnxruntime's u8 x s8
+        # kernels on AVX2 CPUs without VNNI add pairs of products in int16, which saturates once
+        # stored weights pass +-64 (EfficientNet-Lite0 W8 asymmetric: output error 2.09 fused
+        # against 0.009 unfused); below 8 bits the stored values stay small
+        sym_w = w_symmetric or bits >= 8
+        qmin_w, qmax_w = weight_range(bits, sym_w)
+        scale = weight_scales(w, wc.axis, bits, power_of_two, sym_w)
         data_scale = act_scale_of.get(wc.data_tensor) if wc.data_tensor in dq_of else None
         int_bias = rules.int_bias and wc.bias_tensor is not None and data_scale is not None
         b = None
@@ -524,8 +530,8 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
             if power_of_two:
                 scale = pow2(scale)
         # zero points after any scale change above (asymmetric: they depend on the scale)
-        zp = None if w_symmetric else weight_zero_points(w, scale, wc.axis, bits)
-        key = (w_t.name, wc.axis, bits, tuple(np.asarray(scale).reshape(-1).tolist()), w_symmetric)
+        zp = None if sym_w else weight_zero_points(w, scale, wc.axis, bits)
+        key = (w_t.name, wc.axis, bits, tuple(np.asarray(scale).reshape(-1).tolist()), sym_w)
         if key in shared:
             w_dq, wq_c, ws_c, wz_c = shared[key]
         else:
