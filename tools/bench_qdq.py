@@ -9,6 +9,7 @@ Same model, same calibration split, same evaluation split, one run. Prints a tab
   python tools/bench_qdq.py all --json out.json
 
   python tools/bench_qdq.py speed --runs 200   # latency only, fp32 vs --target ort int8, all models
+  python tools/bench_qdq.py saturation --limit 100   # EfficientNet-Lite0 ort: fused int8 kernels vs unfused Q/DQ
 
 Splits: calibration = every 5th sample from offset 0 (``open_data(..., every=5)``), evaluation =
 the rest (``exclude_every=True``). Latency: onnxruntime CPU, all graph optimizations on, batch 1,
@@ -389,6 +390,80 @@ def task_speed(args, results):
     results["speed_by_op_class"] = profile
 
 
+def task_saturation(args, results):
+    """Do onnxruntime's fused int8 kernels compute what the Q/DQ graph says? EfficientNet-Lite0
+    --target ort at several weight widths: the output error against fp32 (sum of squared
+    differences over the sum of squares, over the evaluation images) and top-1, once with every
+    graph optimization on (QLinearConv etc., as deployed) and once with none (DequantizeLinear ->
+    float Conv, the ONNX semantics). On AVX2 CPUs without VNNI, the u8 x s8 kernels add pairs of
+    products in int16, which saturates once stored weights pass +-64."""
+    model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
+    img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
+    calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
+    ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, exclude_every=True)
+    cfeeds = list(calib.samples())
+    efeeds = list(ev.samples())[: args.limit or None]
+    labels = ev.labels()[: len(efeeds)]
+    name = model.graph.input[0].name
+
+    def outputs(m, optimize):
+        s = session(m, threads=2, optimize=optimize)
+        return [s.run(None, {name: f[name]})[0] for f in efeeds]
+
+    ref = outputs(model, False)
+    rows = []
+    for label, opts in (("W8 (symmetric)", {}), ("W7 (symmetric; onnxruntime's reduce_range)", {"weight_bits": 7}),
+                        ("W8 asymmetric (forced; the qdq pass keeps 8-bit layers symmetric)", {"_asym8": True})):
+        q, _, _ = ours(model, cfeeds, calib.spec, target="ort", **{k: v for k, v in opts.items() if k != "_asym8"})
+        if opts.get("_asym8"):
+            q = _asymmetric_weights(q)
+        for optimize in (True, False):
+            out = outputs(q, optimize)
+            err = sum(float(((a - b) ** 2).sum()) for a, b in zip(out, ref)) / sum(float((b ** 2).sum()) for b in ref)
+            acc = 100.0 * float(np.mean([int(np.argmax(o)) == lab for o, lab in zip(out, labels)]))
+            rows.append({"weights": label, "kernels": "fused int8" if optimize else "unfused Q/DQ", "output_error": round(err, 4),
+                         "top1": acc, "images": len(efeeds)})
+            log(str(rows[-1]))
+    results["saturation"] = rows
+
+
+def _asymmetric_weights(q):
+    """``q`` with every int8 per-channel weight re-quantized asymmetrically over [-128, 127] from
+    its dequantized values (what weight_symmetric=false would store at 8 bits)."""
+    from onnx import numpy_helper
+    from onnxopt.quant.quantize import quantize_weight, weight_scales, weight_zero_points
+
+    out = onnx.ModelProto()
+    out.CopyFrom(q)
+    inits = {t.name: t for t in out.graph.initializer}
+    for n in out.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits or len(n.input) < 3:
+            continue
+        wq = numpy_helper.to_array(inits[n.input[0]])
+        if wq.dtype != np.int8:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+        if s.ndim != 1:
+            continue
+        shape = [-1 if i == axis else 1 for i in range(wq.ndim)]
+        w = wq.astype(np.float64) * s.reshape(shape)
+        s_new = weight_scales(w, axis, 8, False, symmetric=False)
+        zp = weight_zero_points(w, s_new, axis, 8)
+        for name, arr in ((n.input[0], quantize_weight(w, s_new, axis, 8, zp)), (n.input[1], s_new.astype(np.float32)), (n.input[2], zp)):
+            inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+        # the int32 bias keeps scale s_in * s_w: re-quantize it with the new weight scale
+        for reader in out.graph.node:
+            if reader.op_type in ("Conv", "Gemm") and len(reader.input) > 2 and reader.input[1] == n.output[0]:
+                bdq = next((b for b in out.graph.node if b.output[0] == reader.input[2] and b.op_type == "DequantizeLinear"), None)
+                if bdq is not None:
+                    bq, bs = numpy_helper.to_array(inits[bdq.input[0]]).astype(np.float64), numpy_helper.to_array(inits[bdq.input[1]]).astype(np.float64)
+                    bs_new = (bs / s * s_new).astype(np.float32)
+                    inits[bdq.input[0]].CopyFrom(numpy_helper.from_array(np.rint(bq * bs / bs_new).astype(np.int32), bdq.input[0]))
+                    inits[bdq.input[1]].CopyFrom(numpy_helper.from_array(bs_new, bdq.input[1]))
+    return out
+
+
 def print_tables(results):
     for key, rows in results.items():
         if not rows:
@@ -408,7 +483,7 @@ def main(argv=None):
     if (argv or sys.argv[1:])[:1] == ["_latency"]:
         return _latency_worker(*(argv or sys.argv[1:])[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=["effnet", "cifar", "yolox", "speed", "all"])
+    ap.add_argument("task", choices=["effnet", "cifar", "yolox", "speed", "saturation", "all"])
     ap.add_argument("--targets", default="ort,tensorrt")
     ap.add_argument("--methods", default="percentile", help="onnxopt calibration methods to run (comma-separated)")
     ap.add_argument("--ort-methods", default="minmax,entropy,percentile", help="quantize_static methods ('' for none)")

@@ -105,7 +105,7 @@ def validate_options(options: dict, rules: TargetRules) -> None:
 
 
 def weights_symmetric(options: dict) -> bool:
-    return str(options.get("weight_symmetric", True)).lower() not in ("false", "0", "no", "off")
+    return bool(options.get("weight_symmetric", True))
 
 
 # ------------------------------------------------------------------------------------ prepare
