@@ -397,6 +397,8 @@ def task_saturation(args, results):
     graph optimization on (QLinearConv etc., as deployed) and once with none (DequantizeLinear ->
     float Conv, the ONNX semantics). On AVX2 CPUs without VNNI, the u8 x s8 kernels add pairs of
     products in int16, which saturates once stored weights pass +-64."""
+    from onnxopt.quant.sensitivity import rel_error
+
     model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
     img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
     calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
@@ -419,7 +421,7 @@ def task_saturation(args, results):
             q = _asymmetric_weights(q)
         for optimize in (True, False):
             out = outputs(q, optimize)
-            err = sum(float(((a - b) ** 2).sum()) for a, b in zip(out, ref)) / sum(float((b ** 2).sum()) for b in ref)
+            err = rel_error(ref, out) ** 2
             acc = 100.0 * float(np.mean([int(np.argmax(o)) == lab for o, lab in zip(out, labels)]))
             rows.append({"weights": label, "kernels": "fused int8" if optimize else "unfused Q/DQ", "output_error": round(err, 4),
                          "top1": acc, "images": len(efeeds)})
