@@ -171,19 +171,25 @@ def violations(model, target):
 
 
 # ------------------------------------------------------------------------------------- tasks
+def effnet_split(model, limit=0):
+    """EfficientNet-Lite0's split of the shared ImageNet images: (calibration data, its 200 feeds,
+    the first ``limit`` (0 = all) of the other 800 as feeds, their labels); preprocessing resize
+    256, crop 224, (x - 127) / 128."""
+    img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
+    calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
+    ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, exclude_every=True)
+    efeeds = list(ev.samples())[: limit or None]
+    return calib, list(calib.samples()), efeeds, ev.labels()[: len(efeeds)]
+
+
 def task_effnet(args, results):
     path = SHARED / "models" / "efficientnet_lite0.onnx"
     model = model_io.load_model(path)
     if args.pre:  # exact float pre-passes (e.g. equalize) applied before every quantizer
         model, _ = manager.apply(model, args.pre, {k: v for k, v in args.pre_options.items()}, context=PassContext(progress=False),
                                  summarize_layers=False)
-    img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
-    calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
-    ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, exclude_every=True)
     log("loading images ...")
-    cfeeds = list(calib.samples())
-    efeeds = list(ev.samples())[: args.limit or None]
-    labels = ev.labels()[: len(efeeds)]
+    calib, cfeeds, efeeds, labels = effnet_split(model, args.limit)
     base = top1(model, efeeds, labels)
     rows = [{"model": "effnet-lite0", "config": "fp32", "top1": base, "drop": 0.0}]
     log(f"fp32 top-1 {base:.2f} on {len(efeeds)} images, calibrated on {len(cfeeds)}")
@@ -400,12 +406,7 @@ def task_saturation(args, results):
     from onnxopt.quant.sensitivity import rel_error
 
     model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
-    img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
-    calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
-    ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, exclude_every=True)
-    cfeeds = list(calib.samples())
-    efeeds = list(ev.samples())[: args.limit or None]
-    labels = ev.labels()[: len(efeeds)]
+    calib, cfeeds, efeeds, labels = effnet_split(model, args.limit)
     name = model.graph.input[0].name
 
     def outputs(m, optimize):

@@ -32,17 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SHARED = ROOT.parent / "shared"
-SAVE_DIR = None   # --save
 
 from onnxopt import manager, model_io  # noqa: E402
-from onnxopt.data import open_data  # noqa: E402
 from onnxopt.quant import check as qcheck  # noqa: E402
 from onnxopt.quant import recovery  # noqa: E402
 from onnxopt.quant.quantize import quantize_model  # noqa: E402
 from onnxopt.registry import PassContext, get_pass  # noqa: E402
-
-IMG = dict(size=256, crop=224, mean=[127.0], std=[128.0])
-
+from bench_qdq import effnet_split  # noqa: E402  (tools/ is on the path when run as a script)
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
@@ -65,15 +61,11 @@ def top1(model, feeds, labels, threads=2):
 
 def effnet_data(limit=None):
     model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
-    calib = open_data(str(SHARED / "data" / "imagenet"), model, image=IMG, every=5)
-    ev = open_data(str(SHARED / "data" / "imagenet"), model, image=IMG, every=5, exclude_every=True)
-    cfeeds = list(calib.samples())
-    efeeds = list(ev.samples())[: limit or None]
-    labels = ev.labels()[: len(efeeds)]
+    calib, cfeeds, efeeds, labels = effnet_split(model, limit)   # the split bench_qdq measures on
     return model, calib, cfeeds, efeeds, labels
 
 
-def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows, tag, quant_extra=None):
+def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows, tag, quant_extra=None, save_dir=None):
     opts = get_pass("qdq").resolve({"target": target, "weight_bits": bits, **(quant_extra or {})})
     data = lambda: iter(cfeeds)
     t0 = time.perf_counter()
@@ -90,8 +82,8 @@ def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows
             qm, rep = recovery.recover(model, start, q.info, {**opts, **extra}, data, PassContext(progress=False, log=log))
         done[name] = qm
         secs = time.perf_counter() - t0
-        if SAVE_DIR:
-            model_io.save_model(qm, os.path.join(SAVE_DIR, f"{tag}_{target}_{name}.onnx".replace(" ", "_").replace("/", "_")))
+        if save_dir:
+            model_io.save_model(qm, os.path.join(save_dir, f"{tag}_{target}_{name}.onnx".replace(" ", "_").replace("/", "_")))
         acc = top1(qm, efeeds, labels)
         row = {"task": tag, "target": target, "weights": bits, **(quant_extra or {}), "config": name, "top1": round(acc, 3), "drop": round(base - acc, 3),
                "recovery_s": round(secs, 1), "calibration_s": round(t_cal, 1), "load": round(load(), 1),
@@ -119,7 +111,7 @@ def task_effnet8(args, results):
     if args.configs:
         configs = [c for c in configs if c[0] in args.configs.split(";")]
     for target in args.targets:
-        run_configs(model, cfeeds, efeeds, labels, base, target, 8, configs, rows, "effnet8")
+        run_configs(model, cfeeds, efeeds, labels, base, target, 8, configs, rows, "effnet8", save_dir=args.save)
     results["effnet8"] = rows
 
 
@@ -138,7 +130,7 @@ def task_effnet4(args, results):
     if args.weight_asym:
         extra["weight_symmetric"] = False
     for target in args.targets4:
-        run_configs(model, cfeeds, efeeds, labels, base, target, 4, configs, rows, "effnet4", extra)
+        run_configs(model, cfeeds, efeeds, labels, base, target, 4, configs, rows, "effnet4", extra, args.save)
     results["effnet4"] = rows
 
 
@@ -269,10 +261,8 @@ def main(argv=None):
     ap.add_argument("--save", help="effnet8/effnet4: write each configuration's model into this folder")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
-    global SAVE_DIR
-    SAVE_DIR = args.save
-    if SAVE_DIR:
-        os.makedirs(SAVE_DIR, exist_ok=True)
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
     args.targets = args.targets.split(",")
     args.targets4 = args.targets4.split(",")
     results = {}
