@@ -439,6 +439,11 @@ def _asymmetric_weights(q):
     out = onnx.ModelProto()
     out.CopyFrom(q)
     inits = {t.name: t for t in out.graph.initializer}
+    producer = {o: nd for nd in out.graph.node for o in nd.output}
+    readers: dict = {}
+    for nd in out.graph.node:
+        for t in nd.input:
+            readers.setdefault(t, []).append(nd)
     for n in out.graph.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits or len(n.input) < 3:
             continue
@@ -456,10 +461,10 @@ def _asymmetric_weights(q):
         for name, arr in ((n.input[0], quantize_weight(w, s_new, axis, 8, zp)), (n.input[1], s_new.astype(np.float32)), (n.input[2], zp)):
             inits[name].CopyFrom(numpy_helper.from_array(arr, name))
         # the int32 bias keeps scale s_in * s_w: re-quantize it with the new weight scale
-        for reader in out.graph.node:
+        for reader in readers.get(n.output[0], []):
             if reader.op_type in ("Conv", "Gemm") and len(reader.input) > 2 and reader.input[1] == n.output[0]:
-                bdq = next((b for b in out.graph.node if b.output[0] == reader.input[2] and b.op_type == "DequantizeLinear"), None)
-                if bdq is not None:
+                bdq = producer.get(reader.input[2])
+                if bdq is not None and bdq.op_type == "DequantizeLinear":
                     bq, bs = numpy_helper.to_array(inits[bdq.input[0]]).astype(np.float64), numpy_helper.to_array(inits[bdq.input[1]]).astype(np.float64)
                     bs_new = (bs / s * s_new).astype(np.float32)
                     inits[bdq.input[0]].CopyFrom(numpy_helper.from_array(np.rint(bq * bs / bs_new).astype(np.int32), bdq.input[0]))
