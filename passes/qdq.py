@@ -38,7 +38,8 @@ OPTIONS = [
     Option("per_channel", bool, True, "per-channel weight scales (output-channel axis); tidl-tda4vm is always per-tensor"),
     Option("weight_bits", int, 8, "weight bits, 2..8 (below 8: restricted int8 range, or INT4 with low_bit=int4)"),
     Option("first_last_weight_bits", int, 0, "weight bits of the first and last weighted layers (0 = weight_bits); "
-           "low-bit PTQ keeps them at 8 by convention (AdaRound, BRECQ), e.g. weight_bits=4 first_last_weight_bits=8"),
+           "low-bit PTQ keeps them at 8 by convention (AdaRound, BRECQ), e.g. weight_bits=4 first_last_weight_bits=8; "
+           "for --target ort on AVX2 CPUs without VNNI take 7, where onnxruntime's fused int8 kernels saturate at 8"),
     Option("activation_bits", int, 8, "activation bits, 2..8 (below 8: restricted range enforced by a Clip before Q)"),
     Option("symmetric", str, "auto", "activation symmetry: auto (the target's), true (zero point 0), false (asymmetric; ort/tidl only)",
            ("auto", "true", "false")),
