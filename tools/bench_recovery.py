@@ -40,6 +40,7 @@ from onnxopt.quant.quantize import quantize_model  # noqa: E402
 from onnxopt.registry import PassContext, get_pass  # noqa: E402
 from bench_qdq import effnet_split  # noqa: E402  (tools/ is on the path when run as a script)
 
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
