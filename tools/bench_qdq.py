@@ -434,6 +434,7 @@ def _asymmetric_weights(q):
     """``q`` with every int8 per-channel weight re-quantized asymmetrically over [-128, 127] from
     its dequantized values (what weight_symmetric=false would store at 8 bits)."""
     from onnx import numpy_helper
+    from onnxopt.quant.adaround import _write_scale
     from onnxopt.quant.quantize import quantize_weight, weight_scales, weight_zero_points
 
     out = onnx.ModelProto()
@@ -451,24 +452,24 @@ def _asymmetric_weights(q):
         if wq.dtype != np.int8:
             continue
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-        s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
-        if s.ndim != 1:
+        s_arr = numpy_helper.to_array(inits[n.input[1]])
+        if s_arr.ndim != 1:
             continue
+        s = s_arr.astype(np.float64)
         shape = [-1 if i == axis else 1 for i in range(wq.ndim)]
         w = wq.astype(np.float64) * s.reshape(shape)
         s_new = weight_scales(w, axis, 8, False, symmetric=False)
         zp = weight_zero_points(w, s_new, axis, 8)
-        for name, arr in ((n.input[0], quantize_weight(w, s_new, axis, 8, zp)), (n.input[1], s_new.astype(np.float32)), (n.input[2], zp)):
+        for name, arr in ((n.input[0], quantize_weight(w, s_new, axis, 8, zp)), (n.input[2], zp)):
             inits[name].CopyFrom(numpy_helper.from_array(arr, name))
-        # the int32 bias keeps scale s_in * s_w: re-quantize it with the new weight scale
+        # the layer entry _write_scale takes: its int32 bias (scale s_in * s_w) is re-quantized with the new scale
+        entry = {"weight_scale": n.input[1]}
         for reader in readers.get(n.output[0], []):
             if reader.op_type in ("Conv", "Gemm") and len(reader.input) > 2 and reader.input[1] == n.output[0]:
                 bdq = producer.get(reader.input[2])
                 if bdq is not None and bdq.op_type == "DequantizeLinear":
-                    bq, bs = numpy_helper.to_array(inits[bdq.input[0]]).astype(np.float64), numpy_helper.to_array(inits[bdq.input[1]]).astype(np.float64)
-                    bs_new = (bs / s * s_new).astype(np.float32)
-                    inits[bdq.input[0]].CopyFrom(numpy_helper.from_array(np.rint(bq * bs / bs_new).astype(np.int32), bdq.input[0]))
-                    inits[bdq.input[1]].CopyFrom(numpy_helper.from_array(bs_new, bdq.input[1]))
+                    entry.update(bias_is_int=True, bias_q=bdq.input[0], bias_scale=bdq.input[1])
+        _write_scale(inits, entry, s_arr, np.asarray(s_new, np.float64), s)
     return out
 
 
