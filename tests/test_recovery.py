@@ -317,6 +317,25 @@ def test_learned_rounding_with_asymmetric_weights(se_setup, rounding):
     assert qcheck.check_model(out, "ort") == []
 
 
+def test_brecq_reconstructs_on_calib_samples_when_given(se_setup, monkeypatch):
+    """BRECQ holds every block's input and output for each sample it learns on, so it takes 256
+    at most, unless qdq.calib_samples asks for a number (more, or fewer)."""
+    from onnxopt.quant import brecq as brecq_mod
+
+    m, calib, _ = se_setup
+    caps = []
+
+    def fake_brecq(view, data, iters, max_samples, float_model, log):
+        caps.append(max_samples)
+        return view.qmodel, {}
+
+    monkeypatch.setattr(brecq_mod, "brecq", fake_brecq)
+    for extra in ({}, {"calib_samples": 300}, {"calib_samples": 5}):
+        onnxopt.apply(m, "qdq", {"qdq": {"target": "ort", "rounding": "brecq", **extra}},
+                      context=PassContext(data=lambda: iter(calib)), verify=False)
+    assert caps == [brecq_mod.MAX_SAMPLES, 300, 5]
+
+
 def test_brecq_hardened_rounding_keeps_its_fixed_value():
     """Progressive hardening fixes part of the rounding at a stage; Adam's momentum may still move
     those ``v`` across 0 afterwards, and the rounding written out must be the one fixed, not the

@@ -387,13 +387,13 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
         report["rel_error_start"] = ev.error(model)
     if rounding != "nearest":
         from .adaround import adaround  # recovery imports these modules, not the other way round
-        from .brecq import brecq
+        from .brecq import MAX_SAMPLES, brecq
 
         view, iters = QdqView(float_model, model, info), int(options.get("adaround_iters", 500))
         if rounding == "adaround":
             model, report[rounding] = adaround(view, data, iters=iters, log=log)
         else:
-            model, report[rounding] = brecq(view, data, iters=iters, float_model=float_model, log=log)
+            model, report[rounding] = brecq(view, data, iters=iters, max_samples=n_samples or MAX_SAMPLES, float_model=float_model, log=log)
     if bc != "none":
         correct = empirical_bias_correction if bc == "empirical" else analytical_bias_correction
         corrected, rep = correct(float_model, model, info, data, (n_samples or BIAS_SAMPLES) if bc == "empirical" else n_samples, log)
