@@ -116,8 +116,16 @@ def task_effnet8(args, results):
     results["effnet8"] = rows
 
 
+def mirrored(feeds):
+    """Each feed followed by its left-right mirror image (NCHW: the last axis): twice the
+    calibration samples from the same images, for the late BRECQ blocks that fit their samples."""
+    return [g for f in feeds for g in (f, {k: np.ascontiguousarray(v[..., ::-1]) for k, v in f.items()})]
+
+
 def task_effnet4(args, results):
     model, calib, cfeeds, efeeds, labels = effnet_data(args.limit)
+    if args.mirror:
+        cfeeds = mirrored(cfeeds)
     base = top1(model, efeeds, labels)
     rows = [{"task": "effnet4", "config": "fp32", "top1": base, "drop": 0.0}]
     configs = [("nearest", {}),
@@ -130,6 +138,8 @@ def task_effnet4(args, results):
     extra = {"first_last_weight_bits": args.first_last_bits} if args.first_last_bits else {}
     if args.weight_asym:
         extra["weight_symmetric"] = False
+    if args.mirror:   # BRECQ reconstructs on all of them (its cap is 256 unless calib_samples says more)
+        extra["calib_samples"] = len(cfeeds)
     for target in args.targets4:
         run_configs(model, cfeeds, efeeds, labels, base, target, 4, configs, rows, "effnet4", extra, args.save)
     results["effnet4"] = rows
@@ -257,6 +267,7 @@ def main(argv=None):
     ap.add_argument("--configs", default="", help="effnet8/effnet4: only these configurations (names separated by ';')")
     ap.add_argument("--first-last-bits", type=int, default=0, help="effnet4: weight bits of the first and last layers (0 = 4, like the rest)")
     ap.add_argument("--weight-asym", action="store_true", help="effnet4/holdout: asymmetric 4-bit weights (qdq.weight_symmetric=false)")
+    ap.add_argument("--mirror", action="store_true", help="effnet4: calibrate on the 200 calibration images and their mirror images (400 samples)")
     ap.add_argument("--blocks", default="13:15", help="holdout: the BRECQ blocks to learn (Python slice of the 17)")
     ap.add_argument("--train", type=int, default=100, help="holdout: calibration images learned on; the rest of the 200 are held out")
     ap.add_argument("--save", help="effnet8/effnet4: write each configuration's model into this folder")
