@@ -172,8 +172,9 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
     the task: on two of EfficientNet-Lite0's 7x7 blocks, learning on 100 images removed 73 % of
     the block output error on those images and 30 % on 100 others, 21 % when learning on 50
     (``tools/bench_recovery.py holdout``), so all the data given is used, up to ``max_samples``
-    (256; the qdq pass gives ``calib_samples`` when it is set). Each block's input and output are held for every one of them:
-    EfficientNet-Lite0's first block (a 224x224 image in, 16x112x112 out) takes 1.4 MB a sample.
+    (256; the qdq pass gives ``calib_samples`` when it is set). Each block's input and output are
+    held for every one of them: EfficientNet-Lite0's first block (a 224x224 image in, 16x112x112
+    out) takes 1.4 MB a sample.
 
     Returns (new quantized model, report dict). Only the integer weight initializers, the weight
     scales and the biases change.
