@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 
-from onnxopt.errors import DataError, OnnxoptError
+from onnxopt.errors import DataError, OnnxoptError, OptionError
 from onnxopt.quant import check as qcheck
 from onnxopt.quant.quantize import limit_samples, quantize_model
 from onnxopt.quant.targets import TARGET_NAMES
@@ -89,6 +89,8 @@ def _calibration_data(options: dict, ctx):
     data = ctx.data
     source = getattr(ctx.data_spec, "source", None) if ctx.data_spec is not None else None
     n = int(options.get("calib_samples") or 0)
+    if n < 0:
+        raise OptionError(f"qdq.calib_samples must be 0 (all) or a positive count, got {n}.", "e.g. --set qdq.calib_samples=200")
     if source == "random":
         msg = ("WARNING: calibrating on RANDOM data (--calib-data random): the activation ranges do not reflect "
                "real inputs and the quantized model's accuracy is meaningless. Use real calibration data.")

@@ -551,6 +551,8 @@ def test_calib_samples_limits_data():
     ctx = PassContext(data=data, progress=False)
     manager.apply(m, "qdq", {"qdq": {"calib_method": "minmax", "calib_samples": 3}}, context=ctx, summarize_layers=False)
     assert len(seen) <= 4
+    with pytest.raises(OptionError, match="calib_samples must be 0 .all. or a positive count, got -3"):
+        manager.apply(m, "qdq", {"qdq": {"calib_samples": -3}}, context=ctx, summarize_layers=False)
 
 
 def test_ort_warns_when_batchnorm_is_not_folded():
