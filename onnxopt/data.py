@@ -70,6 +70,9 @@ class DataSource:
         self.kind, self._open = self._resolve(spec.source)
         if spec.batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {spec.batch_size}.", "use --batch-size 1 or more")
+        if spec.max_samples is not None and spec.max_samples < 1:
+            raise DataError(f"the sample limit must be at least 1, got {spec.max_samples}.",
+                            "give --calib-samples / --max-samples 1 or more, or leave it out to use all the data")
 
     # -- public API --------------------------------------------------------------------
     def samples(self) -> Iterator[dict]:

@@ -265,6 +265,15 @@ def test_bad_batch_size(tmp_path):
         open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), batch_size=0)
 
 
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_bad_sample_limit(tmp_path, limit):
+    """A negative limit used to stop after the first sample: calibration on one image, silently."""
+    np.save(tmp_path / "x.npy", _x(2))
+    with pytest.raises(DataError, match=f"sample limit must be at least 1, got {limit}"):
+        open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), max_samples=limit)
+
+
 # ---------------------------------------------------------------------------------- selection
 @pytest.mark.parametrize("every, offset, exclude, expect", [
     (3, 1, False, [1, 4, 7]),
