@@ -265,7 +265,6 @@ def test_bad_batch_size(tmp_path):
         open_data(str(tmp_path / "x.npy"), models.tiny_cnn(), batch_size=0)
 
 
-
 @pytest.mark.parametrize("limit", [0, -3])
 def test_bad_sample_limit(tmp_path, limit):
     """A negative limit used to stop after the first sample: calibration on one image, silently."""
