@@ -10,6 +10,7 @@ Same model, same calibration split, same evaluation split, one run. Prints a tab
 
   python tools/bench_qdq.py speed --runs 200   # latency only, fp32 vs --target ort int8, all models
   python tools/bench_qdq.py saturation --limit 100   # EfficientNet-Lite0 ort: fused int8 kernels vs unfused Q/DQ
+  python tools/bench_qdq.py ceiling         # one conv, fp32 vs ort int8: the int8 speed-up this CPU's kernels allow
 
 Splits: calibration = every 5th sample from offset 0 (``open_data(..., every=5)``), evaluation =
 the rest (``exclude_every=True``). Latency: onnxruntime CPU, all graph optimizations on, batch 1,
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -396,6 +398,51 @@ def task_speed(args, results):
     results["speed_by_op_class"] = profile
 
 
+CEILING_CONVS = [  # (channels, height = width, group): ResNet/EfficientNet-sized layers, 3x3 kernels
+    (64, 56, 1), (128, 28, 1), (256, 14, 1), (144, 56, 144)]
+
+
+def cpu_int8_features() -> str:
+    """The x86 flags that decide onnxruntime's int8 kernels: without a VNNI flag its u8 x s8 kernels
+    multiply-add through int16 (vpmaddubsw + vpmaddwd)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
+
+
+def task_ceiling(args, results):
+    """The int8 speed-up one conv gets on this CPU: a single 3x3 Conv, fp32 against the same Conv
+    through the qdq pass (--target ort, so onnxruntime runs it as a QLinearConv), 1 thread, kernel
+    time from onnxruntime's profiler. Whole-model speed-ups cannot beat what the dense convs get
+    here; the GMAC/s say how close each kernel runs to the machine's peak."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, hw, group in CEILING_CONVS:
+        graph = helper.make_graph(
+            # the 1x1 MaxPool stands for the next layer: a conv whose output is the graph's
+            # output stays float under --target ort, one read by another op is quantized
+            [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], group=group),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[1, 1])], "conv",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, c, hw, hw])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, c, hw, hw])],
+            [numpy_helper.from_array((0.1 * rng.standard_normal((c, c // group, 3, 3))).astype(np.float32), "w")])
+        fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        feeds = [{"x": rng.random((1, c, hw, hw), dtype=np.float32)} for _ in range(4)]
+        int8, _, _ = ours(fp32, feeds, None, target="ort", calib_method="minmax")
+        cls = "depthwise conv" if group > 1 else "dense conv"
+        ms = {k: op_class_profile(m, feeds[0], runs=args.runs)[cls] for k, m in (("fp32", fp32), ("int8", int8))}
+        macs = c * (c // group) * 9 * hw * hw
+        rows.append({"conv": f"{c}x{hw}x{hw} 3x3" + (" depthwise" if group > 1 else ""),
+                     "fp32_ms": ms["fp32"], "int8_ms": ms["int8"],
+                     "fp32_gmacs": macs / ms["fp32"] / 1e6, "int8_gmacs": macs / ms["int8"] / 1e6,
+                     "speedup": ms["fp32"] / ms["int8"], "cpu": cpu_int8_features()})
+        log(str(rows[-1]))
+    results["ceiling"] = rows
+
+
 def task_saturation(args, results):
     """Do onnxruntime's fused int8 kernels compute what the Q/DQ graph says? EfficientNet-Lite0
     --target ort at several weight widths: the output error against fp32 (sum of squared
@@ -492,7 +539,7 @@ def main(argv=None):
     if (argv or sys.argv[1:])[:1] == ["_latency"]:
         return _latency_worker(*(argv or sys.argv[1:])[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=["effnet", "cifar", "yolox", "speed", "saturation", "all"])
+    ap.add_argument("task", choices=["effnet", "cifar", "yolox", "speed", "saturation", "ceiling", "all"])
     ap.add_argument("--targets", default="ort,tensorrt")
     ap.add_argument("--methods", default="percentile", help="onnxopt calibration methods to run (comma-separated)")
     ap.add_argument("--ort-methods", default="minmax,entropy,percentile", help="quantize_static methods ('' for none)")
