@@ -442,7 +442,7 @@ def _absorb_bias(graph: gs.Graph, pairs: list, model: onnx.ModelProto, data, mar
 
 @register_pass(
     "equalize",
-    "cross-layer equalization of Conv/Gemm pairs (depthwise included) and optional high-bias absorption",
+    "Cross-layer equalization of Conv/Gemm pairs (depthwise included) and optional high-bias absorption.",
     exact=True,
     options=[
         Option("iterations", int, 50, "maximum sweeps over all pairs (conv->depthwise->conv chains need several)"),

@@ -551,7 +551,7 @@ def options_with(**given) -> dict:
 
 @register_pass(
     "lite",
-    "embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes",
+    "Embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes.",
     exact=False,
     options=OPTIONS,
 )

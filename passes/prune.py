@@ -69,7 +69,7 @@ IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
 
 @register_pass(
     "prune",
-    "structured channel pruning: removes the least important channel groups physically (approximate)",
+    "Structured channel pruning: removes the least important channel groups, shrinking the layers.",
     exact=False,
     options=[
         Option("ratio", float, 0.3, "fraction of channels to remove (per class in uniform mode, overall in global mode)"),

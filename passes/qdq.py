@@ -120,7 +120,7 @@ def _unfolded_bn_warning(model, target: str):
             "float, not int8. Fold them first: put bnfuse before qdq (e.g. `onnxopt apply bnfuse,qdq ...`).")
 
 
-@register_pass("qdq", "int8 QDQ quantization with calibration for TensorRT, onnxruntime or TIDL", exact=False, options=OPTIONS)
+@register_pass("qdq", "Int8 Q/DQ quantization with calibration, laid out for TensorRT, onnxruntime or TIDL.", exact=False, options=OPTIONS)
 def qdq(model, options, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
     data, warns = _calibration_data(options, ctx)

@@ -38,7 +38,7 @@ LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 @register_pass(
     "sparsify",
-    "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights (approximate)",
+    "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights.",
     exact=False,
     options=[
         Option("method", str, "nm", "nm: N of every M weights along the input channels; unstructured: smallest magnitudes",

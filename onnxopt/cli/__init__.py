@@ -34,9 +34,11 @@ def cli() -> None:
     """onnxopt -- optimize an exported ONNX model for TensorRT, TIDL and onnxruntime.
 
     Passes rewrite the ONNX graph directly and are chained in the order given: `cleanup`
-    (dead code, constant folding), `bnfuse` (fold BatchNorm), `lite` (embedded-friendly
-    surgery), `qdq` (int8 quantization with calibration), `prune` (channel pruning).
-    Exact passes are verified against the input model in onnxruntime after they run.
+    (dead code, constant folding), `bnfuse` (fold BatchNorm), `equalize` (cross-layer
+    equalization before int8), `lite` (embedded-friendly surgery), `qdq` (int8 quantization
+    with calibration), `prune` (channel pruning), `sparsify` (N:M or unstructured sparsity).
+    Exact passes are verified against the input model in onnxruntime after they run;
+    `onnxopt passes` lists every option.
     """
 
 
