@@ -57,6 +57,9 @@ class DataSpec:
     exclude_every: bool = False         # take the complement of the every/offset selection
 
 
+RANDOM_SAMPLES = 16  # generated inputs never end: without a sample limit, 'random' yields this many
+
+
 class DataSource:
     """A validated, streamable source of feed dicts for one model."""
 
@@ -75,14 +78,21 @@ class DataSource:
                             "give --calib-samples / --max-samples 1 or more, or leave it out to use all the data")
 
     # -- public API --------------------------------------------------------------------
+    @property
+    def max_samples(self) -> Optional[int]:
+        """The sample limit: the spec's, else RANDOM_SAMPLES for generated inputs, else none."""
+        if self.spec.max_samples is None and self.kind == "random":
+            return RANDOM_SAMPLES
+        return self.spec.max_samples
+
     def samples(self) -> Iterator[dict]:
         """Feed dicts of one sample each (batch axis of size 1), validated, in order."""
-        count = 0
+        count, limit = 0, self.max_samples
         for index, feed in enumerate(self._selected(self._open())):
             self._validate(feed, index)
             yield feed
             count += 1
-            if self.spec.max_samples is not None and count >= self.spec.max_samples:
+            if limit is not None and count >= limit:
                 return
         if count == 0:
             raise DataError(f"data source '{self.spec.source}' yielded no samples.", "check the path (an empty folder? a selection that takes nothing?)")
@@ -165,7 +175,7 @@ class DataSource:
         elif self.kind in ("npz", "npy"):
             n = self._array_len()
         if n is None:
-            return self.spec.max_samples
+            return self.max_samples
         n = len(list(self._selected(iter(range(n)))))
         return min(n, self.spec.max_samples) if self.spec.max_samples is not None else n
 
@@ -180,7 +190,7 @@ class DataSource:
             raise DataError(f"data path '{source}' does not exist.", "give a .npy, .npz, an image folder, or file.py:function")
         if p.is_dir():
             if not self._image_files():
-                raise DataError(f"data folder '{source}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).", "point --data at a folder of images")
+                raise DataError(f"data folder '{source}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).", "point the data option (--calib-data, --data) at a folder holding images")
             return "images", self._images
         if p.suffix == ".npy":
             if len(self._inputs) != 1:

@@ -171,6 +171,15 @@ def _restore_external_data(model: ModelProto, base_dir) -> None:
             t.ClearField("data_location")
 
 
+def refuse_overwriting_inputs(path: Union[str, os.PathLike], inputs: Iterable[ModelLike]) -> None:
+    """Raise when ``path`` is one of the ``inputs`` model files. save_model checks it; commands
+    also call it before their work, so a long run does not end in this error."""
+    out = Path(path)
+    for src in inputs:
+        if isinstance(src, (str, os.PathLike)) and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+            raise OnnxoptError(f"the output '{out}' is the input model; onnxopt never overwrites its input.", "choose another -o path")
+
+
 def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iterable[ModelLike] = (), external_data: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically.
 
@@ -179,9 +188,7 @@ def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iter
     are written with their tensors in ``<name>.data`` next to the model.
     """
     out = Path(path)
-    for src in inputs:
-        if isinstance(src, (str, os.PathLike)) and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            raise OnnxoptError(f"the output '{out}' is the input model; onnxopt never overwrites its input.", "choose another -o path")
+    refuse_overwriting_inputs(out, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     big = model.ByteSize() >= MAX_PROTO_BYTES
     use_external = big if external_data is None else external_data

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 
+from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import DataError, OnnxoptError, OptionError
 from onnxopt.quant import check as qcheck
 from onnxopt.quant.quantize import limit_samples, quantize_model
@@ -30,7 +31,6 @@ RECOVERY_DEFAULTS = {
     "rounding": "nearest",
     "adaround_iters": 500,
 }
-RANDOM_SAMPLES = 16  # random calibration data is infinite: cap it unless --calib-samples says otherwise
 
 OPTIONS = [
     Option("target", str, "tensorrt", "deployment target: tensorrt (int8 symmetric, Q/DQ on inputs), ort (uint8/int8, "
@@ -98,7 +98,7 @@ def _calibration_data(options: dict, ctx):
         ctx.log(msg)
         warns.append(msg)
         if not n and getattr(ctx.data_spec, "max_samples", None) is None:
-            n = RANDOM_SAMPLES
+            n = RANDOM_SAMPLES  # a DataSource caps generated inputs itself; other data callables may not
     if n:
         data = limit_samples(data, n)
     return data, warns

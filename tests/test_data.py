@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fixtures import models
-from onnxopt.data import DataSpec, ImageOptions, open_data
+from onnxopt.data import RANDOM_SAMPLES, DataSpec, ImageOptions, open_data
 from onnxopt.errors import DataError
 
 
@@ -311,3 +311,11 @@ def test_random_source_and_dataspec():
     feeds = list(src.samples())
     assert len(feeds) == 3 and feeds[0]["input"].shape == (1, 3, 8, 8)
     assert not np.array_equal(feeds[0]["input"], feeds[1]["input"])
+
+
+def test_random_source_without_a_limit_ends():
+    """Generated inputs never end: without a limit, `--data random` yields RANDOM_SAMPLES of them
+    (finetune --data random used to read them forever)."""
+    src = open_data("random", models.tiny_cnn())
+    assert len(list(src.samples())) == RANDOM_SAMPLES == src.count()
+    assert len(list(src.batches(5))) == 4  # 5 + 5 + 5 + 1

@@ -116,7 +116,18 @@ def test_output_over_input_is_refused(tmp_path):
     before = good.read_bytes()
     proc = cli("apply", "t_scale", good, "-o", good, cwd=tmp_path, with_test_passes=True)
     assert_one_clear_error(proc, "never overwrites its input")
+    assert "[1/1]" not in proc.stderr  # refused before any pass runs, not after a long calibration
     assert good.read_bytes() == before
+
+
+def test_finetune_output_over_teacher_is_refused_before_training(tmp_path):
+    pytest.importorskip("torch")
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    teacher = models.save(models.tiny_cnn(), tmp_path / "teacher.onnx")
+    before = teacher.read_bytes()
+    proc = cli("finetune", good, "-o", teacher, "--teacher", teacher, "--data", "random", cwd=tmp_path)
+    assert_one_clear_error(proc, "never overwrites its input")
+    assert teacher.read_bytes() == before
 
 
 def test_missing_files_and_bad_recipe(tmp_path):

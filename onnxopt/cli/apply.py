@@ -74,6 +74,7 @@ def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, s
         options.setdefault("lite", {}).setdefault("rules_module", rules_module)
     _route_qdq_options(kwargs, names, options)
     shapes = parse_input_shapes(input_shapes)
+    model_io.refuse_overwriting_inputs(output, [model])
     source = model_io.load_model(model)
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     ctx = PassContext(progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log)

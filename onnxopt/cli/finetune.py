@@ -85,12 +85,16 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
     shapes = parse_input_shapes(input_shapes)
     rank = dist_info()[0]
     log = (lambda msg: None) if quiet or rank != 0 else (lambda msg: click.echo(msg, err=True))
+    model_io.refuse_overwriting_inputs(output, [model] + ([teacher] if teacher else []))
     source = model_io.load_model(model)
     teacher_model = model_io.load_model(teacher) if teacher else None
     spec = DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=max_samples, labels=labels,
                     every=every, offset=offset, exclude_every=exclude_every)
     ds = open_data(spec, source, shapes)
     ds.check()
+    if ds.kind == "random":
+        click.echo(f"WARNING: finetuning on RANDOM data (--data random, {ds.count()} samples): a smoke test only; "
+                   "the learned weights are meaningless. Give real training data.", err=True)
     if no_labels:
         ds.labels = lambda: None
     cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
