@@ -184,3 +184,21 @@ def profile_kernels(model: ModelProto, feed: dict, runs: int, *, optimize: bool 
 
 def cpu_count() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def cpu_flags() -> set:
+    """This CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def int8_kernels_saturate() -> bool:
+    """True on an x86 CPU with AVX2 and no VNNI. There onnxruntime's fused u8 x s8 kernels add
+    pairs of products in int16 (vpmaddubsw), which saturates once stored weights pass +-64;
+    VNNI (vpdpbusd) sums into int32. False where the flags cannot be read."""
+    flags = cpu_flags()
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "avx_vnni_int8"}

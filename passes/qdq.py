@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 
+from onnxopt import runtime
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import DataError, OnnxoptError, OptionError
 from onnxopt.quant import check as qcheck
@@ -120,6 +121,19 @@ def _unfolded_bn_warning(model, target: str):
             "float, not int8. Fold them first: put bnfuse before qdq (e.g. `onnxopt apply bnfuse,qdq ...`).")
 
 
+def _saturation_note(info) -> str | None:
+    """The ort target's 8-bit weights lose accuracy in onnxruntime's fused kernels on AVX2 CPUs
+    without VNNI (EfficientNet-Lite0: 4 top-1 points; README). The model may be deployed on
+    another CPU, so this is a note for the user, not a change to the model."""
+    if info["target"] != "ort" or 8 not in {info["weight_bits"], *info["weight_bits_by_layer"].values()}:
+        return None
+    if not runtime.int8_kernels_saturate():
+        return None
+    return ("NOTE: this CPU has AVX2 but no VNNI. There onnxruntime's fused int8 kernels saturate with 8-bit "
+            "weights. If you deploy on such a CPU, quantize with --set qdq.weight_bits=7 "
+            "(and first_last_weight_bits=7 if set), onnxruntime's reduce_range; keep 8 for VNNI CPUs.")
+
+
 @register_pass("qdq", "Int8 Q/DQ quantization with calibration, laid out for TensorRT, onnxruntime or TIDL.", exact=False, options=OPTIONS)
 def qdq(model, options, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
@@ -131,6 +145,10 @@ def qdq(model, options, ctx):
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info
+    note = _saturation_note(info)
+    if note:
+        ctx.log(note)
+        warns.append(note)
     extra = {"target": info["target"], "notes": info.get("notes", []), "groups": info["groups"],
              "excluded": info["excluded"], "warnings": warns}
     recovery_opts = {k: options.get(k, v) for k, v in RECOVERY_DEFAULTS.items()}

@@ -160,6 +160,30 @@ def test_ort_output_fuses_into_qlinearconv():
     assert "QLinearConv" in ops and "Relu" not in ops
 
 
+@pytest.mark.parametrize("flags, target, opts, noted", [
+    ({"avx2"}, "ort", {}, True),                                          # AVX2 without VNNI, 8-bit weights
+    ({"avx2", "avx512_vnni"}, "ort", {}, False),                          # VNNI sums into int32
+    ({"avx2", "avx_vnni"}, "ort", {}, False),
+    ({"avx2"}, "ort", {"weight_bits": 7}, False),                         # reduce_range: no saturation
+    ({"avx2"}, "ort", {"weight_bits": 4, "first_last_weight_bits": 8}, True),
+    ({"avx2"}, "tensorrt", {}, False),                                    # not run by onnxruntime's CPU kernels
+    (set(), "ort", {}, False),                                            # flags unknown (not Linux/x86)
+])
+def test_saturation_note_on_cpus_without_vnni(monkeypatch, flags, target, opts, noted):
+    """8-bit ort weights saturate onnxruntime's fused u8 x s8 kernels on AVX2 CPUs without VNNI:
+    the pass says so (log and report) and leaves the model as it is."""
+    from onnxopt import runtime
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: set(flags))
+    logged = []
+    q, rec = quantize(conv_relu_conv(), ctx_kwargs={"log": logged.append}, target=target, **opts)
+    notes = [w for w in rec.extra["warnings"] if "no VNNI" in w]
+    assert bool(notes) == noted
+    assert bool([m for m in logged if "no VNNI" in m]) == noted
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    q2, _ = quantize(conv_relu_conv(), target=target, **opts)
+    assert q.graph == q2.graph  # a note, not a change
+
+
 def _weight_error(q, model, conv):
     """(squared error of the dequantized weight of ``conv`` against float, its DQ's inputs)."""
     dq = input_producer(q, conv, 1)

@@ -403,12 +403,8 @@ CEILING_CONVS = [  # (channels, height = width, group): ResNet/EfficientNet-size
 
 
 def cpu_int8_features() -> str:
-    """The x86 flags that decide onnxruntime's int8 kernels: without a VNNI flag its u8 x s8 kernels
-    multiply-add through int16 (vpmaddubsw + vpmaddwd)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
+    """The x86 flags that decide onnxruntime's int8 kernels (see runtime.int8_kernels_saturate)."""
+    flags = runtime.cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
     return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
 
