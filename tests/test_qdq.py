@@ -592,7 +592,7 @@ def test_ort_warns_when_batchnorm_is_not_folded():
     assert not rec.extra["warnings"]
     folded, _ = manager.apply(m, "bnfuse", summarize_layers=False)
     _, rec = quantize(folded, target="ort")
-    assert not rec.extra["warnings"]
+    assert not [w for w in rec.extra["warnings"] if "BatchNormalization" in w]  # (the CPU's saturation note may remain)
 
 
 
