@@ -20,7 +20,7 @@ from onnxopt import runtime
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import DataError, OnnxoptError, OptionError
 from onnxopt.quant import check as qcheck
-from onnxopt.quant.quantize import limit_samples, quantize_model
+from onnxopt.quant.quantize import already_quantized_message, limit_samples, quantize_model, quantized_ops
 from onnxopt.quant.targets import TARGET_NAMES
 from onnxopt.registry import Option, PassResult, register_pass
 
@@ -137,6 +137,9 @@ def _saturation_note(info) -> str | None:
 @register_pass("qdq", "Int8 Q/DQ quantization with calibration, laid out for TensorRT, onnxruntime or TIDL.", exact=False, options=OPTIONS)
 def qdq(model, options, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
+    found = quantized_ops(model)
+    if found:  # a QAT export or a model quantized before: leave it as it is, and say so
+        return PassResult(model, skipped=[already_quantized_message(found) + "; give the float model to quantize"])
     data, warns = _calibration_data(options, ctx)
     bn_warning = _unfolded_bn_warning(model, options.get("target", "tensorrt"))
     if bn_warning:

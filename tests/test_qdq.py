@@ -684,3 +684,27 @@ def test_recovery_references_the_bounded_float_model():
     q_bc, rec_bc = quantize(lite, feeds, target="ort", bias_correction="empirical")
     err = lambda m: max(float(np.abs(run(m, f)[y] - run(original, f)[y]).max()) for f in feeds)  # noqa: E731
     assert err(q_bc) <= err(q) * 1.01    # corrected towards the original, never away from it
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_already_quantized_model_is_left_as_it_is(target):
+    """A QDQ model (a QAT export, or qdq's own output) quantized again would get a second
+    quantization stacked on the first: the pass leaves it unchanged and says why."""
+    from onnxopt.quant.quantize import quantize_model
+    q, _ = quantize(conv_relu_conv(), target=target)
+    q2, rec = quantize(q, target=target)
+    assert q2.graph == q.graph and not any(rec.changes.values())
+    assert any("already quantized" in s and "QuantizeLinear" in s for s in rec.skipped)
+    with pytest.raises(OnnxoptError, match="already quantized"):  # what sensitivity calls
+        quantize_model(q, get_pass("qdq").resolve({"target": target}), lambda: iter(feeds_for(q)), None)
+
+
+def test_integer_kernel_model_counts_as_quantized():
+    x = np.zeros((1, 3, 8, 8), np.uint8)
+    nodes = [helper.make_node("ConvInteger", ["x", "w"], ["y"], name="ci")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, list(x.shape))],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 4, 6, 6])],
+                          [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.uint8), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    q, rec = quantize(m, feeds=[{"x": x}], target="ort")
+    assert q.graph == m.graph and any("1 ConvInteger" in s for s in rec.skipped)

@@ -410,8 +410,30 @@ def layer_weight_bits(graph: gs.Graph, plan, nodes: dict, wbits: int, first_last
 
 
 # ------------------------------------------------------------------------------------- apply
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "MatMulNBits"}
+
+
+def quantized_ops(model: ModelProto) -> dict:
+    """{op type: count} of the quantization ops already in the main graph (Q/DQ pairs, integer or
+    QLinear kernels): quantizing such a model again would stack a second quantization on the first."""
+    found: dict = {}
+    for n in model.graph.node:
+        if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"):
+            found[n.op_type] = found.get(n.op_type, 0) + 1
+    return found
+
+
+def already_quantized_message(found: dict) -> str:
+    listed = ", ".join(f"{c} {op}" for op, c in sorted(found.items()))
+    return f"the model is already quantized ({listed}); quantizing it again would stack a second quantization"
+
+
 def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     """Quantize ``model`` per ``options`` (the qdq pass's resolved options) with calibration ``data``."""
+    found = quantized_ops(model)
+    if found:
+        raise OnnxoptError(already_quantized_message(found) + ".", "quantize the float model it came from")
     rules = get_target(options.get("target", "tensorrt"))
     validate_options(options, rules)
     input_shapes = getattr(ctx, "input_shapes", None) if ctx is not None else None

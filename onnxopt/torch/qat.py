@@ -19,6 +19,7 @@ import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from ..errors import OptionError
+from ..quant.quantize import quantized_ops
 
 
 def parse_qat(spec: str) -> tuple:
@@ -37,10 +38,6 @@ def parse_qat(spec: str) -> tuple:
     return w, a
 
 
-def is_quantized(model: ModelProto) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-
-
 def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tensorrt", per_channel: bool = True,
                 symmetric: str = "auto", low_bit: str = "restricted", extra_options: Optional[dict] = None, log=print) -> tuple:
     """Quantize a float ``model`` with the qdq pass for QAT.
@@ -49,8 +46,8 @@ def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tens
     from .. import manager
     from ..registry import PassContext
 
-    if is_quantized(model):
-        raise OptionError("--qat given, but the model is already quantized (it has Q/DQ nodes).",
+    if quantized_ops(model):
+        raise OptionError("--qat given, but the model is already quantized (it has Q/DQ nodes or integer kernels).",
                           "drop --qat to finetune the QDQ model as it is, or give the float model")
     wbits, abits = parse_qat(spec)
     mode = None
