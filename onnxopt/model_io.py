@@ -145,7 +145,9 @@ def validate_model(model: ModelProto, what: str = "model") -> None:
     try:
         check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
+        # one line: the checker's message often continues on the next lines (which node, which op)
+        first = " ".join(str(exc).split()) or "validation failed"
+        first = first if len(first) <= 300 else first[:297] + "..."
         raise ModelLoadError(f"{what} is not a valid ONNX graph: {first}", "fix the exporter output, or run onnx.checker to see every problem") from None
 
 
