@@ -132,6 +132,8 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     if fallback:
         extra["importance_fallback_l1"] = fallback
     skipped = [f"{where}: {why} (its channels are not pruned)" for where, why in dict.fromkeys(an.reasons)]
+    if not removed:
+        skipped.append(_why_nothing_removed(class_rows, ratio, options))
     pruned_layers = [row for row in extra["layers"] if row["channels_after"] < row["channels_before"]]
     changes = {"channels_removed": sum(r["channels_before"] - r["channels_after"] for r in pruned_layers),
                "layers_pruned": len(pruned_layers)}
@@ -280,6 +282,20 @@ def _rounded(n: int, want: int, cap: int, round_to: int) -> int:
         if n - k <= cap and (best is None or abs(k - kept) < abs(best - kept) or (abs(k - kept) == abs(best - kept) and k > best)):
             best = k
     return 0 if best is None else n - best
+
+
+def _why_nothing_removed(rows: list, ratio: float, options: dict) -> str:
+    """The one-line reason a prune run removed nothing, for the report and the CLI summary."""
+    if ratio == 0:
+        return "nothing pruned: prune.ratio is 0"
+    if not rows:
+        return ("nothing pruned: no Conv/ConvTranspose/Gemm/MatMul layer has output channels that can be removed "
+                "(a graph output keeps its channels)")
+    if all(r["protected"] == r["channels"] for r in rows):
+        return "nothing pruned: every channel group is protected (keep_first_last, protect)"
+    return (f"nothing pruned: ratio {ratio} with round_to={options['round_to']}, min_channels={options['min_channels']} "
+            f"and max_layer_ratio={options['max_layer_ratio']} leaves no channel to remove in any group; raise the ratio "
+            "or lower round_to")
 
 
 def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, options: dict) -> tuple:

@@ -12,10 +12,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 import prune_models as pm
-from helpers import assert_equivalent, run
+from helpers import assert_equivalent, make_model, rand, run
 from onnxopt import channels, runtime
 from onnxopt.errors import OptionError
 from onnxopt.manager import apply
@@ -479,3 +479,24 @@ def test_outer_tensor_read_by_a_subgraph_is_unprunable():
     x = next(n for n in m.graph.node if n.op_type == "If").attribute[0].g.node[0].input[0]
     assert all(an.uf.find(int(i)) == channels.POISON for i in an.slots[x].ids)
     assert any(why == "used inside a subgraph" for _, why in an.reasons)
+
+
+@pytest.mark.parametrize("opts, why", [
+    ({"ratio": 0.0}, "prune.ratio is 0"),
+    ({"keep_first_last": True, "protect": [".*"]}, "every channel group is protected"),
+    ({"ratio": 0.01, "round_to": 8}, "leaves no channel to remove"),
+])
+def test_a_run_that_removes_nothing_says_why(opts, why):
+    m = pm.residual()
+    out, rec = _prune(m, **opts)
+    assert out.graph == m.graph and not any(rec.changes.values())
+    assert any(s.startswith("nothing pruned") and why in s for s in rec.skipped), rec.skipped
+
+
+def test_no_prunable_layer_says_why():
+    """A single Conv whose output is the graph output: nothing has channels to remove."""
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], [("x", [1, 3, 8, 8])], [("y", [1, 4, 6, 6])],
+                   [("w", rand(4, 3, 3, 3))])
+    out, rec = _prune(m)
+    assert out.graph == m.graph
+    assert any("no Conv/ConvTranspose/Gemm/MatMul layer has output channels" in s for s in rec.skipped), rec.skipped
