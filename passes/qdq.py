@@ -175,4 +175,10 @@ def qdq(model, options, ctx):
         "nodes_kept_float": len(info["excluded"]),
     }
     details = [f"{l['node']} ({l['op']}): weight axis {l['axis']}, bias {'int32' if l['bias_is_int'] else 'float'}" for l in info["layers"]]
-    return PassResult(qmodel, changes=changes, details=details, skipped=list(info.get("skipped", [])), extra=extra)
+    skipped = list(info.get("skipped", []))
+    if not changes["weights_quantized"] and not changes["activations_quantized"]:
+        skipped.append("nothing quantized: " + ("every quantizable node is kept in float (exclude_*, keep_first_last, op_types)"
+                                                if info["excluded"] else
+                                                "the model has no Conv/ConvTranspose/Gemm/MatMul with a constant float weight, "
+                                                "nor another op the target quantizes"))
+    return PassResult(qmodel, changes=changes, details=details, skipped=skipped, extra=extra)

@@ -708,3 +708,14 @@ def test_integer_kernel_model_counts_as_quantized():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     q, rec = quantize(m, feeds=[{"x": x}], target="ort")
     assert q.graph == m.graph and any("1 ConvInteger" in s for s in rec.skipped)
+
+
+def test_nothing_quantized_says_why():
+    m = conv_relu_conv()
+    q, rec = quantize(m, target="ort", exclude_op_types=["Conv"])
+    assert not rec.changes["weights_quantized"] and any("every quantizable node is kept in float" in s for s in rec.skipped)
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="r")]
+    plain = make_model(nodes, [("x", [1, 3, 4, 4])], [("y", [1, 3, 4, 4])], [])
+    q, rec = quantize(plain, target="tensorrt")
+    assert q.graph.node[0].op_type == "Relu" and len(q.graph.node) == 1
+    assert any(s.startswith("nothing quantized: the model has no Conv") for s in rec.skipped), rec.skipped
