@@ -119,7 +119,7 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     fit_feeds = _sample_feeds(ctx, model, options["refit_samples"]) if options["compensate"] == "refit" and removed else None
     compensated = _compensate(an, model, removed, feeds, refs, options["compensate"], options["refit_ridge"], fit_feeds) \
         if options["compensate"] != "none" and removed else 0
-    if not refs:
+    if not refs and removed:
         _reference_run(model, feeds, [], refs)
     new_model = an.rewrite(removed)
     t_total = time.perf_counter() - t0
@@ -540,6 +540,8 @@ def _layer_latency(model: ModelProto, feed: dict, runs: int) -> dict:
 
 def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: dict,
             feeds: list, source: str, refs: list) -> dict:
+    # nothing removed: nothing to measure, and no onnxruntime run (the model may use ops it lacks)
+    measure = bool(removed)
     lb, la = stats.layer_macs(before), stats.layer_macs(after)
     removed = an.dead_mask(removed)
     macs_a = {r["output"]: r["macs"] for r in la}
@@ -560,8 +562,11 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
         "macs": {"before": total_b, "after": total_a, "reduction": _red(total_b, total_a)},
         "layers": layers,
     }
+    err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source if measure else None}
+    extra["output_error"] = err
+    if not measure:
+        return extra
     s_new = runtime.session(after)
-    err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source}
     agree, total = 0, 0
     for feed, ref in zip(feeds, refs):
         got = runtime.run(s_new, feed)
@@ -574,7 +579,6 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
                 total += r.shape[0]
     if total:
         err["top1_agreement"] = agree / total
-    extra["output_error"] = err
     if options["latency_runs"] > 0:
         feed = runtime.generate_inputs(before, seed=0, overrides=ctx.input_shapes)
         lat_b = measure_latency(before, feed, options["latency_runs"], warmup=1, threads=0)["median_ms"]
