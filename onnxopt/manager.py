@@ -185,7 +185,13 @@ def resolve_options(names: Sequence[str], options: Optional[dict]) -> dict:
 def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) -> dict:
     """Run both models on the same inputs; return the error, raising when beyond tolerance."""
     feeds, source = ctx.sample_feeds(before, 2)
-    s_ref, s_new = runtime.session(before), runtime.session(after)
+    try:
+        s_ref = runtime.session(before)
+    except OnnxoptError as exc:  # e.g. a custom op: onnxruntime cannot run the model, before or after the pass
+        raise OnnxoptError(f"the exact pass cannot be verified: {exc.message}",
+                           "skip the check with --no-verify (verify=False in the API), or fix what onnxruntime "
+                           "cannot load") from None
+    s_new = runtime.session(after)  # the input loads but the output does not: the pass broke it, say so as it is
     worst = {"max_abs": 0.0, "max_rel": 0.0, "worst_output": None}
     for feed in feeds:
         err = runtime.output_error(runtime.run(s_ref, feed), runtime.run(s_new, feed))
