@@ -74,7 +74,7 @@ OPTIONS = [
     Option("max_error", float, 0.0, "PTQ recovery: relative output error budget for fallback=auto (0 = unset)"),
     Option("fallback_precision", str, "float", "PTQ recovery: precision of fallback layers", ("float", "int16")),
     Option("rounding", str, "nearest", "PTQ recovery: weight rounding: nearest, adaround (learned per layer, NumPy) or "
-           "brecq (learned per block of layers through their activations, on up to 256 calibration samples, or calib_samples; needs torch)", ("nearest", "adaround", "brecq")),
+           "brecq (learned per block of layers through their activations, on up to 256 calibration samples, or calib_samples / --calib-samples; needs torch)", ("nearest", "adaround", "brecq")),
     Option("adaround_iters", int, 500, "PTQ recovery: learned-rounding iterations per layer (adaround) or per block "
            "(brecq, plus 4 hardening stages of a tenth each)"),
 ]

@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 import onnxopt
 import se_models
 from helpers import make_model, rand
+from onnxopt.data import DataSpec
 from onnxopt.errors import DataError, OptionError
 from onnxopt.quant import recovery
 from onnxopt.quant.sensitivity import Evaluator, QdqView
@@ -319,7 +320,7 @@ def test_learned_rounding_with_asymmetric_weights(se_setup, rounding):
 
 def test_brecq_reconstructs_on_calib_samples_when_given(se_setup, monkeypatch):
     """BRECQ holds every block's input and output for each sample it learns on, so it takes 256
-    at most, unless qdq.calib_samples asks for a number (more, or fewer)."""
+    at most, unless qdq.calib_samples or the data's limit (--calib-samples) asks for a number (more, or fewer)."""
     from onnxopt.quant import brecq as brecq_mod
 
     m, calib, _ = se_setup
@@ -333,7 +334,11 @@ def test_brecq_reconstructs_on_calib_samples_when_given(se_setup, monkeypatch):
     for extra in ({}, {"calib_samples": 300}, {"calib_samples": 5}):
         onnxopt.apply(m, "qdq", {"qdq": {"target": "ort", "rounding": "brecq", **extra}},
                       context=PassContext(data=lambda: iter(calib)), verify=False)
-    assert caps == [brecq_mod.MAX_SAMPLES, 300, 5]
+    # the CLI's --calib-samples limits the data source (DataSpec.max_samples): that sets the cap too
+    spec = DataSpec("calib.npz", max_samples=400)
+    onnxopt.apply(m, "qdq", {"qdq": {"target": "ort", "rounding": "brecq"}},
+                  context=PassContext(data=lambda: iter(calib), data_spec=spec), verify=False)
+    assert caps == [brecq_mod.MAX_SAMPLES, 300, 5, 400]
 
 
 def test_brecq_hardened_rounding_keeps_its_fixed_value():

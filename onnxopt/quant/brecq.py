@@ -145,7 +145,7 @@ def _stack(sess, feeds: list, name: str) -> np.ndarray:
     return np.concatenate([runtime.run(sess, f, [name])[name] for f in feeds])
 
 
-MAX_SAMPLES = 256   # calibration samples reconstructed on, unless the caller gives more (qdq.calib_samples)
+MAX_SAMPLES = 256   # calibration samples reconstructed on, unless the caller gives a number (qdq.calib_samples, --calib-samples)
 
 
 def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES, block_layers: int = 3, batch: int = 32,
@@ -172,7 +172,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
     the task: on two of EfficientNet-Lite0's 7x7 blocks, learning on 100 images removed 73 % of
     the block output error on those images and 30 % on 100 others, 21 % when learning on 50
     (``tools/bench_recovery.py holdout``), so all the data given is used, up to ``max_samples``
-    (256; the qdq pass gives ``calib_samples`` when it is set). Each block's input and output are
+    (256; the qdq pass gives ``calib_samples``, or the data's ``--calib-samples`` limit, when set). Each block's input and output are
     held for every one of them: EfficientNet-Lite0's first block (a 224x224 image in, 16x112x112
     out) takes 1.4 MB a sample.
 

@@ -393,7 +393,10 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
         if rounding == "adaround":
             model, report[rounding] = adaround(view, data, iters=iters, log=log)
         else:
-            model, report[rounding] = brecq(view, data, iters=iters, max_samples=n_samples or MAX_SAMPLES, float_model=float_model, log=log)
+            # the cap: qdq.calib_samples, else the data's own limit (--calib-samples), else MAX_SAMPLES
+            data_limit = getattr(getattr(ctx, "data_spec", None), "max_samples", None)
+            cap = n_samples or data_limit or MAX_SAMPLES
+            model, report[rounding] = brecq(view, data, iters=iters, max_samples=cap, float_model=float_model, log=log)
     if bc != "none":
         correct = empirical_bias_correction if bc == "empirical" else analytical_bias_correction
         corrected, rep = correct(float_model, model, info, data, (n_samples or BIAS_SAMPLES) if bc == "empirical" else n_samples, log)
