@@ -234,7 +234,7 @@ def speed_rows(name, fp32, int8, feed, args):
         rows.append({"model": name, "threads": threads, "fp32_ms": lat["fp32"]["ms"], "int8_ms": lat["int8"]["ms"],
                      "speedup": lat["fp32"]["ms"] / lat["int8"]["ms"],
                      "int8_ms_range": [round(lat["int8"]["min"], 3), round(lat["int8"]["max"], 3)],
-                     "speedup_one_process": one["fp32"] / one["int8"]})
+                     "speedup_one_process": one["fp32"] / one["int8"], "cpu": cpu_int8_features()})
         log(str(rows[-1]))
     return rows
 
