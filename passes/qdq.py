@@ -129,9 +129,9 @@ def _saturation_note(info) -> str | None:
         return None
     if not runtime.int8_kernels_saturate():
         return None
-    return ("NOTE: this CPU has AVX2 but no VNNI. There onnxruntime's fused int8 kernels saturate with 8-bit "
-            "weights. If you deploy on such a CPU, quantize with --set qdq.weight_bits=7 "
-            "(and first_last_weight_bits=7 if set), onnxruntime's reduce_range; keep 8 for VNNI CPUs.")
+    return ("NOTE: this CPU has AVX2 but no VNNI, where onnxruntime's fused int8 kernels saturate on 8-bit weights. "
+            "To deploy on such a CPU, use 7-bit weights (--set qdq.weight_bits=7, or first_last_weight_bits=7 where "
+            "those layers are at 8: onnxruntime's reduce_range); keep 8 bits for VNNI CPUs.")
 
 
 @register_pass("qdq", "Int8 Q/DQ quantization with calibration, laid out for TensorRT, onnxruntime or TIDL.", exact=False, options=OPTIONS)

@@ -412,8 +412,8 @@ def cpu_int8_features() -> str:
 def task_ceiling(args, results):
     """The int8 speed-up one conv gets on this CPU: a single 3x3 Conv, fp32 against the same Conv
     through the qdq pass (--target ort, so onnxruntime runs it as a QLinearConv), 1 thread, kernel
-    time from onnxruntime's profiler. Whole-model speed-ups cannot beat what the dense convs get
-    here; the GMAC/s say how close each kernel runs to the machine's peak."""
+    time from onnxruntime's profiler. A whole model gains about what its dense convs gain, less
+    where depthwise convs weigh in; the GMAC/s say how close each kernel runs to the machine's peak."""
     rng = np.random.default_rng(0)
     rows = []
     for c, hw, group in CEILING_CONVS:
