@@ -79,3 +79,20 @@ def test_readme_first_command(example, tmp_path):
     assert out["top1_agreement"] >= 0.95
     assert result["candidate"]["accuracy"] >= result["reference"]["accuracy"] - 0.02
     assert result["candidate"]["size_bytes"] < result["reference"]["size_bytes"]
+
+
+def test_readme_python_api(tmp_path, monkeypatch):
+    """The README's Python API block runs as written, on a small CNN saved as model.onnx with
+    calib.npz and val.npz beside it."""
+    from fixtures import models
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    model = models.tiny_cnn()
+    onnx.save(model, tmp_path / "model.onnx")
+    x = np.random.default_rng(0).standard_normal((16,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]))
+    np.savez(tmp_path / "calib.npz", **{model.graph.input[0].name: x.astype(np.float32)})
+    np.savez(tmp_path / "val.npz", **{model.graph.input[0].name: x[:8].astype(np.float32)})
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md (Python API)", "exec"), {})
+    assert (tmp_path / "model.opt.onnx").exists()
