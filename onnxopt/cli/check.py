@@ -39,7 +39,8 @@ def check_cmd(model, target, as_json, format_only):
         for v in found:
             click.echo(f"  {v}" + ("  (op support)" if v.kind != "format" else ""))
         click.echo(f"{model}: {q} QuantizeLinear, {dq} DequantizeLinear; "
-                   + ("clean for " + target if not found else f"{len(found)} violation(s) for {target}"))
+                   + ("clean for " + target if not found else f"{len(found)} violation(s) for {target}")
+                   + (" (a float model: there is no Q/DQ encoding to check)" if not q and not dq else ""))
     if found:
         raise GateFailure(f"{model} violates {len(found)} {target} rule(s).", "see the list above; `onnxopt apply qdq --target "
                           f"{target}` writes a compliant QDQ model")
