@@ -128,6 +128,7 @@ def test_finetune_output_over_teacher_is_refused_before_training(tmp_path):
     before = teacher.read_bytes()
     proc = cli("finetune", good, "-o", teacher, "--teacher", teacher, "--data", "random", cwd=tmp_path)
     assert_one_clear_error(proc, "never overwrites its input")
+    assert "epoch" not in proc.stderr and "RANDOM" not in proc.stderr  # refused before the data is read or a step taken
     assert teacher.read_bytes() == before
 
 
