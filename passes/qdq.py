@@ -148,6 +148,10 @@ def qdq(model, options, ctx):
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info
+    if info.get("calib_cache"):
+        c = info["calib_cache"]
+        ctx.log(f"calibration cache '{c['path']}': " + ("reused (model, data and settings match)" if c["state"] == "reused"
+                                                        else "written"))
     note = _saturation_note(info)
     if note:
         ctx.log(note)

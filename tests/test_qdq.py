@@ -553,11 +553,15 @@ def test_calibration_cache_and_trt_table_are_routed(tmp_path):
     m = conv_relu_conv()
     feeds = feeds_for(m, 4)
     cache, table = tmp_path / "calib.json", tmp_path / "calib.table"
-    q1, _ = quantize(m, feeds, target="tensorrt", calib_cache=str(cache), trt_calib_table=str(table))
+    logged = []
+    q1, rec1 = quantize(m, feeds, ctx_kwargs={"log": logged.append}, target="tensorrt", calib_cache=str(cache), trt_calib_table=str(table))
     assert cache.is_file() and table.is_file()
     assert "x" in table.read_text() and "r1" in table.read_text()
     # the cache does not depend on placement options: an exclusion reuses it and gives the same scales
-    q2, _ = quantize(m, feeds, target="tensorrt", calib_cache=str(cache), exclude_nodes=["conv2"])
+    q2, rec2 = quantize(m, feeds, ctx_kwargs={"log": logged.append}, target="tensorrt", calib_cache=str(cache), exclude_nodes=["conv2"])
+    assert [r.extra["info"]["calib_cache"]["state"] for r in (rec1, rec2)] == ["written", "reused"]
+    assert [line for line in logged if line.startswith("calibration cache")] == [
+        f"calibration cache '{cache}': written", f"calibration cache '{cache}': reused (model, data and settings match)"]
     s1 = {t.name: numpy_helper.to_array(t) for t in q1.graph.initializer if t.name == "x_scale"}
     s2 = {t.name: numpy_helper.to_array(t) for t in q2.graph.initializer if t.name == "x_scale"}
     assert s1 == s2 and s1

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -447,6 +448,9 @@ def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     nonneg = placement_mod.nonnegative_tensors(graph)
     # only a tensor that gets a Q/DQ is clipped in the result, so only there is the clip put back
     bounds = {t: b for t, b in bounds.items() if t in tensors}
+    cache = options.get("calib_cache") or None
+    # a cache that exists is either reused (model, data and settings match) or refused as stale
+    cache_state = ("reused" if Path(cache).exists() else "written") if cache and tensors else None
     ranges = run_calibration(model, tensors, data, options, rules, progress, nonneg, bounds) if tensors else {}
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
     if missing:
@@ -456,6 +460,7 @@ def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     info["notes"] = notes
     info["skipped"] = the_plan.skipped
     info["clip_bounds"] = sorted(bounds)
+    info["calib_cache"] = {"path": str(cache), "state": cache_state} if cache_state else None
     return QuantResult(qmodel, info, {k: (float(v[0]), float(v[1])) for k, v in ranges.items()})
 
 
