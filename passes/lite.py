@@ -293,6 +293,17 @@ def _run_lite(model: ModelProto, options: Optional[dict], pctx: Optional[PassCon
     # The input model's reference outputs are computed in a background thread while the rules
     # run: onnxruntime releases the GIL, and its session setup dominates on large graphs.
     reference = _Reference(model, pctx, int(options.get("batches", 2))) if verify else None
+    try:
+        return _apply_rules(model, options, pctx, table, active, verify, reference, t0)
+    finally:
+        if reference is not None:
+            # the thread must not outlive the pass: a process that exits while it is still in
+            # onnxruntime's session setup aborts ("terminate called", exit code 134)
+            reference.close()
+
+
+def _apply_rules(model: ModelProto, options: dict, pctx: PassContext, table: list, active: list, verify: bool,
+                 reference: Optional["_Reference"], t0: float) -> PassResult:
     opset = opset_of(model)
     shaped = model
     if model.ByteSize() < MAX_PROTO_BYTES:
@@ -471,12 +482,16 @@ class _Reference:
             self._exc = exc
 
     def outputs(self) -> list:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self.close()
         if self._exc is not None:
             raise self._exc
         return self.refs
+
+    def close(self) -> None:
+        """Wait for the thread (its error, if any, is raised by outputs())."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def _measure(model, model_exact, final, pending, local, reference: _Reference, records, skipped) -> dict:

@@ -778,3 +778,20 @@ def test_yolox_nano(shared):
     feed = {"images": rand(1, 3, 416, 416, scale=50.0)}
     np.testing.assert_array_equal(run(model, feed)["output"], run(only_pool.model, feed)["output"])
     assert run(res.model, feed)["output"].shape == (1, 3549, 85)
+
+
+def test_cli_exits_cleanly_when_no_rule_fires(tmp_path):
+    """The input model's reference outputs are computed in a thread while the rules run. When no
+    rule fired, nothing joined it: the process exited during onnxruntime's session setup and
+    aborted with exit code 134 after writing the model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "m.onnx"
+    onnx.save(mobilenetv3_like(), src)
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-m", "onnxopt", "apply", "lite", str(src), "-o", str(tmp_path / "out.onnx"),
+                               "--set", "lite.rules=focus_to_conv"], cwd=root, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr
