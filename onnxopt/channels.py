@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
 
 from .graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
-from .model_io import opset_of
+from .model_io import opset_of, subgraph_reads
 from .stats import static_shapes
 
 POISON = 0
@@ -951,20 +951,7 @@ class _NotUnderstood(Exception):
 
 def _subgraph_outer_names(g: onnx.GraphProto) -> set:
     """Names read inside subgraphs (If/Loop/Scan bodies) -- outer tensors they may capture."""
-    names: set = set()
-
-    def walk(graph, top):
-        for node in graph.node:
-            if not top:
-                names.update(i for i in node.input if i)
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g, False)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        walk(sub, False)
-    walk(g, True)
-    return names
+    return set().union(*(subgraph_reads(node) for node in g.node))
 
 
 # ================================================================================== rewrite

@@ -90,6 +90,32 @@ def _all_tensors(model: ModelProto) -> Iterable[onnx.TensorProto]:
     yield from walk(model.graph)
 
 
+def subgraph_reads(node: onnx.NodeProto) -> set:
+    """Names read inside ``node``'s subgraphs (If/Loop/Scan bodies, nested ones included): the
+    outer-scope tensors the node depends on without listing them as inputs."""
+    names: set = set()
+
+    def walk(graph: onnx.GraphProto):
+        for inner in graph.node:
+            names.update(i for i in inner.input if i)
+            for sub in _subgraphs(inner):
+                walk(sub)
+
+    for sub in _subgraphs(node):
+        walk(sub)
+    return names
+
+
+def _subgraphs(node: onnx.NodeProto) -> list:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
 def load_model(source: ModelLike, *, check: bool = True) -> ModelProto:
     """Load and validate a model from a path (or validate a ModelProto and return a copy).
 

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .. import runtime
+from .. import model_io, runtime
 from ..data import feed_samples
 from ..errors import require
 from .adaround import GAMMA, ZETA, _truncated, _weight_clipping, _write_scale
@@ -61,7 +61,7 @@ def find_blocks(model: ModelProto, layers, block_layers: int) -> list:
     const = _constant_names(model)
     last_use: dict = {}
     for i, node in enumerate(nodes):
-        for t in node.input:
+        for t in list(node.input) + sorted(model_io.subgraph_reads(node)):  # If/Loop bodies read outer tensors
             if t and t not in const:
                 last_use[t] = i
     for o in model.graph.output:

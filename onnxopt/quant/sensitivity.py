@@ -267,6 +267,7 @@ def _prune(model: ModelProto) -> None:
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
+            needed.update(model_io.subgraph_reads(node))  # an If/Loop body may read outer tensors
     keep.reverse()
     if len(keep) != len(g.node):
         del g.node[:]
