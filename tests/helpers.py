@@ -56,3 +56,24 @@ def assert_equivalent(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Op
 
 def op_count(model: onnx.ModelProto, op: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op)
+
+
+def if_branch_model() -> onnx.ModelProto:
+    """conv -> If (both branches read the conv output from the outer scope) -> conv2: a model
+    whose If bodies read a main-graph tensor that no main-graph node lists as an input."""
+    rng = np.random.default_rng(0)
+    then_g = helper.make_graph([helper.make_node("Relu", ["c"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4, 6, 6])])
+    else_g = helper.make_graph([helper.make_node("Sigmoid", ["c"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 4, 6, 6])])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
+             helper.make_node("Greater", ["m", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g, name="if"),
+             helper.make_node("Conv", ["i", "w2"], ["y"], name="conv2")]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.float32(0), "zero")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])

@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 import onnxopt
 import se_models
-from helpers import make_model, rand
+from helpers import if_branch_model, make_model, rand
 from onnxopt.data import DataSpec
 from onnxopt.errors import DataError, OptionError
 from onnxopt.quant import recovery
@@ -372,3 +372,18 @@ def test_brecq_median_equals_torch_quantile():
             assert torch.equal(brecq_mod._median(torch, x), torch.quantile(x, 0.5))
     big = torch.rand(2**24 + 1, generator=gen)
     assert abs(float(brecq_mod._median(torch, big)) - 0.5) < 1e-3
+
+
+def test_brecq_skips_a_block_torch_cannot_run():
+    """A block holding an If cannot be rebuilt in torch: its layers keep nearest rounding and the
+    pass goes on (it used to fail with the finetune converter's message)."""
+    pytest.importorskip("torch")
+    m = if_branch_model()
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)} for i in range(8)]
+    logged = []
+    q, report = onnxopt.apply(m, "qdq", {"qdq": {"target": "ort", "rounding": "brecq", "adaround_iters": 5}},
+                              context=PassContext(data=lambda: iter(feeds), log=logged.append), verify=False)
+    rep = report.passes[0].extra["recovery"]["brecq"]
+    assert rep["improved"] == 0 and any("cannot run in torch" in s and "If" in s for s in rep["skipped"])
+    assert any("skipped" in line for line in logged if line.startswith("brecq block"))
+    onnx.checker.check_model(q, full_check=True)

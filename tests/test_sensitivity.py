@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import se_models
-from helpers import run
+from helpers import if_branch_model, run
 from onnxopt.cli import cli
 from onnxopt.errors import MissingDependencyError
 from onnxopt.quant import sensitivity as sens
@@ -98,26 +98,6 @@ def test_cli(setup, tmp_path):
     assert bad.exit_code != 0
 
 
-def _if_model():
-    """conv -> If (both branches read the conv output from the outer scope) -> conv2."""
-    import onnx
-    from onnx import TensorProto as T, helper, numpy_helper
-    rng = np.random.default_rng(0)
-    then_g = helper.make_graph([helper.make_node("Relu", ["c"], ["t"])], "then", [], [helper.make_tensor_value_info("t", T.FLOAT, [1, 4, 6, 6])])
-    else_g = helper.make_graph([helper.make_node("Sigmoid", ["c"], ["e"])], "else", [], [helper.make_tensor_value_info("e", T.FLOAT, [1, 4, 6, 6])])
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-             helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
-             helper.make_node("Greater", ["m", "zero"], ["cond"], name="gt"),
-             helper.make_node("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g, name="if"),
-             helper.make_node("Conv", ["i", "w2"], ["y"], name="conv2")]
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.float32(0), "zero")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 2, 6, 6])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_subgraph_reads_keep_their_producers():
     """An If body reads the conv output from the outer scope: the derived models must keep the
     conv (they dropped it as unread, and onnxruntime refused the model)."""
@@ -125,7 +105,7 @@ def test_subgraph_reads_keep_their_producers():
     from onnxopt.quant.quantize import quantize_model
     from onnxopt.registry import get_pass
 
-    m = _if_model()
+    m = if_branch_model()
     assert model_io.subgraph_reads(next(n for n in m.graph.node if n.op_type == "If")) == {"c"}
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)} for i in range(4)]
     res = quantize_model(m, get_pass("qdq").resolve({"target": "tensorrt", "calib_method": "minmax"}), lambda: iter(feeds), None)

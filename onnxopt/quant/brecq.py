@@ -40,7 +40,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from .. import model_io, runtime
 from ..data import feed_samples
-from ..errors import require
+from ..errors import OnnxoptError, require
 from .adaround import GAMMA, ZETA, _truncated, _weight_clipping, _write_scale
 from .quantize import channel_rows
 from .sensitivity import QdqView, along_axis, collect_feeds, fast_session
@@ -232,13 +232,18 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
     graph_inputs = {i.name for i in model.graph.input}
     for t_in, t_out, names in blocks:
         tb = time.perf_counter()
+        try:
+            module = OnnxModule(_submodel(model, t_in, t_out, value_info), quant_mode="fixed", train_scales=False)
+        except OnnxoptError as exc:  # e.g. an If inside the block: its layers keep nearest rounding
+            skipped += [f"{n}: its block {t_in} -> {t_out} cannot run in torch ({exc.message}): nearest rounding" for n in names]
+            log(f"brecq block {t_in} -> {t_out}: skipped, {exc.message}")
+            continue
         if t_in in graph_inputs:
             xq = np.concatenate([f[t_in] for f in feeds])
         else:
             qview = QdqView(None, model, view.info).variant(fold_weights=True)
             xq = _stack(fast_session(_truncated(qview, [t_in])), feeds, t_in)
         yf = _stack(fast_session(_truncated(ref, [t_out])), feeds, t_out)
-        module = OnnxModule(_submodel(model, t_in, t_out, value_info), quant_mode="fixed", train_scales=False)
         module.train()
         for p in module.parameters():
             p.requires_grad_(False)
