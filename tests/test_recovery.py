@@ -387,3 +387,36 @@ def test_brecq_skips_a_block_torch_cannot_run():
     assert rep["improved"] == 0 and any("cannot run in torch" in s and "If" in s for s in rep["skipped"])
     assert any("skipped" in line for line in logged if line.startswith("brecq block"))
     onnx.checker.check_model(q, full_check=True)
+
+
+def test_brecq_skips_a_block_without_the_batch_axis():
+    """A Squeeze drops the batch axis: stacking such a block's samples on axis 0 would mix them,
+    so the block keeps nearest rounding (the torch forward used to fail with a shape error)."""
+    pytest.importorskip("torch")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Squeeze", ["h", "axis0"], ["s"], name="squeeze"),
+             helper.make_node("Relu", ["s"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    m = make_model(nodes, [("x", [1, 8])], [("y", [4])],
+                   [("w1", rand(8, 8, seed=1)), ("w2", rand(8, 4, seed=2)), ("axis0", np.array([0], np.int64))])
+    feeds = [{"x": rand(1, 8, seed=10 + i)} for i in range(8)]
+    q, report = onnxopt.apply(m, "qdq", {"qdq": {"target": "ort", "rounding": "brecq", "adaround_iters": 5}},
+                              context=PassContext(data=lambda: iter(feeds)), verify=False)
+    rep = report.passes[0].extra["recovery"]["brecq"]
+    assert any("samples on axis 0" in s for s in rep["skipped"]), rep
+    onnx.checker.check_model(q, full_check=True)
+
+
+@pytest.mark.parametrize("bc", ["empirical", "analytical"])
+def test_bias_correction_leaves_matmul_layers_valid(bc):
+    """MatMul has no bias input: bias correction skips it, with a reason, instead of writing a
+    third MatMul input (an invalid model that onnxruntime refused)."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    m = make_model(nodes, [("x", [1, 8])], [("y", [1, 4])], [("w1", rand(8, 8, seed=1)), ("w2", rand(8, 4, seed=2))])
+    feeds = [{"x": rand(1, 8, seed=10 + i)} for i in range(8)]
+    q, report = onnxopt.apply(m, "qdq", {"qdq": {"target": "ort", "bias_correction": bc}},
+                              context=PassContext(data=lambda: iter(feeds)), verify=False)
+    onnx.checker.check_model(q, full_check=True)
+    assert all(len(n.input) == 2 for n in q.graph.node if n.op_type == "MatMul")

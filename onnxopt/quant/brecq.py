@@ -232,11 +232,15 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
     graph_inputs = {i.name for i in model.graph.input}
     for t_in, t_out, names in blocks:
         tb = time.perf_counter()
+
+        def skip(reason: str) -> None:  # the block's layers keep nearest rounding
+            skipped.extend(f"{n}: its block {t_in} -> {t_out} {reason}: nearest rounding" for n in names)
+            log(f"brecq block {t_in} -> {t_out}: skipped, {reason}")
+
         try:
             module = OnnxModule(_submodel(model, t_in, t_out, value_info), quant_mode="fixed", train_scales=False)
-        except OnnxoptError as exc:  # e.g. an If inside the block: its layers keep nearest rounding
-            skipped += [f"{n}: its block {t_in} -> {t_out} cannot run in torch ({exc.message}): nearest rounding" for n in names]
-            log(f"brecq block {t_in} -> {t_out}: skipped, {exc.message}")
+        except OnnxoptError as exc:  # e.g. an If inside the block
+            skip(f"cannot run in torch ({exc.message})")
             continue
         if t_in in graph_inputs:
             xq = np.concatenate([f[t_in] for f in feeds])
@@ -244,6 +248,9 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
             qview = QdqView(None, model, view.info).variant(fold_weights=True)
             xq = _stack(fast_session(_truncated(qview, [t_in])), feeds, t_in)
         yf = _stack(fast_session(_truncated(ref, [t_out])), feeds, t_out)
+        if xq.ndim == 0 or yf.ndim == 0 or xq.shape[0] != samples or yf.shape[0] != samples:
+            skip("does not keep the samples on axis 0 (a squeezed batch?)")  # the batches would mix samples
+            continue
         module.train()
         for p in module.parameters():
             p.requires_grad_(False)

@@ -118,6 +118,9 @@ def apply_bias_deltas(model: ModelProto, view: QdqView, deltas: dict) -> tuple:
             new = np.clip(np.rint(bq - delta.reshape(bq.shape) / s), INT32_MIN, INT32_MAX).astype(np.int32)
             t.CopyFrom(numpy_helper.from_array(new, t.name))
             continue
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm"):  # MatMul: no bias input to write to
+            skipped.append(f"{layer}: {node.op_type} has no bias input to correct")
+            continue
         if len(node.input) > 2 and node.input[2]:
             old_name = node.input[2]
             if old_name not in inits:
