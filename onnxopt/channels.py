@@ -961,7 +961,7 @@ def _take(arr: np.ndarray, axis: int, mask: np.ndarray) -> np.ndarray:
 
 def _set_input(node: gs.Node, index: int, value: np.ndarray, names: NameGenerator, base: str) -> None:
     old = node.inputs[index]
-    node.inputs[index] = gs.Constant(names((old.name or base) + "_pruned"), np.ascontiguousarray(value))
+    node.inputs[index] = gs.Constant(names((old.name or base) + "_pruned"), np.require(value, requirements="C"))
 
 
 def _apply_action(an: Analysis, act: tuple, removed: set, names: NameGenerator) -> None:

@@ -254,10 +254,6 @@ class NameGenerator:
                 return name
 
 
-def new_constant(names: NameGenerator, base: str, value: np.ndarray) -> gs.Constant:
-    return gs.Constant(names(base), np.ascontiguousarray(value))
-
-
 def new_variable(names: NameGenerator, base: str, dtype=None, shape=None) -> gs.Variable:
     return gs.Variable(names(base), dtype=dtype, shape=shape)
 

@@ -141,7 +141,7 @@ class RuleContext:
         return gs.Variable(self.names(base), dtype=getattr(like, "dtype", None))
 
     def constant(self, base: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.names(base), np.ascontiguousarray(value))
+        return gs.Constant(self.names(base), np.require(value, requirements="C"))  # keeps a scalar 0-d
 
     def replace_output(self, out: gs.Tensor, op: str, inputs: list, attrs: Optional[dict] = None, base: str = "") -> gs.Node:
         """Make a new ``op`` node produce ``out`` (keeping its name) and drop what became unused."""

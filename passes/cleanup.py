@@ -365,7 +365,7 @@ def _lift_constants(graph: gs.Graph, state: _State) -> int:
 # ----------------------------------------------------------------------- 2. static shapes
 def _to_constant(tensor: gs.Variable, value: np.ndarray) -> None:
     tensor.inputs.clear()
-    tensor.to_constant(np.ascontiguousarray(value))
+    tensor.to_constant(np.require(value, requirements="C"))  # (np.ascontiguousarray makes a scalar 1-D)
 
 
 def _shape_slice(node: gs.Node, rank: int) -> tuple:

@@ -92,6 +92,25 @@ def test_shape_chain_on_dynamic_batch_folds_only_static_dims():
     assert_equivalent(model, result.model, feeds, rtol=0, atol=0)
 
 
+def test_scalar_gather_of_a_static_dim_stays_scalar():
+    """The torch exporter's attention reshape: Gather with a scalar index picks a static dim of a
+    partly dynamic shape, then Unsqueeze -> Concat. The folded value must stay 0-d (it came out
+    1-D, the Unsqueeze made it 2-D and the Concat failed shape inference)."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             const_node("i0", np.array(0, np.int64)), helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+             const_node("i1", np.array(1, np.int64)), helper.make_node("Gather", ["s", "i1"], ["c"], axis=0),
+             const_node("ax", np.array([0], np.int64)),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]), helper.make_node("Unsqueeze", ["c", "ax"], ["c1"]),
+             const_node("m1", np.array([-1], np.int64)),
+             helper.make_node("Concat", ["n1", "c1", "m1"], ["shape"], axis=0), helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    model = make_model(nodes, [("x", ["N", 3, 4, 4])], [("y", ["N", 3, 16])])
+    result = run_cleanup(model)
+    assert result.changes["shapes_folded"] >= 1 and op_count(result.model, "Gather") == 1
+    onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
+    feeds = [{"x": rand(b, 3, 4, 4, seed=b)} for b in (1, 2, 5)]
+    assert_equivalent(model, result.model, feeds, rtol=0, atol=0)
+
+
 def test_shape_slice_of_static_dims_folds():
     nodes = [helper.make_node("Shape", ["x"], ["s"]), const_node("st", np.array([1], np.int64)),
              const_node("en", np.array([4], np.int64)), helper.make_node("Slice", ["s", "st", "en"], ["hw"]),
