@@ -42,5 +42,10 @@ def check_cmd(model, target, as_json, format_only):
                    + ("clean for " + target if not found else f"{len(found)} violation(s) for {target}")
                    + (" (a float model: there is no Q/DQ encoding to check)" if not q and not dq else ""))
     if found:
-        raise GateFailure(f"{model} violates {len(found)} {target} rule(s).", "see the list above; `onnxopt apply qdq --target "
-                          f"{target}` writes a compliant QDQ model")
+        fixes = []
+        if any(v.kind == "format" for v in found):
+            fixes.append(f"`onnxopt apply qdq --target {target}` on the float model writes a compliant Q/DQ encoding")
+        if any(v.kind != "format" for v in found):
+            fixes.append("op-support rules need graph changes: cleanup folds computed shapes of a static-shape model, "
+                         "lite replaces unsupported layers, or the exporter must change")
+        raise GateFailure(f"{model} violates {len(found)} {target} rule(s).", "see the list above; " + "; ".join(fixes))
