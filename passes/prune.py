@@ -580,11 +580,14 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
     if total:
         err["top1_agreement"] = agree / total
     if options["latency_runs"] > 0:
-        feed = runtime.generate_inputs(before, seed=0, overrides=ctx.input_shapes)
+        # the first of the feeds the error was measured on: the user's data when given (a model
+        # with dynamic height/width has no shape to generate inputs from)
+        feed = feeds[0]
         lat_b = measure_latency(before, feed, options["latency_runs"], warmup=1, threads=0)["median_ms"]
         lat_a = measure_latency(after, feed, options["latency_runs"], warmup=1, threads=0)["median_ms"]
         extra["latency_ms"] = {"before": round(lat_b, 4), "after": round(lat_a, 4), "reduction": _red(lat_b, lat_a),
-                               "runs": options["latency_runs"], "note": "onnxruntime CPU, all optimizations, median, generated inputs"}
+                               "runs": options["latency_runs"],
+                               "note": f"onnxruntime CPU, all optimizations, median, first batch of the {source} inputs"}
         runs = min(options["latency_runs"], 10)
         per_b, per_a = _layer_latency(before, feed, runs), _layer_latency(after, feed, runs)
         for row, p in zip(layers, an.producers):

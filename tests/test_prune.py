@@ -500,3 +500,16 @@ def test_no_prunable_layer_says_why():
     out, rec = _prune(m)
     assert out.graph == m.graph
     assert any("no Conv/ConvTranspose/Gemm/MatMul layer has output channels" in s for s in rec.skipped), rec.skipped
+
+
+def test_dynamic_height_width_with_data_measures_latency_on_the_data():
+    """A model with dynamic H/W has no shape to generate inputs from: with data given, the
+    latency report runs on the data (it used to fail asking for --input-shape)."""
+    m = pm.residual()
+    for d in m.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.Clear()
+        d.dim_param = "HW"
+    feeds = [{m.graph.input[0].name: rand(1, *[3 if i == 0 else 8 for i in range(3)], seed=s)} for s in range(3)]
+    out, report = apply(m, "prune", options={"prune": dict(FAST, latency_runs=2)}, context=PassContext(data=lambda: iter(feeds)))
+    lat = report.passes[0].extra["latency_ms"]
+    assert lat["before"] > 0 and "data inputs" in lat["note"]
