@@ -374,13 +374,16 @@ def analyze(view: QdqView, feeds: list, modes=("only", "all_but"),
 def format_table(rep: SensitivityReport, top: Optional[int] = None) -> str:
     lines = [f"fully quantized: rel error {rep.full_rel:.4g}  SQNR {sqnr_db(rep.full_rel):.2f} dB  "
              f"({rep.samples} samples, {rep.seconds:.1f} s)",
-             f"{'layer':<40} {'op':<6} {'only-this SQNR':>15} {'all-but SQNR':>13} {'MMACs':>8}"]
+             ""]
     rows = rep.ranked("only")
-    for r in rows[:top] if top else rows:
+    rows = rows[:top] if top else rows
+    w = max([6] + [len(r.op) for r in rows])  # ConvTranspose would push its row out of line
+    lines[-1] = f"{'layer':<40} {'op':<{w}} {'only-this SQNR':>15} {'all-but SQNR':>13} {'MMACs':>8}"
+    for r in rows:
         only = f"{sqnr_db(r.only_rel):.2f} dB" if r.only_rel is not None else "-"
         allb = f"{sqnr_db(r.all_but_rel):.2f} dB" if r.all_but_rel is not None else "-"
         macs = f"{r.macs / 1e6:.1f}" if r.macs else "-"
-        lines.append(f"{r.layer[:40]:<40} {r.op:<6} {only:>15} {allb:>13} {macs:>8}")
+        lines.append(f"{r.layer[:40]:<40} {r.op:<{w}} {only:>15} {allb:>13} {macs:>8}")
     return "\n".join(lines)
 
 
