@@ -20,8 +20,8 @@ from onnxopt import runtime
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import DataError, OnnxoptError, OptionError
 from onnxopt.quant import check as qcheck
-from onnxopt.quant.quantize import already_quantized_message, limit_samples, quantize_model, quantized_ops
-from onnxopt.quant.targets import TARGET_NAMES
+from onnxopt.quant.quantize import already_quantized_message, limit_samples, quantize_model, quantized_ops, to_static_batch
+from onnxopt.quant.targets import TARGET_NAMES, get_target
 from onnxopt.registry import Option, PassResult, register_pass
 
 RECOVERY_DEFAULTS = {
@@ -148,6 +148,8 @@ def qdq(model, options, ctx):
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info
+    if get_target(info["target"]).static_shapes and data is not None:
+        data = to_static_batch(data, qmodel)  # recovery runs the static model too
     if info.get("calib_cache"):
         c = info["calib_cache"]
         ctx.log(f"calibration cache '{c['path']}': " + ("reused (model, data and settings match)" if c["state"] == "reused"

@@ -723,3 +723,21 @@ def test_nothing_quantized_says_why():
     q, rec = quantize(plain, target="tensorrt")
     assert q.graph.node[0].op_type == "Relu" and len(q.graph.node) == 1
     assert any(s.startswith("nothing quantized: the model has no Conv") for s in rec.skipped), rec.skipped
+
+
+def test_tidl_static_batch_splits_larger_calibration_batches(tmp_path):
+    """tidl makes a dynamic-batch model static at --input-shape's batch 1, while --batch-size 4
+    asked the data for batches of 4: they are split for calibration and recovery (onnxruntime
+    refused the batch-4 feeds on the static model)."""
+    from onnxopt.data import open_data
+
+    m = conv_relu_conv(batch="N")
+    x = np.random.default_rng(0).standard_normal((12, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    shapes = {m.graph.input[0].name: [1, 3, 8, 8]}
+    src = open_data(str(tmp_path / "x.npy"), m, shapes, batch_size=4)
+    assert next(iter(src.batches()))[m.graph.input[0].name].shape[0] == 4
+    q, report = manager.apply(m, "qdq", {"qdq": {"target": "tidl", "calib_method": "minmax", "bias_correction": "empirical"}},
+                              context=PassContext(data=src, input_shapes=shapes, progress=False), summarize_layers=False)
+    assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert qcheck.check_model(q, "tidl") == []

@@ -217,6 +217,27 @@ def _make_static(model: ModelProto, rules: TargetRules, input_shapes: Optional[d
 
 
 # ------------------------------------------------------------------------------- calibration
+def to_static_batch(data, model: ModelProto):
+    """``data`` in batches of the static model's batch size. A static-shape target (tidl) fixes
+    the batch (--input-shape), while --batch-size may have asked for larger batches: those are
+    split. Returned unchanged when the batch is not fixed or is not 1 (nothing to split into)."""
+    batch = {vi.type.tensor_type.shape.dim[0].dim_value for vi in model.graph.input
+             if vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    if batch != {1}:
+        return data
+
+    def gen():
+        source = data.batches() if hasattr(data, "batches") else data()
+        for feed in source:
+            n = feed_samples(feed)
+            if n <= 1:
+                yield feed
+                continue
+            for i in range(n):
+                yield {k: (v[i:i + 1] if getattr(v, "ndim", 0) else v) for k, v in feed.items()}
+    return gen
+
+
 def limit_samples(data: Callable, n: int) -> Callable:
     """A data callable yielding at most ``n`` samples (batches trimmed on axis 0)."""
     def gen():
@@ -441,6 +462,8 @@ def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
     progress = bool(getattr(ctx, "progress", False)) if ctx is not None else False
     bounds = model_io.activation_bounds(model) if options.get("clip_bounds", True) else {}
     model, notes = prepare_model(model, rules, options, input_shapes)
+    if rules.static_shapes and data is not None:
+        data = to_static_batch(data, model)
     graph = import_graph(model)
     full_plan = placement_mod.plan(graph, rules, options, ignore_exclusions=True)
     the_plan = placement_mod.plan(graph, rules, options)
