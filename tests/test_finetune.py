@@ -356,3 +356,44 @@ def test_fixed_batch_export_trains_at_larger_batches(tmp_path):
     bad = fixed_batch_classifier("concat")
     with pytest.raises(OptionError, match="fixes its batch at 1 and cannot run a batch of 16"):
         finetune(bad, open_ds(path, bad), teacher=bad, config=cfg)
+
+
+def test_fixed_batch_teacher_in_onnxruntime_runs_in_slices(tmp_path):
+    """--teacher-runtime ort with a batch-1 teacher: onnxruntime takes the batch of 16 in slices
+    of 1 (it refused the batch before)."""
+    pytest.importorskip("torch")
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    teacher = fixed_batch_classifier()
+    student = perturbed(teacher)
+    path = data_file(tmp_path)
+    cfg = FinetuneConfig(epochs=2, lr=3e-3, batch_size=16, progress=False, log=lambda m: None, threads=1, teacher_runtime="ort")
+    res = finetune(student, open_ds(path, student), teacher=teacher, config=cfg)
+    onnx.checker.check_model(res.model, full_check=True)
+    assert res.parity["max_abs"] <= 1e-4
+
+
+def test_bn_statistics_through_identity_need_cleanup(tmp_path):
+    """A training-mode TorchScript export feeds BN running statistics through Identity nodes:
+    the converter says to run cleanup (torch refused to normalize with them, with a traceback),
+    and after cleanup the model trains; a teacher like that is named as the teacher."""
+    pytest.importorskip("torch")
+    import onnxopt
+    from onnxopt.errors import OnnxoptError
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    m = tiny_classifier()
+    bn = next(n for n in m.graph.node if n.op_type == "BatchNormalization")
+    ids = [helper.make_node("Identity", [bn.input[i]], [f"{bn.input[i]}_alias"], name=f"id{i}") for i in (3, 4)]
+    bn.input[3], bn.input[4] = ids[0].output[0], ids[1].output[0]
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(ids + nodes)
+    onnx.checker.check_model(m, full_check=True)
+    path = data_file(tmp_path)
+    cfg = FinetuneConfig(epochs=1, lr=1e-3, batch_size=16, progress=False, log=lambda msg: None, threads=1)
+    with pytest.raises(OnnxoptError, match="reads its running statistics from computed tensors"):
+        finetune(m, open_ds(path, m), teacher=tiny_classifier(), config=cfg)
+    clean, _ = onnxopt.apply(m, "cleanup")
+    with pytest.raises(OnnxoptError, match="the teacher cannot run in torch"):
+        finetune(clean, open_ds(path, clean), teacher=m, config=cfg)
+    res = finetune(clean, open_ds(path, clean), teacher=tiny_classifier(), config=cfg)
+    assert res.parity["max_abs"] <= 1e-4

@@ -173,6 +173,12 @@ class OnnxModule(nn.Module):
                     self.sources[n.output[0]] = ("constant", n.name, n)
                     continue
             nodes.append(n)
+        for n in nodes:  # torch needs BN running statistics as tensors of their own, not computed ones
+            stats = [t for t in n.input[3:5] if t and t not in consts] if n.op_type == "BatchNormalization" else []
+            if stats:
+                raise OnnxoptError(f"BatchNormalization '{n.name or n.output[0]}' reads its running statistics from computed "
+                                   f"tensors ({', '.join(stats)}; a training-mode export passes them through Identity).",
+                                   "run `onnxopt apply cleanup` (or cleanup,bnfuse) first: it turns them into initializers")
         consumers: Dict[str, list] = {}
         for n in nodes:
             for i, name in enumerate(n.input):

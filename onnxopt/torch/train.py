@@ -236,10 +236,22 @@ class _OrtTeacher:
         self.sess = runtime.session(probe, optimize=True)
         self.runtime = runtime
         self.input_names = input_names
+        # an export with a fixed batch (often 1) takes the training batch in slices of that size
+        # (the torch student swaps the batch in its Reshapes instead; onnxruntime cannot)
+        dims = [vi.type.tensor_type.shape.dim for vi in model.graph.input if vi.name in set(input_names)]
+        fixed = {d[0].dim_value for d in dims if d and d[0].HasField("dim_value")}
+        self.fixed_batch = fixed.pop() if len(fixed) == 1 and len(dims) and all(d and d[0].HasField("dim_value") for d in dims) else None
 
     def __call__(self, xs: list) -> tuple:
-        feed = {n: x.detach().cpu().numpy() for n, x in zip(self.input_names, xs)}
-        res = self.runtime.run(self.sess, feed, self.outputs + self.features)
+        arrays = [x.detach().cpu().numpy() for x in xs]
+        names = self.outputs + self.features
+        n, step = arrays[0].shape[0], self.fixed_batch
+        if step and n != step and n % step == 0:
+            parts = [self.runtime.run(self.sess, {k: a[i:i + step] for k, a in zip(self.input_names, arrays)}, names)
+                     for i in range(0, n, step)]
+            res = {k: np.concatenate([p[k] for p in parts]) for k in names}
+        else:
+            res = self.runtime.run(self.sess, dict(zip(self.input_names, arrays)), names)
         dev = xs[0].device
         return [torch.from_numpy(res[o]).to(dev) for o in self.outputs], [torch.from_numpy(res[f]).to(dev) for f in self.features]
 
@@ -294,7 +306,11 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
         if cfg.teacher_runtime == "ort":
             t_fn = _OrtTeacher(teacher, student.input_names, features)
         else:
-            t_fn = _TorchTeacher(teacher, device, features)
+            try:
+                t_fn = _TorchTeacher(teacher, device, features)
+            except OnnxoptError as exc:  # say which model: the student converted fine
+                raise OnnxoptError(f"the teacher cannot run in torch: {exc.message}",
+                                   f"{exc.hint}; or give --teacher-runtime ort (onnxruntime runs the teacher)") from None
     if features:
         names_in_student = {o for node in student.program for o in node.outputs}
         missing = [f for f in features if f not in names_in_student]
