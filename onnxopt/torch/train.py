@@ -238,9 +238,10 @@ class _OrtTeacher:
         self.input_names = input_names
         # an export with a fixed batch (often 1) takes the training batch in slices of that size
         # (the torch student swaps the batch in its Reshapes instead; onnxruntime cannot)
-        dims = [vi.type.tensor_type.shape.dim for vi in model.graph.input if vi.name in set(input_names)]
-        fixed = {d[0].dim_value for d in dims if d and d[0].HasField("dim_value")}
-        self.fixed_batch = fixed.pop() if len(fixed) == 1 and len(dims) and all(d and d[0].HasField("dim_value") for d in dims) else None
+        first = [vi.type.tensor_type.shape.dim[0] for vi in model.graph.input
+                 if vi.name in set(input_names) and vi.type.tensor_type.shape.dim]
+        sizes = {d.dim_value if d.HasField("dim_value") else None for d in first}
+        self.fixed_batch = next(iter(sizes)) if len(sizes) == 1 else None   # None: dynamic or mixed
 
     def __call__(self, xs: list) -> tuple:
         arrays = [x.detach().cpu().numpy() for x in xs]
@@ -309,8 +310,9 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
             try:
                 t_fn = _TorchTeacher(teacher, device, features)
             except OnnxoptError as exc:  # say which model: the student converted fine
+                way_out = "or give --teacher-runtime ort (onnxruntime runs the teacher)"
                 raise OnnxoptError(f"the teacher cannot run in torch: {exc.message}",
-                                   f"{exc.hint}; or give --teacher-runtime ort (onnxruntime runs the teacher)") from None
+                                   f"{exc.hint}; {way_out}" if exc.hint else way_out) from None
     if features:
         names_in_student = {o for node in student.program for o in node.outputs}
         missing = [f for f in features if f not in names_in_student]
