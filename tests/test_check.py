@@ -128,6 +128,27 @@ def test_cli_check_exit_codes_and_json(tmp_path, capsys):
     assert not report["clean"] and any(v["rule"] == "zero-point-zero" for v in report["violations"])
 
 
+def test_cli_check_says_what_fixes_which_violations(tmp_path, capsys):
+    """A float model has no Q/DQ to check (said, so 'clean' is not read as 'quantized'); the hint
+    points format violations at qdq and op-support ones at graph changes."""
+    import onnx
+    bad, plain = tmp_path / "bad.onnx", tmp_path / "plain.onnx"
+    onnx.save(qdq_conv(zp_value=5), bad)
+    onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [1, 3, 4, 4])], [("y", [1, 3, 4, 4])]), plain)
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(plain), "--target", "tensorrt"])
+    assert e.value.code == 0 and "a float model: there is no Q/DQ encoding to check" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(bad), "--target", "tensorrt"])
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and "writes a compliant Q/DQ encoding" in err and "op-support" not in err
+    dyn = tmp_path / "dyn.onnx"
+    onnx.save(make_model([helper.make_node("Dropout", ["x"], ["y"], name="d")], [("x", ["N", 3, 4, 4])], [("y", ["N", 3, 4, 4])]), dyn)
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(dyn), "--target", "tidl"])
+    assert e.value.code == 3 and "op-support rules need graph changes" in capsys.readouterr().err
+
+
 def test_cli_trt_build_without_tensorrt(tmp_path, capsys):
     try:
         import tensorrt  # noqa: F401
