@@ -81,11 +81,8 @@ def _all_tensors(model: ModelProto) -> Iterable[onnx.TensorProto]:
                     yield attr.t
                 elif attr.type == onnx.AttributeProto.TENSORS:
                     yield from attr.tensors
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for g in attr.graphs:
-                        yield from walk(g)
+            for sub in _subgraphs(node):
+                yield from walk(sub)
 
     yield from walk(model.graph)
 
