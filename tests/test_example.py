@@ -96,3 +96,28 @@ def test_readme_python_api(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md (Python API)", "exec"), {})
     assert (tmp_path / "model.opt.onnx").exists()
+
+
+def _readme_section(title):
+    readme = (ROOT / "README.md").read_text()
+    return readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_finetune_section(tmp_path, monkeypatch):
+    """The README's finetune section as written: its torch export (the default exporter, which
+    needs onnxscript), then each of its onnxopt commands in order."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    section = _readme_section("Finetuning a torch model")
+    block = section.split("```python", 1)[1].split("```", 1)[0]
+    commands = [l.strip() for l in section.splitlines() if l.startswith("    onnxopt ")]
+    assert [c.split()[1] for c in commands] == ["apply", "finetune"]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md (finetune export)", "exec"), {})
+    for command in commands:
+        r = _onnxopt(*command.split()[1:], cwd=tmp_path)
+        assert r.returncode == 0, f"{command}\n{r.stderr}"
+    out = onnx.load(tmp_path / commands[-1].split(" -o ")[1].split()[0])
+    onnx.checker.check_model(out, full_check=True)
+    params = lambda m: sum(int(np.prod(i.dims)) for i in m.graph.initializer)  # noqa: E731
+    assert params(onnx.load(tmp_path / "net.pruned.onnx")) < params(onnx.load(tmp_path / "net.onnx")), "prune removed no channel"
