@@ -102,12 +102,14 @@ class Rule:
 
 
 class RuleContext:
-    """Per-run state shared by the rules: the graph, names, opset, options, and the edit helpers."""
+    """Per-run state shared by the rules: the graph, names, opset, the lite options, the names of
+    the rules enabled in this run, and the edit helpers."""
 
-    def __init__(self, graph: gs.Graph, opset: int, options: dict):
+    def __init__(self, graph: gs.Graph, opset: int, options, active: frozenset = frozenset()):
         self.graph = graph
         self.opset = opset
         self.options = options
+        self.active = active
         self.names = NameGenerator(graph)
         # id -> node; holding the node keeps its id from being reused by a new node (ids of
         # collected objects are recycled by CPython).
@@ -801,7 +803,7 @@ def match_focus(graph, node, ctx):
 def rewrite_focus(graph, m, ctx):
     x, offsets, C = m.data["x"], m.data["offsets"], m.data["C"]
     dtype = np.dtype(x.dtype)
-    mode = ctx.options.get("focus_mode", "conv")
+    mode = ctx.options.focus_mode
     if mode == "space_to_depth":
         _rewrite_focus_s2d(graph, m, ctx)
         return
@@ -815,7 +817,7 @@ def rewrite_focus(graph, m, ctx):
 
 def match_focus_s2d_ok(m: Match, ctx: RuleContext) -> Optional[str]:
     """In space_to_depth mode, the reason the Focus cannot become SpaceToDepth (None when it can)."""
-    if ctx.options.get("focus_mode", "conv") != "space_to_depth":
+    if ctx.options.focus_mode != "space_to_depth":
         return None
     if m.data["offsets"] == [(0, 0), (0, 1), (1, 0), (1, 1)]:
         return None
@@ -876,7 +878,7 @@ def match_even_kernel(graph, node, ctx):
         return geo if w is not None and any(d % 2 == 0 for d in w.shape[2:]) else None
     if not any(k % 2 == 0 for k in geo["ks"]):
         return None
-    if "conv_6x6_to_5x5" in ctx.options.get("_active", ()) and geo["ks"] == [6, 6]:
+    if "conv_6x6_to_5x5" in ctx.active and geo["ks"] == [6, 6]:
         return "6x6 kernel left to conv_6x6_to_5x5"
     return Match(node.outputs[0], {"node": node, **geo})
 

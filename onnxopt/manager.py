@@ -172,7 +172,8 @@ def _recipe_options(path: Path, name: str, opts) -> dict:
 
 
 def resolve_options(names: Sequence[str], options: Optional[dict]) -> dict:
-    """Validate every pass's options (unknown option -> error listing valid ones)."""
+    """Each pass's typed ``Options`` from ``{pass: {option: value}}`` (unknown option -> error
+    listing the valid ones)."""
     options = dict(options or {})
     for pass_name in options:
         if pass_name not in names:
@@ -241,7 +242,7 @@ def apply(
         new_model = result.model
         _validate_pass_output(name, new_model)
         record = PassRecord(
-            name=name, exact=info.exact, options=resolved[name], seconds=seconds,
+            name=name, exact=info.exact, options=resolved[name].to_dict(), seconds=seconds,
             before=before_stats, after=stats.summarize(new_model) if summarize_layers else {"ops": stats.op_histogram(new_model)},
             changes=result.changes, details=result.details, skipped=result.skipped, extra=result.extra,
         )
@@ -257,7 +258,7 @@ def apply(
         report.passes.append(record)
         applied = [json.loads(p.value) for p in new_model.metadata_props if p.key == "onnxopt.passes"]
         history = applied[0] if applied else []
-        history.append({"pass": name, "options": {k: v for k, v in resolved[name].items()}})
+        history.append({"pass": name, "options": record.options})
         model_io.record_metadata(new_model, "onnxopt.passes", history)
         model_io.record_metadata(new_model, "onnxopt.version", __version__)
         if save_steps:

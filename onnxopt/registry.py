@@ -1,14 +1,21 @@
-"""The pass registry: every pass declares a name, a one-line summary, typed options with defaults
-and help, and whether it is exact (output-preserving) or approximate.
+"""The pass registry: every pass declares a name, a one-line summary, an ``Options`` dataclass
+and whether it is exact (output-preserving) or approximate.
 
 A pass module in ``passes/`` registers itself with :func:`register_pass`; the package imports
-every module in that folder, so a new pass is one new file. Options are validated and converted
-here, so a pass receives a plain ``dict`` of typed values.
+every module in that folder, so a new pass is one new file. A pass's ``Options`` is a dataclass
+deriving from :class:`PassOptions` whose fields are declared with :func:`option` (type from the
+annotation, default, help, choices, optional command-line flag); a field whose type is another
+dataclass is a group whose options the user sets by their own names. ``onnxopt passes``,
+``--set``, recipes and the ``apply`` command's shortcut flags are all generated from these
+declarations. Values given as strings (CLI, recipes) or dicts (the Python API) are converted and
+validated here, so a pass receives its typed ``Options`` object.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,6 +33,8 @@ class Option:
     default: Any
     help: str
     choices: Optional[Sequence[Any]] = None
+    flag: Optional[str] = None   # an `onnxopt apply` shortcut, e.g. "--calib-method" (= --set PASS.NAME=...)
+    path: bool = False           # the value names a file (the shortcut flag takes a file path)
 
     def convert(self, pass_name: str, value: Any) -> Any:
         """Convert a CLI/recipe value to this option's type, or raise OptionError."""
@@ -73,6 +82,100 @@ class Option:
         return converted
 
 
+def option(default: Any, help: str, choices: Optional[Sequence[Any]] = None, *, flag: Optional[str] = None,
+           path: bool = False) -> Any:
+    """Declare one field of a pass's ``Options`` dataclass (its type is the field's annotation)."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "flag": flag, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _option_type(hint: Any) -> type:
+    """``bool``/``int``/``float``/``str``/``list[str]``/``Optional[...]`` -> the Option type."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _option_type(args[0])
+    if hint is list or origin is list:
+        return list
+    return hint
+
+
+@dataclass
+class PassOptions:
+    """Base of every pass's ``Options``: the declared options, conversion from user values, and
+    the flat ``{option: value}`` view written to reports and model metadata."""
+
+    @classmethod
+    def declared(cls) -> tuple:
+        """The :class:`Option` of every field, groups flattened, in declaration order."""
+        cached = cls.__dict__.get("_declared")
+        if cached is None:
+            cached = tuple(opt for opt, _ in _walk(cls, ()))
+            cls._declared = cached
+        return cached
+
+    @classmethod
+    def build(cls, pass_name: str, given: Any = None) -> "PassOptions":
+        """The defaults overridden by ``given`` ({option: value}, values converted and validated)."""
+        if isinstance(given, cls):
+            return given
+        layout = {opt.name: (opt, where) for opt, where in _walk(cls, ())}
+        values: dict = {}
+        for key, value in (given or {}).items():
+            if key not in layout:
+                raise OptionError(
+                    f"unknown option '{key}' for pass '{pass_name}'.",
+                    f"valid options of {pass_name}: {', '.join(layout) or '(none)'}",
+                )
+            opt, where = layout[key]
+            values.setdefault(where, {})[key] = opt.convert(pass_name, value)
+        return _construct(cls, (), values)
+
+    def to_dict(self) -> dict:
+        """``{option: value}`` over all groups (JSON-able: what reports and metadata record)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, PassOptions):
+                out.update(value.to_dict())
+            else:
+                out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+        return out
+
+
+def _walk(cls: type, where: tuple):
+    """(Option, group path) for every option of ``cls``; a dataclass-typed field is a group."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            yield from _walk(hint, where + (f.name,))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meta = f.metadata
+        yield Option(f.name, _option_type(hint), default, meta.get("help", ""), meta.get("choices"),
+                     meta.get("flag"), meta.get("path", False)), where
+
+
+def _construct(cls: type, where: tuple, values: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _construct(hint, where + (f.name,), values)
+        elif f.name in values.get(where, {}):
+            kwargs[f.name] = values[where][f.name]
+    return cls(**kwargs)
+
+
+@dataclass
+class NoOptions(PassOptions):
+    """The options of a pass that takes none."""
+
+
 @dataclass
 class PassResult:
     """What a pass returns: the new model, and a JSON-able record of what it did.
@@ -108,7 +211,6 @@ class PassContext:
     progress: bool = True
     input_shapes: Optional[dict] = None
     log: Callable[[str], None] = lambda msg: None
-    settings: dict = field(default_factory=dict)
 
     def sample_feeds(self, model: onnx.ModelProto, batches: int = 2) -> tuple:
         """Up to ``batches`` feed dicts from the user's data, else generated inputs.
@@ -131,7 +233,7 @@ class PassContext:
         return feeds, "data"
 
 
-PassFn = Callable[[onnx.ModelProto, dict, PassContext], PassResult]
+PassFn = Callable[[onnx.ModelProto, PassOptions, PassContext], PassResult]
 
 
 @dataclass(frozen=True)
@@ -139,38 +241,35 @@ class PassInfo:
     name: str
     summary: str
     exact: bool
-    options: tuple
+    options_type: type
     run: PassFn
     description: str = ""
 
-    def option(self, name: str) -> Option:
-        for opt in self.options:
-            if opt.name == name:
-                return opt
-        raise OptionError(
-            f"unknown option '{name}' for pass '{self.name}'.",
-            f"valid options of {self.name}: {', '.join(o.name for o in self.options) or '(none)'}",
-        )
+    @property
+    def options(self) -> tuple:
+        """The pass's declared :class:`Option` s (groups flattened)."""
+        return self.options_type.declared()
 
-    def resolve(self, given: Optional[dict]) -> dict:
-        """Defaults overridden by ``given`` (converted and validated)."""
-        values = {o.name: o.default for o in self.options}
-        for key, value in (given or {}).items():
-            values[key] = self.option(key).convert(self.name, value)
-        return values
+    def resolve(self, given: Any = None) -> PassOptions:
+        """The pass's ``Options``: defaults overridden by ``given`` (converted and validated)."""
+        return self.options_type.build(self.name, given)
 
 
 _REGISTRY: dict[str, PassInfo] = {}
 _DISCOVERED = False
 
 
-def register_pass(name: str, summary: str, *, exact: bool, options: Sequence[Option] = ()):
-    """Decorator registering ``fn(model, options, ctx) -> PassResult`` as pass ``name``."""
+def register_pass(name: str, summary: str, *, exact: bool, options: Optional[type] = None):
+    """Decorator registering ``fn(model, options, ctx) -> PassResult`` as pass ``name``;
+    ``options`` is the pass's :class:`PassOptions` dataclass (None: the pass takes none)."""
+    options_type = options or NoOptions
+    if not (isinstance(options_type, type) and issubclass(options_type, PassOptions)):
+        raise TypeError(f"pass '{name}': options must be a PassOptions dataclass, not {options!r}")
 
     def wrap(fn: PassFn) -> PassFn:
         if name in _REGISTRY and _REGISTRY[name].run is not fn:
             raise RuntimeError(f"pass '{name}' registered twice")
-        _REGISTRY[name] = PassInfo(name, summary, exact, tuple(options), fn, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = PassInfo(name, summary, exact, options_type, fn, (fn.__doc__ or "").strip())
         return fn
 
     return wrap
@@ -198,3 +297,13 @@ def get_pass(name: str) -> PassInfo:
     if name not in passes:
         raise OptionError(f"unknown pass '{name}'.", f"valid passes: {', '.join(passes) or '(none)'}")
     return passes[name]
+
+
+def shortcut_flags() -> dict:
+    """``{"--calib-method": [(pass, Option), ...]}``: the ``apply`` flags the passes declare."""
+    flags: dict = {}
+    for name, info in all_passes().items():
+        for opt in info.options:
+            if opt.flag:
+                flags.setdefault(opt.flag, []).append((name, opt))
+    return flags

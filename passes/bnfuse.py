@@ -44,6 +44,7 @@ shape. Graph output names never change: the layer takes over the folded node's o
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -53,27 +54,30 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import (NameGenerator, _swap_input, can_absorb, constant_value, export_graph, import_graph,
                            input_at, is_graph_output, sole_consumer)
 from onnxopt.passes.cleanup import drop_detached, infer_shapes, overridable_inputs, restore_graph_inputs
-from onnxopt.registry import Option, PassContext, PassResult, register_pass
+from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _AFFINE = ("Mul", "Add", "Sub", "Div")
+
+
+@dataclass
+class BnfuseOptions(PassOptions):
+    """The bnfuse pass's options."""
+
+    standalone: str = option("muladd", "What a BatchNormalization that cannot be folded becomes: muladd (Mul+Add), conv "
+                             "(depthwise 1x1 Conv, 4-D inputs) or keep.", ("muladd", "conv", "keep"))
+    fold_following: bool = option(True, "Fold a BatchNormalization into the Conv after it when that Conv does not pad "
+                                  "(exact).")
+    fold_affine: bool = option(True, "Fold constant per-channel Mul/Add/Sub/Div that follow a Conv/ConvTranspose/Gemm/MatMul.")
 
 
 @register_pass(
     "bnfuse",
     "Fold BatchNormalization and constant per-channel Mul/Add into Conv/ConvTranspose/Gemm/MatMul.",
     exact=True,
-    options=[
-        Option("standalone", str, "muladd",
-               "What a BatchNormalization that cannot be folded becomes: muladd (Mul+Add), conv (depthwise 1x1 Conv, "
-               "4-D inputs) or keep.", choices=("muladd", "conv", "keep")),
-        Option("fold_following", bool, True,
-               "Fold a BatchNormalization into the Conv after it when that Conv does not pad (exact)."),
-        Option("fold_affine", bool, True,
-               "Fold constant per-channel Mul/Add/Sub/Div that follow a Conv/ConvTranspose/Gemm/MatMul."),
-    ],
+    options=BnfuseOptions,
 )
-def bnfuse(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResult:
+def bnfuse(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext) -> PassResult:
     """Exact BatchNormalization / per-channel affine folding into the neighbouring linear layer."""
     fuser = _Fuser(model, options)
     fuser.run()
@@ -98,7 +102,7 @@ class _Unit:
 
 
 class _Fuser:
-    def __init__(self, model: onnx.ModelProto, options: dict):
+    def __init__(self, model: onnx.ModelProto, options: BnfuseOptions):
         self.options = options
         self.changes: Counter = Counter()
         self.details: list = []
@@ -132,12 +136,12 @@ class _Fuser:
                         continue
                     unit = reason
                 leftover.append((node, params, unit))
-            elif node.op in _AFFINE and self.options["fold_affine"]:
+            elif node.op in _AFFINE and self.options.fold_affine:
                 self._try_affine(node)
         for bn, params, why in leftover:
             if not bn.outputs:
                 continue
-            if self.options["fold_following"]:
+            if self.options.fold_following:
                 reason = self._fold_forward(bn, *params)
                 if reason is None:
                     self.changes["bn_folded_into_following_conv"] += 1
@@ -406,7 +410,7 @@ class _Fuser:
 
     # ----------------------------------------------------------------------- standalone
     def _standalone(self, bn: gs.Node, s: np.ndarray, t: np.ndarray, why: str) -> None:
-        mode = self.options["standalone"]
+        mode = self.options.standalone
         where = _where(bn)
         if mode == "keep":
             self.skip(where, f"not folded ({why}); kept (standalone=keep)")

@@ -43,6 +43,7 @@ have an initializer are overridable from IR 4 on and never treated as constants.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -55,7 +56,7 @@ from onnxopt.graph import (_swap_input, constant_value, export_graph, import_gra
                            lift_constant, sole_consumer)
 from onnxopt.errors import OptionError
 from onnxopt.model_io import opset_of
-from onnxopt.registry import Option, PassContext, PassResult, register_pass
+from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 MAX_ROUNDS = 6
 # When the batched constant-folding session fails, at most this many nodes are retried one
@@ -74,26 +75,31 @@ _NO_FOLD = {
 _SHAPE_CONSUMERS = {"Shape", "Size"}
 
 
+@dataclass
+class CleanupOptions(PassOptions):
+    """The cleanup pass's options."""
+
+    max_fold_elements: int = option(1 << 20, "Largest tensor (in elements) constant folding may create; bigger results keep "
+                                    "their node.")
+    fold_constants: bool = option(True, "Evaluate nodes whose inputs are all constants (onnxruntime, once per round).")
+    fold_shapes: bool = option(True, "Fold Shape/Size (and Shape->Gather/Slice) of statically known dimensions.")
+    remove_noops: bool = option(True, "Remove Identity, inference Dropout, same-type Cast, same-shape Reshape/Expand, "
+                                "identity Transpose, x*1, x+0, zero Pad, full Slice, single-input Concat.")
+    fold_pads: bool = option(True, "Fold a constant zero (or -inf for MaxPool) Pad into the following "
+                             "Conv/AveragePool/MaxPool.")
+    lift_constants: bool = option(True, "Turn Constant nodes into initializers.")
+
+
 @register_pass(
     "cleanup",
     "Lift Constant nodes, fold constants and static shape chains, drop no-ops and dead code, fold Pad into Conv/pool.",
     exact=True,
-    options=[
-        Option("max_fold_elements", int, 1 << 20,
-               "Largest tensor (in elements) constant folding may create; bigger results keep their node."),
-        Option("fold_constants", bool, True, "Evaluate nodes whose inputs are all constants (onnxruntime, once per round)."),
-        Option("fold_shapes", bool, True, "Fold Shape/Size (and Shape->Gather/Slice) of statically known dimensions."),
-        Option("remove_noops", bool, True,
-               "Remove Identity, inference Dropout, same-type Cast, same-shape Reshape/Expand, identity Transpose, "
-               "x*1, x+0, zero Pad, full Slice, single-input Concat."),
-        Option("fold_pads", bool, True, "Fold a constant zero (or -inf for MaxPool) Pad into the following Conv/AveragePool/MaxPool."),
-        Option("lift_constants", bool, True, "Turn Constant nodes into initializers."),
-    ],
+    options=CleanupOptions,
 )
-def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResult:
+def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -> PassResult:
     """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
-    if options["max_fold_elements"] < 0:
-        raise OptionError(f"cleanup.max_fold_elements must be 0 or more, got {options['max_fold_elements']}.",
+    if options.max_fold_elements < 0:
+        raise OptionError(f"cleanup.max_fold_elements must be 0 or more, got {options.max_fold_elements}.",
                           "give the largest number of elements a folded constant may have, e.g. 1048576")
     state = _State(options, opset_of(model))
     source = model
@@ -110,15 +116,15 @@ def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResu
             state.changes["dead_nodes_removed"] = n0 - len(graph.nodes)
         state.round_folded = 0
         progress = 0
-        if options["lift_constants"]:
+        if options.lift_constants:
             progress += _lift_constants(graph, state)
-        if options["fold_shapes"]:
+        if options.fold_shapes:
             progress += _fold_static_shapes(graph, shapes, state)
-        if options["fold_constants"]:
+        if options.fold_constants:
             progress += _fold_constants(graph, shapes, state)
-        if options["remove_noops"]:
+        if options.remove_noops:
             progress += _remove_noops(graph, shapes, state)
-        if options["fold_pads"]:
+        if options.fold_pads:
             progress += _fold_pads(graph, shapes, state)
         drop_detached(graph)
         model = export_graph(graph, like=model)
@@ -148,7 +154,7 @@ def cleanup(model: onnx.ModelProto, options: dict, ctx: PassContext) -> PassResu
 
 # ------------------------------------------------------------------------------ state, shapes
 class _State:
-    def __init__(self, options: dict, opset: int):
+    def __init__(self, options: CleanupOptions, opset: int):
         self.options = options
         self.opset = opset
         self.changes: Counter = Counter()
@@ -464,7 +470,7 @@ def _elements(shape: Optional[list]) -> Optional[int]:
 
 
 def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
-    limit = int(state.options["max_fold_elements"])
+    limit = int(state.options.max_fold_elements)
     input_names = {t.name for t in graph.inputs} | state.overridable
     total = 0
     for _attempt in range(3):  # a too-big result found only at run time excludes its node and retries

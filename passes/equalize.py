@@ -57,7 +57,7 @@ from onnxopt.errors import DataError, OptionError
 from onnxopt.graph import (NameGenerator, constant_value, export_graph, import_graph, input_at,
                            is_graph_output, is_weight)
 from onnxopt.model_io import drop_activation_bounds, opset_of
-from onnxopt.registry import Option, PassResult, register_pass
+from onnxopt.registry import PassOptions, PassResult, option, register_pass
 
 # Ops through which a per-channel positive scale passes unchanged (channel axis stays 1).
 _HOMOGENEOUS = {"Relu", "LeakyRelu", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
@@ -440,26 +440,30 @@ def _absorb_bias(graph: gs.Graph, pairs: list, model: onnx.ModelProto, data, mar
     return done
 
 
+@dataclass
+class EqualizeOptions(PassOptions):
+    """The equalize pass's options."""
+
+    iterations: int = option(50, "maximum sweeps over all pairs (conv->depthwise->conv chains need several)")
+    tolerance: float = option(0.0001, "stop when every per-channel scale of a sweep is within this of 1 (in log)")
+    clip: str = option("skip", "ReLU6/Clip(0,hi) between layers: skip the pair, or split it into Relu + per-channel Min (exact)", ("skip", "split"))
+    absorb_bias: str = option("none", "high-bias absorption through Relu: none, or data (needs --data; exact on inputs whose "
+                              "pre-activations stay above the observed per-channel minimum)", ("none", "data"))
+    absorb_margin: float = option(0.0, "absorb_bias=data: absorb only min - margin*|min| of each channel (safety margin)")
+
+
 @register_pass(
     "equalize",
     "Cross-layer equalization of Conv/Gemm pairs (depthwise included) and optional high-bias absorption.",
     exact=True,
-    options=[
-        Option("iterations", int, 50, "maximum sweeps over all pairs (conv->depthwise->conv chains need several)"),
-        Option("tolerance", float, 1e-4, "stop when every per-channel scale of a sweep is within this of 1 (in log)"),
-        Option("clip", str, "skip", "ReLU6/Clip(0,hi) between layers: skip the pair, or split it into Relu + per-channel Min (exact)",
-               choices=["skip", "split"]),
-        Option("absorb_bias", str, "none", "high-bias absorption through Relu: none, or data (needs --data; exact on inputs whose "
-               "pre-activations stay above the observed per-channel minimum)", choices=["none", "data"]),
-        Option("absorb_margin", float, 0.0, "absorb_bias=data: absorb only min - margin*|min| of each channel (safety margin)"),
-    ],
+    options=EqualizeOptions,
 )
-def equalize_pass(model: onnx.ModelProto, options: dict, ctx) -> PassResult:
+def equalize_pass(model: onnx.ModelProto, options: EqualizeOptions, ctx) -> PassResult:
     """Cross-layer equalization (Nagel et al. 2019): per-channel rescaling of consecutive layers
     through positively homogeneous ops, exact in float; see the module docstring for the math."""
-    if options["iterations"] < 1:
+    if options.iterations < 1:
         raise OptionError("equalize.iterations must be at least 1.", "e.g. --set equalize.iterations=50")
-    if options["absorb_bias"] == "data" and ctx.data is None:
+    if options.absorb_bias == "data" and ctx.data is None:
         raise DataError("equalize.absorb_bias=data needs data to measure pre-activation minima.",
                         "give --data (the calibration images), or use equalize.absorb_bias=none")
     opset = opset_of(model)
@@ -468,7 +472,7 @@ def equalize_pass(model: onnx.ModelProto, options: dict, ctx) -> PassResult:
     except Exception:  # shape inference is only used for ranks; without it fewer pairs qualify
         inferred = model
     graph = import_graph(inferred)
-    eq = _Equalizer(graph, opset, options["clip"])
+    eq = _Equalizer(graph, opset, options.clip)
     pairs, skipped = [], []
     for node in list(graph.nodes):
         if node.op not in ("Conv", "Gemm") or len(node.outputs) != 1:
@@ -480,9 +484,9 @@ def equalize_pass(model: onnx.ModelProto, options: dict, ctx) -> PassResult:
             continue
         pairs.append(r)
     sweeps, last = 0, 0.0
-    for sweeps in range(1, options["iterations"] + 1):
+    for sweeps in range(1, options.iterations + 1):
         last = max((eq.equalize(p) for p in pairs), default=0.0)
-        if last <= options["tolerance"]:
+        if last <= options.tolerance:
             break
     names = NameGenerator(graph)
     details = []
@@ -503,13 +507,13 @@ def equalize_pass(model: onnx.ModelProto, options: dict, ctx) -> PassResult:
     out = export_graph(graph, like=model)
     out.graph.ClearField("value_info")  # inferred shapes were only needed for ranks
     absorbed = 0
-    if options["absorb_bias"] == "data" and pairs:
+    if options.absorb_bias == "data" and pairs:
         graph2 = import_graph(onnx.shape_inference.infer_shapes(out))
         eq2 = _Equalizer(graph2, opset, "skip")
         pairs2 = [r for n in list(graph2.nodes) if n.op in ("Conv", "Gemm") and len(n.outputs) == 1
                   for r in [eq2.find_pair(n)] if not isinstance(r, str)]
         names2 = NameGenerator(graph2)
-        absorbed = _absorb_bias(graph2, pairs2, out, ctx.data, options["absorb_margin"], names2, details, skipped)
+        absorbed = _absorb_bias(graph2, pairs2, out, ctx.data, options.absorb_margin, names2, details, skipped)
         if absorbed:
             out = export_graph(graph2, like=model)
             out.graph.ClearField("value_info")

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextvars
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -57,7 +58,7 @@ from onnxopt.errors import OnnxoptError, OptionError, VerificationError
 from onnxopt.graph import export_graph, import_graph
 from onnxopt.lite_rules import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
 from onnxopt.model_io import MAX_PROTO_BYTES, opset_of, record_activation_bounds
-from onnxopt.registry import Option, PassContext, PassResult, register_pass
+from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 from onnxopt.userfiles import import_user_file
 
 __all__ = ["Match", "Rule", "RuleContext", "register_rule", "rule_table", "default_rules", "load_rules_module", "run_lite", "options_with"]
@@ -267,7 +268,7 @@ def _err(ref: np.ndarray, got: np.ndarray) -> tuple:
     return mx, mx / max(scale, 1e-12)
 
 
-def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
+def run_lite(model: ModelProto, options: Optional[LiteOptions] = None, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
     """The lite pass on ``model`` with a given rule ``table`` (default: :func:`rule_table`)."""
     import gc
 
@@ -283,16 +284,16 @@ def run_lite(model: ModelProto, options: Optional[dict] = None, pctx: Optional[P
             gc.enable()
 
 
-def _run_lite(model: ModelProto, options: Optional[dict], pctx: Optional[PassContext], table: Optional[list]) -> PassResult:
+def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[PassContext], table: Optional[list]) -> PassResult:
     pctx = pctx or PassContext()
-    options = options_with(**(options or {})) if not options or set(options) != {o.name for o in OPTIONS} else options
+    options = LiteOptions.build("lite", options)
     t0 = time.perf_counter()
-    table = table if table is not None else rule_table(options.get("rules_module"))
-    active = _select(table, options.get("rules"), options.get("disable"))
-    verify = bool(options.get("verify", True))
+    table = table if table is not None else rule_table(options.rules_module)
+    active = _select(table, options.rules, options.disable)
+    verify = options.verify
     # The input model's reference outputs are computed in a background thread while the rules
     # run: onnxruntime releases the GIL, and its session setup dominates on large graphs.
-    reference = _Reference(model, pctx, int(options.get("batches", 2))) if verify else None
+    reference = _Reference(model, pctx, options.batches) if verify else None
     try:
         return _apply_rules(model, options, pctx, table, active, verify, reference, t0)
     finally:
@@ -302,7 +303,7 @@ def _run_lite(model: ModelProto, options: Optional[dict], pctx: Optional[PassCon
             reference.close()
 
 
-def _apply_rules(model: ModelProto, options: dict, pctx: PassContext, table: list, active: list, verify: bool,
+def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, table: list, active: list, verify: bool,
                  reference: Optional["_Reference"], t0: float) -> PassResult:
     opset = opset_of(model)
     shaped = model
@@ -312,7 +313,7 @@ def _apply_rules(model: ModelProto, options: dict, pctx: PassContext, table: lis
         except Exception:  # shapes only sharpen the guards; rules that need them say so
             shaped = model
     graph = import_graph(shaped)
-    ctx = RuleContext(graph, opset, {**options, "_active": {r.name for r in active}})
+    ctx = RuleContext(graph, opset, options, frozenset(r.name for r in active))
     records = {r.name: {"exact": r.exact, "enabled": r in active, "default": r.default, "summary": r.summary,
                         "count": 0, "tensors": [], "preserved": []} for r in table}
     skipped: list = []
@@ -541,36 +542,33 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
 
 _RULE_HELP = ", ".join(f"{r.name}{'' if r.default else '(off)'}{'' if r.exact else '~'}" for r in default_rules())
 
-OPTIONS = [
-        Option("rules", list, None, "apply only these rules (comma-separated); default: the default-on ones. "
-               f"Rules (~ approximate, (off) off by default): {_RULE_HELP}"),
-        Option("disable", list, None, "rules to switch off (comma-separated names)"),
-        Option("rules_module", str, None, "a Python file registering user rules with onnxopt.passes.lite.register_rule (or defining RULES)"),
-        Option("focus_mode", str, "conv", "what the Focus stem becomes: a one-hot 2x2/s2 Conv, or SpaceToDepth (TIDL-friendly "
-               "when the next conv's weights can absorb the channel order)", choices=["conv", "space_to_depth"]),
-        Option("verify", bool, True, "verify exact rules and measure the lite model's output error in onnxruntime"),
-        Option("batches", int, 2, "how many data batches (or generated inputs) the verification uses"),
-]
+@dataclass
+class LiteOptions(PassOptions):
+    """The lite pass's options."""
+
+    rules: Optional[list] = option(None, "apply only these rules (comma-separated); default: the default-on ones. "
+                                   f"Rules (~ approximate, (off) off by default): {_RULE_HELP}")
+    disable: Optional[list] = option(None, "rules to switch off (comma-separated names)")
+    rules_module: Optional[str] = option(None, "a Python file registering user rules with onnxopt.passes.lite.register_rule "
+                                         "(or defining RULES)", flag="--rules-module", path=True)
+    focus_mode: str = option("conv", "what the Focus stem becomes: a one-hot 2x2/s2 Conv, or SpaceToDepth (TIDL-friendly "
+                             "when the next conv's weights can absorb the channel order)", ("conv", "space_to_depth"))
+    verify: bool = option(True, "verify exact rules and measure the lite model's output error in onnxruntime")
+    batches: int = option(2, "how many data batches (or generated inputs) the verification uses")
 
 
-def options_with(**given) -> dict:
+def options_with(**given) -> LiteOptions:
     """The lite options with defaults, ``given`` converted and validated as the CLI would."""
-    values = {o.name: o.default for o in OPTIONS}
-    by_name = {o.name: o for o in OPTIONS}
-    for key, value in given.items():
-        if key not in by_name:
-            raise OptionError(f"unknown option '{key}' for pass 'lite'.", f"valid options: {', '.join(by_name)}")
-        values[key] = by_name[key].convert("lite", value)
-    return values
+    return LiteOptions.build("lite", given)
 
 
 @register_pass(
     "lite",
     "Embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes.",
     exact=False,
-    options=OPTIONS,
+    options=LiteOptions,
 )
-def lite_pass(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
+def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> PassResult:
     """Rules (exact rules run and are verified first; * = off by default):
     focus_to_conv, maxpool_ge5_to_cascade, resize_sizes_to_scales, conv_even_kernel_to_odd*,
     conv_gt7_split* (exact); squeeze_and_excite_to_identity, avgpool_ge5_to_cascade,

@@ -53,7 +53,9 @@ import math
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from onnx import ModelProto
@@ -62,63 +64,68 @@ from onnxopt import channels, runtime, stats
 from onnxopt.compare import measure_latency
 from onnxopt.channels import POISON
 from onnxopt.errors import OptionError
-from onnxopt.registry import Option, PassContext, PassResult, register_pass
+from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
+
+
+@dataclass
+class PruneOptions(PassOptions):
+    """The prune pass's options."""
+
+    ratio: float = option(0.3, "fraction of channels to remove (per class in uniform mode, overall in global mode)")
+    mode: str = option("uniform", "uniform: the same ratio in every channel group class; global: lowest scores overall", ("uniform", "global"))
+    importance: str = option("l1", "channel importance: l1/l2 of BN-folded filters, bn_gamma, fpgm, or file (see scores)", ("l1", "l2", "bn_gamma", "fpgm", "file"))
+    scores: Optional[str] = option(None, "JSON file {layer output, node or weight name: [score per output channel]} (implies "
+                                   "importance=file)")
+    max_layer_ratio: float = option(0.8, "never remove more than this fraction of one class's channels")
+    min_channels: int = option(1, "keep at least this many channels in every class")
+    round_to: int = option(8, "kept channel counts are multiples of this (the nearest to the ratio); 8 suits TensorRT, "
+                           "onnxruntime CPU and TIDL kernels; 1 = exact ratios")
+    protect: list = option([], "layers whose output channels are kept: node, output or weight names or regexes (full match)")
+    keep_first_last: bool = option(True, "keep channel groups made only of the first layer's outputs or read only by the last"
+                                   " layer(s)")
+    compensate: str = option("mean", "consumers of removed channels: fold each removed channel's mean into the bias (mean), "
+                             "refit the kept weights and bias by least squares to the original output (refit; dense "
+                             "Conv, else mean) or nothing (none)", ("mean", "refit", "none"))
+    refit_ridge: float = option(0.001, "compensate=refit: ridge term, relative to the mean diagonal of the input Gram matrix")
+    refit_samples: int = option(128, "compensate=refit: data samples the least squares are fit on (a conv whose patches are "
+                                "fewer than 4x its kept weights per output falls back to the mean fold)")
+    latency_runs: int = option(20, "onnxruntime CPU runs for the latency before/after (median; 0 = skip)")
+    eval_batches: int = option(4, "batches of the data used to measure the output error after pruning")
 
 
 @register_pass(
     "prune",
     "Structured channel pruning: removes the least important channel groups, shrinking the layers.",
     exact=False,
-    options=[
-        Option("ratio", float, 0.3, "fraction of channels to remove (per class in uniform mode, overall in global mode)"),
-        Option("mode", str, "uniform", "uniform: the same ratio in every channel group class; global: lowest scores overall",
-               choices=("uniform", "global")),
-        Option("importance", str, "l1", "channel importance: l1/l2 of BN-folded filters, bn_gamma, fpgm, or file (see scores)",
-               choices=IMPORTANCE),
-        Option("scores", str, None, "JSON file {layer output, node or weight name: [score per output channel]} (implies importance=file)"),
-        Option("max_layer_ratio", float, 0.8, "never remove more than this fraction of one class's channels"),
-        Option("min_channels", int, 1, "keep at least this many channels in every class"),
-        Option("round_to", int, 8, "kept channel counts are multiples of this (the nearest to the ratio); 8 suits TensorRT, "
-               "onnxruntime CPU and TIDL kernels; 1 = exact ratios"),
-        Option("protect", list, [], "layers whose output channels are kept: node, output or weight names or regexes (full match)"),
-        Option("keep_first_last", bool, True, "keep channel groups made only of the first layer's outputs or read only by the last layer(s)"),
-        Option("compensate", str, "mean", "consumers of removed channels: fold each removed channel's mean into the bias (mean), "
-               "refit the kept weights and bias by least squares to the original output (refit; dense Conv, else mean) or nothing (none)",
-               choices=("mean", "refit", "none")),
-        Option("refit_ridge", float, 1e-3, "compensate=refit: ridge term, relative to the mean diagonal of the input Gram matrix"),
-        Option("refit_samples", int, 128, "compensate=refit: data samples the least squares are fit on (a conv whose patches are "
-               "fewer than 4x its kept weights per output falls back to the mean fold)"),
-        Option("latency_runs", int, 20, "onnxruntime CPU runs for the latency before/after (median; 0 = skip)"),
-        Option("eval_batches", int, 4, "batches of the data used to measure the output error after pruning"),
-    ],
+    options=PruneOptions,
 )
-def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
+def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassResult:
     """Structured channel pruning; see the module docstring."""
-    ratio = float(options["ratio"])
+    ratio = float(options.ratio)
     if not 0.0 <= ratio < 1.0:
         raise OptionError(f"prune.ratio must be in [0, 1), got {ratio}.", "e.g. --set prune.ratio=0.3 removes 30% of the channels")
-    if not 0.0 <= options["max_layer_ratio"] <= 1.0:
-        raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {options['max_layer_ratio']}.", "e.g. 0.8")
-    if options["round_to"] < 1 or options["min_channels"] < 0:
+    if not 0.0 <= options.max_layer_ratio <= 1.0:
+        raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {options.max_layer_ratio}.", "e.g. 0.8")
+    if options.round_to < 1 or options.min_channels < 0:
         raise OptionError("prune.round_to must be >= 1 and prune.min_channels >= 0.", "e.g. --set prune.round_to=8")
-    importance = "file" if options.get("scores") else options["importance"]
-    if importance == "file" and not options.get("scores"):
+    importance = "file" if options.scores else options.importance
+    if importance == "file" and not options.scores:
         raise OptionError("prune.importance=file needs prune.scores=FILE.json.", "give a JSON file {layer name: [scores]}")
-    patterns = _compile(options["protect"])
+    patterns = _compile(options.protect)
 
     t0 = time.perf_counter()
     an = channels.analyze(model)
     t_analysis = time.perf_counter() - t0
-    scores, fallback = _component_scores(an, importance, options.get("scores"))
-    protected = _protected(an, patterns, options["keep_first_last"])
+    scores, fallback = _component_scores(an, importance, options.scores)
+    protected = _protected(an, patterns, options.keep_first_last)
     removed, class_rows = _select(an, scores, protected, ratio, options)
-    feeds, source = ctx.sample_feeds(model, options["eval_batches"])
+    feeds, source = ctx.sample_feeds(model, options.eval_batches)
     refs: list = []
-    fit_feeds = _sample_feeds(ctx, model, options["refit_samples"]) if options["compensate"] == "refit" and removed else None
-    compensated = _compensate(an, model, removed, feeds, refs, options["compensate"], options["refit_ridge"], fit_feeds) \
-        if options["compensate"] != "none" and removed else 0
+    fit_feeds = _sample_feeds(ctx, model, options.refit_samples) if options.compensate == "refit" and removed else None
+    compensated = _compensate(an, model, removed, feeds, refs, options.compensate, options.refit_ridge, fit_feeds) \
+        if options.compensate != "none" and removed else 0
     if not refs and removed:
         _reference_run(model, feeds, [], refs)
     new_model = an.rewrite(removed)
@@ -127,7 +134,7 @@ def prune(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     extra = _report(model, new_model, an, removed, ctx, options, feeds, source, refs)
     extra["compensated_layers"] = compensated
     extra["compensation_inputs"] = source if compensated else None
-    extra.update({"importance": importance, "mode": options["mode"], "round_to": options["round_to"], "classes": class_rows,
+    extra.update({"importance": importance, "mode": options.mode, "round_to": options.round_to, "classes": class_rows,
                   "analysis_seconds": round(t_analysis, 3), "prune_seconds": round(t_total, 3)})
     if fallback:
         extra["importance_fallback_l1"] = fallback
@@ -265,9 +272,9 @@ def _first_last(an: channels.Analysis) -> tuple:
 
 
 # ------------------------------------------------------------------------------- selection
-def _bounds(n: int, prunable: int, options: dict) -> int:
+def _bounds(n: int, prunable: int, options: PruneOptions) -> int:
     """The most channels one class of ``n`` (``prunable`` of them removable) may lose."""
-    return max(0, min(int(math.floor(options["max_layer_ratio"] * n + 1e-9)), n - max(options["min_channels"], 1), prunable))
+    return max(0, min(int(math.floor(options.max_layer_ratio * n + 1e-9)), n - max(options.min_channels, 1), prunable))
 
 
 def _rounded(n: int, want: int, cap: int, round_to: int) -> int:
@@ -284,7 +291,7 @@ def _rounded(n: int, want: int, cap: int, round_to: int) -> int:
     return 0 if best is None else n - best
 
 
-def _why_nothing_removed(rows: list, ratio: float, options: dict) -> str:
+def _why_nothing_removed(rows: list, ratio: float, options: PruneOptions) -> str:
     """The one-line reason a prune run removed nothing, for the report and the CLI summary."""
     if ratio == 0:
         return "nothing pruned: prune.ratio is 0"
@@ -293,12 +300,12 @@ def _why_nothing_removed(rows: list, ratio: float, options: dict) -> str:
                 "(a graph output keeps its channels)")
     if all(r["protected"] == r["channels"] for r in rows):
         return "nothing pruned: every channel group is protected (keep_first_last, protect)"
-    return (f"nothing pruned: ratio {ratio} with round_to={options['round_to']}, min_channels={options['min_channels']} "
-            f"and max_layer_ratio={options['max_layer_ratio']} leaves no channel to remove in any group; raise the ratio "
+    return (f"nothing pruned: ratio {ratio} with round_to={options.round_to}, min_channels={options.min_channels} "
+            f"and max_layer_ratio={options.max_layer_ratio} leaves no channel to remove in any group; raise the ratio "
             "or lower round_to")
 
 
-def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, options: dict) -> tuple:
+def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, options: PruneOptions) -> tuple:
     classes = an.classes()
     score = lambda r: scores.get(r, (0.0, 0))[0]  # noqa: E731
     mean_score = lambda r: scores[r][0] / scores[r][1] if r in scores and scores[r][1] else 0.0  # noqa: E731
@@ -312,9 +319,9 @@ def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, o
         prunable = sorted((r for r in roots if r not in protected), key=lambda r: (score(r), r))
         cap = _bounds(len(roots), len(prunable), options)
         plan.append((roots, prunable, cap))
-    if options["mode"] == "uniform":
+    if options.mode == "uniform":
         for roots, prunable, cap in plan:
-            k = _rounded(len(roots), min(int(round(ratio * len(roots))), cap), cap, options["round_to"])
+            k = _rounded(len(roots), min(int(round(ratio * len(roots))), cap), cap, options.round_to)
             removed.update(prunable[:k])
     else:
         total = sum(len(roots) for roots, _, _ in plan)
@@ -331,9 +338,9 @@ def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, o
             if taken[ci] < plan[ci][2]:
                 removed.add(r)
                 taken[ci] += 1
-        if options["round_to"] > 1:  # per class: move to the nearest allowed count
+        if options.round_to > 1:  # per class: move to the nearest allowed count
             for ci, (roots, prunable, cap) in enumerate(plan):
-                k = _rounded(len(roots), taken[ci], cap, options["round_to"])
+                k = _rounded(len(roots), taken[ci], cap, options.round_to)
                 for r in prunable:
                     removed.discard(r)
                 removed.update(prunable[:k])
@@ -538,7 +545,7 @@ def _layer_latency(model: ModelProto, feed: dict, runs: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: dict,
+def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, removed: set, ctx: PassContext, options: PruneOptions,
             feeds: list, source: str, refs: list) -> dict:
     # nothing removed: nothing to measure, and no onnxruntime run (the model may use ops it lacks)
     measure = bool(removed)
@@ -579,16 +586,16 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
                 total += r.shape[0]
     if total:
         err["top1_agreement"] = agree / total
-    if options["latency_runs"] > 0:
+    if options.latency_runs > 0:
         # the first of the feeds the error was measured on: the user's data when given (a model
         # with dynamic height/width has no shape to generate inputs from)
         feed = feeds[0]
-        lat_b = measure_latency(before, feed, options["latency_runs"], warmup=1, threads=0)["median_ms"]
-        lat_a = measure_latency(after, feed, options["latency_runs"], warmup=1, threads=0)["median_ms"]
+        lat_b = measure_latency(before, feed, options.latency_runs, warmup=1, threads=0)["median_ms"]
+        lat_a = measure_latency(after, feed, options.latency_runs, warmup=1, threads=0)["median_ms"]
         extra["latency_ms"] = {"before": round(lat_b, 4), "after": round(lat_a, 4), "reduction": _red(lat_b, lat_a),
-                               "runs": options["latency_runs"],
+                               "runs": options.latency_runs,
                                "note": f"onnxruntime CPU, all optimizations, median, first batch of the {source} inputs"}
-        runs = min(options["latency_runs"], 10)
+        runs = min(options.latency_runs, 10)
         per_b, per_a = _layer_latency(before, feed, runs), _layer_latency(after, feed, runs)
         for row, p in zip(layers, an.producers):
             if p.node.name:

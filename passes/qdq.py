@@ -18,69 +18,14 @@ import warnings
 
 from onnxopt import runtime
 from onnxopt.data import RANDOM_SAMPLES
-from onnxopt.errors import DataError, OnnxoptError, OptionError
+from onnxopt.errors import DataError, OptionError
 from onnxopt.quant import check as qcheck
+from onnxopt.quant.options import CalibrationOptions, QdqOptions
 from onnxopt.quant.quantize import already_quantized_message, limit_samples, quantize_model, quantized_ops, to_static_batch
-from onnxopt.quant.targets import TARGET_NAMES, get_target
-from onnxopt.registry import Option, PassResult, register_pass
+from onnxopt.quant.targets import get_target
+from onnxopt.registry import PassResult, register_pass
 
-RECOVERY_DEFAULTS = {
-    "bias_correction": "none",
-    "fallback": "none",
-    "max_error": 0.0,
-    "fallback_precision": "float",
-    "rounding": "nearest",
-    "adaround_iters": 500,
-}
-
-OPTIONS = [
-    Option("target", str, "tensorrt", "deployment target: tensorrt (int8 symmetric, Q/DQ on inputs), ort (uint8/int8, "
-           "onnxruntime int8 kernels), tidl (TI pre-quantized, opset 17), tidl-tda4vm (per-tensor power-of-two)", TARGET_NAMES),
-    Option("per_channel", bool, True, "per-channel weight scales (output-channel axis); tidl-tda4vm is always per-tensor"),
-    Option("weight_bits", int, 8, "weight bits, 2..8 (below 8: restricted int8 range, or INT4 with low_bit=int4)"),
-    Option("first_last_weight_bits", int, 0, "weight bits of the first and last weighted layers (0 = weight_bits); "
-           "low-bit PTQ keeps them at 8 by convention (AdaRound, BRECQ), e.g. weight_bits=4 first_last_weight_bits=8; "
-           "for --target ort on AVX2 CPUs without VNNI take 7, where onnxruntime's fused int8 kernels saturate at 8"),
-    Option("activation_bits", int, 8, "activation bits, 2..8 (below 8: restricted range enforced by a Clip before Q)"),
-    Option("symmetric", str, "auto", "activation symmetry: auto (the target's), true (zero point 0), false (asymmetric; ort/tidl only)",
-           ("auto", "true", "false")),
-    Option("weight_symmetric", bool, True, "false: asymmetric weights below 8 bits, each channel's [min, max] (widened to hold 0) "
-           "over all 2^b levels with its own zero point; at 4 bits it halves the rounding error of depthwise kernels; ort only "
-           "(TensorRT and TIDL take zero-point-0 weights). 8-bit layers stay symmetric: onnxruntime's int8 kernels on AVX2 "
-           "CPUs saturate on stored weights beyond +-64"),
-    Option("act_unsigned_low_bit", bool, True, "below 8 bits, non-negative activations (ReLU outputs...) take [0, 2^b-1] with zero point 0 "
-           "(int8 storage on int8 targets) instead of the symmetric [-q, q] that leaves half the levels unused"),
-    Option("power_of_two", bool, False, "round every scale up to a power of two (forced for tidl-tda4vm)"),
-    Option("low_bit", str, "restricted", "how <8-bit weights are stored: restricted (int8 range [-q, q]) or int4 (INT4 type, opset >= 21)",
-           ("restricted", "int4")),
-    Option("clip_bounds", bool, True, "cap activation ranges at the clips lite removed (ReLU6 -> ReLU: the quantizer "
-           "clips at 6 where ReLU6 did; recorded in the model's onnxopt.activation_bounds metadata)"),
-    Option("exclude_nodes", list, [], "node names kept in float (comma-separated)"),
-    Option("exclude_op_types", list, [], "op types kept in float, e.g. Gemm,Add"),
-    Option("exclude_regex", str, "", "regular expression on node names kept in float"),
-    Option("keep_first_last", bool, False, "keep the first and last weighted layers in float"),
-    Option("op_types", list, [], "only quantize these op types (default: every op the target quantizes)"),
-    Option("calib_method", str, "auto", "calibration method (auto = the target's default: percentile for tensorrt, mse for ort/tidl)",
-           ("auto", "minmax", "percentile", "entropy", "mse")),
-    Option("calib_percentile", float, 99.99, "percentile for calib_method=percentile"),
-    Option("calib_bins", int, 2048, "histogram bins (entropy/percentile/mse)"),
-    Option("calib_samples", int, 0, "use at most this many calibration samples (0 = all; random data: 16)"),
-    Option("calib_cache", str, "", "calibration cache file: reused when model/data/settings match, refused when stale"),
-    Option("calib_workers", int, 1, "calibration worker processes whose statistics merge"),
-    Option("trt_calib_table", str, "", "also write a TensorRT calibration table (implicit-quantization flows) here"),
-    # Reserved for PTQ recovery (onnxopt.quant.recovery); defaults leave the quantized model as is.
-    Option("bias_correction", str, "none", "PTQ recovery: correct the bias shift quantization causes", ("none", "empirical", "analytical")),
-    Option("fallback", str, "none", "PTQ recovery: auto = keep the most sensitive layers in higher precision until max_error holds", ("none", "auto")),
-    Option("max_error", float, 0.0, "PTQ recovery: relative output error budget for fallback=auto (0 = unset)"),
-    Option("fallback_precision", str, "float", "PTQ recovery: precision of fallback layers", ("float", "int16")),
-    Option("rounding", str, "nearest", "PTQ recovery: weight rounding: nearest, adaround (learned per layer, NumPy) or "
-           "brecq (learned per block of layers through their activations, on up to 256 calibration samples, or calib_samples / --calib-samples; needs torch)", ("nearest", "adaround", "brecq")),
-    Option("adaround_iters", int, 500, "PTQ recovery: learned-rounding iterations per layer (adaround) or per block "
-           "(brecq, plus 4 hardening stages of a tenth each)"),
-]
-
-
-def _calibration_data(options: dict, ctx):
+def _calibration_data(options: CalibrationOptions, ctx):
     """The data callable to calibrate on, or a DataError; random data warns loudly."""
     warns = []
     if ctx.data is None:
@@ -89,7 +34,7 @@ def _calibration_data(options: dict, ctx):
                         "--calib-data random is accepted for smoke tests only")
     data = ctx.data
     source = getattr(ctx.data_spec, "source", None) if ctx.data_spec is not None else None
-    n = int(options.get("calib_samples") or 0)
+    n = options.calib_samples
     if n < 0:
         raise OptionError(f"qdq.calib_samples must be 0 (all) or a positive count, got {n}.", "e.g. --set qdq.calib_samples=200")
     if source == "random":
@@ -134,14 +79,14 @@ def _saturation_note(info) -> str | None:
             "those layers are at 8: onnxruntime's reduce_range); keep 8 bits for VNNI CPUs.")
 
 
-@register_pass("qdq", "Int8 Q/DQ quantization with calibration, laid out for TensorRT, onnxruntime or TIDL.", exact=False, options=OPTIONS)
-def qdq(model, options, ctx):
+@register_pass("qdq", "Int8 Q/DQ quantization with calibration, laid out for TensorRT, onnxruntime or TIDL.", exact=False, options=QdqOptions)
+def qdq(model, options: QdqOptions, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
     found = quantized_ops(model)
     if found:  # a QAT export or a model quantized before: leave it as it is, and say so
         return PassResult(model, skipped=[already_quantized_message(found) + "; give the float model to quantize"])
-    data, warns = _calibration_data(options, ctx)
-    bn_warning = _unfolded_bn_warning(model, options.get("target", "tensorrt"))
+    data, warns = _calibration_data(options.calibration, ctx)
+    bn_warning = _unfolded_bn_warning(model, options.target)
     if bn_warning:
         ctx.log(bn_warning)
         warns.append(bn_warning)
@@ -160,15 +105,10 @@ def qdq(model, options, ctx):
         warns.append(note)
     extra = {"target": info["target"], "notes": info.get("notes", []), "groups": info["groups"],
              "excluded": info["excluded"], "warnings": warns}
-    recovery_opts = {k: options.get(k, v) for k, v in RECOVERY_DEFAULTS.items()}
-    if any(recovery_opts[k] != v for k, v in RECOVERY_DEFAULTS.items()):
-        try:
-            from onnxopt.quant import recovery
-        except ImportError:
-            raise OnnxoptError("PTQ recovery options (bias_correction/fallback/max_error/rounding...) were given, "
-                               "but onnxopt.quant.recovery is not available in this build.",
-                               "drop those options, or update onnxopt") from None
-        qmodel, rep = recovery.recover(float_model, qmodel, info, options, data, ctx)
+    if options.recovery.requested:
+        from onnxopt.quant import recovery
+
+        qmodel, rep = recovery.recover(float_model, qmodel, info, options.to_dict(), data, ctx)
         extra["recovery"] = rep
     violations = qcheck.check_model(qmodel, info["target"])
     extra["check"] = {"target": info["target"], "violations": len(violations),

@@ -23,6 +23,7 @@ and the output error right after sparsifying (on the context's data or generated
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,40 +32,41 @@ from onnx import ModelProto
 from onnxopt import runtime
 from onnxopt.errors import OptionError
 from onnxopt.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
-from onnxopt.registry import Option, PassContext, PassResult, register_pass
+from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class SparsifyOptions(PassOptions):
+    """The sparsify pass's options."""
+
+    method: str = option("nm", "nm: N of every M weights along the input channels; unstructured: smallest magnitudes", ("nm", "unstructured"))
+    nm: str = option("2:4", "the N:M pattern, e.g. 2:4 (TensorRT) or 41:64 (TI, with nm_convention=prune)")
+    nm_convention: str = option("keep", "keep: N weights of every M stay non-zero (NVIDIA); prune: N of every M are zeroed (TI)", ("keep", "prune"))
+    nm_layout: str = option("input_channel", "groups of M along the input channels, or along each output's flattened filter", ("input_channel", "flat"))
+    ratio: float = option(0.5, "unstructured: fraction of weights set to zero")
+    scope: str = option("layer", "unstructured: ratio per layer, or one magnitude threshold over all layers (global)", ("layer", "global"))
+    protect: list = option([], "layers left dense: node, output or weight names or regexes (full match)")
+    eval_batches: int = option(4, "batches of the data used to measure the output error")
 
 
 @register_pass(
     "sparsify",
     "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights.",
     exact=False,
-    options=[
-        Option("method", str, "nm", "nm: N of every M weights along the input channels; unstructured: smallest magnitudes",
-               choices=("nm", "unstructured")),
-        Option("nm", str, "2:4", "the N:M pattern, e.g. 2:4 (TensorRT) or 41:64 (TI, with nm_convention=prune)"),
-        Option("nm_convention", str, "keep", "keep: N weights of every M stay non-zero (NVIDIA); prune: N of every M are zeroed (TI)",
-               choices=("keep", "prune")),
-        Option("nm_layout", str, "input_channel", "groups of M along the input channels, or along each output's flattened filter",
-               choices=("input_channel", "flat")),
-        Option("ratio", float, 0.5, "unstructured: fraction of weights set to zero"),
-        Option("scope", str, "layer", "unstructured: ratio per layer, or one magnitude threshold over all layers (global)",
-               choices=("layer", "global")),
-        Option("protect", list, [], "layers left dense: node, output or weight names or regexes (full match)"),
-        Option("eval_batches", int, 4, "batches of the data used to measure the output error"),
-    ],
+    options=SparsifyOptions,
 )
-def sparsify(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
+def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> PassResult:
     """N:M or unstructured magnitude sparsity; see the module docstring."""
-    method = options["method"]
-    n, m = _parse_nm(options["nm"]) if method == "nm" else (0, 0)
-    keep_n = (n if options["nm_convention"] == "keep" else m - n) if method == "nm" else 0
-    ratio = float(options["ratio"])
+    method = options.method
+    n, m = _parse_nm(options.nm) if method == "nm" else (0, 0)
+    keep_n = (n if options.nm_convention == "keep" else m - n) if method == "nm" else 0
+    ratio = float(options.ratio)
     if method == "unstructured" and not 0.0 <= ratio <= 1.0:
         raise OptionError(f"sparsify.ratio must be in [0, 1], got {ratio}.", "e.g. --set sparsify.ratio=0.5")
     patterns = []
-    for item in options["protect"]:
+    for item in options.protect:
         try:
             patterns.append(re.compile(item))
         except re.error as exc:
@@ -103,7 +105,7 @@ def sparsify(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     entries = list(by_weight.values())
     if method == "nm":
         for e in entries:
-            grouped = _groups(e["value"], *e["axes"], options["nm_layout"])
+            grouped = _groups(e["value"], *e["axes"], options.nm_layout)
             if grouped.shape[-1] % m or grouped.shape[-1] == 0:
                 skipped.append(f"{e['where']}: group dimension {grouped.shape[-1]} is not a multiple of {m}")
                 e["new"] = None
@@ -112,8 +114,8 @@ def sparsify(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
             order = np.argsort(-np.abs(g), axis=-1, kind="stable")
             mask = np.zeros_like(g, dtype=bool)
             np.put_along_axis(mask, order[..., :keep_n], True, axis=-1)
-            e["new"] = _ungroup(np.where(mask, g, 0).reshape(grouped.shape), e["value"], *e["axes"], options["nm_layout"])
-    elif options["scope"] == "layer":
+            e["new"] = _ungroup(np.where(mask, g, 0).reshape(grouped.shape), e["value"], *e["axes"], options.nm_layout)
+    elif options.scope == "layer":
         for e in entries:
             e["new"] = _zero_smallest(e["value"], int(round(ratio * e["value"].size)))
     else:
@@ -155,14 +157,14 @@ def sparsify(model: ModelProto, options: dict, ctx: PassContext) -> PassResult:
     new_model = export_graph(graph, like=model)
     extra = {
         "method": method,
-        "pattern": f"{n}:{m} ({options['nm_convention']}, {options['nm_layout']})" if method == "nm" else f"ratio {ratio} ({options['scope']})",
+        "pattern": f"{n}:{m} ({options.nm_convention}, {options.nm_layout})" if method == "nm" else f"ratio {ratio} ({options.scope})",
         "layers": layers,
         "sparsity": {"sparsified_layers": round(sum(r["sparsity"] * r["params"] for r in layers) / max(sum(r["params"] for r in layers), 1), 4),
                      "all_layer_weights": round(zeros / total, 4) if total else 0.0,
                      "all_layer_weights_before": round(zeros_before / total, 4) if total else 0.0,
                      "layer_params": total},
         # nothing changed: no onnxruntime run (a model with ops it lacks is still left as it is)
-        "output_error": _error(model, new_model, ctx, options["eval_batches"]) if layers else {"max_abs": 0.0, "max_rel": 0.0, "inputs": None},
+        "output_error": _error(model, new_model, ctx, options.eval_batches) if layers else {"max_abs": 0.0, "max_rel": 0.0, "inputs": None},
     }
     if not layers and not skipped:
         skipped.append(f"nothing sparsified: the model has no {'/'.join(sorted(LAYERS))} layer")

@@ -71,9 +71,9 @@ def test_bad_option_values(t_scale, option, value, words):
 
 
 def test_option_conversion(t_scale):
-    got = t_scale.resolve({"factor": "2", "count": "3", "enabled": "off", "mode": "div"})
+    got = t_scale.resolve({"factor": "2", "count": "3", "enabled": "off", "mode": "div"}).to_dict()
     assert got == {"factor": 2.0, "count": 3, "enabled": False, "mode": "div"}
-    assert t_scale.resolve(None) == {"factor": 1.0, "mode": "mul", "count": 1, "enabled": True}
+    assert t_scale.resolve(None).to_dict() == {"factor": 1.0, "mode": "mul", "count": 1, "enabled": True}
     listed = Option("ops", list, [], "ops", choices=["Conv", "Gemm"])
     assert listed.convert("p", "Conv, Gemm") == ["Conv", "Gemm"]
     with pytest.raises(OptionError, match="'Relu'"):

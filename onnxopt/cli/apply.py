@@ -8,9 +8,26 @@ import click
 from .. import manager, model_io
 from ..data import DataSpec, ImageOptions, open_data
 from ..errors import OptionError
-from ..registry import PassContext, all_passes
+from ..registry import PassContext, all_passes, shortcut_flags
 from . import cli
 from .options import image_options, image_settings, input_shape_option, parse_input_shapes
+
+
+def _kwarg(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def shortcut_options(fn):
+    """One `apply` flag per pass option that declares one (``option(..., flag="--calib-method")``):
+    the flag is the same as ``--set PASS.OPTION=VALUE`` for every pass of the chain that takes it."""
+    for flag, owners in reversed(list(shortcut_flags().items())):
+        names = "/".join(dict.fromkeys(name for name, _ in owners))
+        opt = owners[0][1]
+        metavar = "|".join(map(str, opt.choices)) if opt.choices else ("FILE" if opt.path else opt.type.__name__.upper())
+        fn = click.option(flag, _kwarg(flag), default=None, metavar=metavar,
+                          type=click.Path(dir_okay=False) if opt.path else None,
+                          help=f"{names}: {opt.help} (= --set {names.split('/')[0]}.{opt.name}=...)")(fn)
+    return fn
 
 
 @cli.command("apply", epilog="""\b
@@ -31,17 +48,11 @@ Examples:
 @click.option("--data", "--calib-data", "data", metavar="PATH", help="Data for verification and calibration: .npy, .npz, image folder, file.py:function, or 'random'.")
 @click.option("--calib-samples", type=int, default=None, help="Use at most this many samples of --calib-data.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Batch size when running data through the model.")
-@click.option("--target", default=None, help="Deployment target for passes that take one (qdq): tensorrt, ort, tidl, tidl-tda4vm.")
-@click.option("--rules-module", default=None, type=click.Path(dir_okay=False), help="Python file registering user rules for the lite pass (= --set lite.rules_module=FILE).")
-@click.option("--calib-method", default=None, type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]), help="qdq: calibration method (= --set qdq.calib_method=...).")
-@click.option("--calib-percentile", type=float, default=None, help="qdq: percentile for --calib-method percentile (default 99.99).")
-@click.option("--calib-cache", default=None, type=click.Path(dir_okay=False), help="qdq: calibration cache file, reused when model/data/settings match.")
-@click.option("--calib-workers", type=int, default=None, help="qdq: calibration worker processes.")
-@click.option("--trt-calib-table", default=None, type=click.Path(dir_okay=False), help="qdq: also write a TensorRT calibration table here.")
+@shortcut_options
 @image_options
 @input_shape_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, save_steps, data, calib_samples, batch_size, target, input_shapes, quiet, rules_module=None, **kwargs):
+def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, save_steps, data, calib_samples, batch_size, input_shapes, quiet, **kwargs):
     """Apply PASSES (comma-separated, in order) to MODEL and write the result to -o.
 
     Every pass leaves a valid model; exact passes (cleanup, bnfuse, ...) are verified
@@ -62,17 +73,7 @@ def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, s
         raise OptionError("no passes given.", "name them (e.g. `onnxopt apply cleanup,bnfuse model.onnx -o out.onnx`) or give --recipe")
     for pass_name, opts in manager.parse_set_options(set_options).items():
         options.setdefault(pass_name, {}).update(opts)
-    if target is not None:
-        takers = [n for n in names if any(o.name == "target" for o in all_passes()[n].options)]
-        if not takers:
-            raise OptionError(f"--target {target} given, but no pass in {','.join(names)} takes a target.", "add qdq to the passes or drop --target")
-        for n in takers:
-            options.setdefault(n, {}).setdefault("target", target)
-    if rules_module is not None:
-        if "lite" not in names:
-            raise OptionError(f"--rules-module given, but lite is not in {','.join(names)}.", "add lite to the passes or drop --rules-module")
-        options.setdefault("lite", {}).setdefault("rules_module", rules_module)
-    _route_qdq_options(kwargs, names, options)
+    _route_shortcuts(kwargs, names, options)
     shapes = parse_input_shapes(input_shapes)
     model_io.refuse_overwriting_inputs(output, [model])
     source = model_io.load_model(model)
@@ -92,22 +93,22 @@ def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, s
         _print_summary(report, output)
 
 
-_QDQ_FLAGS = {"calib_method": "calib_method", "calib_percentile": "calib_percentile", "calib_cache": "calib_cache",
-              "calib_workers": "calib_workers", "trt_calib_table": "trt_calib_table"}
-
-
-def _route_qdq_options(kwargs: dict, names: list, options: dict) -> None:
-    """--calib-method/--calib-cache/... -> qdq options (an explicit --set wins)."""
-    given = {opt: kwargs.pop(flag) for flag, opt in _QDQ_FLAGS.items() if kwargs.get(flag) is not None}
-    for flag in _QDQ_FLAGS:
-        kwargs.pop(flag, None)
-    if not given:
-        return
-    if "qdq" not in names:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise OptionError(f"{flags} given, but qdq is not in {','.join(names)}.", "add qdq to the passes or drop the calibration flags")
-    for opt, value in given.items():
-        options.setdefault("qdq", {}).setdefault(opt, value)
+def _route_shortcuts(kwargs: dict, names: list, options: dict) -> None:
+    """The pass options' shortcut flags (--target, --calib-method, --rules-module...) -> the options
+    of every pass in the chain that declares them (an explicit --set or recipe value wins)."""
+    orphans: dict = {}
+    for flag, owners in shortcut_flags().items():
+        value = kwargs.pop(_kwarg(flag), None)
+        if value is None:
+            continue
+        takers = [(name, opt) for name, opt in owners if name in names]
+        if not takers:
+            orphans[flag] = "/".join(dict.fromkeys(name for name, _ in owners))
+        for name, opt in takers:
+            options.setdefault(name, {}).setdefault(opt.name, value)
+    if orphans:
+        flags, owners = ", ".join(orphans), " or ".join(dict.fromkeys(orphans.values()))
+        raise OptionError(f"{flags} given, but {owners} is not in {','.join(names)}.", f"add {owners} to the passes or drop {flags}")
 
 
 def _print_summary(report: manager.Report, output: str) -> None:

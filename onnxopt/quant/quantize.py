@@ -451,8 +451,9 @@ def already_quantized_message(found: dict) -> str:
     return f"the model is already quantized ({listed}); quantizing it again would stack a second quantization"
 
 
-def quantize_model(model: ModelProto, options: dict, data, ctx) -> QuantResult:
+def quantize_model(model: ModelProto, options, data, ctx) -> QuantResult:
     """Quantize ``model`` per ``options`` (the qdq pass's resolved options) with calibration ``data``."""
+    options = options.to_dict()  # interim: the engine below still reads the flat view
     found = quantized_ops(model)
     if found:
         raise OnnxoptError(already_quantized_message(found) + ".", "quantize the float model it came from")

@@ -1,0 +1,101 @@
+"""The qdq pass's options, in the groups the quantization layers take: the number format
+(bits, symmetry, scales), the placement (which nodes stay in float), the calibration (how
+activation ranges are measured) and the PTQ recovery. The user sets every option by its own name
+(``--set qdq.weight_bits=4``); each layer receives only its group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..registry import PassOptions, option
+from .targets import TARGET_NAMES
+
+
+@dataclass
+class FormatOptions(PassOptions):
+    """How weights and activations are stored: bits, symmetry, scale granularity."""
+
+    per_channel: bool = option(True, "per-channel weight scales (output-channel axis); tidl-tda4vm is always per-tensor")
+    weight_bits: int = option(8, "weight bits, 2..8 (below 8: restricted int8 range, or INT4 with low_bit=int4)")
+    first_last_weight_bits: int = option(0, "weight bits of the first and last weighted layers (0 = weight_bits); low-bit "
+                                         "PTQ keeps them at 8 by convention (AdaRound, BRECQ), e.g. weight_bits=4 "
+                                         "first_last_weight_bits=8; for --target ort on AVX2 CPUs without VNNI take 7, "
+                                         "where onnxruntime's fused int8 kernels saturate at 8")
+    activation_bits: int = option(8, "activation bits, 2..8 (below 8: restricted range enforced by a Clip before Q)")
+    symmetric: str = option("auto", "activation symmetry: auto (the target's), true (zero point 0), false (asymmetric; "
+                            "ort/tidl only)", ("auto", "true", "false"))
+    weight_symmetric: bool = option(True, "false: asymmetric weights below 8 bits, each channel's [min, max] (widened to "
+                                    "hold 0) over all 2^b levels with its own zero point; at 4 bits it halves the rounding "
+                                    "error of depthwise kernels; ort only (TensorRT and TIDL take zero-point-0 weights). "
+                                    "8-bit layers stay symmetric: onnxruntime's int8 kernels on AVX2 CPUs saturate on "
+                                    "stored weights beyond +-64")
+    act_unsigned_low_bit: bool = option(True, "below 8 bits, non-negative activations (ReLU outputs...) take [0, 2^b-1] "
+                                        "with zero point 0 (int8 storage on int8 targets) instead of the symmetric [-q, q] "
+                                        "that leaves half the levels unused")
+    power_of_two: bool = option(False, "round every scale up to a power of two (forced for tidl-tda4vm)")
+    low_bit: str = option("restricted", "how <8-bit weights are stored: restricted (int8 range [-q, q]) or int4 (INT4 "
+                          "type, opset >= 21)", ("restricted", "int4"))
+
+
+@dataclass
+class PlacementOptions(PassOptions):
+    """Which quantizable nodes stay in float."""
+
+    exclude_nodes: list = option([], "node names kept in float (comma-separated)")
+    exclude_op_types: list = option([], "op types kept in float, e.g. Gemm,Add")
+    exclude_regex: str = option("", "regular expression on node names kept in float")
+    keep_first_last: bool = option(False, "keep the first and last weighted layers in float")
+    op_types: list = option([], "only quantize these op types (default: every op the target quantizes)")
+
+
+@dataclass
+class CalibrationOptions(PassOptions):
+    """How activation ranges are measured on the calibration data."""
+
+    clip_bounds: bool = option(True, "cap activation ranges at the clips lite removed (ReLU6 -> ReLU: the quantizer clips "
+                               "at 6 where ReLU6 did; recorded in the model's onnxopt.activation_bounds metadata)")
+    calib_method: str = option("auto", "calibration method (auto = the target's default: percentile for tensorrt, mse "
+                               "for ort/tidl)", ("auto", "minmax", "percentile", "entropy", "mse"), flag="--calib-method")
+    calib_percentile: float = option(99.99, "percentile for calib_method=percentile", flag="--calib-percentile")
+    calib_bins: int = option(2048, "histogram bins (entropy/percentile/mse)")
+    calib_samples: int = option(0, "use at most this many calibration samples (0 = all; random data: 16)")
+    calib_cache: str = option("", "calibration cache file: reused when model/data/settings match, refused when stale",
+                              flag="--calib-cache", path=True)
+    calib_workers: int = option(1, "calibration worker processes whose statistics merge", flag="--calib-workers")
+    trt_calib_table: str = option("", "also write a TensorRT calibration table (implicit-quantization flows) here",
+                                  flag="--trt-calib-table", path=True)
+
+
+@dataclass
+class RecoveryOptions(PassOptions):
+    """PTQ recovery after quantization; the defaults leave the quantized model as it is."""
+
+    bias_correction: str = option("none", "PTQ recovery: correct the bias shift quantization causes",
+                                  ("none", "empirical", "analytical"))
+    fallback: str = option("none", "PTQ recovery: auto = keep the most sensitive layers in higher precision until "
+                           "max_error holds", ("none", "auto"))
+    max_error: float = option(0.0, "PTQ recovery: relative output error budget for fallback=auto (0 = unset)")
+    fallback_precision: str = option("float", "PTQ recovery: precision of fallback layers", ("float", "int16"))
+    rounding: str = option("nearest", "PTQ recovery: weight rounding: nearest, adaround (learned per layer, NumPy) or "
+                           "brecq (learned per block of layers through their activations, on up to 256 calibration "
+                           "samples, or calib_samples / --calib-samples; needs torch)", ("nearest", "adaround", "brecq"))
+    adaround_iters: int = option(500, "PTQ recovery: learned-rounding iterations per layer (adaround) or per block "
+                                 "(brecq, plus 4 hardening stages of a tenth each)")
+
+    @property
+    def requested(self) -> bool:
+        """Whether any recovery step differs from the defaults (which leave the model as it is)."""
+        return self != RecoveryOptions()
+
+
+@dataclass
+class QdqOptions(PassOptions):
+    """The qdq pass's options: the target, and one group per quantization layer."""
+
+    target: str = option("tensorrt", "deployment target: tensorrt (int8 symmetric, Q/DQ on inputs), ort (uint8/int8, "
+                         "onnxruntime int8 kernels), tidl (TI pre-quantized, opset 17), tidl-tda4vm (per-tensor "
+                         "power-of-two)", TARGET_NAMES, flag="--target")
+    format: FormatOptions = field(default_factory=FormatOptions)
+    placement: PlacementOptions = field(default_factory=PlacementOptions)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
