@@ -38,7 +38,7 @@ from onnx import ModelProto
 from onnx.external_data_helper import uses_external_data
 
 from . import model_io, runtime, stats
-from .data import DataSource, _graph_inputs, open_data
+from .data import DataSource, _graph_inputs, open_data, recorded_preprocessing
 from .errors import DataError, GateFailure, OnnxoptError, OptionError
 
 MB = 2**20
@@ -356,6 +356,7 @@ def compare_models(
     generated_samples: int = 8,
     gates: Optional[dict] = None,
     progress: bool = False,
+    require_preprocessing: bool = False,
 ) -> dict:
     """Run ``ref`` and ``cand`` on the same inputs and report errors, agreement, accuracy, latency,
     size and MACs; returns a JSON-able dict (see the module docstring for each metric).
@@ -363,6 +364,8 @@ def compare_models(
     ``data`` is a path/spec for :func:`onnxopt.data.open_data` or a ready :class:`DataSource`;
     without it ``generated_samples`` (or ``max_samples``) random inputs are used and a note says
     so. ``labels`` (path to .npy/.npz, or an int array) override the data source's own labels.
+    An image folder is read with ``image``, else with the preprocessing recorded in the reference's
+    or the candidate's metadata; ``require_preprocessing`` (the CLI) refuses one with neither.
     ``runs=0`` skips the latency measurement. ``gates`` maps gate names (``max_size_mb``,
     ``max_latency_ms``, ``min_agreement``, ``max_drop``) to limits; the result's ``gates`` lists
     each with its value and verdict and ``passed`` is False when one fails -- use
@@ -405,9 +408,14 @@ def compare_models(
             if isinstance(labels, (str, os.PathLike)):  # the labels file wins, as with a path
                 source = DataSource(dataclasses.replace(data.spec, labels=str(labels)), data.model, data._overrides)
         else:
-            source = open_data(str(data), ref_model, input_shapes, image=image or {}, batch_size=fixed or batch_size,
-                               max_samples=max_samples, labels=str(labels) if isinstance(labels, (str, os.PathLike)) else None)
+            source = open_data(str(data), ref_model, input_shapes, recorded=recorded_preprocessing(cand_model),
+                               image=image or {}, batch_size=fixed or batch_size, max_samples=max_samples,
+                               labels=str(labels) if isinstance(labels, (str, os.PathLike)) else None,
+                               require_preprocessing=require_preprocessing)
         source.check()
+        if source.preprocessing is not None:
+            where = " (recorded in the models' metadata)" if source.preprocessing_origin == "model" else ""
+            notes.append(f"preprocessing: {source.preprocessing.describe()}{where}")
         feeds = source.batches(fixed or batch_size)
         source_desc, total = source.spec.source, source.count()
         data_labels = source.labels() if label_arr is None else label_arr

@@ -15,9 +15,10 @@ more than one batch of images in memory. Every sample is checked against the mod
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -33,9 +34,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".ti
 
 @dataclass
 class ImageOptions:
-    """Preprocessing of an image folder. ``None`` means "derive from the model"."""
+    """Preprocessing of an image folder (and of uint8 arrays for a float input). ``None`` means
+    "derive from the model" for the geometry, "not given" for the pixel values."""
 
-    size: Optional[int] = None          # resize short side to this (default: crop size)
+    size: Optional[int] = None          # resize short side to this (default: crop / crop_fraction, else the crop)
     crop: Optional[int] = None          # center crop (default: model input H/W)
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
@@ -43,6 +45,101 @@ class ImageOptions:
     bgr: bool = False
     layout: Optional[str] = None        # "NCHW" / "NHWC" (default: from the model input)
     letterbox: Optional[int] = None     # YOLO-style letterbox with this pad value
+    preset: Optional[str] = None        # a name of PRESETS; the fields above override it
+    crop_fraction: Optional[float] = None  # the crop is this fraction of the resized short side (0.875: 256 -> 224)
+
+    def given(self) -> bool:
+        """Whether the pixel values' preprocessing was stated (a preset, or any value flag).
+        ``preset="none"`` states it too: raw 0..255 pixels, on purpose."""
+        return bool(self.preset or self.bgr or any(v is not None for v in (self.scale, self.mean, self.std, self.letterbox)))
+
+    def resolved(self) -> "ImageOptions":
+        """The preset's values with the explicitly given fields on top."""
+        if not self.preset:
+            return self
+        if self.preset not in PRESETS:
+            raise DataError(f"unknown preprocessing preset '{self.preset}'.", f"valid presets: {', '.join(PRESETS)}")
+        base = dict(PRESETS[self.preset][1])
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "bgr":
+                base["bgr"] = base.get("bgr", False) or value
+            elif value is not None:
+                base[f.name] = value
+        base["preset"] = self.preset
+        return ImageOptions(**base)
+
+    def to_metadata(self) -> dict:
+        """What ``onnxopt.preprocessing`` records: the resolved values that were set."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) not in (None, False)}
+        return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in out.items()}
+
+    def describe(self) -> str:
+        """One line for the console, e.g. "imagenet (x*0.00392, mean 0.485,0.456,0.406, std ...)"."""
+        o = self.resolved()
+        parts = []
+        if o.scale is not None:
+            parts.append(f"x*{o.scale:.6g}")
+        if o.mean is not None:
+            parts.append("mean " + ",".join(f"{v:g}" for v in o.mean))
+        if o.std is not None:
+            parts.append("std " + ",".join(f"{v:g}" for v in o.std))
+        parts.append("BGR" if o.bgr else "RGB")
+        if o.letterbox is not None:
+            parts.append(f"letterbox pad {o.letterbox}")
+        elif o.crop_fraction:
+            parts.append(f"center crop {o.crop_fraction:g} of the short side")
+        if not any(v is not None for v in (o.scale, o.mean, o.std)):
+            parts.append("raw 0..255 pixels")
+        return f"{o.preset} ({', '.join(parts)})" if o.preset else ", ".join(parts)
+
+
+# Named preprocessing for image folders: (what it is for, ImageOptions fields). Explicit flags
+# (--mean, --std, --scale, --bgr, --letterbox, --size, --crop) override a preset's values.
+PRESETS = {
+    "imagenet": ("torchvision / timm ImageNet models: x/255, then mean/std per RGB channel, 256 -> 224 crop",
+                 {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875}),
+    "imagenet-tf": ("TensorFlow / Keras 'tf' mode (EfficientNet-Lite, MobileNet): (x - 127.5) / 127.5, RGB, 256 -> 224 crop",
+                    {"mean": [127.5] * 3, "std": [127.5] * 3, "crop_fraction": 0.875}),
+    "caffe": ("Caffe / Keras 'caffe' mode (VGG, ResNet-50 Caffe): BGR, ImageNet BGR mean subtracted, 0..255 scale",
+              {"bgr": True, "mean": [103.939, 116.779, 123.68], "crop_fraction": 0.875}),
+    "yolo": ("Ultralytics-style YOLO: letterbox padded with 114, RGB, x/255",
+             {"scale": 1 / 255, "letterbox": 114}),
+    "yolox": ("YOLOX-style: letterbox padded with 114, BGR, raw 0..255",
+              {"bgr": True, "letterbox": 114}),
+    "none": ("raw RGB pixels 0..255, resized and center-cropped to the input (the model normalizes itself)", {}),
+}
+
+# The model metadata key holding the preprocessing the data was given with (written by `apply`,
+# read back by every command that takes data).
+PREPROCESSING_KEY = "onnxopt.preprocessing"
+
+
+def recorded_preprocessing(model: Optional[ModelProto]) -> Optional[ImageOptions]:
+    """The preprocessing recorded in ``model``'s metadata, or None."""
+    if model is None:
+        return None
+    for prop in model.metadata_props:
+        if prop.key == PREPROCESSING_KEY:
+            try:
+                values = json.loads(prop.value)
+                known = {f.name for f in fields(ImageOptions)}
+                return ImageOptions(**{k: v for k, v in values.items() if k in known})
+            except (ValueError, TypeError, AttributeError):
+                return None
+    return None
+
+
+def presets_help() -> str:
+    return "; ".join(f"{name}: {what}" for name, (what, _) in PRESETS.items())
+
+
+def _no_preprocessing_error(source: str, what: str) -> DataError:
+    return DataError(
+        f"{what} '{source}' needs its preprocessing stated: fed as raw 0..255 pixels, most models see garbage "
+        "and calibration, comparison and finetuning are silently wrong.",
+        "give --preprocess PRESET (" + ", ".join(PRESETS) + "; `none` feeds raw pixels on purpose), or --scale/--mean/--std/--bgr/--letterbox. "
+        "Presets: " + presets_help())
 
 
 @dataclass
@@ -55,6 +152,9 @@ class DataSpec:
     every: int = 1                      # take every n-th sample ...
     offset: int = 0                     # ... starting here (splits such as "every 5th")
     exclude_every: bool = False         # take the complement of the every/offset selection
+    # the command line requires the preprocessing of images (and of uint8 arrays for a float
+    # input) to be stated, by flags, a preset or the model's metadata; the API keeps raw pixels
+    require_preprocessing: bool = False
 
 
 RANDOM_SAMPLES = 16  # generated inputs never end: without a sample limit, 'random' yields this many
@@ -63,9 +163,20 @@ RANDOM_SAMPLES = 16  # generated inputs never end: without a sample limit, 'rand
 class DataSource:
     """A validated, streamable source of feed dicts for one model."""
 
-    def __init__(self, spec: DataSpec, model: ModelProto, input_shapes: Optional[dict] = None):
+    def __init__(self, spec: DataSpec, model: ModelProto, input_shapes: Optional[dict] = None,
+                 recorded: Optional[ImageOptions] = None):
+        # stated preprocessing wins; else the one recorded in the model (or in ``recorded``,
+        # another model's, e.g. compare's candidate), which the caller prints
+        self.preprocessing_origin = "given" if spec.image.given() else None
+        if not spec.image.given():
+            found = recorded_preprocessing(model) or recorded
+            if found is not None:
+                spec = dataclasses.replace(spec, image=found)
+                self.preprocessing_origin = "model"
+        spec = dataclasses.replace(spec, image=spec.image.resolved())
         self.spec = spec
         self.model = model
+        self._pixels_used = False  # images read, or uint8 arrays normalized: the preprocessing mattered
         self._inputs = {}
         for name, vi in _graph_inputs(model).items():
             self._inputs[name] = vi
@@ -166,6 +277,12 @@ class DataSource:
     def check(self) -> None:
         """Read and validate the first sample now, so a bad source fails before any work is done."""
         next(iter(self.samples()))
+
+    @property
+    def preprocessing(self) -> Optional[ImageOptions]:
+        """The image preprocessing this data was read with, when it mattered (an image folder, or
+        uint8 arrays normalized for a float input; known once a sample was read), else None."""
+        return self.spec.image if self._pixels_used else None
 
     def count(self) -> Optional[int]:
         """Number of samples this source will yield, when known without reading them."""
@@ -268,7 +385,7 @@ class DataSource:
         arr = np.load(self.spec.source, mmap_mode="r")
         name = next(iter(self._inputs))
         for i in range(arr.shape[0]):
-            yield {name: np.asarray(arr[i:i + 1])}
+            yield {name: self._cast_raw(name, np.asarray(arr[i:i + 1]))}
 
     def _npz(self):
         with np.load(self.spec.source) as z:
@@ -291,6 +408,12 @@ class DataSource:
         """uint8 images stored for a float input are scaled like an image folder would be."""
         want = self._inputs[name]["dtype"]
         if arr.dtype == np.uint8 and want.kind == "f":
+            if self.spec.require_preprocessing and not self.spec.image.given():
+                raise DataError(
+                    f"input '{name}' is {want} but '{self.spec.source}' holds uint8 values: raw 0..255 pixels would be fed.",
+                    "give the preprocessing: --scale 0.00392 (1/255) with --mean/--std, or --preprocess PRESET "
+                    f"({', '.join(PRESETS)}; `none` feeds 0..255 on purpose), or save the arrays as preprocessed {want}")
+            self._pixels_used = True
             return self._normalize(arr.astype(np.float32), channel_axis=1 if self._layout(name) == "NCHW" else -1)
         return arr
 
@@ -323,6 +446,9 @@ class DataSource:
 
         if len(self._inputs) != 1:
             raise DataError("an image folder feeds one input, but the model has several.", "use an .npz or a file.py:function")
+        if self.spec.require_preprocessing and not self.spec.image.given():
+            raise _no_preprocessing_error(self.spec.source, "image folder")
+        self._pixels_used = True
         name = next(iter(self._inputs))
         layout = self._layout(name)
         shape = self._inputs[name]["shape"]
@@ -344,7 +470,7 @@ class DataSource:
                 canvas[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR), np.float32)
                 arr = canvas
             else:
-                short = o.size or max(h, w)
+                short = o.size or (int(round(max(h, w) / o.crop_fraction)) if o.crop_fraction else max(h, w))
                 r = short / min(img.width, img.height)
                 img = img.resize((max(w, int(round(img.width * r))), max(h, int(round(img.height * r)))), Image.BILINEAR)
                 left, top = (img.width - w) // 2, (img.height - h) // 2
@@ -380,6 +506,9 @@ class DataSource:
                     "check the preprocessing (--crop/--layout) or the arrays' layout (samples on axis 0)",
                 )
             if arr.dtype != want["dtype"]:
+                if arr.dtype == np.uint8 and want["dtype"].kind == "f" and self.spec.require_preprocessing:
+                    raise DataError(f"input '{name}' is {want['dtype']} but sample {index} of '{self.spec.source}' is uint8: "
+                                    "raw 0..255 pixels would be fed.", "return preprocessed float arrays from the data function")
                 if arr.dtype.kind == want["dtype"].kind or (arr.dtype.kind in "iu" and want["dtype"].kind in "iu") or (arr.dtype.kind in "iuf" and want["dtype"].kind == "f"):
                     feed[name] = arr = arr.astype(want["dtype"])
                 else:
@@ -450,11 +579,13 @@ def _graph_inputs(model: ModelProto) -> dict:
     return out
 
 
-def open_data(spec, model: ModelProto, input_shapes: Optional[dict] = None, **kwargs) -> DataSource:
-    """A :class:`DataSource` for ``spec`` (a DataSpec, or a path string plus DataSpec fields as kwargs)."""
+def open_data(spec, model: ModelProto, input_shapes: Optional[dict] = None, recorded: Optional[ImageOptions] = None,
+              **kwargs) -> DataSource:
+    """A :class:`DataSource` for ``spec`` (a DataSpec, or a path string plus DataSpec fields as kwargs).
+    ``recorded``: preprocessing to use when none is given and ``model`` records none (another model's)."""
     if isinstance(spec, (str, os.PathLike)):
         image = kwargs.pop("image", None)
         if isinstance(image, dict):
             image = ImageOptions(**{k: v for k, v in image.items() if v is not None or k == "bgr"})
         spec = DataSpec(str(spec), image=image or ImageOptions(), **kwargs)
-    return DataSource(spec, model, input_shapes)
+    return DataSource(spec, model, input_shapes, recorded)

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from .. import manager, model_io
-from ..data import DataSpec, ImageOptions, open_data
+from ..data import PREPROCESSING_KEY
 from ..errors import OptionError
 from ..registry import PassContext, all_passes, shortcut_flags
 from . import cli
-from .options import image_options, image_settings, input_shape_option, parse_input_shapes
+from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
 
 
 def _kwarg(flag: str) -> str:
@@ -34,12 +35,15 @@ def shortcut_options(fn):
 Examples:
   onnxopt apply cleanup,bnfuse model.onnx -o model.opt.onnx
   onnxopt apply bnfuse model.onnx -o out.onnx --set bnfuse.standalone=conv --report report.json
-  onnxopt apply lite,bnfuse,qdq model.onnx -o model.int8.onnx --calib-data images/ --target tensorrt
+  onnxopt apply lite,bnfuse,qdq model.onnx --calib-data images/ --preprocess imagenet --target tensorrt
+      (writes model.lite-bnfuse-qdq.onnx beside model.onnx)
   onnxopt apply --recipe recipe.yaml model.onnx -o out.onnx
 """)
 @click.argument("passes", required=False)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the optimized model (written atomically).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the optimized model (written atomically). Default: beside MODEL as STEM.PASSES.onnx.")
+@click.option("--force", is_flag=True, help="Without -o: overwrite the default output when it exists.")
 @click.option("--set", "set_options", multiple=True, metavar="PASS.OPTION=VALUE", help="Set a pass option (repeatable); see `onnxopt passes`.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML/JSON file naming the passes and their options; --set overrides it.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check each exact pass against the model before it in onnxruntime.")
@@ -52,8 +56,9 @@ Examples:
 @image_options
 @input_shape_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, save_steps, data, calib_samples, batch_size, input_shapes, quiet, **kwargs):
-    """Apply PASSES (comma-separated, in order) to MODEL and write the result to -o.
+def apply_cmd(passes, model, output, force, set_options, recipe, verify, report_path, save_steps, data, calib_samples, batch_size, input_shapes, quiet, **kwargs):
+    """Apply PASSES (comma-separated, in order) to MODEL and write the result to -o
+    (default: beside MODEL as STEM.PASSES.onnx, e.g. model.lite-bnfuse-qdq.onnx).
 
     Every pass leaves a valid model; exact passes (cleanup, bnfuse, ...) are verified
     numerically against the model before them, and the chain stops loudly when one is off
@@ -75,22 +80,40 @@ def apply_cmd(passes, model, output, set_options, recipe, verify, report_path, s
         options.setdefault(pass_name, {}).update(opts)
     _route_shortcuts(kwargs, names, options)
     shapes = parse_input_shapes(input_shapes)
+    defaulted = output is None
+    if defaulted:
+        output = default_output(model, names, force)
     model_io.refuse_overwriting_inputs(output, [model])
     source = model_io.load_model(model)
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     ctx = PassContext(progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log)
     if data:
-        spec = DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=calib_samples)
-        ctx.data = open_data(spec, source, shapes)
-        ctx.data.check()  # wrong shape/dtype/NaN fails now, not only if a pass happens to read the data
-        ctx.data_spec = spec
+        # wrong shape/dtype/NaN, or images without their preprocessing, fail now, not only if a
+        # pass happens to read the data
+        ctx.data = open_cli_data(data, image, source, shapes, log=log, batch_size=batch_size, max_samples=calib_samples)
+        ctx.data_spec = ctx.data.spec
     result, report = manager.apply(source, names, options, verify=verify, context=ctx, save_steps=save_steps)
     report.source = str(model)
+    if ctx.data is not None and ctx.data.preprocessing is not None:
+        # compare, sensitivity, finetune and a later apply read the data the same way
+        model_io.record_metadata(result, PREPROCESSING_KEY, ctx.data.preprocessing.to_metadata())
     model_io.save_model(result, output, inputs=[model])
     if report_path:
         report.write(report_path)
     if not quiet:
         _print_summary(report, output)
+    elif defaulted:
+        click.echo(f"wrote {output}")
+
+
+def default_output(model: str, names: list, force: bool) -> str:
+    """``dir/stem.pass1-pass2.onnx`` beside the input; an existing file is kept unless ``force``."""
+    path = Path(model)
+    out = path.with_name(f"{path.stem}.{'-'.join(names)}.onnx")
+    if out.exists() and not force:
+        raise OptionError(f"no -o given, and the default output '{out}' already exists.",
+                          "give -o PATH, or --force to overwrite it")
+    return str(out)
 
 
 def _route_shortcuts(kwargs: dict, names: list, options: dict) -> None:

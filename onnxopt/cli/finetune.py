@@ -4,16 +4,17 @@ torch is optional: this module imports without it, and the command says how to i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import click
 
 from .. import model_io
-from ..data import DataSpec, ImageOptions, open_data
+from ..data import open_data
 from ..errors import OptionError, require
 from . import cli
-from .options import image_options, image_settings, input_shape_option, parse_input_shapes
+from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
 
 
 @cli.command("finetune", epilog="""\b
@@ -88,10 +89,9 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
     model_io.refuse_overwriting_inputs(output, [model] + ([teacher] if teacher else []))
     source = model_io.load_model(model)
     teacher_model = model_io.load_model(teacher) if teacher else None
-    spec = DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=max_samples, labels=labels,
-                    every=every, offset=offset, exclude_every=exclude_every)
-    ds = open_data(spec, source, shapes)
-    ds.check()
+    ds = open_cli_data(data, image, source, shapes, recorded_from=[teacher_model], log=log, batch_size=batch_size,
+                       max_samples=max_samples, labels=labels, every=every, offset=offset, exclude_every=exclude_every)
+    spec = ds.spec
     if ds.kind == "random":
         click.echo(f"WARNING: finetuning on RANDOM data (--data random, {ds.count()} samples): a smoke test only; "
                    "the learned weights are meaningless. Give real training data.", err=True)
@@ -104,8 +104,7 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
                          teacher_runtime=teacher_runtime, log=log, threads=threads)
     student = source
     if qat:
-        calib = open_data(DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=min(max_samples or 256, 256),
-                                   every=every, offset=offset, exclude_every=exclude_every), source, shapes)
+        calib = open_data(dataclasses.replace(spec, max_samples=min(max_samples or 256, 256), labels=None), source, shapes)
         student, overrides, _ = qat_mod.prepare_qat(source, qat, calib, target=target, per_channel=not per_tensor,
                                                     symmetric=symmetric, low_bit=low_bit, log=log)
         cfg.weight_modes, cfg.float_weights = overrides["weight_modes"], overrides["float_weights"]

@@ -29,7 +29,12 @@ def input_shape_option(fn):
 
 def image_options(fn):
     """Preprocessing for a folder of images (ignored for .npy/.npz/.py data)."""
+    from ..data import PRESETS
+
     opts = [
+        click.option("--preprocess", "preset", type=click.Choice(list(PRESETS)), default=None,
+                     help="Images (and uint8 arrays for a float input): a named preprocessing; the flags below override its values. "
+                          + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
         click.option("--size", type=int, default=None, help="Images: resize the short side to this many pixels (default: the crop)."),
         click.option("--crop", type=int, default=None, help="Images: center-crop to this size (default: the model's input H/W)."),
         click.option("--mean", default=None, metavar="M[,M,M]", help="Images: subtract this mean per channel (after --scale)."),
@@ -46,7 +51,7 @@ def image_options(fn):
 
 def image_settings(kwargs: dict) -> dict:
     """Pop the image options out of a command's kwargs as a dict for onnxopt.data.ImageOptions."""
-    keys = ("size", "crop", "mean", "std", "scale", "bgr", "layout", "letterbox")
+    keys = ("size", "crop", "mean", "std", "scale", "bgr", "layout", "letterbox", "preset")
     values = {k: kwargs.pop(k, None) for k in keys}
     for k in ("mean", "std"):
         if values[k] is not None:
@@ -55,6 +60,22 @@ def image_settings(kwargs: dict) -> dict:
             except ValueError:
                 raise OptionError(f"bad --{k} '{values[k]}'.", f"write --{k} as one number or three comma-separated numbers") from None
     return values
+
+
+def open_cli_data(path: str, image: dict, model, shapes=None, *, recorded_from=(), log=None, **spec_fields):
+    """The data of a command: the preprocessing of images (and of uint8 arrays for a float input)
+    must be stated, by flags, a preset, or the metadata of ``model`` or of ``recorded_from``'s
+    models; the first sample is read and checked now, and the preprocessing used is printed."""
+    from ..data import DataSpec, ImageOptions, open_data, recorded_preprocessing
+
+    recorded = next((r for r in map(recorded_preprocessing, recorded_from) if r is not None), None)
+    spec = DataSpec(path, image=ImageOptions(**image), require_preprocessing=True, **spec_fields)
+    ds = open_data(spec, model, shapes, recorded=recorded)
+    ds.check()
+    if ds.preprocessing is not None and log is not None:
+        where = " (recorded in the model's metadata)" if ds.preprocessing_origin == "model" else ""
+        log(f"data {path}: preprocessing {ds.preprocessing.describe()}{where}")
+    return ds
 
 
 def pass_through(*decorators):

@@ -8,11 +8,10 @@ import sys
 import click
 
 from .. import manager, model_io
-from ..data import DataSpec, ImageOptions, open_data
 from ..errors import OptionError
 from ..registry import PassContext, get_pass
 from . import cli
-from .options import image_options, image_settings, input_shape_option, parse_input_shapes
+from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
 
 
 def _strict(value):
@@ -73,9 +72,8 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
     resolved = get_pass("qdq").resolve(opts)
     shapes = parse_input_shapes(input_shapes)
     source = model_io.load_model(model)
-    spec = DataSpec(data, image=ImageOptions(**image), batch_size=batch_size, max_samples=calib_samples)
-    ds = open_data(spec, source, shapes)
-    ctx = PassContext(data=ds, data_spec=spec, progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log)
+    ds = open_cli_data(data, image, source, shapes, log=log, batch_size=batch_size, max_samples=calib_samples)
+    ctx = PassContext(data=ds, data_spec=ds.spec, progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log)
     log(f"quantizing for {target} (one calibration) ...")
     result = quantize_model(source, resolved, ds, ctx)
     view = sens.QdqView(source, result.model, result.info)
