@@ -12,14 +12,12 @@ The guards encode what real models break (STYLE, "conventions" 2-3):
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
-
-from .model_io import opset_of
 
 
 # --------------------------------------------------------------------------------------- I/O
@@ -150,10 +148,6 @@ def input_at(node: gs.Node, index: int) -> Optional[gs.Tensor]:
     return t
 
 
-def consumers(tensor: gs.Tensor) -> list:
-    return list(tensor.outputs)
-
-
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(o is tensor or o.name == tensor.name for o in graph.outputs)
 
@@ -163,10 +157,6 @@ def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> Optional[gs.Node]:
     if is_graph_output(graph, tensor) or len(tensor.outputs) != 1:
         return None
     return tensor.outputs[0]
-
-
-def producer(tensor: gs.Tensor) -> Optional[gs.Node]:
-    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 
 
 def can_absorb(graph: gs.Graph, tensor: gs.Tensor) -> Optional[str]:
@@ -191,17 +181,6 @@ def attr(node: gs.Node, name: str, opset: int | None = None):
     if a is None or not a.default_value.name and a.default_value.type == 0:
         return None
     return helper.get_attribute_value(a.default_value)
-
-
-def conv_attrs(node: gs.Node, kernel_rank: int) -> dict:
-    """Conv/ConvTranspose/pool attributes with the schema defaults spelled out."""
-    return {
-        "group": int(node.attrs.get("group", 1)),
-        "strides": list(node.attrs.get("strides", [1] * kernel_rank)),
-        "dilations": list(node.attrs.get("dilations", [1] * kernel_rank)),
-        "pads": list(node.attrs.get("pads", [0] * (2 * kernel_rank))),
-        "auto_pad": node.attrs.get("auto_pad", "NOTSET"),
-    }
 
 
 # ----------------------------------------------------------------------------------- names
@@ -254,10 +233,6 @@ class NameGenerator:
                 return name
 
 
-def new_variable(names: NameGenerator, base: str, dtype=None, shape=None) -> gs.Variable:
-    return gs.Variable(names(base), dtype=dtype, shape=shape)
-
-
 def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     """Make every consumer of ``old`` read ``new`` instead (graph outputs included, keeping the output name)."""
     if is_graph_output(graph, old) and any(inp is new for inp in graph.inputs):
@@ -281,18 +256,3 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
             graph.outputs[i] = new
 
 
-def model_opset(model: ModelProto) -> int:
-    return opset_of(model)
-
-
-def float_dtype_of(tensor: gs.Tensor) -> np.dtype:
-    dt = getattr(tensor, "dtype", None)
-    try:
-        return np.dtype(dt) if dt is not None else np.dtype(np.float32)
-    except TypeError:
-        return np.dtype(np.float32)
-
-
-def nodes_of(graph: gs.Graph, ops: Iterable[str]) -> list:
-    wanted = set(ops)
-    return [n for n in graph.nodes if n.op in wanted]

@@ -1,8 +1,6 @@
 """Option groups shared by several subcommands (data, image preprocessing, input shapes)."""
 from __future__ import annotations
 
-import functools
-
 import click
 
 from ..errors import OptionError
@@ -77,11 +75,3 @@ def open_cli_data(path: str, image: dict, model, shapes=None, *, recorded_from=(
         log(f"data {path}: preprocessing {ds.preprocessing.describe()}{where}")
     return ds
 
-
-def pass_through(*decorators):
-    def wrap(fn):
-        for d in reversed(decorators):
-            fn = d(fn)
-        return functools.wraps(fn)(fn)
-
-    return wrap

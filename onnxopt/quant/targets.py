@@ -85,11 +85,6 @@ def get_target(name: str) -> TargetRules:
     return TARGETS[name]
 
 
-def weight_input_index(op: str) -> int:
-    """Index of the weight input of a weighted op (B for Gemm/MatMul, W for Conv)."""
-    return 1
-
-
 def weight_axis(op: str, attrs: dict, weight_rank: int, group: int = 1) -> Optional[int]:
     """The per-channel (output-feature) axis of the weight of ``op``, or None for per-tensor.
 

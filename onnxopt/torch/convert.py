@@ -361,9 +361,6 @@ class OnnxModule(nn.Module):
             return self.params[self.param_names[name]]
         return getattr(self.consts, self.buffer_names[name])
 
-    def has_value(self, name: str) -> bool:
-        return name in self.param_names or name in self.buffer_names
-
     def parameter_by_onnx_name(self, name: str) -> nn.Parameter:
         return self.params[self.param_names[name]]
 
