@@ -27,8 +27,26 @@ def import_graph(model: ModelProto) -> gs.Graph:
     onnx-graphsurgeon drops graph inputs that also have an initializer. From IR 4 on such an
     input may be fed at run time, so it is no weight: its name is remembered on the graph
     (``overridable_inputs``) for :func:`is_weight`, and :func:`export_graph` restores the input.
+
+    A ``value_info`` entry for a graph input or output name is left out of the import: onnx-
+    graphsurgeon lets it overwrite the input's/output's type, and a shape-less entry (real
+    exports write them) then makes the exported output fail the checker ("Field 'shape' of
+    'type' is required"). The model itself is left as it was.
     """
-    graph = gs.import_onnx(model)
+    io_names = {vi.name for vi in model.graph.input} | {vi.name for vi in model.graph.output}
+    shadowing = [k for k, vi in enumerate(model.graph.value_info) if vi.name in io_names]
+    if shadowing:
+        saved = list(model.graph.value_info)
+        keep = [vi for k, vi in enumerate(saved) if k not in set(shadowing)]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+        try:
+            graph = gs.import_onnx(model)
+        finally:
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(saved)
+    else:
+        graph = gs.import_onnx(model)
     inits = {i.name for i in model.graph.initializer}
     graph.overridable_inputs = {i.name for i in model.graph.input if i.name in inits} if model.ir_version >= 4 else set()
     return graph

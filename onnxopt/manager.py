@@ -3,8 +3,10 @@
 ``apply(model, "cleanup,bnfuse", options={"bnfuse": {"standalone": "conv"}})`` returns the new
 model and a :class:`Report`. After every pass the model must pass ``onnx.checker`` and shape
 inference; an exact pass is then run against the model before it in onnxruntime (optimizations
-off) on generated inputs -- or on the user's data -- and a difference beyond tolerance stops the
-chain with a :class:`VerificationError` naming the pass and the error.
+off) on inputs generated from the model (:mod:`onnxopt.feeds`, at two sizes where it has dynamic
+dims) -- or on the user's data -- and a difference beyond tolerance stops the chain with a
+:class:`VerificationError` naming the pass and the error. When no input can be generated the
+pass is kept unverified and the report says why (``require_verify`` makes that an error).
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from typing import Any, Optional, Sequence, Union
 import onnx
 from onnx import ModelProto
 
-from . import __version__, model_io, runtime, stats
+from . import __version__, model_io, opsets, runtime, stats
 from .errors import OnnxoptError, OptionError, VerificationError
-from .registry import PassContext, PassInfo, get_pass
+from .registry import PassContext, PassInfo, PassResult, get_pass
 
 # An exact pass may reorder float arithmetic (e.g. folding a BN scale into a weight): the
 # outputs must agree to this relative error (max |diff| / max |ref|) or this absolute error.
@@ -184,18 +186,31 @@ def resolve_options(names: Sequence[str], options: Optional[dict]) -> dict:
 
 
 def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) -> dict:
-    """Run both models on the same inputs; return the error, raising when beyond tolerance."""
-    feeds, source = ctx.sample_feeds(before, 2)
+    """Run both models on the same inputs; return the error (``passed`` says whether within tolerance).
+
+    Generated inputs cover every size the feed plan found (two where the model has dynamic dims).
+    When no input can be built or onnxruntime cannot load the input model, the result is
+    ``{"verified": False, "reason": ...}``: the caller decides whether that blocks.
+    """
+    from .feeds import NoFeedError
+
     try:
+        feeds, source = ctx.verification_feeds(before)
         s_ref = runtime.session(before)
+    except NoFeedError as exc:
+        return {"verified": False, "passed": None, "reason": exc.message, "hint": exc.hint}
     except OnnxoptError as exc:  # e.g. a custom op: onnxruntime cannot run the model, before or after the pass
-        raise OnnxoptError(f"the exact pass cannot be verified: {exc.message}",
-                           "skip the check with --no-verify (verify=False in the API), or fix what onnxruntime "
-                           "cannot load") from None
+        return {"verified": False, "passed": None, "reason": exc.message, "hint": exc.hint}
     s_new = runtime.session(after)  # the input loads but the output does not: the pass broke it, say so as it is
-    worst = {"max_abs": 0.0, "max_rel": 0.0, "worst_output": None}
+    worst = {"verified": True, "max_abs": 0.0, "max_rel": 0.0, "worst_output": None}
     for feed in feeds:
-        err = runtime.output_error(runtime.run(s_ref, feed), runtime.run(s_new, feed))
+        try:
+            got = runtime.run(s_new, feed)
+        except OnnxoptError as exc:  # the input model ran on this feed, the output does not
+            worst.update({"max_abs": float("inf"), "max_rel": float("inf"), "worst_output": None,
+                          "reason": f"the new model fails on an input the original runs: {exc.message}"})
+            continue
+        err = runtime.output_error(runtime.run(s_ref, feed), got)
         # the worst relative error over all feeds is kept, even when a later feed has the
         # larger absolute error (update() alone would overwrite it)
         max_rel = max(worst["max_rel"], err["max_rel"])
@@ -204,8 +219,21 @@ def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rto
         worst["max_rel"] = max_rel
     worst["passed"] = bool(worst["max_abs"] <= atol or worst["max_rel"] <= rtol)
     worst["inputs"] = source
+    if source == "generated":
+        plan = ctx.feed_plan(before)
+        worst["sizes"] = [{n: list(s) for n, s in sizes.items()} for sizes in plan.sizes]
     worst["rtol"], worst["atol"] = rtol, atol
     return worst
+
+
+def _unverified(name: str, verification: dict, ctx: PassContext) -> None:
+    """An exact pass that could not be verified: an error with --require-verify, else one line."""
+    reason = verification["reason"]
+    if ctx.require_verify:
+        raise OnnxoptError(f"the exact pass '{name}' cannot be verified: {reason}",
+                           "skip the check with --no-verify (verify=False in the API), give --data or --input-shape, "
+                           "or drop --require-verify to write it unverified")
+    ctx.log(f"  {name}: not verified ({reason})")
 
 
 def apply(
@@ -237,9 +265,20 @@ def apply(
         info: PassInfo = get_pass(name)
         ctx.log(f"[{step + 1}/{len(names)}] {name} ...")
         t0 = time.perf_counter()
-        result = info.run(model_io.load_model(current, check=False), resolved[name], ctx)
+        work = model_io.load_model(current, check=False)
+        hidden = opsets.hide_unknown(work)  # ops the passes do not know at this opset are left alone
+        blocker = unrepresentable(work)
+        if blocker:  # the graph editor would drop or fail on it: the pass leaves the model as it is
+            result = PassResult(current, skipped=[f"model left unchanged: {blocker}"])
+            hidden = []
+        else:
+            result = info.run(work, resolved[name], ctx)
         seconds = time.perf_counter() - t0
         new_model = result.model
+        if hidden:
+            opsets.restore_hidden(new_model)
+            result.skipped.append(f"left alone: {', '.join(sorted(set(hidden)))} (semantics at opset "
+                                  f"{model_io.opset_of(current)} not reviewed by onnxopt)")
         _validate_pass_output(name, new_model)
         record = PassRecord(
             name=name, exact=info.exact, options=resolved[name].to_dict(), seconds=seconds,
@@ -248,7 +287,9 @@ def apply(
         )
         if verify and info.exact and result.modified:
             record.verification = verify_exact(current, new_model, ctx)
-            if not record.verification["passed"]:
+            if record.verification["verified"] is False:
+                _unverified(name, record.verification, ctx)
+            elif not record.verification["passed"]:
                 v = record.verification
                 raise VerificationError(
                     f"pass '{name}' changed the model's output '{v['worst_output']}' beyond tolerance: "
@@ -267,6 +308,30 @@ def apply(
         before_stats = record.after
     report.total_seconds = time.perf_counter() - t_chain
     return current, report
+
+
+def unrepresentable(model: ModelProto) -> Optional[str]:
+    """Why onnx-graphsurgeon (every pass's graph editor) cannot round-trip ``model``, or None.
+
+    It exports only tensor (and sequence-of-tensor) values and drops attributes of type TYPE_PROTO
+    (the ``type`` of an ``Optional`` node): a pass would crash or silently write a different model.
+    """
+    def walk(graph: onnx.GraphProto) -> Optional[str]:
+        for vi in list(graph.input) + list(graph.output):
+            if not vi.type.HasField("tensor_type") and not (
+                    vi.type.HasField("sequence_type") and vi.type.sequence_type.elem_type.HasField("tensor_type")):
+                return f"'{vi.name}' is an optional/map/nested value, which onnxopt's graph editor cannot write back"
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type in (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS):
+                    return f"{node.op_type} node '{node.name or node.output[0]}' has a type attribute, which onnxopt's graph editor drops"
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    why = walk(g)
+                    if why:
+                        return why
+        return None
+
+    return walk(model.graph)
 
 
 def _validate_pass_output(name: str, model: ModelProto) -> None:

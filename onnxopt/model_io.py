@@ -19,10 +19,12 @@ from onnx import ModelProto
 from onnx.external_data_helper import uses_external_data
 
 from .errors import ModelLoadError, OnnxoptError
+from .opsets import max_opset
 
-# The range of default-domain opsets onnxopt's passes are written and tested for.
+# The range of default-domain opsets onnxopt reads: from 7 to every opset the installed onnx
+# defines. Operators newer than the passes' review are left alone by them (onnxopt.opsets).
 MIN_OPSET = 7
-MAX_OPSET = 23
+MAX_OPSET = max_opset()
 TWO_GB = 2**31
 MAX_PROTO_BYTES = TWO_GB - 2**20  # keep a margin under protobuf's hard limit
 
@@ -156,9 +158,10 @@ def load_model(source: ModelLike, *, check: bool = True) -> ModelProto:
 def validate_model(model: ModelProto, what: str = "model") -> None:
     """IR/opset range and onnx.checker; raise ModelLoadError with the checker's words."""
     opset = opset_of(model)
-    if opset == 0:
+    if opset == 0 and _uses_default_domain(model.graph):
         raise ModelLoadError(f"{what} declares no default-domain opset.", "re-export it with an opset_import for the ai.onnx domain")
-    if opset < MIN_OPSET or opset > MAX_OPSET:
+    # a model made only of other domains' ops (ai.onnx.ml...) needs no default-domain opset
+    if opset and (opset < MIN_OPSET or opset > MAX_OPSET):
         raise ModelLoadError(
             f"{what} uses opset {opset}; onnxopt supports opsets {MIN_OPSET}..{MAX_OPSET}.",
             "convert it with onnx.version_converter.convert_version(model, 17)",
@@ -172,6 +175,13 @@ def validate_model(model: ModelProto, what: str = "model") -> None:
         first = " ".join(str(exc).split()) or "validation failed"
         first = first if len(first) <= 300 else first[:297] + "..."
         raise ModelLoadError(f"{what} is not a valid ONNX graph: {first}", "fix the exporter output, or run onnx.checker to see every problem") from None
+
+
+def _uses_default_domain(graph: onnx.GraphProto) -> bool:
+    for node in graph.node:
+        if node.domain in ("", "ai.onnx") or any(_uses_default_domain(g) for g in _subgraphs(node)):
+            return True
+    return False
 
 
 def check_model(model: ModelProto, full: bool = False) -> None:
@@ -205,6 +215,14 @@ def refuse_overwriting_inputs(path: Union[str, os.PathLike], inputs: Iterable[Mo
             raise OnnxoptError(f"the output '{out}' is the input model; onnxopt never overwrites its input.", "choose another -o path")
 
 
+def follow_umask(path: Union[str, os.PathLike]) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (always 0600) the mode any file the user writes
+    gets (0666 less the umask), so a TensorRT/TIDL container running as another user can read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iterable[ModelLike] = (), external_data: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically.
 
@@ -236,10 +254,12 @@ def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iter
                     if e.key == "location":
                         e.value = data_name
             onnx.save_model(saved, tmp)
+            follow_umask(tmp_data)
             os.replace(tmp_data, out.parent / data_name)
             tmp_data = None
         else:
             onnx.save_model(model, tmp)
+        follow_umask(tmp)
         os.replace(tmp, out)
     finally:
         for leftover in (tmp, tmp_data):

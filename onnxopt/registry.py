@@ -204,6 +204,8 @@ class PassContext:
     ``data`` is a callable returning a fresh iterable of feed dicts (calibration/evaluation data),
     or None when the user gave none. ``progress`` says whether progress bars may be shown.
     ``input_shapes`` overrides dynamic input dimensions for generated inputs.
+    ``require_verify`` makes an exact pass that cannot be verified (no runnable generated input,
+    a model onnxruntime cannot load) an error instead of a pass written unverified.
     """
 
     data: Optional[Callable[[], Any]] = None
@@ -211,6 +213,34 @@ class PassContext:
     progress: bool = True
     input_shapes: Optional[dict] = None
     log: Callable[[str], None] = lambda msg: None
+    require_verify: bool = False
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def feed_plan(self, model: onnx.ModelProto):
+        """The generated-input plan for ``model`` (:func:`onnxopt.feeds.plan_feeds`), built once per
+        input signature: every pass of a chain keeps the inputs, so later passes reuse it. A model
+        no feed runs on raises :class:`onnxopt.feeds.NoFeedError` (remembered too)."""
+        from .feeds import NoFeedError, plan_feeds
+
+        key = tuple((vi.name, vi.type.SerializeToString()) for vi in model.graph.input) + (repr(self.input_shapes),)
+        if key not in self._plans:
+            try:
+                self._plans[key] = plan_feeds(model, self.input_shapes)
+            except NoFeedError as exc:
+                self._plans[key] = exc
+        plan = self._plans[key]
+        if isinstance(plan, NoFeedError):
+            raise plan
+        return plan
+
+    def verification_feeds(self, model: onnx.ModelProto) -> tuple:
+        """Feeds an exact pass is verified on: the user's data (2 batches), else generated inputs at
+        every size the plan found (two seeds at the first size, one at the second)."""
+        if self.data is not None:
+            return self.sample_feeds(model, 2)
+        plan = self.feed_plan(model)
+        feeds = [plan.feed(0, 0), plan.feed(0, 1)] + [plan.feed(i, 2 + i) for i in range(1, len(plan.sizes))]
+        return feeds, "generated"
 
     def sample_feeds(self, model: onnx.ModelProto, batches: int = 2) -> tuple:
         """Up to ``batches`` feed dicts from the user's data, else generated inputs.
@@ -219,10 +249,10 @@ class PassContext:
         output error. Data that yields nothing is an error, never a silent switch to random inputs.
         """
         from .errors import DataError
-        from .runtime import generate_inputs
 
         if self.data is None:
-            return [generate_inputs(model, seed=s, overrides=self.input_shapes) for s in range(max(batches, 1))], "generated"
+            plan = self.feed_plan(model)
+            return [plan.feed(0, s) for s in range(max(batches, 1))], "generated"
         feeds = []
         for feed in self.data():
             feeds.append(feed)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from onnx import ModelProto, helper
 
 from .errors import DataError, OnnxoptError
+from .feeds import shape_hint
 
 
 
@@ -20,11 +21,13 @@ def np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def session(model: ModelProto | str, *, optimize: bool = False, threads: int = 0, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session; ``optimize=False`` disables all graph optimizations."""
+def session(model: ModelProto | str, *, optimize: bool = False, threads: int = 0, providers: Sequence[str] | None = None,
+            quiet: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session; ``optimize=False`` disables all graph optimizations.
+    ``quiet``: onnxruntime logs nothing, not even a failed run (for runs that probe inputs)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if quiet else 3
     if threads:
         so.intra_op_num_threads = threads
     payload = model if isinstance(model, str) else _serialize(model)
@@ -70,7 +73,7 @@ def input_specs(model: ModelProto, overrides: Optional[dict] = None) -> list:
                 else:
                     raise OnnxoptError(
                         f"input '{vi.name}' has a dynamic dimension {axis} ('{d.dim_param or '?'}'); onnxopt needs a concrete shape to generate inputs.",
-                        f"give it with --input-shape {vi.name}:1x3x224x224 (your real shape), or provide --data",
+                        f"give it with --input-shape {shape_hint(vi)} (your real sizes), or provide --data",
                     )
         specs.append((vi.name, shape, dtype))
     return specs

@@ -3,6 +3,7 @@ no traceback, and no output file. The real CLI entry point runs in a subprocess 
 stderr and exit code are checked."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -149,7 +150,9 @@ def test_debug_switch_shows_the_traceback(tmp_path):
 
 def test_exact_pass_on_a_model_onnxruntime_cannot_run(tmp_path):
     """A custom-domain op: bnfuse folds the BN, but onnxruntime cannot load the model to verify
-    it. One message pointing at --no-verify; with it, the folded model is written."""
+    it. Verification never blocks the main job: the model is written and the console says in one
+    line that it was not verified and why. --require-verify restores the refusal: one message
+    pointing at --no-verify; with that, the folded model is written."""
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")] + [
@@ -163,7 +166,15 @@ def test_exact_pass_on_a_model_onnxruntime_cannot_run(tmp_path):
     src = tmp_path / "custom.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]), src)
     out = tmp_path / "out.onnx"
-    proc = cli("apply", "bnfuse", src, "-o", out, cwd=tmp_path)
+    report = tmp_path / "report.json"
+    proc = cli("apply", "bnfuse", src, "-o", out, "--report", report, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "not verified" in line]
+    assert len(said) == 1 and "MyOp" in said[0], proc.stderr
+    ver = json.loads(report.read_text())["passes"][0]["verification"]
+    assert ver["verified"] is False and "MyOp" in ver["reason"]
+    out.unlink()
+    proc = cli("apply", "bnfuse", src, "-o", out, "--require-verify", cwd=tmp_path)
     assert_one_clear_error(proc, "cannot be verified", "--no-verify")
     assert not out.exists()
     proc = cli("apply", "bnfuse", src, "-o", out, "--no-verify", cwd=tmp_path)

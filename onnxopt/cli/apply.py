@@ -47,6 +47,8 @@ Examples:
 @click.option("--set", "set_options", multiple=True, metavar="PASS.OPTION=VALUE", help="Set a pass option (repeatable); see `onnxopt passes`.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML/JSON file naming the passes and their options; --set overrides it.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check each exact pass against the model before it in onnxruntime.")
+@click.option("--require-verify", is_flag=True, help="Fail when an exact pass cannot be verified (no runnable generated input, "
+              "a model onnxruntime cannot load) instead of writing it unverified.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report of what each pass did.")
 @click.option("--save-steps", type=click.Path(file_okay=False), help="Write the model after each pass into this folder (for Netron).")
 @click.option("--data", "--calib-data", "data", metavar="PATH", help="Data for verification and calibration: .npy, .npz, image folder, file.py:function, or 'random'.")
@@ -56,13 +58,16 @@ Examples:
 @image_options
 @input_shape_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def apply_cmd(passes, model, output, force, set_options, recipe, verify, report_path, save_steps, data, calib_samples, batch_size, input_shapes, quiet, **kwargs):
+def apply_cmd(passes, model, output, force, set_options, recipe, verify, require_verify, report_path, save_steps, data, calib_samples, batch_size, input_shapes, quiet, **kwargs):
     """Apply PASSES (comma-separated, in order) to MODEL and write the result to -o
     (default: beside MODEL as STEM.PASSES.onnx, e.g. model.lite-bnfuse-qdq.onnx).
 
     Every pass leaves a valid model; exact passes (cleanup, bnfuse, ...) are verified
-    numerically against the model before them, and the chain stops loudly when one is off
-    by more than the tolerance. The input model is never modified.
+    numerically against the model before them (on --data, else on inputs generated from the
+    model at two sizes where it has dynamic dims), and the chain stops loudly when one is off
+    by more than the tolerance. When no input can be generated the pass is written unverified
+    and the console says why (--require-verify makes that an error). The input model is never
+    modified.
     """
     image = image_settings(kwargs)
     if model is None:  # `onnxopt apply --recipe r.yaml model.onnx`: the only positional is the model
@@ -86,7 +91,7 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, report_
     model_io.refuse_overwriting_inputs(output, [model])
     source = model_io.load_model(model)
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    ctx = PassContext(progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log)
+    ctx = PassContext(progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log, require_verify=require_verify)
     if data:
         # wrong shape/dtype/NaN, or images without their preprocessing, fail now, not only if a
         # pass happens to read the data
@@ -138,7 +143,9 @@ def _print_summary(report: manager.Report, output: str) -> None:
     for rec in report.passes:
         changes = ", ".join(f"{k}={v}" for k, v in rec.changes.items() if v) or "no change"
         ver = ""
-        if rec.verification:
+        if rec.verification and rec.verification.get("verified") is False:
+            ver = "  NOT verified"
+        elif rec.verification:
             ver = f"  verified max|err|={rec.verification['max_abs']:.2e}"
         click.echo(f"  {rec.name:<10} {rec.seconds:6.2f}s  nodes {rec.before.get('nodes', '?')} -> {rec.after.get('nodes', '?')}  {changes}{ver}")
         for s in rec.skipped[:5]:

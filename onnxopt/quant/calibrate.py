@@ -66,7 +66,7 @@ from onnx import ModelProto
 
 from .. import errors as _errors
 from ..errors import DataError, OnnxoptError, OptionError
-from ..model_io import fingerprint
+from ..model_io import fingerprint, follow_umask
 from ..runtime import cpu_count, with_outputs
 from . import histogram as H
 from .trt_table import DEFAULT_TRT_VERSION, read_trt_calibration_table, write_trt_calibration_table
@@ -630,6 +630,7 @@ def _save_cache(path: Path, key: dict, ranges: dict, stats: dict, sym: dict, uns
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1, sort_keys=True)
+        follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import DataError, OnnxoptError
+from ..model_io import follow_umask
 
 DEFAULT_TRT_VERSION = "TRT-8601-EntropyCalibration2"
 INT8_MAX = 127.0
@@ -54,6 +55,7 @@ def write_trt_calibration_table(amax: Mapping[str, float], path, version: str = 
     try:
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
+        follow_umask(tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,175 @@
+"""Verification inputs built from the model (onnxopt.feeds), verification that never blocks the
+main job, every opset the installed onnx defines, and the small breakages real exports hit."""
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt import feeds, model_io, opsets, runtime
+from onnxopt.errors import OnnxoptError
+from onnxopt.registry import PassContext
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17, ir=8, value_info=()):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                          [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs], list(inits),
+                          value_info=list(value_info))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = ir
+    return m
+
+
+def _token_model():
+    """int64 [batch, seq] tokens -> Embedding (Gather of a 50 x 8 table) -> Identity -> mean."""
+    emb = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "tokens"], ["e"]), helper.make_node("Identity", ["e"], ["e2"]),
+             helper.make_node("ReduceMean", ["e2"], ["y"], axes=[1], keepdims=0)]
+    return _model(nodes, [("tokens", TensorProto.INT64, ["batch", "seq"])], [("y", TensorProto.FLOAT, ["batch", 8])], [emb])
+
+
+def _image_model(dims=("p2o.DynamicDimension.0", 3, "p2o.DynamicDimension.1", "p2o.DynamicDimension.2")):
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Identity", ["c"], ["y"])]
+    return _model(nodes, [("x", TensorProto.FLOAT, list(dims))], [("y", TensorProto.FLOAT, ["n", 4, "h2", "w2"])], [w])
+
+
+def test_token_model_gets_valid_indices_at_two_sequence_lengths():
+    plan = feeds.plan_feeds(_token_model())
+    assert [s["tokens"] for s in plan.sizes] == [[1, 8], [1, 16]]  # batch 1, two sequence lengths
+    for i in range(2):
+        f = plan.feed(i, 0)["tokens"]
+        assert f.dtype == np.int64 and f.min() >= 0 and f.max() < 50  # valid rows of the table
+    out, report = onnxopt.apply(_token_model(), "cleanup,bnfuse")
+    ver = report.passes[0].verification
+    assert ver["verified"] and ver["passed"] and ver["sizes"] == [{"tokens": [1, 8]}, {"tokens": [1, 16]}]
+
+
+def test_dynamic_image_model_verified_at_two_spatial_sizes_and_hint_fits_the_input():
+    ver = onnxopt.apply(_image_model(), "cleanup")[1].passes[0].verification
+    assert ver["passed"] and ver["sizes"] == [{"x": [1, 3, 64, 64]}, {"x": [1, 3, 96, 96]}]
+    with pytest.raises(OnnxoptError) as err:
+        runtime.input_specs(_image_model())
+    assert "--input-shape x:1x3xHxW" in err.value.hint
+    with pytest.raises(OnnxoptError) as err:
+        runtime.input_specs(_token_model())
+    assert "--input-shape tokens:1xSEQ" in err.value.hint and "224" not in err.value.hint
+
+
+def test_user_shapes_win_and_only_batch_dynamic_is_checked_at_batch_1_and_2():
+    plan = feeds.plan_feeds(_image_model(), {"x": [2, 3, 32, 40]})
+    assert plan.sizes == [{"x": [2, 3, 32, 40]}]
+    plan = feeds.plan_feeds(_image_model(("N", 3, 16, 16)))
+    assert [s["x"] for s in plan.sizes] == [[1, 3, 16, 16], [2, 3, 16, 16]]
+
+
+def test_gather_elements_and_onehot_indices_are_in_range():
+    data = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "data")
+    depth = numpy_helper.from_array(np.array(5, np.int64), "depth")
+    vals = numpy_helper.from_array(np.array([0, 1], np.float32), "vals")
+    nodes = [helper.make_node("GatherElements", ["data", "idx"], ["g"], axis=1),
+             helper.make_node("OneHot", ["cls", "depth", "vals"], ["oh"])]
+    m = _model(nodes, [("idx", TensorProto.INT64, [3, 6]), ("cls", TensorProto.INT64, [7])],
+               [("g", TensorProto.FLOAT, [3, 6]), ("oh", TensorProto.FLOAT, [7, 5])], [data, depth, vals], opset=13)
+    plan = feeds.plan_feeds(m)
+    f = plan.feed(0, 3)
+    assert f["idx"].max() < 4 and f["cls"].max() < 5 and f["cls"].min() >= 0
+
+
+def test_lstm_lengths_masks_and_bools_are_consistent():
+    rng = np.random.default_rng(2)
+    h, d = 4, 3
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 4 * h, d)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 4 * h, h)).astype(np.float32), "R")]
+    nodes = [helper.make_node("Cast", ["lens"], ["lens32"], to=TensorProto.INT32),
+             helper.make_node("LSTM", ["X", "W", "R", "", "lens32"], ["Y"], hidden_size=h),
+             helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["mf"], ["ms"], keepdims=0),
+             helper.make_node("Where", ["flag", "ms", "ms"], ["z"])]
+    m = _model(nodes, [("X", TensorProto.FLOAT, ["seq", "batch", d]), ("lens", TensorProto.INT64, ["batch"]),
+                       ("attention_mask", TensorProto.INT64, ["batch", "seq"]), ("flag", TensorProto.BOOL, [])],
+               [("Y", TensorProto.FLOAT, None), ("z", TensorProto.FLOAT, [])], inits)
+    del m.graph.output[0].type.tensor_type.shape.dim[:]
+    m.graph.output[0].type.tensor_type.shape.dim.add()
+    plan = feeds.plan_feeds(m)
+    f = plan.feed(0, 0)
+    seq = f["X"].shape[0]
+    assert f["lens"].tolist() == [seq] * f["lens"].shape[0]  # lengths = the sequence length
+    assert (f["attention_mask"] == 1).all() and f["attention_mask"].shape[1] == seq  # a mask of ones, same seq
+    assert f["flag"].dtype == np.bool_ and bool(f["flag"])
+
+
+def test_unverifiable_pass_runs_and_says_why_unless_verification_is_required():
+    """No runnable feed (a sequence input): the pass runs, the report says verified: false + why."""
+    nodes = [helper.make_node("SequenceAt", ["s", "i0"], ["t"]), helper.make_node("Identity", ["t"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                          [numpy_helper.from_array(np.array(0, np.int64), "i0")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    lines = []
+    out, report = onnxopt.apply(m, "cleanup", context=PassContext(log=lines.append))
+    ver = report.passes[0].verification
+    assert ver["verified"] is False and "not a tensor" in ver["reason"]
+    assert [op.op_type for op in out.graph.node] == ["SequenceAt"]
+    assert sum("not verified" in line for line in lines) == 1
+    with pytest.raises(OnnxoptError, match="cannot be verified"):
+        onnxopt.apply(m, "cleanup", context=PassContext(require_verify=True))
+
+
+def test_shapeless_value_info_for_a_graph_output_does_not_break_passes():
+    m = _token_model()
+    m.graph.value_info.append(helper.make_empty_tensor_value_info("y"))  # real exports write these
+    out, report = onnxopt.apply(m, "cleanup,bnfuse")
+    model_io.check_model(out, full=True)
+    assert out.graph.output[0].type.tensor_type.HasField("shape")
+    assert report.passes[0].verification["passed"]
+
+
+@pytest.mark.parametrize("opset", [24, 25, opsets.max_opset()])
+def test_every_opset_the_installed_onnx_defines(opset):
+    m = onnx.version_converter.convert_version(_image_model(), opset) if opset <= 25 else _image_model()
+    m.opset_import[0].version = opset
+    out, report = onnxopt.apply(m, "cleanup,bnfuse")
+    assert model_io.opset_of(out) == opset and report.passes[0].verification["passed"]
+
+
+def test_an_op_whose_semantics_changed_after_the_review_is_left_alone():
+    """Range gained an attribute at opset 27: the passes leave it alone (it stays in the graph)."""
+    nodes = [helper.make_node("Range", ["a", "b", "c"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("a", 0), ("b", 4), ("c", 1))]
+    m = _model(nodes, [("x", TensorProto.FLOAT, [4])], [("y", TensorProto.FLOAT, [4])], inits, opset=27, ir=11)
+    assert not opsets.known_semantics("Range", "", 27) and opsets.known_semantics("Range", "", 26)
+    assert opsets.known_semantics("Reshape", "", 25)  # newer version, only wider types
+    out, report = onnxopt.apply(m, "cleanup")
+    assert [n.op_type for n in out.graph.node] == ["Range", "Add"]
+    assert any("Range" in s for s in report.passes[0].skipped)
+    m.opset_import[0].version = 26  # at 26 Range is known: cleanup folds it
+    out, _ = onnxopt.apply(m, "cleanup")
+    assert [n.op_type for n in out.graph.node] == ["Add"]
+
+
+def test_model_without_default_domain_opset():
+    nodes = [helper.make_node("Binarizer", ["x"], ["y"], domain="ai.onnx.ml", threshold=0.5)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    out, _ = onnxopt.apply(m, "cleanup,bnfuse")
+    assert [n.op_type for n in out.graph.node] == ["Binarizer"]
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = model_io.save_model(_token_model(), tmp_path / "out.onnx")
+        big = model_io.save_model(_token_model(), tmp_path / "ext.onnx", external_data=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ext.onnx.data").stat().st_mode) == 0o644 and stat.S_IMODE(big.stat().st_mode) == 0o644
