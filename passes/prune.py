@@ -20,18 +20,35 @@ Each layer's scores are divided by their mean (scale-free); a group's score is t
 layers' normalized scores (divided by their number when ranking globally, so that a residual
 stream fed by nine layers is not favoured over a single conv).
 
-Ratio: ``mode=uniform`` removes ``ratio`` of the channels of every group class (the channels that
-appear in the same tensors -- e.g. one conv's output, or one residual stream); ``mode=global``
-removes ``ratio`` of all channels, lowest scores first. Both respect ``max_layer_ratio``,
-``min_channels`` and ``round_to`` (kept counts are multiples of N, the nearest to the ratio) per
-class. ``round_to`` defaults to 8: onnxruntime's CPU convs (MLAS NCHWc), TensorRT's tensor cores
-and TIDL block channels by 8 or more, and odd widths fall back to slower kernels -- ResNet56
-pruned to widths 11/22/45 (round_to=1, MACs -52 %) ran no faster than the original on
-onnxruntime CPU, and pruned by 10 % to 14/29/58 it ran 40-55 % slower. A class narrower than N
-is not pruned; ``round_to=1`` gives exact ratios.
+What is removed: ``ratio`` (default 0.3) counts MACs by default (``ratio_of=macs``): the pruned
+model keeps about ``1 - ratio`` of the MACs, as a user reads "ratio 0.3" (before, it counted the
+channels of every group, and with the residual streams pruned too ResNet56 lost 64 % of its MACs
+at 0.3). ``target_macs=0.7`` says the same as a fraction to keep. The MACs target is solved over
+the channel groups (:func:`_solve_macs`): bisection on the mode's channel ratio with the MACs of
+every Conv/Gemm/MatMul counted from its kept input and output channels, then rounding that shares
+the steps between classes of one width; it lands at or under the target (ResNet56 and
+EfficientNet-Lite0 at 0.5: 0.497 and 0.4998). ``ratio_of=channels``: ``mode=uniform`` removes
+``ratio`` of the channels of every group class (the channels that appear in the same tensors --
+e.g. one conv's output, or one residual stream); ``mode=global`` removes ``ratio`` of all
+channels, lowest scores first.
+
+Residual streams (the channel groups that meet in an Add of two computed tensors) are kept unless
+``residual=true``: a stream is read by every block of its stage, and pruning it took ResNet56 to
+chance level with 717 images not enough to recover (77.7 % after 90 epochs, against 90.33 %); with
+the streams kept, 15 epochs recover it (tools/sweep_recovery.py).
+
+Every mode respects ``max_layer_ratio``, ``min_channels`` and ``round_to`` (kept counts are
+multiples of N, the nearest to the ratio) per class. ``round_to`` defaults to 8: onnxruntime's CPU
+convs (MLAS NCHWc), TensorRT's tensor cores and TIDL block channels by 8 or more, and odd widths
+fall back to slower kernels -- ResNet56 pruned to widths 11/22/45 (round_to=1, MACs -52 %) ran no
+faster than the original on onnxruntime CPU, and pruned by 10 % to 14/29/58 it ran 40-55 % slower.
+With ``round_narrow`` (default) a class narrower than 4 x N rounds to the largest power of two
+that is at most a quarter of its width (16 channels: multiples of 4): rounding ResNet56's 16-wide
+stage to 8 halved it at 0.3. Without it a class narrower than N is not pruned; ``round_to=1``
+gives exact ratios.
 
 Removing an input channel also removes its average contribution to the consumer; with
-``compensate=mean`` (default) the mean of every removed input channel, measured on the context's
+``compensate=mean`` the mean of every removed input channel, measured on the context's
 data (or generated inputs), is folded into the consumer's bias:
 ``b'[o] = b[o] + mean(x_c) * sum_k W[o, c, k]`` -- exact for a constant channel (e.g. a channel
 whose filters are ~0 but whose BN shift is not) away from zero-padded borders.
@@ -40,11 +57,14 @@ the consumer's kept weights and bias are refit by least squares so that, on the 
 reproduce the original output from the kept input channels (other consumers get the mean fold).
 Measured: ResNet56 CIFAR, inner convs pruned at 0.3 (``round_to=1``, residual producers
 protected), held-out top-1 before any finetuning 76.0 % (mean) -> 88.0 % (refit), unpruned
-90.33 % (tools/bench_finetune.py data).
+90.33 % (tools/bench_finetune.py data). ``compensate=auto`` (default) refits when the user gives
+data and compensates nothing without: the means of generated inputs folded into the biases took
+the same pruned model (bnfused) from 50.7 % to 19.7 % top-1.
 
-Not exact: the outputs change. The pass reports parameters, MACs and onnxruntime CPU latency
-before and after (per layer and in total) and the output error right after pruning, on the
-context's data or on generated inputs. Recovery (finetuning) is another pass's job.
+Not exact: the outputs change. The pass says on the console what it removes (MACs and
+parameters, and what the ratio meant) and the output error right after pruning, and reports
+parameters, MACs and onnxruntime CPU latency before and after (per layer and in total) and the
+output error, on the context's data or on generated inputs. Recovery is ``finetune``'s job.
 """
 from __future__ import annotations
 
@@ -73,8 +93,15 @@ IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
 class PruneOptions(PassOptions):
     """The prune pass's options."""
 
-    ratio: float = option(0.3, "fraction of channels to remove (per class in uniform mode, overall in global mode)")
+    ratio: float = option(0.3, "fraction to remove: of the MACs (ratio_of=macs: the pruned model is about that much cheaper) "
+                          "or of the channels of every prunable group (ratio_of=channels)")
+    ratio_of: str = option("macs", "what ratio counts: macs (solved over the channel groups, as target_macs=1-ratio) or "
+                           "channels (per group class in uniform mode, overall in global mode)", ("macs", "channels"))
+    target_macs: Optional[float] = option(None, "keep this fraction of the MACs (e.g. 0.7), solved over the channel groups; "
+                                          "overrides ratio")
     mode: str = option("uniform", "uniform: the same ratio in every channel group class; global: lowest scores overall", ("uniform", "global"))
+    residual: bool = option(False, "also prune residual streams (the channels shared through residual Adds); off: they are "
+                            "kept, as in the pruning literature's ResNet recipes, and only the layers inside blocks shrink")
     importance: str = option("l1", "channel importance: l1/l2 of BN-folded filters, bn_gamma, fpgm, or file (see scores)", ("l1", "l2", "bn_gamma", "fpgm", "file"))
     scores: Optional[str] = option(None, "JSON file {layer output, node or weight name: [score per output channel]} (implies "
                                    "importance=file)")
@@ -82,12 +109,15 @@ class PruneOptions(PassOptions):
     min_channels: int = option(1, "keep at least this many channels in every class")
     round_to: int = option(8, "kept channel counts are multiples of this (the nearest to the ratio); 8 suits TensorRT, "
                            "onnxruntime CPU and TIDL kernels; 1 = exact ratios")
+    round_narrow: bool = option(True, "a group class narrower than 4 x round_to rounds to the largest power of two that is at "
+                                "most a quarter of its width instead (16 channels: multiples of 4), so rounding never halves a narrow stage")
     protect: list = option([], "layers whose output channels are kept: node, output or weight names or regexes (full match)")
     keep_first_last: bool = option(True, "keep channel groups made only of the first layer's outputs or read only by the last"
                                    " layer(s)")
-    compensate: str = option("mean", "consumers of removed channels: fold each removed channel's mean into the bias (mean), "
+    compensate: str = option("auto", "consumers of removed channels: fold each removed channel's mean into the bias (mean), "
                              "refit the kept weights and bias by least squares to the original output (refit; dense "
-                             "Conv, else mean) or nothing (none)", ("mean", "refit", "none"))
+                             "Conv, else mean) or nothing (none); auto = refit when data is given, none without (means "
+                             "of generated inputs mislead)", ("auto", "mean", "refit", "none"))
     refit_ridge: float = option(0.001, "compensate=refit: ridge term, relative to the mean diagonal of the input Gram matrix")
     refit_samples: int = option(128, "compensate=refit: data samples the least squares are fit on (a conv whose patches are "
                                 "fewer than 4x its kept weights per output falls back to the mean fold)")
@@ -105,27 +135,43 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     """Structured channel pruning; see the module docstring."""
     ratio = float(options.ratio)
     if not 0.0 <= ratio < 1.0:
-        raise OptionError(f"prune.ratio must be in [0, 1), got {ratio}.", "e.g. --set prune.ratio=0.3 removes 30% of the channels")
+        raise OptionError(f"prune.ratio must be in [0, 1), got {ratio}.", "e.g. --set prune.ratio=0.3 removes 30% of the MACs")
+    target = options.target_macs
+    if target is not None and not 0.0 < float(target) <= 1.0:
+        raise OptionError(f"prune.target_macs must be in (0, 1], got {target}.", "e.g. --set prune.target_macs=0.7 keeps 70% of the MACs")
+    if target is None and options.ratio_of == "macs":
+        target = 1.0 - ratio
     if not 0.0 <= options.max_layer_ratio <= 1.0:
-        raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {options.max_layer_ratio}.", "e.g. 0.8")
+        raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {options['max_layer_ratio']}.", "e.g. 0.8")
     if options.round_to < 1 or options.min_channels < 0:
         raise OptionError("prune.round_to must be >= 1 and prune.min_channels >= 0.", "e.g. --set prune.round_to=8")
     importance = "file" if options.scores else options.importance
     if importance == "file" and not options.scores:
         raise OptionError("prune.importance=file needs prune.scores=FILE.json.", "give a JSON file {layer name: [scores]}")
     patterns = _compile(options.protect)
+    compensate = options.compensate
+    if compensate == "auto":
+        # measured on ResNet56 CIFAR (tools/sweep_recovery.py): means of generated inputs folded into the
+        # biases took the pruned model from 50.7 % (no compensation) to 19.7 % top-1; refit on data gives 88 %
+        compensate = "refit" if ctx.data is not None else "none"
 
     t0 = time.perf_counter()
     an = channels.analyze(model)
     t_analysis = time.perf_counter() - t0
     scores, fallback = _component_scores(an, importance, options.scores)
     protected = _protected(an, patterns, options.keep_first_last)
-    removed, class_rows = _select(an, scores, protected, ratio, options)
+    residual = set() if options.residual else _residual_roots(an) - protected
+    protected |= residual
+    solved = None
+    if target is not None:
+        removed, class_rows, solved = _solve_macs(an, model, scores, protected, float(target), options)
+    else:
+        removed, class_rows = _select(an, scores, protected, ratio, options)
     feeds, source = ctx.sample_feeds(model, options.eval_batches)
     refs: list = []
-    fit_feeds = _sample_feeds(ctx, model, options.refit_samples) if options.compensate == "refit" and removed else None
-    compensated = _compensate(an, model, removed, feeds, refs, options.compensate, options.refit_ridge, fit_feeds) \
-        if options.compensate != "none" and removed else 0
+    fit_feeds = _sample_feeds(ctx, model, options.refit_samples) if compensate == "refit" and removed else None
+    compensated = _compensate(an, model, removed, feeds, refs, compensate, options.refit_ridge, fit_feeds) \
+        if compensate != "none" and removed else 0
     if not refs and removed:
         _reference_run(model, feeds, [], refs)
     new_model = an.rewrite(removed)
@@ -135,17 +181,47 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     extra["compensated_layers"] = compensated
     extra["compensation_inputs"] = source if compensated else None
     extra.update({"importance": importance, "mode": options.mode, "round_to": options.round_to, "classes": class_rows,
+                  "compensate": compensate, "residual_channels_kept": len(residual),
                   "analysis_seconds": round(t_analysis, 3), "prune_seconds": round(t_total, 3)})
+    if solved is not None:
+        solved["kept"] = round(1.0 - extra["macs"]["reduction"], 4)
+        extra["target_macs"] = solved
     if fallback:
         extra["importance_fallback_l1"] = fallback
     skipped = [f"{where}: {why} (its channels are not pruned)" for where, why in dict.fromkeys(an.reasons)]
     if not removed:
-        skipped.append(_why_nothing_removed(class_rows, ratio, options))
+        skipped.append(_why_nothing_removed(class_rows, ratio, options, target))
+    elif solved is not None and not solved["reached"]:
+        skipped.append(f"target_macs {solved['asked']:.3g}: the prunable groups allow only {solved['kept']:.3f} of the MACs "
+                       "(protected layers, residual streams, max_layer_ratio)")
     pruned_layers = [row for row in extra["layers"] if row["channels_after"] < row["channels_before"]]
     changes = {"channels_removed": sum(r["channels_before"] - r["channels_after"] for r in pruned_layers),
                "layers_pruned": len(pruned_layers)}
     details = [f"{r['layer']}: {r['channels_before']} -> {r['channels_after']} channels" for r in pruned_layers]
+    if removed:
+        ctx.log(_cost_statement(extra, options, ratio, solved, len(residual)))
     return PassResult(new_model, changes=changes, details=details, skipped=skipped, extra=extra)
+
+
+def _cost_statement(extra: dict, options: PruneOptions, ratio: float, solved: dict | None, residual: int) -> str:
+    """What this pruning costs, said on the console before anyone finetunes: the MACs and
+    parameters it removes, what the ratio meant, and the output error right after pruning."""
+    m, p, e = extra["macs"], extra["params"], extra["output_error"]
+    if solved is not None:
+        asked = (f"prune.target_macs={solved['asked']:.3g}" if options.target_macs is not None
+                 else f"prune.ratio={ratio:g} of the MACs (keep {solved['asked']:.0%})")
+    else:
+        asked = f"prune.ratio={ratio:g} of the channels of every prunable group (ratio_of=channels)"
+    kept = ("residual streams kept (prune.residual=true prunes them)" if not options.residual and residual
+            else "residual streams pruned" if options.residual else "")
+    err = f"max|err| {e['max_abs']:.3g}"
+    if e["inputs"] != "data":   # generated inputs: an error size, not an accuracy (noise images mostly map to one class)
+        err += " (give --calib-data for the error on real inputs and a least-squares refit)"
+    elif "top1_agreement" in e:
+        err += f", top-1 agreement with the original {e['top1_agreement']:.1%}"
+    return (f"prune: {asked}: removes {m['reduction']:.1%} of the MACs ({m['before'] / 1e6:.1f}M -> {m['after'] / 1e6:.1f}M) and "
+            f"{p['reduction']:.1%} of the parameters{'; ' + kept if kept else ''}; right after pruning ({e['inputs']} inputs, "
+            f"compensate={extra['compensate']}): {err} -- recover with `onnxopt finetune PRUNED -o OUT --data TRAIN --teacher ORIGINAL`")
 
 
 # ------------------------------------------------------------------------------ importance
@@ -271,10 +347,36 @@ def _first_last(an: channels.Analysis) -> tuple:
     return first, last
 
 
+def _residual_roots(an: channels.Analysis) -> set:
+    """The channel groups of residual streams: those that meet in an Add/Sub/Sum of two or more
+    tensors that carry channels (a block's output added to its shortcut)."""
+    out = set()
+    for node in an.graph.nodes:
+        if node.op not in ("Add", "Sub", "Sum"):
+            continue
+        carried = [an.slots[t.name] for t in node.inputs if t is not None and t.name in an.slots]
+        if len(carried) >= 2:
+            for sl in carried:
+                out.update(an.roots(sl.ids).tolist())
+    out.discard(POISON)
+    return out
+
+
 # ------------------------------------------------------------------------------- selection
 def _bounds(n: int, prunable: int, options: PruneOptions) -> int:
     """The most channels one class of ``n`` (``prunable`` of them removable) may lose."""
     return max(0, min(int(math.floor(options.max_layer_ratio * n + 1e-9)), n - max(options.min_channels, 1), prunable))
+
+
+def _granule(n: int, options: PruneOptions) -> int:
+    """The multiple a class of ``n`` channels keeps: ``round_to``, or with ``round_narrow`` for a
+    class narrower than 4 x round_to the largest power of two <= n / 4 (16 -> 4, 24 -> 4, 32 -> 8):
+    rounding ResNet56's 16-wide stage to 8 halved it at ratio 0.3 (11.2 channels -> 8)."""
+    g = int(options.round_to)
+    if options.round_narrow:
+        while g > 1 and n < 4 * g:
+            g //= 2
+    return g
 
 
 def _rounded(n: int, want: int, cap: int, round_to: int) -> int:
@@ -291,64 +393,162 @@ def _rounded(n: int, want: int, cap: int, round_to: int) -> int:
     return 0 if best is None else n - best
 
 
-def _why_nothing_removed(rows: list, ratio: float, options: PruneOptions) -> str:
+def _why_nothing_removed(rows: list, ratio: float, options: PruneOptions, target: float | None = None) -> str:
     """The one-line reason a prune run removed nothing, for the report and the CLI summary."""
-    if ratio == 0:
+    if ratio == 0 and options.target_macs is None:
         return "nothing pruned: prune.ratio is 0"
+    if target is not None and target >= 1.0:
+        return "nothing pruned: prune.target_macs is 1 (keep all the MACs)"
     if not rows:
         return ("nothing pruned: no Conv/ConvTranspose/Gemm/MatMul layer has output channels that can be removed "
                 "(a graph output keeps its channels)")
     if all(r["protected"] == r["channels"] for r in rows):
-        return "nothing pruned: every channel group is protected (keep_first_last, protect)"
-    return (f"nothing pruned: ratio {ratio} with round_to={options.round_to}, min_channels={options.min_channels} "
-            f"and max_layer_ratio={options.max_layer_ratio} leaves no channel to remove in any group; raise the ratio "
+        return "nothing pruned: every channel group is protected (keep_first_last, protect, residual streams)"
+    return (f"nothing pruned: ratio {ratio} with round_to={options['round_to']}, min_channels={options['min_channels']} "
+            f"and max_layer_ratio={options['max_layer_ratio']} leaves no channel to remove in any group; raise the ratio "
             "or lower round_to")
 
 
-def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, options: PruneOptions) -> tuple:
-    classes = an.classes()
+def _plan(an: channels.Analysis, scores: dict, protected: set, options: PruneOptions) -> list:
+    """[(roots, prunable roots lowest score first, most removable)] per group class."""
     score = lambda r: scores.get(r, (0.0, 0))[0]  # noqa: E731
-    mean_score = lambda r: scores[r][0] / scores[r][1] if r in scores and scores[r][1] else 0.0  # noqa: E731
-    removed: set = set()
-    rows = []
     plan = []
-    for key, roots in classes.items():
+    for roots in an.classes().values():
         roots = [r for r in roots if r != POISON]
         if not roots:
             continue
         prunable = sorted((r for r in roots if r not in protected), key=lambda r: (score(r), r))
-        cap = _bounds(len(roots), len(prunable), options)
-        plan.append((roots, prunable, cap))
+        plan.append((roots, prunable, _bounds(len(roots), len(prunable), options)))
+    return plan
+
+
+def _counts(plan: list, scores: dict, ratio: float, options: PruneOptions, rounding: bool = True) -> list:
+    """Channels removed per class at ``ratio`` (of the channels: per class in uniform mode,
+    overall in global mode), rounded to each class's granule unless ``rounding`` is off."""
     if options.mode == "uniform":
-        for roots, prunable, cap in plan:
-            k = _rounded(len(roots), min(int(round(ratio * len(roots))), cap), cap, options.round_to)
-            removed.update(prunable[:k])
+        counts = [min(int(round(ratio * len(roots))), cap) for roots, _, cap in plan]
     else:
-        total = sum(len(roots) for roots, _, _ in plan)
-        target = int(round(ratio * total))
-        owner = {}
-        for ci, (roots, prunable, cap) in enumerate(plan):
-            for r in prunable:
-                owner[r] = ci
-        taken = [0] * len(plan)
+        mean_score = lambda r: scores[r][0] / scores[r][1] if r in scores and scores[r][1] else 0.0  # noqa: E731
+        target = int(round(ratio * sum(len(roots) for roots, _, _ in plan)))
+        owner = {r: ci for ci, (_, prunable, _) in enumerate(plan) for r in prunable}
+        counts, done = [0] * len(plan), 0
         for r in sorted(owner, key=lambda r: (mean_score(r), r)):
-            if len(removed) >= target:
+            if done >= target:
                 break
             ci = owner[r]
-            if taken[ci] < plan[ci][2]:
-                removed.add(r)
-                taken[ci] += 1
-        if options.round_to > 1:  # per class: move to the nearest allowed count
-            for ci, (roots, prunable, cap) in enumerate(plan):
-                k = _rounded(len(roots), taken[ci], cap, options.round_to)
-                for r in prunable:
-                    removed.discard(r)
-                removed.update(prunable[:k])
-    for roots, prunable, cap in plan:
-        gone = sum(1 for r in roots if r in removed)
-        if len(roots) > 1:
-            rows.append({"channels": len(roots), "removed": gone, "protected": len(roots) - len(prunable)})
-    return removed, rows
+            if counts[ci] < plan[ci][2]:
+                counts[ci] += 1
+                done += 1
+    if rounding:
+        counts = [_rounded(len(roots), k, cap, _granule(len(roots), options)) for (roots, _, cap), k in zip(plan, counts)]
+    return counts
+
+
+def _class_rows(plan: list, counts: list) -> list:
+    return [{"channels": len(roots), "removed": k, "protected": len(roots) - len(prunable)}
+            for (roots, prunable, _), k in zip(plan, counts) if len(roots) > 1]
+
+
+def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, options: PruneOptions) -> tuple:
+    plan = _plan(an, scores, protected, options)
+    counts = _counts(plan, scores, ratio, options)
+    removed = {r for (_, prunable, _), k in zip(plan, counts) for r in prunable[:k]}
+    return removed, _class_rows(plan, counts)
+
+
+def _mac_model(an: channels.Analysis, model: ModelProto, plan: list):
+    """A function counts -> the fraction of the model's MACs kept when each class loses its
+    ``counts[ci]`` lowest-score channels: every Conv/ConvTranspose/Gemm/MatMul's MACs scale with
+    its kept output and input fractions (a depthwise conv's with its kept channels only)."""
+    by_out = {r["output"]: r["macs"] or 0 for r in stats.layer_macs(model)}
+    total = float(sum(by_out.values())) or 1.0
+    layers = []
+    for act in an.actions:
+        if act[0] not in ("conv", "convT", "gemm", "matmul"):
+            continue
+        m = float(by_out.get(act[1].outputs[0].name, 0))
+        if not m:
+            continue
+        ins = None if act[2] is None or (act[0] == "conv" and act[4] == "depthwise") else an.roots(act[2])
+        layers.append((m, an.roots(act[3]), ins))
+    fixed = total - sum(m for m, _, _ in layers)
+    size = len(an.uf.parent)
+
+    def kept(counts: list) -> float:
+        dead = np.zeros(size, dtype=bool)
+        for (_, prunable, _), k in zip(plan, counts):
+            if k:
+                dead[prunable[:k]] = True
+        macs = fixed
+        for m, out, ins in layers:
+            f = 1.0 - dead[out].mean()
+            if ins is not None and len(ins):
+                f *= 1.0 - dead[ins].mean()
+            macs += m * f
+        return macs / total
+    return kept
+
+
+def _solve_macs(an: channels.Analysis, model: ModelProto, scores: dict, protected: set, target: float, options: PruneOptions) -> tuple:
+    """Remove channels until the model keeps at most ``target`` of its MACs, as close to it as
+    the rounding allows.
+
+    1. Bisection on the channel ratio of the mode (uniform: per class; global: lowest scores
+       overall) without rounding: the per-class counts whose MAC count just meets the target.
+    2. Rounding: every class starts at the allowed count (multiple of its granule) just below its
+       ideal; while the MACs are above the target the class furthest below its ideal (in granule
+       steps; ties: the least important next channels) takes one more step; then classes above
+       their ideal step back where the target still holds. Classes of one width thus share the
+       rounding (some keep 12 of 16 channels, some 8) instead of all jumping together.
+    """
+    plan = _plan(an, scores, protected, options)
+    kept = _mac_model(an, model, plan)
+    score = lambda r: scores.get(r, (0.0, 0))[0]  # noqa: E731
+    lo, hi = 0.0, 1.0
+    ideal = _counts(plan, scores, hi, options, rounding=False)
+    if kept(ideal) <= target:
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            c = _counts(plan, scores, mid, options, rounding=False)
+            if kept(c) <= target:
+                hi, ideal = mid, c
+            else:
+                lo = mid
+    steps = []
+    for roots, _, cap in plan:
+        g = _granule(len(roots), options)
+        n = len(roots)
+        allowed = sorted({0} | {n - k for k in range(g, n + 1, g) if n - k <= cap}) if g > 1 else list(range(cap + 1))
+        steps.append(allowed)
+    cur = [max(a for a in allowed if a <= want) for allowed, want in zip(steps, ideal)]
+    gran = [_granule(len(roots), options) for roots, _, _ in plan]
+
+    def next_cost(ci: int, nxt: int) -> float:
+        return float(np.mean([score(r) for r in plan[ci][1][cur[ci]:nxt]]))
+
+    frac = kept(cur)
+    while frac > target:
+        cands = [ci for ci in range(len(plan)) if any(a > cur[ci] for a in steps[ci])]
+        if not cands:
+            break
+        nxt = {ci: min(a for a in steps[ci] if a > cur[ci]) for ci in cands}
+        ci = min(cands, key=lambda c: (-(ideal[c] - cur[c]) / gran[c], next_cost(c, nxt[c]), c))
+        cur[ci] = nxt[ci]
+        frac = kept(cur)
+    if frac <= target:   # give back what the last steps overshot
+        for ci in sorted(range(len(plan)), key=lambda c: -(cur[c] - ideal[c]) / gran[c]):
+            lower = [a for a in steps[ci] if a < cur[ci]]
+            if not lower:
+                continue
+            old, cur[ci] = cur[ci], max(lower)
+            f = kept(cur)
+            if f <= target:
+                frac = f
+            else:
+                cur[ci] = old
+    removed = {r for (_, prunable, _), k in zip(plan, cur) for r in prunable[:k]}
+    solved = {"asked": target, "estimate": round(frac, 4), "reached": frac <= target + 1e-9, "mode": options.mode}
+    return removed, _class_rows(plan, cur), solved
 
 
 # ---------------------------------------------------------------------------- compensation

@@ -21,7 +21,10 @@ from onnxopt.errors import OptionError
 from onnxopt.manager import apply
 from onnxopt.registry import PassContext
 
-FAST = {"latency_runs": 0, "eval_batches": 1, "round_to": 1}  # tiny test widths: exact ratios
+# tiny test widths: exact ratios; ratio counts channels, residual streams pruned, the mean fold:
+# the mechanics these tests check (the user-facing defaults have their own tests below)
+FAST = {"latency_runs": 0, "eval_batches": 1, "round_to": 1, "ratio_of": "channels", "residual": True, "compensate": "mean",
+        "round_narrow": False}
 
 
 def _prune(model, **opts):
@@ -465,7 +468,8 @@ def test_refit_compensation_recovers_a_redundant_channel(tmp_path):
 
 def test_default_rounds_widths_to_8():
     m = pm.yolo_like()
-    out, report = apply(m, "prune", options={"prune": {"ratio": 0.3, "latency_runs": 0, "keep_first_last": False}})
+    out, report = apply(m, "prune", options={"prune": {"ratio": 0.3, "latency_runs": 0, "keep_first_last": False, "ratio_of": "channels",
+                                                       "residual": True, "round_narrow": False}})
     rec = report.passes[0]
     assert rec.extra["round_to"] == 8
     before, after = _conv_out_channels(m), _conv_out_channels(out)
@@ -513,3 +517,92 @@ def test_dynamic_height_width_with_data_measures_latency_on_the_data():
     out, report = apply(m, "prune", options={"prune": dict(FAST, latency_runs=2)}, context=PassContext(data=lambda: iter(feeds)))
     lat = report.passes[0].extra["latency_ms"]
     assert lat["before"] > 0 and "data inputs" in lat["note"]
+
+
+# ------------------------------------------------------------------- user-facing defaults (issue 23)
+def _apply_defaults(model, context=None, **opts):
+    options = {"latency_runs": 0, "eval_batches": 1}
+    options.update(opts)
+    out, report = apply(model, "prune", options={"prune": options}, context=context)
+    return out, report.passes[0]
+
+
+def test_residual_streams_are_kept_unless_asked():
+    """Default: the channels that meet in the residual Adds (stem and both blocks' second convs)
+    keep their width; only the inner convs shrink. residual=true prunes the streams too."""
+    m = pm.residual()
+    stream = [n.output[0] for n in m.graph.node if n.op_type == "Conv"][0::2]   # stem, block convs 2
+    kept, rec = _apply_defaults(m, ratio=0.5, ratio_of="channels", round_to=1, keep_first_last=False)
+    before, after = _conv_out_channels(m), _conv_out_channels(kept)
+    assert all(after[t] == before[t] for t in stream)
+    assert any(after[t] < before[t] for t in before if t not in stream)
+    assert rec.extra["residual_channels_kept"] == 8
+    pruned, _ = _apply_defaults(m, ratio=0.5, ratio_of="channels", round_to=1, keep_first_last=False, residual=True)
+    assert any(_conv_out_channels(pruned)[t] < before[t] for t in stream)
+
+
+@pytest.mark.parametrize("make, target", [(pm.yolo_like, 0.6), (pm.mobilenet_like, 0.7), (pm.residual, 0.8)])
+def test_target_macs_is_met_by_the_real_count(make, target):
+    """target_macs: the pruned model's MACs (counted on the rewritten graph) are at most the
+    target and within the rounding of it; ratio (of the MACs, the default) means the same."""
+    from onnxopt import stats
+    m = make()
+    out, rec = _apply_defaults(m, target_macs=target, round_to=1, keep_first_last=False, residual=True)
+    kept = stats.total_macs(out) / stats.total_macs(m)
+    assert kept <= target + 1e-9 and kept > target - 0.08, kept
+    assert rec.extra["target_macs"]["kept"] == pytest.approx(kept, abs=1e-4)
+    same, _ = _apply_defaults(m, ratio=round(1 - target, 6), round_to=1, keep_first_last=False, residual=True)
+    assert stats.total_macs(same) == stats.total_macs(out)
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_narrow_classes_round_to_a_smaller_multiple():
+    """round_to=8 on a 16-channel class at 30 %: 12 kept (multiple of 4), not 8 (halved);
+    round_narrow=false gives the old multiple of 8."""
+    b = pm.B(7)
+    x = b.cbr("input", 3, 16)
+    y = b.cbr(x, 16, 16)
+    b.conv(y, 16, 4, name="out")
+    m = b.model([("input", [1, 3, 8, 8])], [("out", [1, 4, 8, 8])])
+    mid = m.graph.node[3].output[0]
+    out, _ = _apply_defaults(m, ratio=0.3, ratio_of="channels", keep_first_last=False)
+    assert _conv_out_channels(out)[mid] == 12
+    old, _ = _apply_defaults(m, ratio=0.3, ratio_of="channels", keep_first_last=False, round_narrow=False)
+    assert _conv_out_channels(old)[mid] == 8
+
+
+def test_compensation_follows_the_data_and_the_cost_is_said():
+    """compensate=auto: no data -> none (means of generated inputs mislead), data -> refit; the
+    console gets one line with the MACs/params removed and the output error after pruning."""
+    m = pm.residual()
+    said = []
+    _, rec = _apply_defaults(m, ratio=0.3, keep_first_last=False, context=PassContext(log=said.append))
+    assert rec.extra["compensate"] == "none" and rec.extra["compensated_layers"] == 0
+    line = [s for s in said if s.startswith("prune:")]
+    assert len(line) == 1 and "of the MACs" in line[0] and "of the parameters" in line[0] and "max|err|" in line[0]
+    assert f"removes {rec.extra['macs']['reduction']:.1%}" in line[0]
+    feeds = [runtime.generate_inputs(m, seed=s) for s in range(8)]
+    _, rec = _apply_defaults(m, ratio=0.3, keep_first_last=False, refit_samples=8,
+                             context=PassContext(data=lambda: iter(feeds)))
+    assert rec.extra["compensate"] == "refit"
+
+
+def test_target_macs_out_of_range_is_refused():
+    with pytest.raises(OptionError, match="target_macs"):
+        _apply_defaults(pm.residual(), target_macs=1.5)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", ["resnet56_cifar10", "efficientnet_lite0"])
+def test_target_macs_half_on_real_models(shared, name):
+    from onnxopt import stats
+    m = str(shared("models", f"{name}.onnx"))
+    out, rec = _apply_defaults(m, target_macs=0.5)
+    kept = stats.total_macs(out) / stats.total_macs(onnxopt_load(m))
+    assert abs(kept - 0.5) <= 0.03 * 0.5, kept
+    onnx.checker.check_model(out, full_check=True)
+
+
+def onnxopt_load(path):
+    from onnxopt.model_io import load_model
+    return load_model(path)
