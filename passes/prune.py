@@ -142,7 +142,7 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     if target is None and options.ratio_of == "macs":
         target = 1.0 - ratio
     if not 0.0 <= options.max_layer_ratio <= 1.0:
-        raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {options['max_layer_ratio']}.", "e.g. 0.8")
+        raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {options.max_layer_ratio}.", "e.g. 0.8")
     if options.round_to < 1 or options.min_channels < 0:
         raise OptionError("prune.round_to must be >= 1 and prune.min_channels >= 0.", "e.g. --set prune.round_to=8")
     importance = "file" if options.scores else options.importance
@@ -404,8 +404,8 @@ def _why_nothing_removed(rows: list, ratio: float, options: PruneOptions, target
                 "(a graph output keeps its channels)")
     if all(r["protected"] == r["channels"] for r in rows):
         return "nothing pruned: every channel group is protected (keep_first_last, protect, residual streams)"
-    return (f"nothing pruned: ratio {ratio} with round_to={options['round_to']}, min_channels={options['min_channels']} "
-            f"and max_layer_ratio={options['max_layer_ratio']} leaves no channel to remove in any group; raise the ratio "
+    return (f"nothing pruned: ratio {ratio} with round_to={options.round_to}, min_channels={options.min_channels} "
+            f"and max_layer_ratio={options.max_layer_ratio} leaves no channel to remove in any group; raise the ratio "
             "or lower round_to")
 
 
