@@ -7,8 +7,7 @@ Python API (everything the CLI does)::
     onnxopt.save_model(model, "model.opt.onnx")
     print(report.to_json())
 """
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .errors import OnnxoptError  # noqa: E402
 from .model_io import load_model, save_model  # noqa: E402
 from .manager import apply, Report  # noqa: E402

@@ -42,6 +42,7 @@ from onnx import ModelProto, helper
 
 from .graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
 from .model_io import opset_of, subgraph_reads
+from .runtime import session
 from .stats import static_shapes
 
 POISON = 0
@@ -358,7 +359,6 @@ def _evaluate_params(model: ModelProto) -> dict:
     m = helper.make_model(sub, opset_imports=list(model.opset_import))
     m.ir_version = model.ir_version
     try:
-        from .runtime import session
         sess = session(m)
         values = sess.run(wanted, {})
     except Exception:  # a chain onnxruntime cannot evaluate leaves the parameter unknown (poisons)

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 from onnx.external_data_helper import uses_external_data
+from tqdm import tqdm
 
 from . import model_io, runtime, stats
 from .data import DataSource, _graph_inputs, open_data, recorded_preprocessing
@@ -433,8 +434,6 @@ def compare_models(
     seen = 0
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, unit="sample", desc="compare", file=sys.stderr, leave=False)
     try:
         for feed in feeds:

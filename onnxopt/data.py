@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from onnx import ModelProto
+from PIL import Image
 
 from .errors import DataError
 from .runtime import generate_inputs, input_specs, np_dtype
@@ -442,8 +443,6 @@ class DataSource:
         return x.astype(np.float32)
 
     def _images(self):
-        from PIL import Image
-
         if len(self._inputs) != 1:
             raise DataError("an image folder feeds one input, but the model has several.", "use an .npz or a file.py:function")
         if self.spec.require_preprocessing and not self.spec.image.given():
@@ -520,6 +519,21 @@ class DataSource:
 def feed_samples(feed: dict) -> int:
     """Samples in one feed: the leading dimension of its first array input (1 for scalars)."""
     return next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
+
+
+def collect_feeds(data, limit: int) -> list:
+    """Up to ``limit`` samples of ``data`` (a callable returning batches) as a list of batches."""
+    if data is None:
+        raise DataError("sensitivity analysis needs data.", "give --calib-data")
+    feeds, count = [], 0
+    for feed in data():
+        feeds.append(feed)
+        count += feed_samples(feed)
+        if count >= limit:
+            break
+    if not feeds:
+        raise DataError("the data yielded no samples.", "check --calib-data")
+    return feeds
 
 
 def _per_channel(values, what: str, channels: int) -> np.ndarray:

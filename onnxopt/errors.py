@@ -9,6 +9,8 @@ Two kinds of error exist in onnxopt (see STYLE "two kinds of error"):
 """
 from __future__ import annotations
 
+import importlib
+
 
 class OnnxoptError(Exception):
     """A user error: the message says what is wrong, the hint how to fix it."""
@@ -61,8 +63,6 @@ class GateFailure(OnnxoptError):
 
 def require(package: str, feature: str, install: str | None = None):
     """Import an optional dependency or raise a :class:`MissingDependencyError` saying how to get it."""
-    import importlib
-
     try:
         return importlib.import_module(package)
     except ImportError as exc:  # pragma: no cover - depends on the environment

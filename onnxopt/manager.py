@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import onnx
+import yaml
 from onnx import ModelProto
 
-from . import __version__, model_io, opsets, runtime, stats
+from . import model_io, opsets, runtime, stats
 from .errors import OnnxoptError, OptionError, VerificationError
 from .registry import PassContext, PassInfo, PassResult, get_pass
+from .version import __version__
 
 # An exact pass may reorder float arithmetic (e.g. folding a BN scale into a weight): the
 # outputs must agree to this relative error (max |diff| / max |ref|) or this absolute error.
@@ -89,8 +92,6 @@ class Report:
 
 
 def _json_default(obj: Any):
-    import numpy as np
-
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -134,8 +135,6 @@ def load_recipe(path: Union[str, os.PathLike]) -> tuple:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
     except Exception as exc:
         raise OptionError(f"recipe '{p}' cannot be parsed: {str(exc).splitlines()[0]}", "check its YAML/JSON syntax") from None

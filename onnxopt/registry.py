@@ -21,7 +21,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import onnx
 
-from .errors import OptionError
+import onnxopt.passes
+
+from .errors import DataError, OptionError
 
 
 @dataclass(frozen=True)
@@ -248,8 +250,6 @@ class PassContext:
         Returns ``(feeds, "data" | "generated")``: what passes use to measure or verify their
         output error. Data that yields nothing is an error, never a silent switch to random inputs.
         """
-        from .errors import DataError
-
         if self.data is None:
             plan = self.feed_plan(model)
             return [plan.feed(0, s) for s in range(max(batches, 1))], "generated"
@@ -309,9 +309,7 @@ def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    import onnxopt.passes as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    for mod in pkgutil.iter_modules(onnxopt.passes.__path__):
         if not mod.name.startswith("_"):
             importlib.import_module(f"onnxopt.passes.{mod.name}")
     _DISCOVERED = True

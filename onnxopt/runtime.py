@@ -5,16 +5,18 @@ graph onnxopt wrote, not what onnxruntime would have rewritten it into.
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import ModelProto, helper
 
 from .errors import DataError, OnnxoptError
 from .feeds import shape_hint
-
 
 
 def np_dtype(elem_type: int) -> np.dtype:
@@ -157,11 +159,6 @@ def profile_kernels(model: ModelProto, feed: dict, runs: int, *, optimize: bool 
     onnxruntime executed (after its fusions when ``optimize``); ``graph`` is that graph as a
     ModelProto when ``with_graph`` (to read the executed nodes' attributes), else None.
     """
-    import json
-    import tempfile
-
-    import onnx
-
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_profiling = True

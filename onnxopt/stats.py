@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
+from .runtime import intermediate_shapes
+
 
 def op_histogram(model: ModelProto) -> dict:
     return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
@@ -70,7 +72,6 @@ def static_shapes(model: ModelProto, needed=None) -> dict:
     missing = [t for t in needed if t and _prod(shapes.get(t)) is None]
     if missing:
         try:
-            from .runtime import intermediate_shapes
             shapes.update(intermediate_shapes(probe, missing))
         except Exception:  # a model that cannot run keeps its unknown shapes (reported as macs=None)
             pass

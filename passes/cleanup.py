@@ -49,12 +49,12 @@ from typing import Optional
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from onnxopt.graph import (_swap_input, constant_value, export_graph, import_graph, input_at, is_graph_output,
-                           lift_constant, sole_consumer)
 from onnxopt.errors import OptionError
+from onnxopt.graph import _swap_input, constant_value, export_graph, import_graph, input_at, is_graph_output, lift_constant, sole_consumer
 from onnxopt.model_io import opset_of
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
@@ -573,8 +573,6 @@ def _foldable_op(node: gs.Node) -> bool:
 
 def _run_fold_set(nodes: list, frontier: list, opset: int, graph: gs.Graph) -> dict:
     """Evaluate the constant subgraph ``nodes`` once in onnxruntime; {frontier name: value}."""
-    import onnxruntime as ort
-
     produced = {o.name for n in nodes for o in n.outputs}
     inits, seen = [], set()
     for n in nodes:

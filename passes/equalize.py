@@ -53,9 +53,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import runtime
 from onnxopt.errors import DataError, OptionError
-from onnxopt.graph import (NameGenerator, constant_value, export_graph, import_graph, input_at,
-                           is_graph_output, is_weight)
+from onnxopt.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_graph_output, is_weight
 from onnxopt.model_io import drop_activation_bounds, opset_of
 from onnxopt.registry import PassOptions, PassResult, option, register_pass
 
@@ -368,8 +368,6 @@ def _split_clip(graph: gs.Graph, clip: gs.Node, bound: np.ndarray, names: NameGe
 
 def _pre_activation_minimum(model: onnx.ModelProto, tensors: list, data) -> dict:
     """Per-channel minimum (axis 1) of ``tensors`` over every batch of ``data``."""
-    from onnxopt import runtime
-
     sess = runtime.session(runtime.with_outputs(model, tensors))
     mins: dict = {}
     for feed in data():

@@ -44,14 +44,19 @@ Put that in ``my_rules.py`` and run ``onnxopt apply lite m.onnx -o out.onnx --ru
 from __future__ import annotations
 
 import contextvars
+import gc
+import heapq
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
+from onnx.utils import Extractor
 
 from onnxopt import runtime
 from onnxopt.errors import OnnxoptError, OptionError, VerificationError
@@ -183,10 +188,6 @@ def _stable_toposort(graph) -> bool:
     """Kahn's algorithm keeping the existing order where it can (linear; gs's toposort computes
     hierarchy levels recursively and dominates on 10k-node graphs). False when it does not apply
     (subgraphs with outer-scope reads, or a cycle): then gs sorts."""
-    import heapq
-
-    import onnx_graphsurgeon as gs
-
     nodes = graph.nodes
     if any(isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v))
            for n in nodes for v in n.attrs.values()):
@@ -271,8 +272,6 @@ def _err(ref: np.ndarray, got: np.ndarray) -> tuple:
 
 def run_lite(model: ModelProto, options: Optional[LiteOptions] = None, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
     """The lite pass on ``model`` with a given rule ``table`` (default: :func:`rule_table`)."""
-    import gc
-
     # onnx-graphsurgeon allocates several objects per node and tensor, all in reference cycles:
     # with the cyclic GC on, its full collections make a 20k-node run superlinear. The garbage
     # of the pass is collected when the GC is switched back on.
@@ -391,9 +390,6 @@ class _RegionChecker:
             self.seconds += time.perf_counter() - t0
 
     def _check(self, graph, ctx: RuleContext, added: list, preserved: list):
-        import onnx_graphsurgeon as gs
-        from onnx.utils import Extractor
-
         nodes = {id(n): n for n in added if id(n) not in ctx.dead}
         by_name = {t.name: t for n in nodes.values() for t in n.outputs}
         outs = []
@@ -462,8 +458,6 @@ class _Reference:
     """Feeds (user data or generated) and the input model's outputs on them, computed in a thread."""
 
     def __init__(self, model: ModelProto, pctx: PassContext, batches: int):
-        import threading
-
         self.require_verify = pctx.require_verify
         self.error: Optional[OnnxoptError] = None
         self.refs: Optional[list] = None

@@ -78,12 +78,15 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import onnx_graphsurgeon as gs
 from onnx import ModelProto
 
 from onnxopt import channels, runtime, stats
-from onnxopt.compare import measure_latency
 from onnxopt.channels import POISON
+from onnxopt.compare import measure_latency
+from onnxopt.data import collect_feeds
 from onnxopt.errors import OptionError
+from onnxopt.graph import NameGenerator, constant_value, input_at
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
@@ -574,8 +577,6 @@ def _sample_feeds(ctx: PassContext, model: ModelProto, samples: int) -> list:
     generated inputs when there is none."""
     if ctx.data is None:
         return ctx.sample_feeds(model, max(1, min(samples, 16)))[0]
-    from onnxopt.quant.sensitivity import collect_feeds
-
     return collect_feeds(ctx.data, samples)
 
 
@@ -598,9 +599,6 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     ``||P_K [W_K, b]^T - P [W, b]^T||^2 + r ||.||^2`` -- the original output from the kept inputs.
     ``r = ridge * mean diag(G_KK)``. The mean fold is the special case where only the bias is free.
     """
-    import onnx_graphsurgeon as gs
-    from onnxopt.graph import NameGenerator, constant_value, input_at
-
     todo = []
     removed = an.dead_mask(removed)
     for act in an.actions:
@@ -690,8 +688,6 @@ def _im2col(x: np.ndarray, node, kshape: tuple) -> np.ndarray:
 def _input_grams(model: ModelProto, feeds: list, todo: list) -> dict:
     """{id(consumer node): (Gram matrix of its [im2col patches, 1], patch rows) over the feeds
     (original model)}."""
-    from onnxopt.graph import constant_value
-
     tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
     sess = runtime.session(runtime.with_outputs(model, tensors))
     grams: dict = {}
@@ -711,9 +707,6 @@ def _refit_conv(node, dead: np.ndarray, gram: tuple, ridge: float, names) -> boo
     """Replace the consumer's weight and bias by the least-squares refit (see _compensate); the
     removed input channels' weights are zeroed (the rewrite slices them away). False (nothing
     changed) when the data gave too few patches to fit the kept weights of one output."""
-    import onnx_graphsurgeon as gs
-    from onnxopt.graph import constant_value, input_at
-
     gram, rows = gram
     w = constant_value(node.inputs[1])
     wdt, cout, cin = w.dtype, w.shape[0], w.shape[1]

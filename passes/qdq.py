@@ -20,6 +20,7 @@ from onnxopt import runtime
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import DataError, OptionError
 from onnxopt.quant import check as qcheck
+from onnxopt.quant import recovery
 from onnxopt.quant.options import CalibrationOptions, QdqOptions
 from onnxopt.quant.quantize import already_quantized_message, limit_samples, quantize_model, quantized_ops, to_static_batch
 from onnxopt.quant.targets import get_target
@@ -106,8 +107,6 @@ def qdq(model, options: QdqOptions, ctx):
     extra = {"target": info["target"], "notes": info.get("notes", []), "groups": info["groups"],
              "excluded": info["excluded"], "warnings": warns}
     if options.recovery.requested:
-        from onnxopt.quant import recovery
-
         qmodel, rep = recovery.recover(float_model, qmodel, info, options.to_dict(), data, ctx)
         extra["recovery"] = rep
     violations = qcheck.check_model(qmodel, info["target"])

@@ -87,7 +87,7 @@ def test_distillation_moves_student_to_teacher_and_writes_back(tmp_path):
 
 def test_qat_w4a4_exports_restricted_qdq_and_matches_torch(tmp_path):
     pytest.importorskip("torch")
-    from onnxopt.torch.qat import prepare_qat
+    from onnxopt.qat import prepare_qat
     from onnxopt.torch.train import FinetuneConfig, finetune
     base = tiny_classifier()
     ds = open_ds(data_file(tmp_path), base)
@@ -109,7 +109,7 @@ def test_qat_w4a4_exports_restricted_qdq_and_matches_torch(tmp_path):
 @pytest.mark.parametrize("spec,values", [("wta8", {-1, 0, 1}), ("wba8", {-1, 1})])
 def test_ternary_and_binary_weights(tmp_path, spec, values):
     pytest.importorskip("torch")
-    from onnxopt.torch.qat import prepare_qat
+    from onnxopt.qat import prepare_qat
     from onnxopt.torch.train import FinetuneConfig, finetune
     base = tiny_classifier()
     ds = open_ds(data_file(tmp_path, n=32), base)
@@ -127,7 +127,7 @@ def test_ternary_and_binary_weights(tmp_path, spec, values):
 def test_bad_qat_spec_and_quantized_input():
     pytest.importorskip("torch")
     from onnxopt.errors import OptionError
-    from onnxopt.torch.qat import parse_qat, prepare_qat
+    from onnxopt.qat import parse_qat, prepare_qat
     assert parse_qat("w2a8") == (2, 8) and parse_qat("wTa4") == ("ternary", 4)
     for bad in ("w16a16", "w4", "a4w4", "w9a8"):
         with pytest.raises(OptionError):

@@ -676,7 +676,7 @@ def test_recovery_references_the_bounded_float_model():
     """Sensitivity/recovery compare the Q/DQ model against its float reference: with the recorded
     clips put back, that reference is the original (ReLU6) model, not the unbounded lite one."""
     from onnxopt.passes.lite import options_with, run_lite
-    from onnxopt.quant.sensitivity import QdqView
+    from onnxopt.quant.view import QdqView
     original, r = conv_relu6_conv()
     lite = run_lite(original, options_with(verify=False)).model
     feeds = feeds_for(original, n=8)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import se_models
+from helpers import if_branch_model, make_model, rand
 from onnx import helper, numpy_helper
 
 import onnxopt
-import se_models
-from helpers import if_branch_model, make_model, rand
 from onnxopt.data import DataSpec
 from onnxopt.errors import DataError, OptionError
 from onnxopt.quant import recovery
-from onnxopt.quant.sensitivity import Evaluator, QdqView
+from onnxopt.quant.recovery import bias
+from onnxopt.quant.view import Evaluator, QdqView
 from onnxopt.registry import PassContext
 
 
@@ -49,8 +50,8 @@ def test_bias_correction_reduces_error_and_mean_shift(se_setup, target, method):
         first = info["layers"][0]["node"]
         t = view.nodes[first].output[0]
         used = calib[:recovery.BIAS_SAMPLES]  # the samples the correction measured on
-        mf = recovery.channel_means(m, [t], lambda: iter(used))[t]
-        mq = recovery.channel_means(out, [t], lambda: iter(used))[t]
+        mf = bias.channel_means(m, [t], lambda: iter(used))[t]
+        mq = bias.channel_means(out, [t], lambda: iter(used))[t]
         np.testing.assert_allclose(mq, mf, atol=1e-4)
 
 
@@ -118,7 +119,7 @@ def test_analytical_uses_bn_statistics():
     """E[relu(y)] of a gaussian, and a model whose layer input comes from BN -> Relu (no data)."""
     mu, sigma = np.array([0.0, 1.0, -2.0]), np.array([1.0, 0.5, 1.0])
     samples = np.maximum(0, np.random.default_rng(0).normal(mu, sigma, size=(200000, 3))).mean(0)
-    np.testing.assert_allclose(recovery.relu_gaussian_mean(mu, sigma), samples, rtol=0.02, atol=2e-3)
+    np.testing.assert_allclose(bias.relu_gaussian_mean(mu, sigma), samples, rtol=0.02, atol=2e-3)
     rng = np.random.default_rng(1)
     gamma, beta = np.abs(rand(4, seed=2)) + 0.5, rand(4, seed=3)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["y1"], name="c1"),
@@ -136,7 +137,7 @@ def test_analytical_uses_bn_statistics():
     b_new = next(numpy_helper.to_array(t) for t in out.graph.initializer if t.name == next(n for n in out.graph.node if n.name == "c2").input[2])
     view = QdqView(m, q, info)
     eps = (view.dequantized_weight("c2") - view.float_weight["c2"]).astype(np.float64)
-    expect = rand(2, seed=4) - eps.reshape(2, 4) @ recovery.relu_gaussian_mean(beta.astype(np.float64), gamma.astype(np.float64))
+    expect = rand(2, seed=4) - eps.reshape(2, 4) @ bias.relu_gaussian_mean(beta.astype(np.float64), gamma.astype(np.float64))
     np.testing.assert_allclose(b_new, expect, rtol=1e-5, atol=1e-6)
 
 
@@ -192,7 +193,7 @@ def test_adaround_improves_layer_reconstruction_on_held_out_data(se_setup):
     region) falls on data it was not learned on; integer weights stay floor/ceil of w/s in range.
     (End-to-end effect on EfficientNet-Lite0 W4A8: tools/bench_recovery.py effnet4.)"""
     from onnxopt import runtime
-    from onnxopt.quant import adaround as ada_mod
+    from onnxopt.quant.recovery import adaround as ada_mod
 
     m, calib, ev = se_setup
     q, info = se_models.reference_qdq(m, calib, weight_bits=4)
@@ -244,7 +245,7 @@ def test_sequential_adaround_reduces_held_out_output_error(se_setup):
     """Sequential AdaRound (inputs from the quantized model, upstream rounding applied) lowers the
     model's output error against float on data it did not learn on, and visits the layers wave by
     wave in graph order."""
-    from onnxopt.quant import adaround as ada_mod
+    from onnxopt.quant.recovery import adaround as ada_mod
 
     m, calib, ev = se_setup
     q, info = se_models.reference_qdq(m, calib, weight_bits=4)
@@ -276,14 +277,14 @@ def test_brecq_block_reconstruction_reduces_held_out_output_error(se_setup):
     falls below half of round-to-nearest's, and only weights, weight scales and biases change
     (float biases corrected first get new initializers)."""
     pytest.importorskip("torch")
-    from onnxopt.quant import brecq as brecq_mod
+    from onnxopt.quant.recovery import brecq as brecq_mod
 
     m, calib, ev = se_setup
     q, info = se_models.reference_qdq(m, calib, weight_bits=4)
     view = QdqView(m, q, info)
     blocks = brecq_mod.find_blocks(q, view.layers, 3)
     assert len(blocks) > 2 and sorted(l for _, _, ls in blocks for l in ls) == sorted(view.layers)
-    out, rep = brecq_mod.brecq(view, lambda: iter(calib[:16]), iters=60, float_model=m)
+    out, rep = brecq_mod.brecq(view, lambda: iter(calib[:16]), brecq_mod.BrecqConfig(iters=60), float_model=m)
     assert rep["blocks"] == len(blocks) and rep["improved"] > 0
     assert _err(m, out, info, ev[:60]) < 0.5 * _err(m, q, info, ev[:60])
     changed = {t.name for t, u in zip(q.graph.initializer, out.graph.initializer) if t.SerializeToString() != u.SerializeToString()}
@@ -321,13 +322,13 @@ def test_learned_rounding_with_asymmetric_weights(se_setup, rounding):
 def test_brecq_reconstructs_on_calib_samples_when_given(se_setup, monkeypatch):
     """BRECQ holds every block's input and output for each sample it learns on, so it takes 256
     at most, unless qdq.calib_samples or the data's limit (--calib-samples) asks for a number (more, or fewer)."""
-    from onnxopt.quant import brecq as brecq_mod
+    from onnxopt.quant.recovery import brecq as brecq_mod
 
     m, calib, _ = se_setup
     caps = []
 
-    def fake_brecq(view, data, iters, max_samples, float_model, log):
-        caps.append(max_samples)
+    def fake_brecq(view, data, config, float_model, log):
+        caps.append(config.max_samples)
         return view.qmodel, {}
 
     monkeypatch.setattr(brecq_mod, "brecq", fake_brecq)
@@ -346,7 +347,7 @@ def test_brecq_hardened_rounding_keeps_its_fixed_value():
     those ``v`` across 0 afterwards, and the rounding written out must be the one fixed, not the
     sign of the moved ``v``."""
     torch = pytest.importorskip("torch")
-    from onnxopt.quant import brecq as brecq_mod
+    from onnxopt.quant.recovery import brecq as brecq_mod
 
     base, s_b = torch.zeros(4), torch.ones(4)
     v = torch.tensor([3.0, -3.0, 0.1, -0.1])
@@ -364,7 +365,7 @@ def test_brecq_median_equals_torch_quantile():
     """The hardening cut is torch.quantile(x, 0.5) computed by sorting, because quantile refuses
     tensors over 2^24 elements; it must give the same value, odd or even count, ties or not."""
     torch = pytest.importorskip("torch")
-    from onnxopt.quant import brecq as brecq_mod
+    from onnxopt.quant.recovery import brecq as brecq_mod
 
     gen = torch.Generator().manual_seed(0)
     for n in (1, 2, 7, 1000, 1001):

@@ -127,7 +127,7 @@ def run_r56(args, tmp, rows, log):
 
 
 def run_r20(args, tmp, rows, log):
-    from onnxopt.torch.qat import prepare_qat
+    from onnxopt.qat import prepare_qat
     from onnxopt.torch.train import FinetuneConfig, finetune
     xt, _, xh, yh = cifar()
     base = onnxopt.load_model(SHARED / "models" / "resnet20_cifar10.onnx")
@@ -160,7 +160,7 @@ def run_r20(args, tmp, rows, log):
 
 def run_tput(args, tmp, rows, log):
     """Finetuning throughput alone: ResNet20 fp32 and W4A4 QDQ, distillation (teacher cached), batch 32."""
-    from onnxopt.torch.qat import prepare_qat
+    from onnxopt.qat import prepare_qat
     from onnxopt.torch.train import FinetuneConfig, finetune
     xt, _, _, _ = cifar()
     base = onnxopt.load_model(SHARED / "models" / "resnet20_cifar10.onnx")

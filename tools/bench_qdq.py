@@ -446,7 +446,7 @@ def task_saturation(args, results):
     graph optimization on (QLinearConv etc., as deployed) and once with none (DequantizeLinear ->
     float Conv, the ONNX semantics). On AVX2 CPUs without VNNI, the u8 x s8 kernels add pairs of
     products in int16, which saturates once stored weights pass +-64."""
-    from onnxopt.quant.sensitivity import rel_error
+    from onnxopt.quant.view import rel_error
 
     model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
     calib, cfeeds, efeeds, labels = effnet_split(model, args.limit)
@@ -477,7 +477,7 @@ def _asymmetric_weights(q):
     """``q`` with every int8 per-channel weight re-quantized asymmetrically over [-128, 127] from
     its dequantized values (what weight_symmetric=false would store at 8 bits)."""
     from onnx import numpy_helper
-    from onnxopt.quant.adaround import _write_scale
+    from onnxopt.quant.recovery.adaround import write_scale
     from onnxopt.quant.quantize import quantize_weight, weight_scales, weight_zero_points
 
     out = onnx.ModelProto()
@@ -505,14 +505,14 @@ def _asymmetric_weights(q):
         zp = weight_zero_points(w, s_new, axis, 8)
         for name, arr in ((n.input[0], quantize_weight(w, s_new, axis, 8, zp)), (n.input[2], zp)):
             inits[name].CopyFrom(numpy_helper.from_array(arr, name))
-        # the layer entry _write_scale takes: its int32 bias (scale s_in * s_w) is re-quantized with the new scale
+        # the layer entry write_scale takes: its int32 bias (scale s_in * s_w) is re-quantized with the new scale
         entry = {"weight_scale": n.input[1]}
         for reader in readers.get(n.output[0], []):
             if reader.op_type in ("Conv", "Gemm") and len(reader.input) > 2 and reader.input[1] == n.output[0]:
                 bdq = producer.get(reader.input[2])
                 if bdq is not None and bdq.op_type == "DequantizeLinear":
                     entry.update(bias_is_int=True, bias_q=bdq.input[0], bias_scale=bdq.input[1])
-        _write_scale(inits, entry, s_arr, np.asarray(s_new, np.float64), s)
+        write_scale(inits, entry, s_arr, np.asarray(s_new, np.float64), s)
     return out
 
 

@@ -151,9 +151,8 @@ def task_holdout(args, results):
     squared error at the last block's output, float reference against quantized, on those images
     and on the rest of the 200 (never seen by the learning), for: the start (nearest rounding), the
     initialisation (weight-MSE scales, bias correction) and the learned rounding."""
-    from onnxopt.quant import brecq as B
-    from onnxopt.quant.adaround import _truncated
-    from onnxopt.quant.sensitivity import QdqView, fast_session, rel_error
+    from onnxopt.quant.recovery import brecq as B
+    from onnxopt.quant.view import QdqView, fast_session, rel_error, truncated
 
     model, _, cfeeds, _, _ = effnet_data(limit=1)
     opts = get_pass("qdq").resolve({"target": "ort", "weight_bits": 4, "first_last_weight_bits": 8,
@@ -167,7 +166,7 @@ def task_holdout(args, results):
     def run(blocks, **kw):   # brecq restricted to some blocks (find_blocks patched for the call)
         B.find_blocks = lambda *x, **k: all_blocks(*x, **k)[blocks]
         try:
-            return B.brecq(view, lambda: iter(train), iters=args.iters, max_samples=len(train), float_model=model, log=log, **kw)
+            return B.brecq(view, lambda: iter(train), B.BrecqConfig(iters=args.iters, max_samples=len(train), **kw), float_model=model, log=log)
         finally:
             B.find_blocks = all_blocks
 
@@ -177,11 +176,11 @@ def task_holdout(args, results):
         m, rep = run(slice(a, b), **kw)
         learned.append((name, m, round(time.perf_counter() - t0, 1)))
     t_out = rep["per_block"][-1]["block"].split(" -> ")[1]
-    ref = fast_session(_truncated(view.float_reference(), [t_out]))
+    ref = fast_session(truncated(view.float_reference(), [t_out]))
     targets = {"calibration_error": (train, B._stack(ref, train, t_out)), "held_out_error": (held, B._stack(ref, held, t_out))}
 
     def row(stage, m, seconds=None):
-        qs = fast_session(_truncated(QdqView(None, m, q.info).variant(fold_weights=True), [t_out]))
+        qs = fast_session(truncated(QdqView(None, m, q.info).variant(fold_weights=True), [t_out]))
         errs = {k: round(rel_error([y], [B._stack(qs, feeds, t_out)]) ** 2, 4) for k, (feeds, y) in targets.items()}
         rows.append({"task": "holdout", "blocks": args.blocks, "output": t_out, "stage": stage, "train_images": len(train),
                      **errs, "seconds": seconds})

@@ -1,6 +1,7 @@
 """``onnxopt apply`` and ``onnxopt passes``."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -159,8 +160,6 @@ def _print_summary(report: manager.Report, output: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def passes_cmd(as_json):
     """List the passes, whether each is exact, and their options with defaults."""
-    import json
-
     table = all_passes()
     if as_json:
         click.echo(json.dumps({n: {"summary": p.summary, "exact": p.exact, "options": {

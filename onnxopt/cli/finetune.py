@@ -7,12 +7,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from .. import model_io
 from ..data import open_data
 from ..errors import OptionError, require
+from ..qat import prepare_qat
 from . import cli
 from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
 
@@ -80,7 +82,6 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
     """
     require("torch", "onnxopt finetune", "pip install torch")
     from ..torch.train import FinetuneConfig, dist_info, finetune
-    from ..torch import qat as qat_mod
 
     image = image_settings(kwargs)
     shapes = parse_input_shapes(input_shapes)
@@ -105,7 +106,7 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
     student = source
     if qat:
         calib = open_data(dataclasses.replace(spec, max_samples=min(max_samples or 256, 256), labels=None), source, shapes)
-        student, overrides, _ = qat_mod.prepare_qat(source, qat, calib, target=target, per_channel=not per_tensor,
+        student, overrides, _ = prepare_qat(source, qat, calib, target=target, per_channel=not per_tensor,
                                                     symmetric=symmetric, low_bit=low_bit, log=log)
         cfg.weight_modes, cfg.float_weights = overrides["weight_modes"], overrides["float_weights"]
         if teacher_model is None:
@@ -121,6 +122,5 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
             log(f"parity onnxruntime vs torch: max|diff| {result.parity['max_abs']:.2e} (outputs up to {result.parity['max_ref']:.3g})")
         log(f"{result.samples_per_second:.1f} samples/s; wrote {output}")
         if report_path:
-            from pathlib import Path
             Path(report_path).write_text(json.dumps({"history": result.history, "parity": result.parity,
                                                      "samples_per_second": result.samples_per_second, "qat": qat}, indent=2))

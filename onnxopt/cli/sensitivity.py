@@ -8,7 +8,11 @@ import sys
 import click
 
 from .. import manager, model_io
-from ..errors import OptionError
+from ..data import collect_feeds
+from ..errors import OptionError, require
+from ..quant import sensitivity as sens
+from ..quant.quantize import quantize_model
+from ..quant.view import QdqView
 from ..registry import PassContext, get_pass
 from . import cli
 from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
@@ -54,13 +58,8 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
     The per-layer models are derived from the one quantized model by removing Q/DQ (no
     recalibration). Metric: relative L2 error of all outputs and SQNR in dB (higher = better).
     """
-    from ..quant import sensitivity as sens
-    from ..quant.quantize import quantize_model
-
     image = image_settings(kwargs)
     if plot_path:  # fail before the long part when matplotlib is missing
-        from ..errors import require
-
         require("matplotlib", "the sensitivity bar chart (--plot)")
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     opts = {}
@@ -76,8 +75,8 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
     ctx = PassContext(data=ds, data_spec=ds.spec, progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log)
     log(f"quantizing for {target} (one calibration) ...")
     result = quantize_model(source, resolved, ds, ctx)
-    view = sens.QdqView(source, result.model, result.info)
-    feeds = sens.collect_feeds(ds, eval_samples)
+    view = QdqView(source, result.model, result.info)
+    feeds = collect_feeds(ds, eval_samples)
     modes = ("only", "all_but") if mode == "both" else (mode,)
     log(f"measuring {len(view.layers)} layers x {len(modes)} variant(s) on {eval_samples} samples ...")
     rep = sens.analyze(view, feeds, modes=modes, progress=None if quiet else (lambda m: click.echo(m, err=True)))

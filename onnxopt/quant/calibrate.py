@@ -63,6 +63,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto
+from tqdm.auto import tqdm
 
 from .. import errors as _errors
 from ..errors import DataError, OnnxoptError, OptionError
@@ -293,8 +294,6 @@ def _total(data) -> Optional[int]:
 
 
 def _progress(config: CalibConfig, total: Optional[int], desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="sample", disable=not config.progress, leave=False, dynamic_ncols=True)
 
 

@@ -36,6 +36,7 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..errors import OptionError
 from ..graph import constant_value, input_at, is_graph_output, is_weight
 from .targets import WEIGHTED_OPS, TargetRules, weight_axis
 
@@ -117,7 +118,6 @@ def excluded_nodes(graph: gs.Graph, options: dict, weighted: list) -> tuple:
     try:
         pattern = re.compile(regex) if regex else None
     except re.error as exc:
-        from ..errors import OptionError
         raise OptionError(f"bad qdq.exclude_regex {regex!r}: {exc}.", "give a Python regular expression matched against node names") from None
     known = {n.name for n in graph.nodes}
     unknown = sorted(names - known)

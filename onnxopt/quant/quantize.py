@@ -43,14 +43,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import ModelProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper, version_converter
 
 from .. import model_io
 from ..data import feed_samples
 from ..errors import OnnxoptError, OptionError
 from ..graph import NameGenerator, constant_value, export_graph, import_graph
+from . import calibrate as calib
 from . import placement as placement_mod
-from .targets import TargetRules, get_target, int_range
+from .targets import TargetRules, get_target
+from .view import channel_rows, int_range, weight_range, with_clip_bounds
 
 INT32_MAX = 2**31 - 1
 MIN_SCALE = 1e-30
@@ -151,8 +153,6 @@ def convert_opset(model: ModelProto, target: int) -> ModelProto:
     current = model_io.opset_of(model)
     if current == target:
         return model
-    from onnx import version_converter
-
     try:
         converted = version_converter.convert_version(model, target)
         if target < current:
@@ -256,8 +256,6 @@ def limit_samples(data: Callable, n: int) -> Callable:
 
 def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules: TargetRules, progress: bool,
                     nonneg: Optional[set] = None, bounds: Optional[dict] = None) -> dict:
-    from . import calibrate as calib
-
     method = options.get("calib_method", "auto")
     if method == "auto":
         method = rules.default_method
@@ -281,47 +279,6 @@ def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules
     unsigned = {t: bool(symmetric and zero_based and t in nonneg) for t in tensors}
     return calib.calibrate(with_clip_bounds(model, bounds or {}), list(tensors), data, cfg,
                            symmetric=symmetric, unsigned=unsigned, bits=bits)
-
-
-def with_clip_bounds(model: ModelProto, bounds: dict) -> ModelProto:
-    """``model`` with a Clip put back on each tensor of ``bounds`` ({tensor: (lo, hi)}, the clips
-    ``lite`` removed: :data:`onnxopt.model_io.ACTIVATION_BOUNDS_KEY`); ``model`` itself when empty.
-
-    Calibrated on this, a ReLU6 -> ReLU tensor gets a range ending at 6 and every tensor after it
-    the range it had in the original, so the Q/DQ model clips where the original did. The
-    sensitivity/recovery views (``QdqView``) put the same clips in their float reference. The tensor keeps its name (the Clip
-    writes it; the old producer writes ``<name>_unbounded``)."""
-    present = {o for n in model.graph.node for o in n.output}
-    bounds = {t: b for t, b in bounds.items() if t in present}
-    if not bounds:
-        return model
-    out = ModelProto()
-    out.CopyFrom(model)
-    out.graph.ClearField("node")
-    taken = present | {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
-    elem = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
-    opset = model_io.opset_of(model)
-    for src in model.graph.node:   # each Clip right after its producer: the order stays topological
-        node = out.graph.node.add()
-        node.CopyFrom(src)
-        for i, t in enumerate(src.output):
-            if t not in bounds:
-                continue
-            raw = t + "_unbounded"
-            while raw in taken:
-                raw += "_"
-            taken.add(raw)
-            node.output[i] = raw
-            lo, hi = bounds[t]
-            if opset >= 11:
-                dtype = np.float16 if elem.get(t) == TensorProto.FLOAT16 else np.float32
-                out.graph.initializer.extend([numpy_helper.from_array(np.asarray(lo, dtype), raw + "_min"),
-                                              numpy_helper.from_array(np.asarray(hi, dtype), raw + "_max")])
-                clip = helper.make_node("Clip", [raw, raw + "_min", raw + "_max"], [t], name=raw + "_Clip")
-            else:
-                clip = helper.make_node("Clip", [raw], [t], name=raw + "_Clip", min=float(lo), max=float(hi))
-            out.graph.node.append(clip)
-    return out
 
 
 def unsigned_low_bit(options: dict, bits: int) -> bool:
@@ -363,20 +320,6 @@ def activation_params(lo: float, hi: float, bits: int, rules: TargetRules, symme
     scale = max(scale, MIN_SCALE)
     zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
     return ActParams(scale, zp, rules.act_signed, qmin, qmax)
-
-
-def channel_rows(a: np.ndarray, axis: Optional[int]) -> np.ndarray:
-    """``a`` as [C, -1] with the channels of ``axis`` as rows (per tensor, ``axis`` None: [1, -1])."""
-    if axis is None:
-        return a.reshape(1, -1)
-    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-
-
-def weight_range(bits: int, symmetric: bool = True) -> tuple:
-    """(qmin, qmax) of ``bits``-bit weights: [-q, q] symmetric (the restricted range TensorRT
-    uses), all ``2^bits`` levels asymmetric."""
-    q = 2 ** (bits - 1)
-    return (-(q - 1), q - 1) if symmetric else (-q, q - 1)
 
 
 def weight_scales(w: np.ndarray, axis: Optional[int], bits: int, power_of_two: bool, symmetric: bool = True) -> np.ndarray:

@@ -104,9 +104,3 @@ def weight_axis(op: str, attrs: dict, weight_rank: int, group: int = 1) -> Optio
     return None
 
 
-def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple:
-    """(qmin, qmax) of a ``bits``-bit integer; ``narrow`` drops the most negative value (symmetric)."""
-    if signed:
-        qmax = 2 ** (bits - 1) - 1
-        return (-qmax if narrow else -qmax - 1), qmax
-    return 0, 2 ** bits - 1

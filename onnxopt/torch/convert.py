@@ -32,15 +32,15 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from ..errors import OnnxoptError
 from ..model_io import opset_of
+from ..quant.view import INT_RANGE_OF_TYPE
 from . import fakequant
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 _ONNX_TO_TORCH = {
     TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
@@ -49,9 +49,6 @@ _ONNX_TO_TORCH = {
     TensorProto.BOOL: torch.bool, TensorProto.UINT16: torch.int32, TensorProto.UINT32: torch.int64,
     TensorProto.INT4: torch.int8, TensorProto.UINT4: torch.uint8,
 }
-_INT_RANGE = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767),
-              TensorProto.UINT16: (0, 65535), TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15),
-              TensorProto.INT32: (-2**31, 2**31 - 1)}
 
 # inputs of these ops that hold trainable weights
 _WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
@@ -237,7 +234,7 @@ class OnnxModule(nn.Module):
                     skip.add(id(n))
                     continue
             dtype = self.onnx_dtypes.get(x, TensorProto.INT8)
-            lo, hi = _INT_RANGE.get(dtype, (-128, 127))
+            lo, hi = INT_RANGE_OF_TYPE.get(dtype, (-128, 127))
             mode = weight_modes.get(x, "lsq")
             if x in weight_ranges:
                 qmin, qmax = weight_ranges[x]
@@ -280,7 +277,7 @@ class OnnxModule(nn.Module):
                     and _attr(r, "axis", 1) == _attr(n, "axis", 1) for r, i in readers):
                 continue
             zp_dtype = self.onnx_dtypes.get(zp_name, TensorProto.UINT8) if zp_name else TensorProto.UINT8
-            qmin, qmax = _INT_RANGE.get(zp_dtype, (0, 255))
+            qmin, qmax = INT_RANGE_OF_TYPE.get(zp_dtype, (0, 255))
             s = consts[n.input[1]].astype(np.float64)
             zp = consts[zp_name].astype(np.float64) if zp_name else np.zeros(())
             axis = None if s.size == 1 else _attr(n, "axis", 1)
@@ -919,7 +916,7 @@ def op_quantize(m, node, ins):
     x, s = ins[0], ins[1]
     zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
     zp_type = m.onnx_dtypes.get(node.inputs[2], TensorProto.UINT8) if zp is not None else TensorProto.UINT8
-    lo, hi = _INT_RANGE.get(zp_type, (0, 255))
+    lo, hi = INT_RANGE_OF_TYPE.get(zp_type, (0, 255))
     axis = None if s.numel() == 1 else int(node.attrs.get("axis", 1))
     sb = fakequant._shape_for(s, x, axis)
     z = fakequant._shape_for(zp.to(x.dtype), x, axis) if zp is not None else 0.0

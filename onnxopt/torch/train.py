@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+import onnx
 from onnx import ModelProto
+from tqdm import tqdm
 
+from .. import runtime
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint
 from ..userfiles import load_user_function
@@ -52,8 +55,6 @@ def auto_features(teacher: ModelProto, student: ModelProto) -> List[str]:
     (residual sums) that the teacher has under the same name and, where both graphs know it, the
     same shape. The passes keep tensor names (lite swaps ReLU6 for ReLU on the same output, qdq
     only adds Q/DQ after it), and pruned tensors drop out on their changed channel count."""
-    import onnx
-
     def shapes(m):
         try:
             inferred = onnx.shape_inference.infer_shapes(m).graph.value_info
@@ -229,7 +230,6 @@ class _TorchTeacher:
 
 class _OrtTeacher:
     def __init__(self, model: ModelProto, input_names, features):
-        from .. import runtime
         probe = runtime.with_outputs(model, features)
         self.outputs = [o.name for o in model.graph.output]
         self.features = list(features)
@@ -473,7 +473,6 @@ def _check_batch(student: OnnxModule, arrays: dict, batch: int, device) -> None:
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="sample", leave=False)
 
 
@@ -540,7 +539,6 @@ def parity_check(module: OnnxModule, model: ModelProto, tensors: dict, samples: 
     """Max |onnxruntime(written model) - torch module (eval)| on the first ``samples`` samples."""
     if samples <= 0:
         return {}
-    from .. import runtime
     names = module.input_names
     xs = [tensors[nm][:samples] for nm in names]
     module.eval()

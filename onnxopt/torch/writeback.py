@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-import torch
-
-from .convert import _INT_RANGE, OnnxModule
+from ..quant.view import INT_RANGE_OF_TYPE
+from .convert import OnnxModule
 
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
        TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
@@ -58,7 +58,7 @@ def learned_values(module: OnnxModule) -> dict:
         for name, bq in module.bias_quants.items():
             s = module.bias_scale(bq)
             b = module.value(name).detach()
-            lo, hi = _INT_RANGE[TensorProto.INT32]
+            lo, hi = INT_RANGE_OF_TYPE[TensorProto.INT32]
             out[name] = (torch.clamp(torch.round(b.double() / s.double()), lo, hi).cpu().numpy(), TensorProto.INT32)
             out[bq.scale] = (s.cpu().numpy().astype(np.float32), module.onnx_dtypes.get(bq.scale, TensorProto.FLOAT))
         for aq in module.act_quants:

@@ -41,9 +41,9 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
-from .. import runtime
-from ..data import feed_samples
-from .sensitivity import QdqView, _prune, collect_feeds, fast_session
+from ... import runtime
+from ...data import collect_feeds, feed_samples
+from ..view import QdqView, fast_session, layer_depths, truncated
 
 ZETA, GAMMA = 1.1, -0.1
 MASKED_GRAM_LIMIT = 8_000_000  # entries of the per-output-channel Grams of one layer
@@ -215,7 +215,7 @@ def _optimize(layer: _Layer, scale: np.ndarray, qmin, qmax, iters: int, lam: flo
 
 def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions: int = 256, seed: int = 0,
              sequential: bool = True, log=lambda msg: None) -> tuple:
-    """Learned rounding for every supported layer of ``view`` (a sensitivity.QdqView).
+    """Learned rounding for every supported layer of ``view`` (an :class:`onnxopt.quant.view.QdqView`).
 
     ``sequential`` (the paper's asymmetric reconstruction): layers are learned wave by wave in
     graph order (a wave = the layers with the same number of quantized layers upstream), each
@@ -261,9 +261,7 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
     q_names = {n: view.layer_input(n)[1] for n in layers}
     quantizer = {n: view.input_quantizer(n) for n in layers}
     if sequential:
-        from .recovery import _layer_depths  # recovery imports this module
-
-        depths = _layer_depths(view.qmodel, layers)
+        depths = layer_depths(view.qmodel, layers)
         waves = [[n for n in layers if depths[n] == d] for d in sorted(set(depths.values()))]
     else:
         waves = [list(layers)]
@@ -276,10 +274,10 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
     for wave in waves:
         t1 = time.perf_counter()
         fw = sorted({f_names[n] for n in wave})
-        s_f = fast_session(_truncated(ref, fw))
+        s_f = fast_session(truncated(ref, fw))
         if sequential:  # the quantized model as rounded so far, run only up to this wave's inputs
             qw = sorted({q_names[n] for n in wave})
-            s_q = fast_session(_truncated(QdqView(None, model, view.info).variant(fold_weights=True), qw))
+            s_q = fast_session(truncated(QdqView(None, model, view.info).variant(fold_weights=True), qw))
         for feed in feeds:
             outs_f = runtime.run(s_f, feed, fw)
             outs_q = runtime.run(s_q, feed, qw) if sequential else None
@@ -304,17 +302,6 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
                    "per_layer": per_layer, "skipped": skipped}
 
 
-def _truncated(model: ModelProto, outputs) -> ModelProto:
-    """``model`` with ``outputs`` as its only outputs and only the nodes they need (each wave
-    runs the model just up to its layers' inputs)."""
-    m = runtime.with_outputs(model, outputs)
-    keep = [o for o in m.graph.output if o.name in set(outputs)]
-    del m.graph.output[:]
-    m.graph.output.extend(keep)
-    _prune(m)
-    return m
-
-
 def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, log) -> Optional[dict]:
     """Clipping search + learned rounding of one layer from its accumulated statistics; writes
     the result into ``inits`` when it reconstructs better than nearest at the calibration's scale."""
@@ -336,9 +323,9 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
         # too few input rows for K free weights per output: learned rounding would fit the
         # calibration samples, not the distribution (measured: a Gemm head on 40 samples).
         # Round to nearest, at the clipping that minimises the weight error itself (data-free).
-        new_scale, alpha = _weight_clipping(layer.w, scale, qmin_l, qmax_l, per_channel)
+        new_scale, alpha = weight_clipping(layer.w, scale, qmin_l, qmax_l, per_channel)
         if not np.array_equal(new_scale, scale):
-            _write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
+            write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
             _write_weight(inits, l, layer, np.clip(np.rint(layer.w / new_scale.reshape(layer.w.shape[:2] + (1,))), qmin_l, qmax_l) + zp)
         skipped.append(f"{n}: {layer.count} input rows for {k} inputs per output (< {MIN_ROWS_PER_INPUT}x): "
                        f"nearest rounding, weight-MSE clipping (min ratio {float(np.min(alpha)):.2f})")
@@ -353,7 +340,7 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
     if not keep:
         return row
     if not np.array_equal(new_scale, scale):
-        _write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
+        write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
     _write_weight(inits, l, layer, learned + zp)
     log(f"adaround {n}: loss {loss_near:.4g} -> {loss_learned:.4g}")
     return row
@@ -384,7 +371,7 @@ def _best_clipping(layer: _Layer, scale: np.ndarray, qmin, qmax, per_channel: bo
     return _clip_search(layer.w, scale, qmin, qmax, per_channel, lambda wq: np.sum(ap(wq, gqq) * wq - 2.0 * target * wq, axis=2))
 
 
-def _weight_clipping(w: np.ndarray, scale: np.ndarray, qmin, qmax, per_channel: bool) -> tuple:
+def weight_clipping(w: np.ndarray, scale: np.ndarray, qmin, qmax, per_channel: bool) -> tuple:
     """Like :func:`_best_clipping`, but minimising the weight's own squared rounding error
     (for layers without enough data to trust their input statistics)."""
     return _clip_search(w, scale, qmin, qmax, per_channel, lambda wq: np.sum((wq - w) ** 2, axis=2))
@@ -402,7 +389,7 @@ def _clip_search(w: np.ndarray, scale: np.ndarray, qmin, qmax, per_channel: bool
     return (base[..., 0] * alpha).reshape(-1), alpha
 
 
-def _write_scale(inits: dict, entry: dict, old_arr: np.ndarray, new_scale: np.ndarray, old_scale: np.ndarray) -> None:
+def write_scale(inits: dict, entry: dict, old_arr: np.ndarray, new_scale: np.ndarray, old_scale: np.ndarray) -> None:
     """Store the new weight scale; an int32 bias (scale s_in * s_w) is re-quantized to match."""
     t = inits[entry["weight_scale"]]
     value = new_scale.astype(old_arr.dtype).reshape(old_arr.shape) if old_arr.size > 1 else np.asarray(new_scale.reshape(-1)[0], old_arr.dtype)

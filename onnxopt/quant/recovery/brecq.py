@@ -32,18 +32,19 @@ only when it reconstructs the block output better than the rounding it started f
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .. import model_io, runtime
-from ..data import feed_samples
-from ..errors import OnnxoptError, require
-from .adaround import GAMMA, ZETA, _truncated, _weight_clipping, _write_scale
-from .quantize import channel_rows
-from .sensitivity import QdqView, along_axis, collect_feeds, fast_session
+from ... import model_io, runtime
+from ...data import collect_feeds, feed_samples
+from ...errors import OnnxoptError, require
+from ..view import QdqView, along_axis, channel_rows, fast_session, truncated
+from .adaround import GAMMA, ZETA, weight_clipping, write_scale
+from .bias import BIAS_SAMPLES, empirical_bias_correction
 
 
 def _constant_names(model: ModelProto) -> set:
@@ -130,7 +131,7 @@ def _mse_scale(w: np.ndarray, scale: np.ndarray, axis: Optional[int], lo, hi) ->
     per_channel = scale.size > 1
     wc = channel_rows(w.astype(np.float64), axis if per_channel else None)
     lo, hi = (np.reshape(b, (1, -1, 1)) if np.size(b) > 1 else b for b in (lo, hi))
-    new, _ = _weight_clipping(wc[None], scale.reshape(-1).astype(np.float64), lo, hi, per_channel)
+    new, _ = weight_clipping(wc[None], scale.reshape(-1).astype(np.float64), lo, hi, per_channel)
     return new
 
 
@@ -148,18 +149,42 @@ def _stack(sess, feeds: list, name: str) -> np.ndarray:
 MAX_SAMPLES = 256   # calibration samples reconstructed on, unless the caller gives a number (qdq.calib_samples, --calib-samples)
 
 
-def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES, block_layers: int = 3, batch: int = 32,
-          lam: float = 2.0, lr: float = 0.1, bias_lr: float = 1e-3, warmup: float = 0.2, seed: int = 0,
-          harden_stages: int = 4, harden_iters: Optional[int] = None, scale_lr: float = 1e-3,
-          float_model: Optional[ModelProto] = None, log=lambda msg: None) -> tuple:
-    """Block-reconstructed rounding for the layers of ``view`` (a sensitivity.QdqView).
+@dataclass(frozen=True)
+class BrecqConfig:
+    """How :func:`brecq` learns; the defaults are what the qdq pass uses (``iters`` from
+    ``qdq.adaround_iters``, ``max_samples`` from ``qdq.calib_samples`` or the data's limit).
+
+    ``block_layers``: quantized layers a block gathers at least; ``batch``: images per iteration
+    at 28x28 outputs (fewer for larger ones, :func:`_batch_for`); ``lam`` / ``lr``: the rounding
+    regulariser's weight and the rounding's learning rate; ``bias_lr`` / ``scale_lr``: learning
+    rates of the biases and of the per-channel weight scales (0: not learned); ``warmup``: share
+    of ``iters`` without the regulariser; ``harden_stages`` / ``harden_iters``: progressive
+    hardening (``harden_iters`` None: a tenth of ``iters``, at least 10)."""
+
+    iters: int = 500
+    max_samples: int = MAX_SAMPLES
+    block_layers: int = 3
+    batch: int = 32
+    lam: float = 2.0
+    lr: float = 0.1
+    bias_lr: float = 1e-3
+    warmup: float = 0.2
+    seed: int = 0
+    harden_stages: int = 4
+    harden_iters: Optional[int] = None
+    scale_lr: float = 1e-3
+
+
+def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model: Optional[ModelProto] = None,
+          log=lambda msg: None) -> tuple:
+    """Block-reconstructed rounding for the layers of ``view`` (an :class:`onnxopt.quant.view.QdqView`).
 
     With ``float_model`` (the model ``view`` was quantized from), the biases are first corrected
-    empirically (:func:`onnxopt.quant.recovery.empirical_bias_correction`, layer by layer): a 4-bit
+    empirically (:func:`onnxopt.quant.recovery.bias.empirical_bias_correction`, layer by layer): a 4-bit
     depthwise kernel whose weights nearly cancel can shift a channel's pre-activation by more than
     its range, into a following ReLU6's flat region, where the block loss has no gradient to
-    learn from. ``bias_lr > 0`` also learns each layer's bias with its rounding (AdaQuant's bias
-    tuning, Hubara et al. 2021); ``scale_lr > 0`` each layer's weight scale, per channel, as
+    learn from. ``config.bias_lr > 0`` also learns each layer's bias with its rounding (AdaQuant's bias
+    tuning, Hubara et al. 2021); ``config.scale_lr > 0`` each layer's weight scale, per channel, as
     ``s * exp(t)`` on the fixed integer grid (EfficientNet-Lite0's first block: block loss 2.40 ->
     2.15 at 400 iterations).
 
@@ -180,11 +205,12 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
     scales and the biases change.
     """
     torch = require("torch", "qdq.rounding=brecq", "pip install torch (or use qdq.rounding=adaround, which needs none)")
-    from ..torch.convert import OnnxModule
+    from ...torch.convert import OnnxModule
 
     t0 = time.perf_counter()
-    harden_iters = max(10, iters // 10) if harden_iters is None else harden_iters
-    gen = torch.Generator().manual_seed(seed)
+    cfg = config
+    harden_iters = max(10, cfg.iters // 10) if cfg.harden_iters is None else cfg.harden_iters
+    gen = torch.Generator().manual_seed(cfg.seed)
     model = ModelProto()
     model.CopyFrom(view.qmodel)
     inits = {t.name: t for t in model.graph.initializer}
@@ -208,7 +234,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
         lo, hi, _ = _value_bounds(inits, l, 1, 0)
         new = _mse_scale(w, old, axis, lo, hi)
         if not np.array_equal(new, old.reshape(-1).astype(np.float64)):
-            _write_scale(inits, l, old, new, old.reshape(-1).astype(np.float64))
+            write_scale(inits, l, old, new, old.reshape(-1).astype(np.float64))
         s = along_axis(numpy_helper.to_array(inits[l["weight_scale"]]), w.ndim, axis)
         lo, hi, zp = _value_bounds(inits, l, w.ndim, axis)
         q = np.clip(np.rint(w / s), lo, hi) + zp
@@ -216,14 +242,12 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
         t.CopyFrom(numpy_helper.from_array(q.astype(numpy_helper.to_array(t).dtype), t.name))
 
     if float_model is not None:
-        from .recovery import BIAS_SAMPLES, empirical_bias_correction  # recovery imports this module lazily
-
         model, _ = empirical_bias_correction(float_model, model, view.info, data, BIAS_SAMPLES, log)
         inits = {t.name: t for t in model.graph.initializer}
-    blocks = find_blocks(model, learnable, block_layers)
+    blocks = find_blocks(model, learnable, cfg.block_layers)
     in_blocks = {n for _, _, names in blocks for n in names}
     skipped += [f"{n}: after the last single-tensor cut (several graph outputs?): nearest rounding" for n in learnable if n not in in_blocks]
-    feeds = collect_feeds(data, max_samples)
+    feeds = collect_feeds(data, cfg.max_samples)
     samples = sum(feed_samples(f) for f in feeds)
     ref = view.float_reference()
     value_info = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
@@ -246,8 +270,8 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
             xq = np.concatenate([f[t_in] for f in feeds])
         else:
             qview = QdqView(None, model, view.info).variant(fold_weights=True)
-            xq = _stack(fast_session(_truncated(qview, [t_in])), feeds, t_in)
-        yf = _stack(fast_session(_truncated(ref, [t_out])), feeds, t_out)
+            xq = _stack(fast_session(truncated(qview, [t_in])), feeds, t_in)
+        yf = _stack(fast_session(truncated(ref, [t_out])), feeds, t_out)
         if xq.ndim == 0 or yf.ndim == 0 or xq.shape[0] != samples or yf.shape[0] != samples:
             skip("does not keep the samples on axis 0 (a squeezed batch?)")  # the batches would mix samples
             continue
@@ -280,7 +304,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
             v = torch.nn.Parameter(torch.log(sig0 / (1 - sig0)))
             bounds[name] = lo, hi, _ = tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in _value_bounds(inits, l, w_np.ndim, wq.axis))
             soft[name] = (wq, base, s_b, v)
-            if scale_lr > 0:
+            if cfg.scale_lr > 0:
                 log_scales[name] = torch.nn.Parameter(torch.zeros_like(s_b))
             module.weight_override[wq.latent] = _soft_weight(torch, base, s_b, v, lo, hi,
                                                              {"hard": False, "fixed": torch.zeros_like(v, dtype=torch.bool),
@@ -288,11 +312,11 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
         if not soft:
             continue
         states = {name: module.weight_override[wq.latent].state for name, (wq, _, _, _) in soft.items()}
-        groups = [{"params": [v for (_, _, _, v) in soft.values()], "lr": lr}]
+        groups = [{"params": [v for (_, _, _, v) in soft.values()], "lr": cfg.lr}]
         if log_scales:
-            groups.append({"params": list(log_scales.values()), "lr": scale_lr})
+            groups.append({"params": list(log_scales.values()), "lr": cfg.scale_lr})
         biases = {}   # layer -> (initializer name, parameter): learned with the rounding (the block's mean error)
-        if bias_lr > 0:
+        if cfg.bias_lr > 0:
             node_of = {nd.name: nd for nd in model.graph.node}
             for name in soft:
                 l, nd = learnable[name], node_of[name]
@@ -301,33 +325,33 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
                 if b_name and b_name in module.param_names:
                     biases[name] = (b_name, module.parameter_by_onnx_name(b_name).requires_grad_(True))
             if biases:
-                groups.append({"params": [p for _, p in biases.values()], "lr": bias_lr})
+                groups.append({"params": [p for _, p in biases.values()], "lr": cfg.bias_lr})
         opt = torch.optim.Adam(groups)
         norm = max(loss_start, 1e-30)
-        warm = int(warmup * iters)
+        warm = int(cfg.warmup * cfg.iters)
         n = len(x_t)
-        bsz = _batch_for(y_t, batch)
+        bsz = _batch_for(y_t, cfg.batch)
 
         def step(beta: Optional[float] = None) -> None:
             """One Adam step on a random batch; with ``beta``, plus the rounding regulariser."""
             idx = torch.randint(0, n, (min(bsz, n),), generator=gen)
             loss = ((module(x_t[idx]) - y_t[idx]) ** 2).mean() / norm
             if beta is not None:
-                loss = loss + lam * sum((1 - (2 * _h(torch, v) - 1).abs() ** beta).mean() for (_, _, _, v) in soft.values())
+                loss = loss + cfg.lam * sum((1 - (2 * _h(torch, v) - 1).abs() ** beta).mean() for (_, _, _, v) in soft.values())
             opt.zero_grad()
             loss.backward()
             opt.step()
 
-        for it in range(iters):
-            step(20.0 + (2.0 - 20.0) * (it - warm) / max(iters - warm - 1, 1) if it >= warm else None)
+        for it in range(cfg.iters):
+            step(20.0 + (2.0 - 20.0) * (it - warm) / max(cfg.iters - warm - 1, 1) if it >= warm else None)
         undecided = float(sum(((_h(torch, v) > 0.01) & (_h(torch, v) < 0.99)).sum() for (_, _, _, v) in soft.values())
                           / sum(v.numel() for (_, _, _, v) in soft.values()))
         loss_soft = block_loss()
         # progressive hardening: fix the most decided half of the still-soft rounding, let the rest
         # (and the biases) make up for it, repeat; rounding every h at 0.5 at once undoes what the
         # undecided ones were compensating for (block loss 1.3 soft -> 17 hard in EfficientNet-Lite0's first block)
-        for stage in range(harden_stages):
-            last = stage == harden_stages - 1
+        for stage in range(cfg.harden_stages):
+            last = stage == cfg.harden_stages - 1
             for name, (_, _, _, v) in soft.items():
                 st = states[name]
                 dist = (_h(torch, v) - 0.5).abs().detach()
@@ -351,7 +375,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
                 if name in log_scales:   # before the biases: an int32 bias is re-quantized with the new scale
                     old = numpy_helper.to_array(inits[learnable[name]["weight_scale"]])
                     new = (s_b * torch.exp(log_scales[name].detach())).numpy().astype(np.float64).reshape(-1)
-                    _write_scale(inits, learnable[name], old, new, old.reshape(-1).astype(np.float64))
+                    write_scale(inits, learnable[name], old, new, old.reshape(-1).astype(np.float64))
             for name, (b_name, p) in biases.items():
                 b, t = p.detach().numpy().astype(np.float64), inits[b_name]
                 if learnable[name].get("bias_is_int"):   # int32 with scale s_in * s_w, as the module rounds it
@@ -366,7 +390,7 @@ def brecq(view: QdqView, data, iters: int = 500, max_samples: int = MAX_SAMPLES,
         log(f"brecq block {t_in} -> {t_out} ({len(soft)} layers): mse {loss_start:.4g} -> {loss_learned:.4g}"
             f"{'' if keep else ' (kept the start)'} (soft {loss_soft:.4g}, {100 * undecided:.0f} % undecided, batch {bsz}), "
             f"{time.perf_counter() - tb:.1f} s")
-    return model, {"blocks": len(rows), "improved": sum(r["used"] for r in rows), "samples": samples, "iters": iters,
+    return model, {"blocks": len(rows), "improved": sum(r["used"] for r in rows), "samples": samples, "iters": cfg.iters,
                    "seconds": round(time.perf_counter() - t0, 2), "per_block": rows, "skipped": skipped}
 
 

@@ -18,8 +18,10 @@ from typing import Optional
 import numpy as np
 from onnx import ModelProto, numpy_helper
 
-from ..errors import OptionError
-from ..quant.quantize import quantized_ops
+from . import manager
+from .errors import OptionError
+from .quant.quantize import quantized_ops
+from .registry import PassContext
 
 
 def parse_qat(spec: str) -> tuple:
@@ -43,9 +45,6 @@ def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tens
     """Quantize a float ``model`` with the qdq pass for QAT.
 
     Returns (qdq model, finetune overrides {weight_modes, float_weights}, qdq info)."""
-    from .. import manager
-    from ..registry import PassContext
-
     if quantized_ops(model):
         raise OptionError("--qat given, but the model is already quantized (it has Q/DQ nodes or integer kernels).",
                           "drop --qat to finetune the QDQ model as it is, or give the float model")

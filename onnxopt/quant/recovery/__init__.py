@@ -1,0 +1,98 @@
+"""PTQ accuracy recovery without training, applied to a QDQ model after calibration.
+
+Entry point :func:`recover` (called by the ``qdq`` pass when one of its recovery options is
+set). Steps, in this order, each optional and each in its own module:
+
+1. ``rounding=adaround`` -- learned weight rounding per layer (:mod:`.adaround`), or
+   ``rounding=brecq`` -- per block of layers, with their biases (:mod:`.brecq`, torch);
+2. ``bias_correction`` -- ``empirical`` or ``analytical`` (:mod:`.bias`), undone, and reported
+   as reverted, when it raises the relative output error on the reference samples;
+3. ``fallback=auto`` with ``max_error`` -- the most sensitive layers back to high precision
+   (:mod:`.fallback`).
+
+The package is acyclic: this orchestrator imports the steps; brecq builds on adaround's
+rounding and on the bias correction; every step reads the model through
+:mod:`onnxopt.quant.view`.
+"""
+from __future__ import annotations
+
+import time
+
+from onnx import ModelProto
+
+from ...data import collect_feeds
+from ...errors import DataError, OptionError
+from ..view import Evaluator, QdqView, sqnr_db
+from . import adaround, brecq
+from .bias import BIAS_SAMPLES, analytical_bias_correction, empirical_bias_correction
+from .fallback import auto_fallback
+
+REFERENCE_SAMPLES = 16  # samples the start / end output errors (and the revert check) are measured on
+
+
+def _validate(bc: str, fb: str, max_error: float, rounding: str, precision: str, data) -> None:
+    if fb == "auto" and max_error <= 0:
+        raise OptionError("qdq.fallback=auto needs an error budget.", "add e.g. --set qdq.max_error=0.05 (relative L2 error of the outputs)")
+    if max_error > 0 and fb != "auto":
+        raise OptionError("qdq.max_error is only used with qdq.fallback=auto.", "add --set qdq.fallback=auto or drop max_error")
+    if precision != "float" and fb != "auto":
+        raise OptionError("qdq.fallback_precision is only used with qdq.fallback=auto.", "add --set qdq.fallback=auto")
+    if data is None and (bc == "empirical" or fb == "auto" or rounding != "nearest"):
+        raise DataError(f"PTQ recovery (empirical bias correction, fallback, rounding={rounding}) needs the calibration data.", "give --calib-data")
+
+
+def _learned_rounding(rounding: str, view: QdqView, data, iters: int, n_samples, float_model, ctx, log) -> tuple:
+    if rounding == "adaround":
+        return adaround.adaround(view, data, iters=iters, log=log)
+    # the cap: qdq.calib_samples, else the data's own limit (--calib-samples), else MAX_SAMPLES
+    data_limit = getattr(getattr(ctx, "data_spec", None), "max_samples", None)
+    config = brecq.BrecqConfig(iters=iters, max_samples=n_samples or data_limit or brecq.MAX_SAMPLES)
+    return brecq.brecq(view, data, config, float_model=float_model, log=log)
+
+
+def _bias_correction(bc: str, float_model, model, info, data, n_samples, ev, log) -> tuple:
+    correct = empirical_bias_correction if bc == "empirical" else analytical_bias_correction
+    corrected, rep = correct(float_model, model, info, data, (n_samples or BIAS_SAMPLES) if bc == "empirical" else n_samples, log)
+    if ev is not None:
+        # A correction must not make the outputs worse: after rounding=adaround it did
+        # (EfficientNet-Lite0 W4A8: 81.1 -> 0.1 % top-1), so it is checked and undone if so.
+        before, after = ev.error(model), ev.error(corrected)
+        rep = {**rep, "rel_error_before": before, "rel_error_after": after}
+        if after > before:
+            rep["reverted"] = f"output error rose from {before:.4g} to {after:.4g}; the model is left without it"
+            log(f"bias_correction={bc} reverted: {rep['reverted']}")
+            corrected = model
+    return corrected, rep
+
+
+def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options: dict, data, ctx) -> tuple:
+    """Apply the PTQ recovery steps the qdq ``options`` ask for; returns (model, report dict)."""
+    log = getattr(ctx, "log", None) or (lambda msg: None)
+    bc = options.get("bias_correction", "none")
+    fb = options.get("fallback", "none")
+    max_error = float(options.get("max_error", 0.0) or 0.0)
+    rounding = options.get("rounding", "nearest")
+    precision = options.get("fallback_precision", "float")
+    n_samples = int(options.get("calib_samples") or 0) or None
+    _validate(bc, fb, max_error, rounding, precision, data)
+    report: dict = {}
+    t0 = time.perf_counter()
+    model = qdq_model
+    ev = None
+    if data is not None:
+        ev = Evaluator(QdqView(float_model, model, info).float_reference(), collect_feeds(data, REFERENCE_SAMPLES))
+        report["rel_error_start"] = ev.error(model)
+    if rounding != "nearest":
+        iters = int(options.get("adaround_iters", 500))
+        model, report[rounding] = _learned_rounding(rounding, QdqView(float_model, model, info), data, iters, n_samples,
+                                                    float_model, ctx, log)
+    if bc != "none":
+        model, report["bias_correction"] = _bias_correction(bc, float_model, model, info, data, n_samples, ev, log)
+    if fb == "auto":
+        model, report["fallback"] = auto_fallback(float_model, model, info, data, max_error, precision, log)
+    if ev is not None:
+        report["rel_error_end"] = ev.error(model)
+        report["sqnr_db_start"] = round(sqnr_db(report["rel_error_start"]), 3)
+        report["sqnr_db_end"] = round(sqnr_db(report["rel_error_end"]), 3)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return model, report
