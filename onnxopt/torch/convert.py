@@ -139,7 +139,7 @@ class OnnxModule(nn.Module):
         self.capture: set = set()
         self.captured: dict = {}
         # latent weight name -> callable giving the dequantized weight to use instead of fake
-        # quantization (block reconstruction learns the rounding, onnxopt.quant.brecq)
+        # quantization (block reconstruction learns the rounding, onnxopt.quant.recovery.brecq)
         self.weight_override: Dict[str, Callable[[], torch.Tensor]] = {}
         self.params = nn.ParameterDict()
         self.consts = nn.Module()

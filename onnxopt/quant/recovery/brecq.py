@@ -1,7 +1,7 @@
 """Block reconstruction of the weight rounding (BRECQ, Li et al. 2021, "BRECQ: Pushing the Limit of
 Post-Training Quantization by Block Reconstruction"), on calibration data only, with torch.
 
-:mod:`onnxopt.quant.adaround` learns each layer's rounding against that layer's own output, which
+:mod:`onnxopt.quant.recovery.adaround` learns each layer's rounding against that layer's own output, which
 is linear in the weights. Low-bit weights (4 bits) leave errors that only the following layers and
 their activations reveal: a rounding that is best for one layer can be worse for the block. Here
 the rounding of every layer of a *block* is learned together, against the block's float output:
