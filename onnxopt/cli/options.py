@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..data import PRESETS, DataSpec, ImageOptions, open_data, recorded_preprocessing
 from ..errors import OptionError
 
 
@@ -27,8 +28,6 @@ def input_shape_option(fn):
 
 def image_options(fn):
     """Preprocessing for a folder of images (ignored for .npy/.npz/.py data)."""
-    from ..data import PRESETS
-
     opts = [
         click.option("--preprocess", "preset", type=click.Choice(list(PRESETS)), default=None,
                      help="Images (and uint8 arrays for a float input): a named preprocessing; the flags below override its values. "
@@ -64,8 +63,6 @@ def open_cli_data(path: str, image: dict, model, shapes=None, *, recorded_from=(
     """The data of a command: the preprocessing of images (and of uint8 arrays for a float input)
     must be stated, by flags, a preset, or the metadata of ``model`` or of ``recorded_from``'s
     models; the first sample is read and checked now, and the preprocessing used is printed."""
-    from ..data import DataSpec, ImageOptions, open_data, recorded_preprocessing
-
     recorded = next((r for r in map(recorded_preprocessing, recorded_from) if r is not None), None)
     spec = DataSpec(path, image=ImageOptions(**image), require_preprocessing=True, **spec_fields)
     ds = open_data(spec, model, shapes, recorded=recorded)
