@@ -32,7 +32,9 @@ import numpy as np
 import onnx
 from onnx import ModelProto, helper
 
+from . import runtime
 from .errors import OnnxoptError
+from .input_dims import dim_role, real_inputs, shape_hint
 
 # Candidate sizes per dimension role, in the order tried; the first two that run are used.
 SPATIAL_SIZES = (64, 96, 128, 160, 224, 256, 320, 32, 416, 512, 640)
@@ -41,9 +43,6 @@ OTHER_SIZES = (8, 16, 4, 32, 12, 64, 2, 3, 1)
 # how many size combinations are tried (one shape inference + one onnxruntime run each)
 MAX_TRIES = 10
 
-_BATCH_NAME = re.compile(r"batch|^(n|b|bs|N|B)$", re.I)
-_SPATIAL_NAME = re.compile(r"height|width|^(h|w|H|W)$")
-_SEQUENCE_NAME = re.compile(r"seq|len|time|token|step|sentence|word|char|frame|^(t|T|L)$", re.I)
 _MASK_NAME = re.compile(r"mask", re.I)
 _LENGTH_NAME = re.compile(r"len", re.I)
 
@@ -99,60 +98,6 @@ def _make_values(rng, shape, dtype: np.dtype, rule) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ the model's inputs
-def real_inputs(model: ModelProto) -> list:
-    """The graph inputs a caller feeds (initializer-backed inputs excluded)."""
-    inits = {i.name for i in model.graph.initializer}
-    return [vi for vi in model.graph.input if vi.name not in inits]
-
-
-def shape_hint(vi: onnx.ValueInfoProto) -> str:
-    """``--input-shape`` text in the input's own rank: known dims as they are, batch 1, others
-    named after their dimension (``tokens:1xSEQ``, ``x:1x3xHxW``)."""
-    dims = []
-    if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-        rank = len(vi.type.tensor_type.shape.dim)
-        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(str(d.dim_value))
-            elif _role(vi, axis, rank, d.dim_param) == "batch":
-                dims.append("1")
-            else:
-                dims.append(_placeholder(d.dim_param, axis, rank))
-    return f"{vi.name}:{'x'.join(dims)}" if dims else f"{vi.name}:1"
-
-
-def _placeholder(param: str, axis: int, rank: int) -> str:
-    if param and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,11}", param):
-        return param.upper()
-    if rank == 4 and axis in (2, 3):
-        return "HW"[axis - 2]
-    return f"D{axis}"
-
-
-def _role(vi: onnx.ValueInfoProto, axis: int, rank: int, param: str) -> str:
-    """batch | spatial | sequence | other, from the dim's name and the input's layout."""
-    tt = vi.type.tensor_type
-    is_float = bool(tt.elem_type) and np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).kind == "f"
-    static = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-    if param and _BATCH_NAME.search(param):
-        return "batch"
-    if param and _SPATIAL_NAME.search(param):
-        return "spatial"
-    if is_float and rank in (4, 5):  # images / volumes: NCHW, NHWC (3 or 1 channels last), NCDHW
-        if axis == 0:
-            return "batch"
-        if rank == 4 and static[3] in (1, 3, 4) and axis in (1, 2):
-            return "spatial"
-        return "spatial" if axis >= 2 else "other"
-    if param and _SEQUENCE_NAME.search(param):
-        return "sequence"
-    if axis == 0 and rank >= 2:
-        return "batch"
-    if (not is_float and rank == 2 and axis == 1) or (rank == 3 and axis == 1) or (rank == 1 and not is_float):
-        return "sequence"
-    return "other"
-
-
 _ROLE_SIZES = {"spatial": SPATIAL_SIZES, "sequence": SEQUENCE_SIZES, "other": OTHER_SIZES}
 
 
@@ -176,7 +121,7 @@ def _dim_groups(model: ModelProto, overrides: dict) -> tuple:
             if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(int(d.dim_value))
                 continue
-            role = _role(vi, axis, rank, d.dim_param)
+            role = dim_role(vi, axis, rank, d.dim_param)
             key = ("param", d.dim_param) if d.dim_param else ("anon", vi.name, axis)
             if role == "batch":
                 key = ("batch",) if not d.dim_param else key
@@ -345,8 +290,6 @@ def _concrete_model_shapes(model: ModelProto, concrete: dict) -> Optional[dict]:
 
 def plan_feeds(model: ModelProto, overrides: Optional[dict] = None, *, session=None, two_sizes: bool = True) -> FeedPlan:
     """Find one (or two) sets of input sizes and values the model runs on; raise NoFeedError."""
-    from . import runtime
-
     overrides = overrides or {}
     groups, layout = _dim_groups(model, overrides)
     specs = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in real_inputs(model)}

@@ -24,6 +24,7 @@ from onnx import ModelProto
 
 from . import model_io, opsets, runtime, stats
 from .errors import OnnxoptError, OptionError, VerificationError
+from .feeds import NoFeedError
 from .registry import PassContext, PassInfo, PassResult, get_pass
 from .version import __version__
 
@@ -191,8 +192,6 @@ def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rto
     When no input can be built or onnxruntime cannot load the input model, the result is
     ``{"verified": False, "reason": ...}``: the caller decides whether that blocks.
     """
-    from .feeds import NoFeedError
-
     try:
         feeds, source = ctx.verification_feeds(before)
         s_ref = runtime.session(before)

@@ -24,6 +24,7 @@ import onnx
 import onnxopt.passes
 
 from .errors import DataError, OptionError
+from .feeds import NoFeedError, plan_feeds
 
 
 @dataclass(frozen=True)
@@ -222,8 +223,6 @@ class PassContext:
         """The generated-input plan for ``model`` (:func:`onnxopt.feeds.plan_feeds`), built once per
         input signature: every pass of a chain keeps the inputs, so later passes reuse it. A model
         no feed runs on raises :class:`onnxopt.feeds.NoFeedError` (remembered too)."""
-        from .feeds import NoFeedError, plan_feeds
-
         key = tuple((vi.name, vi.type.SerializeToString()) for vi in model.graph.input) + (repr(self.input_shapes),)
         if key not in self._plans:
             try:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnx import ModelProto, helper
 
 from .errors import DataError, OnnxoptError
-from .feeds import shape_hint
+from .input_dims import shape_hint
 
 
 def np_dtype(elem_type: int) -> np.dtype:
