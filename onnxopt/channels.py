@@ -40,9 +40,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
 
+from .errors import OnnxoptError
 from .graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
 from .model_io import opset_of, subgraph_reads
-from .runtime import session
+from .runtime import run
 from .stats import static_shapes
 
 POISON = 0
@@ -359,11 +360,9 @@ def _evaluate_params(model: ModelProto) -> dict:
     m = helper.make_model(sub, opset_imports=list(model.opset_import))
     m.ir_version = model.ir_version
     try:
-        sess = session(m)
-        values = sess.run(wanted, {})
-    except Exception:  # a chain onnxruntime cannot evaluate leaves the parameter unknown (poisons)
+        return run(m, {}, wanted)
+    except OnnxoptError:  # a chain onnxruntime cannot load or evaluate leaves the parameter unknown (poisons)
         return {}
-    return dict(zip(wanted, values))
 
 
 class _Analyzer:

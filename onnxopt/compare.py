@@ -72,7 +72,7 @@ def _value_info(vi: onnx.ValueInfoProto) -> dict:
         shape = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
     try:  # numpy's names (float32, int64) where numpy has the type, ONNX's otherwise (bfloat16)
         dtype = str(runtime.np_dtype(tt.elem_type))
-    except Exception:
+    except KeyError:
         dtype = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "?"
     return {"name": vi.name, "dtype": dtype, "shape": shape}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -326,7 +327,7 @@ class DataSource:
             with np.load(self.spec.source) as z:
                 keys = [k for k in z.files if k in self._inputs] or [k for k in z.files if k not in ("labels", "y")]
                 return int(z[keys[0]].shape[0]) if keys else None
-        except Exception:
+        except (OSError, ValueError, IndexError, zipfile.BadZipFile):  # unreadable here: check() names the problem
             return None
 
     def _selected(self, it):

@@ -5,7 +5,11 @@ Two kinds of error exist in onnxopt (see STYLE "two kinds of error"):
 * :class:`OnnxoptError` and its subclasses are *user* errors: a bad model, bad data, a bad option,
   a missing optional dependency. They carry a message that says what is wrong and a hint that
   says how to fix it. The CLI prints them as one paragraph and exits non-zero, no traceback.
-* Anything else is an internal error and keeps its traceback.
+* :class:`InternalError` (an OnnxoptError too) is onnxopt's own fault caught by one of its
+  checks: a pass that leaves an invalid model, an engine stage that loses data. It says so, asks
+  for a report and keeps its cause, whose traceback ``ONNXOPT_DEBUG=1`` shows.
+* Anything else is an unexpected internal error: the CLI reports it as onnxopt's fault in one
+  paragraph too; ``ONNXOPT_DEBUG=1`` shows its traceback.
 """
 from __future__ import annotations
 
@@ -24,6 +28,16 @@ class OnnxoptError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class InternalError(OnnxoptError):
+    """A bug in onnxopt, found by its own checks: not the user's fault."""
+
+    exit_code = 70  # EX_SOFTWARE
+    REPORT = "this is a bug in onnxopt, not in your model or options; please report it with the input model (ONNXOPT_DEBUG=1 shows the traceback)"
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message if message.startswith("internal error") else f"internal error: {message}", hint or self.REPORT)
 
 
 class ModelLoadError(OnnxoptError):

@@ -193,7 +193,7 @@ def attr(node: gs.Node, name: str, opset: int | None = None):
         return node.attrs[name]
     try:
         schema = onnx.defs.get_schema(node.op, opset or onnx.defs.onnx_opset_version(), node.domain or "")
-    except Exception:
+    except onnx.defs.SchemaError:  # a custom-domain op: no schema, no defaults
         return None
     a = schema.attributes.get(name)
     if a is None or not a.default_value.name and a.default_value.type == 0:

@@ -23,7 +23,7 @@ import yaml
 from onnx import ModelProto
 
 from . import model_io, opsets, runtime, stats
-from .errors import OnnxoptError, OptionError, VerificationError
+from .errors import InternalError, OnnxoptError, OptionError, VerificationError
 from .feeds import NoFeedError
 from .registry import PassContext, PassInfo, PassResult, get_pass
 from .version import __version__
@@ -199,7 +199,10 @@ def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rto
         return {"verified": False, "passed": None, "reason": exc.message, "hint": exc.hint}
     except OnnxoptError as exc:  # e.g. a custom op: onnxruntime cannot run the model, before or after the pass
         return {"verified": False, "passed": None, "reason": exc.message, "hint": exc.hint}
-    s_new = runtime.session(after)  # the input loads but the output does not: the pass broke it, say so as it is
+    try:
+        s_new = runtime.session(after)
+    except OnnxoptError as exc:  # the input loads but the output does not: the pass broke it
+        raise InternalError(f"onnxruntime cannot load the pass's output model: {exc.message}") from exc
     worst = {"verified": True, "max_abs": 0.0, "max_rel": 0.0, "worst_output": None}
     for feed in feeds:
         try:
@@ -337,8 +340,7 @@ def _validate_pass_output(name: str, model: ModelProto) -> None:
     try:
         model_io.check_model(model, full=True)
     except onnx.checker.ValidationError as exc:
-        raise OnnxoptError(f"internal error: pass '{name}' produced an invalid model: {str(exc).splitlines()[0]}",
-                           "please report this with the input model; rerun with --save-steps to see the previous step") from None
+        raise InternalError(f"pass '{name}' produced an invalid model: {str(exc).splitlines()[0]}",
+                            f"{InternalError.REPORT}; rerun with --save-steps to see the previous step") from exc
     except onnx.shape_inference.InferenceError as exc:
-        raise OnnxoptError(f"internal error: pass '{name}' produced a model that fails shape inference: {str(exc).splitlines()[0]}",
-                           "please report this with the input model") from None
+        raise InternalError(f"pass '{name}' produced a model that fails shape inference: {str(exc).splitlines()[0]}") from exc

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
+from .errors import OnnxoptError
 from .runtime import intermediate_shapes
 
 
@@ -73,7 +74,7 @@ def static_shapes(model: ModelProto, needed=None) -> dict:
     if missing:
         try:
             shapes.update(intermediate_shapes(probe, missing))
-        except Exception:  # a model that cannot run keeps its unknown shapes (reported as macs=None)
+        except OnnxoptError:  # a model onnxruntime cannot load or run keeps its unknown shapes (macs=None)
             pass
     return shapes
 

@@ -40,8 +40,8 @@ the streams kept, 15 epochs recover it (tools/sweep_recovery.py).
 Every mode respects ``max_layer_ratio``, ``min_channels`` and ``round_to`` (kept counts are
 multiples of N, the nearest to the ratio) per class. ``round_to`` defaults to 8: onnxruntime's CPU
 convs (MLAS NCHWc), TensorRT's tensor cores and TIDL block channels by 8 or more, and odd widths
-fall back to slower kernels -- ResNet56 pruned to widths 11/22/45 (round_to=1, MACs -52 %) ran no
-faster than the original on onnxruntime CPU, and pruned by 10 % to 14/29/58 it ran 40-55 % slower.
+fall back to slower kernels, so a model pruned to odd widths can run no faster, or slower, than
+the original (docs/benchmarks.md).
 With ``round_narrow`` (default) a class narrower than 4 x N rounds to the largest power of two
 that is at most a quarter of its width (16 channels: multiples of 4): rounding ResNet56's 16-wide
 stage to 8 halved it at 0.3. Without it a class narrower than N is not pruned; ``round_to=1``

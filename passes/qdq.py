@@ -112,6 +112,12 @@ def qdq(model, options: QdqOptions, ctx):
     violations = qcheck.check_model(qmodel, info["target"])
     extra["check"] = {"target": info["target"], "violations": len(violations),
                       "first": [v.to_dict() for v in violations[:10]]}
+    if violations:  # the model is written, but the user must hear that it fails its own target's check
+        msg = (f"WARNING: the quantized model fails `onnxopt check --target {info['target']}`: {len(violations)} violation(s), "
+               f"first {violations[0]}" + (f" (and {len(violations) - 1} more in the report)" if len(violations) > 1 else ""))
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        ctx.log(msg)
+        warns.append(msg)
     extra["info"] = info
     changes = {
         "weights_quantized": len(info["layers"]),

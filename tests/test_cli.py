@@ -204,3 +204,65 @@ def test_main_returns_click_exit_codes(tmp_path):
         assert err.value.code == 0
     finally:
         cli.commands.pop("t-exit", None)
+
+
+def test_unexpected_failure_is_reported_as_internal(tmp_path, capsys, monkeypatch):
+    """A bug in onnxopt is said to be one (exit 70, no traceback); ONNXOPT_DEBUG=1 shows the traceback."""
+    from onnxopt.cli import main
+
+    def crashes(model, options, ctx):
+        return {}["no such key"]
+
+    src = models.save(models.tiny_cnn(), tmp_path / "in.onnx")
+    monkeypatch.delenv("ONNXOPT_DEBUG", raising=False)
+    with temporary_pass("t_crash", crashes, exact=True):
+        with pytest.raises(SystemExit) as err:
+            main(["apply", "t_crash", str(src), "-o", str(tmp_path / "out.onnx"), "-q"])
+        assert err.value.code == 70
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("internal error: KeyError: 'no such key'") and "bug in onnxopt" in stderr
+        assert "ONNXOPT_DEBUG=1" in stderr and "Traceback" not in stderr
+        monkeypatch.setenv("ONNXOPT_DEBUG", "1")
+        with pytest.raises(KeyError):
+            main(["apply", "t_crash", str(src), "-o", str(tmp_path / "out.onnx"), "-q"])
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_pass_output_onnxruntime_cannot_run_is_internal(tmp_path):
+    """An exact pass whose output passes the checker but not onnxruntime is onnxopt's fault, not the user's."""
+    from onnxopt import apply
+    from onnxopt.errors import InternalError
+    from onnxopt.registry import PassResult
+
+    def unrunnable(model, options, ctx):
+        model.graph.node[0].domain = "com.example"  # a custom domain onnxruntime has no kernel for
+        model.opset_import.add(domain="com.example", version=1)
+        return PassResult(model, changes={"broken": 1})
+
+    with temporary_pass("t_unrunnable", unrunnable, exact=True):
+        with pytest.raises(InternalError) as err:
+            apply(models.tiny_cnn(), "t_unrunnable")
+    assert err.value.message.startswith("internal error: onnxruntime cannot run the pass's output model")
+    assert err.value.exit_code == 70 and "bug in onnxopt" in err.value.hint
+    assert err.value.__cause__ is not None  # ONNXOPT_DEBUG=1 shows where it came from
+
+
+def test_shortcut_flags_come_from_the_pass_options(tmp_path):
+    """--target/--calib-*/--rules-module are generated from the options that declare them, and refused
+    when no pass of the chain takes them."""
+    from onnxopt.registry import shortcut_flags
+
+    flags = {flag: [(name, opt.name) for name, opt in owners] for flag, owners in shortcut_flags().items()}
+    assert flags["--target"] == [("qdq", "target")] and flags["--rules-module"] == [("lite", "rules_module")]
+    assert flags["--calib-method"] == [("qdq", "calib_method")] and flags["--trt-calib-table"] == [("qdq", "trt_calib_table")]
+    help_text = invoke("apply", "--help").output
+    for flag in flags:
+        assert flag in help_text
+    src = models.save(models.tiny_cnn(), tmp_path / "in.onnx")
+    res = CliRunner().invoke(cli, ["apply", "cleanup", str(src), "-o", str(tmp_path / "o.onnx"), "--calib-method", "minmax",
+                                   "--target", "ort"])
+    assert res.exit_code != 0 and isinstance(res.exception, Exception)
+    assert "--target, --calib-method given, but qdq is not in cleanup" in str(res.exception)
+    res = CliRunner().invoke(cli, ["apply", "qdq", str(src), "-o", str(tmp_path / "o.onnx"), "--calib-workers", "two"])
+    assert "bad value 'two' for option qdq.calib_workers: expected int" in str(res.exception)  # converted like --set
+    assert not (tmp_path / "o.onnx").exists()

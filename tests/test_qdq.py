@@ -741,3 +741,21 @@ def test_tidl_static_batch_splits_larger_calibration_batches(tmp_path):
                               context=PassContext(data=src, input_shapes=shapes, progress=False), summarize_layers=False)
     assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     assert qcheck.check_model(q, "tidl") == []
+
+
+def test_own_check_violations_are_warned_not_only_recorded(monkeypatch):
+    """A quantized model that fails its own target's check is said on the console (the run's log
+    and a warning), besides extra["check"]."""
+    import onnxopt.passes.qdq as qdq_pass
+
+    q, rec = quantize(concat_pool(), target="tensorrt")
+    assert rec.extra["check"]["violations"] == 0 and not any("fails `onnxopt check" in w for w in rec.extra["warnings"])
+    planted = qcheck.Violation("weight-dq", "conv_a", "planted violation")
+    monkeypatch.setattr(qdq_pass.qcheck, "check_model", lambda model, target: [planted, planted])
+    logs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q, rec = quantize(concat_pool(), target="tensorrt", ctx_kwargs={"log": logs.append})
+    words = "fails `onnxopt check --target tensorrt`: 2 violation(s), first [weight-dq] conv_a: planted violation"
+    assert any(words in s for s in logs) and any(words in str(w.message) for w in caught)
+    assert any(words in w for w in rec.extra["warnings"]) and rec.extra["check"]["violations"] == 2

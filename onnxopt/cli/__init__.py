@@ -16,7 +16,7 @@ import warnings
 import click
 
 from ..version import __version__
-from ..errors import OnnxoptError
+from ..errors import InternalError, OnnxoptError
 
 EPILOG = """\b
 Examples:
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     except OnnxoptError as exc:
         if os.environ.get("ONNXOPT_DEBUG"):
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"{'' if isinstance(exc, InternalError) else 'error: '}{exc}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted.", err=True)
@@ -75,4 +75,10 @@ def main(argv=None) -> None:
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:  # an unexpected failure is onnxopt's fault, not the user's: say so
+        if os.environ.get("ONNXOPT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:500]
+        click.echo(str(InternalError(f"{type(exc).__name__}: {first}")), err=True)
+        sys.exit(InternalError.exit_code)
     sys.exit(rc if isinstance(rc, int) else 0)

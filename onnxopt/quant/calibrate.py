@@ -289,7 +289,7 @@ def _iter_batches(data, batch_size: Optional[int]) -> Iterator[dict]:
 def _total(data) -> Optional[int]:
     try:
         return data.count() if hasattr(data, "count") else None
-    except Exception:
+    except OnnxoptError:  # a source that cannot count without reading: the progress bar has no total
         return None
 
 

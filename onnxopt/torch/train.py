@@ -151,7 +151,7 @@ def pick_device(spec: str) -> torch.device:
 
 def set_threads(threads: int, world: int = 1) -> int:
     """Intra-op threads. On a shared CPU, OpenMP threads that find their cores busy spin and
-    wait (20x slowdowns measured here with 2 threads at load 11 on 2 cores), so ``auto`` uses the
+    wait (an order of magnitude slower when the cores are oversubscribed), so ``auto`` uses the
     cores the 1-minute load average leaves idle, split among the data-parallel processes."""
     if threads <= 0:
         if os.environ.get("OMP_NUM_THREADS"):
@@ -548,7 +548,7 @@ def parity_check(module: OnnxModule, model: ModelProto, tensors: dict, samples: 
     sess = runtime.session(model)
     try:
         ref = runtime.run(sess, {nm: x.numpy() for nm, x in zip(names, xs)})
-    except Exception:  # a model with a fixed batch of 1: sample by sample
+    except DataError:  # a model with a fixed batch of 1: sample by sample
         ref = {}
         for i in range(len(xs[0])):
             r = runtime.run(sess, {nm: x[i:i + 1].numpy() for nm, x in zip(names, xs)})
