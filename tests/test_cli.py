@@ -242,7 +242,7 @@ def test_pass_output_onnxruntime_cannot_run_is_internal(tmp_path):
     with temporary_pass("t_unrunnable", unrunnable, exact=True):
         with pytest.raises(InternalError) as err:
             apply(models.tiny_cnn(), "t_unrunnable")
-    assert err.value.message.startswith("internal error: onnxruntime cannot run the pass's output model")
+    assert err.value.message.startswith("internal error: onnxruntime cannot load the pass's output model")
     assert err.value.exit_code == 70 and "bug in onnxopt" in err.value.hint
     assert err.value.__cause__ is not None  # ONNXOPT_DEBUG=1 shows where it came from
 
