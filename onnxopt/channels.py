@@ -41,7 +41,8 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
 
 from .errors import OnnxoptError
-from .graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
+from .ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
+from .ir.proto import producers
 from .model_io import opset_of, subgraph_reads
 from .runtime import run
 from .stats import static_shapes
@@ -325,10 +326,7 @@ def _evaluate_params(model: ModelProto) -> dict:
     constant-only nodes computes, evaluated together in one onnxruntime run."""
     g = model.graph
     const = {i.name for i in g.initializer} - {i.name for i in g.input}
-    producer = {}
-    for node in g.node:
-        for o in node.output:
-            producer[o] = node
+    producer = producers(g)
     derivable = set(const)
     for node in g.node:  # nodes of a valid model are topologically sorted
         if node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "If", "Loop", "Scan"):

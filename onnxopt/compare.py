@@ -39,7 +39,7 @@ from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
 from . import model_io, runtime, stats
-from .data import DataSource, _graph_inputs, open_data, recorded_preprocessing
+from .data import DataSource, feed_samples, graph_inputs, open_data, recorded_preprocessing
 from .errors import DataError, GateFailure, OnnxoptError, OptionError
 
 MB = 2**20
@@ -278,7 +278,7 @@ def _load(source: ModelLike) -> tuple:
 
 
 def _check_inputs_match(ref: ModelProto, cand: ModelProto) -> None:
-    ri, ci = _graph_inputs(ref), _graph_inputs(cand)
+    ri, ci = graph_inputs(ref), graph_inputs(cand)
     if set(ri) != set(ci):
         raise OnnxoptError(
             f"the models take different inputs: reference {', '.join(ri)}; candidate {', '.join(ci)}.",
@@ -309,7 +309,7 @@ def _output_pairs(ref: ModelProto, cand: ModelProto, notes: list) -> list:
 def _fixed_batch(ref: ModelProto, cand: ModelProto) -> Optional[int]:
     dims = set()
     for m in (ref, cand):
-        for spec in _graph_inputs(m).values():
+        for spec in graph_inputs(m).values():
             if spec["shape"] and isinstance(spec["shape"][0], int):
                 dims.add(spec["shape"][0])
     if len(dims) > 1:
@@ -385,10 +385,10 @@ def compare_models(
     ref_model, ref_path, ref_size = _load(ref)
     cand_model, cand_path, cand_size = _load(cand)
     _check_inputs_match(ref_model, cand_model)
-    unknown = sorted(set(input_shapes or {}) - set(_graph_inputs(ref_model)))
+    unknown = sorted(set(input_shapes or {}) - set(graph_inputs(ref_model)))
     if unknown:
         raise OptionError(f"--input-shape names '{unknown[0]}', which is not an input of the model.",
-                          f"the model's inputs are: {', '.join(_graph_inputs(ref_model))}")
+                          f"the model's inputs are: {', '.join(graph_inputs(ref_model))}")
     notes: list = []
     pairs = _output_pairs(ref_model, cand_model, notes)
     fixed = _fixed_batch(ref_model, cand_model)
@@ -437,7 +437,7 @@ def compare_models(
         bar = tqdm(total=total, unit="sample", desc="compare", file=sys.stderr, leave=False)
     try:
         for feed in feeds:
-            n_batch = _batch_len(feed)
+            n_batch = feed_samples(feed)
             if first_sample is None:
                 first_sample = {k: v[:1] if (v.ndim and n_batch) else v for k, v in feed.items()}
             ro = runtime.run(s_ref, feed, ref_names)
@@ -502,12 +502,6 @@ def compare_models(
     result["gates"] = _evaluate_gates(result, gates)
     result["passed"] = all(g["passed"] for g in result["gates"])
     return result
-
-
-def _batch_len(feed: dict) -> int:
-    for v in feed.values():
-        return int(v.shape[0]) if np.ndim(v) else 1
-    return 0
 
 
 def _evaluate_gates(result: dict, gates: dict) -> list:

@@ -180,7 +180,7 @@ class DataSource:
         self.model = model
         self._pixels_used = False  # images read, or uint8 arrays normalized: the preprocessing mattered
         self._inputs = {}
-        for name, vi in _graph_inputs(model).items():
+        for name, vi in graph_inputs(model).items():
             self._inputs[name] = vi
         self._overrides = input_shapes
         self.kind, self._open = self._resolve(spec.source)
@@ -582,7 +582,7 @@ def _stack(feeds: list) -> dict:
     return {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
 
 
-def _graph_inputs(model: ModelProto) -> dict:
+def graph_inputs(model: ModelProto) -> dict:
     inits = {i.name for i in model.graph.initializer}
     out = {}
     for vi in model.graph.input:

@@ -58,7 +58,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import NameGenerator, attr, constant_value, input_at
+from .ir.graph import GraphEditor, attr, constant_value, input_at
 
 # --------------------------------------------------------------------------------- types
 
@@ -101,95 +101,15 @@ class Rule:
         object.__setattr__(self, "anchors", tuple(self.anchors or ()))
 
 
-class RuleContext:
-    """Per-run state shared by the rules: the graph, names, opset, the lite options, the names of
-    the rules enabled in this run, and the edit helpers."""
+class RuleContext(GraphEditor):
+    """Per-run state shared by the lite rules: the graph editor, the opset, the lite options and
+    the names of the rules enabled in this run."""
 
     def __init__(self, graph: gs.Graph, opset: int, options, active: frozenset = frozenset()):
-        self.graph = graph
+        super().__init__(graph)
         self.opset = opset
         self.options = options
         self.active = active
-        self.names = NameGenerator(graph)
-        # id -> node; holding the node keeps its id from being reused by a new node (ids of
-        # collected objects are recycled by CPython).
-        self.dead: dict = {}
-        self._outputs = {id(t) for t in graph.outputs}
-        self.added: Optional[list] = None  # nodes added while a rule runs (for its verification)
-
-    # ---- queries
-    def is_output(self, t: gs.Tensor) -> bool:
-        return id(t) in self._outputs
-
-    def consumers(self, t: gs.Tensor) -> list:
-        return [n for n in t.outputs if id(n) not in self.dead]
-
-    def sole_reader(self, t: gs.Tensor) -> Optional[gs.Node]:
-        """The only consumer of ``t`` (None if several, none, or ``t`` is a graph output)."""
-        if self.is_output(t):
-            return None
-        c = self.consumers(t)
-        return c[0] if len(c) == 1 else None
-
-    # ---- edits
-    def add_node(self, op: str, inputs: list, outputs: list, attrs: Optional[dict] = None, base: str = "") -> gs.Node:
-        node = gs.Node(op, name=self.names(base or op.lower()), attrs=attrs or {}, inputs=inputs, outputs=outputs)
-        self.graph.nodes.append(node)
-        if self.added is not None:
-            self.added.append(node)
-        return node
-
-    def variable(self, base: str, like: Optional[gs.Tensor] = None) -> gs.Variable:
-        return gs.Variable(self.names(base), dtype=getattr(like, "dtype", None))
-
-    def constant(self, base: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.names(base), np.require(value, requirements="C"))  # keeps a scalar 0-d
-
-    def replace_output(self, out: gs.Tensor, op: str, inputs: list, attrs: Optional[dict] = None, base: str = "") -> gs.Node:
-        """Make a new ``op`` node produce ``out`` (keeping its name) and drop what became unused."""
-        old = out.inputs[0] if out.inputs else None
-        if old is not None:
-            idx = next(i for i, t in enumerate(old.outputs) if t is out)
-            old.outputs[idx] = gs.Variable(self.names(out.name + "_unused"))
-        node = self.add_node(op, inputs, [out], attrs, base or f"{out.name}_{op.lower()}")
-        if old is not None:
-            self.kill(old)
-        return node
-
-    def reroute(self, old: gs.Tensor, new: gs.Tensor) -> None:
-        """Every reader of ``old`` reads ``new``; a graph output gets an Identity (its name is public)."""
-        if self.is_output(old):
-            self.replace_output(old, "Identity", [new])
-            return
-        prod = old.inputs[0] if old.inputs else None
-        for consumer in list(old.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is old:
-                    consumer.inputs[i] = new
-        if prod is not None:
-            self.kill(prod)
-
-    def kill(self, node: gs.Node) -> None:
-        """Remove ``node`` if none of its outputs is used, then its producers likewise (iterative)."""
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if id(n) in self.dead or n.op in ("If", "Loop", "Scan"):
-                continue
-            if any(self.is_output(t) or self.consumers(t) for t in n.outputs):
-                continue
-            inputs = list(n.inputs)
-            n.inputs.clear()
-            n.outputs.clear()
-            self.dead[id(n)] = n
-            for t in inputs:
-                if t.inputs:
-                    stack.append(t.inputs[0])
-
-    def compact(self) -> None:
-        """Drop dead nodes from the graph's node list (once per rule: linear)."""
-        if self.dead:
-            self.graph.nodes = [n for n in self.graph.nodes if id(n) not in self.dead]
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -281,7 +201,7 @@ def relu6_input(out: gs.Tensor, ctx: RuleContext) -> Union[gs.Tensor, str, None]
     if n.op == "Min":
         t = binary_with_const(n, "Min", 6.0)
         inner = producer(t)
-        if t is not None and inner is not None and ctx.sole_reader(t) is n:
+        if t is not None and inner is not None and ctx.sole_consumer(t) is n:
             if inner.op == "Relu":
                 return inner.inputs[0]
             x = binary_with_const(inner, "Max", 0.0)
@@ -290,7 +210,7 @@ def relu6_input(out: gs.Tensor, ctx: RuleContext) -> Union[gs.Tensor, str, None]
     if n.op == "Max":
         t = binary_with_const(n, "Max", 0.0)
         inner = producer(t)
-        if t is not None and ctx.sole_reader(t) is n:
+        if t is not None and ctx.sole_consumer(t) is n:
             x = binary_with_const(inner, "Min", 6.0)
             if x is not None:
                 return x
@@ -322,7 +242,7 @@ def hardsigmoid_of(g: gs.Tensor, ctx: RuleContext) -> Union[HardSigmoidForm, str
     x = _add3_clip_input(c, ctx)
     if not isinstance(x, gs.Tensor):
         return x
-    if ctx.sole_reader(c) is not n:
+    if ctx.sole_consumer(c) is not n:
         return f"'{c.name}' (relu6(x+3)) has other readers"
     return HardSigmoidForm(x, 1 / 6, 0.5, "decomposed")
 
@@ -336,7 +256,7 @@ def _add3_clip_input(c: gs.Tensor, ctx: RuleContext) -> Union[gs.Tensor, str, No
     x = binary_with_const(add, "Add", 3.0)
     if x is None:
         return None
-    if ctx.sole_reader(a) is None:
+    if ctx.sole_consumer(a) is None:
         return f"'{a.name}' (x+3) has other readers"
     return x
 
@@ -388,7 +308,7 @@ def match_hardswish(graph, node, ctx):
             if not (near(hs.alpha, 1 / 6, 1e-3) and near(hs.beta, 0.5, 1e-3)):
                 near_reason = f"x*HardSigmoid(x) with alpha={hs.alpha:g}, beta={hs.beta:g} is not HardSwish"
                 continue
-            if ctx.sole_reader(g) is not node:
+            if ctx.sole_consumer(g) is not node:
                 near_reason = f"the hard-sigmoid '{g.name}' has other readers"
                 continue
             return Match(out, {"x": x})
@@ -408,7 +328,7 @@ def match_hardswish(graph, node, ctx):
             continue
         if xin is not x:
             return f"Mul multiplies relu6('{xin.name}'+3) by '{x.name}' (not HardSwish)"
-        if ctx.sole_reader(c) is not mul or ctx.sole_reader(m) is not node:
+        if ctx.sole_consumer(c) is not mul or ctx.sole_consumer(m) is not node:
             return f"an intermediate of the HardSwish at '{out.name}' has other readers"
         return Match(out, {"x": x})
     return None
@@ -422,7 +342,7 @@ def _product_chain(start: gs.Tensor, x: gs.Tensor, ctx: RuleContext, nodes_limit
     start * x * 0.5 (0.5 may also come from a side ``Mul(x, 0.5)``). Returns the final tensor."""
     cur, xs, k = start, 0, 1.0
     for _ in range(nodes_limit):
-        mul = ctx.sole_reader(cur)
+        mul = ctx.sole_consumer(cur)
         if mul is None or mul.op != "Mul":
             break
         other = other_operand(mul, cur)
@@ -470,7 +390,7 @@ def match_gelu(graph, node, ctx):
         if x is None:
             return None
     e = node.outputs[0]
-    add1 = ctx.sole_reader(e)
+    add1 = ctx.sole_consumer(e)
     if add1 is None or binary_with_const(add1, "Add", 1.0) is not e:
         return f"'{e.name}' is not followed by +1 (not GELU)"
     out = _product_chain(add1.outputs[0], x, ctx)
@@ -821,7 +741,7 @@ def match_focus_s2d_ok(m: Match, ctx: RuleContext) -> Optional[str]:
         return None
     if m.data["offsets"] == [(0, 0), (0, 1), (1, 0), (1, 1)]:
         return None
-    reader = ctx.sole_reader(m.output)
+    reader = ctx.sole_consumer(m.output)
     if reader is None or reader.op != "Conv" or int(reader.attrs.get("group", 1)) != 1 or constant_value(reader.inputs[1]) is None:
         return ("SpaceToDepth orders channels (dr*2+dc)*C+c, unlike this Focus concat, and the Focus output is not "
                 "read by a single group-1 Conv with constant weights whose input channels could be permuted")
@@ -833,7 +753,7 @@ def match_focus_s2d_ok(m: Match, ctx: RuleContext) -> Optional[str]:
 def _rewrite_focus_s2d(graph, m, ctx):
     x, offsets, C = m.data["x"], m.data["offsets"], m.data["C"]
     if offsets != [(0, 0), (0, 1), (1, 0), (1, 1)]:
-        conv = ctx.sole_reader(m.output)
+        conv = ctx.sole_consumer(m.output)
         w = constant_value(conv.inputs[1])
         # Focus channel k*C + c holds offset offsets[k]; SpaceToDepth puts it at (dr*2+dc)*C + c.
         perm = np.empty(4 * C, dtype=np.int64)

@@ -14,6 +14,7 @@ import onnx
 from onnx import ModelProto
 
 from .errors import OnnxoptError
+from .ir.proto import infer_shapes
 from .runtime import intermediate_shapes
 
 
@@ -57,10 +58,7 @@ def static_shapes(model: ModelProto, needed=None) -> dict:
         dims = inp.type.tensor_type.shape.dim
         if len(dims) and not dims[0].HasField("dim_value"):
             dims[0].dim_value = 1
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
-    except Exception:  # shape inference is a convenience: unknown shapes are filled below
-        inferred = probe
+    inferred, _ = infer_shapes(probe, data_prop=True)  # a convenience: unknown shapes are filled below
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         tt = vi.type.tensor_type

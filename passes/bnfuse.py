@@ -51,9 +51,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import (NameGenerator, _swap_input, can_absorb, constant_value, export_graph, import_graph,
-                           input_at, is_graph_output, sole_consumer)
-from onnxopt.passes.cleanup import drop_detached, infer_shapes, overridable_inputs, restore_graph_inputs
+from onnxopt.ir.graph import NameGenerator, can_absorb, constant_value, drop_detached, export_graph, import_graph, input_at, is_graph_output, overridable_inputs, sole_consumer, swap_input
+from onnxopt.ir.proto import tensor_types
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -83,7 +82,6 @@ def bnfuse(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext) -> 
     fuser.run()
     drop_detached(fuser.graph)
     out = export_graph(fuser.graph, like=model)
-    restore_graph_inputs(out, model)
     return PassResult(out, changes=dict(fuser.changes), details=fuser.details, skipped=fuser.skipped)
 
 
@@ -107,7 +105,7 @@ class _Fuser:
         self.changes: Counter = Counter()
         self.details: list = []
         self.skipped: list = []
-        self.shapes = infer_shapes(model, self)
+        self.shapes = tensor_types(model, self.skip)
         self.graph = import_graph(model)
         self.names = NameGenerator(self.graph)
         # graph inputs with an initializer (dropped from graph.inputs by onnx-graphsurgeon) are not constants
@@ -308,7 +306,7 @@ class _Fuser:
             else:
                 node.inputs.append(bias_const)
         elif unit.add is not None:
-            _swap_input(unit.add, unit.bias, bias_const)
+            swap_input(unit.add, unit.bias, bias_const)
         what = _where(follower)
         self._take_output(unit.add or node, follower, bias_const if unit.kind == "MatMul" and unit.add is None else None)
         self.details.append(f"{what} folded into {_where(node)}")

@@ -54,7 +54,8 @@ from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.errors import OptionError
-from onnxopt.graph import _swap_input, constant_value, export_graph, import_graph, input_at, is_graph_output, lift_constant, sole_consumer
+from onnxopt.ir.graph import constant_value, drop_detached, export_graph, import_graph, input_at, is_graph_output, lift_constant, overridable_inputs, sole_consumer, swap_input
+from onnxopt.ir.proto import tensor_types
 from onnxopt.model_io import opset_of
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
@@ -102,13 +103,12 @@ def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -
         raise OptionError(f"cleanup.max_fold_elements must be 0 or more, got {options.max_fold_elements}.",
                           "give the largest number of elements a folded constant may have, e.g. 1048576")
     state = _State(options, opset_of(model))
-    source = model
     state.overridable = overridable_inputs(model)
     state.changes["unused_initializers_removed"] = _count_unused_initializers(model)
     original_value_info = {vi.name for vi in model.graph.value_info}
     nodes_before = len(model.graph.node)
     for round_index in range(MAX_ROUNDS):
-        shapes = infer_shapes(model, state)
+        shapes = tensor_types(model, state.skip)
         graph = import_graph(model)
         if round_index == 0:
             n0 = len(graph.nodes)
@@ -130,7 +130,6 @@ def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -
         model = export_graph(graph, like=model)
         if not progress or not (state.round_folded and _shape_work_left(model)):
             break
-    restore_graph_inputs(model, source)
     # Intermediate value_info that we did not bring in stays out (shape inference re-derives it);
     # the model's own entries are kept where their tensor still exists.
     alive = {o for n in model.graph.node for o in n.output}
@@ -210,99 +209,6 @@ def _shape_work_left(model: onnx.ModelProto) -> bool:
         if first is not None and any(name and name not in inits for name in n.input[first:]):
             return True
     return False
-
-
-def drop_detached(graph: gs.Graph) -> None:
-    """Remove the nodes a rewrite disconnected (no outputs left) in one linear sweep.
-
-    onnx-graphsurgeon's cleanup would find them too, but it formats every removed node for its
-    log -- printing each Constant's whole array -- which dominated the run time on large graphs.
-    """
-    keep = []
-    for node in graph.nodes:
-        if node.outputs:
-            keep.append(node)
-        else:
-            node.inputs.clear()
-            node.attrs.clear()
-    graph.nodes = keep
-
-
-def overridable_inputs(model: onnx.ModelProto) -> set:
-    """Names of graph inputs that have an initializer and may be overridden at run time.
-
-    From IR version 4 on, such an input is a default value the caller may replace, so it is NOT a
-    constant. Below IR 4 every initializer had to be listed as an input and onnxruntime does not
-    let them be fed (they are constants), so there the set is empty.
-    """
-    if model.ir_version < 4:
-        return set()
-    return {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer}
-
-
-def restore_graph_inputs(out: onnx.ModelProto, source: onnx.ModelProto) -> None:
-    """Put back the graph inputs onnx-graphsurgeon drops on import (those with an initializer).
-
-    IR >= 4: an overridable input keeps its place in the input list and its initializer (its
-    consumers were left alone). IR < 4: every initializer must be listed as a graph input, so the
-    inputs become the real inputs followed by one entry per remaining initializer. Idempotent.
-    """
-    inits = {i.name: i for i in source.graph.initializer}
-    if not any(vi.name in inits for vi in source.graph.input):
-        return
-    present = {vi.name: vi for vi in out.graph.input}
-    if out.ir_version < 4:
-        declared = {vi.name: vi for vi in source.graph.input}
-        ordered = [present[vi.name] for vi in source.graph.input if vi.name not in inits and vi.name in present]
-        listed = {vi.name for vi in ordered}
-        ordered += [vi for vi in out.graph.input if vi.name not in listed and vi.name not in inits]
-        for init in out.graph.initializer:
-            ordered.append(declared.get(init.name) or helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        del out.graph.input[:]
-        out.graph.input.extend(ordered)
-        return
-    keep = overridable_inputs(source)
-    ordered = [present.get(vi.name, vi) if vi.name in keep else present[vi.name]
-               for vi in source.graph.input if vi.name in keep or vi.name in present]
-    names = {vi.name for vi in ordered}
-    ordered += [vi for vi in out.graph.input if vi.name not in names]
-    del out.graph.input[:]
-    out.graph.input.extend(ordered)
-    have = {i.name for i in out.graph.initializer}
-    for vi in source.graph.input:
-        if vi.name in keep and vi.name not in have:
-            out.graph.initializer.append(inits[vi.name])
-
-
-def infer_shapes(model: onnx.ModelProto, state) -> dict:
-    """{tensor name: (elem_type or 0, [dim int or None] or None)} from ONNX shape inference.
-
-    Run on a copy without the model's value_info and declared output shapes, which real exports
-    sometimes get wrong; only what inference derives from the inputs and weights is trusted.
-    """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.value_info[:]
-    for o in probe.graph.output:
-        if o.type.HasField("tensor_type"):
-            o.type.tensor_type.ClearField("shape")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
-    except Exception as exc:  # an exotic op or a >2 GB model: continue without static shapes
-        state.skip("shape inference", f"failed ({str(exc).splitlines()[0][:200]}); static-shape rules disabled this round")
-        return {}
-    shapes = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        if not vi.type.HasField("tensor_type"):
-            continue
-        tt = vi.type.tensor_type
-        dims = None
-        if tt.HasField("shape"):
-            dims = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
-        shapes[vi.name] = (tt.elem_type, dims)
-    for init in inferred.graph.initializer:
-        shapes.setdefault(init.name, (init.data_type, list(init.dims)))
-    return shapes
 
 
 def _contradicts(vi: onnx.ValueInfoProto, inferred) -> bool:
@@ -609,14 +515,14 @@ def _bypass(graph: gs.Graph, node: gs.Node, inp: gs.Tensor, out: gs.Tensor, stat
         node.inputs.clear()
         node.outputs.clear()
         for c in list(inp.outputs):
-            _swap_input(c, inp, out)
+            swap_input(c, inp, out)
         idx = next(i for i, t in enumerate(producer.outputs) if t is inp)
         producer.outputs[idx] = out
         return True
     node.inputs.clear()
     node.outputs.clear()
     for c in list(out.outputs):
-        _swap_input(c, out, inp)
+        swap_input(c, out, inp)
     return True
 
 
@@ -827,7 +733,7 @@ def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
                 consumer.attrs["count_include_pad"] = 1
         consumer.attrs["pads"] = new
         consumer.attrs["auto_pad"] = "NOTSET"
-        _swap_input(consumer, out, pad.inputs[0])
+        swap_input(consumer, out, pad.inputs[0])
         pad.outputs.clear()
         folded[consumer.op] += 1
         state.details.append(f"Pad '{out.name}' folded into {_where(consumer)}: pads {new}")

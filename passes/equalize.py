@@ -55,7 +55,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import runtime
 from onnxopt.errors import DataError, OptionError
-from onnxopt.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_graph_output, is_weight
+from onnxopt.ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_graph_output, is_weight
+from onnxopt.ir.proto import infer_shapes
 from onnxopt.model_io import drop_activation_bounds, opset_of
 from onnxopt.registry import PassOptions, PassResult, option, register_pass
 
@@ -465,11 +466,7 @@ def equalize_pass(model: onnx.ModelProto, options: EqualizeOptions, ctx) -> Pass
         raise DataError("equalize.absorb_bias=data needs data to measure pre-activation minima.",
                         "give --data (the calibration images), or use equalize.absorb_bias=none")
     opset = opset_of(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is only used for ranks; without it fewer pairs qualify
-        inferred = model
-    graph = import_graph(inferred)
+    graph = import_graph(infer_shapes(model)[0])  # only for ranks: without shapes fewer pairs qualify
     eq = _Equalizer(graph, opset, options.clip)
     pairs, skipped = [], []
     for node in list(graph.nodes):
@@ -506,7 +503,7 @@ def equalize_pass(model: onnx.ModelProto, options: EqualizeOptions, ctx) -> Pass
     out.graph.ClearField("value_info")  # inferred shapes were only needed for ranks
     absorbed = 0
     if options.absorb_bias == "data" and pairs:
-        graph2 = import_graph(onnx.shape_inference.infer_shapes(out))
+        graph2 = import_graph(infer_shapes(out)[0])
         eq2 = _Equalizer(graph2, opset, "skip")
         pairs2 = [r for n in list(graph2.nodes) if n.op in ("Conv", "Gemm") and len(n.outputs) == 1
                   for r in [eq2.find_pair(n)] if not isinstance(r, str)]

@@ -53,16 +53,16 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import ModelProto, helper
+from onnx import ModelProto
 from onnx.utils import Extractor
 
 from onnxopt import runtime
 from onnxopt.errors import OnnxoptError, OptionError, VerificationError
-from onnxopt.graph import export_graph, import_graph
+from onnxopt.ir.graph import export_graph, import_graph
+from onnxopt.ir.proto import infer_shapes
 from onnxopt.lite_rules import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
-from onnxopt.model_io import MAX_PROTO_BYTES, opset_of, record_activation_bounds
+from onnxopt.model_io import opset_of, record_activation_bounds
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 from onnxopt.userfiles import import_user_file
 
@@ -221,13 +221,7 @@ def _stable_toposort(graph) -> bool:
 
 def _export(graph, like: ModelProto) -> ModelProto:
     # export_graph's cleanup only removes nodes, so the order sorted here stays topological.
-    model = export_graph(graph, like, sort=not _stable_toposort(graph))
-    if like.ir_version < 4:
-        # IR < 4 requires every initializer to be a graph input (as it was in the input model);
-        # onnx-graphsurgeon's export does not list them.
-        listed = {i.name for i in model.graph.input}
-        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                                 for t in model.graph.initializer if t.name not in listed)
+    model = export_graph(graph, like, sort=not _stable_toposort(graph))  # IR < 4: initializers listed as inputs
     # Keep only the value_info the input model had (shape inference ran on a copy for matching).
     keep = {vi.name: vi for vi in like.graph.value_info}
     present = {t for n in model.graph.node for t in n.output}
@@ -306,12 +300,7 @@ def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[
 def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, table: list, active: list, verify: bool,
                  reference: Optional["_Reference"], t0: float) -> PassResult:
     opset = opset_of(model)
-    shaped = model
-    if model.ByteSize() < MAX_PROTO_BYTES:
-        try:
-            shaped = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # shapes only sharpen the guards; rules that need them say so
-            shaped = model
+    shaped, _ = infer_shapes(model)  # shapes only sharpen the guards; rules that need them say so
     graph = import_graph(shaped)
     ctx = RuleContext(graph, opset, options, frozenset(r.name for r in active))
     records = {r.name: {"exact": r.exact, "enabled": r in active, "default": r.default, "summary": r.summary,

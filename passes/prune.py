@@ -86,7 +86,7 @@ from onnxopt.channels import POISON
 from onnxopt.compare import measure_latency
 from onnxopt.data import collect_feeds
 from onnxopt.errors import OptionError
-from onnxopt.graph import NameGenerator, constant_value, input_at
+from onnxopt.ir.graph import NameGenerator, constant_value, input_at
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")

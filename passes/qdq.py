@@ -19,12 +19,14 @@ import warnings
 from onnxopt import runtime
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import DataError, OptionError
+from onnxopt.ir.proto import producers
 from onnxopt.quant import check as qcheck
 from onnxopt.quant import recovery
 from onnxopt.quant.options import CalibrationOptions, QdqOptions
 from onnxopt.quant.quantize import already_quantized_message, limit_samples, quantize_model, quantized_ops, to_static_batch
 from onnxopt.quant.targets import get_target
 from onnxopt.registry import PassResult, register_pass
+
 
 def _calibration_data(options: CalibrationOptions, ctx):
     """The data callable to calibrate on, or a DataError; random data warns loudly."""
@@ -58,9 +60,9 @@ def _unfolded_bn_warning(model, target: str):
     themselves, so only the ort target is warned."""
     if target != "ort":
         return None
-    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     n_bn = sum(1 for n in model.graph.node
-               if n.op_type == "BatchNormalization" and producer.get(n.input[0]) in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
+               if n.op_type == "BatchNormalization" and getattr(producer.get(n.input[0]), "op_type", None) in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
     if not n_bn:
         return None
     return (f"WARNING: {n_bn} BatchNormalization node(s) follow Conv/Gemm layers; onnxruntime runs those layers in "

@@ -31,7 +31,7 @@ from onnx import ModelProto
 
 from onnxopt import runtime
 from onnxopt.errors import OptionError
-from onnxopt.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
+from onnxopt.ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

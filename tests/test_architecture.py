@@ -131,3 +131,25 @@ def test_torch_part_does_not_reach_the_pass_manager():
 def test_quant_view_is_a_leaf_of_the_quant_package():
     edges, _ = _imports()
     assert not [m for m in edges["onnxopt.quant.view"] if m.startswith("onnxopt.quant")]
+
+
+def test_no_pass_imports_another_pass():
+    """What two passes share lives in the library (onnxopt.ir and the like), not in a pass."""
+    edges, _ = _imports()
+    passes = [m for m in edges if m.startswith("onnxopt.passes.")]
+    assert passes
+    bad = [f"{m} imports {t}" for m in passes for t in edges[m] if t.startswith("onnxopt.passes")]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_private_name_crosses_modules():
+    """``from x import _name`` between onnxopt's modules: a private helper used elsewhere is a
+    shared helper and gets a public name."""
+    mods = _modules()
+    bad = []
+    for module, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("onnxopt")):
+                bad += [f"{module} imports {a.name} from {node.module or '.'}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)

@@ -233,7 +233,7 @@ def _constant_model(as_output: bool):
 def test_lift_constant(as_output):
     """Regression: lift_constant used slice assignment on gs's synchronized input lists (which
     raises), and rewired consumers before noticing a graph output (two producers of one name)."""
-    from onnxopt import graph as G
+    from onnxopt.ir import graph as G
 
     model = _constant_model(as_output)
     g = G.import_graph(model)
@@ -248,7 +248,7 @@ def test_lift_constant(as_output):
 
 
 def test_replace_tensor_rewires_every_read_and_keeps_output_names():
-    from onnxopt import graph as G
+    from onnxopt.ir import graph as G
 
     model = make_model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"]),
                         helper.make_node("Mul", ["b", "b"], ["y"])], [("x", [3])], [("y", [3]), ("b", [3])])
@@ -262,7 +262,7 @@ def test_replace_tensor_rewires_every_read_and_keeps_output_names():
 
 
 def test_replace_tensor_refuses_to_rename_a_graph_input():
-    from onnxopt import graph as G
+    from onnxopt.ir import graph as G
 
     model = make_model([helper.make_node("Identity", ["x"], ["y"])], [("x", [3])], [("y", [3])])
     g = G.import_graph(model)

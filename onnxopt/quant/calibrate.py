@@ -66,6 +66,7 @@ from onnx import ModelProto
 from tqdm.auto import tqdm
 
 from .. import errors as _errors
+from ..data import feed_samples
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint, follow_umask
 from ..runtime import cpu_count, with_outputs
@@ -233,7 +234,7 @@ class _Collector:
         self.fixed_batch = any(isinstance(i.shape[0], int) for i in self.sess.get_inputs() if i.shape)
 
     def update(self, feed: dict) -> int:
-        n = _batch_len(feed)
+        n = feed_samples(feed)
         if self.fetch:
             arrays = [np.asarray(v) for v in feed.values()]
             can_split = n > 1 and self.max_bytes > 0 and not self.fixed_batch and all(a.ndim >= 1 and a.shape[0] == n for a in arrays)
@@ -267,13 +268,6 @@ class _Collector:
             arr, outs[i] = outs[i], None
             self.stats[name].update(arr, name, self.batches)
             del arr
-
-
-def _batch_len(feed: dict) -> int:
-    for v in feed.values():
-        a = np.asarray(v)
-        return int(a.shape[0]) if a.ndim else 1
-    return 1
 
 
 def _iter_batches(data, batch_size: Optional[int]) -> Iterator[dict]:
@@ -559,7 +553,7 @@ class _ContentHash:
             a = np.ascontiguousarray(feed[name])
             self.h.update(f"{name}:{a.dtype}:{a.shape}".encode())
             self.h.update(a.tobytes())
-        self.samples += _batch_len(feed)
+        self.samples += feed_samples(feed)
 
     def key(self) -> dict:
         return {"source": "callable", "content_sha256": self.h.hexdigest()[:16], "samples": self.samples}

@@ -31,6 +31,7 @@ import onnx
 from onnx import ModelProto, helper, numpy_helper
 
 from ..errors import OptionError
+from ..ir.proto import producers
 
 TARGETS = ("tensorrt", "ort", "tidl", "tidl-tda4vm")
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm"}
@@ -58,11 +59,9 @@ class _Model:
         self.model = model
         self.inits = {t.name: t for t in g.initializer}
         self.const_nodes = {}
-        self.producer = {}
-        self.consumers: dict = {}
+        self.producer = producers(g)
+        self.consumers: dict = {}  # tensor -> [(node, input index)]
         for n in g.node:
-            for o in n.output:
-                self.producer[o] = n
             if n.op_type == "Constant" and n.output:
                 self.const_nodes[n.output[0]] = n
             for i, name in enumerate(n.input):

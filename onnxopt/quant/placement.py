@@ -37,7 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import OptionError
-from ..graph import constant_value, input_at, is_graph_output, is_weight
+from ..ir.graph import constant_value, input_at, is_graph_output, is_weight
 from .targets import WEIGHTED_OPS, TargetRules, weight_axis
 
 # Ops whose output is a rearrangement/subset of input values: same scale in and out.

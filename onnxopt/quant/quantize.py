@@ -48,7 +48,8 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper, version_converte
 from .. import model_io
 from ..data import feed_samples
 from ..errors import OnnxoptError, OptionError
-from ..graph import NameGenerator, constant_value, export_graph, import_graph
+from ..ir.graph import NameGenerator, constant_value, export_graph, import_graph
+from ..ir.proto import infer_shapes
 from . import calibrate as calib
 from . import placement as placement_mod
 from .targets import TargetRules, get_target
@@ -186,11 +187,10 @@ def prepare_model(model: ModelProto, rules: TargetRules, options: dict, input_sh
     renamed = name_nodes(model)
     if renamed:
         notes.append(f"named {renamed} unnamed/duplicate nodes")
-    try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception as exc:
-        raise OnnxoptError(f"shape inference failed on the model: {str(exc).strip().splitlines()[0][:300]}",
-                           "the qdq pass needs tensor types; run the cleanup pass first or fix the export") from None
+    model, why = infer_shapes(model, data_prop=True)
+    if why is not None:
+        raise OnnxoptError(f"shape inference failed on the model: {why}",
+                           "the qdq pass needs tensor types; run the cleanup pass first or fix the export")
     return model, notes
 
 

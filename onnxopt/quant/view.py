@@ -17,6 +17,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from .. import model_io, runtime
 from ..errors import OnnxoptError
+from ..ir.proto import const_tensors
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # (qmin, qmax) of each integer tensor type a Q/DQ pair or a quantized initializer can store
@@ -95,16 +96,6 @@ def with_clip_bounds(model: ModelProto, bounds: dict) -> ModelProto:
             else:
                 clip = helper.make_node("Clip", [raw], [t], name=raw + "_Clip", min=float(lo), max=float(hi))
             out.graph.node.append(clip)
-    return out
-
-
-def const_tensors(model: ModelProto) -> dict:
-    out = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value":
-                    out[node.output[0]] = a.t
     return out
 
 

@@ -195,7 +195,7 @@ class OnnxModule(nn.Module):
         self.act_quants: List[ActQuant] = []
         self.bias_quants: Dict[str, BiasQuant] = {}
         latent_init: Dict[str, np.ndarray] = {}
-        producers = {o: n for n in nodes for o in n.output}
+        producer = {o: n for n in nodes for o in n.output}  # the nodes left after Constants became values
         weight_ranges = weight_ranges or {}
         weight_modes = weight_modes or {}
         for n in nodes:
@@ -225,8 +225,8 @@ class OnnxModule(nn.Module):
             dq_readers = consumers.get(n.output[0], [])
             if consts[x].dtype == np.int32 and len(dq_readers) == 1 and dq_readers[0][0].op_type in ("Conv", "Gemm", "ConvTranspose") and dq_readers[0][1] == 2:
                 layer = dq_readers[0][0]
-                in_dq = producers.get(layer.input[0])
-                w_dq = producers.get(layer.input[1])
+                in_dq = producer.get(layer.input[0])
+                w_dq = producer.get(layer.input[1])
                 if in_dq is not None and w_dq is not None and in_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear" \
                         and in_dq.input[1] in consts and w_dq.input[1] in consts:
                     self.bias_quants[x] = BiasQuant(x, s_name, in_dq.input[1], w_dq.input[1], n.output[0])
@@ -283,7 +283,7 @@ class OnnxModule(nn.Module):
             axis = None if s.size == 1 else _attr(n, "axis", 1)
             clip = None
             x = n.input[0]
-            pn = producers.get(x)
+            pn = producer.get(x)
             if (pn is not None and pn.op_type == "Clip" and len(consumers.get(x, [])) == 1 and x not in graph_outputs
                     and s.size == 1 and len(pn.input) == 3 and pn.input[1] in consts and pn.input[2] in consts
                     and len(consumers.get(pn.input[1], [])) == 1 and len(consumers.get(pn.input[2], [])) == 1):

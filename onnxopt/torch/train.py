@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-import onnx
 from onnx import ModelProto
 from tqdm import tqdm
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 from .convert import OnnxModule
 from .writeback import write_back
+from ..ir.proto import infer_shapes
 
 
 FEATURE_OPS = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Add"}
@@ -56,12 +56,10 @@ def auto_features(teacher: ModelProto, student: ModelProto) -> List[str]:
     same shape. The passes keep tensor names (lite swaps ReLU6 for ReLU on the same output, qdq
     only adds Q/DQ after it), and pruned tensors drop out on their changed channel count."""
     def shapes(m):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(m).graph.value_info
-        except Exception:  # noqa: BLE001  shapes only narrow the choice; unknown shapes do not exclude
-            return {}
-        return {v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
-                for v in inferred}
+        # shapes only narrow the choice: unknown shapes (inference failed) do not exclude
+        inferred, why = infer_shapes(m)
+        return {} if why else {v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+                               for v in inferred.graph.value_info}
     in_teacher = {o for n in teacher.graph.node for o in n.output}
     ts, ss = shapes(teacher), shapes(student)
 

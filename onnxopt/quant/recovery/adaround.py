@@ -43,6 +43,7 @@ from onnx import ModelProto, numpy_helper
 
 from ... import runtime
 from ...data import collect_feeds, feed_samples
+from ...ir.proto import consumers
 from ..view import QdqView, fast_session, layer_depths, truncated
 
 ZETA, GAMMA = 1.1, -0.1
@@ -233,10 +234,7 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
     for name, l in view.layers.items():
         weight_users.setdefault(l["weight_q"], []).append(name)
     layers, skipped = {}, []
-    readers_of: dict = {}
-    for n in view.qmodel.graph.node:
-        for i in n.input:
-            readers_of.setdefault(i, []).append(n)
+    readers_of = consumers(view.qmodel.graph)
     for name, l in view.layers.items():
         node = view.nodes[name]
         w = view.float_weight[name]

@@ -30,6 +30,7 @@ from onnx import ModelProto, numpy_helper
 
 from ... import runtime
 from ...data import feed_samples
+from ...ir.proto import const_tensors, consumers
 from ..view import INT32_MAX, INT32_MIN, QdqView, fast_session, layer_depths
 
 BIAS_SAMPLES = 32  # samples per measurement of the sequential empirical correction
@@ -152,22 +153,16 @@ def relu_gaussian_mean(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
 
 def _bn_input_means(float_model: ModelProto) -> dict:
     """{tensor: E[x] per channel} for tensors that are BN outputs, optionally through Relu / Clip(0, c)."""
-    consts = {}
-    for t in float_model.graph.initializer:
-        consts[t.name] = numpy_helper.to_array(t)
-    for n in float_model.graph.node:
-        if n.op_type == "Constant" and n.output:
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    consts = {name: numpy_helper.to_array(t) for name, t in const_tensors(float_model).items()}
     means = {}
+    readers = consumers(float_model.graph)
     for n in float_model.graph.node:
         if n.op_type != "BatchNormalization" or not all(i in consts for i in n.input[1:3]):
             continue
         gamma, beta = consts[n.input[1]].astype(np.float64), consts[n.input[2]].astype(np.float64)
         y = n.output[0]
         means[y] = beta
-        for c in [c for c in float_model.graph.node if y in c.input]:
+        for c in readers.get(y, ()):
             if c.op_type == "Relu":
                 means[c.output[0]] = relu_gaussian_mean(beta, gamma)
             elif c.op_type == "Clip":

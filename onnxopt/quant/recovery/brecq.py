@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from ... import model_io, runtime
 from ...data import collect_feeds, feed_samples
 from ...errors import OnnxoptError, require
+from ...ir.proto import infer_shapes, producers, value_infos
 from ..view import QdqView, along_axis, channel_rows, fast_session, truncated
 from .adaround import GAMMA, ZETA, weight_clipping, write_scale
 from .bias import BIAS_SAMPLES, empirical_bias_correction
@@ -67,7 +67,7 @@ def find_blocks(model: ModelProto, layers, block_layers: int) -> list:
                 last_use[t] = i
     for o in model.graph.output:
         last_use[o.name] = len(nodes)
-    producer_op = {o: n.op_type for n in nodes for o in n.output}
+    producer = producers(model.graph)
     inputs = [i.name for i in model.graph.input if i.name not in const]
     live = {t for t in inputs if t in last_use}
     cuts = [(-1, inputs[0])] if len(inputs) == 1 else []
@@ -76,7 +76,7 @@ def find_blocks(model: ModelProto, layers, block_layers: int) -> list:
         live = {t for t in live if last_use.get(t, -1) > i}
         if len(live) == 1:
             (t,) = live
-            if producer_op.get(t) not in ("QuantizeLinear", "DequantizeLinear") and (not cuts or cuts[-1][1] != t):
+            if getattr(producer.get(t), "op_type", None) not in ("QuantizeLinear", "DequantizeLinear") and (not cuts or cuts[-1][1] != t):
                 cuts.append((i, t))
     wanted = set(layers)
     blocks, start, pending = [], None, []
@@ -97,7 +97,7 @@ def find_blocks(model: ModelProto, layers, block_layers: int) -> list:
 
 def _submodel(model: ModelProto, t_in: str, t_out: str, value_info: dict) -> ModelProto:
     """The nodes that compute ``t_out`` from ``t_in`` (and constants) as a model."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     inits = {t.name: t for t in model.graph.initializer}
     order = {id(n): i for i, n in enumerate(model.graph.node)}
     needed, taken, used_inits, stack, seen = [], set(), set(), [t_out], set()
@@ -250,7 +250,7 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
     feeds = collect_feeds(data, cfg.max_samples)
     samples = sum(feed_samples(f) for f in feeds)
     ref = view.float_reference()
-    value_info = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    value_info = value_infos(infer_shapes(model)[0])   # the block models' input/output types, where known
     value_info.update({v.name: v for v in list(model.graph.input) + list(model.graph.output)})
     rows = []
     graph_inputs = {i.name for i in model.graph.input}

@@ -1,5 +1,7 @@
-"""Graph helpers every pass shares: import/export through onnx-graphsurgeon, the rewrite guards,
-constant lookup and the collision-free name generator.
+"""The onnx-graphsurgeon side of the graph-editing layer every pass shares: import/export (which
+owns the overridable graph inputs), the rewrite guards, the edit helpers (rewire a tensor's
+readers, replace an output, drop detached nodes), constant lookup and the collision-free name
+generator.
 
 The guards encode what real models break (STYLE, "conventions" 2-3):
 
@@ -47,8 +49,7 @@ def import_graph(model: ModelProto) -> gs.Graph:
             model.graph.value_info.extend(saved)
     else:
         graph = gs.import_onnx(model)
-    inits = {i.name for i in model.graph.initializer}
-    graph.overridable_inputs = {i.name for i in model.graph.input if i.name in inits} if model.ir_version >= 4 else set()
+    graph.overridable_inputs = overridable_inputs(model)
     return graph
 
 
@@ -71,23 +72,70 @@ def export_graph(graph: gs.Graph, like: ModelProto, *, sort: bool = True) -> Mod
     model.metadata_props.extend(like.metadata_props)
     del model.functions[:]
     model.functions.extend(like.functions)
-    _restore_initializer_inputs(model, like)
+    restore_graph_inputs(model, like)
     return model
 
 
-def _restore_initializer_inputs(model: ModelProto, like: ModelProto) -> None:
-    """Put back the initializer-backed graph inputs onnx-graphsurgeon dropped, in their original order."""
-    inits = {i.name for i in model.graph.initializer}
-    present = {i.name for i in model.graph.input}
-    like_inits = {i.name for i in like.graph.initializer}
-    wanted = [vi for vi in like.graph.input if vi.name in like_inits and vi.name in inits and vi.name not in present]
-    if not wanted:
+def drop_detached(graph: gs.Graph) -> None:
+    """Remove the nodes a rewrite disconnected (no outputs left) in one linear sweep.
+
+    onnx-graphsurgeon's cleanup would find them too, but it formats every removed node for its
+    log -- printing each Constant's whole array -- which dominated the run time on large graphs.
+    """
+    keep = []
+    for node in graph.nodes:
+        if node.outputs:
+            keep.append(node)
+        else:
+            node.inputs.clear()
+            node.attrs.clear()
+    graph.nodes = keep
+
+
+def overridable_inputs(model: ModelProto) -> set:
+    """Names of graph inputs that have an initializer and may be overridden at run time.
+
+    From IR version 4 on, such an input is a default value the caller may replace, so it is NOT a
+    constant. Below IR 4 every initializer had to be listed as an input and onnxruntime does not
+    let them be fed (they are constants), so there the set is empty.
+    """
+    if model.ir_version < 4:
+        return set()
+    return {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer}
+
+
+def restore_graph_inputs(out: ModelProto, source: ModelProto) -> None:
+    """Put back the graph inputs onnx-graphsurgeon drops on import (those with an initializer).
+
+    IR >= 4: an overridable input keeps its place in the input list and its initializer (its
+    consumers were left alone). IR < 4: every initializer must be listed as a graph input, so the
+    inputs become the real inputs followed by one entry per remaining initializer. Idempotent.
+    """
+    inits = {i.name: i for i in source.graph.initializer}
+    if not any(vi.name in inits for vi in source.graph.input):
         return
-    order = {vi.name: k for k, vi in enumerate(like.graph.input)}
-    merged = list(model.graph.input) + wanted
-    merged.sort(key=lambda vi: order.get(vi.name, len(order)))
-    del model.graph.input[:]
-    model.graph.input.extend(merged)
+    present = {vi.name: vi for vi in out.graph.input}
+    if out.ir_version < 4:
+        declared = {vi.name: vi for vi in source.graph.input}
+        ordered = [present[vi.name] for vi in source.graph.input if vi.name not in inits and vi.name in present]
+        listed = {vi.name for vi in ordered}
+        ordered += [vi for vi in out.graph.input if vi.name not in listed and vi.name not in inits]
+        for init in out.graph.initializer:
+            ordered.append(declared.get(init.name) or helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        del out.graph.input[:]
+        out.graph.input.extend(ordered)
+        return
+    keep = overridable_inputs(source)
+    ordered = [present.get(vi.name, vi) if vi.name in keep else present[vi.name]
+               for vi in source.graph.input if vi.name in keep or vi.name in present]
+    names = {vi.name for vi in ordered}
+    ordered += [vi for vi in out.graph.input if vi.name not in names]
+    del out.graph.input[:]
+    out.graph.input.extend(ordered)
+    have = {i.name for i in out.graph.initializer}
+    for vi in source.graph.input:
+        if vi.name in keep and vi.name not in have:
+            out.graph.initializer.append(inits[vi.name])
 
 
 # ------------------------------------------------------------------------------- constants
@@ -139,12 +187,12 @@ def lift_constant(graph: gs.Graph, tensor: gs.Tensor) -> Optional[gs.Constant]:
     const = gs.Constant(tensor.name, np.asarray(value))
     # Rewire every consumer to the new constant; the Constant node dies in cleanup.
     for consumer in list(tensor.outputs):
-        _swap_input(consumer, tensor, const)
+        swap_input(consumer, tensor, const)
     tensor.inputs.clear()
     return const
 
 
-def _swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+def swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     """Make ``node`` read ``new`` wherever it reads ``old``.
 
     Index by index: onnx-graphsurgeon's synchronized lists do not support slice assignment
@@ -257,7 +305,7 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
         # renaming a graph input to the output's name would silently change the model's interface
         raise ValueError(f"replace_tensor: graph output '{old.name}' cannot become graph input '{new.name}'; keep an Identity there")
     for consumer in list(old.outputs):
-        _swap_input(consumer, old, new)
+        swap_input(consumer, old, new)
     for i, out in enumerate(graph.outputs):
         if out is old:
             # Keep the public output name: the producer of ``new`` now writes the old name.
@@ -274,3 +322,96 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
             graph.outputs[i] = new
 
 
+class GraphEditor:
+    """An onnx-graphsurgeon graph being rewritten node by node: it owns the name generator, an
+    index of the graph outputs, and the nodes removed so far, so that the queries below stay
+    O(1) and exact while a rewrite loop runs (``compact`` drops the removed nodes once).
+
+    ``is_output`` is :func:`is_graph_output` (the same tensor or the same name) on an index
+    built once; the outputs themselves never change here (``replace_output`` keeps the tensor
+    object and its name)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.names = NameGenerator(graph)
+        # id -> node; holding the node keeps its id from being reused by a new node (ids of
+        # collected objects are recycled by CPython).
+        self.dead: dict = {}
+        self._output_ids = {id(t) for t in graph.outputs}
+        self._output_names = {t.name for t in graph.outputs}
+        self.added: Optional[list] = None  # when a list: the nodes added (a rule's verification reads it)
+
+    # ---- queries
+    def is_output(self, t: gs.Tensor) -> bool:
+        return id(t) in self._output_ids or t.name in self._output_names
+
+    def consumers(self, t: gs.Tensor) -> list:
+        return [n for n in t.outputs if id(n) not in self.dead]
+
+    def sole_consumer(self, t: gs.Tensor) -> Optional[gs.Node]:
+        """The only live consumer of ``t`` (None if several, none, or ``t`` is a graph output):
+        :func:`sole_consumer` without the removed nodes."""
+        if self.is_output(t):
+            return None
+        c = self.consumers(t)
+        return c[0] if len(c) == 1 else None
+
+    # ---- edits
+    def add_node(self, op: str, inputs: list, outputs: list, attrs: Optional[dict] = None, base: str = "") -> gs.Node:
+        node = gs.Node(op, name=self.names(base or op.lower()), attrs=attrs or {}, inputs=inputs, outputs=outputs)
+        self.graph.nodes.append(node)
+        if self.added is not None:
+            self.added.append(node)
+        return node
+
+    def variable(self, base: str, like: Optional[gs.Tensor] = None) -> gs.Variable:
+        return gs.Variable(self.names(base), dtype=getattr(like, "dtype", None))
+
+    def constant(self, base: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.names(base), np.require(value, requirements="C"))  # keeps a scalar 0-d
+
+    def replace_output(self, out: gs.Tensor, op: str, inputs: list, attrs: Optional[dict] = None, base: str = "") -> gs.Node:
+        """Make a new ``op`` node produce ``out`` (keeping its name) and drop what became unused."""
+        old = out.inputs[0] if out.inputs else None
+        if old is not None:
+            idx = next(i for i, t in enumerate(old.outputs) if t is out)
+            old.outputs[idx] = gs.Variable(self.names(out.name + "_unused"))
+        node = self.add_node(op, inputs, [out], attrs, base or f"{out.name}_{op.lower()}")
+        if old is not None:
+            self.kill(old)
+        return node
+
+    def reroute(self, old: gs.Tensor, new: gs.Tensor) -> None:
+        """Every reader of ``old`` reads ``new``; a graph output gets an Identity (its name is public)."""
+        if self.is_output(old):
+            self.replace_output(old, "Identity", [new])
+            return
+        prod = old.inputs[0] if old.inputs else None
+        for consumer in list(old.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is old:
+                    consumer.inputs[i] = new
+        if prod is not None:
+            self.kill(prod)
+
+    def kill(self, node: gs.Node) -> None:
+        """Remove ``node`` if none of its outputs is used, then its producers likewise (iterative)."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if id(n) in self.dead or n.op in ("If", "Loop", "Scan"):
+                continue
+            if any(self.is_output(t) or self.consumers(t) for t in n.outputs):
+                continue
+            inputs = list(n.inputs)
+            n.inputs.clear()
+            n.outputs.clear()
+            self.dead[id(n)] = n
+            for t in inputs:
+                if t.inputs:
+                    stack.append(t.inputs[0])
+
+    def compact(self) -> None:
+        """Drop dead nodes from the graph's node list (once per rule: linear)."""
+        if self.dead:
+            self.graph.nodes = [n for n in self.graph.nodes if id(n) not in self.dead]

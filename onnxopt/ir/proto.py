@@ -1,0 +1,103 @@
+"""The protobuf side of the graph-editing layer: indexes over a ``GraphProto`` (who produces and
+who reads each tensor) and the one way onnxopt runs ONNX shape inference.
+
+Code that works on raw protobuf (quantization, the torch converter, statistics) reads the graph
+through these instead of building its own maps.
+
+Shape inference has one failure policy: it is never fatal here. :func:`infer_shapes` returns the
+inferred copy, or the model itself with the reason inference failed (an exotic op, a model over
+protobuf's 2 GB limit); each caller says what it does without shapes -- skip the rules that
+need them, or refuse with a message when it cannot work at all.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import onnx
+from onnx import GraphProto, ModelProto
+
+from ..model_io import MAX_PROTO_BYTES
+
+
+def producers(graph: GraphProto) -> dict:
+    """{tensor name: the node writing it} of ``graph``'s own nodes (subgraphs not entered)."""
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def consumers(graph: GraphProto) -> dict:
+    """{tensor name: [nodes reading it, in graph order]} (a node reading a tensor twice is listed once)."""
+    readers: dict = {}
+    for n in graph.node:
+        for i in dict.fromkeys(n.input):
+            if i:
+                readers.setdefault(i, []).append(n)
+    return readers
+
+
+def produced(graph: GraphProto) -> set:
+    """Names of the tensors ``graph``'s nodes write."""
+    return {o for n in graph.node for o in n.output if o}
+
+
+def const_tensors(model: ModelProto) -> dict:
+    """{name: TensorProto} of the graph's constants: initializers and ``Constant`` nodes' ``value``."""
+    out = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = a.t
+    return out
+
+
+def infer_shapes(model: ModelProto, *, data_prop: bool = False, trust_declared: bool = True) -> tuple:
+    """``(inferred copy of model, None)``, or ``(model, reason)`` when ONNX shape inference fails.
+
+    ``trust_declared=False`` runs it on a copy without the model's value_info and declared output
+    shapes, which real exports sometimes get wrong, so only what inference derives from the
+    inputs and weights is kept. ``data_prop`` propagates constant shape values (Shape -> Gather
+    chains)."""
+    if model.ByteSize() >= MAX_PROTO_BYTES:
+        return model, "the model is over protobuf's 2 GB limit"
+    probe = model
+    if not trust_declared:
+        probe = ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.value_info[:]
+        for o in probe.graph.output:
+            if o.type.HasField("tensor_type"):
+                o.type.tensor_type.ClearField("shape")
+    try:
+        return onnx.shape_inference.infer_shapes(probe, data_prop=data_prop), None
+    except Exception as exc:  # noqa: BLE001  inference rejects what it does not know; the caller decides
+        return model, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def value_infos(model: ModelProto) -> dict:
+    """{tensor name: ValueInfoProto} of the graph's inputs, outputs and value_info."""
+    g = model.graph
+    return {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+def tensor_types(model: ModelProto, skip: Optional[Callable[[str, str], None]] = None) -> dict:
+    """{tensor name: (elem_type or 0, [dim int or None] or None)} as shape inference derives them
+    from the inputs and weights alone (declared shapes are not trusted); initializers included.
+    When inference fails the table is empty and ``skip(where, reason)`` reports it (the passes
+    that fold static shapes then skip those rules this round)."""
+    inferred, why = infer_shapes(model, data_prop=True, trust_declared=False)
+    if why is not None:
+        if skip is not None:
+            skip("shape inference", f"failed ({why[:200]}); static-shape rules disabled this round")
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        dims = None
+        if tt.HasField("shape"):
+            dims = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
+        shapes[vi.name] = (tt.elem_type, dims)
+    for init in inferred.graph.initializer:
+        shapes.setdefault(init.name, (init.data_type, list(init.dims)))
+    return shapes
