@@ -22,7 +22,7 @@ import onnx
 import yaml
 from onnx import ModelProto
 
-from . import model_io, opsets, runtime, stats
+from . import model_io, opsets, output_change, runtime, stats
 from .errors import InternalError, OnnxoptError, OptionError, VerificationError
 from .feeds import NoFeedError
 from .registry import PassContext, PassInfo, PassResult, get_pass
@@ -47,6 +47,8 @@ class PassRecord:
     skipped: list
     extra: dict
     verification: Optional[dict] = None
+    output_change: Optional[dict] = None   # approximate passes: onnxopt.output_change.measure against the model before
+    warnings: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +63,8 @@ class PassRecord:
             "skipped": self.skipped,
             "extra": self.extra,
             "verification": self.verification,
+            "output_change": self.output_change,
+            "warnings": self.warnings,
         }
 
 
@@ -262,6 +266,7 @@ def apply(
     report = Report(source=source)
     t_chain = time.perf_counter()
     before_stats = stats.summarize(current) if summarize_layers else {"ops": stats.op_histogram(current)}
+    change_feeds = None
     for step, name in enumerate(names):
         info: PassInfo = get_pass(name)
         ctx.log(f"[{step + 1}/{len(names)}] {name} ...")
@@ -297,6 +302,12 @@ def apply(
                     f"max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} (tolerance rel {v['rtol']:g} / abs {v['atol']:g}).",
                     "this is a bug in the pass on this model; rerun with --save-steps DIR and report it, or skip the pass",
                 )
+        elif verify and not info.exact and result.modified:
+            if change_feeds is None:  # the same samples for every approximate pass of the chain
+                change_feeds = output_change.feeds(ctx, current)
+            record.output_change = output_change.measure(current, new_model, *change_feeds)
+            if output_change.is_damaging(record.output_change):
+                record.warnings.append(_damage_warning(name, record, result.extra))
         report.passes.append(record)
         applied = [json.loads(p.value) for p in new_model.metadata_props if p.key == "onnxopt.passes"]
         history = applied[0] if applied else []
@@ -333,6 +344,16 @@ def unrepresentable(model: ModelProto) -> Optional[str]:
         return None
 
     return walk(model.graph)
+
+
+def _damage_warning(name: str, record: PassRecord, extra: dict) -> str:
+    """The console warning of an approximate pass that changed the output beyond
+    output_change.WARN_BELOW: what changed, what caused it (``extra["damage_sources"]``, e.g. lite's
+    rules) and the ways out (``extra["ways_out"]``, else finetuning)."""
+    sources = extra.get("damage_sources") or []
+    cause = f" (rules {', '.join(sources)})" if sources else ""
+    ways = extra.get("ways_out") or "finetune the model against the original (onnxopt finetune OUT --teacher MODEL --data DATA)"
+    return f"{name}{cause} changed the model's output: {output_change.describe(record.output_change, prefix='')}. Ways out: {ways}"
 
 
 def _validate_pass_output(name: str, model: ModelProto) -> None:

@@ -44,6 +44,7 @@ Put that in ``my_rules.py`` and run ``onnxopt apply lite m.onnx -o out.onnx --ru
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import gc
 import heapq
 import math
@@ -544,6 +545,8 @@ class LiteOptions(PassOptions):
                              "when the next conv's weights can absorb the channel order)", ("conv", "space_to_depth"))
     verify: bool = option(True, "verify exact rules and measure the lite model's output error in onnxruntime")
     batches: int = option(2, "how many data batches (or generated inputs) the verification uses")
+    max_error: float = option(0.0, "skip an approximate rule whose own output change (relative L2 error of the outputs, measured "
+                              "on the data in hand against the input model) exceeds this, e.g. 0.1; 0 = no budget")
 
 
 def options_with(**given) -> LiteOptions:
@@ -565,4 +568,44 @@ def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> Pass
     leakyrelu_to_relu, prelu_to_relu*, hardsigmoid_to_relu (approximate; hardsigmoid_to_relu
     changes the output range from [0,1] to [0,inf), as TI's does).
     """
-    return run_lite(model, options, ctx)
+    if options.max_error < 0:
+        raise OptionError(f"lite.max_error must be 0 (no budget) or more, got {options.max_error}.", "e.g. --set lite.max_error=0.1")
+    result = run_lite(model, options, ctx)
+    if options.max_error > 0:
+        result = _within_budget(model, options, ctx, result)
+    fired = [name for name, rec in result.extra.get("rules", {}).items() if not rec["exact"] and rec["count"]]
+    if fired:
+        # what the pass manager's warning names when the output changed too much
+        result.extra["damage_sources"] = fired
+        result.extra["ways_out"] = (
+            "finetune the lite model against the original (onnxopt finetune OUT --teacher MODEL --data DATA), or keep the "
+            f"original activations: --set lite.disable={','.join(fired)}, or let lite skip the rules beyond a budget: "
+            "--set lite.max_error=0.1")
+    return result
+
+
+def _within_budget(model: ModelProto, options: LiteOptions, ctx: PassContext, result: PassResult) -> PassResult:
+    """lite.max_error: each approximate rule that fired is measured alone (exact rules + that
+    rule, against the input model, on the data in hand); the rules over the budget are disabled
+    and the pass reruns without them."""
+    from onnxopt import output_change
+
+    fired = [name for name, rec in result.extra["rules"].items() if not rec["exact"] and rec["count"]]
+    if not fired:
+        return result
+    feeds, source = output_change.feeds(ctx, model)
+    over, measured = {}, {}
+    for rule in fired:
+        alone = dataclasses.replace(options, disable=list(options.disable or []) + [r for r in fired if r != rule], verify=False)
+        change = output_change.measure(model, run_lite(model, alone, ctx).model, feeds, source)
+        measured[rule] = change
+        if change.get("rel_error") is not None and change["rel_error"] > options.max_error:
+            over[rule] = change
+    if over:
+        result = run_lite(model, dataclasses.replace(options, disable=list(options.disable or []) + list(over)), ctx)
+        for rule, change in over.items():
+            result.skipped.append(f"{rule}: not applied, its {output_change.describe(change)} exceeds lite.max_error={options.max_error:g}")
+    result.extra["max_error"] = {"budget": options.max_error, "skipped_rules": list(over),
+                                 "per_rule": {r: {k: c.get(k) for k in ("cosine", "rel_error", "top1_agreement", "samples", "inputs")}
+                                              for r, c in measured.items()}}
+    return result

@@ -203,6 +203,8 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     details = [f"{r['layer']}: {r['channels_before']} -> {r['channels_after']} channels" for r in pruned_layers]
     if removed:
         ctx.log(_cost_statement(extra, options, ratio, solved, len(residual)))
+    extra["ways_out"] = ("finetune the pruned model against the original (onnxopt finetune OUT --teacher MODEL --data DATA), "
+                         "or prune less: a lower prune.ratio, prune.protect for the sensitive layers, prune.compensate=refit")
     return PassResult(new_model, changes=changes, details=details, skipped=skipped, extra=extra)
 
 

@@ -134,4 +134,7 @@ def qdq(model, options: QdqOptions, ctx):
                                                 if info["excluded"] else
                                                 "the model has no Conv/ConvTranspose/Gemm/MatMul with a constant float weight, "
                                                 "nor another op the target quantizes"))
+    extra["ways_out"] = ("keep the most sensitive layers in float (--set qdq.fallback=auto --set qdq.max_error=...; "
+                         "onnxopt sensitivity ranks them), recovery (qdq.bias_correction=empirical, qdq.rounding=adaround), "
+                         "another --calib-method, or quantization-aware training (onnxopt finetune OUT --teacher MODEL --data DATA)")
     return PassResult(qmodel, changes=changes, details=details, skipped=skipped, extra=extra)

@@ -170,6 +170,8 @@ def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> P
         skipped.append(f"nothing sparsified: the model has no {'/'.join(sorted(LAYERS))} layer")
     changes = {"layers_sparsified": len(layers), "weights_zeroed": zeros - zeros_before}
     details = [f"{r['layer']}: sparsity {r['sparsity_before']:.3f} -> {r['sparsity']:.3f}" for r in layers]
+    extra["ways_out"] = ("finetune the sparse model against the original (onnxopt finetune OUT --teacher MODEL --data DATA), "
+                         "or a lower sparsify.ratio, sparsify.protect for the sensitive layers")
     return PassResult(new_model, changes=changes, details=details, skipped=skipped, extra=extra)
 
 

@@ -109,3 +109,54 @@ def test_output_defaults_beside_the_input_and_never_overwrites(tmp_path, cnn):
     assert expected.stat().st_mtime_ns == stamp
     r = invoke("apply", "cleanup,bnfuse", cnn, "--force", "-q")
     assert r.exit_code == 0 and f"wrote {expected}" in r.output
+
+
+# ------------------------------------------------------------------- what each pass cost
+def _relu6_classifier(path):
+    """x[N,8] -> MatMul -> Clip(0,6) -> MatMul -> logits[N,5]: on large inputs the ReLU6 clips
+    most values, so lite's relu6_to_relu changes the logits a lot."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 5)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Clip", ["h", "lo", "hi"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["logits"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.savez(path.with_suffix(".npz"), x=(10 * rng.standard_normal((64, 8))).astype(np.float32))
+    return path, path.with_suffix(".npz")
+
+
+def test_lite_damage_is_measured_and_warned_with_the_rule_and_the_ways_out(tmp_path):
+    model, data = _relu6_classifier(tmp_path / "m.onnx")
+    r = invoke("apply", "lite", model, "--calib-data", data, "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert "relu6_to_relu=1" in r.output and "output change cosine" in r.output and "top-1 agreement" in r.output
+    warning = next(line for line in r.output.splitlines() if line.startswith("WARNING: lite"))
+    assert "relu6_to_relu" in warning and "finetune" in warning and "lite.disable=relu6_to_relu" in warning
+    (rec,) = json.loads((tmp_path / "r.json").read_text())["passes"]
+    change = rec["output_change"]
+    assert change["inputs"] == "data" and change["samples"] == 32 and change["cosine"] < 0.9
+    assert rec["warnings"] == [warning[len("WARNING: "):]]
+    # lite.max_error: the rule over the budget is skipped, and says why
+    r = invoke("apply", "lite", model, "--calib-data", data, "-o", tmp_path / "b.onnx", "--set", "lite.max_error=0.1")
+    assert r.exit_code == 0 and "relu6_to_relu: not applied" in r.output and "exceeds lite.max_error=0.1" in r.output
+    assert "WARNING" not in r.output
+    assert [n.op_type for n in onnx.load(tmp_path / "b.onnx").graph.node].count("Clip") == 1
+
+
+def test_prune_and_qdq_summary_lines(tmp_path, cnn):
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=x)
+    r = invoke("apply", "bnfuse,prune,qdq", cnn, "--calib-data", tmp_path / "d.npz", "--set", "prune.ratio=0.5",
+               "--set", "prune.round_to=1", "--set", "prune.keep_first_last=false", "--target", "tensorrt")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    prune = lines[next(i for i, l in enumerate(lines) if l.strip().startswith("prune "))+1:]
+    assert any("MACs -" in l and "params -" in l for l in prune[:3]), r.output
+    assert any("check --target tensorrt: clean" in l for l in lines), r.output
+    assert sum("output change cosine" in l for l in lines) == 2  # prune and qdq measured, bnfuse verified
+    assert any("verified max|err|=" in l for l in lines)

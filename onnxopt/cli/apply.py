@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .. import manager, model_io
+from .. import manager, model_io, output_change
 from ..data import PREPROCESSING_KEY
 from ..errors import OptionError
 from ..registry import PassContext, all_passes, shortcut_flags
@@ -141,19 +141,46 @@ def _route_shortcuts(kwargs: dict, names: list, options: dict) -> None:
 
 
 def _print_summary(report: manager.Report, output: str) -> None:
+    """One line per pass: what it did and what it cost (exact: verification error; approximate:
+    the measured output change; prune: MACs and params; qdq: its target check), then warnings."""
     for rec in report.passes:
         changes = ", ".join(f"{k}={v}" for k, v in rec.changes.items() if v) or "no change"
-        ver = ""
-        if rec.verification and rec.verification.get("verified") is False:
-            ver = "  NOT verified"
-        elif rec.verification:
-            ver = f"  verified max|err|={rec.verification['max_abs']:.2e}"
-        click.echo(f"  {rec.name:<10} {rec.seconds:6.2f}s  nodes {rec.before.get('nodes', '?')} -> {rec.after.get('nodes', '?')}  {changes}{ver}")
+        click.echo(f"  {rec.name:<10} {rec.seconds:6.2f}s  nodes {rec.before.get('nodes', '?')} -> {rec.after.get('nodes', '?')}  {changes}")
+        for line in _cost_lines(rec):
+            click.echo(f"             {line}")
         for s in rec.skipped[:5]:
             click.echo(f"             skipped: {s}")
         if len(rec.skipped) > 5:
             click.echo(f"             ... and {len(rec.skipped) - 5} more skipped (see --report)")
     click.echo(f"wrote {output}")
+    for rec in report.passes:
+        for warning in rec.warnings:
+            click.echo(f"WARNING: {warning}", err=True)
+
+
+def _cost_lines(rec) -> list:
+    lines = []
+    if rec.verification and rec.verification.get("verified") is False:
+        lines.append(f"NOT verified: {rec.verification.get('reason', 'onnxruntime could not run it')}")
+    elif rec.verification:
+        lines.append(f"verified max|err|={rec.verification['max_abs']:.2e} ({rec.verification.get('inputs', 'generated')} inputs)")
+    elif rec.exact and any(rec.changes.values()):
+        lines.append("not verified (--no-verify)")
+    if rec.output_change:
+        lines.append(output_change.describe(rec.output_change))
+    if rec.name == "prune" or (not rec.exact and rec.before.get("macs") != rec.after.get("macs")):
+        parts = []
+        for key, label in (("macs", "MACs"), ("params", "params")):
+            b, a = rec.before.get(key), rec.after.get(key)
+            if b:
+                parts.append(f"{label} {100 * (a - b) / b:+.1f} %")
+        if parts:
+            lines.append(", ".join(parts))
+    check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
+    if check:
+        verdict = "clean" if not check["violations"] else f"{check['violations']} violation(s) (run onnxopt check OUT --target {check['target']})"
+        lines.append(f"check --target {check['target']}: {verdict}")
+    return lines
 
 
 @cli.command("passes")

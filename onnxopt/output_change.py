@@ -1,0 +1,118 @@
+"""How much an approximate pass changed the model's outputs, measured on the data in hand.
+
+The pass manager measures every approximate pass that changed the model here (lite, prune,
+sparsify, qdq ...), so that each summary line reads the same way: per graph output the cosine
+similarity and the relative L2 error ``|r - c| / |r|`` against the model before the pass, and
+for classifier-shaped outputs (``[N, C]``, ``C > 1``) the top-1 agreement. A cosine or an
+agreement below :data:`WARN_BELOW` is a warning on the console: the output changed enough to
+matter (an output turned to all zeros has cosine 0).
+
+One function, :func:`measure`, computes the figures, so that a task-aware metric can replace it
+in one place.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from onnx import ModelProto
+
+from . import runtime
+from .errors import OnnxoptError
+
+SAMPLES = 32          # samples measured (top-1 agreement needs more than the 2 batches verification uses)
+GENERATED = 8         # generated inputs when no data was given
+WARN_BELOW = 0.9      # cosine or top-1 agreement below this: the console warns
+
+
+def feeds(ctx, model: ModelProto, samples: int = SAMPLES) -> tuple:
+    """(feeds, "data" | "generated"): batches of the user's data up to ``samples`` samples, else
+    :data:`GENERATED` generated inputs."""
+    from .data import feed_samples
+
+    if ctx is None:
+        return [runtime.generate_inputs(model, seed=s) for s in range(GENERATED)], "generated"
+    if ctx.data is None:  # the verification's generated inputs (plausible values per input role)
+        return ctx.sample_feeds(model, GENERATED)
+    out, n = [], 0
+    for feed in ctx.data():
+        out.append(feed)
+        n += feed_samples(feed)
+        if n >= samples:
+            break
+    return out, "data"
+
+
+def measure(before: ModelProto, after: ModelProto, batches: list, source: str = "data") -> dict:
+    """The output change of ``after`` against ``before`` on ``batches`` (see the module docstring).
+
+    Returns ``{"inputs", "samples", "outputs": {name: {...}}, "cosine", "rel_error",
+    "top1_agreement"}`` with the worst value over the outputs, or ``{"skipped": reason}`` when
+    onnxruntime cannot run one of the models (a custom op): the change is then not measured."""
+    try:
+        s_ref, s_new = runtime.session(before), runtime.session(after)
+        refs = [runtime.run(s_ref, f) for f in batches]
+        gots = [runtime.run(s_new, f) for f in batches]
+    except OnnxoptError as exc:
+        return {"skipped": exc.message}
+    per: dict = {}
+    samples = 0
+    for name in refs[0] if refs else ():
+        r = [np.asarray(x[name], np.float64) for x in refs if name in x]
+        c = [np.asarray(x[name], np.float64) for x in gots if name in x]
+        if len(r) != len(c) or any(a.shape != b.shape for a, b in zip(r, c)) or r[0].dtype.kind not in "fc":
+            continue
+        per[name] = _compare(r, c)
+        samples = max(samples, sum(a.shape[0] if a.ndim else 1 for a in r))
+    worst = lambda key, fn: fn((v[key] for v in per.values() if v.get(key) is not None), default=None)  # noqa: E731
+    return {"inputs": source, "samples": samples, "outputs": per,
+            "cosine": worst("cosine", min), "rel_error": worst("rel_error", max),
+            "top1_agreement": worst("top1_agreement", min)}
+
+
+def _compare(refs: list, cands: list) -> dict:
+    r = np.concatenate([a.reshape(-1) for a in refs])
+    c = np.concatenate([a.reshape(-1) for a in cands])
+    finite = np.isfinite(r) & np.isfinite(c)
+    if not finite.all():  # a NaN/Inf where the reference has none is as far off as it gets
+        bad = int((~finite & np.isfinite(r)).sum())
+        r, c = r[finite], c[finite]
+    else:
+        bad = 0
+    nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+    if nr == 0.0 and nc == 0.0:
+        cosine = 1.0
+    elif nr == 0.0 or nc == 0.0:
+        cosine = 0.0
+    else:
+        cosine = float(np.dot(r, c) / (nr * nc))
+    rel = float(np.linalg.norm(r - c) / nr) if nr > 0 else (0.0 if nc == 0 else float("inf"))
+    out = {"cosine": 0.0 if bad else cosine, "rel_error": float("inf") if bad else rel, "top1_agreement": None}
+    if bad:
+        out["non_finite"] = bad
+    if all(a.ndim == 2 and a.shape[1] > 1 for a in refs):
+        rr, cc = np.concatenate(refs), np.concatenate(cands)
+        out["top1_agreement"] = float(np.mean(rr.argmax(1) == cc.argmax(1)))
+    return out
+
+
+def describe(change: dict, prefix: str = "output change ") -> str:
+    """``output change cosine 0.871, rel err 0.45, top-1 agreement 62.5 % (32 samples of the data)``."""
+    if change.get("skipped"):
+        return f"output change not measured: {change['skipped']}"
+    parts = []
+    if change.get("cosine") is not None:
+        parts.append(f"cosine {change['cosine']:.4f}")
+    if change.get("rel_error") is not None:
+        parts.append(f"rel err {change['rel_error']:.3g}")
+    if change.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {100 * change['top1_agreement']:.1f} %")
+    what = "of the data" if change.get("inputs") == "data" else "of generated inputs; give --calib-data for real figures"
+    return f"{prefix}{', '.join(parts) or 'none measurable'} ({change.get('samples', 0)} samples {what})"
+
+
+def is_damaging(change: Optional[dict]) -> bool:
+    """Whether the change is large enough to warn about (cosine or top-1 agreement below WARN_BELOW)."""
+    if not change or change.get("skipped"):
+        return False
+    return any(v is not None and v < WARN_BELOW for v in (change.get("cosine"), change.get("top1_agreement")))
