@@ -18,6 +18,7 @@ import numpy as np
 from onnx import ModelProto
 
 from . import runtime
+from .data import feed_samples
 from .errors import OnnxoptError
 
 SAMPLES = 32          # samples measured (top-1 agreement needs more than the 2 batches verification uses)
@@ -28,8 +29,6 @@ WARN_BELOW = 0.9      # cosine or top-1 agreement below this: the console warns
 def feeds(ctx, model: ModelProto, samples: int = SAMPLES) -> tuple:
     """(feeds, "data" | "generated"): batches of the user's data up to ``samples`` samples, else
     :data:`GENERATED` generated inputs."""
-    from .data import feed_samples
-
     if ctx is None:
         return [runtime.generate_inputs(model, seed=s) for s in range(GENERATED)], "generated"
     if ctx.data is None:  # the verification's generated inputs (plausible values per input role)
