@@ -58,7 +58,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto
 from onnx.utils import Extractor
 
-from onnxopt import runtime
+from onnxopt import output_change, runtime
 from onnxopt.errors import OnnxoptError, OptionError, VerificationError
 from onnxopt.ir.graph import export_graph, import_graph
 from onnxopt.ir.proto import infer_shapes
@@ -588,8 +588,6 @@ def _within_budget(model: ModelProto, options: LiteOptions, ctx: PassContext, re
     """lite.max_error: each approximate rule that fired is measured alone (exact rules + that
     rule, against the input model, on the data in hand); the rules over the budget are disabled
     and the pass reruns without them."""
-    from onnxopt import output_change
-
     fired = [name for name, rec in result.extra["rules"].items() if not rec["exact"] and rec["count"]]
     if not fired:
         return result
