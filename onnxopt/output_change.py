@@ -12,13 +12,14 @@ in one place.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
 from onnx import ModelProto
 
 from . import runtime
-from .data import feed_samples
+from .data import DataSource, feed_samples
 from .errors import OnnxoptError
 
 SAMPLES = 32          # samples measured (top-1 agreement needs more than the 2 batches verification uses)
@@ -28,11 +29,14 @@ WARN_BELOW = 0.9      # cosine or top-1 agreement below this: the console warns
 
 def feeds(ctx, model: ModelProto, samples: int = SAMPLES) -> tuple:
     """(feeds, "data" | "generated"): batches of the user's data up to ``samples`` samples, else
-    :data:`GENERATED` generated inputs."""
+    :data:`GENERATED` generated inputs. Data is read again only from a :class:`DataSource` (files,
+    or a data script, as the CLI opens them); a plain callable given to the API may be a stream
+    that is costly or single-use, so the passes alone read it and the change is measured on
+    generated inputs."""
     if ctx is None:
         return [runtime.generate_inputs(model, seed=s) for s in range(GENERATED)], "generated"
-    if ctx.data is None:  # the verification's generated inputs (plausible values per input role)
-        return ctx.sample_feeds(model, GENERATED)
+    if not isinstance(ctx.data, DataSource):  # the verification's generated inputs (plausible values per input role)
+        return dataclasses.replace(ctx, data=None).sample_feeds(model, GENERATED)
     out, n = [], 0
     for feed in ctx.data():
         out.append(feed)
