@@ -304,8 +304,14 @@ def apply(
                 )
         elif verify and not info.exact and result.modified:
             if change_feeds is None:  # the same samples for every approximate pass of the chain
-                change_feeds = output_change.feeds(ctx, current)
-            record.output_change = output_change.measure(current, new_model, *change_feeds)
+                try:
+                    change_feeds = output_change.feeds(ctx, current)
+                except OnnxoptError as exc:  # no input onnxruntime runs: the change goes unmeasured, the pass stands
+                    change_feeds = exc
+            if isinstance(change_feeds, OnnxoptError):
+                record.output_change = {"skipped": change_feeds.message}
+            else:
+                record.output_change = output_change.measure(current, new_model, *change_feeds)
             if output_change.is_damaging(record.output_change):
                 record.warnings.append(_damage_warning(name, record, result.extra))
         report.passes.append(record)
