@@ -28,7 +28,7 @@ from onnx import ModelProto
 from PIL import Image
 
 from .errors import DataError
-from .runtime import generate_inputs, input_specs, np_dtype
+from .runtime import input_specs, np_dtype
 from .userfiles import load_user_function
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
@@ -338,14 +338,16 @@ class DataSource:
                 yield item
 
     def _random(self):
+        # built from the model (onnxopt.feeds): batch 1, sizes the model runs at where its dims
+        # are dynamic, valid indices for integer inputs
+        from .feeds import plan_feeds
+
+        overrides = {n: [1] + [int(d) for d in s[1:]] for n, s in (self._overrides or {}).items()}
+        plan = plan_feeds(self.model, overrides or None, two_sizes=False)
         seed = 0
         while True:
-            yield generate_inputs(self.model, seed=seed, overrides=self._single_overrides())
+            yield plan.feed(0, seed)
             seed += 1
-
-    def _single_overrides(self):
-        specs = input_specs(self.model, self._overrides)
-        return {n: [1] + list(s[1:]) for n, s, _ in specs}
 
     def _python(self, source: str):
         fn = load_user_function(source, "data script", "the function must return an iterable of {input_name: array} dicts", DataError)

@@ -13,7 +13,9 @@ graph size:
    constants; ``Shape -> Gather``/``Shape -> Slice`` that select only static dimensions are folded
    even when another dimension (the batch ``N``) is dynamic. A dimension that is symbolic is never
    folded, so the graph stays correct for every batch size.
-3. **Constant folding**: every node whose inputs are all constants (transitively) is evaluated
+3. **Constant folding**: ``CastLike(constant, x)`` becomes ``Cast(constant, to=dtype of x)``
+   (x supplies only its type; the dynamo exporter writes Conv biases this way). Then every node
+   whose inputs are all constants (transitively) is evaluated
    in ONE onnxruntime session per round (optimizations off) and replaced by its outputs, except
    Q/DQ nodes (their integer weights are the point of a QDQ model), random ops, control flow and
    custom domains. A folded tensor larger than ``max_fold_elements`` elements is not created
@@ -121,6 +123,7 @@ def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -
         if options.fold_shapes:
             progress += _fold_static_shapes(graph, shapes, state)
         if options.fold_constants:
+            _castlike_of_constants(graph, shapes, state)
             progress += _fold_constants(graph, shapes, state)
         if options.remove_noops:
             progress += _remove_noops(graph, shapes, state)
@@ -373,6 +376,37 @@ def _clamp_slice(start: int, end: int, step: int, dim: int) -> tuple:
 # --------------------------------------------------------------------- 3. constant folding
 def _elements(shape: Optional[list]) -> Optional[int]:
     return int(np.prod(shape)) if _static(shape) else None
+
+
+def _castlike_of_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
+    """``CastLike(constant, x)`` -> ``Cast(constant, to=dtype of x)`` where x's dtype is known.
+
+    The dynamo exporter (``optimize=False``) writes Conv biases and Clip bounds as
+    ``CastLike(Constant, x) -> Expand``: only the target's *type* is read from x, so the value is
+    a constant, and the constant folding that follows folds the whole chain (the bias becomes an
+    initializer that bnfuse, lite and prune can use)."""
+    input_names = {t.name for t in graph.inputs} | state.overridable
+    done = 0
+    for node in graph.nodes:
+        if node.op != "CastLike" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        if not _is_const(graph, node.inputs[0], input_names):
+            continue
+        target = node.inputs[1]
+        elem = _elem_type_of(target, shapes)
+        if not elem and getattr(target, "dtype", None) is not None:
+            try:
+                elem = helper.np_dtype_to_tensor_dtype(np.dtype(target.dtype))
+            except (TypeError, KeyError, ValueError):
+                elem = 0
+        if not elem:
+            continue
+        node.op = "Cast"
+        node.attrs = {"to": int(elem), **{k: v for k, v in node.attrs.items() if k in ("saturate", "round_mode")}}
+        del node.inputs[1]
+        state.changes["castlike_of_constant_to_cast"] += 1
+        done += 1
+    return done
 
 
 def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:

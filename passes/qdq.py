@@ -53,6 +53,26 @@ def _calibration_data(options: CalibrationOptions, ctx):
     return data, warns
 
 
+def _fold_computed_weights(model, ctx):
+    """(cleaned model, note) when a Conv/ConvTranspose/Gemm weight or bias is computed by nodes
+    (the dynamo exporter's ``CastLike(Constant, x) -> Expand`` bias), else None. Quantization needs
+    constant weights and biases: the exact cleanup pass folds them first, so the target's int32
+    bias encoding can be written (a float bias computed at run time violates ort/tidl's rules)."""
+    producers = {o for n in model.graph.node if n.op_type != "Constant" for o in n.output}
+    computed = [n.name or n.output[0] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")
+                and any(i in producers for i in n.input[1:3] if i)]
+    if not computed:
+        return None
+    import dataclasses
+
+    from onnxopt.manager import apply as apply_passes
+
+    inner = dataclasses.replace(ctx, log=lambda msg: ctx.log(f"  (qdq) {msg.strip()}"))
+    cleaned, _ = apply_passes(model, "cleanup", context=inner, summarize_layers=False)
+    return cleaned, (f"qdq: {len(computed)} layer(s) compute their weight or bias at run time (e.g. {computed[0]}); "
+                     "ran the exact cleanup pass first to fold them into constants")
+
+
 def _unfolded_bn_warning(model, target: str):
     """onnxruntime turns DQ -> Conv -> Q into an int8 kernel only when nothing sits between the
     Conv and its Q; an unfolded BatchNormalization leaves every such layer in float (a ResNet56
@@ -93,6 +113,11 @@ def qdq(model, options: QdqOptions, ctx):
     if bn_warning:
         ctx.log(bn_warning)
         warns.append(bn_warning)
+    folded = _fold_computed_weights(model, ctx)
+    if folded is not None:
+        model, note = folded
+        ctx.log(note)
+        warns.append(note)
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info

@@ -173,3 +173,40 @@ def test_outputs_follow_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "ext.onnx.data").stat().st_mode) == 0o644 and stat.S_IMODE(big.stat().st_mode) == 0o644
+
+
+def _dynamo_bias_model():
+    """What torch.onnx.export(dynamo=True, optimize=False) writes for a Conv bias: the bias is
+    Expand(CastLike(Constant, x), Expand(Shape(weight)...)), so it is no constant until folded."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([4], np.int64), "n4")]
+    nodes = [helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.25, np.float64))),
+             helper.make_node("CastLike", ["zero", "x"], ["zero_f"]),
+             helper.make_node("Expand", ["zero_f", "n4"], ["bias"]),
+             helper.make_node("Conv", ["x", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    return _model(nodes, [("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+                  [("y", TensorProto.FLOAT, ["batch", 4, "height", "width"])], inits, opset=20, ir=9)
+
+
+def test_cleanup_folds_the_dynamo_castlike_expand_bias_chain():
+    out, report = onnxopt.apply(_dynamo_bias_model(), "cleanup")
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Relu"]
+    bias = next(i for i in out.graph.initializer if i.name == out.graph.node[0].input[2])
+    assert numpy_helper.to_array(bias).dtype == np.float32 and np.allclose(numpy_helper.to_array(bias), 0.25)
+    assert report.passes[0].changes["castlike_of_constant_to_cast"] == 1 and report.passes[0].verification["passed"]
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+def test_qdq_folds_computed_biases_and_its_output_passes_its_target_check(target):
+    from onnxopt.data import DataSpec, open_data
+    from onnxopt.quant import check as qcheck
+
+    m = _dynamo_bias_model()
+    data = open_data(DataSpec("random", max_samples=4), m, None)  # dynamic H/W: sizes from the model
+    logs = []
+    out, report = onnxopt.apply(m, "qdq", {"qdq": {"target": target}},
+                                context=PassContext(data=data, data_spec=data.spec, log=logs.append))
+    assert qcheck.check_model(out, target) == []
+    assert any("ran the exact cleanup pass first" in line for line in logs)
