@@ -28,6 +28,7 @@ from onnx import ModelProto
 from PIL import Image
 
 from .errors import DataError
+from .feeds import plan_feeds
 from .runtime import input_specs, np_dtype
 from .userfiles import load_user_function
 
@@ -340,8 +341,6 @@ class DataSource:
     def _random(self):
         # built from the model (onnxopt.feeds): batch 1, sizes the model runs at where its dims
         # are dynamic, valid indices for integer inputs
-        from .feeds import plan_feeds
-
         overrides = {n: [1] + [int(d) for d in s[1:]] for n, s in (self._overrides or {}).items()}
         plan = plan_feeds(self.model, overrides or None, two_sizes=False)
         seed = 0

@@ -14,9 +14,10 @@ with a loud warning, because ranges from random inputs are meaningless for real 
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
-from onnxopt import runtime
+from onnxopt import manager, runtime
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import DataError, OptionError
 from onnxopt.ir.proto import producers
@@ -63,12 +64,8 @@ def _fold_computed_weights(model, ctx):
                 and any(i in producers for i in n.input[1:3] if i)]
     if not computed:
         return None
-    import dataclasses
-
-    from onnxopt.manager import apply as apply_passes
-
     inner = dataclasses.replace(ctx, log=lambda msg: ctx.log(f"  (qdq) {msg.strip()}"))
-    cleaned, _ = apply_passes(model, "cleanup", context=inner, summarize_layers=False)
+    cleaned, _ = manager.apply(model, "cleanup", context=inner, summarize_layers=False)
     return cleaned, (f"qdq: {len(computed)} layer(s) compute their weight or bias at run time (e.g. {computed[0]}); "
                      "ran the exact cleanup pass first to fold them into constants")
 
