@@ -210,3 +210,24 @@ def test_qdq_folds_computed_biases_and_its_output_passes_its_target_check(target
                                 context=PassContext(data=data, data_spec=data.spec, log=logs.append))
     assert qcheck.check_model(out, target) == []
     assert any("ran the exact cleanup pass first" in line for line in logs)
+
+
+def test_cli_refuses_to_write_a_qdq_model_failing_its_own_target_check(tmp_path, monkeypatch):
+    """Never exit 0 with a model the target rejects: the run fails listing the violations and the
+    model is not written (the pass itself records and warns them; see test_qdq)."""
+    from click.testing import CliRunner
+
+    import onnxopt.passes.qdq as qdq_pass
+    from onnxopt.cli import cli
+    from onnxopt.quant import check as qcheck
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_image_model(("N", 3, 16, 16)), src)
+    planted = qcheck.Violation("weight-dq", "conv_a", "planted violation")
+    monkeypatch.setattr(qdq_pass.qcheck, "check_model", lambda model, target: [planted])
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(cli, ["apply", "qdq", str(src), "-o", str(out), "--target", "tensorrt", "--data", "random",
+                                   "--report", str(tmp_path / "r.json")])
+    assert res.exit_code != 0 and "fails `onnxopt check --target tensorrt`" in res.output
+    assert "[weight-dq] conv_a: planted violation" in res.output and not out.exists()
+    assert (tmp_path / "r.json").exists()

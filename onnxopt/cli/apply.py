@@ -9,7 +9,7 @@ import click
 
 from .. import manager, model_io, output_change
 from ..data import PREPROCESSING_KEY
-from ..errors import OptionError
+from ..errors import OnnxoptError, OptionError
 from ..registry import PassContext, all_passes, shortcut_flags
 from . import cli
 from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
@@ -103,6 +103,7 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
     if ctx.data is not None and ctx.data.preprocessing is not None:
         # compare, sensitivity, finetune and a later apply read the data the same way
         model_io.record_metadata(result, PREPROCESSING_KEY, ctx.data.preprocessing.to_metadata())
+    _refuse_failing_target_check(report, report_path)
     model_io.save_model(result, output, inputs=[model])
     if report_path:
         report.write(report_path)
@@ -138,6 +139,23 @@ def _route_shortcuts(kwargs: dict, names: list, options: dict) -> None:
     if orphans:
         flags, owners = ", ".join(orphans), " or ".join(dict.fromkeys(orphans.values()))
         raise OptionError(f"{flags} given, but {owners} is not in {','.join(names)}.", f"add {owners} to the passes or drop {flags}")
+
+
+def _refuse_failing_target_check(report: manager.Report, report_path) -> None:
+    """A qdq model that fails its own target's ``onnxopt check`` is not written and the run fails
+    listing the violations (never exit 0 with a model the target rejects); the report is written."""
+    for rec in report.passes:
+        check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
+        if rec.name == "qdq" and check and check.get("violations"):
+            if report_path:
+                report.write(report_path)
+            listed = "; ".join(f"[{v['rule']}] {v['node']}: {v['message']}" for v in check["first"][:5])
+            more = check["violations"] - min(5, len(check["first"]))
+            raise OnnxoptError(f"the quantized model fails `onnxopt check --target {check['target']}` "
+                               f"({check['violations']} violation(s)): {listed}" + (f"; and {more} more" if more > 0 else "")
+                               + "; it was not written.",
+                               "keep the offending layers in float (--set qdq.exclude_nodes=NAME,...) or run cleanup before "
+                               "qdq; please report the model if the violation is in onnxopt's own encoding")
 
 
 def _print_summary(report: manager.Report, output: str) -> None:
