@@ -4,7 +4,8 @@ A lite model trades a little float accuracy for speed and quantization-friendlin
 TensorRT: SiLU/HardSwish/GELU/ReLU6/LeakyReLU/HardSigmoid become ReLU, squeeze-and-excite blocks
 become the identity, large pools become 3x3 cascades, the Focus stem becomes a Conv, odd sizes of
 kernels and ``Resize(sizes)`` are normalised. The rules, what each preserves and their math are
-in :mod:`onnxopt.lite_rules`; the table below follows TI's v2 defaults where they apply.
+in :mod:`onnxopt.rewrite` (one module per rule family); the table follows TI's v2 defaults where
+they apply.
 
 The pass as a whole is *approximate* (registered ``exact=False``): the manager does not verify it.
 Instead the pass
@@ -62,7 +63,7 @@ from onnxopt import output_change, runtime
 from onnxopt.errors import OnnxoptError, OptionError, VerificationError
 from onnxopt.ir.graph import export_graph, import_graph
 from onnxopt.ir.proto import infer_shapes
-from onnxopt.lite_rules import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
+from onnxopt.rewrite import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
 from onnxopt.model_io import opset_of, record_activation_bounds
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 from onnxopt.userfiles import import_user_file
@@ -301,6 +302,7 @@ def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[
 def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, table: list, active: list, verify: bool,
                  reference: Optional["_Reference"], t0: float) -> PassResult:
     opset = opset_of(model)
+    active = [r for r in active if r.applies_to(opset)]  # a rule declares the opsets it knows
     shaped, _ = infer_shapes(model)  # shapes only sharpen the guards; rules that need them say so
     graph = import_graph(shaped)
     ctx = RuleContext(graph, opset, options, frozenset(r.name for r in active))

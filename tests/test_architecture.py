@@ -153,3 +153,11 @@ def test_no_private_name_crosses_modules():
                 bad += [f"{module} imports {a.name} from {node.module or '.'}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, "\n".join(bad)
+
+
+def test_rule_families_stay_small():
+    """One file per rule family, each readable on its own (about 400 lines at most)."""
+    files = sorted((ROOT / "onnxopt" / "rewrite").glob("*.py"))
+    assert len(files) >= 7
+    long = [f"{p.name}: {len(p.read_text().splitlines())} lines" for p in files if len(p.read_text().splitlines()) > 400]
+    assert not long, long

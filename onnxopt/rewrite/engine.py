@@ -1,0 +1,101 @@
+"""The rewrite engine of the ``lite`` pass: :class:`Rule`, :class:`Match`, the per-run
+:class:`RuleContext` and the :func:`rule` registry the rule families declare themselves in.
+
+A rule is ``match(graph, node, ctx) -> Match | str | None`` plus ``rewrite(graph, match, ctx)``:
+``match`` looks at one *anchor* node (its op type is in ``rule.anchors``) and walks a bounded
+neighbourhood through the producer/consumer links onnx-graphsurgeon keeps on every tensor, so a
+whole rule scan is linear in the graph size. It returns a :class:`Match`, a *reason* string
+when the node is a near-match that must not be rewritten (recorded in the report, onnxscript
+rewriter style), or None when the node is not a candidate at all.
+
+Every rewrite keeps the public name of the tensor it replaces: the new node writes the old output
+tensor, so downstream consumers and graph outputs are untouched. Nodes left without consumers
+are removed at once (walking back from the replaced producer), which keeps consumer counts exact
+for the matches that follow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import onnx_graphsurgeon as gs
+
+from ..ir.graph import GraphEditor
+
+
+@dataclass
+class Match:
+    """A place a rule will rewrite: ``output`` is the tensor whose producer changes (its name is
+    kept); ``data`` holds whatever the rewrite needs. ``preserved`` names the tensors whose values
+    an exact rule keeps (default: ``output``); they are what the pass verifies.
+    ``data["clip"] = (lo, hi)`` says the rewrite drops a clip of ``output`` at those bounds
+    (ReLU6 -> ReLU); the pass records it in the model so that ``qdq`` quantizes ``output`` with a
+    range that ends there, clipping where the original did."""
+
+    output: gs.Tensor
+    data: dict = field(default_factory=dict)
+    preserved: Optional[list] = None
+
+
+MatchFn = Callable[[gs.Graph, gs.Node, "RuleContext"], Union[Match, str, None]]
+RewriteFn = Callable[[gs.Graph, Match, "RuleContext"], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One lite rule. ``anchors`` are the op types ``match`` is called on (empty = every node)."""
+
+    name: str
+    summary: str
+    exact: bool
+    default: bool
+    anchors: tuple
+    match: MatchFn
+    rewrite: RewriteFn
+    priority: int = 1000   # place in the default table (lower first); user rules go by ``before``
+    opsets: tuple = (1, None)   # (first, last) default-domain opset the rule applies to; None: no upper bound
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"rule name {self.name!r} must be a non-empty identifier")
+        if not callable(self.match) or not callable(self.rewrite):
+            raise TypeError(f"rule {self.name}: match and rewrite must be callables")
+        object.__setattr__(self, "anchors", tuple(self.anchors or ()))
+
+    def applies_to(self, opset: int) -> bool:
+        first, last = self.opsets
+        return opset >= first and (last is None or opset <= last)
+
+
+class RuleContext(GraphEditor):
+    """Per-run state shared by the lite rules: the graph editor, the opset, the lite options and
+    the names of the rules enabled in this run."""
+
+    def __init__(self, graph: gs.Graph, opset: int, options, active: frozenset = frozenset()):
+        super().__init__(graph)
+        self.opset = opset
+        self.options = options
+        self.active = active
+
+
+_REGISTRY: dict = {}
+
+
+def rule(name: str, summary: str, *, exact: bool, anchors: tuple, rewrite: RewriteFn, priority: int, default: bool = True,
+         opsets: tuple = (1, None)):
+    """Declare a default rule: ``@rule(...)`` on its match function (returned unchanged).
+
+    ``exact``: the rewrite keeps the outputs (verified on its region); ``default``: on unless
+    disabled; ``priority``: its place in the table (exact rules first); ``opsets``: the
+    default-domain opset range it applies to."""
+    def register(match: MatchFn) -> MatchFn:
+        if name in _REGISTRY:
+            raise ValueError(f"rule {name} declared twice")
+        _REGISTRY[name] = Rule(name, summary, exact, default, anchors, match, rewrite, priority, opsets)
+        return match
+    return register
+
+
+def registered_rules() -> list:
+    """Every declared rule, in table order."""
+    return sorted(_REGISTRY.values(), key=lambda r: r.priority)
