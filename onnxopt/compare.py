@@ -8,7 +8,10 @@ data, or generated inputs (with a note saying so) -- and reports, per output:
 * ``cosine``   = <r, c> / (|r| |c|) over all elements (float64 sums), and the worst per-sample cosine;
 * ``sqnr_db``  = 10 log10( sum r^2 / sum (r - c)^2 ), +inf when the outputs are identical;
 * for classifier-shaped outputs ([N, C] with C > 1): top-1 agreement = share of samples whose
-  argmax is the same, and each model's top-1 accuracy when labels are given.
+  argmax is the same, and each model's top-1 accuracy when labels are given;
+* ``task_error``: the task-aware error of :mod:`onnxopt.task_metric` -- the one the qdq pass's
+  fallback and calibration search use -- measured on the logits before a terminal
+  Softmax/LogSoftmax/Sigmoid (top-1 agreement and KL for classifier outputs, SQNR otherwise).
 
 Numerics run with onnxruntime's graph optimizations disabled (the graphs as written are compared,
 not what onnxruntime would rewrite them into); latency is the median over ``runs`` single-sample
@@ -38,7 +41,7 @@ from onnx import ModelProto
 from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
-from . import model_io, runtime, stats
+from . import model_io, runtime, stats, task_metric
 from .data import DataSource, feed_samples, graph_inputs, open_data, recorded_preprocessing
 from .errors import DataError, GateFailure, OnnxoptError, OptionError
 
@@ -427,9 +430,17 @@ def compare_models(
                           "give --labels FILE.npy, an .npz with a 'labels' array, or an image folder with labels.json")
 
     # -- numerics, streamed ----------------------------------------------------------------
-    s_ref, s_cand = runtime.session(ref_model), runtime.session(cand_model)
+    # the task-aware error (onnxopt.task_metric) reads the logits before a terminal Softmax/Sigmoid,
+    # exposed as extra outputs of the measured sessions
+    ref_logit_model, ref_logits = task_metric.with_logit_outputs(ref_model)
+    cand_logit_model, cand_logits = task_metric.with_logit_outputs(cand_model)
+    s_ref, s_cand = runtime.session(ref_logit_model), runtime.session(cand_logit_model)
     acc = [_OutputStats(r, c) for r, c in pairs]
     ref_names, cand_names = [r for r, _ in pairs], [c for _, c in pairs]
+    task_acc = task_metric.Accumulator(ref_names, ref_logits,
+                                       {k: a for k, (_, a) in task_metric.logit_tensors(ref_model).items() if a})
+    ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[r] for r in ref_names]))
+    cand_fetch = list(dict.fromkeys(cand_names + [cand_logits[c] for c in cand_names]))
     first_sample: Optional[dict] = None
     seen = 0
     bar = None
@@ -440,8 +451,9 @@ def compare_models(
             n_batch = feed_samples(feed)
             if first_sample is None:
                 first_sample = {k: v[:1] if (v.ndim and n_batch) else v for k, v in feed.items()}
-            ro = runtime.run(s_ref, feed, ref_names)
-            co = runtime.run(s_cand, feed, cand_names)
+            ro = runtime.run(s_ref, feed, ref_fetch)
+            co = runtime.run(s_cand, feed, cand_fetch)
+            task_acc.update([ro[ref_logits[r]] for r in ref_names], [co[cand_logits[c]] for c in cand_names])
             lab = None
             if data_labels is not None:
                 if seen + n_batch > len(data_labels):
@@ -461,6 +473,7 @@ def compare_models(
     if data_labels is not None and len(data_labels) != seen:
         notes.append(f"{len(data_labels)} labels for {seen} evaluated samples; the first {seen} were used")
     outputs = [a.result() for a in acc]
+    task_metric_result = task_acc.result()
     classifiers = [o for o in outputs if o["classifier"]]
     if data_labels is not None and not classifiers:
         notes.append("labels were given but no output is classifier-shaped ([N, C], C > 1): no accuracy computed")
@@ -497,6 +510,8 @@ def compare_models(
         "candidate": side(cand_model, cand_path, cand_size, "candidate"),
         "data": {"source": source_desc, "generated": data is None, "samples": seen, "labels": data_labels is not None},
         "outputs": outputs,
+        "task_error": task_metric_result.to_dict(),
+        "task_summary": task_metric_result.summary(),
         "notes": notes,
     }
     result["gates"] = _evaluate_gates(result, gates)

@@ -30,6 +30,8 @@ from onnxopt.quant.options import CalibrationOptions, QdqOptions
 from onnxopt.quant.quantize import already_quantized_message, limit_samples, quantize_model, quantized_ops, to_static_batch
 from onnxopt.quant.targets import get_target
 from onnxopt.registry import PassResult, register_pass
+from onnxopt.quant.calib_search import SEARCH_SAMPLES
+from onnxopt.task_metric import HeldIn
 
 
 def _calibration_data(options: CalibrationOptions, ctx):
@@ -54,7 +56,9 @@ def _calibration_data(options: CalibrationOptions, ctx):
             n = RANDOM_SAMPLES  # a DataSource caps generated inputs itself; other data callables may not
     if n:
         data = limit_samples(data, n)
-    return data, warns
+    # the samples the calibration reads are kept (up to a cap) for the calibration search and
+    # fallback=auto to measure on, without reading the data again when it all fit
+    return HeldIn(data, limit=SEARCH_SAMPLES, max_mb=64), warns
 
 
 def _fold_computed_weights(model, ctx):

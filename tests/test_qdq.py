@@ -509,9 +509,11 @@ def test_missing_data_is_an_error_and_random_warns():
 
 
 def test_recovery_options_declared():
+    # automatic mixed precision is on by default (1 point of top-1 agreement); the other steps are off
     opts = {o.name: o.default for o in get_pass("qdq").options}
-    assert opts["bias_correction"] == "none" and opts["fallback"] == "none" and opts["max_error"] == 0.0
-    assert opts["fallback_precision"] == "float" and opts["rounding"] == "nearest" and opts["adaround_iters"] == 500
+    assert opts["bias_correction"] == "none" and opts["fallback"] == "auto" and opts["max_error"] == 0.0
+    assert opts["max_agreement_loss"] == 1.0
+    assert opts["fallback_precision"] == "auto" and opts["rounding"] == "nearest" and opts["adaround_iters"] == 500
 
 
 def test_info_layout_matches_contract():

@@ -73,6 +73,8 @@ def render_compare(res: dict) -> str:
                      f"{_num(o['min_sample_cosine'], '.6f'):>10} {_num(o['sqnr_db'], '.1f'):>8} {_pct(o['top1_agreement']):>12}")
         if o["ref_nonfinite"] or o["cand_nonfinite"]:
             lines.append(f"{'':<{nw}}  non-finite values: reference {o['ref_nonfinite']}, candidate {o['cand_nonfinite']}")
+    if res.get("task_summary"):
+        lines.append(f"task error {res['task_summary']}")
     if res["gates"]:
         lines.append("")
         lines.append("gates")

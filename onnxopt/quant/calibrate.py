@@ -55,6 +55,7 @@ import multiprocessing as mp
 import os
 import queue
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +148,8 @@ class TensorStats:
 # validation helpers
 # ---------------------------------------------------------------------------------------
 
-def _check_config(config: CalibConfig, bits: int) -> None:
-    if config.method not in METHODS:
+def _check_config(config: CalibConfig, bits: int, auto: bool = False) -> None:
+    if config.method not in METHODS and not (auto and config.method == "auto"):
         raise OptionError(f"unknown calibration method '{config.method}'.", f"choose one of: {', '.join(METHODS)}")
     if not (0.0 < float(config.percentile) <= 100.0):
         raise OptionError(f"percentile must be in (0, 100], got {config.percentile}.", "e.g. 99.99")
@@ -565,8 +566,10 @@ def _settings_key(config: CalibConfig, bits: int) -> dict:
         s["percentile"] = float(config.percentile)
     if config.method != "minmax":
         s["num_bins"] = int(config.num_bins)
-    if config.method in ("entropy", "mse"):
+    if config.method in ("entropy", "mse", "auto"):
         s["bits"] = int(bits)
+    if config.method == "auto":  # the choice also depends on the percentile candidate
+        s["percentile"] = float(config.percentile)
     return s
 
 
@@ -636,15 +639,21 @@ def _save_cache(path: Path, key: dict, ranges: dict, stats: dict, sym: dict, uns
 
 def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConfig] = None, *,
               symmetric: Union[Mapping[str, bool], bool] = True, unsigned: Union[Mapping[str, bool], bool] = False,
-              bits: int = 8) -> dict:
+              bits: int = 8, choose=None) -> dict:
     """Clipping range ``(lo, hi)`` per tensor (see module doc).
 
     ``data`` is a :class:`onnxopt.data.DataSource` or a callable returning an iterable of feed
     dicts. ``symmetric``/``unsigned`` are one bool or ``{tensor: bool}``; ``lo == -hi`` when
-    symmetric, ``lo == 0`` when unsigned.
+    symmetric, ``lo == 0`` when unsigned. ``config.method == "auto"`` needs ``choose``:
+    ``choose(candidates, seconds) -> ranges`` picks among every method's range
+    (``{tensor: {method: (lo, hi)}}``, :mod:`onnxopt.quant.calib_search`), ``seconds`` being the
+    statistics pass's time.
     """
     config = config or CalibConfig()
-    _check_config(config, bits)
+    _check_config(config, bits, auto=choose is not None)
+    if config.method == "auto" and choose is None:
+        raise OptionError("calibration method 'auto' needs a way to choose among the methods.",
+                          f"choose one of: {', '.join(METHODS)}")
     tensors = list(dict.fromkeys(tensors))
     if not tensors:
         return {}
@@ -668,9 +677,15 @@ def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConf
         if config.cache and key["data"] is None:   # hash the content while it streams
             hasher = _ContentHash()
             source = hasher.wrap(data, config.batch_size)
+        t_stats = time.perf_counter()
         stats = collect_statistics(model, tensors, source, config)
-        ranges = {t: compute_range(stats[t], config.method, symmetric=sym[t], unsigned=uns[t], bits=bits,
-                                   percentile=config.percentile) for t in tensors}
+        if config.method == "auto":
+            candidates = {t: {m: compute_range(stats[t], m, symmetric=sym[t], unsigned=uns[t], bits=bits,
+                                               percentile=config.percentile) for m in METHODS} for t in tensors}
+            ranges = choose(candidates, time.perf_counter() - t_stats)
+        else:
+            ranges = {t: compute_range(stats[t], config.method, symmetric=sym[t], unsigned=uns[t], bits=bits,
+                                       percentile=config.percentile) for t in tensors}
         if config.cache:
             if key["data"] is None:
                 key["data"] = hasher.key()

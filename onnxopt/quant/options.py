@@ -68,14 +68,21 @@ class CalibrationOptions(PassOptions):
 
 @dataclass
 class RecoveryOptions(PassOptions):
-    """PTQ recovery after quantization; the defaults leave the quantized model as it is."""
+    """PTQ recovery after quantization; by default only fallback=auto (automatic mixed precision) runs."""
 
     bias_correction: str = option("none", "PTQ recovery: correct the bias shift quantization causes",
                                   ("none", "empirical", "analytical"))
-    fallback: str = option("none", "PTQ recovery: auto = keep the most sensitive layers in higher precision until "
-                           "max_error holds", ("none", "auto"))
-    max_error: float = option(0.0, "PTQ recovery: relative output error budget for fallback=auto (0 = unset)")
-    fallback_precision: str = option("float", "PTQ recovery: precision of fallback layers", ("float", "int16"))
+    fallback: str = option("auto", "automatic mixed precision: auto = keep the fewest most sensitive layers in higher "
+                           "precision (TensorRT: no Q/DQ, fp16 in an fp16 build; TIDL: 16-bit; ort: float) until the "
+                           "budget (max_agreement_loss, max_error) holds on the calibration data; none = every layer "
+                           "quantized", ("none", "auto"))
+    max_agreement_loss: float = option(1.0, "fallback=auto budget: top-1 agreement points with the float model lost on "
+                                       "classifier outputs, measured on the logits before a final Softmax/Sigmoid on up "
+                                       "to 256 calibration samples (-1 = no agreement budget)")
+    max_error: float = option(0.0, "fallback=auto budget: relative L2 error of every output's logits vs float (0 = unset); "
+                              "the only budget on non-classifier outputs (detectors)")
+    fallback_precision: str = option("auto", "precision of fallback layers: auto (int16 on tidl, float elsewhere), float, "
+                                     "int16", ("auto", "float", "int16"))
     rounding: str = option("nearest", "PTQ recovery: weight rounding: nearest, adaround (learned per layer, NumPy) or "
                            "brecq (learned per block of layers through their activations, on up to 256 calibration "
                            "samples, or calib_samples / --calib-samples; needs torch)", ("nearest", "adaround", "brecq"))
@@ -84,8 +91,10 @@ class RecoveryOptions(PassOptions):
 
     @property
     def requested(self) -> bool:
-        """Whether any recovery step differs from the defaults (which leave the model as it is)."""
-        return self != RecoveryOptions()
+        """Whether recovery runs: fallback=auto (the default), another step, or an option only
+        recovery checks (a budget given with fallback=none is refused there)."""
+        return (self.fallback == "auto" or self.bias_correction != "none" or self.rounding != "nearest"
+                or self.max_error > 0 or self.fallback_precision not in ("auto", "float"))
 
 
 @dataclass

@@ -50,6 +50,7 @@ from ..data import feed_samples
 from ..errors import OnnxoptError, OptionError
 from ..ir.graph import NameGenerator, constant_value, export_graph, import_graph
 from ..ir.proto import infer_shapes
+from . import calib_search
 from . import calibrate as calib
 from . import placement as placement_mod
 from .targets import TargetRules, get_target
@@ -255,9 +256,11 @@ def limit_samples(data: Callable, n: int) -> Callable:
 
 
 def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules: TargetRules, progress: bool,
-                    nonneg: Optional[set] = None, bounds: Optional[dict] = None) -> dict:
+                    nonneg: Optional[set] = None, bounds: Optional[dict] = None, choose=None) -> dict:
+    """Ranges of ``tensors``; with ``calib_method=auto``, ``choose`` picks each tensor's method
+    (:func:`onnxopt.quant.calibrate.calibrate`); without it, auto is the target's default method."""
     method = options.get("calib_method", "auto")
-    if method == "auto":
+    if method == "auto" and choose is None:
         method = rules.default_method
     cfg = calib.CalibConfig(
         method=method,
@@ -278,7 +281,7 @@ def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules
     zero_based = not rules.act_signed or unsigned_low_bit(options, bits)
     unsigned = {t: bool(symmetric and zero_based and t in nonneg) for t in tensors}
     return calib.calibrate(with_clip_bounds(model, bounds or {}), list(tensors), data, cfg,
-                           symmetric=symmetric, unsigned=unsigned, bits=bits)
+                           symmetric=symmetric, unsigned=unsigned, bits=bits, choose=choose)
 
 
 def unsigned_low_bit(options: dict, bits: int) -> bool:
@@ -418,7 +421,11 @@ def quantize_model(model: ModelProto, options, data, ctx) -> QuantResult:
     cache = options.get("calib_cache") or None
     # a cache that exists is either reused (model, data and settings match) or refused as stale
     cache_state = ("reused" if Path(cache).exists() else "written") if cache and tensors else None
-    ranges = run_calibration(model, tensors, data, options, rules, progress, nonneg, bounds) if tensors else {}
+    choose, search = None, {}
+    if options.get("calib_method", "auto") == "auto" and tensors:
+        choose = _range_chooser(model, the_plan, tensors, data, rules, options, bounds, search,
+                                getattr(ctx, "log", None) if ctx is not None else None)
+    ranges = run_calibration(model, tensors, data, options, rules, progress, nonneg, bounds, choose) if tensors else {}
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
     if missing:
         raise OnnxoptError(f"calibration returned no range for {len(missing)} tensor(s), e.g. '{missing[0]}'.",
@@ -428,7 +435,27 @@ def quantize_model(model: ModelProto, options, data, ctx) -> QuantResult:
     info["skipped"] = the_plan.skipped
     info["clip_bounds"] = sorted(bounds)
     info["calib_cache"] = {"path": str(cache), "state": cache_state} if cache_state else None
+    info["calibration"] = search.get("report") or {"method": options.get("calib_method", "auto") if not choose else "auto"}
     return QuantResult(qmodel, info, {k: (float(v[0]), float(v[1])) for k, v in ranges.items()})
+
+
+def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRules, options: dict, bounds: dict,
+                   out: dict, log) -> Callable:
+    """The ``choose`` of ``calib_method=auto`` (:mod:`onnxopt.quant.calib_search`): measures the
+    Q/DQ model of ``plan`` against the float model (with the clips lite removed put back), and
+    stores the search's report in ``out["report"]``."""
+    placed = plan.activation_tensors()
+    reference = with_clip_bounds(model, bounds)
+
+    def build(ranges: dict) -> ModelProto:
+        return apply_plan(model, import_graph(model), plan, ranges, rules, options)[0]
+
+    def choose(candidates: dict, seconds: float) -> dict:
+        ranges, out["report"] = calib_search.choose_ranges(reference, build, candidates,
+                                                           [t for t in tensors if t in placed], data, seconds, log)
+        return ranges
+
+    return choose
 
 
 def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: TargetRules, options: dict) -> tuple:

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .. import stats
+from .. import stats, task_metric
 from ..data import feed_samples
 from ..errors import require
 from .view import Evaluator, QdqView, sqnr_db
@@ -40,9 +40,10 @@ class LayerSensitivity:
     only_rel: Optional[float] = None
     all_but_rel: Optional[float] = None
     macs: Optional[int] = None
+    only_agreement_loss: Optional[float] = None   # task metric (logits): top-1 points lost, only this layer quantized
 
     def to_dict(self) -> dict:
-        d = {"layer": self.layer, "op": self.op, "macs": self.macs}
+        d = {"layer": self.layer, "op": self.op, "macs": self.macs, "only_agreement_loss_pts": self.only_agreement_loss}
         for key in ("only", "all_but"):
             rel = getattr(self, f"{key}_rel")
             d[f"{key}_rel_error"] = rel
@@ -56,9 +57,11 @@ class SensitivityReport:
     layers: list = field(default_factory=list)
     seconds: float = 0.0
     samples: int = 0
+    task: Optional[dict] = None     # the fully quantized model's task error (onnxopt.task_metric)
+    task_summary: str = ""
 
     def to_dict(self) -> dict:
-        return {"full_rel_error": self.full_rel, "full_sqnr_db": round(sqnr_db(self.full_rel), 3), "samples": self.samples,
+        return {"full_rel_error": self.full_rel, "task_error": self.task, "task_summary": self.task_summary, "full_sqnr_db": round(sqnr_db(self.full_rel), 3), "samples": self.samples,
                 "seconds": round(self.seconds, 2), "layers": [l.to_dict() for l in self.layers]}
 
     def ranked(self, key: str = "only") -> list:
@@ -76,11 +79,18 @@ def analyze(view: QdqView, feeds: list, modes=("only", "all_but"),
     full = ev.error(view.variant(fold_weights=True))
     macs = {r["name"]: r["macs"] for r in stats.layer_macs(view.qmodel)}
     rep = SensitivityReport(full_rel=full, samples=sum(feed_samples(f) for f in feeds))
+    # the task-aware error (logits before a final Softmax; top-1 agreement for classifiers)
+    task_ev = task_metric.Evaluator(view.float_reference(), feeds, limit=rep.samples)
+    full_task = task_ev.error(view.variant(fold_weights=True))
+    rep.task, rep.task_summary = full_task.to_dict(), full_task.summary()
     names = list(view.layers)
     for i, name in enumerate(names):
         row = LayerSensitivity(name, view.layers[name]["op"], macs=macs.get(name))
         if "only" in modes:
-            row.only_rel = ev.error(view.only_layer(name))
+            only = view.only_layer(name)
+            row.only_rel = ev.error(only)
+            if full_task.classifier:
+                row.only_agreement_loss = task_ev.error(only).agreement_loss
         if "all_but" in modes:
             row.all_but_rel = ev.error(view.all_but_layer(name))
         rep.layers.append(row)
@@ -92,17 +102,20 @@ def analyze(view: QdqView, feeds: list, modes=("only", "all_but"),
 
 def format_table(rep: SensitivityReport, top: Optional[int] = None) -> str:
     lines = [f"fully quantized: rel error {rep.full_rel:.4g}  SQNR {sqnr_db(rep.full_rel):.2f} dB  "
-             f"({rep.samples} samples, {rep.seconds:.1f} s)",
+             f"({rep.samples} samples, {rep.seconds:.1f} s)" + (f"; task error: {rep.task_summary}" if rep.task_summary else ""),
              ""]
     rows = rep.ranked("only")
     rows = rows[:top] if top else rows
     w = max([6] + [len(r.op) for r in rows])  # ConvTranspose would push its row out of line
-    lines[-1] = f"{'layer':<40} {'op':<{w}} {'only-this SQNR':>15} {'all-but SQNR':>13} {'MMACs':>8}"
+    agree = any(r.only_agreement_loss is not None for r in rows)
+    lines[-1] = (f"{'layer':<40} {'op':<{w}} {'only-this SQNR':>15} {'all-but SQNR':>13} {'MMACs':>8}"
+                 + (f" {'only-this top-1 lost':>21}" if agree else ""))
     for r in rows:
         only = f"{sqnr_db(r.only_rel):.2f} dB" if r.only_rel is not None else "-"
         allb = f"{sqnr_db(r.all_but_rel):.2f} dB" if r.all_but_rel is not None else "-"
         macs = f"{r.macs / 1e6:.1f}" if r.macs else "-"
-        lines.append(f"{r.layer[:40]:<40} {r.op:<{w}} {only:>15} {allb:>13} {macs:>8}")
+        lost = (f" {r.only_agreement_loss:>17.2f} pt" if r.only_agreement_loss is not None else f" {'-':>21}") if agree else ""
+        lines.append(f"{r.layer[:40]:<40} {r.op:<{w}} {only:>15} {allb:>13} {macs:>8}{lost}")
     return "\n".join(lines)
 
 

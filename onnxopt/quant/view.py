@@ -214,7 +214,8 @@ class QdqView:
 
     # ---------------------------------------------------------------- variants
     def variant(self, float_layers: Iterable[str] = (), float_inputs: Iterable[str] = (), bypass_all: bool = False,
-                keep_acts_of: Optional[set] = None, fold_weights: bool = False) -> ModelProto:
+                keep_acts_of: Optional[set] = None, fold_weights: bool = False, float_acts: Iterable[str] = (),
+                keep_acts: Iterable[str] = ()) -> ModelProto:
         """A copy of the quantized model with ``float_layers`` given float weights/biases and
         ``float_inputs`` (layer names) reading their float input. ``bypass_all`` removes every
         activation Q/DQ except those feeding layers in ``keep_acts_of``. ``fold_weights`` replaces
@@ -244,8 +245,17 @@ class QdqView:
             act = self.dq_output_to_act.get(node.input[0])
             if act is not None:
                 node.input[0] = act["tensor"]
+        # activation Q/DQ pairs put back in float by their tensor (``float_acts``): every reader
+        # of the DQ output reads the float tensor instead (no layer needed)
+        float_acts = set(float_acts)
+        if float_acts and not bypass_all:
+            rewire = {dq: a["tensor"] for dq, a in self.dq_output_to_act.items() if a["tensor"] in float_acts}
+            for node in g.node:
+                for i, inp in enumerate(node.input):
+                    if inp in rewire:
+                        node.input[i] = rewire[inp]
         if bypass_all:
-            keep = set()
+            keep = {dq for dq, a in self.dq_output_to_act.items() if a["tensor"] in set(keep_acts)}
             for name in keep_acts_of or ():
                 keep.add(by_name[name].input[0])
             rewire = {dq: a["tensor"] for dq, a in self.dq_output_to_act.items() if dq not in keep}
@@ -297,6 +307,17 @@ class QdqView:
     def only_layer(self, layer: str, fold_weights: bool = True) -> ModelProto:
         others = [n for n in self.layers if n != layer]
         return self.variant(float_layers=others, float_inputs=others, bypass_all=True, keep_acts_of={layer}, fold_weights=fold_weights)
+
+    def activation_only_units(self) -> list:
+        """Tensors whose activation Q/DQ feeds no quantized layer's data input (residual Adds, SE
+        Muls, pooling ...): their error is in none of the layers' ``only`` variants."""
+        layer_inputs = {self.nodes[l].input[0] for l in self.layers}
+        return [a["tensor"] for dq, a in self.dq_output_to_act.items() if dq not in layer_inputs]
+
+    def only_activation(self, tensor: str, fold_weights: bool = True) -> ModelProto:
+        """Only the activation Q/DQ of ``tensor`` quantized; every layer and other activation in float."""
+        return self.variant(float_layers=self.layers, float_inputs=self.layers, bypass_all=True, keep_acts=[tensor],
+                            fold_weights=fold_weights)
 
     def all_but_layer(self, layer: str, fold_weights: bool = True) -> ModelProto:
         return self.variant(float_layers=[layer], float_inputs=[layer], fold_weights=fold_weights)

@@ -25,17 +25,18 @@ from ...errors import DataError, OptionError
 from ..view import Evaluator, QdqView, sqnr_db
 from . import adaround, brecq
 from .bias import BIAS_SAMPLES, analytical_bias_correction, empirical_bias_correction
-from .fallback import auto_fallback
+from .fallback import auto_fallback, fallback_budget
 
 REFERENCE_SAMPLES = 16  # samples the start / end output errors (and the revert check) are measured on
 
 
-def _validate(bc: str, fb: str, max_error: float, rounding: str, precision: str, data) -> None:
-    if fb == "auto" and max_error <= 0:
-        raise OptionError("qdq.fallback=auto needs an error budget.", "add e.g. --set qdq.max_error=0.05 (relative L2 error of the outputs)")
+def _validate(bc: str, fb: str, max_error: float, rounding: str, precision: str, data, budget=None) -> None:
+    if fb == "auto" and budget is None:
+        raise OptionError("qdq.fallback=auto needs an error budget.",
+                          "add e.g. --set qdq.max_agreement_loss=1 (top-1 agreement points) or qdq.max_error=0.05 (relative L2 error of the logits)")
     if max_error > 0 and fb != "auto":
         raise OptionError("qdq.max_error is only used with qdq.fallback=auto.", "add --set qdq.fallback=auto or drop max_error")
-    if precision != "float" and fb != "auto":
+    if precision not in ("auto", "float") and fb != "auto":
         raise OptionError("qdq.fallback_precision is only used with qdq.fallback=auto.", "add --set qdq.fallback=auto")
     if data is None and (bc == "empirical" or fb == "auto" or rounding != "nearest"):
         raise DataError(f"PTQ recovery (empirical bias correction, fallback, rounding={rounding}) needs the calibration data.", "give --calib-data")
@@ -72,9 +73,12 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
     fb = options.get("fallback", "none")
     max_error = float(options.get("max_error", 0.0) or 0.0)
     rounding = options.get("rounding", "nearest")
-    precision = options.get("fallback_precision", "float")
+    precision = options.get("fallback_precision", "auto")
     n_samples = int(options.get("calib_samples") or 0) or None
-    _validate(bc, fb, max_error, rounding, precision, data)
+    budget = fallback_budget(options)
+    _validate(bc, fb, max_error, rounding, precision, data, budget)
+    if precision == "auto":  # TIDL's higher precision is its 16-bit mode; elsewhere the float layer itself
+        precision = "int16" if str(info.get("target", "")).startswith("tidl") and fb == "auto" else "float"
     report: dict = {}
     t0 = time.perf_counter()
     model = qdq_model
@@ -89,7 +93,7 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
     if bc != "none":
         model, report["bias_correction"] = _bias_correction(bc, float_model, model, info, data, n_samples, ev, log)
     if fb == "auto":
-        model, report["fallback"] = auto_fallback(float_model, model, info, data, max_error, precision, log)
+        model, report["fallback"] = auto_fallback(float_model, model, info, data, budget, precision, log)
     if ev is not None:
         report["rel_error_end"] = ev.error(model)
         report["sqnr_db_start"] = round(sqnr_db(report["rel_error_start"]), 3)

@@ -1,9 +1,14 @@
-"""Automatic fallback: the most sensitive layers of a QDQ model go back to high precision.
+"""Automatic fallback (mixed precision, on by default): the most sensitive layers of a QDQ model
+go back to high precision.
 
-``fallback=auto`` with ``max_error`` (relative L2 error of the model outputs vs float on up to
-``FALLBACK_SAMPLES`` calibration samples): per-layer sensitivity ("only this layer quantized",
-:mod:`onnxopt.quant.sensitivity`), then the most sensitive layers go back to float -- the
-fewest that meet the budget, found by doubling and bisection over the ranking. With
+``fallback=auto`` with a :class:`onnxopt.task_metric.Budget` -- ``max_agreement_loss`` (top-1
+agreement points lost on classifier outputs, default 1, checked on up to ``AGREEMENT_SAMPLES``
+calibration samples) and/or ``max_error`` (relative L2 error of every output's logits, on
+``FALLBACK_SAMPLES``), both measured with :mod:`onnxopt.task_metric` on the logits: each unit --
+a layer (weight + input activation) or an activation Q/DQ pair that feeds no layer (residual Add,
+SE Mul) -- is ranked by the task objective with only it quantized, then the most sensitive units
+go back to float -- the fewest that meet the budget, found by doubling and bisection over the
+ranking. With
 ``fallback_precision=int16`` on TIDL the layers are left float in the ONNX graph (TIDL reads
 pre-quantized models as 8-bit only) and reported as TIDL's ``params_16bit_names_list`` /
 ``output_feature_16bit_names_list`` import options; other targets have no 16-bit QDQ path
@@ -12,18 +17,20 @@ precision, their share of MACs, and onnxruntime CPU latency before/after (median
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 from onnx import ModelProto
 
 from ... import runtime, stats
-from ...data import collect_feeds
 from ...errors import OptionError
-from ..sensitivity import analyze
-from ..view import Evaluator, QdqView, sqnr_db
+from ...task_metric import Budget
+from ...task_metric import Evaluator as TaskEvaluator
+from ..view import QdqView, sqnr_db
 
 FALLBACK_SAMPLES = 32
+AGREEMENT_SAMPLES = 256  # a top-1 agreement budget is checked on this many calibration samples (capped by memory)
 
 
 def _latency_ms(model: ModelProto, feed: dict, runs: int = 15) -> float:
@@ -38,37 +45,75 @@ def _latency_ms(model: ModelProto, feed: dict, runs: int = 15) -> float:
     return float(np.median(times) * 1e3)
 
 
-def auto_fallback(float_model, qmodel, info, data, max_error: float, precision: str, log, measure_latency: bool = True) -> tuple:
+def fallback_budget(options: dict):
+    """The :class:`onnxopt.task_metric.Budget` ``fallback=auto`` must meet, from the qdq options:
+    ``max_agreement_loss`` (top-1 agreement points on classifier outputs) and ``max_error``
+    (relative L2 error of the logits of every output); None when neither is set."""
+    agree = options.get("max_agreement_loss")
+    agree = None if agree is None or float(agree) < 0 else float(agree)
+    rel = float(options.get("max_error", 0.0) or 0.0)
+    if agree is None and rel <= 0:
+        return None
+    return Budget(max_agreement_loss=math.inf if agree is None else agree, max_rel_error=rel)
+
+
+def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, measure_latency: bool = True) -> tuple:
+    """Keep the fewest most-sensitive layers in ``precision`` so that ``budget`` (a
+    :class:`onnxopt.task_metric.Budget`, or a float: a relative-error budget) holds on the
+    calibration data, measured with :mod:`onnxopt.task_metric` on the logits.
+
+    Layers are ranked by the task objective with only that layer quantized (on the first
+    ``FALLBACK_SAMPLES`` samples); the budget is checked on ``AGREEMENT_SAMPLES`` samples when it
+    limits top-1 agreement (one point needs ~100 samples to be seen at all), else on
+    ``FALLBACK_SAMPLES``. The fewest layers meeting it are found by doubling and bisection."""
+    if not isinstance(budget, Budget):
+        budget = Budget(max_agreement_loss=math.inf, max_rel_error=float(budget))
     target = info.get("target", "")
     if precision == "int16" and not target.startswith("tidl"):
         raise OptionError(f"qdq.fallback_precision=int16 is not available for target {target}.",
                           "TensorRT has no int16 Q/DQ; use fallback_precision=float (or target tidl, whose 16-bit layer lists are reported)")
     t0 = time.perf_counter()
     view = QdqView(float_model, qmodel, info)
-    feeds = collect_feeds(data, FALLBACK_SAMPLES)
-    sens = analyze(view, feeds, modes=("only",))
-    order = [r.layer for r in sens.ranked("only")]
-    ev = Evaluator(view.float_reference(), feeds)
-    cache = {0: sens.full_rel}
+    uses_agreement = math.isfinite(budget.max_agreement_loss)
+    ev = TaskEvaluator(view.float_reference(), data, limit=AGREEMENT_SAMPLES if uses_agreement else FALLBACK_SAMPLES)
+    full = ev.error(view.variant(fold_weights=True))
+    cache = {0: full}
+    rank_samples = min(FALLBACK_SAMPLES, ev.samples)
 
-    def err(k: int) -> float:
+    # the units kept in high precision: layers (weight + input activation) and the activation Q/DQ
+    # pairs that feed no layer (residual Adds, SE Muls: with every layer in float, those alone
+    # cost 4 agreement points on a HardSwish/SE network), named "act:<tensor>"
+    acts = {f"act:{t}": t for t in view.activation_only_units()}
+
+    def variant(chosen: list, fold: bool = True):
+        layers = [u for u in chosen if u not in acts]
+        return view.variant(float_layers=layers, float_inputs=layers, float_acts=[acts[u] for u in chosen if u in acts],
+                            fold_weights=fold)
+
+    def task(k: int):
         if k not in cache:
-            chosen = order[:k]
-            cache[k] = ev.error(view.variant(float_layers=chosen, float_inputs=chosen, fold_weights=True))
+            cache[k] = ev.error(variant(order[:k]))
         return cache[k]
 
+    n_layers = len(view.layers) + len(acts)
+    order: list = []
+    if not full.within(budget):
+        # "only this unit quantized": the error each adds by itself, on the task objective
+        scores = {name: ev.error(view.only_layer(name), rank_samples).objective() for name in view.layers}
+        scores.update({u: ev.error(view.only_activation(t), rank_samples).objective() for u, t in acts.items()})
+        order = sorted(scores, key=lambda u: -scores[u])
     n = len(order)
     k_ok = None
-    if err(0) <= max_error:
+    if task(0).within(budget):
         k_ok = 0
     else:
         lo, hi = 0, 1
-        while hi < n and err(hi) > max_error:
+        while hi < n and not task(hi).within(budget):
             lo, hi = hi, min(n, hi * 2)
-        if err(hi) <= max_error:
-            while hi - lo > 1:  # invariant: err(lo) > budget >= err(hi)
+        if n and task(hi).within(budget):
+            while hi - lo > 1:  # invariant: task(lo) misses the budget, task(hi) meets it
                 mid = (lo + hi) // 2
-                if err(mid) <= max_error:
+                if task(mid).within(budget):
                     hi = mid
                 else:
                     lo = mid
@@ -76,25 +121,33 @@ def auto_fallback(float_model, qmodel, info, data, max_error: float, precision: 
     met = k_ok is not None
     k = k_ok if met else n
     chosen = order[:k]
-    out = view.variant(float_layers=chosen, float_inputs=chosen) if chosen else qmodel
+    after = task(k)
+    out = variant(chosen, fold=False) if chosen else qmodel
     macs = {r["name"]: (r["macs"] or 0) for r in stats.layer_macs(qmodel)}
     total = sum(macs.get(l, 0) for l in view.layers) or 1
-    rep = {"max_error": max_error, "met": met, "error_before": sens.full_rel, "error_after": err(k),
-           "sqnr_db_before": round(sqnr_db(sens.full_rel), 3), "sqnr_db_after": round(sqnr_db(err(k)), 3),
-           "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache),
+    rep = {"budget": budget.describe(), "max_error": budget.max_rel_error, "max_agreement_loss": budget.max_agreement_loss,
+           "met": met, "error_before": full.rel_error, "error_after": after.rel_error,
+           "agreement_loss_before": full.agreement_loss, "agreement_loss_after": after.agreement_loss,
+           "task_before": full.summary(), "task_after": after.summary(),
+           "sqnr_db_before": round(sqnr_db(full.rel_error), 3), "sqnr_db_after": round(sqnr_db(after.rel_error), 3),
+           "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache) + (n_layers if order else 0),
            "high_precision_mac_share": round(sum(macs.get(l, 0) for l in chosen) / total, 4),
-           "samples": sens.samples}
+           "samples": ev.samples}
+    if uses_agreement and not full.classifier:
+        rep["note"] = ("no classifier-shaped output ([N, C]): the agreement budget does not apply; "
+                       "set qdq.max_error (relative error of the outputs' logits) for a budget on these outputs")
     if not met:
         rep["note"] = ("the budget is not reachable by keeping weighted layers in high precision "
-                       "(the remaining error comes from activations quantized outside them, e.g. residual Adds)")
+                       "or activations in float")
     if precision == "int16":
-        outputs = [view.nodes[l].output[0] for l in chosen]
+        outputs = [acts[u] if u in acts else view.nodes[u].output[0] for u in chosen]
         rep["tidl_options"] = {"advanced_options:params_16bit_names_list": ",".join(outputs),
                                "advanced_options:output_feature_16bit_names_list": ",".join(outputs)}
     if measure_latency:
-        feed = feeds[0]
+        feed = ev.feeds[0]
         rep["latency_ms_ort_cpu"] = {"all_quantized": round(_latency_ms(qmodel, feed), 3),
                                      "with_fallback": round(_latency_ms(out, feed), 3), "note": "onnxruntime CPU, median of 15"}
     rep["seconds"] = round(time.perf_counter() - t0, 2)
-    log(f"fallback: {len(chosen)} layer(s) kept in {precision}; error {sens.full_rel:.4g} -> {err(k):.4g} (budget {max_error:g})")
+    log(f"fallback: {len(chosen)} layer(s) kept in {precision}{': ' + ', '.join(chosen) if chosen else ''}; "
+        f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; {ev.samples} samples)")
     return out, rep

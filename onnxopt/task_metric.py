@@ -1,0 +1,374 @@
+"""The task-aware error of a candidate model against its float reference -- one metric for all.
+
+``compare``, ``sensitivity``, ``qdq``'s ``fallback=auto`` and ``calib_method=auto`` and the pass
+summaries measure quantization error with this module, so that a budget means the same thing
+everywhere.
+
+Where it is measured
+    On the *logits*: when a graph output is written by a terminal Softmax, LogSoftmax or Sigmoid
+    (through Identity/Flatten/Reshape/Squeeze, found on the graph), the activation's input is
+    measured instead, exposed as an extra graph output (:func:`with_logit_outputs`). Probabilities
+    hide what quantization did: on a HardSwish/SE classifier the relative L2 error of the Softmax
+    output was 0.6 % where top-1 fell 17 points.
+
+What is measured, per graph output
+    * classifier-shaped outputs (``[N, C]``, ``C > 1``): top-1 agreement with the reference and the
+      KL divergence ``KL(softmax(ref) || softmax(cand))`` (nats, mean per sample) of the logits;
+    * every output: cosine similarity, SQNR (``10 log10(|r|^2 / |r - c|^2)`` dB) and the relative
+      L2 error ``|r - c| / |r|``.
+    Multi-output models (detectors) get one entry per output; a budget holds when it holds for each.
+
+Budgets (:class:`Budget`)
+    ``max_agreement_loss`` -- top-1 agreement points lost on classifier outputs (1 = one point:
+    at least 99 % of the samples keep their top-1 class); ``max_rel_error`` -- relative L2 error of
+    every output's logits (0: no such budget; the only budget on non-classifier outputs).
+
+Objective (:meth:`TaskError.objective`, lower is better)
+    For searches that need a smooth number (agreement moves in steps of one sample): the sum over
+    outputs of the KL divergence (classifier outputs) or the noise-to-signal ratio
+    ``|r - c|^2 / |r|^2`` (others).
+
+Memory: :class:`Evaluator` keeps the evaluation feeds and the reference's measured outputs, capped
+at ``max_mb`` (the sample count is reduced to fit), so its memory does not grow with the data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+from onnx import ModelProto, helper
+
+from . import runtime
+from .errors import DataError, OnnxoptError
+
+TERMINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+# ops between a terminal activation and the graph output that do not change which class wins
+_PASS_THROUGH = ("Identity", "Flatten", "Reshape", "Squeeze")
+
+
+# ------------------------------------------------------------------------------ the graph side
+def logit_tensors(model: ModelProto) -> dict:
+    """{graph output: (tensor to measure, activation op or None)}.
+
+    The tensor is the input of a terminal Softmax/LogSoftmax/Sigmoid that writes the output
+    (directly or through pass-through ops whose only reader is the next op); otherwise the output
+    itself. Found on each model's own graph, so a quantized model whose Softmax reads a
+    dequantized tensor is measured on what its Softmax actually receives."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    readers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    out = {}
+    for vo in model.graph.output:
+        t, act = vo.name, None
+        node = producer.get(t)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input and readers.get(node.input[0], 0) == 1:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in TERMINAL_ACTIVATIONS and node.input and node.input[0]:
+            t, act = node.input[0], node.op_type
+        out[vo.name] = (t, act)
+    return out
+
+
+def with_logit_outputs(model: ModelProto) -> tuple:
+    """(model, {graph output: measured tensor}): a copy of ``model`` that also outputs the logits
+    of each terminal activation (see :func:`logit_tensors`); ``model`` itself when it has none."""
+    found = logit_tensors(model)
+    extra = [t for name, (t, _) in found.items() if t != name]
+    mapping = {name: t for name, (t, _) in found.items()}
+    if not extra:
+        return model, mapping
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for t in dict.fromkeys(extra):
+        if t not in known:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(t))
+    return probe, mapping
+
+
+# ------------------------------------------------------------------------------ the numbers
+@dataclass
+class OutputError:
+    """The error of one graph output (measured on its logits when it has a terminal activation)."""
+
+    name: str
+    measured: str                       # the tensor compared (the logits, or the output itself)
+    activation: Optional[str] = None    # Softmax / LogSoftmax / Sigmoid, when the logits were measured
+    classifier: bool = False
+    samples: int = 0
+    top1_agreement: Optional[float] = None   # fraction, classifier outputs only
+    kl: Optional[float] = None               # nats per sample, classifier outputs only
+    cosine: float = 1.0
+    sqnr_db: float = math.inf
+    rel_error: float = 0.0
+
+    @property
+    def agreement_loss(self) -> Optional[float]:
+        """Top-1 agreement points lost (100 * (1 - agreement)); None for non-classifier outputs."""
+        return None if self.top1_agreement is None else 100.0 * (1.0 - self.top1_agreement)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "measured": self.measured, "activation": self.activation, "classifier": self.classifier,
+                "samples": self.samples, "top1_agreement": self.top1_agreement, "agreement_loss_pts": self.agreement_loss,
+                "kl": self.kl, "cosine": self.cosine, "sqnr_db": self.sqnr_db, "rel_error": self.rel_error}
+
+
+@dataclass
+class Budget:
+    """What ``fallback=auto`` must reach (see the module doc)."""
+
+    max_agreement_loss: float = 1.0   # top-1 agreement points, classifier outputs (inf = unconstrained)
+    max_rel_error: float = 0.0        # relative L2 error of every output's logits; 0 = unconstrained
+
+    def describe(self) -> str:
+        parts = []
+        if math.isfinite(self.max_agreement_loss):
+            parts.append(f"<= {self.max_agreement_loss:g} pt top-1 agreement lost")
+        if self.max_rel_error > 0:
+            parts.append(f"relative error <= {self.max_rel_error:g}")
+        return ", ".join(parts) or "none"
+
+
+@dataclass
+class TaskError:
+    """The task-aware error of a candidate, one :class:`OutputError` per graph output."""
+
+    outputs: list = field(default_factory=list)
+
+    @property
+    def classifier(self) -> bool:
+        return any(o.classifier for o in self.outputs)
+
+    @property
+    def agreement_loss(self) -> Optional[float]:
+        """The worst classifier output's lost agreement points (None without classifier outputs)."""
+        losses = [o.agreement_loss for o in self.outputs if o.agreement_loss is not None]
+        return max(losses) if losses else None
+
+    @property
+    def rel_error(self) -> float:
+        return max((o.rel_error for o in self.outputs), default=0.0)
+
+    def objective(self) -> float:
+        """A smooth figure to minimise: KL for classifier outputs, |r-c|^2/|r|^2 for the others, summed."""
+        total = 0.0
+        for o in self.outputs:
+            total += o.kl if o.classifier and o.kl is not None else o.rel_error ** 2
+        return total
+
+    def within(self, budget: Budget) -> bool:
+        for o in self.outputs:
+            if o.classifier and o.agreement_loss > budget.max_agreement_loss + 1e-9:
+                return False
+            if budget.max_rel_error > 0 and o.rel_error > budget.max_rel_error:
+                return False
+        return True
+
+    def summary(self) -> str:
+        """One line for the console, e.g. ``top-1 agreement 99.2 % (KL 0.004); boxes SQNR 24.1 dB``."""
+        parts = []
+        for o in self.outputs:
+            where = f"{o.name}" + (f" (logits before {o.activation})" if o.activation else "")
+            if o.classifier:
+                parts.append(f"{where}: top-1 agreement {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB")
+            else:
+                parts.append(f"{where}: SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}")
+        return "; ".join(parts) if parts else "(no outputs)"
+
+    def to_dict(self) -> dict:
+        return {"agreement_loss_pts": self.agreement_loss, "objective": self.objective(),
+                "outputs": [o.to_dict() for o in self.outputs]}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+class Accumulator:
+    """Streams batches of (reference, candidate) measured outputs into a :class:`TaskError`.
+
+    Running sums only (nothing per sample is kept), so any number of samples fits."""
+
+    def __init__(self, names: list, measured: Optional[dict] = None, activations: Optional[dict] = None):
+        self.names = list(names)
+        self.measured = measured or {n: n for n in self.names}
+        self.activations = activations or {}
+        self.s = {n: dict(rr=0.0, ee=0.0, cc=0.0, dot=0.0, n=0, agree=0, kl=0.0, cls=None) for n in self.names}
+
+    def update(self, ref: list, cand: list) -> None:
+        """``ref`` and ``cand``: one array per name, in the order of ``names``."""
+        for name, r, c in zip(self.names, ref, cand):
+            st = self.s[name]
+            r64 = np.asarray(r, np.float64)
+            c64 = np.asarray(c, np.float64)
+            if r64.shape != c64.shape:
+                raise OnnxoptError(f"output '{name}' has shape {list(r64.shape)} in the reference but {list(c64.shape)} in the candidate.",
+                                   "the two models are not comparable on this output")
+            # a non-finite candidate value is an infinite error, not a NaN that compares false
+            c64 = np.where(np.isfinite(c64), c64, np.where(np.isfinite(r64), np.inf, r64))
+            d = c64 - r64
+            d = np.where(np.isnan(d), 0.0, d)
+            st["rr"] += float(np.vdot(np.nan_to_num(r64), np.nan_to_num(r64)))
+            st["ee"] += float(np.vdot(d, d))
+            cf = np.nan_to_num(c64, posinf=0.0, neginf=0.0)
+            st["cc"] += float(np.vdot(cf, cf))
+            st["dot"] += float(np.vdot(np.nan_to_num(r64), cf))
+            cls = r64.ndim == 2 and r64.shape[1] > 1
+            st["cls"] = cls if st["cls"] is None else (st["cls"] and cls)
+            n = int(r64.shape[0]) if r64.ndim else 1
+            st["n"] += n
+            if cls:
+                st["agree"] += int(np.count_nonzero(np.argmax(r64, axis=1) == np.argmax(c64, axis=1)))
+                if np.isfinite(c64).all():
+                    lp, lq = _log_softmax(r64), _log_softmax(c64)
+                    st["kl"] += float(np.sum(np.exp(lp) * (lp - lq)))
+                else:
+                    st["kl"] = math.inf
+
+    def result(self) -> TaskError:
+        outs = []
+        for name in self.names:
+            st = self.s[name]
+            rr, ee, cc = st["rr"], st["ee"], st["cc"]
+            if not math.isfinite(ee):  # a non-finite candidate value
+                rel, sqnr = math.inf, -math.inf
+            else:
+                rel = math.sqrt(ee / rr) if rr > 0 else (0.0 if ee == 0 else math.inf)
+                sqnr = math.inf if ee == 0 else (-math.inf if rr == 0 else 10.0 * math.log10(rr / ee))
+            norm = math.sqrt(rr * cc)
+            cos = st["dot"] / norm if norm > 0 else (1.0 if ee == 0 else 0.0)
+            cls = bool(st["cls"]) and st["n"] > 0
+            outs.append(OutputError(name=name, measured=self.measured.get(name, name), activation=self.activations.get(name),
+                                    classifier=cls, samples=st["n"],
+                                    top1_agreement=(st["agree"] / st["n"]) if cls else None,
+                                    kl=(st["kl"] / st["n"]) if cls else None, cosine=cos, sqnr_db=sqnr, rel_error=rel))
+        return TaskError(outs)
+
+
+def measure(ref: list, cand: list, names: Optional[list] = None) -> TaskError:
+    """The task error of ``cand`` against ``ref`` (lists of arrays, one per output, samples on axis 0)."""
+    names = names or [f"output_{i}" for i in range(len(ref))]
+    acc = Accumulator(names)
+    acc.update(ref, cand)
+    return acc.result()
+
+
+# ------------------------------------------------------------------------------ evaluation
+def _samples(feed: dict) -> int:
+    for v in feed.values():
+        a = np.asarray(v)
+        return int(a.shape[0]) if a.ndim else 1
+    return 1
+
+
+def _split(feed: dict, n: int) -> dict:
+    return {k: (np.asarray(v)[:n] if np.asarray(v).ndim else v) for k, v in feed.items()}
+
+
+class Evaluator:
+    """Runs candidate models on fixed feeds and measures them against the float reference.
+
+    ``feeds``: a list of batches, or a callable yielding batches (read once, up to ``limit``
+    samples and ``max_mb`` of feeds plus reference outputs). ``session`` builds an onnxruntime
+    session from a model (default: every graph optimization off, the verification oracle)."""
+
+    def __init__(self, reference: ModelProto, feeds, limit: int = 256, max_mb: float = 160.0,
+                 session: Optional[Callable] = None):
+        self._session = session or (lambda m: runtime.session(m, optimize=False))
+        ref_model, self.mapping = with_logit_outputs(reference)
+        found = logit_tensors(reference)
+        self.activations = {k: a for k, (_, a) in found.items() if a}
+        self.names = [o.name for o in reference.graph.output]
+        sess = self._session(ref_model)
+        self.feeds, self.ref = [], []
+        used, count = 0, 0
+        source = feeds() if callable(feeds) else feeds
+        for feed in source:
+            if count >= limit:
+                break
+            b = _samples(feed)
+            if count + b > limit:
+                feed, b = _split(feed, limit - count), limit - count
+            outs = sess.run([self.mapping[n] for n in self.names], feed)
+            size = sum(np.asarray(v).nbytes for v in feed.values()) + sum(o.nbytes for o in outs)
+            if self.feeds and (used + size) / 2**20 > max_mb:
+                break
+            self.feeds.append(feed)
+            self.ref.append(outs)
+            used += size
+            count += b
+        if not self.feeds:
+            raise DataError("the data yielded no samples.", "check --calib-data")
+        self.samples = count
+
+    def outputs(self, model: ModelProto, samples: Optional[int] = None) -> Iterable[list]:
+        """The candidate's measured outputs, batch by batch (the first ``samples`` samples only, when given)."""
+        cand, mapping = with_logit_outputs(model)
+        sess = self._session(cand)
+        fetch = [mapping.get(n, n) for n in self.names]
+        seen = 0
+        for feed in self.feeds:
+            if samples is not None and seen >= samples:
+                return
+            seen += _samples(feed)
+            yield sess.run(fetch, feed)
+
+    def error(self, model: ModelProto, samples: Optional[int] = None) -> TaskError:
+        """The task error of ``model`` on the evaluation feeds (the first ``samples`` samples when given,
+        rounded up to whole batches)."""
+        acc = Accumulator(self.names, self.mapping, self.activations)
+        for ref, cand in zip(self.ref, self.outputs(model, samples)):
+            acc.update(ref, cand)
+        return acc.result()
+
+
+class HeldIn:
+    """Calibration data that keeps its first samples while it streams (the held-in samples).
+
+    The qdq pass reads the data once to calibrate; the calibration search and ``fallback=auto``
+    then measure on the same samples. Up to ``limit`` samples and ``max_mb`` are kept; when the
+    whole data fit, calling this object replays them without reading the data again, otherwise
+    it reads the data again. Every other attribute (``spec``, ``count`` ...) is the source's."""
+
+    def __init__(self, source, limit: int = 256, max_mb: float = 160.0):
+        self._source = source
+        self.limit, self.max_bytes = int(limit), float(max_mb) * 2**20
+        self.kept: list = []
+        self.complete = False
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+    def _read(self, batch_size=None):
+        src = self._source
+        if hasattr(src, "batches") and callable(getattr(src, "batches")):
+            return src.batches(batch_size)
+        return src()
+
+    def batches(self, batch_size=None):
+        if self.complete and batch_size is None:
+            yield from self.kept
+            return
+        kept, used, count, whole = [], 0, 0, True
+        for feed in self._read(batch_size):
+            if whole:
+                size = sum(np.asarray(v).nbytes for v in feed.values())
+                b = _samples(feed)
+                if count + b > self.limit or used + size > self.max_bytes:
+                    whole = False
+                else:
+                    kept.append(feed)
+                    used, count = used + size, count + b
+            yield feed
+        # only a read to the end tells that every sample was kept
+        self.kept, self.complete = (kept, True) if whole else (kept, False)
+
+    def __call__(self):
+        return self.batches()

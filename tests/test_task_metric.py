@@ -1,0 +1,132 @@
+"""The task-aware error metric (onnxopt.task_metric), calib_method=auto and the default fallback."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import se_models
+from helpers import make_model, rand
+from onnxopt import manager, task_metric
+from onnxopt.registry import PassContext
+
+
+def _classifier(softmax: bool = True, through_flatten: bool = True):
+    """x [N, 8] -> Gemm -> Softmax (-> Flatten): the output is probabilities, the logits inside."""
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["logits"], name="fc", transB=1)]
+    last = "logits"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", [last], ["prob"], name="sm", axis=1))
+        last = "prob"
+    if through_flatten:
+        nodes.append(helper.make_node("Flatten", [last], ["flat"], name="flat", axis=1))
+        last = "flat"
+    return make_model(nodes, [("x", ["N", 8])], [(last, ["N", 5])], [("w", rand(5, 8, seed=1)), ("b", rand(5, seed=2))])
+
+
+def test_logits_found_before_a_terminal_softmax():
+    m = _classifier()
+    assert task_metric.logit_tensors(m) == {"flat": ("logits", "Softmax")}
+    aug, mapping = task_metric.with_logit_outputs(m)
+    assert mapping == {"flat": "logits"} and [o.name for o in aug.graph.output] == ["flat", "logits"]
+    plain = _classifier(softmax=False, through_flatten=False)
+    assert task_metric.logit_tensors(plain) == {"logits": ("logits", None)}
+    assert task_metric.with_logit_outputs(plain)[0] is plain
+
+
+def test_agreement_kl_and_sqnr_by_hand():
+    ref = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    cand = ref.copy()
+    cand[1] = [0.0, 0.0, 1.0]  # one flipped top-1 of four
+    e = task_metric.measure([ref], [cand], ["y"])
+    o = e.outputs[0]
+    assert o.classifier and o.top1_agreement == 0.75 and math.isclose(o.agreement_loss, 25.0)
+    lp = ref[1] - np.log(np.exp(ref[1]).sum())
+    lq = cand[1] - np.log(np.exp(cand[1]).sum())
+    assert math.isclose(o.kl, float(np.sum(np.exp(lp) * (lp - lq))) / 4, rel_tol=1e-9)
+    err2 = float(np.sum((cand - ref) ** 2))
+    assert math.isclose(o.sqnr_db, 10 * math.log10(float(np.sum(ref ** 2)) / err2), rel_tol=1e-9)
+    assert not e.within(task_metric.Budget(max_agreement_loss=1.0)) and e.within(task_metric.Budget(max_agreement_loss=25.0))
+    # a detector-like output: no agreement, error figures only; a non-finite candidate is an infinite error
+    box = rand(1, 6, 4)
+    bad = box.copy()
+    bad[0, 0, 0] = np.inf
+    d = task_metric.measure([box], [bad], ["boxes"]).outputs[0]
+    assert not d.classifier and d.top1_agreement is None and d.rel_error == math.inf and d.sqnr_db == -math.inf
+
+
+def test_softmax_hides_what_the_logits_show():
+    """Logits shrunk 4x keep every top-1 but change the probabilities a lot; logits shifted by a
+    constant change nothing a classifier sees: the metric on the logits says both, the relative
+    error of the Softmax output does not."""
+    m = _classifier()
+    feeds = [{"x": rand(16, 8, seed=s, scale=3)} for s in range(3)]
+    ev = task_metric.Evaluator(m, feeds)
+    shrunk = _classifier()
+    for t in shrunk.graph.initializer:
+        t.CopyFrom(__import__("onnx").numpy_helper.from_array(__import__("onnx").numpy_helper.to_array(t) * 0.25, t.name))
+    e = ev.error(shrunk)
+    assert e.outputs[0].measured == "logits" and e.outputs[0].activation == "Softmax"
+    assert e.agreement_loss == 0.0 and e.outputs[0].kl > 0.01 and e.rel_error > 0.5
+    assert ev.error(_classifier()).objective() == 0.0
+
+
+def test_held_in_samples_replay_without_reading_again():
+    reads = []
+
+    def data():
+        for s in range(3):
+            reads.append(s)
+            yield {"x": rand(2, 8, seed=s)}
+
+    held = task_metric.HeldIn(data, limit=16)
+    assert len(list(held())) == 3 and held.complete and len(reads) == 3
+    assert len(list(held())) == 3 and len(reads) == 3          # replayed
+    small = task_metric.HeldIn(data, limit=3)                  # 6 samples do not fit in 3
+    list(small())
+    assert not small.complete and len(list(small())) == 3 and len(reads) == 9
+
+
+@pytest.fixture(scope="module")
+def se_case():
+    m = se_models.mobilenetv3_se(bad_scale=2.0)
+    return m, se_models.image_like_inputs(48)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_calib_auto_reports_each_tensor_and_beats_every_uniform_method(se_case, target):
+    m, feeds = se_case
+    logs = []
+    ctx = PassContext(data=lambda: iter(feeds), progress=False, log=logs.append)
+    _, report = manager.apply(m, "qdq", {"qdq": {"target": target, "fallback": "none"}}, context=ctx, summarize_layers=False)
+    rec = report.passes[0]
+    cal = rec.extra["info"]["calibration"]
+    placed = {a["tensor"] for a in rec.extra["info"]["activations"]}
+    assert cal["method"] == "auto" and set(cal["choices"]) == placed
+    assert set(cal["choices"].values()) <= {"minmax", "percentile", "entropy", "mse"}
+    # greedy from the best uniform method: never worse than any method used for every tensor
+    assert cal["objective_end"] <= min(cal["uniform_objective"].values())
+    assert any(line.startswith("calibration auto:") for line in logs)
+    assert rec.extra["check"]["violations"] == 0
+
+
+def test_default_fallback_meets_the_agreement_budget():
+    """4-bit weights lose many agreement points; the default fallback=auto keeps the fewest layers
+    in float that bring the loss within 1 point on the calibration samples, and says so."""
+    m, feeds = se_models.mobilenetv3_se(bad_scale=1.0), se_models.image_like_inputs(48)
+    logs = []
+    ctx = PassContext(data=lambda: iter(feeds), progress=False, log=logs.append)
+    q, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "weight_bits": 4, "calib_method": "minmax"}},
+                              context=ctx, summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    assert fb["agreement_loss_before"] > 1.0 and fb["met"] and fb["agreement_loss_after"] <= 1.0
+    info = report.passes[0].extra["info"]
+    assert 0 < len(fb["high_precision_layers"]) < len(info["layers"]) + len(info["activations"])
+    assert report.passes[0].extra["check"]["violations"] == 0
+    assert any(line.startswith(f"fallback: {len(fb['high_precision_layers'])} layer(s) kept") for line in logs)
+    # off with fallback=none
+    q2, r2 = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "weight_bits": 4, "calib_method": "minmax", "fallback": "none"}},
+                           context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+    assert "recovery" not in r2.passes[0].extra

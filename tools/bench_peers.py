@@ -1,0 +1,447 @@
+"""Side by side: onnxopt's qdq defaults against the peer ONNX quantizers, same models, data, split.
+
+    nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se] [--out results.json]
+        [--peers-root /tmp/i20peers] [--limit-eval N] [--skip-peers] [--skip-fixed]
+
+Every quantizer runs in its own process (peers in their own virtual environments, whose pins
+conflict: numpy 1.x for Neural Compressor, onnxruntime-gpu for ModelOpt), on the same float model
+and the same calibration samples, so wall time and peak RSS (``ru_maxrss`` of that process) are
+comparable; a peer that cannot run is reported with its error. Then, in this process, each output
+is measured with onnxruntime: top-1 on the held-out images (classifiers), top-1 agreement with
+fp32, box agreement with fp32 (YOLOX-nano), and int8/fp32 latency (1 thread, median).
+
+Models and splits (shared/ README):
+* ``effnet``  -- EfficientNet-Lite0, calibration every 5th of the 1000 ImageNet images (200), top-1
+  on the other 800;
+* ``resnet20``/``resnet56`` -- CIFAR-10 (cleanup,bnfuse first), 204 calibration / 813 evaluation;
+* ``yolox``   -- YOLOX-nano on the COCO photos, 20 calibration / 80 evaluation, box agreement;
+* ``se``      -- a HardSwish + squeeze-excite CNN trained here on scikit-learn's digits, whose
+  depthwise inputs have channel ranges spread over two decades (BN-folded-like rescaling that
+  leaves the float function unchanged): a model where all-int8 loses more than a point.
+
+Peer venvs (``--peers-root``, each ``<root>/<name>/bin/python``): ``nncf`` (pip nncf),
+``inc`` (pip onnx-neural-compressor prettytable), ``modelopt`` (pip "nvidia-modelopt[onnx]");
+onnxruntime ``quantize_static`` runs in this interpreter.
+
+Leave-one-model-out: for each model, the fixed calibration method a fixed default would have been
+chosen as, from the *other* models' mean accuracy, is reported next to ``auto``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+if not SHARED.exists():
+    SHARED = Path("/work/shared")
+CACHE = Path(os.environ.get("ONNXOPT_BENCH_CACHE", tempfile.gettempdir())) / "onnxopt_bench_peers"
+FIXED = ("minmax", "percentile", "entropy", "mse")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- worker side
+def _load_calib(path):
+    z = np.load(path)
+    names = list(z.files)
+    n = z[names[0]].shape[0]
+    return [{k: z[k][i:i + 1] for k in names} for i in range(n)], z
+
+
+def worker(args):
+    """Quantize ``args.model`` with one peer configuration; write the model and a JSON line."""
+    t0 = time.perf_counter()
+    feeds, z = _load_calib(args.calib)
+    peer, cfg = args.worker, args.config
+    if peer == "ort":
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(feeds)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        meth = {"MinMax": CalibrationMethod.MinMax, "Entropy": CalibrationMethod.Entropy,
+                "Percentile": CalibrationMethod.Percentile}[cfg]
+        quantize_static(args.model, args.out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=meth)
+    elif peer == "nncf":
+        import nncf
+        import onnx
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+        model = onnx.load(args.model)
+        kw = {}
+        if cfg == "no_bias_correction":
+            kw["advanced_parameters"] = AdvancedQuantizationParameters(disable_bias_correction=True)
+        elif cfg == "full_bias_correction":
+            kw["fast_bias_correction"] = False
+        q = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), **kw)
+        onnx.save(q, args.out)
+    elif peer == "inc":
+        from onnx_neural_compressor.quantization import QuantFormat, config, quantize
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.rewind()
+
+            def get_next(self):
+                return next(self.it, None)
+
+            def rewind(self):
+                self.it = iter(feeds)
+
+        quantize(args.model, args.out, config.StaticQuantConfig(calibration_data_reader=Reader(), quant_format=QuantFormat.QDQ,
+                                                               per_channel=True))
+    elif peer == "modelopt":
+        if len(z.files) != 1:
+            raise SystemExit("modelopt: one input only in this benchmark")
+        npy = args.out + ".calib.npy"
+        np.save(npy, z[z.files[0]])
+        cmd = [sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", args.model, "--quantize_mode", "int8",
+               "--calibration_data_path", npy, "--calibration_eps", "cpu", "--high_precision_dtype", "fp32",
+               "--output_path", args.out]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.exists(args.out):
+            raise SystemExit("modelopt failed: " + (r.stderr or r.stdout).strip().splitlines()[-1][:300])
+    elif peer == "onnxopt":
+        import onnx
+
+        from onnxopt import manager
+        from onnxopt.registry import PassContext
+
+        opts = dict(kv.split("=", 1) for kv in cfg.split(",") if kv)
+        model = onnx.load(args.model)
+        logs = []
+        ctx = PassContext(data=lambda: iter(feeds), progress=False, log=logs.append)
+        q, report = manager.apply(model, ["qdq"], {"qdq": opts}, context=ctx, verify=False, summarize_layers=False)
+        onnx.save(q, args.out)
+        rec = report.passes[-1]
+        extra = {"check_violations": rec.extra["check"]["violations"], "log": [l for l in logs if l.startswith(("fallback", "calibration"))]}
+        fb = (rec.extra.get("recovery") or {}).get("fallback")
+        if fb:
+            extra["kept_high_precision"] = len(fb["high_precision_layers"])
+            extra["kept_layers"] = fb["high_precision_layers"]
+        cal = rec.extra["info"].get("calibration") or {}
+        if cal.get("counts"):
+            extra["calib_counts"] = cal["counts"]
+        Path(args.out + ".extra.json").write_text(json.dumps(extra))
+    else:
+        raise SystemExit(f"unknown peer {peer}")
+    # children (modelopt's CLI) count too
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": rss / 1024.0}))
+
+
+# ------------------------------------------------------------------------------- driver side
+def run_peer(python, peer, cfg, model_path, calib_path, out_path, timeout=1800):
+    cmd = ["nice", str(python), str(Path(__file__).resolve()), "--worker", peer, "--config", cfg, "--model", str(model_path),
+           "--calib", str(calib_path), "--out", str(out_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None, {"error": f"timed out after {timeout} s"}
+    if r.returncode != 0 or not Path(out_path).exists():
+        err = (r.stderr or r.stdout).strip().splitlines()
+        tail = [l for l in err if l.strip()][-1:] or ["(no output)"]
+        return None, {"error": tail[0][:300]}
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    extra_path = Path(str(out_path) + ".extra.json")
+    if extra_path.exists():
+        stats.update(json.loads(extra_path.read_text()))
+    return out_path, stats
+
+
+def session(path, threads=2):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def outputs(path, feeds):
+    s = session(path)
+    return [s.run(None, f)[0] for f in feeds]
+
+
+def latency_ms(path, feed, runs=30):
+    s = session(path, threads=1)
+    for _ in range(3):
+        s.run(None, feed)
+    t = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        s.run(None, feed)
+        t.append(time.perf_counter() - t0)
+    return float(np.median(t) * 1e3)
+
+
+def save_calib(feeds, path):
+    names = list(feeds[0])
+    np.savez(path, **{k: np.concatenate([f[k] for f in feeds]).astype(np.float32) for k in names})
+
+
+# --------------------------------------------------------------------------------- models
+def prepare(name):
+    """(float model path, calibration feeds, evaluation feeds, labels or None, kind)."""
+    import onnx
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_qdq as B
+
+    from onnxopt import manager, model_io
+    from onnxopt.data import open_data
+    from onnxopt.registry import PassContext
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if name == "effnet":
+        model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
+        img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
+        calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
+        ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, exclude_every=True)
+        cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), ev.labels(), "cls"
+    elif name in ("resnet20", "resnet56"):
+        src = model_io.load_model(SHARED / "models" / f"{name}_cifar10.onnx")
+        model, _ = manager.apply(src, "cleanup,bnfuse", context=PassContext(progress=False), summarize_layers=False)
+        img = dict(scale=1 / 255.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+        npz = str(SHARED / "data" / "cifar10_test_1017.npz")
+        calib, ev = open_data(npz, model, image=img, every=5), open_data(npz, model, image=img, every=5, exclude_every=True)
+        cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), ev.labels(), "cls"
+    elif name == "yolox":
+        model = model_io.load_model(SHARED / "models" / "yolox_nano.onnx")
+        img = dict(bgr=True, letterbox=114)
+        folder = str(SHARED / "data" / "coco100")
+        calib, ev = open_data(folder, model, image=img, every=5), open_data(folder, model, image=img, every=5, exclude_every=True)
+        cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), None, "det"
+    elif name == "se":
+        model, cf, ef, labels = se_digits()
+        kind = "cls"
+    else:
+        raise SystemExit(f"unknown model {name}")
+    path = CACHE / f"{name}.fp32.onnx"
+    onnx.save(model, path)
+    return path, cf, ef, labels, kind, B
+
+
+def se_digits(seed=0, spread=2.0):
+    """A HardSwish + squeeze-excite CNN (MobileNetV3-like, unfused BN) trained on scikit-learn's
+    digits (upsampled to 32x32), then rescaled per channel where the float function allows it
+    (expand Conv+BN -> ReLU -> depthwise: BN's gamma/beta times f_c, the depthwise filter of
+    channel c divided by f_c, f_c = 10^U(-spread/2, spread/2)) -- what folding BatchNorm with
+    widely different statistics produces, and what makes per-tensor depthwise inputs lose
+    accuracy. Split: 1197 train (of which every 6th, 200, calibrate), 600 test."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(seed)
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False)
+    x = (x - 0.5) / 0.5
+    y = torch.tensor(d.target)
+    xtr, ytr, xte, yte = x[:1197], y[:1197], x[1197:], y[1197:]
+
+    class Block(nn.Module):
+        def __init__(self, cin, mid, cout, stride):
+            super().__init__()
+            self.exp = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+            self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.Hardswish())
+            self.se1, self.se2 = nn.Conv2d(mid, mid // 4, 1), nn.Conv2d(mid // 4, mid, 1)
+            self.proj = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.res = stride == 1 and cin == cout
+
+        def forward(self, t):
+            h = self.dw(self.exp(t))
+            s = F.hardsigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(h, 1)))))
+            h = self.proj(h * s)
+            return h + t if self.res else h
+
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish(),
+                        Block(16, 48, 16, 1), Block(16, 64, 24, 2), Block(24, 72, 24, 1), Block(24, 96, 32, 2),
+                        nn.Conv2d(32, 128, 1), nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(25):
+        net.train()
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), 64):
+            idx = perm[i:i + 64]
+            xb = xtr[idx] + 0.1 * torch.randn(len(idx), 1, 32, 32, generator=g)
+            loss = F.cross_entropy(net(xb), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, Block):
+                bn, dw = m.exp[1], m.dw[0]
+                f = torch.tensor(10.0 ** rng.uniform(-spread / 2, spread / 2, bn.num_features), dtype=torch.float32)
+                bn.weight.mul_(f)
+                bn.bias.mul_(f)
+                dw.weight.div_(f[:, None, None, None])
+    with torch.no_grad():
+        acc = float((net(xte).argmax(1) == yte).float().mean())
+    log(f"se-digits: float test accuracy {100 * acc:.2f} %")
+    import io
+
+    import onnx
+
+    buf = io.BytesIO()
+    torch.onnx.export(net, xtr[:1], buf, input_names=["input"], output_names=["logits"], opset_version=17,
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    calib = [{"input": xtr[i:i + 1].numpy()} for i in range(0, 1197, 6)][:200]
+    evalf = [{"input": xte[i:i + 1].numpy()} for i in range(len(xte))]
+    return model, calib, evalf, yte.numpy()
+
+
+# ---------------------------------------------------------------------------------- run
+def configs(skip_peers, skip_fixed, root):
+    me = sys.executable
+    rows = [("onnxopt", "target=ort", me, "onnxopt --target ort (defaults)"),
+            ("onnxopt", "target=tensorrt", me, "onnxopt --target tensorrt (defaults)"),
+            ("onnxopt", "target=ort,fallback=none", me, "onnxopt ort auto, no fallback"),
+            ("onnxopt", "target=tensorrt,fallback=none", me, "onnxopt tensorrt auto, no fallback")]
+    if not skip_fixed:
+        for t in ("ort", "tensorrt"):
+            for m in FIXED:
+                rows.append(("onnxopt", f"target={t},calib_method={m},fallback=none", me, f"onnxopt {t} {m}, no fallback"))
+    if not skip_peers:
+        for m in ("MinMax", "Entropy", "Percentile"):
+            rows.append(("ort", m, me, f"ort quantize_static {m}"))
+        for cfg, label in (("default", "nncf defaults (fast bias correction)"), ("no_bias_correction", "nncf no bias correction"),
+                           ("full_bias_correction", "nncf full bias correction")):
+            rows.append(("nncf", cfg, Path(root) / "nncf/bin/python", label))
+        rows.append(("inc", "static", Path(root) / "inc/bin/python", "neural-compressor static QDQ per-channel"))
+        rows.append(("modelopt", "int8", Path(root) / "modelopt/bin/python", "modelopt int8 (fp32 high precision)"))
+    return rows
+
+
+def evaluate(B, path, kind, ef, labels, ref_outs, fp32_path):
+    outs = outputs(path, ef)
+    row = {}
+    if kind == "cls":
+        pred = np.array([int(np.argmax(o)) for o in outs])
+        ref = np.array([int(np.argmax(o)) for o in ref_outs])
+        row["top1"] = 100.0 * float(np.mean(pred == labels))
+        row["agreement"] = 100.0 * float(np.mean(pred == ref))
+    else:
+        row.update(B.box_agreement(ref_outs, outs))
+    return row
+
+
+def run_model(name, args, results):
+    path, cf, ef, labels, kind, B = prepare(name)
+    if args.limit_eval:
+        ef = ef[:args.limit_eval]
+        labels = None if labels is None else labels[:args.limit_eval]
+    calib_path = CACHE / f"{name}.calib.npz"
+    save_calib(cf, calib_path)
+    ref_outs = outputs(path, ef)
+    lat_fp32 = latency_ms(path, ef[0])
+    rows = []
+    base = evaluate(B, path, kind, ef, labels, ref_outs, path)
+    rows.append({"model": name, "config": "fp32", **base, "latency_ms": lat_fp32})
+    log(json.dumps(rows[-1]))
+    wanted = args.configs.split(";") if args.configs else None
+    for peer, cfg, python, label in configs(args.skip_peers, args.skip_fixed, args.peers_root):
+        if wanted and label not in wanted and cfg not in wanted:
+            continue
+        out = CACHE / f"{name}.{peer}.{cfg.replace(',', '_').replace('=', '-')}.onnx"
+        if not Path(python).exists():
+            rows.append({"model": name, "config": label, "error": f"no venv at {python}"})
+            log(json.dumps(rows[-1]))
+            continue
+        q, stats = run_peer(python, peer, cfg, path, calib_path, out)
+        row = {"model": name, "config": label, **stats}
+        if q is not None:
+            try:
+                row.update(evaluate(B, q, kind, ef, labels, ref_outs, path))
+                row["latency_ratio"] = latency_ms(q, ef[0]) / lat_fp32
+                if peer != "onnxopt":
+                    import onnx
+                    from onnxopt.quant import check as qcheck
+                    qm = onnx.load(q)
+                    row["check_tensorrt"] = len(qcheck.check_model(qm, "tensorrt"))
+            except Exception as exc:  # a peer's output onnxruntime cannot run
+                row["error"] = f"evaluation failed: {str(exc).strip().splitlines()[0][:200]}"
+        rows.append(row)
+        log(json.dumps({k: v for k, v in row.items() if k not in ("kept_layers", "log")}))
+    results[name] = rows
+
+
+def lomo(results):
+    """Leave-one-model-out choice of a fixed calibration method per target, vs auto."""
+    out = []
+    metric = lambda r: r.get("top1", r.get("mean_iou_all", 0) * 100) if "error" not in r else None  # noqa: E731
+    for target in ("ort", "tensorrt"):
+        table = {}
+        for name, rows in results.items():
+            for m in FIXED:
+                r = next((r for r in rows if r["config"] == f"onnxopt {target} {m}, no fallback"), None)
+                if r is not None and metric(r) is not None:
+                    table.setdefault(name, {})[m] = metric(r)
+        for name in table:
+            others = [n for n in table if n != name and len(table[n]) == len(FIXED)]
+            if not others or len(table[name]) != len(FIXED):
+                continue
+            choice = max(FIXED, key=lambda m: np.mean([table[n][m] for n in others]))
+            auto = next((r for r in results[name] if r["config"] == f"onnxopt {target} auto, no fallback"), None)
+            out.append({"target": target, "model": name, "lomo_method": choice, "lomo_value": table[name][choice],
+                        "best_fixed": max(table[name].values()), "auto": metric(auto) if auto else None})
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker")
+    ap.add_argument("--config", default="")
+    ap.add_argument("--model")
+    ap.add_argument("--calib")
+    ap.add_argument("--out")
+    ap.add_argument("--models", default="effnet,resnet20,resnet56,yolox,se")
+    ap.add_argument("--peers-root", default="/tmp/i20peers")
+    ap.add_argument("--limit-eval", type=int, default=0)
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--skip-fixed", action="store_true")
+    ap.add_argument("--configs", default="", help="only these configurations (labels or config strings, ';'-separated)")
+    ap.add_argument("--results", default=str(CACHE / "results.json"))
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    results = {}
+    if Path(args.results).exists():
+        results = json.loads(Path(args.results).read_text())
+    for name in args.models.split(","):
+        run_model(name, args, results)
+        results["lomo"] = lomo({k: v for k, v in results.items() if k != "lomo"})
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(results, indent=1, default=str))
+    print(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
