@@ -53,7 +53,9 @@ def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tens
     if wbits in ("ternary", "binary"):
         mode, wbits = wbits, 2
     options = {"target": target, "weight_bits": int(wbits), "activation_bits": int(abits), "per_channel": per_channel,
-               "symmetric": symmetric, "low_bit": low_bit}
+               "symmetric": symmetric, "low_bit": low_bit,
+               # QAT trains every layer quantized: no layer is put back in float before training
+               "fallback": "none"}
     options.update(extra_options or {})
     ctx = PassContext(data=calib_data, log=log)
     qmodel, report = manager.apply(model, ["qdq"], {"qdq": options}, verify=False, context=ctx)
