@@ -303,7 +303,8 @@ def test_learned_rounding_with_asymmetric_weights(se_setup, rounding):
     from onnxopt.quant import check as qcheck
 
     m, calib, ev = se_setup
-    base = {"target": "ort", "weight_bits": 4, "calib_method": "minmax", "weight_symmetric": False}
+    # fallback=none: every layer keeps its stored integer weights in both models (compared below)
+    base = {"target": "ort", "weight_bits": 4, "calib_method": "minmax", "weight_symmetric": False, "fallback": "none"}
     near, _ = onnxopt.apply(m, "qdq", {"qdq": base}, context=PassContext(data=lambda: iter(calib)), verify=False)
     out, _ = onnxopt.apply(m, "qdq", {"qdq": {**base, "rounding": rounding, "adaround_iters": 60}},
                            context=PassContext(data=lambda: iter(calib[:16] if rounding == "brecq" else calib)), verify=False)
