@@ -263,6 +263,8 @@ def apply(
     source = str(model) if not isinstance(model, ModelProto) else None
     current = model_io.load_model(model)
     ctx = context or PassContext()
+    for name in names:  # every option and input of the chain is checked before the first pass runs
+        resolved[name].validate(current, ctx)
     report = Report(source=source)
     t_chain = time.perf_counter()
     before_stats = stats.summarize(current) if summarize_layers else {"ops": stats.op_histogram(current)}

@@ -136,6 +136,13 @@ class PassOptions:
             values.setdefault(where, {})[key] = opt.convert(pass_name, value)
         return _construct(cls, (), values)
 
+    def validate(self, model: onnx.ModelProto, ctx: "PassContext") -> None:
+        """Raise OptionError/DataError for values the types cannot rule out (ranges, options
+        that need each other, data the pass needs). The manager calls it for every pass of a
+        chain before the first pass runs, so a bad option of the last pass costs no minutes of
+        the first; the pass calls it too, for callers that run it alone. ``model`` is the
+        chain's input. Default: nothing to check."""
+
     def to_dict(self) -> dict:
         """``{option: value}`` over all groups (JSON-able: what reports and metadata record)."""
         out = {}

@@ -92,6 +92,11 @@ class CleanupOptions(PassOptions):
                              "Conv/AveragePool/MaxPool.")
     lift_constants: bool = option(True, "Turn Constant nodes into initializers.")
 
+    def validate(self, model, ctx) -> None:
+        if self.max_fold_elements < 0:
+            raise OptionError(f"cleanup.max_fold_elements must be 0 or more, got {self.max_fold_elements}.",
+                              "give the largest number of elements a folded constant may have, e.g. 1048576")
+
 
 @register_pass(
     "cleanup",
@@ -101,9 +106,7 @@ class CleanupOptions(PassOptions):
 )
 def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -> PassResult:
     """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
-    if options.max_fold_elements < 0:
-        raise OptionError(f"cleanup.max_fold_elements must be 0 or more, got {options.max_fold_elements}.",
-                          "give the largest number of elements a folded constant may have, e.g. 1048576")
+    options.validate(model, ctx)
     state = _State(options, opset_of(model))
     state.overridable = overridable_inputs(model)
     state.changes["unused_initializers_removed"] = _count_unused_initializers(model)

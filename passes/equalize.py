@@ -450,6 +450,13 @@ class EqualizeOptions(PassOptions):
                               "pre-activations stay above the observed per-channel minimum)", ("none", "data"))
     absorb_margin: float = option(0.0, "absorb_bias=data: absorb only min - margin*|min| of each channel (safety margin)")
 
+    def validate(self, model, ctx) -> None:
+        if self.iterations < 1:
+            raise OptionError("equalize.iterations must be at least 1.", "e.g. --set equalize.iterations=50")
+        if self.absorb_bias == "data" and ctx.data is None:
+            raise DataError("equalize.absorb_bias=data needs data to measure pre-activation minima.",
+                            "give --data (the calibration images), or use equalize.absorb_bias=none")
+
 
 @register_pass(
     "equalize",
@@ -460,11 +467,7 @@ class EqualizeOptions(PassOptions):
 def equalize_pass(model: onnx.ModelProto, options: EqualizeOptions, ctx) -> PassResult:
     """Cross-layer equalization (Nagel et al. 2019): per-channel rescaling of consecutive layers
     through positively homogeneous ops, exact in float; see the module docstring for the math."""
-    if options.iterations < 1:
-        raise OptionError("equalize.iterations must be at least 1.", "e.g. --set equalize.iterations=50")
-    if options.absorb_bias == "data" and ctx.data is None:
-        raise DataError("equalize.absorb_bias=data needs data to measure pre-activation minima.",
-                        "give --data (the calibration images), or use equalize.absorb_bias=none")
+    options.validate(model, ctx)
     opset = opset_of(model)
     graph = import_graph(infer_shapes(model)[0])  # only for ranks: without shapes fewer pairs qualify
     eq = _Equalizer(graph, opset, options.clip)

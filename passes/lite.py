@@ -550,6 +550,11 @@ class LiteOptions(PassOptions):
     max_error: float = option(0.0, "skip an approximate rule whose own output change (relative L2 error of the outputs, measured "
                               "on the data in hand against the input model) exceeds this, e.g. 0.1; 0 = no budget")
 
+    def validate(self, model, ctx) -> None:
+        if self.max_error < 0:
+            raise OptionError(f"lite.max_error must be 0 (no budget) or more, got {self.max_error}.", "e.g. --set lite.max_error=0.1")
+        _select(rule_table(self.rules_module), self.rules, self.disable)  # unknown rules, a bad rules module
+
 
 def options_with(**given) -> LiteOptions:
     """The lite options with defaults, ``given`` converted and validated as the CLI would."""
@@ -570,8 +575,7 @@ def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> Pass
     leakyrelu_to_relu, prelu_to_relu*, hardsigmoid_to_relu (approximate; hardsigmoid_to_relu
     changes the output range from [0,1] to [0,inf), as TI's does).
     """
-    if options.max_error < 0:
-        raise OptionError(f"lite.max_error must be 0 (no budget) or more, got {options.max_error}.", "e.g. --set lite.max_error=0.1")
+    options.validate(model, ctx)
     result = run_lite(model, options, ctx)
     if options.max_error > 0:
         result = _within_budget(model, options, ctx, result)

@@ -127,6 +127,19 @@ class PruneOptions(PassOptions):
     latency_runs: int = option(20, "onnxruntime CPU runs for the latency before/after (median; 0 = skip)")
     eval_batches: int = option(4, "batches of the data used to measure the output error after pruning")
 
+    def validate(self, model, ctx) -> None:
+        if not 0.0 <= float(self.ratio) < 1.0:
+            raise OptionError(f"prune.ratio must be in [0, 1), got {self.ratio}.", "e.g. --set prune.ratio=0.3 removes 30% of the MACs")
+        if self.target_macs is not None and not 0.0 < float(self.target_macs) <= 1.0:
+            raise OptionError(f"prune.target_macs must be in (0, 1], got {self.target_macs}.", "e.g. --set prune.target_macs=0.7 keeps 70% of the MACs")
+        if not 0.0 <= self.max_layer_ratio <= 1.0:
+            raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {self.max_layer_ratio}.", "e.g. 0.8")
+        if self.round_to < 1 or self.min_channels < 0:
+            raise OptionError("prune.round_to must be >= 1 and prune.min_channels >= 0.", "e.g. --set prune.round_to=8")
+        if self.importance == "file" and not self.scores:
+            raise OptionError("prune.importance=file needs prune.scores=FILE.json.", "give a JSON file {layer name: [scores]}")
+        _compile(self.protect)
+
 
 @register_pass(
     "prune",
@@ -136,21 +149,12 @@ class PruneOptions(PassOptions):
 )
 def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassResult:
     """Structured channel pruning; see the module docstring."""
+    options.validate(model, ctx)
     ratio = float(options.ratio)
-    if not 0.0 <= ratio < 1.0:
-        raise OptionError(f"prune.ratio must be in [0, 1), got {ratio}.", "e.g. --set prune.ratio=0.3 removes 30% of the MACs")
     target = options.target_macs
-    if target is not None and not 0.0 < float(target) <= 1.0:
-        raise OptionError(f"prune.target_macs must be in (0, 1], got {target}.", "e.g. --set prune.target_macs=0.7 keeps 70% of the MACs")
     if target is None and options.ratio_of == "macs":
         target = 1.0 - ratio
-    if not 0.0 <= options.max_layer_ratio <= 1.0:
-        raise OptionError(f"prune.max_layer_ratio must be in [0, 1], got {options.max_layer_ratio}.", "e.g. 0.8")
-    if options.round_to < 1 or options.min_channels < 0:
-        raise OptionError("prune.round_to must be >= 1 and prune.min_channels >= 0.", "e.g. --set prune.round_to=8")
     importance = "file" if options.scores else options.importance
-    if importance == "file" and not options.scores:
-        raise OptionError("prune.importance=file needs prune.scores=FILE.json.", "give a JSON file {layer name: [scores]}")
     patterns = _compile(options.protect)
     compensate = options.compensate
     if compensate == "auto":

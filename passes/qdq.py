@@ -162,6 +162,7 @@ def qdq(model, options: QdqOptions, ctx):
     found = quantized_ops(model)
     if found:  # a QAT export or a model quantized before: leave it as it is, and say so
         return PassResult(model, skipped=[already_quantized_message(found) + "; give the float model to quantize"])
+    options.validate(model, ctx)
     data, warns = _calibration_data(options.calibration, ctx)
     bn_warning = _unfolded_bn_warning(model, options.target)
     if bn_warning:

@@ -50,6 +50,13 @@ class SparsifyOptions(PassOptions):
     protect: list = option([], "layers left dense: node, output or weight names or regexes (full match)")
     eval_batches: int = option(4, "batches of the data used to measure the output error")
 
+    def validate(self, model, ctx) -> None:
+        if self.method == "nm":
+            _parse_nm(self.nm)
+        if self.method == "unstructured" and not 0.0 <= float(self.ratio) <= 1.0:
+            raise OptionError(f"sparsify.ratio must be in [0, 1], got {self.ratio}.", "e.g. --set sparsify.ratio=0.5")
+        _protect_patterns(self.protect)
+
 
 @register_pass(
     "sparsify",
@@ -59,18 +66,12 @@ class SparsifyOptions(PassOptions):
 )
 def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> PassResult:
     """N:M or unstructured magnitude sparsity; see the module docstring."""
+    options.validate(model, ctx)
     method = options.method
     n, m = _parse_nm(options.nm) if method == "nm" else (0, 0)
     keep_n = (n if options.nm_convention == "keep" else m - n) if method == "nm" else 0
     ratio = float(options.ratio)
-    if method == "unstructured" and not 0.0 <= ratio <= 1.0:
-        raise OptionError(f"sparsify.ratio must be in [0, 1], got {ratio}.", "e.g. --set sparsify.ratio=0.5")
-    patterns = []
-    for item in options.protect:
-        try:
-            patterns.append(re.compile(item))
-        except re.error as exc:
-            raise OptionError(f"sparsify.protect entry '{item}' is not a valid regex: {exc}", "escape special characters") from None
+    patterns = _protect_patterns(options.protect)
 
     graph = import_graph(model)
     inputs = {i.name for i in model.graph.input}
@@ -227,3 +228,13 @@ def _error(before: ModelProto, after: ModelProto, ctx: PassContext, batches: int
         e = runtime.output_error(runtime.run(s_ref, feed), runtime.run(s_new, feed))
         err["max_abs"], err["max_rel"] = max(err["max_abs"], e["max_abs"]), max(err["max_rel"], e["max_rel"])
     return err
+
+
+def _protect_patterns(items: list) -> list:
+    patterns = []
+    for item in items:
+        try:
+            patterns.append(re.compile(item))
+        except re.error as exc:
+            raise OptionError(f"sparsify.protect entry '{item}' is not a valid regex: {exc}", "escape special characters") from None
+    return patterns

@@ -160,3 +160,20 @@ def test_prune_and_qdq_summary_lines(tmp_path, cnn):
     assert any("check --target tensorrt: clean" in l for l in lines), r.output
     assert sum("output change cosine" in l for l in lines) == 2  # prune and qdq measured, bnfuse verified
     assert any("verified max|err|=" in l for l in lines)
+
+
+# ------------------------------------------------------- the whole chain checked before it runs
+@pytest.mark.parametrize("extra, words", [
+    (["--set", "qdq.weight_bits=9", "--calib-data", "DATA"], "qdq.weight_bits=9 is out of range"),
+    ([], "the qdq pass needs calibration data"),
+    (["--set", "prune.ratio=1.5", "--calib-data", "DATA"], "prune.ratio must be in [0, 1)"),
+    (["--set", "lite.disable=no_such_rule", "--calib-data", "DATA"], "unknown lite rule 'no_such_rule'"),
+])
+def test_a_later_pass_option_or_input_is_refused_before_the_first_pass_runs(tmp_path, cnn, extra, words):
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=x)
+    chain = "cleanup,bnfuse,prune,lite,qdq"
+    r = invoke("apply", chain, cnn, "-o", tmp_path / "out.onnx", *[str(tmp_path / "d.npz") if a == "DATA" else a for a in extra])
+    assert r.exit_code != 0 and words in r.output, r.output
+    assert "[1/5] cleanup" not in r.output and "Traceback" not in r.output  # nothing ran
+    assert not (tmp_path / "out.onnx").exists()

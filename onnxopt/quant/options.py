@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import DataError, OptionError
 from ..registry import PassOptions, option
-from .targets import TARGET_NAMES
+from .quantize import quantized_ops, validate_options
+from .targets import TARGET_NAMES, get_target
 
 
 @dataclass
@@ -108,3 +110,15 @@ class QdqOptions(PassOptions):
     placement: PlacementOptions = field(default_factory=PlacementOptions)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+
+    def validate(self, model, ctx) -> None:
+        if quantized_ops(model):  # left unchanged by the pass, with the reason: nothing to check
+            return
+        validate_options(self.to_dict(), get_target(self.target))
+        if self.calibration.calib_samples < 0:
+            raise OptionError(f"qdq.calib_samples must be 0 (all) or a positive count, got {self.calibration.calib_samples}.",
+                              "e.g. --set qdq.calib_samples=200")
+        if ctx.data is None:
+            raise DataError("the qdq pass needs calibration data, and none was given.",
+                            "give --calib-data (an image folder, .npy/.npz, or file.py:function); "
+                            "--calib-data random is accepted for smoke tests only")
