@@ -35,6 +35,7 @@ from onnx import ModelProto, helper
 from . import runtime
 from .errors import OnnxoptError
 from .input_dims import dim_role, real_inputs, shape_hint
+from .ir.proto import const_tensors, input_uses
 
 # Candidate sizes per dimension role, in the order tried; the first two that run are used.
 SPATIAL_SIZES = (64, 96, 128, 160, 224, 256, 320, 32, 416, 512, 640)
@@ -150,15 +151,6 @@ def _size_sets(groups: dict) -> list:
 
 
 # ------------------------------------------------------------------------------ integer values
-def _consumers(graph: onnx.GraphProto) -> dict:
-    cons: dict = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name:
-                cons.setdefault(name, []).append((node, i))
-    return cons
-
-
 def _index_uses(model: ModelProto, name: str, cons: dict) -> list:
     """[(node, slot)] where ``name``'s values (traced through value-preserving ops) are indices
     or lengths."""
@@ -182,16 +174,6 @@ def _attr(node, name, default):
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
-
-
-def _const_values(model: ModelProto) -> dict:
-    vals = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output:
-            for a in n.attribute:
-                if a.name == "value":
-                    vals[n.output[0]] = a.t
-    return vals
 
 
 def _value_rules(model: ModelProto, shapes: dict, concrete: dict, cons: dict, consts: dict) -> dict:
@@ -296,8 +278,8 @@ def plan_feeds(model: ModelProto, overrides: Optional[dict] = None, *, session=N
     for name, dtype in specs.items():
         if dtype.kind not in "fciub":
             raise NoFeedError(f"input '{name}' has dtype {dtype}, which onnxopt cannot generate", "give --data with real inputs")
-    cons = _consumers(model.graph)
-    consts = _const_values(model)
+    cons = input_uses(model.graph)
+    consts = const_tensors(model)
     if session is None:
         try:
             session = runtime.session(model, quiet=True)

@@ -34,6 +34,16 @@ def consumers(graph: GraphProto) -> dict:
     return readers
 
 
+def input_uses(graph: GraphProto) -> dict:
+    """{tensor name: [(node, input index) for every input slot reading it]}, in graph order."""
+    uses: dict = {}
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name:
+                uses.setdefault(name, []).append((n, i))
+    return uses
+
+
 def produced(graph: GraphProto) -> set:
     """Names of the tensors ``graph``'s nodes write."""
     return {o for n in graph.node for o in n.output if o}

@@ -31,7 +31,7 @@ import onnx
 from onnx import ModelProto, helper, numpy_helper
 
 from ..errors import OptionError
-from ..ir.proto import producers
+from ..ir.proto import input_uses, producers
 
 TARGETS = ("tensorrt", "ort", "tidl", "tidl-tda4vm")
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm"}
@@ -60,13 +60,10 @@ class _Model:
         self.inits = {t.name: t for t in g.initializer}
         self.const_nodes = {}
         self.producer = producers(g)
-        self.consumers: dict = {}  # tensor -> [(node, input index)]
+        self.consumers = input_uses(g)  # tensor -> [(node, input index)]
         for n in g.node:
             if n.op_type == "Constant" and n.output:
                 self.const_nodes[n.output[0]] = n
-            for i, name in enumerate(n.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((n, i))
         self.graph_outputs = {o.name for o in g.output}
         self.graph_inputs = {i.name for i in g.input if i.name not in self.inits}
         self.opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

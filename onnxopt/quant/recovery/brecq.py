@@ -209,11 +209,64 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
 
     t0 = time.perf_counter()
     cfg = config
-    harden_iters = max(10, cfg.iters // 10) if cfg.harden_iters is None else cfg.harden_iters
     gen = torch.Generator().manual_seed(cfg.seed)
     model = ModelProto()
     model.CopyFrom(view.qmodel)
     inits = {t.name: t for t in model.graph.initializer}
+    learnable, skipped = _learnable_layers(view, inits)
+    _init_weight_scales(view, learnable, inits)
+    if float_model is not None:
+        model, _ = empirical_bias_correction(float_model, model, view.info, data, BIAS_SAMPLES, log)
+        inits = {t.name: t for t in model.graph.initializer}
+    blocks = find_blocks(model, learnable, cfg.block_layers)
+    in_blocks = {n for _, _, names in blocks for n in names}
+    skipped += [f"{n}: after the last single-tensor cut (several graph outputs?): nearest rounding" for n in learnable if n not in in_blocks]
+    feeds = collect_feeds(data, cfg.max_samples)
+    samples = sum(feed_samples(f) for f in feeds)
+    ref = view.float_reference()
+    value_info = value_infos(infer_shapes(model)[0])   # the block models' input/output types, where known
+    value_info.update({v.name: v for v in list(model.graph.input) + list(model.graph.output)})
+    rows = []
+    for t_in, t_out, names in blocks:
+        tb = time.perf_counter()
+        try:
+            module = OnnxModule(_submodel(model, t_in, t_out, value_info), quant_mode="fixed", train_scales=False)
+        except OnnxoptError as exc:  # e.g. an If inside the block
+            module = f"cannot run in torch ({exc.message})"
+        if not isinstance(module, str):
+            xq, yf = _block_data(view, model, ref, feeds, t_in, t_out)
+            if xq.ndim == 0 or yf.ndim == 0 or xq.shape[0] != samples or yf.shape[0] != samples:
+                module = "does not keep the samples on axis 0 (a squeezed batch?)"  # the batches would mix samples
+        if isinstance(module, str):  # the block's layers keep nearest rounding
+            skipped.extend(f"{n}: its block {t_in} -> {t_out} {module}: nearest rounding" for n in names)
+            log(f"brecq block {t_in} -> {t_out}: skipped, {module}")
+            continue
+        block = _Block(torch, module, xq, yf, cfg, gen)
+        loss_start = block.loss()
+        for name in names:
+            if not block.add_layer(name, learnable[name], view.float_weight[name], inits):
+                skipped.append(f"{name}: its weight Q/DQ was not recognised by the torch converter")
+        if not block.soft:
+            continue
+        undecided, loss_soft = block.learn(model, learnable, loss_start)
+        loss_learned = block.loss()
+        keep = loss_learned < loss_start
+        if keep:
+            block.write(inits, learnable)
+        # undecided: the share of h(V) still between 0.01 and 0.99 when learning stops, rounded at
+        # 0.5 for the hard loss; the soft loss is what the relaxation reached before that
+        rows.append({"block": f"{t_in} -> {t_out}", "layers": list(block.soft), "loss_start": loss_start, "loss_soft": loss_soft,
+                     "loss_learned": loss_learned, "undecided": round(undecided, 3), "used": bool(keep), "batch": block.batch,
+                     "seconds": round(time.perf_counter() - tb, 1)})
+        log(f"brecq block {t_in} -> {t_out} ({len(block.soft)} layers): mse {loss_start:.4g} -> {loss_learned:.4g}"
+            f"{'' if keep else ' (kept the start)'} (soft {loss_soft:.4g}, {100 * undecided:.0f} % undecided, batch {block.batch}), "
+            f"{time.perf_counter() - tb:.1f} s")
+    return model, {"blocks": len(rows), "improved": sum(r["used"] for r in rows), "samples": samples, "iters": cfg.iters,
+                   "seconds": round(time.perf_counter() - t0, 2), "per_block": rows, "skipped": skipped}
+
+
+def _learnable_layers(view: QdqView, inits: dict) -> tuple:
+    """({layer: info entry} whose rounding can be learned, [reasons the others cannot])."""
     users: dict = {}
     for name, l in view.layers.items():
         users.setdefault(l["weight_q"], []).append(name)
@@ -226,7 +279,11 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
             skipped.append(f"{name}: weight storage {arr.dtype} / axis {l.get('axis')} is not handled")
         else:
             learnable[name] = l
-    # scale initialisation (weight-MSE clipping) and nearest rounding at that scale
+    return learnable, skipped
+
+
+def _init_weight_scales(view: QdqView, learnable: dict, inits: dict) -> None:
+    """Scale initialisation (weight-MSE clipping) and nearest rounding at that scale, in ``inits``."""
     for name, l in learnable.items():
         w = view.float_weight[name]
         old = numpy_helper.to_array(inits[l["weight_scale"]])
@@ -241,101 +298,93 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
         t = inits[l["weight_q"]]
         t.CopyFrom(numpy_helper.from_array(q.astype(numpy_helper.to_array(t).dtype), t.name))
 
-    if float_model is not None:
-        model, _ = empirical_bias_correction(float_model, model, view.info, data, BIAS_SAMPLES, log)
-        inits = {t.name: t for t in model.graph.initializer}
-    blocks = find_blocks(model, learnable, cfg.block_layers)
-    in_blocks = {n for _, _, names in blocks for n in names}
-    skipped += [f"{n}: after the last single-tensor cut (several graph outputs?): nearest rounding" for n in learnable if n not in in_blocks]
-    feeds = collect_feeds(data, cfg.max_samples)
-    samples = sum(feed_samples(f) for f in feeds)
-    ref = view.float_reference()
-    value_info = value_infos(infer_shapes(model)[0])   # the block models' input/output types, where known
-    value_info.update({v.name: v for v in list(model.graph.input) + list(model.graph.output)})
-    rows = []
-    graph_inputs = {i.name for i in model.graph.input}
-    for t_in, t_out, names in blocks:
-        tb = time.perf_counter()
 
-        def skip(reason: str) -> None:  # the block's layers keep nearest rounding
-            skipped.extend(f"{n}: its block {t_in} -> {t_out} {reason}: nearest rounding" for n in names)
-            log(f"brecq block {t_in} -> {t_out}: skipped, {reason}")
+def _block_data(view: QdqView, model: ModelProto, ref: ModelProto, feeds: list, t_in: str, t_out: str) -> tuple:
+    """(the block's input in the Q/DQ model as rounded so far, its output in the float reference), over ``feeds``."""
+    if t_in in {i.name for i in model.graph.input}:
+        xq = np.concatenate([f[t_in] for f in feeds])
+    else:
+        qview = QdqView(None, model, view.info).variant(fold_weights=True)
+        xq = _stack(fast_session(truncated(qview, [t_in])), feeds, t_in)
+    return xq, _stack(fast_session(truncated(ref, [t_out])), feeds, t_out)
 
-        try:
-            module = OnnxModule(_submodel(model, t_in, t_out, value_info), quant_mode="fixed", train_scales=False)
-        except OnnxoptError as exc:  # e.g. an If inside the block
-            skip(f"cannot run in torch ({exc.message})")
-            continue
-        if t_in in graph_inputs:
-            xq = np.concatenate([f[t_in] for f in feeds])
-        else:
-            qview = QdqView(None, model, view.info).variant(fold_weights=True)
-            xq = _stack(fast_session(truncated(qview, [t_in])), feeds, t_in)
-        yf = _stack(fast_session(truncated(ref, [t_out])), feeds, t_out)
-        if xq.ndim == 0 or yf.ndim == 0 or xq.shape[0] != samples or yf.shape[0] != samples:
-            skip("does not keep the samples on axis 0 (a squeezed batch?)")  # the batches would mix samples
-            continue
+
+class _Block:
+    """One block's learning: its torch module (Q/DQ included, scales fixed), data, the soft
+    rounding ``h(V)`` of each layer's weight, the learned scales and biases, and their optimiser."""
+
+    def __init__(self, torch, module, xq: np.ndarray, yf: np.ndarray, cfg: BrecqConfig, gen):
+        self.torch, self.module, self.cfg, self.gen = torch, module, cfg, gen
         module.train()
         for p in module.parameters():
             p.requires_grad_(False)
-        x_t, y_t = torch.from_numpy(np.ascontiguousarray(xq)), torch.from_numpy(np.ascontiguousarray(yf))
+        self.x, self.y = torch.from_numpy(np.ascontiguousarray(xq)), torch.from_numpy(np.ascontiguousarray(yf))
+        self.soft, self.log_scales, self.bounds, self.states = {}, {}, {}, {}
+        self.biases = {}   # layer -> (initializer name, parameter): learned with the rounding (the block's mean error)
+        self.batch = _batch_for(self.y, cfg.batch)
 
-        def block_loss(chunk: int = 32) -> float:
-            with torch.no_grad():
-                module.eval()
-                err = sum(float(((module(x_t[i:i + chunk]) - y_t[i:i + chunk]) ** 2).sum()) for i in range(0, len(x_t), chunk))
-                module.train()
-            return err / y_t.numel()
+    def loss(self, chunk: int = 32) -> float:
+        """Mean squared error of the block output over all its samples."""
+        torch, module, x, y = self.torch, self.module, self.x, self.y
+        with torch.no_grad():
+            module.eval()
+            err = sum(float(((module(x[i:i + chunk]) - y[i:i + chunk]) ** 2).sum()) for i in range(0, len(x), chunk))
+            module.train()
+        return err / y.numel()
 
-        loss_start = block_loss()
-        soft, log_scales, bounds = {}, {}, {}
-        for name in names:
-            l = learnable[name]
-            wq = module.weight_quants.get(l["weight_q"])
-            if wq is None:
-                skipped.append(f"{name}: its weight Q/DQ was not recognised by the torch converter")
-                continue
-            w_np = view.float_weight[name].astype(np.float32)
-            w = torch.from_numpy(w_np)
-            s_b = torch.from_numpy(along_axis(numpy_helper.to_array(inits[l["weight_scale"]]).astype(np.float32), w_np.ndim, wq.axis))
-            base = torch.floor(w / s_b)
-            rest = (w / s_b - base).clamp(0, 1)
-            sig0 = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
-            v = torch.nn.Parameter(torch.log(sig0 / (1 - sig0)))
-            bounds[name] = lo, hi, _ = tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in _value_bounds(inits, l, w_np.ndim, wq.axis))
-            soft[name] = (wq, base, s_b, v)
-            if cfg.scale_lr > 0:
-                log_scales[name] = torch.nn.Parameter(torch.zeros_like(s_b))
-            module.weight_override[wq.latent] = _soft_weight(torch, base, s_b, v, lo, hi,
-                                                             {"hard": False, "fixed": torch.zeros_like(v, dtype=torch.bool),
-                                                              "value": torch.zeros_like(v)}, log_scales.get(name))
-        if not soft:
-            continue
-        states = {name: module.weight_override[wq.latent].state for name, (wq, _, _, _) in soft.items()}
-        groups = [{"params": [v for (_, _, _, v) in soft.values()], "lr": cfg.lr}]
-        if log_scales:
-            groups.append({"params": list(log_scales.values()), "lr": cfg.scale_lr})
-        biases = {}   # layer -> (initializer name, parameter): learned with the rounding (the block's mean error)
+    def add_layer(self, name: str, l: dict, w_float: np.ndarray, inits: dict) -> bool:
+        """Replace the layer's weight in the module by its soft rounding; False when the torch
+        converter did not recognise the weight's Q/DQ."""
+        torch = self.torch
+        wq = self.module.weight_quants.get(l["weight_q"])
+        if wq is None:
+            return False
+        w_np = w_float.astype(np.float32)
+        w = torch.from_numpy(w_np)
+        s_b = torch.from_numpy(along_axis(numpy_helper.to_array(inits[l["weight_scale"]]).astype(np.float32), w_np.ndim, wq.axis))
+        base = torch.floor(w / s_b)
+        rest = (w / s_b - base).clamp(0, 1)
+        sig0 = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+        v = torch.nn.Parameter(torch.log(sig0 / (1 - sig0)))
+        self.bounds[name] = lo, hi, _ = tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in _value_bounds(inits, l, w_np.ndim, wq.axis))
+        self.soft[name] = (wq, base, s_b, v)
+        if self.cfg.scale_lr > 0:
+            self.log_scales[name] = torch.nn.Parameter(torch.zeros_like(s_b))
+        state = {"hard": False, "fixed": torch.zeros_like(v, dtype=torch.bool), "value": torch.zeros_like(v)}
+        self.module.weight_override[wq.latent] = _soft_weight(torch, base, s_b, v, lo, hi, state, self.log_scales.get(name))
+        self.states[name] = state
+        return True
+
+    def _optimizer(self, model: ModelProto, learnable: dict):
+        cfg, module = self.cfg, self.module
+        groups = [{"params": [v for (_, _, _, v) in self.soft.values()], "lr": cfg.lr}]
+        if self.log_scales:
+            groups.append({"params": list(self.log_scales.values()), "lr": cfg.scale_lr})
         if cfg.bias_lr > 0:
             node_of = {nd.name: nd for nd in model.graph.node}
-            for name in soft:
+            for name in self.soft:
                 l, nd = learnable[name], node_of[name]
                 # a float bias is read by name (bias correction may have given it a new one)
                 b_name = l.get("bias_q") if l.get("bias_is_int") else (nd.input[2] if len(nd.input) > 2 else None)
                 if b_name and b_name in module.param_names:
-                    biases[name] = (b_name, module.parameter_by_onnx_name(b_name).requires_grad_(True))
-            if biases:
-                groups.append({"params": [p for _, p in biases.values()], "lr": cfg.bias_lr})
-        opt = torch.optim.Adam(groups)
+                    self.biases[name] = (b_name, module.parameter_by_onnx_name(b_name).requires_grad_(True))
+            if self.biases:
+                groups.append({"params": [p for _, p in self.biases.values()], "lr": cfg.bias_lr})
+        return self.torch.optim.Adam(groups)
+
+    def learn(self, model: ModelProto, learnable: dict, loss_start: float) -> tuple:
+        """Learn the soft rounding (with the regulariser after the warm-up), then harden it in
+        stages; returns (share of h still undecided before hardening, the soft loss)."""
+        torch, cfg, module, x, y, soft = self.torch, self.cfg, self.module, self.x, self.y, self.soft
+        opt = self._optimizer(model, learnable)
         norm = max(loss_start, 1e-30)
         warm = int(cfg.warmup * cfg.iters)
-        n = len(x_t)
-        bsz = _batch_for(y_t, cfg.batch)
+        n = len(x)
 
         def step(beta: Optional[float] = None) -> None:
             """One Adam step on a random batch; with ``beta``, plus the rounding regulariser."""
-            idx = torch.randint(0, n, (min(bsz, n),), generator=gen)
-            loss = ((module(x_t[idx]) - y_t[idx]) ** 2).mean() / norm
+            idx = torch.randint(0, n, (min(self.batch, n),), generator=self.gen)
+            loss = ((module(x[idx]) - y[idx]) ** 2).mean() / norm
             if beta is not None:
                 loss = loss + cfg.lam * sum((1 - (2 * _h(torch, v) - 1).abs() ** beta).mean() for (_, _, _, v) in soft.values())
             opt.zero_grad()
@@ -346,14 +395,20 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
             step(20.0 + (2.0 - 20.0) * (it - warm) / max(cfg.iters - warm - 1, 1) if it >= warm else None)
         undecided = float(sum(((_h(torch, v) > 0.01) & (_h(torch, v) < 0.99)).sum() for (_, _, _, v) in soft.values())
                           / sum(v.numel() for (_, _, _, v) in soft.values()))
-        loss_soft = block_loss()
-        # progressive hardening: fix the most decided half of the still-soft rounding, let the rest
-        # (and the biases) make up for it, repeat; rounding every h at 0.5 at once undoes what the
-        # undecided ones were compensating for (block loss 1.3 soft -> 17 hard in EfficientNet-Lite0's first block)
+        loss_soft = self.loss()
+        self._harden(step)
+        return undecided, loss_soft
+
+    def _harden(self, step) -> None:
+        """Progressive hardening: fix the most decided half of the still-soft rounding, let the rest
+        (and the biases) make up for it, repeat; rounding every h at 0.5 at once undoes what the
+        undecided ones were compensating for (block loss 1.3 soft -> 17 hard in EfficientNet-Lite0's first block)."""
+        torch, cfg = self.torch, self.cfg
+        harden_iters = max(10, cfg.iters // 10) if cfg.harden_iters is None else cfg.harden_iters
         for stage in range(cfg.harden_stages):
             last = stage == cfg.harden_stages - 1
-            for name, (_, _, _, v) in soft.items():
-                st = states[name]
+            for name, (_, _, _, v) in self.soft.items():
+                st = self.states[name]
                 dist = (_h(torch, v) - 0.5).abs().detach()
                 free = ~st["fixed"]
                 fix = free if last or int(free.sum()) <= 1 else free & (dist >= _median(torch, dist[free]))
@@ -362,36 +417,27 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
                 st["fixed"] = st["fixed"] | fix
             for _ in range(harden_iters):
                 step()
-        for st in states.values():
+        for st in self.states.values():
             st["hard"] = True
-        loss_learned = block_loss()
-        keep = loss_learned < loss_start
-        if keep:
-            for name, (_, base, s_b, v) in soft.items():
-                lo, hi, zp = bounds[name]
-                ints = (torch.clamp(base + _hard(torch, v, states[name]), lo, hi) + zp).numpy()
-                t = inits[learnable[name]["weight_q"]]
-                t.CopyFrom(numpy_helper.from_array(ints.astype(numpy_helper.to_array(t).dtype), t.name))
-                if name in log_scales:   # before the biases: an int32 bias is re-quantized with the new scale
-                    old = numpy_helper.to_array(inits[learnable[name]["weight_scale"]])
-                    new = (s_b * torch.exp(log_scales[name].detach())).numpy().astype(np.float64).reshape(-1)
-                    write_scale(inits, learnable[name], old, new, old.reshape(-1).astype(np.float64))
-            for name, (b_name, p) in biases.items():
-                b, t = p.detach().numpy().astype(np.float64), inits[b_name]
-                if learnable[name].get("bias_is_int"):   # int32 with scale s_in * s_w, as the module rounds it
-                    bs = numpy_helper.to_array(inits[learnable[name]["bias_scale"]]).astype(np.float64)
-                    b = np.clip(np.rint(b / bs), -(2**31), 2**31 - 1)
-                t.CopyFrom(numpy_helper.from_array(b.astype(numpy_helper.to_array(t).dtype).reshape(numpy_helper.to_array(t).shape), t.name))
-        # undecided: the share of h(V) still between 0.01 and 0.99 when learning stops, rounded at
-        # 0.5 for the hard loss; the soft loss is what the relaxation reached before that
-        rows.append({"block": f"{t_in} -> {t_out}", "layers": list(soft), "loss_start": loss_start, "loss_soft": loss_soft,
-                     "loss_learned": loss_learned, "undecided": round(undecided, 3), "used": bool(keep), "batch": bsz,
-                     "seconds": round(time.perf_counter() - tb, 1)})
-        log(f"brecq block {t_in} -> {t_out} ({len(soft)} layers): mse {loss_start:.4g} -> {loss_learned:.4g}"
-            f"{'' if keep else ' (kept the start)'} (soft {loss_soft:.4g}, {100 * undecided:.0f} % undecided, batch {bsz}), "
-            f"{time.perf_counter() - tb:.1f} s")
-    return model, {"blocks": len(rows), "improved": sum(r["used"] for r in rows), "samples": samples, "iters": cfg.iters,
-                   "seconds": round(time.perf_counter() - t0, 2), "per_block": rows, "skipped": skipped}
+
+    def write(self, inits: dict, learnable: dict) -> None:
+        """Store the learned integers, weight scales and biases in ``inits``."""
+        torch = self.torch
+        for name, (_, base, s_b, v) in self.soft.items():
+            lo, hi, zp = self.bounds[name]
+            ints = (torch.clamp(base + _hard(torch, v, self.states[name]), lo, hi) + zp).numpy()
+            t = inits[learnable[name]["weight_q"]]
+            t.CopyFrom(numpy_helper.from_array(ints.astype(numpy_helper.to_array(t).dtype), t.name))
+            if name in self.log_scales:   # before the biases: an int32 bias is re-quantized with the new scale
+                old = numpy_helper.to_array(inits[learnable[name]["weight_scale"]])
+                new = (s_b * torch.exp(self.log_scales[name].detach())).numpy().astype(np.float64).reshape(-1)
+                write_scale(inits, learnable[name], old, new, old.reshape(-1).astype(np.float64))
+        for name, (b_name, p) in self.biases.items():
+            b, t = p.detach().numpy().astype(np.float64), inits[b_name]
+            if learnable[name].get("bias_is_int"):   # int32 with scale s_in * s_w, as the module rounds it
+                bs = numpy_helper.to_array(inits[learnable[name]["bias_scale"]]).astype(np.float64)
+                b = np.clip(np.rint(b / bs), -(2**31), 2**31 - 1)
+            t.CopyFrom(numpy_helper.from_array(b.astype(numpy_helper.to_array(t).dtype).reshape(numpy_helper.to_array(t).shape), t.name))
 
 
 def _batch_for(y, batch: int) -> int:
