@@ -397,3 +397,52 @@ def test_bn_statistics_through_identity_need_cleanup(tmp_path):
         finetune(clean, open_ds(path, clean), teacher=m, config=cfg)
     res = finetune(clean, open_ds(path, clean), teacher=tiny_classifier(), config=cfg)
     assert res.parity["max_abs"] <= 1e-4
+
+
+def test_recovery_defaults_follow_the_model_and_the_data():
+    """finetune's defaults: a pruned student (fewer parameters than its teacher) gets the larger
+    learning rate, a same-shape one the small one; epochs from the data size; augmentation only
+    for label-free distillation of images; a held-in split only when there is data to spare."""
+    pytest.importorskip("torch")
+    from onnxopt.torch.train import MAX_EPOCHS, recovery_defaults
+    teacher = tiny_classifier()
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(teacher)
+    for t in pruned.graph.initializer:
+        if t.name in ("w2", "fc"):   # a thinner conv2 would change the shapes; fewer parameters is what counts
+            a = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(a[: len(a) // 2], t.name))
+    d = recovery_defaults(pruned, teacher, 717, 32)
+    assert d["lr"][0] == 1e-3 and d["feature_loss"][0] == ["auto"] and d["augment"][0] and d["val_split"][0] == 0.03
+    assert d["epochs"][0] == MAX_EPOCHS - 1   # 10,000 samples / 717 per epoch
+    same = recovery_defaults(perturbed(teacher), teacher, 100, 32, labels=True)
+    assert same["lr"][0] == 1e-4 and not same["augment"][0] and same["val_split"][0] == 0.0 and same["epochs"][0] == MAX_EPOCHS
+    qat = recovery_defaults(teacher, teacher, 50000, 64, qat=True)
+    assert qat["feature_loss"][0] == [] and qat["epochs"][0] == 1 and qat["lr"][0] == pytest.approx(1e-4 * 2 ** 0.5, rel=1e-2)
+
+
+def test_early_stopping_keeps_the_best_held_in_epoch(tmp_path):
+    """With a held-in split, every epoch reports its held-in loss, training stops once it has not
+    fallen for `patience` epochs, and the written model is the epoch with the lowest one (a too
+    large learning rate makes later epochs worse)."""
+    pytest.importorskip("torch")
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    teacher, student = tiny_classifier(), perturbed(tiny_classifier(), scale=1.0)
+    data = open_ds(data_file(tmp_path, n=96), student)
+    said = []
+    cfg = FinetuneConfig(epochs=8, lr=0.3, optimizer="sgd", batch_size=16, val_split=0.25, patience=2, warmup=0.0, progress=False,
+                         log=said.append, threads=1, parity_samples=0)
+    res = finetune(student, data, teacher=teacher, config=cfg)
+    losses = [h["held_in_loss"] for h in res.history]
+    best = int(np.argmin(losses))
+    assert any(s.startswith("held in 24 of 96") for s in said)
+    assert len(losses) == min(8, best + 1 + 2)          # stopped `patience` epochs after the best one
+    if best != len(losses) - 1:
+        assert any(f"kept the weights of epoch {best + 1}" in s for s in said)
+    # the written model is the best epoch's: its loss on the held-in samples is the lowest seen
+    import torch
+    from onnxopt.torch.train import distill_loss
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(cfg.seed + 7919))[:24].numpy()
+    x = rand(96, 3, 8, 8, seed=7)[order]
+    s, t = (torch.from_numpy(run(m, {"input": x})["logits"]) for m in (res.model, teacher))
+    assert float(distill_loss(s, t, cfg.temperature)) == pytest.approx(min(losses), rel=1e-4)

@@ -6,6 +6,9 @@
   distillation from fp32 (``--qat w4a4``), both against fp32.
 * EfficientNet-Lite0 ``lite,bnfuse,qdq`` + distillation: NOT measured here (the shared export has a
   fixed batch of 1, so training runs sample by sample; too slow on this CPU for the time given).
+* Issue 23 (``--only cli``): ``onnxopt apply cleanup,bnfuse,prune ... --set prune.ratio=0.3`` then
+  ``onnxopt finetune ... --teacher ... --data ... --epochs 15``, exactly as a user types them, with
+  the defaults: held-out top-1, MACs, samples/s.
 * Finetuning throughput on this CPU (``--only tput``; samples/s, median over epochs -- the machine
   is shared, so the figure is noisy; ``--threads 0`` picks the cores the load average leaves idle).
 
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -32,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("ONNXOPT_SHARED", ROOT.parent / "shared"))   # ../shared, or where ONNXOPT_SHARED points
 sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
@@ -158,6 +163,47 @@ def run_r20(args, tmp, rows, log):
                  "samples_per_second_median": sps, "parity_max_abs": res.parity.get("max_abs"), "check_tensorrt_violations": len(violations)})
 
 
+def run_cli(args, tmp, rows, log):
+    """Issue 23: the two commands a new user types, unchanged but for --epochs (and --seed,
+    --threads, --device), on ResNet56 with the first 717 images to finetune and the last 300 held
+    out; top-1 of the pruned and the finetuned model on the 300, MACs, and finetune's samples/s."""
+    from onnxopt import stats
+    xt, _, xh, yh = cifar()
+    train = tmp / "train.npz"
+    np.savez(train, input=xt)
+    model = SHARED / "models" / "resnet56_cifar10.onnx"
+    pruned, tuned, report = tmp / f"p{args.seed}.onnx", tmp / f"f{args.seed}.onnx", tmp / f"ft{args.seed}.json"
+    onnxopt_cli = [sys.executable, "-m", "onnxopt"]
+    cmd1 = onnxopt_cli + ["apply", "cleanup,bnfuse,prune", str(model), "-o", str(pruned), "--set", f"prune.ratio={args.cli_ratio}"]
+    cmd2 = onnxopt_cli + ["finetune", str(pruned), "-o", str(tuned), "--teacher", str(model), "--data", str(train),
+                          "--epochs", str(args.cli_epochs), "--seed", str(args.seed), "--threads", str(args.threads),
+                          "--device", args.device, "--report", str(report)] + args.cli_extra.split()
+    said = []
+    t0 = time.perf_counter()
+    for cmd in (cmd1, cmd2):
+        log(" ".join(cmd))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        said.append(done.stderr + done.stdout)
+        if done.returncode:
+            raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
+    secs = time.perf_counter() - t0
+    for text in said:
+        for line in text.splitlines():
+            if line.startswith(("prune:", "finetune defaults:", "held in", "early stop", "kept the weights", "epoch ")):
+                log(line)
+    base = onnxopt.load_model(model)
+    p, f = onnxopt.load_model(pruned), onnxopt.load_model(tuned)
+    rep = json.loads(report.read_text())
+    macs = 1 - stats.total_macs(p) / stats.total_macs(base)
+    acc_base, acc_p, acc_f = top1(base, xh, yh), top1(p, xh, yh), top1(f, xh, yh)
+    rows.append({"figure": "issue 23: the two commands with the defaults", "ratio": args.cli_ratio, "epochs": args.cli_epochs,
+                 "seed": args.seed, "extra_flags": args.cli_extra, "macs_reduction": round(macs, 4), "baseline_top1": acc_base,
+                 "pruned_top1": acc_p, "finetuned_top1": acc_f, "target_top1": 88.8, "met": acc_f >= 88.8 and macs >= 0.30,
+                 "epochs_run": len(rep["history"]), "samples_per_second": round(rep["samples_per_second"], 1),
+                 "samples_per_second_per_epoch": [h["samples_per_second"] for h in rep["history"]],
+                 "seconds_both_commands": round(secs, 1), "device": args.device, "threads": args.threads})
+
+
 def run_tput(args, tmp, rows, log):
     """Finetuning throughput alone: ResNet20 fp32 and W4A4 QDQ, distillation (teacher cached), batch 32."""
     from onnxopt.qat import prepare_qat
@@ -175,7 +221,12 @@ def run_tput(args, tmp, rows, log):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="r20,r56", help="comma-separated: r20, r56, tput")
+    ap.add_argument("--only", default="r20,r56", help="comma-separated: r20, r56, tput, cli (issue 23's two commands)")
+    ap.add_argument("--cli-ratio", type=float, default=0.3, help="cli: prune.ratio")
+    ap.add_argument("--cli-epochs", type=int, default=15, help="cli: finetune --epochs")
+    ap.add_argument("--cli-extra", default="", help="cli: extra finetune flags (e.g. the old defaults, for comparison)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs-r56", type=int, default=8)
     ap.add_argument("--lr-r56", type=float, default=5e-4)
     ap.add_argument("--epochs-r20", type=int, default=8)
@@ -206,7 +257,7 @@ def main(argv=None) -> int:
     log = lambda m: print("   ", m, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         for what in args.only.split(","):
-            fn = {"r56": run_r56, "r20": run_r20, "tput": run_tput}[what.strip()]
+            fn = {"r56": run_r56, "r20": run_r20, "tput": run_tput, "cli": run_cli}[what.strip()]
             print(f"== {what}", file=sys.stderr, flush=True)
             fn(args, Path(tmp), rows, log)
             print(json.dumps(rows[-1]), flush=True)

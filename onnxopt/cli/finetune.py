@@ -34,16 +34,23 @@ Examples:
 @click.option("--labels", default=None, metavar="PATH", help="Integer labels (.npy) for supervised loss; labels inside the data are used when present.")
 @click.option("--no-labels", is_flag=True, help="Ignore labels found in the data (pure distillation).")
 @click.option("--loss", "user_loss", default=None, metavar="FILE.py:FN", help="Extra user loss fn(student_outputs, teacher_outputs, labels, batch) -> scalar.")
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate (cosine decay to 0).")
+@click.option("--epochs", type=int, default=None,
+              help="Default: about 10,000 samples seen, at most 15 epochs (early stopping on the held-in split may end sooner).")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate (linear warm-up, then cosine decay to 0). Default: 1e-3 for a pruned student (fewer parameters "
+                   "than --teacher), 1e-4 otherwise, times sqrt(batch/32) (x10 with --optimizer sgd).")
+@click.option("--warmup", type=float, default=0.05, show_default=True, help="Fraction of the steps with a linear learning-rate warm-up.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--augment", is_flag=True, help="Random translation + horizontal flip of image inputs.")
+@click.option("--augment/--no-augment", default=None,
+              help="Random translation + horizontal flip of image inputs. Default: on for label-free distillation of images "
+                   "(the teacher sees the same augmented image), off with labels.")
 @click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature for classifier logits.")
-@click.option("--feature-loss", default=None, metavar="T1,T2|auto",
+@click.option("--feature-loss", default=None, metavar="T1,T2|auto|none",
               help="Also match these intermediate tensors to the teacher's (MSE); 'auto': every activation output and "
-                   "residual sum the two models share (after lite: the ReLU outputs against the original's ReLU6 outputs).")
+                   "residual sum the two models share (after lite: the ReLU outputs against the original's ReLU6 outputs). "
+                   "Default: auto with --teacher (none with --qat); 'none' turns it off.")
 @click.option("--feature-weight", type=float, default=1.0, show_default=True, help="Weight of each --feature-loss term.")
 @click.option("--qat", default=None, metavar="wXaY", help="Quantization-aware training of a float model: e.g. w4a4, w8a8, wta8 (ternary), wba8 (binary).")
 @click.option("--target", default="tensorrt", show_default=True, help="With --qat: the qdq target (tensorrt, ort, tidl, tidl-tda4vm).")
@@ -54,8 +61,12 @@ Examples:
 @click.option("--quant-mode", type=click.Choice(["lsq", "pact", "fixed"]), default="lsq", show_default=True,
               help="How Q/DQ scales learn: LSQ step size, PACT clipping, or fixed.")
 @click.option("--bn-mode", type=click.Choice(["auto", "frozen", "train"]), default="auto", show_default=True,
-              help="BatchNormalization while training: batch statistics (train), running statistics (frozen); auto = train from batch 8 up.")
+              help="BatchNormalization while training: batch statistics (train), running statistics (frozen); auto = frozen (measured best after pruning).")
 @click.option("--bn-recalib", is_flag=True, help="Re-estimate BatchNormalization statistics on the data after training.")
+@click.option("--val-split", type=float, default=None,
+              help="Fraction of --data held in (not trained on) for early stopping; the epoch with the lowest held-in loss is "
+                   "kept. Default: 0.03 from 500 samples up, else 0. Never give the evaluation data as --data.")
+@click.option("--patience", type=int, default=3, show_default=True, help="Stop after this many epochs without a lower held-in loss (0: never).")
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None, help="Write a resumable checkpoint here every epoch.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
@@ -70,9 +81,9 @@ Examples:
 @image_options
 @input_shape_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epochs, lr, batch_size, optimizer, weight_decay, augment,
-                 temperature, feature_loss, feature_weight, qat, target, per_tensor, symmetric, low_bit, quant_mode, bn_mode, bn_recalib, checkpoint,
-                 resume, device, teacher_runtime, max_samples, every, offset, exclude_every, seed, threads, report_path, input_shapes, quiet, **kwargs):
+def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epochs, lr, warmup, batch_size, optimizer, weight_decay, augment,
+                 temperature, feature_loss, feature_weight, qat, target, per_tensor, symmetric, low_bit, quant_mode, bn_mode, bn_recalib, val_split, patience,
+                 checkpoint, resume, device, teacher_runtime, max_samples, every, offset, exclude_every, seed, threads, report_path, input_shapes, quiet, **kwargs):
     """Finetune MODEL in torch and write the learned weights and Q/DQ scales back into its graph.
 
     By default label-free distillation from --teacher (KL on classifier logits, L2 otherwise);
@@ -81,7 +92,7 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
     onnxruntime output is checked against the trained torch module.
     """
     require("torch", "onnxopt finetune", "pip install torch")
-    from ..torch.train import FinetuneConfig, dist_info, finetune
+    from ..torch.train import FinetuneConfig, dist_info, finetune, recovery_defaults
 
     image = image_settings(kwargs)
     shapes = parse_input_shapes(input_shapes)
@@ -98,8 +109,20 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
                    "the learned weights are meaningless. Give real training data.", err=True)
     if no_labels:
         ds.labels = lambda: None
-    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
-                         temperature=temperature, feature_loss=[f for f in (feature_loss or "").split(",") if f], feature_weight=feature_weight,
+    # what the user did not give is chosen from the data size and the model (recovery_defaults says why)
+    has_labels = labels is not None or (hasattr(ds, "labels") and ds.labels() is not None) or user_loss is not None
+    chosen = recovery_defaults(source, teacher_model if not qat else (teacher_model or source), ds.count(), batch_size,
+                               labels=has_labels, qat=bool(qat), optimizer=optimizer, image_input=_image_input(source))
+    given = {"lr": lr, "epochs": epochs, "augment": augment, "val_split": val_split,
+             "feature_loss": None if feature_loss is None else [f for f in feature_loss.split(",") if f and f != "none"]}
+    said = [f"{k} {_show(chosen[k][0])} ({chosen[k][1]})" for k in given if given[k] is None]
+    if said:
+        log("finetune defaults: " + "; ".join(said))
+    settings = {k: chosen[k][0] if v is None else v for k, v in given.items()}
+    epochs, lr = settings["epochs"], settings["lr"]
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, augment=settings["augment"],
+                         warmup=warmup, val_split=settings["val_split"], patience=patience,
+                         temperature=temperature, feature_loss=settings["feature_loss"], feature_weight=feature_weight,
                          user_loss=user_loss, quant_mode=quant_mode, bn_mode=bn_mode, bn_recalib=bn_recalib, checkpoint=checkpoint,
                          resume=resume, device=device, seed=seed, progress=not quiet and sys.stderr.isatty() and rank == 0,
                          teacher_runtime=teacher_runtime, log=log, threads=threads)
@@ -124,3 +147,23 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
         if report_path:
             Path(report_path).write_text(json.dumps({"history": result.history, "parity": result.parity,
                                                      "samples_per_second": result.samples_per_second, "qat": qat}, indent=2))
+
+
+def _image_input(model) -> bool:
+    """Whether the model's first input is a float NCHW image (augmentation shifts and flips H, W)."""
+    from onnx import TensorProto
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        return t.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and len(t.shape.dim) == 4
+    return False
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ",".join(value) if value else "off"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
