@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,7 +30,7 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("ONNXOPT_SHARED", ROOT.parent / "shared"))   # ../shared, or where ONNXOPT_SHARED points
 sys.path.insert(0, str(ROOT / "tools"))
 
 from onnxopt import runtime  # noqa: E402
@@ -151,6 +152,46 @@ def bench_other(args, rows, results, name, input_name, shape, round_to=8):
                  _fmt(lat), "-", "valid, runs"])
 
 
+def bench_target(args, rows, results):
+    """Issue 23: prune.target_macs=0.5 (and the default ratio=0.3, which counts MACs) lands within
+    3 % of the asked MACs; the MACs are counted on the rewritten model."""
+    from onnxopt import stats
+    for name, opts in (("resnet56_cifar10", {"target_macs": 0.5}), ("efficientnet_lite0", {"target_macs": 0.5}),
+                       ("resnet56_cifar10", {"ratio": 0.3}), ("efficientnet_lite0", {"ratio": 0.3})):
+        path = SHARED / "models" / f"{name}.onnx"
+        out, rec, secs = _prune(str(path), **opts)
+        onnx.checker.check_model(out, full_check=True)
+        kept = stats.total_macs(out) / stats.total_macs(load_model(path))
+        asked = opts.get("target_macs", 1 - opts.get("ratio", 0.3))
+        off = abs(kept - asked) / asked
+        results.append({"model": name, "options": opts, "asked_kept_macs": asked, "kept_macs": round(kept, 4), "relative_error": round(off, 4),
+                        "within_3_percent": off <= 0.03, "params": rec.extra["params"], "prune_seconds": round(secs, 2)})
+        rows.append([f"{name} {' '.join(f'{k}={v}' for k, v in opts.items())}", f"{rec.extra['params']['reduction']:.1%}",
+                     f"{1 - kept:.1%}", f"kept MACs {kept:.4f} (asked {asked:g}, off {off:.2%})", "-", f"{secs:.1f} s"])
+
+
+def bench_rounding(args, rows, results):
+    """Issue 23: how widths are rounded, on ResNet56 with the residual streams kept and 30 % of the
+    inner channels removed: round_narrow (16 -> 12), multiples of 8 (16 -> 8) and exact (16 -> 11);
+    top-1 right after pruning with the least-squares refit on the calibration images, latency."""
+    path = SHARED / "models" / "resnet56_cifar10.onnx"
+    base = load_model(path)
+    top1_base = cifar_top1(base)
+    for label, opts in (("round_narrow (12/24/48)", {}), ("round_to=8 (8/24/48)", {"round_narrow": False}),
+                        ("round_to=1 (11/22/45)", {"round_to": 1})):
+        out, rec, secs = _prune(str(path), context=cifar_context(), ratio=0.3, ratio_of="channels", **opts)
+        ex = rec.extra
+        entry = {"model": "resnet56_cifar10", "options": {"ratio": 0.3, "ratio_of": "channels", **opts}, "params": ex["params"],
+                 "macs": ex["macs"], "top1_before": top1_base, "top1_after_prune_refit": cifar_top1(out), "latency_ms": {}}
+        for batch, runs in ((1, args.runs), (32, max(20, args.runs // 5))):
+            feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)}
+            entry["latency_ms"][f"batch{batch}"] = latency_pair(base, out, feed, runs, args.threads)
+        results.append(entry)
+        lat = entry["latency_ms"]
+        rows.append([f"resnet56 0.3 of channels, {label}", f"{ex['params']['reduction']:.1%}", f"{ex['macs']['reduction']:.1%}",
+                     _fmt(lat["batch1"]), _fmt(lat["batch32"]), f"top-1 {top1_base:.2%} -> {entry['top1_after_prune_refit']:.2%} (refit)"])
+
+
 def bench_10k(args, rows, results):
     from gen_graph import build
     model = build(10000)
@@ -183,14 +224,14 @@ def bench_sparsify(args, rows, results):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("resnet56", "others", "10k", "sparsify"), action="append")
+    ap.add_argument("--only", choices=("resnet56", "others", "10k", "sparsify", "target", "rounding"), action="append")
     ap.add_argument("--runs", type=int, default=200, help="latency runs at batch 1 (batch 32 uses runs/5)")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: the real models live there")
-    only = set(args.only or ("resnet56", "others", "10k", "sparsify"))
+    only = set(args.only or ("resnet56", "others", "10k", "sparsify", "target", "rounding"))
     rows, results = [], []
     if "resnet56" in only:
         bench_resnet56(args, rows, results)
@@ -199,6 +240,10 @@ def main() -> None:
             bench_other(args, rows, results, "efficientnet_lite0", "input", (1, 3, 224, 224), r)
         for r in (8, 1):
             bench_other(args, rows, results, "yolox_nano", "images", (1, 3, 416, 416), r)
+    if "target" in only:
+        bench_target(args, rows, results)
+    if "rounding" in only:
+        bench_rounding(args, rows, results)
     if "10k" in only:
         bench_10k(args, rows, results)
     if "sparsify" in only:
