@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+from onnx import TensorProto
 
 from .. import model_io
 from ..data import open_data
@@ -151,7 +152,6 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
 
 def _image_input(model) -> bool:
     """Whether the model's first input is a float NCHW image (augmentation shifts and flips H, W)."""
-    from onnx import TensorProto
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits:

@@ -38,7 +38,7 @@ import numpy as np
 from onnx import ModelProto
 from tqdm import tqdm
 
-from .. import runtime
+from .. import runtime, stats
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint
 from ..userfiles import load_user_function
@@ -152,8 +152,6 @@ def recovery_defaults(student: ModelProto, teacher: Optional[ModelProto], sample
       89.33/89.67/89.33 %.
     * warm-up 5 % of the steps (15 %: 90.0 %, within noise).
     """
-    from .. import stats
-
     pruned = teacher is not None and stats.param_count(student) < 0.97 * stats.param_count(teacher)
     base = 1e-3 if pruned else 1e-4
     lr = base * math.sqrt(batch_size / 32) * (10.0 if optimizer == "sgd" else 1.0)
