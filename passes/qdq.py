@@ -201,6 +201,7 @@ def qdq(model, options: QdqOptions, ctx):
             warns.append(note)
             violations = qcheck.check_model(qmodel, info["target"])
     extra["check"] = {"target": info["target"], "violations": len(violations),
+                      "format_violations": sum(1 for v in violations if v.kind == "format"),
                       "first": [v.to_dict() for v in violations[:10]]}
     if violations:  # the model is written, but the user must hear that it fails its own target's check
         msg = (f"WARNING: the quantized model fails `onnxopt check --target {info['target']}`: {len(violations)} violation(s), "

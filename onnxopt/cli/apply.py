@@ -142,17 +142,20 @@ def _route_shortcuts(kwargs: dict, names: list, options: dict) -> None:
 
 
 def _refuse_failing_target_check(report: manager.Report, report_path) -> None:
-    """A qdq model that fails its own target's ``onnxopt check`` is not written and the run fails
-    listing the violations (never exit 0 with a model the target rejects); the report is written."""
+    """A qdq model whose Q/DQ encoding fails its own target's ``onnxopt check`` is not written and
+    the run fails listing the violations (never exit 0 with an encoding the target rejects); the
+    report is written. Op-support violations (ops the target runs elsewhere, e.g. on TIDL's ARM
+    core) need graph changes, not a different encoding: the pass warns about them."""
     for rec in report.passes:
         check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
-        if rec.name == "qdq" and check and check.get("violations"):
+        if rec.name == "qdq" and check and check.get("format_violations", check.get("violations")):
             if report_path:
                 report.write(report_path)
-            listed = "; ".join(f"[{v['rule']}] {v['node']}: {v['message']}" for v in check["first"][:5])
-            more = check["violations"] - min(5, len(check["first"]))
+            format_first = [v for v in check["first"] if v.get("kind", "format") == "format"] or check["first"]
+            listed = "; ".join(f"[{v['rule']}] {v['node']}: {v['message']}" for v in format_first[:5])
+            more = check.get("format_violations", check["violations"]) - min(5, len(format_first))
             raise OnnxoptError(f"the quantized model fails `onnxopt check --target {check['target']}` "
-                               f"({check['violations']} violation(s)): {listed}" + (f"; and {more} more" if more > 0 else "")
+                               f"({check.get('format_violations', check['violations'])} encoding violation(s)): {listed}" + (f"; and {more} more" if more > 0 else "")
                                + "; it was not written.",
                                "keep the offending layers in float (--set qdq.exclude_nodes=NAME,...) or run cleanup before "
                                "qdq; please report the model if the violation is in onnxopt's own encoding")

@@ -163,9 +163,47 @@ def convert_opset(model: ModelProto, target: int) -> ModelProto:
     except OnnxoptError:
         raise
     except Exception as exc:
+        relabelled = _relabel_down(model, current, target) if target < current else None
+        if relabelled is not None:
+            return relabelled
         raise OnnxoptError(f"could not convert the model from opset {current} to {target}: {str(exc).strip().splitlines()[0][:300]}",
                            f"re-export the model at opset {target}") from None
     return converted
+
+
+def _relabel_down(model: ModelProto, current: int, target: int) -> Optional[ModelProto]:
+    """The model at opset ``target`` by relabelling, when onnx's converter has no adapter (it has
+    none down from 24/25 for ops whose newer versions only added types): every node's operator at
+    ``target`` must have the same attributes and inputs/outputs as at ``current``, and the model
+    must pass the full checker at ``target`` (the types it uses exist there). None otherwise."""
+    def nodes(graph):
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    yield from nodes(g)
+
+    for n in nodes(model.graph):
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            new, old = onnx.defs.get_schema(n.op_type, current, ""), onnx.defs.get_schema(n.op_type, target, "")
+        except onnx.defs.SchemaError:
+            return None
+        if new.since_version != old.since_version and (
+                set(new.attributes) != set(old.attributes)
+                or (len(new.inputs), len(new.outputs)) != (len(old.inputs), len(old.outputs))):
+            return None
+    out = ModelProto()
+    out.CopyFrom(model)
+    for imp in out.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = target
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return None
+    return out
 
 
 def prepare_model(model: ModelProto, rules: TargetRules, options: dict, input_shapes: Optional[dict] = None) -> tuple:
@@ -215,6 +253,29 @@ def _make_static(model: ModelProto, rules: TargetRules, input_shapes: Optional[d
         raise OnnxoptError(
             f"target {rules.name} needs static shapes, but input '{vi.name}' has dynamic dimension(s) {dynamic}.",
             f"give the deployment shape with --input-shape {vi.name}:1x3x224x224 (your real shape), or export with static shapes")
+
+
+def _static_shapes_from_data(model: ModelProto, input_shapes: Optional[dict], data) -> tuple:
+    """(input shapes, note): a static-shape target (tidl) given no --input-shape for a dynamic
+    input takes the calibration data's size (batch 1) -- the size the user calibrates at, or the
+    size onnxopt found the model runs at for generated data -- and says so."""
+    inits = {i.name for i in model.graph.initializer}
+    missing = [vi.name for vi in model.graph.input if vi.name not in inits and vi.name not in (input_shapes or {})
+               and any(not (d.HasField("dim_value") and d.dim_value > 0) for d in vi.type.tensor_type.shape.dim)]
+    if not missing:
+        return input_shapes, None
+    source = data.batches() if hasattr(data, "batches") else data()
+    first = next(iter(source), None)
+    if first is None:
+        return input_shapes, None
+    shapes = dict(input_shapes or {})
+    for name in missing:
+        if name in first and getattr(first[name], "ndim", 0):
+            shapes[name] = [1] + [int(d) for d in first[name].shape[1:]]
+    fixed = ", ".join(f"{n}:{'x'.join(map(str, shapes[n]))}" for n in missing if n in shapes)
+    note = (f"static shapes: the target needs them and no --input-shape was given, so the dynamic inputs are fixed at "
+            f"the calibration data's size {fixed}; give --input-shape NAME:DIMS for your deployment size")
+    return shapes, note
 
 
 # ------------------------------------------------------------------------------- calibration
@@ -408,7 +469,14 @@ def quantize_model(model: ModelProto, options, data, ctx) -> QuantResult:
     input_shapes = getattr(ctx, "input_shapes", None) if ctx is not None else None
     progress = bool(getattr(ctx, "progress", False)) if ctx is not None else False
     bounds = model_io.activation_bounds(model) if options.get("clip_bounds", True) else {}
+    static_note = None
+    if rules.static_shapes and data is not None:
+        input_shapes, static_note = _static_shapes_from_data(model, input_shapes, data)
     model, notes = prepare_model(model, rules, options, input_shapes)
+    if static_note:
+        notes.append(static_note)
+        if ctx is not None:
+            ctx.log(static_note)
     if rules.static_shapes and data is not None:
         data = to_static_batch(data, model)
     graph = import_graph(model)

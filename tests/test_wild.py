@@ -1,0 +1,94 @@
+"""The wild zoo (tests/wild_zoo.py: models shaped like real exports, built once per session):
+every exact chain runs with no flags and matches the original at two concrete sizes; the
+approximate chains run; qdq's output passes its target's check."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from onnxopt import feeds, model_io, runtime
+from onnxopt.data import DataSpec, open_data
+from onnxopt.manager import VERIFY_ATOL, VERIFY_RTOL
+from onnxopt.quant import check as qcheck
+from onnxopt.registry import PassContext
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxscript")
+
+from wild_zoo import BUILDERS, QUANTIZED, build_zoo  # noqa: E402
+
+EXACT_CHAINS = ["cleanup,bnfuse", "cleanup,bnfuse,equalize"]
+# The TorchScript exporter bakes the example's sequence length (8) into the attention's Reshape:
+# those exports themselves run at seq 8 only, so one size is all a verification can use.
+ONE_SIZE = {"transformer", "transformer_ort_dynamic"}
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    built = build_zoo(tmp_path_factory.mktemp("wild_zoo"))
+    assert not build_zoo.missing, build_zoo.missing
+    return built
+
+
+def _matches_at_two_sizes(src: onnx.ModelProto, out: onnx.ModelProto) -> list:
+    """The sizes both models were compared at (asserting they match at each)."""
+    plan = feeds.plan_feeds(src)
+    s_ref, s_out = runtime.session(src), runtime.session(out)
+    for i in range(len(plan.sizes)):
+        f = plan.feed(i, 7)
+        err = runtime.output_error(runtime.run(s_ref, f), runtime.run(s_out, f))
+        assert err["max_abs"] <= VERIFY_ATOL or err["max_rel"] <= VERIFY_RTOL, (plan.sizes[i], err)
+    return plan.sizes
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_exact_chains_run_with_no_flags_and_match_at_two_sizes(zoo, name):
+    src = model_io.load_model(zoo[name])
+    for chain in EXACT_CHAINS:
+        out, report = onnxopt.apply(str(zoo[name]), chain)
+        model_io.check_model(out, full=True)
+        for rec in report.passes:
+            if rec.verification is not None:  # verified by the manager at every size it found
+                assert rec.verification["verified"] and rec.verification["passed"], (chain, rec.name, rec.verification)
+        sizes = _matches_at_two_sizes(src, out)
+        if name in ONE_SIZE:
+            assert sizes == [{"tokens": [1, 8]}]
+            with pytest.raises(onnxopt.OnnxoptError, match="Reshape"):  # the export itself fails at seq 16
+                runtime.run(runtime.session(src, quiet=True), {"tokens": np.zeros((1, 16), np.int64)})
+        else:
+            assert len(sizes) == 2 and sizes[0] != sizes[1], sizes  # every zoo model has a dynamic dim
+
+
+def test_exact_chains_do_their_job_on_the_exports(zoo):
+    """Not only 'nothing broke': BN is folded in the TorchScript (training=PRESERVE) export, and in
+    the dynamo export with optimize=False the CastLike -> Expand bias chains become constants."""
+    for name in ("cnn_torchscript", "cnn_dynamo_noopt", "cnn_opset24", "cnn_external_data"):
+        out, _ = onnxopt.apply(str(zoo[name]), "cleanup,bnfuse")
+        ops = [n.op_type for n in out.graph.node]
+        assert "BatchNormalization" not in ops and "CastLike" not in ops and "Expand" not in ops, (name, ops)
+        inits = {i.name for i in out.graph.initializer}
+        assert all(len(n.input) > 2 and n.input[2] in inits for n in out.graph.node if n.op_type == "Conv"), name
+    src = onnx.load(str(zoo["cnn_dynamo_noopt"]))
+    assert any(n.op_type == "CastLike" for n in src.graph.node)  # the zoo really has the chain
+
+
+@pytest.mark.parametrize("name", [n for n in BUILDERS if n not in QUANTIZED])
+def test_lite_chain_runs_with_no_flags(zoo, name):
+    out, report = onnxopt.apply(str(zoo[name]), "cleanup,lite,bnfuse")
+    model_io.check_model(out, full=True)
+    plan = feeds.plan_feeds(out)
+    for i in range(len(plan.sizes)):
+        assert all(np.isfinite(v).all() for v in runtime.run(runtime.session(out), plan.feed(i, 0)).values())
+
+
+@pytest.mark.parametrize("name,target", [("cnn_dynamo_noopt", "ort"), ("cnn_dynamo_noopt", "tidl"),
+                                         ("transformer_dynamo", "tensorrt"), ("gru_opset25", "tidl")])
+def test_qdq_on_generated_calibration_data_passes_its_target_check(zoo, name, target):
+    src = model_io.load_model(zoo[name])
+    data = open_data(DataSpec("random", max_samples=4), src, None)
+    out, report = onnxopt.apply(src, "qdq", {"qdq": {"target": target}},
+                                context=PassContext(data=data, data_spec=data.spec))
+    assert report.passes[0].changes["weights_quantized"] > 0
+    assert [v for v in qcheck.check_model(out, target) if v.kind == "format"] == []
