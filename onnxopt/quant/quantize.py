@@ -48,6 +48,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper, version_converte
 from .. import model_io
 from ..data import feed_samples
 from ..errors import OnnxoptError, OptionError
+from ..input_dims import shape_hint
 from ..ir.graph import NameGenerator, constant_value, export_graph, import_graph
 from ..ir.proto import infer_shapes
 from . import calib_search
@@ -252,13 +253,14 @@ def _make_static(model: ModelProto, rules: TargetRules, input_shapes: Optional[d
             continue
         raise OnnxoptError(
             f"target {rules.name} needs static shapes, but input '{vi.name}' has dynamic dimension(s) {dynamic}.",
-            f"give the deployment shape with --input-shape {vi.name}:1x3x224x224 (your real shape), or export with static shapes")
+            f"give the deployment shape with --input-shape {shape_hint(vi)} (your real sizes), or export with static shapes")
 
 
 def _static_shapes_from_data(model: ModelProto, input_shapes: Optional[dict], data) -> tuple:
-    """(input shapes, note): a static-shape target (tidl) given no --input-shape for a dynamic
-    input takes the calibration data's size (batch 1) -- the size the user calibrates at, or the
-    size onnxopt found the model runs at for generated data -- and says so."""
+    """(input shapes, note): a static-shape target (tidl) calibrated on generated data (``--data
+    random``, a smoke test) with no --input-shape for a dynamic input takes the generated data's
+    size (batch 1, a size onnxopt found the model runs at) and says so. With real data the
+    deployment size is the user's to state: --input-shape is still asked for."""
     inits = {i.name for i in model.graph.initializer}
     missing = [vi.name for vi in model.graph.input if vi.name not in inits and vi.name not in (input_shapes or {})
                and any(not (d.HasField("dim_value") and d.dim_value > 0) for d in vi.type.tensor_type.shape.dim)]
@@ -470,7 +472,8 @@ def quantize_model(model: ModelProto, options, data, ctx) -> QuantResult:
     progress = bool(getattr(ctx, "progress", False)) if ctx is not None else False
     bounds = model_io.activation_bounds(model) if options.get("clip_bounds", True) else {}
     static_note = None
-    if rules.static_shapes and data is not None:
+    generated = getattr(getattr(ctx, "data_spec", None), "source", None) == "random"
+    if rules.static_shapes and data is not None and generated:
         input_shapes, static_note = _static_shapes_from_data(model, input_shapes, data)
     model, notes = prepare_model(model, rules, options, input_shapes)
     if static_note:
