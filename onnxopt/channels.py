@@ -43,6 +43,7 @@ from onnx import ModelProto, helper
 from .errors import OnnxoptError
 from .ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
 from .ir.proto import producers
+from .ir.unionfind import UnionFind
 from .model_io import opset_of, subgraph_reads
 from .runtime import run
 from .stats import static_shapes
@@ -66,31 +67,22 @@ PARAM_INPUTS = {"Slice": (1, 2, 3, 4), "Pad": (1, 3), "Reshape": (1,), "Split": 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-class UnionFind:
-    """Union-find over integer slots; slot 0 (POISON) always stays the root of its set."""
+class SlotSets(UnionFind):
+    """The union-find over integer channel slots, numbered densely from 0 by :meth:`new`; the
+    smaller slot of two sets names the merged one, so slot 0 (POISON) always stays a root."""
 
     def __init__(self):
-        self.parent = [0]
+        super().__init__()
+        self.parent[POISON] = POISON
 
     def new(self, n: int) -> np.ndarray:
         start = len(self.parent)
-        self.parent.extend(range(start, start + n))
+        self.parent.update((i, i) for i in range(start, start + n))
         return np.arange(start, start + n, dtype=np.int64)
 
-    def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
+    def union(self, a: int, b: int) -> int:
         ra, rb = self.find(int(a)), self.find(int(b))
-        if ra != rb:
-            if ra < rb:
-                self.parent[rb] = ra
-            else:
-                self.parent[ra] = rb
+        return super().union(min(ra, rb), max(ra, rb))
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         for x, y in zip(a.tolist(), b.tolist()):
@@ -156,7 +148,7 @@ class Analysis:
 
     model: ModelProto
     graph: gs.Graph
-    uf: UnionFind
+    uf: SlotSets
     slots: dict
     producers: list
     actions: list
@@ -367,7 +359,7 @@ class _Analyzer:
     def __init__(self, model: ModelProto, graph: gs.Graph, shapes: dict, params: dict):
         self.model, self.graph, self.shapes, self.params = model, graph, shapes, params
         self.opset = opset_of(model)
-        self.uf = UnionFind()
+        self.uf = SlotSets()
         self.slots: dict[str, Slots] = {}
         self.producers: list[Producer] = []
         self.actions: list = []

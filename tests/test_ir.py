@@ -83,3 +83,23 @@ def test_export_lists_initializers_as_inputs_below_ir4_and_keeps_overridable_one
     assert graph.overridable_inputs == {"w"}
     out = export_graph(graph, like=new)
     assert [i.name for i in out.graph.input] == ["x", "w"] and [t.name for t in out.graph.initializer] == ["w"]
+
+
+def test_union_find_keeps_the_first_arguments_representative():
+    from onnxopt.ir.unionfind import UnionFind
+
+    uf = UnionFind()
+    assert uf.union("b", "a") == "b"
+    assert uf.union("c", "a") == "c"  # a's set (named b) joins c's: c names both
+    assert {uf.find(x) for x in "abc"} == {"c"} and uf.find("d") == "d" and len(uf) == 4
+
+
+def test_channel_slots_keep_the_smallest_slot_as_root():
+    from onnxopt.channels import POISON, SlotSets
+
+    s = SlotSets()
+    a, b = s.new(3), s.new(3)
+    s.union_arrays(b, a)
+    assert s.roots(b).tolist() == a.tolist() and len(s.parent) == 7
+    s.poison(b[:1])
+    assert s.find(int(a[0])) == POISON and s.find(int(a[1])) == int(a[1])

@@ -38,6 +38,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import OptionError
 from ..ir.graph import constant_value, input_at, is_graph_output, is_weight
+from ..ir.unionfind import UnionFind
 from .targets import WEIGHTED_OPS, TargetRules, weight_axis
 
 # Ops whose output is a rearrangement/subset of input values: same scale in and out.
@@ -80,25 +81,6 @@ class Plan:
 
     def activation_tensors(self) -> list:
         return [a.tensor for a in self.activations]
-
-
-class _UnionFind:
-    def __init__(self):
-        self.parent: dict = {}
-
-    def find(self, x):
-        self.parent.setdefault(x, x)
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:  # path compression
-            self.parent[x], x = root, self.parent[x]
-        return root
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
 
 
 def _is_float_activation(graph: gs.Graph, t: Optional[gs.Tensor]) -> bool:
@@ -194,7 +176,7 @@ def plan(graph: gs.Graph, rules: TargetRules, options: dict, *, ignore_exclusion
         return n.name not in excluded and (not op_filter or n.op in op_filter)
 
     quant: dict = {}          # tensor name -> gs.Tensor, insertion-ordered
-    uf = _UnionFind()
+    uf = UnionFind()
 
     def mark(t: Optional[gs.Tensor]) -> bool:
         if not _is_float_activation(graph, t):
