@@ -151,7 +151,7 @@ class Analysis:
     uf: SlotSets
     slots: dict
     producers: list
-    actions: list
+    actions: list   # of the *Action classes below, in graph order
     reasons: list = field(default_factory=list)   # (where, why) for every poisoning
     params: dict = field(default_factory=dict)    # parameter values computed from constant chains
 
@@ -215,7 +215,7 @@ class Analysis:
         if removed:
             removed = self.dead_mask(removed)
             for act in self.actions:
-                _apply_action(self, act, removed, names)
+                act.apply(self, lambda ids: self.keep_mask(ids, removed), names)
             tensors = g.tensors()
             for name, s in self.slots.items():
                 if name in tensors and not self.keep_mask(s.ids, removed).all():
@@ -276,8 +276,8 @@ class Analysis:
                     v[dead] = 0
                     p.bn.inputs[i] = gs.Constant(names("killed_bn"), v)
         for act in self.actions:
-            if act[0] == "const" and act[1].op in ("Add", "Sub"):
-                _, node, index, axis, ids = act
+            if isinstance(act, ConstAction) and act.node.op in ("Add", "Sub"):
+                node, index, axis, ids = act.node, act.index, act.axis, act.ids
                 dead = ~self.keep_mask(ids, roots)
                 if dead.any():
                     v = np.array(constant_value(node.inputs[index]), copy=True)
@@ -484,7 +484,7 @@ class _Analyzer:
         if "axes" in node.attrs:
             raise _NotUnderstood("Resize with axes")
         if sizes is not None and sizes.size:
-            self.actions.append(("resize_sizes", node, idx_sizes, s.axis, s.ids))
+            self.actions.append(ResizeSizesAction(node, idx_sizes, s.axis, s.ids))
         elif scales is not None and scales.size:
             if abs(float(scales[s.axis]) - 1.0) > 0:
                 raise _NotUnderstood("Resize scales the channel axis")
@@ -527,7 +527,7 @@ class _Analyzer:
             if d == 1:
                 continue
             if d == width and self.weight(t):
-                self.actions.append(("const", node, i, ax, ref.ids))
+                self.actions.append(ConstAction(node, i, ax, ref.ids))
                 continue
             if d is None or d != width:
                 raise _NotUnderstood(f"{node.op} operand '{t.name}' does not broadcast along channels")
@@ -586,7 +586,7 @@ class _Analyzer:
             raise _NotUnderstood("BatchNormalization with runtime parameters or channels not on axis 1")
         if any(o.outputs for o in node.outputs[1:]) or int(node.attrs.get("training_mode", 0)):
             raise _NotUnderstood("BatchNormalization in training mode")
-        self.actions.append(("params", node, (1, 2, 3, 4), s.ids))
+        self.actions.append(ParamsAction(node, (1, 2, 3, 4), s.ids))
         self.set(node.outputs[0], s.axis, s.rank, s.ids)
 
     def _op_InstanceNormalization(self, node: gs.Node) -> None:
@@ -595,7 +595,7 @@ class _Analyzer:
             return
         if s.axis != 1 or any(not self.weight(input_at(node, i)) for i in (1, 2)):
             raise _NotUnderstood("InstanceNormalization with runtime parameters")
-        self.actions.append(("params", node, (1, 2), s.ids))
+        self.actions.append(ParamsAction(node, (1, 2), s.ids))
         self.set(node.outputs[0], s.axis, s.rank, s.ids)
 
     def _op_Conv(self, node: gs.Node) -> None:
@@ -628,7 +628,7 @@ class _Analyzer:
             mode = "dense"
         rank = self.rank(x) or (wv.ndim)
         self.set(node.outputs[0], 1, rank, out)
-        self.actions.append(("conv", node, None if sx is None else sx.ids, out, mode))
+        self.actions.append(LayerAction("conv", node, None if sx is None else sx.ids, out, mode))
         self.producers.append(Producer(node, "Conv", out))
 
     def _op_ConvTranspose(self, node: gs.Node) -> None:
@@ -643,7 +643,7 @@ class _Analyzer:
         wv = constant_value(w)
         out = self.uf.new(int(wv.shape[1]))
         self.set(node.outputs[0], 1, self.rank(x) or wv.ndim, out)
-        self.actions.append(("convT", node, None if sx is None else sx.ids, out))
+        self.actions.append(LayerAction("convT", node, None if sx is None else sx.ids, out))
         self.producers.append(Producer(node, "ConvTranspose", out))
 
     def _op_Gemm(self, node: gs.Node) -> None:
@@ -670,9 +670,9 @@ class _Analyzer:
                 if cshape and cshape[-1] == n and n > 1:
                     if not self.weight(c):
                         raise _NotUnderstood("Gemm C is a runtime tensor")
-                    self.actions.append(("const", node, 2, len(cshape) - 1, out))
+                    self.actions.append(ConstAction(node, 2, len(cshape) - 1, out))
         self.set(node.outputs[0], 1, 2, out)
-        self.actions.append(("gemm", node, None if sa is None else sa.ids, out))
+        self.actions.append(LayerAction("gemm", node, None if sa is None else sa.ids, out))
         self.producers.append(Producer(node, "Gemm", out))
 
     def _op_MatMul(self, node: gs.Node) -> None:
@@ -693,7 +693,7 @@ class _Analyzer:
             return
         out = self.uf.new(int(wv.shape[1]))
         self.set(node.outputs[0], ra - 1, ra, out)
-        self.actions.append(("matmul", node, None if sa is None else sa.ids, out))
+        self.actions.append(LayerAction("matmul", node, None if sa is None else sa.ids, out))
         self.producers.append(Producer(node, "MatMul", out))
 
     def _op_Concat(self, node: gs.Node) -> None:
@@ -751,7 +751,7 @@ class _Analyzer:
             parts.append(s.ids[start:start + n])
             self.set(o, s.axis, s.rank, s.ids[start:start + n])
             start += n
-        self.actions.append(("split", node, parts))
+        self.actions.append(SplitAction(node, parts))
 
     def _op_Slice(self, node: gs.Node) -> None:
         s = self.S(node.inputs[0])
@@ -782,7 +782,7 @@ class _Analyzer:
         lo, hi, _ = slice(int(max(min(starts[j], 2**62), -2**62)), int(max(min(ends[j], 2**62), -2**62))).indices(n)
         hi = max(hi, lo)
         self.set(node.outputs[0], s.axis, s.rank, s.ids[lo:hi])
-        self.actions.append(("slice", node, j, s.ids, lo, hi))
+        self.actions.append(SliceAction(node, j, s.ids, lo, hi))
 
     def _op_Pad(self, node: gs.Node) -> None:
         s = self.S(node.inputs[0])
@@ -815,7 +815,7 @@ class _Analyzer:
             raise _NotUnderstood(f"Pad of the channel axis in mode {mode} / negative")
         before, after = self.uf.new(pb), self.uf.new(pe)
         self.set(node.outputs[0], s.axis, s.rank, np.concatenate([before, s.ids, after]))
-        self.actions.append(("pad", node, s.axis, s.rank, pads, before, after))
+        self.actions.append(PadAction(node, s.axis, s.rank, pads, before, after))
 
     def _op_Transpose(self, node: gs.Node) -> None:
         s = self.S(node.inputs[0])
@@ -928,7 +928,7 @@ class _Analyzer:
             ids = rows[:, 0].copy()
         self.set(node.outputs[0], b, len(oshp), ids)
         if b < len(target) and target[b] not in (-1,) and not (target[b] == 0 and not allowzero and b == a and mode == "same"):
-            self.actions.append(("reshape", node, b, mode, factor, s.ids, target))
+            self.actions.append(ReshapeAction(node, b, mode, factor, s.ids, target))
 
     def _op_Identity(self, node: gs.Node) -> None:
         self._unary(node)
@@ -953,89 +953,136 @@ def _set_input(node: gs.Node, index: int, value: np.ndarray, names: NameGenerato
     node.inputs[index] = gs.Constant(names((old.name or base) + "_pruned"), np.require(value, requirements="C"))
 
 
-def _apply_action(an: Analysis, act: tuple, removed: set, names: NameGenerator) -> None:
-    kind, node = act[0], act[1]
-    km = lambda ids: an.keep_mask(ids, removed)  # noqa: E731
-    if kind == "conv":
-        _, _, in_ids, out_ids, mode = act
-        ko = km(out_ids)
+# --------------------------------------------------------------------------------- actions
+# What pruning a set of channel components does to one node; recorded while the analysis walks
+# the graph, applied by Analysis.apply with ``keep(ids)`` -> the boolean keep mask of those slots.
+
+
+@dataclass
+class LayerAction:
+    """A weighted layer (``kind`` conv, convT, gemm or matmul): slice its weight's input and
+    output channels (and the bias). ``in_ids`` None: its input has no slots (a graph input);
+    ``mode`` (conv): dense, grouped or depthwise."""
+
+    kind: str
+    node: gs.Node
+    in_ids: Optional[np.ndarray]
+    out_ids: np.ndarray
+    mode: Optional[str] = None
+
+    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
+        node = self.node
         w = constant_value(node.inputs[1])
-        new = w
-        if not ko.all():
-            new = _take(new, 0, ko)
-        g = int(node.attrs.get("group", 1))
-        if in_ids is not None:
-            ki = km(in_ids)
+        if self.kind == "conv":
+            new = self._conv_weight(w, keep)
+        elif self.kind == "convT":
+            new = w if self.in_ids is None or keep(self.in_ids).all() else _take(w, 0, keep(self.in_ids))
+            ko = keep(self.out_ids)
+            if not ko.all():
+                new = _take(new, 1, ko)
+                b = input_at(node, 2)
+                if b is not None:
+                    _set_input(node, 2, _take(constant_value(b), 0, ko), names, "b")
+        else:
+            in_axis, out_axis = (1, 0) if self.kind == "gemm" and int(node.attrs.get("transB", 0)) else (0, 1)
+            new = w if self.in_ids is None or keep(self.in_ids).all() else _take(w, in_axis, keep(self.in_ids))
+            if not keep(self.out_ids).all():
+                new = _take(new, out_axis, keep(self.out_ids))
+        if new is not w:
+            _set_input(node, 1, new, names, "w")
+        if self.kind == "conv":
+            b = input_at(node, 2)
+            if b is not None and not keep(self.out_ids).all():
+                _set_input(node, 2, _take(constant_value(b), 0, keep(self.out_ids)), names, "b")
+
+    def _conv_weight(self, w: np.ndarray, keep) -> np.ndarray:
+        node = self.node
+        ko = keep(self.out_ids)
+        new = w if ko.all() else _take(w, 0, ko)
+        if self.in_ids is not None:
+            ki = keep(self.in_ids)
             if not ki.all():
-                if mode == "dense":
+                if self.mode == "dense":
                     new = _take(new, 1, ki)
-                elif mode == "grouped":
+                elif self.mode == "grouped":
                     new = _take(new, 1, ki[: w.shape[1]])
                 else:  # depthwise: whole groups go
                     node.attrs["group"] = int(ki.sum())
-        if new is not w:
-            _set_input(node, 1, new, names, "w")
-        b = input_at(node, 2)
-        if b is not None and not ko.all():
-            _set_input(node, 2, _take(constant_value(b), 0, ko), names, "b")
-    elif kind == "convT":
-        _, _, in_ids, out_ids = act
-        ko = km(out_ids)
-        w = constant_value(node.inputs[1])
-        new = w
-        if in_ids is not None and not km(in_ids).all():
-            new = _take(new, 0, km(in_ids))
-        if not ko.all():
-            new = _take(new, 1, ko)
-            b = input_at(node, 2)
-            if b is not None:
-                _set_input(node, 2, _take(constant_value(b), 0, ko), names, "b")
-        if new is not w:
-            _set_input(node, 1, new, names, "w")
-    elif kind in ("gemm", "matmul"):
-        _, _, in_ids, out_ids = act
-        w = constant_value(node.inputs[1])
-        in_axis, out_axis = (1, 0) if kind == "gemm" and int(node.attrs.get("transB", 0)) else (0, 1)
-        new = w
-        if in_ids is not None and not km(in_ids).all():
-            new = _take(new, in_axis, km(in_ids))
-        if not km(out_ids).all():
-            new = _take(new, out_axis, km(out_ids))
-        if new is not w:
-            _set_input(node, 1, new, names, "w")
-    elif kind == "params":
-        _, _, indices, ids = act
-        k = km(ids)
+        return new
+
+
+@dataclass
+class ParamsAction:
+    """Per-channel parameter inputs (``indices``) of a node, e.g. BatchNormalization's."""
+
+    node: gs.Node
+    indices: tuple
+    ids: np.ndarray
+
+    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
+        k = keep(self.ids)
         if not k.all():
-            for i in indices:
-                _set_input(node, i, _take(constant_value(node.inputs[i]), 0, k), names, "p")
-    elif kind == "const":
-        _, _, index, axis, ids = act
-        k = km(ids)
+            for i in self.indices:
+                _set_input(self.node, i, _take(constant_value(self.node.inputs[i]), 0, k), names, "p")
+
+
+@dataclass
+class ConstAction:
+    """A constant operand (input ``index``) with a full channel dimension on ``axis``."""
+
+    node: gs.Node
+    index: int
+    axis: int
+    ids: np.ndarray
+
+    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
+        k = keep(self.ids)
         if not k.all():
-            _set_input(node, index, _take(constant_value(node.inputs[index]), axis, k), names, "c")
-    elif kind == "split":
-        parts = act[2]
-        sizes = [int(km(p).sum()) for p in parts]
-        if sizes != [len(p) for p in parts]:
-            if "split" in node.attrs:
-                node.attrs["split"] = sizes
-            else:
-                node.attrs.pop("num_outputs", None)
-                arr = np.array(sizes, dtype=np.int64)
-                if input_at(node, 1) is not None:
-                    _set_input(node, 1, arr, names, "split")
-                else:
-                    while len(node.inputs) < 2:
-                        node.inputs.append(gs.Variable.empty())
-                    node.inputs[1] = gs.Constant(names("split_sizes"), arr)
-    elif kind == "slice":
-        _, _, j, in_ids, lo, hi = act
-        k = km(in_ids)
+            _set_input(self.node, self.index, _take(constant_value(self.node.inputs[self.index]), self.axis, k), names, "c")
+
+
+@dataclass
+class SplitAction:
+    """A Split along the channel axis: each part's size shrinks by its removed channels."""
+
+    node: gs.Node
+    parts: list
+
+    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
+        node = self.node
+        sizes = [int(keep(p).sum()) for p in self.parts]
+        if sizes == [len(p) for p in self.parts]:
+            return
+        if "split" in node.attrs:
+            node.attrs["split"] = sizes
+            return
+        node.attrs.pop("num_outputs", None)
+        arr = np.array(sizes, dtype=np.int64)
+        if input_at(node, 1) is not None:
+            _set_input(node, 1, arr, names, "split")
+        else:
+            while len(node.inputs) < 2:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs[1] = gs.Constant(names("split_sizes"), arr)
+
+
+@dataclass
+class SliceAction:
+    """A Slice of channels [lo, hi) on its ``j``-th axis entry: the bounds move to the kept ones."""
+
+    node: gs.Node
+    j: int
+    ids: np.ndarray
+    lo: int
+    hi: int
+
+    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
+        node, j = self.node, self.j
+        k = keep(self.ids)
         if k.all():
             return
-        new_lo = int(k[:lo].sum())
-        new_hi = new_lo + int(k[lo:hi].sum())
+        new_lo = int(k[:self.lo].sum())
+        new_hi = new_lo + int(k[self.lo:self.hi].sum())
         if "starts" in node.attrs:
             starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
             starts[j], ends[j] = new_lo, new_hi
@@ -1046,41 +1093,74 @@ def _apply_action(an: Analysis, act: tuple, removed: set, names: NameGenerator) 
             st[j], en[j] = new_lo, new_hi
             _set_input(node, 1, st.astype(_value(an, node.inputs[1]).dtype), names, "starts")
             _set_input(node, 2, en.astype(_value(an, node.inputs[2]).dtype), names, "ends")
-    elif kind == "pad":
-        _, _, axis, rank, pads, before, after = act
-        nb, ne = int(km(before).sum()), int(km(after).sum())
-        if nb == len(before) and ne == len(after):
+
+
+@dataclass
+class PadAction:
+    """A Pad on the channel axis: the padded channels ``before`` / ``after`` that are kept."""
+
+    node: gs.Node
+    axis: int
+    rank: int
+    pads: list
+    before: np.ndarray
+    after: np.ndarray
+
+    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
+        node = self.node
+        nb, ne = int(keep(self.before).sum()), int(keep(self.after).sum())
+        if nb == len(self.before) and ne == len(self.after):
             return
-        new = np.array(pads, dtype=np.int64).copy()
-        new[axis], new[axis + rank] = nb, ne
+        new = np.array(self.pads, dtype=np.int64).copy()
+        new[self.axis], new[self.axis + self.rank] = nb, ne
         if opset_of(an.model) < 11:
             key = "pads" if "pads" in node.attrs else "paddings"
             node.attrs[key] = [int(v) for v in new]
-        else:
-            if input_at(node, 3) is not None:  # Pad with axes: write the full-rank form instead
-                node.inputs[3] = gs.Variable.empty()
-                while node.inputs and isinstance(node.inputs[-1], gs.Variable) and node.inputs[-1].name == "":
-                    node.inputs.pop()
-            node.inputs[1] = gs.Constant(names("pads_pruned"), new)
-    elif kind == "reshape":
-        _, _, b, mode, factor, in_ids, target = act
-        k = km(in_ids)
+            return
+        if input_at(node, 3) is not None:  # Pad with axes: write the full-rank form instead
+            node.inputs[3] = gs.Variable.empty()
+            while node.inputs and isinstance(node.inputs[-1], gs.Variable) and node.inputs[-1].name == "":
+                node.inputs.pop()
+        node.inputs[1] = gs.Constant(names("pads_pruned"), new)
+
+
+@dataclass
+class ReshapeAction:
+    """A Reshape that keeps (``same``), merges or splits the channel dim ``axis`` by ``factor``."""
+
+    node: gs.Node
+    axis: int
+    mode: str
+    factor: int
+    ids: np.ndarray
+    target: list
+
+    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
+        k = keep(self.ids)
         if k.all():
             return
         kept = int(k.sum())
-        new = list(target)
-        new[b] = kept if mode == "same" else (kept * factor if mode == "merge" else kept // factor)
-        _set_input(node, 1, np.array(new, dtype=np.int64), names, "shape")
-    elif kind == "resize_sizes":
-        _, _, index, axis, ids = act
-        k = km(ids)
+        new = list(self.target)
+        new[self.axis] = kept if self.mode == "same" else (kept * self.factor if self.mode == "merge" else kept // self.factor)
+        _set_input(self.node, 1, np.array(new, dtype=np.int64), names, "shape")
+
+
+@dataclass
+class ResizeSizesAction:
+    """A Resize given by ``sizes`` (input ``index``): its channel entry becomes the kept count."""
+
+    node: gs.Node
+    index: int
+    axis: int
+    ids: np.ndarray
+
+    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
+        k = keep(self.ids)
         if k.all():
             return
-        sizes = np.array(_value(an, node.inputs[index]), dtype=np.int64).copy()
-        sizes[axis] = int(k.sum())
-        _set_input(node, index, sizes, names, "sizes")
-    else:  # pragma: no cover - every action kind is handled above
-        raise AssertionError(kind)
+        sizes = np.array(_value(an, self.node.inputs[self.index]), dtype=np.int64).copy()
+        sizes[self.axis] = int(k.sum())
+        _set_input(self.node, self.index, sizes, names, "sizes")
 
 
 def _value(an: Analysis, t) -> np.ndarray:

@@ -315,9 +315,9 @@ def _protected(an: channels.Analysis, patterns: list, keep_first_last: bool) -> 
                 makers.setdefault(r, set()).add(i)
         index = {id(p.node): i for i, p in enumerate(an.producers)}
         for act in an.actions:
-            if act[0] in ("conv", "convT", "gemm", "matmul") and act[2] is not None:
-                for r in set(an.roots(act[2]).tolist()):
-                    readers.setdefault(r, set()).add(index[id(act[1])])
+            if isinstance(act, channels.LayerAction) and act.in_ids is not None:
+                for r in set(an.roots(act.in_ids).tolist()):
+                    readers.setdefault(r, set()).add(index[id(act.node)])
         for r, mk in makers.items():
             if mk <= first:
                 protected.add(r)
@@ -473,13 +473,13 @@ def _mac_model(an: channels.Analysis, model: ModelProto, plan: list):
     total = float(sum(by_out.values())) or 1.0
     layers = []
     for act in an.actions:
-        if act[0] not in ("conv", "convT", "gemm", "matmul"):
+        if not isinstance(act, channels.LayerAction):
             continue
-        m = float(by_out.get(act[1].outputs[0].name, 0))
+        m = float(by_out.get(act.node.outputs[0].name, 0))
         if not m:
             continue
-        ins = None if act[2] is None or (act[0] == "conv" and act[4] == "depthwise") else an.roots(act[2])
-        layers.append((m, an.roots(act[3]), ins))
+        ins = None if act.in_ids is None or (act.kind == "conv" and act.mode == "depthwise") else an.roots(act.in_ids)
+        layers.append((m, an.roots(act.out_ids), ins))
     fixed = total - sum(m for m, _, _ in layers)
     size = len(an.uf.parent)
 
@@ -608,30 +608,30 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     todo = []
     removed = an.dead_mask(removed)
     for act in an.actions:
-        if act[0] not in ("conv", "gemm") or act[2] is None:
+        if not isinstance(act, channels.LayerAction) or act.kind not in ("conv", "gemm") or act.in_ids is None:
             continue
-        if act[0] == "conv" and act[4] == "depthwise":
+        if act.kind == "conv" and act.mode == "depthwise":
             continue
-        dead = ~an.keep_mask(act[2], removed)
+        dead = ~an.keep_mask(act.in_ids, removed)
         if dead.any():
             todo.append((act, dead))
     if not todo:
         return 0
-    tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
+    tensors = list(dict.fromkeys(act.node.inputs[0].name for act, _ in todo))
     refit = [(act, dead) for act, dead in todo if how == "refit" and _refittable(act)]
     grams = _input_grams(model, fit_feeds or feeds, refit) if refit else {}
     means = _reference_run(model, feeds, tensors, refs)
     names = NameGenerator(an.graph)
     done = 0
     for act, dead in todo:
-        node = act[1]
+        node = act.node
         if id(node) in grams and _refit_conv(node, dead, grams[id(node)], ridge, names):
             done += 1
             continue
         mean = means[node.inputs[0].name]
         w = constant_value(node.inputs[1])
         wdt, w = w.dtype, w.astype(np.float64)
-        if act[0] == "conv":
+        if act.kind == "conv":
             cin_g = w.shape[1]
             g = int(node.attrs.get("group", 1))
             per_in = w.reshape(w.shape[0], cin_g, -1).sum(axis=2)   # [Cout, Cin/g]
@@ -672,10 +672,10 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     return done
 
 
-def _refittable(act: tuple) -> bool:
-    node = act[1]
+def _refittable(act: channels.LayerAction) -> bool:
+    node = act.node
     w = node.inputs[1]
-    return (act[0] == "conv" and act[4] == "dense" and int(node.attrs.get("group", 1)) == 1
+    return (act.kind == "conv" and act.mode == "dense" and int(node.attrs.get("group", 1)) == 1
             and str(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID") and w.shape is not None and len(w.shape) == 4)
 
 
@@ -694,13 +694,13 @@ def _im2col(x: np.ndarray, node, kshape: tuple) -> np.ndarray:
 def _input_grams(model: ModelProto, feeds: list, todo: list) -> dict:
     """{id(consumer node): (Gram matrix of its [im2col patches, 1], patch rows) over the feeds
     (original model)}."""
-    tensors = list(dict.fromkeys(act[1].inputs[0].name for act, _ in todo))
+    tensors = list(dict.fromkeys(act.node.inputs[0].name for act, _ in todo))
     sess = runtime.session(runtime.with_outputs(model, tensors))
     grams: dict = {}
     for feed in feeds:
         out = runtime.run(sess, feed, tensors)
         for act, _ in todo:
-            node = act[1]
+            node = act.node
             k = constant_value(node.inputs[1]).shape[2:]
             p = _im2col(out[node.inputs[0].name].astype(np.float64), node, k)
             p = np.concatenate([p, np.ones((len(p), 1))], axis=1)
