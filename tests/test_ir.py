@@ -95,7 +95,7 @@ def test_union_find_keeps_the_first_arguments_representative():
 
 
 def test_channel_slots_keep_the_smallest_slot_as_root():
-    from onnxopt.channels import POISON, SlotSets
+    from onnxopt.passes.prune.channels import POISON, SlotSets
 
     s = SlotSets()
     a, b = s.new(3), s.new(3)

@@ -16,7 +16,8 @@ from onnx import helper, numpy_helper
 
 import prune_models as pm
 from helpers import assert_equivalent, make_model, rand, run
-from onnxopt import channels, runtime
+from onnxopt import runtime
+from onnxopt.passes.prune import channels
 from onnxopt.errors import OptionError
 from onnxopt.manager import apply
 from onnxopt.registry import PassContext

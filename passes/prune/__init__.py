@@ -1,6 +1,6 @@
 """``prune`` -- structured channel pruning as a graph rewrite (approximate).
 
-Channels are removed physically: the analysis in :mod:`onnxopt.channels` finds the groups of
+Channels are removed physically: the analysis in :mod:`.channels` (beside this pass) finds the groups of
 channels that must go together (residual Adds, Concat offsets, Split/Slice, channel Pad, depthwise
 and grouped convs, GAP -> Flatten/Reshape -> Gemm...), and the rewrite slices Conv/ConvTranspose/
 Gemm/MatMul weights and biases, BN parameters, consumers' input channels, Pad amounts, Concat/Split
@@ -81,13 +81,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import ModelProto
 
-from onnxopt import channels, runtime, stats
-from onnxopt.channels import POISON
+from onnxopt import runtime, stats
 from onnxopt.compare import measure_latency
 from onnxopt.data import collect_feeds
 from onnxopt.errors import OptionError
 from onnxopt.ir.graph import NameGenerator, constant_value, input_at
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
+
+from . import channels
+from .channels import POISON
 
 IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
 

@@ -40,13 +40,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
 
-from .errors import OnnxoptError
-from .ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
-from .ir.proto import producers
-from .ir.unionfind import UnionFind
-from .model_io import opset_of, subgraph_reads
-from .runtime import run
-from .stats import static_shapes
+from onnxopt.errors import OnnxoptError
+from onnxopt.ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
+from onnxopt.ir.proto import producers
+from onnxopt.ir.unionfind import UnionFind
+from onnxopt.model_io import opset_of, subgraph_reads
+from onnxopt.runtime import run
+from onnxopt.stats import static_shapes
 
 POISON = 0
 
