@@ -231,3 +231,12 @@ def test_cli_refuses_to_write_a_qdq_model_failing_its_own_target_check(tmp_path,
     assert res.exit_code != 0 and "fails `onnxopt check --target tensorrt`" in res.output
     assert "[weight-dq] conv_a: planted violation" in res.output and not out.exists()
     assert (tmp_path / "r.json").exists()
+
+
+def test_output_error_equal_infinities_and_the_float16_floor():
+    r = {"y": np.array([-np.inf, 1.0, 2.0], np.float32)}
+    assert runtime.output_error(r, {"y": r["y"].copy()})["max_abs"] == 0.0  # a masked -inf in both is no error
+    h = {"y": np.array([1.0, 2.0], np.float16)}
+    off = {"y": (h["y"] + np.float16(2 ** -10) * h["y"]).astype(np.float16)}  # one fp16 ulp
+    err = runtime.output_error(h, off)
+    assert 1e-4 < err["max_rel"] <= err["rtol_floor"] == 4 * float(np.finfo(np.float16).eps)
