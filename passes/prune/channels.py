@@ -1027,13 +1027,17 @@ class ParamsAction:
 
 
 @dataclass
-class ConstAction:
-    """A constant operand (input ``index``) with a full channel dimension on ``axis``."""
+class _InputAxis:
+    """An action on one input (``index``) of ``node`` along ``axis``, for the slots ``ids``."""
 
     node: gs.Node
     index: int
     axis: int
     ids: np.ndarray
+
+
+class ConstAction(_InputAxis):
+    """A constant operand (input ``index``) with a full channel dimension on ``axis``."""
 
     def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
         k = keep(self.ids)
@@ -1145,14 +1149,8 @@ class ReshapeAction:
         _set_input(self.node, 1, np.array(new, dtype=np.int64), names, "shape")
 
 
-@dataclass
-class ResizeSizesAction:
-    """A Resize given by ``sizes`` (input ``index``): its channel entry becomes the kept count."""
-
-    node: gs.Node
-    index: int
-    axis: int
-    ids: np.ndarray
+class ResizeSizesAction(_InputAxis):
+    """A Resize given by ``sizes`` (input ``index``): its channel entry ``axis`` becomes the kept count."""
 
     def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
         k = keep(self.ids)
