@@ -30,7 +30,6 @@ import dataclasses
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -39,11 +38,11 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 from onnx.external_data_helper import uses_external_data
-from tqdm import tqdm
 
 from . import model_io, runtime, stats, task_metric
 from .data import DataSource, feed_samples, graph_inputs, open_data, recorded_preprocessing
 from .errors import DataError, GateFailure, OnnxoptError, OptionError
+from .progress import progress_bar
 
 MB = 2**20
 ModelLike = Union[str, os.PathLike, ModelProto]
@@ -443,9 +442,7 @@ def compare_models(
     cand_fetch = list(dict.fromkeys(cand_names + [cand_logits[c] for c in cand_names]))
     first_sample: Optional[dict] = None
     seen = 0
-    bar = None
-    if progress:
-        bar = tqdm(total=total, unit="sample", desc="compare", file=sys.stderr, leave=False)
+    bar = progress_bar(total, "compare", progress)
     try:
         for feed in feeds:
             n_batch = feed_samples(feed)
@@ -463,11 +460,9 @@ def compare_models(
             for a, rname, cname in zip(acc, ref_names, cand_names):
                 a.update(ro[rname], co[cname], lab)
             seen += n_batch
-            if bar is not None:
-                bar.update(n_batch)
+            bar.update(n_batch)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if seen == 0:
         raise DataError("no sample reached the models.", "check the data (an empty selection? fewer samples than the fixed batch size?)")
     if data_labels is not None and len(data_labels) != seen:

@@ -177,3 +177,19 @@ def test_a_later_pass_option_or_input_is_refused_before_the_first_pass_runs(tmp_
     assert r.exit_code != 0 and words in r.output, r.output
     assert "[1/5] cleanup" not in r.output and "Traceback" not in r.output  # nothing ran
     assert not (tmp_path / "out.onnx").exists()
+
+
+# ------------------------------------------------------------------------------- progress
+def test_long_steps_print_plain_progress_lines_when_not_on_a_terminal(tmp_path, cnn, monkeypatch):
+    from onnxopt import progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)  # every update is "a few seconds later"
+    x = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=x)
+    r = invoke("apply", "qdq", cnn, "--calib-data", tmp_path / "d.npz", "--target", "ort")
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("calibrating")]
+    assert len(lines) >= 6 and lines[-1].split(": ", 1)[1].startswith("6/6 samples") and "sample/s" in lines[-1]
+    assert "\r" not in r.output  # lines, not a bar's carriage returns
+    r = invoke("apply", "qdq", cnn, "--calib-data", tmp_path / "d.npz", "--target", "ort", "--force", "-q")
+    assert r.exit_code == 0 and "calibrating" not in r.output

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -92,7 +91,7 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
     model_io.refuse_overwriting_inputs(output, [model])
     source = model_io.load_model(model)
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    ctx = PassContext(progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log, require_verify=require_verify)
+    ctx = PassContext(progress=not quiet, input_shapes=shapes, log=log, require_verify=require_verify)
     if data:
         # wrong shape/dtype/NaN, or images without their preprocessing, fail now, not only if a
         # pass happens to read the data

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -125,7 +124,7 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
                          warmup=warmup, val_split=settings["val_split"], patience=patience,
                          temperature=temperature, feature_loss=settings["feature_loss"], feature_weight=feature_weight,
                          user_loss=user_loss, quant_mode=quant_mode, bn_mode=bn_mode, bn_recalib=bn_recalib, checkpoint=checkpoint,
-                         resume=resume, device=device, seed=seed, progress=not quiet and sys.stderr.isatty() and rank == 0,
+                         resume=resume, device=device, seed=seed, progress=not quiet and rank == 0,
                          teacher_runtime=teacher_runtime, log=log, threads=threads)
     student = source
     if qat:

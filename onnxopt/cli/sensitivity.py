@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import click
 
@@ -72,7 +71,7 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
     shapes = parse_input_shapes(input_shapes)
     source = model_io.load_model(model)
     ds = open_cli_data(data, image, source, shapes, log=log, batch_size=batch_size, max_samples=calib_samples)
-    ctx = PassContext(data=ds, data_spec=ds.spec, progress=not quiet and sys.stderr.isatty(), input_shapes=shapes, log=log)
+    ctx = PassContext(data=ds, data_spec=ds.spec, progress=not quiet, input_shapes=shapes, log=log)
     log(f"quantizing for {target} (one calibration) ...")
     result = quantize_model(source, resolved, ds, ctx)
     view = QdqView(source, result.model, result.info)

@@ -64,9 +64,9 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto
-from tqdm.auto import tqdm
 
 from .. import errors as _errors
+from ..progress import progress_bar
 from ..data import feed_samples
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint, follow_umask
@@ -289,7 +289,7 @@ def _total(data) -> Optional[int]:
 
 
 def _progress(config: CalibConfig, total: Optional[int], desc: str):
-    return tqdm(total=total, desc=desc, unit="sample", disable=not config.progress, leave=False, dynamic_ncols=True)
+    return progress_bar(total, desc, config.progress)
 
 
 def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConfig) -> dict:

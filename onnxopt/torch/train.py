@@ -36,9 +36,9 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 from onnx import ModelProto
-from tqdm import tqdm
 
 from .. import runtime, stats
+from ..progress import progress_bar
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint
 from ..userfiles import load_user_function
@@ -485,7 +485,7 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
         # every rank takes n // world samples, so all take the same number of steps (DDP all-reduces each)
         mine = perm[rank:(n // world) * world:world] if world > 1 else perm
         batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        bar = _progress(len(batches) * cfg.batch_size, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
+        bar = _progress(len(batches) * cfg.batch_size, f"training, epoch {epoch + 1} of {cfg.epochs}", cfg.progress and rank == 0)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for idx in batches:
             xs = [tensors[nm][idx].to(device) for nm in student.input_names]
@@ -515,7 +515,7 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
             loss_sum += float(loss.detach()) * len(idx)
             if bar is not None:
                 bar.update(len(idx))
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                bar.set_postfix_str(f"loss={float(loss.detach()):.4f}")
         if bar is not None:
             bar.close()
         dt = time.perf_counter() - t0
@@ -579,9 +579,7 @@ def _check_batch(student: OnnxModule, arrays: dict, batch: int, device) -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    return tqdm(total=total, desc=desc, unit="sample", leave=False)
+    return progress_bar(total, desc, enabled) if enabled else None
 
 
 def _teacher_cache(t_fn, tensors, input_names, batch_size, device) -> tuple:

@@ -83,9 +83,10 @@ from onnx import ModelProto
 
 from onnxopt import runtime, stats
 from onnxopt.compare import measure_latency
-from onnxopt.data import collect_feeds
+from onnxopt.data import collect_feeds, feed_samples
 from onnxopt.errors import OptionError
 from onnxopt.ir.graph import NameGenerator, constant_value, input_at
+from onnxopt.progress import progress_bar
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 from . import channels
@@ -179,7 +180,7 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     feeds, source = ctx.sample_feeds(model, options.eval_batches)
     refs: list = []
     fit_feeds = _sample_feeds(ctx, model, options.refit_samples) if compensate == "refit" and removed else None
-    compensated = _compensate(an, model, removed, feeds, refs, compensate, options.refit_ridge, fit_feeds) \
+    compensated = _compensate(an, model, removed, feeds, refs, compensate, options.refit_ridge, fit_feeds, ctx.progress) \
         if compensate != "none" and removed else 0
     if not refs and removed:
         _reference_run(model, feeds, [], refs)
@@ -589,7 +590,7 @@ def _sample_feeds(ctx: PassContext, model: ModelProto, samples: int) -> list:
 
 
 def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list, refs: list,
-                how: str = "mean", ridge: float = 1e-3, fit_feeds: list | None = None) -> int:
+                how: str = "mean", ridge: float = 1e-3, fit_feeds: list | None = None, progress: bool = False) -> int:
     """Fold the mean of each removed input channel into the consumer's bias (``mean``), or refit
     the consumer's kept weights and bias by least squares (``refit``, dense 2-D Conv only).
 
@@ -621,7 +622,7 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
         return 0
     tensors = list(dict.fromkeys(act.node.inputs[0].name for act, _ in todo))
     refit = [(act, dead) for act, dead in todo if how == "refit" and _refittable(act)]
-    grams = _input_grams(model, fit_feeds or feeds, refit) if refit else {}
+    grams = _input_grams(model, fit_feeds or feeds, refit, progress) if refit else {}
     means = _reference_run(model, feeds, tensors, refs)
     names = NameGenerator(an.graph)
     done = 0
@@ -693,13 +694,15 @@ def _im2col(x: np.ndarray, node, kshape: tuple) -> np.ndarray:
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
 
 
-def _input_grams(model: ModelProto, feeds: list, todo: list) -> dict:
+def _input_grams(model: ModelProto, feeds: list, todo: list, progress: bool = False) -> dict:
     """{id(consumer node): (Gram matrix of its [im2col patches, 1], patch rows) over the feeds
     (original model)}."""
     tensors = list(dict.fromkeys(act.node.inputs[0].name for act, _ in todo))
     sess = runtime.session(runtime.with_outputs(model, tensors))
     grams: dict = {}
+    bar = progress_bar(sum(feed_samples(f) for f in feeds), f"prune refit: input statistics of {len(todo)} layers", progress)
     for feed in feeds:
+        bar.update(feed_samples(feed))
         out = runtime.run(sess, feed, tensors)
         for act, _ in todo:
             node = act.node
@@ -708,6 +711,7 @@ def _input_grams(model: ModelProto, feeds: list, todo: list) -> dict:
             p = np.concatenate([p, np.ones((len(p), 1))], axis=1)
             g, rows = grams.get(id(node), (0.0, 0))
             grams[id(node)] = (g + p.T @ p, rows + len(p))
+    bar.close()
     return grams
 
 
