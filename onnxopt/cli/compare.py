@@ -126,7 +126,7 @@ def compare_cmd(ref, cand, data, labels, runs, threads, batch_size, max_samples,
         input_shapes=parse_input_shapes(input_shapes), image=image, batch_size=batch_size, max_samples=max_samples,
         threads=threads,
         gates={"max_size_mb": max_size_mb, "max_latency_ms": max_latency_ms, "min_agreement": min_agreement, "max_drop": max_drop},
-        progress=not quiet, require_preprocessing=True,
+        progress=not quiet and not as_json, require_preprocessing=True,
     )
     if as_json:
         click.echo(json.dumps(strict_json(result), indent=2, default=str, allow_nan=False))
