@@ -574,14 +574,16 @@ def test_narrow_classes_round_to_a_smaller_multiple():
 
 def test_compensation_follows_the_data_and_the_cost_is_said():
     """compensate=auto: no data -> none (means of generated inputs mislead), data -> refit; the
-    console gets one line with the MACs/params removed and the output error after pruning."""
+    console gets one line with the MACs/params before and after and what the options meant (the
+    manager's summary adds the output change)."""
     m = pm.residual()
     said = []
     _, rec = _apply_defaults(m, ratio=0.3, keep_first_last=False, context=PassContext(log=said.append))
     assert rec.extra["compensate"] == "none" and rec.extra["compensated_layers"] == 0
     line = [s for s in said if s.startswith("prune:")]
-    assert len(line) == 1 and "of the MACs" in line[0] and "of the parameters" in line[0] and "max|err|" in line[0]
-    assert f"removes {rec.extra['macs']['reduction']:.1%}" in line[0]
+    assert len(line) == 1 and "counts MACs" in line[0] and "residual streams kept" in line[0] and "nothing compensated" in line[0]
+    macs = rec.extra["macs"]
+    assert f"keeps {1 - macs['reduction']:.1%}" in line[0] and f"{macs['before'] / 1e6:.1f}M -> {macs['after'] / 1e6:.1f}M MACs" in line[0]
     feeds = [runtime.generate_inputs(m, seed=s) for s in range(8)]
     _, rec = _apply_defaults(m, ratio=0.3, keep_first_last=False, refit_samples=8,
                              context=PassContext(data=lambda: iter(feeds)))

@@ -28,7 +28,12 @@ SHARED = Path(os.environ.get("ONNXOPT_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-PRUNE_DEFAULT = {"ratio": 0.33, "round_to": 4, "protect": [".*/conv2/Conv"], "latency_runs": 0}
+# the pruning of the first sweep (before prune's defaults changed; MACs -31.1 %): 33 % of the inner
+# channels, widths multiples of 4, residual producers protected, the mean fold on generated inputs
+PRUNE_DEFAULT = {"ratio": 0.33, "ratio_of": "channels", "round_to": 4, "protect": [".*/conv2/Conv"], "compensate": "mean",
+                 "latency_runs": 0}
+# the BN seeds 1 and 2 ran after the change: ratio 0.33 of the MACs (-33.1 %), nothing compensated
+PRUNE_MACS = {"ratio": 0.33, "round_to": 4, "protect": [".*/conv2/Conv"], "compensate": "none", "latency_runs": 0}
 BASE = dict(lr=1e-3, feature="auto", augment=True, epochs=15, fused=True, bn_mode="auto", bn_recalib=False, train=717, seed=0,
             warmup=0.05, prune=None)
 GRID = {
@@ -52,7 +57,7 @@ GRID = {
     "bn_train": dict(fused=False, bn_mode="train"),
     "bn_frozen": dict(fused=False, bn_mode="frozen"),
     "bn_train_recalib": dict(fused=False, bn_mode="train", bn_recalib=True),
-    **{f"{k}_s{seed}": dict(fused=False, seed=seed, **v) for seed in (1, 2) for k, v in (
+    **{f"{k}_s{seed}": dict(fused=False, seed=seed, prune=PRUNE_MACS, **v) for seed in (1, 2) for k, v in (
         ("bn_train", dict(bn_mode="train")), ("bn_frozen", dict(bn_mode="frozen")),
         ("bn_train_recalib", dict(bn_mode="train", bn_recalib=True)))},
 }

@@ -62,7 +62,8 @@ data and compensates nothing without: the means of generated inputs folded into 
 the same pruned model (bnfused) from 50.7 % to 19.7 % top-1.
 
 Not exact: the outputs change. The pass says on the console what it removes (MACs and
-parameters, and what the ratio meant) and the output error right after pruning, and reports
+parameters before and after, what the ratio meant, what was kept and compensated; the apply
+summary adds the output change right after pruning), and reports
 parameters, MACs and onnxruntime CPU latency before and after (per layer and in total) and the
 output error, on the context's data or on generated inputs. Recovery is ``finetune``'s job.
 """
@@ -216,24 +217,28 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
 
 
 def _cost_statement(extra: dict, options: PruneOptions, ratio: float, solved: dict | None, residual: int) -> str:
-    """What this pruning costs, said on the console before anyone finetunes: the MACs and
-    parameters it removes, what the ratio meant, and the output error right after pruning."""
-    m, p, e = extra["macs"], extra["params"], extra["output_error"]
+    """What this pruning costs and what the options meant, said on the console while the pass runs.
+    The manager's summary gives the MACs/params change in percent and the output change right after
+    pruning (with the ways out, and the report holds this pass's own ``output_error``), so this line
+    gives the absolute figures and the choices instead of repeating them."""
+    m, p = extra["macs"], extra["params"]
     if solved is not None:
-        asked = (f"prune.target_macs={solved['asked']:.3g}" if options.target_macs is not None
-                 else f"prune.ratio={ratio:g} of the MACs (keep {solved['asked']:.0%})")
+        asked = (f"prune.target_macs={solved['asked']:.3g} keeps {1 - m['reduction']:.1%} of the MACs" if options.target_macs is not None
+                 else f"prune.ratio={ratio:g} counts MACs (ratio_of=macs): keeps {1 - m['reduction']:.1%} of them")
     else:
-        asked = f"prune.ratio={ratio:g} of the channels of every prunable group (ratio_of=channels)"
-    kept = ("residual streams kept (prune.residual=true prunes them)" if not options.residual and residual
-            else "residual streams pruned" if options.residual else "")
-    err = f"max|err| {e['max_abs']:.3g}"
-    if e["inputs"] != "data":   # generated inputs: an error size, not an accuracy (noise images mostly map to one class)
-        err += " (give --calib-data for the error on real inputs and a least-squares refit)"
-    elif "top1_agreement" in e:
-        err += f", top-1 agreement with the original {e['top1_agreement']:.1%}"
-    return (f"prune: {asked}: removes {m['reduction']:.1%} of the MACs ({m['before'] / 1e6:.1f}M -> {m['after'] / 1e6:.1f}M) and "
-            f"{p['reduction']:.1%} of the parameters{'; ' + kept if kept else ''}; right after pruning ({e['inputs']} inputs, "
-            f"compensate={extra['compensate']}): {err} -- recover with `onnxopt finetune PRUNED -o OUT --data TRAIN --teacher ORIGINAL`")
+        asked = (f"prune.ratio={ratio:g} counts channels (ratio_of=channels): {ratio:.0%} of every prunable group's channels, "
+                 f"{m['reduction']:.1%} of the MACs")
+    if options.residual:
+        kept = "residual streams pruned too (prune.residual=true)"
+    elif residual:
+        kept = "residual streams kept (prune.residual=true prunes them)"
+    else:
+        kept = ""
+    comp = {"refit": "least-squares refit of the consumers on the data", "mean": "removed channels' means folded into the biases",
+            "none": "nothing compensated" + (" (no data: give --calib-data for a least-squares refit)"
+                                             if options.compensate == "auto" else "")}[extra["compensate"]]
+    return (f"prune: {asked} ({m['before'] / 1e6:.1f}M -> {m['after'] / 1e6:.1f}M MACs, {p['before'] / 1e3:.0f}k -> "
+            f"{p['after'] / 1e3:.0f}k params){'; ' + kept if kept else ''}; {comp}")
 
 
 # ------------------------------------------------------------------------------ importance
