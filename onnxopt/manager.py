@@ -4,12 +4,15 @@
 model and a :class:`Report`. After every pass the model must pass ``onnx.checker`` and shape
 inference; an exact pass is then run against the model before it in onnxruntime (optimizations
 off) on inputs generated from the model (:mod:`onnxopt.feeds`, at two sizes where it has dynamic
-dims) -- or on the user's data -- and a difference beyond tolerance stops the chain with a
-:class:`VerificationError` naming the pass and the error. When no input can be generated the
+dims) -- or on the user's data. A difference beyond tolerance first reverts the rule(s) of the
+pass that caused it (the pass is rerun with them off, keeping and verifying the rest; the record
+lists what was reverted and by how much it differed); when no part of the pass verifies, the
+chain stops with a :class:`VerificationError` naming the pass and the error. When no input can be generated the
 pass is kept unverified and the report says why (``require_verify`` makes that an error).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -235,6 +238,74 @@ def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rto
     return worst
 
 
+def _run_pass(info: PassInfo, current: ModelProto, options, ctx: PassContext) -> tuple:
+    """(result, new model) of one pass on a copy of ``current``, with the ops it does not know at
+    the model's opset hidden from it and the output validated."""
+    work = model_io.load_model(current, check=False)
+    hidden = opsets.hide_unknown(work)  # ops the passes do not know at this opset are left alone
+    blocker = unrepresentable(work)
+    if blocker:  # the graph editor would drop or fail on it: the pass leaves the model as it is
+        result = PassResult(current, skipped=[f"model left unchanged: {blocker}"])
+        hidden = []
+    else:
+        result = info.run(work, options, ctx)
+    new_model = result.model
+    if hidden:
+        opsets.restore_hidden(new_model)
+        result.skipped.append(f"left alone: {', '.join(sorted(set(hidden)))} (semantics at opset "
+                              f"{model_io.opset_of(current)} not reviewed by onnxopt)")
+    inherited = _validate_pass_output(info.name, new_model, current)
+    if inherited:
+        result.skipped.append(inherited)
+    return result, new_model
+
+
+def _rule_switches(options) -> list:
+    """The pass's on/off rule options that are on (cleanup.fold_pads, bnfuse.fold_affine...)."""
+    if not dataclasses.is_dataclass(options):
+        return []
+    return [f.name for f in dataclasses.fields(options) if getattr(options, f.name) is True]
+
+
+def _revert_failing_rules(info: PassInfo, current: ModelProto, options, ctx: PassContext, failed: dict):
+    """Find the rule(s) of an exact pass whose rewrites changed the output and run the pass
+    without them, keeping the rest: first each rule alone switched off, then (bisecting the
+    rules) the largest set of rules that still verifies. Returns (result, model, verification
+    with ``reverted``, options dict) or None when no part of the pass verifies (the caller fails)."""
+    rules = _rule_switches(options)
+    if not rules:
+        return None
+    tried: dict = {}
+
+    def attempt(off: tuple):
+        if off not in tried:
+            opts = dataclasses.replace(options, **{r: False for r in off})
+            result, model = _run_pass(info, current, opts, ctx)
+            ver = verify_exact(current, model, ctx) if result.modified else None
+            tried[off] = (result, model, ver, opts) if ver is not None and ver.get("passed") else None
+        return tried[off]
+
+    found = None
+    for rule in rules:  # one rule at fault: the common case
+        found = attempt((rule,))
+        if found:
+            off = (rule,)
+            break
+    if not found:  # several: keep the rules that verify alone, then all of those together
+        good = [r for r in rules if attempt(tuple(x for x in rules if x != r))]
+        if good:
+            off = tuple(r for r in rules if r not in good)
+            found = attempt(off)
+    if not found:
+        return None
+    result, model, ver, opts = found
+    ver["reverted"] = [{"rule": r, "max_abs": failed["max_abs"], "max_rel": failed["max_rel"],
+                        "worst_output": failed.get("worst_output")} for r in off]
+    result.skipped.append(f"reverted rule(s) {', '.join(off)}: with them the output changed by max abs "
+                          f"{failed['max_abs']:.3g} (rel {failed['max_rel']:.3g}), beyond tolerance")
+    return result, model, ver, opts.to_dict()
+
+
 def _unverified(name: str, verification: dict, ctx: PassContext) -> None:
     """An exact pass that could not be verified: an error with --require-verify, else one line."""
     reason = verification["reason"]
@@ -277,23 +348,8 @@ def apply(
         info: PassInfo = get_pass(name)
         ctx.log(f"[{step + 1}/{len(names)}] {name} ...")
         t0 = time.perf_counter()
-        work = model_io.load_model(current, check=False)
-        hidden = opsets.hide_unknown(work)  # ops the passes do not know at this opset are left alone
-        blocker = unrepresentable(work)
-        if blocker:  # the graph editor would drop or fail on it: the pass leaves the model as it is
-            result = PassResult(current, skipped=[f"model left unchanged: {blocker}"])
-            hidden = []
-        else:
-            result = info.run(work, resolved[name], ctx)
+        result, new_model = _run_pass(info, current, resolved[name], ctx)
         seconds = time.perf_counter() - t0
-        new_model = result.model
-        if hidden:
-            opsets.restore_hidden(new_model)
-            result.skipped.append(f"left alone: {', '.join(sorted(set(hidden)))} (semantics at opset "
-                                  f"{model_io.opset_of(current)} not reviewed by onnxopt)")
-        inherited = _validate_pass_output(name, new_model, current)
-        if inherited:
-            result.skipped.append(inherited)
         record = PassRecord(
             name=name, exact=info.exact, options=resolved[name].to_dict(), seconds=seconds,
             before=before_stats, after=stats.summarize(new_model) if summarize_layers else {"ops": stats.op_histogram(new_model)},
@@ -304,6 +360,16 @@ def apply(
             if record.verification["verified"] is False:
                 _unverified(name, record.verification, ctx)
             elif not record.verification["passed"]:
+                kept = _revert_failing_rules(info, current, resolved[name], ctx, record.verification)
+                if kept is not None:  # the rules that broke the output are undone, the rest is kept
+                    result, new_model, record.verification, record.options = kept
+                    record.changes, record.details, record.skipped, record.extra = (
+                        result.changes, result.details, result.skipped, result.extra)
+                    record.after = stats.summarize(new_model) if summarize_layers else {"ops": stats.op_histogram(new_model)}
+                    rv = record.verification["reverted"]
+                    ctx.log(f"  {name}: reverted {', '.join(r['rule'] for r in rv)} (output changed by max abs "
+                            f"{rv[0]['max_abs']:.3g}, rel {rv[0]['max_rel']:.3g}); the rest of the pass is kept and verified")
+            if record.verification.get("verified") and not record.verification["passed"]:
                 v = record.verification
                 raise VerificationError(
                     f"pass '{name}' changed the model's output '{v['worst_output']}' beyond tolerance: "

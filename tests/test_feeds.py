@@ -240,3 +240,42 @@ def test_output_error_equal_infinities_and_the_float16_floor():
     off = {"y": (h["y"] + np.float16(2 ** -10) * h["y"]).astype(np.float16)}  # one fp16 ulp
     err = runtime.output_error(h, off)
     assert 1e-4 < err["max_rel"] <= err["rtol_floor"] == 4 * float(np.finfo(np.float16).eps)
+
+
+def test_a_failed_exact_verification_reverts_the_faulty_rule_and_keeps_the_rest():
+    """An exact pass with two rules, one wrong: the manager finds it, runs the pass without it,
+    keeps (and verifies) the other rule's rewrites and lists what was reverted and by how much."""
+    from dataclasses import dataclass
+
+    from fixtures.testpasses import temporary_pass
+    from onnxopt.registry import PassOptions, PassResult, option
+
+    @dataclass
+    class TwoRules(PassOptions):
+        drop_identity: bool = option(True, "remove the Identity (exact)")
+        corrupt: bool = option(True, "add 0.5 to the embedding table (wrong)")
+
+    def two_rules(model, options, ctx):
+        changes = {}
+        if options.drop_identity:
+            ident = next(n for n in model.graph.node if n.op_type == "Identity")
+            for n in model.graph.node:
+                n.input[:] = [ident.input[0] if i == ident.output[0] else i for i in n.input]
+            model.graph.node.remove(ident)
+            changes["identity_removed"] = 1
+        if options.corrupt:
+            init = model.graph.initializer[0]
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(0.5), init.name))
+            changes["corrupted"] = 1
+        return PassResult(model, changes=changes)
+
+    lines = []
+    with temporary_pass("t_two_rules", two_rules, exact=True, options=TwoRules):
+        out, report = onnxopt.apply(_token_model(), "t_two_rules", context=PassContext(log=lines.append))
+    rec = report.passes[0]
+    assert [n.op_type for n in out.graph.node] == ["Gather", "ReduceMean"]  # the exact rule is kept
+    assert rec.changes == {"identity_removed": 1} and rec.options["corrupt"] is False
+    assert rec.verification["passed"] and rec.verification["max_abs"] == 0.0
+    (rv,) = rec.verification["reverted"]
+    assert rv["rule"] == "corrupt" and rv["max_abs"] == pytest.approx(0.5, rel=1e-3)
+    assert any("reverted corrupt" in line for line in lines)
