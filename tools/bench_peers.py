@@ -434,6 +434,36 @@ def lomo(results):
     return out
 
 
+def markdown(results) -> str:
+    """The results as markdown tables (one per model) plus the leave-one-model-out table."""
+    lines = []
+    for name, rows in results.items():
+        if name == "lomo":
+            continue
+        det = any("mean_iou_all" in r for r in rows)
+        head = ("| config | matched boxes | mean IoU (all fp32 boxes) | class agreement |" if det else
+                "| config | top-1 % | top-1 agreement % |") + " quant wall s | peak RSS MB | int8/fp32 latency (ort, 1 thr) | kept in high precision | TensorRT check |"
+        lines += [f"### {name}", "", head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['config']} | cannot run: {r['error']} |")
+                continue
+            acc = (f"| {r['config']} | {r.get('matched', '-')}/{r.get('fp32_boxes', '-')} | {r.get('mean_iou_all', 0):.3f} | "
+                   f"{r.get('class_agreement', 0):.3f} |") if det else f"| {r['config']} | {r.get('top1', 0):.2f} | {r.get('agreement', 0):.2f} |"
+            chk = r.get("check_violations", r.get("check_tensorrt", "-"))
+            kept = r.get("kept_high_precision", "-")
+            rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
+            lines.append(acc + f" {r.get('seconds', 0):.1f} | {rss} | {r.get('latency_ratio', 1.0):.2f} | {kept} | {chk} |")
+        lines.append("")
+    if results.get("lomo"):
+        lines += ["### leave-one-model-out fixed method vs auto", "", "| target | model | LOMO method | its value | best fixed | auto |",
+                  "|---|---|---|---|---|---|"]
+        for r in results["lomo"]:
+            lines.append(f"| {r['target']} | {r['model']} | {r['lomo_method']} | {r['lomo_value']:.2f} | {r['best_fixed']:.2f} | "
+                         f"{r['auto'] if r['auto'] is None else round(r['auto'], 2)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
@@ -448,9 +478,17 @@ def main(argv=None):
     ap.add_argument("--skip-fixed", action="store_true")
     ap.add_argument("--configs", default="", help="only these configurations (labels or config strings, ';'-separated)")
     ap.add_argument("--results", default=str(CACHE / "results.json"))
+    ap.add_argument("--markdown", nargs="*", help="print the tables of these results files (merged) and exit")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.markdown is not None:
+        merged = {}
+        for path in args.markdown:
+            merged.update({k: v for k, v in json.loads(Path(path).read_text()).items() if k != "lomo"})
+        merged["lomo"] = lomo(merged)
+        print(markdown(merged))
+        return 0
     results = {}
     if Path(args.results).exists():
         results = json.loads(Path(args.results).read_text())
