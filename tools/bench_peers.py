@@ -56,8 +56,9 @@ def log(msg):
 def _load_calib(path):
     z = np.load(path)
     names = list(z.files)
-    n = z[names[0]].shape[0]
-    return [{k: z[k][i:i + 1] for k in names} for i in range(n)], z
+    arrays = {k: z[k] for k in names}   # each z[k] reads the whole array again: read once
+    n = arrays[names[0]].shape[0]
+    return [{k: arrays[k][i:i + 1] for k in names} for i in range(n)], z
 
 
 def worker(args):
@@ -242,8 +243,9 @@ def prepare(name):
         if cached.exists() and (CACHE / "se_digits.onnx").exists():  # training takes minutes on a busy 2-core machine
             z = np.load(cached)
             model = onnx.load(CACHE / "se_digits.onnx")
-            cf = [{"input": z["calib"][i:i + 1]} for i in range(len(z["calib"]))]
-            ef, labels = [{"input": z["eval"][i:i + 1]} for i in range(len(z["eval"]))], z["labels"]
+            zc, ze = z["calib"], z["eval"]
+            cf = [{"input": zc[i:i + 1]} for i in range(len(zc))]
+            ef, labels = [{"input": ze[i:i + 1]} for i in range(len(ze))], z["labels"]
         else:
             model, cf, ef, labels = se_digits()
             onnx.save(model, CACHE / "se_digits.onnx")
