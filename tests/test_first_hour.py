@@ -144,7 +144,7 @@ def test_lite_damage_is_measured_and_warned_with_the_rule_and_the_ways_out(tmp_p
     # lite.max_error: the rule over the budget is skipped, and says why
     r = invoke("apply", "lite", model, "--calib-data", data, "-o", tmp_path / "b.onnx", "--set", "lite.max_error=0.1")
     assert r.exit_code == 0 and "relu6_to_relu: not applied" in r.output and "exceeds lite.max_error=0.1" in r.output
-    assert "WARNING" not in r.output
+    assert "WARNING: lite" not in r.output
     assert [n.op_type for n in onnx.load(tmp_path / "b.onnx").graph.node].count("Clip") == 1
 
 
@@ -193,3 +193,24 @@ def test_long_steps_print_plain_progress_lines_when_not_on_a_terminal(tmp_path, 
     assert "\r" not in r.output  # lines, not a bar's carriage returns
     r = invoke("apply", "qdq", cnn, "--calib-data", tmp_path / "d.npz", "--target", "ort", "--force", "-q")
     assert r.exit_code == 0 and "calibrating" not in r.output
+
+
+# ----------------------------------------------------------- a look at the data before the work
+def test_data_the_model_cannot_read_is_named_before_the_passes_run(tmp_path):
+    model, _ = _relu6_classifier(tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    # scaled 100x beyond what the first layer saw: its ReLU6 sits at 6 for half the values
+    np.savez(tmp_path / "big.npz", x=(100 * rng.standard_normal((16, 8))).astype(np.float32))
+    r = invoke("apply", "lite", model, "--calib-data", tmp_path / "big.npz", "-o", tmp_path / "a.onnx")
+    assert r.exit_code == 0, r.output
+    warning = next(l for l in r.output.splitlines() if "first bounded activation" in l)
+    assert r.output.index(warning) < r.output.index("[1/1] lite")  # said before the pass runs
+    assert "sit at its upper bound" in warning and "preprocess" in warning
+    # one sample repeated: the output does not depend on the data as read
+    np.savez(tmp_path / "same.npz", x=np.repeat(rng.standard_normal((1, 8)), 16, axis=0).astype(np.float32))
+    r = invoke("apply", "lite", model, "--calib-data", tmp_path / "same.npz", "-o", tmp_path / "b.onnx")
+    assert r.exit_code == 0 and "is the same for all 16 samples" in r.output, r.output
+    # well-scaled data: no such warning
+    np.savez(tmp_path / "ok.npz", x=(0.1 * rng.standard_normal((16, 8))).astype(np.float32))
+    r = invoke("apply", "lite", model, "--calib-data", tmp_path / "ok.npz", "-o", tmp_path / "c.onnx")
+    assert r.exit_code == 0 and "bounded activation" not in r.output and "same for all" not in r.output, r.output

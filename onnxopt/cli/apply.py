@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .. import manager, model_io, output_change
+from .. import manager, model_io, output_change, sanity
 from ..data import PREPROCESSING_KEY
 from ..errors import OnnxoptError, OptionError
 from ..registry import PassContext, all_passes, shortcut_flags
@@ -97,6 +97,9 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
         # pass happens to read the data
         ctx.data = open_cli_data(data, image, source, shapes, log=log, batch_size=batch_size, max_samples=calib_samples)
         ctx.data_spec = ctx.data.spec
+        if not all(all_passes()[n].exact for n in names):  # minutes of calibration/pruning ahead: look at the data first
+            for warning in sanity.check_outputs(source, ctx.data):
+                click.echo(f"WARNING: {warning}", err=True)
     result, report = manager.apply(source, names, options, verify=verify, context=ctx, save_steps=save_steps)
     report.source = str(model)
     if ctx.data is not None and ctx.data.preprocessing is not None:

@@ -6,7 +6,7 @@ import math
 
 import click
 
-from .. import manager, model_io
+from .. import manager, model_io, sanity
 from ..data import collect_feeds
 from ..errors import OptionError, require
 from ..quant import sensitivity as sens
@@ -71,6 +71,8 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
     shapes = parse_input_shapes(input_shapes)
     source = model_io.load_model(model)
     ds = open_cli_data(data, image, source, shapes, log=log, batch_size=batch_size, max_samples=calib_samples)
+    for warning in sanity.check_outputs(source, ds):  # before minutes of per-layer quantization
+        click.echo(f"WARNING: {warning}", err=True)
     ctx = PassContext(data=ds, data_spec=ds.spec, progress=not quiet, input_shapes=shapes, log=log)
     log(f"quantizing for {target} (one calibration) ...")
     result = quantize_model(source, resolved, ds, ctx)

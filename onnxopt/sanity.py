@@ -1,0 +1,103 @@
+"""A look at the float model's outputs on the user's data before the long steps run.
+
+Data read the wrong way (raw 0..255 pixels for a model trained on [-1, 1], BGR for RGB, the
+wrong layout) rarely fails: the model runs and answers nonsense, and calibration, pruning and
+finetuning then spend minutes fitting that nonsense. The signs are visible on a few samples:
+a classifier that gives every sample the same class, an output that does not depend on the
+input, values that are not finite, and the first bounded activation (a ReLU6 as Clip) sitting at
+its upper bound for much of the input -- what an input scaled far beyond the range the first
+layer was trained on does (EfficientNet-Lite0's first ReLU6: 4 % of the values at 6 with its own
+preprocessing, 36 % on raw 0..255 pixels). :func:`check_outputs` runs the model on the first
+samples and returns one warning per sign, with what the data was read as.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import ModelProto, numpy_helper
+
+from . import runtime
+from .data import DataSource, feed_samples
+from .errors import OnnxoptError
+
+SAMPLES = 16      # samples looked at
+MIN_SAMPLES = 8   # fewer than this: one class for every sample may be the data's own
+SATURATED = 0.25  # share of the first bounded activation's values at its upper bound that warns
+
+
+def _first_bound(model: ModelProto):
+    """(output tensor, upper bound) of the first Clip in graph order with a constant finite max, or None."""
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    for node in model.graph.node:
+        if node.op_type != "Clip":
+            continue
+        hi = None
+        for a in node.attribute:  # opset < 11
+            if a.name == "max":
+                hi = a.f
+        if len(node.input) > 2 and node.input[2]:
+            name = node.input[2]
+            if name in inits:
+                hi = float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
+            elif name in consts:
+                hi = float(numpy_helper.to_array(consts[name].attribute[0].t).reshape(-1)[0])
+        if hi is not None and np.isfinite(hi):
+            return node.output[0], hi
+        return None
+    return None
+
+
+def check_outputs(model: ModelProto, data: DataSource, samples: int = SAMPLES) -> list:
+    """Warnings about the float model's outputs on the first ``samples`` samples of ``data`` ([] if
+    nothing looks wrong, or the model cannot run in onnxruntime: the passes say so themselves)."""
+    feeds, n = [], 0
+    for feed in data():
+        feeds.append(feed)
+        n += feed_samples(feed)
+        if n >= samples:
+            break
+    bound = _first_bound(model)
+    graph_outputs = [o.name for o in model.graph.output]
+    try:
+        probe = runtime.with_outputs(model, [bound[0]]) if bound else model
+        sess = runtime.session(probe)
+        outs = [runtime.run(sess, f) for f in feeds]
+    except OnnxoptError:
+        return []
+    read_as = data.preprocessing.describe() if data.preprocessing is not None else None
+    hint = (f"the data was read with preprocessing {read_as}; check it against the model's training preprocessing "
+            "(--preprocess, --mean/--std/--scale, --bgr)" if read_as else
+            "check that the data is preprocessed as the model expects (scale, mean/std, channel order, layout)")
+    warnings = []
+    if bound and outs and bound[0] in outs[0]:
+        values = np.concatenate([np.asarray(o[bound[0]], np.float64).reshape(-1) for o in outs])
+        share = float(np.mean(values >= bound[1] - 1e-6 * max(abs(bound[1]), 1.0)))
+        if share > SATURATED:
+            warnings.append(f"{100 * share:.0f} % of the values of the model's first bounded activation ('{bound[0]}', "
+                            f"clipped at {bound[1]:g}) sit at its upper bound on the data: the input is probably scaled far "
+                            f"beyond what the first layer was trained on; {hint}")
+    for name in graph_outputs if outs else ():
+        arrays = [np.asarray(o[name]) for o in outs]
+        if arrays[0].dtype.kind != "f" or not all(a.ndim and a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+            continue
+        y = np.concatenate(arrays).astype(np.float64)
+        count = len(y)
+        if not np.isfinite(y).all():
+            warnings.append(f"the float model's output '{name}' holds NaN/Inf on {int((~np.isfinite(y)).any(axis=tuple(range(1, y.ndim))).sum())} "
+                            f"of {count} samples of the data: {hint}")
+            continue
+        if count < 2:
+            continue
+        flat = y.reshape(count, -1)
+        spread = float(flat.std(axis=0).max())
+        scale = float(np.abs(flat).max())
+        if spread <= 1e-6 * max(scale, 1e-12):
+            warnings.append(f"the float model's output '{name}' is the same for all {count} samples of the data "
+                            f"(it does not depend on the input as read): {hint}")
+            continue
+        if y.ndim == 2 and y.shape[1] > 1 and count >= MIN_SAMPLES:
+            classes = np.unique(y.argmax(1))
+            if len(classes) == 1:
+                warnings.append(f"the float model gives every one of the first {count} samples the same class "
+                                f"({int(classes[0])}) on output '{name}': {hint}")
+    return warnings
