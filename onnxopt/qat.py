@@ -20,7 +20,7 @@ from onnx import ModelProto, numpy_helper
 
 from . import manager
 from .errors import OptionError
-from .quant.quantize import quantized_ops
+from .quant.view import quantized_ops
 from .registry import PassContext
 
 

@@ -27,8 +27,9 @@ from onnxopt.ir.proto import producers
 from onnxopt.quant import check as qcheck
 from onnxopt.quant import recovery
 from onnxopt.quant.options import CalibrationOptions, QdqOptions
-from onnxopt.quant.quantize import already_quantized_message, limit_samples, quantize_model, quantized_ops, to_static_batch
+from onnxopt.quant.quantize import limit_samples, quantize_model, to_static_batch
 from onnxopt.quant.targets import get_target
+from onnxopt.quant.view import already_quantized_message, quantized_ops
 from onnxopt.registry import PassResult, register_pass
 from onnxopt.quant.calib_search import SEARCH_SAMPLES
 from onnxopt.task_metric import HeldIn
@@ -189,7 +190,7 @@ def qdq(model, options: QdqOptions, ctx):
     extra = {"target": info["target"], "notes": info.get("notes", []), "groups": info["groups"],
              "excluded": info["excluded"], "warnings": warns}
     if options.recovery.requested:
-        qmodel, rep = recovery.recover(float_model, qmodel, info, options.to_dict(), data, ctx)
+        qmodel, rep = recovery.recover(float_model, qmodel, info, options.recovery, data, ctx, options.calibration.calib_samples)
         extra["recovery"] = rep
     violations = qcheck.check_model(qmodel, info["target"])
     if any(v.rule == "int32-bias" for v in violations):

@@ -80,7 +80,8 @@ def run_configs(model, cfeeds, efeeds, labels, base, target, bits, configs, rows
         start = done[extra.pop("_after")] if "_after" in extra else q.model  # chain on an earlier result
         qm = start
         if extra:
-            qm, rep = recovery.recover(model, start, q.info, {**opts, **extra}, data, PassContext(progress=False, log=log))
+            qm, rep = recovery.recover(model, start, q.info, extra, data, PassContext(progress=False, log=log),
+                                       opts.calibration.calib_samples)
         done[name] = qm
         secs = time.perf_counter() - t0
         if save_dir:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from ..errors import DataError, OptionError
 from ..registry import PassOptions, option
-from .quantize import quantized_ops, validate_options
-from .targets import TARGET_NAMES, get_target
+from .targets import TARGET_NAMES, TargetRules, get_target
+from .view import quantized_ops
 
 
 @dataclass
@@ -37,6 +37,41 @@ class FormatOptions(PassOptions):
     power_of_two: bool = option(False, "round every scale up to a power of two (forced for tidl-tda4vm)")
     low_bit: str = option("restricted", "how <8-bit weights are stored: restricted (int8 range [-q, q]) or int4 (INT4 "
                           "type, opset >= 21)", ("restricted", "int4"))
+
+    def act_symmetric(self, rules: TargetRules) -> bool:
+        """Whether activations are symmetric (zero point 0): ``symmetric``, or the target's when auto."""
+        if self.symmetric == "auto":
+            return rules.act_symmetric
+        if self.symmetric == "false" and not rules.allow_asymmetric:
+            raise OptionError(f"target {rules.name} needs symmetric activations (zero point 0); symmetric=false is not allowed.",
+                              "drop qdq.symmetric or use --target ort/tidl for asymmetric activations")
+        return self.symmetric == "true"
+
+    def unsigned_low_bit(self, bits: int) -> bool:
+        """Below 8 bits, non-negative activations use [0, 2^b - 1] with zero point 0 even on int8
+        targets (values stored in int8, which holds them for b <= 7): the symmetric [-q, q] range
+        spends half its levels on values a ReLU output never takes (LSQ quantizes them unsigned)."""
+        return bits < 8 and self.act_unsigned_low_bit
+
+    def check(self, rules: TargetRules) -> None:
+        """The format's ranges and what ``rules`` (the target) accepts, or an OptionError."""
+        for key in ("weight_bits", "activation_bits"):
+            bits = getattr(self, key)
+            if not 2 <= bits <= 8:
+                raise OptionError(f"qdq.{key}={bits} is out of range.", "give 2..8 bits")
+        fl_bits = self.first_last_weight_bits
+        if fl_bits and not 2 <= fl_bits <= 8:
+            raise OptionError(f"qdq.first_last_weight_bits={fl_bits} is out of range.", "give 2..8 bits, or 0 for weight_bits")
+        if self.low_bit == "int4":
+            if self.weight_bits != 4:
+                raise OptionError("qdq.low_bit=int4 needs weight_bits=4.", "set --set qdq.weight_bits=4 or low_bit=restricted")
+            if not rules.allow_int4_weights:
+                raise OptionError(f"target {rules.name} does not take INT4 initializers.",
+                                  "use qdq.low_bit=restricted (int8 storage, 4-bit range)")
+        self.act_symmetric(rules)
+        if not self.weight_symmetric and not rules.allow_asymmetric_weights:
+            raise OptionError(f"target {rules.name} needs symmetric weights (zero point 0); weight_symmetric=false is not allowed.",
+                              "drop qdq.weight_symmetric or use --target ort")
 
 
 @dataclass
@@ -114,7 +149,7 @@ class QdqOptions(PassOptions):
     def validate(self, model, ctx) -> None:
         if quantized_ops(model):  # left unchanged by the pass, with the reason: nothing to check
             return
-        validate_options(self.to_dict(), get_target(self.target))
+        self.format.check(get_target(self.target))
         if self.calibration.calib_samples < 0:
             raise OptionError(f"qdq.calib_samples must be 0 (all) or a positive count, got {self.calibration.calib_samples}.",
                               "e.g. --set qdq.calib_samples=200")

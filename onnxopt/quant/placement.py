@@ -39,6 +39,7 @@ import onnx_graphsurgeon as gs
 from ..errors import OptionError
 from ..ir.graph import constant_value, input_at, is_graph_output, is_weight
 from ..ir.unionfind import UnionFind
+from .options import PlacementOptions
 from .targets import WEIGHTED_OPS, TargetRules, weight_axis
 
 # Ops whose output is a rearrangement/subset of input values: same scale in and out.
@@ -92,11 +93,11 @@ def _is_float_activation(graph: gs.Graph, t: Optional[gs.Tensor]) -> bool:
         return False
 
 
-def excluded_nodes(graph: gs.Graph, options: dict, weighted: list) -> tuple:
+def excluded_nodes(graph: gs.Graph, options: PlacementOptions, weighted: list) -> tuple:
     """Node names kept in float by exclude_nodes / exclude_op_types / exclude_regex / keep_first_last."""
-    names = set(options.get("exclude_nodes") or [])
-    op_types = set(options.get("exclude_op_types") or [])
-    regex = options.get("exclude_regex") or ""
+    names = set(options.exclude_nodes)
+    op_types = set(options.exclude_op_types)
+    regex = options.exclude_regex
     try:
         pattern = re.compile(regex) if regex else None
     except re.error as exc:
@@ -108,7 +109,7 @@ def excluded_nodes(graph: gs.Graph, options: dict, weighted: list) -> tuple:
         if n.name in names or n.op in op_types or (pattern is not None and pattern.search(n.name)):
             out.add(n.name)
     reasons = [f"exclude_nodes: no node named '{u}'" for u in unknown]
-    if options.get("keep_first_last") and weighted:
+    if options.keep_first_last and weighted:
         first, last = first_last_layers(graph, weighted)
         out |= first | last
     return out, reasons
@@ -161,11 +162,13 @@ def _weighted_layout(graph: gs.Graph, node: gs.Node):
     return None, f"{node.name}: not a weighted op"
 
 
-def plan(graph: gs.Graph, rules: TargetRules, options: dict, *, ignore_exclusions: bool = False) -> Plan:
-    """Decide weight and activation quantization for ``graph`` under ``rules`` and ``options``."""
+def plan(graph: gs.Graph, rules: TargetRules, options: PlacementOptions, per_channel: bool = True, *,
+         ignore_exclusions: bool = False) -> Plan:
+    """Decide weight and activation quantization for ``graph`` under ``rules`` and ``options``
+    (``per_channel``: the format's choice, which a per-tensor target overrides)."""
     result = Plan()
     nodes = list(graph.nodes)
-    op_filter = set(options.get("op_types") or [])
+    op_filter = set(options.op_types)
     weighted = [n for n in nodes if n.op in WEIGHTED_OPS and (not op_filter or n.op in op_filter)]
     if not ignore_exclusions:
         result.excluded, reasons = excluded_nodes(graph, options, weighted)
@@ -203,7 +206,7 @@ def plan(graph: gs.Graph, rules: TargetRules, options: dict, *, ignore_exclusion
                 result.skipped.append(f"{n.name}: weight '{w.name}' is not a float constant")
                 continue
             axis = None
-            if rules.per_channel and options.get("per_channel", True):
+            if rules.per_channel and per_channel:
                 axis = weight_axis(n.op, n.attrs, wval.ndim, int(n.attrs.get("group", 1)))
                 if n.op == "Gemm" and wval.ndim != 2:
                     axis = None

@@ -47,15 +47,16 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper, version_converte
 
 from .. import model_io
 from ..data import feed_samples
-from ..errors import OnnxoptError, OptionError
+from ..errors import InternalError, OnnxoptError, OptionError
 from ..input_dims import shape_hint
 from ..ir.graph import NameGenerator, constant_value, export_graph, import_graph
 from ..ir.proto import infer_shapes
 from . import calib_search
 from . import calibrate as calib
 from . import placement as placement_mod
+from .options import CalibrationOptions, FormatOptions, QdqOptions
 from .targets import TargetRules, get_target
-from .view import channel_rows, int_range, weight_range, with_clip_bounds
+from .view import already_quantized_message, channel_rows, int_range, quantized_ops, weight_range, with_clip_bounds
 
 INT32_MAX = 2**31 - 1
 MIN_SCALE = 1e-30
@@ -77,41 +78,6 @@ class ActParams:
     qmax: int
     scale_const: Any = None
     zp_const: Any = None
-
-
-# ------------------------------------------------------------------------------------ options
-def resolve_symmetric(options: dict, rules: TargetRules) -> bool:
-    value = str(options.get("symmetric", "auto")).lower()
-    if value == "auto":
-        return rules.act_symmetric
-    sym = value in ("true", "1", "yes", "on")
-    if not sym and not rules.allow_asymmetric:
-        raise OptionError(f"target {rules.name} needs symmetric activations (zero point 0); symmetric=false is not allowed.",
-                          "drop qdq.symmetric or use --target ort/tidl for asymmetric activations")
-    return sym
-
-
-def validate_options(options: dict, rules: TargetRules) -> None:
-    for key in ("weight_bits", "activation_bits"):
-        bits = int(options.get(key, 8))
-        if not 2 <= bits <= 8:
-            raise OptionError(f"qdq.{key}={bits} is out of range.", "give 2..8 bits")
-    fl_bits = int(options.get("first_last_weight_bits", 0))
-    if fl_bits and not 2 <= fl_bits <= 8:
-        raise OptionError(f"qdq.first_last_weight_bits={fl_bits} is out of range.", "give 2..8 bits, or 0 for weight_bits")
-    if options.get("low_bit", "restricted") == "int4":
-        if int(options.get("weight_bits", 8)) != 4:
-            raise OptionError("qdq.low_bit=int4 needs weight_bits=4.", "set --set qdq.weight_bits=4 or low_bit=restricted")
-        if not rules.allow_int4_weights:
-            raise OptionError(f"target {rules.name} does not take INT4 initializers.", "use qdq.low_bit=restricted (int8 storage, 4-bit range)")
-    resolve_symmetric(options, rules)
-    if not weights_symmetric(options) and not rules.allow_asymmetric_weights:
-        raise OptionError(f"target {rules.name} needs symmetric weights (zero point 0); weight_symmetric=false is not allowed.",
-                          "drop qdq.weight_symmetric or use --target ort")
-
-
-def weights_symmetric(options: dict) -> bool:
-    return bool(options.get("weight_symmetric", True))
 
 
 # ------------------------------------------------------------------------------------ prepare
@@ -207,7 +173,7 @@ def _relabel_down(model: ModelProto, current: int, target: int) -> Optional[Mode
     return out
 
 
-def prepare_model(model: ModelProto, rules: TargetRules, options: dict, input_shapes: Optional[dict] = None) -> tuple:
+def prepare_model(model: ModelProto, rules: TargetRules, fmt: FormatOptions, input_shapes: Optional[dict] = None) -> tuple:
     """(prepared model, notes): named nodes, target opset, static shapes (tidl), inferred types."""
     notes = []
     model = model_io.load_model(model, check=False)
@@ -217,7 +183,7 @@ def prepare_model(model: ModelProto, rules: TargetRules, options: dict, input_sh
         want = rules.fixed_opset
     elif opset < rules.min_opset:
         want = rules.min_opset
-    if options.get("low_bit") == "int4":
+    if fmt.low_bit == "int4":
         want = max(want, 21)
     if want != opset:
         model = convert_opset(model, want)
@@ -318,40 +284,34 @@ def limit_samples(data: Callable, n: int) -> Callable:
     return gen
 
 
-def run_calibration(model: ModelProto, tensors: list, data, options: dict, rules: TargetRules, progress: bool,
-                    nonneg: Optional[set] = None, bounds: Optional[dict] = None, choose=None) -> dict:
+def run_calibration(model: ModelProto, tensors: list, data, options: CalibrationOptions, fmt: FormatOptions,
+                    rules: TargetRules, progress: bool, nonneg: Optional[set] = None, bounds: Optional[dict] = None,
+                    choose=None) -> dict:
     """Ranges of ``tensors``; with ``calib_method=auto``, ``choose`` picks each tensor's method
     (:func:`onnxopt.quant.calibrate.calibrate`); without it, auto is the target's default method."""
-    method = options.get("calib_method", "auto")
+    method = options.calib_method
     if method == "auto" and choose is None:
         method = rules.default_method
     cfg = calib.CalibConfig(
         method=method,
-        percentile=float(options.get("calib_percentile", 99.99)),
-        num_bins=int(options.get("calib_bins", 2048)),
-        workers=int(options.get("calib_workers", 1)),
+        percentile=options.calib_percentile,
+        num_bins=options.calib_bins,
+        workers=options.calib_workers,
         progress=progress,
-        cache=options.get("calib_cache") or None,
-        trt_table=options.get("trt_calib_table") or None,
+        cache=options.calib_cache or None,
+        trt_table=options.trt_calib_table or None,
     )
-    symmetric = resolve_symmetric(options, rules)
+    symmetric = fmt.act_symmetric(rules)
     # "unsigned" makes the calibrator clip at 0: only for symmetric quantization with zero point 0
     # of tensors that are non-negative by construction (ReLU/Clip/Sigmoid outputs) -- uint8 on
     # uint8 targets, and below 8 bits on int8 targets too (see activation_params). Asymmetric
     # ranges keep lo.
     nonneg = nonneg or set()
-    bits = int(options.get("activation_bits", 8))
-    zero_based = not rules.act_signed or unsigned_low_bit(options, bits)
+    bits = fmt.activation_bits
+    zero_based = not rules.act_signed or fmt.unsigned_low_bit(bits)
     unsigned = {t: bool(symmetric and zero_based and t in nonneg) for t in tensors}
     return calib.calibrate(with_clip_bounds(model, bounds or {}), list(tensors), data, cfg,
                            symmetric=symmetric, unsigned=unsigned, bits=bits, choose=choose)
-
-
-def unsigned_low_bit(options: dict, bits: int) -> bool:
-    """Below 8 bits, non-negative activations use [0, 2^b - 1] with zero point 0 even on int8
-    targets (values stored in int8, which holds them for b <= 7): the symmetric [-q, q] range
-    spends half its levels on values a ReLU output never takes (LSQ quantizes them unsigned)."""
-    return bits < 8 and bool(options.get("act_unsigned_low_bit", True))
 
 
 # ----------------------------------------------------------------------------------- scales
@@ -441,41 +401,22 @@ def layer_weight_bits(graph: gs.Graph, plan, nodes: dict, wbits: int, first_last
 
 
 # ------------------------------------------------------------------------------------- apply
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
-                 "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "MatMulNBits"}
-
-
-def quantized_ops(model: ModelProto) -> dict:
-    """{op type: count} of the quantization ops already in the main graph (Q/DQ pairs, integer or
-    QLinear kernels): quantizing such a model again would stack a second quantization on the first."""
-    found: dict = {}
-    for n in model.graph.node:
-        if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"):
-            found[n.op_type] = found.get(n.op_type, 0) + 1
-    return found
-
-
-def already_quantized_message(found: dict) -> str:
-    listed = ", ".join(f"{c} {op}" for op, c in sorted(found.items()))
-    return f"the model is already quantized ({listed}); quantizing it again would stack a second quantization"
-
-
-def quantize_model(model: ModelProto, options, data, ctx) -> QuantResult:
-    """Quantize ``model`` per ``options`` (the qdq pass's resolved options) with calibration ``data``."""
-    options = options.to_dict()  # interim: the engine below still reads the flat view
+def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantResult:
+    """Quantize ``model`` per ``options`` (the qdq pass's options) with calibration ``data``."""
     found = quantized_ops(model)
     if found:
         raise OnnxoptError(already_quantized_message(found) + ".", "quantize the float model it came from")
-    rules = get_target(options.get("target", "tensorrt"))
-    validate_options(options, rules)
+    rules = get_target(options.target)
+    fmt, calibration = options.format, options.calibration
+    fmt.check(rules)
     input_shapes = getattr(ctx, "input_shapes", None) if ctx is not None else None
     progress = bool(getattr(ctx, "progress", False)) if ctx is not None else False
-    bounds = model_io.activation_bounds(model) if options.get("clip_bounds", True) else {}
+    bounds = model_io.activation_bounds(model) if calibration.clip_bounds else {}
     static_note = None
     generated = getattr(getattr(ctx, "data_spec", None), "source", None) == "random"
     if rules.static_shapes and data is not None and generated:
         input_shapes, static_note = _static_shapes_from_data(model, input_shapes, data)
-    model, notes = prepare_model(model, rules, options, input_shapes)
+    model, notes = prepare_model(model, rules, fmt, input_shapes)
     if static_note:
         notes.append(static_note)
         if ctx is not None:
@@ -483,34 +424,34 @@ def quantize_model(model: ModelProto, options, data, ctx) -> QuantResult:
     if rules.static_shapes and data is not None:
         data = to_static_batch(data, model)
     graph = import_graph(model)
-    full_plan = placement_mod.plan(graph, rules, options, ignore_exclusions=True)
-    the_plan = placement_mod.plan(graph, rules, options)
+    full_plan = placement_mod.plan(graph, rules, options.placement, fmt.per_channel, ignore_exclusions=True)
+    the_plan = placement_mod.plan(graph, rules, options.placement, fmt.per_channel)
     tensors = list(dict.fromkeys(full_plan.activation_tensors() + the_plan.activation_tensors()))
     nonneg = placement_mod.nonnegative_tensors(graph)
     # only a tensor that gets a Q/DQ is clipped in the result, so only there is the clip put back
     bounds = {t: b for t, b in bounds.items() if t in tensors}
-    cache = options.get("calib_cache") or None
+    cache = calibration.calib_cache or None
     # a cache that exists is either reused (model, data and settings match) or refused as stale
     cache_state = ("reused" if Path(cache).exists() else "written") if cache and tensors else None
     choose, search = None, {}
-    if options.get("calib_method", "auto") == "auto" and tensors:
-        choose = _range_chooser(model, the_plan, tensors, data, rules, options, bounds, search,
+    if calibration.calib_method == "auto" and tensors:
+        choose = _range_chooser(model, the_plan, tensors, data, rules, fmt, bounds, search,
                                 getattr(ctx, "log", None) if ctx is not None else None)
-    ranges = run_calibration(model, tensors, data, options, rules, progress, nonneg, bounds, choose) if tensors else {}
+    ranges = run_calibration(model, tensors, data, calibration, fmt, rules, progress, nonneg, bounds, choose) if tensors else {}
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
     if missing:
-        raise OnnxoptError(f"calibration returned no range for {len(missing)} tensor(s), e.g. '{missing[0]}'.",
-                           "internal error between placement and calibration; please report it")
-    qmodel, info = apply_plan(model, graph, the_plan, ranges, rules, options)
+        raise InternalError(f"calibration returned no range for {len(missing)} tensor(s), e.g. '{missing[0]}' "
+                            "(placement and calibration disagree)")
+    qmodel, info = apply_plan(model, graph, the_plan, ranges, rules, fmt)
     info["notes"] = notes
     info["skipped"] = the_plan.skipped
     info["clip_bounds"] = sorted(bounds)
     info["calib_cache"] = {"path": str(cache), "state": cache_state} if cache_state else None
-    info["calibration"] = search.get("report") or {"method": options.get("calib_method", "auto") if not choose else "auto"}
+    info["calibration"] = search.get("report") or {"method": calibration.calib_method if not choose else "auto"}
     return QuantResult(qmodel, info, {k: (float(v[0]), float(v[1])) for k, v in ranges.items()})
 
 
-def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRules, options: dict, bounds: dict,
+def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRules, fmt: FormatOptions, bounds: dict,
                    out: dict, log) -> Callable:
     """The ``choose`` of ``calib_method=auto`` (:mod:`onnxopt.quant.calib_search`): measures the
     Q/DQ model of ``plan`` against the float model (with the clips lite removed put back), and
@@ -519,7 +460,7 @@ def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRu
     reference = with_clip_bounds(model, bounds)
 
     def build(ranges: dict) -> ModelProto:
-        return apply_plan(model, import_graph(model), plan, ranges, rules, options)[0]
+        return apply_plan(model, import_graph(model), plan, ranges, rules, fmt)[0]
 
     def choose(candidates: dict, seconds: float) -> dict:
         ranges, out["report"] = calib_search.choose_ranges(reference, build, candidates,
@@ -529,25 +470,25 @@ def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRu
     return choose
 
 
-def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: TargetRules, options: dict) -> tuple:
+def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: TargetRules, fmt: FormatOptions) -> tuple:
     """Rewrite ``graph`` (imported from ``model``) per ``plan``; returns (model, info)."""
     names = NameGenerator(graph)
-    symmetric = resolve_symmetric(options, rules)
-    power_of_two = rules.power_of_two or bool(options.get("power_of_two", False))
-    w_symmetric = weights_symmetric(options)
-    abits, wbits = int(options.get("activation_bits", 8)), int(options.get("weight_bits", 8))
+    symmetric = fmt.act_symmetric(rules)
+    power_of_two = rules.power_of_two or fmt.power_of_two
+    w_symmetric = fmt.weight_symmetric
+    abits, wbits = fmt.activation_bits, fmt.weight_bits
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     excluded = plan.excluded
     # before any Q/DQ is appended: first/last are found by walking the nodes in graph order
-    bits_of = layer_weight_bits(graph, plan, nodes, wbits, int(options.get("first_last_weight_bits", 0)))
+    bits_of = layer_weight_bits(graph, plan, nodes, wbits, fmt.first_last_weight_bits)
 
     # ---- activation parameters, one per scale group ------------------------------------------
     group_params: dict = {}
     for rep, members in plan.groups.items():
         lo = min(float(ranges[m][0]) for m in members)
         hi = max(float(ranges[m][1]) for m in members)
-        p = activation_params(lo, hi, abits, rules, symmetric, power_of_two, unsigned_low_bit(options, abits))
+        p = activation_params(lo, hi, abits, rules, symmetric, power_of_two, fmt.unsigned_low_bit(abits))
         dtype = np.float32
         first = tensors[members[0]]
         if first.dtype is not None and np.dtype(first.dtype) == np.float16:
@@ -637,7 +578,7 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
             graph.nodes.append(gs.Node("DequantizeLinear", names(f"{w_t.name}_DequantizeLinear"),
                                        attrs=attrs, inputs=[wq_c, ws_c, wz_c], outputs=[w_dq]))
             shared[key] = (w_dq, wq_c, ws_c, wz_c)
-            if options.get("low_bit") == "int4" and bits == 4:
+            if fmt.low_bit == "int4" and bits == 4:
                 int4_names.append(wq_c.name)
         node.inputs[wc.input_index] = w_dq
         entry = {"node": node.name, "op": node.op, "weight_q": wq_c.name, "weight_scale": ws_c.name,

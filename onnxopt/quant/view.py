@@ -386,3 +386,22 @@ def layer_depths(model: ModelProto, layers) -> dict:
         for o in node.output:
             depth_of_tensor[o] = d
     return depths
+
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "MatMulNBits"}
+
+
+def quantized_ops(model: ModelProto) -> dict:
+    """{op type: count} of the quantization ops already in the main graph (Q/DQ pairs, integer or
+    QLinear kernels): quantizing such a model again would stack a second quantization on the first."""
+    found: dict = {}
+    for n in model.graph.node:
+        if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"):
+            found[n.op_type] = found.get(n.op_type, 0) + 1
+    return found
+
+
+def already_quantized_message(found: dict) -> str:
+    listed = ", ".join(f"{c} {op}" for op, c in sorted(found.items()))
+    return f"the model is already quantized ({listed}); quantizing it again would stack a second quantization"

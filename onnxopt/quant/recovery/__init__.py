@@ -22,6 +22,7 @@ from onnx import ModelProto
 
 from ...data import collect_feeds
 from ...errors import DataError, OptionError
+from ..options import RecoveryOptions
 from ..view import Evaluator, QdqView, sqnr_db
 from . import adaround, brecq
 from .bias import BIAS_SAMPLES, analytical_bias_correction, empirical_bias_correction
@@ -66,15 +67,18 @@ def _bias_correction(bc: str, float_model, model, info, data, n_samples, ev, log
     return corrected, rep
 
 
-def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options: dict, data, ctx) -> tuple:
-    """Apply the PTQ recovery steps the qdq ``options`` ask for; returns (model, report dict)."""
+def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options: RecoveryOptions, data, ctx,
+            calib_samples: int = 0) -> tuple:
+    """Apply the PTQ recovery steps ``options`` ask for; returns (model, report dict).
+    ``options`` may be given as ``{option: value}``: only the steps and budgets named there apply
+    (converted and validated as qdq's options; unlike the pass, whose defaults run fallback=auto
+    with an agreement budget). ``calib_samples`` (0 = unset) caps the samples the data-driven steps read."""
+    if isinstance(options, dict):
+        options = RecoveryOptions.build("qdq", {"fallback": "none", "max_agreement_loss": -1, **options})
     log = getattr(ctx, "log", None) or (lambda msg: None)
-    bc = options.get("bias_correction", "none")
-    fb = options.get("fallback", "none")
-    max_error = float(options.get("max_error", 0.0) or 0.0)
-    rounding = options.get("rounding", "nearest")
-    precision = options.get("fallback_precision", "auto")
-    n_samples = int(options.get("calib_samples") or 0) or None
+    bc, fb, max_error = options.bias_correction, options.fallback, options.max_error
+    rounding, precision = options.rounding, options.fallback_precision
+    n_samples = calib_samples or None
     budget = fallback_budget(options)
     _validate(bc, fb, max_error, rounding, precision, data, budget)
     if precision == "auto":  # TIDL's higher precision is its 16-bit mode; elsewhere the float layer itself
@@ -87,7 +91,7 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
         ev = Evaluator(QdqView(float_model, model, info).float_reference(), collect_feeds(data, REFERENCE_SAMPLES))
         report["rel_error_start"] = ev.error(model)
     if rounding != "nearest":
-        iters = int(options.get("adaround_iters", 500))
+        iters = options.adaround_iters
         model, report[rounding] = _learned_rounding(rounding, QdqView(float_model, model, info), data, iters, n_samples,
                                                     float_model, ctx, log)
     if bc != "none":

@@ -27,6 +27,7 @@ from ... import runtime, stats
 from ...errors import OptionError
 from ...task_metric import Budget
 from ...task_metric import Evaluator as TaskEvaluator
+from ..options import RecoveryOptions
 from ..view import QdqView, sqnr_db
 
 FALLBACK_SAMPLES = 32
@@ -45,13 +46,12 @@ def _latency_ms(model: ModelProto, feed: dict, runs: int = 15) -> float:
     return float(np.median(times) * 1e3)
 
 
-def fallback_budget(options: dict):
+def fallback_budget(options: RecoveryOptions):
     """The :class:`onnxopt.task_metric.Budget` ``fallback=auto`` must meet, from the qdq options:
     ``max_agreement_loss`` (top-1 agreement points on classifier outputs) and ``max_error``
     (relative L2 error of the logits of every output); None when neither is set."""
-    agree = options.get("max_agreement_loss")
-    agree = None if agree is None or float(agree) < 0 else float(agree)
-    rel = float(options.get("max_error", 0.0) or 0.0)
+    agree = None if options.max_agreement_loss < 0 else options.max_agreement_loss
+    rel = options.max_error
     if agree is None and rel <= 0:
         return None
     return Budget(max_agreement_loss=math.inf if agree is None else agree, max_rel_error=rel)
