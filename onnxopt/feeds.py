@@ -2,7 +2,7 @@
 
 A real export has symbolic dimensions (``batch``, ``seq``, ``p2o.DynamicDimension.1``...),
 integer inputs that index embeddings, masks and lengths. Random small integers at a guessed shape
-make such a model fail in onnxruntime, which used to block the main job. Here the model itself
+make such a model fail in onnxruntime. Here the model itself
 says what a valid feed is:
 
 * **sizes**: a batch-like dimension is 1; every other symbolic dimension gets plausible sizes for

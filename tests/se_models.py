@@ -8,7 +8,7 @@
   what folding BatchNorm with widely different gamma/sigma produces). Per-tensor int8 weights then
   round the small depthwise filters to zero.
 * :func:`reference_qdq` -- a deliberately simple W/A quantizer that writes the QDQ layout of
-  ``notes/contracts.md`` (weights stored quantized + DequantizeLinear, activations Q->DQ before
+  the ``qdq`` pass (weights stored quantized + DequantizeLinear, activations Q->DQ before
   every Conv/Gemm, float bias) with the matching ``info`` dict, so recovery can be tested
   independently of the real ``qdq`` pass.
 """

@@ -1,6 +1,7 @@
 """Apply a placement plan: quantized weight initializers + DQ, activation Q/DQ pairs, bias handling.
 
-Entry point :func:`quantize_model` (the qdq pass's engine, see notes/contracts.md):
+Entry point :func:`quantize_model` (the qdq pass's engine; the layout it writes is described in
+:mod:`onnxopt.quant.view`, which reads it back):
 
 1. prepare the model for the target: every node uniquely named, opset raised to the target's
    minimum (or converted to its fixed opset), shapes inferred, static input shapes for TIDL;

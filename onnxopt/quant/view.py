@@ -4,7 +4,8 @@ Everything that reads a quantized model back -- sensitivity, the recovery steps,
 converter -- works through this module: integer ranges (:func:`int_range`, :func:`weight_range`,
 :data:`INT_RANGE_OF_TYPE`), per-channel reshaping, and :class:`QdqView`, which derives float /
 partly-quantized variants of a QDQ model from the qdq pass's ``info`` without recalibrating
-(the variants are described in :mod:`onnxopt.quant.sensitivity`). It imports no other module of
+(the variants are described in :mod:`onnxopt.quant.sensitivity`), and which quantization ops a
+model already holds (:func:`quantized_ops`). It imports no other module of
 ``onnxopt.quant``.
 """
 from __future__ import annotations

@@ -330,9 +330,7 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
     # auto = frozen running statistics. Measured on ResNet56 pruned with BN kept (tools/sweep_recovery.py,
     # 15 epochs, 717 images; seed 0 MACs -31 % with the mean fold, seeds 1-2 MACs -33 % uncompensated):
     # frozen 90.67/89.33/89.33 %, batch statistics 90.0/88.67/89.33 %, batch statistics then
-    # re-estimated 90.0/89.0/89.0 %. (Batch
-    # statistics had been the default for ResNet56 with its residual streams pruned too, which
-    # starts at chance level; that is no longer the default pruning.)
+    # re-estimated 90.0/89.0/89.0 %.
     bn_mode = cfg.bn_mode if cfg.bn_mode != "auto" else "frozen"
     if cfg.optimizer not in ("adam", "sgd"):
         raise OptionError(f"bad optimizer '{cfg.optimizer}'.", "use adam or sgd")

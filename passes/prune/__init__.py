@@ -21,9 +21,7 @@ layers' normalized scores (divided by their number when ranking globally, so tha
 stream fed by nine layers is not favoured over a single conv).
 
 What is removed: ``ratio`` (default 0.3) counts MACs by default (``ratio_of=macs``): the pruned
-model keeps about ``1 - ratio`` of the MACs, as a user reads "ratio 0.3" (before, it counted the
-channels of every group, and with the residual streams pruned too ResNet56 lost 64 % of its MACs
-at 0.3). ``target_macs=0.7`` says the same as a fraction to keep. The MACs target is solved over
+model keeps about ``1 - ratio`` of the MACs, as a user reads "ratio 0.3". ``target_macs=0.7`` says the same as a fraction to keep. The MACs target is solved over
 the channel groups (:func:`_solve_macs`): bisection on the mode's channel ratio with the MACs of
 every Conv/Gemm/MatMul counted from its kept input and output channels, then rounding that shares
 the steps between classes of one width; it lands at or under the target (ResNet56 and

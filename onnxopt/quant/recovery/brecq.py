@@ -442,8 +442,8 @@ class _Block:
 
 def _batch_for(y, batch: int) -> int:
     """Images per iteration: ``batch`` up to 28x28 outputs, fewer for larger ones (at least 8), so
-    an iteration sees about as many output positions as ``batch`` images at 28x28. A batch of 32 at
-    112x112 costs 2.5 s an iteration on 2 cores; 8 images still hold 100k positions, and the time
+    an iteration sees about as many output positions as ``batch`` images at 28x28. An iteration's
+    cost grows with its output positions; 8 images at 112x112 still hold 100k positions, and the time
     goes into iterations, which the rounding needs to settle (EfficientNet-Lite0's first block: 200
     iterations at 32 images reconstruct worse than nearest rounding, 400 at 8 better, in 1/5 the time)."""
     positions = int(np.prod(y.shape[2:])) if y.ndim > 2 else 1
