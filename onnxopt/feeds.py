@@ -221,7 +221,7 @@ def _index_bound(node, slot: int, shapes: dict, consts: dict):
         if depth is not None:
             try:
                 return int(np.asarray(onnx.numpy_helper.to_array(depth)).reshape(-1)[0])
-            except Exception:
+            except (ValueError, TypeError, IndexError):  # an empty or non-numeric depth: unknown
                 return None
         return None
     if op == "TopK":

@@ -47,20 +47,20 @@ def known_semantics(op: str, domain: str, opset: int) -> bool:
         return True  # passes only rewrite default-domain ops; others are left alone anyway
     try:
         schema = onnx.defs.get_schema(op, opset, "")
-    except Exception:
+    except onnx.defs.SchemaError:
         return False
     version = schema.since_version
     if opset < MIN_REVIEWED_OPSET:
         # an old model: known when the operator did not change between its opset and the first reviewed one
         try:
             return version == onnx.defs.get_schema(op, MIN_REVIEWED_OPSET, "").since_version
-        except Exception:
+        except onnx.defs.SchemaError:
             return False
     if version <= REVIEWED_OPSET or (op, version) in REVIEWED_LATER:
         return True
     try:
         before = onnx.defs.get_schema(op, version - 1, "")
-    except Exception:
+    except onnx.defs.SchemaError:
         return False  # an operator born after the review
     if not known_semantics(op, "", before.since_version):
         return False
