@@ -144,13 +144,13 @@ def _route_shortcuts(kwargs: dict, names: list, options: dict) -> None:
 
 
 def _refuse_failing_target_check(report: manager.Report, report_path) -> None:
-    """A qdq model whose Q/DQ encoding fails its own target's ``onnxopt check`` is not written and
+    """A model whose Q/DQ encoding fails the target check its pass ran (``extra["check"]``, qdq's) is not written and
     the run fails listing the violations (never exit 0 with an encoding the target rejects); the
     report is written. Op-support violations (ops the target runs elsewhere, e.g. on TIDL's ARM
     core) need graph changes, not a different encoding: the pass warns about them."""
     for rec in report.passes:
         check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
-        if rec.name == "qdq" and check and check.get("format_violations", check.get("violations")):
+        if check and check.get("format_violations", check.get("violations")):
             if report_path:
                 report.write(report_path)
             format_first = [v for v in check["first"] if v.get("kind", "format") == "format"] or check["first"]
@@ -159,8 +159,8 @@ def _refuse_failing_target_check(report: manager.Report, report_path) -> None:
             raise OnnxoptError(f"the quantized model fails `onnxopt check --target {check['target']}` "
                                f"({check.get('format_violations', check['violations'])} encoding violation(s)): {listed}" + (f"; and {more} more" if more > 0 else "")
                                + "; it was not written.",
-                               "keep the offending layers in float (--set qdq.exclude_nodes=NAME,...) or run cleanup before "
-                               "qdq; please report the model if the violation is in onnxopt's own encoding")
+                               f"keep the offending layers in float (--set {rec.name}.exclude_nodes=NAME,...) or run cleanup "
+                               f"before {rec.name}; please report the model if the violation is in onnxopt's own encoding")
 
 
 def _print_summary(report: manager.Report, output: str) -> None:
@@ -191,7 +191,7 @@ def _cost_lines(rec) -> list:
         lines.append("not verified (--no-verify)")
     if rec.output_change:
         lines.append(output_change.describe(rec.output_change))
-    if rec.name == "prune" or (not rec.exact and rec.before.get("macs") != rec.after.get("macs")):
+    if not rec.exact and rec.before.get("macs") != rec.after.get("macs"):  # e.g. prune: what the change bought
         parts = []
         for key, label in (("macs", "MACs"), ("params", "params")):
             b, a = rec.before.get(key), rec.after.get(key)
