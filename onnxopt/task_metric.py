@@ -400,3 +400,10 @@ class HeldIn:
 
     def __call__(self):
         return self.batches()
+
+
+def task_error(reference: ModelProto, candidate: ModelProto, feeds, limit: int = 256) -> TaskError:
+    """The one call for a summary line: the task-aware error of ``candidate`` against
+    ``reference`` on ``feeds`` (a list of batches or a callable yielding them; up to ``limit``
+    samples), e.g. ``task_error(float_model, int8_model, feeds).summary()``."""
+    return Evaluator(reference, feeds, limit=limit).error(candidate)

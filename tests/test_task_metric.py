@@ -71,6 +71,8 @@ def test_softmax_hides_what_the_logits_show():
     assert e.outputs[0].measured == "logits" and e.outputs[0].activation == "Softmax"
     assert e.agreement_loss == 0.0 and e.outputs[0].kl > 0.01 and e.rel_error > 0.5
     assert ev.error(_classifier()).objective() == 0.0
+    one = task_metric.task_error(m, shrunk, feeds)
+    assert one.agreement_loss == 0.0 and math.isclose(one.outputs[0].kl, e.outputs[0].kl) and "top-1 agreement 100.00 %" in one.summary()
 
 
 def test_held_in_samples_replay_without_reading_again():
