@@ -368,6 +368,7 @@ class HeldIn:
         self.limit, self.max_bytes = int(limit), float(max_mb) * 2**20
         self.kept: list = []
         self.complete = False
+        self.read: Optional[int] = None   # samples in the last complete read (the calibration's count)
 
     def __getattr__(self, name):
         if name.startswith("_"):
@@ -382,10 +383,12 @@ class HeldIn:
 
     def batches(self, batch_size=None):
         if self.complete and batch_size is None:
+            self.read = sum(_samples(f) for f in self.kept)
             yield from self.kept
             return
-        kept, used, count, whole = [], 0, 0, True
+        kept, used, count, whole, total = [], 0, 0, True, 0
         for feed in self._read(batch_size):
+            total += _samples(feed)
             if whole:
                 size = sum(np.asarray(v).nbytes for v in feed.values())
                 b = _samples(feed)
@@ -397,6 +400,7 @@ class HeldIn:
             yield feed
         # only a read to the end tells that every sample was kept
         self.kept, self.complete = (kept, True) if whole else (kept, False)
+        self.read = total
 
     def __call__(self):
         return self.batches()

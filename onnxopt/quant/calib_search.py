@@ -13,9 +13,13 @@ the method that was best on EfficientNet-Lite0), so the choice is measured, per 
    logits for classifiers, noise-to-signal ratio otherwise); the best is the starting point;
 3. greedy in topological order: the tensors are cut into consecutive chunks; for each chunk, every
    other method is tried on the chunk's tensors (those whose range it changes) and kept when the
-   task objective falls. The number of chunks is set by a time budget: the search may take 1.5 times
-   the statistics pass, so ``auto`` costs at most about three ``mse`` calibrations (chunks of
-   one tensor, i.e. a per-tensor greedy, when the model is small enough).
+   task objective falls. The number of chunks is set by a budget in samples, so that the choice is
+   the same on any machine: the evaluations may run ``SEARCH_BUDGET`` times as many samples as
+   the statistics pass read (an evaluation sample, the Q/DQ graph unoptimized, costs 0.6-0.8 of
+   a statistics sample, every tensor an output plus histograms: measured on ResNet20 and
+   EfficientNet-Lite0), so ``auto`` costs at most about three ``mse`` calibrations. Without a
+   sample count (the data is not the pass's :class:`~onnxopt.task_metric.HeldIn`) the budget is
+   the same ratio in time.
 
 The report (``info["calibration"]``) lists each tensor's choice, the objective before and after,
 the evaluations and the time.
@@ -32,7 +36,7 @@ from .. import task_metric
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 SEARCH_SAMPLES = 32
-SEARCH_BUDGET = 1.5      # the search may take this many times the statistics pass (auto <= ~3x an mse calibration)
+SEARCH_BUDGET = 2.0      # evaluated samples per statistics sample (auto <= ~3x an mse calibration)
 SAME_RANGE = 0.01        # candidate ranges within 1 % of each other count as one
 
 
@@ -71,12 +75,16 @@ def choose_ranges(reference: ModelProto, build: Callable[[dict], ModelProto], ca
     choice = {t: best_method for t in tensors}
     best = uniform[best_method]
     start = best
-    per_eval = (time.perf_counter() - t0) / max(evaluations, 1)
-    budget = SEARCH_BUDGET * collect_seconds - (time.perf_counter() - t0)
     order = [t for t in searched if t in candidates and
              any(_differs(candidates[t][m], candidates[t][best_method]) for m in METHODS)]
-    affordable = int(budget / max(per_eval, 1e-6)) if budget > 0 else 0
-    n_chunks = min(len(order), max(1, affordable // (len(METHODS) - 1))) if order else 0
+    read = getattr(data, "read", None)
+    if isinstance(read, int) and read > 0:   # deterministic: evaluations left in the sample budget
+        affordable = int(SEARCH_BUDGET * read / max(ev.samples, 1)) - evaluations
+    else:
+        per_eval = (time.perf_counter() - t0) / max(evaluations, 1)
+        budget = 0.75 * SEARCH_BUDGET * collect_seconds - (time.perf_counter() - t0)
+        affordable = int(budget / max(per_eval, 1e-6)) if budget > 0 else 0
+    n_chunks = min(len(order), affordable // (len(METHODS) - 1)) if order and affordable > 0 else 0
     size = math.ceil(len(order) / n_chunks) if n_chunks else 0
     for c in range(n_chunks):
         chunk = order[c * size:(c + 1) * size]
