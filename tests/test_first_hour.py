@@ -214,3 +214,24 @@ def test_data_the_model_cannot_read_is_named_before_the_passes_run(tmp_path):
     np.savez(tmp_path / "ok.npz", x=(0.1 * rng.standard_normal((16, 8))).astype(np.float32))
     r = invoke("apply", "lite", model, "--calib-data", tmp_path / "ok.npz", "-o", tmp_path / "c.onnx")
     assert r.exit_code == 0 and "bounded activation" not in r.output and "same for all" not in r.output, r.output
+
+
+# ------------------------------------------------------------------------ the target's own check
+def test_qdq_output_failing_the_targets_op_support_rules_is_written_but_exits_3(tmp_path):
+    """A 5x5 stride-1 depthwise conv is outside TIDL's op support: the encoding is right, so the
+    model is written, but the run must not end in exit 0 with a model `check --target tidl` fails."""
+    from helpers import make_model, rand
+    from onnxopt.quant.check import check_model
+
+    conv = onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"], name="dw5", group=4, kernel_shape=[5, 5], pads=[2, 2, 2, 2])
+    relu = onnx.helper.make_node("Relu", ["y"], ["z"], name="relu")
+    path = tmp_path / "dw.onnx"
+    onnx.save(make_model([conv, relu], [("x", [1, 4, 8, 8])], [("z", [1, 4, 8, 8])],
+                         [("w", rand(4, 1, 5, 5)), ("b", rand(4, seed=1))]), path)
+    np.save(tmp_path / "calib.npy", rand(8, 4, 8, 8, seed=2))
+    out = tmp_path / "dw.int8.onnx"
+    r = invoke("apply", "qdq", path, "-o", out, "--calib-data", tmp_path / "calib.npy", "--target", "tidl")
+    assert r.exit_code == 3 and "Traceback" not in r.output, r.output
+    assert "fail `onnxopt check --target tidl`" in r.output and "dw5" in r.output
+    found = check_model(onnx.load(out), "tidl")
+    assert found and {v.kind for v in found} == {"op-support"}

@@ -8,7 +8,7 @@ import click
 
 from .. import manager, model_io, output_change, sanity
 from ..data import PREPROCESSING_KEY
-from ..errors import OnnxoptError, OptionError
+from ..errors import GateFailure, OnnxoptError, OptionError
 from ..registry import PassContext, all_passes, shortcut_flags
 from . import cli
 from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
@@ -113,6 +113,7 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
         _print_summary(report, output)
     elif defaulted:
         click.echo(f"wrote {output}")
+    _fail_on_op_support_violations(report, output)
 
 
 def default_output(model: str, names: list, force: bool) -> str:
@@ -161,6 +162,21 @@ def _refuse_failing_target_check(report: manager.Report, report_path) -> None:
                                + "; it was not written.",
                                f"keep the offending layers in float (--set {rec.name}.exclude_nodes=NAME,...) or run cleanup "
                                f"before {rec.name}; please report the model if the violation is in onnxopt's own encoding")
+
+
+def _fail_on_op_support_violations(report: manager.Report, output: str) -> None:
+    """The encoding is right but some ops break the target's op-support rules (e.g. a Concat on
+    axis 0 for TIDL): the model is written (the user may offload those ops), yet the run must not
+    end in exit 0 with a model its own target's check fails, so it ends with a gate failure (3)."""
+    for rec in report.passes:
+        check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
+        if check and check.get("violations"):
+            first = "; ".join(f"[{v['rule']}] {v['node']}" for v in check["first"][:3])
+            raise GateFailure(f"{output} was written, but {check['violations']} node(s) fail `onnxopt check --target {check['target']}` "
+                              f"op-support rules ({first}{'; ...' if check['violations'] > 3 else ''}): the target runs them "
+                              "outside its accelerator, or refuses the model at import.",
+                              f"run `onnxopt check {output} --target {check['target']}` for the list; replace those ops "
+                              "(e.g. with lite or your exporter), or accept exit code 3 if your flow offloads them")
 
 
 def _print_summary(report: manager.Report, output: str) -> None:
