@@ -382,7 +382,7 @@ def test_shared_qdq_model_parity_exact(shared):
     from onnxopt.registry import PassContext
     base = onnxopt.load_model(shared("models", "resnet20_cifar10.onnx"))
     data = open_data(DataSpec(str(shared("data", "cifar10_test_1017.npz")), batch_size=8, max_samples=16), base)
-    q, _ = onnxopt.apply(base, "qdq", {"qdq": {"weight_bits": 4, "activation_bits": 4}}, context=PassContext(data=data, log=lambda m: None))
+    q, _ = onnxopt.apply(base, "qdq", {"qdq": {"weight_bits": 4, "activation_bits": 4, "fallback": "none"}}, context=PassContext(data=data, log=lambda m: None))
     module = to_torch(q)
     assert len(module.weight_quants) == 20 and all(w.qmax == 7 for w in module.weight_quants.values())
     feed = {"input": rand(2, 3, 32, 32, seed=0)}
