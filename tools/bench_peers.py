@@ -1,7 +1,7 @@
 """Side by side: onnxopt's qdq defaults against the peer ONNX quantizers, same models, data, split.
 
     nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se] [--out results.json]
-        [--peers-root /tmp/i20peers] [--limit-eval N] [--skip-peers] [--skip-fixed]
+        [--peers-root DIR] [--limit-eval N] [--skip-peers] [--skip-fixed]
 
 Every quantizer runs in its own process (peers in their own virtual environments, whose pins
 conflict: numpy 1.x for Neural Compressor, onnxruntime-gpu for ModelOpt), on the same float model
@@ -41,9 +41,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-if not SHARED.exists():
-    SHARED = Path("/work/shared")
+SHARED = Path(os.environ.get("ONNXOPT_SHARED", ROOT.parent / "shared"))   # ../shared, or where ONNXOPT_SHARED points
 CACHE = Path(os.environ.get("ONNXOPT_BENCH_CACHE", tempfile.gettempdir())) / "onnxopt_bench_peers"
 FIXED = ("minmax", "percentile", "entropy", "mse")
 
@@ -474,7 +472,8 @@ def main(argv=None):
     ap.add_argument("--calib")
     ap.add_argument("--out")
     ap.add_argument("--models", default="effnet,resnet20,resnet56,yolox,se")
-    ap.add_argument("--peers-root", default="/tmp/i20peers")
+    ap.add_argument("--peers-root", default=str(Path(tempfile.gettempdir()) / "onnxopt_peers"),
+                    help="folder holding one virtual environment per peer: nncf/, inc/, modelopt/")
     ap.add_argument("--limit-eval", type=int, default=0)
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--skip-fixed", action="store_true")
