@@ -523,16 +523,23 @@ def feed_samples(feed: dict) -> int:
     return next((int(v.shape[0]) for v in feed.values() if getattr(v, "ndim", 0)), 1)
 
 
-def collect_feeds(data, limit: int) -> list:
-    """Up to ``limit`` samples of ``data`` (a callable returning batches) as a list of batches."""
-    if data is None:
-        raise DataError("sensitivity analysis needs data.", "give --calib-data")
+def take_samples(data, limit: int) -> list:
+    """The first batches of ``data`` (a callable returning batches) holding ``limit`` samples or
+    more, or all of them when there are fewer ([] for empty data)."""
     feeds, count = [], 0
     for feed in data():
         feeds.append(feed)
         count += feed_samples(feed)
         if count >= limit:
             break
+    return feeds
+
+
+def collect_feeds(data, limit: int) -> list:
+    """Up to ``limit`` samples of ``data`` (a callable returning batches) as a list of batches."""
+    if data is None:
+        raise DataError("sensitivity analysis needs data.", "give --calib-data")
+    feeds = take_samples(data, limit)
     if not feeds:
         raise DataError("the data yielded no samples.", "check --calib-data")
     return feeds

@@ -19,7 +19,7 @@ import numpy as np
 from onnx import ModelProto
 
 from . import runtime
-from .data import DataSource, feed_samples
+from .data import DataSource, take_samples
 from .errors import OnnxoptError
 
 SAMPLES = 32          # samples measured (top-1 agreement needs more than the 2 batches verification uses)
@@ -37,13 +37,7 @@ def feeds(ctx, model: ModelProto, samples: int = SAMPLES) -> tuple:
         return [runtime.generate_inputs(model, seed=s) for s in range(GENERATED)], "generated"
     if not isinstance(ctx.data, DataSource):  # the verification's generated inputs (plausible values per input role)
         return dataclasses.replace(ctx, data=None).sample_feeds(model, GENERATED)
-    out, n = [], 0
-    for feed in ctx.data():
-        out.append(feed)
-        n += feed_samples(feed)
-        if n >= samples:
-            break
-    return out, "data"
+    return take_samples(ctx.data, samples), "data"
 
 
 def measure(before: ModelProto, after: ModelProto, batches: list, source: str = "data") -> dict:

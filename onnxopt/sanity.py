@@ -16,7 +16,7 @@ import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from . import runtime
-from .data import DataSource, feed_samples
+from .data import DataSource, take_samples
 from .errors import OnnxoptError
 
 SAMPLES = 16      # samples looked at
@@ -50,12 +50,7 @@ def _first_bound(model: ModelProto):
 def check_outputs(model: ModelProto, data: DataSource, samples: int = SAMPLES) -> list:
     """Warnings about the float model's outputs on the first ``samples`` samples of ``data`` ([] if
     nothing looks wrong, or the model cannot run in onnxruntime: the passes say so themselves)."""
-    feeds, n = [], 0
-    for feed in data():
-        feeds.append(feed)
-        n += feed_samples(feed)
-        if n >= samples:
-            break
+    feeds = take_samples(data, samples)
     bound = _first_bound(model)
     graph_outputs = [o.name for o in model.graph.output]
     try:
