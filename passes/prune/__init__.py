@@ -340,28 +340,25 @@ def _first_last(an: channels.Analysis) -> tuple:
     """Indices of the producers reached from a graph input (resp. reaching a graph output)
     without passing through another producer."""
     index = {id(p.node): i for i, p in enumerate(an.producers)}
-    first, last = set(), set()
-    seen = set()
-    stack = [t for t in an.graph.inputs]
-    while stack:
-        t = stack.pop()
-        for node in t.outputs:
-            if id(node) in index:
-                first.add(index[id(node)])
-            elif id(node) not in seen:
-                seen.add(id(node))
-                stack.extend(node.outputs)
-    seen = set()
-    stack = [t for t in an.graph.outputs]
-    while stack:
-        t = stack.pop()
-        for node in t.inputs:
-            if id(node) in index:
-                last.add(index[id(node)])
-            elif id(node) not in seen:
-                seen.add(id(node))
-                stack.extend(x for x in node.inputs if x is not None)
+    first = _producers_reached(index, an.graph.inputs, lambda t: t.outputs, lambda n: n.outputs)
+    last = _producers_reached(index, an.graph.outputs, lambda t: t.inputs, lambda n: [x for x in n.inputs if x is not None])
     return first, last
+
+
+def _producers_reached(index: dict, start, nodes_of, tensors_of) -> set:
+    """Indices (``index``: id(node) -> producer index) of the producers met first when walking
+    from the tensors ``start`` (``nodes_of`` a tensor's next nodes, ``tensors_of`` a node's next
+    tensors); the walk stops at each producer."""
+    reached, seen = set(), set()
+    stack = list(start)
+    while stack:
+        for node in nodes_of(stack.pop()):
+            if id(node) in index:
+                reached.add(index[id(node)])
+            elif id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(tensors_of(node))
+    return reached
 
 
 def _residual_roots(an: channels.Analysis) -> set:
