@@ -188,15 +188,9 @@ def outputs(path, feeds):
 
 
 def latency_ms(path, feed, runs=30):
-    s = session(path, threads=1)
-    for _ in range(3):
-        s.run(None, feed)
-    t = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        s.run(None, feed)
-        t.append(time.perf_counter() - t0)
-    return float(np.median(t) * 1e3)
+    from onnxopt.compare import measure_latency   # the driver's interpreter has onnxopt; the peers' venvs need not
+
+    return float(measure_latency(str(path), feed, runs=runs, warmup=3, threads=1)["median_ms"])
 
 
 def save_calib(feeds, path):
