@@ -1,14 +1,14 @@
 """How much an approximate pass changed the model's outputs, measured on the data in hand.
 
 The pass manager measures every approximate pass that changed the model here (lite, prune,
-sparsify, qdq ...), so that each summary line reads the same way: per graph output the cosine
-similarity and the relative L2 error ``|r - c| / |r|`` against the model before the pass, and
-for classifier-shaped outputs (``[N, C]``, ``C > 1``) the top-1 agreement. A cosine or an
+sparsify, qdq ...), so that each summary line reads the same way. It is the task-aware metric of
+:mod:`onnxopt.task_metric`, measured where that module measures: on the logits of a graph output
+written by a terminal Softmax / LogSoftmax / Sigmoid (probabilities hide a changed argmax), else
+on the output itself. Per graph output: the cosine similarity, the relative L2 error
+``|r - c| / |r|`` and the SQNR against the model before the pass, and for classifier-shaped
+outputs (``[N, C]``, ``C > 1``) the top-1 agreement and the KL divergence. A cosine or an
 agreement below :data:`WARN_BELOW` is a warning on the console: the output changed enough to
 matter (an output turned to all zeros has cosine 0).
-
-One function, :func:`measure`, computes the figures, so that a task-aware metric can replace it
-in one place.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 from onnx import ModelProto
 
-from . import runtime
+from . import runtime, task_metric
 from .data import DataSource, take_samples
 from .errors import OnnxoptError
 
@@ -46,25 +46,31 @@ def measure(before: ModelProto, after: ModelProto, batches: list, source: str = 
     Returns ``{"inputs", "samples", "outputs": {name: {...}}, "cosine", "rel_error",
     "top1_agreement"}`` with the worst value over the outputs, or ``{"skipped": reason}`` when
     onnxruntime cannot run one of the models (a custom op): the change is then not measured."""
+    ref_model, ref_tensor = task_metric.with_logit_outputs(before)
+    new_model, new_tensor = task_metric.with_logit_outputs(after)
     try:
-        s_ref, s_new = runtime.session(before), runtime.session(after)
+        s_ref, s_new = runtime.session(ref_model), runtime.session(new_model)
         refs = [runtime.run(s_ref, f) for f in batches]
         gots = [runtime.run(s_new, f) for f in batches]
     except OnnxoptError as exc:
         return {"skipped": exc.message}
+    activations = {name: act for name, (_, act) in task_metric.logit_tensors(before).items()}
     per: dict = {}
     samples = 0
-    for name in refs[0] if refs else ():
-        r = [np.asarray(x[name], np.float64) for x in refs if name in x]
-        c = [np.asarray(x[name], np.float64) for x in gots if name in x]
-        if len(r) != len(c) or any(a.shape != b.shape for a, b in zip(r, c)) or r[0].dtype.kind not in "fc":
+    for vo in before.graph.output:
+        name, rt, ct = vo.name, ref_tensor.get(vo.name, vo.name), new_tensor.get(vo.name, vo.name)
+        r = [np.asarray(x[rt], np.float64) for x in refs if rt in x]
+        c = [np.asarray(x[ct], np.float64) for x in gots if ct in x]
+        if not r or len(r) != len(c) or any(a.shape != b.shape for a, b in zip(r, c)) or r[0].dtype.kind not in "fc":
             continue
         per[name] = _compare(r, c)
+        if rt != name:
+            per[name].update(measured=rt, activation=activations.get(name))
         samples = max(samples, sum(a.shape[0] if a.ndim else 1 for a in r))
     worst = lambda key, fn: fn((v[key] for v in per.values() if v.get(key) is not None), default=None)  # noqa: E731
     return {"inputs": source, "samples": samples, "outputs": per,
             "cosine": worst("cosine", min), "rel_error": worst("rel_error", max),
-            "top1_agreement": worst("top1_agreement", min)}
+            "top1_agreement": worst("top1_agreement", min), "kl": worst("kl", max)}
 
 
 def _compare(refs: list, cands: list) -> dict:
@@ -87,9 +93,13 @@ def _compare(refs: list, cands: list) -> dict:
     out = {"cosine": 0.0 if bad else cosine, "rel_error": float("inf") if bad else rel, "top1_agreement": None}
     if bad:
         out["non_finite"] = bad
-    if all(a.ndim == 2 and a.shape[1] > 1 for a in refs):
-        rr, cc = np.concatenate(refs), np.concatenate(cands)
-        out["top1_agreement"] = float(np.mean(rr.argmax(1) == cc.argmax(1)))
+    task = task_metric.Accumulator(["out"])
+    for a, b in zip(refs, cands):
+        task.update([a], [b])
+    err = task.result().outputs[0]
+    out["sqnr_db"] = err.sqnr_db
+    if err.classifier:
+        out["top1_agreement"], out["kl"] = err.top1_agreement, err.kl
     return out
 
 
@@ -104,6 +114,10 @@ def describe(change: dict, prefix: str = "output change ") -> str:
         parts.append(f"rel err {change['rel_error']:.3g}")
     if change.get("top1_agreement") is not None:
         parts.append(f"top-1 agreement {100 * change['top1_agreement']:.1f} %")
+    if change.get("kl") is not None:
+        parts.append(f"KL {change['kl']:.3g}")
+    if any(v.get("measured") for v in change.get("outputs", {}).values()):
+        parts.append("on the logits before the final " + "/".join(sorted({v["activation"] for v in change["outputs"].values() if v.get("activation")})))
     what = "of the data" if change.get("inputs") == "data" else "of generated inputs; give --calib-data for real figures"
     return f"{prefix}{', '.join(parts) or 'none measurable'} ({change.get('samples', 0)} samples {what})"
 

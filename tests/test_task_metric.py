@@ -132,3 +132,26 @@ def test_default_fallback_meets_the_agreement_budget():
     q2, r2 = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "weight_bits": 4, "calib_method": "minmax", "fallback": "none"}},
                            context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
     assert "recovery" not in r2.passes[0].extra
+
+
+def test_pass_summaries_measure_the_logits_behind_a_softmax():
+    """The manager's per-pass output change (onnxopt.output_change) is the task metric: a change of
+    the logits that a saturated Softmax hides is reported at its real size."""
+    from onnx import numpy_helper
+
+    from onnxopt import output_change
+
+    before, after = _classifier(), _classifier()
+    wb = {i.name: numpy_helper.to_array(i) for i in before.graph.initializer}
+    for init in after.graph.initializer:
+        if init.name == "w":  # scaled weights: the same argmax, very different logits
+            init.CopyFrom(numpy_helper.from_array(3.0 * wb["w"], "w"))
+    x = 4.0 * rand(16, 8, seed=3)
+    change = output_change.measure(before, after, [{"x": x}])
+    ref = x.astype(np.float64) @ wb["w"].T + wb["b"]
+    cand = x.astype(np.float64) @ (3.0 * wb["w"]).T + wb["b"]
+    out = change["outputs"]["flat"]
+    assert out["measured"] == "logits" and out["activation"] == "Softmax"
+    assert out["rel_error"] == pytest.approx(np.linalg.norm(cand - ref) / np.linalg.norm(ref), rel=1e-4)
+    assert out["top1_agreement"] == pytest.approx(np.mean(ref.argmax(1) == cand.argmax(1)))
+    assert out["kl"] > 0 and "on the logits before the final Softmax" in output_change.describe(change)
