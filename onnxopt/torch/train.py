@@ -322,27 +322,133 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- main loop
-def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, config: Optional[FinetuneConfig] = None) -> FinetuneResult:
-    """Train ``model`` on ``data`` (a DataSource) and return it with the learned values written back."""
-    cfg = config or FinetuneConfig()
+@dataclass
+class _Run:
+    """One finetune run's student, data and loss terms (what every step and the held-in loss read)."""
+    cfg: FinetuneConfig
+    student: OnnxModule
+    device: "torch.device"
+    tensors: dict
+    label_t: Optional["torch.Tensor"]
+    features: List[str] = field(default_factory=list)
+    user_loss: Optional[Callable] = None
+    teacher: Optional[Callable] = None
+    cache: Optional[tuple] = None          # the teacher's outputs on ``tensors`` when inputs never change
+    held: Optional[tuple] = None           # (tensors, labels) of the held-in split
+    held_teacher: Optional[tuple] = None   # the teacher's outputs on the held-in split
+
+    @property
+    def n(self) -> int:
+        return len(self.tensors[self.student.input_names[0]])
+
+    def batch_loss(self, out: list, t_out, t_feat, y, xs) -> "torch.Tensor":
+        cfg, student = self.cfg, self.student
+        loss = out[0].new_zeros(())
+        if t_out is not None:
+            for s_o, t_o in zip(out, t_out):
+                if s_o.shape != t_o.shape:
+                    raise OnnxoptError(f"student output {tuple(s_o.shape)} and teacher output {tuple(t_o.shape)} differ.",
+                                       "the teacher must have the same outputs as the model (the model before lite/prune/qdq)")
+                loss = loss + cfg.distill_weight * distill_loss(s_o, t_o.to(s_o.dtype), cfg.temperature)
+            for f, t_f in zip(self.features, t_feat):
+                loss = loss + cfg.feature_weight * F.mse_loss(student.captured[f], t_f.to(student.captured[f].dtype))
+        if y is not None:
+            loss = loss + cfg.label_weight * F.cross_entropy(out[0].reshape(out[0].shape[0], -1), y)
+        if self.user_loss is not None:
+            loss = loss + self.user_loss(out, t_out, y, dict(zip(student.input_names, xs)))
+        return loss
+
+    def teacher_outputs(self, idx, xs) -> tuple:
+        """(outputs, features) of the teacher on the batch ``idx`` (inputs ``xs``), or (None, None)."""
+        if self.teacher is None:
+            return None, None
+        if self.cache is not None:
+            return [c[idx].to(self.device) for c in self.cache[0]], [c[idx].to(self.device) for c in self.cache[1]]
+        return self.teacher(xs)
+
+    def held_loss(self) -> float:
+        student, device, held, held_teacher = self.student, self.device, self.held, self.held_teacher
+        student.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            m = len(held[0][student.input_names[0]])
+            for i in range(0, m, self.cfg.batch_size):
+                idx = torch.arange(i, min(m, i + self.cfg.batch_size))
+                xs = [held[0][nm][idx].to(device) for nm in student.input_names]
+                out = _as_list(student(*xs))
+                t_out = [c[idx].to(device) for c in held_teacher[0]] if held_teacher else None
+                t_feat = [c[idx].to(device) for c in held_teacher[1]] if held_teacher else None
+                y = held[1][idx].to(device) if held[1] is not None else None
+                total += float(self.batch_loss(out, t_out, t_feat, y, xs)) * len(idx)
+                count += len(idx)
+        return total / max(1, count)
+
+
+def _as_list(out) -> list:
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _check_config(cfg: FinetuneConfig) -> str:
+    """Refuse bad settings; return the BN mode ``auto`` stands for."""
     if cfg.bn_mode not in ("auto", "frozen", "train"):
         raise OptionError(f"bad BN mode '{cfg.bn_mode}'.", "use auto, frozen or train")
-    # auto = frozen running statistics. Measured on ResNet56 pruned with BN kept (tools/sweep_recovery.py,
-    # 15 epochs, 717 images; seed 0 MACs -31 % with the mean fold, seeds 1-2 MACs -33 % uncompensated):
-    # frozen 90.67/89.33/89.33 %, batch statistics 90.0/88.67/89.33 %, batch statistics then
-    # re-estimated 90.0/89.0/89.0 %.
-    bn_mode = cfg.bn_mode if cfg.bn_mode != "auto" else "frozen"
     if cfg.optimizer not in ("adam", "sgd"):
         raise OptionError(f"bad optimizer '{cfg.optimizer}'.", "use adam or sgd")
     if cfg.epochs < 0 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise OptionError("epochs must be >= 0, batch size >= 1 and the learning rate > 0.", "check --epochs/--batch-size/--lr")
-    device = pick_device(cfg.device)
-    set_threads(cfg.threads, dist_info()[1])
-    distributed = _init_distributed(device)
-    rank, world, _ = dist_info()
-    log = cfg.log if rank == 0 else (lambda msg: None)
-    torch.manual_seed(cfg.seed)
+    # auto = frozen running statistics. Measured on ResNet56 pruned with BN kept (tools/sweep_recovery.py,
+    # 15 epochs, 717 images; seed 0 MACs -31 % with the mean fold, seeds 1-2 MACs -33 % uncompensated):
+    # frozen 90.67/89.33/89.33 %, batch statistics 90.0/88.67/89.33 %, batch statistics then
+    # re-estimated 90.0/89.0/89.0 %.
+    return cfg.bn_mode if cfg.bn_mode != "auto" else "frozen"
 
+
+def _attach_teacher(run: _Run, teacher: Optional[ModelProto], model: ModelProto, log) -> None:
+    """Choose the distilled features and build the teacher (torch, or onnxruntime on request)."""
+    cfg, student = run.cfg, run.student
+    features = list(cfg.feature_loss or ())
+    if features == ["auto"]:
+        if teacher is None:
+            raise OptionError("--feature-loss auto needs a --teacher to match features against.", "give --teacher ORIGINAL.onnx")
+        features = auto_features(teacher, model)
+        log(f"feature distillation on {len(features)} tensors (activation outputs and residual sums)")
+    if teacher is not None:
+        if cfg.teacher_runtime == "ort":
+            run.teacher = _OrtTeacher(teacher, student.input_names, features)
+        else:
+            try:
+                run.teacher = _TorchTeacher(teacher, run.device, features)
+            except OnnxoptError as exc:  # say which model: the student converted fine
+                way_out = "or give --teacher-runtime ort (onnxruntime runs the teacher)"
+                raise OnnxoptError(f"the teacher cannot run in torch: {exc.message}",
+                                   f"{exc.hint}; {way_out}" if exc.hint else way_out) from None
+    if features:
+        names_in_student = {o for node in student.program for o in node.outputs}
+        missing = [f for f in features if f not in names_in_student]
+        if missing:
+            raise OptionError(f"--feature-loss tensor(s) not in the model: {', '.join(missing)}.", "name tensors that exist in both student and teacher")
+        student.capture = set(features)
+    run.features = features
+
+
+def _hold_in(run: _Run, log) -> None:
+    """A held-in split of the user's data (never the evaluation data): the epoch with the lowest
+    loss on it is kept, and training stops when it no longer falls."""
+    cfg, n = run.cfg, run.n
+    k = int(round(cfg.val_split * n))
+    if k < 8 or n - k < 8:
+        return
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919))
+    hold, keep = order[:k], order[k:]
+    label_t = run.label_t
+    run.held = ({nm: v[hold] for nm, v in run.tensors.items()}, label_t[hold] if label_t is not None else None)
+    run.tensors = {nm: v[keep] for nm, v in run.tensors.items()}
+    run.label_t = label_t[keep] if label_t is not None else None
+    log(f"held in {k} of {n} samples for early stopping (patience {cfg.patience or 'off'})")
+
+
+def _prepare(model: ModelProto, data, teacher: Optional[ModelProto], cfg: FinetuneConfig, bn_mode: str, device, log) -> _Run:
+    """The student, its data (with the held-in split) and the loss terms, checked before training."""
     student = OnnxModule(model, quant_mode=cfg.quant_mode, train_scales=cfg.train_scales, bn_mode=bn_mode,
                          weight_ranges=cfg.weight_ranges, weight_modes=cfg.weight_modes, float_weights=cfg.float_weights).to(device)
     arrays, labels = materialize(data, student.input_names)
@@ -354,90 +460,28 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
                           "give the original model as --teacher (label-free distillation), or --labels, or --loss file.py:function")
     if labels is not None and (cfg.label_weight == 0):
         labels = None
-    features = list(cfg.feature_loss or ())
-    if features == ["auto"]:
-        if teacher is None:
-            raise OptionError("--feature-loss auto needs a --teacher to match features against.", "give --teacher ORIGINAL.onnx")
-        features = auto_features(teacher, model)
-        log(f"feature distillation on {len(features)} tensors (activation outputs and residual sums)")
-    t_fn = None
-    if teacher is not None:
-        if cfg.teacher_runtime == "ort":
-            t_fn = _OrtTeacher(teacher, student.input_names, features)
-        else:
-            try:
-                t_fn = _TorchTeacher(teacher, device, features)
-            except OnnxoptError as exc:  # say which model: the student converted fine
-                way_out = "or give --teacher-runtime ort (onnxruntime runs the teacher)"
-                raise OnnxoptError(f"the teacher cannot run in torch: {exc.message}",
-                                   f"{exc.hint}; {way_out}" if exc.hint else way_out) from None
-    if features:
-        names_in_student = {o for node in student.program for o in node.outputs}
-        missing = [f for f in features if f not in names_in_student]
-        if missing:
-            raise OptionError(f"--feature-loss tensor(s) not in the model: {', '.join(missing)}.", "name tensors that exist in both student and teacher")
-        student.capture = set(features)
-
-    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    label_t = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
-    held = None
+    run = _Run(cfg, student, device, {k: torch.from_numpy(v) for k, v in arrays.items()},
+               torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None, user_loss=user_loss)
+    _attach_teacher(run, teacher, model, log)
     if cfg.val_split > 0 and cfg.epochs > 0:
-        # a held-in split of the user's data (never the evaluation data): the epoch with the lowest
-        # loss on it is kept, and training stops when it no longer falls
-        k = int(round(cfg.val_split * n))
-        if k >= 8 and n - k >= 8:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919))
-            hold, keep = order[:k], order[k:]
-            held = ({nm: v[hold] for nm, v in tensors.items()}, label_t[hold] if label_t is not None else None)
-            tensors = {nm: v[keep] for nm, v in tensors.items()}
-            label_t = label_t[keep] if label_t is not None else None
-            n = n - k
-            log(f"held in {k} of {n + k} samples for early stopping (patience {cfg.patience or 'off'})")
+        _hold_in(run, log)
     # the teacher's outputs are computed once when every epoch sees the same inputs
-    cache = None
-    if t_fn is not None and not cfg.augment:
-        cache = _teacher_cache(t_fn, tensors, student.input_names, cfg.batch_size, device)
-    held_teacher = _teacher_cache(t_fn, held[0], student.input_names, cfg.batch_size, device) if held and t_fn else None
+    if run.teacher is not None and not cfg.augment:
+        run.cache = _teacher_cache(run.teacher, run.tensors, student.input_names, cfg.batch_size, device)
+    if run.held and run.teacher:
+        run.held_teacher = _teacher_cache(run.teacher, run.held[0], student.input_names, cfg.batch_size, device)
+    return run
 
-    def batch_loss(out: list, t_out, t_feat, y, xs) -> "torch.Tensor":
-        loss = out[0].new_zeros(())
-        if t_out is not None:
-            for s_o, t_o in zip(out, t_out):
-                if s_o.shape != t_o.shape:
-                    raise OnnxoptError(f"student output {tuple(s_o.shape)} and teacher output {tuple(t_o.shape)} differ.",
-                                       "the teacher must have the same outputs as the model (the model before lite/prune/qdq)")
-                loss = loss + cfg.distill_weight * distill_loss(s_o, t_o.to(s_o.dtype), cfg.temperature)
-            for f, t_f in zip(features, t_feat):
-                loss = loss + cfg.feature_weight * F.mse_loss(student.captured[f], t_f.to(student.captured[f].dtype))
-        if y is not None:
-            loss = loss + cfg.label_weight * F.cross_entropy(out[0].reshape(out[0].shape[0], -1), y)
-        if user_loss is not None:
-            loss = loss + user_loss(out, t_out, y, dict(zip(student.input_names, xs)))
-        return loss
 
-    def held_loss() -> float:
-        student.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            m = len(held[0][student.input_names[0]])
-            for i in range(0, m, cfg.batch_size):
-                idx = torch.arange(i, min(m, i + cfg.batch_size))
-                xs = [held[0][nm][idx].to(device) for nm in student.input_names]
-                out = student(*xs)
-                out = list(out) if isinstance(out, tuple) else [out]
-                t_out = [c[idx].to(device) for c in held_teacher[0]] if held_teacher else None
-                t_feat = [c[idx].to(device) for c in held_teacher[1]] if held_teacher else None
-                y = held[1][idx].to(device) if held[1] is not None else None
-                total += float(batch_loss(out, t_out, t_feat, y, xs)) * len(idx)
-                count += len(idx)
-        return total / max(1, count)
-
-    params = [p for p in student.parameters() if p.requires_grad]
+def _optimizer(run: _Run, world: int) -> tuple:
+    """Adam or SGD with a linear warm-up then a cosine decay to 0: (optimizer, scheduler)."""
+    cfg = run.cfg
+    params = [p for p in run.student.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    steps_per_epoch = max(1, math.ceil(math.ceil(n / world) / cfg.batch_size))
+    steps_per_epoch = max(1, math.ceil(math.ceil(run.n / world) / cfg.batch_size))
     total = max(1, cfg.epochs * steps_per_epoch)
     # a short linear warm-up keeps the first Adam steps (moment estimates still noisy) from wrecking
     # pretrained weights at the larger learning rates small-data recovery needs; then cosine to 0
@@ -447,76 +491,89 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
         if step < warm:
             return (step + 1) / (warm + 1)
         return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(1, total - warm)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
-    start_epoch, history = 0, []
-    ckpt_path = Path(cfg.checkpoint) / "finetune.pt" if cfg.checkpoint else None
-    fp = fingerprint(model)
-    if cfg.resume:
-        if ckpt_path is None:
-            raise OptionError("--resume needs --checkpoint DIR.", "give the folder the interrupted run wrote its checkpoint to")
-        if ckpt_path.is_file():
-            state = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if state.get("model_fingerprint") != fp:
-                raise OptionError(f"checkpoint '{ckpt_path}' belongs to another model (fingerprint {state.get('model_fingerprint')} != {fp}).",
-                                  "use a fresh --checkpoint folder or the model the checkpoint was made from")
-            student.load_state_dict(state["module"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch, history = int(state["epoch"]), list(state["history"])
-            log(f"resumed from {ckpt_path} after epoch {start_epoch}")
-        else:
-            log(f"no checkpoint in {cfg.checkpoint} yet; starting from scratch")
 
-    net = student
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+def _resume(run: _Run, ckpt_path: Optional[Path], fp: str, opt, sched, log) -> tuple:
+    """(first epoch, history) from the checkpoint ``--resume`` names, or (0, []) for a fresh run."""
+    cfg = run.cfg
+    if not cfg.resume:
+        return 0, []
+    if ckpt_path is None:
+        raise OptionError("--resume needs --checkpoint DIR.", "give the folder the interrupted run wrote its checkpoint to")
+    if not ckpt_path.is_file():
+        log(f"no checkpoint in {cfg.checkpoint} yet; starting from scratch")
+        return 0, []
+    state = torch.load(ckpt_path, map_location=run.device, weights_only=False)
+    if state.get("model_fingerprint") != fp:
+        raise OptionError(f"checkpoint '{ckpt_path}' belongs to another model (fingerprint {state.get('model_fingerprint')} != {fp}).",
+                          "use a fresh --checkpoint folder or the model the checkpoint was made from")
+    run.student.load_state_dict(state["module"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    log(f"resumed from {ckpt_path} after epoch {int(state['epoch'])}")
+    return int(state["epoch"]), list(state["history"])
 
+
+def _train_epoch(run: _Run, net, opt, sched, epoch: int, gen, scale_params: list) -> tuple:
+    """One epoch over this rank's share of a shuffled order: (samples seen, summed loss)."""
+    cfg, device, student = run.cfg, run.device, run.student
+    rank, world, _ = dist_info()
+    n = run.n
+    net.train()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    # every rank takes n // world samples, so all take the same number of steps (DDP all-reduces each)
+    mine = perm[rank:(n // world) * world:world] if world > 1 else perm
+    batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    bar = _progress(len(batches) * cfg.batch_size, f"training, epoch {epoch + 1} of {cfg.epochs}", cfg.progress and rank == 0)
+    seen, loss_sum = 0, 0.0
+    for idx in batches:
+        xs = [run.tensors[nm][idx].to(device) for nm in student.input_names]
+        if cfg.augment:
+            xs = [augment_batch(x, gen) for x in xs]
+        out = _as_list(net(*xs))
+        t_out, t_feat = run.teacher_outputs(idx, xs)
+        y = run.label_t[idx].to(device) if run.label_t is not None else None
+        loss = run.batch_loss(out, t_out, t_feat, y, xs)
+        if not torch.isfinite(loss):
+            raise OnnxoptError(f"the loss became {float(loss)} in epoch {epoch + 1}.", "lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # a step size must stay positive
+            for p in scale_params:
+                p.clamp_(min=1e-8)
+        seen += len(idx)
+        loss_sum += float(loss.detach()) * len(idx)
+        if bar is not None:
+            bar.update(len(idx))
+            bar.set_postfix_str(f"loss={float(loss.detach()):.4f}")
+    if bar is not None:
+        bar.close()
+    return seen, loss_sum
+
+
+@dataclass
+class _Best:
+    """The epoch with the lowest held-in loss so far, and its weights."""
+    loss: float
+    epoch: int
+    weights: dict
+
+
+def _train(run: _Run, net, opt, sched, start_epoch: int, history: list, ckpt_path: Optional[Path], fp: str, log) -> tuple:
+    """The epochs from ``start_epoch``, with checkpoints and early stopping: (samples, seconds)."""
+    cfg, student = run.cfg, run.student
+    rank, world, _ = dist_info()
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     train_time, train_samples = 0.0, 0
     scale_names = {aq.scale for aq in student.act_quants} | {wq.scale for wq in student.weight_quants.values()}
     scale_params = [student.value(s) for s in scale_names if s in student.param_names]
-    best = None   # (held-in loss, epoch, weights) of the best epoch so far
+    best = None
     for epoch in range(start_epoch, cfg.epochs):
-        net.train()
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        # every rank takes n // world samples, so all take the same number of steps (DDP all-reduces each)
-        mine = perm[rank:(n // world) * world:world] if world > 1 else perm
-        batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        bar = _progress(len(batches) * cfg.batch_size, f"training, epoch {epoch + 1} of {cfg.epochs}", cfg.progress and rank == 0)
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for idx in batches:
-            xs = [tensors[nm][idx].to(device) for nm in student.input_names]
-            if cfg.augment:
-                xs = [augment_batch(x, gen) for x in xs]
-            out = net(*xs)
-            out = list(out) if isinstance(out, tuple) else [out]
-            t_out = t_feat = None
-            if t_fn is not None:
-                if cache is not None:
-                    t_out = [c[idx].to(device) for c in cache[0]]
-                    t_feat = [c[idx].to(device) for c in cache[1]]
-                else:
-                    t_out, t_feat = t_fn(xs)
-            y = label_t[idx].to(device) if label_t is not None else None
-            loss = batch_loss(out, t_out, t_feat, y, xs)
-            if not torch.isfinite(loss):
-                raise OnnxoptError(f"the loss became {float(loss)} in epoch {epoch + 1}.", "lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():  # a step size must stay positive
-                for p in scale_params:
-                    p.clamp_(min=1e-8)
-            seen += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
-            if bar is not None:
-                bar.update(len(idx))
-                bar.set_postfix_str(f"loss={float(loss.detach()):.4f}")
-        if bar is not None:
-            bar.close()
+        t0 = time.perf_counter()
+        seen, loss_sum = _train_epoch(run, net, opt, sched, epoch, gen, scale_params)
         dt = time.perf_counter() - t0
         train_time += dt
         train_samples += seen * world
@@ -524,39 +581,68 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
                "seconds": round(dt, 3), "samples_per_second": round(seen * world / dt, 2) if dt > 0 else None}
         history.append(rec)
         held_text = ""
-        if held is not None:
-            rec["held_in_loss"] = held_loss()
+        if run.held is not None:
+            rec["held_in_loss"] = run.held_loss()
             held_text = f"  held-in loss {rec['held_in_loss']:.5f}"
-            if best is None or rec["held_in_loss"] < best[0]:
-                best = (rec["held_in_loss"], epoch + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
+            if best is None or rec["held_in_loss"] < best.loss:
+                best = _Best(rec["held_in_loss"], epoch + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['loss']:.5f}{held_text}  lr {rec['lr']:.2e}  {rec['samples_per_second']} samples/s")
         if ckpt_path is not None and rank == 0:
             _save_checkpoint(ckpt_path, {"epoch": epoch + 1, "model_fingerprint": fp, "module": student.state_dict(),
                                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})
-        if best is not None and cfg.patience and epoch + 1 - best[1] >= cfg.patience:
+        if best is not None and cfg.patience and epoch + 1 - best.epoch >= cfg.patience:
             log(f"early stop: the held-in loss has not fallen for {cfg.patience} epochs")
             break
-    if best is not None and history and best[1] != history[-1]["epoch"]:
-        student.load_state_dict(best[2])
-        log(f"kept the weights of epoch {best[1]} (lowest held-in loss {best[0]:.5f})")
+    if best is not None and history and best.epoch != history[-1]["epoch"]:
+        student.load_state_dict(best.weights)
+        log(f"kept the weights of epoch {best.epoch} (lowest held-in loss {best.loss:.5f})")
+    return train_samples, train_time
 
+
+def _write_back(run: _Run, model: ModelProto, log) -> tuple:
+    """Optionally re-estimate BN, write the learned values into ``model``: (model, parity)."""
+    cfg, student = run.cfg, run.student
     if cfg.bn_recalib:
-        recalibrate_bn(student, tensors, cfg.batch_size, device, cfg.bn_recalib_batches)
+        recalibrate_bn(student, run.tensors, cfg.batch_size, run.device, cfg.bn_recalib_batches)
         log("re-estimated BatchNormalization statistics")
     student.eval()
     student.capture = set()
     result = write_back(student.cpu(), model)
-    parity = parity_check(student, result, tensors, cfg.parity_samples)
+    parity = parity_check(student, result, run.tensors, cfg.parity_samples)
     if parity and parity["max_abs"] > 1e-4 + 1e-5 * parity["max_ref"]:
         # Measured cause on QDQ graphs: a float op before a Q differs by ~1 ulp between torch and
         # onnxruntime (summation order), which flips a value sitting on a rounding tie by one step.
         log(f"WARNING: onnxruntime and torch differ by {parity['max_abs']:.3g} on the written model "
             "(a quantization rounding tie flipped by float summation order, or an op the two runtimes compute differently)")
+    return result, parity
+
+
+def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, config: Optional[FinetuneConfig] = None) -> FinetuneResult:
+    """Train ``model`` on ``data`` (a DataSource) and return it with the learned values written back."""
+    cfg = config or FinetuneConfig()
+    bn_mode = _check_config(cfg)
+    device = pick_device(cfg.device)
+    set_threads(cfg.threads, dist_info()[1])
+    distributed = _init_distributed(device)
+    rank, world, _ = dist_info()
+    log = cfg.log if rank == 0 else (lambda msg: None)
+    torch.manual_seed(cfg.seed)
+    run = _prepare(model, data, teacher, cfg, bn_mode, device, log)
+    opt, sched = _optimizer(run, world)
+    ckpt_path = Path(cfg.checkpoint) / "finetune.pt" if cfg.checkpoint else None
+    fp = fingerprint(model)
+    start_epoch, history = _resume(run, ckpt_path, fp, opt, sched, log)
+    net = run.student
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(run.student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    train_samples, train_time = _train(run, net, opt, sched, start_epoch, history, ckpt_path, fp, log)
+    result, parity = _write_back(run, model, log)
     if distributed:
         import torch.distributed as dist
         dist.barrier()
     sps = train_samples / train_time if train_time > 0 else 0.0
-    return FinetuneResult(result, history, parity, sps, student)
+    return FinetuneResult(result, history, parity, sps, run.student)
 
 
 def _check_batch(student: OnnxModule, arrays: dict, batch: int, device) -> None:
