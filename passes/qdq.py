@@ -157,6 +157,37 @@ def _saturation_note(info) -> str | None:
             "those layers are at 8: onnxruntime's reduce_range); keep 8 bits for VNNI CPUs.")
 
 
+def _target_check(qmodel, target: str, strict: bool, ctx, warns: list) -> dict:
+    """``extra["check"]``: the output checked against its target's rules (a float bias a recovery
+    step wrote is re-encoded first). Failing violations (the encoding; op support too when
+    ``strict``) are warned; nodes the target runs on its fallback (TIDL: ARM through ONNX Runtime)
+    are one note."""
+    violations = qcheck.check_model(qmodel, target)
+    if any(v.rule == "int32-bias" for v in violations):
+        fixed = _encode_float_biases(qmodel)
+        if fixed:
+            note = (f"qdq: {len(fixed)} float bias(es) written after quantization (e.g. {fixed[0]}) re-encoded as int32 "
+                    f"with scale s_in*s_w, as {target} requires")
+            ctx.log(note)
+            warns.append(note)
+            violations = qcheck.check_model(qmodel, target)
+    bad = qcheck.failing(violations, strict)
+    elsewhere = None if strict else qcheck.fallback_summary(violations, target)
+    if bad:  # the model is written (or refused, by the CLI), but the user must hear that it fails its own target's check
+        msg = (f"WARNING: the quantized model fails `onnxopt check --target {target}{' --strict' if strict else ''}`: "
+               f"{len(bad)} violation(s), first {bad[0]}" + (f" (and {len(bad) - 1} more in the report)" if len(bad) > 1 else ""))
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        ctx.log(msg)
+        warns.append(msg)
+    if elsewhere:
+        note = f"qdq: {qcheck.describe_fallback(elsewhere)} (`onnxopt check OUT --target {target} --json` lists them)"
+        ctx.log(note)
+        warns.append(note)
+    return {"target": target, "strict": strict, "violations": len(bad),
+            "format_violations": sum(1 for v in bad if v.kind == "format"), "fallback": elsewhere,
+            "first": [v.to_dict() for v in bad[:10]]}
+
+
 @register_pass("qdq", "Int8 Q/DQ quantization with calibration, laid out for TensorRT, onnxruntime or TIDL.", exact=False, options=QdqOptions)
 def qdq(model, options: QdqOptions, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
@@ -192,24 +223,7 @@ def qdq(model, options: QdqOptions, ctx):
     if options.recovery.requested:
         qmodel, rep = recovery.recover(float_model, qmodel, info, options.recovery, data, ctx, options.calibration.calib_samples)
         extra["recovery"] = rep
-    violations = qcheck.check_model(qmodel, info["target"])
-    if any(v.rule == "int32-bias" for v in violations):
-        fixed = _encode_float_biases(qmodel)
-        if fixed:
-            note = (f"qdq: {len(fixed)} float bias(es) written after quantization (e.g. {fixed[0]}) re-encoded as int32 "
-                    f"with scale s_in*s_w, as {info['target']} requires")
-            ctx.log(note)
-            warns.append(note)
-            violations = qcheck.check_model(qmodel, info["target"])
-    extra["check"] = {"target": info["target"], "violations": len(violations),
-                      "format_violations": sum(1 for v in violations if v.kind == "format"),
-                      "first": [v.to_dict() for v in violations[:10]]}
-    if violations:  # the model is written, but the user must hear that it fails its own target's check
-        msg = (f"WARNING: the quantized model fails `onnxopt check --target {info['target']}`: {len(violations)} violation(s), "
-               f"first {violations[0]}" + (f" (and {len(violations) - 1} more in the report)" if len(violations) > 1 else ""))
-        warnings.warn(msg, UserWarning, stacklevel=2)
-        ctx.log(msg)
-        warns.append(msg)
+    extra["check"] = _target_check(qmodel, info["target"], options.strict_check, ctx, warns)
     extra["info"] = info
     changes = {
         "weights_quantized": len(info["layers"]),

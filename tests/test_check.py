@@ -145,8 +145,41 @@ def test_cli_check_says_what_fixes_which_violations(tmp_path, capsys):
     dyn = tmp_path / "dyn.onnx"
     onnx.save(make_model([helper.make_node("Dropout", ["x"], ["y"], name="d")], [("x", ["N", 3, 4, 4])], [("y", ["N", 3, 4, 4])]), dyn)
     with pytest.raises(SystemExit) as e:
-        main(["check", str(dyn), "--target", "tidl"])
+        main(["check", str(dyn), "--target", "tidl", "--strict"])
     assert e.value.code == 3 and "op-support rules need graph changes" in capsys.readouterr().err
+
+
+def test_cli_check_ops_tidl_runs_on_arm_are_one_warning_not_a_failure(tmp_path, capsys):
+    """In TIDL's OSRT flow an op TIDL lacks runs on ARM through ONNX Runtime: the check passes with
+    one warning line counting those nodes by type; --strict fails on them; an encoding violation
+    (here a dynamic input) fails either way."""
+    import onnx
+    ops = [helper.make_node("Dropout", ["x"], ["d"], name="drop"), helper.make_node("Identity", ["d"], ["i"], name="id"),
+           helper.make_node("Dropout", ["i"], ["y"], name="drop2")]
+    arm = tmp_path / "arm.onnx"
+    onnx.save(make_model(ops, [("x", [1, 3, 4, 4])], [("y", [1, 3, 4, 4])]), arm)
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(arm), "--target", "tidl"])
+    out = capsys.readouterr()
+    assert e.value.code == 0 and "clean for tidl (3 node(s) on ARM through ONNX Runtime)" in out.out
+    assert [line for line in out.err.splitlines() if "WARNING" in line] == [
+        "WARNING: 3 node(s) run on ARM through ONNX Runtime, not on the accelerator: Dropout x2, Identity x1 "
+        "(--json lists them; --strict fails on them)"]
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(arm), "--target", "tidl", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert e.value.code == 0 and report["clean"] and report["violations"] == []
+    assert report["fallback"]["nodes"] == 3 and report["fallback"]["op_types"] == {"Dropout": 2, "Identity": 1}
+    assert {v["node"] for v in report["fallback"]["list"]} == {"drop", "id", "drop2"}
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(arm), "--target", "tidl", "--strict"])
+    assert e.value.code == 3 and "3 violation(s) for tidl" in capsys.readouterr().out
+    dyn = tmp_path / "dyn.onnx"
+    onnx.save(make_model(ops[:1], [("x", ["N", 3, 4, 4])], [("d", ["N", 3, 4, 4])]), dyn)
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(dyn), "--target", "tidl"])
+    out = capsys.readouterr()
+    assert e.value.code == 3 and "[static-shapes]" in out.out and "Dropout x1" in out.err
 
 
 def test_cli_trt_build_without_tensorrt(tmp_path, capsys):

@@ -217,11 +217,12 @@ def test_data_the_model_cannot_read_is_named_before_the_passes_run(tmp_path):
 
 
 # ------------------------------------------------------------------------ the target's own check
-def test_qdq_output_failing_the_targets_op_support_rules_is_written_but_exits_3(tmp_path):
+def test_qdq_output_with_ops_tidl_lacks_warns_they_run_on_arm_and_strict_check_exits_3(tmp_path):
     """A 5x5 stride-1 depthwise conv is outside TIDL's op support: the encoding is right, so the
-    model is written, but the run must not end in exit 0 with a model `check --target tidl` fails."""
+    model is written; in TIDL's OSRT flow the node runs on ARM through ONNX Runtime, which the run
+    says in one line (exit 0). With qdq.strict_check (every node on TIDL) the run exits 3."""
     from helpers import make_model, rand
-    from onnxopt.quant.check import check_model
+    from onnxopt.quant.check import check_model, failing
 
     conv = onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"], name="dw5", group=4, kernel_shape=[5, 5], pads=[2, 2, 2, 2])
     relu = onnx.helper.make_node("Relu", ["y"], ["z"], name="relu")
@@ -231,7 +232,10 @@ def test_qdq_output_failing_the_targets_op_support_rules_is_written_but_exits_3(
     np.save(tmp_path / "calib.npy", rand(8, 4, 8, 8, seed=2))
     out = tmp_path / "dw.int8.onnx"
     r = invoke("apply", "qdq", path, "-o", out, "--calib-data", tmp_path / "calib.npy", "--target", "tidl")
-    assert r.exit_code == 3 and "Traceback" not in r.output, r.output
-    assert "fail `onnxopt check --target tidl`" in r.output and "dw5" in r.output
+    assert r.exit_code == 0 and "1 node(s) run on ARM through ONNX Runtime, not on the accelerator: Conv x1" in r.output, r.output
     found = check_model(onnx.load(out), "tidl")
-    assert found and {v.kind for v in found} == {"op-support"}
+    assert [v.node for v in found] == ["dw5"] and {v.kind for v in found} == {"op-support"} and failing(found) == []
+    r = invoke("apply", "qdq", path, "-o", out, "--calib-data", tmp_path / "calib.npy", "--target", "tidl",
+               "--set", "qdq.strict_check=true")
+    assert r.exit_code == 3 and "Traceback" not in r.output, r.output
+    assert "fail `onnxopt check --target tidl --strict`" in r.output and "dw5" in r.output and out.exists()

@@ -9,6 +9,7 @@ import click
 from .. import manager, model_io, output_change, sanity
 from ..data import PREPROCESSING_KEY
 from ..errors import GateFailure, OnnxoptError, OptionError
+from ..quant import check as qcheck
 from ..registry import PassContext, all_passes, shortcut_flags
 from . import cli
 from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
@@ -68,6 +69,10 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
     by more than the tolerance. When no input can be generated the pass is written unverified
     and the console says why (--require-verify makes that an error). The input model is never
     modified.
+
+    A qdq output whose Q/DQ encoding fails its target's `onnxopt check` is not written (exit 1).
+    Nodes the target runs outside its accelerator (TIDL: on ARM through ONNX Runtime) are one
+    warning line; with --set qdq.strict_check=true the model is written and the run exits 3.
     """
     image = image_settings(kwargs)
     if model is None:  # `onnxopt apply --recipe r.yaml model.onnx`: the only positional is the model
@@ -165,18 +170,20 @@ def _refuse_failing_target_check(report: manager.Report, report_path) -> None:
 
 
 def _fail_on_op_support_violations(report: manager.Report, output: str) -> None:
-    """The encoding is right but some ops break the target's op-support rules (e.g. a Concat on
-    axis 0 for TIDL): the model is written (the user may offload those ops), yet the run must not
-    end in exit 0 with a model its own target's check fails, so it ends with a gate failure (3)."""
+    """With ``strict_check`` (a flow that needs every node on the accelerator), ops the target
+    lacks fail the run once the model is written: the encoding is right, so the model is kept,
+    but the run must not end in exit 0 with a model its own ``check --strict`` fails (gate
+    failure, exit 3). Without it they run on the target's fallback (TIDL: ARM through ONNX
+    Runtime) and are one warning line of the pass."""
     for rec in report.passes:
         check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
         if check and check.get("violations"):
             first = "; ".join(f"[{v['rule']}] {v['node']}" for v in check["first"][:3])
-            raise GateFailure(f"{output} was written, but {check['violations']} node(s) fail `onnxopt check --target {check['target']}` "
-                              f"op-support rules ({first}{'; ...' if check['violations'] > 3 else ''}): the target runs them "
-                              "outside its accelerator, or refuses the model at import.",
-                              f"run `onnxopt check {output} --target {check['target']}` for the list; replace those ops "
-                              "(e.g. with lite or your exporter), or accept exit code 3 if your flow offloads them")
+            raise GateFailure(f"{output} was written, but {check['violations']} node(s) fail `onnxopt check --target {check['target']} "
+                              f"--strict` op-support rules ({first}{'; ...' if check['violations'] > 3 else ''}): the target runs "
+                              "them outside its accelerator, and strict_check asks for every node on it.",
+                              f"run `onnxopt check {output} --target {check['target']} --strict` for the list; replace those ops "
+                              f"(e.g. with lite or your exporter), or drop --set {rec.name}.strict_check=true if your flow offloads them")
 
 
 def _print_summary(report: manager.Report, output: str) -> None:
@@ -218,7 +225,9 @@ def _cost_lines(rec) -> list:
     check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
     if check:
         verdict = "clean" if not check["violations"] else f"{check['violations']} violation(s) (run onnxopt check OUT --target {check['target']})"
-        lines.append(f"check --target {check['target']}: {verdict}")
+        if check.get("fallback"):
+            verdict += f"; {qcheck.describe_fallback(check['fallback'])}"
+        lines.append(f"check --target {check['target']}{' --strict' if check.get('strict') else ''}: {verdict}")
     return lines
 
 

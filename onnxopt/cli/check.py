@@ -7,7 +7,7 @@ import click
 
 from .. import model_io
 from ..errors import GateFailure
-from ..quant.check import TARGETS, check_model
+from ..quant.check import TARGETS, check_model, describe_fallback, failing, fallback_summary
 from . import cli
 
 
@@ -15,37 +15,50 @@ from . import cli
 Examples:
   onnxopt check model.int8.onnx --target tensorrt
   onnxopt check model.int8.onnx --target tidl --json
-  onnxopt check model.int8.onnx --target tidl --format-only   # ignore ops TIDL runs on ARM
+  onnxopt check model.int8.onnx --target tidl --strict        # every node must run on TIDL itself
 """)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", required=True, type=click.Choice(TARGETS), help="Deployment target whose rules apply.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--format-only", is_flag=True, help="Check only the QDQ encoding, not operator support (TIDL op constraints).")
-def check_cmd(model, target, as_json, format_only):
+@click.option("--strict", is_flag=True, help="Fail on op-support violations too: for flows that need every node on the "
+              "accelerator (TIDL-RT's standalone import), not TIDL's OSRT flow, where they run on ARM through ONNX Runtime.")
+@click.option("--format-only", is_flag=True, help="Check only the QDQ encoding: do not list the nodes that run outside the accelerator.")
+def check_cmd(model, target, as_json, strict, format_only):
     """Check MODEL's Q/DQ encoding (and, for TIDL, its operators) against TARGET's rules.
 
-    Lists every violation. Exit 0 when clean, 3 when any violation is found.
+    Lists every encoding violation. Nodes whose op the target's accelerator lacks (TIDL's
+    op-support rules) run on its fallback -- in TIDL's OSRT flow on ARM through ONNX Runtime --
+    and are summed up in one warning line; --strict lists them as violations. Exit 0 when nothing
+    fails, 3 when a violation is found.
     """
     proto = model_io.load_model(model)
     found = check_model(proto, target)
     if format_only:
         found = [v for v in found if v.kind == "format"]
+    bad = failing(found, strict)
+    elsewhere = None if strict else fallback_summary(found, target)
     q = sum(1 for n in proto.graph.node if n.op_type == "QuantizeLinear")
     dq = sum(1 for n in proto.graph.node if n.op_type == "DequantizeLinear")
     if as_json:
-        click.echo(json.dumps({"model": model, "target": target, "clean": not found, "quantize_linear": q,
-                               "dequantize_linear": dq, "violations": [v.to_dict() for v in found]}, indent=2))
+        click.echo(json.dumps({"model": model, "target": target, "strict": strict, "clean": not bad, "quantize_linear": q,
+                               "dequantize_linear": dq, "violations": [v.to_dict() for v in bad],
+                               "fallback": dict(elsewhere, list=[v.to_dict() for v in found if v.kind != "format"]) if elsewhere else None},
+                              indent=2))
     else:
-        for v in found:
+        for v in bad:
             click.echo(f"  {v}" + ("  (op support)" if v.kind != "format" else ""))
+        if elsewhere:
+            click.echo(f"WARNING: {describe_fallback(elsewhere)} (--json lists them; --strict fails on them)", err=True)
         click.echo(f"{model}: {q} QuantizeLinear, {dq} DequantizeLinear; "
-                   + ("clean for " + target if not found else f"{len(found)} violation(s) for {target}")
+                   + ("clean for " + target if not bad else f"{len(bad)} violation(s) for {target}")
+                   + (f" ({elsewhere['nodes']} node(s) {elsewhere['where']})" if elsewhere and not bad else "")
                    + (" (a float model: there is no Q/DQ encoding to check)" if not q and not dq else ""))
-    if found:
+    if bad:
         fixes = []
-        if any(v.kind == "format" for v in found):
+        if any(v.kind == "format" for v in bad):
             fixes.append(f"`onnxopt apply qdq --target {target}` on the float model writes a compliant Q/DQ encoding")
-        if any(v.kind != "format" for v in found):
-            fixes.append("op-support rules need graph changes: cleanup folds computed shapes of a static-shape model, "
-                         "lite replaces unsupported layers, or the exporter must change")
-        raise GateFailure(f"{model} violates {len(found)} {target} rule(s).", "see the list above; " + "; ".join(fixes))
+        if any(v.kind != "format" for v in bad):
+            fixes.append("op-support rules need graph changes: `qdq --target tidl` rewrites what it can exactly before "
+                         "quantizing (static shapes, cleanup, ReduceMean -> GlobalAveragePool/MatMul), lite replaces "
+                         "unsupported layers, or the exporter must change")
+        raise GateFailure(f"{model} violates {len(bad)} {target} rule(s).", "see the list above; " + "; ".join(fixes))

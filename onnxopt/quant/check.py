@@ -20,9 +20,18 @@ tidl: opset <= 18 (validated releases), static input shapes, uint8 activations, 
   ConvTranspose, Resize, Concat axis, Softmax axis, Gemm attributes, ReduceMean, Slice, Cast,
   Dropout/Identity, BatchNormalization training mode, Clip range).
 tidl-tda4vm: all of tidl, plus power-of-two scales, zero points 0, per-tensor weights.
+
+Two kinds of violation: ``format`` (the Q/DQ encoding is wrong: the target refuses or misreads
+the model) and ``op-support`` (a node the target's accelerator lacks). In TIDL's OSRT flow
+(onnxruntime with the TIDL execution provider) "operators that are not supported run on ARM
+through ONNX Runtime": the model deploys and runs, those nodes are slower. So :func:`failing`
+fails a model on its encoding, and on op support only when asked (``strict``: a flow that needs
+every node on the accelerator, e.g. TIDL-RT's standalone import); :func:`fallback_summary` counts
+the nodes that run elsewhere.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -43,6 +52,7 @@ class Violation:
     node: str
     message: str
     kind: str = "format"   # "format": the QDQ encoding is wrong; "op-support": an op the target lacks (runs elsewhere)
+    op: str = ""           # the node's op type ("" for model-level rules)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,7 +159,8 @@ def check_model(model: ModelProto, target: str) -> list:
     out: list = []
 
     def v(rule, node, msg, kind="format"):
-        out.append(Violation(rule, _name(node) if not isinstance(node, str) else node, msg, kind))
+        out.append(Violation(rule, _name(node) if not isinstance(node, str) else node, msg, kind,
+                             "" if isinstance(node, str) else node.op_type))
 
     tidl = target.startswith("tidl")
     tda4vm = target == "tidl-tda4vm"
@@ -376,3 +387,33 @@ def _tidl_ops(model: ModelProto, m: _Model, v) -> None:
             hi = m.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if (lo is not None and float(lo) > 0) or (hi is not None and float(hi) <= 0):
                 v("tidl-clip", node, "Clip needs min <= 0 and max > 0")
+
+
+# Where a target runs the nodes its accelerator lacks (op-support violations), in its usual flow.
+FALLBACK = {"tidl": "on ARM through ONNX Runtime", "tidl-tda4vm": "on ARM through ONNX Runtime"}
+
+
+def failing(violations: list, strict: bool = False) -> list:
+    """The violations that fail the check: every encoding ("format") violation, and the op-support
+    ones only when ``strict`` (their nodes otherwise run on the target's fallback, see the module
+    docstring)."""
+    return [v for v in violations if strict or v.kind == "format"]
+
+
+def fallback_summary(violations: list, target: str) -> Optional[dict]:
+    """``{"nodes": n, "where": ..., "op_types": {op: count}}`` for the nodes with an op-support
+    violation (each node once, however many rules it breaks), or None when there are none."""
+    nodes: dict = {}
+    for v in violations:
+        if v.kind != "format":
+            nodes.setdefault(v.node, v.op or "?")
+    if not nodes:
+        return None
+    return {"nodes": len(nodes), "where": FALLBACK.get(target, "outside the accelerator"),
+            "op_types": dict(Counter(nodes.values()).most_common())}
+
+
+def describe_fallback(summary: dict) -> str:
+    """One line: how many nodes run where, by op type."""
+    ops = ", ".join(f"{op} x{n}" for op, n in summary["op_types"].items())
+    return f"{summary['nodes']} node(s) run {summary['where']}, not on the accelerator: {ops}"

@@ -141,6 +141,9 @@ class QdqOptions(PassOptions):
     target: str = option("tensorrt", "deployment target: tensorrt (int8 symmetric, Q/DQ on inputs), ort (uint8/int8, "
                          "onnxruntime int8 kernels), tidl (TI pre-quantized, opset 17), tidl-tda4vm (per-tensor "
                          "power-of-two)", TARGET_NAMES, flag="--target")
+    strict_check: bool = option(False, "fail (exit 3) when the output has nodes the target runs outside its accelerator "
+                                "(TIDL: on ARM through ONNX Runtime), like `onnxopt check --strict`; by default they are "
+                                "counted in one warning")
     format: FormatOptions = field(default_factory=FormatOptions)
     placement: PlacementOptions = field(default_factory=PlacementOptions)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
