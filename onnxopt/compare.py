@@ -343,6 +343,127 @@ def _labels_array(labels) -> Optional[np.ndarray]:
     return arr.astype(np.int64)
 
 
+def _check_arguments(gates: Optional[dict], runs: int, max_samples: Optional[int], data, labels) -> dict:
+    """Refuse contradictory arguments before any model is read; return the validated gates."""
+    gates = _validate_gates({k: v for k, v in (gates or {}).items() if v is not None})
+    if runs < 0:
+        raise OptionError(f"--runs must be 0 (no latency) or more, got {runs}.", "e.g. --runs 20")
+    if max_samples is not None and max_samples < 1:
+        raise OptionError(f"--max-samples must be at least 1, got {max_samples}.", "leave it out to use every sample")
+    if "max_latency_ms" in gates and runs == 0:
+        raise OptionError("--max-latency-ms needs a latency measurement, but --runs is 0.", "use --runs 20 (the default)")
+    if data is None and labels is not None:
+        raise OptionError("labels were given without data.", "give --data with the samples the labels belong to")
+    return gates
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """The feeds both models run on, where they come from and their labels (or None)."""
+    feeds: object        # an iterable of feed dicts
+    source: str
+    total: Optional[int]
+    labels: Optional[np.ndarray]
+
+
+def _generated_inputs(ref_model: ModelProto, input_shapes: Optional[dict], count: int, notes: list) -> _Inputs:
+    notes.append(f"no data given: {count} generated inputs (standard normal floats, small ints), so errors and agreement "
+                 "describe random inputs, not real data; give --data for meaningful figures")
+    runtime.input_specs(ref_model, input_shapes)  # a dynamic non-batch dim without --input-shape fails now
+    feeds = (runtime.generate_inputs(ref_model, seed=s, overrides=input_shapes) for s in range(count))
+    return _Inputs(feeds, "generated", count, None)
+
+
+def _data_inputs(data, labels, ref_model: ModelProto, cand_model: ModelProto, input_shapes: Optional[dict], image: Optional[dict],
+                 batch: int, max_samples: Optional[int], require_preprocessing: bool, notes: list) -> _Inputs:
+    label_arr = _labels_array(labels)
+    if isinstance(data, DataSource):
+        source = data
+        if isinstance(labels, (str, os.PathLike)):  # the labels file wins, as with a path
+            source = DataSource(dataclasses.replace(data.spec, labels=str(labels)), data.model, data._overrides)
+    else:
+        source = open_data(str(data), ref_model, input_shapes, recorded=recorded_preprocessing(cand_model),
+                           image=image or {}, batch_size=batch, max_samples=max_samples,
+                           labels=str(labels) if isinstance(labels, (str, os.PathLike)) else None,
+                           require_preprocessing=require_preprocessing)
+    source.check()
+    if source.preprocessing is not None:
+        where = " (recorded in the models' metadata)" if source.preprocessing_origin == "model" else ""
+        notes.append(f"preprocessing: {source.preprocessing.describe()}{where}")
+    data_labels = source.labels() if label_arr is None else label_arr
+    if data_labels is not None and label_arr is None and labels is None:
+        notes.append(f"labels taken from the data source ({len(data_labels)})")
+    return _Inputs(source.batches(batch), source.spec.source, source.count(), data_labels)
+
+
+@dataclasses.dataclass
+class _Numerics:
+    """What the streamed comparison leaves: per-output results, the task error, one sample for timing."""
+    outputs: list
+    task_error: object   # task_metric's result
+    first_sample: Optional[dict]
+    seen: int
+
+
+def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list, inputs: _Inputs, progress: bool) -> _Numerics:
+    """Run both models batch by batch, keeping only running sums (see the module docstring)."""
+    # the task-aware error (onnxopt.task_metric) reads the logits before a terminal Softmax/Sigmoid,
+    # exposed as extra outputs of the measured sessions
+    ref_logit_model, ref_logits = task_metric.with_logit_outputs(ref_model)
+    cand_logit_model, cand_logits = task_metric.with_logit_outputs(cand_model)
+    s_ref, s_cand = runtime.session(ref_logit_model), runtime.session(cand_logit_model)
+    acc = [_OutputStats(r, c) for r, c in pairs]
+    ref_names, cand_names = [r for r, _ in pairs], [c for _, c in pairs]
+    task_acc = task_metric.Accumulator(ref_names, ref_logits,
+                                       {k: a for k, (_, a) in task_metric.logit_tensors(ref_model).items() if a})
+    ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[r] for r in ref_names]))
+    cand_fetch = list(dict.fromkeys(cand_names + [cand_logits[c] for c in cand_names]))
+    data_labels = inputs.labels
+    first_sample: Optional[dict] = None
+    seen = 0
+    bar = progress_bar(inputs.total, "compare", progress)
+    try:
+        for feed in inputs.feeds:
+            n_batch = feed_samples(feed)
+            if first_sample is None:
+                first_sample = {k: v[:1] if (v.ndim and n_batch) else v for k, v in feed.items()}
+            ro = runtime.run(s_ref, feed, ref_fetch)
+            co = runtime.run(s_cand, feed, cand_fetch)
+            task_acc.update([ro[ref_logits[r]] for r in ref_names], [co[cand_logits[c]] for c in cand_names])
+            lab = None
+            if data_labels is not None:
+                if seen + n_batch > len(data_labels):
+                    raise DataError(f"there are {len(data_labels)} labels but more samples than that in the data.",
+                                    "give one label per sample (after --max-samples/selection)")
+                lab = data_labels[seen:seen + n_batch]
+            for a, rname, cname in zip(acc, ref_names, cand_names):
+                a.update(ro[rname], co[cname], lab)
+            seen += n_batch
+            bar.update(n_batch)
+    finally:
+        bar.close()
+    if seen == 0:
+        raise DataError("no sample reached the models.", "check the data (an empty selection? fewer samples than the fixed batch size?)")
+    return _Numerics([a.result() for a in acc], task_acc.result(), first_sample, seen)
+
+
+def _compare_latency(ref_model: ModelProto, cand_model: ModelProto, sample: dict, runs: int, threads: int, warmup: int) -> dict:
+    if not runs:
+        return {"reference": None, "candidate": None}
+    l_ref = _latency_session(ref_model, threads, True)
+    l_cand = _latency_session(cand_model, threads, True)
+    _check_feed_runs(l_ref, sample, "the reference")
+    _check_feed_runs(l_cand, sample, "the candidate")
+    t_ref, t_cand = _time_alternating([l_ref, l_cand], sample, runs, warmup)
+    return {"reference": _latency_summary(t_ref, threads), "candidate": _latency_summary(t_cand, threads)}
+
+
+def _side(model: ModelProto, path, size: int, latency: Optional[dict], accuracy: Optional[float]) -> dict:
+    summary = stats.summarize(model)
+    return {"path": path, "size_bytes": size, "size_mb": size / MB, "nodes": summary["nodes"], "params": summary["params"],
+            "macs": summary["macs"], "latency": latency, "accuracy": accuracy}
+
+
 def compare_models(
     ref: ModelLike,
     cand: ModelLike,
@@ -374,16 +495,7 @@ def compare_models(
     each with its value and verdict and ``passed`` is False when one fails -- use
     :func:`check_gates` to raise :class:`GateFailure`.
     """
-    gates = _validate_gates({k: v for k, v in (gates or {}).items() if v is not None})
-    if runs < 0:
-        raise OptionError(f"--runs must be 0 (no latency) or more, got {runs}.", "e.g. --runs 20")
-    if max_samples is not None and max_samples < 1:
-        raise OptionError(f"--max-samples must be at least 1, got {max_samples}.", "leave it out to use every sample")
-    if "max_latency_ms" in gates and runs == 0:
-        raise OptionError("--max-latency-ms needs a latency measurement, but --runs is 0.", "use --runs 20 (the default)")
-    if data is None and labels is not None:
-        raise OptionError("labels were given without data.", "give --data with the samples the labels belong to")
-
+    gates = _check_arguments(gates, runs, max_samples, data, labels)
     ref_model, ref_path, ref_size = _load(ref)
     cand_model, cand_path, cand_size = _load(cand)
     _check_inputs_match(ref_model, cand_model)
@@ -394,119 +506,34 @@ def compare_models(
     notes: list = []
     pairs = _output_pairs(ref_model, cand_model, notes)
     fixed = _fixed_batch(ref_model, cand_model)
-
-    # -- the inputs ------------------------------------------------------------------------
-    label_arr = _labels_array(labels)
     if data is None:
-        n = max_samples or generated_samples
-        notes.append(f"no data given: {n} generated inputs (standard normal floats, small ints), so errors and agreement "
-                     "describe random inputs, not real data; give --data for meaningful figures")
-        runtime.input_specs(ref_model, input_shapes)  # a dynamic non-batch dim without --input-shape fails now
-        feeds = (runtime.generate_inputs(ref_model, seed=s, overrides=input_shapes) for s in range(n))
-        source_desc, total = "generated", n
-        data_labels = None
+        inputs = _generated_inputs(ref_model, input_shapes, max_samples or generated_samples, notes)
     else:
-        if isinstance(data, DataSource):
-            source = data
-            if isinstance(labels, (str, os.PathLike)):  # the labels file wins, as with a path
-                source = DataSource(dataclasses.replace(data.spec, labels=str(labels)), data.model, data._overrides)
-        else:
-            source = open_data(str(data), ref_model, input_shapes, recorded=recorded_preprocessing(cand_model),
-                               image=image or {}, batch_size=fixed or batch_size, max_samples=max_samples,
-                               labels=str(labels) if isinstance(labels, (str, os.PathLike)) else None,
-                               require_preprocessing=require_preprocessing)
-        source.check()
-        if source.preprocessing is not None:
-            where = " (recorded in the models' metadata)" if source.preprocessing_origin == "model" else ""
-            notes.append(f"preprocessing: {source.preprocessing.describe()}{where}")
-        feeds = source.batches(fixed or batch_size)
-        source_desc, total = source.spec.source, source.count()
-        data_labels = source.labels() if label_arr is None else label_arr
-        if data_labels is not None and label_arr is None and labels is None:
-            notes.append(f"labels taken from the data source ({len(data_labels)})")
-    if ("max_drop" in gates) and (data is None or data_labels is None):
+        inputs = _data_inputs(data, labels, ref_model, cand_model, input_shapes, image, fixed or batch_size, max_samples,
+                              require_preprocessing, notes)
+    if ("max_drop" in gates) and inputs.labels is None:
         raise OptionError("--max-drop needs labels, and there are none.",
                           "give --labels FILE.npy, an .npz with a 'labels' array, or an image folder with labels.json")
 
-    # -- numerics, streamed ----------------------------------------------------------------
-    # the task-aware error (onnxopt.task_metric) reads the logits before a terminal Softmax/Sigmoid,
-    # exposed as extra outputs of the measured sessions
-    ref_logit_model, ref_logits = task_metric.with_logit_outputs(ref_model)
-    cand_logit_model, cand_logits = task_metric.with_logit_outputs(cand_model)
-    s_ref, s_cand = runtime.session(ref_logit_model), runtime.session(cand_logit_model)
-    acc = [_OutputStats(r, c) for r, c in pairs]
-    ref_names, cand_names = [r for r, _ in pairs], [c for _, c in pairs]
-    task_acc = task_metric.Accumulator(ref_names, ref_logits,
-                                       {k: a for k, (_, a) in task_metric.logit_tensors(ref_model).items() if a})
-    ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[r] for r in ref_names]))
-    cand_fetch = list(dict.fromkeys(cand_names + [cand_logits[c] for c in cand_names]))
-    first_sample: Optional[dict] = None
-    seen = 0
-    bar = progress_bar(total, "compare", progress)
-    try:
-        for feed in feeds:
-            n_batch = feed_samples(feed)
-            if first_sample is None:
-                first_sample = {k: v[:1] if (v.ndim and n_batch) else v for k, v in feed.items()}
-            ro = runtime.run(s_ref, feed, ref_fetch)
-            co = runtime.run(s_cand, feed, cand_fetch)
-            task_acc.update([ro[ref_logits[r]] for r in ref_names], [co[cand_logits[c]] for c in cand_names])
-            lab = None
-            if data_labels is not None:
-                if seen + n_batch > len(data_labels):
-                    raise DataError(f"there are {len(data_labels)} labels but more samples than that in the data.",
-                                    "give one label per sample (after --max-samples/selection)")
-                lab = data_labels[seen:seen + n_batch]
-            for a, rname, cname in zip(acc, ref_names, cand_names):
-                a.update(ro[rname], co[cname], lab)
-            seen += n_batch
-            bar.update(n_batch)
-    finally:
-        bar.close()
-    if seen == 0:
-        raise DataError("no sample reached the models.", "check the data (an empty selection? fewer samples than the fixed batch size?)")
-    if data_labels is not None and len(data_labels) != seen:
-        notes.append(f"{len(data_labels)} labels for {seen} evaluated samples; the first {seen} were used")
-    outputs = [a.result() for a in acc]
-    task_metric_result = task_acc.result()
-    classifiers = [o for o in outputs if o["classifier"]]
-    if data_labels is not None and not classifiers:
+    num = _stream_numerics(ref_model, cand_model, pairs, inputs, progress)
+    if inputs.labels is not None and len(inputs.labels) != num.seen:
+        notes.append(f"{len(inputs.labels)} labels for {num.seen} evaluated samples; the first {num.seen} were used")
+    classifiers = [o for o in num.outputs if o["classifier"]]
+    if inputs.labels is not None and not classifiers:
         notes.append("labels were given but no output is classifier-shaped ([N, C], C > 1): no accuracy computed")
     if "min_agreement" in gates and not classifiers:
         raise OptionError("--min-agreement needs a classifier-shaped output ([N, C] with C > 1); this model has none.",
                           "drop --min-agreement and gate on the error figures instead")
 
-    # -- latency, size, MACs -----------------------------------------------------------------
-    latency = {"reference": None, "candidate": None}
-    if runs:
-        l_ref = _latency_session(ref_model, threads, True)
-        l_cand = _latency_session(cand_model, threads, True)
-        _check_feed_runs(l_ref, first_sample, "the reference")
-        _check_feed_runs(l_cand, first_sample, "the candidate")
-        t_ref, t_cand = _time_alternating([l_ref, l_cand], first_sample, runs, warmup)
-        latency = {"reference": _latency_summary(t_ref, threads), "candidate": _latency_summary(t_cand, threads)}
-
-    def side(model, path, size, which):
-        summary = stats.summarize(model)
-        main = classifiers[0] if classifiers else None
-        return {
-            "path": path,
-            "size_bytes": size,
-            "size_mb": size / MB,
-            "nodes": summary["nodes"],
-            "params": summary["params"],
-            "macs": summary["macs"],
-            "latency": latency[which],
-            "accuracy": main[("ref" if which == "reference" else "cand") + "_accuracy"] if main else None,
-        }
-
+    latency = _compare_latency(ref_model, cand_model, num.first_sample, runs, threads, warmup)
+    main = classifiers[0] if classifiers else None
     result = {
-        "reference": side(ref_model, ref_path, ref_size, "reference"),
-        "candidate": side(cand_model, cand_path, cand_size, "candidate"),
-        "data": {"source": source_desc, "generated": data is None, "samples": seen, "labels": data_labels is not None},
-        "outputs": outputs,
-        "task_error": task_metric_result.to_dict(),
-        "task_summary": task_metric_result.summary(),
+        "reference": _side(ref_model, ref_path, ref_size, latency["reference"], main["ref_accuracy"] if main else None),
+        "candidate": _side(cand_model, cand_path, cand_size, latency["candidate"], main["cand_accuracy"] if main else None),
+        "data": {"source": inputs.source, "generated": data is None, "samples": num.seen, "labels": inputs.labels is not None},
+        "outputs": num.outputs,
+        "task_error": num.task_error.to_dict(),
+        "task_summary": num.task_error.summary(),
         "notes": notes,
     }
     result["gates"] = _evaluate_gates(result, gates)

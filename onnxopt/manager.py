@@ -316,6 +316,65 @@ def _unverified(name: str, verification: dict, ctx: PassContext) -> None:
     ctx.log(f"  {name}: not verified ({reason})")
 
 
+def _summary(model: ModelProto, layers: bool) -> dict:
+    return stats.summarize(model) if layers else {"ops": stats.op_histogram(model)}
+
+
+def _check_exact(info: PassInfo, current: ModelProto, new_model: ModelProto, result: PassResult, record: PassRecord,
+                 options, ctx: PassContext, summarize_layers: bool) -> ModelProto:
+    """Verify an exact pass; revert the rule(s) that changed the output (``record`` then describes
+    the kept part) and return the model the chain goes on with. Raises when no part verifies."""
+    name = info.name
+    record.verification = verify_exact(current, new_model, ctx)
+    if record.verification["verified"] is False:
+        _unverified(name, record.verification, ctx)
+    elif not record.verification["passed"]:
+        kept = _revert_failing_rules(info, current, options, ctx, record.verification)
+        if kept is not None:  # the rules that broke the output are undone, the rest is kept
+            result, new_model, record.verification, record.options = kept
+            record.changes, record.details, record.skipped, record.extra = (
+                result.changes, result.details, result.skipped, result.extra)
+            record.after = _summary(new_model, summarize_layers)
+            rv = record.verification["reverted"]
+            ctx.log(f"  {name}: reverted {', '.join(r['rule'] for r in rv)} (output changed by max abs "
+                    f"{rv[0]['max_abs']:.3g}, rel {rv[0]['max_rel']:.3g}); the rest of the pass is kept and verified")
+    if record.verification.get("verified") and not record.verification["passed"]:
+        v = record.verification
+        raise VerificationError(
+            f"pass '{name}' changed the model's output '{v['worst_output']}' beyond tolerance: "
+            f"max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} (tolerance rel {v['rtol']:g} / abs {v['atol']:g}).",
+            "this is a bug in the pass on this model; rerun with --save-steps DIR and report it, or skip the pass",
+        )
+    return new_model
+
+
+def _measure_change(current: ModelProto, new_model: ModelProto, result: PassResult, record: PassRecord, ctx: PassContext,
+                    change_feeds):
+    """How much an approximate pass changed the output, with a warning when it damaged it; returns
+    the feeds (or the error that none can be built), reused for every approximate pass of the chain."""
+    if change_feeds is None:
+        try:
+            change_feeds = output_change.feeds(ctx, current)
+        except OnnxoptError as exc:  # no input onnxruntime runs: the change goes unmeasured, the pass stands
+            change_feeds = exc
+    if isinstance(change_feeds, OnnxoptError):
+        record.output_change = {"skipped": change_feeds.message}
+    else:
+        record.output_change = output_change.measure(current, new_model, *change_feeds)
+    if output_change.is_damaging(record.output_change):
+        record.warnings.append(_damage_warning(record.name, record, result.extra))
+    return change_feeds
+
+
+def _record_history(model: ModelProto, name: str, options: dict) -> None:
+    """Append the pass to the model's ``onnxopt.passes`` metadata and stamp the version."""
+    applied = [json.loads(p.value) for p in model.metadata_props if p.key == "onnxopt.passes"]
+    history = applied[0] if applied else []
+    history.append({"pass": name, "options": options})
+    model_io.record_metadata(model, "onnxopt.passes", history)
+    model_io.record_metadata(model, "onnxopt.version", __version__)
+
+
 def apply(
     model: Union[str, os.PathLike, ModelProto],
     passes: Union[str, Sequence[str]],
@@ -342,7 +401,7 @@ def apply(
         resolved[name].validate(current, ctx)
     report = Report(source=source)
     t_chain = time.perf_counter()
-    before_stats = stats.summarize(current) if summarize_layers else {"ops": stats.op_histogram(current)}
+    before_stats = _summary(current, summarize_layers)
     change_feeds = None
     for step, name in enumerate(names):
         info: PassInfo = get_pass(name)
@@ -352,48 +411,15 @@ def apply(
         seconds = time.perf_counter() - t0
         record = PassRecord(
             name=name, exact=info.exact, options=resolved[name].to_dict(), seconds=seconds,
-            before=before_stats, after=stats.summarize(new_model) if summarize_layers else {"ops": stats.op_histogram(new_model)},
+            before=before_stats, after=_summary(new_model, summarize_layers),
             changes=result.changes, details=result.details, skipped=result.skipped, extra=result.extra,
         )
         if verify and info.exact and result.modified:
-            record.verification = verify_exact(current, new_model, ctx)
-            if record.verification["verified"] is False:
-                _unverified(name, record.verification, ctx)
-            elif not record.verification["passed"]:
-                kept = _revert_failing_rules(info, current, resolved[name], ctx, record.verification)
-                if kept is not None:  # the rules that broke the output are undone, the rest is kept
-                    result, new_model, record.verification, record.options = kept
-                    record.changes, record.details, record.skipped, record.extra = (
-                        result.changes, result.details, result.skipped, result.extra)
-                    record.after = stats.summarize(new_model) if summarize_layers else {"ops": stats.op_histogram(new_model)}
-                    rv = record.verification["reverted"]
-                    ctx.log(f"  {name}: reverted {', '.join(r['rule'] for r in rv)} (output changed by max abs "
-                            f"{rv[0]['max_abs']:.3g}, rel {rv[0]['max_rel']:.3g}); the rest of the pass is kept and verified")
-            if record.verification.get("verified") and not record.verification["passed"]:
-                v = record.verification
-                raise VerificationError(
-                    f"pass '{name}' changed the model's output '{v['worst_output']}' beyond tolerance: "
-                    f"max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} (tolerance rel {v['rtol']:g} / abs {v['atol']:g}).",
-                    "this is a bug in the pass on this model; rerun with --save-steps DIR and report it, or skip the pass",
-                )
+            new_model = _check_exact(info, current, new_model, result, record, resolved[name], ctx, summarize_layers)
         elif verify and not info.exact and result.modified:
-            if change_feeds is None:  # the same samples for every approximate pass of the chain
-                try:
-                    change_feeds = output_change.feeds(ctx, current)
-                except OnnxoptError as exc:  # no input onnxruntime runs: the change goes unmeasured, the pass stands
-                    change_feeds = exc
-            if isinstance(change_feeds, OnnxoptError):
-                record.output_change = {"skipped": change_feeds.message}
-            else:
-                record.output_change = output_change.measure(current, new_model, *change_feeds)
-            if output_change.is_damaging(record.output_change):
-                record.warnings.append(_damage_warning(name, record, result.extra))
+            change_feeds = _measure_change(current, new_model, result, record, ctx, change_feeds)
         report.passes.append(record)
-        applied = [json.loads(p.value) for p in new_model.metadata_props if p.key == "onnxopt.passes"]
-        history = applied[0] if applied else []
-        history.append({"pass": name, "options": record.options})
-        model_io.record_metadata(new_model, "onnxopt.passes", history)
-        model_io.record_metadata(new_model, "onnxopt.version", __version__)
+        _record_history(new_model, name, record.options)
         if save_steps:
             model_io.save_model(new_model, Path(save_steps) / f"{step + 1:02d}_{name}.onnx", inputs=[model] if source else [])
         current = new_model

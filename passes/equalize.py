@@ -99,6 +99,46 @@ def _clip_bounds(node: gs.Node, opset: int):
     return tuple(out)
 
 
+def _reduce_reason(node: gs.Node, t: gs.Tensor, where: str) -> Optional[str]:
+    """A reduction over spatial axes only keeps the per-channel scale."""
+    rank = _rank(t)
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and input_at(node, 1) is not None:
+        axes = constant_value(input_at(node, 1))
+    if axes is None or rank is None:
+        return f"{where}: axes or rank unknown"
+    axes = {int(a) % rank for a in np.asarray(axes).reshape(-1)}
+    if axes & {0, 1}:
+        return f"{where} reduces over the batch/channel axis"
+    return None
+
+
+def _reshape_reason(node: gs.Node, t: gs.Tensor, channels: int, where: str) -> Optional[str]:
+    """Flatten/Reshape keeps the channel axis only from [N, C, 1..] to [N, C]."""
+    shape_in, shape_out = getattr(t, "shape", None), getattr(node.outputs[0], "shape", None)
+    if shape_in is None or shape_out is None or len(shape_out) != 2 or len(shape_in) < 2:
+        return f"{where}: shapes unknown or not [N, C, 1..] -> [N, C]"
+    if node.op == "Flatten" and int(node.attrs.get("axis", 1)) != 1:
+        return f"{where}: axis != 1"
+    if any(d != 1 for d in shape_in[2:]) or shape_out[1] != channels or shape_in[1] != channels:
+        return f"{where}: does not map [N, C, 1..] to [N, C]"
+    return None
+
+
+def _mul_reason(node: gs.Node, t: gs.Tensor, idx: list, where: str) -> Optional[str]:
+    """Mul/Div by a tensor that cannot move the channel axis by broadcasting (checked later: not
+    scaled by the same pair)."""
+    if node.op == "Div" and idx != [0]:
+        return f"{where} divides by the scaled tensor"
+    if len(idx) != 1:
+        return f"{where} multiplies the scaled tensor by itself"
+    other = node.inputs[1 - idx[0]]
+    r_t, r_o = _rank(t), _rank(other)
+    if r_t is None or r_o is None or r_o > r_t:
+        return f"{where}: broadcasting could move the channel axis (ranks unknown or larger)"
+    return None
+
+
 class _Equalizer:
     def __init__(self, graph: gs.Graph, opset: int, clip_mode: str):
         self.g = graph
@@ -202,95 +242,84 @@ class _Equalizer:
         if node.domain not in ("", "ai.onnx", None):
             return f"{where} (custom domain) consumes a scaled tensor"
         if op in ("Conv", "Gemm"):
-            if idx != [0]:
-                return f"{where} takes the scaled tensor '{t.name}' as a weight/bias"
-            reason = self._layer_reason(node)
-            if reason:
-                return reason
-            if self._in_channels(node) != pair.channels:
-                return f"{where}: {self._in_channels(node)} input channels, producer has {pair.channels}"
-            if op == "Conv" and _rank(t) is not None and _rank(t) < 3:
-                return f"{where}: input rank < 3"
-            if op == "Gemm" and _rank(t) not in (2, None):
-                return f"{where}: input is not 2-D"
-            if node is pair.producer or any(a is node for a, _ in pair.absorbers):
-                return f"{where} reached twice"
-            pair.absorbers.append((node, op.lower()))
-            return []
+            return self._absorb_reason(node, t, idx, pair, where) or []
         if len(node.outputs) != 1 and not (op in ("MaxPool", "Dropout") and all(not o.outputs for o in node.outputs[1:])):
             return f"{where} has several used outputs"
-        out = [node.outputs[0]]
         if op in _HOMOGENEOUS:
-            if op == "LeakyRelu" and idx != [0]:
-                return f"{where}: unexpected input"
-            return out
-        if op == "Clip":
-            if idx != [0]:
-                return f"{where} takes the scaled tensor as a bound"
-            bounds = _clip_bounds(node, self.opset)
-            if isinstance(bounds, str):
-                return bounds
-            lo, hi = bounds
-            if lo == 0.0 and np.isinf(hi):
-                return out
-            if lo == 0.0 and np.isfinite(hi) and hi > 0 and self.clip_mode == "split":
-                if _rank(node.outputs[0]) is None:
-                    return f"{where}: unknown rank (needed for the per-channel bound)"
-                pair.clips.append(node)
-                return out
-            if lo == 0.0 and np.isfinite(hi):
-                return f"{where} is Clip(0, {hi:g}) (ReLU6): scaling is exact only with per-channel bounds (clip=split)"
-            return f"{where} is Clip({lo:g}, {hi:g}): not positively homogeneous"
-        if op in _REDUCE:
-            rank = _rank(t)
-            axes = node.attrs.get("axes")
-            if axes is None and len(node.inputs) > 1 and input_at(node, 1) is not None:
-                axes = constant_value(input_at(node, 1))
-            if axes is None or rank is None:
-                return f"{where}: axes or rank unknown"
-            axes = {int(a) % rank for a in np.asarray(axes).reshape(-1)}
-            if axes & {0, 1} or (op == "ReduceSum" and False):
-                return f"{where} reduces over the batch/channel axis"
-            return out
-        if op == "Pad":
-            if node.attrs.get("mode", "constant") != "constant":
-                return f"{where}: mode is not constant"
-            if self.opset >= 11:
-                pads = constant_value(input_at(node, 1))
-                value = constant_value(input_at(node, 2)) if input_at(node, 2) is not None else 0.0
-                if input_at(node, 3) is not None:
-                    return f"{where}: Pad with axes"
-            else:
-                pads = node.attrs.get("pads")
-                value = node.attrs.get("value", 0.0)
-            if pads is None or value is None or float(np.asarray(value).reshape(-1)[0] if np.asarray(value).size else 0.0) != 0.0:
-                return f"{where}: non-constant or non-zero padding"
-            pads = np.asarray(pads).reshape(-1)
-            r = len(pads) // 2
-            if r < 2 or pads[0] or pads[1] or pads[r] or pads[r + 1]:
-                return f"{where} pads the batch/channel axis"
-            return out
-        if op in ("Flatten", "Reshape"):
-            shape_in, shape_out = getattr(t, "shape", None), getattr(node.outputs[0], "shape", None)
-            if shape_in is None or shape_out is None or len(shape_out) != 2 or len(shape_in) < 2:
-                return f"{where}: shapes unknown or not [N, C, 1..] -> [N, C]"
-            if op == "Flatten" and int(node.attrs.get("axis", 1)) != 1:
-                return f"{where}: axis != 1"
-            if any(d != 1 for d in shape_in[2:]) or shape_out[1] != pair.channels or shape_in[1] != pair.channels:
-                return f"{where}: does not map [N, C, 1..] to [N, C]"
-            return out
-        if op in ("Mul", "Div"):
-            if op == "Div" and idx != [0]:
-                return f"{where} divides by the scaled tensor"
-            if len(idx) != 1:
-                return f"{where} multiplies the scaled tensor by itself"
-            other = node.inputs[1 - idx[0]]
-            r_t, r_o = _rank(t), _rank(other)
-            if r_t is None or r_o is None or r_o > r_t:
-                return f"{where}: broadcasting could move the channel axis (ranks unknown or larger)"
-            muls.append((node, t))
-            return out
-        return f"{where} consumes a scaled tensor and is not positively homogeneous per channel"
+            reason = f"{where}: unexpected input" if op == "LeakyRelu" and idx != [0] else None
+        elif op == "Clip":
+            reason = self._clip_reason(node, idx, pair, where)
+        elif op in _REDUCE:
+            reason = _reduce_reason(node, t, where)
+        elif op == "Pad":
+            reason = self._pad_reason(node, where)
+        elif op in ("Flatten", "Reshape"):
+            reason = _reshape_reason(node, t, pair.channels, where)
+        elif op in ("Mul", "Div"):
+            reason = _mul_reason(node, t, idx, where)
+            if reason is None:
+                muls.append((node, t))
+        else:
+            reason = f"{where} consumes a scaled tensor and is not positively homogeneous per channel"
+        return reason or [node.outputs[0]]
+
+    def _absorb_reason(self, node: gs.Node, t: gs.Tensor, idx: list, pair: _Pair, where: str) -> Optional[str]:
+        """Why the Conv/Gemm ``node`` cannot absorb the scale on its input; None: it is the pair's absorber now."""
+        op = node.op
+        if idx != [0]:
+            return f"{where} takes the scaled tensor '{t.name}' as a weight/bias"
+        reason = self._layer_reason(node)
+        if reason:
+            return reason
+        if self._in_channels(node) != pair.channels:
+            return f"{where}: {self._in_channels(node)} input channels, producer has {pair.channels}"
+        if op == "Conv" and _rank(t) is not None and _rank(t) < 3:
+            return f"{where}: input rank < 3"
+        if op == "Gemm" and _rank(t) not in (2, None):
+            return f"{where}: input is not 2-D"
+        if node is pair.producer or any(a is node for a, _ in pair.absorbers):
+            return f"{where} reached twice"
+        pair.absorbers.append((node, op.lower()))
+        return None
+
+    def _clip_reason(self, node: gs.Node, idx: list, pair: _Pair, where: str) -> Optional[str]:
+        """Clip(0, inf) passes a positive scale; Clip(0, hi) only with per-channel bounds (clip=split)."""
+        if idx != [0]:
+            return f"{where} takes the scaled tensor as a bound"
+        bounds = _clip_bounds(node, self.opset)
+        if isinstance(bounds, str):
+            return bounds
+        lo, hi = bounds
+        if lo == 0.0 and np.isinf(hi):
+            return None
+        if lo == 0.0 and np.isfinite(hi) and hi > 0 and self.clip_mode == "split":
+            if _rank(node.outputs[0]) is None:
+                return f"{where}: unknown rank (needed for the per-channel bound)"
+            pair.clips.append(node)
+            return None
+        if lo == 0.0 and np.isfinite(hi):
+            return f"{where} is Clip(0, {hi:g}) (ReLU6): scaling is exact only with per-channel bounds (clip=split)"
+        return f"{where} is Clip({lo:g}, {hi:g}): not positively homogeneous"
+
+    def _pad_reason(self, node: gs.Node, where: str) -> Optional[str]:
+        """A constant zero Pad of the spatial axes keeps the per-channel scale."""
+        if node.attrs.get("mode", "constant") != "constant":
+            return f"{where}: mode is not constant"
+        if self.opset >= 11:
+            pads = constant_value(input_at(node, 1))
+            value = constant_value(input_at(node, 2)) if input_at(node, 2) is not None else 0.0
+            if input_at(node, 3) is not None:
+                return f"{where}: Pad with axes"
+        else:
+            pads = node.attrs.get("pads")
+            value = node.attrs.get("value", 0.0)
+        if pads is None or value is None or float(np.asarray(value).reshape(-1)[0] if np.asarray(value).size else 0.0) != 0.0:
+            return f"{where}: non-constant or non-zero padding"
+        pads = np.asarray(pads).reshape(-1)
+        r = len(pads) // 2
+        if r < 2 or pads[0] or pads[1] or pads[r] or pads[r + 1]:
+            return f"{where} pads the batch/channel axis"
+        return None
 
     # --------------------------------------------------------------------- ranges
     def _producer_range(self, node: gs.Node) -> np.ndarray:

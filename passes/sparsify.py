@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -58,25 +59,20 @@ class SparsifyOptions(PassOptions):
         _protect_patterns(self.protect)
 
 
-@register_pass(
-    "sparsify",
-    "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights.",
-    exact=False,
-    options=SparsifyOptions,
-)
-def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> PassResult:
-    """N:M or unstructured magnitude sparsity; see the module docstring."""
-    options.validate(model, ctx)
-    method = options.method
-    n, m = _parse_nm(options.nm) if method == "nm" else (0, 0)
-    keep_n = (n if options.nm_convention == "keep" else m - n) if method == "nm" else 0
-    ratio = float(options.ratio)
-    patterns = _protect_patterns(options.protect)
+@dataclass
+class _Weight:
+    """One weight to sparsify and the layers that read it (along the same axes)."""
+    value: np.ndarray
+    axes: tuple          # (input-channel axis, output-channel axis)
+    nodes: list
+    where: str
+    new: Optional[np.ndarray] = None   # the sparse value; None: left as it is
 
-    graph = import_graph(model)
+
+def _collect_weights(graph: gs.Graph, model: ModelProto, patterns: list, skipped: list) -> list:
+    """The constant float weights of the layers sparsify handles, one entry per weight; what is
+    passed over goes to ``skipped`` with the reason."""
     inputs = {i.name for i in model.graph.input}
-    names = NameGenerator(graph)
-    skipped, layers = [], []
     by_weight: dict = {}
     for node in graph.nodes:
         if node.op not in LAYERS or (node.domain or "") not in ("", "ai.onnx"):
@@ -93,69 +89,108 @@ def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> P
         if value.dtype.kind != "f" or value.ndim < 2 or (node.op == "MatMul" and value.ndim != 2):
             skipped.append(f"{where}: weight is not a float matrix/filter")
             continue
-        in_axis, out_axis = _axes(node)
+        axes = _axes(node)
         if w.name in by_weight:
-            entry = by_weight[w.name]
-            if entry["axes"] != (in_axis, out_axis):
+            if by_weight[w.name].axes != axes:
                 skipped.append(f"{where}: weight shared with a layer that reads it along other axes")
-                continue
-            entry["nodes"].append(node)
+            else:
+                by_weight[w.name].nodes.append(node)
             continue
-        by_weight[w.name] = {"value": value, "axes": (in_axis, out_axis), "nodes": [node], "where": where}
+        by_weight[w.name] = _Weight(value, axes, [node], where)
+    return list(by_weight.values())
 
-    entries = list(by_weight.values())
-    if method == "nm":
-        for e in entries:
-            grouped = _groups(e["value"], *e["axes"], options.nm_layout)
-            if grouped.shape[-1] % m or grouped.shape[-1] == 0:
-                skipped.append(f"{e['where']}: group dimension {grouped.shape[-1]} is not a multiple of {m}")
-                e["new"] = None
-                continue
-            g = grouped.reshape(grouped.shape[0], -1, m)
-            order = np.argsort(-np.abs(g), axis=-1, kind="stable")
-            mask = np.zeros_like(g, dtype=bool)
-            np.put_along_axis(mask, order[..., :keep_n], True, axis=-1)
-            e["new"] = _ungroup(np.where(mask, g, 0).reshape(grouped.shape), e["value"], *e["axes"], options.nm_layout)
-    elif options.scope == "layer":
-        for e in entries:
-            e["new"] = _zero_smallest(e["value"], int(round(ratio * e["value"].size)))
-    else:
-        mags = np.concatenate([np.abs(e["value"]).ravel().astype(np.float64) for e in entries]) if entries else np.zeros(0)
-        k = int(round(ratio * mags.size))
-        dead = np.zeros(mags.size, dtype=bool)
-        if k:
-            dead[np.argsort(mags, kind="stable")[:k]] = True
-        start = 0
-        for e in entries:
-            size = e["value"].size
-            e["new"] = np.where(dead[start:start + size].reshape(e["value"].shape), 0, e["value"]).astype(e["value"].dtype)
-            start += size
 
-    total, zeros, zeros_before = 0, 0, 0
+def _sparsify_nm(entries: list, m: int, keep_n: int, layout: str, skipped: list) -> None:
+    """Keep the ``keep_n`` largest magnitudes of every group of ``m``."""
+    for e in entries:
+        grouped = _groups(e.value, *e.axes, layout)
+        if grouped.shape[-1] % m or grouped.shape[-1] == 0:
+            skipped.append(f"{e.where}: group dimension {grouped.shape[-1]} is not a multiple of {m}")
+            continue
+        g = grouped.reshape(grouped.shape[0], -1, m)
+        order = np.argsort(-np.abs(g), axis=-1, kind="stable")
+        mask = np.zeros_like(g, dtype=bool)
+        np.put_along_axis(mask, order[..., :keep_n], True, axis=-1)
+        e.new = _ungroup(np.where(mask, g, 0).reshape(grouped.shape), e.value, *e.axes, layout)
+
+
+def _sparsify_global(entries: list, ratio: float) -> None:
+    """Zero the ``ratio`` smallest magnitudes over all weights (one threshold)."""
+    mags = np.concatenate([np.abs(e.value).ravel().astype(np.float64) for e in entries]) if entries else np.zeros(0)
+    k = int(round(ratio * mags.size))
+    dead = np.zeros(mags.size, dtype=bool)
+    if k:
+        dead[np.argsort(mags, kind="stable")[:k]] = True
+    start = 0
+    for e in entries:
+        size = e.value.size
+        e.new = np.where(dead[start:start + size].reshape(e.value.shape), 0, e.value).astype(e.value.dtype)
+        start += size
+
+
+@dataclass
+class _Counts:
+    """Weights of the handled layers, and how many are zero before and after."""
+    total: int = 0
+    zeros: int = 0
+    zeros_before: int = 0
+
+
+def _replace_weights(graph: gs.Graph, entries: list, counts: _Counts) -> list:
+    """Give each sparsified weight's readers a new constant (copy-on-write); the report rows."""
+    names = NameGenerator(graph)
+    layers = []
     dead: set = set()  # replaced Constant nodes, dropped here: the export's cleanup would print their arrays
     outputs = {t.name for t in graph.outputs}
     for e in entries:
-        v = e["value"]
-        new = e.get("new")
+        v, new = e.value, e.new
         before = int(np.count_nonzero(v == 0))
-        zeros_before += before
-        total += v.size
+        counts.zeros_before += before
+        counts.total += v.size
         if new is None:
-            zeros += before
+            counts.zeros += before
             continue
-        old = e["nodes"][0].inputs[1]
+        old = e.nodes[0].inputs[1]
         const = gs.Constant(names(old.name + "_sparse"), np.ascontiguousarray(new.astype(v.dtype)))
-        for node in e["nodes"]:
+        for node in e.nodes:
             node.inputs[1] = const
         if not old.outputs and len(old.inputs) == 1 and old.inputs[0].op == "Constant" and old.name not in outputs:
             dead.add(id(old.inputs[0]))
         after = int(np.count_nonzero(new == 0))
-        zeros += after
-        layers.append({"layer": e["where"], "weight": const.name, "params": int(v.size), "sparsity_before": round(before / v.size, 4),
-                       "sparsity": round(after / v.size, 4), "readers": len(e["nodes"])})
+        counts.zeros += after
+        layers.append({"layer": e.where, "weight": const.name, "params": int(v.size), "sparsity_before": round(before / v.size, 4),
+                       "sparsity": round(after / v.size, 4), "readers": len(e.nodes)})
     if dead:
         graph.nodes = [n for n in graph.nodes if id(n) not in dead]
+    return layers
+
+
+@register_pass(
+    "sparsify",
+    "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights.",
+    exact=False,
+    options=SparsifyOptions,
+)
+def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> PassResult:
+    """N:M or unstructured magnitude sparsity; see the module docstring."""
+    options.validate(model, ctx)
+    method = options.method
+    n, m = _parse_nm(options.nm) if method == "nm" else (0, 0)
+    ratio = float(options.ratio)
+    graph = import_graph(model)
+    skipped: list = []
+    entries = _collect_weights(graph, model, _protect_patterns(options.protect), skipped)
+    if method == "nm":
+        _sparsify_nm(entries, m, n if options.nm_convention == "keep" else m - n, options.nm_layout, skipped)
+    elif options.scope == "layer":
+        for e in entries:
+            e.new = _zero_smallest(e.value, int(round(ratio * e.value.size)))
+    else:
+        _sparsify_global(entries, ratio)
+    counts = _Counts()
+    layers = _replace_weights(graph, entries, counts)
     new_model = export_graph(graph, like=model)
+    total, zeros, zeros_before = counts.total, counts.zeros, counts.zeros_before
     extra = {
         "method": method,
         "pattern": f"{n}:{m} ({options.nm_convention}, {options.nm_layout})" if method == "nm" else f"ratio {ratio} ({options.scope})",

@@ -471,145 +471,180 @@ def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRu
     return choose
 
 
-def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: TargetRules, fmt: FormatOptions) -> tuple:
-    """Rewrite ``graph`` (imported from ``model``) per ``plan``; returns (model, info)."""
-    names = NameGenerator(graph)
-    symmetric = fmt.act_symmetric(rules)
-    power_of_two = rules.power_of_two or fmt.power_of_two
-    w_symmetric = fmt.weight_symmetric
-    abits, wbits = fmt.activation_bits, fmt.weight_bits
-    tensors = graph.tensors()
-    nodes = {n.name: n for n in graph.nodes}
-    excluded = plan.excluded
-    # before any Q/DQ is appended: first/last are found by walking the nodes in graph order
-    bits_of = layer_weight_bits(graph, plan, nodes, wbits, fmt.first_last_weight_bits)
+@dataclass
+class _PlanWriter:
+    """What every Q/DQ insertion of one :func:`apply_plan` call shares: the graph, its name
+    generator and the target's and format's quantization choices."""
+    graph: gs.Graph
+    names: NameGenerator
+    rules: TargetRules
+    fmt: FormatOptions
+    symmetric: bool
+    power_of_two: bool
 
-    # ---- activation parameters, one per scale group ------------------------------------------
-    group_params: dict = {}
-    for rep, members in plan.groups.items():
-        lo = min(float(ranges[m][0]) for m in members)
-        hi = max(float(ranges[m][1]) for m in members)
-        p = activation_params(lo, hi, abits, rules, symmetric, power_of_two, fmt.unsigned_low_bit(abits))
-        dtype = np.float32
-        first = tensors[members[0]]
-        if first.dtype is not None and np.dtype(first.dtype) == np.float16:
-            dtype = np.float16
-        p.scale_const = gs.Constant(names(f"{rep}_scale"), np.asarray(p.scale, dtype=dtype))
-        p.zp_const = gs.Constant(names(f"{rep}_zero_point"), np.asarray(p.zero_point, dtype=np.int8 if p.signed else np.uint8))
-        group_params[rep] = p
+    def activation_params(self, plan, ranges: dict) -> dict:
+        """Quantization parameters (with their scale/zero-point constants) per scale group."""
+        tensors, abits = self.graph.tensors(), self.fmt.activation_bits
+        group_params: dict = {}
+        for rep, members in plan.groups.items():
+            lo = min(float(ranges[m][0]) for m in members)
+            hi = max(float(ranges[m][1]) for m in members)
+            p = activation_params(lo, hi, abits, self.rules, self.symmetric, self.power_of_two, self.fmt.unsigned_low_bit(abits))
+            dtype = np.float32
+            first = tensors[members[0]]
+            if first.dtype is not None and np.dtype(first.dtype) == np.float16:
+                dtype = np.float16
+            p.scale_const = gs.Constant(self.names(f"{rep}_scale"), np.asarray(p.scale, dtype=dtype))
+            p.zp_const = gs.Constant(self.names(f"{rep}_zero_point"), np.asarray(p.zero_point, dtype=np.int8 if p.signed else np.uint8))
+            group_params[rep] = p
+        return group_params
 
-    activations_info = []
-    dq_of: dict = {}
-    for cmd in plan.activations:
-        t = tensors[cmd.tensor]
-        p = group_params[cmd.group]
+    def clip(self, t: gs.Variable, p) -> gs.Variable:
+        """Below 8 bits the tensor is clipped to the quantized range first; returns the clipped tensor."""
+        names = self.names
+        lo_q, hi_q = (p.qmin - p.zero_point) * p.scale, (p.qmax - p.zero_point) * p.scale
+        clipped = gs.Variable(names(f"{t.name}_clipped"), dtype=t.dtype, shape=t.shape)
+        fdt = np.float16 if t.dtype is not None and np.dtype(t.dtype) == np.float16 else np.float32
+        self.graph.nodes.append(gs.Node("Clip", names(f"{t.name}_Clip"),
+                                        inputs=[t, gs.Constant(names(f"{t.name}_clip_min"), np.asarray(lo_q, fdt)),
+                                                gs.Constant(names(f"{t.name}_clip_max"), np.asarray(hi_q, fdt))],
+                                        outputs=[clipped]))
+        return clipped
+
+    def activation(self, t: gs.Variable, p, excluded: set) -> tuple:
+        """Q/DQ after ``t``, read by every consumer outside ``excluded``: (Q node, DQ node, DQ output)."""
+        names = self.names
         readers = [n for n in list(t.outputs) if n.name not in excluded]
-        src = t
-        if abits < 8:
-            lo_q, hi_q = (p.qmin - p.zero_point) * p.scale, (p.qmax - p.zero_point) * p.scale
-            clipped = gs.Variable(names(f"{t.name}_clipped"), dtype=t.dtype, shape=t.shape)
-            fdt = np.float16 if t.dtype is not None and np.dtype(t.dtype) == np.float16 else np.float32
-            graph.nodes.append(gs.Node("Clip", names(f"{t.name}_Clip"),
-                                       inputs=[t, gs.Constant(names(f"{t.name}_clip_min"), np.asarray(lo_q, fdt)),
-                                               gs.Constant(names(f"{t.name}_clip_max"), np.asarray(hi_q, fdt))],
-                                       outputs=[clipped]))
-            src = clipped
+        src = self.clip(t, p) if self.fmt.activation_bits < 8 else t
         q_out = gs.Variable(names(f"{t.name}_quantized"), dtype=np.int8 if p.signed else np.uint8, shape=t.shape)
         dq_out = gs.Variable(names(f"{t.name}_dequantized"), dtype=t.dtype, shape=t.shape)
         qn = gs.Node("QuantizeLinear", names(f"{t.name}_QuantizeLinear"), inputs=[src, p.scale_const, p.zp_const], outputs=[q_out])
         dqn = gs.Node("DequantizeLinear", names(f"{t.name}_DequantizeLinear"), inputs=[q_out, p.scale_const, p.zp_const], outputs=[dq_out])
-        graph.nodes.extend([qn, dqn])
+        self.graph.nodes.extend([qn, dqn])
         for reader in readers:
             for i, inp in enumerate(reader.inputs):
                 if inp is t:
                     reader.inputs[i] = dq_out
+        return qn, dqn, dq_out
+
+    def dequantize(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, fdt, shape: list, axis) -> tuple:
+        """A DequantizeLinear of constant ``q``: (its output, the q/scale/zero-point constants)."""
+        names = self.names
+        q_c = gs.Constant(names(f"{base}_quantized"), q)
+        s_c = gs.Constant(names(f"{base}_scale"), np.asarray(scale, dtype=fdt))
+        z_c = gs.Constant(names(f"{base}_zero_point"), zero_point)
+        out = gs.Variable(names(f"{base}_dequantized"), dtype=fdt, shape=shape)
+        attrs = {"axis": int(axis)} if axis is not None else {}
+        self.graph.nodes.append(gs.Node("DequantizeLinear", names(f"{base}_DequantizeLinear"),
+                                        attrs=attrs, inputs=[q_c, s_c, z_c], outputs=[out]))
+        return out, q_c, s_c, z_c
+
+
+def _int_bias_scale(scale, b: np.ndarray, data_scale: float, power_of_two: bool) -> tuple:
+    """(scale, fits): the weight scale widened so that the int32 bias (scale data_scale * weight
+    scale) cannot overflow; fits is False where the scale's shape does not match the bias (the
+    bias then stays float)."""
+    fits = True
+    if scale.ndim == 0:
+        need = np.max(np.abs(b)) / (data_scale * (INT32_MAX - 1)) if b.size else 0.0
+        scale = np.maximum(scale, need)
+    elif scale.shape[0] == b.shape[0]:
+        scale = np.maximum(scale, np.abs(b) / (data_scale * (INT32_MAX - 1)))
+    else:
+        fits = False
+    return (pow2(scale) if power_of_two else scale), fits
+
+
+def _quantize_bias(writer: _PlanWriter, node: gs.Node, wc, b: np.ndarray, scale, data_scale: float, fdt) -> dict:
+    """Replace the bias of ``node`` by an int32 DequantizeLinear; returns its info entries."""
+    bias_t = node.inputs[wc.bias_index]
+    s_vec = np.broadcast_to(np.asarray(scale, np.float64), b.shape)
+    bscale = (data_scale * s_vec).astype(np.float32)
+    bq = np.clip(np.rint(b / bscale.astype(np.float64)), -INT32_MAX - 1, INT32_MAX).astype(np.int32)
+    b_dq, bq_c, bs_c, _ = writer.dequantize(bias_t.name, bq, bscale.astype(fdt), np.zeros(b.shape, dtype=np.int32),
+                                            fdt, list(b.shape), 0)
+    node.inputs[wc.bias_index] = b_dq
+    return {"bias_q": bq_c.name, "bias_is_int": True, "bias_scale": bs_c.name}
+
+
+def _quantize_layer(writer: _PlanWriter, node: gs.Node, wc, bits: int, data_scale: Optional[float], input_dq: Optional[str],
+                    shared: dict, int4_names: list) -> dict:
+    """Quantize one layer's weight (and, for an integer-bias target, its bias); returns its info entry.
+    A weight quantized the same way for several layers gets one DequantizeLinear (``shared``)."""
+    fmt = writer.fmt
+    w_t = node.inputs[wc.input_index]
+    w = np.asarray(constant_value(w_t))
+    fdt = w.dtype
+    # asymmetric only below 8 bits: an 8-bit one fills [-128, 127], and onnxruntime's u8 x s8
+    # kernels on AVX2 CPUs without VNNI add pairs of products in int16, which saturates once
+    # stored weights pass +-64 (tools/bench_qdq.py saturation: EfficientNet-Lite0 W8 asymmetric,
+    # output error 2.11 fused against 0.015 unfused); below 8 bits the stored values stay small
+    sym_w = fmt.weight_symmetric or bits >= 8
+    qmin_w, qmax_w = weight_range(bits, sym_w)
+    scale = weight_scales(w, wc.axis, bits, writer.power_of_two, sym_w)
+    b = None
+    if writer.rules.int_bias and wc.bias_tensor is not None and data_scale is not None:
+        b = np.asarray(constant_value(node.inputs[wc.bias_index]), dtype=np.float64)
+        scale, fits = _int_bias_scale(scale, b, data_scale, writer.power_of_two)
+        b = b if fits else None
+    # zero points after any scale change above (asymmetric: they depend on the scale)
+    zp = None if sym_w else weight_zero_points(w, scale, wc.axis, bits)
+    key = (w_t.name, wc.axis, bits, tuple(np.asarray(scale).reshape(-1).tolist()), sym_w)
+    if key not in shared:
+        shared[key] = writer.dequantize(w_t.name, quantize_weight(w, scale, wc.axis, bits, zp), scale,
+                                        np.zeros(np.asarray(scale).shape, dtype=np.int8) if zp is None else zp,
+                                        fdt, list(w.shape), wc.axis)
+        if fmt.low_bit == "int4" and bits == 4:
+            int4_names.append(shared[key][1].name)
+    w_dq, wq_c, ws_c, wz_c = shared[key]
+    node.inputs[wc.input_index] = w_dq
+    entry = {"node": node.name, "op": node.op, "weight_q": wq_c.name, "weight_scale": ws_c.name,
+             "weight_zero_point": wz_c.name, "axis": wc.axis, "qmin": qmin_w, "qmax": qmax_w,
+             "bias": wc.bias_tensor, "bias_is_int": False, "bias_scale": None,
+             "input_dq": input_dq, "float_weight": wc.tensor}
+    if b is not None:
+        entry.update(_quantize_bias(writer, node, wc, b, scale, data_scale, fdt))
+    return entry
+
+
+def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: TargetRules, fmt: FormatOptions) -> tuple:
+    """Rewrite ``graph`` (imported from ``model``) per ``plan``; returns (model, info)."""
+    writer = _PlanWriter(graph, NameGenerator(graph), rules, fmt, fmt.act_symmetric(rules), rules.power_of_two or fmt.power_of_two)
+    wbits = fmt.weight_bits
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    # before any Q/DQ is appended: first/last are found by walking the nodes in graph order
+    bits_of = layer_weight_bits(graph, plan, nodes, wbits, fmt.first_last_weight_bits)
+    group_params = writer.activation_params(plan, ranges)
+
+    activations_info = []
+    dq_of: dict = {}
+    act_scale_of: dict = {}
+    for cmd in plan.activations:
+        t = tensors[cmd.tensor]
+        p = group_params[cmd.group]
+        qn, dqn, dq_out = writer.activation(t, p, plan.excluded)
         dq_of[t.name] = dq_out.name
+        act_scale_of[t.name] = p.scale
         activations_info.append({"tensor": t.name, "scale": p.scale_const.name, "zero_point": p.zp_const.name,
                                  "q_node": qn.name, "dq_node": dqn.name, "group": cmd.group,
                                  "scale_value": p.scale, "zero_point_value": p.zero_point,
                                  "dtype": "int8" if p.signed else "uint8", "range": [float(ranges[t.name][0]), float(ranges[t.name][1])]})
 
-    act_scale_of = {a["tensor"]: group_params[cmd.group].scale for a, cmd in zip(activations_info, plan.activations)}
-
-    # ---- weights and biases --------------------------------------------------------------------
-    layers = []
-    int4_names = []
-    shared: dict = {}
+    layers, int4_names, shared = [], [], {}
     for wc in plan.weights:
-        node = nodes[wc.node]
-        w_t = node.inputs[wc.input_index]
-        w = np.asarray(constant_value(w_t))
-        fdt = w.dtype
-        bits = bits_of[wc.node]
-        # asymmetric only below 8 bits: an 8-bit one fills [-128, 127], and onnxruntime's u8 x s8
-        # kernels on AVX2 CPUs without VNNI add pairs of products in int16, which saturates once
-        # stored weights pass +-64 (tools/bench_qdq.py saturation: EfficientNet-Lite0 W8 asymmetric,
-        # output error 2.11 fused against 0.015 unfused); below 8 bits the stored values stay small
-        sym_w = w_symmetric or bits >= 8
-        qmin_w, qmax_w = weight_range(bits, sym_w)
-        scale = weight_scales(w, wc.axis, bits, power_of_two, sym_w)
         data_scale = act_scale_of.get(wc.data_tensor) if wc.data_tensor in dq_of else None
-        int_bias = rules.int_bias and wc.bias_tensor is not None and data_scale is not None
-        b = None
-        if int_bias:
-            b = np.asarray(constant_value(node.inputs[wc.bias_index]), dtype=np.float64)
-            n_out = b.shape[0]
-            if scale.ndim == 0:
-                need = np.max(np.abs(b)) / (data_scale * (INT32_MAX - 1)) if b.size else 0.0
-                scale = np.maximum(scale, need)
-            elif scale.shape[0] == n_out:
-                scale = np.maximum(scale, np.abs(b) / (data_scale * (INT32_MAX - 1)))
-            else:
-                int_bias = False
-            if power_of_two:
-                scale = pow2(scale)
-        # zero points after any scale change above (asymmetric: they depend on the scale)
-        zp = None if sym_w else weight_zero_points(w, scale, wc.axis, bits)
-        key = (w_t.name, wc.axis, bits, tuple(np.asarray(scale).reshape(-1).tolist()), sym_w)
-        if key in shared:
-            w_dq, wq_c, ws_c, wz_c = shared[key]
-        else:
-            wq = quantize_weight(w, scale, wc.axis, bits, zp)
-            wq_c = gs.Constant(names(f"{w_t.name}_quantized"), wq)
-            ws_c = gs.Constant(names(f"{w_t.name}_scale"), np.asarray(scale, dtype=fdt))
-            wz_c = gs.Constant(names(f"{w_t.name}_zero_point"),
-                               np.zeros(np.asarray(scale).shape, dtype=np.int8) if zp is None else zp)
-            w_dq = gs.Variable(names(f"{w_t.name}_dequantized"), dtype=fdt, shape=list(w.shape))
-            attrs = {"axis": int(wc.axis)} if wc.axis is not None else {}
-            graph.nodes.append(gs.Node("DequantizeLinear", names(f"{w_t.name}_DequantizeLinear"),
-                                       attrs=attrs, inputs=[wq_c, ws_c, wz_c], outputs=[w_dq]))
-            shared[key] = (w_dq, wq_c, ws_c, wz_c)
-            if fmt.low_bit == "int4" and bits == 4:
-                int4_names.append(wq_c.name)
-        node.inputs[wc.input_index] = w_dq
-        entry = {"node": node.name, "op": node.op, "weight_q": wq_c.name, "weight_scale": ws_c.name,
-                 "weight_zero_point": wz_c.name, "axis": wc.axis, "qmin": qmin_w, "qmax": qmax_w,
-                 "bias": wc.bias_tensor, "bias_is_int": False, "bias_scale": None,
-                 "input_dq": dq_of.get(wc.data_tensor) if wc.data_tensor else None,
-                 "float_weight": wc.tensor}
-        if int_bias:
-            bias_t = node.inputs[wc.bias_index]
-            s_vec = np.broadcast_to(np.asarray(scale, np.float64), b.shape)
-            bscale = (data_scale * s_vec).astype(np.float32)
-            bq = np.clip(np.rint(b / bscale.astype(np.float64)), -INT32_MAX - 1, INT32_MAX).astype(np.int32)
-            bq_c = gs.Constant(names(f"{bias_t.name}_quantized"), bq)
-            bs_c = gs.Constant(names(f"{bias_t.name}_scale"), bscale.astype(fdt))
-            bz_c = gs.Constant(names(f"{bias_t.name}_zero_point"), np.zeros(b.shape, dtype=np.int32))
-            b_dq = gs.Variable(names(f"{bias_t.name}_dequantized"), dtype=fdt, shape=list(b.shape))
-            graph.nodes.append(gs.Node("DequantizeLinear", names(f"{bias_t.name}_DequantizeLinear"), attrs={"axis": 0},
-                                       inputs=[bq_c, bs_c, bz_c], outputs=[b_dq]))
-            node.inputs[wc.bias_index] = b_dq
-            entry.update({"bias_q": bq_c.name, "bias_is_int": True, "bias_scale": bs_c.name})
-        layers.append(entry)
+        input_dq = dq_of.get(wc.data_tensor) if wc.data_tensor else None
+        layers.append(_quantize_layer(writer, nodes[wc.node], wc, bits_of[wc.node], data_scale, input_dq, shared, int4_names))
 
     out = export_graph(graph, like=model)
     if int4_names:
         _to_int4(out, set(int4_names))
-    info = {"target": rules.name, "activation_bits": abits, "weight_bits": wbits,
-            "weight_bits_by_layer": {n: b for n, b in bits_of.items() if b != wbits}, "symmetric": symmetric,
-            "weight_symmetric": w_symmetric,
-            "power_of_two": power_of_two, "layers": layers, "activations": activations_info,
-            "excluded": sorted(excluded), "groups": len(plan.groups)}
+    info = {"target": rules.name, "activation_bits": fmt.activation_bits, "weight_bits": wbits,
+            "weight_bits_by_layer": {n: b for n, b in bits_of.items() if b != wbits}, "symmetric": writer.symmetric,
+            "weight_symmetric": fmt.weight_symmetric,
+            "power_of_two": writer.power_of_two, "layers": layers, "activations": activations_info,
+            "excluded": sorted(plan.excluded), "groups": len(plan.groups)}
     return out, info
 
 

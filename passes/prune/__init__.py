@@ -632,49 +632,61 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
         node = act.node
         if id(node) in grams and _refit_conv(node, dead, grams[id(node)], ridge, names):
             done += 1
-            continue
-        mean = means[node.inputs[0].name]
-        w = constant_value(node.inputs[1])
-        wdt, w = w.dtype, w.astype(np.float64)
-        if act.kind == "conv":
-            cin_g = w.shape[1]
-            g = int(node.attrs.get("group", 1))
-            per_in = w.reshape(w.shape[0], cin_g, -1).sum(axis=2)   # [Cout, Cin/g]
-            contrib = np.where(dead, mean, 0.0)
-            if g == 1:
-                delta = per_in @ contrib
-            else:  # output o of group k reads inputs k*cin_g .. (k+1)*cin_g-1
-                b_g = w.shape[0] // g
-                delta = np.concatenate([per_in[k * b_g:(k + 1) * b_g] @ contrib[k * cin_g:(k + 1) * cin_g] for k in range(g)])
-            b = input_at(node, 2)
-            bias = np.zeros(w.shape[0]) if b is None else constant_value(b).astype(np.float64)
-            new = (bias + delta).astype(wdt)
-            if b is None:
-                while len(node.inputs) < 3:
-                    node.inputs.append(gs.Variable.empty())
-            node.inputs[2] = gs.Constant(names("compensated_b"), new)
-        else:  # Gemm: Y = alpha * A op(B) + beta * C
-            if int(node.attrs.get("transA", 0)):
-                continue
-            rows = w.T if int(node.attrs.get("transB", 0)) else w      # [K, N]
-            delta = float(node.attrs.get("alpha", 1.0)) * (np.where(dead, mean, 0.0) @ rows)
-            beta = float(node.attrs.get("beta", 1.0))
-            c = input_at(node, 2)
-            if c is None:
-                new = delta.astype(wdt)
-                node.attrs["beta"] = 1.0
-                while len(node.inputs) < 3:
-                    node.inputs.append(gs.Variable.empty())
-            else:
-                cv = constant_value(c)
-                if cv is None or beta == 0.0:
-                    continue
-                new = (cv.astype(np.float64) + delta / beta).astype(cv.dtype)
-                if new.shape != np.broadcast_shapes(cv.shape, delta.shape) or new.ndim and new.shape[-1] != len(delta):
-                    continue
-            node.inputs[2] = gs.Constant(names("compensated_c"), np.ascontiguousarray(new))
-        done += 1
+        elif act.kind == "conv":
+            _fold_mean_conv(node, np.where(dead, means[node.inputs[0].name], 0.0), names)
+            done += 1
+        elif _fold_mean_gemm(node, np.where(dead, means[node.inputs[0].name], 0.0), names):
+            done += 1
     return done
+
+
+def _set_input(node: gs.Node, index: int, value: gs.Tensor) -> None:
+    """Set the (optional, maybe absent) input ``index`` of ``node``."""
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = value
+
+
+def _fold_mean_conv(node: gs.Node, contrib: np.ndarray, names: NameGenerator) -> None:
+    """b' = b + sum_k W[:, c, k] * contrib[c] (contrib: the removed channels' means, 0 elsewhere)."""
+    w = constant_value(node.inputs[1])
+    wdt, w = w.dtype, w.astype(np.float64)
+    cin_g = w.shape[1]
+    g = int(node.attrs.get("group", 1))
+    per_in = w.reshape(w.shape[0], cin_g, -1).sum(axis=2)   # [Cout, Cin/g]
+    if g == 1:
+        delta = per_in @ contrib
+    else:  # output o of group k reads inputs k*cin_g .. (k+1)*cin_g-1
+        b_g = w.shape[0] // g
+        delta = np.concatenate([per_in[k * b_g:(k + 1) * b_g] @ contrib[k * cin_g:(k + 1) * cin_g] for k in range(g)])
+    b = input_at(node, 2)
+    bias = np.zeros(w.shape[0]) if b is None else constant_value(b).astype(np.float64)
+    _set_input(node, 2, gs.Constant(names("compensated_b"), (bias + delta).astype(wdt)))
+
+
+def _fold_mean_gemm(node: gs.Node, contrib: np.ndarray, names: NameGenerator) -> bool:
+    """Gemm ``Y = alpha * A op(B) + beta * C``: C' = C + alpha * contrib op(B) / beta; False where
+    C cannot take it (transA, a non-constant C, beta 0, a C that would change shape)."""
+    if int(node.attrs.get("transA", 0)):
+        return False
+    w = constant_value(node.inputs[1])
+    wdt, w = w.dtype, w.astype(np.float64)
+    rows = w.T if int(node.attrs.get("transB", 0)) else w      # [K, N]
+    delta = float(node.attrs.get("alpha", 1.0)) * (contrib @ rows)
+    beta = float(node.attrs.get("beta", 1.0))
+    c = input_at(node, 2)
+    if c is None:
+        new = delta.astype(wdt)
+        node.attrs["beta"] = 1.0
+    else:
+        cv = constant_value(c)
+        if cv is None or beta == 0.0:
+            return False
+        new = (cv.astype(np.float64) + delta / beta).astype(cv.dtype)
+        if new.shape != np.broadcast_shapes(cv.shape, delta.shape) or new.ndim and new.shape[-1] != len(delta):
+            return False
+    _set_input(node, 2, gs.Constant(names("compensated_c"), np.ascontiguousarray(new)))
+    return True
 
 
 def _refittable(act: channels.LayerAction) -> bool:
