@@ -335,7 +335,9 @@ def configs(skip_peers, skip_fixed, root):
             ("onnxopt", "target=ort,fallback=none", me, "onnxopt ort auto, no fallback"),
             ("onnxopt", "target=tensorrt,fallback=none", me, "onnxopt tensorrt auto, no fallback"),
             ("onnxopt", "target=tidl", me, "onnxopt --target tidl (defaults)"),
-            ("onnxopt", "target=tidl,fallback=none", me, "onnxopt tidl auto, no fallback")]
+            ("onnxopt", "target=tidl,fallback=none", me, "onnxopt tidl auto, no fallback"),
+            ("onnxopt", "target=tidl-tda4vm", me, "onnxopt --target tidl-tda4vm (defaults)"),
+            ("onnxopt", "target=tidl-tda4vm,fallback=none", me, "onnxopt tidl-tda4vm auto, no fallback")]
     if not skip_fixed:
         for t in ("ort", "tensorrt"):
             for m in FIXED:
