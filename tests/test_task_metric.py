@@ -91,6 +91,24 @@ def test_held_in_samples_replay_without_reading_again():
     assert not small.complete and len(list(small())) == 3 and len(reads) == 9
 
 
+def test_each_evaluation_frees_the_candidates_before_it():
+    """A candidate built through the graph IR is a reference cycle holding its weights; the
+    evaluator collects such garbage after each measurement, so a search's memory does not grow
+    with its evaluations (it kept one EfficientNet-Lite0 copy per evaluation)."""
+    import weakref
+
+    class Node:   # stands in for an IR graph: nodes <-> tensors
+        pass
+
+    ev = task_metric.Evaluator(_classifier(), [{"x": rand(4, 8)}])
+    a, b = Node(), Node()
+    a.peer, b.peer, a.weights = b, a, np.zeros(1 << 20, np.float32)
+    alive = weakref.ref(a)
+    del a, b
+    ev.error(_classifier())
+    assert alive() is None
+
+
 @pytest.fixture(scope="module")
 def se_case():
     m = se_models.mobilenetv3_se(bad_scale=2.0)

@@ -20,6 +20,11 @@ the sample count); the table says so. The machine is shared: sides run back to b
 times, and medians are reported.
 
     python tools/bench_calibration.py [--samples 512] [--small 128] [--repeats 3] [--json out.json]
+
+``--auto-vs --method mse --samples 200`` instead runs the whole qdq pass (``--target tensorrt
+--set qdq.fallback=none``, the shared calibration split: every 5th image) with
+``calib_method=auto`` and with ``mse``, interleaved, and reports the ratios of wall time and peak
+RSS (``auto`` must stay within 3x the time and 10 % of the memory).
 """
 from __future__ import annotations
 
@@ -102,6 +107,26 @@ def child_ort(args) -> dict:
     return {"wall_s": wall}
 
 
+def child_qdq(args) -> dict:
+    """The whole qdq pass (``--target tensorrt``, ``fallback=none``) with ``calib_method=--method``:
+    what ``auto`` costs on top of one fixed-method calibration (its search included)."""
+    import onnx
+
+    from onnxopt import manager
+    from onnxopt.data import open_data
+    from onnxopt.registry import PassContext
+
+    model = onnx.load(args.model)
+    src = open_data(args.data, model, image=IMAGE, every=5, max_samples=args.n)   # the shared calibration split
+    ctx = PassContext(data=src, progress=False, log=lambda msg: None)
+    t0 = time.perf_counter()
+    _, report = manager.apply(model, ["qdq"], {"qdq": {"target": "tensorrt", "calib_method": args.method, "fallback": "none"}},
+                              context=ctx, verify=False, summarize_layers=False)
+    wall = time.perf_counter() - t0
+    cal = report.passes[-1].extra["info"].get("calibration") or {}
+    return {"wall_s": wall, "evaluations": cal.get("evaluations"), "counts": cal.get("counts")}
+
+
 def ort_bytes_per_sample(model_path: str) -> int:
     """Bytes onnxruntime's histogram calibrator keeps per sample: every input/output of the quantized op types."""
     import numpy as np
@@ -175,6 +200,33 @@ def run_child(side: str, n: int, args) -> dict:
     return res
 
 
+def auto_vs_fixed(args) -> int:
+    """``calib_method=auto`` against one fixed method through the whole qdq pass, interleaved."""
+    rows = {"auto": [], args.method: []}
+    for rep in range(args.repeats):
+        for method in rows:
+            r = run_child("qdq", args.samples, argparse.Namespace(**{**vars(args), "method": method}))
+            rows[method].append(r)
+            print(f"  rep {rep}: qdq {method:10s} wall {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:8.1f} MB"
+                  f"  evaluations {r['evaluations']}", file=sys.stderr)
+    auto, fixed = ({k: med(rows[m], k) for k in ("wall_s", "peak_rss_mb")} for m in ("auto", args.method))
+    # the machine is shared: each repeat's pair ran back to back, so the ratio within a pair is
+    # what load changes least; the median of those is the figure
+    pair_wall = statistics.median(a["wall_s"] / f["wall_s"] for a, f in zip(rows["auto"], rows[args.method]))
+    result = {"model": args.model, "samples": args.samples, "repeats": args.repeats, "auto": auto, args.method: fixed,
+              "wall_ratio": pair_wall, "rss_ratio": auto["peak_rss_mb"] / fixed["peak_rss_mb"],
+              "runs": {m: [{k: r[k] for k in ("wall_s", "peak_rss_mb")} for r in v] for m, v in rows.items()}}
+    print(f"\nqdq --target tensorrt, fallback=none, {Path(args.model).name}, {args.samples} samples, medians of {args.repeats}")
+    print(f"{'calib_method':14s} {'wall s':>9s} {'peak RSS MB':>12s}")
+    for m, r in (("auto", auto), (args.method, fixed)):
+        print(f"{m:14s} {r['wall_s']:9.2f} {r['peak_rss_mb']:12.1f}")
+    print(f"auto/{args.method}: wall {result['wall_ratio']:.2f}x (median of the {args.repeats} back-to-back pairs; target <= 3), "
+          f"peak RSS {result['rss_ratio']:.3f} (target within 10%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
 def mem_available_mb() -> float:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -201,18 +253,22 @@ def main(argv=None) -> int:
                     help="largest share of MemAvailable onnxruntime may be expected to use (shared machine)")
     ap.add_argument("--ort-samples", type=int, nargs="*", help="force the ort sample counts measured (extrapolated when < --samples)")
     ap.add_argument("--json")
-    ap.add_argument("--child", choices=["ours", "ort"], help=argparse.SUPPRESS)
+    ap.add_argument("--auto-vs", action="store_true",
+                    help="instead: the qdq pass with calib_method=auto against --method (e.g. mse), peak RSS and wall time")
+    ap.add_argument("--child", choices=["ours", "ort", "qdq"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
-        res = (child_ours if args.child == "ours" else child_ort)(args)
+        res = {"ours": child_ours, "ort": child_ort, "qdq": child_qdq}[args.child](args)
         print(json.dumps(res))
         return 0
 
     if not Path(args.model).exists() or not Path(args.data).exists():
         print(f"model or data missing ({args.model}, {args.data}); nothing to measure", file=sys.stderr)
         return 1
+    if args.auto_vs:
+        return auto_vs_fixed(args)
     per_sample_mb = ort_bytes_per_sample(args.model) / 2**20
     budget_mb = args.ort_mem_fraction * mem_available_mb()
     if args.ort_samples:
