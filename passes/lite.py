@@ -569,8 +569,8 @@ def options_with(**given) -> LiteOptions:
 )
 def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> PassResult:
     """Rules (exact rules run and are verified first; * = off by default):
-    focus_to_conv, maxpool_ge5_to_cascade, resize_sizes_to_scales, conv_even_kernel_to_odd*,
-    conv_gt7_split* (exact); squeeze_and_excite_to_identity, avgpool_ge5_to_cascade,
+    focus_to_conv, maxpool_ge5_to_cascade, resize_sizes_to_scales, reducemean_to_pool*,
+    reducemean_to_matmul*, conv_even_kernel_to_odd*, conv_gt7_split* (exact); squeeze_and_excite_to_identity, avgpool_ge5_to_cascade,
     conv_6x6_to_5x5, hardswish_to_relu, silu_to_relu, gelu_to_relu, relu6_to_relu,
     leakyrelu_to_relu, prelu_to_relu*, hardsigmoid_to_relu (approximate; hardsigmoid_to_relu
     changes the output range from [0,1] to [0,inf), as TI's does).

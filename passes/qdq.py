@@ -27,7 +27,7 @@ from onnxopt.ir.proto import producers
 from onnxopt.quant import check as qcheck
 from onnxopt.quant import recovery
 from onnxopt.quant.options import CalibrationOptions, QdqOptions
-from onnxopt.quant.quantize import limit_samples, quantize_model, to_static_batch
+from onnxopt.quant.quantize import limit_samples, quantize_model, static_inputs, to_static_batch
 from onnxopt.quant.targets import get_target
 from onnxopt.quant.view import already_quantized_message, quantized_ops
 from onnxopt.registry import PassResult, register_pass
@@ -76,6 +76,35 @@ def _fold_computed_weights(model, ctx):
     cleaned, _ = manager.apply(model, "cleanup", context=inner, summarize_layers=False)
     return cleaned, (f"qdq: {len(computed)} layer(s) compute their weight or bias at run time (e.g. {computed[0]}); "
                      "ran the exact cleanup pass first to fold them into constants")
+
+
+def _rewrite_for_target(model, options: QdqOptions, data, ctx, warns: list):
+    """The float model rewritten for the target before Q/DQ placement (``target_rewrites``; the
+    target's ``float_rewrites``, tidl's): its inputs made static first, so that cleanup folds the
+    shape arithmetic at that size (Shape/Gather/Concat chains, computed Reshape shapes), drops
+    Identity/Dropout/no-op Casts, then the target's exact lite rules. TI's own optimizer rewrites
+    only graphs without QuantizeLinear, so this must come before quantization. Each step is
+    verified by the pass manager (cleanup) or lite (its exact rules) on inputs generated from the
+    static model."""
+    rules = get_target(options.target)
+    if not options.target_rewrites or not rules.float_rewrites:
+        return model
+    static, note = static_inputs(model, rules, data, ctx)
+    if note:
+        ctx.log(note)
+        warns.append(note)
+    inner = dataclasses.replace(ctx, data=None, data_spec=None, log=lambda msg: ctx.log(f"  (qdq) {msg.strip()}"))
+    out, report = manager.apply(static, "cleanup,lite", {"lite": {"rules": list(rules.float_rewrites)}}, context=inner,
+                                summarize_layers=False)
+    ops_before, ops_after = report.passes[0].before["ops"], report.passes[-1].after["ops"]
+    gone = {op: n - ops_after.get(op, 0) for op, n in ops_before.items() if n > ops_after.get(op, 0)}
+    if gone:
+        note = (f"qdq: the float graph rewritten for {rules.name} before quantization (exact, verified): "
+                f"{sum(ops_before.values())} -> {sum(ops_after.values())} nodes, removed "
+                + ", ".join(f"{op} x{n}" for op, n in sorted(gone.items(), key=lambda kv: -kv[1])))
+        ctx.log(note)
+        warns.append(note)
+    return out
 
 
 def _encode_float_biases(qmodel) -> list:
@@ -200,6 +229,7 @@ def qdq(model, options: QdqOptions, ctx):
     if bn_warning:
         ctx.log(bn_warning)
         warns.append(bn_warning)
+    model = _rewrite_for_target(model, options, data, ctx, warns)
     folded = _fold_computed_weights(model, ctx)
     if folded is not None:
         model, note = folded

@@ -761,3 +761,24 @@ def test_own_check_violations_are_warned_not_only_recorded(monkeypatch):
     words = "fails `onnxopt check --target tensorrt`: 2 violation(s), first [weight-dq] conv_a: planted violation"
     assert any(words in s for s in logs) and any(words in str(w.message) for w in caught)
     assert any(words in w for w in rec.extra["warnings"]) and rec.extra["check"]["violations"] == 2
+
+
+def test_tidl_rewrites_the_float_graph_before_quantizing_and_says_so():
+    """qdq --target tidl: a ReduceMean head (TIDL takes no ReduceMean alone) becomes a
+    GlobalAveragePool before Q/DQ placement and the output passes even `check --strict`; with
+    target_rewrites=false the ReduceMean stays, and runs on ARM: counted in extra["check"]["fallback"],
+    not a failure (unless strict_check)."""
+    nodes = [conv_node("conv_a", "x", "wa", "ba", "ca"), helper.make_node("Relu", ["ca"], ["ra"], name="relu_a"),
+             helper.make_node("ReduceMean", ["ra"], ["m"], name="mean", axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["m", "wg", "bg"], ["y"], name="fc", transB=1)]
+    model = make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 5])],
+                       [("wa", rand(4, 3, 1, 1, seed=1)), ("ba", rand(4, seed=2)), ("wg", rand(5, 4, seed=7)), ("bg", rand(5, seed=8))])
+    q, rec = quantize(model, target="tidl", fallback="none")
+    assert "ReduceMean" not in {n.op_type for n in q.graph.node} and "GlobalAveragePool" in {n.op_type for n in q.graph.node}
+    assert qcheck.check_model(q, "tidl") == [] and rec.extra["check"]["fallback"] is None
+    assert any("rewritten for tidl before quantization" in w and "ReduceMean x1" in w for w in rec.extra["warnings"])
+    q, rec = quantize(model, target="tidl", fallback="none", target_rewrites=False)
+    assert "ReduceMean" in {n.op_type for n in q.graph.node}
+    assert rec.extra["check"]["violations"] == 0 and rec.extra["check"]["fallback"]["op_types"] == {"ReduceMean": 1}
+    q, rec = quantize(model, target="tidl", fallback="none", target_rewrites=False, strict_check=True)
+    assert rec.extra["check"]["violations"] == 1 and rec.extra["check"]["first"][0]["rule"] == "tidl-reducemean"

@@ -84,11 +84,16 @@ def test_lite_chain_runs_with_no_flags(zoo, name):
 
 
 @pytest.mark.parametrize("name,target", [("cnn_dynamo_noopt", "ort"), ("cnn_dynamo_noopt", "tidl"),
-                                         ("transformer_dynamo", "tensorrt"), ("gru_opset25", "tidl")])
+                                         ("transformer_dynamo", "tensorrt"), ("transformer_dynamo", "tidl"),
+                                         ("gru_opset25", "tidl")])
 def test_qdq_on_generated_calibration_data_passes_its_target_check(zoo, name, target):
+    """Strictly: for tidl, the float graph is rewritten before quantization (static shapes, the
+    shape arithmetic folded, ReduceMean -> GlobalAveragePool/MatMul), so no node is left for ARM."""
     src = model_io.load_model(zoo[name])
     data = open_data(DataSpec("random", max_samples=4), src, None)
     out, report = onnxopt.apply(src, "qdq", {"qdq": {"target": target}},
                                 context=PassContext(data=data, data_spec=data.spec))
     assert report.passes[0].changes["weights_quantized"] > 0
-    assert [v for v in qcheck.check_model(out, target) if v.kind == "format"] == []
+    assert qcheck.check_model(out, target) == []
+    if target == "tidl" and name != "gru_opset25":
+        assert any("rewritten for tidl before quantization" in w for w in report.passes[0].extra["warnings"])

@@ -141,6 +141,11 @@ class QdqOptions(PassOptions):
     target: str = option("tensorrt", "deployment target: tensorrt (int8 symmetric, Q/DQ on inputs), ort (uint8/int8, "
                          "onnxruntime int8 kernels), tidl (TI pre-quantized, opset 17), tidl-tda4vm (per-tensor "
                          "power-of-two)", TARGET_NAMES, flag="--target")
+    target_rewrites: bool = option(True, "tidl targets: before placing Q/DQ, rewrite the float graph exactly at its static "
+                                   "input size so that TIDL runs more of it: cleanup (folds shape arithmetic, drops "
+                                   "Identity, Dropout, no-op Casts), then lite's reducemean_to_pool and "
+                                   "reducemean_to_matmul (ReduceMean -> GlobalAveragePool / MatMul); each verified in "
+                                   "onnxruntime")
     strict_check: bool = option(False, "fail (exit 3) when the output has nodes the target runs outside its accelerator "
                                 "(TIDL: on ARM through ONNX Runtime), like `onnxopt check --strict`; by default they are "
                                 "counted in one warning")

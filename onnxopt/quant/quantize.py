@@ -174,8 +174,9 @@ def _relabel_down(model: ModelProto, current: int, target: int) -> Optional[Mode
     return out
 
 
-def prepare_model(model: ModelProto, rules: TargetRules, fmt: FormatOptions, input_shapes: Optional[dict] = None) -> tuple:
-    """(prepared model, notes): named nodes, target opset, static shapes (tidl), inferred types."""
+def prepare_model(model: ModelProto, rules: TargetRules, fmt: FormatOptions) -> tuple:
+    """(prepared model, notes): named nodes, target opset, inferred types (static input shapes,
+    for tidl, are fixed before: :func:`static_inputs`)."""
     notes = []
     model = model_io.load_model(model, check=False)
     opset = model_io.opset_of(model)
@@ -189,8 +190,6 @@ def prepare_model(model: ModelProto, rules: TargetRules, fmt: FormatOptions, inp
     if want != opset:
         model = convert_opset(model, want)
         notes.append(f"opset {opset} -> {want}")
-    if rules.static_shapes:
-        _make_static(model, rules, input_shapes)
     renamed = name_nodes(model)
     if renamed:
         notes.append(f"named {renamed} unnamed/duplicate nodes")
@@ -221,6 +220,21 @@ def _make_static(model: ModelProto, rules: TargetRules, input_shapes: Optional[d
         raise OnnxoptError(
             f"target {rules.name} needs static shapes, but input '{vi.name}' has dynamic dimension(s) {dynamic}.",
             f"give the deployment shape with --input-shape {shape_hint(vi)} (your real sizes), or export with static shapes")
+
+
+def static_inputs(model: ModelProto, rules: TargetRules, data, ctx) -> tuple:
+    """(model, note): for a static-shape target (tidl), a copy of ``model`` whose dynamic input
+    dims are fixed -- from --input-shape (``ctx.input_shapes``), or from generated calibration
+    data's size (the note says so) -- or an error naming the input; ``model`` itself otherwise."""
+    if not rules.static_shapes:
+        return model, None
+    input_shapes = getattr(ctx, "input_shapes", None) if ctx is not None else None
+    note = None
+    if data is not None and getattr(getattr(ctx, "data_spec", None), "source", None) == "random":
+        input_shapes, note = _static_shapes_from_data(model, input_shapes, data)
+    model = model_io.load_model(model, check=False)
+    _make_static(model, rules, input_shapes)
+    return model, note
 
 
 def _static_shapes_from_data(model: ModelProto, input_shapes: Optional[dict], data) -> tuple:
@@ -410,14 +424,10 @@ def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantRe
     rules = get_target(options.target)
     fmt, calibration = options.format, options.calibration
     fmt.check(rules)
-    input_shapes = getattr(ctx, "input_shapes", None) if ctx is not None else None
     progress = bool(getattr(ctx, "progress", False)) if ctx is not None else False
     bounds = model_io.activation_bounds(model) if calibration.clip_bounds else {}
-    static_note = None
-    generated = getattr(getattr(ctx, "data_spec", None), "source", None) == "random"
-    if rules.static_shapes and data is not None and generated:
-        input_shapes, static_note = _static_shapes_from_data(model, input_shapes, data)
-    model, notes = prepare_model(model, rules, fmt, input_shapes)
+    model, static_note = static_inputs(model, rules, data, ctx)
+    model, notes = prepare_model(model, rules, fmt)
     if static_note:
         notes.append(static_note)
         if ctx is not None:

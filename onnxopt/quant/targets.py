@@ -15,7 +15,8 @@ used (see :mod:`onnxopt.quant.placement`):
   following Relu/Clip so onnxruntime absorbs the activation into the quantized range.
 * ``tidl`` -- what TI's QAT exports and TIDL imports pre-quantized: int8 per-channel symmetric
   weights, uint8 per-tensor activations, int32 bias DQ with scale ``s_in*s_w``, opset 17,
-  static shapes.
+  static shapes; before Q/DQ placement the float graph is rewritten exactly at the static input
+  size (cleanup folds the shape arithmetic, ReduceMean becomes GlobalAveragePool/MatMul).
 * ``tidl-tda4vm`` -- the TDA4VM (MMAv1) scheme: per-tensor symmetric power-of-two scales for
   weights and activations (zero point 0; uint8 for non-negative activations, int8 otherwise).
 """
@@ -51,7 +52,13 @@ class TargetRules:
     absorb_activations: bool        # move the output Q past a following Relu/Clip
     default_method: str             # calibration method for "auto" (measured: tools/bench_qdq.py on
                                     # EfficientNet-Lite0 and YOLOX-nano, see the qdq report)
+    float_rewrites: tuple = ()      # exact lite rules run on the float graph before Q/DQ placement
+                                    # (qdq.target_rewrites), after cleanup at the static input size
 
+
+# TIDL takes no ReduceMean alone (TI's model optimizer converts it, but only in graphs without
+# QuantizeLinear: the rewrite must come before Q/DQ placement).
+TIDL_REWRITES = ("reducemean_to_pool", "reducemean_to_matmul")
 
 TARGETS = {
     "tensorrt": TargetRules(
@@ -68,12 +75,12 @@ TARGETS = {
         name="tidl", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True, allow_asymmetric_weights=False,
         per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=True, min_opset=17,
         fixed_opset=17, static_shapes=True, zero_points_zero=False, allow_uint8=True,
-        allow_int4_weights=False, absorb_activations=True, default_method="mse"),
+        allow_int4_weights=False, absorb_activations=True, default_method="mse", float_rewrites=TIDL_REWRITES),
     "tidl-tda4vm": TargetRules(
         name="tidl-tda4vm", placement="ops", act_signed=False, act_symmetric=True, allow_asymmetric=False, allow_asymmetric_weights=False,
         per_channel=False, allow_per_channel=False, power_of_two=True, int_bias=True, min_opset=17,
         fixed_opset=17, static_shapes=True, zero_points_zero=True, allow_uint8=True,
-        allow_int4_weights=False, absorb_activations=True, default_method="mse"),
+        allow_int4_weights=False, absorb_activations=True, default_method="mse", float_rewrites=TIDL_REWRITES),
 }
 
 TARGET_NAMES = tuple(TARGETS)

@@ -2,7 +2,7 @@
 
 :mod:`.engine` holds :class:`Rule`, :class:`Match`, :class:`RuleContext` and the :func:`rule`
 registry; each family module declares its rules with ``@rule(...)``: :mod:`.focus`,
-:mod:`.pooling`, :mod:`.resize`, :mod:`.kernels`, :mod:`.squeeze_excite`, :mod:`.activations`.
+:mod:`.pooling`, :mod:`.reduce`, :mod:`.resize`, :mod:`.kernels`, :mod:`.squeeze_excite`, :mod:`.activations`.
 
 Defaults follow TI's v2 table (research note tidl-and-ti-toolkit.md section 1.2) with these
 differences: ``focus_to_conv`` is on (TI's ``focus_to_optimized_focus`` is off in v2, but this
@@ -13,7 +13,7 @@ they are.
 """
 from __future__ import annotations
 
-from . import activations, focus, kernels, pooling, resize, squeeze_excite  # noqa: F401  (they declare the rules)
+from . import activations, focus, kernels, pooling, reduce, resize, squeeze_excite  # noqa: F401  (they declare the rules)
 from .engine import Match, Rule, RuleContext, registered_rules, rule
 
 __all__ = ["Match", "Rule", "RuleContext", "default_rules", "rule"]
