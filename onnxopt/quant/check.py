@@ -151,6 +151,168 @@ def _expected_weight_axis(consumer, index: int, rank: int) -> Optional[int]:
     return None
 
 
+@dataclass
+class _QdqFacts:
+    """What the target rules read of one QuantizeLinear/DequantizeLinear."""
+    node: onnx.NodeProto
+    scale_name: str
+    zp_name: str
+    scale: np.ndarray
+    zp: Optional[np.ndarray]
+    zp_type: Optional[int]
+    per_axis: bool
+    axis: int
+    data_is_const: bool
+    data_type: Optional[int]
+
+    @property
+    def is_bias(self) -> bool:
+        return self.data_is_const and self.data_type == onnx.TensorProto.INT32
+
+    @property
+    def is_weight(self) -> bool:
+        return self.data_is_const and not self.is_bias
+
+
+def _qdq_facts(m: _Model, node: onnx.NodeProto, v) -> Optional[_QdqFacts]:
+    """The scale, zero point and data of a Q/DQ node, checked for what every target needs; None
+    when its scale is not a constant (nothing else can be checked)."""
+    op, a = node.op_type, attrs(node)
+    scale_name = node.input[1] if len(node.input) > 1 else ""
+    zp_name = node.input[2] if len(node.input) > 2 else ""
+    scale = m.const(scale_name)
+    if scale is None:
+        v("constant-scale", node, f"scale '{scale_name}' is not a constant")
+        return None
+    if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+        v("scale-positive", node, f"scale '{scale_name}' has values <= 0 or non-finite (values {np.asarray(scale).reshape(-1)[:4].tolist()})")
+    if scale.ndim > 1:
+        v("scale-shape", node, f"scale '{scale_name}' has rank {scale.ndim}; only per-tensor and per-axis are handled (block quantization not checked)")
+    per_axis = scale.ndim == 1 and scale.size > 1
+    zp = None
+    zp_type = None
+    if zp_name:
+        zp = m.const(zp_name)
+        zp_type = m.elem_type(zp_name)
+        if zp is None:
+            v("constant-zero-point", node, f"zero point '{zp_name}' is not a constant")
+        elif zp.shape != scale.shape:
+            v("zero-point-shape", node, f"zero point shape {list(zp.shape)} differs from scale shape {list(scale.shape)}")
+    elif op == "DequantizeLinear":
+        zp_type = m.elem_type(node.input[0])
+    if per_axis and m.opset < 13:
+        v("opset", node, f"per-axis quantization needs opset >= 13 (model has {m.opset})")
+    data_is_const = op == "DequantizeLinear" and m.const(node.input[0]) is not None
+    data_type = m.elem_type(node.input[0]) if data_is_const else None
+    if op == "QuantizeLinear" and zp_name == "" and "output_dtype" not in a:
+        zp_type = onnx.TensorProto.UINT8
+    return _QdqFacts(node, scale_name, zp_name, scale, zp, zp_type, per_axis, int(a.get("axis", 1)), data_is_const, data_type)
+
+
+def _target_types(f: _QdqFacts, target: str, v) -> None:
+    """Zero points and types per target."""
+    node, tidl, tda4vm, trt = f.node, target.startswith("tidl"), target == "tidl-tda4vm", target == "tensorrt"
+    if f.zp is not None and (trt or tda4vm) and np.any(f.zp != 0):
+        v("zero-point-zero", node, f"zero point '{f.zp_name}' is not all zeros ({target} needs symmetric quantization)")
+    if trt:
+        if f.zp_type == onnx.TensorProto.UINT8 or f.data_type == onnx.TensorProto.UINT8:
+            v("trt-uint8", node, "uint8 quantization: TensorRT accepts only int8 (also int4/fp8) zero points and data")
+        if f.is_bias:
+            v("trt-int32", node, "int32 DequantizeLinear (quantized bias): TensorRT takes a float bias")
+        if f.per_axis and not f.data_is_const:
+            v("trt-per-axis-activation", node, "per-axis quantization of an activation; TensorRT only takes per-axis weights")
+    if not tidl:
+        return
+    if f.per_axis and not f.data_is_const:
+        v("tidl-per-axis-activation", node, "per-axis activation quantization; TIDL supports only the default axis per-tensor")
+    if f.is_weight and f.data_type != onnx.TensorProto.INT8:
+        v("tidl-weight-type", node, f"weights are {onnx.TensorProto.DataType.Name(f.data_type)}; TIDL expects int8")
+    if not f.data_is_const and node.op_type == "QuantizeLinear" and not tda4vm and f.zp_type not in (None, onnx.TensorProto.UINT8):
+        v("tidl-activation-type", node, "activation quantized to a signed type; TIDL expects uint8 activations")
+    if tda4vm:
+        scale = f.scale
+        if not _is_pow2(scale[np.isfinite(scale) & (scale > 0)] if scale.size else scale):
+            v("tda4vm-power-of-two", node, f"scale '{f.scale_name}' is not a power of two (TDA4VM needs power-of-two scales)")
+        if f.is_weight and f.per_axis:
+            v("tda4vm-per-tensor", node, "per-channel weights; TDA4VM supports per-tensor weights only")
+
+
+def _constant_axis(m: _Model, f: _QdqFacts, v) -> None:
+    """The per-channel axis of a quantized constant: its length, and the output channels of its readers."""
+    node, axis = f.node, f.axis
+    shape = m.shape_of(node.input[0]) or []
+    if not f.per_axis:
+        return
+    ax = axis + len(shape) if axis < 0 else axis
+    if ax >= len(shape) or shape[ax] != f.scale.size:
+        v("per-axis-length", node, f"scale length {f.scale.size} does not match dimension {axis} of the quantized tensor {shape}")
+    for consumer, idx in m.consumers.get(node.output[0], []):
+        want = _expected_weight_axis(consumer, idx, len(shape))
+        if want is not None and ax != want:
+            v("per-channel-axis", node, f"per-channel axis {axis} for input {idx} of {consumer.op_type} '{_name(consumer)}'; "
+                                        f"expected axis {want} (output channels)")
+
+
+def _q_pairing(m: _Model, f: _QdqFacts, v) -> None:
+    """A QuantizeLinear is read only by DequantizeLinears with its scale, zero point and axis."""
+    node, scale, zp = f.node, f.scale, f.zp
+    readers = m.consumers.get(node.output[0], [])
+    if not readers and node.output[0] not in m.graph_outputs:
+        v("dangling-q", node, "QuantizeLinear output is not read")
+    for reader, _ in readers:
+        if reader.op_type != "DequantizeLinear":
+            v("q-without-dq", node, f"QuantizeLinear output is read by {reader.op_type} '{_name(reader)}', not a DequantizeLinear")
+            continue
+        rs = m.const(reader.input[1]) if len(reader.input) > 1 else None
+        rz = m.const(reader.input[2]) if len(reader.input) > 2 and reader.input[2] else None
+        ra = int(attrs(reader).get("axis", 1))
+        same_scale = rs is not None and rs.shape == scale.shape and np.array_equal(rs, scale)
+        same_zp = (rz is None and zp is None) or (rz is not None and zp is not None and rz.shape == zp.shape
+                                                 and np.array_equal(rz, zp) and rz.dtype == zp.dtype)
+        if not same_scale or not same_zp or (f.per_axis and ra != f.axis):
+            v("mismatched-pair", node, f"Q/DQ pair with '{_name(reader)}' uses different scale/zero point/axis")
+
+
+def _bias_rules(model: ModelProto, m: _Model, target: str, v) -> None:
+    """ort and tidl: a Conv/Gemm with DQ inputs takes an int32 bias DQ with scale s_in * s_w, zero point 0."""
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        pw = m.producer.get(node.input[1])
+        px = m.producer.get(node.input[0])
+        if pw is None or pw.op_type != "DequantizeLinear" or px is None or px.op_type != "DequantizeLinear":
+            continue
+        if len(node.input) < 3 or not node.input[2]:
+            continue
+        pb = m.producer.get(node.input[2])
+        if pb is None or pb.op_type != "DequantizeLinear" or m.elem_type(pb.input[0]) != onnx.TensorProto.INT32:
+            v("int32-bias", node, f"{node.op_type} with DQ inputs has a float bias; {target} needs an int32 bias DQ with scale s_in*s_w")
+            continue
+        s_in, s_w, s_b = m.const(px.input[1]), m.const(pw.input[1]), m.const(pb.input[1])
+        zb = m.const(pb.input[2]) if len(pb.input) > 2 and pb.input[2] else None
+        if s_in is None or s_w is None or s_b is None:
+            continue
+        want = (np.asarray(s_in, np.float64) * np.asarray(s_w, np.float64)).reshape(-1)
+        got = np.asarray(s_b, np.float64).reshape(-1)
+        if want.size == 1 and got.size > 1:
+            want = np.full_like(got, want[0])
+        if want.shape != got.shape or not np.allclose(got, want, rtol=1e-5, atol=0):
+            v("bias-scale", node, "int32 bias scale differs from s_in * s_w")
+        if zb is not None and np.any(zb != 0):
+            v("bias-zero-point", node, "int32 bias zero point is not 0")
+
+
+def _tidl_model_level(model: ModelProto, m: _Model, v) -> None:
+    if m.opset > 18:
+        v("opset", "model", f"opset {m.opset}: TIDL is validated up to opset 18 (onnxopt writes 17 for tidl)")
+    for vi in model.graph.input:
+        if vi.name in m.inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in dims):
+            v("static-shapes", vi.name, "input has dynamic dimensions; TIDL needs static shapes")
+
+
 def check_model(model: ModelProto, target: str) -> list:
     """Every violation of ``target``'s rules in ``model`` (empty list = clean)."""
     if target not in TARGETS:
@@ -163,143 +325,24 @@ def check_model(model: ModelProto, target: str) -> list:
                              "" if isinstance(node, str) else node.op_type))
 
     tidl = target.startswith("tidl")
-    tda4vm = target == "tidl-tda4vm"
-    trt = target == "tensorrt"
-
-    # ---- model level --------------------------------------------------------------------------
     if tidl:
-        if m.opset > 18:
-            v("opset", "model", f"opset {m.opset}: TIDL is validated up to opset 18 (onnxopt writes 17 for tidl)")
-        for vi in model.graph.input:
-            if vi.name in m.inits:
-                continue
-            dims = vi.type.tensor_type.shape.dim
-            if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in dims):
-                v("static-shapes", vi.name, "input has dynamic dimensions; TIDL needs static shapes")
-
-    # ---- Q / DQ nodes -----------------------------------------------------------------------
+        _tidl_model_level(model, m, v)
     for node in model.graph.node:
         op = node.op_type
-        if trt and op in QOPERATOR_OPS:
+        if target == "tensorrt" and op in QOPERATOR_OPS:
             v("trt-qoperator", node, f"{op} is a QOperator-format op TensorRT does not support (use QDQ)")
         if op not in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        a = attrs(node)
-        scale_name = node.input[1] if len(node.input) > 1 else ""
-        zp_name = node.input[2] if len(node.input) > 2 else ""
-        scale = m.const(scale_name)
-        if scale is None:
-            v("constant-scale", node, f"scale '{scale_name}' is not a constant")
+        facts = _qdq_facts(m, node, v)
+        if facts is None:
             continue
-        if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
-            v("scale-positive", node, f"scale '{scale_name}' has values <= 0 or non-finite (values {np.asarray(scale).reshape(-1)[:4].tolist()})")
-        if scale.ndim > 1:
-            v("scale-shape", node, f"scale '{scale_name}' has rank {scale.ndim}; only per-tensor and per-axis are handled (block quantization not checked)")
-        per_axis = scale.ndim == 1 and scale.size > 1
-        axis = int(a.get("axis", 1))
-        zp = None
-        zp_type = None
-        if zp_name:
-            zp = m.const(zp_name)
-            zp_type = m.elem_type(zp_name)
-            if zp is None:
-                v("constant-zero-point", node, f"zero point '{zp_name}' is not a constant")
-            elif zp.shape != scale.shape:
-                v("zero-point-shape", node, f"zero point shape {list(zp.shape)} differs from scale shape {list(scale.shape)}")
-        elif op == "DequantizeLinear":
-            src = node.input[0]
-            zp_type = m.elem_type(src)
-        if per_axis and m.opset < 13:
-            v("opset", node, f"per-axis quantization needs opset >= 13 (model has {m.opset})")
-        data_is_const = op == "DequantizeLinear" and m.const(node.input[0]) is not None
-        data_type = m.elem_type(node.input[0]) if data_is_const else None
-        if op == "QuantizeLinear" and zp_name == "" and "output_dtype" not in a:
-            zp_type = onnx.TensorProto.UINT8
-        is_bias = data_is_const and data_type == onnx.TensorProto.INT32
-        is_weight = data_is_const and not is_bias
-
-        # zero points / types per target
-        if zp is not None and (trt or tda4vm) and np.any(zp != 0):
-            v("zero-point-zero", node, f"zero point '{zp_name}' is not all zeros ({target} needs symmetric quantization)")
-        if trt:
-            if zp_type == onnx.TensorProto.UINT8 or data_type == onnx.TensorProto.UINT8:
-                v("trt-uint8", node, "uint8 quantization: TensorRT accepts only int8 (also int4/fp8) zero points and data")
-            if is_bias:
-                v("trt-int32", node, "int32 DequantizeLinear (quantized bias): TensorRT takes a float bias")
-            if per_axis and not data_is_const:
-                v("trt-per-axis-activation", node, "per-axis quantization of an activation; TensorRT only takes per-axis weights")
-        if tidl:
-            if per_axis and not data_is_const:
-                v("tidl-per-axis-activation", node, "per-axis activation quantization; TIDL supports only the default axis per-tensor")
-            if is_weight and data_type != onnx.TensorProto.INT8:
-                v("tidl-weight-type", node, f"weights are {onnx.TensorProto.DataType.Name(data_type)}; TIDL expects int8")
-            if not data_is_const and op == "QuantizeLinear" and not tda4vm and zp_type not in (None, onnx.TensorProto.UINT8):
-                v("tidl-activation-type", node, "activation quantized to a signed type; TIDL expects uint8 activations")
-            if tda4vm:
-                if not _is_pow2(scale[np.isfinite(scale) & (scale > 0)] if scale.size else scale):
-                    v("tda4vm-power-of-two", node, f"scale '{scale_name}' is not a power of two (TDA4VM needs power-of-two scales)")
-                if is_weight and per_axis:
-                    v("tda4vm-per-tensor", node, "per-channel weights; TDA4VM supports per-tensor weights only")
-
-        # axis of per-channel constants
-        if data_is_const:
-            shape = m.shape_of(node.input[0]) or []
-            if per_axis:
-                ax = axis + len(shape) if axis < 0 else axis
-                if ax >= len(shape) or shape[ax] != scale.size:
-                    v("per-axis-length", node, f"scale length {scale.size} does not match dimension {axis} of the quantized tensor {shape}")
-                for consumer, idx in m.consumers.get(node.output[0], []):
-                    want = _expected_weight_axis(consumer, idx, len(shape))
-                    if want is not None and ax != want:
-                        v("per-channel-axis", node, f"per-channel axis {axis} for input {idx} of {consumer.op_type} '{_name(consumer)}'; "
-                                                    f"expected axis {want} (output channels)")
-
-        # Q -> DQ pairing
+        _target_types(facts, target, v)
+        if facts.data_is_const:
+            _constant_axis(m, facts, v)
         if op == "QuantizeLinear":
-            readers = m.consumers.get(node.output[0], [])
-            if not readers and node.output[0] not in m.graph_outputs:
-                v("dangling-q", node, "QuantizeLinear output is not read")
-            for reader, _ in readers:
-                if reader.op_type != "DequantizeLinear":
-                    v("q-without-dq", node, f"QuantizeLinear output is read by {reader.op_type} '{_name(reader)}', not a DequantizeLinear")
-                    continue
-                rs = m.const(reader.input[1]) if len(reader.input) > 1 else None
-                rz = m.const(reader.input[2]) if len(reader.input) > 2 and reader.input[2] else None
-                ra = int(attrs(reader).get("axis", 1))
-                same_scale = rs is not None and rs.shape == scale.shape and np.array_equal(rs, scale)
-                same_zp = (rz is None and zp is None) or (rz is not None and zp is not None and rz.shape == zp.shape
-                                                         and np.array_equal(rz, zp) and rz.dtype == zp.dtype)
-                if not same_scale or not same_zp or (per_axis and ra != axis):
-                    v("mismatched-pair", node, f"Q/DQ pair with '{_name(reader)}' uses different scale/zero point/axis")
-
-    # ---- bias rules (ort, tidl) -----------------------------------------------------------------
+            _q_pairing(m, facts, v)
     if target == "ort" or tidl:
-        for node in model.graph.node:
-            if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
-                continue
-            pw = m.producer.get(node.input[1])
-            px = m.producer.get(node.input[0])
-            if pw is None or pw.op_type != "DequantizeLinear" or px is None or px.op_type != "DequantizeLinear":
-                continue
-            if len(node.input) < 3 or not node.input[2]:
-                continue
-            pb = m.producer.get(node.input[2])
-            if pb is None or pb.op_type != "DequantizeLinear" or m.elem_type(pb.input[0]) != onnx.TensorProto.INT32:
-                v("int32-bias", node, f"{node.op_type} with DQ inputs has a float bias; {target} needs an int32 bias DQ with scale s_in*s_w")
-                continue
-            s_in, s_w, s_b = m.const(px.input[1]), m.const(pw.input[1]), m.const(pb.input[1])
-            zb = m.const(pb.input[2]) if len(pb.input) > 2 and pb.input[2] else None
-            if s_in is None or s_w is None or s_b is None:
-                continue
-            want = (np.asarray(s_in, np.float64) * np.asarray(s_w, np.float64)).reshape(-1)
-            got = np.asarray(s_b, np.float64).reshape(-1)
-            if want.size == 1 and got.size > 1:
-                want = np.full_like(got, want[0])
-            if want.shape != got.shape or not np.allclose(got, want, rtol=1e-5, atol=0):
-                v("bias-scale", node, "int32 bias scale differs from s_in * s_w")
-            if zb is not None and np.any(zb != 0):
-                v("bias-zero-point", node, "int32 bias zero point is not 0")
-
+        _bias_rules(model, m, target, v)
     if tidl:
         _tidl_ops(model, m, lambda rule, node, msg: v(rule, node, msg, "op-support"))
     return out

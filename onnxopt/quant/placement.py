@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -162,6 +162,50 @@ def _weighted_layout(graph: gs.Graph, node: gs.Node):
     return None, f"{node.name}: not a weighted op"
 
 
+def _weight_command(n: gs.Node, widx: int, data: list, bidx: Optional[int], per_channel: bool) -> Union[WeightCommand, str]:
+    """How the weight of layer ``n`` is quantized, or why it stays float."""
+    w = n.inputs[widx]
+    wval = constant_value(w)
+    if wval is None or np.dtype(wval.dtype) not in FLOAT_DTYPES:
+        return f"{n.name}: weight '{w.name}' is not a float constant"
+    axis = None
+    if per_channel:
+        axis = weight_axis(n.op, n.attrs, wval.ndim, int(n.attrs.get("group", 1)))
+        if n.op == "Gemm" and wval.ndim != 2:
+            axis = None
+    bias = n.inputs[bidx] if bidx is not None else None
+    if bias is not None and (constant_value(bias) is None or constant_value(bias).ndim != 1):
+        bias = None  # broadcast/non-constant Gemm C stays float
+    data_t = data[0] if data else None
+    return WeightCommand(n.name, n.op, widx, w.name, axis, data_t.name if data_t is not None else None,
+                         bidx if bias is not None else None, bias.name if bias is not None else None)
+
+
+def _mark_all_ops(graph: gs.Graph, nodes: list, layer_data: dict, active, excluded: set, rules: TargetRules, mark,
+                  skipped: list) -> None:
+    """Placement ``ops`` (onnxruntime, TIDL): the inputs and output of every active layer and quantizable op."""
+    for n in nodes:
+        if not active(n):
+            continue
+        if n.op in WEIGHTED_OPS:
+            if n.name not in layer_data:
+                continue
+            ins = layer_data[n.name]
+        elif n.op in OPS_QUANTIZABLE:
+            ins = [t for t in n.inputs if t is not None]
+            if any(constant_value(t) is not None for t in ins):
+                if _is_float_activation(graph, n.outputs[0]):
+                    skipped.append(f"{n.name}: {n.op} with a constant operand stays float")
+                continue
+        else:
+            continue
+        for t in ins:
+            mark(t)
+        out = _absorbed_output(graph, n, excluded) if rules.absorb_activations else n.outputs[0]
+        if not is_graph_output(graph, out):
+            mark(out)
+
+
 def plan(graph: gs.Graph, rules: TargetRules, options: PlacementOptions, per_channel: bool = True, *,
          ignore_exclusions: bool = False) -> Plan:
     """Decide weight and activation quantization for ``graph`` under ``rules`` and ``options``
@@ -200,24 +244,11 @@ def plan(graph: gs.Graph, rules: TargetRules, options: PlacementOptions, per_cha
             continue
         widx, data, bidx = layout
         if widx is not None:
-            w = n.inputs[widx]
-            wval = constant_value(w)
-            if wval is None or np.dtype(wval.dtype) not in FLOAT_DTYPES:
-                result.skipped.append(f"{n.name}: weight '{w.name}' is not a float constant")
+            command = _weight_command(n, widx, data, bidx, rules.per_channel and per_channel)
+            if isinstance(command, str):
+                result.skipped.append(command)
                 continue
-            axis = None
-            if rules.per_channel and per_channel:
-                axis = weight_axis(n.op, n.attrs, wval.ndim, int(n.attrs.get("group", 1)))
-                if n.op == "Gemm" and wval.ndim != 2:
-                    axis = None
-            bias = n.inputs[bidx] if bidx is not None else None
-            if bias is not None and (constant_value(bias) is None or constant_value(bias).ndim != 1):
-                bias = None  # broadcast/non-constant Gemm C stays float
-            data_t = data[0] if data else None
-            result.weights.append(WeightCommand(n.name, n.op, widx, w.name, axis,
-                                                data_t.name if data_t is not None else None,
-                                                bidx if bias is not None else None,
-                                                bias.name if bias is not None else None))
+            result.weights.append(command)
         layer_data[n.name] = data
 
     # ---- activations ------------------------------------------------------------------------
@@ -228,26 +259,7 @@ def plan(graph: gs.Graph, rules: TargetRules, options: PlacementOptions, per_cha
                     mark(t)
         _residual_adds(graph, nodes, excluded, active, layer_data, mark)
     else:
-        for n in nodes:
-            if not active(n):
-                continue
-            if n.op in WEIGHTED_OPS:
-                if n.name not in layer_data:
-                    continue
-                ins = layer_data[n.name]
-            elif n.op in OPS_QUANTIZABLE:
-                ins = [t for t in n.inputs if t is not None]
-                if any(constant_value(t) is not None for t in ins):
-                    if _is_float_activation(graph, n.outputs[0]):
-                        result.skipped.append(f"{n.name}: {n.op} with a constant operand stays float")
-                    continue
-            else:
-                continue
-            for t in ins:
-                mark(t)
-            out = _absorbed_output(graph, n, excluded) if rules.absorb_activations else n.outputs[0]
-            if not is_graph_output(graph, out):
-                mark(out)
+        _mark_all_ops(graph, nodes, layer_data, active, excluded, rules, mark, result.skipped)
 
     _propagate_backward(graph, nodes, quant, uf, active, mark, rules)
 

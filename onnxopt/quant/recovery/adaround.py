@@ -214,22 +214,8 @@ def _optimize(layer: _Layer, scale: np.ndarray, qmin, qmax, iters: int, lam: flo
     return learned, loss_near, loss_learned
 
 
-def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions: int = 256, seed: int = 0,
-             sequential: bool = True, log=lambda msg: None) -> tuple:
-    """Learned rounding for every supported layer of ``view`` (an :class:`onnxopt.quant.view.QdqView`).
-
-    ``sequential`` (the paper's asymmetric reconstruction): layers are learned wave by wave in
-    graph order (a wave = the layers with the same number of quantized layers upstream), each
-    wave's input statistics taken from the quantized model with every earlier wave's rounding
-    (and clipping) already applied, so ``x_q`` carries the upstream quantization error and each
-    layer compensates it. Otherwise ``x_q`` is the float input through the layer's own activation
-    quantizer and all layers are learned from one pass over the data.
-
-    Returns (new quantized model, report dict). Only the integer weight initializers (and, where
-    the clipping search shrinks it, the weight scale with its int32 bias) change.
-    """
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
+def _supported_layers(view) -> tuple:
+    """({name: _Layer} whose rounding adaround learns, [why each other layer keeps nearest rounding])."""
     weight_users: dict = {}
     for name, l in view.layers.items():
         weight_users.setdefault(l["weight_q"], []).append(name)
@@ -250,6 +236,26 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
         act = _activation_after(view, name, readers_of)
         if act is not None:
             layers[name].use_activation(act[0], act[1], view.float_bias.get(name))
+    return layers, skipped
+
+
+def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions: int = 256, seed: int = 0,
+             sequential: bool = True, log=lambda msg: None) -> tuple:
+    """Learned rounding for every supported layer of ``view`` (an :class:`onnxopt.quant.view.QdqView`).
+
+    ``sequential`` (the paper's asymmetric reconstruction): layers are learned wave by wave in
+    graph order (a wave = the layers with the same number of quantized layers upstream), each
+    wave's input statistics taken from the quantized model with every earlier wave's rounding
+    (and clipping) already applied, so ``x_q`` carries the upstream quantization error and each
+    layer compensates it. Otherwise ``x_q`` is the float input through the layer's own activation
+    quantizer and all layers are learned from one pass over the data.
+
+    Returns (new quantized model, report dict). Only the integer weight initializers (and, where
+    the clipping search shrinks it, the weight scale with its int32 bias) change.
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    layers, skipped = _supported_layers(view)
     if not layers:
         return view.qmodel, {"layers": 0, "skipped": skipped}
     feeds = collect_feeds(data, max_samples)  # every wave reads the same samples: keep them

@@ -205,7 +205,6 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
     scales and the biases change.
     """
     torch = require("torch", "qdq.rounding=brecq", "pip install torch (or use qdq.rounding=adaround, which needs none)")
-    from ...torch.convert import OnnxModule
 
     t0 = time.perf_counter()
     cfg = config
@@ -229,40 +228,56 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
     rows = []
     for t_in, t_out, names in blocks:
         tb = time.perf_counter()
-        try:
-            module = OnnxModule(_submodel(model, t_in, t_out, value_info), quant_mode="fixed", train_scales=False)
-        except OnnxoptError as exc:  # e.g. an If inside the block
-            module = f"cannot run in torch ({exc.message})"
-        if not isinstance(module, str):
-            xq, yf = _block_data(view, model, ref, feeds, t_in, t_out)
-            if xq.ndim == 0 or yf.ndim == 0 or xq.shape[0] != samples or yf.shape[0] != samples:
-                module = "does not keep the samples on axis 0 (a squeezed batch?)"  # the batches would mix samples
-        if isinstance(module, str):  # the block's layers keep nearest rounding
-            skipped.extend(f"{n}: its block {t_in} -> {t_out} {module}: nearest rounding" for n in names)
-            log(f"brecq block {t_in} -> {t_out}: skipped, {module}")
+        built = _block_module(view, model, ref, feeds, samples, value_info, t_in, t_out)
+        if isinstance(built, str):  # the block's layers keep nearest rounding
+            skipped.extend(f"{n}: its block {t_in} -> {t_out} {built}: nearest rounding" for n in names)
+            log(f"brecq block {t_in} -> {t_out}: skipped, {built}")
             continue
-        block = _Block(torch, module, xq, yf, cfg, gen)
-        loss_start = block.loss()
-        for name in names:
-            if not block.add_layer(name, learnable[name], view.float_weight[name], inits):
-                skipped.append(f"{name}: its weight Q/DQ was not recognised by the torch converter")
-        if not block.soft:
-            continue
-        undecided, loss_soft = block.learn(model, learnable, loss_start)
-        loss_learned = block.loss()
-        keep = loss_learned < loss_start
-        if keep:
-            block.write(inits, learnable)
-        # undecided: the share of h(V) still between 0.01 and 0.99 when learning stops, rounded at
-        # 0.5 for the hard loss; the soft loss is what the relaxation reached before that
-        rows.append({"block": f"{t_in} -> {t_out}", "layers": list(block.soft), "loss_start": loss_start, "loss_soft": loss_soft,
-                     "loss_learned": loss_learned, "undecided": round(undecided, 3), "used": bool(keep), "batch": block.batch,
-                     "seconds": round(time.perf_counter() - tb, 1)})
-        log(f"brecq block {t_in} -> {t_out} ({len(block.soft)} layers): mse {loss_start:.4g} -> {loss_learned:.4g}"
-            f"{'' if keep else ' (kept the start)'} (soft {loss_soft:.4g}, {100 * undecided:.0f} % undecided, batch {block.batch}), "
-            f"{time.perf_counter() - tb:.1f} s")
+        row = _reconstruct(_Block(torch, *built, cfg, gen), view, model, learnable, inits, names, skipped, log,
+                           f"{t_in} -> {t_out}", tb)
+        if row is not None:
+            rows.append(row)
     return model, {"blocks": len(rows), "improved": sum(r["used"] for r in rows), "samples": samples, "iters": cfg.iters,
                    "seconds": round(time.perf_counter() - t0, 2), "per_block": rows, "skipped": skipped}
+
+
+def _block_module(view: QdqView, model: ModelProto, ref, feeds: list, samples: int, value_info: dict, t_in: str, t_out: str):
+    """(torch module of the block t_in -> t_out, its quantized inputs, float outputs), or a reason
+    string why the block cannot be reconstructed."""
+    from ...torch.convert import OnnxModule
+    try:
+        module = OnnxModule(_submodel(model, t_in, t_out, value_info), quant_mode="fixed", train_scales=False)
+    except OnnxoptError as exc:  # e.g. an If inside the block
+        return f"cannot run in torch ({exc.message})"
+    xq, yf = _block_data(view, model, ref, feeds, t_in, t_out)
+    if xq.ndim == 0 or yf.ndim == 0 or xq.shape[0] != samples or yf.shape[0] != samples:
+        return "does not keep the samples on axis 0 (a squeezed batch?)"  # the batches would mix samples
+    return module, xq, yf
+
+
+def _reconstruct(block: "_Block", view: QdqView, model: ModelProto, learnable: dict, inits: dict, names: list,
+                 skipped: list, log, where: str, tb: float) -> Optional[dict]:
+    """Learn the rounding of the block's layers; keep it when the block loss falls. The report row,
+    or None when no layer of the block can learn."""
+    loss_start = block.loss()
+    for name in names:
+        if not block.add_layer(name, learnable[name], view.float_weight[name], inits):
+            skipped.append(f"{name}: its weight Q/DQ was not recognised by the torch converter")
+    if not block.soft:
+        return None
+    undecided, loss_soft = block.learn(model, learnable, loss_start)
+    loss_learned = block.loss()
+    keep = loss_learned < loss_start
+    if keep:
+        block.write(inits, learnable)
+    log(f"brecq block {where} ({len(block.soft)} layers): mse {loss_start:.4g} -> {loss_learned:.4g}"
+        f"{'' if keep else ' (kept the start)'} (soft {loss_soft:.4g}, {100 * undecided:.0f} % undecided, batch {block.batch}), "
+        f"{time.perf_counter() - tb:.1f} s")
+    # undecided: the share of h(V) still between 0.01 and 0.99 when learning stops, rounded at
+    # 0.5 for the hard loss; the soft loss is what the relaxation reached before that
+    return {"block": where, "layers": list(block.soft), "loss_start": loss_start, "loss_soft": loss_soft,
+            "loss_learned": loss_learned, "undecided": round(undecided, 3), "used": bool(keep), "batch": block.batch,
+            "seconds": round(time.perf_counter() - tb, 1)}
 
 
 def _learnable_layers(view: QdqView, inits: dict) -> tuple:

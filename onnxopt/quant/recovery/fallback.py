@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Optional
 
 import numpy as np
 from onnx import ModelProto
@@ -55,6 +56,30 @@ def fallback_budget(options: RecoveryOptions):
     if agree is None and rel <= 0:
         return None
     return Budget(max_agreement_loss=math.inf if agree is None else agree, max_rel_error=rel)
+
+
+def _fewest(task, n: int, budget) -> Optional[int]:
+    """The fewest units k in [0, n] whose ``task(k)`` (the first k of the ranking in high
+    precision) meets ``budget``, by doubling then bisection; None when even n does not."""
+    if task(0).within(budget):
+        return 0
+    lo, hi = 0, 1
+    while hi < n and not task(hi).within(budget):
+        lo, hi = hi, min(n, hi * 2)
+    if not (n and task(hi).within(budget)):
+        return None
+    while hi - lo > 1:  # invariant: task(lo) misses the budget, task(hi) meets it
+        mid = (lo + hi) // 2
+        if task(mid).within(budget):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _latency_report(qmodel, out, feed: dict) -> dict:
+    return {"all_quantized": round(_latency_ms(qmodel, feed), 3),
+            "with_fallback": round(_latency_ms(out, feed), 3), "note": "onnxruntime CPU, median of 15"}
 
 
 def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, measure_latency: bool = True) -> tuple:
@@ -103,21 +128,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         scores.update({u: ev.error(view.only_activation(t), rank_samples).objective() for u, t in acts.items()})
         order = sorted(scores, key=lambda u: -scores[u])
     n = len(order)
-    k_ok = None
-    if task(0).within(budget):
-        k_ok = 0
-    else:
-        lo, hi = 0, 1
-        while hi < n and not task(hi).within(budget):
-            lo, hi = hi, min(n, hi * 2)
-        if n and task(hi).within(budget):
-            while hi - lo > 1:  # invariant: task(lo) misses the budget, task(hi) meets it
-                mid = (lo + hi) // 2
-                if task(mid).within(budget):
-                    hi = mid
-                else:
-                    lo = mid
-            k_ok = hi
+    k_ok = _fewest(task, n, budget)
     met = k_ok is not None
     k = k_ok if met else n
     chosen = order[:k]
@@ -144,9 +155,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         rep["tidl_options"] = {"advanced_options:params_16bit_names_list": ",".join(outputs),
                                "advanced_options:output_feature_16bit_names_list": ",".join(outputs)}
     if measure_latency:
-        feed = ev.feeds[0]
-        rep["latency_ms_ort_cpu"] = {"all_quantized": round(_latency_ms(qmodel, feed), 3),
-                                     "with_fallback": round(_latency_ms(out, feed), 3), "note": "onnxruntime CPU, median of 15"}
+        rep["latency_ms_ort_cpu"] = _latency_report(qmodel, out, ev.feeds[0])
     rep["seconds"] = round(time.perf_counter() - t0, 2)
     log(f"fallback: {len(chosen)} layer(s) kept in {precision}{': ' + ', '.join(chosen) if chosen else ''}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; {ev.samples} samples)")
