@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -92,6 +93,18 @@ def option(default: Any, help: str, choices: Optional[Sequence[Any]] = None, *, 
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def compile_patterns(items: list, option_name: str) -> list:
+    """The regular expressions of a list option (e.g. ``prune.protect``); a bad one is the user's
+    error, named with its option."""
+    patterns = []
+    for item in items:
+        try:
+            patterns.append(re.compile(item))
+        except re.error as exc:
+            raise OptionError(f"{option_name} entry '{item}' is not a valid regex: {exc}", "escape special characters, e.g. conv\\.1") from None
+    return patterns
 
 
 def _option_type(hint: Any) -> type:

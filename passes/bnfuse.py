@@ -70,12 +70,7 @@ class BnfuseOptions(PassOptions):
     fold_affine: bool = option(True, "Fold constant per-channel Mul/Add/Sub/Div that follow a Conv/ConvTranspose/Gemm/MatMul.")
 
 
-@register_pass(
-    "bnfuse",
-    "Fold BatchNormalization and constant per-channel Mul/Add into Conv/ConvTranspose/Gemm/MatMul.",
-    exact=True,
-    options=BnfuseOptions,
-)
+@register_pass("bnfuse", "Fold BatchNormalization and constant per-channel Mul/Add into Conv/ConvTranspose/Gemm/MatMul.", exact=True, options=BnfuseOptions)
 def bnfuse(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext) -> PassResult:
     """Exact BatchNormalization / per-channel affine folding into the neighbouring linear layer."""
     fuser = _Fuser(model, options)

@@ -98,12 +98,7 @@ class CleanupOptions(PassOptions):
                               "give the largest number of elements a folded constant may have, e.g. 1048576")
 
 
-@register_pass(
-    "cleanup",
-    "Lift Constant nodes, fold constants and static shape chains, drop no-ops and dead code, fold Pad into Conv/pool.",
-    exact=True,
-    options=CleanupOptions,
-)
+@register_pass("cleanup", "Lift Constant nodes, fold constants and static shape chains, drop no-ops and dead code, fold Pad into Conv/pool.", exact=True, options=CleanupOptions)
 def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -> PassResult:
     """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
     options.validate(model, ctx)

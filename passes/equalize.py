@@ -487,12 +487,7 @@ class EqualizeOptions(PassOptions):
                             "give --data (the calibration images), or use equalize.absorb_bias=none")
 
 
-@register_pass(
-    "equalize",
-    "Cross-layer equalization of Conv/Gemm pairs (depthwise included) and optional high-bias absorption.",
-    exact=True,
-    options=EqualizeOptions,
-)
+@register_pass("equalize", "Cross-layer equalization of Conv/Gemm pairs (depthwise included) and optional high-bias absorption.", exact=True, options=EqualizeOptions)
 def equalize_pass(model: onnx.ModelProto, options: EqualizeOptions, ctx) -> PassResult:
     """Cross-layer equalization (Nagel et al. 2019): per-channel rescaling of consecutive layers
     through positively homogeneous ops, exact in float; see the module docstring for the math."""

@@ -561,12 +561,7 @@ def options_with(**given) -> LiteOptions:
     return LiteOptions.build("lite", given)
 
 
-@register_pass(
-    "lite",
-    "Embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes.",
-    exact=False,
-    options=LiteOptions,
-)
+@register_pass("lite", "Embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes.", exact=False, options=LiteOptions)
 def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> PassResult:
     """Rules (exact rules run and are verified first; * = off by default):
     focus_to_conv, maxpool_ge5_to_cascade, resize_sizes_to_scales, reducemean_to_pool*,

@@ -22,7 +22,6 @@ and the output error right after sparsifying (on the context's data or generated
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,7 +32,7 @@ from onnx import ModelProto
 from onnxopt import runtime
 from onnxopt.errors import OptionError
 from onnxopt.ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
-from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
+from onnxopt.registry import PassContext, PassOptions, PassResult, compile_patterns, option, register_pass
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -56,7 +55,7 @@ class SparsifyOptions(PassOptions):
             _parse_nm(self.nm)
         if self.method == "unstructured" and not 0.0 <= float(self.ratio) <= 1.0:
             raise OptionError(f"sparsify.ratio must be in [0, 1], got {self.ratio}.", "e.g. --set sparsify.ratio=0.5")
-        _protect_patterns(self.protect)
+        compile_patterns(self.protect, "sparsify.protect")
 
 
 @dataclass
@@ -165,12 +164,7 @@ def _replace_weights(graph: gs.Graph, entries: list, counts: _Counts) -> list:
     return layers
 
 
-@register_pass(
-    "sparsify",
-    "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights.",
-    exact=False,
-    options=SparsifyOptions,
-)
+@register_pass("sparsify", "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights.", exact=False, options=SparsifyOptions)
 def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> PassResult:
     """N:M or unstructured magnitude sparsity; see the module docstring."""
     options.validate(model, ctx)
@@ -179,7 +173,7 @@ def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> P
     ratio = float(options.ratio)
     graph = import_graph(model)
     skipped: list = []
-    entries = _collect_weights(graph, model, _protect_patterns(options.protect), skipped)
+    entries = _collect_weights(graph, model, compile_patterns(options.protect, "sparsify.protect"), skipped)
     if method == "nm":
         _sparsify_nm(entries, m, n if options.nm_convention == "keep" else m - n, options.nm_layout, skipped)
     elif options.scope == "layer":
@@ -265,11 +259,3 @@ def _error(before: ModelProto, after: ModelProto, ctx: PassContext, batches: int
     return err
 
 
-def _protect_patterns(items: list) -> list:
-    patterns = []
-    for item in items:
-        try:
-            patterns.append(re.compile(item))
-        except re.error as exc:
-            raise OptionError(f"sparsify.protect entry '{item}' is not a valid regex: {exc}", "escape special characters") from None
-    return patterns

@@ -14,17 +14,8 @@ from ..quant.quantize import quantize_model
 from ..quant.view import QdqView
 from ..registry import PassContext, get_pass
 from . import cli
+from .compare import strict_json
 from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
-
-
-def _strict(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
 
 
 @cli.command("sensitivity", epilog="""\b
@@ -84,7 +75,7 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
     if not quiet or not json_path:
         click.echo(sens.format_table(rep, top=top))
     if json_path:
-        payload = json.dumps(_strict({"model": str(model), "target": target, **rep.to_dict()}), indent=2)
+        payload = json.dumps(strict_json({"model": str(model), "target": target, **rep.to_dict()}), indent=2)
         if json_path == "-":
             click.echo(payload)
         else:

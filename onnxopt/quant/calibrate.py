@@ -396,24 +396,21 @@ def _run_workers(model_file, tensors, from_feed, hist_bins, data, config, worker
                 raise RuntimeError(f"a calibration worker ended without its statistics (exit code {code}); out of memory? "
                                    "(scripts that use workers > 1 need an `if __name__ == '__main__':` guard)")
 
+    def put(item) -> None:  # a full queue: take results meanwhile, so the workers can go on
+        while True:
+            try:
+                in_q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                drain(False)
+                alive_check()
+
     try:
         for feed in _iter_batches(data, config.batch_size):
-            while True:
-                try:
-                    in_q.put(feed, timeout=0.1)
-                    break
-                except queue.Full:
-                    drain(False)
-                    alive_check()
+            put(feed)
             drain(False)
         for _ in procs:
-            while True:
-                try:
-                    in_q.put(None, timeout=0.1)
-                    break
-                except queue.Full:
-                    drain(False)
-                    alive_check()
+            put(None)
         while len(results) < workers:
             drain(True, 0.2)
             if len(results) < workers:

@@ -322,11 +322,10 @@ def match_single(op_name: str):
       exact=False, anchors=('HardSigmoid', 'Div', 'Mul'), rewrite=_relu_rewrite, priority=150)
 def match_hardsigmoid(graph, node, ctx):
     """A standalone hard sigmoid: native HardSigmoid (any alpha/beta) or Clip(x+3,0,6)/6."""
-    out = node.outputs[0]
-    hs = hardsigmoid_of(out, ctx)
-    if isinstance(hs, HardSigmoidForm):
-        return Match(out, {"x": hs.x})
-    return hs if node.op == "HardSigmoid" else None
+    hs = hardsigmoid_of(node.outputs[0], ctx)
+    if not isinstance(hs, HardSigmoidForm):
+        return hs if node.op == "HardSigmoid" else None
+    return Match(node.outputs[0], {"x": hs.x})
 
 
 rule("leakyrelu_to_relu", "LeakyRelu -> Relu (slope dropped)",

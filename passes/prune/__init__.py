@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ from onnxopt.data import collect_feeds, feed_samples
 from onnxopt.errors import OptionError
 from onnxopt.ir.graph import NameGenerator, constant_value, input_at
 from onnxopt.progress import progress_bar
-from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
+from onnxopt.registry import PassContext, PassOptions, PassResult, compile_patterns, option, register_pass
 
 from . import channels
 from .channels import POISON
@@ -142,15 +141,10 @@ class PruneOptions(PassOptions):
             raise OptionError("prune.round_to must be >= 1 and prune.min_channels >= 0.", "e.g. --set prune.round_to=8")
         if self.importance == "file" and not self.scores:
             raise OptionError("prune.importance=file needs prune.scores=FILE.json.", "give a JSON file {layer name: [scores]}")
-        _compile(self.protect)
+        compile_patterns(self.protect, "prune.protect")
 
 
-@register_pass(
-    "prune",
-    "Structured channel pruning: removes the least important channel groups, shrinking the layers.",
-    exact=False,
-    options=PruneOptions,
-)
+@register_pass("prune", "Structured channel pruning: removes the least important channel groups, shrinking the layers.", exact=False, options=PruneOptions)
 def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassResult:
     """Structured channel pruning; see the module docstring."""
     options.validate(model, ctx)
@@ -159,7 +153,7 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     if target is None and options.ratio_of == "macs":
         target = 1.0 - ratio
     importance = "file" if options.scores else options.importance
-    patterns = _compile(options.protect)
+    patterns = compile_patterns(options.protect, "prune.protect")
     compensate = options.compensate
     if compensate == "auto":
         # measured on ResNet56 CIFAR (tools/sweep_recovery.py): means of generated inputs folded into the
@@ -295,16 +289,6 @@ def _component_scores(an: channels.Analysis, importance: str, path: str | None) 
 
 
 # ------------------------------------------------------------------------------ protection
-def _compile(items: list) -> list:
-    out = []
-    for item in items:
-        try:
-            out.append(re.compile(item))
-        except re.error as exc:
-            raise OptionError(f"prune.protect entry '{item}' is not a valid regex: {exc}", "escape special characters, e.g. conv\\.1") from None
-    return out
-
-
 def _protected(an: channels.Analysis, patterns: list, keep_first_last: bool) -> set:
     protected = set()
     for p in an.producers:
