@@ -7,8 +7,10 @@ off) on inputs generated from the model (:mod:`onnxopt.feeds`, at two sizes wher
 dims) -- or on the user's data. A difference beyond tolerance first reverts the rule(s) of the
 pass that caused it (the pass is rerun with them off, keeping and verifying the rest; the record
 lists what was reverted and by how much it differed); when no part of the pass verifies, the
-chain stops with a :class:`VerificationError` naming the pass and the error. When no input can be generated the
-pass is kept unverified and the report says why (``require_verify`` makes that an error).
+pass is undone: the chain goes on with the model before it (one console line, ``reverted_pass``
+in the record), or with ``require_verify`` stops with a :class:`VerificationError`. When no input
+can be generated the pass is kept unverified and the report says why (``require_verify`` makes
+that an error).
 """
 from __future__ import annotations
 
@@ -323,7 +325,8 @@ def _summary(model: ModelProto, layers: bool) -> dict:
 def _check_exact(info: PassInfo, current: ModelProto, new_model: ModelProto, result: PassResult, record: PassRecord,
                  options, ctx: PassContext, summarize_layers: bool) -> ModelProto:
     """Verify an exact pass; revert the rule(s) that changed the output (``record`` then describes
-    the kept part) and return the model the chain goes on with. Raises when no part verifies."""
+    the kept part) and return the model the chain goes on with; when no part verifies, the model
+    before the pass (:func:`_revert_pass`)."""
     name = info.name
     record.verification = verify_exact(current, new_model, ctx)
     if record.verification["verified"] is False:
@@ -339,13 +342,26 @@ def _check_exact(info: PassInfo, current: ModelProto, new_model: ModelProto, res
             ctx.log(f"  {name}: reverted {', '.join(r['rule'] for r in rv)} (output changed by max abs "
                     f"{rv[0]['max_abs']:.3g}, rel {rv[0]['max_rel']:.3g}); the rest of the pass is kept and verified")
     if record.verification.get("verified") and not record.verification["passed"]:
-        v = record.verification
-        raise VerificationError(
-            f"pass '{name}' changed the model's output '{v['worst_output']}' beyond tolerance: "
-            f"max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} (tolerance rel {v['rtol']:g} / abs {v['atol']:g}).",
-            "this is a bug in the pass on this model; rerun with --save-steps DIR and report it, or skip the pass",
-        )
+        return _revert_pass(record, current, ctx)
     return new_model
+
+
+def _revert_pass(record: PassRecord, current: ModelProto, ctx: PassContext) -> ModelProto:
+    """An exact pass no part of which verifies (it has no rule switches, or none that helps) is
+    undone: the chain goes on with the model as it was before the pass, the console says so in one
+    line and the record keeps the failed verification (``reverted_pass``). With ``require_verify``
+    it is an error instead."""
+    v = record.verification
+    what = (f"pass '{record.name}' changed the model's output '{v['worst_output']}' beyond tolerance: "
+            f"max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} (tolerance rel {v['rtol']:g} / abs {v['atol']:g})")
+    if ctx.require_verify:
+        raise VerificationError(f"{what}.", "this is a bug in the pass on this model; rerun with --save-steps DIR and "
+                                "report it, skip the pass, or drop --require-verify to have the pass reverted")
+    ctx.log(f"  {record.name}: reverted, the model is kept as it was before the pass ({what}; please report the model)")
+    v["reverted_pass"] = True
+    record.skipped.append(f"pass reverted: {what}")
+    record.changes, record.details, record.after = {}, [], record.before
+    return current
 
 
 def _measure_change(current: ModelProto, new_model: ModelProto, result: PassResult, record: PassRecord, ctx: PassContext,

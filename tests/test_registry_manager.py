@@ -136,9 +136,24 @@ def test_apply_exact_pass_verified_and_input_untouched(tmp_path, t_scale):
     assert proto.SerializeToString() == copy  # a proto given to apply is not modified either
 
 
+def test_pass_failing_verification_is_undone_and_the_chain_goes_on(t_scale, t_approx):
+    """An exact pass with no rule switch that helps (here: wrong everywhere) is reverted: the
+    next pass runs on the model as it was, the record keeps the failed verification, the console
+    has one line."""
+    logs = []
+    out, report = apply(models.tiny_cnn(), "t_scale,t_approx", options={"t_scale": {"factor": 1.5}, "t_approx": {"factor": 2}},
+                        context=PassContext(log=logs.append))
+    first = report.passes[0]
+    assert first.verification["reverted_pass"] and not first.verification["passed"] and first.verification["max_abs"] > 0
+    assert first.changes == {} and first.after == first.before and any(s.startswith("pass reverted:") for s in first.skipped)
+    assert op_count(out, "Mul") == 1 and report.passes[1].changes  # t_scale's Mul is gone, t_approx's is there
+    said = [line for line in logs if "reverted" in line]
+    assert len(said) == 1 and "t_scale: reverted, the model is kept as it was before the pass" in said[0]
+
+
 def test_verification_failure_names_the_errors(t_scale):
     with pytest.raises(VerificationError) as err:
-        apply(models.tiny_cnn(), "t_scale", options={"t_scale": {"factor": 1.5}})
+        apply(models.tiny_cnn(), "t_scale", options={"t_scale": {"factor": 1.5}}, context=PassContext(require_verify=True))
     msg = err.value.message
     assert "pass 't_scale'" in msg and "'logits'" in msg
     assert "max abs error" in msg and "max rel error" in msg
@@ -155,7 +170,9 @@ def test_deliberately_wrong_exact_pass_registered_in_the_test():
 
     with temporary_pass("t_wrong", wrong, exact=True):
         with pytest.raises(VerificationError, match=r"max abs error [0-9.e-]+, max rel error [0-9.e-]+"):
-            apply(models.tiny_cnn(), "t_wrong")
+            apply(models.tiny_cnn(), "t_wrong", context=PassContext(require_verify=True))
+        out, report = apply(models.tiny_cnn(), "t_wrong")  # by default the pass is undone
+        assert report.passes[0].verification["reverted_pass"] and report.passes[0].changes == {}
         # --no-verify lets it through (the user asked for it)
         out, report = apply(models.tiny_cnn(), "t_wrong", verify=False)
         assert report.passes[0].verification is None
@@ -187,7 +204,7 @@ def test_verification_keeps_the_worst_relative_error_over_feeds():
 
     small = {"x": np.full((1, 4), 1e-4, np.float32)}   # abs err 0.001, rel err 10
     large = {"x": np.full((1, 4), 1e3, np.float32)}    # abs err ~0.011, rel err ~1e-5
-    ctx = PassContext(data=lambda: iter([small, large]))
+    ctx = PassContext(data=lambda: iter([small, large]), require_verify=True)
     with temporary_pass("t_offset", offset, exact=True):
         with pytest.raises(VerificationError):
             apply(model, "t_offset", context=ctx)

@@ -105,12 +105,18 @@ def test_data_of_the_wrong_shape(tmp_path):
 
 
 def test_verification_failure(tmp_path):
+    """A pass that fails verification is undone (one line, exit 0, the model as it was), or with
+    --require-verify refused with one message and nothing written."""
     good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
     out = tmp_path / "out.onnx"
     proc = cli("apply", "t_scale", good, "-o", out, "--set", "t_scale.factor=1.5", "--save-steps", tmp_path / "steps",
-               cwd=tmp_path, with_test_passes=True)
+               "--require-verify", cwd=tmp_path, with_test_passes=True)
     assert_one_clear_error(proc, "beyond tolerance", "max abs error", "max rel error")
     assert not out.exists() and not (tmp_path / "steps").exists()
+    proc = cli("apply", "t_scale", good, "-o", out, "--set", "t_scale.factor=1.5", cwd=tmp_path, with_test_passes=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "t_scale: reverted" in line]) == 1
+    assert "REVERTED" in proc.stdout and [n.op_type for n in onnx.load(out).graph.node] == [n.op_type for n in models.tiny_cnn().graph.node]
 
 
 def test_output_over_input_is_refused(tmp_path):

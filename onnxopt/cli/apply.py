@@ -49,7 +49,8 @@ Examples:
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML/JSON file naming the passes and their options; --set overrides it.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check each exact pass against the model before it in onnxruntime.")
 @click.option("--require-verify", is_flag=True, help="Fail when an exact pass cannot be verified (no runnable generated input, "
-              "a model onnxruntime cannot load) instead of writing it unverified.")
+              "a model onnxruntime cannot load) instead of writing it unverified, or when it fails verification "
+              "instead of undoing it.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report of what each pass did.")
 @click.option("--save-steps", type=click.Path(file_okay=False), help="Write the model after each pass into this folder (for Netron).")
 @click.option("--data", "--calib-data", "data", metavar="PATH", help="Data for verification and calibration: .npy, .npz, image folder, file.py:function, or 'random'.")
@@ -65,9 +66,11 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
 
     Every pass leaves a valid model; exact passes (cleanup, bnfuse, ...) are verified
     numerically against the model before them (on --data, else on inputs generated from the
-    model at two sizes where it has dynamic dims), and the chain stops loudly when one is off
-    by more than the tolerance. When no input can be generated the pass is written unverified
-    and the console says why (--require-verify makes that an error). The input model is never
+    model at two sizes where it has dynamic dims). A rule whose rewrites change the output
+    beyond the tolerance is reverted and the rest of the pass kept; a pass no part of which
+    verifies is undone and the chain goes on; the console says either in one line. When no input
+    can be generated the pass is written unverified and the console says why. --require-verify
+    makes both an error. The input model is never
     modified.
 
     A qdq output whose Q/DQ encoding fails its target's `onnxopt check` is not written (exit 1).
@@ -208,6 +211,9 @@ def _cost_lines(rec) -> list:
     lines = []
     if rec.verification and rec.verification.get("verified") is False:
         lines.append(f"NOT verified: {rec.verification.get('reason', 'onnxruntime could not run it')}")
+    elif rec.verification and rec.verification.get("reverted_pass"):
+        lines.append(f"REVERTED: it changed the output by max abs {rec.verification['max_abs']:.3g} (rel "
+                     f"{rec.verification['max_rel']:.3g}); the model is kept as it was before this pass")
     elif rec.verification:
         lines.append(f"verified max|err|={rec.verification['max_abs']:.2e} ({rec.verification.get('inputs', 'generated')} inputs)")
     elif rec.exact and any(rec.changes.values()):
