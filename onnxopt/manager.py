@@ -262,26 +262,41 @@ def _run_pass(info: PassInfo, current: ModelProto, options, ctx: PassContext) ->
     return result, new_model
 
 
-def _rule_switches(options) -> list:
-    """The pass's on/off rule options that are on (cleanup.fold_pads, bnfuse.fold_affine...)."""
+def _rule_switches(options, extra: dict) -> list:
+    """The pass's rules that can be switched off: its on/off options that are on
+    (cleanup.fold_pads...), and for a rule-table pass (bnfuse) the rules that fired, which its
+    ``disable`` option switches off."""
     if not dataclasses.is_dataclass(options):
         return []
-    return [f.name for f in dataclasses.fields(options) if getattr(options, f.name) is True]
+    switches = [f.name for f in dataclasses.fields(options) if getattr(options, f.name) is True]
+    if hasattr(options, "disable"):
+        switches += [name for name, rec in (extra.get("rules") or {}).items() if rec.get("count")]
+    return switches
 
 
-def _revert_failing_rules(info: PassInfo, current: ModelProto, options, ctx: PassContext, failed: dict):
+def _switched_off(options, off: tuple):
+    """``options`` with the rules ``off`` switched off (an on/off option, or a name added to ``disable``)."""
+    flags = {f.name for f in dataclasses.fields(options)}
+    changes: dict = {r: False for r in off if r in flags}
+    rules = [r for r in off if r not in flags]
+    if rules:
+        changes["disable"] = list(options.disable or []) + rules
+    return dataclasses.replace(options, **changes)
+
+
+def _revert_failing_rules(info: PassInfo, current: ModelProto, options, ctx: PassContext, failed: dict, extra: dict):
     """Find the rule(s) of an exact pass whose rewrites changed the output and run the pass
     without them, keeping the rest: first each rule alone switched off, then (bisecting the
     rules) the largest set of rules that still verifies. Returns (result, model, verification
     with ``reverted``, options dict) or None when no part of the pass verifies (the caller fails)."""
-    rules = _rule_switches(options)
+    rules = _rule_switches(options, extra)
     if not rules:
         return None
     tried: dict = {}
 
     def attempt(off: tuple):
         if off not in tried:
-            opts = dataclasses.replace(options, **{r: False for r in off})
+            opts = _switched_off(options, off)
             result, model = _run_pass(info, current, opts, ctx)
             ver = verify_exact(current, model, ctx) if result.modified else None
             tried[off] = (result, model, ver, opts) if ver is not None and ver.get("passed") else None
@@ -332,7 +347,7 @@ def _check_exact(info: PassInfo, current: ModelProto, new_model: ModelProto, res
     if record.verification["verified"] is False:
         _unverified(name, record.verification, ctx)
     elif not record.verification["passed"]:
-        kept = _revert_failing_rules(info, current, options, ctx, record.verification)
+        kept = _revert_failing_rules(info, current, options, ctx, record.verification, result.extra)
         if kept is not None:  # the rules that broke the output are undone, the rest is kept
             result, new_model, record.verification, record.options = kept
             record.changes, record.details, record.skipped, record.extra = (

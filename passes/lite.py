@@ -47,32 +47,25 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import gc
-import heapq
-import math
 import threading
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
-import onnx_graphsurgeon as gs
 from onnx import ModelProto
-from onnx.utils import Extractor
 
 from onnxopt import output_change, runtime
 from onnxopt.errors import OnnxoptError, OptionError, VerificationError
-from onnxopt.ir.graph import export_graph, import_graph
+from onnxopt.ir.graph import import_graph
 from onnxopt.ir.proto import infer_shapes
 from onnxopt.rewrite import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
+from onnxopt.rewrite.runner import (RegionChecker, apply_rule, export, judge, max_error, new_record, rule_help,
+                                    select_rules, session)
 from onnxopt.model_io import opset_of, record_activation_bounds
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 from onnxopt.userfiles import import_user_file
 
 __all__ = ["Match", "Rule", "RuleContext", "register_rule", "rule_table", "default_rules", "load_rules_module", "run_lite", "options_with"]
-
-# Tolerance for the exact rules (same as the manager's for exact passes).
-EXACT_RTOL = 1e-4
-EXACT_ATOL = 1e-5
 
 _USER_RULES: list = []
 _COLLECTING: contextvars.ContextVar = contextvars.ContextVar("lite_rules_collecting", default=None)
@@ -136,100 +129,7 @@ def rule_table(rules_module: Optional[str] = None) -> list:
     return _merge(default_rules(), _USER_RULES)
 
 
-def _select(table: list, only: Optional[list], disable: Optional[list]) -> list:
-    names = [r.name for r in table]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise OptionError(f"the lite rule table names {', '.join(dup)} twice.", "give every rule a unique name")
-    for opt, given in (("rules", only), ("disable", disable)):
-        bad = [n for n in (given or []) if n not in names]
-        if bad:
-            raise OptionError(f"unknown lite rule '{bad[0]}' in lite.{opt}.", f"valid rules: {', '.join(names)}")
-    wanted = set(only) if only else {r.name for r in table if r.default}
-    wanted -= set(disable or [])
-    return [r for r in table if r.name in wanted]
-
-
 # ------------------------------------------------------------------------------ running
-
-
-def _apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, details: list, clips: dict) -> None:
-    graph = ctx.graph
-    anchors = set(rule.anchors)
-    for node in list(graph.nodes):
-        if id(node) in ctx.dead or (anchors and node.op not in anchors):
-            continue
-        try:
-            result = rule.match(graph, node, ctx)
-        except Exception as exc:  # name the rule and the node: the traceback alone rarely does
-            raise RuntimeError(f"lite rule '{rule.name}' failed matching node '{node.name}' ({node.op}): {exc}") from exc
-        if result is None:
-            continue
-        if isinstance(result, str):
-            skipped.append(f"{node.name or node.op} ({node.outputs[0].name if node.outputs else '?'}): {rule.name}: {result}")
-            continue
-        if not isinstance(result, Match):
-            raise TypeError(f"lite rule {rule.name}: match returned {type(result).__name__}, expected Match, str or None")
-        out_name = result.output.name
-        before = result.output.inputs[0].op if result.output.inputs else None
-        try:
-            rule.rewrite(graph, result, ctx)
-        except Exception as exc:
-            raise RuntimeError(f"lite rule '{rule.name}' failed rewriting '{out_name}': {exc}") from exc
-        record["count"] += 1
-        record["tensors"].append(out_name)
-        if "clip" in result.data:
-            clips[out_name] = tuple(result.data["clip"])
-        record["preserved"].extend(result.preserved or [out_name])
-        details.append({"rule": rule.name, "exact": rule.exact, "tensor": out_name, "was": before,
-                        "now": result.output.inputs[0].op if result.output.inputs else None})
-    ctx.compact()
-
-
-def _stable_toposort(graph) -> bool:
-    """Kahn's algorithm keeping the existing order where it can (linear; gs's toposort computes
-    hierarchy levels recursively and dominates on 10k-node graphs). False when it does not apply
-    (subgraphs with outer-scope reads, or a cycle): then gs sorts."""
-    nodes = graph.nodes
-    if any(isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v))
-           for n in nodes for v in n.attrs.values()):
-        return False
-    index = {id(n): i for i, n in enumerate(nodes)}
-    pending = [0] * len(nodes)
-    readers: dict = {}
-    for i, n in enumerate(nodes):
-        seen = set()
-        for t in n.inputs:
-            p = t.inputs[0] if t.inputs else None
-            if p is not None and id(p) in index and id(p) not in seen:
-                seen.add(id(p))
-                pending[i] += 1
-                readers.setdefault(id(p), []).append(i)
-    ready = [i for i, c in enumerate(pending) if c == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for j in readers.get(id(nodes[i]), ()):
-            pending[j] -= 1
-            if pending[j] == 0:
-                heapq.heappush(ready, j)
-    if len(order) != len(nodes):
-        return False
-    graph.nodes = order
-    return True
-
-
-def _export(graph, like: ModelProto) -> ModelProto:
-    # export_graph's cleanup only removes nodes, so the order sorted here stays topological.
-    model = export_graph(graph, like, sort=not _stable_toposort(graph))  # IR < 4: initializers listed as inputs
-    # Keep only the value_info the input model had (shape inference ran on a copy for matching).
-    keep = {vi.name: vi for vi in like.graph.value_info}
-    present = {t for n in model.graph.node for t in n.output}
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(v for name, v in keep.items() if name in present)
-    return model
 
 
 def _feeds(model: ModelProto, pctx: PassContext, n: int) -> tuple:
@@ -243,27 +143,6 @@ def _feeds(model: ModelProto, pctx: PassContext, n: int) -> tuple:
             return feeds, "data"
     plan = pctx.feed_plan(model)  # built from the model: valid indices, sizes that run
     return [plan.feed(0, s) for s in range(n)], "generated"
-
-
-def _session(model: ModelProto):
-    """A verification session: optimizations off, one intra-op thread (ORT's spinning worker
-    threads cost more than they give on a loaded machine, and the two sessions run side by side)."""
-    return runtime.session(model, threads=1)
-
-
-
-
-def _err(ref: np.ndarray, got: np.ndarray) -> tuple:
-    if ref.shape != got.shape:
-        return math.inf, math.inf
-    if ref.size == 0:
-        return 0.0, 0.0
-    r, g = ref.astype(np.float64), got.astype(np.float64)
-    d = np.abs(r - g)
-    d = np.where(np.isnan(r) & np.isnan(g), 0.0, d)
-    mx = float(np.nanmax(np.where(np.isnan(d), np.inf, d)))
-    scale = float(np.max(np.abs(r[np.isfinite(r)]))) if np.isfinite(r).any() else 1.0
-    return mx, mx / max(scale, 1e-12)
 
 
 def run_lite(model: ModelProto, options: Optional[LiteOptions] = None, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
@@ -285,7 +164,7 @@ def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[
     options = LiteOptions.build("lite", options)
     t0 = time.perf_counter()
     table = table if table is not None else rule_table(options.rules_module)
-    active = _select(table, options.rules, options.disable)
+    active = select_rules(table, options.rules, options.disable, "lite")
     verify = options.verify
     # The input model's reference outputs are computed in a background thread while the rules
     # run: onnxruntime releases the GIL, and its session setup dominates on large graphs.
@@ -306,19 +185,18 @@ def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, tab
     shaped, _ = infer_shapes(model)  # shapes only sharpen the guards; rules that need them say so
     graph = import_graph(shaped)
     ctx = RuleContext(graph, opset, options, frozenset(r.name for r in active))
-    records = {r.name: {"exact": r.exact, "enabled": r in active, "default": r.default, "summary": r.summary,
-                        "count": 0, "tensors": [], "preserved": []} for r in table}
+    records = {r.name: new_record(r, r in active) for r in table}
     skipped: list = []
     details: list = []
     clips: dict = {}   # tensor -> the clip bounds a rule dropped there (model_io.ACTIVATION_BOUNDS_KEY)
 
     exact_rules = [r for r in active if r.exact]
     approx_rules = [r for r in active if not r.exact]
-    checker = _RegionChecker(shaped, model) if verify else None
+    checker = RegionChecker(shaped, model) if verify else None
     local, pending = {}, []
     for rule in exact_rules:
         ctx.added = []
-        _apply_rule(rule, ctx, records[rule.name], skipped, details, clips)
+        apply_rule(rule, ctx, records[rule.name], skipped, details, clips)
         added, ctx.added = ctx.added, None
         if checker is not None and records[rule.name]["count"]:
             res = checker.check(graph, ctx, added, records[rule.name]["preserved"])
@@ -330,12 +208,12 @@ def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, tab
     exact_fired = [r.name for r in exact_rules if records[r.name]["count"]]
     # The whole model after the exact rules is only needed when a rule could not be verified on
     # its region; the approximate rules continue on the same graph (export only cleans and sorts).
-    model_exact = _export(graph, model) if pending else None
+    model_exact = export(graph, model) if pending else None
     for rule in approx_rules:
-        _apply_rule(rule, ctx, records[rule.name], skipped, details, clips)
+        apply_rule(rule, ctx, records[rule.name], skipped, details, clips)
     approx_fired = [r.name for r in approx_rules if records[r.name]["count"]]
     if approx_fired or exact_fired:
-        final = model_exact if model_exact is not None and not approx_fired else _export(graph, model)
+        final = model_exact if model_exact is not None and not approx_fired else export(graph, model)
     else:
         final = model
     seconds_rules = time.perf_counter() - t0
@@ -357,95 +235,6 @@ def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, tab
     return PassResult(final, changes=changes, details=details, skipped=skipped, extra=extra)
 
 
-class _RegionChecker:
-    """Verifies an exact rule on the region it rewrote, not the whole model.
-
-    The region's inputs are the tensors the new nodes read (same names in the original model);
-    its outputs are the tensors the rule preserves. The original region is cut out of the input
-    model with ``onnx.utils.Extractor``; the new one is exported from the new nodes. Both run in
-    onnxruntime on random values for the region inputs (an exact rewrite is exact for any input),
-    so the cost does not grow with the model. When a region cannot be cut (a region input is new,
-    or has a dynamic shape) the rule is verified on the whole model instead.
-    """
-
-    def __init__(self, shaped: ModelProto, model: ModelProto):
-        self.shaped, self.model = shaped, model
-        self.seconds = 0.0
-        self._extractor = None
-        self.vi = {v.name: v for v in list(shaped.graph.value_info) + list(shaped.graph.input) + list(shaped.graph.output)}
-
-    def check(self, graph, ctx: RuleContext, added: list, preserved: list):
-        t0 = time.perf_counter()
-        try:
-            return self._check(graph, ctx, added, preserved)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-    def _check(self, graph, ctx: RuleContext, added: list, preserved: list):
-        nodes = {id(n): n for n in added if id(n) not in ctx.dead}
-        by_name = {t.name: t for n in nodes.values() for t in n.outputs}
-        outs = []
-        for name in dict.fromkeys(preserved):
-            t = by_name.get(name)
-            if t is None:  # preserved by a node the rule edited in place (e.g. permuted weights)
-                t = graph.tensors().get(name)
-                if t is None or not t.inputs:
-                    return f"preserved tensor '{name}' not found"
-                nodes[id(t.inputs[0])] = t.inputs[0]
-            outs.append(t)
-        produced = {id(t) for n in nodes.values() for t in n.outputs}
-        inputs = []
-        for n in nodes.values():
-            for t in n.inputs:
-                if id(t) in produced or isinstance(t, gs.Constant) or (t.name == "" and not t.inputs) or any(t is i for i in inputs):
-                    continue
-                if t.inputs and t.inputs[0].op == "Constant":
-                    nodes[id(t.inputs[0])] = t.inputs[0]
-                    continue
-                inputs.append(t)
-        specs = []
-        for t in inputs:
-            vi = self.vi.get(t.name)
-            shape = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim] if vi else None
-            if vi is None or shape is None or any(d is None for d in shape):
-                return f"region input '{t.name}' is new or has no static shape"
-            specs.append((t.name, shape, runtime.np_dtype(vi.type.tensor_type.elem_type)))
-        try:
-            if self._extractor is None:
-                self._extractor = Extractor(self.shaped)
-            before = self._extractor.extract_model([s[0] for s in specs], [t.name for t in outs])
-            sub = gs.Graph(nodes=list(nodes.values()), inputs=inputs, outputs=outs, opset=opset_of(self.model))
-            after = gs.export_onnx(sub, do_type_check=False)
-            for m in (before, after):
-                m.ir_version = self.model.ir_version
-                del m.opset_import[:]
-                m.opset_import.extend(self.model.opset_import)
-            s_before, s_after = _session(before), _session(after)
-            rng = np.random.default_rng(0)
-            mx = rel = 0.0
-            for _ in range(2):
-                feed = {n: (rng.standard_normal(sh) * 4).astype(dt) if dt.kind == "f" else rng.integers(0, 4, sh).astype(dt)
-                        for n, sh, dt in specs}
-                r, g = runtime.run(s_before, feed), runtime.run(s_after, feed)
-                for t in outs:
-                    a, b = _err(r[t.name], g[t.name])
-                    mx, rel = max(mx, a), max(rel, b)
-        except Exception as exc:  # a region that cannot be cut out or run alone: verify on the whole model
-            return f"region not extractable ({type(exc).__name__})"
-        return {"max_abs": mx, "max_rel": rel, "tensors": len(outs), "inputs": "generated at the region inputs",
-                "region_nodes": {"before": len(before.graph.node), "after": len(after.graph.node)}}
-
-
-def _judge(name: str, res: dict, records: dict) -> dict:
-    res["passed"] = bool(res["max_abs"] <= EXACT_ATOL or res["max_rel"] <= EXACT_RTOL)
-    records[name]["max_abs_error"] = res["max_abs"]
-    if not res["passed"]:
-        raise VerificationError(
-            f"lite rule '{name}' is exact but changed its tensors by max abs {res['max_abs']:.3g} (rel {res['max_rel']:.3g}).",
-            f"this is a bug in the rule on this model; rerun with --set lite.disable={name} and report it")
-    return res
-
-
 class _Reference:
     """Feeds (user data or generated) and the input model's outputs on them, computed in a thread."""
 
@@ -465,7 +254,7 @@ class _Reference:
 
     def _run(self, model: ModelProto) -> None:
         try:
-            sess = _session(model)
+            sess = session(model)
             self.refs = [runtime.run(sess, f) for f in self.feeds]
         except BaseException as exc:  # re-raised in the caller's thread
             self._exc = exc
@@ -486,7 +275,7 @@ class _Reference:
 def _measure(model, model_exact, final, pending, local, reference: _Reference, records, skipped) -> dict:
     """Exact-rule verification and the lite model's output error against the input model."""
     out = {}
-    ver = {name: _judge(name, res, records) for name, res in local.items()}
+    ver = {name: judge(name, res, records) for name, res in local.items()}
     if ver:
         out["exact_verification"] = {"rules": ver}
     if reference.error is not None:
@@ -504,26 +293,26 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
     outputs = [o.name for o in model.graph.output]
     if pending:
         exact_tensors = [t for name in pending for t in records[name]["preserved"]]
-        s_ref = _session(runtime.with_outputs(model, exact_tensors))
-        s_ex = _session(runtime.with_outputs(model_exact, exact_tensors))
+        s_ref = session(runtime.with_outputs(model, exact_tensors))
+        s_ex = session(runtime.with_outputs(model_exact, exact_tensors))
         for name in pending:
             mx, rel = 0.0, 0.0
             for f in feeds:
                 r, g = runtime.run(s_ref, f, exact_tensors), runtime.run(s_ex, f, exact_tensors)
                 for t in records[name]["preserved"]:
-                    a, b = _err(r[t], g[t])
+                    a, b = max_error(r[t], g[t])
                     mx, rel = max(mx, a), max(rel, b)
-            ver[name] = _judge(name, {"max_abs": mx, "max_rel": rel, "tensors": len(records[name]["preserved"]),
+            ver[name] = judge(name, {"max_abs": mx, "max_rel": rel, "tensors": len(records[name]["preserved"]),
                                       "inputs": f"{source} (whole model)"}, records)
         out["exact_verification"] = {"rules": ver}
-    fin_sess = _session(final)
+    fin_sess = session(final)
     got = [runtime.run(fin_sess, f) for f in feeds]
     refs = reference.outputs()
     per = {}
     for name in outputs:
         mx, rel = 0.0, 0.0
         for r, g in zip(refs, got):
-            a, b = _err(r[name], g[name])
+            a, b = max_error(r[name], g[name])
             mx, rel = max(mx, a), max(rel, b)
         per[name] = {"max_abs": mx, "max_rel": rel}
     out["output_error"] = {"inputs": source, "batches": len(feeds),
@@ -532,7 +321,7 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
     return out
 
 
-_RULE_HELP = ", ".join(f"{r.name}{'' if r.default else '(off)'}{'' if r.exact else '~'}" for r in default_rules())
+_RULE_HELP = rule_help(default_rules())
 
 @dataclass
 class LiteOptions(PassOptions):
@@ -553,7 +342,7 @@ class LiteOptions(PassOptions):
     def validate(self, model, ctx) -> None:
         if self.max_error < 0:
             raise OptionError(f"lite.max_error must be 0 (no budget) or more, got {self.max_error}.", "e.g. --set lite.max_error=0.1")
-        _select(rule_table(self.rules_module), self.rules, self.disable)  # unknown rules, a bad rules module
+        select_rules(rule_table(self.rules_module), self.rules, self.disable, "lite")  # unknown rules, a bad rules module
 
 
 def options_with(**given) -> LiteOptions:

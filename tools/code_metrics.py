@@ -1,5 +1,6 @@
 """Size figures of the product code (onnxopt/ and passes/): files, lines, non-blank non-comment
-lines, the longest functions and how many exceed 80 lines.
+lines, the longest functions and which exceed 80 lines (the torch converter's
+``OnnxModule.__init__``, one table of op lowerings, is exempt).
 
   python tools/code_metrics.py [ROOT]      # ROOT: a checkout (default: this one)
 """
@@ -21,4 +22,6 @@ for path in files:
 funcs.sort(reverse=True)
 print(f"files {len(files)}  lines {lines}  non-blank non-comment {code}")
 print("longest: " + ", ".join(f"{name} {n}" for n, name in funcs[:8]))
-print(f"functions over 80 lines: {sum(1 for n, _ in funcs if n > 80)}")
+EXEMPT = {"onnxopt/torch/convert.py:__init__"}
+over = [f"{name} {n}" for n, name in funcs if n > 80 and name not in EXEMPT]
+print(f"functions over 80 lines (torch converter exempt): {len(over)}" + (": " + ", ".join(over) if over else ""))

@@ -1,8 +1,10 @@
-"""The rewrite engine of the ``lite`` pass and its rules, one module per rule family.
+"""The rewrite engine of the ``lite`` and ``bnfuse`` passes and their rules, one module per rule family.
 
 :mod:`.engine` holds :class:`Rule`, :class:`Match`, :class:`RuleContext` and the :func:`rule`
-registry; each family module declares its rules with ``@rule(...)``: :mod:`.focus`,
-:mod:`.pooling`, :mod:`.reduce`, :mod:`.resize`, :mod:`.kernels`, :mod:`.squeeze_excite`, :mod:`.activations`.
+registry; :mod:`.runner` applies a table (rule choice, one scan per rule, each exact rule checked
+on its region). Each family module declares its rules with ``@rule(...)``: lite's :mod:`.focus`,
+:mod:`.pooling`, :mod:`.reduce`, :mod:`.resize`, :mod:`.kernels`, :mod:`.squeeze_excite`,
+:mod:`.activations`; bnfuse's :mod:`.batchnorm` (arithmetic in :mod:`.fold`).
 
 Defaults follow TI's v2 table (research note tidl-and-ti-toolkit.md section 1.2) with these
 differences: ``focus_to_conv`` is on (TI's ``focus_to_optimized_focus`` is off in v2, but this
@@ -13,12 +15,17 @@ they are.
 """
 from __future__ import annotations
 
-from . import activations, focus, kernels, pooling, reduce, resize, squeeze_excite  # noqa: F401  (they declare the rules)
+from . import activations, batchnorm, focus, kernels, pooling, reduce, resize, squeeze_excite  # noqa: F401  (they declare the rules)
 from .engine import Match, Rule, RuleContext, registered_rules, rule
 
-__all__ = ["Match", "Rule", "RuleContext", "default_rules", "rule"]
+__all__ = ["Match", "Rule", "RuleContext", "bnfuse_rules", "default_rules", "rule"]
 
 
 def default_rules() -> list:
-    """The default rule table, in application order (exact rules run first; see the pass)."""
-    return registered_rules()
+    """The lite rule table, in application order (exact rules run first; see the pass)."""
+    return registered_rules("lite")
+
+
+def bnfuse_rules() -> list:
+    """The bnfuse rule table (:mod:`.batchnorm`), in application order."""
+    return registered_rules("bnfuse")

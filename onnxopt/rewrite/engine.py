@@ -1,4 +1,4 @@
-"""The rewrite engine of the ``lite`` pass: :class:`Rule`, :class:`Match`, the per-run
+"""The rewrite engine of the ``lite`` and ``bnfuse`` passes: :class:`Rule`, :class:`Match`, the per-run
 :class:`RuleContext` and the :func:`rule` registry the rule families declare themselves in.
 
 A rule is ``match(graph, node, ctx) -> Match | str | None`` plus ``rewrite(graph, match, ctx)``:
@@ -28,6 +28,7 @@ class Match:
     """A place a rule will rewrite: ``output`` is the tensor whose producer changes (its name is
     kept); ``data`` holds whatever the rewrite needs. ``preserved`` names the tensors whose values
     an exact rule keeps (default: ``output``); they are what the pass verifies.
+    ``change`` and ``note`` (bnfuse) name what the pass counts the rewrite as and describe it.
     ``data["clip"] = (lo, hi)`` says the rewrite drops a clip of ``output`` at those bounds
     (ReLU6 -> ReLU); the pass records it in the model so that ``qdq`` quantizes ``output`` with a
     range that ends there, clipping where the original did."""
@@ -35,6 +36,8 @@ class Match:
     output: gs.Tensor
     data: dict = field(default_factory=dict)
     preserved: Optional[list] = None
+    change: Optional[str] = None   # what the pass counts the rewrite as (bnfuse: "bn_folded_into_conv"...)
+    note: str = ""                 # a line for the report, set by the rewrite
 
 
 MatchFn = Callable[[gs.Graph, gs.Node, "RuleContext"], Union[Match, str, None]]
@@ -68,7 +71,7 @@ class Rule:
 
 
 class RuleContext(GraphEditor):
-    """Per-run state shared by the lite rules: the graph editor, the opset, the lite options and
+    """Per-run state shared by a pass's rules: the graph editor, the opset, the pass's options and
     the names of the rules enabled in this run."""
 
     def __init__(self, graph: gs.Graph, opset: int, options, active: frozenset = frozenset()):
@@ -82,20 +85,20 @@ _REGISTRY: dict = {}
 
 
 def rule(name: str, summary: str, *, exact: bool, anchors: tuple, rewrite: RewriteFn, priority: int, default: bool = True,
-         opsets: tuple = (1, None)):
+         opsets: tuple = (1, None), family: str = "lite"):
     """Declare a default rule: ``@rule(...)`` on its match function (returned unchanged).
 
     ``exact``: the rewrite keeps the outputs (verified on its region); ``default``: on unless
     disabled; ``priority``: its place in the table (exact rules first); ``opsets``: the
-    default-domain opset range it applies to."""
+    default-domain opset range it applies to; ``family``: the pass whose table it joins."""
     def register(match: MatchFn) -> MatchFn:
         if name in _REGISTRY:
             raise ValueError(f"rule {name} declared twice")
-        _REGISTRY[name] = Rule(name, summary, exact, default, anchors, match, rewrite, priority, opsets)
+        _REGISTRY[name] = (family, Rule(name, summary, exact, default, anchors, match, rewrite, priority, opsets))
         return match
     return register
 
 
-def registered_rules() -> list:
-    """Every declared rule, in table order."""
-    return sorted(_REGISTRY.values(), key=lambda r: r.priority)
+def registered_rules(family: str = "lite") -> list:
+    """Every rule declared for ``family`` (a pass name), in table order."""
+    return sorted((r for f, r in _REGISTRY.values() if f == family), key=lambda r: r.priority)

@@ -1,0 +1,259 @@
+"""Running a rule table on a graph, for every pass built on the rewrite engine (``lite``,
+``bnfuse``): choosing the rules (``PASS.rules`` / ``PASS.disable``), one scan per rule, the
+per-rule check of an exact rule on the region it rewrote, and the export.
+
+An exact rule is verified on its own region: the tensors it preserved (their names are kept) are
+compared between the original region (cut out of the input model) and the new nodes, on random
+values at the region's inputs. A region that cannot be cut out (dynamic shapes, new tensors) is
+left to the caller to verify on the whole model.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from typing import Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import ModelProto
+from onnx.utils import Extractor
+
+from .. import runtime
+from ..errors import OptionError, VerificationError
+from ..ir.graph import export_graph
+from ..model_io import opset_of
+from .engine import Match, Rule, RuleContext
+
+# Tolerance for the exact rules (same as the manager's for exact passes).
+EXACT_RTOL = 1e-4
+EXACT_ATOL = 1e-5
+
+
+def select_rules(table: list, only: Optional[list], disable: Optional[list], pass_name: str) -> list:
+    """The rules of ``table`` a run applies: ``only`` (else the default-on ones) less ``disable``."""
+    names = [r.name for r in table]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise OptionError(f"the {pass_name} rule table names {', '.join(dup)} twice.", "give every rule a unique name")
+    for opt, given in (("rules", only), ("disable", disable)):
+        bad = [n for n in (given or []) if n not in names]
+        if bad:
+            raise OptionError(f"unknown {pass_name} rule '{bad[0]}' in {pass_name}.{opt}.", f"valid rules: {', '.join(names)}")
+    wanted = set(only) if only else {r.name for r in table if r.default}
+    wanted -= set(disable or [])
+    return [r for r in table if r.name in wanted]
+
+
+def rule_help(table: list) -> str:
+    """The rule list an option's help shows: ``~`` approximate, ``(off)`` off by default."""
+    return ", ".join(f"{r.name}{'' if r.default else '(off)'}{'' if r.exact else '~'}" for r in table)
+
+
+def new_record(rule: Rule, active: bool) -> dict:
+    """The report entry of one rule (``extra["rules"][name]``)."""
+    return {"exact": rule.exact, "enabled": active, "default": rule.default, "summary": rule.summary,
+            "count": 0, "tensors": [], "preserved": []}
+
+
+def apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, details: list, clips: dict,
+               pass_name: str = "lite") -> None:
+    """One scan of the graph with ``rule``: every match is rewritten at once; a near-match's reason
+    goes to ``skipped``, each rewrite to ``details`` and ``record``."""
+    graph = ctx.graph
+    anchors = set(rule.anchors)
+    for node in list(graph.nodes):
+        if id(node) in ctx.dead or (anchors and node.op not in anchors):
+            continue
+        try:
+            result = rule.match(graph, node, ctx)
+        except Exception as exc:  # name the rule and the node: the traceback alone rarely does
+            raise RuntimeError(f"{pass_name} rule '{rule.name}' failed matching node '{node.name}' ({node.op}): {exc}") from exc
+        if result is None:
+            continue
+        if isinstance(result, str):
+            skipped.append(f"{node.name or node.op} ({node.outputs[0].name if node.outputs else '?'}): {rule.name}: {result}")
+            continue
+        if not isinstance(result, Match):
+            raise TypeError(f"{pass_name} rule {rule.name}: match returned {type(result).__name__}, expected Match, str or None")
+        out_name = result.output.name
+        before = result.output.inputs[0].op if result.output.inputs else None
+        try:
+            rule.rewrite(graph, result, ctx)
+        except Exception as exc:
+            raise RuntimeError(f"{pass_name} rule '{rule.name}' failed rewriting '{out_name}': {exc}") from exc
+        record["count"] += 1
+        record["tensors"].append(out_name)
+        if "clip" in result.data:
+            clips[out_name] = tuple(result.data["clip"])
+        record["preserved"].extend(result.preserved or [out_name])
+        entry = {"rule": rule.name, "exact": rule.exact, "tensor": out_name, "was": before,
+                 "now": result.output.inputs[0].op if result.output.inputs else None}
+        if result.change:
+            entry["change"] = result.change
+        if result.note:
+            entry["note"] = result.note
+        details.append(entry)
+    ctx.compact()
+
+
+def stable_toposort(graph) -> bool:
+    """Kahn's algorithm keeping the existing order where it can (linear; gs's toposort computes
+    hierarchy levels recursively and dominates on 10k-node graphs). False when it does not apply
+    (subgraphs with outer-scope reads, or a cycle): then gs sorts."""
+    nodes = graph.nodes
+    if any(isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v))
+           for n in nodes for v in n.attrs.values()):
+        return False
+    index = {id(n): i for i, n in enumerate(nodes)}
+    pending = [0] * len(nodes)
+    readers: dict = {}
+    for i, n in enumerate(nodes):
+        seen = set()
+        for t in n.inputs:
+            p = t.inputs[0] if t.inputs else None
+            if p is not None and id(p) in index and id(p) not in seen:
+                seen.add(id(p))
+                pending[i] += 1
+                readers.setdefault(id(p), []).append(i)
+    ready = [i for i, c in enumerate(pending) if c == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for j in readers.get(id(nodes[i]), ()):
+            pending[j] -= 1
+            if pending[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        return False
+    graph.nodes = order
+    return True
+
+
+def export(graph, like: ModelProto) -> ModelProto:
+    """The rewritten graph as a model like ``like``, sorted keeping the existing order where it can."""
+    # export_graph's cleanup only removes nodes, so the order sorted here stays topological.
+    model = export_graph(graph, like, sort=not stable_toposort(graph))  # IR < 4: initializers listed as inputs
+    # Keep only the value_info the input model had (shape inference ran on a copy for matching).
+    keep = {vi.name: vi for vi in like.graph.value_info}
+    present = {t for n in model.graph.node for t in n.output}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for name, v in keep.items() if name in present)
+    return model
+
+
+def session(model: ModelProto):
+    """A verification session: optimizations off, one intra-op thread (ORT's spinning worker
+    threads cost more than they give on a loaded machine, and the two sessions run side by side)."""
+    return runtime.session(model, threads=1)
+
+
+def max_error(ref: np.ndarray, got: np.ndarray) -> tuple:
+    """(max abs, max abs relative to the reference's largest finite magnitude); NaN where both are NaN is no error."""
+    if ref.shape != got.shape:
+        return math.inf, math.inf
+    if ref.size == 0:
+        return 0.0, 0.0
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    d = np.abs(r - g)
+    d = np.where(np.isnan(r) & np.isnan(g), 0.0, d)
+    mx = float(np.nanmax(np.where(np.isnan(d), np.inf, d)))
+    scale = float(np.max(np.abs(r[np.isfinite(r)]))) if np.isfinite(r).any() else 1.0
+    return mx, mx / max(scale, 1e-12)
+
+
+class RegionChecker:
+    """Verifies an exact rule on the region it rewrote, not the whole model.
+
+    The region's inputs are the tensors the new nodes read (same names in the original model);
+    its outputs are the tensors the rule preserves. The original region is cut out of the input
+    model with ``onnx.utils.Extractor``; the new one is exported from the new nodes. Both run in
+    onnxruntime on random values for the region inputs (an exact rewrite is exact for any input),
+    so the cost does not grow with the model. When a region cannot be cut (a region input is new,
+    or has a dynamic shape) the rule is verified on the whole model instead.
+    """
+
+    def __init__(self, shaped: ModelProto, model: ModelProto):
+        self.shaped, self.model = shaped, model
+        self.seconds = 0.0
+        self._extractor = None
+        self.vi = {v.name: v for v in list(shaped.graph.value_info) + list(shaped.graph.input) + list(shaped.graph.output)}
+
+    def check(self, graph, ctx: RuleContext, added: list, preserved: list):
+        t0 = time.perf_counter()
+        try:
+            return self._check(graph, ctx, added, preserved)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _check(self, graph, ctx: RuleContext, added: list, preserved: list):
+        nodes = {id(n): n for n in added if id(n) not in ctx.dead}
+        by_name = {t.name: t for n in nodes.values() for t in n.outputs}
+        outs = []
+        for name in dict.fromkeys(preserved):
+            t = by_name.get(name)
+            if t is None:  # preserved by a node the rule edited in place (e.g. permuted weights)
+                t = graph.tensors().get(name)
+                if t is None or not t.inputs:
+                    return f"preserved tensor '{name}' not found"
+                nodes[id(t.inputs[0])] = t.inputs[0]
+            outs.append(t)
+        produced = {id(t) for n in nodes.values() for t in n.outputs}
+        inputs = []
+        for n in nodes.values():
+            for t in n.inputs:
+                if id(t) in produced or isinstance(t, gs.Constant) or (t.name == "" and not t.inputs) or any(t is i for i in inputs):
+                    continue
+                if t.inputs and t.inputs[0].op == "Constant":
+                    nodes[id(t.inputs[0])] = t.inputs[0]
+                    continue
+                inputs.append(t)
+        specs = []
+        for t in inputs:
+            vi = self.vi.get(t.name)
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim] if vi else None
+            if vi is None or shape is None or any(d is None for d in shape):
+                return f"region input '{t.name}' is new or has no static shape"
+            specs.append((t.name, shape, runtime.np_dtype(vi.type.tensor_type.elem_type)))
+        try:
+            if self._extractor is None:
+                self._extractor = Extractor(self.shaped)
+            before = self._extractor.extract_model([s[0] for s in specs], [t.name for t in outs])
+            sub = gs.Graph(nodes=list(nodes.values()), inputs=inputs, outputs=outs, opset=opset_of(self.model))
+            after = gs.export_onnx(sub, do_type_check=False)
+            for m in (before, after):
+                m.ir_version = self.model.ir_version
+                del m.opset_import[:]
+                m.opset_import.extend(self.model.opset_import)
+            s_before, s_after = session(before), session(after)
+            rng = np.random.default_rng(0)
+            mx = rel = 0.0
+            for _ in range(2):
+                feed = {n: (rng.standard_normal(sh) * 4).astype(dt) if dt.kind == "f" else rng.integers(0, 4, sh).astype(dt)
+                        for n, sh, dt in specs}
+                r, g = runtime.run(s_before, feed), runtime.run(s_after, feed)
+                for t in outs:
+                    a, b = max_error(r[t.name], g[t.name])
+                    mx, rel = max(mx, a), max(rel, b)
+        except Exception as exc:  # a region that cannot be cut out or run alone: verify on the whole model
+            return f"region not extractable ({type(exc).__name__})"
+        return {"max_abs": mx, "max_rel": rel, "tensors": len(outs), "inputs": "generated at the region inputs",
+                "region_nodes": {"before": len(before.graph.node), "after": len(after.graph.node)}}
+
+
+def within_tolerance(res: dict) -> bool:
+    """An exact rule's check passes: the exact-pass tolerance, absolute or relative."""
+    return bool(res["max_abs"] <= EXACT_ATOL or res["max_rel"] <= EXACT_RTOL)
+
+
+def judge(name: str, res: dict, records: dict, pass_name: str = "lite") -> dict:
+    """Record an exact rule's check; raise when it failed."""
+    res["passed"] = within_tolerance(res)
+    records[name]["max_abs_error"] = res["max_abs"]
+    if not res["passed"]:
+        raise VerificationError(
+            f"{pass_name} rule '{name}' is exact but changed its tensors by max abs {res['max_abs']:.3g} (rel {res['max_rel']:.3g}).",
+            f"this is a bug in the rule on this model; rerun with --set {pass_name}.disable={name} and report it")
+    return res
