@@ -253,6 +253,8 @@ def qdq(model, options: QdqOptions, ctx):
     if options.recovery.requested:
         qmodel, rep = recovery.recover(float_model, qmodel, info, options.recovery, data, ctx, options.calibration.calib_samples)
         extra["recovery"] = rep
+        if (rep.get("fallback") or {}).get("warning"):
+            warns.append(rep["fallback"]["warning"])
     extra["check"] = _target_check(qmodel, info["target"], options.strict_check, ctx, warns)
     extra["info"] = info
     changes = {

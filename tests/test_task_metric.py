@@ -146,6 +146,7 @@ def test_default_fallback_meets_the_agreement_budget():
     assert 0 < len(fb["high_precision_layers"]) < len(info["layers"]) + len(info["activations"])
     assert report.passes[0].extra["check"]["violations"] == 0
     assert any(line.startswith(f"fallback: {len(fb['high_precision_layers'])} layer(s) kept") for line in logs)
+    assert "warning" not in fb and not any("fallback=auto: the budget" in line for line in logs)
     # off with fallback=none
     q2, r2 = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "weight_bits": 4, "calib_method": "minmax", "fallback": "none"}},
                            context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
@@ -173,3 +174,18 @@ def test_pass_summaries_measure_the_logits_behind_a_softmax():
     assert out["rel_error"] == pytest.approx(np.linalg.norm(cand - ref) / np.linalg.norm(ref), rel=1e-4)
     assert out["top1_agreement"] == pytest.approx(np.mean(ref.argmax(1) == cand.argmax(1)))
     assert out["kl"] > 0 and "on the logits before the final Softmax" in output_change.describe(change)
+
+
+def test_fallback_that_keeps_everything_in_float_says_so():
+    """W4A4: no layer can be quantized within a 1-point budget; the default fallback then returns
+    (nearly) the float model, and one warning line says so and names the ways out."""
+    m, feeds = se_models.mobilenetv3_se(bad_scale=1.0), se_models.image_like_inputs(48)
+    logs = []
+    _, report = manager.apply(m, "qdq", {"qdq": {"target": "ort", "weight_bits": 4, "activation_bits": 4, "calib_method": "minmax"}},
+                              context=PassContext(data=lambda: iter(feeds), progress=False, log=logs.append), summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    info = report.passes[0].extra["info"]
+    assert len(fb["high_precision_layers"]) >= len(info["layers"])
+    lines = [line for line in logs if line.startswith("WARNING: fallback=auto: the budget")]
+    assert len(lines) == 1 and "qdq.fallback=none" in lines[0] and "max_agreement_loss" in lines[0]
+    assert lines[0] in report.passes[0].extra["warnings"]

@@ -157,6 +157,22 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     if measure_latency:
         rep["latency_ms_ort_cpu"] = _latency_report(qmodel, out, ev.feeds[0])
     rep["seconds"] = round(time.perf_counter() - t0, 2)
+    warning = _unreachable_warning(met, len(chosen), n_layers, budget, precision)
+    if warning:
+        rep["warning"] = warning
     log(f"fallback: {len(chosen)} layer(s) kept in {precision}{': ' + ', '.join(chosen) if chosen else ''}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; {ev.samples} samples)")
+    if warning:
+        log(warning)
     return out, rep
+
+
+def _unreachable_warning(met: bool, kept: int, units: int, budget, precision: str):
+    """One line when the budget leaves nothing quantized or cannot be met (e.g. W4A4, where every
+    layer alone costs more than a point): the user asked for low-bit and silently got float."""
+    if met and (kept < units or units == 0):
+        return None
+    what = "is not reachable" if not met else f"kept all {units} unit(s) in {precision}"
+    return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
+            "asked for; use --set qdq.fallback=none to quantize every layer, or a larger qdq.max_agreement_loss "
+            "(qdq.max_error)")
