@@ -80,7 +80,7 @@ CACHE_VERSION = 1
 QUEUE_PER_WORKER = 2          # batches buffered per worker: bounds the parent's memory
 
 __all__ = [
-    "CalibConfig", "TensorStats", "calibrate", "collect_statistics", "compute_range", "weight_ranges",
+    "CalibConfig", "TensorStats", "calibrate", "channel_ranges", "collect_statistics", "compute_range", "weight_ranges",
     "write_trt_calibration_table", "read_trt_calibration_table", "METHODS",
 ]
 
@@ -321,6 +321,32 @@ def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConf
     if nbatches == 0:
         raise DataError("the calibration data yielded no batches.", "check --calib-data and --calib-samples")
     return stats
+
+
+def channel_ranges(model: ModelProto, tensors: list, data, config: Optional[CalibConfig] = None, axis: int = 1) -> dict:
+    """Per-channel ``(lo[C], hi[C])`` along ``axis`` of each tensor: the min/max over every other
+    axis and every batch (streaming, one session; per-channel activation quantizers take minmax
+    ranges, as NNCF's do)."""
+    config = config or CalibConfig()
+    inputs = _graph_tensors(model)[0]
+    fetch = [t for t in dict.fromkeys(tensors) if t not in inputs]
+    sess = _session(_augmented(model, fetch), int(config.threads), config.optimize) if fetch else None
+    lo: dict = {}
+    hi: dict = {}
+    for b, feed in enumerate(_iter_batches(data, config.batch_size)):
+        outs = dict(zip(fetch, sess.run(fetch, feed))) if sess is not None else {}
+        for t in dict.fromkeys(tensors):
+            a = np.asarray(outs[t] if t in outs else feed[t])
+            other = tuple(i for i in range(a.ndim) if i != axis)
+            mn, mx = a.min(axis=other).astype(np.float64), a.max(axis=other).astype(np.float64)
+            if not (np.all(np.isfinite(mn)) and np.all(np.isfinite(mx))):
+                raise DataError(f"tensor '{t}' holds NaN or Inf on calibration batch {b}.",
+                                "the model overflows on this data (check the preprocessing), or the model itself is broken")
+            lo[t] = np.minimum(lo[t], mn) if t in lo else mn
+            hi[t] = np.maximum(hi[t], mx) if t in hi else mx
+    if len(lo) != len(set(tensors)):
+        raise DataError("the calibration data yielded no batches.", "check --calib-data and --calib-samples")
+    return {t: (lo[t], hi[t]) for t in lo}
 
 
 # -- worker processes ---------------------------------------------------------------------

@@ -70,6 +70,7 @@ class WeightCommand:
 class ActivationCommand:
     tensor: str
     group: str                  # representative tensor of its scale group
+    axis: Optional[int] = None  # per-channel axis (depthwise inputs on ort), None = per-tensor
 
 
 @dataclass
@@ -269,6 +270,36 @@ def plan(graph: gs.Graph, rules: TargetRules, options: PlacementOptions, per_cha
     for name in quant:
         result.activations.append(ActivationCommand(name, uf.find(name)))
     return result
+
+
+def depthwise_per_channel(graph: gs.Graph, result: Plan) -> list:
+    """Put the data input of every depthwise Conv (one input channel per group) on a per-channel
+    (axis 1) quantizer, as NNCF does: the channels entering a depthwise conv can differ by
+    decades (BatchNorm folded with very different statistics), which no per-tensor scale holds.
+    Only a tensor alone in its scale group (a group shares one scale) is changed. Returns the
+    tensors changed."""
+    commands = {a.tensor: a for a in result.activations}
+    changed = []
+    for n in graph.nodes:
+        if not _is_depthwise(n) or n.name in result.excluded:
+            continue
+        cmd = commands.get(n.inputs[0].name)
+        # every reader a depthwise conv: a full conv's int32 bias cannot take per-input-channel scales
+        if cmd is None or not all(_is_depthwise(r) for r in n.inputs[0].outputs):
+            continue
+        if len(result.groups.get(cmd.group, [])) == 1 and cmd.axis is None:
+            cmd.axis = 1
+            changed.append(cmd.tensor)
+    return changed
+
+
+def _is_depthwise(n: gs.Node) -> bool:
+    """A Conv with one input channel per group and one output channel per group."""
+    if n.op != "Conv" or not n.inputs:
+        return False
+    w = constant_value(input_at(n, 1))
+    group = int(n.attrs.get("group", 1))
+    return w is not None and group > 1 and w.ndim >= 3 and w.shape[0] == group and w.shape[1] == 1
 
 
 def _absorbed_output(graph: gs.Graph, node: gs.Node, excluded: set) -> gs.Tensor:

@@ -79,6 +79,7 @@ class ActParams:
     qmax: int
     scale_const: Any = None
     zp_const: Any = None
+    axis: Optional[int] = None   # per-channel: scale and zero_point are vectors along this axis
 
 
 # ------------------------------------------------------------------------------------ prepare
@@ -444,11 +445,16 @@ def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantRe
     cache = calibration.calib_cache or None
     # a cache that exists is either reused (model, data and settings match) or refused as stale
     cache_state = ("reused" if Path(cache).exists() else "written") if cache and tensors else None
+    # per-channel depthwise inputs take per-channel minmax ranges, measured first so that the
+    # auto search measures the model with them
+    per_channel = placement_mod.depthwise_per_channel(graph, the_plan) if options.placement.depthwise_axis(rules, fmt.activation_bits) else []
+    channel = calib.channel_ranges(with_clip_bounds(model, bounds), per_channel, data) if per_channel else {}
     choose, search = None, {}
     if calibration.calib_method == "auto" and tensors:
         choose = _range_chooser(model, the_plan, tensors, data, rules, fmt, bounds, search,
-                                getattr(ctx, "log", None) if ctx is not None else None)
+                                getattr(ctx, "log", None) if ctx is not None else None, channel)
     ranges = run_calibration(model, tensors, data, calibration, fmt, rules, progress, nonneg, bounds, choose) if tensors else {}
+    ranges.update(channel)
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
     if missing:
         raise InternalError(f"calibration returned no range for {len(missing)} tensor(s), e.g. '{missing[0]}' "
@@ -459,19 +465,25 @@ def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantRe
     info["clip_bounds"] = sorted(bounds)
     info["calib_cache"] = {"path": str(cache), "state": cache_state} if cache_state else None
     info["calibration"] = search.get("report") or {"method": calibration.calib_method if not choose else "auto"}
-    return QuantResult(qmodel, info, {k: (float(v[0]), float(v[1])) for k, v in ranges.items()})
+    info["per_channel_activations"] = per_channel
+    return QuantResult(qmodel, info, {k: _range_value(v) for k, v in ranges.items()})
+
+
+def _range_value(r) -> tuple:
+    """(lo, hi) as floats, or as lists for a per-channel range."""
+    return tuple(float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist() for v in r[:2])
 
 
 def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRules, fmt: FormatOptions, bounds: dict,
-                   out: dict, log) -> Callable:
+                   out: dict, log, fixed: dict) -> Callable:
     """The ``choose`` of ``calib_method=auto`` (:mod:`onnxopt.quant.calib_search`): measures the
     Q/DQ model of ``plan`` against the float model (with the clips lite removed put back), and
-    stores the search's report in ``out["report"]``."""
-    placed = plan.activation_tensors()
+    stores the search's report in ``out["report"]``. ``fixed``: ranges not searched (per-channel)."""
+    placed = set(plan.activation_tensors()) - set(fixed)
     reference = with_clip_bounds(model, bounds)
 
     def build(ranges: dict) -> ModelProto:
-        return apply_plan(model, import_graph(model), plan, ranges, rules, fmt)[0]
+        return apply_plan(model, import_graph(model), plan, {**ranges, **fixed}, rules, fmt)[0]
 
     def choose(candidates: dict, seconds: float) -> dict:
         ranges, out["report"] = calib_search.choose_ranges(reference, build, candidates,
@@ -497,9 +509,12 @@ class _PlanWriter:
         tensors, abits = self.graph.tensors(), self.fmt.activation_bits
         group_params: dict = {}
         for rep, members in plan.groups.items():
-            lo = min(float(ranges[m][0]) for m in members)
-            hi = max(float(ranges[m][1]) for m in members)
-            p = activation_params(lo, hi, abits, self.rules, self.symmetric, self.power_of_two, self.fmt.unsigned_low_bit(abits))
+            if np.ndim(ranges[rep][0]):   # a per-channel quantizer (alone in its group)
+                p = self.channel_params(*ranges[rep])
+            else:
+                lo = min(float(ranges[m][0]) for m in members)
+                hi = max(float(ranges[m][1]) for m in members)
+                p = activation_params(lo, hi, abits, self.rules, self.symmetric, self.power_of_two, self.fmt.unsigned_low_bit(abits))
             dtype = np.float32
             first = tensors[members[0]]
             if first.dtype is not None and np.dtype(first.dtype) == np.float16:
@@ -508,6 +523,17 @@ class _PlanWriter:
             p.zp_const = gs.Constant(self.names(f"{rep}_zero_point"), np.asarray(p.zero_point, dtype=np.int8 if p.signed else np.uint8))
             group_params[rep] = p
         return group_params
+
+    def channel_params(self, lo: np.ndarray, hi: np.ndarray) -> ActParams:
+        """Per-channel parameters: each channel's per-tensor ones, in one type (signed when any
+        channel is, for symmetric activations)."""
+        lo, hi = np.minimum(np.asarray(lo, np.float64), 0.0), np.asarray(hi, np.float64)
+        if self.symmetric and np.any(lo < 0):
+            lo = np.minimum(lo, -MIN_SCALE)
+        ps = [activation_params(a, b, self.fmt.activation_bits, self.rules, self.symmetric, self.power_of_two)
+              for a, b in zip(lo, hi)]
+        p = ps[0]
+        return ActParams(np.array([q.scale for q in ps]), np.array([q.zero_point for q in ps]), p.signed, p.qmin, p.qmax, axis=1)
 
     def clip(self, t: gs.Variable, p) -> gs.Variable:
         """Below 8 bits the tensor is clipped to the quantized range first; returns the clipped tensor."""
@@ -528,8 +554,11 @@ class _PlanWriter:
         src = self.clip(t, p) if self.fmt.activation_bits < 8 else t
         q_out = gs.Variable(names(f"{t.name}_quantized"), dtype=np.int8 if p.signed else np.uint8, shape=t.shape)
         dq_out = gs.Variable(names(f"{t.name}_dequantized"), dtype=t.dtype, shape=t.shape)
-        qn = gs.Node("QuantizeLinear", names(f"{t.name}_QuantizeLinear"), inputs=[src, p.scale_const, p.zp_const], outputs=[q_out])
-        dqn = gs.Node("DequantizeLinear", names(f"{t.name}_DequantizeLinear"), inputs=[q_out, p.scale_const, p.zp_const], outputs=[dq_out])
+        attrs = {"axis": p.axis} if p.axis is not None else {}
+        qn = gs.Node("QuantizeLinear", names(f"{t.name}_QuantizeLinear"), attrs=dict(attrs),
+                     inputs=[src, p.scale_const, p.zp_const], outputs=[q_out])
+        dqn = gs.Node("DequantizeLinear", names(f"{t.name}_DequantizeLinear"), attrs=dict(attrs),
+                      inputs=[q_out, p.scale_const, p.zp_const], outputs=[dq_out])
         self.graph.nodes.extend([qn, dqn])
         for reader in readers:
             for i, inp in enumerate(reader.inputs):
@@ -556,7 +585,7 @@ def _int_bias_scale(scale, b: np.ndarray, data_scale: float, power_of_two: bool)
     bias then stays float)."""
     fits = True
     if scale.ndim == 0:
-        need = np.max(np.abs(b)) / (data_scale * (INT32_MAX - 1)) if b.size else 0.0
+        need = np.max(np.abs(b) / (np.asarray(data_scale) * (INT32_MAX - 1))) if b.size else 0.0
         scale = np.maximum(scale, need)
     elif scale.shape[0] == b.shape[0]:
         scale = np.maximum(scale, np.abs(b) / (data_scale * (INT32_MAX - 1)))
@@ -638,8 +667,8 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
         act_scale_of[t.name] = p.scale
         activations_info.append({"tensor": t.name, "scale": p.scale_const.name, "zero_point": p.zp_const.name,
                                  "q_node": qn.name, "dq_node": dqn.name, "group": cmd.group,
-                                 "scale_value": p.scale, "zero_point_value": p.zero_point,
-                                 "dtype": "int8" if p.signed else "uint8", "range": [float(ranges[t.name][0]), float(ranges[t.name][1])]})
+                                 "scale_value": _range_value((p.scale,))[0], "zero_point_value": _range_value((p.zero_point,))[0],
+                                 "axis": p.axis, "dtype": "int8" if p.signed else "uint8", "range": list(_range_value(ranges[t.name]))})
 
     layers, int4_names, shared = [], [], {}
     for wc in plan.weights:

@@ -13,6 +13,8 @@ used (see :mod:`onnxopt.quant.placement`):
   onnxruntime only fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` when every input -- the bias
   included -- is a DQ; Q/DQ around every op that has an int8 kernel, the output Q placed after a
   following Relu/Clip so onnxruntime absorbs the activation into the quantized range.
+  Per-channel (axis 1) activation Q/DQ run too (unfused), so ``depthwise_per_channel`` is
+  offered here only.
 * ``tidl`` -- what TI's QAT exports and TIDL imports pre-quantized: int8 per-channel symmetric
   weights, uint8 per-tensor activations, int32 bias DQ with scale ``s_in*s_w``, opset 17,
   static shapes; before Q/DQ placement the float graph is rewritten exactly at the static input
@@ -50,6 +52,7 @@ class TargetRules:
     allow_uint8: bool               # uint8 Q/DQ types accepted
     allow_int4_weights: bool        # int4 weight initializers (opset >= 21) accepted
     absorb_activations: bool        # move the output Q past a following Relu/Clip
+    per_channel_activations: bool   # per-axis activation Q/DQ accepted (onnxruntime; TensorRT and TIDL refuse it)
     default_method: str             # calibration method for "auto" (measured: tools/bench_qdq.py on
                                     # EfficientNet-Lite0 and YOLOX-nano, see the qdq report)
     float_rewrites: tuple = ()      # exact lite rules run on the float graph before Q/DQ placement
@@ -65,22 +68,22 @@ TARGETS = {
         name="tensorrt", placement="inputs", act_signed=True, act_symmetric=True, allow_asymmetric=False, allow_asymmetric_weights=False,
         per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=False, min_opset=13,
         fixed_opset=None, static_shapes=False, zero_points_zero=True, allow_uint8=False,
-        allow_int4_weights=True, absorb_activations=False, default_method="percentile"),
+        allow_int4_weights=True, absorb_activations=False, per_channel_activations=False, default_method="percentile"),
     "ort": TargetRules(
         name="ort", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True, allow_asymmetric_weights=True,
         per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=True, min_opset=13,
         fixed_opset=None, static_shapes=False, zero_points_zero=False, allow_uint8=True,
-        allow_int4_weights=True, absorb_activations=True, default_method="mse"),
+        allow_int4_weights=True, absorb_activations=True, per_channel_activations=True, default_method="mse"),
     "tidl": TargetRules(
         name="tidl", placement="ops", act_signed=False, act_symmetric=False, allow_asymmetric=True, allow_asymmetric_weights=False,
         per_channel=True, allow_per_channel=True, power_of_two=False, int_bias=True, min_opset=17,
         fixed_opset=17, static_shapes=True, zero_points_zero=False, allow_uint8=True,
-        allow_int4_weights=False, absorb_activations=True, default_method="mse", float_rewrites=TIDL_REWRITES),
+        allow_int4_weights=False, absorb_activations=True, per_channel_activations=False, default_method="mse", float_rewrites=TIDL_REWRITES),
     "tidl-tda4vm": TargetRules(
         name="tidl-tda4vm", placement="ops", act_signed=False, act_symmetric=True, allow_asymmetric=False, allow_asymmetric_weights=False,
         per_channel=False, allow_per_channel=False, power_of_two=True, int_bias=True, min_opset=17,
         fixed_opset=17, static_shapes=True, zero_points_zero=True, allow_uint8=True,
-        allow_int4_weights=False, absorb_activations=True, default_method="mse", float_rewrites=TIDL_REWRITES),
+        allow_int4_weights=False, absorb_activations=True, per_channel_activations=False, default_method="mse", float_rewrites=TIDL_REWRITES),
 }
 
 TARGET_NAMES = tuple(TARGETS)

@@ -195,9 +195,8 @@ class QdqView:
         act = self.dq_output_to_act.get(self.nodes[layer].input[0])
         if act is None:
             return None
-        s = float(self.array(act["scale"]))
-        zp_arr = self.array(act["zero_point"])
-        zp = float(zp_arr)
+        s_arr, zp_arr = self.array(act["scale"]), self.array(act["zero_point"])
+        axis = act.get("axis")
         info = np.iinfo(zp_arr.dtype)
         lo, hi = float(info.min), float(info.max)
         bits = int(self.info.get("activation_bits", 8))
@@ -208,7 +207,9 @@ class QdqView:
                 lo, hi = -float(2 ** (bits - 1) - 1), float(2 ** (bits - 1) - 1)
 
         def fq(x):
-            # round half to even, as QuantizeLinear does
+            # round half to even, as QuantizeLinear does; a per-channel quantizer along its axis
+            s = along_axis(s_arr.astype(np.float64), x.ndim, axis)
+            zp = along_axis(zp_arr.astype(np.float64), x.ndim, axis)
             return ((np.clip(np.rint(x / s) + zp, lo, hi) - zp) * s).astype(np.float32)
 
         return fq
