@@ -69,13 +69,20 @@ def rewrite_pool(graph, m, ctx):
       exact=True, anchors=("ReduceMean",), rewrite=rewrite_pool, priority=32, default=False)
 def match_pool(graph, node, ctx):
     """ReduceMean of a float tensor of rank >= 3 over axes 2..rank-1."""
+    return _on_mean(node, ctx, _pool_match)
+
+
+def _on_mean(node: gs.Node, ctx: RuleContext, match):
+    """``match(node, x, rank, axes)`` on a ReduceMean of the float tensor x, or why it is left alone."""
     x = _float_input(node)
     if isinstance(x, str):
         return x
     axes = _reduced_axes(node, ctx, rank(x))
-    if isinstance(axes, str):
-        return axes
-    if rank(x) < 3 or axes != list(range(2, rank(x))):
+    return axes if isinstance(axes, str) else match(node, x, rank(x), axes)
+
+
+def _pool_match(node: gs.Node, x: gs.Tensor, r: int, axes: list):
+    if r < 3 or axes != list(range(2, r)):
         return None  # reducemean_to_matmul's case, or neither
     return Match(node.outputs[0], {"x": x, "keepdims": int(node.attrs.get("keepdims", 1))})
 
@@ -112,13 +119,10 @@ def rewrite_matmul(graph, m, ctx):
       exact=True, anchors=("ReduceMean",), rewrite=rewrite_matmul, priority=34, default=False)
 def match_matmul(graph, node, ctx):
     """ReduceMean of a float tensor over one of its last two axes, whose size is static."""
-    x = _float_input(node)
-    if isinstance(x, str):
-        return x
-    r = rank(x)
-    axes = _reduced_axes(node, ctx, r)
-    if isinstance(axes, str):
-        return axes
+    return _on_mean(node, ctx, _matmul_match)
+
+
+def _matmul_match(node: gs.Node, x: gs.Tensor, r: int, axes: list):
     if len(axes) != 1 or r < 2 or axes[0] < r - 2:
         return f"mean over axes {axes} of a rank-{r} tensor: only one of the last two axes maps to a MatMul"
     shape = x.shape
