@@ -134,15 +134,13 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     chosen = order[:k]
     after = task(k)
     out = variant(chosen, fold=False) if chosen else qmodel
-    macs = {r["name"]: (r["macs"] or 0) for r in stats.layer_macs(qmodel)}
-    total = sum(macs.get(l, 0) for l in view.layers) or 1
     rep = {"budget": budget.describe(), "max_error": budget.max_rel_error, "max_agreement_loss": budget.max_agreement_loss,
            "met": met, "error_before": full.rel_error, "error_after": after.rel_error,
            "agreement_loss_before": full.agreement_loss, "agreement_loss_after": after.agreement_loss,
            "task_before": full.summary(), "task_after": after.summary(),
            "sqnr_db_before": round(sqnr_db(full.rel_error), 3), "sqnr_db_after": round(sqnr_db(after.rel_error), 3),
            "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache) + (n_layers if order else 0),
-           "high_precision_mac_share": round(sum(macs.get(l, 0) for l in chosen) / total, 4),
+           "high_precision_mac_share": _mac_share(qmodel, view, chosen),
            "samples": ev.samples}
     if uses_agreement and not full.classifier:
         rep["note"] = ("no classifier-shaped output ([N, C]): the agreement budget does not apply; "
@@ -151,9 +149,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         rep["note"] = ("the budget is not reachable by keeping weighted layers in high precision "
                        "or activations in float")
     if precision == "int16":
-        outputs = [acts[u] if u in acts else view.nodes[u].output[0] for u in chosen]
-        rep["tidl_options"] = {"advanced_options:params_16bit_names_list": ",".join(outputs),
-                               "advanced_options:output_feature_16bit_names_list": ",".join(outputs)}
+        rep["tidl_options"] = _tidl_16bit_lists([acts[u] if u in acts else view.nodes[u].output[0] for u in chosen])
     if measure_latency:
         rep["latency_ms_ort_cpu"] = _latency_report(qmodel, out, ev.feeds[0])
     rep["seconds"] = round(time.perf_counter() - t0, 2)
@@ -165,6 +161,19 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     if warning:
         log(warning)
     return out, rep
+
+
+def _mac_share(qmodel, view: QdqView, chosen: list) -> float:
+    """The share of the quantized layers' MACs in the units kept in high precision."""
+    macs = {r["name"]: (r["macs"] or 0) for r in stats.layer_macs(qmodel)}
+    total = sum(macs.get(l, 0) for l in view.layers) or 1
+    return round(sum(macs.get(l, 0) for l in chosen) / total, 4)
+
+
+def _tidl_16bit_lists(outputs: list) -> dict:
+    """TIDL's import options that keep these tensors (and the layers writing them) in 16 bits."""
+    return {"advanced_options:params_16bit_names_list": ",".join(outputs),
+            "advanced_options:output_feature_16bit_names_list": ",".join(outputs)}
 
 
 def _unreachable_warning(met: bool, kept: int, units: int, budget, precision: str):
