@@ -1,7 +1,7 @@
 """Side by side: onnxopt's qdq defaults against the peer ONNX quantizers, same models, data, split.
 
     nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se] [--out results.json]
-        [--peers-root DIR] [--limit-eval N] [--skip-peers] [--skip-fixed]
+        [--peers-root DIR] [--limit-eval N] [--skip-peers] [--skip-fixed] [--configs ...] [--extra ...]
 
 Every quantizer runs in its own process (peers in their own virtual environments, whose pins
 conflict: numpy 1.x for Neural Compressor, onnxruntime-gpu for ModelOpt), on the same float model
@@ -328,7 +328,8 @@ def se_digits(seed=0, spread=2.0):
 
 
 # ---------------------------------------------------------------------------------- run
-def configs(skip_peers, skip_fixed, root):
+def configs(skip_peers, skip_fixed, root, extra=()):
+    """(peer, config, interpreter, label) of every row; ``extra``: more onnxopt option strings (ablations)."""
     me = sys.executable
     rows = [("onnxopt", "target=ort", me, "onnxopt --target ort (defaults)"),
             ("onnxopt", "target=tensorrt", me, "onnxopt --target tensorrt (defaults)"),
@@ -337,7 +338,10 @@ def configs(skip_peers, skip_fixed, root):
             ("onnxopt", "target=tidl", me, "onnxopt --target tidl (defaults)"),
             ("onnxopt", "target=tidl,fallback=none", me, "onnxopt tidl auto, no fallback"),
             ("onnxopt", "target=tidl-tda4vm", me, "onnxopt --target tidl-tda4vm (defaults)"),
-            ("onnxopt", "target=tidl-tda4vm,fallback=none", me, "onnxopt tidl-tda4vm auto, no fallback")]
+            ("onnxopt", "target=tidl-tda4vm,fallback=none", me, "onnxopt tidl-tda4vm auto, no fallback"),
+            ("onnxopt", "target=ort,depthwise_per_channel=true", me, "onnxopt ort depthwise per-channel activations"),
+            ("onnxopt", "target=ort,depthwise_per_channel=true,fallback=none", me, "onnxopt ort depthwise per-channel, no fallback")]
+    rows += [("onnxopt", cfg, me, f"onnxopt {cfg}") for cfg in extra]
     if not skip_fixed:
         for t in ("ort", "tensorrt"):
             for m in FIXED:
@@ -361,6 +365,10 @@ def evaluate(B, path, kind, ef, labels, ref_outs, fp32_path):
         ref = np.array([int(np.argmax(o)) for o in ref_outs])
         row["top1"] = 100.0 * float(np.mean(pred == labels))
         row["agreement"] = 100.0 * float(np.mean(pred == ref))
+        # paired with fp32, image by image: how many it gets right that fp32 gets wrong, and the
+        # reverse (a top-1 difference of a few images is within what these counts make chance)
+        row["fixed_vs_fp32"] = int(np.sum((pred == labels) & (ref != labels)))
+        row["broke_vs_fp32"] = int(np.sum((pred != labels) & (ref == labels)))
     else:
         row.update(B.box_agreement(ref_outs, outs))
     return row
@@ -380,10 +388,13 @@ def run_model(name, args, results):
     rows.append({"model": name, "config": "fp32", **base, "latency_ms": lat_fp32})
     log(json.dumps(rows[-1]))
     wanted = args.configs.split(";") if args.configs else None
-    for peer, cfg, python, label in configs(args.skip_peers, args.skip_fixed, args.peers_root):
+    extra = [c for c in args.extra.split(";") if c]
+    for peer, cfg, python, label in configs(args.skip_peers, args.skip_fixed, args.peers_root, extra):
         if wanted and label not in wanted and cfg not in wanted:
             continue
         if "tidl" in cfg and name != "se":   # TIDL rows on the model built to show the fallback (time on this machine)
+            continue
+        if "depthwise_per_channel" in cfg and name.startswith("resnet"):   # no depthwise conv: the default's model
             continue
         out = CACHE / f"{name}.{peer}.{cfg.replace(',', '_').replace('=', '-')}.onnx"
         if not Path(python).exists():
@@ -438,14 +449,15 @@ def markdown(results) -> str:
             continue
         det = any("mean_iou_all" in r for r in rows)
         head = ("| config | matched boxes | mean IoU (all fp32 boxes) | class agreement |" if det else
-                "| config | top-1 % | top-1 agreement % |") + " quant wall s | peak RSS MB | int8/fp32 latency (ort, 1 thr) | kept in high precision | TensorRT check |"
+                "| config | top-1 % | top-1 agreement % | fixed / broke vs fp32 (images) |") + " quant wall s | peak RSS MB | int8/fp32 latency (ort, 1 thr) | kept in high precision | TensorRT check |"
         lines += [f"### {name}", "", head, "|" + "---|" * (head.count("|") - 1)]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['config']} | cannot run: {r['error']} |")
                 continue
             acc = (f"| {r['config']} | {r.get('matched', '-')}/{r.get('fp32_boxes', '-')} | {r.get('mean_iou_all', 0):.3f} | "
-                   f"{r.get('class_agreement', 0):.3f} |") if det else f"| {r['config']} | {r.get('top1', 0):.2f} | {r.get('agreement', 0):.2f} |"
+                   f"{r.get('class_agreement', 0):.3f} |") if det else (f"| {r['config']} | {r.get('top1', 0):.2f} | {r.get('agreement', 0):.2f} | "
+                                                                                       f"{r.get('fixed_vs_fp32', '-')}/{r.get('broke_vs_fp32', '-')} |")
             chk = r.get("check_violations", r.get("check_tensorrt", "-"))
             kept = r.get("kept_high_precision", "-")
             rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
@@ -474,6 +486,8 @@ def main(argv=None):
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--skip-fixed", action="store_true")
     ap.add_argument("--configs", default="", help="only these configurations (labels or config strings, ';'-separated)")
+    ap.add_argument("--extra", default="", help="more onnxopt rows: qdq option strings, ';'-separated "
+                    "(e.g. 'target=ort,calib_method=minmax' for an ablation)")
     ap.add_argument("--results", default=str(CACHE / "results.json"))
     ap.add_argument("--markdown", nargs="*", help="print the tables of these results files (merged) and exit")
     args = ap.parse_args(argv)
