@@ -360,7 +360,7 @@ def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> Pass
     changes the output range from [0,1] to [0,inf), as TI's does).
     """
     options.validate(model, ctx)
-    result = run_lite(model, options, ctx)
+    result, options = _run_reverting(model, options, ctx)
     if options.max_error > 0:
         result = _within_budget(model, options, ctx, result)
     fired = [name for name, rec in result.extra.get("rules", {}).items() if not rec["exact"] and rec["count"]]
@@ -372,6 +372,26 @@ def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> Pass
             f"original activations: --set lite.disable={','.join(fired)}, or let lite skip the rules beyond a budget: "
             "--set lite.max_error=0.1")
     return result
+
+
+def _run_reverting(model: ModelProto, options: LiteOptions, ctx: PassContext) -> tuple:
+    """(result, options) of :func:`run_lite`, where an exact rule that fails its verification is
+    switched off and the pass rerun without it (said on the console and in ``skipped``), as the
+    pass manager reverts the rules of an exact pass; with ``require_verify`` it stays an error."""
+    reverted = []
+    while True:
+        try:
+            result = run_lite(model, options, ctx)
+            break
+        except VerificationError as exc:
+            rule = getattr(exc, "rule", None)
+            if rule is None or ctx.require_verify:
+                raise
+            reverted.append(f"reverted exact rule {rule}: {exc.message} (please report the model)")
+            ctx.log(f"  lite: {reverted[-1]}")
+            options = dataclasses.replace(options, disable=list(options.disable or []) + [rule])
+    result.skipped.extend(reverted)
+    return result, options
 
 
 def _within_budget(model: ModelProto, options: LiteOptions, ctx: PassContext, result: PassResult) -> PassResult:

@@ -78,6 +78,15 @@ def _fold_computed_weights(model, ctx):
                      "ran the exact cleanup pass first to fold them into constants")
 
 
+def _own_encoding_note(model, target: str) -> str:
+    """For an already-quantized model the pass leaves alone: whether its own encoding passes the
+    target's check (a model quantized for onnxruntime is rarely one TIDL or TensorRT takes)."""
+    bad = qcheck.failing(qcheck.check_model(model, target))
+    if not bad:
+        return ""
+    return f" (its own encoding fails `onnxopt check --target {target}`: {len(bad)} violation(s), first {bad[0]})"
+
+
 def _rewrite_for_target(model, options: QdqOptions, data, ctx, warns: list):
     """The float model rewritten for the target before Q/DQ placement (``target_rewrites``; the
     target's ``float_rewrites``, tidl's): its inputs made static first, so that cleanup folds the
@@ -222,7 +231,8 @@ def qdq(model, options: QdqOptions, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
     found = quantized_ops(model)
     if found:  # a QAT export or a model quantized before: leave it as it is, and say so
-        return PassResult(model, skipped=[already_quantized_message(found) + "; give the float model to quantize"])
+        return PassResult(model, skipped=[already_quantized_message(found) + "; give the float model to quantize"
+                                          + _own_encoding_note(model, options.target)])
     options.validate(model, ctx)
     data, warns = _calibration_data(options.calibration, ctx)
     bn_warning = _unfolded_bn_warning(model, options.target)

@@ -12,7 +12,9 @@ import onnx
 import pytest
 from onnx import helper
 
+import onnxopt
 from helpers import assert_equivalent, op_count, rand, run
+from onnxopt.registry import PassContext
 from lite_models import GraphBuilder, mobilenetv3_like, yolox_like
 from onnxopt.errors import OptionError, VerificationError
 from onnxopt.passes import lite
@@ -337,3 +339,29 @@ def test_cli_exits_cleanly_when_no_rule_fires(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "onnxopt", "apply", "lite", str(src), "-o", str(tmp_path / "out.onnx"),
                                "--set", "lite.rules=focus_to_conv"], cwd=root, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr
+
+
+def test_lite_pass_reverts_an_exact_rule_that_fails_verification(monkeypatch):
+    """Through the pass (the manager, the CLI), a wrong exact rule is switched off and the pass
+    rerun without it, the other rules kept; --require-verify keeps the error."""
+    def match(graph, node, ctx):
+        return Match(node.outputs[0], {"x": node.inputs[0]})
+
+    def rewrite(graph, m, ctx):
+        ctx.replace_output(m.output, "Sigmoid", [m.data["x"]])
+
+    wrong = Rule("relu_to_sigmoid", "claims to be exact but is not", True, True, ("Relu",), match, rewrite)
+    monkeypatch.setattr(lite, "rule_table", lambda rules_module=None: [wrong] + lite.default_rules())
+    b = GraphBuilder()
+    y = b.conv("input", 3, 4, 3)
+    b.nodes.append(helper.make_node("Relu", [y], ["r"]))
+    b.nodes.append(helper.make_node("MaxPool", ["r"], ["output"], kernel_shape=[5, 5], pads=[2, 2, 2, 2]))
+    model = b.model([("input", [1, 3, 8, 8])], [("output", [1, 4, 8, 8])])
+    logs = []
+    out, report = onnxopt.apply(model, "lite", context=PassContext(log=logs.append))
+    rec = report.passes[0]
+    assert rec.changes == {"maxpool_ge5_to_cascade": 1} and "Relu" in {n.op_type for n in out.graph.node}
+    assert any(s.startswith("reverted exact rule relu_to_sigmoid") for s in rec.skipped)
+    assert sum("reverted exact rule relu_to_sigmoid" in line for line in logs) == 1
+    with pytest.raises(VerificationError, match="relu_to_sigmoid"):
+        onnxopt.apply(model, "lite", context=PassContext(require_verify=True))

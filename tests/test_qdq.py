@@ -701,6 +701,10 @@ def test_already_quantized_model_is_left_as_it_is(target):
     q2, rec = quantize(q, target=target)
     assert q2.graph == q.graph and not any(rec.changes.values())
     assert any("already quantized" in s and "QuantizeLinear" in s for s in rec.skipped)
+    assert not any("its own encoding fails" in s for s in rec.skipped)  # quantized for this target: it passes
+    other = "ort" if target == "tensorrt" else "tensorrt"
+    _, rec = quantize(q, target=other)
+    assert any(f"its own encoding fails `onnxopt check --target {other}`" in s for s in rec.skipped)
     with pytest.raises(OnnxoptError, match="already quantized"):  # what sensitivity calls
         quantize_model(q, get_pass("qdq").resolve({"target": target}), lambda: iter(feeds_for(q)), None)
 

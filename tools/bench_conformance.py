@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             if v is not None and v.get("verified") is False:
                 counts["passes_unverified"] += 1
                 unverified_reasons[str(v.get("reason", ""))[:80]] += 1
-            if v is not None and v.get("reverted"):
+            if v is not None and (v.get("reverted") or v.get("reverted_pass")):  # rules reverted, or the whole pass undone
                 counts["passes_with_reverts"] += 1
         try:
             got = _run(runtime.session(out), out, inputs)

@@ -253,7 +253,9 @@ def judge(name: str, res: dict, records: dict, pass_name: str = "lite") -> dict:
     res["passed"] = within_tolerance(res)
     records[name]["max_abs_error"] = res["max_abs"]
     if not res["passed"]:
-        raise VerificationError(
+        exc = VerificationError(
             f"{pass_name} rule '{name}' is exact but changed its tensors by max abs {res['max_abs']:.3g} (rel {res['max_rel']:.3g}).",
             f"this is a bug in the rule on this model; rerun with --set {pass_name}.disable={name} and report it")
+        exc.rule = name  # the lite pass reverts this rule and reruns without it
+        raise exc
     return res
