@@ -3,7 +3,7 @@
 ``parse_qat("w4a4")`` -> weight/activation bits. Weights: 2..8 bits, ``t`` (ternary, TWN) or ``b``
 (binary, XNOR with scale factors); activations: 2..8 bits. The float model is quantized by the
 ``qdq`` pass (placement, calibration and the QDQ contract layout are its job), then the QDQ graph
-is trained: the latent weights start from the *float* weights (``info["layers"][i]["float_weight"]``),
+is trained: the latent weights start from the *float* weights (each layer's ``float_weight`` in the pass's ``info``),
 not from their PTQ-rounded values, and the Q/DQ scales from the calibrated ones. Below 8 bits
 the exported integers live in a restricted range (e.g. [-7, 7] in int8 for 4 bits) or, with
 ``low_bit=int4`` at opset >= 21, in INT4 initializers -- whatever the qdq pass wrote.
@@ -20,7 +20,7 @@ from onnx import ModelProto, numpy_helper
 
 from . import manager
 from .errors import OptionError
-from .quant.view import quantized_ops
+from .quant.view import LayerQuant, quantized_ops
 from .registry import PassContext
 
 
@@ -65,10 +65,10 @@ def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tens
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             floats[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     float_weights, weight_modes = {}, {}
-    for layer in info.get("layers", []):
-        fw = floats.get(layer.get("float_weight"))
+    for layer in map(LayerQuant.of, info.get("layers", [])):
+        fw = floats.get(layer.float_weight)
         if fw is not None and fw.dtype.kind == "f":
-            float_weights[layer["weight_q"]] = np.asarray(fw, np.float32)
+            float_weights[layer.weight_q] = np.asarray(fw, np.float32)
         if mode:
-            weight_modes[layer["weight_q"]] = mode
+            weight_modes[layer.weight_q] = mode
     return qmodel, {"weight_modes": weight_modes, "float_weights": float_weights}, info

@@ -266,14 +266,14 @@ def qdq(model, options: QdqOptions, ctx):
         if (rep.get("fallback") or {}).get("warning"):
             warns.append(rep["fallback"]["warning"])
     extra["check"] = _target_check(qmodel, info["target"], options.strict_check, ctx, warns)
-    extra["info"] = info
+    extra["info"] = {**info, "layers": [l.to_dict() for l in info["layers"]]}   # the report: plain JSON
     changes = {
         "weights_quantized": len(info["layers"]),
         "activations_quantized": len(info["activations"]),
-        "int32_biases": sum(1 for l in info["layers"] if l["bias_is_int"]),
+        "int32_biases": sum(1 for l in info["layers"] if l.bias_is_int),
         "nodes_kept_float": len(info["excluded"]),
     }
-    details = [f"{l['node']} ({l['op']}): weight axis {l['axis']}, bias {'int32' if l['bias_is_int'] else 'float'}" for l in info["layers"]]
+    details = [f"{l.node} ({l.op}): weight axis {l.axis}, bias {'int32' if l.bias_is_int else 'float'}" for l in info["layers"]]
     skipped = list(info.get("skipped", []))
     if not changes["weights_quantized"] and not changes["activations_quantized"]:
         skipped.append("nothing quantized: " + ("every quantizable node is kept in float (exclude_*, keep_first_last, op_types)"

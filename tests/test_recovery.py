@@ -230,10 +230,10 @@ def test_adaround_improves_layer_reconstruction_on_held_out_data(se_setup):
             x = runtime.run(sess, f, [fx])[fx]
             layer.accumulate(x, qz(x) if qz else x, rng, 10**9)
         shape = layer.w.shape
-        scale = view.array(e["weight_scale"]).astype(np.float64).reshape(shape[0], shape[1], 1)
-        new_scale = inits[e["weight_scale"]].astype(np.float64).reshape(shape[0], shape[1], 1)
-        learned = inits[e["weight_q"]].astype(np.float64).reshape(shape) * new_scale
-        nearest = q_inits[e["weight_q"]].astype(np.float64).reshape(shape) * scale
+        scale = view.array(e.weight_scale).astype(np.float64).reshape(shape[0], shape[1], 1)
+        new_scale = inits[e.weight_scale].astype(np.float64).reshape(shape[0], shape[1], 1)
+        learned = inits[e.weight_q].astype(np.float64).reshape(shape) * new_scale
+        nearest = q_inits[e.weight_q].astype(np.float64).reshape(shape) * scale
         gqq, gfq = layer.gqq / layer.count, layer.gfq / layer.count
         ap = (lambda a, g: a @ g) if gqq.ndim == 3 else (lambda a, g: np.einsum("gok,gokl->gol", a, g))
         loss = lambda wq: float(np.sum(ap(wq, gqq) * wq) - 2 * np.sum(ap(layer.w, gfq) * wq))

@@ -57,7 +57,8 @@ from . import calibrate as calib
 from . import placement as placement_mod
 from .options import CalibrationOptions, FormatOptions, QdqOptions
 from .targets import TargetRules, get_target
-from .view import already_quantized_message, channel_rows, int_range, quantized_ops, weight_range, with_clip_bounds
+from .view import (LayerQuant, already_quantized_message, channel_rows, int_range, quantized_ops, weight_range,
+                   with_clip_bounds)
 
 INT32_MAX = 2**31 - 1
 MIN_SCALE = 1e-30
@@ -594,8 +595,8 @@ def _int_bias_scale(scale, b: np.ndarray, data_scale: float, power_of_two: bool)
     return (pow2(scale) if power_of_two else scale), fits
 
 
-def _quantize_bias(writer: _PlanWriter, node: gs.Node, wc, b: np.ndarray, scale, data_scale: float, fdt) -> dict:
-    """Replace the bias of ``node`` by an int32 DequantizeLinear; returns its info entries."""
+def _quantize_bias(writer: _PlanWriter, node: gs.Node, wc, b: np.ndarray, scale, data_scale: float, fdt) -> tuple:
+    """Replace the bias of ``node`` by an int32 DequantizeLinear; returns (its int32 initializer, its scale)."""
     bias_t = node.inputs[wc.bias_index]
     s_vec = np.broadcast_to(np.asarray(scale, np.float64), b.shape)
     bscale = (data_scale * s_vec).astype(np.float32)
@@ -603,12 +604,12 @@ def _quantize_bias(writer: _PlanWriter, node: gs.Node, wc, b: np.ndarray, scale,
     b_dq, bq_c, bs_c, _ = writer.dequantize(bias_t.name, bq, bscale.astype(fdt), np.zeros(b.shape, dtype=np.int32),
                                             fdt, list(b.shape), 0)
     node.inputs[wc.bias_index] = b_dq
-    return {"bias_q": bq_c.name, "bias_is_int": True, "bias_scale": bs_c.name}
+    return bq_c.name, bs_c.name
 
 
 def _quantize_layer(writer: _PlanWriter, node: gs.Node, wc, bits: int, data_scale: Optional[float], input_dq: Optional[str],
-                    shared: dict, int4_names: list) -> dict:
-    """Quantize one layer's weight (and, for an integer-bias target, its bias); returns its info entry.
+                    shared: dict, int4_names: list) -> LayerQuant:
+    """Quantize one layer's weight (and, for an integer-bias target, its bias); returns its record.
     A weight quantized the same way for several layers gets one DequantizeLinear (``shared``)."""
     fmt = writer.fmt
     w_t = node.inputs[wc.input_index]
@@ -637,13 +638,13 @@ def _quantize_layer(writer: _PlanWriter, node: gs.Node, wc, bits: int, data_scal
             int4_names.append(shared[key][1].name)
     w_dq, wq_c, ws_c, wz_c = shared[key]
     node.inputs[wc.input_index] = w_dq
-    entry = {"node": node.name, "op": node.op, "weight_q": wq_c.name, "weight_scale": ws_c.name,
-             "weight_zero_point": wz_c.name, "axis": wc.axis, "qmin": qmin_w, "qmax": qmax_w,
-             "bias": wc.bias_tensor, "bias_is_int": False, "bias_scale": None,
-             "input_dq": input_dq, "float_weight": wc.tensor}
+    layer = LayerQuant(node=node.name, op=node.op, weight_q=wq_c.name, weight_scale=ws_c.name, weight_zero_point=wz_c.name,
+                       axis=wc.axis, qmin=qmin_w, qmax=qmax_w, bias=wc.bias_tensor, bias_is_int=False, bias_scale=None,
+                       input_dq=input_dq, float_weight=wc.tensor)
     if b is not None:
-        entry.update(_quantize_bias(writer, node, wc, b, scale, data_scale, fdt))
-    return entry
+        layer.bias_q, layer.bias_scale = _quantize_bias(writer, node, wc, b, scale, data_scale, fdt)
+        layer.bias_is_int = True
+    return layer
 
 
 def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: TargetRules, fmt: FormatOptions) -> tuple:

@@ -85,7 +85,7 @@ def analyze(view: QdqView, feeds: list, modes=("only", "all_but"),
     rep.task, rep.task_summary = full_task.to_dict(), full_task.summary()
     names = list(view.layers)
     for i, name in enumerate(names):
-        row = LayerSensitivity(name, view.layers[name]["op"], macs=macs.get(name))
+        row = LayerSensitivity(name, view.layers[name].op, macs=macs.get(name))
         if "only" in modes:
             only = view.only_layer(name)
             row.only_rel = ev.error(only)

@@ -11,7 +11,8 @@ model already holds (:func:`quantized_ops`). It imports no other module of
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from dataclasses import dataclass, fields
+from typing import Iterable, Optional, Union
 
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
@@ -118,6 +119,51 @@ def rel_error(ref: list, cand: list) -> float:
     return math.sqrt(num / max(den, 1e-30))
 
 
+@dataclass
+class LayerQuant:
+    """One quantized weighted layer (Conv/ConvTranspose/Gemm/MatMul) as the qdq pass wrote it: the
+    names of the tensors that hold its quantization. ``to_dict`` is its entry in the pass report
+    (``extra["info"]["layers"]``), ``from_dict`` reads such an entry back."""
+    # the layer: its node name and op type
+    node: str
+    op: str
+    # its weight: the integer initializer, the scale and zero point of its DequantizeLinear, the
+    # per-channel axis (None: per tensor) and the integer range the stored values keep to
+    weight_q: str
+    weight_scale: str
+    weight_zero_point: str
+    axis: Optional[int]
+    qmin: int
+    qmax: int
+    # its bias: the float bias tensor (None: no bias); bias_is_int: replaced by an int32
+    # initializer bias_q with scale bias_scale (s_in * s_w)
+    bias: Optional[str]
+    bias_is_int: bool
+    bias_scale: Optional[str]
+    # its links: the DequantizeLinear output it reads (None: its input is not quantized) and
+    # the float weight it was quantized from (the name in the float model)
+    input_dq: Optional[str]
+    float_weight: str
+    bias_q: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        """The report entry: every field, ``bias_q`` only for an int32 bias."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "bias_q"}
+        if self.bias_is_int:
+            d["bias_q"] = self.bias_q
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerQuant":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def of(cls, layer: Union["LayerQuant", dict]) -> "LayerQuant":
+        """``layer`` itself, or the one a report entry describes."""
+        return layer if isinstance(layer, cls) else cls.from_dict(layer)
+
+
 def sqnr_db(rel: float) -> float:
     return float("inf") if rel <= 0 else -20.0 * math.log10(rel)
 
@@ -128,7 +174,7 @@ class QdqView:
     def __init__(self, float_model: ModelProto, qmodel: ModelProto, info: dict):
         self.qmodel = qmodel
         self.info = info
-        self.layers = {l["node"]: l for l in info.get("layers", [])}
+        self.layers = {l.node: l for l in map(LayerQuant.of, info.get("layers", []))}
         self.acts = {a["dq_node"]: a for a in info.get("activations", [])}
         self.nodes = {n.name: n for n in qmodel.graph.node}
         missing = [n for n in self.layers if n not in self.nodes]
@@ -155,16 +201,16 @@ class QdqView:
         self.float_weight = {}
         self.float_bias = {}  # layer -> float bias array, or None when the float layer has none
         for name, l in self.layers.items():
-            t = f_consts.get(l["float_weight"])
+            t = f_consts.get(l.float_weight)
             self.float_weight[name] = numpy_helper.to_array(t) if t is not None else self.dequantized_weight(name)
-            fnode = f_layer.get(l["float_weight"])
-            if fnode is not None and fnode.op_type == l["op"]:
+            fnode = f_layer.get(l.float_weight)
+            if fnode is not None and fnode.op_type == l.op:
                 b = fnode.input[2] if len(fnode.input) > 2 and fnode.input[2] else None
                 if b is None:
                     self.float_bias[name] = None
                 elif b in f_consts:
                     self.float_bias[name] = numpy_helper.to_array(f_consts[b])
-            elif l.get("bias_is_int"):
+            elif l.bias_is_int:
                 self.float_bias[name] = self.dequantized_int_bias(name)
 
     # ------------------------------------------------------------------ arrays
@@ -173,15 +219,15 @@ class QdqView:
 
     def dequantized_weight(self, layer: str) -> np.ndarray:
         l = self.layers[layer]
-        wq = self.array(l["weight_q"]).astype(np.float64)
-        s = self.array(l["weight_scale"]).astype(np.float64)
-        zp = self.array(l["weight_zero_point"]).astype(np.float64)
-        s, zp = along_axis(s, wq.ndim, l.get("axis")), along_axis(zp, wq.ndim, l.get("axis"))
+        wq = self.array(l.weight_q).astype(np.float64)
+        s = self.array(l.weight_scale).astype(np.float64)
+        zp = self.array(l.weight_zero_point).astype(np.float64)
+        s, zp = along_axis(s, wq.ndim, l.axis), along_axis(zp, wq.ndim, l.axis)
         return ((wq - zp) * s).astype(np.float32)
 
     def dequantized_int_bias(self, layer: str) -> np.ndarray:
         l = self.layers[layer]
-        return (self.array(l["bias_q"]).astype(np.float64) * self.array(l["bias_scale"]).astype(np.float64)).astype(np.float32)
+        return (self.array(l.bias_q).astype(np.float64) * self.array(l.bias_scale).astype(np.float64)).astype(np.float32)
 
     def layer_input(self, layer: str) -> tuple:
         """(float tensor, tensor the quantized layer reads) of ``layer``'s data input."""
@@ -281,7 +327,7 @@ class QdqView:
         so that evaluating many variants does not dequantize every weight on every run."""
         if not hasattr(self, "_deq_cache"):
             self._deq_cache = {}
-        weight_q = {l["weight_q"]: name for name, l in self.layers.items()}
+        weight_q = {l.weight_q: name for name, l in self.layers.items()}
         keep, inits = [], []
         for node in m.graph.node:
             if node.op_type == "DequantizeLinear" and node.input[0] in weight_q:
@@ -290,10 +336,10 @@ class QdqView:
                     layer = weight_q[node.input[0]]
                     # float32 (q - zp) * s, the arithmetic DequantizeLinear itself does
                     l = self.layers[layer]
-                    q = self.array(l["weight_q"]).astype(np.int32)
-                    s_ = self.array(l["weight_scale"]).astype(np.float32)
-                    zp = self.array(l["weight_zero_point"]).astype(np.int32)
-                    s_, zp = along_axis(s_, q.ndim, l.get("axis")), along_axis(zp, q.ndim, l.get("axis"))
+                    q = self.array(l.weight_q).astype(np.int32)
+                    s_ = self.array(l.weight_scale).astype(np.float32)
+                    zp = self.array(l.weight_zero_point).astype(np.int32)
+                    s_, zp = along_axis(s_, q.ndim, l.axis), along_axis(zp, q.ndim, l.axis)
                     self._deq_cache[out] = numpy_helper.from_array(((q - zp).astype(np.float32) * s_).astype(np.float32), out)
                 inits.append(self._deq_cache[out])
             else:

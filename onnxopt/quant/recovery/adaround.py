@@ -44,7 +44,7 @@ from onnx import ModelProto, numpy_helper
 from ... import runtime
 from ...data import collect_feeds, feed_samples
 from ...ir.proto import consumers
-from ..view import QdqView, fast_session, layer_depths, truncated
+from ..view import LayerQuant, QdqView, fast_session, layer_depths, truncated
 
 ZETA, GAMMA = 1.1, -0.1
 MASKED_GRAM_LIMIT = 8_000_000  # entries of the per-output-channel Grams of one layer
@@ -58,7 +58,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 class _Layer:
     """Geometry of one layer: how to turn its input tensor into im2col rows [g, P, K]."""
 
-    def __init__(self, name: str, node: onnx.NodeProto, w: np.ndarray, entry: dict):
+    def __init__(self, name: str, node: onnx.NodeProto, w: np.ndarray, entry: LayerQuant):
         self.name, self.node, self.entry = name, node, entry
         a = _attrs(node)
         self.op = node.op_type
@@ -218,16 +218,16 @@ def _supported_layers(view) -> tuple:
     """({name: _Layer} whose rounding adaround learns, [why each other layer keeps nearest rounding])."""
     weight_users: dict = {}
     for name, l in view.layers.items():
-        weight_users.setdefault(l["weight_q"], []).append(name)
+        weight_users.setdefault(l.weight_q, []).append(name)
     layers, skipped = {}, []
     readers_of = consumers(view.qmodel.graph)
     for name, l in view.layers.items():
         node = view.nodes[name]
         w = view.float_weight[name]
         reason = _Layer.supported(node, w)
-        if reason is None and len(weight_users[l["weight_q"]]) > 1:
+        if reason is None and len(weight_users[l.weight_q]) > 1:
             reason = "its quantized weight is shared with another layer"
-        if reason is None and np.asarray(view.array(l["weight_q"])).dtype.kind not in "iu":
+        if reason is None and np.asarray(view.array(l.weight_q)).dtype.kind not in "iu":
             reason = "weight storage is not an integer array"
         if reason:
             skipped.append(f"{name}: {reason}")
@@ -312,24 +312,24 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
     n = layer.name
     k = layer.w.shape[2]
     l = layer.entry
-    scale = np.asarray(view.array(l["weight_scale"]), np.float64)
+    scale = np.asarray(view.array(l.weight_scale), np.float64)
     co = layer.w.shape[0] * layer.w.shape[1]
     scale = np.broadcast_to(scale.reshape(-1), (co,)) if scale.size in (1, co) else None
-    if scale is None or l.get("axis") not in (None, 0, 1):
+    if scale is None or l.axis not in (None, 0, 1):
         skipped.append(f"{n}: unexpected scale layout")
         return None
     # the bounds of round(w / s) = q - zp, per channel with asymmetric weights
-    zp = np.asarray(view.array(l["weight_zero_point"]), np.float64)
+    zp = np.asarray(view.array(l.weight_zero_point), np.float64)
     zp = zp.reshape(layer.w.shape[:2] + (1,)) if zp.size == co else zp.reshape(-1)[0]
-    qmin_l, qmax_l = int(l["qmin"]) - zp, int(l["qmax"]) - zp
-    per_channel = np.asarray(view.array(l["weight_scale"])).size > 1
+    qmin_l, qmax_l = int(l.qmin) - zp, int(l.qmax) - zp
+    per_channel = np.asarray(view.array(l.weight_scale)).size > 1
     if layer.count < MIN_ROWS_PER_INPUT * k:
         # too few input rows for K free weights per output: learned rounding would fit the
         # calibration samples, not the distribution (measured: a Gemm head on 40 samples).
         # Round to nearest, at the clipping that minimises the weight error itself (data-free).
         new_scale, alpha = weight_clipping(layer.w, scale, qmin_l, qmax_l, per_channel)
         if not np.array_equal(new_scale, scale):
-            write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
+            write_scale(inits, l, np.asarray(view.array(l.weight_scale)), new_scale, scale)
             _write_weight(inits, l, layer, np.clip(np.rint(layer.w / new_scale.reshape(layer.w.shape[:2] + (1,))), qmin_l, qmax_l) + zp)
         skipped.append(f"{n}: {layer.count} input rows for {k} inputs per output (< {MIN_ROWS_PER_INPUT}x): "
                        f"nearest rounding, weight-MSE clipping (min ratio {float(np.min(alpha)):.2f})")
@@ -344,15 +344,15 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
     if not keep:
         return row
     if not np.array_equal(new_scale, scale):
-        write_scale(inits, l, np.asarray(view.array(l["weight_scale"])), new_scale, scale)
+        write_scale(inits, l, np.asarray(view.array(l.weight_scale)), new_scale, scale)
     _write_weight(inits, l, layer, learned + zp)
     log(f"adaround {n}: loss {loss_near:.4g} -> {loss_learned:.4g}")
     return row
 
 
-def _write_weight(inits: dict, entry: dict, layer: _Layer, wint: np.ndarray) -> None:
+def _write_weight(inits: dict, entry: LayerQuant, layer: _Layer, wint: np.ndarray) -> None:
     """Store integer weights given as [g, o, K] in the layer's initializer layout."""
-    old = inits[entry["weight_q"]]
+    old = inits[entry.weight_q]
     old_arr = numpy_helper.to_array(old)
     if layer.op == "Conv":
         new = wint.reshape(old_arr.shape)
@@ -393,13 +393,13 @@ def _clip_search(w: np.ndarray, scale: np.ndarray, qmin, qmax, per_channel: bool
     return (base[..., 0] * alpha).reshape(-1), alpha
 
 
-def write_scale(inits: dict, entry: dict, old_arr: np.ndarray, new_scale: np.ndarray, old_scale: np.ndarray) -> None:
+def write_scale(inits: dict, entry: LayerQuant, old_arr: np.ndarray, new_scale: np.ndarray, old_scale: np.ndarray) -> None:
     """Store the new weight scale; an int32 bias (scale s_in * s_w) is re-quantized to match."""
-    t = inits[entry["weight_scale"]]
+    t = inits[entry.weight_scale]
     value = new_scale.astype(old_arr.dtype).reshape(old_arr.shape) if old_arr.size > 1 else np.asarray(new_scale.reshape(-1)[0], old_arr.dtype)
     t.CopyFrom(numpy_helper.from_array(value, t.name))
-    if entry.get("bias_is_int"):
-        bq_t, bs_t = inits[entry["bias_q"]], inits[entry["bias_scale"]]
+    if entry.bias_is_int:
+        bq_t, bs_t = inits[entry.bias_q], inits[entry.bias_scale]
         bs = numpy_helper.to_array(bs_t).astype(np.float64)
         b = numpy_helper.to_array(bq_t).astype(np.float64) * bs
         ratio = np.broadcast_to((new_scale / old_scale).reshape(-1), bs.shape) if bs.size > 1 else (new_scale / old_scale).reshape(-1)[0]

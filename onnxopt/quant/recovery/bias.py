@@ -68,10 +68,10 @@ def apply_bias_deltas(model: ModelProto, view: QdqView, deltas: dict) -> tuple:
     for layer, delta in deltas.items():
         l = view.layers[layer]
         node = nodes[layer]
-        if l.get("bias_is_int"):
-            t = inits[l["bias_q"]]
+        if l.bias_is_int:
+            t = inits[l.bias_q]
             bq = numpy_helper.to_array(t).astype(np.float64)
-            s = numpy_helper.to_array(inits[l["bias_scale"]]).astype(np.float64)
+            s = numpy_helper.to_array(inits[l.bias_scale]).astype(np.float64)
             new = np.clip(np.rint(bq - delta.reshape(bq.shape) / s), INT32_MIN, INT32_MAX).astype(np.int32)
             t.CopyFrom(numpy_helper.from_array(new, t.name))
             continue
@@ -200,7 +200,7 @@ def analytical_bias_correction(float_model, qmodel, info, data, max_samples: int
         w = view.float_weight[name].astype(np.float64)
         eps = view.dequantized_weight(name).astype(np.float64) - w
         node = view.nodes[name]
-        if l["op"] == "Conv":
+        if l.op == "Conv":
             g = next((a.i for a in node.attribute if a.name == "group"), 1)
             co, cpg = eps.shape[0], eps.shape[1]
             if ex.shape[0] != cpg * g:
@@ -208,12 +208,12 @@ def analytical_bias_correction(float_model, qmodel, info, data, max_samples: int
                 continue
             e = eps.reshape(g, co // g, cpg, -1).sum(axis=3)  # [g, o, cpg]
             delta = np.einsum("goc,gc->go", e, ex.reshape(g, cpg)).reshape(-1)
-        elif l["op"] == "Gemm":
+        elif l.op == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
             delta = alpha * ((eps @ ex) if trans_b else (ex @ eps))
         else:
-            skipped.append(f"{name}: {l['op']} not supported")
+            skipped.append(f"{name}: {l.op} not supported")
             continue
         deltas[name] = delta
     qmodel, sk = apply_bias_deltas(qmodel, view, deltas)

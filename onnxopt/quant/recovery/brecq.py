@@ -42,7 +42,7 @@ from ... import model_io, runtime
 from ...data import collect_feeds, feed_samples
 from ...errors import OnnxoptError, require
 from ...ir.proto import infer_shapes, producers, value_infos
-from ..view import QdqView, along_axis, channel_rows, fast_session, truncated
+from ..view import LayerQuant, QdqView, along_axis, channel_rows, fast_session, truncated
 from .adaround import GAMMA, ZETA, weight_clipping, write_scale
 from .bias import BIAS_SAMPLES, empirical_bias_correction
 
@@ -135,11 +135,11 @@ def _mse_scale(w: np.ndarray, scale: np.ndarray, axis: Optional[int], lo, hi) ->
     return new
 
 
-def _value_bounds(inits: dict, l: dict, ndim: int, axis: Optional[int]) -> tuple:
+def _value_bounds(inits: dict, l: LayerQuant, ndim: int, axis: Optional[int]) -> tuple:
     """(lo, hi, zp), shaped along ``axis`` for an ``ndim`` weight: the bounds of ``round(w / s)``,
     which is ``q - zp`` for a stored ``q`` in [qmin, qmax] (symmetric weights: zp 0)."""
-    zp = along_axis(numpy_helper.to_array(inits[l["weight_zero_point"]]).astype(np.float64), ndim, axis)
-    return int(l["qmin"]) - zp, int(l["qmax"]) - zp, zp
+    zp = along_axis(numpy_helper.to_array(inits[l.weight_zero_point]).astype(np.float64), ndim, axis)
+    return int(l.qmin) - zp, int(l.qmax) - zp, zp
 
 
 def _stack(sess, feeds: list, name: str) -> np.ndarray:
@@ -281,16 +281,16 @@ def _reconstruct(block: "_Block", view: QdqView, model: ModelProto, learnable: d
 
 
 def _learnable_layers(view: QdqView, inits: dict) -> tuple:
-    """({layer: info entry} whose rounding can be learned, [reasons the others cannot])."""
+    """({layer: LayerQuant} whose rounding can be learned, [reasons the others cannot])."""
     users: dict = {}
     for name, l in view.layers.items():
-        users.setdefault(l["weight_q"], []).append(name)
+        users.setdefault(l.weight_q, []).append(name)
     learnable, skipped = {}, []
     for name, l in view.layers.items():
-        arr = numpy_helper.to_array(inits[l["weight_q"]])
-        if len(users[l["weight_q"]]) > 1:
+        arr = numpy_helper.to_array(inits[l.weight_q])
+        if len(users[l.weight_q]) > 1:
             skipped.append(f"{name}: its quantized weight is shared with another layer")
-        elif arr.dtype not in (np.int8, np.uint8) or l.get("axis") not in (None, 0, 1):
+        elif arr.dtype not in (np.int8, np.uint8) or l.axis not in (None, 0, 1):
             skipped.append(f"{name}: weight storage {arr.dtype} / axis {l.get('axis')} is not handled")
         else:
             learnable[name] = l
@@ -301,16 +301,16 @@ def _init_weight_scales(view: QdqView, learnable: dict, inits: dict) -> None:
     """Scale initialisation (weight-MSE clipping) and nearest rounding at that scale, in ``inits``."""
     for name, l in learnable.items():
         w = view.float_weight[name]
-        old = numpy_helper.to_array(inits[l["weight_scale"]])
-        axis = l.get("axis") if old.size > 1 else None
+        old = numpy_helper.to_array(inits[l.weight_scale])
+        axis = l.axis if old.size > 1 else None
         lo, hi, _ = _value_bounds(inits, l, 1, 0)
         new = _mse_scale(w, old, axis, lo, hi)
         if not np.array_equal(new, old.reshape(-1).astype(np.float64)):
             write_scale(inits, l, old, new, old.reshape(-1).astype(np.float64))
-        s = along_axis(numpy_helper.to_array(inits[l["weight_scale"]]), w.ndim, axis)
+        s = along_axis(numpy_helper.to_array(inits[l.weight_scale]), w.ndim, axis)
         lo, hi, zp = _value_bounds(inits, l, w.ndim, axis)
         q = np.clip(np.rint(w / s), lo, hi) + zp
-        t = inits[l["weight_q"]]
+        t = inits[l.weight_q]
         t.CopyFrom(numpy_helper.from_array(q.astype(numpy_helper.to_array(t).dtype), t.name))
 
 
@@ -347,16 +347,16 @@ class _Block:
             module.train()
         return err / y.numel()
 
-    def add_layer(self, name: str, l: dict, w_float: np.ndarray, inits: dict) -> bool:
+    def add_layer(self, name: str, l: LayerQuant, w_float: np.ndarray, inits: dict) -> bool:
         """Replace the layer's weight in the module by its soft rounding; False when the torch
         converter did not recognise the weight's Q/DQ."""
         torch = self.torch
-        wq = self.module.weight_quants.get(l["weight_q"])
+        wq = self.module.weight_quants.get(l.weight_q)
         if wq is None:
             return False
         w_np = w_float.astype(np.float32)
         w = torch.from_numpy(w_np)
-        s_b = torch.from_numpy(along_axis(numpy_helper.to_array(inits[l["weight_scale"]]).astype(np.float32), w_np.ndim, wq.axis))
+        s_b = torch.from_numpy(along_axis(numpy_helper.to_array(inits[l.weight_scale]).astype(np.float32), w_np.ndim, wq.axis))
         base = torch.floor(w / s_b)
         rest = (w / s_b - base).clamp(0, 1)
         sig0 = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
@@ -380,7 +380,7 @@ class _Block:
             for name in self.soft:
                 l, nd = learnable[name], node_of[name]
                 # a float bias is read by name (bias correction may have given it a new one)
-                b_name = l.get("bias_q") if l.get("bias_is_int") else (nd.input[2] if len(nd.input) > 2 else None)
+                b_name = l.bias_q if l.bias_is_int else (nd.input[2] if len(nd.input) > 2 else None)
                 if b_name and b_name in module.param_names:
                     self.biases[name] = (b_name, module.parameter_by_onnx_name(b_name).requires_grad_(True))
             if self.biases:
@@ -441,16 +441,16 @@ class _Block:
         for name, (_, base, s_b, v) in self.soft.items():
             lo, hi, zp = self.bounds[name]
             ints = (torch.clamp(base + _hard(torch, v, self.states[name]), lo, hi) + zp).numpy()
-            t = inits[learnable[name]["weight_q"]]
+            t = inits[learnable[name].weight_q]
             t.CopyFrom(numpy_helper.from_array(ints.astype(numpy_helper.to_array(t).dtype), t.name))
             if name in self.log_scales:   # before the biases: an int32 bias is re-quantized with the new scale
-                old = numpy_helper.to_array(inits[learnable[name]["weight_scale"]])
+                old = numpy_helper.to_array(inits[learnable[name].weight_scale])
                 new = (s_b * torch.exp(self.log_scales[name].detach())).numpy().astype(np.float64).reshape(-1)
                 write_scale(inits, learnable[name], old, new, old.reshape(-1).astype(np.float64))
         for name, (b_name, p) in self.biases.items():
             b, t = p.detach().numpy().astype(np.float64), inits[b_name]
-            if learnable[name].get("bias_is_int"):   # int32 with scale s_in * s_w, as the module rounds it
-                bs = numpy_helper.to_array(inits[learnable[name]["bias_scale"]]).astype(np.float64)
+            if learnable[name].bias_is_int:   # int32 with scale s_in * s_w, as the module rounds it
+                bs = numpy_helper.to_array(inits[learnable[name].bias_scale]).astype(np.float64)
                 b = np.clip(np.rint(b / bs), -(2**31), 2**31 - 1)
             t.CopyFrom(numpy_helper.from_array(b.astype(numpy_helper.to_array(t).dtype).reshape(numpy_helper.to_array(t).shape), t.name))
 
