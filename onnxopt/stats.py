@@ -140,6 +140,7 @@ def summarize(model: ModelProto, per_layer: bool = False) -> dict:
         "ops": op_histogram(model),
         "params": param_count(model),
         "macs": int(sum(r["macs"] or 0 for r in layers)),
+        "macs_unknown_layers": sum(1 for r in layers if r["macs"] is None),  # shapes dynamic or not inferred
         "size_bytes": model_size_bytes(model),
     }
     if per_layer:

@@ -97,3 +97,18 @@ def test_qdq_on_generated_calibration_data_passes_its_target_check(zoo, name, ta
     assert qcheck.check_model(out, target) == []
     if target == "tidl" and name != "gru_opset25":
         assert any("rewritten for tidl before quantization" in w for w in report.passes[0].extra["warnings"])
+
+
+def test_apply_summary_does_not_count_dynamic_layers_as_added_macs(zoo, tmp_path, capsys):
+    """qdq for tidl fixes a dynamic input size: the layers whose MACs were unknown before (symbolic
+    shapes) must not read as MACs the pass added (it printed "MACs +28800 %")."""
+    from onnxopt.cli import main as cli_main
+
+    try:
+        code = cli_main(["apply", "qdq", str(zoo["cnn_dynamo_noopt"]), "-o", str(tmp_path / "q.onnx"),
+                         "--calib-data", "random", "--target", "tidl"])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    assert not code, out.out + out.err
+    assert "MACs not compared (layers with dynamic shapes)" in out.out and "MACs +" not in out.out

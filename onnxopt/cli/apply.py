@@ -222,9 +222,14 @@ def _cost_lines(rec) -> list:
         lines.append(output_change.describe(rec.output_change))
     if not rec.exact and rec.before.get("macs") != rec.after.get("macs"):  # e.g. prune: what the change bought
         parts = []
+        # MACs of layers with dynamic shapes are unknown (not counted): a pass that fixed the input
+        # size (qdq for a static-shape target) would show them all as added
+        unknown = rec.before.get("macs_unknown_layers") or rec.after.get("macs_unknown_layers")
         for key, label in (("macs", "MACs"), ("params", "params")):
             b, a = rec.before.get(key), rec.after.get(key)
-            if b:
+            if key == "macs" and unknown:
+                parts.append("MACs not compared (layers with dynamic shapes)")
+            elif b:
                 parts.append(f"{label} {100 * (a - b) / b:+.1f} %")
         if parts:
             lines.append(", ".join(parts))
