@@ -95,8 +95,7 @@ def model_info(source: ModelLike, per_layer: bool = False) -> dict:
         "initializers": len(model.graph.initializer),
         "ops": stats.op_histogram(model),
         "params": stats.param_count(model),
-        "macs": int(sum(r["macs"] or 0 for r in layers)),
-        "macs_unknown_layers": sum(1 for r in layers if r["macs"] is None),
+        **stats.mac_totals(layers),
         "metadata": {p.key: p.value for p in model.metadata_props},
     }
     if isinstance(source, ModelProto):

@@ -132,6 +132,13 @@ def model_size_bytes(model: ModelProto) -> int:
     return model.ByteSize()
 
 
+def mac_totals(layers: list) -> dict:
+    """``macs`` (the sum over :func:`layer_macs` rows) and ``macs_unknown_layers`` (rows whose
+    shapes are dynamic or not inferred, so not counted)."""
+    return {"macs": int(sum(r["macs"] or 0 for r in layers)),
+            "macs_unknown_layers": sum(1 for r in layers if r["macs"] is None)}
+
+
 def summarize(model: ModelProto, per_layer: bool = False) -> dict:
     """A JSON-able summary used by reports and ``onnxopt info``."""
     layers = layer_macs(model)
@@ -139,8 +146,7 @@ def summarize(model: ModelProto, per_layer: bool = False) -> dict:
         "nodes": len(model.graph.node),
         "ops": op_histogram(model),
         "params": param_count(model),
-        "macs": int(sum(r["macs"] or 0 for r in layers)),
-        "macs_unknown_layers": sum(1 for r in layers if r["macs"] is None),  # shapes dynamic or not inferred
+        **mac_totals(layers),
         "size_bytes": model_size_bytes(model),
     }
     if per_layer:
