@@ -20,7 +20,7 @@ from onnx import ModelProto, numpy_helper
 
 from . import manager
 from .errors import OptionError
-from .quant.view import LayerQuant, quantized_ops
+from .quant.view import QuantInfo, quantized_ops
 from .registry import PassContext
 
 
@@ -65,7 +65,7 @@ def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tens
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             floats[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     float_weights, weight_modes = {}, {}
-    for layer in map(LayerQuant.of, info.get("layers", [])):
+    for layer in QuantInfo.of(info).layers:
         fw = floats.get(layer.float_weight)
         if fw is not None and fw.dtype.kind == "f":
             float_weights[layer.weight_q] = np.asarray(fw, np.float32)

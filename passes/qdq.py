@@ -186,7 +186,7 @@ def _saturation_note(info) -> str | None:
     """The ort target's 8-bit weights lose accuracy in onnxruntime's fused kernels on AVX2 CPUs
     without VNNI (EfficientNet-Lite0: 4 top-1 points; README). The model may be deployed on
     another CPU, so this is a note for the user, not a change to the model."""
-    if info["target"] != "ort" or 8 not in {info["weight_bits"], *info["weight_bits_by_layer"].values()}:
+    if info.target != "ort" or 8 not in {info.weight_bits, *info.weight_bits_by_layer.values()}:
         return None
     if not runtime.int8_kernels_saturate():
         return None
@@ -248,36 +248,35 @@ def qdq(model, options: QdqOptions, ctx):
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info
-    if get_target(info["target"]).static_shapes and data is not None:
+    if get_target(info.target).static_shapes and data is not None:
         data = to_static_batch(data, qmodel)  # recovery runs the static model too
-    if info.get("calib_cache"):
-        c = info["calib_cache"]
+    if info.calib_cache:
+        c = info.calib_cache
         ctx.log(f"calibration cache '{c['path']}': " + ("reused (model, data and settings match)" if c["state"] == "reused"
                                                         else "written"))
     note = _saturation_note(info)
     if note:
         ctx.log(note)
         warns.append(note)
-    extra = {"target": info["target"], "notes": info.get("notes", []), "groups": info["groups"],
-             "excluded": info["excluded"], "warnings": warns}
+    extra = {"target": info.target, "notes": info.notes, "groups": info.groups, "excluded": info.excluded, "warnings": warns}
     if options.recovery.requested:
         qmodel, rep = recovery.recover(float_model, qmodel, info, options.recovery, data, ctx, options.calibration.calib_samples)
         extra["recovery"] = rep
         if (rep.get("fallback") or {}).get("warning"):
             warns.append(rep["fallback"]["warning"])
-    extra["check"] = _target_check(qmodel, info["target"], options.strict_check, ctx, warns)
-    extra["info"] = {**info, "layers": [l.to_dict() for l in info["layers"]]}   # the report: plain JSON
+    extra["check"] = _target_check(qmodel, info.target, options.strict_check, ctx, warns)
+    extra["info"] = info.to_dict()   # the report: plain JSON
     changes = {
-        "weights_quantized": len(info["layers"]),
-        "activations_quantized": len(info["activations"]),
-        "int32_biases": sum(1 for l in info["layers"] if l.bias_is_int),
-        "nodes_kept_float": len(info["excluded"]),
+        "weights_quantized": len(info.layers),
+        "activations_quantized": len(info.activations),
+        "int32_biases": sum(1 for l in info.layers if l.bias_is_int),
+        "nodes_kept_float": len(info.excluded),
     }
-    details = [f"{l.node} ({l.op}): weight axis {l.axis}, bias {'int32' if l.bias_is_int else 'float'}" for l in info["layers"]]
-    skipped = list(info.get("skipped", []))
+    details = [f"{l.node} ({l.op}): weight axis {l.axis}, bias {'int32' if l.bias_is_int else 'float'}" for l in info.layers]
+    skipped = list(info.skipped)
     if not changes["weights_quantized"] and not changes["activations_quantized"]:
         skipped.append("nothing quantized: " + ("every quantizable node is kept in float (exclude_*, keep_first_last, op_types)"
-                                                if info["excluded"] else
+                                                if info.excluded else
                                                 "the model has no Conv/ConvTranspose/Gemm/MatMul with a constant float weight, "
                                                 "nor another op the target quantizes"))
     extra["ways_out"] = ("keep the most sensitive layers in float (--set qdq.fallback=auto --set qdq.max_error=...; "

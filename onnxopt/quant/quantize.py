@@ -57,7 +57,7 @@ from . import calibrate as calib
 from . import placement as placement_mod
 from .options import CalibrationOptions, FormatOptions, QdqOptions
 from .targets import TargetRules, get_target
-from .view import (LayerQuant, already_quantized_message, channel_rows, int_range, quantized_ops, weight_range,
+from .view import (LayerQuant, QuantInfo, already_quantized_message, channel_rows, int_range, quantized_ops, weight_range,
                    with_clip_bounds)
 
 INT32_MAX = 2**31 - 1
@@ -67,7 +67,7 @@ MIN_SCALE = 1e-30
 @dataclass
 class QuantResult:
     model: ModelProto
-    info: dict
+    info: QuantInfo
     ranges: dict = field(default_factory=dict)
 
 
@@ -461,12 +461,12 @@ def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantRe
         raise InternalError(f"calibration returned no range for {len(missing)} tensor(s), e.g. '{missing[0]}' "
                             "(placement and calibration disagree)")
     qmodel, info = apply_plan(model, graph, the_plan, ranges, rules, fmt)
-    info["notes"] = notes
-    info["skipped"] = the_plan.skipped
-    info["clip_bounds"] = sorted(bounds)
-    info["calib_cache"] = {"path": str(cache), "state": cache_state} if cache_state else None
-    info["calibration"] = search.get("report") or {"method": calibration.calib_method if not choose else "auto"}
-    info["per_channel_activations"] = per_channel
+    info.notes = notes
+    info.skipped = the_plan.skipped
+    info.clip_bounds = sorted(bounds)
+    info.calib_cache = {"path": str(cache), "state": cache_state} if cache_state else None
+    info.calibration = search.get("report") or {"method": calibration.calib_method if not choose else "auto"}
+    info.per_channel_activations = per_channel
     return QuantResult(qmodel, info, {k: _range_value(v) for k, v in ranges.items()})
 
 
@@ -648,7 +648,7 @@ def _quantize_layer(writer: _PlanWriter, node: gs.Node, wc, bits: int, data_scal
 
 
 def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: TargetRules, fmt: FormatOptions) -> tuple:
-    """Rewrite ``graph`` (imported from ``model``) per ``plan``; returns (model, info)."""
+    """Rewrite ``graph`` (imported from ``model``) per ``plan``; returns (model, :class:`QuantInfo`)."""
     writer = _PlanWriter(graph, NameGenerator(graph), rules, fmt, fmt.act_symmetric(rules), rules.power_of_two or fmt.power_of_two)
     wbits = fmt.weight_bits
     tensors = graph.tensors()
@@ -680,11 +680,10 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
     out = export_graph(graph, like=model)
     if int4_names:
         _to_int4(out, set(int4_names))
-    info = {"target": rules.name, "activation_bits": fmt.activation_bits, "weight_bits": wbits,
-            "weight_bits_by_layer": {n: b for n, b in bits_of.items() if b != wbits}, "symmetric": writer.symmetric,
-            "weight_symmetric": fmt.weight_symmetric,
-            "power_of_two": writer.power_of_two, "layers": layers, "activations": activations_info,
-            "excluded": sorted(plan.excluded), "groups": len(plan.groups)}
+    info = QuantInfo(target=rules.name, activation_bits=fmt.activation_bits, weight_bits=wbits,
+                     weight_bits_by_layer={n: b for n, b in bits_of.items() if b != wbits}, symmetric=writer.symmetric,
+                     weight_symmetric=fmt.weight_symmetric, power_of_two=writer.power_of_two, layers=layers,
+                     activations=activations_info, excluded=sorted(plan.excluded), groups=len(plan.groups))
     return out, info
 
 

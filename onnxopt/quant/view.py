@@ -11,7 +11,7 @@ model already holds (:func:`quantized_ops`). It imports no other module of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Optional, Union
 
 import numpy as np
@@ -164,6 +164,55 @@ class LayerQuant:
         return layer if isinstance(layer, cls) else cls.from_dict(layer)
 
 
+@dataclass
+class QuantInfo:
+    """What the qdq pass quantized and how (:func:`onnxopt.quant.quantize.quantize_model`); the
+    view reads the model back through it. ``to_dict`` is the pass report's ``extra["info"]``,
+    ``from_dict`` reads such a report back (fields it lacks keep their defaults)."""
+    # the format: target, bits (weight_bits_by_layer: the layers whose weight bits differ) and
+    # the arithmetic choices
+    target: str = ""
+    activation_bits: int = 8
+    weight_bits: int = 8
+    weight_bits_by_layer: dict = field(default_factory=dict)
+    symmetric: bool = True
+    weight_symmetric: bool = True
+    power_of_two: bool = False
+    # what was quantized: the weighted layers, the activation Q/DQ pairs (one dict each: tensor,
+    # scale, zero_point, q_node, dq_node, group, values, axis, dtype, range), the nodes kept in
+    # float and the number of scale groups
+    layers: list = field(default_factory=list)
+    activations: list = field(default_factory=list)
+    excluded: list = field(default_factory=list)
+    groups: int = 0
+    # how it was prepared and calibrated: notes, what placement skipped, the tensors clipped to
+    # the bounds lite removed, the calibration cache ({path, state}), the calibration report,
+    # the tensors with per-channel activation ranges
+    notes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    clip_bounds: list = field(default_factory=list)
+    calib_cache: Optional[dict] = None
+    calibration: dict = field(default_factory=dict)
+    per_channel_activations: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["layers"] = [l.to_dict() for l in self.layers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantInfo":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values["layers"] = [LayerQuant.of(l) for l in d.get("layers", [])]
+        return cls(**values)
+
+    @classmethod
+    def of(cls, info: Union["QuantInfo", dict]) -> "QuantInfo":
+        """``info`` itself, or the one a report's ``info`` describes."""
+        return info if isinstance(info, cls) else cls.from_dict(info)
+
+
 def sqnr_db(rel: float) -> float:
     return float("inf") if rel <= 0 else -20.0 * math.log10(rel)
 
@@ -171,11 +220,11 @@ def sqnr_db(rel: float) -> float:
 class QdqView:
     """The quantized model plus what is needed to derive per-layer variants of it."""
 
-    def __init__(self, float_model: ModelProto, qmodel: ModelProto, info: dict):
+    def __init__(self, float_model: ModelProto, qmodel: ModelProto, info: Union[QuantInfo, dict]):
         self.qmodel = qmodel
-        self.info = info
-        self.layers = {l.node: l for l in map(LayerQuant.of, info.get("layers", []))}
-        self.acts = {a["dq_node"]: a for a in info.get("activations", [])}
+        self.info = info = QuantInfo.of(info)
+        self.layers = {l.node: l for l in info.layers}
+        self.acts = {a["dq_node"]: a for a in info.activations}
         self.nodes = {n.name: n for n in qmodel.graph.node}
         missing = [n for n in self.layers if n not in self.nodes]
         if missing:
@@ -188,7 +237,7 @@ class QdqView:
         self.q_consts = const_tensors(qmodel)
         # the clips lite removed and qdq calibrated with (quantize.with_clip_bounds): every variant,
         # the float reference included, has them, so that it computes what the Q/DQ model approximates
-        capped = set(info.get("clip_bounds", ()))
+        capped = set(info.clip_bounds)
         self.clip_bounds = {t: b for t, b in model_io.activation_bounds(qmodel).items() if t in capped}
         f_consts = const_tensors(float_model) if float_model is not None else {}
         # The float layer of each quantized one: the float model's node reading the float weight
@@ -245,7 +294,7 @@ class QdqView:
         axis = act.get("axis")
         info = np.iinfo(zp_arr.dtype)
         lo, hi = float(info.min), float(info.max)
-        bits = int(self.info.get("activation_bits", 8))
+        bits = int(self.info.activation_bits)
         if bits < 8:  # restricted range (the quantizer clips before Q)
             if zp_arr.dtype == np.uint8:
                 lo, hi = 0.0, float(2 ** bits - 1)

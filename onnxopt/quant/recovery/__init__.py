@@ -17,13 +17,14 @@ rounding and on the bias correction; every step reads the model through
 from __future__ import annotations
 
 import time
+from typing import Union
 
 from onnx import ModelProto
 
 from ...data import collect_feeds
 from ...errors import DataError, OptionError
 from ..options import RecoveryOptions
-from ..view import Evaluator, QdqView, sqnr_db
+from ..view import Evaluator, QdqView, QuantInfo, sqnr_db
 from . import adaround, brecq
 from .bias import BIAS_SAMPLES, analytical_bias_correction, empirical_bias_correction
 from .fallback import auto_fallback, fallback_budget
@@ -67,9 +68,10 @@ def _bias_correction(bc: str, float_model, model, info, data, n_samples, ev, log
     return corrected, rep
 
 
-def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options: RecoveryOptions, data, ctx,
-            calib_samples: int = 0) -> tuple:
-    """Apply the PTQ recovery steps ``options`` ask for; returns (model, report dict).
+def recover(float_model: ModelProto, qdq_model: ModelProto, info: Union[QuantInfo, dict], options: RecoveryOptions,
+            data, ctx, calib_samples: int = 0) -> tuple:
+    """Apply the PTQ recovery steps ``options`` ask for; returns (model, report dict). ``info``:
+    the quantization's :class:`QuantInfo`, or the pass report's ``info`` dict.
     ``options`` may be given as ``{option: value}``: only the steps and budgets named there apply
     (converted and validated as qdq's options; unlike the pass, whose defaults run fallback=auto
     with an agreement budget). ``calib_samples`` (0 = unset) caps the samples the data-driven steps read."""
@@ -82,7 +84,7 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: dict, options:
     budget = fallback_budget(options)
     _validate(bc, fb, max_error, rounding, precision, data, budget)
     if precision == "auto":  # TIDL's higher precision is its 16-bit mode; elsewhere the float layer itself
-        precision = "int16" if str(info.get("target", "")).startswith("tidl") and fb == "auto" else "float"
+        precision = "int16" if QuantInfo.of(info).target.startswith("tidl") and fb == "auto" else "float"
     report: dict = {}
     t0 = time.perf_counter()
     model = qdq_model

@@ -29,7 +29,7 @@ from ...errors import OptionError
 from ...task_metric import Budget
 from ...task_metric import Evaluator as TaskEvaluator
 from ..options import RecoveryOptions
-from ..view import QdqView, sqnr_db
+from ..view import QdqView, QuantInfo, sqnr_db
 
 FALLBACK_SAMPLES = 32
 AGREEMENT_SAMPLES = 256  # a top-1 agreement budget is checked on this many calibration samples (capped by memory)
@@ -93,7 +93,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     ``FALLBACK_SAMPLES``. The fewest layers meeting it are found by doubling and bisection."""
     if not isinstance(budget, Budget):
         budget = Budget(max_agreement_loss=math.inf, max_rel_error=float(budget))
-    target = info.get("target", "")
+    target = QuantInfo.of(info).target
     if precision == "int16" and not target.startswith("tidl"):
         raise OptionError(f"qdq.fallback_precision=int16 is not available for target {target}.",
                           "TensorRT has no int16 Q/DQ; use fallback_precision=float (or target tidl, whose 16-bit layer lists are reported)")
