@@ -138,10 +138,6 @@ def _latency_summary(times: list, threads: int) -> dict:
     }
 
 
-def _latency_session(model: ModelProto, threads: int, optimize: bool):
-    return runtime.session(model, optimize=optimize, threads=threads)
-
-
 def measure_latency(model: ModelLike, feed: Optional[dict] = None, runs: int = 20, *, warmup: int = 3, threads: int = 1,
                     optimize: bool = True, input_shapes: Optional[dict] = None) -> dict:
     """Median (and min, p90) wall time in ms of ``runs`` onnxruntime runs of ``model`` on ``feed``.
@@ -154,7 +150,7 @@ def measure_latency(model: ModelLike, feed: Optional[dict] = None, runs: int = 2
         raise OptionError(f"runs must be at least 1, got {runs}.", "use --runs 1 or more")
     proto = model if isinstance(model, ModelProto) else model_io.load_model(model)
     feed = feed if feed is not None else runtime.generate_inputs(proto, overrides=input_shapes)
-    sess = _latency_session(proto, threads, optimize)
+    sess = runtime.session(proto, optimize=optimize, threads=threads)
     _check_feed_runs(sess, feed, "the model")
     return _latency_summary(_time_alternating([sess], feed, runs, warmup)[0], threads)
 
@@ -449,8 +445,7 @@ def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list,
 def _compare_latency(ref_model: ModelProto, cand_model: ModelProto, sample: dict, runs: int, threads: int, warmup: int) -> dict:
     if not runs:
         return {"reference": None, "candidate": None}
-    l_ref = _latency_session(ref_model, threads, True)
-    l_cand = _latency_session(cand_model, threads, True)
+    l_ref, l_cand = (runtime.session(m, optimize=True, threads=threads) for m in (ref_model, cand_model))
     _check_feed_runs(l_ref, sample, "the reference")
     _check_feed_runs(l_cand, sample, "the candidate")
     t_ref, t_cand = _time_alternating([l_ref, l_cand], sample, runs, warmup)

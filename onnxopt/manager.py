@@ -29,7 +29,6 @@ from onnx import ModelProto
 
 from . import model_io, opsets, output_change, runtime, stats
 from .errors import InternalError, OnnxoptError, OptionError, VerificationError
-from .feeds import NoFeedError
 from .registry import PassContext, PassInfo, PassResult, get_pass
 from .version import __version__
 
@@ -56,21 +55,8 @@ class PassRecord:
     warnings: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {
-            "pass": self.name,
-            "exact": self.exact,
-            "options": self.options,
-            "seconds": round(self.seconds, 4),
-            "before": self.before,
-            "after": self.after,
-            "changes": self.changes,
-            "details": self.details,
-            "skipped": self.skipped,
-            "extra": self.extra,
-            "verification": self.verification,
-            "output_change": self.output_change,
-            "warnings": self.warnings,
-        }
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"pass": fields.pop("name"), **fields, "seconds": round(self.seconds, 4)}
 
 
 @dataclass
@@ -106,8 +92,6 @@ def _json_default(obj: Any):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
     return str(obj)
 
 
@@ -204,9 +188,7 @@ def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rto
     try:
         feeds, source = ctx.verification_feeds(before)
         s_ref = runtime.session(before)
-    except NoFeedError as exc:
-        return {"verified": False, "passed": None, "reason": exc.message, "hint": exc.hint}
-    except OnnxoptError as exc:  # e.g. a custom op: onnxruntime cannot run the model, before or after the pass
+    except OnnxoptError as exc:  # no feed can be built (feeds.NoFeedError), or a custom op onnxruntime cannot run
         return {"verified": False, "passed": None, "reason": exc.message, "hint": exc.hint}
     try:
         s_new = runtime.session(after)

@@ -24,12 +24,14 @@ def np_dtype(elem_type: int) -> np.dtype:
 
 
 def session(model: ModelProto | str, *, optimize: bool = False, threads: int = 0, providers: Sequence[str] | None = None,
-            quiet: bool = False) -> ort.InferenceSession:
+            quiet: bool = False, arena: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session; ``optimize=False`` disables all graph optimizations.
-    ``quiet``: onnxruntime logs nothing, not even a failed run (for runs that probe inputs)."""
+    ``quiet``: onnxruntime logs nothing, not even a failed run (for runs that probe inputs).
+    ``arena=False``: without the CPU memory arena, whose memory a process keeps after the session."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4 if quiet else 3
+    so.enable_cpu_mem_arena = arena
     if threads:
         so.intra_op_num_threads = threads
     payload = model if isinstance(model, str) else _serialize(model)

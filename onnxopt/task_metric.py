@@ -45,6 +45,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto, helper
 
+from . import runtime
+from .data import feed_samples
 from .errors import DataError, OnnxoptError
 
 TERMINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
@@ -267,15 +269,7 @@ def lean_session(model: ModelProto) -> ort.InferenceSession:
     """The verification oracle's session (every graph optimization off) without onnxruntime's CPU
     memory arena: searches build dozens of sessions one after another, and with arenas the
     process kept the memory of each (EfficientNet-Lite0: +230 MB over an mse calibration)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.enable_cpu_mem_arena = False
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise OnnxoptError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:500]}",
-                           "the graph uses an op or type onnxruntime's CPU provider lacks, or it is invalid") from None
+    return runtime.session(model, arena=False)
 
 
 def _release_memory() -> None:
@@ -290,13 +284,6 @@ def _release_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _samples(feed: dict) -> int:
-    for v in feed.values():
-        a = np.asarray(v)
-        return int(a.shape[0]) if a.ndim else 1
-    return 1
 
 
 def _split(feed: dict, n: int) -> dict:
@@ -325,7 +312,7 @@ class Evaluator:
         for feed in source:
             if count >= limit:
                 break
-            b = _samples(feed)
+            b = feed_samples(feed)
             if count + b > limit:
                 feed, b = _split(feed, limit - count), limit - count
             outs = sess.run([self.mapping[n] for n in self.names], feed)
@@ -349,7 +336,7 @@ class Evaluator:
         for feed in self.feeds:
             if samples is not None and seen >= samples:
                 return
-            seen += _samples(feed)
+            seen += feed_samples(feed)
             yield sess.run(fetch, feed)
 
     def error(self, model: ModelProto, samples: Optional[int] = None) -> TaskError:
@@ -390,15 +377,15 @@ class HeldIn:
 
     def batches(self, batch_size=None):
         if self.complete and batch_size is None:
-            self.read = sum(_samples(f) for f in self.kept)
+            self.read = sum(feed_samples(f) for f in self.kept)
             yield from self.kept
             return
         kept, used, count, whole, total = [], 0, 0, True, 0
         for feed in self._read(batch_size):
-            total += _samples(feed)
+            total += feed_samples(feed)
             if whole:
                 size = sum(np.asarray(v).nbytes for v in feed.values())
-                b = _samples(feed)
+                b = feed_samples(feed)
                 if count + b > self.limit or used + size > self.max_bytes:
                     whole = False
                 else:
@@ -406,7 +393,7 @@ class HeldIn:
                     used, count = used + size, count + b
             yield feed
         # only a read to the end tells that every sample was kept
-        self.kept, self.complete = (kept, True) if whole else (kept, False)
+        self.kept, self.complete = kept, whole
         self.read = total
 
     def __call__(self):

@@ -130,27 +130,13 @@ def recovery_defaults(student: ModelProto, teacher: Optional[ModelProto], sample
                       labels: bool = False, qat: bool = False, optimizer: str = "adam", image_input: bool = True) -> dict:
     """The settings ``onnxopt finetune`` uses for what the user does not give: {name: (value, why)}.
 
-    Measured on ResNet56 CIFAR pruned by 31 % of its MACs (residual streams kept), 717 images,
-    held-out 300, 15 epochs (tools/sweep_recovery.py; one image is 0.33 points):
-
-    * learning rate (Adam): 1e-4 87.0 %, 5e-4 87.3 %, 1e-3 82.3 % without feature distillation;
-      with it 5e-4 89.7 %, 1e-3 90.7 / 90.3 % (two seeds), 2e-3 86.7 / 88.7 %, 3e-3 79.0 %. A
-      pruned student (fewer parameters than its teacher) gets 1e-3; a student of the teacher's
-      shape (lite, qdq, QAT: small changes) keeps 1e-4, which the W4A4 QAT figure used. Both scale
-      with sqrt(batch / 32); SGD gets 10x.
-    * feature distillation of the tensors student and teacher share (``auto_features``): 89.3 %
-      against 82.3 % (no augmentation), 90.7 % against 85.0 % (augmentation). Off for QAT
-      (unmeasured there).
-    * augmentation (shift, flip): 90.7 % against 89.3 %. Label-free distillation keeps it
-      consistent (the teacher sees the same augmented image); with labels it stays off.
-    * epochs: about SAMPLE_BUDGET samples, at most MAX_EPOCHS (10 epochs 90.0 %, 15 90.7 %, 20 89.7 %).
-    * held-in split for early stopping: 3 % of the data from 500 samples up, patience 3 epochs; the
-      weights of the epoch with the lowest held-in loss are kept. The issue's two commands, three
-      seeds each (tools/bench_finetune.py --only cli): no split 90.67/90.33/89.67 %, 3 %
-      90.0/90.0/90.67 %, 5 % 88.67/90.33/89.67 % (the held-in images are not trained on).
-    * other settings measured there, three seeds: --feature-weight 0.5 88.33/90.0/89.0 %, --lr 7e-4
-      89.33/89.67/89.33 %.
-    * warm-up 5 % of the steps (15 %: 90.0 %, within noise).
+    Each choice was measured on ResNet56 CIFAR, pruned, 717 images (docs/benchmarks.md, "Prune ->
+    finetune with the defaults"): a pruned student (fewer parameters than its teacher) gets lr 1e-3,
+    one of the teacher's shape (lite, qdq, QAT: small changes) 1e-4, both scaled by sqrt(batch / 32),
+    SGD 10x; feature distillation of the tensors both share (``auto_features``), off for QAT
+    (unmeasured there); augmentation for label-free distillation only (the teacher sees the same
+    augmented image); about SAMPLE_BUDGET samples, at most MAX_EPOCHS epochs; a 3 % held-in split
+    from 500 samples up with patience 3 (the weights of the epoch with the lowest held-in loss are kept).
     """
     pruned = teacher is not None and stats.param_count(student) < 0.97 * stats.param_count(teacher)
     base = 1e-3 if pruned else 1e-4
@@ -212,7 +198,7 @@ def set_threads(threads: int, world: int = 1) -> int:
     if threads <= 0:
         if os.environ.get("OMP_NUM_THREADS"):
             return torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = runtime.cpu_count()
         try:
             idle = cores - int(os.getloadavg()[0])
         except OSError:
@@ -280,8 +266,7 @@ class _TorchTeacher:
     def __call__(self, xs: list) -> tuple:
         with torch.no_grad():
             out = self.module(*xs)
-        out = list(out) if isinstance(out, tuple) else [out]
-        return out, [self.module.captured[f] for f in self.features]
+        return _as_list(out), [self.module.captured[f] for f in self.features]
 
 
 class _OrtTeacher:
@@ -290,7 +275,6 @@ class _OrtTeacher:
         self.outputs = [o.name for o in model.graph.output]
         self.features = list(features)
         self.sess = runtime.session(probe, optimize=True)
-        self.runtime = runtime
         self.input_names = input_names
         # an export with a fixed batch (often 1) takes the training batch in slices of that size
         # (the torch student swaps the batch in its Reshapes instead; onnxruntime cannot)
@@ -304,11 +288,11 @@ class _OrtTeacher:
         names = self.outputs + self.features
         n, step = arrays[0].shape[0], self.fixed_batch
         if step and n != step and n % step == 0:
-            parts = [self.runtime.run(self.sess, {k: a[i:i + step] for k, a in zip(self.input_names, arrays)}, names)
+            parts = [runtime.run(self.sess, {k: a[i:i + step] for k, a in zip(self.input_names, arrays)}, names)
                      for i in range(0, n, step)]
             res = {k: np.concatenate([p[k] for p in parts]) for k in names}
         else:
-            res = self.runtime.run(self.sess, dict(zip(self.input_names, arrays)), names)
+            res = runtime.run(self.sess, dict(zip(self.input_names, arrays)), names)
         dev = xs[0].device
         return [torch.from_numpy(res[o]).to(dev) for o in self.outputs], [torch.from_numpy(res[f]).to(dev) for f in self.features]
 
@@ -396,10 +380,7 @@ def _check_config(cfg: FinetuneConfig) -> str:
         raise OptionError(f"bad optimizer '{cfg.optimizer}'.", "use adam or sgd")
     if cfg.epochs < 0 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise OptionError("epochs must be >= 0, batch size >= 1 and the learning rate > 0.", "check --epochs/--batch-size/--lr")
-    # auto = frozen running statistics. Measured on ResNet56 pruned with BN kept (tools/sweep_recovery.py,
-    # 15 epochs, 717 images; seed 0 MACs -31 % with the mean fold, seeds 1-2 MACs -33 % uncompensated):
-    # frozen 90.67/89.33/89.33 %, batch statistics 90.0/88.67/89.33 %, batch statistics then
-    # re-estimated 90.0/89.0/89.0 %.
+    # auto = frozen running statistics: measured best on pruned ResNet56 (docs/benchmarks.md, BN statistics)
     return cfg.bn_mode if cfg.bn_mode != "auto" else "frozen"
 
 
@@ -525,7 +506,7 @@ def _train_epoch(run: _Run, net, opt, sched, epoch: int, gen, scale_params: list
     # every rank takes n // world samples, so all take the same number of steps (DDP all-reduces each)
     mine = perm[rank:(n // world) * world:world] if world > 1 else perm
     batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    bar = _progress(len(batches) * cfg.batch_size, f"training, epoch {epoch + 1} of {cfg.epochs}", cfg.progress and rank == 0)
+    bar = progress_bar(len(batches) * cfg.batch_size, f"training, epoch {epoch + 1} of {cfg.epochs}", cfg.progress and rank == 0)
     seen, loss_sum = 0, 0.0
     for idx in batches:
         xs = [run.tensors[nm][idx].to(device) for nm in student.input_names]
@@ -546,11 +527,9 @@ def _train_epoch(run: _Run, net, opt, sched, epoch: int, gen, scale_params: list
                 p.clamp_(min=1e-8)
         seen += len(idx)
         loss_sum += float(loss.detach()) * len(idx)
-        if bar is not None:
-            bar.update(len(idx))
-            bar.set_postfix_str(f"loss={float(loss.detach()):.4f}")
-    if bar is not None:
-        bar.close()
+        bar.update(len(idx))
+        bar.set_postfix_str(f"loss={float(loss.detach()):.4f}")
+    bar.close()
     return seen, loss_sum
 
 
@@ -663,10 +642,6 @@ def _check_batch(student: OnnxModule, arrays: dict, batch: int, device) -> None:
         student.train(was_training)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    return progress_bar(total, desc, enabled) if enabled else None
-
-
 def _teacher_cache(t_fn, tensors, input_names, batch_size, device) -> tuple:
     n = len(tensors[input_names[0]])
     outs, feats = None, None
@@ -675,9 +650,7 @@ def _teacher_cache(t_fn, tensors, input_names, batch_size, device) -> tuple:
         o, f = t_fn(xs)
         if outs is None:
             outs, feats = [[] for _ in o], [[] for _ in f]
-        for acc, v in zip(outs, o):
-            acc.append(v.detach().cpu())
-        for acc, v in zip(feats, f):
+        for acc, v in zip(outs + feats, list(o) + list(f)):
             acc.append(v.detach().cpu())
     return [torch.cat(v) for v in outs], [torch.cat(v) for v in feats]
 
@@ -735,7 +708,7 @@ def parity_check(module: OnnxModule, model: ModelProto, tensors: dict, samples: 
     module.eval()
     with torch.no_grad():
         out = module(*xs)
-    out = list(out) if isinstance(out, tuple) else [out]
+    out = _as_list(out)
     sess = runtime.session(model)
     try:
         ref = runtime.run(sess, {nm: x.numpy() for nm, x in zip(names, xs)})

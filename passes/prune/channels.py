@@ -402,12 +402,7 @@ class _Analyzer:
         return None if shp is None else len(shp)
 
     def value(self, t) -> Optional[np.ndarray]:
-        if t is None:
-            return None
-        v = constant_value(t)
-        if v is None and t.name in self.params:
-            v = self.params[t.name]
-        return None if v is None else np.asarray(v)
+        return _value(self.params, t)
 
     def set(self, t, axis: int, rank: int, ids: np.ndarray) -> None:
         self.slots[t.name] = Slots(axis, rank, np.asarray(ids, dtype=np.int64))
@@ -930,9 +925,6 @@ class _Analyzer:
         if b < len(target) and target[b] not in (-1,) and not (target[b] == 0 and not allowzero and b == a and mode == "same"):
             self.actions.append(ReshapeAction(node, b, mode, factor, s.ids, target))
 
-    def _op_Identity(self, node: gs.Node) -> None:
-        self._unary(node)
-
 
 class _NotUnderstood(Exception):
     pass
@@ -1092,11 +1084,11 @@ class SliceAction:
             starts[j], ends[j] = new_lo, new_hi
             node.attrs["starts"], node.attrs["ends"] = starts, ends
         else:
-            st = np.array(_value(an, node.inputs[1]), dtype=np.int64).copy()
-            en = np.array(_value(an, node.inputs[2]), dtype=np.int64).copy()
+            st = np.array(_value(an.params, node.inputs[1]), dtype=np.int64).copy()
+            en = np.array(_value(an.params, node.inputs[2]), dtype=np.int64).copy()
             st[j], en[j] = new_lo, new_hi
-            _set_input(node, 1, st.astype(_value(an, node.inputs[1]).dtype), names, "starts")
-            _set_input(node, 2, en.astype(_value(an, node.inputs[2]).dtype), names, "ends")
+            _set_input(node, 1, st.astype(_value(an.params, node.inputs[1]).dtype), names, "starts")
+            _set_input(node, 2, en.astype(_value(an.params, node.inputs[2]).dtype), names, "ends")
 
 
 @dataclass
@@ -1156,14 +1148,16 @@ class ResizeSizesAction(_InputAxis):
         k = keep(self.ids)
         if k.all():
             return
-        sizes = np.array(_value(an, self.node.inputs[self.index]), dtype=np.int64).copy()
+        sizes = np.array(_value(an.params, self.node.inputs[self.index]), dtype=np.int64).copy()
         sizes[self.axis] = int(k.sum())
         _set_input(self.node, self.index, sizes, names, "sizes")
 
 
-def _value(an: Analysis, t) -> np.ndarray:
-    """A parameter's value: a constant, or one the analysis computed from a constant chain."""
+def _value(params: dict, t) -> Optional[np.ndarray]:
+    """A parameter's value: a constant, or one the analysis computed from a constant chain (None: neither)."""
+    if t is None:
+        return None
     v = constant_value(t)
     if v is None:
-        v = an.params.get(t.name)
-    return np.asarray(v)
+        v = params.get(t.name)
+    return None if v is None else np.asarray(v)
