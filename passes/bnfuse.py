@@ -6,8 +6,9 @@ The folds are rules of the rewrite engine (:mod:`onnxopt.rewrite.batchnorm`, ari
 ``bn_into_layer`` and ``affine_into_layer`` run together until neither fires, then
 ``bn_into_following_conv`` and ``bn_standalone`` once each. Each rule that fired is verified on
 the region it rewrote (random values at the region's inputs, onnxruntime): a rule beyond the
-exact-pass tolerance is reverted (the pass reruns without it, and says so); a region that cannot
-be cut out is covered by the pass manager's check of the whole pass.
+exact-pass tolerance is reverted (the pass reruns without it, and says so): only the rewrites that
+fail their own check when some of the rule's pass, else the whole rule. A region that cannot be
+cut out is covered by the pass manager's check of the whole pass.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from onnxopt.model_io import opset_of
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 from onnxopt.rewrite import bnfuse_rules
 from onnxopt.rewrite.fold import FoldContext
-from onnxopt.rewrite.runner import RegionChecker, apply_rule, judge, new_record, rule_help, select_rules, within_tolerance
+from onnxopt.rewrite.runner import (RegionChecker, apply_rule, failing_rewrites, judge, new_record, revert_note, rule_help,
+                                    select_rules, within_tolerance)
 
 # run together until neither fires: a chain folds whole whatever the order of its nodes
 _TOGETHER = ("bn_into_layer", "affine_into_layer")
@@ -49,6 +51,11 @@ class BnfuseOptions(PassOptions):
 def bnfuse(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext) -> PassResult:
     """Exact BatchNormalization / per-channel affine folding into the neighbouring linear layer."""
     options.validate(model, ctx)
+    return _fold(model, options, ctx, {})
+
+
+def _fold(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext, undo: dict) -> PassResult:
+    """The pass, leaving alone the rewrites in ``undo`` (rule -> matched tensors)."""
     opset = opset_of(model)
     table = bnfuse_rules()
     active = [r for r in select_rules(table, options.rules, options.disable, "bnfuse") if r.applies_to(opset)]
@@ -56,6 +63,7 @@ def bnfuse(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext) -> 
     graph = import_graph(model)
     fctx = FoldContext(graph, model, opset, options, frozenset(r.name for r in active),
                        lambda where, reason: skipped.append(f"{where}: {reason}"))
+    fctx.reverted = undo
     run = _Run(fctx, {r.name: new_record(r, r in active) for r in table},
                RegionChecker(infer_shapes(model)[0], model))
     together = [r for r in active if r.name in _TOGETHER]
@@ -69,7 +77,7 @@ def bnfuse(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext) -> 
             run.apply(r, skipped)
     failed = {name: res for name, res in run.verified.items() if not within_tolerance(res)}
     if failed:
-        return _without(model, options, ctx, failed)
+        return _without(model, options, ctx, failed, run.failing, undo)
     drop_detached(graph)
     out = export_graph(graph, like=model)
     extra = {"rules": run.records}
@@ -79,14 +87,27 @@ def bnfuse(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext) -> 
     return PassResult(out, changes=dict(changes), details=[d["note"] for d in run.details], skipped=skipped, extra=extra)
 
 
-def _without(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext, failed: dict) -> PassResult:
-    """The pass rerun with the rules that failed their region check switched off (as the manager
-    reverts a rule whose rewrites change the output), saying which and by how much."""
-    result = bnfuse(model, dataclasses.replace(options, disable=list(options.disable or []) + list(failed)), ctx)
+def _without(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext, failed: dict, failing: dict,
+             undo: dict) -> PassResult:
+    """The pass rerun without what failed its region check: the rewrites that fail alone when
+    only some of a rule's do, else the whole rule switched off (as the manager reverts a rule
+    whose rewrites change the output), saying which and by how much."""
+    undo = {rule: set(tensors) for rule, tensors in undo.items()}
+    off, notes, reverted = [], [], []
     for name, res in failed.items():
-        result.skipped.append(f"reverted rule {name}: on its region the output changed by max abs {res['max_abs']:.3g} "
-                              f"(rel {res['max_rel']:.3g}), beyond tolerance")
-    result.extra["reverted"] = [{"rule": name, "max_abs": res["max_abs"], "max_rel": res["max_rel"]} for name, res in failed.items()]
+        some = failing.get(name)
+        entry = {"rule": name, "max_abs": res["max_abs"], "max_rel": res["max_rel"]}
+        if some and not set(some) <= undo.get(name, set()):
+            undo.setdefault(name, set()).update(some)
+            entry["tensors"] = sorted(some)
+        else:
+            off.append(name)
+            some = {}
+        notes.append(revert_note(name, some, res))
+        reverted.append(entry)
+    result = _fold(model, dataclasses.replace(options, disable=list(options.disable or []) + off), ctx, undo)
+    result.skipped.extend(notes)
+    result.extra["reverted"] = reverted + result.extra.get("reverted", [])
     return result
 
 
@@ -98,13 +119,15 @@ class _Run:
         self.ctx, self.records, self.checker = ctx, records, checker
         self.details: list = []
         self.verified: dict = {}
+        # rule -> the rewrites that failed their check alone ({tensor: result}); None: the rule as a whole
+        self.failing: dict = {}
 
     def apply(self, rule, skipped: list) -> int:
         """Apply ``rule`` once over the graph and check its region; returns how many rewrites it made."""
         record = self.records[rule.name]
         count, first = record["count"], len(record["preserved"])
         self.ctx.added = []
-        apply_rule(rule, self.ctx, record, skipped, self.details, {}, "bnfuse")
+        rewrites = apply_rule(rule, self.ctx, record, skipped, self.details, {}, "bnfuse")
         added, self.ctx.added = self.ctx.added, None
         fired = record["count"] - count
         if fired:
@@ -112,7 +135,16 @@ class _Run:
             if isinstance(res, str):
                 record["region_check"] = res   # the manager verifies the whole pass
             else:
+                if not within_tolerance(res):
+                    self._find_failing(rule.name, rewrites)
                 old = self.verified.get(rule.name)
                 if old is None or res["max_abs"] > old["max_abs"]:
                     self.verified[rule.name] = res
         return fired
+
+    def _find_failing(self, rule: str, rewrites: list) -> None:
+        failing = failing_rewrites(self.checker, self.ctx.graph, self.ctx, rewrites)
+        if failing and self.failing.get(rule, {}) is not None:
+            self.failing.setdefault(rule, {}).update(failing)
+        else:
+            self.failing[rule] = None

@@ -15,7 +15,9 @@ Instead the pass
    input model) and the new nodes, on random values at the region's inputs -- or, when a region
    cannot be cut out (dynamic shapes, new tensors), between the input model and the model after
    the exact rules on the user's data (``ctx.data``) or generated inputs. The max abs error per
-   rule is reported; one beyond the exact-pass tolerance raises :class:`VerificationError`;
+   rule is reported; one beyond the exact-pass tolerance raises :class:`VerificationError`, and
+   the pass (:func:`lite_pass`) reruns without the rule's rewrites that fail their own region
+   check (or without the rule, when none fails alone);
 2. runs the enabled **approximate** rules in table order;
 3. reports the output error of the lite model against its input on the user's data (first
    ``batches`` batches) or generated inputs, and recommends finetuning whenever an approximate
@@ -59,8 +61,8 @@ from onnxopt.errors import OnnxoptError, OptionError, VerificationError
 from onnxopt.ir.graph import import_graph
 from onnxopt.ir.proto import infer_shapes
 from onnxopt.rewrite import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
-from onnxopt.rewrite.runner import (RegionChecker, apply_rule, export, judge, max_error, new_record, rule_help,
-                                    select_rules, session)
+from onnxopt.rewrite.runner import (RegionChecker, apply_rule, export, failing_rewrites, judge, max_error, new_record, revert_note, rule_help,
+                                    select_rules, session, within_tolerance)
 from onnxopt.model_io import opset_of, record_activation_bounds
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 from onnxopt.userfiles import import_user_file
@@ -145,21 +147,24 @@ def _feeds(model: ModelProto, pctx: PassContext, n: int) -> tuple:
     return [plan.feed(0, s) for s in range(n)], "generated"
 
 
-def run_lite(model: ModelProto, options: Optional[LiteOptions] = None, pctx: Optional[PassContext] = None, table: Optional[list] = None) -> PassResult:
-    """The lite pass on ``model`` with a given rule ``table`` (default: :func:`rule_table`)."""
+def run_lite(model: ModelProto, options: Optional[LiteOptions] = None, pctx: Optional[PassContext] = None, table: Optional[list] = None,
+             reverted: Optional[dict] = None) -> PassResult:
+    """The lite pass on ``model`` with a given rule ``table`` (default: :func:`rule_table`),
+    leaving alone the rewrites in ``reverted`` (rule -> matched tensors; see ``RuleContext.reverted``)."""
     # onnx-graphsurgeon allocates several objects per node and tensor, all in reference cycles:
     # with the cyclic GC on, its full collections make a 20k-node run superlinear. The garbage
     # of the pass is collected when the GC is switched back on.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _run_lite(model, options, pctx, table)
+        return _run_lite(model, options, pctx, table, reverted or {})
     finally:
         if enabled:
             gc.enable()
 
 
-def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[PassContext], table: Optional[list]) -> PassResult:
+def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[PassContext], table: Optional[list],
+              reverted: dict) -> PassResult:
     pctx = pctx or PassContext()
     options = LiteOptions.build("lite", options)
     t0 = time.perf_counter()
@@ -170,7 +175,7 @@ def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[
     # run: onnxruntime releases the GIL, and its session setup dominates on large graphs.
     reference = _Reference(model, pctx, options.batches) if verify else None
     try:
-        return _apply_rules(model, options, pctx, table, active, verify, reference, t0)
+        return _apply_rules(model, options, pctx, table, active, verify, reference, t0, reverted)
     finally:
         if reference is not None:
             # the thread must not outlive the pass: a process that exits while it is still in
@@ -179,12 +184,13 @@ def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[
 
 
 def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, table: list, active: list, verify: bool,
-                 reference: Optional["_Reference"], t0: float) -> PassResult:
+                 reference: Optional["_Reference"], t0: float, reverted: dict) -> PassResult:
     opset = opset_of(model)
     active = [r for r in active if r.applies_to(opset)]  # a rule declares the opsets it knows
     shaped, _ = infer_shapes(model)  # shapes only sharpen the guards; rules that need them say so
     graph = import_graph(shaped)
     ctx = RuleContext(graph, opset, options, frozenset(r.name for r in active))
+    ctx.reverted = reverted
     records = {r.name: new_record(r, r in active) for r in table}
     skipped: list = []
     details: list = []
@@ -196,7 +202,7 @@ def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, tab
     local, pending = {}, []
     for rule in exact_rules:
         ctx.added = []
-        apply_rule(rule, ctx, records[rule.name], skipped, details, clips)
+        rewrites = apply_rule(rule, ctx, records[rule.name], skipped, details, clips)
         added, ctx.added = ctx.added, None
         if checker is not None and records[rule.name]["count"]:
             res = checker.check(graph, ctx, added, records[rule.name]["preserved"])
@@ -204,6 +210,8 @@ def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, tab
                 pending.append(rule.name)  # verified on the whole model below
                 records[rule.name]["region_check"] = res
             else:
+                if not within_tolerance(res):
+                    res["failing"] = failing_rewrites(checker, graph, ctx, rewrites)
                 local[rule.name] = res
     exact_fired = [r.name for r in exact_rules if records[r.name]["count"]]
     # The whole model after the exact rules is only needed when a rule could not be verified on
@@ -360,9 +368,9 @@ def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> Pass
     changes the output range from [0,1] to [0,inf), as TI's does).
     """
     options.validate(model, ctx)
-    result, options = _run_reverting(model, options, ctx)
+    result, options, undo = _run_reverting(model, options, ctx)
     if options.max_error > 0:
-        result = _within_budget(model, options, ctx, result)
+        result = _within_budget(model, options, ctx, result, undo)
     fired = [name for name, rec in result.extra.get("rules", {}).items() if not rec["exact"] and rec["count"]]
     if fired:
         # what the pass manager's warning names when the output changed too much
@@ -375,26 +383,34 @@ def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> Pass
 
 
 def _run_reverting(model: ModelProto, options: LiteOptions, ctx: PassContext) -> tuple:
-    """(result, options) of :func:`run_lite`, where an exact rule that fails its verification is
-    switched off and the pass rerun without it (said on the console and in ``skipped``), as the
+    """(result, options, reverted rewrites) of :func:`run_lite`, where the rewrites of an exact
+    rule that fail their verification are left undone and the pass rerun without them (the rule
+    switched off when no rewrite fails alone), said on the console and in ``skipped``, as the
     pass manager reverts the rules of an exact pass; with ``require_verify`` it stays an error."""
-    reverted = []
+    reverted, undo = [], {}
     while True:
         try:
-            result = run_lite(model, options, ctx)
+            result = run_lite(model, options, ctx, reverted=undo)
             break
         except VerificationError as exc:
             rule = getattr(exc, "rule", None)
             if rule is None or ctx.require_verify:
                 raise
-            reverted.append(f"reverted exact rule {rule}: {exc.message} (please report the model)")
+            failing = getattr(exc, "failing", {})
+            if failing and not set(failing) <= undo.get(rule, set()):  # only some rewrites fail: undo those
+                undo.setdefault(rule, set()).update(failing)
+                reverted.append(revert_note(rule, failing) + " (please report the model)")
+            else:
+                reverted.append(f"reverted exact rule {rule}: {exc.message} (please report the model)")
+                options = dataclasses.replace(options, disable=list(options.disable or []) + [rule])
             ctx.log(f"  lite: {reverted[-1]}")
-            options = dataclasses.replace(options, disable=list(options.disable or []) + [rule])
     result.skipped.extend(reverted)
-    return result, options
+    if undo:
+        result.extra["reverted_rewrites"] = {rule: sorted(tensors) for rule, tensors in undo.items()}
+    return result, options, undo
 
 
-def _within_budget(model: ModelProto, options: LiteOptions, ctx: PassContext, result: PassResult) -> PassResult:
+def _within_budget(model: ModelProto, options: LiteOptions, ctx: PassContext, result: PassResult, undo: dict) -> PassResult:
     """lite.max_error: each approximate rule that fired is measured alone (exact rules + that
     rule, against the input model, on the data in hand); the rules over the budget are disabled
     and the pass reruns without them."""
@@ -405,12 +421,12 @@ def _within_budget(model: ModelProto, options: LiteOptions, ctx: PassContext, re
     over, measured = {}, {}
     for rule in fired:
         alone = dataclasses.replace(options, disable=list(options.disable or []) + [r for r in fired if r != rule], verify=False)
-        change = output_change.measure(model, run_lite(model, alone, ctx).model, feeds, source)
+        change = output_change.measure(model, run_lite(model, alone, ctx, reverted=undo).model, feeds, source)
         measured[rule] = change
         if change.get("rel_error") is not None and change["rel_error"] > options.max_error:
             over[rule] = change
     if over:
-        result = run_lite(model, dataclasses.replace(options, disable=list(options.disable or []) + list(over)), ctx)
+        result = run_lite(model, dataclasses.replace(options, disable=list(options.disable or []) + list(over)), ctx, reverted=undo)
         for rule, change in over.items():
             result.skipped.append(f"{rule}: not applied, its {output_change.describe(change)} exceeds lite.max_error={options.max_error:g}")
     result.extra["max_error"] = {"budget": options.max_error, "skipped_rules": list(over),

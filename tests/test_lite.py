@@ -341,6 +341,35 @@ def test_cli_exits_cleanly_when_no_rule_fires(tmp_path):
         assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr
 
 
+def test_lite_pass_reverts_only_the_rewrites_that_fail_verification(monkeypatch):
+    """A rule wrong on one of its two matches: that rewrite is undone (listed with its error), the
+    other kept, and the output equals the input model's."""
+    def match(graph, node, ctx):
+        return Match(node.outputs[0], {"x": node.inputs[0]})
+
+    def rewrite(graph, m, ctx):  # LeakyRelu(alpha=0) is Relu; alpha=0.5 on 'r2' is a bug
+        ctx.replace_output(m.output, "LeakyRelu", [m.data["x"]], {"alpha": 0.5 if m.output.name == "r2" else 0.0})
+
+    wrong = Rule("relu_to_leaky", "exact except on r2", True, True, ("Relu",), match, rewrite)
+    monkeypatch.setattr(lite, "rule_table", lambda rules_module=None: [wrong])  # (leakyrelu_to_relu would undo it)
+    b = GraphBuilder()
+    b.nodes.append(helper.make_node("Relu", [b.conv("input", 3, 4, 3)], ["r1"]))
+    b.nodes.append(helper.make_node("Relu", [b.conv("r1", 4, 4, 3)], ["r2"]))
+    b.nodes.append(helper.make_node("Identity", ["r2"], ["output"]))
+    model = b.model([("input", [1, 3, 8, 8])], [("output", [1, 4, 8, 8])])
+    logs = []
+    out, report = onnxopt.apply(model, "lite", context=PassContext(log=logs.append))
+    rec = report.passes[0]
+    assert rec.changes == {"relu_to_leaky": 1}
+    assert sorted(n.op_type for n in out.graph.node if n.op_type in ("Relu", "LeakyRelu")) == ["LeakyRelu", "Relu"]
+    assert next(n for n in out.graph.node if n.op_type == "Relu").output == ["r2"]
+    assert rec.extra["reverted_rewrites"] == {"relu_to_leaky": ["r2"]}
+    assert any(s.startswith("reverted 1 rewrite(s) of exact rule relu_to_leaky") and "at r2 (max abs" in s for s in rec.skipped)
+    assert sum("relu_to_leaky" in line and "reverted" in line for line in logs) == 1
+    assert rec.extra["exact_verification"]["rules"]["relu_to_leaky"]["passed"]
+    assert_equivalent(model, out, rtol=1e-5, atol=1e-5)
+
+
 def test_lite_pass_reverts_an_exact_rule_that_fails_verification(monkeypatch):
     """Through the pass (the manager, the CLI), a wrong exact rule is switched off and the pass
     rerun without it, the other rules kept; --require-verify keeps the error."""

@@ -113,3 +113,23 @@ def test_the_manager_reverts_a_rule_table_pass_by_its_disable_option():
     opts = get_pass("bnfuse").resolve({"disable": ["bn_standalone"]})
     assert manager._rule_switches(opts, {"rules": {"bn_into_layer": {"count": 2}, "affine_into_layer": {"count": 0}}}) == ["bn_into_layer"]
     assert manager._switched_off(opts, ("bn_into_layer",)).disable == ["bn_standalone", "bn_into_layer"]
+
+
+def test_only_the_fold_that_changes_its_region_is_reverted(monkeypatch):
+    """Two Mul folds on two branches, one broken: that one Mul stays, the other is folded, and
+    the output is the input model's."""
+    real = batchnorm._affine
+    monkeypatch.setattr(batchnorm, "_affine", lambda node, vec: tuple(v * 1.01 if i == 0 and node.outputs[0].name == "m2" else v
+                                                                  for i, v in enumerate(real(node, vec))))
+    k1, k2 = ((np.abs(rand(4, 1, 1, seed=s)) + 0.5).astype(np.float32) for s in (3, 4))
+    conv2 = helper.make_node("Conv", ["x", "w2"], ["c2"], pads=[1] * 4)
+    model = conv_then([helper.make_node("Mul", ["c", "k1"], ["m1"]), conv2, helper.make_node("Mul", ["c2", "k2"], ["m2"]),
+                       helper.make_node("Add", ["m1", "m2"], ["y"])], [("k1", k1), ("k2", k2), ("w2", rand(4, 3, 3, 3, seed=5))])
+    res = run(model)
+    assert res.changes == {"mul_folded_into_conv": 1} and op_count(res.model, "Mul") == 1
+    assert next(n for n in res.model.graph.node if n.op_type == "Mul").output == ["m2"]
+    (rv,) = res.extra["reverted"]
+    assert rv["rule"] == "affine_into_layer" and rv["tensors"] == ["m2"] and rv["max_abs"] > 1e-3
+    assert any(s.startswith("reverted 1 rewrite(s) of exact rule affine_into_layer") for s in res.skipped)
+    assert res.extra["exact_verification"]["rules"]["affine_into_layer"]["passed"]
+    assert_equivalent(model, res.model, rtol=1e-5, atol=1e-5)

@@ -79,6 +79,8 @@ class RuleContext(GraphEditor):
         self.opset = opset
         self.options = options
         self.active = active
+        # rule -> tensors whose rewrite failed its check in an earlier run: left as they are
+        self.reverted: dict = {}
 
 
 _REGISTRY: dict = {}

@@ -5,13 +5,16 @@ per-rule check of an exact rule on the region it rewrote, and the export.
 An exact rule is verified on its own region: the tensors it preserved (their names are kept) are
 compared between the original region (cut out of the input model) and the new nodes, on random
 values at the region's inputs. A region that cannot be cut out (dynamic shapes, new tensors) is
-left to the caller to verify on the whole model.
+left to the caller to verify on the whole model. When a rule fails, each of its rewrites is
+checked alone: the passes then undo only the rewrites that fail (:class:`Rewrite`, the rule
+context's ``reverted``) and keep the others, or switch the rule off when no rewrite fails alone.
 """
 from __future__ import annotations
 
 import heapq
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -56,12 +59,25 @@ def new_record(rule: Rule, active: bool) -> dict:
             "count": 0, "tensors": [], "preserved": []}
 
 
+@dataclass
+class Rewrite:
+    """One rewrite of a rule: the tensor it matched on (its name is kept), the nodes it added and
+    the tensors it preserves -- the region its own check covers."""
+    tensor: str
+    added: list
+    preserved: list
+
+
 def apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, details: list, clips: dict,
-               pass_name: str = "lite") -> None:
+               pass_name: str = "lite") -> list:
     """One scan of the graph with ``rule``: every match is rewritten at once; a near-match's reason
-    goes to ``skipped``, each rewrite to ``details`` and ``record``."""
+    goes to ``skipped``, each rewrite to ``details`` and ``record``. A match on a tensor in
+    ``ctx.reverted[rule.name]`` is left as it is (that rewrite failed its check in an earlier run).
+    Returns the rewrites (with the nodes each added while ``ctx.added`` is a list)."""
     graph = ctx.graph
     anchors = set(rule.anchors)
+    undo = ctx.reverted.get(rule.name, ())
+    rewrites = []
     for node in list(graph.nodes):
         if id(node) in ctx.dead or (anchors and node.op not in anchors):
             continue
@@ -77,7 +93,10 @@ def apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detail
         if not isinstance(result, Match):
             raise TypeError(f"{pass_name} rule {rule.name}: match returned {type(result).__name__}, expected Match, str or None")
         out_name = result.output.name
+        if out_name in undo:
+            continue
         before = result.output.inputs[0].op if result.output.inputs else None
+        first = len(ctx.added) if ctx.added is not None else 0
         try:
             rule.rewrite(graph, result, ctx)
         except Exception as exc:
@@ -87,6 +106,7 @@ def apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detail
         if "clip" in result.data:
             clips[out_name] = tuple(result.data["clip"])
         record["preserved"].extend(result.preserved or [out_name])
+        rewrites.append(Rewrite(out_name, ctx.added[first:] if ctx.added is not None else [], list(result.preserved or [out_name])))
         entry = {"rule": rule.name, "exact": rule.exact, "tensor": out_name, "was": before,
                  "now": result.output.inputs[0].op if result.output.inputs else None}
         if result.change:
@@ -95,6 +115,7 @@ def apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detail
             entry["note"] = result.note
         details.append(entry)
     ctx.compact()
+    return rewrites
 
 
 def stable_toposort(graph) -> bool:
@@ -243,19 +264,45 @@ class RegionChecker:
                 "region_nodes": {"before": len(before.graph.node), "after": len(after.graph.node)}}
 
 
+def failing_rewrites(checker: RegionChecker, graph, ctx: RuleContext, rewrites: list) -> dict:
+    """A rule that failed its region check: each of its rewrites checked alone. Returns the
+    tensor -> check result of those that fail, or {} when none fails alone or all do (then the
+    rule as a whole is at fault)."""
+    failed = {}
+    for r in rewrites:
+        res = checker.check(graph, ctx, r.added, r.preserved)
+        if isinstance(res, str):   # one rewrite that cannot be checked alone: no way to tell them apart
+            return {}
+        if not within_tolerance(res):
+            failed[r.tensor] = res
+    return failed if len(failed) < len(rewrites) else {}
+
+
 def within_tolerance(res: dict) -> bool:
     """An exact rule's check passes: the exact-pass tolerance, absolute or relative."""
     return bool(res["max_abs"] <= EXACT_ATOL or res["max_rel"] <= EXACT_RTOL)
 
 
 def judge(name: str, res: dict, records: dict, pass_name: str = "lite") -> dict:
-    """Record an exact rule's check; raise when it failed."""
+    """Record an exact rule's check; raise when it failed (with the failing rewrites, when the
+    rule's check found which: ``res["failing"]``, from :func:`failing_rewrites`)."""
     res["passed"] = within_tolerance(res)
     records[name]["max_abs_error"] = res["max_abs"]
     if not res["passed"]:
         exc = VerificationError(
             f"{pass_name} rule '{name}' is exact but changed its tensors by max abs {res['max_abs']:.3g} (rel {res['max_rel']:.3g}).",
             f"this is a bug in the rule on this model; rerun with --set {pass_name}.disable={name} and report it")
-        exc.rule = name  # the lite pass reverts this rule and reruns without it
+        exc.rule = name  # the pass reverts these rewrites (or the rule) and reruns without them
+        exc.failing = res.get("failing") or {}
         raise exc
     return res
+
+
+def revert_note(rule: str, failing: dict, res: Optional[dict] = None) -> str:
+    """The line a pass adds to ``skipped`` for what it reverted of ``rule``: the rewrites that
+    failed alone (``failing``), else the whole rule (its check ``res``)."""
+    if not failing:
+        return (f"reverted rule {rule}: on its region the output changed by max abs {res['max_abs']:.3g} "
+                f"(rel {res['max_rel']:.3g}), beyond tolerance")
+    where = ", ".join(f"{t} (max abs {r['max_abs']:.3g})" for t, r in failing.items())
+    return f"reverted {len(failing)} rewrite(s) of exact rule {rule} beyond tolerance, at {where}; its other rewrites are kept"
