@@ -42,6 +42,7 @@ from onnx.external_data_helper import uses_external_data
 from . import model_io, runtime, stats, task_metric
 from .data import DataSource, feed_samples, graph_inputs, open_data, recorded_preprocessing
 from .errors import DataError, GateFailure, OnnxoptError, OptionError
+from .input_dims import real_inputs
 from .progress import progress_bar
 
 MB = 2**20
@@ -82,14 +83,13 @@ def _value_info(vi: onnx.ValueInfoProto) -> dict:
 def model_info(source: ModelLike, per_layer: bool = False) -> dict:
     """Everything ``onnxopt info`` shows, as a JSON-able dict."""
     model = model_io.load_model(source)
-    inits = {i.name for i in model.graph.initializer}
     layers = stats.layer_macs(model)
     info: dict = {
         "path": None if isinstance(source, ModelProto) else str(source),
         "ir_version": int(model.ir_version),
         "opsets": {(imp.domain or "ai.onnx"): int(imp.version) for imp in model.opset_import},
         "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x) or None,
-        "inputs": [_value_info(vi) for vi in model.graph.input if vi.name not in inits],
+        "inputs": [_value_info(vi) for vi in real_inputs(model)],
         "outputs": [_value_info(vi) for vi in model.graph.output],
         "nodes": len(model.graph.node),
         "initializers": len(model.graph.initializer),

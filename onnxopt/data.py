@@ -29,7 +29,8 @@ from PIL import Image
 
 from .errors import DataError
 from .feeds import plan_feeds
-from .runtime import input_specs, np_dtype
+from .input_dims import real_inputs
+from .runtime import np_dtype
 from .userfiles import load_user_function
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
@@ -180,9 +181,7 @@ class DataSource:
         self.spec = spec
         self.model = model
         self._pixels_used = False  # images read, or uint8 arrays normalized: the preprocessing mattered
-        self._inputs = {}
-        for name, vi in graph_inputs(model).items():
-            self._inputs[name] = vi
+        self._inputs = graph_inputs(model)
         self._overrides = input_shapes
         self.kind, self._open = self._resolve(spec.source)
         if spec.batch_size < 1:
@@ -591,11 +590,8 @@ def _stack(feeds: list) -> dict:
 
 
 def graph_inputs(model: ModelProto) -> dict:
-    inits = {i.name for i in model.graph.initializer}
     out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
+    for vi in real_inputs(model):
         tt = vi.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
         out[vi.name] = {"shape": shape, "dtype": np_dtype(tt.elem_type)}

@@ -35,7 +35,7 @@ from onnx import ModelProto, helper
 from . import runtime
 from .errors import OnnxoptError
 from .input_dims import dim_role, real_inputs, shape_hint
-from .ir.proto import const_tensors, input_uses
+from .ir.proto import const_tensors, input_uses, node_attr
 
 # Candidate sizes per dimension role, in the order tried; the first two that run are used.
 SPATIAL_SIZES = (64, 96, 128, 160, 224, 256, 320, 32, 416, 512, 640)
@@ -77,10 +77,7 @@ class FeedPlan:
         return out
 
     def describe(self) -> str:
-        parts = []
-        for shapes in self.sizes:
-            parts.append(", ".join(f"{n}:{'x'.join(map(str, s)) or 'scalar'}" for n, s in shapes.items()))
-        return " and ".join(f"[{p}]" for p in parts)
+        return " and ".join(f"[{_fmt(shapes)}]" for shapes in self.sizes)
 
 
 def _make_values(rng, shape, dtype: np.dtype, rule) -> np.ndarray:
@@ -89,9 +86,7 @@ def _make_values(rng, shape, dtype: np.dtype, rule) -> np.ndarray:
         return rng.standard_normal(shape).astype(dtype)
     if kind == "index":
         return rng.integers(0, max(int(arg), 1), shape).astype(dtype) if int(arg) > 0 else np.zeros(shape, dtype)
-    if kind == "length":
-        return np.full(shape, arg, dtype)
-    if kind == "const":
+    if kind in ("length", "const"):
         return np.full(shape, arg, dtype)
     if kind == "small":  # the historical generator: small non-negative integers
         return rng.integers(0, 8, shape).astype(dtype)
@@ -169,13 +164,6 @@ def _index_uses(model: ModelProto, name: str, cons: dict) -> list:
     return uses
 
 
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _value_rules(model: ModelProto, shapes: dict, concrete: dict, cons: dict, consts: dict) -> dict:
     """{input: (kind, arg)} for one concrete size; ``shapes`` are inferred dims at that size."""
     rules = {}
@@ -192,7 +180,7 @@ def _value_rules(model: ModelProto, shapes: dict, concrete: dict, cons: dict, co
             bound = _index_bound(node, slot, shapes, consts)
             if bound == "length":
                 x = shapes.get(node.input[0])
-                layout = _attr(node, "layout", 0)
+                layout = node_attr(node, "layout", 0)
                 if x and len(x) == 3 and x[1 if layout else 0]:
                     length = int(x[1 if layout else 0])
             elif bound is not None:
@@ -232,7 +220,7 @@ def _index_bound(node, slot: int, shapes: dict, consts: dict):
     if op == "GatherND" or op == "ScatterND":
         known = [d for d in data if d]
         return min(known) if known else None
-    axis = int(_attr(node, "axis", 0))
+    axis = int(node_attr(node, "axis", 0))
     axis = axis + len(data) if axis < 0 else axis
     if 0 <= axis < len(data) and data[axis]:
         return int(data[axis])

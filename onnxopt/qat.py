@@ -20,6 +20,7 @@ from onnx import ModelProto, numpy_helper
 
 from . import manager
 from .errors import OptionError
+from .ir.proto import const_tensors
 from .quant.view import QuantInfo, quantized_ops
 from .registry import PassContext
 
@@ -60,10 +61,7 @@ def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tens
     ctx = PassContext(data=calib_data, log=log)
     qmodel, report = manager.apply(model, ["qdq"], {"qdq": options}, verify=False, context=ctx)
     info = report.passes[-1].extra.get("info", {})
-    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            floats[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    floats = {name: numpy_helper.to_array(t) for name, t in const_tensors(model).items()}
     float_weights, weight_modes = {}, {}
     for layer in QuantInfo.of(info).layers:
         fw = floats.get(layer.float_weight)

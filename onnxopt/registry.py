@@ -292,7 +292,6 @@ class PassInfo:
     exact: bool
     options_type: type
     run: PassFn
-    description: str = ""
 
     @property
     def options(self) -> tuple:
@@ -318,7 +317,7 @@ def register_pass(name: str, summary: str, *, exact: bool, options: Optional[typ
     def wrap(fn: PassFn) -> PassFn:
         if name in _REGISTRY and _REGISTRY[name].run is not fn:
             raise RuntimeError(f"pass '{name}' registered twice")
-        _REGISTRY[name] = PassInfo(name, summary, exact, options_type, fn, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = PassInfo(name, summary, exact, options_type, fn)
         return fn
 
     return wrap

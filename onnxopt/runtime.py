@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnx import ModelProto, helper
 
 from .errors import DataError, OnnxoptError
-from .input_dims import shape_hint
+from .input_dims import real_inputs, shape_hint
 
 
 def np_dtype(elem_type: int) -> np.dtype:
@@ -56,11 +56,8 @@ def input_specs(model: ModelProto, overrides: Optional[dict] = None) -> list:
     Symbolic dimensions become 1 on axis 0 (batch) and must otherwise be given in ``overrides``
     ({name: shape}); an unknown non-batch dimension is an error that says how to give it.
     """
-    inits = {i.name for i in model.graph.initializer}
     specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
+    for vi in real_inputs(model):
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             raise OnnxoptError(f"input '{vi.name}' is not a tensor; onnxopt can only generate tensor inputs.", "provide data with --data")

@@ -14,7 +14,7 @@ import onnx
 from onnx import ModelProto
 
 from .errors import OnnxoptError
-from .ir.proto import infer_shapes
+from .ir.proto import const_tensors, infer_shapes
 from .runtime import intermediate_shapes
 
 
@@ -22,20 +22,10 @@ def op_histogram(model: ModelProto) -> dict:
     return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
 
 
-def _constant_arrays(model: ModelProto):
-    for init in model.graph.initializer:
-        yield init.name, init
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    yield node.output[0], a.t
-
-
 def param_count(model: ModelProto) -> int:
     """Number of elements in float weights (initializers and Constant nodes), excluding scalars."""
     total = 0
-    for _, t in _constant_arrays(model):
+    for t in const_tensors(model).values():
         n = int(np.prod(t.dims)) if len(t.dims) else 1
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                            onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
@@ -64,7 +54,7 @@ def static_shapes(model: ModelProto, needed=None) -> dict:
         tt = vi.type.tensor_type
         if vi.type.HasField("tensor_type") and tt.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    for name, t in _constant_arrays(model):
+    for name, t in const_tensors(model).items():
         shapes[name] = list(t.dims)
     if needed is None:
         needed = (o for n in model.graph.node if n.op_type != "Constant" for o in n.output)
@@ -125,11 +115,7 @@ def layer_macs(model: ModelProto) -> list:
 
 
 def total_macs(model: ModelProto) -> int:
-    return int(sum(r["macs"] or 0 for r in layer_macs(model)))
-
-
-def model_size_bytes(model: ModelProto) -> int:
-    return model.ByteSize()
+    return mac_totals(layer_macs(model))["macs"]
 
 
 def mac_totals(layers: list) -> dict:
@@ -147,7 +133,7 @@ def summarize(model: ModelProto, per_layer: bool = False) -> dict:
         "ops": op_histogram(model),
         "params": param_count(model),
         **mac_totals(layers),
-        "size_bytes": model_size_bytes(model),
+        "size_bytes": model.ByteSize(),
     }
     if per_layer:
         summary["layers"] = layers

@@ -56,7 +56,7 @@ from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.errors import OptionError
-from onnxopt.ir.graph import constant_value, drop_detached, export_graph, import_graph, input_at, is_graph_output, lift_constant, overridable_inputs, sole_consumer, swap_input
+from onnxopt.ir.graph import constant_value, drop_detached, export_graph, import_graph, input_at, is_graph_output, lift_constant, node_label, overridable_inputs, sole_consumer, swap_input
 from onnxopt.ir.proto import tensor_types
 from onnxopt.model_io import opset_of
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
@@ -172,11 +172,6 @@ class _State:
             self.skipped.append(f"{where}: {reason}")
 
 
-def _where(node: gs.Node) -> str:
-    out = node.outputs[0].name if node.outputs else "?"
-    return f"{node.op} '{node.name or out}'"
-
-
 def _count_unused_initializers(model: onnx.ModelProto) -> int:
     used = set()
 
@@ -264,10 +259,10 @@ def _lift_constants(graph: gs.Graph, state: _State) -> int:
             continue
         out = node.outputs[0]
         if is_graph_output(graph, out):
-            state.skip(_where(node), "writes a graph output; kept as a node")
+            state.skip(node_label(node), "writes a graph output; kept as a node")
             continue
         if constant_value(out) is None:
-            state.skip(_where(node), "sparse or unsupported Constant attribute; kept as a node")
+            state.skip(node_label(node), "sparse or unsupported Constant attribute; kept as a node")
             continue
         if lift_constant(graph, out) is not None:
             lifted += 1
@@ -426,7 +421,7 @@ def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
                 n = _elements(_shape_of(o, shapes))
                 if o.name in state.excluded or (n is not None and n > limit):
                     too_big = True
-                    state.skip(_where(node), f"folding would create a {n if n is not None else 'large'}-element constant "
+                    state.skip(node_label(node), f"folding would create a {n if n is not None else 'large'}-element constant "
                                              f"(max_fold_elements={limit})")
             if too_big:
                 continue
@@ -486,11 +481,11 @@ def _fold_node_by_node(nodes: list, graph: gs.Graph, state: _State, limit: int, 
             values = _run_fold_set([node], outs, state.opset, graph)
         except Exception as exc:
             state.excluded.update(o.name for o in outs)
-            state.skip(_where(node), f"onnxruntime cannot evaluate it for folding ({_first_line(exc)})")
+            state.skip(node_label(node), f"onnxruntime cannot evaluate it for folding ({_first_line(exc)})")
             continue
         if any(not isinstance(v, np.ndarray) or v.size > limit for v in values.values()):
             state.excluded.update(o.name for o in outs)
-            state.skip(_where(node), f"folding would create a non-tensor or more than {limit} elements (max_fold_elements)")
+            state.skip(node_label(node), f"folding would create a non-tensor or more than {limit} elements (max_fold_elements)")
             continue
         for o in outs:
             _to_constant(o, values[o.name])
@@ -542,7 +537,7 @@ def _bypass(graph: gs.Graph, node: gs.Node, inp: gs.Tensor, out: gs.Tensor, stat
         producer = inp.inputs[0] if len(inp.inputs) == 1 else None
         if (producer is None or isinstance(inp, gs.Constant) or is_graph_output(graph, inp)
                 or any(t is inp for t in graph.inputs)):
-            state.skip(_where(node), "no-op writes a graph output fed by a graph input/constant/output; kept to keep the output name")
+            state.skip(node_label(node), "no-op writes a graph output fed by a graph input/constant/output; kept to keep the output name")
             return False
         node.inputs.clear()
         node.outputs.clear()
@@ -585,13 +580,13 @@ def _noop_input(node: gs.Node, graph: gs.Graph, shapes: dict, state: _State, inp
         return x
     if op == "Dropout":
         if extra_outputs:
-            state.skip(_where(node), "its mask output is used")
+            state.skip(node_label(node), "its mask output is used")
             return None
         training = input_at(node, 2)
         if training is not None:
             tv = constant_value(training) if training.name not in input_names else None
             if tv is None or bool(np.asarray(tv).reshape(-1)[0]):
-                state.skip(_where(node), "training_mode is not a constant false")
+                state.skip(node_label(node), "training_mode is not a constant false")
                 return None
         return x
     if extra_outputs:
@@ -746,12 +741,12 @@ def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
             continue
         spec = _pad_spec(pad, shapes, input_names, state.opset)
         if isinstance(spec, str):
-            state.skip(_where(pad), f"not folded into {consumer.op}: {spec}")
+            state.skip(node_label(pad), f"not folded into {consumer.op}: {spec}")
             continue
         begin, end, value = spec
         reason = _pad_fold_reason(pad, consumer, begin, end, value, graph, input_names)
         if reason:
-            state.skip(_where(pad), f"not folded into {_where(consumer)}: {reason}")
+            state.skip(node_label(pad), f"not folded into {node_label(consumer)}: {reason}")
             continue
         k = len(begin) - 2
         own = list(consumer.attrs.get("pads", [0] * (2 * k)))
@@ -759,7 +754,7 @@ def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
         if consumer.op != "Conv":
             kernel = list(consumer.attrs["kernel_shape"])
             if any(new[i] >= kernel[i] or new[k + i] >= kernel[i] for i in range(k)):
-                state.skip(_where(pad), f"not folded into {_where(consumer)}: resulting pads {new} not below kernel {kernel}")
+                state.skip(node_label(pad), f"not folded into {node_label(consumer)}: resulting pads {new} not below kernel {kernel}")
                 continue
             if consumer.op == "AveragePool":
                 consumer.attrs["count_include_pad"] = 1
@@ -768,7 +763,7 @@ def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
         swap_input(consumer, out, pad.inputs[0])
         pad.outputs.clear()
         folded[consumer.op] += 1
-        state.details.append(f"Pad '{out.name}' folded into {_where(consumer)}: pads {new}")
+        state.details.append(f"Pad '{out.name}' folded into {node_label(consumer)}: pads {new}")
     for op, n in folded.items():
         state.changes[f"pads_folded_into_{op.lower()}"] += n
     return sum(folded.values())

@@ -55,10 +55,11 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import runtime
 from onnxopt.errors import DataError, OptionError
-from onnxopt.ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_graph_output, is_weight
+from onnxopt.ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_graph_output, is_weight, set_input
 from onnxopt.ir.proto import infer_shapes
 from onnxopt.model_io import drop_activation_bounds, opset_of
 from onnxopt.registry import PassOptions, PassResult, option, register_pass
+from onnxopt.rewrite.patterns import rank as tensor_rank
 
 # Ops through which a per-channel positive scale passes unchanged (channel axis stays 1).
 _HOMOGENEOUS = {"Relu", "LeakyRelu", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
@@ -75,11 +76,6 @@ class _Pair:
     relu_only: Optional[gs.Node] = None             # the Relu when y -> Relu -> absorbers only
     total_scale: Optional[np.ndarray] = None
     scaled: list = field(default_factory=list)      # names of the tensors the pair rescales
-
-
-def _rank(t: gs.Tensor) -> Optional[int]:
-    shape = getattr(t, "shape", None)
-    return None if shape is None else len(shape)
 
 
 def _clip_bounds(node: gs.Node, opset: int):
@@ -101,7 +97,7 @@ def _clip_bounds(node: gs.Node, opset: int):
 
 def _reduce_reason(node: gs.Node, t: gs.Tensor, where: str) -> Optional[str]:
     """A reduction over spatial axes only keeps the per-channel scale."""
-    rank = _rank(t)
+    rank = tensor_rank(t)
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and input_at(node, 1) is not None:
         axes = constant_value(input_at(node, 1))
@@ -133,7 +129,7 @@ def _mul_reason(node: gs.Node, t: gs.Tensor, idx: list, where: str) -> Optional[
     if len(idx) != 1:
         return f"{where} multiplies the scaled tensor by itself"
     other = node.inputs[1 - idx[0]]
-    r_t, r_o = _rank(t), _rank(other)
+    r_t, r_o = tensor_rank(t), tensor_rank(other)
     if r_t is None or r_o is None or r_o > r_t:
         return f"{where}: broadcasting could move the channel axis (ranks unknown or larger)"
     return None
@@ -273,9 +269,9 @@ class _Equalizer:
             return reason
         if self._in_channels(node) != pair.channels:
             return f"{where}: {self._in_channels(node)} input channels, producer has {pair.channels}"
-        if op == "Conv" and _rank(t) is not None and _rank(t) < 3:
+        if op == "Conv" and tensor_rank(t) is not None and tensor_rank(t) < 3:
             return f"{where}: input rank < 3"
-        if op == "Gemm" and _rank(t) not in (2, None):
+        if op == "Gemm" and tensor_rank(t) not in (2, None):
             return f"{where}: input is not 2-D"
         if node is pair.producer or any(a is node for a, _ in pair.absorbers):
             return f"{where} reached twice"
@@ -293,7 +289,7 @@ class _Equalizer:
         if lo == 0.0 and np.isinf(hi):
             return None
         if lo == 0.0 and np.isfinite(hi) and hi > 0 and self.clip_mode == "split":
-            if _rank(node.outputs[0]) is None:
+            if tensor_rank(node.outputs[0]) is None:
                 return f"{where}: unknown rank (needed for the per-channel bound)"
             pair.clips.append(node)
             return None
@@ -384,7 +380,7 @@ def _write_params(graph: gs.Graph, eq: _Equalizer, names: NameGenerator) -> None
 
 def _split_clip(graph: gs.Graph, clip: gs.Node, bound: np.ndarray, names: NameGenerator, opset: int) -> None:
     """Clip(0, hi) -> Relu then Min(., bound) with a per-channel bound of shape [C, 1, ..]."""
-    rank = _rank(clip.outputs[0])
+    rank = tensor_rank(clip.outputs[0])
     dtype = constant_value(input_at(clip, 2)).dtype if opset >= 11 else np.float32
     const = gs.Constant(names(f"{clip.name or 'clip'}_bound"), bound.astype(dtype).reshape((-1,) + (1,) * (rank - 2)))
     mid = gs.Variable(names(f"{clip.outputs[0].name}_relu"), dtype=clip.outputs[0].dtype, shape=clip.outputs[0].shape)
@@ -444,7 +440,6 @@ def _absorb_bias(graph: gs.Graph, pairs: list, model: onnx.ModelProto, data, mar
                 co, cpg = w.shape[0], w.shape[1]
                 wr = w.reshape(g, co // g, cpg, -1)
                 delta = np.einsum("gokx,gk->go", wr, c.reshape(g, cpg)).reshape(-1)
-                bias_idx = 2
             else:
                 alpha = float(a.attrs.get("alpha", 1.0))
                 delta = alpha * (w @ c if int(a.attrs.get("transB", 0)) else c @ w)
@@ -453,16 +448,14 @@ def _absorb_bias(graph: gs.Graph, pairs: list, model: onnx.ModelProto, data, mar
                     delta = delta / beta
                 else:
                     a.attrs["beta"] = 1.0
-                bias_idx = 2
+            bias_idx = 2
             old = input_at(a, bias_idx)
             base = np.zeros_like(delta) if old is None else np.asarray(constant_value(old), dtype=np.float64)
             new = (base.reshape(-1) + delta) if base.size == delta.size else (np.broadcast_to(base.reshape(-1), delta.shape) + delta)
             shape = base.shape if base.size == delta.size else delta.shape
             dtype = np.float32 if old is None else np.asarray(constant_value(old)).dtype
             const = gs.Constant(names(f"{old.name if old is not None else a.name}_hba"), new.reshape(shape).astype(dtype))
-            while len(a.inputs) <= bias_idx:
-                a.inputs.append(gs.Variable.empty())
-            a.inputs[bias_idx] = const
+            set_input(a, bias_idx, const)
         details.append({"absorbed_bias": prod.outputs[0].name, "channels": int(np.sum(c > 0)), "max_c": float(c.max())})
         done += 1
     return done

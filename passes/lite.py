@@ -61,8 +61,8 @@ from onnxopt.errors import OnnxoptError, OptionError, VerificationError
 from onnxopt.ir.graph import import_graph
 from onnxopt.ir.proto import infer_shapes
 from onnxopt.rewrite import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
-from onnxopt.rewrite.runner import (RegionChecker, apply_rule, export, failing_rewrites, judge, max_error, new_record, revert_note, rule_help,
-                                    select_rules, session, within_tolerance)
+from onnxopt.rewrite.runner import (RegionChecker, apply_rule, export, failing_rewrites, judge, new_record, revert_note, rule_help,
+                                    select_rules, session, within_tolerance, worst_error)
 from onnxopt.model_io import opset_of, record_activation_bounds
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 from onnxopt.userfiles import import_user_file
@@ -304,24 +304,17 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
         s_ref = session(runtime.with_outputs(model, exact_tensors))
         s_ex = session(runtime.with_outputs(model_exact, exact_tensors))
         for name in pending:
-            mx, rel = 0.0, 0.0
-            for f in feeds:
-                r, g = runtime.run(s_ref, f, exact_tensors), runtime.run(s_ex, f, exact_tensors)
-                for t in records[name]["preserved"]:
-                    a, b = max_error(r[t], g[t])
-                    mx, rel = max(mx, a), max(rel, b)
+            pairs = [(runtime.run(s_ref, f, exact_tensors), runtime.run(s_ex, f, exact_tensors)) for f in feeds]
+            mx, rel = worst_error(pairs, records[name]["preserved"])
             ver[name] = judge(name, {"max_abs": mx, "max_rel": rel, "tensors": len(records[name]["preserved"]),
                                       "inputs": f"{source} (whole model)"}, records)
         out["exact_verification"] = {"rules": ver}
     fin_sess = session(final)
     got = [runtime.run(fin_sess, f) for f in feeds]
-    refs = reference.outputs()
+    pairs = list(zip(reference.outputs(), got))
     per = {}
     for name in outputs:
-        mx, rel = 0.0, 0.0
-        for r, g in zip(refs, got):
-            a, b = max_error(r[name], g[name])
-            mx, rel = max(mx, a), max(rel, b)
+        mx, rel = worst_error(pairs, [name])
         per[name] = {"max_abs": mx, "max_rel": rel}
     out["output_error"] = {"inputs": source, "batches": len(feeds),
                            "max_abs": max((v["max_abs"] for v in per.values()), default=0.0),
@@ -360,13 +353,7 @@ def options_with(**given) -> LiteOptions:
 
 @register_pass("lite", "Embedded-friendly surgery: activations->ReLU, SE->identity, pool cascades, Focus->Conv, kernel/Resize fixes.", exact=False, options=LiteOptions)
 def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> PassResult:
-    """Rules (exact rules run and are verified first; * = off by default):
-    focus_to_conv, maxpool_ge5_to_cascade, resize_sizes_to_scales, reducemean_to_pool*,
-    reducemean_to_matmul*, conv_even_kernel_to_odd*, conv_gt7_split* (exact); squeeze_and_excite_to_identity, avgpool_ge5_to_cascade,
-    conv_6x6_to_5x5, hardswish_to_relu, silu_to_relu, gelu_to_relu, relu6_to_relu,
-    leakyrelu_to_relu, prelu_to_relu*, hardsigmoid_to_relu (approximate; hardsigmoid_to_relu
-    changes the output range from [0,1] to [0,inf), as TI's does).
-    """
+    """The lite pass (rules: ``LiteOptions.rules``' help, :mod:`onnxopt.rewrite`); see the module docstring."""
     options.validate(model, ctx)
     result, options, undo = _run_reverting(model, options, ctx)
     if options.max_error > 0:

@@ -14,11 +14,7 @@ from .options import image_options, image_settings, input_shape_option, parse_in
 
 
 def _num(v, fmt: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return format(v, fmt)
+    return "-" if v is None else format(v, fmt)  # format writes inf / -inf itself
 
 
 def _pct(v) -> str:

@@ -14,6 +14,7 @@ from onnx import TensorProto
 from .. import model_io
 from ..data import open_data
 from ..errors import OptionError, require
+from ..input_dims import real_inputs
 from ..qat import prepare_qat
 from . import cli
 from .options import image_options, image_settings, input_shape_option, open_cli_data, parse_input_shapes
@@ -134,7 +135,7 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
         cfg.weight_modes, cfg.float_weights = overrides["weight_modes"], overrides["float_weights"]
         if teacher_model is None:
             teacher_model = source
-    elif any(o for o in (per_tensor, low_bit != "restricted")):
+    elif per_tensor or low_bit != "restricted":
         raise OptionError("--per-tensor/--low-bit only apply with --qat.", "add --qat wXaY or drop them")
     result = finetune(student, ds, teacher=teacher_model, config=cfg)
     model_io.record_metadata(result.model, "onnxopt.finetune", {"epochs": epochs, "lr": lr, "qat": qat, "teacher": bool(teacher_model),
@@ -151,10 +152,7 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
 
 def _image_input(model) -> bool:
     """Whether the model's first input is a float NCHW image (augmentation shifts and flips H, W)."""
-    inits = {i.name for i in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
+    for vi in real_inputs(model):
         t = vi.type.tensor_type
         return t.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and len(t.shape.dim) == 4
     return False

@@ -214,6 +214,19 @@ def input_at(node: gs.Node, index: int) -> Optional[gs.Tensor]:
     return t
 
 
+def set_input(node: gs.Node, index: int, value: gs.Tensor) -> None:
+    """Set the (optional, maybe absent) input ``index`` of ``node``, padding with empty inputs."""
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = value
+
+
+def node_label(node: gs.Node) -> str:
+    """``Op 'name'`` (the first output's name when the node has none), for messages."""
+    out = node.outputs[0].name if node.outputs else "?"
+    return f"{node.op} '{node.name or out}'"
+
+
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(o is tensor or o.name == tensor.name for o in graph.outputs)
 
@@ -281,9 +294,6 @@ class NameGenerator:
             for sub in n.attrs.values():
                 if isinstance(sub, gs.Graph):
                     self._collect_gs(sub)
-
-    def reserve(self, name: str) -> None:
-        self._used.add(name)
 
     def __call__(self, base: str) -> str:
         """A fresh name derived from ``base``: ``base`` itself if free, else ``base_1``, ``base_2``..."""
@@ -388,9 +398,7 @@ class GraphEditor:
             return
         prod = old.inputs[0] if old.inputs else None
         for consumer in list(old.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is old:
-                    consumer.inputs[i] = new
+            swap_input(consumer, old, new)
         if prod is not None:
             self.kill(prod)
 

@@ -44,6 +44,15 @@ def input_uses(graph: GraphProto) -> dict:
     return uses
 
 
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of ``node``'s attribute ``name`` (strings decoded), or ``default`` when it is absent."""
+    for a in node.attribute:
+        if a.name == name:
+            v = onnx.helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else v
+    return default
+
+
 def produced(graph: GraphProto) -> set:
     """Names of the tensors ``graph``'s nodes write."""
     return {o for n in graph.node for o in n.output if o}

@@ -26,9 +26,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir.graph import constant_value, input_at, is_graph_output
+from ..ir.graph import constant_value, input_at, is_graph_output, node_label, set_input
 from .engine import Match, rule
-from .fold import LINEAR, FoldContext, fold, per_channel, remove, set_input, unit_for, where
+from .fold import LINEAR, FoldContext, fold, per_channel, remove, unit_for
 
 BN_RULES = ("bn_into_layer", "bn_into_following_conv", "bn_standalone")
 
@@ -77,7 +77,7 @@ def _backward(ctx: FoldContext, bn: gs.Node, s: np.ndarray):
     """The layer before ``bn`` it folds into, or why not."""
     unit = unit_for(ctx, bn.inputs[0], need_axis1=True)
     if not isinstance(unit, str) and len(s) != unit.channels:
-        return f"{len(s)} channels vs {unit.channels} output channels of {where(unit.node)}"
+        return f"{len(s)} channels vs {unit.channels} output channels of {node_label(unit.node)}"
     return unit
 
 
@@ -120,7 +120,7 @@ def match_affine_into_layer(graph, node, ctx):
             return None
         vec = per_channel(cv, unit.channels, unit.axis, unit.rank)
         if vec is None:
-            return f"constant of shape {list(cv.shape)} is not per-channel for {where(unit.node)}"
+            return f"constant of shape {list(cv.shape)} is not per-channel for {node_label(unit.node)}"
         st = _affine(node, vec)
         if isinstance(st, str):
             return st
@@ -138,17 +138,17 @@ def _forward(ctx: FoldContext, bn: gs.Node, s: np.ndarray) -> Union[dict, str]:
     w_t, b_t = input_at(conv, 1), input_at(conv, 2)
     wv = ctx.const(w_t)
     if wv is None or wv.dtype.kind != "f":
-        return f"{where(conv)} weight is not a floating-point constant (or is a graph input)"
+        return f"{node_label(conv)} weight is not a floating-point constant (or is a graph input)"
     bv = ctx.const(b_t) if b_t is not None else None
     if b_t is not None and bv is None:
-        return f"{where(conv)} bias is not a constant"
+        return f"{node_label(conv)} bias is not a constant"
     auto_pad = conv.attrs.get("auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if any(conv.attrs.get("pads", [])) or auto_pad not in ("NOTSET", "VALID"):
-        return f"{where(conv)} pads its input; folding the BN forward would be inexact at the borders"
+        return f"{node_label(conv)} pads its input; folding the BN forward would be inexact at the borders"
     g = int(conv.attrs.get("group", 1))
     if wv.shape[1] * g != len(s):
-        return f"{where(conv)} has {wv.shape[1] * g} input channels, BN has {len(s)}"
+        return f"{node_label(conv)} has {wv.shape[1] * g} input channels, BN has {len(s)}"
     return {"conv": conv, "w": w_t, "b": b_t, "wv": wv, "bv": bv, "group": g}
 
 
@@ -166,7 +166,7 @@ def _forward_rewrite(graph, m: Match, ctx: FoldContext) -> None:
     x, y = bn.inputs[0], bn.outputs[0]
     remove(ctx, bn)
     conv.inputs[0] = x
-    m.note = f"BatchNormalization '{bn.name or y.name}' folded into the following {where(conv)}"
+    m.note = f"BatchNormalization '{bn.name or y.name}' folded into the following {node_label(conv)}"
 
 
 @rule("bn_into_following_conv", "BatchNormalization -> folded into the unpadded Conv after it",

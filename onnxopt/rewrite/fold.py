@@ -39,16 +39,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir.graph import can_absorb, constant_value, input_at, overridable_inputs, swap_input
+from ..ir.graph import can_absorb, constant_value, input_at, node_label, overridable_inputs, set_input, swap_input
 from ..ir.proto import tensor_types
 from .engine import RuleContext
 
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def where(node: gs.Node) -> str:
-    out = node.outputs[0].name if node.outputs else "?"
-    return f"{node.op} '{node.name or out}'"
 
 
 class FoldContext(RuleContext):
@@ -140,25 +135,25 @@ def unit_for(ctx: FoldContext, t: gs.Tensor, need_axis1: bool) -> Union[Unit, st
     for tensor in ([p.outputs[0]] + ([add.outputs[0]] if add is not None else [])):
         reason = can_absorb(ctx.graph, tensor)
         if reason:
-            return f"cannot fold into {where(p)}: {reason}"
+            return f"cannot fold into {node_label(p)}: {reason}"
     w = input_at(p, 1)
     if w is not None and w.name in ctx.input_names:
-        return f"cannot fold into {where(p)}: weight '{w.name}' is a graph input"
+        return f"cannot fold into {node_label(p)}: weight '{w.name}' is a graph input"
     wv = ctx.const(w)
     if wv is None:
-        return f"cannot fold into {where(p)}: weight is not a constant"
+        return f"cannot fold into {node_label(p)}: weight is not a constant"
     if wv.dtype.kind != "f":
-        return f"cannot fold into {where(p)}: weight dtype {wv.dtype} is not floating point"
+        return f"cannot fold into {node_label(p)}: weight dtype {wv.dtype} is not floating point"
     bias = input_at(p, 2) if p.op in ("Conv", "ConvTranspose", "Gemm") else None
     if bias is not None and ctx.const(bias) is None:
-        return f"cannot fold into {where(p)}: bias is not a constant (or is a graph input)"
+        return f"cannot fold into {node_label(p)}: bias is not a constant (or is a graph input)"
     if p.op == "Conv":
         return Unit("Conv", p, w, bias, t, wv.shape[0], 1, wv.ndim)
     if p.op == "ConvTranspose":
         return Unit("ConvTranspose", p, w, bias, t, wv.shape[1] * int(p.attrs.get("group", 1)), 1, wv.ndim)
     if p.op == "Gemm":
         if wv.ndim != 2:
-            return f"cannot fold into {where(p)}: B is not 2-D"
+            return f"cannot fold into {node_label(p)}: B is not 2-D"
         return Unit("Gemm", p, w, bias, t, wv.shape[0] if int(p.attrs.get("transB", 0)) else wv.shape[1], 1, 2)
     return _matmul_unit(ctx, p, w, wv, add, t, need_axis1)
 
@@ -167,16 +162,16 @@ def _matmul_unit(ctx: FoldContext, p: gs.Node, w: gs.Tensor, wv: np.ndarray, add
                  need_axis1: bool) -> Union[Unit, str]:
     """MatMul: only X @ W with a constant 2-D W."""
     if p.inputs[0] is w or wv.ndim != 2:
-        return f"cannot fold into {where(p)}: weight is not a constant 2-D right operand"
+        return f"cannot fold into {node_label(p)}: weight is not a constant 2-D right operand"
     shape = ctx.shape(p.outputs[0])
     rank = len(shape) if shape is not None else None
     if need_axis1 and rank != 2:
-        return f"cannot fold into {where(p)}: output rank {rank} is not 2 (BN normalises axis 1, the MatMul folds the last axis)"
+        return f"cannot fold into {node_label(p)}: output rank {rank} is not 2 (BN normalises axis 1, the MatMul folds the last axis)"
     bias_t = None
     if add is not None:
         bias_t = add.inputs[1] if add.inputs[0] is p.outputs[0] else add.inputs[0]
         if per_channel(ctx.const(bias_t), wv.shape[1], -1, rank) is None:
-            return f"cannot fold into {where(p)}: the Add after it is not a per-column bias"
+            return f"cannot fold into {node_label(p)}: the Add after it is not a per-column bias"
     return Unit("MatMul", p, w, bias_t, t, wv.shape[1], -1, rank, add)
 
 
@@ -217,17 +212,9 @@ def fold(ctx: FoldContext, unit: Unit, s: np.ndarray, t: np.ndarray, follower: g
         set_input(node, 2, bias_const)
     elif unit.add is not None:
         swap_input(unit.add, unit.bias, bias_const)
-    note = f"{where(follower)} folded into {where(node)}"
+    note = f"{node_label(follower)} folded into {node_label(node)}"
     _take_output(ctx, unit.add or node, follower, bias_const if unit.kind == "MatMul" and unit.add is None else None)
     return note
-
-
-def set_input(node: gs.Node, index: int, value: gs.Tensor) -> None:
-    """Set input ``index`` of ``node``, appending when the (optional) input is absent."""
-    if len(node.inputs) > index:
-        node.inputs[index] = value
-    else:
-        node.inputs.append(value)
 
 
 def _take_output(ctx: FoldContext, layer: gs.Node, follower: gs.Node, new_bias: Optional[gs.Constant]) -> None:

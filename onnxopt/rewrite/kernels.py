@@ -46,7 +46,7 @@ def _rebuild_conv(m: Match, ctx: RuleContext, w: np.ndarray, pads: list) -> None
 
 
 def rewrite_even_kernel(graph, m, ctx):
-    w, r, ks, pads = m.data["w"], m.data["r"], m.data["ks"], list(m.data["pads"])
+    w, ks, pads = m.data["w"], m.data["ks"], list(m.data["pads"])
     new_shape = list(w.shape[:2]) + [k + (k % 2 == 0) for k in ks]
     nw = np.zeros(new_shape, dtype=w.dtype)
     sl = [slice(None), slice(None)] + [slice(1, None) if k % 2 == 0 else slice(None) for k in ks]

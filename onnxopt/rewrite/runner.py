@@ -185,6 +185,16 @@ def max_error(ref: np.ndarray, got: np.ndarray) -> tuple:
     return mx, mx / max(scale, 1e-12)
 
 
+def worst_error(pairs: list, tensors: list) -> tuple:
+    """(max abs, max rel) :func:`max_error` of ``tensors`` over (reference, new) output dicts."""
+    mx, rel = 0.0, 0.0
+    for r, g in pairs:
+        for t in tensors:
+            a, b = max_error(r[t], g[t])
+            mx, rel = max(mx, a), max(rel, b)
+    return mx, rel
+
+
 class RegionChecker:
     """Verifies an exact rule on the region it rewrote, not the whole model.
 
@@ -250,14 +260,12 @@ class RegionChecker:
                 m.opset_import.extend(self.model.opset_import)
             s_before, s_after = session(before), session(after)
             rng = np.random.default_rng(0)
-            mx = rel = 0.0
+            pairs = []
             for _ in range(2):
                 feed = {n: (rng.standard_normal(sh) * 4).astype(dt) if dt.kind == "f" else rng.integers(0, 4, sh).astype(dt)
                         for n, sh, dt in specs}
-                r, g = runtime.run(s_before, feed), runtime.run(s_after, feed)
-                for t in outs:
-                    a, b = max_error(r[t.name], g[t.name])
-                    mx, rel = max(mx, a), max(rel, b)
+                pairs.append((runtime.run(s_before, feed), runtime.run(s_after, feed)))
+            mx, rel = worst_error(pairs, [t.name for t in outs])
         except Exception as exc:  # a region that cannot be cut out or run alone: verify on the whole model
             return f"region not extractable ({type(exc).__name__})"
         return {"max_abs": mx, "max_rel": rel, "tensors": len(outs), "inputs": "generated at the region inputs",

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from ..errors import OnnxoptError
+from ..ir.proto import input_uses, node_attr, producers
 from ..model_io import opset_of
 from ..quant.view import INT_RANGE_OF_TYPE
 from . import fakequant
@@ -176,11 +177,7 @@ class OnnxModule(nn.Module):
                 raise OnnxoptError(f"BatchNormalization '{n.name or n.output[0]}' reads its running statistics from computed "
                                    f"tensors ({', '.join(stats)}; a training-mode export passes them through Identity).",
                                    "run `onnxopt apply cleanup` (or cleanup,bnfuse) first: it turns them into initializers")
-        consumers: Dict[str, list] = {}
-        for n in nodes:
-            for i, name in enumerate(n.input):
-                if name:
-                    consumers.setdefault(name, []).append((n, i))
+        consumers = input_uses(g)
         graph_outputs = set(self.output_names)
 
         trainable: set = set()
@@ -195,7 +192,7 @@ class OnnxModule(nn.Module):
         self.act_quants: List[ActQuant] = []
         self.bias_quants: Dict[str, BiasQuant] = {}
         latent_init: Dict[str, np.ndarray] = {}
-        producer = {o: n for n in nodes for o in n.output}  # the nodes left after Constants became values
+        producer = producers(g)
         weight_ranges = weight_ranges or {}
         weight_modes = weight_modes or {}
         for n in nodes:
@@ -211,7 +208,7 @@ class OnnxModule(nn.Module):
             zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
             if s_name not in consts:
                 continue
-            axis = _attr(n, "axis", 1)
+            axis = node_attr(n, "axis", 1)
             s = consts[s_name].astype(np.float64)
             zp = consts[zp_name].astype(np.float64) if zp_name else np.zeros(())
             if s.ndim == 0 or s.size == 1:
@@ -274,13 +271,13 @@ class OnnxModule(nn.Module):
             if not readers or n.output[0] in graph_outputs or not all(
                     i == 0 and r.op_type == "DequantizeLinear" and r.input[1] == n.input[1]
                     and (r.input[2] if len(r.input) > 2 and r.input[2] else None) == zp_name
-                    and _attr(r, "axis", 1) == _attr(n, "axis", 1) for r, i in readers):
+                    and node_attr(r, "axis", 1) == node_attr(n, "axis", 1) for r, i in readers):
                 continue
             zp_dtype = self.onnx_dtypes.get(zp_name, TensorProto.UINT8) if zp_name else TensorProto.UINT8
             qmin, qmax = INT_RANGE_OF_TYPE.get(zp_dtype, (0, 255))
             s = consts[n.input[1]].astype(np.float64)
             zp = consts[zp_name].astype(np.float64) if zp_name else np.zeros(())
-            axis = None if s.size == 1 else _attr(n, "axis", 1)
+            axis = None if s.size == 1 else node_attr(n, "axis", 1)
             clip = None
             x = n.input[0]
             pn = producer.get(x)
@@ -453,14 +450,6 @@ def _node_reads(node: Node) -> list:
     return [q.latent, q.input_scale, q.weight_scale]
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            return v.decode() if isinstance(v, bytes) else v
-    return default
-
-
 def _plain(arr: np.ndarray) -> np.ndarray:
     """int4/uint4 (ml_dtypes) arrays as int8/uint8, so numpy and torch can work with them."""
     if arr.dtype.name in ("int4", "uint4"):
@@ -584,10 +573,9 @@ def op_gemm(m, node, ins):
 def op_bn(m, node, ins):
     x, scale, bias, mean, var = ins[:5]
     eps = float(node.attrs.get("epsilon", 1e-5))
-    if m.training and m.bn_mode == "train":
-        mom = 1.0 - float(node.attrs.get("momentum", 0.9))
-        return F.batch_norm(x, mean, var, scale, bias, True, mom, eps)
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
+    train = m.training and m.bn_mode == "train"  # else the running statistics, frozen
+    mom = 1.0 - float(node.attrs.get("momentum", 0.9)) if train else 0.0
+    return F.batch_norm(x, mean, var, scale, bias, train, mom, eps)
 
 
 def op_clip(m, node, ins):
@@ -841,8 +829,6 @@ def _pool(m, node, ins, kind):
         x = F.pad(x, _spatial_pads(pads, rank))
         pads = [0] * (2 * rank)
     fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
-    if rank == 1:
-        return fn(x, kernel, strides, pads[:rank], ceil, include)
     return fn(x, kernel, strides, pads[:rank], ceil, include)
 
 

@@ -85,7 +85,8 @@ from onnxopt import runtime, stats
 from onnxopt.compare import measure_latency
 from onnxopt.data import collect_feeds, feed_samples
 from onnxopt.errors import OptionError
-from onnxopt.ir.graph import NameGenerator, constant_value, input_at
+from onnxopt.ir.graph import NameGenerator, constant_value, input_at, set_input
+from onnxopt.ir.proto import const_tensors
 from onnxopt.progress import progress_bar
 from onnxopt.registry import PassContext, PassOptions, PassResult, compile_patterns, option, register_pass
 
@@ -624,13 +625,6 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     return done
 
 
-def _set_input(node: gs.Node, index: int, value: gs.Tensor) -> None:
-    """Set the (optional, maybe absent) input ``index`` of ``node``."""
-    while len(node.inputs) <= index:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs[index] = value
-
-
 def _fold_mean_conv(node: gs.Node, contrib: np.ndarray, names: NameGenerator) -> None:
     """b' = b + sum_k W[:, c, k] * contrib[c] (contrib: the removed channels' means, 0 elsewhere)."""
     w = constant_value(node.inputs[1])
@@ -645,7 +639,7 @@ def _fold_mean_conv(node: gs.Node, contrib: np.ndarray, names: NameGenerator) ->
         delta = np.concatenate([per_in[k * b_g:(k + 1) * b_g] @ contrib[k * cin_g:(k + 1) * cin_g] for k in range(g)])
     b = input_at(node, 2)
     bias = np.zeros(w.shape[0]) if b is None else constant_value(b).astype(np.float64)
-    _set_input(node, 2, gs.Constant(names("compensated_b"), (bias + delta).astype(wdt)))
+    set_input(node, 2, gs.Constant(names("compensated_b"), (bias + delta).astype(wdt)))
 
 
 def _fold_mean_gemm(node: gs.Node, contrib: np.ndarray, names: NameGenerator) -> bool:
@@ -669,7 +663,7 @@ def _fold_mean_gemm(node: gs.Node, contrib: np.ndarray, names: NameGenerator) ->
         new = (cv.astype(np.float64) + delta / beta).astype(cv.dtype)
         if new.shape != np.broadcast_shapes(cv.shape, delta.shape) or new.ndim and new.shape[-1] != len(delta):
             return False
-    _set_input(node, 2, gs.Constant(names("compensated_c"), np.ascontiguousarray(new)))
+    set_input(node, 2, gs.Constant(names("compensated_c"), np.ascontiguousarray(new)))
     return True
 
 
@@ -733,9 +727,7 @@ def _refit_conv(node, dead: np.ndarray, gram: tuple, ridge: float, names) -> boo
     new = np.zeros_like(full)
     new[:, keep] = sol.T
     node.inputs[1] = gs.Constant(names("refit_w"), new[:, :-1].reshape(w.shape).astype(wdt))
-    while len(node.inputs) < 3:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs[2] = gs.Constant(names("refit_b"), new[:, -1].astype(wdt))
+    set_input(node, 2, gs.Constant(names("refit_b"), new[:, -1].astype(wdt)))
     return True
 
 
@@ -765,8 +757,7 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
                        "params_before": wb.get(out), "params_after": wa.get(out),
                        "macs_before": macs_b.get(out), "macs_after": macs_a.get(out)})
     params_b, params_a = stats.param_count(before), stats.param_count(after)
-    total_b = int(sum(r["macs"] or 0 for r in lb))
-    total_a = int(sum(r["macs"] or 0 for r in la))
+    total_b, total_a = stats.mac_totals(lb)["macs"], stats.mac_totals(la)["macs"]
     extra = {
         "params": {"before": params_b, "after": params_a, "reduction": _red(params_b, params_a)},
         "macs": {"before": total_b, "after": total_a, "reduction": _red(total_b, total_a)},
@@ -810,10 +801,7 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
 
 def _weight_sizes(model: ModelProto) -> dict:
     """{layer output: elements of its weight and bias} for Conv/ConvTranspose/Gemm/MatMul."""
-    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            sizes[n.output[0]] = int(np.prod(n.attribute[0].t.dims))
+    sizes = {name: int(np.prod(t.dims)) for name, t in const_tensors(model).items()}
     out = {}
     for n in model.graph.node:
         if n.op_type in channels.PRODUCERS and len(n.input) > 1:

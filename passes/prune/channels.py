@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight
+from onnxopt.ir.graph import NameGenerator, constant_value, export_graph, import_graph, input_at, is_weight, set_input
 from onnxopt.ir.proto import producers
 from onnxopt.ir.unionfind import UnionFind
 from onnxopt.model_io import opset_of, subgraph_reads
@@ -940,7 +940,7 @@ def _take(arr: np.ndarray, axis: int, mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.compress(mask, arr, axis=axis))
 
 
-def _set_input(node: gs.Node, index: int, value: np.ndarray, names: NameGenerator, base: str) -> None:
+def _set_pruned(node: gs.Node, index: int, value: np.ndarray, names: NameGenerator, base: str) -> None:
     old = node.inputs[index]
     node.inputs[index] = gs.Constant(names((old.name or base) + "_pruned"), np.require(value, requirements="C"))
 
@@ -974,18 +974,18 @@ class LayerAction:
                 new = _take(new, 1, ko)
                 b = input_at(node, 2)
                 if b is not None:
-                    _set_input(node, 2, _take(constant_value(b), 0, ko), names, "b")
+                    _set_pruned(node, 2, _take(constant_value(b), 0, ko), names, "b")
         else:
             in_axis, out_axis = (1, 0) if self.kind == "gemm" and int(node.attrs.get("transB", 0)) else (0, 1)
             new = w if self.in_ids is None or keep(self.in_ids).all() else _take(w, in_axis, keep(self.in_ids))
             if not keep(self.out_ids).all():
                 new = _take(new, out_axis, keep(self.out_ids))
         if new is not w:
-            _set_input(node, 1, new, names, "w")
+            _set_pruned(node, 1, new, names, "w")
         if self.kind == "conv":
             b = input_at(node, 2)
             if b is not None and not keep(self.out_ids).all():
-                _set_input(node, 2, _take(constant_value(b), 0, keep(self.out_ids)), names, "b")
+                _set_pruned(node, 2, _take(constant_value(b), 0, keep(self.out_ids)), names, "b")
 
     def _conv_weight(self, w: np.ndarray, keep) -> np.ndarray:
         node = self.node
@@ -1015,7 +1015,7 @@ class ParamsAction:
         k = keep(self.ids)
         if not k.all():
             for i in self.indices:
-                _set_input(self.node, i, _take(constant_value(self.node.inputs[i]), 0, k), names, "p")
+                _set_pruned(self.node, i, _take(constant_value(self.node.inputs[i]), 0, k), names, "p")
 
 
 @dataclass
@@ -1034,7 +1034,7 @@ class ConstAction(_InputAxis):
     def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
         k = keep(self.ids)
         if not k.all():
-            _set_input(self.node, self.index, _take(constant_value(self.node.inputs[self.index]), self.axis, k), names, "c")
+            _set_pruned(self.node, self.index, _take(constant_value(self.node.inputs[self.index]), self.axis, k), names, "c")
 
 
 @dataclass
@@ -1055,11 +1055,9 @@ class SplitAction:
         node.attrs.pop("num_outputs", None)
         arr = np.array(sizes, dtype=np.int64)
         if input_at(node, 1) is not None:
-            _set_input(node, 1, arr, names, "split")
+            _set_pruned(node, 1, arr, names, "split")
         else:
-            while len(node.inputs) < 2:
-                node.inputs.append(gs.Variable.empty())
-            node.inputs[1] = gs.Constant(names("split_sizes"), arr)
+            set_input(node, 1, gs.Constant(names("split_sizes"), arr))
 
 
 @dataclass
@@ -1087,8 +1085,8 @@ class SliceAction:
             st = np.array(_value(an.params, node.inputs[1]), dtype=np.int64).copy()
             en = np.array(_value(an.params, node.inputs[2]), dtype=np.int64).copy()
             st[j], en[j] = new_lo, new_hi
-            _set_input(node, 1, st.astype(_value(an.params, node.inputs[1]).dtype), names, "starts")
-            _set_input(node, 2, en.astype(_value(an.params, node.inputs[2]).dtype), names, "ends")
+            _set_pruned(node, 1, st.astype(_value(an.params, node.inputs[1]).dtype), names, "starts")
+            _set_pruned(node, 2, en.astype(_value(an.params, node.inputs[2]).dtype), names, "ends")
 
 
 @dataclass
@@ -1138,7 +1136,7 @@ class ReshapeAction:
         kept = int(k.sum())
         new = list(self.target)
         new[self.axis] = kept if self.mode == "same" else (kept * self.factor if self.mode == "merge" else kept // self.factor)
-        _set_input(self.node, 1, np.array(new, dtype=np.int64), names, "shape")
+        _set_pruned(self.node, 1, np.array(new, dtype=np.int64), names, "shape")
 
 
 class ResizeSizesAction(_InputAxis):
@@ -1150,7 +1148,7 @@ class ResizeSizesAction(_InputAxis):
             return
         sizes = np.array(_value(an.params, self.node.inputs[self.index]), dtype=np.int64).copy()
         sizes[self.axis] = int(k.sum())
-        _set_input(self.node, self.index, sizes, names, "sizes")
+        _set_pruned(self.node, self.index, sizes, names, "sizes")
 
 
 def _value(params: dict, t) -> Optional[np.ndarray]:
