@@ -35,7 +35,7 @@ from onnx import ModelProto, helper
 from . import runtime
 from .errors import OnnxoptError
 from .input_dims import dim_role, real_inputs, shape_hint
-from .ir.proto import const_tensors, input_uses, node_attr
+from .ir.proto import const_tensors, input_uses, node_attr, without_declared_shapes
 
 # Candidate sizes per dimension role, in the order tried; the first two that run are used.
 SPATIAL_SIZES = (64, 96, 128, 160, 224, 256, 320, 32, 416, 512, 640)
@@ -230,18 +230,13 @@ def _index_bound(node, slot: int, shapes: dict, consts: dict):
 # ------------------------------------------------------------------------------ the search
 def _concrete_model_shapes(model: ModelProto, concrete: dict) -> Optional[dict]:
     """Inferred {tensor: [dims]} with the inputs at ``concrete``; None when inference rejects it."""
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.value_info[:]
+    probe = without_declared_shapes(model)
     for vi in probe.graph.input:
         if vi.name in concrete and vi.type.HasField("tensor_type"):
             shape = vi.type.tensor_type.shape
             shape.ClearField("dim")
             for d in concrete[vi.name]:
                 shape.dim.add().dim_value = int(d)
-    for o in probe.graph.output:
-        if o.type.HasField("tensor_type"):
-            o.type.tensor_type.ClearField("shape")
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError:

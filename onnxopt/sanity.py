@@ -18,6 +18,7 @@ from onnx import ModelProto, numpy_helper
 from . import runtime
 from .data import DataSource, take_samples
 from .errors import OnnxoptError
+from .ir.proto import const_tensors
 
 SAMPLES = 16      # samples looked at
 MIN_SAMPLES = 8   # fewer than this: one class for every sample may be the data's own
@@ -26,8 +27,7 @@ SATURATED = 0.25  # share of the first bounded activation's values at its upper 
 
 def _first_bound(model: ModelProto):
     """(output tensor, upper bound) of the first Clip in graph order with a constant finite max, or None."""
-    inits = {i.name: i for i in model.graph.initializer}
-    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    consts = const_tensors(model)
     for node in model.graph.node:
         if node.op_type != "Clip":
             continue
@@ -35,12 +35,8 @@ def _first_bound(model: ModelProto):
         for a in node.attribute:  # opset < 11
             if a.name == "max":
                 hi = a.f
-        if len(node.input) > 2 and node.input[2]:
-            name = node.input[2]
-            if name in inits:
-                hi = float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
-            elif name in consts:
-                hi = float(numpy_helper.to_array(consts[name].attribute[0].t).reshape(-1)[0])
+        if len(node.input) > 2 and node.input[2] in consts:
+            hi = float(numpy_helper.to_array(consts[node.input[2]]).reshape(-1)[0])
         if hi is not None and np.isfinite(hi):
             return node.output[0], hi
         return None

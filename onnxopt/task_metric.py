@@ -43,7 +43,7 @@ import gc
 
 import numpy as np
 import onnxruntime as ort
-from onnx import ModelProto, helper
+from onnx import ModelProto
 
 from . import runtime
 from .data import feed_samples
@@ -87,13 +87,7 @@ def with_logit_outputs(model: ModelProto) -> tuple:
     mapping = {name: t for name, (t, _) in found.items()}
     if not extra:
         return model, mapping
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for t in dict.fromkeys(extra):
-        if t not in known:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(t))
-    return probe, mapping
+    return runtime.with_outputs(model, extra), mapping
 
 
 # ------------------------------------------------------------------------------ the numbers

@@ -69,6 +69,18 @@ def const_tensors(model: ModelProto) -> dict:
     return out
 
 
+def without_declared_shapes(model: ModelProto) -> ModelProto:
+    """A copy of ``model`` without its value_info and its outputs' declared shapes (real exports
+    sometimes get them wrong), for shape inference from the inputs and weights alone."""
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    for o in probe.graph.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
+    return probe
+
+
 def infer_shapes(model: ModelProto, *, data_prop: bool = False, trust_declared: bool = True) -> tuple:
     """``(inferred copy of model, None)``, or ``(model, reason)`` when ONNX shape inference fails.
 
@@ -78,14 +90,7 @@ def infer_shapes(model: ModelProto, *, data_prop: bool = False, trust_declared: 
     chains)."""
     if model.ByteSize() >= MAX_PROTO_BYTES:
         return model, "the model is over protobuf's 2 GB limit"
-    probe = model
-    if not trust_declared:
-        probe = ModelProto()
-        probe.CopyFrom(model)
-        del probe.graph.value_info[:]
-        for o in probe.graph.output:
-            if o.type.HasField("tensor_type"):
-                o.type.tensor_type.ClearField("shape")
+    probe = model if trust_declared else without_declared_shapes(model)
     try:
         return onnx.shape_inference.infer_shapes(probe, data_prop=data_prop), None
     except Exception as exc:  # noqa: BLE001  inference rejects what it does not know; the caller decides

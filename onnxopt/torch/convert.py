@@ -40,7 +40,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from ..errors import OnnxoptError
 from ..ir.proto import input_uses, node_attr, producers
 from ..model_io import opset_of
-from ..quant.view import INT_RANGE_OF_TYPE
+from ..quant.view import INT_RANGE_OF_TYPE, along_axis
 from . import fakequant
 
 _ONNX_TO_TORCH = {
@@ -211,14 +211,9 @@ class OnnxModule(nn.Module):
             axis = node_attr(n, "axis", 1)
             s = consts[s_name].astype(np.float64)
             zp = consts[zp_name].astype(np.float64) if zp_name else np.zeros(())
-            if s.ndim == 0 or s.size == 1:
-                axis_used = None
-            else:
-                axis_used = axis % consts[x].ndim
-            shape = [1] * consts[x].ndim
-            if axis_used is not None:
-                shape[axis_used] = -1
-            real = ((consts[x].astype(np.float64) - zp.reshape(shape if zp.ndim else ())) * s.reshape(shape if s.ndim else ()))
+            axis_used = None if s.size == 1 else axis % consts[x].ndim
+            nd = consts[x].ndim
+            real = (consts[x].astype(np.float64) - along_axis(zp, nd, axis_used)) * along_axis(s, nd, axis_used)
             dq_readers = consumers.get(n.output[0], [])
             if consts[x].dtype == np.int32 and len(dq_readers) == 1 and dq_readers[0][0].op_type in ("Conv", "Gemm", "ConvTranspose") and dq_readers[0][1] == 2:
                 layer = dq_readers[0][0]
@@ -964,20 +959,14 @@ def op_lrn_free(fn):
     return lambda m, node, ins: fn(ins[0])
 
 
-def op_min_max(fn):
+def op_variadic(fn):
+    """Min / Max / Sum of any number of inputs (ONNX gives them one type), pairwise from the left."""
     def op(m, node, ins):
         y = ins[0]
         for t in ins[1:]:
             y = fn(y, t.to(y.dtype))
         return y
     return op
-
-
-def op_sum(m, node, ins):
-    y = ins[0]
-    for t in ins[1:]:
-        y = y + t
-    return y
 
 
 def op_gelu(m, node, ins):
@@ -1041,7 +1030,7 @@ _OPS: Dict[str, Callable] = {
     "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
     "LessOrEqual": _binary(torch.le), "GreaterOrEqual": _binary(torch.ge),
     "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or),
-    "Min": op_min_max(torch.minimum), "Max": op_min_max(torch.maximum), "Sum": op_sum, "Where": op_where,
+    "Min": op_variadic(torch.minimum), "Max": op_variadic(torch.maximum), "Sum": op_variadic(torch.add), "Where": op_where,
     "Pad": op_pad, "Slice": op_slice, "Concat": op_concat, "Split": op_split, "Reshape": op_reshape,
     "Flatten": op_flatten, "Transpose": op_transpose, "Unsqueeze": op_unsqueeze, "Squeeze": op_squeeze,
     "Resize": op_resize, "Upsample": op_resize,

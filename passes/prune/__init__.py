@@ -42,10 +42,9 @@ fall back to slower kernels, so a model pruned to odd widths can run no faster, 
 the original (docs/benchmarks.md).
 With ``round_narrow`` (default) a class narrower than 4 x N rounds to the largest power of two
 that is at most a quarter of its width (16 channels: multiples of 4): rounding ResNet56's 16-wide
-stage to 8 halved it at 0.3. Measured (tools/bench_prune.py --only rounding, inner channels at
-0.3, refit): 12/24/48 keeps 91.46 % top-1 right after pruning, 8/24/48 88.44 % (unpruned 93.43 %);
-but 12 channels run no faster than 16 on onnxruntime CPU (MLAS blocks by 8). Without it a class narrower than N is not pruned; ``round_to=1``
-gives exact ratios.
+stage to 8 halved it at 0.3 and cost 3 points of top-1 before training, though 12 channels run no
+faster than 16 on onnxruntime CPU (docs/benchmarks.md, rounding). Without it a class narrower than
+N is not pruned; ``round_to=1`` gives exact ratios.
 
 Removing an input channel also removes its average contribution to the consumer; with
 ``compensate=mean`` the mean of every removed input channel, measured on the context's
@@ -55,11 +54,9 @@ whose filters are ~0 but whose BN shift is not) away from zero-padded borders.
 ``compensate=refit`` goes further for dense 2-D convs (ThiNet / He et al.'s channel pruning):
 the consumer's kept weights and bias are refit by least squares so that, on the data, they
 reproduce the original output from the kept input channels (other consumers get the mean fold).
-Measured: ResNet56 CIFAR, inner convs pruned at 0.3 (``round_to=1``, residual producers
-protected), held-out top-1 before any finetuning 76.0 % (mean) -> 88.0 % (refit), unpruned
-90.33 % (tools/bench_finetune.py data). ``compensate=auto`` (default) refits when the user gives
-data and compensates nothing without: the means of generated inputs folded into the biases took
-the same pruned model (bnfused) from 50.7 % to 19.7 % top-1.
+``compensate=auto`` (default) refits when the user gives data and compensates nothing without:
+on pruned ResNet56 the refit beat the mean fold by 12 points before finetuning, and the means of
+generated inputs folded into the biases lost 31 points (docs/benchmarks.md).
 
 Not exact: the outputs change. The pass says on the console what it removes (MACs and
 parameters before and after, what the ratio meant, what was kept and compensated; the apply

@@ -118,17 +118,17 @@ class Producer:
     def name(self) -> str:
         return self.node.name or self.node.outputs[0].name
 
+    @property
+    def out_axis(self) -> int:
+        """The weight axis of the output channels (Conv, Gemm with transB: 0; ConvTranspose, MatMul: 1)."""
+        if self.op == "Gemm":
+            return 0 if int(self.node.attrs.get("transB", 0)) else 1
+        return 0 if self.op == "Conv" else 1
+
     def filters(self) -> np.ndarray:
         """The weight as [out_channels, -1] rows (BN-folded when a BN follows)."""
         w = constant_value(self.node.inputs[1]).astype(np.float64)
-        if self.op == "Conv":
-            rows = w.reshape(w.shape[0], -1)
-        elif self.op == "ConvTranspose":
-            rows = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
-        elif self.op == "Gemm":
-            rows = w if int(self.node.attrs.get("transB", 0)) else w.T
-        else:  # MatMul
-            rows = w.T
+        rows = np.moveaxis(w, self.out_axis, 0).reshape(w.shape[self.out_axis], -1)
         if self.bn is not None:
             rows = rows * self.bn_scale()[:, None]
         return rows
@@ -255,14 +255,9 @@ class Analysis:
                 continue
             node = p.node
             w = constant_value(node.inputs[1]).copy()
-            if p.op == "Conv":
-                w[dead] = 0
-            elif p.op == "ConvTranspose":
-                w[:, dead] = 0
-            elif p.op == "Gemm" and int(node.attrs.get("transB", 0)):
-                w[dead] = 0
-            else:
-                w[:, dead] = 0
+            idx = [slice(None)] * w.ndim
+            idx[p.out_axis] = dead
+            w[tuple(idx)] = 0
             node.inputs[1] = gs.Constant(names("killed_w"), w)
             b = input_at(node, 2)
             if b is not None:
