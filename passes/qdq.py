@@ -22,10 +22,11 @@ from onnx import helper, numpy_helper
 
 from onnxopt import manager, runtime
 from onnxopt.data import RANDOM_SAMPLES
-from onnxopt.errors import DataError, OptionError
+from onnxopt.errors import DataError, OnnxoptError, OptionError
 from onnxopt.ir.proto import producers
 from onnxopt.quant import check as qcheck
 from onnxopt.quant import recovery
+from onnxopt.quant.dequantize import DequantizeError, dequantize, quantization_format
 from onnxopt.quant.options import CalibrationOptions, QdqOptions
 from onnxopt.quant.quantize import limit_samples, quantize_model, static_inputs, to_static_batch
 from onnxopt.quant.targets import get_target
@@ -78,13 +79,26 @@ def _fold_computed_weights(model, ctx):
                      "ran the exact cleanup pass first to fold them into constants")
 
 
-def _own_encoding_note(model, target: str) -> str:
-    """For an already-quantized model the pass leaves alone: whether its own encoding passes the
-    target's check (a model quantized for onnxruntime is rarely one TIDL or TensorRT takes)."""
+def _dequantized_input(model, found: dict, target: str):
+    """An already-quantized input (a QAT export, onnxruntime's quantize_static/dynamic): None when
+    its own encoding passes the target's check (it is left as it is), else (the float model its
+    quantization stands for, the console note, the report record) to quantize again for the
+    target. What cannot be dequantized is refused with the reasons (never a model failing its
+    target's check)."""
     bad = qcheck.failing(qcheck.check_model(model, target))
     if not bad:
-        return ""
-    return f" (its own encoding fails `onnxopt check --target {target}`: {len(bad)} violation(s), first {bad[0]})"
+        return None
+    fmt = quantization_format(model)
+    rules = ", ".join(sorted({v.rule for v in bad}))
+    failing = f"its encoding fails {target}'s check ({len(bad)} violation(s): {rules})"
+    try:
+        deq = dequantize(model)
+    except DequantizeError as exc:
+        raise OnnxoptError(f"the input is already quantized ({fmt}) and {failing}; it cannot be re-quantized: "
+                           + "; ".join(exc.reasons) + ".", "quantize the float model it came from") from None
+    note = (f"qdq: input was already quantized ({deq.describe()}); {failing}: re-quantized for {target} from its "
+            "dequantized weights")
+    return deq.model, note, {**deq.to_dict(), "input_violations": len(bad), "first_violation": str(bad[0])}
 
 
 def _rewrite_for_target(model, options: QdqOptions, data, ctx, warns: list):
@@ -230,11 +244,16 @@ def _target_check(qmodel, target: str, strict: bool, ctx, warns: list) -> dict:
 def qdq(model, options: QdqOptions, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
     found = quantized_ops(model)
-    if found:  # a QAT export or a model quantized before: leave it as it is, and say so
-        return PassResult(model, skipped=[already_quantized_message(found) + "; give the float model to quantize"
-                                          + _own_encoding_note(model, options.target)])
+    requant = _dequantized_input(model, found, options.target) if found else None
+    if found and requant is None:  # a QAT export or a model quantized before, that the target takes: leave it, say so
+        return PassResult(model, skipped=[already_quantized_message(found) + f"; its own encoding passes `onnxopt check "
+                                          f"--target {options.target}`, so it is left unchanged"])
+    model = requant[0] if requant else model
     options.validate(model, ctx)
     data, warns = _calibration_data(options.calibration, ctx)
+    if requant:
+        ctx.log(requant[1])
+        warns.append(requant[1])
     bn_warning = _unfolded_bn_warning(model, options.target)
     if bn_warning:
         ctx.log(bn_warning)
@@ -258,7 +277,8 @@ def qdq(model, options: QdqOptions, ctx):
     if note:
         ctx.log(note)
         warns.append(note)
-    extra = {"target": info.target, "notes": info.notes, "groups": info.groups, "excluded": info.excluded, "warnings": warns}
+    extra = {"target": info.target, "notes": info.notes, "groups": info.groups, "excluded": info.excluded, "warnings": warns,
+             **({"requantized": requant[2]} if requant else {})}
     if options.recovery.requested:
         qmodel, rep = recovery.recover(float_model, qmodel, info, options.recovery, data, ctx, options.calibration.calib_samples)
         extra["recovery"] = rep
