@@ -12,8 +12,10 @@ tensorrt, tidl (calibrated on generated data: ``--data random``) / prune. Per ru
   finite; a qdq output whose Q/DQ encoding fails ``onnxopt check --target`` for its target.
   Nodes the target runs on its fallback (TIDL's op-support rules: on ARM through ONNX Runtime)
   pass the check; they are counted by op type, with how many runs pass even ``check --strict``.
-  An already-quantized input is left unchanged by qdq (counted as left_unchanged, with its own
-  encoding's check counts; that encoding is not onnxopt's).
+  An already-quantized input whose own encoding passes the target's check is left unchanged by
+  qdq (counted as left_unchanged, with that encoding's check counts); one whose encoding fails
+  it is quantized again from its dequantized float graph (counted as requantized, and checked
+  like any qdq output).
 
     nice python tools/bench_wild.py [--json out.json] [--zoo DIR] [--only NAME] [--chains a,b]
 """
@@ -76,8 +78,9 @@ def _runs_finite(out) -> bool:
 def _qdq_check(out, target: str, rec) -> dict:
     """The qdq output against its target's check: encoding violations (they fail it), nodes the
     target runs on its fallback (TIDL: ARM through ONNX Runtime; they pass it unless --strict) by
-    op type, and the strict count. An already-quantized input is returned unchanged by qdq: its
-    own encoding is not onnxopt's, so it is reported apart (left_unchanged, input_*)."""
+    op type, and the strict count. An already-quantized input returned unchanged by qdq (its own
+    encoding passes) is reported apart (left_unchanged, input_*); one quantized again is marked
+    requantized."""
     violations = qcheck.check_model(out, target)
     bad = qcheck.failing(violations)
     elsewhere = qcheck.fallback_summary(violations, target) or {"nodes": 0, "op_types": {}}
@@ -87,6 +90,9 @@ def _qdq_check(out, target: str, rec) -> dict:
         row["first_violation"] = str(bad[0])
     if not rec.changes or not any(rec.changes.values()):
         return {"left_unchanged": rec.skipped[:1], **{f"input_{k}": v for k, v in row.items() if k != "first_violation"}}
+    requant = rec.extra.get("requantized") if isinstance(rec.extra, dict) else None
+    if requant:  # an input whose own encoding fails the target's check, quantized again from its float graph
+        row["requantized"] = {"source": requant["source"], "input_violations": requant["input_violations"]}
     return row
 
 
@@ -160,6 +166,9 @@ def main(argv=None) -> int:
                 extra += f" reverted: {row['reverted']}"
             if row.get("fallback_nodes"):
                 extra += f" ({row['fallback_nodes']} node(s) on the target's fallback: {row['fallback_ops']})"
+            if row.get("requantized"):
+                extra += (f" re-quantized ({row['requantized']['source']}; its own encoding: "
+                          f"{row['requantized']['input_violations']} violation(s))")
             if row.get("left_unchanged"):
                 extra += (f" left unchanged (already quantized; its own encoding: {row['input_check_violations']} "
                           f"violation(s), {row['input_fallback_nodes']} fallback node(s))")
@@ -177,6 +186,7 @@ def main(argv=None) -> int:
                "qdq_check_violations": sum(r["check_violations"] for r in quantized),
                "qdq_fallback_nodes": sum(r["fallback_nodes"] for r in quantized),
                "qdq_fallback_ops": dict(fallback_ops.most_common()),
+               "qdq_requantized": sum(1 for r in rows if r.get("requantized")),
                "qdq_left_unchanged": sum(1 for r in rows if r.get("left_unchanged")),
                "qdq_left_unchanged_input_check_violations": sum(r.get("input_check_violations", 0) for r in rows),
                "qdq_left_unchanged_input_fallback_nodes": sum(r.get("input_fallback_nodes", 0) for r in rows)}
