@@ -242,6 +242,11 @@ def _static(shape: Optional[list]) -> bool:
     return shape is not None and all(d is not None for d in shape)
 
 
+def _const(t: Optional[gs.Tensor], input_names: set) -> Optional[np.ndarray]:
+    """The value of ``t`` when it is a constant that is not a graph input, else None (absent too)."""
+    return None if t is None or t.name in input_names else constant_value(t)
+
+
 def _is_const(graph: gs.Graph, t: Optional[gs.Tensor], graph_input_names: set) -> bool:
     if t is None:
         return True  # absent optional input
@@ -584,7 +589,7 @@ def _noop_input(node: gs.Node, graph: gs.Graph, shapes: dict, state: _State, inp
             return None
         training = input_at(node, 2)
         if training is not None:
-            tv = constant_value(training) if training.name not in input_names else None
+            tv = _const(training, input_names)
             if tv is None or bool(np.asarray(tv).reshape(-1)[0]):
                 state.skip(node_label(node), "training_mode is not a constant false")
                 return None
@@ -610,8 +615,7 @@ def _noop_input(node: gs.Node, graph: gs.Graph, shapes: dict, state: _State, inp
     if op in ("Mul", "Div", "Add", "Sub"):
         return _neutral_operand(node, graph, shapes, input_names)
     if op == "Pad":
-        pads = node.attrs.get("pads") if "pads" in node.attrs else (
-            constant_value(input_at(node, 1)) if input_at(node, 1) is not None and input_at(node, 1).name not in input_names else None)
+        pads = node.attrs.get("pads") if "pads" in node.attrs else _const(input_at(node, 1), input_names)
         return x if pads is not None and np.all(np.asarray(pads) == 0) else None
     if op == "Slice":
         return x if _slice_takes_all(node, x, shapes, input_names) else None
@@ -655,9 +659,7 @@ def _slice_takes_all(node: gs.Node, x: gs.Tensor, shapes: dict, input_names: set
             if t is None:
                 vals.append(None)
                 continue
-            if t.name in input_names:
-                return False
-            v = constant_value(t)
+            v = _const(t, input_names)
             if v is None:
                 return False
             vals.append(np.asarray(v).reshape(-1).astype(np.int64))
@@ -699,21 +701,21 @@ def _pad_spec(node: gs.Node, shapes: dict, input_names: set, opset: int) -> tupl
         value = float(node.attrs.get("value", 0.0))
         axes = None
     else:
-        pt = input_at(node, 1)
-        if pt is None or pt.name in input_names or constant_value(pt) is None:
+        pads = _const(input_at(node, 1), input_names)
+        if pads is None:
             return "pads are not constant"
-        pads = np.asarray(constant_value(pt)).astype(np.int64).reshape(-1)
+        pads = np.asarray(pads).astype(np.int64).reshape(-1)
         vt = input_at(node, 2)
         value = 0.0
         if vt is not None:
-            v = constant_value(vt) if vt.name not in input_names else None
+            v = _const(vt, input_names)
             if v is None:
                 return "pad value is not constant"
             value = float(np.asarray(v).reshape(-1)[0]) if np.asarray(v).size else 0.0
         at = input_at(node, 3)
         axes = None
         if at is not None:
-            a = constant_value(at) if at.name not in input_names else None
+            a = _const(at, input_names)
             if a is None:
                 return "axes are not constant"
             axes = np.asarray(a).astype(np.int64).reshape(-1)
@@ -815,7 +817,6 @@ def _non_negative(t: gs.Tensor, input_names: set) -> bool:
     if prod.op == "Clip":
         lo = prod.attrs.get("min") if "min" in prod.attrs else None
         if lo is None:
-            m = input_at(prod, 1)
-            lo = constant_value(m) if m is not None and m.name not in input_names else None
+            lo = _const(input_at(prod, 1), input_names)
         return lo is not None and float(np.asarray(lo).reshape(-1)[0]) >= 0.0
     return False

@@ -56,16 +56,9 @@ def render_info(info: dict) -> str:
     if info["macs_unknown_layers"]:
         macs += f"; {info['macs_unknown_layers']} layer(s) with unknown shapes not counted"
     row("MACs", macs)
-    ops = sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0]))
-    chunk = []
-    first = True
-    for op, count in ops:
-        chunk.append(f"{op} {count}")
-        if len(chunk) == 6:
-            row("ops" if first else "", ", ".join(chunk))
-            first, chunk = False, []
-    if chunk or first:
-        row("ops" if first else "", ", ".join(chunk) or "(none)")
+    ops = [f"{op} {count}" for op, count in sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0]))]
+    for i in range(0, max(len(ops), 1), 6):  # six to a line
+        row("ops" if i == 0 else "", ", ".join(ops[i:i + 6]) or "(none)")
     for k, v in info["metadata"].items():
         row("metadata" if k == next(iter(info["metadata"])) else "", f"{k} = {v if len(v) < 100 else v[:97] + '...'}")
     if "layers" in info:

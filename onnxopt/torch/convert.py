@@ -146,14 +146,12 @@ class OnnxModule(nn.Module):
         self.consts = nn.Module()
         self.param_names: Dict[str, str] = {}
         self.buffer_names: Dict[str, str] = {}
-        self.sources: Dict[str, tuple] = {}   # onnx name -> ("init", None) | ("constant", node name)
         self.onnx_dtypes: Dict[str, int] = {}
         used: set = set()
 
         consts: Dict[str, np.ndarray] = {}
         for t in g.initializer:
             consts[t.name] = _plain(numpy_helper.to_array(t))
-            self.sources[t.name] = ("init", None)
             self.onnx_dtypes[t.name] = t.data_type
         nodes = []
         for n in g.node:
@@ -162,13 +160,11 @@ class OnnxModule(nn.Module):
                 if a.name == "value":
                     consts[n.output[0]] = _plain(numpy_helper.to_array(a.t))
                     self.onnx_dtypes[n.output[0]] = a.t.data_type
-                    self.sources[n.output[0]] = ("constant", n.name, n)
                     continue
                 if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
                     v = helper.get_attribute_value(a)
                     consts[n.output[0]] = np.asarray(v, dtype=np.float32 if "float" in a.name else np.int64)
                     self.onnx_dtypes[n.output[0]] = TensorProto.FLOAT if "float" in a.name else TensorProto.INT64
-                    self.sources[n.output[0]] = ("constant", n.name, n)
                     continue
             nodes.append(n)
         for n in nodes:  # torch needs BN running statistics as tensors of their own, not computed ones
@@ -256,6 +252,7 @@ class OnnxModule(nn.Module):
             trainable.add(s_name)
             skip.add(id(n))
 
+        fq_at: dict = {}   # id(QuantizeLinear) -> the fused activation fake-quantization it starts
         for n in nodes:
             if n.op_type != "QuantizeLinear" or n.input[1] not in consts:
                 continue
@@ -291,9 +288,8 @@ class OnnxModule(nn.Module):
             self.act_quants.append(aq)
             trainable.add(n.input[1])
             skip.add(id(n))
-            for r, _ in readers:
-                skip.add(id(r))
-            aq.node_ids = (id(n), [id(r) for r, _ in readers], id(pn) if clip else None)
+            skip.update(id(r) for r, _ in readers)
+            fq_at[id(n)] = aq
 
         # ---- parameters and buffers
         bn_stats = {n.input[i] for n in nodes if n.op_type == "BatchNormalization" for i in (3, 4) if i < len(n.input)}
@@ -319,7 +315,6 @@ class OnnxModule(nn.Module):
 
         # ---- the program: one entry per node (fused patterns become one step)
         program: List[Node] = []
-        fq_at = {aq.node_ids[0]: aq for aq in self.act_quants}
         wq_by_dq = {wq.dq_output: wq for wq in self.weight_quants.values()}
         bq_by_dq = {bq.dq_output: bq for bq in self.bias_quants.values()}
         for n in nodes:
@@ -1045,9 +1040,6 @@ _OPS: Dict[str, Callable] = {
     "Expand": op_expand, "Tile": op_tile, "Range": op_range, "ArgMax": op_argmax,
     "DepthToSpace": op_depth_to_space, "SpaceToDepth": op_space_to_depth,
 }
-
-SUPPORTED_OPS = sorted(_OPS) + ["Constant"]
-
 
 def _declared_batch(g, input_names) -> Optional[int]:
     """The fixed leading dimension shared by every graph input, or None (symbolic or mixed)."""

@@ -350,6 +350,15 @@ def _evaluate_params(model: ModelProto) -> dict:
         return {}
 
 
+def _on_slots(handler):
+    """A rule that acts only when the node's first input carries channel slots: ``handler(self, node, s)``."""
+    def run(self, node: gs.Node) -> None:
+        s = self.S(node.inputs[0]) if node.inputs else None
+        if s is not None:
+            handler(self, node, s)
+    return run
+
+
 class _Analyzer:
     def __init__(self, model: ModelProto, graph: gs.Graph, shapes: dict, params: dict):
         self.model, self.graph, self.shapes, self.params = model, graph, shapes, params
@@ -524,10 +533,8 @@ class _Analyzer:
             raise _NotUnderstood(f"{node.op} operand '{t.name}' is a full-width runtime tensor without channel slots")
         self.set(node.outputs[0], out_rank - p, out_rank, ref.ids)
 
-    def _reduce(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _reduce(self, node: gs.Node, s: Slots) -> None:
         axes = node.attrs.get("axes")
         if axes is None and len(node.inputs) > 1:
             v = self.value(input_at(node, 1))
@@ -546,10 +553,8 @@ class _Analyzer:
         axis = s.axis if keep else s.axis - sum(1 for a in axes if a < s.axis)
         self.set(node.outputs[0], axis, s.rank if keep else s.rank - len(axes), s.ids)
 
-    def _op_Softmax(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Softmax(self, node: gs.Node, s: Slots) -> None:
         axis = int(node.attrs.get("axis", -1 if self.opset >= 13 else 1)) % s.rank
         if axis == s.axis or (self.opset < 13 and axis <= s.axis):
             raise _NotUnderstood(f"{node.op} normalizes over the channel axis")
@@ -558,20 +563,16 @@ class _Analyzer:
     _op_LogSoftmax = _op_Softmax
     _op_Hardmax = _op_Softmax
 
-    def _op_Shape(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Shape(self, node: gs.Node, s: Slots) -> None:
         start = int(node.attrs.get("start", 0)) % (s.rank + 1) if "start" in node.attrs else 0
         end = node.attrs.get("end")
         end = s.rank if end is None else (int(end) if int(end) >= 0 else int(end) + s.rank)
         if start <= s.axis < end:
             raise _NotUnderstood("Shape reads the channel count")
 
-    def _op_BatchNormalization(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_BatchNormalization(self, node: gs.Node, s: Slots) -> None:
         if s.axis != 1 or any(not self.weight(input_at(node, i)) for i in range(1, 5)):
             raise _NotUnderstood("BatchNormalization with runtime parameters or channels not on axis 1")
         if any(o.outputs for o in node.outputs[1:]) or int(node.attrs.get("training_mode", 0)):
@@ -579,10 +580,8 @@ class _Analyzer:
         self.actions.append(ParamsAction(node, (1, 2, 3, 4), s.ids))
         self.set(node.outputs[0], s.axis, s.rank, s.ids)
 
-    def _op_InstanceNormalization(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_InstanceNormalization(self, node: gs.Node, s: Slots) -> None:
         if s.axis != 1 or any(not self.weight(input_at(node, i)) for i in (1, 2)):
             raise _NotUnderstood("InstanceNormalization with runtime parameters")
         self.actions.append(ParamsAction(node, (1, 2), s.ids))
@@ -712,10 +711,8 @@ class _Analyzer:
             self.uf.union_arrays(ss[0].ids, s.ids)
         self.set(node.outputs[0], ss[0].axis, rank, ss[0].ids)
 
-    def _op_Split(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Split(self, node: gs.Node, s: Slots) -> None:
         axis = int(node.attrs.get("axis", 0)) % s.rank
         outs = node.outputs
         if axis != s.axis:
@@ -743,10 +740,8 @@ class _Analyzer:
             start += n
         self.actions.append(SplitAction(node, parts))
 
-    def _op_Slice(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Slice(self, node: gs.Node, s: Slots) -> None:
         if self.opset < 10:
             starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
             axes = node.attrs.get("axes", list(range(len(starts or []))))
@@ -774,10 +769,8 @@ class _Analyzer:
         self.set(node.outputs[0], s.axis, s.rank, s.ids[lo:hi])
         self.actions.append(SliceAction(node, j, s.ids, lo, hi))
 
-    def _op_Pad(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Pad(self, node: gs.Node, s: Slots) -> None:
         if self.opset < 11:
             pads = np.array(node.attrs.get("pads", node.attrs.get("paddings")), dtype=np.int64)
         else:
@@ -807,17 +800,13 @@ class _Analyzer:
         self.set(node.outputs[0], s.axis, s.rank, np.concatenate([before, s.ids, after]))
         self.actions.append(PadAction(node, s.axis, s.rank, pads, before, after))
 
-    def _op_Transpose(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Transpose(self, node: gs.Node, s: Slots) -> None:
         perm = node.attrs.get("perm") or list(range(s.rank))[::-1]
         self.set(node.outputs[0], list(perm).index(s.axis), s.rank, s.ids)
 
-    def _op_Squeeze(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Squeeze(self, node: gs.Node, s: Slots) -> None:
         axes = node.attrs.get("axes")
         if axes is None and input_at(node, 1) is not None:
             v = self.value(input_at(node, 1))
@@ -834,10 +823,8 @@ class _Analyzer:
             raise _NotUnderstood("Squeeze removes the channel axis")
         self.set(node.outputs[0], s.axis - sum(1 for a in axes if a < s.axis), s.rank - len(axes), s.ids)
 
-    def _op_Unsqueeze(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Unsqueeze(self, node: gs.Node, s: Slots) -> None:
         axes = node.attrs.get("axes")
         if axes is None:
             v = self.value(input_at(node, 1))
@@ -849,10 +836,8 @@ class _Analyzer:
         rest = [i for i in range(r) if i not in axes]
         self.set(node.outputs[0], rest[s.axis], r, s.ids)
 
-    def _op_Flatten(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Flatten(self, node: gs.Node, s: Slots) -> None:
         axis = int(node.attrs.get("axis", 1)) % (s.rank + 1) if s.rank else 1
         shp = self.shape(node.inputs[0])
         if shp is None or len(shp) != s.rank:
@@ -865,10 +850,8 @@ class _Analyzer:
             raise _NotUnderstood("Flatten moves channels into the outer dimension")
         raise _NotUnderstood("Flatten mixes channels with other dimensions")
 
-    def _op_Reshape(self, node: gs.Node) -> None:
-        s = self.S(node.inputs[0])
-        if s is None:
-            return
+    @_on_slots
+    def _op_Reshape(self, node: gs.Node, s: Slots) -> None:
         target = self.value(input_at(node, 1))
         ishp, oshp = self.shape(node.inputs[0]), self.shape(node.outputs[0])
         if target is None or ishp is None or oshp is None or None in ishp or None in oshp or len(ishp) != s.rank:
