@@ -184,6 +184,11 @@ def test_onnxruntime_dynamic_model(tmp_path):
     got, ref = run(d.model, f), run(q, f)
     np.testing.assert_allclose(got["z"], ref["z"], rtol=1e-5, atol=1e-4 * np.abs(ref["z"]).max())
     assert _max_rel(got["y"], run(float_model, f)["y"]) < 0.03  # the weights' quantization error, measured ~1 %
+    # each weight got its own scale (read by name from the Mul of the scales): within half a step of the float one
+    weights = {t.name: numpy_helper.to_array(t) for t in d.model.graph.initializer}
+    for name, w in inits[:2]:
+        step = float(numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == f"{name}_scale")))
+        assert np.abs(weights[name] - w).max() <= step / 2 + 1e-6
 
 
 def test_quantized_graph_input_is_refused():

@@ -47,12 +47,12 @@ from .view import quantized_ops
 MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Gather", "Slice", "Expand", "Tile"}
 INTEGER_KERNELS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv"}
 QLINEAR = {"QLinearConv": "Conv", "QLinearMatMul": "MatMul"}
-# the quantization ops this module turns back; any other one left in the graph is refused
 # ops whose output is never negative: a Q at zero after them clips nothing
 NONNEGATIVE = {"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Abs", "Exp", "Sqrt"}
 # ops whose output is >= 0 when their (data) inputs are
 KEEPS_SIGN = {"Add", "Mul", "Concat", "Max", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
               "ReduceMax", "Resize", *MOVES}
+# the quantization ops this module turns back; any other one left in the graph is refused
 HANDLED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", *INTEGER_KERNELS, *QLINEAR}
 
 
@@ -272,7 +272,7 @@ class _Dequantizer:
         value = (q.astype(np.int64) - zp).astype(scale.dtype) * scale
         self.counts["weights"] += 1
         base = t.name[: -len("_quantized")] if t.name.endswith("_quantized") else f"{t.name}_dequantized"
-        return self.editor.constant(base, value.astype(scale.dtype))
+        return self.editor.constant(base, value)
 
     def _qlinear(self, node: gs.Node) -> gs.Tensor:
         """The float Conv/MatMul a QLinearConv/QLinearMatMul quantizes (its int32 bias at ``s_x * s_w``)."""
@@ -282,7 +282,7 @@ class _Dequantizer:
         if bias is not None:
             b, s_x, s_w = constant_value(bias), constant_value(node.inputs[1]), constant_value(node.inputs[4])
             if b is None or s_x is None or s_w is None:
-                raise _Refused(f"QLinearConv '{node.name}' has a bias or scales computed at run time")
+                raise _Refused(f"{node.op} '{node.name}' has a bias or scales computed at run time")
             inputs.append(self.editor.constant(f"{bias.name}_float", (b.astype(np.float32) * (s_x * s_w).reshape(-1)).astype(np.float32)))
         out = gs.Variable(self.editor.names(f"{node.outputs[0].name}_float"), dtype=x.dtype)
         self.editor.add_node(QLINEAR[node.op], inputs, [out], dict(node.attrs), base=node.name)
@@ -345,15 +345,19 @@ class _Dequantizer:
             raise _Refused(f"the output scale of {node.op} '{node.name}' is not a product of two scales")
         encs = [self.encoding(node.inputs[0]), self.encoding(node.inputs[1])]
         factors = list(prod.inputs)
-        for k, enc in enumerate(encs):
+        for t, enc in zip(node.inputs[:2], encs):
+            if enc.scale is None:  # onnxruntime names a constant's scale after it: w_quantized -> w_scale
+                enc.scale = next((f for f in factors if t.name.endswith("_quantized") and f.name == t.name[:-10] + "_scale"), None)
             if enc.scale is not None:
                 known = next((f for f in factors if _same(f, enc.scale)), None)
                 if known is None:
                     raise _Refused(f"the output scale of {node.op} '{node.name}' is not its inputs' scales' product")
                 factors.remove(known)
-        for enc in encs:
-            if enc.scale is None:
-                enc.scale = factors.pop(0)
+        unknown = [enc for enc in encs if enc.scale is None]
+        if len(unknown) == 2 and not all(constant_value(f) is not None and constant_value(f).size == 1 for f in factors):
+            raise _Refused(f"the input scales of {node.op} '{node.name}' cannot be told apart in its output scale")
+        for enc in unknown:  # two per-tensor scales: either order gives the same product
+            enc.scale = factors.pop(0)
         if node.op == "ConvInteger" and (constant_value(encs[1].scale) is None or constant_value(encs[1].scale).size > 1):
             raise _Refused(f"ConvInteger '{node.name}' has a per-channel or computed weight scale")
 
