@@ -353,19 +353,11 @@ class DataSource:
         def user_items():
             # an exception in the user's function is a user error: one message (ONNXOPT_DEBUG=1
             # still shows the chained traceback)
-            hint = "fix the function; set ONNXOPT_DEBUG=1 to see its traceback"
             try:
-                iterator = iter(fn())
+                yield from fn()
             except Exception as exc:
-                raise DataError(f"data function '{source}' failed: {type(exc).__name__}: {exc}", hint) from exc
-            while True:
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    return
-                except Exception as exc:
-                    raise DataError(f"data function '{source}' failed: {type(exc).__name__}: {exc}", hint) from exc
-                yield item
+                raise DataError(f"data function '{source}' failed: {type(exc).__name__}: {exc}",
+                                "fix the function; set ONNXOPT_DEBUG=1 to see its traceback") from exc
 
         def gen():
             for item in user_items():

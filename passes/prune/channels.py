@@ -408,6 +408,16 @@ class _Analyzer:
     def value(self, t) -> Optional[np.ndarray]:
         return _value(self.params, t)
 
+    def axes(self, node: gs.Node) -> Optional[list]:
+        """The ``axes`` attribute, else the constant value of input 1 (None when neither is given)."""
+        axes = node.attrs.get("axes")
+        if axes is None and input_at(node, 1) is not None:
+            v = self.value(input_at(node, 1))
+            if v is None:
+                raise _NotUnderstood(f"{node.op} axes are not constant")
+            axes = v.tolist()
+        return axes
+
     def set(self, t, axis: int, rank: int, ids: np.ndarray) -> None:
         self.slots[t.name] = Slots(axis, rank, np.asarray(ids, dtype=np.int64))
 
@@ -535,12 +545,7 @@ class _Analyzer:
 
     @_on_slots
     def _reduce(self, node: gs.Node, s: Slots) -> None:
-        axes = node.attrs.get("axes")
-        if axes is None and len(node.inputs) > 1:
-            v = self.value(input_at(node, 1))
-            if input_at(node, 1) is not None and v is None:
-                raise _NotUnderstood(f"{node.op} axes are not constant")
-            axes = None if v is None else v.tolist()
+        axes = self.axes(node)
         if not axes:
             if int(node.attrs.get("noop_with_empty_axes", 0)):
                 self.set(node.outputs[0], s.axis, s.rank, s.ids)
@@ -807,12 +812,7 @@ class _Analyzer:
 
     @_on_slots
     def _op_Squeeze(self, node: gs.Node, s: Slots) -> None:
-        axes = node.attrs.get("axes")
-        if axes is None and input_at(node, 1) is not None:
-            v = self.value(input_at(node, 1))
-            if v is None:
-                raise _NotUnderstood("Squeeze axes are not constant")
-            axes = v.tolist()
+        axes = self.axes(node)
         if axes is None:
             shp = self.shape(node.inputs[0])
             if shp is None:
@@ -825,12 +825,9 @@ class _Analyzer:
 
     @_on_slots
     def _op_Unsqueeze(self, node: gs.Node, s: Slots) -> None:
-        axes = node.attrs.get("axes")
+        axes = self.axes(node)
         if axes is None:
-            v = self.value(input_at(node, 1))
-            if v is None:
-                raise _NotUnderstood("Unsqueeze axes are not constant")
-            axes = v.tolist()
+            raise _NotUnderstood("Unsqueeze axes are not constant")
         r = s.rank + len(axes)
         axes = set(int(a) % r for a in axes)
         rest = [i for i in range(r) if i not in axes]
