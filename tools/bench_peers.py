@@ -20,7 +20,7 @@ Models and splits (shared/ README):
   leaves the float function unchanged): a model where all-int8 loses more than a point.
 
 Peer venvs (``--peers-root``, each ``<root>/<name>/bin/python``): ``nncf`` (pip nncf),
-``inc`` (pip onnx-neural-compressor prettytable), ``modelopt`` (pip "nvidia-modelopt[onnx]");
+``inc`` (pip onnx-neural-compressor prettytable scipy), ``modelopt`` (pip "nvidia-modelopt[onnx]");
 onnxruntime ``quantize_static`` runs in this interpreter.
 
 Leave-one-model-out: for each model, the fixed calibration method a fixed default would have been
@@ -472,6 +472,62 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
+def _config_path(name, label, peer_rows):
+    """The cached output of the row labelled ``label`` (see run_model's naming)."""
+    for peer, cfg, _, lab in peer_rows:
+        if lab == label:
+            return CACHE / f"{name}.{peer}.{cfg.replace(',', '_').replace('=', '-')}.onnx"
+    return None
+
+
+def paired(results, n_boot=10000, seed=0):
+    """Each target's default against that model's best fixed method, image by image on the held-out
+    split (the cached outputs run again): the images only one of the two gets right, the exact
+    McNemar p-value of that split, and a paired bootstrap 95 % interval of the top-1 difference."""
+    from math import comb
+
+    rng = np.random.default_rng(seed)
+    rows = configs(True, False, "", ())
+    out = []
+    for name, res in results.items():
+        if name == "lomo" or not any("top1" in r for r in res):
+            continue
+        path, _, ef, labels, _, _ = prepare(name)
+        for target in ("ort", "tensorrt"):
+            fixed = [r for r in res if r["config"] in {f"onnxopt {target} {m}, no fallback" for m in FIXED} and "top1" in r]
+            default = next((r for r in res if r["config"] == f"onnxopt --target {target} (defaults)" and "top1" in r), None)
+            if not fixed or default is None:
+                continue
+            best = max(fixed, key=lambda r: r["top1"])
+            right = {}
+            for r in (default, best):
+                p = _config_path(name, r["config"], rows)
+                right[r["config"]] = np.array([int(np.argmax(o)) for o in outputs(p, ef)]) == labels
+            a, b = right[default["config"]], right[best["config"]]
+            only_default, only_best = int(np.sum(a & ~b)), int(np.sum(~a & b))
+            n = only_default + only_best
+            k = min(only_default, only_best)
+            p_value = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+            idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+            diffs = 100.0 * (a[idx].mean(1) - b[idx].mean(1))
+            out.append({"model": name, "target": target, "best_fixed": best["config"], "default_top1": 100 * a.mean(),
+                        "best_top1": 100 * b.mean(), "diff": 100 * (a.mean() - b.mean()), "only_default": only_default,
+                        "only_best": only_best, "mcnemar_p": p_value,
+                        "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]})
+            log(json.dumps(out[-1]))
+    return out
+
+
+def paired_markdown(rows) -> str:
+    lines = ["| model | target | best fixed method | default top-1 | best fixed top-1 | difference (pt) | images right only with default / only with best fixed | McNemar exact p | paired bootstrap 95 % CI (pt) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['target']} | {r['best_fixed'].split(' ')[2].rstrip(',')} | {r['default_top1']:.2f} | {r['best_top1']:.2f} | "
+                     f"{r['diff']:+.2f} | {r['only_default']} / {r['only_best']} | {r['mcnemar_p']:.2f} | "
+                     f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
@@ -489,16 +545,25 @@ def main(argv=None):
     ap.add_argument("--extra", default="", help="more onnxopt rows: qdq option strings, ';'-separated "
                     "(e.g. 'target=ort,calib_method=minmax' for an ablation)")
     ap.add_argument("--results", default=str(CACHE / "results.json"))
-    ap.add_argument("--markdown", nargs="*", help="print the tables of these results files (merged) and exit")
+    ap.add_argument("--markdown", nargs="*", help="print the tables of these results files (merged: the rows of each model, "
+                    "a later file's row replacing an earlier one of the same config) and exit")
+    ap.add_argument("--paired", action="store_true", help="with --markdown: also each target's default against the best "
+                    "fixed method, image by image (McNemar, paired bootstrap), from the cached outputs")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
     if args.markdown is not None:
         merged = {}
-        for path in args.markdown:
-            merged.update({k: v for k, v in json.loads(Path(path).read_text()).items() if k != "lomo"})
+        for path in args.markdown:   # rows of the same model merge; a later file's row replaces one of the same config
+            for name, rows in json.loads(Path(path).read_text()).items():
+                if name != "lomo":
+                    by_config = {r["config"]: r for r in merged.get(name, [])}
+                    by_config.update({r["config"]: r for r in rows})
+                    merged[name] = list(by_config.values())
         merged["lomo"] = lomo(merged)
         print(markdown(merged))
+        if args.paired:
+            print("\n### default vs the best fixed method, image by image\n\n" + paired_markdown(paired(merged)))
         return 0
     results = {}
     if Path(args.results).exists():

@@ -134,6 +134,9 @@ class RecoveryOptions(PassOptions):
     max_agreement_loss: float = option(1.0, "fallback=auto budget: top-1 agreement points with the float model lost on "
                                        "classifier outputs, measured on the logits before a final Softmax/Sigmoid on up "
                                        "to 256 calibration samples (-1 = no agreement budget)")
+    agreement_confidence: float = option(0.5, "fallback=auto: max_agreement_loss must hold on the upper confidence bound "
+                                         "(one-sided, Wilson, from the sample count) at this confidence, so that it holds "
+                                         "beyond the calibration samples; 0.5 = the calibration samples' own count")
     max_error: float = option(0.0, "fallback=auto budget: relative L2 error of every output's logits vs float (0 = unset); "
                               "the only budget on non-classifier outputs (detectors)")
     fallback_precision: str = option("auto", "precision of fallback layers: auto (int16 on tidl, float elsewhere), float, "
@@ -180,6 +183,9 @@ class QdqOptions(PassOptions):
         if self.calibration.calib_samples < 0:
             raise OptionError(f"qdq.calib_samples must be 0 (all) or a positive count, got {self.calibration.calib_samples}.",
                               "e.g. --set qdq.calib_samples=200")
+        if not 0.5 <= self.recovery.agreement_confidence < 1:
+            raise OptionError(f"qdq.agreement_confidence must be in [0.5, 1), got {self.recovery.agreement_confidence}.",
+                              "e.g. --set qdq.agreement_confidence=0.84 (0.5 = the calibration samples' own count)")
         if ctx.data is None:
             raise DataError("the qdq pass needs calibration data, and none was given.",
                             "give --calib-data (an image folder, .npy/.npz, or file.py:function); "

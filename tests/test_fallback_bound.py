@@ -1,0 +1,73 @@
+"""fallback=auto's agreement budget on an upper confidence bound (qdq.agreement_confidence)."""
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+import se_models
+from onnxopt import manager
+from onnxopt.errors import OptionError
+from onnxopt.quant.recovery.fallback import agreement_bound
+from onnxopt.registry import PassContext
+
+
+def _score_bound(d: int, n: int, confidence: float) -> float:
+    """The largest p >= d/n the score test at ``confidence`` does not reject, by bisection:
+    (d/n - p)^2 <= z^2 p (1 - p) / n -- the definition the closed form solves."""
+    z, ph = NormalDist().inv_cdf(confidence), d / n
+    lo, hi = ph, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (ph - mid) ** 2 <= z * z * mid * (1 - mid) / n:
+            lo = mid
+        else:
+            hi = mid
+    return 100.0 * lo
+
+
+@pytest.mark.parametrize("d,n", [(0, 200), (1, 200), (2, 200), (5, 256), (30, 800)])
+def test_bound_is_the_score_bound(d, n):
+    assert agreement_bound(100.0 * d / n, n, 0.84) == pytest.approx(_score_bound(d, n, 0.84), abs=1e-6)
+    assert agreement_bound(100.0 * d / n, n, 0.5) == pytest.approx(100.0 * d / n)   # 0.5: the samples' own count
+
+
+def test_bound_covers_the_held_out_loss_at_its_confidence():
+    """Disagreements drawn as binomial(n, p): the bound is at least the true loss p in at least
+    ``confidence`` of the draws (the count itself is below p in about half of them)."""
+    rng = np.random.default_rng(0)
+    for p in (0.01, 0.025, 0.05):
+        d = rng.binomial(200, p, size=20000)
+        bound = np.array([agreement_bound(100.0 * k / 200, 200, 0.84) for k in d])
+        assert np.mean(bound >= 100 * p) >= 0.84 - 0.01
+        assert np.mean(100.0 * d / 200 >= 100 * p) < 0.75
+
+
+def test_confidence_keeps_more_layers_until_the_bound_meets_the_budget():
+    """W5 on the SE test net: the point estimate stops at 3 disagreements of 256 (1.17 pt within
+    a 2-pt budget); at 0.84 the bound of that count is over 2 pt, so more layers stay in float
+    until the bound of what is left is within it."""
+    m, feeds = se_models.mobilenetv3_se(bad_scale=1.0), se_models.image_like_inputs(256)
+    got = {}
+    for conf in (0.5, 0.84):
+        logs = []
+        _, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "weight_bits": 5, "calib_method": "minmax",
+                                                     "max_agreement_loss": 2, "agreement_confidence": conf}},
+                                  context=PassContext(data=lambda: iter(feeds), progress=False, log=logs.append),
+                                  summarize_layers=False)
+        got[conf] = fb = report.passes[0].extra["recovery"]["fallback"]
+        assert fb["met"] and fb["samples"] == 256
+        assert fb["agreement_bound_after"] == pytest.approx(_score_bound(round(fb["agreement_loss_after"] * 2.56), 256, conf), abs=1e-6)
+        assert fb["agreement_bound_after"] <= 2.0
+    assert got[0.5]["agreement_bound_after"] == got[0.5]["agreement_loss_after"]
+    assert _score_bound(round(got[0.5]["agreement_loss_after"] * 2.56), 256, 0.84) > 2.0   # the point estimate's stop misses the bound
+    assert len(got[0.84]["high_precision_layers"]) > len(got[0.5]["high_precision_layers"])
+    assert "84 % confidence" in got[0.84]["budget"]
+
+
+def test_confidence_out_of_range_is_refused():
+    m, feeds = se_models.mobilenetv3_se(bad_scale=1.0), se_models.image_like_inputs(4)
+    with pytest.raises(OptionError, match="agreement_confidence"):
+        manager.apply(m, "qdq", {"qdq": {"target": "ort", "agreement_confidence": 1.0}},
+                      context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)

@@ -1,0 +1,177 @@
+"""fallback=auto's agreement budget: calibration count vs held-out loss, and the confidence chosen
+leaving one model out.
+
+    nice python tools/bench_fallback_margin.py [--models effnet,resnet20,resnet56,se] [--targets ort,tensorrt]
+        [--confidences 0.5,0.6,0.7,0.84,0.9,0.95] [--out results.json] [--markdown results.json]
+
+The agreement budget (``qdq.max_agreement_loss``, 1 point by default) is measured on the
+calibration samples, the same ones the ranges were fitted on and the same ones on which the
+fallback's search stops at the first layer count that meets it; what a user is promised is the
+loss on their other data. For each classifier model and target (models, data and split as
+``tools/bench_peers.py``), the qdq pass runs with its defaults up to the fallback; there the
+units are ranked once (as ``fallback=auto`` does) and, for each candidate
+``qdq.agreement_confidence``, the fallback's own search (``fewest``: doubling then bisection)
+picks the layer count; every count it visits is measured both on the calibration samples and on
+the held-out evaluation images (agreement with fp32 and top-1). YOLOX-nano has no classifier
+output: the agreement budget does not apply to it (fallback keeps nothing there by default).
+
+Leave-one-model-out: for each model, the confidence is the lowest whose held-out agreement loss
+meets the budget on the most *other* models (both targets); the table shows what that confidence
+gives on the model left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_peers as P  # noqa: E402
+
+from onnxopt import manager  # noqa: E402
+from onnxopt.quant import recovery  # noqa: E402
+from onnxopt.quant.recovery import fallback as F  # noqa: E402
+from onnxopt.quant.view import QdqView  # noqa: E402
+from onnxopt.registry import PassContext  # noqa: E402
+from onnxopt.task_metric import Evaluator  # noqa: E402
+
+
+def curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts):
+    """Rank once, then per confidence the fallback's own search; every visited count measured twice."""
+    view = QdqView(float_model, qmodel, info)
+    ref = view.float_reference()
+    cal = Evaluator(ref, data, limit=F.AGREEMENT_SAMPLES)
+    held = Evaluator(ref, ef, limit=len(ef), max_mb=1e6)
+    ref_pred = np.concatenate([np.argmax(r[0], axis=1) for r in held.ref])
+    acts = F.activation_units(view)
+    t0 = time.perf_counter()
+    order = F.rank_units(view, acts, cal, min(F.FALLBACK_SAMPLES, cal.samples))
+    points = {}
+
+    def task(k):
+        if k not in points:
+            m = F.unit_variant(view, acts, order[:k])
+            err = cal.error(m)
+            pred = np.concatenate([np.argmax(o[0], axis=1) for o in held.outputs(m)])
+            points[k] = {"k": k, "err": err, "calib_loss": err.agreement_loss, "calib_samples": cal.samples,
+                         "held_loss": 100.0 * float(np.mean(pred != ref_pred)),
+                         "held_top1": 100.0 * float(np.mean(pred == labels))}
+            P.log(f"  k={k}: calib loss {err.agreement_loss:.2f} pt, held-out loss {points[k]['held_loss']:.2f} pt, "
+                  f"top-1 {points[k]['held_top1']:.2f}")
+        return points[k]["err"]
+
+    chosen = {}
+    for c in confidences:
+        budget = F.FallbackBudget(max_agreement_loss=budget_pts, confidence=c)
+        k = F.fewest(task, len(order), budget)
+        k = len(order) if k is None else k
+        task(k)
+        chosen[str(c)] = k
+    return {"units": len(order), "ranking": order[:max(chosen.values()) + 1], "chosen": chosen,
+            "seconds": time.perf_counter() - t0,
+            "points": {str(k): {kk: v for kk, v in p.items() if kk != "err"} for k, p in sorted(points.items())}}
+
+
+def run(name, target, confidences, budget_pts):
+    path, cf, ef, labels, kind, _ = P.prepare(name)
+    import onnx
+
+    model = onnx.load(path)
+    got = {}
+    original = recovery.auto_fallback
+
+    def capture(float_model, qmodel, info, data, budget, precision, log, measure_latency=True):
+        got.update(curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts))
+        return qmodel, {}
+
+    recovery.auto_fallback = capture   # the pass's own float model, quantized model and data, at the fallback
+    try:
+        ctx = PassContext(data=lambda: iter(cf), progress=False, log=lambda m: None)
+        manager.apply(model, ["qdq"], {"qdq": {"target": target}}, context=ctx, verify=False, summarize_layers=False)
+    finally:
+        recovery.auto_fallback = original
+    return got
+
+
+def lomo(results, confidences, budget_pts):
+    """Per model left out: the lowest confidence meeting the held-out budget on the most other runs."""
+    models = sorted({r["model"] for r in results})
+    out = []
+    for left in models:
+        others = [r for r in results if r["model"] != left]
+
+        def score(c):
+            met = sum(r["points"][str(r["chosen"][str(c)])]["held_loss"] <= budget_pts + 1e-9 for r in others)
+            return (met, -c)
+        best = max(confidences, key=score)
+        for r in results:
+            if r["model"] == left:
+                p = r["points"][str(r["chosen"][str(best)])]
+                p0 = r["points"][str(r["chosen"]["0.5"])] if "0.5" in r["chosen"] else None
+                out.append({"model": left, "target": r["target"], "confidence": best, "met_on_others": score(best)[0],
+                            "of": len(others), "kept": r["chosen"][str(best)], "held_loss": p["held_loss"],
+                            "held_top1": p["held_top1"], "calib_loss": p["calib_loss"],
+                            "point_estimate": None if p0 is None else {"kept": r["chosen"]["0.5"], "held_loss": p0["held_loss"],
+                                                                        "held_top1": p0["held_top1"], "calib_loss": p0["calib_loss"]}})
+    return out
+
+
+def markdown(data) -> str:
+    res, confs = data["runs"], data["confidences"]
+    lines = ["| model | target | " + " | ".join(f"conf {c}: kept / calib loss / held-out loss / top-1" for c in confs) + " |",
+             "|---|---|" + "---|" * len(confs)]
+    for r in res:
+        cells = []
+        for c in confs:
+            k = r["chosen"][str(c)]
+            p = r["points"][str(k)]
+            cells.append(f"{k} / {p['calib_loss']:.2f} / {p['held_loss']:.2f} / {p['held_top1']:.2f}")
+        lines.append(f"| {r['model']} | {r['target']} | " + " | ".join(cells) + " |")
+    lines += ["", "| model left out | target | LOMO confidence | met on other runs | kept | calib loss | held-out loss | top-1 | "
+              "point estimate (0.5): kept / held-out loss / top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["lomo"]:
+        pe = r["point_estimate"]
+        pes = "-" if pe is None else f"{pe['kept']} / {pe['held_loss']:.2f} / {pe['held_top1']:.2f}"
+        lines.append(f"| {r['model']} | {r['target']} | {r['confidence']} | {r['met_on_others']}/{r['of']} | {r['kept']} | "
+                     f"{r['calib_loss']:.2f} | {r['held_loss']:.2f} | {r['held_top1']:.2f} | {pes} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="effnet,resnet20,resnet56,se")
+    ap.add_argument("--targets", default="ort,tensorrt")
+    ap.add_argument("--confidences", default="0.5,0.6,0.7,0.84,0.9,0.95")
+    ap.add_argument("--budget", type=float, default=1.0, help="max_agreement_loss, points")
+    ap.add_argument("--out", default=str(P.CACHE / "fallback_margin.json"))
+    ap.add_argument("--markdown", help="print the tables of this results file and exit")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    confs = [float(c) for c in args.confidences.split(",")]
+    data = {"confidences": confs, "budget": args.budget, "runs": []}
+    if Path(args.out).exists():
+        data["runs"] = [r for r in json.loads(Path(args.out).read_text()).get("runs", []) if set(map(str, confs)) <= set(r["chosen"])]
+    for name in args.models.split(","):
+        for target in args.targets.split(","):
+            if any(r["model"] == name and r["target"] == target for r in data["runs"]):
+                continue
+            P.log(f"{name} {target}")
+            data["runs"].append({"model": name, "target": target, **run(name, target, confs, args.budget)})
+            data["lomo"] = lomo(data["runs"], confs, args.budget)
+            Path(args.out).write_text(json.dumps(data, indent=1, default=str))
+    data["lomo"] = lomo(data["runs"], confs, args.budget)
+    Path(args.out).write_text(json.dumps(data, indent=1, default=str))
+    print(markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
