@@ -15,9 +15,12 @@ picks the layer count; every count it visits is measured both on the calibration
 the held-out evaluation images (agreement with fp32 and top-1). YOLOX-nano has no classifier
 output: the agreement budget does not apply to it (fallback keeps nothing there by default).
 
-Leave-one-model-out: for each model, the confidence is the lowest whose held-out agreement loss
-meets the budget on the most *other* models (both targets); the table shows what that confidence
-gives on the model left out.
+Leave-one-model-out: for each model, the confidence is the one whose held-out agreement loss goes
+over the budget by the fewest points in total on the *other* models (both targets; ties: the
+lowest confidence, which keeps fewer layers in float); the table shows what that confidence gives
+on the model left out. The total overrun, not the count of runs within the budget, because a
+held-out loss on ~800 images is itself uncertain by about 0.35 pt: 1.11 and 0.98 are not a
+failure and a success.
 """
 from __future__ import annotations
 
@@ -100,21 +103,25 @@ def run(name, target, confidences, budget_pts):
 
 
 def lomo(results, confidences, budget_pts):
-    """Per model left out: the lowest confidence meeting the held-out budget on the most other runs."""
+    """Per model left out: the confidence with the least held-out budget overrun on the other runs."""
     models = sorted({r["model"] for r in results})
     out = []
     for left in models:
         others = [r for r in results if r["model"] != left]
 
+        def held(c):
+            return [r["points"][str(r["chosen"][str(c)])]["held_loss"] for r in others]
+
         def score(c):
-            met = sum(r["points"][str(r["chosen"][str(c)])]["held_loss"] <= budget_pts + 1e-9 for r in others)
-            return (met, -c)
+            return (-round(sum(max(0.0, h - budget_pts) for h in held(c)), 6), -c)
         best = max(confidences, key=score)
         for r in results:
             if r["model"] == left:
                 p = r["points"][str(r["chosen"][str(best)])]
                 p0 = r["points"][str(r["chosen"]["0.5"])] if "0.5" in r["chosen"] else None
-                out.append({"model": left, "target": r["target"], "confidence": best, "met_on_others": score(best)[0],
+                out.append({"model": left, "target": r["target"], "confidence": best, "overrun_on_others": -score(best)[0],
+                            "overrun_at_0.5": sum(max(0.0, h - budget_pts) for h in held(0.5)) if 0.5 in confidences else None,
+                            "met_on_others": sum(h <= budget_pts + 1e-9 for h in held(best)),
                             "of": len(others), "kept": r["chosen"][str(best)], "held_loss": p["held_loss"],
                             "held_top1": p["held_top1"], "calib_loss": p["calib_loss"],
                             "point_estimate": None if p0 is None else {"kept": r["chosen"]["0.5"], "held_loss": p0["held_loss"],
@@ -133,12 +140,14 @@ def markdown(data) -> str:
             p = r["points"][str(k)]
             cells.append(f"{k} / {p['calib_loss']:.2f} / {p['held_loss']:.2f} / {p['held_top1']:.2f}")
         lines.append(f"| {r['model']} | {r['target']} | " + " | ".join(cells) + " |")
-    lines += ["", "| model left out | target | LOMO confidence | met on other runs | kept | calib loss | held-out loss | top-1 | "
+    lines += ["", "| model left out | target | LOMO confidence | other runs: overrun (pt) at it / at 0.5, within budget | kept | calib loss | held-out loss | top-1 | "
               "point estimate (0.5): kept / held-out loss / top-1 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["lomo"]:
         pe = r["point_estimate"]
         pes = "-" if pe is None else f"{pe['kept']} / {pe['held_loss']:.2f} / {pe['held_top1']:.2f}"
-        lines.append(f"| {r['model']} | {r['target']} | {r['confidence']} | {r['met_on_others']}/{r['of']} | {r['kept']} | "
+        o5 = "-" if r["overrun_at_0.5"] is None else f"{r['overrun_at_0.5']:.2f}"
+        lines.append(f"| {r['model']} | {r['target']} | {r['confidence']} | {r['overrun_on_others']:.2f} / {o5}, "
+                     f"{r['met_on_others']}/{r['of']} | {r['kept']} | "
                      f"{r['calib_loss']:.2f} | {r['held_loss']:.2f} | {r['held_top1']:.2f} | {pes} |")
     return "\n".join(lines)
 
@@ -150,10 +159,13 @@ def main(argv=None):
     ap.add_argument("--confidences", default="0.5,0.6,0.7,0.84,0.9,0.95")
     ap.add_argument("--budget", type=float, default=1.0, help="max_agreement_loss, points")
     ap.add_argument("--out", default=str(P.CACHE / "fallback_margin.json"))
-    ap.add_argument("--markdown", help="print the tables of this results file and exit")
+    ap.add_argument("--markdown", nargs="+", help="print the tables of these results files (runs merged) and exit")
     args = ap.parse_args(argv)
     if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+        files = [json.loads(Path(p).read_text()) for p in args.markdown]
+        data = {"confidences": files[0]["confidences"], "budget": files[0]["budget"], "runs": [r for f in files for r in f["runs"]]}
+        data["lomo"] = lomo(data["runs"], data["confidences"], data["budget"])
+        print(markdown(data))
         return 0
     confs = [float(c) for c in args.confidences.split(",")]
     data = {"confidences": confs, "budget": args.budget, "runs": []}

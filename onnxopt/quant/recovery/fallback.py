@@ -7,7 +7,8 @@ samples) and/or ``max_error`` (relative L2 error of every output's logits, on
 ``FALLBACK_SAMPLES``), both measured with :mod:`onnxopt.task_metric` on the logits. The agreement
 budget is a promise about data the model has not been calibrated on, so it is checked on a
 one-sided upper confidence bound of the agreement loss (Wilson score, from the sample count; see
-``agreement_bound``), not on the calibration samples' own count: on 200 samples one point is 2
+``agreement_bound``; ``qdq.agreement_confidence``, 0.84 by default, chosen leaving one model out
+in ``tools/bench_fallback_margin.py``), not on the calibration samples' own count: on 200 samples one point is 2
 images, and the count on them understated the held-out loss (EfficientNet-Lite0: 1.0 measured,
 2.4 held out). Each unit --
 a layer (weight + input activation) or an activation Q/DQ pair that feeds no layer (residual Add,
