@@ -472,11 +472,11 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
-def _config_path(name, label, peer_rows):
-    """The cached output of the row labelled ``label`` (see run_model's naming)."""
+def _config_path(name, row, peer_rows):
+    """The cached output of ``row`` (see run_model's naming), in the cache of the run that made it."""
     for peer, cfg, _, lab in peer_rows:
-        if lab == label:
-            return CACHE / f"{name}.{peer}.{cfg.replace(',', '_').replace('=', '-')}.onnx"
+        if lab == row["config"]:
+            return Path(row.get("cache", CACHE)) / f"{name}.{peer}.{cfg.replace(',', '_').replace('=', '-')}.onnx"
     return None
 
 
@@ -501,7 +501,7 @@ def paired(results, n_boot=10000, seed=0):
             best = max(fixed, key=lambda r: r["top1"])
             right = {}
             for r in (default, best):
-                p = _config_path(name, r["config"], rows)
+                p = _config_path(name, r, rows)
                 right[r["config"]] = np.array([int(np.argmax(o)) for o in outputs(p, ef)]) == labels
             a, b = right[default["config"]], right[best["config"]]
             only_default, only_best = int(np.sum(a & ~b)), int(np.sum(~a & b))
@@ -555,8 +555,11 @@ def main(argv=None):
     if args.markdown is not None:
         merged = {}
         for path in args.markdown:   # rows of the same model merge; a later file's row replaces one of the same config
+            cache = str(Path(path).resolve().parent / "onnxopt_bench_peers")   # results files live in ONNXOPT_BENCH_CACHE
             for name, rows in json.loads(Path(path).read_text()).items():
                 if name != "lomo":
+                    for r in rows:
+                        r.setdefault("cache", cache)
                     by_config = {r["config"]: r for r in merged.get(name, [])}
                     by_config.update({r["config"]: r for r in rows})
                     merged[name] = list(by_config.values())
