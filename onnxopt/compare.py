@@ -56,7 +56,7 @@ def file_size_bytes(path: Union[str, os.PathLike]) -> dict:
     path = Path(path)
     model = onnx.load_model(str(path), load_external_data=False)
     locations = set()
-    for t in model_io._all_tensors(model):
+    for t in model_io.all_tensors(model):
         if uses_external_data(t):
             loc = next((e.value for e in t.external_data if e.key == "location"), None)
             if loc:

@@ -42,7 +42,7 @@ def opset_of(model: ModelProto, domain: str = "") -> int:
 def _check_external_locations(model: ModelProto, base_dir: Path) -> None:
     """Refuse external data that escapes the model's folder or is missing, before reading any of it."""
     base = base_dir.resolve()
-    tensors = list(_all_tensors(model))
+    tensors = list(all_tensors(model))
     for tensor in tensors:
         if not uses_external_data(tensor):
             continue
@@ -73,7 +73,7 @@ def _check_external_locations(model: ModelProto, base_dir: Path) -> None:
             )
 
 
-def _all_tensors(model: ModelProto) -> Iterable[onnx.TensorProto]:
+def all_tensors(model: ModelProto) -> Iterable[onnx.TensorProto]:
     """Every TensorProto in the model: initializers, Constant attributes, subgraphs included."""
     def walk(graph: onnx.GraphProto):
         yield from graph.initializer
@@ -201,7 +201,7 @@ def _restore_external_data(model: ModelProto, base_dir) -> None:
     """Read back the tensor bytes that ``onnx.save_model(save_as_external_data=True)`` moved out
     of ``model`` (it edits the proto in place), leaving the proto as it was (same fingerprint)."""
     onnx.load_external_data_for_model(model, str(base_dir))
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if t.HasField("data_location") and t.data_location == onnx.TensorProto.DEFAULT:
             t.ClearField("data_location")
 
@@ -249,7 +249,7 @@ def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iter
             _restore_external_data(model, out.parent)
             # the model refers to its data by name: rewrite the location before the final rename
             saved = onnx.load_model(tmp, load_external_data=False)
-            for t in _all_tensors(saved):
+            for t in all_tensors(saved):
                 for e in t.external_data:
                     if e.key == "location":
                         e.value = data_name

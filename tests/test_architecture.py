@@ -146,15 +146,24 @@ def test_no_pass_imports_another_pass():
 
 
 def test_no_private_name_crosses_modules():
-    """``from x import _name`` between onnxopt's modules: a private helper used elsewhere is a
-    shared helper and gets a public name."""
+    """``from x import _name`` or ``x._name`` (``x`` one of onnxopt's modules) between onnxopt's
+    modules: a private helper used elsewhere is a shared helper and gets a public name."""
     mods = _modules()
     bad = []
     for module, path in mods.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        imported = set()   # names bound to onnxopt modules here (``from . import x``, ``import onnxopt.x as x``)
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("onnxopt")):
                 bad += [f"{module} imports {a.name} from {node.module or '.'}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
+                imported |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("onnxopt")}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{module} uses {node.value.id}.{node.attr}")
     assert not bad, "\n".join(bad)
 
 

@@ -359,8 +359,8 @@ class OnnxModule(nn.Module):
             return q, s
         s = self.value(wq.scale).detach()
         zp = self.value(wq.zero_point).detach().to(w.dtype) if wq.zero_point else torch.zeros((), dtype=w.dtype, device=w.device)
-        sb = fakequant._shape_for(s, w, wq.axis)
-        zb = fakequant._shape_for(zp, w, wq.axis)
+        sb = fakequant.along_axis_of(s, w, wq.axis)
+        zb = fakequant.along_axis_of(zp, w, wq.axis)
         return torch.clamp(torch.round(w / sb) + zb, wq.qmin, wq.qmax), s
 
     def bias_scale(self, bq: BiasQuant) -> torch.Tensor:
@@ -894,8 +894,8 @@ def op_quantize(m, node, ins):
     zp_type = m.onnx_dtypes.get(node.inputs[2], TensorProto.UINT8) if zp is not None else TensorProto.UINT8
     lo, hi = INT_RANGE_OF_TYPE.get(zp_type, (0, 255))
     axis = None if s.numel() == 1 else int(node.attrs.get("axis", 1))
-    sb = fakequant._shape_for(s, x, axis)
-    z = fakequant._shape_for(zp.to(x.dtype), x, axis) if zp is not None else 0.0
+    sb = fakequant.along_axis_of(s, x, axis)
+    z = fakequant.along_axis_of(zp.to(x.dtype), x, axis) if zp is not None else 0.0
     return torch.clamp(fakequant.round_ste(x / sb) + z, lo, hi)
 
 
@@ -904,9 +904,9 @@ def op_dequantize(m, node, ins):
     zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
     xf = x.to(s.dtype) if not x.is_floating_point() else x
     axis = None if s.numel() == 1 else int(node.attrs.get("axis", 1))
-    sb = fakequant._shape_for(s, xf, axis)
+    sb = fakequant.along_axis_of(s, xf, axis)
     if zp is not None:
-        xf = xf - fakequant._shape_for(zp.to(s.dtype), xf, axis)
+        xf = xf - fakequant.along_axis_of(zp.to(s.dtype), xf, axis)
     return xf * sb
 
 

@@ -40,7 +40,7 @@ def _grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:
     return (s - s * g).detach() + s * g
 
 
-def _shape_for(param: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+def along_axis_of(param: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
     """Broadcast a per-channel parameter along ``axis`` of ``x`` (scalars stay as they are)."""
     if axis is None or param.dim() == 0 or param.numel() == 1 and x.dim() == 0:
         return param
@@ -53,8 +53,8 @@ def _shape_for(param: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> tor
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: Optional[int] = None, mode: str = "lsq", training: bool = False) -> torch.Tensor:
     """Q -> DQ of ``x`` with the STE of ``mode`` while training; exact ONNX arithmetic otherwise."""
-    s = _shape_for(scale, x, axis)
-    zp = _shape_for(zero_point.to(x.dtype), x, axis)
+    s = along_axis_of(scale, x, axis)
+    zp = along_axis_of(zero_point.to(x.dtype), x, axis)
     if not training or not (x.requires_grad or scale.requires_grad):
         q = torch.clamp(torch.round(x / s) + zp, qmin, qmax)
         return (q - zp) * s
@@ -82,7 +82,7 @@ def binary_weight(w: torch.Tensor, axis: Optional[int]) -> tuple:
     else:
         s = a.transpose(0, axis).reshape(w.shape[axis], -1).mean(1).clamp_min(1e-12)
     q = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
-    out = _ste_to(w, q * _shape_for(s, w, axis))
+    out = _ste_to(w, q * along_axis_of(s, w, axis))
     return out, q.detach(), s.detach()
 
 
@@ -98,9 +98,9 @@ def ternary_weight(w: torch.Tensor, axis: Optional[int]) -> tuple:
         delta = 0.7 * flat_a.mean(1)
         keep_flat = (flat_a > delta[:, None]).to(w.dtype)
         s = ((flat_a * keep_flat).sum(1) / keep_flat.sum(1).clamp_min(1)).clamp_min(1e-12)
-        keep = (a > _shape_for(delta, w, axis)).to(w.dtype)
+        keep = (a > along_axis_of(delta, w, axis)).to(w.dtype)
     q = torch.sign(w) * keep
-    out = _ste_to(w, q * _shape_for(s, w, axis))
+    out = _ste_to(w, q * along_axis_of(s, w, axis))
     return out, q.detach(), s.detach()
 
 
