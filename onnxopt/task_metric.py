@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Callable, Iterable, Optional
 
 import ctypes
@@ -123,14 +124,30 @@ class Budget:
 
     max_agreement_loss: float = 1.0   # top-1 agreement points, classifier outputs (inf = unconstrained)
     max_rel_error: float = 0.0        # relative L2 error of every output's logits; 0 = unconstrained
+    # the agreement limit holds, with this one-sided confidence, on data beyond the samples it is
+    # measured on (:func:`agreement_bound`); 0.5: on the samples' own count
+    confidence: float = 0.5
 
     def describe(self) -> str:
         parts = []
         if math.isfinite(self.max_agreement_loss):
-            parts.append(f"<= {self.max_agreement_loss:g} pt top-1 agreement lost")
+            bound = f" (upper bound at {100 * self.confidence:g} % confidence)" if self.confidence > 0.5 else ""
+            parts.append(f"<= {self.max_agreement_loss:g} pt top-1 agreement lost{bound}")
         if self.max_rel_error > 0:
             parts.append(f"relative error <= {self.max_rel_error:g}")
         return ", ".join(parts) or "none"
+
+
+def agreement_bound(loss_pts: float, samples: int, confidence: float) -> float:
+    """One-sided upper bound (points) on the agreement loss of the population the ``samples``
+    were drawn from, given ``loss_pts`` measured on them: the Wilson score bound, sound for the
+    few disagreements a good quantization leaves (where the normal approximation is not)."""
+    if confidence <= 0.5 or samples <= 0:
+        return loss_pts
+    z = NormalDist().inv_cdf(confidence)
+    n, p = samples, loss_pts / 100.0
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100.0 * (p + z * z / (2 * n) + half) / (1 + z * z / n)
 
 
 @dataclass
@@ -161,8 +178,12 @@ class TaskError:
         return total
 
     def within(self, budget: Budget) -> bool:
+        """Whether every output meets ``budget``; the agreement limit on the upper bound at the
+        budget's confidence. Zero disagreements always pass: with too few samples for the bound
+        to reach the budget, that is the most the data can show."""
         for o in self.outputs:
-            if o.classifier and o.agreement_loss > budget.max_agreement_loss + 1e-9:
+            if (o.classifier and o.agreement_loss > 1e-9
+                    and agreement_bound(o.agreement_loss, o.samples, budget.confidence) > budget.max_agreement_loss + 1e-9):
                 return False
             if budget.max_rel_error > 0 and o.rel_error > budget.max_rel_error:
                 return False

@@ -42,7 +42,7 @@ from onnxopt.quant import recovery  # noqa: E402
 from onnxopt.quant.recovery import fallback as F  # noqa: E402
 from onnxopt.quant.view import QdqView  # noqa: E402
 from onnxopt.registry import PassContext  # noqa: E402
-from onnxopt.task_metric import Evaluator  # noqa: E402
+from onnxopt.task_metric import Budget, Evaluator  # noqa: E402
 
 
 def curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts):
@@ -71,7 +71,7 @@ def curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts):
 
     chosen = {}
     for c in confidences:
-        budget = F.FallbackBudget(max_agreement_loss=budget_pts, confidence=c)
+        budget = Budget(max_agreement_loss=budget_pts, confidence=c)
         k = F.fewest(task, len(order), budget)
         k = len(order) if k is None else k
         task(k)

@@ -1,13 +1,13 @@
 """Automatic fallback (mixed precision, on by default): the most sensitive layers of a QDQ model
 go back to high precision.
 
-``fallback=auto`` with a :class:`FallbackBudget` -- ``max_agreement_loss`` (top-1 agreement
+``fallback=auto`` with a :class:`onnxopt.task_metric.Budget` -- ``max_agreement_loss`` (top-1 agreement
 points lost on classifier outputs, default 1, checked on up to ``AGREEMENT_SAMPLES`` calibration
 samples) and/or ``max_error`` (relative L2 error of every output's logits, on
 ``FALLBACK_SAMPLES``), both measured with :mod:`onnxopt.task_metric` on the logits. The agreement
 budget is a promise about data the model has not been calibrated on, so it is checked on a
 one-sided upper confidence bound of the agreement loss (Wilson score, from the sample count; see
-``agreement_bound``; ``qdq.agreement_confidence``, 0.84 by default, chosen leaving one model out
+:func:`onnxopt.task_metric.agreement_bound`; ``qdq.agreement_confidence``, 0.84 by default, chosen leaving one model out
 in ``tools/bench_fallback_margin.py``), not on the calibration samples' own count: on 200 samples one point is 2
 images, and the count on them understated the held-out loss (EfficientNet-Lite0: 1.0 measured,
 2.4 held out). Each unit --
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Optional
 
 import numpy as np
@@ -34,7 +32,7 @@ from onnx import ModelProto
 
 from ... import runtime, stats
 from ...errors import OptionError
-from ...task_metric import Budget, TaskError
+from ...task_metric import Budget, TaskError, agreement_bound
 from ...task_metric import Evaluator as TaskEvaluator
 from ..options import RecoveryOptions
 from ..view import QdqView, QuantInfo, sqnr_db
@@ -43,50 +41,10 @@ FALLBACK_SAMPLES = 32
 AGREEMENT_SAMPLES = 256  # a top-1 agreement budget is checked on this many calibration samples (capped by memory)
 
 
-@dataclass
-class FallbackBudget(Budget):
-    """A :class:`onnxopt.task_metric.Budget` whose agreement limit must hold, with one-sided
-    ``confidence``, on data beyond the calibration samples (0.5: the calibration samples' own count)."""
-
-    confidence: float = 0.5
-
-    def describe(self) -> str:
-        text = super().describe()
-        if math.isfinite(self.max_agreement_loss) and self.confidence > 0.5:
-            text += f" (upper bound at {100 * self.confidence:g} % confidence)"
-        return text
-
-
-def agreement_bound(loss_pts: float, samples: int, confidence: float) -> float:
-    """One-sided upper bound (points) on the agreement loss of the population the ``samples``
-    were drawn from, given ``loss_pts`` measured on them: the Wilson score bound, sound for the
-    few disagreements a good quantization leaves (where the normal approximation is not)."""
-    if confidence <= 0.5 or samples <= 0:
-        return loss_pts
-    z = NormalDist().inv_cdf(confidence)
-    n, p = samples, loss_pts / 100.0
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return 100.0 * (p + z * z / (2 * n) + half) / (1 + z * z / n)
-
-
 def worst_bound(err: TaskError, confidence: float) -> Optional[float]:
     """The largest :func:`agreement_bound` over ``err``'s classifier outputs (None without one)."""
     bounds = [agreement_bound(o.agreement_loss, o.samples, confidence) for o in err.outputs if o.classifier]
     return max(bounds) if bounds else None
-
-
-def meets(err: TaskError, budget: Budget) -> bool:
-    """Whether ``err`` meets ``budget``; a :class:`FallbackBudget`'s agreement limit on the upper
-    bound. Zero disagreements always pass: with too few samples for the bound to reach the
-    budget, that is the most the data can show."""
-    conf = getattr(budget, "confidence", 0.5)
-    if not err.within(Budget(max_agreement_loss=math.inf, max_rel_error=budget.max_rel_error)):
-        return False
-    for o in err.outputs:
-        if o.classifier and o.agreement_loss > 1e-9:
-            if agreement_bound(o.agreement_loss, o.samples, conf) > budget.max_agreement_loss + 1e-9:
-                return False
-    return True
 
 
 def _latency_ms(model: ModelProto, feed: dict, runs: int = 15) -> float:
@@ -102,7 +60,7 @@ def _latency_ms(model: ModelProto, feed: dict, runs: int = 15) -> float:
 
 
 def fallback_budget(options: RecoveryOptions):
-    """The :class:`FallbackBudget` ``fallback=auto`` must meet, from the qdq options:
+    """The :class:`onnxopt.task_metric.Budget` ``fallback=auto`` must meet, from the qdq options:
     ``max_agreement_loss`` (top-1 agreement points on classifier outputs, at
     ``agreement_confidence``) and ``max_error`` (relative L2 error of the logits of every
     output); None when neither is set."""
@@ -110,23 +68,23 @@ def fallback_budget(options: RecoveryOptions):
     rel = options.max_error
     if agree is None and rel <= 0:
         return None
-    return FallbackBudget(max_agreement_loss=math.inf if agree is None else agree, max_rel_error=rel,
-                          confidence=options.agreement_confidence)
+    return Budget(max_agreement_loss=math.inf if agree is None else agree, max_rel_error=rel,
+                  confidence=options.agreement_confidence)
 
 
 def fewest(task, n: int, budget) -> Optional[int]:
     """The fewest units k in [0, n] whose ``task(k)`` (the first k of the ranking in high
     precision) meets ``budget``, by doubling then bisection; None when even n does not."""
-    if meets(task(0), budget):
+    if task(0).within(budget):
         return 0
     lo, hi = 0, 1
-    while hi < n and not meets(task(hi), budget):
+    while hi < n and not task(hi).within(budget):
         lo, hi = hi, min(n, hi * 2)
-    if not (n and meets(task(hi), budget)):
+    if not (n and task(hi).within(budget)):
         return None
     while hi - lo > 1:  # invariant: task(lo) misses the budget, task(hi) meets it
         mid = (lo + hi) // 2
-        if meets(task(mid), budget):
+        if task(mid).within(budget):
             hi = mid
         else:
             lo = mid
@@ -169,7 +127,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         return cache[k]
 
     n_layers = len(view.layers) + len(acts)
-    order = [] if meets(full, budget) else rank_units(view, acts, ev, rank_samples)
+    order = [] if full.within(budget) else rank_units(view, acts, ev, rank_samples)
     n = len(order)
     k_ok = fewest(task, n, budget)
     met = k_ok is not None
@@ -180,7 +138,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     rep = {"budget": budget.describe(), "max_error": budget.max_rel_error, "max_agreement_loss": budget.max_agreement_loss,
            "met": met, "error_before": full.rel_error, "error_after": after.rel_error,
            "agreement_loss_before": full.agreement_loss, "agreement_loss_after": after.agreement_loss,
-           "agreement_bound_after": worst_bound(after, getattr(budget, "confidence", 0.5)),
+           "agreement_bound_after": worst_bound(after, budget.confidence),
            "task_before": full.summary(), "task_after": after.summary(),
            "sqnr_db_before": round(sqnr_db(full.rel_error), 3), "sqnr_db_after": round(sqnr_db(after.rel_error), 3),
            "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache) + (n_layers if order else 0),
