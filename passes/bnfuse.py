@@ -26,7 +26,7 @@ from onnxopt.registry import PassContext, PassOptions, PassResult, option, regis
 from onnxopt.rewrite import bnfuse_rules
 from onnxopt.rewrite.fold import FoldContext
 from onnxopt.rewrite.runner import (RegionChecker, apply_rule, failing_rewrites, judge, new_record, revert_note, rule_help,
-                                    select_rules, within_tolerance)
+                                    select_rules, undo_rewrites, within_tolerance)
 
 # run together until neither fires: a chain folds whole whatever the order of its nodes
 _TOGETHER = ("bn_into_layer", "affine_into_layer")
@@ -97,8 +97,7 @@ def _without(model: onnx.ModelProto, options: BnfuseOptions, ctx: PassContext, f
     for name, res in failed.items():
         some = failing.get(name)
         entry = {"rule": name, "max_abs": res["max_abs"], "max_rel": res["max_rel"]}
-        if some and not set(some) <= undo.get(name, set()):
-            undo.setdefault(name, set()).update(some)
+        if undo_rewrites(undo, name, some):
             entry["tensors"] = sorted(some)
         else:
             off.append(name)

@@ -62,7 +62,7 @@ from onnxopt.ir.graph import import_graph
 from onnxopt.ir.proto import infer_shapes
 from onnxopt.rewrite import Match, Rule, RuleContext, default_rules  # noqa: F401 (public API)
 from onnxopt.rewrite.runner import (RegionChecker, apply_rule, export, failing_rewrites, judge, new_record, revert_note, rule_help,
-                                    select_rules, session, within_tolerance, worst_error)
+                                    select_rules, session, undo_rewrites, within_tolerance, worst_error)
 from onnxopt.model_io import opset_of, record_activation_bounds
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 from onnxopt.userfiles import import_user_file
@@ -384,8 +384,7 @@ def _run_reverting(model: ModelProto, options: LiteOptions, ctx: PassContext) ->
             if rule is None or ctx.require_verify:
                 raise
             failing = getattr(exc, "failing", {})
-            if failing and not set(failing) <= undo.get(rule, set()):  # only some rewrites fail: undo those
-                undo.setdefault(rule, set()).update(failing)
+            if undo_rewrites(undo, rule, failing):  # only some rewrites fail: undo those
                 reverted.append(revert_note(rule, failing) + " (please report the model)")
             else:
                 reverted.append(f"reverted exact rule {rule}: {exc.message} (please report the model)")

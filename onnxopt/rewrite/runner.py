@@ -286,6 +286,15 @@ def failing_rewrites(checker: RegionChecker, graph, ctx: RuleContext, rewrites: 
     return failed if len(failed) < len(rewrites) else {}
 
 
+def undo_rewrites(undo: dict, rule: str, failing: Optional[dict]) -> bool:
+    """Add the ``failing`` rewrites of ``rule`` to ``undo`` (rule -> tensors left alone in the
+    rerun); False when there are none new to undo, so the caller switches the rule off instead."""
+    if not failing or set(failing) <= undo.get(rule, set()):
+        return False
+    undo.setdefault(rule, set()).update(failing)
+    return True
+
+
 def within_tolerance(res: dict) -> bool:
     """An exact rule's check passes: the exact-pass tolerance, absolute or relative."""
     return bool(res["max_abs"] <= EXACT_ATOL or res["max_rel"] <= EXACT_RTOL)
