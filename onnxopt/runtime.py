@@ -6,6 +6,7 @@ graph onnxopt wrote, not what onnxruntime would have rewritten it into.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Iterable, Optional, Sequence
@@ -107,33 +108,42 @@ def run(model_or_session, feed: dict, outputs: Optional[Sequence[str]] = None) -
     return dict(zip(names, values))
 
 
-def output_error(ref: dict, cand: dict) -> dict:
-    """Max abs and max relative (to the reference's max magnitude) error over all common outputs.
+def tensor_error(ref: np.ndarray, cand: np.ndarray) -> tuple:
+    """(max abs, max abs relative to the reference's largest finite magnitude) of one tensor pair.
 
-    Equal infinities (a masked attention score is -inf in both) are no error. ``rtol_floor`` is
-    4 machine epsilons of the least precise float output compared: an exact rewrite of a float16
-    graph may move where onnxruntime's fp16 kernels round by an ulp, so a relative tolerance
-    below that cannot be met by any rewrite."""
+    Equal values are no error, equal infinities (a masked attention score is -inf in both) and
+    NaN vs NaN included; a NaN on one side only is an infinite error; a shape mismatch is infinite;
+    a non-float tensor's error is 1 where any element differs."""
+    if ref.shape != cand.shape:
+        return math.inf, math.inf
+    if ref.dtype.kind not in "fc":
+        diff = float(np.any(ref != cand))
+        return diff, diff
+    r64, c64 = ref.astype(np.float64), cand.astype(np.float64)
+    both_nan = np.isnan(r64) & np.isnan(c64)
+    with np.errstate(invalid="ignore"):
+        d = np.where(both_nan | (r64 == c64), 0.0, np.abs(r64 - c64))
+    diff = float(np.nanmax(np.where(np.isnan(d), np.inf, d))) if d.size else 0.0
+    scale = float(np.max(np.abs(r64[np.isfinite(r64)]))) if np.isfinite(r64).any() else 1.0
+    return diff, diff / max(scale, 1e-12)
+
+
+def output_error(ref: dict, cand: dict) -> dict:
+    """Max abs and max relative (:func:`tensor_error`) error over all common outputs.
+
+    ``rtol_floor`` is 4 machine epsilons of the least precise float output compared: an exact
+    rewrite of a float16 graph may move where onnxruntime's fp16 kernels round by an ulp, so a
+    relative tolerance below that cannot be met by any rewrite."""
     max_abs, max_rel, worst, floor = 0.0, 0.0, None, 0.0
     for name, r in ref.items():
         if name not in cand:
             continue
         c = cand[name]
         if r.shape != c.shape:
-            return {"max_abs": float("inf"), "max_rel": float("inf"), "worst_output": name, "reason": f"shape {r.shape} vs {c.shape}"}
-        if r.dtype.kind not in "fc":
-            diff = float(np.max(r != c)) if r.size else 0.0
-            rel = diff
-        else:
-            r64, c64 = r.astype(np.float64), c.astype(np.float64)
-            both_nan = np.isnan(r64) & np.isnan(c64)
-            with np.errstate(invalid="ignore"):
-                d = np.where(both_nan | (r64 == c64), 0.0, np.abs(r64 - c64))
-            if r.dtype.kind == "f":
-                floor = max(floor, 4 * float(np.finfo(r.dtype).eps))
-            diff = float(np.nanmax(np.where(np.isnan(d), np.inf, d))) if d.size else 0.0
-            scale = float(np.max(np.abs(r64[np.isfinite(r64)]))) if np.isfinite(r64).any() else 1.0
-            rel = diff / max(scale, 1e-12)
+            return {"max_abs": math.inf, "max_rel": math.inf, "worst_output": name, "reason": f"shape {r.shape} vs {c.shape}"}
+        if r.dtype.kind == "f":
+            floor = max(floor, 4 * float(np.finfo(r.dtype).eps))
+        diff, rel = tensor_error(r, c)
         if diff > max_abs:
             max_abs, worst = diff, name
         max_rel = max(max_rel, rel)

@@ -242,6 +242,17 @@ def test_output_error_equal_infinities_and_the_float16_floor():
     assert 1e-4 < err["max_rel"] <= err["rtol_floor"] == 4 * float(np.finfo(np.float16).eps)
 
 
+def test_tensor_error_is_the_one_rule_for_nans_infinities_and_shapes():
+    """One tensor pair's error, shared by the pass verification and the rewrite-region checks."""
+    inf = np.array([np.inf, -np.inf, np.nan, 1.0], np.float32)
+    assert runtime.tensor_error(inf, inf.copy()) == (0.0, 0.0)       # equal infinities, NaN vs NaN
+    one_sided = inf.copy()
+    one_sided[3] = np.nan
+    assert runtime.tensor_error(inf, one_sided)[0] == np.inf       # a NaN on one side only
+    assert runtime.tensor_error(np.zeros(3), np.zeros(4)) == (np.inf, np.inf)
+    assert runtime.tensor_error(np.array([4.0, 2.0]), np.array([4.0, 1.0])) == (1.0, 0.25)
+
+
 def test_a_failed_exact_verification_reverts_the_faulty_rule_and_keeps_the_rest():
     """An exact pass with two rules, one wrong: the manager finds it, runs the pass without it,
     keeps (and verifies) the other rule's rewrites and lists what was reverted and by how much."""

@@ -12,7 +12,6 @@ context's ``reverted``) and keep the others, or switch the rule off when no rewr
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -171,26 +170,12 @@ def session(model: ModelProto):
     return runtime.session(model, threads=1)
 
 
-def max_error(ref: np.ndarray, got: np.ndarray) -> tuple:
-    """(max abs, max abs relative to the reference's largest finite magnitude); NaN where both are NaN is no error."""
-    if ref.shape != got.shape:
-        return math.inf, math.inf
-    if ref.size == 0:
-        return 0.0, 0.0
-    r, g = ref.astype(np.float64), got.astype(np.float64)
-    d = np.abs(r - g)
-    d = np.where(np.isnan(r) & np.isnan(g), 0.0, d)
-    mx = float(np.nanmax(np.where(np.isnan(d), np.inf, d)))
-    scale = float(np.max(np.abs(r[np.isfinite(r)]))) if np.isfinite(r).any() else 1.0
-    return mx, mx / max(scale, 1e-12)
-
-
 def worst_error(pairs: list, tensors: list) -> tuple:
-    """(max abs, max rel) :func:`max_error` of ``tensors`` over (reference, new) output dicts."""
+    """(max abs, max rel) :func:`onnxopt.runtime.tensor_error` of ``tensors`` over (reference, new) output dicts."""
     mx, rel = 0.0, 0.0
     for r, g in pairs:
         for t in tensors:
-            a, b = max_error(r[t], g[t])
+            a, b = runtime.tensor_error(r[t], g[t])
             mx, rel = max(mx, a), max(rel, b)
     return mx, rel
 

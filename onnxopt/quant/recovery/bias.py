@@ -218,7 +218,3 @@ def analytical_bias_correction(float_model, qmodel, info, data, max_samples: int
         deltas[name] = delta
     qmodel, sk = apply_bias_deltas(qmodel, view, deltas)
     return qmodel, {"method": "analytical", "layers": len(deltas), "expectation_source": source, "skipped": skipped + sk}
-
-
-# ------------------------------------------------------------------------------ fallback
-# ------------------------------------------------------------------------------ entry point
