@@ -125,6 +125,9 @@ def worker(args):
         from onnxopt.registry import PassContext
 
         opts = dict(kv.split("=", 1) for kv in cfg.split(",") if kv)
+        if "search_samples" in opts:   # ablation of calib_method=auto's held-in sample count (not an option)
+            from onnxopt.quant import calib_search
+            calib_search.SEARCH_SAMPLES = int(opts.pop("search_samples"))
         model = onnx.load(args.model)
         logs = []
         shapes = {k: list(z[k].shape[:1] and (1,) + z[k].shape[1:]) for k in z.files} if opts.get("target", "").startswith("tidl") else None
@@ -357,6 +360,12 @@ def configs(skip_peers, skip_fixed, root, extra=()):
     return rows
 
 
+def _log_softmax(x):
+    x = x.reshape(len(x), -1).astype(np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
 def evaluate(B, path, kind, ef, labels, ref_outs, fp32_path):
     outs = outputs(path, ef)
     row = {}
@@ -369,6 +378,10 @@ def evaluate(B, path, kind, ef, labels, ref_outs, fp32_path):
         # reverse (a top-1 difference of a few images is within what these counts make chance)
         row["fixed_vs_fp32"] = int(np.sum((pred == labels) & (ref != labels)))
         row["broke_vs_fp32"] = int(np.sum((pred != labels) & (ref == labels)))
+        # mean KL(fp32 || quantized) of the softmax of the outputs: how far the whole distribution
+        # moved, a finer figure than the few images whose top-1 flips
+        lr, lq = _log_softmax(np.concatenate(ref_outs)), _log_softmax(np.concatenate(outs))
+        row["kl"] = float(np.mean(np.sum(np.exp(lr) * (lr - lq), axis=1)))
     else:
         row.update(B.box_agreement(ref_outs, outs))
     return row
@@ -449,15 +462,19 @@ def markdown(results) -> str:
             continue
         det = any("mean_iou_all" in r for r in rows)
         head = ("| config | matched boxes | mean IoU (all fp32 boxes) | class agreement |" if det else
-                "| config | top-1 % | top-1 agreement % | fixed / broke vs fp32 (images) |") + " quant wall s | peak RSS MB | int8/fp32 latency (ort, 1 thr) | kept in high precision | TensorRT check |"
+                "| config | top-1 % | top-1 agreement % | KL vs fp32 | fixed / broke vs fp32 (images) |") + " quant wall s | peak RSS MB | int8/fp32 latency (ort, 1 thr) | kept in high precision | TensorRT check |"
         lines += [f"### {name}", "", head, "|" + "---|" * (head.count("|") - 1)]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['config']} | cannot run: {r['error']} |")
                 continue
-            acc = (f"| {r['config']} | {r.get('matched', '-')}/{r.get('fp32_boxes', '-')} | {r.get('mean_iou_all', 0):.3f} | "
-                   f"{r.get('class_agreement', 0):.3f} |") if det else (f"| {r['config']} | {r.get('top1', 0):.2f} | {r.get('agreement', 0):.2f} | "
-                                                                                       f"{r.get('fixed_vs_fp32', '-')}/{r.get('broke_vs_fp32', '-')} |")
+            if det:
+                acc = (f"| {r['config']} | {r.get('matched', '-')}/{r.get('fp32_boxes', '-')} | {r.get('mean_iou_all', 0):.3f} | "
+                       f"{r.get('class_agreement', 0):.3f} |")
+            else:
+                kl = f"{r['kl']:.5f}" if "kl" in r else "-"
+                acc = (f"| {r['config']} | {r.get('top1', 0):.2f} | {r.get('agreement', 0):.2f} | {kl} | "
+                       f"{r.get('fixed_vs_fp32', '-')}/{r.get('broke_vs_fp32', '-')} |")
             chk = r.get("check_violations", r.get("check_tensorrt", "-"))
             kept = r.get("kept_high_precision", "-")
             rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
@@ -480,50 +497,60 @@ def _config_path(name, row, peer_rows):
     return None
 
 
+def _is_peer(config: str) -> bool:
+    return not config.startswith("onnxopt") and config != "fp32"
+
+
 def paired(results, n_boot=10000, seed=0):
-    """Each target's default against that model's best fixed method, image by image on the held-out
-    split (the cached outputs run again): the images only one of the two gets right, the exact
-    McNemar p-value of that split, and a paired bootstrap 95 % interval of the top-1 difference."""
+    """Each target's default against that model's best fixed method and against its best peer
+    configuration, image by image on the held-out split (the cached outputs run again): the images
+    only one of the two gets right, the exact McNemar p-value of that split, and a paired bootstrap
+    95 % interval of the top-1 difference."""
     from math import comb
 
     rng = np.random.default_rng(seed)
-    rows = configs(True, False, "", ())
+    rows = configs(False, False, "", ())
     out = []
     for name, res in results.items():
         if name == "lomo" or not any("top1" in r for r in res):
             continue
         path, _, ef, labels, _, _ = prepare(name)
+        right = {}
+
+        def correct(r):
+            if r["config"] not in right:
+                right[r["config"]] = np.array([int(np.argmax(o)) for o in outputs(_config_path(name, r, rows), ef)]) == labels
+            return right[r["config"]]
+
         for target in ("ort", "tensorrt"):
-            fixed = [r for r in res if r["config"] in {f"onnxopt {target} {m}, no fallback" for m in FIXED} and "top1" in r]
             default = next((r for r in res if r["config"] == f"onnxopt --target {target} (defaults)" and "top1" in r), None)
-            if not fixed or default is None:
-                continue
-            best = max(fixed, key=lambda r: r["top1"])
-            right = {}
-            for r in (default, best):
-                p = _config_path(name, r, rows)
-                right[r["config"]] = np.array([int(np.argmax(o)) for o in outputs(p, ef)]) == labels
-            a, b = right[default["config"]], right[best["config"]]
-            only_default, only_best = int(np.sum(a & ~b)), int(np.sum(~a & b))
-            n = only_default + only_best
-            k = min(only_default, only_best)
-            p_value = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-            idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-            diffs = 100.0 * (a[idx].mean(1) - b[idx].mean(1))
-            out.append({"model": name, "target": target, "best_fixed": best["config"], "default_top1": 100 * a.mean(),
-                        "best_top1": 100 * b.mean(), "diff": 100 * (a.mean() - b.mean()), "only_default": only_default,
-                        "only_best": only_best, "mcnemar_p": p_value,
-                        "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]})
-            log(json.dumps(out[-1]))
+            fixed = [r for r in res if r["config"] in {f"onnxopt {target} {m}, no fallback" for m in FIXED} and "top1" in r]
+            peers = [r for r in res if _is_peer(r["config"]) and "top1" in r]
+            for against, candidates in (("best fixed method", fixed), ("best peer", peers)):
+                if default is None or not candidates:
+                    continue
+                best = max(candidates, key=lambda r: r["top1"])
+                a, b = correct(default), correct(best)
+                only_default, only_best = int(np.sum(a & ~b)), int(np.sum(~a & b))
+                n = only_default + only_best
+                k = min(only_default, only_best)
+                p_value = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+                idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+                diffs = 100.0 * (a[idx].mean(1) - b[idx].mean(1))
+                out.append({"model": name, "target": target, "against": against, "best": best["config"],
+                            "default_top1": 100 * a.mean(), "best_top1": 100 * b.mean(), "diff": 100 * (a.mean() - b.mean()),
+                            "only_default": only_default, "only_best": only_best, "mcnemar_p": p_value,
+                            "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]})
+                log(json.dumps(out[-1]))
     return out
 
 
 def paired_markdown(rows) -> str:
-    lines = ["| model | target | best fixed method | default top-1 | best fixed top-1 | difference (pt) | images right only with default / only with best fixed | McNemar exact p | paired bootstrap 95 % CI (pt) |",
+    lines = ["| model | target | against | default top-1 | its top-1 | difference (pt) | images right only with default / only with it | McNemar exact p | paired bootstrap 95 % CI (pt) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['target']} | {r['best_fixed'].split(' ')[2].rstrip(',')} | {r['default_top1']:.2f} | {r['best_top1']:.2f} | "
-                     f"{r['diff']:+.2f} | {r['only_default']} / {r['only_best']} | {r['mcnemar_p']:.2f} | "
+        lines.append(f"| {r['model']} | {r['target']} | {r['against']}: {r['best'].removeprefix('onnxopt ')} | {r['default_top1']:.2f} | "
+                     f"{r['best_top1']:.2f} | {r['diff']:+.2f} | {r['only_default']} / {r['only_best']} | {r['mcnemar_p']:.2f} | "
                      f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] |")
     return "\n".join(lines)
 
@@ -548,7 +575,7 @@ def main(argv=None):
     ap.add_argument("--markdown", nargs="*", help="print the tables of these results files (merged: the rows of each model, "
                     "a later file's row replacing an earlier one of the same config) and exit")
     ap.add_argument("--paired", action="store_true", help="with --markdown: also each target's default against the best "
-                    "fixed method, image by image (McNemar, paired bootstrap), from the cached outputs")
+                    "fixed method and the best peer, image by image (McNemar, paired bootstrap), from the cached outputs")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -566,7 +593,7 @@ def main(argv=None):
         merged["lomo"] = lomo(merged)
         print(markdown(merged))
         if args.paired:
-            print("\n### default vs the best fixed method, image by image\n\n" + paired_markdown(paired(merged)))
+            print("\n### default vs the best fixed method and the best peer, image by image\n\n" + paired_markdown(paired(merged)))
         return 0
     results = {}
     if Path(args.results).exists():
