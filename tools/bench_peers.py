@@ -360,12 +360,6 @@ def configs(skip_peers, skip_fixed, root, extra=()):
     return rows
 
 
-def _log_softmax(x):
-    x = x.reshape(len(x), -1).astype(np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-
 def evaluate(B, path, kind, ef, labels, ref_outs, fp32_path):
     outs = outputs(path, ef)
     row = {}
@@ -378,10 +372,11 @@ def evaluate(B, path, kind, ef, labels, ref_outs, fp32_path):
         # reverse (a top-1 difference of a few images is within what these counts make chance)
         row["fixed_vs_fp32"] = int(np.sum((pred == labels) & (ref != labels)))
         row["broke_vs_fp32"] = int(np.sum((pred != labels) & (ref == labels)))
-        # mean KL(fp32 || quantized) of the softmax of the outputs: how far the whole distribution
-        # moved, a finer figure than the few images whose top-1 flips
-        lr, lq = _log_softmax(np.concatenate(ref_outs)), _log_softmax(np.concatenate(outs))
-        row["kl"] = float(np.mean(np.sum(np.exp(lr) * (lr - lq), axis=1)))
+        # onnxopt's task metric: mean KL(fp32 || quantized) of the softmax of the outputs, how far
+        # the whole distribution moved (finer than the few images whose top-1 flips)
+        from onnxopt import task_metric   # the driver's interpreter has onnxopt; the peers' venvs need not
+
+        row["kl"] = task_metric.measure([np.concatenate(ref_outs)], [np.concatenate(outs)]).outputs[0].kl
     else:
         row.update(B.box_agreement(ref_outs, outs))
     return row
@@ -515,6 +510,7 @@ def paired(results, n_boot=10000, seed=0):
         if name == "lomo" or not any("top1" in r for r in res):
             continue
         path, _, ef, labels, _, _ = prepare(name)
+        peers = [r for r in res if _is_peer(r["config"]) and "top1" in r]
         right = {}
 
         def correct(r):
@@ -525,7 +521,6 @@ def paired(results, n_boot=10000, seed=0):
         for target in ("ort", "tensorrt"):
             default = next((r for r in res if r["config"] == f"onnxopt --target {target} (defaults)" and "top1" in r), None)
             fixed = [r for r in res if r["config"] in {f"onnxopt {target} {m}, no fallback" for m in FIXED} and "top1" in r]
-            peers = [r for r in res if _is_peer(r["config"]) and "top1" in r]
             for against, candidates in (("best fixed method", fixed), ("best peer", peers)):
                 if default is None or not candidates:
                     continue
