@@ -5,6 +5,7 @@ fast; the real-model test is marked ``shared``.
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -567,6 +568,17 @@ def test_calibration_cache_and_trt_table_are_routed(tmp_path):
     s1 = {t.name: numpy_helper.to_array(t) for t in q1.graph.initializer if t.name == "x_scale"}
     s2 = {t.name: numpy_helper.to_array(t) for t in q2.graph.initializer if t.name == "x_scale"}
     assert s1 == s2 and s1
+
+
+def test_calibration_cache_of_calib_auto_names_its_search(tmp_path):
+    """calib_method=auto's ranges depend on its search: a cache written by one is refused by the other."""
+    m = conv_relu_conv()
+    feeds = feeds_for(m, 4)
+    cache = tmp_path / "calib.json"
+    quantize(m, feeds, target="tensorrt", fallback="none", calib_method="auto", calib_cache=str(cache))
+    assert json.loads(cache.read_text())["settings"]["search"] == "uniform, by noise-to-signal"
+    with pytest.raises(OnnxoptError, match=r"stale: .*search: 'uniform, by noise-to-signal' -> 'per_tensor, by noise-to-signal'"):
+        quantize(m, feeds, target="tensorrt", fallback="none", calib_method="auto", calib_cache=str(cache), calib_search="per_tensor")
 
 
 def test_calib_samples_limits_data():

@@ -49,6 +49,10 @@ def test_agreement_kl_and_sqnr_by_hand():
     err2 = float(np.sum((cand - ref) ** 2))
     assert math.isclose(o.sqnr_db, 10 * math.log10(float(np.sum(ref ** 2)) / err2), rel_tol=1e-9)
     assert not e.within(task_metric.Budget(max_agreement_loss=1.0)) and e.within(task_metric.Budget(max_agreement_loss=25.0))
+    # the calibration search's measure: the noise-to-signal ratio |r-c|^2/|r|^2, summed over outputs
+    assert math.isclose(e.noise(), err2 / float(np.sum(ref ** 2)), rel_tol=1e-9)
+    two = task_metric.measure([ref, ref], [cand, ref], ["y", "z"])
+    assert math.isclose(two.noise(), e.noise(), rel_tol=1e-12)
     # a detector-like output: no agreement, error figures only; a non-finite candidate is an infinite error
     box = rand(1, 6, 4)
     bad = box.copy()
@@ -116,20 +120,38 @@ def se_case():
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "ort"])
-def test_calib_auto_reports_each_tensor_and_beats_every_uniform_method(se_case, target):
+def test_calib_auto_reports_each_tensor_and_takes_the_least_noisy_method(se_case, target):
     m, feeds = se_case
     logs = []
     ctx = PassContext(data=lambda: iter(feeds), progress=False, log=logs.append)
-    _, report = manager.apply(m, "qdq", {"qdq": {"target": target, "fallback": "none"}}, context=ctx, summarize_layers=False)
+    q, report = manager.apply(m, "qdq", {"qdq": {"target": target, "fallback": "none"}}, context=ctx, summarize_layers=False)
     rec = report.passes[0]
     cal = rec.extra["info"]["calibration"]
     placed = {a["tensor"] for a in rec.extra["info"]["activations"]}
-    assert cal["method"] == "auto" and set(cal["choices"]) == placed
-    assert set(cal["choices"].values()) <= {"minmax", "percentile", "entropy", "mse"}
-    # greedy from the best uniform method: never worse than any method used for every tensor
-    assert cal["objective_end"] <= min(cal["uniform_objective"].values())
+    assert cal["method"] == "auto" and cal["search"] == "uniform" and set(cal["choices"]) == placed
+    # one method for every tensor: the one whose Q/DQ model has the least output noise on the held-in samples
+    best = min(cal["uniform_objective"], key=cal["uniform_objective"].get)
+    assert set(cal["choices"].values()) == {best} and cal["evaluations"] == 4
+    assert cal["objective_end"] == cal["uniform_objective"][best] == min(cal["uniform_objective"].values())
+    # ... measured as the report says: the output noise of that model against the float one on those samples
+    fixed, _ = manager.apply(m, "qdq", {"qdq": {"target": target, "fallback": "none", "calib_method": best}},
+                             context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+    noise = task_metric.Evaluator(m, feeds, limit=cal["samples"]).error(fixed).noise()
+    assert math.isclose(noise, cal["objective_end"], rel_tol=1e-6)
     assert any(line.startswith("calibration auto:") for line in logs)
     assert rec.extra["check"]["violations"] == 0
+
+
+def test_calib_auto_per_tensor_search_refines_from_the_best_uniform_method(se_case):
+    m, feeds = se_case[0], se_models.image_like_inputs(160)   # the budget: 2 evaluated samples per sample read
+    ctx = PassContext(data=lambda: iter(feeds), progress=False)
+    _, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "fallback": "none", "calib_search": "per_tensor"}},
+                              context=ctx, summarize_layers=False)
+    cal = report.passes[0].extra["info"]["calibration"]
+    assert cal["search"] == "per_tensor" and cal["chunks"] > 0 and cal["evaluations"] > 4
+    assert set(cal["choices"].values()) <= {"minmax", "percentile", "entropy", "mse"}
+    # greedy from the best uniform method, keeping only moves that lower the measure
+    assert cal["objective_end"] <= min(cal["uniform_objective"].values())
 
 
 def test_default_fallback_meets_the_agreement_budget():

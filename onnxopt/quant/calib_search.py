@@ -1,28 +1,34 @@
-"""``calib_method=auto``: each activation's clipping range chosen on the user's data by its effect
-on the task metric.
+"""``calib_method=auto``: the activation ranges chosen on the user's data by their effect on the
+task metric.
 
 No fixed calibration method suits every model (a HardSwish/SE classifier lost 9 points more with
-the method that was best on EfficientNet-Lite0), so the choice is measured, per tensor:
+the method that was best on EfficientNet-Lite0), so the choice is measured:
 
 1. one streaming pass collects every tensor's min/max and histogram (the statistics an ``mse``
    calibration collects; memory flat in the sample count) and computes each tensor's candidate
    ranges: ``minmax``, ``percentile``, ``entropy``, ``mse`` (symmetric ranges on symmetric
    targets, unsigned on non-negative tensors, as the fixed methods do);
 2. on the first ``SEARCH_SAMPLES`` held-in calibration samples, the Q/DQ model is built with each
-   method for every tensor and measured with :mod:`onnxopt.task_metric` (KL divergence of the
-   logits for classifiers, noise-to-signal ratio otherwise); the best is the starting point;
-3. greedy in topological order: the tensors are cut into consecutive chunks; for each chunk, every
-   other method is tried on the chunk's tensors (those whose range it changes) and kept when the
-   task objective falls. The number of chunks is set by a budget in samples, so that the choice is
-   the same on any machine: the evaluations may run ``SEARCH_BUDGET`` times as many samples as
-   the statistics pass read (an evaluation sample, the Q/DQ graph unoptimized, costs 0.6-0.8 of
-   a statistics sample, every tensor an output plus histograms: measured on ResNet20 and
-   EfficientNet-Lite0), so ``auto`` costs at most about three ``mse`` calibrations. Without a
-   sample count (the data is not the pass's :class:`~onnxopt.task_metric.HeldIn`) the budget is
-   the same ratio in time.
+   method for every tensor and measured against the float model by the noise-to-signal ratio of
+   its outputs (of the logits, before a final Softmax/Sigmoid: :meth:`TaskError.noise
+   <onnxopt.task_metric.TaskError.noise>`); the lowest wins;
+3. only with ``per_tensor`` (``calib_search=per_tensor``): greedy in topological order from
+   there. The tensors are cut into consecutive chunks; for each chunk, every other method is tried
+   on the chunk's tensors (those whose range it changes) and kept when the measure falls. The
+   number of chunks is set by a budget in samples, so that the choice is the same on any machine:
+   the evaluations may run ``SEARCH_BUDGET`` times as many samples as the statistics pass read
+   (an evaluation sample, the Q/DQ graph unoptimized, costs 0.6-0.8 of a statistics sample), so it
+   costs at most about three ``mse`` calibrations. Without a sample count (the data is not the
+   pass's :class:`~onnxopt.task_metric.HeldIn`) the budget is the same ratio in time.
 
-The report (``info["calibration"]``) lists each tensor's choice, the objective before and after,
-the evaluations and the time.
+Why one method, measured by the noise (held-out KL of the result on four models and both targets,
+docs/benchmarks.md, "calib_method=auto: what the search measures"): on a few dozen samples the
+mean KL is carried by the few samples near a decision boundary and ranked the methods wrongly, and
+the per-tensor moves it accepted fitted those samples and raised the held-out KL more often than
+they lowered it. Chosen leaving each model out: the other models pick this measure and one method.
+
+The report (``info["calibration"]``) lists each tensor's choice, the measure of every uniform
+method, before and after the search, the evaluations and the time.
 """
 from __future__ import annotations
 
@@ -46,14 +52,15 @@ def _differs(a: tuple, b: tuple) -> bool:
 
 
 def choose_ranges(reference: ModelProto, build: Callable[[dict], ModelProto], candidates: dict, searched: list,
-                  data, collect_seconds: float, log: Optional[Callable[[str], None]] = None) -> tuple:
+                  data, collect_seconds: float, log: Optional[Callable[[str], None]] = None,
+                  per_tensor: bool = False) -> tuple:
     """Choose one candidate range per tensor (see the module doc).
 
     ``reference``: the float model the Q/DQ model approximates; ``build(ranges)``: the Q/DQ model
     for a full ``{tensor: (lo, hi)}`` (the quantizer's, so that this module needs none of it); ``candidates``: ``{tensor: {method: (lo, hi)}}``;
     ``searched``: the tensors whose choice is measured, in topological order (others take the best
     uniform method); ``data``: the calibration data (its first samples are held in);
-    ``collect_seconds``: the statistics pass's time, which sets the budget.
+    ``collect_seconds``: the statistics pass's time, which sets the budget; ``per_tensor``: step 3.
     Returns ``(ranges, report)``."""
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
@@ -64,7 +71,7 @@ def choose_ranges(reference: ModelProto, build: Callable[[dict], ModelProto], ca
         nonlocal evaluations
         evaluations += 1
         ranges = {t: candidates[t][m] for t, m in choice.items()}
-        value = ev.error(build(ranges)).objective()
+        value = ev.error(build(ranges)).noise()
         return value if math.isfinite(value) else math.inf
 
     tensors = list(candidates)
@@ -84,7 +91,7 @@ def choose_ranges(reference: ModelProto, build: Callable[[dict], ModelProto], ca
         per_eval = (time.perf_counter() - t0) / max(evaluations, 1)
         budget = 0.75 * SEARCH_BUDGET * collect_seconds - (time.perf_counter() - t0)
         affordable = int(budget / max(per_eval, 1e-6)) if budget > 0 else 0
-    n_chunks = min(len(order), affordable // (len(METHODS) - 1)) if order and affordable > 0 else 0
+    n_chunks = min(len(order), affordable // (len(METHODS) - 1)) if per_tensor and order and affordable > 0 else 0
     size = math.ceil(len(order) / n_chunks) if n_chunks else 0
     for c in range(n_chunks):
         chunk = order[c * size:(c + 1) * size]
@@ -100,12 +107,13 @@ def choose_ranges(reference: ModelProto, build: Callable[[dict], ModelProto], ca
             if value < best:
                 best, choice = value, trial
     counts = {m: sum(1 for t in searched if choice.get(t) == m) for m in METHODS}
-    report = {"method": "auto", "samples": ev.samples, "start_method": best_method,
+    report = {"method": "auto", "search": "per_tensor" if per_tensor else "uniform", "measure": "noise-to-signal",
+              "samples": ev.samples, "start_method": best_method,
               "uniform_objective": {m: uniform[m] for m in METHODS}, "objective_start": start, "objective_end": best,
               "chunks": n_chunks, "chunk_size": size, "evaluations": evaluations,
               "search_seconds": round(time.perf_counter() - t0, 2), "statistics_seconds": round(collect_seconds, 2),
               "counts": counts, "choices": {t: choice[t] for t in searched if t in choice}}
     log(f"calibration auto: {', '.join(f'{n} {m}' for m, n in counts.items() if n)} "
-        f"(started from {best_method}; task objective {start:.4g} -> {best:.4g}; {evaluations} evaluations on "
+        f"(started from {best_method}; noise-to-signal {start:.4g} -> {best:.4g}; {evaluations} evaluations on "
         f"{ev.samples} held-in samples, {report['search_seconds']:.1f} s)")
     return {t: candidates[t][m] for t, m in choice.items()}, report

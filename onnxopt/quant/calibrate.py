@@ -87,7 +87,8 @@ __all__ = [
 
 @dataclass
 class CalibConfig:
-    method: str = "minmax"          # minmax | percentile | entropy | mse
+    method: str = "minmax"          # minmax | percentile | entropy | mse | auto
+    search: str = "uniform"         # auto's search (uniform | per_tensor): part of the cache key, its choice differs
     percentile: float = 99.99
     num_bins: int = 2048            # histogram bins over [0, amax] at least (power of two)
     workers: int = 1                # processes whose statistics merge
@@ -591,8 +592,9 @@ def _settings_key(config: CalibConfig, bits: int) -> dict:
         s["num_bins"] = int(config.num_bins)
     if config.method in ("entropy", "mse", "auto"):
         s["bits"] = int(bits)
-    if config.method == "auto":  # the choice also depends on the percentile candidate
+    if config.method == "auto":  # the choice also depends on the percentile candidate and the search
         s["percentile"] = float(config.percentile)
+        s["search"] = f"{config.search}, by noise-to-signal"   # ranges chosen by the KL measure are stale
     return s
 
 

@@ -109,10 +109,15 @@ class CalibrationOptions(PassOptions):
 
     clip_bounds: bool = option(True, "cap activation ranges at the clips lite removed (ReLU6 -> ReLU: the quantizer clips "
                                "at 6 where ReLU6 did; recorded in the model's onnxopt.activation_bounds metadata)")
-    calib_method: str = option("auto", "calibration method; auto: each activation's range chosen among minmax, "
-                               "percentile, entropy and mse by its effect on the task metric on held-in calibration "
-                               "samples (about 2-3x an mse calibration; the report lists each choice)",
+    calib_method: str = option("auto", "calibration method; auto: the one among minmax, percentile, entropy and mse "
+                               "whose Q/DQ model has the lowest noise-to-signal ratio of the outputs (logits before a "
+                               "final Softmax/Sigmoid) against the float model on held-in calibration samples (the "
+                               "report lists each tensor's choice)",
                                ("auto", "minmax", "percentile", "entropy", "mse"), flag="--calib-method")
+    calib_search: str = option("uniform", "what calib_method=auto chooses: uniform (one method for every activation) or "
+                               "per_tensor (then each activation's own, greedy in graph order, within about 3x an mse "
+                               "calibration; it can fit the held-in samples: held-out it was worse more often than "
+                               "better on the shared models)", ("uniform", "per_tensor"))
     calib_percentile: float = option(99.99, "percentile for calib_method=percentile", flag="--calib-percentile")
     calib_bins: int = option(2048, "histogram bins (entropy/percentile/mse)")
     calib_samples: int = option(0, "use at most this many calibration samples (0 = all; random data: 16)")

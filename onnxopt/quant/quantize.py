@@ -311,6 +311,7 @@ def run_calibration(model: ModelProto, tensors: list, data, options: Calibration
         method = rules.default_method
     cfg = calib.CalibConfig(
         method=method,
+        search=options.calib_search,
         percentile=options.calib_percentile,
         num_bins=options.calib_bins,
         workers=options.calib_workers,
@@ -453,7 +454,8 @@ def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantRe
     choose, search = None, {}
     if calibration.calib_method == "auto" and tensors:
         choose = _range_chooser(model, the_plan, tensors, data, rules, fmt, bounds, search,
-                                getattr(ctx, "log", None) if ctx is not None else None, channel)
+                                getattr(ctx, "log", None) if ctx is not None else None, channel,
+                                per_tensor=calibration.calib_search == "per_tensor")
     ranges = run_calibration(model, tensors, data, calibration, fmt, rules, progress, nonneg, bounds, choose) if tensors else {}
     ranges.update(channel)
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
@@ -476,10 +478,11 @@ def _range_value(r) -> tuple:
 
 
 def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRules, fmt: FormatOptions, bounds: dict,
-                   out: dict, log, fixed: dict) -> Callable:
+                   out: dict, log, fixed: dict, per_tensor: bool = False) -> Callable:
     """The ``choose`` of ``calib_method=auto`` (:mod:`onnxopt.quant.calib_search`): measures the
     Q/DQ model of ``plan`` against the float model (with the clips lite removed put back), and
-    stores the search's report in ``out["report"]``. ``fixed``: ranges not searched (per-channel)."""
+    stores the search's report in ``out["report"]``. ``fixed``: ranges not searched (per-channel);
+    ``per_tensor``: refine the choice per tensor (``calib_search=per_tensor``)."""
     placed = set(plan.activation_tensors()) - set(fixed)
     reference = with_clip_bounds(model, bounds)
 
@@ -488,7 +491,8 @@ def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRu
 
     def choose(candidates: dict, seconds: float) -> dict:
         ranges, out["report"] = calib_search.choose_ranges(reference, build, candidates,
-                                                           [t for t in tensors if t in placed], data, seconds, log)
+                                                           [t for t in tensors if t in placed], data, seconds, log,
+                                                           per_tensor=per_tensor)
         return ranges
 
     return choose
