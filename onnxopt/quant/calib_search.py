@@ -25,7 +25,8 @@ Why one method, measured by the noise (held-out KL of the result on four models 
 docs/benchmarks.md, "calib_method=auto: what the search measures"): on a few dozen samples the
 mean KL is carried by the few samples near a decision boundary and ranked the methods wrongly, and
 the per-tensor moves it accepted fitted those samples and raised the held-out KL more often than
-they lowered it. Chosen leaving each model out: the other models pick this measure and one method.
+they lowered it. Leaving each model out, the other models always pick one method, and this measure
+for three models of four.
 
 The report (``info["calibration"]``) lists each tensor's choice, the measure of every uniform
 method, before and after the search, the evaluations and the time.
