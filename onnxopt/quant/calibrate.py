@@ -594,7 +594,7 @@ def _settings_key(config: CalibConfig, bits: int) -> dict:
         s["bits"] = int(bits)
     if config.method == "auto":  # the choice also depends on the percentile candidate and the search
         s["percentile"] = float(config.percentile)
-        s["search"] = f"{config.search}, by noise-to-signal"   # ranges chosen by the KL measure are stale
+        s["search"] = f"{config.search}, by noise-to-signal"   # the measure is named: a cache chosen by another is refused
     return s
 
 
