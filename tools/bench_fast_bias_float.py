@@ -23,33 +23,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxopt import runtime, task_metric
+from onnxopt.quant.recovery.bias import channel_means
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def channel_means(model: onnx.ModelProto, tensors: list, feeds: list) -> tuple:
-    """Per-channel (axis 1) mean of each tensor over ``feeds``, and each tensor's shape."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
-    sess = session(probe)
-    sums, shapes = {}, {}
-    for feed in feeds:
-        for t, v in zip(tensors, sess.run(None, feed)):
-            sums[t] = sums.get(t, 0.0) + v.astype(np.float64).mean(axis=(0, 2, 3))
-            shapes[t] = v.shape
-    return {t: s / len(feeds) for t, s in sums.items()}, shapes
-
-
-def constant_input_response(conv: onnx.NodeProto, inits: dict, mean: np.ndarray, shape: tuple, opsets) -> np.ndarray:
+def constant_input_response(conv: onnx.NodeProto, inits: dict, mean: np.ndarray, shape: list, opsets) -> np.ndarray:
     """Per-channel mean output of ``conv`` alone on a constant input of the per-channel ``mean``."""
     x = np.broadcast_to(mean[None, :, None, None], (1,) + tuple(shape[1:])).astype(np.float32)
     attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
@@ -57,7 +37,7 @@ def constant_input_response(conv: onnx.NodeProto, inits: dict, mean: np.ndarray,
                               [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                               [inits[conv.input[1]], inits[conv.input[2]]])
-    y = session(helper.make_model(graph, opset_imports=list(opsets))).run(None, {"x": x})[0]
+    y = runtime.run(runtime.session(helper.make_model(graph, opset_imports=list(opsets))), {"x": x})["y"]
     return y.astype(np.float64).mean(axis=(0, 2, 3))
 
 
@@ -66,14 +46,14 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20,resnet56")
     args = ap.parse_args()
     import bench_peers as BP
-    from onnxopt import task_metric
 
     for name in args.models.split(","):
         path, cf, ef, labels, _, _ = BP.prepare(name)
         model = onnx.load(str(path))
         inits = {t.name: t for t in model.graph.initializer}
         convs = [n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in inits]
-        means, shapes = channel_means(model, list(dict.fromkeys(t for n in convs for t in (n.input[0], n.output[0]))), cf)
+        means = channel_means(model, [t for n in convs for t in (n.input[0], n.output[0])], lambda: iter(cf))
+        shapes = runtime.intermediate_shapes(model, [n.input[0] for n in convs])
         corrected = onnx.ModelProto()
         corrected.CopyFrom(model)
         biases = {t.name: t for t in corrected.graph.initializer}
