@@ -288,7 +288,7 @@ def test_convtranspose_axis_one():
 # ------------------------------------------------------------------------------ arithmetic
 def test_weights_are_round_w_over_s_clipped_and_bias_scale():
     m = conv_relu_conv()
-    q, rec = quantize(m, target="ort")
+    q, rec = quantize(m, target="ort", bias_correction="none")  # the bias as stored, before any correction
     info = rec.extra["info"]
     i, f = inits(q), inits(m)
     layer = next(l for l in info["layers"] if l["node"] == "conv2")
@@ -510,9 +510,10 @@ def test_missing_data_is_an_error_and_random_warns():
 
 
 def test_recovery_options_declared():
-    # automatic mixed precision is on by default (1 point of top-1 agreement); the other steps are off
+    # automatic mixed precision (1 point of top-1 agreement) and the checked analytical bias
+    # correction are on by default; the learned rounding is off
     opts = {o.name: o.default for o in get_pass("qdq").options}
-    assert opts["bias_correction"] == "none" and opts["fallback"] == "auto" and opts["max_error"] == 0.0
+    assert opts["bias_correction"] == "analytical" and opts["fallback"] == "auto" and opts["max_error"] == 0.0
     assert opts["max_agreement_loss"] == 1.0
     assert opts["fallback_precision"] == "auto" and opts["rounding"] == "nearest" and opts["adaround_iters"] == 500
 

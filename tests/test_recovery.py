@@ -271,6 +271,30 @@ def test_recovery_through_qdq_pass(se_setup):
     assert se_models.top1_agreement(m, out, ev) >= se_models.top1_agreement(m, plain, ev)
 
 
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_default_bias_correction_is_kept_only_where_it_lowers_the_held_in_noise(se_setup, target):
+    """By default the qdq pass applies the analytical bias correction and keeps it only where the
+    outputs' noise-to-signal ratio (task metric, logits) falls on the calibration samples: the
+    report's figures are the ones measured here, and the model written is the less noisy one."""
+    from onnxopt import task_metric
+
+    m, calib, _ = se_setup
+    base = {"target": target, "weight_bits": 4, "calib_method": "minmax", "fallback": "none"}
+    plain, _ = onnxopt.apply(m, "qdq", {"qdq": {**base, "bias_correction": "none"}}, context=PassContext(data=lambda: iter(calib)),
+                             verify=False)
+    logs = []
+    out, rep = onnxopt.apply(m, "qdq", {"qdq": base}, context=PassContext(data=lambda: iter(calib), log=logs.append), verify=False)
+    bc = rep.passes[-1].extra["recovery"]["bias_correction"]
+    assert bc["method"] == "analytical" and bc["samples"] == len(calib)
+    held_in = task_metric.Evaluator(m, calib)
+    noise_plain, noise_out = held_in.error(plain).noise(), held_in.error(out).noise()
+    np.testing.assert_allclose(bc["noise_before"], noise_plain, rtol=1e-4)
+    np.testing.assert_allclose(noise_out, min(bc["noise_before"], bc["noise_after"]), rtol=1e-4)
+    assert ("reverted" in bc) == (bc["noise_after"] > bc["noise_before"])
+    assert (out.SerializeToString() == plain.SerializeToString()) == ("reverted" in bc)
+    assert sum(line.startswith("bias_correction=analytical") for line in logs) == 1
+
+
 def test_brecq_block_reconstruction_reduces_held_out_output_error(se_setup):
     """BRECQ learns the rounding of whole blocks (cut at single-tensor boundaries) through their
     activations and activation quantizers, with the biases; on held-out data the output error

@@ -130,9 +130,14 @@ class CalibrationOptions(PassOptions):
 
 @dataclass
 class RecoveryOptions(PassOptions):
-    """PTQ recovery after quantization; by default only fallback=auto (automatic mixed precision) runs."""
+    """PTQ recovery after quantization; by default the analytical bias correction (where it helps)
+    and fallback=auto (automatic mixed precision) run."""
 
-    bias_correction: str = option("none", "PTQ recovery: correct the bias shift quantization causes",
+    bias_correction: str = option("analytical", "PTQ recovery: correct the bias shift the weights' rounding causes: "
+                                  "analytical (the weight error times each layer's mean input, from its BN or the "
+                                  "calibration data) or empirical (the measured mean output error, layer by layer); "
+                                  "either is undone, and reported as reverted, where it raises the outputs' "
+                                  "noise-to-signal ratio (logits) on up to 256 calibration samples",
                                   ("none", "empirical", "analytical"))
     fallback: str = option("auto", "automatic mixed precision: auto = keep the fewest most sensitive layers in higher "
                            "precision (TensorRT: no Q/DQ, fp16 in an fp16 build; TIDL: 16-bit; ort: float) until the "

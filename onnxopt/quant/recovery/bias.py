@@ -1,8 +1,10 @@
 """Bias correction of a QDQ model (Nagel et al. 2019), empirical or analytical.
 
 Undone by the orchestrator (:func:`onnxopt.quant.recovery.recover`), and reported as reverted,
-when it raises the relative output error on the reference samples -- as it does after AdaRound,
-which leaves shifts where a following ReLU6 clips that the correction then moves.
+when it raises the outputs' noise-to-signal ratio (the task metric, on the logits) on the held-in
+calibration samples -- as it does after AdaRound, which leaves shifts where a following ReLU6
+clips that the correction then moves, and on a HardSwish/SE network whose mean inputs summarize
+its inputs poorly.
 
 * ``empirical`` (Nagel et al. 2019 §4.2, AIMET's empirical bias correction): for every layer,
   ``E[y_q] - E[y_f]`` per output channel -- the mean of the layer's output error over the

@@ -96,7 +96,8 @@ def _latency_report(qmodel, out, feed: dict) -> dict:
             "with_fallback": round(_latency_ms(out, feed), 3), "note": "onnxruntime CPU, median of 15"}
 
 
-def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, measure_latency: bool = True) -> tuple:
+def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, measure_latency: bool = True,
+                  evaluator: Optional[TaskEvaluator] = None) -> tuple:
     """Keep the fewest most-sensitive layers in ``precision`` so that ``budget`` (a
     :class:`onnxopt.task_metric.Budget`, or a float: a relative-error budget) holds on the
     calibration data, measured with :mod:`onnxopt.task_metric` on the logits.
@@ -104,7 +105,9 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     Layers are ranked by the task objective with only that layer quantized (on the first
     ``FALLBACK_SAMPLES`` samples); the budget is checked on ``AGREEMENT_SAMPLES`` samples when it
     limits top-1 agreement (one point needs ~100 samples to be seen at all), else on
-    ``FALLBACK_SAMPLES``. The fewest layers meeting it are found by doubling and bisection."""
+    ``FALLBACK_SAMPLES``. The fewest layers meeting it are found by doubling and bisection.
+    ``evaluator``: the float model's :class:`~onnxopt.task_metric.Evaluator` on the
+    calibration data when the caller already holds one (the bias correction's check)."""
     if not isinstance(budget, Budget):
         budget = Budget(max_agreement_loss=math.inf, max_rel_error=float(budget))
     target = QuantInfo.of(info).target
@@ -114,7 +117,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     t0 = time.perf_counter()
     view = QdqView(float_model, qmodel, info)
     uses_agreement = math.isfinite(budget.max_agreement_loss)
-    ev = TaskEvaluator(view.float_reference(), data, limit=AGREEMENT_SAMPLES if uses_agreement else FALLBACK_SAMPLES)
+    ev = evaluator or TaskEvaluator(view.float_reference(), data, limit=AGREEMENT_SAMPLES if uses_agreement else FALLBACK_SAMPLES)
     full = ev.error(view.variant(fold_weights=True))
     cache = {0: full}
     rank_samples = min(FALLBACK_SAMPLES, ev.samples)
