@@ -22,10 +22,8 @@ choice the other models make between "never" and "checked".
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -119,18 +117,9 @@ def summary(paths):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="resnet20,resnet56,se,effnet,yolox")
-    ap.add_argument("--targets", default="ort,tensorrt")
-    ap.add_argument("--results", default="bias_correction.jsonl", help="rows are appended here")
-    ap.add_argument("--summary", nargs="*", help="print the tables of these results files and exit")
-    args = ap.parse_args()
-    if args.summary:
-        summary(args.summary)
-        return
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
-    run(args.models.split(","), args.targets.split(","), args.results)
-    summary([args.results])
+    from bench_calib_search import held_out_cli
+
+    held_out_cli(__doc__, "bias_correction.jsonl", lambda a: run(a.models.split(","), a.targets.split(","), a.results), summary)
 
 
 if __name__ == "__main__":

@@ -111,20 +111,29 @@ def summary(paths):
         print(f"| {m} | {pick} | {ratio(mine, pick):.3f} |")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def held_out_cli(doc, default_results, run_args, summarize, add_arguments=lambda ap: None):
+    """The command line of the held-out benchmarks (this one, ``bench_bias_correction.py``): run
+    the models and targets, appending rows to ``--results``, then summarize; or only summarize
+    the files given to ``--summary``. ``run_args(args)`` runs with the parsed arguments."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet20,resnet56,se,effnet,yolox")
     ap.add_argument("--targets", default="ort,tensorrt")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="';'-separated measure,samples,search")
-    ap.add_argument("--results", default="calib_search.jsonl", help="rows are appended here")
+    add_arguments(ap)
+    ap.add_argument("--results", default=default_results, help="rows are appended here")
     ap.add_argument("--summary", nargs="*", help="print the tables of these results files and exit")
     args = ap.parse_args()
     if args.summary:
-        summary(args.summary)
+        summarize(args.summary)
         return
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    run(args.models.split(","), args.targets.split(","), [v for v in args.variants.split(";") if v], args.results)
-    summary([args.results])
+    run_args(args)
+    summarize([args.results])
+
+
+def main():
+    held_out_cli(__doc__, "calib_search.jsonl",
+                 lambda a: run(a.models.split(","), a.targets.split(","), [v for v in a.variants.split(";") if v], a.results),
+                 summary, lambda ap: ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="';'-separated measure,samples,search"))
 
 
 if __name__ == "__main__":
