@@ -114,6 +114,8 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: Union[QuantInf
             held_in = TaskEvaluator(QdqView(float_model, model, info).float_reference(), data, limit=AGREEMENT_SAMPLES)
         model, report["bias_correction"] = _bias_correction(bc, float_model, model, info, data, n_samples, held_in, log)
     if fb == "auto":
+        # an agreement budget is checked on the same samples; a max_error budget reads fewer, and
+        # the check's feeds and reference outputs are dropped before the fallback reads its own
         shared = held_in if math.isfinite(budget.max_agreement_loss) else None
         held_in = None
         model, report["fallback"] = auto_fallback(float_model, model, info, data, budget, precision, log, evaluator=shared)
