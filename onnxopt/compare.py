@@ -1,28 +1,11 @@
 """Inspection as a library: what a model is (:func:`model_info`) and how two models differ
 (:func:`compare_models`), plus the latency helper :func:`measure_latency` others reuse.
 
-``compare_models(ref, cand)`` runs both models in onnxruntime on the same inputs -- the user's
-data, or generated inputs (with a note saying so) -- and reports, per output:
-
-* ``max_abs``  = max |r - c| over every element of every sample;
-* ``cosine``   = <r, c> / (|r| |c|) over all elements (float64 sums), and the worst per-sample cosine;
-* ``sqnr_db``  = 10 log10( sum r^2 / sum (r - c)^2 ), +inf when the outputs are identical;
-* for classifier-shaped outputs ([N, C] with C > 1): top-1 agreement = share of samples whose
-  argmax is the same, and each model's top-1 accuracy when labels are given;
-* ``task_error``: the task-aware error of :mod:`onnxopt.task_metric` -- the one the qdq pass's
-  fallback and calibration search use -- measured on the logits before a terminal
-  Softmax/LogSoftmax/Sigmoid (top-1 agreement and KL for classifier outputs, SQNR otherwise).
-
-Numerics run with onnxruntime's graph optimizations disabled (the graphs as written are compared,
-not what onnxruntime would rewrite them into); latency is the median over ``runs`` single-sample
-runs after a warm-up, with default optimizations and ``threads`` intra-op threads, the two models
-timed alternately so machine noise hits both alike. Metrics are streamed batch by batch: only
-running sums and one argmax per sample are kept, never the outputs.
-
-Acceptance gates in the spirit of PaddleSlim's lite-model acceptance (size, accuracy, CPU
-latency) are evaluated on the candidate: ``max_size_mb`` (MB = 2**20 bytes, model file plus its
-external data), ``max_latency_ms`` (median), ``min_agreement`` (percent, worst classifier output)
-and ``max_drop`` (accuracy points, reference minus candidate; needs labels).
+Per output: ``max_abs``, ``cosine`` (float64 sums, and the worst per-sample one), ``sqnr_db``, top-1
+agreement and accuracy for classifier outputs ([N, C], C > 1), and ``task_error`` (:mod:`onnxopt.task_metric`,
+on the logits before a terminal Softmax/Sigmoid). Numerics run with graph optimizations off (the graphs as
+written are compared) and are streamed: only running sums and one argmax per sample are kept. The two
+models are timed alternately so machine noise hits both alike; the gates are evaluated on the candidate.
 """
 from __future__ import annotations
 
@@ -55,12 +38,8 @@ def file_size_bytes(path: Union[str, os.PathLike]) -> dict:
     """Bytes on disk of a model file and of the external data files it references."""
     path = Path(path)
     model = onnx.load_model(str(path), load_external_data=False)
-    locations = set()
-    for t in model_io.all_tensors(model):
-        if uses_external_data(t):
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc:
-                locations.add(loc)
+    locations = {e.value for t in model_io.all_tensors(model) if uses_external_data(t)
+                 for e in t.external_data if e.key == "location" and e.value}
     external = sum((path.parent / loc).stat().st_size for loc in sorted(locations) if (path.parent / loc).is_file())
     model_bytes = path.stat().st_size
     return {"model": model_bytes, "external": external, "total": model_bytes + external, "external_files": sorted(locations)}
@@ -70,9 +49,8 @@ def _value_info(vi: onnx.ValueInfoProto) -> dict:
     if not vi.type.HasField("tensor_type"):
         return {"name": vi.name, "dtype": vi.type.WhichOneof("value") or "?", "shape": None}
     tt = vi.type.tensor_type
-    shape = None
-    if tt.HasField("shape"):
-        shape = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    shape = ([int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+             if tt.HasField("shape") else None)
     try:  # numpy's names (float32, int64) where numpy has the type, ONNX's otherwise (bfloat16)
         dtype = str(runtime.np_dtype(tt.elem_type))
     except KeyError:
@@ -91,21 +69,16 @@ def model_info(source: ModelLike, per_layer: bool = False) -> dict:
         "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x) or None,
         "inputs": [_value_info(vi) for vi in real_inputs(model)],
         "outputs": [_value_info(vi) for vi in model.graph.output],
-        "nodes": len(model.graph.node),
-        "initializers": len(model.graph.initializer),
-        "ops": stats.op_histogram(model),
-        "params": stats.param_count(model),
-        **stats.mac_totals(layers),
+        "nodes": len(model.graph.node), "initializers": len(model.graph.initializer),
+        "ops": stats.op_histogram(model), "params": stats.param_count(model), **stats.mac_totals(layers),
         "metadata": {p.key: p.value for p in model.metadata_props},
     }
     if isinstance(source, ModelProto):
-        info["size_bytes"] = model.ByteSize()
-        info["external_data_bytes"] = 0
+        info.update(size_bytes=model.ByteSize(), external_data_bytes=0)
     else:
         sizes = file_size_bytes(source)
-        info["size_bytes"] = sizes["total"]
-        info["external_data_bytes"] = sizes["external"]
-        info["external_data_files"] = sizes["external_files"]
+        info.update(size_bytes=sizes["total"], external_data_bytes=sizes["external"],
+                    external_data_files=sizes["external_files"])
     if per_layer:
         total = info["macs"] or 1
         info["layers"] = [dict(r, share=(r["macs"] / total if r["macs"] is not None else None)) for r in layers]
@@ -129,23 +102,15 @@ def _time_alternating(sessions: Sequence, feed: dict, runs: int, warmup: int) ->
 
 def _latency_summary(times: list, threads: int) -> dict:
     ordered = sorted(times)
-    return {
-        "median_ms": statistics.median(ordered),
-        "min_ms": ordered[0],
-        "p90_ms": ordered[min(len(ordered) - 1, int(math.ceil(0.9 * len(ordered))) - 1)],
-        "runs": len(ordered),
-        "threads": threads,
-    }
+    return {"median_ms": statistics.median(ordered), "min_ms": ordered[0],
+            "p90_ms": ordered[min(len(ordered) - 1, int(math.ceil(0.9 * len(ordered))) - 1)],
+            "runs": len(ordered), "threads": threads}
 
 
 def measure_latency(model: ModelLike, feed: Optional[dict] = None, runs: int = 20, *, warmup: int = 3, threads: int = 1,
                     optimize: bool = True, input_shapes: Optional[dict] = None) -> dict:
-    """Median (and min, p90) wall time in ms of ``runs`` onnxruntime runs of ``model`` on ``feed``.
-
-    Runs follow ``warmup`` untimed runs; the session uses onnxruntime's default graph
-    optimizations (``optimize``) and ``threads`` intra-op threads (0 = onnxruntime's default).
-    ``feed`` defaults to one generated single-sample input.
-    """
+    """Median (and min, p90) wall time in ms of ``runs`` onnxruntime runs of ``model`` on ``feed``
+    (default: one generated sample), after ``warmup`` untimed runs; ``threads`` 0 = onnxruntime's default."""
     if runs < 1:
         raise OptionError(f"runs must be at least 1, got {runs}.", "use --runs 1 or more")
     proto = model if isinstance(model, ModelProto) else model_io.load_model(model)
@@ -165,31 +130,22 @@ def _check_feed_runs(sess, feed: dict, what: str) -> None:
 
 # --------------------------------------------------------------------------------- metrics
 class _OutputStats:
-    """Running sums for one output pair; nothing proportional to the number of samples but one
-    argmax per sample is kept."""
+    """Running sums for one output pair: of all the samples, only one argmax each is kept."""
 
     def __init__(self, name: str, cand_name: str):
         self.name, self.cand_name = name, cand_name
         self.shape: Optional[list] = None
-        self.elements = 0
-        self.max_abs = 0.0
-        self.sum_abs = 0.0
-        self.dot = self.rr = self.cc = self.ee = 0.0
-        self.min_sample_cos = math.inf
-        self.equal = 0
-        self.ref_nonfinite = self.cand_nonfinite = 0
         self.classifier: Optional[bool] = None
-        self.samples = 0
-        self.agree = 0
-        self.ref_correct = self.cand_correct = 0
-        self.labelled = 0
+        self.max_abs = self.sum_abs = self.dot = self.rr = self.cc = self.ee = 0.0
+        self.min_sample_cos = math.inf
+        self.elements = self.equal = self.ref_nonfinite = self.cand_nonfinite = 0
+        self.samples = self.agree = self.ref_correct = self.cand_correct = self.labelled = 0
 
     def update(self, r: np.ndarray, c: np.ndarray, labels: Optional[np.ndarray]) -> None:
         if r.shape != c.shape:
             raise OnnxoptError(
                 f"output '{self.name}' has shape {list(r.shape)} in the reference but {list(c.shape)} in the candidate.",
-                "the two models are not comparable on this output; check that CAND was derived from REF",
-            )
+                "the two models are not comparable on this output; check that CAND was derived from REF")
         is_cls = r.ndim == 2 and r.shape[1] > 1
         self.classifier = is_cls if self.classifier is None else (self.classifier and is_cls)
         self.shape = list(r.shape) if self.shape is None else [a if a == b else None for a, b in zip(self.shape, r.shape)]
@@ -218,8 +174,7 @@ class _OutputStats:
             num = np.einsum("ij,ij->i", rs, cs)
             den = np.sqrt(np.einsum("ij,ij->i", rs, rs) * np.einsum("ij,ij->i", cs, cs))
             cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(rs == cs, axis=1), 1.0, 0.0))
-            if cos.size:
-                self.min_sample_cos = min(self.min_sample_cos, float(cos.min()))
+            self.min_sample_cos = min(self.min_sample_cos, float(cos.min()))
         if is_cls:
             ra, ca = np.argmax(r, axis=1), np.argmax(c, axis=1)
             self.samples += r.shape[0]
@@ -241,29 +196,18 @@ class _OutputStats:
             sqnr = -math.inf
         else:
             sqnr = 10.0 * math.log10(self.rr / self.ee)
-        out = {
-            "name": self.name,
-            "candidate_name": self.cand_name,
-            "shape": self.shape,
-            "max_abs": self.max_abs,
-            "mean_abs": self.sum_abs / self.elements if self.elements else 0.0,
-            "cosine": cosine,
-            "min_sample_cosine": None if self.min_sample_cos == math.inf else self.min_sample_cos,
-            "sqnr_db": sqnr,
-            "equal_fraction": self.equal / self.elements if self.elements else 1.0,
-            "ref_nonfinite": self.ref_nonfinite,
-            "cand_nonfinite": self.cand_nonfinite,
-            "classifier": bool(self.classifier),
-            "top1_agreement": None,
-            "ref_accuracy": None,
-            "cand_accuracy": None,
+        classified = bool(self.classifier and self.samples)
+        accuracy = classified and self.labelled
+        return {
+            "name": self.name, "candidate_name": self.cand_name, "shape": self.shape,
+            "max_abs": self.max_abs, "mean_abs": self.sum_abs / self.elements if self.elements else 0.0,
+            "cosine": cosine, "min_sample_cosine": None if self.min_sample_cos == math.inf else self.min_sample_cos,
+            "sqnr_db": sqnr, "equal_fraction": self.equal / self.elements if self.elements else 1.0,
+            "ref_nonfinite": self.ref_nonfinite, "cand_nonfinite": self.cand_nonfinite,
+            "classifier": bool(self.classifier), "top1_agreement": self.agree / self.samples if classified else None,
+            "ref_accuracy": self.ref_correct / self.labelled if accuracy else None,
+            "cand_accuracy": self.cand_correct / self.labelled if accuracy else None,
         }
-        if self.classifier and self.samples:
-            out["top1_agreement"] = self.agree / self.samples
-            if self.labelled:
-                out["ref_accuracy"] = self.ref_correct / self.labelled
-                out["cand_accuracy"] = self.cand_correct / self.labelled
-        return out
 
 
 # --------------------------------------------------------------------------------- compare
@@ -277,10 +221,8 @@ def _load(source: ModelLike) -> tuple:
 def _check_inputs_match(ref: ModelProto, cand: ModelProto) -> None:
     ri, ci = graph_inputs(ref), graph_inputs(cand)
     if set(ri) != set(ci):
-        raise OnnxoptError(
-            f"the models take different inputs: reference {', '.join(ri)}; candidate {', '.join(ci)}.",
-            "compare a model with one derived from it (same input names)",
-        )
+        raise OnnxoptError(f"the models take different inputs: reference {', '.join(ri)}; candidate {', '.join(ci)}.",
+                           "compare a model with one derived from it (same input names)")
     for name, spec in ri.items():
         other = ci[name]
         if spec["dtype"] != other["dtype"]:
@@ -304,11 +246,8 @@ def _output_pairs(ref: ModelProto, cand: ModelProto, notes: list) -> list:
 
 
 def _fixed_batch(ref: ModelProto, cand: ModelProto) -> Optional[int]:
-    dims = set()
-    for m in (ref, cand):
-        for spec in graph_inputs(m).values():
-            if spec["shape"] and isinstance(spec["shape"][0], int):
-                dims.add(spec["shape"][0])
+    dims = {spec["shape"][0] for m in (ref, cand) for spec in graph_inputs(m).values()
+            if spec["shape"] and isinstance(spec["shape"][0], int)}
     if len(dims) > 1:
         raise OnnxoptError(f"the models fix different batch sizes {sorted(dims)}.", "compare models with the same batch dimension")
     return dims.pop() if dims else None
@@ -402,8 +341,7 @@ class _Numerics:
 
 def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list, inputs: _Inputs, progress: bool) -> _Numerics:
     """Run both models batch by batch, keeping only running sums (see the module docstring)."""
-    # the task-aware error (onnxopt.task_metric) reads the logits before a terminal Softmax/Sigmoid,
-    # exposed as extra outputs of the measured sessions
+    # the task-aware error reads the logits before a terminal Softmax/Sigmoid, exposed as extra outputs
     ref_logit_model, ref_logits = task_metric.with_logit_outputs(ref_model)
     cand_logit_model, cand_logits = task_metric.with_logit_outputs(cand_model)
     s_ref, s_cand = runtime.session(ref_logit_model), runtime.session(cand_logit_model)
@@ -477,17 +415,9 @@ def compare_models(
     require_preprocessing: bool = False,
 ) -> dict:
     """Run ``ref`` and ``cand`` on the same inputs and report errors, agreement, accuracy, latency,
-    size and MACs; returns a JSON-able dict (see the module docstring for each metric).
-
-    ``data`` is a path/spec for :func:`onnxopt.data.open_data` or a ready :class:`DataSource`;
-    without it ``generated_samples`` (or ``max_samples``) random inputs are used and a note says
-    so. ``labels`` (path to .npy/.npz, or an int array) override the data source's own labels.
-    An image folder is read with ``image``, else with the preprocessing recorded in the reference's
-    or the candidate's metadata; ``require_preprocessing`` (the CLI) refuses one with neither.
-    ``runs=0`` skips the latency measurement. ``gates`` maps gate names (``max_size_mb``,
-    ``max_latency_ms``, ``min_agreement``, ``max_drop``) to limits; the result's ``gates`` lists
-    each with its value and verdict and ``passed`` is False when one fails -- use
-    :func:`check_gates` to raise :class:`GateFailure`.
+    size and MACs as a JSON-able dict. Without ``data`` (a path or a :class:`DataSource`), generated
+    inputs are used and a note says so; ``labels`` override the data's own; ``runs=0`` skips latency;
+    ``gates`` maps :data:`GATES` to limits (:func:`check_gates` raises :class:`GateFailure`).
     """
     gates = _check_arguments(gates, runs, max_samples, data, labels)
     ref_model, ref_path, ref_size = _load(ref)
@@ -536,31 +466,26 @@ def compare_models(
 
 
 def _evaluate_gates(result: dict, gates: dict) -> list:
-    out = []
     cand = result["candidate"]
     classifiers = [o for o in result["outputs"] if o["classifier"]]
+    measured = {}  # gate -> (what, value, unit)
     if "max_size_mb" in gates:
-        value = cand["size_mb"]
-        out.append({"gate": "max_size_mb", "what": "candidate size", "value": value, "limit": gates["max_size_mb"], "unit": "MB",
-                    "passed": value <= gates["max_size_mb"]})
+        measured["max_size_mb"] = ("candidate size", cand["size_mb"], "MB")
     if "max_latency_ms" in gates:
-        value = cand["latency"]["median_ms"]
-        out.append({"gate": "max_latency_ms", "what": "candidate median latency", "value": value, "limit": gates["max_latency_ms"],
-                    "unit": "ms", "passed": value <= gates["max_latency_ms"]})
+        measured["max_latency_ms"] = ("candidate median latency", cand["latency"]["median_ms"], "ms")
     if "min_agreement" in gates:
         worst = min(classifiers, key=lambda o: o["top1_agreement"])
-        value = 100.0 * worst["top1_agreement"]
-        out.append({"gate": "min_agreement", "what": f"top-1 agreement on '{worst['name']}'", "value": value,
-                    "limit": gates["min_agreement"], "unit": "%", "passed": value >= gates["min_agreement"]})
+        measured["min_agreement"] = (f"top-1 agreement on '{worst['name']}'", 100.0 * worst["top1_agreement"], "%")
     if "max_drop" in gates:
         drops = [(100.0 * (o["ref_accuracy"] - o["cand_accuracy"]), o["name"]) for o in classifiers if o["ref_accuracy"] is not None]
         if not drops:
             raise OptionError("--max-drop needs a classifier-shaped output ([N, C], C > 1) to measure accuracy on; this model has none.",
                               "drop --max-drop")
         value, name = max(drops)
-        out.append({"gate": "max_drop", "what": f"top-1 accuracy drop on '{name}'", "value": value, "limit": gates["max_drop"],
-                    "unit": "points", "passed": value <= gates["max_drop"]})
-    return out
+        measured["max_drop"] = (f"top-1 accuracy drop on '{name}'", value, "points")
+    return [{"gate": gate, "what": what, "value": value, "limit": gates[gate], "unit": unit,
+             "passed": value >= gates[gate] if gate == "min_agreement" else value <= gates[gate]}
+            for gate, (what, value, unit) in measured.items()]
 
 
 def gate_failures(result: dict) -> list:

@@ -1,21 +1,13 @@
 """Input data for verification, comparison, calibration and finetuning.
 
-A data *source* is one of:
-
-* ``file.npy``  -- one array, samples on axis 0, for a single-input model;
-* ``file.npz``  -- arrays keyed by input name (samples on axis 0); an optional ``labels`` key;
-* a folder of images (jpg/png/bmp/...), preprocessed per :class:`ImageOptions`; labels from a
-  ``labels.json`` ({file: class}) in the folder when present;
-* ``file.py:function`` -- a user function returning an iterable of feed dicts {input: array};
-* ``random`` -- generated inputs (only where a caller explicitly allows it).
-
-Data is streamed: :meth:`DataSource.batches` yields feed dicts batch by batch and never holds
-more than one batch of images in memory. Every sample is checked against the model's inputs
-(names, shapes, dtypes, NaN/Inf) with an error that says what does not fit.
+A source is a ``.npy`` (one input), an ``.npz`` keyed by input name, an image folder, ``file.py:function``
+returning feed dicts, or ``random``. Data is streamed (never more than one batch of images in memory),
+and every sample is checked against the model's inputs with an error that says what does not fit.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import zipfile
@@ -84,10 +76,8 @@ class ImageOptions:
         parts = []
         if o.scale is not None:
             parts.append(f"x*{o.scale:.6g}")
-        if o.mean is not None:
-            parts.append("mean " + ",".join(f"{v:g}" for v in o.mean))
-        if o.std is not None:
-            parts.append("std " + ",".join(f"{v:g}" for v in o.std))
+        parts += [f"{what} " + ",".join(f"{v:g}" for v in values) for what, values in (("mean", o.mean), ("std", o.std))
+                  if values is not None]
         parts.append("BGR" if o.bgr else "RGB")
         if o.letterbox is not None:
             parts.append(f"letterbox pad {o.letterbox}")
@@ -98,8 +88,7 @@ class ImageOptions:
         return f"{o.preset} ({', '.join(parts)})" if o.preset else ", ".join(parts)
 
 
-# Named preprocessing for image folders: (what it is for, ImageOptions fields). Explicit flags
-# (--mean, --std, --scale, --bgr, --letterbox, --size, --crop) override a preset's values.
+# Named preprocessing for image folders: (what it is for, ImageOptions fields); explicit flags override them.
 PRESETS = {
     "imagenet": ("torchvision / timm ImageNet models: x/255, then mean/std per RGB channel, 256 -> 224 crop",
                  {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875}),
@@ -114,36 +103,24 @@ PRESETS = {
     "none": ("raw RGB pixels 0..255, resized and center-cropped to the input (the model normalizes itself)", {}),
 }
 
-# The model metadata key holding the preprocessing the data was given with (written by `apply`,
-# read back by every command that takes data).
+# The metadata key of the preprocessing the data was given with (written by `apply`, read by every command).
 PREPROCESSING_KEY = "onnxopt.preprocessing"
 
 
 def recorded_preprocessing(model: Optional[ModelProto]) -> Optional[ImageOptions]:
     """The preprocessing recorded in ``model``'s metadata, or None."""
-    if model is None:
+    prop = next((p for p in (model.metadata_props if model is not None else ()) if p.key == PREPROCESSING_KEY), None)
+    if prop is None:
         return None
-    for prop in model.metadata_props:
-        if prop.key == PREPROCESSING_KEY:
-            try:
-                values = json.loads(prop.value)
-                known = {f.name for f in fields(ImageOptions)}
-                return ImageOptions(**{k: v for k, v in values.items() if k in known})
-            except (ValueError, TypeError, AttributeError):
-                return None
-    return None
+    try:
+        known = {f.name for f in fields(ImageOptions)}
+        return ImageOptions(**{k: v for k, v in json.loads(prop.value).items() if k in known})
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def presets_help() -> str:
     return "; ".join(f"{name}: {what}" for name, (what, _) in PRESETS.items())
-
-
-def _no_preprocessing_error(source: str, what: str) -> DataError:
-    return DataError(
-        f"{what} '{source}' needs its preprocessing stated: fed as raw 0..255 pixels, most models see garbage "
-        "and calibration, comparison and finetuning are silently wrong.",
-        "give --preprocess PRESET (" + ", ".join(PRESETS) + "; `none` feeds raw pixels on purpose), or --scale/--mean/--std/--bgr/--letterbox. "
-        "Presets: " + presets_help())
 
 
 @dataclass
@@ -171,14 +148,11 @@ class DataSource:
                  recorded: Optional[ImageOptions] = None):
         # stated preprocessing wins; else the one recorded in the model (or in ``recorded``,
         # another model's, e.g. compare's candidate), which the caller prints
-        self.preprocessing_origin = "given" if spec.image.given() else None
-        if not spec.image.given():
-            found = recorded_preprocessing(model) or recorded
-            if found is not None:
-                spec = dataclasses.replace(spec, image=found)
-                self.preprocessing_origin = "model"
-        spec = dataclasses.replace(spec, image=spec.image.resolved())
-        self.spec = spec
+        found = None if spec.image.given() else recorded_preprocessing(model) or recorded
+        self.preprocessing_origin = "given" if spec.image.given() else None if found is None else "model"
+        if found is not None:
+            spec = dataclasses.replace(spec, image=found)
+        self.spec = spec = dataclasses.replace(spec, image=spec.image.resolved())
         self.model = model
         self._pixels_used = False  # images read, or uint8 arrays normalized: the preprocessing mattered
         self._inputs = graph_inputs(model)
@@ -200,25 +174,17 @@ class DataSource:
 
     def samples(self) -> Iterator[dict]:
         """Feed dicts of one sample each (batch axis of size 1), validated, in order."""
-        count, limit = 0, self.max_samples
-        for index, feed in enumerate(self._selected(self._open())):
-            self._validate(feed, index)
+        count = 0
+        for count, feed in enumerate(itertools.islice(self._selected(self._open()), self.max_samples), 1):
+            self._validate(feed, count - 1)
             yield feed
-            count += 1
-            if limit is not None and count >= limit:
-                return
         if count == 0:
             raise DataError(f"data source '{self.spec.source}' yielded no samples.", "check the path (an empty folder? a selection that takes nothing?)")
 
     def batches(self, batch_size: Optional[int] = None) -> Iterator[dict]:
-        """Feed dicts of up to ``batch_size`` samples concatenated on axis 0.
-
-        When the model's batch dimension is fixed, batches are of that size (usually 1).
-        """
-        bs = batch_size or self.spec.batch_size
+        """Feed dicts of up to ``batch_size`` samples on axis 0 (of the model's batch size when it is fixed)."""
         fixed = self._fixed_batch()
-        if fixed is not None:
-            bs = fixed
+        bs = fixed if fixed is not None else batch_size or self.spec.batch_size
         pending: list = []
         for feed in self.samples():
             pending.append(feed)
@@ -270,11 +236,7 @@ class DataSource:
         lab = np.asarray(lab).reshape(-1)
         if lab.dtype.kind not in "iu":
             raise DataError("labels must be integer class indices.", "save them as np.int64")
-        picked = np.asarray(list(self._selected(iter(range(len(lab))))), dtype=np.int64)
-        lab = lab[picked]
-        if self.spec.max_samples is not None:
-            lab = lab[: self.spec.max_samples]
-        return lab
+        return lab[np.asarray(self._selected_indices(len(lab)), dtype=np.int64)]
 
     def check(self) -> None:
         """Read and validate the first sample now, so a bad source fails before any work is done."""
@@ -288,15 +250,15 @@ class DataSource:
 
     def count(self) -> Optional[int]:
         """Number of samples this source will yield, when known without reading them."""
-        n = None
         if self.kind == "images":
-            n = len(self._image_files())
-        elif self.kind in ("npz", "npy"):
-            n = self._array_len()
-        if n is None:
-            return self.max_samples
-        n = len(list(self._selected(iter(range(n)))))
-        return min(n, self.spec.max_samples) if self.spec.max_samples is not None else n
+            return len(self._selected_indices(len(self._image_files())))
+        n = self._array_len() if self.kind in ("npz", "npy") else None
+        return self.max_samples if n is None else len(self._selected_indices(n))
+
+    def _selected_indices(self, n: int) -> list:
+        """The indices among ``n`` samples the selection and the sample limit take."""
+        picked = list(self._selected(range(n)))
+        return picked if self.spec.max_samples is None else picked[: self.spec.max_samples]
 
     # -- resolution --------------------------------------------------------------------
     def _resolve(self, source: str):
@@ -338,21 +300,17 @@ class DataSource:
                 yield item
 
     def _random(self):
-        # built from the model (onnxopt.feeds): batch 1, sizes the model runs at where its dims
-        # are dynamic, valid indices for integer inputs
+        # built from the model (onnxopt.feeds): batch 1, sizes it runs at, valid indices for integer inputs
         overrides = {n: [1] + [int(d) for d in s[1:]] for n, s in (self._overrides or {}).items()}
         plan = plan_feeds(self.model, overrides or None, two_sizes=False)
-        seed = 0
-        while True:
+        for seed in itertools.count():
             yield plan.feed(0, seed)
-            seed += 1
 
     def _python(self, source: str):
         fn = load_user_function(source, "data script", "the function must return an iterable of {input_name: array} dicts", DataError)
 
         def user_items():
-            # an exception in the user's function is a user error: one message (ONNXOPT_DEBUG=1
-            # still shows the chained traceback)
+            # the user's function failing is a user error: one message (ONNXOPT_DEBUG=1 shows the traceback)
             try:
                 yield from fn()
             except Exception as exc:
@@ -365,12 +323,10 @@ class DataSource:
                     raise DataError(f"'{source}' yielded a {type(item).__name__}, not a feed dict.", "yield {input_name: numpy array} dicts")
                 # a user batch is split into samples so batching is uniform
                 arrays = {k: np.asarray(v) for k, v in item.items()}
-                n = min((a.shape[0] for a in arrays.values() if a.ndim), default=1)
-                expects_batch = all(a.ndim == len(self._inputs[k]["shape"]) for k, a in arrays.items() if k in self._inputs)
-                if not expects_batch:
-                    yield {k: a[None] for k, a in arrays.items()}
+                if not all(a.ndim == len(self._inputs[k]["shape"]) for k, a in arrays.items() if k in self._inputs):
+                    yield {k: a[None] for k, a in arrays.items()}  # one sample without its batch axis
                     continue
-                for i in range(n):
+                for i in range(min((a.shape[0] for a in arrays.values() if a.ndim), default=1)):
                     yield {k: a[i:i + 1] for k, a in arrays.items()}
 
         return gen
@@ -384,14 +340,10 @@ class DataSource:
     def _npz(self):
         with np.load(self.spec.source) as z:
             missing = [n for n in self._inputs if n not in z.files]
-            if missing and len(self._inputs) == 1 and "x" in z.files:
-                key_of = {next(iter(self._inputs)): "x"}
-            elif missing:
+            if missing and not (len(self._inputs) == 1 and "x" in z.files):  # one input may be stored as 'x'
                 raise DataError(f"'{self.spec.source}' has no array for input(s) {', '.join(missing)} (it has {', '.join(z.files)}).",
                                 "key the .npz arrays by the model's input names")
-            else:
-                key_of = {n: n for n in self._inputs}
-            arrays = {n: z[k] for n, k in key_of.items()}
+            arrays = {n: z["x" if missing else n] for n in self._inputs}
         lengths = {a.shape[0] for a in arrays.values()}
         if len(lengths) != 1:
             raise DataError(f"arrays in '{self.spec.source}' hold different numbers of samples: {sorted(lengths)}.", "give every input the same count on axis 0")
@@ -439,7 +391,11 @@ class DataSource:
         if len(self._inputs) != 1:
             raise DataError("an image folder feeds one input, but the model has several.", "use an .npz or a file.py:function")
         if self.spec.require_preprocessing and not self.spec.image.given():
-            raise _no_preprocessing_error(self.spec.source, "image folder")
+            raise DataError(
+                f"image folder '{self.spec.source}' needs its preprocessing stated: fed as raw 0..255 pixels, "
+                "most models see garbage and calibration, comparison and finetuning are silently wrong.",
+                "give --preprocess PRESET (" + ", ".join(PRESETS) + "; `none` feeds raw pixels on purpose), or "
+                "--scale/--mean/--std/--bgr/--letterbox. Presets: " + presets_help())
         self._pixels_used = True
         name = next(iter(self._inputs))
         layout = self._layout(name)
@@ -458,9 +414,8 @@ class DataSource:
             if o.letterbox is not None:
                 r = min(h / img.height, w / img.width)
                 nh, nw = int(round(img.height * r)), int(round(img.width * r))
-                canvas = np.full((h, w, 3), o.letterbox, np.float32)
-                canvas[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR), np.float32)
-                arr = canvas
+                arr = np.full((h, w, 3), o.letterbox, np.float32)
+                arr[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR), np.float32)
             else:
                 short = o.size or (int(round(max(h, w) / o.crop_fraction)) if o.crop_fraction else max(h, w))
                 r = short / min(img.width, img.height)
@@ -487,16 +442,15 @@ class DataSource:
             raise DataError(
                 f"sample {index} of '{self.spec.source}' does not match the model's inputs"
                 + (f": missing {', '.join(missing)}" if missing else "") + (f"; unknown {', '.join(unknown)}" if unknown else "") + ".",
-                f"the model's inputs are: {', '.join(self._inputs)}",
-            )
+                f"the model's inputs are: {', '.join(self._inputs)}")
         for name, arr in feed.items():
             want = self._inputs[name]
             if arr.ndim != len(want["shape"]) or any(isinstance(d, int) and d != a for d, a in zip(want["shape"][1:], arr.shape[1:])):
+                expected = ", ".join(str(d) if isinstance(d, int) else "?" for d in want["shape"])
                 raise DataError(
                     f"sample {index} of '{self.spec.source}' gives input '{name}' the shape {list(arr.shape)}, "
-                    f"but the model expects {_shape_str(want['shape'])}.",
-                    "check the preprocessing (--crop/--layout) or the arrays' layout (samples on axis 0)",
-                )
+                    f"but the model expects [{expected}].",
+                    "check the preprocessing (--crop/--layout) or the arrays' layout (samples on axis 0)")
             if arr.dtype != want["dtype"]:
                 if arr.dtype == np.uint8 and want["dtype"].kind == "f" and self.spec.require_preprocessing:
                     raise DataError(f"input '{name}' is {want['dtype']} but sample {index} of '{self.spec.source}' is uint8: "
@@ -515,8 +469,7 @@ def feed_samples(feed: dict) -> int:
 
 
 def take_samples(data, limit: int) -> list:
-    """The first batches of ``data`` (a callable returning batches) holding ``limit`` samples or
-    more, or all of them when there are fewer ([] for empty data)."""
+    """The first batches of ``data`` (a callable returning batches) holding ``limit`` samples or more, or all."""
     feeds, count = [], 0
     for feed in data():
         feeds.append(feed)
@@ -571,10 +524,6 @@ def _label_mapping(table) -> dict:
     return mapping
 
 
-def _shape_str(shape) -> str:
-    return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
-
-
 def _stack(feeds: list) -> dict:
     if len(feeds) == 1:
         return feeds[0]
@@ -592,8 +541,7 @@ def graph_inputs(model: ModelProto) -> dict:
 
 def open_data(spec, model: ModelProto, input_shapes: Optional[dict] = None, recorded: Optional[ImageOptions] = None,
               **kwargs) -> DataSource:
-    """A :class:`DataSource` for ``spec`` (a DataSpec, or a path string plus DataSpec fields as kwargs).
-    ``recorded``: preprocessing to use when none is given and ``model`` records none (another model's)."""
+    """A :class:`DataSource` for ``spec`` (a DataSpec, or a path string plus DataSpec fields as kwargs)."""
     if isinstance(spec, (str, os.PathLike)):
         image = kwargs.pop("image", None)
         if isinstance(image, dict):

@@ -1,15 +1,9 @@
-"""User-facing errors.
+"""User-facing errors (see STYLE "two kinds of error").
 
-Two kinds of error exist in onnxopt (see STYLE "two kinds of error"):
-
-* :class:`OnnxoptError` and its subclasses are *user* errors: a bad model, bad data, a bad option,
-  a missing optional dependency. They carry a message that says what is wrong and a hint that
-  says how to fix it. The CLI prints them as one paragraph and exits non-zero, no traceback.
-* :class:`InternalError` (an OnnxoptError too) is onnxopt's own fault caught by one of its
-  checks: a pass that leaves an invalid model, an engine stage that loses data. It says so, asks
-  for a report and keeps its cause, whose traceback ``ONNXOPT_DEBUG=1`` shows.
-* Anything else is an unexpected internal error: the CLI reports it as onnxopt's fault in one
-  paragraph too; ``ONNXOPT_DEBUG=1`` shows its traceback.
+:class:`OnnxoptError` and its subclasses are *user* errors with a message (what is wrong) and a
+hint (how to fix it), printed by the CLI as one paragraph without a traceback.
+:class:`InternalError` is onnxopt's own fault caught by one of its checks; it asks for a report.
+Anything else is reported as onnxopt's fault too; ``ONNXOPT_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -62,10 +56,8 @@ class MissingDependencyError(OnnxoptError):
     """An optional dependency (torch, tensorrt, matplotlib) is needed but not installed."""
 
     def __init__(self, package: str, feature: str, install: str | None = None):
-        super().__init__(
-            f"{feature} needs the optional package '{package}', which is not installed.",
-            f"install it with: {install or 'pip install ' + package}",
-        )
+        super().__init__(f"{feature} needs the optional package '{package}', which is not installed.",
+                         f"install it with: {install or 'pip install ' + package}")
         self.package = package
 
 

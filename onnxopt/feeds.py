@@ -1,26 +1,11 @@
 """Verification inputs built from the model alone, with no flags.
 
-A real export has symbolic dimensions (``batch``, ``seq``, ``p2o.DynamicDimension.1``...),
-integer inputs that index embeddings, masks and lengths. Random small integers at a guessed shape
-make such a model fail in onnxruntime. Here the model itself
-says what a valid feed is:
-
-* **sizes**: a batch-like dimension is 1; every other symbolic dimension gets plausible sizes for
-  its role (spatial dims of an image input: multiples of 32 such as 64, 96, 128, 224, 320;
-  sequence dims: 8, 16, ...; others: 8, 16, 4...). A dimension name shared by several inputs gets
-  one value. A size is accepted when ONNX shape inference and one onnxruntime run of the model
-  accept it, so divisibility the graph implies is respected by construction;
-* **integer values**: an input that reaches the indices of a Gather / GatherElements / GatherND /
-  Scatter* / OneHot (through Cast, Reshape, Unsqueeze...) takes values in ``[0, bound)`` where
-  ``bound`` is the indexed dimension (read from shape inference at that size); a length input of an
-  RNN (``sequence_lens``) or one named like a length takes the sequence length; a mask (named
-  ``*mask*``) is all ones; any other integer input is zeros (then ones); bool inputs are true;
-* **two sizes**: where the model has dynamic non-batch dimensions, a second set of sizes is found
-  (or batch 2 when the batch is the only dynamic dimension), so an exact pass is checked at two
-  concrete sizes -- a folded shape chain must not bake one size in.
-
-When no feed runs, :class:`NoFeedError` says why (the manager then runs the pass unverified and
-says so, unless the user asked for ``--require-verify``).
+Random small integers at a guessed shape make a real export (symbolic dims, integer inputs that
+index embeddings, masks, lengths) fail in onnxruntime, so the model itself says what a valid feed is:
+symbolic dims get plausible sizes for their role, kept when shape inference and one onnxruntime run
+accept them (divisibility the graph implies is respected by construction); an integer input that
+reaches indices takes values below the indexed dim, lengths the sequence length, masks ones. Two
+sizes are found where dims are dynamic: a folded shape chain must not bake one size in.
 """
 from __future__ import annotations
 
@@ -47,8 +32,7 @@ MAX_TRIES = 10
 _MASK_NAME = re.compile(r"mask", re.I)
 _LENGTH_NAME = re.compile(r"len", re.I)
 
-# Ops that pass an integer tensor's values on unchanged (possibly reshaped): tracing an input's
-# values through them reaches the node that indexes with them.
+# Ops passing an integer tensor's values on (maybe reshaped): tracing through them reaches the indexing node.
 _VALUE_PRESERVING = {"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Expand",
                      "Slice", "Concat", "Tile", "Gather", "GatherElements", "Split", "CastLike", "Abs"}
 # (op, input index) -> how the tensor is used as indices
@@ -71,10 +55,8 @@ class FeedPlan:
 
     def feed(self, size: int = 0, seed: int = 0) -> dict:
         rng = np.random.default_rng(seed)
-        out = {}
-        for name, shape in self.sizes[size].items():
-            out[name] = _make_values(rng, shape, self.specs[name], self.values[size][name])
-        return out
+        return {name: _make_values(rng, shape, self.specs[name], self.values[size][name])
+                for name, shape in self.sizes[size].items()}
 
     def describe(self) -> str:
         return " and ".join(f"[{_fmt(shapes)}]" for shapes in self.sizes)
@@ -88,8 +70,6 @@ def _make_values(rng, shape, dtype: np.dtype, rule) -> np.ndarray:
         return rng.integers(0, max(int(arg), 1), shape).astype(dtype) if int(arg) > 0 else np.zeros(shape, dtype)
     if kind in ("length", "const"):
         return np.full(shape, arg, dtype)
-    if kind == "small":  # the historical generator: small non-negative integers
-        return rng.integers(0, 8, shape).astype(dtype)
     raise ValueError(kind)
 
 
@@ -118,11 +98,8 @@ def _dim_groups(model: ModelProto, overrides: dict) -> tuple:
                 dims.append(int(d.dim_value))
                 continue
             role = dim_role(vi, axis, rank, d.dim_param)
-            key = ("param", d.dim_param) if d.dim_param else ("anon", vi.name, axis)
-            if role == "batch":
-                key = ("batch",) if not d.dim_param else key
-            prev = groups.get(key)
-            if prev is None or prev == "other":  # the most specific role wins for a shared name
+            key = ("param", d.dim_param) if d.dim_param else ("batch",) if role == "batch" else ("anon", vi.name, axis)
+            if groups.get(key, "other") == "other":  # the most specific role wins for a shared name
                 groups[key] = role
             dims.append(key)
         layout[vi.name] = dims
@@ -133,13 +110,8 @@ def _size_sets(groups: dict) -> list:
     """Candidate {key: size} assignments, most plausible first (all non-batch dims move together)."""
     out = []
     for level in range(MAX_TRIES):
-        assign = {}
-        for key, role in groups.items():
-            if role == "batch":
-                assign[key] = 1
-            else:
-                sizes = _ROLE_SIZES[role]
-                assign[key] = sizes[level % len(sizes)]
+        assign = {key: 1 if role == "batch" else _ROLE_SIZES[role][level % len(_ROLE_SIZES[role])]
+                  for key, role in groups.items()}
         if assign not in out:
             out.append(assign)
     return out
@@ -147,8 +119,7 @@ def _size_sets(groups: dict) -> list:
 
 # ------------------------------------------------------------------------------ integer values
 def _index_uses(model: ModelProto, name: str, cons: dict) -> list:
-    """[(node, slot)] where ``name``'s values (traced through value-preserving ops) are indices
-    or lengths."""
+    """[(node, slot)] where ``name``'s values (traced through value-preserving ops) are indices or lengths."""
     uses, seen, stack = [], {name}, [name]
     while stack:
         t = stack.pop()
@@ -164,38 +135,31 @@ def _index_uses(model: ModelProto, name: str, cons: dict) -> list:
     return uses
 
 
-def _value_rules(model: ModelProto, shapes: dict, concrete: dict, cons: dict, consts: dict) -> dict:
+def _value_rules(model: ModelProto, shapes: dict, concrete: dict, cons: dict, consts: dict, specs: dict) -> dict:
     """{input: (kind, arg)} for one concrete size; ``shapes`` are inferred dims at that size."""
     rules = {}
-    for vi in real_inputs(model):
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
-        if dtype.kind in "fc":
-            rules[vi.name] = ("normal", None)
-            continue
-        if dtype.kind == "b":
-            rules[vi.name] = ("const", True)
+    for name, dtype in specs.items():
+        if dtype.kind in "fcb":
+            rules[name] = ("const", True) if dtype.kind == "b" else ("normal", None)
             continue
         bounds, length = [], None
-        for node, slot in _index_uses(model, vi.name, cons):
+        for node, slot in _index_uses(model, name, cons):
             bound = _index_bound(node, slot, shapes, consts)
             if bound == "length":
-                x = shapes.get(node.input[0])
-                layout = node_attr(node, "layout", 0)
-                if x and len(x) == 3 and x[1 if layout else 0]:
-                    length = int(x[1 if layout else 0])
+                x, seq_axis = shapes.get(node.input[0]), 1 if node_attr(node, "layout", 0) else 0
+                if x and len(x) == 3 and x[seq_axis]:
+                    length = int(x[seq_axis])
             elif bound is not None:
                 bounds.append(bound)
         if length is not None:
-            rules[vi.name] = ("length", length)
+            rules[name] = ("length", length)
         elif bounds:
-            rules[vi.name] = ("index", min(bounds))
-        elif _LENGTH_NAME.search(vi.name) and len(concrete[vi.name]) <= 1:
-            seq = [v for k, v in concrete.items() if k != vi.name for v in v[1:2]]
-            rules[vi.name] = ("length", max(seq) if seq else 1)
-        elif _MASK_NAME.search(vi.name):
-            rules[vi.name] = ("const", 1)
+            rules[name] = ("index", min(bounds))
+        elif _LENGTH_NAME.search(name) and len(concrete[name]) <= 1:
+            seq = [v for k, v in concrete.items() if k != name for v in v[1:2]]
+            rules[name] = ("length", max(seq) if seq else 1)
         else:
-            rules[vi.name] = ("const", 0)
+            rules[name] = ("const", 1 if _MASK_NAME.search(name) else 0)
     return rules
 
 
@@ -204,27 +168,22 @@ def _index_bound(node, slot: int, shapes: dict, consts: dict):
     op = node.op_type
     if op in ("LSTM", "GRU", "RNN"):
         return "length"
+    if op == "TopK" or (op == "OneHot" and node.input[1] not in consts):
+        return None
     if op == "OneHot":
-        depth = consts.get(node.input[1])
-        if depth is not None:
-            try:
-                return int(np.asarray(onnx.numpy_helper.to_array(depth)).reshape(-1)[0])
-            except (ValueError, TypeError, IndexError):  # an empty or non-numeric depth: unknown
-                return None
-        return None
-    if op == "TopK":
-        return None
+        try:
+            return int(np.asarray(onnx.numpy_helper.to_array(consts[node.input[1]])).reshape(-1)[0])
+        except (ValueError, TypeError, IndexError):  # an empty or non-numeric depth: unknown
+            return None
     data = shapes.get(node.input[0])
     if not data:
         return None
-    if op == "GatherND" or op == "ScatterND":
+    if op in ("GatherND", "ScatterND"):
         known = [d for d in data if d]
         return min(known) if known else None
     axis = int(node_attr(node, "axis", 0))
     axis = axis + len(data) if axis < 0 else axis
-    if 0 <= axis < len(data) and data[axis]:
-        return int(data[axis])
-    return None
+    return int(data[axis]) if 0 <= axis < len(data) and data[axis] else None
 
 
 # ------------------------------------------------------------------------------ the search
@@ -243,11 +202,9 @@ def _concrete_model_shapes(model: ModelProto, concrete: dict) -> Optional[dict]:
         return None
     except Exception:  # an op inference does not know, or a >2 GB model: onnxruntime decides alone
         return {}
-    out = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-            out[vi.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
+    out = {vi.name: [int(d.dim_value) if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+           for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+           if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
     for init in model.graph.initializer:
         out.setdefault(init.name, list(init.dims))
     return out
@@ -261,8 +218,7 @@ def plan_feeds(model: ModelProto, overrides: Optional[dict] = None, *, session=N
     for name, dtype in specs.items():
         if dtype.kind not in "fciub":
             raise NoFeedError(f"input '{name}' has dtype {dtype}, which onnxopt cannot generate", "give --data with real inputs")
-    cons = input_uses(model.graph)
-    consts = const_tensors(model)
+    cons, consts = input_uses(model.graph), const_tensors(model)
     if session is None:
         try:
             session = runtime.session(model, quiet=True)
@@ -272,8 +228,7 @@ def plan_feeds(model: ModelProto, overrides: Optional[dict] = None, *, session=N
     if groups and all(role == "batch" for role in groups.values()):
         # the batch is the only dynamic dim: the second size is batch 2
         candidates = candidates[:1] + [{k: 2 for k in candidates[0]}]
-    found_sizes, found_values, last_error = [], [], None
-    tried = 0
+    found_sizes, found_values, last_error, tried = [], [], None, 0
     for assign in candidates:
         concrete = {name: [d if isinstance(d, int) else assign[d] for d in dims] for name, dims in layout.items()}
         if found_sizes and concrete == found_sizes[0]:
@@ -283,34 +238,26 @@ def plan_feeds(model: ModelProto, overrides: Optional[dict] = None, *, session=N
         if shapes is None:
             last_error = f"shape inference rejects {_fmt(concrete)}"
             continue
-        rules = _value_rules(model, shapes, concrete, cons, consts)
-        attempts = [rules]
-        fallback = {n: (("const", 1) if r == ("const", 0) else r) for n, r in rules.items()}
-        if fallback != rules:
-            attempts.append(fallback)
-        ok = None
-        for values in attempts:
-            plan = FeedPlan([concrete], [values], specs)
+        rules = _value_rules(model, shapes, concrete, cons, consts, specs)
+        fallback = {n: (("const", 1) if r == ("const", 0) else r) for n, r in rules.items()}  # zeros, then ones
+        for values in [rules] + ([fallback] if fallback != rules else []):
             try:
-                runtime.run(session, plan.feed(0, 0))
+                runtime.run(session, FeedPlan([concrete], [values], specs).feed(0, 0))
             except OnnxoptError as exc:
                 last_error = f"onnxruntime fails at {_fmt(concrete)}: {exc.message.split(': ', 1)[-1][:160]}"
                 continue
-            ok = values
+            found_sizes.append(concrete)
+            found_values.append(values)
             break
-        if ok is None:
+        else:  # no values ran at this size
             continue
-        found_sizes.append(concrete)
-        found_values.append(ok)
         if not two_sizes or len(found_sizes) == 2 or not groups:
             break
     if not found_sizes:
         raise NoFeedError(f"no generated input runs the model (tried {tried} size sets; {last_error})",
                           "give --data with real inputs, or --input-shape " +
                           " --input-shape ".join(shape_hint(vi) for vi in real_inputs(model) if vi.name not in overrides))
-    notes = []
-    if groups and len(found_sizes) == 1 and two_sizes:
-        notes.append("one size only: no second size ran")
+    notes = ["one size only: no second size ran"] if groups and len(found_sizes) == 1 and two_sizes else []
     return FeedPlan(found_sizes, found_values, specs, notes)
 
 

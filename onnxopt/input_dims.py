@@ -1,8 +1,5 @@
 """What each dimension of a model's inputs is -- batch, spatial, sequence or other -- read from its
-name and the input's layout, and the ``--input-shape`` hint built from it.
-
-A leaf module: :mod:`onnxopt.runtime` words its messages with it and :mod:`onnxopt.feeds`
-chooses generated sizes with it."""
+name and the input's layout, and the ``--input-shape`` hint built from it (a leaf module)."""
 from __future__ import annotations
 
 import re

@@ -1,16 +1,11 @@
 """The pass manager: apply a chain of passes, validating after each, verifying the exact ones.
 
-``apply(model, "cleanup,bnfuse", options={"bnfuse": {"standalone": "conv"}})`` returns the new
-model and a :class:`Report`. After every pass the model must pass ``onnx.checker`` and shape
-inference; an exact pass is then run against the model before it in onnxruntime (optimizations
-off) on inputs generated from the model (:mod:`onnxopt.feeds`, at two sizes where it has dynamic
-dims) -- or on the user's data. A difference beyond tolerance first reverts the rule(s) of the
-pass that caused it (the pass is rerun with them off, keeping and verifying the rest; the record
-lists what was reverted and by how much it differed); when no part of the pass verifies, the
-pass is undone: the chain goes on with the model before it (one console line, ``reverted_pass``
-in the record), or with ``require_verify`` stops with a :class:`VerificationError`. When no input
-can be generated the pass is kept unverified and the report says why (``require_verify`` makes
-that an error).
+After every pass the model must pass ``onnx.checker`` and shape inference. An exact pass is run
+against the model before it in onnxruntime (optimizations off) on the user's data, else on inputs
+generated from the model (:mod:`onnxopt.feeds`). A difference beyond tolerance first reverts the
+rule(s) that caused it, keeping the rest; when no part of the pass verifies, the pass is undone
+(``require_verify``: a :class:`VerificationError`). When no input can be generated the pass is kept
+unverified and the report says why (``require_verify`` makes that an error).
 """
 from __future__ import annotations
 
@@ -68,12 +63,8 @@ class Report:
     total_seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {
-            "onnxopt_version": __version__,
-            "source": self.source,
-            "total_seconds": round(self.total_seconds, 4),
-            "passes": [p.to_dict() for p in self.passes],
-        }
+        return {"onnxopt_version": __version__, "source": self.source, "total_seconds": round(self.total_seconds, 4),
+                "passes": [p.to_dict() for p in self.passes]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=_json_default)
@@ -117,19 +108,14 @@ def parse_set_options(items: Sequence[str]) -> dict:
 
 
 def load_recipe(path: Union[str, os.PathLike]) -> tuple:
-    """A recipe file (YAML or JSON): ``{"passes": [...], "options": {pass: {opt: value}}}``.
-
-    ``passes`` may also be a list of ``{name: {options}}`` mappings. Returns (pass names, options).
-    """
+    """(pass names, options) of a YAML/JSON recipe ``{"passes": [name | {name: {options}}, ...],
+    "options": {pass: {opt: value}}}``."""
     p = Path(path)
     if not p.is_file():
         raise OptionError(f"recipe '{p}' does not exist.", "give the path of a YAML or JSON recipe")
     text = p.read_text()
     try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except Exception as exc:
         raise OptionError(f"recipe '{p}' cannot be parsed: {str(exc).splitlines()[0]}", "check its YAML/JSON syntax") from None
     if not isinstance(data, dict) or "passes" not in data:
@@ -167,8 +153,7 @@ def _recipe_options(path: Path, name: str, opts) -> dict:
 
 
 def resolve_options(names: Sequence[str], options: Optional[dict]) -> dict:
-    """Each pass's typed ``Options`` from ``{pass: {option: value}}`` (unknown option -> error
-    listing the valid ones)."""
+    """Each pass's typed ``Options`` from ``{pass: {option: value}}``."""
     options = dict(options or {})
     for pass_name in options:
         if pass_name not in names:
@@ -179,12 +164,9 @@ def resolve_options(names: Sequence[str], options: Optional[dict]) -> dict:
 
 
 def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) -> dict:
-    """Run both models on the same inputs; return the error (``passed`` says whether within tolerance).
-
-    Generated inputs cover every size the feed plan found (two where the model has dynamic dims).
-    When no input can be built or onnxruntime cannot load the input model, the result is
-    ``{"verified": False, "reason": ...}``: the caller decides whether that blocks.
-    """
+    """Run both models on the same inputs; return the error (``passed``: within tolerance), or
+    ``{"verified": False, "reason": ...}`` when no input can be built or onnxruntime cannot load
+    ``before``: the caller decides whether that blocks."""
     try:
         feeds, source = ctx.verification_feeds(before)
         s_ref = runtime.session(before)
@@ -216,15 +198,13 @@ def verify_exact(before: ModelProto, after: ModelProto, ctx: PassContext, *, rto
     worst["passed"] = bool(worst["max_abs"] <= atol or worst["max_rel"] <= rtol)
     worst["inputs"] = source
     if source == "generated":
-        plan = ctx.feed_plan(before)
-        worst["sizes"] = [{n: list(s) for n, s in sizes.items()} for sizes in plan.sizes]
+        worst["sizes"] = [{n: list(s) for n, s in sizes.items()} for sizes in ctx.feed_plan(before).sizes]
     worst["rtol"], worst["atol"] = rtol, atol
     return worst
 
 
 def _run_pass(info: PassInfo, current: ModelProto, options, ctx: PassContext) -> tuple:
-    """(result, new model) of one pass on a copy of ``current``, with the ops it does not know at
-    the model's opset hidden from it and the output validated."""
+    """(result, new model) of one pass on a copy of ``current``, unknown ops hidden, the output validated."""
     work = model_io.load_model(current, check=False)
     hidden = opsets.hide_unknown(work)  # ops the passes do not know at this opset are left alone
     blocker = unrepresentable(work)
@@ -245,9 +225,8 @@ def _run_pass(info: PassInfo, current: ModelProto, options, ctx: PassContext) ->
 
 
 def _rule_switches(options, extra: dict) -> list:
-    """The pass's rules that can be switched off: its on/off options that are on
-    (cleanup.fold_pads...), and for a rule-table pass (bnfuse) the rules that fired, which its
-    ``disable`` option switches off."""
+    """The pass's rules that can be switched off: its on/off options that are on, and for a rule-table
+    pass (bnfuse) the rules that fired, which its ``disable`` option switches off."""
     if not dataclasses.is_dataclass(options):
         return []
     switches = [f.name for f in dataclasses.fields(options) if getattr(options, f.name) is True]
@@ -267,10 +246,8 @@ def _switched_off(options, off: tuple):
 
 
 def _revert_failing_rules(info: PassInfo, current: ModelProto, options, ctx: PassContext, failed: dict, extra: dict):
-    """Find the rule(s) of an exact pass whose rewrites changed the output and run the pass
-    without them, keeping the rest: first each rule alone switched off, then (bisecting the
-    rules) the largest set of rules that still verifies. Returns (result, model, verification
-    with ``reverted``, options dict) or None when no part of the pass verifies (the caller fails)."""
+    """Rerun an exact pass without the rule(s) whose rewrites changed the output: first each rule alone
+    switched off, then the largest set that verifies. (result, model, verification, options dict), or None."""
     rules = _rule_switches(options, extra)
     if not rules:
         return None
@@ -284,17 +261,11 @@ def _revert_failing_rules(info: PassInfo, current: ModelProto, options, ctx: Pas
             tried[off] = (result, model, ver, opts) if ver is not None and ver.get("passed") else None
         return tried[off]
 
-    found = None
-    for rule in rules:  # one rule at fault: the common case
-        found = attempt((rule,))
-        if found:
-            off = (rule,)
-            break
-    if not found:  # several: keep the rules that verify alone, then all of those together
+    off = next(((rule,) for rule in rules if attempt((rule,))), None)  # one rule at fault: the common case
+    if off is None:  # several: keep the rules that verify alone, then all of those together
         good = [r for r in rules if attempt(tuple(x for x in rules if x != r))]
-        if good:
-            off = tuple(r for r in rules if r not in good)
-            found = attempt(off)
+        off = tuple(r for r in rules if r not in good) if good else None
+    found = attempt(off) if off is not None else None
     if not found:
         return None
     result, model, ver, opts = found
@@ -305,29 +276,23 @@ def _revert_failing_rules(info: PassInfo, current: ModelProto, options, ctx: Pas
     return result, model, ver, opts.to_dict()
 
 
-def _unverified(name: str, verification: dict, ctx: PassContext) -> None:
-    """An exact pass that could not be verified: an error with --require-verify, else one line."""
-    reason = verification["reason"]
-    if ctx.require_verify:
-        raise OnnxoptError(f"the exact pass '{name}' cannot be verified: {reason}",
-                           "skip the check with --no-verify (verify=False in the API), give --data or --input-shape, "
-                           "or drop --require-verify to write it unverified")
-    ctx.log(f"  {name}: not verified ({reason})")
-
-
 def _summary(model: ModelProto, layers: bool) -> dict:
     return stats.summarize(model) if layers else {"ops": stats.op_histogram(model)}
 
 
 def _check_exact(info: PassInfo, current: ModelProto, new_model: ModelProto, result: PassResult, record: PassRecord,
                  options, ctx: PassContext, summarize_layers: bool) -> ModelProto:
-    """Verify an exact pass; revert the rule(s) that changed the output (``record`` then describes
-    the kept part) and return the model the chain goes on with; when no part verifies, the model
-    before the pass (:func:`_revert_pass`)."""
+    """Verify an exact pass, reverting the rule(s) or the pass that changed the output; return the model
+    the chain goes on with (``record`` describes what was kept)."""
     name = info.name
     record.verification = verify_exact(current, new_model, ctx)
-    if record.verification["verified"] is False:
-        _unverified(name, record.verification, ctx)
+    if record.verification["verified"] is False:  # an error with --require-verify, else one line
+        reason = record.verification["reason"]
+        if ctx.require_verify:
+            raise OnnxoptError(f"the exact pass '{name}' cannot be verified: {reason}",
+                               "skip the check with --no-verify (verify=False in the API), give --data or "
+                               "--input-shape, or drop --require-verify to write it unverified")
+        ctx.log(f"  {name}: not verified ({reason})")
     elif not record.verification["passed"]:
         kept = _revert_failing_rules(info, current, options, ctx, record.verification, result.extra)
         if kept is not None:  # the rules that broke the output are undone, the rest is kept
@@ -344,10 +309,8 @@ def _check_exact(info: PassInfo, current: ModelProto, new_model: ModelProto, res
 
 
 def _revert_pass(record: PassRecord, current: ModelProto, ctx: PassContext) -> ModelProto:
-    """An exact pass no part of which verifies (it has no rule switches, or none that helps) is
-    undone: the chain goes on with the model as it was before the pass, the console says so in one
-    line and the record keeps the failed verification (``reverted_pass``). With ``require_verify``
-    it is an error instead."""
+    """Undo an exact pass no part of which verifies: the chain goes on with the model before it, the
+    record keeps the failed verification (``reverted_pass``); with ``require_verify`` an error."""
     v = record.verification
     what = (f"pass '{record.name}' changed the model's output '{v['worst_output']}' beyond tolerance: "
             f"max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} (tolerance rel {v['rtol']:g} / abs {v['atol']:g})")
@@ -370,10 +333,8 @@ def _measure_change(current: ModelProto, new_model: ModelProto, result: PassResu
             change_feeds = output_change.feeds(ctx, current)
         except OnnxoptError as exc:  # no input onnxruntime runs: the change goes unmeasured, the pass stands
             change_feeds = exc
-    if isinstance(change_feeds, OnnxoptError):
-        record.output_change = {"skipped": change_feeds.message}
-    else:
-        record.output_change = output_change.measure(current, new_model, *change_feeds)
+    record.output_change = ({"skipped": change_feeds.message} if isinstance(change_feeds, OnnxoptError)
+                            else output_change.measure(current, new_model, *change_feeds))
     if output_change.is_damaging(record.output_change):
         record.warnings.append(_damage_warning(record.name, record, result.extra))
     return change_feeds
@@ -381,8 +342,7 @@ def _measure_change(current: ModelProto, new_model: ModelProto, result: PassResu
 
 def _record_history(model: ModelProto, name: str, options: dict) -> None:
     """Append the pass to the model's ``onnxopt.passes`` metadata and stamp the version."""
-    applied = [json.loads(p.value) for p in model.metadata_props if p.key == "onnxopt.passes"]
-    history = applied[0] if applied else []
+    history = next((json.loads(p.value) for p in model.metadata_props if p.key == "onnxopt.passes"), [])
     history.append({"pass": name, "options": options})
     model_io.record_metadata(model, "onnxopt.passes", history)
     model_io.record_metadata(model, "onnxopt.version", __version__)
@@ -398,13 +358,9 @@ def apply(
     save_steps: Optional[Union[str, os.PathLike]] = None,
     summarize_layers: bool = True,
 ) -> tuple:
-    """Apply ``passes`` (comma-separated string or list) to ``model`` in order.
-
-    Returns ``(model, report)``. ``options`` maps pass name to ``{option: value}``; values may be
-    strings (as from the CLI) and are converted to each option's type. ``context`` carries the
-    data and settings passes may use (calibration data for ``qdq``). The input model (path or
-    proto) is never modified.
-    """
+    """Apply ``passes`` (comma-separated string or list) to ``model`` in order; returns ``(model, report)``.
+    ``options``: ``{pass: {option: value}}``, values typed or strings (as from the CLI); ``context``:
+    the data and settings passes may use (calibration data for ``qdq``). The input is never modified."""
     names = parse_pass_list(passes)
     resolved = resolve_options(names, options)
     source = str(model) if not isinstance(model, ModelProto) else None
@@ -421,9 +377,8 @@ def apply(
         ctx.log(f"[{step + 1}/{len(names)}] {name} ...")
         t0 = time.perf_counter()
         result, new_model = _run_pass(info, current, resolved[name], ctx)
-        seconds = time.perf_counter() - t0
         record = PassRecord(
-            name=name, exact=info.exact, options=resolved[name].to_dict(), seconds=seconds,
+            name=name, exact=info.exact, options=resolved[name].to_dict(), seconds=time.perf_counter() - t0,
             before=before_stats, after=_summary(new_model, summarize_layers),
             changes=result.changes, details=result.details, skipped=result.skipped, extra=result.extra,
         )
@@ -442,11 +397,8 @@ def apply(
 
 
 def unrepresentable(model: ModelProto) -> Optional[str]:
-    """Why onnx-graphsurgeon (every pass's graph editor) cannot round-trip ``model``, or None.
-
-    It exports only tensor (and sequence-of-tensor) values and drops attributes of type TYPE_PROTO
-    (the ``type`` of an ``Optional`` node): a pass would crash or silently write a different model.
-    """
+    """Why onnx-graphsurgeon (every pass's graph editor) cannot round-trip ``model``, or None: it
+    exports only tensor (and sequence) values and drops TYPE_PROTO attributes (``Optional``'s ``type``)."""
     def walk(graph: onnx.GraphProto) -> Optional[str]:
         for vi in list(graph.input) + list(graph.output):
             if not vi.type.HasField("tensor_type") and not (
@@ -466,9 +418,8 @@ def unrepresentable(model: ModelProto) -> Optional[str]:
 
 
 def _damage_warning(name: str, record: PassRecord, extra: dict) -> str:
-    """The console warning of an approximate pass that changed the output beyond
-    output_change.WARN_BELOW: what changed, what caused it (``extra["damage_sources"]``, e.g. lite's
-    rules) and the ways out (``extra["ways_out"]``, else finetuning)."""
+    """The console warning of an approximate pass that damaged the output: what changed, what caused
+    it (``extra["damage_sources"]``) and the ways out (``extra["ways_out"]``, else finetuning)."""
     sources = extra.get("damage_sources") or []
     cause = f" (rules {', '.join(sources)})" if sources else ""
     ways = extra.get("ways_out") or "finetune the model against the original (onnxopt finetune OUT --teacher MODEL --data DATA)"
@@ -476,11 +427,9 @@ def _damage_warning(name: str, record: PassRecord, extra: dict) -> str:
 
 
 def _validate_pass_output(name: str, model: ModelProto, before: Optional[ModelProto] = None) -> Optional[str]:
-    """Every pass must leave a valid model: full checker and strict-enough shape inference.
-
-    When the model before the pass fails shape inference with the same error (onnx's own function
-    bodies fail it for some ops, e.g. MeanVarianceNormalization at opset 13), the pass is not
-    blamed: the returned note says so."""
+    """Every pass must leave a valid model: full checker and shape inference. When the model before
+    the pass fails inference the same way (onnx's own function bodies do for some ops), the pass
+    is not blamed: the returned note says so."""
     try:
         model_io.check_model(model, full=True)
     except onnx.shape_inference.InferenceError as exc:

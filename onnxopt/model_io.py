@@ -1,10 +1,5 @@
-"""Loading and saving models safely.
-
-Loading validates up front (file exists, parses, IR/opset supported, external data present and
-inside the model's folder) so that every later failure is about the pass, not the file. Saving is
-atomic: the model is written to a temporary file in the output folder and renamed into place, so
-an interrupted run never leaves a half-written model, and the input file is never written to.
-"""
+"""Loading and saving models safely: loading validates up front (parse, IR/opset, external data) so
+every later failure is about the pass, not the file; saving is atomic and never writes over the input."""
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +16,7 @@ from onnx.external_data_helper import uses_external_data
 from .errors import ModelLoadError, OnnxoptError
 from .opsets import max_opset
 
-# The range of default-domain opsets onnxopt reads: from 7 to every opset the installed onnx
-# defines. Operators newer than the passes' review are left alone by them (onnxopt.opsets).
+# Default-domain opsets read: 7 to the installed onnx's newest (unreviewed operators: onnxopt.opsets).
 MIN_OPSET = 7
 MAX_OPSET = max_opset()
 TWO_GB = 2**31
@@ -42,8 +36,7 @@ def opset_of(model: ModelProto, domain: str = "") -> int:
 def _check_external_locations(model: ModelProto, base_dir: Path) -> None:
     """Refuse external data that escapes the model's folder or is missing, before reading any of it."""
     base = base_dir.resolve()
-    tensors = list(all_tensors(model))
-    for tensor in tensors:
+    for tensor in all_tensors(model):
         if not uses_external_data(tensor):
             continue
         info = {e.key: e.value for e in tensor.external_data}
@@ -51,26 +44,22 @@ def _check_external_locations(model: ModelProto, base_dir: Path) -> None:
         if not location or os.path.isabs(location):
             raise ModelLoadError(
                 f"tensor '{tensor.name}' stores its data at an absolute or empty location '{location}'.",
-                "external data must sit next to the model, referenced by a relative path",
-            )
+                "external data must sit next to the model, referenced by a relative path")
         target = (base / location).resolve()
         if base != target and base not in target.parents:
             raise ModelLoadError(
                 f"tensor '{tensor.name}' points its external data at '{location}', which escapes the model's folder {base}.",
-                "onnxopt refuses external data outside the model's folder; move the data file next to the model",
-            )
+                "onnxopt refuses external data outside the model's folder; move the data file next to the model")
         if not target.is_file():
             raise ModelLoadError(
                 f"external data file '{location}' for tensor '{tensor.name}' is missing (looked in {base}).",
-                "copy the .data file that came with the model next to it",
-            )
+                "copy the .data file that came with the model next to it")
         length = int(info.get("length", "-1") or -1)
         offset = int(info.get("offset", "0") or 0)
         if length >= 0 and offset + length > target.stat().st_size:
             raise ModelLoadError(
                 f"external data file '{location}' is shorter than tensor '{tensor.name}' needs (truncated?).",
-                "re-export or re-copy the model together with its data file",
-            )
+                "re-export or re-copy the model together with its data file")
 
 
 def all_tensors(model: ModelProto) -> Iterable[onnx.TensorProto]:
@@ -83,7 +72,7 @@ def all_tensors(model: ModelProto) -> Iterable[onnx.TensorProto]:
                     yield attr.t
                 elif attr.type == onnx.AttributeProto.TENSORS:
                     yield from attr.tensors
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 yield from walk(sub)
 
     yield from walk(model.graph)
@@ -97,30 +86,22 @@ def subgraph_reads(node: onnx.NodeProto) -> set:
     def walk(graph: onnx.GraphProto):
         for inner in graph.node:
             names.update(i for i in inner.input if i)
-            for sub in _subgraphs(inner):
+            for sub in subgraphs(inner):
                 walk(sub)
 
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         walk(sub)
     return names
 
 
-def _subgraphs(node: onnx.NodeProto) -> list:
-    out = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
+def subgraphs(node: onnx.NodeProto) -> list:
+    """The graphs in ``node``'s attributes (If/Loop/Scan bodies), not the nested ones."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
 
 
 def load_model(source: ModelLike, *, check: bool = True) -> ModelProto:
-    """Load and validate a model from a path (or validate a ModelProto and return a copy).
-
-    External data is loaded into memory after its locations were checked. Raises
-    :class:`ModelLoadError` with an actionable message for every way a file can be bad.
-    """
+    """Load and validate a model from a path (or validate a ModelProto and return a copy); external
+    data is loaded after its locations were checked. Raises :class:`ModelLoadError`."""
     if isinstance(source, ModelProto):
         model = ModelProto()
         model.CopyFrom(source)
@@ -138,13 +119,10 @@ def load_model(source: ModelLike, *, check: bool = True) -> ModelProto:
     except Exception as exc:  # protobuf raises DecodeError / RuntimeWarning subclasses
         raise ModelLoadError(
             f"'{path}' is not a readable ONNX model ({type(exc).__name__}: {str(exc).strip() or 'parse error'}).",
-            "the file may be truncated or not an ONNX protobuf; re-export it",
-        ) from None
+            "the file may be truncated or not an ONNX protobuf; re-export it") from None
     if not model.graph.node and not model.graph.output and not model.opset_import:
-        raise ModelLoadError(
-            f"'{path}' parsed as an empty protobuf: it is not an ONNX model.",
-            "pass an .onnx file exported from your framework",
-        )
+        raise ModelLoadError(f"'{path}' parsed as an empty protobuf: it is not an ONNX model.",
+                             "pass an .onnx file exported from your framework")
     _check_external_locations(model, path.parent)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
@@ -162,10 +140,8 @@ def validate_model(model: ModelProto, what: str = "model") -> None:
         raise ModelLoadError(f"{what} declares no default-domain opset.", "re-export it with an opset_import for the ai.onnx domain")
     # a model made only of other domains' ops (ai.onnx.ml...) needs no default-domain opset
     if opset and (opset < MIN_OPSET or opset > MAX_OPSET):
-        raise ModelLoadError(
-            f"{what} uses opset {opset}; onnxopt supports opsets {MIN_OPSET}..{MAX_OPSET}.",
-            "convert it with onnx.version_converter.convert_version(model, 17)",
-        )
+        raise ModelLoadError(f"{what} uses opset {opset}; onnxopt supports opsets {MIN_OPSET}..{MAX_OPSET}.",
+                             "convert it with onnx.version_converter.convert_version(model, 17)")
     if model.ir_version < 3:
         raise ModelLoadError(f"{what} has IR version {model.ir_version}, older than onnxopt reads (3).", "re-export the model with a recent exporter")
     try:
@@ -178,10 +154,8 @@ def validate_model(model: ModelProto, what: str = "model") -> None:
 
 
 def _uses_default_domain(graph: onnx.GraphProto) -> bool:
-    for node in graph.node:
-        if node.domain in ("", "ai.onnx") or any(_uses_default_domain(g) for g in _subgraphs(node)):
-            return True
-    return False
+    return any(node.domain in ("", "ai.onnx") or any(_uses_default_domain(g) for g in subgraphs(node))
+               for node in graph.node)
 
 
 def check_model(model: ModelProto, full: bool = False) -> None:
@@ -224,17 +198,12 @@ def follow_umask(path: Union[str, os.PathLike]) -> None:
 
 
 def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iterable[ModelLike] = (), external_data: bool | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically.
-
-    ``inputs`` are the paths of the models the result came from: writing over one of them is
-    refused, so the input model is never modified. Models over 2 GB (or with ``external_data``)
-    are written with their tensors in ``<name>.data`` next to the model.
-    """
+    """Write ``model`` to ``path`` atomically, refusing to write over one of ``inputs`` (the models it came
+    from). Models over 2 GB (or with ``external_data``) keep their tensors in ``<name>.data`` beside it."""
     out = Path(path)
     refuse_overwriting_inputs(out, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    big = model.ByteSize() >= MAX_PROTO_BYTES
-    use_external = big if external_data is None else external_data
+    use_external = model.ByteSize() >= MAX_PROTO_BYTES if external_data is None else external_data
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
     os.close(fd)
     tmp_data = None
@@ -244,8 +213,7 @@ def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iter
             tmp_data_name = Path(tmp).name + ".data"
             tmp_data = out.parent / tmp_data_name
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data_name, size_threshold=1024)
-            # onnx.save_model moved the tensors' bytes out of the caller's proto: read them back
-            # (no copy of a >2 GB model needed) so ``model`` is unchanged for the caller.
+            # save_model moved the bytes out of the caller's proto: read them back (no copy of a >2 GB model)
             _restore_external_data(model, out.parent)
             # the model refers to its data by name: rewrite the location before the final rename
             saved = onnx.load_model(tmp, load_external_data=False)
@@ -287,10 +255,8 @@ def record_metadata(model: ModelProto, key: str, value) -> None:
     model.metadata_props.add(key=key, value=text)
 
 
-# Clip bounds a pass removed from a tensor (lite's ReLU6 -> ReLU), kept so that the quantizer can
-# put them back: a Q/DQ whose range ends at 6 clips exactly where the ReLU6 did, so the quantized
-# lite model computes what the quantized original did. Passes that rescale such a tensor
-# (equalize) drop its entry.
+# Clip bounds a pass removed (lite's ReLU6 -> ReLU), for the quantizer to put back: a Q/DQ range ending
+# at 6 clips where the ReLU6 did. Passes that rescale such a tensor (equalize) drop its entry.
 ACTIVATION_BOUNDS_KEY = "onnxopt.activation_bounds"
 
 

@@ -1,23 +1,9 @@
 """Which operator versions onnxopt's rewrites know the semantics of.
 
-onnxopt's passes were written against the default-domain operators up to opset
-:data:`REVIEWED_OPSET`. A newer onnx defines newer versions of some operators; a model at such an
-opset is still accepted (every opset the installed onnx defines), and a rewrite meets each node
-through :func:`known_semantics`:
-
-* a version introduced at or before :data:`REVIEWED_OPSET` is known;
-* a later version is known when it only widened the types (same attributes, same number of inputs
-  and outputs, every earlier type still allowed) of a known version -- the computation is the
-  same for every type the passes touch;
-* a later version reviewed by hand (:data:`REVIEWED_LATER`) is known;
-* a model older than opset :data:`MIN_REVIEWED_OPSET`: an operator that did not change between
-  the model's opset and that one is known;
-* anything else (a new attribute, a new input, an operator born after the review, an old
-  version) is unknown: the pass leaves that node alone. The pass manager enforces it for every
-  pass: :func:`hide_unknown` moves such nodes into a private domain while a pass runs (passes
-  leave other domains' ops alone) and :func:`restore_hidden` puts them back.
-
-Folding constants is not affected: onnxruntime evaluates the node at the model's own opset.
+The passes were reviewed up to :data:`REVIEWED_OPSET`; a later version is known when it only widened
+the types of a known one (the computation is the same for every type the passes touch) or was
+reviewed by hand. Anything else is left alone: :func:`hide_unknown` moves it into a private domain
+while a pass runs (passes leave other domains' ops alone). Constant folding is not affected.
 """
 from __future__ import annotations
 
@@ -64,9 +50,8 @@ def known_semantics(op: str, domain: str, opset: int) -> bool:
         return False  # an operator born after the review
     if not known_semantics(op, "", before.since_version):
         return False
-    if set(schema.attributes) != set(before.attributes):
-        return False
-    if (len(schema.inputs), len(schema.outputs)) != (len(before.inputs), len(before.outputs)):
+    if set(schema.attributes) != set(before.attributes) or (
+            (len(schema.inputs), len(schema.outputs)) != (len(before.inputs), len(before.outputs))):
         return False
     old = {t.type_param_str: set(t.allowed_type_strs) for t in before.type_constraints}
     new = {t.type_param_str: set(t.allowed_type_strs) for t in schema.type_constraints}
@@ -88,8 +73,7 @@ def _walk(graph: onnx.GraphProto):
 
 
 def hide_unknown(model: onnx.ModelProto) -> list:
-    """Move the nodes whose semantics are unknown at the model's opset into a private domain (in
-    place); returns their op types (empty: the model is unchanged)."""
+    """Move the nodes whose semantics are unknown at the model's opset into a private domain; returns their op types."""
     opset = next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
     if not opset:
         return []

@@ -1,14 +1,10 @@
 """How much an approximate pass changed the model's outputs, measured on the data in hand.
 
-The pass manager measures every approximate pass that changed the model here (lite, prune,
-sparsify, qdq ...), so that each summary line reads the same way. It is the task-aware metric of
-:mod:`onnxopt.task_metric`, measured where that module measures: on the logits of a graph output
-written by a terminal Softmax / LogSoftmax / Sigmoid (probabilities hide a changed argmax), else
-on the output itself. Per graph output: the cosine similarity, the relative L2 error
-``|r - c| / |r|`` and the SQNR against the model before the pass, and for classifier-shaped
-outputs (``[N, C]``, ``C > 1``) the top-1 agreement and the KL divergence. A cosine or an
-agreement below :data:`WARN_BELOW` is a warning on the console: the output changed enough to
-matter (an output turned to all zeros has cosine 0).
+The pass manager measures every approximate pass here, so each summary line reads the same way:
+per graph output, on the logits before a terminal Softmax/LogSoftmax/Sigmoid (probabilities hide
+a changed argmax; :mod:`onnxopt.task_metric`), the cosine, the relative L2 error, the SQNR, and
+for classifier outputs the top-1 agreement and KL. A cosine or agreement below
+:data:`WARN_BELOW` is a console warning (an output turned to all zeros has cosine 0).
 """
 from __future__ import annotations
 
@@ -28,11 +24,9 @@ WARN_BELOW = 0.9      # cosine or top-1 agreement below this: the console warns
 
 
 def feeds(ctx, model: ModelProto, samples: int = SAMPLES) -> tuple:
-    """(feeds, "data" | "generated"): batches of the user's data up to ``samples`` samples, else
-    :data:`GENERATED` generated inputs. Data is read again only from a :class:`DataSource` (files,
-    or a data script, as the CLI opens them); a plain callable given to the API may be a stream
-    that is costly or single-use, so the passes alone read it and the change is measured on
-    generated inputs."""
+    """(feeds, "data" | "generated"): the user's data up to ``samples`` samples, else :data:`GENERATED`
+    generated inputs. Only a :class:`DataSource` is read again: a plain callable given to the API
+    may be a costly or single-use stream, so the passes alone read it."""
     if ctx is None:
         return [runtime.generate_inputs(model, seed=s) for s in range(GENERATED)], "generated"
     if not isinstance(ctx.data, DataSource):  # the verification's generated inputs (plausible values per input role)
@@ -41,11 +35,7 @@ def feeds(ctx, model: ModelProto, samples: int = SAMPLES) -> tuple:
 
 
 def measure(before: ModelProto, after: ModelProto, batches: list, source: str = "data") -> dict:
-    """The output change of ``after`` against ``before`` on ``batches`` (see the module docstring).
-
-    Returns ``{"inputs", "samples", "outputs": {name: {...}}, "cosine", "rel_error",
-    "top1_agreement"}`` with the worst value over the outputs, or ``{"skipped": reason}`` when
-    onnxruntime cannot run one of the models (a custom op): the change is then not measured."""
+    """The output change of ``after`` against ``before`` on ``batches``, or ``{"skipped": reason}``."""
     ref_model, ref_tensor = task_metric.with_logit_outputs(before)
     new_model, new_tensor = task_metric.with_logit_outputs(after)
     try:
@@ -77,11 +67,9 @@ def _compare(refs: list, cands: list) -> dict:
     r = np.concatenate([a.reshape(-1) for a in refs])
     c = np.concatenate([a.reshape(-1) for a in cands])
     finite = np.isfinite(r) & np.isfinite(c)
-    if not finite.all():  # a NaN/Inf where the reference has none is as far off as it gets
-        bad = int((~finite & np.isfinite(r)).sum())
+    bad = int((~finite & np.isfinite(r)).sum())  # a NaN/Inf where the reference has none is as far off as it gets
+    if not finite.all():
         r, c = r[finite], c[finite]
-    else:
-        bad = 0
     nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
     if nr == 0.0 and nc == 0.0:
         cosine = 1.0
@@ -107,15 +95,9 @@ def describe(change: dict, prefix: str = "output change ") -> str:
     """``output change cosine 0.871, rel err 0.45, top-1 agreement 62.5 % (32 samples of the data)``."""
     if change.get("skipped"):
         return f"output change not measured: {change['skipped']}"
-    parts = []
-    if change.get("cosine") is not None:
-        parts.append(f"cosine {change['cosine']:.4f}")
-    if change.get("rel_error") is not None:
-        parts.append(f"rel err {change['rel_error']:.3g}")
-    if change.get("top1_agreement") is not None:
-        parts.append(f"top-1 agreement {100 * change['top1_agreement']:.1f} %")
-    if change.get("kl") is not None:
-        parts.append(f"KL {change['kl']:.3g}")
+    shown = {"cosine": lambda v: f"cosine {v:.4f}", "rel_error": lambda v: f"rel err {v:.3g}",
+             "top1_agreement": lambda v: f"top-1 agreement {100 * v:.1f} %", "kl": lambda v: f"KL {v:.3g}"}
+    parts = [fmt(change[key]) for key, fmt in shown.items() if change.get(key) is not None]
     if any(v.get("measured") for v in change.get("outputs", {}).values()):
         parts.append("on the logits before the final " + "/".join(sorted({v["activation"] for v in change["outputs"].values() if v.get("activation")})))
     what = "of the data" if change.get("inputs") == "data" else "of generated inputs; give --calib-data for real figures"

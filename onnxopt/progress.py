@@ -1,10 +1,5 @@
-"""Progress of the long steps (calibration, refit, compare, finetuning): a bar on a terminal, and
-one plain line every few seconds elsewhere (CI logs, piped output), where a bar's carriage returns
-would pile up in one line, and a 2-minute calibration would otherwise print nothing.
-
-``progress_bar(total, desc, enabled)`` returns an object with ``update(n)`` and ``close()`` (and
-works as a context manager). ``enabled=False`` (``--quiet``) shows nothing.
-"""
+"""Progress of the long steps: a bar on a terminal, and one plain line every few seconds elsewhere
+(CI logs, piped output), where a bar's carriage returns would pile up in one line."""
 from __future__ import annotations
 
 import sys
@@ -22,8 +17,7 @@ class _Lines:
 
     def __init__(self, total: Optional[int], desc: str, unit: str, stream):
         self.total, self.desc, self.unit, self.stream = total, desc, unit, stream
-        self.n = 0
-        self._closed = False
+        self.n, self._closed = 0, False
         self.t0 = self._last = time.monotonic()
 
     def update(self, n: int = 1) -> None:

@@ -1,19 +1,15 @@
 """The pass registry: every pass declares a name, a one-line summary, an ``Options`` dataclass
 and whether it is exact (output-preserving) or approximate.
 
-A pass module in ``passes/`` registers itself with :func:`register_pass`; the package imports
-every module in that folder, so a new pass is one new file. A pass's ``Options`` is a dataclass
-deriving from :class:`PassOptions` whose fields are declared with :func:`option` (type from the
-annotation, default, help, choices, optional command-line flag); a field whose type is another
-dataclass is a group whose options the user sets by their own names. ``onnxopt passes``,
-``--set``, recipes and the ``apply`` command's shortcut flags are all generated from these
-declarations. Values given as strings (CLI, recipes) or dicts (the Python API) are converted and
-validated here, so a pass receives its typed ``Options`` object.
+A module in ``passes/`` registers itself with :func:`register_pass` (a new pass is one new file), its
+``Options`` fields declared with :func:`option`. ``onnxopt passes``, ``--set``, recipes and shortcut
+flags are generated from these, and user values are converted here, so a pass gets typed options.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import pkgutil
 import re
 import typing
@@ -26,6 +22,9 @@ import onnxopt.passes
 
 from .errors import DataError, OptionError
 from .feeds import NoFeedError, plan_feeds
+
+
+_BOOL_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 @dataclass(frozen=True)
@@ -47,42 +46,26 @@ class Option:
             if value is None:
                 converted = None
             elif self.type is bool:
-                if isinstance(value, bool):
-                    converted = value
-                elif str(value).strip().lower() in ("1", "true", "yes", "on"):
-                    converted = True
-                elif str(value).strip().lower() in ("0", "false", "no", "off"):
-                    converted = False
-                else:
-                    raise ValueError(value)
+                converted = value if isinstance(value, bool) else _BOOL_WORDS[str(value).strip().lower()]
             elif self.type is list:
-                if isinstance(value, (list, tuple)):
-                    converted = [str(v).strip() for v in value if str(v).strip()]
-                else:
-                    converted = [v.strip() for v in str(value).split(",") if v.strip()]
-            elif self.type is int:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError(value)
-                converted = int(value)
-            elif self.type is float:
-                if isinstance(value, bool):
-                    raise ValueError(value)
-                converted = float(value)
+                items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+                converted = [str(v).strip() for v in items if str(v).strip()]
+            elif isinstance(value, bool) and self.type in (int, float):
+                raise ValueError(value)  # True is no number here
+            elif self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
             else:
                 converted = self.type(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError):
             raise OptionError(
                 f"bad value {value!r} for option {where}: expected {self.type.__name__}.",
-                f"{where}: {self.help}",
-            ) from None
+                f"{where}: {self.help}") from None
         if self.choices is not None and converted is not None:
             items = converted if isinstance(converted, list) else [converted]
             bad = [v for v in items if v not in self.choices]
             if bad:
-                raise OptionError(
-                    f"bad value {bad[0]!r} for option {where}.",
-                    f"valid values: {', '.join(map(str, self.choices))}",
-                )
+                raise OptionError(f"bad value {bad[0]!r} for option {where}.",
+                                  f"valid values: {', '.join(map(str, self.choices))}")
         return converted
 
 
@@ -96,8 +79,7 @@ def option(default: Any, help: str, choices: Optional[Sequence[Any]] = None, *, 
 
 
 def compile_patterns(items: list, option_name: str) -> list:
-    """The regular expressions of a list option (e.g. ``prune.protect``); a bad one is the user's
-    error, named with its option."""
+    """The regular expressions of a list option (e.g. ``prune.protect``); a bad one is an OptionError."""
     patterns = []
     for item in items:
         try:
@@ -111,8 +93,7 @@ def _option_type(hint: Any) -> type:
     """``bool``/``int``/``float``/``str``/``list[str]``/``Optional[...]`` -> the Option type."""
     origin = typing.get_origin(hint)
     if origin is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _option_type(args[0])
+        return _option_type(next(a for a in typing.get_args(hint) if a is not type(None)))
     if hint is list or origin is list:
         return list
     return hint
@@ -120,17 +101,14 @@ def _option_type(hint: Any) -> type:
 
 @dataclass
 class PassOptions:
-    """Base of every pass's ``Options``: the declared options, conversion from user values, and
-    the flat ``{option: value}`` view written to reports and model metadata."""
+    """Base of every pass's ``Options``: declared options, conversion of user values, a flat ``to_dict``."""
 
     @classmethod
     def declared(cls) -> tuple:
         """The :class:`Option` of every field, groups flattened, in declaration order."""
-        cached = cls.__dict__.get("_declared")
-        if cached is None:
-            cached = tuple(opt for opt, _ in _walk(cls, ()))
-            cls._declared = cached
-        return cached
+        if "_declared" not in cls.__dict__:  # per class: a subclass has options of its own
+            cls._declared = tuple(opt for opt, _ in _walk(cls, ()))
+        return cls._declared
 
     @classmethod
     def build(cls, pass_name: str, given: Any = None) -> "PassOptions":
@@ -141,20 +119,16 @@ class PassOptions:
         values: dict = {}
         for key, value in (given or {}).items():
             if key not in layout:
-                raise OptionError(
-                    f"unknown option '{key}' for pass '{pass_name}'.",
-                    f"valid options of {pass_name}: {', '.join(layout) or '(none)'}",
-                )
+                raise OptionError(f"unknown option '{key}' for pass '{pass_name}'.",
+                                  f"valid options of {pass_name}: {', '.join(layout) or '(none)'}")
             opt, where = layout[key]
             values.setdefault(where, {})[key] = opt.convert(pass_name, value)
         return _construct(cls, (), values)
 
     def validate(self, model: onnx.ModelProto, ctx: "PassContext") -> None:
-        """Raise OptionError/DataError for values the types cannot rule out (ranges, options
-        that need each other, data the pass needs). The manager calls it for every pass of a
-        chain before the first pass runs, so a bad option of the last pass costs no minutes of
-        the first; the pass calls it too, for callers that run it alone. ``model`` is the
-        chain's input. Default: nothing to check."""
+        """Raise OptionError/DataError for values the types cannot rule out (ranges, data the pass
+        needs). The manager calls it for every pass before the first runs, so a bad option of the
+        last pass costs no minutes of the first; ``model`` is the chain's input."""
 
     def to_dict(self) -> dict:
         """``{option: value}`` over all groups (JSON-able: what reports and metadata record)."""
@@ -177,9 +151,8 @@ def _walk(cls: type, where: tuple):
             yield from _walk(hint, where + (f.name,))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        meta = f.metadata
-        yield Option(f.name, _option_type(hint), default, meta.get("help", ""), meta.get("choices"),
-                     meta.get("flag"), meta.get("path", False)), where
+        yield Option(f.name, _option_type(hint), default, f.metadata.get("help", ""), f.metadata.get("choices"),
+                     f.metadata.get("flag"), f.metadata.get("path", False)), where
 
 
 def _construct(cls: type, where: tuple, values: dict):
@@ -201,13 +174,9 @@ class NoOptions(PassOptions):
 
 @dataclass
 class PassResult:
-    """What a pass returns: the new model, and a JSON-able record of what it did.
-
-    ``changes`` counts what was rewritten (e.g. {"bn_folded_into_conv": 19}); ``details`` lists
-    individual rewrites (tensor names, rule names); ``skipped`` says, for each place the pass could
-    not apply safely, why -- the graph is left unchanged there. ``extra`` holds anything else
-    worth reporting (errors measured, calibration summary...).
-    """
+    """What a pass returns: the new model and a JSON-able record: ``changes`` counts rewrites,
+    ``details`` lists them, ``skipped`` says why each place left unchanged was, ``extra`` holds
+    anything else worth reporting (errors measured, calibration summary...)."""
 
     model: onnx.ModelProto
     changes: dict = field(default_factory=dict)
@@ -222,14 +191,9 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What the pass manager hands every pass besides the model and its options.
-
-    ``data`` is a callable returning a fresh iterable of feed dicts (calibration/evaluation data),
-    or None when the user gave none. ``progress`` says whether progress bars may be shown.
-    ``input_shapes`` overrides dynamic input dimensions for generated inputs.
-    ``require_verify`` makes an exact pass that cannot be verified (no runnable generated input,
-    a model onnxruntime cannot load) an error instead of a pass written unverified.
-    """
+    """What the pass manager hands every pass besides the model and its options. ``data``: a callable
+    returning a fresh iterable of feed dicts, or None; ``require_verify``: an exact pass that cannot be
+    verified is an error, not a pass written unverified."""
 
     data: Optional[Callable[[], Any]] = None
     data_spec: Optional[Any] = None
@@ -264,19 +228,12 @@ class PassContext:
         return feeds, "generated"
 
     def sample_feeds(self, model: onnx.ModelProto, batches: int = 2) -> tuple:
-        """Up to ``batches`` feed dicts from the user's data, else generated inputs.
-
-        Returns ``(feeds, "data" | "generated")``: what passes use to measure or verify their
-        output error. Data that yields nothing is an error, never a silent switch to random inputs.
-        """
+        """``(feeds, "data" | "generated")``: up to ``batches`` feed dicts from the user's data, else
+        generated inputs. Data that yields nothing is an error, never a silent switch to random inputs."""
         if self.data is None:
             plan = self.feed_plan(model)
             return [plan.feed(0, s) for s in range(max(batches, 1))], "generated"
-        feeds = []
-        for feed in self.data():
-            feeds.append(feed)
-            if len(feeds) >= max(batches, 1):
-                break
+        feeds = list(itertools.islice(self.data(), max(batches, 1)))
         if not feeds:
             raise DataError("the data given yielded no samples.", "check --data (an empty folder or a selection that takes nothing?)")
         return feeds, "data"
@@ -308,8 +265,7 @@ _DISCOVERED = False
 
 
 def register_pass(name: str, summary: str, *, exact: bool, options: Optional[type] = None):
-    """Decorator registering ``fn(model, options, ctx) -> PassResult`` as pass ``name``;
-    ``options`` is the pass's :class:`PassOptions` dataclass (None: the pass takes none)."""
+    """Decorator registering ``fn(model, options, ctx) -> PassResult`` as pass ``name``."""
     options_type = options or NoOptions
     if not (isinstance(options_type, type) and issubclass(options_type, PassOptions)):
         raise TypeError(f"pass '{name}': options must be a PassOptions dataclass, not {options!r}")
@@ -323,18 +279,13 @@ def register_pass(name: str, summary: str, *, exact: bool, options: Optional[typ
     return wrap
 
 
-def _discover() -> None:
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    for mod in pkgutil.iter_modules(onnxopt.passes.__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"onnxopt.passes.{mod.name}")
-    _DISCOVERED = True
-
-
 def all_passes() -> dict[str, PassInfo]:
-    _discover()
+    global _DISCOVERED
+    if not _DISCOVERED:  # every module of passes/ registers its pass on import
+        for mod in pkgutil.iter_modules(onnxopt.passes.__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"onnxopt.passes.{mod.name}")
+        _DISCOVERED = True
     return dict(sorted(_REGISTRY.items()))
 
 

@@ -1,8 +1,5 @@
-"""onnxruntime helpers: sessions, generated inputs, running a model, comparing outputs.
-
-Verification runs with every onnxruntime graph optimization disabled, so what is compared is the
-graph onnxopt wrote, not what onnxruntime would have rewritten it into.
-"""
+"""onnxruntime helpers: sessions, generated inputs, running a model, comparing outputs. Verification
+runs with graph optimizations off: the graph onnxopt wrote is compared, not onnxruntime's rewrite of it."""
 from __future__ import annotations
 
 import json
@@ -41,8 +38,7 @@ def session(model: ModelProto | str, *, optimize: bool = False, threads: int = 0
     except Exception as exc:
         raise OnnxoptError(
             f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:500]}",
-            "the graph uses an op or type onnxruntime's CPU provider lacks, or it is invalid",
-        ) from None
+            "the graph uses an op or type onnxruntime's CPU provider lacks, or it is invalid") from None
 
 
 def _serialize(model: ModelProto) -> bytes:
@@ -52,11 +48,8 @@ def _serialize(model: ModelProto) -> bytes:
 
 
 def input_specs(model: ModelProto, overrides: Optional[dict] = None) -> list:
-    """[(name, shape, np.dtype)] for the model's real inputs (initializer-backed inputs excluded).
-
-    Symbolic dimensions become 1 on axis 0 (batch) and must otherwise be given in ``overrides``
-    ({name: shape}); an unknown non-batch dimension is an error that says how to give it.
-    """
+    """[(name, shape, np.dtype)] of the model's real inputs: a symbolic axis 0 (batch) becomes 1,
+    another must be given in ``overrides`` ({name: shape}), else an error says how."""
     specs = []
     for vi in real_inputs(model):
         tt = vi.type.tensor_type
@@ -75,8 +68,7 @@ def input_specs(model: ModelProto, overrides: Optional[dict] = None) -> list:
                 else:
                     raise OnnxoptError(
                         f"input '{vi.name}' has a dynamic dimension {axis} ('{d.dim_param or '?'}'); onnxopt needs a concrete shape to generate inputs.",
-                        f"give it with --input-shape {shape_hint(vi)} (your real sizes), or provide --data",
-                    )
+                        f"give it with --input-shape {shape_hint(vi)} (your real sizes), or provide --data")
         specs.append((vi.name, shape, dtype))
     return specs
 
@@ -86,14 +78,10 @@ def generate_inputs(model: ModelProto, *, seed: int = 0, overrides: Optional[dic
     rng = np.random.default_rng(seed)
     feed = {}
     for name, shape, dtype in input_specs(model, overrides):
-        if dtype.kind == "f":
-            feed[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            feed[name] = rng.integers(0, 2, shape).astype(dtype)
-        elif dtype.kind in "iu":
-            feed[name] = rng.integers(0, 8, shape).astype(dtype)
-        else:
+        if dtype.kind not in "fbiu":
             raise OnnxoptError(f"cannot generate inputs of dtype {dtype} for '{name}'.", "provide data with --data")
+        high = 2 if dtype.kind == "b" else 8  # floats standard normal, bools and small ints uniform
+        feed[name] = (rng.standard_normal(shape) if dtype.kind == "f" else rng.integers(0, high, shape)).astype(dtype)
     return feed
 
 
@@ -109,11 +97,9 @@ def run(model_or_session, feed: dict, outputs: Optional[Sequence[str]] = None) -
 
 
 def tensor_error(ref: np.ndarray, cand: np.ndarray) -> tuple:
-    """(max abs, max abs relative to the reference's largest finite magnitude) of one tensor pair.
-
-    Equal values are no error, equal infinities (a masked attention score is -inf in both) and
-    NaN vs NaN included; a NaN on one side only is an infinite error; a shape mismatch is infinite;
-    a non-float tensor's error is 1 where any element differs."""
+    """(max abs, max abs relative to the reference's largest finite magnitude) of one tensor pair. Equal
+    infinities (a masked attention score) and NaN vs NaN are no error, a one-sided NaN or a shape mismatch
+    infinite; a non-float tensor's error is 1 if any element differs."""
     if ref.shape != cand.shape:
         return math.inf, math.inf
     if ref.dtype.kind not in "fc":
@@ -129,11 +115,9 @@ def tensor_error(ref: np.ndarray, cand: np.ndarray) -> tuple:
 
 
 def output_error(ref: dict, cand: dict) -> dict:
-    """Max abs and max relative (:func:`tensor_error`) error over all common outputs.
-
-    ``rtol_floor`` is 4 machine epsilons of the least precise float output compared: an exact
-    rewrite of a float16 graph may move where onnxruntime's fp16 kernels round by an ulp, so a
-    relative tolerance below that cannot be met by any rewrite."""
+    """Max abs and max relative (:func:`tensor_error`) error over all common outputs. ``rtol_floor``:
+    4 epsilons of the least precise float output, as an exact rewrite of a float16 graph may move
+    where onnxruntime's fp16 kernels round by an ulp."""
     max_abs, max_rel, worst, floor = 0.0, 0.0, None, 0.0
     for name, r in ref.items():
         if name not in cand:
@@ -155,9 +139,8 @@ def with_outputs(model: ModelProto, tensors: Iterable[str]) -> ModelProto:
     probe = ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    for name in dict.fromkeys(tensors):
-        if name and name not in known:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name)
+                              for name in dict.fromkeys(tensors) if name and name not in known)
     return probe
 
 
@@ -170,12 +153,9 @@ def intermediate_shapes(model: ModelProto, tensors: Iterable[str], *, overrides:
 
 def profile_kernels(model: ModelProto, feed: dict, runs: int, *, optimize: bool = False, threads: int = 0,
                     with_graph: bool = False) -> tuple:
-    """Kernel times from onnxruntime's profiler over ``runs`` runs of ``feed``.
-
-    Returns ``({node name: [ms of each run]}, graph)``: the names are those of the graph
-    onnxruntime executed (after its fusions when ``optimize``); ``graph`` is that graph as a
-    ModelProto when ``with_graph`` (to read the executed nodes' attributes), else None.
-    """
+    """``({node name: [ms of each run]}, graph)`` from onnxruntime's profiler over ``runs`` runs of
+    ``feed``: the names are those of the graph onnxruntime executed (after its fusions when
+    ``optimize``), ``graph`` that graph when ``with_graph``, else None."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_profiling = True

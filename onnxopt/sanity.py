@@ -1,14 +1,9 @@
 """A look at the float model's outputs on the user's data before the long steps run.
 
-Data read the wrong way (raw 0..255 pixels for a model trained on [-1, 1], BGR for RGB, the
-wrong layout) rarely fails: the model runs and answers nonsense, and calibration, pruning and
-finetuning then spend minutes fitting that nonsense. The signs are visible on a few samples:
-a classifier that gives every sample the same class, an output that does not depend on the
-input, values that are not finite, and the first bounded activation (a ReLU6 as Clip) sitting at
-its upper bound for much of the input -- what an input scaled far beyond the range the first
-layer was trained on does (EfficientNet-Lite0's first ReLU6: 4 % of the values at 6 with its own
-preprocessing, 36 % on raw 0..255 pixels). :func:`check_outputs` runs the model on the first
-samples and returns one warning per sign, with what the data was read as.
+Data read the wrong way (raw 0..255 pixels, BGR, the wrong layout) rarely fails: the model answers
+nonsense that calibration and finetuning spend minutes fitting. The signs show on a few samples: one
+class for all, an output independent of the input, non-finite values, and the first bounded activation
+at its upper bound (EfficientNet-Lite0's first ReLU6: 4 % of values at 6 as preprocessed, 36 % on raw pixels).
 """
 from __future__ import annotations
 
@@ -31,10 +26,7 @@ def _first_bound(model: ModelProto):
     for node in model.graph.node:
         if node.op_type != "Clip":
             continue
-        hi = None
-        for a in node.attribute:  # opset < 11
-            if a.name == "max":
-                hi = a.f
+        hi = next((a.f for a in node.attribute if a.name == "max"), None)  # opset < 11
         if len(node.input) > 2 and node.input[2] in consts:
             hi = float(numpy_helper.to_array(consts[node.input[2]]).reshape(-1)[0])
         if hi is not None and np.isfinite(hi):

@@ -1,9 +1,5 @@
-"""Model statistics: op histogram, parameter count, MACs (total and per layer), size.
-
-MACs are counted for the layers that dominate inference cost (Conv, ConvTranspose, Gemm,
-MatMul) from shapes inferred by ONNX shape inference; a layer whose shapes cannot be inferred
-(dynamic dims) is counted as 0 and listed with ``macs=None`` so nobody mistakes it for free.
-"""
+"""Model statistics: op histogram, parameter count, MACs (total and per layer), size. A layer whose
+shapes are unknown is listed with ``macs=None`` so nobody mistakes it for free."""
 from __future__ import annotations
 
 import collections
@@ -35,13 +31,9 @@ def param_count(model: ModelProto) -> int:
 
 
 def static_shapes(model: ModelProto, needed=None) -> dict:
-    """Tensor shapes per sample: a symbolic batch dimension (axis 0 of an input) counts as 1.
-
-    ONNX shape inference first; it stops at dynamic shape chains (e.g. a Pad whose pads are
-    computed), so the shapes of ``needed`` tensors (default: every node output) it leaves
-    unknown come from one onnxruntime run on generated inputs. A model that cannot run keeps
-    its unknown shapes (None entries).
-    """
+    """Tensor shapes per sample (a symbolic axis 0 of an input counts as 1): ONNX shape inference,
+    then one onnxruntime run for the ``needed`` tensors (default: every node output) it leaves
+    unknown at dynamic shape chains. A model that cannot run keeps its unknown shapes (None)."""
     probe = ModelProto()
     probe.CopyFrom(model)
     for inp in probe.graph.input:
@@ -49,11 +41,9 @@ def static_shapes(model: ModelProto, needed=None) -> dict:
         if len(dims) and not dims[0].HasField("dim_value"):
             dims[0].dim_value = 1
     inferred, _ = infer_shapes(probe, data_prop=True)  # a convenience: unknown shapes are filled below
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
     for name, t in const_tensors(model).items():
         shapes[name] = list(t.dims)
     if needed is None:
@@ -67,12 +57,6 @@ def static_shapes(model: ModelProto, needed=None) -> dict:
     return shapes
 
 
-def _layer_shapes(model: ModelProto) -> dict:
-    """Shapes around the costly layers only (what MACs need)."""
-    needed = [t for n in model.graph.node if n.op_type in _COUNTED for t in list(n.input[:2]) + [n.output[0]]]
-    return static_shapes(model, needed)
-
-
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
 
 
@@ -82,9 +66,14 @@ def _prod(dims) -> Optional[int]:
     return int(np.prod(dims)) if dims else 1
 
 
+def _times(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    return None if a is None or b is None else a * b
+
+
 def layer_macs(model: ModelProto) -> list:
     """Per-layer MACs: [{"name", "op", "output", "macs"}] for Conv/ConvTranspose/Gemm/MatMul(+Integer) nodes."""
-    shapes = _layer_shapes(model)
+    needed = [t for n in model.graph.node if n.op_type in _COUNTED for t in list(n.input[:2]) + [n.output[0]]]
+    shapes = static_shapes(model, needed)  # the shapes around the costly layers only
     rows = []
     for i, node in enumerate(model.graph.node):
         op = node.op_type
@@ -97,19 +86,16 @@ def layer_macs(model: ModelProto) -> list:
         if out is not None and w is not None:
             if op in ("Conv", "ConvInteger", "QLinearConv"):
                 # each output element needs Cin/group * prod(kernel) MACs; w is [Cout, Cin/g, k...]
-                macs = _prod(out) * _prod(w[1:]) if _prod(out) is not None and _prod(w[1:]) is not None else None
+                macs = _times(_prod(out), _prod(w[1:]))
             elif op == "ConvTranspose":
-                inp = shapes.get(node.input[0])
-                if inp is not None and _prod(inp) is not None and _prod(w[1:]) is not None:
-                    macs = _prod(inp) * _prod(w[1:])  # every input element scatters Cout/g * k MACs
+                # every input element scatters Cout/g * k MACs
+                macs = _times(_prod(shapes.get(node.input[0])), _prod(w[1:]))
             elif op == "Gemm":
                 trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                k = w[1] if trans_b else w[0]
-                macs = _prod(out) * k if _prod(out) is not None and k is not None else None
+                macs = _times(_prod(out), w[1] if trans_b else w[0])
             else:  # MatMul family: out [..., M, N], K from A's last dim
                 a = shapes.get(node.input[0])
-                k = a[-1] if a else None
-                macs = _prod(out) * k if _prod(out) is not None and k is not None else None
+                macs = _times(_prod(out), a[-1] if a else None)
         rows.append({"name": node.name or f"{op}_{i}", "op": op, "output": node.output[0], "macs": macs})
     return rows
 
@@ -119,8 +105,7 @@ def total_macs(model: ModelProto) -> int:
 
 
 def mac_totals(layers: list) -> dict:
-    """``macs`` (the sum over :func:`layer_macs` rows) and ``macs_unknown_layers`` (rows whose
-    shapes are dynamic or not inferred, so not counted)."""
+    """``macs`` (the sum over :func:`layer_macs` rows) and ``macs_unknown_layers`` (rows not counted)."""
     return {"macs": int(sum(r["macs"] or 0 for r in layers)),
             "macs_unknown_layers": sum(1 for r in layers if r["macs"] is None)}
 
@@ -128,13 +113,8 @@ def mac_totals(layers: list) -> dict:
 def summarize(model: ModelProto, per_layer: bool = False) -> dict:
     """A JSON-able summary used by reports and ``onnxopt info``."""
     layers = layer_macs(model)
-    summary = {
-        "nodes": len(model.graph.node),
-        "ops": op_histogram(model),
-        "params": param_count(model),
-        **mac_totals(layers),
-        "size_bytes": model.ByteSize(),
-    }
+    summary = {"nodes": len(model.graph.node), "ops": op_histogram(model), "params": param_count(model),
+               **mac_totals(layers), "size_bytes": model.ByteSize()}
     if per_layer:
         summary["layers"] = layers
     return summary

@@ -1,8 +1,5 @@
-"""Loading the user's own Python files: data loaders (``file.py:function``), losses, lite rules.
-
-One place turns "the file is missing", "it fails to import" and "it has no such function" into
-a user error of the caller's kind, with a hint, instead of a traceback.
-"""
+"""Loading the user's own Python files (data loaders, losses, lite rules): a missing file, a failed
+import or a missing function is a user error of the caller's kind with a hint, not a traceback."""
 from __future__ import annotations
 
 import importlib.util

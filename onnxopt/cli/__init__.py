@@ -1,10 +1,6 @@
-"""The ``onnxopt`` command line: a thin layer over the Python API.
-
-Every subcommand lives in its own module in this package and registers itself on :data:`cli`;
-the modules are imported here, so adding a command means adding one file. User errors
-(:class:`onnxopt.errors.OnnxoptError`) are printed as one paragraph with a hint and exit
-non-zero without a traceback; ``ONNXOPT_DEBUG=1`` shows the traceback as well.
-"""
+"""The ``onnxopt`` command line: a thin layer over the Python API, one module per command (adding a
+command means adding one file). User errors are one paragraph with a hint and a non-zero exit, no
+traceback (``ONNXOPT_DEBUG=1`` shows it)."""
 from __future__ import annotations
 
 import importlib
@@ -42,19 +38,14 @@ def cli() -> None:
     """
 
 
-def _load_commands() -> None:
-    for mod in pkgutil.iter_modules(__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
-
-
-_load_commands()
+for _command in pkgutil.iter_modules(__path__):  # each command module registers itself on `cli`
+    if not _command.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_command.name}")
 
 
 def main(argv=None) -> None:
     """Console entry point: run the CLI, turning user errors into one clear message and an exit code."""
-    # passes print their warnings through the run's log; the Python warning (for API users)
-    # would repeat each one with a source-file prefix
+    # passes print their warnings through the log; the Python warning (for API users) would repeat them
     warnings.filterwarnings("ignore", category=UserWarning, module=r"onnxopt\b")
     try:
         # without standalone mode click *returns* the code of ctx.exit(n) instead of exiting

@@ -82,9 +82,7 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
         if not recipe:
             raise OptionError("no model given.", "usage: onnxopt apply PASSES MODEL -o OUT (or --recipe FILE MODEL -o OUT)")
         passes, model = None, passes
-    names, options = [], {}
-    if recipe:
-        names, options = manager.load_recipe(recipe)
+    names, options = manager.load_recipe(recipe) if recipe else ([], {})
     if passes:
         names = manager.parse_pass_list(passes)
     if not names:
@@ -101,8 +99,7 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     ctx = PassContext(progress=not quiet, input_shapes=shapes, log=log, require_verify=require_verify)
     if data:
-        # wrong shape/dtype/NaN, or images without their preprocessing, fail now, not only if a
-        # pass happens to read the data
+        # bad data (shape, dtype, NaN, no preprocessing) fails now, not only if a pass happens to read it
         ctx.data = open_cli_data(data, image, source, shapes, log=log, batch_size=batch_size, max_samples=calib_samples)
         ctx.data_spec = ctx.data.spec
         if not all(all_passes()[n].exact for n in names):  # minutes of calibration/pruning ahead: look at the data first
@@ -135,8 +132,7 @@ def default_output(model: str, names: list, force: bool) -> str:
 
 
 def _route_shortcuts(kwargs: dict, names: list, options: dict) -> None:
-    """The pass options' shortcut flags (--target, --calib-method, --rules-module...) -> the options
-    of every pass in the chain that declares them (an explicit --set or recipe value wins)."""
+    """Route the shortcut flags to every pass of the chain that declares them (--set or a recipe wins)."""
     orphans: dict = {}
     for flag, owners in shortcut_flags().items():
         value = kwargs.pop(_kwarg(flag), None)
@@ -153,10 +149,8 @@ def _route_shortcuts(kwargs: dict, names: list, options: dict) -> None:
 
 
 def _refuse_failing_target_check(report: manager.Report, report_path) -> None:
-    """A model whose Q/DQ encoding fails the target check its pass ran (``extra["check"]``, qdq's) is not written and
-    the run fails listing the violations (never exit 0 with an encoding the target rejects); the
-    report is written. Op-support violations (ops the target runs elsewhere, e.g. on TIDL's ARM
-    core) need graph changes, not a different encoding: the pass warns about them."""
+    """A model whose Q/DQ encoding fails its pass's target check (``extra["check"]``) is not written: the
+    run fails listing the violations, never exit 0 with an encoding the target rejects (the report is written)."""
     for rec in report.passes:
         check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
         if check and check.get("format_violations", check.get("violations")):
@@ -173,11 +167,8 @@ def _refuse_failing_target_check(report: manager.Report, report_path) -> None:
 
 
 def _fail_on_op_support_violations(report: manager.Report, output: str) -> None:
-    """With ``strict_check`` (a flow that needs every node on the accelerator), ops the target
-    lacks fail the run once the model is written: the encoding is right, so the model is kept,
-    but the run must not end in exit 0 with a model its own ``check --strict`` fails (gate
-    failure, exit 3). Without it they run on the target's fallback (TIDL: ARM through ONNX
-    Runtime) and are one warning line of the pass."""
+    """With ``strict_check``, ops the target's accelerator lacks fail the run (exit 3) once the model is
+    written: the encoding is right, but the run must not exit 0 with a model its own ``check --strict`` fails."""
     for rec in report.passes:
         check = rec.extra.get("check") if isinstance(rec.extra, dict) else None
         if check and check.get("violations"):
@@ -190,8 +181,7 @@ def _fail_on_op_support_violations(report: manager.Report, output: str) -> None:
 
 
 def _print_summary(report: manager.Report, output: str) -> None:
-    """One line per pass: what it did and what it cost (exact: verification error; approximate:
-    the measured output change; prune: MACs and params; qdq: its target check), then warnings."""
+    """One line per pass: what it did and what it cost (:func:`_cost_lines`), then the warnings."""
     for rec in report.passes:
         changes = ", ".join(f"{k}={v}" for k, v in rec.changes.items() if v) or "no change"
         click.echo(f"  {rec.name:<10} {rec.seconds:6.2f}s  nodes {rec.before.get('nodes', '?')} -> {rec.after.get('nodes', '?')}  {changes}")

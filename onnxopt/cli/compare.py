@@ -71,8 +71,7 @@ def render_compare(res: dict) -> str:
     if res.get("task_summary"):
         lines.append(f"task error {res['task_summary']}")
     if res["gates"]:
-        lines.append("")
-        lines.append("gates")
+        lines += ["", "gates"]
         for g in res["gates"]:
             op = ">=" if g["gate"] == "min_agreement" else "<="
             lines.append(f"  {'PASS' if g['passed'] else 'FAIL'}  {g['what']}: {g['value']:.4g} {g['unit']} (limit {op} {g['limit']:g})")

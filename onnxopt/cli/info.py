@@ -9,12 +9,6 @@ from ..compare import model_info
 from . import cli
 
 
-def _shape(shape) -> str:
-    if shape is None:
-        return "(unknown shape)"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
 def human(n, unit: str = "") -> str:
     """1234567 -> '1.23M' (SI prefixes; exact counts are in --json)."""
     if n is None:
@@ -31,10 +25,9 @@ def mib(nbytes: int) -> str:
 
 def render_info(info: dict) -> str:
     lines = []
-    width = 10
 
     def row(key, value):
-        lines.append(f"{key:<{width}} {value}")
+        lines.append(f"{key:<10} {value}")
 
     row("model", info["path"] or "(in memory)")
     size = mib(info["size_bytes"])
@@ -47,7 +40,9 @@ def render_info(info: dict) -> str:
     for key in ("inputs", "outputs"):
         items = info[key]
         for i, v in enumerate(items):
-            row(key if i == 0 else "", f"{v['name']:<{nw}}  {v['dtype']:<8} {_shape(v['shape'])}")
+            shape = "(unknown shape)" if v["shape"] is None else (
+                "[" + ", ".join("?" if d is None else str(d) for d in v["shape"]) + "]")
+            row(key if i == 0 else "", f"{v['name']:<{nw}}  {v['dtype']:<8} {shape}")
         if not items:
             row(key, "(none)")
     row("nodes", f"{info['nodes']} ({info['initializers']} initializers)")

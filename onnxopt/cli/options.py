@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..data import PRESETS, DataSpec, ImageOptions, open_data, recorded_preprocessing
+from ..data import PRESETS, DataSpec, ImageOptions, open_data, presets_help, recorded_preprocessing
 from ..errors import OptionError
 
 
@@ -31,7 +31,7 @@ def image_options(fn):
     opts = [
         click.option("--preprocess", "preset", type=click.Choice(list(PRESETS)), default=None,
                      help="Images (and uint8 arrays for a float input): a named preprocessing; the flags below override its values. "
-                          + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
+                          + presets_help()),
         click.option("--size", type=int, default=None, help="Images: resize the short side to this many pixels (default: the crop)."),
         click.option("--crop", type=int, default=None, help="Images: center-crop to this size (default: the model's input H/W)."),
         click.option("--mean", default=None, metavar="M[,M,M]", help="Images: subtract this mean per channel (after --scale)."),
@@ -60,9 +60,8 @@ def image_settings(kwargs: dict) -> dict:
 
 
 def open_cli_data(path: str, image: dict, model, shapes=None, *, recorded_from=(), log=None, **spec_fields):
-    """The data of a command: the preprocessing of images (and of uint8 arrays for a float input)
-    must be stated, by flags, a preset, or the metadata of ``model`` or of ``recorded_from``'s
-    models; the first sample is read and checked now, and the preprocessing used is printed."""
+    """The data of a command, its pixel preprocessing stated by flags, a preset or the metadata of ``model``
+    or ``recorded_from``'s models; the first sample is checked now, the preprocessing logged."""
     recorded = next((r for r in map(recorded_preprocessing, recorded_from) if r is not None), None)
     spec = DataSpec(path, image=ImageOptions(**image), require_preprocessing=True, **spec_fields)
     ds = open_data(spec, model, shapes, recorded=recorded)

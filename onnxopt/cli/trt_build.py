@@ -11,11 +11,8 @@ from . import cli
 
 def build_engine(model_path: str, output: str, *, fp16: bool = False, int8: bool = False, workspace_mb: int = 2048,
                  calib_table: str | None = None) -> Path:
-    """Parse ``model_path`` with TensorRT's ONNX parser and serialize an engine to ``output``.
-
-    A QDQ model is built with explicit quantization (int8 follows the Q/DQ nodes; ``int8`` only
-    needs to be set for implicit quantization, which then reads ``calib_table``).
-    """
+    """Parse ``model_path`` with TensorRT's ONNX parser and serialize an engine to ``output``; a QDQ
+    model needs no ``int8`` (explicit quantization), implicit quantization reads ``calib_table``."""
     trt = require("tensorrt", "onnxopt trt-build", "pip install tensorrt (needs an NVIDIA GPU and driver)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -1,15 +1,11 @@
-"""The onnx-graphsurgeon side of the graph-editing layer every pass shares: import/export (which
-owns the overridable graph inputs), the rewrite guards, the edit helpers (rewire a tensor's
-readers, replace an output, drop detached nodes), constant lookup and the collision-free name
-generator.
+"""The onnx-graphsurgeon side of the graph-editing layer every pass shares: import/export, the
+rewrite guards, the edit helpers, constant lookup and the collision-free name generator.
 
-The guards encode what real models break (STYLE, "conventions" 2-3):
-
-* a *weight* is a constant -- an initializer **or** the output of a ``Constant`` node -- and is
-  never a graph input (a graph input with an initializer may be overridden at run time);
-* a tensor may only be rewritten away when nothing else consumes it and it is not a graph output;
-* optional inputs may be absent (empty name) and node names may be missing or duplicated;
-* attributes fall back to their schema defaults.
+The guards encode what real models break (STYLE, "conventions" 2-3): a *weight* is an initializer
+or a ``Constant`` output and never a graph input (one with an initializer may be overridden at run
+time); a tensor may only be rewritten away when it has one consumer and is not a graph output;
+optional inputs may be absent and node names missing or duplicated; attributes fall back to
+their schema defaults.
 """
 from __future__ import annotations
 
@@ -21,25 +17,19 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import ModelProto, helper
 
+from ..model_io import subgraphs
+
 
 # --------------------------------------------------------------------------------------- I/O
 def import_graph(model: ModelProto) -> gs.Graph:
-    """The model's main graph as an onnx-graphsurgeon Graph.
-
-    onnx-graphsurgeon drops graph inputs that also have an initializer. From IR 4 on such an
-    input may be fed at run time, so it is no weight: its name is remembered on the graph
-    (``overridable_inputs``) for :func:`is_weight`, and :func:`export_graph` restores the input.
-
-    A ``value_info`` entry for a graph input or output name is left out of the import: onnx-
-    graphsurgeon lets it overwrite the input's/output's type, and a shape-less entry (real
-    exports write them) then makes the exported output fail the checker ("Field 'shape' of
-    'type' is required"). The model itself is left as it was.
-    """
+    """The model's main graph as an onnx-graphsurgeon Graph. gs drops graph inputs that have an
+    initializer: their names are kept (``overridable_inputs``) for :func:`is_weight` and export. A
+    ``value_info`` entry of a graph input/output is left out: gs lets a shape-less one overwrite the
+    type, and the exported model would fail the checker."""
     io_names = {vi.name for vi in model.graph.input} | {vi.name for vi in model.graph.output}
-    shadowing = [k for k, vi in enumerate(model.graph.value_info) if vi.name in io_names]
-    if shadowing:
-        saved = list(model.graph.value_info)
-        keep = [vi for k, vi in enumerate(saved) if k not in set(shadowing)]
+    saved = list(model.graph.value_info)
+    keep = [vi for vi in saved if vi.name not in io_names]
+    if len(keep) < len(saved):
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)
         try:
@@ -54,11 +44,8 @@ def import_graph(model: ModelProto) -> gs.Graph:
 
 
 def export_graph(graph: gs.Graph, like: ModelProto, *, sort: bool = True) -> ModelProto:
-    """Export ``graph`` back to a ModelProto, keeping ``like``'s opsets, IR version and metadata.
-
-    Dead nodes/tensors are removed and the nodes sorted topologically on the way out
-    (``sort=False``: the caller guarantees the node list is already in topological order).
-    """
+    """Export ``graph`` back to a ModelProto, keeping ``like``'s opsets, IR version and metadata; dead
+    nodes are removed and the nodes sorted (``sort=False``: the caller guarantees the order)."""
     graph.cleanup(remove_unused_graph_inputs=False)
     if sort:
         graph.toposort()
@@ -77,11 +64,8 @@ def export_graph(graph: gs.Graph, like: ModelProto, *, sort: bool = True) -> Mod
 
 
 def drop_detached(graph: gs.Graph) -> None:
-    """Remove the nodes a rewrite disconnected (no outputs left) in one linear sweep.
-
-    onnx-graphsurgeon's cleanup would find them too, but it formats every removed node for its
-    log -- printing each Constant's whole array -- which dominated the run time on large graphs.
-    """
+    """Remove the nodes a rewrite disconnected (no outputs left) in one linear sweep: gs's cleanup
+    formats every removed node for its log (each Constant's whole array), slow on large graphs."""
     keep = []
     for node in graph.nodes:
         if node.outputs:
@@ -93,24 +77,17 @@ def drop_detached(graph: gs.Graph) -> None:
 
 
 def overridable_inputs(model: ModelProto) -> set:
-    """Names of graph inputs that have an initializer and may be overridden at run time.
-
-    From IR version 4 on, such an input is a default value the caller may replace, so it is NOT a
-    constant. Below IR 4 every initializer had to be listed as an input and onnxruntime does not
-    let them be fed (they are constants), so there the set is empty.
-    """
+    """Names of graph inputs with an initializer, which from IR 4 on may be overridden at run time
+    (no constants); below IR 4 every initializer is listed as an input and cannot be fed: empty."""
     if model.ir_version < 4:
         return set()
     return {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer}
 
 
 def restore_graph_inputs(out: ModelProto, source: ModelProto) -> None:
-    """Put back the graph inputs onnx-graphsurgeon drops on import (those with an initializer).
-
-    IR >= 4: an overridable input keeps its place in the input list and its initializer (its
-    consumers were left alone). IR < 4: every initializer must be listed as a graph input, so the
-    inputs become the real inputs followed by one entry per remaining initializer. Idempotent.
-    """
+    """Put back the graph inputs onnx-graphsurgeon drops on import (those with an initializer),
+    idempotently: IR >= 4 in their place with their initializer; IR < 4 (every initializer must be
+    an input) the real inputs followed by one entry per remaining initializer."""
     inits = {i.name: i for i in source.graph.initializer}
     if not any(vi.name in inits for vi in source.graph.input):
         return
@@ -120,8 +97,8 @@ def restore_graph_inputs(out: ModelProto, source: ModelProto) -> None:
         ordered = [present[vi.name] for vi in source.graph.input if vi.name not in inits and vi.name in present]
         listed = {vi.name for vi in ordered}
         ordered += [vi for vi in out.graph.input if vi.name not in listed and vi.name not in inits]
-        for init in out.graph.initializer:
-            ordered.append(declared.get(init.name) or helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        ordered += [declared.get(init.name) or helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                    for init in out.graph.initializer]
         del out.graph.input[:]
         out.graph.input.extend(ordered)
         return
@@ -140,10 +117,7 @@ def restore_graph_inputs(out: ModelProto, source: ModelProto) -> None:
 
 # ------------------------------------------------------------------------------- constants
 def constant_value(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
-    """The value of ``tensor`` if it is a constant (initializer or Constant-node output), else None.
-
-    A graph input is never a constant, even when it has an initializer of the same name.
-    """
+    """The value of ``tensor`` if it is a constant (initializer or Constant-node output), else None."""
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
@@ -166,9 +140,7 @@ def constant_value(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
 
 def is_weight(graph: gs.Graph, tensor: Optional[gs.Tensor]) -> bool:
     """True when ``tensor`` is a constant that is not a graph input (safe to fold into)."""
-    if tensor is None or constant_value(tensor) is None:
-        return False
-    if tensor.name in getattr(graph, "overridable_inputs", ()):
+    if tensor is None or tensor.name in getattr(graph, "overridable_inputs", ()) or constant_value(tensor) is None:
         return False
     return all(inp.name != tensor.name for inp in graph.inputs)
 
@@ -181,8 +153,7 @@ def lift_constant(graph: gs.Graph, tensor: gs.Tensor) -> Optional[gs.Constant]:
     if value is None:
         return None
     if is_graph_output(graph, tensor):
-        # A graph output stays a node output (checked before any rewiring: an initializer and a
-        # node output of the same name would break SSA).
+        # a graph output stays a node output (an initializer of the same name would break SSA)
         return None
     const = gs.Constant(tensor.name, np.asarray(value))
     # Rewire every consumer to the new constant; the Constant node dies in cleanup.
@@ -193,12 +164,8 @@ def lift_constant(graph: gs.Graph, tensor: gs.Tensor) -> Optional[gs.Constant]:
 
 
 def swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make ``node`` read ``new`` wherever it reads ``old``.
-
-    Index by index: onnx-graphsurgeon's synchronized lists do not support slice assignment
-    (``node.inputs[:] = ...`` raises), and per-index assignment keeps both tensors' consumer
-    lists consistent, also when the node reads ``old`` several times.
-    """
+    """Make ``node`` read ``new`` wherever it reads ``old``, index by index: gs's synchronized lists
+    reject slice assignment, and this keeps both tensors' consumer lists consistent."""
     for i, t in enumerate(node.inputs):
         if t is old:
             node.inputs[i] = new
@@ -280,12 +247,8 @@ class NameGenerator:
             self._used.add(n.name)
             self._used.update(n.input)
             self._used.update(n.output)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    self._collect_proto(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        self._collect_proto(sub)
+            for sub in subgraphs(n):
+                self._collect_proto(sub)
 
     def _collect_gs(self, graph: gs.Graph) -> None:
         self._used.update(graph.tensors().keys())
@@ -298,15 +261,11 @@ class NameGenerator:
     def __call__(self, base: str) -> str:
         """A fresh name derived from ``base``: ``base`` itself if free, else ``base_1``, ``base_2``..."""
         base = base or "t"
-        if base not in self._used:
-            self._used.add(base)
-            return base
-        counter = self._counters.setdefault(base, itertools.count(1))
-        while True:
+        name, counter = base, self._counters.setdefault(base, itertools.count(1))
+        while name in self._used:
             name = f"{base}_{next(counter)}"
-            if name not in self._used:
-                self._used.add(name)
-                return name
+        self._used.add(name)
+        return name
 
 
 def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -319,11 +278,8 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, out in enumerate(graph.outputs):
         if out is old:
             # Keep the public output name: the producer of ``new`` now writes the old name.
-            new_name = old.name
-            old.name = old.name + "__replaced"
-            new.name = new_name
-            # a graph output must carry a type: an intermediate tensor often has none, so it
-            # inherits the replaced output's dtype/shape
+            old.name, new.name = old.name + "__replaced", old.name
+            # a graph output must carry a type, which an intermediate tensor often lacks: inherit it
             if isinstance(new, gs.Variable):
                 if new.dtype is None:
                     new.dtype = old.dtype
@@ -333,19 +289,14 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 class GraphEditor:
-    """An onnx-graphsurgeon graph being rewritten node by node: it owns the name generator, an
-    index of the graph outputs, and the nodes removed so far, so that the queries below stay
-    O(1) and exact while a rewrite loop runs (``compact`` drops the removed nodes once).
-
-    ``is_output`` is :func:`is_graph_output` (the same tensor or the same name) on an index
-    built once; the outputs themselves never change here (``replace_output`` keeps the tensor
-    object and its name)."""
+    """An onnx-graphsurgeon graph being rewritten node by node: it owns the name generator, an index
+    of the graph outputs (which never change here) and the nodes removed so far, so the queries
+    stay O(1) and exact while a rewrite loop runs (``compact`` drops the removed nodes once)."""
 
     def __init__(self, graph: gs.Graph):
         self.graph = graph
         self.names = NameGenerator(graph)
-        # id -> node; holding the node keeps its id from being reused by a new node (ids of
-        # collected objects are recycled by CPython).
+        # id -> node; holding the node keeps CPython from recycling its id for a new node
         self.dead: dict = {}
         self._output_ids = {id(t) for t in graph.outputs}
         self._output_names = {t.name for t in graph.outputs}
@@ -359,8 +310,7 @@ class GraphEditor:
         return [n for n in t.outputs if id(n) not in self.dead]
 
     def sole_consumer(self, t: gs.Tensor) -> Optional[gs.Node]:
-        """The only live consumer of ``t`` (None if several, none, or ``t`` is a graph output):
-        :func:`sole_consumer` without the removed nodes."""
+        """:func:`sole_consumer` without the removed nodes."""
         if self.is_output(t):
             return None
         c = self.consumers(t)

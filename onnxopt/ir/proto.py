@@ -1,14 +1,5 @@
-"""The protobuf side of the graph-editing layer: indexes over a ``GraphProto`` (who produces and
-who reads each tensor) and the one way onnxopt runs ONNX shape inference.
-
-Code that works on raw protobuf (quantization, the torch converter, statistics) reads the graph
-through these instead of building its own maps.
-
-Shape inference has one failure policy: it is never fatal here. :func:`infer_shapes` returns the
-inferred copy, or the model itself with the reason inference failed (an exotic op, a model over
-protobuf's 2 GB limit); each caller says what it does without shapes -- skip the rules that
-need them, or refuse with a message when it cannot work at all.
-"""
+"""The protobuf side of the graph-editing layer: producer/consumer indexes and the one way onnxopt
+runs shape inference, never fatal here: each caller says what it does without shapes."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -83,11 +74,7 @@ def without_declared_shapes(model: ModelProto) -> ModelProto:
 
 def infer_shapes(model: ModelProto, *, data_prop: bool = False, trust_declared: bool = True) -> tuple:
     """``(inferred copy of model, None)``, or ``(model, reason)`` when ONNX shape inference fails.
-
-    ``trust_declared=False`` runs it on a copy without the model's value_info and declared output
-    shapes, which real exports sometimes get wrong, so only what inference derives from the
-    inputs and weights is kept. ``data_prop`` propagates constant shape values (Shape -> Gather
-    chains)."""
+    ``trust_declared=False``: :func:`without_declared_shapes` first; ``data_prop`` propagates shape values."""
     if model.ByteSize() >= MAX_PROTO_BYTES:
         return model, "the model is over protobuf's 2 GB limit"
     probe = model if trust_declared else without_declared_shapes(model)
@@ -104,10 +91,8 @@ def value_infos(model: ModelProto) -> dict:
 
 
 def tensor_types(model: ModelProto, skip: Optional[Callable[[str, str], None]] = None) -> dict:
-    """{tensor name: (elem_type or 0, [dim int or None] or None)} as shape inference derives them
-    from the inputs and weights alone (declared shapes are not trusted); initializers included.
-    When inference fails the table is empty and ``skip(where, reason)`` reports it (the passes
-    that fold static shapes then skip those rules this round)."""
+    """{tensor name: (elem_type or 0, [dim int or None] or None)} inferred from the inputs and weights
+    alone, initializers included; when inference fails, {} and ``skip(where, reason)`` reports it."""
     inferred, why = infer_shapes(model, data_prop=True, trust_declared=False)
     if why is not None:
         if skip is not None:
@@ -115,13 +100,10 @@ def tensor_types(model: ModelProto, skip: Optional[Callable[[str, str], None]] =
         return {}
     shapes = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        if not vi.type.HasField("tensor_type"):
-            continue
         tt = vi.type.tensor_type
-        dims = None
-        if tt.HasField("shape"):
+        if vi.type.HasField("tensor_type"):
             dims = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
-        shapes[vi.name] = (tt.elem_type, dims)
+            shapes[vi.name] = (tt.elem_type, dims if tt.HasField("shape") else None)
     for init in inferred.graph.initializer:
         shapes.setdefault(init.name, (init.data_type, list(init.dims)))
     return shapes
