@@ -1,10 +1,4 @@
-"""The rewrite engine of the ``lite`` and ``bnfuse`` passes and their rules, one module per rule family.
-
-:mod:`.engine` holds :class:`Rule`, :class:`Match`, :class:`RuleContext` and the :func:`rule`
-registry; :mod:`.runner` applies a table (rule choice, one scan per rule, each exact rule checked
-on its region). Each family module declares its rules with ``@rule(...)``: lite's :mod:`.focus`,
-:mod:`.pooling`, :mod:`.reduce`, :mod:`.resize`, :mod:`.kernels`, :mod:`.squeeze_excite`,
-:mod:`.activations`; bnfuse's :mod:`.batchnorm` (arithmetic in :mod:`.fold`).
+"""The rewrite engine of ``lite`` and ``bnfuse`` (:mod:`.engine`, :mod:`.runner`); one module per rule family.
 
 Defaults follow TI's v2 table (research note tidl-and-ti-toolkit.md section 1.2) with these
 differences: ``focus_to_conv`` is on (TI's ``focus_to_optimized_focus`` is off in v2, but this

@@ -1,17 +1,12 @@
-"""Activation rules: every supported activation becomes ReLU (approximate, TI's v2 defaults).
-
-* activations -> ReLU (approximate, TI's v2 defaults): SiLU (x*sigmoid(x)), HardSwish (native,
-  x*HardSigmoid(x), x*Clip(x+3,0,6)/6 in every operand order), GELU (Erf chain, native Gelu, tanh
-  approximation), ReLU6 / Clip(0,6) (attribute or input bounds, or Max/Min pairs), LeakyReLU,
-  PRelu (off), standalone HardSigmoid (on, as TI: the output range changes from [0,1] to [0,inf)).
-
-A ReLU6 / Clip(0, 6) rewrite records the clip it drops (``Match.data["clip"]``) so that ``qdq``
-quantizes the tensor with a range that ends there.
+"""Activation rules: every supported activation becomes ReLU (approximate, TI's v2 defaults):
+SiLU, HardSwish, GELU, ReLU6 / Clip(0,6), LeakyReLU, PRelu (off), standalone HardSigmoid (on, as
+TI: the output range changes from [0,1] to [0,inf)); each rule's summary names the forms matched.
+A ReLU6 rewrite records the clip it drops (``Match.data["clip"]``) for ``qdq``'s range.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Optional, Union
 
 import onnx_graphsurgeon as gs
@@ -19,6 +14,9 @@ import onnx_graphsurgeon as gs
 from ..ir.graph import attr, constant_value, input_at
 from .engine import Match, RuleContext, rule
 from .patterns import near, producer, rank, scalar
+
+_SQRT2 = math.sqrt(2.0)
+HardSigmoidForm = namedtuple("HardSigmoidForm", "x alpha beta")  # hardsigmoid(x) = clip(alpha * x + beta, 0, 1)
 
 
 def _no_broadcast(c: gs.Tensor, x: gs.Tensor) -> bool:
@@ -32,21 +30,15 @@ def other_operand(node: gs.Node, t: gs.Tensor) -> Optional[gs.Tensor]:
     if len(node.inputs) != 2:
         return None
     a, b = node.inputs
-    if a is t:
-        return b
-    if b is t:
-        return a
-    return None
+    return b if a is t else a if b is t else None
 
 
 def binary_with_const(node: Optional[gs.Node], op: str, value: float, rtol: float = 1e-4) -> Optional[gs.Tensor]:
     """If ``node`` is ``op(x, value)`` (either order for commutative ops), return x."""
     if node is None or node.op != op or len(node.inputs) != 2:
         return None
-    for i in (0, 1):
+    for i in (1,) if op in ("Div", "Sub") else (0, 1):  # x / c, x - c: the constant is the second operand
         c, x = node.inputs[i], node.inputs[1 - i]
-        if op in ("Div", "Sub") and i == 0:
-            continue
         if constant_value(x) is None and near(scalar(c), value, rtol) and _no_broadcast(c, x):
             return x
     return None
@@ -69,52 +61,32 @@ def clip_bounds(node: gs.Node, opset: int) -> Union[tuple, str]:
 def relu6_input(out: gs.Tensor, ctx: RuleContext) -> Union[gs.Tensor, str, None]:
     """If ``out`` = clip(x, 0, 6) (Clip, or Max(0)/Relu then Min(6), or Min(6) then Max(0)), return x."""
     n = producer(out)
-    if n is None:
+    if n is None or n.op not in ("Clip", "Min", "Max"):
         return None
     if n.op == "Clip":
         b = clip_bounds(n, ctx.opset)
         if isinstance(b, str):
             return b
         return n.inputs[0] if b == (0.0, 6.0) else f"Clip({b[0]:g}, {b[1]:g}) is not Clip(0, 6)"
-    if n.op == "Min":
-        t = binary_with_const(n, "Min", 6.0)
-        inner = producer(t)
-        if t is not None and inner is not None and ctx.sole_consumer(t) is n:
-            if inner.op == "Relu":
-                return inner.inputs[0]
-            x = binary_with_const(inner, "Max", 0.0)
-            if x is not None:
-                return x
-    if n.op == "Max":
-        t = binary_with_const(n, "Max", 0.0)
-        inner = producer(t)
-        if t is not None and ctx.sole_consumer(t) is n:
-            x = binary_with_const(inner, "Min", 6.0)
-            if x is not None:
-                return x
-    return None
-
-
-@dataclass
-class HardSigmoidForm:
-    x: gs.Tensor
-    alpha: float
-    beta: float
-    kind: str  # native | decomposed
+    # outer Min(6) reads Max(0) or Relu; outer Max(0) reads Min(6)
+    outer, inner_op, inner_value = (6.0, "Max", 0.0) if n.op == "Min" else (0.0, "Min", 6.0)
+    t = binary_with_const(n, n.op, outer)
+    inner = producer(t)
+    if t is None or inner is None or ctx.sole_consumer(t) is not n:
+        return None
+    if inner.op == "Relu" and n.op == "Min":
+        return inner.inputs[0]
+    return binary_with_const(inner, inner_op, inner_value)
 
 
 def hardsigmoid_of(g: gs.Tensor, ctx: RuleContext) -> Union[HardSigmoidForm, str, None]:
-    """If ``g`` = hardsigmoid(x): native HardSigmoid, or Clip(x + 3, 0, 6) / 6 (Div 6 or Mul 1/6).
-
-    Intermediate tensors of the decomposed form must have no other reader.
-    """
+    """If ``g`` = hardsigmoid(x): native HardSigmoid, or Clip(x + 3, 0, 6) / 6 (Div 6 or Mul 1/6)
+    whose intermediate tensors have no other reader."""
     n = producer(g)
-    if n is None:
-        return None
-    if n.op == "HardSigmoid":
+    if n is not None and n.op == "HardSigmoid":
         alpha, beta = attr(n, "alpha"), attr(n, "beta")
-        return HardSigmoidForm(n.inputs[0], 0.2 if alpha is None else float(alpha), 0.5 if beta is None else float(beta), "native")
-    c = binary_with_const(n, "Div", 6.0) if n.op == "Div" else binary_with_const(n, "Mul", 1 / 6) if n.op == "Mul" else None
+        return HardSigmoidForm(n.inputs[0], 0.2 if alpha is None else float(alpha), 0.5 if beta is None else float(beta))
+    c = binary_with_const(n, "Div", 6.0) if n is not None and n.op == "Div" else binary_with_const(n, "Mul", 1 / 6)
     if c is None:
         return None
     x = _add3_clip_input(c, ctx)
@@ -122,7 +94,7 @@ def hardsigmoid_of(g: gs.Tensor, ctx: RuleContext) -> Union[HardSigmoidForm, str
         return x
     if ctx.sole_consumer(c) is not n:
         return f"'{c.name}' (relu6(x+3)) has other readers"
-    return HardSigmoidForm(x, 1 / 6, 0.5, "decomposed")
+    return HardSigmoidForm(x, 1 / 6, 0.5)
 
 
 def _add3_clip_input(c: gs.Tensor, ctx: RuleContext) -> Union[gs.Tensor, str, None]:
@@ -130,8 +102,7 @@ def _add3_clip_input(c: gs.Tensor, ctx: RuleContext) -> Union[gs.Tensor, str, No
     a = relu6_input(c, ctx)
     if not isinstance(a, gs.Tensor):
         return None if a is None or "Clip(" not in a else a
-    add = producer(a)
-    x = binary_with_const(add, "Add", 3.0)
+    x = binary_with_const(producer(a), "Add", 3.0)
     if x is None:
         return None
     if ctx.sole_consumer(a) is None:
@@ -155,10 +126,8 @@ def match_hardswish(graph, node, ctx):
         for i in (0, 1):
             x, g = node.inputs[1 - i], node.inputs[i]
             hs = hardsigmoid_of(g, ctx)
-            if isinstance(hs, str):
+            if not isinstance(hs, HardSigmoidForm):  # a near-miss's reason, or None
                 near_reason = near_reason or hs
-                continue
-            if hs is None:
                 continue
             if hs.x is not x:
                 near_reason = near_reason or f"Mul multiplies hardsigmoid('{hs.x.name}') by '{x.name}' (not HardSwish)"
@@ -227,21 +196,15 @@ def _product_chain(start: gs.Tensor, x: gs.Tensor, ctx: RuleContext, nodes_limit
             xs += 1
         elif s is not None and _no_broadcast(other, x):
             k *= s
+        elif binary_with_const(producer(other), "Mul", 0.5) is x:
+            xs += 1
+            k *= 0.5
         else:
-            side = producer(other)
-            sx = binary_with_const(side, "Mul", 0.5) if side is not None else None
-            if sx is x:
-                xs += 1
-                k *= 0.5
-            else:
-                return f"'{start.name}' is multiplied by '{getattr(other, 'name', '?')}', not x/0.5"
+            return f"'{start.name}' is multiplied by '{getattr(other, 'name', '?')}', not x/0.5"
         cur = mul.outputs[0]
         if xs == 1 and near(k, 0.5, 1e-3):
             return cur
     return f"no x*0.5*(1+...) product after '{start.name}'"
-
-
-_SQRT2 = math.sqrt(2.0)
 
 
 @rule("gelu_to_relu", "GELU (Erf chain, native Gelu, tanh approximation) -> Relu",
@@ -250,14 +213,10 @@ def match_gelu(graph, node, ctx):
     """Gelu (opset 20); 0.5*x*(1+erf(x/sqrt2)); 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))."""
     if node.op == "Gelu":
         return Match(node.outputs[0], {"x": node.inputs[0]})
-    u = node.inputs[0]
+    p = producer(node.inputs[0])
     if node.op == "Erf":
-        p = producer(u)
         x = binary_with_const(p, "Div", _SQRT2) if p is not None and p.op == "Div" else binary_with_const(p, "Mul", 1 / _SQRT2)
-        if x is None:
-            return None
     else:  # Tanh
-        p = producer(u)
         inner = binary_with_const(p, "Mul", math.sqrt(2 / math.pi))
         add = producer(inner)
         if inner is None or add is None or add.op != "Add" or len(add.inputs) != 2:
@@ -268,8 +227,8 @@ def match_gelu(graph, node, ctx):
             cube = binary_with_const(producer(cube3), "Mul", 0.044715, 1e-3)
             if cube is not None and _cube_of(cube) is cand:
                 x = cand
-        if x is None:
-            return None
+    if x is None:
+        return None
     e = node.outputs[0]
     add1 = ctx.sole_consumer(e)
     if add1 is None or binary_with_const(add1, "Add", 1.0) is not e:
@@ -311,11 +270,13 @@ def match_relu6(graph, node, ctx):
     return x
 
 
-def match_single(op_name: str):
-    def match(graph, node, ctx):
-        return Match(node.outputs[0], {"x": node.inputs[0]})
-    match.__doc__ = f"{op_name}(x)"
-    return match
+@rule("leakyrelu_to_relu", "LeakyRelu -> Relu (slope dropped)",
+      exact=False, anchors=('LeakyRelu',), rewrite=_relu_rewrite, priority=130)
+@rule("prelu_to_relu", "PRelu -> Relu (learned slopes dropped; off by default)",
+      exact=False, anchors=('PRelu',), rewrite=_relu_rewrite, priority=140, default=False)
+def match_input(graph, node, ctx):
+    """LeakyRelu(x) or PRelu(x, slope): the anchor itself."""
+    return Match(node.outputs[0], {"x": node.inputs[0]})
 
 
 @rule("hardsigmoid_to_relu", "standalone HardSigmoid -> Relu (range changes from [0,1] to [0,inf), as TI)",
@@ -326,9 +287,3 @@ def match_hardsigmoid(graph, node, ctx):
     if not isinstance(hs, HardSigmoidForm):
         return hs if node.op == "HardSigmoid" else None
     return Match(node.outputs[0], {"x": hs.x})
-
-
-rule("leakyrelu_to_relu", "LeakyRelu -> Relu (slope dropped)",
-      exact=False, anchors=('LeakyRelu',), rewrite=_relu_rewrite, priority=130)(match_single("LeakyRelu"))
-rule("prelu_to_relu", "PRelu -> Relu (learned slopes dropped; off by default)",
-      exact=False, anchors=('PRelu',), rewrite=_relu_rewrite, priority=140, default=False)(match_single("PRelu"))

@@ -1,21 +1,10 @@
 """The ``bnfuse`` rules: BatchNormalization and per-channel constant Mul/Add/Sub/Div folded into
 the neighbouring linear layer (all exact, up to float rounding; the arithmetic is in :mod:`.fold`).
 
-* ``bn_into_layer``: a BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul(+Add) before it.
-* ``affine_into_layer``: a constant per-channel Mul/Add/Sub/Div after such a layer (a scalar or
-  ``[C, 1, ...]`` for Conv, ``[N]`` for Gemm/MatMul, never one that broadcasts the output to a
-  larger shape).
-* ``bn_into_following_conv`` (when the BN cannot go backwards): ``Conv(s * x + t)`` equals
-  ``Conv'(x)`` with ``W'[o, c] = W[o, c] * s[c]`` and ``b'[o] = b[o] + sum_{c,k} W[o, c, k] * t[c]``
-  -- exact only when the Conv does not pad (padding inserts zeros *after* the BN, which the
-  fold would turn into ``t``), so a padded Conv is skipped with that reason.
-* ``bn_standalone`` (no fold possible): ``Mul(s) -> Add(t)`` with constants shaped ``[C, 1, ...]``
-  (``bnfuse.standalone=muladd``), a depthwise 1x1 ``Conv`` with ``W = s`` as ``[C, 1, 1, 1]``,
-  ``group = C``, bias ``t`` (``standalone=conv``, 4-D inputs only; others get Mul+Add with a
-  note), or left alone (``standalone=keep``).
-
-The first two run together until neither fires (a chain Conv -> Mul -> BN -> Add folds whole,
-whatever its order); the other two then run once each. A BatchNormalization in training mode
+``bn_into_following_conv`` (when the BN cannot go backwards) uses ``Conv(s * x + t) = Conv'(x)``
+with ``W'[o, c] = W[o, c] * s[c]`` and ``b'[o] = b[o] + sum_{c,k} W[o, c, k] * t[c]``: exact only
+when the Conv does not pad (padding inserts zeros *after* the BN, which the fold would turn into
+``t``), so a padded Conv is skipped with that reason. A BatchNormalization in training mode
 (``training_mode=1`` or its mean/var outputs used) is left alone.
 """
 from __future__ import annotations
@@ -191,26 +180,21 @@ def _standalone_rewrite(graph, m: Match, ctx: FoldContext) -> None:
     bn, s, t, dtype, rank = m.output.inputs[0], m.data["s"], m.data["t"], m.data["dtype"], m.data["rank"]
     x, y, why = bn.inputs[0], bn.outputs[0], m.data["why"]
     base = bn.name or y.name
+    remove(ctx, bn)
     if m.change == "bn_to_depthwise_conv":
         w = gs.Constant(ctx.names(f"{base}_dw_weight"), s.reshape(-1, 1, 1, 1).astype(dtype))
         b = gs.Constant(ctx.names(f"{base}_dw_bias"), t.astype(dtype))
-        remove(ctx, bn)
         ctx.add_node("Conv", [x, w, b], [y], {"group": int(len(s)), "kernel_shape": [1, 1]}, base=f"{base}_dwconv")
-        m.note = f"{where_bn(bn, y)} -> depthwise 1x1 Conv ({why})"
+        m.note = f"BatchNormalization '{base}' -> depthwise 1x1 Conv ({why})"
         return
     note = "" if ctx.options.standalone == "muladd" else f"; input is {rank}-D, not 4-D, so Mul+Add instead of a Conv"
     cshape = (-1,) + (1,) * (rank - 2)
     sc = gs.Constant(ctx.names(f"{base}_scale"), s.reshape(cshape).astype(dtype))
     tc = gs.Constant(ctx.names(f"{base}_shift"), t.reshape(cshape).astype(dtype))
     mid = gs.Variable(ctx.names(f"{base}_scaled"), dtype=dtype)
-    remove(ctx, bn)
     ctx.add_node("Mul", [x, sc], [mid], base=f"{base}_mul")
     ctx.add_node("Add", [mid, tc], [y], base=f"{base}_add")
-    m.note = f"{where_bn(bn, y)} -> Mul+Add ({why}{note})"
-
-
-def where_bn(bn: gs.Node, y: gs.Tensor) -> str:
-    return f"BatchNormalization '{bn.name or y.name}'"
+    m.note = f"BatchNormalization '{base}' -> Mul+Add ({why}{note})"
 
 
 @rule("bn_standalone", "BatchNormalization that cannot be folded -> Mul+Add, or a depthwise 1x1 Conv (bnfuse.standalone)",

@@ -1,17 +1,11 @@
-"""The rewrite engine of the ``lite`` and ``bnfuse`` passes: :class:`Rule`, :class:`Match`, the per-run
-:class:`RuleContext` and the :func:`rule` registry the rule families declare themselves in.
+"""The rewrite engine of ``lite`` and ``bnfuse``: :class:`Rule`, :class:`Match`, :class:`RuleContext`, :func:`rule`.
 
-A rule is ``match(graph, node, ctx) -> Match | str | None`` plus ``rewrite(graph, match, ctx)``:
-``match`` looks at one *anchor* node (its op type is in ``rule.anchors``) and walks a bounded
-neighbourhood through the producer/consumer links onnx-graphsurgeon keeps on every tensor, so a
-whole rule scan is linear in the graph size. It returns a :class:`Match`, a *reason* string
-when the node is a near-match that must not be rewritten (recorded in the report, onnxscript
-rewriter style), or None when the node is not a candidate at all.
-
-Every rewrite keeps the public name of the tensor it replaces: the new node writes the old output
-tensor, so downstream consumers and graph outputs are untouched. Nodes left without consumers
-are removed at once (walking back from the replaced producer), which keeps consumer counts exact
-for the matches that follow.
+A rule's ``match`` looks at one *anchor* node (``rule.anchors``) and walks a bounded neighbourhood,
+so a rule scan is linear in the graph size; it returns a :class:`Match`, a *reason* for a near-match
+that must not be rewritten (recorded in the report), or None. A rewrite keeps the public name of
+the tensor it replaces (the new node writes it, so consumers and graph outputs are untouched), and
+nodes left without consumers are removed at once, which keeps consumer counts exact for the
+matches that follow.
 """
 from __future__ import annotations
 
@@ -25,13 +19,10 @@ from ..ir.graph import GraphEditor
 
 @dataclass
 class Match:
-    """A place a rule will rewrite: ``output`` is the tensor whose producer changes (its name is
-    kept); ``data`` holds whatever the rewrite needs. ``preserved`` names the tensors whose values
-    an exact rule keeps (default: ``output``); they are what the pass verifies.
-    ``change`` and ``note`` (bnfuse) name what the pass counts the rewrite as and describe it.
-    ``data["clip"] = (lo, hi)`` says the rewrite drops a clip of ``output`` at those bounds
-    (ReLU6 -> ReLU); the pass records it in the model so that ``qdq`` quantizes ``output`` with a
-    range that ends there, clipping where the original did."""
+    """A place a rule will rewrite: ``output`` is the tensor whose producer changes (its name is kept);
+    ``data`` holds what the rewrite needs; ``preserved`` names the tensors an exact rule keeps (default:
+    ``output``), which the pass verifies. ``data["clip"] = (lo, hi)``: the rewrite drops a clip of
+    ``output`` (ReLU6 -> ReLU); ``qdq`` then quantizes ``output`` with a range that ends there."""
 
     output: gs.Tensor
     data: dict = field(default_factory=dict)
@@ -88,11 +79,9 @@ _REGISTRY: dict = {}
 
 def rule(name: str, summary: str, *, exact: bool, anchors: tuple, rewrite: RewriteFn, priority: int, default: bool = True,
          opsets: tuple = (1, None), family: str = "lite"):
-    """Declare a default rule: ``@rule(...)`` on its match function (returned unchanged).
-
-    ``exact``: the rewrite keeps the outputs (verified on its region); ``default``: on unless
-    disabled; ``priority``: its place in the table (exact rules first); ``opsets``: the
-    default-domain opset range it applies to; ``family``: the pass whose table it joins."""
+    """Declare a default rule: ``@rule(...)`` on its match function (returned unchanged). ``exact``: the
+    rewrite keeps the outputs (verified on its region); ``priority``: its place in the table (exact
+    rules first); ``family``: the pass whose table it joins (see :class:`Rule` for the others)."""
     def register(match: MatchFn) -> MatchFn:
         if name in _REGISTRY:
             raise ValueError(f"rule {name} declared twice")

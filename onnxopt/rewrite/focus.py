@@ -1,10 +1,7 @@
-"""The YOLOv5 Focus stem becomes one convolution (or SpaceToDepth).
-
-* ``focus_to_conv`` (exact): four stride-2 Slices (row/col offsets (dr, dc)) concatenated on the
-  channel axis equal a 2 x 2 stride-2 Conv whose weight is one-hot: W[k*C + c, c, dr_k, dc_k] = 1.
-  ``focus_mode=space_to_depth`` uses SpaceToDepth(2) instead; its channel order is
-  (dr*2 + dc)*C + c, so when the Concat order differs the input channels of the consuming Conv's
-  weight are permuted (or the place is skipped).
+"""``focus_to_conv`` (exact): the YOLOv5 Focus stem, four stride-2 Slices (row/col offsets
+(dr, dc)) concatenated on the channel axis, equals a 2 x 2 stride-2 Conv whose weight is one-hot:
+W[k*C + c, c, dr_k, dc_k] = 1. ``focus_mode=space_to_depth`` uses SpaceToDepth(2) instead; its
+channel order differs from the Concat's unless the consuming Conv's input channels are permuted.
 """
 from __future__ import annotations
 
@@ -24,8 +21,7 @@ def _slice_params(node: gs.Node, ctx: RuleContext, r: int) -> Optional[list]:
     """[(axis, start, step)] of a Slice whose ends run to the end, or None."""
     if ctx.opset < 10:
         return None
-    vals = [constant_value(input_at(node, i)) if input_at(node, i) is not None else None for i in range(1, 5)]
-    starts, ends, axes, steps = vals
+    starts, ends, axes, steps = [constant_value(input_at(node, i)) for i in range(1, 5)]
     if starts is None or ends is None or (input_at(node, 3) is not None and axes is None) or (input_at(node, 4) is not None and steps is None):
         return None
     starts, ends = [int(v) for v in np.asarray(starts).reshape(-1)], [int(v) for v in np.asarray(ends).reshape(-1)]
@@ -43,9 +39,7 @@ def _slice_params(node: gs.Node, ctx: RuleContext, r: int) -> Optional[list]:
 
 def match_focus_s2d_ok(m: Match, ctx: RuleContext) -> Optional[str]:
     """In space_to_depth mode, the reason the Focus cannot become SpaceToDepth (None when it can)."""
-    if ctx.options.focus_mode != "space_to_depth":
-        return None
-    if m.data["offsets"] == [(0, 0), (0, 1), (1, 0), (1, 1)]:
+    if ctx.options.focus_mode != "space_to_depth" or m.data["offsets"] == [(0, 0), (0, 1), (1, 0), (1, 1)]:
         return None
     reader = ctx.sole_consumer(m.output)
     if reader is None or reader.op != "Conv" or int(reader.attrs.get("group", 1)) != 1 or constant_value(reader.inputs[1]) is None:
@@ -56,27 +50,20 @@ def match_focus_s2d_ok(m: Match, ctx: RuleContext) -> Optional[str]:
     return None
 
 
-def _rewrite_focus_s2d(graph, m, ctx):
-    x, offsets, C = m.data["x"], m.data["offsets"], m.data["C"]
-    if offsets != [(0, 0), (0, 1), (1, 0), (1, 1)]:
-        conv = ctx.sole_consumer(m.output)
-        w = constant_value(conv.inputs[1])
-        # Focus channel k*C + c holds offset offsets[k]; SpaceToDepth puts it at (dr*2+dc)*C + c.
-        perm = np.empty(4 * C, dtype=np.int64)
-        for k, (dr, dc) in enumerate(offsets):
-            perm[(dr * 2 + dc) * C + np.arange(C)] = k * C + np.arange(C)
-        conv.inputs[1] = ctx.constant(f"{conv.inputs[1].name}_s2d", np.ascontiguousarray(w[:, perm]))
-    ctx.replace_output(m.output, "SpaceToDepth", [x], {"blocksize": 2}, base=f"{m.output.name}_s2d")
-
-
 def rewrite_focus(graph, m, ctx):
     x, offsets, C = m.data["x"], m.data["offsets"], m.data["C"]
-    dtype = np.dtype(x.dtype)
-    mode = ctx.options.focus_mode
-    if mode == "space_to_depth":
-        _rewrite_focus_s2d(graph, m, ctx)
+    if ctx.options.focus_mode == "space_to_depth":
+        if offsets != [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            conv = ctx.sole_consumer(m.output)
+            w = constant_value(conv.inputs[1])
+            # Focus channel k*C + c holds offset offsets[k]; SpaceToDepth puts it at (dr*2+dc)*C + c.
+            perm = np.empty(4 * C, dtype=np.int64)
+            for k, (dr, dc) in enumerate(offsets):
+                perm[(dr * 2 + dc) * C + np.arange(C)] = k * C + np.arange(C)
+            conv.inputs[1] = ctx.constant(f"{conv.inputs[1].name}_s2d", np.ascontiguousarray(w[:, perm]))
+        ctx.replace_output(m.output, "SpaceToDepth", [x], {"blocksize": 2}, base=f"{m.output.name}_s2d")
         return
-    w = np.zeros((4 * C, C, 2, 2), dtype=dtype)
+    w = np.zeros((4 * C, C, 2, 2), dtype=np.dtype(x.dtype))
     for k, (dr, dc) in enumerate(offsets):
         w[k * C + np.arange(C), np.arange(C), dr, dc] = 1
     wt = ctx.constant(f"{m.output.name}_focus_w", w)
@@ -98,8 +85,7 @@ def match_focus(graph, node, ctx):
             sl = producer(cur)
             if sl is None or sl.op != "Slice":
                 break
-            r = rank(sl.inputs[0]) or 4
-            params = _slice_params(sl, ctx, r)
+            params = _slice_params(sl, ctx, rank(sl.inputs[0]) or 4)
             if params is None:
                 return "a Slice of the candidate Focus has non-constant or bounded parameters"
             for a, s0, st in params:
@@ -122,14 +108,13 @@ def match_focus(graph, node, ctx):
         return "Focus needs a rank-4 input and a channel-axis Concat"
     if sorted(offsets) != [(0, 0), (0, 1), (1, 0), (1, 1)]:
         return f"slice offsets {offsets} do not cover the 2x2 grid"
-    shape = getattr(src, "shape", None)
-    c = shape[1] if shape is not None else None
+    c = src.shape[1]  # rank 4: the shape is known
     if not isinstance(c, (int, np.integer)):
         return "the Focus input has an unknown channel count"
     sh = static_shape(src)
     if sh is not None and (sh[2] % 2 or sh[3] % 2):
         return "odd spatial size"
-    if np.dtype(src.dtype).kind != "f" if src.dtype is not None else True:
+    if src.dtype is None or np.dtype(src.dtype).kind != "f":
         return "the Focus input is not floating point"
     m = Match(node.outputs[0], {"x": src, "offsets": offsets, "C": int(c)})
     return match_focus_s2d_ok(m, ctx) or m

@@ -1,34 +1,13 @@
-"""Folding a per-channel affine map into a linear layer: the arithmetic of the ``bnfuse`` rules
-(:mod:`.batchnorm`).
+"""Folding a per-channel affine map ``s * x + t`` (an inference BatchNormalization, a constant
+per-channel Mul/Add/Sub/Div) into a linear layer: the arithmetic of the ``bnfuse`` rules.
 
-Inference BatchNormalization is a per-channel affine map on axis 1::
-
-    BN(x) = gamma * (x - mean) / sqrt(var + eps) + beta = s * x + t
-    s = gamma / sqrt(var + eps),   t = beta - mean * s
-
-A constant per-channel ``Mul(m)`` is ``s = m, t = 0``; ``Add(a)`` is ``s = 1, t = a``; ``Sub(c)``
-is ``s = 1, t = -c``; ``Div(d)`` is ``s = 1/d, t = 0``. Every fold pushes this affine map into a
-linear layer ``y = W * x + b`` whose output channel ``o`` it scales:
-
-* **Conv** (W ``[Cout, Cin/g, k...]``, any group / dilation / stride):
-  ``W'[o] = s[o] * W[o]``,  ``b'[o] = s[o] * b[o] + t[o]`` (``b = 0`` when absent).
-* **ConvTranspose** (W ``[Cin, Cout/g, k...]``): output channel ``o = gi * Cout/g + j`` lives in
-  ``W[gi * Cin/g : (gi+1) * Cin/g, j]``, so W is viewed as ``[g, Cin/g, Cout/g, k...]`` and
-  scaled by ``s`` viewed as ``[g, 1, Cout/g, 1...]``; ``b' = s * b + t``.
-* **Gemm** ``Y = alpha * A * op(B) + beta * C`` (output ``[M, N]``, channel = column ``N``):
-  the columns of ``op(B)`` are scaled (rows of B when ``transB=1``, columns when 0),
-  ``C' = s * (beta * C) + t`` broadcast against ``[N]`` (so a scalar, ``[N]``, ``[1, N]``,
-  ``[M, 1]`` or ``[M, N]`` C stays valid), ``beta' = 1``; ``alpha`` is untouched.
-* **MatMul** ``X @ W`` with a constant 2-D ``W [K, N]`` (+ an optional ``Add`` of a constant
-  per-column bias): ``W'[:, n] = s[n] * W[:, n]``, ``bias' = s * bias + t`` (a bias ``Add`` is
-  created when there was none). A BatchNormalization normalises axis 1, which is the MatMul's
-  column axis only for a rank-2 output; a higher-rank MatMul output is skipped with a reason.
-
-Arithmetic is float64, cast back to the weight's dtype. Guards: the layer's output must have no
-other consumer and not be a graph output; W (and b) must be constants -- initializers or
-Constant-node outputs -- and not graph inputs. Folded weights always get a new name from the
-name generator (copy-on-write), so a weight shared with another node is never changed under it.
-Graph output names never change: the layer takes over the folded node's output tensor.
+Output channel ``o`` of the layer is scaled: ``W'[o] = s[o] * W[o]``, ``b'[o] = s[o] * b[o] + t[o]``.
+For ConvTranspose (W ``[Cin, Cout/g, k...]``) channel ``o = gi * Cout/g + j`` is
+``W[gi * Cin/g : (gi+1) * Cin/g, j]``, so W is viewed as ``[g, Cin/g, Cout/g, k...]``; for Gemm and
+MatMul it is a column of ``op(B)`` / W. Arithmetic is float64, cast back to the weight's dtype.
+Folded weights always get a new name (copy-on-write), so a weight shared with another node is
+never changed under it; the layer takes over the folded node's output tensor, so graph output
+names never change.
 """
 from __future__ import annotations
 
@@ -86,7 +65,6 @@ class Unit:
     node: gs.Node
     weight: gs.Tensor
     bias: Optional[gs.Tensor]
-    out: gs.Tensor
     channels: int
     axis: int                      # the channel axis of the output
     rank: Optional[int]
@@ -147,18 +125,17 @@ def unit_for(ctx: FoldContext, t: gs.Tensor, need_axis1: bool) -> Union[Unit, st
     bias = input_at(p, 2) if p.op in ("Conv", "ConvTranspose", "Gemm") else None
     if bias is not None and ctx.const(bias) is None:
         return f"cannot fold into {node_label(p)}: bias is not a constant (or is a graph input)"
-    if p.op == "Conv":
-        return Unit("Conv", p, w, bias, t, wv.shape[0], 1, wv.ndim)
-    if p.op == "ConvTranspose":
-        return Unit("ConvTranspose", p, w, bias, t, wv.shape[1] * int(p.attrs.get("group", 1)), 1, wv.ndim)
+    if p.op in ("Conv", "ConvTranspose"):  # W is [Cout, Cin/g, k...] / [Cin, Cout/g, k...]
+        channels = wv.shape[0] if p.op == "Conv" else wv.shape[1] * int(p.attrs.get("group", 1))
+        return Unit(p.op, p, w, bias, channels, 1, wv.ndim)
     if p.op == "Gemm":
         if wv.ndim != 2:
             return f"cannot fold into {node_label(p)}: B is not 2-D"
-        return Unit("Gemm", p, w, bias, t, wv.shape[0] if int(p.attrs.get("transB", 0)) else wv.shape[1], 1, 2)
-    return _matmul_unit(ctx, p, w, wv, add, t, need_axis1)
+        return Unit("Gemm", p, w, bias, wv.shape[0] if int(p.attrs.get("transB", 0)) else wv.shape[1], 1, 2)
+    return _matmul_unit(ctx, p, w, wv, add, need_axis1)
 
 
-def _matmul_unit(ctx: FoldContext, p: gs.Node, w: gs.Tensor, wv: np.ndarray, add: Optional[gs.Node], t: gs.Tensor,
+def _matmul_unit(ctx: FoldContext, p: gs.Node, w: gs.Tensor, wv: np.ndarray, add: Optional[gs.Node],
                  need_axis1: bool) -> Union[Unit, str]:
     """MatMul: only X @ W with a constant 2-D W."""
     if p.inputs[0] is w or wv.ndim != 2:
@@ -172,7 +149,7 @@ def _matmul_unit(ctx: FoldContext, p: gs.Node, w: gs.Tensor, wv: np.ndarray, add
         bias_t = add.inputs[1] if add.inputs[0] is p.outputs[0] else add.inputs[0]
         if per_channel(ctx.const(bias_t), wv.shape[1], -1, rank) is None:
             return f"cannot fold into {node_label(p)}: the Add after it is not a per-column bias"
-    return Unit("MatMul", p, w, bias_t, t, wv.shape[1], -1, rank, add)
+    return Unit("MatMul", p, w, bias_t, wv.shape[1], -1, rank, add)
 
 
 def _scaled_weight(unit: Unit, w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -184,9 +161,9 @@ def _scaled_weight(unit: Unit, w: np.ndarray, s: np.ndarray) -> np.ndarray:
         g = int(unit.node.attrs.get("group", 1))
         view = w64.reshape((g, w.shape[0] // g, w.shape[1]) + w.shape[2:])
         return (view * s.reshape((g, 1, w.shape[1]) + (1,) * (w.ndim - 2))).reshape(w.shape)
-    if unit.kind == "Gemm":
-        return w64 * (s[:, None] if int(unit.node.attrs.get("transB", 0)) else s[None, :])
-    return w64 * s[None, :]  # MatMul
+    if unit.kind == "Gemm" and int(unit.node.attrs.get("transB", 0)):
+        return w64 * s[:, None]
+    return w64 * s[None, :]  # the columns: MatMul, Gemm with transB=0
 
 
 def fold(ctx: FoldContext, unit: Unit, s: np.ndarray, t: np.ndarray, follower: gs.Node) -> str:
@@ -195,13 +172,10 @@ def fold(ctx: FoldContext, unit: Unit, s: np.ndarray, t: np.ndarray, follower: g
     node = unit.node
     w = np.asarray(constant_value(unit.weight))
     new_w = _scaled_weight(unit, w, s)
-    b = None if unit.bias is None else np.asarray(constant_value(unit.bias)).astype(np.float64)
-    if unit.kind == "Gemm":
-        beta = float(node.attrs.get("beta", 1.0))
-        new_b = np.asarray((beta * b if b is not None else 0.0) * s + t, dtype=np.float64)
-    else:
-        new_b = (b if b is not None else 0.0) * s + t
-    new_b = np.asarray(new_b)  # broadcasting keeps a [1, N] / [M, N] bias shape, a scalar becomes [N]
+    b = 0.0 if unit.bias is None else np.asarray(constant_value(unit.bias)).astype(np.float64)
+    if unit.kind == "Gemm" and unit.bias is not None:
+        b = float(node.attrs.get("beta", 1.0)) * b  # C' = s * (beta * C) + t, then beta' = 1
+    new_b = np.asarray(b * s + t)  # broadcasting keeps a [1, N] / [M, N] bias shape, a scalar becomes [N]
     node.inputs[1] = ctx.new_const(unit.weight, new_w, w.dtype)
     bias_const = ctx.new_const(unit.bias, new_b, w.dtype) if unit.bias is not None else \
         gs.Constant(ctx.names(f"{unit.weight.name}_bias_fused"), np.ascontiguousarray(new_b.astype(w.dtype)))
@@ -213,18 +187,13 @@ def fold(ctx: FoldContext, unit: Unit, s: np.ndarray, t: np.ndarray, follower: g
     elif unit.add is not None:
         swap_input(unit.add, unit.bias, bias_const)
     note = f"{node_label(follower)} folded into {node_label(node)}"
-    _take_output(ctx, unit.add or node, follower, bias_const if unit.kind == "MatMul" and unit.add is None else None)
-    return note
-
-
-def _take_output(ctx: FoldContext, layer: gs.Node, follower: gs.Node, new_bias: Optional[gs.Constant]) -> None:
-    """Remove ``follower``; ``layer`` (or a new bias Add after a bare MatMul) writes its output."""
-    y = follower.outputs[0]
+    y = follower.outputs[0]  # the layer (or a new bias Add after a bare MatMul) writes it now
     remove(ctx, follower)
-    if new_bias is None:
-        layer.outputs[0] = y
-        return
-    ctx.add_node("Add", [layer.outputs[0], new_bias], [y], base=f"{layer.name or y.name}_bias")
+    if unit.kind == "MatMul" and unit.add is None:
+        ctx.add_node("Add", [node.outputs[0], bias_const], [y], base=f"{node.name or y.name}_bias")
+    else:
+        (unit.add or node).outputs[0] = y
+    return note
 
 
 def remove(ctx: FoldContext, node: gs.Node) -> None:

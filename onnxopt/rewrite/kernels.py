@@ -1,13 +1,12 @@
 """Convolution kernels TIDL runs poorly become ones it runs well.
 
-* ``conv_even_kernel_to_odd`` (exact): a k (even) kernel becomes k+1 with a zero first row/col and
-  the begin pad increased by one: the window starts one step earlier and its first tap is 0.
-* ``conv_6x6_to_5x5`` (approximate): the 6 x 6 kernel is cropped to 5 x 5 dropping, per axis, the
-  border row/col with the smaller L1 mass; one pad is reduced so every output keeps its position.
-* ``conv_gt7_split`` (exact, off): a k x k conv (k > 7) becomes a 3 x 3 one-hot "shift bank"
-  (9 copies of every input channel) followed by a ceil(k/3) x ceil(k/3) conv with dilation 3;
-  tap (3a + u, 3b + v) of the original kernel is read exactly once. Unlike TI's (re-initialised,
-  random-width) split it keeps the weights, at the price of 9x the channels in between.
+* ``conv_even_kernel_to_odd`` (exact): a zero first row/col and the begin pad + 1: the window
+  starts one step earlier and its first tap is 0.
+* ``conv_6x6_to_5x5`` (approximate): per axis, the border row/col with the smaller L1 mass is
+  dropped; one pad is reduced so every output keeps its position.
+* ``conv_gt7_split`` (exact, off): a 3 x 3 one-hot "shift bank" and a dilation-3 conv read each tap
+  (3a + u, 3b + v) of the k x k kernel exactly once. Unlike TI's (re-initialised, random-width)
+  split it keeps the weights, at the price of 9x the channels in between.
 """
 from __future__ import annotations
 
@@ -16,17 +15,17 @@ from typing import Union
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ir.graph import constant_value
+from ..ir.graph import constant_value, input_at
 from .engine import Match, RuleContext, rule
 from .patterns import static_shape
 
 
-def _conv_geometry(node: gs.Node, ctx: RuleContext) -> Union[dict, str, None]:
-    w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None:
-        return "the weight is not a constant"
+def _conv_geometry(node: gs.Node, wanted) -> Union[dict, str, None]:
+    """Weight, kernel, pads, strides of a Conv whose constant weight passes ``wanted``; a reason, or None."""
+    w = constant_value(input_at(node, 1))
+    if w is None or not wanted(w):
+        return None
     r = w.ndim - 2
-    ks = list(w.shape[2:])
     if any(int(d) != 1 for d in node.attrs.get("dilations", [1] * r)):
         return "dilated convolution"
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
@@ -34,7 +33,7 @@ def _conv_geometry(node: gs.Node, ctx: RuleContext) -> Union[dict, str, None]:
     if auto_pad not in ("NOTSET", "VALID"):
         return f"auto_pad={auto_pad}"
     pads = [0] * 2 * r if auto_pad == "VALID" else list(node.attrs.get("pads", [0] * 2 * r))
-    return {"w": w, "r": r, "ks": ks, "pads": pads, "strides": list(node.attrs.get("strides", [1] * r))}
+    return {"w": w, "r": r, "ks": list(w.shape[2:]), "pads": pads, "strides": list(node.attrs.get("strides", [1] * r))}
 
 
 def _rebuild_conv(m: Match, ctx: RuleContext, w: np.ndarray, pads: list) -> None:
@@ -46,27 +45,19 @@ def _rebuild_conv(m: Match, ctx: RuleContext, w: np.ndarray, pads: list) -> None
 
 
 def rewrite_even_kernel(graph, m, ctx):
-    w, ks, pads = m.data["w"], m.data["ks"], list(m.data["pads"])
-    new_shape = list(w.shape[:2]) + [k + (k % 2 == 0) for k in ks]
-    nw = np.zeros(new_shape, dtype=w.dtype)
-    sl = [slice(None), slice(None)] + [slice(1, None) if k % 2 == 0 else slice(None) for k in ks]
-    nw[tuple(sl)] = w
-    for a, k in enumerate(ks):
-        if k % 2 == 0:
-            pads[a] += 1  # the zero tap sits before the window: start it one step earlier
-    _rebuild_conv(m, ctx, nw, pads)
+    w, ks, pads = m.data["w"], m.data["ks"], m.data["pads"]
+    front = [1 - k % 2 for k in ks]  # a zero tap before an even kernel: its window starts one step earlier
+    nw = np.pad(w, [(0, 0), (0, 0)] + [(f, 0) for f in front])
+    _rebuild_conv(m, ctx, nw, [p + f for p, f in zip(pads, front)] + pads[len(ks):])
 
 
 @rule("conv_even_kernel_to_odd", "even conv kernel -> odd kernel with a zero border, begin pad +1",
       exact=True, anchors=('Conv',), rewrite=rewrite_even_kernel, priority=40, default=False)
 def match_even_kernel(graph, node, ctx):
     """Conv with an even kernel size on some axis (6x6 is left to conv_6x6_to_5x5 when that is on)."""
-    geo = _conv_geometry(node, ctx)
-    if geo is None or isinstance(geo, str):
-        w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        return geo if w is not None and any(d % 2 == 0 for d in w.shape[2:]) else None
-    if not any(k % 2 == 0 for k in geo["ks"]):
-        return None
+    geo = _conv_geometry(node, lambda w: any(d % 2 == 0 for d in w.shape[2:]))
+    if not isinstance(geo, dict):
+        return geo
     if "conv_6x6_to_5x5" in ctx.active and geo["ks"] == [6, 6]:
         return "6x6 kernel left to conv_6x6_to_5x5"
     return Match(node.outputs[0], {"node": node, **geo})
@@ -90,17 +81,14 @@ def rewrite_conv6(graph, m, ctx):
       exact=False, anchors=('Conv',), rewrite=rewrite_conv6, priority=70)
 def match_conv6(graph, node, ctx):
     """A 2-D Conv with a 6x6 kernel."""
-    w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or list(w.shape[2:]) != [6, 6]:
-        return None
-    geo = _conv_geometry(node, ctx)
-    if isinstance(geo, str):
+    geo = _conv_geometry(node, lambda w: list(w.shape[2:]) == [6, 6])
+    if not isinstance(geo, dict):
         return geo
-    r = 2
+    w = geo["w"]
     shape = static_shape(node.inputs[0])
     plan = []
-    for a in range(r):
-        pb, pe = geo["pads"][a], geo["pads"][a + r]
+    for a in range(2):
+        pb, pe = geo["pads"][a], geo["pads"][a + 2]
         first = float(np.abs(np.take(w, 0, axis=2 + a)).sum())
         last = float(np.abs(np.take(w, 5, axis=2 + a)).sum())
         options = []
@@ -121,24 +109,16 @@ def match_conv6(graph, node, ctx):
 
 
 def rewrite_conv_gt7(graph, m, ctx):
-    """k x k -> a 3x3 one-hot shift bank followed by a (k'/3) x (k'/3) conv with dilation 3.
-
-    The kernel is first zero-extended at the front to k' = 3q (begin pads grow by k' - k, the
-    even-kernel trick). Stage 1 copies every input channel c into 9 channels c*9 + 3u + v holding
-    x shifted by (u, v) and carries the original pads; stage 2 (dilation 3, original stride and
-    groups, no pads) reads copy (u, v) at offset 3a: tap (3a + u, 3b + v) of the original kernel,
-    each exactly once. So the split is exact; its cost is 9x the input channels in between.
-    """
-    node, w, pads, strides = m.data["node"], m.data["w"], list(m.data["pads"]), m.data["strides"]
+    """k x k -> a 3x3 one-hot shift bank (channel c*9 + 3u + v: x shifted by (u, v)) and a q x q conv
+    with dilation 3, after zero-extending the kernel at the front to 3q (the even-kernel trick)."""
+    node, w, pads, strides = m.data["node"], m.data["w"], m.data["pads"], m.data["strides"]
     O, Cg, k, _ = w.shape
     q = -(-k // 3)
-    if 3 * q != k:
-        ext = np.zeros((O, Cg, 3 * q, 3 * q), dtype=w.dtype)
-        ext[:, :, 3 * q - k:, 3 * q - k:] = w
-        w, pads = ext, [pads[0] + 3 * q - k, pads[1] + 3 * q - k, pads[2], pads[3]]
+    ext = 3 * q - k
+    w = np.pad(w, [(0, 0), (0, 0), (ext, 0), (ext, 0)])
+    pads = [pads[0] + ext, pads[1] + ext, pads[2], pads[3]]
     x = node.inputs[0]
-    group = int(node.attrs.get("group", 1))
-    C = Cg * group
+    C = Cg * int(node.attrs.get("group", 1))
     bank = np.zeros((9 * C, C, 3, 3), dtype=w.dtype)
     w2 = np.zeros((O, 9 * Cg, q, q), dtype=w.dtype)
     for u in range(3):
@@ -158,11 +138,8 @@ def rewrite_conv_gt7(graph, m, ctx):
       exact=True, anchors=('Conv',), rewrite=rewrite_conv_gt7, priority=80, default=False)
 def match_conv_gt7(graph, node, ctx):
     """A 2-D Conv with a square kernel larger than 7."""
-    w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or w.ndim != 4 or max(w.shape[2:]) <= 7:
-        return None
-    geo = _conv_geometry(node, ctx)
-    if isinstance(geo, str):
+    geo = _conv_geometry(node, lambda w: w.ndim == 4 and max(w.shape[2:]) > 7)
+    if not isinstance(geo, dict):
         return geo
     if geo["ks"][0] != geo["ks"][1]:
         return f"non-square kernel {geo['ks']}"

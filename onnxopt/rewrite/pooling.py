@@ -1,12 +1,7 @@
-"""Large pooling kernels become cascades of 3 x 3 pools.
-
-* ``maxpool_ge5_to_cascade`` (exact): a k x k max pool (k >= 5, pads p, stride s) equals a
-  cascade of 3 x 3 stride-1 max pools (plus one 2 x 2 when k is even) with the original stride
-  on the last one. Window composition: stride-1 windows of sizes k1, k2 compose to k1 + k2 - 1,
-  and with the begin pads split over the stages (each stage pad < its kernel) every dropped
-  padded position is dominated by a kept one, so the max is the same.
-* ``avgpool_ge5_to_cascade`` (approximate): the same cascade for average pooling gives a
-  triangular (not box) weighting.
+"""Large pooling kernels become cascades of 3 x 3 stride-1 pools (plus one 2 x 2 when k is even),
+the original stride on the last one. Exact for MaxPool: stride-1 windows of sizes k1, k2 compose to
+k1 + k2 - 1, and with the pads split over the stages (each stage pad < its kernel) every dropped
+padded position is dominated by a kept one. For AveragePool the weighting becomes triangular.
 """
 from __future__ import annotations
 
@@ -46,13 +41,12 @@ def _pool_params(node: gs.Node, ctx: RuleContext) -> Union[dict, str, None]:
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     strides = list(node.attrs.get("strides", [1] * r))
-    if auto_pad == "VALID":
+    if auto_pad in ("VALID", "SAME_UPPER", "SAME_LOWER"):
         pads = [0] * 2 * r
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         shape = static_shape(node.inputs[0])
         if shape is None:
             return f"auto_pad={auto_pad} with a dynamic input shape"
-        pads = [0] * 2 * r
         for a in range(r):
             L, s, k = shape[2 + a], strides[a], ks[a]
             total = max(0, (math.ceil(L / s) - 1) * s + k - L)
@@ -62,19 +56,14 @@ def _pool_params(node: gs.Node, ctx: RuleContext) -> Union[dict, str, None]:
         return f"pads {pads} not smaller than the kernel"
     k = ks[0]
     kernels = ([2] if k % 2 == 0 else []) + [3] * ((k - 1) // 2)
-    stage_pads = [[0] * 2 * r for _ in kernels]
-    for a in range(r):
-        for side in (0, 1):
-            split = _split_pads(pads[a + side * r], kernels)
-            for st, p in enumerate(split):
-                stage_pads[st][a + side * r] = p
+    # each pad (begin and end, per axis) split over the stages: stage_pads[stage][pad index]
+    stage_pads = [list(p) for p in zip(*(_split_pads(pad, kernels) for pad in pads))]
     return {"kernels": kernels, "pads": stage_pads, "strides": strides, "rank": r}
 
 
 def rewrite_pool_cascade(graph, m, ctx):
     p, op, cur = m.data["params"], m.data["op"], m.data["x"]
-    r = p["rank"]
-    n = len(p["kernels"])
+    r, n = p["rank"], len(p["kernels"])
     for st, (k, pads) in enumerate(zip(p["kernels"], p["pads"])):
         attrs = {"kernel_shape": [k] * r, "pads": pads, "strides": p["strides"] if st == n - 1 else [1] * r}
         if op == "AveragePool":

@@ -1,18 +1,11 @@
 """ReduceMean becomes ops TIDL runs (TIDL does not take a ReduceMean alone; TI's model optimizer
 runs ``convert_reducemean_to_matmul`` before quantization). Both rules are exact and off in
-lite's default table; ``qdq --target tidl`` runs them on the float graph before placing Q/DQ.
-
-* ``reducemean_to_pool`` (exact): the mean over every axis after the first two of a rank >= 3
-  tensor is ``GlobalAveragePool`` (``keepdims=1``: same shape ``[N, C, 1, ...]``); with
-  ``keepdims=0`` a ``Flatten(axis=1)`` drops the ones (``[N, C]``).
-* ``reducemean_to_matmul`` (exact up to float summation order): the mean over one axis of static
-  size ``n`` is a product with the vector ``v = [1/n] * n`` shaped ``[n, 1]``. Over the last axis:
-  ``x @ v`` (``[..., 1]``, the ``keepdims=1`` shape); over the second to last: the last two axes
-  are swapped first (``Transpose``) and swapped back after (``keepdims=1``). With ``keepdims=0``
-  a ``Squeeze`` of the last axis follows the product instead. Other axes are left alone.
+lite's default table (``reducemean_to_matmul`` up to float summation order); ``qdq --target tidl``
+runs them on the float graph before placing Q/DQ.
 """
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import numpy as np
@@ -29,14 +22,11 @@ def _reduced_axes(node: gs.Node, ctx: RuleContext, r: int) -> Union[list, str]:
     """The sorted, non-negative axes ``node`` averages over, or why they are not known."""
     if ctx.opset >= 18:
         axes_t = input_at(node, 1)
-        if axes_t is None:
-            axes = None
-        else:
-            value = constant_value(axes_t)
-            if value is None:
-                return "axes are computed at run time"
-            axes = [int(a) for a in np.asarray(value).reshape(-1)]
-        if axes is not None and not axes and int(node.attrs.get("noop_with_empty_axes", 0)):
+        value = constant_value(axes_t)
+        if axes_t is not None and value is None:
+            return "axes are computed at run time"
+        axes = None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
+        if axes == [] and int(node.attrs.get("noop_with_empty_axes", 0)):
             return "empty axes with noop_with_empty_axes=1 (an identity: cleanup's job)"
     else:
         axes = node.attrs.get("axes")
@@ -45,14 +35,21 @@ def _reduced_axes(node: gs.Node, ctx: RuleContext, r: int) -> Union[list, str]:
     return sorted({int(a) % r for a in axes})
 
 
-def _float_input(node: gs.Node) -> Union[gs.Tensor, str]:
-    x = node.inputs[0]
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or np.dtype(dtype).type not in _FLOATS:
-        return f"input type {dtype} (only float16/32/64)"
-    if rank(x) is None:
-        return "the input rank is unknown"
-    return x
+def _on_mean(match):
+    """Call ``match(node, x, rank, axes)`` for a ReduceMean of a float tensor x of known rank and
+    axes; otherwise say why it is left alone."""
+    @functools.wraps(match)
+    def checked(graph, node: gs.Node, ctx: RuleContext):
+        x = node.inputs[0]
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or np.dtype(dtype).type not in _FLOATS:
+            return f"input type {dtype} (only float16/32/64)"
+        r = rank(x)
+        if r is None:
+            return "the input rank is unknown"
+        axes = _reduced_axes(node, ctx, r)
+        return axes if isinstance(axes, str) else match(node, x, r, axes)
+    return checked
 
 
 def rewrite_pool(graph, m, ctx):
@@ -67,32 +64,12 @@ def rewrite_pool(graph, m, ctx):
 
 @rule("reducemean_to_pool", "ReduceMean over every axis after N, C -> GlobalAveragePool (+ Flatten for keepdims=0)",
       exact=True, anchors=("ReduceMean",), rewrite=rewrite_pool, priority=32, default=False)
-def match_pool(graph, node, ctx):
+@_on_mean
+def match_pool(node, x, r, axes):
     """ReduceMean of a float tensor of rank >= 3 over axes 2..rank-1."""
-    return _on_mean(node, ctx, _pool_match)
-
-
-def _on_mean(node: gs.Node, ctx: RuleContext, match):
-    """``match(node, x, rank, axes)`` on a ReduceMean of the float tensor x, or why it is left alone."""
-    x = _float_input(node)
-    if isinstance(x, str):
-        return x
-    axes = _reduced_axes(node, ctx, rank(x))
-    return axes if isinstance(axes, str) else match(node, x, rank(x), axes)
-
-
-def _pool_match(node: gs.Node, x: gs.Tensor, r: int, axes: list):
     if r < 3 or axes != list(range(2, r)):
         return None  # reducemean_to_matmul's case, or neither
     return Match(node.outputs[0], {"x": x, "keepdims": int(node.attrs.get("keepdims", 1))})
-
-
-def _squeeze_last(ctx: RuleContext, out: gs.Tensor, src: gs.Tensor) -> None:
-    if ctx.opset >= 13:
-        ctx.replace_output(out, "Squeeze", [src, ctx.constant(f"{out.name}_axes", np.array([-1], np.int64))],
-                           base=f"{out.name}_squeeze")
-    else:
-        ctx.replace_output(out, "Squeeze", [src], {"axes": [-1]}, base=f"{out.name}_squeeze")
 
 
 def rewrite_matmul(graph, m, ctx):
@@ -111,22 +88,21 @@ def rewrite_matmul(graph, m, ctx):
     ctx.add_node("MatMul", [x, vector], [product], base=f"{name}_matmul")
     if keep:
         ctx.replace_output(m.output, "Transpose", [product], {"perm": swap}, base=f"{name}_transpose_back")
+    elif ctx.opset >= 13:
+        ctx.replace_output(m.output, "Squeeze", [product, ctx.constant(f"{name}_axes", np.array([-1], np.int64))],
+                           base=f"{name}_squeeze")
     else:
-        _squeeze_last(ctx, m.output, product)
+        ctx.replace_output(m.output, "Squeeze", [product], {"axes": [-1]}, base=f"{name}_squeeze")
 
 
 @rule("reducemean_to_matmul", "ReduceMean over the last or second-to-last axis -> MatMul with a 1/n vector",
       exact=True, anchors=("ReduceMean",), rewrite=rewrite_matmul, priority=34, default=False)
-def match_matmul(graph, node, ctx):
+@_on_mean
+def match_matmul(node, x, r, axes):
     """ReduceMean of a float tensor over one of its last two axes, whose size is static."""
-    return _on_mean(node, ctx, _matmul_match)
-
-
-def _matmul_match(node: gs.Node, x: gs.Tensor, r: int, axes: list):
     if len(axes) != 1 or r < 2 or axes[0] < r - 2:
         return f"mean over axes {axes} of a rank-{r} tensor: only one of the last two axes maps to a MatMul"
-    shape = x.shape
-    n = shape[axes[0]]
+    n = x.shape[axes[0]]
     if not isinstance(n, (int, np.integer)) or n <= 0:
         return f"axis {axes[0]} has no static size"
     return Match(node.outputs[0], {"x": x, "rank": r, "n": int(n), "last": axes[0] == r - 1,

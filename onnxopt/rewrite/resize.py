@@ -1,8 +1,5 @@
-"""Resize given by sizes becomes Resize given by scales.
-
-* ``resize_sizes_to_scales`` (exact): ``Resize(sizes)`` becomes ``Resize(scales = sizes / in)``
-  when the input shape is static and float32 scales reproduce the sizes exactly.
-"""
+"""``resize_sizes_to_scales`` (exact): ``Resize(sizes)`` becomes ``Resize(scales = sizes / in)``
+when the input shape is static and float32 scales reproduce the sizes exactly."""
 from __future__ import annotations
 
 import math
@@ -28,10 +25,8 @@ def rewrite_resize(graph, m, ctx):
       exact=True, anchors=('Resize',), rewrite=rewrite_resize, priority=30)
 def match_resize(graph, node, ctx):
     """Resize with constant ``sizes`` and a static input shape."""
-    if ctx.opset < 11:
-        return None
     sizes_t = input_at(node, 3)
-    if sizes_t is None:
+    if ctx.opset < 11 or sizes_t is None:
         return None
     sizes = constant_value(sizes_t)
     if sizes is None:

@@ -1,19 +1,15 @@
-"""Running a rule table on a graph, for every pass built on the rewrite engine (``lite``,
-``bnfuse``): choosing the rules (``PASS.rules`` / ``PASS.disable``), one scan per rule, the
-per-rule check of an exact rule on the region it rewrote, and the export.
+"""Running a rule table on a graph, for every pass built on the rewrite engine (``lite``, ``bnfuse``).
 
-An exact rule is verified on its own region: the tensors it preserved (their names are kept) are
+An exact rule is verified on its own region, not the whole model: the tensors it preserved are
 compared between the original region (cut out of the input model) and the new nodes, on random
-values at the region's inputs. A region that cannot be cut out (dynamic shapes, new tensors) is
-left to the caller to verify on the whole model. When a rule fails, each of its rewrites is
-checked alone: the passes then undo only the rewrites that fail (:class:`Rewrite`, the rule
-context's ``reverted``) and keep the others, or switch the rule off when no rewrite fails alone.
+values at the region's inputs. When a rule fails, each of its rewrites is checked alone, so that
+the passes undo only the rewrites that fail (the rule context's ``reverted``) and keep the others.
 """
 from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Optional
 
 import numpy as np
@@ -31,6 +27,10 @@ from .engine import Match, Rule, RuleContext
 EXACT_RTOL = 1e-4
 EXACT_ATOL = 1e-5
 
+# One rewrite of a rule: the tensor it matched on (its name is kept), the nodes it added and the
+# tensors it preserves -- the region its own check covers.
+Rewrite = namedtuple("Rewrite", "tensor added preserved")
+
 
 def select_rules(table: list, only: Optional[list], disable: Optional[list], pass_name: str) -> list:
     """The rules of ``table`` a run applies: ``only`` (else the default-on ones) less ``disable``."""
@@ -42,8 +42,7 @@ def select_rules(table: list, only: Optional[list], disable: Optional[list], pas
         bad = [n for n in (given or []) if n not in names]
         if bad:
             raise OptionError(f"unknown {pass_name} rule '{bad[0]}' in {pass_name}.{opt}.", f"valid rules: {', '.join(names)}")
-    wanted = set(only) if only else {r.name for r in table if r.default}
-    wanted -= set(disable or [])
+    wanted = (set(only) if only else {r.name for r in table if r.default}) - set(disable or [])
     return [r for r in table if r.name in wanted]
 
 
@@ -56,15 +55,6 @@ def new_record(rule: Rule, active: bool) -> dict:
     """The report entry of one rule (``extra["rules"][name]``)."""
     return {"exact": rule.exact, "enabled": active, "default": rule.default, "summary": rule.summary,
             "count": 0, "tensors": [], "preserved": []}
-
-
-@dataclass
-class Rewrite:
-    """One rewrite of a rule: the tensor it matched on (its name is kept), the nodes it added and
-    the tensors it preserves -- the region its own check covers."""
-    tensor: str
-    added: list
-    preserved: list
 
 
 def apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, details: list, clips: dict,
@@ -95,7 +85,8 @@ def apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detail
         if out_name in undo:
             continue
         before = result.output.inputs[0].op if result.output.inputs else None
-        first = len(ctx.added) if ctx.added is not None else 0
+        added = ctx.added if ctx.added is not None else []
+        first = len(added)
         try:
             rule.rewrite(graph, result, ctx)
         except Exception as exc:
@@ -104,8 +95,9 @@ def apply_rule(rule: Rule, ctx: RuleContext, record: dict, skipped: list, detail
         record["tensors"].append(out_name)
         if "clip" in result.data:
             clips[out_name] = tuple(result.data["clip"])
-        record["preserved"].extend(result.preserved or [out_name])
-        rewrites.append(Rewrite(out_name, ctx.added[first:] if ctx.added is not None else [], list(result.preserved or [out_name])))
+        preserved = list(result.preserved or [out_name])
+        record["preserved"].extend(preserved)
+        rewrites.append(Rewrite(out_name, added[first:], preserved))
         entry = {"rule": rule.name, "exact": rule.exact, "tensor": out_name, "was": before,
                  "now": result.output.inputs[0].op if result.output.inputs else None}
         if result.change:
@@ -129,15 +121,11 @@ def stable_toposort(graph) -> bool:
     pending = [0] * len(nodes)
     readers: dict = {}
     for i, n in enumerate(nodes):
-        seen = set()
-        for t in n.inputs:
-            p = t.inputs[0] if t.inputs else None
-            if p is not None and id(p) in index and id(p) not in seen:
-                seen.add(id(p))
-                pending[i] += 1
-                readers.setdefault(id(p), []).append(i)
-    ready = [i for i, c in enumerate(pending) if c == 0]
-    heapq.heapify(ready)
+        producers = {id(t.inputs[0]) for t in n.inputs if t.inputs and id(t.inputs[0]) in index}
+        pending[i] = len(producers)
+        for p in producers:
+            readers.setdefault(p, []).append(i)
+    ready = [i for i, c in enumerate(pending) if c == 0]  # ascending: already a heap
     order = []
     while ready:
         i = heapq.heappop(ready)
@@ -181,15 +169,8 @@ def worst_error(pairs: list, tensors: list) -> tuple:
 
 
 class RegionChecker:
-    """Verifies an exact rule on the region it rewrote, not the whole model.
-
-    The region's inputs are the tensors the new nodes read (same names in the original model);
-    its outputs are the tensors the rule preserves. The original region is cut out of the input
-    model with ``onnx.utils.Extractor``; the new one is exported from the new nodes. Both run in
-    onnxruntime on random values for the region inputs (an exact rewrite is exact for any input),
-    so the cost does not grow with the model. When a region cannot be cut (a region input is new,
-    or has a dynamic shape) the rule is verified on the whole model instead.
-    """
+    """Verifies an exact rule on the region it rewrote (random inputs: an exact rewrite is exact for any
+    input); a region that cannot be cut out is left to the caller to verify on the whole model."""
 
     def __init__(self, shaped: ModelProto, model: ModelProto):
         self.shaped, self.model = shaped, model

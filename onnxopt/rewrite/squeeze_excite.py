@@ -1,7 +1,4 @@
-"""Squeeze-and-excite removal (approximate).
-
-* ``squeeze_and_excite_to_identity`` (approximate): ``x * gate(FC(act(FC(pool(x)))))`` -> x.
-"""
+"""Squeeze-and-excite removal (approximate): ``x * gate(FC(act(FC(pool(x)))))`` -> x."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -20,20 +17,13 @@ _SE_ALLOWED = {
     "Tanh", "Erf", "Elu", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Constant",
     "Shape", "Gather", "Concat", "Slice", "Cast", "BatchNormalization",
 }
-
-
-_SE_SHAPE_OPS = {"Shape", "Gather", "Concat", "Slice", "Cast", "Unsqueeze", "Squeeze", "Constant"}
-
-
 _SE_LIMIT = 48
 
 
 def _gate_input(g: gs.Tensor, ctx: RuleContext) -> Optional[gs.Tensor]:
     """The pre-activation of an SE gate: Sigmoid(s), HardSigmoid(s) or Clip(s+3,0,6)/6."""
     n = producer(g)
-    if n is None:
-        return None
-    if n.op == "Sigmoid":
+    if n is not None and n.op == "Sigmoid":
         return n.inputs[0]
     hs = hardsigmoid_of(g, ctx)
     return hs.x if isinstance(hs, HardSigmoidForm) else None
@@ -55,12 +45,10 @@ def _is_spatial_pool(n: gs.Node, ctx: RuleContext) -> bool:
 
 
 def _is_fc(n: gs.Node) -> bool:
-    if n.op in ("Gemm", "MatMul"):
-        return constant_value(n.inputs[1]) is not None
-    if n.op == "Conv":
-        w = constant_value(n.inputs[1])
-        return w is not None and all(d == 1 for d in w.shape[2:])
-    return False
+    if n.op not in ("Gemm", "MatMul", "Conv"):
+        return False
+    w = constant_value(n.inputs[1])
+    return w is not None and (n.op != "Conv" or all(d == 1 for d in w.shape[2:]))  # a Conv FC is 1x1
 
 
 def rewrite_identity(graph, m, ctx):
@@ -106,8 +94,7 @@ def _check_se(x: gs.Tensor, g: gs.Tensor, mul: gs.Node, ctx: RuleContext) -> Uni
                 return None  # depends on another graph input: not an SE gate
             stack.append(p)
     nodes = list(region.values())
-    bad = sorted({n.op for n in nodes} - _SE_ALLOWED)
-    if bad:
+    if {n.op for n in nodes} - _SE_ALLOWED:
         return None
     x_readers = [n for n in nodes if any(t is x for t in n.inputs)]
     pools = [n for n in x_readers if _is_spatial_pool(n, ctx)]
@@ -127,9 +114,7 @@ def _check_se(x: gs.Tensor, g: gs.Tensor, mul: gs.Node, ctx: RuleContext) -> Uni
         return f"gate of '{mul.outputs[0].name}' has {len(fcs)} FC layers, an SE block has 2"
     for n in main.values():
         for t in n.outputs:
-            if t is g:
-                continue
-            if ctx.is_output(t) or any(id(c) not in region for c in ctx.consumers(t)):
+            if t is not g and (ctx.is_output(t) or any(id(c) not in region for c in ctx.consumers(t))):
                 return f"SE intermediate '{t.name}' is also read outside the block"
     if ctx.is_output(g) or len(ctx.consumers(g)) != 1:
         return f"SE gate '{g.name}' feeds {len(ctx.consumers(g)) + ctx.is_output(g)} consumers"
