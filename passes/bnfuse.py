@@ -2,13 +2,10 @@
 neighbouring linear layer (exact, up to float rounding).
 
 The folds are rules of the rewrite engine (:mod:`onnxopt.rewrite.batchnorm`, arithmetic in
-:mod:`onnxopt.rewrite.fold`), chosen like lite's with ``bnfuse.rules`` / ``bnfuse.disable``:
-``bn_into_layer`` and ``affine_into_layer`` run together until neither fires, then
-``bn_into_following_conv`` and ``bn_standalone`` once each. Each rule that fired is verified on
-the region it rewrote (random values at the region's inputs, onnxruntime): a rule beyond the
-exact-pass tolerance is reverted (the pass reruns without it, and says so): only the rewrites that
-fail their own check when some of the rule's pass, else the whole rule. A region that cannot be
-cut out is covered by the pass manager's check of the whole pass.
+:mod:`onnxopt.rewrite.fold`), chosen like lite's with ``bnfuse.rules`` / ``bnfuse.disable``. Each
+rule that fired is verified on the region it rewrote (random values at the region's inputs); one
+beyond the exact-pass tolerance is reverted and the pass rerun without it (see :func:`_without`).
+A region that cannot be cut out is covered by the pass manager's check of the whole pass.
 """
 from __future__ import annotations
 

@@ -1,46 +1,16 @@
 """``cleanup`` -- exact graph hygiene: lift constants, fold constants and static shape chains,
 remove no-ops and dead code, fold explicit Pad nodes into the Conv/pool that follows.
 
-What is preserved: every graph output keeps its name, dtype and values (bit-exact except where a
-fold reorders nothing -- constant folding evaluates exactly the ops the graph would have run, in
-onnxruntime, on the same constant inputs). The pass runs in rounds; each round is linear in the
-graph size:
+Every graph output keeps its name, dtype and values: constant folding evaluates exactly the ops the
+graph would have run, in onnxruntime, on the same constants. Shapes come from ONNX shape inference
+on a copy stripped of the model's own, possibly wrong, value_info; a symbolic dimension (the batch
+``N``) is never folded, so the graph stays correct for every batch size. A folded tensor larger
+than ``max_fold_elements`` is not created, so weights are never blown up by Expand/Tile/ConstantOfShape.
 
-1. **Constant nodes lifted**: ``Constant`` outputs become initializers (not when the Constant
-   writes a graph output: an initializer cannot be a node output of the same name).
-2. **Static shapes folded**: ``Shape``/``Size`` of a tensor whose shape is fully static (from
-   ONNX shape inference on a copy stripped of the model's own, possibly wrong, value_info) become
-   constants; ``Shape -> Gather``/``Shape -> Slice`` that select only static dimensions are folded
-   even when another dimension (the batch ``N``) is dynamic. A dimension that is symbolic is never
-   folded, so the graph stays correct for every batch size.
-3. **Constant folding**: ``CastLike(constant, x)`` becomes ``Cast(constant, to=dtype of x)``
-   (x supplies only its type; the dynamo exporter writes Conv biases this way). Then every node
-   whose inputs are all constants (transitively) is evaluated
-   in ONE onnxruntime session per round (optimizations off) and replaced by its outputs, except
-   Q/DQ nodes (their integer weights are the point of a QDQ model), random ops, control flow and
-   custom domains. A folded tensor larger than ``max_fold_elements`` elements is not created
-   (the node stays, with a reason), so weights are never blown up by Expand/Tile/ConstantOfShape.
-4. **No-ops removed**: Identity, Dropout (inference: mask output unused, training_mode false),
-   Cast to the same type, Reshape/Expand to the same static shape, identity Transpose,
-   Mul/Div by 1 and Add/Sub of 0 when the constant cannot broadcast the other operand to a larger
-   shape, Pad with all-zero pads, Slice that takes everything, single-input Concat. When the
-   no-op writes a graph output, its input's producer is made to write the output's name instead;
-   if that is impossible (the input is a graph input or a constant) the no-op stays.
-5. **Pad folded into the next Conv / AveragePool / MaxPool**, where legal:
-   ``Conv(Pad(x, p, 0)) == Conv(x, pads += p)`` for a constant-mode zero pad of the spatial axes;
-   AveragePool only with ``count_include_pad=1`` (or no own padding, then it is set to 1 -- the
-   explicit zeros were counted) and ``ceil_mode=0``; MaxPool only when the pad value is ``-inf``,
-   or 0 on a provably non-negative input (Relu / Clip(min >= 0)), dilation 1, ``ceil_mode=0`` and
-   its Indices output unused. Pooling pads must stay below the kernel size (onnxruntime's rule,
-   and it guarantees every window sees a real element).
-6. **Dead code**: nodes that reach no graph output and unused initializers are dropped.
-
-Rounds repeat (at most ``MAX_ROUNDS``) only while a round folded something and shape inputs are
-still computed at run time, since folding one chain can make another tensor's shape static.
-
-Scope: the main graph is rewritten; If/Loop/Scan bodies are left as they are (main-graph tensors
-they read stay consistent: a folded or bypassed tensor is renamed for them too). Graph inputs that
-have an initializer are overridable from IR 4 on and never treated as constants.
+Rounds (each linear in the graph size) repeat while one folded something and shape inputs are still
+computed at run time: folding one chain can make another tensor's shape static. If/Loop/Scan bodies
+are left as they are (main-graph tensors they read are renamed for them too); graph inputs that have
+an initializer are overridable from IR 4 on and never treated as constants.
 """
 from __future__ import annotations
 
@@ -102,8 +72,7 @@ class CleanupOptions(PassOptions):
 def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -> PassResult:
     """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
     options.validate(model, ctx)
-    state = _State(options, opset_of(model))
-    state.overridable = overridable_inputs(model)
+    state = _State(options, opset_of(model), overridable_inputs(model))
     state.changes["unused_initializers_removed"] = _count_unused_initializers(model)
     original_value_info = {vi.name for vi in model.graph.value_info}
     nodes_before = len(model.graph.node)
@@ -133,37 +102,33 @@ def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -
             break
     # Intermediate value_info that we did not bring in stays out (shape inference re-derives it);
     # the model's own entries are kept where their tensor still exists.
-    alive = {o for n in model.graph.node for o in n.output}
+    own_alive = {o for n in model.graph.node for o in n.output} & original_value_info
     keep = []
     for vi in model.graph.value_info:
-        if vi.name not in original_value_info or vi.name not in alive:
-            continue
-        if _contradicts(vi, shapes.get(vi.name)):
+        if vi.name in own_alive and _contradicts(vi, shapes.get(vi.name)):
             # a wrong declared shape (real exporters write them) would fail the full checker
             state.details.append(f"dropped value_info '{vi.name}': it contradicts the inferred shape {shapes[vi.name][1]}")
             state.changes["wrong_value_info_dropped"] += 1
-            continue
-        keep.append(vi)
+        elif vi.name in own_alive:
+            keep.append(vi)
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
-    changes = dict(state.changes)
-    changes["nodes_removed"] = nodes_before - len(model.graph.node)
-    return PassResult(model, changes=changes, details=state.details, skipped=state.skipped,
+    state.changes["nodes_removed"] = nodes_before - len(model.graph.node)
+    return PassResult(model, changes=dict(state.changes), details=state.details, skipped=state.skipped,
                       extra={"rounds": round_index + 1})
 
 
 # ------------------------------------------------------------------------------ state, shapes
 class _State:
-    def __init__(self, options: CleanupOptions, opset: int):
-        self.options = options
-        self.opset = opset
+    def __init__(self, options: CleanupOptions, opset: int, overridable: set):
+        self.options, self.opset = options, opset
+        self.overridable = overridable  # graph inputs with an initializer: NOT constants
         self.changes: Counter = Counter()
         self.details: list = []
         self.skipped: list = []
         self._skip_seen: set = set()
         self.round_folded = 0
         self.excluded: set = set()  # names of tensors whose producer must not be folded (too big)
-        self.overridable: set = set()  # graph inputs with an initializer: NOT constants
 
     def skip(self, where: str, reason: str) -> None:
         key = (where, reason)
@@ -178,12 +143,9 @@ def _count_unused_initializers(model: onnx.ModelProto) -> int:
     def walk(g: onnx.GraphProto):
         for n in g.node:
             used.update(n.input)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        walk(sub)
+            for a in n.attribute:  # (``graphs`` is empty unless the attribute is a GRAPHS one)
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                    walk(sub)
         used.update(o.name for o in g.output)
 
     walk(model.graph)
@@ -218,9 +180,7 @@ def _contradicts(vi: onnx.ValueInfoProto, inferred) -> bool:
     if dims is None or not tt.HasField("shape"):
         return False
     declared = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    if len(declared) != len(dims):
-        return True
-    return any(a is not None and b is not None and a != b for a, b in zip(declared, dims))
+    return len(declared) != len(dims) or any(a is not None and b is not None and a != b for a, b in zip(declared, dims))
 
 
 def _shape_of(t: gs.Tensor, shapes: dict) -> Optional[list]:
@@ -247,13 +207,11 @@ def _const(t: Optional[gs.Tensor], input_names: set) -> Optional[np.ndarray]:
     return None if t is None or t.name in input_names else constant_value(t)
 
 
-def _is_const(graph: gs.Graph, t: Optional[gs.Tensor], graph_input_names: set) -> bool:
-    if t is None:
-        return True  # absent optional input
+def _is_const(t: Optional[gs.Tensor], input_names: set) -> bool:
     if isinstance(t, gs.Constant):
-        return t.name not in graph_input_names
-    # A Constant-node output (when lift_constants is off) is a constant as well.
-    return len(t.inputs) == 1 and t.inputs[0].op == "Constant" and constant_value(t) is not None
+        return t.name not in input_names
+    # an absent optional input, or a Constant-node output (when lift_constants is off)
+    return t is None or constant_value(t) is not None
 
 
 # ------------------------------------------------------------------------------ 1. constants
@@ -281,23 +239,13 @@ def _to_constant(tensor: gs.Variable, value: np.ndarray) -> None:
     tensor.to_constant(np.require(value, requirements="C"))  # (np.ascontiguousarray makes a scalar 1-D)
 
 
-def _shape_slice(node: gs.Node, rank: int) -> tuple:
-    start = int(node.attrs.get("start", 0))
-    end = node.attrs.get("end", None)
-    start = max(0, min(rank, start + rank if start < 0 else start))
-    end = rank if end is None else int(end)
-    end = max(0, min(rank, end + rank if end < 0 else end))
-    return start, end
-
-
 def _fold_static_shapes(graph: gs.Graph, shapes: dict, state: _State) -> int:
     folded = 0
     for node in list(graph.nodes):
-        if node.op not in _SHAPE_CONSUMERS or not node.outputs:
+        if (node.op not in _SHAPE_CONSUMERS or not node.outputs or not node.inputs
+                or is_graph_output(graph, node.outputs[0])):
             continue
         out = node.outputs[0]
-        if is_graph_output(graph, out) or not node.inputs:
-            continue
         shape = _shape_of(node.inputs[0], shapes)
         if shape is None:
             continue
@@ -306,8 +254,8 @@ def _fold_static_shapes(graph: gs.Graph, shapes: dict, state: _State) -> int:
                 _to_constant(out, np.array(int(np.prod(shape)), dtype=np.int64))
                 folded += 1
             continue
-        start, end = _shape_slice(node, len(shape))
-        dims = shape[start:end]
+        rank = len(shape)
+        dims = shape[slice(*_clamp_slice(int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank)), 1, rank))]
         if _static(dims):
             _to_constant(out, np.array(dims, dtype=np.int64))
             folded += 1
@@ -330,10 +278,8 @@ def _static_pick(reader: gs.Node, shape_out: gs.Tensor, dims: list, graph: gs.Gr
     index = np.arange(len(dims))
     if reader.op == "Gather" and int(reader.attrs.get("axis", 0)) == 0:
         idx = constant_value(input_at(reader, 1))
-        if idx is None:
-            return None
-        idx = np.asarray(idx).astype(np.int64)
-        if np.any(idx < -len(dims)) or np.any(idx >= len(dims)):
+        idx = None if idx is None else np.asarray(idx).astype(np.int64)
+        if idx is None or np.any(idx < -len(dims)) or np.any(idx >= len(dims)):
             return None
         picked = index[idx]
     elif reader.op == "Slice":
@@ -353,9 +299,7 @@ def _static_pick(reader: gs.Node, shape_out: gs.Tensor, dims: list, graph: gs.Gr
     else:
         return None
     values = [dims[i] for i in np.asarray(picked).reshape(-1)]
-    if any(v is None for v in values):
-        return None
-    return np.array(values, dtype=np.int64).reshape(np.asarray(picked).shape)
+    return np.array(values, dtype=np.int64).reshape(np.asarray(picked).shape) if _static(values) else None
 
 
 def _clamp_slice(start: int, end: int, step: int, dim: int) -> tuple:
@@ -365,30 +309,20 @@ def _clamp_slice(start: int, end: int, step: int, dim: int) -> tuple:
     if end < 0:
         end += dim
     if step > 0:
-        start, end = max(0, min(dim, start)), max(0, min(dim, end))
-        return start, end, step
+        return max(0, min(dim, start)), max(0, min(dim, end)), step
     start, end = max(-1, min(dim - 1, start)), max(-1, min(dim - 1, end))
     return start, (None if end < 0 else end), step
 
 
 # --------------------------------------------------------------------- 3. constant folding
-def _elements(shape: Optional[list]) -> Optional[int]:
-    return int(np.prod(shape)) if _static(shape) else None
-
-
-def _castlike_of_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
-    """``CastLike(constant, x)`` -> ``Cast(constant, to=dtype of x)`` where x's dtype is known.
-
-    The dynamo exporter (``optimize=False``) writes Conv biases and Clip bounds as
-    ``CastLike(Constant, x) -> Expand``: only the target's *type* is read from x, so the value is
-    a constant, and the constant folding that follows folds the whole chain (the bias becomes an
-    initializer that bnfuse, lite and prune can use)."""
+def _castlike_of_constants(graph: gs.Graph, shapes: dict, state: _State) -> None:
+    """``CastLike(constant, x)`` -> ``Cast(constant, to=dtype of x)`` where x's dtype is known: the
+    dynamo exporter writes Conv biases and Clip bounds as ``CastLike(Constant, x) -> Expand``, which
+    the constant folding that follows then folds whole (into an initializer bnfuse, lite and prune use)."""
     input_names = {t.name for t in graph.inputs} | state.overridable
-    done = 0
     for node in graph.nodes:
-        if node.op != "CastLike" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 2:
-            continue
-        if not _is_const(graph, node.inputs[0], input_names):
+        if (node.op != "CastLike" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 2
+                or not _is_const(node.inputs[0], input_names)):
             continue
         target = node.inputs[1]
         elem = _elem_type_of(target, shapes)
@@ -403,8 +337,6 @@ def _castlike_of_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
         node.attrs = {"to": int(elem), **{k: v for k, v in node.attrs.items() if k in ("saturate", "round_mode")}}
         del node.inputs[1]
         state.changes["castlike_of_constant_to_cast"] += 1
-        done += 1
-    return done
 
 
 def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
@@ -412,18 +344,16 @@ def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
     input_names = {t.name for t in graph.inputs} | state.overridable
     total = 0
     for _attempt in range(3):  # a too-big result found only at run time excludes its node and retries
-        produced: set = set()  # tensors that the fold set produces
-        fold_nodes = []
+        fold_nodes, produced = [], set()  # produced: ids of the tensors the fold set produces
         for node in graph.nodes:
-            if not _foldable_op(node) or not node.outputs:
+            if not _foldable_op(node) or not node.outputs or any(is_graph_output(graph, o) for o in node.outputs):
                 continue
-            if any(is_graph_output(graph, o) for o in node.outputs):
-                continue
-            if not all(_is_const(graph, t, input_names) or (t is not None and id(t) in produced) for t in _inputs_of(node)):
+            if not all(_is_const(t, input_names) or (t is not None and id(t) in produced) for t in _inputs_of(node)):
                 continue
             too_big = False
             for o in node.outputs:
-                n = _elements(_shape_of(o, shapes))
+                shape = _shape_of(o, shapes)
+                n = int(np.prod(shape)) if _static(shape) else None
                 if o.name in state.excluded or (n is not None and n > limit):
                     too_big = True
                     state.skip(node_label(node), f"folding would create a {n if n is not None else 'large'}-element constant "
@@ -432,14 +362,9 @@ def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
                 continue
             fold_nodes.append(node)
             produced.update(id(o) for o in node.outputs)
-        if not fold_nodes:
-            return total
         fold_ids = {id(n) for n in fold_nodes}
-        frontier = []
-        for node in fold_nodes:
-            for o in node.outputs:
-                if o.name and any(id(c) not in fold_ids for c in o.outputs):
-                    frontier.append(o)
+        frontier = [o for node in fold_nodes for o in node.outputs
+                    if o.name and any(id(c) not in fold_ids for c in o.outputs)]
         if not frontier:
             return total
         try:
@@ -451,13 +376,9 @@ def _fold_constants(graph: gs.Graph, shapes: dict, state: _State) -> int:
                 return total
             total += _fold_node_by_node(fold_nodes, graph, state, limit, input_names)
             break
-        retry = False
-        for t in frontier:
-            v = values[t.name]
-            if not isinstance(v, np.ndarray) or v.size > limit:
-                state.excluded.add(t.name)
-                retry = True
-        if retry:
+        too_big = {name for name, v in values.items() if not isinstance(v, np.ndarray) or v.size > limit}
+        if too_big:
+            state.excluded |= too_big
             continue
         for t in frontier:
             _to_constant(t, values[t.name])
@@ -479,7 +400,7 @@ def _fold_node_by_node(nodes: list, graph: gs.Graph, state: _State, limit: int, 
     the node onnxruntime cannot run stays (with its reason) and everything else still folds."""
     done = 0
     for node in nodes:
-        if not all(_is_const(graph, t, input_names) for t in _inputs_of(node)):
+        if not all(_is_const(t, input_names) for t in _inputs_of(node)):
             continue  # an input's producer could not be folded
         outs = [o for o in node.outputs if o.name]
         try:
@@ -512,20 +433,13 @@ def _foldable_op(node: gs.Node) -> bool:
 def _run_fold_set(nodes: list, frontier: list, opset: int, graph: gs.Graph) -> dict:
     """Evaluate the constant subgraph ``nodes`` once in onnxruntime; {frontier name: value}."""
     produced = {o.name for n in nodes for o in n.outputs}
-    inits, seen = [], set()
-    for n in nodes:
-        for t in n.inputs:
-            if t is None or not t.name or t.name in produced or t.name in seen:
-                continue
-            seen.add(t.name)
-            if isinstance(t, gs.Constant):
-                inits.append(OnnxExporter.export_tensor_proto(t))
-            else:  # a Constant-node output
-                inits.append(numpy_helper.from_array(np.asarray(constant_value(t)), t.name))
+    outer = {t.name: t for n in nodes for t in n.inputs if t is not None and t.name and t.name not in produced}
+    inits = [OnnxExporter.export_tensor_proto(t) if isinstance(t, gs.Constant)
+             else numpy_helper.from_array(np.asarray(constant_value(t)), t.name)  # a Constant-node output
+             for t in outer.values()]
     g = helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", [],
                           [helper.make_empty_tensor_value_info(t.name) for t in frontier], inits)
-    opsets = [helper.make_opsetid("", opset)]
-    m = helper.make_model(g, opset_imports=opsets)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = min(m.ir_version, 9)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -538,40 +452,34 @@ def _run_fold_set(nodes: list, frontier: list, opset: int, graph: gs.Graph) -> d
 # ------------------------------------------------------------------------------ 4. no-ops
 def _bypass(graph: gs.Graph, node: gs.Node, inp: gs.Tensor, out: gs.Tensor, state: _State) -> bool:
     """Remove ``node`` (out == inp in value). Graph output names never change."""
-    if is_graph_output(graph, out):
-        producer = inp.inputs[0] if len(inp.inputs) == 1 else None
-        if (producer is None or isinstance(inp, gs.Constant) or is_graph_output(graph, inp)
-                or any(t is inp for t in graph.inputs)):
-            state.skip(node_label(node), "no-op writes a graph output fed by a graph input/constant/output; kept to keep the output name")
-            return False
-        node.inputs.clear()
-        node.outputs.clear()
-        for c in list(inp.outputs):
-            swap_input(c, inp, out)
-        idx = next(i for i, t in enumerate(producer.outputs) if t is inp)
-        producer.outputs[idx] = out
-        return True
+    keep_out = is_graph_output(graph, out)
+    producer = inp.inputs[0] if len(inp.inputs) == 1 else None
+    if keep_out and (producer is None or isinstance(inp, gs.Constant) or is_graph_output(graph, inp)
+                     or any(t is inp for t in graph.inputs)):
+        state.skip(node_label(node), "no-op writes a graph output fed by a graph input/constant/output; kept to keep the output name")
+        return False
     node.inputs.clear()
     node.outputs.clear()
-    for c in list(out.outputs):
-        swap_input(c, out, inp)
+    old, new = (inp, out) if keep_out else (out, inp)  # consumers move to the tensor that stays
+    for c in list(old.outputs):
+        swap_input(c, old, new)
+    if keep_out:
+        idx = next(i for i, t in enumerate(producer.outputs) if t is inp)
+        producer.outputs[idx] = out
     return True
 
 
 def _remove_noops(graph: gs.Graph, shapes: dict, state: _State) -> int:
     input_names = {t.name for t in graph.inputs} | state.overridable
-    removed = Counter()
+    removed = 0
     for node in list(graph.nodes):
         if not node.outputs or not node.inputs or (node.domain or "") not in ("", "ai.onnx"):
             continue
         data = _noop_input(node, graph, shapes, state, input_names)
-        if data is None:
-            continue
-        if _bypass(graph, node, data, node.outputs[0], state):
-            removed[node.op] += 1
-    for op, n in removed.items():
-        state.changes[f"noop_{op.lower()}_removed"] += n
-    return sum(removed.values())
+        if data is not None and _bypass(graph, node, data, node.outputs[0], state):
+            state.changes[f"noop_{node.op.lower()}_removed"] += 1
+            removed += 1
+    return removed
 
 
 def _noop_input(node: gs.Node, graph: gs.Graph, shapes: dict, state: _State, input_names: set) -> Optional[gs.Tensor]:
@@ -588,11 +496,10 @@ def _noop_input(node: gs.Node, graph: gs.Graph, shapes: dict, state: _State, inp
             state.skip(node_label(node), "its mask output is used")
             return None
         training = input_at(node, 2)
-        if training is not None:
-            tv = _const(training, input_names)
-            if tv is None or bool(np.asarray(tv).reshape(-1)[0]):
-                state.skip(node_label(node), "training_mode is not a constant false")
-                return None
+        tv = _const(training, input_names)
+        if training is not None and (tv is None or bool(np.asarray(tv).reshape(-1)[0])):
+            state.skip(node_label(node), "training_mode is not a constant false")
+            return None
         return x
     if extra_outputs:
         return None
@@ -629,7 +536,7 @@ def _neutral_operand(node: gs.Node, graph: gs.Graph, shapes: dict, input_names: 
     sides = [(0, 1)] if node.op in ("Sub", "Div") else [(0, 1), (1, 0)]
     for xi, ci in sides:
         x, c = node.inputs[xi], node.inputs[ci]
-        if not _is_const(graph, c, input_names) or c is None:
+        if not _is_const(c, input_names) or c is None:
             continue
         value = np.asarray(constant_value(c))
         if value.size == 0 or not np.all(value == neutral):
@@ -653,17 +560,10 @@ def _slice_takes_all(node: gs.Node, x: gs.Tensor, shapes: dict, input_names: set
         axes = node.attrs.get("axes", list(range(len(starts))))
         steps = [1] * len(starts)
     else:
-        vals = []
-        for i in range(1, 5):
-            t = input_at(node, i)
-            if t is None:
-                vals.append(None)
-                continue
-            v = _const(t, input_names)
-            if v is None:
-                return False
-            vals.append(np.asarray(v).reshape(-1).astype(np.int64))
-        starts, ends, axes, steps = vals
+        vals = [_const(input_at(node, i), input_names) for i in range(1, 5)]
+        if any(v is None and input_at(node, i) is not None for i, v in enumerate(vals, 1)):
+            return False
+        starts, ends, axes, steps = (None if v is None else np.asarray(v).reshape(-1).astype(np.int64) for v in vals)
         if starts is None or ends is None:
             return False
         axes = list(range(len(starts))) if axes is None else axes
@@ -678,19 +578,15 @@ def _slice_takes_all(node: gs.Node, x: gs.Tensor, shapes: dict, input_names: set
             if not 0 <= a < len(shape):
                 return False
             dim = shape[a]
-        if dim is None:
-            # Unknown extent: only the canonical "everything" slice [0, INT_MAX) is known to take all.
-            if not (s == 0 and e >= 2**31 - 1):
-                return False
-        else:
-            lo, hi, _ = _clamp_slice(s, e, 1, dim)
-            if not (lo == 0 and hi == dim):
-                return False
+        # Unknown extent: only the canonical "everything" slice [0, INT_MAX) is known to take all.
+        takes_all = (s == 0 and e >= 2**31 - 1) if dim is None else _clamp_slice(s, e, 1, dim)[:2] == (0, dim)
+        if not takes_all:
+            return False
     return True
 
 
 # --------------------------------------------------------------------------- 5. Pad folding
-def _pad_spec(node: gs.Node, shapes: dict, input_names: set, opset: int) -> tuple:
+def _pad_spec(node: gs.Node, shapes: dict, input_names: set) -> tuple:
     """(per-axis begin pads, per-axis end pads, pad value) for a constant-mode Pad, or a reason str."""
     mode = node.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
@@ -705,35 +601,27 @@ def _pad_spec(node: gs.Node, shapes: dict, input_names: set, opset: int) -> tupl
         if pads is None:
             return "pads are not constant"
         pads = np.asarray(pads).astype(np.int64).reshape(-1)
-        vt = input_at(node, 2)
-        value = 0.0
-        if vt is not None:
-            v = _const(vt, input_names)
-            if v is None:
-                return "pad value is not constant"
-            value = float(np.asarray(v).reshape(-1)[0]) if np.asarray(v).size else 0.0
-        at = input_at(node, 3)
-        axes = None
-        if at is not None:
-            a = _const(at, input_names)
-            if a is None:
-                return "axes are not constant"
-            axes = np.asarray(a).astype(np.int64).reshape(-1)
+        v, a = _const(input_at(node, 2), input_names), _const(input_at(node, 3), input_names)
+        if input_at(node, 2) is not None and v is None:
+            return "pad value is not constant"
+        if input_at(node, 3) is not None and a is None:
+            return "axes are not constant"
+        value = float(np.asarray(v).reshape(-1)[0]) if v is not None and np.asarray(v).size else 0.0
+        axes = None if a is None else np.asarray(a).astype(np.int64).reshape(-1)
     shape = _shape_of(node.inputs[0], shapes)
     rank = len(pads) // 2 if axes is None else (len(shape) if shape is not None else None)
     if rank is None:
         return "input rank unknown"
     begin, end = [0] * rank, [0] * rank
     axes = list(range(rank)) if axes is None else [int(a) + rank if a < 0 else int(a) for a in axes]
-    n = len(axes)
     for i, a in enumerate(axes):
-        begin[a], end[a] = int(pads[i]), int(pads[n + i])
+        begin[a], end[a] = int(pads[i]), int(pads[len(axes) + i])
     return begin, end, value
 
 
 def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
     input_names = {t.name for t in graph.inputs} | state.overridable
-    folded = Counter()
+    folded = 0
     for pad in list(graph.nodes):
         if pad.op != "Pad" or not pad.outputs or not pad.inputs:
             continue
@@ -741,7 +629,7 @@ def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
         consumer = sole_consumer(graph, out)
         if consumer is None or consumer.op not in ("Conv", "AveragePool", "MaxPool") or consumer.inputs[0] is not out:
             continue
-        spec = _pad_spec(pad, shapes, input_names, state.opset)
+        spec = _pad_spec(pad, shapes, input_names)
         if isinstance(spec, str):
             state.skip(node_label(pad), f"not folded into {consumer.op}: {spec}")
             continue
@@ -754,21 +642,21 @@ def _fold_pads(graph: gs.Graph, shapes: dict, state: _State) -> int:
         own = list(consumer.attrs.get("pads", [0] * (2 * k)))
         new = [own[i] + begin[2 + i] for i in range(k)] + [own[k + i] + end[2 + i] for i in range(k)]
         if consumer.op != "Conv":
+            # onnxruntime's rule, and it guarantees every window sees a real element
             kernel = list(consumer.attrs["kernel_shape"])
             if any(new[i] >= kernel[i] or new[k + i] >= kernel[i] for i in range(k)):
                 state.skip(node_label(pad), f"not folded into {node_label(consumer)}: resulting pads {new} not below kernel {kernel}")
                 continue
             if consumer.op == "AveragePool":
-                consumer.attrs["count_include_pad"] = 1
+                consumer.attrs["count_include_pad"] = 1  # the explicit zeros were counted
         consumer.attrs["pads"] = new
         consumer.attrs["auto_pad"] = "NOTSET"
         swap_input(consumer, out, pad.inputs[0])
         pad.outputs.clear()
-        folded[consumer.op] += 1
+        folded += 1
+        state.changes[f"pads_folded_into_{consumer.op.lower()}"] += 1
         state.details.append(f"Pad '{out.name}' folded into {node_label(consumer)}: pads {new}")
-    for op, n in folded.items():
-        state.changes[f"pads_folded_into_{op.lower()}"] += n
-    return sum(folded.values())
+    return folded
 
 
 def _pad_fold_reason(pad: gs.Node, consumer: gs.Node, begin: list, end: list, value: float,
@@ -790,8 +678,7 @@ def _pad_fold_reason(pad: gs.Node, consumer: gs.Node, begin: list, end: list, va
     if consumer.op == "AveragePool":
         if value != 0.0:
             return f"pad value {value} is not 0"
-        own = consumer.attrs.get("pads", [])
-        if not int(consumer.attrs.get("count_include_pad", 0)) and any(own):
+        if not int(consumer.attrs.get("count_include_pad", 0)) and any(consumer.attrs.get("pads", [])):
             return "count_include_pad=0 with own padding (explicit zeros would count, pool pads would not)"
         return None
     # MaxPool
@@ -801,9 +688,7 @@ def _pad_fold_reason(pad: gs.Node, consumer: gs.Node, begin: list, end: list, va
         return "dilated MaxPool"
     if int(consumer.attrs.get("storage_order", 0)):
         return "storage_order=1"
-    if value == float("-inf"):
-        return None
-    if value == 0.0 and _non_negative(pad.inputs[0], input_names):
+    if value == float("-inf") or (value == 0.0 and _non_negative(pad.inputs[0], input_names)):
         return None
     return f"pad value {value} is neither -inf nor 0 on a provably non-negative input"
 
@@ -815,8 +700,6 @@ def _non_negative(t: gs.Tensor, input_names: set) -> bool:
     if prod.op == "Relu":
         return True
     if prod.op == "Clip":
-        lo = prod.attrs.get("min") if "min" in prod.attrs else None
-        if lo is None:
-            lo = _const(input_at(prod, 1), input_names)
+        lo = prod.attrs["min"] if "min" in prod.attrs else _const(input_at(prod, 1), input_names)
         return lo is not None and float(np.asarray(lo).reshape(-1)[0]) >= 0.0
     return False

@@ -1,48 +1,26 @@
 """``equalize``: cross-layer equalization (CLE) and high-bias absorption, exact in float.
 
-Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization
-and Bias Correction"; AIMET's ``cross_layer_equalization``). For a producer layer ``L1`` (Conv of
-any group, Gemm) whose output ``y`` reaches consumer layers ``L2`` only through ops that are
-*positively homogeneous per channel* (``f(y / s) = f(y) / s`` for every per-channel ``s > 0``),
-dividing output channel ``i`` of ``L1`` (weight slice and bias) by ``s_i`` and multiplying input
-channel ``i`` of every ``L2`` by ``s_i`` leaves the network function unchanged::
+CLE (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias Correction";
+AIMET's ``cross_layer_equalization``): when the output of a producer layer ``L1`` (Conv of any
+group, Gemm) reaches its consumer layers ``L2`` only through ops that are *positively homogeneous
+per channel* (``f(y / s) = f(y) / s`` for every per-channel ``s > 0``), the network is unchanged by::
 
     L2(f(W1 x + b1)) = (W2 S) f((S^-1 W1) x + S^-1 b1)        S = diag(s), s_i > 0
 
-With ``r1_i`` the range (max |w|) of output channel ``i`` of ``W1`` and ``r2_i`` the range of input
-channel ``i`` over all consumers, ``s_i = sqrt(r1_i / r2_i)`` makes both ranges ``sqrt(r1_i r2_i)``,
-which is what per-tensor weight quantization needs (badly scaled depthwise filters stop wasting the
-int8 grid). Consecutive pairs share layers (conv -> depthwise -> conv triplets: the depthwise is the
-consumer of one pair and the producer of the next), so the pass sweeps over all pairs until every
-scale is within ``tolerance`` of 1 (or ``iterations`` sweeps).
-
-Ops a scaled tensor may pass through (channel stays on axis 1): Relu, LeakyRelu, Clip(0, +inf),
-Identity, MaxPool / AveragePool / GlobalAveragePool / GlobalMaxPool, ReduceMean/Max/Sum over
-non-channel axes, constant zero Pad that does not touch axes 0-1, Flatten/Reshape of
-``[N, C, 1.., 1]`` to ``[N, C]``, and Mul/Div by a tensor that is *not* scaled (the
-squeeze-excite gate: its branch ``GAP -> fc1`` starts at the scaled tensor, fc1 absorbs the scale,
-so the gate itself is unchanged). Consumers that absorb: Conv on its data input (any group,
-depthwise included), Gemm on ``A`` (transA = 0). Anything else on the way (Add, Concat, HardSwish,
-Sigmoid, a graph output...) makes the pair ineligible and is reported in ``skipped``.
-
-Clip(lo, hi) with a finite ``hi`` (ReLU6) is *not* homogeneous: ``relu6(y / s) != relu6(y) / s``.
-What is exact is ``relu6(y) / s = min(relu(y / s), 6 / s)`` with a *per-channel* bound. With
-``clip=skip`` (default) such pairs are left alone and reported. With ``clip=split`` the Clip is
-rewritten as ``Relu`` followed by ``Min(., hi / s)`` with a per-channel bound constant (Nagel's
-"clipping correction" done exactly, not approximately) -- exact in float, but the graph then has a
-per-channel Min where it had a Clip, which fuses less well (TensorRT / onnxruntime fuse Conv+Clip,
-not Conv+Relu+Min); use it where per-tensor weight quantization of ReLU6 networks is the problem.
+``s_i = sqrt(r1_i / r2_i)`` (``r``: the channel's weight range, max |w|, on each side) makes both
+ranges ``sqrt(r1_i r2_i)``, which is what per-tensor weight quantization needs. Pairs share layers
+(conv -> depthwise -> conv), hence the sweeps. A squeeze-excite gate (Mul by an unscaled tensor)
+passes: its ``GAP -> fc1`` branch starts at the scaled tensor and fc1 absorbs the scale. ReLU6 is
+not homogeneous, but ``relu6(y) / s = min(relu(y / s), 6 / s)`` with a per-channel bound
+(``clip=split``), which fuses less well (TensorRT / onnxruntime fuse Conv+Clip, not Conv+Relu+Min).
 
 High-bias absorption (``absorb_bias=data``, Nagel et al. §4.1): where ``y -> Relu -> L2`` and a
 channel's pre-activation never falls below ``c_i >= 0``, ``relu(y_i) = relu(y_i - c_i) + c_i``, so
-``c_i`` moves out of ``b1`` into ``L2``'s bias (``b2 += W2 c``), shrinking the activation range that
-is quantized. This is exact only while the activation stays in the linear region (``y_i >= c_i``).
-``c_i`` is the per-channel minimum of ``y`` over the data the user gives (``ctx.data``) minus a
-safety margin, so it is exact on that data and on any input whose pre-activations stay above the
-observed minimum; the pass manager verifies it on that data. BN statistics (``beta - 3 gamma``,
-the paper's data-free form) are not used: this pass runs on BN-folded models, where they are gone.
-``L2`` must have no padding (the absorbed constant would be wrong at zero-padded borders), so in
-practice this applies to 1x1 convolutions and Gemm.
+``c_i`` moves out of ``b1`` into ``L2``'s bias (``b2 += W2 c``), shrinking the quantized range.
+``c_i`` is the per-channel minimum over the user's data less a safety margin: exact on inputs whose
+pre-activations stay above it (the pass manager verifies it on that data). BN statistics (the
+paper's data-free form) are gone in the BN-folded models this pass runs on. ``L2`` must have no
+padding (the absorbed constant would be wrong at zero-padded borders).
 """
 from __future__ import annotations
 
@@ -82,31 +60,22 @@ def _clip_bounds(node: gs.Node, opset: int):
     """(lo, hi) of a Clip as floats (None = unbounded), or a reason string when not constant."""
     if opset < 11:
         return float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
-    out = []
-    for i, default in ((1, -np.inf), (2, np.inf)):
-        t = input_at(node, i)
-        if t is None:
-            out.append(default)
-            continue
-        v = constant_value(t)
-        if v is None or np.asarray(v).size != 1:
-            return f"Clip '{node.name}' has non-constant bounds"
-        out.append(float(np.asarray(v).reshape(())))
-    return tuple(out)
+    inputs = [input_at(node, 1), input_at(node, 2)]
+    values = [constant_value(t) for t in inputs]
+    if any(t is not None and (v is None or np.asarray(v).size != 1) for t, v in zip(inputs, values)):
+        return f"Clip '{node.name}' has non-constant bounds"
+    return tuple(default if t is None else float(np.asarray(v).reshape(()))
+                 for t, v, default in zip(inputs, values, (-np.inf, np.inf)))
 
 
 def _reduce_reason(node: gs.Node, t: gs.Tensor, where: str) -> Optional[str]:
     """A reduction over spatial axes only keeps the per-channel scale."""
     rank = tensor_rank(t)
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1 and input_at(node, 1) is not None:
-        axes = constant_value(input_at(node, 1))
+    axes = node.attrs["axes"] if "axes" in node.attrs else constant_value(input_at(node, 1))
     if axes is None or rank is None:
         return f"{where}: axes or rank unknown"
     axes = {int(a) % rank for a in np.asarray(axes).reshape(-1)}
-    if axes & {0, 1}:
-        return f"{where} reduces over the batch/channel axis"
-    return None
+    return f"{where} reduces over the batch/channel axis" if axes & {0, 1} else None
 
 
 def _reshape_reason(node: gs.Node, t: gs.Tensor, channels: int, where: str) -> Optional[str]:
@@ -128,29 +97,38 @@ def _mul_reason(node: gs.Node, t: gs.Tensor, idx: list, where: str) -> Optional[
         return f"{where} divides by the scaled tensor"
     if len(idx) != 1:
         return f"{where} multiplies the scaled tensor by itself"
-    other = node.inputs[1 - idx[0]]
-    r_t, r_o = tensor_rank(t), tensor_rank(other)
+    r_t, r_o = tensor_rank(t), tensor_rank(node.inputs[1 - idx[0]])  # the other operand's rank
     if r_t is None or r_o is None or r_o > r_t:
         return f"{where}: broadcasting could move the channel axis (ranks unknown or larger)"
     return None
 
 
+def _gemm_b_is_in_out(node: gs.Node) -> bool:
+    """A Gemm's B laid out [in, out] (transB=0)."""
+    return node.op == "Gemm" and not int(node.attrs.get("transB", 0))
+
+
+def _by_group(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """A weight [out, in/group, ...] viewed as [group, out/group, in/group, k] (Gemm: group 1)."""
+    g = int(node.attrs.get("group", 1))
+    return w.reshape(g, w.shape[0] // g, w.shape[1], -1)
+
+
 class _Equalizer:
     def __init__(self, graph: gs.Graph, opset: int, clip_mode: str):
-        self.g = graph
-        self.opset = opset
-        self.clip_mode = clip_mode
+        self.g, self.opset, self.clip_mode = graph, opset, clip_mode
         self.weights: dict = {}   # id(node) -> [node, W (float64), b (float64 or None)]
-        self.skipped: list = []
 
     # ------------------------------------------------------------------- layer params
     def _params(self, node: gs.Node):
+        """[node, W, b] in float64, W laid out [out, in, ...] (a Gemm's B transposed when transB=0),
+        so that a Gemm is scaled as a 1x1 Conv; :func:`_write_params` restores the layout."""
         key = id(node)
         if key not in self.weights:
-            w = constant_value(input_at(node, 1))
-            b_t = input_at(node, 2)
-            b = constant_value(b_t) if b_t is not None else None
-            self.weights[key] = [node, np.array(w, dtype=np.float64), None if b is None else np.array(b, dtype=np.float64)]
+            w = np.array(constant_value(input_at(node, 1)), dtype=np.float64)
+            b = constant_value(input_at(node, 2))
+            w = w.T if _gemm_b_is_in_out(node) else w
+            self.weights[key] = [node, w, None if b is None else np.array(b, dtype=np.float64)]
         return self.weights[key]
 
     def _layer_reason(self, node: gs.Node) -> Optional[str]:
@@ -165,31 +143,24 @@ class _Equalizer:
         b_t = input_at(node, 2)
         if b_t is not None and not is_weight(self.g, b_t):
             return f"{where}: bias is not a constant"
-        if node.op == "Gemm":
-            if int(node.attrs.get("transA", 0)) != 0 or np.asarray(w).ndim != 2:
-                return f"{where}: transA=1 or non-2D B"
-            if b_t is not None:
-                n_out = w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
-                if np.asarray(constant_value(b_t)).shape not in ((), (1,), (n_out,), (1, n_out)):
-                    return f"{where}: bias C is not per output feature"
-        elif node.op == "Conv":
-            if np.asarray(w).ndim < 3:
-                return f"{where}: weight rank < 3"
-        else:
+        if node.op not in ("Conv", "Gemm"):
             return f"{where}: not a Conv/Gemm"
+        if node.op == "Conv":
+            return f"{where}: weight rank < 3" if np.asarray(w).ndim < 3 else None
+        if int(node.attrs.get("transA", 0)) != 0 or np.asarray(w).ndim != 2:
+            return f"{where}: transA=1 or non-2D B"
+        n_out = self._channels(node)[1]
+        if b_t is not None and np.asarray(constant_value(b_t)).shape not in ((), (1,), (n_out,), (1, n_out)):
+            return f"{where}: bias C is not per output feature"
         return None
 
-    def _out_channels(self, node: gs.Node) -> int:
+    def _channels(self, node: gs.Node) -> tuple:
+        """(input, output) channels of a Conv/Gemm."""
         w = constant_value(input_at(node, 1))
         if node.op == "Conv":
-            return int(w.shape[0])
-        return int(w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1])
-
-    def _in_channels(self, node: gs.Node) -> int:
-        w = constant_value(input_at(node, 1))
-        if node.op == "Conv":
-            return int(w.shape[1]) * int(node.attrs.get("group", 1))
-        return int(w.shape[1] if int(node.attrs.get("transB", 0)) else w.shape[0])
+            return int(w.shape[1]) * int(node.attrs.get("group", 1)), int(w.shape[0])
+        c_in, c_out = w.shape if _gemm_b_is_in_out(node) else w.shape[::-1]
+        return int(c_in), int(c_out)
 
     # --------------------------------------------------------------------- traversal
     def find_pair(self, producer: gs.Node):
@@ -198,10 +169,8 @@ class _Equalizer:
         if reason:
             return reason
         y = producer.outputs[0]
-        pair = _Pair(producer, channels=self._out_channels(producer))
-        scaled = {id(y): y}
-        queue = [y]
-        muls = []
+        pair = _Pair(producer, channels=self._channels(producer)[1])
+        scaled, queue, muls = {id(y): y}, [y], []
         while queue:
             t = queue.pop()
             if is_graph_output(self.g, t):
@@ -267,8 +236,9 @@ class _Equalizer:
         reason = self._layer_reason(node)
         if reason:
             return reason
-        if self._in_channels(node) != pair.channels:
-            return f"{where}: {self._in_channels(node)} input channels, producer has {pair.channels}"
+        n_in = self._channels(node)[0]
+        if n_in != pair.channels:
+            return f"{where}: {n_in} input channels, producer has {pair.channels}"
         if op == "Conv" and tensor_rank(t) is not None and tensor_rank(t) < 3:
             return f"{where}: input rank < 3"
         if op == "Gemm" and tensor_rank(t) not in (2, None):
@@ -317,53 +287,26 @@ class _Equalizer:
             return f"{where} pads the batch/channel axis"
         return None
 
-    # --------------------------------------------------------------------- ranges
-    def _producer_range(self, node: gs.Node) -> np.ndarray:
-        _, w, _ = self._params(node)
-        if node.op == "Conv":
-            return np.abs(w).reshape(w.shape[0], -1).max(axis=1)
-        return np.abs(w).max(axis=1) if int(node.attrs.get("transB", 0)) else np.abs(w).max(axis=0)
-
-    def _absorber_range(self, node: gs.Node) -> np.ndarray:
-        _, w, _ = self._params(node)
-        if node.op == "Conv":
-            g = int(node.attrs.get("group", 1))
-            co, cpg = w.shape[0], w.shape[1]
-            return np.abs(w).reshape(g, co // g, cpg, -1).max(axis=(1, 3)).reshape(-1)
-        return np.abs(w).max(axis=0) if int(node.attrs.get("transB", 0)) else np.abs(w).max(axis=1)
-
-    def _scale_producer(self, node: gs.Node, s: np.ndarray) -> None:
-        entry = self._params(node)
-        _, w, b = entry
-        if node.op == "Conv":
-            entry[1] = w / s.reshape((-1,) + (1,) * (w.ndim - 1))
-        else:
-            entry[1] = w / s[:, None] if int(node.attrs.get("transB", 0)) else w / s[None, :]
-        if b is not None:
-            b = np.broadcast_to(b, (len(s),)) if b.size == 1 else b
-            entry[2] = (b.reshape(-1) / s).reshape(b.shape if b.size == len(s) else (len(s),))
-
-    def _scale_absorber(self, node: gs.Node, s: np.ndarray) -> None:
-        entry = self._params(node)
-        w = entry[1]
-        if node.op == "Conv":
-            g = int(node.attrs.get("group", 1))
-            co, cpg = w.shape[0], w.shape[1]
-            entry[1] = (w.reshape(g, co // g, cpg, -1) * s.reshape(g, 1, cpg, 1)).reshape(w.shape)
-        else:
-            entry[1] = w * s[None, :] if int(node.attrs.get("transB", 0)) else w * s[:, None]
-
+    # --------------------------------------------------------------------- scaling
     def equalize(self, pair: _Pair) -> float:
         """One CLE step on ``pair``; returns max |log s| (0 when already balanced)."""
-        r1 = self._producer_range(pair.producer)
-        r2 = np.max([self._absorber_range(a) for a, _ in pair.absorbers], axis=0)
+        producer = self._params(pair.producer)
+        absorbers = [self._params(a) for a, _ in pair.absorbers]
+        w1 = producer[1]
+        r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)  # range of each output channel
+        r2 = np.max([np.abs(_by_group(node, w)).max(axis=(1, 3)).reshape(-1) for node, w, _ in absorbers], axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             s = np.sqrt(r1 / r2)
         s = np.where(np.isfinite(s) & (r1 > 0) & (r2 > 0), s, 1.0)
         s = np.clip(s, 1.0 / _SCALE_LIMIT, _SCALE_LIMIT)
-        self._scale_producer(pair.producer, s)
-        for a, _ in pair.absorbers:
-            self._scale_absorber(a, s)
+        producer[1] = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
+        b = producer[2]
+        if b is not None:
+            b = np.broadcast_to(b, (len(s),)) if b.size == 1 else b
+            producer[2] = (b.reshape(-1) / s).reshape(b.shape if b.size == len(s) else (len(s),))
+        for entry in absorbers:
+            w2 = _by_group(entry[0], entry[1])
+            entry[1] = (w2 * s.reshape(w2.shape[0], 1, w2.shape[2], 1)).reshape(entry[1].shape)
         pair.total_scale = s if pair.total_scale is None else pair.total_scale * s
         return float(np.max(np.abs(np.log(s)))) if s.size else 0.0
 
@@ -371,11 +314,11 @@ class _Equalizer:
 def _write_params(graph: gs.Graph, eq: _Equalizer, names: NameGenerator) -> None:
     """New constants for every touched layer (never overwrite a weight another node may share)."""
     for node, w, b in eq.weights.values():
-        old_w = constant_value(input_at(node, 1))
-        node.inputs[1] = gs.Constant(names(f"{node.inputs[1].name}_eq"), w.astype(old_w.dtype))
-        if b is not None:
-            old_b = constant_value(input_at(node, 2))
-            node.inputs[2] = gs.Constant(names(f"{node.inputs[2].name}_eq"), b.astype(old_b.dtype))
+        w = w.T if _gemm_b_is_in_out(node) else w
+        for i, value in ((1, w), (2, b)):
+            if value is not None:
+                old = input_at(node, i)
+                node.inputs[i] = gs.Constant(names(f"{old.name}_eq"), value.astype(constant_value(old).dtype))
 
 
 def _split_clip(graph: gs.Graph, clip: gs.Node, bound: np.ndarray, names: NameGenerator, opset: int) -> None:
@@ -388,8 +331,7 @@ def _split_clip(graph: gs.Graph, clip: gs.Node, bound: np.ndarray, names: NameGe
     out = clip.outputs[0]
     clip.outputs.clear()
     clip.inputs.clear()
-    mn = gs.Node("Min", names(f"{relu.name}_min"), inputs=[mid, const], outputs=[out])
-    graph.nodes.extend([relu, mn])
+    graph.nodes.extend([relu, gs.Node("Min", names(f"{relu.name}_min"), inputs=[mid, const], outputs=[out])])
 
 
 def _pre_activation_minimum(model: onnx.ModelProto, tensors: list, data) -> dict:
@@ -397,8 +339,7 @@ def _pre_activation_minimum(model: onnx.ModelProto, tensors: list, data) -> dict
     sess = runtime.session(runtime.with_outputs(model, tensors))
     mins: dict = {}
     for feed in data():
-        outs = runtime.run(sess, feed, tensors)
-        for name, v in outs.items():
+        for name, v in runtime.run(sess, feed, tensors).items():
             v = np.moveaxis(v, 1, 0).reshape(v.shape[1], -1).min(axis=1).astype(np.float64)
             mins[name] = v if name not in mins else np.minimum(mins[name], v)
     return mins
@@ -436,26 +377,21 @@ def _absorb_bias(graph: gs.Graph, pairs: list, model: onnx.ModelProto, data, mar
         for a, kind in pair.absorbers:
             w = np.asarray(constant_value(input_at(a, 1)), dtype=np.float64)
             if kind == "conv":
-                g = int(a.attrs.get("group", 1))
-                co, cpg = w.shape[0], w.shape[1]
-                wr = w.reshape(g, co // g, cpg, -1)
-                delta = np.einsum("gokx,gk->go", wr, c.reshape(g, cpg)).reshape(-1)
+                wr = _by_group(a, w)
+                delta = np.einsum("gokx,gk->go", wr, c.reshape(wr.shape[0], wr.shape[2])).reshape(-1)
             else:
-                alpha = float(a.attrs.get("alpha", 1.0))
-                delta = alpha * (w @ c if int(a.attrs.get("transB", 0)) else c @ w)
-                beta = float(a.attrs.get("beta", 1.0))
+                delta = float(a.attrs.get("alpha", 1.0)) * (w @ c if int(a.attrs.get("transB", 0)) else c @ w)
                 if input_at(a, 2) is not None:
-                    delta = delta / beta
+                    delta = delta / float(a.attrs.get("beta", 1.0))
                 else:
                     a.attrs["beta"] = 1.0
-            bias_idx = 2
-            old = input_at(a, bias_idx)
+            old = input_at(a, 2)
             base = np.zeros_like(delta) if old is None else np.asarray(constant_value(old), dtype=np.float64)
-            new = (base.reshape(-1) + delta) if base.size == delta.size else (np.broadcast_to(base.reshape(-1), delta.shape) + delta)
+            new = np.broadcast_to(base.reshape(-1), delta.shape) + delta
             shape = base.shape if base.size == delta.size else delta.shape
             dtype = np.float32 if old is None else np.asarray(constant_value(old)).dtype
             const = gs.Constant(names(f"{old.name if old is not None else a.name}_hba"), new.reshape(shape).astype(dtype))
-            set_input(a, bias_idx, const)
+            set_input(a, 2, const)
         details.append({"absorbed_bias": prod.outputs[0].name, "channels": int(np.sum(c > 0)), "max_c": float(c.max())})
         done += 1
     return done
@@ -493,30 +429,27 @@ def equalize_pass(model: onnx.ModelProto, options: EqualizeOptions, ctx) -> Pass
         if node.op not in ("Conv", "Gemm") or len(node.outputs) != 1:
             continue
         r = eq.find_pair(node)
-        if isinstance(r, str):
-            if eq._layer_reason(node) is None:  # a real candidate producer: say why not
-                skipped.append(f"{node.op} '{node.name}' -> {r}")
-            continue
-        pairs.append(r)
+        if not isinstance(r, str):
+            pairs.append(r)
+        elif eq._layer_reason(node) is None:  # a real candidate producer: say why not
+            skipped.append(f"{node.op} '{node.name}' -> {r}")
     sweeps, last = 0, 0.0
     for sweeps in range(1, options.iterations + 1):
         last = max((eq.equalize(p) for p in pairs), default=0.0)
         if last <= options.tolerance:
             break
-    names = NameGenerator(graph)
-    details = []
+    details, clip_bounds = [], {}
     for p in pairs:
         s = p.total_scale
         details.append({"producer": p.producer.outputs[0].name, "consumers": [a.outputs[0].name for a, _ in p.absorbers],
                         "channels": p.channels, "scale_min": float(s.min()), "scale_max": float(s.max()),
                         "clips_split": [c.outputs[0].name for c in p.clips]})
-    _write_params(graph, eq, names)
-    clip_bounds: dict = {}
-    for p in pairs:
         for clip in p.clips:
-            lo, hi = _clip_bounds(clip, opset)
+            _, hi = _clip_bounds(clip, opset)
             entry = clip_bounds.setdefault(id(clip), [clip, np.full(p.channels, hi, dtype=np.float64)])
-            entry[1] = entry[1] / p.total_scale
+            entry[1] = entry[1] / s
+    names = NameGenerator(graph)
+    _write_params(graph, eq, names)
     for clip, bound in clip_bounds.values():
         _split_clip(graph, clip, bound, names, opset)
     out = export_graph(graph, like=model)

@@ -1,30 +1,14 @@
 """``lite``: embedded-friendly model surgery on the ONNX graph (TI's ``convert_to_lite_fx``, on ONNX).
 
 A lite model trades a little float accuracy for speed and quantization-friendliness on TIDL and
-TensorRT: SiLU/HardSwish/GELU/ReLU6/LeakyReLU/HardSigmoid become ReLU, squeeze-and-excite blocks
-become the identity, large pools become 3x3 cascades, the Focus stem becomes a Conv, odd sizes of
-kernels and ``Resize(sizes)`` are normalised. The rules, what each preserves and their math are
-in :mod:`onnxopt.rewrite` (one module per rule family); the table follows TI's v2 defaults where
-they apply.
+TensorRT. The rules, what each preserves and their math are in :mod:`onnxopt.rewrite` (one module
+per rule family); the table follows TI's v2 defaults where they apply.
 
-The pass as a whole is *approximate* (registered ``exact=False``): the manager does not verify it.
-Instead the pass
-
-1. runs the enabled **exact** rules first and verifies each itself: the tensors the rule
-   preserved (their names are kept) are compared between the original region (cut out of the
-   input model) and the new nodes, on random values at the region's inputs -- or, when a region
-   cannot be cut out (dynamic shapes, new tensors), between the input model and the model after
-   the exact rules on the user's data (``ctx.data``) or generated inputs. The max abs error per
-   rule is reported; one beyond the exact-pass tolerance raises :class:`VerificationError`, and
-   the pass (:func:`lite_pass`) reruns without the rule's rewrites that fail their own region
-   check (or without the rule, when none fails alone);
-2. runs the enabled **approximate** rules in table order;
-3. reports the output error of the lite model against its input on the user's data (first
-   ``batches`` batches) or generated inputs, and recommends finetuning whenever an approximate
-   rule fired.
-
-Each rule says why a near-match was left alone (``PassResult.skipped``). Matching is linear in
-the graph size: one scan per rule, each match a bounded walk over producer/consumer links.
+The pass is *approximate* (``exact=False``: the manager does not verify it), so it verifies its
+**exact** rules itself, which run first: each on the region it rewrote, or on the whole model when
+a region cannot be cut out (dynamic shapes, new tensors). The **approximate** rules follow; the
+output error against the input model is reported, and finetuning recommended. Matching is linear
+in the graph size: one scan per rule, each match a bounded walk.
 
 User rules (TI's ``replacement_dict``)::
 
@@ -49,8 +33,9 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import gc
-import threading
+import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -126,9 +111,7 @@ def load_rules_module(path: str) -> list:
 
 def rule_table(rules_module: Optional[str] = None) -> list:
     """The rule table: the defaults plus registered user rules, or what ``rules_module`` yields."""
-    if rules_module:
-        return load_rules_module(rules_module)
-    return _merge(default_rules(), _USER_RULES)
+    return load_rules_module(rules_module) if rules_module else _merge(default_rules(), _USER_RULES)
 
 
 # ------------------------------------------------------------------------------ running
@@ -136,11 +119,7 @@ def rule_table(rules_module: Optional[str] = None) -> list:
 
 def _feeds(model: ModelProto, pctx: PassContext, n: int) -> tuple:
     if pctx.data is not None:
-        feeds = []
-        for i, feed in enumerate(pctx.data()):
-            feeds.append(feed)
-            if i + 1 >= n:
-                break
+        feeds = list(itertools.islice(pctx.data(), n))
         if feeds:
             return feeds, "data"
     plan = pctx.feed_plan(model)  # built from the model: valid indices, sizes that run
@@ -156,35 +135,28 @@ def run_lite(model: ModelProto, options: Optional[LiteOptions] = None, pctx: Opt
     # of the pass is collected when the GC is switched back on.
     enabled = gc.isenabled()
     gc.disable()
+    reference = None
     try:
-        return _run_lite(model, options, pctx, table, reverted or {})
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _run_lite(model: ModelProto, options: Optional[LiteOptions], pctx: Optional[PassContext], table: Optional[list],
-              reverted: dict) -> PassResult:
-    pctx = pctx or PassContext()
-    options = LiteOptions.build("lite", options)
-    t0 = time.perf_counter()
-    table = table if table is not None else rule_table(options.rules_module)
-    active = select_rules(table, options.rules, options.disable, "lite")
-    verify = options.verify
-    # The input model's reference outputs are computed in a background thread while the rules
-    # run: onnxruntime releases the GIL, and its session setup dominates on large graphs.
-    reference = _Reference(model, pctx, options.batches) if verify else None
-    try:
-        return _apply_rules(model, options, pctx, table, active, verify, reference, t0, reverted)
+        pctx = pctx or PassContext()
+        options = LiteOptions.build("lite", options)
+        t0 = time.perf_counter()
+        table = table if table is not None else rule_table(options.rules_module)
+        active = select_rules(table, options.rules, options.disable, "lite")
+        # The input model's reference outputs are computed in a background thread while the rules
+        # run: onnxruntime releases the GIL, and its session setup dominates on large graphs.
+        reference = _Reference(model, pctx, options.batches) if options.verify else None
+        return _apply_rules(model, options, table, active, reference, t0, reverted or {})
     finally:
         if reference is not None:
             # the thread must not outlive the pass: a process that exits while it is still in
             # onnxruntime's session setup aborts ("terminate called", exit code 134)
             reference.close()
+        if enabled:
+            gc.enable()
 
 
-def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, table: list, active: list, verify: bool,
-                 reference: Optional["_Reference"], t0: float, reverted: dict) -> PassResult:
+def _apply_rules(model: ModelProto, options: LiteOptions, table: list, active: list, reference: Optional["_Reference"],
+                 t0: float, reverted: dict) -> PassResult:
     opset = opset_of(model)
     active = [r for r in active if r.applies_to(opset)]  # a rule declares the opsets it knows
     shaped, _ = infer_shapes(model)  # shapes only sharpen the guards; rules that need them say so
@@ -192,13 +164,12 @@ def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, tab
     ctx = RuleContext(graph, opset, options, frozenset(r.name for r in active))
     ctx.reverted = reverted
     records = {r.name: new_record(r, r in active) for r in table}
-    skipped: list = []
-    details: list = []
+    skipped, details = [], []
     clips: dict = {}   # tensor -> the clip bounds a rule dropped there (model_io.ACTIVATION_BOUNDS_KEY)
 
     exact_rules = [r for r in active if r.exact]
     approx_rules = [r for r in active if not r.exact]
-    checker = RegionChecker(shaped, model) if verify else None
+    checker = RegionChecker(shaped, model) if options.verify else None
     local, pending = {}, []
     for rule in exact_rules:
         ctx.added = []
@@ -232,7 +203,7 @@ def _apply_rules(model: ModelProto, options: LiteOptions, pctx: PassContext, tab
 
     extra = {"rules": records, "rule_seconds": round(seconds_rules, 3), "clip_bounds_recorded": len(clips)}
     extra["region_check_seconds"] = round(checker.seconds, 3) if checker is not None else 0.0
-    if verify and (exact_fired or approx_fired):
+    if options.verify and (exact_fired or approx_fired):
         t1 = time.perf_counter()
         extra.update(_measure(model, model_exact, final, pending, local, reference, records, skipped))
         extra["measure_seconds"] = round(time.perf_counter() - t1, 3)
@@ -249,35 +220,29 @@ class _Reference:
     def __init__(self, model: ModelProto, pctx: PassContext, batches: int):
         self.require_verify = pctx.require_verify
         self.error: Optional[OnnxoptError] = None
-        self.refs: Optional[list] = None
-        self._exc: Optional[BaseException] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
         try:
             self.feeds, self.source = _feeds(model, pctx, max(1, batches))
         except OnnxoptError as exc:
             self.error, self.feeds, self.source = exc, [], None
-            self._thread = None
             return
-        self._thread = threading.Thread(target=self._run, args=(model,), daemon=True)
-        self._thread.start()
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._refs = self._pool.submit(self._run, model)
 
-    def _run(self, model: ModelProto) -> None:
-        try:
-            sess = session(model)
-            self.refs = [runtime.run(sess, f) for f in self.feeds]
-        except BaseException as exc:  # re-raised in the caller's thread
-            self._exc = exc
+    def _run(self, model: ModelProto) -> list:
+        sess = session(model)
+        return [runtime.run(sess, f) for f in self.feeds]
 
     def outputs(self) -> list:
+        """The input model's outputs (an error of the thread is raised here)."""
         self.close()
-        if self._exc is not None:
-            raise self._exc
-        return self.refs
+        return self._refs.result()
 
     def close(self) -> None:
-        """Wait for the thread (its error, if any, is raised by outputs())."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Wait for the thread."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _measure(model, model_exact, final, pending, local, reference: _Reference, records, skipped) -> dict:
@@ -293,12 +258,10 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
         if pending and reference.require_verify:
             raise VerificationError(f"lite rules {', '.join(pending)} could not be verified: {exc.message}", exc.hint) from None
         if pending:  # verification never blocks the main job: the rules stay, marked unverified
-            for name in pending:
-                ver[name] = {"verified": False, "reason": exc.message}
+            ver.update({name: {"verified": False, "reason": exc.message} for name in pending})
             out["exact_verification"] = {"rules": ver}
         return out
     feeds, source = reference.feeds, reference.source
-    outputs = [o.name for o in model.graph.output]
     if pending:
         exact_tensors = [t for name in pending for t in records[name]["preserved"]]
         s_ref = session(runtime.with_outputs(model, exact_tensors))
@@ -312,10 +275,7 @@ def _measure(model, model_exact, final, pending, local, reference: _Reference, r
     fin_sess = session(final)
     got = [runtime.run(fin_sess, f) for f in feeds]
     pairs = list(zip(reference.outputs(), got))
-    per = {}
-    for name in outputs:
-        mx, rel = worst_error(pairs, [name])
-        per[name] = {"max_abs": mx, "max_rel": rel}
+    per = {o.name: dict(zip(("max_abs", "max_rel"), worst_error(pairs, [o.name]))) for o in model.graph.output}
     out["output_error"] = {"inputs": source, "batches": len(feeds),
                            "max_abs": max((v["max_abs"] for v in per.values()), default=0.0),
                            "max_rel": max((v["max_rel"] for v in per.values()), default=0.0), "outputs": per}
@@ -370,10 +330,9 @@ def lite_pass(model: ModelProto, options: LiteOptions, ctx: PassContext) -> Pass
 
 
 def _run_reverting(model: ModelProto, options: LiteOptions, ctx: PassContext) -> tuple:
-    """(result, options, reverted rewrites) of :func:`run_lite`, where the rewrites of an exact
-    rule that fail their verification are left undone and the pass rerun without them (the rule
-    switched off when no rewrite fails alone), said on the console and in ``skipped``, as the
-    pass manager reverts the rules of an exact pass; with ``require_verify`` it stays an error."""
+    """(result, options, reverted rewrites) of :func:`run_lite`, rerun without the rewrites of an exact rule
+    that fail their verification (without the rule when none fails alone), said on the console and in
+    ``skipped``, as the manager reverts an exact pass's rules; with ``require_verify`` it stays an error."""
     reverted, undo = [], {}
     while True:
         try:
@@ -397,20 +356,17 @@ def _run_reverting(model: ModelProto, options: LiteOptions, ctx: PassContext) ->
 
 
 def _within_budget(model: ModelProto, options: LiteOptions, ctx: PassContext, result: PassResult, undo: dict) -> PassResult:
-    """lite.max_error: each approximate rule that fired is measured alone (exact rules + that
-    rule, against the input model, on the data in hand); the rules over the budget are disabled
-    and the pass reruns without them."""
+    """lite.max_error: each approximate rule that fired is measured alone (with the exact rules, against
+    the input model, on the data in hand); the pass reruns without the rules over the budget."""
     fired = [name for name, rec in result.extra["rules"].items() if not rec["exact"] and rec["count"]]
     if not fired:
         return result
     feeds, source = output_change.feeds(ctx, model)
-    over, measured = {}, {}
+    measured = {}
     for rule in fired:
         alone = dataclasses.replace(options, disable=list(options.disable or []) + [r for r in fired if r != rule], verify=False)
-        change = output_change.measure(model, run_lite(model, alone, ctx, reverted=undo).model, feeds, source)
-        measured[rule] = change
-        if change.get("rel_error") is not None and change["rel_error"] > options.max_error:
-            over[rule] = change
+        measured[rule] = output_change.measure(model, run_lite(model, alone, ctx, reverted=undo).model, feeds, source)
+    over = {r: c for r, c in measured.items() if c.get("rel_error") is not None and c["rel_error"] > options.max_error}
     if over:
         result = run_lite(model, dataclasses.replace(options, disable=list(options.disable or []) + list(over)), ctx, reverted=undo)
         for rule, change in over.items():
