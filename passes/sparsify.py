@@ -88,14 +88,11 @@ def _collect_weights(graph: gs.Graph, model: ModelProto, patterns: list, skipped
         if value.dtype.kind != "f" or value.ndim < 2 or (node.op == "MatMul" and value.ndim != 2):
             skipped.append(f"{where}: weight is not a float matrix/filter")
             continue
-        axes = _axes(node)
-        if w.name in by_weight:
-            if by_weight[w.name].axes != axes:
-                skipped.append(f"{where}: weight shared with a layer that reads it along other axes")
-            else:
-                by_weight[w.name].nodes.append(node)
-            continue
-        by_weight[w.name] = _Weight(value, axes, [node], where)
+        entry = by_weight.setdefault(w.name, _Weight(value, _axes(node), [], where))
+        if entry.axes != _axes(node):
+            skipped.append(f"{where}: weight shared with a layer that reads it along other axes")
+        else:
+            entry.nodes.append(node)
     return list(by_weight.values())
 
 
@@ -113,41 +110,33 @@ def _sparsify_nm(entries: list, m: int, keep_n: int, layout: str, skipped: list)
         e.new = _ungroup(np.where(mask, g, 0).reshape(grouped.shape), e.value, *e.axes, layout)
 
 
-def _sparsify_global(entries: list, ratio: float) -> None:
-    """Zero the ``ratio`` smallest magnitudes over all weights (one threshold)."""
+def _zero_smallest(entries: list, ratio: float) -> None:
+    """Zero the ``ratio`` smallest magnitudes of the weights of ``entries`` together (one threshold;
+    ties broken by position)."""
     mags = np.concatenate([np.abs(e.value).ravel().astype(np.float64) for e in entries]) if entries else np.zeros(0)
     k = int(round(ratio * mags.size))
     dead = np.zeros(mags.size, dtype=bool)
     if k:
         dead[np.argsort(mags, kind="stable")[:k]] = True
-    start = 0
-    for e in entries:
-        size = e.value.size
-        e.new = np.where(dead[start:start + size].reshape(e.value.shape), 0, e.value).astype(e.value.dtype)
-        start += size
+    for e, d in zip(entries, np.split(dead, np.cumsum([e.value.size for e in entries])[:-1])):
+        e.new = np.where(d.reshape(e.value.shape), 0, e.value).astype(e.value.dtype)
 
 
-@dataclass
-class _Counts:
-    """Weights of the handled layers, and how many are zero before and after."""
-    total: int = 0
-    zeros: int = 0
-    zeros_before: int = 0
-
-
-def _replace_weights(graph: gs.Graph, entries: list, counts: _Counts) -> list:
-    """Give each sparsified weight's readers a new constant (copy-on-write); the report rows."""
+def _replace_weights(graph: gs.Graph, entries: list) -> tuple:
+    """Give each sparsified weight's readers a new constant (copy-on-write); returns the report rows
+    and the counts of the handled layers' weights: (rows, total, zeros after, zeros before)."""
     names = NameGenerator(graph)
     layers = []
+    total = zeros = zeros_before = 0
     dead: set = set()  # replaced Constant nodes, dropped here: the export's cleanup would print their arrays
     outputs = {t.name for t in graph.outputs}
     for e in entries:
         v, new = e.value, e.new
         before = int(np.count_nonzero(v == 0))
-        counts.zeros_before += before
-        counts.total += v.size
+        zeros_before += before
+        total += v.size
         if new is None:
-            counts.zeros += before
+            zeros += before
             continue
         old = e.nodes[0].inputs[1]
         const = gs.Constant(names(old.name + "_sparse"), np.ascontiguousarray(new.astype(v.dtype)))
@@ -156,12 +145,12 @@ def _replace_weights(graph: gs.Graph, entries: list, counts: _Counts) -> list:
         if not old.outputs and len(old.inputs) == 1 and old.inputs[0].op == "Constant" and old.name not in outputs:
             dead.add(id(old.inputs[0]))
         after = int(np.count_nonzero(new == 0))
-        counts.zeros += after
+        zeros += after
         layers.append({"layer": e.where, "weight": const.name, "params": int(v.size), "sparsity_before": round(before / v.size, 4),
                        "sparsity": round(after / v.size, 4), "readers": len(e.nodes)})
     if dead:
         graph.nodes = [n for n in graph.nodes if id(n) not in dead]
-    return layers
+    return layers, total, zeros, zeros_before
 
 
 @register_pass("sparsify", "N:M (2:4 for TensorRT, TI's n2m) or unstructured magnitude sparsity of layer weights.", exact=False, options=SparsifyOptions)
@@ -176,15 +165,11 @@ def sparsify(model: ModelProto, options: SparsifyOptions, ctx: PassContext) -> P
     entries = _collect_weights(graph, model, compile_patterns(options.protect, "sparsify.protect"), skipped)
     if method == "nm":
         _sparsify_nm(entries, m, n if options.nm_convention == "keep" else m - n, options.nm_layout, skipped)
-    elif options.scope == "layer":
-        for e in entries:
-            e.new = _zero_smallest(e.value, int(round(ratio * e.value.size)))
-    else:
-        _sparsify_global(entries, ratio)
-    counts = _Counts()
-    layers = _replace_weights(graph, entries, counts)
+    else:  # unstructured: one magnitude threshold per layer, or over all layers
+        for group in ([e] for e in entries) if options.scope == "layer" else [entries]:
+            _zero_smallest(group, ratio)
+    layers, total, zeros, zeros_before = _replace_weights(graph, entries)
     new_model = export_graph(graph, like=model)
-    total, zeros, zeros_before = counts.total, counts.zeros, counts.zeros_before
     extra = {
         "method": method,
         "pattern": f"{n}:{m} ({options.nm_convention}, {options.nm_layout})" if method == "nm" else f"ratio {ratio} ({options.scope})",
@@ -216,37 +201,23 @@ def _parse_nm(text: str) -> tuple:
 
 
 def _axes(node: gs.Node) -> tuple:
-    """(input-channel axis, output-channel axis) of the node's weight."""
-    if node.op == "Conv":
-        return 1, 0
-    if node.op == "ConvTranspose":
-        return 0, 1
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-        return 1, 0
-    return 0, 1
+    """(input-channel axis, output-channel axis) of the node's weight: [out, in, ...] for Conv and a
+    transB Gemm, [in, out, ...] for ConvTranspose, Gemm and MatMul."""
+    out_first = node.op == "Conv" or (node.op == "Gemm" and int(node.attrs.get("transB", 0)))
+    return (1, 0) if out_first else (0, 1)
 
 
 def _groups(w: np.ndarray, in_axis: int, out_axis: int, layout: str) -> np.ndarray:
     """The weight as [rows, L]: each row is cut into groups of M consecutive weights."""
     if layout == "flat":
         return np.moveaxis(w, out_axis, 0).reshape(w.shape[out_axis], -1)
-    moved = np.moveaxis(w, in_axis, -1)
-    return moved.reshape(-1, w.shape[in_axis])
+    return np.moveaxis(w, in_axis, -1).reshape(-1, w.shape[in_axis])
 
 
 def _ungroup(g: np.ndarray, like: np.ndarray, in_axis: int, out_axis: int, layout: str) -> np.ndarray:
-    if layout == "flat":
-        shape = list(np.moveaxis(like, out_axis, 0).shape)
-        return np.moveaxis(g.reshape(shape), 0, out_axis)
-    shape = list(np.moveaxis(like, in_axis, -1).shape)
-    return np.moveaxis(g.reshape(shape), -1, in_axis)
-
-
-def _zero_smallest(w: np.ndarray, k: int) -> np.ndarray:
-    flat = w.ravel().copy()
-    if k:
-        flat[np.argsort(np.abs(flat), kind="stable")[:k]] = 0
-    return flat.reshape(w.shape)
+    """The inverse of :func:`_groups` for a weight shaped like ``like``."""
+    src, dst = (out_axis, 0) if layout == "flat" else (in_axis, -1)
+    return np.moveaxis(g.reshape(np.moveaxis(like, src, dst).shape), dst, src)
 
 
 def _error(before: ModelProto, after: ModelProto, ctx: PassContext, batches: int) -> dict:

@@ -1,66 +1,41 @@
 """``prune`` -- structured channel pruning as a graph rewrite (approximate).
 
-Channels are removed physically: the analysis in :mod:`.channels` (beside this pass) finds the groups of
-channels that must go together (residual Adds, Concat offsets, Split/Slice, channel Pad, depthwise
-and grouped convs, GAP -> Flatten/Reshape -> Gemm...), and the rewrite slices Conv/ConvTranspose/
-Gemm/MatMul weights and biases, BN parameters, consumers' input channels, Pad amounts, Concat/Split
-sizes, Slice ends and Reshape constants. What the analysis does not understand is never pruned.
+Channels are removed physically: the analysis in :mod:`.channels` (beside this pass) finds the groups
+of channels that must go together, and the rewrite slices the weights, biases and parameters they
+reach and rewrites the sizes that count them. What the analysis does not understand is never pruned.
 
 Importance of output channel ``c`` of a layer with filters ``W[c]`` (BN-folded,
-``W[c] * gamma[c] / sqrt(var[c] + eps)``, when a BatchNormalization follows):
-
-* ``l1``: ``sum |W[c]|``; ``l2``: ``||W[c]||_2``;
-* ``bn_gamma``: ``|gamma[c]|`` (network slimming; layers without a BN fall back to l1);
-* ``fpgm``: ``sum_j ||W[c] - W[j]||_2`` -- filters close to the others (the geometric median)
-  are the most replaceable;
-* ``file``: a JSON file ``{layer output, node or weight name: [score per channel]}`` (option
-  ``scores``); layers it does not name fall back to l1.
-
-Each layer's scores are divided by their mean (scale-free); a group's score is the sum of its
-layers' normalized scores (divided by their number when ranking globally, so that a residual
-stream fed by nine layers is not favoured over a single conv).
+``W[c] * gamma[c] / sqrt(var[c] + eps)``, when a BatchNormalization follows): ``l1`` ``sum |W[c]|``,
+``l2`` ``||W[c]||_2``, ``bn_gamma`` ``|gamma[c]|`` (network slimming), ``fpgm``
+``sum_j ||W[c] - W[j]||_2`` (filters close to the others, the geometric median, are the most
+replaceable) or ``file`` (option ``scores``); a layer without a BN, or that the file does not name,
+falls back to l1. Each layer's scores are divided by their mean (scale-free); a group's score is
+the sum of its layers' (divided by their number when ranking globally, so that a residual stream
+fed by nine layers is not favoured over a single conv).
 
 What is removed: ``ratio`` (default 0.3) counts MACs by default (``ratio_of=macs``): the pruned
-model keeps about ``1 - ratio`` of the MACs, as a user reads "ratio 0.3". ``target_macs=0.7`` says the same as a fraction to keep. The MACs target is solved over
-the channel groups (:func:`_solve_macs`): bisection on the mode's channel ratio with the MACs of
-every Conv/Gemm/MatMul counted from its kept input and output channels, then rounding that shares
-the steps between classes of one width; it lands at or under the target (ResNet56 and
-EfficientNet-Lite0 at 0.5: 0.497 and 0.4998). ``ratio_of=channels``: ``mode=uniform`` removes
+model keeps about ``1 - ratio`` of the MACs, as a user reads "ratio 0.3"; ``target_macs=0.7`` says
+the same as a fraction to keep. The MACs target is solved over the channel groups
+(:func:`_solve_macs`) and lands at or under it. ``ratio_of=channels``: ``mode=uniform`` removes
 ``ratio`` of the channels of every group class (the channels that appear in the same tensors --
 e.g. one conv's output, or one residual stream); ``mode=global`` removes ``ratio`` of all
 channels, lowest scores first.
 
 Residual streams (the channel groups that meet in an Add of two computed tensors) are kept unless
-``residual=true``: a stream is read by every block of its stage, and pruning it took ResNet56 to
-chance level with 717 images not enough to recover (77.7 % after 90 epochs, against 90.33 %); with
-the streams kept, 15 epochs recover it (tools/sweep_recovery.py).
+``residual=true``: a stream is read by every block of its stage, so pruning it costs far more
+accuracy than a short finetuning recovers (tools/sweep_recovery.py).
 
-Every mode respects ``max_layer_ratio``, ``min_channels`` and ``round_to`` (kept counts are
-multiples of N, the nearest to the ratio) per class. ``round_to`` defaults to 8: onnxruntime's CPU
-convs (MLAS NCHWc), TensorRT's tensor cores and TIDL block channels by 8 or more, and odd widths
-fall back to slower kernels, so a model pruned to odd widths can run no faster, or slower, than
-the original (docs/benchmarks.md).
-With ``round_narrow`` (default) a class narrower than 4 x N rounds to the largest power of two
-that is at most a quarter of its width (16 channels: multiples of 4): rounding ResNet56's 16-wide
-stage to 8 halved it at 0.3 and cost 3 points of top-1 before training, though 12 channels run no
-faster than 16 on onnxruntime CPU (docs/benchmarks.md, rounding). Without it a class narrower than
-N is not pruned; ``round_to=1`` gives exact ratios.
+Every mode respects ``max_layer_ratio``, ``min_channels`` and ``round_to`` per class. ``round_to``
+defaults to 8: onnxruntime's CPU convs, TensorRT's tensor cores and TIDL block channels by 8 or
+more, and odd widths fall back to slower kernels (docs/benchmarks.md); ``round_narrow`` keeps that
+rounding from halving a narrow stage (:func:`_granule`).
 
-Removing an input channel also removes its average contribution to the consumer; with
-``compensate=mean`` the mean of every removed input channel, measured on the context's
-data (or generated inputs), is folded into the consumer's bias:
-``b'[o] = b[o] + mean(x_c) * sum_k W[o, c, k]`` -- exact for a constant channel (e.g. a channel
-whose filters are ~0 but whose BN shift is not) away from zero-padded borders.
-``compensate=refit`` goes further for dense 2-D convs (ThiNet / He et al.'s channel pruning):
-the consumer's kept weights and bias are refit by least squares so that, on the data, they
-reproduce the original output from the kept input channels (other consumers get the mean fold).
-``compensate=auto`` (default) refits when the user gives data and compensates nothing without:
-on pruned ResNet56 the refit beat the mean fold by 12 points before finetuning, and the means of
-generated inputs folded into the biases lost 31 points (docs/benchmarks.md).
+Removing an input channel also removes its average contribution to the consumer, which
+``compensate`` (:func:`_compensate`) puts back: by the removed channels' means or by a
+least-squares refit of the consumer on the data; without data it compensates nothing by default,
+as the means of generated inputs mislead (docs/benchmarks.md).
 
-Not exact: the outputs change. The pass says on the console what it removes (MACs and
-parameters before and after, what the ratio meant, what was kept and compensated; the apply
-summary adds the output change right after pruning), and reports
+Not exact: the outputs change. The pass says on the console what it removes and reports
 parameters, MACs and onnxruntime CPU latency before and after (per layer and in total) and the
 output error, on the context's data or on generated inputs. Recovery is ``finetune``'s job.
 """
@@ -89,8 +64,6 @@ from onnxopt.registry import PassContext, PassOptions, PassResult, compile_patte
 
 from . import channels
 from .channels import POISON
-
-IMPORTANCE = ("l1", "l2", "bn_gamma", "fpgm", "file")
 
 
 @dataclass
@@ -154,8 +127,7 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     patterns = compile_patterns(options.protect, "prune.protect")
     compensate = options.compensate
     if compensate == "auto":
-        # measured on ResNet56 CIFAR (tools/sweep_recovery.py): means of generated inputs folded into the
-        # biases took the pruned model from 50.7 % (no compensation) to 19.7 % top-1; refit on data gives 88 %
+        # means of generated inputs folded into the biases cost more than no compensation (tools/sweep_recovery.py)
         compensate = "refit" if ctx.data is not None else "none"
 
     t0 = time.perf_counter()
@@ -165,14 +137,14 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     protected = _protected(an, patterns, options.keep_first_last)
     residual = set() if options.residual else _residual_roots(an) - protected
     protected |= residual
-    solved = None
-    if target is not None:
-        removed, class_rows, solved = _solve_macs(an, model, scores, protected, float(target), options)
-    else:
-        removed, class_rows = _select(an, scores, protected, ratio, options)
+    removed, class_rows, solved = (_solve_macs(an, model, scores, protected, float(target), options)
+                                   if target is not None else _select(an, scores, protected, ratio, options))
     feeds, source = ctx.sample_feeds(model, options.eval_batches)
     refs: list = []
-    fit_feeds = _sample_feeds(ctx, model, options.refit_samples) if compensate == "refit" and removed else None
+    fit_feeds = None
+    if compensate == "refit" and removed:  # about refit_samples samples of the data, whatever its batch size
+        fit_feeds = (collect_feeds(ctx.data, options.refit_samples) if ctx.data is not None
+                     else ctx.sample_feeds(model, max(1, min(options.refit_samples, 16)))[0])
     compensated = _compensate(an, model, removed, feeds, refs, compensate, options.refit_ridge, fit_feeds, ctx.progress) \
         if compensate != "none" and removed else 0
     if not refs and removed:
@@ -181,9 +153,8 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
     t_total = time.perf_counter() - t0
 
     extra = _report(model, new_model, an, removed, ctx, options, feeds, source, refs)
-    extra["compensated_layers"] = compensated
-    extra["compensation_inputs"] = source if compensated else None
-    extra.update({"importance": importance, "mode": options.mode, "round_to": options.round_to, "classes": class_rows,
+    extra.update({"compensated_layers": compensated, "compensation_inputs": source if compensated else None,
+                  "importance": importance, "mode": options.mode, "round_to": options.round_to, "classes": class_rows,
                   "compensate": compensate, "residual_channels_kept": len(residual),
                   "analysis_seconds": round(t_analysis, 3), "prune_seconds": round(t_total, 3)})
     if solved is not None:
@@ -209,10 +180,8 @@ def prune(model: ModelProto, options: PruneOptions, ctx: PassContext) -> PassRes
 
 
 def _cost_statement(extra: dict, options: PruneOptions, ratio: float, solved: dict | None, residual: int) -> str:
-    """What this pruning costs and what the options meant, said on the console while the pass runs.
-    The manager's summary gives the MACs/params change in percent and the output change right after
-    pruning (with the ways out, and the report holds this pass's own ``output_error``), so this line
-    gives the absolute figures and the choices instead of repeating them."""
+    """What this pruning costs and what the options meant, said on the console while the pass runs: the
+    absolute figures and the choices (the manager's summary gives the changes in percent)."""
     m, p = extra["macs"], extra["params"]
     if solved is not None:
         asked = (f"prune.target_macs={solved['asked']:.3g} keeps {1 - m['reduction']:.1%} of the MACs" if options.target_macs is not None
@@ -220,12 +189,8 @@ def _cost_statement(extra: dict, options: PruneOptions, ratio: float, solved: di
     else:
         asked = (f"prune.ratio={ratio:g} counts channels (ratio_of=channels): {ratio:.0%} of every prunable group's channels, "
                  f"{m['reduction']:.1%} of the MACs")
-    if options.residual:
-        kept = "residual streams pruned too (prune.residual=true)"
-    elif residual:
-        kept = "residual streams kept (prune.residual=true prunes them)"
-    else:
-        kept = ""
+    kept = ("residual streams pruned too (prune.residual=true)" if options.residual
+            else "residual streams kept (prune.residual=true prunes them)" if residual else "")
     comp = {"refit": "least-squares refit of the consumers on the data", "mean": "removed channels' means folded into the biases",
             "none": "nothing compensated" + (" (no data: give --calib-data for a least-squares refit)"
                                              if options.compensate == "auto" else "")}[extra["compensate"]]
@@ -234,7 +199,7 @@ def _cost_statement(extra: dict, options: PruneOptions, ratio: float, solved: di
 
 
 # ------------------------------------------------------------------------------ importance
-def _layer_scores(p: channels.Producer, importance: str, user: dict | None, fallback: list) -> np.ndarray:
+def _layer_scores(p: channels.LayerAction, importance: str, user: dict | None, fallback: list) -> np.ndarray:
     if importance == "file":
         for key in (p.node.outputs[0].name, p.node.name, p.node.inputs[1].name):
             if key and key in user:
@@ -243,22 +208,19 @@ def _layer_scores(p: channels.Producer, importance: str, user: dict | None, fall
                     raise OptionError(f"prune.scores gives {len(s)} scores for '{key}', which has {len(p.out_ids)} output channels.",
                                       "give one score per output channel")
                 return s
-        fallback.append(p.name)
-        importance = "l1"
-    if importance == "bn_gamma":
-        g = p.bn_gamma()
-        if g is not None:
-            return g
+    elif importance == "bn_gamma" and p.bn is not None:
+        return p.bn_gamma()
+    if importance in ("file", "bn_gamma"):  # the layer has no score of that kind
         fallback.append(p.name)
         importance = "l1"
     rows = p.filters()
     if importance == "l1":
         return np.abs(rows).sum(axis=1)
-    if importance == "l2":
-        return np.sqrt((rows ** 2).sum(axis=1))
     sq = (rows ** 2).sum(axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)
-    return np.sqrt(d2).sum(axis=1)
+    if importance == "l2":
+        return np.sqrt(sq)
+    # fpgm: the sum of the distances to the other filters
+    return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)).sum(axis=1)
 
 
 def _component_scores(an: channels.Analysis, importance: str, path: str | None) -> tuple:
@@ -274,16 +236,15 @@ def _component_scores(an: channels.Analysis, importance: str, path: str | None) 
         if not isinstance(user, dict):
             raise OptionError(f"prune.scores file '{p}' must hold a JSON object.", "write {layer name: [score, ...]}")
     fallback: list = []
-    total: dict = {}
-    count: dict = {}
+    scores: dict = {}  # root -> (sum of its layers' normalized scores, number of layers)
     for p in an.producers:
         s = _layer_scores(p, importance, user, fallback)
         mean = float(np.mean(s)) if len(s) else 0.0
         s = s / mean if mean > 0 else np.zeros_like(s)
         for r, v in zip(an.roots(p.out_ids).tolist(), s.tolist()):
-            total[r] = total.get(r, 0.0) + v
-            count[r] = count.get(r, 0) + 1
-    return {r: (total[r], count[r]) for r in total}, fallback
+            total, count = scores.get(r, (0.0, 0))
+            scores[r] = (total + v, count + 1)
+    return scores, fallback
 
 
 # ------------------------------------------------------------------------------ protection
@@ -297,42 +258,27 @@ def _protected(an: channels.Analysis, patterns: list, keep_first_last: bool) -> 
         if any(pat.fullmatch(name) for pat in patterns):
             protected.update(an.roots(s.ids).tolist())
     if keep_first_last:
-        first, last = _first_last(an)
-        makers: dict = {}
-        readers: dict = {}
-        for i, p in enumerate(an.producers):
-            for r in set(an.roots(p.out_ids).tolist()):
-                makers.setdefault(r, set()).add(i)
         index = {id(p.node): i for i, p in enumerate(an.producers)}
-        for act in an.actions:
-            if isinstance(act, channels.LayerAction) and act.in_ids is not None:
-                for r in set(an.roots(act.in_ids).tolist()):
-                    readers.setdefault(r, set()).add(index[id(act.node)])
-        for r, mk in makers.items():
-            if mk <= first:
-                protected.add(r)
-        for r, rd in readers.items():
-            if rd <= last:
-                protected.add(r)
+        # the producers reached from a graph input (resp. reaching a graph output) without passing another one
+        first = _producers_reached(index, an.graph.inputs, lambda t: t.outputs, lambda n: n.outputs)
+        last = _producers_reached(index, an.graph.outputs, lambda t: t.inputs,
+                                  lambda n: [x for x in n.inputs if x is not None])
+        # kept: the groups made only by first layers, and those read only by last layers
+        for ends, ids_of in ((first, lambda a: a.out_ids), (last, lambda a: a.in_ids)):
+            inside, outside = set(), set()
+            for i, a in enumerate(an.producers):
+                if ids_of(a) is not None:
+                    (inside if i in ends else outside).update(an.roots(ids_of(a)).tolist())
+            protected |= inside - outside
     protected.discard(POISON)
     return protected
-
-
-def _first_last(an: channels.Analysis) -> tuple:
-    """Indices of the producers reached from a graph input (resp. reaching a graph output)
-    without passing through another producer."""
-    index = {id(p.node): i for i, p in enumerate(an.producers)}
-    first = _producers_reached(index, an.graph.inputs, lambda t: t.outputs, lambda n: n.outputs)
-    last = _producers_reached(index, an.graph.outputs, lambda t: t.inputs, lambda n: [x for x in n.inputs if x is not None])
-    return first, last
 
 
 def _producers_reached(index: dict, start, nodes_of, tensors_of) -> set:
     """Indices (``index``: id(node) -> producer index) of the producers met first when walking
     from the tensors ``start`` (``nodes_of`` a tensor's next nodes, ``tensors_of`` a node's next
     tensors); the walk stops at each producer."""
-    reached, seen = set(), set()
-    stack = list(start)
+    reached, seen, stack = set(), set(), list(start)
     while stack:
         for node in nodes_of(stack.pop()):
             if id(node) in index:
@@ -348,14 +294,10 @@ def _residual_roots(an: channels.Analysis) -> set:
     tensors that carry channels (a block's output added to its shortcut)."""
     out = set()
     for node in an.graph.nodes:
-        if node.op not in ("Add", "Sub", "Sum"):
-            continue
         carried = [an.slots[t.name] for t in node.inputs if t is not None and t.name in an.slots]
-        if len(carried) >= 2:
-            for sl in carried:
-                out.update(an.roots(sl.ids).tolist())
-    out.discard(POISON)
-    return out
+        if node.op in ("Add", "Sub", "Sum") and len(carried) >= 2:
+            out.update(r for sl in carried for r in an.roots(sl.ids).tolist())
+    return out - {POISON}
 
 
 # ------------------------------------------------------------------------------- selection
@@ -365,9 +307,8 @@ def _bounds(n: int, prunable: int, options: PruneOptions) -> int:
 
 
 def _granule(n: int, options: PruneOptions) -> int:
-    """The multiple a class of ``n`` channels keeps: ``round_to``, or with ``round_narrow`` for a
-    class narrower than 4 x round_to the largest power of two <= n / 4 (16 -> 4, 24 -> 4, 32 -> 8):
-    rounding ResNet56's 16-wide stage to 8 halved it at ratio 0.3 (11.2 channels -> 8)."""
+    """The multiple a class of ``n`` channels keeps: ``round_to``, or with ``round_narrow`` for a class
+    narrower than 4 x round_to the largest power of two <= n / 4 (16 -> 4, 32 -> 8), not to halve it."""
     g = int(options.round_to)
     if options.round_narrow:
         while g > 1 and n < 4 * g:
@@ -379,14 +320,10 @@ def _rounded(n: int, want: int, cap: int, round_to: int) -> int:
     """Adjust a removal count so that ``n - removed`` is a multiple of ``round_to`` within [0, cap]."""
     if round_to <= 1:
         return min(want, cap)
-    if n < round_to:
-        return 0
     kept = n - want
-    best = None
-    for k in range(round_to, n + 1, round_to):
-        if n - k <= cap and (best is None or abs(k - kept) < abs(best - kept) or (abs(k - kept) == abs(best - kept) and k > best)):
-            best = k
-    return 0 if best is None else n - best
+    allowed = [k for k in range(round_to, n + 1, round_to) if n - k <= cap]
+    # the kept count nearest to the wanted one; on a tie, the larger
+    return n - min(allowed, key=lambda k: (abs(k - kept), -k)) if allowed else 0
 
 
 def _why_nothing_removed(rows: list, ratio: float, options: PruneOptions, target: float | None = None) -> str:
@@ -409,10 +346,7 @@ def _plan(an: channels.Analysis, scores: dict, protected: set, options: PruneOpt
     """[(roots, prunable roots lowest score first, most removable)] per group class."""
     score = lambda r: scores.get(r, (0.0, 0))[0]  # noqa: E731
     plan = []
-    for roots in an.classes().values():
-        roots = [r for r in roots if r != POISON]
-        if not roots:
-            continue
+    for roots in an.classes().values():  # POISON is in no class
         prunable = sorted((r for r in roots if r not in protected), key=lambda r: (score(r), r))
         plan.append((roots, prunable, _bounds(len(roots), len(prunable), options)))
     return plan
@@ -446,10 +380,11 @@ def _class_rows(plan: list, counts: list) -> list:
 
 
 def _select(an: channels.Analysis, scores: dict, protected: set, ratio: float, options: PruneOptions) -> tuple:
+    """(removed roots, class rows, None) at ``ratio`` of the channels; as :func:`_solve_macs` without its solution."""
     plan = _plan(an, scores, protected, options)
     counts = _counts(plan, scores, ratio, options)
     removed = {r for (_, prunable, _), k in zip(plan, counts) for r in prunable[:k]}
-    return removed, _class_rows(plan, counts)
+    return removed, _class_rows(plan, counts), None
 
 
 def _mac_model(an: channels.Analysis, model: ModelProto, plan: list):
@@ -459,9 +394,7 @@ def _mac_model(an: channels.Analysis, model: ModelProto, plan: list):
     by_out = {r["output"]: r["macs"] or 0 for r in stats.layer_macs(model)}
     total = float(sum(by_out.values())) or 1.0
     layers = []
-    for act in an.actions:
-        if not isinstance(act, channels.LayerAction):
-            continue
+    for act in an.producers:
         m = float(by_out.get(act.node.outputs[0].name, 0))
         if not m:
             continue
@@ -486,17 +419,12 @@ def _mac_model(an: channels.Analysis, model: ModelProto, plan: list):
 
 
 def _solve_macs(an: channels.Analysis, model: ModelProto, scores: dict, protected: set, target: float, options: PruneOptions) -> tuple:
-    """Remove channels until the model keeps at most ``target`` of its MACs, as close to it as
-    the rounding allows.
-
-    1. Bisection on the channel ratio of the mode (uniform: per class; global: lowest scores
-       overall) without rounding: the per-class counts whose MAC count just meets the target.
-    2. Rounding: every class starts at the allowed count (multiple of its granule) just below its
-       ideal; while the MACs are above the target the class furthest below its ideal (in granule
-       steps; ties: the least important next channels) takes one more step; then classes above
-       their ideal step back where the target still holds. Classes of one width thus share the
-       rounding (some keep 12 of 16 channels, some 8) instead of all jumping together.
-    """
+    """Remove channels until the model keeps at most ``target`` of its MACs, as close to it as the
+    rounding allows: a bisection on the mode's channel ratio, without rounding, gives each class's
+    ideal count; every class starts at the allowed count just below it, and while the MACs are above
+    the target the class furthest below its ideal (in granule steps; ties: the least important next
+    channels) takes one more step; then classes above their ideal step back where the target still
+    holds. Classes of one width thus share the rounding instead of all jumping together."""
     plan = _plan(an, scores, protected, options)
     kept = _mac_model(an, model, plan)
     score = lambda r: scores.get(r, (0.0, 0))[0]  # noqa: E731
@@ -510,25 +438,23 @@ def _solve_macs(an: channels.Analysis, model: ModelProto, scores: dict, protecte
                 hi, ideal = mid, c
             else:
                 lo = mid
-    steps = []
-    for roots, _, cap in plan:
-        g = _granule(len(roots), options)
-        n = len(roots)
-        allowed = sorted({0} | {n - k for k in range(g, n + 1, g) if n - k <= cap}) if g > 1 else list(range(cap + 1))
-        steps.append(allowed)
-    cur = [max(a for a in allowed if a <= want) for allowed, want in zip(steps, ideal)]
     gran = [_granule(len(roots), options) for roots, _, _ in plan]
+    steps = []  # the removal counts each class allows
+    for (roots, _, cap), g in zip(plan, gran):
+        n = len(roots)
+        steps.append(sorted({0} | {n - k for k in range(g, n + 1, g) if n - k <= cap}) if g > 1 else list(range(cap + 1)))
+    cur = [max(a for a in allowed if a <= want) for allowed, want in zip(steps, ideal)]
 
     def next_cost(ci: int, nxt: int) -> float:
         return float(np.mean([score(r) for r in plan[ci][1][cur[ci]:nxt]]))
 
     frac = kept(cur)
     while frac > target:
-        cands = [ci for ci in range(len(plan)) if any(a > cur[ci] for a in steps[ci])]
-        if not cands:
+        # the next allowed count of every class that can lose more (steps are sorted)
+        nxt = {ci: min(a for a in steps[ci] if a > cur[ci]) for ci in range(len(plan)) if steps[ci][-1] > cur[ci]}
+        if not nxt:
             break
-        nxt = {ci: min(a for a in steps[ci] if a > cur[ci]) for ci in cands}
-        ci = min(cands, key=lambda c: (-(ideal[c] - cur[c]) / gran[c], next_cost(c, nxt[c]), c))
+        ci = min(nxt, key=lambda c: (-(ideal[c] - cur[c]) / gran[c], next_cost(c, nxt[c]), c))
         cur[ci] = nxt[ci]
         frac = kept(cur)
     if frac <= target:   # give back what the last steps overshot
@@ -551,7 +477,6 @@ def _solve_macs(an: channels.Analysis, model: ModelProto, scores: dict, protecte
 def _reference_run(model: ModelProto, feeds: list, tensors: list, refs: list) -> dict:
     """Run the original model once over ``feeds``: its outputs go to ``refs`` (for the error
     report) and the per-channel (axis 1) means of ``tensors`` are returned."""
-
     outputs = [o.name for o in model.graph.output]
     sess = runtime.session(runtime.with_outputs(model, tensors) if tensors else model)
     sums: dict = {}
@@ -559,18 +484,9 @@ def _reference_run(model: ModelProto, feeds: list, tensors: list, refs: list) ->
         out = runtime.run(sess, feed, list(dict.fromkeys(outputs + tensors)))
         refs.append({k: out[k] for k in outputs})
         for name in tensors:
-            v = out[name]
-            axes = tuple(i for i in range(v.ndim) if i != 1)
-            sums[name] = sums.get(name, 0.0) + v.astype(np.float64).mean(axis=axes)
+            v = out[name].astype(np.float64)
+            sums[name] = sums.get(name, 0.0) + v.mean(axis=tuple(i for i in range(v.ndim) if i != 1))
     return {k: v / max(len(feeds), 1) for k, v in sums.items()}
-
-
-def _sample_feeds(ctx: PassContext, model: ModelProto, samples: int) -> list:
-    """Feeds holding about ``samples`` samples of the user's data (whatever its batch size), or
-    generated inputs when there is none."""
-    if ctx.data is None:
-        return ctx.sample_feeds(model, max(1, min(samples, 16)))[0]
-    return collect_feeds(ctx.data, samples)
 
 
 def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: list, refs: list,
@@ -578,26 +494,18 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     """Fold the mean of each removed input channel into the consumer's bias (``mean``), or refit
     the consumer's kept weights and bias by least squares (``refit``, dense 2-D Conv only).
 
-    A removed channel c of a consumer's input contributes ``sum_k W[o, c, k] * x_c`` to output o;
-    replacing ``x_c`` by its mean over the data (all positions) keeps that expected contribution:
-    ``b'[o] = b[o] + mean(x_c) * sum_k W[o, c, k]``. Exact for a constant channel away from the
-    zero-padded border. Dense and grouped Conv and Gemm; a depthwise conv loses the whole group
-    (outputs included), and MatMul has no bias to take it.
-
-    ``refit`` (ThiNet, Luo et al. 2017; He et al., *Channel Pruning*, 2017): the other kept
-    channels are usually correlated with the removed ones, so the best linear replacement is
-    better than the mean. With ``P`` the consumer's im2col patches of the original input plus a
-    column of ones, ``G = P^T P`` over the data, and ``K`` the patch columns of kept channels (and
-    the bias), ``[W_K, b]^T = (G_KK + r I)^-1 G_K: [W, b]^T`` minimizes
-    ``||P_K [W_K, b]^T - P [W, b]^T||^2 + r ||.||^2`` -- the original output from the kept inputs.
-    ``r = ridge * mean diag(G_KK)``. The mean fold is the special case where only the bias is free.
+    A removed channel c contributes ``sum_k W[o, c, k] * x_c`` to output o; its mean over the data keeps
+    that expected contribution: ``b'[o] = b[o] + mean(x_c) * sum_k W[o, c, k]`` (exact for a constant
+    channel away from zero-padded borders). A depthwise conv loses whole groups, outputs included, and
+    MatMul has no bias to take it. ``refit`` (ThiNet; He et al., *Channel Pruning*): the kept channels
+    are usually correlated with the removed ones, so ``[W_K, b]^T = (G_KK + r I)^-1 G_K: [W, b]^T``
+    beats the mean (``G = P^T P`` over the data, ``P`` the im2col patches plus a column of ones, ``K``
+    the columns of the kept channels and the bias, ``r = ridge * mean diag(G_KK)``).
     """
     todo = []
     removed = an.dead_mask(removed)
-    for act in an.actions:
-        if not isinstance(act, channels.LayerAction) or act.kind not in ("conv", "gemm") or act.in_ids is None:
-            continue
-        if act.kind == "conv" and act.mode == "depthwise":
+    for act in an.producers:
+        if act.kind not in ("conv", "gemm") or act.in_ids is None or act.mode == "depthwise":
             continue
         dead = ~an.keep_mask(act.in_ids, removed)
         if dead.any():
@@ -612,31 +520,25 @@ def _compensate(an: channels.Analysis, model: ModelProto, removed: set, feeds: l
     done = 0
     for act, dead in todo:
         node = act.node
-        if id(node) in grams and _refit_conv(node, dead, grams[id(node)], ridge, names):
-            done += 1
-        elif act.kind == "conv":
-            _fold_mean_conv(node, np.where(dead, means[node.inputs[0].name], 0.0), names)
-            done += 1
-        elif _fold_mean_gemm(node, np.where(dead, means[node.inputs[0].name], 0.0), names):
-            done += 1
+        refitted = id(node) in grams and _refit_conv(node, dead, grams[id(node)], ridge, names)
+        fold = _fold_mean_conv if act.kind == "conv" else _fold_mean_gemm
+        done += int(refitted or fold(node, np.where(dead, means[node.inputs[0].name], 0.0), names))
     return done
 
 
-def _fold_mean_conv(node: gs.Node, contrib: np.ndarray, names: NameGenerator) -> None:
-    """b' = b + sum_k W[:, c, k] * contrib[c] (contrib: the removed channels' means, 0 elsewhere)."""
+def _fold_mean_conv(node: gs.Node, contrib: np.ndarray, names: NameGenerator) -> bool:
+    """b' = b + sum_k W[:, c, k] * contrib[c] (contrib: the removed channels' means, 0 elsewhere); True."""
     w = constant_value(node.inputs[1])
     wdt, w = w.dtype, w.astype(np.float64)
     cin_g = w.shape[1]
     g = int(node.attrs.get("group", 1))
     per_in = w.reshape(w.shape[0], cin_g, -1).sum(axis=2)   # [Cout, Cin/g]
-    if g == 1:
-        delta = per_in @ contrib
-    else:  # output o of group k reads inputs k*cin_g .. (k+1)*cin_g-1
-        b_g = w.shape[0] // g
-        delta = np.concatenate([per_in[k * b_g:(k + 1) * b_g] @ contrib[k * cin_g:(k + 1) * cin_g] for k in range(g)])
+    b_g = w.shape[0] // g  # output o of group k reads inputs k*cin_g .. (k+1)*cin_g-1
+    delta = np.concatenate([per_in[k * b_g:(k + 1) * b_g] @ contrib[k * cin_g:(k + 1) * cin_g] for k in range(g)])
     b = input_at(node, 2)
     bias = np.zeros(w.shape[0]) if b is None else constant_value(b).astype(np.float64)
     set_input(node, 2, gs.Constant(names("compensated_b"), (bias + delta).astype(wdt)))
+    return True
 
 
 def _fold_mean_gemm(node: gs.Node, contrib: np.ndarray, names: NameGenerator) -> bool:
@@ -671,9 +573,9 @@ def _refittable(act: channels.LayerAction) -> bool:
             and str(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID") and w.shape is not None and len(w.shape) == 4)
 
 
-def _im2col(x: np.ndarray, node, kshape: tuple) -> np.ndarray:
-    """Patches [N*Ho*Wo, C*kh*kw] of an NCHW input (column order = the weight's [C, kh, kw])."""
-    kh, kw = kshape
+def _im2col(x: np.ndarray, node) -> np.ndarray:
+    """Patches [N*Ho*Wo, C*kh*kw] of the conv ``node``'s NCHW input (column order = the weight's [C, kh, kw])."""
+    kh, kw = constant_value(node.inputs[1]).shape[2:]
     sh, sw = node.attrs.get("strides", [1, 1])
     dh, dw = node.attrs.get("dilations", [1, 1])
     pads = node.attrs.get("pads", [0, 0, 0, 0])
@@ -695,8 +597,7 @@ def _input_grams(model: ModelProto, feeds: list, todo: list, progress: bool = Fa
         out = runtime.run(sess, feed, tensors)
         for act, _ in todo:
             node = act.node
-            k = constant_value(node.inputs[1]).shape[2:]
-            p = _im2col(out[node.inputs[0].name].astype(np.float64), node, k)
+            p = _im2col(out[node.inputs[0].name].astype(np.float64), node)
             p = np.concatenate([p, np.ones((len(p), 1))], axis=1)
             g, rows = grams.get(id(node), (0.0, 0))
             grams[id(node)] = (g + p.T @ p, rows + len(p))
@@ -730,9 +631,8 @@ def _refit_conv(node, dead: np.ndarray, gram: tuple, ridge: float, names) -> boo
 
 # --------------------------------------------------------------------------------- report
 def _layer_latency(model: ModelProto, feed: dict, runs: int) -> dict:
-    """{node name: median ms} from onnxruntime's profiler (one warm-up run included, as before),
-    graph optimizations off so that every layer keeps its own node (fused kernels would merge a
-    Conv with its activation)."""
+    """{node name: median ms} from onnxruntime's profiler (one warm-up run included), graph optimizations
+    off so that every layer keeps its own node (fused kernels would merge a Conv with its activation)."""
     times, _ = runtime.profile_kernels(model, feed, runs + 1)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -755,13 +655,13 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
                        "macs_before": macs_b.get(out), "macs_after": macs_a.get(out)})
     params_b, params_a = stats.param_count(before), stats.param_count(after)
     total_b, total_a = stats.mac_totals(lb)["macs"], stats.mac_totals(la)["macs"]
+    err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source if measure else None}
     extra = {
         "params": {"before": params_b, "after": params_a, "reduction": _red(params_b, params_a)},
         "macs": {"before": total_b, "after": total_a, "reduction": _red(total_b, total_a)},
         "layers": layers,
+        "output_error": err,
     }
-    err = {"max_abs": 0.0, "max_rel": 0.0, "inputs": source if measure else None}
-    extra["output_error"] = err
     if not measure:
         return extra
     s_new = runtime.session(after)
@@ -781,8 +681,8 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
         # the first of the feeds the error was measured on: the user's data when given (a model
         # with dynamic height/width has no shape to generate inputs from)
         feed = feeds[0]
-        lat_b = measure_latency(before, feed, options.latency_runs, warmup=1, threads=0)["median_ms"]
-        lat_a = measure_latency(after, feed, options.latency_runs, warmup=1, threads=0)["median_ms"]
+        lat_b, lat_a = (measure_latency(m, feed, options.latency_runs, warmup=1, threads=0)["median_ms"]
+                        for m in (before, after))
         extra["latency_ms"] = {"before": round(lat_b, 4), "after": round(lat_a, 4), "reduction": _red(lat_b, lat_a),
                                "runs": options.latency_runs,
                                "note": f"onnxruntime CPU, all optimizations, median, first batch of the {source} inputs"}
@@ -799,11 +699,8 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
 def _weight_sizes(model: ModelProto) -> dict:
     """{layer output: elements of its weight and bias} for Conv/ConvTranspose/Gemm/MatMul."""
     sizes = {name: int(np.prod(t.dims)) for name, t in const_tensors(model).items()}
-    out = {}
-    for n in model.graph.node:
-        if n.op_type in channels.PRODUCERS and len(n.input) > 1:
-            out[n.output[0]] = sum(sizes.get(i, 0) for i in n.input[1:3] if i)
-    return out
+    return {n.output[0]: sum(sizes.get(i, 0) for i in n.input[1:3] if i)
+            for n in model.graph.node if n.op_type in channels.PRODUCERS and len(n.input) > 1}
 
 
 def _red(before: float, after: float) -> float:

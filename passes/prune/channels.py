@@ -106,43 +106,6 @@ class Slots:
 
 
 @dataclass
-class Producer:
-    """A layer that creates channels: its output channel c has slot ``out_ids[c]``."""
-
-    node: gs.Node
-    op: str
-    out_ids: np.ndarray
-    bn: Optional[gs.Node] = None
-
-    @property
-    def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name
-
-    @property
-    def out_axis(self) -> int:
-        """The weight axis of the output channels (Conv, Gemm with transB: 0; ConvTranspose, MatMul: 1)."""
-        if self.op == "Gemm":
-            return 0 if int(self.node.attrs.get("transB", 0)) else 1
-        return 0 if self.op == "Conv" else 1
-
-    def filters(self) -> np.ndarray:
-        """The weight as [out_channels, -1] rows (BN-folded when a BN follows)."""
-        w = constant_value(self.node.inputs[1]).astype(np.float64)
-        rows = np.moveaxis(w, self.out_axis, 0).reshape(w.shape[self.out_axis], -1)
-        if self.bn is not None:
-            rows = rows * self.bn_scale()[:, None]
-        return rows
-
-    def bn_scale(self) -> np.ndarray:
-        gamma = constant_value(self.bn.inputs[1]).astype(np.float64)
-        var = constant_value(self.bn.inputs[4]).astype(np.float64)
-        return gamma / np.sqrt(var + float(self.bn.attrs.get("epsilon", 1e-5)))
-
-    def bn_gamma(self) -> Optional[np.ndarray]:
-        return None if self.bn is None else np.abs(constant_value(self.bn.inputs[1]).astype(np.float64))
-
-
-@dataclass
 class Analysis:
     """The result of :func:`analyze`; :meth:`rewrite` removes the components it is given."""
 
@@ -150,24 +113,20 @@ class Analysis:
     graph: gs.Graph
     uf: SlotSets
     slots: dict
-    producers: list
+    producers: list   # the LayerActions: the layers that create channels
     actions: list   # of the *Action classes below, in graph order
     reasons: list = field(default_factory=list)   # (where, why) for every poisoning
     params: dict = field(default_factory=dict)    # parameter values computed from constant chains
 
     # ----------------------------------------------------------------------- components
     def classes(self) -> dict:
-        """Group the components by the set of tensors they appear in.
+        """Group the components by the set of tensors they appear in: {class key: [roots]}, POISON left out.
 
-        Components of one class have the same "shape role" (e.g. the channels of one conv's output,
-        or the residual stream of one stage): ratios, ``round_to`` and minimums apply per class, and
-        every tensor's width is a sum of whole classes. Returns {class key: [roots]}; the poisoned
-        component (root POISON) is left out.
-        """
+        Components of one class have the same "shape role" (e.g. the channels of one conv's output, or the
+        residual stream of one stage): ratios, ``round_to`` and minimums apply per class."""
         rng = np.random.default_rng(12345)
-        sig: dict = {}
-        for name in sorted(self.slots):
-            s = self.slots[name]
+        sig: dict = {}  # root -> (sum of its tensors' random keys, tensor count)
+        for name, s in sorted(self.slots.items()):
             key = int(rng.integers(1, 2**62))
             for r in set(self.roots(s.ids).tolist()):
                 a, n = sig.get(r, (0, 0))
@@ -176,9 +135,7 @@ class Analysis:
         for r, k in sig.items():
             if r != POISON:
                 classes.setdefault(k, []).append(r)
-        for k in classes:
-            classes[k].sort()
-        return classes
+        return {k: sorted(roots) for k, roots in classes.items()}
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         """The component root of each slot (the union-find is final once the analysis is built)."""
@@ -193,9 +150,7 @@ class Analysis:
         if isinstance(removed, np.ndarray):
             return removed
         dead = np.zeros(len(self.uf.parent), dtype=bool)
-        ids = [int(r) for r in removed if int(r) != POISON]
-        if ids:
-            dead[np.array(ids, dtype=np.int64)] = True
+        dead[np.array([int(r) for r in removed if int(r) != POISON], dtype=np.int64)] = True
         return dead
 
     def keep_mask(self, ids: np.ndarray, removed) -> np.ndarray:
@@ -204,24 +159,21 @@ class Analysis:
 
     # --------------------------------------------------------------------------- rewrite
     def rewrite(self, removed: set) -> ModelProto:
-        """Remove every channel whose component root is in ``removed`` and return the new model.
-
-        Weights are never edited in place: every changed parameter becomes a new constant of the
-        node that uses it, so a weight shared with another node stays intact.
-        """
+        """Remove every channel whose component root is in ``removed`` and return the new model. Weights
+        are never edited in place: every changed parameter becomes a new constant of the node that uses
+        it, so a weight shared with another node stays intact."""
         removed = set(int(r) for r in removed) - {POISON}
-        names = NameGenerator(self.graph)
-        g = self.graph
         if removed:
             removed = self.dead_mask(removed)
+            names = NameGenerator(self.graph)
             for act in self.actions:
                 act.apply(self, lambda ids: self.keep_mask(ids, removed), names)
-            tensors = g.tensors()
+            tensors = self.graph.tensors()
             for name, s in self.slots.items():
                 if name in tensors and not self.keep_mask(s.ids, removed).all():
                     tensors[name].shape = None
             self._sweep()
-        return export_graph(g, like=self.model)
+        return self.export()
 
     def _sweep(self) -> None:
         """Drop the nodes the rewrite left without readers (replaced Constant nodes, Pad-amount
@@ -240,13 +192,9 @@ class Analysis:
         self.graph.nodes = keep[::-1]
 
     def kill(self, roots: set) -> None:
-        """Make the channels of ``roots`` exactly zero without removing them (test oracle helper).
-
-        Zeroes the producers' output rows and biases, the following BN's gamma and beta, and
-        additive constants on those channels: ``export()`` then gives the zeroed model and
-        ``rewrite(roots)`` on this same analysis (component ids belong to one analysis) must give
-        the same outputs.
-        """
+        """Make the channels of ``roots`` exactly zero without removing them (test oracle helper): the
+        producers' output rows and biases, the following BN's gamma and beta, additive constants on them;
+        ``export()`` must then give the outputs of ``rewrite(roots)`` on this same analysis."""
         roots = self.dead_mask(set(int(r) for r in roots))
         names = NameGenerator(self.graph)
         for p in self.producers:
@@ -254,35 +202,30 @@ class Analysis:
             if not dead.any():
                 continue
             node = p.node
-            w = constant_value(node.inputs[1]).copy()
-            idx = [slice(None)] * w.ndim
-            idx[p.out_axis] = dead
-            w[tuple(idx)] = 0
-            node.inputs[1] = gs.Constant(names("killed_w"), w)
+            node.inputs[1] = gs.Constant(names("killed_w"), _zeroed(constant_value(node.inputs[1]), p.out_axis, dead))
             b = input_at(node, 2)
-            if b is not None:
-                bv = np.array(constant_value(b), copy=True)
-                if bv.ndim >= 1 and bv.shape[-1] == len(dead):
-                    bv[..., dead] = 0
-                    node.inputs[2] = gs.Constant(names("killed_b"), bv)
+            bv = None if b is None else constant_value(b)
+            if bv is not None and bv.ndim >= 1 and bv.shape[-1] == len(dead):
+                node.inputs[2] = gs.Constant(names("killed_b"), _zeroed(bv, bv.ndim - 1, dead))
             if p.bn is not None:
                 for i in (1, 2):
-                    v = constant_value(p.bn.inputs[i]).copy()
-                    v[dead] = 0
-                    p.bn.inputs[i] = gs.Constant(names("killed_bn"), v)
+                    p.bn.inputs[i] = gs.Constant(names("killed_bn"), _zeroed(constant_value(p.bn.inputs[i]), 0, dead))
         for act in self.actions:
             if isinstance(act, ConstAction) and act.node.op in ("Add", "Sub"):
-                node, index, axis, ids = act.node, act.index, act.axis, act.ids
-                dead = ~self.keep_mask(ids, roots)
+                dead = ~self.keep_mask(act.ids, roots)
                 if dead.any():
-                    v = np.array(constant_value(node.inputs[index]), copy=True)
-                    idx = [slice(None)] * v.ndim
-                    idx[axis] = dead
-                    v[tuple(idx)] = 0
-                    node.inputs[index] = gs.Constant(names("killed_c"), v)
+                    v = _zeroed(constant_value(act.node.inputs[act.index]), act.axis, dead)
+                    act.node.inputs[act.index] = gs.Constant(names("killed_c"), v)
 
     def export(self) -> ModelProto:
         return export_graph(self.graph, like=self.model)
+
+
+def _zeroed(v: np.ndarray, axis: int, dead: np.ndarray) -> np.ndarray:
+    """A copy of ``v`` with the positions ``dead`` along ``axis`` set to zero."""
+    v = np.array(v, copy=True)
+    v[(slice(None),) * axis + (dead,)] = 0
+    return v
 
 
 # ================================================================================= analysis
@@ -320,14 +263,10 @@ def _evaluate_params(model: ModelProto) -> dict:
             continue
         if all(i == "" or i in derivable for i in node.input):
             derivable.update(o for o in node.output if o)
-    wanted = []
-    for node in g.node:
-        for i in PARAM_INPUTS.get(node.op_type, ()):
-            if i < len(node.input) and node.input[i] and node.input[i] in derivable and node.input[i] not in const:
-                p = producer.get(node.input[i])
-                if p is not None and p.op_type != "Constant":
-                    wanted.append(node.input[i])
-    wanted = list(dict.fromkeys(wanted))
+    inputs = [node.input[i] for node in g.node for i in PARAM_INPUTS.get(node.op_type, ()) if i < len(node.input)]
+    # those a chain of nodes computes (a Constant node's value is read as it is)
+    wanted = list(dict.fromkeys(t for t in inputs if t and t in derivable and t not in const
+                                and t in producer and producer[t].op_type != "Constant"))
     if not wanted:
         return {}
     needed, stack = set(), list(wanted)
@@ -365,9 +304,8 @@ class _Analyzer:
         self.opset = opset_of(model)
         self.uf = SlotSets()
         self.slots: dict[str, Slots] = {}
-        self.producers: list[Producer] = []
-        self.actions: list = []
-        self.reasons: list = []
+        self.actions: list = []   # the *Action records, in graph order
+        self.reasons: list = []   # (where, why) of every poisoning
         # onnx-graphsurgeon drops initializer-backed graph inputs from graph.inputs, so
         # graph.is_weight cannot see them: a weight the user may override at run time is no weight
         self.input_names = {i.name for i in model.graph.input}
@@ -385,18 +323,11 @@ class _Analyzer:
             self.uf.poison(s.ids)
             self.reasons.append((where.name if where is not None and where.name else t.name, why))
 
-    def poison_inputs(self, node: gs.Node, why: str) -> None:
-        for t in node.inputs:
-            self.poison(t, why, node)
-
     def shape(self, t) -> Optional[list]:
-        if t is None:
-            return None
-        s = self.shapes.get(t.name)
-        if s is None:
-            v = constant_value(t)
-            return list(v.shape) if v is not None else None
-        return s
+        """The static shape, else a constant's (None: unknown)."""
+        s = None if t is None else self.shapes.get(t.name)
+        v = constant_value(t) if t is not None and s is None else None
+        return s if v is None else list(v.shape)
 
     def rank(self, t) -> Optional[int]:
         s = self.S(t)
@@ -427,9 +358,8 @@ class _Analyzer:
         for node in list(self.graph.nodes):
             if node.op == "Constant":
                 continue
-            handler = getattr(self, "_op_" + node.op, None)
-            if (node.domain or "") not in ("", "ai.onnx"):
-                handler = None
+            native = (node.domain or "") in ("", "ai.onnx")
+            handler = getattr(self, "_op_" + node.op, None) if native else None
             try:
                 if handler is not None:
                     handler(node)
@@ -440,12 +370,12 @@ class _Analyzer:
                 elif node.op in REDUCE:
                     self._reduce(node)
                 else:
-                    self.poison_inputs(node, f"{node.op} is not understood by the channel analysis")
+                    for t in node.inputs:
+                        self.poison(t, f"{node.op} is not understood by the channel analysis", node)
             except _NotUnderstood as exc:
                 n_reasons = len(self.reasons)
-                self.poison_inputs(node, str(exc))
-                for o in node.outputs:
-                    self.poison(o, str(exc), node)
+                for t in [*node.inputs, *node.outputs]:
+                    self.poison(t, str(exc), node)
                 if len(self.reasons) == n_reasons:  # nothing slotted yet: still say why
                     self.reasons.append((node.name or node.outputs[0].name, str(exc)))
         for o in self.graph.outputs:
@@ -454,10 +384,8 @@ class _Analyzer:
             if name in self.slots:
                 self.uf.poison(self.slots[name].ids)
                 self.reasons.append((name, "used inside a subgraph"))
-        self._attach_bn()
-
-    def _attach_bn(self) -> None:
-        for p in self.producers:
+        self.producers = [a for a in self.actions if isinstance(a, LayerAction)]
+        for p in self.producers:  # a BatchNormalization with constant parameters that follows the layer
             out = p.node.outputs[0]
             if len(out.outputs) == 1 and out.outputs[0].op == "BatchNormalization" and out.outputs[0].inputs[0] is out:
                 bn = out.outputs[0]
@@ -466,11 +394,9 @@ class _Analyzer:
 
     # ---------------------------------------------------------------------------- rules
     def _unary(self, node: gs.Node) -> None:
-        x = node.inputs[0] if node.inputs else None
-        s = self.S(x)
+        s = self.S(node.inputs[0]) if node.inputs else None
         for t in node.inputs[1:]:
-            if self.S(t) is not None:
-                self.poison(t, f"{node.op} parameter input carries channels", node)
+            self.poison(t, f"{node.op} parameter input carries channels", node)
         if s is None:
             return
         if node.op == "Resize" or node.op == "Upsample":
@@ -493,7 +419,7 @@ class _Analyzer:
         if "axes" in node.attrs:
             raise _NotUnderstood("Resize with axes")
         if sizes is not None and sizes.size:
-            self.actions.append(ResizeSizesAction(node, idx_sizes, s.axis, s.ids))
+            self.actions.append(ShapeAction(node, s.axis, "same", 1, s.ids, sizes.tolist(), idx_sizes))
         elif scales is not None and scales.size:
             if abs(float(scales[s.axis]) - 1.0) > 0:
                 raise _NotUnderstood("Resize scales the channel axis")
@@ -501,11 +427,13 @@ class _Analyzer:
             raise _NotUnderstood("Resize scales/sizes are not constant")
 
     def _elementwise(self, node: gs.Node) -> None:
-        ins = [t for t in node.inputs if t is not None and not (isinstance(t, gs.Variable) and t.name == "" and not t.inputs)]
+        # the operands present (an omitted optional input is None or an empty, unproduced Variable)
+        ins = [(i, t) for i, t in enumerate(node.inputs)
+               if t is not None and not (isinstance(t, gs.Variable) and t.name == "" and not t.inputs)]
         slotted = [(i, t, self.S(t)) for i, t in enumerate(node.inputs) if self.S(t) is not None]
         if not slotted:
             return
-        ranks = [self.rank(t) for t in ins]
+        ranks = [self.rank(t) for _, t in ins]
         if any(r is None for r in ranks):
             raise _NotUnderstood(f"{node.op} operand of unknown rank")
         out_rank = max(ranks)
@@ -515,9 +443,7 @@ class _Analyzer:
         p = offs.pop()  # channel position counted from the right
         width = max(len(s.ids) for _, _, s in slotted)
         ref = next(s for _, _, s in slotted if len(s.ids) == width)
-        for i, t in enumerate(node.inputs):
-            if t is None or (isinstance(t, gs.Variable) and t.name == "" and not t.inputs):
-                continue
+        for i, t in ins:
             s = self.S(t)
             if s is not None:
                 if len(s.ids) == width:
@@ -533,14 +459,12 @@ class _Analyzer:
                 raise _NotUnderstood(f"{node.op} operand '{t.name}' has an unknown shape")
             ax = len(shp) - p
             d = shp[ax] if ax >= 0 else 1
-            if d == 1:
-                continue
-            if d == width and self.weight(t):
+            if d != 1 and d == width and self.weight(t):  # a constant operand is sliced with the output
                 self.actions.append(ConstAction(node, i, ax, ref.ids))
-                continue
-            if d is None or d != width:
-                raise _NotUnderstood(f"{node.op} operand '{t.name}' does not broadcast along channels")
-            raise _NotUnderstood(f"{node.op} operand '{t.name}' is a full-width runtime tensor without channel slots")
+            elif d != 1:
+                why = ("does not broadcast along channels" if d != width
+                       else "is a full-width runtime tensor without channel slots")
+                raise _NotUnderstood(f"{node.op} operand '{t.name}' {why}")
         self.set(node.outputs[0], out_rank - p, out_rank, ref.ids)
 
     @_on_slots
@@ -565,8 +489,7 @@ class _Analyzer:
             raise _NotUnderstood(f"{node.op} normalizes over the channel axis")
         self.set(node.outputs[0], s.axis, s.rank, s.ids)
 
-    _op_LogSoftmax = _op_Softmax
-    _op_Hardmax = _op_Softmax
+    _op_LogSoftmax = _op_Hardmax = _op_Softmax
 
     @_on_slots
     def _op_Shape(self, node: gs.Node, s: Slots) -> None:
@@ -582,14 +505,14 @@ class _Analyzer:
             raise _NotUnderstood("BatchNormalization with runtime parameters or channels not on axis 1")
         if any(o.outputs for o in node.outputs[1:]) or int(node.attrs.get("training_mode", 0)):
             raise _NotUnderstood("BatchNormalization in training mode")
-        self.actions.append(ParamsAction(node, (1, 2, 3, 4), s.ids))
+        self.actions.extend(ConstAction(node, i, 0, s.ids) for i in (1, 2, 3, 4))
         self.set(node.outputs[0], s.axis, s.rank, s.ids)
 
     @_on_slots
     def _op_InstanceNormalization(self, node: gs.Node, s: Slots) -> None:
         if s.axis != 1 or any(not self.weight(input_at(node, i)) for i in (1, 2)):
             raise _NotUnderstood("InstanceNormalization with runtime parameters")
-        self.actions.append(ParamsAction(node, (1, 2), s.ids))
+        self.actions.extend(ConstAction(node, i, 0, s.ids) for i in (1, 2))
         self.set(node.outputs[0], s.axis, s.rank, s.ids)
 
     def _op_Conv(self, node: gs.Node) -> None:
@@ -604,26 +527,17 @@ class _Analyzer:
         g = int(node.attrs.get("group", 1))
         cout, cin_g = int(wv.shape[0]), int(wv.shape[1])
         out = self.uf.new(cout)
-        if g > 1:
+        mode = "dense" if g <= 1 else "depthwise" if cin_g == 1 and sx is not None else "grouped"
+        if mode == "depthwise":  # input k feeds the outputs of group k
+            self.uf.union_arrays(np.repeat(sx.ids[:g], cout // g), out)
+        elif mode == "grouped":  # the same position is tied across all groups, on each side
             b_g = cout // g
-            if cin_g == 1 and sx is not None:  # depthwise: input k feeds the outputs of group k
-                for k in range(g):
-                    for j in range(b_g):
-                        self.uf.union(sx.ids[k], out[k * b_g + j])
-                mode = "depthwise"
-            else:
+            for k in range(1, g):
+                self.uf.union_arrays(out[:b_g], out[k * b_g:(k + 1) * b_g])
                 if sx is not None:
-                    for k in range(1, g):
-                        self.uf.union_arrays(sx.ids[:cin_g], sx.ids[k * cin_g:(k + 1) * cin_g])
-                for k in range(1, g):
-                    self.uf.union_arrays(out[:b_g], out[k * b_g:(k + 1) * b_g])
-                mode = "grouped"
-        else:
-            mode = "dense"
-        rank = self.rank(x) or (wv.ndim)
-        self.set(node.outputs[0], 1, rank, out)
+                    self.uf.union_arrays(sx.ids[:cin_g], sx.ids[k * cin_g:(k + 1) * cin_g])
+        self.set(node.outputs[0], 1, self.rank(x) or wv.ndim, out)
         self.actions.append(LayerAction("conv", node, None if sx is None else sx.ids, out, mode))
-        self.producers.append(Producer(node, "Conv", out))
 
     def _op_ConvTranspose(self, node: gs.Node) -> None:
         x, w, b = node.inputs[0], input_at(node, 1), input_at(node, 2)
@@ -638,7 +552,6 @@ class _Analyzer:
         out = self.uf.new(int(wv.shape[1]))
         self.set(node.outputs[0], 1, self.rank(x) or wv.ndim, out)
         self.actions.append(LayerAction("convT", node, None if sx is None else sx.ids, out))
-        self.producers.append(Producer(node, "ConvTranspose", out))
 
     def _op_Gemm(self, node: gs.Node) -> None:
         a, w, c = node.inputs[0], input_at(node, 1), input_at(node, 2)
@@ -648,47 +561,41 @@ class _Analyzer:
         if sa is not None and (int(node.attrs.get("transA", 0)) or sa.axis != 1):
             raise _NotUnderstood("Gemm reads its features along another axis (transA)")
         wv = constant_value(w)
-        trans_b = int(node.attrs.get("transB", 0))
-        n = int(wv.shape[0] if trans_b else wv.shape[1])
+        n = int(wv.shape[0] if int(node.attrs.get("transB", 0)) else wv.shape[1])
         out = self.uf.new(n)
-        if c is not None:
-            sc = self.S(c)
-            if sc is not None:
-                if sc.rank - sc.axis != 1 or len(sc.ids) != n:
-                    raise _NotUnderstood("Gemm C operand carries channels on another axis")
-                self.uf.union_arrays(out, sc.ids)
-            else:
-                cshape = self.shape(c)
-                if cshape is None:
-                    raise _NotUnderstood("Gemm C of unknown shape")
-                if cshape and cshape[-1] == n and n > 1:
-                    if not self.weight(c):
-                        raise _NotUnderstood("Gemm C is a runtime tensor")
-                    self.actions.append(ConstAction(node, 2, len(cshape) - 1, out))
+        sc = self.S(c)
+        if sc is not None:
+            if sc.rank - sc.axis != 1 or len(sc.ids) != n:
+                raise _NotUnderstood("Gemm C operand carries channels on another axis")
+            self.uf.union_arrays(out, sc.ids)
+        elif c is not None:
+            cshape = self.shape(c)
+            if cshape is None:
+                raise _NotUnderstood("Gemm C of unknown shape")
+            if cshape and cshape[-1] == n and n > 1:
+                if not self.weight(c):
+                    raise _NotUnderstood("Gemm C is a runtime tensor")
+                self.actions.append(ConstAction(node, 2, len(cshape) - 1, out))
         self.set(node.outputs[0], 1, 2, out)
         self.actions.append(LayerAction("gemm", node, None if sa is None else sa.ids, out))
-        self.producers.append(Producer(node, "Gemm", out))
 
     def _op_MatMul(self, node: gs.Node) -> None:
         a, w = node.inputs[0], node.inputs[1]
         sa = self.S(a)
-        if self.S(w) is not None:
+        constant = self.weight(w) and constant_value(w).ndim == 2
+        if self.S(w) is not None or (sa is not None and not constant):
             raise _NotUnderstood("MatMul with a runtime right operand")
-        if not self.weight(w) or constant_value(w).ndim != 2:
-            if sa is not None:
-                raise _NotUnderstood("MatMul with a runtime right operand")
+        if not constant:  # no layer, and no channels to follow
             return
         ra = self.rank(a)
         if ra is None or ra < 2:
             raise _NotUnderstood("MatMul left operand of unknown or vector rank")
-        wv = constant_value(w)
         if sa is not None and sa.axis != ra - 1:  # rows and batch dims pass through unchanged
             self.set(node.outputs[0], sa.axis, ra, sa.ids)
             return
-        out = self.uf.new(int(wv.shape[1]))
+        out = self.uf.new(int(constant_value(w).shape[1]))
         self.set(node.outputs[0], ra - 1, ra, out)
         self.actions.append(LayerAction("matmul", node, None if sa is None else sa.ids, out))
-        self.producers.append(Producer(node, "MatMul", out))
 
     def _op_Concat(self, node: gs.Node) -> None:
         ss = [self.S(t) for t in node.inputs]
@@ -699,15 +606,13 @@ class _Analyzer:
         if all(s is None or s.axis == axis for s in ss):
             parts = []
             for t, s in zip(node.inputs, ss):
-                if s is not None:
-                    parts.append(s.ids)
-                    continue
-                shp = self.shape(t)
-                if shp is None or shp[axis] is None:
-                    raise _NotUnderstood(f"Concat input '{t.name}' of unknown width")
-                fresh = self.uf.new(int(shp[axis]))
-                self.uf.poison(fresh)  # a tensor without slots never changes width
-                parts.append(fresh)
+                if s is None:  # fresh slots, poisoned: a tensor without slots never changes width
+                    shp = self.shape(t)
+                    if shp is None or shp[axis] is None:
+                        raise _NotUnderstood(f"Concat input '{t.name}' of unknown width")
+                    s = Slots(axis, rank, self.uf.new(int(shp[axis])))
+                    self.uf.poison(s.ids)
+                parts.append(s.ids)
             self.set(node.outputs[0], axis, rank, np.concatenate(parts))
             return
         if any(s is None for s in ss) or len({(s.axis, len(s.ids)) for s in ss}) != 1:
@@ -737,12 +642,9 @@ class _Analyzer:
             sizes = [min(size, n - i * size) for i in range(k)]
         if sum(sizes) != len(s.ids) or len(sizes) != len(outs):
             raise _NotUnderstood("Split sizes do not match the channel count")
-        start = 0
-        parts = []
-        for o, n in zip(outs, sizes):
-            parts.append(s.ids[start:start + n])
-            self.set(o, s.axis, s.rank, s.ids[start:start + n])
-            start += n
+        parts = np.split(s.ids, np.cumsum(sizes)[:-1])
+        for o, part in zip(outs, parts):
+            self.set(o, s.axis, s.rank, part)
         self.actions.append(SplitAction(node, parts))
 
     @_on_slots
@@ -752,9 +654,9 @@ class _Analyzer:
             axes = node.attrs.get("axes", list(range(len(starts or []))))
             steps = [1] * len(starts or [])
         else:
-            vals = [self.value(input_at(node, i)) if input_at(node, i) is not None else None for i in range(1, 5)]
-            if vals[0] is None or vals[1] is None or (input_at(node, 3) is not None and vals[2] is None) or (
-                    input_at(node, 4) is not None and vals[3] is None):
+            vals = [self.value(input_at(node, i)) for i in range(1, 5)]  # starts, ends, axes, steps
+            if vals[0] is None or vals[1] is None or any(
+                    vals[i - 1] is None and input_at(node, i) is not None for i in (3, 4)):  # axes, steps given
                 raise _NotUnderstood("Slice parameters are not constant")
             starts, ends = vals[0].tolist(), vals[1].tolist()
             axes = vals[2].tolist() if vals[2] is not None else list(range(len(starts)))
@@ -840,8 +742,7 @@ class _Analyzer:
         if shp is None or len(shp) != s.rank:
             raise _NotUnderstood("Flatten of unknown shape")
         if axis == s.axis and all(d is not None for d in shp[s.axis + 1:]):
-            k = int(np.prod(shp[s.axis + 1:])) if s.axis + 1 < len(shp) else 1
-            self.set(node.outputs[0], 1, 2, np.repeat(s.ids, k))
+            self.set(node.outputs[0], 1, 2, np.repeat(s.ids, int(np.prod(shp[s.axis + 1:]))))
             return
         if axis > s.axis and all(d == 1 for d in shp[:s.axis]) and all(d == 1 for d in shp[s.axis + 1:axis]):
             raise _NotUnderstood("Flatten moves channels into the outer dimension")
@@ -858,33 +759,28 @@ class _Analyzer:
         a, w = s.axis, len(s.ids)
         prefix = int(np.prod(ishp[:a])) if a else 1
         k_in = int(np.prod(ishp[a + 1:])) if a + 1 < len(ishp) else 1
-        for i, v in enumerate(target):
-            if not allowzero and v == 0 and i == a and i < len(oshp) and oshp[i] != w:
-                raise _NotUnderstood("Reshape copies the channel width into another position")
+        if not allowzero and a < min(len(target), len(oshp)) and target[a] == 0 and oshp[a] != w:
+            raise _NotUnderstood("Reshape copies the channel width into another position")
         # the output axis that takes the channels: the leading dims must keep their product; with
         # leading 1s several positions qualify, so prefer a pure move, then a merge, then a split
-        choice = None
+        cands = []  # (preference, output axis, mode, factor)
         acc = 1
         for b in range(len(oshp)):
             if acc == prefix:
                 d = oshp[b]
                 k_out = int(np.prod(oshp[b + 1:])) if b + 1 < len(oshp) else 1
                 if d == w and k_in == k_out:
-                    cand = (0, b, "same", 1)
+                    cands.append((0, b, "same", 1))
                 elif d % w == 0 and k_in % k_out == 0 and d == w * (k_in // k_out):
-                    cand = (1, b, "merge", d // w)
+                    cands.append((1, b, "merge", d // w))
                 elif d > 1 and w % d == 0 and k_out == k_in * (w // d):
-                    cand = (2, b, "split", w // d)
-                else:
-                    cand = None
-                if cand is not None and (choice is None or cand[0] < choice[0]):
-                    choice = cand
+                    cands.append((2, b, "split", w // d))
             acc *= oshp[b]
             if acc > prefix:
                 break
-        if choice is None:
+        if not cands:
             raise _NotUnderstood("Reshape mixes channels with other dimensions")
-        _, b, mode, factor = choice
+        _, b, mode, factor = min(cands)  # the first axis of the preferred kind
         if b < len(target) and target[b] == 0 and not allowzero and not (b == a and mode == "same"):
             raise _NotUnderstood("Reshape copies a dimension into the channel position")
         if mode == "same":
@@ -893,12 +789,11 @@ class _Analyzer:
             ids = np.repeat(s.ids, factor)
         else:
             rows = s.ids.reshape(-1, factor)
-            for r in range(rows.shape[0]):
-                self.uf.union_arrays(np.repeat(rows[r, 0], factor), rows[r])
+            self.uf.union_arrays(np.repeat(rows[:, 0], factor), rows.reshape(-1))  # each row becomes one channel
             ids = rows[:, 0].copy()
         self.set(node.outputs[0], b, len(oshp), ids)
-        if b < len(target) and target[b] not in (-1,) and not (target[b] == 0 and not allowzero and b == a and mode == "same"):
-            self.actions.append(ReshapeAction(node, b, mode, factor, s.ids, target))
+        if b < len(target) and target[b] != -1 and not (target[b] == 0 and not allowzero and b == a and mode == "same"):
+            self.actions.append(ShapeAction(node, b, mode, factor, s.ids, target))
 
 
 class _NotUnderstood(Exception):
@@ -922,89 +817,77 @@ def _set_pruned(node: gs.Node, index: int, value: np.ndarray, names: NameGenerat
 
 # --------------------------------------------------------------------------------- actions
 # What pruning a set of channel components does to one node; recorded while the analysis walks
-# the graph, applied by Analysis.apply with ``keep(ids)`` -> the boolean keep mask of those slots.
+# the graph, applied by Analysis.rewrite with ``keep(ids)`` -> the boolean keep mask of those slots.
 
 
 @dataclass
 class LayerAction:
-    """A weighted layer (``kind`` conv, convT, gemm or matmul): slice its weight's input and
-    output channels (and the bias). ``in_ids`` None: its input has no slots (a graph input);
-    ``mode`` (conv): dense, grouped or depthwise."""
+    """A weighted layer (``kind`` conv, convT, gemm or matmul), a *producer* of channels: its output
+    channel c has slot ``out_ids[c]``; pruning slices its weight's input and output channels (and the
+    bias). ``in_ids`` None: its input has no slots (a graph input); ``mode`` (conv): dense, grouped or
+    depthwise; ``bn``: the BatchNormalization that follows it, if any."""
 
     kind: str
     node: gs.Node
     in_ids: Optional[np.ndarray]
     out_ids: np.ndarray
     mode: Optional[str] = None
+    bn: Optional[gs.Node] = None
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    @property
+    def out_axis(self) -> int:
+        """The weight axis of the output channels (Conv, Gemm with transB: 0; ConvTranspose, MatMul: 1)."""
+        return 0 if self.op == "Conv" or (self.op == "Gemm" and int(self.node.attrs.get("transB", 0))) else 1
+
+    def filters(self) -> np.ndarray:
+        """The weight as [out_channels, -1] rows (BN-folded when a BN follows)."""
+        w = constant_value(self.node.inputs[1]).astype(np.float64)
+        rows = np.moveaxis(w, self.out_axis, 0).reshape(w.shape[self.out_axis], -1)
+        if self.bn is not None:
+            gamma, var = (constant_value(self.bn.inputs[i]).astype(np.float64) for i in (1, 4))
+            rows = rows * (gamma / np.sqrt(var + float(self.bn.attrs.get("epsilon", 1e-5))))[:, None]
+        return rows
+
+    def bn_gamma(self) -> Optional[np.ndarray]:
+        return None if self.bn is None else np.abs(constant_value(self.bn.inputs[1]).astype(np.float64))
 
     def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
         node = self.node
         w = constant_value(node.inputs[1])
-        if self.kind == "conv":
-            new = self._conv_weight(w, keep)
-        elif self.kind == "convT":
-            new = w if self.in_ids is None or keep(self.in_ids).all() else _take(w, 0, keep(self.in_ids))
-            ko = keep(self.out_ids)
-            if not ko.all():
-                new = _take(new, 1, ko)
-                b = input_at(node, 2)
-                if b is not None:
-                    _set_pruned(node, 2, _take(constant_value(b), 0, ko), names, "b")
-        else:
-            in_axis, out_axis = (1, 0) if self.kind == "gemm" and int(node.attrs.get("transB", 0)) else (0, 1)
-            new = w if self.in_ids is None or keep(self.in_ids).all() else _take(w, in_axis, keep(self.in_ids))
-            if not keep(self.out_ids).all():
-                new = _take(new, out_axis, keep(self.out_ids))
+        out_axis, in_axis = self.out_axis, 1 - self.out_axis
+        new, ko = w, keep(self.out_ids)
+        ki = None if self.in_ids is None else keep(self.in_ids)
+        if ki is not None and not ki.all():
+            if self.mode == "depthwise":  # whole groups go
+                node.attrs["group"] = int(ki.sum())
+            else:  # a grouped conv's weight holds the positions of one group
+                new = _take(new, in_axis, ki[: w.shape[1]] if self.mode == "grouped" else ki)
+        if not ko.all():
+            new = _take(new, out_axis, ko)
         if new is not w:
             _set_pruned(node, 1, new, names, "w")
-        if self.kind == "conv":
-            b = input_at(node, 2)
-            if b is not None and not keep(self.out_ids).all():
-                _set_pruned(node, 2, _take(constant_value(b), 0, keep(self.out_ids)), names, "b")
-
-    def _conv_weight(self, w: np.ndarray, keep) -> np.ndarray:
-        node = self.node
-        ko = keep(self.out_ids)
-        new = w if ko.all() else _take(w, 0, ko)
-        if self.in_ids is not None:
-            ki = keep(self.in_ids)
-            if not ki.all():
-                if self.mode == "dense":
-                    new = _take(new, 1, ki)
-                elif self.mode == "grouped":
-                    new = _take(new, 1, ki[: w.shape[1]])
-                else:  # depthwise: whole groups go
-                    node.attrs["group"] = int(ki.sum())
-        return new
+        b = input_at(node, 2)
+        if self.kind in ("conv", "convT") and b is not None and not ko.all():  # Gemm's C is a ConstAction
+            _set_pruned(node, 2, _take(constant_value(b), 0, ko), names, "b")
 
 
 @dataclass
-class ParamsAction:
-    """Per-channel parameter inputs (``indices``) of a node, e.g. BatchNormalization's."""
-
-    node: gs.Node
-    indices: tuple
-    ids: np.ndarray
-
-    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
-        k = keep(self.ids)
-        if not k.all():
-            for i in self.indices:
-                _set_pruned(self.node, i, _take(constant_value(self.node.inputs[i]), 0, k), names, "p")
-
-
-@dataclass
-class _InputAxis:
-    """An action on one input (``index``) of ``node`` along ``axis``, for the slots ``ids``."""
+class ConstAction:
+    """A constant input (``index``) with a full channel dimension on ``axis``: an elementwise operand,
+    Gemm's C or a normalization's per-channel parameter."""
 
     node: gs.Node
     index: int
     axis: int
     ids: np.ndarray
-
-
-class ConstAction(_InputAxis):
-    """A constant operand (input ``index``) with a full channel dimension on ``axis``."""
 
     def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
         k = keep(self.ids)
@@ -1083,8 +966,7 @@ class PadAction:
         new = np.array(self.pads, dtype=np.int64).copy()
         new[self.axis], new[self.axis + self.rank] = nb, ne
         if opset_of(an.model) < 11:
-            key = "pads" if "pads" in node.attrs else "paddings"
-            node.attrs[key] = [int(v) for v in new]
+            node.attrs["pads" if "pads" in node.attrs else "paddings"] = [int(v) for v in new]
             return
         if input_at(node, 3) is not None:  # Pad with axes: write the full-rank form instead
             node.inputs[3] = gs.Variable.empty()
@@ -1094,8 +976,9 @@ class PadAction:
 
 
 @dataclass
-class ReshapeAction:
-    """A Reshape that keeps (``same``), merges or splits the channel dim ``axis`` by ``factor``."""
+class ShapeAction:
+    """A shape input (``index``: Reshape's shape, Resize's sizes) whose entry ``axis`` takes the kept
+    channel count: as it is (``same``), or times (``merge``) or divided by (``split``) ``factor``."""
 
     node: gs.Node
     axis: int
@@ -1103,6 +986,7 @@ class ReshapeAction:
     factor: int
     ids: np.ndarray
     target: list
+    index: int = 1
 
     def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
         k = keep(self.ids)
@@ -1111,19 +995,7 @@ class ReshapeAction:
         kept = int(k.sum())
         new = list(self.target)
         new[self.axis] = kept if self.mode == "same" else (kept * self.factor if self.mode == "merge" else kept // self.factor)
-        _set_pruned(self.node, 1, np.array(new, dtype=np.int64), names, "shape")
-
-
-class ResizeSizesAction(_InputAxis):
-    """A Resize given by ``sizes`` (input ``index``): its channel entry ``axis`` becomes the kept count."""
-
-    def apply(self, an: "Analysis", keep, names: NameGenerator) -> None:
-        k = keep(self.ids)
-        if k.all():
-            return
-        sizes = np.array(_value(an.params, self.node.inputs[self.index]), dtype=np.int64).copy()
-        sizes[self.axis] = int(k.sum())
-        _set_pruned(self.node, self.index, sizes, names, "sizes")
+        _set_pruned(self.node, self.index, np.array(new, dtype=np.int64), names, "shape")
 
 
 def _value(params: dict, t) -> Optional[np.ndarray]:
