@@ -5,9 +5,8 @@ No fixed calibration method suits every model (a HardSwish/SE classifier lost 9 
 the method that was best on EfficientNet-Lite0), so the choice is measured:
 
 1. one streaming pass collects every tensor's min/max and histogram (the statistics an ``mse``
-   calibration collects; memory flat in the sample count) and computes each tensor's candidate
-   ranges: ``minmax``, ``percentile``, ``entropy``, ``mse`` (symmetric ranges on symmetric
-   targets, unsigned on non-negative tensors, as the fixed methods do);
+   calibration collects) and computes each tensor's candidate ranges: ``minmax``,
+   ``percentile``, ``entropy``, ``mse`` (symmetric, unsigned or not, as the fixed methods do);
 2. on the first ``SEARCH_SAMPLES`` held-in calibration samples, the Q/DQ model is built with each
    method for every tensor and measured against the float model by the noise-to-signal ratio of
    its outputs (of the logits, before a final Softmax/Sigmoid: :meth:`TaskError.noise
@@ -17,19 +16,13 @@ the method that was best on EfficientNet-Lite0), so the choice is measured:
    on the chunk's tensors (those whose range it changes) and kept when the measure falls. The
    number of chunks is set by a budget in samples, so that the choice is the same on any machine:
    the evaluations may run ``SEARCH_BUDGET`` times as many samples as the statistics pass read
-   (an evaluation sample, the Q/DQ graph unoptimized, costs 0.6-0.8 of a statistics sample), so it
-   costs at most about three ``mse`` calibrations. Without a sample count (the data is not the
+   (about three ``mse`` calibrations at most). Without a sample count (the data is not the
    pass's :class:`~onnxopt.task_metric.HeldIn`) the budget is the same ratio in time.
 
-Why one method, measured by the noise (held-out KL of the result on four models and both targets,
-docs/benchmarks.md, "calib_method=auto: what the search measures"): on a few dozen samples the
-mean KL is carried by the few samples near a decision boundary and ranked the methods wrongly, and
-the per-tensor moves it accepted fitted those samples and raised the held-out KL more often than
-they lowered it. Leaving each model out, the other models always pick one method, and this measure
-for three models of four.
-
-The report (``info["calibration"]``) lists each tensor's choice, the measure of every uniform
-method, before and after the search, the evaluations and the time.
+Why one method, measured by the noise (docs/benchmarks.md, "calib_method=auto: what the search
+measures"): on a few dozen samples the mean KL is carried by the few samples near a decision
+boundary and ranked the methods wrongly, and the per-tensor moves it accepted fitted those samples
+and raised the held-out KL more often than they lowered it.
 """
 from __future__ import annotations
 
@@ -58,11 +51,12 @@ def choose_ranges(reference: ModelProto, build: Callable[[dict], ModelProto], ca
     """Choose one candidate range per tensor (see the module doc).
 
     ``reference``: the float model the Q/DQ model approximates; ``build(ranges)``: the Q/DQ model
-    for a full ``{tensor: (lo, hi)}`` (the quantizer's, so that this module needs none of it); ``candidates``: ``{tensor: {method: (lo, hi)}}``;
-    ``searched``: the tensors whose choice is measured, in topological order (others take the best
-    uniform method); ``data``: the calibration data (its first samples are held in);
+    for a full ``{tensor: (lo, hi)}`` (the quantizer's, so that this module needs none of it);
+    ``candidates``: ``{tensor: {method: (lo, hi)}}``; ``searched``: the tensors whose choice is
+    measured, in topological order (others take the best uniform method); ``data``: the
+    calibration data (its first samples are held in);
     ``collect_seconds``: the statistics pass's time, which sets the budget; ``per_tensor``: step 3.
-    Returns ``(ranges, report)``."""
+    Returns ``(ranges, report)``; the report becomes ``info["calibration"]``."""
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     ev = task_metric.Evaluator(reference, data, limit=SEARCH_SAMPLES)
@@ -75,14 +69,10 @@ def choose_ranges(reference: ModelProto, build: Callable[[dict], ModelProto], ca
         value = ev.error(build(ranges)).noise()
         return value if math.isfinite(value) else math.inf
 
-    tensors = list(candidates)
-    uniform = {}
-    for m in METHODS:
-        uniform[m] = score({t: m for t in tensors})
-    best_method = min(METHODS, key=lambda m: uniform[m])
-    choice = {t: best_method for t in tensors}
-    best = uniform[best_method]
-    start = best
+    uniform = {m: score(dict.fromkeys(candidates, m)) for m in METHODS}
+    best_method = min(METHODS, key=uniform.get)
+    choice = dict.fromkeys(candidates, best_method)
+    best = start = uniform[best_method]
     order = [t for t in searched if t in candidates and
              any(_differs(candidates[t][m], candidates[t][best_method]) for m in METHODS)]
     read = getattr(data, "read", None)
@@ -95,9 +85,7 @@ def choose_ranges(reference: ModelProto, build: Callable[[dict], ModelProto], ca
     n_chunks = min(len(order), affordable // (len(METHODS) - 1)) if per_tensor and order and affordable > 0 else 0
     size = math.ceil(len(order) / n_chunks) if n_chunks else 0
     for c in range(n_chunks):
-        chunk = order[c * size:(c + 1) * size]
-        if not chunk:
-            break
+        chunk = order[c * size:(c + 1) * size]      # (the last ones may be empty: nothing moves)
         for m in METHODS:
             moved = [t for t in chunk if choice[t] != m and _differs(candidates[t][m], candidates[t][choice[t]])]
             if not moved:

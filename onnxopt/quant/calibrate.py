@@ -5,44 +5,30 @@ How statistics are gathered
 One onnxruntime session runs a copy of the model whose extra graph outputs are the tensors to
 calibrate (basic graph optimizations only: constant folding never renames a graph output, and
 fusions that would hide an intermediate tensor are not applied). Each batch's outputs are reduced
-at once into per-tensor statistics and dropped, so peak memory is one batch of activations plus
-fixed-size state, independent of the number of samples (a batch whose outputs would exceed
-``config.max_batch_mb`` runs in slices along the batch axis):
+at once into per-tensor min, max and, for histogram methods, a
+:class:`~onnxopt.quant.histogram.SignedHistogram` (``2 * num_bins`` bins per sign, so that at least
+``num_bins`` bins cover ``[0, amax]``), then dropped: peak memory is one batch of activations plus
+fixed-size state, whatever the number of samples (a batch whose outputs would exceed
+``config.max_batch_mb`` runs in slices along the batch axis). Histograms grow by exact doubling,
+so the statistics do not depend on the batch size, the batch order or the number of workers:
+``workers > 1`` processes ("spawn", ``cpu_count // workers`` intra-op threads each), fed by the
+parent through a bounded queue, give one worker's result.
 
-* min, max (exact);
-* for histogram methods, a :class:`~onnxopt.quant.histogram.SignedHistogram` whose range doubles
-  when a batch exceeds it. Doubling merges bin pairs exactly (power-of-two bin widths), so the
-  streamed histogram equals the one-shot histogram of all data on the final edges, whatever the
-  batch size, the batch order or the number of workers. ``2 * num_bins`` bins per sign are kept,
-  so that at least ``num_bins`` bins cover ``[0, amax]``.
-
-``workers > 1`` starts that many processes (multiprocessing "spawn"), each with its own session
-and ``cpu_count // workers`` intra-op threads; the parent reads the data and deals batches out
-through a bounded queue, the workers' statistics merge exactly. Results equal one worker's.
-
-Range methods (``levels`` counts the quantization steps for ``bits``)
---------------------------------------------------------------------
-* ``minmax``: symmetric ``(-amax, amax)``, asymmetric ``(min, max)``, unsigned ``(0, max)``.
-* ``percentile``: the ``p``-th percentile of ``|x|`` (symmetric / unsigned), or the
-  ``(100-p)/2`` and ``100-(100-p)/2`` percentiles of ``x`` (asymmetric), read from the histogram
-  with linear interpolation inside a bin (error below one bin width), never beyond min/max.
-* ``entropy``: TensorRT's KL-divergence threshold on the ``|x|`` histogram with
-  ``2**(bits-1)`` levels (``2**bits`` when unsigned); asymmetric tensors search each sign's side
-  separately with ``2**(bits-1)`` levels (``2**bits`` when the tensor has one sign only).
-* ``mse``: the clip minimising the expected quantization error on the histogram for ``bits``
-  (symmetric ``[-(2**(bits-1)-1), 2**(bits-1)-1]``, unsigned ``[0, 2**bits-1]``, asymmetric
-  ``2**bits-1`` steps over ``[lo, hi]`` searched as a shrink factor then per side).
-
-Asymmetric ranges always contain 0 (so zero is exactly representable). A constant-zero tensor
-gets ``(0.0, 0.0)``; the caller picks a scale for it.
+Range methods
+-------------
+``minmax`` takes the extremes; ``percentile`` the ``p``-th percentile of ``|x|`` (asymmetric: the
+``(100-p)/2`` and ``100-(100-p)/2`` percentiles of ``x``), never beyond min/max; ``entropy``
+TensorRT's KL-divergence threshold (asymmetric: each sign's side searched separately); ``mse`` the
+clip minimising the expected quantization error for ``bits``. Asymmetric ranges always contain 0
+(so zero is exactly representable). A constant-zero tensor gets ``(0.0, 0.0)``; the caller picks a
+scale for it.
 
 Cache
 -----
-``config.cache`` is a JSON file keyed on :func:`onnxopt.model_io.fingerprint` of the model, the
-data (source path, selection, image options, input shapes and the files' sizes and mtimes; for a
-bare callable, a sha256 of all its batches and their count, hashed while they stream) and the settings that change ranges (method and its
-parameters, bits, per-tensor symmetry/unsignedness). It holds each tensor's min/max and range.
-A matching cache is reused (also for a subset of its tensors); any difference is refused with an
+``config.cache`` is a JSON file of each tensor's min/max and range, keyed on the model's
+fingerprint, the data (source, selection, image options, input shapes, the files' sizes and
+mtimes; for a bare callable, a sha256 of all its batches) and the settings that change ranges. A
+matching cache is reused (also for a subset of its tensors); any difference is refused with an
 :class:`OnnxoptError` that says what differs. Writes are atomic.
 """
 from __future__ import annotations
@@ -69,10 +55,10 @@ from .. import errors as _errors
 from ..progress import progress_bar
 from ..data import feed_samples
 from ..errors import DataError, OnnxoptError, OptionError
-from ..model_io import fingerprint, follow_umask
+from ..model_io import fingerprint
 from ..runtime import cpu_count, with_outputs
 from . import histogram as H
-from .trt_table import DEFAULT_TRT_VERSION, read_trt_calibration_table, write_trt_calibration_table
+from .trt_table import DEFAULT_TRT_VERSION, read_trt_calibration_table, write_atomic, write_trt_calibration_table
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 CACHE_FORMAT = "onnxopt-calibration-cache"
@@ -137,17 +123,8 @@ class TensorStats:
         if self.hist is not None and other.hist is not None:
             self.hist.merge(other.hist)
 
-    def state(self) -> tuple:
-        return (self.min, self.max, self.count, self.hist.state() if self.hist is not None else None)
 
-    @classmethod
-    def from_state(cls, s: tuple) -> "TensorStats":
-        return cls(s[0], s[1], s[2], H.SignedHistogram.from_state(s[3]) if s[3] is not None else None)
-
-
-# ---------------------------------------------------------------------------------------
-# validation helpers
-# ---------------------------------------------------------------------------------------
+# -- validation helpers -------------------------------------------------------------------
 
 def _check_config(config: CalibConfig, bits: int, auto: bool = False) -> None:
     if config.method not in METHODS and not (auto and config.method == "auto"):
@@ -168,13 +145,13 @@ def _check_config(config: CalibConfig, bits: int, auto: bool = False) -> None:
 
 
 def _per_tensor(value, tensors: list, what: str) -> dict:
-    if isinstance(value, Mapping):
-        missing = [t for t in tensors if t not in value]
-        if missing:
-            raise OptionError(f"'{what}' does not say which way to calibrate {len(missing)} tensor(s): {', '.join(missing[:5])}.",
-                              f"give '{what}' for every calibrated tensor, or one bool for all")
-        return {t: bool(value[t]) for t in tensors}
-    return {t: bool(value) for t in tensors}
+    if not isinstance(value, Mapping):
+        return dict.fromkeys(tensors, bool(value))
+    missing = [t for t in tensors if t not in value]
+    if missing:
+        raise OptionError(f"'{what}' does not say which way to calibrate {len(missing)} tensor(s): {', '.join(missing[:5])}.",
+                          f"give '{what}' for every calibrated tensor, or one bool for all")
+    return {t: bool(value[t]) for t in tensors}
 
 
 def _graph_tensors(model: ModelProto) -> tuple:
@@ -184,9 +161,7 @@ def _graph_tensors(model: ModelProto) -> tuple:
     return inputs, produced, inits
 
 
-# ---------------------------------------------------------------------------------------
-# statistics collection
-# ---------------------------------------------------------------------------------------
+# -- statistics collection ----------------------------------------------------------------
 
 def _augmented(model: ModelProto, fetch: list) -> bytes:
     """The model with the tensors in ``fetch`` added as graph outputs, serialized."""
@@ -216,12 +191,8 @@ def _session(payload, threads: int, optimize: str = "basic") -> ort.InferenceSes
 
 
 class _Collector:
-    """One session + per-tensor statistics; ``update(feed)`` reduces one batch.
-
-    A batch whose calibrated outputs would exceed ``max_bytes`` is run in slices along axis 0
-    (the first batch's first sample measures the outputs' size per sample), so many or large
-    calibrated tensors never need more than about ``max_bytes`` of outputs at once.
-    """
+    """One session + per-tensor statistics; ``update(feed)`` reduces one batch, in slices along axis 0
+    when its calibrated outputs would exceed ``max_bytes`` (so that many or large tensors fit)."""
 
     def __init__(self, payload, tensors: list, from_feed: list, hist_bins: Optional[int], threads: int,
                  optimize: str = "basic", max_bytes: int = 0):
@@ -238,16 +209,14 @@ class _Collector:
     def update(self, feed: dict) -> int:
         n = feed_samples(feed)
         if self.fetch:
-            arrays = [np.asarray(v) for v in feed.values()]
-            can_split = n > 1 and self.max_bytes > 0 and not self.fixed_batch and all(a.ndim >= 1 and a.shape[0] == n for a in arrays)
+            can_split = (n > 1 and self.max_bytes > 0 and not self.fixed_batch
+                         and all(np.ndim(v) >= 1 and np.shape(v)[0] == n for v in feed.values()))
             start = 0
             while start < n:
-                if not can_split:
-                    k = n
-                elif self.per_sample is None:
-                    k = 1
-                else:
-                    k = max(1, min(n - start, self.max_bytes // max(self.per_sample, 1)))
+                k = n
+                if can_split:            # the first batch's first sample measures the outputs' size
+                    k = (1 if self.per_sample is None
+                         else max(1, min(n - start, self.max_bytes // max(self.per_sample, 1))))
                 part = feed if k == n else {name: np.asarray(v)[start:start + k] for name, v in feed.items()}
                 self._run(part, k)
                 start += k
@@ -269,7 +238,6 @@ class _Collector:
         for i, name in enumerate(self.fetch):
             arr, outs[i] = outs[i], None
             self.stats[name].update(arr, name, self.batches)
-            del arr
 
 
 def _iter_batches(data, batch_size: Optional[int]) -> Iterator[dict]:
@@ -289,26 +257,21 @@ def _total(data) -> Optional[int]:
         return None
 
 
-def _progress(config: CalibConfig, total: Optional[int], desc: str):
-    return progress_bar(total, desc, config.progress)
-
-
 def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConfig) -> dict:
     """Per-tensor :class:`TensorStats` over all of ``data`` (streaming; see module doc)."""
     tensors = list(dict.fromkeys(tensors))
     inputs, produced, inits = _graph_tensors(model)
     unknown = [t for t in tensors if t not in produced and t not in inputs]
     if unknown:
-        const = [t for t in unknown if t in inits]
         raise OnnxoptError(
             f"cannot calibrate {len(unknown)} tensor(s) not computed in the main graph: {', '.join(unknown[:5])}"
-            + (" (initializers: their ranges come from weight_ranges)" if const else "") + ".",
+            + (" (initializers: their ranges come from weight_ranges)" if any(t in inits for t in unknown) else "") + ".",
             "calibrate activations of the main graph (tensors inside If/Loop bodies are not reachable as outputs)")
     from_feed = [t for t in tensors if t in inputs]
     hist_bins = 2 * int(config.num_bins) if config.method != "minmax" else None
     payload = _augmented(model, [t for t in tensors if t not in from_feed])
     workers = int(config.workers)
-    bar = _progress(config, _total(data), f"calibrating {len(tensors)} tensors ({config.method})")
+    bar = progress_bar(_total(data), f"calibrating {len(tensors)} tensors ({config.method})", config.progress)
     try:
         if workers == 1:
             col = _Collector(payload, tensors, from_feed, hist_bins, int(config.threads), config.optimize, config.max_batch_mb << 20)
@@ -316,7 +279,14 @@ def collect_statistics(model: ModelProto, tensors: list, data, config: CalibConf
                 bar.update(col.update(feed))
             stats, nbatches = col.stats, col.batches
         else:
-            stats, nbatches = _collect_parallel(payload, tensors, from_feed, hist_bins, data, config, workers, bar)
+            # the model travels through a temporary file: process arguments stay small
+            fd, model_file = tempfile.mkstemp(prefix="onnxopt-calib-", suffix=".onnx")
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            try:
+                stats, nbatches = _run_workers(model_file, tensors, from_feed, hist_bins, data, config, workers, bar)
+            finally:
+                os.unlink(model_file)
     finally:
         bar.close()
     if nbatches == 0:
@@ -332,8 +302,7 @@ def channel_ranges(model: ModelProto, tensors: list, data, config: Optional[Cali
     inputs = _graph_tensors(model)[0]
     fetch = [t for t in dict.fromkeys(tensors) if t not in inputs]
     sess = _session(_augmented(model, fetch), int(config.threads), config.optimize) if fetch else None
-    lo: dict = {}
-    hi: dict = {}
+    lo, hi = {}, {}
     for b, feed in enumerate(_iter_batches(data, config.batch_size)):
         outs = dict(zip(fetch, sess.run(fetch, feed))) if sess is not None else {}
         for t in dict.fromkeys(tensors):
@@ -355,12 +324,9 @@ def channel_ranges(model: ModelProto, tensors: list, data, config: Optional[Cali
 def _worker_main(model_file, tensors, from_feed, hist_bins, threads, optimize, max_bytes, in_q, out_q) -> None:  # pragma: no cover - runs in a child
     try:
         col = _Collector(model_file, tensors, from_feed, hist_bins, threads, optimize, max_bytes)
-        while True:
-            feed = in_q.get()
-            if feed is None:
-                break
+        for feed in iter(in_q.get, None):        # None: no more batches
             out_q.put(("progress", col.update(feed)))
-        out_q.put(("done", col.batches, {t: s.state() for t, s in col.stats.items()}))
+        out_q.put(("done", col.batches, col.stats))     # TensorStats and their histograms pickle as they are
     except OnnxoptError as exc:
         out_q.put(("error", type(exc).__name__, exc.message, exc.hint))
     except BaseException:
@@ -376,17 +342,6 @@ def _raise_from_worker(msg: tuple):
         OnnxoptError.__init__(err, msg[2], msg[3])
         raise err
     raise RuntimeError(f"a calibration worker crashed:\n{msg[1]}")
-
-
-def _collect_parallel(payload, tensors, from_feed, hist_bins, data, config, workers, bar):
-    # the model travels through a temporary file: process arguments stay small
-    fd, model_file = tempfile.mkstemp(prefix="onnxopt-calib-", suffix=".onnx")
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
-    try:
-        return _run_workers(model_file, tensors, from_feed, hist_bins, data, config, workers, bar)
-    finally:
-        os.unlink(model_file)
 
 
 def _run_workers(model_file, tensors, from_feed, hist_bins, data, config, workers, bar):
@@ -440,8 +395,7 @@ def _run_workers(model_file, tensors, from_feed, hist_bins, data, config, worker
             put(None)
         while len(results) < workers:
             drain(True, 0.2)
-            if len(results) < workers:
-                alive_check()
+            alive_check()
     finally:
         if len(results) < workers:
             # on failure nobody reads the queues any more: do not block the exit on them
@@ -452,22 +406,14 @@ def _run_workers(model_file, tensors, from_feed, hist_bins, data, config, worker
             if p.is_alive():
                 p.terminate()
                 p.join()
-    merged: dict = {}
-    nbatches = 0
-    for _, n, states in results:
-        nbatches += n
-        for t, s in states.items():
-            st = TensorStats.from_state(s)
-            if t in merged:
-                merged[t].merge(st)
-            else:
-                merged[t] = st
-    return merged, nbatches
+    merged = results[0][2]
+    for _, _, stats in results[1:]:
+        for t, st in stats.items():
+            merged[t].merge(st)
+    return merged, sum(n for _, n, _ in results)
 
 
-# ---------------------------------------------------------------------------------------
-# ranges from statistics
-# ---------------------------------------------------------------------------------------
+# -- ranges from statistics ---------------------------------------------------------------
 
 def compute_range(stats: TensorStats, method: str, *, symmetric: bool = True, unsigned: bool = False,
                   bits: int = 8, percentile: float = 99.99) -> tuple:
@@ -506,8 +452,7 @@ def compute_range(stats: TensorStats, method: str, *, symmetric: bool = True, un
     # asymmetric
     if method == "percentile":
         cut = (1.0 - q) / 2.0
-        lo, hi = H.signed_percentile(h, cut), H.signed_percentile(h, 1.0 - cut)
-        lo, hi = max(lo, mn), min(hi, mx)
+        lo, hi = max(H.signed_percentile(h, cut), mn), min(H.signed_percentile(h, 1.0 - cut), mx)
     elif method == "entropy":
         # one sign only (e.g. after a ReLU): all 2**bits levels go to that side
         side_levels = signed_levels if (mn < 0 < mx) else 2 ** bits
@@ -518,9 +463,7 @@ def compute_range(stats: TensorStats, method: str, *, symmetric: bool = True, un
     return (float(min(lo, 0.0)), float(max(hi, 0.0)))
 
 
-# ---------------------------------------------------------------------------------------
-# cache
-# ---------------------------------------------------------------------------------------
+# -- cache --------------------------------------------------------------------------------
 
 def _file_stats(paths: Iterable[Path]) -> str:
     h = hashlib.sha256()
@@ -535,24 +478,22 @@ def _file_stats(paths: Iterable[Path]) -> str:
 
 def _data_key(data, config: CalibConfig) -> Optional[dict]:
     spec = getattr(data, "spec", None)
-    if spec is not None and hasattr(spec, "source"):
-        src = str(spec.source)
-        key = {
-            "source": src,
-            "every": spec.every, "offset": spec.offset, "exclude_every": spec.exclude_every,
-            "max_samples": spec.max_samples,
-            "image": dataclasses.asdict(spec.image) if dataclasses.is_dataclass(spec.image) else repr(spec.image),
-            "input_shapes": {k: list(v) for k, v in (getattr(data, "_overrides", None) or {}).items()},
-        }
-        if src != "random":
-            path = Path(src.rpartition(":")[0] if ".py:" in src else src)
-            key["source"] = str(path.resolve()) + (":" + src.rpartition(":")[2] if ".py:" in src else "")
-            if path.is_dir():
-                key["files"] = _file_stats(sorted(f for f in path.iterdir() if f.is_file()))
-            else:
-                key["files"] = _file_stats([path])
-        return key
-    return None      # a bare callable: identified by the content of all its batches (_ContentHash)
+    if spec is None or not hasattr(spec, "source"):
+        return None      # a bare callable: identified by the content of all its batches (_ContentHash)
+    src = str(spec.source)
+    key = {
+        "source": src,
+        "every": spec.every, "offset": spec.offset, "exclude_every": spec.exclude_every,
+        "max_samples": spec.max_samples,
+        "image": dataclasses.asdict(spec.image) if dataclasses.is_dataclass(spec.image) else repr(spec.image),
+        "input_shapes": {k: list(v) for k, v in (getattr(data, "_overrides", None) or {}).items()},
+    }
+    if src != "random":
+        file, sep, func = src.rpartition(":") if ".py:" in src else (src, "", "")
+        path = Path(file)
+        key["source"] = str(path.resolve()) + sep + func
+        key["files"] = _file_stats(sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path])
+    return key
 
 
 class _ContentHash:
@@ -586,14 +527,13 @@ class _ContentHash:
 
 def _settings_key(config: CalibConfig, bits: int) -> dict:
     s: dict = {"method": config.method}
-    if config.method == "percentile":
+    if config.method in ("percentile", "auto"):  # auto's choice also depends on the percentile candidate
         s["percentile"] = float(config.percentile)
     if config.method != "minmax":
         s["num_bins"] = int(config.num_bins)
     if config.method in ("entropy", "mse", "auto"):
         s["bits"] = int(bits)
-    if config.method == "auto":  # the choice also depends on the percentile candidate and the search
-        s["percentile"] = float(config.percentile)
+    if config.method == "auto":  # and on the search
         s["search"] = f"{config.search}, by noise-to-signal"   # the measure is named: a cache chosen by another is refused
     return s
 
@@ -618,15 +558,12 @@ def _load_cache(path: Path, key: dict, tensors: list, sym: dict, uns: dict) -> O
         diffs.append(f"cache format version {doc.get('version')} (this onnxopt writes {CACHE_VERSION})")
     if doc.get("model") != key["model"]:
         diffs.append(f"model fingerprint {doc.get('model')} -> {key['model']} (the model changed)")
-    old_data, new_data = doc.get("data", {}), key["data"]
-    for k in sorted(set(old_data) | set(new_data)):
-        if old_data.get(k) != new_data.get(k):
-            what = "data files (sizes/mtimes)" if k == "files" else f"data {k}"
-            diffs.append(f"{what}: {_describe(old_data.get(k), new_data.get(k))}")
-    old_set, new_set = doc.get("settings", {}), key["settings"]
-    for k in sorted(set(old_set) | set(new_set)):
-        if old_set.get(k) != new_set.get(k):
-            diffs.append(f"{k}: {_describe(old_set.get(k), new_set.get(k))}")
+    for section in ("data", "settings"):
+        old, new = doc.get(section, {}), key[section]
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                what = k if section == "settings" else "data files (sizes/mtimes)" if k == "files" else f"data {k}"
+                diffs.append(f"{what}: {_describe(old.get(k), new.get(k))}")
     entries = doc.get("tensors", {})
     missing = [t for t in tensors if t not in entries]
     if missing:
@@ -646,21 +583,10 @@ def _save_cache(path: Path, key: dict, ranges: dict, stats: dict, sym: dict, uns
         "tensors": {t: {"range": [float(lo), float(hi)], "min": float(stats[t].min), "max": float(stats[t].max),
                         "symmetric": sym[t], "unsigned": uns[t]} for t, (lo, hi) in ranges.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True))
 
 
-# ---------------------------------------------------------------------------------------
-# public entry points
-# ---------------------------------------------------------------------------------------
+# -- public entry points ------------------------------------------------------------------
 
 def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConfig] = None, *,
               symmetric: Union[Mapping[str, bool], bool] = True, unsigned: Union[Mapping[str, bool], bool] = False,
@@ -685,9 +611,7 @@ def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConf
     sym, uns = _per_tensor(symmetric, tensors, "symmetric"), _per_tensor(unsigned, tensors, "unsigned")
     if config.trt_table and bits != 8:
         raise OptionError(f"a TensorRT calibration table holds int8 ranges, but bits={bits}.", "write the table only for 8-bit calibration")
-    ranges = None
-    key = None
-    hasher = None
+    ranges = key = hasher = None
     if config.cache:
         key = {"model": fingerprint(model), "data": _data_key(data, config), "settings": _settings_key(config, bits)}
         if Path(config.cache).exists():
@@ -704,16 +628,13 @@ def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConf
             source = hasher.wrap(data, config.batch_size)
         t_stats = time.perf_counter()
         stats = collect_statistics(model, tensors, source, config)
-        if config.method == "auto":
-            candidates = {t: {m: compute_range(stats[t], m, symmetric=sym[t], unsigned=uns[t], bits=bits,
-                                               percentile=config.percentile) for m in METHODS} for t in tensors}
-            ranges = choose(candidates, time.perf_counter() - t_stats)
-        else:
-            ranges = {t: compute_range(stats[t], config.method, symmetric=sym[t], unsigned=uns[t], bits=bits,
-                                       percentile=config.percentile) for t in tensors}
+        methods = METHODS if config.method == "auto" else (config.method,)
+        candidates = {t: {m: compute_range(stats[t], m, symmetric=sym[t], unsigned=uns[t], bits=bits,
+                                           percentile=config.percentile) for m in methods} for t in tensors}
+        ranges = (choose(candidates, time.perf_counter() - t_stats) if config.method == "auto"
+                  else {t: candidates[t][config.method] for t in tensors})
         if config.cache:
-            if key["data"] is None:
-                key["data"] = hasher.key()
+            key["data"] = key["data"] or hasher.key()
             _save_cache(Path(config.cache), key, ranges, stats, sym, uns)
     if config.trt_table:
         version = config.trt_version
@@ -725,12 +646,11 @@ def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConf
 
 def weight_ranges(w: np.ndarray, axis: Optional[int] = None, method: str = "minmax", bits: int = 8,
                   symmetric: bool = True) -> tuple:
-    """Per-channel (``axis``) or per-tensor (``axis=None``) ranges ``(lo, hi)`` of a weight.
+    """Per-channel (``axis``) or per-tensor (``axis=None``) ranges ``(lo, hi)`` of a weight, of shape ``(C,)`` (or 0-d).
 
     ``minmax``: the extremes (symmetric: ``±max|w|``; asymmetric ranges contain 0). ``mse``: per
-    channel, the clip minimising the squared quantization error of the weights themselves for
-    ``bits`` (symmetric: shrink factor of ``max|w|``; asymmetric: shrink factor of (min, max)),
-    searched on a coarse grid then refined. Returns arrays of shape ``(C,)`` (or 0-d).
+    channel, the shrink factor of that range minimising the squared quantization error of the
+    weights themselves for ``bits``, searched on a coarse grid then refined.
     """
     if method not in ("minmax", "mse"):
         raise OptionError(f"unknown weight range method '{method}'.", "choose minmax or mse")
@@ -750,16 +670,11 @@ def weight_ranges(w: np.ndarray, axis: Optional[int] = None, method: str = "minm
         lo = hi = np.zeros(flat.shape[0])
     else:
         mn, mx = np.minimum(flat.min(axis=1), 0.0), np.maximum(flat.max(axis=1), 0.0)
-        if symmetric:
-            amax = np.maximum(-mn, mx)
-            if method == "mse":
-                amax = amax * _best_shrink(flat, -amax, amax, bits, True)
-            lo, hi = -amax, amax
-        else:
-            lo, hi = mn, mx
-            if method == "mse":
-                f = _best_shrink(flat, mn, mx, bits, False)
-                lo, hi = mn * f, mx * f
+        amax = np.maximum(-mn, mx)
+        lo, hi = (-amax, amax) if symmetric else (mn, mx)
+        if method == "mse":
+            f = _best_shrink(flat, lo, hi, bits, symmetric)
+            lo, hi = lo * f, hi * f
     if axis is None:
         return np.asarray(lo[0]), np.asarray(hi[0])
     return lo, hi

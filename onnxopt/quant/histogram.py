@@ -2,38 +2,33 @@
 
 Histogram
 ---------
-A :class:`SignedHistogram` counts the values of one tensor in ``2 * nbins`` equal bins over
-``[-R, R]`` with ``R = 2**exp``: ``nbins`` bins for the positive side (bin ``j`` holds
-``j*w <= x < (j+1)*w``, ``w = R / nbins``) and, mirrored, ``nbins`` bins for the negative side
-(bin ``j`` holds ``j*w <= |x| < (j+1)*w``). ``R`` is the smallest power of two strictly above
-every ``|x|`` seen.
+A :class:`SignedHistogram` counts the values of one tensor in ``nbins`` bins per sign over
+``[-R, R]``, ``R = 2**exp`` the smallest power of two strictly above every ``|x|`` seen: bin ``j``
+of a side holds ``j*w <= |x| < (j+1)*w``, ``w = R / nbins``.
 
-When a batch exceeds the range, the range doubles (``exp += 1``) as often as needed and every pair
-of adjacent bins merges into one. Because ``R`` is a power of two and ``nbins`` is a power of two,
-``w`` is a power of two, ``x / w`` is computed exactly in floating point, and a value's bin at the
-final range is ``floor(|x| / w_final)`` whatever the order the batches came in. Re-binning by
-doubling is therefore *exact*: the streamed histogram equals the one-shot histogram of all the
-data on the final edges, bit for bit, and histograms from several workers merge exactly (the one
-with the smaller range is doubled up to the larger first). The price is resolution: the final
-range lies in ``(amax, 2*amax]``, so callers allocate twice the bins they want over ``[0, amax]``.
+When a batch exceeds the range, the range doubles as often as needed and adjacent bin pairs merge.
+``R`` and ``nbins`` being powers of two, ``w`` is one, ``x / w`` is exact in floating point and a
+value's bin at the final range is ``floor(|x| / w_final)`` whatever the order the batches came in:
+re-binning is *exact*, the streamed histogram equals the one-shot histogram of all the data on the
+final edges, bit for bit, and histograms from several workers merge exactly. The price is
+resolution: the final range lies in ``(amax, 2*amax]``, so callers allocate twice the bins they
+want over ``[0, amax]``.
 
 Range searches (all on counts, never on raw data; bins are ``w`` wide, starting at 0)
 ------------------------------------------------------------------------------------
 * percentile -- the value below which ``q`` of the mass lies, linearly interpolated in its bin.
 * entropy -- TensorRT's KL-divergence calibration (Migacz, "8-bit inference with TensorRT",
-  GTC 2017): for each candidate ``i`` in ``[nq, n]`` (``nq`` quantization levels, 128 for int8,
-  256 for unsigned 8-bit), ``P`` = the first ``i`` bins with the mass beyond folded into bin
-  ``i-1``; ``Q`` = those ``i`` bins (without the tail) merged into ``nq`` groups and expanded back
-  uniformly over the bins of each group where ``P`` is non-zero; zeros of ``Q`` where ``P > 0``
-  are smoothed with ``eps``; the threshold is ``i * w`` for the ``i`` of minimal ``KL(P || Q)``
-  (the largest such ``i`` on ties). Candidates are evaluated at once from prefix sums, in
-  ``O(nq)`` each, exhaustively (the KL curve is jagged at the scale of a few bins); only above
-  8192 candidates (``num_bins`` > 4096) a strided pass is refined around its four best. As in NVIDIA's pytorch-quantization, the zero bin is replaced by its
-  neighbour so the spike of exact zeros after a ReLU does not drive the choice.
-* mse -- the clip ``c`` minimising the expected squared error of the quantizer
-  ``clamp(round(x / s), 0, qmax) * s`` with ``s = c / qmax`` over the folded ``|x|`` histogram
-  (the symmetric quantizer is odd, so ``|x|`` suffices); every bin is represented by ``K`` evenly
-  spread points. A coarse grid of candidates is refined around its best point.
+  GTC 2017): for each candidate ``i`` in ``[nq, n]`` (``nq`` quantization levels), ``P`` = the
+  first ``i`` bins with the mass beyond folded into bin ``i-1``; ``Q`` = those ``i`` bins (without
+  the tail) merged into ``nq`` groups and expanded back uniformly over the bins of each group where
+  ``P`` is non-zero, zeros smoothed with ``eps``; the threshold is ``i * w`` for the ``i`` of
+  minimal ``KL(P || Q)`` (the largest on ties). Candidates are all evaluated at once from prefix
+  sums (the KL curve is jagged at the scale of a few bins); only above ``COARSE_CANDIDATES`` is a
+  strided pass refined around its four best. As in NVIDIA's pytorch-quantization, the zero bin is replaced by
+  its neighbour so the spike of exact zeros after a ReLU does not drive the choice.
+* mse -- the clip minimising the expected squared error of the quantizer over the folded ``|x|``
+  histogram (the symmetric quantizer is odd, so ``|x|`` suffices), every bin represented by
+  ``MSE_POINTS`` evenly spread points; a coarse grid of candidates is refined around its best.
 """
 from __future__ import annotations
 
@@ -98,12 +93,6 @@ class SignedHistogram:
             self.counts = np.concatenate([np.zeros(nb // 2, np.int64), neg, pos, np.zeros(nb // 2, np.int64)])
         self.exp += times
 
-    def _exp_for(self, amax: float) -> int:
-        # amax = mant * 2**e with 0.5 <= mant < 1, so 2**e > amax strictly: no value ever equals R.
-        # (A value equal to R would have to go to the last bin, closed on the right, but after a
-        # doubling it belongs to the bin starting at R: the merge would not be exact.)
-        return math.frexp(amax)[1]
-
     def add(self, x: np.ndarray, amax: Optional[float] = None, lo_hint: Optional[float] = None) -> None:
         """Count the values of ``x`` (finite floats); ``amax`` = max |x| and ``lo_hint`` = min x when known."""
         x = np.asarray(x).reshape(-1)
@@ -113,12 +102,13 @@ class SignedHistogram:
             lo_hint = float(x.min())
             amax = float(max(-lo_hint, x.max()))
         if amax > 0:
-            need = self._exp_for(amax)
-            if self.exp is None:
+            # amax = mant * 2**e with 0.5 <= mant < 1, so 2**e > amax strictly: no value ever equals R.
+            # (A value equal to R would have to go to the last bin, closed on the right, but after a
+            # doubling it belongs to the bin starting at R: the merge would not be exact.)
+            need = math.frexp(amax)[1]
+            if self.exp is None:    # zeros counted before a range existed stay in the positive zero bin
                 self.exp = need
-                # zeros counted before a range existed stay in the positive zero bin
-            elif need > self.exp:
-                self._double(need - self.exp)
+            self._double(need - self.exp)           # (a no-op unless the range must grow)
         elif self.exp is None:
             self.counts[self.nbins] += x.size       # only zeros so far
             return
@@ -127,19 +117,19 @@ class SignedHistogram:
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float32)
         # x * scale is exact (scale is a power of two) unless it would leave the dtype's range
-        work = x.dtype if _representable(scale, x.dtype) else np.dtype(np.float64)
+        info = np.finfo(x.dtype)
+        work = x.dtype if float(info.tiny) <= scale <= float(info.max) / 4 else np.dtype(np.float64)
         s = work.type(scale)
         y = np.empty(min(BLOCK, x.size), work)
         t = np.empty(y.size, np.int32)      # |t| < nb <= 2**17: int32 converts faster than int64
         neg = np.empty(y.size, bool)
-        signs = x.size and (lo_hint is None or lo_hint < 0)
+        signs = lo_hint is None or lo_hint < 0
         # |x| < R so t lies in [-(nb-1), nb-1]; the +1 offset and two spare end bins only guard
         # against rounding in the float64 fallback path (folded into the last bins below)
         acc = np.zeros(2 * nb + 2, np.int64)
         for start in range(0, x.size, BLOCK):
             xb = x[start:start + BLOCK]
-            n = xb.size
-            yy, tt, nn = y[:n], t[:n], neg[:n]
+            yy, tt, nn = y[:xb.size], t[:xb.size], neg[:xb.size]
             np.multiply(xb, s, out=yy, casting="unsafe")
             tt[...] = yy                     # truncation toward zero: |t| = floor(|x| / w)
             tt += nb + 1
@@ -159,15 +149,10 @@ class SignedHistogram:
             self.counts[self.nbins] += int(other.counts.sum())
             return
         o = other.copy()
-        if self.exp is None:
-            zeros = int(self.counts.sum())
-            self.exp, self.counts = o.exp, o.counts
-            self.counts[self.nbins] += zeros
-            return
-        if o.exp > self.exp:
-            self._double(o.exp - self.exp)
-        elif self.exp > o.exp:
-            o._double(self.exp - o.exp)
+        if self.exp is None:            # only zeros so far: they stay in the positive zero bin at any range
+            self.exp = o.exp
+        self._double(o.exp - self.exp)      # the smaller range doubles up to the larger (no-op when not smaller)
+        o._double(self.exp - o.exp)
         self.counts = self.counts + o.counts
 
     def copy(self) -> "SignedHistogram":
@@ -175,25 +160,8 @@ class SignedHistogram:
         h.exp, h.counts = self.exp, self.counts.copy()
         return h
 
-    # -- (de)serialisation for worker processes -------------------------------------------
-    def state(self) -> tuple:
-        return (self.nbins, self.exp, self.counts)
 
-    @classmethod
-    def from_state(cls, state: tuple) -> "SignedHistogram":
-        h = cls(state[0])
-        h.exp, h.counts = state[1], np.asarray(state[2], np.int64)
-        return h
-
-
-def _representable(scale: float, dtype) -> bool:
-    info = np.finfo(dtype)
-    return float(info.tiny) <= scale <= float(info.max) / 4
-
-
-# ---------------------------------------------------------------------------------------
-# range searches on one-sided counts (bin j = [j*w, (j+1)*w))
-# ---------------------------------------------------------------------------------------
+# -- range searches on one-sided counts (bin j = [j*w, (j+1)*w)) -------------------------
 
 def _trim(counts: np.ndarray) -> np.ndarray:
     nz = np.flatnonzero(counts)
@@ -208,8 +176,7 @@ def percentile_value(counts: np.ndarray, width: float, q: float) -> float:
         return 0.0
     cdf = np.cumsum(counts)
     target = min(max(q, 0.0), 1.0) * total
-    k = int(np.searchsorted(cdf, target, side="left"))
-    k = min(k, counts.size - 1)
+    k = min(int(np.searchsorted(cdf, target, side="left")), counts.size - 1)
     below = cdf[k - 1] if k > 0 else 0.0
     frac = (target - below) / counts[k] if counts[k] > 0 else 1.0
     return (k + min(max(frac, 0.0), 1.0)) * width
@@ -217,26 +184,17 @@ def percentile_value(counts: np.ndarray, width: float, q: float) -> float:
 
 def signed_percentile(hist: SignedHistogram, q: float) -> float:
     """Quantile ``q`` of the signed data in a :class:`SignedHistogram` (linear inside a bin)."""
-    counts = hist.counts.astype(np.float64)
-    total = counts.sum()
-    if total <= 0 or hist.exp is None:
+    if hist.exp is None or hist.counts.sum() <= 0:
         return 0.0
-    cdf = np.cumsum(counts)
-    target = min(max(q, 0.0), 1.0) * total
-    k = min(int(np.searchsorted(cdf, target, side="left")), counts.size - 1)
-    below = cdf[k - 1] if k > 0 else 0.0
-    frac = (target - below) / counts[k] if counts[k] > 0 else 1.0
-    return -hist.range + (k + min(max(frac, 0.0), 1.0)) * hist.width
+    return -hist.range + percentile_value(hist.counts, hist.width, q)
 
 
 def entropy_threshold(counts: np.ndarray, width: float, nq: int, *, ignore_zero_bin: bool = True) -> float:
     """TensorRT's KL-divergence threshold over one-sided counts (see module doc)."""
     b = _trim(np.asarray(counts, np.float64)).copy()
     n = b.size
-    if n == 0:
-        return 0.0
     if n <= nq:
-        return n * width                      # fewer bins than levels: nothing to gain by clipping
+        return n * width                      # fewer bins than levels (or none): nothing to gain by clipping
     if ignore_zero_bin and n > 1:
         b[0] = b[1]
     # every candidate when there are few; otherwise a strided pass, then every candidate around
@@ -262,15 +220,13 @@ def _finite(a: np.ndarray) -> np.ndarray:
 
 def kl_divergences(b: np.ndarray, nq: int, candidates: Optional[np.ndarray] = None) -> np.ndarray:
     """KL(P_i || Q_i) for the candidates i (default: every i in [nq, len(b)]), vectorised with prefix sums."""
-    n = b.size
     total = b.sum()
     S = np.concatenate([[0.0], np.cumsum(b)])                       # S[k] = sum b[:k]
-    nzb = (b > 0).astype(np.float64)
-    NZ = np.concatenate([[0.0], np.cumsum(nzb)])
+    NZ = np.concatenate([[0.0], np.cumsum(b > 0)])                  # NZ[k] = non-zero bins in b[:k]
     with np.errstate(divide="ignore", invalid="ignore"):
         blogb = np.where(b > 0, b * np.log(np.where(b > 0, b, 1.0)), 0.0)
     L = np.concatenate([[0.0], np.cumsum(blogb)])
-    cands = np.arange(nq, n + 1, dtype=np.int64) if candidates is None else np.asarray(candidates, np.int64)
+    cands = np.arange(nq, b.size + 1, dtype=np.int64) if candidates is None else np.asarray(candidates, np.int64)
     # chunks of candidates keep the (chunk, nq) temporaries in cache
     return np.concatenate([_kl_chunk(b, nq, cands[k:k + KL_CHUNK], total, S, NZ, L) for k in range(0, cands.size, KL_CHUNK)]) \
         if cands.size else np.zeros(0)
@@ -292,8 +248,7 @@ def _kl_chunk(b, nq, i, total, S, NZ, L):
     cnt = NZ[hi] - NZ[lo]                                            # bins where P > 0, per group
     pmass = mass.copy()                                              # P's mass per group
     # the last bin (in the last group) also carries the tail; it is non-zero in P when the tail is
-    extra_nz = ((last == 0) & (tail > 0)).astype(np.float64)
-    cnt[:, -1] += extra_nz
+    cnt[:, -1] += (last == 0) & (tail > 0)
     pmass[:, -1] += tail
     # Q per non-zero bin of group g: mass_g / cnt_g, normalised by S[i]; zeros smoothed with eps
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -314,42 +269,36 @@ def quant_mse(points: np.ndarray, weights: np.ndarray, clips: np.ndarray, qmax: 
     return ((points[None, :] - xq) ** 2 * weights[None, :]).sum(axis=1)
 
 
+def _bin_points(counts: np.ndarray, width: float, origin: float = 0.0) -> tuple:
+    """``MSE_POINTS`` evenly spread points per non-empty bin ``[origin + k*w, origin + (k+1)*w)``, and their weights."""
+    nz = np.flatnonzero(counts)
+    sub = (np.arange(MSE_POINTS) + 0.5) / MSE_POINTS
+    points = (origin + (nz[:, None] + sub[None, :]) * width).reshape(-1)
+    return points, np.repeat(counts[nz].astype(np.float64) / MSE_POINTS, MSE_POINTS)
+
+
 def mse_threshold(counts: np.ndarray, width: float, qmax: int, *, grid: int = 64) -> float:
     """Clip minimising the expected quantization MSE over a one-sided histogram (see module doc)."""
     c = _trim(np.asarray(counts, np.float64))
-    n = c.size
-    if n == 0:
+    if c.size == 0:
         return 0.0
-    nz = np.flatnonzero(c)
-    sub = (np.arange(MSE_POINTS) + 0.5) / MSE_POINTS
-    points = ((nz[:, None] + sub[None, :]) * width).reshape(-1)
-    weights = np.repeat(c[nz] / MSE_POINTS, MSE_POINTS)
-    top = n * width
+    points, weights = _bin_points(c, width)
+    top = c.size * width
     clips = top * np.arange(1, grid + 1) / grid
     err = quant_mse(points, weights, clips, qmax)
     k = int(np.argmin(err))
-    lo = clips[max(k - 1, 0)] if k > 0 else top / grid / 4
-    hi = clips[min(k + 1, grid - 1)]
-    fine = np.linspace(lo, hi, grid)
+    fine = np.linspace(clips[k - 1] if k > 0 else top / grid / 4, clips[min(k + 1, grid - 1)], grid)   # around the best
     fine_err = quant_mse(points, weights, fine, qmax)
     j = int(np.argmin(fine_err))
     return float(fine[j]) if fine_err[j] <= err[k] else float(clips[k])
 
 
 def asym_mse_range(hist: SignedHistogram, lo: float, hi: float, levels: int, *, grid: int = 48) -> tuple:
-    """(lo', hi') = (a*lo, b*hi) minimising the asymmetric quantization MSE over the signed histogram.
-
-    Asymmetric quantizer: s = (hi-lo)/levels, zp = round(-lo/s), x' = (clamp(round(x/s)+zp, 0, levels)-zp)*s.
-    A grid over a common shrink factor, then one coordinate pass per side.
-    """
+    """(lo', hi') = (a*lo, b*hi) minimising the asymmetric quantization MSE over the signed histogram:
+    a grid over a common shrink factor, then coordinate passes per side."""
     if hist.exp is None or hi <= lo:
         return lo, hi
-    w = hist.width
-    nz = np.flatnonzero(hist.counts)
-    sub = (np.arange(MSE_POINTS) + 0.5) / MSE_POINTS
-    # signed bin k covers [-R + k*w, -R + (k+1)*w)
-    points = (-hist.range + (nz[:, None] + sub[None, :]) * w).reshape(-1)
-    weights = np.repeat(hist.counts[nz].astype(np.float64) / MSE_POINTS, MSE_POINTS)
+    points, weights = _bin_points(hist.counts, hist.width, -hist.range)   # signed bin k starts at -R + k*w
 
     def err(los: np.ndarray, his: np.ndarray) -> np.ndarray:
         s = np.maximum((his - los) / levels, 1e-30)[:, None]

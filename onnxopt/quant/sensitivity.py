@@ -1,11 +1,8 @@
 """Per-layer quantization sensitivity of a QDQ model, derived from one calibration.
 
-Given the float model, the fully quantized model and the qdq pass's ``info``,
 :class:`onnxopt.quant.view.QdqView` derives *variants* of the quantized model without
-recalibrating: a layer is put back in float by giving it its float weight (and float bias where
-the bias was int32) and by wiring its data input to the tensor before its activation
-Q -> DQ pair (the pair itself stays for any other reader). Every variant therefore uses exactly
-the scales of the one calibration.
+recalibrating (a layer put back in float gets its float weight and bypasses its input's Q -> DQ
+pair), so every variant uses exactly the scales of the one calibration.
 
 For each quantized layer ``L`` two variants are measured against the float reference (the
 quantized graph with every layer in float and every activation Q/DQ bypassed -- the same graph
@@ -101,15 +98,13 @@ def analyze(view: QdqView, feeds: list, modes=("only", "all_but"),
 
 
 def format_table(rep: SensitivityReport, top: Optional[int] = None) -> str:
-    lines = [f"fully quantized: rel error {rep.full_rel:.4g}  SQNR {sqnr_db(rep.full_rel):.2f} dB  "
-             f"({rep.samples} samples, {rep.seconds:.1f} s)" + (f"; task error: {rep.task_summary}" if rep.task_summary else ""),
-             ""]
-    rows = rep.ranked("only")
-    rows = rows[:top] if top else rows
+    rows = rep.ranked("only")[:top or None]
     w = max([6] + [len(r.op) for r in rows])  # ConvTranspose would push its row out of line
     agree = any(r.only_agreement_loss is not None for r in rows)
-    lines[-1] = (f"{'layer':<40} {'op':<{w}} {'only-this SQNR':>15} {'all-but SQNR':>13} {'MMACs':>8}"
-                 + (f" {'only-this top-1 lost':>21}" if agree else ""))
+    lines = [f"fully quantized: rel error {rep.full_rel:.4g}  SQNR {sqnr_db(rep.full_rel):.2f} dB  "
+             f"({rep.samples} samples, {rep.seconds:.1f} s)" + (f"; task error: {rep.task_summary}" if rep.task_summary else ""),
+             f"{'layer':<40} {'op':<{w}} {'only-this SQNR':>15} {'all-but SQNR':>13} {'MMACs':>8}"
+             + (f" {'only-this top-1 lost':>21}" if agree else "")]
     for r in rows:
         only = f"{sqnr_db(r.only_rel):.2f} dB" if r.only_rel is not None else "-"
         allb = f"{sqnr_db(r.all_but_rel):.2f} dB" if r.all_but_rel is not None else "-"

@@ -29,12 +29,20 @@ DEFAULT_TRT_VERSION = "TRT-8601-EntropyCalibration2"
 INT8_MAX = 127.0
 
 
-def _hex_of(value: float) -> str:
-    return struct.pack(">f", value).hex()
-
-
-def _float_of(text: str) -> float:
-    return struct.unpack(">f", bytes.fromhex(text.zfill(8)))[0]
+def write_atomic(path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        follow_umask(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
 
 
 def write_trt_calibration_table(amax: Mapping[str, float], path, version: str = DEFAULT_TRT_VERSION) -> Path:
@@ -48,19 +56,8 @@ def write_trt_calibration_table(amax: Mapping[str, float], path, version: str = 
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise OnnxoptError(f"tensor '{name}' has an invalid dynamic range {value}.", "ranges must be finite and non-negative")
-        lines.append(f"{name}: {_hex_of(value / INT8_MAX)}")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        follow_umask(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+        lines.append(f"{name}: {struct.pack('>f', value / INT8_MAX).hex()}")
+    return write_atomic(path, "\n".join(lines) + "\n")
 
 
 def read_trt_calibration_table(path) -> dict:
@@ -80,5 +77,5 @@ def read_trt_calibration_table(path) -> dict:
         value = value.strip()
         if not sep or not name or not value or len(value) > 8 or any(c not in "0123456789abcdefABCDEF" for c in value):
             raise DataError(f"line {number} of '{p}' is not '<tensor>: <hex scale>': {line[:120]!r}", "the file is damaged; regenerate it")
-        out[name] = _float_of(value) * INT8_MAX
+        out[name] = struct.unpack(">f", bytes.fromhex(value.zfill(8)))[0] * INT8_MAX
     return out
