@@ -16,24 +16,13 @@ What is measured, per graph output
       KL divergence ``KL(softmax(ref) || softmax(cand))`` (nats, mean per sample) of the logits;
     * every output: cosine similarity, SQNR (``10 log10(|r|^2 / |r - c|^2)`` dB) and the relative
       L2 error ``|r - c| / |r|``.
-    Multi-output models (detectors) get one entry per output; a budget holds when it holds for each.
-
-Budgets (:class:`Budget`)
-    ``max_agreement_loss`` -- top-1 agreement points lost on classifier outputs (1 = one point:
-    at least 99 % of the samples keep their top-1 class); ``max_rel_error`` -- relative L2 error of
-    every output's logits (0: no such budget; the only budget on non-classifier outputs).
-
-Objective (:meth:`TaskError.objective`, lower is better)
-    For searches that need a smooth number (agreement moves in steps of one sample): the sum over
-    outputs of the KL divergence (classifier outputs) or the noise-to-signal ratio
-    ``|r - c|^2 / |r|^2`` (others).
-
-Memory: :class:`Evaluator` keeps the evaluation feeds and the reference's measured outputs, capped
-at ``max_mb`` (the sample count is reduced to fit), so its memory does not grow with the data.
+    Multi-output models (detectors) get one entry per output; a budget (:class:`Budget`) holds
+    when it holds for each; :meth:`TaskError.objective` is the smooth figure searches minimise.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Callable, Iterable, Optional
@@ -57,22 +46,17 @@ _PASS_THROUGH = ("Identity", "Flatten", "Reshape", "Squeeze")
 
 # ------------------------------------------------------------------------------ the graph side
 def logit_tensors(model: ModelProto) -> dict:
-    """{graph output: (tensor to measure, activation op or None)}.
-
-    The tensor is the input of a terminal Softmax/LogSoftmax/Sigmoid that writes the output
-    (directly or through pass-through ops whose only reader is the next op); otherwise the output
-    itself. Found on each model's own graph, so a quantized model whose Softmax reads a
-    dequantized tensor is measured on what its Softmax actually receives."""
+    """{graph output: (tensor to measure, activation op or None)}: the input of a terminal
+    Softmax/LogSoftmax/Sigmoid writing the output (through pass-through ops read only by the next
+    op), else the output itself. Found on each model's own graph, so a quantized model whose
+    Softmax reads a dequantized tensor is measured on what its Softmax actually receives."""
     producer = {o: n for n in model.graph.node for o in n.output if o}
-    readers: dict = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = Counter(i for n in model.graph.node for i in n.input)
     out = {}
     for vo in model.graph.output:
         t, act = vo.name, None
         node = producer.get(t)
-        while node is not None and node.op_type in _PASS_THROUGH and node.input and readers.get(node.input[0], 0) == 1:
+        while node is not None and node.op_type in _PASS_THROUGH and node.input and readers[node.input[0]] == 1:
             node = producer.get(node.input[0])
         if node is not None and node.op_type in TERMINAL_ACTIVATIONS and node.input and node.input[0]:
             t, act = node.input[0], node.op_type
@@ -86,9 +70,7 @@ def with_logit_outputs(model: ModelProto) -> tuple:
     found = logit_tensors(model)
     extra = [t for name, (t, _) in found.items() if t != name]
     mapping = {name: t for name, (t, _) in found.items()}
-    if not extra:
-        return model, mapping
-    return runtime.with_outputs(model, extra), mapping
+    return (runtime.with_outputs(model, extra) if extra else model), mapping
 
 
 # ------------------------------------------------------------------------------ the numbers
@@ -120,7 +102,9 @@ class OutputError:
 
 @dataclass
 class Budget:
-    """What ``fallback=auto`` must reach (see the module doc)."""
+    """What ``fallback=auto`` must reach on every output: at most ``max_agreement_loss`` top-1 agreement
+    points lost (1: 99 % of the samples keep their top-1 class), and a relative L2 error of the logits
+    of at most ``max_rel_error`` (the only budget on non-classifier outputs)."""
 
     max_agreement_loss: float = 1.0   # top-1 agreement points, classifier outputs (inf = unconstrained)
     max_rel_error: float = 0.0        # relative L2 error of every output's logits; 0 = unconstrained
@@ -163,19 +147,16 @@ class TaskError:
     @property
     def agreement_loss(self) -> Optional[float]:
         """The worst classifier output's lost agreement points (None without classifier outputs)."""
-        losses = [o.agreement_loss for o in self.outputs if o.agreement_loss is not None]
-        return max(losses) if losses else None
+        return max((o.agreement_loss for o in self.outputs if o.agreement_loss is not None), default=None)
 
     @property
     def rel_error(self) -> float:
         return max((o.rel_error for o in self.outputs), default=0.0)
 
     def objective(self) -> float:
-        """A smooth figure to minimise: KL for classifier outputs, |r-c|^2/|r|^2 for the others, summed."""
-        total = 0.0
-        for o in self.outputs:
-            total += o.kl if o.classifier and o.kl is not None else o.rel_error ** 2
-        return total
+        """A smooth figure to minimise (agreement moves in steps of one sample): KL for classifier
+        outputs, |r-c|^2/|r|^2 for the others, summed."""
+        return sum((o.kl if o.classifier and o.kl is not None else o.rel_error ** 2 for o in self.outputs), 0.0)
 
     def noise(self) -> float:
         """The outputs' noise-to-signal ratios ``|r-c|^2/|r|^2``, summed (classifiers: of the logits).
@@ -200,11 +181,10 @@ class TaskError:
         """One line for the console, e.g. ``top-1 agreement 99.2 % (KL 0.004); boxes SQNR 24.1 dB``."""
         parts = []
         for o in self.outputs:
-            where = f"{o.name}" + (f" (logits before {o.activation})" if o.activation else "")
-            if o.classifier:
-                parts.append(f"{where}: top-1 agreement {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB")
-            else:
-                parts.append(f"{where}: SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}")
+            where = f" (logits before {o.activation})" if o.activation else ""
+            what = (f"top-1 agreement {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"
+                    if o.classifier else f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}")
+            parts.append(f"{o.name}{where}: {what}")
         return "; ".join(parts) if parts else "(no outputs)"
 
     def to_dict(self) -> dict:
@@ -218,9 +198,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 class Accumulator:
-    """Streams batches of (reference, candidate) measured outputs into a :class:`TaskError`.
-
-    Running sums only (nothing per sample is kept), so any number of samples fits."""
+    """Streams batches of (reference, candidate) measured outputs into a :class:`TaskError`; running
+    sums only (nothing per sample is kept), so any number of samples fits."""
 
     def __init__(self, names: list, measured: Optional[dict] = None, activations: Optional[dict] = None):
         self.names = list(names)
@@ -232,8 +211,7 @@ class Accumulator:
         """``ref`` and ``cand``: one array per name, in the order of ``names``."""
         for name, r, c in zip(self.names, ref, cand):
             st = self.s[name]
-            r64 = np.asarray(r, np.float64)
-            c64 = np.asarray(c, np.float64)
+            r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
             if r64.shape != c64.shape:
                 raise OnnxoptError(f"output '{name}' has shape {list(r64.shape)} in the reference but {list(c64.shape)} in the candidate.",
                                    "the two models are not comparable on this output")
@@ -248,8 +226,7 @@ class Accumulator:
             st["dot"] += float(np.vdot(np.nan_to_num(r64), cf))
             cls = r64.ndim == 2 and r64.shape[1] > 1
             st["cls"] = cls if st["cls"] is None else (st["cls"] and cls)
-            n = int(r64.shape[0]) if r64.ndim else 1
-            st["n"] += n
+            st["n"] += int(r64.shape[0]) if r64.ndim else 1
             if cls:
                 st["agree"] += int(np.count_nonzero(np.argmax(r64, axis=1) == np.argmax(c64, axis=1)))
                 if np.isfinite(c64).all():
@@ -280,8 +257,7 @@ class Accumulator:
 
 def measure(ref: list, cand: list, names: Optional[list] = None) -> TaskError:
     """The task error of ``cand`` against ``ref`` (lists of arrays, one per output, samples on axis 0)."""
-    names = names or [f"output_{i}" for i in range(len(ref))]
-    acc = Accumulator(names)
+    acc = Accumulator(names or [f"output_{i}" for i in range(len(ref))])
     acc.update(ref, cand)
     return acc.result()
 
@@ -290,26 +266,20 @@ def measure(ref: list, cand: list, names: Optional[list] = None) -> TaskError:
 def lean_session(model: ModelProto) -> ort.InferenceSession:
     """The verification oracle's session (every graph optimization off) without onnxruntime's CPU
     memory arena: searches build dozens of sessions one after another, and with arenas the
-    process kept the memory of each (EfficientNet-Lite0: +230 MB over an mse calibration)."""
+    process kept the memory of each."""
     return runtime.session(model, arena=False)
 
 
 def _release_memory() -> None:
-    """Free the candidates measured so far and hand the heap pages back to the OS.
-
-    A candidate built through the graph IR is a reference cycle (nodes <-> tensors) holding its
-    weights, so refcounting never frees it; left to the cyclic collector's thresholds, a search
-    kept one EfficientNet-Lite0 copy (~23 MB) per evaluation. glibc keeps freed pages otherwise."""
+    """Free the candidates measured so far and hand the heap pages back to the OS: a candidate built
+    through the graph IR is a reference cycle (nodes <-> tensors) holding its weights, which only the
+    cyclic collector frees, and glibc keeps freed pages otherwise."""
     gc.collect()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _split(feed: dict, n: int) -> dict:
-    return {k: (np.asarray(v)[:n] if np.asarray(v).ndim else v) for k, v in feed.items()}
 
 
 class Evaluator:
@@ -324,19 +294,18 @@ class Evaluator:
         _release_memory()   # what the caller's last step (e.g. a calibration pass) left, before adding ours
         self._session = session or lean_session
         ref_model, self.mapping = with_logit_outputs(reference)
-        found = logit_tensors(reference)
-        self.activations = {k: a for k, (_, a) in found.items() if a}
+        self.activations = {k: a for k, (_, a) in logit_tensors(reference).items() if a}
         self.names = [o.name for o in reference.graph.output]
         sess = self._session(ref_model)
         self.feeds, self.ref = [], []
         used, count = 0, 0
-        source = feeds() if callable(feeds) else feeds
-        for feed in source:
+        for feed in (feeds() if callable(feeds) else feeds):
             if count >= limit:
                 break
             b = feed_samples(feed)
-            if count + b > limit:
-                feed, b = _split(feed, limit - count), limit - count
+            if count + b > limit:   # the batch's first samples, up to the limit
+                b = limit - count
+                feed = {k: (np.asarray(v)[:b] if np.asarray(v).ndim else v) for k, v in feed.items()}
             outs = sess.run([self.mapping[n] for n in self.names], feed)
             size = sum(np.asarray(v).nbytes for v in feed.values()) + sum(o.nbytes for o in outs)
             if self.feeds and (used + size) / 2**20 > max_mb:
@@ -392,10 +361,8 @@ class HeldIn:
         return getattr(self._source, name)
 
     def _read(self, batch_size=None):
-        src = self._source
-        if hasattr(src, "batches") and callable(getattr(src, "batches")):
-            return src.batches(batch_size)
-        return src()
+        batches = getattr(self._source, "batches", None)
+        return batches(batch_size) if callable(batches) else self._source()
 
     def batches(self, batch_size=None):
         if self.complete and batch_size is None:
@@ -415,8 +382,7 @@ class HeldIn:
                     used, count = used + size, count + b
             yield feed
         # only a read to the end tells that every sample was kept
-        self.kept, self.complete = kept, whole
-        self.read = total
+        self.kept, self.complete, self.read = kept, whole, total
 
     def __call__(self):
         return self.batches()

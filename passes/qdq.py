@@ -1,13 +1,10 @@
 """``qdq``: insert QuantizeLinear/DequantizeLinear for TensorRT, onnxruntime or TIDL, calibrated on data.
 
 Approximate pass: the output is the float model with simulated int8 (or fewer bits) arithmetic.
-What it preserves: the graph's inputs, outputs and every float op; it only adds Q/DQ pairs on
-activations (``x -> Q(s, zp) -> DQ(s, zp)``), replaces float weights by integer initializers
-followed by DQ (``w ~= s_w * w_q``), and, for ort/tidl, replaces a Conv/Gemm bias by an int32
-initializer with scale ``s_in * s_w``. Placement per target is in :mod:`onnxopt.quant.placement`,
-the arithmetic in :mod:`onnxopt.quant.quantize`, the target rules in :mod:`onnxopt.quant.targets`;
-activation ranges come from :mod:`onnxopt.quant.calibrate` (streaming, cached). The output passes
-``onnxopt check --target <target>``; the pass reports the check result in ``extra["check"]``.
+It keeps the graph's inputs, outputs and every float op; it only adds Q/DQ pairs on activations,
+replaces float weights by integer initializers followed by DQ, and, for ort/tidl, a Conv/Gemm bias
+by an int32 initializer with scale ``s_in * s_w`` (the engine: :mod:`onnxopt.quant.quantize`). The
+output passes ``onnxopt check --target <target>``; the pass reports the check in ``extra["check"]``.
 
 Calibration data is required (``--calib-data``); ``--calib-data random`` is accepted explicitly,
 with a loud warning, because ranges from random inputs are meaningless for real data.
@@ -16,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections import Counter
 
 import numpy as np
 from onnx import helper, numpy_helper
 
 from onnxopt import manager, runtime
 from onnxopt.data import RANDOM_SAMPLES
-from onnxopt.errors import DataError, OnnxoptError, OptionError
+from onnxopt.errors import OnnxoptError
 from onnxopt.ir.proto import producers
 from onnxopt.quant import check as qcheck
 from onnxopt.quant import recovery
@@ -36,24 +34,25 @@ from onnxopt.quant.calib_search import SEARCH_SAMPLES
 from onnxopt.task_metric import HeldIn
 
 
+def _tell(ctx, warns: list, note) -> None:
+    """Log ``note`` and keep it for the report's warnings; nothing when there is no note."""
+    if note:
+        ctx.log(note)
+        warns.append(note)
+
+
 def _calibration_data(options: CalibrationOptions, ctx):
-    """The data callable to calibrate on, or a DataError; random data warns loudly."""
+    """The data callable to calibrate on (``options.validate`` has checked that there is one);
+    random data warns loudly."""
     warns = []
-    if ctx.data is None:
-        raise DataError("the qdq pass needs calibration data, and none was given.",
-                        "give --calib-data (an image folder, .npy/.npz, or file.py:function); "
-                        "--calib-data random is accepted for smoke tests only")
     data = ctx.data
     source = getattr(ctx.data_spec, "source", None) if ctx.data_spec is not None else None
     n = options.calib_samples
-    if n < 0:
-        raise OptionError(f"qdq.calib_samples must be 0 (all) or a positive count, got {n}.", "e.g. --set qdq.calib_samples=200")
     if source == "random":
         msg = ("WARNING: calibrating on RANDOM data (--calib-data random): the activation ranges do not reflect "
                "real inputs and the quantized model's accuracy is meaningless. Use real calibration data.")
         warnings.warn(msg, UserWarning, stacklevel=2)
-        ctx.log(msg)
-        warns.append(msg)
+        _tell(ctx, warns, msg)
         if not n and getattr(ctx.data_spec, "max_samples", None) is None:
             n = RANDOM_SAMPLES  # a DataSource caps generated inputs itself; other data callables may not
     if n:
@@ -64,15 +63,14 @@ def _calibration_data(options: CalibrationOptions, ctx):
 
 
 def _fold_computed_weights(model, ctx):
-    """(cleaned model, note) when a Conv/ConvTranspose/Gemm weight or bias is computed by nodes
-    (the dynamo exporter's ``CastLike(Constant, x) -> Expand`` bias), else None. Quantization needs
-    constant weights and biases: the exact cleanup pass folds them first, so the target's int32
-    bias encoding can be written (a float bias computed at run time violates ort/tidl's rules)."""
+    """(model, note): where a Conv/ConvTranspose/Gemm weight or bias is computed by nodes (the dynamo
+    exporter's ``CastLike(Constant, x) -> Expand`` bias), the model after exact cleanup folded them
+    (quantization needs constant weights and biases), and a note; else (model, None)."""
     producers = {o for n in model.graph.node if n.op_type != "Constant" for o in n.output}
     computed = [n.name or n.output[0] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")
                 and any(i in producers for i in n.input[1:3] if i)]
     if not computed:
-        return None
+        return model, None
     inner = dataclasses.replace(ctx, log=lambda msg: ctx.log(f"  (qdq) {msg.strip()}"))
     cleaned, _ = manager.apply(model, "cleanup", context=inner, summarize_layers=False)
     return cleaned, (f"qdq: {len(computed)} layer(s) compute their weight or bias at run time (e.g. {computed[0]}); "
@@ -80,11 +78,9 @@ def _fold_computed_weights(model, ctx):
 
 
 def _dequantized_input(model, found: dict, target: str):
-    """An already-quantized input (a QAT export, onnxruntime's quantize_static/dynamic): None when
-    its own encoding passes the target's check (it is left as it is), else (the float model its
-    quantization stands for, the console note, the report record) to quantize again for the
-    target. What cannot be dequantized is refused with the reasons (never a model failing its
-    target's check)."""
+    """An already-quantized input (a QAT export, onnxruntime's quantize_static/dynamic): None when its
+    encoding passes the target's check (it is left as it is), else (the float model its quantization
+    stands for, the console note, the report record); what cannot be dequantized is refused."""
     bad = qcheck.failing(qcheck.check_model(model, target))
     if not bad:
         return None
@@ -102,20 +98,14 @@ def _dequantized_input(model, found: dict, target: str):
 
 
 def _rewrite_for_target(model, options: QdqOptions, data, ctx, warns: list):
-    """The float model rewritten for the target before Q/DQ placement (``target_rewrites``; the
-    target's ``float_rewrites``, tidl's): its inputs made static first, so that cleanup folds the
-    shape arithmetic at that size (Shape/Gather/Concat chains, computed Reshape shapes), drops
-    Identity/Dropout/no-op Casts, then the target's exact lite rules. TI's own optimizer rewrites
-    only graphs without QuantizeLinear, so this must come before quantization. Each step is
-    verified by the pass manager (cleanup) or lite (its exact rules) on inputs generated from the
-    static model."""
+    """The float model rewritten for the target (``target_rewrites``: tidl's ``float_rewrites``)
+    at its static input size: cleanup, then the target's exact lite rules, each verified. TI's own
+    optimizer rewrites only graphs without QuantizeLinear, so this must come before quantization."""
     rules = get_target(options.target)
     if not options.target_rewrites or not rules.float_rewrites:
         return model
     static, note = static_inputs(model, rules, data, ctx)
-    if note:
-        ctx.log(note)
-        warns.append(note)
+    _tell(ctx, warns, note)
     inner = dataclasses.replace(ctx, data=None, data_spec=None, log=lambda msg: ctx.log(f"  (qdq) {msg.strip()}"))
     out, report = manager.apply(static, "cleanup,lite", {"lite": {"rules": list(rules.float_rewrites)}}, context=inner,
                                 summarize_layers=False)
@@ -125,8 +115,7 @@ def _rewrite_for_target(model, options: QdqOptions, data, ctx, warns: list):
         note = (f"qdq: the float graph rewritten for {rules.name} before quantization (exact, verified): "
                 f"{sum(ops_before.values())} -> {sum(ops_after.values())} nodes, removed "
                 + ", ".join(f"{op} x{n}" for op, n in sorted(gone.items(), key=lambda kv: -kv[1])))
-        ctx.log(note)
-        warns.append(note)
+        _tell(ctx, warns, note)
     return out
 
 
@@ -137,10 +126,7 @@ def _encode_float_biases(qmodel) -> list:
     g = qmodel.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-    readers: dict = {}
-    for n in g.node:
-        for name in n.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for n in g.node for name in n.input)
 
     def const(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
@@ -170,7 +156,7 @@ def _encode_float_biases(qmodel) -> list:
         new_nodes.append(helper.make_node("DequantizeLinear", names[:3], [names[3]], name=names[3], **attrs))
         old = node.input[2]
         node.input[2] = names[3]
-        if readers.get(old, 0) == 1:
+        if readers[old] == 1:
             g.initializer.remove(inits[old])
         fixed.append(node.name or node.output[0])
     if new_nodes:  # DQ of constants: put them first, ahead of their readers
@@ -182,9 +168,8 @@ def _encode_float_biases(qmodel) -> list:
 
 def _unfolded_bn_warning(model, target: str):
     """onnxruntime turns DQ -> Conv -> Q into an int8 kernel only when nothing sits between the
-    Conv and its Q; an unfolded BatchNormalization leaves every such layer in float (a ResNet56
-    export quantized without bnfuse has no QLinearConv at all). TensorRT and TIDL fold BN
-    themselves, so only the ort target is warned."""
+    Conv and its Q, so an unfolded BatchNormalization leaves every such layer in float. TensorRT
+    and TIDL fold BN themselves, so only the ort target is warned."""
     if target != "ort":
         return None
     producer = producers(model.graph)
@@ -198,11 +183,9 @@ def _unfolded_bn_warning(model, target: str):
 
 def _saturation_note(info) -> str | None:
     """The ort target's 8-bit weights lose accuracy in onnxruntime's fused kernels on AVX2 CPUs
-    without VNNI (EfficientNet-Lite0: 4 top-1 points; README). The model may be deployed on
-    another CPU, so this is a note for the user, not a change to the model."""
-    if info.target != "ort" or 8 not in {info.weight_bits, *info.weight_bits_by_layer.values()}:
-        return None
-    if not runtime.int8_kernels_saturate():
+    without VNNI (README); the model may be deployed on another CPU, so this is only a note."""
+    if (info.target != "ort" or 8 not in {info.weight_bits, *info.weight_bits_by_layer.values()}
+            or not runtime.int8_kernels_saturate()):
         return None
     return ("NOTE: this CPU has AVX2 but no VNNI, where onnxruntime's fused int8 kernels saturate on 8-bit weights. "
             "To deploy on such a CPU, use 7-bit weights (--set qdq.weight_bits=7, or first_last_weight_bits=7 where "
@@ -211,17 +194,15 @@ def _saturation_note(info) -> str | None:
 
 def _target_check(qmodel, target: str, strict: bool, ctx, warns: list) -> dict:
     """``extra["check"]``: the output checked against its target's rules (a float bias a recovery
-    step wrote is re-encoded first). Failing violations (the encoding; op support too when
-    ``strict``) are warned; nodes the target runs on its fallback (TIDL: ARM through ONNX Runtime)
-    are one note."""
+    step wrote is re-encoded first). Failing violations are warned; nodes the target runs on its
+    fallback (TIDL: ARM through ONNX Runtime) are one note."""
     violations = qcheck.check_model(qmodel, target)
     if any(v.rule == "int32-bias" for v in violations):
         fixed = _encode_float_biases(qmodel)
         if fixed:
             note = (f"qdq: {len(fixed)} float bias(es) written after quantization (e.g. {fixed[0]}) re-encoded as int32 "
                     f"with scale s_in*s_w, as {target} requires")
-            ctx.log(note)
-            warns.append(note)
+            _tell(ctx, warns, note)
             violations = qcheck.check_model(qmodel, target)
     bad = qcheck.failing(violations, strict)
     elsewhere = None if strict else qcheck.fallback_summary(violations, target)
@@ -229,12 +210,10 @@ def _target_check(qmodel, target: str, strict: bool, ctx, warns: list) -> dict:
         msg = (f"WARNING: the quantized model fails `onnxopt check --target {target}{' --strict' if strict else ''}`: "
                f"{len(bad)} violation(s), first {bad[0]}" + (f" (and {len(bad) - 1} more in the report)" if len(bad) > 1 else ""))
         warnings.warn(msg, UserWarning, stacklevel=3)
-        ctx.log(msg)
-        warns.append(msg)
+        _tell(ctx, warns, msg)
     if elsewhere:
-        note = f"qdq: {qcheck.describe_fallback(elsewhere)} (`onnxopt check OUT --target {target} --json` lists them)"
-        ctx.log(note)
-        warns.append(note)
+        _tell(ctx, warns,
+              f"qdq: {qcheck.describe_fallback(elsewhere)} (`onnxopt check OUT --target {target} --json` lists them)")
     return {"target": target, "strict": strict, "violations": len(bad),
             "format_violations": sum(1 for v in bad if v.kind == "format"), "fallback": elsewhere,
             "first": [v.to_dict() for v in bad[:10]]}
@@ -252,18 +231,11 @@ def qdq(model, options: QdqOptions, ctx):
     options.validate(model, ctx)
     data, warns = _calibration_data(options.calibration, ctx)
     if requant:
-        ctx.log(requant[1])
-        warns.append(requant[1])
-    bn_warning = _unfolded_bn_warning(model, options.target)
-    if bn_warning:
-        ctx.log(bn_warning)
-        warns.append(bn_warning)
+        _tell(ctx, warns, requant[1])
+    _tell(ctx, warns, _unfolded_bn_warning(model, options.target))
     model = _rewrite_for_target(model, options, data, ctx, warns)
-    folded = _fold_computed_weights(model, ctx)
-    if folded is not None:
-        model, note = folded
-        ctx.log(note)
-        warns.append(note)
+    model, note = _fold_computed_weights(model, ctx)
+    _tell(ctx, warns, note)
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info
@@ -273,10 +245,7 @@ def qdq(model, options: QdqOptions, ctx):
         c = info.calib_cache
         ctx.log(f"calibration cache '{c['path']}': " + ("reused (model, data and settings match)" if c["state"] == "reused"
                                                         else "written"))
-    note = _saturation_note(info)
-    if note:
-        ctx.log(note)
-        warns.append(note)
+    _tell(ctx, warns, _saturation_note(info))
     extra = {"target": info.target, "notes": info.notes, "groups": info.groups, "excluded": info.excluded, "warnings": warns,
              **({"requantized": requant[2]} if requant else {})}
     if options.recovery.requested:
@@ -286,12 +255,8 @@ def qdq(model, options: QdqOptions, ctx):
             warns.append(rep["fallback"]["warning"])
     extra["check"] = _target_check(qmodel, info.target, options.strict_check, ctx, warns)
     extra["info"] = info.to_dict()   # the report: plain JSON
-    changes = {
-        "weights_quantized": len(info.layers),
-        "activations_quantized": len(info.activations),
-        "int32_biases": sum(1 for l in info.layers if l.bias_is_int),
-        "nodes_kept_float": len(info.excluded),
-    }
+    changes = {"weights_quantized": len(info.layers), "activations_quantized": len(info.activations),
+               "int32_biases": sum(1 for l in info.layers if l.bias_is_int), "nodes_kept_float": len(info.excluded)}
     details = [f"{l.node} ({l.op}): weight axis {l.axis}, bias {'int32' if l.bias_is_int else 'float'}" for l in info.layers]
     skipped = list(info.skipped)
     if not changes["weights_quantized"] and not changes["activations_quantized"]:

@@ -16,18 +16,14 @@ ort: a Conv/Gemm whose inputs are DQs must take an int32 bias DQ with scale s_in
   onnxruntime fuses per-channel asymmetric int8 weights into QLinearConv / QGemm / QLinearMatMul.
 tidl: opset <= 18 (validated releases), static input shapes, uint8 activations, int8 weights,
   int32 bias DQ with scale s_in*s_w and zero point 0, per-tensor activations, plus the operator
-  constraints of edgeai-tidl-tools (Conv strides/kernels/depthwise sizes, pooling kernels,
-  ConvTranspose, Resize, Concat axis, Softmax axis, Gemm attributes, ReduceMean, Slice, Cast,
-  Dropout/Identity, BatchNormalization training mode, Clip range).
+  constraints of edgeai-tidl-tools (:func:`_tidl_ops`).
 tidl-tda4vm: all of tidl, plus power-of-two scales, zero points 0, per-tensor weights.
 
 Two kinds of violation: ``format`` (the Q/DQ encoding is wrong: the target refuses or misreads
-the model) and ``op-support`` (a node the target's accelerator lacks). In TIDL's OSRT flow
-(onnxruntime with the TIDL execution provider) "operators that are not supported run on ARM
-through ONNX Runtime": the model deploys and runs, those nodes are slower. So :func:`failing`
-fails a model on its encoding, and on op support only when asked (``strict``: a flow that needs
-every node on the accelerator, e.g. TIDL-RT's standalone import); :func:`fallback_summary` counts
-the nodes that run elsewhere.
+the model) and ``op-support`` (a node the target's accelerator lacks; in TIDL's OSRT flow such
+nodes run on ARM through ONNX Runtime: the model deploys and runs, those nodes are slower). So
+:func:`failing` fails a model on its encoding, and on op support only when asked (``strict``: a
+flow that needs every node on the accelerator, e.g. TIDL-RT's standalone import).
 """
 from __future__ import annotations
 
@@ -40,7 +36,7 @@ import onnx
 from onnx import ModelProto, helper, numpy_helper
 
 from ..errors import OptionError
-from ..ir.proto import input_uses, producers
+from ..ir.proto import const_tensors, input_uses, node_attr, producers
 
 TARGETS = ("tensorrt", "ort", "tidl", "tidl-tda4vm")
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm"}
@@ -66,59 +62,42 @@ class _Model:
 
     def __init__(self, model: ModelProto):
         g = model.graph
-        self.model = model
         self.inits = {t.name: t for t in g.initializer}
-        self.const_nodes = {}
+        self.const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
+        self.tensors = const_tensors(model)  # initializers and Constant values, with their element types
         self.producer = producers(g)
         self.consumers = input_uses(g)  # tensor -> [(node, input index)]
-        for n in g.node:
-            if n.op_type == "Constant" and n.output:
-                self.const_nodes[n.output[0]] = n
         self.graph_outputs = {o.name for o in g.output}
         self.graph_inputs = {i.name for i in g.input if i.name not in self.inits}
         self.opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self._cache: dict = {}
 
     def const(self, name: str) -> Optional[np.ndarray]:
-        if not name:
-            return None
-        if name in self._cache:
-            return self._cache[name]
-        value = None
-        if name in self.inits and name not in self.graph_inputs:
-            value = numpy_helper.to_array(self.inits[name])
-        elif name in self.const_nodes:
-            for a in self.const_nodes[name].attribute:
-                if a.name == "value":
-                    value = numpy_helper.to_array(a.t)
-                elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
-                    value = np.asarray(helper.get_attribute_value(a))
-        self._cache[name] = value
-        return value
+        """The value of an initializer or Constant node (None for anything else, "" included)."""
+        if name and name not in self._cache:
+            value = None
+            if name in self.inits:
+                value = numpy_helper.to_array(self.inits[name])
+            elif name in self.const_nodes:
+                for a in self.const_nodes[name].attribute:
+                    if a.name == "value":
+                        value = numpy_helper.to_array(a.t)
+                    elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                        value = np.asarray(helper.get_attribute_value(a))
+            self._cache[name] = value
+        return self._cache.get(name)
 
     def elem_type(self, name: str) -> Optional[int]:
-        if name in self.inits:
-            return self.inits[name].data_type
-        if name in self.const_nodes:
-            for a in self.const_nodes[name].attribute:
-                if a.name == "value":
-                    return a.t.data_type
-        return None
+        t = self.tensors.get(name)
+        return None if t is None else t.data_type
 
     def shape_of(self, name: str):
         """Static shape of a constant, or of a DQ/Identity output of a constant."""
-        v = self.const(name)
-        if v is not None:
-            return list(v.shape)
         p = self.producer.get(name)
         if p is not None and p.op_type in ("DequantizeLinear", "Identity") and p.input:
-            src = p.input[0]
-            if src in self.inits:
-                return list(self.inits[src].dims)
-            v = self.const(src)
-            if v is not None:
-                return list(v.shape)
-        return None
+            name = p.input[0]
+        v = self.const(name)
+        return None if v is None else list(v.shape)
 
 
 def attrs(node) -> dict:
@@ -130,22 +109,16 @@ def _name(node) -> str:
 
 
 def _is_pow2(x: np.ndarray) -> bool:
-    x = np.asarray(x, np.float64).reshape(-1)
-    m, _ = np.frexp(x)
-    return bool(np.all(m == 0.5))
+    mantissa, _ = np.frexp(np.asarray(x, np.float64))
+    return bool(np.all(mantissa == 0.5))
 
 
 def _expected_weight_axis(consumer, index: int, rank: int) -> Optional[int]:
     op = consumer.op_type
+    if index == 1 and op == "Gemm":
+        return 0 if int(attrs(consumer).get("transB", 0)) else 1
     if index == 1:
-        if op == "Conv":
-            return 0
-        if op == "ConvTranspose":
-            return 1
-        if op == "Gemm":
-            return 0 if int(attrs(consumer).get("transB", 0)) else 1
-        if op == "MatMul":
-            return rank - 1
+        return {"Conv": 0, "ConvTranspose": 1, "MatMul": rank - 1}.get(op)
     if index == 2 and op in ("Conv", "ConvTranspose", "Gemm"):
         return 0
     return None
@@ -189,11 +162,9 @@ def _qdq_facts(m: _Model, node: onnx.NodeProto, v) -> Optional[_QdqFacts]:
     if scale.ndim > 1:
         v("scale-shape", node, f"scale '{scale_name}' has rank {scale.ndim}; only per-tensor and per-axis are handled (block quantization not checked)")
     per_axis = scale.ndim == 1 and scale.size > 1
-    zp = None
-    zp_type = None
+    zp = zp_type = None
     if zp_name:
-        zp = m.const(zp_name)
-        zp_type = m.elem_type(zp_name)
+        zp, zp_type = m.const(zp_name), m.elem_type(zp_name)
         if zp is None:
             v("constant-zero-point", node, f"zero point '{zp_name}' is not a constant")
         elif zp.shape != scale.shape:
@@ -238,11 +209,9 @@ def _target_types(f: _QdqFacts, target: str, v) -> None:
 
 
 def _constant_axis(m: _Model, f: _QdqFacts, v) -> None:
-    """The per-channel axis of a quantized constant: its length, and the output channels of its readers."""
+    """The axis of a per-axis quantized constant: its length, and the output channels of its readers."""
     node, axis = f.node, f.axis
     shape = m.shape_of(node.input[0]) or []
-    if not f.per_axis:
-        return
     ax = axis + len(shape) if axis < 0 else axis
     if ax >= len(shape) or shape[ax] != f.scale.size:
         v("per-axis-length", node, f"scale length {f.scale.size} does not match dimension {axis} of the quantized tensor {shape}")
@@ -276,13 +245,10 @@ def _q_pairing(m: _Model, f: _QdqFacts, v) -> None:
 def _bias_rules(model: ModelProto, m: _Model, target: str, v) -> None:
     """ort and tidl: a Conv/Gemm with DQ inputs takes an int32 bias DQ with scale s_in * s_w, zero point 0."""
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
             continue
-        pw = m.producer.get(node.input[1])
-        px = m.producer.get(node.input[0])
-        if pw is None or pw.op_type != "DequantizeLinear" or px is None or px.op_type != "DequantizeLinear":
-            continue
-        if len(node.input) < 3 or not node.input[2]:
+        px, pw = m.producer.get(node.input[0]), m.producer.get(node.input[1])
+        if any(getattr(p, "op_type", None) != "DequantizeLinear" for p in (px, pw)):
             continue
         pb = m.producer.get(node.input[2])
         if pb is None or pb.op_type != "DequantizeLinear" or m.elem_type(pb.input[0]) != onnx.TensorProto.INT32:
@@ -306,10 +272,8 @@ def _tidl_model_level(model: ModelProto, m: _Model, v) -> None:
     if m.opset > 18:
         v("opset", "model", f"opset {m.opset}: TIDL is validated up to opset 18 (onnxopt writes 17 for tidl)")
     for vi in model.graph.input:
-        if vi.name in m.inits:
-            continue
         dims = vi.type.tensor_type.shape.dim
-        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in dims):
+        if vi.name not in m.inits and any(not (d.HasField("dim_value") and d.dim_value > 0) for d in dims):
             v("static-shapes", vi.name, "input has dynamic dimensions; TIDL needs static shapes")
 
 
@@ -337,7 +301,7 @@ def check_model(model: ModelProto, target: str) -> list:
         if facts is None:
             continue
         _target_types(facts, target, v)
-        if facts.data_is_const:
+        if facts.data_is_const and facts.per_axis:
             _constant_axis(m, facts, v)
         if op == "QuantizeLinear":
             _q_pairing(m, facts, v)
@@ -348,11 +312,6 @@ def check_model(model: ModelProto, target: str) -> list:
     return out
 
 
-def _hw(value, default):
-    vals = list(value) if value is not None else list(default)
-    return vals
-
-
 def _tidl_ops(model: ModelProto, m: _Model, v) -> None:
     """Operator constraints of edgeai-tidl-tools (docs/supported_ops_rts_versions.md)."""
     for node in model.graph.node:
@@ -360,8 +319,7 @@ def _tidl_ops(model: ModelProto, m: _Model, v) -> None:
         if op in ("Conv", "ConvTranspose"):
             wshape = m.shape_of(node.input[1]) if len(node.input) > 1 else None
             kernel = list(a.get("kernel_shape", wshape[2:] if wshape else []))
-            rank = len(kernel)
-            strides = _hw(a.get("strides"), [1] * rank)
+            strides = list(a.get("strides", [1] * len(kernel)))
             group = int(a.get("group", 1))
             if op == "Conv":
                 if len(strides) == 2 and strides[0] != strides[1]:
@@ -375,20 +333,18 @@ def _tidl_ops(model: ModelProto, m: _Model, v) -> None:
                     if (tuple(kernel), strides[0]) not in ok:
                         v("tidl-depthwise", node, f"depthwise {kernel[0]}x{kernel[1]} stride {strides[0]}: TIDL supports depthwise only for "
                                                  "3x3s1, 3x3s2, 5x5s2, 7x7s1, 7x7s2 (runs on ARM otherwise)")
-            else:
-                if group != 1 or kernel not in ([4, 4], [2, 2]) or strides != [2, 2]:
-                    v("tidl-convtranspose", node, f"ConvTranspose kernel {kernel} stride {strides} group {group}: "
-                                                 "only 4x4 and 2x2 kernels with 2x2 stride and group 1 are supported")
+            elif group != 1 or kernel not in ([4, 4], [2, 2]) or strides != [2, 2]:
+                v("tidl-convtranspose", node, f"ConvTranspose kernel {kernel} stride {strides} group {group}: "
+                                             "only 4x4 and 2x2 kernels with 2x2 stride and group 1 are supported")
         elif op in ("MaxPool", "AveragePool"):
             kernel = list(a.get("kernel_shape", []))
-            strides = _hw(a.get("strides"), [1] * len(kernel))
+            strides = list(a.get("strides", [1] * len(kernel)))
             if kernel not in ([3, 3], [2, 2], [1, 1]) or any(s not in (1, 2) for s in strides):
                 v("tidl-pool", node, f"{op} kernel {kernel} stride {strides}: validated only for 3x3, 2x2, 1x1 kernels with stride 1 or 2")
             if any(d != 1 for d in a.get("dilations", [1])):
                 v("tidl-pool", node, "pooling dilation must be 1")
         elif op == "Resize":
-            mode = a.get("mode", b"nearest")
-            mode = mode.decode() if isinstance(mode, bytes) else mode
+            mode = node_attr(node, "mode", "nearest")
             if mode not in ("nearest", "linear"):
                 v("tidl-resize", node, f"Resize mode '{mode}': only nearest and linear are supported")
             if len(node.input) > 3 and node.input[3]:
@@ -402,29 +358,25 @@ def _tidl_ops(model: ModelProto, m: _Model, v) -> None:
             axis = int(a.get("axis", 0))
             if axis not in (-3, -2, -1, 1, 2, 3):
                 v("tidl-concat", node, f"Concat axis {axis}: only channel/height/width axes are supported")
-        elif op == "Softmax":
-            if int(a.get("axis", -1)) not in (-1, -2, 2, 3):
-                v("tidl-softmax", node, "Softmax supported only over width/height")
+        elif op == "Softmax" and int(a.get("axis", -1)) not in (-1, -2, 2, 3):
+            v("tidl-softmax", node, "Softmax supported only over width/height")
         elif op == "Gemm":
             if int(a.get("transA", 0)) or float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0:
                 v("tidl-gemm", node, "Gemm needs transA=0, alpha=1, beta=1")
-        elif op == "Reshape":
-            if len(node.input) > 1 and m.const(node.input[1]) is None:
-                v("tidl-reshape", node, "Reshape with a computed shape: TIDL needs a constant shape")
+        elif op == "Reshape" and len(node.input) > 1 and m.const(node.input[1]) is None:
+            v("tidl-reshape", node, "Reshape with a computed shape: TIDL needs a constant shape")
         elif op == "Slice":
             steps = m.const(node.input[4]) if len(node.input) > 4 and node.input[4] else None
             if steps is not None and np.any(np.asarray(steps) != 1):
                 v("tidl-slice", node, "Slice with non-unit steps is not supported")
         elif op == "ReduceMean":
             v("tidl-reducemean", node, "ReduceMean is not supported alone (convert_reducemean_to_matmul / GlobalAveragePool)")
-        elif op == "Cast":
-            if not (set(node.input) & m.graph_inputs or set(node.output) & m.graph_outputs):
-                v("tidl-cast", node, "Cast is supported only at graph boundaries")
+        elif op == "Cast" and not (set(node.input) & m.graph_inputs or set(node.output) & m.graph_outputs):
+            v("tidl-cast", node, "Cast is supported only at graph boundaries")
         elif op in ("Dropout", "Identity"):
             v("tidl-unsupported", node, f"{op} is not supported alone; run the cleanup pass")
-        elif op == "BatchNormalization":
-            if int(a.get("training_mode", 0)):
-                v("tidl-batchnorm", node, "BatchNormalization training_mode=1 is not supported")
+        elif op == "BatchNormalization" and int(a.get("training_mode", 0)):
+            v("tidl-batchnorm", node, "BatchNormalization training_mode=1 is not supported")
         elif op == "Clip":
             lo = m.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
             hi = m.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -438,8 +390,7 @@ FALLBACK = {"tidl": "on ARM through ONNX Runtime", "tidl-tda4vm": "on ARM throug
 
 def failing(violations: list, strict: bool = False) -> list:
     """The violations that fail the check: every encoding ("format") violation, and the op-support
-    ones only when ``strict`` (their nodes otherwise run on the target's fallback, see the module
-    docstring)."""
+    ones only when ``strict`` (their nodes otherwise run on the target's fallback, module doc)."""
     return [v for v in violations if strict or v.kind == "format"]
 
 

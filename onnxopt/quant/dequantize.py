@@ -12,9 +12,9 @@ The arithmetic, per form of quantization onnxruntime (or a QAT export) writes:
   activation's rounding and clipping are dropped, which is what re-quantizing with the new
   target's own ranges wants.
   Where the range begins at 0 (the zero point is the type's minimum) after an op that can be
-  negative, the activation is put back: onnxruntime removes a Relu or Clip before such a Q,
-  whose clipping does the job. A Relu, or Clip(0, 6) where the range ends at 6 (ReLU6 whose
-  calibration reached its bound); another range's top is the old calibration's, not kept.
+  negative, the activation onnxruntime removed before such a Q (whose clipping does the job) is
+  put back: a Relu, or Clip(0, 6) where the range ends at 6 (a ReLU6 whose calibration reached
+  its bound); another range's top is the old calibration's, not kept.
 * ``MatMulInteger(a, b, a_zp, b_zp) -> Cast(float) -> Mul(s_a * s_b)`` (onnxruntime's dynamic
   quantization) is ``MatMul(DQ(a), DQ(b))``, ``ConvInteger`` likewise with ``Conv``: equal up to
   the float rounding of the sum. The scales are read from the ``Mul`` of the two scales.
@@ -148,9 +148,8 @@ def _nonnegative(t: gs.Tensor, depth: int = 8) -> bool:
         return True
     if prod.op == "Clip":
         return _clip_min(prod) >= 0
-    if prod.op in KEEPS_SIGN:
-        return all(_nonnegative(i, depth - 1) for i in prod.inputs[:1 if prod.op in MOVES else None] if i.name)
-    return False
+    data = prod.inputs[:1] if prod.op in MOVES else prod.inputs  # a move's other inputs: shapes, indices...
+    return prod.op in KEEPS_SIGN and all(_nonnegative(i, depth - 1) for i in data if i.name)
 
 
 def _named_encodings(graph: gs.Graph) -> list:
@@ -258,10 +257,10 @@ class _Dequantizer:
         """The float initializer ``(q - zp) * s`` of a constant quantized tensor, as DequantizeLinear computes it."""
         enc = self.encoding(t)
         q = constant_value(t)
-        scale = constant_value(enc.scale) if enc is not None and enc.scale is not None else None
+        scale = constant_value(enc.scale) if enc is not None else None
         if scale is None:
             raise _Refused(f"the scale of the constant '{t.name}' is not a constant")
-        zp = constant_value(enc.zero_point) if enc.zero_point is not None else None
+        zp = constant_value(enc.zero_point)
         zp = np.zeros((), np.int64) if zp is None else zp.astype(np.int64)
         if scale.size > 1 or zp.size > 1:
             if enc.on is not t and enc.on.name != t.name:
@@ -290,16 +289,12 @@ class _Dequantizer:
         return self._restore_activation(out, input_at(node, 6), input_at(node, 7))
 
     def _restore_activation(self, x: gs.Tensor, scale: Optional[gs.Tensor], zero_point: Optional[gs.Tensor]) -> gs.Tensor:
-        """``x``, through the activation onnxruntime removed before a Q whose range begins at 0
-        (zero point = the type's minimum; none: uint8 at 0) when ``x`` can be negative: a Relu,
-        or Clip(0, 6) where the range ends at 6 (a removed ReLU6 gets its bounds as range once
-        the calibration data reaches them). Another range's top is the old calibration's, and is
-        not kept."""
+        """``x``, through the activation onnxruntime removed before a Q whose range begins at 0 (zero
+        point = the type's minimum; none: uint8 at 0) when ``x`` can be negative (module doc)."""
         zp = constant_value(zero_point) if zero_point is not None else np.zeros((), np.uint8)
-        s = constant_value(scale) if scale is not None else None
-        if zp is None or s is None or zp.dtype.kind not in "iu" or zp.size != 1 or zp.item() != np.iinfo(zp.dtype).min:
-            return x
-        if _nonnegative(x):
+        s = constant_value(scale)
+        if (zp is None or s is None or zp.dtype.kind not in "iu" or zp.size != 1 or zp.item() != np.iinfo(zp.dtype).min
+                or _nonnegative(x)):
             return x
         top = (int(np.iinfo(zp.dtype).max) - int(zp.item())) * float(s.reshape(-1)[0])
         out = gs.Variable(self.editor.names(f"{x.name}_relu"), dtype=x.dtype)

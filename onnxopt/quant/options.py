@@ -1,8 +1,6 @@
-"""The qdq pass's options, in the groups the quantization layers take: the number format
-(bits, symmetry, scales), the placement (which nodes stay in float), the calibration (how
-activation ranges are measured) and the PTQ recovery. The user sets every option by its own name
-(``--set qdq.weight_bits=4``); each layer receives only its group.
-"""
+"""The qdq pass's options, in the groups the quantization layers take (format, placement,
+calibration, PTQ recovery): the user sets every option by its own name (``--set
+qdq.weight_bits=4``); each layer receives only its group."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -48,9 +46,8 @@ class FormatOptions(PassOptions):
         return self.symmetric == "true"
 
     def unsigned_low_bit(self, bits: int) -> bool:
-        """Below 8 bits, non-negative activations use [0, 2^b - 1] with zero point 0 even on int8
-        targets (values stored in int8, which holds them for b <= 7): the symmetric [-q, q] range
-        spends half its levels on values a ReLU output never takes (LSQ quantizes them unsigned)."""
+        """Below 8 bits, non-negative activations use [0, 2^b - 1] with zero point 0 even on int8 targets
+        (int8 holds them): [-q, q] spends half its levels on values a ReLU output never takes (LSQ)."""
         return bits < 8 and self.act_unsigned_low_bit
 
     def check(self, rules: TargetRules) -> None:
@@ -90,8 +87,7 @@ class PlacementOptions(PassOptions):
                                          "and TIDL take per-tensor activations; 8-bit activations only")
 
     def depthwise_axis(self, rules: TargetRules, activation_bits: int) -> bool:
-        """Whether depthwise inputs get per-channel activation Q/DQ, or an OptionError where the
-        target refuses it."""
+        """Whether depthwise inputs get per-channel activation Q/DQ (an OptionError where the target refuses it)."""
         if not self.depthwise_per_channel:
             return False
         if not rules.per_channel_activations:

@@ -1,29 +1,24 @@
 """Where Q/DQ go: a placement algorithm that emits *commands*, applied later by ``quantize``.
 
-Nothing here edits the graph. :func:`plan` reads an onnx-graphsurgeon graph (shape-inferred, every
-node uniquely named) and returns a :class:`Plan`:
-
-* :class:`WeightCommand` -- quantize the weight input of a Conv/ConvTranspose/Gemm/MatMul
-  (per-channel axis from the target rules), with the bias to convert when the target stores it
-  as int32;
-* :class:`ActivationCommand` -- put a ``QuantizeLinear -> DequantizeLinear`` pair on a tensor;
-  all its readers except excluded nodes then read the DQ output. Tensors in one *scale group*
-  share one scale/zero point (union-find): the inputs and output of Concat and of data-movement
-  ops (Reshape, Transpose, MaxPool, Resize, ...) are grouped, so the runtime can move Q/DQ across
-  them (TensorRT propagates DQ forward and Q backward only across equal scales; onnxruntime drops
-  the Q/DQ around such ops only when scales match).
+Nothing here edits the graph: :func:`plan` reads a shape-inferred onnx-graphsurgeon graph (every
+node uniquely named) and returns a :class:`Plan` of :class:`WeightCommand` (a weighted op's weight,
+with the bias the target stores as int32) and :class:`ActivationCommand` (a ``Q -> DQ`` pair on a
+tensor, read by all its readers but excluded nodes). Tensors in one *scale group* share one
+scale/zero point (union-find): the inputs and output of Concat and of data-movement ops (Reshape,
+Transpose, MaxPool, Resize, ...), so the runtime can move Q/DQ across them (TensorRT propagates DQ
+forward and Q backward only across equal scales; onnxruntime drops the Q/DQ around such ops only
+when scales match).
 
 Two placement families (``TargetRules.placement``):
 
-* ``inputs`` (TensorRT): Q/DQ on the data inputs of weighted ops, on the residual input of an Add
-  whose other input is a weighted op's output (the weighted op fuses the Add as its epilogue),
-  then propagated backward through data-movement ops, Concat and pooling so they run in int8.
-  Outputs of weighted ops are not quantized (TensorRT: "don't quantize the outputs of
-  weighted-operations").
-* ``ops`` (onnxruntime, TIDL): every quantizable op gets Q/DQ on its float inputs and on its
-  output; when the output's only reader is a Relu/Clip, the output Q goes after the activation
-  (onnxruntime absorbs it into the quantized range; TI's export puts ReLU between Conv and Q).
-  Graph outputs are never quantized. Then the same backward propagation.
+* ``inputs`` (TensorRT): Q/DQ on the data inputs of weighted ops and on the residual input of an Add
+  whose other input is a weighted op's output (which fuses the Add as its epilogue), then propagated
+  backward through data-movement ops, Concat and pooling so they run in int8; never on the outputs of
+  weighted ops (TensorRT: "don't quantize the outputs of weighted-operations").
+* ``ops`` (onnxruntime, TIDL): Q/DQ on the float inputs and the output of every quantizable op, the
+  output Q after a Relu/Clip that is the output's only reader (onnxruntime absorbs it into the
+  quantized range; TI's export puts ReLU between Conv and Q), never on graph outputs; then the same
+  backward propagation.
 
 Each decision is linear in the graph: consumer maps and topological order are built once.
 """
@@ -37,7 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import OptionError
-from ..ir.graph import constant_value, input_at, is_graph_output, is_weight
+from ..ir.graph import constant_value, input_at, is_graph_output, is_weight, sole_consumer
 from ..ir.unionfind import UnionFind
 from .options import PlacementOptions
 from .targets import WEIGHTED_OPS, TargetRules, weight_axis
@@ -96,20 +91,14 @@ def _is_float_activation(graph: gs.Graph, t: Optional[gs.Tensor]) -> bool:
 
 def excluded_nodes(graph: gs.Graph, options: PlacementOptions, weighted: list) -> tuple:
     """Node names kept in float by exclude_nodes / exclude_op_types / exclude_regex / keep_first_last."""
-    names = set(options.exclude_nodes)
-    op_types = set(options.exclude_op_types)
-    regex = options.exclude_regex
+    names, op_types, regex = set(options.exclude_nodes), set(options.exclude_op_types), options.exclude_regex
     try:
         pattern = re.compile(regex) if regex else None
     except re.error as exc:
         raise OptionError(f"bad qdq.exclude_regex {regex!r}: {exc}.", "give a Python regular expression matched against node names") from None
-    known = {n.name for n in graph.nodes}
-    unknown = sorted(names - known)
-    out = set()
-    for n in graph.nodes:
-        if n.name in names or n.op in op_types or (pattern is not None and pattern.search(n.name)):
-            out.add(n.name)
-    reasons = [f"exclude_nodes: no node named '{u}'" for u in unknown]
+    out = {n.name for n in graph.nodes
+           if n.name in names or n.op in op_types or (pattern is not None and pattern.search(n.name))}
+    reasons = [f"exclude_nodes: no node named '{u}'" for u in sorted(names - {n.name for n in graph.nodes})]
     if options.keep_first_last and weighted:
         first, last = first_last_layers(graph, weighted)
         out |= first | last
@@ -148,17 +137,10 @@ def _weighted_layout(graph: gs.Graph, node: gs.Node):
         if not is_weight(graph, w):
             return None, f"{node.name}: {op} weight is not a constant"
         return (1, [input_at(node, 0)], 2 if input_at(node, 2) is not None else None), None
-    if op == "Gemm":
-        # A is the data input (transA only changes its layout; activations are per-tensor anyway).
-        b = input_at(node, 1)
-        if is_weight(graph, b):
-            c = input_at(node, 2)
-            return (1, [input_at(node, 0)], 2 if c is not None else None), None
-        return (None, [input_at(node, 0), input_at(node, 1)], None), None
-    if op == "MatMul":
-        b = input_at(node, 1)
-        if is_weight(graph, b):
-            return (1, [input_at(node, 0)], None), None
+    if op in ("Gemm", "MatMul"):
+        # A is the data input (Gemm's transA only changes its layout; activations are per-tensor anyway).
+        if is_weight(graph, input_at(node, 1)):
+            return (1, [input_at(node, 0)], 2 if op == "Gemm" and input_at(node, 2) is not None else None), None
         return (None, [input_at(node, 0), input_at(node, 1)], None), None
     return None, f"{node.name}: not a weighted op"
 
@@ -169,11 +151,9 @@ def _weight_command(n: gs.Node, widx: int, data: list, bidx: Optional[int], per_
     wval = constant_value(w)
     if wval is None or np.dtype(wval.dtype) not in FLOAT_DTYPES:
         return f"{n.name}: weight '{w.name}' is not a float constant"
-    axis = None
-    if per_channel:
-        axis = weight_axis(n.op, n.attrs, wval.ndim, int(n.attrs.get("group", 1)))
-        if n.op == "Gemm" and wval.ndim != 2:
-            axis = None
+    axis = weight_axis(n.op, n.attrs, wval.ndim, int(n.attrs.get("group", 1))) if per_channel else None
+    if n.op == "Gemm" and wval.ndim != 2:
+        axis = None
     bias = n.inputs[bidx] if bidx is not None else None
     if bias is not None and (constant_value(bias) is None or constant_value(bias).ndim != 1):
         bias = None  # broadcast/non-constant Gemm C stays float
@@ -186,20 +166,18 @@ def _mark_all_ops(graph: gs.Graph, nodes: list, layer_data: dict, active, exclud
                   skipped: list) -> None:
     """Placement ``ops`` (onnxruntime, TIDL): the inputs and output of every active layer and quantizable op."""
     for n in nodes:
-        if not active(n):
+        if not active(n) or n.op not in OPS_QUANTIZABLE:
             continue
         if n.op in WEIGHTED_OPS:
             if n.name not in layer_data:
                 continue
             ins = layer_data[n.name]
-        elif n.op in OPS_QUANTIZABLE:
+        else:
             ins = [t for t in n.inputs if t is not None]
             if any(constant_value(t) is not None for t in ins):
                 if _is_float_activation(graph, n.outputs[0]):
                     skipped.append(f"{n.name}: {n.op} with a constant operand stays float")
                 continue
-        else:
-            continue
         for t in ins:
             mark(t)
         out = _absorbed_output(graph, n, excluded) if rules.absorb_activations else n.outputs[0]
@@ -254,30 +232,26 @@ def plan(graph: gs.Graph, rules: TargetRules, options: PlacementOptions, per_cha
 
     # ---- activations ------------------------------------------------------------------------
     if rules.placement == "inputs":
-        for n in weighted:
-            if n.name in layer_data:
-                for t in layer_data[n.name]:
-                    mark(t)
+        for data in layer_data.values():   # in the order of ``weighted``
+            for t in data:
+                mark(t)
         _residual_adds(graph, nodes, excluded, active, layer_data, mark)
     else:
         _mark_all_ops(graph, nodes, layer_data, active, excluded, rules, mark, result.skipped)
 
     _propagate_backward(graph, nodes, quant, uf, active, mark, rules)
 
-    for name, t in quant.items():
+    for name in quant:
         rep = uf.find(name)
         result.groups.setdefault(rep, []).append(name)
-    for name in quant:
-        result.activations.append(ActivationCommand(name, uf.find(name)))
+        result.activations.append(ActivationCommand(name, rep))
     return result
 
 
 def depthwise_per_channel(graph: gs.Graph, result: Plan) -> list:
-    """Put the data input of every depthwise Conv (one input channel per group) on a per-channel
-    (axis 1) quantizer, as NNCF does: the channels entering a depthwise conv can differ by
-    decades (BatchNorm folded with very different statistics), which no per-tensor scale holds.
-    Only a tensor alone in its scale group (a group shares one scale) is changed. Returns the
-    tensors changed."""
+    """Put the data input of every depthwise Conv on a per-channel (axis 1) quantizer, as NNCF
+    does: the channels entering a depthwise conv can differ by decades (BatchNorm folded with very
+    different statistics). Only a tensor alone in its scale group is changed; returns those."""
     commands = {a.tensor: a for a in result.activations}
     changed = []
     for n in graph.nodes:
@@ -303,21 +277,15 @@ def _is_depthwise(n: gs.Node) -> bool:
 
 
 def _absorbed_output(graph: gs.Graph, node: gs.Node, excluded: set) -> gs.Tensor:
-    """The tensor whose Q ends ``node``'s quantized region: after one following Relu/Clip.
-
-    An unfused BatchNormalization right after a weighted op is stepped over (it folds into the
-    layer at deployment); run bnfuse first for onnxruntime, which fuses only folded layers.
-    """
+    """The tensor whose Q ends ``node``'s quantized region: after one following Relu/Clip. An
+    unfused BatchNormalization right after a weighted op is stepped over (it folds into the layer
+    at deployment); run bnfuse first for onnxruntime, which fuses only folded layers."""
     out = node.outputs[0]
-    if is_graph_output(graph, out) or len(out.outputs) != 1:
-        return out
-    nxt = out.outputs[0]
-    if nxt.op == "BatchNormalization" and node.op in WEIGHTED_OPS and nxt.name not in excluded:
+    nxt = sole_consumer(graph, out)
+    if nxt is not None and nxt.op == "BatchNormalization" and node.op in WEIGHTED_OPS and nxt.name not in excluded:
         out = nxt.outputs[0]
-        if is_graph_output(graph, out) or len(out.outputs) != 1:
-            return out
-        nxt = out.outputs[0]
-    if nxt.op not in ABSORBABLE or nxt.name in excluded:
+        nxt = sole_consumer(graph, out)
+    if nxt is None or nxt.op not in ABSORBABLE or nxt.name in excluded:
         return out
     if nxt.op == "Clip" and any(input_at(nxt, i) is not None and constant_value(input_at(nxt, i)) is None for i in (1, 2)):
         return out  # a run-time clip range cannot be folded into the quantized range
@@ -326,7 +294,7 @@ def _absorbed_output(graph: gs.Graph, node: gs.Node, excluded: set) -> gs.Tensor
 
 def _producer_fuses(graph: gs.Graph, t: gs.Tensor, layer_data: dict) -> bool:
     """True when ``t`` is the sole-consumer output of a quantized weighted op (possibly via BN)."""
-    if is_graph_output(graph, t) or len(t.outputs) != 1 or len(t.inputs) != 1:
+    if sole_consumer(graph, t) is None or len(t.inputs) != 1:
         return False
     p = t.inputs[0]
     if p.op == "BatchNormalization" and len(p.inputs) and len(p.inputs[0].inputs) == 1 and len(p.inputs[0].outputs) == 1:
@@ -341,12 +309,10 @@ def _residual_adds(graph, nodes, excluded, active, layer_data, mark) -> None:
             continue
         a, b = n.inputs
         fa, fb = _producer_fuses(graph, a, layer_data), _producer_fuses(graph, b, layer_data)
-        if fa and not fb:
-            mark(b)
-        elif fb and not fa:
+        if fa:
+            mark(b)  # when both branches are convs, one fuses the Add and the other is its int8 input
+        elif fb:
             mark(a)
-        elif fa and fb:
-            mark(b)  # both branches are convs: one fuses the Add, the other is its int8 input
 
 
 def _propagate_backward(graph, nodes, quant, uf, active, mark, rules) -> None:
@@ -357,13 +323,9 @@ def _propagate_backward(graph, nodes, quant, uf, active, mark, rules) -> None:
         out = n.outputs[0]
         if out.name not in quant:
             continue
-        if n.op in PASS_THROUGH_OPS:
+        if n.op in PASS_THROUGH_OPS or n.op == "Concat":
             # (a linear Resize interpolates, but stays within its input's range: same scale too)
-            src = input_at(n, 0)
-            if mark(src):
-                uf.union(out.name, src.name)
-        elif n.op == "Concat":
-            for src in n.inputs:
+            for src in (n.inputs if n.op == "Concat" else [input_at(n, 0)]):
                 if mark(src):
                     uf.union(out.name, src.name)
         elif n.op in AVG_POOL_OPS:
@@ -380,10 +342,8 @@ def nonnegative_tensors(graph: gs.Graph) -> set:
     for n in graph.nodes:
         if not n.outputs:
             continue
-        ok = False
-        if n.op in NONNEG_OPS:
-            ok = True
-        elif n.op == "Clip":
+        ok = n.op in NONNEG_OPS
+        if n.op == "Clip":
             lo = constant_value(input_at(n, 1)) if input_at(n, 1) is not None else n.attrs.get("min")
             ok = lo is not None and float(np.asarray(lo).reshape(-1)[0]) >= 0.0
         elif n.op in PASS_THROUGH_OPS or n.op in AVG_POOL_OPS:

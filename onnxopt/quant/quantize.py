@@ -1,38 +1,25 @@
 """Apply a placement plan: quantized weight initializers + DQ, activation Q/DQ pairs, bias handling.
 
-Entry point :func:`quantize_model` (the qdq pass's engine; the layout it writes is described in
-:mod:`onnxopt.quant.view`, which reads it back):
+Entry point :func:`quantize_model` (the qdq pass's engine; :mod:`onnxopt.quant.view` reads its layout
+back): prepare the model for the target, plan placement twice -- without exclusions (the calibration
+tensor set, so that the calibration cache does not depend on exclusion options) and with them --,
+calibrate through :func:`onnxopt.quant.calibrate.calibrate`, rewrite.
 
-1. prepare the model for the target: every node uniquely named, opset raised to the target's
-   minimum (or converted to its fixed opset), shapes inferred, static input shapes for TIDL;
-2. plan placement twice -- once without exclusions (the calibration tensor set, so that the
-   calibration cache does not depend on exclusion options) and once with them;
-3. calibrate the activation tensors through :func:`onnxopt.quant.calibrate.calibrate` (this module
-   computes no activation statistics of its own);
-4. rewrite.
+The math (per tensor, ``b`` bits; each function below has its details):
 
-The math (per tensor, ``b`` bits):
+* activations: symmetric ``s = amax / qmax``, ``zp = 0``, signed, or unsigned (``[0, 2^b - 1]``) for a
+  non-negative tensor on uint8 targets and, below 8 bits, on every target (``act_unsigned_low_bit``:
+  a 4-bit ReLU output gets [0, 15], not [-7, 7]); asymmetric over the range widened to contain 0
+  (exact zero padding), ``zp = round(-lo / s)``; power of two: ``s`` rounded up, as TI's observers do;
+* weights: symmetric, ``s_w[c] = max|w[c]| / qmax`` per channel (an all-zero channel gets 1), round
+  half to even; with ``weight_symmetric=false`` (ort, layers below 8 bits) each channel's
+  [min(w, 0), max(w, 0)] takes all ``2^b`` levels with its own zero point;
+* int32 bias (ort, tidl): ``s_b[c] = s_in * s_w[c]``, a weight scale raised where needed so that
+  ``|b_q| < 2^31``.
 
-* symmetric signed: ``s = amax / (2^(b-1) - 1)``, ``zp = 0``, int8;
-* symmetric unsigned (non-negative tensor, tidl-tda4vm): ``s = amax / (2^b - 1)``, ``zp = 0``, uint8;
-  below 8 bits every target does this for non-negative tensors (``act_unsigned_low_bit``), in int8
-  storage on int8 targets: a 4-bit ReLU output gets [0, 15], not [-7, 7];
-* asymmetric uint8: the range is widened to contain 0 (exact zero padding), ``s = (hi - lo) / (2^b - 1)``,
-  ``zp = round(-lo / s)``;
-* power of two: ``s <- 2^ceil(log2 s)`` (rounded up, as TI's observers do), zp recomputed;
-* weights: symmetric, ``s_w[c] = max|w[c]| / (2^(b-1) - 1)`` on the per-channel axis (per tensor
-  otherwise), ``w_q = clip(round_half_even(w / s_w), -qmax, qmax)``; an all-zero channel gets
-  ``s_w = 1``. With ``weight_symmetric=false`` (ort), each channel's range [min(w, 0), max(w, 0)]
-  takes all ``2^b`` levels: ``s_w = (hi - lo) / (2^b - 1)``, ``zp_w = clip(round(qmin - lo / s_w))``,
-  ``w_q = clip(round(w / s_w) + zp_w, qmin, qmax)`` with ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``,
-  for layers below 8 bits (8-bit layers stay symmetric, see apply_plan);
-* int32 bias (ort, tidl): ``s_b[c] = s_in * s_w[c]``, ``b_q = round(b / s_b)``; a weight scale is
-  raised when needed so that ``|b_q| < 2^31``.
-
-Below 8 bits values are stored in int8/uint8 restricted to ``[qmin, qmax]`` (weights by
-construction; activations get a Clip to the representable range before their Q, since Q itself
-saturates only at the 8-bit limits), or, with ``low_bit=int4`` and 4-bit weights, as INT4
-initializers at opset >= 21.
+Below 8 bits values are stored in int8/uint8 restricted to ``[qmin, qmax]`` (activations get a Clip
+before their Q, since Q itself saturates only at the 8-bit limits), or, with ``low_bit=int4`` and
+4-bit weights, as INT4 initializers at opset >= 21.
 """
 from __future__ import annotations
 
@@ -50,17 +37,16 @@ from .. import model_io
 from ..data import feed_samples
 from ..errors import InternalError, OnnxoptError, OptionError
 from ..input_dims import shape_hint
-from ..ir.graph import NameGenerator, constant_value, export_graph, import_graph
+from ..ir.graph import NameGenerator, constant_value, export_graph, import_graph, swap_input
 from ..ir.proto import infer_shapes
 from . import calib_search
 from . import calibrate as calib
 from . import placement as placement_mod
 from .options import CalibrationOptions, FormatOptions, QdqOptions
 from .targets import TargetRules, get_target
-from .view import (LayerQuant, QuantInfo, already_quantized_message, channel_rows, int_range, quantized_ops, weight_range,
-                   with_clip_bounds)
+from .view import (INT32_MAX, LayerQuant, QuantInfo, along_axis, already_quantized_message, channel_rows, int_range,
+                   quantized_ops, weight_range, with_clip_bounds)
 
-INT32_MAX = 2**31 - 1
 MIN_SCALE = 1e-30
 
 
@@ -142,16 +128,14 @@ def convert_opset(model: ModelProto, target: int) -> ModelProto:
 
 
 def _relabel_down(model: ModelProto, current: int, target: int) -> Optional[ModelProto]:
-    """The model at opset ``target`` by relabelling, when onnx's converter has no adapter (it has
-    none down from 24/25 for ops whose newer versions only added types): every node's operator at
-    ``target`` must have the same attributes and inputs/outputs as at ``current``, and the model
-    must pass the full checker at ``target`` (the types it uses exist there). None otherwise."""
+    """The model at opset ``target`` by relabelling, when onnx's converter has no adapter (none down
+    from 24/25 for ops whose newer versions only added types): every operator must keep its
+    attributes and inputs/outputs, and the model pass the full checker at ``target``. None otherwise."""
     def nodes(graph):
         for n in graph.node:
             yield n
-            for a in n.attribute:
-                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    yield from nodes(g)
+            for g in model_io.subgraphs(n):
+                yield from nodes(g)
 
     for n in nodes(model.graph):
         if n.domain not in ("", "ai.onnx"):
@@ -182,11 +166,7 @@ def prepare_model(model: ModelProto, rules: TargetRules, fmt: FormatOptions) -> 
     notes = []
     model = model_io.load_model(model, check=False)
     opset = model_io.opset_of(model)
-    want = opset
-    if rules.fixed_opset is not None:
-        want = rules.fixed_opset
-    elif opset < rules.min_opset:
-        want = rules.min_opset
+    want = rules.fixed_opset if rules.fixed_opset is not None else max(opset, rules.min_opset)
     if fmt.low_bit == "int4":
         want = max(want, 21)
     if want != opset:
@@ -205,32 +185,30 @@ def prepare_model(model: ModelProto, rules: TargetRules, fmt: FormatOptions) -> 
 def _make_static(model: ModelProto, rules: TargetRules, input_shapes: Optional[dict]) -> None:
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
-        if vi.name in inits:
-            continue
         dims = vi.type.tensor_type.shape.dim
         dynamic = [i for i, d in enumerate(dims) if not (d.HasField("dim_value") and d.dim_value > 0)]
-        if not dynamic:
+        if vi.name in inits or not dynamic:
             continue
-        if input_shapes and vi.name in input_shapes:
-            shape = list(input_shapes[vi.name])
-            if len(shape) != len(dims):
-                raise OptionError(f"--input-shape for '{vi.name}' has rank {len(shape)}, the input has rank {len(dims)}.", "give every dimension")
-            for d, v in zip(dims, shape):
-                d.Clear()
-                d.dim_value = int(v)
-            continue
-        raise OnnxoptError(
-            f"target {rules.name} needs static shapes, but input '{vi.name}' has dynamic dimension(s) {dynamic}.",
-            f"give the deployment shape with --input-shape {shape_hint(vi)} (your real sizes), or export with static shapes")
+        if not input_shapes or vi.name not in input_shapes:
+            raise OnnxoptError(
+                f"target {rules.name} needs static shapes, but input '{vi.name}' has dynamic dimension(s) {dynamic}.",
+                f"give the deployment shape with --input-shape {shape_hint(vi)} (your real sizes), "
+                "or export with static shapes")
+        shape = list(input_shapes[vi.name])
+        if len(shape) != len(dims):
+            raise OptionError(f"--input-shape for '{vi.name}' has rank {len(shape)}, the input has rank {len(dims)}.", "give every dimension")
+        for d, v in zip(dims, shape):
+            d.Clear()
+            d.dim_value = int(v)
 
 
 def static_inputs(model: ModelProto, rules: TargetRules, data, ctx) -> tuple:
-    """(model, note): for a static-shape target (tidl), a copy of ``model`` whose dynamic input
-    dims are fixed -- from --input-shape (``ctx.input_shapes``), or from generated calibration
-    data's size (the note says so) -- or an error naming the input; ``model`` itself otherwise."""
+    """(model, note): for a static-shape target (tidl), a copy of ``model`` whose dynamic input dims
+    are fixed from --input-shape or, on generated data, the data's size (the note says so), or an
+    error naming the input; ``model`` itself otherwise."""
     if not rules.static_shapes:
         return model, None
-    input_shapes = getattr(ctx, "input_shapes", None) if ctx is not None else None
+    input_shapes = getattr(ctx, "input_shapes", None)
     note = None
     if data is not None and getattr(getattr(ctx, "data_spec", None), "source", None) == "random":
         input_shapes, note = _static_shapes_from_data(model, input_shapes, data)
@@ -240,10 +218,9 @@ def static_inputs(model: ModelProto, rules: TargetRules, data, ctx) -> tuple:
 
 
 def _static_shapes_from_data(model: ModelProto, input_shapes: Optional[dict], data) -> tuple:
-    """(input shapes, note): a static-shape target (tidl) calibrated on generated data (``--data
-    random``, a smoke test) with no --input-shape for a dynamic input takes the generated data's
-    size (batch 1, a size onnxopt found the model runs at) and says so. With real data the
-    deployment size is the user's to state: --input-shape is still asked for."""
+    """(input shapes, note): on generated data (``--data random``, a smoke test) a dynamic input
+    with no --input-shape takes the data's size (batch 1, a size the model runs at), and says so.
+    With real data the deployment size is the user's to state: --input-shape is still asked for."""
     inits = {i.name for i in model.graph.initializer}
     missing = [vi.name for vi in model.graph.input if vi.name not in inits and vi.name not in (input_shapes or {})
                and any(not (d.HasField("dim_value") and d.dim_value > 0) for d in vi.type.tensor_type.shape.dim)]
@@ -265,9 +242,8 @@ def _static_shapes_from_data(model: ModelProto, input_shapes: Optional[dict], da
 
 # ------------------------------------------------------------------------------- calibration
 def to_static_batch(data, model: ModelProto):
-    """``data`` in batches of the static model's batch size. A static-shape target (tidl) fixes
-    the batch (--input-shape), while --batch-size may have asked for larger batches: those are
-    split. Returned unchanged when the batch is not fixed or is not 1 (nothing to split into)."""
+    """``data`` in batches of the static model's batch 1 (tidl fixes it, while --batch-size may
+    have asked for larger batches: those are split); unchanged when the batch is not fixed at 1."""
     batch = {vi.type.tensor_type.shape.dim[0].dim_value for vi in model.graph.input
              if vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
     if batch != {1}:
@@ -306,28 +282,17 @@ def run_calibration(model: ModelProto, tensors: list, data, options: Calibration
                     choose=None) -> dict:
     """Ranges of ``tensors``; with ``calib_method=auto``, ``choose`` picks each tensor's method
     (:func:`onnxopt.quant.calibrate.calibrate`); without it, auto is the target's default method."""
-    method = options.calib_method
-    if method == "auto" and choose is None:
-        method = rules.default_method
-    cfg = calib.CalibConfig(
-        method=method,
-        search=options.calib_search,
-        percentile=options.calib_percentile,
-        num_bins=options.calib_bins,
-        workers=options.calib_workers,
-        progress=progress,
-        cache=options.calib_cache or None,
-        trt_table=options.trt_calib_table or None,
-    )
+    method = rules.default_method if options.calib_method == "auto" and choose is None else options.calib_method
+    cfg = calib.CalibConfig(method=method, search=options.calib_search, percentile=options.calib_percentile,
+                            num_bins=options.calib_bins, workers=options.calib_workers, progress=progress,
+                            cache=options.calib_cache or None, trt_table=options.trt_calib_table or None)
     symmetric = fmt.act_symmetric(rules)
-    # "unsigned" makes the calibrator clip at 0: only for symmetric quantization with zero point 0
-    # of tensors that are non-negative by construction (ReLU/Clip/Sigmoid outputs) -- uint8 on
-    # uint8 targets, and below 8 bits on int8 targets too (see activation_params). Asymmetric
-    # ranges keep lo.
-    nonneg = nonneg or set()
+    # "unsigned" makes the calibrator clip at 0: only for symmetric quantization with zero point 0 of
+    # tensors that are non-negative by construction (ReLU/Clip/Sigmoid outputs) -- uint8 on uint8
+    # targets, and below 8 bits on int8 targets too (see activation_params). Asymmetric ranges keep lo.
     bits = fmt.activation_bits
     zero_based = not rules.act_signed or fmt.unsigned_low_bit(bits)
-    unsigned = {t: bool(symmetric and zero_based and t in nonneg) for t in tensors}
+    unsigned = {t: bool(symmetric and zero_based and t in (nonneg or ())) for t in tensors}
     return calib.calibrate(with_clip_bounds(model, bounds or {}), list(tensors), data, cfg,
                            symmetric=symmetric, unsigned=unsigned, bits=bits, choose=choose)
 
@@ -339,10 +304,9 @@ def pow2(scale: np.ndarray) -> np.ndarray:
 
 def activation_params(lo: float, hi: float, bits: int, rules: TargetRules, symmetric: bool, power_of_two: bool,
                       low_bit_unsigned: bool = False) -> ActParams:
-    """Scale / zero point / type of a per-tensor activation quantizer for range [lo, hi].
-
-    ``low_bit_unsigned`` (below 8 bits): a symmetric range with ``lo >= 0`` takes [0, 2^b - 1]
-    with zero point 0 in the target's own type (int8 on TensorRT), see :func:`unsigned_low_bit`."""
+    """Scale / zero point / type of a per-tensor activation quantizer for range [lo, hi];
+    ``low_bit_unsigned`` (below 8 bits): a symmetric range with ``lo >= 0`` takes [0, 2^b - 1] with
+    zero point 0 in the target's own type (int8 on TensorRT), see :func:`unsigned_low_bit`."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise OnnxoptError(f"calibration returned a non-finite range [{lo}, {hi}].", "check the calibration data for overflowing activations")
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
@@ -353,17 +317,15 @@ def activation_params(lo: float, hi: float, bits: int, rules: TargetRules, symme
         unsigned = (not rules.act_signed) and lo >= 0.0
         zero_based = unsigned or (low_bit_unsigned and bits < 8 and lo >= 0.0)
         qmin, qmax = int_range(bits, signed=not zero_based, narrow=not zero_based)
-        scale = amax / qmax if amax > 0 else 1.0
-        if power_of_two:
-            scale = float(pow2(np.float64(scale)))
-        return ActParams(max(scale, MIN_SCALE), 0, not unsigned, qmin, qmax)
-    qmin, qmax = int_range(bits, signed=rules.act_signed)
-    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+        scale, signed = (amax / qmax if amax > 0 else 1.0), not unsigned
+    else:
+        qmin, qmax = int_range(bits, signed=rules.act_signed)
+        scale, signed = ((hi - lo) / (qmax - qmin) if hi > lo else 1.0), rules.act_signed
     if power_of_two:
         scale = float(pow2(np.float64(scale)))
     scale = max(scale, MIN_SCALE)
-    zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
-    return ActParams(scale, zp, rules.act_signed, qmin, qmax)
+    zp = 0 if symmetric else int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return ActParams(scale, zp, signed, qmin, qmax)
 
 
 def weight_scales(w: np.ndarray, axis: Optional[int], bits: int, power_of_two: bool, symmetric: bool = True) -> np.ndarray:
@@ -397,17 +359,15 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: Optional[int], bits:
                     zero_point: Optional[np.ndarray] = None) -> np.ndarray:
     """int8 ``clip(round(w / s) + zp, qmin, qmax)``; ``zero_point`` None: symmetric, zp 0."""
     qmin, qmax = weight_range(bits, zero_point is None)
-    shape = [-1 if i == axis else 1 for i in range(w.ndim)]
-    s = scale if axis is None else scale.reshape(shape)
-    zp = 0 if zero_point is None else (zero_point if axis is None else zero_point.reshape(shape)).astype(np.float64)
+    s = along_axis(np.asarray(scale), w.ndim, axis)
+    zp = 0 if zero_point is None else along_axis(zero_point, w.ndim, axis).astype(np.float64)
     return np.clip(np.rint(w.astype(np.float64) / s) + zp, qmin, qmax).astype(np.int8)
 
 
 def layer_weight_bits(graph: gs.Graph, plan, nodes: dict, wbits: int, first_last_bits: int) -> dict:
-    """Weight bits per quantized node: ``first_last_bits`` (when set) for the first and last
-    weighted layers, ``wbits`` elsewhere. Low-bit PTQ keeps those two at 8 bits by convention
-    (AdaRound, BRECQ): the first sees raw pixels through few weights per channel, the last
-    decides the classes."""
+    """Weight bits per quantized node: ``first_last_bits`` (when set) for the first and last weighted
+    layers, ``wbits`` elsewhere. Low-bit PTQ keeps those two at 8 bits by convention (AdaRound, BRECQ):
+    the first sees raw pixels through few weights per channel, the last decides the classes."""
     bits = {wc.node: wbits for wc in plan.weights}
     if first_last_bits and first_last_bits != wbits and bits:
         # layers kept in float count too: with keep_first_last the first/last stay float and
@@ -427,7 +387,7 @@ def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantRe
     rules = get_target(options.target)
     fmt, calibration = options.format, options.calibration
     fmt.check(rules)
-    progress = bool(getattr(ctx, "progress", False)) if ctx is not None else False
+    progress = bool(getattr(ctx, "progress", False))
     bounds = model_io.activation_bounds(model) if calibration.clip_bounds else {}
     model, static_note = static_inputs(model, rules, data, ctx)
     model, notes = prepare_model(model, rules, fmt)
@@ -447,15 +407,13 @@ def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantRe
     cache = calibration.calib_cache or None
     # a cache that exists is either reused (model, data and settings match) or refused as stale
     cache_state = ("reused" if Path(cache).exists() else "written") if cache and tensors else None
-    # per-channel depthwise inputs take per-channel minmax ranges, measured first so that the
-    # auto search measures the model with them
+    # per-channel depthwise inputs take per-channel minmax ranges, measured first: the auto search uses them
     per_channel = placement_mod.depthwise_per_channel(graph, the_plan) if options.placement.depthwise_axis(rules, fmt.activation_bits) else []
     channel = calib.channel_ranges(with_clip_bounds(model, bounds), per_channel, data) if per_channel else {}
     choose, search = None, {}
     if calibration.calib_method == "auto" and tensors:
-        choose = _range_chooser(model, the_plan, tensors, data, rules, fmt, bounds, search,
-                                getattr(ctx, "log", None) if ctx is not None else None, channel,
-                                per_tensor=calibration.calib_search == "per_tensor")
+        choose = _range_chooser(model, the_plan, tensors, data, rules, fmt, bounds, search, getattr(ctx, "log", None),
+                                channel, per_tensor=calibration.calib_search == "per_tensor")
     ranges = run_calibration(model, tensors, data, calibration, fmt, rules, progress, nonneg, bounds, choose) if tensors else {}
     ranges.update(channel)
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
@@ -480,9 +438,8 @@ def _range_value(r) -> tuple:
 def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRules, fmt: FormatOptions, bounds: dict,
                    out: dict, log, fixed: dict, per_tensor: bool = False) -> Callable:
     """The ``choose`` of ``calib_method=auto`` (:mod:`onnxopt.quant.calib_search`): measures the
-    Q/DQ model of ``plan`` against the float model (with the clips lite removed put back), and
-    stores the search's report in ``out["report"]``. ``fixed``: ranges not searched (per-channel);
-    ``per_tensor``: refine the choice per tensor (``calib_search=per_tensor``)."""
+    Q/DQ model of ``plan`` against the float model with the clips lite removed, the report in
+    ``out["report"]``; ``fixed``: ranges not searched (per-channel)."""
     placed = set(plan.activation_tensors()) - set(fixed)
     reference = with_clip_bounds(model, bounds)
 
@@ -500,8 +457,7 @@ def _range_chooser(model: ModelProto, plan, tensors: list, data, rules: TargetRu
 
 @dataclass
 class _PlanWriter:
-    """What every Q/DQ insertion of one :func:`apply_plan` call shares: the graph, its name
-    generator and the target's and format's quantization choices."""
+    """What every Q/DQ insertion of one :func:`apply_plan` call shares."""
     graph: gs.Graph
     names: NameGenerator
     rules: TargetRules
@@ -520,10 +476,8 @@ class _PlanWriter:
                 lo = min(float(ranges[m][0]) for m in members)
                 hi = max(float(ranges[m][1]) for m in members)
                 p = activation_params(lo, hi, abits, self.rules, self.symmetric, self.power_of_two, self.fmt.unsigned_low_bit(abits))
-            dtype = np.float32
             first = tensors[members[0]]
-            if first.dtype is not None and np.dtype(first.dtype) == np.float16:
-                dtype = np.float16
+            dtype = np.float16 if first.dtype is not None and np.dtype(first.dtype) == np.float16 else np.float32
             p.scale_const = gs.Constant(self.names(f"{rep}_scale"), np.asarray(p.scale, dtype=dtype))
             p.zp_const = gs.Constant(self.names(f"{rep}_zero_point"), np.asarray(p.zero_point, dtype=np.int8 if p.signed else np.uint8))
             group_params[rep] = p
@@ -566,9 +520,7 @@ class _PlanWriter:
                       inputs=[q_out, p.scale_const, p.zp_const], outputs=[dq_out])
         self.graph.nodes.extend([qn, dqn])
         for reader in readers:
-            for i, inp in enumerate(reader.inputs):
-                if inp is t:
-                    reader.inputs[i] = dq_out
+            swap_input(reader, t, dq_out)
         return qn, dqn, dq_out
 
     def dequantize(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, fdt, shape: list, axis) -> tuple:
@@ -586,8 +538,7 @@ class _PlanWriter:
 
 def _int_bias_scale(scale, b: np.ndarray, data_scale: float, power_of_two: bool) -> tuple:
     """(scale, fits): the weight scale widened so that the int32 bias (scale data_scale * weight
-    scale) cannot overflow; fits is False where the scale's shape does not match the bias (the
-    bias then stays float)."""
+    scale) cannot overflow; fits is False where the scale's shape does not match the bias's."""
     fits = True
     if scale.ndim == 0:
         need = np.max(np.abs(b) / (np.asarray(data_scale) * (INT32_MAX - 1))) if b.size else 0.0
@@ -601,12 +552,11 @@ def _int_bias_scale(scale, b: np.ndarray, data_scale: float, power_of_two: bool)
 
 def _quantize_bias(writer: _PlanWriter, node: gs.Node, wc, b: np.ndarray, scale, data_scale: float, fdt) -> tuple:
     """Replace the bias of ``node`` by an int32 DequantizeLinear; returns (its int32 initializer, its scale)."""
-    bias_t = node.inputs[wc.bias_index]
     s_vec = np.broadcast_to(np.asarray(scale, np.float64), b.shape)
     bscale = (data_scale * s_vec).astype(np.float32)
     bq = np.clip(np.rint(b / bscale.astype(np.float64)), -INT32_MAX - 1, INT32_MAX).astype(np.int32)
-    b_dq, bq_c, bs_c, _ = writer.dequantize(bias_t.name, bq, bscale.astype(fdt), np.zeros(b.shape, dtype=np.int32),
-                                            fdt, list(b.shape), 0)
+    b_dq, bq_c, bs_c, _ = writer.dequantize(node.inputs[wc.bias_index].name, bq, bscale.astype(fdt),
+                                            np.zeros(b.shape, dtype=np.int32), fdt, list(b.shape), 0)
     node.inputs[wc.bias_index] = b_dq
     return bq_c.name, bs_c.name
 
@@ -620,9 +570,8 @@ def _quantize_layer(writer: _PlanWriter, node: gs.Node, wc, bits: int, data_scal
     w = np.asarray(constant_value(w_t))
     fdt = w.dtype
     # asymmetric only below 8 bits: an 8-bit one fills [-128, 127], and onnxruntime's u8 x s8
-    # kernels on AVX2 CPUs without VNNI add pairs of products in int16, which saturates once
-    # stored weights pass +-64 (tools/bench_qdq.py saturation: EfficientNet-Lite0 W8 asymmetric,
-    # output error 2.11 fused against 0.015 unfused); below 8 bits the stored values stay small
+    # kernels on AVX2 CPUs without VNNI add pairs of products in int16, which saturates once stored
+    # weights pass +-64 (tools/bench_qdq.py saturation); below 8 bits the stored values stay small
     sym_w = fmt.weight_symmetric or bits >= 8
     qmin_w, qmax_w = weight_range(bits, sym_w)
     scale = weight_scales(w, wc.axis, bits, writer.power_of_two, sym_w)
@@ -676,10 +625,9 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
                                  "axis": p.axis, "dtype": "int8" if p.signed else "uint8", "range": list(_range_value(ranges[t.name]))})
 
     layers, int4_names, shared = [], [], {}
-    for wc in plan.weights:
-        data_scale = act_scale_of.get(wc.data_tensor) if wc.data_tensor in dq_of else None
-        input_dq = dq_of.get(wc.data_tensor) if wc.data_tensor else None
-        layers.append(_quantize_layer(writer, nodes[wc.node], wc, bits_of[wc.node], data_scale, input_dq, shared, int4_names))
+    for wc in plan.weights:   # data_scale and input_dq are None where the layer's input is not quantized
+        layers.append(_quantize_layer(writer, nodes[wc.node], wc, bits_of[wc.node], act_scale_of.get(wc.data_tensor),
+                                      dq_of.get(wc.data_tensor), shared, int4_names))
 
     out = export_graph(graph, like=model)
     if int4_names:
@@ -693,13 +641,14 @@ def apply_plan(model: ModelProto, graph: gs.Graph, plan, ranges: dict, rules: Ta
 
 def _to_int4(model: ModelProto, names: set) -> None:
     """Re-type the given int8 initializers (values already in [-8, 7]) and their zero points as INT4."""
-    for i, t in enumerate(model.graph.initializer):
+    def retype(t: TensorProto) -> None:
+        arr = numpy_helper.to_array(t)
+        t.CopyFrom(helper.make_tensor(t.name, TensorProto.INT4, arr.shape, arr.reshape(-1).tolist()))
+
+    for t in model.graph.initializer:
         if t.name in names:
-            arr = numpy_helper.to_array(t)
-            model.graph.initializer[i].CopyFrom(helper.make_tensor(t.name, TensorProto.INT4, arr.shape, arr.reshape(-1).tolist()))
+            retype(t)
     by_name = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in names and len(node.input) > 2:
-            zp = by_name[node.input[2]]
-            arr = numpy_helper.to_array(zp)
-            zp.CopyFrom(helper.make_tensor(zp.name, TensorProto.INT4, arr.shape, arr.reshape(-1).tolist()))
+            retype(by_name[node.input[2]])

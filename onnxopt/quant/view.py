@@ -1,16 +1,14 @@
 """The Q/DQ view of a quantized model and the integer ranges: the leaf of the quant package.
 
-Everything that reads a quantized model back -- sensitivity, the recovery steps, the torch
-converter -- works through this module: integer ranges (:func:`int_range`, :func:`weight_range`,
-:data:`INT_RANGE_OF_TYPE`), per-channel reshaping, and :class:`QdqView`, which derives float /
-partly-quantized variants of a QDQ model from the qdq pass's ``info`` without recalibrating
-(the variants are described in :mod:`onnxopt.quant.sensitivity`), and which quantization ops a
-model already holds (:func:`quantized_ops`). It imports no other module of
-``onnxopt.quant``.
+Everything that reads a quantized model back (sensitivity, the recovery steps, the torch converter)
+works through this module: integer ranges, per-channel reshaping, :class:`QdqView` (float /
+partly-quantized variants of a QDQ model, derived from the qdq pass's ``info`` without
+recalibrating) and :func:`quantized_ops`. It imports no other module of ``onnxopt.quant``.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Optional, Union
 
@@ -46,8 +44,7 @@ def channel_rows(a: np.ndarray, axis: Optional[int]) -> np.ndarray:
 def weight_range(bits: int, symmetric: bool = True) -> tuple:
     """(qmin, qmax) of ``bits``-bit weights: [-q, q] symmetric (the restricted range TensorRT
     uses), all ``2^bits`` levels asymmetric."""
-    q = 2 ** (bits - 1)
-    return (-(q - 1), q - 1) if symmetric else (-q, q - 1)
+    return int_range(bits, signed=True, narrow=symmetric)
 
 
 def along_axis(a: np.ndarray, ndim: int, axis: Optional[int]) -> np.ndarray:
@@ -62,12 +59,9 @@ def along_axis(a: np.ndarray, ndim: int, axis: Optional[int]) -> np.ndarray:
 
 def with_clip_bounds(model: ModelProto, bounds: dict) -> ModelProto:
     """``model`` with a Clip put back on each tensor of ``bounds`` ({tensor: (lo, hi)}, the clips
-    ``lite`` removed: :data:`onnxopt.model_io.ACTIVATION_BOUNDS_KEY`); ``model`` itself when empty.
-
-    Calibrated on this, a ReLU6 -> ReLU tensor gets a range ending at 6 and every tensor after it
-    the range it had in the original, so the Q/DQ model clips where the original did. The
-    sensitivity/recovery views (``QdqView``) put the same clips in their float reference. The tensor keeps its name (the Clip
-    writes it; the old producer writes ``<name>_unbounded``)."""
+    ``lite`` removed: :data:`onnxopt.model_io.ACTIVATION_BOUNDS_KEY`), ``model`` itself when empty:
+    calibrated on this, a ReLU6 -> ReLU tensor gets a range ending at 6, so the Q/DQ model clips
+    where the original did. The tensor keeps its name; the old producer writes ``<name>_unbounded``."""
     present = {o for n in model.graph.node for o in n.output}
     bounds = {t: b for t, b in bounds.items() if t in present}
     if not bounds:
@@ -102,13 +96,9 @@ def with_clip_bounds(model: ModelProto, bounds: dict) -> ModelProto:
 
 
 def fast_session(model: ModelProto):
-    """An onnxruntime session with every graph optimization off, as the verification oracle.
-
-    Not even the basic level: with activation Q/DQ pairs in the graph it changes the numbers
-    (measured: 0.039 -> 0.067 relative output error on the SE test network once the weights are
-    float constants). Speed comes from folding the weight DQ nodes ourselves
-    (``QdqView.variant(fold_weights=True)``): the same float32 weights bit for bit (outputs agree
-    to float rounding, onnxruntime prepacking constant weights)."""
+    """An onnxruntime session with every graph optimization off, as the verification oracle: even
+    the basic level changes the numbers of a graph with activation Q/DQ pairs. Speed comes from
+    folding the weight DQ nodes ourselves (``QdqView.variant(fold_weights=True)``)."""
     return runtime.session(model, optimize=False)
 
 
@@ -119,11 +109,17 @@ def rel_error(ref: list, cand: list) -> float:
     return math.sqrt(num / max(den, 1e-30))
 
 
+def _known_fields(cls, d: dict) -> dict:
+    """The entries of report dict ``d`` that are fields of dataclass ``cls``."""
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in known}
+
+
 @dataclass
 class LayerQuant:
     """One quantized weighted layer (Conv/ConvTranspose/Gemm/MatMul) as the qdq pass wrote it: the
     names of the tensors that hold its quantization. ``to_dict`` is its entry in the pass report
-    (``extra["info"]["layers"]``), ``from_dict`` reads such an entry back."""
+    (``extra["info"]["layers"]``), ``of`` reads such an entry back."""
     # the layer: its node name and op type
     node: str
     op: str
@@ -148,27 +144,19 @@ class LayerQuant:
 
     def to_dict(self) -> dict:
         """The report entry: every field, ``bias_q`` only for an int32 bias."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "bias_q"}
-        if self.bias_is_int:
-            d["bias_q"] = self.bias_q
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LayerQuant":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "bias_q" or self.bias_is_int}
 
     @classmethod
     def of(cls, layer: Union["LayerQuant", dict]) -> "LayerQuant":
         """``layer`` itself, or the one a report entry describes."""
-        return layer if isinstance(layer, cls) else cls.from_dict(layer)
+        return layer if isinstance(layer, cls) else cls(**_known_fields(cls, layer))
 
 
 @dataclass
 class QuantInfo:
     """What the qdq pass quantized and how (:func:`onnxopt.quant.quantize.quantize_model`); the
     view reads the model back through it. ``to_dict`` is the pass report's ``extra["info"]``,
-    ``from_dict`` reads such a report back (fields it lacks keep their defaults)."""
+    ``of`` reads such a report back (fields it lacks keep their defaults)."""
     # the format: target, bits (weight_bits_by_layer: the layers whose weight bits differ) and
     # the arithmetic choices
     target: str = ""
@@ -196,21 +184,14 @@ class QuantInfo:
     per_channel_activations: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["layers"] = [l.to_dict() for l in self.layers]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantInfo":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
-        values["layers"] = [LayerQuant.of(l) for l in d.get("layers", [])]
-        return cls(**values)
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "layers": [l.to_dict() for l in self.layers]}
 
     @classmethod
     def of(cls, info: Union["QuantInfo", dict]) -> "QuantInfo":
         """``info`` itself, or the one a report's ``info`` describes."""
-        return info if isinstance(info, cls) else cls.from_dict(info)
+        if isinstance(info, cls):
+            return info
+        return cls(**{**_known_fields(cls, info), "layers": [LayerQuant.of(l) for l in info.get("layers", [])]})
 
 
 def sqnr_db(rel: float) -> float:
@@ -230,11 +211,10 @@ class QdqView:
         if missing:
             raise OnnxoptError(f"the quantization info names layer '{missing[0]}', which is not in the quantized model.",
                                "pass the info returned together with this quantized model")
-        self.dq_output_to_act = {}
-        for n in qmodel.graph.node:
-            if n.op_type == "DequantizeLinear" and n.name in self.acts:
-                self.dq_output_to_act[n.output[0]] = self.acts[n.name]
+        self.dq_output_to_act = {n.output[0]: self.acts[n.name] for n in qmodel.graph.node
+                                 if n.op_type == "DequantizeLinear" and n.name in self.acts}
         self.q_consts = const_tensors(qmodel)
+        self._deq_cache = {}   # weight DQ output -> its folded float initializer (_fold_weight_dq)
         # the clips lite removed and qdq calibrated with (quantize.with_clip_bounds): every variant,
         # the float reference included, has them, so that it computes what the Q/DQ model approximates
         capped = set(info.clip_bounds)
@@ -243,10 +223,9 @@ class QdqView:
         # The float layer of each quantized one: the float model's node reading the float weight
         # (its bias is the float bias, which recovery may since have corrected in the QDQ model).
         f_layer = {}
-        if float_model is not None:
-            for n in float_model.graph.node:
-                if len(n.input) > 1 and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                    f_layer.setdefault(n.input[1], n)
+        for n in float_model.graph.node if float_model is not None else ():
+            if len(n.input) > 1 and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                f_layer.setdefault(n.input[1], n)
         self.float_weight = {}
         self.float_bias = {}  # layer -> float bias array, or None when the float layer has none
         for name, l in self.layers.items():
@@ -254,11 +233,9 @@ class QdqView:
             self.float_weight[name] = numpy_helper.to_array(t) if t is not None else self.dequantized_weight(name)
             fnode = f_layer.get(l.float_weight)
             if fnode is not None and fnode.op_type == l.op:
-                b = fnode.input[2] if len(fnode.input) > 2 and fnode.input[2] else None
-                if b is None:
-                    self.float_bias[name] = None
-                elif b in f_consts:
-                    self.float_bias[name] = numpy_helper.to_array(f_consts[b])
+                b = fnode.input[2] if len(fnode.input) > 2 else ""
+                if not b or b in f_consts:   # no bias, or a constant one (a computed bias is left as it is)
+                    self.float_bias[name] = numpy_helper.to_array(f_consts[b]) if b else None
             elif l.bias_is_int:
                 self.float_bias[name] = self.dequantized_int_bias(name)
 
@@ -269,9 +246,8 @@ class QdqView:
     def dequantized_weight(self, layer: str) -> np.ndarray:
         l = self.layers[layer]
         wq = self.array(l.weight_q).astype(np.float64)
-        s = self.array(l.weight_scale).astype(np.float64)
-        zp = self.array(l.weight_zero_point).astype(np.float64)
-        s, zp = along_axis(s, wq.ndim, l.axis), along_axis(zp, wq.ndim, l.axis)
+        s = along_axis(self.array(l.weight_scale).astype(np.float64), wq.ndim, l.axis)
+        zp = along_axis(self.array(l.weight_zero_point).astype(np.float64), wq.ndim, l.axis)
         return ((wq - zp) * s).astype(np.float32)
 
     def dequantized_int_bias(self, layer: str) -> np.ndarray:
@@ -280,8 +256,7 @@ class QdqView:
 
     def layer_input(self, layer: str) -> tuple:
         """(float tensor, tensor the quantized layer reads) of ``layer``'s data input."""
-        node = self.nodes[layer]
-        x = node.input[0]
+        x = self.nodes[layer].input[0]
         act = self.dq_output_to_act.get(x)
         return (act["tensor"] if act else x), x
 
@@ -292,14 +267,10 @@ class QdqView:
             return None
         s_arr, zp_arr = self.array(act["scale"]), self.array(act["zero_point"])
         axis = act.get("axis")
-        info = np.iinfo(zp_arr.dtype)
-        lo, hi = float(info.min), float(info.max)
         bits = int(self.info.activation_bits)
-        if bits < 8:  # restricted range (the quantizer clips before Q)
-            if zp_arr.dtype == np.uint8:
-                lo, hi = 0.0, float(2 ** bits - 1)
-            else:
-                lo, hi = -float(2 ** (bits - 1) - 1), float(2 ** (bits - 1) - 1)
+        # below 8 bits, the restricted range (the quantizer clips before Q)
+        lo, hi = map(float, int_range(bits, zp_arr.dtype != np.uint8, narrow=True) if bits < 8
+                     else (np.iinfo(zp_arr.dtype).min, np.iinfo(zp_arr.dtype).max))
 
         def fq(x):
             # round half to even, as QuantizeLinear does; a per-channel quantizer along its axis
@@ -325,46 +296,31 @@ class QdqView:
         new_inits = []
         for name in float_layers:
             node = by_name[name]
-            w_name = f"{name}__float_weight"
-            new_inits.append(numpy_helper.from_array(self.float_weight[name], w_name))
-            node.input[1] = w_name
-            if name in self.float_bias:
-                if self.float_bias[name] is None:
-                    del node.input[2:]
-                else:
-                    b_name = f"{name}__float_bias"
-                    new_inits.append(numpy_helper.from_array(self.float_bias[name], b_name))
-                    while len(node.input) < 3:
-                        node.input.append("")
-                    node.input[2] = b_name
-        for name in float_inputs:
-            node = by_name[name]
-            act = self.dq_output_to_act.get(node.input[0])
-            if act is not None:
-                node.input[0] = act["tensor"]
-        # activation Q/DQ pairs put back in float by their tensor (``float_acts``): every reader
-        # of the DQ output reads the float tensor instead (no layer needed)
-        float_acts = set(float_acts)
-        if float_acts and not bypass_all:
-            rewire = {dq: a["tensor"] for dq, a in self.dq_output_to_act.items() if a["tensor"] in float_acts}
-            for node in g.node:
-                for i, inp in enumerate(node.input):
-                    if inp in rewire:
-                        node.input[i] = rewire[inp]
+            node.input[1] = f"{name}__float_weight"
+            new_inits.append(numpy_helper.from_array(self.float_weight[name], node.input[1]))
+            if name in self.float_bias:   # the float bias, or none where the float layer has none
+                del node.input[2:]
+                if self.float_bias[name] is not None:
+                    node.input.append(f"{name}__float_bias")
+                    new_inits.append(numpy_helper.from_array(self.float_bias[name], node.input[-1]))
+        for name in float_inputs:   # the float tensor its input DQ dequantizes, where it has one
+            by_name[name].input[0] = self.layer_input(name)[0]
         if bypass_all:
             keep = {dq for dq, a in self.dq_output_to_act.items() if a["tensor"] in set(keep_acts)}
-            for name in keep_acts_of or ():
-                keep.add(by_name[name].input[0])
+            keep |= {by_name[name].input[0] for name in keep_acts_of or ()}
             rewire = {dq: a["tensor"] for dq, a in self.dq_output_to_act.items() if dq not in keep}
-            for node in g.node:
-                if node.op_type in ("QuantizeLinear",):
-                    continue
-                for i, inp in enumerate(node.input):
-                    if inp in rewire:
-                        node.input[i] = rewire[inp]
-            for o in g.output:
-                if o.name in rewire:  # a graph output that is a DQ output: leave it (rare, kept quantized)
-                    pass
+        else:
+            # activation Q/DQ pairs put back in float by their tensor (``float_acts``): every reader
+            # of the DQ output reads the float tensor instead (no layer needed)
+            float_acts = set(float_acts)
+            rewire = {dq: a["tensor"] for dq, a in self.dq_output_to_act.items() if a["tensor"] in float_acts}
+        # (a graph output that is a DQ output is left as it is: rare, kept quantized)
+        for node in g.node:
+            if bypass_all and node.op_type == "QuantizeLinear":
+                continue
+            for i, inp in enumerate(node.input):
+                if inp in rewire:
+                    node.input[i] = rewire[inp]
         g.initializer.extend(new_inits)
         if fold_weights:
             self._fold_weight_dq(m)
@@ -374,29 +330,23 @@ class QdqView:
     def _fold_weight_dq(self, m: ModelProto) -> None:
         """Replace every weight DequantizeLinear by a float initializer of its (identical) output,
         so that evaluating many variants does not dequantize every weight on every run."""
-        if not hasattr(self, "_deq_cache"):
-            self._deq_cache = {}
         weight_q = {l.weight_q: name for name, l in self.layers.items()}
         keep, inits = [], []
         for node in m.graph.node:
             if node.op_type == "DequantizeLinear" and node.input[0] in weight_q:
                 out = node.output[0]
                 if out not in self._deq_cache:
-                    layer = weight_q[node.input[0]]
                     # float32 (q - zp) * s, the arithmetic DequantizeLinear itself does
-                    l = self.layers[layer]
+                    l = self.layers[weight_q[node.input[0]]]
                     q = self.array(l.weight_q).astype(np.int32)
-                    s_ = self.array(l.weight_scale).astype(np.float32)
-                    zp = self.array(l.weight_zero_point).astype(np.int32)
-                    s_, zp = along_axis(s_, q.ndim, l.axis), along_axis(zp, q.ndim, l.axis)
+                    s_ = along_axis(self.array(l.weight_scale).astype(np.float32), q.ndim, l.axis)
+                    zp = along_axis(self.array(l.weight_zero_point).astype(np.int32), q.ndim, l.axis)
                     self._deq_cache[out] = numpy_helper.from_array(((q - zp).astype(np.float32) * s_).astype(np.float32), out)
                 inits.append(self._deq_cache[out])
             else:
                 keep.append(node)
-        if inits:
-            del m.graph.node[:]
-            m.graph.node.extend(keep)
-            m.graph.initializer.extend(inits)
+        _replace(m.graph.node, keep)
+        m.graph.initializer.extend(inits)
 
     def float_reference(self) -> ModelProto:
         return self.variant(float_layers=self.layers, float_inputs=self.layers, bypass_all=True)
@@ -430,14 +380,15 @@ def prune_unused(model: ModelProto) -> None:
             keep.append(node)
             needed.update(i for i in node.input if i)
             needed.update(model_io.subgraph_reads(node))  # an If/Loop body may read outer tensors
-    keep.reverse()
-    if len(keep) != len(g.node):
-        del g.node[:]
-        g.node.extend(keep)
-    inits = [t for t in g.initializer if t.name in needed]
-    if len(inits) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(inits)
+    _replace(g.node, keep[::-1])
+    _replace(g.initializer, [t for t in g.initializer if t.name in needed])
+
+
+def _replace(field, items: list) -> None:
+    """Set the repeated proto ``field`` to ``items``, a subset of it in order (untouched when it is all of it)."""
+    if len(items) != len(field):
+        del field[:]
+        field.extend(items)
 
 
 class Evaluator:
@@ -450,10 +401,8 @@ class Evaluator:
     def outputs(self, model: ModelProto) -> list:
         sess = fast_session(model)
         names = [o.name for o in sess.get_outputs()]
-        outs = []
-        for feed in self.feeds:
-            outs.extend(runtime.run(sess, feed, names)[n] for n in names)
-        return outs
+        runs = (runtime.run(sess, feed, names) for feed in self.feeds)
+        return [r[n] for r in runs for n in names]
 
     def error(self, model: ModelProto) -> float:
         return rel_error(self.ref, self.outputs(model))
@@ -463,9 +412,7 @@ def truncated(model: ModelProto, outputs) -> ModelProto:
     """``model`` with ``outputs`` as its only outputs and only the nodes they need (each wave
     runs the model just up to its layers' inputs)."""
     m = runtime.with_outputs(model, outputs)
-    keep = [o for o in m.graph.output if o.name in set(outputs)]
-    del m.graph.output[:]
-    m.graph.output.extend(keep)
+    _replace(m.graph.output, [o for o in m.graph.output if o.name in set(outputs)])
     prune_unused(m)
     return m
 
@@ -473,8 +420,7 @@ def truncated(model: ModelProto, outputs) -> ModelProto:
 def layer_depths(model: ModelProto, layers) -> dict:
     """Longest chain of quantized layers ending at each layer (0 = no quantized layer upstream)."""
     layers = set(layers)
-    depth_of_tensor: dict = {}
-    depths = {}
+    depth_of_tensor, depths = {}, {}
     for node in model.graph.node:  # ONNX graphs are topologically sorted
         d = max((depth_of_tensor.get(i, 0) for i in node.input if i), default=0)
         if node.name in layers:
@@ -492,11 +438,8 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 def quantized_ops(model: ModelProto) -> dict:
     """{op type: count} of the quantization ops already in the main graph (Q/DQ pairs, integer or
     QLinear kernels): quantizing such a model again would stack a second quantization on the first."""
-    found: dict = {}
-    for n in model.graph.node:
-        if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"):
-            found[n.op_type] = found.get(n.op_type, 0) + 1
-    return found
+    return dict(Counter(n.op_type for n in model.graph.node
+                        if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")))
 
 
 def already_quantized_message(found: dict) -> str:
