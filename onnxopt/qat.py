@@ -1,14 +1,9 @@
 """Quantization-aware training setup for a float model: ``--qat wXaY`` (micronet's bit choices).
 
-``parse_qat("w4a4")`` -> weight/activation bits. Weights: 2..8 bits, ``t`` (ternary, TWN) or ``b``
-(binary, XNOR with scale factors); activations: 2..8 bits. The float model is quantized by the
-``qdq`` pass (placement, calibration and the QDQ contract layout are its job), then the QDQ graph
-is trained: the latent weights start from the *float* weights (each layer's ``float_weight`` in the pass's ``info``),
-not from their PTQ-rounded values, and the Q/DQ scales from the calibrated ones. Below 8 bits
-the exported integers live in a restricted range (e.g. [-7, 7] in int8 for 4 bits) or, with
-``low_bit=int4`` at opset >= 21, in INT4 initializers -- whatever the qdq pass wrote.
-
-16-bit quantization is not offered: the qdq pass (and ONNX before opset 21) has no int16 Q/DQ.
+The float model is quantized by the ``qdq`` pass (placement, calibration and the QDQ contract layout
+are its job), then trained with its latent weights started from the *float* weights, not from their
+PTQ-rounded values. 16-bit quantization is not offered: the qdq pass (and ONNX before opset 21) has
+no int16 Q/DQ.
 """
 from __future__ import annotations
 
@@ -50,9 +45,7 @@ def prepare_qat(model: ModelProto, spec: str, calib_data, *, target: str = "tens
         raise OptionError("--qat given, but the model is already quantized (it has Q/DQ nodes or integer kernels).",
                           "drop --qat to finetune the QDQ model as it is, or give the float model")
     wbits, abits = parse_qat(spec)
-    mode = None
-    if wbits in ("ternary", "binary"):
-        mode, wbits = wbits, 2
+    mode, wbits = (wbits, 2) if wbits in ("ternary", "binary") else (None, wbits)
     options = {"target": target, "weight_bits": int(wbits), "activation_bits": int(abits), "per_channel": per_channel,
                "symmetric": symmetric, "low_bit": low_bit,
                # QAT trains every layer quantized: no layer is put back in float before training

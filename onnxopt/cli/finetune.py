@@ -104,7 +104,6 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
     teacher_model = model_io.load_model(teacher) if teacher else None
     ds = open_cli_data(data, image, source, shapes, recorded_from=[teacher_model], log=log, batch_size=batch_size,
                        max_samples=max_samples, labels=labels, every=every, offset=offset, exclude_every=exclude_every)
-    spec = ds.spec
     if ds.kind == "random":
         click.echo(f"WARNING: finetuning on RANDOM data (--data random, {ds.count()} samples): a smoke test only; "
                    "the learned weights are meaningless. Give real training data.", err=True)
@@ -129,7 +128,7 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
                          teacher_runtime=teacher_runtime, log=log, threads=threads)
     student = source
     if qat:
-        calib = open_data(dataclasses.replace(spec, max_samples=min(max_samples or 256, 256), labels=None), source, shapes)
+        calib = open_data(dataclasses.replace(ds.spec, max_samples=min(max_samples or 256, 256), labels=None), source, shapes)
         student, overrides, _ = prepare_qat(source, qat, calib, target=target, per_channel=not per_tensor,
                                                     symmetric=symmetric, low_bit=low_bit, log=log)
         cfg.weight_modes, cfg.float_weights = overrides["weight_modes"], overrides["float_weights"]

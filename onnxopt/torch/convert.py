@@ -1,26 +1,13 @@
 """ONNX graph -> executable ``torch.nn.Module`` (the graph stays the source of truth).
 
-:class:`OnnxModule` interprets the ONNX graph node by node in topological order with torch ops,
-so it is differentiable and trainable, and :mod:`onnxopt.torch.writeback` writes what was learned
-back into the very same graph. What becomes what:
-
-* float initializers (and float ``Constant`` nodes) read as weights -- Conv/ConvTranspose/Gemm/
-  MatMul operands, BatchNormalization scale/bias, PRelu slopes, constant Add/Sub/Mul/Div operands,
-  Q/DQ scales -- become ``nn.Parameter`` s in ``self.params`` (a ParameterDict with sanitized keys;
-  ``self.param_names`` maps ONNX name -> key). Everything else constant (shapes, indices, BN
-  running statistics, Clip bounds, Resize scales, zero points) becomes a buffer.
-* ``[Clip(x, (qmin-zp)s, (qmax-zp)s) ->] QuantizeLinear(s, zp) -> DequantizeLinear(s, zp)`` on an
-  activation is fused into one fake-quantization step (:func:`fakequant.fake_quantize`): exact
-  ONNX rounding (half to even) forward, STE backward, learnable scale (LSQ) or clip (PACT).
-  The restricted-range Clip the qdq pass puts before a <8-bit Q is tied to the learned scale.
-* an integer weight initializer ``w_q`` read by ``DequantizeLinear(w_q, s_w, zp_w, axis)`` (the
-  QDQ contract's weight layout) becomes a float *latent* weight ``(w_q - zp_w) * s_w`` that is
-  fake-quantized on every forward with range ``[qmin, qmax]`` inferred from the stored values
-  (restricted ranges such as [-7, 7] for 4 bits; [-8, 7] with non-zero zero points) or given by
-  ``weight_ranges``.
-* an int32 bias behind ``DequantizeLinear(b_q, s_in * s_w)`` becomes a float latent bias whose
-  scale is recomputed from the current input and weight scales (what TIDL/ORT expect).
-
+:class:`OnnxModule` interprets the ONNX graph node by node with torch ops, so it is trainable, and
+:mod:`onnxopt.torch.writeback` writes what was learned back into the very same graph. Float
+weights and Q/DQ scales become ``nn.Parameter`` s, other constants buffers. An activation
+``[Clip ->] QuantizeLinear -> DequantizeLinear`` is one fake-quantization step (exact ONNX rounding
+forward, STE backward; the restricted-range Clip the qdq pass puts before a <8-bit Q is tied to the
+learned scale). Integer weights and int32 biases behind a DequantizeLinear become float latents,
+fake-quantized on every forward in the range the stored values show (restricted ranges such as
+[-7, 7]); a bias scale is recomputed from the current input and weight scales (what TIDL/ORT expect).
 Unsupported ops raise :class:`onnxopt.errors.OnnxoptError` listing them, before any work.
 """
 from __future__ import annotations
@@ -50,6 +37,9 @@ _ONNX_TO_TORCH = {
     TensorProto.BOOL: torch.bool, TensorProto.UINT16: torch.int32, TensorProto.UINT32: torch.int64,
     TensorProto.INT4: torch.int8, TensorProto.UINT4: torch.uint8,
 }
+
+# binary/ternary latent weights: scale factors computed from the weights every step
+_LOW_BIT_WEIGHT = {"binary": fakequant.binary_weight, "ternary": fakequant.ternary_weight}
 
 # inputs of these ops that hold trainable weights
 _WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
@@ -146,13 +136,10 @@ class OnnxModule(nn.Module):
         self.consts = nn.Module()
         self.param_names: Dict[str, str] = {}
         self.buffer_names: Dict[str, str] = {}
-        self.onnx_dtypes: Dict[str, int] = {}
         used: set = set()
 
-        consts: Dict[str, np.ndarray] = {}
-        for t in g.initializer:
-            consts[t.name] = _plain(numpy_helper.to_array(t))
-            self.onnx_dtypes[t.name] = t.data_type
+        consts: Dict[str, np.ndarray] = {t.name: _plain(numpy_helper.to_array(t)) for t in g.initializer}
+        self.onnx_dtypes: Dict[str, int] = {t.name: t.data_type for t in g.initializer}
         nodes = []
         for n in g.node:
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
@@ -176,14 +163,12 @@ class OnnxModule(nn.Module):
         consumers = input_uses(g)
         graph_outputs = set(self.output_names)
 
-        trainable: set = set()
-        for n in nodes:
-            for i in _WEIGHT_INPUTS.get(n.op_type, ()):
-                if i < len(n.input) and n.input[i] in consts and consts[n.input[i]].dtype.kind == "f":
-                    trainable.add(n.input[i])
+        trainable = {n.input[i] for n in nodes for i in _WEIGHT_INPUTS.get(n.op_type, ())
+                     if i < len(n.input) and n.input[i] in consts and consts[n.input[i]].dtype.kind == "f"}
 
         # ---- quantization patterns (pattern-matched on the proto; ONNX names are the keys)
-        skip: set = set()
+        skip: set = set()    # ids of the nodes a fused step replaces
+        fused: Dict[int, Node] = {}   # id(DequantizeLinear / QuantizeLinear) -> the fused step that stands for it
         self.weight_quants: Dict[str, WeightQuant] = {}
         self.act_quants: List[ActQuant] = []
         self.bias_quants: Dict[str, BiasQuant] = {}
@@ -194,65 +179,35 @@ class OnnxModule(nn.Module):
         for n in nodes:
             if n.op_type != "DequantizeLinear":
                 continue
-            x = n.input[0]
-            if x not in consts or consts[x].dtype.kind not in "iu":
-                continue
-            readers = consumers.get(x, [])
-            if len(readers) != 1 or x in graph_outputs:
-                continue
-            s_name = n.input[1]
+            x, s_name = n.input[0], n.input[1]
             zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
-            if s_name not in consts:
+            if (x not in consts or consts[x].dtype.kind not in "iu" or len(consumers.get(x, [])) != 1
+                    or x in graph_outputs or s_name not in consts):
                 continue
-            axis = node_attr(n, "axis", 1)
             s = consts[s_name].astype(np.float64)
             zp = consts[zp_name].astype(np.float64) if zp_name else np.zeros(())
-            axis_used = None if s.size == 1 else axis % consts[x].ndim
             nd = consts[x].ndim
+            axis_used = None if s.size == 1 else node_attr(n, "axis", 1) % nd
             real = (consts[x].astype(np.float64) - along_axis(zp, nd, axis_used)) * along_axis(s, nd, axis_used)
             dq_readers = consumers.get(n.output[0], [])
             if consts[x].dtype == np.int32 and len(dq_readers) == 1 and dq_readers[0][0].op_type in ("Conv", "Gemm", "ConvTranspose") and dq_readers[0][1] == 2:
                 layer = dq_readers[0][0]
-                in_dq = producer.get(layer.input[0])
-                w_dq = producer.get(layer.input[1])
+                in_dq, w_dq = producer.get(layer.input[0]), producer.get(layer.input[1])
                 if in_dq is not None and w_dq is not None and in_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear" \
                         and in_dq.input[1] in consts and w_dq.input[1] in consts:
                     self.bias_quants[x] = BiasQuant(x, s_name, in_dq.input[1], w_dq.input[1], n.output[0])
                     latent_init[x] = real.astype(np.float32)
-                    skip.add(id(n))
+                    fused[id(n)] = Node("BiasFakeQuant", n.name, [], [n.output[0]], {}, kind="fqb", extra={"q": self.bias_quants[x]})
                     continue
             dtype = self.onnx_dtypes.get(x, TensorProto.INT8)
-            lo, hi = INT_RANGE_OF_TYPE.get(dtype, (-128, 127))
             mode = weight_modes.get(x, "lsq")
-            if x in weight_ranges:
-                qmin, qmax = weight_ranges[x]
-            elif mode in ("binary", "ternary"):
-                qmin, qmax = -1, 1
-            elif dtype in (TensorProto.INT8, TensorProto.INT16, TensorProto.INT4) and not zp.any():
-                # restricted symmetric ranges (<8 bits stored in int8): 2^(b-1)-1 covering the values
-                m = int(np.abs(consts[x]).max()) if consts[x].size else 0
-                q = 1
-                while q < m:
-                    q = 2 * q + 1
-                qmax_sym = min(q, hi)
-                qmin, qmax = (-qmax_sym, qmax_sym) if qmax_sym < hi else (lo, hi)
-            elif dtype in (TensorProto.INT8, TensorProto.INT16, TensorProto.INT4):
-                # asymmetric (weight_symmetric=false): all 2^b levels [-2^(b-1), 2^(b-1) - 1], the
-                # smallest such range holding the stored values and zero points
-                vals = np.concatenate([consts[x].reshape(-1), zp.reshape(-1)]).astype(np.int64)
-                q = 1
-                while -q > vals.min() or q - 1 < vals.max():
-                    q *= 2
-                qmin, qmax = max(-q, lo), min(q - 1, hi)
-            else:
-                qmin, qmax = lo, hi
+            qmin, qmax = weight_ranges[x] if x in weight_ranges else _weight_range(consts[x], zp, dtype, mode)
             self.weight_quants[x] = WeightQuant(x, s_name, zp_name, axis_used, int(qmin), int(qmax), dtype, n.output[0], mode)
             fw = (float_weights or {}).get(x)
             latent_init[x] = (np.asarray(fw, np.float32) if fw is not None and np.shape(fw) == consts[x].shape else real.astype(np.float32))
             trainable.add(s_name)
-            skip.add(id(n))
+            fused[id(n)] = Node("WeightFakeQuant", n.name, [], [n.output[0]], {}, kind="fqw", extra={"q": self.weight_quants[x]})
 
-        fq_at: dict = {}   # id(QuantizeLinear) -> the fused activation fake-quantization it starts
         for n in nodes:
             if n.op_type != "QuantizeLinear" or n.input[1] not in consts:
                 continue
@@ -287,55 +242,37 @@ class OnnxModule(nn.Module):
             aq = ActQuant(x, n.input[1], zp_name, qmin, qmax, axis, [r.output[0] for r, _ in readers], clip)
             self.act_quants.append(aq)
             trainable.add(n.input[1])
-            skip.add(id(n))
             skip.update(id(r) for r, _ in readers)
-            fq_at[id(n)] = aq
+            fused[id(n)] = Node("FakeQuant", n.name, [], aq.outputs, {}, kind="fq", extra={"q": aq})
 
         # ---- parameters and buffers
-        bn_stats = {n.input[i] for n in nodes if n.op_type == "BatchNormalization" for i in (3, 4) if i < len(n.input)}
-        self.bn_stats = bn_stats
+        self.bn_stats = {n.input[i] for n in nodes if n.op_type == "BatchNormalization" for i in (3, 4) if i < len(n.input)}
         for name, value in consts.items():
-            if name in latent_init:
+            if name in latent_init or (name in trainable and name not in self.bn_stats and value.dtype.kind == "f"):
                 key = _sanitize(name, used, "p_")
-                self.params[key] = nn.Parameter(torch.from_numpy(np.array(latent_init[name], order="C", copy=True)))
-                self.param_names[name] = key
-            elif name in trainable and name not in bn_stats and value.dtype.kind == "f":
-                key = _sanitize(name, used, "p_")
-                self.params[key] = nn.Parameter(torch.from_numpy(np.array(value, copy=True)))
+                self.params[key] = nn.Parameter(torch.from_numpy(np.array(latent_init.get(name, value), order="C")))
                 self.param_names[name] = key
             else:
                 key = _sanitize(name, used, "b_")
                 self.consts.register_buffer(key, _to_torch(value))
                 self.buffer_names[name] = key
         if not train_scales:
-            for aq in self.act_quants:
-                self.params[self.param_names[aq.scale]].requires_grad_(False)
-            for wq in self.weight_quants.values():
-                self.params[self.param_names[wq.scale]].requires_grad_(False)
+            for q in [*self.act_quants, *self.weight_quants.values()]:
+                self.params[self.param_names[q.scale]].requires_grad_(False)
 
         # ---- the program: one entry per node (fused patterns become one step)
         program: List[Node] = []
-        wq_by_dq = {wq.dq_output: wq for wq in self.weight_quants.values()}
-        bq_by_dq = {bq.dq_output: bq for bq in self.bias_quants.values()}
         for n in nodes:
-            if id(n) in skip:
-                if id(n) in fq_at:
-                    program.append(Node("FakeQuant", n.name, [], fq_at[id(n)].outputs, {}, kind="fq", extra={"q": fq_at[id(n)]}))
-                elif n.output[0] in wq_by_dq:
-                    program.append(Node("WeightFakeQuant", n.name, [], [n.output[0]], {}, kind="fqw", extra={"q": wq_by_dq[n.output[0]]}))
-                elif n.output[0] in bq_by_dq:
-                    program.append(Node("BiasFakeQuant", n.name, [], [n.output[0]], {}, kind="fqb", extra={"q": bq_by_dq[n.output[0]]}))
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-            program.append(Node(n.op_type, n.name, list(n.input), list(n.output), attrs, fn=_OPS[n.op_type]))
+            if id(n) in fused:
+                program.append(fused[id(n)])
+            elif id(n) not in skip:
+                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+                program.append(Node(n.op_type, n.name, list(n.input), list(n.output), attrs, fn=_OPS[n.op_type]))
         self.program = program
         # tensors to free after their last use keeps peak memory near a real framework's
-        last_use: Dict[str, int] = {}
-        for idx, node in enumerate(program):
-            for name in _node_reads(node):
-                last_use[name] = idx
-        keep = set(self.output_names)
+        last_use = {name: idx for idx, node in enumerate(program) for name in _node_reads(node)}
+        keep = {*self.output_names, *self.param_names, *self.buffer_names}
         self._free_after = [[nm for nm in _node_reads(node) if last_use.get(nm) == idx and nm not in keep] for idx, node in enumerate(program)]
 
     # ------------------------------------------------------------------ value access
@@ -351,11 +288,8 @@ class OnnxModule(nn.Module):
     def quantized_weight(self, wq: WeightQuant) -> tuple:
         """(integers, scale) exactly as the forward pass in eval mode uses them."""
         w = self.value(wq.latent).detach()
-        if wq.mode == "binary":
-            _, q, s = fakequant.binary_weight(w, wq.axis)
-            return q, s
-        if wq.mode == "ternary":
-            _, q, s = fakequant.ternary_weight(w, wq.axis)
+        if wq.mode in _LOW_BIT_WEIGHT:
+            _, q, s = _LOW_BIT_WEIGHT[wq.mode](w, wq.axis)
             return q, s
         s = self.value(wq.scale).detach()
         zp = self.value(wq.zero_point).detach().to(w.dtype) if wq.zero_point else torch.zeros((), dtype=w.dtype, device=w.device)
@@ -368,46 +302,35 @@ class OnnxModule(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
-        env: Dict[str, torch.Tensor] = {}
-        for name, key in self.param_names.items():
-            env[name] = self.params[key]
-        for name, key in self.buffer_names.items():
-            env[name] = getattr(self.consts, key)
-        for name, value in zip(self.input_names, args):
-            env[name] = value
+        env: Dict[str, torch.Tensor] = {name: self.params[key] for name, key in self.param_names.items()}
+        env.update((name, getattr(self.consts, key)) for name, key in self.buffer_names.items())
+        env.update(zip(self.input_names, args))
         env.update(kwargs)
         missing = [n for n in self.input_names if n not in env]
         if missing:
             raise OnnxoptError(f"missing model input(s): {', '.join(missing)}", f"the model takes {', '.join(self.input_names)}")
         first = env[self.input_names[0]] if self.input_names else None
         self.running_batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
-        capture = self.capture
-        captured = {}
-        training = self.training
+        capture, captured, training = self.capture, {}, self.training
         for idx, node in enumerate(self.program):
             if node.kind == "op":
                 ins = [env[i] if i else None for i in node.inputs]
                 outs = node.fn(self, node, ins)
                 if not isinstance(outs, (list, tuple)):
                     outs = (outs,)
-                for name, v in zip(node.outputs, outs):
-                    if name:
-                        env[name] = v
+                env.update((name, v) for name, v in zip(node.outputs, outs) if name)
             elif node.kind == "fq":
                 q = node.extra["q"]
                 zp = env[q.zero_point] if q.zero_point else torch.zeros((), device=env[q.x].device)
                 y = fakequant.fake_quantize(env[q.x], env[q.scale], zp, q.qmin, q.qmax, q.axis, self.quant_mode, training)
-                for name in q.outputs:
-                    env[name] = y
+                env.update((name, y) for name in q.outputs)
             elif node.kind == "fqw":
                 q = node.extra["q"]
                 w = env[q.latent]
                 if q.latent in self.weight_override:
                     y = self.weight_override[q.latent]()
-                elif q.mode == "binary":
-                    y = fakequant.binary_weight(w, q.axis)[0]
-                elif q.mode == "ternary":
-                    y = fakequant.ternary_weight(w, q.axis)[0]
+                elif q.mode in _LOW_BIT_WEIGHT:
+                    y = _LOW_BIT_WEIGHT[q.mode](w, q.axis)[0]
                 else:
                     zp = env[q.zero_point] if q.zero_point else torch.zeros((), device=w.device)
                     y = fakequant.fake_quantize(w, env[q.scale], zp, q.qmin, q.qmax, q.axis, "lsq" if self.quant_mode == "pact" else self.quant_mode, training)
@@ -418,15 +341,32 @@ class OnnxModule(nn.Module):
                 s = (env[q.input_scale] * env[q.weight_scale]).detach()
                 env[q.dq_output] = b + (torch.round(b / s) * s - b).detach()
             if capture:
-                for name in node.outputs:
-                    if name in capture:
-                        captured[name] = env[name]
+                captured.update((name, env[name]) for name in node.outputs if name in capture)
             for name in self._free_after[idx]:
-                if name not in self.param_names and name not in self.buffer_names:
-                    env.pop(name, None)
+                env.pop(name, None)
         self.captured = captured
         outs = tuple(env[n] for n in self.output_names)
         return outs[0] if len(outs) == 1 else outs
+
+
+def _weight_range(w_q: np.ndarray, zp: np.ndarray, dtype: int, mode: str) -> tuple:
+    """(qmin, qmax) of a latent weight: [-1, 1] for binary/ternary, else the smallest range of its
+    integer type that holds the stored values."""
+    lo, hi = INT_RANGE_OF_TYPE.get(dtype, (-128, 127))
+    if mode in ("binary", "ternary"):
+        return -1, 1
+    if dtype not in (TensorProto.INT8, TensorProto.INT16, TensorProto.INT4):
+        return lo, hi
+    if not zp.any():
+        # restricted symmetric ranges (<8 bits stored in int8): the smallest 2^(b-1)-1 covering the values
+        m = int(np.abs(w_q).max()) if w_q.size else 0
+        q = min((1 << max(1, m.bit_length())) - 1, hi)
+        return (-q, q) if q < hi else (lo, hi)
+    # asymmetric (weight_symmetric=false): all 2^b levels [-2^(b-1), 2^(b-1) - 1], the
+    # smallest such range holding the stored values and zero points
+    vals = np.concatenate([w_q.reshape(-1), zp.reshape(-1)]).astype(np.int64)
+    q = 1 << (max(-int(vals.min()), int(vals.max()) + 1) - 1).bit_length()
+    return max(-q, lo), min(q - 1, hi)
 
 
 def _node_reads(node: Node) -> list:
@@ -448,18 +388,11 @@ def _plain(arr: np.ndarray) -> np.ndarray:
 
 
 def _to_torch(value: np.ndarray) -> torch.Tensor:
-    arr = np.array(value, copy=True)
-    if arr.dtype == np.uint16:
-        arr = arr.astype(np.int32)
-    elif arr.dtype == np.uint32:
-        arr = arr.astype(np.int64)
-    elif arr.dtype.kind == "i" and arr.dtype.itemsize == 1 and arr.dtype != np.int8:  # int4 via ml_dtypes
-        arr = arr.astype(np.int8)
-    elif arr.dtype.name in ("int4", "uint4"):
-        arr = arr.astype(np.int8 if arr.dtype.name == "int4" else np.uint8)
-    elif arr.dtype == object:
+    """A constant (int4/uint4 already widened by _plain) as a torch tensor; torch lacks uint16/uint32."""
+    if value.dtype == object:
         raise OnnxoptError("string tensors are not supported by the torch converter.", "remove string constants from the graph")
-    return torch.from_numpy(np.array(arr, order="C", copy=True))
+    widened = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64}.get(value.dtype, value.dtype)
+    return torch.from_numpy(np.array(value, dtype=widened, order="C", copy=True))
 
 
 def _check_supported(g: onnx.GraphProto) -> None:
@@ -477,23 +410,15 @@ def _ints(t) -> list:
 
 def _spatial_pads(pads: list, rank: int) -> list:
     """ONNX pads [b1, b2, ..., e1, e2, ...] -> F.pad order (last dim first)."""
-    out = []
-    for i in reversed(range(rank)):
-        out += [pads[i], pads[i + rank]]
-    return out
+    return [p for i in reversed(range(rank)) for p in (pads[i], pads[i + rank])]
 
 
 def _auto_pads(auto_pad: str, in_sp: list, kernel: list, strides: list, dilations: list) -> list:
-    pads_b, pads_e = [], []
-    for size, k, s, d in zip(in_sp, kernel, strides, dilations):
-        out = -(-size // s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
-        small, big = total // 2, total - total // 2
-        if auto_pad == "SAME_UPPER":
-            pads_b.append(small), pads_e.append(big)
-        else:
-            pads_b.append(big), pads_e.append(small)
-    return pads_b + pads_e
+    # output size ceil(size / stride); the odd pixel of the total padding goes to the end for SAME_UPPER
+    totals = [max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
+              for size, k, s, d in zip(in_sp, kernel, strides, dilations)]
+    small, big = [t // 2 for t in totals], [t - t // 2 for t in totals]
+    return small + big if auto_pad == "SAME_UPPER" else big + small
 
 
 def _conv_pads(node, x, kernel):
@@ -527,30 +452,23 @@ def op_conv_transpose(m, node, ins):
     x, w, b = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
     rank = w.dim() - 2
     a = node.attrs
-    strides = list(a.get("strides", [1] * rank))
-    dil = list(a.get("dilations", [1] * rank))
-    out_pad = list(a.get("output_padding", [0] * rank))
-    group = int(a.get("group", 1))
     if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise OnnxoptError(f"ConvTranspose '{node.name}': output_shape/auto_pad SAME is not supported by the torch converter.",
                            "re-export with explicit pads")
+    _, strides, dil = _conv_pads(node, x, list(w.shape[2:]))
+    out_pad = list(a.get("output_padding", [0] * rank))
+    group = int(a.get("group", 1))
     pads = list(a.get("pads", [0] * (2 * rank)))
     fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[rank - 1]
     y = fn(x, w, b, strides, 0, out_pad, group, dil)
-    idx = [slice(None), slice(None)]
-    for i in range(rank):
-        idx.append(slice(pads[i], y.shape[2 + i] - pads[i + rank]))
-    return y[tuple(idx)]
+    return y[(slice(None), slice(None), *(slice(pads[i], y.shape[2 + i] - pads[i + rank]) for i in range(rank)))]
 
 
 def op_gemm(m, node, ins):
-    a_, b_ = ins[0], ins[1]
-    c = ins[2] if len(ins) > 2 else None
     at = node.attrs
-    if at.get("transA", 0):
-        a_ = a_.t()
-    if at.get("transB", 0):
-        b_ = b_.t()
+    a_ = ins[0].t() if at.get("transA", 0) else ins[0]
+    b_ = ins[1].t() if at.get("transB", 0) else ins[1]
+    c = ins[2] if len(ins) > 2 else None
     alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
     y = a_ @ b_
     if alpha != 1.0:
@@ -570,26 +488,18 @@ def op_bn(m, node, ins):
 
 def op_clip(m, node, ins):
     x = ins[0]
-    lo = ins[1] if len(ins) > 1 and ins[1] is not None else node.attrs.get("min")
-    hi = ins[2] if len(ins) > 2 and ins[2] is not None else node.attrs.get("max")
-    if lo is not None and not isinstance(lo, torch.Tensor):
-        lo = torch.tensor(lo, dtype=x.dtype, device=x.device)
-    if hi is not None and not isinstance(hi, torch.Tensor):
-        hi = torch.tensor(hi, dtype=x.dtype, device=x.device)
-    if lo is not None:
-        x = torch.maximum(x, lo.to(x.dtype))
-    if hi is not None:
-        x = torch.minimum(x, hi.to(x.dtype))
+    for i, attr, bound_fn in ((1, "min", torch.maximum), (2, "max", torch.minimum)):
+        bound = ins[i] if len(ins) > i and ins[i] is not None else node.attrs.get(attr)
+        if bound is not None:
+            x = bound_fn(x, torch.as_tensor(bound, dtype=x.dtype, device=x.device))
     return x
 
 
 def _binary(fn):
     def op(m, node, ins):
         a, b = ins
-        if a.dtype != b.dtype:
-            if a.is_floating_point() and not b.is_floating_point():
-                b = b.to(a.dtype)
-            elif b.is_floating_point() and not a.is_floating_point():
+        if a.dtype != b.dtype:  # to the float operand's type, else to the first's
+            if b.is_floating_point() and not a.is_floating_point():
                 a = a.to(b.dtype)
             else:
                 b = b.to(a.dtype)
@@ -598,9 +508,7 @@ def _binary(fn):
 
 
 def _div(a, b):
-    if a.is_floating_point():
-        return a / b
-    return torch.div(a, b, rounding_mode="trunc")
+    return a / b if a.is_floating_point() else torch.div(a, b, rounding_mode="trunc")
 
 
 def op_pad(m, node, ins):
@@ -627,8 +535,7 @@ def op_pad(m, node, ins):
         tp = tp[:-2]
     if mode == "constant":
         return F.pad(x, tp, mode="constant", value=value)
-    tmode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
-    return F.pad(x, tp, mode=tmode)
+    return F.pad(x, tp, mode={"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode])
 
 
 def _slice_axis(x, axis, start, end, step):
@@ -662,8 +569,7 @@ def op_slice(m, node, ins):
 
 def op_concat(m, node, ins):
     ts = [t for t in ins if t is not None]
-    dt = ts[0].dtype
-    return torch.cat([t.to(dt) for t in ts], dim=int(node.attrs["axis"]))
+    return torch.cat([t.to(ts[0].dtype) for t in ts], dim=int(node.attrs["axis"]))
 
 
 def op_split(m, node, ins):
@@ -695,14 +601,7 @@ def op_reshape(m, node, ins):
 def op_flatten(m, node, ins):
     x = ins[0]
     axis = int(node.attrs.get("axis", 1)) % (x.dim() + 1) if x.dim() else 0
-    lead = int(np.prod(x.shape[:axis])) if axis else 1
-    return x.reshape(lead, -1)
-
-
-def op_transpose(m, node, ins):
-    x = ins[0]
-    perm = node.attrs.get("perm") or list(reversed(range(x.dim())))
-    return x.permute(*perm)
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
 
 def _axes(node, ins, idx=1):
@@ -712,16 +611,14 @@ def _axes(node, ins, idx=1):
 
 
 def op_unsqueeze(m, node, ins):
-    x = ins[0]
-    axes = sorted(a % (x.dim() + len(_axes(node, ins))) for a in _axes(node, ins))
-    for a in axes:
+    x, axes = ins[0], _axes(node, ins)
+    for a in sorted(a % (x.dim() + len(axes)) for a in axes):
         x = x.unsqueeze(a)
     return x
 
 
 def op_squeeze(m, node, ins):
-    x = ins[0]
-    axes = _axes(node, ins)
+    x, axes = ins[0], _axes(node, ins)
     if axes is None:
         return x.squeeze()
     for a in sorted((a % x.dim() for a in axes), reverse=True):
@@ -740,9 +637,7 @@ def _resize_coords(out_size, in_size, scale, mode):
     if mode == "asymmetric":
         return o / scale
     if mode == "half_pixel_symmetric":
-        adj = out_size / (scale * in_size)
-        center = in_size / 2
-        offset = center * (1 - adj)
+        offset = in_size / 2 * (1 - out_size / (scale * in_size))
         return offset + (o + 0.5) / scale - 0.5
     raise OnnxoptError(f"Resize coordinate_transformation_mode '{mode}' is not supported by the torch converter.", "use half_pixel/asymmetric/align_corners")
 
@@ -754,21 +649,19 @@ def op_resize(m, node, ins):
     ctm = a.get("coordinate_transformation_mode", "half_pixel" if m.opset >= 11 else "asymmetric")
     nearest = a.get("nearest_mode", "round_prefer_floor")
     if node.op == "Upsample":
-        scales = [float(v) for v in (ins[1].tolist() if len(ins) > 1 else a["scales"])]
-        sizes = [int(math.floor(d * s)) for d, s in zip(x.shape, scales)]
-        ctm = "asymmetric"
-        nearest = "floor"
+        scales_t, sizes_t = (ins[1].tolist() if len(ins) > 1 else a["scales"]), None
+        ctm, nearest = "asymmetric", "floor"
     else:
         scales_t = ins[2] if len(ins) > 2 and ins[2] is not None and ins[2].numel() else None
         sizes_t = ins[3] if len(ins) > 3 and ins[3] is not None and ins[3].numel() else None
         if m.opset < 11:
             scales_t = ins[1]
-        if sizes_t is not None:
-            sizes = _ints(sizes_t)
-            scales = [o / i for o, i in zip(sizes, x.shape)]
-        else:
-            scales = [float(v) for v in scales_t.tolist()]
-            sizes = [int(math.floor(d * s)) for d, s in zip(x.shape, scales)]
+    if sizes_t is not None:
+        sizes = _ints(sizes_t)
+        scales = [o / i for o, i in zip(sizes, x.shape)]
+    else:
+        scales = [float(v) for v in (scales_t.tolist() if isinstance(scales_t, torch.Tensor) else scales_t)]
+        sizes = [int(math.floor(d * s)) for d, s in zip(x.shape, scales)]
     if mode not in ("nearest", "linear"):
         raise OnnxoptError(f"Resize mode '{mode}' is not supported by the torch converter.", "use nearest or linear")
     y = x
@@ -778,24 +671,18 @@ def op_resize(m, node, ins):
         coords = _resize_coords(sizes[ax], x.shape[ax], scales[ax], ctm)
         n = x.shape[ax]
         if mode == "nearest":
-            if nearest == "round_prefer_floor":
-                idx = torch.where(coords == coords.floor() + 0.5, coords.floor(), torch.round(coords))
-            elif nearest == "round_prefer_ceil":
-                idx = torch.where(coords == coords.floor() + 0.5, coords.ceil(), torch.round(coords))
-            elif nearest == "floor":
-                idx = coords.floor()
+            if nearest in ("round_prefer_floor", "round_prefer_ceil"):  # torch.round breaks ties to even
+                tie = coords.floor() if nearest == "round_prefer_floor" else coords.ceil()
+                idx = torch.where(coords == coords.floor() + 0.5, tie, torch.round(coords))
             else:
-                idx = coords.ceil()
+                idx = coords.floor() if nearest == "floor" else coords.ceil()
             idx = idx.clamp(0, n - 1).long().to(x.device)
             y = y.index_select(ax, idx)
         else:
             c = coords.clamp(0, n - 1)
             i0 = c.floor().long()
             i1 = (i0 + 1).clamp(max=n - 1)
-            w1 = (c - i0.double()).to(x.dtype).to(x.device)
-            shape = [1] * x.dim()
-            shape[ax] = -1
-            w1 = w1.reshape(shape)
+            w1 = fakequant.along_axis_of((c - i0.double()).to(x.dtype).to(x.device), x, ax)
             y = y.index_select(ax, i0.to(x.device)) * (1 - w1) + y.index_select(ax, i1.to(x.device)) * w1
     return y
 
@@ -806,20 +693,15 @@ def _pool(m, node, ins, kind):
     rank = len(kernel)
     pads, strides, dil = _conv_pads(node, x, kernel)
     ceil = bool(node.attrs.get("ceil_mode", 0))
-    if kind == "max":
-        if pads[:rank] != pads[rank:] or any(p > k // 2 for p, k in zip(pads, kernel * 2)):
-            x = F.pad(x, _spatial_pads(pads, rank), value=float("-inf"))
-            pads = [0] * (2 * rank)
-        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1]
-        return fn(x, kernel, strides, pads[:rank], dil, ceil)
     include = bool(node.attrs.get("count_include_pad", 0))
-    if pads[:rank] != pads[rank:] or any(p > k // 2 for p, k in zip(pads, kernel * 2)):
-        if not include and any(pads):
+    if pads[:rank] != pads[rank:] or any(p > k // 2 for p, k in zip(pads, kernel * 2)):  # beyond torch's pooling pads
+        if kind == "avg" and not include and any(pads):
             raise OnnxoptError(f"AveragePool '{node.name}' with asymmetric pads and count_include_pad=0 is not supported.", "pad explicitly")
-        x = F.pad(x, _spatial_pads(pads, rank))
+        x = F.pad(x, _spatial_pads(pads, rank), value=float("-inf") if kind == "max" else 0.0)
         pads = [0] * (2 * rank)
-    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
-    return fn(x, kernel, strides, pads[:rank], ceil, include)
+    if kind == "max":
+        return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1](x, kernel, strides, pads[:rank], dil, ceil)
+    return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1](x, kernel, strides, pads[:rank], ceil, include)
 
 
 def _reduce(fn_name):
@@ -832,38 +714,27 @@ def _reduce(fn_name):
                 return x
             axes = list(range(x.dim()))
         axes = [a % x.dim() for a in axes]
-        if fn_name == "mean":
-            return x.mean(dim=axes, keepdim=keep)
-        if fn_name == "sum":
-            return x.sum(dim=axes, keepdim=keep)
-        y = x
+        if fn_name in ("mean", "sum"):
+            return getattr(x, fn_name)(dim=axes, keepdim=keep)
         for a in sorted(axes, reverse=True):
-            y = (y.amax if fn_name == "max" else y.amin)(dim=a, keepdim=keep)
-        return y
+            x = (x.amax if fn_name == "max" else x.amin)(dim=a, keepdim=keep)
+        return x
     return op
 
 
 def op_shape(m, node, ins):
-    shape = list(ins[0].shape)
-    start = int(node.attrs.get("start", 0))
-    end = node.attrs.get("end")
-    shape = shape[start:end] if end is not None else shape[start:]
+    shape = list(ins[0].shape)[int(node.attrs.get("start", 0)):node.attrs.get("end")]
     return torch.tensor(shape, dtype=torch.int64, device=ins[0].device)
 
 
 def op_gather(m, node, ins):
-    x, idx = ins
+    x, idx = ins[0], ins[1].long()
     axis = int(node.attrs.get("axis", 0)) % x.dim()
-    idx = idx.long()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     if idx.dim() == 0:
         return x.select(axis, int(idx))
     out = x.index_select(axis, idx.reshape(-1))
     return out.reshape(list(x.shape[:axis]) + list(idx.shape) + list(x.shape[axis + 1:]))
-
-
-def op_cast(m, node, ins):
-    return ins[0].to(_ONNX_TO_TORCH[int(node.attrs["to"])])
 
 
 def op_constant_of_shape(m, node, ins):
@@ -880,8 +751,7 @@ def op_softmax(fn):
         x = ins[0]
         if m.opset < 13:
             axis = int(node.attrs.get("axis", 1)) % x.dim()
-            lead = int(np.prod(x.shape[:axis])) if axis else 1
-            return fn(x.reshape(lead, -1), dim=1).reshape(x.shape)
+            return fn(x.reshape(int(np.prod(x.shape[:axis])), -1), dim=1).reshape(x.shape)
         return fn(x, dim=int(node.attrs.get("axis", -1)))
     return op
 
@@ -889,8 +759,7 @@ def op_softmax(fn):
 def op_quantize(m, node, ins):
     """A standalone QuantizeLinear (not fused with a DequantizeLinear): exact, STE while training;
     the integers are carried as a float tensor so that gradients flow."""
-    x, s = ins[0], ins[1]
-    zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
+    x, s, zp = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
     zp_type = m.onnx_dtypes.get(node.inputs[2], TensorProto.UINT8) if zp is not None else TensorProto.UINT8
     lo, hi = INT_RANGE_OF_TYPE.get(zp_type, (0, 255))
     axis = None if s.numel() == 1 else int(node.attrs.get("axis", 1))
@@ -900,8 +769,7 @@ def op_quantize(m, node, ins):
 
 
 def op_dequantize(m, node, ins):
-    x, s = ins[0], ins[1]
-    zp = ins[2] if len(ins) > 2 and ins[2] is not None else None
+    x, s, zp = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
     xf = x.to(s.dtype) if not x.is_floating_point() else x
     axis = None if s.numel() == 1 else int(node.attrs.get("axis", 1))
     sb = fakequant.along_axis_of(s, xf, axis)
@@ -917,30 +785,6 @@ def op_expand(m, node, ins):
     ss = [1] * (r - len(shape)) + shape
     target = [max(a, b) if b != 1 else a for a, b in zip(xs, ss)]
     return x.reshape(xs).expand(target)
-
-
-def op_tile(m, node, ins):
-    return ins[0].repeat(*_ints(ins[1]))
-
-
-def op_range(m, node, ins):
-    start, limit, delta = (v.item() for v in ins[:3])
-    return torch.arange(start, limit, delta, dtype=ins[0].dtype, device=ins[0].device)
-
-
-def op_where(m, node, ins):
-    c, a, b = ins
-    return torch.where(c.bool(), a, b.to(a.dtype))
-
-
-def op_hardsigmoid(m, node, ins):
-    alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
-    return torch.clamp(ins[0] * alpha + beta, 0.0, 1.0)
-
-
-def op_hardswish(m, node, ins):
-    x = ins[0]
-    return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
 
 
 def op_pow(m, node, ins):
@@ -964,24 +808,10 @@ def op_variadic(fn):
     return op
 
 
-def op_gelu(m, node, ins):
-    return F.gelu(ins[0], approximate=node.attrs.get("approximate", "none"))
-
-
 def op_layernorm(m, node, ins):
-    x, w = ins[0], ins[1]
-    b = ins[2] if len(ins) > 2 else None
+    x, w, b = ins[0], ins[1], (ins[2] if len(ins) > 2 else None)
     axis = int(node.attrs.get("axis", -1)) % x.dim()
     return F.layer_norm(x, list(x.shape[axis:]), w, b, float(node.attrs.get("epsilon", 1e-5)))
-
-
-def op_instancenorm(m, node, ins):
-    return F.instance_norm(ins[0], weight=ins[1], bias=ins[2], eps=float(node.attrs.get("epsilon", 1e-5)))
-
-
-def op_argmax(m, node, ins):
-    y = torch.argmax(ins[0], dim=int(node.attrs.get("axis", 0)), keepdim=bool(node.attrs.get("keepdims", 1)))
-    return y
 
 
 def op_depth_to_space(m, node, ins):
@@ -1006,7 +836,9 @@ def op_space_to_depth(m, node, ins):
 _OPS: Dict[str, Callable] = {
     "Conv": op_conv, "ConvTranspose": op_conv_transpose, "Gemm": op_gemm,
     "MatMul": lambda m, n, i: torch.matmul(i[0], i[1]),
-    "BatchNormalization": op_bn, "InstanceNormalization": op_instancenorm, "LayerNormalization": op_layernorm,
+    "BatchNormalization": op_bn, "LayerNormalization": op_layernorm,
+    "InstanceNormalization": lambda m, n, i: F.instance_norm(i[0], weight=i[1], bias=i[2],
+                                                             eps=float(n.attrs.get("epsilon", 1e-5))),
     "Relu": op_lrn_free(F.relu), "Sigmoid": op_lrn_free(torch.sigmoid), "Tanh": op_lrn_free(torch.tanh),
     "Exp": op_lrn_free(torch.exp), "Log": op_lrn_free(torch.log), "Erf": op_lrn_free(torch.erf),
     "Sqrt": op_lrn_free(torch.sqrt), "Neg": op_lrn_free(torch.neg), "Abs": op_lrn_free(torch.abs),
@@ -1019,25 +851,34 @@ _OPS: Dict[str, Callable] = {
     "Elu": lambda m, n, i: F.elu(i[0], float(n.attrs.get("alpha", 1.0))),
     "Selu": lambda m, n, i: F.selu(i[0]),
     "PRelu": lambda m, n, i: torch.where(i[0] >= 0, i[0], i[0] * i[1]),
-    "HardSigmoid": op_hardsigmoid, "HardSwish": op_hardswish, "Gelu": op_gelu,
+    "HardSigmoid": lambda m, n, i: torch.clamp(i[0] * float(n.attrs.get("alpha", 0.2)) + float(n.attrs.get("beta", 0.5)),
+                                               0.0, 1.0),
+    "HardSwish": lambda m, n, i: i[0] * torch.clamp(i[0] * (1.0 / 6.0) + 0.5, 0.0, 1.0),
+    "Gelu": lambda m, n, i: F.gelu(i[0], approximate=n.attrs.get("approximate", "none")),
     "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(_div),
     "Pow": op_pow,
     "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
     "LessOrEqual": _binary(torch.le), "GreaterOrEqual": _binary(torch.ge),
     "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or),
-    "Min": op_variadic(torch.minimum), "Max": op_variadic(torch.maximum), "Sum": op_variadic(torch.add), "Where": op_where,
+    "Min": op_variadic(torch.minimum), "Max": op_variadic(torch.maximum), "Sum": op_variadic(torch.add),
+    "Where": lambda m, n, i: torch.where(i[0].bool(), i[1], i[2].to(i[1].dtype)),
     "Pad": op_pad, "Slice": op_slice, "Concat": op_concat, "Split": op_split, "Reshape": op_reshape,
-    "Flatten": op_flatten, "Transpose": op_transpose, "Unsqueeze": op_unsqueeze, "Squeeze": op_squeeze,
+    "Flatten": op_flatten, "Unsqueeze": op_unsqueeze, "Squeeze": op_squeeze,
+    "Transpose": lambda m, n, i: i[0].permute(*(n.attrs.get("perm") or reversed(range(i[0].dim())))),
     "Resize": op_resize, "Upsample": op_resize,
     "MaxPool": lambda m, n, i: _pool(m, n, i, "max"), "AveragePool": lambda m, n, i: _pool(m, n, i, "avg"),
     "GlobalAveragePool": lambda m, n, i: i[0].mean(dim=list(range(2, i[0].dim())), keepdim=True),
     "GlobalMaxPool": lambda m, n, i: i[0].amax(dim=list(range(2, i[0].dim())), keepdim=True),
     "ReduceMean": _reduce("mean"), "ReduceSum": _reduce("sum"), "ReduceMax": _reduce("max"), "ReduceMin": _reduce("min"),
     "Shape": op_shape, "Size": lambda m, n, i: torch.tensor(i[0].numel(), dtype=torch.int64, device=i[0].device),
-    "Gather": op_gather, "Cast": op_cast, "ConstantOfShape": op_constant_of_shape,
+    "Gather": op_gather, "ConstantOfShape": op_constant_of_shape,
+    "Cast": lambda m, n, i: i[0].to(_ONNX_TO_TORCH[int(n.attrs["to"])]),
     "Softmax": op_softmax(torch.softmax), "LogSoftmax": op_softmax(torch.log_softmax),
     "QuantizeLinear": op_quantize, "DequantizeLinear": op_dequantize,
-    "Expand": op_expand, "Tile": op_tile, "Range": op_range, "ArgMax": op_argmax,
+    "Expand": op_expand, "Tile": lambda m, n, i: i[0].repeat(*_ints(i[1])),
+    "Range": lambda m, n, i: torch.arange(*(v.item() for v in i[:3]), dtype=i[0].dtype, device=i[0].device),
+    "ArgMax": lambda m, n, i: torch.argmax(i[0], dim=int(n.attrs.get("axis", 0)),
+                                           keepdim=bool(n.attrs.get("keepdims", 1))),
     "DepthToSpace": op_depth_to_space, "SpaceToDepth": op_space_to_depth,
 }
 

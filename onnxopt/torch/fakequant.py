@@ -1,24 +1,12 @@
 """Fake quantization with a straight-through estimator (STE), as ONNX Q/DQ pairs compute it.
 
-Forward (eval and train alike, bit-exact with onnxruntime's QuantizeLinear -> DequantizeLinear):
-
-    q   = clamp(round_half_even(x / s) + zp, qmin, qmax)        # QuantizeLinear (+ restricted Clip)
-    out = (q - zp) * s                                          # DequantizeLinear
-
-``round`` is ``torch.round`` (round half to even, as ONNX specifies). Backward, by ``mode``:
-
-* ``lsq`` (Esser et al., *Learned Step Size Quantization*): d round(v)/dv := 1 inside the range, so
-  d out/dx = 1 inside [ (qmin-zp)s, (qmax-zp)s ] and 0 outside; d out/ds = round(x/s) - x/s inside,
-  qmin-zp / qmax-zp outside, multiplied by the LSQ gradient scale g = 1/sqrt(n * qmax)
-  (n = elements per scale) so that the step size learns at the pace of the weights.
-* ``pact`` (Choi et al., *PACT*): the clipping range alpha = (qmax-zp)*s is what learns; the
-  rounding error is treated as a constant, so d out/ds comes from the clipped region only.
-* ``fixed``: scales are not trained (d out/ds = 0); the STE still passes gradients to x.
-
-Binary and ternary weights (micronet, XNOR-Net / TWN) use scale factors computed from the latent
-weights every step instead of a learned step: binary ``s = mean|w|`` per channel, ``q = sign(w)``
-(0 mapped to +1); ternary ``delta = 0.7 mean|w|``, ``q = sign(w) [|w| > delta]``,
-``s = mean(|w| : |w| > delta)``. They export as int8 values in [-1, 1] with that scale.
+Forward (eval and train alike) is bit-exact with onnxruntime's QuantizeLinear -> DequantizeLinear.
+Backward, by ``mode``: ``lsq`` (Esser et al., *Learned Step Size Quantization*) scales the step
+size's gradient by 1/sqrt(n * qmax) (n = elements per scale) so that it learns at the pace of the
+weights; ``pact`` (Choi et al., *PACT*) learns the clipping range, the rounding error treated as a
+constant; ``fixed`` trains no scale (the STE still passes gradients to x). Binary and ternary
+weights (micronet, XNOR-Net / TWN) compute their scale factors from the latent weights every step
+instead of learning a step; they export as int8 values in [-1, 1].
 """
 from __future__ import annotations
 
@@ -70,8 +58,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         with torch.no_grad():
             err = (torch.clamp(torch.round(x / s) + zp, qmin, qmax) - zp) * s - xc
         return xc + err
-    q = round_ste(xc / s)
-    return q * s
+    return round_ste(xc / s) * s
 
 
 def binary_weight(w: torch.Tensor, axis: Optional[int]) -> tuple:
@@ -82,8 +69,7 @@ def binary_weight(w: torch.Tensor, axis: Optional[int]) -> tuple:
     else:
         s = a.transpose(0, axis).reshape(w.shape[axis], -1).mean(1).clamp_min(1e-12)
     q = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
-    out = _ste_to(w, q * along_axis_of(s, w, axis))
-    return out, q.detach(), s.detach()
+    return _ste_to(w, q * along_axis_of(s, w, axis)), q.detach(), s.detach()
 
 
 def ternary_weight(w: torch.Tensor, axis: Optional[int]) -> tuple:
@@ -100,8 +86,7 @@ def ternary_weight(w: torch.Tensor, axis: Optional[int]) -> tuple:
         s = ((flat_a * keep_flat).sum(1) / keep_flat.sum(1).clamp_min(1)).clamp_min(1e-12)
         keep = (a > along_axis_of(delta, w, axis)).to(w.dtype)
     q = torch.sign(w) * keep
-    out = _ste_to(w, q * along_axis_of(s, w, axis))
-    return out, q.detach(), s.detach()
+    return _ste_to(w, q * along_axis_of(s, w, axis)), q.detach(), s.detach()
 
 
 def _ste_to(w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

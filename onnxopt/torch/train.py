@@ -1,29 +1,10 @@
 """Finetuning an ONNX model in torch: label-free distillation, supervised and QAT, then write-back.
 
-``finetune(model, data, teacher=..., config=FinetuneConfig(...))`` converts ``model`` (a float,
-pruned, lite or QDQ graph) to an :class:`~onnxopt.torch.convert.OnnxModule`, trains it and writes
-the learned values back into the same graph (:func:`onnxopt.torch.writeback.write_back`).
-
-Loss (summed):
-
-* distillation from a frozen teacher (the model before lite/prune/qdq), per graph output: for an
-  output that looks like classifier logits (``[N, C]``, C > 1) ``T^2 KL(softmax(t/T) || softmax(s/T))``
-  (Hinton et al.), otherwise the mean squared error; ``feature_loss`` adds the MSE between named
-  intermediate tensors of student and teacher (same name and shape in both graphs; ``["auto"]``
-  picks every activation output and residual sum the two share, :func:`auto_features`);
-* with labels, cross entropy on the first output (weight ``label_weight``);
-* a user loss ``file.py:function`` called as ``fn(student_outputs, teacher_outputs, labels, batch)``
-  (lists of tensors / None) returning a scalar tensor.
-
-Training uses Adam (or SGD) with a linear warm-up (``warmup``, a fraction of the steps) then a
-cosine learning-rate decay; BatchNormalization keeps its frozen running statistics by default
-(``bn_mode``; measured best after pruning); optional exact BN re-estimation after training
-(``bn_recalib``); an optional held-in split of the data (``val_split``) whose loss picks the best
-epoch and stops training after ``patience`` epochs without improvement; :func:`recovery_defaults`
-chooses what ``onnxopt finetune`` is not told (learning rate, epochs, feature distillation,
-augmentation, held-in split) from the data size and the model; resumable
-checkpoints (one file per run, written atomically each epoch) and data parallelism under ``torchrun`` (DDP; gloo on CPU, nccl on
-GPU: every rank takes its share of each shuffled epoch, rank 0 writes).
+``finetune(model, data, teacher=..., config=FinetuneConfig(...))`` converts ``model`` to an
+:class:`~onnxopt.torch.convert.OnnxModule`, trains it and writes the learned values back into the
+same graph. The loss sums distillation from a frozen teacher (the model before lite/prune/qdq; with
+shared intermediate features), cross entropy with labels, and an optional user loss. Checkpoints
+are resumable; under ``torchrun`` every rank trains its share of each epoch (DDP; rank 0 writes).
 """
 from __future__ import annotations
 
@@ -130,33 +111,25 @@ def recovery_defaults(student: ModelProto, teacher: Optional[ModelProto], sample
                       labels: bool = False, qat: bool = False, optimizer: str = "adam", image_input: bool = True) -> dict:
     """The settings ``onnxopt finetune`` uses for what the user does not give: {name: (value, why)}.
 
-    Each choice was measured on ResNet56 CIFAR, pruned, 717 images (docs/benchmarks.md, "Prune ->
-    finetune with the defaults"): a pruned student (fewer parameters than its teacher) gets lr 1e-3,
-    one of the teacher's shape (lite, qdq, QAT: small changes) 1e-4, both scaled by sqrt(batch / 32),
-    SGD 10x; feature distillation of the tensors both share (``auto_features``), off for QAT
-    (unmeasured there); augmentation for label-free distillation only (the teacher sees the same
-    augmented image); about SAMPLE_BUDGET samples, at most MAX_EPOCHS epochs; a 3 % held-in split
-    from 500 samples up with patience 3 (the weights of the epoch with the lowest held-in loss are kept).
-    """
+    Each choice was measured (docs/benchmarks.md, "Prune -> finetune with the defaults"); feature
+    distillation is off for QAT (unmeasured there)."""
     pruned = teacher is not None and stats.param_count(student) < 0.97 * stats.param_count(teacher)
-    base = 1e-3 if pruned else 1e-4
-    lr = base * math.sqrt(batch_size / 32) * (10.0 if optimizer == "sgd" else 1.0)
+    lr = (1e-3 if pruned else 1e-4) * math.sqrt(batch_size / 32) * (10.0 if optimizer == "sgd" else 1.0)
     epochs = int(min(MAX_EPOCHS, max(1, math.ceil(SAMPLE_BUDGET / max(1, samples)))))
-    out = {
+    features = teacher is not None and not qat
+    augment = teacher is not None and not labels and image_input
+    return {
         "lr": (float(f"{lr:.3g}"), "pruned student (fewer parameters than the teacher)" if pruned
                else "student of the teacher's shape" if teacher is not None else "no teacher"),
         "epochs": (epochs, f"about {SAMPLE_BUDGET} samples, at most {MAX_EPOCHS} epochs"),
-        "feature_loss": (["auto"] if teacher is not None and not qat else [],
-                         "tensors student and teacher share" if teacher is not None and not qat
+        "feature_loss": (["auto"] if features else [], "tensors student and teacher share" if features
                          else "QAT" if qat else "no teacher"),
-        "augment": (bool(teacher is not None and not labels and image_input),
-                    "label-free distillation of images" if teacher is not None and not labels and image_input
+        "augment": (bool(augment), "label-free distillation of images" if augment
                     else "labels given" if labels else "no teacher" if teacher is None else "not an image input"),
         "val_split": (0.03 if samples >= 500 else 0.0, "3 % held in from 500 samples up" if samples >= 500
                       else "under 500 samples: all are trained on"),
         "patience": (3, "epochs without a lower held-in loss"),
     }
-    return out
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -167,8 +140,7 @@ def dist_info() -> tuple:
 
 
 def _init_distributed(device: torch.device) -> bool:
-    rank, world, _ = dist_info()
-    if world <= 1:
+    if dist_info()[1] <= 1:
         return False
     import torch.distributed as dist
     if not dist.is_initialized():
@@ -179,8 +151,7 @@ def _init_distributed(device: torch.device) -> bool:
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
-            _, _, local = dist_info()
-            return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+            return torch.device(f"cuda:{dist_info()[2] % torch.cuda.device_count()}")
         return torch.device("cpu")
     try:
         dev = torch.device(spec)
@@ -234,11 +205,9 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (p, p, p, p), mode="reflect" if p < min(h, w) else "constant")
     dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
     dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
-    flip = (torch.rand(n, generator=gen) < 0.5).tolist()
+    flip = torch.rand(n, generator=gen) < 0.5
     out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    idx = [i for i, f in enumerate(flip) if f]
-    if idx:
-        out[idx] = out[idx].flip(-1)
+    out[flip] = out[flip].flip(-1)
     return out
 
 
@@ -257,9 +226,7 @@ def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.
 # ----------------------------------------------------------------------------- teacher
 class _TorchTeacher:
     def __init__(self, model: ModelProto, device, features):
-        self.module = OnnxModule(model).to(device).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.module = OnnxModule(model).to(device).eval().requires_grad_(False)
         self.module.capture = set(features)
         self.features = list(features)
 
@@ -271,10 +238,9 @@ class _TorchTeacher:
 
 class _OrtTeacher:
     def __init__(self, model: ModelProto, input_names, features):
-        probe = runtime.with_outputs(model, features)
         self.outputs = [o.name for o in model.graph.output]
         self.features = list(features)
-        self.sess = runtime.session(probe, optimize=True)
+        self.sess = runtime.session(runtime.with_outputs(model, features), optimize=True)
         self.input_names = input_names
         # an export with a fixed batch (often 1) takes the training batch in slices of that size
         # (the torch student swaps the batch in its Reshapes instead; onnxruntime cannot)
@@ -342,30 +308,28 @@ class _Run:
             loss = loss + self.user_loss(out, t_out, y, dict(zip(student.input_names, xs)))
         return loss
 
-    def teacher_outputs(self, idx, xs) -> tuple:
-        """(outputs, features) of the teacher on the batch ``idx`` (inputs ``xs``), or (None, None)."""
+    def teacher_outputs(self, idx, xs, cache) -> tuple:
+        """(outputs, features) of the teacher on batch ``idx`` (rows of ``cache`` or run on ``xs``), or (None, None)."""
         if self.teacher is None:
             return None, None
-        if self.cache is not None:
-            return [c[idx].to(self.device) for c in self.cache[0]], [c[idx].to(self.device) for c in self.cache[1]]
+        if cache is not None:
+            return [c[idx].to(self.device) for c in cache[0]], [c[idx].to(self.device) for c in cache[1]]
         return self.teacher(xs)
 
     def held_loss(self) -> float:
-        student, device, held, held_teacher = self.student, self.device, self.held, self.held_teacher
+        student, device, held = self.student, self.device, self.held
         student.eval()
-        total, count = 0.0, 0
+        total = 0.0
         with torch.no_grad():
             m = len(held[0][student.input_names[0]])
             for i in range(0, m, self.cfg.batch_size):
                 idx = torch.arange(i, min(m, i + self.cfg.batch_size))
                 xs = [held[0][nm][idx].to(device) for nm in student.input_names]
                 out = _as_list(student(*xs))
-                t_out = [c[idx].to(device) for c in held_teacher[0]] if held_teacher else None
-                t_feat = [c[idx].to(device) for c in held_teacher[1]] if held_teacher else None
+                t_out, t_feat = self.teacher_outputs(idx, xs, self.held_teacher)
                 y = held[1][idx].to(device) if held[1] is not None else None
                 total += float(self.batch_loss(out, t_out, t_feat, y, xs)) * len(idx)
-                count += len(idx)
-        return total / max(1, count)
+        return total / max(1, m)
 
 
 def _as_list(out) -> list:
@@ -507,13 +471,13 @@ def _train_epoch(run: _Run, net, opt, sched, epoch: int, gen, scale_params: list
     mine = perm[rank:(n // world) * world:world] if world > 1 else perm
     batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     bar = progress_bar(len(batches) * cfg.batch_size, f"training, epoch {epoch + 1} of {cfg.epochs}", cfg.progress and rank == 0)
-    seen, loss_sum = 0, 0.0
+    loss_sum = 0.0
     for idx in batches:
         xs = [run.tensors[nm][idx].to(device) for nm in student.input_names]
         if cfg.augment:
             xs = [augment_batch(x, gen) for x in xs]
         out = _as_list(net(*xs))
-        t_out, t_feat = run.teacher_outputs(idx, xs)
+        t_out, t_feat = run.teacher_outputs(idx, xs, run.cache)
         y = run.label_t[idx].to(device) if run.label_t is not None else None
         loss = run.batch_loss(out, t_out, t_feat, y, xs)
         if not torch.isfinite(loss):
@@ -525,12 +489,11 @@ def _train_epoch(run: _Run, net, opt, sched, epoch: int, gen, scale_params: list
         with torch.no_grad():  # a step size must stay positive
             for p in scale_params:
                 p.clamp_(min=1e-8)
-        seen += len(idx)
         loss_sum += float(loss.detach()) * len(idx)
         bar.update(len(idx))
         bar.set_postfix_str(f"loss={float(loss.detach()):.4f}")
     bar.close()
-    return seen, loss_sum
+    return len(mine), loss_sum
 
 
 @dataclass
@@ -644,15 +607,12 @@ def _check_batch(student: OnnxModule, arrays: dict, batch: int, device) -> None:
 
 def _teacher_cache(t_fn, tensors, input_names, batch_size, device) -> tuple:
     n = len(tensors[input_names[0]])
-    outs, feats = None, None
+    outs, feats = [], []   # per batch, on the CPU
     for i in range(0, n, batch_size):
-        xs = [tensors[nm][i:i + batch_size].to(device) for nm in input_names]
-        o, f = t_fn(xs)
-        if outs is None:
-            outs, feats = [[] for _ in o], [[] for _ in f]
-        for acc, v in zip(outs + feats, list(o) + list(f)):
-            acc.append(v.detach().cpu())
-    return [torch.cat(v) for v in outs], [torch.cat(v) for v in feats]
+        o, f = t_fn([tensors[nm][i:i + batch_size].to(device) for nm in input_names])
+        outs.append([v.detach().cpu() for v in o])
+        feats.append([v.detach().cpu() for v in f])
+    return [torch.cat(col) for col in zip(*outs)], [torch.cat(col) for col in zip(*feats)]
 
 
 def recalibrate_bn(module: OnnxModule, tensors: dict, batch_size: int, device, max_batches: int = 0) -> None:
@@ -672,14 +632,11 @@ def recalibrate_bn(module: OnnxModule, tensors: dict, batch_size: int, device, m
         acc[1] += cnt
         acc[2] += mean.double() * cnt
         acc[3] += (var.double() + mean.double() ** 2) * cnt
-        eps = float(node.attrs.get("epsilon", 1e-5))
-        return F.batch_norm(x, mean, var, ins[1], ins[2], False, 0.0, eps)
+        return F.batch_norm(x, mean, var, ins[1], ins[2], False, 0.0, float(node.attrs.get("epsilon", 1e-5)))
 
-    saved = {}
-    for node in module.program:
-        if node.op == "BatchNormalization":
-            saved[id(node)] = node.fn
-            node.fn = hook
+    saved = [(node, node.fn) for node in module.program if node.op == "BatchNormalization"]
+    for node, _ in saved:
+        node.fn = hook
     module.eval()
     try:
         with torch.no_grad():
@@ -688,9 +645,8 @@ def recalibrate_bn(module: OnnxModule, tensors: dict, batch_size: int, device, m
                     break
                 module(*[tensors[nm][i:i + batch_size].to(device) for nm in names])
     finally:
-        for node in module.program:
-            if id(node) in saved:
-                node.fn = saved[id(node)]
+        for node, fn in saved:
+            node.fn = fn
     with torch.no_grad():
         for node, cnt, s1, s2 in sums.values():
             mean = s1 / cnt
@@ -707,18 +663,13 @@ def parity_check(module: OnnxModule, model: ModelProto, tensors: dict, samples: 
     xs = [tensors[nm][:samples] for nm in names]
     module.eval()
     with torch.no_grad():
-        out = module(*xs)
-    out = _as_list(out)
+        out = _as_list(module(*xs))
     sess = runtime.session(model)
     try:
         ref = runtime.run(sess, {nm: x.numpy() for nm, x in zip(names, xs)})
     except DataError:  # a model with a fixed batch of 1: sample by sample
-        ref = {}
-        for i in range(len(xs[0])):
-            r = runtime.run(sess, {nm: x[i:i + 1].numpy() for nm, x in zip(names, xs)})
-            for k, v in r.items():
-                ref.setdefault(k, []).append(v)
-        ref = {k: np.concatenate(v) for k, v in ref.items()}
+        parts = [runtime.run(sess, {nm: x[i:i + 1].numpy() for nm, x in zip(names, xs)}) for i in range(len(xs[0]))]
+        ref = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     worst, scale = 0.0, 0.0
     for o, name in zip(out, module.output_names):
         a = o.detach().numpy()
