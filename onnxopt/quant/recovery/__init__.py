@@ -60,10 +60,9 @@ def _bias_correction(bc: str, float_model, model, info, data, n_samples, held_in
     correct = empirical_bias_correction if bc == "empirical" else analytical_bias_correction
     corrected, rep = correct(float_model, model, info, data, (n_samples or BIAS_SAMPLES) if bc == "empirical" else n_samples, log)
     if held_in is not None:
-        # A correction must not make the outputs noisier; some do: after rounding=adaround
-        # (EfficientNet-Lite0 W4A8: 81.1 -> 0.1 % top-1), or where E[x] is a poor summary of
-        # the inputs (the HardSwish/SE model). Judged on all the held-in samples: on 16 or 32 the
-        # noise ratio ranked the corrections against what held-out data showed
+        # A correction must not make the outputs noisier; some do: after rounding=adaround, or
+        # where E[x] is a poor summary of the inputs (the HardSwish/SE model). Judged on all the
+        # held-in samples: on 16 or 32 the noise ratio misranked the corrections
         # (tools/bench_bias_correction.py).
         before, after = held_in.error(model), held_in.error(corrected)
         rep = {**rep, "noise_before": before.noise(), "noise_after": after.noise(), "rel_error_before": before.rel_error,
@@ -104,9 +103,8 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: Union[QuantInf
         ev = Evaluator(QdqView(float_model, model, info).float_reference(), collect_feeds(data, REFERENCE_SAMPLES))
         report["rel_error_start"] = ev.error(model)
     if rounding != "nearest":
-        iters = options.adaround_iters
-        model, report[rounding] = _learned_rounding(rounding, QdqView(float_model, model, info), data, iters, n_samples,
-                                                    float_model, ctx, log)
+        model, report[rounding] = _learned_rounding(rounding, QdqView(float_model, model, info), data,
+                                                    options.adaround_iters, n_samples, float_model, ctx, log)
     # the held-in samples of the bias check; the fallback measures an agreement budget on the same ones
     held_in = None
     if bc != "none":

@@ -9,41 +9,36 @@ with the rectified sigmoid ``h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1
 
     E ||W~ x_q - W x_f||^2 / E ||W^ x_q - W x_f||^2  +  lam * mean(1 - |2 h(V) - 1|^beta)
 
-where ``x_f`` is the layer's input in the float model and ``x_q`` the input the quantized layer
-reads: by default (``sequential``, the paper's asymmetric reconstruction) taken from the
-quantized model with every upstream layer's learned rounding already applied, so each layer also
-compensates the error of the layers before it; ``W^`` is the round-to-nearest weight, and
-``beta`` is annealed from 20 to 2 after a warm-up so that ``h`` converges to 0/1. Because the
-reconstruction is linear in ``W~``, the data enter only through the Gram matrices
-``G_qq = E[x_q x_q^T]`` and ``G_fq = E[x_f x_q^T]`` (im2col patches of the layer's input;
-positions subsampled per image), so the gradient is exact and cheap:
-``dL/dW~ = 2 (W~ G_qq - W G_fq)``. No torch is needed. Before learning, the per-channel scale may
-shrink (clipping ratio 1 ... 0.5 of min-max, the ratio whose nearest rounding reconstructs the
-output best on the same statistics -- the MSE scale initialisation AdaRound uses at 4 bits); an
-int32 bias (scale ``s_in * s_w``) is re-quantized with it. The final rounding is ``h >= 0.5``; a
-layer whose learned rounding reconstructs worse than round-to-nearest (on the same statistics)
-keeps round-to-nearest.
+where ``x_f`` is the layer's input in the float model, ``x_q`` the input the quantized layer reads
+(see :func:`adaround`), ``W^`` the round-to-nearest weight, and ``beta`` is annealed from 20 to 2
+after a warm-up so that ``h`` converges to 0/1. The reconstruction is linear in ``W~``, so the
+data enter only through the Gram matrices ``G_qq = E[x_q x_q^T]`` and ``G_fq = E[x_f x_q^T]``
+(im2col patches, positions subsampled per image): the gradient ``dL/dW~ = 2 (W~ G_qq - W G_fq)``
+is exact and cheap, and no torch is needed. Before learning, the per-channel scale may shrink
+(clipping ratio 1 ... 0.5 of min-max, the one whose nearest rounding reconstructs the output best:
+the MSE scale initialisation AdaRound uses at 4 bits); an int32 bias (scale ``s_in * s_w``) is
+re-quantized with it. The final rounding is ``h >= 0.5``; a layer whose learned rounding
+reconstructs worse than round-to-nearest keeps round-to-nearest.
 
-Sequential order: the layers are learned wave by wave (a wave = the layers with the same number
-of quantized layers upstream), the statistics of each wave collected after the waves before it
-were rounded, running the float and quantized models only up to the wave's inputs. Learned all
-from one collection instead, each layer would compensate errors its predecessors also remove; the
-one-pass variant (``sequential=False``) therefore uses ``x_q = DQ(Q(x_f))``, the float input
-through the layer's own activation quantizer. Measured on EfficientNet-Lite0 W4A8
-(tools/bench_recovery.py effnet4): 37.3 % top-1 one-pass, 81.1 % sequential.
+Learned all from one collection, each layer would compensate errors its predecessors also remove,
+hence the sequential default (wave by wave) or, one-pass, ``x_q = DQ(Q(x_f))``; the two are
+compared in docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Optional
 
 import numpy as np
 import onnx
+from numpy.lib.stride_tricks import sliding_window_view
 from onnx import ModelProto, numpy_helper
 
 from ... import runtime
 from ...data import collect_feeds, feed_samples
 from ...ir.proto import consumers
+from ..check import attrs
 from ..view import LayerQuant, QdqView, fast_session, layer_depths, truncated
 
 ZETA, GAMMA = 1.1, -0.1
@@ -51,16 +46,12 @@ MASKED_GRAM_LIMIT = 8_000_000  # entries of the per-output-channel Grams of one 
 MIN_ROWS_PER_INPUT = 4  # a layer needs this many input rows (positions x samples) per weight input
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 class _Layer:
     """Geometry of one layer: how to turn its input tensor into im2col rows [g, P, K]."""
 
     def __init__(self, name: str, node: onnx.NodeProto, w: np.ndarray, entry: LayerQuant):
         self.name, self.node, self.entry = name, node, entry
-        a = _attrs(node)
+        a = attrs(node)
         self.op = node.op_type
         if self.op == "Conv":
             self.group = int(a.get("group", 1))
@@ -68,17 +59,14 @@ class _Layer:
             self.strides = list(a.get("strides", [1, 1]))
             self.dil = list(a.get("dilations", [1, 1]))
             self.pads = list(a.get("pads", [0, 0, 0, 0]))
-            co = w.shape[0]
-            self.w = w.reshape(self.group, co // self.group, -1).astype(np.float64)  # [g, o, K]
+            self.w = w.reshape(self.group, w.shape[0] // self.group, -1).astype(np.float64)  # [g, o, K]
         else:
             self.group = 1
-            trans_b = int(a.get("transB", 0))
-            self.trans_b = trans_b
-            self.w = (w if trans_b else w.T)[None].astype(np.float64)  # [1, N_out, K]
+            self.trans_b = int(a.get("transB", 0))
+            self.w = (w if self.trans_b else w.T)[None].astype(np.float64)  # [1, N_out, K]
         k = self.w.shape[2]
         self.act = None  # (lo, hi, bias [g, o]) when the layer's output goes through Relu/Clip
-        self.gqq = np.zeros((self.group, k, k))
-        self.gfq = np.zeros((self.group, k, k))
+        self.gqq, self.gfq = np.zeros((self.group, k, k)), np.zeros((self.group, k, k))
         self.count = 0
 
     def use_activation(self, lo: float, hi: float, bias: Optional[np.ndarray]) -> bool:
@@ -90,13 +78,12 @@ class _Layer:
             return False
         b = np.zeros((g, o)) if bias is None else np.asarray(bias, np.float64).reshape(g, o)
         self.act = (lo, hi, b)
-        self.gqq = np.zeros((g, o, k, k))
-        self.gfq = np.zeros((g, o, k, k))
+        self.gqq, self.gfq = np.zeros((g, o, k, k)), np.zeros((g, o, k, k))
         return True
 
     @staticmethod
     def supported(node: onnx.NodeProto, w: np.ndarray) -> Optional[str]:
-        a = _attrs(node)
+        a = attrs(node)
         if node.op_type == "Conv":
             if w.ndim != 4:
                 return "only 2-D convolutions"
@@ -107,40 +94,30 @@ class _Layer:
             return None if int(a.get("transA", 0)) == 0 else "transA=1"
         return f"{node.op_type} is not supported"
 
-    def rows(self, x: np.ndarray, rng: np.random.Generator, max_positions: int) -> np.ndarray:
-        """[g, P, K] im2col rows of input ``x`` (positions subsampled, same choice for a paired input)."""
+    def rows(self, xf: np.ndarray, xq: np.ndarray, rng: np.random.Generator, max_positions: int) -> tuple:
+        """[g, P, K] im2col rows of the paired inputs ``xf``, ``xq``, at the same output positions
+        (a random ``max_positions`` of them when there are more)."""
         if self.op == "Gemm":
-            return x.reshape(x.shape[0], -1)[None].astype(np.float32)
-        n, c, h, w = x.shape
+            return tuple(x.reshape(x.shape[0], -1)[None].astype(np.float32) for x in (xf, xq))
         pt, pl, pb, pr = self.pads
-        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
         kh, kw = self.kernel
         dh, dw = self.dil
         sh, sw = self.strides
         eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-        win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
-        wo = win.shape[3]
-        idx = self._positions  # chosen by the caller for the pair
-        win = win[:, :, idx // wo, idx % wo]  # [n, c, P, kh, kw], gathering only the chosen windows
-        g = self.group
-        win = win.reshape(n, g, c // g, len(idx), kh * kw)
-        return np.ascontiguousarray(win.transpose(1, 0, 3, 2, 4).reshape(g, n * len(idx), -1), dtype=np.float32)
-
-    def choose_positions(self, x_shape, rng: np.random.Generator, max_positions: int) -> None:
-        if self.op == "Gemm":
-            return
-        h, w = x_shape[2], x_shape[3]
-        pt, pl, pb, pr = self.pads
-        kh, kw = self.kernel
-        dh, dw = self.dil
-        ho = (h + pt + pb - (dh * (kh - 1) + 1)) // self.strides[0] + 1
-        wo = (w + pl + pr - (dw * (kw - 1) + 1)) // self.strides[1] + 1
+        pads = ((0, 0), (0, 0), (pt, pb), (pl, pr))
+        wins = [sliding_window_view(np.pad(x, pads), (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+                for x in (xf, xq)]
+        n, c, ho, wo = wins[0].shape[:4]
         total = ho * wo
-        self._positions = np.arange(total) if total <= max_positions else np.sort(rng.choice(total, max_positions, replace=False))
+        idx = np.arange(total) if total <= max_positions else np.sort(rng.choice(total, max_positions, replace=False))
+        g, p = self.group, len(idx)
+        # only the chosen windows, [n, c, P, kh, kw] each
+        chosen = (win[:, :, idx // wo, idx % wo].reshape(n, g, c // g, p, kh * kw) for win in wins)
+        return tuple(np.ascontiguousarray(w.transpose(1, 0, 3, 2, 4).reshape(g, n * p, -1), dtype=np.float32)
+                     for w in chosen)
 
     def accumulate(self, xf: np.ndarray, xq: np.ndarray, rng: np.random.Generator, max_positions: int) -> None:
-        self.choose_positions(xf.shape, rng, max_positions)
-        rf, rq = self.rows(xf, rng, max_positions), self.rows(xq, rng, max_positions)
+        rf, rq = self.rows(xf, xq, rng, max_positions)
         # batched float32 BLAS products of one batch, summed in float64 (np.einsum with a batch
         # axis falls back to slow C loops)
         rqt = rq.transpose(0, 2, 1)
@@ -150,26 +127,27 @@ class _Layer:
         else:
             lo, hi, b = self.act
             y = rf @ self.w.transpose(0, 2, 1).astype(np.float32) + b[:, None, :]  # [g, P, o]
-            mask = ((y > lo) & (y < hi)).transpose(0, 2, 1)[..., None]  # [g, o, P, 1]
-            self.gqq += (rqt[:, None] * mask.transpose(0, 1, 3, 2)) @ rq[:, None]
-            self.gfq += (rf.transpose(0, 2, 1)[:, None] * mask.transpose(0, 1, 3, 2)) @ rq[:, None]
+            mask = ((y > lo) & (y < hi)).transpose(0, 2, 1)[:, :, None, :]  # [g, o, 1, P]
+            self.gqq += (rqt[:, None] * mask) @ rq[:, None]
+            self.gfq += (rf.transpose(0, 2, 1)[:, None] * mask) @ rq[:, None]
         self.count += rq.shape[1]
+
+    def statistics(self) -> tuple:
+        """(apply, G_qq, W G_fq): the mean Gram matrices, and ``apply(a, gram)``, the product that fits
+        their layout (one Gram per group, or one per output channel with an activation)."""
+        gqq, gfq = self.gqq / max(self.count, 1), self.gfq / max(self.count, 1)
+        apply = np.matmul if gqq.ndim == 3 else (lambda a, gram: np.einsum("gok,gokl->gol", a, gram))
+        return apply, gqq, apply(self.w, gfq)
 
 
 def _optimize(layer: _Layer, scale: np.ndarray, qmin, qmax, iters: int, lam: float = 0.1,
               lr: float = 0.1, warmup: float = 0.2) -> tuple:
+    """Learned integer weights [g, o, K] and (loss_nearest, loss_learned) on the layer's statistics."""
     # lam / lr were chosen on the SE test network at 4 bits, 200-500 iterations (the paper's
     # lr 1e-3 with 10k-20k iterations is too slow for the default budget of 500)
-    """Learned integer weights [g, o, K] and (loss_nearest, loss_learned) on the layer's statistics."""
     w = layer.w
-    g, o, k = w.shape
-    s = scale.reshape(g, o, 1)
-    gqq, gfq = layer.gqq / max(layer.count, 1), layer.gfq / max(layer.count, 1)
-    if gqq.ndim == 3:
-        apply = lambda a, gram: a @ gram  # noqa: E731  one Gram per group
-    else:
-        apply = lambda a, gram: np.einsum("gok,gokl->gol", a, gram)  # noqa: E731  one per output channel
-    target = apply(w, gfq)  # W G_fq, constant
+    s = scale.reshape(w.shape[:2] + (1,))
+    apply, gqq, target = layer.statistics()
 
     def recon(wq_float):
         # E||W~ x_q - W x_f||^2 up to the constant E||W x_f||^2 (identical for every candidate)
@@ -214,18 +192,22 @@ def _optimize(layer: _Layer, scale: np.ndarray, qmin, qmax, iters: int, lam: flo
     return learned, loss_near, loss_learned
 
 
+def shared_weights(view) -> set:
+    """The quantized weights that more than one layer reads (no single layer may learn their rounding)."""
+    readers = Counter(l.weight_q for l in view.layers.values())
+    return {w for w, n in readers.items() if n > 1}
+
+
 def _supported_layers(view) -> tuple:
     """({name: _Layer} whose rounding adaround learns, [why each other layer keeps nearest rounding])."""
-    weight_users: dict = {}
-    for name, l in view.layers.items():
-        weight_users.setdefault(l.weight_q, []).append(name)
+    shared = shared_weights(view)
     layers, skipped = {}, []
     readers_of = consumers(view.qmodel.graph)
     for name, l in view.layers.items():
         node = view.nodes[name]
         w = view.float_weight[name]
         reason = _Layer.supported(node, w)
-        if reason is None and len(weight_users[l.weight_q]) > 1:
+        if reason is None and l.weight_q in shared:
             reason = "its quantized weight is shared with another layer"
         if reason is None and np.asarray(view.array(l.weight_q)).dtype.kind not in "iu":
             reason = "weight storage is not an integer array"
@@ -273,7 +255,6 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
     model.CopyFrom(view.qmodel)
     inits = {t.name: t for t in model.graph.initializer}
     per_layer = []
-    improved = 0
     t_stats = 0.0
     for wave in waves:
         t1 = time.perf_counter()
@@ -287,21 +268,15 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
             outs_q = runtime.run(s_q, feed, qw) if sequential else None
             for n in wave:
                 xf = outs_f[f_names[n]]
-                if sequential:
-                    xq = outs_q[q_names[n]]
-                else:
-                    xq = quantizer[n](xf) if quantizer[n] else xf
+                xq = outs_q[q_names[n]] if sequential else (quantizer[n](xf) if quantizer[n] else xf)
                 layers[n].accumulate(xf, xq, rng, max_positions)
         t_stats += time.perf_counter() - t1
         t2 = time.perf_counter()
-        for n in wave:
-            row = _learn_layer(view, layers.pop(n), inits, iters, skipped, log)
-            if row is not None:
-                per_layer.append(row)
-                improved += row["used"]
+        rows = [_learn_layer(view, layers.pop(n), inits, iters, skipped, log) for n in wave]
+        per_layer += [r for r in rows if r is not None]
         log(f"adaround wave {wave[0]}{'...' if len(wave) > 1 else ''}: statistics {t2 - t1:.1f} s, learning {time.perf_counter() - t2:.1f} s")
-    return model, {"layers": len(per_layer), "improved": improved, "samples": seen, "iters": iters,
-                   "sequential": sequential, "waves": len(waves),
+    return model, {"layers": len(per_layer), "improved": sum(r["used"] for r in per_layer), "samples": seen,
+                   "iters": iters, "sequential": sequential, "waves": len(waves),
                    "seconds_statistics": round(t_stats, 2), "seconds": round(time.perf_counter() - t0, 2),
                    "per_layer": per_layer, "skipped": skipped}
 
@@ -309,28 +284,27 @@ def adaround(view, data, iters: int = 500, max_samples: int = 128, max_positions
 def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, log) -> Optional[dict]:
     """Clipping search + learned rounding of one layer from its accumulated statistics; writes
     the result into ``inits`` when it reconstructs better than nearest at the calibration's scale."""
-    n = layer.name
-    k = layer.w.shape[2]
-    l = layer.entry
-    scale = np.asarray(view.array(l.weight_scale), np.float64)
-    co = layer.w.shape[0] * layer.w.shape[1]
-    scale = np.broadcast_to(scale.reshape(-1), (co,)) if scale.size in (1, co) else None
-    if scale is None or l.axis not in (None, 0, 1):
+    n, l, w = layer.name, layer.entry, layer.w
+    k, per_output = w.shape[2], w.shape[:2] + (1,)
+    stored_scale = np.asarray(view.array(l.weight_scale))
+    co = w.shape[0] * w.shape[1]
+    if stored_scale.size not in (1, co) or l.axis not in (None, 0, 1):
         skipped.append(f"{n}: unexpected scale layout")
         return None
+    scale = np.broadcast_to(stored_scale.astype(np.float64).reshape(-1), (co,))
     # the bounds of round(w / s) = q - zp, per channel with asymmetric weights
     zp = np.asarray(view.array(l.weight_zero_point), np.float64)
-    zp = zp.reshape(layer.w.shape[:2] + (1,)) if zp.size == co else zp.reshape(-1)[0]
+    zp = zp.reshape(per_output) if zp.size == co else zp.reshape(-1)[0]
     qmin_l, qmax_l = int(l.qmin) - zp, int(l.qmax) - zp
-    per_channel = np.asarray(view.array(l.weight_scale)).size > 1
+    per_channel = stored_scale.size > 1
     if layer.count < MIN_ROWS_PER_INPUT * k:
         # too few input rows for K free weights per output: learned rounding would fit the
-        # calibration samples, not the distribution (measured: a Gemm head on 40 samples).
+        # calibration samples, not the distribution (a Gemm head on 40 samples).
         # Round to nearest, at the clipping that minimises the weight error itself (data-free).
-        new_scale, alpha = weight_clipping(layer.w, scale, qmin_l, qmax_l, per_channel)
+        new_scale, alpha = weight_clipping(w, scale, qmin_l, qmax_l, per_channel)
         if not np.array_equal(new_scale, scale):
-            write_scale(inits, l, np.asarray(view.array(l.weight_scale)), new_scale, scale)
-            _write_weight(inits, l, layer, np.clip(np.rint(layer.w / new_scale.reshape(layer.w.shape[:2] + (1,))), qmin_l, qmax_l) + zp)
+            write_scale(inits, l, stored_scale, new_scale, scale)
+            _write_weight(inits, l, layer, np.clip(np.rint(w / new_scale.reshape(per_output)), qmin_l, qmax_l) + zp)
         skipped.append(f"{n}: {layer.count} input rows for {k} inputs per output (< {MIN_ROWS_PER_INPUT}x): "
                        f"nearest rounding, weight-MSE clipping (min ratio {float(np.min(alpha)):.2f})")
         return None
@@ -341,24 +315,23 @@ def _learn_layer(view, layer: _Layer, inits: dict, iters: int, skipped: list, lo
     keep = loss_learned < loss_near
     row = {"layer": n, "loss_nearest": loss_near, "loss_learned": loss_learned, "used": bool(keep),
            "clip_ratio_min": float(np.min(alpha))}
-    if not keep:
-        return row
-    if not np.array_equal(new_scale, scale):
-        write_scale(inits, l, np.asarray(view.array(l.weight_scale)), new_scale, scale)
-    _write_weight(inits, l, layer, learned + zp)
-    log(f"adaround {n}: loss {loss_near:.4g} -> {loss_learned:.4g}")
+    if keep:
+        if not np.array_equal(new_scale, scale):
+            write_scale(inits, l, stored_scale, new_scale, scale)
+        _write_weight(inits, l, layer, learned + zp)
+        log(f"adaround {n}: loss {loss_near:.4g} -> {loss_learned:.4g}")
     return row
 
 
 def _write_weight(inits: dict, entry: LayerQuant, layer: _Layer, wint: np.ndarray) -> None:
     """Store integer weights given as [g, o, K] in the layer's initializer layout."""
-    old = inits[entry.weight_q]
-    old_arr = numpy_helper.to_array(old)
-    if layer.op == "Conv":
-        new = wint.reshape(old_arr.shape)
-    else:
-        new = wint[0] if layer.trans_b else wint[0].T
-    old.CopyFrom(numpy_helper.from_array(new.astype(old_arr.dtype).reshape(old_arr.shape), old.name))
+    store(inits, entry.weight_q, wint if layer.op == "Conv" else (wint[0] if layer.trans_b else wint[0].T))
+
+
+def store(inits: dict, name: str, value: np.ndarray) -> None:
+    """Replace initializer ``name`` by ``value``, cast to its dtype and reshaped to its shape."""
+    old = numpy_helper.to_array(inits[name])
+    inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value).astype(old.dtype).reshape(old.shape), name))
 
 
 CLIP_RATIOS = np.linspace(1.0, 0.5, 11)
@@ -369,9 +342,7 @@ def _best_clipping(layer: _Layer, scale: np.ndarray, qmin, qmax, per_channel: bo
     round-to-nearest weight reconstructs the layer output best on the same statistics (the
     reconstruction loss separates over output channels). Ratio 1 (the calibration's scale) is a
     candidate, so the result is never worse on these statistics."""
-    gqq, gfq = layer.gqq / max(layer.count, 1), layer.gfq / max(layer.count, 1)
-    ap = (lambda a, gram: a @ gram) if gqq.ndim == 3 else (lambda a, gram: np.einsum("gok,gokl->gol", a, gram))
-    target = ap(layer.w, gfq)
+    ap, gqq, target = layer.statistics()
     return _clip_search(layer.w, scale, qmin, qmax, per_channel, lambda wq: np.sum(ap(wq, gqq) * wq - 2.0 * target * wq, axis=2))
 
 

@@ -1,10 +1,5 @@
-"""Bias correction of a QDQ model (Nagel et al. 2019), empirical or analytical.
-
-Undone by the orchestrator (:func:`onnxopt.quant.recovery.recover`), and reported as reverted,
-when it raises the outputs' noise-to-signal ratio (the task metric, on the logits) on the held-in
-calibration samples -- as it does after AdaRound, which leaves shifts where a following ReLU6
-clips that the correction then moves, and on a HardSwish/SE network whose mean inputs summarize
-its inputs poorly.
+"""Bias correction of a QDQ model (Nagel et al. 2019), empirical or analytical; undone by the
+orchestrator (:func:`onnxopt.quant.recovery.recover`) where it makes the outputs noisier.
 
 * ``empirical`` (Nagel et al. 2019 §4.2, AIMET's empirical bias correction): for every layer,
   ``E[y_q] - E[y_f]`` per output channel -- the mean of the layer's output error over the
@@ -41,16 +36,14 @@ BIAS_SAMPLES = 32  # samples per measurement of the sequential empirical correct
 def channel_means(model: ModelProto, tensors: list, data, max_samples: Optional[int] = None) -> dict:
     """Per-channel (axis 1) mean of each tensor over ``data``."""
     sess = fast_session(runtime.with_outputs(model, tensors))
-    sums, counts = {}, {}
-    seen = 0
+    sums, counts, seen = {}, {}, 0
     for feed in data():
         outs = runtime.run(sess, feed, list(dict.fromkeys(tensors)))
         for name, v in outs.items():
             v = v.astype(np.float64)
             if v.ndim < 2:
                 continue
-            c = v.shape[1]
-            s = np.moveaxis(v, 1, 0).reshape(c, -1)
+            s = np.moveaxis(v, 1, 0).reshape(v.shape[1], -1)
             sums[name] = sums.get(name, 0.0) + s.sum(axis=1)
             counts[name] = counts.get(name, 0) + s.shape[1]
         seen += feed_samples(feed)
@@ -81,29 +74,26 @@ def apply_bias_deltas(model: ModelProto, view: QdqView, deltas: dict) -> tuple:
             skipped.append(f"{layer}: {node.op_type} has no bias input to correct")
             continue
         if len(node.input) > 2 and node.input[2]:
-            old_name = node.input[2]
-            if old_name not in inits:
+            if node.input[2] not in inits:
                 skipped.append(f"{layer}: bias is not an initializer")
                 continue
-            old = numpy_helper.to_array(inits[old_name])
+            old = numpy_helper.to_array(inits[node.input[2]])
             new = (old.astype(np.float64).reshape(-1) - delta).reshape(old.shape).astype(old.dtype)
         else:
-            if node.op_type == "Gemm" and any(a.name == "beta" for a in node.attribute):
-                for a in node.attribute:
-                    if a.name == "beta":
-                        a.f = 1.0
+            for a in node.attribute:  # a Gemm's beta would scale the new bias
+                if a.name == "beta":
+                    a.f = 1.0
             new = (-delta).astype(np.float32)
-        name = _fresh(m, f"{layer}__bias_corrected", inits)
+        name = _fresh(f"{layer}__bias_corrected", inits)
         t = numpy_helper.from_array(new, name)
         m.graph.initializer.append(t)
         inits[name] = t
-        while len(node.input) < 3:
-            node.input.append("")
+        node.input.extend([""] * (3 - len(node.input)))
         node.input[2] = name
     return m, skipped
 
 
-def _fresh(model, base, inits) -> str:
+def _fresh(base, inits) -> str:
     name, i = base, 0
     while name in inits:
         i += 1
@@ -112,21 +102,16 @@ def _fresh(model, base, inits) -> str:
 
 
 def empirical_bias_correction(float_model, qmodel, info, data, max_samples: int, log) -> tuple:
-    """Sequential empirical bias correction: layers are corrected wave by wave (a wave = layers
-    with the same number of quantized layers upstream), each wave measured after the waves before
-    it were corrected, so no layer corrects a shift that an upstream correction removes."""
+    """Sequential empirical bias correction (module doc), wave by wave: a wave = the layers with the
+    same number of quantized layers upstream."""
     view = QdqView(float_model, qmodel, info)
     layers = list(view.layers)
     outs = {l: view.nodes[l].output[0] for l in layers}
-    ref = view.float_reference()
-    mean_f = channel_means(ref, list(outs.values()), data, max_samples)
+    mean_f = channel_means(view.float_reference(), list(outs.values()), data, max_samples)
     depths = layer_depths(qmodel, layers)
-    waves: dict = {}
-    for l in layers:
-        waves.setdefault(depths[l], []).append(l)
+    waves = [[l for l in layers if depths[l] == d] for d in sorted(set(depths.values()))]
     skipped, shifts = [], []
-    for d in sorted(waves):
-        wave = waves[d]
+    for wave in waves:
         mean_q = channel_means(view.variant(fold_weights=True), [outs[l] for l in wave], data, max_samples)
         deltas = {l: mean_q[outs[l]] - mean_f[outs[l]] for l in wave if outs[l] in mean_q and outs[l] in mean_f}
         qmodel, sk = apply_bias_deltas(qmodel, view, deltas)
@@ -138,19 +123,13 @@ def empirical_bias_correction(float_model, qmodel, info, data, max_samples: int,
                     "max_shift": max(shifts, default=0.0), "skipped": sorted(set(skipped))}
 
 
-def _phi(z):
-    return np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-
-
-def _Phi(z):
-    return 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
-
-
 def relu_gaussian_mean(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """E[max(0, y)] for y ~ N(mu, sigma^2), per channel."""
+    """E[max(0, y)] for y ~ N(mu, sigma^2), per channel: sigma pdf(mu/sigma) + mu cdf(mu/sigma)."""
     sigma = np.maximum(np.abs(sigma), 1e-12)
     z = mu / sigma
-    return sigma * _phi(z) + mu * _Phi(z)
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
+    return sigma * pdf + mu * cdf
 
 
 def _bn_input_means(float_model: ModelProto) -> dict:
@@ -181,26 +160,19 @@ def _bn_input_means(float_model: ModelProto) -> dict:
 def analytical_bias_correction(float_model, qmodel, info, data, max_samples: int, log) -> tuple:
     view = QdqView(float_model, qmodel, info)
     bn_means = _bn_input_means(float_model)
-    need_data = [l for l in view.layers if view.layer_input(l)[0] not in bn_means]
+    need_data = [view.layer_input(l)[0] for l in view.layers if view.layer_input(l)[0] not in bn_means]  # input tensors
     data_means = {}
-    source = {"bn": 0, "data": 0}
     if need_data and data is not None:
-        ref = view.float_reference()
-        data_means = channel_means(ref, [view.layer_input(l)[0] for l in need_data], data, max_samples)
-    deltas, skipped = {}, []
+        data_means = channel_means(view.float_reference(), need_data, data, max_samples)
+    deltas, skipped, source = {}, [], {"bn": 0, "data": 0}
     for name, l in view.layers.items():
         x = view.layer_input(name)[0]
-        ex = bn_means.get(x)
-        if ex is not None:
-            source["bn"] += 1
-        else:
-            ex = data_means.get(x)
-            if ex is None:
-                skipped.append(f"{name}: no BN statistics and no data for E[x]")
-                continue
-            source["data"] += 1
-        w = view.float_weight[name].astype(np.float64)
-        eps = view.dequantized_weight(name).astype(np.float64) - w
+        ex = bn_means.get(x, data_means.get(x))
+        if ex is None:
+            skipped.append(f"{name}: no BN statistics and no data for E[x]")
+            continue
+        source["bn" if x in bn_means else "data"] += 1
+        eps = view.dequantized_weight(name).astype(np.float64) - view.float_weight[name].astype(np.float64)
         node = view.nodes[name]
         if l.op == "Conv":
             g = next((a.i for a in node.attribute if a.name == "group"), 1)

@@ -15,13 +15,10 @@ straight-through estimator through them), run as a torch module built from the b
 with AdaRound's rectified sigmoid ``h``. ``x_q`` is the block's input in the Q/DQ model with every
 earlier block's learned rounding applied (the asymmetric reconstruction), ``B_f(x_f)`` the block's
 output in the float reference. ``beta`` anneals from 20 to 2 after a warm-up without the
-regulariser, so ``h`` ends at 0 or 1. What is still undecided then (5-30 % at a few hundred
-iterations) is hardened in ``harden_stages`` stages: each fixes the most decided half of the soft
-``h`` and learns the rest, and the biases, against the block output for ``harden_iters``
-iterations (a tenth of ``iters`` by default); the last fixes all. The weight scales and biases
-are learned with the rounding. Before learning, each layer's weight scale takes the
-clipping ratio (1 ... 0.5 of min-max, per channel) that minimises its weight rounding error, the
-scale initialisation both papers use at 4 bits; an int32 bias is re-quantized with it.
+regulariser; what is still undecided then is hardened in stages (:meth:`_Block._harden`). The
+weight scales and biases are learned with the rounding. Before learning, each layer's weight
+scale takes the weight-MSE clipping ratio (the scale initialisation both papers use at 4 bits);
+an int32 bias is re-quantized with it.
 
 Blocks: the graph is cut where a single float tensor carries everything downstream (a block
 boundary in ResNet/MobileNet-style networks: after each residual Add, between the layers of a
@@ -43,7 +40,7 @@ from ...data import collect_feeds, feed_samples
 from ...errors import OnnxoptError, require
 from ...ir.proto import infer_shapes, producers, value_infos
 from ..view import LayerQuant, QdqView, along_axis, channel_rows, fast_session, truncated
-from .adaround import GAMMA, ZETA, weight_clipping, write_scale
+from .adaround import GAMMA, ZETA, shared_weights, store, weight_clipping, write_scale
 from .bias import BIAS_SAMPLES, empirical_bias_correction
 
 
@@ -81,10 +78,8 @@ def find_blocks(model: ModelProto, layers, block_layers: int) -> list:
     wanted = set(layers)
     blocks, start, pending = [], None, []
     for (a, t_a), (b, t_b) in zip(cuts, cuts[1:]):
-        seg = [n.name for n in nodes[a + 1: b + 1] if n.name in wanted]
-        if start is None:
-            start = t_a
-        pending += seg
+        start = t_a if start is None else start
+        pending += [n.name for n in nodes[a + 1: b + 1] if n.name in wanted]
         if len(pending) >= block_layers:
             blocks.append((start, t_b, pending))
             start, pending = None, []
@@ -180,26 +175,18 @@ def brecq(view: QdqView, data, config: BrecqConfig = BrecqConfig(), float_model:
     """Block-reconstructed rounding for the layers of ``view`` (an :class:`onnxopt.quant.view.QdqView`).
 
     With ``float_model`` (the model ``view`` was quantized from), the biases are first corrected
-    empirically (:func:`onnxopt.quant.recovery.bias.empirical_bias_correction`, layer by layer): a 4-bit
-    depthwise kernel whose weights nearly cancel can shift a channel's pre-activation by more than
-    its range, into a following ReLU6's flat region, where the block loss has no gradient to
-    learn from. ``config.bias_lr > 0`` also learns each layer's bias with its rounding (AdaQuant's bias
-    tuning, Hubara et al. 2021); ``config.scale_lr > 0`` each layer's weight scale, per channel, as
-    ``s * exp(t)`` on the fixed integer grid (EfficientNet-Lite0's first block: block loss 2.40 ->
-    2.15 at 400 iterations).
+    empirically (:func:`onnxopt.quant.recovery.bias.empirical_bias_correction`, layer by layer): a
+    4-bit depthwise kernel whose weights nearly cancel can shift a channel's pre-activation into a
+    following ReLU6's flat region, where the block loss has no gradient to learn from.
+    ``config.bias_lr > 0`` also learns each layer's bias with its rounding (AdaQuant's bias tuning,
+    Hubara et al. 2021); ``config.scale_lr > 0`` each layer's weight scale, per channel, as
+    ``s * exp(t)`` on the fixed integer grid.
 
-    ``lam`` / ``lr`` are set for a few hundred iterations (the papers' 0.01 / 1e-3 assume 10-20k):
-    on the SE test network at 200 iterations, lam 0.05 / lr 0.03 left 45 % of ``h`` between 0.01
-    and 0.99 when learning stopped, and the hard rounding was then worse than nearest; lam 2 /
-    lr 0.1 leaves about 5 % and lowers the held-out error (0.071 -> 0.065).
-
-    ``max_samples`` calibration samples are reconstructed on. The late, small blocks fit them, not
-    the task: on two of EfficientNet-Lite0's 7x7 blocks, learning on 100 images removed 73 % of
-    the block output error on those images and 30 % on 100 others, 21 % when learning on 50
-    (``tools/bench_recovery.py holdout``), so all the data given is used, up to ``max_samples``
-    (256; the qdq pass gives ``calib_samples``, or the data's ``--calib-samples`` limit, when set). Each block's input and output are
-    held for every one of them: EfficientNet-Lite0's first block (a 224x224 image in, 16x112x112
-    out) takes 1.4 MB a sample.
+    ``lam`` / ``lr`` are set for a few hundred iterations: the papers' 0.01 / 1e-3 assume 10-20k,
+    and at a few hundred leave so much of ``h`` undecided that the hard rounding is worse than
+    nearest. All the data given is used, up to ``max_samples``: the late, small blocks fit the
+    samples they learn on, the more so the fewer there are (``tools/bench_recovery.py holdout``).
+    Each block's input and output are held for every sample.
 
     Returns (new quantized model, report dict). Only the integer weight initializers, the weight
     scales and the biases change.
@@ -282,13 +269,11 @@ def _reconstruct(block: "_Block", view: QdqView, model: ModelProto, learnable: d
 
 def _learnable_layers(view: QdqView, inits: dict) -> tuple:
     """({layer: LayerQuant} whose rounding can be learned, [reasons the others cannot])."""
-    users: dict = {}
-    for name, l in view.layers.items():
-        users.setdefault(l.weight_q, []).append(name)
+    shared = shared_weights(view)
     learnable, skipped = {}, []
     for name, l in view.layers.items():
         arr = numpy_helper.to_array(inits[l.weight_q])
-        if len(users[l.weight_q]) > 1:
+        if l.weight_q in shared:
             skipped.append(f"{name}: its quantized weight is shared with another layer")
         elif arr.dtype not in (np.int8, np.uint8) or l.axis not in (None, 0, 1):
             skipped.append(f"{name}: weight storage {arr.dtype} / axis {l.get('axis')} is not handled")
@@ -309,9 +294,7 @@ def _init_weight_scales(view: QdqView, learnable: dict, inits: dict) -> None:
             write_scale(inits, l, old, new, old.reshape(-1).astype(np.float64))
         s = along_axis(numpy_helper.to_array(inits[l.weight_scale]), w.ndim, axis)
         lo, hi, zp = _value_bounds(inits, l, w.ndim, axis)
-        q = np.clip(np.rint(w / s), lo, hi) + zp
-        t = inits[l.weight_q]
-        t.CopyFrom(numpy_helper.from_array(q.astype(numpy_helper.to_array(t).dtype), t.name))
+        store(inits, l.weight_q, np.clip(np.rint(w / s), lo, hi) + zp)
 
 
 def _block_data(view: QdqView, model: ModelProto, ref: ModelProto, feeds: list, t_in: str, t_out: str) -> tuple:
@@ -354,14 +337,13 @@ class _Block:
         wq = self.module.weight_quants.get(l.weight_q)
         if wq is None:
             return False
-        w_np = w_float.astype(np.float32)
-        w = torch.from_numpy(w_np)
-        s_b = torch.from_numpy(along_axis(numpy_helper.to_array(inits[l.weight_scale]).astype(np.float32), w_np.ndim, wq.axis))
+        w = torch.from_numpy(w_float.astype(np.float32))
+        s_b = torch.from_numpy(along_axis(numpy_helper.to_array(inits[l.weight_scale]).astype(np.float32), w.ndim, wq.axis))
         base = torch.floor(w / s_b)
         rest = (w / s_b - base).clamp(0, 1)
         sig0 = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
         v = torch.nn.Parameter(torch.log(sig0 / (1 - sig0)))
-        self.bounds[name] = lo, hi, _ = tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in _value_bounds(inits, l, w_np.ndim, wq.axis))
+        self.bounds[name] = lo, hi, _ = tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in _value_bounds(inits, l, w.ndim, wq.axis))
         self.soft[name] = (wq, base, s_b, v)
         if self.cfg.scale_lr > 0:
             self.log_scales[name] = torch.nn.Parameter(torch.zeros_like(s_b))
@@ -415,9 +397,10 @@ class _Block:
         return undecided, loss_soft
 
     def _harden(self, step) -> None:
-        """Progressive hardening: fix the most decided half of the still-soft rounding, let the rest
-        (and the biases) make up for it, repeat; rounding every h at 0.5 at once undoes what the
-        undecided ones were compensating for (block loss 1.3 soft -> 17 hard in EfficientNet-Lite0's first block)."""
+        """Progressive hardening in ``harden_stages`` stages of ``harden_iters`` iterations: fix the most
+        decided half of the still-soft rounding, let the rest (and the biases) make up for it, repeat;
+        the last stage fixes all. Rounding every h at 0.5 at once undoes what the undecided ones were
+        compensating for."""
         torch, cfg = self.torch, self.cfg
         harden_iters = max(10, cfg.iters // 10) if cfg.harden_iters is None else cfg.harden_iters
         for stage in range(cfg.harden_stages):
@@ -440,27 +423,25 @@ class _Block:
         torch = self.torch
         for name, (_, base, s_b, v) in self.soft.items():
             lo, hi, zp = self.bounds[name]
-            ints = (torch.clamp(base + _hard(torch, v, self.states[name]), lo, hi) + zp).numpy()
-            t = inits[learnable[name].weight_q]
-            t.CopyFrom(numpy_helper.from_array(ints.astype(numpy_helper.to_array(t).dtype), t.name))
+            ints = torch.clamp(base + _hard(torch, v, self.states[name]), lo, hi) + zp
+            store(inits, learnable[name].weight_q, ints.numpy())
             if name in self.log_scales:   # before the biases: an int32 bias is re-quantized with the new scale
                 old = numpy_helper.to_array(inits[learnable[name].weight_scale])
                 new = (s_b * torch.exp(self.log_scales[name].detach())).numpy().astype(np.float64).reshape(-1)
                 write_scale(inits, learnable[name], old, new, old.reshape(-1).astype(np.float64))
         for name, (b_name, p) in self.biases.items():
-            b, t = p.detach().numpy().astype(np.float64), inits[b_name]
+            b = p.detach().numpy().astype(np.float64)
             if learnable[name].bias_is_int:   # int32 with scale s_in * s_w, as the module rounds it
                 bs = numpy_helper.to_array(inits[learnable[name].bias_scale]).astype(np.float64)
                 b = np.clip(np.rint(b / bs), -(2**31), 2**31 - 1)
-            t.CopyFrom(numpy_helper.from_array(b.astype(numpy_helper.to_array(t).dtype).reshape(numpy_helper.to_array(t).shape), t.name))
+            store(inits, b_name, b)
 
 
 def _batch_for(y, batch: int) -> int:
     """Images per iteration: ``batch`` up to 28x28 outputs, fewer for larger ones (at least 8), so
-    an iteration sees about as many output positions as ``batch`` images at 28x28. An iteration's
-    cost grows with its output positions; 8 images at 112x112 still hold 100k positions, and the time
-    goes into iterations, which the rounding needs to settle (EfficientNet-Lite0's first block: 200
-    iterations at 32 images reconstruct worse than nearest rounding, 400 at 8 better, in 1/5 the time)."""
+    an iteration sees about as many output positions as ``batch`` images at 28x28: an iteration's
+    cost grows with its output positions, and the time is better spent on more iterations, which
+    the rounding needs to settle."""
     positions = int(np.prod(y.shape[2:])) if y.ndim > 2 else 1
     return max(min(8, batch), min(batch, batch * 28 * 28 // max(positions, 1)))
 

@@ -7,19 +7,16 @@ samples) and/or ``max_error`` (relative L2 error of every output's logits, on
 ``FALLBACK_SAMPLES``), both measured with :mod:`onnxopt.task_metric` on the logits. The agreement
 budget is a promise about data the model has not been calibrated on, so it is checked on a
 one-sided upper confidence bound of the agreement loss (Wilson score, from the sample count; see
-:func:`onnxopt.task_metric.agreement_bound`; ``qdq.agreement_confidence``, 0.84 by default, chosen leaving one model out
-in ``tools/bench_fallback_margin.py``), not on the calibration samples' own count: on 200 samples one point is 2
-images, and the count on them understated the held-out loss (EfficientNet-Lite0: 1.0 measured,
-2.4 held out). Each unit --
-a layer (weight + input activation) or an activation Q/DQ pair that feeds no layer (residual Add,
-SE Mul) -- is ranked by the task objective with only it quantized, then the most sensitive units
-go back to float -- the fewest that meet the budget, found by doubling and bisection over the
-ranking. With
-``fallback_precision=int16`` on TIDL the layers are left float in the ONNX graph (TIDL reads
-pre-quantized models as 8-bit only) and reported as TIDL's ``params_16bit_names_list`` /
-``output_feature_16bit_names_list`` import options; other targets have no 16-bit QDQ path
-here (TensorRT has no int16) and refuse it. The report lists the layers kept in high
-precision, their share of MACs, and onnxruntime CPU latency before/after (median).
+:func:`onnxopt.task_metric.agreement_bound`; ``qdq.agreement_confidence``, 0.84 by default, chosen
+in ``tools/bench_fallback_margin.py``), not on the calibration samples' own count, which
+understates the held-out loss. Each unit -- a layer (weight + input activation) or an activation
+Q/DQ pair that feeds no layer (residual Add, SE Mul) -- is ranked by the task objective with only
+it quantized, then the fewest most sensitive units that meet the budget go back to float (found by
+doubling and bisection over the ranking). With ``fallback_precision=int16`` on TIDL the layers
+are left float in the ONNX graph (TIDL reads pre-quantized models as 8-bit only) and reported as
+TIDL's ``params_16bit_names_list`` / ``output_feature_16bit_names_list`` import options; other
+targets have no 16-bit QDQ path here (TensorRT has no int16) and refuse it. The report lists the
+layers kept in high precision, their share of MACs, and onnxruntime CPU latency before/after.
 """
 from __future__ import annotations
 
@@ -43,11 +40,12 @@ AGREEMENT_SAMPLES = 256  # a top-1 agreement budget is checked on this many cali
 
 def worst_bound(err: TaskError, confidence: float) -> Optional[float]:
     """The largest :func:`agreement_bound` over ``err``'s classifier outputs (None without one)."""
-    bounds = [agreement_bound(o.agreement_loss, o.samples, confidence) for o in err.outputs if o.classifier]
-    return max(bounds) if bounds else None
+    return max((agreement_bound(o.agreement_loss, o.samples, confidence) for o in err.outputs if o.classifier),
+               default=None)
 
 
 def _latency_ms(model: ModelProto, feed: dict, runs: int = 15) -> float:
+    """Median onnxruntime CPU latency in ms, rounded to 3 decimals, after one untimed run."""
     sess = runtime.session(model, optimize=True)
     names = [o.name for o in sess.get_outputs()]
     sess.run(names, feed)
@@ -56,19 +54,16 @@ def _latency_ms(model: ModelProto, feed: dict, runs: int = 15) -> float:
         t0 = time.perf_counter()
         sess.run(names, feed)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    return round(float(np.median(times) * 1e3), 3)
 
 
 def fallback_budget(options: RecoveryOptions):
-    """The :class:`onnxopt.task_metric.Budget` ``fallback=auto`` must meet, from the qdq options:
-    ``max_agreement_loss`` (top-1 agreement points on classifier outputs, at
-    ``agreement_confidence``) and ``max_error`` (relative L2 error of the logits of every
-    output); None when neither is set."""
-    agree = None if options.max_agreement_loss < 0 else options.max_agreement_loss
-    rel = options.max_error
-    if agree is None and rel <= 0:
+    """The :class:`onnxopt.task_metric.Budget` ``fallback=auto`` must meet, from the qdq options
+    ``max_agreement_loss`` (at ``agreement_confidence``) and ``max_error``; None when neither is set."""
+    agree, rel = options.max_agreement_loss, options.max_error
+    if agree < 0 and rel <= 0:
         return None
-    return Budget(max_agreement_loss=math.inf if agree is None else agree, max_rel_error=rel,
+    return Budget(max_agreement_loss=math.inf if agree < 0 else agree, max_rel_error=rel,
                   confidence=options.agreement_confidence)
 
 
@@ -91,23 +86,15 @@ def fewest(task, n: int, budget) -> Optional[int]:
     return hi
 
 
-def _latency_report(qmodel, out, feed: dict) -> dict:
-    return {"all_quantized": round(_latency_ms(qmodel, feed), 3),
-            "with_fallback": round(_latency_ms(out, feed), 3), "note": "onnxruntime CPU, median of 15"}
-
-
 def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, measure_latency: bool = True,
                   evaluator: Optional[TaskEvaluator] = None) -> tuple:
-    """Keep the fewest most-sensitive layers in ``precision`` so that ``budget`` (a
+    """Keep the fewest most-sensitive units in ``precision`` so that ``budget`` (a
     :class:`onnxopt.task_metric.Budget`, or a float: a relative-error budget) holds on the
-    calibration data, measured with :mod:`onnxopt.task_metric` on the logits.
-
-    Layers are ranked by the task objective with only that layer quantized (on the first
-    ``FALLBACK_SAMPLES`` samples); the budget is checked on ``AGREEMENT_SAMPLES`` samples when it
-    limits top-1 agreement (one point needs ~100 samples to be seen at all), else on
-    ``FALLBACK_SAMPLES``. The fewest layers meeting it are found by doubling and bisection.
-    ``evaluator``: the float model's :class:`~onnxopt.task_metric.Evaluator` on the
-    calibration data when the caller already holds one (the bias correction's check)."""
+    calibration data (see the module doc). Units are ranked on the first ``FALLBACK_SAMPLES``
+    samples; the budget is checked on ``AGREEMENT_SAMPLES`` when it limits top-1 agreement (one
+    point needs ~100 samples to be seen at all), else on ``FALLBACK_SAMPLES``. ``evaluator``: the
+    float model's :class:`~onnxopt.task_metric.Evaluator` on the calibration data when the caller
+    already holds one (the bias correction's check)."""
     if not isinstance(budget, Budget):
         budget = Budget(max_agreement_loss=math.inf, max_rel_error=float(budget))
     target = QuantInfo.of(info).target
@@ -120,7 +107,6 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     ev = evaluator or TaskEvaluator(view.float_reference(), data, limit=AGREEMENT_SAMPLES if uses_agreement else FALLBACK_SAMPLES)
     full = ev.error(view.variant(fold_weights=True))
     cache = {0: full}
-    rank_samples = min(FALLBACK_SAMPLES, ev.samples)
 
     acts = activation_units(view)
 
@@ -130,13 +116,11 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         return cache[k]
 
     n_layers = len(view.layers) + len(acts)
-    order = [] if full.within(budget) else rank_units(view, acts, ev, rank_samples)
-    n = len(order)
-    k_ok = fewest(task, n, budget)
-    met = k_ok is not None
-    k = k_ok if met else n
-    chosen = order[:k]
-    after = task(k)
+    order = [] if full.within(budget) else rank_units(view, acts, ev, min(FALLBACK_SAMPLES, ev.samples))
+    k = fewest(task, len(order), budget)
+    met = k is not None
+    chosen = order[:k] if met else order
+    after = task(len(chosen))
     out = unit_variant(view, acts, chosen, fold=False) if chosen else qmodel
     rep = {"budget": budget.describe(), "max_error": budget.max_rel_error, "max_agreement_loss": budget.max_agreement_loss,
            "met": met, "error_before": full.rel_error, "error_after": after.rel_error,
@@ -153,17 +137,20 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     if not met:
         rep["note"] = ("the budget is not reachable by keeping weighted layers in high precision "
                        "or activations in float")
-    if precision == "int16":
-        rep["tidl_options"] = _tidl_16bit_lists([acts[u] if u in acts else view.nodes[u].output[0] for u in chosen])
+    if precision == "int16":  # TIDL's import options that keep these tensors (and the layers writing them) in 16 bits
+        names = ",".join(acts[u] if u in acts else view.nodes[u].output[0] for u in chosen)
+        rep["tidl_options"] = {"advanced_options:params_16bit_names_list": names,
+                               "advanced_options:output_feature_16bit_names_list": names}
     if measure_latency:
-        rep["latency_ms_ort_cpu"] = _latency_report(qmodel, out, ev.feeds[0])
+        rep["latency_ms_ort_cpu"] = {"all_quantized": _latency_ms(qmodel, ev.feeds[0]),
+                                     "with_fallback": _latency_ms(out, ev.feeds[0]),
+                                     "note": "onnxruntime CPU, median of 15"}
     rep["seconds"] = round(time.perf_counter() - t0, 2)
     warning = _unreachable_warning(met, len(chosen), n_layers, budget, precision)
-    if warning:
-        rep["warning"] = warning
     log(f"fallback: {len(chosen)} layer(s) kept in {precision}{': ' + ', '.join(chosen) if chosen else ''}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; {ev.samples} samples)")
     if warning:
+        rep["warning"] = warning
         log(warning)
     return out, rep
 
@@ -195,12 +182,6 @@ def _mac_share(qmodel, view: QdqView, chosen: list) -> float:
     macs = {r["name"]: (r["macs"] or 0) for r in stats.layer_macs(qmodel)}
     total = sum(macs.get(l, 0) for l in view.layers) or 1
     return round(sum(macs.get(l, 0) for l in chosen) / total, 4)
-
-
-def _tidl_16bit_lists(outputs: list) -> dict:
-    """TIDL's import options that keep these tensors (and the layers writing them) in 16 bits."""
-    return {"advanced_options:params_16bit_names_list": ",".join(outputs),
-            "advanced_options:output_feature_16bit_names_list": ",".join(outputs)}
 
 
 def _unreachable_warning(met: bool, kept: int, units: int, budget, precision: str):
