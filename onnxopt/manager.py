@@ -71,11 +71,7 @@ class Report:
 
     def write(self, path: Union[str, os.PathLike]) -> None:
         """Write the report atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        model_io.write_text_atomic(path, self.to_json())
 
 
 def _json_default(obj: Any):
@@ -408,10 +404,10 @@ def unrepresentable(model: ModelProto) -> Optional[str]:
             for a in node.attribute:
                 if a.type in (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS):
                     return f"{node.op_type} node '{node.name or node.output[0]}' has a type attribute, which onnxopt's graph editor drops"
-                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    why = walk(g)
-                    if why:
-                        return why
+            for g in model_io.subgraphs(node):
+                why = walk(g)
+                if why:
+                    return why
         return None
 
     return walk(model.graph)

@@ -95,6 +95,7 @@ def subgraph_reads(node: onnx.NodeProto) -> set:
 
 
 def subgraphs(node: onnx.NodeProto) -> list:
+    """The bodies of ``node`` (If branches, Loop/Scan bodies): its GRAPH and GRAPHS attributes."""
     """The graphs in ``node``'s attributes (If/Loop/Scan bodies), not the nested ones."""
     return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
 
@@ -195,6 +196,23 @@ def follow_umask(path: Union[str, os.PathLike]) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def write_text_atomic(path: Union[str, os.PathLike], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (reports, caches, tables):
+    readers never see half a file, and the file gets the mode of any file the user writes."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        follow_umask(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
 
 
 def save_model(model: ModelProto, path: Union[str, os.PathLike], *, inputs: Iterable[ModelLike] = (), external_data: bool | None = None) -> Path:

@@ -28,7 +28,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnxopt.errors import OptionError
 from onnxopt.ir.graph import constant_value, drop_detached, export_graph, import_graph, input_at, is_graph_output, lift_constant, node_label, overridable_inputs, sole_consumer, swap_input
 from onnxopt.ir.proto import tensor_types
-from onnxopt.model_io import opset_of
+from onnxopt.model_io import opset_of, subgraphs
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
 
 MAX_ROUNDS = 6
@@ -143,9 +143,8 @@ def _count_unused_initializers(model: onnx.ModelProto) -> int:
     def walk(g: onnx.GraphProto):
         for n in g.node:
             used.update(n.input)
-            for a in n.attribute:  # (``graphs`` is empty unless the attribute is a GRAPHS one)
-                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
-                    walk(sub)
+            for sub in subgraphs(n):
+                walk(sub)
         used.update(o.name for o in g.output)
 
     walk(model.graph)

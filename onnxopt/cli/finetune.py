@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import click
 from onnx import TensorProto
@@ -145,8 +144,9 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
             log(f"parity onnxruntime vs torch: max|diff| {result.parity['max_abs']:.2e} (outputs up to {result.parity['max_ref']:.3g})")
         log(f"{result.samples_per_second:.1f} samples/s; wrote {output}")
         if report_path:
-            Path(report_path).write_text(json.dumps({"history": result.history, "parity": result.parity,
-                                                     "samples_per_second": result.samples_per_second, "qat": qat}, indent=2))
+            model_io.write_text_atomic(report_path, json.dumps({"history": result.history, "parity": result.parity,
+                                                                "samples_per_second": result.samples_per_second,
+                                                                "qat": qat}, indent=2))
 
 
 def _image_input(model) -> bool:

@@ -78,8 +78,7 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
         if json_path == "-":
             click.echo(payload)
         else:
-            with open(json_path, "w") as f:
-                f.write(payload)
+            model_io.write_text_atomic(json_path, payload)
     if plot_path:
         sens.plot(rep, plot_path)
         log(f"wrote {plot_path}")

@@ -55,10 +55,10 @@ from .. import errors as _errors
 from ..progress import progress_bar
 from ..data import feed_samples
 from ..errors import DataError, OnnxoptError, OptionError
-from ..model_io import fingerprint
+from ..model_io import fingerprint, write_text_atomic
 from ..runtime import cpu_count, with_outputs
 from . import histogram as H
-from .trt_table import DEFAULT_TRT_VERSION, read_trt_calibration_table, write_atomic, write_trt_calibration_table
+from .trt_table import DEFAULT_TRT_VERSION, read_trt_calibration_table, write_trt_calibration_table
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 CACHE_FORMAT = "onnxopt-calibration-cache"
@@ -583,7 +583,7 @@ def _save_cache(path: Path, key: dict, ranges: dict, stats: dict, sym: dict, uns
         "tensors": {t: {"range": [float(lo), float(hi)], "min": float(stats[t].min), "max": float(stats[t].max),
                         "symmetric": sym[t], "unsigned": uns[t]} for t, (lo, hi) in ranges.items()},
     }
-    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True))
+    write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True))
 
 
 # -- public entry points ------------------------------------------------------------------

@@ -16,33 +16,15 @@ TensorRT prints the 32-bit value without leading zeros, so a reader accepts 1..8
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 from ..errors import DataError, OnnxoptError
-from ..model_io import follow_umask
+from ..model_io import write_text_atomic
 
 DEFAULT_TRT_VERSION = "TRT-8601-EntropyCalibration2"
 INT8_MAX = 127.0
-
-
-def write_atomic(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        follow_umask(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
 
 
 def write_trt_calibration_table(amax: Mapping[str, float], path, version: str = DEFAULT_TRT_VERSION) -> Path:
@@ -57,7 +39,7 @@ def write_trt_calibration_table(amax: Mapping[str, float], path, version: str = 
         if not math.isfinite(value) or value < 0:
             raise OnnxoptError(f"tensor '{name}' has an invalid dynamic range {value}.", "ranges must be finite and non-negative")
         lines.append(f"{name}: {struct.pack('>f', value / INT8_MAX).hex()}")
-    return write_atomic(path, "\n".join(lines) + "\n")
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def read_trt_calibration_table(path) -> dict:
