@@ -103,3 +103,22 @@ def test_channel_slots_keep_the_smallest_slot_as_root():
     assert s.roots(b).tolist() == a.tolist() and len(s.parent) == 7
     s.poison(b[:1])
     assert s.find(int(a[0])) == POISON and s.find(int(a[1])) == int(a[1])
+
+
+def test_region_check_takes_in_an_input_made_by_a_constant_node():
+    """A rewritten node whose input comes from a Constant node: the Constant joins the cut-out
+    region (it used to change the node table while it was being walked and crash the pass)."""
+    from onnx import TensorProto
+
+    from onnxopt.rewrite.engine import RuleContext
+    from onnxopt.rewrite.runner import RegionChecker
+
+    value = helper.make_tensor("cv", TensorProto.FLOAT, [1, 4], np.arange(4, dtype=np.float32))
+    nodes = [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Add", ["x", "c"], ["y"], name="add")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    graph = gs.import_onnx(model)
+    added = [n for n in graph.nodes if n.op == "Add"]
+    result = RegionChecker(onnx.shape_inference.infer_shapes(model), model).check(graph, RuleContext(graph, 17, None), added, ["y"])
+    assert result["max_abs"] == 0.0 and result["region_nodes"] == {"before": 2, "after": 2}

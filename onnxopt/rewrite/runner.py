@@ -199,7 +199,7 @@ class RegionChecker:
             outs.append(t)
         produced = {id(t) for n in nodes.values() for t in n.outputs}
         inputs = []
-        for n in nodes.values():
+        for n in list(nodes.values()):   # a Constant node producing an input joins the region (no inputs of its own)
             for t in n.inputs:
                 if id(t) in produced or isinstance(t, gs.Constant) or (t.name == "" and not t.inputs) or any(t is i for i in inputs):
                     continue
