@@ -446,3 +446,26 @@ def test_bias_correction_leaves_matmul_layers_valid(bc):
                               context=PassContext(data=lambda: iter(feeds)), verify=False)
     onnx.checker.check_model(q, full_check=True)
     assert all(len(n.input) == 2 for n in q.graph.node if n.op_type == "MatMul")
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_every_fallback_unit_in_float_gives_the_float_model(se_setup, target):
+    """With every unit the fallback can choose in float, no activation Q/DQ pair is left and the
+    model computes the float function. A residual Add reading the same Q/DQ as the next block's
+    conv reads the float tensor once that conv is in float; it used to keep the pair, so on a
+    ResNet no fallback could reach its budget and every layer was kept in float for nothing."""
+    from onnxopt import runtime
+    from onnxopt.quant.recovery.fallback import activation_units, unit_variant
+
+    m, calib, ev = se_setup
+    opts = {"target": target, "fallback": "none", "bias_correction": "none"}
+    q, rep = onnxopt.apply(m, "qdq", {"qdq": opts}, context=PassContext(data=lambda: iter(calib)), verify=False)
+    view = QdqView(m, q, rep.passes[-1].extra["info"])
+    readers = [i for n in q.graph.node for i in n.input]
+    assert any(readers.count(dq) > 1 for dq in view.dq_output_to_act)   # a Q/DQ pair shared by a layer and an Add
+    acts = activation_units(view)
+    out = unit_variant(view, acts, list(view.layers) + list(acts), fold=False)
+    assert not [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
+    ref_sess, out_sess = runtime.session(view.float_reference()), runtime.session(out)
+    for feed in ev[:8]:
+        np.testing.assert_allclose(out_sess.run(None, feed)[0], ref_sess.run(None, feed)[0], rtol=1e-5, atol=1e-5)

@@ -303,6 +303,10 @@ class QdqView:
                 if self.float_bias[name] is not None:
                     node.input.append(f"{name}__float_bias")
                     new_inits.append(numpy_helper.from_array(self.float_bias[name], node.input[-1]))
+        # A layer's input Q/DQ may also feed nodes that are not layers (the residual Add beside the
+        # next block's conv): with the layer in float they read the float tensor too, or the pair
+        # would stay in the graph with no fallback unit to remove it.
+        shared_dq = {by_name[name].input[0] for name in float_inputs if by_name[name].input[0] in self.dq_output_to_act}
         for name in float_inputs:   # the float tensor its input DQ dequantizes, where it has one
             by_name[name].input[0] = self.layer_input(name)[0]
         if bypass_all:
@@ -321,6 +325,8 @@ class QdqView:
             for i, inp in enumerate(node.input):
                 if inp in rewire:
                     node.input[i] = rewire[inp]
+                elif inp in shared_dq and node.name not in self.layers:   # quantized sibling layers keep theirs
+                    node.input[i] = self.dq_output_to_act[inp]["tensor"]
         g.initializer.extend(new_inits)
         if fold_weights:
             self._fold_weight_dq(m)
