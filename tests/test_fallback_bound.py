@@ -1,6 +1,7 @@
 """fallback=auto's agreement budget on an upper confidence bound (qdq.agreement_confidence)."""
 from __future__ import annotations
 
+import math
 from statistics import NormalDist
 
 import numpy as np
@@ -71,3 +72,15 @@ def test_confidence_out_of_range_is_refused():
     with pytest.raises(OptionError, match="agreement_confidence"):
         manager.apply(m, "qdq", {"qdq": {"target": "ort", "agreement_confidence": 1.0}},
                       context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+
+
+def test_a_fallback_that_keeps_most_of_the_macs_says_so_and_how_to_avoid_it():
+    from onnxopt.quant.recovery.fallback import _costly_warning
+    from onnxopt.task_metric import Budget
+
+    budget = Budget(max_agreement_loss=1.0, max_rel_error=0.0, confidence=0.84)
+    assert _costly_warning(0.3, 5, 33, budget, "float", 204) is None
+    line = _costly_warning(0.8, 18, 24, budget, "fp16", 204)
+    assert line.startswith("WARNING") and "18 of 24" in line and "80 %" in line and "checked on 204" in line
+    assert "qdq.fallback=none" in line and "max_agreement_loss" in line
+    assert "max_error" in _costly_warning(0.8, 18, 24, Budget(max_agreement_loss=math.inf, max_rel_error=0.01), "float", 32)

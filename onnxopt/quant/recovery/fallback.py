@@ -146,7 +146,8 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
                                      "with_fallback": _latency_ms(out, ev.feeds[0]),
                                      "note": "onnxruntime CPU, median of 15"}
     rep["seconds"] = round(time.perf_counter() - t0, 2)
-    warning = _unreachable_warning(met, len(chosen), n_layers, budget, precision)
+    warning = _unreachable_warning(met, len(chosen), n_layers, budget, precision) or \
+        _costly_warning(rep["high_precision_mac_share"], len(chosen), n_layers, budget, precision, ev.samples)
     log(f"fallback: {len(chosen)} layer(s) kept in {precision}{': ' + ', '.join(chosen) if chosen else ''}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; {ev.samples} samples)")
     if warning:
@@ -193,3 +194,21 @@ def _unreachable_warning(met: bool, kept: int, units: int, budget, precision: st
     return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
             "asked for; use --set qdq.fallback=none to quantize every layer, or a larger qdq.max_agreement_loss "
             "(qdq.max_error)")
+
+
+COSTLY_MAC_SHARE = 0.5   # more than half the quantized MACs back in high precision: say so
+
+
+def _costly_warning(mac_share: float, kept: int, units: int, budget, precision: str, samples: int):
+    """One line when the budget is met only with most of the work in high precision. On a few
+    hundred calibration samples an agreement budget of 1 point leaves no disagreement at all
+    (see :func:`onnxopt.task_metric.agreement_bound`), and a sample near a decision boundary can
+    then take many layers with it; more calibration samples resolve the budget more finely."""
+    if mac_share <= COSTLY_MAC_SHARE:
+        return None
+    hint = (f"more calibration samples (the budget is checked on {samples}; on a few hundred a 1-point budget "
+            "allows no disagreement), a larger qdq.max_agreement_loss, or " if math.isfinite(budget.max_agreement_loss)
+            else "a larger qdq.max_error, or ")
+    return (f"WARNING: fallback=auto: the budget ({budget.describe()}) keeps {kept} of {units} unit(s), "
+            f"{100 * mac_share:.0f} % of the MACs, in {precision}; for a more quantized model give {hint}"
+            "--set qdq.fallback=none")
