@@ -1,7 +1,8 @@
 """Side by side: onnxopt's qdq defaults against the peer ONNX quantizers, same models, data, split.
 
-    nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se] [--out results.json]
-        [--peers-root DIR] [--limit-eval N] [--skip-peers] [--skip-fixed] [--configs ...] [--extra ...]
+    nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se] [--results results.json]
+        [--peers-root DIR] [--limit-eval N] [--skip-peers] [--skip-fixed] [--configs ...] [--extra ...] [--fold F]
+    python tools/bench_peers.py --folds-summary fold0.json ... fold4.json
 
 Every quantizer runs in its own process (peers in their own virtual environments, whose pins
 conflict: numpy 1.x for Neural Compressor, onnxruntime-gpu for ModelOpt), on the same float model
@@ -22,6 +23,11 @@ Models and splits (shared/ README):
 Peer venvs (``--peers-root``, each ``<root>/<name>/bin/python``): ``nncf`` (pip nncf),
 ``inc`` (pip onnx-neural-compressor prettytable scipy), ``modelopt`` (pip "nvidia-modelopt[onnx]");
 onnxruntime ``quantize_static`` runs in this interpreter.
+
+Cross-validation (``--fold 0..4``, then ``--folds-summary``): one split decides a comparison by a
+few images, so each fifth of the images calibrates once and the rest is evaluated; the summary
+gives the mean top-1 over the five folds and each default against the best peer and the best fixed
+method, with a bootstrap interval over images (the SE model has one split).
 
 Leave-one-model-out: for each model, the fixed calibration method a fixed default would have been
 chosen as, from the *other* models' mean accuracy, is reported next to ``auto``.
@@ -44,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ONNXOPT_SHARED", ROOT.parent / "shared"))   # ../shared, or where ONNXOPT_SHARED points
 CACHE = Path(os.environ.get("ONNXOPT_BENCH_CACHE", tempfile.gettempdir())) / "onnxopt_bench_peers"
 FIXED = ("minmax", "percentile", "entropy", "mse")
+FOLD = 0   # which fifth of the images calibrates (--fold): the splits below take every 5th sample from here
 
 
 def log(msg):
@@ -217,23 +224,25 @@ def prepare(name):
     if name == "effnet":
         model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
         img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
-        calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5)
-        ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, exclude_every=True)
+        calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, offset=FOLD)
+        ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, offset=FOLD, exclude_every=True)
         cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), ev.labels(), "cls"
     elif name in ("resnet20", "resnet56"):
         src = model_io.load_model(SHARED / "models" / f"{name}_cifar10.onnx")
         model, _ = manager.apply(src, "cleanup,bnfuse", context=PassContext(progress=False), summarize_layers=False)
         img = dict(scale=1 / 255.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
         npz = str(SHARED / "data" / "cifar10_test_1017.npz")
-        calib, ev = open_data(npz, model, image=img, every=5), open_data(npz, model, image=img, every=5, exclude_every=True)
+        calib, ev = open_data(npz, model, image=img, every=5, offset=FOLD), open_data(npz, model, image=img, every=5, offset=FOLD, exclude_every=True)
         cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), ev.labels(), "cls"
     elif name == "yolox":
         model = model_io.load_model(SHARED / "models" / "yolox_nano.onnx")
         img = dict(bgr=True, letterbox=114)
         folder = str(SHARED / "data" / "coco100")
-        calib, ev = open_data(folder, model, image=img, every=5), open_data(folder, model, image=img, every=5, exclude_every=True)
+        calib, ev = open_data(folder, model, image=img, every=5, offset=FOLD), open_data(folder, model, image=img, every=5, offset=FOLD, exclude_every=True)
         cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), None, "det"
     elif name == "se":
+        if FOLD:
+            raise SystemExit("the se model has one split (its training used the rest): run it without --fold")
         cached = CACHE / "se_digits.npz"
         if cached.exists() and (CACHE / "se_digits.onnx").exists():  # training takes minutes on a busy 2-core machine
             z = np.load(cached)
@@ -367,6 +376,7 @@ def evaluate(B, path, kind, ef, labels, ref_outs, fp32_path):
         pred = np.array([int(np.argmax(o)) for o in outs])
         ref = np.array([int(np.argmax(o)) for o in ref_outs])
         row["top1"] = 100.0 * float(np.mean(pred == labels))
+        row["right"] = "".join("1" if ok else "0" for ok in pred == labels)   # image by image, for --folds-summary
         row["agreement"] = 100.0 * float(np.mean(pred == ref))
         # paired with fp32, image by image: how many it gets right that fp32 gets wrong, and the
         # reverse (a top-1 difference of a few images is within what these counts make chance)
@@ -393,7 +403,7 @@ def run_model(name, args, results):
     lat_fp32 = latency_ms(path, ef[0])
     rows = []
     base = evaluate(B, path, kind, ef, labels, ref_outs, path)
-    rows.append({"model": name, "config": "fp32", **base, "latency_ms": lat_fp32})
+    rows.append({"model": name, "config": "fp32", **base, "latency_ms": lat_fp32, "n_images": len(cf) + len(ef)})
     log(json.dumps(rows[-1]))
     wanted = args.configs.split(";") if args.configs else None
     extra = [c for c in args.extra.split(";") if c]
@@ -453,7 +463,7 @@ def markdown(results) -> str:
     """The results as markdown tables (one per model) plus the leave-one-model-out table."""
     lines = []
     for name, rows in results.items():
-        if name == "lomo":
+        if name in ("lomo", "fold"):
             continue
         det = any("mean_iou_all" in r for r in rows)
         head = ("| config | matched boxes | mean IoU (all fp32 boxes) | class agreement |" if det else
@@ -507,7 +517,7 @@ def paired(results, n_boot=10000, seed=0):
     rows = configs(False, False, "", ())
     out = []
     for name, res in results.items():
-        if name == "lomo" or not any("top1" in r for r in res):
+        if name in ("lomo", "fold") or not any("top1" in r for r in res):
             continue
         path, _, ef, labels, _, _ = prepare(name)
         peers = [r for r in res if _is_peer(r["config"]) and "top1" in r]
@@ -550,7 +560,62 @@ def paired_markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def folds_summary(paths, n_boot=10000, seed=0) -> str:
+    """Cross-validated comparison over runs made with ``--fold 0..4`` (each fifth of the images
+    calibrates once and the other four fifths are evaluated): mean top-1 per configuration, and
+    each target's default against the best peer and the best fixed method by that mean, image by
+    image. An image is evaluated in four of the five folds; its score is its mean correctness over
+    them, and the 95 % interval of the mean difference comes from a bootstrap over images."""
+    folds = [json.loads(Path(p).read_text()) for p in paths]
+    rng = np.random.default_rng(seed)
+    lines = []
+    for name in folds[0]:
+        if name in ("lomo", "fold") or not all(name in f for f in folds):
+            continue
+        by_fold = [{r["config"]: r for r in f[name] if "right" in r} for f in folds]
+        shared = [c for c in by_fold[0] if all(c in b for b in by_fold)]
+        if not shared:
+            continue
+        n_img = next(r["n_images"] for r in folds[0][name] if r["config"] == "fp32")
+        ids = [[i for i in range(n_img) if i % 5 != f["fold"]] for f in folds]
+
+        def score(config):   # per image: mean correctness over the folds that evaluate it
+            tot, cnt = np.zeros(n_img), np.zeros(n_img)
+            for b, idx in zip(by_fold, ids):
+                tot[idx] += np.array([c == "1" for c in b[config]["right"]])
+                cnt[idx] += 1
+            return tot / np.maximum(cnt, 1)
+
+        mean = {c: float(np.mean([b[c]["top1"] for b in by_fold])) for c in shared}
+        kl = {c: float(np.mean([b[c].get("kl", np.nan) for b in by_fold])) for c in shared}
+        lines += [f"#### {name}: {len(folds)} folds", "", "| config | mean top-1 % | per fold | mean KL vs fp32 |", "|---|---|---|---|"]
+        for c in shared:
+            per = " / ".join(f"{b[c]['top1']:.2f}" for b in by_fold)
+            lines.append(f"| {c} | {mean[c]:.2f} | {per} | {kl[c]:.5f} |")
+        lines += ["", "| target | against | its mean top-1 | default mean top-1 | difference (pt) | folds default ≥ it | "
+                      "bootstrap 95 % CI over images (pt) |", "|---|---|---|---|---|---|---|"]
+        for target in ("ort", "tensorrt"):
+            default = f"onnxopt --target {target} (defaults)"
+            if default not in shared:
+                continue
+            groups = (("best peer", [c for c in shared if _is_peer(c)]),
+                      ("best fixed method", [c for c in shared if c in {f"onnxopt {target} {m}, no fallback" for m in FIXED}]))
+            for against, cands in groups:
+                if not cands:
+                    continue
+                best = max(cands, key=lambda c: mean[c])
+                d = score(default) - score(best)
+                boot = d[rng.integers(0, n_img, size=(n_boot, n_img))].mean(1) * 100
+                won = sum(b[default]["top1"] >= b[best]["top1"] for b in by_fold)
+                lines.append(f"| {target} | {against}: {best} | {mean[best]:.2f} | {mean[default]:.2f} | "
+                             f"{mean[default] - mean[best]:+.2f} | {won} of {len(folds)} | "
+                             f"[{np.percentile(boot, 2.5):+.2f}, {np.percentile(boot, 97.5):+.2f}] |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None):
+    global FOLD, CACHE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
     ap.add_argument("--config", default="")
@@ -571,7 +636,16 @@ def main(argv=None):
                     "a later file's row replacing an earlier one of the same config) and exit")
     ap.add_argument("--paired", action="store_true", help="with --markdown: also each target's default against the best "
                     "fixed method and the best peer, image by image (McNemar, paired bootstrap), from the cached outputs")
+    ap.add_argument("--fold", type=int, default=0, choices=range(5), help="calibrate on the images i with i %% 5 == FOLD "
+                    "and evaluate on the rest (0: the split of the tables in docs/); outputs go to a cache folder of their own")
+    ap.add_argument("--folds-summary", nargs="+", help="print the cross-validated tables of these results files, "
+                    "one per --fold run, and exit")
     args = ap.parse_args(argv)
+    if args.folds_summary:
+        print(folds_summary(args.folds_summary))
+        return 0
+    if args.fold:
+        FOLD, CACHE = args.fold, CACHE / f"fold{args.fold}"
     if args.worker:
         return worker(args)
     if args.markdown is not None:
@@ -579,7 +653,7 @@ def main(argv=None):
         for path in args.markdown:   # rows of the same model merge; a later file's row replaces one of the same config
             cache = str(Path(path).resolve().parent / "onnxopt_bench_peers")   # results files live in ONNXOPT_BENCH_CACHE
             for name, rows in json.loads(Path(path).read_text()).items():
-                if name != "lomo":
+                if name not in ("lomo", "fold"):
                     for r in rows:
                         r.setdefault("cache", cache)
                     by_config = {r["config"]: r for r in merged.get(name, [])}
@@ -593,9 +667,10 @@ def main(argv=None):
     results = {}
     if Path(args.results).exists():
         results = json.loads(Path(args.results).read_text())
+    results["fold"] = FOLD
     for name in args.models.split(","):
         run_model(name, args, results)
-        results["lomo"] = lomo({k: v for k, v in results.items() if k != "lomo"})
+        results["lomo"] = lomo({k: v for k, v in results.items() if k not in ("lomo", "fold")})
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results, indent=1, default=str))
