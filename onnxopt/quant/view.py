@@ -291,7 +291,9 @@ class QdqView:
         m = ModelProto()
         m.CopyFrom(self.qmodel)
         g = m.graph
-        float_layers, float_inputs = set(float_layers), set(float_inputs)
+        # in the order given, not a set's: a set of strings iterates in a per-process order, and the
+        # initializers appended below would make the same model differ in bytes from run to run
+        float_layers, float_inputs = list(dict.fromkeys(float_layers)), list(dict.fromkeys(float_inputs))
         by_name = {n.name: n for n in g.node}
         new_inits = []
         for name in float_layers:
@@ -305,8 +307,10 @@ class QdqView:
                     new_inits.append(numpy_helper.from_array(self.float_bias[name], node.input[-1]))
         # A layer's input Q/DQ may also feed nodes that are not layers (the residual Add beside the
         # next block's conv): with the layer in float they read the float tensor too, or the pair
-        # would stay in the graph with no fallback unit to remove it.
-        shared_dq = {by_name[name].input[0] for name in float_inputs if by_name[name].input[0] in self.dq_output_to_act}
+        # would stay in the graph with no fallback unit to remove it. (``bypass_all`` names what it
+        # keeps itself.)
+        shared_dq = set() if bypass_all else {by_name[n].input[0] for n in float_inputs
+                                              if by_name[n].input[0] in self.dq_output_to_act}
         for name in float_inputs:   # the float tensor its input DQ dequantizes, where it has one
             by_name[name].input[0] = self.layer_input(name)[0]
         if bypass_all:
