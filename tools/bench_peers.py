@@ -651,8 +651,13 @@ def main(argv=None):
     if args.markdown is not None:
         merged = {}
         for path in args.markdown:   # rows of the same model merge; a later file's row replaces one of the same config
-            cache = str(Path(path).resolve().parent / "onnxopt_bench_peers")   # results files live in ONNXOPT_BENCH_CACHE
-            for name, rows in json.loads(Path(path).read_text()).items():
+            data = json.loads(Path(path).read_text())
+            fold = data.get("fold", 0)
+            if args.paired and fold != FOLD:   # the cached outputs are run again on this fold's evaluation images
+                raise SystemExit(f"{path} was run with --fold {fold}: give --fold {fold} with --paired")
+            cache = Path(path).resolve().parent / "onnxopt_bench_peers"   # results files live in ONNXOPT_BENCH_CACHE
+            cache = str(cache / f"fold{fold}" if fold else cache)
+            for name, rows in data.items():
                 if name not in ("lomo", "fold"):
                     for r in rows:
                         r.setdefault("cache", cache)
