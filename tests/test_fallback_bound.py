@@ -75,12 +75,12 @@ def test_confidence_out_of_range_is_refused():
 
 
 def test_a_fallback_that_keeps_most_of_the_macs_says_so_and_how_to_avoid_it():
-    from onnxopt.quant.recovery.fallback import _costly_warning
+    from onnxopt.quant.recovery.fallback import _fallback_warning
     from onnxopt.task_metric import Budget
 
     budget = Budget(max_agreement_loss=1.0, max_rel_error=0.0, confidence=0.84)
-    assert _costly_warning(0.3, 5, 33, budget, "float", 204) is None
-    line = _costly_warning(0.8, 18, 24, budget, "fp16", 204)
+    assert _fallback_warning(True, 5, 33, 0.3, budget, "float", 204) is None
+    line = _fallback_warning(True, 18, 24, 0.8, budget, "fp16", 204)
     assert line.startswith("WARNING") and "18 of 24" in line and "80 %" in line and "checked on 204" in line
     assert "qdq.fallback=none" in line and "max_agreement_loss" in line
-    assert "max_error" in _costly_warning(0.8, 18, 24, Budget(max_agreement_loss=math.inf, max_rel_error=0.01), "float", 32)
+    assert "max_error" in _fallback_warning(True, 18, 24, 0.8, Budget(max_agreement_loss=math.inf, max_rel_error=0.01), "float", 32)

@@ -309,8 +309,7 @@ class QdqView:
         # next block's conv): with the layer in float they read the float tensor too, or the pair
         # would stay in the graph with no fallback unit to remove it. (``bypass_all`` names what it
         # keeps itself.)
-        shared_dq = set() if bypass_all else {by_name[n].input[0] for n in float_inputs
-                                              if by_name[n].input[0] in self.dq_output_to_act}
+        shared_dq = set() if bypass_all else {read for real, read in map(self.layer_input, float_inputs) if read != real}
         for name in float_inputs:   # the float tensor its input DQ dequantizes, where it has one
             by_name[name].input[0] = self.layer_input(name)[0]
         if bypass_all:

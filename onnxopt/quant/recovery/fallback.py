@@ -146,8 +146,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
                                      "with_fallback": _latency_ms(out, ev.feeds[0]),
                                      "note": "onnxruntime CPU, median of 15"}
     rep["seconds"] = round(time.perf_counter() - t0, 2)
-    warning = _unreachable_warning(met, len(chosen), n_layers, budget, precision) or \
-        _costly_warning(rep["high_precision_mac_share"], len(chosen), n_layers, budget, precision, ev.samples)
+    warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, ev.samples)
     log(f"fallback: {len(chosen)} layer(s) kept in {precision}{': ' + ', '.join(chosen) if chosen else ''}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; {ev.samples} samples)")
     if warning:
@@ -185,25 +184,21 @@ def _mac_share(qmodel, view: QdqView, chosen: list) -> float:
     return round(sum(macs.get(l, 0) for l in chosen) / total, 4)
 
 
-def _unreachable_warning(met: bool, kept: int, units: int, budget, precision: str):
-    """One line when the budget leaves nothing quantized or cannot be met (e.g. W4A4, where every
-    layer alone costs more than a point): the user asked for low-bit and silently got float."""
-    if met and (kept < units or units == 0):
-        return None
-    what = "is not reachable" if not met else f"kept all {units} unit(s) in {precision}"
-    return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
-            "asked for; use --set qdq.fallback=none to quantize every layer, or a larger qdq.max_agreement_loss "
-            "(qdq.max_error)")
-
-
 COSTLY_MAC_SHARE = 0.5   # more than half the quantized MACs back in high precision: say so
 
 
-def _costly_warning(mac_share: float, kept: int, units: int, budget, precision: str, samples: int):
-    """One line when the budget is met only with most of the work in high precision. On a few
-    hundred calibration samples an agreement budget of 1 point leaves no disagreement at all
-    (see :func:`onnxopt.task_metric.agreement_bound`), and a sample near a decision boundary can
-    then take many layers with it; more calibration samples resolve the budget more finely."""
+def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget, precision: str, samples: int):
+    """One line when the fallback does not give the quantized model asked for: the budget cannot
+    be met or leaves nothing quantized (e.g. W4A4, where every layer alone costs more than a
+    point), or it is met only with most of the MACs in high precision. On a few hundred
+    calibration samples an agreement budget of 1 point leaves no disagreement at all (see
+    :func:`onnxopt.task_metric.agreement_bound`), and a sample near a decision boundary can then
+    take many layers with it; more calibration samples resolve the budget more finely."""
+    if not met or (kept == units and units):
+        what = "is not reachable" if not met else f"kept all {units} unit(s) in {precision}"
+        return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
+                "asked for; use --set qdq.fallback=none to quantize every layer, or a larger qdq.max_agreement_loss "
+                "(qdq.max_error)")
     if mac_share <= COSTLY_MAC_SHARE:
         return None
     hint = (f"more calibration samples (the budget is checked on {samples}; on a few hundred a 1-point budget "
