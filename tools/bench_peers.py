@@ -220,25 +220,28 @@ def prepare(name):
     from onnxopt.data import open_data
     from onnxopt.registry import PassContext
 
+    def split(source, model, img):   # (calibration, evaluation): every 5th sample from FOLD, and the rest
+        return (open_data(source, model, image=img, every=5, offset=FOLD),
+                open_data(source, model, image=img, every=5, offset=FOLD, exclude_every=True))
+
     CACHE.mkdir(parents=True, exist_ok=True)
     if name == "effnet":
         model = model_io.load_model(SHARED / "models" / "efficientnet_lite0.onnx")
         img = dict(size=256, crop=224, mean=[127.0], std=[128.0])
-        calib = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, offset=FOLD)
-        ev = open_data(str(SHARED / "data" / "imagenet"), model, image=img, every=5, offset=FOLD, exclude_every=True)
+        calib, ev = split(str(SHARED / "data" / "imagenet"), model, img)
         cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), ev.labels(), "cls"
     elif name in ("resnet20", "resnet56"):
         src = model_io.load_model(SHARED / "models" / f"{name}_cifar10.onnx")
         model, _ = manager.apply(src, "cleanup,bnfuse", context=PassContext(progress=False), summarize_layers=False)
         img = dict(scale=1 / 255.0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
         npz = str(SHARED / "data" / "cifar10_test_1017.npz")
-        calib, ev = open_data(npz, model, image=img, every=5, offset=FOLD), open_data(npz, model, image=img, every=5, offset=FOLD, exclude_every=True)
+        calib, ev = split(npz, model, img)
         cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), ev.labels(), "cls"
     elif name == "yolox":
         model = model_io.load_model(SHARED / "models" / "yolox_nano.onnx")
         img = dict(bgr=True, letterbox=114)
         folder = str(SHARED / "data" / "coco100")
-        calib, ev = open_data(folder, model, image=img, every=5, offset=FOLD), open_data(folder, model, image=img, every=5, offset=FOLD, exclude_every=True)
+        calib, ev = split(folder, model, img)
         cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), None, "det"
     elif name == "se":
         if FOLD:
