@@ -591,10 +591,13 @@ def folds_summary(paths, n_boot=10000, seed=0) -> str:
 
         mean = {c: float(np.mean([b[c]["top1"] for b in by_fold])) for c in shared}
         kl = {c: float(np.mean([b[c].get("kl", np.nan) for b in by_fold])) for c in shared}
-        lines += [f"#### {name}: {len(folds)} folds", "", "| config | mean top-1 % | per fold | mean KL vs fp32 |", "|---|---|---|---|"]
+        lines += [f"#### {name}: {len(folds)} folds", "", "| config | mean top-1 % | per fold | mean KL vs fp32 | "
+                  "units kept in high precision, per fold | mean latency × fp32 |", "|---|---|---|---|---|---|"]
         for c in shared:
             per = " / ".join(f"{b[c]['top1']:.2f}" for b in by_fold)
-            lines.append(f"| {c} | {mean[c]:.2f} | {per} | {kl[c]:.5f} |")
+            kept = " / ".join(str(b[c].get("kept_high_precision", "-")) for b in by_fold)
+            lat = [b[c]["latency_ratio"] for b in by_fold if b[c].get("latency_ratio")]
+            lines.append(f"| {c} | {mean[c]:.2f} | {per} | {kl[c]:.5f} | {kept} | {f'{np.mean(lat):.2f}' if lat else '-'} |")
         lines += ["", "| target | against | its mean top-1 | default mean top-1 | difference (pt) | folds default ≥ it | "
                       "bootstrap 95 % CI over images (pt) |", "|---|---|---|---|---|---|---|"]
         for target in ("ort", "tensorrt"):
