@@ -112,6 +112,17 @@ class Budget:
     # measured on (:func:`agreement_bound`); 0.5: on the samples' own count
     confidence: float = 0.5
 
+    def missed_already(self, partial: "TaskError", samples: int) -> bool:
+        """Whether ``partial``, measured on the first of ``samples`` samples, misses the agreement
+        limit whatever the rest hold: its disagreements alone, counted over all ``samples``, put the
+        upper bound above the limit (the bound only grows with more disagreements)."""
+        for o in partial.outputs:
+            if o.classifier and o.agreement_loss > 1e-9:
+                lost = o.agreement_loss * o.samples / samples
+                if agreement_bound(lost, samples, self.confidence) > self.max_agreement_loss + 1e-9:
+                    return True
+        return False
+
     def describe(self) -> str:
         parts = []
         if math.isfinite(self.max_agreement_loss):
@@ -139,6 +150,9 @@ class TaskError:
     """The task-aware error of a candidate, one :class:`OutputError` per graph output."""
 
     outputs: list = field(default_factory=list)
+    # measured on the first samples only: the measurement stopped once it missed the budget it was
+    # given (:meth:`Evaluator.error`), so it is not within that budget and its figures are partial
+    stopped_early: bool = False
 
     @property
     def classifier(self) -> bool:
@@ -169,6 +183,8 @@ class TaskError:
         """Whether every output meets ``budget``; the agreement limit on the upper bound at the
         budget's confidence. Zero disagreements always pass: with too few samples for the bound
         to reach the budget, that is the most the data can show."""
+        if self.stopped_early:
+            return False
         for o in self.outputs:
             if (o.classifier and o.agreement_loss > 1e-9
                     and agreement_bound(o.agreement_loss, o.samples, budget.confidence) > budget.max_agreement_loss + 1e-9):
@@ -330,14 +346,22 @@ class Evaluator:
             seen += feed_samples(feed)
             yield sess.run(fetch, feed)
 
-    def error(self, model: ModelProto, samples: Optional[int] = None) -> TaskError:
+    def error(self, model: ModelProto, samples: Optional[int] = None, budget: Optional[Budget] = None) -> TaskError:
         """The task error of ``model`` on the evaluation feeds (the first ``samples`` samples when given,
-        rounded up to whole batches)."""
+        rounded up to whole batches). With a ``budget`` (on all the samples), the measurement stops
+        once the disagreements so far miss its agreement limit, and the result, on the samples read,
+        is marked ``stopped_early``: a search's failing checks cost a fraction of a full run."""
         acc = Accumulator(self.names, self.mapping, self.activations)
-        for ref, cand in zip(self.ref, self.outputs(model, samples)):
+        read = 0
+        for feed, ref, cand in zip(self.feeds, self.ref, self.outputs(model, samples)):
             acc.update(ref, cand)
+            read += feed_samples(feed)
+            if budget is not None and samples is None and read < self.samples and budget.missed_already(acc.result(), self.samples):
+                break
         _release_memory()
-        return acc.result()
+        result = acc.result()
+        result.stopped_early = samples is None and read < self.samples
+        return result
 
 
 class HeldIn:

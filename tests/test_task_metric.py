@@ -214,3 +214,23 @@ def test_fallback_that_keeps_everything_in_float_says_so():
     lines = [line for line in logs if line.startswith("WARNING: fallback=auto: the budget")]
     assert len(lines) == 1 and "qdq.fallback=none" in lines[0] and "max_agreement_loss" in lines[0]
     assert lines[0] in report.passes[0].extra["warnings"]
+
+
+def test_a_check_that_misses_the_agreement_budget_stops_early_with_the_same_verdict():
+    m = _classifier()
+    feeds = [{"x": rand(1, 8, seed=100 + i)} for i in range(200)]
+    ev = task_metric.Evaluator(m, feeds)
+    budget = task_metric.Budget(max_agreement_loss=1.0, confidence=0.84)
+    for noise in (0.0, 0.02, 0.3, 1.0):
+        cand = _classifier()
+        w = next(t for t in cand.graph.initializer if t.name == "w")
+        w.CopyFrom(helper.make_tensor("w", w.data_type, w.dims, (rand(5, 8, seed=1) + noise * rand(5, 8, seed=9)).ravel()))
+        full, early = ev.error(cand), ev.error(cand, budget=budget)
+        assert early.within(budget) == full.within(budget)
+        assert not full.stopped_early
+        if full.within(budget):   # a passing check reads every sample and gives the full figures
+            assert not early.stopped_early and early.outputs[0].samples == 200 and early.agreement_loss == full.agreement_loss
+        elif noise >= 0.3:        # many disagreements: decided long before the last sample
+            assert early.stopped_early and early.outputs[0].samples < 100
+    # the first samples only (as the ranking reads them) are never cut short
+    assert not ev.error(cand, samples=32, budget=budget).stopped_early

@@ -126,10 +126,12 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     cache = {(): full}
     acts = activation_units(view)
 
-    def error(units: list):
+    def error(units: list, complete: bool = False):
+        """The task error with ``units`` in high precision; a check that misses the agreement budget
+        stops at the sample that decides it, unless ``complete`` (the figures reported)."""
         key = tuple(units)
-        if key not in cache:
-            cache[key] = ev.error(unit_variant(view, acts, units))
+        if key not in cache or (complete and cache[key].stopped_early):
+            cache[key] = ev.error(unit_variant(view, acts, units), budget=None if complete else budget)
         return cache[key]
 
     n_layers = len(view.layers) + len(acts)
@@ -137,7 +139,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     k = fewest(lambda k: error(order[:k]), len(order), budget)
     met = k is not None
     chosen = drop_unneeded(error, order[:k], budget) if met else order
-    after = error(chosen)
+    after = error(chosen, complete=True)
     out = unit_variant(view, acts, chosen, fold=False) if chosen else qmodel
     rep = {"budget": budget.describe(), "max_error": budget.max_rel_error, "max_agreement_loss": budget.max_agreement_loss,
            "met": met, "error_before": full.rel_error, "error_after": after.rel_error,
