@@ -12,8 +12,8 @@ in ``tools/bench_fallback_margin.py``), not on the calibration samples' own coun
 understates the held-out loss. Each unit -- a layer (weight + input activation) or an activation
 Q/DQ pair that feeds no layer (residual Add, SE Mul) -- is ranked by the task objective with only
 it quantized, then the fewest most sensitive units that meet the budget go back to float (found by
-doubling and bisection over the ranking), less each of them the budget holds without (tried least
-sensitive first: the count of disagreements is not monotone in the units). With ``fallback_precision=int16`` on TIDL the layers
+doubling and bisection over the ranking; a check that misses the budget stops at the sample that
+decides it). With ``fallback_precision=int16`` on TIDL the layers
 are left float in the ONNX graph (TIDL reads pre-quantized models as 8-bit only) and reported as
 TIDL's ``params_16bit_names_list`` / ``output_feature_16bit_names_list`` import options; other
 targets have no 16-bit QDQ path here (TensorRT has no int16) and refuse it. The report lists the
@@ -87,22 +87,6 @@ def fewest(task, n: int, budget) -> Optional[int]:
     return hi
 
 
-def drop_unneeded(error, chosen: list, budget) -> list:
-    """``chosen`` (a prefix of the ranking that meets ``budget``) without the units it meets the
-    budget without: each is dropped in turn, least sensitive first, when ``error(units)`` (a
-    :class:`~onnxopt.task_metric.TaskError`) still meets the budget without it. The bisection of
-    :func:`fewest` assumes that more units in high precision never lose agreement; on a few
-    hundred samples the budget can hinge on one sample near a decision boundary, which one late
-    unit of the ranking puts right, and the prefix then carries every unit ranked before it
-    (ResNet20 --target tensorrt kept 17-20 of 24 units on three of five folds)."""
-    kept = list(chosen)
-    for unit in reversed(chosen):
-        trial = [u for u in kept if u != unit]
-        if error(trial).within(budget):
-            kept = trial
-    return kept
-
-
 def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, measure_latency: bool = True,
                   evaluator: Optional[TaskEvaluator] = None) -> tuple:
     """Keep the fewest most-sensitive units in ``precision`` so that ``budget`` (a
@@ -138,7 +122,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     order = [] if full.within(budget) else rank_units(view, acts, ev, min(FALLBACK_SAMPLES, ev.samples))
     k = fewest(lambda k: error(order[:k]), len(order), budget)
     met = k is not None
-    chosen = drop_unneeded(error, order[:k], budget) if met else order
+    chosen = order[:k] if met else order
     after = error(chosen, complete=True)
     out = unit_variant(view, acts, chosen, fold=False) if chosen else qmodel
     rep = {"budget": budget.describe(), "max_error": budget.max_rel_error, "max_agreement_loss": budget.max_agreement_loss,
