@@ -118,12 +118,14 @@ def study(float_model, qmodel, info, data, budget, ef, labels) -> dict:
 
         k = F.fewest(lambda k: error(order[:k]), len(order), budget)
         chosen = (drop_unneeded(error, order[:k], budget) if drop else order[:k]) if k is not None else order
+        search.samples_read = sum(e.outputs[0].samples for e in cache.values())   # what the checks cost, load-free
         return k, chosen, time.perf_counter() - t0
 
     first = F.rank_units(view, acts, cal, F.FALLBACK_SAMPLES)
     k, prefix, seconds = search(first, drop=False)
-    res["default"] = {"kept": len(prefix), "chosen": prefix, "seconds": round(seconds, 1),
-                      "seconds_without_early_stop": round(search(first, stop_early=False, drop=False)[2], 1)}
+    res["default"] = {"kept": len(prefix), "chosen": prefix, "seconds": round(seconds, 1), "samples_read": search.samples_read}
+    res["default"]["seconds_without_early_stop"] = round(search(first, stop_early=False, drop=False)[2], 1)
+    res["default"]["samples_read_without_early_stop"] = search.samples_read
     deciding = subset(cal, np.argsort(margins(cal, quantized), kind="stable")[:32])
     for name, order in (("+ drop", first), ("deciding 32 + drop", F.rank_units(view, acts, deciding, F.FALLBACK_SAMPLES))):
         k, chosen, seconds = search(order)
@@ -168,6 +170,8 @@ def markdown(rows) -> str:
         cells = [f"{r[v]['kept']} / {r[v]['held_loss']:.2f} / {r[v]['held_top1']:.2f}" for v in VARIANTS]
         d = r["default"]
         cost = f"{d['seconds']} / {d.get('seconds_without_early_stop', '-')} / {r['+ drop']['seconds']}"
+        if "samples_read" in d:   # samples the checks ran, with / without the early stop
+            cost += f" ({d['samples_read']} / {d['samples_read_without_early_stop']} samples)"
         lines.append(head + " | ".join(cells) + f" | {cost} |")
     fallen = [r for r in rows if "default" in r]
     if fallen:
