@@ -13,11 +13,11 @@ understates the held-out loss. Each unit -- a layer (weight + input activation) 
 Q/DQ pair that feeds no layer (residual Add, SE Mul) -- is ranked by the task objective with only
 it quantized, then the fewest most sensitive units that meet the budget go back to float (found by
 doubling and bisection over the ranking; a check that misses the budget stops at the sample that
-decides it). With ``fallback_precision=int16`` on TIDL the layers
-are left float in the ONNX graph (TIDL reads pre-quantized models as 8-bit only) and reported as
-TIDL's ``params_16bit_names_list`` / ``output_feature_16bit_names_list`` import options; other
-targets have no 16-bit QDQ path here (TensorRT has no int16) and refuse it. The report lists the
-layers kept in high precision, their share of MACs, and onnxruntime CPU latency before/after.
+decides it). With ``fallback_precision=int16`` on TIDL the layers are left float in the ONNX graph
+(TIDL reads pre-quantized models as 8-bit only) and reported as TIDL's ``params_16bit_names_list``
+/ ``output_feature_16bit_names_list`` import options; other targets have no 16-bit QDQ path here
+(TensorRT has no int16) and refuse it. The report lists the layers kept in high precision, their
+share of MACs, and onnxruntime CPU latency before/after.
 """
 from __future__ import annotations
 
