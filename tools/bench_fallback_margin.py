@@ -45,14 +45,41 @@ from onnxopt.registry import PassContext  # noqa: E402
 from onnxopt.task_metric import Budget, Evaluator  # noqa: E402
 
 
-def curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts):
-    """Rank once, then per confidence the fallback's own search; every visited count measured twice."""
+def measured_at_fallback(float_model, qmodel, info, data, ef) -> tuple:
+    """(view, calibration evaluator on the fallback's samples, held-out evaluator, the float
+    model's held-out top-1 classes, activation units) for the quantized model at the fallback."""
     view = QdqView(float_model, qmodel, info)
     ref = view.float_reference()
-    cal = Evaluator(ref, data, limit=F.AGREEMENT_SAMPLES)
     held = Evaluator(ref, ef, limit=len(ef), max_mb=1e6)
     ref_pred = np.concatenate([np.argmax(r[0], axis=1) for r in held.ref])
-    acts = F.activation_units(view)
+    return view, Evaluator(ref, data, limit=F.AGREEMENT_SAMPLES), held, ref_pred, F.activation_units(view)
+
+
+def at_fallback(name, target, measure):
+    """Run the qdq pass with its defaults on the bench model ``name`` (the split of ``P.FOLD``) up
+    to the fallback, and return ``measure(float_model, qmodel, info, data, budget, ef, labels)``
+    on the pass's own float model, quantized model and calibration data there."""
+    import onnx
+
+    path, cf, ef, labels, _, _ = P.prepare(name)
+    got, original = {}, recovery.auto_fallback
+
+    def capture(float_model, qmodel, info, data, budget, precision, log, measure_latency=True, evaluator=None):
+        got.update(measure(float_model, qmodel, info, data, budget, ef, labels))
+        return qmodel, {}
+
+    recovery.auto_fallback = capture
+    try:
+        ctx = PassContext(data=lambda: iter(cf), progress=False, log=lambda m: None)
+        manager.apply(onnx.load(path), ["qdq"], {"qdq": {"target": target}}, context=ctx, verify=False, summarize_layers=False)
+    finally:
+        recovery.auto_fallback = original
+    return got
+
+
+def curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts):
+    """Rank once, then per confidence the fallback's own search; every visited count measured twice."""
+    view, cal, held, ref_pred, acts = measured_at_fallback(float_model, qmodel, info, data, ef)
     t0 = time.perf_counter()
     order = F.rank_units(view, acts, cal, min(F.FALLBACK_SAMPLES, cal.samples))
     points = {}
@@ -82,24 +109,8 @@ def curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts):
 
 
 def run(name, target, confidences, budget_pts):
-    path, cf, ef, labels, kind, _ = P.prepare(name)
-    import onnx
-
-    model = onnx.load(path)
-    got = {}
-    original = recovery.auto_fallback
-
-    def capture(float_model, qmodel, info, data, budget, precision, log, measure_latency=True):
-        got.update(curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts))
-        return qmodel, {}
-
-    recovery.auto_fallback = capture   # the pass's own float model, quantized model and data, at the fallback
-    try:
-        ctx = PassContext(data=lambda: iter(cf), progress=False, log=lambda m: None)
-        manager.apply(model, ["qdq"], {"qdq": {"target": target}}, context=ctx, verify=False, summarize_layers=False)
-    finally:
-        recovery.auto_fallback = original
-    return got
+    return at_fallback(name, target, lambda float_model, qmodel, info, data, budget, ef, labels:
+                       curve(float_model, qmodel, info, data, ef, labels, confidences, budget_pts))
 
 
 def lomo(results, confidences, budget_pts):

@@ -31,18 +31,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_peers as P  # noqa: E402
+from bench_fallback_margin import at_fallback, measured_at_fallback  # noqa: E402
 
-from onnxopt import manager  # noqa: E402
 from onnxopt.data import feed_samples  # noqa: E402
-from onnxopt.quant import recovery  # noqa: E402
 from onnxopt.quant.recovery import fallback as F  # noqa: E402
-from onnxopt.quant.view import QdqView  # noqa: E402
-from onnxopt.registry import PassContext  # noqa: E402
 from onnxopt.task_metric import Evaluator  # noqa: E402
 
 
@@ -91,12 +87,7 @@ def drop_unneeded(error, chosen: list, budget) -> list:
 
 
 def study(float_model, qmodel, info, data, budget, ef, labels) -> dict:
-    view = QdqView(float_model, qmodel, info)
-    ref = view.float_reference()
-    cal = Evaluator(ref, data, limit=F.AGREEMENT_SAMPLES)
-    held = Evaluator(ref, ef, limit=len(ef), max_mb=1e6)
-    ref_pred = np.concatenate([np.argmax(r[0], axis=1) for r in held.ref])
-    acts = F.activation_units(view)
+    view, cal, held, ref_pred, acts = measured_at_fallback(float_model, qmodel, info, data, ef)
     quantized = view.variant(fold_weights=True)
     full = cal.error(quantized)
     res = {"units": len(view.layers) + len(acts), "calib_loss_int8": full.agreement_loss}
@@ -139,20 +130,7 @@ def study(float_model, qmodel, info, data, budget, ef, labels) -> dict:
 
 def run(name: str, target: str, fold: int, cache: Path) -> dict:
     P.FOLD, P.CACHE = fold, cache / f"fold{fold}"
-    path, cf, ef, labels, _, _ = P.prepare(name)
-    got, original = {}, recovery.auto_fallback
-
-    def capture(float_model, qmodel, info, data, budget, precision, log, measure_latency=True, evaluator=None):
-        got.update(study(float_model, qmodel, info, data, budget, ef, labels))
-        return qmodel, {}
-
-    recovery.auto_fallback = capture   # the pass's own float model, quantized model and data, at the fallback
-    try:
-        ctx = PassContext(data=lambda: iter(cf), progress=False, log=lambda m: None)
-        manager.apply(onnx.load(path), ["qdq"], {"qdq": {"target": target}}, context=ctx, verify=False, summarize_layers=False)
-    finally:
-        recovery.auto_fallback = original
-    return got
+    return at_fallback(name, target, study)
 
 
 VARIANTS = ("default", "+ drop", "deciding 32 + drop")
