@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ONNXOPT_SHARED", ROOT.parent / "shared"))   # ../shared, or where ONNXOPT_SHARED points
 CACHE = Path(os.environ.get("ONNXOPT_BENCH_CACHE", tempfile.gettempdir())) / "onnxopt_bench_peers"
 FIXED = ("minmax", "percentile", "entropy", "mse")
+NOT_MODELS = ("lomo", "fold")   # the results file's keys that are not a model's rows
 FOLD = 0   # which fifth of the images calibrates (--fold): the splits below take every 5th sample from here
 
 
@@ -466,7 +467,7 @@ def markdown(results) -> str:
     """The results as markdown tables (one per model) plus the leave-one-model-out table."""
     lines = []
     for name, rows in results.items():
-        if name in ("lomo", "fold"):
+        if name in NOT_MODELS:
             continue
         det = any("mean_iou_all" in r for r in rows)
         head = ("| config | matched boxes | mean IoU (all fp32 boxes) | class agreement |" if det else
@@ -520,7 +521,7 @@ def paired(results, n_boot=10000, seed=0):
     rows = configs(False, False, "", ())
     out = []
     for name, res in results.items():
-        if name in ("lomo", "fold") or not any("top1" in r for r in res):
+        if name in NOT_MODELS or not any("top1" in r for r in res):
             continue
         path, _, ef, labels, _, _ = prepare(name)
         peers = [r for r in res if _is_peer(r["config"]) and "top1" in r]
@@ -573,7 +574,7 @@ def folds_summary(paths, n_boot=10000, seed=0) -> str:
     rng = np.random.default_rng(seed)
     lines = []
     for name in folds[0]:
-        if name in ("lomo", "fold") or not all(name in f for f in folds):
+        if name in NOT_MODELS or not all(name in f for f in folds):
             continue
         by_fold = [{r["config"]: r for r in f[name] if "right" in r} for f in folds]
         shared = [c for c in by_fold[0] if all(c in b for b in by_fold)]
@@ -664,7 +665,7 @@ def main(argv=None):
             cache = Path(path).resolve().parent / "onnxopt_bench_peers"   # results files live in ONNXOPT_BENCH_CACHE
             cache = str(cache / f"fold{fold}" if fold else cache)
             for name, rows in data.items():
-                if name not in ("lomo", "fold"):
+                if name not in NOT_MODELS:
                     for r in rows:
                         r.setdefault("cache", cache)
                     by_config = {r["config"]: r for r in merged.get(name, [])}
@@ -681,7 +682,7 @@ def main(argv=None):
     results["fold"] = FOLD
     for name in args.models.split(","):
         run_model(name, args, results)
-        results["lomo"] = lomo({k: v for k, v in results.items() if k not in ("lomo", "fold")})
+        results["lomo"] = lomo({k: v for k, v in results.items() if k not in NOT_MODELS})
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results, indent=1, default=str))
