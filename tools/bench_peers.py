@@ -1,6 +1,6 @@
 """Side by side: onnxopt's qdq defaults against the peer ONNX quantizers, same models, data, split.
 
-    nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se] [--results results.json]
+    nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se,mnist_vit,mnist_mbv2] [--results results.json]
         [--peers-root DIR] [--limit-eval N] [--skip-peers] [--skip-fixed] [--configs ...] [--extra ...] [--fold F]
     python tools/bench_peers.py --folds-summary fold0.json ... fold4.json
 
@@ -18,7 +18,10 @@ Models and splits (shared/ README):
 * ``yolox``   -- YOLOX-nano on the COCO photos, 20 calibration / 80 evaluation, box agreement;
 * ``se``      -- a HardSwish + squeeze-excite CNN trained here on scikit-learn's digits, whose
   depthwise inputs have channel ranges spread over two decades (BN-folded-like rescaling that
-  leaves the float function unchanged): a model where all-int8 loses more than a point.
+  leaves the float function unchanged): a model where all-int8 loses more than a point;
+* ``mnist_vit``/``mnist_mbv2`` -- held out (added after every default was chosen): a small vision
+  transformer and a MobileNetV2-style CNN trained here on the shared MNIST images
+  (``tools/mnist_models.py``), 200 calibration / 2000 evaluation images.
 
 Peer venvs (``--peers-root``, each ``<root>/<name>/bin/python``): ``nncf`` (pip nncf),
 ``inc`` (pip onnx-neural-compressor prettytable scipy), ``modelopt`` (pip "nvidia-modelopt[onnx]");
@@ -216,6 +219,7 @@ def prepare(name):
 
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_qdq as B
+    import mnist_models
 
     from onnxopt import manager, model_io
     from onnxopt.data import open_data
@@ -257,6 +261,22 @@ def prepare(name):
         else:
             model, cf, ef, labels = se_digits()
             onnx.save(model, CACHE / "se_digits.onnx")
+            np.savez(cached, calib=np.concatenate([f["input"] for f in cf]), eval=np.concatenate([f["input"] for f in ef]),
+                     labels=labels)
+        kind = "cls"
+    elif name in mnist_models.MODELS:   # held out: trained here after every default was chosen
+        if FOLD:
+            raise SystemExit(f"the {name} model has one split (its training used the rest): run it without --fold")
+        cached = CACHE / f"{name}.npz"
+        if cached.exists() and (CACHE / f"{name}.onnx").exists():   # training takes minutes on a 2-core machine
+            z = np.load(cached)
+            model = onnx.load(CACHE / f"{name}.onnx")
+            zc, ze = z["calib"], z["eval"]   # each z[...] reads the array again: once, not once per sample
+            cf = [{"input": zc[i:i + 1]} for i in range(len(zc))]
+            ef, labels = [{"input": ze[i:i + 1]} for i in range(len(ze))], z["labels"]
+        else:
+            model, cf, ef, labels = mnist_models.build(name, SHARED / "data" / "mnist", log=log)
+            onnx.save(model, CACHE / f"{name}.onnx")
             np.savez(cached, calib=np.concatenate([f["input"] for f in cf]), eval=np.concatenate([f["input"] for f in ef]),
                      labels=labels)
         kind = "cls"
