@@ -241,6 +241,51 @@ def test_entropy_on_saturated_and_degenerate_data():
         assert C.compute_range(zeros, method) == (0.0, 0.0)
 
 
+def test_entropy_is_not_drawn_to_a_repeated_value():
+    # a constant image region (MNIST's background, letterbox padding) gives each channel one value
+    # repeated at most positions, in every layer it reaches: ReLU-like data with 8 such spikes
+    rng = np.random.default_rng(5)
+    body = np.abs(rng.standard_normal(300_000)).astype(np.float32) * 1.5
+    spikes = np.repeat(rng.uniform(0.1, 0.6, 8).astype(np.float32), 60_000)
+    st = C.TensorStats(hist=H.SignedHistogram(4096))
+    for chunk in np.array_split(rng.permutation(np.concatenate([body, spikes])), 5):
+        st.update(chunk)
+    _, hi = C.compute_range(st, "entropy", unsigned=True)
+    # the body's own threshold, as if the spikes were not there; uncapped, the search took the
+    # finest grouping (256 bins, about 0.5 here) and clipped most of the body
+    ref = C.TensorStats(hist=H.SignedHistogram(4096))
+    ref.update(body)
+    _, hi_body = C.compute_range(ref, "entropy", unsigned=True)
+    assert float(np.mean(body > hi)) < 0.002
+    assert hi == pytest.approx(hi_body, rel=0.15)
+    # the cap leaves smooth histograms as they are up to their counting noise, sparse ones exactly
+    smooth = np.histogram(body, bins=4096, range=(0, 16))[0].astype(float)
+    capped = H.despike(smooth)
+    assert np.all(smooth - capped <= 4 * np.sqrt(smooth.max()))
+    assert capped.sum() > 0.97 * smooth.sum()
+    tail = np.zeros(4096)
+    tail[[100, 900, 2000]] = 1
+    np.testing.assert_array_equal(H.despike(tail), tail)
+
+
+def test_entropy_keeps_data_away_from_zero():
+    # a squeeze-excite gate after HardSigmoid: few values, all in [0.23, 0.72]; a threshold below
+    # them all folds the mass into one bin, where KL is 0, and clipped every gate at 0.23
+    gate = np.random.default_rng(6).uniform(0.23, 0.72, 12_800).astype(np.float32)
+    st = C.TensorStats(hist=H.SignedHistogram(4096))
+    st.update(gate)
+    for kw in ({"unsigned": True}, {"symmetric": True}, {"symmetric": False}):
+        hi = C.compute_range(st, "entropy", **kw)[1]
+        assert float(np.mean(gate > hi)) < 0.01, kw
+
+
+def test_entropy_degenerate_methods_agree_on_zeros():
+    zeros = C.TensorStats(hist=H.SignedHistogram(4096))
+    zeros.update(np.zeros(100, np.float32))
+    for method in ("entropy", "percentile", "mse", "minmax"):
+        assert C.compute_range(zeros, method) == (0.0, 0.0)
+
+
 # -- streaming properties -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])

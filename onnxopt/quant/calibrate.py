@@ -533,6 +533,8 @@ def _settings_key(config: CalibConfig, bits: int) -> dict:
         s["num_bins"] = int(config.num_bins)
     if config.method in ("entropy", "mse", "auto"):
         s["bits"] = int(bits)
+    if config.method in ("entropy", "auto"):   # a cache from before the spike cap holds other entropy ranges
+        s["entropy"] = "spikes capped"
     if config.method == "auto":  # and on the search
         s["search"] = f"{config.search}, by noise-to-signal"   # the measure is named: a cache chosen by another is refused
     return s
