@@ -797,3 +797,45 @@ def test_tidl_rewrites_the_float_graph_before_quantizing_and_says_so():
     assert rec.extra["check"]["violations"] == 0 and rec.extra["check"]["fallback"]["op_types"] == {"ReduceMean": 1}
     q, rec = quantize(model, target="tidl", fallback="none", target_rewrites=False, strict_check=True)
     assert rec.extra["check"]["violations"] == 1 and rec.extra["check"]["first"][0]["rule"] == "tidl-reducemean"
+
+
+def _detector_head():
+    """conv -> relu -> {box conv, score conv -> Sigmoid} -> Concat -> Reshape -> output: a detector's
+    tail, where a few confident scores are the answer and most are near 0."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    wb = (rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32)
+    ws = (rng.standard_normal((6, 8, 1, 1)) * 0.3).astype(np.float32)
+    bs = np.full(6, -4.0, np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "wb"], ["box"], name="box_conv"),
+             helper.make_node("Conv", ["r1", "ws", "bs"], ["logit"], name="score_conv"),
+             helper.make_node("Sigmoid", ["logit"], ["score"], name="sigmoid"),
+             helper.make_node("Concat", ["box", "score"], ["cat"], axis=1, name="concat"),
+             helper.make_node("Reshape", ["cat", "shape"], ["y"], name="reshape")]
+    return make_model(nodes, [("x", [1, 3, 16, 16])], [("y", [1, 10, 256])],
+                      [("w1", w1), ("wb", wb), ("ws", ws), ("bs", bs), ("shape", np.array([1, 10, 256], np.int64))])
+
+
+def test_the_output_tail_keeps_its_full_range():
+    """What reaches the graph outputs through data movement (and a terminal Sigmoid) only is not
+    clipped by the calibration method: on YOLOX, entropy clipped the class scores at 0.24 and no
+    detection was left."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.quant import placement
+
+    model = _detector_head()
+    tail = placement.output_tail(gs.import_onnx(model))
+    assert {"box", "logit", "score", "cat", "y"} <= tail and not {"c1", "r1", "x"} & tail
+    feeds = [{"x": rand(1, 3, 16, 16, seed=s) * (3.0 if s % 16 == 0 else 1.0)} for s in range(64)]
+    sess = __import__("onnxruntime").InferenceSession(model.SerializeToString())
+    top = max(float(sess.run(None, f)[0][:, 4:].max()) for f in feeds)
+    for method in ("entropy", "percentile", "mse"):
+        ctx = PassContext(data=lambda: iter(feeds), progress=False)
+        q, rep = manager.apply(model, ["qdq"], {"qdq": {"target": "ort", "calib_method": method, "fallback": "none"}},
+                               context=ctx, verify=False, summarize_layers=False)
+        got = max(float(run(q, f)["y"][:, 4:].max()) for f in feeds)
+        assert got == pytest.approx(top, abs=2 / 255), method       # the top score is not clipped
+        assert any("keep their full range" in n for n in rep.passes[-1].extra["notes"])

@@ -535,6 +535,8 @@ def _settings_key(config: CalibConfig, bits: int) -> dict:
         s["bits"] = int(bits)
     if config.method in ("entropy", "auto"):   # a cache from before the spike cap holds other entropy ranges
         s["entropy"] = "spikes capped"
+    if config.method != "minmax":   # nor did it keep the output tail's full range
+        s["output_tail"] = "minmax"
     if config.method == "auto":  # and on the search
         s["search"] = f"{config.search}, by noise-to-signal"   # the measure is named: a cache chosen by another is refused
     return s
@@ -592,7 +594,7 @@ def _save_cache(path: Path, key: dict, ranges: dict, stats: dict, sym: dict, uns
 
 def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConfig] = None, *,
               symmetric: Union[Mapping[str, bool], bool] = True, unsigned: Union[Mapping[str, bool], bool] = False,
-              bits: int = 8, choose=None) -> dict:
+              bits: int = 8, choose=None, unclipped: Iterable[str] = ()) -> dict:
     """Clipping range ``(lo, hi)`` per tensor (see module doc).
 
     ``data`` is a :class:`onnxopt.data.DataSource` or a callable returning an iterable of feed
@@ -600,7 +602,8 @@ def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConf
     symmetric, ``lo == 0`` when unsigned. ``config.method == "auto"`` needs ``choose``:
     ``choose(candidates, seconds) -> ranges`` picks among every method's range
     (``{tensor: {method: (lo, hi)}}``, :mod:`onnxopt.quant.calib_search`), ``seconds`` being the
-    statistics pass's time.
+    statistics pass's time. The tensors in ``unclipped`` take their minmax range whatever the
+    method (the graph's output tail, :func:`onnxopt.quant.placement.output_tail`).
     """
     config = config or CalibConfig()
     _check_config(config, bits, auto=choose is not None)
@@ -631,8 +634,9 @@ def calibrate(model: ModelProto, tensors: list, data, config: Optional[CalibConf
         t_stats = time.perf_counter()
         stats = collect_statistics(model, tensors, source, config)
         methods = METHODS if config.method == "auto" else (config.method,)
-        candidates = {t: {m: compute_range(stats[t], m, symmetric=sym[t], unsigned=uns[t], bits=bits,
-                                           percentile=config.percentile) for m in methods} for t in tensors}
+        unclipped = set(unclipped)
+        candidates = {t: {m: compute_range(stats[t], "minmax" if t in unclipped else m, symmetric=sym[t], unsigned=uns[t],
+                                           bits=bits, percentile=config.percentile) for m in methods} for t in tensors}
         ranges = (choose(candidates, time.perf_counter() - t_stats) if config.method == "auto"
                   else {t: candidates[t][config.method] for t in tensors})
         if config.cache:

@@ -46,6 +46,9 @@ AVG_POOL_OPS = {"AveragePool", "GlobalAveragePool"}
 OPS_QUANTIZABLE = set(WEIGHTED_OPS) | {"Add", "Mul", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"}
 # Activations absorbed into the quantized range of the op before them.
 ABSORBABLE = {"Relu", "Clip"}
+# Ops between a tensor and the graph's outputs that hand its values on as they are (or through a
+# monotone terminal activation): what the tensor holds is what the user reads (output_tail).
+TAIL_OPS = PASS_THROUGH_OPS | {"Concat", "Split", "Sigmoid", "Softmax", "LogSoftmax"}
 FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16)}
 
 
@@ -246,6 +249,23 @@ def plan(graph: gs.Graph, rules: TargetRules, options: PlacementOptions, per_cha
         result.groups.setdefault(rep, []).append(name)
         result.activations.append(ActivationCommand(name, rep))
     return result
+
+
+def output_tail(graph: gs.Graph) -> set:
+    """Names of the tensors whose every path to a graph output runs through :data:`TAIL_OPS` only
+    (graph outputs included): a detector's box offsets and class scores on their way to the output
+    Concat. No later layer absorbs what is done to them, so calibration keeps their full range
+    (clipping YOLOX's class scores at 0.24 left no detection). Linear: one reverse topological pass."""
+    outputs = {t.name for t in graph.outputs}
+    tail: dict = {}
+    for node in reversed(list(graph.nodes)):   # graph.nodes is topologically sorted
+        for t in node.inputs:
+            if t is None or not isinstance(t, gs.Variable):
+                continue
+            readers = t.outputs
+            tail[t.name] = t.name in outputs or (bool(readers) and all(
+                r.op in TAIL_OPS and all(o.name in outputs or tail.get(o.name, False) for o in r.outputs) for r in readers))
+    return {name for name, is_tail in tail.items() if is_tail} | outputs
 
 
 def depthwise_per_channel(graph: gs.Graph, result: Plan) -> list:

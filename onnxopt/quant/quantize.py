@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import onnx
@@ -279,7 +279,7 @@ def limit_samples(data: Callable, n: int) -> Callable:
 
 def run_calibration(model: ModelProto, tensors: list, data, options: CalibrationOptions, fmt: FormatOptions,
                     rules: TargetRules, progress: bool, nonneg: Optional[set] = None, bounds: Optional[dict] = None,
-                    choose=None) -> dict:
+                    choose=None, unclipped: Iterable[str] = ()) -> dict:
     """Ranges of ``tensors``; with ``calib_method=auto``, ``choose`` picks each tensor's method
     (:func:`onnxopt.quant.calibrate.calibrate`); without it, auto is the target's default method."""
     method = rules.default_method if options.calib_method == "auto" and choose is None else options.calib_method
@@ -294,7 +294,7 @@ def run_calibration(model: ModelProto, tensors: list, data, options: Calibration
     zero_based = not rules.act_signed or fmt.unsigned_low_bit(bits)
     unsigned = {t: bool(symmetric and zero_based and t in (nonneg or ())) for t in tensors}
     return calib.calibrate(with_clip_bounds(model, bounds or {}), list(tensors), data, cfg,
-                           symmetric=symmetric, unsigned=unsigned, bits=bits, choose=choose)
+                           symmetric=symmetric, unsigned=unsigned, bits=bits, choose=choose, unclipped=unclipped)
 
 
 # ----------------------------------------------------------------------------------- scales
@@ -414,7 +414,15 @@ def quantize_model(model: ModelProto, options: QdqOptions, data, ctx) -> QuantRe
     if calibration.calib_method == "auto" and tensors:
         choose = _range_chooser(model, the_plan, tensors, data, rules, fmt, bounds, search, getattr(ctx, "log", None),
                                 channel, per_tensor=calibration.calib_search == "per_tensor")
-    ranges = run_calibration(model, tensors, data, calibration, fmt, rules, progress, nonneg, bounds, choose) if tensors else {}
+    # what reaches the outputs through data movement only keeps its full range: nothing after it
+    # absorbs a clip (a detector's scores, its box offsets)
+    tail = placement_mod.output_tail(graph) if calibration.calib_method != "minmax" else set()
+    tail = [t for t in tensors if t in tail]
+    if tail:
+        notes.append(f"calibration: {len(tail)} tensor(s) that reach the graph outputs through data movement only "
+                     f"(e.g. '{tail[0]}') keep their full range (minmax): no later layer absorbs a clip there")
+    ranges = run_calibration(model, tensors, data, calibration, fmt, rules, progress, nonneg, bounds, choose,
+                             unclipped=tail) if tensors else {}
     ranges.update(channel)
     missing = [t for t in the_plan.activation_tensors() if t not in ranges]
     if missing:
