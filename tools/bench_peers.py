@@ -649,7 +649,7 @@ def main(argv=None):
     ap.add_argument("--model")
     ap.add_argument("--calib")
     ap.add_argument("--out")
-    ap.add_argument("--models", default="effnet,resnet20,resnet56,yolox,se")
+    ap.add_argument("--models", default="effnet,resnet20,resnet56,yolox,se,mnist_vit,mnist_mbv2")
     ap.add_argument("--peers-root", default=str(Path(tempfile.gettempdir()) / "onnxopt_peers"),
                     help="folder holding one virtual environment per peer: nncf/, inc/, modelopt/")
     ap.add_argument("--limit-eval", type=int, default=0)
