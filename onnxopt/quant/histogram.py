@@ -27,9 +27,10 @@ Range searches (all on counts, never on raw data; bins are ``w`` wide, starting 
   strided pass refined around its four best. As in NVIDIA's pytorch-quantization, the zero bin is replaced by
   its neighbour so the spike of exact zeros after a ReLU does not drive the choice. The same holds for
   any other value repeated far beyond its neighbours -- a constant image region (MNIST's background,
-  letterbox padding) gives each channel one such value, in every layer it reaches -- so every bin is
-  first capped at the median of the ``SPIKE_WINDOW`` bins around it, or at the mean non-zero bin
-  where that is higher (sparse tails stay as they are). Without that, ``Q`` spreads a spike's mass
+  letterbox padding) gives each channel one such value, in every layer it reaches -- so a bin holding
+  more than ``SPIKE_FACTOR`` times its level (the median of the ``SPIKE_WINDOW`` bins around it, or
+  the mean non-zero bin where that is higher) is first cut down to that level; counting noise and
+  sparse tails stay exactly as they are. Without that, ``Q`` spreads a spike's mass
   over its group, the search picks the finest grouping, ``i = nq``, and clips the strokes of a digit
   at a tenth of their range (an MNIST CNN: 98.9 -> 34 % top-1). Candidates start at the median of
   the counts: below every value, all the mass folds into the last bin, ``Q = P`` and KL is 0.
@@ -48,6 +49,7 @@ BLOCK = 1 << 15          # elements per histogram block: keeps the temporaries i
 COARSE_CANDIDATES = 8192  # entropy: exhaustive up to this many thresholds, strided + refined above
 KL_CHUNK = 256           # candidates evaluated together
 KL_EPS = 1e-4            # smoothing of Q's zeros (as in MXNet / onnxruntime's smooth_distribution)
+SPIKE_FACTOR = 4.0       # entropy: a bin is a spike when it holds more than this many times its neighbourhood's level
 SPIKE_WINDOW = 9         # entropy: a bin is capped at the median of this many bins around it (spikes up to 4 bins wide)
 MSE_POINTS = 4           # representative points per bin for the MSE search
 
@@ -228,9 +230,10 @@ def entropy_threshold(counts: np.ndarray, width: float, nq: int, *, ignore_zero_
 
 
 def despike(counts: np.ndarray, window: int = SPIKE_WINDOW) -> np.ndarray:
-    """``counts`` with every bin capped at the median of the ``window`` bins centred on it, or at
-    the mean non-zero count where that is higher: a repeated value's spike falls to its
-    neighbours' level, smooth stretches and sparse tails are left as they are."""
+    """``counts`` with every spike cut down to its level: a bin holding more than ``SPIKE_FACTOR``
+    times the median of the ``window`` bins centred on it (or the mean non-zero count where that is
+    higher). A repeated value's spike falls to its neighbours' level; smooth stretches, their
+    counting noise and sparse tails are left exactly as they are."""
     b = np.asarray(counts, np.float64)
     nonzero = b[b > 0]
     if b.size < window or not nonzero.size:
@@ -238,7 +241,8 @@ def despike(counts: np.ndarray, window: int = SPIKE_WINDOW) -> np.ndarray:
     half = window // 2
     padded = np.pad(b, half, mode="edge")
     median = np.median(np.lib.stride_tricks.sliding_window_view(padded, window), axis=1)
-    return np.minimum(b, np.maximum(median, nonzero.mean()))
+    level = np.maximum(median, nonzero.mean())
+    return np.where(b > SPIKE_FACTOR * level, level, b)
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
