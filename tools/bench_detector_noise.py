@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fold", type=int, default=0, choices=range(5))
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    P.FOLD = args.fold
+    if args.fold:   # bench_peers' fold: its split, and a cache folder of its own
+        P.FOLD, P.CACHE = args.fold, P.CACHE / f"fold{args.fold}"
     import numpy as np
     import onnx
 
