@@ -108,7 +108,8 @@ class CalibrationOptions(PassOptions):
     calib_method: str = option("auto", "calibration method; auto: the one among minmax, percentile, entropy and mse "
                                "whose Q/DQ model has the lowest noise-to-signal ratio of the outputs (logits before a "
                                "final Softmax/Sigmoid) against the float model on held-in calibration samples (the "
-                               "report lists each tensor's choice)",
+                               "report lists each tensor's choice); whatever the method, tensors that reach the graph "
+                               "outputs through data movement only (a detector's scores) keep their full range",
                                ("auto", "minmax", "percentile", "entropy", "mse"), flag="--calib-method")
     calib_search: str = option("uniform", "what calib_method=auto chooses: uniform (one method for every activation) or "
                                "per_tensor (then each activation's own, greedy in graph order, within about 3x an mse "
