@@ -50,7 +50,7 @@ COARSE_CANDIDATES = 8192  # entropy: exhaustive up to this many thresholds, stri
 KL_CHUNK = 256           # candidates evaluated together
 KL_EPS = 1e-4            # smoothing of Q's zeros (as in MXNet / onnxruntime's smooth_distribution)
 SPIKE_FACTOR = 4.0       # entropy: a bin is a spike when it holds more than this many times its neighbourhood's level
-SPIKE_WINDOW = 9         # entropy: a bin is capped at the median of this many bins around it (spikes up to 4 bins wide)
+SPIKE_WINDOW = 9         # entropy: a spike's level is the median of this many bins around it (spikes up to 4 bins wide)
 MSE_POINTS = 4           # representative points per bin for the MSE search
 
 
