@@ -249,42 +249,37 @@ def prepare(name):
         calib, ev = split(folder, model, img)
         cf, ef, labels, kind = list(calib.samples()), list(ev.samples()), None, "det"
     elif name == "se":
-        if FOLD:
-            raise SystemExit("the se model has one split (its training used the rest): run it without --fold")
-        cached = CACHE / "se_digits.npz"
-        if cached.exists() and (CACHE / "se_digits.onnx").exists():  # training takes minutes on a busy 2-core machine
-            z = np.load(cached)
-            model = onnx.load(CACHE / "se_digits.onnx")
-            zc, ze = z["calib"], z["eval"]
-            cf = [{"input": zc[i:i + 1]} for i in range(len(zc))]
-            ef, labels = [{"input": ze[i:i + 1]} for i in range(len(ze))], z["labels"]
-        else:
-            model, cf, ef, labels = se_digits()
-            onnx.save(model, CACHE / "se_digits.onnx")
-            np.savez(cached, calib=np.concatenate([f["input"] for f in cf]), eval=np.concatenate([f["input"] for f in ef]),
-                     labels=labels)
+        model, cf, ef, labels = _trained(name, "se_digits", se_digits)
         kind = "cls"
     elif name in mnist_models.MODELS:   # held out: trained here after every default was chosen
-        if FOLD:
-            raise SystemExit(f"the {name} model has one split (its training used the rest): run it without --fold")
-        cached = CACHE / f"{name}.npz"
-        if cached.exists() and (CACHE / f"{name}.onnx").exists():   # training takes minutes on a 2-core machine
-            z = np.load(cached)
-            model = onnx.load(CACHE / f"{name}.onnx")
-            zc, ze = z["calib"], z["eval"]   # each z[...] reads the array again: once, not once per sample
-            cf = [{"input": zc[i:i + 1]} for i in range(len(zc))]
-            ef, labels = [{"input": ze[i:i + 1]} for i in range(len(ze))], z["labels"]
-        else:
-            model, cf, ef, labels = mnist_models.build(name, SHARED / "data" / "mnist", log=log)
-            onnx.save(model, CACHE / f"{name}.onnx")
-            np.savez(cached, calib=np.concatenate([f["input"] for f in cf]), eval=np.concatenate([f["input"] for f in ef]),
-                     labels=labels)
+        model, cf, ef, labels = _trained(name, name, lambda: mnist_models.build(name, SHARED / "data" / "mnist", log=log))
         kind = "cls"
     else:
         raise SystemExit(f"unknown model {name}")
     path = CACHE / f"{name}.fp32.onnx"
     onnx.save(model, path)
     return path, cf, ef, labels, kind, B
+
+
+def _trained(name, stem, build):
+    """(model, calibration feeds, evaluation feeds, labels) of a model this bench trains (``build()``),
+    cached as ``<stem>.onnx`` / ``<stem>.npz`` (training takes minutes on a busy 2-core machine). Its
+    one split is the rest of its training data, so it has no --fold."""
+    import onnx
+
+    if FOLD:
+        raise SystemExit(f"the {name} model has one split (its training used the rest): run it without --fold")
+    cached, onnx_path = CACHE / f"{stem}.npz", CACHE / f"{stem}.onnx"
+    if cached.exists() and onnx_path.exists():
+        z = np.load(cached)
+        zc, ze = z["calib"], z["eval"]   # each z[...] reads the array again: once, not once per sample
+        return (onnx.load(onnx_path), [{"input": zc[i:i + 1]} for i in range(len(zc))],
+                [{"input": ze[i:i + 1]} for i in range(len(ze))], z["labels"])
+    model, cf, ef, labels = build()
+    onnx.save(model, onnx_path)
+    np.savez(cached, calib=np.concatenate([f["input"] for f in cf]), eval=np.concatenate([f["input"] for f in ef]),
+             labels=labels)
+    return model, cf, ef, labels
 
 
 def se_digits(seed=0, spread=2.0):
