@@ -112,16 +112,19 @@ class Budget:
     # measured on (:func:`agreement_bound`); 0.5: on the samples' own count
     confidence: float = 0.5
 
+    def agreement_missed(self, loss_pts: float, samples: int) -> bool:
+        """Whether ``loss_pts`` agreement points lost on ``samples`` samples miss the limit: its upper
+        bound at :attr:`confidence` is over it. Zero disagreements always pass: with too few samples
+        for the bound to reach the limit, that is the most the data can show."""
+        return (loss_pts > 1e-9
+                and agreement_bound(loss_pts, samples, self.confidence) > self.max_agreement_loss + 1e-9)
+
     def missed_already(self, partial: "TaskError", samples: int) -> bool:
         """Whether ``partial``, measured on the first of ``samples`` samples, misses the agreement
         limit whatever the rest hold: its disagreements alone, counted over all ``samples``, put the
         upper bound above the limit (the bound only grows with more disagreements)."""
-        for o in partial.outputs:
-            if o.classifier and o.agreement_loss > 1e-9:
-                lost = o.agreement_loss * o.samples / samples
-                if agreement_bound(lost, samples, self.confidence) > self.max_agreement_loss + 1e-9:
-                    return True
-        return False
+        return any(o.classifier and self.agreement_missed(o.agreement_loss * o.samples / samples, samples)
+                   for o in partial.outputs)
 
     def describe(self) -> str:
         parts = []
@@ -180,14 +183,12 @@ class TaskError:
         return sum(o.rel_error ** 2 for o in self.outputs)
 
     def within(self, budget: Budget) -> bool:
-        """Whether every output meets ``budget``; the agreement limit on the upper bound at the
-        budget's confidence. Zero disagreements always pass: with too few samples for the bound
-        to reach the budget, that is the most the data can show."""
+        """Whether every output meets ``budget``: the agreement limit on the upper bound at the
+        budget's confidence (:meth:`Budget.agreement_missed`), and the relative error."""
         if self.stopped_early:
             return False
         for o in self.outputs:
-            if (o.classifier and o.agreement_loss > 1e-9
-                    and agreement_bound(o.agreement_loss, o.samples, budget.confidence) > budget.max_agreement_loss + 1e-9):
+            if o.classifier and budget.agreement_missed(o.agreement_loss, o.samples):
                 return False
             if budget.max_rel_error > 0 and o.rel_error > budget.max_rel_error:
                 return False
