@@ -58,6 +58,7 @@ def static_shapes(model: ModelProto, needed=None) -> dict:
 
 
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+_RECURRENT = ("GRU", "LSTM", "RNN")
 
 
 def _prod(dims) -> Optional[int]:
@@ -71,12 +72,18 @@ def _times(a: Optional[int], b: Optional[int]) -> Optional[int]:
 
 
 def layer_macs(model: ModelProto) -> list:
-    """Per-layer MACs: [{"name", "op", "output", "macs"}] for Conv/ConvTranspose/Gemm/MatMul(+Integer) nodes."""
-    needed = [t for n in model.graph.node if n.op_type in _COUNTED for t in list(n.input[:2]) + [n.output[0]]]
+    """Per-layer MACs: [{"name", "op", "output", "macs"}] for Conv/ConvTranspose/Gemm/MatMul(+Integer)
+    and GRU/LSTM/RNN nodes."""
+    needed = [t for n in model.graph.node if n.op_type in _COUNTED + _RECURRENT
+              for t in list(n.input[:3 if n.op_type in _RECURRENT else 2]) + [n.output[0]] if t]
     shapes = static_shapes(model, needed)  # the shapes around the costly layers only
     rows = []
     for i, node in enumerate(model.graph.node):
         op = node.op_type
+        if op in _RECURRENT:
+            rows.append({"name": node.name or f"{op}_{i}", "op": op, "output": node.output[0] if node.output else "",
+                         "macs": _recurrent_macs(node, shapes)})
+            continue
         if op not in _COUNTED:
             continue
         w_index = 3 if op.startswith("QLinear") else 1
@@ -98,6 +105,18 @@ def layer_macs(model: ModelProto) -> list:
                 macs = _times(_prod(out), a[-1] if a else None)
         rows.append({"name": node.name or f"{op}_{i}", "op": op, "output": node.output[0], "macs": macs})
     return rows
+
+
+def _recurrent_macs(node, shapes: dict) -> Optional[int]:
+    """A GRU/LSTM/RNN's MACs: every time step of every sequence multiplies the step's input by W
+    ([directions, gates * hidden, input]) and the hidden state by R ([directions, gates * hidden,
+    hidden]); X is [seq, batch, input] or [batch, seq, input], either way seq * batch = X's size
+    over its last axis. The gates' elementwise products are not counted, as for Conv's activation."""
+    x = shapes.get(node.input[0])
+    w, r = (shapes.get(node.input[i]) if len(node.input) > i else None for i in (1, 2))
+    if not x or not x[-1] or _prod(x) is None:
+        return None
+    return _times(_prod(x) // x[-1], None if _prod(w) is None or _prod(r) is None else _prod(w) + _prod(r))
 
 
 def total_macs(model: ModelProto) -> int:

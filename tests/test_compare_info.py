@@ -77,6 +77,28 @@ def test_macs_of_each_layer_kind():
     assert info["params"] == 4 * 3 * 9 + 6 * 9 + 12 + 20  # float weights; the scalar and the int64 shape do not count
 
 
+def test_macs_of_recurrent_layers():
+    """GRU/LSTM/RNN count every step's input and hidden-state products (W and R) for every sequence,
+    whichever axis holds the batch (``layout``) and however many directions; an optional
+    output left empty does not hide the layer."""
+    seq, batch, inp, hid = 7, 3, 5, 4
+    nodes = [
+        helper.make_node("GRU", ["x", "wg", "rg"], ["yg"], hidden_size=hid, name="gru"),                 # [seq, batch, inp]
+        helper.make_node("LSTM", ["xb", "wl", "rl"], ["", "hl"], hidden_size=hid, direction="bidirectional",
+                         layout=1, name="lstm"),                                                        # [batch, seq, inp]
+        helper.make_node("RNN", ["x", "wr", "rr"], ["yr"], hidden_size=hid, name="rnn"),
+    ]
+    model = make_model(nodes, [("x", [seq, "N", inp]), ("xb", ["N", seq, inp])],
+                       [("yg", [seq, 1, "N", hid]), ("hl", ["N", 2, hid]), ("yr", [seq, 1, "N", hid])],
+                       [("wg", np.ones((1, 3 * hid, inp), np.float32)), ("rg", np.ones((1, 3 * hid, hid), np.float32)),
+                        ("wl", np.ones((2, 4 * hid, inp), np.float32)), ("rl", np.ones((2, 4 * hid, hid), np.float32)),
+                        ("wr", np.ones((1, hid, inp), np.float32)), ("rr", np.ones((1, hid, hid), np.float32))])
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = batch   # a fixed batch on the seq-first input
+    got = {r["name"]: r["macs"] for r in model_info(model, per_layer=True)["layers"]}
+    assert got == {"gru": seq * batch * 3 * hid * (inp + hid), "lstm": seq * 2 * 4 * hid * (inp + hid),  # N counts 1
+                   "rnn": seq * batch * hid * (inp + hid)}
+
+
 def test_model_info_counts_external_data(tmp_path):
     path = models.save(models.big_weight_model(), tmp_path / "m.onnx", external=True)
     info = model_info(path)
