@@ -58,7 +58,7 @@ def static_shapes(model: ModelProto, needed=None) -> dict:
 
 
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
-_RECURRENT = ("GRU", "LSTM", "RNN")
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")
 
 
 def _prod(dims) -> Optional[int]:
@@ -74,13 +74,13 @@ def _times(a: Optional[int], b: Optional[int]) -> Optional[int]:
 def layer_macs(model: ModelProto) -> list:
     """Per-layer MACs: [{"name", "op", "output", "macs"}] for Conv/ConvTranspose/Gemm/MatMul(+Integer)
     and GRU/LSTM/RNN nodes."""
-    needed = [t for n in model.graph.node if n.op_type in _COUNTED + _RECURRENT
-              for t in list(n.input[:3 if n.op_type in _RECURRENT else 2]) + [n.output[0]] if t]
+    needed = [t for n in model.graph.node if n.op_type in _COUNTED + RECURRENT_OPS
+              for t in list(n.input[:3 if n.op_type in RECURRENT_OPS else 2]) + [n.output[0]] if t]
     shapes = static_shapes(model, needed)  # the shapes around the costly layers only
     rows = []
     for i, node in enumerate(model.graph.node):
         op = node.op_type
-        if op in _RECURRENT:
+        if op in RECURRENT_OPS:
             rows.append({"name": node.name or f"{op}_{i}", "op": op, "output": node.output[0] if node.output else "",
                          "macs": _recurrent_macs(node, shapes)})
             continue

@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 from onnx import helper, numpy_helper
 
-from onnxopt import manager, runtime
+from onnxopt import manager, runtime, stats
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import OnnxoptError
 from onnxopt.ir.proto import producers
@@ -219,6 +219,21 @@ def _target_check(qmodel, target: str, strict: bool, ctx, warns: list) -> dict:
             "first": [v.to_dict() for v in bad[:10]]}
 
 
+def _float_recurrent_note(model) -> list:
+    """One line when GRU/LSTM/RNN nodes stay float (no target here takes them as int8 Q/DQ: TensorRT
+    and onnxruntime run recurrent layers in float), with their share of the MACs, so that nobody
+    reads "weights quantized" as "the model runs in int8" when most of its work is recurrent."""
+    if not any(n.op_type in stats.RECURRENT_OPS for n in model.graph.node):
+        return []
+    rows = stats.layer_macs(model)
+    rec = [r for r in rows if r["op"] in stats.RECURRENT_OPS]
+    total = sum(r["macs"] or 0 for r in rows)
+    share = (f", {100 * sum(r['macs'] or 0 for r in rec) / total:.0f} % of the MACs"
+             if total and all(r["macs"] is not None for r in rec) else "")
+    ops = ", ".join(f"{sum(1 for r in rec if r['op'] == op)} {op}" for op in sorted({r["op"] for r in rec}))
+    return [f"{ops} node(s) stay float{share}: recurrent ops get no Q/DQ (TensorRT and onnxruntime run them in float)"]
+
+
 @register_pass("qdq", "Int8 Q/DQ quantization with calibration, laid out for TensorRT, onnxruntime or TIDL.", exact=False, options=QdqOptions)
 def qdq(model, options: QdqOptions, ctx):
     """Insert Q/DQ per the target's rules, calibrated on --calib-data; see `onnxopt check`."""
@@ -258,7 +273,7 @@ def qdq(model, options: QdqOptions, ctx):
     changes = {"weights_quantized": len(info.layers), "activations_quantized": len(info.activations),
                "int32_biases": sum(1 for l in info.layers if l.bias_is_int), "nodes_kept_float": len(info.excluded)}
     details = [f"{l.node} ({l.op}): weight axis {l.axis}, bias {'int32' if l.bias_is_int else 'float'}" for l in info.layers]
-    skipped = list(info.skipped)
+    skipped = list(info.skipped) + _float_recurrent_note(float_model)
     if not changes["weights_quantized"] and not changes["activations_quantized"]:
         skipped.append("nothing quantized: " + ("every quantizable node is kept in float (exclude_*, keep_first_last, op_types)"
                                                 if info.excluded else

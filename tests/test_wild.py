@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import onnxopt
-from onnxopt import feeds, model_io, runtime
+from onnxopt import feeds, model_io, runtime, stats
 from onnxopt.data import DataSpec, open_data
 from onnxopt.manager import VERIFY_ATOL, VERIFY_RTOL
 from onnxopt.quant import check as qcheck
@@ -97,6 +97,23 @@ def test_qdq_on_generated_calibration_data_passes_its_target_check(zoo, name, ta
     assert qcheck.check_model(out, target) == []
     if target == "tidl" and name != "gru_opset25":
         assert any("rewritten for tidl before quantization" in w for w in report.passes[0].extra["warnings"])
+
+
+@pytest.mark.parametrize("name", ["gru_text", "lstm_text"])
+def test_qdq_says_recurrent_layers_stay_float(zoo, name):
+    """The recurrent layers get no Q/DQ: the pass says so, with their share of the MACs (counted
+    per time step by ``stats``), so "weights quantized" is not read as an int8 model. The sequence
+    length is fixed first: with it symbolic the MACs are unknown, and no share is given."""
+    src = model_io.load_model(zoo[name])
+    src.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 6   # tokens [batch, seq]
+    data = open_data(DataSpec("random", max_samples=4), src, None)
+    out, report = onnxopt.apply(src, "qdq", {"qdq": {"target": "ort"}}, context=PassContext(data=data, data_spec=data.spec))
+    op = "GRU" if name == "gru_text" else "LSTM"
+    assert op in {n.op_type for n in out.graph.node} and report.passes[0].changes["weights_quantized"] > 0
+    rows = stats.layer_macs(src)
+    share = 100 * sum(r["macs"] for r in rows if r["op"] == op) / sum(r["macs"] for r in rows)
+    assert 0 < share < 100
+    assert f"1 {op} node(s) stay float, {share:.0f} % of the MACs" in " ".join(report.passes[0].skipped)
 
 
 def test_apply_summary_does_not_count_dynamic_layers_as_added_macs(zoo, tmp_path, capsys):
