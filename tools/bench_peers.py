@@ -1,6 +1,6 @@
 """Side by side: onnxopt's qdq defaults against the peer ONNX quantizers, same models, data, split.
 
-    nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se,mnist_vit,mnist_mbv2] [--results results.json]
+    nice python tools/bench_peers.py [--models effnet,resnet20,resnet56,yolox,se,mnist_vit,mnist_mbv2,mnist_gru] [--results results.json]
         [--peers-root DIR] [--limit-eval N] [--skip-peers] [--skip-fixed] [--configs ...] [--extra ...] [--fold F]
     python tools/bench_peers.py --folds-summary fold0.json ... fold4.json
 
@@ -19,9 +19,9 @@ Models and splits (shared/ README):
 * ``se``      -- a HardSwish + squeeze-excite CNN trained here on scikit-learn's digits, whose
   depthwise inputs have channel ranges spread over two decades (BN-folded-like rescaling that
   leaves the float function unchanged): a model where all-int8 loses more than a point;
-* ``mnist_vit``/``mnist_mbv2`` -- held out (added after every default was chosen): a small vision
-  transformer and a MobileNetV2-style CNN trained here on the shared MNIST images
-  (``tools/mnist_models.py``), 200 calibration / 2000 evaluation images.
+* ``mnist_vit``/``mnist_mbv2``/``mnist_gru`` -- held out (added after every default was chosen): a
+  small vision transformer, a MobileNetV2-style CNN and a GRU over the image rows, trained here on
+  the shared MNIST images (``tools/mnist_models.py``), 200 calibration / 2000 evaluation images.
 
 Peer venvs (``--peers-root``, each ``<root>/<name>/bin/python``): ``nncf`` (pip nncf),
 ``inc`` (pip onnx-neural-compressor prettytable scipy), ``modelopt`` (pip "nvidia-modelopt[onnx]");
@@ -644,7 +644,7 @@ def main(argv=None):
     ap.add_argument("--model")
     ap.add_argument("--calib")
     ap.add_argument("--out")
-    ap.add_argument("--models", default="effnet,resnet20,resnet56,yolox,se,mnist_vit,mnist_mbv2")
+    ap.add_argument("--models", default="effnet,resnet20,resnet56,yolox,se,mnist_vit,mnist_mbv2,mnist_gru")
     ap.add_argument("--peers-root", default=str(Path(tempfile.gettempdir()) / "onnxopt_peers"),
                     help="folder holding one virtual environment per peer: nncf/, inc/, modelopt/")
     ap.add_argument("--limit-eval", type=int, default=0)

@@ -6,7 +6,10 @@ whether the defaults generalize. Each is a different family from the shared mode
 * ``mnist_vit``  -- a small vision transformer (patch-embedding Conv, 2 pre-norm encoder layers
   with 4-head attention, GELU MLP, LayerNorm, mean-pooled tokens), dynamo exporter, dynamic batch;
 * ``mnist_mbv2`` -- a MobileNetV2-style CNN (inverted residuals, depthwise convs, ReLU6, unfused
-  BatchNorm), TorchScript exporter, dynamic batch.
+  BatchNorm), TorchScript exporter, dynamic batch;
+* ``mnist_gru``  -- a recurrent classifier ("sequential MNIST": the 28 rows are 28 time steps): a
+  Linear row embedding, a 2-layer GRU and a Linear head on the last step, TorchScript exporter,
+  dynamic batch. The GRU ops stay float in every quantizer; the Gemm/MatMul around them do not.
 
 The shared MNIST folder holds the official *test* set only (10000 images): the first 8000 train,
 every 40th of them (200) calibrates, and the last 2000 are the evaluation images, which the
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 TRAIN, CALIB_EVERY = 8000, 40
-MODELS = ("mnist_vit", "mnist_mbv2")
+MODELS = ("mnist_vit", "mnist_mbv2", "mnist_gru")
 
 
 def load_mnist(folder: Path):
@@ -83,6 +86,21 @@ def _mbv2(nn, torch):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
 
+def _gru(nn, torch):
+    class RowGRU(nn.Module):
+        def __init__(self, dim=64, hidden=96):
+            super().__init__()
+            self.embed = nn.Linear(28, dim)
+            self.rnn = nn.GRU(dim, hidden, num_layers=2, batch_first=True)
+            self.head = nn.Linear(hidden, 10)
+
+        def forward(self, x):
+            seq, _ = self.rnn(torch.relu(self.embed(x.flatten(1, 2))))   # [N, 28 rows, 28] -> [N, 28, hidden]
+            return self.head(seq[:, -1])
+
+    return RowGRU()
+
+
 def build(name: str, folder: Path, log=print, seed=0, epochs=6):
     """(float onnx.ModelProto, calibration feeds, evaluation feeds, evaluation labels) of ``name``."""
     import onnx
@@ -95,7 +113,7 @@ def build(name: str, folder: Path, log=print, seed=0, epochs=6):
     torch.manual_seed(seed)
     x, y = load_mnist(folder)
     xtr, ytr = torch.from_numpy(x[:TRAIN]), torch.from_numpy(y[:TRAIN])
-    net = _vit(nn, torch) if name == "mnist_vit" else _mbv2(nn, torch)
+    net = {"mnist_vit": _vit, "mnist_mbv2": _mbv2, "mnist_gru": _gru}[name](nn, torch)
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=0.05)
     steps = epochs * ((TRAIN + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
