@@ -282,6 +282,24 @@ def _trained(name, stem, build):
     return model, cf, ef, labels
 
 
+SE_TRAIN, SE_CALIB_EVERY = 1197, 6
+
+
+def digits_split():
+    """scikit-learn's digits upsampled to 32x32 and scaled to [-1, 1]: (train images, train labels,
+    test images, test labels), 1197 / 600. The SE model trains on the first part and calibrates on
+    every 6th of it (200); the test part is its evaluation set."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = ((F.interpolate(x, size=32, mode="bilinear", align_corners=False) - 0.5) / 0.5).numpy()
+    y = d.target.astype(np.int64)
+    return x[:SE_TRAIN], y[:SE_TRAIN], x[SE_TRAIN:], y[SE_TRAIN:]
+
+
 def se_digits(seed=0, spread=2.0):
     """A HardSwish + squeeze-excite CNN (MobileNetV3-like, unfused BN) trained on scikit-learn's
     digits (upsampled to 32x32), then rescaled per channel where the float function allows it
@@ -292,15 +310,9 @@ def se_digits(seed=0, spread=2.0):
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from sklearn.datasets import load_digits
 
     torch.manual_seed(seed)
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False)
-    x = (x - 0.5) / 0.5
-    y = torch.tensor(d.target)
-    xtr, ytr, xte, yte = x[:1197], y[:1197], x[1197:], y[1197:]
+    xtr, ytr, xte, yte = (torch.from_numpy(a) for a in digits_split())
 
     class Block(nn.Module):
         def __init__(self, cin, mid, cout, stride):
@@ -353,7 +365,7 @@ def se_digits(seed=0, spread=2.0):
     torch.onnx.export(net, xtr[:1], buf, input_names=["input"], output_names=["logits"], opset_version=17,
                       dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
-    calib = [{"input": xtr[i:i + 1].numpy()} for i in range(0, 1197, 6)][:200]
+    calib = [{"input": xtr[i:i + 1].numpy()} for i in range(0, SE_TRAIN, SE_CALIB_EVERY)][:200]
     evalf = [{"input": xte[i:i + 1].numpy()} for i in range(len(xte))]
     return model, calib, evalf, yte.numpy()
 
