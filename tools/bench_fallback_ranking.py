@@ -17,7 +17,15 @@ then:
   first (``drop_unneeded`` below);
 - **deciding 32 + drop**: the units ranked on the 32 samples with the smallest margin (the
   candidate's logit for the float model's class minus its largest other logit) in the
-  all-quantized model, then the same search and drop.
+  all-quantized model, then the same search and drop;
+- **in context**: the units ranked by what each gives back in the quantized model (the task
+  objective of the all-quantized model with only that unit in float, lowest first; NNCF's
+  accuracy control ranks its quantizer groups the same way), on the same 32 samples, then the
+  default search (no drop). The default ranks each unit alone (only it quantized), which misses
+  what a unit costs on top of the others' error;
+- **noise ranking**: each unit alone, as the default, but scored by the logits' noise-to-signal
+  ratio instead of KL (what ``calib_method=auto`` measures, because on a few dozen samples the KL
+  mean is carried by the few near a decision boundary), then the default search (no drop).
 
 Each is measured on the held-out images: units kept, agreement loss against fp32 and top-1
 (onnxruntime with graph optimizations off).
@@ -86,6 +94,9 @@ def drop_unneeded(error, chosen: list, budget) -> list:
     return kept
 
 
+VARIANTS = ("default", "+ drop", "deciding 32 + drop", "in context", "noise ranking")
+
+
 def study(float_model, qmodel, info, data, budget, ef, labels) -> dict:
     view, cal, held, ref_pred, acts = measured_at_fallback(float_model, qmodel, info, data, ef)
     quantized = view.variant(fold_weights=True)
@@ -121,7 +132,15 @@ def study(float_model, qmodel, info, data, budget, ef, labels) -> dict:
     for name, order in (("+ drop", first), ("deciding 32 + drop", F.rank_units(view, acts, deciding, F.FALLBACK_SAMPLES))):
         k, chosen, seconds = search(order)
         res[name] = {"prefix": k, "kept": len(chosen), "chosen": chosen, "seconds": round(seconds, 1)}
-    for name in ("default", "+ drop", "deciding 32 + drop"):
+    samples = min(F.FALLBACK_SAMPLES, cal.samples)
+    gain = {u: cal.error(F.unit_variant(view, acts, [u]), samples).objective() for u in first}
+    k, chosen, seconds = search(sorted(first, key=lambda u: gain[u]), drop=False)
+    res["in context"] = {"prefix": k, "kept": len(chosen), "chosen": chosen, "seconds": round(seconds, 1)}
+    noise = {name: cal.error(view.only_layer(name), samples).noise() for name in view.layers}
+    noise.update({u: cal.error(view.only_activation(t), samples).noise() for u, t in acts.items()})
+    k, chosen, seconds = search(sorted(noise, key=lambda u: -noise[u]), drop=False)
+    res["noise ranking"] = {"prefix": k, "kept": len(chosen), "chosen": chosen, "seconds": round(seconds, 1)}
+    for name in VARIANTS:
         r = res[name]
         r["held_loss"], r["held_top1"] = held_out(r["chosen"])
         P.log(f"  {name}: kept {r['kept']}, held-out loss {r['held_loss']:.2f} pt, top-1 {r['held_top1']:.2f}, {r['seconds']} s")
@@ -133,25 +152,22 @@ def run(name: str, target: str, fold: int, cache: Path) -> dict:
     return at_fallback(name, target, study)
 
 
-VARIANTS = ("default", "+ drop", "deciding 32 + drop")
-
-
 def markdown(rows) -> str:
     lines = ["| model | target | fold | units | int8 calib loss (pt) | "
              + " | ".join(f"{v}: kept / held-out loss / top-1" for v in VARIANTS)
-             + " | search s: default / without early stop / + drop |", "|---|---|---|---|---|---|---|---|---|"]
+             + " | search s: default / without early stop / + drop |", "|---" * (6 + len(VARIANTS)) + "|"]
     for r in rows:
         head = f"| {r['model']} | {r['target']} | {r['fold']} | {r['units']} | {r['calib_loss_int8']:.2f} | "
         if "default" not in r:
-            lines.append(head + "0 (budget met) | 0 | 0 | - |")
+            lines.append(head + "0 (budget met) | " + "0 | " * (len(VARIANTS) - 1) + "- |")
             continue
-        cells = [f"{r[v]['kept']} / {r[v]['held_loss']:.2f} / {r[v]['held_top1']:.2f}" for v in VARIANTS]
+        cells = [f"{r[v]['kept']} / {r[v]['held_loss']:.2f} / {r[v]['held_top1']:.2f}" if v in r else "-" for v in VARIANTS]
         d = r["default"]
         cost = f"{d['seconds']} / {d.get('seconds_without_early_stop', '-')} / {r['+ drop']['seconds']}"
         if "samples_read" in d:   # samples the checks ran, with / without the early stop
             cost += f" ({d['samples_read']} / {d['samples_read_without_early_stop']} samples)"
         lines.append(head + " | ".join(cells) + f" | {cost} |")
-    fallen = [r for r in rows if "default" in r]
+    fallen = [r for r in rows if all(v in r for v in VARIANTS)]   # fell back (rows of an older run lack a variant)
     if fallen:
         mean = [np.mean([[r[v]["kept"], r[v]["held_loss"], r[v]["held_top1"]] for r in fallen], axis=0) for v in VARIANTS]
         lines.append(f"| mean of the {len(fallen)} runs that fall back | | | | | "
