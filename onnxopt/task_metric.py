@@ -315,6 +315,7 @@ class Evaluator:
         self.names = [o.name for o in reference.graph.output]
         sess = self._session(ref_model)
         self.feeds, self.ref = [], []
+        self.memory_capped = False   # stopped at max_mb, not at the data's end or the limit
         used, count = 0, 0
         for feed in (feeds() if callable(feeds) else feeds):
             if count >= limit:
@@ -326,6 +327,7 @@ class Evaluator:
             outs = sess.run([self.mapping[n] for n in self.names], feed)
             size = sum(np.asarray(v).nbytes for v in feed.values()) + sum(o.nbytes for o in outs)
             if self.feeds and (used + size) / 2**20 > max_mb:
+                self.memory_capped = True
                 break
             self.feeds.append(feed)
             self.ref.append(outs)

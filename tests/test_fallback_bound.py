@@ -84,3 +84,28 @@ def test_a_fallback_that_keeps_most_of_the_macs_says_so_and_how_to_avoid_it():
     assert line.startswith("WARNING") and "18 of 24" in line and "80 %" in line and "checked on 204" in line
     assert "qdq.fallback=none" in line and "max_agreement_loss" in line
     assert "max_error" in _fallback_warning(True, 18, 24, 0.8, Budget(max_agreement_loss=math.inf, max_rel_error=0.01), "float", 32)
+
+
+def test_a_fallback_checked_on_fewer_samples_than_it_reads_says_so():
+    """The fewer samples the budget is checked on, the fewer inputs near a decision boundary the
+    check sees before it stops adding layers (at 0.84 confidence a 1-point budget allows no
+    disagreement on up to 259): the fallback says so when it kept layers on fewer samples than it
+    reads, and not when the check read its fill or stopped at its memory cap (more samples would
+    not reach the check). W8 with a 4-point budget keeps 7 of 26 units (23 % of the MACs), so the
+    costly-fallback warning, which gives the same advice, does not fire first."""
+    from onnxopt.quant.recovery.fallback import AGREEMENT_SAMPLES, _coarse_check_note
+    from onnxopt.task_metric import Evaluator
+
+    m, feeds = se_models.mobilenetv3_se(bad_scale=1.0), se_models.image_like_inputs(128)
+    logs = []
+    _, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "calib_method": "minmax", "max_agreement_loss": 4}},
+                              context=PassContext(data=lambda: iter(feeds), progress=False, log=logs.append),
+                              summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    assert fb["met"] and fb["high_precision_layers"] and fb["samples"] == 128 and "warning" not in fb
+    assert fb["coarse_check"] in logs
+    assert "on 128 calibration samples" in fb["coarse_check"] and f"{AGREEMENT_SAMPLES}+ samples" in fb["coarse_check"]
+    assert _coarse_check_note(AGREEMENT_SAMPLES, "fp16") is None
+    capped = Evaluator(m, feeds, limit=AGREEMENT_SAMPLES, max_mb=0.01)
+    assert capped.memory_capped and capped.samples < 128
+    assert not Evaluator(m, feeds, limit=AGREEMENT_SAMPLES).memory_capped
