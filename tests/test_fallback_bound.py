@@ -106,6 +106,12 @@ def test_a_fallback_checked_on_fewer_samples_than_it_reads_says_so():
     assert fb["coarse_check"] in logs
     assert "on 128 calibration samples" in fb["coarse_check"] and f"{AGREEMENT_SAMPLES}+ samples" in fb["coarse_check"]
     assert _coarse_check_note(AGREEMENT_SAMPLES, "fp16") is None
+    # a relative-error budget only (no agreement budget) is checked on 32 samples by design: no note
+    _, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "calib_method": "minmax", "max_agreement_loss": -1,
+                                                 "max_error": 0.02}},
+                              context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    assert fb["high_precision_layers"] and "warning" not in fb and "coarse_check" not in fb
     capped = Evaluator(m, feeds, limit=AGREEMENT_SAMPLES, max_mb=0.01)
     assert capped.memory_capped and capped.samples < 128
     assert not Evaluator(m, feeds, limit=AGREEMENT_SAMPLES).memory_capped

@@ -155,7 +155,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     if warning:
         rep["warning"] = warning
         log(warning)
-    elif chosen and met and full.classifier and not ev.memory_capped:
+    elif chosen and met and uses_agreement and full.classifier and not ev.memory_capped:
         coarse = _coarse_check_note(ev.samples, precision)
         if coarse:
             rep["coarse_check"] = coarse
