@@ -2,8 +2,9 @@
 onnx.helper, for the prune/sparsify tests: residual Adds, Concat offsets, Split, depthwise and
 grouped convs, the CIFAR ResNet "option A" shortcut (strided Slice + channel Pad whose amounts a
 shape chain computes), GAP -> Flatten/Reshape -> Gemm, a YOLO-like net (Focus, CSP Concat/Split,
-SPP, Resize, decoupled head, Reshape/Concat/Transpose output) and a MobileNet-like net
-(expand / depthwise / project with residuals, squeeze-excite, ReLU6 as Clip).
+SPP, Resize, decoupled head, Reshape/Concat/Transpose output), a MobileNet-like net
+(expand / depthwise / project with residuals, squeeze-excite, ReLU6 as Clip) and a CRNN (convs
+into a GRU over the width, as OCR recognisers are).
 
 Every builder returns a valid model (full checker) whose BN parameters are non-trivial, so
 numerical checks see real arithmetic. ``const_nodes=True`` stores weights in Constant nodes.
@@ -276,6 +277,19 @@ def mobilenet_like(const_nodes: bool = False) -> onnx.ModelProto:
     r = b.node("Reshape", [g, b.const([-1, 32], np.int64)])
     b.gemm(r, 32, 10, out="logits")
     return b.model([("input", [1, 3, 16, 16])], [("logits", [1, 10])])
+
+
+def crnn() -> onnx.ModelProto:
+    """Three conv layers, then the feature map read column by column by a GRU (Transpose ->
+    Reshape to [width, batch, C*H]), as OCR recognisers do: the GRU holds about a fifth of the
+    MACs, and the last conv's channels feed it (the channel analysis leaves them)."""
+    b = B(31)
+    x = b.cbr(b.cbr(b.cbr("input", 1, 16), 16, 16), 16, 8)                           # [1, 8, 8, 16]
+    seq = b.node("Reshape", [b.node("Transpose", [x], perm=[3, 0, 1, 2]), b.const([16, 1, 64], np.int64)])
+    w = b.const(b.rng.standard_normal((1, 96, 64)) * 0.1)
+    r = b.const(b.rng.standard_normal((1, 96, 32)) * 0.1)
+    b.nodes.append(helper.make_node("GRU", [seq, w, r], ["out"], name="gru", hidden_size=32))
+    return b.model([("input", [1, 1, 8, 16])], [("out", [16, 1, 1, 32])])
 
 
 def split_num_outputs() -> onnx.ModelProto:

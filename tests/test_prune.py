@@ -557,6 +557,22 @@ def test_target_macs_is_met_by_the_real_count(make, target):
     onnx.checker.check_model(out, full_check=True)
 
 
+def test_ratio_of_the_macs_counts_the_recurrent_layers_prune_leaves():
+    """A CRNN (convs into a GRU): "ratio 0.3" means 30 % of the whole model's MACs, the GRU's
+    included (a quarter here), though prune leaves the GRU and the channels feeding it as they are;
+    before the GRU was counted, the pruned share was of the conv MACs only."""
+    from onnxopt import stats
+    m = pm.crnn()
+    gru = 16 * 3 * 32 * (64 + 32)   # steps x gates * hidden x (input + hidden)
+    assert [r["macs"] for r in stats.layer_macs(m) if r["op"] == "GRU"] == [gru]
+    out, rec = _apply_defaults(m, ratio=0.3, round_to=1, keep_first_last=False)
+    kept = stats.total_macs(out) / stats.total_macs(m)
+    assert 0.6 < kept <= 0.7 + 1e-9, kept
+    assert [r["macs"] for r in stats.layer_macs(out) if r["op"] == "GRU"] == [gru]
+    assert rec.extra["macs"]["reduction"] == pytest.approx(1 - kept, abs=1e-3)
+    onnx.checker.check_model(out, full_check=True)
+
+
 def test_narrow_classes_round_to_a_smaller_multiple():
     """round_to=8 on a 16-channel class at 30 %: 12 kept (multiple of 4), not 8 (halved);
     round_narrow=false gives the old multiple of 8."""
