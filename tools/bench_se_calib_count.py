@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_peers as P  # noqa: E402
 
-import onnxopt.quant.recovery as recovery  # noqa: E402
 from onnxopt import manager, runtime  # noqa: E402
 from onnxopt.quant.recovery import fallback  # noqa: E402
 from onnxopt.registry import PassContext  # noqa: E402
@@ -79,8 +78,7 @@ def main(argv=None) -> int:
         res = json.loads(Path(args.markdown).read_text())
         print(markdown(res["rows"], res["fp32"]))
         return 0
-    # both names: the recovery package imported the constant for the bias correction's check
-    fallback.AGREEMENT_SAMPLES = recovery.AGREEMENT_SAMPLES = args.agreement_samples
+    fallback.AGREEMENT_SAMPLES = args.agreement_samples   # the fallback's check and the bias correction's
     model, cf, _, _ = P._trained("se", "se_digits", P.se_digits)
     xtr, _, xte, yte = P.digits_split()
     if not np.array_equal(np.concatenate([f["input"] for f in cf]), xtr[::P.SE_CALIB_EVERY][:len(cf)]):

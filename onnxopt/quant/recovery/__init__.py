@@ -28,9 +28,9 @@ from ...errors import DataError, OptionError
 from ...task_metric import Evaluator as TaskEvaluator
 from ..options import RecoveryOptions
 from ..view import Evaluator, QdqView, QuantInfo, sqnr_db
-from . import adaround, brecq
+from . import adaround, brecq, fallback
 from .bias import BIAS_SAMPLES, analytical_bias_correction, empirical_bias_correction
-from .fallback import AGREEMENT_SAMPLES, auto_fallback, fallback_budget
+from .fallback import auto_fallback, fallback_budget
 
 REFERENCE_SAMPLES = 16  # samples the start / end output errors are measured on
 
@@ -109,7 +109,9 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: Union[QuantInf
     held_in = None
     if bc != "none":
         if data is not None:
-            held_in = TaskEvaluator(QdqView(float_model, model, info).float_reference(), data, limit=AGREEMENT_SAMPLES)
+            # the fallback's own count, read here at call time: one constant for both checks
+            held_in = TaskEvaluator(QdqView(float_model, model, info).float_reference(), data,
+                                    limit=fallback.AGREEMENT_SAMPLES)
         model, report["bias_correction"] = _bias_correction(bc, float_model, model, info, data, n_samples, held_in, log)
     if fb == "auto":
         # an agreement budget is checked on the same samples; a max_error budget reads fewer, and
