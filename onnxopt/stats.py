@@ -113,10 +113,9 @@ def _recurrent_macs(node, shapes: dict) -> Optional[int]:
     hidden]); X is [seq, batch, input] or [batch, seq, input], either way seq * batch = X's size
     over its last axis. The gates' elementwise products are not counted, as for Conv's activation."""
     x = shapes.get(node.input[0])
-    w, r = (shapes.get(node.input[i]) if len(node.input) > i else None for i in (1, 2))
-    if not x or not x[-1] or _prod(x) is None:
-        return None
-    return _times(_prod(x) // x[-1], None if _prod(w) is None or _prod(r) is None else _prod(w) + _prod(r))
+    steps = _prod(x) // x[-1] if x and x[-1] and _prod(x) is not None else None
+    w, r = (_prod(shapes.get(node.input[i])) if len(node.input) > i else None for i in (1, 2))
+    return None if steps is None or w is None or r is None else steps * (w + r)
 
 
 def total_macs(model: ModelProto) -> int:
