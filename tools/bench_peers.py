@@ -441,7 +441,7 @@ def run_model(name, args, results):
     for peer, cfg, python, label in configs(args.skip_peers, args.skip_fixed, args.peers_root, extra):
         if wanted and label not in wanted and cfg not in wanted:
             continue
-        if "tidl" in cfg and name != "se":   # TIDL rows on the model built to show the fallback (time on this machine)
+        if "tidl" in cfg and name != "se" and cfg not in extra:   # TIDL rows on the model built to show the fallback (time on this machine), or asked for
             continue
         if "depthwise_per_channel" in cfg and name.startswith("resnet"):   # no depthwise conv: the default's model
             continue
