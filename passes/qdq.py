@@ -219,6 +219,17 @@ def _target_check(qmodel, target: str, strict: bool, ctx, warns: list) -> dict:
             "first": [v.to_dict() for v in bad[:10]]}
 
 
+def _still_quantized(qmodel, info) -> tuple:
+    """(layers, activation count) of ``info`` whose Q/DQ the written model still holds. ``info``
+    is what the quantizer wrote; fallback=auto then puts some units back in high precision, and
+    the summary line must count the model the user gets (it said "weights_quantized=50" of a model
+    with 44 of its 50 layers back in float)."""
+    dq_reads = {n.input[0] for n in qmodel.graph.node if n.op_type == "DequantizeLinear"}
+    nodes = {n.name for n in qmodel.graph.node}
+    return ([l for l in info.layers if l.weight_q in dq_reads],
+            sum(1 for a in info.activations if a["dq_node"] in nodes))
+
+
 def _float_recurrent_note(model) -> list:
     """One line when GRU/LSTM/RNN nodes stay float (no target here takes them as int8 Q/DQ: TensorRT
     and onnxruntime run recurrent layers in float), with their share of the MACs, so that nobody
@@ -270,11 +281,15 @@ def qdq(model, options: QdqOptions, ctx):
             warns.append(rep["fallback"]["warning"])
     extra["check"] = _target_check(qmodel, info.target, options.strict_check, ctx, warns)
     extra["info"] = info.to_dict()   # the report: plain JSON
-    changes = {"weights_quantized": len(info.layers), "activations_quantized": len(info.activations),
-               "int32_biases": sum(1 for l in info.layers if l.bias_is_int), "nodes_kept_float": len(info.excluded)}
-    details = [f"{l.node} ({l.op}): weight axis {l.axis}, bias {'int32' if l.bias_is_int else 'float'}" for l in info.layers]
+    layers, acts = _still_quantized(qmodel, info)
+    changes = {"weights_quantized": len(layers), "activations_quantized": acts,
+               "int32_biases": sum(1 for l in layers if l.bias_is_int), "nodes_kept_float": len(info.excluded)}
+    fb = (extra.get("recovery") or {}).get("fallback")
+    if fb:   # the units fallback=auto put back, in the precision the target runs them in
+        changes[f"units_kept_{fb['precision']}"] = len(fb["high_precision_layers"])
+    details = [f"{l.node} ({l.op}): weight axis {l.axis}, bias {'int32' if l.bias_is_int else 'float'}" for l in layers]
     skipped = list(info.skipped) + _float_recurrent_note(float_model)
-    if not changes["weights_quantized"] and not changes["activations_quantized"]:
+    if not info.layers and not info.activations:   # (not a fallback that kept every unit: it says so itself)
         skipped.append("nothing quantized: " + ("every quantizable node is kept in float (exclude_*, keep_first_last, op_types)"
                                                 if info.excluded else
                                                 "the model has no Conv/ConvTranspose/Gemm/MatMul with a constant float weight, "

@@ -115,3 +115,24 @@ def test_a_fallback_checked_on_fewer_samples_than_it_reads_says_so():
     capped = Evaluator(m, feeds, limit=AGREEMENT_SAMPLES, max_mb=0.01)
     assert capped.memory_capped and capped.samples < 128
     assert not Evaluator(m, feeds, limit=AGREEMENT_SAMPLES).memory_capped
+
+
+def test_the_summary_counts_what_the_fallback_left_quantized():
+    """The pass's summary line counts the written model: with units back in float it once said
+    "weights_quantized=50" of a model with 44 of those layers in float."""
+    m, feeds = se_models.mobilenetv3_se(bad_scale=1.0), se_models.image_like_inputs(128)
+    out, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "calib_method": "minmax", "max_agreement_loss": 4}},
+                                context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+    rec = report.passes[0]
+    fb, layers = rec.extra["recovery"]["fallback"], rec.extra["info"]["layers"]
+    kept = fb["high_precision_layers"]
+    kept_layers = [u for u in kept if not u.startswith("act:")]
+    assert kept_layers and rec.changes["units_kept_float"] == len(kept)
+    producer = {o: n for n in out.graph.node for o in n.output}
+    weighted = [n for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1]
+    q_weights = [n.name for n in weighted if getattr(producer.get(n.input[1]), "op_type", "") == "DequantizeLinear"]
+    assert rec.changes["weights_quantized"] == len(q_weights) == len(layers) - len(kept_layers)
+    assert not set(q_weights) & set(kept_layers) and len(rec.details) == len(q_weights)
+    act_dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"
+              and getattr(producer.get(n.input[0]), "op_type", "") == "QuantizeLinear"]
+    assert rec.changes["activations_quantized"] == len(act_dq) < len(rec.extra["info"]["activations"])
