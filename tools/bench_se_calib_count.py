@@ -2,7 +2,7 @@
 gives more of their data, and should the agreement budget be checked on all of it?
 
     nice python tools/bench_se_calib_count.py [--every 6,3,2,1] [--targets tidl,tensorrt,ort]
-        [--agreement-samples N] [--out results.json] [--markdown results.json]
+        [--agreement-samples N] [--held-out-calibration] [--out results.json] [--markdown results.json]
 
 The SE model of ``tools/bench_peers.py`` (``se``: HardSwish + squeeze-excite, depthwise channel
 ranges two decades apart, trained on scikit-learn's digits) calibrates on every 6th of its 1197
@@ -11,6 +11,10 @@ training images (200). Here the same model is quantized by the qdq pass with its
 measured on the 600 test images (onnxruntime with its default graph optimizations, as
 ``bench_peers.py`` measures): top-1, agreement with fp32,
 and the units the fallback keeps in high precision.
+
+``--held-out-calibration`` asks whether the 200-image miss comes from the count or from the kind of
+image: it calibrates on 200 of the test images (every 3rd, 3 folds), which the model never trained
+on, and evaluates on the other 400, beside the usual 200 training images on the same 400.
 
 ``--agreement-samples N`` sets how many calibration samples the fallback checks its agreement
 budget on (``fallback.AGREEMENT_SAMPLES``, 256 by default; the bias correction's check uses the
@@ -40,29 +44,47 @@ def predict(model, images: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: images[i:i + 1]})[0].argmax(1) for i in range(len(images))])
 
 
-def run(every: int, target: str, model, xtr: np.ndarray, xte: np.ndarray, yte: np.ndarray, ref: np.ndarray) -> dict:
-    calib = xtr[::every]
+def run(calib: np.ndarray, source: str, target: str, model, xte: np.ndarray, yte: np.ndarray, ref: np.ndarray) -> dict:
     feeds = [{"input": calib[i:i + 1]} for i in range(len(calib))]
-    shapes = {"input": [1, *xtr.shape[1:]]} if target.startswith("tidl") else None   # TIDL takes static shapes
+    shapes = {"input": [1, *calib.shape[1:]]} if target.startswith("tidl") else None   # TIDL takes static shapes
     ctx = PassContext(data=lambda: iter(feeds), progress=False, log=lambda m: None, input_shapes=shapes)
     out, report = manager.apply(model, ["qdq"], {"qdq": {"target": target}}, context=ctx, verify=False,
                                 summarize_layers=False)
     fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
     pred = predict(out, xte)
-    row = {"every": every, "calib": len(calib), "target": target, "agreement_samples": fallback.AGREEMENT_SAMPLES,
+    row = {"source": source, "calib": len(calib), "evaluated": len(xte), "target": target, "agreement_samples": fallback.AGREEMENT_SAMPLES,
            "checked_on": fb.get("samples"), "kept": len(fb.get("high_precision_layers", [])), "met": fb.get("met"),
            "top1": 100 * float(np.mean(pred == yte)), "agreement": 100 * float(np.mean(pred == ref))}
     P.log(json.dumps(row))
     return row
 
 
+def held_out_rows(model, xtr, xte, yte, ref, targets) -> list:
+    """Is the 200-image miss the count or the kind of image? Each fold calibrates on every 3rd test
+    image from an offset (200 the model never trained on) and evaluates on the other 400; the same
+    400 also evaluate the usual calibration on 200 training images."""
+    rows = []
+    for offset in range(3):
+        calib = np.zeros(len(xte), bool)
+        calib[offset::3] = True
+        ev = ~calib
+        fp32 = 100 * float(np.mean(ref[ev] == yte[ev]))
+        for t in targets:
+            for source, images in ((f"held-out (fold {offset})", xte[calib]), (f"training (fold {offset})", xtr[::P.SE_CALIB_EVERY])):
+                row = run(images, source, t, model, xte[ev], yte[ev], ref[ev])
+                rows.append({**row, "fp32": fp32})
+    return rows
+
+
 def markdown(rows: list, fp32: float) -> str:
-    lines = [f"fp32 top-1 {fp32:.2f} %", "",
+    lines = [f"fp32 top-1 {fp32:.2f} % on the 600 test images", "",
              "| calibration images | target | budget checked on | units kept | top-1 % (vs fp32, pt) | held-out agreement % |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['calib']} | {r['target']} | {r['checked_on']} | {r['kept']} | "
-                     f"{r['top1']:.2f} ({r['top1'] - fp32:+.2f}) | {r['agreement']:.2f} |")
+        f32 = r.get("fp32", fp32)   # the held-out calibration rows are evaluated on 400 images, fp32 given per fold
+        lines.append(f"| {r['calib']} {r.get('source', 'training')} | {r['target']} | {r['checked_on']} | {r['kept']} | "
+                     f"{r['top1']:.2f} ({r['top1'] - f32:+.2f}{'' if 'fp32' not in r else f'; fp32 {f32:.2f}'}) | "
+                     f"{r['agreement']:.2f} |")
     return "\n".join(lines)
 
 
@@ -73,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--agreement-samples", type=int, default=fallback.AGREEMENT_SAMPLES)
     ap.add_argument("--out", default=str(P.CACHE / "se_calib_count.json"))
     ap.add_argument("--markdown", help="print the table of this results file and exit")
+    ap.add_argument("--held-out-calibration", action="store_true",
+                    help="calibrate on 200 test images the model never trained on (3 folds of the 600) and, for "
+                         "comparison, on the usual 200 training images; both evaluated on the other 400")
     args = ap.parse_args(argv)
     if args.markdown:
         res = json.loads(Path(args.markdown).read_text())
@@ -85,7 +110,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"the cached SE model's calibration images ({P.CACHE}) are not this split's: remove the cache")
     ref = predict(model, xte)
     fp32 = 100 * float(np.mean(ref == yte))
-    rows = [run(int(e), t, model, xtr, xte, yte, ref) for e in args.every.split(",") for t in args.targets.split(",")]
+    targets = args.targets.split(",")
+    if args.held_out_calibration:
+        rows = held_out_rows(model, xtr, xte, yte, ref, targets)
+    else:
+        rows = [run(xtr[::int(e)], "training", t, model, xte, yte, ref) for e in args.every.split(",") for t in targets]
     Path(args.out).write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
     print(markdown(rows, fp32))
     return 0
