@@ -136,3 +136,15 @@ def test_the_summary_counts_what_the_fallback_left_quantized():
     act_dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"
               and getattr(producer.get(n.input[0]), "op_type", "") == "QuantizeLinear"]
     assert rec.changes["activations_quantized"] == len(act_dq) < len(rec.extra["info"]["activations"])
+
+
+def test_the_console_names_the_first_units_kept_and_counts_the_rest():
+    from onnxopt.quant.recovery.fallback import LISTED_UNITS, _named
+
+    assert _named([]) == ""
+    few = [f"conv{i}" for i in range(LISTED_UNITS)]
+    assert _named(few) == ": " + ", ".join(few)
+    many = [f"conv{i}" for i in range(LISTED_UNITS + 36)]
+    line = _named(many)
+    assert line.startswith(": " + ", ".join(many[:LISTED_UNITS]) + " and 36 more")
+    assert many[LISTED_UNITS] not in line and "high_precision_layers" in line

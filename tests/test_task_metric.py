@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -167,7 +168,10 @@ def test_default_fallback_meets_the_agreement_budget():
     info = report.passes[0].extra["info"]
     assert 0 < len(fb["high_precision_layers"]) < len(info["layers"]) + len(info["activations"])
     assert report.passes[0].extra["check"]["violations"] == 0
-    assert any(line.startswith(f"fallback: {len(fb['high_precision_layers'])} layer(s) kept") for line in logs)
+    line = next(l for l in logs if l.startswith("fallback: "))
+    kept, units = map(int, re.match(r"fallback: (\d+) of (\d+) unit\(s\) kept in float \(", line).groups())
+    assert kept == len(fb["high_precision_layers"]) < units <= len(info["layers"]) + len(info["activations"])
+    assert f"{100 * fb['high_precision_mac_share']:.0f} % of the MACs" in line
     # no "kept all" / "not reachable" warning; the one about a costly fallback exactly when it is costly
     assert not any("kept all" in line or "is not reachable" in line for line in logs)
     assert ("warning" in fb) == (fb["high_precision_mac_share"] > 0.5)

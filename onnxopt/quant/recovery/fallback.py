@@ -150,7 +150,8 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
                                      "note": "onnxruntime CPU, median of 15"}
     rep["seconds"] = round(time.perf_counter() - t0, 2)
     warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, ev.samples)
-    log(f"fallback: {len(chosen)} layer(s) kept in {precision}{': ' + ', '.join(chosen) if chosen else ''}; "
+    share = f" ({100 * rep['high_precision_mac_share']:.0f} % of the MACs)" if chosen else ""
+    log(f"fallback: {len(chosen)} of {n_layers} unit(s) kept in {precision}{share}{_named(chosen)}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; {ev.samples} samples)")
     if warning:
         rep["warning"] = warning
@@ -161,6 +162,18 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
             rep["coarse_check"] = coarse
             log(coarse)
     return out, rep
+
+
+LISTED_UNITS = 8   # the console names this many units kept; the report lists them all
+
+
+def _named(chosen: list) -> str:
+    """``: a, b, c`` for the console line, the first LISTED_UNITS of them (a W5 model kept 44)."""
+    if not chosen:
+        return ""
+    more = len(chosen) - LISTED_UNITS
+    return ": " + ", ".join(chosen[:LISTED_UNITS]) + (f" and {more} more (the report's recovery.fallback.high_precision_layers)"
+                                                      if more > 0 else "")
 
 
 def _coarse_check_note(samples: int, precision: str) -> Optional[str]:
