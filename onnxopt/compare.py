@@ -73,6 +73,9 @@ def model_info(source: ModelLike, per_layer: bool = False) -> dict:
         "ops": stats.op_histogram(model), "params": stats.param_count(model), **stats.mac_totals(layers),
         "metadata": {p.key: p.value for p in model.metadata_props},
     }
+    quant = stats.quantization(model, layers)
+    if quant:
+        info["quantization"] = quant
     if isinstance(source, ModelProto):
         info.update(size_bytes=model.ByteSize(), external_data_bytes=0)
     else:

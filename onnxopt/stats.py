@@ -118,6 +118,46 @@ def _recurrent_macs(node, shapes: dict) -> Optional[int]:
     return None if steps is None or w is None or r is None else steps * (w + r)
 
 
+INTEGER_LAYERS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+
+
+def quantization(model: ModelProto, layers: list) -> Optional[dict]:
+    """What a quantized model holds, for ``onnxopt info``: of the weighted layers (rows of
+    :func:`layer_macs` whose weight is a constant, directly or through a DequantizeLinear; not a
+    MatMul of two activations), those that read an integer weight, their share of the MACs and
+    weight types, and the activation Q/DQ pairs (a QuantizeLinear of a computed tensor). A
+    mixed-precision model (qdq's fallback) shows here what stayed in float. None for a model with
+    no QuantizeLinear / DequantizeLinear / integer kernel."""
+    nodes = model.graph.node
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") + INTEGER_LAYERS for n in nodes):
+        return None
+    consts = const_tensors(model)
+    dq_of_const = {n.output[0]: consts[n.input[0]] for n in nodes
+                   if n.op_type == "DequantizeLinear" and n.input[0] in consts}
+    by_output = {n.output[0]: n for n in nodes if n.output}
+    weighted, quantized, types = [], [], collections.Counter()
+    for r in layers:
+        node = by_output.get(r["output"])
+        w_index = 3 if r["op"].startswith("QLinear") else 1
+        if node is None or len(node.input) <= w_index:
+            continue
+        w = node.input[w_index]
+        stored = dq_of_const.get(w) or consts.get(w)
+        if stored is None:   # a product of two computed tensors (attention): no weight to quantize
+            continue
+        weighted.append(r)
+        if (w in dq_of_const and r["op"] not in RECURRENT_OPS) or r["op"] in INTEGER_LAYERS:   # (no target quantizes GRU/LSTM)
+            quantized.append(r)
+            types[onnx.helper.tensor_dtype_to_np_dtype(stored.data_type).name] += 1
+    total = sum(r["macs"] or 0 for r in weighted)
+    known = total and all(r["macs"] is not None for r in weighted)   # a share of unknown MACs would mislead
+    return {"weighted_layers": len(weighted), "quantized_layers": len(quantized),
+            "quantized_mac_share": round(sum(r["macs"] or 0 for r in quantized) / total, 4) if known else None,
+            "weight_types": dict(sorted(types.items())),
+            "activation_qdq": sum(1 for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] not in consts),
+            "dynamic_quantizers": sum(1 for n in nodes if n.op_type == "DynamicQuantizeLinear")}
+
+
 def total_macs(model: ModelProto) -> int:
     return mac_totals(layer_macs(model))["macs"]
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from fixtures import models
-from helpers import make_model, run
+from helpers import make_model, rand, run
 from onnxopt import compare_models, measure_latency, model_info
 from onnxopt.compare import check_gates, file_size_bytes, gate_failures
 from onnxopt.errors import DataError, GateFailure, OnnxoptError, OptionError
@@ -313,3 +313,27 @@ def test_compare_efficientnet_folded_vs_unfolded(shared):
     out = res["outputs"][0]
     assert out["max_abs"] <= 1e-3 and out["top1_agreement"] == 1.0 and out["cosine"] > 0.999999
     assert res["data"]["labels"] and res["passed"]
+
+
+def test_info_of_a_dynamically_quantized_model_counts_weighted_layers_only(tmp_path):
+    """onnxruntime's quantize_dynamic turns the weighted MatMul into MatMulInteger with a
+    DynamicQuantizeLinear; the product of two activations (attention's QK^T) has no weight and is
+    not a layer that stayed float."""
+    from onnxruntime import quantization
+
+    from onnxopt.cli.info import render_info
+
+    w = rand(16, 16, seed=1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["y"], name="scores")]
+    src = make_model(nodes, [("x", [1, 8, 16])], [("y", [1, 8, 8])], [("w", w)])
+    assert "quantization" not in model_info(src)
+    onnx.save(src, tmp_path / "f.onnx")
+    quantization.quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"))
+    info = model_info(tmp_path / "q.onnx")
+    q = info["quantization"]
+    assert (q["weighted_layers"], q["quantized_layers"], q["quantized_mac_share"]) == (1, 1, 1.0)
+    assert q["dynamic_quantizers"] >= 1 and q["activation_qdq"] == 0 and set(q["weight_types"]) <= {"int8", "uint8"}
+    line = next(l for l in render_info(info).splitlines() if l.startswith("quantized"))
+    assert "1 of 1 weighted layers (100 % of the MACs)" in line and "DynamicQuantizeLinear" in line and "float" not in line

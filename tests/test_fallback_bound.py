@@ -136,6 +136,15 @@ def test_the_summary_counts_what_the_fallback_left_quantized():
     act_dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"
               and getattr(producer.get(n.input[0]), "op_type", "") == "QuantizeLinear"]
     assert rec.changes["activations_quantized"] == len(act_dq) < len(rec.extra["info"]["activations"])
+    # `onnxopt info` of the written model tells the same story
+    from onnxopt import model_info
+    from onnxopt.cli.info import render_info
+
+    q = model_info(out)["quantization"]
+    assert q["quantized_layers"] == len(q_weights) and q["weighted_layers"] - q["quantized_layers"] == len(kept_layers)
+    assert q["activation_qdq"] == len(act_dq) and q["weight_types"] == {"int8": len(q_weights)}
+    assert 0 < q["quantized_mac_share"] < 1 and "quantization" not in model_info(m)
+    assert f"{len(q_weights)} of {q['weighted_layers']} weighted layers" in render_info(model_info(out))
 
 
 def test_the_console_names_the_first_units_kept_and_counts_the_rest():

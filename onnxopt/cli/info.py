@@ -51,6 +51,20 @@ def render_info(info: dict) -> str:
     if info["macs_unknown_layers"]:
         macs += f"; {info['macs_unknown_layers']} layer(s) with unknown shapes not counted"
     row("MACs", macs)
+    q = info.get("quantization")
+    if q:
+        text = f"{q['quantized_layers']} of {q['weighted_layers']} weighted layers"
+        if q["quantized_mac_share"] is not None:
+            text += f" ({100 * q['quantized_mac_share']:.0f} % of the MACs)"
+        if q["weight_types"]:
+            text += ", weights " + ", ".join(f"{t} {c}" for t, c in q["weight_types"].items())
+        text += f"; {q['activation_qdq']} activation Q/DQ"
+        if q["dynamic_quantizers"]:
+            text += f" and {q['dynamic_quantizers']} DynamicQuantizeLinear"
+        floats = q["weighted_layers"] - q["quantized_layers"]
+        if floats:
+            text += f"; {floats} layer(s) float"
+        row("quantized", text)
     ops = [f"{op} {count}" for op, count in sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0]))]
     for i in range(0, max(len(ops), 1), 6):  # six to a line
         row("ops" if i == 0 else "", ", ".join(ops[i:i + 6]) or "(none)")
@@ -81,7 +95,9 @@ Examples:
 @click.option("--layers", is_flag=True, help="Also list the MACs of every Conv/ConvTranspose/Gemm/MatMul layer.")
 def info_cmd(model, as_json, layers):
     """Show MODEL's inputs/outputs (shapes, dtypes), opsets, IR version, op histogram,
-    parameter count, MACs per sample and size on disk (external data included).
+    parameter count, MACs per sample and size on disk (external data included). For a
+    quantized model, also how many weighted layers read quantized weights (and their share of
+    the MACs), the activation Q/DQ pairs, and how many layers stayed float.
 
     MACs count Conv, ConvTranspose, Gemm and MatMul (and their integer/QLinear forms) from
     inferred shapes; a dynamic batch dimension counts as 1.
