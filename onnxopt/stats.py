@@ -142,7 +142,7 @@ def quantization(model: ModelProto, layers: list) -> Optional[dict]:
         if node is None or len(node.input) <= w_index:
             continue
         w = node.input[w_index]
-        stored = dq_of_const.get(w) or consts.get(w)
+        stored = dq_of_const[w] if w in dq_of_const else consts.get(w)
         if stored is None:   # a product of two computed tensors (attention): no weight to quantize
             continue
         weighted.append(r)
