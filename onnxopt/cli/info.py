@@ -92,15 +92,17 @@ Examples:
 """)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (exact counts).")
-@click.option("--layers", is_flag=True, help="Also list the MACs of every Conv/ConvTranspose/Gemm/MatMul layer.")
+@click.option("--layers", is_flag=True, help="Also list the MACs of every Conv/ConvTranspose/Gemm/MatMul and GRU/LSTM/RNN layer.")
 def info_cmd(model, as_json, layers):
     """Show MODEL's inputs/outputs (shapes, dtypes), opsets, IR version, op histogram,
     parameter count, MACs per sample and size on disk (external data included). For a
     quantized model, also how many weighted layers read quantized weights (and their share of
     the MACs), the activation Q/DQ pairs, and how many layers stayed float.
 
-    MACs count Conv, ConvTranspose, Gemm and MatMul (and their integer/QLinear forms) from
-    inferred shapes; a dynamic batch dimension counts as 1.
+    MACs count Conv, ConvTranspose, Gemm and MatMul (and their integer/QLinear forms) and
+    GRU/LSTM/RNN (every step's input and recurrent products) from inferred shapes; a dynamic
+    batch dimension counts as 1, and a layer whose shapes stay unknown (a dynamic sequence
+    length) is not counted, and says so.
     """
     info = model_info(model, per_layer=layers)
     if as_json:
