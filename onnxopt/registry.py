@@ -192,11 +192,14 @@ class PassResult:
 @dataclass
 class PassContext:
     """What the pass manager hands every pass besides the model and its options. ``data``: a callable
-    returning a fresh iterable of feed dicts, or None; ``require_verify``: an exact pass that cannot be
+    returning a fresh iterable of feed dicts, or None; ``check_data``: the same for the samples qdq's
+    fallback=auto checks its budget on instead of ``data`` (images the model never trained on, as a
+    validation split; None: the calibration data); ``require_verify``: an exact pass that cannot be
     verified is an error, not a pass written unverified."""
 
     data: Optional[Callable[[], Any]] = None
     data_spec: Optional[Any] = None
+    check_data: Optional[Callable[[], Any]] = None
     progress: bool = True
     input_shapes: Optional[dict] = None
     log: Callable[[str], None] = lambda msg: None

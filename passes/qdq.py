@@ -265,8 +265,13 @@ def qdq(model, options: QdqOptions, ctx):
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info
-    if get_target(info.target).static_shapes and data is not None:
-        data = to_static_batch(data, qmodel)  # recovery runs the static model too
+    check_data = ctx.check_data
+    if check_data is not None and options.recovery.fallback != "auto":
+        _tell(ctx, warns, f"qdq: the check data is read by fallback=auto only (qdq.fallback={options.recovery.fallback} "
+                          "here): it was not used")
+    if get_target(info.target).static_shapes:   # recovery runs the static model too
+        data = to_static_batch(data, qmodel) if data is not None else None
+        check_data = to_static_batch(check_data, qmodel) if check_data is not None else None
     if info.calib_cache:
         c = info.calib_cache
         ctx.log(f"calibration cache '{c['path']}': " + ("reused (model, data and settings match)" if c["state"] == "reused"
@@ -275,7 +280,8 @@ def qdq(model, options: QdqOptions, ctx):
     extra = {"target": info.target, "notes": info.notes, "groups": info.groups, "excluded": info.excluded, "warnings": warns,
              **({"requantized": requant[2]} if requant else {})}
     if options.recovery.requested:
-        qmodel, rep = recovery.recover(float_model, qmodel, info, options.recovery, data, ctx, options.calibration.calib_samples)
+        qmodel, rep = recovery.recover(float_model, qmodel, info, options.recovery, data, ctx, options.calibration.calib_samples,
+                                       check_data=check_data)
         extra["recovery"] = rep
         if (rep.get("fallback") or {}).get("warning"):
             warns.append(rep["fallback"]["warning"])

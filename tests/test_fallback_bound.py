@@ -1,10 +1,12 @@
 """fallback=auto's agreement budget on an upper confidence bound (qdq.agreement_confidence)."""
 from __future__ import annotations
 
+import json
 import math
 from statistics import NormalDist
 
 import numpy as np
+import onnx
 import pytest
 
 import se_models
@@ -157,3 +159,52 @@ def test_the_console_names_the_first_units_kept_and_counts_the_rest():
     line = _named(many)
     assert line.startswith(": " + ", ".join(many[:LISTED_UNITS]) + " and 36 more")
     assert many[LISTED_UNITS] not in line and "high_precision_layers" in line
+
+
+def test_the_fallback_checks_its_budget_on_the_check_data_when_given(tmp_path, capsys):
+    """--check-data (``PassContext.check_data``): the budget is ranked and checked on those samples
+    (images the model never trained on), not on the calibration data; the console and the report
+    say which. With fallback=none the check data is unused, and the pass says so."""
+    from click.testing import CliRunner
+
+    from onnxopt.cli import cli, main
+
+    m = se_models.mobilenetv3_se(bad_scale=1.0)
+    calib, check = se_models.image_like_inputs(128, seed=1), se_models.image_like_inputs(96, seed=7)
+    logs = []
+    opts = {"qdq": {"target": "tensorrt", "calib_method": "minmax", "max_agreement_loss": 4}}
+    _, report = manager.apply(m, "qdq", opts, context=PassContext(data=lambda: iter(calib), check_data=lambda: iter(check),
+                                                                  progress=False, log=logs.append), summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    assert fb["checked_on"] == "check data" and fb["samples"] == 96 and fb["high_precision_layers"]
+    assert any(l.startswith("fallback: ") and "96 samples of the check data" in l for l in logs)
+    assert "96 samples of the check data" in fb["coarse_check"] and "training images" not in fb["coarse_check"]
+    _, report = manager.apply(m, "qdq", opts, context=PassContext(data=lambda: iter(calib), progress=False),
+                              summarize_layers=False)
+    assert report.passes[0].extra["recovery"]["fallback"]["checked_on"] == "calibration data"
+    logs.clear()
+    manager.apply(m, "qdq", {"qdq": {**opts["qdq"], "fallback": "none"}},
+                  context=PassContext(data=lambda: iter(calib), check_data=lambda: iter(check), progress=False, log=logs.append),
+                  summarize_layers=False)
+    assert any("check data is read by fallback=auto only" in l for l in logs)
+
+    # the CLI: --check-data beside --calib-data, read with the same preprocessing
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    np.savez(tmp_path / "c.npz", input=np.concatenate([f["input"] for f in calib]))
+    np.savez(tmp_path / "k.npz", input=np.concatenate([f["input"] for f in check]))
+    args = ["apply", "qdq", str(src), "-o", str(tmp_path / "q.onnx"), "--calib-data", str(tmp_path / "c.npz"),
+            "--check-data", str(tmp_path / "k.npz"), "--target", "tensorrt", "--set", "qdq.calib_method=minmax",
+            "--set", "qdq.max_agreement_loss=4", "--report", str(tmp_path / "r.json")]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["passes"][0]["extra"]["recovery"]["fallback"]["checked_on"] == "check data"
+    for bad, words in ((["apply", "cleanup", str(src), "-o", str(tmp_path / "c.onnx"), "--calib-data", str(tmp_path / "c.npz"),
+                         "--check-data", str(tmp_path / "k.npz")], "qdq pass only"),
+                       (["apply", "qdq", str(src), "-o", str(tmp_path / "d.onnx"), "--check-data", str(tmp_path / "k.npz")],
+                        "needs --calib-data")):
+        with pytest.raises(SystemExit) as err:
+            main(bad)
+        assert err.value.code != 0 and words in capsys.readouterr().err
+    assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "d.onnx").exists()

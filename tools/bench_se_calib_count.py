@@ -14,7 +14,9 @@ and the units the fallback keeps in high precision.
 
 ``--held-out-calibration`` asks whether the 200-image miss comes from the count or from the kind of
 image: it calibrates on 200 of the test images (every 3rd, 3 folds), which the model never trained
-on, and evaluates on the other 400, beside the usual 200 training images on the same 400.
+on, and evaluates on the other 400, beside the usual 200 training images on the same 400, and
+beside the training images with those 200 test images as the fallback's check data
+(``--check-data``).
 
 ``--agreement-samples N`` sets how many calibration samples the fallback checks its agreement
 budget on (``fallback.AGREEMENT_SAMPLES``, 256 by default; the bias correction's check uses the
@@ -44,10 +46,13 @@ def predict(model, images: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: images[i:i + 1]})[0].argmax(1) for i in range(len(images))])
 
 
-def run(calib: np.ndarray, source: str, target: str, model, xte: np.ndarray, yte: np.ndarray, ref: np.ndarray) -> dict:
+def run(calib: np.ndarray, source: str, target: str, model, xte: np.ndarray, yte: np.ndarray, ref: np.ndarray,
+        check: np.ndarray = None) -> dict:
     feeds = [{"input": calib[i:i + 1]} for i in range(len(calib))]
+    check_feeds = None if check is None else [{"input": check[i:i + 1]} for i in range(len(check))]
     shapes = {"input": [1, *calib.shape[1:]]} if target.startswith("tidl") else None   # TIDL takes static shapes
-    ctx = PassContext(data=lambda: iter(feeds), progress=False, log=lambda m: None, input_shapes=shapes)
+    ctx = PassContext(data=lambda: iter(feeds), progress=False, log=lambda m: None, input_shapes=shapes,
+                      check_data=None if check is None else (lambda: iter(check_feeds)))
     out, report = manager.apply(model, ["qdq"], {"qdq": {"target": target}}, context=ctx, verify=False,
                                 summarize_layers=False)
     fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
@@ -70,8 +75,11 @@ def held_out_rows(model, xtr, xte, yte, ref, targets) -> list:
         ev = ~calib
         fp32 = 100 * float(np.mean(ref[ev] == yte[ev]))
         for t in targets:
-            for source, images in ((f"held-out (fold {offset})", xte[calib]), (f"training (fold {offset})", xtr[::P.SE_CALIB_EVERY])):
-                row = run(images, source, t, model, xte[ev], yte[ev], ref[ev])
+            train = xtr[::P.SE_CALIB_EVERY]
+            for source, images, check in ((f"held-out (fold {offset})", xte[calib], None),
+                                          (f"training (fold {offset})", train, None),
+                                          (f"training, --check-data held-out (fold {offset})", train, xte[calib])):
+                row = run(images, source, t, model, xte[ev], yte[ev], ref[ev], check)
                 rows.append({**row, "fp32": fp32})
     return rows
 

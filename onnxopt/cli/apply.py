@@ -38,6 +38,8 @@ Examples:
   onnxopt apply bnfuse model.onnx -o out.onnx --set bnfuse.standalone=conv --report report.json
   onnxopt apply lite,bnfuse,qdq model.onnx --calib-data images/ --preprocess imagenet --target tensorrt
       (writes model.lite-bnfuse-qdq.onnx beside model.onnx)
+  onnxopt apply qdq model.onnx --calib-data train/ --check-data val/ --preprocess imagenet --target tidl
+      (calibrates on train/, checks the fallback's accuracy budget on val/)
   onnxopt apply --recipe recipe.yaml model.onnx -o out.onnx
 """)
 @click.argument("passes", required=False)
@@ -55,12 +57,17 @@ Examples:
 @click.option("--save-steps", type=click.Path(file_okay=False), help="Write the model after each pass into this folder (for Netron).")
 @click.option("--data", "--calib-data", "data", metavar="PATH", help="Data for verification and calibration: .npy, .npz, image folder, file.py:function, or 'random'.")
 @click.option("--calib-samples", type=int, default=None, help="Use at most this many samples of --calib-data.")
+@click.option("--check-data", metavar="PATH", help="qdq: the samples fallback=auto checks its accuracy budget on, instead of "
+              "--calib-data (same formats and preprocessing). Give images the model never trained on (a validation "
+              "split): on training images the model is too sure of itself for the check to see the disagreements "
+              "new images will have.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Batch size when running data through the model.")
 @shortcut_options
 @image_options
 @input_shape_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def apply_cmd(passes, model, output, force, set_options, recipe, verify, require_verify, report_path, save_steps, data, calib_samples, batch_size, input_shapes, quiet, **kwargs):
+def apply_cmd(passes, model, output, force, set_options, recipe, verify, require_verify, report_path, save_steps, data, calib_samples,
+              check_data, batch_size, input_shapes, quiet, **kwargs):
     """Apply PASSES (comma-separated, in order) to MODEL and write the result to -o
     (default: beside MODEL as STEM.PASSES.onnx, e.g. model.lite-bnfuse-qdq.onnx).
 
@@ -105,6 +112,14 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
         if not all(all_passes()[n].exact for n in names):  # minutes of calibration/pruning ahead: look at the data first
             for warning in sanity.check_outputs(source, ctx.data):
                 click.echo(f"WARNING: {warning}", err=True)
+    if check_data:
+        if "qdq" not in names:
+            raise OptionError("--check-data is read by the qdq pass only, and the chain has none.",
+                              "drop --check-data, or add qdq to the passes")
+        if not data:
+            raise OptionError("--check-data needs --calib-data: qdq calibrates on that, and checks its fallback on this.",
+                              "give --calib-data too")
+        ctx.check_data = open_cli_data(check_data, image, source, shapes, log=log, batch_size=batch_size)
     result, report = manager.apply(source, names, options, verify=verify, context=ctx, save_steps=save_steps)
     report.source = str(model)
     if ctx.data is not None and ctx.data.preprocessing is not None:

@@ -79,12 +79,14 @@ def _bias_correction(bc: str, float_model, model, info, data, n_samples, held_in
 
 
 def recover(float_model: ModelProto, qdq_model: ModelProto, info: Union[QuantInfo, dict], options: RecoveryOptions,
-            data, ctx, calib_samples: int = 0) -> tuple:
+            data, ctx, calib_samples: int = 0, check_data=None) -> tuple:
     """Apply the PTQ recovery steps ``options`` ask for; returns (model, report dict). ``info``:
     the quantization's :class:`QuantInfo`, or the pass report's ``info`` dict.
     ``options`` may be given as ``{option: value}``: only the steps and budgets named there apply
     (converted and validated as qdq's options; unlike the pass, whose defaults run fallback=auto
-    with an agreement budget). ``calib_samples`` (0 = unset) caps the samples the data-driven steps read."""
+    with an agreement budget). ``calib_samples`` (0 = unset) caps the samples the data-driven steps read.
+    ``check_data`` (a callable like ``data``): fallback=auto ranks and checks its budget on it instead
+    of the calibration data."""
     if isinstance(options, dict):
         options = RecoveryOptions.build("qdq", {"fallback": "none", "bias_correction": "none", "max_agreement_loss": -1, **options})
     log = getattr(ctx, "log", None) or (lambda msg: None)
@@ -116,9 +118,10 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: Union[QuantInf
     if fb == "auto":
         # an agreement budget is checked on the same samples; a max_error budget reads fewer, and
         # the check's feeds and reference outputs are dropped before the fallback reads its own
-        shared = held_in if math.isfinite(budget.max_agreement_loss) else None
+        shared = held_in if math.isfinite(budget.max_agreement_loss) and check_data is None else None
         held_in = None
-        model, report["fallback"] = auto_fallback(float_model, model, info, data, budget, precision, log, evaluator=shared)
+        model, report["fallback"] = auto_fallback(float_model, model, info, data if check_data is None else check_data, budget,
+                                                  precision, log, evaluator=shared, own_data=check_data is not None)
     if ev is not None:
         report["rel_error_end"] = ev.error(model)
         report["sqnr_db_start"] = round(sqnr_db(report["rel_error_start"]), 3)

@@ -88,14 +88,15 @@ def fewest(task, n: int, budget) -> Optional[int]:
 
 
 def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, measure_latency: bool = True,
-                  evaluator: Optional[TaskEvaluator] = None) -> tuple:
+                  evaluator: Optional[TaskEvaluator] = None, own_data: bool = False) -> tuple:
     """Keep the fewest most-sensitive units in ``precision`` so that ``budget`` (a
     :class:`onnxopt.task_metric.Budget`, or a float: a relative-error budget) holds on the
     calibration data (see the module doc). Units are ranked on the first ``FALLBACK_SAMPLES``
     samples; the budget is checked on ``AGREEMENT_SAMPLES`` when it limits top-1 agreement (one
     point needs ~100 samples to be seen at all), else on ``FALLBACK_SAMPLES``. ``evaluator``: the
     float model's :class:`~onnxopt.task_metric.Evaluator` on the calibration data when the caller
-    already holds one (the bias correction's check)."""
+    already holds one (the bias correction's check). ``own_data``: ``data`` is the user's check data
+    (``--check-data``), not the calibration data; the console and the report say so."""
     if not isinstance(budget, Budget):
         budget = Budget(max_agreement_loss=math.inf, max_rel_error=float(budget))
     target = QuantInfo.of(info).target
@@ -133,7 +134,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
            "sqnr_db_before": round(sqnr_db(full.rel_error), 3), "sqnr_db_after": round(sqnr_db(after.rel_error), 3),
            "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache) + (n_layers if order else 0),
            "high_precision_mac_share": _mac_share(qmodel, view, chosen),
-           "samples": ev.samples}
+           "samples": ev.samples, "checked_on": "check data" if own_data else "calibration data"}
     if uses_agreement and not full.classifier:
         rep["note"] = ("no classifier-shaped output ([N, C]): the agreement budget does not apply; "
                        "set qdq.max_error (relative error of the outputs' logits) for a budget on these outputs")
@@ -152,12 +153,13 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, ev.samples)
     share = f" ({100 * rep['high_precision_mac_share']:.0f} % of the MACs)" if chosen else ""
     log(f"fallback: {len(chosen)} of {n_layers} unit(s) kept in {precision}{share}{_named(chosen)}; "
-        f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; {ev.samples} samples)")
+        f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; "
+        f"{ev.samples} samples{' of the check data' if own_data else ''})")
     if warning:
         rep["warning"] = warning
         log(warning)
     elif chosen and met and uses_agreement and full.classifier and not ev.memory_capped:
-        coarse = _coarse_check_note(ev.samples, precision)
+        coarse = _coarse_check_note(ev.samples, precision, own_data)
         if coarse:
             rep["coarse_check"] = coarse
             log(coarse)
@@ -176,7 +178,7 @@ def _named(chosen: list) -> str:
                                                       if more > 0 else "")
 
 
-def _coarse_check_note(samples: int, precision: str) -> Optional[str]:
+def _coarse_check_note(samples: int, precision: str, own_data: bool = False) -> Optional[str]:
     """One line when the agreement budget was checked on fewer samples than the check reads (the
     user gave fewer): at 0.84 confidence a 1-point budget allows no disagreement on up to 259
     samples, so the fewer samples, the fewer inputs near a decision boundary the check can see
@@ -185,9 +187,13 @@ def _coarse_check_note(samples: int, precision: str) -> Optional[str]:
     caller leaves out a check its memory cap stopped early: more samples would not reach it)."""
     if samples >= AGREEMENT_SAMPLES:
         return None
+    if own_data:
+        return (f"note: fallback=auto checked its budget on {samples} samples of the check data (it reads up to "
+                f"{AGREEMENT_SAMPLES}); with few samples the layers kept in {precision} hold the budget less surely on "
+                f"new data: give {AGREEMENT_SAMPLES}+ check samples")
     return (f"note: fallback=auto checked its budget on {samples} calibration samples (it reads up to {AGREEMENT_SAMPLES}); "
             f"with few samples the layers kept in {precision} hold the budget less surely on new data: give "
-            f"{AGREEMENT_SAMPLES}+ samples, not only training images")
+            f"{AGREEMENT_SAMPLES}+ samples, not only training images (or --check-data: images the model never trained on)")
 
 
 def activation_units(view: QdqView) -> dict:
