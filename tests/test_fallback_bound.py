@@ -84,7 +84,8 @@ def test_a_fallback_that_keeps_most_of_the_macs_says_so_and_how_to_avoid_it():
     assert _fallback_warning(True, 5, 33, 0.3, budget, "float", 204) is None
     line = _fallback_warning(True, 18, 24, 0.8, budget, "fp16", 204)
     assert line.startswith("WARNING") and "18 of 24" in line and "80 %" in line and "checked on 204" in line
-    assert "qdq.fallback=none" in line and "max_agreement_loss" in line
+    assert "qdq.fallback=none" in line and "max_agreement_loss" in line and "more calibration samples" in line
+    assert "more --check-data samples" in _fallback_warning(True, 18, 24, 0.8, budget, "fp16", 96, own_data=True)
     assert "max_error" in _fallback_warning(True, 18, 24, 0.8, Budget(max_agreement_loss=math.inf, max_rel_error=0.01), "float", 32)
 
 

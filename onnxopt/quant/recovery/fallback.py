@@ -150,7 +150,8 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
                                      "with_fallback": _latency_ms(out, ev.feeds[0]),
                                      "note": "onnxruntime CPU, median of 15"}
     rep["seconds"] = round(time.perf_counter() - t0, 2)
-    warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, ev.samples)
+    warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, ev.samples,
+                                own_data)
     share = f" ({100 * rep['high_precision_mac_share']:.0f} % of the MACs)" if chosen else ""
     log(f"fallback: {len(chosen)} of {n_layers} unit(s) kept in {precision}{share}{_named(chosen)}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; "
@@ -228,13 +229,15 @@ def _mac_share(qmodel, view: QdqView, chosen: list) -> float:
 COSTLY_MAC_SHARE = 0.5   # more than half the quantized MACs back in high precision: say so
 
 
-def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget, precision: str, samples: int):
+def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget, precision: str, samples: int,
+                      own_data: bool = False):
     """One line when the fallback does not give the quantized model asked for: the budget cannot
     be met or leaves nothing quantized (e.g. W4A4, where every layer alone costs more than a
     point), or it is met only with most of the MACs in high precision. On a few hundred
     calibration samples an agreement budget of 1 point leaves no disagreement at all (see
     :func:`onnxopt.task_metric.agreement_bound`), and a sample near a decision boundary can then
-    take many layers with it; more calibration samples resolve the budget more finely."""
+    take many layers with it; more samples resolve the budget more finely (``own_data``: the
+    samples are the user's check data, and the hint names that option)."""
     if not met or (kept == units and units):
         what = "is not reachable" if not met else f"kept all {units} unit(s) in {precision}"
         return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
@@ -242,7 +245,8 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
                 "(qdq.max_error)")
     if mac_share <= COSTLY_MAC_SHARE:
         return None
-    hint = (f"more calibration samples (the budget is checked on {samples}; on a few hundred a 1-point budget "
+    which = "--check-data samples" if own_data else "calibration samples"
+    hint = (f"more {which} (the budget is checked on {samples}; on a few hundred a 1-point budget "
             "allows no disagreement), a larger qdq.max_agreement_loss, or " if math.isfinite(budget.max_agreement_loss)
             else "a larger qdq.max_error, or ")
     return (f"WARNING: fallback=auto: the budget ({budget.describe()}) keeps {kept} of {units} unit(s), "
