@@ -214,6 +214,11 @@ def test_data_the_model_cannot_read_is_named_before_the_passes_run(tmp_path):
     np.savez(tmp_path / "ok.npz", x=(0.1 * rng.standard_normal((16, 8))).astype(np.float32))
     r = invoke("apply", "lite", model, "--calib-data", tmp_path / "ok.npz", "-o", tmp_path / "c.onnx")
     assert r.exit_code == 0 and "bounded activation" not in r.output and "same for all" not in r.output, r.output
+    # --check-data is looked at the same way, and the warning names it
+    r = invoke("apply", "qdq", model, "--calib-data", tmp_path / "ok.npz", "--check-data", tmp_path / "big.npz",
+               "--target", "ort", "-o", tmp_path / "d.onnx")
+    assert r.exit_code == 0, r.output
+    assert [l for l in r.output.splitlines() if "first bounded activation" in l][0].startswith("WARNING: --check-data: ")
 
 
 # ------------------------------------------------------------------------ the target's own check

@@ -105,21 +105,22 @@ def apply_cmd(passes, model, output, force, set_options, recipe, verify, require
     source = model_io.load_model(model)
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     ctx = PassContext(progress=not quiet, input_shapes=shapes, log=log, require_verify=require_verify)
+    if check_data and "qdq" not in names:   # before any data is read
+        raise OptionError("--check-data is read by the qdq pass only, and the chain has none.",
+                          "drop --check-data, or add qdq to the passes")
+    if check_data and not data:
+        raise OptionError("--check-data needs --calib-data: qdq calibrates on that, and checks its fallback on this.",
+                          "give --calib-data too")
     if data:
         # bad data (shape, dtype, NaN, no preprocessing) fails now, not only if a pass happens to read it
         ctx.data = open_cli_data(data, image, source, shapes, log=log, batch_size=batch_size, max_samples=calib_samples)
         ctx.data_spec = ctx.data.spec
+        if check_data:
+            ctx.check_data = open_cli_data(check_data, image, source, shapes, log=log, batch_size=batch_size)
         if not all(all_passes()[n].exact for n in names):  # minutes of calibration/pruning ahead: look at the data first
-            for warning in sanity.check_outputs(source, ctx.data):
-                click.echo(f"WARNING: {warning}", err=True)
-    if check_data:
-        if "qdq" not in names:
-            raise OptionError("--check-data is read by the qdq pass only, and the chain has none.",
-                              "drop --check-data, or add qdq to the passes")
-        if not data:
-            raise OptionError("--check-data needs --calib-data: qdq calibrates on that, and checks its fallback on this.",
-                              "give --calib-data too")
-        ctx.check_data = open_cli_data(check_data, image, source, shapes, log=log, batch_size=batch_size)
+            for prefix, read in (("", ctx.data), ("--check-data: ", ctx.check_data)):
+                for warning in sanity.check_outputs(source, read) if read is not None else ():
+                    click.echo(f"WARNING: {prefix}{warning}", err=True)
     result, report = manager.apply(source, names, options, verify=verify, context=ctx, save_steps=save_steps)
     report.source = str(model)
     if ctx.data is not None and ctx.data.preprocessing is not None:
