@@ -209,3 +209,37 @@ def test_the_fallback_checks_its_budget_on_the_check_data_when_given(tmp_path, c
             main(bad)
         assert err.value.code != 0 and words in capsys.readouterr().err
     assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "d.onnx").exists()
+
+
+def test_an_ort_output_no_faster_than_the_float_model_says_so(monkeypatch):
+    """Each unit kept in float ends the int8 kernels before it and restarts them after it, so on
+    EfficientNet-Lite0 a fallback of 44 units ran at 1.25x the float model's latency: on --target ort
+    the warning says when the output runs no faster than the float model. The latency is stubbed
+    (float 1 ms, anything with Q/DQ 2 ms) so the test does not depend on this machine's timing."""
+    from onnxopt.quant.recovery import fallback
+    from onnxopt.quant.recovery.fallback import _fallback_warning, _slower_than_float
+    from onnxopt.task_metric import Budget
+
+    assert _slower_than_float({"float": 2.0, "all_quantized": 1.0, "with_fallback": 1.5}) is None
+    clause = _slower_than_float({"float": 2.0, "all_quantized": 1.0, "with_fallback": 2.5})
+    assert "no faster than the float model" in clause and "2.5 ms against 2 ms" in clause and "1 ms" in clause
+    budget = Budget(max_agreement_loss=1.0, max_rel_error=0.0, confidence=0.84)
+    line = _fallback_warning(True, 5, 33, 0.3, budget, "float", 204, slower=clause)   # few MACs, but slower
+    assert line.startswith("WARNING") and clause in line and "for a faster, more quantized model" in line
+    assert "qdq.fallback=none" in line
+
+    def stub(model, feed, runs=15):
+        return 2.0 if any(n.op_type == "QuantizeLinear" for n in model.graph.node) else 1.0
+
+    monkeypatch.setattr(fallback, "_latency_ms", stub)
+    m, feeds = se_models.mobilenetv3_se(bad_scale=1.0), se_models.image_like_inputs(128)
+    for target, warns in (("ort", True), ("tensorrt", False)):   # only ort's latency is onnxruntime's on a CPU
+        logs = []
+        _, report = manager.apply(m, "qdq", {"qdq": {"target": target, "calib_method": "minmax", "max_agreement_loss": 4}},
+                                  context=PassContext(data=lambda: iter(feeds), progress=False, log=logs.append),
+                                  summarize_layers=False)
+        fb = report.passes[0].extra["recovery"]["fallback"]
+        assert 0 < len(fb["high_precision_layers"]) and fb["high_precision_mac_share"] < 0.5
+        assert fb["latency_ms_ort_cpu"]["float"] == 1.0 and fb["latency_ms_ort_cpu"]["with_fallback"] == 2.0
+        assert ("no faster than the float model" in fb.get("warning", "")) is warns
+        assert any("no faster than the float model" in line for line in logs) is warns

@@ -17,7 +17,8 @@ decides it). With ``fallback_precision=int16`` on TIDL the layers are left float
 (TIDL reads pre-quantized models as 8-bit only) and reported as TIDL's ``params_16bit_names_list``
 / ``output_feature_16bit_names_list`` import options; other targets have no 16-bit QDQ path here
 (TensorRT has no int16) and refuse it. The report lists the layers kept in high precision, their
-share of MACs, and onnxruntime CPU latency before/after.
+share of MACs, and onnxruntime CPU latency of the float model, all int8 and the output; on
+``--target ort`` the warning says when the output runs no faster than the float model.
 """
 from __future__ import annotations
 
@@ -146,12 +147,17 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         rep["tidl_options"] = {"advanced_options:params_16bit_names_list": names,
                                "advanced_options:output_feature_16bit_names_list": names}
     if measure_latency:
-        rep["latency_ms_ort_cpu"] = {"all_quantized": _latency_ms(qmodel, ev.feeds[0]),
+        # the float function in the quantized graph (the user's float graph may not load as it is:
+        # duplicate node names, which the quantizer renamed)
+        rep["latency_ms_ort_cpu"] = {"float": _latency_ms(view.float_reference(), ev.feeds[0]),
+                                     "all_quantized": _latency_ms(qmodel, ev.feeds[0]),
                                      "with_fallback": _latency_ms(out, ev.feeds[0]),
                                      "note": "onnxruntime CPU, median of 15"}
     rep["seconds"] = round(time.perf_counter() - t0, 2)
+    slower = (_slower_than_float(rep["latency_ms_ort_cpu"])
+              if measure_latency and target == "ort" and met and 0 < len(chosen) < n_layers else None)
     warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, ev.samples,
-                                own_data)
+                                own_data, slower)
     share = f" ({100 * rep['high_precision_mac_share']:.0f} % of the MACs)" if chosen else ""
     log(f"fallback: {len(chosen)} of {n_layers} unit(s) kept in {precision}{share}{_named(chosen)}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; "
@@ -229,11 +235,25 @@ def _mac_share(qmodel, view: QdqView, chosen: list) -> float:
 COSTLY_MAC_SHARE = 0.5   # more than half the quantized MACs back in high precision: say so
 
 
+def _slower_than_float(latency: dict) -> Optional[str]:
+    """The clause for the fallback's warning when the output of ``--target ort`` runs no faster than
+    the float model on this CPU (``latency``: the report's ``latency_ms_ort_cpu``), else None. Each
+    unit in float ends its int8 kernels with a DequantizeLinear and starts the next with a
+    QuantizeLinear, so on EfficientNet-Lite0 44 of 61 units in float ran at 1.25x the float model's
+    latency, against 0.41x for all int8 (docs/benchmarks.md). Only the ort target's latency is
+    onnxruntime's on a CPU; TensorRT and TIDL run their own kernels."""
+    if latency["with_fallback"] < latency["float"]:
+        return None
+    return (f"it runs no faster than the float model on this CPU (onnxruntime: {latency['with_fallback']:g} ms against "
+            f"{latency['float']:g} ms; every unit int8: {latency['all_quantized']:g} ms)")
+
+
 def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget, precision: str, samples: int,
-                      own_data: bool = False):
+                      own_data: bool = False, slower: Optional[str] = None):
     """One line when the fallback does not give the quantized model asked for: the budget cannot
     be met or leaves nothing quantized (e.g. W4A4, where every layer alone costs more than a
-    point), or it is met only with most of the MACs in high precision. On a few hundred
+    point), it is met only with most of the MACs in high precision, or (``slower``, the clause of
+    :func:`_slower_than_float`) the output of ``--target ort`` runs no faster than the float model. On a few hundred
     calibration samples an agreement budget of 1 point leaves no disagreement at all (see
     :func:`onnxopt.task_metric.agreement_bound`), and a sample near a decision boundary can then
     take many layers with it; more samples resolve the budget more finely (``own_data``: the
@@ -243,12 +263,12 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
         return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
                 "asked for; use --set qdq.fallback=none to quantize every layer, or a larger qdq.max_agreement_loss "
                 "(qdq.max_error)")
-    if mac_share <= COSTLY_MAC_SHARE:
+    if mac_share <= COSTLY_MAC_SHARE and not slower:
         return None
     which = "--check-data samples" if own_data else "calibration samples"
     hint = (f"more {which} (the budget is checked on {samples}; on a few hundred a 1-point budget "
             "allows no disagreement), a larger qdq.max_agreement_loss, or " if math.isfinite(budget.max_agreement_loss)
             else "a larger qdq.max_error, or ")
     return (f"WARNING: fallback=auto: the budget ({budget.describe()}) keeps {kept} of {units} unit(s), "
-            f"{100 * mac_share:.0f} % of the MACs, in {precision}; for a more quantized model give {hint}"
-            "--set qdq.fallback=none")
+            f"{100 * mac_share:.0f} % of the MACs, in {precision}{', and ' + slower if slower else ''}; "
+            f"for a {'faster, ' if slower else ''}more quantized model give {hint}--set qdq.fallback=none")
