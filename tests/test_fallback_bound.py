@@ -213,7 +213,7 @@ def test_the_fallback_checks_its_budget_on_the_check_data_when_given(tmp_path, c
 
 def test_an_ort_output_no_faster_than_the_float_model_says_so(monkeypatch):
     """Each unit kept in float ends the int8 kernels before it and restarts them after it, so on
-    EfficientNet-Lite0 a fallback of 44 units ran at 1.25x the float model's latency: on --target ort
+    EfficientNet-Lite0 a fallback of 44 units ran at 1.28x the float model's latency: on --target ort
     the warning says when the output runs no faster than the float model. The latency is stubbed
     (float 1 ms, anything with Q/DQ 2 ms) so the test does not depend on this machine's timing."""
     from onnxopt.quant.recovery import fallback
