@@ -83,10 +83,25 @@ def test_a_fallback_that_keeps_most_of_the_macs_says_so_and_how_to_avoid_it():
     budget = Budget(max_agreement_loss=1.0, max_rel_error=0.0, confidence=0.84)
     assert _fallback_warning(True, 5, 33, 0.3, budget, "float", 204) is None
     line = _fallback_warning(True, 18, 24, 0.8, budget, "fp16", 204)
-    assert line.startswith("WARNING") and "18 of 24" in line and "80 %" in line and "checked on 204" in line
-    assert "qdq.fallback=none" in line and "max_agreement_loss" in line and "more calibration samples" in line
-    assert "more --check-data samples" in _fallback_warning(True, 18, 24, 0.8, budget, "fp16", 96, own_data=True)
-    assert "max_error" in _fallback_warning(True, 18, 24, 0.8, Budget(max_agreement_loss=math.inf, max_rel_error=0.01), "float", 32)
+    assert line.startswith("WARNING") and "18 of 24" in line and "80 %" in line and "qdq.fallback=none" in line
+    # what loosens the budget, with the disagreements each allows on these samples (the Wilson
+    # bound: 2 of 204 at 2 points, none at 1; the count itself at 0.5: 2 of 204 are within 1 point);
+    # not more samples: the check reads at most 256, where 1 point at 0.84 still allows none
+    assert "qdq.max_agreement_loss (2 lets 2 of the 204 calibration samples" in line and "1 lets 0" in line
+    assert "qdq.agreement_confidence=0.5 (the count itself: 2)" in line and "more calibration samples" not in line
+    assert "of the 96 --check-data samples" in _fallback_warning(True, 18, 24, 0.8, budget, "fp16", 96, own_data=True)
+    assert "give a larger qdq.max_error" in _fallback_warning(True, 18, 24, 0.8, Budget(max_agreement_loss=math.inf, max_rel_error=0.01), "float", 32)
+
+
+def test_allowed_disagreements_follow_the_bound():
+    """A check on at most AGREEMENT_SAMPLES samples allows no disagreement under the default budget,
+    so more samples cannot give a more quantized model; 2 points or the count itself allow some."""
+    from onnxopt.quant.recovery.fallback import AGREEMENT_SAMPLES, allowed_disagreements
+
+    assert [allowed_disagreements(1.0, n, 0.84) for n in (100, 200, AGREEMENT_SAMPLES, 260, 400)] == [0, 0, 0, 1, 2]
+    for pts, n, conf in ((1.0, 200, 0.84), (2.0, 256, 0.84), (1.0, 256, 0.5), (3.0, 1000, 0.9)):
+        d = allowed_disagreements(pts, n, conf)
+        assert agreement_bound(100.0 * d / n, n, conf) <= pts < agreement_bound(100.0 * (d + 1) / n, n, conf)
 
 
 def test_a_fallback_checked_on_fewer_samples_than_it_reads_says_so():

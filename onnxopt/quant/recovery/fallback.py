@@ -248,16 +248,29 @@ def _slower_than_float(latency: dict) -> Optional[str]:
             f"{latency['float']:g} ms; every unit int8: {latency['all_quantized']:g} ms)")
 
 
+def allowed_disagreements(budget_pts: float, samples: int, confidence: float) -> int:
+    """How many of ``samples`` may disagree with the float model while the agreement budget
+    ``budget_pts`` holds at ``confidence`` (:func:`onnxopt.task_metric.agreement_bound`): 0 of up to
+    259 samples for 1 point at 0.84, so a check that reads at most ``AGREEMENT_SAMPLES`` asks for
+    none at all, however many samples the user gives."""
+    d = 0
+    while d < samples and agreement_bound(100.0 * (d + 1) / samples, samples, confidence) <= budget_pts:
+        d += 1
+    return d
+
+
 def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget, precision: str, samples: int,
                       own_data: bool = False, slower: Optional[str] = None):
     """One line when the fallback does not give the quantized model asked for: the budget cannot
     be met or leaves nothing quantized (e.g. W4A4, where every layer alone costs more than a
     point), it is met only with most of the MACs in high precision, or (``slower``, the clause of
-    :func:`_slower_than_float`) the output of ``--target ort`` runs no faster than the float model. On a few hundred
-    calibration samples an agreement budget of 1 point leaves no disagreement at all (see
-    :func:`onnxopt.task_metric.agreement_bound`), and a sample near a decision boundary can then
-    take many layers with it; more samples resolve the budget more finely (``own_data``: the
-    samples are the user's check data, and the hint names that option)."""
+    :func:`_slower_than_float`) the output of ``--target ort`` runs no faster than the float model.
+    A 1-point agreement budget at 0.84 confidence allows no disagreement on the at most
+    ``AGREEMENT_SAMPLES`` samples the check reads, and a sample near a decision boundary can then
+    take many layers with it. More samples do not loosen that (they give the check more chances to
+    see a disagreement: the SE model of ``tools/bench_se_calib_count.py`` kept 1 unit on 200 images
+    and 4 on 399), so the hint names what does, with the disagreements each setting allows on these
+    samples (``own_data``: the samples are the user's check data)."""
     if not met or (kept == units and units):
         what = "is not reachable" if not met else f"kept all {units} unit(s) in {precision}"
         return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
@@ -266,9 +279,14 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
     if mac_share <= COSTLY_MAC_SHARE and not slower:
         return None
     which = "--check-data samples" if own_data else "calibration samples"
-    hint = (f"more {which} (the budget is checked on {samples}; on a few hundred a 1-point budget "
-            "allows no disagreement), a larger qdq.max_agreement_loss, or " if math.isfinite(budget.max_agreement_loss)
-            else "a larger qdq.max_error, or ")
+    if math.isfinite(budget.max_agreement_loss):
+        pts, conf = budget.max_agreement_loss, budget.confidence
+        hint = (f"allow more disagreement: a larger qdq.max_agreement_loss ({2 * pts:g} lets "
+                f"{allowed_disagreements(2 * pts, samples, conf)} of the {samples} {which} the budget is checked on "
+                f"disagree, {pts:g} lets {allowed_disagreements(pts, samples, conf)}), qdq.agreement_confidence=0.5 "
+                f"(the count itself: {allowed_disagreements(pts, samples, 0.5)}), or ")
+    else:
+        hint = "give a larger qdq.max_error, or "
     return (f"WARNING: fallback=auto: the budget ({budget.describe()}) keeps {kept} of {units} unit(s), "
             f"{100 * mac_share:.0f} % of the MACs, in {precision}{', and ' + slower if slower else ''}; "
-            f"for a {'faster, ' if slower else ''}more quantized model give {hint}--set qdq.fallback=none")
+            f"for a {'faster, ' if slower else ''}more quantized model {hint}--set qdq.fallback=none")
