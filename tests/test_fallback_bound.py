@@ -90,7 +90,8 @@ def test_a_fallback_that_keeps_most_of_the_macs_says_so_and_how_to_avoid_it():
     assert "qdq.max_agreement_loss (2 lets 2 of the 204 calibration samples" in line and "1 lets 0" in line
     assert "qdq.agreement_confidence=0.5 (the count itself: 2)" in line and "more calibration samples" not in line
     assert "of the 96 --check-data samples" in _fallback_warning(True, 18, 24, 0.8, budget, "fp16", 96, own_data=True)
-    assert "give a larger qdq.max_error" in _fallback_warning(True, 18, 24, 0.8, Budget(max_agreement_loss=math.inf, max_rel_error=0.01), "float", 32)
+    rel_only = Budget(max_agreement_loss=math.inf, max_rel_error=0.01)
+    assert "give a larger qdq.max_error" in _fallback_warning(True, 18, 24, 0.8, rel_only, "float", 32)
 
 
 def test_allowed_disagreements_follow_the_bound():

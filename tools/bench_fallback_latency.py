@@ -38,8 +38,9 @@ def run(name: str, fold: int, target: str, options: dict = None) -> dict:
                               summarize_layers=False)
     fb = report.passes[-1].extra["recovery"]["fallback"]
     lat = fb["latency_ms_ort_cpu"]
-    row = {"model": name, "fold": fold, "target": target, "options": options or {}, "kept": len(fb["high_precision_layers"]),
-           "units": None, "mac_share": fb["high_precision_mac_share"], "latency_ms": {k: lat[k] for k in ("float", "all_quantized", "with_fallback")},
+    row = {"model": name, "fold": fold, "target": target, "options": options or {},
+           "kept": len(fb["high_precision_layers"]), "units": None, "mac_share": fb["high_precision_mac_share"],
+           "latency_ms": {k: lat[k] for k in ("float", "all_quantized", "with_fallback")},
            "warning": next((line for line in logs if line.startswith("WARNING: fallback=auto")), None)}
     # held-out top-1 agreement with fp32 (classifiers), what a looser budget costs
     ref, got = (np.concatenate([sess.run(None, f)[0].reshape(1, -1).argmax(1) for f in ef])
@@ -59,7 +60,8 @@ def markdown(rows: list) -> str:
         lat = r["latency_ms"]
         w = r["warning"] or ""
         # the warning's reasons: most of the MACs in float (fallback.COSTLY_MAC_SHARE), slower than float
-        said = " and ".join([why for why, on in (("MACs", bool(w) and r["mac_share"] > 0.5), ("latency", "no faster" in w)) if on])
+        reasons = (("MACs", bool(w) and r["mac_share"] > 0.5), ("latency", "no faster" in w))
+        said = " and ".join(why for why, on in reasons if on)
         said = said or ("other" if w else "none")
         opts = ",".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "defaults"
         lines.append(f"| {r['model']} | {r['fold']} | {opts} | {r['kept']} of {r['units']} | {100 * r['mac_share']:.0f} % | "

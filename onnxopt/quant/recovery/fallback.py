@@ -239,9 +239,9 @@ def _slower_than_float(latency: dict) -> Optional[str]:
     """The clause for the fallback's warning when the output of ``--target ort`` runs no faster than
     the float model on this CPU (``latency``: the report's ``latency_ms_ort_cpu``), else None. Each
     unit in float ends its int8 kernels with a DequantizeLinear and starts the next with a
-    QuantizeLinear, so on EfficientNet-Lite0 (fold 2) 44 of 61 units in float ran at 1.28x the float
-    model's latency, against 0.45x for all int8 (``tools/bench_fallback_latency.py``). Only the ort target's latency is
-    onnxruntime's on a CPU; TensorRT and TIDL run their own kernels."""
+    QuantizeLinear, so on EfficientNet-Lite0 (fold 2) 44 of 61 units in float ran at 1.28x the
+    float model's latency, against 0.45x for all int8 (``tools/bench_fallback_latency.py``). Only
+    the ort target's latency is onnxruntime's on a CPU; TensorRT and TIDL run their own kernels."""
     if latency["with_fallback"] < latency["float"]:
         return None
     return (f"it runs no faster than the float model on this CPU (onnxruntime: {latency['with_fallback']:g} ms against "
