@@ -139,14 +139,15 @@ class RecoveryOptions(PassOptions):
     fallback: str = option("auto", "automatic mixed precision: auto = keep the fewest most sensitive layers in higher "
                            "precision (TensorRT: no Q/DQ, fp16 in an fp16 build; TIDL: 16-bit; ort: float) until the "
                            "budget (max_agreement_loss at agreement_confidence, max_error) holds on the calibration "
-                           "data; none = every layer quantized", ("none", "auto"))
+                           "data (or apply's --check-data); none = every layer quantized", ("none", "auto"))
     max_agreement_loss: float = option(1.0, "fallback=auto budget: top-1 agreement points with the float model lost on "
                                        "classifier outputs, measured on the logits before a final Softmax/Sigmoid on up "
                                        "to 256 calibration samples (-1 = no agreement budget)")
     agreement_confidence: float = option(0.84, "fallback=auto: max_agreement_loss must hold on the one-sided upper "
                                          "confidence bound (Wilson, from the sample count) of the loss at this confidence, "
-                                         "so that it holds beyond the calibration samples (on ~200 samples: no disagreement "
-                                         "left); 0.5 = the calibration samples' own count; default chosen leaving one model "
+                                         "so that it holds beyond the calibration samples (at 1 point, no disagreement is left "
+                                         "on the at most 256 samples read; more samples make the check surer, not looser); "
+                                         "0.5 = the calibration samples' own count; default chosen leaving one model "
                                          "out (tools/bench_fallback_margin.py)")
     max_error: float = option(0.0, "fallback=auto budget: relative L2 error of every output's logits vs float (0 = unset); "
                               "the only budget on non-classifier outputs (detectors)")
