@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_peers as P  # noqa: E402
 
-from onnxopt import manager, model_io, runtime  # noqa: E402
+from onnxopt import manager, model_io  # noqa: E402
 from onnxopt.registry import PassContext  # noqa: E402
 from onnxopt.task_metric import agreement_bound  # noqa: E402
 
@@ -46,12 +46,6 @@ NOISE = (0.1, 0.2, 0.3, 0.5, 1.0)
 BUDGET, CONFIDENCE = 1.0, 0.84   # the qdq defaults max_agreement_loss / agreement_confidence
 MODELS = ("se", "mnist_vit", "mnist_mbv2", "mnist_gru", "resnet20", "resnet56", "effnet")
 TRAINING_CALIBRATION = {"se", "mnist_vit", "mnist_mbv2", "mnist_gru"}
-
-
-def top1(model, images: np.ndarray, name: str) -> np.ndarray:
-    sess = runtime.session(model, optimize=True)
-    return np.concatenate([sess.run(None, {name: images[i:i + 1]})[0].reshape(1, -1).argmax(1)
-                           for i in range(len(images))])
 
 
 def check_sets(calib: np.ndarray, pred: np.ndarray, seed: int = 0) -> dict:
@@ -76,16 +70,16 @@ def run_model(name: str, targets: list) -> list:
     key = list(cf[0])[0]
     calib = np.concatenate([f[key] for f in cf])
     held = np.concatenate([f[key] for f in ef])
-    ref_calib = top1(model, calib, key)
+    ref_calib = P.top1(model, calib)
     sets = {**check_sets(calib, ref_calib), "held-out": held}
-    ref = {s: (ref_calib if s == "calibration" else top1(model, x, key)) for s, x in sets.items()}
+    ref = {s: (ref_calib if s == "calibration" else P.top1(model, x)) for s, x in sets.items()}
     rows = []
     for target in targets:
         ctx = PassContext(data=lambda: iter(cf), progress=False, log=lambda m: None)
         out, _ = manager.apply(model, ["qdq"], {"qdq": {"target": target, "fallback": "none"}}, context=ctx,
                                verify=False, summarize_layers=False)
         for s, x in sets.items():
-            changed = int(np.sum(top1(out, x, key) != ref[s]))
+            changed = int(np.sum(P.top1(out, x) != ref[s]))
             row = {"model": name, "target": target, "set": s, "samples": len(x), "changed": changed,
                    "rate": 100.0 * changed / len(x)}
             P.log(json.dumps(row))

@@ -201,6 +201,16 @@ def outputs(path, feeds):
     return [s.run(None, f)[0] for f in feeds]
 
 
+def top1(model, images: np.ndarray) -> np.ndarray:
+    """Each image's top-1 class by ``model`` (ModelProto or path), one image at a time, in onnxruntime
+    with its default graph optimizations, as a user's session runs it."""
+    from onnxopt import runtime   # the driver's interpreter has onnxopt; the peers' venvs need not
+
+    sess = runtime.session(model, optimize=True)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: images[i:i + 1]})[0].reshape(1, -1).argmax(1) for i in range(len(images))])
+
+
 def latency_ms(path, feed, runs=30):
     from onnxopt.compare import measure_latency   # the driver's interpreter has onnxopt; the peers' venvs need not
 

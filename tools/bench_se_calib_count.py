@@ -35,15 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_peers as P  # noqa: E402
 
-from onnxopt import manager, runtime  # noqa: E402
+from onnxopt import manager  # noqa: E402
 from onnxopt.quant.recovery import fallback  # noqa: E402
 from onnxopt.registry import PassContext  # noqa: E402
-
-
-def predict(model, images: np.ndarray) -> np.ndarray:
-    sess = runtime.session(model, optimize=True)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: images[i:i + 1]})[0].argmax(1) for i in range(len(images))])
 
 
 def run(calib: np.ndarray, source: str, target: str, model, xte: np.ndarray, yte: np.ndarray, ref: np.ndarray,
@@ -56,7 +50,7 @@ def run(calib: np.ndarray, source: str, target: str, model, xte: np.ndarray, yte
     out, report = manager.apply(model, ["qdq"], {"qdq": {"target": target}}, context=ctx, verify=False,
                                 summarize_layers=False)
     fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
-    pred = predict(out, xte)
+    pred = P.top1(out, xte)
     row = {"source": source, "calib": len(calib), "evaluated": len(xte), "target": target, "agreement_samples": fallback.AGREEMENT_SAMPLES,
            "checked_on": fb.get("samples"), "kept": len(fb.get("high_precision_layers", [])), "met": fb.get("met"),
            "top1": 100 * float(np.mean(pred == yte)), "agreement": 100 * float(np.mean(pred == ref))}
@@ -116,7 +110,7 @@ def main(argv=None) -> int:
     xtr, _, xte, yte = P.digits_split()
     if not np.array_equal(np.concatenate([f["input"] for f in cf]), xtr[::P.SE_CALIB_EVERY][:len(cf)]):
         raise SystemExit(f"the cached SE model's calibration images ({P.CACHE}) are not this split's: remove the cache")
-    ref = predict(model, xte)
+    ref = P.top1(model, xte)
     fp32 = 100 * float(np.mean(ref == yte))
     targets = args.targets.split(",")
     if args.held_out_calibration:

@@ -107,7 +107,10 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     t0 = time.perf_counter()
     view = QdqView(float_model, qmodel, info)
     uses_agreement = math.isfinite(budget.max_agreement_loss)
-    ev = evaluator or TaskEvaluator(view.float_reference(), data, limit=AGREEMENT_SAMPLES if uses_agreement else FALLBACK_SAMPLES)
+    # the float function in the quantized graph: the check's reference and the float latency's model
+    # (the user's float graph may not load as it is: duplicate node names, which the quantizer renamed)
+    reference = view.float_reference()
+    ev = evaluator or TaskEvaluator(reference, data, limit=AGREEMENT_SAMPLES if uses_agreement else FALLBACK_SAMPLES)
     full = ev.error(view.variant(fold_weights=True))
     cache = {(): full}
     acts = activation_units(view)
@@ -147,9 +150,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         rep["tidl_options"] = {"advanced_options:params_16bit_names_list": names,
                                "advanced_options:output_feature_16bit_names_list": names}
     if measure_latency:
-        # the float function in the quantized graph (the user's float graph may not load as it is:
-        # duplicate node names, which the quantizer renamed)
-        rep["latency_ms_ort_cpu"] = {"float": _latency_ms(view.float_reference(), ev.feeds[0]),
+        rep["latency_ms_ort_cpu"] = {"float": _latency_ms(reference, ev.feeds[0]),
                                      "all_quantized": _latency_ms(qmodel, ev.feeds[0]),
                                      "with_fallback": _latency_ms(out, ev.feeds[0]),
                                      "note": "onnxruntime CPU, median of 15"}
