@@ -5,6 +5,8 @@ It keeps the graph's inputs, outputs and every float op; it only adds Q/DQ pairs
 replaces float weights by integer initializers followed by DQ, and, for ort/tidl, a Conv/Gemm bias
 by an int32 initializer with scale ``s_in * s_w`` (the engine: :mod:`onnxopt.quant.quantize`). The
 output passes ``onnxopt check --target <target>``; the pass reports the check in ``extra["check"]``.
+A float16 model is quantized as its float32 twin (:mod:`onnxopt.quant.upcast`), its float16
+inputs and outputs kept.
 
 Calibration data is required (``--calib-data``); ``--calib-data random`` is accepted explicitly,
 with a loud warning, because ranges from random inputs are meaningless for real data.
@@ -28,6 +30,7 @@ from onnxopt.quant.dequantize import DequantizeError, dequantize, quantization_f
 from onnxopt.quant.options import CalibrationOptions, QdqOptions
 from onnxopt.quant.quantize import limit_samples, quantize_model, static_inputs, to_static_batch
 from onnxopt.quant.targets import get_target
+from onnxopt.quant.upcast import float32_twin
 from onnxopt.quant.view import already_quantized_message, quantized_ops
 from onnxopt.registry import PassResult, register_pass
 from onnxopt.quant.calib_search import SEARCH_SAMPLES
@@ -254,10 +257,15 @@ def qdq(model, options: QdqOptions, ctx):
         return PassResult(model, skipped=[already_quantized_message(found) + f"; its own encoding passes `onnxopt check "
                                           f"--target {options.target}`, so it is left unchanged"])
     model = requant[0] if requant else model
+    model, widened = float32_twin(model)
     options.validate(model, ctx)
     data, warns = _calibration_data(options.calibration, ctx)
     if requant:
         _tell(ctx, warns, requant[1])
+    if widened:
+        _tell(ctx, warns, f"qdq: a float16/bfloat16 model is quantized as its float32 twin ({widened.describe()}); "
+                          "the layers left in float compute in float32 (a TensorRT engine built with --fp16 runs them "
+                          "in fp16)")
     _tell(ctx, warns, _unfolded_bn_warning(model, options.target))
     model = _rewrite_for_target(model, options, data, ctx, warns)
     model, note = _fold_computed_weights(model, ctx)
@@ -278,7 +286,7 @@ def qdq(model, options: QdqOptions, ctx):
                                                         else "written"))
     _tell(ctx, warns, _saturation_note(info))
     extra = {"target": info.target, "notes": info.notes, "groups": info.groups, "excluded": info.excluded, "warnings": warns,
-             **({"requantized": requant[2]} if requant else {})}
+             **({"requantized": requant[2]} if requant else {}), **({"widened": widened.to_dict()} if widened else {})}
     if options.recovery.requested:
         qmodel, rep = recovery.recover(float_model, qmodel, info, options.recovery, data, ctx, options.calibration.calib_samples,
                                        check_data=check_data)

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from helpers import make_model, rand, run
 from onnxopt import manager
@@ -374,6 +374,74 @@ def test_tidl_refuses_dynamic_shapes_unless_given():
     assert qcheck.check_model(q, "tidl") == []
     q, _ = quantize(m, feeds, target="tensorrt")          # tensorrt takes dynamic batch
     assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def half_precision_model():
+    """A float16 export's shapes: float16 weights, a float16 Constant, a Cast to float16, an If whose
+    branches read the graph input from the outer scope, float16 inputs and outputs."""
+    f16 = TensorProto.FLOAT16
+
+    def half(name, *shape, seed, scale=0.3):
+        return numpy_helper.from_array(rand(*shape, seed=seed, scale=scale).astype(np.float16), name)
+
+    pooled = [1, 3, 1, 1]
+    then_g = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", f16, pooled)])
+    else_g = helper.make_graph([helper.make_node("GlobalMaxPool", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", f16, pooled)])
+    nodes = [conv_node("conv1", "x", "w1", "b1", "c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Constant", [], ["k"], name="k", value=numpy_helper.from_array(np.array(0.5, np.float16))),
+             helper.make_node("Mul", ["r1", "k"], ["m1"], name="mul"),
+             helper.make_node("Cast", ["m1"], ["h1"], name="cast", to=f16),
+             conv_node("conv2", "h1", "w2", "b2", "c2", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "wg", "bg"], ["y"], name="fc", transB=1),
+             helper.make_node("ReduceMean", ["x"], ["mean"], name="mean", keepdims=0),
+             helper.make_node("Greater", ["mean", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["pool"], name="if", then_branch=then_g, else_branch=else_g)]
+    inits = [half("w1", 8, 3, 3, 3, seed=1), half("b1", 8, seed=2, scale=0.1), half("w2", 6, 8, 3, 3, seed=3),
+             half("b2", 6, seed=4, scale=0.1), half("wg", 5, 6, seed=5), half("bg", 5, seed=6, scale=0.1),
+             numpy_helper.from_array(np.array(0, np.float16), "zero")]
+    return make_model(nodes, [("x", [1, 3, 8, 8], f16)], [("y", [1, 5], f16), ("pool", pooled, f16)], inits)
+
+
+def test_float32_twin_of_a_float16_model_keeps_its_interface_and_outputs():
+    from onnxopt.quant.upcast import float32_twin
+    m = half_precision_model()
+    twin, done = float32_twin(m)
+    onnx.checker.check_model(twin, full_check=True)
+    assert (done.weights, done.casts, done.boundary) == (8, 1, 3)   # 7 initializers + the Constant; x, y, pool
+    assert [v.type.tensor_type.elem_type for v in (*twin.graph.input, *twin.graph.output)] == [TensorProto.FLOAT16] * 3
+    assert all(t.data_type == TensorProto.FLOAT for t in twin.graph.initializer)
+    assert [n.op_type for n in twin.graph.node].count("Cast") == 4   # the model's own, now to float32, and 3 at the edges
+    for seed in (0, 1):   # both If branches: the input's mean is positive on one seed, negative on the other
+        feed = {"x": (rand(1, 3, 8, 8, seed=seed) + (0.5 if seed else -0.5)).astype(np.float16)}
+        ref, got = run(m, feed), run(twin, feed)
+        for name in ("y", "pool"):
+            assert got[name].dtype == np.float16
+            np.testing.assert_allclose(got[name].astype(np.float32), ref[name].astype(np.float32), rtol=4e-3, atol=4e-3)
+    assert float32_twin(conv_relu_conv())[1] is None            # a float32 model is not touched
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt", "tidl"])
+def test_float16_model_is_quantized_as_its_float32_twin(target):
+    """QuantizeLinear on float16 needs opset 19 and onnxruntime fuses only float32 Q/DQ: the pass
+    quantizes the float32 twin (before, onnxruntime refused the pass's own output) and keeps the
+    float16 interface."""
+    m = half_precision_model()
+    feeds = [{"x": (rand(1, 3, 8, 8, seed=s)).astype(np.float16)} for s in range(8)]
+    q, rec = quantize(m, feeds, target=target, fallback="none")   # every layer quantized: a random model's
+    onnx.checker.check_model(q, full_check=True)                    # top-1 is too fragile for the budget
+    assert qcheck.failing(qcheck.check_model(q, target)) == []
+    assert rec.changes["weights_quantized"] == 3 and rec.extra["widened"]["weights"] == 8
+    assert any("float16/bfloat16 model is quantized as its float32 twin" in w for w in rec.extra["warnings"])
+    assert [v.type.tensor_type.elem_type for v in (*q.graph.input, *q.graph.output)] == [TensorProto.FLOAT16] * 3
+    for feed in feeds[:2]:
+        ref, got = run(m, feed), run(q, feed)
+        y, yq = ref["y"].astype(np.float32), got["y"].astype(np.float32)
+        assert np.linalg.norm(yq - y) <= 0.05 * np.linalg.norm(y)    # int8 noise, not a broken model
 
 
 # ------------------------------------------------------------------------------ options

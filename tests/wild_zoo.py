@@ -160,6 +160,13 @@ def cnn_torchscript(path):
                {"x": {0: "batch", 2: "height", 3: "width"}}, preserve_bn=True)
 
 
+def cnn_fp16(path):
+    """The CNN exported in half precision (``model.half()``, BN kept): float16 weights, inputs and outputs."""
+    torch = _torch()
+    _export_ts(_cnn_module().half(), (torch.randn(*IMAGE).half(),), path, (["x"], ["logits"]),
+               {"x": {0: "batch", 2: "height", 3: "width"}}, preserve_bn=True)
+
+
 def cnn_dynamo(path):
     torch = _torch()
     _export_dynamo(_cnn_module(), (torch.randn(*IMAGE),), path, (["x"], ["logits"]), _image_dims())
@@ -259,6 +266,7 @@ def transformer_ort_dynamic(path):
 # name -> builder, in build order (later ones read earlier ones' files)
 BUILDERS = {
     "cnn_torchscript": cnn_torchscript,
+    "cnn_fp16": cnn_fp16,
     "cnn_dynamo": cnn_dynamo,
     "cnn_dynamo_noopt": cnn_dynamo_noopt,
     "gru_text": gru_text,

@@ -63,7 +63,8 @@ def _compare_at_two_sizes(src, out) -> tuple:
         for seed in (0, 1):
             f = plan.feed(i, seed)
             err = runtime.output_error(runtime.run(s_ref, f), runtime.run(s_out, f))
-            if not (err["max_abs"] <= VERIFY_ATOL or err["max_rel"] <= VERIFY_RTOL):
+            rtol = max(VERIFY_RTOL, err["rtol_floor"])   # a float16 output: a few of its ulps, as the manager allows
+            if not (err["max_abs"] <= VERIFY_ATOL or err["max_rel"] <= rtol):
                 return False, err["max_rel"], plan.sizes
             worst = max(worst, err["max_rel"])
     return True, worst, plan.sizes

@@ -10,6 +10,7 @@ from ..data import collect_feeds
 from ..errors import OptionError, require
 from ..quant import sensitivity as sens
 from ..quant.quantize import quantize_model
+from ..quant.upcast import float32_twin
 from ..quant.view import QdqView
 from ..registry import PassContext, get_pass
 from . import cli
@@ -65,6 +66,9 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
         click.echo(f"WARNING: {warning}", err=True)
     ctx = PassContext(data=ds, data_spec=ds.spec, progress=not quiet, input_shapes=shapes, log=log)
     log(f"quantizing for {target} (one calibration) ...")
+    source, widened = float32_twin(source)
+    if widened:
+        log(f"a float16/bfloat16 model: measured on its float32 twin ({widened.describe()})")
     result = quantize_model(source, resolved, ds, ctx)
     view = QdqView(source, result.model, result.info)
     feeds = collect_feeds(ds, eval_samples)
