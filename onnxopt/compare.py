@@ -135,8 +135,11 @@ def _check_feed_runs(sess, feed: dict, what: str) -> None:
 class _OutputStats:
     """Running sums for one output pair: of all the samples, only one argmax each is kept."""
 
-    def __init__(self, name: str, cand_name: str):
+    def __init__(self, name: str, cand_name: str, data_dependent: bool = False):
         self.name, self.cand_name = name, cand_name
+        # a selection's output (after NonMaxSuppression...): where the two models select a different
+        # number of items it is not compared element by element (the task error reads its inputs)
+        self.data_dependent, self.shape_changes = data_dependent, 0
         self.shape: Optional[list] = None
         self.classifier: Optional[bool] = None
         self.max_abs = self.sum_abs = self.dot = self.rr = self.cc = self.ee = 0.0
@@ -145,11 +148,14 @@ class _OutputStats:
         self.samples = self.agree = self.ref_correct = self.cand_correct = self.labelled = 0
 
     def update(self, r: np.ndarray, c: np.ndarray, labels: Optional[np.ndarray]) -> None:
+        if r.shape != c.shape and self.data_dependent:
+            self.shape_changes += 1
+            return
         if r.shape != c.shape:
             raise OnnxoptError(
                 f"output '{self.name}' has shape {list(r.shape)} in the reference but {list(c.shape)} in the candidate.",
                 "the two models are not comparable on this output; check that CAND was derived from REF")
-        is_cls = r.ndim == 2 and r.shape[1] > 1
+        is_cls = r.ndim == 2 and r.shape[1] > 1 and not self.data_dependent   # (selected indices are no logits)
         self.classifier = is_cls if self.classifier is None else (self.classifier and is_cls)
         self.shape = list(r.shape) if self.shape is None else [a if a == b else None for a, b in zip(self.shape, r.shape)]
         r64, c64 = r.astype(np.float64, copy=False), c.astype(np.float64, copy=False)
@@ -210,6 +216,7 @@ class _OutputStats:
             "classifier": bool(self.classifier), "top1_agreement": self.agree / self.samples if classified else None,
             "ref_accuracy": self.ref_correct / self.labelled if accuracy else None,
             "cand_accuracy": self.cand_correct / self.labelled if accuracy else None,
+            "data_dependent": self.data_dependent, "shape_changes": self.shape_changes,
         }
 
 
@@ -348,12 +355,19 @@ def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list,
     ref_logit_model, ref_logits = task_metric.with_logit_outputs(ref_model)
     cand_logit_model, cand_logits = task_metric.with_logit_outputs(cand_model)
     s_ref, s_cand = runtime.session(ref_logit_model), runtime.session(cand_logit_model)
-    acc = [_OutputStats(r, c) for r, c in pairs]
     ref_names, cand_names = [r for r, _ in pairs], [c for _, c in pairs]
-    task_acc = task_metric.Accumulator(ref_names, ref_logits,
+    # the task error's places: an output, or (``output:Op[i]``) a tensor its data-dependent selection reads
+    keys = {k: c + k[len(r):] for r, c in pairs for k in ref_logits if k == r or k.startswith(r + ":")}
+    missing = [k for k, ck in keys.items() if ck not in cand_logits]
+    if missing:
+        raise OnnxoptError(f"the candidate has no place matching '{missing[0]}' of the reference's outputs.",
+                           "the two models are not comparable; check that CAND was derived from REF")
+    selected = task_metric.data_dependent_outputs(ref_model)
+    acc = [_OutputStats(r, c, r in selected) for r, c in pairs]
+    task_acc = task_metric.Accumulator(list(keys), ref_logits,
                                        {k: a for k, (_, a) in task_metric.logit_tensors(ref_model).items() if a})
-    ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[r] for r in ref_names]))
-    cand_fetch = list(dict.fromkeys(cand_names + [cand_logits[c] for c in cand_names]))
+    ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[k] for k in keys]))
+    cand_fetch = list(dict.fromkeys(cand_names + [cand_logits[ck] for ck in keys.values()]))
     data_labels = inputs.labels
     first_sample: Optional[dict] = None
     seen = 0
@@ -365,7 +379,7 @@ def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list,
                 first_sample = {k: v[:1] if (v.ndim and n_batch) else v for k, v in feed.items()}
             ro = runtime.run(s_ref, feed, ref_fetch)
             co = runtime.run(s_cand, feed, cand_fetch)
-            task_acc.update([ro[ref_logits[r]] for r in ref_names], [co[cand_logits[c]] for c in cand_names])
+            task_acc.update([ro[ref_logits[k]] for k in keys], [co[cand_logits[ck]] for ck in keys.values()])
             lab = None
             if data_labels is not None:
                 if seen + n_batch > len(data_labels):

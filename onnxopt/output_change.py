@@ -47,13 +47,13 @@ def measure(before: ModelProto, after: ModelProto, batches: list, source: str = 
     activations = {name: act for name, (_, act) in task_metric.logit_tensors(before).items()}
     per: dict = {}
     samples = 0
-    for vo in before.graph.output:
-        name, rt, ct = vo.name, ref_tensor.get(vo.name, vo.name), new_tensor.get(vo.name, vo.name)
+    for name, rt in ref_tensor.items():   # per output, or per tensor a data-dependent selection reads
+        ct = new_tensor.get(name, name)
         r = [np.asarray(x[rt], np.float64) for x in refs if rt in x]
         c = [np.asarray(x[ct], np.float64) for x in gots if ct in x]
         if not r or len(r) != len(c) or any(a.shape != b.shape for a, b in zip(r, c)) or r[0].dtype.kind not in "fc":
             continue
-        per[name] = _compare(r, c)
+        per[name] = _compare(r, c, activations.get(name))
         if rt != name:
             per[name].update(measured=rt, activation=activations.get(name))
         samples = max(samples, sum(a.shape[0] if a.ndim else 1 for a in r))
@@ -63,7 +63,7 @@ def measure(before: ModelProto, after: ModelProto, batches: list, source: str = 
             "top1_agreement": worst("top1_agreement", min), "kl": worst("kl", max)}
 
 
-def _compare(refs: list, cands: list) -> dict:
+def _compare(refs: list, cands: list, activation: Optional[str] = None) -> dict:
     r = np.concatenate([a.reshape(-1) for a in refs])
     c = np.concatenate([a.reshape(-1) for a in cands])
     finite = np.isfinite(r) & np.isfinite(c)
@@ -81,7 +81,7 @@ def _compare(refs: list, cands: list) -> dict:
     out = {"cosine": 0.0 if bad else cosine, "rel_error": float("inf") if bad else rel, "top1_agreement": None}
     if bad:
         out["non_finite"] = bad
-    task = task_metric.Accumulator(["out"])
+    task = task_metric.Accumulator(["out"], activations={"out": activation} if activation else None)
     for a, b in zip(refs, cands):
         task.update([a], [b])
     err = task.result().outputs[0]
@@ -98,8 +98,11 @@ def describe(change: dict, prefix: str = "output change ") -> str:
     shown = {"cosine": lambda v: f"cosine {v:.4f}", "rel_error": lambda v: f"rel err {v:.3g}",
              "top1_agreement": lambda v: f"top-1 agreement {100 * v:.1f} %", "kl": lambda v: f"KL {v:.3g}"}
     parts = [fmt(change[key]) for key, fmt in shown.items() if change.get(key) is not None]
-    if any(v.get("measured") for v in change.get("outputs", {}).values()):
-        parts.append("on the logits before the final " + "/".join(sorted({v["activation"] for v in change["outputs"].values() if v.get("activation")})))
+    acts = {v["activation"] for v in change.get("outputs", {}).values() if v.get("measured") and v.get("activation")}
+    if acts & set(task_metric.TERMINAL_ACTIVATIONS):
+        parts.append("on the logits before the final " + "/".join(sorted(acts & set(task_metric.TERMINAL_ACTIVATIONS))))
+    if acts - set(task_metric.TERMINAL_ACTIVATIONS):
+        parts.append("on the tensors " + "/".join(sorted(acts - set(task_metric.TERMINAL_ACTIVATIONS))) + " selects from")
     what = "of the data" if change.get("inputs") == "data" else "of generated inputs; give --calib-data for real figures"
     return f"{prefix}{', '.join(parts) or 'none measurable'} ({change.get('samples', 0)} samples {what})"
 

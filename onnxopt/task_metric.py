@@ -11,6 +11,11 @@ Where it is measured
     hide what quantization did: on a HardSwish/SE classifier the relative L2 error of the Softmax
     output was 0.6 % where top-1 fell 17 points.
 
+    An output whose shape depends on the data (it comes after a NonMaxSuppression, NonZero,
+    Unique or Compress: a detector's selected boxes) cannot be compared element by element, and
+    the candidate may select one box more. It is measured on the float tensors that op reads (the
+    boxes and scores before the selection), one entry each, keyed ``output:Op[input index]``.
+
 What is measured, per graph output
     * classifier-shaped outputs (``[N, C]``, ``C > 1``): top-1 agreement with the reference and the
       KL divergence ``KL(softmax(ref) || softmax(cand))`` (nats, mean per sample) of the logits;
@@ -33,27 +38,84 @@ import gc
 
 import numpy as np
 import onnxruntime as ort
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto
 
 from . import runtime
+from .ir.proto import tensor_types
 from .data import feed_samples
 from .errors import DataError, OnnxoptError
 
 TERMINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+# ops whose output shape depends on the input values
+DATA_DEPENDENT_SHAPE = ("NonMaxSuppression", "NonZero", "Unique", "Compress")
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 # ops between a terminal activation and the graph output that do not change which class wins
 _PASS_THROUGH = ("Identity", "Flatten", "Reshape", "Squeeze")
 
 
 # ------------------------------------------------------------------------------ the graph side
-def logit_tensors(model: ModelProto) -> dict:
-    """{graph output: (tensor to measure, activation op or None)}: the input of a terminal
-    Softmax/LogSoftmax/Sigmoid writing the output (through pass-through ops read only by the next
-    op), else the output itself. Found on each model's own graph, so a quantized model whose
-    Softmax reads a dequantized tensor is measured on what its Softmax actually receives."""
-    producer = {o: n for n in model.graph.node for o in n.output if o}
-    readers = Counter(i for n in model.graph.node for i in n.input)
+def _selection_sources(model: ModelProto, producer: dict) -> dict:
+    """{graph output: [(key, float tensor, op)]} for each output after an op of
+    :data:`DATA_DEPENDENT_SHAPE`: the float tensors computed before that op which it reads,
+    directly or through non-float tensors (``NonZero(Greater(scores, t))`` reads ``scores``). The
+    key names the place by graph position (``sel:NonMaxSuppression[1]``), so that the same place
+    has the same key in a quantized copy, whose tensor names differ there."""
+    if not any(n.op_type in DATA_DEPENDENT_SHAPE for n in model.graph.node):
+        return {}
+    elem = {name: t for name, (t, _) in tensor_types(model).items()}
+
+    def floats_read(node, key: str, depth: int, selector: str) -> list:
+        found = []
+        for i, t in enumerate(node.input):
+            src = producer.get(t)
+            if not t or src is None:          # a weight, a threshold, a graph input: nothing to measure
+                continue
+            if elem.get(t) in _FLOATS:
+                found.append((f"{key}{node.op_type}[{i}]", t, selector))
+            elif depth > 0:
+                found += floats_read(src, f"{key}{node.op_type}[{i}]:", depth - 1, selector)
+        return found
+
     out = {}
     for vo in model.graph.output:
+        stack, seen, points = [vo.name], set(), []
+        while stack:   # the output's ancestors, up to the first data-dependent op on each path
+            node = producer.get(stack.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in DATA_DEPENDENT_SHAPE:
+                points += floats_read(node, f"{vo.name}:", 3, node.op_type)
+            else:
+                stack.extend(node.input)
+        if points:
+            out[vo.name] = points
+    return out
+
+
+def data_dependent_outputs(model: ModelProto) -> set:
+    """The graph outputs whose shape depends on the data (after a NonMaxSuppression, NonZero...)."""
+    return set(_selection_sources(model, {o: n for n in model.graph.node for o in n.output if o}))
+
+
+def logit_tensors(model: ModelProto) -> dict:
+    """{measured name: (tensor to measure, op or None)}, per graph output: the input of a terminal
+    Softmax/LogSoftmax/Sigmoid writing the output (through pass-through ops read only by the next
+    op), else the output itself; for an output whose shape depends on the data, the float tensors
+    its selection reads instead (:func:`_selection_sources`), each under its own key. Found on each
+    model's own graph, so a quantized model whose Softmax reads a dequantized tensor is measured on
+    what its Softmax actually receives."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    readers = Counter(i for n in model.graph.node for i in n.input)
+    selected = _selection_sources(model, producer)
+    plain = {vo.name for vo in model.graph.output if vo.name not in selected}
+    out = {}
+    for vo in model.graph.output:
+        if vo.name in selected:
+            for key, t, op in selected[vo.name]:
+                if t not in plain and t not in {v[0] for v in out.values()}:   # each tensor once
+                    out[key] = (t, op)
+            continue
         t, act = vo.name, None
         node = producer.get(t)
         while node is not None and node.op_type in _PASS_THROUGH and node.input and readers[node.input[0]] == 1:
@@ -68,9 +130,20 @@ def with_logit_outputs(model: ModelProto) -> tuple:
     """(model, {graph output: measured tensor}): a copy of ``model`` that also outputs the logits
     of each terminal activation (see :func:`logit_tensors`); ``model`` itself when it has none."""
     found = logit_tensors(model)
-    extra = [t for name, (t, _) in found.items() if t != name]
+    extra = list(dict.fromkeys(t for name, (t, _) in found.items() if t != name))
     mapping = {name: t for name, (t, _) in found.items()}
     return (runtime.with_outputs(model, extra) if extra else model), mapping
+
+
+def comparable_outputs(model: ModelProto) -> tuple:
+    """(model, [tensor per place]): the graph outputs as they are, except that an output whose shape
+    depends on the data is replaced by the float tensors its selection reads (exposed as extra
+    outputs): what a relative error over all outputs can compare between a model and its quantized
+    copy, in the same order for both."""
+    outputs = {vo.name for vo in model.graph.output}
+    names = [key if key in outputs else t for key, (t, _) in logit_tensors(model).items()]
+    extra = [n for n in names if n not in outputs]
+    return (runtime.with_outputs(model, extra) if extra else model), names
 
 
 # ------------------------------------------------------------------------------ the numbers
@@ -198,7 +271,8 @@ class TaskError:
         """One line for the console, e.g. ``top-1 agreement 99.2 % (KL 0.004); boxes SQNR 24.1 dB``."""
         parts = []
         for o in self.outputs:
-            where = f" (logits before {o.activation})" if o.activation else ""
+            where = (f" (logits before {o.activation})" if o.activation in TERMINAL_ACTIVATIONS else
+                     f" ('{o.measured}', read by {o.activation})" if o.activation else "")
             what = (f"top-1 agreement {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"
                     if o.classifier else f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}")
             parts.append(f"{o.name}{where}: {what}")
@@ -241,7 +315,8 @@ class Accumulator:
             cf = np.nan_to_num(c64, posinf=0.0, neginf=0.0)
             st["cc"] += float(np.vdot(cf, cf))
             st["dot"] += float(np.vdot(np.nan_to_num(r64), cf))
-            cls = r64.ndim == 2 and r64.shape[1] > 1
+            # what a selection reads is scores to threshold, not a class decision: no top-1 there
+            cls = r64.ndim == 2 and r64.shape[1] > 1 and self.activations.get(name) not in DATA_DEPENDENT_SHAPE
             st["cls"] = cls if st["cls"] is None else (st["cls"] and cls)
             st["n"] += int(r64.shape[0]) if r64.ndim else 1
             if cls:
@@ -312,7 +387,7 @@ class Evaluator:
         self._session = session or lean_session
         ref_model, self.mapping = with_logit_outputs(reference)
         self.activations = {k: a for k, (_, a) in logit_tensors(reference).items() if a}
-        self.names = [o.name for o in reference.graph.output]
+        self.names = list(self.mapping)   # the graph outputs, or the tensors a data-dependent selection reads
         sess = self._session(ref_model)
         self.feeds, self.ref = [], []
         self.memory_capped = False   # stopped at max_mb, not at the data's end or the limit
@@ -340,8 +415,12 @@ class Evaluator:
     def outputs(self, model: ModelProto, samples: Optional[int] = None) -> Iterable[list]:
         """The candidate's measured outputs, batch by batch (the first ``samples`` samples only, when given)."""
         cand, mapping = with_logit_outputs(model)
+        missing = [n for n in self.names if n not in mapping]
+        if missing:
+            raise OnnxoptError(f"the candidate model has no place matching '{missing[0]}' of the reference's outputs.",
+                               "the two models are not comparable; check that the candidate was derived from the reference")
         sess = self._session(cand)
-        fetch = [mapping.get(n, n) for n in self.names]
+        fetch = [mapping[n] for n in self.names]
         seen = 0
         for feed in self.feeds:
             if samples is not None and seen >= samples:

@@ -77,3 +77,45 @@ def if_branch_model() -> onnx.ModelProto:
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def nms_detector(end2end: bool = True) -> onnx.ModelProto:
+    """x [1,3,32,32] -> two convs -> boxes [1,64,4] and Sigmoid scores [1,3,64] -> NonMaxSuppression.
+    ``end2end``: the outputs are the selected indices and their scores (both data-dependent in
+    length, as in detectors exported with their NMS); else the selection plus boxes and scores."""
+    rng = np.random.default_rng(0)
+    anchors, classes = 64, 3
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Reshape", ["c2", "shape"], ["flat"], name="flat"),
+             helper.make_node("Split", ["flat", "split"], ["box_t", "cls"], name="split", axis=1),
+             helper.make_node("Transpose", ["box_t"], ["boxes"], name="box_t", perm=[0, 2, 1]),
+             helper.make_node("Sigmoid", ["cls"], ["scores"], name="sigmoid"),
+             helper.make_node("NonMaxSuppression", ["boxes", "scores", "max_k", "iou", "threshold"], ["sel"], name="nms")]
+    outputs = [helper.make_tensor_value_info("sel", TensorProto.INT64, ["K", 3])]
+    if end2end:
+        nodes += [helper.make_node("Gather", ["sel", "two"], ["box_idx"], name="pick", axis=1),
+                  helper.make_node("Squeeze", ["scores", "zero"], ["per_class"], name="squeeze"),
+                  helper.make_node("ReduceMax", ["per_class"], ["best"], name="best", axes=[0], keepdims=0),
+                  helper.make_node("Gather", ["best", "box_idx"], ["det_scores"], name="det_scores", axis=0)]
+        outputs.append(helper.make_tensor_value_info("det_scores", TensorProto.FLOAT, ["K"]))
+    else:
+        outputs += [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, classes, anchors]),
+                    helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, anchors, 4])]
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((4 + classes, 8, 3, 3)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.zeros(4 + classes, np.float32), "b2"),
+             numpy_helper.from_array(np.array([1, 4 + classes, anchors], np.int64), "shape"),
+             numpy_helper.from_array(np.array([4, classes], np.int64), "split"),
+             numpy_helper.from_array(np.array([10], np.int64), "max_k"),
+             numpy_helper.from_array(np.array([0.5], np.float32), "iou"),
+             numpy_helper.from_array(np.array([0.5], np.float32), "threshold"),
+             numpy_helper.from_array(np.array(2, np.int64), "two"), numpy_helper.from_array(np.array([0], np.int64), "zero")]
+    g = helper.make_graph(nodes, "detector", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                          outputs, inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 import se_models
-from helpers import make_model, rand
+from helpers import make_model, nms_detector, rand, run
 from onnxopt import manager, task_metric
 from onnxopt.registry import PassContext
 
@@ -238,3 +238,62 @@ def test_a_check_that_misses_the_agreement_budget_stops_early_with_the_same_verd
             assert early.stopped_early and early.outputs[0].samples < 100
     # the first samples only (as the ranking reads them) are never cut short
     assert not ev.error(cand, samples=32, budget=budget).stopped_early
+
+
+# ------------------------------------------------------------------------------ data-dependent outputs
+def _shifted(model, noise: float):
+    """``model`` with noise on its box/score conv weights, as quantization adds: the NMS keeps a
+    different number of boxes on some inputs."""
+    import onnx
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name == "w2":
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(w + rand(*w.shape, seed=9, scale=noise * float(w.std())), t.name))
+    return out
+
+
+def _detector_feeds():
+    return [{"x": rand(1, 3, 32, 32, seed=s)} for s in range(8)]
+
+
+def test_a_selection_output_is_measured_on_what_it_selects_from():
+    """A detector exported with its NMS: the selected indices and scores change length between the
+    float model and a quantized one (before, every measurement refused the pair: "output 'sel' has
+    shape [27, 3] in the reference but [28, 3]"). The boxes and scores the NMS reads are compared."""
+    m = nms_detector(end2end=True)
+    assert task_metric.logit_tensors(m) == {"sel:NonMaxSuppression[0]": ("boxes", "NonMaxSuppression"),
+                                            "sel:NonMaxSuppression[1]": ("scores", "NonMaxSuppression")}
+    assert task_metric.data_dependent_outputs(m) == {"sel", "det_scores"}
+    feeds = _detector_feeds()
+    cand = _shifted(m, 0.05)
+    lengths = [(run(m, f)["sel"].shape[0], run(cand, f)["sel"].shape[0]) for f in feeds]
+    assert any(a != b for a, b in lengths), lengths        # the pair really selects differently
+    e = task_metric.Evaluator(m, feeds).error(cand)
+    assert [o.measured for o in e.outputs] == ["boxes", "scores"]
+    boxes = e.outputs[0]
+    assert 0 < boxes.rel_error < 0.1 and math.isfinite(boxes.sqnr_db)   # 5 % weight noise: a few % box error
+    assert "('boxes', read by NonMaxSuppression)" in e.summary()
+    # when the detector also outputs its boxes and scores, those are measured (on the logits before
+    # the Sigmoid), once; the selection adds nothing
+    plain = nms_detector(end2end=False)
+    assert task_metric.logit_tensors(plain) == {"scores": ("cls", "Sigmoid"), "boxes": ("boxes", None)}
+    assert task_metric.data_dependent_outputs(plain) == {"sel"}
+
+
+def test_compare_and_qdq_take_a_detector_with_its_nms():
+    from onnxopt.compare import compare_models
+    m = nms_detector(end2end=True)
+    res = compare_models(m, _shifted(m, 0.05), data=None, runs=0, generated_samples=8)
+    rows = {o["name"]: o for o in res["outputs"]}
+    assert rows["sel"]["data_dependent"] and rows["sel"]["shape_changes"] > 0 and rows["sel"]["top1_agreement"] is None
+    feeds = _detector_feeds()
+    for target in ("ort", "tensorrt"):
+        q, report = manager.apply(m, "qdq", {"qdq": {"target": target}},
+                                  context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+        rec = report.passes[0]
+        assert rec.changes["weights_quantized"] == 2
+        change = rec.output_change
+        assert set(change["outputs"]) == {"sel:NonMaxSuppression[0]", "sel:NonMaxSuppression[1]"}, change
+        assert change["cosine"] > 0.99

@@ -167,6 +167,31 @@ def cnn_fp16(path):
                {"x": {0: "batch", 2: "height", 3: "width"}}, preserve_bn=True)
 
 
+def _selecting_module():
+    """The CNN's classifier plus post-processing in the graph: the scores of a second head above
+    0.5, picked by a boolean mask (exported as NonZero + GatherND: an output whose length depends
+    on the data, as in detectors exported with their box selection)."""
+    torch = _torch()
+
+    class Select(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _cnn_module()
+            self.head = torch.nn.Conv2d(3, 6, 3, padding=1, stride=4)
+
+        def forward(self, x):
+            scores = torch.sigmoid(self.head(x)).flatten(1)
+            return self.body(x), scores[scores > 0.5]
+
+    return Select().eval()
+
+
+def cnn_select(path):
+    torch = _torch()
+    _export_ts(_selecting_module(), (torch.randn(*IMAGE),), path, (["x"], ["logits", "picked"]),
+               {"x": {0: "batch", 2: "height", 3: "width"}}, preserve_bn=True)
+
+
 def cnn_dynamo(path):
     torch = _torch()
     _export_dynamo(_cnn_module(), (torch.randn(*IMAGE),), path, (["x"], ["logits"]), _image_dims())
@@ -267,6 +292,7 @@ def transformer_ort_dynamic(path):
 BUILDERS = {
     "cnn_torchscript": cnn_torchscript,
     "cnn_fp16": cnn_fp16,
+    "cnn_select": cnn_select,
     "cnn_dynamo": cnn_dynamo,
     "cnn_dynamo_noopt": cnn_dynamo_noopt,
     "gru_text": gru_text,

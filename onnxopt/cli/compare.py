@@ -66,6 +66,9 @@ def render_compare(res: dict) -> str:
         shape = "[" + ",".join("?" if s is None else str(s) for s in (o["shape"] or [])) + "]"
         lines.append(f"{o['name']:<{nw}}  {shape:<16} {_num(o['max_abs'], '.3g'):>10} {_num(o['cosine'], '.6f'):>10} "
                      f"{_num(o['min_sample_cosine'], '.6f'):>10} {_num(o['sqnr_db'], '.1f'):>8} {_pct(o['top1_agreement']):>12}")
+        if o.get("shape_changes"):
+            lines.append(f"{'':<{nw}}  its shape depends on the data and differs on {o['shape_changes']} batch(es): "
+                         "compared only where it matches; the task error reads the tensors its selection reads")
         if o["ref_nonfinite"] or o["cand_nonfinite"]:
             lines.append(f"{'':<{nw}}  non-finite values: reference {o['ref_nonfinite']}, candidate {o['cand_nonfinite']}")
     if res.get("task_summary"):

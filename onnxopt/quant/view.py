@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .. import model_io, runtime
+from .. import model_io, runtime, task_metric
 from ..errors import OnnxoptError
 from ..ir.proto import const_tensors
 
@@ -408,8 +408,10 @@ class Evaluator:
         self.ref = self.outputs(reference)
 
     def outputs(self, model: ModelProto) -> list:
-        sess = fast_session(model)
-        names = [o.name for o in sess.get_outputs()]
+        # a detector's selected boxes (after NonMaxSuppression) differ in number between the two
+        # models: the boxes and scores before the selection are compared instead
+        comparable, names = task_metric.comparable_outputs(model)
+        sess = fast_session(comparable)
         runs = (runtime.run(sess, feed, names) for feed in self.feeds)
         return [r[n] for r in runs for n in names]
 
