@@ -85,6 +85,40 @@ def test_distillation_moves_student_to_teacher_and_writes_back(tmp_path):
     assert len(res.history) == 6 and res.samples_per_second > 0
 
 
+def _half(model):
+    """``model`` exported in float16: weights, BN statistics, input and output."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in (*out.graph.input, *out.graph.output):
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def test_a_float16_model_trains_as_its_float32_twin(tmp_path):
+    """Trained in float16, Adam's eps (1e-8) is 0 and its first steps made every weight NaN: the
+    written model output NaN everywhere, and finetune exited 0 with a parity of 0 (NaN == NaN)."""
+    pytest.importorskip("torch")
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    teacher = _half(tiny_classifier())
+    student = _half(perturbed(tiny_classifier()))
+    path = tmp_path / "train.npz"
+    np.savez(path, input=rand(64, 3, 8, 8, seed=7).astype(np.float16))
+    x = rand(32, 3, 8, 8, seed=99).astype(np.float16)
+    logs = []
+    res = finetune(student, open_ds(path, student), teacher=teacher,
+                   config=FinetuneConfig(epochs=4, lr=3e-3, batch_size=16, progress=False, log=logs.append, threads=1))
+    onnx.checker.check_model(res.model, full_check=True)
+    assert [v.type.tensor_type.elem_type for v in (*res.model.graph.input, *res.model.graph.output)] == [onnx.TensorProto.FLOAT16] * 2
+    assert any("trained as its float32 twin" in m for m in logs)
+    got = run(res.model, {"input": x})["logits"]
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    assert kl_to_teacher(res.model, teacher, x) < 0.5 * kl_to_teacher(student, teacher, x)
+    assert res.parity["max_abs"] <= 1e-2   # torch in float32 against the model's float16 output
+
+
 def test_qat_w4a4_exports_restricted_qdq_and_matches_torch(tmp_path):
     pytest.importorskip("torch")
     from onnxopt.qat import prepare_qat

@@ -22,6 +22,7 @@ from .. import runtime, stats
 from ..progress import progress_bar
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint
+from ..quant.upcast import float32_twin
 from ..userfiles import load_user_function
 
 import torch
@@ -549,6 +550,10 @@ def _write_back(run: _Run, model: ModelProto, log) -> tuple:
         log("re-estimated BatchNormalization statistics")
     student.eval()
     student.capture = set()
+    broken = [name for name, p in student.named_parameters() if not torch.isfinite(p).all()]
+    if broken:   # the loss was finite at the last step, the step after it was not
+        raise OnnxoptError(f"training left non-finite values in {len(broken)} parameter(s) (e.g. {broken[0]}); "
+                           "nothing was written.", "lower --lr (or --epochs)")
     result = write_back(student.cpu(), model)
     parity = parity_check(student, result, run.tensors, cfg.parity_samples)
     if parity and parity["max_abs"] > 1e-4 + 1e-5 * parity["max_ref"]:
@@ -568,6 +573,12 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
     distributed = _init_distributed(device)
     rank, world, _ = dist_info()
     log = cfg.log if rank == 0 else (lambda msg: None)
+    # a float16 model trains as its float32 twin: Adam's eps (1e-8) is 0 in float16, and its steps
+    # turned the weights to NaN; the written model keeps the float16 inputs and outputs
+    model, widened = float32_twin(model)
+    if widened:
+        log(f"a float16/bfloat16 model: trained as its float32 twin ({widened.describe()})")
+    teacher = float32_twin(teacher)[0] if teacher is not None else None
     torch.manual_seed(cfg.seed)
     run = _prepare(model, data, teacher, cfg, bn_mode, device, log)
     opt, sched = _optimizer(run, world)
@@ -672,7 +683,9 @@ def parity_check(module: OnnxModule, model: ModelProto, tensors: dict, samples: 
         ref = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     worst, scale = 0.0, 0.0
     for o, name in zip(out, module.output_names):
-        a = o.detach().numpy()
-        worst = max(worst, float(np.abs(a.astype(np.float64) - ref[name]).max()) if a.size else 0.0)
+        a = o.detach().numpy().astype(np.float64)
+        # NaN on both sides is no agreement: a non-finite output is an infinite difference
+        d = np.where(np.isfinite(a) & np.isfinite(ref[name]), np.abs(a - ref[name]), np.inf)
+        worst = max(worst, float(d.max()) if a.size else 0.0)
         scale = max(scale, float(np.abs(ref[name]).max()) if a.size else 0.0)
     return {"max_abs": worst, "max_ref": scale, "samples": int(len(xs[0]))}
