@@ -390,6 +390,16 @@ class DataSource:
     def _images(self):
         if len(self._inputs) != 1:
             raise DataError("an image folder feeds one input, but the model has several.", "use an .npz or a file.py:function")
+        name = next(iter(self._inputs))
+        dtype = self._inputs[name]["dtype"]
+        if dtype.kind in "iu":   # a uint8 image input: the model normalizes the raw pixels itself
+            o = self.spec.image
+            if any(v is not None for v in (o.scale, o.mean, o.std)):
+                raise DataError(f"input '{name}' is {dtype}: the model takes raw pixels and normalizes them itself, so "
+                                f"--scale/--mean/--std{f' (of --preprocess {o.preset})' if o.preset else ''} do not apply.",
+                                "drop them (the pixels are fed as they are, resized and cropped to the input)")
+            if not o.given():
+                self.spec = dataclasses.replace(self.spec, image=dataclasses.replace(o, preset="none"))
         if self.spec.require_preprocessing and not self.spec.image.given():
             raise DataError(
                 f"image folder '{self.spec.source}' needs its preprocessing stated: fed as raw 0..255 pixels, "
@@ -397,7 +407,6 @@ class DataSource:
                 "give --preprocess PRESET (" + ", ".join(PRESETS) + "; `none` feeds raw pixels on purpose), or "
                 "--scale/--mean/--std/--bgr/--letterbox. Presets: " + presets_help())
         self._pixels_used = True
-        name = next(iter(self._inputs))
         layout = self._layout(name)
         shape = self._inputs[name]["shape"]
         h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])

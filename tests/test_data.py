@@ -129,6 +129,25 @@ def test_image_folder_bgr_scale_nhwc_and_dict_labels(tmp_path):
     np.testing.assert_array_equal(src.labels(), [7, 8])
 
 
+def test_image_folder_for_a_uint8_input_feeds_raw_pixels_without_flags(tmp_path):
+    """A model that takes uint8 pixels (NHWC, normalizing inside: tflite conversions, end-to-end
+    exports) needs no preprocessing flag: before, its image folder was refused until the user
+    said `--preprocess none`, and `--preprocess imagenet` cast normalized floats to uint8 (zeros)."""
+    from helpers import make_model
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Cast", ["img"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Transpose", ["f"], ["y"], perm=[0, 3, 1, 2])]
+    m = make_model(nodes, [("img", ["N", 6, 6, 3], TensorProto.UINT8)], [("y", ["N", 3, 6, 6])])
+    folder = _images(tmp_path / "imgs", [(200, 100, 50), (1, 2, 3)], size=(9, 6))
+    src = open_data(DataSpec(str(folder), require_preprocessing=True), m)
+    feed = next(iter(src.samples()))
+    assert feed["img"].dtype == np.uint8 and feed["img"].shape == (1, 6, 6, 3)
+    np.testing.assert_array_equal(feed["img"][0, 3, 3], [200, 100, 50])
+    assert src.preprocessing.preset == "none"          # said on the console and recorded like a stated one
+    with pytest.raises(DataError, match="takes raw pixels and normalizes them itself"):
+        next(iter(open_data(DataSpec(str(folder), image=ImageOptions(preset="imagenet"), require_preprocessing=True), m).samples()))
+
+
 def test_labels_json_must_label_every_image(tmp_path):
     """Regression: unlabeled images used to be dropped from the labels, shifting every later label."""
     folder = _images(tmp_path / "imgs", [(1, 1, 1)] * 3)
