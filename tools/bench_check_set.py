@@ -14,7 +14,10 @@ for every classifier of ``bench_peers.py`` (4 calibrated on training images, 3 o
 * ``noise k``: each image plus Gaussian noise of ``k`` times the calibration images' standard
   deviation (one scalar per model), k in 0.1, 0.2, 0.3, 0.5, 1.0;
 * ``mixup``: ``l*a + (1-l)*b`` of two calibration images the float model puts in different
-  classes, l uniform in [0, 1] (samples between classes, near the decision boundaries).
+  classes, l uniform in [0, 1] (samples between classes, near the decision boundaries);
+* ``shift k``: each image moved by ``k`` pixels along its last two (spatial) axes, up, down, left
+  or right in turn, the border repeated (the same scene, framed differently: a new view of a
+  training image that noise and mixup are not).
 
 Each model is quantized by the qdq pass with ``fallback=none`` (all int8, calibration as the
 default) per target, and the rate at which its top-1 class differs from fp32's is measured on each
@@ -43,6 +46,7 @@ from onnxopt.registry import PassContext  # noqa: E402
 from onnxopt.task_metric import agreement_bound  # noqa: E402
 
 NOISE = (0.1, 0.2, 0.3, 0.5, 1.0)
+SHIFT = (1, 2)
 BUDGET, CONFIDENCE = 1.0, 0.84   # the qdq defaults max_agreement_loss / agreement_confidence
 MODELS = ("se", "mnist_vit", "mnist_mbv2", "mnist_gru", "resnet20", "resnet56", "effnet")
 TRAINING_CALIBRATION = {"se", "mnist_vit", "mnist_mbv2", "mnist_gru"}
@@ -61,7 +65,21 @@ def check_sets(calib: np.ndarray, pred: np.ndarray, seed: int = 0) -> dict:
     a, b = a[apart][:n], b[apart][:n]
     lam = rng.uniform(0.0, 1.0, (len(a),) + (1,) * (calib.ndim - 1)).astype(calib.dtype)
     sets["mixup"] = lam * calib[a] + (1 - lam) * calib[b]
+    for k in SHIFT:
+        sets[f"shift {k}"] = shifted(calib, k)
     return sets
+
+
+def shifted(images: np.ndarray, k: int) -> np.ndarray:
+    """Image ``i`` moved by ``k`` pixels along the last two axes, in direction ``i % 4``, the edge repeated."""
+    pad = [(0, 0)] * (images.ndim - 2) + [(k, k), (k, k)]
+    big = np.pad(images, pad, mode="edge")
+    h, w = images.shape[-2:]
+    out = np.empty_like(images)
+    for i in range(len(images)):
+        dy, dx = ((0, k), (2 * k, k), (k, 0), (k, 2 * k))[i % 4]
+        out[i] = big[i, ..., dy:dy + h, dx:dx + w]
+    return out
 
 
 def run_model(name: str, targets: list) -> list:
