@@ -199,6 +199,17 @@ def test_the_fallback_checks_its_budget_on_the_check_data_when_given(tmp_path, c
     _, report = manager.apply(m, "qdq", opts, context=PassContext(data=lambda: iter(calib), progress=False),
                               summarize_layers=False)
     assert report.passes[0].extra["recovery"]["fallback"]["checked_on"] == "calibration data"
+    # fallback_check=shifted: the calibration images moved by one pixel (--check-data, when given, wins)
+    logs.clear()
+    shifted = {"qdq": {**opts["qdq"], "fallback_check": "shifted"}}
+    _, report = manager.apply(m, "qdq", shifted, context=PassContext(data=lambda: iter(calib), progress=False,
+                                                                     log=logs.append), summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    assert fb["checked_on"] == "calibration images moved by one pixel" and fb["samples"] == 128
+    assert any(l.startswith("fallback: ") and "128 samples of the calibration images moved by one pixel" in l for l in logs)
+    _, report = manager.apply(m, "qdq", shifted, context=PassContext(data=lambda: iter(calib), check_data=lambda: iter(check),
+                                                                     progress=False), summarize_layers=False)
+    assert report.passes[0].extra["recovery"]["fallback"]["checked_on"] == "check data"
     logs.clear()
     manager.apply(m, "qdq", {"qdq": {**opts["qdq"], "fallback": "none"}},
                   context=PassContext(data=lambda: iter(calib), check_data=lambda: iter(check), progress=False, log=logs.append),
@@ -259,3 +270,27 @@ def test_an_ort_output_no_faster_than_the_float_model_says_so(monkeypatch):
         assert fb["latency_ms_ort_cpu"]["float"] == 1.0 and fb["latency_ms_ort_cpu"]["with_fallback"] == 2.0
         assert ("no faster than the float model" in fb.get("warning", "")) is warns
         assert any("no faster than the float model" in line for line in logs) is warns
+
+
+def test_shifted_views_move_each_image_by_one_pixel():
+    """The fallback's check set without --check-data: image i moved down, up, right or left by one
+    pixel (i % 4), the border repeated, counted across batches; NCHW and NHWC; not for inputs that
+    are no images (a sequence, token ids, images under 8 pixels a side)."""
+    from onnxopt.quant.recovery.fallback import shifted_views
+
+    x = np.arange(5 * 8 * 8, dtype=np.float32).reshape(5, 1, 8, 8)
+    batches = [{"input": x[:3]}, {"input": x[3:]}]
+    got = np.concatenate([b["input"] for b in shifted_views(lambda: iter(batches))()])
+    np.testing.assert_array_equal(got[0, 0, 1:], x[0, 0, :-1])          # down: row r is the old row r-1
+    np.testing.assert_array_equal(got[0, 0, 0], x[0, 0, 0])             # the border row repeated
+    np.testing.assert_array_equal(got[1, 0, :-1], x[1, 0, 1:])          # up
+    np.testing.assert_array_equal(got[2, 0, :, 1:], x[2, 0, :, :-1])    # right
+    np.testing.assert_array_equal(got[3, 0, :, :-1], x[3, 0, :, 1:])    # left
+    np.testing.assert_array_equal(got[4, 0, 1:], x[4, 0, :-1])          # down again, in the second batch
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    got = next(shifted_views(lambda: iter([{"input": nhwc}]))())["input"]
+    np.testing.assert_array_equal(got[0, 1:, :, 0], nhwc[0, :-1, :, 0])
+    for no_image in ({"input": np.zeros((2, 16, 32), np.float32)}, {"tokens": np.zeros((2, 1, 8, 8), np.int64)},
+                     {"input": np.zeros((2, 3, 4, 4), np.float32)}, {"a": np.zeros((2, 3, 8, 8), np.float32),
+                                                                     "b": np.zeros((2, 3, 8, 8), np.float32)}):
+        assert shifted_views(lambda: iter([no_image])) is None

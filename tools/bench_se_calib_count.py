@@ -2,7 +2,8 @@
 gives more of their data, and should the agreement budget be checked on all of it?
 
     nice python tools/bench_se_calib_count.py [--every 6,3,2,1] [--targets tidl,tensorrt,ort]
-        [--agreement-samples N] [--held-out-calibration] [--out results.json] [--markdown results.json]
+        [--agreement-samples N] [--held-out-calibration] [--set OPTION=VALUE] [--out results.json]
+        [--markdown results.json]
 
 The SE model of ``tools/bench_peers.py`` (``se``: HardSwish + squeeze-excite, depthwise channel
 ranges two decades apart, trained on scikit-learn's digits) calibrates on every 6th of its 1197
@@ -40,6 +41,9 @@ from onnxopt.quant.recovery import fallback  # noqa: E402
 from onnxopt.registry import PassContext  # noqa: E402
 
 
+QDQ_SET: dict = {}   # --set: more qdq options for every run
+
+
 def run(calib: np.ndarray, source: str, target: str, model, xte: np.ndarray, yte: np.ndarray, ref: np.ndarray,
         check: np.ndarray = None) -> dict:
     feeds = [{"input": calib[i:i + 1]} for i in range(len(calib))]
@@ -47,7 +51,7 @@ def run(calib: np.ndarray, source: str, target: str, model, xte: np.ndarray, yte
     shapes = {"input": [1, *calib.shape[1:]]} if target.startswith("tidl") else None   # TIDL takes static shapes
     ctx = PassContext(data=lambda: iter(feeds), progress=False, log=lambda m: None, input_shapes=shapes,
                       check_data=None if check is None else (lambda: iter(check_feeds)))
-    out, report = manager.apply(model, ["qdq"], {"qdq": {"target": target}}, context=ctx, verify=False,
+    out, report = manager.apply(model, ["qdq"], {"qdq": {"target": target, **QDQ_SET}}, context=ctx, verify=False,
                                 summarize_layers=False)
     fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
     pred = P.top1(out, xte)
@@ -93,6 +97,8 @@ def markdown(rows: list, fp32: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--every", default="6,3,2,1")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a qdq option for every run, e.g. --set fallback_check=shifted")
     ap.add_argument("--targets", default="tidl,tensorrt,ort")
     ap.add_argument("--agreement-samples", type=int, default=fallback.AGREEMENT_SAMPLES)
     ap.add_argument("--out", default=str(P.CACHE / "se_calib_count.json"))
@@ -106,6 +112,7 @@ def main(argv=None) -> int:
         print(markdown(res["rows"], res["fp32"]))
         return 0
     fallback.AGREEMENT_SAMPLES = args.agreement_samples   # the fallback's check and the bias correction's
+    QDQ_SET.update(kv.split("=", 1) for kv in args.set)
     model, cf, _, _ = P._trained("se", "se_digits", P.se_digits)
     xtr, _, xte, yte = P.digits_split()
     if not np.array_equal(np.concatenate([f["input"] for f in cf]), xtr[::P.SE_CALIB_EVERY][:len(cf)]):

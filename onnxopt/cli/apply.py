@@ -60,7 +60,7 @@ Examples:
 @click.option("--check-data", metavar="PATH", help="qdq: the samples fallback=auto checks its accuracy budget on, instead of "
               "--calib-data (same formats and preprocessing). Give images the model never trained on (a validation "
               "split): on training images the model is too sure of itself for the check to see the disagreements "
-              "new images will have.")
+              "new images will have. Without such images: --set qdq.fallback_check=shifted.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Batch size when running data through the model.")
 @shortcut_options
 @image_options

@@ -149,6 +149,12 @@ class RecoveryOptions(PassOptions):
                                          "on the at most 256 samples read; more samples make the check surer, not looser); "
                                          "0.5 = the calibration samples' own count; default chosen leaving one model "
                                          "out (tools/bench_fallback_margin.py)")
+    fallback_check: str = option("calibration", "what fallback=auto checks its agreement budget on without apply's "
+                                 "--check-data: calibration = the calibration samples; shifted = each calibration image "
+                                 "moved by one pixel, a view the model did not train on (image inputs): for calibration "
+                                 "images that are training images and no validation split; it keeps more layers in high "
+                                 "precision where the images are new to the model (docs/benchmarks.md)",
+                                 ("calibration", "shifted"))
     max_error: float = option(0.0, "fallback=auto budget: relative L2 error of every output's logits vs float (0 = unset); "
                               "the only budget on non-classifier outputs (detectors)")
     fallback_precision: str = option("auto", "precision of fallback layers: auto (int16 on tidl, float elsewhere), float, "

@@ -116,12 +116,25 @@ def recover(float_model: ModelProto, qdq_model: ModelProto, info: Union[QuantInf
                                     limit=fallback.AGREEMENT_SAMPLES)
         model, report["bias_correction"] = _bias_correction(bc, float_model, model, info, data, n_samples, held_in, log)
     if fb == "auto":
-        # an agreement budget is checked on the same samples; a max_error budget reads fewer, and
-        # the check's feeds and reference outputs are dropped before the fallback reads its own
-        shared = held_in if math.isfinite(budget.max_agreement_loss) and check_data is None else None
+        checked_on = None
+        if options.fallback_check == "shifted" and check_data is None and math.isfinite(budget.max_agreement_loss):
+            # on the model's own training images the check sees too few top-1 changes; a one-pixel
+            # shift is a view of each image the model did not train on
+            shifted = fallback.shifted_views(data)
+            if shifted is None:
+                log("fallback_check=shifted: the input is not one image tensor (N, C, H, W or N, H, W, C with C 1 or 3, "
+                    f"sides of {fallback.MIN_SHIFTED_SIZE} or more); the budget is checked on the calibration samples")
+            else:
+                data, checked_on = shifted, fallback.SHIFTED
+        # an agreement budget is otherwise checked on the same samples as the bias correction; a
+        # max_error budget reads fewer, and the check's feeds and reference outputs are dropped
+        # before the fallback reads its own
+        shared = (held_in if math.isfinite(budget.max_agreement_loss) and check_data is None and checked_on is None
+                  else None)
         held_in = None
         model, report["fallback"] = auto_fallback(float_model, model, info, data if check_data is None else check_data, budget,
-                                                  precision, log, evaluator=shared, own_data=check_data is not None)
+                                                  precision, log, evaluator=shared, own_data=check_data is not None,
+                                                  checked_on=checked_on)
     if ev is not None:
         report["rel_error_end"] = ev.error(model)
         report["sqnr_db_start"] = round(sqnr_db(report["rel_error_start"]), 3)
