@@ -392,7 +392,7 @@ class DataSource:
             raise DataError("an image folder feeds one input, but the model has several.", "use an .npz or a file.py:function")
         name = next(iter(self._inputs))
         dtype = self._inputs[name]["dtype"]
-        if dtype.kind in "iu":   # a uint8 image input: the model normalizes the raw pixels itself
+        if dtype == np.uint8:   # a uint8 image input: the model normalizes the raw pixels itself
             o = self.spec.image
             if any(v is not None for v in (o.scale, o.mean, o.std)):
                 raise DataError(f"input '{name}' is {dtype}: the model takes raw pixels and normalizes them itself, so "

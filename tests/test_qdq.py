@@ -423,6 +423,9 @@ def test_float32_twin_of_a_float16_model_keeps_its_interface_and_outputs():
             assert got[name].dtype == np.float16
             np.testing.assert_allclose(got[name].astype(np.float32), ref[name].astype(np.float32), rtol=4e-3, atol=4e-3)
     assert float32_twin(conv_relu_conv())[1] is None            # a float32 model is not touched
+    listed = half_precision_model()   # an initializer also listed as a graph input (IR < 4 exports): widened with it
+    listed.graph.input.append(helper.make_tensor_value_info("zero", TensorProto.FLOAT16, []))
+    onnx.checker.check_model(float32_twin(listed)[0], full_check=True)
 
 
 @pytest.mark.parametrize("target", ["ort", "tensorrt", "tidl"])

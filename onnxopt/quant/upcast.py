@@ -123,7 +123,9 @@ def float32_twin(model: ModelProto) -> tuple:
     inits = {t.name for t in graph.initializer}
     head, tail = [], []
     for v in graph.input:
-        if _is_low(v) and v.name not in inits:
+        if _is_low(v) and v.name in inits:   # an initializer listed as an input (IR < 4): no interface, widened
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+        elif _is_low(v):
             wide = _unique(taken, f"{v.name}_float32")
             _rename_reads(graph, v.name, wide)
             head.append(helper.make_node("Cast", [v.name], [wide], name=_unique(taken, f"{v.name}_to_float32"),
