@@ -352,7 +352,8 @@ class _Numerics:
 def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list, inputs: _Inputs, progress: bool) -> _Numerics:
     """Run both models batch by batch, keeping only running sums (see the module docstring)."""
     # the task-aware error reads the logits before a terminal Softmax/Sigmoid, exposed as extra outputs
-    ref_logit_model, ref_logits = task_metric.with_logit_outputs(ref_model)
+    ref_found = task_metric.logit_tensors(ref_model)
+    ref_logit_model, ref_logits = task_metric.with_logit_outputs(ref_model, ref_found)
     cand_logit_model, cand_logits = task_metric.with_logit_outputs(cand_model)
     s_ref, s_cand = runtime.session(ref_logit_model), runtime.session(cand_logit_model)
     ref_names, cand_names = [r for r, _ in pairs], [c for _, c in pairs]
@@ -365,7 +366,7 @@ def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list,
     selected = task_metric.data_dependent_outputs(ref_model)
     acc = [_OutputStats(r, c, r in selected) for r, c in pairs]
     task_acc = task_metric.Accumulator(list(keys), ref_logits,
-                                       {k: a for k, (_, a) in task_metric.logit_tensors(ref_model).items() if a})
+                                       {k: a for k, (_, a) in ref_found.items() if a})
     ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[k] for k in keys]))
     cand_fetch = list(dict.fromkeys(cand_names + [cand_logits[ck] for ck in keys.values()]))
     data_labels = inputs.labels

@@ -36,7 +36,8 @@ def feeds(ctx, model: ModelProto, samples: int = SAMPLES) -> tuple:
 
 def measure(before: ModelProto, after: ModelProto, batches: list, source: str = "data") -> dict:
     """The output change of ``after`` against ``before`` on ``batches``, or ``{"skipped": reason}``."""
-    ref_model, ref_tensor = task_metric.with_logit_outputs(before)
+    found = task_metric.logit_tensors(before)
+    ref_model, ref_tensor = task_metric.with_logit_outputs(before, found)
     new_model, new_tensor = task_metric.with_logit_outputs(after)
     try:
         s_ref, s_new = runtime.session(ref_model), runtime.session(new_model)
@@ -44,7 +45,7 @@ def measure(before: ModelProto, after: ModelProto, batches: list, source: str = 
         gots = [runtime.run(s_new, f) for f in batches]
     except OnnxoptError as exc:
         return {"skipped": exc.message}
-    activations = {name: act for name, (_, act) in task_metric.logit_tensors(before).items()}
+    activations = {name: act for name, (_, act) in found.items()}
     per: dict = {}
     samples = 0
     for name, rt in ref_tensor.items():   # per output, or per tensor a data-dependent selection reads

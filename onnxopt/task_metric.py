@@ -126,10 +126,11 @@ def logit_tensors(model: ModelProto) -> dict:
     return out
 
 
-def with_logit_outputs(model: ModelProto) -> tuple:
+def with_logit_outputs(model: ModelProto, found: Optional[dict] = None) -> tuple:
     """(model, {graph output: measured tensor}): a copy of ``model`` that also outputs the logits
-    of each terminal activation (see :func:`logit_tensors`); ``model`` itself when it has none."""
-    found = logit_tensors(model)
+    of each terminal activation (see :func:`logit_tensors`; ``found``: its result, when the caller
+    holds it); ``model`` itself when it has none."""
+    found = logit_tensors(model) if found is None else found
     extra = list(dict.fromkeys(t for name, (t, _) in found.items() if t != name))
     mapping = {name: t for name, (t, _) in found.items()}
     return (runtime.with_outputs(model, extra) if extra else model), mapping
@@ -385,8 +386,9 @@ class Evaluator:
                  session: Optional[Callable] = None):
         _release_memory()   # what the caller's last step (e.g. a calibration pass) left, before adding ours
         self._session = session or lean_session
-        ref_model, self.mapping = with_logit_outputs(reference)
-        self.activations = {k: a for k, (_, a) in logit_tensors(reference).items() if a}
+        found = logit_tensors(reference)
+        ref_model, self.mapping = with_logit_outputs(reference, found)
+        self.activations = {k: a for k, (_, a) in found.items() if a}
         self.names = list(self.mapping)   # the graph outputs, or the tensors a data-dependent selection reads
         sess = self._session(ref_model)
         self.feeds, self.ref = [], []

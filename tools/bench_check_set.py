@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_peers as P  # noqa: E402
 
 from onnxopt import manager, model_io  # noqa: E402
+from onnxopt.quant.recovery.fallback import shift_images  # noqa: E402
 from onnxopt.registry import PassContext  # noqa: E402
 from onnxopt.task_metric import agreement_bound  # noqa: E402
 
@@ -71,15 +72,8 @@ def check_sets(calib: np.ndarray, pred: np.ndarray, seed: int = 0) -> dict:
 
 
 def shifted(images: np.ndarray, k: int) -> np.ndarray:
-    """Image ``i`` moved by ``k`` pixels along the last two axes, in direction ``i % 4``, the edge repeated."""
-    pad = [(0, 0)] * (images.ndim - 2) + [(k, k), (k, k)]
-    big = np.pad(images, pad, mode="edge")
-    h, w = images.shape[-2:]
-    out = np.empty_like(images)
-    for i in range(len(images)):
-        dy, dx = ((0, k), (2 * k, k), (k, 0), (k, 2 * k))[i % 4]
-        out[i] = big[i, ..., dy:dy + h, dx:dx + w]
-    return out
+    """Image ``i`` moved by ``k`` pixels along the last two axes, as ``qdq.fallback_check=shifted`` moves it."""
+    return shift_images(images, (images.ndim - 2, images.ndim - 1), k)
 
 
 def run_model(name: str, targets: list) -> list:

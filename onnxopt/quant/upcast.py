@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
+from ..ir.graph import NameGenerator
+from ..model_io import all_tensors, subgraphs
+
 LOW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _DTYPE_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike", "Bernoulli"}
 
@@ -46,12 +49,8 @@ def _graphs(graph: GraphProto):
     """``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == attr.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == attr.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
+        for sub in subgraphs(node):
+            yield from _graphs(sub)
 
 
 def _is_low(value_info) -> bool:
@@ -64,16 +63,13 @@ def _widen_tensor(t: TensorProto) -> TensorProto:
 
 def has_low_precision_floats(model: ModelProto) -> bool:
     """True when any tensor the graph declares or holds is float16/bfloat16."""
+    if any(t.data_type in LOW_FLOATS for t in all_tensors(model)):
+        return True
     for g in _graphs(model.graph):
-        if any(t.data_type in LOW_FLOATS for t in g.initializer):
-            return True
         if any(_is_low(v) for v in (*g.input, *g.output, *g.value_info)):
             return True
-        for node in g.node:
-            for attr in node.attribute:
-                if (attr.type == attr.TENSOR and attr.t.data_type in LOW_FLOATS
-                        or attr.name in ("to", "dtype") and attr.type == attr.INT and attr.i in LOW_FLOATS):
-                    return True
+        if any(a.name in ("to", "dtype") and a.type == a.INT and a.i in LOW_FLOATS for n in g.node for a in n.attribute):
+            return True
     return False
 
 
@@ -86,30 +82,19 @@ def _rename_reads(graph: GraphProto, old: str, new: str) -> None:
                     node.input[i] = new
 
 
-def _unique(taken: set, base: str) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
-
-
 def float32_twin(model: ModelProto) -> tuple:
     """(the widened copy, :class:`Upcast`), or (``model``, None) when it has no float16/bfloat16."""
     if not has_low_precision_floats(model):
         return model, None
     out, done = copy.deepcopy(model), Upcast()
+    for t in all_tensors(out):   # initializers and Constant/ConstantOfShape values, subgraphs included
+        if t.data_type in LOW_FLOATS:
+            t.CopyFrom(_widen_tensor(t))
+            done.weights += 1
     for g in _graphs(out.graph):
-        for i, t in enumerate(g.initializer):
-            if t.data_type in LOW_FLOATS:
-                g.initializer[i].CopyFrom(_widen_tensor(t))
-                done.weights += 1
         for node in g.node:
             for attr in node.attribute:
-                if attr.type == attr.TENSOR and attr.t.data_type in LOW_FLOATS:
-                    attr.t.CopyFrom(_widen_tensor(attr.t))
-                    done.weights += 1
-                elif attr.type == attr.INT and attr.i in LOW_FLOATS and (
+                if attr.type == attr.INT and attr.i in LOW_FLOATS and (
                         node.op_type == "Cast" and attr.name == "to" or node.op_type in _DTYPE_OPS and attr.name == "dtype"):
                     attr.i = TensorProto.FLOAT
                     done.casts += 1
@@ -118,24 +103,23 @@ def float32_twin(model: ModelProto) -> tuple:
             if _is_low(v):
                 v.type.tensor_type.elem_type = TensorProto.FLOAT
     graph = out.graph
-    taken = {n for g in _graphs(graph) for node in g.node for n in (*node.input, *node.output)}
-    taken |= {v.name for v in (*graph.input, *graph.output)} | {t.name for t in graph.initializer}
+    names = NameGenerator(out)
     inits = {t.name for t in graph.initializer}
     head, tail = [], []
     for v in graph.input:
         if _is_low(v) and v.name in inits:   # an initializer listed as an input (IR < 4): no interface, widened
             v.type.tensor_type.elem_type = TensorProto.FLOAT
         elif _is_low(v):
-            wide = _unique(taken, f"{v.name}_float32")
+            wide = names(f"{v.name}_float32")
             _rename_reads(graph, v.name, wide)
-            head.append(helper.make_node("Cast", [v.name], [wide], name=_unique(taken, f"{v.name}_to_float32"),
+            head.append(helper.make_node("Cast", [v.name], [wide], name=names(f"{v.name}_to_float32"),
                                          to=TensorProto.FLOAT))
             done.boundary += 1
     inputs = {v.name for v in graph.input}
     for v in graph.output:
         if not _is_low(v) or v.name in inputs:   # an input passed straight through keeps its own type
             continue
-        wide = _unique(taken, f"{v.name}_float32")
+        wide = names(f"{v.name}_float32")
         _rename_reads(graph, v.name, wide)
         for node in graph.node:
             node.output[:] = [wide if o == v.name else o for o in node.output]
@@ -145,7 +129,7 @@ def float32_twin(model: ModelProto) -> tuple:
         for vi in graph.value_info:
             if vi.name == v.name:
                 vi.name = wide
-        tail.append(helper.make_node("Cast", [wide], [v.name], name=_unique(taken, f"{v.name}_to_original_type"),
+        tail.append(helper.make_node("Cast", [wide], [v.name], name=names(f"{v.name}_to_original_type"),
                                      to=v.type.tensor_type.elem_type))
         done.boundary += 1
     nodes = head + list(graph.node) + tail

@@ -54,6 +54,22 @@ def _image_axes(arr: np.ndarray) -> Optional[tuple]:
     return None
 
 
+def shift_images(images: np.ndarray, axes: tuple, k: int = 1, start: int = 0) -> np.ndarray:
+    """Image ``i`` of the batch moved by ``k`` pixels along ``axes`` (height, width): down, up,
+    right or left by ``(start + i) % 4``, the border repeated."""
+    pad = [(0, 0)] * images.ndim
+    pad[axes[0]] = pad[axes[1]] = (k, k)
+    big = np.pad(images, pad, mode="edge")
+    h, w = images.shape[axes[0]], images.shape[axes[1]]
+    out = np.empty_like(images)
+    for i in range(len(images)):
+        dy, dx = ((0, k), (2 * k, k), (k, 0), (k, 2 * k))[(start + i) % 4]
+        window = [slice(None)] * images.ndim
+        window[axes[0]], window[axes[1]] = slice(dy, dy + h), slice(dx, dx + w)
+        out[i] = big[i][tuple(window[1:])]
+    return out
+
+
 def shifted_views(data) -> Optional[object]:
     """The calibration batches with image ``i`` moved by one pixel (up, down, left or right by
     ``i % 4``, the border repeated), as a data callable; None unless the first batch feeds one
@@ -82,18 +98,8 @@ def shifted_views(data) -> Optional[object]:
             if axes is None:   # a batch of another shape: as it is
                 yield feed
                 continue
-            out = np.empty_like(arr)
-            pad = [(0, 0)] * arr.ndim
-            pad[axes[0]] = pad[axes[1]] = (1, 1)
-            big = np.pad(arr, pad, mode="edge")
-            h, w = arr.shape[axes[0]], arr.shape[axes[1]]
-            for i in range(len(arr)):
-                dy, dx = ((0, 1), (2, 1), (1, 0), (1, 2))[(seen + i) % 4]
-                window = [slice(None)] * arr.ndim
-                window[axes[0]], window[axes[1]] = slice(dy, dy + h), slice(dx, dx + w)
-                out[i] = big[i][tuple(window[1:])]
+            yield {name: shift_images(arr, axes, 1, seen)}
             seen += len(arr)
-            yield {name: out}
     return views
 
 
