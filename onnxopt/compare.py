@@ -135,8 +135,9 @@ def _check_feed_runs(sess, feed: dict, what: str) -> None:
 class _OutputStats:
     """Running sums for one output pair: of all the samples, only one argmax each is kept."""
 
-    def __init__(self, name: str, cand_name: str, data_dependent: bool = False):
+    def __init__(self, name: str, cand_name: str, data_dependent: bool = False, features: bool = False):
         self.name, self.cand_name = name, cand_name
+        self.features = features   # features, not class scores (task_metric.FEATURES): no top-1, no accuracy
         # a selection's output (after NonMaxSuppression...): where the two models select a different
         # number of items it is not compared element by element (the task error reads its inputs)
         self.data_dependent, self.shape_changes = data_dependent, 0
@@ -155,7 +156,8 @@ class _OutputStats:
             raise OnnxoptError(
                 f"output '{self.name}' has shape {list(r.shape)} in the reference but {list(c.shape)} in the candidate.",
                 "the two models are not comparable on this output; check that CAND was derived from REF")
-        is_cls = r.ndim == 2 and r.shape[1] > 1 and not self.data_dependent   # (selected indices are no logits)
+        # (selected indices are no logits, and an embedding's argmax decides nothing)
+        is_cls = r.ndim == 2 and r.shape[1] > 1 and not self.data_dependent and not self.features
         self.classifier = is_cls if self.classifier is None else (self.classifier and is_cls)
         self.shape = list(r.shape) if self.shape is None else [a if a == b else None for a, b in zip(self.shape, r.shape)]
         r64, c64 = r.astype(np.float64, copy=False), c.astype(np.float64, copy=False)
@@ -364,7 +366,8 @@ def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list,
         raise OnnxoptError(f"the candidate has no place matching '{missing[0]}' of the reference's outputs.",
                            "the two models are not comparable; check that CAND was derived from REF")
     selected = task_metric.data_dependent_outputs(ref_model)
-    acc = [_OutputStats(r, c, r in selected) for r, c in pairs]
+    features = {k for k, (_, act) in ref_found.items() if act == task_metric.FEATURES}
+    acc = [_OutputStats(r, c, r in selected, r in features) for r, c in pairs]
     task_acc = task_metric.Accumulator(list(keys), ref_logits,
                                        {k: a for k, (_, a) in ref_found.items() if a})
     ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[k] for k in keys]))

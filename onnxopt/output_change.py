@@ -102,8 +102,9 @@ def describe(change: dict, prefix: str = "output change ") -> str:
     acts = {v["activation"] for v in change.get("outputs", {}).values() if v.get("measured") and v.get("activation")}
     if acts & set(task_metric.TERMINAL_ACTIVATIONS):
         parts.append("on the logits before the final " + "/".join(sorted(acts & set(task_metric.TERMINAL_ACTIVATIONS))))
-    if acts - set(task_metric.TERMINAL_ACTIVATIONS):
-        parts.append("on the tensors " + "/".join(sorted(acts - set(task_metric.TERMINAL_ACTIVATIONS))) + " selects from")
+    selecting = acts - set(task_metric.TERMINAL_ACTIVATIONS) - {task_metric.FEATURES}
+    if selecting:
+        parts.append("on the tensors " + "/".join(sorted(selecting)) + " selects from")
     what = "of the data" if change.get("inputs") == "data" else "of generated inputs; give --calib-data for real figures"
     return f"{prefix}{', '.join(parts) or 'none measurable'} ({change.get('samples', 0)} samples {what})"
 

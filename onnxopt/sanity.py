@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import ModelProto, numpy_helper
 
-from . import runtime
+from . import runtime, task_metric
 from .data import DataSource, take_samples
 from .errors import OnnxoptError
 from .ir.proto import const_tensors
@@ -41,6 +41,7 @@ def check_outputs(model: ModelProto, data: DataSource, samples: int = SAMPLES) -
     feeds = take_samples(data, samples)
     bound = _first_bound(model)
     graph_outputs = [o.name for o in model.graph.output]
+    features = task_metric.features_outputs(model)   # an embedding's argmax is no class: nothing to say of it
     try:
         probe = runtime.with_outputs(model, [bound[0]]) if bound else model
         sess = runtime.session(probe)
@@ -78,7 +79,7 @@ def check_outputs(model: ModelProto, data: DataSource, samples: int = SAMPLES) -
             warnings.append(f"the float model's output '{name}' is the same for all {count} samples of the data "
                             f"(it does not depend on the input as read): {hint}")
             continue
-        if y.ndim == 2 and y.shape[1] > 1 and count >= MIN_SAMPLES:
+        if y.ndim == 2 and y.shape[1] > 1 and count >= MIN_SAMPLES and name not in features:
             classes = np.unique(y.argmax(1))
             if len(classes) == 1:
                 warnings.append(f"the float model gives every one of the first {count} samples the same class "

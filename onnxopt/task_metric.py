@@ -16,9 +16,15 @@ Where it is measured
     the candidate may select one box more. It is measured on the float tensors that op reads (the
     boxes and scores before the selection), one entry each, keyed ``output:Op[input index]``.
 
+    An output of *features* is no classifier's scores, whatever its shape: an L2-normalized
+    output (``F.normalize``, LpNormalization: an embedding), or one named as features or values
+    (``image_embeds``, ``pooler_output``, ``bbox_pred``...). The argmax of an embedding decides
+    nothing, and a budget on it kept a third of a ResNet's MACs in float for no reason.
+
 What is measured, per graph output
-    * classifier-shaped outputs (``[N, C]``, ``C > 1``): top-1 agreement with the reference and the
-      KL divergence ``KL(softmax(ref) || softmax(cand))`` (nats, mean per sample) of the logits;
+    * classifier-shaped outputs (``[N, C]``, ``C > 1``, not features): top-1 agreement with the
+      reference and the KL divergence ``KL(softmax(ref) || softmax(cand))`` (nats, mean per sample)
+      of the logits;
     * every output: cosine similarity, SQNR (``10 log10(|r|^2 / |r - c|^2)`` dB) and the relative
       L2 error ``|r - c| / |r|``.
     Multi-output models (detectors) get one entry per output; a budget (:class:`Budget`) holds
@@ -27,6 +33,7 @@ What is measured, per graph output
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -46,6 +53,15 @@ from .data import feed_samples
 from .errors import DataError, OnnxoptError
 
 TERMINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+# an output of features, not class scores (found on the graph: it is L2-normalized, or its name says
+# so): no top-1 there, the argmax of an embedding decides nothing
+FEATURES = "features"
+# names of outputs that hold features or values, matched as whole words of the name
+# (``image_embeds``, ``pooler_output``, ``last_hidden_state``, ``bbox_pred``, ``fc1_feat``)
+_FEATURE_NAME = re.compile(r"(^|[^a-z])(embed\w*|emb|feat\w*|descriptors?|pool(er|ed)\w*|hidden\w*|b?box(es)?\w*"
+                           r"|landmarks?|keypoints?|kpts?|regress\w*|depth)($|[^a-z])", re.IGNORECASE)
+# ops between an L2 norm and the Div by it (eps clamps, broadcasts)
+_NORM_PLUMBING = ("Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Sqrt", "Cast", "Identity")
 # ops whose output shape depends on the input values
 DATA_DEPENDENT_SHAPE = ("NonMaxSuppression", "NonZero", "Unique", "Compress")
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
@@ -98,10 +114,34 @@ def data_dependent_outputs(model: ModelProto) -> set:
     return set(_selection_sources(model, {o: n for n in model.graph.node for o in n.output if o}))
 
 
+def _l2_normalized(node, producer: dict) -> bool:
+    """Whether ``node`` writes an L2-normalized tensor: ``LpNormalization`` (p=2), or ``x / d`` with
+    ``d`` computed from the L2 norm of the same ``x`` (``F.normalize``: ReduceL2 -> Clip -> Expand ->
+    Div; or Sqrt(ReduceSum(x * x)), ReduceSumSquare), possibly through eps clamps and broadcasts."""
+    if node.op_type == "LpNormalization":
+        return next((a.i for a in node.attribute if a.name == "p"), 2) == 2
+    if node.op_type != "Div" or len(node.input) != 2:
+        return False
+    x, stack, steps = node.input[0], [node.input[1]], 0
+    while stack and steps < 16:   # the divisor's ancestry, back to what it reads of x
+        src = producer.get(stack.pop())
+        steps += 1
+        if src is None or not src.input:
+            continue
+        if src.op_type in ("ReduceL2", "ReduceSumSquare", "Pow") and src.input[0] == x:
+            return True                              # |x|, |x|^2, x^2 (then summed)
+        if src.op_type == "Mul" and list(src.input) == [x, x]:
+            return True
+        if src.op_type in _NORM_PLUMBING + ("ReduceSum", "Pow"):
+            stack.extend(src.input)
+    return False
+
+
 def logit_tensors(model: ModelProto) -> dict:
     """{measured name: (tensor to measure, op or None)}, per graph output: the input of a terminal
     Softmax/LogSoftmax/Sigmoid writing the output (through pass-through ops read only by the next
-    op), else the output itself; for an output whose shape depends on the data, the float tensors
+    op), else the output itself (op :data:`FEATURES` when it holds features, not class scores);
+    for an output whose shape depends on the data, the float tensors
     its selection reads instead (:func:`_selection_sources`), each under its own key. Found on each
     model's own graph, so a quantized model whose Softmax reads a dequantized tensor is measured on
     what its Softmax actually receives."""
@@ -122,8 +162,16 @@ def logit_tensors(model: ModelProto) -> dict:
             node = producer.get(node.input[0])
         if node is not None and node.op_type in TERMINAL_ACTIVATIONS and node.input and node.input[0]:
             t, act = node.input[0], node.op_type
+        elif (node is not None and _l2_normalized(node, producer)) or _FEATURE_NAME.search(vo.name):
+            act = FEATURES
         out[vo.name] = (t, act)
     return out
+
+
+def features_outputs(model: ModelProto) -> set:
+    """The graph outputs that hold features or values, not class scores (:data:`FEATURES`): no
+    top-1, no class statistics, no KL distillation for them, whatever their shape."""
+    return {name for name, (_, act) in logit_tensors(model).items() if act == FEATURES}
 
 
 def with_logit_outputs(model: ModelProto, found: Optional[dict] = None) -> tuple:
@@ -154,7 +202,8 @@ class OutputError:
 
     name: str
     measured: str                       # the tensor compared (the logits, or the output itself)
-    activation: Optional[str] = None    # Softmax / LogSoftmax / Sigmoid, when the logits were measured
+    # Softmax / LogSoftmax / Sigmoid, when the logits were measured; FEATURES, or the selecting op
+    activation: Optional[str] = None
     classifier: bool = False
     samples: int = 0
     top1_agreement: Optional[float] = None   # fraction, classifier outputs only
@@ -273,6 +322,7 @@ class TaskError:
         parts = []
         for o in self.outputs:
             where = (f" (logits before {o.activation})" if o.activation in TERMINAL_ACTIVATIONS else
+                     " (not class scores)" if o.activation == FEATURES else
                      f" ('{o.measured}', read by {o.activation})" if o.activation else "")
             what = (f"top-1 agreement {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"
                     if o.classifier else f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}")
@@ -316,8 +366,9 @@ class Accumulator:
             cf = np.nan_to_num(c64, posinf=0.0, neginf=0.0)
             st["cc"] += float(np.vdot(cf, cf))
             st["dot"] += float(np.vdot(np.nan_to_num(r64), cf))
-            # what a selection reads is scores to threshold, not a class decision: no top-1 there
-            cls = r64.ndim == 2 and r64.shape[1] > 1 and self.activations.get(name) not in DATA_DEPENDENT_SHAPE
+            # what a selection reads is scores to threshold, and features are no class scores: no top-1 there
+            cls = (r64.ndim == 2 and r64.shape[1] > 1
+                   and self.activations.get(name) not in DATA_DEPENDENT_SHAPE + (FEATURES,))
             st["cls"] = cls if st["cls"] is None else (st["cls"] and cls)
             st["n"] += int(r64.shape[0]) if r64.ndim else 1
             if cls:

@@ -85,6 +85,39 @@ def test_distillation_moves_student_to_teacher_and_writes_back(tmp_path):
     assert len(res.history) == 6 and res.samples_per_second > 0
 
 
+def _embedding(model):
+    """``model`` with its logits L2-normalized (LpNormalization): an embedding, not class scores."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.node[-1].output[0] = "raw"
+    out.graph.node.append(helper.make_node("LpNormalization", ["raw"], ["logits"], axis=1, p=2, name="l2"))
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def test_an_embedding_model_is_distilled_by_its_distance_to_the_teacher(tmp_path):
+    """A model ending in LpNormalization (an embedding) converts to torch and is distilled with the
+    MSE of its output, not a KL between softmaxes of its dimensions (onnxopt.task_metric.FEATURES:
+    an embedding's dimensions are no classes)."""
+    pytest.importorskip("torch")
+    from onnxopt.torch.train import FinetuneConfig, finetune
+    teacher = _embedding(tiny_classifier())
+    student = perturbed(teacher, scale=0.5)
+    x = rand(64, 3, 8, 8, seed=99)
+
+    def distance(m):
+        s, t = run(m, {"input": x})["logits"], run(teacher, {"input": x})["logits"]
+        return float(np.mean(np.sum((s - t) ** 2, axis=1)))
+    before = distance(student)
+    res = finetune(student, open_ds(data_file(tmp_path), student), teacher=teacher,
+                   config=FinetuneConfig(epochs=6, lr=3e-3, batch_size=16, progress=False, log=lambda m: None, threads=1))
+    assert distance(res.model) < 0.5 * before, (before, distance(res.model))
+    from onnxopt.torch.train import distill_loss
+    torch = pytest.importorskip("torch")
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    assert float(distill_loss(s, t, 4.0, class_scores=False)) == pytest.approx(float(torch.mean((s - t) ** 2)))
+
+
 def _half(model):
     """``model`` exported in float16: weights, BN statistics, input and output."""
     out = onnx.ModelProto()

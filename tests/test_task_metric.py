@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -278,7 +280,7 @@ def test_a_selection_output_is_measured_on_what_it_selects_from():
     # when the detector also outputs its boxes and scores, those are measured (on the logits before
     # the Sigmoid), once; the selection adds nothing
     plain = nms_detector(end2end=False)
-    assert task_metric.logit_tensors(plain) == {"scores": ("cls", "Sigmoid"), "boxes": ("boxes", None)}
+    assert task_metric.logit_tensors(plain) == {"scores": ("cls", "Sigmoid"), "boxes": ("boxes", task_metric.FEATURES)}
     assert task_metric.data_dependent_outputs(plain) == {"sel"}
 
 
@@ -297,3 +299,84 @@ def test_compare_and_qdq_take_a_detector_with_its_nms():
         change = rec.output_change
         assert set(change["outputs"]) == {"sel:NonMaxSuppression[0]", "sel:NonMaxSuppression[1]"}, change
         assert change["cosine"] > 0.99
+
+
+def _normalized_embedding(exporter: str, tmp_path):
+    """A torch CNN ending in F.normalize (a retrieval / face-recognition embedding), exported as users do."""
+    torch = pytest.importorskip("torch")
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 16)
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(self.fc(torch.relu(self.conv(x)).mean((2, 3))), dim=1)
+
+    path = tmp_path / f"embed_{exporter}.onnx"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Embed().eval(), (torch.randn(2, 3, 16, 16),), str(path), input_names=["x"], output_names=["out"],
+                          opset_version=18 if exporter == "dynamo" else 17, dynamo=exporter == "dynamo",
+                          **({} if exporter == "dynamo" else {"dynamic_axes": {"x": {0: "N"}}}))
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_an_l2_normalized_embedding_is_measured_as_features_not_class_scores(exporter, tmp_path):
+    """The argmax of an embedding decides nothing: an L2-normalized output gets error figures only,
+    and fallback=auto's agreement budget does not keep layers in float for it."""
+    m = _normalized_embedding(exporter, tmp_path)
+    assert task_metric.logit_tensors(m) == {"out": ("out", task_metric.FEATURES)}
+    feeds = [{"x": rand(2, 3, 16, 16, seed=s)} for s in range(8)]   # the dynamo export's batch is fixed
+    err = task_metric.task_error(m, m, feeds)
+    assert not err.classifier and err.outputs[0].top1_agreement is None and "out (not class scores)" in err.summary()
+    logs = []
+    q, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "weight_bits": 4}},
+                              context=PassContext(data=lambda: iter(feeds), progress=False, log=logs.append), summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    assert fb["agreement_loss_before"] is None and fb["high_precision_layers"] == [] and "features" in fb["note"]
+    assert "out (not class scores): SQNR" in next(line for line in logs if line.startswith("fallback: "))
+    # compare: no top-1 column, and the data check has no "every sample gets the same class" to say
+    from onnxopt.compare import compare_models
+    from onnxopt.sanity import check_outputs
+    res = compare_models(m, q, data=None, runs=0, generated_samples=8)
+    assert res["outputs"][0]["top1_agreement"] is None and res["outputs"][0]["cosine"] > 0.9
+    # an embedding whose first dimension always dominates is no model that gives every input one class
+    from onnxopt.data import DataSpec, open_data
+    biased = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["f"], transB=1),
+                         helper.make_node("LpNormalization", ["f"], ["out"], axis=1, p=2)], [("x", ["N", 8])], [("out", ["N", 6])],
+                        [("w", rand(6, 8, seed=1)), ("b", np.array([50, 0, 0, 0, 0, 0], np.float32))])
+    np.save(tmp_path / "x.npy", rand(32, 8, seed=2))
+    assert not check_outputs(biased, open_data(DataSpec(str(tmp_path / "x.npy"), batch_size=4), biased))
+    scores = make_model(biased.graph.node[:1], [("x", ["N", 8])], [("f", ["N", 6])], biased.graph.initializer)
+    assert any("same class" in w for w in check_outputs(scores, open_data(DataSpec(str(tmp_path / "x.npy"), batch_size=4), scores)))
+
+
+def test_features_are_recognised_by_the_norm_on_the_graph_or_by_name():
+    x_in, w = ("x", ["N", 8]), [("w", rand(6, 8, seed=1))]
+    fc = helper.make_node("Gemm", ["x", "w"], ["f"], transB=1)
+    by_hand = {   # Sqrt(ReduceSum(f * f)) with an eps clamp; LpNormalization; ReduceSumSquare -> Sqrt
+        "sqrt_sum": [helper.make_node("Mul", ["f", "f"], ["sq"]), helper.make_node("ReduceSum", ["sq", "ax"], ["ss"], keepdims=1),
+                     helper.make_node("Sqrt", ["ss"], ["n"]), helper.make_node("Max", ["eps", "n"], ["nc"]),
+                     helper.make_node("Div", ["f", "nc"], ["y"])],
+        "lp": [helper.make_node("LpNormalization", ["f"], ["y"], axis=1, p=2)],
+        "sum_square": [helper.make_node("ReduceSumSquare", ["f", "ax"], ["ss"], keepdims=1),
+                       helper.make_node("Sqrt", ["ss"], ["n"]), helper.make_node("Div", ["f", "n"], ["y"])],
+    }
+    consts = [("ax", np.array([1], np.int64)), ("eps", np.array([1e-12], np.float32))]
+    for name, nodes in by_hand.items():
+        m = make_model([fc] + nodes, [x_in], [("y", ["N", 6])], w + consts, opset=18)
+        assert task_metric.logit_tensors(m)["y"] == ("y", task_metric.FEATURES), name
+    # dividing by something else (a temperature, another tensor's norm) is no normalization
+    other = make_model([fc, helper.make_node("ReduceL2", ["x"], ["n"], axes=[1], keepdims=1), helper.make_node("Div", ["f", "n"], ["y"])],
+                       [x_in], [("y", ["N", 6])], w, opset=17)
+    assert task_metric.logit_tensors(other)["y"] == ("y", None)
+    # by name, as whole words: embeddings, pooled / hidden states, box and landmark regressions
+    for out, features in (("image_embeds", True), ("pooler_output", True), ("last_hidden_state", True), ("bbox_pred", True),
+                          ("fc1_feat", True), ("landmarks", True), ("emb", True), ("logits", False), ("output", False),
+                          ("prob", False), ("scores", False), ("495", False), ("depthwise_out", False)):
+        m = make_model([helper.make_node("Gemm", ["x", "w"], [out], transB=1)], [x_in], [(out, ["N", 6])], w)
+        assert (task_metric.logit_tensors(m)[out][1] == task_metric.FEATURES) is features, out

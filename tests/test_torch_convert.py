@@ -106,6 +106,18 @@ def test_clip_pow_sqrt_div():
     assert_parity(m)
 
 
+@pytest.mark.parametrize("op,attrs,out", [
+    ("ReduceL2", {"axes": [1], "keepdims": 1}, [2, 1, 9, 9]),
+    ("ReduceL1", {"axes": [2, 3], "keepdims": 0}, [2, 4]),
+    ("ReduceSumSquare", {"keepdims": 1}, [1, 1, 1, 1]),
+    ("LpNormalization", {"axis": 1, "p": 2}, [2, 4, 9, 9]),
+    ("LpNormalization", {"axis": -1, "p": 1}, [2, 4, 9, 9]),
+])
+def test_norms_embedding_heads_export(op, attrs, out):
+    """F.normalize (ReduceL2 -> Clip -> Expand -> Div) and LpNormalization end embedding models."""
+    assert_parity(single(op, ["x"], out, attrs=attrs, opset=13 if op.startswith("Reduce") else 17, in_specs=X))
+
+
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
 def test_pad(mode):
     m = single("Pad", ["x", "pads", "v"], [2, 4, 12, 10],

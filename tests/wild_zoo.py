@@ -192,6 +192,23 @@ def cnn_select(path):
                {"x": {0: "batch", 2: "height", 3: "width"}}, preserve_bn=True)
 
 
+def cnn_embedding(path):
+    """The CNN as a retrieval / re-identification embedding: its features L2-normalized by
+    F.normalize (exported as ReduceL2 -> Clip -> Expand -> Div), output named ``output``."""
+    torch = _torch()
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _cnn_module()
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(self.body(x), dim=1)
+
+    _export_ts(Embed().eval(), (torch.randn(*IMAGE),), path, (["x"], ["output"]),
+               {"x": {0: "batch", 2: "height", 3: "width"}}, preserve_bn=True)
+
+
 def cnn_dynamo(path):
     torch = _torch()
     _export_dynamo(_cnn_module(), (torch.randn(*IMAGE),), path, (["x"], ["logits"]), _image_dims())
@@ -293,6 +310,7 @@ BUILDERS = {
     "cnn_torchscript": cnn_torchscript,
     "cnn_fp16": cnn_fp16,
     "cnn_select": cnn_select,
+    "cnn_embedding": cnn_embedding,
     "cnn_dynamo": cnn_dynamo,
     "cnn_dynamo_noopt": cnn_dynamo_noopt,
     "gru_text": gru_text,

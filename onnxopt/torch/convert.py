@@ -716,10 +716,21 @@ def _reduce(fn_name):
         axes = [a % x.dim() for a in axes]
         if fn_name in ("mean", "sum"):
             return getattr(x, fn_name)(dim=axes, keepdim=keep)
+        if fn_name in ("l1", "l2", "sum_square"):   # the norms F.normalize and embedding heads export
+            y = (x.abs() if fn_name == "l1" else x * x).sum(dim=axes, keepdim=keep)
+            return y.sqrt() if fn_name == "l2" else y
         for a in sorted(axes, reverse=True):
             x = (x.amax if fn_name == "max" else x.amin)(dim=a, keepdim=keep)
         return x
     return op
+
+
+def op_lp_normalization(m, node, ins):
+    """x / ||x||_p along ``axis`` (p 1 or 2), without F.normalize's eps, as onnxruntime computes it."""
+    x, p = ins[0], int(node.attrs.get("p", 2))
+    norm = x.abs().sum(dim=int(node.attrs.get("axis", -1)), keepdim=True) if p == 1 else \
+        (x * x).sum(dim=int(node.attrs.get("axis", -1)), keepdim=True).sqrt()
+    return x / norm
 
 
 def op_shape(m, node, ins):
@@ -870,6 +881,8 @@ _OPS: Dict[str, Callable] = {
     "GlobalAveragePool": lambda m, n, i: i[0].mean(dim=list(range(2, i[0].dim())), keepdim=True),
     "GlobalMaxPool": lambda m, n, i: i[0].amax(dim=list(range(2, i[0].dim())), keepdim=True),
     "ReduceMean": _reduce("mean"), "ReduceSum": _reduce("sum"), "ReduceMax": _reduce("max"), "ReduceMin": _reduce("min"),
+    "ReduceL1": _reduce("l1"), "ReduceL2": _reduce("l2"), "ReduceSumSquare": _reduce("sum_square"),
+    "LpNormalization": op_lp_normalization,
     "Shape": op_shape, "Size": lambda m, n, i: torch.tensor(i[0].numel(), dtype=torch.int64, device=i[0].device),
     "Gather": op_gather, "ConstantOfShape": op_constant_of_shape,
     "Cast": lambda m, n, i: i[0].to(_ONNX_TO_TORCH[int(n.attrs["to"])]),

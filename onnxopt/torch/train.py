@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from onnx import ModelProto
 
-from .. import runtime, stats
+from .. import runtime, stats, task_metric
 from ..progress import progress_bar
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint
@@ -216,9 +216,10 @@ def load_user_loss(spec: str) -> Callable:
     return load_user_function(spec, "loss script", "define fn(student_outputs, teacher_outputs, labels, batch) -> scalar tensor")
 
 
-def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 KL on classifier logits ([N, C], C > 1), MSE otherwise."""
-    if s.dim() == 2 and s.shape[1] > 1:
+def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, class_scores: bool = True) -> torch.Tensor:
+    """T^2 KL on classifier logits ([N, C], C > 1, unless ``class_scores`` is false: an embedding
+    or other features, see :data:`onnxopt.task_metric.FEATURES`), MSE otherwise."""
+    if class_scores and s.dim() == 2 and s.shape[1] > 1:
         T = temperature
         return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True) * T * T
     return F.mse_loss(s, t)
@@ -287,6 +288,7 @@ class _Run:
     cache: Optional[tuple] = None          # the teacher's outputs on ``tensors`` when inputs never change
     held: Optional[tuple] = None           # (tensors, labels) of the held-in split
     held_teacher: Optional[tuple] = None   # the teacher's outputs on the held-in split
+    feature_outputs: set = field(default_factory=set)   # outputs of features, not class scores: MSE, not KL
 
     @property
     def n(self) -> int:
@@ -296,11 +298,12 @@ class _Run:
         cfg, student = self.cfg, self.student
         loss = out[0].new_zeros(())
         if t_out is not None:
-            for s_o, t_o in zip(out, t_out):
+            for s_o, t_o, name in zip(out, t_out, student.output_names):
                 if s_o.shape != t_o.shape:
                     raise OnnxoptError(f"student output {tuple(s_o.shape)} and teacher output {tuple(t_o.shape)} differ.",
                                        "the teacher must have the same outputs as the model (the model before lite/prune/qdq)")
-                loss = loss + cfg.distill_weight * distill_loss(s_o, t_o.to(s_o.dtype), cfg.temperature)
+                loss = loss + cfg.distill_weight * distill_loss(s_o, t_o.to(s_o.dtype), cfg.temperature,
+                                                                name not in self.feature_outputs)
             for f, t_f in zip(self.features, t_feat):
                 loss = loss + cfg.feature_weight * F.mse_loss(student.captured[f], t_f.to(student.captured[f].dtype))
         if y is not None:
@@ -407,7 +410,9 @@ def _prepare(model: ModelProto, data, teacher: Optional[ModelProto], cfg: Finetu
     if labels is not None and (cfg.label_weight == 0):
         labels = None
     run = _Run(cfg, student, device, {k: torch.from_numpy(v) for k, v in arrays.items()},
-               torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None, user_loss=user_loss)
+               torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None, user_loss=user_loss,
+               # found on the float teacher too: a quantized student's normalization reads dequantized tensors
+               feature_outputs=task_metric.features_outputs(model) | (task_metric.features_outputs(teacher) if teacher is not None else set()))
     _attach_teacher(run, teacher, model, log)
     if cfg.val_split > 0 and cfg.epochs > 0:
         _hold_in(run, log)
