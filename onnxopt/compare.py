@@ -135,9 +135,11 @@ def _check_feed_runs(sess, feed: dict, what: str) -> None:
 class _OutputStats:
     """Running sums for one output pair: of all the samples, only one argmax each is kept."""
 
-    def __init__(self, name: str, cand_name: str, data_dependent: bool = False, features: bool = False):
+    def __init__(self, name: str, cand_name: str, data_dependent: bool = False, features: bool = False,
+                 class_ids: bool = False):
         self.name, self.cand_name = name, cand_name
         self.features = features   # features, not class scores (task_metric.FEATURES): no top-1, no accuracy
+        self.class_ids = class_ids   # written by an ArgMax: one class id per sample ([N] or [N, 1]) is the decision
         # a selection's output (after NonMaxSuppression...): where the two models select a different
         # number of items it is not compared element by element (the task error reads its inputs)
         self.data_dependent, self.shape_changes = data_dependent, 0
@@ -157,7 +159,8 @@ class _OutputStats:
                 f"output '{self.name}' has shape {list(r.shape)} in the reference but {list(c.shape)} in the candidate.",
                 "the two models are not comparable on this output; check that CAND was derived from REF")
         # (selected indices are no logits, and an embedding's argmax decides nothing)
-        is_cls = r.ndim == 2 and r.shape[1] > 1 and not self.data_dependent and not self.features
+        ids = self.class_ids and r.ndim in (1, 2) and r.size == (r.shape[0] if r.ndim else 1)
+        is_cls = ids or (r.ndim == 2 and r.shape[1] > 1 and not self.data_dependent and not self.features)
         self.classifier = is_cls if self.classifier is None else (self.classifier and is_cls)
         self.shape = list(r.shape) if self.shape is None else [a if a == b else None for a, b in zip(self.shape, r.shape)]
         r64, c64 = r.astype(np.float64, copy=False), c.astype(np.float64, copy=False)
@@ -187,7 +190,7 @@ class _OutputStats:
             cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(rs == cs, axis=1), 1.0, 0.0))
             self.min_sample_cos = min(self.min_sample_cos, float(cos.min()))
         if is_cls:
-            ra, ca = np.argmax(r, axis=1), np.argmax(c, axis=1)
+            ra, ca = (r.reshape(-1), c.reshape(-1)) if ids else (np.argmax(r, axis=1), np.argmax(c, axis=1))
             self.samples += r.shape[0]
             self.agree += int(np.count_nonzero(ra == ca))
             if labels is not None:
@@ -367,7 +370,8 @@ def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list,
                            "the two models are not comparable; check that CAND was derived from REF")
     selected = task_metric.data_dependent_outputs(ref_model)
     features = {k for k, (_, act) in ref_found.items() if act == task_metric.FEATURES}
-    acc = [_OutputStats(r, c, r in selected, r in features) for r, c in pairs]
+    class_ids = task_metric.class_id_outputs(ref_model)
+    acc = [_OutputStats(r, c, r in selected, r in features, r in class_ids) for r, c in pairs]
     task_acc = task_metric.Accumulator(list(keys), ref_logits,
                                        {k: a for k, (_, a) in ref_found.items() if a})
     ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[k] for k in keys]))
@@ -465,7 +469,8 @@ def compare_models(
         notes.append(f"{len(inputs.labels)} labels for {num.seen} evaluated samples; the first {num.seen} were used")
     classifiers = [o for o in num.outputs if o["classifier"]]
     if inputs.labels is not None and not classifiers:
-        notes.append("labels were given but no output is classifier-shaped ([N, C], C > 1): no accuracy computed")
+        notes.append("labels were given but no output is classifier-shaped ([N, C] scores, C > 1, or ArgMax class ids): "
+                     "no accuracy computed")
     if "min_agreement" in gates and not classifiers:
         raise OptionError("--min-agreement needs a classifier-shaped output ([N, C] with C > 1); this model has none.",
                           "drop --min-agreement and gate on the error figures instead")

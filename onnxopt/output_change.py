@@ -100,9 +100,9 @@ def describe(change: dict, prefix: str = "output change ") -> str:
              "top1_agreement": lambda v: f"top-1 agreement {100 * v:.1f} %", "kl": lambda v: f"KL {v:.3g}"}
     parts = [fmt(change[key]) for key, fmt in shown.items() if change.get(key) is not None]
     acts = {v["activation"] for v in change.get("outputs", {}).values() if v.get("measured") and v.get("activation")}
-    if acts & set(task_metric.TERMINAL_ACTIVATIONS):
-        parts.append("on the logits before the final " + "/".join(sorted(acts & set(task_metric.TERMINAL_ACTIVATIONS))))
-    selecting = acts - set(task_metric.TERMINAL_ACTIVATIONS) - {task_metric.FEATURES}
+    if acts & set(task_metric.LOGIT_READERS):
+        parts.append("on the logits before the final " + "/".join(sorted(acts & set(task_metric.LOGIT_READERS))))
+    selecting = acts - set(task_metric.LOGIT_READERS) - {task_metric.FEATURES}
     if selecting:
         parts.append("on the tensors " + "/".join(sorted(selecting)) + " selects from")
     what = "of the data" if change.get("inputs") == "data" else "of generated inputs; give --calib-data for real figures"

@@ -5,11 +5,12 @@ summaries measure quantization error with this module, so that a budget means th
 everywhere.
 
 Where it is measured
-    On the *logits*: when a graph output is written by a terminal Softmax, LogSoftmax or Sigmoid
-    (through Identity/Flatten/Reshape/Squeeze, found on the graph), the activation's input is
-    measured instead, exposed as an extra graph output (:func:`with_logit_outputs`). Probabilities
-    hide what quantization did: on a HardSwish/SE classifier the relative L2 error of the Softmax
-    output was 0.6 % where top-1 fell 17 points.
+    On the *logits*: when a graph output is written by a terminal Softmax, LogSoftmax or Sigmoid,
+    or is class ids written by an ArgMax (through Identity/Flatten/Reshape/Squeeze/Unsqueeze/Cast,
+    found on the graph), the input of that op is measured instead, exposed as an extra graph
+    output (:func:`with_logit_outputs`). Probabilities hide what quantization did: on a
+    HardSwish/SE classifier the relative L2 error of the Softmax output was 0.6 % where top-1 fell
+    17 points; class ids hide it until a class changes.
 
     An output whose shape depends on the data (it comes after a NonMaxSuppression, NonZero,
     Unique or Compress: a detector's selected boxes) cannot be compared element by element, and
@@ -66,7 +67,9 @@ _NORM_PLUMBING = ("Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Sqrt"
 DATA_DEPENDENT_SHAPE = ("NonMaxSuppression", "NonZero", "Unique", "Compress")
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 # ops between a terminal activation and the graph output that do not change which class wins
-_PASS_THROUGH = ("Identity", "Flatten", "Reshape", "Squeeze")
+_PASS_THROUGH = ("Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast")
+# what a classifier's logits feed at its end: the measured tensor is their input (the logits)
+LOGIT_READERS = TERMINAL_ACTIVATIONS + ("ArgMax",)
 
 
 # ------------------------------------------------------------------------------ the graph side
@@ -137,6 +140,22 @@ def _l2_normalized(node, producer: dict) -> bool:
     return False
 
 
+def _through_pass_through(node, producer: dict, readers: Counter):
+    """``node``, or the first node before it that is not a pass-through op read only by the next."""
+    while node is not None and node.op_type in _PASS_THROUGH and node.input and readers[node.input[0]] == 1:
+        node = producer.get(node.input[0])
+    return node
+
+
+def class_id_outputs(model: ModelProto) -> set:
+    """The graph outputs written by an ArgMax (through pass-through ops): class ids, whose
+    agreement and accuracy ``compare`` counts directly."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    readers = Counter(i for n in model.graph.node for i in n.input)
+    return {vo.name for vo in model.graph.output
+            if getattr(_through_pass_through(producer.get(vo.name), producer, readers), "op_type", None) == "ArgMax"}
+
+
 def logit_tensors(model: ModelProto) -> dict:
     """{measured name: (tensor to measure, op or None)}, per graph output: the input of a terminal
     Softmax/LogSoftmax/Sigmoid writing the output (through pass-through ops read only by the next
@@ -157,9 +176,11 @@ def logit_tensors(model: ModelProto) -> dict:
                     out[key] = (t, op)
             continue
         t, act = vo.name, None
-        node = producer.get(t)
-        while node is not None and node.op_type in _PASS_THROUGH and node.input and readers[node.input[0]] == 1:
-            node = producer.get(node.input[0])
+        node = _through_pass_through(producer.get(t), producer, readers)
+        if node is not None and node.op_type == "ArgMax" and node.input and node.input[0]:
+            # class ids: measured on the scores they were taken from (and before their Softmax)
+            t, act = node.input[0], "ArgMax"
+            node = _through_pass_through(producer.get(t), producer, readers)
         if node is not None and node.op_type in TERMINAL_ACTIVATIONS and node.input and node.input[0]:
             t, act = node.input[0], node.op_type
         elif (node is not None and _l2_normalized(node, producer)) or _FEATURE_NAME.search(vo.name):
@@ -321,7 +342,7 @@ class TaskError:
         """One line for the console, e.g. ``top-1 agreement 99.2 % (KL 0.004); boxes SQNR 24.1 dB``."""
         parts = []
         for o in self.outputs:
-            where = (f" (logits before {o.activation})" if o.activation in TERMINAL_ACTIVATIONS else
+            where = (f" (logits before {o.activation})" if o.activation in LOGIT_READERS else
                      " (not class scores)" if o.activation == FEATURES else
                      f" ('{o.measured}', read by {o.activation})" if o.activation else "")
             what = (f"top-1 agreement {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"

@@ -294,3 +294,39 @@ def test_shifted_views_move_each_image_by_one_pixel():
                      {"input": np.zeros((2, 3, 4, 4), np.float32)}, {"a": np.zeros((2, 3, 8, 8), np.float32),
                                                                      "b": np.zeros((2, 3, 8, 8), np.float32)}):
         assert shifted_views(lambda: iter([no_image])) is None
+
+
+def _boundary_case(flips: int):
+    """x [N, 2] -> Gemm (identity weight): the logits are the inputs. 256 samples, ``flips`` of them
+    a hair from the decision boundary ([1 - 1e-6, 1]: class 1), where int8 rounds both inputs to
+    one level and the tie goes to class 0; only the Gemm in float keeps them."""
+    from helpers import make_model
+    from onnx import helper
+    m = make_model([helper.make_node("Gemm", ["x", "w"], ["logits"], transB=1)], [("x", ["N", 2])], [("logits", ["N", 2])],
+                   [("w", np.eye(2, dtype=np.float32))])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, (256, 2)).astype(np.float32)
+    x[:, 0] = np.where(x[:, 0] > x[:, 1], x[:, 0] + 0.2, x[:, 0] - 0.2).clip(0, 1.2)   # clear margins elsewhere
+    x[:flips] = [1.0 - 1e-6, 1.0]
+    return m, [{"x": x[i:i + 16]} for i in range(0, 256, 16)]
+
+
+@pytest.mark.parametrize("flips,kept", [(1, 0), (3, 1)])
+def test_a_budget_met_on_the_count_does_not_turn_into_the_float_model(flips, kept):
+    """One disagreement of 256 samples is 0.39 points, within the 1-point budget, but its upper
+    bound at 0.84 is 1.02: meeting the bound took every unit back to float, the float model. Then
+    the fewest units meeting the count are kept, and the console says so. Three disagreements
+    (1.17 points) miss the count too: every unit stays in float, as the budget asks."""
+    m, feeds = _boundary_case(flips)
+    logs = []
+    q, report = manager.apply(m, "qdq", {"qdq": {"target": "ort", "calib_method": "minmax", "bias_correction": "none"}},
+                              context=PassContext(data=lambda: iter(feeds), progress=False, log=logs.append), summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    assert fb["agreement_loss_before"] == pytest.approx(100 * flips / 256)
+    assert len(fb["high_precision_layers"]) == kept and fb["met"]
+    note = [line for line in logs if "the fewest whose agreement loss on the samples themselves" in line]
+    assert bool(note) == (kept == 0) and ("met_on_count" in fb) == (kept == 0)
+    if kept == 0:   # the quantized model asked for
+        assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) > 0 and "warning" not in fb
+    else:           # the float model, and the warning that says so
+        assert "kept all 1 unit(s) in float" in fb["warning"]

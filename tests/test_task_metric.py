@@ -380,3 +380,44 @@ def test_features_are_recognised_by_the_norm_on_the_graph_or_by_name():
                           ("prob", False), ("scores", False), ("495", False), ("depthwise_out", False)):
         m = make_model([helper.make_node("Gemm", ["x", "w"], [out], transB=1)], [x_in], [(out, ["N", 6])], w)
         assert (task_metric.logit_tensors(m)[out][1] == task_metric.FEATURES) is features, out
+
+
+def test_class_ids_from_an_argmax_are_measured_on_the_scores_they_come_from(tmp_path):
+    """A classifier exported with its ArgMax (class ids out, as deployment exports do): the metric,
+    the calibration search and the fallback read the logits before it (and before a Softmax under
+    it); compare counts the ids' agreement and accuracy against labels."""
+    from onnxopt.compare import compare_models
+
+    def with_argmax(softmax: bool):
+        m = _classifier(softmax=softmax, through_flatten=False)
+        last = m.graph.output[0].name
+        m.graph.node.extend([helper.make_node("ArgMax", [last], ["ids"], axis=1, keepdims=1),
+                             helper.make_node("Cast", ["ids"], ["label"], to=onnx.TensorProto.INT32)])
+        del m.graph.output[:]
+        m.graph.output.append(helper.make_tensor_value_info("label", onnx.TensorProto.INT32, ["N", 1]))
+        return m
+
+    assert task_metric.logit_tensors(with_argmax(False)) == {"label": ("logits", "ArgMax")}
+    m = with_argmax(True)
+    assert task_metric.logit_tensors(m) == {"label": ("logits", "Softmax")}
+    assert task_metric.class_id_outputs(m) == {"label"}
+    from onnx import numpy_helper
+    cand = onnx.ModelProto()
+    cand.CopyFrom(m)
+    for init in cand.graph.initializer:
+        if init.name == "w":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + rand(5, 8, seed=9, scale=0.3), "w"))
+    x = rand(64, 8, seed=4)
+    ref_ids, cand_ids = run(m, {"x": x})["label"].reshape(-1), run(cand, {"x": x})["label"].reshape(-1)
+    assert 0 < np.sum(ref_ids != cand_ids) < 64
+    err = task_metric.task_error(m, cand, [{"x": x}])
+    assert err.outputs[0].top1_agreement == pytest.approx(np.mean(ref_ids == cand_ids))
+    labels = ref_ids.copy()
+    labels[:5] = (labels[:5] + 1) % 5     # the float model is right on 59 of 64
+    np.save(tmp_path / "x.npy", x)
+    res = compare_models(m, cand, data=str(tmp_path / "x.npy"), labels=labels, runs=0)
+    row = res["outputs"][0]
+    assert row["classifier"] and row["top1_agreement"] == pytest.approx(np.mean(ref_ids == cand_ids))
+    assert res["reference"]["accuracy"] == pytest.approx(59 / 64)
+    assert res["candidate"]["accuracy"] == pytest.approx(np.mean(cand_ids == labels))
+    assert "label (logits before Softmax): top-1 agreement" in res["task_summary"]

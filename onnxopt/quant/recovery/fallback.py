@@ -22,6 +22,7 @@ share of MACs, and onnxruntime CPU latency of the float model, all int8 and the 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Optional
@@ -192,6 +193,18 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     n_layers = len(view.layers) + len(acts)
     order = [] if full.within(budget) else rank_units(view, acts, ev, min(FALLBACK_SAMPLES, ev.samples))
     k = fewest(lambda k: error(order[:k]), len(order), budget)
+    by_count = None
+    if k is not None and k == n_layers and n_layers and budget.confidence > 0.5:
+        # every unit in high precision is the float model, not the quantized one asked for: when
+        # the all-quantized model meets the budget on the count itself and only the confidence
+        # bound asked for more (one disagreement of 256 samples is 1.02 points at 0.84), the
+        # fewest units that meet the count are the answer, and the console says so
+        by_count = dataclasses.replace(budget, confidence=0.5)
+        k_count = fewest(lambda k: error(order[:k], complete=True), len(order), by_count)
+        if k_count is not None and k_count < k:
+            k = k_count
+        else:
+            by_count = None
     met = k is not None
     chosen = order[:k] if met else order
     after = error(chosen, complete=True)
@@ -212,6 +225,12 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     if not met:
         rep["note"] = ("the budget is not reachable by keeping weighted layers in high precision "
                        "or activations in float")
+    if by_count is not None:
+        rep["met_on_count"] = (
+            f"note: fallback=auto: the budget's upper bound at {100 * budget.confidence:g} % confidence is met on these "
+            f"{ev.samples} samples only with all {n_layers} unit(s) in {precision}, the float model; kept {len(chosen)} instead, "
+            f"the fewest whose agreement loss on the samples themselves is within {budget.max_agreement_loss:g} pt "
+            f"({after.agreement_loss:.2f} pt). For the bound, check on more images the model never trained on (--check-data)")
     if precision == "int16":  # TIDL's import options that keep these tensors (and the layers writing them) in 16 bits
         names = ",".join(acts[u] if u in acts else view.nodes[u].output[0] for u in chosen)
         rep["tidl_options"] = {"advanced_options:params_16bit_names_list": names,
@@ -230,6 +249,8 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     log(f"fallback: {len(chosen)} of {n_layers} unit(s) kept in {precision}{share}{_named(chosen)}; "
         f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; "
         f"{ev.samples} samples{'' if checked_on == 'calibration data' else ' of the ' + checked_on})")
+    if by_count is not None:
+        log(rep["met_on_count"])
     if warning:
         rep["warning"] = warning
         log(warning)
