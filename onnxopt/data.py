@@ -417,7 +417,7 @@ class DataSource:
             raise DataError(f"input '{name}' has dynamic height/width; onnxopt cannot tell the image size.", "give --crop SIZE")
         for f in self._image_files():
             try:
-                img = Image.open(f).convert("RGB")
+                img = _open_rgb(f)
             except Exception as exc:
                 raise DataError(f"cannot read image '{f}': {exc}", "remove or re-encode it") from None
             if o.letterbox is not None:
@@ -470,6 +470,19 @@ class DataSource:
                     raise DataError(f"input '{name}' is {want['dtype']} but sample {index} is {arr.dtype}.", "convert the data to the model's dtype")
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise DataError(f"sample {index} of '{self.spec.source}' holds NaN or Inf values for input '{name}'.", "clean the data: onnxopt refuses non-finite inputs")
+
+
+def _open_rgb(path) -> "Image.Image":
+    """An image file as 8-bit RGB. A 16-bit greyscale image (depth maps, scans: PIL mode I;16 or I)
+    is scaled to 0..255 first: PIL's own conversion saturates every value above 255, which made
+    such a folder calibrate on white images."""
+    img = Image.open(path)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or arr.max() > 255:
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def feed_samples(feed: dict) -> int:

@@ -6,7 +6,7 @@ everywhere.
 
 Where it is measured
     On the *logits*: when a graph output is written by a terminal Softmax, LogSoftmax or Sigmoid,
-    or is class ids written by an ArgMax (through Identity/Flatten/Reshape/Squeeze/Unsqueeze/Cast,
+    or is class ids written by an ArgMax or a TopK (through Identity/Flatten/Reshape/Squeeze/Unsqueeze/Cast,
     found on the graph), the input of that op is measured instead, exposed as an extra graph
     output (:func:`with_logit_outputs`). Probabilities hide what quantization did: on a
     HardSwish/SE classifier the relative L2 error of the Softmax output was 0.6 % where top-1 fell
@@ -69,7 +69,7 @@ _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorPro
 # ops between a terminal activation and the graph output that do not change which class wins
 _PASS_THROUGH = ("Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast")
 # what a classifier's logits feed at its end: the measured tensor is their input (the logits)
-LOGIT_READERS = TERMINAL_ACTIVATIONS + ("ArgMax",)
+LOGIT_READERS = TERMINAL_ACTIVATIONS + ("ArgMax", "TopK")
 
 
 # ------------------------------------------------------------------------------ the graph side
@@ -177,9 +177,10 @@ def logit_tensors(model: ModelProto) -> dict:
             continue
         t, act = vo.name, None
         node = _through_pass_through(producer.get(t), producer, readers)
-        if node is not None and node.op_type == "ArgMax" and node.input and node.input[0]:
-            # class ids: measured on the scores they were taken from (and before their Softmax)
-            t, act = node.input[0], "ArgMax"
+        if node is not None and node.op_type in ("ArgMax", "TopK") and node.input and node.input[0]:
+            # class ids (and a TopK's sorted scores): measured on the scores they were taken from
+            # (and before their Softmax)
+            t, act = node.input[0], node.op_type
             node = _through_pass_through(producer.get(t), producer, readers)
         if node is not None and node.op_type in TERMINAL_ACTIVATIONS and node.input and node.input[0]:
             t, act = node.input[0], node.op_type

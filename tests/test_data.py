@@ -129,6 +129,24 @@ def test_image_folder_bgr_scale_nhwc_and_dict_labels(tmp_path):
     np.testing.assert_array_equal(src.labels(), [7, 8])
 
 
+def test_image_folder_reads_every_common_mode_as_rgb_and_16_bit_grey_scaled(tmp_path):
+    """RGBA, palette, CMYK, 8- and 16-bit grey: each is the same picture in RGB. A 16-bit grey PNG
+    (a depth map, a scan) is scaled to 0..255; PIL's own conversion saturated it to white."""
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    base = Image.new("RGB", (8, 8), (51, 51, 51))   # a grey the GIF's web palette holds exactly
+    base.convert("RGBA").save(folder / "a_rgba.png")
+    base.convert("P").save(folder / "b_palette.gif")
+    base.convert("CMYK").save(folder / "c_cmyk.jpg", quality=100)
+    base.convert("L").save(folder / "d_grey.png")
+    Image.fromarray(np.full((8, 8), 51 * 257, np.uint16)).save(folder / "e_grey16.png")
+    assert Image.open(folder / "e_grey16.png").mode.startswith("I")
+    feeds = list(open_data(str(folder), models.tiny_cnn(), image={"size": 8, "crop": 8, "mean": [0.0], "std": [1.0]}).samples())
+    assert len(feeds) == 5
+    for f in feeds:
+        np.testing.assert_allclose(f["input"], 51.0, atol=1.0)
+
+
 def test_image_folder_for_a_uint8_input_feeds_raw_pixels_without_flags(tmp_path):
     """A model that takes uint8 pixels (NHWC, normalizing inside: tflite conversions, end-to-end
     exports) needs no preprocessing flag: before, its image folder was refused until the user

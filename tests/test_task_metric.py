@@ -421,3 +421,9 @@ def test_class_ids_from_an_argmax_are_measured_on_the_scores_they_come_from(tmp_
     assert res["reference"]["accuracy"] == pytest.approx(59 / 64)
     assert res["candidate"]["accuracy"] == pytest.approx(np.mean(cand_ids == labels))
     assert "label (logits before Softmax): top-1 agreement" in res["task_summary"]
+    # a top-5 export: TopK's sorted scores (whose argmax is always 0) and indices, both read on the logits
+    top = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["logits"], transB=1),
+                      helper.make_node("TopK", ["logits", "k"], ["top_s", "top_i"], axis=1)],
+                     [("x", ["N", 8])], [("top_s", ["N", 3]), ("top_i", ["N", 3], onnx.TensorProto.INT64)],
+                     [("w", rand(5, 8, seed=1)), ("b", rand(5, seed=2)), ("k", np.array([3], np.int64))])
+    assert task_metric.logit_tensors(top) == {"top_s": ("logits", "TopK"), "top_i": ("logits", "TopK")}
