@@ -10,7 +10,9 @@ than ``max_fold_elements`` is not created, so weights are never blown up by Expa
 Rounds (each linear in the graph size) repeat while one folded something and shape inputs are still
 computed at run time: folding one chain can make another tensor's shape static. If/Loop/Scan bodies
 are left as they are (main-graph tensors they read are renamed for them too); graph inputs that have
-an initializer are overridable from IR 4 on and never treated as constants.
+an initializer are overridable from IR 4 on and never treated as constants, except the weights of
+layers (``weight_inputs=constant``, the default): an export with ``keep_initializers_as_inputs=True``
+lists every weight as an input, and TensorRT and onnxruntime's quantizer read them as weights.
 """
 from __future__ import annotations
 
@@ -61,6 +63,11 @@ class CleanupOptions(PassOptions):
     fold_pads: bool = option(True, "Fold a constant zero (or -inf for MaxPool) Pad into the following "
                              "Conv/AveragePool/MaxPool.")
     lift_constants: bool = option(True, "Turn Constant nodes into initializers.")
+    weight_inputs: str = option("constant", "graph inputs that hold a layer's weights (Conv/Gemm/MatMul/normalization/"
+                                "PRelu/RNN parameters; exports with keep_initializers_as_inputs=True): constant (drop them "
+                                "from the inputs, as TensorRT and onnxruntime's quantizer read them: weights; then bnfuse, "
+                                "qdq and prune can use them) or keep (overridable at run time, never folded)",
+                                ("constant", "keep"))
 
     def validate(self, model, ctx) -> None:
         if self.max_fold_elements < 0:
@@ -72,7 +79,11 @@ class CleanupOptions(PassOptions):
 def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -> PassResult:
     """Exact cleanup: constants lifted and folded, no-ops and dead code removed, Pad folded into Conv/pool."""
     options.validate(model, ctx)
+    made_constant = 0
+    if options.weight_inputs == "constant":
+        model, made_constant = _weight_inputs_to_constants(model)
     state = _State(options, opset_of(model), overridable_inputs(model))
+    state.changes["weight_inputs_made_constant"] = made_constant
     state.changes["unused_initializers_removed"] = _count_unused_initializers(model)
     original_value_info = {vi.name for vi in model.graph.value_info}
     nodes_before = len(model.graph.node)
@@ -116,6 +127,30 @@ def cleanup(model: onnx.ModelProto, options: CleanupOptions, ctx: PassContext) -
     state.changes["nodes_removed"] = nodes_before - len(model.graph.node)
     return PassResult(model, changes=dict(state.changes), details=state.details, skipped=state.skipped,
                       extra={"rounds": round_index + 1})
+
+
+# ops whose inputs after the first are parameters: weights, biases, normalization statistics
+_WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+                   "LayerNormalization", "GroupNormalization", "PRelu", "LSTM", "GRU", "RNN"}
+
+
+def _weight_inputs_to_constants(model: onnx.ModelProto) -> tuple:
+    """(model, count): the overridable graph inputs (an initializer listed as an input, IR >= 4)
+    that a layer reads as a parameter, dropped from the inputs so that they are constants. A
+    ``keep_initializers_as_inputs=True`` export lists every weight so; left overridable, no pass
+    could fold or quantize them (qdq quantized no weight of such an export). Other overridable
+    inputs -- a threshold or a scale with a default -- stay the knobs they are."""
+    overridable = overridable_inputs(model)
+    weights = {i for n in model.graph.node if n.op_type in _WEIGHT_READERS and (n.domain or "") in ("", "ai.onnx")
+               for i in n.input[1:] if i in overridable}
+    if not weights:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [vi for vi in out.graph.input if vi.name not in weights]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    return out, len(weights)
 
 
 # ------------------------------------------------------------------------------ state, shapes

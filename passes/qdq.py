@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 from onnxopt import manager, runtime, stats
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import OnnxoptError
+from onnxopt.ir.graph import overridable_inputs
 from onnxopt.ir.proto import producers
 from onnxopt.quant import check as qcheck
 from onnxopt.quant import recovery
@@ -184,6 +185,20 @@ def _unfolded_bn_warning(model, target: str):
             "float, not int8. Fold them first: put bnfuse before qdq (e.g. `onnxopt apply bnfuse,qdq ...`).")
 
 
+def _weight_inputs_warning(model) -> str | None:
+    """Layer weights listed as graph inputs (a ``keep_initializers_as_inputs=True`` export, IR >= 4)
+    are overridable at run time, so no weight of theirs is quantized: one line that says how to
+    make them constants, instead of a model with float weights and a list of skipped layers."""
+    overridable = overridable_inputs(model)
+    n = sum(1 for node in model.graph.node
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in overridable)
+    if not n:
+        return None
+    return (f"WARNING: {n} layer weight(s) are graph inputs (overridable at run time: an export with "
+            "keep_initializers_as_inputs=True), so their layers stay float; run cleanup first, which makes layer weights "
+            "constants (e.g. `onnxopt apply cleanup,bnfuse,qdq ...`)")
+
+
 def _saturation_note(info) -> str | None:
     """The ort target's 8-bit weights lose accuracy in onnxruntime's fused kernels on AVX2 CPUs
     without VNNI (README); the model may be deployed on another CPU, so this is only a note."""
@@ -267,6 +282,7 @@ def qdq(model, options: QdqOptions, ctx):
                           "the layers left in float compute in float32 (a TensorRT engine built with --fp16 runs them "
                           "in fp16)")
     _tell(ctx, warns, _unfolded_bn_warning(model, options.target))
+    _tell(ctx, warns, _weight_inputs_warning(model))
     model = _rewrite_for_target(model, options, data, ctx, warns)
     model, note = _fold_computed_weights(model, ctx)
     _tell(ctx, warns, note)

@@ -161,6 +161,27 @@ def test_overridable_input_is_not_folded():
     assert_equivalent(model, result.model, feeds, rtol=0, atol=0)
 
 
+def test_layer_weights_listed_as_inputs_become_constants_and_knobs_stay_inputs():
+    """An export with keep_initializers_as_inputs=True lists every weight as an input: cleanup makes
+    the layers' weights constants (as TensorRT and onnxruntime's quantizer read them), keeps an
+    input with a default that no layer reads as a weight (a scale knob), and keeps everything with
+    weight_inputs=keep."""
+    w, k = rand(4, 3, 3, 3, seed=1), np.full(1, 2.0, np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Mul", ["c", "k"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6]),
+                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3]),
+                           helper.make_tensor_value_info("k", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(k, "k")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = run_cleanup(model)
+    assert [i.name for i in result.model.graph.input] == ["x", "k"] and result.changes["weight_inputs_made_constant"] == 1
+    assert_equivalent(model, result.model, [{"x": rand(1, 3, 6, 6, seed=2)}], rtol=0, atol=0)
+    kept = run_cleanup(model, weight_inputs="keep")
+    assert [i.name for i in kept.model.graph.input] == ["x", "w", "k"] and not kept.changes.get("weight_inputs_made_constant")
+
+
 # ------------------------------------------------------------------------------- no-ops
 NOOPS = {
     "identity": ([helper.make_node("Identity", ["r"], ["t"])], []),

@@ -909,3 +909,40 @@ def test_the_output_tail_keeps_its_full_range():
         got = max(float(run(q, f)["y"][:, 4:].max()) for f in feeds)
         assert got == pytest.approx(top, abs=2 / 255), method       # the top score is not clipped
         assert any("keep their full range" in n for n in rep.passes[-1].extra["notes"])
+
+
+@pytest.mark.parametrize("target,ir,opset", [("ort", 3, 9), ("tensorrt", 3, 9), ("tidl", 3, 9), ("ort", 7, 13)])
+def test_an_ir3_model_with_weights_listed_as_inputs_is_quantized_with_constant_weights(target, ir, opset):
+    """Old exports (IR 3, opset 9: the ONNX model zoo's, onnx's own ``light`` models) list every
+    initializer as a graph input. The fallback's float reference dropped unused weights but left
+    them as inputs, which onnxruntime then required ("Required inputs ... are missing"), so qdq
+    refused every such model; raised to opset 13+, the model also takes that opset's IR version,
+    and its weights stop being inputs (onnxruntime neither folds nor fuses an overridable weight).
+    A newer export with ``keep_initializers_as_inputs`` (IR 7: the weights are overridable inputs)
+    gets its layer weights made constants by cleanup; qdq alone leaves those layers float and says
+    how to fix it."""
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "b1": rng.standard_normal(8).astype(np.float32),
+             "w2": rng.standard_normal((4, 8)).astype(np.float32), "b2": rng.standard_normal(4).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])] +
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in inits.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(v, n) for n, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    onnx.checker.check_model(model, full_check=True)
+    feeds = [{"x": rand(1, 3, 8, 8, seed=s)} for s in range(16)]
+    if ir >= 4:
+        logs = []
+        alone, _ = manager.apply(model, "qdq", {"qdq": {"target": target}},
+                                 context=PassContext(data=lambda: iter(feeds), progress=False, log=logs.append), summarize_layers=False)
+        assert any("2 layer weight(s) are graph inputs" in line and "run cleanup first" in line for line in logs)
+    out, report = manager.apply(model, "cleanup,qdq" if ir >= 4 else "qdq", {"qdq": {"target": target}},
+                                context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+    onnx.checker.check_model(out, full_check=True)
+    assert out.ir_version >= 7 and [i.name for i in out.graph.input] == ["x"]
+    assert report.passes[-1].changes["weights_quantized"] == 2 and qcheck.check_model(out, target) == []
+    np.testing.assert_allclose(run(out, feeds[0])["y"], run(model, feeds[0])["y"], atol=0.1 * np.abs(run(model, feeds[0])["y"]).max())

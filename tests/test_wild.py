@@ -88,7 +88,8 @@ def test_lite_chain_runs_with_no_flags(zoo, name):
                                          ("transformer_dynamo", "tensorrt"), ("transformer_dynamo", "tidl"),
                                          ("gru_opset25", "tidl"), ("cnn_fp16", "ort"), ("cnn_fp16", "tensorrt"),
                                          ("cnn_fp16", "tidl"), ("cnn_select", "ort"), ("cnn_select", "tensorrt"),
-                                         ("cnn_embedding", "ort"), ("cnn_embedding", "tensorrt")])
+                                         ("cnn_embedding", "ort"), ("cnn_embedding", "tensorrt"),
+                                         ("cnn_ir3", "ort"), ("cnn_ir3", "tidl")])
 def test_qdq_on_generated_calibration_data_passes_its_target_check(zoo, name, target):
     """Strictly: for tidl, the float graph is rewritten before quantization (static shapes, the
     shape arithmetic folded, ReduceMean -> GlobalAveragePool/MatMul), so no node is left for ARM."""

@@ -209,6 +209,31 @@ def cnn_embedding(path):
                {"x": {0: "batch", 2: "height", 3: "width"}}, preserve_bn=True)
 
 
+def cnn_keep_inputs(path):
+    """The CNN exported with ``keep_initializers_as_inputs=True``: every weight is also a graph
+    input, overridable at run time (IR 8), as older deployment recipes export."""
+    torch = _torch()
+    with _quiet():
+        torch.onnx.export(_cnn_module(), (torch.randn(*IMAGE),), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}}, opset_version=17, dynamo=False,
+                          keep_initializers_as_inputs=True, training=torch.onnx.TrainingMode.PRESERVE)
+
+
+def cnn_ir3(path):
+    """The CNN as the ONNX model zoo's old exports are: opset 9, IR 3, every initializer listed as
+    a graph input (a constant at IR 3, not an input to feed)."""
+    torch = _torch()
+    _export_ts(_cnn_module(), (torch.randn(*IMAGE),), path, (["x"], ["logits"]),
+               {"x": {0: "batch", 2: "height", 3: "width"}}, opset=9, preserve_bn=True)
+    m = onnx.load(str(path))
+    listed = {vi.name for vi in m.graph.input}
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                         for t in m.graph.initializer if t.name not in listed)
+    m.ir_version = 3
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, str(path))
+
+
 def cnn_dynamo(path):
     torch = _torch()
     _export_dynamo(_cnn_module(), (torch.randn(*IMAGE),), path, (["x"], ["logits"]), _image_dims())
@@ -311,6 +336,8 @@ BUILDERS = {
     "cnn_fp16": cnn_fp16,
     "cnn_select": cnn_select,
     "cnn_embedding": cnn_embedding,
+    "cnn_keep_inputs": cnn_keep_inputs,
+    "cnn_ir3": cnn_ir3,
     "cnn_dynamo": cnn_dynamo,
     "cnn_dynamo_noopt": cnn_dynamo_noopt,
     "gru_text": gru_text,

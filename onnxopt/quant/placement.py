@@ -138,6 +138,9 @@ def _weighted_layout(graph: gs.Graph, node: gs.Node):
     if op in ("Conv", "ConvTranspose"):
         w = input_at(node, 1)
         if not is_weight(graph, w):
+            if w is not None and w.name in getattr(graph, "overridable_inputs", ()):
+                return None, (f"{node.name}: {op} weight '{w.name}' is a graph input (overridable at run time): "
+                              "run cleanup first, which makes layer weights constants")
             return None, f"{node.name}: {op} weight is not a constant"
         return (1, [input_at(node, 0)], 2 if input_at(node, 2) is not None else None), None
     if op in ("Gemm", "MatMul"):

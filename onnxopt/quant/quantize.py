@@ -115,6 +115,18 @@ def convert_opset(model: ModelProto, target: int) -> ModelProto:
         converted = version_converter.convert_version(model, target)
         if target < current:
             _fix_downgraded_reduce(converted)
+        # the converter keeps the IR version: an IR 3 model (opset 9, every initializer listed as
+        # a graph input) would carry opset 13 at IR 3, and the checker then asks every new
+        # initializer (a scale, a quantized weight) to be a graph input too
+        if converted.ir_version < 4:
+            # and IR 3's weights-as-inputs stay inputs at IR 4+: onnxruntime then treats them as
+            # overridable, not constant, and does not fold or fuse the int8 layers around them
+            inits = {t.name for t in converted.graph.initializer}
+            kept = [vi for vi in converted.graph.input if vi.name not in inits]
+            del converted.graph.input[:]
+            converted.graph.input.extend(kept)
+        converted.ir_version = max(converted.ir_version,
+                                   helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True))
         onnx.checker.check_model(converted, full_check=True)
     except OnnxoptError:
         raise

@@ -390,7 +390,11 @@ def prune_unused(model: ModelProto) -> None:
             needed.update(i for i in node.input if i)
             needed.update(model_io.subgraph_reads(node))  # an If/Loop body may read outer tensors
     _replace(g.node, keep[::-1])
+    dropped = {t.name for t in g.initializer if t.name not in needed}
     _replace(g.initializer, [t for t in g.initializer if t.name in needed])
+    # IR < 4 lists every initializer as a graph input too: a dropped one would be left as an input
+    # with no value, which onnxruntime then requires ("Required inputs ... are missing")
+    _replace(g.input, [vi for vi in g.input if vi.name not in dropped])
 
 
 def _replace(field, items: list) -> None:
