@@ -112,9 +112,12 @@ def test_clip_pow_sqrt_div():
     ("ReduceSumSquare", {"keepdims": 1}, [1, 1, 1, 1]),
     ("LpNormalization", {"axis": 1, "p": 2}, [2, 4, 9, 9]),
     ("LpNormalization", {"axis": -1, "p": 1}, [2, 4, 9, 9]),
+    ("LRN", {"size": 3, "alpha": 0.01, "beta": 0.75, "bias": 1.0}, [2, 4, 9, 9]),   # AlexNet / GoogLeNet exports
+    ("LRN", {"size": 5, "alpha": 0.02, "beta": 0.5, "bias": 2.0}, [2, 4, 9, 9]),    # wider than the channels
 ])
 def test_norms_embedding_heads_export(op, attrs, out):
-    """F.normalize (ReduceL2 -> Clip -> Expand -> Div) and LpNormalization end embedding models."""
+    """F.normalize (ReduceL2 -> Clip -> Expand -> Div) and LpNormalization end embedding models;
+    LRN normalizes across channels in the classic ImageNet topologies."""
     assert_parity(single(op, ["x"], out, attrs=attrs, opset=13 if op.startswith("Reduce") else 17, in_specs=X))
 
 
@@ -173,6 +176,9 @@ def test_resize(attrs, scales):
     ("MaxPool", {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]}, [2, 4, 9, 9]),
     ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, [2, 4, 5, 5]),
     ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, [2, 4, 9, 9]),
+    # asymmetric pads without the padding in the count (Caffe2-era GoogLeNet), with ceil_mode too
+    ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [0, 0, 1, 1]}, [2, 4, 4, 4]),
+    ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 2, 1], "ceil_mode": 1}, [2, 4, 6, 5]),
     ("GlobalAveragePool", {}, [2, 4, 1, 1]),
 ])
 def test_pools(op, attrs, out):

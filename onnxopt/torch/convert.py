@@ -695,13 +695,41 @@ def _pool(m, node, ins, kind):
     ceil = bool(node.attrs.get("ceil_mode", 0))
     include = bool(node.attrs.get("count_include_pad", 0))
     if pads[:rank] != pads[rank:] or any(p > k // 2 for p, k in zip(pads, kernel * 2)):  # beyond torch's pooling pads
+        # padded here, so the padding is input to torch: with ceil_mode, crop the windows ONNX drops
+        # (those starting in the end padding)
+        crop = _ceil_crop(x, pads, kernel, strides, dil) if ceil else None
         if kind == "avg" and not include and any(pads):
-            raise OnnxoptError(f"AveragePool '{node.name}' with asymmetric pads and count_include_pad=0 is not supported.", "pad explicitly")
+            # the mean over the window's real pixels: the zero-padded sum over the padded count
+            # (Caffe2-era GoogLeNet exports have such a pool)
+            pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
+            ones = F.pad(torch.ones_like(x[:1, :1]), _spatial_pads(pads, rank), value=0.0)
+            xp = F.pad(x, _spatial_pads(pads, rank), value=0.0)
+            y = pool(xp, kernel, strides, 0, ceil, True) / pool(ones, kernel, strides, 0, ceil, True)
+            return y[crop] if crop else y
         x = F.pad(x, _spatial_pads(pads, rank), value=float("-inf") if kind == "max" else 0.0)
         pads = [0] * (2 * rank)
+    else:
+        crop = None
     if kind == "max":
-        return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1](x, kernel, strides, pads[:rank], dil, ceil)
-    return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1](x, kernel, strides, pads[:rank], ceil, include)
+        y = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1](x, kernel, strides, pads[:rank], dil, ceil)
+    else:
+        y = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1](x, kernel, strides, pads[:rank], ceil, include)
+    return y[crop] if crop else y
+
+
+def _ceil_crop(x, pads: list, kernel: list, strides: list, dil: list) -> tuple:
+    """The slice of a ceil-mode pool over an explicitly padded ``x`` that ONNX keeps: per spatial
+    axis, ``ceil((in + pads - dil*(k-1) - 1) / stride) + 1`` windows, less the last one when it
+    would start in the end padding."""
+    rank = len(kernel)
+    keep = [slice(None), slice(None)]
+    for i in range(rank):
+        size, begin = x.shape[2 + i], pads[i]
+        n = -(-(size + pads[i] + pads[i + rank] - dil[i] * (kernel[i] - 1) - 1) // strides[i]) + 1
+        if (n - 1) * strides[i] >= size + begin:
+            n -= 1
+        keep.append(slice(0, n))
+    return tuple(keep)
 
 
 def _reduce(fn_name):
@@ -731,6 +759,19 @@ def op_lp_normalization(m, node, ins):
     norm = x.abs().sum(dim=int(node.attrs.get("axis", -1)), keepdim=True) if p == 1 else \
         (x * x).sum(dim=int(node.attrs.get("axis", -1)), keepdim=True).sqrt()
     return x / norm
+
+
+def op_lrn(m, node, ins):
+    """Local response normalization across channels, ONNX's window: ``floor((size-1)/2)`` channels
+    before and ``ceil((size-1)/2)`` after (torch's local_response_norm centres even windows the other
+    way). AlexNet, GoogLeNet and ZFNet exports have it."""
+    x, size = ins[0], int(node.attrs["size"])
+    alpha, beta, bias = (float(node.attrs.get(k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    sq = x * x
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    pad = lambda n: sq.new_zeros((sq.shape[0], n, *sq.shape[2:]))  # noqa: E731
+    window = torch.cat([pad(before), sq, pad(after)], dim=1).unfold(1, size, 1).sum(-1)
+    return x / (bias + alpha / size * window) ** beta
 
 
 def op_shape(m, node, ins):
@@ -882,7 +923,7 @@ _OPS: Dict[str, Callable] = {
     "GlobalMaxPool": lambda m, n, i: i[0].amax(dim=list(range(2, i[0].dim())), keepdim=True),
     "ReduceMean": _reduce("mean"), "ReduceSum": _reduce("sum"), "ReduceMax": _reduce("max"), "ReduceMin": _reduce("min"),
     "ReduceL1": _reduce("l1"), "ReduceL2": _reduce("l2"), "ReduceSumSquare": _reduce("sum_square"),
-    "LpNormalization": op_lp_normalization,
+    "LpNormalization": op_lp_normalization, "LRN": op_lrn,
     "Shape": op_shape, "Size": lambda m, n, i: torch.tensor(i[0].numel(), dtype=torch.int64, device=i[0].device),
     "Gather": op_gather, "ConstantOfShape": op_constant_of_shape,
     "Cast": lambda m, n, i: i[0].to(_ONNX_TO_TORCH[int(n.attrs["to"])]),
