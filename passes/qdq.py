@@ -13,23 +13,21 @@ with a loud warning, because ranges from random inputs are meaningless for real 
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections import Counter
 
 import numpy as np
 from onnx import helper, numpy_helper
 
-from onnxopt import manager, runtime, stats
+from onnxopt import runtime, stats
 from onnxopt.data import RANDOM_SAMPLES
 from onnxopt.errors import OnnxoptError
-from onnxopt.ir.graph import overridable_inputs
-from onnxopt.ir.proto import producers
 from onnxopt.quant import check as qcheck
 from onnxopt.quant import recovery
 from onnxopt.quant.dequantize import DequantizeError, dequantize, quantization_format
 from onnxopt.quant.options import CalibrationOptions, QdqOptions
-from onnxopt.quant.quantize import limit_samples, quantize_model, static_inputs, to_static_batch
+from onnxopt.quant.prepare import float_for_target
+from onnxopt.quant.quantize import limit_samples, quantize_model, to_static_batch
 from onnxopt.quant.targets import get_target
 from onnxopt.quant.upcast import float32_twin
 from onnxopt.quant.view import already_quantized_message, quantized_ops
@@ -66,21 +64,6 @@ def _calibration_data(options: CalibrationOptions, ctx):
     return HeldIn(data, limit=SEARCH_SAMPLES, max_mb=64), warns
 
 
-def _fold_computed_weights(model, ctx):
-    """(model, note): where a Conv/ConvTranspose/Gemm weight or bias is computed by nodes (the dynamo
-    exporter's ``CastLike(Constant, x) -> Expand`` bias), the model after exact cleanup folded them
-    (quantization needs constant weights and biases), and a note; else (model, None)."""
-    producers = {o for n in model.graph.node if n.op_type != "Constant" for o in n.output}
-    computed = [n.name or n.output[0] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")
-                and any(i in producers for i in n.input[1:3] if i)]
-    if not computed:
-        return model, None
-    inner = dataclasses.replace(ctx, log=lambda msg: ctx.log(f"  (qdq) {msg.strip()}"))
-    cleaned, _ = manager.apply(model, "cleanup", context=inner, summarize_layers=False)
-    return cleaned, (f"qdq: {len(computed)} layer(s) compute their weight or bias at run time (e.g. {computed[0]}); "
-                     "ran the exact cleanup pass first to fold them into constants")
-
-
 def _dequantized_input(model, found: dict, target: str):
     """An already-quantized input (a QAT export, onnxruntime's quantize_static/dynamic): None when its
     encoding passes the target's check (it is left as it is), else (the float model its quantization
@@ -99,28 +82,6 @@ def _dequantized_input(model, found: dict, target: str):
     note = (f"qdq: input was already quantized ({deq.describe()}); {failing}: re-quantized for {target} from its "
             "dequantized weights")
     return deq.model, note, {**deq.to_dict(), "input_violations": len(bad), "first_violation": str(bad[0])}
-
-
-def _rewrite_for_target(model, options: QdqOptions, data, ctx, warns: list):
-    """The float model rewritten for the target (``target_rewrites``: tidl's ``float_rewrites``)
-    at its static input size: cleanup, then the target's exact lite rules, each verified. TI's own
-    optimizer rewrites only graphs without QuantizeLinear, so this must come before quantization."""
-    rules = get_target(options.target)
-    if not options.target_rewrites or not rules.float_rewrites:
-        return model
-    static, note = static_inputs(model, rules, data, ctx)
-    _tell(ctx, warns, note)
-    inner = dataclasses.replace(ctx, data=None, data_spec=None, log=lambda msg: ctx.log(f"  (qdq) {msg.strip()}"))
-    out, report = manager.apply(static, "cleanup,lite", {"lite": {"rules": list(rules.float_rewrites)}}, context=inner,
-                                summarize_layers=False)
-    ops_before, ops_after = report.passes[0].before["ops"], report.passes[-1].after["ops"]
-    gone = {op: n - ops_after.get(op, 0) for op, n in ops_before.items() if n > ops_after.get(op, 0)}
-    if gone:
-        note = (f"qdq: the float graph rewritten for {rules.name} before quantization (exact, verified): "
-                f"{sum(ops_before.values())} -> {sum(ops_after.values())} nodes, removed "
-                + ", ".join(f"{op} x{n}" for op, n in sorted(gone.items(), key=lambda kv: -kv[1])))
-        _tell(ctx, warns, note)
-    return out
 
 
 def _encode_float_biases(qmodel) -> list:
@@ -168,35 +129,6 @@ def _encode_float_biases(qmodel) -> list:
         del g.node[:]
         g.node.extend(nodes)
     return fixed
-
-
-def _unfolded_bn_warning(model, target: str):
-    """onnxruntime turns DQ -> Conv -> Q into an int8 kernel only when nothing sits between the
-    Conv and its Q, so an unfolded BatchNormalization leaves every such layer in float. TensorRT
-    and TIDL fold BN themselves, so only the ort target is warned."""
-    if target != "ort":
-        return None
-    producer = producers(model.graph)
-    n_bn = sum(1 for n in model.graph.node
-               if n.op_type == "BatchNormalization" and getattr(producer.get(n.input[0]), "op_type", None) in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
-    if not n_bn:
-        return None
-    return (f"WARNING: {n_bn} BatchNormalization node(s) follow Conv/Gemm layers; onnxruntime runs those layers in "
-            "float, not int8. Fold them first: put bnfuse before qdq (e.g. `onnxopt apply bnfuse,qdq ...`).")
-
-
-def _weight_inputs_warning(model) -> str | None:
-    """Layer weights listed as graph inputs (a ``keep_initializers_as_inputs=True`` export, IR >= 4)
-    are overridable at run time, so no weight of theirs is quantized: one line that says how to
-    make them constants, instead of a model with float weights and a list of skipped layers."""
-    overridable = overridable_inputs(model)
-    n = sum(1 for node in model.graph.node
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in overridable)
-    if not n:
-        return None
-    return (f"WARNING: {n} layer weight(s) are graph inputs (overridable at run time: an export with "
-            "keep_initializers_as_inputs=True), so their layers stay float; run cleanup first, which makes layer weights "
-            "constants (e.g. `onnxopt apply cleanup,bnfuse,qdq ...`)")
 
 
 def _saturation_note(info) -> str | None:
@@ -277,15 +209,7 @@ def qdq(model, options: QdqOptions, ctx):
     data, warns = _calibration_data(options.calibration, ctx)
     if requant:
         _tell(ctx, warns, requant[1])
-    if widened:
-        _tell(ctx, warns, f"qdq: a float16/bfloat16 model is quantized as its float32 twin ({widened.describe()}); "
-                          "the layers left in float compute in float32 (a TensorRT engine built with --fp16 runs them "
-                          "in fp16)")
-    _tell(ctx, warns, _unfolded_bn_warning(model, options.target))
-    _tell(ctx, warns, _weight_inputs_warning(model))
-    model = _rewrite_for_target(model, options, data, ctx, warns)
-    model, note = _fold_computed_weights(model, ctx)
-    _tell(ctx, warns, note)
+    model = float_for_target(model, options, data, ctx, lambda note: _tell(ctx, warns, note), widened)
     float_model = model
     result = quantize_model(model, options, data, ctx)
     qmodel, info = result.model, result.info

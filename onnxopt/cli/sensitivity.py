@@ -9,7 +9,8 @@ from .. import manager, model_io, sanity
 from ..data import collect_feeds
 from ..errors import OptionError, require
 from ..quant import sensitivity as sens
-from ..quant.quantize import quantize_model
+from ..quant.prepare import float_for_target
+from ..quant.quantize import quantize_model, to_static_batch
 from ..quant.upcast import float32_twin
 from ..quant.view import QdqView
 from ..registry import PassContext, get_pass
@@ -67,11 +68,11 @@ def sensitivity_cmd(model, data, calib_samples, eval_samples, target, set_option
     ctx = PassContext(data=ds, data_spec=ds.spec, progress=not quiet, input_shapes=shapes, log=log)
     log(f"quantizing for {target} (one calibration) ...")
     source, widened = float32_twin(source)
-    if widened:
-        log(f"a float16/bfloat16 model: measured on its float32 twin ({widened.describe()})")
+    # the float model exactly as the qdq pass prepares it (target rewrites, computed weights folded)
+    source = float_for_target(source, resolved, ds, ctx, lambda note: note and log(note), widened)
     result = quantize_model(source, resolved, ds, ctx)
     view = QdqView(source, result.model, result.info)
-    feeds = collect_feeds(ds, eval_samples)
+    feeds = collect_feeds(to_static_batch(ds, result.model), eval_samples)
     modes = ("only", "all_but") if mode == "both" else (mode,)
     log(f"measuring {len(view.layers)} layers x {len(modes)} variant(s) on {eval_samples} samples ...")
     rep = sens.analyze(view, feeds, modes=modes, progress=None if quiet else (lambda m: click.echo(m, err=True)))
