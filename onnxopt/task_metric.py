@@ -158,8 +158,9 @@ def class_id_outputs(model: ModelProto) -> set:
 
 def logit_tensors(model: ModelProto) -> dict:
     """{measured name: (tensor to measure, op or None)}, per graph output: the input of a terminal
-    Softmax/LogSoftmax/Sigmoid writing the output (through pass-through ops read only by the next
-    op), else the output itself (op :data:`FEATURES` when it holds features, not class scores);
+    Softmax/LogSoftmax/Sigmoid or ArgMax/TopK writing the output (through pass-through ops read only
+    by the next op; an ArgMax of a Softmax: the Softmax's input), else the output itself (op
+    :data:`FEATURES` when it holds features, not class scores);
     for an output whose shape depends on the data, the float tensors
     its selection reads instead (:func:`_selection_sources`), each under its own key. Found on each
     model's own graph, so a quantized model whose Softmax reads a dequantized tensor is measured on

@@ -65,9 +65,9 @@ def fold_computed_weights(model, ctx):
     """(model, note): where a Conv/ConvTranspose/Gemm weight or bias is computed by nodes (the dynamo
     exporter's ``CastLike(Constant, x) -> Expand`` bias), the model after exact cleanup folded them
     (quantization needs constant weights and biases), and a note; else (model, None)."""
-    producers = {o for n in model.graph.node if n.op_type != "Constant" for o in n.output}
+    computed_by_nodes = {o for n in model.graph.node if n.op_type != "Constant" for o in n.output}
     computed = [n.name or n.output[0] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")
-                and any(i in producers for i in n.input[1:3] if i)]
+                and any(i in computed_by_nodes for i in n.input[1:3] if i)]
     if not computed:
         return model, None
     inner = dataclasses.replace(ctx, log=lambda msg: ctx.log(f"  (qdq) {msg.strip()}"))
