@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.errors import OptionError
-from onnxopt.ir.graph import constant_value, drop_detached, export_graph, import_graph, input_at, is_graph_output, lift_constant, node_label, overridable_inputs, sole_consumer, swap_input
+from onnxopt.ir.graph import constant_value, drop_detached, drop_graph_inputs, export_graph, import_graph, input_at, is_graph_output, lift_constant, node_label, overridable_inputs, sole_consumer, swap_input
 from onnxopt.ir.proto import tensor_types
 from onnxopt.model_io import opset_of, subgraphs
 from onnxopt.registry import PassContext, PassOptions, PassResult, option, register_pass
@@ -147,9 +147,7 @@ def _weight_inputs_to_constants(model: onnx.ModelProto) -> tuple:
         return model, 0
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    kept = [vi for vi in out.graph.input if vi.name not in weights]
-    del out.graph.input[:]
-    out.graph.input.extend(kept)
+    drop_graph_inputs(out, weights)
     return out, len(weights)
 
 

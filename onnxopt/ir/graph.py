@@ -84,6 +84,16 @@ def overridable_inputs(model: ModelProto) -> set:
     return {vi.name for vi in model.graph.input} & {i.name for i in model.graph.initializer}
 
 
+def drop_graph_inputs(model: ModelProto, names) -> None:
+    """Remove ``names`` from ``model``'s graph inputs, in place: initializers listed as inputs
+    (IR < 4, ``keep_initializers_as_inputs``) that are to be constants, or that are gone."""
+    names = set(names)
+    kept = [vi for vi in model.graph.input if vi.name not in names]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+
+
 def restore_graph_inputs(out: ModelProto, source: ModelProto) -> None:
     """Put back the graph inputs onnx-graphsurgeon drops on import (those with an initializer),
     idempotently: IR >= 4 in their place with their initializer; IR < 4 (every initializer must be

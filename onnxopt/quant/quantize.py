@@ -37,7 +37,7 @@ from .. import model_io
 from ..data import feed_samples
 from ..errors import InternalError, OnnxoptError, OptionError
 from ..input_dims import shape_hint
-from ..ir.graph import NameGenerator, constant_value, export_graph, import_graph, swap_input
+from ..ir.graph import NameGenerator, constant_value, drop_graph_inputs, export_graph, import_graph, swap_input
 from ..ir.proto import infer_shapes
 from . import calib_search
 from . import calibrate as calib
@@ -121,10 +121,7 @@ def convert_opset(model: ModelProto, target: int) -> ModelProto:
         if converted.ir_version < 4:
             # and IR 3's weights-as-inputs stay inputs at IR 4+: onnxruntime then treats them as
             # overridable, not constant, and does not fold or fuse the int8 layers around them
-            inits = {t.name for t in converted.graph.initializer}
-            kept = [vi for vi in converted.graph.input if vi.name not in inits]
-            del converted.graph.input[:]
-            converted.graph.input.extend(kept)
+            drop_graph_inputs(converted, (t.name for t in converted.graph.initializer))
         converted.ir_version = max(converted.ir_version,
                                    helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True))
         onnx.checker.check_model(converted, full_check=True)

@@ -17,6 +17,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from .. import model_io, runtime, task_metric
 from ..errors import OnnxoptError
+from ..ir.graph import drop_graph_inputs
 from ..ir.proto import const_tensors
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -394,7 +395,7 @@ def prune_unused(model: ModelProto) -> None:
     _replace(g.initializer, [t for t in g.initializer if t.name in needed])
     # IR < 4 lists every initializer as a graph input too: a dropped one would be left as an input
     # with no value, which onnxruntime then requires ("Required inputs ... are missing")
-    _replace(g.input, [vi for vi in g.input if vi.name not in dropped])
+    drop_graph_inputs(model, dropped)
 
 
 def _replace(field, items: list) -> None:
