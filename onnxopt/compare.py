@@ -2,7 +2,8 @@
 (:func:`compare_models`), plus the latency helper :func:`measure_latency` others reuse.
 
 Per output: ``max_abs``, ``cosine`` (float64 sums, and the worst per-sample one), ``sqnr_db``, top-1
-agreement and accuracy for classifier outputs ([N, C], C > 1), and ``task_error`` (:mod:`onnxopt.task_metric`,
+agreement and accuracy for classifier outputs ([N, C], C > 1; a Sigmoid's ``[N, C]`` or ``[N]``: every
+label decided at 0.5 agrees, and a binary classifier's accuracy on labels 0 / 1), and ``task_error`` (:mod:`onnxopt.task_metric`,
 on the logits before a terminal Softmax/Sigmoid). Numerics run with graph optimizations off (the graphs as
 written are compared) and are streamed: only running sums and one argmax per sample are kept. The two
 models are timed alternately so machine noise hits both alike; the gates are evaluated on the candidate.
@@ -135,11 +136,14 @@ def _check_feed_runs(sess, feed: dict, what: str) -> None:
 class _OutputStats:
     """Running sums for one output pair: of all the samples, only one argmax each is kept."""
 
-    def __init__(self, name: str, cand_name: str, data_dependent: bool = False, features: bool = False,
+    def __init__(self, name: str, cand_name: str, data_dependent: bool = False, activation: Optional[str] = None,
                  class_ids: bool = False):
         self.name, self.cand_name = name, cand_name
-        self.features = features   # features, not class scores (task_metric.FEATURES): no top-1, no accuracy
+        # what task_metric.logit_tensors found writing the output: a Sigmoid's probabilities decide each
+        # label at 0.5; features (task_metric.FEATURES) decide nothing: no agreement, no accuracy
+        self.activation = activation
         self.class_ids = class_ids   # written by an ArgMax: one class id per sample ([N] or [N, 1]) is the decision
+        self.decision: Optional[str] = None   # task_metric.TOP1 or LABELS
         # a selection's output (after NonMaxSuppression...): where the two models select a different
         # number of items it is not compared element by element (the task error reads its inputs)
         self.data_dependent, self.shape_changes = data_dependent, 0
@@ -160,8 +164,11 @@ class _OutputStats:
                 "the two models are not comparable on this output; check that CAND was derived from REF")
         # (selected indices are no logits, and an embedding's argmax decides nothing)
         ids = self.class_ids and r.ndim in (1, 2) and r.size == (r.shape[0] if r.ndim else 1)
-        is_cls = ids or (r.ndim == 2 and r.shape[1] > 1 and not self.data_dependent and not self.features)
+        kind = (task_metric.TOP1 if ids else None if self.data_dependent
+                else task_metric.decision_kind(r.shape, self.activation))
+        is_cls = kind is not None
         self.classifier = is_cls if self.classifier is None else (self.classifier and is_cls)
+        self.decision = kind if self.decision in (None, kind) else None
         self.shape = list(r.shape) if self.shape is None else [a if a == b else None for a, b in zip(self.shape, r.shape)]
         r64, c64 = r.astype(np.float64, copy=False), c.astype(np.float64, copy=False)
         fr, fc = np.isfinite(r64), np.isfinite(c64)
@@ -189,7 +196,14 @@ class _OutputStats:
             den = np.sqrt(np.einsum("ij,ij->i", rs, rs) * np.einsum("ij,ij->i", cs, cs))
             cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(rs == cs, axis=1), 1.0, 0.0))
             self.min_sample_cos = min(self.min_sample_cos, float(cos.min()))
-        if is_cls:
+        if kind == task_metric.LABELS:   # a Sigmoid's probabilities: each label is a yes at 0.5
+            self.samples += r.shape[0] if r.ndim else 1
+            self.agree += task_metric.agreeing(r, c, kind, threshold=0.5)
+            if labels is not None and r.size == len(labels):   # a binary classifier: labels 0 / 1
+                self.ref_correct += int(np.count_nonzero((r.reshape(-1) > 0.5) == (labels != 0)))
+                self.cand_correct += int(np.count_nonzero((c.reshape(-1) > 0.5) == (labels != 0)))
+                self.labelled += len(labels)
+        elif is_cls:
             ra, ca = (r.reshape(-1), c.reshape(-1)) if ids else (np.argmax(r, axis=1), np.argmax(c, axis=1))
             self.samples += r.shape[0]
             self.agree += int(np.count_nonzero(ra == ca))
@@ -218,7 +232,8 @@ class _OutputStats:
             "cosine": cosine, "min_sample_cosine": None if self.min_sample_cos == math.inf else self.min_sample_cos,
             "sqnr_db": sqnr, "equal_fraction": self.equal / self.elements if self.elements else 1.0,
             "ref_nonfinite": self.ref_nonfinite, "cand_nonfinite": self.cand_nonfinite,
-            "classifier": bool(self.classifier), "top1_agreement": self.agree / self.samples if classified else None,
+            "classifier": bool(self.classifier), "decision": self.decision if classified else None,
+            "top1_agreement": self.agree / self.samples if classified else None,
             "ref_accuracy": self.ref_correct / self.labelled if accuracy else None,
             "cand_accuracy": self.cand_correct / self.labelled if accuracy else None,
             "data_dependent": self.data_dependent, "shape_changes": self.shape_changes,
@@ -369,9 +384,8 @@ def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list,
         raise OnnxoptError(f"the candidate has no place matching '{missing[0]}' of the reference's outputs.",
                            "the two models are not comparable; check that CAND was derived from REF")
     selected = task_metric.data_dependent_outputs(ref_model)
-    features = {k for k, (_, act) in ref_found.items() if act == task_metric.FEATURES}
     class_ids = task_metric.class_id_outputs(ref_model)
-    acc = [_OutputStats(r, c, r in selected, r in features, r in class_ids) for r, c in pairs]
+    acc = [_OutputStats(r, c, r in selected, ref_found.get(r, (None, None))[1], r in class_ids) for r, c in pairs]
     task_acc = task_metric.Accumulator(list(keys), ref_logits,
                                        {k: a for k, (_, a) in ref_found.items() if a})
     ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[k] for k in keys]))
@@ -469,10 +483,10 @@ def compare_models(
         notes.append(f"{len(inputs.labels)} labels for {num.seen} evaluated samples; the first {num.seen} were used")
     classifiers = [o for o in num.outputs if o["classifier"]]
     if inputs.labels is not None and not classifiers:
-        notes.append("labels were given but no output is classifier-shaped ([N, C] scores, C > 1, or ArgMax class ids): "
+        notes.append("labels were given but no output is classifier-shaped ([N, C] scores, C > 1, ArgMax class ids, or a binary Sigmoid): "
                      "no accuracy computed")
     if "min_agreement" in gates and not classifiers:
-        raise OptionError("--min-agreement needs a classifier-shaped output ([N, C] with C > 1); this model has none.",
+        raise OptionError("--min-agreement needs a classifier-shaped output ([N, C] with C > 1, or a Sigmoid's labels); this model has none.",
                           "drop --min-agreement and gate on the error figures instead")
 
     latency = _compare_latency(ref_model, cand_model, num.first_sample, runs, threads, warmup)
@@ -501,7 +515,8 @@ def _evaluate_gates(result: dict, gates: dict) -> list:
         measured["max_latency_ms"] = ("candidate median latency", cand["latency"]["median_ms"], "ms")
     if "min_agreement" in gates:
         worst = min(classifiers, key=lambda o: o["top1_agreement"])
-        measured["min_agreement"] = (f"top-1 agreement on '{worst['name']}'", 100.0 * worst["top1_agreement"], "%")
+        what = "label agreement" if worst["decision"] == task_metric.LABELS else "top-1 agreement"
+        measured["min_agreement"] = (f"{what} on '{worst['name']}'", 100.0 * worst["top1_agreement"], "%")
     if "max_drop" in gates:
         drops = [(100.0 * (o["ref_accuracy"] - o["cand_accuracy"]), o["name"]) for o in classifiers if o["ref_accuracy"] is not None]
         if not drops:

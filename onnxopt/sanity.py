@@ -41,7 +41,9 @@ def check_outputs(model: ModelProto, data: DataSource, samples: int = SAMPLES) -
     feeds = take_samples(data, samples)
     bound = _first_bound(model)
     graph_outputs = [o.name for o in model.graph.output]
-    features = task_metric.features_outputs(model)   # an embedding's argmax is no class: nothing to say of it
+    # an embedding's argmax is no class, nor is a Sigmoid's largest label (each label decides alone, and
+    # one label that is always the likeliest is no sign of bad data): nothing to say of them
+    no_classes = {name for name, (_, act) in task_metric.logit_tensors(model).items() if act in (task_metric.FEATURES, "Sigmoid")}
     try:
         probe = runtime.with_outputs(model, [bound[0]]) if bound else model
         sess = runtime.session(probe)
@@ -79,7 +81,7 @@ def check_outputs(model: ModelProto, data: DataSource, samples: int = SAMPLES) -
             warnings.append(f"the float model's output '{name}' is the same for all {count} samples of the data "
                             f"(it does not depend on the input as read): {hint}")
             continue
-        if y.ndim == 2 and y.shape[1] > 1 and count >= MIN_SAMPLES and name not in features:
+        if y.ndim == 2 and y.shape[1] > 1 and count >= MIN_SAMPLES and name not in no_classes:
             classes = np.unique(y.argmax(1))
             if len(classes) == 1:
                 warnings.append(f"the float model gives every one of the first {count} samples the same class "

@@ -26,6 +26,11 @@ What is measured, per graph output
     * classifier-shaped outputs (``[N, C]``, ``C > 1``, not features): top-1 agreement with the
       reference and the KL divergence ``KL(softmax(ref) || softmax(cand))`` (nats, mean per sample)
       of the logits;
+    * a Sigmoid's outputs ``[N, C]`` or ``[N]`` (a binary or multi-label classifier: each label a
+      yes/no of its own): the share of samples whose every label decision (logit > 0) agrees with
+      the reference, and the Bernoulli KL summed over the labels. Its argmax says nothing (a
+      binary classifier's ``[N, 1]`` has none to take), and a softmax over independent labels
+      is no distribution of the model's;
     * every output: cosine similarity, SQNR (``10 log10(|r|^2 / |r - c|^2)`` dB) and the relative
       L2 error ``|r - c| / |r|``.
     Multi-output models (detectors) get one entry per output; a budget (:class:`Budget`) holds
@@ -70,6 +75,9 @@ _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorPro
 _PASS_THROUGH = ("Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast")
 # what a classifier's logits feed at its end: the measured tensor is their input (the logits)
 LOGIT_READERS = TERMINAL_ACTIVATIONS + ("ArgMax", "TopK")
+# a sample's decision on an output (:func:`decision_kind`): the top-1 class of class scores, or every
+# label's yes/no of a Sigmoid's outputs (binary and multi-label classifiers)
+TOP1, LABELS = "top-1", "labels"
 
 
 # ------------------------------------------------------------------------------ the graph side
@@ -184,7 +192,10 @@ def logit_tensors(model: ModelProto) -> dict:
             t, act = node.input[0], node.op_type
             node = _through_pass_through(producer.get(t), producer, readers)
         if node is not None and node.op_type in TERMINAL_ACTIVATIONS and node.input and node.input[0]:
-            t, act = node.input[0], node.op_type
+            # an ArgMax of a Sigmoid still decides by its top-1: it keeps its own name
+            t, act = node.input[0], (act if act in ("ArgMax", "TopK") and node.op_type == "Sigmoid" else node.op_type)
+            if act == "Sigmoid" and _FEATURE_NAME.search(vo.name):
+                act = FEATURES   # boxes or keypoints squashed into 0..1 (DETR's pred_boxes): values, no labels
         elif (node is not None and _l2_normalized(node, producer)) or _FEATURE_NAME.search(vo.name):
             act = FEATURES
         out[vo.name] = (t, act)
@@ -219,6 +230,40 @@ def comparable_outputs(model: ModelProto) -> tuple:
 
 
 # ------------------------------------------------------------------------------ the numbers
+def decision_kind(shape: tuple, activation: Optional[str]) -> Optional[str]:
+    """What a sample decides on an output of ``shape`` (samples first) whose measured tensor is read
+    by ``activation`` (:func:`logit_tensors`' op): :data:`LABELS` for a Sigmoid's ``[N, C]`` or
+    ``[N]`` (every label's yes/no), :data:`TOP1` for other ``[N, C]`` scores with ``C > 1``, None
+    where no decision is taken (features, what a selection reads, maps and sequences)."""
+    if activation in DATA_DEPENDENT_SHAPE + (FEATURES,):
+        return None
+    if activation == "Sigmoid":
+        return LABELS if len(shape) in (1, 2) else None
+    return TOP1 if len(shape) == 2 and shape[1] > 1 else None
+
+
+def agreeing(ref: np.ndarray, cand: np.ndarray, kind: str, threshold: float = 0.0) -> int:
+    """How many samples take the same decision (:func:`decision_kind`) in ``ref`` and ``cand``:
+    the same top-1 class, or every label on the same side of ``threshold`` (0 on logits, 0.5 on a
+    Sigmoid's probabilities)."""
+    if kind == TOP1:
+        return int(np.count_nonzero(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
+    n = ref.shape[0] if ref.ndim else 1
+    same = (ref > threshold).reshape(n, -1) == (cand > threshold).reshape(n, -1)
+    return int(np.count_nonzero(same.all(axis=1)))
+
+
+def _kl_sum(ref: np.ndarray, cand: np.ndarray, kind: str) -> float:
+    """KL(ref || cand) of the logits, summed over the samples: between softmaxes for top-1
+    scores, between each label's Bernoulli (summed over the labels) for labels."""
+    if kind == TOP1:
+        lp, lq = _log_softmax(ref), _log_softmax(cand)
+        return float(np.sum(np.exp(lp) * (lp - lq)))
+    # log sigmoid(x) = -softplus(-x), log(1 - sigmoid(x)) = -softplus(x), stable for any logit
+    lp, lq, l1p, l1q = -np.logaddexp(0, -ref), -np.logaddexp(0, -cand), -np.logaddexp(0, ref), -np.logaddexp(0, cand)
+    return float(np.sum(np.exp(lp) * (lp - lq) + np.exp(l1p) * (l1p - l1q)))
+
+
 @dataclass
 class OutputError:
     """The error of one graph output (measured on its logits when it has a terminal activation)."""
@@ -229,8 +274,10 @@ class OutputError:
     activation: Optional[str] = None
     classifier: bool = False
     samples: int = 0
-    top1_agreement: Optional[float] = None   # fraction, classifier outputs only
+    # fraction of samples taking the same decision (:data:`decision`), classifier outputs only
+    top1_agreement: Optional[float] = None
     kl: Optional[float] = None               # nats per sample, classifier outputs only
+    decision: Optional[str] = None           # TOP1 or LABELS (a Sigmoid's), classifier outputs only
     cosine: float = 1.0
     sqnr_db: float = math.inf
     rel_error: float = 0.0
@@ -242,14 +289,14 @@ class OutputError:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "measured": self.measured, "activation": self.activation, "classifier": self.classifier,
-                "samples": self.samples, "top1_agreement": self.top1_agreement, "agreement_loss_pts": self.agreement_loss,
+                "decision": self.decision, "samples": self.samples, "top1_agreement": self.top1_agreement, "agreement_loss_pts": self.agreement_loss,
                 "kl": self.kl, "cosine": self.cosine, "sqnr_db": self.sqnr_db, "rel_error": self.rel_error}
 
 
 @dataclass
 class Budget:
-    """What ``fallback=auto`` must reach on every output: at most ``max_agreement_loss`` top-1 agreement
-    points lost (1: 99 % of the samples keep their top-1 class), and a relative L2 error of the logits
+    """What ``fallback=auto`` must reach on every output: at most ``max_agreement_loss`` agreement
+    points lost (1: 99 % of the samples keep their top-1 class, or a Sigmoid's every label), and a relative L2 error of the logits
     of at most ``max_rel_error`` (the only budget on non-classifier outputs)."""
 
     max_agreement_loss: float = 1.0   # top-1 agreement points, classifier outputs (inf = unconstrained)
@@ -276,7 +323,7 @@ class Budget:
         parts = []
         if math.isfinite(self.max_agreement_loss):
             bound = f" (upper bound at {100 * self.confidence:g} % confidence)" if self.confidence > 0.5 else ""
-            parts.append(f"<= {self.max_agreement_loss:g} pt top-1 agreement lost{bound}")
+            parts.append(f"<= {self.max_agreement_loss:g} pt decision agreement lost{bound}")
         if self.max_rel_error > 0:
             parts.append(f"relative error <= {self.max_rel_error:g}")
         return ", ".join(parts) or "none"
@@ -347,7 +394,8 @@ class TaskError:
             where = (f" (logits before {o.activation})" if o.activation in LOGIT_READERS else
                      " (not class scores)" if o.activation == FEATURES else
                      f" ('{o.measured}', read by {o.activation})" if o.activation else "")
-            what = (f"top-1 agreement {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"
+            agreement = "label agreement" if o.decision == LABELS else "top-1 agreement"
+            what = (f"{agreement} {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"
                     if o.classifier else f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}")
             parts.append(f"{o.name}{where}: {what}")
         return "; ".join(parts) if parts else "(no outputs)"
@@ -370,6 +418,7 @@ class Accumulator:
         self.names = list(names)
         self.measured = measured or {n: n for n in self.names}
         self.activations = activations or {}
+        # cls: the decision kind every batch so far agreed on (False: none), None before the first
         self.s = {n: dict(rr=0.0, ee=0.0, cc=0.0, dot=0.0, n=0, agree=0, kl=0.0, cls=None) for n in self.names}
 
     def update(self, ref: list, cand: list) -> None:
@@ -389,18 +438,13 @@ class Accumulator:
             cf = np.nan_to_num(c64, posinf=0.0, neginf=0.0)
             st["cc"] += float(np.vdot(cf, cf))
             st["dot"] += float(np.vdot(np.nan_to_num(r64), cf))
-            # what a selection reads is scores to threshold, and features are no class scores: no top-1 there
-            cls = (r64.ndim == 2 and r64.shape[1] > 1
-                   and self.activations.get(name) not in DATA_DEPENDENT_SHAPE + (FEATURES,))
-            st["cls"] = cls if st["cls"] is None else (st["cls"] and cls)
+            # what a selection reads is scores to threshold, and features are no class scores: no decision there
+            kind = decision_kind(r64.shape, self.activations.get(name))
+            st["cls"] = kind if st["cls"] is None or st["cls"] == kind else False
             st["n"] += int(r64.shape[0]) if r64.ndim else 1
-            if cls:
-                st["agree"] += int(np.count_nonzero(np.argmax(r64, axis=1) == np.argmax(c64, axis=1)))
-                if np.isfinite(c64).all():
-                    lp, lq = _log_softmax(r64), _log_softmax(c64)
-                    st["kl"] += float(np.sum(np.exp(lp) * (lp - lq)))
-                else:
-                    st["kl"] = math.inf
+            if kind:
+                st["agree"] += agreeing(r64, c64, kind)
+                st["kl"] = _kl_sum(r64, c64, kind) + st["kl"] if np.isfinite(c64).all() else math.inf
 
     def result(self) -> TaskError:
         outs = []
@@ -416,7 +460,7 @@ class Accumulator:
             cos = st["dot"] / norm if norm > 0 else (1.0 if ee == 0 else 0.0)
             cls = bool(st["cls"]) and st["n"] > 0
             outs.append(OutputError(name=name, measured=self.measured.get(name, name), activation=self.activations.get(name),
-                                    classifier=cls, samples=st["n"],
+                                    classifier=cls, decision=st["cls"] if cls else None, samples=st["n"],
                                     top1_agreement=(st["agree"] / st["n"]) if cls else None,
                                     kl=(st["kl"] / st["n"]) if cls else None, cosine=cos, sqnr_db=sqnr, rel_error=rel))
         return TaskError(outs)

@@ -427,3 +427,74 @@ def test_class_ids_from_an_argmax_are_measured_on_the_scores_they_come_from(tmp_
                      [("x", ["N", 8])], [("top_s", ["N", 3]), ("top_i", ["N", 3], onnx.TensorProto.INT64)],
                      [("w", rand(5, 8, seed=1)), ("b", rand(5, seed=2)), ("k", np.array([3], np.int64))])
     assert task_metric.logit_tensors(top) == {"top_s": ("logits", "TopK"), "top_i": ("logits", "TopK")}
+
+
+def _binary_se(seed: int = 0):
+    """The SE test network as a binary classifier: the margin of its two classes' logits, then a
+    Sigmoid, output ``prob`` [N, 1] (no argmax to take)."""
+    from onnx import numpy_helper
+    m = se_models.mobilenetv3_se(bad_scale=1.0, classes=2, seed=seed)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([[-1.0], [1.0]], np.float32), "versus"))
+    m.graph.node.extend([helper.make_node("MatMul", ["logits", "versus"], ["margin"], name="versus"),
+                         helper.make_node("Sigmoid", ["margin"], ["prob"], name="sig")])
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("prob", onnx.TensorProto.FLOAT, [1, 1]))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_a_sigmoid_output_is_measured_by_each_label_decision():
+    """Binary and multi-label classifiers end in a Sigmoid: each label is a yes/no of its own. A
+    sample agrees when every label's decision (logit > 0) is the same; the KL is the Bernoulli one
+    summed over the labels. The argmax read before missed a flipped label that is not the largest,
+    and a binary classifier's [N, 1] had no agreement at all."""
+    ref = np.array([[2.0, -1.0], [-1.0, 0.5], [0.3, 0.2]])
+    cand = ref.copy()
+    cand[0, 1] = 0.5          # the second label flips; the argmax (label 0) does not move
+    acc = task_metric.Accumulator(["y"], activations={"y": "Sigmoid"})
+    acc.update([ref], [cand])
+    o = acc.result().outputs[0]
+    assert o.classifier and o.decision == task_metric.LABELS and o.top1_agreement == pytest.approx(2 / 3)
+    p, q = 1 / (1 + np.exp(-ref)), 1 / (1 + np.exp(-cand))
+    bernoulli = np.sum(p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q)))
+    assert o.kl == pytest.approx(bernoulli / 3, rel=1e-9)
+    assert task_metric.measure([ref], [cand]).outputs[0].top1_agreement == 1.0   # read as class scores: unseen
+    # a binary classifier, [N, 1] or [N]
+    for shape in ((3, 1), (3,)):
+        acc = task_metric.Accumulator(["y"], activations={"y": "Sigmoid"})
+        acc.update([np.array([1.0, -2.0, 0.1]).reshape(shape)], [np.array([1.2, -1.0, -0.1]).reshape(shape)])
+        assert acc.result().outputs[0].agreement_loss == pytest.approx(100 / 3)
+    assert task_metric.decision_kind((4, 1, 8, 8), "Sigmoid") is None   # a mask: no one decision per sample
+    # on the graph: an ArgMax of a Sigmoid decides by its top-1; boxes squashed into 0..1 are values
+    m = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["raw"], transB=1),
+                    helper.make_node("Sigmoid", ["raw"], ["pred_boxes"]),
+                    helper.make_node("Sigmoid", ["raw"], ["s2"]),
+                    helper.make_node("ArgMax", ["s2"], ["ids"], axis=1, keepdims=0)],
+                   [("x", ["N", 8])], [("pred_boxes", ["N", 4]), ("ids", ["N"], onnx.TensorProto.INT64)],
+                   [("w", rand(4, 8, seed=1)), ("b", rand(4, seed=2))])
+    assert task_metric.logit_tensors(m) == {"pred_boxes": ("raw", task_metric.FEATURES), "ids": ("raw", "ArgMax")}
+
+
+def test_the_fallback_budget_holds_a_binary_sigmoid_classifier(tmp_path):
+    """A binary classifier (Sigmoid, [N, 1]) gets the default agreement budget: 4-bit weights flip
+    the decision of 10 % of the samples, and fallback=auto keeps layers in float until it is
+    within 1 point (before, the output counted as no classifier and nothing was kept). compare
+    shows the label agreement and a binary accuracy against labels 0 / 1."""
+    from onnxopt.compare import compare_models
+    m, feeds = _binary_se(), se_models.image_like_inputs(48, classes=2)
+    q, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "weight_bits": 4, "calib_method": "minmax"}},
+                              context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+    fb = report.passes[0].extra["recovery"]["fallback"]
+    assert fb["agreement_loss_before"] > 5 and fb["met"] and fb["agreement_loss_after"] <= 1.0
+    assert 0 < len(fb["high_precision_layers"]) and "note" not in fb
+    assert "prob (logits before Sigmoid): label agreement" in fb["task_after"]
+    x = np.concatenate([f["input"] for f in feeds])
+    np.save(tmp_path / "x.npy", x)
+    ref = run(m, {"input": x[:1]})["prob"]   # fixed batch 1: compare runs it sample by sample
+    decisions = np.array([run(m, {"input": x[i:i + 1]})["prob"].item() > 0.5 for i in range(len(x))])
+    labels = decisions.astype(np.int64)
+    labels[:4] = 1 - labels[:4]              # the float model is right on 44 of 48
+    res = compare_models(m, q, data=str(tmp_path / "x.npy"), labels=labels, runs=0)
+    row = res["outputs"][0]
+    assert ref.shape == (1, 1) and row["classifier"] and row["decision"] == task_metric.LABELS
+    assert res["reference"]["accuracy"] == pytest.approx(44 / 48)
+    assert "label agreement" in res["task_summary"]

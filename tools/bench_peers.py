@@ -286,6 +286,7 @@ def _trained(name, stem, build):
         return (onnx.load(onnx_path), [{"input": zc[i:i + 1]} for i in range(len(zc))],
                 [{"input": ze[i:i + 1]} for i in range(len(ze))], z["labels"])
     model, cf, ef, labels = build()
+    CACHE.mkdir(parents=True, exist_ok=True)
     onnx.save(model, onnx_path)
     np.savez(cached, calib=np.concatenate([f["input"] for f in cf]), eval=np.concatenate([f["input"] for f in ef]),
              labels=labels)
@@ -310,13 +311,17 @@ def digits_split():
     return x[:SE_TRAIN], y[:SE_TRAIN], x[SE_TRAIN:], y[SE_TRAIN:]
 
 
-def se_digits(seed=0, spread=2.0):
+def se_digits(seed=0, spread=2.0, labels_of=None):
     """A HardSwish + squeeze-excite CNN (MobileNetV3-like, unfused BN) trained on scikit-learn's
     digits (upsampled to 32x32), then rescaled per channel where the float function allows it
     (expand Conv+BN -> ReLU -> depthwise: BN's gamma/beta times f_c, the depthwise filter of
     channel c divided by f_c, f_c = 10^U(-spread/2, spread/2)) -- what folding BatchNorm with
     widely different statistics produces, and what makes per-tensor depthwise inputs lose
-    accuracy. Split: 1197 train (of which every 6th, 200, calibrate), 600 test."""
+    accuracy. Split: 1197 train (of which every 6th, 200, calibrate), 600 test.
+
+    ``labels_of``: a function from the digits to a multi-hot target ``[N, K]`` (attributes of the
+    digit); the net then ends in K Sigmoid outputs (``probs``), trained with binary cross
+    entropy: a binary (K = 1) or multi-label classifier. Its evaluation labels are that target."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -341,7 +346,10 @@ def se_digits(seed=0, spread=2.0):
 
     net = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish(),
                         Block(16, 48, 16, 1), Block(16, 64, 24, 2), Block(24, 72, 24, 1), Block(24, 96, 32, 2),
-                        nn.Conv2d(32, 128, 1), nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+                        nn.Conv2d(32, 128, 1), nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(128, 10 if labels_of is None else labels_of(ytr.numpy()).shape[1]))
+    if labels_of is not None:
+        ytr, yte = (torch.from_numpy(labels_of(y.numpy()).astype(np.float32)) for y in (ytr, yte))
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     g = torch.Generator().manual_seed(seed)
     for epoch in range(25):
@@ -350,7 +358,8 @@ def se_digits(seed=0, spread=2.0):
         for i in range(0, len(xtr), 64):
             idx = perm[i:i + 64]
             xb = xtr[idx] + 0.1 * torch.randn(len(idx), 1, 32, 32, generator=g)
-            loss = F.cross_entropy(net(xb), ytr[idx])
+            loss = (F.cross_entropy(net(xb), ytr[idx]) if labels_of is None
+                    else F.binary_cross_entropy_with_logits(net(xb), ytr[idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -365,15 +374,18 @@ def se_digits(seed=0, spread=2.0):
                 bn.bias.mul_(f)
                 dw.weight.div_(f[:, None, None, None])
     with torch.no_grad():
-        acc = float((net(xte).argmax(1) == yte).float().mean())
+        acc = float((net(xte).argmax(1) == yte).float().mean() if labels_of is None
+                    else ((net(xte) > 0) == (yte > 0.5)).all(1).float().mean())
     log(f"se-digits: float test accuracy {100 * acc:.2f} %")
     import io
 
     import onnx
 
+    out = "logits" if labels_of is None else "probs"
+    exported = net if labels_of is None else nn.Sequential(net, nn.Sigmoid())
     buf = io.BytesIO()
-    torch.onnx.export(net, xtr[:1], buf, input_names=["input"], output_names=["logits"], opset_version=17,
-                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    torch.onnx.export(exported, xtr[:1], buf, input_names=["input"], output_names=[out], opset_version=17,
+                      dynamic_axes={"input": {0: "N"}, out: {0: "N"}}, dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
     calib = [{"input": xtr[i:i + 1].numpy()} for i in range(0, SE_TRAIN, SE_CALIB_EVERY)][:200]
     evalf = [{"input": xte[i:i + 1].numpy()} for i in range(len(xte))]

@@ -61,7 +61,7 @@ def render_compare(res: dict) -> str:
     lines.append("")
     outs = res["outputs"]
     nw = max([len("output")] + [len(o["name"]) for o in outs])
-    lines.append(f"{'output':<{nw}}  {'shape':<16} {'max|err|':>10} {'cosine':>10} {'min cos':>10} {'SQNR dB':>8} {'top-1 agree':>12}")
+    lines.append(f"{'output':<{nw}}  {'shape':<16} {'max|err|':>10} {'cosine':>10} {'min cos':>10} {'SQNR dB':>8} {'agreement':>12}")
     for o in outs:
         shape = "[" + ",".join("?" if s is None else str(s) for s in (o["shape"] or [])) + "]"
         lines.append(f"{o['name']:<{nw}}  {shape:<16} {_num(o['max_abs'], '.3g'):>10} {_num(o['cosine'], '.6f'):>10} "
@@ -102,7 +102,7 @@ Exit codes: 0 all gates passed (or none given), 1/2 user error, 3 a gate failed.
 @click.option("--max-samples", type=int, default=None, help="Use at most this many samples (generated inputs: how many, default 8).")
 @click.option("--max-size-mb", type=float, default=None, help="Gate: candidate file size (external data included) at most this many MB (2^20 bytes).")
 @click.option("--max-latency-ms", type=float, default=None, help="Gate: candidate median latency at most this many ms.")
-@click.option("--min-agreement", type=float, default=None, help="Gate: top-1 agreement with the reference at least this percentage (e.g. 99).")
+@click.option("--min-agreement", type=float, default=None, help="Gate: agreement with the reference (top-1 class; a Sigmoid output's every label) at least this percentage (e.g. 99).")
 @click.option("--max-drop", type=float, default=None, help="Gate: top-1 accuracy drop at most this many points (needs labels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (gates still set the exit code).")
 @image_options
@@ -113,7 +113,9 @@ def compare_cmd(ref, cand, data, labels, runs, threads, batch_size, max_samples,
     """Run REF and CAND in onnxruntime on the same inputs and compare them.
 
     Per output: max abs error, cosine similarity, SQNR (dB) and, for classifier outputs
-    ([N, C]), top-1 agreement and each model's accuracy when labels are known. Per model:
+    ([N, C]), top-1 agreement and each model's accuracy when labels are known; for a
+    Sigmoid's outputs (binary and multi-label classifiers) the share of samples whose
+    every label, decided at 0.5, agrees. Per model:
     size, params, MACs and median single-sample latency (default onnxruntime optimizations).
     Without --data the inputs are generated, and the output says so. Gates check the
     candidate; when one fails the table is printed and the exit code is 3.

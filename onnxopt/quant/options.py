@@ -140,9 +140,10 @@ class RecoveryOptions(PassOptions):
                            "precision (TensorRT: no Q/DQ, fp16 in an fp16 build; TIDL: 16-bit; ort: float) until the "
                            "budget (max_agreement_loss at agreement_confidence, max_error) holds on the calibration "
                            "data (or apply's --check-data); none = every layer quantized", ("none", "auto"))
-    max_agreement_loss: float = option(1.0, "fallback=auto budget: top-1 agreement points with the float model lost on "
-                                       "classifier outputs, measured on the logits before a final Softmax/Sigmoid on up "
-                                       "to 256 calibration samples (-1 = no agreement budget)")
+    max_agreement_loss: float = option(1.0, "fallback=auto budget: agreement points with the float model lost on "
+                                       "classifier outputs (the top-1 class; a final Sigmoid's every label), measured on "
+                                       "the logits before a final Softmax/Sigmoid on up to 256 calibration samples "
+                                       "(-1 = no agreement budget)")
     agreement_confidence: float = option(0.84, "fallback=auto: max_agreement_loss must hold on the one-sided upper "
                                          "confidence bound (Wilson, from the sample count) of the loss at this confidence, "
                                          "so that it holds beyond the calibration samples (at 1 point, no disagreement is left "
