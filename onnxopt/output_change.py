@@ -88,7 +88,7 @@ def _compare(refs: list, cands: list, activation: Optional[str] = None) -> dict:
     err = task.result().outputs[0]
     out["sqnr_db"] = err.sqnr_db
     if err.classifier:
-        out["top1_agreement"], out["kl"] = err.top1_agreement, err.kl
+        out["top1_agreement"], out["kl"], out["decision"] = err.top1_agreement, err.kl, err.decision
     return out
 
 
@@ -96,8 +96,11 @@ def describe(change: dict, prefix: str = "output change ") -> str:
     """``output change cosine 0.871, rel err 0.45, top-1 agreement 62.5 % (32 samples of the data)``."""
     if change.get("skipped"):
         return f"output change not measured: {change['skipped']}"
+    # a Sigmoid's outputs agree on every label's decision (task_metric.LABELS), class scores on the top-1
+    decisions = {v.get("decision") for v in change.get("outputs", {}).values() if v.get("decision")}
+    agreement = "label agreement" if decisions == {task_metric.LABELS} else "top-1 agreement"
     shown = {"cosine": lambda v: f"cosine {v:.4f}", "rel_error": lambda v: f"rel err {v:.3g}",
-             "top1_agreement": lambda v: f"top-1 agreement {100 * v:.1f} %", "kl": lambda v: f"KL {v:.3g}"}
+             "top1_agreement": lambda v: f"{agreement} {100 * v:.1f} %", "kl": lambda v: f"KL {v:.3g}"}
     parts = [fmt(change[key]) for key, fmt in shown.items() if change.get(key) is not None]
     acts = {v["activation"] for v in change.get("outputs", {}).values() if v.get("measured") and v.get("activation")}
     if acts & set(task_metric.LOGIT_READERS):
