@@ -9,6 +9,7 @@
 * Issue 23 (``--only cli``): ``onnxopt apply cleanup,bnfuse,prune ... --set prune.ratio=0.3`` then
   ``onnxopt finetune ... --teacher ... --data ... --epochs 15``, exactly as a user types them, with
   the defaults: held-out top-1, MACs, samples/s.
+* ``--softmax`` (cli, r20): the shared model as exported with a final Softmax (probabilities out).
 * Finetuning throughput on this CPU (``--only tput``; samples/s, median over epochs -- the machine
   is shared, so the figure is noisy; ``--threads 0`` picks the cores the load average leaves idle).
 
@@ -135,7 +136,8 @@ def run_r20(args, tmp, rows, log):
     from onnxopt.qat import prepare_qat
     from onnxopt.torch.train import FinetuneConfig, finetune
     xt, _, xh, yh = cifar()
-    base = onnxopt.load_model(SHARED / "models" / "resnet20_cifar10.onnx")
+    path = SHARED / "models" / "resnet20_cifar10.onnx"
+    base = onnxopt.load_model(_with_softmax(path, tmp) if args.softmax else path)
     data = train_source(base, xt, tmp)
     acc_fp = top1(base, xh, yh)
     ptq, _ = onnxopt.apply(base, "qdq", {"qdq": {"weight_bits": 4, "activation_bits": 4}},
@@ -156,7 +158,7 @@ def run_r20(args, tmp, rows, log):
     from onnxopt.quant.check import check_model
     violations = check_model(res.model, "tensorrt")   # the written QDQ model stays valid for its target
     sps = statistics.median(h["samples_per_second"] for h in res.history)
-    rows.append({"figure": "resnet20 W4A4 QAT by distillation", "fp32_top1": acc_fp, "ptq_w4a4_top1": acc_ptq, "qat_start_top1": acc_qat_init,
+    rows.append({"figure": "resnet20 W4A4 QAT by distillation", "softmax": args.softmax, "fp32_top1": acc_fp, "ptq_w4a4_top1": acc_ptq, "qat_start_top1": acc_qat_init,
                  "qat_calib": args.calib_method, "keep_first_last_float": args.keep_first_last, "qat_w4a4_top1": acc_qat, "feature_tensors": len(cfg.feature_loss), "optimizer": args.optimizer, "weight_decay": args.weight_decay, "bn_mode": args.bn_mode, "bn_recalib": args.bn_recalib,
                  "drop_points": round(acc_fp - acc_qat, 2), "target_drop": 2.0, "met": acc_fp - acc_qat <= 2.0,
                  "epochs": args.epochs_r20, "lr": args.lr_r20, "finetune_seconds": round(secs, 1),
@@ -172,6 +174,8 @@ def run_cli(args, tmp, rows, log):
     train = tmp / "train.npz"
     np.savez(train, input=xt)
     model = SHARED / "models" / "resnet56_cifar10.onnx"
+    if args.softmax:   # the model as exported with its Softmax (probabilities out)
+        model = _with_softmax(model, tmp)
     pruned, tuned, report = tmp / f"p{args.seed}.onnx", tmp / f"f{args.seed}.onnx", tmp / f"ft{args.seed}.json"
     onnxopt_cli = [sys.executable, "-m", "onnxopt"]
     cmd1 = onnxopt_cli + ["apply", "cleanup,bnfuse,prune", str(model), "-o", str(pruned), "--set", f"prune.ratio={args.cli_ratio}"]
@@ -196,12 +200,26 @@ def run_cli(args, tmp, rows, log):
     rep = json.loads(report.read_text())
     macs = 1 - stats.total_macs(p) / stats.total_macs(base)
     acc_base, acc_p, acc_f = top1(base, xh, yh), top1(p, xh, yh), top1(f, xh, yh)
-    rows.append({"figure": "issue 23: the two commands with the defaults", "ratio": args.cli_ratio, "epochs": args.cli_epochs,
+    rows.append({"figure": "issue 23: the two commands with the defaults", "softmax": args.softmax, "ratio": args.cli_ratio, "epochs": args.cli_epochs,
                  "seed": args.seed, "extra_flags": args.cli_extra, "macs_reduction": round(macs, 4), "baseline_top1": acc_base,
                  "pruned_top1": acc_p, "finetuned_top1": acc_f, "target_top1": 88.8, "met": acc_f >= 88.8 and macs >= 0.30,
                  "epochs_run": len(rep["history"]), "samples_per_second": round(rep["samples_per_second"], 1),
                  "samples_per_second_per_epoch": [h["samples_per_second"] for h in rep["history"]],
                  "seconds_both_commands": round(secs, 1), "device": args.device, "threads": args.threads})
+
+
+def _with_softmax(path: Path, tmp: Path) -> Path:
+    """A copy of the model at ``path`` with a Softmax after its logits, written under ``tmp``."""
+    import onnx
+    from onnx import helper
+    m = onnx.load(str(path))
+    out = m.graph.output[0]
+    for node in m.graph.node:
+        node.output[:] = [f"{o}_logits" if o == out.name else o for o in node.output]
+    m.graph.node.append(helper.make_node("Softmax", [f"{out.name}_logits"], [out.name], axis=1, name="softmax"))
+    dest = tmp / "with_softmax.onnx"
+    onnx.save(m, str(dest))
+    return dest
 
 
 def run_tput(args, tmp, rows, log):
@@ -225,6 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cli-ratio", type=float, default=0.3, help="cli: prune.ratio")
     ap.add_argument("--cli-epochs", type=int, default=15, help="cli: finetune --epochs")
     ap.add_argument("--cli-extra", default="", help="cli: extra finetune flags (e.g. the old defaults, for comparison)")
+    ap.add_argument("--softmax", action="store_true", help="cli, r20: the model exported with a final Softmax (probabilities out)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs-r56", type=int, default=8)

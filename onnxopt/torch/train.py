@@ -216,6 +216,59 @@ def load_user_loss(spec: str) -> Callable:
     return load_user_function(spec, "loss script", "define fn(student_outputs, teacher_outputs, labels, batch) -> scalar tensor")
 
 
+# the activations whose input (the logits) is distilled instead of the graph output they write: a
+# softmax of probabilities divided by T is nearly uniform, and its KL moves the student ~2x less
+LOGIT_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+@dataclass
+class _Logits:
+    """A graph output written by a final Softmax/LogSoftmax/Sigmoid: the tensors before it in the
+    student and in the teacher (each found on its own graph: a quantized student's may be a
+    dequantized copy), distilled and trained on instead of the probabilities."""
+    output: str
+    student: str
+    teacher: Optional[str]
+    activation: str
+
+
+def logit_pairs(model: ModelProto, teacher: Optional[ModelProto]) -> dict:
+    """{graph output: :class:`_Logits`} for the outputs written by a final Softmax/LogSoftmax/Sigmoid
+    (:func:`onnxopt.task_metric.logit_tensors`); the teacher's tensor is None without a teacher, or
+    when its output is not written by the same activation (then the output itself is distilled)."""
+    mine = task_metric.logit_tensors(model)
+    theirs = task_metric.logit_tensors(teacher) if teacher is not None else {}
+    pairs = {}
+    for name, (tensor, act) in mine.items():
+        if act in LOGIT_ACTIVATIONS and tensor != name:
+            t_tensor, t_act = theirs.get(name, (None, None))
+            pairs[name] = _Logits(name, tensor, t_tensor if t_act == act else None, act)
+    return pairs
+
+
+def logit_distill_loss(s: torch.Tensor, t: torch.Tensor, activation: str, temperature: float) -> torch.Tensor:
+    """T^2 KL between the teacher's and the student's distributions at temperature T, on logits:
+    softmax over classes ([N, C]) for a Softmax/LogSoftmax, each label's Bernoulli (summed over the
+    labels, mean over the samples) for a Sigmoid; MSE of the logits for other shapes of a Softmax."""
+    T = temperature
+    if activation == "Sigmoid":
+        ls, lt = F.logsigmoid(s / T), F.logsigmoid(t / T)
+        l1s, l1t = F.logsigmoid(-s / T), F.logsigmoid(-t / T)
+        kl = lt.exp() * (lt - ls) + l1t.exp() * (l1t - l1s)
+        return kl.reshape(kl.shape[0], -1).sum(1).mean() * T * T if kl.dim() else kl * T * T
+    return distill_loss(s, t, temperature)
+
+
+def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+    """Cross entropy of class labels ``y`` on ``logits``; for a Sigmoid's labels, binary cross
+    entropy against ``y`` itself (one label: 0 / 1) or its one-hot (one-vs-rest labels)."""
+    flat = logits.reshape(logits.shape[0], -1)
+    if activation != "Sigmoid":
+        return F.cross_entropy(flat, y)
+    target = y.to(flat.dtype).reshape(-1, 1) if flat.shape[1] == 1 else F.one_hot(y, flat.shape[1]).to(flat.dtype)
+    return F.binary_cross_entropy_with_logits(flat, target)
+
+
 def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, class_scores: bool = True) -> torch.Tensor:
     """T^2 KL on classifier logits ([N, C], C > 1, unless ``class_scores`` is false: an embedding
     or other features, see :data:`onnxopt.task_metric.FEATURES`), MSE otherwise."""
@@ -289,6 +342,12 @@ class _Run:
     held: Optional[tuple] = None           # (tensors, labels) of the held-in split
     held_teacher: Optional[tuple] = None   # the teacher's outputs on the held-in split
     feature_outputs: set = field(default_factory=set)   # outputs of features, not class scores: MSE, not KL
+    logits: dict = field(default_factory=dict)   # {graph output: _Logits}: trained on its logits (logit_pairs)
+
+    @property
+    def teacher_logits(self) -> list:
+        """The outputs whose teacher logits the teacher returns after the features, in that order."""
+        return [lg for lg in self.logits.values() if lg.teacher is not None]
 
     @property
     def n(self) -> int:
@@ -298,16 +357,24 @@ class _Run:
         cfg, student = self.cfg, self.student
         loss = out[0].new_zeros(())
         if t_out is not None:
+            t_logits = dict(zip((lg.output for lg in self.teacher_logits), t_feat[len(self.features):]))
             for s_o, t_o, name in zip(out, t_out, student.output_names):
                 if s_o.shape != t_o.shape:
                     raise OnnxoptError(f"student output {tuple(s_o.shape)} and teacher output {tuple(t_o.shape)} differ.",
                                        "the teacher must have the same outputs as the model (the model before lite/prune/qdq)")
+                if name in t_logits:   # behind a final Softmax/Sigmoid: the logits, not the probabilities
+                    s_l = student.captured[self.logits[name].student]
+                    loss = loss + cfg.distill_weight * logit_distill_loss(s_l, t_logits[name].to(s_l.dtype),
+                                                                          self.logits[name].activation, cfg.temperature)
+                    continue
                 loss = loss + cfg.distill_weight * distill_loss(s_o, t_o.to(s_o.dtype), cfg.temperature,
                                                                 name not in self.feature_outputs)
             for f, t_f in zip(self.features, t_feat):
                 loss = loss + cfg.feature_weight * F.mse_loss(student.captured[f], t_f.to(student.captured[f].dtype))
         if y is not None:
-            loss = loss + cfg.label_weight * F.cross_entropy(out[0].reshape(out[0].shape[0], -1), y)
+            first = self.logits.get(student.output_names[0])
+            scores = student.captured[first.student] if first is not None else out[0]
+            loss = loss + cfg.label_weight * label_loss(scores, y, first.activation if first is not None else None)
         if self.user_loss is not None:
             loss = loss + self.user_loss(out, t_out, y, dict(zip(student.input_names, xs)))
         return loss
@@ -361,12 +428,14 @@ def _attach_teacher(run: _Run, teacher: Optional[ModelProto], model: ModelProto,
             raise OptionError("--feature-loss auto needs a --teacher to match features against.", "give --teacher ORIGINAL.onnx")
         features = auto_features(teacher, model)
         log(f"feature distillation on {len(features)} tensors (activation outputs and residual sums)")
+    # the teacher returns its logits behind a final Softmax/Sigmoid after the features
+    taught = features + [lg.teacher for lg in run.teacher_logits]
     if teacher is not None:
         if cfg.teacher_runtime == "ort":
-            run.teacher = _OrtTeacher(teacher, student.input_names, features)
+            run.teacher = _OrtTeacher(teacher, student.input_names, taught)
         else:
             try:
-                run.teacher = _TorchTeacher(teacher, run.device, features)
+                run.teacher = _TorchTeacher(teacher, run.device, taught)
             except OnnxoptError as exc:  # say which model: the student converted fine
                 way_out = "or give --teacher-runtime ort (onnxruntime runs the teacher)"
                 raise OnnxoptError(f"the teacher cannot run in torch: {exc.message}",
@@ -376,7 +445,7 @@ def _attach_teacher(run: _Run, teacher: Optional[ModelProto], model: ModelProto,
         missing = [f for f in features if f not in names_in_student]
         if missing:
             raise OptionError(f"--feature-loss tensor(s) not in the model: {', '.join(missing)}.", "name tensors that exist in both student and teacher")
-        student.capture = set(features)
+    student.capture = set(features) | {lg.student for lg in run.logits.values()}
     run.features = features
 
 
@@ -412,7 +481,8 @@ def _prepare(model: ModelProto, data, teacher: Optional[ModelProto], cfg: Finetu
     run = _Run(cfg, student, device, {k: torch.from_numpy(v) for k, v in arrays.items()},
                torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None, user_loss=user_loss,
                # found on the float teacher too: a quantized student's normalization reads dequantized tensors
-               feature_outputs=task_metric.features_outputs(model) | (task_metric.features_outputs(teacher) if teacher is not None else set()))
+               feature_outputs=task_metric.features_outputs(model) | (task_metric.features_outputs(teacher) if teacher is not None else set()),
+               logits=logit_pairs(model, teacher))
     _attach_teacher(run, teacher, model, log)
     if cfg.val_split > 0 and cfg.epochs > 0:
         _hold_in(run, log)
