@@ -137,13 +137,14 @@ class _OutputStats:
     """Running sums for one output pair: of all the samples, only one argmax each is kept."""
 
     def __init__(self, name: str, cand_name: str, data_dependent: bool = False, activation: Optional[str] = None,
-                 class_ids: bool = False):
+                 class_ids: bool = False, axis: Optional[int] = None):
         self.name, self.cand_name = name, cand_name
         # what task_metric.logit_tensors found writing the output: a Sigmoid's probabilities decide each
         # label at 0.5; features (task_metric.FEATURES) decide nothing: no agreement, no accuracy
         self.activation = activation
         self.class_ids = class_ids   # written by an ArgMax: one class id per sample ([N] or [N, 1]) is the decision
-        self.decision: Optional[str] = None   # task_metric.TOP1 or LABELS
+        self.axis = axis   # task_metric.class_axes: the classes' axis of scores whose positions each decide
+        self.decision: Optional[str] = None   # task_metric.TOP1, LABELS or POSITIONS
         # a selection's output (after NonMaxSuppression...): where the two models select a different
         # number of items it is not compared element by element (the task error reads its inputs)
         self.data_dependent, self.shape_changes = data_dependent, 0
@@ -164,8 +165,10 @@ class _OutputStats:
                 "the two models are not comparable on this output; check that CAND was derived from REF")
         # (selected indices are no logits, and an embedding's argmax decides nothing)
         ids = self.class_ids and r.ndim in (1, 2) and r.size == (r.shape[0] if r.ndim else 1)
-        kind = (task_metric.TOP1 if ids else None if self.data_dependent
-                else task_metric.decision_kind(r.shape, self.activation))
+        # an ArgMax's map of class ids (a segmentation export): each position is a decision
+        id_map = self.class_ids and not ids and r.ndim >= 2
+        kind = (task_metric.TOP1 if ids else task_metric.POSITIONS if id_map else None if self.data_dependent
+                else task_metric.decision_kind(r.shape, self.activation, self.axis))
         is_cls = kind is not None
         self.classifier = is_cls if self.classifier is None else (self.classifier and is_cls)
         self.decision = kind if self.decision in (None, kind) else None
@@ -196,7 +199,11 @@ class _OutputStats:
             den = np.sqrt(np.einsum("ij,ij->i", rs, rs) * np.einsum("ij,ij->i", cs, cs))
             cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(rs == cs, axis=1), 1.0, 0.0))
             self.min_sample_cos = min(self.min_sample_cos, float(cos.min()))
-        if kind == task_metric.LABELS:   # a Sigmoid's probabilities: each label is a yes at 0.5
+        if kind == task_metric.POSITIONS:   # no labels per position: agreement only
+            axis = None if id_map else self.axis % r.ndim
+            self.samples += r.size if id_map else task_metric.positions(r.shape, axis)
+            self.agree += (int(np.count_nonzero(r == c)) if id_map else task_metric.agreeing(r, c, kind, axis=axis))
+        elif kind == task_metric.LABELS:   # a Sigmoid's probabilities: each label is a yes at 0.5
             self.samples += r.shape[0] if r.ndim else 1
             self.agree += task_metric.agreeing(r, c, kind, threshold=0.5)
             if labels is not None and r.size == len(labels):   # a binary classifier: labels 0 / 1
@@ -385,9 +392,10 @@ def _stream_numerics(ref_model: ModelProto, cand_model: ModelProto, pairs: list,
                            "the two models are not comparable; check that CAND was derived from REF")
     selected = task_metric.data_dependent_outputs(ref_model)
     class_ids = task_metric.class_id_outputs(ref_model)
-    acc = [_OutputStats(r, c, r in selected, ref_found.get(r, (None, None))[1], r in class_ids) for r, c in pairs]
+    axes = task_metric.class_axes(ref_model)
+    acc = [_OutputStats(r, c, r in selected, ref_found.get(r, (None, None))[1], r in class_ids, axes.get(r)) for r, c in pairs]
     task_acc = task_metric.Accumulator(list(keys), ref_logits,
-                                       {k: a for k, (_, a) in ref_found.items() if a})
+                                       {k: a for k, (_, a) in ref_found.items() if a}, axes)
     ref_fetch = list(dict.fromkeys(ref_names + [ref_logits[k] for k in keys]))
     cand_fetch = list(dict.fromkeys(cand_names + [cand_logits[ck] for ck in keys.values()]))
     data_labels = inputs.labels

@@ -46,6 +46,7 @@ def measure(before: ModelProto, after: ModelProto, batches: list, source: str = 
     except OnnxoptError as exc:
         return {"skipped": exc.message}
     activations = {name: act for name, (_, act) in found.items()}
+    axes = task_metric.class_axes(before)
     per: dict = {}
     samples = 0
     for name, rt in ref_tensor.items():   # per output, or per tensor a data-dependent selection reads
@@ -54,7 +55,7 @@ def measure(before: ModelProto, after: ModelProto, batches: list, source: str = 
         c = [np.asarray(x[ct], np.float64) for x in gots if ct in x]
         if not r or len(r) != len(c) or any(a.shape != b.shape for a, b in zip(r, c)) or r[0].dtype.kind not in "fc":
             continue
-        per[name] = _compare(r, c, activations.get(name))
+        per[name] = _compare(r, c, activations.get(name), axes.get(name))
         if rt != name:
             per[name].update(measured=rt, activation=activations.get(name))
         samples = max(samples, sum(a.shape[0] if a.ndim else 1 for a in r))
@@ -64,7 +65,7 @@ def measure(before: ModelProto, after: ModelProto, batches: list, source: str = 
             "top1_agreement": worst("top1_agreement", min), "kl": worst("kl", max)}
 
 
-def _compare(refs: list, cands: list, activation: Optional[str] = None) -> dict:
+def _compare(refs: list, cands: list, activation: Optional[str] = None, axis: Optional[int] = None) -> dict:
     r = np.concatenate([a.reshape(-1) for a in refs])
     c = np.concatenate([a.reshape(-1) for a in cands])
     finite = np.isfinite(r) & np.isfinite(c)
@@ -82,7 +83,8 @@ def _compare(refs: list, cands: list, activation: Optional[str] = None) -> dict:
     out = {"cosine": 0.0 if bad else cosine, "rel_error": float("inf") if bad else rel, "top1_agreement": None}
     if bad:
         out["non_finite"] = bad
-    task = task_metric.Accumulator(["out"], activations={"out": activation} if activation else None)
+    task = task_metric.Accumulator(["out"], activations={"out": activation} if activation else None,
+                                   axes={"out": axis} if axis is not None else None)
     for a, b in zip(refs, cands):
         task.update([a], [b])
     err = task.result().outputs[0]
@@ -98,7 +100,8 @@ def describe(change: dict, prefix: str = "output change ") -> str:
         return f"output change not measured: {change['skipped']}"
     # a Sigmoid's outputs agree on every label's decision (task_metric.LABELS), class scores on the top-1
     decisions = {v.get("decision") for v in change.get("outputs", {}).values() if v.get("decision")}
-    agreement = "label agreement" if decisions == {task_metric.LABELS} else "top-1 agreement"
+    agreement = ("label agreement" if decisions == {task_metric.LABELS} else
+                 "per-position agreement" if decisions == {task_metric.POSITIONS} else "top-1 agreement")
     shown = {"cosine": lambda v: f"cosine {v:.4f}", "rel_error": lambda v: f"rel err {v:.3g}",
              "top1_agreement": lambda v: f"{agreement} {100 * v:.1f} %", "kl": lambda v: f"KL {v:.3g}"}
     parts = [fmt(change[key]) for key, fmt in shown.items() if change.get(key) is not None]

@@ -31,6 +31,10 @@ What is measured, per graph output
       the reference, and the Bernoulli KL summed over the labels. Its argmax says nothing (a
       binary classifier's ``[N, 1]`` has none to take), and a softmax over independent labels
       is no distribution of the model's;
+    * more axes with a Softmax / LogSoftmax / ArgMax naming the class axis (:func:`class_axes`: a
+      segmentation map ``[N, C, H, W]`` exported with its ArgMax, a text recogniser's ``[N, T, C]``):
+      the share of positions whose class agrees, and the KL per position. The positions are the
+      count the budget's confidence bound reads: on thousands of pixels it is the count itself;
     * every output: cosine similarity, SQNR (``10 log10(|r|^2 / |r - c|^2)`` dB) and the relative
       L2 error ``|r - c| / |r|``.
     Multi-output models (detectors) get one entry per output; a budget (:class:`Budget`) holds
@@ -75,9 +79,12 @@ _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorPro
 _PASS_THROUGH = ("Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast")
 # what a classifier's logits feed at its end: the measured tensor is their input (the logits)
 LOGIT_READERS = TERMINAL_ACTIVATIONS + ("ArgMax", "TopK")
-# a sample's decision on an output (:func:`decision_kind`): the top-1 class of class scores, or every
-# label's yes/no of a Sigmoid's outputs (binary and multi-label classifiers)
-TOP1, LABELS = "top-1", "labels"
+# a sample's decision on an output (:func:`decision_kind`): the top-1 class of class scores, every
+# label's yes/no of a Sigmoid's outputs (binary and multi-label classifiers), or the class of each
+# position along the other axes (a segmentation map's pixels, a sequence's steps)
+TOP1, LABELS, POSITIONS = "top-1", "labels", "positions"
+# the ops that name a class axis (:func:`class_axes`)
+_CLASS_AXIS_OPS = ("Softmax", "LogSoftmax", "ArgMax")
 
 
 # ------------------------------------------------------------------------------ the graph side
@@ -202,6 +209,26 @@ def logit_tensors(model: ModelProto) -> dict:
     return out
 
 
+def class_axes(model: ModelProto) -> dict:
+    """{graph output: axis} for the outputs written by a Softmax / LogSoftmax / ArgMax (through
+    pass-through ops; an ArgMax's own axis when it reads a Softmax): the axis holding the classes.
+    Where the measured tensor has more than two axes (``[N, C, H, W]`` of a segmentation model
+    exported with its ArgMax, ``[N, T, C]`` of a CTC text recogniser), each position along the
+    others is a decision of its own (:data:`POSITIONS`). A raw ``[N, C, H, W]`` output has no such
+    op and stays a map of values: a backbone's features are no classes."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    readers = Counter(i for n in model.graph.node for i in n.input)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    out = {}
+    for vo in model.graph.output:
+        node = _through_pass_through(producer.get(vo.name), producer, readers)
+        if node is None or node.op_type not in _CLASS_AXIS_OPS:
+            continue
+        default = 0 if node.op_type == "ArgMax" else (-1 if opset >= 13 else 1)
+        out[vo.name] = next((a.i for a in node.attribute if a.name == "axis"), default)
+    return out
+
+
 def features_outputs(model: ModelProto) -> set:
     """The graph outputs that hold features or values, not class scores (:data:`FEATURES`): no
     top-1, no class statistics, no KL distillation for them, whatever their shape."""
@@ -230,34 +257,49 @@ def comparable_outputs(model: ModelProto) -> tuple:
 
 
 # ------------------------------------------------------------------------------ the numbers
-def decision_kind(shape: tuple, activation: Optional[str]) -> Optional[str]:
+def decision_kind(shape: tuple, activation: Optional[str], axis: Optional[int] = None) -> Optional[str]:
     """What a sample decides on an output of ``shape`` (samples first) whose measured tensor is read
     by ``activation`` (:func:`logit_tensors`' op): :data:`LABELS` for a Sigmoid's ``[N, C]`` or
-    ``[N]`` (every label's yes/no), :data:`TOP1` for other ``[N, C]`` scores with ``C > 1``, None
-    where no decision is taken (features, what a selection reads, maps and sequences)."""
+    ``[N]`` (every label's yes/no), :data:`TOP1` for other ``[N, C]`` scores with ``C > 1``,
+    :data:`POSITIONS` for more axes when a Softmax / LogSoftmax / ArgMax names the class ``axis``
+    (:func:`class_axes`), None where no decision is taken (features, what a selection reads,
+    maps of values)."""
     if activation in DATA_DEPENDENT_SHAPE + (FEATURES,):
         return None
     if activation == "Sigmoid":
         return LABELS if len(shape) in (1, 2) else None
-    return TOP1 if len(shape) == 2 and shape[1] > 1 else None
+    if len(shape) == 2:
+        return TOP1 if shape[1] > 1 else None
+    if len(shape) >= 3 and axis is not None and activation in _CLASS_AXIS_OPS:
+        a = axis % len(shape)
+        return POSITIONS if a != 0 and shape[a] > 1 else None
+    return None
 
 
-def agreeing(ref: np.ndarray, cand: np.ndarray, kind: str, threshold: float = 0.0) -> int:
-    """How many samples take the same decision (:func:`decision_kind`) in ``ref`` and ``cand``:
-    the same top-1 class, or every label on the same side of ``threshold`` (0 on logits, 0.5 on a
-    Sigmoid's probabilities)."""
+def positions(shape: tuple, axis: int) -> int:
+    """The decisions a :data:`POSITIONS` output of ``shape`` holds: every element but the classes."""
+    return int(np.prod(shape)) // max(1, int(shape[axis % len(shape)]))
+
+
+def agreeing(ref: np.ndarray, cand: np.ndarray, kind: str, threshold: float = 0.0, axis: int = 1) -> int:
+    """How many decisions are the same (:func:`decision_kind`) in ``ref`` and ``cand``: samples with
+    the same top-1 class, or with every label on the same side of ``threshold`` (0 on logits, 0.5
+    on a Sigmoid's probabilities); positions whose class along ``axis`` is the same."""
     if kind == TOP1:
         return int(np.count_nonzero(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
+    if kind == POSITIONS:
+        return int(np.count_nonzero(np.argmax(ref, axis=axis) == np.argmax(cand, axis=axis)))
     n = ref.shape[0] if ref.ndim else 1
     same = (ref > threshold).reshape(n, -1) == (cand > threshold).reshape(n, -1)
     return int(np.count_nonzero(same.all(axis=1)))
 
 
-def _kl_sum(ref: np.ndarray, cand: np.ndarray, kind: str) -> float:
-    """KL(ref || cand) of the logits, summed over the samples: between softmaxes for top-1
-    scores, between each label's Bernoulli (summed over the labels) for labels."""
-    if kind == TOP1:
-        lp, lq = _log_softmax(ref), _log_softmax(cand)
+def _kl_sum(ref: np.ndarray, cand: np.ndarray, kind: str, axis: int = 1) -> float:
+    """KL(ref || cand) of the logits, summed over the decisions: between softmaxes (over ``axis``
+    for positions) for top-1 scores and positions, between each label's Bernoulli (summed over the
+    labels) for labels."""
+    if kind in (TOP1, POSITIONS):
+        lp, lq = _log_softmax(ref, axis), _log_softmax(cand, axis)
         return float(np.sum(np.exp(lp) * (lp - lq)))
     # log sigmoid(x) = -softplus(-x), log(1 - sigmoid(x)) = -softplus(x), stable for any logit
     lp, lq, l1p, l1q = -np.logaddexp(0, -ref), -np.logaddexp(0, -cand), -np.logaddexp(0, ref), -np.logaddexp(0, cand)
@@ -277,7 +319,8 @@ class OutputError:
     # fraction of samples taking the same decision (:data:`decision`), classifier outputs only
     top1_agreement: Optional[float] = None
     kl: Optional[float] = None               # nats per sample, classifier outputs only
-    decision: Optional[str] = None           # TOP1 or LABELS (a Sigmoid's), classifier outputs only
+    # TOP1, LABELS (a Sigmoid's) or POSITIONS (``samples`` then counts the positions), classifier outputs only
+    decision: Optional[str] = None
     cosine: float = 1.0
     sqnr_db: float = math.inf
     rel_error: float = 0.0
@@ -316,7 +359,9 @@ class Budget:
         """Whether ``partial``, measured on the first of ``samples`` samples, misses the agreement
         limit whatever the rest hold: its disagreements alone, counted over all ``samples``, put the
         upper bound above the limit (the bound only grows with more disagreements)."""
-        return any(o.classifier and self.agreement_missed(o.agreement_loss * o.samples / samples, samples)
+        # (an output's positions are no samples: its share cannot be scaled to the rest, it is checked at the end)
+        return any(o.classifier and o.decision != POSITIONS
+                   and self.agreement_missed(o.agreement_loss * o.samples / samples, samples)
                    for o in partial.outputs)
 
     def describe(self) -> str:
@@ -394,7 +439,7 @@ class TaskError:
             where = (f" (logits before {o.activation})" if o.activation in LOGIT_READERS else
                      " (not class scores)" if o.activation == FEATURES else
                      f" ('{o.measured}', read by {o.activation})" if o.activation else "")
-            agreement = "label agreement" if o.decision == LABELS else "top-1 agreement"
+            agreement = {LABELS: "label agreement", POSITIONS: "per-position agreement"}.get(o.decision, "top-1 agreement")
             what = (f"{agreement} {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"
                     if o.classifier else f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}")
             parts.append(f"{o.name}{where}: {what}")
@@ -405,19 +450,21 @@ class TaskError:
                 "outputs": [o.to_dict() for o in self.outputs]}
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+def _log_softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    x = x - x.max(axis=axis, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
 
 
 class Accumulator:
     """Streams batches of (reference, candidate) measured outputs into a :class:`TaskError`; running
     sums only (nothing per sample is kept), so any number of samples fits."""
 
-    def __init__(self, names: list, measured: Optional[dict] = None, activations: Optional[dict] = None):
+    def __init__(self, names: list, measured: Optional[dict] = None, activations: Optional[dict] = None,
+                 axes: Optional[dict] = None):
         self.names = list(names)
         self.measured = measured or {n: n for n in self.names}
         self.activations = activations or {}
+        self.axes = axes or {}   # class_axes: an output whose positions each take a class
         # cls: the decision kind every batch so far agreed on (False: none), None before the first
         self.s = {n: dict(rr=0.0, ee=0.0, cc=0.0, dot=0.0, n=0, agree=0, kl=0.0, cls=None) for n in self.names}
 
@@ -439,12 +486,14 @@ class Accumulator:
             st["cc"] += float(np.vdot(cf, cf))
             st["dot"] += float(np.vdot(np.nan_to_num(r64), cf))
             # what a selection reads is scores to threshold, and features are no class scores: no decision there
-            kind = decision_kind(r64.shape, self.activations.get(name))
+            axis = self.axes.get(name, 1)
+            kind = decision_kind(r64.shape, self.activations.get(name), axis)
             st["cls"] = kind if st["cls"] is None or st["cls"] == kind else False
-            st["n"] += int(r64.shape[0]) if r64.ndim else 1
+            # the decisions counted: samples, or every position of a segmentation map or sequence
+            st["n"] += positions(r64.shape, axis) if kind == POSITIONS else int(r64.shape[0]) if r64.ndim else 1
             if kind:
-                st["agree"] += agreeing(r64, c64, kind)
-                st["kl"] = _kl_sum(r64, c64, kind) + st["kl"] if np.isfinite(c64).all() else math.inf
+                st["agree"] += agreeing(r64, c64, kind, axis=axis % r64.ndim)
+                st["kl"] = _kl_sum(r64, c64, kind, axis % r64.ndim) + st["kl"] if np.isfinite(c64).all() else math.inf
 
     def result(self) -> TaskError:
         outs = []
@@ -507,6 +556,7 @@ class Evaluator:
         found = logit_tensors(reference)
         ref_model, self.mapping = with_logit_outputs(reference, found)
         self.activations = {k: a for k, (_, a) in found.items() if a}
+        self.axes = class_axes(reference)
         self.names = list(self.mapping)   # the graph outputs, or the tensors a data-dependent selection reads
         sess = self._session(ref_model)
         self.feeds, self.ref = [], []
@@ -553,7 +603,7 @@ class Evaluator:
         rounded up to whole batches). With a ``budget`` (on all the samples), the measurement stops
         once the disagreements so far miss its agreement limit, and the result, on the samples read,
         is marked ``stopped_early``: a search's failing checks cost a fraction of a full run."""
-        acc = Accumulator(self.names, self.mapping, self.activations)
+        acc = Accumulator(self.names, self.mapping, self.activations, self.axes)
         read = 0
         for feed, ref, cand in zip(self.feeds, self.ref, self.outputs(model, samples)):
             acc.update(ref, cand)

@@ -498,3 +498,85 @@ def test_the_fallback_budget_holds_a_binary_sigmoid_classifier(tmp_path):
     assert ref.shape == (1, 1) and row["classifier"] and row["decision"] == task_metric.LABELS
     assert res["reference"]["accuracy"] == pytest.approx(44 / 48)
     assert "label agreement" in res["task_summary"]
+
+
+def _segmenter(argmax: bool = True, classes: int = 4, seed: int = 0):
+    """The SE test network cut before its pooling, with a 1x1 conv head of ``classes`` per pixel
+    ([N, classes, 16, 16]) and, as segmentation exports end (TIDL's included), an ArgMax over the
+    classes (``classes`` [N, 16, 16] int64) or a Softmax over them (``probs``)."""
+    from onnx import numpy_helper
+    m = se_models.mobilenetv3_se(bad_scale=1.0, seed=seed)
+    g = m.graph
+    cut = next(k for k, n in enumerate(g.node) if n.op_type == "GlobalAveragePool")
+    feat = g.node[cut].input[0]
+    keep = list(g.node[:cut])
+    del g.node[:], g.output[:]
+    g.node.extend(keep)
+    channels = run(_with_output(m, feat), {"input": se_models.image_like_inputs(1)[0]["input"]})[feat].shape[1]
+    w = np.random.default_rng(seed + 5).standard_normal((classes, channels, 1, 1)) / np.sqrt(channels)
+    g.initializer.extend([numpy_helper.from_array(w.astype(np.float32), "seg_w"),
+                          numpy_helper.from_array(np.zeros(classes, np.float32), "seg_b")])
+    g.node.append(helper.make_node("Conv", [feat, "seg_w", "seg_b"], ["scores"], name="seg_head"))
+    if argmax:
+        g.node.append(helper.make_node("ArgMax", ["scores"], ["classes"], axis=1, keepdims=0, name="argmax"))
+        g.output.append(helper.make_tensor_value_info("classes", onnx.TensorProto.INT64, [1, None, None]))
+    else:
+        g.node.append(helper.make_node("Softmax", ["scores"], ["probs"], axis=1, name="softmax"))
+        g.output.append(helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [1, classes, None, None]))
+    used = {x for n in g.node for x in n.input}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _with_output(model, name):
+    """``model`` with ``name`` as one more graph output."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return out
+
+
+def test_each_position_of_a_segmentation_map_is_a_decision(tmp_path):
+    """A segmentation model exported with its ArgMax (or Softmax) over the classes: each pixel's
+    class is a decision (task_metric.POSITIONS), counted in the agreement and the KL, so the
+    fallback's budget holds it. Before, [N, C, H, W] took no decision and the budget did not apply:
+    all-int8 kept nothing in float whatever it did to the map. A raw [N, C, H, W] output (no such
+    op: a backbone's features) still takes none."""
+    from onnxopt.compare import compare_models
+    ref = np.zeros((2, 3, 2, 2))
+    ref[:, 0] = 1.0                     # class 0 everywhere
+    cand = ref.copy()
+    cand[1, 2, 1, 1] = 2.0              # one pixel of 8 turns to class 2
+    acc = task_metric.Accumulator(["y"], activations={"y": "ArgMax"}, axes={"y": 1})
+    acc.update([ref], [cand])
+    o = acc.result().outputs[0]
+    assert o.decision == task_metric.POSITIONS and o.samples == 8 and o.top1_agreement == pytest.approx(7 / 8)
+    lp, lq = ref[1, :, 1, 1] - np.log(np.exp(ref[1, :, 1, 1]).sum()), cand[1, :, 1, 1] - np.log(np.exp(cand[1, :, 1, 1]).sum())
+    assert o.kl == pytest.approx(float(np.sum(np.exp(lp) * (lp - lq))) / 8, rel=1e-9)
+    assert task_metric.measure([ref], [cand]).outputs[0].top1_agreement is None   # a raw map: no decision
+    assert task_metric.decision_kind((2, 3, 2, 2), "Softmax", -1) == task_metric.POSITIONS   # classes last
+    assert task_metric.decision_kind((2, 3, 2, 2), "Softmax", 0) is None
+    for argmax in (True, False):
+        m = _segmenter(argmax)
+        name = "classes" if argmax else "probs"
+        assert task_metric.class_axes(m) == {name: 1}
+        feeds = se_models.image_like_inputs(48)
+        q, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "calib_method": "minmax"}},
+                                  context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+        fb = report.passes[0].extra["recovery"]["fallback"]
+        assert fb["agreement_loss_before"] > 1.0 and fb["met"] and fb["agreement_loss_after"] <= 1.0, fb
+        assert f"{name} (logits before {'ArgMax' if argmax else 'Softmax'}): per-position agreement" in fb["task_after"]
+    x = np.concatenate([f["input"] for f in feeds[:8]])
+    np.save(tmp_path / "x.npy", x)
+    m, ids = _segmenter(True), []
+    all_int8, _ = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "calib_method": "minmax", "fallback": "none"}},
+                                context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
+    for model in (m, all_int8):
+        ids.append(np.concatenate([run(model, {"input": x[i:i + 1]})["classes"] for i in range(len(x))]))
+    res = compare_models(m, all_int8, data=str(tmp_path / "x.npy"), runs=0)
+    row = res["outputs"][0]
+    assert row["decision"] == task_metric.POSITIONS and row["top1_agreement"] == pytest.approx(np.mean(ids[0] == ids[1]))
+    assert 0 < np.mean(ids[0] != ids[1]) and "per-position agreement" in res["task_summary"]

@@ -311,6 +311,46 @@ def digits_split():
     return x[:SE_TRAIN], y[:SE_TRAIN], x[SE_TRAIN:], y[SE_TRAIN:]
 
 
+def se_block():
+    """The squeeze-excite block of the SE models (a torch module class): expand 1x1 Conv+BN+ReLU,
+    depthwise 3x3 Conv+BN+HardSwish, SE gate (HardSigmoid), project 1x1 Conv+BN, residual."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self, cin, mid, cout, stride):
+            super().__init__()
+            self.exp = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+            self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.Hardswish())
+            self.se1, self.se2 = nn.Conv2d(mid, mid // 4, 1), nn.Conv2d(mid // 4, mid, 1)
+            self.proj = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.res = stride == 1 and cin == cout
+
+        def forward(self, t):
+            h = self.dw(self.exp(t))
+            s = F.hardsigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(h, 1)))))
+            h = self.proj(h * s)
+            return h + t if self.res else h
+    return Block
+
+
+def spread_depthwise_ranges(net, spread: float, seed: int) -> None:
+    """Rescale each SE block of the trained ``net`` per channel where the float function allows it:
+    the expand BN's gamma/beta times f_c, the depthwise filter of channel c divided by f_c,
+    f_c = 10^U(-spread/2, spread/2) (what folding BatchNorm with widely different statistics does)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "exp") and hasattr(m, "dw"):
+                bn, dw = m.exp[1], m.dw[0]
+                f = torch.tensor(10.0 ** rng.uniform(-spread / 2, spread / 2, bn.num_features), dtype=torch.float32)
+                bn.weight.mul_(f)
+                bn.bias.mul_(f)
+                dw.weight.div_(f[:, None, None, None])
+
+
 def se_digits(seed=0, spread=2.0, labels_of=None):
     """A HardSwish + squeeze-excite CNN (MobileNetV3-like, unfused BN) trained on scikit-learn's
     digits (upsampled to 32x32), then rescaled per channel where the float function allows it
@@ -329,21 +369,7 @@ def se_digits(seed=0, spread=2.0, labels_of=None):
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = (torch.from_numpy(a) for a in digits_split())
 
-    class Block(nn.Module):
-        def __init__(self, cin, mid, cout, stride):
-            super().__init__()
-            self.exp = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
-            self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.Hardswish())
-            self.se1, self.se2 = nn.Conv2d(mid, mid // 4, 1), nn.Conv2d(mid // 4, mid, 1)
-            self.proj = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
-            self.res = stride == 1 and cin == cout
-
-        def forward(self, t):
-            h = self.dw(self.exp(t))
-            s = F.hardsigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(h, 1)))))
-            h = self.proj(h * s)
-            return h + t if self.res else h
-
+    Block = se_block()
     net = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish(),
                         Block(16, 48, 16, 1), Block(16, 64, 24, 2), Block(24, 72, 24, 1), Block(24, 96, 32, 2),
                         nn.Conv2d(32, 128, 1), nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -364,15 +390,7 @@ def se_digits(seed=0, spread=2.0, labels_of=None):
             loss.backward()
             opt.step()
     net.eval()
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for m in net:
-            if isinstance(m, Block):
-                bn, dw = m.exp[1], m.dw[0]
-                f = torch.tensor(10.0 ** rng.uniform(-spread / 2, spread / 2, bn.num_features), dtype=torch.float32)
-                bn.weight.mul_(f)
-                bn.bias.mul_(f)
-                dw.weight.div_(f[:, None, None, None])
+    spread_depthwise_ranges(net, spread, seed)
     with torch.no_grad():
         acc = float((net(xte).argmax(1) == yte).float().mean() if labels_of is None
                     else ((net(xte) > 0) == (yte > 0.5)).all(1).float().mean())

@@ -115,7 +115,8 @@ def compare_cmd(ref, cand, data, labels, runs, threads, batch_size, max_samples,
     Per output: max abs error, cosine similarity, SQNR (dB) and, for classifier outputs
     ([N, C]), top-1 agreement and each model's accuracy when labels are known; for a
     Sigmoid's outputs (binary and multi-label classifiers) the share of samples whose
-    every label, decided at 0.5, agrees. Per model:
+    every label, decided at 0.5, agrees; for a segmentation map ended by an ArgMax or
+    Softmax over its classes, the share of pixels whose class agrees. Per model:
     size, params, MACs and median single-sample latency (default onnxruntime optimizations).
     Without --data the inputs are generated, and the output says so. Gates check the
     candidate; when one fails the table is printed and the exit code is 3.

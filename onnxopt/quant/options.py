@@ -141,7 +141,8 @@ class RecoveryOptions(PassOptions):
                            "budget (max_agreement_loss at agreement_confidence, max_error) holds on the calibration "
                            "data (or apply's --check-data); none = every layer quantized", ("none", "auto"))
     max_agreement_loss: float = option(1.0, "fallback=auto budget: agreement points with the float model lost on "
-                                       "classifier outputs (the top-1 class; a final Sigmoid's every label), measured on "
+                                       "classifier outputs (the top-1 class; a final Sigmoid's every label; each position's class "
+                                       "of a map ended by an ArgMax/Softmax over its classes), measured on "
                                        "the logits before a final Softmax/Sigmoid on up to 256 calibration samples "
                                        "(-1 = no agreement budget)")
     agreement_confidence: float = option(0.84, "fallback=auto: max_agreement_loss must hold on the one-sided upper "

@@ -219,8 +219,9 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
            "high_precision_mac_share": _mac_share(qmodel, view, chosen),
            "samples": ev.samples, "checked_on": checked_on}
     if uses_agreement and not full.classifier:
-        rep["note"] = ("no classifier output (class scores [N, C], or a Sigmoid's [N, C] / [N] labels; an output of "
-                       "features, e.g. an L2-normalized embedding, is none): the agreement budget does not apply; "
+        rep["note"] = ("no classifier output (class scores [N, C], a Sigmoid's [N, C] / [N] labels, or a map whose "
+                       "ArgMax/Softmax names its class axis; an output of features, e.g. an L2-normalized embedding, "
+                       "is none): the agreement budget does not apply; "
                        "set qdq.max_error (relative error of the outputs' logits) for a budget on these outputs")
     if not met:
         rep["note"] = ("the budget is not reachable by keeping weighted layers in high precision "
