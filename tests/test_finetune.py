@@ -187,7 +187,9 @@ def _half(model):
 
 def test_a_float16_model_trains_as_its_float32_twin(tmp_path):
     """Trained in float16, Adam's eps (1e-8) is 0 and its first steps made every weight NaN: the
-    written model output NaN everywhere, and finetune exited 0 with a parity of 0 (NaN == NaN)."""
+    written model output NaN everywhere, and finetune exited 0 with a parity of 0 (NaN == NaN).
+    It trains as its float32 twin, and what it learned is written back into the float16 graph:
+    before, the float32 twin itself was written, twice the size of the model given."""
     pytest.importorskip("torch")
     from onnxopt.torch.train import FinetuneConfig, finetune
     teacher = _half(tiny_classifier())
@@ -205,6 +207,10 @@ def test_a_float16_model_trains_as_its_float32_twin(tmp_path):
     assert got.dtype == np.float16 and np.isfinite(got).all()
     assert kl_to_teacher(res.model, teacher, x) < 0.5 * kl_to_teacher(student, teacher, x)
     assert res.parity["max_abs"] <= 1e-2   # torch in float32 against the model's float16 output
+    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in student.graph.node]   # no casts added
+    assert {t.name: t.data_type for t in res.model.graph.initializer} == {t.name: t.data_type for t in student.graph.initializer}
+    assert res.model.ByteSize() < 1.05 * student.ByteSize()
+    assert any("written in the model's own float16" in m for m in logs)
 
 
 def test_qat_w4a4_exports_restricted_qdq_and_matches_torch(tmp_path):

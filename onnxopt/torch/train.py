@@ -639,6 +639,24 @@ def _write_back(run: _Run, model: ModelProto, log) -> tuple:
     return result, parity
 
 
+def _in_own_types(run: _Run, original: ModelProto, twin_result: ModelProto, parity: dict, log) -> tuple:
+    """(model, parity): the learned values written into the float16/bfloat16 ``original``, rounded to
+    its types -- the model keeps its size and the precision it was exported in -- or the trained
+    float32 twin where they cannot be (see :func:`write_back`'s ``own_types``), with a note. The
+    parity is then against the rounded model, and the float32 twin's is kept beside it."""
+    narrowed = write_back(run.student, original, own_types=True)
+    if narrowed is None:
+        log("the trained model is written as its float32 twin (float16/bfloat16 inputs and outputs kept): "
+            "its graph differs from the original's beyond the widening, or a learned value exceeds float16's range")
+        return twin_result, parity
+    rounded = parity_check(run.student, narrowed, run.tensors, run.cfg.parity_samples)
+    if rounded:
+        log(f"written in the model's own float16/bfloat16 weights: outputs within {rounded['max_abs']:.3g} of the trained "
+            f"float32 module (the float32 twin: {parity.get('max_abs', 0.0):.3g})")
+        rounded["float32_twin_max_abs"] = parity.get("max_abs")
+    return narrowed, rounded or parity
+
+
 def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, config: Optional[FinetuneConfig] = None) -> FinetuneResult:
     """Train ``model`` on ``data`` (a DataSource) and return it with the learned values written back."""
     cfg = config or FinetuneConfig()
@@ -649,7 +667,8 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
     rank, world, _ = dist_info()
     log = cfg.log if rank == 0 else (lambda msg: None)
     # a float16 model trains as its float32 twin: Adam's eps (1e-8) is 0 in float16, and its steps
-    # turned the weights to NaN; the written model keeps the float16 inputs and outputs
+    # turned the weights to NaN; what it learned is written back into the float16 model
+    original = model
     model, widened = float32_twin(model)
     if widened:
         log(f"a float16/bfloat16 model: trained as its float32 twin ({widened.describe()})")
@@ -666,6 +685,8 @@ def finetune(model: ModelProto, data, *, teacher: Optional[ModelProto] = None, c
         net = DDP(run.student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     train_samples, train_time = _train(run, net, opt, sched, start_epoch, history, ckpt_path, fp, log)
     result, parity = _write_back(run, model, log)
+    if widened:
+        result, parity = _in_own_types(run, original, result, parity, log)
     if distributed:
         import torch.distributed as dist
         dist.barrier()

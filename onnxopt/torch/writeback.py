@@ -55,8 +55,17 @@ def learned_values(module: OnnxModule) -> dict:
     return out
 
 
-def write_back(module: OnnxModule, model: ModelProto) -> ModelProto:
-    """A copy of ``model`` carrying the module's current values (see the module docstring)."""
+FLOAT16_MAX = 65504.0
+_LOW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def write_back(module: OnnxModule, model: ModelProto, own_types: bool = False):
+    """A copy of ``model`` carrying the module's current values (see the module docstring).
+
+    ``own_types``: ``model`` is the float16/bfloat16 model whose float32 twin the module was built
+    from; each learned float32 value is rounded to the type ``model`` stores it in, and None is
+    returned where that cannot be done: a value with no tensor of its name in ``model`` (the
+    twin's graph is not the model's), or one beyond float16's range."""
     result = ModelProto()
     result.CopyFrom(model)
     index = {t.name: i for i, t in enumerate(result.graph.initializer)}
@@ -64,6 +73,18 @@ def write_back(module: OnnxModule, model: ModelProto) -> ModelProto:
     for name, (value, dtype) in learned_values(module).items():
         if name in index:
             old = result.graph.initializer[index[name]]
+        elif name in const_nodes and const_nodes[name].attribute[0].name == "value":
+            old = const_nodes[name].attribute[0].t
+        else:
+            old = None
+        if own_types:
+            if old is None:
+                return None
+            if old.data_type in _LOW_FLOATS and dtype == TensorProto.FLOAT:
+                if old.data_type == TensorProto.FLOAT16 and np.abs(value).max(initial=0.0) > FLOAT16_MAX:
+                    return None
+                dtype = old.data_type
+        if name in index:
             old.CopyFrom(_tensor(name, value.reshape(tuple(old.dims)), dtype))
         elif name in const_nodes:
             node = const_nodes[name]
