@@ -37,7 +37,7 @@ class LayerSensitivity:
     only_rel: Optional[float] = None
     all_but_rel: Optional[float] = None
     macs: Optional[int] = None
-    only_agreement_loss: Optional[float] = None   # task metric (logits): top-1 points lost, only this layer quantized
+    only_agreement_loss: Optional[float] = None   # task metric (logits): agreement points lost, only this layer quantized
 
     def to_dict(self) -> dict:
         d = {"layer": self.layer, "op": self.op, "macs": self.macs, "only_agreement_loss_pts": self.only_agreement_loss}
@@ -104,12 +104,12 @@ def format_table(rep: SensitivityReport, top: Optional[int] = None) -> str:
     lines = [f"fully quantized: rel error {rep.full_rel:.4g}  SQNR {sqnr_db(rep.full_rel):.2f} dB  "
              f"({rep.samples} samples, {rep.seconds:.1f} s)" + (f"; task error: {rep.task_summary}" if rep.task_summary else ""),
              f"{'layer':<40} {'op':<{w}} {'only-this SQNR':>15} {'all-but SQNR':>13} {'MMACs':>8}"
-             + (f" {'only-this top-1 lost':>21}" if agree else "")]
+             + (f" {'only-this agreement lost':>24}" if agree else "")]
     for r in rows:
         only = f"{sqnr_db(r.only_rel):.2f} dB" if r.only_rel is not None else "-"
         allb = f"{sqnr_db(r.all_but_rel):.2f} dB" if r.all_but_rel is not None else "-"
         macs = f"{r.macs / 1e6:.1f}" if r.macs else "-"
-        lost = (f" {r.only_agreement_loss:>17.2f} pt" if r.only_agreement_loss is not None else f" {'-':>21}") if agree else ""
+        lost = (f" {r.only_agreement_loss:>21.2f} pt" if r.only_agreement_loss is not None else f" {'-':>24}") if agree else ""
         lines.append(f"{r.layer[:40]:<40} {r.op:<{w}} {only:>15} {allb:>13} {macs:>8}{lost}")
     return "\n".join(lines)
 
