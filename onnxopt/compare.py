@@ -200,9 +200,10 @@ class _OutputStats:
             cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(rs == cs, axis=1), 1.0, 0.0))
             self.min_sample_cos = min(self.min_sample_cos, float(cos.min()))
         if kind == task_metric.POSITIONS:   # no labels per position: agreement only
-            axis = None if id_map else self.axis % r.ndim
+            # a class map compares ids; a Sigmoid's mask its probabilities at 0.5 (no class axis)
+            axis = None if id_map or self.axis is None else self.axis % r.ndim
             self.samples += r.size if id_map else task_metric.positions(r.shape, axis)
-            self.agree += (int(np.count_nonzero(r == c)) if id_map else task_metric.agreeing(r, c, kind, axis=axis))
+            self.agree += (int(np.count_nonzero(r == c)) if id_map else task_metric.agreeing(r, c, kind, threshold=0.5, axis=axis))
         elif kind == task_metric.LABELS:   # a Sigmoid's probabilities: each label is a yes at 0.5
             self.samples += r.shape[0] if r.ndim else 1
             self.agree += task_metric.agreeing(r, c, kind, threshold=0.5)

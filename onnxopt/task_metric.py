@@ -32,8 +32,9 @@ What is measured, per graph output
       binary classifier's ``[N, 1]`` has none to take), and a softmax over independent labels
       is no distribution of the model's;
     * more axes with a Softmax / LogSoftmax / ArgMax naming the class axis (:func:`class_axes`: a
-      segmentation map ``[N, C, H, W]`` exported with its ArgMax, a text recogniser's ``[N, T, C]``):
-      the share of positions whose class agrees, and the KL per position. The positions are the
+      segmentation map ``[N, C, H, W]`` exported with its ArgMax, a text recogniser's ``[N, T, C]``),
+      or a Sigmoid's mask ``[N, 1, H, W]`` (each element a yes/no): the share of positions whose
+      class (element whose decision) agrees, and the KL per position. The positions are the
       count the budget's confidence bound reads: on thousands of pixels it is the count itself;
     * every output: cosine similarity, SQNR (``10 log10(|r|^2 / |r - c|^2)`` dB) and the relative
       L2 error ``|r - c| / |r|``.
@@ -262,12 +263,12 @@ def decision_kind(shape: tuple, activation: Optional[str], axis: Optional[int] =
     by ``activation`` (:func:`logit_tensors`' op): :data:`LABELS` for a Sigmoid's ``[N, C]`` or
     ``[N]`` (every label's yes/no), :data:`TOP1` for other ``[N, C]`` scores with ``C > 1``,
     :data:`POSITIONS` for more axes when a Softmax / LogSoftmax / ArgMax names the class ``axis``
-    (:func:`class_axes`), None where no decision is taken (features, what a selection reads,
-    maps of values)."""
+    (:func:`class_axes`) or a Sigmoid's mask takes a yes/no at each element (``axis`` None), None
+    where no decision is taken (features, what a selection reads, maps of values)."""
     if activation in DATA_DEPENDENT_SHAPE + (FEATURES,):
         return None
-    if activation == "Sigmoid":
-        return LABELS if len(shape) in (1, 2) else None
+    if activation == "Sigmoid":   # more axes: a mask, each element its own yes/no (no class axis)
+        return LABELS if len(shape) in (1, 2) else POSITIONS
     if len(shape) == 2:
         return TOP1 if shape[1] > 1 else None
     if len(shape) >= 3 and axis is not None and activation in _CLASS_AXIS_OPS:
@@ -276,29 +277,34 @@ def decision_kind(shape: tuple, activation: Optional[str], axis: Optional[int] =
     return None
 
 
-def positions(shape: tuple, axis: int) -> int:
-    """The decisions a :data:`POSITIONS` output of ``shape`` holds: every element but the classes."""
-    return int(np.prod(shape)) // max(1, int(shape[axis % len(shape)]))
+def positions(shape: tuple, axis: Optional[int]) -> int:
+    """The decisions a :data:`POSITIONS` output of ``shape`` holds: every element but the classes
+    (``axis`` None: a Sigmoid's mask, every element)."""
+    return int(np.prod(shape)) // (1 if axis is None else max(1, int(shape[axis % len(shape)])))
 
 
-def agreeing(ref: np.ndarray, cand: np.ndarray, kind: str, threshold: float = 0.0, axis: int = 1) -> int:
+def agreeing(ref: np.ndarray, cand: np.ndarray, kind: str, threshold: float = 0.0, axis: Optional[int] = 1) -> int:
     """How many decisions are the same (:func:`decision_kind`) in ``ref`` and ``cand``: samples with
     the same top-1 class, or with every label on the same side of ``threshold`` (0 on logits, 0.5
-    on a Sigmoid's probabilities); positions whose class along ``axis`` is the same."""
+    on a Sigmoid's probabilities); positions whose class along ``axis`` is the same (``axis``
+    None: elements on the same side of ``threshold``)."""
     if kind == TOP1:
         return int(np.count_nonzero(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
     if kind == POSITIONS:
+        if axis is None:
+            return int(np.count_nonzero((ref > threshold) == (cand > threshold)))
         return int(np.count_nonzero(np.argmax(ref, axis=axis) == np.argmax(cand, axis=axis)))
     n = ref.shape[0] if ref.ndim else 1
     same = (ref > threshold).reshape(n, -1) == (cand > threshold).reshape(n, -1)
     return int(np.count_nonzero(same.all(axis=1)))
 
 
-def _kl_sum(ref: np.ndarray, cand: np.ndarray, kind: str, axis: int = 1) -> float:
+def _kl_sum(ref: np.ndarray, cand: np.ndarray, kind: str, axis: Optional[int] = 1) -> float:
     """KL(ref || cand) of the logits, summed over the decisions: between softmaxes (over ``axis``
-    for positions) for top-1 scores and positions, between each label's Bernoulli (summed over the
-    labels) for labels."""
-    if kind in (TOP1, POSITIONS):
+    for positions) for top-1 scores and positions, between each label's (element's, ``axis`` None)
+    Bernoulli for labels and masks."""
+    if kind == TOP1 or (kind == POSITIONS and axis is not None):
+        axis = 1 if kind == TOP1 else axis
         lp, lq = _log_softmax(ref, axis), _log_softmax(cand, axis)
         return float(np.sum(np.exp(lp) * (lp - lq)))
     # log sigmoid(x) = -softplus(-x), log(1 - sigmoid(x)) = -softplus(x), stable for any logit
@@ -486,14 +492,15 @@ class Accumulator:
             st["cc"] += float(np.vdot(cf, cf))
             st["dot"] += float(np.vdot(np.nan_to_num(r64), cf))
             # what a selection reads is scores to threshold, and features are no class scores: no decision there
-            axis = self.axes.get(name, 1)
+            axis = self.axes.get(name)
             kind = decision_kind(r64.shape, self.activations.get(name), axis)
             st["cls"] = kind if st["cls"] is None or st["cls"] == kind else False
-            # the decisions counted: samples, or every position of a segmentation map or sequence
+            # the decisions counted: samples, or every position of a segmentation map, mask or sequence
             st["n"] += positions(r64.shape, axis) if kind == POSITIONS else int(r64.shape[0]) if r64.ndim else 1
             if kind:
-                st["agree"] += agreeing(r64, c64, kind, axis=axis % r64.ndim)
-                st["kl"] = _kl_sum(r64, c64, kind, axis % r64.ndim) + st["kl"] if np.isfinite(c64).all() else math.inf
+                axis = None if axis is None else axis % r64.ndim
+                st["agree"] += agreeing(r64, c64, kind, axis=axis)
+                st["kl"] = _kl_sum(r64, c64, kind, axis) + st["kl"] if np.isfinite(c64).all() else math.inf
 
     def result(self) -> TaskError:
         outs = []

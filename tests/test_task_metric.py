@@ -463,7 +463,15 @@ def test_a_sigmoid_output_is_measured_by_each_label_decision():
         acc = task_metric.Accumulator(["y"], activations={"y": "Sigmoid"})
         acc.update([np.array([1.0, -2.0, 0.1]).reshape(shape)], [np.array([1.2, -1.0, -0.1]).reshape(shape)])
         assert acc.result().outputs[0].agreement_loss == pytest.approx(100 / 3)
-    assert task_metric.decision_kind((4, 1, 8, 8), "Sigmoid") is None   # a mask: no one decision per sample
+    # a mask [N, 1, H, W]: each element its own yes/no, with its Bernoulli KL
+    mask, flipped = np.full((2, 1, 2, 2), -1.0), np.full((2, 1, 2, 2), -1.0)
+    flipped[1, 0, 0, 1] = 0.5
+    acc = task_metric.Accumulator(["m"], activations={"m": "Sigmoid"})
+    acc.update([mask], [flipped])
+    o = acc.result().outputs[0]
+    assert o.decision == task_metric.POSITIONS and o.samples == 8 and o.top1_agreement == pytest.approx(7 / 8)
+    p, q = 1 / (1 + np.exp(1.0)), 1 / (1 + np.exp(-0.5))
+    assert o.kl == pytest.approx((p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))) / 8, rel=1e-9)
     # on the graph: an ArgMax of a Sigmoid decides by its top-1; boxes squashed into 0..1 are values
     m = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["raw"], transB=1),
                     helper.make_node("Sigmoid", ["raw"], ["pred_boxes"]),
@@ -500,10 +508,12 @@ def test_the_fallback_budget_holds_a_binary_sigmoid_classifier(tmp_path):
     assert "label agreement" in res["task_summary"]
 
 
-def _segmenter(argmax: bool = True, classes: int = 4, seed: int = 0):
+def _segmenter(head: str = "argmax", classes: int = 4, seed: int = 0):
     """The SE test network cut before its pooling, with a 1x1 conv head of ``classes`` per pixel
     ([N, classes, 16, 16]) and, as segmentation exports end (TIDL's included), an ArgMax over the
-    classes (``classes`` [N, 16, 16] int64) or a Softmax over them (``probs``)."""
+    classes (``classes`` [N, 16, 16] int64) or a Softmax over them (``probs``); ``sigmoid``: one
+    score per pixel and a Sigmoid (``mask`` [N, 1, 16, 16], binary segmentation)."""
+    classes = 1 if head == "sigmoid" else classes
     from onnx import numpy_helper
     m = se_models.mobilenetv3_se(bad_scale=1.0, seed=seed)
     g = m.graph
@@ -517,9 +527,12 @@ def _segmenter(argmax: bool = True, classes: int = 4, seed: int = 0):
     g.initializer.extend([numpy_helper.from_array(w.astype(np.float32), "seg_w"),
                           numpy_helper.from_array(np.zeros(classes, np.float32), "seg_b")])
     g.node.append(helper.make_node("Conv", [feat, "seg_w", "seg_b"], ["scores"], name="seg_head"))
-    if argmax:
+    if head == "argmax":
         g.node.append(helper.make_node("ArgMax", ["scores"], ["classes"], axis=1, keepdims=0, name="argmax"))
         g.output.append(helper.make_tensor_value_info("classes", onnx.TensorProto.INT64, [1, None, None]))
+    elif head == "sigmoid":
+        g.node.append(helper.make_node("Sigmoid", ["scores"], ["mask"], name="sigmoid"))
+        g.output.append(helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, [1, 1, None, None]))
     else:
         g.node.append(helper.make_node("Softmax", ["scores"], ["probs"], axis=1, name="softmax"))
         g.output.append(helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [1, classes, None, None]))
@@ -542,7 +555,7 @@ def _with_output(model, name):
 def test_each_position_of_a_segmentation_map_is_a_decision(tmp_path):
     """A segmentation model exported with its ArgMax (or Softmax) over the classes: each pixel's
     class is a decision (task_metric.POSITIONS), counted in the agreement and the KL, so the
-    fallback's budget holds it. Before, [N, C, H, W] took no decision and the budget did not apply:
+    fallback's budget holds it; a binary mask's (Sigmoid) every pixel's yes/no too. Before, [N, C, H, W] took no decision and the budget did not apply:
     all-int8 kept nothing in float whatever it did to the map. A raw [N, C, H, W] output (no such
     op: a backbone's features) still takes none."""
     from onnxopt.compare import compare_models
@@ -559,19 +572,18 @@ def test_each_position_of_a_segmentation_map_is_a_decision(tmp_path):
     assert task_metric.measure([ref], [cand]).outputs[0].top1_agreement is None   # a raw map: no decision
     assert task_metric.decision_kind((2, 3, 2, 2), "Softmax", -1) == task_metric.POSITIONS   # classes last
     assert task_metric.decision_kind((2, 3, 2, 2), "Softmax", 0) is None
-    for argmax in (True, False):
-        m = _segmenter(argmax)
-        name = "classes" if argmax else "probs"
-        assert task_metric.class_axes(m) == {name: 1}
+    for head, name, op in (("argmax", "classes", "ArgMax"), ("softmax", "probs", "Softmax"), ("sigmoid", "mask", "Sigmoid")):
+        m = _segmenter(head)
+        assert task_metric.class_axes(m) == ({} if head == "sigmoid" else {name: 1})   # a mask has no class axis
         feeds = se_models.image_like_inputs(48)
         q, report = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "calib_method": "minmax"}},
                                   context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
         fb = report.passes[0].extra["recovery"]["fallback"]
         assert fb["agreement_loss_before"] > 1.0 and fb["met"] and fb["agreement_loss_after"] <= 1.0, fb
-        assert f"{name} (logits before {'ArgMax' if argmax else 'Softmax'}): per-position agreement" in fb["task_after"]
+        assert f"{name} (logits before {op}): per-position agreement" in fb["task_after"]
     x = np.concatenate([f["input"] for f in feeds[:8]])
     np.save(tmp_path / "x.npy", x)
-    m, ids = _segmenter(True), []
+    m, ids = _segmenter("argmax"), []
     all_int8, _ = manager.apply(m, "qdq", {"qdq": {"target": "tensorrt", "calib_method": "minmax", "fallback": "none"}},
                                 context=PassContext(data=lambda: iter(feeds), progress=False), summarize_layers=False)
     for model in (m, all_int8):

@@ -1,6 +1,8 @@
 """A segmentation model exported with its ArgMax, quantized with the defaults: each pixel's class
 measured as a decision (``task_metric.POSITIONS``) against the behaviour before it, where an
 ``[N, C, H, W]`` output took no decision and ``fallback=auto``'s budget did not apply.
+``--task mask``: a binary segmentation model instead (foreground or not), ended by a Sigmoid
+(``mask`` [N, 1, 32, 32]), each pixel's yes/no a decision.
 
 The model is trained here on scikit-learn's digits upsampled to 32x32: every pixel of the stroke
 (intensity over one half) is labelled with the digit (classes 1..10), every other pixel is
@@ -13,11 +15,11 @@ Calibrated on the first 200 test digits, evaluated on the other 400 (``--calibra
 200 training images, evaluated on all 600). Per target, three runs: the defaults now, the
 defaults with the per-position decisions switched off (the code before), all int8
 (``fallback=none``). Per run: units kept in high precision and their share of the MACs, pixel
-agreement with fp32, mean IoU over the 11 classes against the labels, violations of the target's
+agreement with fp32, mean IoU over the 11 classes (a mask: the 2) against the labels, violations of the target's
 check.
 
-    ONNXOPT_BENCH_CACHE=/tmp/SEG nice python tools/bench_segmentation.py [--targets ort,tensorrt,tidl]
-        [--calibration held-out|train] [--json out.json]
+    ONNXOPT_BENCH_CACHE=/tmp/SEG nice python tools/bench_segmentation.py [--task classes|mask]
+        [--targets ort,tensorrt,tidl] [--calibration held-out|train] [--json out.json]
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ def pixel_labels(x: np.ndarray, digits: np.ndarray) -> np.ndarray:
     return np.where(x[:, 0] > 0, digits[:, None, None] + 1, 0).astype(np.int64)
 
 
-def segmenter(seed=0, spread=2.0):
-    """(model, calibration feeds, evaluation feeds, pixel labels of the evaluation feeds)."""
+def segmenter(seed=0, spread=2.0, mask=False):
+    """(model, calibration feeds, evaluation feeds, pixel labels of the evaluation feeds); ``mask``:
+    one foreground score per pixel, trained with binary cross entropy, ended by a Sigmoid."""
     import io
 
     import onnx
@@ -58,11 +61,13 @@ def segmenter(seed=0, spread=2.0):
     torch.manual_seed(seed)
     xtr, dtr, xte, dte = bench_peers.digits_split()
     ytr, yte = torch.from_numpy(pixel_labels(xtr, dtr)), pixel_labels(xte, dte)
+    if mask:
+        ytr, yte = (ytr > 0).float()[:, None], (yte > 0).astype(np.int64)
     xtr_t = torch.from_numpy(xtr)
     Block = bench_peers.se_block()
     net = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish(),
                         Block(16, 48, 16, 1), Block(16, 64, 24, 2), Block(24, 72, 24, 1),
-                        nn.Conv2d(24, CLASSES, 1), nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False))
+                        nn.Conv2d(24, 1 if mask else CLASSES, 1), nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False))
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     g = torch.Generator().manual_seed(seed)
     for epoch in range(25):
@@ -71,7 +76,7 @@ def segmenter(seed=0, spread=2.0):
         for i in range(0, len(xtr_t), 64):
             idx = perm[i:i + 64]
             xb = xtr_t[idx] + 0.1 * torch.randn(len(idx), 1, 32, 32, generator=g)
-            loss = F.cross_entropy(net(xb), ytr[idx])
+            loss = F.binary_cross_entropy_with_logits(net(xb), ytr[idx]) if mask else F.cross_entropy(net(xb), ytr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -86,9 +91,10 @@ def segmenter(seed=0, spread=2.0):
         def forward(self, t):
             return torch.argmax(self.scores(t), dim=1)
 
+    out = "mask" if mask else "classes"
     buf = io.BytesIO()
-    torch.onnx.export(WithArgMax(net), xtr_t[:1], buf, input_names=["input"], output_names=["classes"], opset_version=17,
-                      dynamic_axes={"input": {0: "N"}, "classes": {0: "N"}}, dynamo=False)
+    torch.onnx.export(nn.Sequential(net, nn.Sigmoid()) if mask else WithArgMax(net), xtr_t[:1], buf, input_names=["input"],
+                      output_names=[out], opset_version=17, dynamic_axes={"input": {0: "N"}, out: {0: "N"}}, dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
     calib = [{"input": xtr[i:i + 1]} for i in range(0, bench_peers.SE_TRAIN, bench_peers.SE_CALIB_EVERY)][:200]
     evalf = [{"input": xte[i:i + 1]} for i in range(len(xte))]
@@ -96,13 +102,16 @@ def segmenter(seed=0, spread=2.0):
 
 
 def class_maps(model, feeds) -> np.ndarray:
+    """[N, 32, 32] class ids: the ArgMax's, or the mask's pixels over 0.5 (1: foreground)."""
     sess = runtime.session(model)
-    return np.concatenate([sess.run(["classes"], f)[0] for f in feeds])
+    out = sess.get_outputs()[0].name
+    maps = np.concatenate([sess.run([out], f)[0] for f in feeds])
+    return (maps[:, 0] > 0.5).astype(np.int64) if out == "mask" else maps
 
 
 def mean_iou(pred: np.ndarray, truth: np.ndarray) -> float:
     ious = []
-    for c in range(CLASSES):
+    for c in range(int(max(pred.max(), truth.max())) + 1):
         p, t = pred == c, truth == c
         union = np.count_nonzero(p | t)
         if union:
@@ -116,18 +125,20 @@ class _Before:
     def __enter__(self):
         self.saved = task_metric.decision_kind
         saved = self.saved
-        task_metric.decision_kind = lambda shape, activation, axis=None: (None if len(shape) > 2 else saved(shape, activation))
+        task_metric.decision_kind = lambda shape, activation, axis=None: None if len(shape) > 2 else saved(shape, activation)
 
     def __exit__(self, *exc):
         task_metric.decision_kind = self.saved
 
 
-def run(targets: list, calibration: str) -> list:
-    model, cf, ef, labels = bench_peers._trained("segmentation", "se_digits_segmentation", segmenter)
+def run(targets: list, calibration: str, task: str) -> list:
+    mask = task == "mask"
+    model, cf, ef, labels = bench_peers._trained("segmentation", f"se_digits_segmentation{'_mask' if mask else ''}",
+                                                 lambda: segmenter(mask=mask))
     if calibration == "held-out":
         cf, ef, labels = ef[:HELD_OUT], ef[HELD_OUT:], labels[HELD_OUT:]
     ref = class_maps(model, ef)
-    rows = [{"calibration": calibration, "target": "fp32", "config": "-", "kept": None, "mac_share": 0.0,
+    rows = [{"task": task, "calibration": calibration, "target": "fp32", "config": "-", "kept": None, "mac_share": 0.0,
              "miou": mean_iou(ref, labels), "agreement": 100.0, "check": None}]
     for target in targets:
         for config in ("defaults", "defaults before", "all int8"):
@@ -144,7 +155,7 @@ def run(targets: list, calibration: str) -> list:
                                           summarize_layers=False)
             fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
             got = class_maps(q, ef)
-            row = {"calibration": calibration, "target": target, "config": config,
+            row = {"task": task, "calibration": calibration, "target": target, "config": config,
                    "kept": None if config == "all int8" else len(fb.get("high_precision_layers", [])),
                    "mac_share": fb.get("high_precision_mac_share", 0.0), "miou": mean_iou(got, labels),
                    "agreement": 100.0 * float(np.mean(got == ref)), "check": len(qcheck.check_model(q, target)),
@@ -155,12 +166,12 @@ def run(targets: list, calibration: str) -> list:
 
 
 def markdown(rows: list) -> str:
-    lines = ["| calibration | target | run | units kept (MAC share) | pixel agreement with fp32 | mean IoU | check violations |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | calibration | target | run | units kept (MAC share) | pixel agreement with fp32 | mean IoU | check violations |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kept = "-" if r["kept"] is None else f"{r['kept']} ({100 * r['mac_share']:.0f} %)"
         check = "-" if r["check"] is None else str(r["check"])
-        lines.append(f"| {r['calibration']} | {r['target']} | {r['config']} | {kept} | {r['agreement']:.2f} % | "
+        lines.append(f"| {r.get('task', 'classes')} | {r['calibration']} | {r['target']} | {r['config']} | {kept} | {r['agreement']:.2f} % | "
                      f"{r['miou']:.2f} % | {check} |")
     return "\n".join(lines)
 
@@ -169,13 +180,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="ort,tensorrt,tidl")
     ap.add_argument("--calibration", default="held-out", choices=("held-out", "train"))
+    ap.add_argument("--task", default="classes", choices=("classes", "mask"))
     ap.add_argument("--json")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of an earlier run's --json file and stop")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
-    rows = run(args.targets.split(","), args.calibration)
+    rows = run(args.targets.split(","), args.calibration, args.task)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(markdown(rows))
