@@ -63,13 +63,15 @@ def model_info(source: ModelLike, per_layer: bool = False) -> dict:
     """Everything ``onnxopt info`` shows, as a JSON-able dict."""
     model = model_io.load_model(source)
     layers = stats.layer_macs(model)
+    readings = task_metric.output_readings(model)
     info: dict = {
         "path": None if isinstance(source, ModelProto) else str(source),
         "ir_version": int(model.ir_version),
         "opsets": {(imp.domain or "ai.onnx"): int(imp.version) for imp in model.opset_import},
         "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x) or None,
         "inputs": [_value_info(vi) for vi in real_inputs(model)],
-        "outputs": [_value_info(vi) for vi in model.graph.output],
+        # how the task metric (compare, sensitivity, qdq's fallback budget) reads each output
+        "outputs": [dict(_value_info(vi), measured_as=readings.get(vi.name)) for vi in model.graph.output],
         "nodes": len(model.graph.node), "initializers": len(model.graph.initializer),
         "ops": stats.op_histogram(model), "params": stats.param_count(model), **stats.mac_totals(layers),
         "metadata": {p.key: p.value for p in model.metadata_props},

@@ -59,7 +59,7 @@ import onnxruntime as ort
 from onnx import ModelProto, TensorProto
 
 from . import runtime
-from .ir.proto import tensor_types
+from .ir.proto import infer_shapes, tensor_types
 from .data import feed_samples
 from .errors import DataError, OnnxoptError
 
@@ -227,6 +227,40 @@ def class_axes(model: ModelProto) -> dict:
             continue
         default = 0 if node.op_type == "ArgMax" else (-1 if opset >= 13 else 1)
         out[vo.name] = next((a.i for a in node.attribute if a.name == "axis"), default)
+    return out
+
+
+def output_readings(model: ModelProto) -> dict:
+    """{graph output: how the task metric reads it}, one phrase each, for ``onnxopt info``: what
+    ``fallback=auto``'s agreement budget holds on it, if anything. The measured tensor's rank comes
+    from the graph (shape inference); where it is unknown, its shape decides at run time."""
+    found, axes = logit_tensors(model), class_axes(model)
+    inferred, _ = infer_shapes(model)
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in (*inferred.graph.value_info, *inferred.graph.output)
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    selected = _selection_sources(model, {o: n for n in model.graph.node for o in n.output if o})
+    out = {}
+    for vo in model.graph.output:
+        if vo.name in selected:
+            ops = sorted({op for _, _, op in selected[vo.name]})
+            out[vo.name] = f"its length depends on the data ({'/'.join(ops)}): measured on the boxes and scores it selects from"
+            continue
+        tensor, act = found[vo.name]
+        before = f" of the logits before the {act}" if act in LOGIT_READERS else ""
+        if act == FEATURES:
+            out[vo.name] = "features or values: cosine, SQNR; no decision (budget it with qdq.max_error)"
+            continue
+        rank = ranks.get(tensor)
+        if rank is None:
+            out[vo.name] = f"by its shape at run time{before}"
+            continue
+        kind = decision_kind((2,) * rank, act, axes.get(vo.name))   # the rank decides, with a class axis
+        out[vo.name] = {
+            TOP1: f"class scores: top-1 agreement, KL{before}",
+            LABELS: f"labels: every label's yes/no (logit > 0), Bernoulli KL{before}",
+            POSITIONS: (f"a class per position (classes on axis {axes.get(vo.name)}): agreement per position{before}"
+                        if act != "Sigmoid" else f"a yes/no per element (a mask): agreement per element{before}"),
+        }.get(kind, "values: SQNR, cosine; no decision (budget it with qdq.max_error)")
     return out
 
 

@@ -45,7 +45,8 @@ def test_model_info_tiny_cnn(tmp_path):
     path = models.save(model, tmp_path / "m.onnx")
     info = model_info(path, per_layer=True)
     assert info["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["N", 3, 8, 8]}]
-    assert info["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["N", 5]}]
+    assert info["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["N", 5],
+                                "measured_as": "class scores: top-1 agreement, KL"}]
     assert info["opsets"] == {"ai.onnx": 17} and info["ir_version"] == model.ir_version
     assert info["ops"] == {"BatchNormalization": 1, "Conv": 1, "Flatten": 1, "Gemm": 1, "GlobalAveragePool": 1, "Relu": 1}
     assert info["params"] == models.TINY_CNN_PARAMS

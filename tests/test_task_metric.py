@@ -592,3 +592,21 @@ def test_each_position_of_a_segmentation_map_is_a_decision(tmp_path):
     row = res["outputs"][0]
     assert row["decision"] == task_metric.POSITIONS and row["top1_agreement"] == pytest.approx(np.mean(ids[0] == ids[1]))
     assert 0 < np.mean(ids[0] != ids[1]) and "per-position agreement" in res["task_summary"]
+
+
+def test_info_says_how_each_output_is_measured():
+    """``onnxopt info`` names, per output, what the task metric reads there, so a user sees whether
+    fallback=auto's agreement budget holds it before quantizing."""
+    from onnxopt.compare import model_info
+    readings = {}
+    for m in (_classifier(), _binary_se(), _segmenter("argmax"), _segmenter("sigmoid")):
+        readings.update({o["name"]: o["measured_as"] for o in model_info(m)["outputs"]})
+    emb = _classifier(softmax=False, through_flatten=False)
+    emb.graph.node.append(helper.make_node("LpNormalization", ["logits"], ["embedding"], axis=1, p=2))
+    emb.graph.output[0].name = "embedding"
+    readings.update({o["name"]: o["measured_as"] for o in model_info(emb)["outputs"]})
+    assert readings["flat"] == "class scores: top-1 agreement, KL of the logits before the Softmax"
+    assert readings["prob"].startswith("labels: every label's yes/no")
+    assert readings["classes"].startswith("a class per position (classes on axis 1)")
+    assert readings["mask"].startswith("a yes/no per element")
+    assert readings["embedding"].startswith("features or values")

@@ -42,7 +42,8 @@ def render_info(info: dict) -> str:
         for i, v in enumerate(items):
             shape = "(unknown shape)" if v["shape"] is None else (
                 "[" + ", ".join("?" if d is None else str(d) for d in v["shape"]) + "]")
-            row(key if i == 0 else "", f"{v['name']:<{nw}}  {v['dtype']:<8} {shape}")
+            row(key if i == 0 else "", f"{v['name']:<{nw}}  {v['dtype']:<8} {shape}"
+                + (f"  -> measured as {v['measured_as']}" if v.get("measured_as") else ""))
         if not items:
             row(key, "(none)")
     row("nodes", f"{info['nodes']} ({info['initializers']} initializers)")
@@ -95,7 +96,9 @@ Examples:
 @click.option("--layers", is_flag=True, help="Also list the MACs of every Conv/ConvTranspose/Gemm/MatMul and GRU/LSTM/RNN layer.")
 def info_cmd(model, as_json, layers):
     """Show MODEL's inputs/outputs (shapes, dtypes), opsets, IR version, op histogram,
-    parameter count, MACs per sample and size on disk (external data included). For a
+    parameter count, MACs per sample and size on disk (external data included). Each output
+    says how compare, sensitivity and qdq's fallback budget measure it: class scores (top-1),
+    a Sigmoid's labels, a class per pixel, or values with no decision. For a
     quantized model, also how many weighted layers read quantized weights (and their share of
     the MACs), the activation Q/DQ pairs, and how many layers stayed float.
 
