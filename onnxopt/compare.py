@@ -3,7 +3,8 @@
 
 Per output: ``max_abs``, ``cosine`` (float64 sums, and the worst per-sample one), ``sqnr_db``, top-1
 agreement and accuracy for classifier outputs ([N, C], C > 1; a Sigmoid's ``[N, C]`` or ``[N]``: every
-label decided at 0.5 agrees, and a binary classifier's accuracy on labels 0 / 1), and ``task_error`` (:mod:`onnxopt.task_metric`,
+label decided at 0.5 agrees, and a binary classifier's accuracy on labels 0 / 1; a segmentation map's
+or mask's positions: the share whose class agrees), and ``task_error`` (:mod:`onnxopt.task_metric`,
 on the logits before a terminal Softmax/Sigmoid). Numerics run with graph optimizations off (the graphs as
 written are compared) and are streamed: only running sums and one argmax per sample are kept. The two
 models are timed alternately so machine noise hits both alike; the gates are evaluated on the candidate.
@@ -494,10 +495,11 @@ def compare_models(
         notes.append(f"{len(inputs.labels)} labels for {num.seen} evaluated samples; the first {num.seen} were used")
     classifiers = [o for o in num.outputs if o["classifier"]]
     if inputs.labels is not None and not classifiers:
-        notes.append("labels were given but no output is classifier-shaped ([N, C] scores, C > 1, ArgMax class ids, or a binary Sigmoid): "
-                     "no accuracy computed")
+        notes.append("labels were given but no output is classifier-shaped ([N, C] scores, C > 1, ArgMax class ids, "
+                     "or a binary Sigmoid): no accuracy computed")
     if "min_agreement" in gates and not classifiers:
-        raise OptionError("--min-agreement needs a classifier-shaped output ([N, C] with C > 1, or a Sigmoid's labels); this model has none.",
+        raise OptionError("--min-agreement needs an output that takes decisions ([N, C] class scores, a Sigmoid's labels, "
+                          "or a map ended by an ArgMax/Softmax/Sigmoid); this model has none.",
                           "drop --min-agreement and gate on the error figures instead")
 
     latency = _compare_latency(ref_model, cand_model, num.first_sample, runs, threads, warmup)
@@ -526,7 +528,8 @@ def _evaluate_gates(result: dict, gates: dict) -> list:
         measured["max_latency_ms"] = ("candidate median latency", cand["latency"]["median_ms"], "ms")
     if "min_agreement" in gates:
         worst = min(classifiers, key=lambda o: o["top1_agreement"])
-        what = "label agreement" if worst["decision"] == task_metric.LABELS else "top-1 agreement"
+        what = {task_metric.LABELS: "label agreement", task_metric.POSITIONS: "per-position agreement"}.get(
+            worst["decision"], "top-1 agreement")
         measured["min_agreement"] = (f"{what} on '{worst['name']}'", 100.0 * worst["top1_agreement"], "%")
     if "max_drop" in gates:
         drops = [(100.0 * (o["ref_accuracy"] - o["cand_accuracy"]), o["name"]) for o in classifiers if o["ref_accuracy"] is not None]

@@ -354,11 +354,11 @@ class OutputError:
     measured: str                       # the tensor compared (the logits, or the output itself)
     # Softmax / LogSoftmax / Sigmoid, when the logits were measured; FEATURES, or the selecting op
     activation: Optional[str] = None
-    classifier: bool = False
+    classifier: bool = False            # the output takes decisions (:attr:`decision`): agreement and KL apply
     samples: int = 0
-    # fraction of samples taking the same decision (:data:`decision`), classifier outputs only
+    # fraction of samples (positions) taking the same decision (:data:`decision`), classifier outputs only
     top1_agreement: Optional[float] = None
-    kl: Optional[float] = None               # nats per sample, classifier outputs only
+    kl: Optional[float] = None               # nats per sample (position), classifier outputs only
     # TOP1, LABELS (a Sigmoid's) or POSITIONS (``samples`` then counts the positions), classifier outputs only
     decision: Optional[str] = None
     cosine: float = 1.0
@@ -367,22 +367,24 @@ class OutputError:
 
     @property
     def agreement_loss(self) -> Optional[float]:
-        """Top-1 agreement points lost (100 * (1 - agreement)); None for non-classifier outputs."""
+        """Agreement points lost (100 * (1 - agreement)); None for outputs that take no decision."""
         return None if self.top1_agreement is None else 100.0 * (1.0 - self.top1_agreement)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "measured": self.measured, "activation": self.activation, "classifier": self.classifier,
-                "decision": self.decision, "samples": self.samples, "top1_agreement": self.top1_agreement, "agreement_loss_pts": self.agreement_loss,
-                "kl": self.kl, "cosine": self.cosine, "sqnr_db": self.sqnr_db, "rel_error": self.rel_error}
+                "decision": self.decision, "samples": self.samples, "top1_agreement": self.top1_agreement,
+                "agreement_loss_pts": self.agreement_loss, "kl": self.kl, "cosine": self.cosine, "sqnr_db": self.sqnr_db,
+                "rel_error": self.rel_error}
 
 
 @dataclass
 class Budget:
     """What ``fallback=auto`` must reach on every output: at most ``max_agreement_loss`` agreement
-    points lost (1: 99 % of the samples keep their top-1 class, or a Sigmoid's every label), and a relative L2 error of the logits
-    of at most ``max_rel_error`` (the only budget on non-classifier outputs)."""
+    points lost (1: 99 % of the decisions stay: the samples' top-1 class or every label of a
+    Sigmoid, the positions' classes of a map), and a relative L2 error of the logits of at most
+    ``max_rel_error`` (the only budget on outputs that take no decision)."""
 
-    max_agreement_loss: float = 1.0   # top-1 agreement points, classifier outputs (inf = unconstrained)
+    max_agreement_loss: float = 1.0   # agreement points, outputs that take decisions (inf = unconstrained)
     max_rel_error: float = 0.0        # relative L2 error of every output's logits; 0 = unconstrained
     # the agreement limit holds, with this one-sided confidence, on data beyond the samples it is
     # measured on (:func:`agreement_bound`); 0.5: on the samples' own count

@@ -277,7 +277,7 @@ def test_input_shape_overrides():
 
 def test_min_agreement_needs_a_classifier():
     m = _feature_model()
-    with pytest.raises(OptionError, match="classifier-shaped"):
+    with pytest.raises(OptionError, match="takes decisions"):
         compare_models(m, m, runs=0, gates={"min_agreement": 99})
 
 
