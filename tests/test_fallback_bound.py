@@ -92,6 +92,9 @@ def test_a_fallback_that_keeps_most_of_the_macs_says_so_and_how_to_avoid_it():
     assert "of the 96 --check-data samples" in _fallback_warning(True, 18, 24, 0.8, budget, "fp16", 96, own_data=True)
     rel_only = Budget(max_agreement_loss=math.inf, max_rel_error=0.01)
     assert "give a larger qdq.max_error" in _fallback_warning(True, 18, 24, 0.8, rel_only, "float", 32)
+    # a segmentation map's budget counts positions, not samples: no sample counts in the hint
+    line = _fallback_warning(True, 18, 24, 0.8, budget, "float", None)
+    assert "the share of positions whose decision may change" in line and "calibration samples" not in line
 
 
 def test_allowed_disagreements_follow_the_bound():

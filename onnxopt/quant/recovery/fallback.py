@@ -32,7 +32,7 @@ from onnx import ModelProto
 
 from ... import runtime, stats
 from ...errors import OptionError
-from ...task_metric import Budget, TaskError, agreement_bound
+from ...task_metric import POSITIONS, Budget, TaskError, agreement_bound
 from ...task_metric import Evaluator as TaskEvaluator
 from ..options import RecoveryOptions
 from ..view import QdqView, QuantInfo, sqnr_db
@@ -244,7 +244,9 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     rep["seconds"] = round(time.perf_counter() - t0, 2)
     slower = (_slower_than_float(rep["latency_ms_ort_cpu"])
               if measure_latency and target == "ort" and met and 0 < len(chosen) < n_layers else None)
-    warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, ev.samples,
+    # a map's positions are what its budget counts, not the samples: the hint then gives no sample counts
+    samples = None if any(o.decision == POSITIONS for o in full.outputs) else ev.samples
+    warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, samples,
                                 own_data, slower)
     share = f" ({100 * rep['high_precision_mac_share']:.0f} % of the MACs)" if chosen else ""
     log(f"fallback: {len(chosen)} of {n_layers} unit(s) kept in {precision}{share}{_named(chosen)}; "
@@ -350,7 +352,7 @@ def allowed_disagreements(budget_pts: float, samples: int, confidence: float) ->
     return d
 
 
-def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget, precision: str, samples: int,
+def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget, precision: str, samples: Optional[int],
                       own_data: bool = False, slower: Optional[str] = None):
     """One line when the fallback does not give the quantized model asked for: the budget cannot
     be met or leaves nothing quantized (e.g. W4A4, where every layer alone costs more than a
@@ -361,7 +363,8 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
     take many layers with it. More samples do not loosen that (they give the check more chances to
     see a disagreement: the SE model of ``tools/bench_se_calib_count.py`` kept 1 unit on 200 images
     and 4 on 399), so the hint names what does, with the disagreements each setting allows on these
-    samples (``own_data``: the samples are the user's check data)."""
+    samples (``own_data``: the samples are the user's check data; ``samples`` None: the budget counts
+    a map's positions, and the hint gives no counts)."""
     if not met or (kept == units and units):
         what = "is not reachable" if not met else f"kept all {units} unit(s) in {precision}"
         return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
@@ -370,7 +373,9 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
     if mac_share <= COSTLY_MAC_SHARE and not slower:
         return None
     which = "--check-data samples" if own_data else "calibration samples"
-    if math.isfinite(budget.max_agreement_loss):
+    if math.isfinite(budget.max_agreement_loss) and samples is None:
+        hint = "allow more disagreement: a larger qdq.max_agreement_loss (the share of positions whose decision may change), or "
+    elif math.isfinite(budget.max_agreement_loss):
         pts, conf = budget.max_agreement_loss, budget.confidence
         hint = (f"allow more disagreement: a larger qdq.max_agreement_loss ({2 * pts:g} lets "
                 f"{allowed_disagreements(2 * pts, samples, conf)} of the {samples} {which} the budget is checked on "
