@@ -530,7 +530,8 @@ class Accumulator:
             # what a selection reads is scores to threshold, and features are no class scores: no decision there
             axis = self.axes.get(name)
             kind = decision_kind(r64.shape, self.activations.get(name), axis)
-            st["cls"] = kind if st["cls"] is None or st["cls"] == kind else False
+            # a batch without a decision (False) leaves none for the output: its counts would miss it
+            st["cls"] = (kind or False) if st["cls"] is None else (st["cls"] if st["cls"] == kind else False)
             # the decisions counted: samples, or every position of a segmentation map, mask or sequence
             st["n"] += positions(r64.shape, axis) if kind == POSITIONS else int(r64.shape[0]) if r64.ndim else 1
             if kind:
