@@ -119,11 +119,15 @@ def test_an_embedding_model_is_distilled_by_its_distance_to_the_teacher(tmp_path
 
 
 def _ending_in(model, op):
-    """``model`` with ``op`` (Softmax / LogSoftmax / Sigmoid) after its logits, or an Identity (None)."""
+    """``model`` with ``op`` (Softmax / LogSoftmax / Sigmoid, or ArgMax: class ids out) after its
+    logits, or an Identity (None)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     out.graph.node[-1].output[0] = "raw"
-    out.graph.node.append(helper.make_node(op or "Identity", ["raw"], ["logits"], name="last", **({"axis": 1} if op in ("Softmax", "LogSoftmax") else {})))
+    attrs = {"axis": 1} if op in ("Softmax", "LogSoftmax") else {"axis": 1, "keepdims": 0} if op == "ArgMax" else {}
+    out.graph.node.append(helper.make_node(op or "Identity", ["raw"], ["logits"], name="last", **attrs))
+    if op == "ArgMax":
+        out.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", onnx.TensorProto.INT64, ["N"]))
     return out
 
 
@@ -131,14 +135,15 @@ def test_a_final_softmax_or_sigmoid_is_trained_on_its_logits(tmp_path):
     """Distillation and labels read the logits before a final Softmax / LogSoftmax (the tensor its
     input holds), not the probabilities: the model with its Softmax learns exactly the weights of
     the model without one. Before, the KL between softmaxes of probabilities (nearly uniform at
-    T = 4) left the student 2.4x further from its teacher. A Sigmoid's labels get each label's
-    Bernoulli KL, and 0 / 1 labels its binary cross entropy."""
+    T = 4) left the student 2.4x further from its teacher, and a model exported with its ArgMax
+    stopped with a torch traceback (an MSE of int64 class ids). A Sigmoid's labels get each
+    label's Bernoulli KL, and 0 / 1 labels its binary cross entropy."""
     torch = pytest.importorskip("torch")
     from onnxopt.torch.train import FinetuneConfig, finetune, label_loss, logit_distill_loss, logit_pairs
 
     labels = np.random.default_rng(3).integers(0, 10, 64)
     weights = {}
-    for op in (None, "Softmax", "LogSoftmax"):
+    for op in (None, "Softmax", "LogSoftmax", "ArgMax"):
         teacher = _ending_in(tiny_classifier(), op)
         student = perturbed(teacher)
         res = finetune(student, open_ds(data_file(tmp_path, labels=labels), student), teacher=teacher,
@@ -147,7 +152,7 @@ def test_a_final_softmax_or_sigmoid_is_trained_on_its_logits(tmp_path):
         assert [n.op_type for n in res.model.graph.node][-1] == (op or "Identity")
         weights[op] = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     assert set(logit_pairs(_ending_in(tiny_classifier(), "Softmax"), None)) == {"logits"}
-    for op in ("Softmax", "LogSoftmax"):
+    for op in ("Softmax", "LogSoftmax", "ArgMax"):
         for name, w in weights[None].items():
             np.testing.assert_allclose(weights[op][name], w, rtol=1e-4, atol=1e-5, err_msg=f"{op}: {name}")
     # a Sigmoid: Bernoulli KL per label (summed over the labels, mean over the samples), binary CE on labels

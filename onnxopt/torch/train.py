@@ -216,16 +216,17 @@ def load_user_loss(spec: str) -> Callable:
     return load_user_function(spec, "loss script", "define fn(student_outputs, teacher_outputs, labels, batch) -> scalar tensor")
 
 
-# the activations whose input (the logits) is distilled instead of the graph output they write: a
-# softmax of probabilities divided by T is nearly uniform, and its KL moves the student ~2x less
-LOGIT_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+# the ops whose input (the logits) is distilled instead of the graph output they write: a softmax of
+# probabilities divided by T is nearly uniform, and its KL moves the student ~2x less; class ids (an
+# ArgMax, a TopK's indices) have no gradient at all
+LOGIT_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid", "ArgMax", "TopK")
 
 
 @dataclass
 class _Logits:
-    """A graph output written by a final Softmax/LogSoftmax/Sigmoid: the tensors before it in the
-    student and in the teacher (each found on its own graph: a quantized student's may be a
-    dequantized copy), distilled and trained on instead of the probabilities."""
+    """A graph output written by a final Softmax/LogSoftmax/Sigmoid or ArgMax/TopK: the tensors
+    before it in the student and in the teacher (each found on its own graph: a quantized student's
+    may be a dequantized copy), distilled and trained on instead of the probabilities or class ids."""
     output: str
     student: str
     teacher: Optional[str]
@@ -234,8 +235,9 @@ class _Logits:
 
 def logit_pairs(model: ModelProto, teacher: Optional[ModelProto]) -> dict:
     """{graph output: :class:`_Logits`} for the outputs written by a final Softmax/LogSoftmax/Sigmoid
-    (:func:`onnxopt.task_metric.logit_tensors`); the teacher's tensor is None without a teacher, or
-    when its output is not written by the same activation (then the output itself is distilled)."""
+    or ArgMax/TopK (:func:`onnxopt.task_metric.logit_tensors`); the teacher's tensor is None without
+    a teacher, or when its output is not written by the same op (then the output itself is
+    distilled, where it is a float tensor)."""
     mine = task_metric.logit_tensors(model)
     theirs = task_metric.logit_tensors(teacher) if teacher is not None else {}
     pairs = {}
@@ -358,14 +360,19 @@ class _Run:
         loss = out[0].new_zeros(())
         if t_out is not None:
             t_logits = dict(zip((lg.output for lg in self.teacher_logits), t_feat[len(self.features):]))
+            distilled = set()   # a TopK's scores and indices read the same logits: distilled once
             for s_o, t_o, name in zip(out, t_out, student.output_names):
                 if s_o.shape != t_o.shape:
                     raise OnnxoptError(f"student output {tuple(s_o.shape)} and teacher output {tuple(t_o.shape)} differ.",
                                        "the teacher must have the same outputs as the model (the model before lite/prune/qdq)")
-                if name in t_logits:   # behind a final Softmax/Sigmoid: the logits, not the probabilities
-                    s_l = student.captured[self.logits[name].student]
-                    loss = loss + cfg.distill_weight * logit_distill_loss(s_l, t_logits[name].to(s_l.dtype),
-                                                                          self.logits[name].activation, cfg.temperature)
+                if name in t_logits:   # behind a final Softmax/Sigmoid/ArgMax: the logits, not probabilities or ids
+                    if self.logits[name].student not in distilled:
+                        distilled.add(self.logits[name].student)
+                        s_l = student.captured[self.logits[name].student]
+                        loss = loss + cfg.distill_weight * logit_distill_loss(s_l, t_logits[name].to(s_l.dtype),
+                                                                              self.logits[name].activation, cfg.temperature)
+                    continue
+                if not s_o.is_floating_point():   # ids or counts with no logits found before them: nothing to learn from
                     continue
                 loss = loss + cfg.distill_weight * distill_loss(s_o, t_o.to(s_o.dtype), cfg.temperature,
                                                                 name not in self.feature_outputs)
