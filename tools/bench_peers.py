@@ -410,6 +410,30 @@ def se_digits(seed=0, spread=2.0, labels_of=None):
     return model, calib, evalf, yte.numpy()
 
 
+def quantize_as(model, cf, target: str, config: str, before=None) -> tuple:
+    """(quantized model, its fallback report, its units kept (None for all int8), seconds):
+    ``cleanup,bnfuse,qdq`` on the calibration feeds ``cf`` with no option but ``target``, run as
+    ``config`` says: ``defaults``; ``defaults before``, inside the context manager ``before`` (the
+    behaviour a change replaced, switched back on); ``all int8`` (``fallback=none``); ``shifted
+    check`` (``fallback_check=shifted``)."""
+    import contextlib
+
+    from onnxopt import manager
+    from onnxopt.registry import PassContext
+
+    ctx = PassContext(data=lambda: iter(cf), progress=False, log=lambda m: None,
+                      input_shapes={k: list(v.shape) for k, v in cf[0].items()} if target.startswith("tidl") else None)
+    options = {"target": target, **({"fallback": "none"} if config == "all int8" else
+                                    {"fallback_check": "shifted"} if config == "shifted check" else {})}
+    t0 = time.perf_counter()
+    with (before if config == "defaults before" else contextlib.nullcontext()):
+        q, report = manager.apply(model, ["cleanup", "bnfuse", "qdq"], {"qdq": options}, context=ctx, verify=False,
+                                  summarize_layers=False)
+    fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
+    kept = None if config == "all int8" else len(fb.get("high_precision_layers", []))
+    return q, fb, kept, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------- run
 def configs(skip_peers, skip_fixed, root, extra=()):
     """(peer, config, interpreter, label) of every row; ``extra``: more onnxopt option strings (ablations)."""

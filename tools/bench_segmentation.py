@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_peers  # noqa: E402
-from onnxopt import manager, runtime, task_metric  # noqa: E402
+from onnxopt import runtime, task_metric  # noqa: E402
 from onnxopt.quant import check as qcheck  # noqa: E402
-from onnxopt.registry import PassContext  # noqa: E402
 
 CLASSES = 11
 HELD_OUT = 200   # --calibration held-out: the first test digits calibrate
@@ -142,24 +140,12 @@ def run(targets: list, calibration: str, task: str) -> list:
              "miou": mean_iou(ref, labels), "agreement": 100.0, "check": None}]
     for target in targets:
         for config in ("defaults", "defaults before", "all int8"):
-            ctx = PassContext(data=lambda: iter(cf), progress=False, log=lambda m: None,
-                              input_shapes={"input": list(cf[0]["input"].shape)} if target.startswith("tidl") else None)
-            options = {"target": target, **({"fallback": "none"} if config == "all int8" else {})}
-            t0 = time.perf_counter()
-            if config == "defaults before":
-                with _Before():
-                    q, report = manager.apply(model, ["cleanup", "bnfuse", "qdq"], {"qdq": options}, context=ctx, verify=False,
-                                              summarize_layers=False)
-            else:
-                q, report = manager.apply(model, ["cleanup", "bnfuse", "qdq"], {"qdq": options}, context=ctx, verify=False,
-                                          summarize_layers=False)
-            fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
+            q, fb, kept, seconds = bench_peers.quantize_as(model, cf, target, config, _Before())
             got = class_maps(q, ef)
             row = {"task": task, "calibration": calibration, "target": target, "config": config,
-                   "kept": None if config == "all int8" else len(fb.get("high_precision_layers", [])),
-                   "mac_share": fb.get("high_precision_mac_share", 0.0), "miou": mean_iou(got, labels),
+                   "kept": kept, "mac_share": fb.get("high_precision_mac_share", 0.0), "miou": mean_iou(got, labels),
                    "agreement": 100.0 * float(np.mean(got == ref)), "check": len(qcheck.check_model(q, target)),
-                   "seconds": round(time.perf_counter() - t0, 1), "task_after": fb.get("task_after")}
+                   "seconds": round(seconds, 1), "task_after": fb.get("task_after")}
             bench_peers.log(json.dumps(row))
             rows.append(row)
     return rows

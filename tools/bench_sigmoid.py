@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_peers  # noqa: E402
-from onnxopt import manager, runtime, task_metric  # noqa: E402
+from onnxopt import runtime, task_metric  # noqa: E402
 from onnxopt.quant import check as qcheck  # noqa: E402
-from onnxopt.registry import PassContext  # noqa: E402
 
 
 def binary_labels(y: np.ndarray) -> np.ndarray:
@@ -59,7 +57,7 @@ class _Before:
     def __enter__(self):
         self.saved = task_metric.decision_kind
 
-        def before(shape, activation):
+        def before(shape, activation, axis=None):
             if activation in task_metric.DATA_DEPENDENT_SHAPE + (task_metric.FEATURES,):
                 return None
             return task_metric.TOP1 if len(shape) == 2 and shape[1] > 1 else None
@@ -85,25 +83,12 @@ def run(name: str, targets: list, calibration: str) -> list:
     for target in targets:
         # on training images, also the check on their shifted views (the option for that case)
         for config in ("defaults", "defaults before", "all int8") + (("shifted check",) if calibration == "train" else ()):
-            ctx = PassContext(data=lambda: iter(cf), progress=False, log=lambda m: None,
-                              input_shapes={"input": list(cf[0]["input"].shape)} if target.startswith("tidl") else None)
-            options = {"target": target, **({"fallback": "none"} if config == "all int8" else
-                                              {"fallback_check": "shifted"} if config == "shifted check" else {})}
-            t0 = time.perf_counter()
-            if config == "defaults before":
-                with _Before():
-                    q, report = manager.apply(model, ["cleanup", "bnfuse", "qdq"], {"qdq": options}, context=ctx, verify=False,
-                                              summarize_layers=False)
-            else:
-                q, report = manager.apply(model, ["cleanup", "bnfuse", "qdq"], {"qdq": options}, context=ctx, verify=False,
-                                          summarize_layers=False)
-            fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
+            q, fb, kept, seconds = bench_peers.quantize_as(model, cf, target, config, _Before())
             got = decisions(q, ef)
             row = {"model": name, "calibration": calibration, "target": target, "config": config,
-                   "kept": None if config == "all int8" else len(fb.get("high_precision_layers", [])),
-                   "mac_share": fb.get("high_precision_mac_share", 0.0),
+                   "kept": kept, "mac_share": fb.get("high_precision_mac_share", 0.0),
                    "accuracy": 100.0 * float((got == truth).all(1).mean()), "agreement": 100.0 * float((got == ref).all(1).mean()),
-                   "check": len(qcheck.check_model(q, target)), "seconds": round(time.perf_counter() - t0, 1),
+                   "check": len(qcheck.check_model(q, target)), "seconds": round(seconds, 1),
                    "task_after": fb.get("task_after")}
             bench_peers.log(json.dumps(row))
             rows.append(row)

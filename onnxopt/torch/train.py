@@ -435,7 +435,7 @@ def _attach_teacher(run: _Run, teacher: Optional[ModelProto], model: ModelProto,
             raise OptionError("--feature-loss auto needs a --teacher to match features against.", "give --teacher ORIGINAL.onnx")
         features = auto_features(teacher, model)
         log(f"feature distillation on {len(features)} tensors (activation outputs and residual sums)")
-    # the teacher returns its logits behind a final Softmax/Sigmoid after the features
+    # the teacher returns its logits behind a final Softmax/Sigmoid/ArgMax after the features
     taught = features + [lg.teacher for lg in run.teacher_logits]
     if teacher is not None:
         if cfg.teacher_runtime == "ort":
