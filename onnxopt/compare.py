@@ -25,7 +25,7 @@ from onnx import ModelProto
 from onnx.external_data_helper import uses_external_data
 
 from . import model_io, runtime, stats, task_metric
-from .data import DataSource, feed_samples, graph_inputs, open_data, recorded_preprocessing
+from .data import DataSource, feed_samples, graph_inputs, open_data, per_sample_labels, recorded_preprocessing
 from .errors import DataError, GateFailure, OnnxoptError, OptionError
 from .input_dims import real_inputs
 from .progress import progress_bar
@@ -136,6 +136,10 @@ def _check_feed_runs(sess, feed: dict, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------- metrics
+# the "ignore" label of segmentation datasets (VOC, Cityscapes): such positions are not counted
+IGNORED_LABEL = 255
+
+
 class _OutputStats:
     """Running sums for one output pair: of all the samples, only one argmax each is kept."""
 
@@ -157,6 +161,9 @@ class _OutputStats:
         self.min_sample_cos = math.inf
         self.elements = self.equal = self.ref_nonfinite = self.cand_nonfinite = 0
         self.samples = self.agree = self.ref_correct = self.cand_correct = self.labelled = 0
+        # per-position labels: [intersection, union] per class, each model; their count per sample differs
+        self.iou = {"ref": np.zeros((2, 0), np.int64), "cand": np.zeros((2, 0), np.int64)}
+        self.label_shape_mismatch = False
 
     def update(self, r: np.ndarray, c: np.ndarray, labels: Optional[np.ndarray]) -> None:
         if r.shape != c.shape and self.data_dependent:
@@ -202,15 +209,18 @@ class _OutputStats:
             den = np.sqrt(np.einsum("ij,ij->i", rs, rs) * np.einsum("ij,ij->i", cs, cs))
             cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(rs == cs, axis=1), 1.0, 0.0))
             self.min_sample_cos = min(self.min_sample_cos, float(cos.min()))
-        if kind == task_metric.POSITIONS:   # no labels per position: agreement only
+        if kind == task_metric.POSITIONS:
             # a class map compares ids; a Sigmoid's mask its probabilities at 0.5 (no class axis)
             axis = None if id_map or self.axis is None else self.axis % r.ndim
             self.samples += r.size if id_map else task_metric.positions(r.shape, axis)
             self.agree += (int(np.count_nonzero(r == c)) if id_map else task_metric.agreeing(r, c, kind, threshold=0.5, axis=axis))
+            if labels is not None and labels.ndim >= 2:   # a class per position: pixel accuracy and IoU
+                self._count_positions(*(x if id_map else (x > 0.5).astype(np.int64) if axis is None else np.argmax(x, axis=axis)
+                                        for x in (r, c)), labels)
         elif kind == task_metric.LABELS:   # a Sigmoid's probabilities: each label is a yes at 0.5
             self.samples += r.shape[0] if r.ndim else 1
             self.agree += task_metric.agreeing(r, c, kind, threshold=0.5)
-            if labels is not None and r.size == len(labels):   # a binary classifier: labels 0 / 1
+            if labels is not None and labels.ndim == 1 and r.size == len(labels):   # a binary classifier: labels 0 / 1
                 self.ref_correct += int(np.count_nonzero((r.reshape(-1) > 0.5) == (labels != 0)))
                 self.cand_correct += int(np.count_nonzero((c.reshape(-1) > 0.5) == (labels != 0)))
                 self.labelled += len(labels)
@@ -218,10 +228,39 @@ class _OutputStats:
             ra, ca = (r.reshape(-1), c.reshape(-1)) if ids else (np.argmax(r, axis=1), np.argmax(c, axis=1))
             self.samples += r.shape[0]
             self.agree += int(np.count_nonzero(ra == ca))
-            if labels is not None:
+            if labels is not None and labels.ndim == 1:
                 self.ref_correct += int(np.count_nonzero(ra == labels))
                 self.cand_correct += int(np.count_nonzero(ca == labels))
                 self.labelled += len(labels)
+
+    def _count_positions(self, ref_pred: np.ndarray, cand_pred: np.ndarray, labels: np.ndarray) -> None:
+        """Pixel accuracy and per-class intersection / union of both models' class maps against
+        per-position ``labels`` (the same count per sample; IGNORED_LABEL and negative labels skipped)."""
+        n = len(labels)
+        rp, cp, y = (a.reshape(n, -1) for a in (ref_pred, cand_pred, labels))
+        if rp.shape != y.shape:
+            self.label_shape_mismatch = True
+            return
+        keep = (y >= 0) & (y != IGNORED_LABEL)
+        rp, cp, y = rp[keep].astype(np.int64), cp[keep].astype(np.int64), y[keep].astype(np.int64)
+        self.ref_correct += int(np.count_nonzero(rp == y))
+        self.cand_correct += int(np.count_nonzero(cp == y))
+        self.labelled += int(y.size)
+        for which, pred in (("ref", rp), ("cand", cp)):
+            k = int(max(pred.max(initial=0), y.max(initial=0))) + 1
+            inter = np.bincount(y[pred == y], minlength=k)
+            union = np.bincount(y, minlength=k) + np.bincount(pred, minlength=k) - inter
+            old = self.iou[which]
+            grown = np.zeros((2, max(k, old.shape[1])), np.int64)
+            grown[:, :old.shape[1]] += old
+            grown[0, :k] += inter
+            grown[1, :k] += union
+            self.iou[which] = grown
+
+    def _miou(self, which: str) -> Optional[float]:
+        inter, union = self.iou[which]
+        seen = union > 0
+        return float(np.mean(inter[seen] / union[seen])) if seen.any() else None
 
     def result(self) -> dict:
         norm = math.sqrt(self.rr) * math.sqrt(self.cc)
@@ -247,6 +286,10 @@ class _OutputStats:
             "top1_agreement": self.agree / self.samples if classified else None,
             "ref_accuracy": self.ref_correct / self.labelled if accuracy else None,
             "cand_accuracy": self.cand_correct / self.labelled if accuracy else None,
+            # a class per position against per-position labels: mean IoU over the classes present
+            "ref_miou": self._miou("ref") if accuracy and self.decision == task_metric.POSITIONS else None,
+            "cand_miou": self._miou("cand") if accuracy and self.decision == task_metric.POSITIONS else None,
+            "label_shape_mismatch": self.label_shape_mismatch,
             "data_dependent": self.data_dependent, "shape_changes": self.shape_changes,
         }
 
@@ -312,7 +355,7 @@ def _validate_gates(gates: dict) -> dict:
 def _labels_array(labels) -> Optional[np.ndarray]:
     if labels is None or isinstance(labels, (str, os.PathLike)):
         return None
-    arr = np.asarray(labels).reshape(-1)
+    arr = per_sample_labels(labels)
     if arr.dtype.kind not in "iu":
         raise DataError("labels must be integer class indices.", "pass an array of ints")
     return arr.astype(np.int64)
@@ -441,10 +484,11 @@ def _compare_latency(ref_model: ModelProto, cand_model: ModelProto, sample: dict
     return {"reference": _latency_summary(t_ref, threads), "candidate": _latency_summary(t_cand, threads)}
 
 
-def _side(model: ModelProto, path, size: int, latency: Optional[dict], accuracy: Optional[float]) -> dict:
+def _side(model: ModelProto, path, size: int, latency: Optional[dict], accuracy: Optional[float],
+          miou: Optional[float] = None) -> dict:
     summary = stats.summarize(model)
     return {"path": path, "size_bytes": size, "size_mb": size / MB, "nodes": summary["nodes"], "params": summary["params"],
-            "macs": summary["macs"], "latency": latency, "accuracy": accuracy}
+            "macs": summary["macs"], "latency": latency, "accuracy": accuracy, "miou": miou}
 
 
 def compare_models(
@@ -494,6 +538,10 @@ def compare_models(
     if inputs.labels is not None and len(inputs.labels) != num.seen:
         notes.append(f"{len(inputs.labels)} labels for {num.seen} evaluated samples; the first {num.seen} were used")
     classifiers = [o for o in num.outputs if o["classifier"]]
+    for o in num.outputs:
+        if o.get("label_shape_mismatch"):
+            notes.append(f"the per-position labels do not match output '{o['name']}' {o['shape']} (one class per position "
+                         "of each sample is needed): no accuracy computed for it")
     if inputs.labels is not None and not classifiers:
         notes.append("labels were given but no output is classifier-shaped ([N, C] scores, C > 1, ArgMax class ids, "
                      "or a binary Sigmoid): no accuracy computed")
@@ -505,8 +553,10 @@ def compare_models(
     latency = _compare_latency(ref_model, cand_model, num.first_sample, runs, threads, warmup)
     main = classifiers[0] if classifiers else None
     result = {
-        "reference": _side(ref_model, ref_path, ref_size, latency["reference"], main["ref_accuracy"] if main else None),
-        "candidate": _side(cand_model, cand_path, cand_size, latency["candidate"], main["cand_accuracy"] if main else None),
+        "reference": _side(ref_model, ref_path, ref_size, latency["reference"], main["ref_accuracy"] if main else None,
+                           main.get("ref_miou") if main else None),
+        "candidate": _side(cand_model, cand_path, cand_size, latency["candidate"], main["cand_accuracy"] if main else None,
+                           main.get("cand_miou") if main else None),
         "data": {"source": inputs.source, "generated": data is None, "samples": num.seen, "labels": inputs.labels is not None},
         "outputs": num.outputs,
         "task_error": num.task_error.to_dict(),
@@ -537,7 +587,7 @@ def _evaluate_gates(result: dict, gates: dict) -> list:
             raise OptionError("--max-drop needs a classifier-shaped output ([N, C], C > 1) to measure accuracy on; this model has none.",
                               "drop --max-drop")
         value, name = max(drops)
-        measured["max_drop"] = (f"top-1 accuracy drop on '{name}'", value, "points")
+        measured["max_drop"] = (f"accuracy drop on '{name}'", value, "points")
     return [{"gate": gate, "what": what, "value": value, "limit": gates[gate], "unit": unit,
              "passed": value >= gates[gate] if gate == "min_agreement" else value <= gates[gate]}
             for gate, (what, value, unit) in measured.items()]

@@ -233,7 +233,7 @@ class DataSource:
             lab = np.array([int(mapping[f.name]) for f in self._image_files()], dtype=np.int64)
         else:
             return None
-        lab = np.asarray(lab).reshape(-1)
+        lab = per_sample_labels(lab)
         if lab.dtype.kind not in "iu":
             raise DataError("labels must be integer class indices.", "save them as np.int64")
         return lab[np.asarray(self._selected_indices(len(lab)), dtype=np.int64)]
@@ -470,6 +470,13 @@ class DataSource:
                     raise DataError(f"input '{name}' is {want['dtype']} but sample {index} is {arr.dtype}.", "convert the data to the model's dtype")
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise DataError(f"sample {index} of '{self.spec.source}' holds NaN or Inf values for input '{name}'.", "clean the data: onnxopt refuses non-finite inputs")
+
+
+def per_sample_labels(labels) -> np.ndarray:
+    """Labels as one entry per sample on axis 0: class indices ``[N]`` (``[N, 1]`` flattened), or a
+    class per position (``[N, H, W]``: a segmentation map's ground truth), kept as it is."""
+    lab = np.asarray(labels)
+    return lab if lab.ndim >= 2 and lab[0].size > 1 else lab.reshape(-1)
 
 
 def _open_rgb(path) -> "Image.Image":

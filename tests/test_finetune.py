@@ -161,6 +161,14 @@ def test_a_final_softmax_or_sigmoid_is_trained_on_its_logits(tmp_path):
     by_hand = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum(1).mean() * 4
     assert float(logit_distill_loss(s, t, "Sigmoid", 2.0)) == pytest.approx(float(by_hand), rel=1e-5)
     assert float(logit_distill_loss(t, t, "Sigmoid", 2.0)) == pytest.approx(0.0, abs=1e-6)
+    # a class per position (a segmentation map's labels): CE over the classes on axis 1, 255 ignored
+    maps, truth = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    truth[0, 0] = 255
+    assert float(label_loss(maps, truth, "ArgMax")) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(maps, truth, ignore_index=255)), rel=1e-6)
+    from onnxopt.errors import DataError
+    with pytest.raises(DataError, match="do not fit"):
+        label_loss(maps, truth[:, :2], None)
     y = torch.tensor([0, 1, 1, 0])
     one = torch.randn(4, 1)
     assert float(label_loss(one, y, "Sigmoid")) == pytest.approx(

@@ -592,6 +592,21 @@ def test_each_position_of_a_segmentation_map_is_a_decision(tmp_path):
     row = res["outputs"][0]
     assert row["decision"] == task_metric.POSITIONS and row["top1_agreement"] == pytest.approx(np.mean(ids[0] == ids[1]))
     assert 0 < np.mean(ids[0] != ids[1]) and "per-position agreement" in res["task_summary"]
+    # labels with a class per pixel: each model's pixel accuracy and mean IoU (255: ignored)
+    truth = ids[0].copy()
+    truth[:, :4] = (truth[:, :4] + 1) % 4
+    truth[:, -2:] = 255
+    np.save(tmp_path / "truth.npy", truth)
+    res = compare_models(m, all_int8, data=str(tmp_path / "x.npy"), labels=str(tmp_path / "truth.npy"), runs=0)
+    keep = truth != 255
+
+    def miou(pred):
+        p, t = pred[keep], truth[keep]
+        return np.mean([np.sum((p == k) & (t == k)) / np.sum((p == k) | (t == k)) for k in range(4) if np.any((p == k) | (t == k))])
+    for side, pred in (("reference", ids[0]), ("candidate", ids[1])):
+        assert res[side]["accuracy"] == pytest.approx(np.mean(pred[keep] == truth[keep]))
+        assert res[side]["miou"] == pytest.approx(miou(pred))
+    assert res["reference"]["accuracy"] == pytest.approx(1 - 4 / 14)   # 4 of the 14 rows kept were moved
 
 
 def test_info_says_how_each_output_is_measured():

@@ -52,7 +52,10 @@ def render_compare(res: dict) -> str:
         lat = ref["latency"]
         rows.append((f"latency ms (median of {lat['runs']}, {lat['threads'] or 'default'} thr)",
                      f"{ref['latency']['median_ms']:.2f}", f"{cand['latency']['median_ms']:.2f}"))
-    if ref["accuracy"] is not None:
+    if ref["accuracy"] is not None and ref.get("miou") is not None:   # a class per position (segmentation)
+        rows.append(("pixel accuracy", _pct(ref["accuracy"]), _pct(cand["accuracy"])))
+        rows.append(("mean IoU", _pct(ref["miou"]), _pct(cand["miou"])))
+    elif ref["accuracy"] is not None:
         rows.append(("top-1 accuracy", _pct(ref["accuracy"]), _pct(cand["accuracy"])))
     kw = max(len(r[0]) for r in rows)
     lines.append(f"{'':<{kw}}  {'reference':>12}  {'candidate':>12}")
@@ -95,7 +98,8 @@ Exit codes: 0 all gates passed (or none given), 1/2 user error, 3 a gate failed.
 @click.argument("ref", type=click.Path(dir_okay=False))
 @click.argument("cand", type=click.Path(dir_okay=False))
 @click.option("--data", metavar="PATH", help="Inputs: .npy, .npz, image folder, file.py:function (default: generated inputs).")
-@click.option("--labels", metavar="PATH", help="Integer labels (.npy, or .npz with 'labels') for accuracy; default: the data's own labels.")
+@click.option("--labels", metavar="PATH", help="Integer labels (.npy, or .npz with 'labels') for accuracy: a class per sample, or per "
+              "position ([N, H, W]: a segmentation map's pixel accuracy and mean IoU; 255 is ignored); default: the data's own labels.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed single-sample runs per model for the median latency (0: skip).")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads for the latency runs (0: onnxruntime's default).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Batch size for the accuracy/error runs (a fixed model batch wins).")
@@ -103,7 +107,7 @@ Exit codes: 0 all gates passed (or none given), 1/2 user error, 3 a gate failed.
 @click.option("--max-size-mb", type=float, default=None, help="Gate: candidate file size (external data included) at most this many MB (2^20 bytes).")
 @click.option("--max-latency-ms", type=float, default=None, help="Gate: candidate median latency at most this many ms.")
 @click.option("--min-agreement", type=float, default=None, help="Gate: agreement with the reference (top-1 class; a Sigmoid output's every label) at least this percentage (e.g. 99).")
-@click.option("--max-drop", type=float, default=None, help="Gate: top-1 accuracy drop at most this many points (needs labels).")
+@click.option("--max-drop", type=float, default=None, help="Gate: accuracy drop (top-1, or pixel accuracy) at most this many points (needs labels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (gates still set the exit code).")
 @image_options
 @input_shape_option
@@ -116,7 +120,8 @@ def compare_cmd(ref, cand, data, labels, runs, threads, batch_size, max_samples,
     ([N, C]), top-1 agreement and each model's accuracy when labels are known; for a
     Sigmoid's outputs (binary and multi-label classifiers) the share of samples whose
     every label, decided at 0.5, agrees; for a segmentation map ended by an ArgMax or
-    Softmax over its classes, the share of pixels whose class agrees. Per model:
+    Softmax over its classes, the share of pixels whose class agrees, and with labels of
+    a class per pixel ([N, H, W]) each model's pixel accuracy and mean IoU. Per model:
     size, params, MACs and median single-sample latency (default onnxruntime optimizations).
     Without --data the inputs are generated, and the output says so. Gates check the
     candidate; when one fails the table is printed and the exit code is 3.

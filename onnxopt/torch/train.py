@@ -261,9 +261,24 @@ def logit_distill_loss(s: torch.Tensor, t: torch.Tensor, activation: str, temper
     return distill_loss(s, t, temperature)
 
 
+# the "ignore" label of segmentation datasets (VOC, Cityscapes), as compare skips it
+IGNORED_LABEL = 255
+
+
 def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
     """Cross entropy of class labels ``y`` on ``logits``; for a Sigmoid's labels, binary cross
-    entropy against ``y`` itself (one label: 0 / 1) or its one-hot (one-vs-rest labels)."""
+    entropy against ``y`` itself (one label: 0 / 1) or its one-hot (one-vs-rest labels). Labels
+    with a class per position (``[N, H, W]``, a segmentation map's) train each position: the
+    classes on axis 1 of the logits (IGNORED_LABEL skipped), a Sigmoid mask's 0 / 1 per element."""
+    if y.dim() > 1:
+        mask = activation == "Sigmoid"
+        fits = logits.numel() == y.numel() if mask else tuple(logits.shape[:1]) + tuple(logits.shape[2:]) == tuple(y.shape)
+        if not fits:
+            raise DataError(f"labels of shape {list(y.shape)} do not fit the model's scores {list(logits.shape)}.",
+                            "give one class per position of the output (e.g. [N, H, W] for [N, C, H, W] scores)")
+        if mask:
+            return F.binary_cross_entropy_with_logits(logits.reshape(y.shape[0], -1), y.reshape(y.shape[0], -1).to(logits.dtype))
+        return F.cross_entropy(logits, y, ignore_index=IGNORED_LABEL)
     flat = logits.reshape(logits.shape[0], -1)
     if activation != "Sigmoid":
         return F.cross_entropy(flat, y)
