@@ -237,10 +237,10 @@ class _OutputStats:
         """Pixel accuracy and per-class intersection / union of both models' class maps against
         per-position ``labels`` (the same count per sample; IGNORED_LABEL and negative labels skipped)."""
         n = len(labels)
-        rp, cp, y = (a.reshape(n, -1) for a in (ref_pred, cand_pred, labels))
-        if rp.shape != y.shape:
+        if ref_pred.shape[:1] != (n,) or ref_pred.size != labels.size:
             self.label_shape_mismatch = True
             return
+        rp, cp, y = (a.reshape(n, -1) for a in (ref_pred, cand_pred, labels))
         keep = (y >= 0) & (y != IGNORED_LABEL)
         rp, cp, y = rp[keep].astype(np.int64), cp[keep].astype(np.int64), y[keep].astype(np.int64)
         self.ref_correct += int(np.count_nonzero(rp == y))
