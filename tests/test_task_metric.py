@@ -607,6 +607,9 @@ def test_each_position_of_a_segmentation_map_is_a_decision(tmp_path):
         assert res[side]["accuracy"] == pytest.approx(np.mean(pred[keep] == truth[keep]))
         assert res[side]["miou"] == pytest.approx(miou(pred))
     assert res["reference"]["accuracy"] == pytest.approx(1 - 4 / 14)   # 4 of the 14 rows kept were moved
+    np.save(tmp_path / "crop.npy", truth[:, :5, :5])                     # labels of another size: said, not counted
+    res = compare_models(m, all_int8, data=str(tmp_path / "x.npy"), labels=str(tmp_path / "crop.npy"), runs=0)
+    assert res["reference"]["accuracy"] is None and any("do not match output 'classes'" in n for n in res["notes"])
 
 
 def test_info_says_how_each_output_is_measured():
