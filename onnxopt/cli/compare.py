@@ -106,7 +106,8 @@ Exit codes: 0 all gates passed (or none given), 1/2 user error, 3 a gate failed.
 @click.option("--max-samples", type=int, default=None, help="Use at most this many samples (generated inputs: how many, default 8).")
 @click.option("--max-size-mb", type=float, default=None, help="Gate: candidate file size (external data included) at most this many MB (2^20 bytes).")
 @click.option("--max-latency-ms", type=float, default=None, help="Gate: candidate median latency at most this many ms.")
-@click.option("--min-agreement", type=float, default=None, help="Gate: agreement with the reference (top-1 class; a Sigmoid output's every label) at least this percentage (e.g. 99).")
+@click.option("--min-agreement", type=float, default=None, help="Gate: agreement with the reference (top-1 class; a Sigmoid output's every label; a map's "
+              "positions) at least this percentage (e.g. 99).")
 @click.option("--max-drop", type=float, default=None, help="Gate: accuracy drop (top-1, or pixel accuracy) at most this many points (needs labels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (gates still set the exit code).")
 @image_options

@@ -87,9 +87,10 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
     """Finetune MODEL in torch and write the learned weights and Q/DQ scales back into its graph.
 
     By default label-free distillation from --teacher (KL on classifier logits, L2 otherwise;
-    an output written by a final Softmax/Sigmoid/ArgMax is trained on the logits before it, a Sigmoid's
-    labels each by their Bernoulli KL); with labels or --loss, supervised as well. With --qat wXaY a float MODEL is quantized by the
-    qdq pass and trained with fake quantization (STE; learnable scales). The written model's
+    an output written by a final Softmax/Sigmoid/ArgMax is trained on the logits before it, a
+    Sigmoid's labels each by their Bernoulli KL); with labels (a class per sample, or per pixel
+    of a segmentation map) or --loss, supervised as well. With --qat wXaY a float MODEL is
+    quantized by the qdq pass and trained with fake quantization (STE; learnable scales). The written model's
     onnxruntime output is checked against the trained torch module.
     """
     require("torch", "onnxopt finetune", "pip install torch")
