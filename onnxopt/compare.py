@@ -224,6 +224,11 @@ class _OutputStats:
                 self.ref_correct += int(np.count_nonzero((r.reshape(-1) > 0.5) == (labels != 0)))
                 self.cand_correct += int(np.count_nonzero((c.reshape(-1) > 0.5) == (labels != 0)))
                 self.labelled += len(labels)
+            elif labels is not None and labels.ndim == 2 and labels.size == r.size:   # multi-hot: every label right
+                truth = (labels != 0).reshape(len(labels), -1)
+                self.ref_correct += int(np.count_nonzero(((r.reshape(len(labels), -1) > 0.5) == truth).all(axis=1)))
+                self.cand_correct += int(np.count_nonzero(((c.reshape(len(labels), -1) > 0.5) == truth).all(axis=1)))
+                self.labelled += len(labels)
         elif is_cls:
             ra, ca = (r.reshape(-1), c.reshape(-1)) if ids else (np.argmax(r, axis=1), np.argmax(c, axis=1))
             self.samples += r.shape[0]

@@ -482,6 +482,29 @@ def test_a_sigmoid_output_is_measured_by_each_label_decision():
     assert task_metric.logit_tensors(m) == {"pred_boxes": ("raw", task_metric.FEATURES), "ids": ("raw", "ArgMax")}
 
 
+def test_compare_counts_a_multi_label_model_right_on_every_label(tmp_path):
+    """Multi-hot labels ([N, C], 0 / 1) for a Sigmoid's [N, C]: a sample is right when every label
+    is; the labels agreement counts samples whose every decision agrees."""
+    from onnx import numpy_helper
+    from onnxopt.compare import compare_models
+    m = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["raw"], transB=1), helper.make_node("Sigmoid", ["raw"], ["probs"])],
+                   [("x", ["N", 8])], [("probs", ["N", 4])], [("w", rand(4, 8, seed=1)), ("b", rand(4, seed=2))])
+    cand = onnx.ModelProto()
+    cand.CopyFrom(m)
+    cand.graph.initializer[0].CopyFrom(numpy_helper.from_array(rand(4, 8, seed=1) + rand(4, 8, seed=9, scale=0.3), "w"))
+    x = rand(64, 8, seed=4)
+    ref, got = (run(k, {"x": x})["probs"] > 0.5 for k in (m, cand))
+    truth = ref.astype(np.int64)
+    truth[:6, 0] = 1 - truth[:6, 0]                   # the float model misses one label of 6 samples
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", truth)
+    res = compare_models(m, cand, data=str(tmp_path / "x.npy"), labels=str(tmp_path / "y.npy"), runs=0)
+    assert res["outputs"][0]["decision"] == task_metric.LABELS
+    assert res["outputs"][0]["top1_agreement"] == pytest.approx(np.mean((ref == got).all(1)))
+    assert res["reference"]["accuracy"] == pytest.approx(58 / 64)
+    assert res["candidate"]["accuracy"] == pytest.approx(np.mean((got == (truth != 0)).all(1)))
+
+
 def test_the_fallback_budget_holds_a_binary_sigmoid_classifier(tmp_path):
     """A binary classifier (Sigmoid, [N, 1]) gets the default agreement budget: 4-bit weights flip
     the decision of 10 % of the samples, and fallback=auto keeps layers in float until it is
