@@ -230,6 +230,8 @@ class _OutputStats:
                 self.cand_correct += int(np.count_nonzero(((c.reshape(len(labels), -1) > 0.5) == truth).all(axis=1)))
                 self.labelled += len(labels)
         elif is_cls:
+            if labels is not None and labels.ndim == 2 and labels.shape == r.shape and not ids:
+                labels = np.argmax(labels, axis=1)   # one-hot labels (Keras' to_categorical): their classes
             ra, ca = (r.reshape(-1), c.reshape(-1)) if ids else (np.argmax(r, axis=1), np.argmax(c, axis=1))
             self.samples += r.shape[0]
             self.agree += int(np.count_nonzero(ra == ca))

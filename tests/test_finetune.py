@@ -169,6 +169,9 @@ def test_a_final_softmax_or_sigmoid_is_trained_on_its_logits(tmp_path):
     from onnxopt.errors import DataError
     with pytest.raises(DataError, match="do not fit"):
         label_loss(maps, truth[:, :2], None)
+    scores, classes = torch.randn(4, 3), torch.tensor([2, 0, 1, 2])   # one-hot labels: their classes
+    assert float(label_loss(scores, torch.nn.functional.one_hot(classes, 3), None)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(scores, classes)), rel=1e-6)
     y = torch.tensor([0, 1, 1, 0])
     one = torch.randn(4, 1)
     assert float(label_loss(one, y, "Sigmoid")) == pytest.approx(

@@ -421,6 +421,10 @@ def test_class_ids_from_an_argmax_are_measured_on_the_scores_they_come_from(tmp_
     assert res["reference"]["accuracy"] == pytest.approx(59 / 64)
     assert res["candidate"]["accuracy"] == pytest.approx(np.mean(cand_ids == labels))
     assert "label (logits before Softmax): top-1 agreement" in res["task_summary"]
+    plain = _classifier(softmax=False, through_flatten=False)   # one-hot labels (Keras' to_categorical): their classes
+    np.save(tmp_path / "onehot.npy", np.eye(5, dtype=np.int64)[labels])
+    res = compare_models(plain, plain, data=str(tmp_path / "x.npy"), labels=str(tmp_path / "onehot.npy"), runs=0)
+    assert res["reference"]["accuracy"] == pytest.approx(np.mean(ref_ids == labels))
     # a top-5 export: TopK's sorted scores (whose argmax is always 0) and indices, both read on the logits
     top = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["logits"], transB=1),
                       helper.make_node("TopK", ["logits", "k"], ["top_s", "top_i"], axis=1)],

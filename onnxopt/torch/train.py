@@ -270,6 +270,8 @@ def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str])
     entropy against ``y`` itself (one label: 0 / 1) or its one-hot (one-vs-rest labels). Labels
     with a class per position (``[N, H, W]``, a segmentation map's) train each position: the
     classes on axis 1 of the logits (IGNORED_LABEL skipped), a Sigmoid mask's 0 / 1 per element."""
+    if y.dim() == 2 and activation != "Sigmoid" and tuple(y.shape) == tuple(logits.shape):
+        return F.cross_entropy(logits, y.argmax(1))   # one-hot labels (Keras' to_categorical): their classes
     if y.dim() > 1:
         mask = activation == "Sigmoid"
         fits = logits.numel() == y.numel() if mask else tuple(logits.shape[:1]) + tuple(logits.shape[2:]) == tuple(y.shape)
