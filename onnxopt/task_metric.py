@@ -236,8 +236,11 @@ def output_readings(model: ModelProto) -> dict:
     from the graph (shape inference); where it is unknown, its shape decides at run time."""
     found, axes = logit_tensors(model), class_axes(model)
     inferred, _ = infer_shapes(model)
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in (*inferred.graph.value_info, *inferred.graph.output)
-             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    # the measured tensors' shapes, an unknown dimension standing for any size over one
+    shapes = {vi.name: tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2
+                             for d in vi.type.tensor_type.shape.dim)
+              for vi in (*inferred.graph.value_info, *inferred.graph.output)
+              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
     selected = _selection_sources(model, {o: n for n in model.graph.node for o in n.output if o})
     out = {}
     for vo in model.graph.output:
@@ -250,11 +253,11 @@ def output_readings(model: ModelProto) -> dict:
         if act == FEATURES:
             out[vo.name] = "features or values: cosine, SQNR; no decision (budget it with qdq.max_error)"
             continue
-        rank = ranks.get(tensor)
-        if rank is None:
+        shape = shapes.get(tensor)
+        if shape is None:
             out[vo.name] = f"by its shape at run time{before}"
             continue
-        kind = decision_kind((2,) * rank, act, axes.get(vo.name))   # the rank decides, with a class axis
+        kind = decision_kind(shape, act, axes.get(vo.name))
         out[vo.name] = {
             TOP1: f"class scores: top-1 agreement, KL{before}",
             LABELS: f"labels: every label's yes/no (logit > 0), Bernoulli KL{before}",

@@ -655,3 +655,6 @@ def test_info_says_how_each_output_is_measured():
     assert readings["classes"].startswith("a class per position (classes on axis 1)")
     assert readings["mask"].startswith("a yes/no per element")
     assert readings["embedding"].startswith("features or values")
+    score = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["score"], transB=1)], [("x", ["N", 8])], [("score", ["N", 1])],
+                       [("w", rand(1, 8, seed=1)), ("b", rand(1, seed=2))])
+    assert model_info(score)["outputs"][0]["measured_as"].startswith("values")   # one raw score: no class to take
