@@ -25,7 +25,8 @@ from onnx import ModelProto
 from onnx.external_data_helper import uses_external_data
 
 from . import model_io, runtime, stats, task_metric
-from .data import DataSource, feed_samples, graph_inputs, open_data, per_sample_labels, recorded_preprocessing
+from .data import (IGNORED_LABEL, DataSource, feed_samples, graph_inputs, open_data, per_sample_labels,
+                   recorded_preprocessing)
 from .errors import DataError, GateFailure, OnnxoptError, OptionError
 from .input_dims import real_inputs
 from .progress import progress_bar
@@ -136,10 +137,6 @@ def _check_feed_runs(sess, feed: dict, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------- metrics
-# the "ignore" label of segmentation datasets (VOC, Cityscapes): such positions are not counted
-IGNORED_LABEL = 255
-
-
 class _OutputStats:
     """Running sums for one output pair: of all the samples, only one argmax each is kept."""
 
@@ -585,9 +582,7 @@ def _evaluate_gates(result: dict, gates: dict) -> list:
         measured["max_latency_ms"] = ("candidate median latency", cand["latency"]["median_ms"], "ms")
     if "min_agreement" in gates:
         worst = min(classifiers, key=lambda o: o["top1_agreement"])
-        what = {task_metric.LABELS: "label agreement", task_metric.POSITIONS: "per-position agreement"}.get(
-            worst["decision"], "top-1 agreement")
-        measured["min_agreement"] = (f"{what} on '{worst['name']}'", 100.0 * worst["top1_agreement"], "%")
+        measured["min_agreement"] = (f"{task_metric.agreement_name(worst['decision'])} on '{worst['name']}'", 100.0 * worst["top1_agreement"], "%")
     if "max_drop" in gates:
         drops = [(100.0 * (o["ref_accuracy"] - o["cand_accuracy"]), o["name"]) for o in classifiers if o["ref_accuracy"] is not None]
         if not drops:

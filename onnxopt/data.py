@@ -472,6 +472,11 @@ class DataSource:
                 raise DataError(f"sample {index} of '{self.spec.source}' holds NaN or Inf values for input '{name}'.", "clean the data: onnxopt refuses non-finite inputs")
 
 
+# the "ignore" label of segmentation datasets (VOC, Cityscapes): compare does not count such positions,
+# finetune does not train on them
+IGNORED_LABEL = 255
+
+
 def per_sample_labels(labels) -> np.ndarray:
     """Labels as one entry per sample on axis 0: class indices ``[N]`` (``[N, 1]`` flattened), or a
     class per position (``[N, H, W]``: a segmentation map's ground truth), kept as it is."""

@@ -98,10 +98,10 @@ def describe(change: dict, prefix: str = "output change ") -> str:
     """``output change cosine 0.871, rel err 0.45, top-1 agreement 62.5 % (32 samples of the data)``."""
     if change.get("skipped"):
         return f"output change not measured: {change['skipped']}"
-    # a Sigmoid's outputs agree on every label's decision (task_metric.LABELS), class scores on the top-1
+    # a Sigmoid's outputs agree on every label's decision (task_metric.LABELS), class scores on the top-1;
+    # outputs of different kinds keep the top-1 name
     decisions = {v.get("decision") for v in change.get("outputs", {}).values() if v.get("decision")}
-    agreement = ("label agreement" if decisions == {task_metric.LABELS} else
-                 "per-position agreement" if decisions == {task_metric.POSITIONS} else "top-1 agreement")
+    agreement = task_metric.agreement_name(next(iter(decisions)) if len(decisions) == 1 else None)
     shown = {"cosine": lambda v: f"cosine {v:.4f}", "rel_error": lambda v: f"rel err {v:.3g}",
              "top1_agreement": lambda v: f"{agreement} {100 * v:.1f} %", "kl": lambda v: f"KL {v:.3g}"}
     parts = [fmt(change[key]) for key, fmt in shown.items() if change.get(key) is not None]

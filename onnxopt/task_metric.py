@@ -314,6 +314,11 @@ def decision_kind(shape: tuple, activation: Optional[str], axis: Optional[int] =
     return None
 
 
+def agreement_name(decision: Optional[str]) -> str:
+    """What the agreement of a ``decision`` kind is called on the console and in reports."""
+    return {LABELS: "label agreement", POSITIONS: "per-position agreement"}.get(decision, "top-1 agreement")
+
+
 def positions(shape: tuple, axis: Optional[int]) -> int:
     """The decisions a :data:`POSITIONS` output of ``shape`` holds: every element but the classes
     (``axis`` None: a Sigmoid's mask, every element)."""
@@ -484,8 +489,7 @@ class TaskError:
             where = (f" (logits before {o.activation})" if o.activation in LOGIT_READERS else
                      " (not class scores)" if o.activation == FEATURES else
                      f" ('{o.measured}', read by {o.activation})" if o.activation else "")
-            agreement = {LABELS: "label agreement", POSITIONS: "per-position agreement"}.get(o.decision, "top-1 agreement")
-            what = (f"{agreement} {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"
+            what = (f"{agreement_name(o.decision)} {100 * o.top1_agreement:.2f} % (KL {o.kl:.4g}), SQNR {o.sqnr_db:.1f} dB"
                     if o.classifier else f"SQNR {o.sqnr_db:.1f} dB, cosine {o.cosine:.5f}")
             parts.append(f"{o.name}{where}: {what}")
         return "; ".join(parts) if parts else "(no outputs)"

@@ -20,6 +20,7 @@ from onnx import ModelProto
 
 from .. import runtime, stats, task_metric
 from ..progress import progress_bar
+from ..data import IGNORED_LABEL
 from ..errors import DataError, OnnxoptError, OptionError
 from ..model_io import fingerprint
 from ..quant.upcast import float32_twin
@@ -216,12 +217,6 @@ def load_user_loss(spec: str) -> Callable:
     return load_user_function(spec, "loss script", "define fn(student_outputs, teacher_outputs, labels, batch) -> scalar tensor")
 
 
-# the ops whose input (the logits) is distilled instead of the graph output they write: a softmax of
-# probabilities divided by T is nearly uniform, and its KL moves the student ~2x less; class ids (an
-# ArgMax, a TopK's indices) have no gradient at all
-LOGIT_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid", "ArgMax", "TopK")
-
-
 @dataclass
 class _Logits:
     """A graph output written by a final Softmax/LogSoftmax/Sigmoid or ArgMax/TopK: the tensors
@@ -242,7 +237,9 @@ def logit_pairs(model: ModelProto, teacher: Optional[ModelProto]) -> dict:
     theirs = task_metric.logit_tensors(teacher) if teacher is not None else {}
     pairs = {}
     for name, (tensor, act) in mine.items():
-        if act in LOGIT_ACTIVATIONS and tensor != name:
+        # the input of the op is distilled instead of the output it writes: a softmax of probabilities
+        # divided by T is nearly uniform (its KL moves the student ~2x less), and class ids have no gradient
+        if act in task_metric.LOGIT_READERS and tensor != name:
             t_tensor, t_act = theirs.get(name, (None, None))
             pairs[name] = _Logits(name, tensor, t_tensor if t_act == act else None, act)
     return pairs
@@ -259,10 +256,6 @@ def logit_distill_loss(s: torch.Tensor, t: torch.Tensor, activation: str, temper
         kl = lt.exp() * (lt - ls) + l1t.exp() * (l1t - l1s)
         return kl.reshape(kl.shape[0], -1).sum(1).mean() * T * T if kl.dim() else kl * T * T
     return distill_loss(s, t, temperature)
-
-
-# the "ignore" label of segmentation datasets (VOC, Cityscapes), as compare skips it
-IGNORED_LABEL = 255
 
 
 def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
