@@ -84,17 +84,9 @@ def markdown(rows: list) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(CS.MODELS))
-    ap.add_argument("--json")
-    ap.add_argument("--markdown", metavar="JSON")
+    P.add_rows_options(ap)
     args = ap.parse_args(argv)
-    if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
-        return 0
-    rows = [run_model(m) for m in args.models.split(",")]
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(markdown(rows))
-    return 0
+    return P.rows_main(args, lambda: [run_model(m) for m in args.models.split(",")], markdown)
 
 
 if __name__ == "__main__":

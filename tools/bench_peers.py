@@ -410,6 +410,25 @@ def se_digits(seed=0, spread=2.0, labels_of=None):
     return model, calib, evalf, yte.numpy()
 
 
+def add_rows_options(ap) -> None:
+    """``--json`` / ``--markdown`` of a bench whose run is a list of rows (see :func:`rows_main`)."""
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--markdown", metavar="JSON", help="print the table of an earlier run's --json file and stop")
+
+
+def rows_main(args, measure, markdown) -> int:
+    """The end of such a bench's ``main``: with ``--markdown JSON`` the table of an earlier run;
+    else the rows ``measure()`` returns, written to ``--json`` when given, and their table."""
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    rows = measure()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(markdown(rows))
+    return 0
+
+
 def quantize_as(model, cf, target: str, config: str, before=None) -> tuple:
     """(quantized model, its fallback report, its units kept (None for all int8), seconds):
     ``cleanup,bnfuse,qdq`` on the calibration feeds ``cf`` with no option but ``target``, run as

@@ -167,17 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="ort,tensorrt,tidl")
     ap.add_argument("--calibration", default="held-out", choices=("held-out", "train"))
     ap.add_argument("--task", default="classes", choices=("classes", "mask"))
-    ap.add_argument("--json")
-    ap.add_argument("--markdown", metavar="JSON", help="print the table of an earlier run's --json file and stop")
+    bench_peers.add_rows_options(ap)
     args = ap.parse_args(argv)
-    if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
-        return 0
-    rows = run(args.targets.split(","), args.calibration, args.task)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(markdown(rows))
-    return 0
+    return bench_peers.rows_main(args, lambda: run(args.targets.split(","), args.calibration, args.task), markdown)
 
 
 if __name__ == "__main__":
