@@ -270,7 +270,8 @@ def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str])
         fits = logits.numel() == y.numel() if mask else tuple(logits.shape[:1]) + tuple(logits.shape[2:]) == tuple(y.shape)
         if not fits:
             raise DataError(f"labels of shape {list(y.shape)} do not fit the model's scores {list(logits.shape)}.",
-                            "give one class per position of the output (e.g. [N, H, W] for [N, C, H, W] scores)")
+                            "give a class index per sample ([N]), one-hot labels ([N, C]), or a class per position of "
+                            "the output ([N, H, W] for [N, C, H, W] scores)")
         if mask:
             return F.binary_cross_entropy_with_logits(logits.reshape(y.shape[0], -1), y.reshape(y.shape[0], -1).to(logits.dtype))
         return F.cross_entropy(logits, y, ignore_index=IGNORED_LABEL)
