@@ -189,6 +189,59 @@ def test_a_final_softmax_or_sigmoid_is_trained_on_its_logits(tmp_path):
     assert bernoulli_kl(res.model) < 0.2 * bernoulli_kl(student)
 
 
+def tiny_segmenter(seed=0, head="ArgMax"):
+    """Conv-Relu-Conv to 4 classes per pixel of an [N, 3, 8, 8] input, then an ArgMax over the
+    classes (class ids [N, 8, 8] out) or a Softmax over them."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["scores"], pads=[1, 1, 1, 1])]
+    inits = [("w1", (0.4 * rng.standard_normal((8, 3, 3, 3))).astype(np.float32)), ("b1", np.zeros(8, np.float32)),
+             ("w2", (0.4 * rng.standard_normal((4, 8, 3, 3))).astype(np.float32)), ("b2", np.zeros(4, np.float32))]
+    if head == "ArgMax":
+        nodes.append(helper.make_node("ArgMax", ["scores"], ["classes"], axis=1, keepdims=0))
+        out = ("classes", ["N", 8, 8], onnx.TensorProto.INT64)
+    else:
+        nodes.append(helper.make_node("Softmax", ["scores"], ["classes"], axis=1))
+        out = ("classes", ["N", 4, 8, 8])
+    return make_model(nodes, [("input", ["N", 3, 8, 8])], [out], inits)
+
+
+def test_a_class_map_is_distilled_per_position(tmp_path):
+    """A map whose ArgMax / Softmax names the class axis (a segmentation model's) is distilled by
+    the KL of each position's classes, mean over the samples and positions: the task metric's
+    per-position KL, blind to a shift of all of a position's logits (softmax is). Before, it was
+    the MSE of the logits. Labels per position read the classes on the axis the graph names
+    ([N, T, C] of a sequence as well as [N, C, H, W])."""
+    torch = pytest.importorskip("torch")
+    from onnxopt.torch.train import FinetuneConfig, finetune, label_loss, logit_distill_loss, logit_pairs
+
+    s, t = torch.randn(2, 4, 3, 5, dtype=torch.float64), torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    p, q = torch.softmax(t / 2, 1), torch.softmax(s / 2, 1)
+    by_hand = (p * torch.log(p / q)).sum(1).mean() * 4
+    assert float(logit_distill_loss(s, t, "ArgMax", 2.0, axis=1)) == pytest.approx(float(by_hand), rel=1e-9)
+    shifted = s + torch.randn(2, 1, 3, 5, dtype=torch.float64)   # every class of a position moved alike
+    assert float(logit_distill_loss(shifted, t, "Softmax", 2.0, axis=1)) == pytest.approx(float(by_hand), rel=1e-9)
+    seq, steps = torch.randn(2, 5, 4), torch.randint(0, 4, (2, 5))   # [N, T, C] with classes last
+    assert float(label_loss(seq, steps, "Softmax", axis=-1)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(seq.movedim(-1, 1), steps)), rel=1e-6)
+
+    for head in ("ArgMax", "Softmax"):
+        teacher = tiny_segmenter(head=head)
+        assert {k: (v.student, v.axis) for k, v in logit_pairs(teacher, teacher).items()} == {"classes": ("scores", 1)}
+        student = perturbed(teacher)
+        x = rand(32, 3, 8, 8, seed=99)
+
+        def position_kl(m):
+            from onnxopt import runtime
+            a, b = (runtime.run(runtime.session(runtime.with_outputs(k, ["scores"])), {"input": x})["scores"] for k in (teacher, m))
+            return float(logit_distill_loss(torch.from_numpy(b), torch.from_numpy(a), head, 1.0, axis=1))
+        res = finetune(student, open_ds(data_file(tmp_path), student), teacher=teacher,
+                       config=FinetuneConfig(epochs=6, lr=1e-2, batch_size=16, progress=False, log=lambda m: None, threads=1))
+        onnx.checker.check_model(res.model, full_check=True)
+        assert position_kl(res.model) < 0.3 * position_kl(student), head
+
+
 def _half(model):
     """``model`` exported in float16: weights, BN statistics, input and output."""
     out = onnx.ModelProto()

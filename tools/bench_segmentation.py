@@ -18,14 +18,20 @@ defaults with the per-position decisions switched off (the code before), all int
 agreement with fp32, mean IoU over the 11 classes (a mask: the 2) against the labels, violations of the target's
 check.
 
+``--finetune``: QAT instead (``onnxopt finetune --qat w8a8 --target T``, label-free distillation
+from the float model, every other setting the defaults), trained on the 200 training images and
+evaluated on the 600 test digits; the map's logits distilled per position (the KL of each pixel's
+classes, now) against the MSE of the logits (before), beside the all-int8 model it starts from.
+
     ONNXOPT_BENCH_CACHE=/tmp/SEG nice python tools/bench_segmentation.py [--task classes|mask]
-        [--targets ort,tensorrt,tidl] [--calibration held-out|train] [--json out.json]
+        [--targets ort,tensorrt,tidl] [--calibration held-out|train] [--finetune] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +157,62 @@ def run(targets: list, calibration: str, task: str) -> list:
     return rows
 
 
+class _MseDistillation:
+    """finetune before per-position distillation: a map's logits distilled by their MSE."""
+
+    def __enter__(self):
+        from onnxopt.torch import train
+        self.train, self.saved = train, train.logit_distill_loss
+        saved = self.saved
+        train.logit_distill_loss = lambda s, t, activation, temperature, axis=None: saved(s, t, activation, temperature)
+
+    def __exit__(self, *exc):
+        self.train.logit_distill_loss = self.saved
+
+
+def finetune_rows(targets: list, task: str, threads: int) -> list:
+    """QAT rows (module doc, ``--finetune``): all int8, then finetuned before / now, per target."""
+    import contextlib
+    import tempfile
+
+    import onnx
+
+    from onnxopt.cli import main as cli_main
+
+    mask = task == "mask"
+    model, cf, ef, labels = bench_peers._trained("segmentation", f"se_digits_segmentation{'_mask' if mask else ''}",
+                                                 lambda: segmenter(mask=mask))
+    ref = class_maps(model, ef)
+    rows = [{"task": task, "calibration": "train", "target": "fp32", "config": "-", "kept": None, "mac_share": 0.0,
+             "miou": mean_iou(ref, labels), "agreement": 100.0, "check": None}]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, data = Path(tmp) / "float.onnx", Path(tmp) / "train.npz"
+        onnx.save(model, src)
+        np.savez(data, input=np.concatenate([f["input"] for f in cf]))
+        for target in targets:
+            q, _, _, _ = bench_peers.quantize_as(model, cf, target, "all int8")
+            runs = [("all int8", q, 0.0)]
+            for config, ctx in (("QAT before (logit MSE)", _MseDistillation()), ("QAT now (KL per position)", contextlib.nullcontext())):
+                out = Path(tmp) / f"{target}.onnx"
+                t0 = time.perf_counter()
+                with ctx:
+                    try:
+                        cli_main(["finetune", str(src), "-o", str(out), "--data", str(data), "--qat", "w8a8", "--target", target,
+                                  "--threads", str(threads), "-q"])
+                    except SystemExit as exc:
+                        if exc.code:
+                            raise
+                runs.append((config, onnx.load(out), time.perf_counter() - t0))
+            for config, m, seconds in runs:
+                got = class_maps(m, ef)
+                row = {"task": task, "calibration": "train", "target": target, "config": config, "kept": None, "mac_share": 0.0,
+                       "miou": mean_iou(got, labels), "agreement": 100.0 * float(np.mean(got == ref)),
+                       "check": len(qcheck.check_model(m, target)), "seconds": round(seconds, 1)}
+                bench_peers.log(json.dumps(row))
+                rows.append(row)
+    return rows
+
+
 def markdown(rows: list) -> str:
     lines = ["| task | calibration | target | run | units kept (MAC share) | pixel agreement with fp32 | mean IoU | check violations |",
              "|---|---|---|---|---|---|---|---|"]
@@ -167,9 +229,13 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="ort,tensorrt,tidl")
     ap.add_argument("--calibration", default="held-out", choices=("held-out", "train"))
     ap.add_argument("--task", default="classes", choices=("classes", "mask"))
+    ap.add_argument("--finetune", action="store_true", help="QAT rows instead (module doc); --calibration is then train")
+    ap.add_argument("--threads", type=int, default=1, help="--finetune: torch threads")
     bench_peers.add_rows_options(ap)
     args = ap.parse_args(argv)
-    return bench_peers.rows_main(args, lambda: run(args.targets.split(","), args.calibration, args.task), markdown)
+    targets = args.targets.split(",")
+    rows = (lambda: finetune_rows(targets, args.task, args.threads)) if args.finetune else (lambda: run(targets, args.calibration, args.task))
+    return bench_peers.rows_main(args, rows, markdown)
 
 
 if __name__ == "__main__":

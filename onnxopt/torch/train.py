@@ -221,11 +221,14 @@ def load_user_loss(spec: str) -> Callable:
 class _Logits:
     """A graph output written by a final Softmax/LogSoftmax/Sigmoid or ArgMax/TopK: the tensors
     before it in the student and in the teacher (each found on its own graph: a quantized student's
-    may be a dequantized copy), distilled and trained on instead of the probabilities or class ids."""
+    may be a dequantized copy), distilled and trained on instead of the probabilities or class ids.
+    ``axis``: the classes' axis a Softmax / LogSoftmax / ArgMax names (:func:`onnxopt.task_metric.class_axes`),
+    None for a Sigmoid or a TopK."""
     output: str
     student: str
     teacher: Optional[str]
     activation: str
+    axis: Optional[int] = None
 
 
 def logit_pairs(model: ModelProto, teacher: Optional[ModelProto]) -> dict:
@@ -233,7 +236,7 @@ def logit_pairs(model: ModelProto, teacher: Optional[ModelProto]) -> dict:
     or ArgMax/TopK (:func:`onnxopt.task_metric.logit_tensors`); the teacher's tensor is None without
     a teacher, or when its output is not written by the same op (then the output itself is
     distilled, where it is a float tensor)."""
-    mine = task_metric.logit_tensors(model)
+    mine, axes = task_metric.logit_tensors(model), task_metric.class_axes(model)
     theirs = task_metric.logit_tensors(teacher) if teacher is not None else {}
     pairs = {}
     for name, (tensor, act) in mine.items():
@@ -241,32 +244,43 @@ def logit_pairs(model: ModelProto, teacher: Optional[ModelProto]) -> dict:
         # divided by T is nearly uniform (its KL moves the student ~2x less), and class ids have no gradient
         if act in task_metric.LOGIT_READERS and tensor != name:
             t_tensor, t_act = theirs.get(name, (None, None))
-            pairs[name] = _Logits(name, tensor, t_tensor if t_act == act else None, act)
+            pairs[name] = _Logits(name, tensor, t_tensor if t_act == act else None, act, axes.get(name))
     return pairs
 
 
-def logit_distill_loss(s: torch.Tensor, t: torch.Tensor, activation: str, temperature: float) -> torch.Tensor:
+def logit_distill_loss(s: torch.Tensor, t: torch.Tensor, activation: str, temperature: float,
+                       axis: Optional[int] = None) -> torch.Tensor:
     """T^2 KL between the teacher's and the student's distributions at temperature T, on logits:
-    softmax over classes ([N, C]) for a Softmax/LogSoftmax, each label's Bernoulli (summed over the
-    labels, mean over the samples) for a Sigmoid; MSE of the logits for other shapes of a Softmax."""
+    softmax over the classes for a Softmax/LogSoftmax/ArgMax (``[N, C]``; a map's ``axis``: summed
+    over the classes, mean over the samples and positions, the task metric's per-position KL), each
+    label's Bernoulli (summed over the labels, mean over the samples) for a Sigmoid; otherwise
+    :func:`distill_loss` (MSE of the logits where no class axis is known)."""
     T = temperature
     if activation == "Sigmoid":
         ls, lt = F.logsigmoid(s / T), F.logsigmoid(t / T)
         l1s, l1t = F.logsigmoid(-s / T), F.logsigmoid(-t / T)
         kl = lt.exp() * (lt - ls) + l1t.exp() * (l1t - l1s)
         return kl.reshape(kl.shape[0], -1).sum(1).mean() * T * T if kl.dim() else kl * T * T
+    if axis is not None and s.dim() > 2 and s.shape[axis] > 1:
+        # each position's classes are a distribution of their own (a segmentation map's pixels):
+        # an MSE of the logits would also chase the shifts a softmax ignores
+        ls, lt = F.log_softmax(s / T, dim=axis), F.log_softmax(t / T, dim=axis)
+        return (lt.exp() * (lt - ls)).sum(axis).mean() * T * T
     return distill_loss(s, t, temperature)
 
 
-def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str], axis: Optional[int] = None) -> torch.Tensor:
     """Cross entropy of class labels ``y`` on ``logits``; for a Sigmoid's labels, binary cross
     entropy against ``y`` itself (one label: 0 / 1) or its one-hot (one-vs-rest labels). Labels
-    with a class per position (``[N, H, W]``, a segmentation map's) train each position: the
-    classes on axis 1 of the logits (IGNORED_LABEL skipped), a Sigmoid mask's 0 / 1 per element."""
+    with a class per position (``[N, H, W]``, a segmentation map's; ``[N, T]`` of a sequence) train
+    each position: the classes on the logits' ``axis`` (1 unless the graph names another;
+    IGNORED_LABEL skipped), a Sigmoid mask's 0 / 1 per element."""
     if y.dim() == 2 and activation != "Sigmoid" and tuple(y.shape) == tuple(logits.shape):
         return F.cross_entropy(logits, y.argmax(1))   # one-hot labels (Keras' to_categorical): their classes
     if y.dim() > 1:
         mask = activation == "Sigmoid"
+        if not mask and axis is not None and logits.dim() > 2:
+            logits = logits.movedim(axis, 1)   # cross_entropy reads the classes on axis 1 ([N, T, C] -> [N, C, T])
         fits = logits.numel() == y.numel() if mask else tuple(logits.shape[:1]) + tuple(logits.shape[2:]) == tuple(y.shape)
         if not fits:
             raise DataError(f"labels of shape {list(y.shape)} do not fit the model's scores {list(logits.shape)}.",
@@ -381,7 +395,8 @@ class _Run:
                         distilled.add(self.logits[name].student)
                         s_l = student.captured[self.logits[name].student]
                         loss = loss + cfg.distill_weight * logit_distill_loss(s_l, t_logits[name].to(s_l.dtype),
-                                                                              self.logits[name].activation, cfg.temperature)
+                                                                              self.logits[name].activation, cfg.temperature,
+                                                                              self.logits[name].axis)
                     continue
                 if not s_o.is_floating_point():   # ids or counts with no logits found before them: nothing to learn from
                     continue
@@ -392,7 +407,7 @@ class _Run:
         if y is not None:
             first = self.logits.get(student.output_names[0])
             scores = student.captured[first.student] if first is not None else out[0]
-            loss = loss + cfg.label_weight * label_loss(scores, y, first.activation if first is not None else None)
+            loss = loss + cfg.label_weight * label_loss(scores, y, *((first.activation, first.axis) if first is not None else (None,)))
         if self.user_loss is not None:
             loss = loss + self.user_loss(out, t_out, y, dict(zip(student.input_names, xs)))
         return loss
