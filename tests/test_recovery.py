@@ -501,3 +501,47 @@ def test_fallback_output_is_the_same_bytes_in_every_process(tmp_path):
                              env=dict(os.environ, PYTHONHASHSEED=seed))
         digests.add(out.stdout.strip().splitlines()[-1])
     assert len(digests) == 1, digests
+
+
+def _spread_channels_map(seed=0):
+    """1x1 conv -> Relu -> depthwise 3x3 -> 1x1 conv, a raw [N, 16, 8, 8] map out (no decision).
+    The first conv spreads its channels' ranges over three decades and the depthwise conv scales
+    them back, so per-tensor quantization of the depthwise input alone loses the small channels
+    (YOLOX-nano's stem, where one depthwise conv made 89 % of the output noise)."""
+    rng = np.random.default_rng(seed)
+    spread = np.logspace(-2, 1, 16).astype(np.float32)
+    w1 = (rng.standard_normal((16, 16, 1, 1)) * 0.3).astype(np.float32) * spread[:, None, None, None]
+    dw = (rng.standard_normal((16, 1, 3, 3)) * 0.3).astype(np.float32) / spread[:, None, None, None]
+    w3 = (rng.standard_normal((16, 16, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="pointwise1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "dw"], ["c2"], group=16, pads=[1, 1, 1, 1], name="depthwise"),
+             helper.make_node("Conv", ["c2", "w3"], ["out"], name="pointwise2")]
+    return make_model(nodes, [("x", ["N", 16, 8, 8])], [("out", ["N", 16, 8, 8])], [("w1", w1), ("dw", dw), ("w3", w3)])
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_a_unit_making_most_of_the_noise_of_outputs_without_a_decision_is_kept(target):
+    """No output takes a decision (a raw map), so the agreement budget holds nothing. The unit
+    that alone makes at least half of the all-quantized noise, and removes more of it than its
+    share of the MACs, stays in float; before, every such model was written all int8."""
+    from onnxopt.quant.recovery.fallback import dominant_units, worth_keeping
+
+    m = _spread_channels_map()
+    feeds = [{"x": rand(4, 16, 8, 8, seed=s)} for s in range(8)]
+    logs = []
+    q, rep = onnxopt.apply(m, "qdq", {"qdq": {"target": target}}, context=PassContext(data=lambda: iter(feeds), log=logs.append),
+                           verify=False)
+    fb = rep.passes[-1].extra["recovery"]["fallback"]
+    assert fb["high_precision_layers"] == ["depthwise"] and fb["dominant_units"], fb
+    assert fb["sqnr_db_after"] > fb["sqnr_db_before"] + 3 and "no output takes a decision" in fb["note"]
+    assert "kept the units that alone make half the output noise" in next(line for line in logs if line.startswith("fallback: "))
+    onnx.checker.check_model(q, full_check=True)
+    none, rep_none = onnxopt.apply(m, "qdq", {"qdq": {"target": target, "fallback": "none"}},
+                                   context=PassContext(data=lambda: iter(feeds)), verify=False)
+    held = [{"x": rand(4, 16, 8, 8, seed=100 + s)} for s in range(4)]
+    assert _err(m, q, rep.passes[-1].extra["info"], held) < 0.5 * _err(m, none, rep_none.passes[-1].extra["info"], held)
+    # two like units each make half the noise; keeping both is the float model, not worth it
+    assert dominant_units({"a": 0.5, "b": 0.5, "c": 0.1}, 1.0) == ["a", "b"]
+    assert not worth_keeping(1.0, 0.0, 1.0) and worth_keeping(1.0, 0.3, 0.05) and not worth_keeping(0.0, 0.0, 0.0)
+    assert dominant_units({"a": 0.0}, 0.0) == []   # an exact model: nothing to win

@@ -139,7 +139,9 @@ class RecoveryOptions(PassOptions):
     fallback: str = option("auto", "automatic mixed precision: auto = keep the fewest most sensitive layers in higher "
                            "precision (TensorRT: no Q/DQ, fp16 in an fp16 build; TIDL: 16-bit; ort: float) until the "
                            "budget (max_agreement_loss at agreement_confidence, max_error) holds on the calibration "
-                           "data (or apply's --check-data); none = every layer quantized", ("none", "auto"))
+                           "data (or apply's --check-data); where no output takes a decision and max_error is unset, "
+                           "only the units that alone make half the output noise or more, when they remove more of it "
+                           "than their share of the MACs; none = every layer quantized", ("none", "auto"))
     max_agreement_loss: float = option(1.0, "fallback=auto budget: agreement points with the float model lost on "
                                        "classifier outputs (the top-1 class; a final Sigmoid's every label; each position's class "
                                        "of a map ended by an ArgMax/Softmax over its classes), measured on "
@@ -158,7 +160,7 @@ class RecoveryOptions(PassOptions):
                                  "precision where the images are new to the model (docs/benchmarks.md)",
                                  ("calibration", "shifted"))
     max_error: float = option(0.0, "fallback=auto budget: relative L2 error of every output's logits vs float (0 = unset); "
-                              "the only budget on non-classifier outputs (detectors)")
+                              "the only budget on outputs that take no decision (detectors' raw heads, regressions)")
     fallback_precision: str = option("auto", "precision of fallback layers: auto (int16 on tidl, float elsewhere), float, "
                                      "int16", ("auto", "float", "int16"))
     rounding: str = option("nearest", "PTQ recovery: weight rounding: nearest, adaround (learned per layer, NumPy) or "

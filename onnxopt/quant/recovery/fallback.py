@@ -152,6 +152,17 @@ def fewest(task, n: int, budget) -> Optional[int]:
     return hi
 
 
+# what the agreement budget reads, for the note when no output has it
+NO_DECISION = ("no output takes a decision (class scores [N, C], a Sigmoid's [N, C] / [N] labels, or a map whose "
+               "ArgMax/Softmax names its class axis; an output of features, e.g. an L2-normalized embedding, is none)")
+# when no output takes a decision, the units that alone (every other unit in float) make at least
+# this share of the all-quantized model's output noise are kept in high precision, if they remove
+# more of the noise than their share of the MACs (:func:`worth_keeping`): a few cheap units that
+# cause most of it (two on one path: the same channels quantized twice)
+DOMINANT_NOISE_SHARE = 0.5
+SCREEN_SAMPLES = 1   # the samples every unit is screened on (find_dominant_units)
+
+
 def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, measure_latency: bool = True,
                   evaluator: Optional[TaskEvaluator] = None, own_data: bool = False,
                   checked_on: Optional[str] = None) -> tuple:
@@ -191,10 +202,21 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         return cache[key]
 
     n_layers = len(view.layers) + len(acts)
-    order = [] if full.within(budget) else rank_units(view, acts, ev, min(FALLBACK_SAMPLES, ev.samples))
-    k = fewest(lambda k: error(order[:k]), len(order), budget)
+    # no output takes a decision (a detector's raw head, a regression) and no qdq.max_error was given:
+    # nothing says how much output noise matters, but a unit that alone causes most of it is kept
+    # (YOLOX-nano: one depthwise conv, 0.3 % of the MACs, 89 % of the output noise on TensorRT)
+    dominant = uses_agreement and not full.classifier and budget.max_rel_error <= 0
+    ranked = min(FALLBACK_SAMPLES, ev.samples)
+    if dominant:
+        order = find_dominant_units(view, acts, ev, ranked)
+        k = len(order)
+        if k and not worth_keeping(full.objective(), error(order, complete=True).objective(), _mac_share(qmodel, view, order)):
+            k = 0
+    else:
+        order = [] if full.within(budget) else rank_units(view, acts, ev, ranked)
+        k = fewest(lambda k: error(order[:k]), len(order), budget)
     by_count = None
-    if k is not None and k == n_layers and n_layers and budget.confidence > 0.5:
+    if k is not None and k == n_layers and n_layers and budget.confidence > 0.5 and not dominant:
         # every unit in high precision is the float model, not the quantized one asked for: when
         # the all-quantized model meets the budget on the count itself and only the confidence
         # bound asked for more (one disagreement of 256 samples is 1.02 points at 0.84), the
@@ -218,11 +240,11 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
            "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache) + (n_layers if order else 0),
            "high_precision_mac_share": _mac_share(qmodel, view, chosen),
            "samples": ev.samples, "checked_on": checked_on}
-    if uses_agreement and not full.classifier:
-        rep["note"] = ("no classifier output (class scores [N, C], a Sigmoid's [N, C] / [N] labels, or a map whose "
-                       "ArgMax/Softmax names its class axis; an output of features, e.g. an L2-normalized embedding, "
-                       "is none): the agreement budget does not apply; "
-                       "set qdq.max_error (relative error of the outputs' logits) for a budget on these outputs")
+    if dominant:
+        rep["dominant_units"] = True
+        rep["note"] = (f"{NO_DECISION}: the agreement budget does not apply; kept the units that alone make at least "
+                       f"{DOMINANT_NOISE_SHARE:.0%} of the all-quantized outputs' noise; set qdq.max_error (relative error "
+                       "of the outputs) for a budget on these outputs")
     if not met:
         rep["note"] = ("the budget is not reachable by keeping weighted layers in high precision "
                        "or activations in float")
@@ -248,9 +270,13 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     samples = None if any(o.decision == POSITIONS for o in full.outputs) else ev.samples
     warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, samples,
                                 own_data, slower)
-    share = f" ({100 * rep['high_precision_mac_share']:.0f} % of the MACs)" if chosen else ""
+    pct = 100 * rep["high_precision_mac_share"]
+    share = f" ({pct:.0f} % of the MACs)" if chosen and pct >= 1 else f" ({pct:.1g} % of the MACs)" if chosen else ""
+    held = ("no output takes a decision: kept the units that alone make half the output noise or more; "
+            "qdq.max_error sets a budget"
+            if dominant else f"budget {budget.describe()}{'' if met else ', NOT met'}")
     log(f"fallback: {len(chosen)} of {n_layers} unit(s) kept in {precision}{share}{_named(chosen)}; "
-        f"{full.summary()} -> {after.summary()} (budget {budget.describe()}{'' if met else ', NOT met'}; "
+        f"{full.summary()} -> {after.summary()} ({held}; "
         f"{ev.samples} samples{'' if checked_on == 'calibration data' else ' of the ' + checked_on})")
     if by_count is not None:
         log(rep["met_on_count"])
@@ -310,12 +336,49 @@ def unit_variant(view: QdqView, acts: dict, chosen: list, fold: bool = True):
                         fold_weights=fold)
 
 
+def unit_scores(view: QdqView, acts: dict, ev: TaskEvaluator, samples: int, units: Optional[list] = None) -> dict:
+    """{unit: the task objective with only that unit quantized}, for ``units`` (default: every unit,
+    layers then ``acts``), on the first ``samples`` samples of ``ev``."""
+    units = list(view.layers) + list(acts) if units is None else units
+    return {u: ev.error(view.only_activation(acts[u]) if u in acts else view.only_layer(u), samples).objective() for u in units}
+
+
 def rank_units(view: QdqView, acts: dict, ev: TaskEvaluator, samples: int) -> list:
-    """Every unit (layers, then ``acts``), most sensitive first: the task objective with only that
-    unit quantized, on the first ``samples`` samples of ``ev``."""
-    scores = {name: ev.error(view.only_layer(name), samples).objective() for name in view.layers}
-    scores.update({u: ev.error(view.only_activation(t), samples).objective() for u, t in acts.items()})
+    """Every unit, most sensitive first (:func:`unit_scores`)."""
+    scores = unit_scores(view, acts, ev, samples)
     return sorted(scores, key=lambda u: -scores[u])
+
+
+def worth_keeping(noise_before: float, noise_after: float, mac_share: float) -> bool:
+    """Whether units kept in high precision when no output takes a decision pay for themselves:
+    the share of the output noise they remove exceeds their share of the MACs (on a model of two
+    like layers, each makes half the noise, and keeping both is the float model)."""
+    return noise_before > 0 and (1 - noise_after / noise_before) > mac_share
+
+
+def dominant_units(scores: dict, whole: float, share: float = DOMINANT_NOISE_SHARE) -> list:
+    """The units kept in high precision when no output takes a decision, most sensitive first: those
+    whose noise alone (``scores``, :func:`unit_scores`) is at least ``share`` of ``whole``, the
+    all-quantized model's on the same samples (none when that is zero: nothing to win)."""
+    if not whole > 0:
+        return []
+    return sorted((u for u, v in scores.items() if v >= share * whole), key=lambda u: -scores[u])
+
+
+def find_dominant_units(view: QdqView, acts: dict, ev: TaskEvaluator, samples: int) -> list:
+    """:func:`dominant_units` on the first ``samples`` samples, among the units that make at least
+    half that share of the noise on the first SCREEN_SAMPLES: every unit is a model run, and YOLOX-nano
+    has 148 units on TensorRT and 378 on ort (their activation Q/DQ pairs), so each is screened on
+    one sample (a unit that makes most of the noise does so on every image of these models:
+    tools/bench_no_decision.py) and the few left are measured on all ``samples``."""
+    def whole(n):
+        return ev.error(view.variant(fold_weights=True), n).objective()
+    screen = min(SCREEN_SAMPLES, samples)
+    scores, noise = unit_scores(view, acts, ev, screen), whole(screen)
+    candidates = dominant_units(scores, noise, DOMINANT_NOISE_SHARE / 2)
+    if candidates and screen < samples:
+        scores, noise = unit_scores(view, acts, ev, samples, candidates), whole(samples)
+    return dominant_units({u: scores[u] for u in candidates}, noise)
 
 
 def _mac_share(qmodel, view: QdqView, chosen: list) -> float:
