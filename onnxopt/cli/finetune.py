@@ -88,7 +88,8 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
 
     By default label-free distillation from --teacher (KL on classifier logits, L2 otherwise;
     an output written by a final Softmax/Sigmoid/ArgMax is trained on the logits before it, a
-    Sigmoid's labels each by their Bernoulli KL); with labels (a class per sample, or per pixel
+    Sigmoid's labels each by their Bernoulli KL, a segmentation map's positions each by the KL
+    over their classes); with labels (a class per sample, or per pixel
     of a segmentation map) or --loss, supervised as well. With --qat wXaY a float MODEL is
     quantized by the qdq pass and trained with fake quantization (STE; learnable scales). The written model's
     onnxruntime output is checked against the trained torch module.
