@@ -407,7 +407,8 @@ class _Run:
         if y is not None:
             first = self.logits.get(student.output_names[0])
             scores = student.captured[first.student] if first is not None else out[0]
-            loss = loss + cfg.label_weight * label_loss(scores, y, *((first.activation, first.axis) if first is not None else (None,)))
+            act, axis = (first.activation, first.axis) if first is not None else (None, None)
+            loss = loss + cfg.label_weight * label_loss(scores, y, act, axis)
         if self.user_loss is not None:
             loss = loss + self.user_loss(out, t_out, y, dict(zip(student.input_names, xs)))
         return loss

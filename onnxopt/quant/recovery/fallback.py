@@ -13,7 +13,10 @@ understates the held-out loss. Each unit -- a layer (weight + input activation) 
 Q/DQ pair that feeds no layer (residual Add, SE Mul) -- is ranked by the task objective with only
 it quantized, then the fewest most sensitive units that meet the budget go back to float (found by
 doubling and bisection over the ranking; a check that misses the budget stops at the sample that
-decides it). With ``fallback_precision=int16`` on TIDL the layers are left float in the ONNX graph
+decides it). Where no output takes a decision (a detector's raw head, a regression, an embedding)
+the agreement budget holds nothing; without ``max_error`` only the units that alone make half the
+output noise or more are kept, when they remove more of it than their share of the MACs
+(:func:`find_dominant_units`, :func:`worth_keeping`). With ``fallback_precision=int16`` on TIDL the layers are left float in the ONNX graph
 (TIDL reads pre-quantized models as 8-bit only) and reported as TIDL's ``params_16bit_names_list``
 / ``output_feature_16bit_names_list`` import options; other targets have no 16-bit QDQ path here
 (TensorRT has no int16) and refuse it. The report lists the layers kept in high precision, their
@@ -237,7 +240,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
            "agreement_bound_after": worst_bound(after, budget.confidence),
            "task_before": full.summary(), "task_after": after.summary(),
            "sqnr_db_before": round(sqnr_db(full.rel_error), 3), "sqnr_db_after": round(sqnr_db(after.rel_error), 3),
-           "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache) + (n_layers if order else 0),
+           "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache) + (n_layers if order or dominant else 0),
            "high_precision_mac_share": _mac_share(qmodel, view, chosen),
            "samples": ev.samples, "checked_on": checked_on}
     if dominant:
