@@ -545,3 +545,8 @@ def test_a_unit_making_most_of_the_noise_of_outputs_without_a_decision_is_kept(t
     assert dominant_units({"a": 0.5, "b": 0.5, "c": 0.1}, 1.0) == ["a", "b"]
     assert not worth_keeping(1.0, 0.0, 1.0) and worth_keeping(1.0, 0.3, 0.05) and not worth_keeping(0.0, 0.0, 0.0)
     assert dominant_units({"a": 0.0}, 0.0) == []   # an exact model: nothing to win
+    # kept units holding most of the MACs: the warning names what kept them, not an agreement budget
+    from onnxopt.quant.recovery.fallback import _fallback_warning
+    from onnxopt.task_metric import Budget
+    line = _fallback_warning(True, 1, 4, 0.6, Budget(max_agreement_loss=1.0, confidence=0.84), "float", 8, dominant=True)
+    assert "no output takes a decision" in line and "60 % of the MACs" in line and "max_agreement_loss" not in line

@@ -272,7 +272,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     # a map's positions are what its budget counts, not the samples: the hint then gives no sample counts
     samples = None if any(o.decision == POSITIONS for o in full.outputs) else ev.samples
     warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, samples,
-                                own_data, slower)
+                                own_data, slower, dominant)
     pct = 100 * rep["high_precision_mac_share"]
     share = f" ({pct:.0f} % of the MACs)" if chosen and pct >= 1 else f" ({pct:.1g} % of the MACs)" if chosen else ""
     held = ("no output takes a decision: kept the units that alone make half the output noise or more; "
@@ -419,7 +419,7 @@ def allowed_disagreements(budget_pts: float, samples: int, confidence: float) ->
 
 
 def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget, precision: str, samples: Optional[int],
-                      own_data: bool = False, slower: Optional[str] = None):
+                      own_data: bool = False, slower: Optional[str] = None, dominant: bool = False):
     """One line when the fallback does not give the quantized model asked for: the budget cannot
     be met or leaves nothing quantized (e.g. W4A4, where every layer alone costs more than a
     point), it is met only with most of the MACs in high precision, or (``slower``, the clause of
@@ -430,7 +430,8 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
     see a disagreement: the SE model of ``tools/bench_se_calib_count.py`` kept 1 unit on 200 images
     and 4 on 399), so the hint names what does, with the disagreements each setting allows on these
     samples (``own_data``: the samples are the user's check data; ``samples`` None: the budget counts
-    a map's positions, and the hint gives no counts)."""
+    a map's positions, and the hint gives no counts; ``dominant``: no output takes a decision and
+    the units are :func:`find_dominant_units`', no budget's)."""
     if not met or (kept == units and units):
         what = "is not reachable" if not met else f"kept all {units} unit(s) in {precision}"
         return (f"WARNING: fallback=auto: the budget ({budget.describe()}) {what}, so the output is not the quantized model "
@@ -438,6 +439,10 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
                 "(qdq.max_error)")
     if mac_share <= COSTLY_MAC_SHARE and not slower:
         return None
+    if dominant:
+        return (f"WARNING: fallback=auto: no output takes a decision, and the units that make most of its noise are {kept} "
+                f"of {units}, {100 * mac_share:.0f} % of the MACs, kept in {precision}{', and ' + slower if slower else ''}; "
+                "for a more quantized model --set qdq.fallback=none, or budget the outputs' error with qdq.max_error")
     which = "--check-data samples" if own_data else "calibration samples"
     if math.isfinite(budget.max_agreement_loss) and samples is None:
         hint = "allow more disagreement: a larger qdq.max_agreement_loss (the share of positions whose decision may change), or "
