@@ -273,8 +273,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     samples = None if any(o.decision == POSITIONS for o in full.outputs) else ev.samples
     warning = _fallback_warning(met, len(chosen), n_layers, rep["high_precision_mac_share"], budget, precision, samples,
                                 own_data, slower, dominant)
-    pct = 100 * rep["high_precision_mac_share"]
-    share = f" ({pct:.0f} % of the MACs)" if chosen and pct >= 1 else f" ({pct:.1g} % of the MACs)" if chosen else ""
+    share = f" ({_percent(rep['high_precision_mac_share'])} of the MACs)" if chosen else ""
     held = ("no output takes a decision: kept the units that alone make half the output noise or more; "
             "qdq.max_error sets a budget"
             if dominant else f"budget {budget.describe()}{'' if met else ', NOT met'}")
@@ -295,6 +294,12 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
 
 
 LISTED_UNITS = 8   # the console names this many units kept; the report lists them all
+
+
+def _percent(share: float) -> str:
+    """``34 %``, or ``0.3 %`` below one percent (a unit or two of a large model is not 0 %)."""
+    pct = 100 * share
+    return f"{pct:.0f} %" if pct >= 1 or pct == 0 else f"{pct:.1g} %"
 
 
 def _named(chosen: list) -> str:
@@ -441,7 +446,7 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
         return None
     if dominant:
         return (f"WARNING: fallback=auto: no output takes a decision, and the units that make most of its noise are {kept} "
-                f"of {units}, {100 * mac_share:.0f} % of the MACs, kept in {precision}{', and ' + slower if slower else ''}; "
+                f"of {units}, {_percent(mac_share)} of the MACs, kept in {precision}{', and ' + slower if slower else ''}; "
                 "for a more quantized model --set qdq.fallback=none, or budget the outputs' error with qdq.max_error")
     which = "--check-data samples" if own_data else "calibration samples"
     if math.isfinite(budget.max_agreement_loss) and samples is None:
