@@ -77,6 +77,11 @@ def embeddings(model, feeds) -> np.ndarray:
     return np.concatenate([sess.run(["embedding"], f)[0].reshape(len(next(iter(f.values()))), -1) for f in feeds])
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine between each row of ``a`` and the same row of ``b`` (float and quantized embeddings)."""
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def retrieval(e: np.ndarray, labels) -> tuple:
     """(nearest other image of each, leave-one-out 1-NN top-1 %; None without labels or with one
     image per class, as in the ImageNet folder)."""
@@ -110,7 +115,7 @@ def run(name: str, targets: list) -> list:
             seconds = time.perf_counter() - t0
             fb = (report.passes[-1].extra.get("recovery") or {}).get("fallback") or {}
             got = embeddings(q, ef)
-            cos = np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+            cos = cosines(ref, got)
             nn, acc = retrieval(got, labels)
             row = {"model": name, "target": target, "read_as": read_as, "kept": len(fb.get("high_precision_layers", [])),
                    "mac_share": fb.get("high_precision_mac_share", 0.0),

@@ -97,7 +97,7 @@ def yolox_rows(targets: list) -> list:
 
 def embedding_rows(name: str, targets: list) -> list:
     import onnx
-    from bench_embedding import embedding_model, embeddings, retrieval
+    from bench_embedding import cosines, embedding_model, embeddings, retrieval
 
     path, cf, ef, labels, _, _ = bench_peers.prepare(name)
     model = embedding_model(onnx.load(str(path)))
@@ -108,7 +108,7 @@ def embedding_rows(name: str, targets: list) -> list:
         for before in (True, False):
             q, row = quantize(model, cf, target, before)
             got = embeddings(q, ef)
-            cos = np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+            cos = cosines(ref, got)
             row.update({"model": f"{name} embedding", "cos_mean": float(cos.mean()),
                         "nn_agreement": 100.0 * float(np.mean(retrieval(got, labels)[0] == ref_nn))})
             bench_peers.log(json.dumps(row))

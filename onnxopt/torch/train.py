@@ -251,22 +251,16 @@ def logit_pairs(model: ModelProto, teacher: Optional[ModelProto]) -> dict:
 def logit_distill_loss(s: torch.Tensor, t: torch.Tensor, activation: str, temperature: float,
                        axis: Optional[int] = None) -> torch.Tensor:
     """T^2 KL between the teacher's and the student's distributions at temperature T, on logits:
-    softmax over the classes for a Softmax/LogSoftmax/ArgMax (``[N, C]``; a map's ``axis``: summed
-    over the classes, mean over the samples and positions, the task metric's per-position KL), each
-    label's Bernoulli (summed over the labels, mean over the samples) for a Sigmoid; otherwise
-    :func:`distill_loss` (MSE of the logits where no class axis is known)."""
+    each label's Bernoulli (summed over the labels, mean over the samples) for a Sigmoid; else the
+    softmax over the classes of :func:`distill_loss` (``[N, C]``, or a map's class ``axis``; MSE
+    of the logits where no class axis is known)."""
     T = temperature
     if activation == "Sigmoid":
         ls, lt = F.logsigmoid(s / T), F.logsigmoid(t / T)
         l1s, l1t = F.logsigmoid(-s / T), F.logsigmoid(-t / T)
         kl = lt.exp() * (lt - ls) + l1t.exp() * (l1t - l1s)
         return kl.reshape(kl.shape[0], -1).sum(1).mean() * T * T if kl.dim() else kl * T * T
-    if axis is not None and s.dim() > 2 and s.shape[axis] > 1:
-        # each position's classes are a distribution of their own (a segmentation map's pixels):
-        # an MSE of the logits would also chase the shifts a softmax ignores
-        ls, lt = F.log_softmax(s / T, dim=axis), F.log_softmax(t / T, dim=axis)
-        return (lt.exp() * (lt - ls)).sum(axis).mean() * T * T
-    return distill_loss(s, t, temperature)
+    return distill_loss(s, t, temperature, axis=axis)
 
 
 def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str], axis: Optional[int] = None) -> torch.Tensor:
@@ -296,12 +290,18 @@ def label_loss(logits: torch.Tensor, y: torch.Tensor, activation: Optional[str],
     return F.binary_cross_entropy_with_logits(flat, target)
 
 
-def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, class_scores: bool = True) -> torch.Tensor:
-    """T^2 KL on classifier logits ([N, C], C > 1, unless ``class_scores`` is false: an embedding
-    or other features, see :data:`onnxopt.task_metric.FEATURES`), MSE otherwise."""
-    if class_scores and s.dim() == 2 and s.shape[1] > 1:
+def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, class_scores: bool = True,
+                 axis: Optional[int] = None) -> torch.Tensor:
+    """T^2 KL of the softmaxes over the classes, summed over the classes and averaged over the rest:
+    classifier logits ([N, C], C > 1), or a map's class ``axis`` (a segmentation map's pixels, each
+    a distribution of its own: the task metric's per-position KL; an MSE would also chase the shifts
+    a softmax ignores); MSE otherwise, and for features (``class_scores`` false: an embedding, see
+    :data:`onnxopt.task_metric.FEATURES`)."""
+    axis = 1 if axis is None and s.dim() == 2 else axis
+    if class_scores and axis is not None and s.dim() >= 2 and s.shape[axis] > 1:
         T = temperature
-        return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True) * T * T
+        ls, lt = F.log_softmax(s / T, dim=axis), F.log_softmax(t / T, dim=axis)
+        return (lt.exp() * (lt - ls)).sum(axis).mean() * T * T
     return F.mse_loss(s, t)
 
 

@@ -460,5 +460,5 @@ def _fallback_warning(met: bool, kept: int, units: int, mac_share: float, budget
     else:
         hint = "give a larger qdq.max_error, or "
     return (f"WARNING: fallback=auto: the budget ({budget.describe()}) keeps {kept} of {units} unit(s), "
-            f"{100 * mac_share:.0f} % of the MACs, in {precision}{', and ' + slower if slower else ''}; "
+            f"{_percent(mac_share)} of the MACs, in {precision}{', and ' + slower if slower else ''}; "
             f"for a {'faster, ' if slower else ''}more quantized model {hint}--set qdq.fallback=none")
