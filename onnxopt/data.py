@@ -454,8 +454,18 @@ class DataSource:
                 f"the model's inputs are: {', '.join(self._inputs)}")
         for name, arr in feed.items():
             want = self._inputs[name]
+            expected = ", ".join(str(d) if isinstance(d, int) else "?" for d in want["shape"])
+            if want["shape"] and want["shape"][0] != 1 and arr.ndim == len(want["shape"]) + 1 and arr.shape[0] == 1 and all(
+                    not isinstance(d, int) or d == a for d, a in zip(want["shape"], arr.shape[1:])):
+                # samples are fed stacked on axis 0; a model whose input is one whole sample ([C, H, W],
+                # [T, F]) has no axis to stack them on, and its output no sample axis to compare along
+                # (a leading fixed 1 is a batch axis: such data is one axis too deep, the error below)
+                raise DataError(
+                    f"input '{name}' has no batch axis: the model takes one sample as [{expected}], and onnxopt "
+                    "stacks samples on a leading batch axis, which this input lacks.",
+                    "export the model with a batch axis (torch: an example input with a leading batch dimension, "
+                    "marked dynamic), then run onnxopt on that export")
             if arr.ndim != len(want["shape"]) or any(isinstance(d, int) and d != a for d, a in zip(want["shape"][1:], arr.shape[1:])):
-                expected = ", ".join(str(d) if isinstance(d, int) else "?" for d in want["shape"])
                 raise DataError(
                     f"sample {index} of '{self.spec.source}' gives input '{name}' the shape {list(arr.shape)}, "
                     f"but the model expects [{expected}].",

@@ -271,6 +271,24 @@ def test_wrong_shape(tmp_path):
         list(open_data(str(tmp_path / "x2.npy"), models.tiny_cnn()).samples())
 
 
+def test_a_model_without_a_batch_axis_is_refused_with_the_fix(tmp_path):
+    # input [3, 8, 8] is one whole sample: samples of it cannot be stacked on axis 0, and the
+    # data's natural layout [N, 3, 8, 8] used to end in a shape error naming the wrong cause
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "unbatched",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    np.save(tmp_path / "x.npy", _x(4))
+    with pytest.raises(DataError, match=r"input 'x' has no batch axis: the model takes one sample as \[3, 8, 8\]") as err:
+        open_data(str(tmp_path / "x.npy"), model).check()
+    assert "export the model with a batch axis" in err.value.hint
+    # a leading fixed 1 is a batch axis: data one axis too deep is a plain shape error
+    np.save(tmp_path / "x5.npy", _x(4)[:, None])
+    with pytest.raises(DataError, match=r"shape \[1, 1, 3, 8, 8\]"):
+        open_data(str(tmp_path / "x5.npy"), models.tiny_cnn(batch=1)).check()
+
+
 def test_wrong_dtype(tmp_path):
     np.savez(tmp_path / "d.npz", a=np.zeros((2, 4), np.float32), k=np.zeros((2, 4), np.float32))
     with pytest.raises(DataError, match="input 'k' is int64 but sample 0 is float32"):
