@@ -561,7 +561,9 @@ def compare_models(
                            main.get("ref_miou") if main else None),
         "candidate": _side(cand_model, cand_path, cand_size, latency["candidate"], main["cand_accuracy"] if main else None,
                            main.get("cand_miou") if main else None),
-        "data": {"source": inputs.source, "generated": data is None, "samples": num.seen, "labels": inputs.labels is not None},
+        "data": {"source": inputs.source, "generated": data is None, "samples": num.seen, "labels": inputs.labels is not None,
+                 # a class per position: [N, T] labels a sequence's tokens, [N, H, W] a map's pixels
+                 "label_dims": None if inputs.labels is None else int(inputs.labels.ndim)},
         "outputs": num.outputs,
         "task_error": num.task_error.to_dict(),
         "task_summary": num.task_error.summary(),

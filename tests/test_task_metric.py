@@ -634,6 +634,10 @@ def test_each_position_of_a_segmentation_map_is_a_decision(tmp_path):
         assert res[side]["accuracy"] == pytest.approx(np.mean(pred[keep] == truth[keep]))
         assert res[side]["miou"] == pytest.approx(miou(pred))
     assert res["reference"]["accuracy"] == pytest.approx(1 - 4 / 14)   # 4 of the 14 rows kept were moved
+    from onnxopt.cli.compare import render_compare
+    assert res["data"]["label_dims"] == 3 and "pixel accuracy" in render_compare(res)
+    res["data"]["label_dims"] = 2                                       # [N, T]: a sequence's tokens, no pixels
+    assert "position accuracy" in render_compare(res) and "pixel" not in render_compare(res)
     np.save(tmp_path / "crop.npy", truth[:, :5, :5])                     # labels of another size: said, not counted
     res = compare_models(m, all_int8, data=str(tmp_path / "x.npy"), labels=str(tmp_path / "crop.npy"), runs=0)
     assert res["reference"]["accuracy"] is None and any("do not match output 'classes'" in n for n in res["notes"])

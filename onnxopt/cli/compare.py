@@ -53,7 +53,8 @@ def render_compare(res: dict) -> str:
         rows.append((f"latency ms (median of {lat['runs']}, {lat['threads'] or 'default'} thr)",
                      f"{ref['latency']['median_ms']:.2f}", f"{cand['latency']['median_ms']:.2f}"))
     if ref["accuracy"] is not None and ref.get("miou") is not None:   # a class per position (segmentation)
-        rows.append(("pixel accuracy", _pct(ref["accuracy"]), _pct(cand["accuracy"])))
+        per = "pixel" if (d.get("label_dims") or 0) >= 3 else "position"   # [N, H, W] map, or [N, T] sequence
+        rows.append((f"{per} accuracy", _pct(ref["accuracy"]), _pct(cand["accuracy"])))
         rows.append(("mean IoU", _pct(ref["miou"]), _pct(cand["miou"])))
     elif ref["accuracy"] is not None:
         rows.append(("top-1 accuracy", _pct(ref["accuracy"]), _pct(cand["accuracy"])))
@@ -99,7 +100,8 @@ Exit codes: 0 all gates passed (or none given), 1/2 user error, 3 a gate failed.
 @click.argument("cand", type=click.Path(dir_okay=False))
 @click.option("--data", metavar="PATH", help="Inputs: .npy, .npz, image folder, file.py:function (default: generated inputs).")
 @click.option("--labels", metavar="PATH", help="Integer labels (.npy, or .npz with 'labels') for accuracy: a class per sample, or per "
-              "position ([N, H, W]: a segmentation map's pixel accuracy and mean IoU; 255 is ignored); default: the data's own labels.")
+              "position ([N, H, W]: a segmentation map's pixel accuracy and mean IoU; [N, T]: a sequence's accuracy per position; "
+              "255 is ignored); default: the data's own labels.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed single-sample runs per model for the median latency (0: skip).")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads for the latency runs (0: onnxruntime's default).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Batch size for the accuracy/error runs (a fixed model batch wins).")
@@ -108,7 +110,7 @@ Exit codes: 0 all gates passed (or none given), 1/2 user error, 3 a gate failed.
 @click.option("--max-latency-ms", type=float, default=None, help="Gate: candidate median latency at most this many ms.")
 @click.option("--min-agreement", type=float, default=None, help="Gate: agreement with the reference (top-1 class; a Sigmoid output's every label; a map's "
               "positions) at least this percentage (e.g. 99).")
-@click.option("--max-drop", type=float, default=None, help="Gate: accuracy drop (top-1, or pixel accuracy) at most this many points (needs labels).")
+@click.option("--max-drop", type=float, default=None, help="Gate: accuracy drop (top-1, or pixel / position accuracy) at most this many points (needs labels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (gates still set the exit code).")
 @image_options
 @input_shape_option
