@@ -122,7 +122,7 @@ def test_identical_models(tmp_path):
     (out,) = res["outputs"]
     assert out["max_abs"] == 0 and out["cosine"] == pytest.approx(1.0) and out["sqnr_db"] == math.inf
     assert out["top1_agreement"] == 1.0 and out["equal_fraction"] == 1.0 and out["classifier"]
-    assert res["data"] == {"source": str(path), "generated": False, "samples": 10, "labels": False}
+    assert res["data"] == {"source": str(path), "generated": False, "samples": 10, "labels": False, "label_dims": None}
     assert res["passed"] and res["gates"] == []
 
 
