@@ -170,6 +170,8 @@ class _OutputStats:
             raise OnnxoptError(
                 f"output '{self.name}' has shape {list(r.shape)} in the reference but {list(c.shape)} in the candidate.",
                 "the two models are not comparable on this output; check that CAND was derived from REF")
+        shape = r.shape
+        r, c = task_metric.as_scores(r), task_metric.as_scores(c)   # [N, C, 1, 1]: a classifier's [N, C] scores
         # (selected indices are no logits, and an embedding's argmax decides nothing)
         ids = self.class_ids and r.ndim in (1, 2) and r.size == (r.shape[0] if r.ndim else 1)
         # an ArgMax's map of class ids (a segmentation export): each position is a decision
@@ -179,7 +181,7 @@ class _OutputStats:
         is_cls = kind is not None
         self.classifier = is_cls if self.classifier is None else (self.classifier and is_cls)
         self.decision = kind if self.decision in (None, kind) else None
-        self.shape = list(r.shape) if self.shape is None else [a if a == b else None for a, b in zip(self.shape, r.shape)]
+        self.shape = list(shape) if self.shape is None else [a if a == b else None for a, b in zip(self.shape, shape)]
         r64, c64 = r.astype(np.float64, copy=False), c.astype(np.float64, copy=False)
         fr, fc = np.isfinite(r64), np.isfinite(c64)
         self.ref_nonfinite += int(r64.size - fr.sum())

@@ -81,6 +81,7 @@ def check_outputs(model: ModelProto, data: DataSource, samples: int = SAMPLES) -
             warnings.append(f"the float model's output '{name}' is the same for all {count} samples of the data "
                             f"(it does not depend on the input as read): {hint}")
             continue
+        y = task_metric.as_scores(y)   # [N, C, 1, 1] class scores as [N, C]
         if y.ndim == 2 and y.shape[1] > 1 and count >= MIN_SAMPLES and name not in no_classes:
             classes = np.unique(y.argmax(1))
             if len(classes) == 1:

@@ -295,6 +295,19 @@ def comparable_outputs(model: ModelProto) -> tuple:
 
 
 # ------------------------------------------------------------------------------ the numbers
+def scores_shape(shape: tuple) -> tuple:
+    """``[N, C, 1, ..., 1]`` as ``[N, C]``: a classifier that ends in a 1x1 conv without flattening
+    (Caffe2 and Caffe exports of the ONNX model zoo: DenseNet-121's ``[1, 1000, 1, 1]``) gives one
+    score per class and sample, as ``[N, C]`` does; any other shape unchanged."""
+    shape = tuple(shape)
+    return shape[:2] if len(shape) >= 3 and all(d == 1 for d in shape[2:]) else shape
+
+
+def as_scores(a: np.ndarray) -> np.ndarray:
+    """``a`` reshaped to :func:`scores_shape` (a view)."""
+    return a.reshape(scores_shape(a.shape)) if a.ndim >= 3 else a
+
+
 def decision_kind(shape: tuple, activation: Optional[str], axis: Optional[int] = None) -> Optional[str]:
     """What a sample decides on an output of ``shape`` (samples first) whose measured tensor is read
     by ``activation`` (:func:`logit_tensors`' op): :data:`LABELS` for a Sigmoid's ``[N, C]`` or
@@ -304,6 +317,7 @@ def decision_kind(shape: tuple, activation: Optional[str], axis: Optional[int] =
     where no decision is taken (features, what a selection reads, maps of values)."""
     if activation in DATA_DEPENDENT_SHAPE + (FEATURES,):
         return None
+    shape = scores_shape(shape)   # (callers read such an output through as_scores)
     if activation == "Sigmoid":   # more axes: a mask, each element its own yes/no (no class axis)
         return LABELS if len(shape) in (1, 2) else POSITIONS
     if len(shape) == 2:
@@ -521,7 +535,7 @@ class Accumulator:
         """``ref`` and ``cand``: one array per name, in the order of ``names``."""
         for name, r, c in zip(self.names, ref, cand):
             st = self.s[name]
-            r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
+            r64, c64 = as_scores(np.asarray(r, np.float64)), as_scores(np.asarray(c, np.float64))
             if r64.shape != c64.shape:
                 raise OnnxoptError(f"output '{name}' has shape {list(r64.shape)} in the reference but {list(c64.shape)} in the candidate.",
                                    "the two models are not comparable on this output")

@@ -116,6 +116,8 @@ def test_an_embedding_model_is_distilled_by_its_distance_to_the_teacher(tmp_path
     torch = pytest.importorskip("torch")
     s, t = torch.randn(4, 10), torch.randn(4, 10)
     assert float(distill_loss(s, t, 4.0, class_scores=False)) == pytest.approx(float(torch.mean((s - t) ** 2)))
+    # [N, C, 1, 1] scores (a classifier ending in a 1x1 conv) are distilled as their [N, C]: softmax KL
+    assert float(distill_loss(s[:, :, None, None], t[:, :, None, None], 4.0)) == pytest.approx(float(distill_loss(s, t, 4.0)))
 
 
 def _ending_in(model, op):

@@ -662,3 +662,33 @@ def test_info_says_how_each_output_is_measured():
     score = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["score"], transB=1)], [("x", ["N", 8])], [("score", ["N", 1])],
                        [("w", rand(1, 8, seed=1)), ("b", rand(1, seed=2))])
     assert model_info(score)["outputs"][0]["measured_as"].startswith("values")   # one raw score: no class to take
+
+
+def test_class_scores_as_n_c_1_1_are_a_classifier(tmp_path):
+    """A classifier that ends in a 1x1 conv without flattening (the ONNX model zoo's Caffe2 exports:
+    DenseNet-121 writes [1, 1000, 1, 1]) is measured as its [N, C] scores: top-1 agreement, KL and
+    accuracy against [N] labels. It was read as a map of values: no decision, so fallback=auto's
+    budget held nothing on it, and compare gave no accuracy."""
+    from onnxopt.compare import compare_models, model_info
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+             helper.make_node("Conv", ["g", "w2", "b2"], ["fc6"], name="fc")]
+    m = make_model(nodes, [("x", ["N", 3, 8, 8])], [("fc6", ["N", 5, 1, 1])],
+                   [("w1", rand(6, 3, 3, 3, seed=1)), ("w2", rand(5, 6, 1, 1, seed=2)), ("b2", rand(5, seed=3))])
+    assert model_info(m)["outputs"][0]["measured_as"] == "class scores: top-1 agreement, KL"
+    ref = rand(6, 5, 1, 1, seed=4).astype(np.float64)
+    cand = ref.copy()
+    cand[2, :, 0, 0] = cand[2, ::-1, 0, 0] + 10 * (np.arange(5) == np.argmin(ref[2, :, 0, 0]))   # another class wins
+    o = task_metric.measure([ref], [cand], ["fc6"]).outputs[0]
+    flat = task_metric.measure([ref[:, :, 0, 0]], [cand[:, :, 0, 0]], ["fc6"]).outputs[0]
+    assert o.decision == task_metric.TOP1 and o.top1_agreement == flat.top1_agreement == 5 / 6
+    assert o.kl == pytest.approx(flat.kl) and o.samples == 6
+    # compare: top-1 accuracy against [N] labels, the output's own shape shown
+    x = rand(12, 3, 8, 8, seed=5)
+    y = np.argmax(run(m, {"x": x})["fc6"][:, :, 0, 0], axis=1)
+    np.savez(tmp_path / "d.npz", x=x, labels=y)
+    res = compare_models(m, m, data=str(tmp_path / "d.npz"), runs=0)
+    row = res["outputs"][0]
+    assert row["decision"] == task_metric.TOP1 and row["top1_agreement"] == 1.0 and row["shape"][1:] == [5, 1, 1]
+    assert res["reference"]["accuracy"] == 1.0

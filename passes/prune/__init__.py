@@ -673,8 +673,9 @@ def _report(before: ModelProto, after: ModelProto, an: channels.Analysis, remove
         err["max_abs"] = max(err["max_abs"], e["max_abs"])
         err["max_rel"] = max(err["max_rel"], e["max_rel"])
         for name, r in ref.items():
+            r, g = task_metric.as_scores(r), task_metric.as_scores(got[name])   # [N, C, 1, 1] scores as [N, C]
             if r.ndim == 2 and r.shape[1] > 1 and r.dtype.kind == "f" and name not in features:
-                agree += int((r.argmax(1) == got[name].argmax(1)).sum())
+                agree += int((r.argmax(1) == g.argmax(1)).sum())
                 total += r.shape[0]
     if total:
         err["top1_agreement"] = agree / total
