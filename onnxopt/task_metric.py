@@ -296,11 +296,16 @@ def comparable_outputs(model: ModelProto) -> tuple:
 
 # ------------------------------------------------------------------------------ the numbers
 def scores_shape(shape: tuple) -> tuple:
-    """``[N, C, 1, ..., 1]`` as ``[N, C]``: a classifier that ends in a 1x1 conv without flattening
-    (Caffe2 and Caffe exports of the ONNX model zoo: DenseNet-121's ``[1, 1000, 1, 1]``) gives one
-    score per class and sample, as ``[N, C]`` does; any other shape unchanged."""
+    """``[N, C, 1, 1]`` (or NHWC's ``[N, 1, 1, C]``) as ``[N, C]``: a
+    classifier that ends in a 1x1 conv without flattening (Caffe2 and Caffe exports of the ONNX
+    model zoo: DenseNet-121's ``[1, 1000, 1, 1]``; an NHWC export's ``[N, 1, 1, C]``) gives one score
+    per class and sample, as ``[N, C]`` does; any other shape unchanged."""
     shape = tuple(shape)
-    return shape[:2] if len(shape) >= 3 and all(d == 1 for d in shape[2:]) else shape
+    if len(shape) >= 3 and all(d == 1 for d in shape[2:]):
+        return shape[:2]
+    if len(shape) == 4 and shape[1] == shape[2] == 1:   # NHWC (an [N, 1, T] signal stays as it is)
+        return (shape[0], shape[3])
+    return shape
 
 
 def as_scores(a: np.ndarray) -> np.ndarray:

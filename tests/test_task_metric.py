@@ -684,6 +684,9 @@ def test_class_scores_as_n_c_1_1_are_a_classifier(tmp_path):
     flat = task_metric.measure([ref[:, :, 0, 0]], [cand[:, :, 0, 0]], ["fc6"]).outputs[0]
     assert o.decision == task_metric.TOP1 and o.top1_agreement == flat.top1_agreement == 5 / 6
     assert o.kl == pytest.approx(flat.kl) and o.samples == 6
+    nhwc = task_metric.measure([ref.transpose(0, 2, 3, 1)], [cand.transpose(0, 2, 3, 1)], ["fc6"]).outputs[0]
+    assert nhwc.decision == task_metric.TOP1 and nhwc.top1_agreement == 5 / 6 and nhwc.kl == pytest.approx(flat.kl)
+    assert task_metric.decision_kind((6, 1, 5), None) is None   # a one-channel signal [N, 1, T] stays values
     # compare: top-1 accuracy against [N] labels, the output's own shape shown
     x = rand(12, 3, 8, 8, seed=5)
     y = np.argmax(run(m, {"x": x})["fc6"][:, :, 0, 0], axis=1)

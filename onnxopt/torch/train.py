@@ -297,8 +297,10 @@ def distill_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, class_sco
     a distribution of its own: the task metric's per-position KL; an MSE would also chase the shifts
     a softmax ignores); MSE otherwise, and for features (``class_scores`` false: an embedding, see
     :data:`onnxopt.task_metric.FEATURES`)."""
-    # [N, C] scores, or [N, C, 1, 1] (a classifier ending in a 1x1 conv: task_metric.scores_shape)
-    axis = 1 if axis is None and len(task_metric.scores_shape(tuple(s.shape))) == 2 else axis
+    if axis is None and s.dim() > 2 and len(task_metric.scores_shape(tuple(s.shape))) == 2:
+        # [N, C, 1, 1] (a classifier ending in a 1x1 conv): its [N, C] scores
+        s, t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
+    axis = 1 if axis is None and s.dim() == 2 else axis
     if class_scores and axis is not None and s.dim() >= 2 and s.shape[axis] > 1:
         T = temperature
         ls, lt = F.log_softmax(s / T, dim=axis), F.log_softmax(t / T, dim=axis)
