@@ -17,7 +17,11 @@ tensorrt, tidl (calibrated on generated data: ``--data random``) / prune. Per ru
   it is quantized again from its dequantized float graph (counted as requantized, and checked
   like any qdq output).
 
-    nice python tools/bench_wild.py [--json out.json] [--zoo DIR] [--only NAME] [--chains a,b]
+    nice python tools/bench_wild.py [--json out.json] [--zoo DIR] [--only NAME] [--chains a,b] [--onnx-light]
+
+``--onnx-light`` runs the real topologies the onnx wheel ships instead (``backend/test/data/light``:
+AlexNet, DenseNet-121, Inception v1/v2, ResNet-50, ShuffleNet, SqueezeNet, VGG-19, ZFNet-512 from
+the old ONNX model zoo, opset 9 and IR 3, their weights made by ConstantOfShape).
 """
 from __future__ import annotations
 
@@ -140,12 +144,16 @@ def main(argv=None) -> int:
     ap.add_argument("--zoo", help="use models already built in this folder (default: build them in a temp folder)")
     ap.add_argument("--only", default="")
     ap.add_argument("--chains", default=",".join(CHAINS))
+    ap.add_argument("--onnx-light", action="store_true", help="the onnx wheel's light model zoo instead of the wild zoo")
     args = ap.parse_args(argv)
     from wild_zoo import build_zoo
 
     chains = [c for c in CHAINS if c in args.chains.split(",")] if args.chains != ",".join(CHAINS) else list(CHAINS)
     tmp = None
-    if args.zoo and Path(args.zoo).is_dir() and any(Path(args.zoo).glob("*.onnx")):
+    if args.onnx_light:
+        import onnx
+        zoo = {p.stem: p for p in sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("*.onnx"))}
+    elif args.zoo and Path(args.zoo).is_dir() and any(Path(args.zoo).glob("*.onnx")):
         zoo = {p.stem: p for p in sorted(Path(args.zoo).glob("*.onnx"))}
     else:
         tmp = tempfile.TemporaryDirectory()
