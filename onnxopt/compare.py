@@ -416,7 +416,9 @@ def _data_inputs(data, labels, ref_model: ModelProto, cand_model: ModelProto, in
         notes.append(f"preprocessing: {source.preprocessing.describe()}{where}")
     data_labels = source.labels() if label_arr is None else label_arr
     if data_labels is not None and label_arr is None and labels is None:
-        notes.append(f"labels taken from the data source ({len(data_labels)})")
+        origin = {"class subfolders": "; the class subfolders numbered in sorted order, as torchvision's ImageFolder does"
+                  }.get(source.labels_origin, "")
+        notes.append(f"labels taken from the data source ({len(data_labels)}{origin})")
     return _Inputs(source.batches(batch), source.spec.source, source.count(), data_labels)
 
 

@@ -1,6 +1,7 @@
 """Input data for verification, comparison, calibration and finetuning.
 
-A source is a ``.npy`` (one input), an ``.npz`` keyed by input name, an image folder, ``file.py:function``
+A source is a ``.npy`` (one input), an ``.npz`` keyed by input name, an image folder (or its class
+subfolders, as torchvision's ImageFolder), ``file.py:function``
 returning feed dicts, or ``random``. Data is streamed (never more than one batch of images in memory),
 and every sample is checked against the model's inputs with an error that says what does not fit.
 """
@@ -155,6 +156,7 @@ class DataSource:
         self.spec = spec = dataclasses.replace(spec, image=spec.image.resolved())
         self.model = model
         self._pixels_used = False  # images read, or uint8 arrays normalized: the preprocessing mattered
+        self.labels_origin: Optional[str] = None   # where labels() found the labels, once it did
         self._inputs = graph_inputs(model)
         self._overrides = input_shapes
         self.kind, self._open = self._resolve(spec.source)
@@ -218,19 +220,28 @@ class DataSource:
                     return None
                 lab = z[key]
         elif self.kind == "images":
-            table = Path(self.spec.source) / "labels.json"
+            folder = Path(self.spec.source)
+            table = folder / "labels.json"
+            files = self._image_files()
             if not table.is_file():
-                return None
+                if not self._class_of:
+                    return None
+                self.labels_origin = "class subfolders"
+                lab = np.array([self._class_of[f] for f in files], dtype=np.int64)
+                return lab[np.asarray(self._selected_indices(len(lab)), dtype=np.int64)]
             try:
                 mapping = _label_mapping(json.loads(table.read_text()))
             except json.JSONDecodeError as exc:
                 raise DataError(f"'{table}' is not valid JSON: {exc}", "write {\"a.jpg\": 3, ...} or [{\"file\": \"a.jpg\", \"class_index\": 3}, ...]") from None
-            unlabeled = [f.name for f in self._image_files() if f.name not in mapping]
+            # an image in a class subfolder is keyed by its path in the folder ("cat/1.jpg"), or its name
+            keys = [f.relative_to(folder).as_posix() if f.relative_to(folder).as_posix() in mapping else f.name for f in files]
+            unlabeled = [k for k in keys if k not in mapping]
             if unlabeled:
                 # dropping them would shift every later label onto the wrong image
                 raise DataError(f"{len(unlabeled)} image(s) in '{self.spec.source}' have no entry in labels.json (e.g. '{unlabeled[0]}').",
                                 "add them to labels.json or remove them from the folder")
-            lab = np.array([int(mapping[f.name]) for f in self._image_files()], dtype=np.int64)
+            self.labels_origin = "labels.json"
+            lab = np.array([int(mapping[k]) for k in keys], dtype=np.int64)
         else:
             return None
         lab = per_sample_labels(lab)
@@ -271,7 +282,7 @@ class DataSource:
             raise DataError(f"data path '{source}' does not exist.", "give a .npy, .npz, an image folder, or file.py:function")
         if p.is_dir():
             if not self._image_files():
-                raise DataError(f"data folder '{source}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).", "point the data option (--calib-data, --data) at a folder holding images")
+                raise DataError(f"data folder '{source}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).", "point the data option (--calib-data, --data) at a folder holding images, or class subfolders of images")
             return "images", self._images
         if p.suffix == ".npy":
             if len(self._inputs) != 1:
@@ -364,9 +375,13 @@ class DataSource:
         return arr
 
     def _image_files(self) -> list:
+        """The folder's images in the order they are read; without images of its own, those of its
+        class subfolders (:func:`class_folder_images`), whose classes ``self._class_of`` holds."""
         if not hasattr(self, "_files"):
             folder = Path(self.spec.source)
-            self._files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            self._files, self._class_of = sorted(f for f in folder.iterdir() if _is_image(f)), {}
+            if not self._files:
+                self._files, self._class_of = class_folder_images(folder)
         return self._files
 
     def _layout(self, name: str) -> str:
@@ -492,6 +507,23 @@ def per_sample_labels(labels) -> np.ndarray:
     class per position (``[N, H, W]``: a segmentation map's ground truth), kept as it is."""
     lab = np.asarray(labels)
     return lab if lab.ndim >= 2 and lab[0].size > 1 else lab.reshape(-1)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def class_folder_images(folder: Path) -> tuple:
+    """torchvision's ImageFolder layout (``root/<class>/**/<image>``, hidden folders skipped): the
+    images, and {image: class index}, the classes numbered in sorted folder order as ImageFolder
+    numbers them. The images are interleaved class by class (every class's first image, then every
+    class's second...): the calibration search, the bias correction's check and the fallback read
+    the first samples, and in folder order those would all be one class's."""
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = [sorted(p for p in d.rglob("*") if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(d).parts))
+                 for d in classes]
+    files = [f for group in itertools.zip_longest(*per_class) for f in group if f is not None]
+    return files, {f: i for i, group in enumerate(per_class) for f in group}
 
 
 def _open_rgb(path) -> "Image.Image":

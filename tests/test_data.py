@@ -119,6 +119,32 @@ def test_image_folder_preprocessing_and_list_labels(tmp_path):
     np.testing.assert_array_equal(src.labels(), [4, 0, 2])
 
 
+def test_image_folder_of_class_subfolders_interleaves_the_classes_and_labels_them(tmp_path):
+    """torchvision's ImageFolder layout (root/<class>/<image>): it used to stop with "holds no
+    images". The classes are numbered in sorted folder order, as ImageFolder does, and the images
+    are read class by class in turn, so any first samples hold every class."""
+    root = tmp_path / "train"
+    _images(root / "dog", [(0, 0, 250), (0, 0, 240)])
+    _images(root / "cat", [(250, 0, 0), (240, 0, 0), (230, 0, 0)])
+    _images(root / "emu" / "extra", [(0, 250, 0)])   # nested deeper: still the class 'emu'
+    _images(root / ".cache", [(1, 1, 1)])             # hidden: skipped
+    src = open_data(str(root), models.tiny_cnn(), image={"size": 8, "crop": 8, "scale": 1 / 255})
+    assert src.count() == 6
+    np.testing.assert_array_equal(src.labels(), [0, 1, 2, 0, 1, 0])   # cat, dog, emu, cat, dog, cat
+    assert src.labels_origin == "class subfolders"
+    red = [int(np.argmax(f["input"][0, :, 4, 4])) for f in src.samples()]
+    assert red == [0, 2, 1, 0, 2, 0]   # cat red, dog blue, emu green: pixels and labels in the same order
+    # with --every the selection and the labels stay together
+    np.testing.assert_array_equal(open_data(str(root), models.tiny_cnn(), image={"size": 8, "crop": 8, "scale": 1 / 255},
+                                            every=2).labels(), [0, 2, 1])
+    # labels.json still wins, keyed by the path in the folder or by the file name
+    (root / "labels.json").write_text(json.dumps({"cat/img00.png": 7, "img01.png": 8, "dog/img00.png": 9,
+                                                  "emu/extra/img00.png": 3, "cat/img02.png": 5}))
+    src = open_data(str(root), models.tiny_cnn(), image={"size": 8, "crop": 8, "scale": 1 / 255})
+    np.testing.assert_array_equal(src.labels(), [7, 9, 3, 8, 8, 5])
+    assert src.labels_origin == "labels.json"
+
+
 def test_image_folder_bgr_scale_nhwc_and_dict_labels(tmp_path):
     folder = _images(tmp_path / "imgs", [(200, 100, 50), (1, 2, 3)], size=(9, 6))
     (folder / "labels.json").write_text(json.dumps({"img00.png": 7, "img01.png": 8}))

@@ -55,7 +55,7 @@ Examples:
               "instead of undoing it.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report of what each pass did.")
 @click.option("--save-steps", type=click.Path(file_okay=False), help="Write the model after each pass into this folder (for Netron).")
-@click.option("--data", "--calib-data", "data", metavar="PATH", help="Data for verification and calibration: .npy, .npz, image folder, file.py:function, or 'random'.")
+@click.option("--data", "--calib-data", "data", metavar="PATH", help="Data for verification and calibration: .npy, .npz, image folder (or class subfolders of images), file.py:function, or 'random'.")
 @click.option("--calib-samples", type=int, default=None, help="Use at most this many samples of --calib-data.")
 @click.option("--check-data", metavar="PATH", help="qdq: the samples fallback=auto checks its accuracy budget on, instead of "
               "--calib-data (same formats and preprocessing). Give images the model never trained on (a validation "

@@ -28,7 +28,7 @@ Examples:
 """)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the finetuned model (written atomically).")
-@click.option("--data", required=True, metavar="PATH", help="Training data: .npy, .npz, image folder, or file.py:function.")
+@click.option("--data", required=True, metavar="PATH", help="Training data: .npy, .npz, image folder (labels from labels.json or class subfolders), or file.py:function.")
 @click.option("--teacher", type=click.Path(dir_okay=False), default=None,
               help="The original model (before lite/prune/qdq) to distill from (label-free). Default with --qat: MODEL itself.")
 @click.option("--labels", default=None, metavar="PATH", help="Integer labels (.npy) for supervised loss; labels inside the data are used when present.")
@@ -113,6 +113,9 @@ def finetune_cmd(model, output, data, teacher, labels, no_labels, user_loss, epo
         ds.labels = lambda: None
     # what the user did not give is chosen from the data size and the model (recovery_defaults says why)
     has_labels = labels is not None or (hasattr(ds, "labels") and ds.labels() is not None) or user_loss is not None
+    if getattr(ds, "labels_origin", None) == "class subfolders":
+        log(f"labels: the class subfolders of {data}, numbered in sorted folder order as torchvision's ImageFolder "
+            "does (--labels FILE gives others, --no-labels distills only)")
     chosen = recovery_defaults(source, teacher_model if not qat else (teacher_model or source), ds.count(), batch_size,
                                labels=has_labels, qat=bool(qat), optimizer=optimizer, image_input=_image_input(source))
     given = {"lr": lr, "epochs": epochs, "augment": augment, "val_split": val_split,
