@@ -397,9 +397,9 @@ class DataSource:
         shape = [1] * x.ndim
         shape[channel_axis] = -1
         if o.mean is not None:
-            x = x - _per_channel(o.mean, "mean", x.shape[channel_axis]).reshape(shape)
+            x = x - _per_channel(o.mean, "mean", x.shape[channel_axis], o.preset).reshape(shape)
         if o.std is not None:
-            x = x / _per_channel(o.std, "std", x.shape[channel_axis]).reshape(shape)
+            x = x / _per_channel(o.std, "std", x.shape[channel_axis], o.preset).reshape(shape)
         return x.astype(np.float32)
 
     def _images(self):
@@ -430,22 +430,26 @@ class DataSource:
             h = w = o.crop
         if not isinstance(h, int) or not isinstance(w, int):
             raise DataError(f"input '{name}' has dynamic height/width; onnxopt cannot tell the image size.", "give --crop SIZE")
+        # a one-channel input (MNIST-style digits, text lines, scans) is fed each image's luma
+        grey = (shape[1] if layout == "NCHW" else shape[3]) == 1 if len(shape) == 4 else False
         for f in self._image_files():
             try:
                 img = _open_rgb(f)
             except Exception as exc:
                 raise DataError(f"cannot read image '{f}': {exc}", "remove or re-encode it") from None
+            if grey:
+                img = img.convert("L")
             if o.letterbox is not None:
                 r = min(h / img.height, w / img.width)
                 nh, nw = int(round(img.height * r)), int(round(img.width * r))
-                arr = np.full((h, w, 3), o.letterbox, np.float32)
-                arr[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR), np.float32)
+                arr = np.full((h, w, 1 if grey else 3), o.letterbox, np.float32)
+                arr[:nh, :nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR), np.float32).reshape(nh, nw, -1)
             else:
                 short = o.size or (int(round(max(h, w) / o.crop_fraction)) if o.crop_fraction else max(h, w))
                 r = short / min(img.width, img.height)
                 img = img.resize((max(w, int(round(img.width * r))), max(h, int(round(img.height * r)))), Image.BILINEAR)
                 left, top = (img.width - w) // 2, (img.height - h) // 2
-                arr = np.asarray(img.crop((left, top, left + w, top + h)), np.float32)
+                arr = np.asarray(img.crop((left, top, left + w, top + h)), np.float32).reshape(h, w, -1)
             if o.bgr:
                 arr = arr[..., ::-1]
             arr = self._normalize(arr, channel_axis=-1)
@@ -565,13 +569,17 @@ def collect_feeds(data, limit: int) -> list:
     return feeds
 
 
-def _per_channel(values, what: str, channels: int) -> np.ndarray:
+def _per_channel(values, what: str, channels: int, preset: Optional[str] = None) -> np.ndarray:
     """--mean/--std as an array of 1 or ``channels`` values (a wrong count would not broadcast,
     a zero std would turn every sample into Inf/NaN)."""
     arr = np.asarray(values, np.float32).reshape(-1)
     if arr.size not in (1, channels):
-        raise DataError(f"--{what} gives {arr.size} values, but the data has {channels} channels.",
-                        f"give one value or {channels} comma-separated values")
+        of = f" (of --preprocess {preset})" if preset else ""
+        raise DataError(f"--{what}{of} gives {arr.size} values, but the data has {channels} channel(s)"
+                        + (": the model's input is greyscale" if channels == 1 else "") + ".",
+                        f"give --{what} one value or {channels} comma-separated values" if channels > 1 else
+                        "give one --mean and one --std value with --scale (e.g. --scale 0.00392 --mean 0.5 --std 0.5), "
+                        "or --preprocess none")
     if what == "std" and not np.all(arr != 0):
         raise DataError("--std contains 0; dividing by it would make every input Inf.", "give non-zero standard deviations")
     return arr

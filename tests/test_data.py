@@ -145,6 +145,27 @@ def test_image_folder_of_class_subfolders_interleaves_the_classes_and_labels_the
     assert src.labels_origin == "labels.json"
 
 
+def test_image_folder_for_a_greyscale_input_feeds_each_images_luma(tmp_path):
+    """A one-channel input ([N, 1, H, W] or NHWC [N, H, W, 1]: digits, text lines, scans) is fed
+    each image's luma (PIL's "L"); it stopped with a shape error ([1, 3, H, W] given). A 3-value
+    mean (an RGB preset) for it says the input is greyscale."""
+    from onnx import TensorProto, helper
+    folder = _images(tmp_path / "imgs", [(255, 0, 0), (0, 255, 0)])
+    for layout, shape in (("NCHW", ["N", 1, 8, 8]), ("NHWC", ["N", 8, 8, 1])):
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "grey",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        feeds = list(open_data(str(folder), model, image={"size": 8, "crop": 8, "scale": 1 / 255}).samples())
+        luma = np.array([float(feed["x"].reshape(-1)[27]) for feed in feeds])
+        expected = (1, 1, 8, 8) if layout == "NCHW" else (1, 8, 8, 1)
+        assert feeds[0]["x"].shape == expected
+        np.testing.assert_allclose(luma, np.array([76, 150]) / 255, atol=1 / 255)   # PIL: L = 0.299 R + 0.587 G + 0.114 B
+        with pytest.raises(DataError, match=r"--mean \(of --preprocess imagenet\) gives 3 values, but the data has 1 channel\(s\): "
+                                            "the model's input is greyscale"):
+            open_data(str(folder), model, image={"preset": "imagenet"}).check()
+
+
 def test_image_folder_bgr_scale_nhwc_and_dict_labels(tmp_path):
     folder = _images(tmp_path / "imgs", [(200, 100, 50), (1, 2, 3)], size=(9, 6))
     (folder / "labels.json").write_text(json.dumps({"img00.png": 7, "img01.png": 8}))
@@ -209,7 +230,7 @@ def test_labels_json_must_label_every_image(tmp_path):
 
 
 @pytest.mark.parametrize("image, words", [
-    ({"mean": [1.0, 2.0]}, "--mean gives 2 values, but the data has 3 channels"),
+    ({"mean": [1.0, 2.0]}, r"--mean gives 2 values, but the data has 3 channel\(s\)\."),
     ({"std": [0.0]}, "--std contains 0"),
     ({"std": [1.0, 0.0, 1.0]}, "--std contains 0"),
 ])
