@@ -219,6 +219,10 @@ class DataSource:
                 if key is None:
                     return None
                 lab = z[key]
+        elif self.kind == "python":
+            lab = self._python_labels()
+            if lab is None:
+                return None
         elif self.kind == "images":
             folder = Path(self.spec.source)
             table = folder / "labels.json"
@@ -248,6 +252,23 @@ class DataSource:
         if lab.dtype.kind not in "iu":
             raise DataError("labels must be integer class indices.", "save them as np.int64")
         return lab[np.asarray(self._selected_indices(len(lab)), dtype=np.int64)]
+
+    def _python_labels(self) -> Optional[np.ndarray]:
+        """The labels of a data function's ``(inputs, labels)`` pairs, one per sample, in the order
+        of :meth:`samples` (a pass over the function); None when it yields inputs alone."""
+        parts, count = [], 0
+        for arrays, labels, batched in self._python_items():
+            if labels is None:
+                return None
+            lab = np.asarray(labels)
+            parts.append(lab[None] if not batched or lab.ndim == 0 else lab)
+            count += len(parts[-1])
+            if self.spec.max_samples is not None and len(self._selected_indices(count)) >= self.spec.max_samples:
+                break   # the samples taken are labelled: reading on would decode the rest of the data for nothing
+        if not parts:
+            return None
+        self.labels_origin = "data function"
+        return np.concatenate(parts, axis=0)
 
     def check(self) -> None:
         """Read and validate the first sample now, so a bad source fails before any work is done."""
@@ -318,29 +339,50 @@ class DataSource:
             yield plan.feed(0, seed)
 
     def _python(self, source: str):
-        fn = load_user_function(source, "data script", "the function must return an iterable of {input_name: array} dicts", DataError)
+        fn = load_user_function(source, "data script", "the function must return an iterable of {input_name: array} dicts, "
+                                "arrays (one input), or (inputs, labels) pairs", DataError)
 
         def user_items():
             # the user's function failing is a user error: one message (ONNXOPT_DEBUG=1 shows the traceback)
             try:
-                yield from fn()
+                for item in fn():
+                    yield self._feed_and_labels(item, source)
+            except DataError:
+                raise
             except Exception as exc:
                 raise DataError(f"data function '{source}' failed: {type(exc).__name__}: {exc}",
                                 "fix the function; set ONNXOPT_DEBUG=1 to see its traceback") from exc
 
         def gen():
-            for item in user_items():
-                if not isinstance(item, dict):
-                    raise DataError(f"'{source}' yielded a {type(item).__name__}, not a feed dict.", "yield {input_name: numpy array} dicts")
+            for arrays, _, batched in user_items():
                 # a user batch is split into samples so batching is uniform
-                arrays = {k: np.asarray(v) for k, v in item.items()}
-                if not all(a.ndim == len(self._inputs[k]["shape"]) for k, a in arrays.items() if k in self._inputs):
+                if not batched:
                     yield {k: a[None] for k, a in arrays.items()}  # one sample without its batch axis
                     continue
                 for i in range(min((a.shape[0] for a in arrays.values() if a.ndim), default=1)):
                     yield {k: a[i:i + 1] for k, a in arrays.items()}
 
+        self._python_items = user_items
         return gen
+
+    def _feed_and_labels(self, item, source: str) -> tuple:
+        """One item of a data function as (arrays by input name, its labels or None, whether the arrays
+        hold a batch axis): a feed dict; an array for a one-input model; or an ``(inputs, labels)``
+        pair of either, as a torch DataLoader yields (tensors are read through ``numpy.asarray``)."""
+        labels = None
+        if isinstance(item, (tuple, list)) and len(item) == 2 and (isinstance(item[0], dict) or hasattr(item[0], "__array__")):
+            item, labels = item
+        if hasattr(item, "__array__") and not isinstance(item, dict):
+            if len(self._inputs) != 1:
+                raise DataError(f"'{source}' yielded an array, but the model has {len(self._inputs)} inputs: "
+                                f"{', '.join(self._inputs)}.", "yield {input_name: numpy array} dicts")
+            item = {next(iter(self._inputs)): item}
+        if not isinstance(item, dict):
+            raise DataError(f"'{source}' yielded a {type(item).__name__}, not a feed dict.",
+                            "yield {input_name: numpy array} dicts, arrays (one input), or (inputs, labels) pairs")
+        arrays = {k: np.asarray(v) for k, v in item.items()}
+        batched = all(a.ndim == len(self._inputs[k]["shape"]) for k, a in arrays.items() if k in self._inputs)
+        return arrays, labels, batched
 
     def _npy(self):
         arr = np.load(self.spec.source, mmap_mode="r")

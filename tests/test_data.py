@@ -300,6 +300,40 @@ def test_python_function_batched_and_unbatched(tmp_path):
         open_data(f"{tmp_path}/nope.py:f", models.tiny_cnn())
 
 
+def test_python_function_yielding_arrays_or_inputs_and_labels(tmp_path):
+    """What a torch DataLoader loop yields: (inputs, labels) pairs, and bare arrays for a one-input
+    model. Both used to stop with "not a feed dict"; the labels now serve compare and finetune."""
+    script = tmp_path / "loader.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np
+        def pairs():
+            for i in range(3):
+                yield np.full((2, 3, 8, 8), i, np.float32), np.array([i, 10 + i])
+        def dict_pairs():
+            yield {"input": np.zeros((3, 8, 8), np.float32)}, 7    # one sample, no batch axis
+            yield {"input": np.ones((3, 8, 8), np.float32)}, 8
+        def arrays():
+            for i in range(2):
+                yield np.full((1, 3, 8, 8), i, np.float32)
+    """))
+    src = open_data(f"{script}:pairs", models.tiny_cnn())
+    assert [float(s["input"].max()) for s in src.samples()] == [0, 0, 1, 1, 2, 2]
+    np.testing.assert_array_equal(src.labels(), [0, 10, 1, 11, 2, 12])
+    assert src.labels_origin == "data function"
+    np.testing.assert_array_equal(open_data(f"{script}:pairs", models.tiny_cnn(), every=2).labels(), [0, 1, 2])
+    np.testing.assert_array_equal(open_data(f"{script}:pairs", models.tiny_cnn(), max_samples=3).labels(), [0, 10, 1])
+    np.testing.assert_array_equal(open_data(f"{script}:dict_pairs", models.tiny_cnn()).labels(), [7, 8])
+    src = open_data(f"{script}:arrays", models.tiny_cnn())
+    assert len(list(src.samples())) == 2 and src.labels() is None
+    from onnx import TensorProto, helper
+    two = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 8, 8]) for n in "ab"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(DataError, match="yielded an array, but the model has 2 inputs: a, b"):
+        open_data(f"{script}:arrays", two).check()
+
+
 def test_python_script_that_fails_to_import(tmp_path):
     script = tmp_path / "bad.py"
     script.write_text("raise RuntimeError('boom')\n")

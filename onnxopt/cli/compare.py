@@ -98,7 +98,7 @@ Exit codes: 0 all gates passed (or none given), 1/2 user error, 3 a gate failed.
 """)
 @click.argument("ref", type=click.Path(dir_okay=False))
 @click.argument("cand", type=click.Path(dir_okay=False))
-@click.option("--data", metavar="PATH", help="Inputs: .npy, .npz, image folder (labels from labels.json or class subfolders), file.py:function (default: generated inputs).")
+@click.option("--data", metavar="PATH", help="Inputs: .npy, .npz, image folder (labels from labels.json or class subfolders), file.py:function yielding feed dicts, arrays or (inputs, labels) pairs (default: generated inputs).")
 @click.option("--labels", metavar="PATH", help="Integer labels (.npy, or .npz with 'labels') for accuracy: a class per sample, or per "
               "position ([N, H, W]: a segmentation map's pixel accuracy and mean IoU; [N, T]: a sequence's accuracy per position; "
               "255 is ignored); default: the data's own labels.")

@@ -28,7 +28,7 @@ Examples:
 """)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the finetuned model (written atomically).")
-@click.option("--data", required=True, metavar="PATH", help="Training data: .npy, .npz, image folder (labels from labels.json or class subfolders), or file.py:function.")
+@click.option("--data", required=True, metavar="PATH", help="Training data: .npy, .npz, image folder (labels from labels.json or class subfolders), or file.py:function yielding feed dicts, arrays or (inputs, labels) pairs.")
 @click.option("--teacher", type=click.Path(dir_okay=False), default=None,
               help="The original model (before lite/prune/qdq) to distill from (label-free). Default with --qat: MODEL itself.")
 @click.option("--labels", default=None, metavar="PATH", help="Integer labels (.npy) for supervised loss; labels inside the data are used when present.")
