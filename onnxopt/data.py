@@ -1,8 +1,8 @@
 """Input data for verification, comparison, calibration and finetuning.
 
 A source is a ``.npy`` (one input), an ``.npz`` keyed by input name, an image folder (or its class
-subfolders, as torchvision's ImageFolder), ``file.py:function``
-returning feed dicts, or ``random``. Data is streamed (never more than one batch of images in memory),
+subfolders, as torchvision's ImageFolder), ``file.py:function`` returning feed dicts, arrays or
+``(inputs, labels)`` pairs, or ``random``. Data is streamed (never more than one batch of images in memory),
 and every sample is checked against the model's inputs with an error that says what does not fit.
 """
 from __future__ import annotations
@@ -466,14 +466,20 @@ class DataSource:
         self._pixels_used = True
         layout = self._layout(name)
         shape = self._inputs[name]["shape"]
-        h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+        if len(shape) not in (3, 4):
+            dims = ", ".join(str(d) if isinstance(d, int) else "?" for d in shape)
+            raise DataError(f"an image folder feeds an image input ([N, C, H, W], [N, H, W, C], or greyscale [N, H, W]); "
+                            f"input '{name}' is [{dims}].",
+                            "feed it arrays shaped as the input: a .npy / .npz, or a file.py:function")
+        # a one-channel input (MNIST-style digits, text lines, scans) is fed each image's luma; [N, H, W]
+        # is one with no channel axis
+        grey = len(shape) == 3 or (shape[1] if layout == "NCHW" else shape[3]) == 1
+        h, w = (shape[1], shape[2]) if len(shape) == 3 else (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
         o = self.spec.image
         if o.crop:
             h = w = o.crop
         if not isinstance(h, int) or not isinstance(w, int):
             raise DataError(f"input '{name}' has dynamic height/width; onnxopt cannot tell the image size.", "give --crop SIZE")
-        # a one-channel input (MNIST-style digits, text lines, scans) is fed each image's luma
-        grey = (shape[1] if layout == "NCHW" else shape[3]) == 1 if len(shape) == 4 else False
         for f in self._image_files():
             try:
                 img = _open_rgb(f)
@@ -495,7 +501,9 @@ class DataSource:
             if o.bgr:
                 arr = arr[..., ::-1]
             arr = self._normalize(arr, channel_axis=-1)
-            if layout == "NCHW":
+            if len(shape) == 3:
+                arr = arr[..., 0]
+            elif layout == "NCHW":
                 arr = arr.transpose(2, 0, 1)
             yield {name: np.ascontiguousarray(arr[None]).astype(self._inputs[name]["dtype"])}
 

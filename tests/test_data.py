@@ -146,24 +146,31 @@ def test_image_folder_of_class_subfolders_interleaves_the_classes_and_labels_the
 
 
 def test_image_folder_for_a_greyscale_input_feeds_each_images_luma(tmp_path):
-    """A one-channel input ([N, 1, H, W] or NHWC [N, H, W, 1]: digits, text lines, scans) is fed
+    """A one-channel input ([N, 1, H, W], NHWC [N, H, W, 1] or [N, H, W]: digits, text lines, scans) is fed
     each image's luma (PIL's "L"); it stopped with a shape error ([1, 3, H, W] given). A 3-value
     mean (an RGB preset) for it says the input is greyscale."""
     from onnx import TensorProto, helper
     folder = _images(tmp_path / "imgs", [(255, 0, 0), (0, 255, 0)])
-    for layout, shape in (("NCHW", ["N", 1, 8, 8]), ("NHWC", ["N", 8, 8, 1])):
+    for layout, shape in (("NCHW", ["N", 1, 8, 8]), ("NHWC", ["N", 8, 8, 1]), ("NHW", ["N", 8, 8])):
         graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "grey",
                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         feeds = list(open_data(str(folder), model, image={"size": 8, "crop": 8, "scale": 1 / 255}).samples())
         luma = np.array([float(feed["x"].reshape(-1)[27]) for feed in feeds])
-        expected = (1, 1, 8, 8) if layout == "NCHW" else (1, 8, 8, 1)
+        expected = {"NCHW": (1, 1, 8, 8), "NHWC": (1, 8, 8, 1), "NHW": (1, 8, 8)}[layout]
         assert feeds[0]["x"].shape == expected
         np.testing.assert_allclose(luma, np.array([76, 150]) / 255, atol=1 / 255)   # PIL: L = 0.299 R + 0.587 G + 0.114 B
         with pytest.raises(DataError, match=r"--mean \(of --preprocess imagenet\) gives 3 values, but the data has 1 channel\(s\): "
                                             "the model's input is greyscale"):
             open_data(str(folder), model, image={"preset": "imagenet"}).check()
+    # a flat input has no image geometry: said, where it was an internal IndexError
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "flat",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])])
+    flat = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(DataError, match=r"an image folder feeds an image input .*; input 'x' is \[\?, 64\]"):
+        open_data(str(folder), flat, image={"preset": "none"}).check()
 
 
 def test_image_folder_bgr_scale_nhwc_and_dict_labels(tmp_path):
