@@ -7,6 +7,7 @@ and every sample is checked against the model's inputs with an error that says w
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -206,15 +207,16 @@ class DataSource:
             p = Path(self.spec.labels)
             if not p.is_file():
                 raise DataError(f"labels file '{p}' does not exist.", "give a .npy of integer class indices")
-            if p.suffix == ".npz":
-                with np.load(p) as z:
-                    if "labels" not in z:
-                        raise DataError(f"'{p}' has no 'labels' array.", "store the labels under the key 'labels'")
-                    lab = z["labels"]
-            else:
-                lab = np.load(p)
+            with _numpy_file(p):
+                if p.suffix == ".npz":
+                    with np.load(p) as z:
+                        if "labels" not in z:
+                            raise DataError(f"'{p}' has no 'labels' array.", "store the labels under the key 'labels'")
+                        lab = z["labels"]
+                else:
+                    lab = np.load(p)
         elif self.kind == "npz":
-            with np.load(self.spec.source) as z:
+            with _numpy_file(self.spec.source), np.load(self.spec.source) as z:
                 key = "labels" if "labels" in z else ("y" if "y" in z and "y" not in self._inputs else None)
                 if key is None:
                     return None
@@ -385,13 +387,14 @@ class DataSource:
         return arrays, labels, batched
 
     def _npy(self):
-        arr = np.load(self.spec.source, mmap_mode="r")
+        with _numpy_file(self.spec.source):
+            arr = np.load(self.spec.source, mmap_mode="r")
         name = next(iter(self._inputs))
         for i in range(arr.shape[0]):
             yield {name: self._cast_raw(name, np.asarray(arr[i:i + 1]))}
 
     def _npz(self):
-        with np.load(self.spec.source) as z:
+        with _numpy_file(self.spec.source), np.load(self.spec.source) as z:
             missing = [n for n in self._inputs if n not in z.files]
             if missing and not (len(self._inputs) == 1 and "x" in z.files):  # one input may be stored as 'x'
                 raise DataError(f"'{self.spec.source}' has no array for input(s) {', '.join(missing)} (it has {', '.join(z.files)}).",
@@ -561,6 +564,17 @@ def per_sample_labels(labels) -> np.ndarray:
     class per position (``[N, H, W]``: a segmentation map's ground truth), kept as it is."""
     lab = np.asarray(labels)
     return lab if lab.ndim >= 2 and lab[0].size > 1 else lab.reshape(-1)
+
+
+@contextlib.contextmanager
+def _numpy_file(path):
+    """Reading ``path`` with numpy: a file that holds no numeric arrays (text, pickled Python objects,
+    a broken zip) is the user's data error, not an internal one."""
+    try:
+        yield
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read '{path}' as numeric NumPy data: {type(exc).__name__}: {exc}",
+                        "save the arrays with numpy.save / numpy.savez (numbers, no Python objects)") from None
 
 
 def _is_image(path: Path) -> bool:

@@ -90,6 +90,21 @@ def test_bad_option(tmp_path, setting, words):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name, write", [
+    ("objects.npy", lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)),
+    ("text.npy", lambda p: p.write_text("not numpy")),
+    ("objects.npz", lambda p: np.savez(p, input=np.array([{"a": 1}] * 2, dtype=object))),
+    ("broken.npz", lambda p: p.write_bytes(b"PK\x03\x04 truncated")),
+])
+def test_data_file_that_holds_no_numeric_arrays(tmp_path, name, write):
+    """Pickled objects, text or a broken zip named .npy/.npz: one data error, not an internal one."""
+    good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
+    write(tmp_path / name)
+    proc = cli("compare", good, good, "--data", tmp_path / name, "--runs", "0", cwd=tmp_path)
+    assert_one_clear_error(proc, f"cannot read '{tmp_path / name}' as numeric NumPy data", code=1)
+    assert "internal error" not in proc.stderr
+
+
 def test_data_of_the_wrong_shape(tmp_path):
     good = models.save(models.tiny_cnn(), tmp_path / "good.onnx")
     np.save(tmp_path / "x.npy", np.zeros((4, 3, 16, 16), np.float32))
