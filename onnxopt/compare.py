@@ -558,8 +558,11 @@ def compare_models(
                           "or a map ended by an ArgMax/Softmax/Sigmoid); this model has none.",
                           "drop --min-agreement and gate on the error figures instead")
 
-    latency = _compare_latency(ref_model, cand_model, num.first_sample, runs, threads, warmup)
     main = classifiers[0] if classifiers else None
+    chance = _labels_look_misnumbered(main, num.seen)
+    if chance:
+        notes.append(chance)
+    latency = _compare_latency(ref_model, cand_model, num.first_sample, runs, threads, warmup)
     result = {
         "reference": _side(ref_model, ref_path, ref_size, latency["reference"], main["ref_accuracy"] if main else None,
                            main.get("ref_miou") if main else None),
@@ -576,6 +579,28 @@ def compare_models(
     result["gates"] = _evaluate_gates(result, gates)
     result["passed"] = all(g["passed"] for g in result["gates"])
     return result
+
+
+# labels the reference model gets right at most this many times chance (1 / classes): they are
+# probably numbered otherwise than the model's classes
+CHANCE_FACTOR = 2.0
+CHANCE_MIN_SAMPLES, CHANCE_MIN_CLASSES = 50, 10
+
+
+def _labels_look_misnumbered(main: Optional[dict], samples: int) -> Optional[str]:
+    """A note when the reference model's top-1 accuracy against the labels is about chance: the
+    labels then most likely number the classes otherwise than the model does (class folders in
+    another order, a 1001-class TF model's background class at 0), and every accuracy is wrong."""
+    if main is None or main.get("decision") != task_metric.TOP1 or main.get("ref_accuracy") is None or not main.get("shape"):
+        return None
+    classes = task_metric.scores_shape(tuple(main["shape"]))[-1]
+    if not isinstance(classes, int) or classes < CHANCE_MIN_CLASSES or samples < CHANCE_MIN_SAMPLES:
+        return None
+    if main["ref_accuracy"] > CHANCE_FACTOR / classes:
+        return None
+    return (f"the reference model gets {100 * main['ref_accuracy']:.2f} % of the labels right, about chance for "
+            f"{classes} classes: the labels are most likely numbered otherwise than the model's classes (class folders "
+            "in another order, a background class at 0 in 1001-class TensorFlow models); give --labels in the model's order")
 
 
 def _evaluate_gates(result: dict, gates: dict) -> list:

@@ -338,3 +338,18 @@ def test_info_of_a_dynamically_quantized_model_counts_weighted_layers_only(tmp_p
     assert q["dynamic_quantizers"] >= 1 and q["activation_qdq"] == 0 and set(q["weight_types"]) <= {"int8", "uint8"}
     line = next(l for l in render_info(info).splitlines() if l.startswith("quantized"))
     assert "1 of 1 weighted layers (100 % of the MACs)" in line and "DynamicQuantizeLinear" in line and "float" not in line
+
+
+def test_labels_at_chance_for_the_reference_are_called_misnumbered(tmp_path):
+    """Labels numbered otherwise than the model's classes (class folders in another order, a
+    1001-class TF model's background class at 0) give the reference model chance accuracy, and
+    every accuracy figure is then wrong: compare says so. Labels it mostly gets right say nothing."""
+    model = models.tiny_cnn(classes=12)
+    x = np.random.default_rng(3).standard_normal((60, 3, 8, 8)).astype(np.float32)
+    pred = np.argmax(run(model, {"input": x})["logits"], axis=1)
+    for labels, noted in ((pred, False), ((pred + 1) % 12, True)):
+        np.savez(tmp_path / "d.npz", input=x, labels=labels)
+        res = compare_models(model, model, data=str(tmp_path / "d.npz"), runs=0)
+        said = [n for n in res["notes"] if "numbered otherwise than the model's classes" in n]
+        assert bool(said) == noted, res["notes"]
+    assert said[0].startswith("the reference model gets 0.00 % of the labels right, about chance for 12 classes")
