@@ -369,8 +369,10 @@ class DataSource:
 
     def _feed_and_labels(self, item, source: str) -> tuple:
         """One item of a data function as (arrays by input name, its labels or None, whether the arrays
-        hold a batch axis): a feed dict; an array for a one-input model; or an ``(inputs, labels)``
-        pair of either, as a torch DataLoader yields (tensors are read through ``numpy.asarray``)."""
+        hold a batch axis): a feed dict (its ``labels`` / ``label`` key, when no input has that name,
+        holds the labels, as a Hugging Face batch does); an array for a one-input model; or an
+        ``(inputs, labels)`` pair of either, as a torch DataLoader yields (tensors are read through
+        ``numpy.asarray``)."""
         labels = None
         if isinstance(item, (tuple, list)) and len(item) == 2 and (isinstance(item[0], dict) or hasattr(item[0], "__array__")):
             item, labels = item
@@ -382,6 +384,11 @@ class DataSource:
         if not isinstance(item, dict):
             raise DataError(f"'{source}' yielded a {type(item).__name__}, not a feed dict.",
                             "yield {input_name: numpy array} dicts, arrays (one input), or (inputs, labels) pairs")
+        key = next((k for k in ("labels", "label") if k in item and k not in self._inputs), None)
+        if key is not None:   # a Hugging Face batch: {"input_ids": ..., "attention_mask": ..., "labels": ...}
+            item = dict(item)
+            found = item.pop(key)
+            labels = found if labels is None else labels
         arrays = {k: np.asarray(v) for k, v in item.items()}
         batched = all(a.ndim == len(self._inputs[k]["shape"]) for k, a in arrays.items() if k in self._inputs)
         return arrays, labels, batched

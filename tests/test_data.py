@@ -322,6 +322,8 @@ def test_python_function_yielding_arrays_or_inputs_and_labels(tmp_path):
         def arrays():
             for i in range(2):
                 yield np.full((1, 3, 8, 8), i, np.float32)
+        def hugging_face():
+            yield {"input": np.zeros((2, 3, 8, 8), np.float32), "labels": np.array([4, 5])}
     """))
     src = open_data(f"{script}:pairs", models.tiny_cnn())
     assert [float(s["input"].max()) for s in src.samples()] == [0, 0, 1, 1, 2, 2]
@@ -330,6 +332,9 @@ def test_python_function_yielding_arrays_or_inputs_and_labels(tmp_path):
     np.testing.assert_array_equal(open_data(f"{script}:pairs", models.tiny_cnn(), every=2).labels(), [0, 1, 2])
     np.testing.assert_array_equal(open_data(f"{script}:pairs", models.tiny_cnn(), max_samples=3).labels(), [0, 10, 1])
     np.testing.assert_array_equal(open_data(f"{script}:dict_pairs", models.tiny_cnn()).labels(), [7, 8])
+    src = open_data(f"{script}:hugging_face", models.tiny_cnn())   # a batch dict's "labels" key: no input of that name
+    assert len(list(src.samples())) == 2
+    np.testing.assert_array_equal(src.labels(), [4, 5])
     src = open_data(f"{script}:arrays", models.tiny_cnn())
     assert len(list(src.samples())) == 2 and src.labels() is None
     from onnx import TensorProto, helper
