@@ -583,7 +583,7 @@ def _train_epoch(run: _Run, net, opt, sched, epoch: int, gen, scale_params: list
     # every rank takes n // world samples, so all take the same number of steps (DDP all-reduces each)
     mine = perm[rank:(n // world) * world:world] if world > 1 else perm
     batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    bar = progress_bar(len(batches) * cfg.batch_size, f"training, epoch {epoch + 1} of {cfg.epochs}", cfg.progress and rank == 0)
+    bar = progress_bar(len(mine), f"training, epoch {epoch + 1} of {cfg.epochs}", cfg.progress and rank == 0)
     loss_sum = 0.0
     for idx in batches:
         xs = [run.tensors[nm][idx].to(device) for nm in student.input_names]
