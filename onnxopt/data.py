@@ -282,6 +282,15 @@ class DataSource:
         uint8 arrays normalized for a float input; known once a sample was read), else None."""
         return self.spec.image if self._pixels_used else None
 
+    def describe(self) -> Optional[str]:
+        """What an image folder holds, for the console (``509 images in 10 class subfolders``); None
+        for other sources."""
+        if self.kind != "images":
+            return None
+        files = self._image_files()
+        where = f" in {len(set(self._class_of.values()))} class subfolders" if self._class_of else ""
+        return f"{len(files)} images{where}"
+
     def count(self) -> Optional[int]:
         """Number of samples this source will yield, when known without reading them."""
         if self.kind == "images":

@@ -131,7 +131,7 @@ def test_image_folder_of_class_subfolders_interleaves_the_classes_and_labels_the
     src = open_data(str(root), models.tiny_cnn(), image={"size": 8, "crop": 8, "scale": 1 / 255})
     assert src.count() == 6
     np.testing.assert_array_equal(src.labels(), [0, 1, 2, 0, 1, 0])   # cat, dog, emu, cat, dog, cat
-    assert src.labels_origin == "class subfolders"
+    assert src.labels_origin == "class subfolders" and src.describe() == "6 images in 3 class subfolders"
     red = [int(np.argmax(f["input"][0, :, 4, 4])) for f in src.samples()]
     assert red == [0, 2, 1, 0, 2, 0]   # cat red, dog blue, emu green: pixels and labels in the same order
     # with --every the selection and the labels stay together

@@ -68,6 +68,7 @@ def open_cli_data(path: str, image: dict, model, shapes=None, *, recorded_from=(
     ds.check()
     if ds.preprocessing is not None and log is not None:
         where = " (recorded in the model's metadata)" if ds.preprocessing_origin == "model" else ""
-        log(f"data {path}: preprocessing {ds.preprocessing.describe()}{where}")
+        held = ds.describe()
+        log(f"data {path}: {held + ', ' if held else ''}preprocessing {ds.preprocessing.describe()}{where}")
     return ds
 
