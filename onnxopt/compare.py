@@ -413,7 +413,7 @@ def _data_inputs(data, labels, ref_model: ModelProto, cand_model: ModelProto, in
     source.check()
     if source.preprocessing is not None:
         where = " (recorded in the models' metadata)" if source.preprocessing_origin == "model" else ""
-        notes.append(f"preprocessing: {source.preprocessing.describe()}{where}")
+        notes.append(f"preprocessing: {source.preprocessing.describe(source.grey)}{where}")
     data_labels = source.labels() if label_arr is None else label_arr
     if data_labels is not None and label_arr is None and labels is None:
         origin = {"class subfolders": "; the class subfolders numbered in sorted order, as torchvision's ImageFolder does"

@@ -72,15 +72,16 @@ class ImageOptions:
         out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) not in (None, False)}
         return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in out.items()}
 
-    def describe(self) -> str:
-        """One line for the console, e.g. "imagenet (x*0.00392, mean 0.485,0.456,0.406, std ...)"."""
+    def describe(self, grey: bool = False) -> str:
+        """One line for the console, e.g. "imagenet (x*0.00392, mean 0.485,0.456,0.406, std ...)";
+        ``grey``: the images were read as greyscale (a one-channel input), not in RGB / BGR."""
         o = self.resolved()
         parts = []
         if o.scale is not None:
             parts.append(f"x*{o.scale:.6g}")
         parts += [f"{what} " + ",".join(f"{v:g}" for v in values) for what, values in (("mean", o.mean), ("std", o.std))
                   if values is not None]
-        parts.append("BGR" if o.bgr else "RGB")
+        parts.append("greyscale" if grey else "BGR" if o.bgr else "RGB")
         if o.letterbox is not None:
             parts.append(f"letterbox pad {o.letterbox}")
         elif o.crop_fraction:
@@ -158,6 +159,7 @@ class DataSource:
         self.model = model
         self._pixels_used = False  # images read, or uint8 arrays normalized: the preprocessing mattered
         self.labels_origin: Optional[str] = None   # where labels() found the labels, once it did
+        self.grey = False   # images read as greyscale, for a one-channel input
         self._inputs = graph_inputs(model)
         self._overrides = input_shapes
         self.kind, self._open = self._resolve(spec.source)
@@ -492,7 +494,7 @@ class DataSource:
                             "feed it arrays shaped as the input: a .npy / .npz, or a file.py:function")
         # a one-channel input (MNIST-style digits, text lines, scans) is fed each image's luma; [N, H, W]
         # is one with no channel axis
-        grey = len(shape) == 3 or (shape[1] if layout == "NCHW" else shape[3]) == 1
+        grey = self.grey = len(shape) == 3 or (shape[1] if layout == "NCHW" else shape[3]) == 1
         h, w = (shape[1], shape[2]) if len(shape) == 3 else (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
         o = self.spec.image
         if o.crop:

@@ -50,7 +50,7 @@ def check_outputs(model: ModelProto, data: DataSource, samples: int = SAMPLES) -
         outs = [runtime.run(sess, f) for f in feeds]
     except OnnxoptError:
         return []
-    read_as = data.preprocessing.describe() if data.preprocessing is not None else None
+    read_as = data.preprocessing.describe(getattr(data, "grey", False)) if data.preprocessing is not None else None
     hint = (f"the data was read with preprocessing {read_as}; check it against the model's training preprocessing "
             "(--preprocess, --mean/--std/--scale, --bgr)" if read_as else
             "check that the data is preprocessed as the model expects (scale, mean/std, channel order, layout)")

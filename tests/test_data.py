@@ -160,6 +160,9 @@ def test_image_folder_for_a_greyscale_input_feeds_each_images_luma(tmp_path):
         luma = np.array([float(feed["x"].reshape(-1)[27]) for feed in feeds])
         expected = {"NCHW": (1, 1, 8, 8), "NHWC": (1, 8, 8, 1), "NHW": (1, 8, 8)}[layout]
         assert feeds[0]["x"].shape == expected
+        src = open_data(str(folder), model, image={"preset": "none"})
+        src.check()
+        assert "greyscale" in src.preprocessing.describe(src.grey) and "RGB" not in src.preprocessing.describe(src.grey)
         np.testing.assert_allclose(luma, np.array([76, 150]) / 255, atol=1 / 255)   # PIL: L = 0.299 R + 0.587 G + 0.114 B
         with pytest.raises(DataError, match=r"--mean \(of --preprocess imagenet\) gives 3 values, but the data has 1 channel\(s\): "
                                             "the model's input is greyscale"):

@@ -69,6 +69,6 @@ def open_cli_data(path: str, image: dict, model, shapes=None, *, recorded_from=(
     if ds.preprocessing is not None and log is not None:
         where = " (recorded in the model's metadata)" if ds.preprocessing_origin == "model" else ""
         held = ds.describe()
-        log(f"data {path}: {held + ', ' if held else ''}preprocessing {ds.preprocessing.describe()}{where}")
+        log(f"data {path}: {held + ', ' if held else ''}preprocessing {ds.preprocessing.describe(ds.grey)}{where}")
     return ds
 
