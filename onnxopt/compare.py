@@ -28,6 +28,7 @@ from . import model_io, runtime, stats, task_metric
 from .data import (IGNORED_LABEL, DataSource, feed_samples, graph_inputs, open_data, per_sample_labels,
                    recorded_preprocessing)
 from .errors import DataError, GateFailure, OnnxoptError, OptionError
+from .feeds import NoFeedError, plan_feeds
 from .input_dims import real_inputs
 from .progress import progress_bar
 
@@ -391,10 +392,24 @@ class _Inputs:
 
 
 def _generated_inputs(ref_model: ModelProto, input_shapes: Optional[dict], count: int, notes: list) -> _Inputs:
-    notes.append(f"no data given: {count} generated inputs (standard normal floats, small ints), so errors and agreement "
-                 "describe random inputs, not real data; give --data for meaningful figures")
-    runtime.input_specs(ref_model, input_shapes)  # a dynamic non-batch dim without --input-shape fails now
-    feeds = (runtime.generate_inputs(ref_model, seed=s, overrides=input_shapes) for s in range(count))
+    where, kinds = "", "standard normal floats, small ints"
+    try:
+        runtime.input_specs(ref_model, input_shapes)  # a dynamic non-batch dim without --input-shape fails here
+        feeds = (runtime.generate_inputs(ref_model, seed=s, overrides=input_shapes) for s in range(count))
+    except OnnxoptError as exc:
+        if input_shapes:
+            raise
+        # a dynamic height, width or length: the sizes the model runs at, found as apply's verification
+        # finds them (every dynamic export stopped here, where apply needs no --input-shape)
+        try:
+            plan = plan_feeds(ref_model, two_sizes=False)
+        except NoFeedError:
+            raise exc from None
+        feeds = (plan.feed(0, seed=s) for s in range(count))
+        where = f" at {plan.describe()}, sizes the model runs at (--input-shape gives others)"
+        kinds = "standard normal floats, integers valid where they index"
+    notes.append(f"no data given: {count} generated inputs{where} ({kinds}), so errors and "
+                 "agreement describe random inputs, not real data; give --data for meaningful figures")
     return _Inputs(feeds, "generated", count, None)
 
 

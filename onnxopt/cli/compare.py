@@ -120,14 +120,15 @@ def compare_cmd(ref, cand, data, labels, runs, threads, batch_size, max_samples,
     """Run REF and CAND in onnxruntime on the same inputs and compare them.
 
     Per output: max abs error, cosine similarity, SQNR (dB) and, for classifier outputs
-    ([N, C]), top-1 agreement and each model's accuracy when labels are known; for a
+    ([N, C], or [N, C, 1, 1]), top-1 agreement and each model's accuracy when labels are known; for a
     Sigmoid's outputs (binary and multi-label classifiers) the share of samples whose
     every label, decided at 0.5, agrees; for a segmentation map ended by an ArgMax or
     Softmax over its classes, the share of pixels whose class agrees, and with labels of
     a class per pixel ([N, H, W]) each model's pixel accuracy and mean IoU. Per model:
     size, params, MACs and median single-sample latency (default onnxruntime optimizations).
-    Without --data the inputs are generated, and the output says so. Gates check the
-    candidate; when one fails the table is printed and the exit code is 3.
+    Without --data the inputs are generated, and the output says so: a dynamic height,
+    width or length gets the sizes the model runs at (--input-shape gives others). Gates
+    check the candidate; when one fails the table is printed and the exit code is 3.
     """
     image = image_settings(kwargs)
     result = compare_models(
