@@ -210,6 +210,46 @@ def test_unsupported_op_is_a_user_error():
         to_torch(m)
 
 
+RECURRENT_AND_INDEXING = ("GRU", "LSTM", "Mod", "GatherND", "NonZero")
+
+
+def test_recurrent_and_indexing_ops_match_the_onnx_conformance_cases():
+    """GRU / LSTM (every direction, layout, linear_before_reset, initial states, peepholes), Mod
+    (both fmod modes, signs, edge values, every integer type) and GatherND / NonZero against the
+    expected outputs of onnx's own node test cases. Text models (GRU/LSTM, a transformer's Mod) and
+    detectors selecting in the graph could not be finetuned before; GatherND with batch_dims > 0
+    is refused as such."""
+    import warnings
+    from onnx.backend.test.case.node import collect_testcases
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = [c for c in collect_testcases()
+                 if {n.op_type for n in c.model.graph.node} & set(RECURRENT_AND_INDEXING) and "_expanded" not in c.name]
+    checked, refused = [], []
+    for case in cases:
+        try:
+            module = to_torch(case.model)
+        except OnnxoptError as exc:
+            refused.append((case.name, exc.message))
+            continue
+        for inputs, expected in case.data_sets:
+            with torch.no_grad():
+                got = module.eval()(*[torch.from_numpy(np.asarray(a)) for a in inputs])
+            got = got if isinstance(got, tuple) else (got,)
+            for g, e in zip(got, expected):
+                np.testing.assert_allclose(g.numpy().astype(np.float64), np.asarray(e).astype(np.float64),
+                                           rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=case.name)
+        checked.append(case.name)
+    assert {"test_gru_bidirectional", "test_gru_batchwise", "test_lstm_with_peepholes", "test_lstm_reverse",
+            "test_mod_uint64", "test_mod_int64_fmod", "test_gathernd_example_float32", "test_nonzero_example"} <= set(checked)
+    assert len(checked) >= 30 and refused == [("test_gathernd_example_int32_batch_dim1",
+                                              "the torch converter does not support: GatherND with batch_dims > 0.")], refused
+    gru = next(c.model for c in cases if c.name == "test_gru_defaults")
+    gru.graph.node[0].attribute.append(helper.make_attribute("activations", ["Relu", "Tanh"]))
+    with pytest.raises(OnnxoptError, match="does not support: GRU with activations Relu,Tanh"):
+        to_torch(gru)   # refused before any work, not at the first forward
+
+
 # ------------------------------------------------------------------------------------ QDQ
 def qdq_model(bits_clip=True, int_bias=True, asymmetric_weights=False):
     """x -> [Clip] -> Q -> DQ -> Conv(DQ(int8 w, per channel), DQ(int32 bias)) -> Relu -> Q -> DQ -> y.

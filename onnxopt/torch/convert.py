@@ -44,7 +44,8 @@ _LOW_BIT_WEIGHT = {"binary": fakequant.binary_weight, "ternary": fakequant.terna
 # inputs of these ops that hold trainable weights
 _WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
                   "BatchNormalization": (1, 2), "PRelu": (1,), "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1),
-                  "Div": (0, 1), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
+                  "Div": (0, 1), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
+                  "GRU": (1, 2, 3), "LSTM": (1, 2, 3)}
 
 
 def _sanitize(name: str, used: set, prefix: str) -> str:
@@ -395,9 +396,24 @@ def _to_torch(value: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(value, dtype=widened, order="C", copy=True))
 
 
+def _unsupported_form(n: onnx.NodeProto) -> Optional[str]:
+    """What of a supported op's attributes the converter cannot run, or None."""
+    if n.op_type == "GatherND" and node_attr(n, "batch_dims", 0):
+        return "GatherND with batch_dims > 0"
+    if n.op_type in ("GRU", "LSTM"):
+        default = ["Sigmoid", "Tanh"] if n.op_type == "GRU" else ["Sigmoid", "Tanh", "Tanh"]
+        acts = [a.decode() if isinstance(a, bytes) else a for a in node_attr(n, "activations", None) or []]
+        if any(a != default[k % len(default)] for k, a in enumerate(acts)):
+            return f"{n.op_type} with activations {','.join(acts)}"
+        if node_attr(n, "clip", None) is not None:
+            return f"{n.op_type} with clip"
+    return None
+
+
 def _check_supported(g: onnx.GraphProto) -> None:
     bad = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in g.node
                   if (n.domain not in ("", "ai.onnx") or n.op_type not in _OPS) and n.op_type != "Constant"})
+    bad += sorted({form for form in map(_unsupported_form, g.node) if form})
     if bad:
         raise OnnxoptError(f"the torch converter does not support: {', '.join(bad)}.",
                            "finetune needs every op of the graph in torch; run `onnxopt apply cleanup` first or file an issue")
@@ -885,6 +901,113 @@ def op_space_to_depth(m, node, ins):
     return y.reshape(n, c * b * b, h // b, w // b)
 
 
+def op_mod(m, node, ins):
+    a, b = ins
+    dtype = a.dtype
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):   # torch has no remainder for these
+        a, b = a.to(torch.int64), b.to(torch.int64)
+    # fmod=1: the sign of the dividend (C fmod); 0: the sign of the divisor (Python %)
+    y = torch.fmod(a, b) if int(node.attrs.get("fmod", 0)) else torch.remainder(a, b)
+    return y.to(dtype)
+
+
+def op_gather_nd(m, node, ins):
+    data, idx = ins   # batch_dims 0 (_unsupported_form refuses the rest)
+    idx = torch.where(idx < 0, idx + torch.tensor(data.shape[:idx.shape[-1]], device=idx.device), idx)
+    return data[tuple(idx.unbind(-1))]
+
+
+def _rnn_weights(ins, gates: int):
+    """(W, R, B split into Wb + Rb, initial_h) of an ONNX GRU/LSTM's inputs, per direction."""
+    w, r = ins[1], ins[2]
+    hidden = r.shape[-1]
+    b = ins[3] if len(ins) > 3 and ins[3] is not None else torch.zeros(w.shape[0], 2 * gates * hidden, dtype=w.dtype, device=w.device)
+    return w, r, b[:, :gates * hidden] + b[:, gates * hidden:], b[:, gates * hidden:], hidden
+
+
+def _rnn_input(m, node, ins, kind: str):
+    """The sequence [T, N, I] of an ONNX recurrent node (activations and clip: _unsupported_form)."""
+    x = ins[0].transpose(0, 1) if int(node.attrs.get("layout", 0)) else ins[0]
+    if len(ins) > 4 and ins[4] is not None and bool((ins[4] != x.shape[0]).any()):   # values: known only here
+        raise OnnxoptError(f"the torch converter does not support {kind} with sequences shorter than the input "
+                           "(sequence_lens).", "finetune needs every op of the graph in torch; file an issue with the model")
+    return x
+
+
+def _rnn_outputs(node, ys: list, finals: list):
+    """ONNX's Y [T, D, N, H] and Y_h [D, N, H] (layout 1: batch first) from each direction's steps."""
+    y = torch.stack([torch.stack(steps) for steps in ys], dim=1)
+    h = torch.stack(finals)
+    if int(node.attrs.get("layout", 0)):
+        return y.permute(2, 0, 1, 3), h.transpose(0, 1)
+    return y, h
+
+
+def _initial(node, ins, k: int, d: int, x, hidden: int):
+    """Direction ``d``'s initial state from input ``k`` ([D, N, H]; layout 1: [N, D, H]), else zeros."""
+    if len(ins) > k and ins[k] is not None:
+        return ins[k][:, d] if int(node.attrs.get("layout", 0)) else ins[k][d]
+    return x.new_zeros(x.shape[1], hidden)
+
+
+def _directions(node, x):
+    d = node.attrs.get("direction", "forward")
+    d = d.decode() if isinstance(d, bytes) else d
+    order = list(range(x.shape[0]))
+    return {"forward": [order], "reverse": [order[::-1]], "bidirectional": [order, order[::-1]]}[d]
+
+
+def op_gru(m, node, ins):
+    """ONNX GRU (gates z, r, h; linear_before_reset) step by step, default activations."""
+    x = _rnn_input(m, node, ins, "GRU")
+    w, r, b, rb, hidden = _rnn_weights(ins, 3)
+    lbr = int(node.attrs.get("linear_before_reset", 0))
+    ys, finals = [], []
+    for d, order in enumerate(_directions(node, x)):
+        h = _initial(node, ins, 5, d, x, hidden)
+        wb = b[d] - rb[d]   # the input bias (b sums both)
+        steps = [None] * len(order)
+        for t in order:
+            gx = x[t] @ w[d].T + wb
+            gh = h @ r[d].T
+            z = torch.sigmoid(gx[:, :hidden] + gh[:, :hidden] + rb[d, :hidden])
+            rr = torch.sigmoid(gx[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden] + rb[d, hidden:2 * hidden])
+            rh = r[d, 2 * hidden:]
+            if lbr:
+                n = torch.tanh(gx[:, 2 * hidden:] + rr * (h @ rh.T + rb[d, 2 * hidden:]))
+            else:
+                n = torch.tanh(gx[:, 2 * hidden:] + (rr * h) @ rh.T + rb[d, 2 * hidden:])
+            h = (1 - z) * n + z * h
+            steps[t] = h
+        ys.append(steps)
+        finals.append(h)
+    return _rnn_outputs(node, ys, finals)
+
+
+def op_lstm(m, node, ins):
+    """ONNX LSTM (gates i, o, f, c; peepholes P: i, o, f) step by step, default activations."""
+    x = _rnn_input(m, node, ins, "LSTM")
+    w, r, b, _, hidden = _rnn_weights(ins, 4)
+    p = ins[7] if len(ins) > 7 and ins[7] is not None else x.new_zeros(w.shape[0], 3 * hidden)
+    ys, finals, cells = [], [], []
+    for d, order in enumerate(_directions(node, x)):
+        h, c = _initial(node, ins, 5, d, x, hidden), _initial(node, ins, 6, d, x, hidden)
+        steps = [None] * len(order)
+        for t in order:
+            g = x[t] @ w[d].T + h @ r[d].T + b[d]
+            i, o, f, cc = g.split(hidden, dim=1)
+            pi, po, pf = p[d].split(hidden)
+            c = torch.sigmoid(f + pf * c) * c + torch.sigmoid(i + pi * c) * torch.tanh(cc)
+            h = torch.sigmoid(o + po * c) * torch.tanh(c)
+            steps[t] = h
+        ys.append(steps)
+        finals.append(h)
+        cells.append(c)
+    y, h = _rnn_outputs(node, ys, finals)
+    c = torch.stack(cells)
+    return y, h, (c.transpose(0, 1) if int(node.attrs.get("layout", 0)) else c)
+
+
 _OPS: Dict[str, Callable] = {
     "Conv": op_conv, "ConvTranspose": op_conv_transpose, "Gemm": op_gemm,
     "MatMul": lambda m, n, i: torch.matmul(i[0], i[1]),
@@ -934,6 +1057,9 @@ _OPS: Dict[str, Callable] = {
     "ArgMax": lambda m, n, i: torch.argmax(i[0], dim=int(n.attrs.get("axis", 0)),
                                            keepdim=bool(n.attrs.get("keepdims", 1))),
     "DepthToSpace": op_depth_to_space, "SpaceToDepth": op_space_to_depth,
+    "Mod": op_mod, "GatherND": op_gather_nd,
+    "NonZero": lambda m, n, i: torch.nonzero(i[0]).T.contiguous(),
+    "GRU": op_gru, "LSTM": op_lstm,
 }
 
 def _declared_batch(g, input_names) -> Optional[int]:

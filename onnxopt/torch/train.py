@@ -373,6 +373,9 @@ class _Run:
     held_teacher: Optional[tuple] = None   # the teacher's outputs on the held-in split
     feature_outputs: set = field(default_factory=set)   # outputs of features, not class scores: MSE, not KL
     logits: dict = field(default_factory=dict)   # {graph output: _Logits}: trained on its logits (logit_pairs)
+    # outputs whose length depends on the data (after NonZero, NonMaxSuppression...): no sample rows to
+    # cache or to match between student and teacher, so they are not distilled
+    selected: set = field(default_factory=set)
 
     @property
     def teacher_logits(self) -> list:
@@ -390,6 +393,8 @@ class _Run:
             t_logits = dict(zip((lg.output for lg in self.teacher_logits), t_feat[len(self.features):]))
             distilled = set()   # a TopK's scores and indices read the same logits: distilled once
             for s_o, t_o, name in zip(out, t_out, student.output_names):
+                if name in self.selected:
+                    continue
                 if s_o.shape != t_o.shape:
                     raise OnnxoptError(f"student output {tuple(s_o.shape)} and teacher output {tuple(t_o.shape)} differ.",
                                        "the teacher must have the same outputs as the model (the model before lite/prune/qdq)")
@@ -421,7 +426,8 @@ class _Run:
         if self.teacher is None:
             return None, None
         if cache is not None:
-            return [c[idx].to(self.device) for c in cache[0]], [c[idx].to(self.device) for c in cache[1]]
+            return ([None if c is None else c[idx].to(self.device) for c in cache[0]],
+                    [c[idx].to(self.device) for c in cache[1]])
         return self.teacher(xs)
 
     def held_loss(self) -> float:
@@ -482,8 +488,31 @@ def _attach_teacher(run: _Run, teacher: Optional[ModelProto], model: ModelProto,
         missing = [f for f in features if f not in names_in_student]
         if missing:
             raise OptionError(f"--feature-loss tensor(s) not in the model: {', '.join(missing)}.", "name tensors that exist in both student and teacher")
+        unbatched = _unbatched_features(run, features)
+        if unbatched and cfg.feature_loss != ["auto"]:
+            raise OptionError(f"--feature-loss tensor(s) without the samples on axis 0: {', '.join(unbatched)}.",
+                              "name tensors whose first axis is the batch (a sequence-first attention tensor is not)")
+        if unbatched:
+            features = [f for f in features if f not in unbatched]
+            run.teacher.features = [f for f in run.teacher.features if f not in unbatched]
+            log(f"feature distillation: {len(unbatched)} of those tensors left out, their axis 0 is not the samples "
+                f"(e.g. {unbatched[0]})")
     student.capture = set(features) | {lg.student for lg in run.logits.values()}
     run.features = features
+
+
+def _unbatched_features(run: _Run, features: list) -> list:
+    """The ``features`` whose axis 0 is not the samples, found by running the teacher on 1 and on 2
+    samples: the loss and the teacher cache index them by sample (a transformer's sequence-first
+    attention tensors crashed the cache)."""
+    names = run.student.input_names
+    if run.teacher is None or run.n < 2:
+        return []
+    rows = []
+    for k in (1, 2):
+        _, feats = run.teacher([run.tensors[nm][:k].to(run.device) for nm in names])
+        rows.append([int(v.shape[0]) if v.dim() else 0 for v in feats[:len(features)]])
+    return [f for f, a, b in zip(features, *rows) if (a, b) != (1, 2)]
 
 
 def _hold_in(run: _Run, log) -> None:
@@ -519,15 +548,19 @@ def _prepare(model: ModelProto, data, teacher: Optional[ModelProto], cfg: Finetu
                torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None, user_loss=user_loss,
                # found on the float teacher too: a quantized student's normalization reads dequantized tensors
                feature_outputs=task_metric.features_outputs(model) | (task_metric.features_outputs(teacher) if teacher is not None else set()),
-               logits=logit_pairs(model, teacher))
+               logits=logit_pairs(model, teacher), selected=task_metric.data_dependent_outputs(model))
+    if run.selected and teacher is not None:
+        log(f"output(s) {', '.join(sorted(run.selected))}: their length depends on the data (a selection in the graph), "
+            "so they are not distilled; the other outputs and features are")
     _attach_teacher(run, teacher, model, log)
     if cfg.val_split > 0 and cfg.epochs > 0:
         _hold_in(run, log)
+    skipped = {k for k, name in enumerate(student.output_names) if name in run.selected}
     # the teacher's outputs are computed once when every epoch sees the same inputs
     if run.teacher is not None and not cfg.augment:
-        run.cache = _teacher_cache(run.teacher, run.tensors, student.input_names, cfg.batch_size, device)
+        run.cache = _teacher_cache(run.teacher, run.tensors, student.input_names, cfg.batch_size, device, skipped)
     if run.held and run.teacher:
-        run.held_teacher = _teacher_cache(run.teacher, run.held[0], student.input_names, cfg.batch_size, device)
+        run.held_teacher = _teacher_cache(run.teacher, run.held[0], student.input_names, cfg.batch_size, device, skipped)
     return run
 
 
@@ -749,14 +782,17 @@ def _check_batch(student: OnnxModule, arrays: dict, batch: int, device) -> None:
         student.train(was_training)
 
 
-def _teacher_cache(t_fn, tensors, input_names, batch_size, device) -> tuple:
+def _teacher_cache(t_fn, tensors, input_names, batch_size, device, skipped=()) -> tuple:
+    """The teacher's outputs and features on every sample, by sample; None for the outputs at the
+    ``skipped`` positions (a data-dependent selection has no rows per sample)."""
     n = len(tensors[input_names[0]])
     outs, feats = [], []   # per batch, on the CPU
     for i in range(0, n, batch_size):
         o, f = t_fn([tensors[nm][i:i + batch_size].to(device) for nm in input_names])
-        outs.append([v.detach().cpu() for v in o])
+        outs.append([None if k in skipped else v.detach().cpu() for k, v in enumerate(o)])
         feats.append([v.detach().cpu() for v in f])
-    return [torch.cat(col) for col in zip(*outs)], [torch.cat(col) for col in zip(*feats)]
+    return ([None if k in skipped else torch.cat(col) for k, col in enumerate(zip(*outs))],
+            [torch.cat(col) for col in zip(*feats)])
 
 
 def recalibrate_bn(module: OnnxModule, tensors: dict, batch_size: int, device, max_batches: int = 0) -> None:
