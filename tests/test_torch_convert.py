@@ -204,6 +204,15 @@ def test_weights_in_constant_nodes_and_shared_weights_write_back():
     np.testing.assert_allclose(numpy_helper.to_array(written.graph.node[0].attribute[0].t), -0.5 * w, rtol=1e-6)
 
 
+def test_castlike_of_the_unoptimized_dynamo_export():
+    # the dynamo exporter without its optimizer writes CastLike(x, like); finetune refused such exports
+    m = make_model([helper.make_node("CastLike", ["x", "like"], ["y"])], [("x", [2, 3])], [("y", [2, 3], TensorProto.FLOAT16)],
+                   [("like", np.zeros(1, np.float16))])
+    got = torch_run(to_torch(m), {"x": rand(2, 3)})["y"]
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, run(m, {"x": rand(2, 3)})["y"])
+
+
 def test_unsupported_op_is_a_user_error():
     m = single("Einsum", ["x"], [2, 4, 9, 9], attrs={"equation": "abcd->abcd"}, in_specs=X)
     with pytest.raises(OnnxoptError, match="Einsum"):

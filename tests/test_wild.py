@@ -157,10 +157,11 @@ def test_sensitivity_ranks_the_layers_qdq_quantizes_for_tidl(zoo, name, tmp_path
     assert len(ranked) == report.passes[0].changes["weights_quantized"] > 0
 
 
-@pytest.mark.parametrize("name", ["gru_text", "lstm_text", "transformer", "transformer_dynamo", "cnn_select"])
+@pytest.mark.parametrize("name", ["gru_text", "lstm_text", "transformer", "transformer_dynamo", "cnn_select", "cnn_dynamo_noopt"])
 def test_finetune_runs_on_text_models_and_in_graph_selection(zoo, name):
-    """finetune converts the recurrent text models (GRU / LSTM), the transformers (their Mod) and
-    the CNN that selects its boxes in the graph (NonZero / GatherND) -- each stopped with "the torch
+    """finetune converts the recurrent text models (GRU / LSTM), the transformers (their Mod), the
+    unoptimized dynamo export (CastLike) and the CNN that selects its boxes in the graph (NonZero /
+    GatherND) -- each stopped with "the torch
     converter does not support" -- and reproduces onnxruntime before training. The transformer's
     sequence-first attention tensors are left out of the feature loss, and the selection's
     data-dependent output out of the distillation: both crashed the teacher cache."""

@@ -1057,7 +1057,7 @@ _OPS: Dict[str, Callable] = {
     "ArgMax": lambda m, n, i: torch.argmax(i[0], dim=int(n.attrs.get("axis", 0)),
                                            keepdim=bool(n.attrs.get("keepdims", 1))),
     "DepthToSpace": op_depth_to_space, "SpaceToDepth": op_space_to_depth,
-    "Mod": op_mod, "GatherND": op_gather_nd,
+    "Mod": op_mod, "GatherND": op_gather_nd, "CastLike": lambda m, n, i: i[0].to(i[1].dtype),
     "NonZero": lambda m, n, i: torch.nonzero(i[0]).T.contiguous(),
     "GRU": op_gru, "LSTM": op_lstm,
 }
