@@ -489,7 +489,7 @@ def _attach_teacher(run: _Run, teacher: Optional[ModelProto], model: ModelProto,
         if missing:
             raise OptionError(f"--feature-loss tensor(s) not in the model: {', '.join(missing)}.", "name tensors that exist in both student and teacher")
         unbatched = _unbatched_features(run, features)
-        if unbatched and cfg.feature_loss != ["auto"]:
+        if unbatched and list(cfg.feature_loss) != ["auto"]:   # named by the user (a list or a tuple)
             raise OptionError(f"--feature-loss tensor(s) without the samples on axis 0: {', '.join(unbatched)}.",
                               "name tensors whose first axis is the batch (a sequence-first attention tensor is not)")
         if unbatched:
