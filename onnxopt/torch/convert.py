@@ -918,14 +918,14 @@ def op_gather_nd(m, node, ins):
 
 
 def _rnn_weights(ins, gates: int):
-    """(W, R, B split into Wb + Rb, initial_h) of an ONNX GRU/LSTM's inputs, per direction."""
+    """(W, R, the input bias Wb, the recurrent bias Rb, hidden size) of an ONNX GRU/LSTM, per direction."""
     w, r = ins[1], ins[2]
     hidden = r.shape[-1]
     b = ins[3] if len(ins) > 3 and ins[3] is not None else torch.zeros(w.shape[0], 2 * gates * hidden, dtype=w.dtype, device=w.device)
-    return w, r, b[:, :gates * hidden] + b[:, gates * hidden:], b[:, gates * hidden:], hidden
+    return w, r, b[:, :gates * hidden], b[:, gates * hidden:], hidden
 
 
-def _rnn_input(m, node, ins, kind: str):
+def _rnn_input(node, ins, kind: str):
     """The sequence [T, N, I] of an ONNX recurrent node (activations and clip: _unsupported_form)."""
     x = ins[0].transpose(0, 1) if int(node.attrs.get("layout", 0)) else ins[0]
     if len(ins) > 4 and ins[4] is not None and bool((ins[4] != x.shape[0]).any()):   # values: known only here
@@ -951,24 +951,21 @@ def _initial(node, ins, k: int, d: int, x, hidden: int):
 
 
 def _directions(node, x):
-    d = node.attrs.get("direction", "forward")
-    d = d.decode() if isinstance(d, bytes) else d
     order = list(range(x.shape[0]))
-    return {"forward": [order], "reverse": [order[::-1]], "bidirectional": [order, order[::-1]]}[d]
+    return {"forward": [order], "reverse": [order[::-1]], "bidirectional": [order, order[::-1]]}[node.attrs.get("direction", "forward")]
 
 
 def op_gru(m, node, ins):
     """ONNX GRU (gates z, r, h; linear_before_reset) step by step, default activations."""
-    x = _rnn_input(m, node, ins, "GRU")
-    w, r, b, rb, hidden = _rnn_weights(ins, 3)
+    x = _rnn_input(node, ins, "GRU")
+    w, r, wb, rb, hidden = _rnn_weights(ins, 3)
     lbr = int(node.attrs.get("linear_before_reset", 0))
     ys, finals = [], []
     for d, order in enumerate(_directions(node, x)):
         h = _initial(node, ins, 5, d, x, hidden)
-        wb = b[d] - rb[d]   # the input bias (b sums both)
         steps = [None] * len(order)
         for t in order:
-            gx = x[t] @ w[d].T + wb
+            gx = x[t] @ w[d].T + wb[d]
             gh = h @ r[d].T
             z = torch.sigmoid(gx[:, :hidden] + gh[:, :hidden] + rb[d, :hidden])
             rr = torch.sigmoid(gx[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden] + rb[d, hidden:2 * hidden])
@@ -986,8 +983,9 @@ def op_gru(m, node, ins):
 
 def op_lstm(m, node, ins):
     """ONNX LSTM (gates i, o, f, c; peepholes P: i, o, f) step by step, default activations."""
-    x = _rnn_input(m, node, ins, "LSTM")
-    w, r, b, _, hidden = _rnn_weights(ins, 4)
+    x = _rnn_input(node, ins, "LSTM")
+    w, r, wb, rb, hidden = _rnn_weights(ins, 4)
+    b = wb + rb
     p = ins[7] if len(ins) > 7 and ins[7] is not None else x.new_zeros(w.shape[0], 3 * hidden)
     ys, finals, cells = [], [], []
     for d, order in enumerate(_directions(node, x)):
