@@ -228,34 +228,37 @@ class DataSource:
             if lab is None:
                 return None
         elif self.kind == "images":
-            folder = Path(self.spec.source)
-            table = folder / "labels.json"
-            files = self._image_files()
-            if not table.is_file():
-                if not self._class_of:
-                    return None
+            table, files = Path(self.spec.source) / "labels.json", self._image_files()
+            if table.is_file():
+                lab = self._labels_json(table, files)
+            elif self._class_of:
                 self.labels_origin = "class subfolders"
                 lab = np.array([self._class_of[f] for f in files], dtype=np.int64)
-                return lab[np.asarray(self._selected_indices(len(lab)), dtype=np.int64)]
-            try:
-                mapping = _label_mapping(json.loads(table.read_text()))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"'{table}' is not valid JSON: {exc}", "write {\"a.jpg\": 3, ...} or [{\"file\": \"a.jpg\", \"class_index\": 3}, ...]") from None
-            # an image in a class subfolder is keyed by its path in the folder ("cat/1.jpg"), or its name
-            keys = [f.relative_to(folder).as_posix() if f.relative_to(folder).as_posix() in mapping else f.name for f in files]
-            unlabeled = [k for k in keys if k not in mapping]
-            if unlabeled:
-                # dropping them would shift every later label onto the wrong image
-                raise DataError(f"{len(unlabeled)} image(s) in '{self.spec.source}' have no entry in labels.json (e.g. '{unlabeled[0]}').",
-                                "add them to labels.json or remove them from the folder")
-            self.labels_origin = "labels.json"
-            lab = np.array([int(mapping[k]) for k in keys], dtype=np.int64)
+            else:
+                return None
         else:
             return None
         lab = per_sample_labels(lab)
         if lab.dtype.kind not in "iu":
             raise DataError("labels must be integer class indices.", "save them as np.int64")
         return lab[np.asarray(self._selected_indices(len(lab)), dtype=np.int64)]
+
+    def _labels_json(self, table: Path, files: list) -> np.ndarray:
+        """The labels ``labels.json`` gives ``files``, in their order: an image in a class subfolder is
+        keyed by its path in the folder ("cat/1.jpg"), or by its name."""
+        try:
+            mapping = _label_mapping(json.loads(table.read_text()))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"'{table}' is not valid JSON: {exc}", "write {\"a.jpg\": 3, ...} or [{\"file\": \"a.jpg\", \"class_index\": 3}, ...]") from None
+        keys = [f.relative_to(table.parent).as_posix() if f.relative_to(table.parent).as_posix() in mapping else f.name
+                for f in files]
+        unlabeled = [k for k in keys if k not in mapping]
+        if unlabeled:
+            # dropping them would shift every later label onto the wrong image
+            raise DataError(f"{len(unlabeled)} image(s) in '{self.spec.source}' have no entry in labels.json (e.g. '{unlabeled[0]}').",
+                            "add them to labels.json or remove them from the folder")
+        self.labels_origin = "labels.json"
+        return np.array([int(mapping[k]) for k in keys], dtype=np.int64)
 
     def _python_labels(self) -> Optional[np.ndarray]:
         """The labels of a data function's ``(inputs, labels)`` pairs, one per sample, in the order
