@@ -205,6 +205,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
         return cache[key]
 
     n_layers = len(view.layers) + len(acts)
+    macs = {r["name"]: (r["macs"] or 0) for r in stats.layer_macs(qmodel)}   # read once: the share is asked twice
     # no output takes a decision (a detector's raw head, a regression) and no qdq.max_error was given:
     # nothing says how much output noise matters, but a unit that alone causes most of it is kept
     # (YOLOX-nano: one depthwise conv, 0.3 % of the MACs, 89 % of the output noise on TensorRT)
@@ -213,7 +214,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
     if dominant:
         order = find_dominant_units(view, acts, ev, ranked)
         k = len(order)
-        if k and not worth_keeping(full.objective(), error(order, complete=True).objective(), _mac_share(qmodel, view, order)):
+        if k and not worth_keeping(full.objective(), error(order, complete=True).objective(), _mac_share(macs, view, order)):
             k = 0
     else:
         order = [] if full.within(budget) else rank_units(view, acts, ev, ranked)
@@ -241,7 +242,7 @@ def auto_fallback(float_model, qmodel, info, data, budget, precision: str, log, 
            "task_before": full.summary(), "task_after": after.summary(),
            "sqnr_db_before": round(sqnr_db(full.rel_error), 3), "sqnr_db_after": round(sqnr_db(after.rel_error), 3),
            "high_precision_layers": chosen, "precision": precision, "evaluations": len(cache) + (n_layers if order or dominant else 0),
-           "high_precision_mac_share": _mac_share(qmodel, view, chosen),
+           "high_precision_mac_share": _mac_share(macs, view, chosen),
            "samples": ev.samples, "checked_on": checked_on}
     if dominant:
         rep["dominant_units"] = True
@@ -389,9 +390,8 @@ def find_dominant_units(view: QdqView, acts: dict, ev: TaskEvaluator, samples: i
     return dominant_units({u: scores[u] for u in candidates}, noise)
 
 
-def _mac_share(qmodel, view: QdqView, chosen: list) -> float:
-    """The share of the quantized layers' MACs in the units kept in high precision."""
-    macs = {r["name"]: (r["macs"] or 0) for r in stats.layer_macs(qmodel)}
+def _mac_share(macs: dict, view: QdqView, chosen: list) -> float:
+    """The share of the quantized layers' MACs (``macs``: {layer: MACs}) in the units kept in high precision."""
     total = sum(macs.get(l, 0) for l in view.layers) or 1
     return round(sum(macs.get(l, 0) for l in chosen) / total, 4)
 
